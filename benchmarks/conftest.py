@@ -1,0 +1,21 @@
+"""pytest-benchmark settings: record torch/triton versions and the fastlstm backends in the JSON."""
+
+import os
+
+import pytest
+import torch
+
+from fastlstm.__main__ import machine_header
+
+DEVICE = os.environ.get("FASTLSTM_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "0")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["fastlstm"] = machine_header(DEVICE)
+
+
+@pytest.fixture(scope="session")
+def device():
+    return DEVICE

@@ -1,0 +1,206 @@
+"""python -m fastlstm info | build | check | bench"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import torch
+
+import fastlstm
+from fastlstm import backends
+from fastlstm.benchmark import DEFAULT_GRID, Shape, geometric_mean, time_shape
+from fastlstm.check import CHECK_CASES, TOLERANCE, compare
+from fastlstm.dispatch import BackendUnavailableError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FAST_BACKEND = {"cpu": "cpp", "cuda": "triton"}
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_header(device: str) -> dict[str, str]:
+    """What a result depends on: device, library versions, threads."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception as error:  # any import failure just means "not there"
+        triton_version = f"unavailable ({type(error).__name__})"
+    info = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "fastlstm": fastlstm.__version__,
+        "threads": str(torch.get_num_threads()),
+    }
+    return info
+
+
+def cmd_info(args) -> int:
+    for key, value in machine_header(_default_device()).items():
+        print(f"{key:>9}: {value}")
+    print(f"{'cuda':>9}: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
+    print("backends:")
+    for name, reason in fastlstm.available_backends().items():
+        print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    cpu = backends.get("cpp")
+    reason = cpu.unavailable_reason()
+    if reason is not None:
+        print(f"C++ backend build failed: {reason}", file=sys.stderr)
+        return 1
+    print("C++ backend built and loaded")
+    return 0
+
+
+def cmd_check(args) -> int:
+    device = args.device or _default_device()
+    failures = 0
+    print(f"fastlstm check on {device}: every available backend against nn.LSTM, forward and backward")
+    for name in backends.names():
+        reason = backends.get(name).unavailable_reason()
+        if reason is not None:
+            print(f"{name:<10} skipped: {reason}")
+            continue
+        for case in CHECK_CASES:
+            errors = None
+            for dtype in (torch.float64, torch.float32):
+                try:
+                    errors = compare(case, name, device, dtype)
+                    break
+                except BackendUnavailableError as error:
+                    why = str(error)
+            if errors is None:
+                print(f"{name:<10} {case!s:<45} skipped: {why}")
+                continue
+            worst_key = max(errors, key=errors.get)
+            worst, tolerance = errors[worst_key], TOLERANCE[dtype]
+            ok = worst <= tolerance
+            failures += not ok
+            status = "ok" if ok else "MISMATCH"
+            errors_text = f"max err {worst:.2e} ({worst_key}) tol {tolerance:.0e}"
+            print(f"{name:<10} {case!s:<45} {str(dtype)[6:]:<8} {errors_text} {status}")
+    print("all backends match nn.LSTM" if not failures else f"{failures} mismatches")
+    return 1 if failures else 0
+
+
+def _bench_backends(device: str, requested: list[str] | None) -> list[str]:
+    if requested:
+        return requested
+    chosen = ["auto"]
+    fast = FAST_BACKEND.get(device)
+    if fast and backends.get(fast).unavailable_reason() is None:
+        chosen.append(fast)
+    return chosen
+
+
+def _validate(shape: Shape, names: list[str], device: str, dtype: torch.dtype) -> None:
+    """Forward outputs of every provider against nn.LSTM on the benchmark shape itself."""
+    from fastlstm.benchmark import make_models
+
+    models = make_models(shape, names, device, dtype)
+    x = torch.randn(shape.seq_len, shape.batch, shape.input_size, device=device, dtype=dtype)
+    with torch.no_grad():
+        outs = {name: m(x) for name, m in models.items()}
+    y_ref, (h_ref, c_ref) = outs.pop("nn.LSTM")
+    tolerance = {torch.float64: 1e-8, torch.float32: 1e-3}.get(dtype, 5e-2)
+    for name, (y, (h, c)) in outs.items():
+        for label, a, b in (("y", y, y_ref), ("h_n", h, h_ref), ("c_n", c, c_ref)):
+            err = (a.double() - b.double()).abs().max().item()
+            if not err <= tolerance * max(1.0, b.double().abs().max().item()):
+                raise SystemExit(f"{name} disagrees with nn.LSTM on {shape} ({label}: max error {err:.2e})")
+
+
+def cmd_bench(args) -> int:
+    device = args.device or _default_device()
+    dtype = DTYPES[args.dtype]
+    shapes = [Shape.parse(s) for s in args.shape] if args.shape else DEFAULT_GRID.get(device, DEFAULT_GRID["cpu"])
+    names = _bench_backends(device, args.backend)
+    modes = ["inference", "training"] if args.mode == "both" else [args.mode]
+    header = machine_header(device)
+    print("fastlstm bench: " + ", ".join(f"{k} {v}" for k, v in header.items()))
+    results = []
+    total = len(shapes) * len(modes)
+    done = 0
+    for shape in shapes:
+        if not args.no_check:
+            _validate(shape, names, device, dtype)
+        for mode in modes:
+            done += 1
+            print(f"\r[{done}/{total}] {shape} {mode}...".ljust(60), end="", file=sys.stderr, flush=True)
+            results += time_shape(shape, names, mode, device, dtype, args.repeats)
+    print("\r".ljust(60), file=sys.stderr)
+    print(format_table(results, dtype))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": header, "dtype": args.dtype, "results": [r.as_dict() for r in results]}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def format_table(results, dtype) -> str:
+    lines = [
+        f"dtype {str(dtype)[6:]}; speedup = nn.LSTM median / provider median, same process, interleaved",
+        "",
+        "| shape | mode | provider | runs on | median ms | speedup |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.shape} | {r.mode} | {r.provider} | {r.backends_used} | {r.median_ms:.3f} | {r.speedup:.2f}x |"
+        )
+    lines.append("")
+    providers = sorted({(r.provider, r.mode) for r in results if r.provider != "nn.LSTM"})
+    for provider, mode in providers:
+        speedups = [r.speedup for r in results if r.provider == provider and r.mode == mode]
+        lines.append(
+            f"geometric mean speedup {provider} {mode}: {geometric_mean(speedups):.2f}x (min {min(speedups):.2f}x)"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastlstm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device and which backends are available (and why not)")
+    sub.add_parser("build", help="build the C++ CPU backend now instead of on first use")
+    check = sub.add_parser("check", help="every available backend against nn.LSTM; exit 1 on a mismatch")
+    check.add_argument("--device", choices=["cpu", "cuda"])
+    bench = sub.add_parser("bench", help="time fastlstm against nn.LSTM (validates outputs first)")
+    bench.add_argument("--device", choices=["cpu", "cuda"])
+    bench.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    bench.add_argument(
+        "--backend", action="append", help="fastlstm backend to time (repeatable; default auto + the fast one)"
+    )
+    bench.add_argument("--shape", action="append", help="B,T,I,H[,L[,bi]] (repeatable; default: a grid per device)")
+    bench.add_argument("--mode", choices=["inference", "training", "both"], default="both")
+    bench.add_argument("--repeats", type=int, default=10, help="timed runs per provider (default 10)")
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument("--no-check", action="store_true", help="skip validating outputs against nn.LSTM")
+    args = parser.parse_args(argv)
+    commands = {"info": cmd_info, "build": cmd_build, "check": cmd_check, "bench": cmd_bench}
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Backends: each implements one LSTM layer in one direction (the layer contract in fastlstm.reference).
+
+A backend only answers three questions: can it run on this machine at all, can it serve this call, and
+what the layer computes. Choosing between backends is dispatch's job (fastlstm.dispatch).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+LayerResult = tuple[Tensor, Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """What a backend needs to know to decide whether it can serve one (layer, direction)."""
+
+    device_type: str
+    dtype: torch.dtype
+    seq_len: int
+    batch: int
+    input_size: int
+    hidden_size: int
+    proj_size: int  # 0 without projection
+    bias: bool
+    packed: bool
+    reverse: bool
+    needs_grad: bool
+    layer: int = 0
+
+    @property
+    def out_size(self) -> int:
+        return self.proj_size or self.hidden_size
+
+
+class Backend:
+    """Base class. Subclasses set `name` and implement `layer`; the two reason methods return None for yes."""
+
+    name: str = ""
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run on this machine at all (missing compiler, missing triton), or None."""
+        return None
+
+    def unsupported_reason(self, call: LayerCall) -> str | None:
+        """Why this backend cannot serve `call` (device, dtype, size), or None when it can."""
+        return None
+
+    def layer(
+        self,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        w_ih: Tensor,
+        w_hh: Tensor,
+        b: Tensor | None,
+        w_hr: Tensor | None,
+        batch_sizes: Tensor | None,
+        reverse: bool,
+    ) -> LayerResult:
+        """One layer, one direction, differentiable in every tensor argument. Shapes: fastlstm.reference."""
+        raise NotImplementedError(f"backend {self.name!r} does not implement layer()")
+
+
+# name -> "module:attribute". Imported lazily so that `import fastlstm` never imports triton or builds C++.
+_REGISTRY = {
+    "native": "fastlstm.backends.native:BACKEND",
+    "reference": "fastlstm.backends.native:REFERENCE",
+    "cpp": "fastlstm.backends.cpu:BACKEND",
+    "triton": "fastlstm.backends.triton:BACKEND",
+}
+_loaded: dict[str, Backend] = {}
+
+
+def names() -> list[str]:
+    """Every backend fastlstm knows, available on this machine or not."""
+    return list(_REGISTRY)
+
+
+def get(name: str) -> Backend:
+    """The backend called `name`. Raises ValueError for an unknown name."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown fastlstm backend {name!r}; expected one of {', '.join(_REGISTRY)}")
+    if name not in _loaded:
+        module_name, attr = _REGISTRY[name].split(":")
+        try:
+            _loaded[name] = getattr(importlib.import_module(module_name), attr)
+        except Exception as error:  # a broken optional install must leave the native path working
+            _loaded[name] = _Broken(name, f"importing {module_name} failed: {type(error).__name__}: {error}")
+    return _loaded[name]
+
+
+class _Broken(Backend):
+    """Stands in for a backend whose module could not be imported; it reports why and serves nothing."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        self._reason = reason
+
+    def unavailable_reason(self) -> str | None:
+        return self._reason

@@ -1,0 +1,77 @@
+"""The native path (torch._VF.lstm: cuDNN, oneDNN, ATen) and the readable reference, as layer backends.
+
+The module runs a whole stack through `torch._VF.lstm` directly when every layer is native (that is
+exactly what nn.LSTM does); the per-layer form here serves stacks where other backends run some layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastlstm import reference
+from fastlstm.backends import Backend, LayerResult
+
+
+def packed_positions(batch_sizes: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(time, row) of every packed element, in PackedSequence.data order."""
+    live = torch.arange(int(batch_sizes[0]))[None, :] < batch_sizes[:, None]
+    t_idx, b_idx = live.nonzero(as_tuple=True)
+    return t_idx.to(device), b_idx.to(device)
+
+
+def lengths_from_batch_sizes(batch_sizes: Tensor) -> Tensor:
+    """Per-row sequence lengths [B] from packed batch sizes [T]."""
+    B = int(batch_sizes[0])
+    return (torch.arange(B)[None, :] < batch_sizes[:, None]).sum(0)
+
+
+def flip_time(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """Reverse each row of a time-major x [T, B, ...] within its own length; padding stays in place."""
+    if lengths is None:
+        return x.flip(0)
+    T, B = x.shape[0], x.shape[1]
+    t = torch.arange(T)[:, None].expand(T, B)
+    lengths = lengths[None, :]
+    index = torch.where(t < lengths, lengths - 1 - t, t).to(x.device)
+    return x.gather(0, index.view(T, B, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+class NativeBackend(Backend):
+    name = "native"
+
+    def layer(self, x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse) -> LayerResult:
+        T, B = x.shape[0], x.shape[1]
+        lengths = None if batch_sizes is None else lengths_from_batch_sizes(batch_sizes)
+        if reverse:
+            x = flip_time(x, lengths)
+        params = [w_ih, w_hh]
+        if b is not None:
+            params += [b, torch.zeros_like(b)]
+        if w_hr is not None:
+            params.append(w_hr)
+        hx = (h0.unsqueeze(0), c0.unsqueeze(0))
+        # train=True keeps cuDNN's backward possible; with dropout 0 it changes nothing else.
+        train = torch.is_grad_enabled()
+        if batch_sizes is None:
+            y, hT, cT = torch._VF.lstm(x, hx, params, b is not None, 1, 0.0, train, False, False)
+        else:
+            t_idx, b_idx = packed_positions(batch_sizes, x.device)
+            y_data, hT, cT = torch._VF.lstm(
+                x[t_idx, b_idx], batch_sizes, hx, params, b is not None, 1, 0.0, train, False
+            )
+            y = y_data.new_zeros(T, B, y_data.shape[-1]).index_put((t_idx, b_idx), y_data)
+        if reverse:
+            y = flip_time(y, lengths)
+        return y, hT[0], cT[0]
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def layer(self, x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse) -> LayerResult:
+        return reference.lstm_layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse)
+
+
+BACKEND = NativeBackend()
+REFERENCE = ReferenceBackend()

@@ -1,0 +1,166 @@
+"""Side-by-side timing of fastlstm against nn.LSTM with the same weights, interleaved, ratio of medians.
+
+Shared and noisy machines make absolute times drift; interleaving the providers round by round and
+comparing medians taken in the same process keeps the ratio honest.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from fastlstm.module import LSTM
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    seq_len: int
+    input_size: int
+    hidden_size: int
+    num_layers: int = 1
+    bidirectional: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Shape:
+        """'B,T,I,H[,L[,bi]]', e.g. '32,100,256,256,2,bi'."""
+        parts = text.split(",")
+        bidirectional = parts[-1] == "bi"
+        numbers = [int(p) for p in (parts[:-1] if bidirectional else parts)]
+        if not 4 <= len(numbers) <= 5:
+            raise ValueError(f"shape {text!r}: expected B,T,I,H[,L[,bi]]")
+        return cls(*numbers, bidirectional=bidirectional)
+
+    def __str__(self) -> str:
+        text = f"B{self.batch}-T{self.seq_len}-I{self.input_size}-H{self.hidden_size}-L{self.num_layers}"
+        return text + ("-bi" if self.bidirectional else "")
+
+
+DEFAULT_GRID = {
+    "cpu": [
+        Shape(1, 100, 128, 128),
+        Shape(8, 100, 256, 256),
+        Shape(32, 100, 256, 256),
+        Shape(16, 50, 200, 200, 2, True),
+        Shape(64, 50, 512, 512),
+    ],
+    "cuda": [
+        Shape(1, 200, 256, 256),
+        Shape(8, 200, 512, 512),
+        Shape(16, 200, 1024, 1024, 2),
+        Shape(64, 200, 512, 512),
+        Shape(256, 100, 1024, 1024),
+    ],
+}
+
+
+@dataclass
+class Result:
+    shape: str
+    mode: str  # "inference" or "training"
+    provider: str  # "nn.LSTM" or "fastlstm[backend]"
+    backends_used: str
+    median_ms: float
+    times_ms: list[float] = field(repr=False)
+    speedup: float = 1.0  # nn.LSTM's median over this provider's
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    if device.type == "cuda":
+
+        def cuda_time(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+
+        return cuda_time
+
+    def cpu_time(fn):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    return cpu_time
+
+
+def make_models(shape: Shape, backends: list[str], device, dtype) -> dict[str, nn.Module]:
+    """nn.LSTM and one fastlstm.LSTM per backend, all with the same weights."""
+    ref = nn.LSTM(shape.input_size, shape.hidden_size, shape.num_layers, bidirectional=shape.bidirectional)
+    ref = ref.to(device=device, dtype=dtype)
+    models: dict[str, nn.Module] = {"nn.LSTM": ref}
+    for name in backends:
+        fast = LSTM(
+            shape.input_size, shape.hidden_size, shape.num_layers, bidirectional=shape.bidirectional, backend=name
+        )
+        fast = fast.to(device=device, dtype=dtype)
+        fast.load_state_dict(ref.state_dict())
+        models[f"fastlstm[{name}]"] = fast
+    return models
+
+
+def _step(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], object]:
+    if mode == "inference":
+
+        def infer():
+            with torch.no_grad():
+                return model(x)
+
+        return infer
+
+    def train():
+        model.zero_grad(set_to_none=True)
+        xg = x.detach().requires_grad_(True)
+        y, (h, c) = model(xg)
+        (y.float().sum() + h.float().sum() + c.float().sum()).backward()
+
+    return train
+
+
+def time_shape(
+    shape: Shape, backends: list[str], mode: str, device, dtype, repeats: int, warmup: int = 2
+) -> list[Result]:
+    """Interleaved timing of nn.LSTM and each fastlstm backend on one shape and mode."""
+    from fastlstm.explain import explain
+
+    device = torch.device(device)
+    models = make_models(shape, backends, device, dtype)
+    x = torch.randn(shape.seq_len, shape.batch, shape.input_size, device=device, dtype=dtype)
+    steps = {name: _step(m, x, mode) for name, m in models.items()}
+    timer = _timer(device)
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(timer(step))
+    base = statistics.median(times["nn.LSTM"])
+    results = []
+    with torch.set_grad_enabled(mode == "training"):
+        for name, samples in times.items():
+            model = models[name]
+            used = "native (nn.LSTM)" if name == "nn.LSTM" else ",".join(sorted(set(explain(model, x).backends)))
+            median = statistics.median(samples)
+            results.append(Result(str(shape), mode, name, used, median, samples, base / median))
+    return results
+
+
+def geometric_mean(values: list[float]) -> float:
+    values = [v for v in values if v > 0]
+    if not values:
+        return float("nan")
+    product = 1.0
+    for v in values:
+        product *= v
+    return product ** (1 / len(values))

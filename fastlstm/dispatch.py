@@ -1,0 +1,104 @@
+"""Which backend serves each (layer, direction) of a call, and why. The only place that chooses.
+
+`backend="auto"` (the default): on CUDA, triton where it is available, supports the call and is
+measured faster than cuDNN; on the CPU, cpp where it is built, supports the call and is measured
+faster than oneDNN/ATen; native everywhere else. Any other name forces that backend and raises
+BackendUnavailableError when it cannot serve the call. `FASTLSTM_BACKEND` sets the default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+
+from fastlstm import backends
+from fastlstm.backends import LayerCall
+
+AUTO = "auto"
+ENV_VAR = "FASTLSTM_BACKEND"
+_log = logging.getLogger("fastlstm")
+_warned: set[str] = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot serve the call; the message names the reason."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: str
+    reason: str
+
+
+def requested(module_backend: str | None) -> str:
+    """The backend name in force: the module's own, else $FASTLSTM_BACKEND, else auto."""
+    name = module_backend or os.environ.get(ENV_VAR) or AUTO
+    validate_name(name)
+    return name
+
+
+def validate_name(name: str) -> None:
+    if name != AUTO and name not in backends.names():
+        raise ValueError(f"unknown fastlstm backend {name!r}; expected 'auto' or one of {', '.join(backends.names())}")
+
+
+def cannot_serve(name: str, call: LayerCall) -> str | None:
+    """Why backend `name` cannot serve `call`, or None."""
+    backend = backends.get(name)
+    return backend.unavailable_reason() or backend.unsupported_reason(call)
+
+
+def _fast_backend_for(device_type: str) -> str | None:
+    return {"cpu": "cpp", "cuda": "triton"}.get(device_type)
+
+
+def _faster_than_native(name: str, call: LayerCall) -> str | None:
+    """Why the measured rule prefers native over `name` for this call, or None when `name` wins.
+
+    The rules come from the benchmark grid (benchmarks/, `python -m fastlstm bench`), not guesses.
+    """
+    if call.batch == 0:
+        return "empty batch: nothing to compute"
+    return "no measured speed rule for this backend yet"
+
+
+def _warn_once(name: str, reason: str) -> None:
+    if name in _warned:
+        return
+    _warned.add(name)
+    message = f"fastlstm: the {name} backend is unavailable, using native nn.LSTM kernels instead: {reason}"
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    _log.info(message)
+
+
+def choose(name: str, call: LayerCall) -> Choice:
+    """The backend that serves one (layer, direction) when `name` is requested."""
+    if name != AUTO:
+        reason = cannot_serve(name, call)
+        if reason is not None:
+            where = f"layer {call.layer} ({'reverse' if call.reverse else 'forward'})"
+            raise BackendUnavailableError(f"fastlstm backend {name!r} cannot serve {where}: {reason}")
+        return Choice(name, "forced")
+    fast = _fast_backend_for(call.device_type)
+    if fast is None:
+        return Choice("native", f"no fast backend for device type {call.device_type!r}")
+    backend = backends.get(fast)
+    missing = backend.unavailable_reason()
+    if missing is not None:
+        _warn_once(fast, missing)
+        return Choice("native", f"{fast} unavailable: {missing}")
+    unsupported = backend.unsupported_reason(call)
+    if unsupported is not None:
+        return Choice("native", f"{fast} does not support this call: {unsupported}")
+    slower = _faster_than_native(fast, call)
+    if slower is not None:
+        return Choice("native", f"{fast} not measured faster here: {slower}")
+    return Choice(fast, "measured faster than native for this shape")
+
+
+def plan(module_backend: str | None, calls: list[LayerCall]) -> list[Choice]:
+    """One Choice per entry of `calls` (ordered layer-major, forward direction before reverse)."""
+    name = requested(module_backend)
+    return [choose(name, call) for call in calls]

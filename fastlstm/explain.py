@@ -1,0 +1,43 @@
+"""fastlstm.explain: which backend would run each layer of a call, and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fastlstm.dispatch import Choice
+from fastlstm.module import LSTM
+
+
+@dataclass(frozen=True)
+class Explanation:
+    requested: str
+    layers: list[tuple[int, str, Choice]]  # (layer, "forward" | "reverse", choice)
+
+    @property
+    def backends(self) -> list[str]:
+        return [choice.backend for _, _, choice in self.layers]
+
+    def __str__(self) -> str:
+        lines = [f"backend requested: {self.requested}"]
+        for layer, direction, choice in self.layers:
+            lines.append(f"  layer {layer} {direction}: {choice.backend} ({choice.reason})")
+        return "\n".join(lines)
+
+
+def explain(module: LSTM, input, hx: tuple[Tensor, Tensor] | None = None) -> Explanation:
+    """Which backend `module(input, hx)` would run for each (layer, direction), and why. Computes nothing."""
+    from fastlstm import dispatch
+
+    if not isinstance(module, LSTM):
+        raise TypeError(f"explain() takes a fastlstm.LSTM, got {type(module).__name__}; see fastlstm.convert")
+    with torch.no_grad():
+        data, state, batch_sizes, *_ = module._prepare(input, hx)
+    grad = torch.is_grad_enabled()
+    with torch.set_grad_enabled(grad):
+        choices = module._plan(data, state, batch_sizes)
+    directions = ["forward", "reverse"] if module.bidirectional else ["forward"]
+    layers = [(k // len(directions), directions[k % len(directions)], c) for k, c in enumerate(choices)]
+    return Explanation(dispatch.requested(module.backend), layers)

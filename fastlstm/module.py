@@ -1,0 +1,239 @@
+"""fastlstm.LSTM: torch.nn.LSTM's API, each layer served by the fastest backend that supports the call."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from fastlstm import backends, dispatch
+from fastlstm.backends import LayerCall
+from fastlstm.backends.native import packed_positions
+
+# Validation and hidden-state permutation are nn.LSTM's own methods, called on this module, so that
+# every malformed call fails exactly as it does with nn.LSTM (same exception type and message).
+_nn_check_forward_args = nn.LSTM.check_forward_args
+_nn_permute_hidden = nn.LSTM.permute_hidden
+_nn_get_expected_cell_size = nn.LSTM.get_expected_cell_size
+
+
+class LSTM(nn.RNNBase):
+    """Drop-in torch.nn.LSTM. Same constructor, parameters, state_dict, inputs and outputs.
+
+    Extra keyword-only argument:
+        backend: "auto" (default: the fastest backend that supports each call), or one of
+            "native", "reference", "cpp", "triton" to force it. None reads $FASTLSTM_BACKEND at call time.
+
+    Built on nn.RNNBase in mode "LSTM" rather than on nn.LSTM, because TorchDynamo refuses to trace any
+    nn.LSTM instance; everything but forward is the native implementation.
+    """
+
+    backend: str | None = None  # class default keeps pickles made without the attribute loadable
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+        if backend is not None:
+            dispatch.validate_name(backend)
+        self.backend = backend
+
+    # nn.LSTM's helpers, so that nn.RNNBase's generic code paths find them too.
+    get_expected_cell_size = _nn_get_expected_cell_size
+    check_forward_args = _nn_check_forward_args
+    permute_hidden = _nn_permute_hidden
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if self.backend is None else f"{text}, backend={self.backend!r}"
+
+    def forward(self, input, hx=None):
+        input, hx, batch_sizes, sorted_indices, unsorted_indices, is_batched = self._prepare(input, hx)
+        choices = self._plan(input, hx, batch_sizes)
+        if all(choice.backend == "native" for choice in choices):
+            output, h_n, c_n = self._native_stack(input, hx, batch_sizes)
+        else:
+            output, h_n, c_n = self._layered_stack(input, hx, batch_sizes, [c.backend for c in choices])
+
+        if batch_sizes is not None:
+            packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return packed, self.permute_hidden((h_n, c_n), unsorted_indices)
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return output, self.permute_hidden((h_n, c_n), unsorted_indices)
+
+    def _plan(self, input: Tensor, hx, batch_sizes: Tensor | None) -> list[dispatch.Choice]:
+        """The backend of each (layer, direction) for prepared input, layer-major, forward before reverse."""
+        return dispatch.plan(self.backend, self._layer_calls(input, hx, batch_sizes))
+
+    # ---- input handling -------------------------------------------------------------------------------
+
+    def _prepare(self, input, hx):
+        """Validate as nn.LSTM does and normalise: (data, (h0, c0), batch_sizes, sorted, unsorted, is_batched)."""
+        self._update_flat_weights()  # parameters are read at call time, as nn.LSTM reads them
+        batch_sizes = sorted_indices = unsorted_indices = None
+        is_batched = True
+        if isinstance(input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(0 if self.batch_first else 1)
+        hx = self._initial_state(input, hx, batch_sizes, is_batched)
+        self.check_forward_args(input, hx, batch_sizes)
+        self._check_call(input, hx, batch_sizes)
+        hx = self.permute_hidden(hx, sorted_indices)
+        return input, hx, batch_sizes, sorted_indices, unsorted_indices, is_batched
+
+    @property
+    def _num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def _out_size(self) -> int:
+        return self.proj_size if self.proj_size > 0 else self.hidden_size
+
+    def _initial_state(self, input: Tensor, hx, batch_sizes: Tensor | None, is_batched: bool) -> tuple[Tensor, Tensor]:
+        if hx is None:
+            if batch_sizes is not None:
+                batch = int(batch_sizes[0])
+            else:
+                batch = input.size(0) if self.batch_first else input.size(1)
+            layers = self.num_layers * self._num_directions
+            zeros = dict(dtype=input.dtype, device=input.device)
+            return torch.zeros(layers, batch, self._out_size, **zeros), torch.zeros(
+                layers, batch, self.hidden_size, **zeros
+            )
+        if batch_sizes is None:
+            want = 3 if is_batched else 2
+            if hx[0].dim() != want or hx[1].dim() != want:
+                kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                raise RuntimeError(
+                    f"For {kind} input, hx and cx should also be {want}-D but got "
+                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                )
+            if not is_batched:
+                return hx[0].unsqueeze(1), hx[1].unsqueeze(1)
+        return hx[0], hx[1]
+
+    def _check_call(self, input: Tensor, hx: tuple[Tensor, Tensor], batch_sizes: Tensor | None) -> None:
+        """What torch._VF.lstm checks in C++, checked here so that every backend fails the same way."""
+        time_dim = 1 if (self.batch_first and batch_sizes is None) else 0
+        if batch_sizes is None and input.size(time_dim) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        weight = self._flat_weights[0]
+        if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). Convert input: "
+                f"input.to({weight.dtype}), or convert model: model.to({input.dtype})"
+            )
+        if input.device != weight.device:
+            raise RuntimeError(
+                "Input and parameter tensors are not at the same device, found input tensor at "
+                f"{input.device} and parameter tensor at {weight.device}"
+            )
+        for name, state in zip(("hidden[0]", "hidden[1]"), hx):
+            if state.device != input.device:
+                raise RuntimeError(
+                    "Input and hidden tensors are not at the same device, found input tensor at "
+                    f"{input.device} and hidden tensor at {state.device}"
+                )
+            if state.dtype != input.dtype:
+                raise RuntimeError(f"Expected {name} dtype {input.dtype} (the input's), got {state.dtype}")
+
+    def _layer_calls(self, input: Tensor, hx, batch_sizes: Tensor | None) -> list[LayerCall]:
+        if batch_sizes is not None:
+            seq_len, batch = batch_sizes.numel(), int(batch_sizes[0])
+        else:
+            seq_len, batch = (input.size(1), input.size(0)) if self.batch_first else (input.size(0), input.size(1))
+        needs_grad = torch.is_grad_enabled() and (
+            input.requires_grad
+            or hx[0].requires_grad
+            or hx[1].requires_grad
+            or any(w.requires_grad for w in self._flat_weights)
+        )
+        calls = []
+        for layer in range(self.num_layers):
+            in_size = self.input_size if layer == 0 else self._out_size * self._num_directions
+            for direction in range(self._num_directions):
+                calls.append(
+                    LayerCall(
+                        device_type=input.device.type,
+                        dtype=input.dtype,
+                        seq_len=seq_len,
+                        batch=batch,
+                        input_size=in_size,
+                        hidden_size=self.hidden_size,
+                        proj_size=self.proj_size,
+                        bias=self.bias,
+                        packed=batch_sizes is not None,
+                        reverse=direction == 1,
+                        needs_grad=needs_grad,
+                        layer=layer,
+                    )
+                )
+        return calls
+
+    # ---- running the stack ----------------------------------------------------------------------------
+
+    def _native_stack(self, input: Tensor, hx, batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Exactly nn.LSTM's call: the whole stack in one torch._VF.lstm (cuDNN / oneDNN / ATen)."""
+        if batch_sizes is None:
+            return torch._VF.lstm(
+                input, hx, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
+                self.bidirectional, self.batch_first,
+            )  # fmt: skip
+        return torch._VF.lstm(
+            input, batch_sizes, hx, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
+            self.bidirectional,
+        )  # fmt: skip
+
+    def _layer_weights(self, layer: int, direction: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(w_ih, w_hh, b, w_hr) of one layer and direction, as read by _update_flat_weights for this call."""
+        per_layer = len(self._flat_weights) // (self.num_layers * self._num_directions)
+        start = (layer * self._num_directions + direction) * per_layer
+        weights = self._flat_weights[start : start + per_layer]
+        w_ih, w_hh = weights[0], weights[1]
+        b = weights[2] + weights[3] if self.bias else None
+        w_hr = weights[-1] if self.proj_size > 0 else None
+        return w_ih, w_hh, b, w_hr
+
+    def _layered_stack(self, input: Tensor, hx, batch_sizes: Tensor | None, chosen: list[str]):
+        """Each (layer, direction) through its backend; dropout between layers as nn.LSTM applies it."""
+        positions = None
+        if batch_sizes is not None:
+            seq_len, batch = batch_sizes.numel(), int(batch_sizes[0])
+            positions = packed_positions(batch_sizes, input.device)
+            x = input.new_zeros(seq_len, batch, input.shape[-1]).index_put(positions, input)
+        else:
+            x = input.transpose(0, 1) if self.batch_first else input
+        h0, c0 = hx
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self._num_directions):
+                k = layer * self._num_directions + direction
+                backend = backends.get(chosen[k])
+                y, h, c = backend.layer(
+                    x, h0[k], c0[k], *self._layer_weights(layer, direction), batch_sizes, direction == 1
+                )
+                outputs.append(y)
+                h_n.append(h)
+                c_n.append(c)
+            x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = self._dropout(x, positions)
+        if positions is not None:
+            output = x[positions]
+        else:
+            output = x.transpose(0, 1) if self.batch_first else x
+        return output, torch.stack(h_n), torch.stack(c_n)
+
+    def _dropout(self, x: Tensor, positions: tuple[Tensor, Tensor] | None) -> Tensor:
+        # nn.LSTM drops on the packed data when the input is packed: same shape, same random stream.
+        if positions is None:
+            return F.dropout(x, self.dropout, training=True)
+        dropped = F.dropout(x[positions], self.dropout, training=True)
+        return torch.zeros_like(x).index_put(positions, dropped)

@@ -1,0 +1,40 @@
+"""Shared test settings: tolerances, markers, seeding, and the Triton interpreter on GPU-less machines."""
+
+import os
+
+import pytest
+
+# Triton kernels run on CPU tensors through its interpreter; the variable must be set before triton is
+# imported anywhere in the process, so it is set here, before any test module loads.
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # torch missing: every test will fail loudly at import anyway
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# (atol, rtol) against nn.LSTM with the same weights.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-7),
+    torch.float32: (1e-5, 1e-4),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not _HAS_CUDA:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_env(monkeypatch):
+    """Tests choose backends explicitly; a developer's $FASTLSTM_BACKEND must not leak in."""
+    monkeypatch.delenv("FASTLSTM_BACKEND", raising=False)

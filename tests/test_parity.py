@@ -1,0 +1,185 @@
+"""fastlstm.LSTM against nn.LSTM with the same weights: outputs, states and every gradient."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import TOLERANCES
+from helpers import assert_same_results, lstm_call, make_pair
+from torch.nn.utils.rnn import pack_padded_sequence
+
+BACKENDS = ["native", "reference"]
+I, H, PROJ = 5, 7, 3
+
+
+def _config_id(bias, batch_first, bidirectional, proj, layers):
+    return "-".join(
+        [f"L{layers}", "bias" if bias else "nobias", "bf" if batch_first else "tf"]
+        + (["bi"] if bidirectional else [])
+        + ([f"proj{proj}"] if proj else [])
+    )
+
+
+CONFIGS = list(itertools.product([True, False], [False, True], [False, True], [0, PROJ], [1, 3]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias,batch_first,bidirectional,proj,layers", CONFIGS, ids=[_config_id(*c) for c in CONFIGS])
+def test_matrix_float64(backend, bias, batch_first, bidirectional, proj, layers):
+    kwargs = dict(bias=bias, batch_first=batch_first, bidirectional=bidirectional, proj_size=proj)
+    ref, fast = make_pair(I, H, layers, backend=backend, **kwargs)
+    T, B = 6, 3
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64)
+    D = 2 if bidirectional else 1
+    h0 = torch.randn(layers * D, B, proj or H, dtype=torch.float64)
+    c0 = torch.randn(layers * D, B, H, dtype=torch.float64)
+    atol, rtol = TOLERANCES[torch.float64]
+    assert_same_results(ref, fast, [x, h0, c0], lstm_call, atol, rtol)
+    assert_same_results(ref, fast, [x], lstm_call, atol, rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "T,B,hidden,layers,bidirectional,proj",
+    [
+        (1, 1, 1, 1, False, 0),  # T=1, B=1, H=1
+        (1, 4, 5, 2, True, 2),
+        (9, 17, 13, 2, True, 0),  # batch not a multiple of 16, odd H
+        (4, 1, 9, 3, True, 4),
+    ],
+    ids=lambda v: str(v),
+)
+def test_shapes(backend, dtype, T, B, hidden, layers, bidirectional, proj):
+    ref, fast = make_pair(I, hidden, layers, bidirectional=bidirectional, proj_size=proj, backend=backend, dtype=dtype)
+    x = torch.randn(T, B, I, dtype=dtype)
+    atol, rtol = TOLERANCES[dtype]
+    assert_same_results(ref, fast, [x], lstm_call, atol, rtol)
+
+
+PACKED_CASES = [
+    ([7, 5, 5, 2, 1, 1], True),
+    ([1, 5, 7, 2, 5, 1], False),  # unsorted lengths
+    ([3, 3, 3], True),
+    ([4], True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lengths,enforce_sorted", PACKED_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "bidirectional,proj,layers,with_state", [(True, 2, 2, True), (False, 0, 1, False), (True, 0, 3, False)]
+)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_packed(backend, lengths, enforce_sorted, bidirectional, proj, layers, with_state, batch_first):
+    ref, fast = make_pair(
+        I, H, layers, bidirectional=bidirectional, proj_size=proj, batch_first=batch_first, backend=backend
+    )
+    T, B = max(lengths), len(lengths)
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64)
+    D = 2 if bidirectional else 1
+    state = [
+        torch.randn(layers * D, B, proj or H, dtype=torch.float64),
+        torch.randn(layers * D, B, H, dtype=torch.float64),
+    ]
+
+    def call(module, x, *state):
+        packed = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=enforce_sorted)
+        return lstm_call(module, packed, *state)
+
+    atol, rtol = TOLERANCES[torch.float64]
+    assert_same_results(ref, fast, [x] + (state if with_state else []), call, atol, rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_unbatched(backend, with_state, batch_first):
+    ref, fast = make_pair(I, H, 2, bidirectional=True, proj_size=PROJ, batch_first=batch_first, backend=backend)
+    x = torch.randn(5, I, dtype=torch.float64)
+    state = [torch.randn(4, PROJ, dtype=torch.float64), torch.randn(4, H, dtype=torch.float64)]
+    atol, rtol = TOLERANCES[torch.float64]
+    assert_same_results(ref, fast, [x] + (state if with_state else []), lstm_call, atol, rtol)
+    y, (h, c) = fast(x)
+    assert y.shape == (5, 2 * PROJ) and h.shape == (4, PROJ) and c.shape == (4, H)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_batch(backend):
+    ref, fast = make_pair(I, H, 2, bidirectional=True, backend=backend)
+    x = torch.randn(4, 0, I, dtype=torch.float64)
+    y_ref, (h_ref, c_ref) = ref(x)
+    y, (h, c) = fast(x)
+    assert y.shape == y_ref.shape == (4, 0, 2 * H)
+    assert h.shape == h_ref.shape and c.shape == c_ref.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous(backend):
+    ref, fast = make_pair(I, H, 2, bidirectional=True, proj_size=PROJ, backend=backend)
+    x = torch.randn(2 * I, 3, 6, dtype=torch.float64).permute(2, 1, 0)[:, :, ::2]  # [6, 3, I], strided
+    h0 = torch.randn(3, 4, 2 * PROJ, dtype=torch.float64).transpose(0, 1)[:, :, ::2]
+    c0 = torch.randn(H, 4, 3, dtype=torch.float64).permute(1, 2, 0)
+    assert not (x.is_contiguous() or h0.is_contiguous() or c0.is_contiguous())
+
+    def call(module, x, h0, c0):
+        # keep the strides: run_with_grads hands over contiguous leaves, so make the views here
+        return module(x.transpose(0, 1).transpose(0, 1)[:, :, :], (h0.mT.mT, c0.mT.mT))
+
+    atol, rtol = TOLERANCES[torch.float64]
+    assert_same_results(ref, fast, [x, h0, c0], call, atol, rtol)
+    y_ref, _ = ref(x, (h0, c0))
+    y, _ = fast(x, (h0, c0))
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_sequence(backend):
+    ref, fast = make_pair(3, 4, 1, backend=backend)
+    x = torch.randn(1500, 2, 3, dtype=torch.float64)
+    atol, rtol = TOLERANCES[torch.float64]
+    assert_same_results(ref, fast, [x], lstm_call, atol, rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_reference_within_twice_native_error(dtype):
+    """Low precision: error against a float64 model at most 2x native's error in the same dtype."""
+    exact, fast = make_pair(I, 16, 2, bidirectional=True, backend="reference", dtype=torch.float64)
+    native = torch.nn.LSTM(I, 16, 2, bidirectional=True, dtype=dtype)
+    native.load_state_dict(exact.state_dict())
+    fast = fast.to(dtype)
+    x = torch.randn(8, 4, I, dtype=torch.float64)
+    y_exact, _ = exact(x)
+    y_native, _ = native(x.to(dtype))
+    y_fast, _ = fast(x.to(dtype))
+    assert y_fast.dtype == dtype
+    native_err = (y_native.double() - y_exact).abs().max().item()
+    fast_err = (y_fast.double() - y_exact).abs().max().item()
+    assert fast_err <= 2 * native_err + 1e-3, (fast_err, native_err)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_dropout_matches_native_random_stream(packed):
+    """Training-mode dropout between layers draws the same random numbers as nn.LSTM on the CPU."""
+    ref, fast = make_pair(I, H, 3, bidirectional=True, dropout=0.4, backend="reference")
+    ref.train(), fast.train()
+    x = torch.randn(6, 3, I, dtype=torch.float64)
+
+    def call(module, x):
+        if packed:
+            return module(pack_padded_sequence(x, [6, 4, 2]))
+        return module(x)
+
+    torch.manual_seed(123)
+    expected = call(ref, x)
+    torch.manual_seed(123)
+    got = call(fast, x)
+    y_ref = expected[0].data if packed else expected[0]
+    y = got[0].data if packed else got[0]
+    torch.testing.assert_close(y, y_ref, atol=1e-9, rtol=1e-7)
+    # and dropout really acts: without it the numbers differ
+    fast.eval()
+    y_eval = fast(pack_padded_sequence(x, [6, 4, 2]) if packed else x)[0]
+    assert not torch.allclose(y_eval.data if packed else y_eval, y)
