@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,6 +19,46 @@ from fastlstm.backends.native import packed_positions
 _nn_check_forward_args = nn.LSTM.check_forward_args
 _nn_permute_hidden = nn.LSTM.permute_hidden
 _nn_get_expected_cell_size = nn.LSTM.get_expected_cell_size
+
+
+class _CallShape(NamedTuple):
+    device_type: str
+    dtype: torch.dtype
+    seq_len: int
+    batch: int
+    packed: bool
+    needs_grad: bool
+    input_size: int
+    hidden_size: int
+    proj_size: int
+    num_layers: int
+    num_directions: int
+    bias: bool
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_for(requested: str, shape: _CallShape) -> tuple[dispatch.Choice, ...]:
+    """Dispatch's answer for every (layer, direction); cached, since a forward call must not pay for it twice."""
+    out_size = shape.proj_size or shape.hidden_size
+    calls = [
+        LayerCall(
+            device_type=shape.device_type,
+            dtype=shape.dtype,
+            seq_len=shape.seq_len,
+            batch=shape.batch,
+            input_size=shape.input_size if layer == 0 else out_size * shape.num_directions,
+            hidden_size=shape.hidden_size,
+            proj_size=shape.proj_size,
+            bias=shape.bias,
+            packed=shape.packed,
+            reverse=direction == 1,
+            needs_grad=shape.needs_grad,
+            layer=layer,
+        )
+        for layer in range(shape.num_layers)
+        for direction in range(shape.num_directions)
+    ]
+    return tuple(dispatch.plan(requested, calls))
 
 
 class LSTM(nn.RNNBase):
@@ -62,9 +105,23 @@ class LSTM(nn.RNNBase):
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, self.permute_hidden((h_n, c_n), unsorted_indices)
 
-    def _plan(self, input: Tensor, hx, batch_sizes: Tensor | None) -> list[dispatch.Choice]:
+    def _plan(self, input: Tensor, hx, batch_sizes: Tensor | None) -> tuple[dispatch.Choice, ...]:
         """The backend of each (layer, direction) for prepared input, layer-major, forward before reverse."""
-        return dispatch.plan(self.backend, self._layer_calls(input, hx, batch_sizes))
+        if batch_sizes is not None:
+            seq_len, batch = batch_sizes.numel(), int(batch_sizes[0])
+        else:
+            seq_len, batch = (input.size(1), input.size(0)) if self.batch_first else (input.size(0), input.size(1))
+        needs_grad = torch.is_grad_enabled() and (
+            input.requires_grad
+            or hx[0].requires_grad
+            or hx[1].requires_grad
+            or any(w.requires_grad for w in self._flat_weights)
+        )
+        shape = _CallShape(
+            input.device.type, input.dtype, seq_len, batch, batch_sizes is not None, needs_grad, self.input_size,
+            self.hidden_size, self.proj_size, self.num_layers, self._num_directions, self.bias,
+        )  # fmt: skip
+        return _plan_for(dispatch.requested(self.backend), shape)
 
     # ---- input handling -------------------------------------------------------------------------------
 
@@ -142,39 +199,6 @@ class LSTM(nn.RNNBase):
                 )
             if state.dtype != input.dtype:
                 raise RuntimeError(f"Expected {name} dtype {input.dtype} (the input's), got {state.dtype}")
-
-    def _layer_calls(self, input: Tensor, hx, batch_sizes: Tensor | None) -> list[LayerCall]:
-        if batch_sizes is not None:
-            seq_len, batch = batch_sizes.numel(), int(batch_sizes[0])
-        else:
-            seq_len, batch = (input.size(1), input.size(0)) if self.batch_first else (input.size(0), input.size(1))
-        needs_grad = torch.is_grad_enabled() and (
-            input.requires_grad
-            or hx[0].requires_grad
-            or hx[1].requires_grad
-            or any(w.requires_grad for w in self._flat_weights)
-        )
-        calls = []
-        for layer in range(self.num_layers):
-            in_size = self.input_size if layer == 0 else self._out_size * self._num_directions
-            for direction in range(self._num_directions):
-                calls.append(
-                    LayerCall(
-                        device_type=input.device.type,
-                        dtype=input.dtype,
-                        seq_len=seq_len,
-                        batch=batch,
-                        input_size=in_size,
-                        hidden_size=self.hidden_size,
-                        proj_size=self.proj_size,
-                        bias=self.bias,
-                        packed=batch_sizes is not None,
-                        reverse=direction == 1,
-                        needs_grad=needs_grad,
-                        layer=layer,
-                    )
-                )
-        return calls
 
     # ---- running the stack ----------------------------------------------------------------------------
 

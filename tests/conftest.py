@@ -38,3 +38,13 @@ def _seed():
 def _no_backend_env(monkeypatch):
     """Tests choose backends explicitly; a developer's $FASTLSTM_BACKEND must not leak in."""
     monkeypatch.delenv("FASTLSTM_BACKEND", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch_cache():
+    """Tests that swap a backend out must not see plans cached by earlier tests."""
+    from fastlstm.module import _plan_for
+
+    _plan_for.cache_clear()
+    yield
+    _plan_for.cache_clear()

@@ -101,7 +101,24 @@ def test_unknown_backend_from_environment(monkeypatch):
         fastlstm.LSTM(I, H)(torch.randn(2, 1, I))
 
 
-def test_forced_backend_that_cannot_serve_names_the_reason():
+def test_forced_backend_that_cannot_serve_names_the_reason(monkeypatch):
+    from fastlstm import backends
+
+    monkeypatch.setitem(backends._loaded, "triton", backends._Broken("triton", "triton is not installed"))
     m = fastlstm.LSTM(I, H, backend="triton")
-    with pytest.raises(fastlstm.BackendUnavailableError, match="fastlstm backend 'triton' cannot serve layer 0"):
+    message = "fastlstm backend 'triton' cannot serve layer 0 .forward.: triton is not installed"
+    with pytest.raises(fastlstm.BackendUnavailableError, match=message):
         m(torch.randn(2, 1, I))
+
+
+def test_auto_falls_back_to_native_with_one_warning_when_a_backend_is_missing(monkeypatch):
+    from fastlstm import backends, dispatch
+
+    monkeypatch.setitem(backends._loaded, "cpp", backends._Broken("cpp", "no C++ compiler"))
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(dispatch, "_faster_than_native", lambda name, call: None)
+    m = fastlstm.LSTM(I, H, 2)
+    with pytest.warns(RuntimeWarning, match="cpp backend is unavailable.*no C.. compiler"):
+        y, _ = m(torch.randn(2, 3, I))
+    assert fastlstm.explain(m, torch.randn(2, 3, I)).backends == ["native", "native"]
+    assert "cpp unavailable: no C++ compiler" in str(fastlstm.explain(m, torch.randn(2, 4, I)))

@@ -1,0 +1,281 @@
+"""The C++ CPU backend: csrc/lstm_cpu.cpp built on first use with torch.utils.cpp_extension + ninja.
+
+Build and cache
+    The extension is compiled lazily (first call of `unavailable_reason()`, `layer()` or `build()`, never at
+    import) into a per-user cache directory, `$FASTLSTM_CACHE_DIR` or `$XDG_CACHE_HOME/fastlstm` or
+    `~/.cache/fastlstm`, in a sub-directory named by a hash of the sources, torch and Python versions, the
+    compiler, the flags and the CPU (the build uses -march=native). A finished build leaves a `BUILT` marker;
+    later processes load the library straight from there without running the compiler. Concurrent builds in
+    the same directory are serialised by cpp_extension's own lock file (FileBaton) in that directory.
+    `$FASTLSTM_CXX` (or else `$CXX`) chooses the compiler. A failing build never raises out of
+    `unavailable_reason()`; it returns the compiler's error text, and `layer()` raises a RuntimeError naming it.
+
+Ops (namespace `fastlstm`, schemas defined in C++, fakes and autograd here)
+    cpp_lstm_fwd(x, h0, c0, w_ih, w_hh, b?, w_hr?, batch_sizes?, reverse, save) -> (y, hT, cT, gates, c_hist)
+    cpp_lstm_bwd(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr?, batch_sizes?, y, gates, c_hist,
+                 reverse, has_bias) -> (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
+    gates [T, B, 4H] (activated) and c_hist [T, B, H] are what backward needs; they are empty ([0]) when
+    save is false (inference), and float32 for bfloat16 inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fastlstm.backends import Backend, LayerCall, LayerResult
+
+_SOURCES = ("lstm_cpu.cpp",)
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_STALE_LOCK_S = 15 * 60  # a lock file older than this was left by a build that died
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"done": False, "error": None, "path": None}
+
+
+def source_dir() -> Path:
+    """csrc/ of a source checkout (<repo>/csrc) or of an installed wheel (fastlstm/csrc)."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[2] / "csrc", here.parents[1] / "csrc"):
+        if all((candidate / name).is_file() for name in _SOURCES):
+            return candidate
+    raise FileNotFoundError(f"fastlstm C++ sources {_SOURCES} not found next to {here.parents[1]}")
+
+
+def _compiler() -> str:
+    return os.environ.get("FASTLSTM_CXX") or os.environ.get("CXX") or "c++"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+def cache_root() -> Path:
+    if os.environ.get("FASTLSTM_CACHE_DIR"):
+        return Path(os.environ["FASTLSTM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastlstm"
+
+
+def _build_key(src: Path) -> str:
+    h = hashlib.sha256()
+    for name in _SOURCES:
+        h.update(name.encode())
+        h.update((src / name).read_bytes())
+    for part in (torch.__version__, sys.version, _compiler(), " ".join(_CFLAGS + _LDFLAGS), _cpu_id()):
+        h.update(b"\0" + part.encode())
+    return h.hexdigest()[:16]
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    lock = build_dir / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+            lock.unlink()
+    except OSError:
+        pass
+
+
+def _find_library(build_dir: Path, name: str) -> Path | None:
+    for suffix in (".so", ".pyd", ".dylib"):
+        path = build_dir / (name + suffix)
+        if path.is_file():
+            return path
+    return None
+
+
+def _build_and_load(verbose: bool) -> str:
+    """Compile (or find in the cache) and load the library; returns its path. Raises on failure."""
+    from torch.utils import cpp_extension
+
+    src = source_dir()
+    key = _build_key(src)
+    name = f"fastlstm_cpp_{key}"
+    build_dir = cache_root() / f"cpp-{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    marker = build_dir / "BUILT"
+    lib = _find_library(build_dir, name)
+    if not (marker.is_file() and lib is not None):
+        _clear_stale_lock(build_dir)
+        old_cxx = os.environ.get("CXX")
+        os.environ["CXX"] = _compiler()
+        try:
+            lib_path = cpp_extension.load(
+                name=name,
+                sources=[str(src / s) for s in _SOURCES],
+                extra_cflags=_CFLAGS,
+                extra_ldflags=_LDFLAGS,
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=verbose,
+            )
+        finally:
+            if old_cxx is None:
+                os.environ.pop("CXX", None)
+            else:
+                os.environ["CXX"] = old_cxx
+        lib = Path(lib_path) if lib_path else _find_library(build_dir, name)
+        if lib is None:
+            raise RuntimeError(f"the build in {build_dir} produced no library")
+        tmp = marker.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(f"{lib.name}\n")
+        os.replace(tmp, marker)  # atomic: other processes see either no marker or a complete one
+    else:
+        torch.ops.load_library(str(lib))
+    _register_python_side()
+    return str(lib)
+
+
+def _ensure(verbose: bool = False) -> str | None:
+    """Build/load once per process. Returns None when the ops are available, else the reason (cached)."""
+    if _state["done"]:
+        return _state["error"]  # type: ignore[return-value]
+    with _lock:
+        if not _state["done"]:
+            try:
+                _state["path"] = _build_and_load(verbose)
+            except Exception as error:  # noqa: BLE001 - a failed build must never crash the user's model
+                text = "".join(traceback.format_exception_only(type(error), error)).strip()
+                _state["error"] = f"building the fastlstm C++ extension failed (compiler {_compiler()!r}): {text}"
+            _state["done"] = True
+    return _state["error"]  # type: ignore[return-value]
+
+
+@torch.compiler.assume_constant_result
+def _availability() -> str | None:
+    """_ensure() run eagerly even while torch.compile traces: the build is not traceable, its outcome is constant."""
+    return _ensure()
+
+
+def build(verbose: bool = False) -> str:
+    """Build (or load from the cache) ahead of time. Returns the library path; raises RuntimeError on failure."""
+    error = _ensure(verbose)
+    if error is not None:
+        raise RuntimeError(error)
+    return str(_state["path"])
+
+
+def build_error() -> str | None:
+    """The compiler's error text when the build failed, None when it succeeded (builds if not yet tried)."""
+    return _ensure()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Fake kernels and autograd, registered once the C++ schemas exist.
+
+_registered = False
+
+
+def _register_python_side() -> None:
+    global _registered
+    if _registered:
+        return
+
+    @torch.library.register_fake("fastlstm::cpp_lstm_fwd")
+    def _fwd_fake(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save):
+        T, B = x.shape[0], x.shape[1]
+        H, P = w_hh.shape[0] // 4, w_hh.shape[1]
+        saved_dtype = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+        y = x.new_empty((T, B, P))
+        hT = x.new_empty((B, P))
+        cT = x.new_empty((B, H))
+        if save:
+            gates = x.new_empty((T, B, 4 * H), dtype=saved_dtype)
+            c_hist = x.new_empty((T, B, H), dtype=saved_dtype)
+        else:
+            gates = x.new_empty((0,), dtype=saved_dtype)
+            c_hist = x.new_empty((0,), dtype=saved_dtype)
+        return y, hT, cT, gates, c_hist
+
+    @torch.library.register_fake("fastlstm::cpp_lstm_bwd")
+    def _bwd_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, reverse,
+                  has_bias):
+        H = w_hh.shape[0] // 4
+        db = x.new_empty((4 * H,)) if has_bias else x.new_empty((0,))
+        dw_hr = torch.empty_like(w_hr) if w_hr is not None else x.new_empty((0,))
+        return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
+                torch.empty_like(w_hh), db, dw_hr)
+
+    def _setup_context(ctx, inputs, output):
+        x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save = inputs
+        y, _, _, gates, c_hist = output
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist)
+        ctx.reverse = reverse
+        ctx.save = save
+        ctx.has_bias = b is not None
+        ctx.has_proj = w_hr is not None
+
+    def _backward(ctx, grad_y, grad_hT, grad_cT, _grad_gates, _grad_c_hist):
+        if not ctx.save:
+            raise RuntimeError("fastlstm cpp: backward through a forward that ran without saving (save=False)")
+        x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist = ctx.saved_tensors
+        grad_y = torch.zeros_like(y) if grad_y is None else grad_y
+        grad_hT = torch.zeros_like(h0) if grad_hT is None else grad_hT
+        grad_cT = torch.zeros_like(c0) if grad_cT is None else grad_cT
+        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.fastlstm.cpp_lstm_bwd(
+            grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, ctx.reverse,
+            ctx.has_bias,
+        )
+        return (dx, dh0, dc0, dw_ih, dw_hh, db if ctx.has_bias else None, dw_hr if ctx.has_proj else None, None,
+                None, None)
+
+    torch.library.register_autograd("fastlstm::cpp_lstm_fwd", _backward, setup_context=_setup_context)
+    _registered = True
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+class CppBackend(Backend):
+    name = "cpp"
+
+    def unavailable_reason(self) -> str | None:
+        return _ensure()
+
+    def unsupported_reason(self, call: LayerCall) -> str | None:
+        if call.device_type != "cpu":
+            return f"the cpp backend runs on the CPU only, not {call.device_type}"
+        if call.dtype not in _SUPPORTED_DTYPES:
+            return f"the cpp backend supports float32, float64 and bfloat16, not {call.dtype}"
+        return None
+
+    def layer(
+        self,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        w_ih: Tensor,
+        w_hh: Tensor,
+        b: Tensor | None,
+        w_hr: Tensor | None,
+        batch_sizes: Tensor | None,
+        reverse: bool,
+    ) -> LayerResult:
+        """x: [T, B, I], h0: [B, P], c0: [B, H] -> y [T, B, P], hT [B, P], cT [B, H] (fastlstm.reference)."""
+        reason = _availability()
+        if reason is not None:
+            raise RuntimeError(f"fastlstm cpp backend is unavailable: {reason}")
+        tensors = (x, h0, c0, w_ih, w_hh, b, w_hr)
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        y, hT, cT, _, _ = torch.ops.fastlstm.cpp_lstm_fwd(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save)
+        return y, hT, cT
+
+
+BACKEND = CppBackend()

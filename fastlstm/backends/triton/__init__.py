@@ -1,0 +1,74 @@
+"""The Triton backend: fused LSTM kernels for CUDA (and for CPU tensors under TRITON_INTERPRET=1).
+
+Importing this package never imports triton; `BACKEND.layer` does, on first use.
+
+Two kernels, chosen per call by `ops.choose_kernel` (force one with `layer(..., kernel="step"|"sequence")`
+or env FASTLSTM_TRITON_KERNEL=step|sequence):
+- step: one launch per time step, grid (batch tiles, hidden tiles); h @ W_hh^T for all four gates and the
+  pointwise cell fused (a second small launch per step applies W_hr when proj_size is set).
+- sequence: one launch for the whole time loop, one program per batch tile owning every hidden unit of its
+  rows; used for small batches and hidden sizes up to ops.SEQ_MAX_HIDDEN.
+Both have a backward of the same shape; the weight and input grads are torch GEMMs over all T*B rows.
+
+Dtypes: float32, bfloat16, float16 on CUDA; float32 and float64 under the interpreter (float64 is for
+gradcheck-grade tests; bf16/fp16 are not exercised by the interpreter, and float64 on CUDA is left to the
+native backend). c and every accumulation are fp32 (fp64 for float64).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastlstm.backends import Backend, LayerCall, LayerResult
+
+CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INTERPRETER_DTYPES = (torch.float32, torch.float64)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except ImportError as e:
+            return f"triton is not installed: {e} (pip install 'fastlstm[triton]', Linux only)"
+        except Exception as e:  # a broken install must not break dispatch
+            return f"triton is installed but cannot be imported: {type(e).__name__}: {e}"
+        if not torch.cuda.is_available() and not _interpreting():
+            return "triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on CPU tensors)"
+        return None
+
+    def unsupported_reason(self, call: LayerCall) -> str | None:
+        reason = self.unavailable_reason()
+        if reason is not None:
+            return reason
+        if call.device_type == "cuda":
+            if call.dtype not in CUDA_DTYPES:
+                return f"dtype {call.dtype} is not supported by the triton kernels on CUDA (float32/bfloat16/float16)"
+        elif call.device_type == "cpu":
+            if not _interpreting():
+                return "triton runs on CPU tensors only under TRITON_INTERPRET=1"
+            if call.dtype not in INTERPRETER_DTYPES:
+                return f"dtype {call.dtype} is not supported by the triton interpreter backend (float32/float64)"
+        else:
+            return f"device {call.device_type!r} is not supported by the triton backend (cuda only)"
+        from fastlstm.backends.triton.ops import size_reason
+
+        return size_reason(call.seq_len, call.batch, call.hidden_size, call.out_size)
+
+    def layer(self, x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | None = None) -> LayerResult:
+        """One layer, one direction (fastlstm.reference); `kernel` forces "step" or "sequence"."""
+        from fastlstm.backends.triton import ops
+
+        return ops.layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel)
+
+
+BACKEND = TritonBackend()

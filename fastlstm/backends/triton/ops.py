@@ -1,0 +1,355 @@
+"""Launchers and torch.library ops of the Triton backend (imported only when triton is importable).
+
+Ops (namespace fastlstm, see DESIGN.md "Ops and autograd"):
+    fastlstm::triton_forward  -> y, hT, cT and what backward needs (acts, hs, cs, r)
+    fastlstm::triton_backward -> grads of x, h0, c0, w_ih, w_hh, b, w_hr
+Both take `kernel`: "step" (one launch per time step) or "sequence" (one launch for the whole loop);
+the choice is made before the op by `choose_kernel`, so the op itself is deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastlstm.backends.triton import kernels
+
+KERNELS = ("step", "sequence")
+ENV_KERNEL = "FASTLSTM_TRITON_KERNEL"
+# The sequence kernel runs one program per batch tile that loops over every hidden unit, so it pays off
+# where the per-step grid is small and launch overhead dominates. These bounds are a first guess, to be
+# tuned with benchmarks/gpu_grid.py on a GPU.
+SEQ_MAX_HIDDEN = 256
+SEQ_MAX_BATCH = 64
+INT32_MAX = 2**31 - 1
+
+
+def choose_kernel(batch: int, hidden: int, out_size: int, kernel: str | None = None) -> str:
+    """Which kernel serves a call: `kernel` if given, else env FASTLSTM_TRITON_KERNEL, else the size rule."""
+    kernel = kernel or os.environ.get(ENV_KERNEL) or "auto"
+    if kernel == "auto":
+        fits = hidden <= SEQ_MAX_HIDDEN and out_size <= SEQ_MAX_HIDDEN and batch <= SEQ_MAX_BATCH
+        return "sequence" if fits else "step"
+    if kernel not in KERNELS:
+        raise ValueError(f"{ENV_KERNEL} / kernel must be one of auto, step, sequence; got {kernel!r}")
+    return kernel
+
+
+def size_reason(T: int, B: int, H: int, P: int) -> str | None:
+    """Why the kernels cannot take these sizes (int32 offsets), or None."""
+    if T < 1 or B < 1:
+        return f"empty input (seq_len={T}, batch={B})"
+    if (T + 2) * B * 4 * H > INT32_MAX or (T + 1) * B * P > INT32_MAX:
+        return f"buffers over 2**31 elements (seq_len={T}, batch={B}, hidden={H}); kernels use int32 offsets"
+    return None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's own TF32 switch for matmuls (off by default): exact fp32 unless the user opts in.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _block(n: int, lo: int = 16, hi: int = 64) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def _blocks(B: int, H: int, P: int, kernel: str) -> dict:
+    if kernel == "sequence":
+        block_b = 16 if B <= 16 else 32
+    else:
+        block_b = 16 if B <= 32 else 32
+    return dict(BLOCK_B=block_b, BLOCK_H=_block(H), BLOCK_P=_block(P), BLOCK_K=64 if min(H, P) >= 64 else 32)
+
+
+def _live_rows(batch_sizes: Tensor | None, T: int, B: int) -> list[int]:
+    return [B] * T if batch_sizes is None else [int(n) for n in batch_sizes.tolist()]
+
+
+def _padded_sizes(live: list[int], device: torch.device) -> Tensor:
+    """bs[T+2] int32 with bs[t+1] = live rows of time t and zeros at both ends (see kernels.py)."""
+    return torch.tensor([0, *live, 0], dtype=torch.int32, device=device)
+
+
+def forward_impl(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b: Tensor | None,
+    w_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    kernel: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    T, B, _ = x.shape
+    H = w_hh.shape[0] // 4
+    P = w_hh.shape[1]
+    dtype = x.dtype
+    cdt = _compute_dtype(dtype)
+    has_proj = w_hr is not None
+    xg = torch.nn.functional.linear(x, w_ih, b).contiguous()  # [T, B, 4H], every step in one GEMM
+    hs = torch.empty(T + 1, B, P, dtype=dtype, device=x.device)
+    cs = torch.empty(T + 1, B, H, dtype=cdt, device=x.device)
+    first = T if reverse else 0
+    hs[first] = h0
+    cs[first] = c0
+    acts = torch.empty(T, B, 4 * H, dtype=cdt, device=x.device)
+    y = torch.empty(T, B, P, dtype=dtype, device=x.device)
+    r = torch.empty(T, B, H, dtype=dtype, device=x.device) if has_proj else x.new_empty(0)
+    w_hh = w_hh.contiguous()
+    w_hr_c = w_hr.contiguous() if has_proj else w_hh  # placeholder pointer when there is no projection
+    live = _live_rows(batch_sizes, T, B)
+    blk = _blocks(B, H, P, kernel)
+    common = dict(ACC=_tl_acc(dtype), PREC=_precision(dtype))
+    if kernel == "sequence":
+        bs = _padded_sizes(live, x.device)
+        grid = (triton.cdiv(B, blk["BLOCK_B"]),)
+        kernels.fwd_seq_kernel[grid](
+            xg, hs, cs, acts, r, y, w_hh, w_hr_c, bs, T, B, H=H, P=P, HAS_PROJ=has_proj, REVERSE=reverse,
+            **blk, **common,
+        )  # fmt: skip
+    else:
+        grid_h = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(H, blk["BLOCK_H"]))
+        grid_p = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(P, blk["BLOCK_P"]))
+        for s in range(T):
+            t = T - 1 - s if reverse else s
+            prev, out = (t + 1, t) if reverse else (t, t + 1)
+            kernels.fwd_step_kernel[grid_h](
+                xg[t], hs[prev], cs[prev], cs[out], acts[t], r[t] if has_proj else hs[out], y[t], w_hh, live[t], B,
+                H=H, P=P, HAS_PROJ=has_proj, BLOCK_B=blk["BLOCK_B"], BLOCK_H=blk["BLOCK_H"], BLOCK_K=blk["BLOCK_K"],
+                **common,
+            )  # fmt: skip
+            if has_proj:
+                kernels.fwd_proj_kernel[grid_p](
+                    r[t], w_hr_c, hs[prev], hs[out], y[t], live[t], B, H=H, P=P, BLOCK_B=blk["BLOCK_B"],
+                    BLOCK_P=blk["BLOCK_P"], BLOCK_K=blk["BLOCK_K"], **common,
+                )  # fmt: skip
+    last = 0 if reverse else T
+    hT = hs[last].clone()
+    cT = cs[last].to(dtype, copy=True)
+    return y, hT, cT, acts, hs, cs, r
+
+
+def backward_impl(
+    grad_y: Tensor,
+    grad_hT: Tensor,
+    grad_cT: Tensor,
+    x: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    acts: Tensor,
+    hs: Tensor,
+    cs: Tensor,
+    r: Tensor,
+    reverse: bool,
+    kernel: str,
+    has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    T, B, I = x.shape
+    H = w_hh.shape[0] // 4
+    P = w_hh.shape[1]
+    dtype = x.dtype
+    cdt = _compute_dtype(dtype)
+    has_proj = w_hr is not None
+    dev = x.device
+    grad_y = grad_y.contiguous()
+    w_hh = w_hh.contiguous()
+    w_hr_c = w_hr.contiguous() if has_proj else w_hh
+    # dgates in the input dtype (the weight-grad GEMMs run in it, as native does); carries in fp32.
+    dgb = torch.zeros(T + 2, B, 4 * H, dtype=dtype, device=dev)
+    dh = grad_hT.to(cdt).contiguous().clone()
+    dc = grad_cT.to(cdt).contiguous().clone()
+    dhy = torch.empty(T, B, P, dtype=dtype, device=dev) if has_proj else dh
+    live = _live_rows(batch_sizes, T, B)
+    blk = _blocks(B, H, P, kernel)
+    common = dict(ACC=_tl_acc(dtype), PREC=_precision(dtype))
+    first = T - 1 if reverse else 0  # the first step the forward pass processed
+    if kernel == "sequence":
+        bs = _padded_sizes(live, dev)
+        grid = (triton.cdiv(B, blk["BLOCK_B"]),)
+        kernels.bwd_seq_kernel[grid](
+            dgb, w_hh, w_hr_c, grad_y, dh, dhy, dc, acts, cs, bs, T, B, H=H, P=P, HAS_PROJ=has_proj,
+            REVERSE=reverse, **blk, **common,
+        )  # fmt: skip
+    else:
+        grid_h = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(H, blk["BLOCK_H"]))
+        grid_p = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(P, blk["BLOCK_P"]))
+        for s in range(T):
+            t = s if reverse else T - 1 - s
+            nxt = t - 1 if reverse else t + 1
+            prev, out = (t + 1, t) if reverse else (t, t + 1)
+            n_next = live[nxt] if 0 <= nxt < T else 0
+            if has_proj:
+                kernels.bwd_dh_kernel[grid_p](
+                    dgb[nxt + 1], w_hh, grad_y[t], dh, dhy[t], 1, live[t], n_next, B, H=H, P=P, HAS_PROJ=True,
+                    BLOCK_B=blk["BLOCK_B"], BLOCK_P=blk["BLOCK_P"], BLOCK_K=blk["BLOCK_K"], **common,
+                )  # fmt: skip
+                kernels.bwd_proj_cell_kernel[grid_h](
+                    dh, w_hr_c, acts[t], cs[out], cs[prev], dc, dgb[t + 1], live[t], B, H=H, P=P,
+                    BLOCK_B=blk["BLOCK_B"], BLOCK_H=blk["BLOCK_H"], BLOCK_K=blk["BLOCK_K"], **common,
+                )  # fmt: skip
+            else:
+                kernels.bwd_step_kernel[grid_h](
+                    dgb[nxt + 1], w_hh, grad_y[t], dh, acts[t], cs[out], cs[prev], dc, dgb[t + 1], live[t], n_next, B,
+                    H=H, BLOCK_B=blk["BLOCK_B"], BLOCK_H=blk["BLOCK_H"], BLOCK_K=blk["BLOCK_K"], **common,
+                )  # fmt: skip
+        # dh0 = dgates of the first processed step @ W_hh where that step was live; the carry elsewhere.
+        kernels.bwd_dh_kernel[grid_p](
+            dgb[first + 1], w_hh, grad_y[0], dh, dh, 0, 0, live[first], B, H=H, P=P, HAS_PROJ=False,
+            BLOCK_B=blk["BLOCK_B"], BLOCK_P=blk["BLOCK_P"], BLOCK_K=blk["BLOCK_K"], **common,
+        )  # fmt: skip
+    dg = dgb[1 : T + 1]  # [T, B, 4H] in time order
+    dg2 = dg.reshape(T * B, 4 * H)
+    dx = (dg2 @ w_ih).view(T, B, I)
+    dw_ih = dg2.t() @ x.reshape(T * B, I)
+    # The state each step read: slots 0..T-1 forward, 1..T reverse, aligned with dgates in time order.
+    h_before = hs[1:] if reverse else hs[:T]
+    dw_hh = dg2.t() @ h_before.reshape(T * B, P)
+    db = dg2.sum(0, dtype=cdt).to(dtype) if has_bias else x.new_empty(0)
+    dw_hr = dhy.reshape(T * B, P).t() @ r.reshape(T * B, H) if has_proj else x.new_empty(0)
+    return dx, dh.to(dtype), dc.to(dtype), dw_ih, dw_hh, db, dw_hr
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library ops
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastlstm::triton_forward", mutates_args=())
+def triton_forward(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b: Tensor | None,
+    w_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    kernel: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """y [T,B,P], hT [B,P], cT [B,H], and for backward: acts [T,B,4H], hs [T+1,B,P], cs [T+1,B,H], r [T,B,H]|[0]."""
+    return forward_impl(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel)
+
+
+@triton_forward.register_fake
+def _(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel):
+    T, B = x.shape[0], x.shape[1]
+    H, P = w_hh.shape[0] // 4, w_hh.shape[1]
+    cdt = _compute_dtype(x.dtype)
+    return (
+        x.new_empty(T, B, P),
+        x.new_empty(B, P),
+        x.new_empty(B, H),
+        x.new_empty(T, B, 4 * H, dtype=cdt),
+        x.new_empty(T + 1, B, P),
+        x.new_empty(T + 1, B, H, dtype=cdt),
+        x.new_empty(T, B, H) if w_hr is not None else x.new_empty(0),
+    )
+
+
+@torch.library.custom_op("fastlstm::triton_backward", mutates_args=())
+def triton_backward(
+    grad_y: Tensor,
+    grad_hT: Tensor,
+    grad_cT: Tensor,
+    x: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    acts: Tensor,
+    hs: Tensor,
+    cs: Tensor,
+    r: Tensor,
+    reverse: bool,
+    kernel: str,
+    has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dx, dh0, dc0, dw_ih, dw_hh, db ([0] without bias), dw_hr ([0] without projection)."""
+    return backward_impl(
+        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, has_bias
+    )
+
+
+@triton_backward.register_fake
+def _(grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, has_bias):
+    B, P, H = hs.shape[1], hs.shape[2], cs.shape[2]
+    return (
+        torch.empty_like(x),
+        x.new_empty(B, P),
+        x.new_empty(B, H),
+        torch.empty_like(w_ih),
+        torch.empty_like(w_hh),
+        x.new_empty(4 * H) if has_bias else x.new_empty(0),
+        torch.empty_like(w_hr) if w_hr is not None else x.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel = inputs
+    _, _, _, acts, hs, cs, r = output
+    ctx.save_for_backward(x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r)
+    ctx.reverse = reverse
+    ctx.kernel = kernel
+    ctx.has_bias = b is not None
+    ctx.mark_non_differentiable(acts, hs, cs, r)
+
+
+def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused):
+    x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r = ctx.saved_tensors
+    B, P, H = hs.shape[1], hs.shape[2], cs.shape[2]
+    if grad_y is None:
+        grad_y = x.new_zeros(x.shape[0], B, P)
+    if grad_hT is None:
+        grad_hT = x.new_zeros(B, P)
+    if grad_cT is None:
+        grad_cT = x.new_zeros(B, H)
+    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = triton_backward(
+        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel,
+        ctx.has_bias,
+    )  # fmt: skip
+    return (
+        dx,
+        dh0,
+        dc0,
+        dw_ih,
+        dw_hh,
+        db if ctx.has_bias else None,
+        dw_hr if w_hr is not None else None,
+        None,
+        None,
+        None,
+    )
+
+
+triton_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | None = None):
+    """One layer, one direction, per the contract in fastlstm.reference; `kernel` forces step/sequence."""
+    H, P = w_hh.shape[0] // 4, w_hh.shape[1]
+    chosen = choose_kernel(x.shape[1], H, P, kernel)
+    y, hT, cT, *_ = triton_forward(
+        x.contiguous(), h0.contiguous(), c0.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
+        None if b is None else b.contiguous(), None if w_hr is None else w_hr.contiguous(), batch_sizes,
+        bool(reverse), chosen,
+    )  # fmt: skip
+    return y, hT, cT
