@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from fastlstm import backends, dispatch
+from fastlstm import backends, dispatch, reference
 from fastlstm.backends import LayerCall
 from fastlstm.backends.native import packed_positions
 
@@ -89,13 +89,23 @@ class LSTM(nn.RNNBase):
         text = super().extra_repr()
         return text if self.backend is None else f"{text}, backend={self.backend!r}"
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, lengths=None):
+        """nn.LSTM.forward, plus `lengths`: per-sequence lengths [B] of a padded batch (see _forward_lengths)."""
+        if lengths is not None:
+            return self._forward_lengths(input, hx, lengths)
         input, hx, batch_sizes, sorted_indices, unsorted_indices, is_batched = self._prepare(input, hx)
         choices = self._plan(input, hx, batch_sizes)
         if all(choice.backend == "native" for choice in choices):
             output, h_n, c_n = self._native_stack(input, hx, batch_sizes)
+        elif batch_sizes is not None:
+            positions = packed_positions(batch_sizes, input.device)
+            padded = input.new_zeros(batch_sizes.numel(), int(batch_sizes[0]), input.shape[-1])
+            y, h_n, c_n = self._layered_stack(padded.index_put(positions, input), hx, batch_sizes, choices)
+            output = y[positions]
         else:
-            output, h_n, c_n = self._layered_stack(input, hx, batch_sizes, [c.backend for c in choices])
+            x = input.transpose(0, 1) if self.batch_first else input
+            y, h_n, c_n = self._layered_stack(x, hx, None, choices)
+            output = y.transpose(0, 1) if self.batch_first else y
 
         if batch_sizes is not None:
             packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -104,6 +114,85 @@ class LSTM(nn.RNNBase):
             output = output.squeeze(0 if self.batch_first else 1)
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, self.permute_hidden((h_n, c_n), unsorted_indices)
+
+    def _forward_lengths(self, input: Tensor, hx, lengths) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """A padded batch with per-sequence lengths: the numbers of packing it, without packing.
+
+        input: [B, T, I] (batch_first) or [T, B, I]; lengths: [B] ints in 1..T, any order.
+        Returns the padded output, T steps long, zero beyond each length (as pad_packed_sequence with
+        total_length=T gives it), and (h_n, c_n) taken at each sequence's own end, in the caller's order.
+        """
+        if isinstance(input, PackedSequence) or not isinstance(input, Tensor) or input.dim() != 3:
+            raise ValueError("LSTM: lengths= takes a padded, batched 3-D input tensor")
+        batch_dim = 0 if self.batch_first else 1
+        lengths = torch.as_tensor(lengths).to("cpu", torch.int64)
+        if lengths.dim() != 1 or lengths.numel() != input.size(batch_dim):
+            raise ValueError(
+                f"LSTM: lengths must be 1-D with one entry per sequence ({input.size(batch_dim)}), got shape "
+                f"{tuple(lengths.shape)}"
+            )
+        seq_len = input.size(1 - batch_dim)
+        if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > seq_len):
+            raise ValueError(f"LSTM: every length must be in 1..{seq_len} (the padded length), got {lengths.tolist()}")
+        input, hx, *_ = self._prepare(input, hx)  # every check of a plain call, in the caller's order
+        if lengths.numel() == 0:
+            return self.forward(input, hx)
+        sorted_lengths, order = torch.sort(lengths, descending=True, stable=True)
+        unorder = torch.empty_like(order)
+        unorder[order] = torch.arange(order.numel())
+        order, unorder = order.to(input.device), unorder.to(input.device)
+        batch_sizes = (torch.arange(seq_len)[:, None] < sorted_lengths[None, :]).sum(1)
+        x = input.index_select(batch_dim, order)
+        x = x.transpose(0, 1) if self.batch_first else x  # time-major, rows sorted by length
+        hx = self.permute_hidden(hx, order)
+        choices = self._plan(x, hx, batch_sizes)
+        keep = batch_sizes[batch_sizes > 0].numel()
+        x, batch_sizes = x[:keep], batch_sizes[:keep]  # trailing steps where no sequence is live
+        if all(choice.backend == "native" for choice in choices):
+            positions = packed_positions(batch_sizes, input.device)
+            data, h_n, c_n = self._native_stack(x[positions], hx, batch_sizes)
+            y = data.new_zeros(*x.shape[:2], data.shape[-1]).index_put(positions, data)
+        else:
+            y, h_n, c_n = self._layered_stack(x, hx, batch_sizes, choices)
+        if keep < seq_len:
+            y = torch.cat([y, y.new_zeros(seq_len - keep, *y.shape[1:])])
+        y = y.index_select(1, unorder)
+        y = y.transpose(0, 1) if self.batch_first else y
+        return y, self.permute_hidden((h_n, c_n), unorder)
+
+    def step(self, input: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """One time step through every layer, for streaming: the same numbers as forward on a 1-step sequence.
+
+        input: [B, I] (or [I] unbatched); state: (h [L, B, P], c [L, B, H]) (or [L, P], [L, H]) or None for
+        zeros. Returns (output [B, P], (h, c)) -- feed (h, c) back in with the next step. Unidirectional
+        modules only (the reverse direction reads the future). Differentiable; dropout acts in training mode.
+        """
+        if self.bidirectional:
+            raise ValueError("LSTM.step: needs a unidirectional LSTM (the reverse direction reads the future)")
+        if not isinstance(input, Tensor) or input.dim() not in (1, 2):
+            dim = input.dim() if isinstance(input, Tensor) else type(input).__name__
+            raise ValueError(f"LSTM.step: Expected input to be 1D (unbatched) or 2D [batch, features], got {dim}D")
+        batched = input.dim() == 2
+        sequence = input.unsqueeze(1 if self.batch_first and batched else 0)  # a 1-step sequence
+        x, (h, c), *_ = self._prepare(sequence, state)
+        x = x.squeeze(1 if self.batch_first else 0)
+        h_out, c_out = [], []
+        for layer in range(self.num_layers):
+            w_ih, w_hh, b, w_hr = self._layer_weights(layer, 0)
+            if w_hr is None:
+                h_next, c_next = torch.lstm_cell(x, (h[layer], c[layer]), w_ih, w_hh, b)
+            else:
+                gates = torch.addmm(b, x, w_ih.t()) if b is not None else x @ w_ih.t()
+                h_next, c_next = reference.lstm_cell(gates + h[layer] @ w_hh.t(), c[layer], w_hr)
+            h_out.append(h_next)
+            c_out.append(c_next)
+            x = h_next
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        h_n, c_n = torch.stack(h_out), torch.stack(c_out)
+        if not batched:
+            return x.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
+        return x, (h_n, c_n)
 
     def _plan(self, input: Tensor, hx, batch_sizes: Tensor | None) -> tuple[dispatch.Choice, ...]:
         """The backend of each (layer, direction) for prepared input, layer-major, forward before reverse."""
@@ -224,22 +313,18 @@ class LSTM(nn.RNNBase):
         w_hr = weights[-1] if self.proj_size > 0 else None
         return w_ih, w_hh, b, w_hr
 
-    def _layered_stack(self, input: Tensor, hx, batch_sizes: Tensor | None, chosen: list[str]):
-        """Each (layer, direction) through its backend; dropout between layers as nn.LSTM applies it."""
-        positions = None
-        if batch_sizes is not None:
-            seq_len, batch = batch_sizes.numel(), int(batch_sizes[0])
-            positions = packed_positions(batch_sizes, input.device)
-            x = input.new_zeros(seq_len, batch, input.shape[-1]).index_put(positions, input)
-        else:
-            x = input.transpose(0, 1) if self.batch_first else input
+    def _layered_stack(self, x: Tensor, hx, batch_sizes: Tensor | None, choices) -> tuple[Tensor, Tensor, Tensor]:
+        """Each (layer, direction) through its backend on time-major x [T, B, I] -> y [T, B, D*P], h_n, c_n.
+
+        Dropout between layers is applied as nn.LSTM applies it (on the packed data when packed).
+        """
         h0, c0 = hx
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(self._num_directions):
                 k = layer * self._num_directions + direction
-                backend = backends.get(chosen[k])
+                backend = backends.get(choices[k].backend)
                 y, h, c = backend.layer(
                     x, h0[k], c0[k], *self._layer_weights(layer, direction), batch_sizes, direction == 1
                 )
@@ -248,16 +333,13 @@ class LSTM(nn.RNNBase):
                 c_n.append(c)
             x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                x = self._dropout(x, positions)
-        if positions is not None:
-            output = x[positions]
-        else:
-            output = x.transpose(0, 1) if self.batch_first else x
-        return output, torch.stack(h_n), torch.stack(c_n)
+                x = self._dropout(x, batch_sizes)
+        return x, torch.stack(h_n), torch.stack(c_n)
 
-    def _dropout(self, x: Tensor, positions: tuple[Tensor, Tensor] | None) -> Tensor:
+    def _dropout(self, x: Tensor, batch_sizes: Tensor | None) -> Tensor:
         # nn.LSTM drops on the packed data when the input is packed: same shape, same random stream.
-        if positions is None:
+        if batch_sizes is None:
             return F.dropout(x, self.dropout, training=True)
+        positions = packed_positions(batch_sizes, x.device)
         dropped = F.dropout(x[positions], self.dropout, training=True)
         return torch.zeros_like(x).index_put(positions, dropped)

@@ -1,0 +1,140 @@
+"""lengths= on a padded batch equals packing; step() and chunked state carrying equal the whole sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_pair
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fastlstm
+
+I, H = 5, 6
+TOL = dict(atol=1e-9, rtol=1e-7)
+BACKENDS = ["native", "reference"]
+
+
+def _grads(module, x, h0, c0, run):
+    x, h0, c0 = (t.detach().clone().requires_grad_() for t in (x, h0, c0))
+    y, (h, c) = run(module, x, h0, c0)
+    gen = torch.Generator().manual_seed(3)
+    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in (y, h, c))
+    module.zero_grad(set_to_none=True)
+    loss.backward()
+    return [y, h, c, x.grad, h0.grad, c0.grad] + [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("lengths", [[3, 7, 1, 4], [7, 7, 7, 7], [2, 2, 1, 1]], ids=str)
+def test_lengths_equal_packing(backend, batch_first, lengths):
+    m = fastlstm.LSTM(I, H, 2, bidirectional=True, proj_size=3, batch_first=batch_first, backend=backend).double()
+    B, T = len(lengths), 7
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64)
+    h0, c0 = torch.randn(4, B, 3, dtype=torch.float64), torch.randn(4, B, H, dtype=torch.float64)
+
+    def packed(module, x, h0, c0):
+        out, state = module(pack_padded_sequence(x, lengths, batch_first, enforce_sorted=False), (h0, c0))
+        return pad_packed_sequence(out, batch_first, total_length=T)[0], state
+
+    def padded(module, x, h0, c0):
+        return module(x, (h0, c0), lengths=torch.tensor(lengths))
+
+    for got, expected in zip(_grads(m, x, h0, c0, padded), _grads(m, x, h0, c0, packed)):
+        torch.testing.assert_close(got, expected, **TOL)
+    y, _ = m(x, lengths=lengths)
+    for b, n in enumerate(lengths):
+        if n < T:
+            beyond = y[b, n:] if batch_first else y[n:, b]
+            assert beyond.abs().max() == 0
+
+
+def test_lengths_with_dropout_draw_as_packing_does():
+    m = fastlstm.LSTM(I, H, 3, dropout=0.5, backend="reference").double().train()
+    x = torch.randn(6, 3, I, dtype=torch.float64)
+    torch.manual_seed(5)
+    y, _ = m(x, lengths=[6, 2, 4])
+    torch.manual_seed(5)
+    yp, _ = m(pack_padded_sequence(x, [6, 2, 4], enforce_sorted=False))
+    torch.testing.assert_close(y, pad_packed_sequence(yp, total_length=6)[0], **TOL)
+
+
+@pytest.mark.parametrize(
+    "lengths,error",
+    [([3, 0], "every length must be in 1..4"), ([5, 1], "every length must be in 1..4"), ([1], "one entry per")],
+)
+def test_bad_lengths_are_rejected(lengths, error):
+    m = fastlstm.LSTM(I, H)
+    with pytest.raises(ValueError, match=error):
+        m(torch.randn(4, 2, I), lengths=lengths)
+
+
+def test_lengths_reject_packed_and_unbatched_input():
+    m = fastlstm.LSTM(I, H)
+    with pytest.raises(ValueError, match="padded, batched 3-D"):
+        m(torch.randn(4, I), lengths=[4])
+    with pytest.raises(ValueError, match="padded, batched 3-D"):
+        m(pack_padded_sequence(torch.randn(4, 2, I), [4, 3]), lengths=[4, 3])
+
+
+def test_lengths_zero_batch():
+    y, (h, c) = fastlstm.LSTM(I, H)(torch.randn(4, 0, I), lengths=torch.zeros(0, dtype=torch.long))
+    assert y.shape == (4, 0, H) and h.shape == (1, 0, H)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("proj", [0, 3])
+def test_chunks_carrying_state_equal_the_whole_sequence(backend, proj):
+    ref, fast = make_pair(I, H, 2, proj_size=proj, backend=backend)
+    x = torch.randn(12, 2, I, dtype=torch.float64)
+    y_all, (h_all, c_all) = ref(x)
+    state, ys = None, []
+    for chunk in x.split([5, 1, 6]):
+        y, state = fast(chunk, state)
+        ys.append(y)
+    torch.testing.assert_close(torch.cat(ys), y_all, **TOL)
+    torch.testing.assert_close(state[0], h_all, **TOL)
+    torch.testing.assert_close(state[1], c_all, **TOL)
+
+
+@pytest.mark.parametrize("proj", [0, 3])
+@pytest.mark.parametrize("batched", [True, False])
+def test_step_equals_forward(proj, batched):
+    ref, fast = make_pair(I, H, 3, proj_size=proj, backend="auto")
+    x = torch.randn(8, 2, I, dtype=torch.float64)
+    if not batched:
+        x = x[:, 0]
+    h0 = torch.randn(3, 2, proj or H, dtype=torch.float64)
+    c0 = torch.randn(3, 2, H, dtype=torch.float64)
+    if not batched:
+        h0, c0 = h0[:, 0], c0[:, 0]
+    y_all, (h_all, c_all) = ref(x, (h0, c0))
+    state, ys = (h0, c0), []
+    for x_t in x:
+        y, state = fast.step(x_t, state)
+        ys.append(y)
+    torch.testing.assert_close(torch.stack(ys), y_all, **TOL)
+    torch.testing.assert_close(state[0], h_all, **TOL)
+    torch.testing.assert_close(state[1], c_all, **TOL)
+
+
+def test_step_gradients_and_batch_first():
+    ref, fast = make_pair(I, H, 2, batch_first=True, backend="auto")
+    x = torch.randn(3, I, dtype=torch.float64, requires_grad=True)
+    y_ref, _ = ref(x[:, None])
+    y, _ = fast.step(x)
+    torch.testing.assert_close(y, y_ref[:, 0], **TOL)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    (gx_ref,) = torch.autograd.grad(y_ref.sum(), x)
+    torch.testing.assert_close(gx, gx_ref, **TOL)
+
+
+def test_step_rejects_bidirectional_and_bad_input():
+    with pytest.raises(ValueError, match="unidirectional"):
+        fastlstm.LSTM(I, H, bidirectional=True).step(torch.randn(2, I))
+    with pytest.raises(ValueError, match="Expected input to be 1D"):
+        fastlstm.LSTM(I, H).step(torch.randn(1, 2, I))
+    with pytest.raises(RuntimeError, match="input.size"):
+        fastlstm.LSTM(I, H).step(torch.randn(2, I + 1))
+    with pytest.raises(RuntimeError, match="Expected hidden"):
+        fastlstm.LSTM(I, H).step(torch.randn(2, I), (torch.zeros(1, 3, H), torch.zeros(1, 3, H)))
