@@ -320,7 +320,9 @@ def fwd_proj_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    _fwd_proj(rows, n, B, cols, r_ptr, w_hr_ptr, h_prev_ptr, h_out_ptr, y_ptr, H, P, BLOCK_B, BLOCK_P, BLOCK_K, ACC, PREC)
+    _fwd_proj(
+        rows, n, B, cols, r_ptr, w_hr_ptr, h_prev_ptr, h_out_ptr, y_ptr, H, P, BLOCK_B, BLOCK_P, BLOCK_K, ACC, PREC
+    )
 
 
 @triton.jit

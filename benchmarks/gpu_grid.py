@@ -1,0 +1,287 @@
+"""GPU benchmark grid: fastlstm's Triton backend against nn.LSTM (cuDNN) with the same weights.
+
+    python benchmarks/gpu_grid.py [--out DIR] [--budget SECONDS]      # on a CUDA machine
+    TRITON_INTERPRET=1 python benchmarks/gpu_grid.py --dry-run         # tiny shapes on the CPU (smoke test)
+
+For every shape (batch, hidden, seq, layers, dtype) and mode (inference: no_grad forward; training:
+forward + backward), native and triton runs are interleaved, each timed with CUDA events, and the
+speedup is the ratio of medians (native / triton). The triton side is `fastlstm.LSTM(..., backend="triton")`
+when that module can be built, else the backend's layer stacked per layer by hand. A shape that fails
+records its error and the grid goes on; shapes left when the time budget runs out are recorded as skipped.
+Writes gpu_grid.json and gpu_grid.md to --out (default $OUT, else benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def grid(dry_run: bool) -> list[dict]:
+    """The shapes, most informative first (the budget may cut the tail)."""
+    if dry_run:
+        rows = [dict(batch=2, hidden=16, seq=3, layers=layers, dtype="fp32", input=8) for layers in (1, 2)]
+        rows.append(dict(batch=2, hidden=16, seq=3, layers=2, dtype="fp32", input=8, impl="stacked"))
+        rows.append(dict(batch=1, hidden=16, seq=2, layers=1, dtype="bf16", input=8))  # unsupported: records error
+        return [dict(r, mode=m) for r in rows for m in ("inference", "training")]
+    rows = []
+    for hidden in (128, 256, 512, 1024):  # batch x hidden sweep, bf16, one layer, seq 100
+        for batch in (1, 16, 64, 256):
+            rows.append(dict(batch=batch, hidden=hidden, seq=100, layers=1, dtype="bf16"))
+    for dtype in ("fp32", "fp16"):
+        rows += [
+            dict(batch=64, hidden=512, seq=100, layers=1, dtype=dtype),
+            dict(batch=1, hidden=256, seq=100, layers=1, dtype=dtype),
+        ]
+    rows += [
+        dict(batch=64, hidden=512, seq=100, layers=2, dtype="bf16"),
+        dict(batch=16, hidden=256, seq=100, layers=2, dtype="fp32"),
+        dict(batch=16, hidden=256, seq=1000, layers=1, dtype="bf16"),
+        dict(batch=1, hidden=128, seq=1000, layers=2, dtype="fp32"),
+        dict(batch=256, hidden=1024, seq=1000, layers=1, dtype="bf16"),
+        dict(batch=256, hidden=512, seq=1000, layers=2, dtype="fp16"),
+    ]
+    out = []
+    for r in rows:
+        r.setdefault("input", r["hidden"])
+        out += [dict(r, mode="inference"), dict(r, mode="training")]
+    return out
+
+
+def header(torch, device: str) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception as e:
+        triton_version = f"unavailable ({type(e).__name__}: {e})"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "uncommitted"  # fmt: skip
+    except Exception:
+        commit = "unknown"
+    return {
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else "none (CPU dry run)",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "commit": commit,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "interpreter": os.environ.get("TRITON_INTERPRET", "0"),
+    }
+
+
+class StackedTriton:
+    """nn.LSTM's weights run through fastlstm.backends.triton layer by layer (unidirectional, dense)."""
+
+    def __init__(self, ref, backend, torch):
+        self.ref, self.backend, self.torch = ref, backend, torch
+
+    def __call__(self, x):
+        ref = self.ref
+        B = x.shape[1]
+        out, hs, cs = x, [], []
+        for k in range(ref.num_layers):
+            w_ih, w_hh = getattr(ref, f"weight_ih_l{k}"), getattr(ref, f"weight_hh_l{k}")
+            b = getattr(ref, f"bias_ih_l{k}") + getattr(ref, f"bias_hh_l{k}")
+            h0 = x.new_zeros(B, w_hh.shape[1])
+            c0 = x.new_zeros(B, w_hh.shape[0] // 4)
+            out, h, c = self.backend.layer(out, h0, c0, w_ih, w_hh, b, None, None, False)
+            hs.append(h)
+            cs.append(c)
+        return out, (self.torch.stack(hs), self.torch.stack(cs))
+
+
+def build(shape: dict, torch, device: str):
+    """(native nn.LSTM, triton callable, how the triton side was built)."""
+    dtype = getattr(torch, DTYPES[shape["dtype"]])
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(shape["input"], shape["hidden"], num_layers=shape["layers"]).to(device, dtype)
+    try:
+        if shape.get("impl") == "stacked":
+            raise RuntimeError("stacked layers requested")
+        import fastlstm
+
+        fast = fastlstm.LSTM(shape["input"], shape["hidden"], num_layers=shape["layers"], backend="triton")
+        fast = fast.to(device, dtype)
+        fast.load_state_dict(ref.state_dict())
+        return ref, fast, "fastlstm.LSTM(backend='triton')"
+    except Exception as e:
+        from fastlstm.backends.triton import BACKEND
+
+        reason = BACKEND.unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(reason) from e
+        return (
+            ref,
+            StackedTriton(ref, BACKEND, torch),
+            f"BACKEND.layer stacked ({type(e).__name__} building fastlstm.LSTM)",
+        )
+
+
+def check_supported(shape: dict, torch, device: str) -> None:
+    from fastlstm.backends import LayerCall
+    from fastlstm.backends.triton import BACKEND
+
+    for k in range(shape["layers"]):
+        call = LayerCall(device_type=device, dtype=getattr(torch, DTYPES[shape["dtype"]]), seq_len=shape["seq"],
+                         batch=shape["batch"], input_size=shape["input"] if k == 0 else shape["hidden"],
+                         hidden_size=shape["hidden"], proj_size=0, bias=True, packed=False, reverse=False,
+                         needs_grad=shape["mode"] == "training", layer=k)  # fmt: skip
+        reason = BACKEND.unsupported_reason(call)
+        if reason is not None:
+            raise RuntimeError(f"triton backend cannot serve layer {k}: {reason}")
+
+
+def timed(fn, torch, device: str) -> float:
+    """Milliseconds of one call."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def run_shape(shape: dict, torch, device: str, reps: int, max_seconds: float) -> dict:
+    check_supported(shape, torch, device)
+    dtype = getattr(torch, DTYPES[shape["dtype"]])
+    ref, fast, impl = build(shape, torch, device)
+    x = torch.randn(shape["seq"], shape["batch"], shape["input"], device=device, dtype=dtype)
+    training = shape["mode"] == "training"
+    if training:
+        x.requires_grad_(True)
+
+    def step(model):
+        def go():
+            if training:
+                y, (h, c) = model(x)
+                (y.float().sum() + h.float().sum() + c.float().sum()).backward()
+            else:
+                with torch.no_grad():
+                    model(x)
+
+        return go
+
+    run_native, run_fast = step(ref), step(fast)
+    # Accuracy against native in the same dtype (not a test: the tests assert; this is context for the table).
+    with torch.no_grad():
+        y_ref, _ = ref(x)
+        y_fast, _ = fast(x)
+        max_diff = (y_ref.float() - y_fast.float()).abs().max().item()
+    for _ in range(2):  # warm-up: triton compiles, cuDNN picks algorithms
+        run_native()
+        run_fast()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    native_ms, fast_ms = [], []
+    t_start = time.perf_counter()
+    for k in range(reps):
+        # Interleaved, alternating which goes first, so drift (clocks, other tenants) hits both alike.
+        order = [(run_native, native_ms), (run_fast, fast_ms)]
+        for fn, sink in order if k % 2 == 0 else order[::-1]:
+            sink.append(timed(fn, torch, device))
+        if k >= 2 and time.perf_counter() - t_start > max_seconds:
+            break
+    nat, fst = statistics.median(native_ms), statistics.median(fast_ms)
+    return dict(status="ok", impl=impl, reps=len(native_ms), native_ms=nat, triton_ms=fst, speedup=nat / fst,
+                max_abs_diff_y=max_diff)  # fmt: skip
+
+
+def markdown(head: dict, rows: list[dict]) -> str:
+    lines = [
+        "# fastlstm triton vs nn.LSTM (cuDNN)",
+        "",
+        f"GPU: {head['gpu']} | torch {head['torch']} (CUDA {head['cuda']}) | triton {head['triton']} | "
+        f"commit {head['commit']} | {head['date']}",
+        "",
+        "Speedup = median native time / median triton time (>1: triton faster). Interleaved runs, CUDA events.",
+        "",
+        "| mode | dtype | layers | batch | hidden | seq | native ms | triton ms | speedup | max abs diff y | status |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if r["status"] == "ok":
+            nums = f"{r['native_ms']:.3f} | {r['triton_ms']:.3f} | {r['speedup']:.3g}x | {r['max_abs_diff_y']:.1e}"
+            status = "ok"
+        else:
+            nums = " |  |  | "
+            status = f"{r['status']}: {r.get('error', '')}".replace("|", "/").replace("\n", " ")[:160]
+        lines.append(f"| {r['mode']} | {r['dtype']} | {r['layers']} | {r['batch']} | {r['hidden']} | {r['seq']} | "
+                     f"{nums} | {status} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write(out_dir: str, stem: str, head: dict, rows: list[dict]) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump({"header": head, "rows": rows}, f, indent=1)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write(markdown(head, rows))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
+    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--budget", type=float, default=180.0, help="seconds for the whole grid")
+    ap.add_argument("--reps", type=int, default=15, help="timed repetitions per shape and side (at most)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if args.dry_run and not torch.cuda.is_available():
+        # Must be set before triton is imported (fastlstm imports it lazily, on first use).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    if device == "cpu" and not args.dry_run:
+        print("gpu_grid: no CUDA device; use --dry-run for a CPU smoke test", file=sys.stderr)
+        return 2
+    sys.path.insert(0, ROOT)
+    head = header(torch, device)
+    shapes = grid(args.dry_run)
+    deadline = time.perf_counter() + args.budget
+    stem = "gpu_grid_dry_run" if args.dry_run else "gpu_grid"
+    rows = []
+    for i, shape in enumerate(shapes):
+        left = deadline - time.perf_counter()
+        row = dict(shape)
+        if left <= 0:
+            row.update(status="skipped", error="time budget spent")
+        else:
+            try:
+                row.update(run_shape(shape, torch, device, args.reps, max_seconds=min(20.0, left / 2)))
+            except Exception as e:
+                row.update(status="error", error=f"{type(e).__name__}: {e}".strip())
+                row["traceback"] = traceback.format_exc(limit=6)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        msg = f"{row['speedup']:.3g}x" if row["status"] == "ok" else f"{row['status']}: {row.get('error', '')[:120]}"
+        print(f"[{i + 1}/{len(shapes)}] {shape['mode']} {shape['dtype']} L{shape['layers']} B{shape['batch']} "
+              f"H{shape['hidden']} T{shape['seq']}: {msg}", flush=True)  # fmt: skip
+        write(args.out, stem, head, rows)  # after every shape: a killed run still leaves its results
+    write(args.out, stem, head, rows)
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"gpu_grid: {ok}/{len(rows)} shapes ok; wrote {args.out}/{stem}.json and {stem}.md")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

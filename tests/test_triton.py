@@ -1,0 +1,407 @@
+"""The Triton backend: parity with fastlstm.reference and nn.LSTM, both kernels, opcheck, torch.compile.
+
+Without CUDA the kernels run on CPU tensors through triton's interpreter; TRITON_INTERPRET must be set
+before triton is imported anywhere in the process (tests/conftest.py sets it too, first).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
+
+pytest.importorskip("triton")
+
+from fastlstm import reference  # noqa: E402
+from fastlstm.backends import LayerCall  # noqa: E402
+from fastlstm.backends.triton import BACKEND  # noqa: E402
+from fastlstm.backends.triton import ops as triton_ops  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+KERNELS = ["step", "sequence"]
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.float64: dict(atol=1e-9, rtol=1e-7)}
+
+
+class Case:
+    def __init__(self, T, B, I, H, proj=0, rev=False, packed=False, bias=True):
+        self.T, self.B, self.I, self.H, self.proj, self.rev, self.packed, self.bias = (
+            T,
+            B,
+            I,
+            H,
+            proj,
+            rev,
+            packed,
+            bias,
+        )
+
+    @property
+    def P(self):
+        return self.proj or self.H
+
+    @property
+    def id(self):
+        parts = [f"T{self.T}", f"B{self.B}", f"I{self.I}", f"H{self.H}"]
+        parts += ["rev"] * self.rev + [f"proj{self.proj}"] * bool(self.proj) + ["packed"] * self.packed
+        parts += ["nobias"] * (not self.bias)
+        return "-".join(parts)
+
+
+CASES = [
+    Case(1, 1, 3, 5),
+    Case(5, 3, 4, 7),
+    Case(5, 3, 4, 7, rev=True),
+    Case(6, 5, 3, 16, packed=True),
+    Case(7, 4, 4, 7, rev=True, packed=True),
+    Case(4, 3, 5, 6, proj=3),
+    Case(5, 5, 3, 7, proj=4, rev=True, packed=True),
+    Case(3, 2, 3, 5, bias=False),
+    Case(6, 4, 2, 9, proj=5, rev=True, packed=True, bias=False),
+    Case(2, 17, 3, 70, proj=3, packed=True),  # two batch tiles, two hidden tiles, a K loop over H
+]
+
+
+def _params(case, kernel):
+    return [pytest.param(c, k, id=f"{c.id}-{k[:3] if k == 'sequence' else k}") for c in case for k in kernel]
+
+
+def _lengths(case: Case, gen: torch.Generator) -> list[int]:
+    """Unsorted per-row lengths with max T."""
+    lengths = torch.randint(1, case.T + 1, (case.B,), generator=gen)
+    lengths[int(torch.randint(0, case.B, (1,), generator=gen))] = case.T
+    return lengths.tolist()
+
+
+def _batch_sizes(lengths: list[int], T: int) -> torch.Tensor:
+    return torch.tensor([sum(n > t for n in lengths) for t in range(T)], dtype=torch.int64)
+
+
+def _layer_inputs(case: Case, dtype, device=DEVICE, scale=0.4):
+    gen = torch.Generator().manual_seed(1234)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+
+    H, P = case.H, case.P
+    tensors = dict(
+        x=rnd(case.T, case.B, case.I) / scale,
+        h0=rnd(case.B, case.P) / scale,
+        c0=rnd(case.B, case.H) / scale,
+        w_ih=rnd(4 * H, case.I),
+        w_hh=rnd(4 * H, P),
+        b=rnd(4 * H) if case.bias else None,
+        w_hr=rnd(P, H) if case.proj else None,
+    )
+    batch_sizes = None
+    if case.packed:
+        # The layer sees rows sorted by length (the packed convention); the module does the sorting.
+        batch_sizes = _batch_sizes(sorted(_lengths(case, gen), reverse=True), case.T)
+    return tensors, batch_sizes
+
+
+def _outputs_and_grads(fn, tensors: dict, seed=7):
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in tensors.items() if v is not None}
+    args = {k: leaves.get(k) for k in tensors}
+    y, hT, cT = fn(**args)
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t)).sum() for t in (y, hT, cT))
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    results = {"y": y.detach(), "hT": hT.detach(), "cT": cT.detach()}
+    results.update({f"grad_{k}": g for k, g in zip(leaves, grads)})
+    return results
+
+
+def _assert_close_all(got: dict, expected: dict, **tol):
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key].shape == expected[key].shape, key
+        assert got[key].dtype == expected[key].dtype, key
+        torch.testing.assert_close(got[key], expected[key], **tol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Parity with the executable spec and with nn.LSTM (interpreter on CPU, or the GPU when there is one)
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, kernel", _params(CASES, KERNELS))
+def test_matches_reference_fp32(case, kernel):
+    tensors, bs = _layer_inputs(case, torch.float32)
+    got = _outputs_and_grads(lambda **a: BACKEND.layer(**a, batch_sizes=bs, reverse=case.rev, kernel=kernel), tensors)
+    expected = _outputs_and_grads(lambda **a: reference.lstm_layer(**a, batch_sizes=bs, reverse=case.rev), tensors)
+    _assert_close_all(got, expected, **TOL[torch.float32])
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="float64 is served by the interpreter only; CUDA float64 goes to native")
+@pytest.mark.parametrize("case, kernel", _params([CASES[4], CASES[6], CASES[8]], KERNELS))
+def test_matches_reference_fp64(case, kernel):
+    tensors, bs = _layer_inputs(case, torch.float64)
+    got = _outputs_and_grads(lambda **a: BACKEND.layer(**a, batch_sizes=bs, reverse=case.rev, kernel=kernel), tensors)
+    expected = _outputs_and_grads(lambda **a: reference.lstm_layer(**a, batch_sizes=bs, reverse=case.rev), tensors)
+    _assert_close_all(got, expected, **TOL[torch.float64])
+
+
+def _nn_lstm_results(case: Case, dtype, device, run_layer=None):
+    """Outputs and grads of one direction of nn.LSTM (the reverse half of a bidirectional one for rev), or of
+    `run_layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse)` with the same weights and inputs.
+
+    Packed cases use unsorted lengths through pack_padded_sequence(enforce_sorted=False); the layer gets the
+    rows sorted the way PackedSequence sorts them.
+    """
+    torch.manual_seed(3)
+    m = nn.LSTM(case.I, case.H, proj_size=case.proj, bias=case.bias, bidirectional=case.rev).to(device, dtype)
+    sfx = "_reverse" if case.rev else ""
+    D = 2 if case.rev else 1
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(case.T, case.B, case.I, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
+    h0 = torch.randn(D, case.B, case.P, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
+    c0 = torch.randn(D, case.B, case.H, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
+    lengths = _lengths(case, gen) if case.packed else None
+    params = {name: p for name, p in m.named_parameters() if name.endswith(f"l0{sfx}")}
+    if run_layer is None:
+        if lengths is None:
+            y, (hn, cn) = m(x, (h0, c0))
+        else:
+            packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+            y, (hn, cn) = m(packed, (h0, c0))
+            y, _ = pad_packed_sequence(y, total_length=case.T)
+        y = y[..., case.P :] if case.rev else y
+    else:
+        w_ih, w_hh = params[f"weight_ih_l0{sfx}"], params[f"weight_hh_l0{sfx}"]
+        b = params[f"bias_ih_l0{sfx}"] + params[f"bias_hh_l0{sfx}"] if case.bias else None
+        w_hr = params.get(f"weight_hr_l0{sfx}")
+        d = D - 1
+        if lengths is None:
+            y, hT, cT = run_layer(x, h0[d], c0[d], w_ih, w_hh, b, w_hr, None, case.rev)
+        else:
+            packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+            order, unorder = packed.sorted_indices, packed.unsorted_indices
+            y, hT, cT = run_layer(x[:, order], h0[d][order], c0[d][order], w_ih, w_hh, b, w_hr,
+                                  packed.batch_sizes, case.rev)  # fmt: skip
+            y, hT, cT = y[:, unorder], hT[unorder], cT[unorder]
+        hn, cn = hT.unsqueeze(0).expand(D, -1, -1), cT.unsqueeze(0).expand(D, -1, -1)
+    hn, cn = hn[D - 1], cn[D - 1]
+    gen = torch.Generator().manual_seed(9)
+    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t)).sum() for t in (y, hn, cn))
+    leaves = {"x": x, "h0": h0, "c0": c0, **params}
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    results = {"y": y.detach(), "h_n": hn.detach(), "c_n": cn.detach()}
+    for k, g in zip(leaves, grads):
+        if g is not None and k in ("h0", "c0"):
+            g = g[D - 1]
+        results[f"grad_{k}"] = g
+    return results
+
+
+def _run_triton(kernel):
+    return lambda *a: BACKEND.layer(*a, kernel=kernel)
+
+
+@pytest.mark.parametrize("case, kernel", _params(CASES[:-1], KERNELS))
+def test_matches_nn_lstm_fp32(case, kernel):
+    expected = _nn_lstm_results(case, torch.float32, DEVICE)
+    got = _nn_lstm_results(case, torch.float32, DEVICE, _run_triton(kernel))
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert (got[key] is None) == (expected[key] is None), key
+        if expected[key] is not None:
+            torch.testing.assert_close(got[key], expected[key], **TOL[torch.float32], msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_kernels_agree_with_each_other():
+    case = Case(4, 3, 3, 6, proj=4, packed=True)
+    tensors, bs = _layer_inputs(case, torch.float32)
+    step, seq = (
+        _outputs_and_grads(lambda k=k, **a: BACKEND.layer(**a, batch_sizes=bs, reverse=False, kernel=k), tensors)
+        for k in KERNELS
+    )
+    _assert_close_all(step, seq, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="float64 is served by the interpreter only")
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed-unsorted"])
+def test_module_stacked_bidirectional_proj(packed):
+    """fastlstm.LSTM(backend="triton"): 2 layers, bidirectional, proj_size, float64, against nn.LSTM."""
+    from helpers import assert_same_results, lstm_call, make_pair
+
+    ref, fast = make_pair(4, 7, 2, bidirectional=True, proj_size=3, backend="triton")
+    lengths = [3, 5, 1, 4]
+    x = torch.randn(max(lengths), len(lengths), 4, dtype=torch.float64)
+    state = [torch.randn(4, len(lengths), 3, dtype=torch.float64), torch.randn(4, len(lengths), 7, dtype=torch.float64)]
+
+    def call(module, x, *state):
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+        return lstm_call(module, inp, *state)
+
+    assert_same_results(ref, fast, [x, *state], call, **TOL[torch.float64])
+
+
+# ------------------------------------------------------------------------------------------------------
+# Ops: opcheck, torch.compile
+# ------------------------------------------------------------------------------------------------------
+
+
+def _op_args(case: Case, kernel, dtype=torch.float32):
+    tensors, bs = _layer_inputs(case, dtype)
+    args = [tensors[k] for k in ("x", "h0", "c0", "w_ih", "w_hh", "b", "w_hr")]
+    args = [a.requires_grad_() if a is not None else None for a in args]
+    return args + [bs, case.rev, kernel]
+
+
+@pytest.mark.parametrize("case, kernel", _params([Case(2, 2, 3, 4, proj=3, rev=True, packed=True)], KERNELS))
+def test_opcheck_forward(case, kernel):
+    torch.library.opcheck(torch.ops.fastlstm.triton_forward.default, _op_args(case, kernel))
+
+
+@pytest.mark.parametrize("case, kernel", _params([Case(2, 2, 3, 4, packed=True)], KERNELS))
+def test_opcheck_backward(case, kernel):
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in _op_args(case, kernel)]
+    x, h0, c0, w_ih, w_hh, b, w_hr, bs, rev, kernel = args
+    y, hT, cT, acts, hs, cs, r = torch.ops.fastlstm.triton_forward(*args)
+    grads = [torch.randn_like(t) for t in (y, hT, cT)]
+    torch.library.opcheck(
+        torch.ops.fastlstm.triton_backward.default,
+        [*grads, x, w_ih, w_hh, w_hr, bs, acts, hs, cs, r, rev, kernel, b is not None],
+    )
+
+
+def _compiled_matches_eager(case: Case, kernel, dtype, device, backend):
+    tensors, bs = _layer_inputs(case, dtype, device)
+
+    def fn(x, h0, c0, w_ih, w_hh, b, w_hr):
+        return BACKEND.layer(x, h0, c0, w_ih, w_hh, b, w_hr, bs, case.rev, kernel=kernel)
+
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    got = _outputs_and_grads(compiled, tensors)
+    expected = _outputs_and_grads(fn, tensors)
+    _assert_close_all(got, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_compile_fullgraph(kernel):
+    # aot_eager traces through dynamo + AOTAutograd like inductor does, without a C++/GPU codegen step.
+    _compiled_matches_eager(Case(3, 2, 3, 5, proj=3, packed=True), kernel, torch.float32, DEVICE, "aot_eager")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Kernel choice and the backend's answers
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_choose_kernel(monkeypatch):
+    monkeypatch.delenv(triton_ops.ENV_KERNEL, raising=False)
+    assert triton_ops.choose_kernel(4, 128, 128) == "sequence"
+    assert triton_ops.choose_kernel(4, triton_ops.SEQ_MAX_HIDDEN + 1, 128) == "step"
+    assert triton_ops.choose_kernel(triton_ops.SEQ_MAX_BATCH + 1, 128, 128) == "step"
+    assert triton_ops.choose_kernel(4, 128, 128, "step") == "step"
+    monkeypatch.setenv(triton_ops.ENV_KERNEL, "step")
+    assert triton_ops.choose_kernel(4, 128, 128) == "step"
+    assert triton_ops.choose_kernel(4, 128, 128, "sequence") == "sequence"
+    monkeypatch.setenv(triton_ops.ENV_KERNEL, "bogus")
+    with pytest.raises(ValueError, match="FASTLSTM_TRITON_KERNEL"):
+        triton_ops.choose_kernel(4, 128, 128)
+
+
+def _call(**kw):
+    base = dict(device_type=DEVICE, dtype=torch.float32, seq_len=5, batch=3, input_size=4, hidden_size=8, proj_size=0,
+                bias=True, packed=False, reverse=False, needs_grad=True)  # fmt: skip
+    return LayerCall(**{**base, **kw})
+
+
+def test_backend_answers():
+    assert BACKEND.name == "triton"
+    assert BACKEND.unavailable_reason() is None
+    assert BACKEND.unsupported_reason(_call()) is None
+    assert BACKEND.unsupported_reason(_call(proj_size=4, packed=True, reverse=True)) is None
+    assert "dtype" in BACKEND.unsupported_reason(_call(dtype=torch.int32))
+    assert "device" in BACKEND.unsupported_reason(_call(device_type="mps"))
+    assert "2**31" in BACKEND.unsupported_reason(_call(seq_len=100_000, batch=1024, hidden_size=1024))
+    assert "empty" in BACKEND.unsupported_reason(_call(seq_len=0))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's answers")
+def test_backend_answers_interpreter(monkeypatch):
+    assert BACKEND.unsupported_reason(_call(dtype=torch.float64)) is None
+    assert "dtype" in BACKEND.unsupported_reason(_call(dtype=torch.bfloat16))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET" in BACKEND.unavailable_reason()
+    assert BACKEND.unsupported_reason(_call()) is not None
+
+
+def test_import_without_triton():
+    """The package imports, and says why it cannot run, when triton cannot be imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "from fastlstm.backends.triton import BACKEND\n"
+        "reason = BACKEND.unavailable_reason()\n"
+        "assert reason.startswith('triton is not installed'), reason\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+# ------------------------------------------------------------------------------------------------------
+# CUDA only: low precision (flash-attention's rule), larger shapes, inductor
+# ------------------------------------------------------------------------------------------------------
+
+CUDA_CASES = [
+    Case(64, 8, 64, 128),
+    Case(24, 40, 48, 320, proj=96, packed=True),
+    Case(20, 130, 32, 512, rev=True, packed=True),
+]
+
+
+def _max_errors(results: dict, ref: dict) -> dict:
+    return {k: (results[k].double() - ref[k].double()).abs().max().item() for k in ref if ref[k] is not None}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case, kernel", _params(CUDA_CASES, KERNELS))
+def test_cuda_error_at_most_twice_native(case, kernel, dtype):
+    """Error against a float64 reference at most 2x nn.LSTM's (cuDNN) error in the same dtype, plus the
+    rounding error of the reference itself in that dtype."""
+    ref = _nn_lstm_results(case, torch.float64, "cuda")
+    native = _nn_lstm_results(case, dtype, "cuda")
+    fast = _nn_lstm_results(case, dtype, "cuda", _run_triton(kernel))
+    native_err, fast_err = _max_errors(native, ref), _max_errors(fast, ref)
+    for key in native_err:
+        floor = (ref[key].to(dtype).double() - ref[key]).abs().max().item()
+        assert fast_err[key] <= 2 * native_err[key] + 2 * floor + 1e-6, (key, fast_err[key], native_err[key], floor)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case, kernel", _params([CASES[1], CASES[6], CASES[8], CASES[9], CUDA_CASES[0]], KERNELS))
+def test_cuda_fp32_matches_nn_lstm(case, kernel):
+    expected = _nn_lstm_results(case, torch.float32, "cuda")
+    got = _nn_lstm_results(case, torch.float32, "cuda", _run_triton(kernel))
+    for key in expected:
+        if expected[key] is not None:
+            scale = max(1.0, expected[key].abs().max().item())
+            torch.testing.assert_close(got[key], expected[key], atol=2e-4 * scale, rtol=1e-3,
+                                       msg=lambda m, k=key: f"{k}: {m}")  # fmt: skip
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cuda_compile_inductor(kernel):
+    _compiled_matches_eager(Case(16, 8, 32, 64, proj=32, packed=True), kernel, torch.float32, "cuda", "inductor")
+
+
+@pytest.mark.cuda
+def test_cuda_unsupported_float64():
+    assert "dtype" in BACKEND.unsupported_reason(_call(device_type="cuda", dtype=torch.float64))
