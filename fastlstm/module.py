@@ -61,6 +61,10 @@ def _plan_for(requested: str, shape: _CallShape) -> tuple[dispatch.Choice, ...]:
     return tuple(dispatch.plan(requested, calls))
 
 
+# nn.LSTM's output dtypes under autocast, per distinct call; see LSTM._autocast_dtypes.
+_AUTOCAST_DTYPES: dict[tuple, tuple[torch.dtype, ...]] = {}
+
+
 class LSTM(nn.RNNBase):
     """Drop-in torch.nn.LSTM. Same constructor, parameters, state_dict, inputs and outputs.
 
@@ -94,17 +98,18 @@ class LSTM(nn.RNNBase):
         if lengths is not None:
             return self._forward_lengths(input, hx, lengths)
         input, hx, batch_sizes, sorted_indices, unsorted_indices, is_batched = self._prepare(input, hx)
-        choices = self._plan(input, hx, batch_sizes)
+        amp = self._autocast_dtypes(input, hx, batch_sizes)
+        choices = self._plan(input, hx, batch_sizes, amp)
         if all(choice.backend == "native" for choice in choices):
             output, h_n, c_n = self._native_stack(input, hx, batch_sizes)
         elif batch_sizes is not None:
             positions = packed_positions(batch_sizes, input.device)
             padded = input.new_zeros(batch_sizes.numel(), int(batch_sizes[0]), input.shape[-1])
-            y, h_n, c_n = self._layered_stack(padded.index_put(positions, input), hx, batch_sizes, choices)
+            y, h_n, c_n = self._fast_stack(padded.index_put(positions, input), hx, batch_sizes, choices, amp)
             output = y[positions]
         else:
             x = input.transpose(0, 1) if self.batch_first else input
-            y, h_n, c_n = self._layered_stack(x, hx, None, choices)
+            y, h_n, c_n = self._fast_stack(x, hx, None, choices, amp)
             output = y.transpose(0, 1) if self.batch_first else y
 
         if batch_sizes is not None:
@@ -145,7 +150,8 @@ class LSTM(nn.RNNBase):
         x = input.index_select(batch_dim, order)
         x = x.transpose(0, 1) if self.batch_first else x  # time-major, rows sorted by length
         hx = self.permute_hidden(hx, order)
-        choices = self._plan(x, hx, batch_sizes)
+        amp = self._autocast_dtypes(x, hx, batch_sizes)
+        choices = self._plan(x, hx, batch_sizes, amp)
         keep = batch_sizes[batch_sizes > 0].numel()
         x, batch_sizes = x[:keep], batch_sizes[:keep]  # trailing steps where no sequence is live
         if all(choice.backend == "native" for choice in choices):
@@ -153,7 +159,7 @@ class LSTM(nn.RNNBase):
             data, h_n, c_n = self._native_stack(x[positions], hx, batch_sizes)
             y = data.new_zeros(*x.shape[:2], data.shape[-1]).index_put(positions, data)
         else:
-            y, h_n, c_n = self._layered_stack(x, hx, batch_sizes, choices)
+            y, h_n, c_n = self._fast_stack(x, hx, batch_sizes, choices, amp)
         if keep < seq_len:
             y = torch.cat([y, y.new_zeros(seq_len - keep, *y.shape[1:])])
         y = y.index_select(1, unorder)
@@ -194,8 +200,11 @@ class LSTM(nn.RNNBase):
             return x.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
         return x, (h_n, c_n)
 
-    def _plan(self, input: Tensor, hx, batch_sizes: Tensor | None) -> tuple[dispatch.Choice, ...]:
-        """The backend of each (layer, direction) for prepared input, layer-major, forward before reverse."""
+    def _plan(self, input: Tensor, hx, batch_sizes: Tensor | None, amp=None) -> tuple[dispatch.Choice, ...]:
+        """The backend of each (layer, direction) for prepared input, layer-major, forward before reverse.
+
+        amp: the dtypes autocast gives this call (see _autocast_dtypes); backends then compute in amp[0].
+        """
         if batch_sizes is not None:
             seq_len, batch = batch_sizes.numel(), int(batch_sizes[0])
         else:
@@ -206,8 +215,9 @@ class LSTM(nn.RNNBase):
             or hx[1].requires_grad
             or any(w.requires_grad for w in self._flat_weights)
         )
+        dtype = amp[0] if amp else input.dtype
         shape = _CallShape(
-            input.device.type, input.dtype, seq_len, batch, batch_sizes is not None, needs_grad, self.input_size,
+            input.device.type, dtype, seq_len, batch, batch_sizes is not None, needs_grad, self.input_size,
             self.hidden_size, self.proj_size, self.num_layers, self._num_directions, self.bias,
         )  # fmt: skip
         return _plan_for(dispatch.requested(self.backend), shape)
@@ -286,7 +296,7 @@ class LSTM(nn.RNNBase):
                     "Input and hidden tensors are not at the same device, found input tensor at "
                     f"{input.device} and hidden tensor at {state.device}"
                 )
-            if state.dtype != input.dtype:
+            if state.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
                 raise RuntimeError(f"Expected {name} dtype {input.dtype} (the input's), got {state.dtype}")
 
     # ---- running the stack ----------------------------------------------------------------------------
@@ -313,7 +323,51 @@ class LSTM(nn.RNNBase):
         w_hr = weights[-1] if self.proj_size > 0 else None
         return w_ih, w_hh, b, w_hr
 
-    def _layered_stack(self, x: Tensor, hx, batch_sizes: Tensor | None, choices) -> tuple[Tensor, Tensor, Tensor]:
+    def _autocast_dtypes(self, input: Tensor, hx, batch_sizes: Tensor | None) -> tuple[torch.dtype, ...] | None:
+        """(y, h_n, c_n) dtypes nn.LSTM gives this call under autocast, or None when autocast is off.
+
+        nn.LSTM's dtypes under autocast follow from which ATen path runs (oneDNN, cuDNN, the default
+        implementation, packed or not) rather than from one rule, so they are read off the native path
+        itself: one tiny 1-step call per distinct combination, cached.
+        """
+        device_type = input.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        weights = self._flat_weights
+        # ATen takes another path for packed input whose batch sizes vary, with other dtypes
+        varying = batch_sizes is not None and int(batch_sizes[0]) != int(batch_sizes[-1])
+        key = (
+            device_type, torch.get_autocast_dtype(device_type), input.dtype, hx[0].dtype, hx[1].dtype,
+            batch_sizes is not None, varying, weights[0].dtype, self.num_layers, self.bidirectional, self.bias,
+            self.proj_size,
+        )  # fmt: skip
+        if key not in _AUTOCAST_DTYPES:
+            layers, batch = hx[0].shape[0], 2 if varying else 1
+            x = input.new_zeros(3 if varying else 1, input.shape[-1])
+            state = tuple(t.new_zeros(layers, batch, t.shape[-1]) for t in hx)
+            flags = (self.bias, self.num_layers, 0.0, False, self.bidirectional)
+            with torch.no_grad():
+                if batch_sizes is None:
+                    out = torch._VF.lstm(x[None], state, weights, *flags, False)
+                else:
+                    probe_sizes = torch.tensor([2, 1] if varying else [1], dtype=torch.int64)
+                    out = torch._VF.lstm(x, probe_sizes, state, weights, *flags)
+            _AUTOCAST_DTYPES[key] = tuple(t.dtype for t in out)
+        return _AUTOCAST_DTYPES[key]
+
+    def _fast_stack(self, x: Tensor, hx, batch_sizes: Tensor | None, choices, amp) -> tuple[Tensor, Tensor, Tensor]:
+        """_layered_stack, computing in autocast's dtype and returning the dtypes nn.LSTM gives when autocast is on."""
+        if amp is None:
+            return self._layered_stack(x, hx, batch_sizes, choices)
+        compute = amp[0]
+        with torch.autocast(x.device.type, enabled=False):
+            state = (hx[0].to(compute), hx[1].to(compute))
+            outputs = self._layered_stack(x.to(compute), state, batch_sizes, choices, weight_dtype=compute)
+        return tuple(t.to(dtype) for t, dtype in zip(outputs, amp))
+
+    def _layered_stack(
+        self, x: Tensor, hx, batch_sizes: Tensor | None, choices, weight_dtype=None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Each (layer, direction) through its backend on time-major x [T, B, I] -> y [T, B, D*P], h_n, c_n.
 
         Dropout between layers is applied as nn.LSTM applies it (on the packed data when packed).
@@ -325,9 +379,10 @@ class LSTM(nn.RNNBase):
             for direction in range(self._num_directions):
                 k = layer * self._num_directions + direction
                 backend = backends.get(choices[k].backend)
-                y, h, c = backend.layer(
-                    x, h0[k], c0[k], *self._layer_weights(layer, direction), batch_sizes, direction == 1
-                )
+                weights = self._layer_weights(layer, direction)
+                if weight_dtype is not None:
+                    weights = [None if w is None else w.to(weight_dtype) for w in weights]
+                y, h, c = backend.layer(x, h0[k], c0[k], *weights, batch_sizes, direction == 1)
                 outputs.append(y)
                 h_n.append(h)
                 c_n.append(c)

@@ -1,0 +1,80 @@
+"""Bad and extreme input: NaN/inf, saturation, very long sequences, and bitwise repeatability."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import make_pair
+
+from fastlstm import backends
+
+I, H = 4, 6
+# In-process fast enough for every check here; the Triton interpreter runs its own smaller tests.
+BACKENDS = ["native", "reference"] + (["cpp"] if backends.get("cpp").unavailable_reason() is None else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_input_propagates_as_in_nn_lstm(backend, bad):
+    ref, fast = make_pair(I, H, 2, bidirectional=True, backend=backend)
+    x = torch.randn(5, 3, I, dtype=torch.float64)
+    x[2, 1, 0] = bad
+    y_ref, (h_ref, c_ref) = ref(x)
+    y, (h, c) = fast(x)
+    for got, expected in ((y, y_ref), (h, h_ref), (c, c_ref)):
+        torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-7, equal_nan=True)
+    assert torch.isfinite(y[:, 0]).all() and torch.isfinite(y[:, 2]).all()  # other sequences untouched
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1e4, -1e4])
+def test_saturated_input_stays_finite(backend, scale):
+    ref, fast = make_pair(I, H, 2, proj_size=3, backend=backend)
+    x = torch.full((6, 2, I), scale, dtype=torch.float64)
+    x.requires_grad_()
+    y, (h, c) = fast(x)
+    (y.sum() + h.sum() + c.sum()).backward()
+    assert torch.isfinite(y).all() and torch.isfinite(c).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(y, ref(x)[0], atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_and_backward_are_bitwise_repeatable(backend):
+    _, fast = make_pair(I, H, 2, bidirectional=True, proj_size=4, backend=backend, dtype=torch.float32)
+    x = torch.randn(20, 5, I)
+
+    def run():
+        fast.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        y, (h, c) = fast(xg)
+        (y.square().sum() + h.sum() + c.sum()).backward()
+        return [y, h, c, xg.grad] + [p.grad for p in fast.parameters()]
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+# The fast CPU backend where it is built, else the native path (25 s there: oneDNN at B=2 is slow).
+@pytest.mark.parametrize("backend", ["cpp" if "cpp" in BACKENDS else "native"])
+def test_hundred_thousand_steps_inference_in_linear_memory(backend):
+    """T = 100,000 inference: peak memory grows like the O(T*B*H) output, nothing more."""
+    code = textwrap.dedent(f"""
+        import resource, torch, fastlstm
+        m = fastlstm.LSTM({I}, {H}, backend={backend!r})
+        x = torch.randn(100_000, 2, {I})
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with torch.no_grad():
+            y, (h, c) = m(x)
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        assert torch.isfinite(y).all() and y.shape == (100_000, 2, {H})
+        print(grown * 1024, y.numel() * y.element_size())
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    grown, output_bytes = map(int, done.stdout.split())
+    # gates for every step ([T, B, 4H]) plus the output is ~5x the output; allow slack for allocator rounding
+    assert grown < 12 * output_bytes + 64 * 2**20, (grown, output_bytes)
