@@ -13,6 +13,8 @@ import os
 import warnings
 from dataclasses import dataclass
 
+import torch
+
 from fastlstm import backends
 from fastlstm.backends import LayerCall
 
@@ -75,6 +77,9 @@ def _warn_once(name: str, reason: str) -> None:
 
 def choose(name: str, call: LayerCall) -> Choice:
     """The backend that serves one (layer, direction) when `name` is requested."""
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has no counterpart for fastlstm's custom ops; the native LSTM exports as ONNX's own LSTM.
+        return Choice("native", "ONNX export: only the native path can be exported")
     if name != AUTO:
         reason = cannot_serve(name, call)
         if reason is not None:

@@ -220,7 +220,11 @@ class LSTM(nn.RNNBase):
             input.device.type, dtype, seq_len, batch, batch_sizes is not None, needs_grad, self.input_size,
             self.hidden_size, self.proj_size, self.num_layers, self._num_directions, self.bias,
         )  # fmt: skip
-        return _plan_for(dispatch.requested(self.backend), shape)
+        requested = dispatch.requested(self.backend)
+        # dynamo traces the plan once per graph, and exporters decide differently: the cache is for eager calls
+        if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+            return _plan_for.__wrapped__(requested, shape)
+        return _plan_for(requested, shape)
 
     # ---- input handling -------------------------------------------------------------------------------
 

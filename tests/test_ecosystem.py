@@ -1,0 +1,157 @@
+"""torch.compile, torch.export, ONNX and autocast with fastlstm.LSTM inside a model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastlstm
+from fastlstm import backends
+
+CPU_BACKENDS = ["reference"] + [name for name in ("cpp", "triton") if backends.get(name).unavailable_reason() is None]
+
+
+class Tagger(nn.Module):
+    """embedding -> stacked bidirectional LSTM -> linear, the shape of many real models."""
+
+    def __init__(self, lstm_cls=fastlstm.LSTM, **kwargs):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.lstm = lstm_cls(6, 8, 2, batch_first=True, bidirectional=True, **kwargs)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, tokens):
+        y, (h, c) = self.lstm(self.emb(tokens))
+        return self.head(y), h, c
+
+
+def _loss(outputs):
+    y, h, c = outputs
+    return y.square().sum() + h.sum() + c.sum()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compile_fullgraph_training_step_matches_eager(backend):
+    # inductor for the C++ backend (the real CPU fast path); aot_eager elsewhere keeps the suite quick
+    compiler = "inductor" if backend == "cpp" else "aot_eager"
+    torch.manual_seed(0)
+    model = Tagger(backend=backend)
+    compiled_model = Tagger(backend=backend)
+    compiled_model.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 10, (3, 5))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, compiled_model)]
+    step = torch.compile(compiled_model, fullgraph=True, backend=compiler)
+    for _ in range(2):
+        for opt in optimizers:
+            opt.zero_grad()
+        eager_loss = _loss(model(tokens))
+        eager_loss.backward()
+        compiled_loss = _loss(step(tokens))
+        compiled_loss.backward()
+        torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-5, rtol=1e-5)
+        for (name, p), q in zip(model.named_parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
+        for opt in optimizers:
+            opt.step()
+
+
+def test_nn_lstm_itself_cannot_be_compiled_fullgraph():
+    """The advantage is real: dynamo refuses nn.LSTM (if this ever passes, the README should say so)."""
+    model = Tagger(nn.LSTM)
+    with pytest.raises(Exception, match="(?i)rnn|lstm"):
+        torch.compile(model, fullgraph=True, backend="eager")(torch.randint(0, 10, (3, 5)))
+
+
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+def test_torch_export_gives_nn_lstm_numbers(backend):
+    torch.manual_seed(0)
+    reference = Tagger(nn.LSTM).eval()
+    model = Tagger(backend=backend).eval()
+    model.load_state_dict(reference.state_dict())
+    tokens = torch.randint(0, 10, (3, 5))
+    program = torch.export.export(model, (tokens,))
+    for got, expected in zip(program.module()(tokens), reference(tokens)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+def test_onnx_export_runs_in_onnxruntime_with_nn_lstm_numbers(backend, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    reference = Tagger(nn.LSTM).eval()
+    model = Tagger(backend=backend).eval()
+    model.load_state_dict(reference.state_dict())
+    tokens = torch.randint(0, 10, (3, 5))
+    path = tmp_path / "tagger.onnx"
+    torch.onnx.export(model, (tokens,), str(path), dynamo=True, input_names=["tokens"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {session.get_inputs()[0].name: tokens.numpy()})
+    for got, expected in zip(outputs, reference(tokens)):
+        torch.testing.assert_close(torch.from_numpy(got), expected.detach(), atol=1e-5, rtol=1e-5)
+    # the module runs its fast backends again once the export is over
+    if backend != "auto":
+        assert fastlstm.explain(model.lstm, torch.randn(3, 5, 6)).backends[0] == backend
+
+
+AUTOCAST_CASES = [
+    # (proj_size, hx dtype or None, packed lengths or None)
+    (0, None, None),
+    (0, torch.float32, None),
+    (0, None, [5, 3, 2]),
+    (0, None, [5, 5, 5]),
+    (2, None, None),
+    (2, torch.bfloat16, [5, 3, 2]),
+]
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])  # no bf16 in the interpreter
+@pytest.mark.parametrize("proj,hx_dtype,lengths", AUTOCAST_CASES, ids=str)
+def test_cpu_autocast_dtypes_and_accuracy_match_nn_lstm(backend, proj, hx_dtype, lengths):
+    torch.manual_seed(0)
+    native = nn.LSTM(6, 8, 2, proj_size=proj)
+    fast = fastlstm.LSTM(6, 8, 2, proj_size=proj, backend=backend)
+    fast.load_state_dict(native.state_dict())
+    exact = nn.LSTM(6, 8, 2, proj_size=proj, dtype=torch.float64)
+    exact.load_state_dict(native.state_dict())
+    x = torch.randn(5, 3, 6)
+    hx = None
+    if hx_dtype is not None:
+        hx = (torch.randn(2, 3, proj or 8, dtype=hx_dtype), torch.randn(2, 3, 8, dtype=hx_dtype))
+
+    def run(module, dtype=None):
+        inp = x if dtype is None else x.to(dtype)
+        state = hx if dtype is None or hx is None else tuple(t.to(dtype) for t in hx)
+        if lengths is not None:
+            inp = pack_padded_sequence(inp, lengths)
+        y, (h, c) = module(inp, state)
+        return [y.data if lengths is not None else y, h, c]
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = run(native), run(fast)
+    truth = run(exact, torch.float64)
+    for e, g, t in zip(expected, got, truth):
+        assert g.dtype == e.dtype
+        native_error = (e.double() - t).abs().max().item()
+        fast_error = (g.double() - t).abs().max().item()
+        assert fast_error <= 2 * native_error + 1e-3, (fast_error, native_error)
+    if backend != "reference":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fastlstm.explain(fast, x).backends == [backend, backend]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_autocast_dtypes_match_nn_lstm(dtype):
+    torch.manual_seed(0)
+    native = nn.LSTM(6, 32, 2).cuda()
+    fast = fastlstm.LSTM(6, 32, 2, backend="triton").cuda()
+    fast.load_state_dict(native.state_dict())
+    x = torch.randn(7, 4, 6, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        y_ref, (h_ref, c_ref) = native(x)
+        y, (h, c) = fast(x)
+    assert [t.dtype for t in (y, h, c)] == [t.dtype for t in (y_ref, h_ref, c_ref)]
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=3e-2, rtol=3e-2)
