@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import make_pair
 
+import fastlstm
 from fastlstm import backends
 
 I, H = 4, 6
-# In-process fast enough for every check here; the Triton interpreter runs its own smaller tests.
-BACKENDS = ["native", "reference"] + (["cpp"] if backends.get("cpp").unavailable_reason() is None else [])
+BACKENDS = ["native", "reference"] + [n for n in ("cpp", "triton") if backends.get(n).unavailable_reason() is None]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -58,7 +58,8 @@ def test_forward_and_backward_are_bitwise_repeatable(backend):
         assert torch.equal(a, b)
 
 
-# The fast CPU backend where it is built, else the native path (25 s there: oneDNN at B=2 is slow).
+# The fast CPU backend where it is built, else the native path (25 s there: oneDNN at B=2 is slow);
+# the Triton interpreter and the Python reference loop would take minutes over 1e5 steps.
 @pytest.mark.parametrize("backend", ["cpp" if "cpp" in BACKENDS else "native"])
 def test_hundred_thousand_steps_inference_in_linear_memory(backend):
     """T = 100,000 inference: peak memory grows like the O(T*B*H) output, nothing more."""
@@ -78,3 +79,23 @@ def test_hundred_thousand_steps_inference_in_linear_memory(backend):
     grown, output_bytes = map(int, done.stdout.split())
     # gates for every step ([T, B, 4H]) plus the output is ~5x the output; allow slack for allocator rounding
     assert grown < 12 * output_bytes + 64 * 2**20, (grown, output_bytes)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_on_cuda_is_bitwise_repeatable(dtype):
+    from fastlstm.backends.triton import BACKEND
+
+    torch.manual_seed(0)
+    fast = torch.nn.Sequential(fastlstm.LSTM(32, 64, 2, bidirectional=True, backend="triton")).to("cuda", dtype)
+    x = torch.randn(50, 8, 32, device="cuda", dtype=dtype)
+    assert BACKEND.unavailable_reason() is None
+
+    def run():
+        fast.zero_grad(set_to_none=True)
+        y, (h, c) = fast[0](x.clone().requires_grad_())
+        (y.float().square().sum() + h.float().sum() + c.float().sum()).backward()
+        return [y, h, c] + [p.grad for p in fast.parameters()]
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
