@@ -2,7 +2,8 @@
 
     python benchmarks/report.py bench.json [--plot bench.png] [--out table.md]
 
-speedup = nn.LSTM's median / the provider's median, within each group (one shape and mode).
+speedup = nn.LSTM's median / the provider's median, within each group (one shape and mode); the baseline
+of a group is its provider whose name starts with "nn.LSTM" (e.g. "nn.LSTM", "nn.LSTM packed").
 """
 
 from __future__ import annotations
@@ -34,25 +35,30 @@ def header(data: dict) -> list[str]:
     ]
 
 
+def baseline(group: dict[str, float]) -> tuple[str | None, float | None]:
+    """The group's nn.LSTM provider and its median."""
+    for provider, median in group.items():
+        if provider.startswith("nn.LSTM"):
+            return provider, median
+    return None, None
+
+
 def table(groups: dict[str, dict[str, float]]) -> tuple[list[str], dict[str, list[float]]]:
-    providers = sorted({p for g in groups.values() for p in g if p != "nn.LSTM"})
-    lines = [
-        "| shape / mode | nn.LSTM ms | " + " | ".join(f"{p} ms (speedup)" for p in providers) + " |",
-        "|---|---:|" + "---:|" * len(providers),
-    ]
+    lines = ["| group | nn.LSTM ms | fastlstm ms (speedup) |", "|---|---:|---|"]
     speedups: dict[str, list[float]] = defaultdict(list)
     for group in sorted(groups):
-        base = groups[group].get("nn.LSTM")
+        base_name, base = baseline(groups[group])
         cells = []
-        for p in providers:
-            t = groups[group].get(p)
-            if t is None or base is None:
-                cells.append("-")
+        for provider, t in sorted(groups[group].items()):
+            if provider == base_name:
                 continue
-            speedups[p].append(base / t)
-            cells.append(f"{t * 1e3:.3f} ({base / t:.2f}x)")
-        base_text = f"{base * 1e3:.3f}" if base else "-"
-        lines.append(f"| {group} | {base_text} | " + " | ".join(cells) + " |")
+            if base is None:
+                cells.append(f"{provider} {t * 1e3:.3f}")
+                continue
+            speedups[provider].append(base / t)
+            cells.append(f"{provider} {t * 1e3:.3f} ({base / t:.2f}x)")
+        base_text = f"{base_name} {base * 1e3:.3f}" if base else "-"
+        lines.append(f"| {group} | {base_text} | " + "; ".join(cells) + " |")
     lines.append("")
     for p, values in speedups.items():
         gmean = math.exp(sum(math.log(v) for v in values) / len(values))
@@ -67,11 +73,11 @@ def plot(groups: dict[str, dict[str, float]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = sorted(groups)
-    providers = sorted({p for g in groups.values() for p in g if p != "nn.LSTM"})
+    providers = sorted({p for g in groups.values() for p in g if not p.startswith("nn.LSTM")})
     fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.8), 4))
     width = 0.8 / max(1, len(providers))
     for k, p in enumerate(providers):
-        values = [groups[n]["nn.LSTM"] / groups[n][p] if p in groups[n] else 0 for n in names]
+        values = [baseline(groups[n])[1] / groups[n][p] if p in groups[n] else 0 for n in names]
         ax.bar([i + k * width for i in range(len(names))], values, width, label=p)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([i + width * (len(providers) - 1) / 2 for i in range(len(names))])

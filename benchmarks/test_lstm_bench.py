@@ -67,3 +67,64 @@ def test_lstm(benchmark, shape, mode, provider):
     result = benchmark(run)
     y = result[0] if mode == "inference" else result
     assert torch.isfinite(y.float()).all()
+
+
+LENGTHS_SHAPES = {"tiny": [Shape(4, 12, 8, 8)], "default": [Shape(16, 500, 128, 128), Shape(64, 200, 256, 256)]}
+
+
+@pytest.mark.parametrize("provider", ["nn.LSTM packed", "fastlstm packed", "fastlstm lengths="])
+@pytest.mark.parametrize("shape", LENGTHS_SHAPES[os.environ.get("FASTLSTM_BENCH_GRID", "default")], ids=str)
+def test_padded_lengths_vs_packing(benchmark, shape, provider):
+    """A padded batch of variable lengths: pack -> LSTM -> unpack against fastlstm's lengths= (inference)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    models = make_models(shape, ["auto"], DEVICE, DTYPE)
+    model = models["nn.LSTM" if provider.startswith("nn.LSTM") else "fastlstm[auto]"]
+    x = torch.randn(shape.seq_len, shape.batch, shape.input_size, device=DEVICE, dtype=DTYPE)
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, shape.seq_len + 1, (shape.batch,), generator=gen)
+    lengths[0] = shape.seq_len
+    benchmark.group = f"{shape} variable lengths inference {str(DTYPE)[6:]} {DEVICE}"
+
+    def packed():
+        with torch.no_grad():
+            out, _ = model(pack_padded_sequence(x, lengths, enforce_sorted=False))
+            return pad_packed_sequence(out, total_length=shape.seq_len)[0]
+
+    def padded():
+        with torch.no_grad():
+            return model(x, lengths=lengths)[0]
+
+    y = benchmark(padded if provider.endswith("lengths=") else packed)
+    assert y.shape == (shape.seq_len, shape.batch, shape.hidden_size)
+
+
+STEP_SHAPES = {"tiny": [Shape(1, 1, 8, 8, 2)], "default": [Shape(1, 1, 128, 256, 2), Shape(8, 1, 256, 512, 2)]}
+
+
+@pytest.mark.parametrize("provider", ["nn.LSTM T=1", "fastlstm.step"])
+@pytest.mark.parametrize("shape", STEP_SHAPES[os.environ.get("FASTLSTM_BENCH_GRID", "default")], ids=str)
+def test_streaming_step_latency(benchmark, shape, provider):
+    """Per-step latency of streaming inference: nn.LSTM on 1-step chunks carrying state, or fastlstm.step."""
+    models = make_models(shape, ["auto"], DEVICE, DTYPE)
+    x = torch.randn(shape.batch, shape.input_size, device=DEVICE, dtype=DTYPE)
+    benchmark.group = f"{shape} streaming step {str(DTYPE)[6:]} {DEVICE}"
+    state = {"value": None}
+    if provider == "fastlstm.step":
+        model = models["fastlstm[auto]"]
+
+        def run():
+            with torch.no_grad():
+                y, state["value"] = model.step(x, state["value"])
+            return y
+
+    else:
+        model = models["nn.LSTM"]
+
+        def run():
+            with torch.no_grad():
+                y, state["value"] = model(x[None], state["value"])
+            return y[0]
+
+    y = benchmark(run)
+    assert y.shape == (shape.batch, shape.hidden_size)
