@@ -14,12 +14,6 @@ from fastlstm import backends, dispatch, reference
 from fastlstm.backends import LayerCall
 from fastlstm.backends.native import packed_positions
 
-# Validation and hidden-state permutation are nn.LSTM's own methods, called on this module, so that
-# every malformed call fails exactly as it does with nn.LSTM (same exception type and message).
-_nn_check_forward_args = nn.LSTM.check_forward_args
-_nn_permute_hidden = nn.LSTM.permute_hidden
-_nn_get_expected_cell_size = nn.LSTM.get_expected_cell_size
-
 
 class _CallShape(NamedTuple):
     device_type: str
@@ -38,7 +32,7 @@ class _CallShape(NamedTuple):
 
 @functools.lru_cache(maxsize=4096)
 def _plan_for(requested: str, shape: _CallShape) -> tuple[dispatch.Choice, ...]:
-    """Dispatch's answer for every (layer, direction); cached, since a forward call must not pay for it twice."""
+    """Dispatch's answer for every (layer, direction); cached so that repeated calls of one shape skip it."""
     out_size = shape.proj_size or shape.hidden_size
     calls = [
         LayerCall(
@@ -84,10 +78,11 @@ class LSTM(nn.RNNBase):
             dispatch.validate_name(backend)
         self.backend = backend
 
-    # nn.LSTM's helpers, so that nn.RNNBase's generic code paths find them too.
-    get_expected_cell_size = _nn_get_expected_cell_size
-    check_forward_args = _nn_check_forward_args
-    permute_hidden = _nn_permute_hidden
+    # Validation and hidden-state permutation are nn.LSTM's own methods, so that every malformed call fails
+    # exactly as it does with nn.LSTM (same exception type and message).
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
