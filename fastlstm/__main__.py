@@ -11,7 +11,7 @@ import torch
 
 import fastlstm
 from fastlstm import backends
-from fastlstm.benchmark import DEFAULT_GRID, Shape, geometric_mean, time_shape
+from fastlstm.benchmark import CPU_FULL_GRID, DEFAULT_GRID, Shape, geometric_mean, time_shape
 from fastlstm.check import CHECK_CASES, TOLERANCE, compare
 from fastlstm.dispatch import BackendUnavailableError
 
@@ -134,7 +134,12 @@ def _validate(shape: Shape, names: list[str], device: str, dtype: torch.dtype) -
 def cmd_bench(args) -> int:
     device = args.device or _default_device()
     dtype = DTYPES[args.dtype]
-    shapes = [Shape.parse(s) for s in args.shape] if args.shape else DEFAULT_GRID.get(device, DEFAULT_GRID["cpu"])
+    if args.shape:
+        shapes = [Shape.parse(s) for s in args.shape]
+    elif args.grid == "cpu-full":
+        shapes = CPU_FULL_GRID
+    else:
+        shapes = DEFAULT_GRID.get(device, DEFAULT_GRID["cpu"])
     names = _bench_backends(device, args.backend)
     modes = ["inference", "training"] if args.mode == "both" else [args.mode]
     header = machine_header(device)
@@ -193,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         "--backend", action="append", help="fastlstm backend to time (repeatable; default auto + the fast one)"
     )
     bench.add_argument("--shape", action="append", help="B,T,I,H[,L[,bi]] (repeatable; default: a grid per device)")
+    bench.add_argument(
+        "--grid", choices=["default", "cpu-full"], default="default", help="shape grid (without --shape)"
+    )
     bench.add_argument("--mode", choices=["inference", "training", "both"], default="both")
     bench.add_argument("--repeats", type=int, default=10, help="timed runs per provider (default 10)")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")

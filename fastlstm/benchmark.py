@@ -41,6 +41,24 @@ class Shape:
         return text + ("-bi" if self.bidirectional else "")
 
 
+# The CPU target grid of the C++ backend: batch 1-64, hidden 64-512 (odd sizes too), seq 35-500, 1-3 layers.
+CPU_FULL_GRID = [
+    Shape(1, 100, 128, 128),
+    Shape(1, 500, 64, 64),
+    Shape(1, 100, 512, 512),
+    Shape(2, 200, 384, 384),
+    Shape(4, 35, 200, 200, 2),
+    Shape(8, 100, 256, 256),
+    Shape(8, 35, 384, 384, 1, True),
+    Shape(16, 100, 128, 128, 3),
+    Shape(16, 500, 128, 128),
+    Shape(32, 100, 256, 256),
+    Shape(32, 35, 512, 512, 2, True),
+    Shape(64, 35, 200, 200),
+    Shape(64, 50, 64, 64, 2, True),
+    Shape(64, 100, 512, 512),
+]
+
 DEFAULT_GRID = {
     "cpu": [
         Shape(1, 100, 128, 128),
