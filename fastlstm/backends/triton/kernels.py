@@ -213,12 +213,10 @@ def _bwd_dh(
     dy = tl.load(dy_ptr + poff, mask=live[:, None] & col_mask[None, :], other=0.0).to(ACC)
     dh = tl.where(live_next[:, None], rec, carried) + dy
     tl.store(dh_ptr + poff, dh, mask=m_all)
+    # a branch, not a mask term: triton 3.9's interpreter rejects a bool mask and-ed with a scalar compare
     if HAS_PROJ:
-        tl.store(
-            dhy_ptr + poff,
-            tl.where(live[:, None], dh, 0.0).to(dhy_ptr.dtype.element_ty),
-            mask=m_all & (store_dhy != 0),
-        )
+        if store_dhy != 0:
+            tl.store(dhy_ptr + poff, tl.where(live[:, None], dh, 0.0).to(dhy_ptr.dtype.element_ty), mask=m_all)
     return dh
 
 
