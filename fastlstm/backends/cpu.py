@@ -16,6 +16,12 @@ Ops (namespace `fastlstm`, schemas defined in C++, fakes and autograd here)
                  reverse, has_bias) -> (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
     gates [T, B, 4H] (activated) and c_hist [T, B, H] are what backward needs; they are empty ([0]) when
     save is false (inference), and float32 for bfloat16 inputs.
+
+Tuning knobs (read once per process by the C++ code; for measurements and tests, not for users)
+    FASTLSTM_MKL_MIN_ROWS   float32 uses MKL's packed GEMM for the per-step product from this batch size on
+                            (default 1); a huge value forces the register-blocked kernel that builds without
+                            MKL (e.g. aarch64 torch with OpenBLAS) always use.
+    FASTLSTM_DGEMM_MIN_ROWS float64 uses a plain BLAS dgemm per step from this batch size on (default 16).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -101,6 +108,20 @@ def _find_library(build_dir: Path, name: str) -> Path | None:
     return None
 
 
+def _check_compiler() -> None:
+    """Run the compiler once on its own so that its own error text reaches the user (cpp_extension hides it)."""
+    compiler = _compiler()
+    try:
+        proc = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise RuntimeError(f"cannot run the C++ compiler {compiler!r}: {error}") from error
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"the C++ compiler {compiler!r} fails (`{compiler} --version` exited {proc.returncode}): "
+            f"{(proc.stdout + proc.stderr).strip()}"
+        )
+
+
 def _build_and_load(verbose: bool) -> str:
     """Compile (or find in the cache) and load the library; returns its path. Raises on failure."""
     from torch.utils import cpp_extension
@@ -113,6 +134,7 @@ def _build_and_load(verbose: bool) -> str:
     marker = build_dir / "BUILT"
     lib = _find_library(build_dir, name)
     if not (marker.is_file() and lib is not None):
+        _check_compiler()
         _clear_stale_lock(build_dir)
         old_cxx = os.environ.get("CXX")
         os.environ["CXX"] = _compiler()
@@ -205,13 +227,22 @@ def _register_python_side() -> None:
         return y, hT, cT, gates, c_hist
 
     @torch.library.register_fake("fastlstm::cpp_lstm_bwd")
-    def _bwd_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, reverse,
-                  has_bias):
+    def _bwd_fake(
+        grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, reverse, has_bias
+    ):
         H = w_hh.shape[0] // 4
         db = x.new_empty((4 * H,)) if has_bias else x.new_empty((0,))
-        dw_hr = torch.empty_like(w_hr) if w_hr is not None else x.new_empty((0,))
-        return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
-                torch.empty_like(w_hh), db, dw_hr)
+        dw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else x.new_empty((0,))
+        # The kernel returns contiguous gradients whatever the inputs' strides: new_empty, not empty_like.
+        return (
+            x.new_empty(x.shape),
+            h0.new_empty(h0.shape),
+            c0.new_empty(c0.shape),
+            w_ih.new_empty(w_ih.shape),
+            w_hh.new_empty(w_hh.shape),
+            db,
+            dw_hr,
+        )
 
     def _setup_context(ctx, inputs, output):
         x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save = inputs
@@ -230,11 +261,34 @@ def _register_python_side() -> None:
         grad_hT = torch.zeros_like(h0) if grad_hT is None else grad_hT
         grad_cT = torch.zeros_like(c0) if grad_cT is None else grad_cT
         dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.fastlstm.cpp_lstm_bwd(
-            grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, ctx.reverse,
+            grad_y,
+            grad_hT,
+            grad_cT,
+            x,
+            h0,
+            c0,
+            w_ih,
+            w_hh,
+            w_hr,
+            batch_sizes,
+            y,
+            gates,
+            c_hist,
+            ctx.reverse,
             ctx.has_bias,
         )
-        return (dx, dh0, dc0, dw_ih, dw_hh, db if ctx.has_bias else None, dw_hr if ctx.has_proj else None, None,
-                None, None)
+        return (
+            dx,
+            dh0,
+            dc0,
+            dw_ih,
+            dw_hh,
+            db if ctx.has_bias else None,
+            dw_hr if ctx.has_proj else None,
+            None,
+            None,
+            None,
+        )
 
     torch.library.register_autograd("fastlstm::cpp_lstm_fwd", _backward, setup_context=_setup_context)
     _registered = True

@@ -1,0 +1,918 @@
+// fastlstm C++ CPU backend: one LSTM layer, one direction, forward and backward.
+//
+// The layer contract (fastlstm/reference.py is the executable spec):
+//   x [T, B, I], h0 [B, P], c0 [B, H], w_ih [4H, I], w_hh [4H, P], b [4H]?, w_hr [P, H]?,
+//   batch_sizes [T] int64 CPU? (packed: only the first batch_sizes[t] rows are live at step t), reverse.
+//   -> y [T, B, P] (zero where a row is not live), hT [B, P], cT [B, H]
+// Gate order along 4H: input, forget, cell, output.
+//
+// How it is fast:
+//   * x @ w_ih^T (+ b) for all steps is one GEMM before the time loop, written straight into the gate buffer.
+//   * Inside the loop only h @ w_hh^T remains, against a weight packed once per call: a register-blocked
+//     kernel in GCC vector extensions (panels of w_hh stay in each thread's cache across steps), or, for
+//     float32 batches >= 16 where libtorch carries MKL, MKL's packed GEMM. No dispatcher, no allocation.
+//   * The pointwise cell is one fused loop: explicit 16-lane SIMD with an own exp for float (~1 ulp), exact
+//     std:: math for double.
+//   * Backward runs the reverse time loop for the gate gradients only; dx, dw_ih, dw_hh, db, dw_hr are then
+//     single GEMMs / reductions over all T*B rows.
+//   * bfloat16 is computed in float32 end to end (fp32 accumulation, fp32 c) and rounded at the boundary.
+// Saved for backward: activated gates [T, B, 4H] and the cell history [T, B, H] (plus the output y).
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+// The Fortran BLAS that libtorch_cpu already carries (MKL on x86 wheels, OpenBLAS elsewhere). Weak, so that
+// a torch build without them still loads; we then fall back to at::addmm on views.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+// MKL's packed GEMM (x86 torch wheels): pack the recurrent weight once per call, reuse it every step.
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
+                      int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+}
+
+namespace fastlstm {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------------------------------
+// GEMM on row-major buffers: C[M,N] = alpha * op(A) op(B) + beta * C.
+// op(A) is [M,K]: A is stored [M,K] (lda) or, with trans_a, [K,M]. Same for B ([K,N] or, trans_b, [N,K]).
+
+template <typename scalar_t>
+void gemm_fallback(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, scalar_t alpha, const scalar_t* A,
+                   int64_t lda, const scalar_t* B, int64_t ldb, scalar_t beta, scalar_t* C, int64_t ldc) {
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  Tensor a = trans_a ? at::from_blob(const_cast<scalar_t*>(A), {K, M}, {lda, 1}, opts).t()
+                     : at::from_blob(const_cast<scalar_t*>(A), {M, K}, {lda, 1}, opts);
+  Tensor b = trans_b ? at::from_blob(const_cast<scalar_t*>(B), {N, K}, {ldb, 1}, opts).t()
+                     : at::from_blob(const_cast<scalar_t*>(B), {K, N}, {ldb, 1}, opts);
+  Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (beta == scalar_t(0)) {
+    at::mm_out(c, a, b);
+    if (alpha != scalar_t(1)) c.mul_(alpha);
+  } else {
+    c.addmm_(a, b, beta, alpha);
+  }
+}
+
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  const int64_t big = std::numeric_limits<int>::max();
+  if (sgemm_ != nullptr && M < big && N < big && K < big && lda < big && ldb < big && ldc < big && K > 0) {
+    // Row-major C = A B is column-major C^T = B^T A^T, and a row-major buffer read column-major is the transpose.
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int m = (int)N, n = (int)M, k = (int)K, la = (int)ldb, lb = (int)lda, lc = (int)ldc;
+    sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+  } else {
+    gemm_fallback<float>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+}
+
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
+          const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  const int64_t big = std::numeric_limits<int>::max();
+  if (dgemm_ != nullptr && M < big && N < big && K < big && lda < big && ldb < big && ldc < big && K > 0) {
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int m = (int)N, n = (int)M, k = (int)K, la = (int)ldb, lb = (int)lda, lc = (int)ldc;
+    dgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+  } else {
+    gemm_fallback<double>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The per-step product C[n, N] (+)= A[n, K] @ Bm[K, N], Bm row-major and contiguous (the weight, laid out once
+// per call). A register-blocked kernel in GCC/Clang vector extensions: a block of RB rows x 2 vectors of
+// columns lives in registers while k runs; columns are the outer loop (and the split between threads) so a
+// thread's slice of the weight stays in its cache across all row blocks and all time steps. No allocation,
+// no dispatcher: this is what runs T times.
+
+template <typename scalar_t>
+struct Vec {
+  typedef scalar_t type __attribute__((vector_size(64)));
+  // Same vector, under-aligned and may_alias: dereferencing it is an unaligned load/store.
+  typedef scalar_t utype __attribute__((vector_size(64), aligned(sizeof(scalar_t)), may_alias));
+  static constexpr int lanes = 64 / sizeof(scalar_t);
+  static type load(const scalar_t* p) { return *reinterpret_cast<const utype*>(p); }
+  static void store(scalar_t* p, type v) { *reinterpret_cast<utype*>(p) = v; }
+};
+
+// A weight B [K, N] packed in panels of kPanel vectors of columns: panel p holds columns [p*W, p*W+W) as a
+// contiguous [K, W] block (zero padded past N), so the micro-kernel reads it sequentially.
+constexpr int kPanel = 2;
+
+template <typename scalar_t>
+struct Packed {
+  static constexpr int64_t W = kPanel * Vec<scalar_t>::lanes;
+  std::vector<scalar_t> data;
+  int64_t K = 0, N = 0, panels = 0;
+  // B[k, n] = src[k * sk + n * sn]
+  void pack(const scalar_t* src, int64_t K_, int64_t N_, int64_t sk, int64_t sn) {
+    K = K_;
+    N = N_;
+    panels = (N + W - 1) / W;
+    data.assign(panels * K * W, scalar_t(0));
+    scalar_t* d = data.data();
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t width = std::min(W, N - p * W);
+      if (sk == 1) {  // source columns are contiguous in k: read them sequentially
+        for (int64_t c = 0; c < width; ++c) {
+          const scalar_t* col = src + (p * W + c) * sn;
+          for (int64_t k = 0; k < K; ++k) d[(p * K + k) * W + c] = col[k];
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t c = 0; c < width; ++c) d[(p * K + k) * W + c] = src[k * sk + (p * W + c) * sn];
+      }
+    }
+  }
+  const scalar_t* panel(int64_t p) const { return data.data() + p * K * W; }
+};
+
+template <typename scalar_t, int RB>
+inline void micro_kernel(const scalar_t* __restrict__ A, int64_t lda, const scalar_t* __restrict__ panel, int64_t K,
+                         scalar_t* __restrict__ C, int64_t ldc, int64_t valid, bool accumulate) {
+  using V = Vec<scalar_t>;
+  constexpr int L = V::lanes, CV = kPanel, W = CV * L;
+  typename V::type acc[RB][CV];
+  scalar_t tmp[RB * W];
+  scalar_t* out = C;
+  int64_t ldo = ldc;
+  if (valid < W) {  // the last, partial panel goes through a small buffer
+    out = tmp;
+    ldo = W;
+    for (int r = 0; r < RB; ++r)
+      for (int c = 0; c < W; ++c) tmp[r * W + c] = (accumulate && c < valid) ? C[r * ldc + c] : scalar_t(0);
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < CV; ++v) acc[r][v] = accumulate ? V::load(out + r * ldo + v * L) : typename V::type{};
+  // Few rows leave too few independent FMA chains to hide latency: unroll k into KU partial sums.
+  constexpr int KU = RB == 1 ? 4 : (RB == 2 ? 2 : 1);
+  typename V::type part[KU > 1 ? KU - 1 : 1][RB][CV];
+  if constexpr (KU > 1) {
+    for (int u = 0; u < KU - 1; ++u)
+      for (int r = 0; r < RB; ++r)
+        for (int v = 0; v < CV; ++v) part[u][r][v] = typename V::type{};
+  }
+  int64_t k = 0;
+  if constexpr (KU > 1) {
+    for (; k + KU <= K; k += KU) {
+      for (int u = 0; u < KU; ++u) {
+        typename V::type w[CV];
+        for (int v = 0; v < CV; ++v) w[v] = V::load(panel + (k + u) * W + v * L);
+        for (int r = 0; r < RB; ++r) {
+          const scalar_t a = A[r * lda + k + u];
+          for (int v = 0; v < CV; ++v) {
+            if (u == 0) {
+              acc[r][v] += a * w[v];
+            } else {
+              part[u > 0 ? u - 1 : 0][r][v] += a * w[v];
+            }
+          }
+        }
+      }
+    }
+    for (int u = 0; u < KU - 1; ++u)
+      for (int r = 0; r < RB; ++r)
+        for (int v = 0; v < CV; ++v) acc[r][v] += part[u][r][v];
+  }
+  for (; k < K; ++k) {
+    typename V::type w[CV];
+    for (int v = 0; v < CV; ++v) w[v] = V::load(panel + k * W + v * L);
+    for (int r = 0; r < RB; ++r) {
+      const scalar_t a = A[r * lda + k];
+      for (int v = 0; v < CV; ++v) acc[r][v] += a * w[v];
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < CV; ++v) V::store(out + r * ldo + v * L, acc[r][v]);
+  if (valid < W) {
+    for (int r = 0; r < RB; ++r)
+      for (int c = 0; c < valid; ++c) C[r * ldc + c] = tmp[r * W + c];
+  }
+}
+
+template <typename scalar_t>
+inline void panel_rows(const scalar_t* A, int64_t lda, const scalar_t* panel, int64_t K, scalar_t* C, int64_t ldc,
+                       int64_t n, int64_t valid, bool accumulate) {
+  constexpr int RB = 8;
+  int64_t r = 0;
+  for (; r + RB <= n; r += RB) micro_kernel<scalar_t, RB>(A + r * lda, lda, panel, K, C + r * ldc, ldc, valid, accumulate);
+  const scalar_t* a = A + r * lda;
+  scalar_t* c = C + r * ldc;
+  switch (n - r) {
+    case 0: break;
+    case 1: micro_kernel<scalar_t, 1>(a, lda, panel, K, c, ldc, valid, accumulate); break;
+    case 2: micro_kernel<scalar_t, 2>(a, lda, panel, K, c, ldc, valid, accumulate); break;
+    case 3: micro_kernel<scalar_t, 3>(a, lda, panel, K, c, ldc, valid, accumulate); break;
+    case 4: micro_kernel<scalar_t, 4>(a, lda, panel, K, c, ldc, valid, accumulate); break;
+    case 5: micro_kernel<scalar_t, 5>(a, lda, panel, K, c, ldc, valid, accumulate); break;
+    case 6: micro_kernel<scalar_t, 6>(a, lda, panel, K, c, ldc, valid, accumulate); break;
+    default: micro_kernel<scalar_t, 7>(a, lda, panel, K, c, ldc, valid, accumulate); break;
+  }
+}
+
+// C[m, N] (+)= A[m, K] @ op(W) with op(W) [K, N] packed by MKL for exactly m rows; only for float, only when
+// libtorch carries MKL, and only for batches where it beats the register-blocked kernel.
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasBMatrix = 162,
+              kCblasPacked = 151;
+inline int64_t mkl_min_rows() {
+  static const int64_t v = std::getenv("FASTLSTM_MKL_MIN_ROWS") ? std::atoll(std::getenv("FASTLSTM_MKL_MIN_ROWS")) : 1;
+  return v;
+}
+
+// Per-thread scratch memory kept between calls (up to kScratchKeep bytes): fresh multi-megabyte buffers
+// every call cost page faults that show in profiles of short sequences.
+constexpr size_t kScratchKeep = size_t(64) << 20;
+
+struct Scratch {
+  std::unique_ptr<char[]> kept;
+  size_t kept_bytes = 0;
+  std::unique_ptr<char[]> once;  // a request too large to keep: freed on the next request
+  void* get(size_t bytes) {
+    once.reset();
+    if (bytes > kScratchKeep) {
+      once.reset(new char[bytes + 64]);
+      return align(once.get());
+    }
+    if (bytes > kept_bytes) {
+      kept.reset(new char[bytes + 64]);
+      kept_bytes = bytes;
+    }
+    return align(kept.get());
+  }
+  static void* align(char* p) { return reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); }
+};
+
+// Only one MklPacked is alive at a time (per forward or backward call), so one buffer suffices.
+Scratch& pack_scratch() {
+  thread_local Scratch s;
+  return s;
+}
+Scratch& gates_scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+struct MklPacked {
+  float* data = nullptr;
+  int m = 0, n = 0, k = 0;
+  bool ok = false;
+  // W row-major; trans: op(W) = W^T.
+  void pack(const float* W, int64_t ld, bool trans, int64_t m_, int64_t n_, int64_t k_) {
+    ok = false;
+    if (cblas_sgemm_pack_get_size == nullptr || cblas_sgemm_pack == nullptr || cblas_sgemm_compute == nullptr) return;
+    if (m_ < mkl_min_rows() || m_ > (1 << 20) || n_ > (1 << 20) || k_ > (1 << 20)) return;
+    m = (int)m_;
+    n = (int)n_;
+    k = (int)k_;
+    const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, m, n, k);
+    data = static_cast<float*>(pack_scratch().get(bytes));  // MKL asks for megabytes, touches what it uses
+    cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, trans ? kCblasTrans : kCblasNoTrans, m, n, k, 1.0f, W, (int)ld,
+                     data);
+    ok = true;
+  }
+  bool usable(int64_t rows) const { return ok && rows == m; }
+  void run(const float* A, int64_t lda, float* C, int64_t ldc, bool accumulate) const {
+    cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m, n, k, A, (int)lda, data, n,
+                        accumulate ? 1.0f : 0.0f, C, (int)ldc);
+  }
+};
+
+// Where the plain BLAS call (which re-packs the weight every step) beats the register-blocked kernel: float32
+// takes MKL's packed path instead whenever available.
+template <typename scalar_t>
+inline bool use_blas_rows(int64_t B) {
+  static const int64_t min_rows = std::getenv("FASTLSTM_DGEMM_MIN_ROWS") ? std::atoll(std::getenv("FASTLSTM_DGEMM_MIN_ROWS")) : 16;
+  return std::is_same_v<scalar_t, double> && dgemm_ != nullptr && B >= min_rows;
+}
+
+// Work (multiply-adds) below which one step's product is not split over threads.
+constexpr int64_t kParallelStepWork = 1 << 17;
+
+// C[n, N] (+)= A[n, K] @ B, B packed.
+template <typename scalar_t>
+void step_gemm(const scalar_t* A, int64_t lda, const Packed<scalar_t>& B, scalar_t* C, int64_t ldc, int64_t n,
+               bool accumulate) {
+  if (n == 0 || B.N == 0) return;
+  const int64_t W = Packed<scalar_t>::W;
+  auto run = [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      panel_rows<scalar_t>(A, lda, B.panel(p), B.K, C + p * W, ldc, n, std::min(W, B.N - p * W), accumulate);
+  };
+  if (at::get_num_threads() > 1 && n * B.N * B.K >= kParallelStepWork && B.panels > 1 && !at::in_parallel_region()) {
+    at::parallel_for(0, B.panels, 1, run);
+  } else {
+    run(0, B.panels);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Pointwise math. float: a Cephes-style exp that the compiler vectorises (about 1 ulp); double: std::exp/tanh.
+
+inline float fast_exp(float x) {
+  x = std::min(88.3762626647949f, std::max(-87.3365447504f, x));
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline float sigmoid_(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
+inline float tanh_(float x) {
+  // tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|): no cancellation for large |x|, ~1e-7 abs near 0.
+  const float a = std::fabs(x);
+  const float e = fast_exp(-2.0f * a);
+  const float t = (1.0f - e) / (1.0f + e);
+  return std::copysign(t, x);
+}
+inline double sigmoid_(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+inline double tanh_(double x) { return std::tanh(x); }
+
+// Explicit SIMD for float through GCC/Clang vector extensions (16 lanes; the compiler splits them to the
+// machine's width), same math as fast_exp above, so that the hot pointwise loops never fall back to scalar.
+typedef float vf __attribute__((vector_size(64)));
+typedef float vf_u __attribute__((vector_size(64), aligned(4), may_alias));
+typedef int32_t vi __attribute__((vector_size(64)));
+
+inline vf vload(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
+inline void vstore(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
+inline vf vsplat(float a) { return vf{} + a; }
+
+inline vf vexp(vf x) {
+  x = x < vsplat(-87.3365447504f) ? vsplat(-87.3365447504f) : x;
+  x = x > vsplat(88.3762626647949f) ? vsplat(88.3762626647949f) : x;
+  const vf magic = vsplat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to nearest
+  const vf n = (x * 1.44269504088896341f + magic) - magic;
+  vf r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  vf p = vsplat(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  return p * reinterpret_cast<vf>(bits);
+}
+inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
+inline vf vtanh(vf x) {
+  const vi xb = reinterpret_cast<vi>(x);
+  const vi sign = xb & (int32_t)0x80000000;
+  const vf a = reinterpret_cast<vf>(xb & (int32_t)0x7fffffff);
+  const vf e = vexp(-2.0f * a);
+  const vf t = (1.0f - e) / (1.0f + e);
+  return reinterpret_cast<vf>(reinterpret_cast<vi>(t) | sign);
+}
+
+// The same for double (8 lanes): exp by range reduction and a degree-12 Taylor polynomial (~1e-16 relative).
+typedef double vd __attribute__((vector_size(64)));
+typedef double vd_u __attribute__((vector_size(64), aligned(8), may_alias));
+typedef int64_t vl __attribute__((vector_size(64)));
+
+inline vd vload(const double* p) { return *reinterpret_cast<const vd_u*>(p); }
+inline void vstore(double* p, vd v) { *reinterpret_cast<vd_u*>(p) = v; }
+inline vd vsplat(double a) { return vd{} + a; }
+
+inline vd vexp(vd x) {
+  x = x < vsplat(-708.0) ? vsplat(-708.0) : x;
+  x = x > vsplat(709.0) ? vsplat(709.0) : x;
+  const vd magic = vsplat(6755399441055744.0);  // 1.5 * 2^52
+  const vd n = (x * 1.4426950408889634 + magic) - magic;
+  const vd r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+  vd p = vsplat(1.0 / 479001600.0);
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  const vl bits = (__builtin_convertvector(n, vl) + 1023) << 52;
+  return p * reinterpret_cast<vd>(bits);
+}
+inline vd vsigmoid(vd x) { return 1.0 / (1.0 + vexp(-x)); }
+inline vd vtanh(vd x) {
+  const vl xb = reinterpret_cast<vl>(x);
+  const vl sign = xb & (int64_t)0x8000000000000000ULL;
+  const vd a = reinterpret_cast<vd>(xb & (int64_t)0x7fffffffffffffffLL);
+  const vd e = vexp(-2.0 * a);
+  const vd t = (1.0 - e) / (1.0 + e);
+  return reinterpret_cast<vd>(reinterpret_cast<vl>(t) | sign);
+}
+
+// One step of the cell for one row: G holds the 4H pre-activations (overwritten with activations),
+// c the state (updated), h_out receives o * tanh(c).
+template <typename scalar_t>
+inline void cell_row_scalar(scalar_t* __restrict__ G, const scalar_t* __restrict__ bias, scalar_t* __restrict__ c,
+                            scalar_t* __restrict__ h_out, int64_t H, int64_t j0) {
+  for (int64_t j = j0; j < H; ++j) {
+    if (bias != nullptr) {
+      G[j] += bias[j];
+      G[H + j] += bias[H + j];
+      G[2 * H + j] += bias[2 * H + j];
+      G[3 * H + j] += bias[3 * H + j];
+    }
+    const scalar_t i = sigmoid_(G[j]);
+    const scalar_t f = sigmoid_(G[H + j]);
+    const scalar_t g = tanh_(G[2 * H + j]);
+    const scalar_t o = sigmoid_(G[3 * H + j]);
+    const scalar_t cn = f * c[j] + i * g;
+    G[j] = i;
+    G[H + j] = f;
+    G[2 * H + j] = g;
+    G[3 * H + j] = o;
+    c[j] = cn;
+    h_out[j] = o * tanh_(cn);
+  }
+}
+
+template <typename scalar_t>
+inline void cell_row(scalar_t* __restrict__ G, const scalar_t* __restrict__ bias, scalar_t* __restrict__ c,
+                     scalar_t* __restrict__ c_hist, scalar_t* __restrict__ h_out, int64_t H) {
+  int64_t j = 0;
+  {
+    using V = decltype(vload(G));
+    constexpr int lanes = 64 / sizeof(scalar_t);
+    for (; j + lanes <= H; j += lanes) {
+      V pi = vload(G + j), pf = vload(G + H + j), pg = vload(G + 2 * H + j), po = vload(G + 3 * H + j);
+      if (bias != nullptr) {
+        pi += vload(bias + j);
+        pf += vload(bias + H + j);
+        pg += vload(bias + 2 * H + j);
+        po += vload(bias + 3 * H + j);
+      }
+      const V i = vsigmoid(pi);
+      const V f = vsigmoid(pf);
+      const V g = vtanh(pg);
+      const V o = vsigmoid(po);
+      const V cn = f * vload(c + j) + i * g;
+      vstore(G + j, i);
+      vstore(G + H + j, f);
+      vstore(G + 2 * H + j, g);
+      vstore(G + 3 * H + j, o);
+      vstore(c + j, cn);
+      vstore(h_out + j, o * vtanh(cn));
+    }
+  }
+  cell_row_scalar<scalar_t>(G, bias, c, h_out, H, j);
+  if (c_hist != nullptr) std::memcpy(c_hist, c, H * sizeof(scalar_t));
+}
+
+// Backward of one row of the cell. a: activations [4H], cn: c after the step, cprev: c before it,
+// dh: gradient reaching o*tanh(c), dc: gradient reaching c (in: from later steps; out: for cprev),
+// dg: pre-activation gradients [4H]; hr (optional) receives o*tanh(c) for dw_hr.
+template <typename scalar_t>
+inline void cell_row_backward(const scalar_t* __restrict__ a, const scalar_t* __restrict__ cn,
+                              const scalar_t* __restrict__ cprev, const scalar_t* __restrict__ dh,
+                              scalar_t* __restrict__ dc, scalar_t* __restrict__ dg, scalar_t* __restrict__ hr,
+                              int64_t H) {
+  int64_t j = 0;
+  {
+    using V = decltype(vload(a));
+    constexpr int lanes = 64 / sizeof(scalar_t);
+    const scalar_t one = 1;
+    for (; j + lanes <= H; j += lanes) {
+      const V i = vload(a + j), f = vload(a + H + j), g = vload(a + 2 * H + j), o = vload(a + 3 * H + j);
+      const V tc = vtanh(vload(cn + j));
+      const V dhj = vload(dh + j);
+      const V dct = vload(dc + j) + dhj * o * (one - tc * tc);
+      vstore(dg + j, dct * g * i * (one - i));
+      vstore(dg + H + j, dct * vload(cprev + j) * f * (one - f));
+      vstore(dg + 2 * H + j, dct * i * (one - g * g));
+      vstore(dg + 3 * H + j, dhj * tc * o * (one - o));
+      vstore(dc + j, dct * f);
+      if (hr != nullptr) vstore(hr + j, o * tc);
+    }
+  }
+  for (; j < H; ++j) {
+    const scalar_t i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
+    const scalar_t tc = tanh_(cn[j]);
+    const scalar_t dct = dc[j] + dh[j] * o * (scalar_t(1) - tc * tc);
+    dg[j] = dct * g * i * (scalar_t(1) - i);
+    dg[H + j] = dct * cprev[j] * f * (scalar_t(1) - f);
+    dg[2 * H + j] = dct * i * (scalar_t(1) - g * g);
+    dg[3 * H + j] = dh[j] * tc * o * (scalar_t(1) - o);
+    dc[j] = dct * f;
+    if (hr != nullptr) hr[j] = o * tc;
+  }
+}
+
+// Split [0, n) rows over threads only when the work is worth a fork/join.
+template <typename F>
+inline void for_rows(int64_t n, int64_t work_per_row, F&& f) {
+  const int64_t total = n * work_per_row;
+  if (total >= 32768 && n > 1 && at::get_num_threads() > 1) {
+    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) f(r);
+    });
+  } else {
+    for (int64_t r = 0; r < n; ++r) f(r);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Argument checks shared by forward and backward.
+
+struct Dims {
+  int64_t T, B, I, H, P;
+};
+
+Dims check_args(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                const c10::optional<Tensor>& b, const c10::optional<Tensor>& w_hr,
+                const c10::optional<Tensor>& batch_sizes) {
+  TORCH_CHECK(x.dim() == 3, "fastlstm cpp: x must be [T, B, I], got ", x.sizes());
+  TORCH_CHECK(w_ih.dim() == 2 && w_hh.dim() == 2, "fastlstm cpp: weights must be 2-d");
+  TORCH_CHECK(w_ih.size(0) % 4 == 0, "fastlstm cpp: w_ih must be [4H, I], got ", w_ih.sizes());
+  Dims d{x.size(0), x.size(1), x.size(2), w_ih.size(0) / 4, w_hh.size(1)};
+  TORCH_CHECK(w_ih.size(1) == d.I, "fastlstm cpp: w_ih is ", w_ih.sizes(), " but x has I=", d.I);
+  TORCH_CHECK(w_hh.size(0) == 4 * d.H, "fastlstm cpp: w_hh must be [4H, P], got ", w_hh.sizes());
+  const bool proj = w_hr.has_value() && w_hr->defined();
+  if (proj) {
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(0) == d.P && w_hr->size(1) == d.H,
+                "fastlstm cpp: w_hr must be [P, H] = [", d.P, ", ", d.H, "], got ", w_hr->sizes());
+  } else {
+    TORCH_CHECK(d.P == d.H, "fastlstm cpp: without w_hr, w_hh must be [4H, H], got ", w_hh.sizes());
+  }
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == d.B && h0.size(1) == d.P, "fastlstm cpp: h0 must be [B, P] = [", d.B,
+              ", ", d.P, "], got ", h0.sizes());
+  TORCH_CHECK(c0.dim() == 2 && c0.size(0) == d.B && c0.size(1) == d.H, "fastlstm cpp: c0 must be [B, H] = [", d.B,
+              ", ", d.H, "], got ", c0.sizes());
+  if (b.has_value() && b->defined()) {
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == 4 * d.H, "fastlstm cpp: b must be [4H], got ", b->sizes());
+  }
+  for (const Tensor* t : {&x, &h0, &c0, &w_ih, &w_hh}) {
+    TORCH_CHECK(t->device().is_cpu(), "fastlstm cpp: tensors must be on the CPU");
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "fastlstm cpp: all tensors must have x's dtype ",
+                x.scalar_type(), ", got ", t->scalar_type());
+  }
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kBFloat16,
+              "fastlstm cpp: dtype must be float32, float64 or bfloat16, got ", x.scalar_type());
+  if (batch_sizes.has_value() && batch_sizes->defined()) {
+    const Tensor& bs = *batch_sizes;
+    TORCH_CHECK(bs.device().is_cpu() && bs.scalar_type() == at::kLong && bs.dim() == 1 && bs.size(0) == d.T,
+                "fastlstm cpp: batch_sizes must be an int64 CPU tensor [T]");
+  }
+  return d;
+}
+
+// Live rows per step (validated), or B everywhere.
+std::vector<int64_t> live_rows(const c10::optional<Tensor>& batch_sizes, int64_t T, int64_t B) {
+  std::vector<int64_t> live(T, B);
+  if (batch_sizes.has_value() && batch_sizes->defined()) {
+    Tensor bs = batch_sizes->contiguous();
+    const int64_t* p = bs.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(p[t] >= 0 && p[t] <= B && (t == 0 || p[t] <= p[t - 1]),
+                  "fastlstm cpp: batch_sizes must be non-increasing and within [0, B]");
+      live[t] = p[t];
+    }
+    TORCH_CHECK(T == 0 || live[0] == B, "fastlstm cpp: batch_sizes[0] must equal the batch size ", B);
+  }
+  return live;
+}
+
+bool is_packed(const c10::optional<Tensor>& batch_sizes) {
+  return batch_sizes.has_value() && batch_sizes->defined();
+}
+
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kBFloat16 ? at::kFloat : t; }
+
+Tensor as_compute(const Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
+c10::optional<Tensor> as_compute(const c10::optional<Tensor>& t, at::ScalarType ct) {
+  if (!t.has_value() || !t->defined()) return c10::nullopt;
+  return t->to(ct).contiguous();
+}
+
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename scalar_t>
+void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
+                  const c10::optional<Tensor>& b, const c10::optional<Tensor>& w_hr, const std::vector<int64_t>& live,
+                  bool reverse, Tensor& gates, Tensor& y, Tensor& h, Tensor& c, scalar_t* c_hist) {
+  const int64_t T = d.T, B = d.B, I = d.I, H = d.H, P = d.P, G4 = 4 * H;
+  scalar_t* G = gates.data_ptr<scalar_t>();
+  // Input projection of every step: one GEMM, straight into the gate buffer (the bias is added in the cell).
+  gemm(false, true, T * B, G4, I, scalar_t(1), x.data_ptr<scalar_t>(), I, w_ih.data_ptr<scalar_t>(), I, scalar_t(0),
+       G, G4);
+  const scalar_t* bp = b.has_value() ? b->data_ptr<scalar_t>() : nullptr;
+  // The recurrent weights laid out [K, N] for step_gemm: w_hh^T [P, 4H], w_hr^T [H, P].
+  Packed<scalar_t> WhhT, WhrT;
+  MklPacked mkl_whh;
+  if constexpr (std::is_same_v<scalar_t, float>) mkl_whh.pack(w_hh.data_ptr<float>(), P, true, B, G4, P);
+  const bool proj = w_hr.has_value();
+  if (proj) WhrT.pack(w_hr->data_ptr<scalar_t>(), H, P, 1, H);  // B[k, n] = w_hr[n, k]
+  scalar_t* hp = h.data_ptr<scalar_t>();
+  scalar_t* cp = c.data_ptr<scalar_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  std::vector<scalar_t> h_raw(proj ? B * H : 0);
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    const int64_t n = live[t];
+    if (n == 0) continue;
+    scalar_t* Gt = G + t * B * G4;
+    if (mkl_whh.ok) {
+      // All B rows even when fewer are live: rows past n of this step's gate buffer are never read, and the
+      // packed weight is valid for exactly B rows.
+      if constexpr (std::is_same_v<scalar_t, float>) mkl_whh.run(hp, P, Gt, G4, /*accumulate=*/true);
+    } else if (use_blas_rows<scalar_t>(B)) {
+      gemm(false, true, n, G4, P, scalar_t(1), hp, P, w_hh.data_ptr<scalar_t>(), P, scalar_t(1), Gt, G4);
+    } else {
+      if (WhhT.K == 0) WhhT.pack(w_hh.data_ptr<scalar_t>(), P, G4, 1, P);
+      step_gemm<scalar_t>(hp, P, WhhT, Gt, G4, n, /*accumulate=*/true);
+    }
+    scalar_t* yt = yp + t * B * P;
+    scalar_t* ch = c_hist != nullptr ? c_hist + t * B * H : nullptr;
+    if (!proj) {
+      for_rows(n, 16 * H, [&](int64_t r) {
+        cell_row<scalar_t>(Gt + r * G4, bp, cp + r * H, ch != nullptr ? ch + r * H : nullptr, yt + r * H, H);
+      });
+      std::memcpy(hp, yt, n * H * sizeof(scalar_t));
+    } else {
+      scalar_t* hr = h_raw.data();
+      for_rows(n, 16 * H, [&](int64_t r) {
+        cell_row<scalar_t>(Gt + r * G4, bp, cp + r * H, ch != nullptr ? ch + r * H : nullptr, hr + r * H, H);
+      });
+      step_gemm<scalar_t>(hr, H, WhrT, yt, P, n, /*accumulate=*/false);
+      std::memcpy(hp, yt, n * P * sizeof(scalar_t));
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x_in, const Tensor& h0_in,
+                                                           const Tensor& c0_in, const Tensor& w_ih_in,
+                                                           const Tensor& w_hh_in, const c10::optional<Tensor>& b_in,
+                                                           const c10::optional<Tensor>& w_hr_in,
+                                                           const c10::optional<Tensor>& batch_sizes, bool reverse,
+                                                           bool save) {
+  const Dims d = check_args(x_in, h0_in, c0_in, w_ih_in, w_hh_in, b_in, w_hr_in, batch_sizes);
+  const auto live = live_rows(batch_sizes, d.T, d.B);
+  const bool packed = is_packed(batch_sizes);
+  const at::ScalarType dt = x_in.scalar_type(), ct = compute_type(dt);
+  const auto opts = x_in.options().dtype(ct);
+  Tensor x = as_compute(x_in, ct), w_ih = as_compute(w_ih_in, ct), w_hh = as_compute(w_hh_in, ct);
+  auto b = as_compute(b_in, ct);
+  auto w_hr = as_compute(w_hr_in, ct);
+  Tensor h = h0_in.to(ct, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  Tensor c = c0_in.to(ct, false, true).contiguous();
+  // Inference keeps no gates: they live in reused per-thread scratch memory.
+  Tensor gates = save ? at::empty({d.T, d.B, 4 * d.H}, opts)
+                      : at::from_blob(gates_scratch().get(std::max<int64_t>(1, d.T * d.B * 4 * d.H) *
+                                                          c10::elementSize(ct)),
+                                      {d.T, d.B, 4 * d.H}, opts);
+  Tensor y = packed ? at::zeros({d.T, d.B, d.P}, opts) : at::empty({d.T, d.B, d.P}, opts);
+  Tensor c_hist = save ? (packed ? at::zeros({d.T, d.B, d.H}, opts) : at::empty({d.T, d.B, d.H}, opts))
+                       : at::empty({0}, opts);
+  if (d.T > 0 && d.B > 0) {
+    AT_DISPATCH_FLOATING_TYPES(ct, "fastlstm_cpp_lstm_fwd", [&] {
+      forward_impl<scalar_t>(d, x, w_ih, w_hh, b, w_hr, live, reverse, gates, y, h, c,
+                             save ? c_hist.data_ptr<scalar_t>() : nullptr);
+    });
+  }
+  if (!save) gates = at::empty({0}, opts);
+  if (dt != ct) {
+    y = y.to(dt);
+    h = h.to(dt);
+    c = c.to(dt);
+  }
+  return {y, h, c, gates, c_hist};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward.
+
+// Is step t the first step a row r takes (its previous state is h0/c0)?
+inline bool first_step(const std::vector<int64_t>& live, int64_t T, int64_t t, int64_t r, bool reverse) {
+  if (!reverse) return t == 0;
+  return t == T - 1 || r >= live[t + 1];
+}
+
+template <typename scalar_t>
+void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& grad_hT, const Tensor& grad_cT,
+                   const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                   const c10::optional<Tensor>& w_hr, const std::vector<int64_t>& live, const Tensor& y,
+                   const Tensor& gates, const Tensor& c_hist, bool reverse, bool packed, Tensor& dx, Tensor& dh,
+                   Tensor& dc, Tensor& dw_ih, Tensor& dw_hh, Tensor& db, Tensor& dw_hr) {
+  const int64_t T = d.T, B = d.B, I = d.I, H = d.H, P = d.P, G4 = 4 * H;
+  const bool proj = w_hr.has_value();
+  const auto opts = x.options();
+  Tensor dgates = packed ? at::zeros({T, B, G4}, opts) : at::empty({T, B, G4}, opts);
+  // With projection: the total gradient reaching each output h [T,B,P] and the unprojected h [T,B,H].
+  Tensor dh_all, hraw_all;
+  if (proj) {
+    dh_all = packed ? at::zeros({T, B, P}, opts) : at::empty({T, B, P}, opts);
+    hraw_all = packed ? at::zeros({T, B, H}, opts) : at::empty({T, B, H}, opts);
+  }
+  std::vector<scalar_t> dh_tot(B * P), dh_raw(proj ? B * H : 0);
+  scalar_t* dgp = dgates.data_ptr<scalar_t>();
+  const scalar_t* gy = grad_y.data_ptr<scalar_t>();
+  const scalar_t* gp = gates.data_ptr<scalar_t>();
+  const scalar_t* chp = c_hist.data_ptr<scalar_t>();
+  const scalar_t* c0p = c0.data_ptr<scalar_t>();
+  Packed<scalar_t> Whh, Whr;
+  MklPacked mkl_whh;
+  if constexpr (std::is_same_v<scalar_t, float>) mkl_whh.pack(w_hh.data_ptr<float>(), P, false, B, P, G4);
+  std::vector<scalar_t> dh_scratch(mkl_whh.ok && packed ? B * P : 0);
+  if (proj) Whr.pack(w_hr->data_ptr<scalar_t>(), P, H, H, 1);  // B = w_hr [P, H]
+  scalar_t* dhp = dh.data_ptr<scalar_t>();
+  scalar_t* dcp = dc.data_ptr<scalar_t>();
+  (void)grad_hT;
+  (void)grad_cT;
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? s : T - 1 - s;  // the forward's steps, last first
+    const int64_t n = live[t];
+    if (n == 0) continue;
+    const int64_t prev_t = reverse ? t + 1 : t - 1;
+    // Total gradient reaching this step's output h.
+    scalar_t* dht = proj ? dh_all.data_ptr<scalar_t>() + t * B * P : dh_tot.data();
+    const scalar_t* gyt = gy + t * B * P;
+    for (int64_t k = 0; k < n * P; ++k) dht[k] = dhp[k] + gyt[k];
+    const scalar_t* dhu = dht;  // gradient w.r.t. the unprojected o * tanh(c)
+    if (proj) {
+      step_gemm<scalar_t>(dht, P, Whr, dh_raw.data(), H, n, /*accumulate=*/false);
+      dhu = dh_raw.data();
+    }
+    scalar_t* hraw_t = proj ? hraw_all.data_ptr<scalar_t>() + t * B * H : nullptr;
+    for_rows(n, 16 * H, [&](int64_t r) {
+      const scalar_t* cprev = first_step(live, T, t, r, reverse) ? c0p + r * H : chp + (prev_t * B + r) * H;
+      cell_row_backward<scalar_t>(gp + (t * B + r) * G4, chp + (t * B + r) * H, cprev, dhu + r * H, dcp + r * H,
+                                  dgp + (t * B + r) * G4, hraw_t != nullptr ? hraw_t + r * H : nullptr, H);
+    });
+    // dh for the previous step: dgates @ w_hh  ([n, 4H] @ [4H, P]).
+    if (mkl_whh.ok) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (n == B) {
+          mkl_whh.run(dgp + t * B * G4, G4, dhp, P, false);
+        } else {  // rows past n must keep their gradient: compute all B rows aside (dgates there are 0)
+          mkl_whh.run(dgp + t * B * G4, G4, dh_scratch.data(), P, false);
+          std::memcpy(dhp, dh_scratch.data(), n * P * sizeof(float));
+        }
+      }
+    } else if (use_blas_rows<scalar_t>(B)) {
+      gemm(false, false, n, P, G4, scalar_t(1), dgp + t * B * G4, G4, w_hh.data_ptr<scalar_t>(), P, scalar_t(0), dhp,
+           P);
+    } else {
+      if (Whh.K == 0) Whh.pack(w_hh.data_ptr<scalar_t>(), G4, P, P, 1);
+      step_gemm<scalar_t>(dgp + t * B * G4, G4, Whh, dhp, P, n, /*accumulate=*/false);
+    }
+  }
+  // Weight and input gradients: large GEMMs over all T*B rows.
+  const int64_t TB = T * B;
+  Tensor dg2 = dgates.view({TB, G4});
+  Tensor dx2 = dx.view({TB, I});
+  at::mm_out(dx2, dg2, w_ih);
+  at::mm_out(dw_ih, dg2.t(), x.view({TB, I}));
+  at::sum_out(db, dg2, {0});
+  if (!(reverse && packed)) {
+    // Every row's first step is the same step (0, or T-1 in reverse), where h_prev is h0; elsewhere it is y of
+    // the previous step (rows not live at a step have zero dgates, so whatever y holds there does not count).
+    const int64_t first = reverse ? T - 1 : 0;
+    at::mm_out(dw_hh, dgates[first].t(), h0);
+    if (T > 1) {
+      Tensor dg_rest = reverse ? dgates.narrow(0, 0, T - 1) : dgates.narrow(0, 1, T - 1);
+      Tensor y_prev = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
+      dw_hh.addmm_(dg_rest.reshape({(T - 1) * B, G4}).t(), y_prev.reshape({(T - 1) * B, P}));
+    }
+    if (proj) at::mm_out(dw_hr, dh_all.view({TB, P}).t(), hraw_all.view({TB, H}));
+    return;
+  }
+  // Packed reverse: rows start at different steps. h_prev of every (t, r): y of the previous step, or h0 at a
+  // row's first step.
+  Tensor h_prev = at::empty({T, B, P}, opts);
+  {
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* h0p = h0.data_ptr<scalar_t>();
+    scalar_t* hpp = h_prev.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 16, [&](int64_t tb, int64_t te) {
+      for (int64_t t = tb; t < te; ++t) {
+        const int64_t n = live[t];
+        const int64_t prev_t = reverse ? t + 1 : t - 1;
+        for (int64_t r = 0; r < B; ++r) {
+          scalar_t* dst = hpp + (t * B + r) * P;
+          if (r >= n) {
+            std::memset(dst, 0, P * sizeof(scalar_t));
+          } else if (first_step(live, T, t, r, reverse)) {
+            std::memcpy(dst, h0p + r * P, P * sizeof(scalar_t));
+          } else {
+            std::memcpy(dst, yp + (prev_t * B + r) * P, P * sizeof(scalar_t));
+          }
+        }
+      }
+    });
+  }
+  at::mm_out(dw_hh, dg2.t(), h_prev.view({TB, P}));
+  if (proj) at::mm_out(dw_hr, dh_all.view({TB, P}).t(), hraw_all.view({TB, H}));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
+    const Tensor& grad_y_in, const Tensor& grad_hT_in, const Tensor& grad_cT_in, const Tensor& x_in,
+    const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih_in, const Tensor& w_hh_in,
+    const c10::optional<Tensor>& w_hr_in, const c10::optional<Tensor>& batch_sizes, const Tensor& y_in,
+    const Tensor& gates_in, const Tensor& c_hist_in, bool reverse, bool has_bias) {
+  const Dims d = check_args(x_in, h0_in, c0_in, w_ih_in, w_hh_in, c10::nullopt, w_hr_in, batch_sizes);
+  const auto live = live_rows(batch_sizes, d.T, d.B);
+  const bool packed = is_packed(batch_sizes);
+  const at::ScalarType dt = x_in.scalar_type(), ct = compute_type(dt);
+  TORCH_CHECK(gates_in.numel() == d.T * d.B * 4 * d.H && c_hist_in.numel() == d.T * d.B * d.H,
+              "fastlstm cpp: backward needs the saved gates and cell history (forward ran with save=false)");
+  TORCH_CHECK(gates_in.scalar_type() == ct && c_hist_in.scalar_type() == ct, "fastlstm cpp: saved tensors dtype");
+  TORCH_CHECK(grad_y_in.sizes() == y_in.sizes() && y_in.size(0) == d.T && y_in.size(1) == d.B && y_in.size(2) == d.P,
+              "fastlstm cpp: grad_y / y must be [T, B, P]");
+  TORCH_CHECK(grad_hT_in.sizes() == h0_in.sizes() && grad_cT_in.sizes() == c0_in.sizes(),
+              "fastlstm cpp: grad_hT / grad_cT shapes");
+  Tensor grad_y = as_compute(grad_y_in, ct), x = as_compute(x_in, ct), h0 = as_compute(h0_in, ct),
+         c0 = as_compute(c0_in, ct), w_ih = as_compute(w_ih_in, ct), w_hh = as_compute(w_hh_in, ct),
+         y = as_compute(y_in, ct), gates = gates_in.contiguous(), c_hist = c_hist_in.contiguous();
+  auto w_hr = as_compute(w_hr_in, ct);
+  const auto opts = x.options();
+  Tensor dh = grad_hT_in.to(ct, false, true).contiguous();
+  Tensor dc = grad_cT_in.to(ct, false, true).contiguous();
+  Tensor dx = at::empty({d.T, d.B, d.I}, opts);
+  Tensor dw_ih = at::empty({4 * d.H, d.I}, opts);
+  Tensor dw_hh = at::empty({4 * d.H, d.P}, opts);
+  Tensor db = at::empty({4 * d.H}, opts);
+  Tensor dw_hr = w_hr.has_value() ? at::empty({d.P, d.H}, opts) : at::empty({0}, opts);
+  if (d.T > 0 && d.B > 0) {
+    AT_DISPATCH_FLOATING_TYPES(ct, "fastlstm_cpp_lstm_bwd", [&] {
+      backward_impl<scalar_t>(d, grad_y, grad_hT_in, grad_cT_in, x, h0, c0, w_ih, w_hh, w_hr, live, y, gates,
+                              c_hist, reverse, packed, dx, dh, dc, dw_ih, dw_hh, db, dw_hr);
+    });
+  } else {
+    dx.zero_();
+    dw_ih.zero_();
+    dw_hh.zero_();
+    db.zero_();
+    dw_hr.zero_();
+  }
+  if (!has_bias) db = at::empty({0}, opts);
+  if (dt != ct) {
+    dx = dx.to(dt);
+    dh = dh.to(dt);
+    dc = dc.to(dt);
+    dw_ih = dw_ih.to(dt);
+    dw_hh = dw_hh.to(dt);
+    db = db.to(dt);
+    dw_hr = dw_hr.to(dt);
+  }
+  return {dx, dh, dc, dw_ih, dw_hh, db, dw_hr};
+}
+
+}  // namespace
+}  // namespace fastlstm
+
+// FRAGMENT: the Python side of fastlstm may define other ops in the same namespace.
+TORCH_LIBRARY_FRAGMENT(fastlstm, m) {
+  m.def(
+      "cpp_lstm_fwd(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b, Tensor? w_hr, "
+      "Tensor? batch_sizes, bool reverse, bool save) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cpp_lstm_bwd(Tensor grad_y, Tensor grad_hT, Tensor grad_cT, Tensor x, Tensor h0, Tensor c0, Tensor w_ih, "
+      "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, Tensor y, Tensor gates, Tensor c_hist, bool reverse, "
+      "bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastlstm, CPU, m) {
+  m.impl("cpp_lstm_fwd", &fastlstm::lstm_fwd);
+  m.impl("cpp_lstm_bwd", &fastlstm::lstm_bwd);
+}

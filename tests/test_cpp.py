@@ -1,0 +1,426 @@
+"""The C++ CPU backend (fastlstm.backends.cpu) against the reference layer and against torch.nn.LSTM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from fastlstm import reference
+from fastlstm.backends import LayerCall, cpu
+
+_CXX = os.environ.get("FASTLSTM_CXX") or os.environ.get("CXX") or "c++"
+if shutil.which(_CXX) is None:
+    pytest.skip(f"no C++ compiler ({_CXX!r} not found): the cpp backend cannot be built", allow_module_level=True)
+
+BACKEND = cpu.BACKEND
+TOL = {torch.float64: (1e-9, 1e-7), torch.float32: (1e-5, 1e-4)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    """A compiler exists, so the extension must build; a failure here shows the compiler's error."""
+    reason = BACKEND.unavailable_reason()
+    assert reason is None, reason
+
+
+@dataclass(frozen=True)
+class Case:
+    T: int
+    B: int
+    I: int
+    H: int
+    P: int = 0  # proj_size
+    bias: bool = True
+    lengths: tuple[int, ...] | None = None  # unsorted per-row lengths: packed
+    reverse: bool = False
+
+    @property
+    def id(self) -> str:
+        parts = [f"T{self.T}", f"B{self.B}", f"I{self.I}", f"H{self.H}"]
+        parts += ["rev"] if self.reverse else []
+        parts += [f"proj{self.P}"] if self.P else []
+        parts += ["nobias"] if not self.bias else []
+        parts += ["packed"] if self.lengths else []
+        return "-".join(parts)
+
+
+CASES = [
+    Case(7, 3, 5, 4),
+    Case(1, 3, 5, 4),
+    Case(6, 1, 3, 7),
+    Case(5, 2, 4, 5, reverse=True),
+    Case(7, 3, 5, 4, P=2),
+    Case(7, 3, 5, 4, bias=False),
+    Case(7, 6, 5, 4, lengths=(2, 7, 1, 5, 1, 5)),
+    Case(7, 6, 5, 4, lengths=(2, 7, 1, 5, 1, 5), reverse=True),
+    Case(7, 6, 5, 5, P=2, lengths=(2, 7, 1, 5, 1, 5), reverse=True, bias=False),
+    Case(7, 3, 5, 4, P=2, reverse=True),
+    Case(4, 13, 6, 9, P=3, lengths=(4, 4, 1, 3, 2, 2, 4, 1, 1, 3, 4, 2, 1)),
+    Case(3, 9, 16, 33),  # odd H past the vector width
+    # batch >= 16: float32 runs the per-step product through MKL's packed GEMM where available
+    Case(4, 17, 8, 20),
+    Case(5, 20, 6, 16, P=5, lengths=(5, 5, 4, 1, 3, 2, 2, 5, 1, 1, 3, 4, 2, 1, 5, 5, 4, 3, 2, 1), reverse=True),
+    Case(5, 16, 6, 32, bias=False, lengths=(5,) * 8 + (3,) * 8),
+]
+DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32")]
+
+
+def make_inputs(case: Case, dtype, seed=0, scale=0.5):
+    """Leaf tensors in the layer contract's layout (rows sorted by length when packed) + batch_sizes."""
+    g = torch.Generator().manual_seed(seed)
+    P = case.P or case.H
+
+    def rnd(*shape):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1).mul(scale).to(dtype).requires_grad_()
+
+    t = {
+        "x": rnd(case.T, case.B, case.I),
+        "h0": rnd(case.B, P),
+        "c0": rnd(case.B, case.H),
+        "w_ih": rnd(4 * case.H, case.I),
+        "w_hh": rnd(4 * case.H, P),
+        "b": rnd(4 * case.H) if case.bias else None,
+        "w_hr": rnd(P, case.H) if case.P else None,
+    }
+    batch_sizes = None
+    if case.lengths is not None:
+        lengths = torch.tensor(sorted(case.lengths, reverse=True))
+        assert lengths[0] == case.T
+        batch_sizes = (torch.arange(case.T)[:, None] < lengths[None, :]).sum(1)
+    return t, batch_sizes
+
+
+def outputs_and_grads(layer, t: dict, batch_sizes, reverse: bool):
+    """y, hT, cT and the gradients of every leaf for a loss touching y, hT and cT."""
+    y, hT, cT = layer(t["x"], t["h0"], t["c0"], t["w_ih"], t["w_hh"], t["b"], t["w_hr"], batch_sizes, reverse)
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)).sum() for o in (y, hT, cT))
+    names = [k for k, v in t.items() if v is not None]
+    grads = torch.autograd.grad(loss, [t[k] for k in names])
+    return {"y": y, "hT": hT, "cT": cT, **{f"d{k}": gr for k, gr in zip(names, grads)}}
+
+
+def assert_all_close(got: dict, expected: dict, atol, rtol):
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype, key
+        torch.testing.assert_close(got[key], expected[key], atol=atol, rtol=rtol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_reference(case, dtype):
+    t, bs = make_inputs(case, dtype)
+    got = outputs_and_grads(BACKEND.layer, t, bs, case.reverse)
+    expected = outputs_and_grads(reference.lstm_layer, t, bs, case.reverse)
+    assert_all_close(got, expected, *TOL[dtype])
+
+
+def native_layer(case: Case):
+    """The same layer through nn.LSTM (reverse: the reverse half of a bidirectional nn.LSTM), gradients
+    flowing back to the leaves we pass in."""
+
+    def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse):
+        m = nn.LSTM(case.I, case.H, bias=case.bias, proj_size=case.P, bidirectional=reverse, dtype=x.dtype)
+        sfx = "_reverse" if reverse else ""
+        params = {f"weight_ih_l0{sfx}": w_ih, f"weight_hh_l0{sfx}": w_hh}
+        if b is not None:  # b = b_ih + b_hh: give all of it to b_ih; the gradient reaches b either way
+            params[f"bias_ih_l0{sfx}"] = b
+            params[f"bias_hh_l0{sfx}"] = torch.zeros_like(b)
+        if w_hr is not None:
+            params[f"weight_hr_l0{sfx}"] = w_hr
+        full = {name: p.detach() for name, p in m.named_parameters()}
+        full.update(params)
+        k = 1 if reverse else 0
+        h0s = torch.zeros((2 if reverse else 1,) + h0.shape, dtype=x.dtype).index_put((torch.tensor([k]),), h0[None])
+        c0s = torch.zeros((2 if reverse else 1,) + c0.shape, dtype=x.dtype).index_put((torch.tensor([k]),), c0[None])
+        inp = x
+        if batch_sizes is not None:
+            lengths = (torch.arange(x.shape[1])[None, :] < batch_sizes[:, None]).sum(0)
+            inp = pack_padded_sequence(x, lengths, enforce_sorted=True)
+        y, (hn, cn) = torch.func.functional_call(m, full, (inp, (h0s, c0s)))
+        if batch_sizes is not None:
+            y, _ = pad_packed_sequence(y, total_length=x.shape[0])
+        P = case.P or case.H
+        y = y[..., P:] if reverse else y
+        return y, hn[k], cn[k]
+
+    return layer
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_nn_lstm(case, dtype):
+    t, bs = make_inputs(case, dtype)
+    got = outputs_and_grads(BACKEND.layer, t, bs, case.reverse)
+    expected = outputs_and_grads(native_layer(case), t, bs, case.reverse)
+    assert_all_close(got, expected, *TOL[dtype])
+
+
+def test_unsorted_lengths_through_packing():
+    """Unsorted lengths [7,5,5,2,1,1] shuffled: sort like pack_padded_sequence, run, unsort, compare to nn.LSTM."""
+    T, I, H = 7, 5, 4
+    lengths = torch.tensor([2, 7, 1, 5, 1, 5])
+    B = len(lengths)
+    m = nn.LSTM(I, H, dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(1, B, H, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(1, B, H, dtype=torch.float64, requires_grad=True)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    y_ref, (h_ref, c_ref) = m(packed, (h0, c0))
+    y_ref, _ = pad_packed_sequence(y_ref, total_length=T)
+    order, unsort = packed.sorted_indices, packed.unsorted_indices
+    b = m.bias_ih_l0 + m.bias_hh_l0
+    y, hT, cT = BACKEND.layer(
+        x[:, order], h0[0, order], c0[0, order], m.weight_ih_l0, m.weight_hh_l0, b, None, packed.batch_sizes, False
+    )
+    y, hT, cT = y[:, unsort], hT[unsort], cT[unsort]
+    atol, rtol = TOL[torch.float64]
+    grads = []
+    for outs in ((y_ref, h_ref[0], c_ref[0]), (y, hT, cT)):
+        loss = sum((o * (k + 1)).sin().sum() for k, o in enumerate(outs))
+        grads.append(torch.autograd.grad(loss, [x, h0, c0, m.weight_ih_l0, m.weight_hh_l0, m.bias_hh_l0]))
+    for got, exp in zip((y, hT, cT, *grads[1]), (y_ref, h_ref[0], c_ref[0], *grads[0])):
+        torch.testing.assert_close(got, exp, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize(
+    "case", [Case(6, 4, 5, 6, P=3, lengths=(6, 2, 4, 1), reverse=True), Case(5, 2, 3, 4)], ids=lambda c: c.id
+)
+def test_bfloat16_error_within_twice_native(case):
+    """bf16 error against an fp32 computation must be at most 2x native nn.LSTM's bf16 error (+ a tiny floor)."""
+    t32, bs = make_inputs(case, torch.float32)
+    t32 = {k: (None if v is None else v.detach().to(torch.bfloat16).float().requires_grad_()) for k, v in t32.items()}
+    t16 = {k: (None if v is None else v.detach().to(torch.bfloat16).requires_grad_()) for k, v in t32.items()}
+    exact = outputs_and_grads(native_layer(case), t32, bs, case.reverse)
+    native = outputs_and_grads(native_layer(case), t16, bs, case.reverse)
+    ours = outputs_and_grads(BACKEND.layer, t16, bs, case.reverse)
+    for key in exact:
+        assert ours[key].dtype == torch.bfloat16, key
+        err_native = (native[key].float() - exact[key]).abs().max().item()
+        err_ours = (ours[key].float() - exact[key]).abs().max().item()
+        assert err_ours <= 2 * err_native + 1e-3, f"{key}: cpp error {err_ours} vs native {err_native}"
+
+
+def test_noncontiguous_inputs():
+    case = Case(5, 3, 4, 6, P=2)
+    t, _ = make_inputs(case, torch.float64)
+    # Same values, transposed storage.
+    nc = {
+        k: (None if v is None else (v.detach().t().contiguous().t() if v.dim() == 2 else v.detach()))
+        for k, v in t.items()
+    }
+    nc["x"] = t["x"].detach().transpose(0, 1).contiguous().transpose(0, 1)
+    assert not nc["x"].is_contiguous() and not nc["w_ih"].is_contiguous()
+    nc = {k: (None if v is None else v.requires_grad_()) for k, v in nc.items()}
+    got = outputs_and_grads(BACKEND.layer, nc, None, False)
+    expected = outputs_and_grads(reference.lstm_layer, t, None, False)
+    assert_all_close(got, expected, *TOL[torch.float64])
+
+
+def test_gradcheck():
+    case = Case(4, 3, 3, 3, P=2, lengths=(4, 2, 3), reverse=True)
+    t, bs = make_inputs(case, torch.float64)
+    names = list(t)
+
+    def f(*args):
+        kw = dict(zip(names, args))
+        return BACKEND.layer(kw["x"], kw["h0"], kw["c0"], kw["w_ih"], kw["w_hh"], kw["b"], kw["w_hr"], bs, True)
+
+    assert torch.autograd.gradcheck(f, tuple(t[k] for k in names))
+    t2, _ = make_inputs(Case(3, 2, 2, 3), torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: BACKEND.layer(*a, None, None, False), tuple(t2[k] for k in list(t2)[:6]))
+
+
+@pytest.mark.parametrize(
+    "case", [Case(4, 3, 5, 4, P=2, lengths=(4, 2, 3), reverse=True), Case(3, 2, 3, 4)], ids=lambda c: c.id
+)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_opcheck(case, layout):
+    t, bs = make_inputs(case, torch.float32)
+    if layout == "strided":  # e.g. batch_first input permuted to time-major, transposed weights
+        t = {k: (None if v is None else v.detach()) for k, v in t.items()}
+        t["x"] = t["x"].transpose(0, 1).contiguous().transpose(0, 1)
+        t["w_ih"] = t["w_ih"].t().contiguous().t()
+        t["h0"] = t["h0"].t().contiguous().t()
+        t = {k: (None if v is None else v.requires_grad_()) for k, v in t.items()}
+    args = [t["x"], t["h0"], t["c0"], t["w_ih"], t["w_hh"], t["b"], t["w_hr"], bs, case.reverse]
+    torch.library.opcheck(torch.ops.fastlstm.cpp_lstm_fwd.default, (*args, True))
+    nograd = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(torch.ops.fastlstm.cpp_lstm_fwd.default, (*nograd, False))
+    y, hT, cT, gates, c_hist = torch.ops.fastlstm.cpp_lstm_fwd(*nograd, True)
+    grad_y = torch.randn_like(y)
+    if layout == "strided":
+        grad_y = grad_y.transpose(0, 1).contiguous().transpose(0, 1)
+    bwd_args = (
+        grad_y,
+        torch.randn_like(hT),
+        torch.randn_like(cT),
+        *nograd[:5],
+        nograd[6],
+        bs,
+        y,
+        gates,
+        c_hist,
+        case.reverse,
+        case.bias,
+    )
+    torch.library.opcheck(torch.ops.fastlstm.cpp_lstm_bwd.default, bwd_args)
+
+
+def test_inference_saves_nothing():
+    t, _ = make_inputs(Case(5, 2, 3, 4), torch.float32)
+    with torch.no_grad():
+        out = torch.ops.fastlstm.cpp_lstm_fwd(
+            t["x"], t["h0"], t["c0"], t["w_ih"], t["w_hh"], t["b"], None, None, False, False
+        )
+    assert out[3].numel() == 0 and out[4].numel() == 0
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    case = Case(6, 3, 5, 4, P=2)
+    t, _ = make_inputs(case, torch.float32)
+
+    def f(x, h0, c0, w_ih, w_hh, b, w_hr):
+        y, hT, cT = BACKEND.layer(x, h0, c0, w_ih, w_hh, b, w_hr, None, False)
+        return y.sin().sum() + hT.sum() + (cT * cT).sum()
+
+    leaves = [t[k] for k in t]
+    compiled = torch.compile(f, fullgraph=True)
+    loss_c = compiled(*leaves)
+    grads_c = torch.autograd.grad(loss_c, leaves)
+    loss_e = f(*leaves)
+    grads_e = torch.autograd.grad(loss_e, leaves)
+    torch.testing.assert_close(loss_c, loss_e)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge, atol=1e-5, rtol=1e-4)
+
+
+def test_long_sequence():
+    """T=10000: the last steps still match the reference (no drift, no O(T) per-step cost blow-up)."""
+    torch.manual_seed(0)
+    T, B, H = 10000, 1, 8
+    x = torch.randn(T, B, H, dtype=torch.float64)
+    w_ih, w_hh = torch.randn(4 * H, H, dtype=torch.float64) * 0.3, torch.randn(4 * H, H, dtype=torch.float64) * 0.3
+    b, h0, c0 = (
+        torch.randn(4 * H, dtype=torch.float64),
+        torch.zeros(B, H, dtype=torch.float64),
+        torch.zeros(B, H, dtype=torch.float64),
+    )
+    x.requires_grad_()
+    y, hT, cT = BACKEND.layer(x, h0, c0, w_ih, w_hh, b, None, None, False)
+    y_ref, h_ref, c_ref = reference.lstm_layer(x.detach(), h0, c0, w_ih, w_hh, b, None, None, False)
+    torch.testing.assert_close(y[-50:], y_ref[-50:], atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(hT, h_ref, atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(cT, c_ref, atol=1e-9, rtol=1e-7)
+    (gx,) = torch.autograd.grad(y[-1].sum(), x)
+    assert gx.shape == x.shape and torch.isfinite(gx).all()
+    # Only the last steps reach y[-1] noticeably; compare them with the reference's gradient over a short tail.
+    tail = 30
+    xt = x.detach()[-tail:].clone().requires_grad_()
+    yt, _, _ = reference.lstm_layer(
+        xt, y_ref[-tail - 1].detach(), _cell_at(x.detach(), w_ih, w_hh, b, T - tail), w_ih, w_hh, b, None
+    )
+    (gt,) = torch.autograd.grad(yt[-1].sum(), xt)
+    torch.testing.assert_close(gx[-tail:], gt, atol=1e-9, rtol=1e-7)
+
+
+def _cell_at(x, w_ih, w_hh, b, steps):
+    """c after `steps` steps, from the cpp forward (already checked against the reference above)."""
+    B, H = x.shape[1], w_hh.shape[1]
+    z = torch.zeros(B, H, dtype=x.dtype)
+    return BACKEND.layer(x[:steps], z, z, w_ih, w_hh, b, None, None, False)[2]
+
+
+def test_unsupported_reason():
+    call = LayerCall("cpu", torch.float32, 5, 2, 3, 4, 0, True, False, False, True)
+    assert BACKEND.unsupported_reason(call) is None
+    assert "cuda" in BACKEND.unsupported_reason(
+        LayerCall("cuda", torch.float32, 5, 2, 3, 4, 0, True, False, False, True)
+    )
+    assert "float16" in BACKEND.unsupported_reason(
+        LayerCall("cpu", torch.float16, 5, 2, 3, 4, 0, True, False, False, True)
+    )
+
+
+@pytest.mark.parametrize("mode", ["always-fails", "fails-to-compile"])
+def test_broken_compiler_does_not_crash(tmp_path, mode):
+    """A compiler that fails: unavailable_reason() carries its error text; layer() raises a RuntimeError.
+    always-fails: even `--version` fails; fails-to-compile: answers version queries, fails on the source."""
+    fake = tmp_path / "broken-c++"
+    passthrough = f'case "$1" in --version|-dumpversion|-dumpfullversion) exec {shutil.which(_CXX)} "$@";; esac\n'
+    fake.write_text(
+        "#!/bin/sh\n"
+        + (passthrough if mode == "fails-to-compile" else "")
+        + "echo 'fastlstm-test: this compiler is broken on purpose' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    code = textwrap.dedent(
+        """
+        import torch
+        from fastlstm.backends.cpu import BACKEND, build_error
+        reason = BACKEND.unavailable_reason()
+        assert reason is not None and "broken on purpose" in reason, reason
+        assert build_error() == reason
+        x = torch.zeros(2, 1, 3)
+        try:
+            BACKEND.layer(x, torch.zeros(1, 4), torch.zeros(1, 4), torch.zeros(16, 3), torch.zeros(16, 4), None, None,
+                          None, False)
+        except RuntimeError as error:
+            assert "broken on purpose" in str(error), error
+        else:
+            raise AssertionError("layer() ran without a built extension")
+        print("OK")
+        """
+    )
+    env = dict(os.environ, FASTLSTM_CXX=str(fake), FASTLSTM_CACHE_DIR=str(tmp_path / "cache"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+def test_float32_without_mkl_packed_gemm():
+    """float32 normally runs the per-step product through MKL's packed GEMM; builds without MKL use the
+    register-blocked kernel. Force that kernel (FASTLSTM_MKL_MIN_ROWS) in a subprocess and compare."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from fastlstm import reference
+        from fastlstm.backends.cpu import BACKEND
+        torch.manual_seed(0)
+        for T, B, I, H, P, packed, reverse in [(5, 3, 4, 20, 0, False, False), (6, 9, 5, 16, 3, True, True),
+                                               (4, 17, 6, 33, 0, True, False)]:
+            Pe = P or H
+            mk = lambda *s: (torch.rand(*s) - 0.5).requires_grad_()
+            x, h0, c0 = mk(T, B, I), mk(B, Pe), mk(B, H)
+            w_ih, w_hh, b = mk(4 * H, I), mk(4 * H, Pe), mk(4 * H)
+            w_hr = mk(P, H) if P else None
+            bs = None
+            if packed:
+                lengths = torch.tensor([T] + sorted(torch.randint(1, T + 1, (B - 1,)).tolist(), reverse=True))
+                bs = (torch.arange(T)[:, None] < lengths[None, :]).sum(1)
+            leaves = [t for t in (x, h0, c0, w_ih, w_hh, b, w_hr) if t is not None]
+            results = []
+            for layer in (BACKEND.layer, reference.lstm_layer):
+                y, hT, cT = layer(x, h0, c0, w_ih, w_hh, b, w_hr, bs, reverse)
+                loss = (y * y).sum() + hT.sum() + cT.sin().sum()
+                results.append([y, hT, cT, *torch.autograd.grad(loss, leaves)])
+            for got, exp in zip(*results):
+                torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-4)
+        print("OK")
+        """
+    )
+    env = dict(os.environ, FASTLSTM_MKL_MIN_ROWS="1000000000")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
