@@ -56,6 +56,40 @@ def _fast_backend_for(device_type: str) -> str | None:
     return {"cpu": "cpp", "cuda": "triton"}.get(device_type)
 
 
+def _cpu_has_bf16_dot() -> bool:
+    """Whether the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), so oneDNN's bf16 LSTM is fast."""
+    cpu = getattr(torch, "cpu", None)
+    probes = [getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None)]
+    known = [probe for probe in probes if probe is not None]
+    # Without the probes we cannot tell; assume the fast native path, the safe side of the rule.
+    return not known or any(probe() for probe in known)
+
+
+def _cpp_slower_reason(call: LayerCall) -> str | None:
+    """The measured CPU rule: cpp where it beat nn.LSTM on every measured shape of its class, native elsewhere.
+
+    Measured with `python -m fastlstm bench --grid cpu-full --backend cpp --mode both --dtype D` on two 2-core
+    machines (results in benchmarks/results/): an AMD EPYC (Zen 4, AVX512-BF16) and, earlier, an Intel Xeon
+    (AVX-512, no BF16 instructions). Ratios are nn.LSTM time / cpp time, same process, interleaved.
+    - float64: cpp won everywhere (EPYC: inference 1.23-3.92x, training 1.10-9.75x).
+    - float32: oneDNN runs near the machine's GEMM peak, so cpp only wins where per-step overhead dominates:
+      batch 1 (EPYC: inference 0.96-1.65x, training 1.02-1.56x); at batch >= 2 it measured 0.74-1.25x.
+    - bfloat16: without bf16 instructions oneDNN converts and cpp won (Xeon: geomean about 3x); with them
+      oneDNN is fast and cpp lost at inference (EPYC 0.34-1.25x) but won training at batch 1 (1.27-1.87x).
+    """
+    if call.dtype == torch.float64:
+        return None
+    if call.dtype == torch.float32:
+        return None if call.batch == 1 else "float32 beyond batch 1: oneDNN measured as fast or faster"
+    if call.dtype == torch.bfloat16:
+        if not _cpu_has_bf16_dot():
+            return None
+        if call.batch == 1 and call.needs_grad:
+            return None
+        return "bfloat16 on a CPU with bf16 instructions: oneDNN measured faster"
+    return f"no measurement for {call.dtype}"
+
+
 def _faster_than_native(name: str, call: LayerCall) -> str | None:
     """Why the measured rule prefers native over `name` for this call, or None when `name` wins.
 
@@ -63,6 +97,8 @@ def _faster_than_native(name: str, call: LayerCall) -> str | None:
     """
     if call.batch == 0:
         return "empty batch: nothing to compute"
+    if name == "cpp":
+        return _cpp_slower_reason(call)
     return "no measured speed rule for this backend yet"
 
 
@@ -89,6 +125,11 @@ def choose(name: str, call: LayerCall) -> Choice:
     fast = _fast_backend_for(call.device_type)
     if fast is None:
         return Choice("native", f"no fast backend for device type {call.device_type!r}")
+    # The speed rule first: it is cheap, and where native wins anyway there is no reason to build or load
+    # the fast backend (a first build compiles C++) nor to warn that it is missing.
+    slower = _faster_than_native(fast, call)
+    if slower is not None:
+        return Choice("native", f"{fast} not measured faster here: {slower}")
     backend = backends.get(fast)
     missing = backend.unavailable_reason()
     if missing is not None:
@@ -97,9 +138,6 @@ def choose(name: str, call: LayerCall) -> Choice:
     unsupported = backend.unsupported_reason(call)
     if unsupported is not None:
         return Choice("native", f"{fast} does not support this call: {unsupported}")
-    slower = _faster_than_native(fast, call)
-    if slower is not None:
-        return Choice("native", f"{fast} not measured faster here: {slower}")
     return Choice(fast, "measured faster than native for this shape")
 
 

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+import fastlstm
 from fastlstm import reference
 from fastlstm.backends import LayerCall, cpu
+from fastlstm.module import _plan_for
 
 _CXX = os.environ.get("FASTLSTM_CXX") or os.environ.get("CXX") or "c++"
 if shutil.which(_CXX) is None:
@@ -389,9 +391,11 @@ def test_broken_compiler_does_not_crash(tmp_path, mode):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
 
 
-def test_float32_without_mkl_packed_gemm():
-    """float32 normally runs the per-step product through MKL's packed GEMM; builds without MKL use the
-    register-blocked kernel. Force that kernel (FASTLSTM_MKL_MIN_ROWS) in a subprocess and compare."""
+@pytest.mark.parametrize("mkl_min_rows", ["1", "1000000000"], ids=["mkl-packed", "register-blocked"])
+def test_float32_per_step_kernels(mkl_min_rows):
+    """float32 runs the per-step product through MKL's packed GEMM (by default on Intel CPUs) or the
+    register-blocked kernel (elsewhere, and in builds without MKL). Force each (FASTLSTM_MKL_MIN_ROWS) in a
+    subprocess and compare, so both are tested whatever CPU runs the suite."""
     code = textwrap.dedent(
         """
         import torch
@@ -420,7 +424,44 @@ def test_float32_without_mkl_packed_gemm():
         print("OK")
         """
     )
-    env = dict(os.environ, FASTLSTM_MKL_MIN_ROWS="1000000000")
+    env = dict(os.environ, FASTLSTM_MKL_MIN_ROWS=mkl_min_rows)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+def _auto_backends(dtype, batch, train=False):
+    _plan_for.cache_clear()  # the rule is monkeypatched between calls of one shape
+    m = fastlstm.LSTM(5, 6, 2, bidirectional=True).to(dtype).train(train)
+    return fastlstm.explain(m, torch.randn(4, batch, 5, dtype=dtype)).backends
+
+
+def test_auto_follows_the_measured_rule(monkeypatch):
+    from fastlstm import dispatch
+
+    assert _auto_backends(torch.float64, 8) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 1) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 8) == ["native"] * 4
+    monkeypatch.setattr(dispatch, "_cpu_has_bf16_dot", lambda: False)
+    assert _auto_backends(torch.bfloat16, 8) == ["cpp"] * 4
+    monkeypatch.setattr(dispatch, "_cpu_has_bf16_dot", lambda: True)
+    assert _auto_backends(torch.bfloat16, 8) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 1, train=True) == ["cpp"] * 4
+
+
+def test_auto_serves_float64_with_cpp_and_matches_nn_lstm():
+    """The default configuration a user gets: auto picks cpp, numbers and gradients equal nn.LSTM's."""
+    torch.manual_seed(3)
+    ref = nn.LSTM(5, 6, 2, bidirectional=True, proj_size=4, batch_first=True).double()
+    fast = fastlstm.LSTM(5, 6, 2, bidirectional=True, proj_size=4, batch_first=True).double()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 7, 5, dtype=torch.float64)
+    assert fastlstm.explain(fast, x).backends == ["cpp"] * 4
+    results = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_()
+        y, (h, c) = m(xi)
+        loss = (y * y).sum() + h.sum() + c.sin().sum()
+        results.append([y, h, c, *torch.autograd.grad(loss, [xi, *m.parameters()])])
+    for got, exp in zip(results[1], results[0]):
+        torch.testing.assert_close(got, exp, atol=1e-9, rtol=1e-7)

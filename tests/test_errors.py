@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -122,3 +124,17 @@ def test_auto_falls_back_to_native_with_one_warning_when_a_backend_is_missing(mo
         y, _ = m(torch.randn(2, 3, I))
     assert fastlstm.explain(m, torch.randn(2, 3, I)).backends == ["native", "native"]
     assert "cpp unavailable: no C++ compiler" in str(fastlstm.explain(m, torch.randn(2, 4, I)))
+
+
+def test_auto_does_not_touch_a_fast_backend_the_speed_rule_declines(monkeypatch):
+    """Where native is measured faster, auto neither builds nor warns about the fast backend."""
+    from fastlstm import backends, dispatch
+
+    monkeypatch.setitem(backends._loaded, "cpp", backends._Broken("cpp", "no C++ compiler"))
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(dispatch, "_faster_than_native", lambda name, call: "measured slower")
+    m = fastlstm.LSTM(I, H)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(torch.randn(2, 3, I))
+    assert "cpp not measured faster here: measured slower" in str(fastlstm.explain(m, torch.randn(2, 3, I)))

@@ -19,8 +19,8 @@ Ops (namespace `fastlstm`, schemas defined in C++, fakes and autograd here)
 
 Tuning knobs (read once per process by the C++ code; for measurements and tests, not for users)
     FASTLSTM_MKL_MIN_ROWS   float32 uses MKL's packed GEMM for the per-step product from this batch size on
-                            (default 1); a huge value forces the register-blocked kernel that builds without
-                            MKL (e.g. aarch64 torch with OpenBLAS) always use.
+                            (default: 1 on Intel CPUs, never elsewhere, where MKL measured slow); a huge value
+                            forces the register-blocked kernel, which builds without MKL always use.
     FASTLSTM_DGEMM_MIN_ROWS float64 uses a plain BLAS dgemm per step from this batch size on (default 16).
 """
 
