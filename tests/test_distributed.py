@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from fastlstm import backends
+
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_grads.py"
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
@@ -28,7 +30,10 @@ def nn_lstm_grads(tmp_path_factory):
     return _grads(tmp_path_factory.mktemp("ddp"), "torch", "torch")
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+FAST = [name for name in ("cpp", "triton") if backends.get(name).unavailable_reason() is None]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", *FAST])
 def test_ddp_gradients_match_nn_lstm(tmp_path, nn_lstm_grads, backend):
     expected = nn_lstm_grads
     got = _grads(tmp_path, "fast", "fastlstm", backend)

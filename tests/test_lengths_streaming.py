@@ -8,10 +8,11 @@ from helpers import make_pair
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastlstm
+from fastlstm import backends
 
 I, H = 5, 6
 TOL = dict(atol=1e-9, rtol=1e-7)
-BACKENDS = ["native", "reference"]
+BACKENDS = ["native", "reference"] + [n for n in ("cpp", "triton") if backends.get(n).unavailable_reason() is None]
 
 
 def _grads(module, x, h0, c0, run):
