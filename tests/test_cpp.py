@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -389,6 +390,71 @@ def test_broken_compiler_does_not_crash(tmp_path, mode):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+    # `info` shows the compiler's own error; `auto` warns once and runs native.
+    info = subprocess.run(
+        [sys.executable, "-m", "fastlstm", "info"], env=env, cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert info.returncode == 0 and "broken on purpose" in info.stdout, info.stdout + info.stderr
+    auto = textwrap.dedent(
+        """
+        import warnings, torch, fastlstm
+        m = fastlstm.LSTM(3, 4).double()
+        ref = torch.nn.LSTM(3, 4).double()
+        ref.load_state_dict(m.state_dict())
+        x = torch.randn(5, 1, 3, dtype=torch.float64)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y, _ = m(x)
+            m(x)
+        messages = [str(w.message) for w in caught if "fastlstm" in str(w.message)]
+        assert len(messages) == 1 and "broken on purpose" in messages[0], messages
+        assert fastlstm.explain(m, x).backends == ["native"]
+        torch.testing.assert_close(y, ref(x)[0], atol=0, rtol=0)
+        print("OK")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", auto], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+def test_two_processes_building_at_once_share_one_good_cache(tmp_path):
+    """The first use in two processes at the same moment: both build or wait, neither corrupts the cache, and a
+    third process then loads the cached library without compiling."""
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        from fastlstm import reference
+        from fastlstm.backends import cpu
+        assert cpu.BACKEND.unavailable_reason() is None, cpu.BACKEND.unavailable_reason()
+        torch.manual_seed(0)
+        x, h0, c0 = torch.randn(4, 2, 3, dtype=torch.float64), torch.zeros(2, 5, dtype=torch.float64), torch.zeros(
+            2, 5, dtype=torch.float64)
+        w_ih, w_hh, b = (torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 5, dtype=torch.float64),
+                         torch.randn(20, dtype=torch.float64))
+        got = cpu.BACKEND.layer(x, h0, c0, w_ih, w_hh, b, None, None, False)
+        exp = reference.lstm_layer(x, h0, c0, w_ih, w_hh, b, None, None, False)
+        for g, e in zip(got, exp):
+            torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10)
+        print("OK", cpu._state["path"])
+        """
+    )
+    env = dict(os.environ, FASTLSTM_CACHE_DIR=str(tmp_path / "cache"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = dict(env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, "-c", code], **run) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0 and out.startswith("OK"), out + err
+    paths = {out.split()[1] for out, _ in outputs}
+    assert len(paths) == 1 and all(Path(p).is_file() for p in paths)
+    third = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        timeout=120,
+        **{k: v for k, v in run.items() if k not in ("stdout", "stderr")},
+    )
+    assert third.returncode == 0 and third.stdout.startswith("OK"), third.stdout + third.stderr
+    assert list((tmp_path / "cache").iterdir()) == [Path(next(iter(paths))).parent]
 
 
 @pytest.mark.parametrize("mkl_min_rows", ["1", "1000000000"], ids=["mkl-packed", "register-blocked"])
