@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from fastlstm import backends
+
 SCRIPT = Path(__file__).parent / "scripts" / "train_tagger.py"
 
 PATCHED = """
@@ -24,7 +26,12 @@ def _final_loss(cmd, env=None) -> tuple[float, str]:
     return float(last.split()[-1]), done.stderr
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+# triton is left out: under the CPU interpreter this script takes about 90 s, and its kernels are covered by the
+# parity, DDP, compile and property tests.
+FAST = ["cpp"] if backends.get("cpp").unavailable_reason() is None else []
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", *FAST])
 def test_patched_training_script_reaches_the_same_loss(tmp_path, backend, monkeypatch):
     import os
 
