@@ -9,10 +9,11 @@
 // How it is fast:
 //   * x @ w_ih^T (+ b) for all steps is one GEMM before the time loop, written straight into the gate buffer.
 //   * Inside the loop only h @ w_hh^T remains, against a weight packed once per call: a register-blocked
-//     kernel in GCC vector extensions (panels of w_hh stay in each thread's cache across steps), or, for
-//     float32 batches >= 16 where libtorch carries MKL, MKL's packed GEMM. No dispatcher, no allocation.
-//   * The pointwise cell is one fused loop: explicit 16-lane SIMD with an own exp for float (~1 ulp), exact
-//     std:: math for double.
+//     kernel in GCC vector extensions (panels of w_hh stay in each thread's cache across steps); for float32
+//     on Intel CPUs where libtorch carries MKL, MKL's packed GEMM; for float64 batches >= 16, a plain dgemm.
+//     No dispatcher, no allocation.
+//   * The pointwise cell is one fused loop in explicit SIMD with an own exp: ~1 ulp for float, ~1e-16
+//     relative for double; the scalar tail uses std:: math for double.
 //   * Backward runs the reverse time loop for the gate gradients only; dx, dw_ih, dw_hh, db, dw_hr are then
 //     single GEMMs / reductions over all T*B rows.
 //   * bfloat16 is computed in float32 end to end (fp32 accumulation, fp32 c) and rounded at the boundary.
