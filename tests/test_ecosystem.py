@@ -32,10 +32,11 @@ def _loss(outputs):
     return y.square().sum() + h.sum() + c.sum()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_compile_fullgraph_training_step_matches_eager(backend):
-    # inductor for the C++ backend (the real CPU fast path); aot_eager elsewhere keeps the suite quick
-    compiler = "inductor" if backend == "cpp" else "aot_eager"
+    # inductor for what users get (auto: native for this float32 batch) and for the C++ backend; aot_eager
+    # elsewhere keeps the suite quick
+    compiler = "inductor" if backend in ("auto", "cpp") else "aot_eager"
     torch.manual_seed(0)
     model = Tagger(backend=backend)
     compiled_model = Tagger(backend=backend)
