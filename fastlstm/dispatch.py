@@ -69,8 +69,10 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
     """The measured CPU rule: cpp where it beat nn.LSTM on every measured shape of its class, native elsewhere.
 
     Measured with `python -m fastlstm bench --grid cpu-full --backend cpp --mode both --dtype D` on two 2-core
-    machines (results in benchmarks/results/): an AMD EPYC (Zen 4, AVX512-BF16) and, earlier, an Intel Xeon
-    (AVX-512, no BF16 instructions). Ratios are nn.LSTM time / cpp time, same process, interleaved.
+    machines: an AMD EPYC (Zen 4, AVX512-BF16; benchmarks/results/cpu-amd-epyc-zen4-2core-*.json) and, in an
+    earlier session whose tables were not kept, an Intel Xeon (AVX-512, no BF16 instructions; geomeans float64
+    1.92x / 2.57x, bfloat16 3.18x / 2.76x, inference / training). Ratios are nn.LSTM time / cpp time, same
+    process, interleaved.
     - float64: cpp won everywhere (EPYC: inference 1.23-3.92x, training 1.10-9.75x).
     - float32: oneDNN runs near the machine's GEMM peak, so cpp only wins where per-step overhead dominates:
       batch 1 (EPYC: inference 0.96-1.65x, training 1.02-1.56x); at batch >= 2 it measured 0.74-1.25x.
