@@ -77,30 +77,33 @@ void gemm_fallback(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, 
   }
 }
 
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  const int64_t big = std::numeric_limits<int>::max();
-  if (sgemm_ != nullptr && M < big && N < big && K < big && lda < big && ldb < big && ldc < big && K > 0) {
-    // Row-major C = A B is column-major C^T = B^T A^T, and a row-major buffer read column-major is the transpose.
-    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
-    const int m = (int)N, n = (int)M, k = (int)K, la = (int)ldb, lb = (int)lda, lc = (int)ldc;
-    sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+// The Fortran BLAS routine for scalar_t (null when libtorch does not carry one).
+template <typename scalar_t>
+using FortranGemm = void (*)(const char*, const char*, const int*, const int*, const int*, const scalar_t*,
+                             const scalar_t*, const int*, const scalar_t*, const int*, const scalar_t*, scalar_t*,
+                             const int*);
+template <typename scalar_t>
+FortranGemm<scalar_t> fortran_gemm() {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return sgemm_;
   } else {
-    gemm_fallback<float>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return dgemm_;
   }
 }
 
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
-          const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+template <typename scalar_t>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, scalar_t alpha, const scalar_t* A,
+          int64_t lda, const scalar_t* B, int64_t ldb, scalar_t beta, scalar_t* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   const int64_t big = std::numeric_limits<int>::max();
-  if (dgemm_ != nullptr && M < big && N < big && K < big && lda < big && ldb < big && ldc < big && K > 0) {
+  const FortranGemm<scalar_t> blas = fortran_gemm<scalar_t>();
+  if (blas != nullptr && M < big && N < big && K < big && lda < big && ldb < big && ldc < big && K > 0) {
+    // Row-major C = A B is column-major C^T = B^T A^T, and a row-major buffer read column-major is the transpose.
     const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
     const int m = (int)N, n = (int)M, k = (int)K, la = (int)ldb, lb = (int)lda, lc = (int)ldc;
-    dgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    blas(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
   } else {
-    gemm_fallback<double>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    gemm_fallback<scalar_t>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   }
 }
 
