@@ -11,6 +11,7 @@ import torch
 
 import fastlstm
 from fastlstm import backends
+from fastlstm.backends import cpu
 from fastlstm.benchmark import CPU_FULL_GRID, DEFAULT_GRID, Shape, geometric_mean, time_shape
 from fastlstm.check import CHECK_CASES, TOLERANCE, compare
 from fastlstm.dispatch import BackendUnavailableError
@@ -58,8 +59,11 @@ def cmd_info(args) -> int:
         print(f"{key:>9}: {value}")
     print(f"{'cuda':>9}: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
     print("backends:")
-    for name, reason in fastlstm.available_backends().items():
+    available = fastlstm.available_backends()
+    for name, reason in available.items():
         print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    if "cpp" in available and available["cpp"] is None:
+        print(f"cpp kernels: {cpu.kernel_choices()}")
     return 0
 
 

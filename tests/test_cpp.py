@@ -457,16 +457,33 @@ def test_two_processes_building_at_once_share_one_good_cache(tmp_path):
     assert list((tmp_path / "cache").iterdir()) == [Path(next(iter(paths))).parent]
 
 
-@pytest.mark.parametrize("mkl_min_rows", ["1", "1000000000"], ids=["mkl-packed", "register-blocked"])
-def test_float32_per_step_kernels(mkl_min_rows):
-    """float32 runs the per-step product through MKL's packed GEMM (by default on Intel CPUs) or the
-    register-blocked kernel (elsewhere, and in builds without MKL). Force each (FASTLSTM_MKL_MIN_ROWS) in a
-    subprocess and compare, so both are tested whatever CPU runs the suite."""
+_HUGE = str(2**62)
+_FLOAT32_PATHS = {
+    "mkl-packed-step": ({"FASTLSTM_MKL_MIN_ROWS": "1"}, "MKL packed GEMM from 1 rows"),
+    "register-blocked-step": ({"FASTLSTM_MKL_MIN_ROWS": _HUGE}, "MKL packed GEMM never"),
+    "onednn-projection": ({"FASTLSTM_ONEDNN_MIN_MACS": "1"}, "oneDNN matmul from 1 multiply-adds"),
+    "blas-projection": ({"FASTLSTM_ONEDNN_MIN_MACS": _HUGE}, "oneDNN matmul never"),
+}
+
+
+@pytest.mark.parametrize("path", list(_FLOAT32_PATHS))
+def test_float32_kernel_paths(path):
+    """float32 picks its kernels by CPU and size: the per-step product through MKL's packed GEMM (Intel) or
+    the register-blocked kernel; the input projection and dx through oneDNN's matmul (other CPUs, large
+    products) or BLAS. Force each through its knob in a subprocess, check `kernel_choices()` says so, and
+    compare with the reference, so every path is tested whatever CPU runs the suite."""
+    env_overrides, expected = _FLOAT32_PATHS[path]
+    if "MKL" in expected and "never" not in expected and not torch.backends.mkl.is_available():
+        pytest.skip("this torch carries no MKL")
+    if "oneDNN" in expected and "never" not in expected and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch carries no oneDNN")
     code = textwrap.dedent(
-        """
+        f"""
         import torch
         from fastlstm import reference
+        from fastlstm.backends import cpu
         from fastlstm.backends.cpu import BACKEND
+        assert {expected!r} in cpu.kernel_choices(), cpu.kernel_choices()
         torch.manual_seed(0)
         for T, B, I, H, P, packed, reverse in [(5, 3, 4, 20, 0, False, False), (6, 9, 5, 16, 3, True, True),
                                                (4, 17, 6, 33, 0, True, False)]:
@@ -490,7 +507,7 @@ def test_float32_per_step_kernels(mkl_min_rows):
         print("OK")
         """
     )
-    env = dict(os.environ, FASTLSTM_MKL_MIN_ROWS=mkl_min_rows)
+    env = dict(os.environ, **env_overrides)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr

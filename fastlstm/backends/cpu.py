@@ -22,6 +22,10 @@ Tuning knobs (read once per process by the C++ code; for measurements and tests,
                             (default: 1 on Intel CPUs, never elsewhere, where MKL measured slow); a huge value
                             forces the register-blocked kernel, which builds without MKL always use.
     FASTLSTM_DGEMM_MIN_ROWS float64 uses a plain BLAS dgemm per step from this batch size on (default 16).
+    FASTLSTM_ONEDNN_MIN_MACS float32 computes the input projection and dx with oneDNN's matmul from this many
+                            multiply-adds on (default: 2**22 on CPUs other than Intel's, where it measured
+                            faster than MKL's sgemm; never on Intel); else BLAS.
+    `python -m fastlstm info` prints the resulting choices.
 """
 
 from __future__ import annotations
@@ -197,6 +201,13 @@ def build(verbose: bool = False) -> str:
 def build_error() -> str | None:
     """The compiler's error text when the build failed, None when it succeeded (builds if not yet tried)."""
     return _ensure()
+
+
+def kernel_choices() -> str | None:
+    """Which kernel serves which product on this CPU, knobs applied; None when the extension is unavailable."""
+    if _ensure() is not None:
+        return None
+    return torch.ops.fastlstm.cpp_kernel_choices()
 
 
 # ------------------------------------------------------------------------------------------------------------
