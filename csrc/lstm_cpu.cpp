@@ -133,29 +133,42 @@ constexpr int kPanel = 2;
 template <typename scalar_t>
 struct Packed {
   static constexpr int64_t W = kPanel * Vec<scalar_t>::lanes;
-  std::vector<scalar_t> data;
+  std::unique_ptr<scalar_t[]> data;  // uninitialised: every element is written by pack()
   int64_t K = 0, N = 0, panels = 0;
-  // B[k, n] = src[k * sk + n * sn]
+  // B[k, n] = src[k * sk + n * sn]. Runs once per call over the whole weight, so it is blocked and parallel:
+  // a plain element-wise transpose of a 4 MB weight measured ~0.9 ms, as long as 25 steps of B=1, H=512.
   void pack(const scalar_t* src, int64_t K_, int64_t N_, int64_t sk, int64_t sn) {
     K = K_;
     N = N_;
     panels = (N + W - 1) / W;
-    data.assign(panels * K * W, scalar_t(0));
-    scalar_t* d = data.data();
-    for (int64_t p = 0; p < panels; ++p) {
-      const int64_t width = std::min(W, N - p * W);
-      if (sk == 1) {  // source columns are contiguous in k: read them sequentially
+    data.reset(new scalar_t[std::max<int64_t>(1, panels * K * W)]);
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, K * W));
+    at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) pack_panel(src, sk, sn, p);
+    });
+  }
+  void pack_panel(const scalar_t* src, int64_t sk, int64_t sn, int64_t p) {
+    scalar_t* d = data.get() + p * K * W;
+    const int64_t width = std::min(W, N - p * W);
+    if (sk == 1) {
+      // Source columns are contiguous in k. Blocks of one cache line of k: the W source lines and the
+      // [kb, W] piece of the panel being written both stay in L1.
+      constexpr int64_t kb = 64 / sizeof(scalar_t);
+      for (int64_t k0 = 0; k0 < K; k0 += kb) {
+        const int64_t k1 = std::min(K, k0 + kb);
         for (int64_t c = 0; c < width; ++c) {
           const scalar_t* col = src + (p * W + c) * sn;
-          for (int64_t k = 0; k < K; ++k) d[(p * K + k) * W + c] = col[k];
+          for (int64_t k = k0; k < k1; ++k) d[k * W + c] = col[k];
         }
-      } else {
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t c = 0; c < width; ++c) d[(p * K + k) * W + c] = src[k * sk + (p * W + c) * sn];
       }
+    } else {
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < width; ++c) d[k * W + c] = src[k * sk + (p * W + c) * sn];
     }
+    if (width < W)
+      for (int64_t k = 0; k < K; ++k) std::fill(d + k * W + width, d + (k + 1) * W, scalar_t(0));
   }
-  const scalar_t* panel(int64_t p) const { return data.data() + p * K * W; }
+  const scalar_t* panel(int64_t p) const { return data.get() + p * K * W; }
 };
 
 template <typename scalar_t, int RB>
