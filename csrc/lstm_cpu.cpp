@@ -23,8 +23,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -32,6 +36,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -137,11 +142,15 @@ struct Packed {
   int64_t K = 0, N = 0, panels = 0;
   // B[k, n] = src[k * sk + n * sn]. Runs once per call over the whole weight, so it is blocked and parallel:
   // a plain element-wise transpose of a 4 MB weight measured ~0.9 ms, as long as 25 steps of B=1, H=512.
-  void pack(const scalar_t* src, int64_t K_, int64_t N_, int64_t sk, int64_t sn) {
+  void pack(const scalar_t* src, int64_t K_, int64_t N_, int64_t sk, int64_t sn, bool parallel = true) {
     K = K_;
     N = N_;
     panels = (N + W - 1) / W;
     data.reset(new scalar_t[std::max<int64_t>(1, panels * K * W)]);
+    if (!parallel) {
+      for (int64_t p = 0; p < panels; ++p) pack_panel(src, sk, sn, p);
+      return;
+    }
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, K * W));
     at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) pack_panel(src, sk, sn, p);
@@ -524,27 +533,28 @@ inline vd vtanh(vd x) {
   return reinterpret_cast<vd>(reinterpret_cast<vl>(t) | sign);
 }
 
-// One step of the cell for one row: G holds the 4H pre-activations (overwritten with activations),
-// c the state (updated), h_out receives o * tanh(c).
+// One step of the cell for `count` hidden units of one row: G holds their pre-activations, gate q of unit j at
+// G[q * S + j] (S = H for a whole row; a slice of a row keeps the row's stride), overwritten with activations;
+// bias likewise; c the state (updated); h_out receives o * tanh(c).
 template <typename scalar_t>
 inline void cell_row_scalar(scalar_t* __restrict__ G, const scalar_t* __restrict__ bias, scalar_t* __restrict__ c,
-                            scalar_t* __restrict__ h_out, int64_t H, int64_t j0) {
-  for (int64_t j = j0; j < H; ++j) {
+                            scalar_t* __restrict__ h_out, int64_t count, int64_t S, int64_t j0) {
+  for (int64_t j = j0; j < count; ++j) {
     if (bias != nullptr) {
       G[j] += bias[j];
-      G[H + j] += bias[H + j];
-      G[2 * H + j] += bias[2 * H + j];
-      G[3 * H + j] += bias[3 * H + j];
+      G[S + j] += bias[S + j];
+      G[2 * S + j] += bias[2 * S + j];
+      G[3 * S + j] += bias[3 * S + j];
     }
     const scalar_t i = sigmoid_(G[j]);
-    const scalar_t f = sigmoid_(G[H + j]);
-    const scalar_t g = tanh_(G[2 * H + j]);
-    const scalar_t o = sigmoid_(G[3 * H + j]);
+    const scalar_t f = sigmoid_(G[S + j]);
+    const scalar_t g = tanh_(G[2 * S + j]);
+    const scalar_t o = sigmoid_(G[3 * S + j]);
     const scalar_t cn = f * c[j] + i * g;
     G[j] = i;
-    G[H + j] = f;
-    G[2 * H + j] = g;
-    G[3 * H + j] = o;
+    G[S + j] = f;
+    G[2 * S + j] = g;
+    G[3 * S + j] = o;
     c[j] = cn;
     h_out[j] = o * tanh_(cn);
   }
@@ -552,18 +562,18 @@ inline void cell_row_scalar(scalar_t* __restrict__ G, const scalar_t* __restrict
 
 template <typename scalar_t>
 inline void cell_row(scalar_t* __restrict__ G, const scalar_t* __restrict__ bias, scalar_t* __restrict__ c,
-                     scalar_t* __restrict__ c_hist, scalar_t* __restrict__ h_out, int64_t H) {
+                     scalar_t* __restrict__ c_hist, scalar_t* __restrict__ h_out, int64_t count, int64_t S) {
   int64_t j = 0;
   {
     using V = decltype(vload(G));
     constexpr int lanes = 64 / sizeof(scalar_t);
-    for (; j + lanes <= H; j += lanes) {
-      V pi = vload(G + j), pf = vload(G + H + j), pg = vload(G + 2 * H + j), po = vload(G + 3 * H + j);
+    for (; j + lanes <= count; j += lanes) {
+      V pi = vload(G + j), pf = vload(G + S + j), pg = vload(G + 2 * S + j), po = vload(G + 3 * S + j);
       if (bias != nullptr) {
         pi += vload(bias + j);
-        pf += vload(bias + H + j);
-        pg += vload(bias + 2 * H + j);
-        po += vload(bias + 3 * H + j);
+        pf += vload(bias + S + j);
+        pg += vload(bias + 2 * S + j);
+        po += vload(bias + 3 * S + j);
       }
       const V i = vsigmoid(pi);
       const V f = vsigmoid(pf);
@@ -571,15 +581,15 @@ inline void cell_row(scalar_t* __restrict__ G, const scalar_t* __restrict__ bias
       const V o = vsigmoid(po);
       const V cn = f * vload(c + j) + i * g;
       vstore(G + j, i);
-      vstore(G + H + j, f);
-      vstore(G + 2 * H + j, g);
-      vstore(G + 3 * H + j, o);
+      vstore(G + S + j, f);
+      vstore(G + 2 * S + j, g);
+      vstore(G + 3 * S + j, o);
       vstore(c + j, cn);
       vstore(h_out + j, o * vtanh(cn));
     }
   }
-  cell_row_scalar<scalar_t>(G, bias, c, h_out, H, j);
-  if (c_hist != nullptr) std::memcpy(c_hist, c, H * sizeof(scalar_t));
+  cell_row_scalar<scalar_t>(G, bias, c, h_out, count, S, j);
+  if (c_hist != nullptr) std::memcpy(c_hist, c, count * sizeof(scalar_t));
 }
 
 // Backward of one row of the cell. a: activations [4H], cn: c after the step, cprev: c before it,
@@ -708,6 +718,117 @@ c10::optional<Tensor> as_compute(const c10::optional<Tensor>& t, at::ScalarType 
 }
 
 
+// ---------------------------------------------------------------------------------------------------------
+// The team loop: one OpenMP region for the whole sequence at small per-step work.
+//
+// The per-step path forks threads twice a step (product, cell); measured here, an empty parallel region costs
+// ~570 ns and `omp barrier` ~280 ns, while a B=1, H=64 step is ~1 us of work. In the team loop each thread
+// owns a slice of hidden units (all four gates of them), does its slice's product and cell, and meets the
+// others at one spin barrier (~30 ns) per step. h is double-buffered so that no thread writes what another
+// still reads in the same step.
+
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+class SpinBarrier {
+ public:
+  void init(int n) { n_ = n; }
+  // gen: the caller's count of barriers passed so far.
+  void wait(int& gen) {
+    ++gen;
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.store(gen, std::memory_order_release);
+      return;
+    }
+    // Spin, then yield: with more threads than free cores a pure spin would starve the thread it waits for.
+    for (int spins = 0; generation_.load(std::memory_order_acquire) != gen; ++spins) {
+      if (spins < 4096) {
+        spin_pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  int n_ = 1;
+  alignas(64) std::atomic<int> arrived_{0};
+  alignas(64) std::atomic<int> generation_{0};
+};
+
+// Per-step multiply-adds up to which the team loop runs (above, the per-step path splits the product more
+// evenly: it balances 4H/W panels instead of H/W). FASTLSTM_TEAM_MAX_MACS overrides; 0 disables.
+inline int64_t team_max_macs() {
+  static const int64_t v =
+      std::getenv("FASTLSTM_TEAM_MAX_MACS") ? std::atoll(std::getenv("FASTLSTM_TEAM_MAX_MACS")) : int64_t(1) << 20;
+  return v;
+}
+
+inline int team_threads(int64_t B, int64_t H, int64_t P, bool proj) {
+  if (proj || at::in_parallel_region() || B * 4 * H * P > team_max_macs()) return 1;
+  return at::get_num_threads();
+}
+
+// The forward time loop without projection (P == H) on `threads` threads. h: h0 in, hT out; c likewise.
+template <typename scalar_t>
+void forward_team(int threads, const Dims& d, const std::vector<int64_t>& live, bool reverse, scalar_t* G,
+                  const scalar_t* bias, const scalar_t* w_hh, scalar_t* h, scalar_t* c, scalar_t* y,
+                  scalar_t* c_hist) {
+  const int64_t T = d.T, B = d.B, H = d.H, G4 = 4 * H;
+  constexpr int64_t W = Packed<scalar_t>::W, lanes = Vec<scalar_t>::lanes;
+  std::vector<scalar_t> hbuf(2 * B * H);
+  std::memcpy(hbuf.data(), h, B * H * sizeof(scalar_t));
+  SpinBarrier barrier;
+#pragma omp parallel num_threads(threads)
+  {
+#ifdef _OPENMP
+    const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+    const int nth = 1, me = 0;
+#endif
+#pragma omp single
+    barrier.init(nth);
+    // Slices in whole vectors, as even as that allows (H = 200: 112 + 88, where whole panels would give
+    // 128 + 72). Each thread packs its own slice, which so starts out in its own cache.
+    const int64_t units = (H + lanes - 1) / lanes;
+    const int64_t j0 = std::min(H, units * me / nth * lanes), j1 = std::min(H, units * (me + 1) / nth * lanes);
+    const int64_t width = j1 - j0;
+    Packed<scalar_t> Wq[4];  // gate q, this slice: B[k, n] = w_hh[q * H + j0 + n, k]
+    if (width > 0)
+      for (int q = 0; q < 4; ++q) Wq[q].pack(w_hh + (q * H + j0) * H, H, width, 1, H, /*parallel=*/false);
+    int gen = 0;
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = reverse ? T - 1 - s : s;
+      const int64_t n = live[t];
+      const scalar_t* hin = hbuf.data() + (s & 1) * B * H;
+      scalar_t* hout = hbuf.data() + ((s + 1) & 1) * B * H;
+      scalar_t* Gt = G + t * B * G4;
+      scalar_t* yt = y + t * B * H;
+      if (width > 0) {
+        for (int q = 0; q < 4; ++q)
+          for (int64_t p = 0; p < Wq[q].panels; ++p)
+            panel_rows<scalar_t>(hin, H, Wq[q].panel(p), H, Gt + q * H + j0 + p * W, G4, n,
+                                 std::min(W, width - p * W), /*accumulate=*/true);
+        for (int64_t r = 0; r < n; ++r) {
+          cell_row<scalar_t>(Gt + r * G4 + j0, bias != nullptr ? bias + j0 : nullptr, c + r * H + j0,
+                             c_hist != nullptr ? c_hist + (t * B + r) * H + j0 : nullptr, yt + r * H + j0, width, H);
+          std::memcpy(hout + r * H + j0, yt + r * H + j0, width * sizeof(scalar_t));
+        }
+        for (int64_t r = n; r < B; ++r)  // rows not live this step keep their state
+          std::memcpy(hout + r * H + j0, hin + r * H + j0, width * sizeof(scalar_t));
+      }
+      barrier.wait(gen);
+    }
+  }
+  std::memcpy(h, hbuf.data() + (T & 1) * B * H, B * H * sizeof(scalar_t));
+}
+
 // Which kernel serves which product on this CPU, with the knobs applied (for `python -m fastlstm info` and the
 // tests that force each path).
 std::string kernel_choices() {
@@ -721,7 +842,9 @@ std::string kernel_choices() {
          ", else register-blocked; float32 x@W^T and dx: oneDNN matmul " +
          from(onednn_linear_op().has_value() ? onednn_min_macs() : std::numeric_limits<int64_t>::max(),
               "multiply-adds") +
-         ", else BLAS";
+         ", else BLAS; time loop: one team of threads " +
+         (team_max_macs() <= 0 ? std::string("never") : "up to " + std::to_string(team_max_macs()) + " multiply-adds a step") +
+         " (no projection), else per-step parallel";
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -743,10 +866,15 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   MklPacked mkl_whh;
   if constexpr (std::is_same_v<scalar_t, float>) mkl_whh.pack(w_hh.data_ptr<float>(), P, true, B, G4, P);
   const bool proj = w_hr.has_value();
-  if (proj) WhrT.pack(w_hr->data_ptr<scalar_t>(), H, P, 1, H);  // B[k, n] = w_hr[n, k]
   scalar_t* hp = h.data_ptr<scalar_t>();
   scalar_t* cp = c.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
+  const int threads = team_threads(B, H, P, proj);
+  if (!mkl_whh.ok && !use_blas_rows<scalar_t>(B) && threads > 1) {
+    forward_team<scalar_t>(threads, d, live, reverse, G, bp, w_hh.data_ptr<scalar_t>(), hp, cp, yp, c_hist);
+    return;
+  }
+  if (proj) WhrT.pack(w_hr->data_ptr<scalar_t>(), H, P, 1, H);  // B[k, n] = w_hr[n, k]
   std::vector<scalar_t> h_raw(proj ? B * H : 0);
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
@@ -767,13 +895,13 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
     scalar_t* ch = c_hist != nullptr ? c_hist + t * B * H : nullptr;
     if (!proj) {
       for_rows(n, 16 * H, [&](int64_t r) {
-        cell_row<scalar_t>(Gt + r * G4, bp, cp + r * H, ch != nullptr ? ch + r * H : nullptr, yt + r * H, H);
+        cell_row<scalar_t>(Gt + r * G4, bp, cp + r * H, ch != nullptr ? ch + r * H : nullptr, yt + r * H, H, H);
       });
       std::memcpy(hp, yt, n * H * sizeof(scalar_t));
     } else {
       scalar_t* hr = h_raw.data();
       for_rows(n, 16 * H, [&](int64_t r) {
-        cell_row<scalar_t>(Gt + r * G4, bp, cp + r * H, ch != nullptr ? ch + r * H : nullptr, hr + r * H, H);
+        cell_row<scalar_t>(Gt + r * G4, bp, cp + r * H, ch != nullptr ? ch + r * H : nullptr, hr + r * H, H, H);
       });
       step_gemm<scalar_t>(hr, H, WhrT, yt, P, n, /*accumulate=*/false);
       std::memcpy(hp, yt, n * P * sizeof(scalar_t));

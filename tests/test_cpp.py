@@ -463,6 +463,8 @@ _FLOAT32_PATHS = {
     "register-blocked-step": ({"FASTLSTM_MKL_MIN_ROWS": _HUGE}, "MKL packed GEMM never"),
     "onednn-projection": ({"FASTLSTM_ONEDNN_MIN_MACS": "1"}, "oneDNN matmul from 1 multiply-adds"),
     "blas-projection": ({"FASTLSTM_ONEDNN_MIN_MACS": _HUGE}, "oneDNN matmul never"),
+    "team-loop": ({"FASTLSTM_TEAM_MAX_MACS": _HUGE}, f"team of threads up to {_HUGE} multiply-adds"),
+    "per-step-loop": ({"FASTLSTM_TEAM_MAX_MACS": "0"}, "team of threads never"),
 }
 
 
@@ -470,7 +472,7 @@ _FLOAT32_PATHS = {
 def test_float32_kernel_paths(path):
     """float32 picks its kernels by CPU and size: the per-step product through MKL's packed GEMM (Intel) or
     the register-blocked kernel; the input projection and dx through oneDNN's matmul (other CPUs, large
-    products) or BLAS. Force each through its knob in a subprocess, check `kernel_choices()` says so, and
+    products) or BLAS; the time loop as one team of threads (small steps) or split per step. Force each through its knob in a subprocess, check `kernel_choices()` says so, and
     compare with the reference, so every path is tested whatever CPU runs the suite."""
     env_overrides, expected = _FLOAT32_PATHS[path]
     if "MKL" in expected and "never" not in expected and not torch.backends.mkl.is_available():
@@ -484,6 +486,7 @@ def test_float32_kernel_paths(path):
         from fastlstm.backends import cpu
         from fastlstm.backends.cpu import BACKEND
         assert {expected!r} in cpu.kernel_choices(), cpu.kernel_choices()
+        torch.set_num_threads(2)  # the team loop and the per-step split need two, whatever the CPU has
         torch.manual_seed(0)
         for T, B, I, H, P, packed, reverse in [(5, 3, 4, 20, 0, False, False), (6, 9, 5, 16, 3, True, True),
                                                (4, 17, 6, 33, 0, True, False)]:
