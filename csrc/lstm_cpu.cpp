@@ -594,38 +594,39 @@ inline void cell_row(scalar_t* __restrict__ G, const scalar_t* __restrict__ bias
 
 // Backward of one row of the cell. a: activations [4H], cn: c after the step, cprev: c before it,
 // dh: gradient reaching o*tanh(c), dc: gradient reaching c (in: from later steps; out: for cprev),
-// dg: pre-activation gradients [4H]; hr (optional) receives o*tanh(c) for dw_hr.
+// dg: pre-activation gradients [4H]; hr (optional) receives o*tanh(c) for dw_hr. As for cell_row, `count`
+// hidden units with gate stride S (S = H for a whole row).
 template <typename scalar_t>
 inline void cell_row_backward(const scalar_t* __restrict__ a, const scalar_t* __restrict__ cn,
                               const scalar_t* __restrict__ cprev, const scalar_t* __restrict__ dh,
                               scalar_t* __restrict__ dc, scalar_t* __restrict__ dg, scalar_t* __restrict__ hr,
-                              int64_t H) {
+                              int64_t count, int64_t S) {
   int64_t j = 0;
   {
     using V = decltype(vload(a));
     constexpr int lanes = 64 / sizeof(scalar_t);
     const scalar_t one = 1;
-    for (; j + lanes <= H; j += lanes) {
-      const V i = vload(a + j), f = vload(a + H + j), g = vload(a + 2 * H + j), o = vload(a + 3 * H + j);
+    for (; j + lanes <= count; j += lanes) {
+      const V i = vload(a + j), f = vload(a + S + j), g = vload(a + 2 * S + j), o = vload(a + 3 * S + j);
       const V tc = vtanh(vload(cn + j));
       const V dhj = vload(dh + j);
       const V dct = vload(dc + j) + dhj * o * (one - tc * tc);
       vstore(dg + j, dct * g * i * (one - i));
-      vstore(dg + H + j, dct * vload(cprev + j) * f * (one - f));
-      vstore(dg + 2 * H + j, dct * i * (one - g * g));
-      vstore(dg + 3 * H + j, dhj * tc * o * (one - o));
+      vstore(dg + S + j, dct * vload(cprev + j) * f * (one - f));
+      vstore(dg + 2 * S + j, dct * i * (one - g * g));
+      vstore(dg + 3 * S + j, dhj * tc * o * (one - o));
       vstore(dc + j, dct * f);
       if (hr != nullptr) vstore(hr + j, o * tc);
     }
   }
-  for (; j < H; ++j) {
-    const scalar_t i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
+  for (; j < count; ++j) {
+    const scalar_t i = a[j], f = a[S + j], g = a[2 * S + j], o = a[3 * S + j];
     const scalar_t tc = tanh_(cn[j]);
     const scalar_t dct = dc[j] + dh[j] * o * (scalar_t(1) - tc * tc);
     dg[j] = dct * g * i * (scalar_t(1) - i);
-    dg[H + j] = dct * cprev[j] * f * (scalar_t(1) - f);
-    dg[2 * H + j] = dct * i * (scalar_t(1) - g * g);
-    dg[3 * H + j] = dh[j] * tc * o * (scalar_t(1) - o);
+    dg[S + j] = dct * cprev[j] * f * (scalar_t(1) - f);
+    dg[2 * S + j] = dct * i * (scalar_t(1) - g * g);
+    dg[3 * S + j] = dh[j] * tc * o * (scalar_t(1) - o);
     dc[j] = dct * f;
     if (hr != nullptr) hr[j] = o * tc;
   }
@@ -835,7 +836,8 @@ std::string kernel_choices() {
   const auto from = [](int64_t v, const char* unit) {
     return v >= (int64_t(1) << 40) ? std::string("never") : "from " + std::to_string(v) + " " + unit;
   };
-  const bool mkl = cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr;
+  const bool mkl =
+      cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr;
   const int64_t dgemm_rows = dgemm_ != nullptr ? dgemm_min_rows() : std::numeric_limits<int64_t>::max();
   return "float32 step: MKL packed GEMM " + from(mkl ? mkl_min_rows() : std::numeric_limits<int64_t>::max(), "rows") +
          ", else register-blocked; float64 step: dgemm " + from(dgemm_rows, "rows") +
@@ -843,7 +845,8 @@ std::string kernel_choices() {
          from(onednn_linear_op().has_value() ? onednn_min_macs() : std::numeric_limits<int64_t>::max(),
               "multiply-adds") +
          ", else BLAS; time loop: one team of threads " +
-         (team_max_macs() <= 0 ? std::string("never") : "up to " + std::to_string(team_max_macs()) + " multiply-adds a step") +
+         (team_max_macs() <= 0 ? std::string("never")
+                               : "up to " + std::to_string(team_max_macs()) + " multiply-adds a step") +
          " (no projection), else per-step parallel";
 }
 
@@ -957,6 +960,57 @@ inline bool first_step(const std::vector<int64_t>& live, int64_t T, int64_t t, i
   return t == T - 1 || r >= live[t + 1];
 }
 
+// The backward time loop without projection (P == H) on `threads` threads (see forward_team). Each step, each
+// thread turns its hidden slice's incoming gradient into dgates (all four gates of the slice); after the one
+// barrier it computes its slice of dh for the previous step from all of dgates. The next step's cell needs only
+// the thread's own slice of dh, and writes another step's dgates, so one barrier a step suffices.
+// dh, dc: grad_hT, grad_cT in; dh0, dc0 out.
+template <typename scalar_t>
+void backward_team(int threads, const Dims& d, const std::vector<int64_t>& live, bool reverse, const scalar_t* gy,
+                   const scalar_t* gates, const scalar_t* c_hist, const scalar_t* c0, const scalar_t* w_hh,
+                   scalar_t* dgates, scalar_t* dh, scalar_t* dc) {
+  const int64_t T = d.T, B = d.B, H = d.H, G4 = 4 * H;
+  constexpr int64_t W = Packed<scalar_t>::W, lanes = Vec<scalar_t>::lanes;
+  std::vector<scalar_t> dht(B * H);  // the total gradient reaching this step's h
+  SpinBarrier barrier;
+#pragma omp parallel num_threads(threads)
+  {
+#ifdef _OPENMP
+    const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+    const int nth = 1, me = 0;
+#endif
+#pragma omp single
+    barrier.init(nth);
+    const int64_t units = (H + lanes - 1) / lanes;
+    const int64_t j0 = std::min(H, units * me / nth * lanes), j1 = std::min(H, units * (me + 1) / nth * lanes);
+    const int64_t width = j1 - j0;
+    Packed<scalar_t> Wd;  // this slice of w_hh: B[k, n] = w_hh[k, j0 + n], k over 4H
+    if (width > 0) Wd.pack(w_hh + j0, G4, width, H, 1, /*parallel=*/false);
+    int gen = 0;
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = reverse ? s : T - 1 - s;  // the forward's steps, last first
+      const int64_t n = live[t];
+      const int64_t prev_t = reverse ? t + 1 : t - 1;
+      if (width > 0) {
+        for (int64_t r = 0; r < n; ++r) {
+          scalar_t* dhr = dht.data() + r * H;
+          const scalar_t* gyr = gy + (t * B + r) * H;
+          for (int64_t j = j0; j < j1; ++j) dhr[j] = dh[r * H + j] + gyr[j];
+          const scalar_t* cprev = first_step(live, T, t, r, reverse) ? c0 + r * H : c_hist + (prev_t * B + r) * H;
+          cell_row_backward<scalar_t>(gates + (t * B + r) * G4 + j0, c_hist + (t * B + r) * H + j0, cprev + j0,
+                                      dhr + j0, dc + r * H + j0, dgates + (t * B + r) * G4 + j0, nullptr, width, H);
+        }
+      }
+      barrier.wait(gen);
+      if (width > 0)
+        for (int64_t p = 0; p < Wd.panels; ++p)
+          panel_rows<scalar_t>(dgates + t * B * G4, G4, Wd.panel(p), G4, dh + j0 + p * W, H, n,
+                               std::min(W, width - p * W), /*accumulate=*/false);
+    }
+  }
+}
+
 template <typename scalar_t>
 void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& grad_hT, const Tensor& grad_cT,
                    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
@@ -988,42 +1042,47 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& grad_hT, c
   scalar_t* dcp = dc.data_ptr<scalar_t>();
   (void)grad_hT;
   (void)grad_cT;
-  for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = reverse ? s : T - 1 - s;  // the forward's steps, last first
-    const int64_t n = live[t];
-    if (n == 0) continue;
-    const int64_t prev_t = reverse ? t + 1 : t - 1;
-    // Total gradient reaching this step's output h.
-    scalar_t* dht = proj ? dh_all.data_ptr<scalar_t>() + t * B * P : dh_tot.data();
-    const scalar_t* gyt = gy + t * B * P;
-    for (int64_t k = 0; k < n * P; ++k) dht[k] = dhp[k] + gyt[k];
-    const scalar_t* dhu = dht;  // gradient w.r.t. the unprojected o * tanh(c)
-    if (proj) {
-      step_gemm<scalar_t>(dht, P, Whr, dh_raw.data(), H, n, /*accumulate=*/false);
-      dhu = dh_raw.data();
-    }
-    scalar_t* hraw_t = proj ? hraw_all.data_ptr<scalar_t>() + t * B * H : nullptr;
-    for_rows(n, 16 * H, [&](int64_t r) {
-      const scalar_t* cprev = first_step(live, T, t, r, reverse) ? c0p + r * H : chp + (prev_t * B + r) * H;
-      cell_row_backward<scalar_t>(gp + (t * B + r) * G4, chp + (t * B + r) * H, cprev, dhu + r * H, dcp + r * H,
-                                  dgp + (t * B + r) * G4, hraw_t != nullptr ? hraw_t + r * H : nullptr, H);
-    });
-    // dh for the previous step: dgates @ w_hh  ([n, 4H] @ [4H, P]).
-    if (mkl_whh.ok) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (n == B) {
-          mkl_whh.run(dgp + t * B * G4, G4, dhp, P, false);
-        } else {  // rows past n must keep their gradient: compute all B rows aside (dgates there are 0)
-          mkl_whh.run(dgp + t * B * G4, G4, dh_scratch.data(), P, false);
-          std::memcpy(dhp, dh_scratch.data(), n * P * sizeof(float));
-        }
+  const int threads = team_threads(B, H, P, proj);
+  if (!mkl_whh.ok && !use_blas_rows<scalar_t>(B) && threads > 1) {
+    backward_team<scalar_t>(threads, d, live, reverse, gy, gp, chp, c0p, w_hh.data_ptr<scalar_t>(), dgp, dhp, dcp);
+  } else {
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = reverse ? s : T - 1 - s;  // the forward's steps, last first
+      const int64_t n = live[t];
+      if (n == 0) continue;
+      const int64_t prev_t = reverse ? t + 1 : t - 1;
+      // Total gradient reaching this step's output h.
+      scalar_t* dht = proj ? dh_all.data_ptr<scalar_t>() + t * B * P : dh_tot.data();
+      const scalar_t* gyt = gy + t * B * P;
+      for (int64_t k = 0; k < n * P; ++k) dht[k] = dhp[k] + gyt[k];
+      const scalar_t* dhu = dht;  // gradient w.r.t. the unprojected o * tanh(c)
+      if (proj) {
+        step_gemm<scalar_t>(dht, P, Whr, dh_raw.data(), H, n, /*accumulate=*/false);
+        dhu = dh_raw.data();
       }
-    } else if (use_blas_rows<scalar_t>(B)) {
-      gemm(false, false, n, P, G4, scalar_t(1), dgp + t * B * G4, G4, w_hh.data_ptr<scalar_t>(), P, scalar_t(0), dhp,
-           P);
-    } else {
-      if (Whh.K == 0) Whh.pack(w_hh.data_ptr<scalar_t>(), G4, P, P, 1);
-      step_gemm<scalar_t>(dgp + t * B * G4, G4, Whh, dhp, P, n, /*accumulate=*/false);
+      scalar_t* hraw_t = proj ? hraw_all.data_ptr<scalar_t>() + t * B * H : nullptr;
+      for_rows(n, 16 * H, [&](int64_t r) {
+        const scalar_t* cprev = first_step(live, T, t, r, reverse) ? c0p + r * H : chp + (prev_t * B + r) * H;
+        cell_row_backward<scalar_t>(gp + (t * B + r) * G4, chp + (t * B + r) * H, cprev, dhu + r * H, dcp + r * H,
+                                    dgp + (t * B + r) * G4, hraw_t != nullptr ? hraw_t + r * H : nullptr, H, H);
+      });
+      // dh for the previous step: dgates @ w_hh  ([n, 4H] @ [4H, P]).
+      if (mkl_whh.ok) {
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (n == B) {
+            mkl_whh.run(dgp + t * B * G4, G4, dhp, P, false);
+          } else {  // rows past n must keep their gradient: compute all B rows aside (dgates there are 0)
+            mkl_whh.run(dgp + t * B * G4, G4, dh_scratch.data(), P, false);
+            std::memcpy(dhp, dh_scratch.data(), n * P * sizeof(float));
+          }
+        }
+      } else if (use_blas_rows<scalar_t>(B)) {
+        gemm(false, false, n, P, G4, scalar_t(1), dgp + t * B * G4, G4, w_hh.data_ptr<scalar_t>(), P, scalar_t(0), dhp,
+             P);
+      } else {
+        if (Whh.K == 0) Whh.pack(w_hh.data_ptr<scalar_t>(), G4, P, P, 1);
+        step_gemm<scalar_t>(dgp + t * B * G4, G4, Whh, dhp, P, n, /*accumulate=*/false);
+      }
     }
   }
   // Weight and input gradients: large GEMMs over all T*B rows.
