@@ -1,0 +1,204 @@
+"""How fast could any LSTM run on this CPU? Upper bounds on the speedup over nn.LSTM, per benchmark shape.
+
+    python benchmarks/cpu_bounds.py RESULTS.json [--threads N]
+
+RESULTS.json is what `python -m fastlstm bench --json` wrote on this machine (its nn.LSTM medians are used).
+The script measures, with a small C++ kernel built here (OpenMP, -march=native):
+  * the FMA peak: independent multiply-add chains in registers, no memory traffic;
+  * read bandwidth for a working set the size of one direction's recurrent weight (L2, L3 or DRAM);
+and torch.mm's rate on 2048^3 float32, the best a tuned GEMM library reaches here.
+
+Model, per shape: an LSTM must do its FLOPs (input projection + recurrent product; x3 for training: forward,
+dgates @ W_hh, dx, dW_ih, dW_hh) and must stream each direction's W_hh [4H, H] once per step (twice in
+training) -- it cannot be reused across steps when it does not fit in registers. So
+
+    time >= max(FLOPs / rate, steps * |W_hh| / bandwidth(|W_hh|))
+
+and nn.LSTM's time over that bound caps the speedup of any implementation. Two columns: at the FMA peak (a
+hard ceiling) and at sgemm's rate (what the best GEMM code here reaches on its best shape).
+Bounds assume float32 and no projection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+
+import torch
+import torch.utils.cpp_extension
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <omp.h>
+#include <chrono>
+#include <cstdlib>
+#include <vector>
+
+#ifdef __AVX512F__
+typedef float vf __attribute__((vector_size(64)));
+#else
+typedef float vf __attribute__((vector_size(32)));
+#endif
+constexpr int kLanes = sizeof(vf) / sizeof(float);
+
+// Twelve independent chains in named variables (an array gets spilled to memory by the compiler).
+__attribute__((noinline)) vf fma_chains(long iters, vf m, vf b) {
+  vf a0 = m, a1 = m + b, a2 = m + 2 * b, a3 = m + 3 * b, a4 = m + 4 * b, a5 = m + 5 * b;
+  vf a6 = m + 6 * b, a7 = m + 7 * b, a8 = m + 8 * b, a9 = m + 9 * b, a10 = m + 10 * b, a11 = m + 11 * b;
+  for (long i = 0; i < iters; ++i) {
+    a0 = a0 * m + b; a1 = a1 * m + b; a2 = a2 * m + b; a3 = a3 * m + b; a4 = a4 * m + b; a5 = a5 * m + b;
+    a6 = a6 * m + b; a7 = a7 * m + b; a8 = a8 * m + b; a9 = a9 * m + b; a10 = a10 * m + b; a11 = a11 * m + b;
+  }
+  return a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11;
+}
+
+double fma_peak_gflops(int64_t threads) {
+  const long iters = 20000000;
+  double best = 1e30;
+  for (int rep = 0; rep < 5; ++rep) {
+    float sink = 0;
+    auto t0 = std::chrono::steady_clock::now();
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+    {
+      vf m, b;
+      for (int i = 0; i < kLanes; ++i) { m[i] = 0.999f; b[i] = 1e-3f; }
+      vf r = fma_chains(iters, m, b);
+      sink += r[0];
+    }
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (s < best) best = s;
+    if (sink == 1.2345f) std::abort();
+  }
+  return 2.0 * kLanes * 12 * iters * threads / best / 1e9;
+}
+
+// Read bandwidth over a working set of `bytes` split across the threads, read again and again.
+double read_gbps(int64_t bytes, int64_t threads) {
+  const int64_t per = std::max<int64_t>(4096, bytes / threads) / sizeof(vf) / 4 * 4;
+  const int64_t reps = std::max<int64_t>(4, (int64_t(1) << 31) / (per * sizeof(vf) * threads));
+  double best = 1e30;
+  float total = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+  {
+    std::vector<vf> buf(per);
+    for (auto& v : buf) for (int i = 0; i < kLanes; ++i) v[i] = 1.0f;
+    vf s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    for (int trial = 0; trial < 3; ++trial) {
+#pragma omp barrier
+      auto t0 = std::chrono::steady_clock::now();
+      for (int64_t r = 0; r < reps; ++r)
+        for (int64_t i = 0; i < per; i += 4) { s0 += buf[i]; s1 += buf[i + 1]; s2 += buf[i + 2]; s3 += buf[i + 3]; }
+#pragma omp barrier
+#pragma omp master
+      {
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        if (s < best) best = s;
+      }
+    }
+    vf t = s0 + s1 + s2 + s3;
+    for (int i = 0; i < kLanes; ++i) total += t[i];
+  }
+  if (total == 1.2345f) std::abort();
+  return double(reps) * per * sizeof(vf) * threads / best / 1e9;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fma_peak_gflops", &fma_peak_gflops);
+  m.def("read_gbps", &read_gbps);
+}
+"""
+
+_SHAPE = re.compile(r"B(\d+)-T(\d+)-I(\d+)-H(\d+)-L(\d+)(-bi)?$")
+
+
+def _kernels():
+    return torch.utils.cpp_extension.load_inline(
+        "fastlstm_cpu_bounds",
+        cpp_sources=_SOURCE,
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
+def _sgemm_gflops() -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best / 1e9
+
+
+def _work(shape: str, training: bool) -> tuple[float, list[int]]:
+    """FLOPs, and the recurrent weight bytes streamed per step for each (layer, direction) with its steps."""
+    m = _SHAPE.match(shape)
+    if m is None:
+        raise ValueError(f"unrecognised shape {shape!r}")
+    batch, steps, inputs, hidden, layers = (int(g) for g in m.groups()[:5])
+    directions = 2 if m.group(6) else 1
+    flops = 0.0
+    streams: list[int] = []
+    for layer in range(layers):
+        layer_in = inputs if layer == 0 else hidden * directions
+        flops += directions * 2.0 * steps * batch * (layer_in + hidden) * 4 * hidden
+        streams += [4 * hidden * hidden * 4] * directions * steps * (2 if training else 1)
+    return flops * (3 if training else 1), streams
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="JSON written by `python -m fastlstm bench --json` on this machine")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with open(args.results) as f:
+        results = json.load(f)["results"]
+
+    kernels = _kernels()
+    peak = kernels.fma_peak_gflops(args.threads)
+    sgemm = _sgemm_gflops()
+    bandwidth: dict[int, float] = {}
+
+    def read_rate(nbytes: int) -> float:
+        if nbytes not in bandwidth:
+            bandwidth[nbytes] = kernels.read_gbps(nbytes, args.threads)
+        return bandwidth[nbytes]
+
+    print(f"threads {args.threads}: FMA peak {peak:.0f} GFLOP/s, torch.mm 2048^3 {sgemm:.0f} GFLOP/s")
+    print("| shape | mode | nn.LSTM ms | nn.LSTM GFLOP/s | W_hh read GB/s | cap (FMA peak) | cap (sgemm rate) |")
+    print("|---|---|---|---|---|---|---|")
+    caps: dict[str, dict[str, list[float]]] = {}
+    for row in results:
+        if row["provider"] != "nn.LSTM":
+            continue
+        training = row["mode"] == "training"
+        flops, streams = _work(row["shape"], training)
+        stream_s = sum(n / (read_rate(n) * 1e9) for n in streams)
+        native_s = row["median_ms"] / 1e3
+        cap_peak = native_s / max(flops / (peak * 1e9), stream_s)
+        cap_sgemm = native_s / max(flops / (sgemm * 1e9), stream_s)
+        per_mode = caps.setdefault(row["mode"], {"peak": [], "sgemm": []})
+        per_mode["peak"].append(cap_peak)
+        per_mode["sgemm"].append(cap_sgemm)
+        print(
+            f"| {row['shape']} | {row['mode']} | {row['median_ms']:.2f} | {flops / native_s / 1e9:.0f} "
+            f"| {read_rate(streams[0]):.0f} | {cap_peak:.2f}x | {cap_sgemm:.2f}x |"
+        )
+    for mode, per in caps.items():
+        geo = {k: math.exp(sum(map(math.log, v)) / len(v)) for k, v in per.items()}
+        print(
+            f"{mode}: geometric mean of the caps {geo['peak']:.2f}x at the FMA peak, {geo['sgemm']:.2f}x at "
+            f"sgemm's rate; the smallest cap {min(per['peak']):.2f}x / {min(per['sgemm']):.2f}x"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
