@@ -388,8 +388,10 @@ inline int64_t onednn_min_macs() {
   return v;
 }
 
-// A [M, K] @ W [N, K]^T into out [M, N] (contiguous, float). oneDNN writes only to a tensor of its own, so
-// when it runs, its result replaces `out` (same shape) rather than being copied in: callers adopt `out` after.
+// A [M, K] (contiguous) @ W [N, K]^T into out [M, N] (contiguous). W may be a transposed view (dx takes
+// w_ih.t()): oneDNN reads it strided, which measured faster than a transposing copy first, and BLAS is told.
+// oneDNN writes only to a tensor of its own, so when it runs, its result replaces `out` (same shape) rather
+// than being copied in: callers adopt `out` after.
 template <typename scalar_t>
 void linear_nt(const Tensor& A, const Tensor& W, Tensor& out) {
   const int64_t M = A.size(0), K = A.size(1), N = W.size(0);
@@ -399,7 +401,19 @@ void linear_nt(const Tensor& A, const Tensor& W, Tensor& out) {
     out = op->call(A, W, c10::nullopt, "none", c10::List<c10::optional<c10::Scalar>>(), c10::nullopt);
     return;
   }
-  gemm(false, true, M, N, K, scalar_t(1), A.data_ptr<scalar_t>(), K, W.data_ptr<scalar_t>(), K, scalar_t(0),
+  // Stored [N, K] (row stride ld >= K), or stored [K, N] (ld >= N); anything else is copied to [N, K].
+  Tensor Wc = W;
+  bool stored_nk = true;
+  int64_t ld = K;
+  if (W.stride(1) == 1 && W.stride(0) >= std::max<int64_t>(1, K)) {
+    ld = W.stride(0);
+  } else if (W.stride(0) == 1 && W.stride(1) >= std::max<int64_t>(1, N)) {
+    stored_nk = false;
+    ld = W.stride(1);
+  } else {
+    Wc = W.contiguous();
+  }
+  gemm(false, stored_nk, M, N, K, scalar_t(1), A.data_ptr<scalar_t>(), K, Wc.data_ptr<scalar_t>(), ld, scalar_t(0),
        out.data_ptr<scalar_t>(), N);
 }
 
@@ -1089,7 +1103,7 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& grad_hT, c
   const int64_t TB = T * B;
   Tensor dg2 = dgates.view({TB, G4});
   Tensor dx2 = dx.view({TB, I});
-  linear_nt<scalar_t>(dg2, w_ih.t().contiguous(), dx2);
+  linear_nt<scalar_t>(dg2, w_ih.t(), dx2);
   dx = dx2.view({T, B, I});
   at::mm_out(dw_ih, dg2.t(), x.view({TB, I}));
   at::sum_out(db, dg2, {0});

@@ -472,8 +472,9 @@ _FLOAT32_PATHS = {
 def test_float32_kernel_paths(path):
     """float32 picks its kernels by CPU and size: the per-step product through MKL's packed GEMM (Intel) or
     the register-blocked kernel; the input projection and dx through oneDNN's matmul (other CPUs, large
-    products) or BLAS; the time loop as one team of threads (small steps) or split per step. Force each through its knob in a subprocess, check `kernel_choices()` says so, and
-    compare with the reference, so every path is tested whatever CPU runs the suite."""
+    products) or BLAS; the time loop as one team of threads (small steps) or split per step. Force each
+    through its knob in a subprocess, check `kernel_choices()` says so, and compare with the reference, so
+    every path is tested whatever CPU runs the suite."""
     env_overrides, expected = _FLOAT32_PATHS[path]
     if "MKL" in expected and "never" not in expected and not torch.backends.mkl.is_available():
         pytest.skip("this torch carries no MKL")

@@ -263,6 +263,10 @@ def _register_python_side() -> None:
         ctx.save = save
         ctx.has_bias = b is not None
         ctx.has_proj = w_hr is not None
+        # gates and c_hist are saved state, never differentiated; and unused gradients stay None rather than
+        # being materialised as zeros ([T, B, 4H] of them, measured ~2% of a training step at B2-T200-H384).
+        ctx.mark_non_differentiable(gates, c_hist)
+        ctx.set_materialize_grads(False)
 
     def _backward(ctx, grad_y, grad_hT, grad_cT, _grad_gates, _grad_c_hist):
         if not ctx.save:

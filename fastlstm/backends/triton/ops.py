@@ -311,6 +311,7 @@ def _setup_context(ctx, inputs, output):
     ctx.kernel = kernel
     ctx.has_bias = b is not None
     ctx.mark_non_differentiable(acts, hs, cs, r)
+    ctx.set_materialize_grads(False)  # unused gradients stay None, not [T, B, 4H] of zeros
 
 
 def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused):
