@@ -27,6 +27,8 @@ def test_info_lists_every_backend():
     for name in ("native", "reference", "cpp", "triton"):
         assert f"\n  {name} " in done.stdout
     assert "torch" in done.stdout and "native     available" in done.stdout
+    if "\n  cpp        available" in done.stdout:  # the kernels it picked on this CPU are listed
+        assert "cpp kernels: float32 step:" in done.stdout and "time loop:" in done.stdout
 
 
 def test_check_passes_and_reports_errors():
