@@ -777,6 +777,17 @@ class SpinBarrier {
   alignas(64) std::atomic<int> generation_{0};
 };
 
+// Batch size from which the input projection runs per step, beside the recurrent product, instead of as one
+// GEMM for all steps up front: the gates then go from the register-blocked kernel (~95% of the FMA peak in
+// isolation at 8+ rows) straight into the cell while in cache, where the up-front GEMM wrote [T, B, 4H] to
+// memory and each step read its slice back. Below 8 rows the kernel is bound by loading the weight, and one
+// big GEMM wins. FASTLSTM_FUSE_MIN_ROWS overrides; a huge value disables.
+inline int64_t fuse_min_rows() {
+  static const int64_t v =
+      std::getenv("FASTLSTM_FUSE_MIN_ROWS") ? std::atoll(std::getenv("FASTLSTM_FUSE_MIN_ROWS")) : 8;
+  return v;
+}
+
 // Per-step multiply-adds up to which the team loop runs (above, the per-step path splits the product more
 // evenly: it balances 4H/W panels instead of H/W). FASTLSTM_TEAM_MAX_MACS overrides; 0 disables.
 inline int64_t team_max_macs() {
@@ -791,11 +802,12 @@ inline int team_threads(int64_t B, int64_t H, int64_t P, bool proj) {
 }
 
 // The forward time loop without projection (P == H) on `threads` threads. h: h0 in, hT out; c likewise.
+// With w_ih given, the input projection runs here too, per step and per slice (x: [T, B, I]); else G holds it.
 template <typename scalar_t>
 void forward_team(int threads, const Dims& d, const std::vector<int64_t>& live, bool reverse, scalar_t* G,
                   const scalar_t* bias, const scalar_t* w_hh, scalar_t* h, scalar_t* c, scalar_t* y,
-                  scalar_t* c_hist) {
-  const int64_t T = d.T, B = d.B, H = d.H, G4 = 4 * H;
+                  scalar_t* c_hist, const scalar_t* w_ih, const scalar_t* x) {
+  const int64_t T = d.T, B = d.B, I = d.I, H = d.H, G4 = 4 * H;
   constexpr int64_t W = Packed<scalar_t>::W, lanes = Vec<scalar_t>::lanes;
   std::vector<scalar_t> hbuf(2 * B * H);
   std::memcpy(hbuf.data(), h, B * H * sizeof(scalar_t));
@@ -814,9 +826,12 @@ void forward_team(int threads, const Dims& d, const std::vector<int64_t>& live, 
     const int64_t units = (H + lanes - 1) / lanes;
     const int64_t j0 = std::min(H, units * me / nth * lanes), j1 = std::min(H, units * (me + 1) / nth * lanes);
     const int64_t width = j1 - j0;
-    Packed<scalar_t> Wq[4];  // gate q, this slice: B[k, n] = w_hh[q * H + j0 + n, k]
-    if (width > 0)
+    Packed<scalar_t> Wq[4], Wi[4];  // gate q, this slice: B[k, n] = w_hh[q * H + j0 + n, k]; w_ih likewise
+    if (width > 0) {
       for (int q = 0; q < 4; ++q) Wq[q].pack(w_hh + (q * H + j0) * H, H, width, 1, H, /*parallel=*/false);
+      if (w_ih != nullptr)
+        for (int q = 0; q < 4; ++q) Wi[q].pack(w_ih + (q * H + j0) * I, I, width, 1, I, /*parallel=*/false);
+    }
     int gen = 0;
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? T - 1 - s : s;
@@ -827,9 +842,13 @@ void forward_team(int threads, const Dims& d, const std::vector<int64_t>& live, 
       scalar_t* yt = y + t * B * H;
       if (width > 0) {
         for (int q = 0; q < 4; ++q)
-          for (int64_t p = 0; p < Wq[q].panels; ++p)
-            panel_rows<scalar_t>(hin, H, Wq[q].panel(p), H, Gt + q * H + j0 + p * W, G4, n,
-                                 std::min(W, width - p * W), /*accumulate=*/true);
+          for (int64_t p = 0; p < Wq[q].panels; ++p) {
+            scalar_t* out = Gt + q * H + j0 + p * W;
+            const int64_t valid = std::min(W, width - p * W);
+            if (w_ih != nullptr)
+              panel_rows<scalar_t>(x + t * B * I, I, Wi[q].panel(p), I, out, G4, n, valid, /*accumulate=*/false);
+            panel_rows<scalar_t>(hin, H, Wq[q].panel(p), H, out, G4, n, valid, /*accumulate=*/true);
+          }
         for (int64_t r = 0; r < n; ++r) {
           cell_row<scalar_t>(Gt + r * G4 + j0, bias != nullptr ? bias + j0 : nullptr, c + r * H + j0,
                              c_hist != nullptr ? c_hist + (t * B + r) * H + j0 : nullptr, yt + r * H + j0, width, H);
@@ -861,7 +880,8 @@ std::string kernel_choices() {
          ", else BLAS; time loop: one team of threads " +
          (team_max_macs() <= 0 ? std::string("never")
                                : "up to " + std::to_string(team_max_macs()) + " multiply-adds a step") +
-         " (no projection), else per-step parallel";
+         " (no projection), else per-step parallel; input projection: per step " + from(fuse_min_rows(), "rows") +
+         " (register-blocked steps), else one GEMM up front";
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -872,32 +892,41 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
                   const c10::optional<Tensor>& b, const c10::optional<Tensor>& w_hr, const std::vector<int64_t>& live,
                   bool reverse, Tensor& gates, Tensor& y, Tensor& h, Tensor& c, scalar_t* c_hist) {
   const int64_t T = d.T, B = d.B, I = d.I, H = d.H, P = d.P, G4 = 4 * H;
-  // Input projection of every step: one GEMM, straight into the gate buffer (the bias is added in the cell).
-  Tensor G2 = gates.view({T * B, G4});
-  linear_nt<scalar_t>(x.view({T * B, I}), w_ih, G2);
-  gates = G2.view({T, B, G4});
-  scalar_t* G = gates.data_ptr<scalar_t>();
-  const scalar_t* bp = b.has_value() ? b->data_ptr<scalar_t>() : nullptr;
   // The recurrent weights laid out [K, N] for step_gemm: w_hh^T [P, 4H], w_hr^T [H, P].
-  Packed<scalar_t> WhhT, WhrT;
+  Packed<scalar_t> WhhT, WhrT, WihT;
   MklPacked mkl_whh;
   if constexpr (std::is_same_v<scalar_t, float>) mkl_whh.pack(w_hh.data_ptr<float>(), P, true, B, G4, P);
+  const bool blocked_step = !mkl_whh.ok && !use_blas_rows<scalar_t>(B);
+  // The input projection: one GEMM for all steps up front (straight into the gate buffer; the bias is added in
+  // the cell), or, from fuse_min_rows() rows on, per step beside the recurrent product (see fuse_min_rows).
+  const bool fuse_input = blocked_step && B >= fuse_min_rows() && I > 0;
+  if (!fuse_input) {
+    Tensor G2 = gates.view({T * B, G4});
+    linear_nt<scalar_t>(x.view({T * B, I}), w_ih, G2);
+    gates = G2.view({T, B, G4});
+  }
+  scalar_t* G = gates.data_ptr<scalar_t>();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* bp = b.has_value() ? b->data_ptr<scalar_t>() : nullptr;
   const bool proj = w_hr.has_value();
   scalar_t* hp = h.data_ptr<scalar_t>();
   scalar_t* cp = c.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   const int threads = team_threads(B, H, P, proj);
-  if (!mkl_whh.ok && !use_blas_rows<scalar_t>(B) && threads > 1) {
-    forward_team<scalar_t>(threads, d, live, reverse, G, bp, w_hh.data_ptr<scalar_t>(), hp, cp, yp, c_hist);
+  if (blocked_step && threads > 1) {
+    forward_team<scalar_t>(threads, d, live, reverse, G, bp, w_hh.data_ptr<scalar_t>(), hp, cp, yp, c_hist,
+                           fuse_input ? w_ih.data_ptr<scalar_t>() : nullptr, xp);
     return;
   }
   if (proj) WhrT.pack(w_hr->data_ptr<scalar_t>(), H, P, 1, H);  // B[k, n] = w_hr[n, k]
+  if (fuse_input) WihT.pack(w_ih.data_ptr<scalar_t>(), I, G4, 1, I);  // B[k, n] = w_ih[n, k]
   std::vector<scalar_t> h_raw(proj ? B * H : 0);
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
     const int64_t n = live[t];
     if (n == 0) continue;
     scalar_t* Gt = G + t * B * G4;
+    if (fuse_input) step_gemm<scalar_t>(xp + t * B * I, I, WihT, Gt, G4, n, /*accumulate=*/false);
     if (mkl_whh.ok) {
       // All B rows even when fewer are live: rows past n of this step's gate buffer are never read, and the
       // packed weight is valid for exactly B rows.

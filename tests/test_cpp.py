@@ -465,6 +465,8 @@ _FLOAT32_PATHS = {
     "blas-projection": ({"FASTLSTM_ONEDNN_MIN_MACS": _HUGE}, "oneDNN matmul never"),
     "team-loop": ({"FASTLSTM_TEAM_MAX_MACS": _HUGE}, f"team of threads up to {_HUGE} multiply-adds"),
     "per-step-loop": ({"FASTLSTM_TEAM_MAX_MACS": "0"}, "team of threads never"),
+    "projection-per-step": ({"FASTLSTM_FUSE_MIN_ROWS": "1"}, "input projection: per step from 1 rows"),
+    "projection-up-front": ({"FASTLSTM_FUSE_MIN_ROWS": _HUGE}, "input projection: per step never"),
 }
 
 
@@ -472,9 +474,10 @@ _FLOAT32_PATHS = {
 def test_float32_kernel_paths(path):
     """float32 picks its kernels by CPU and size: the per-step product through MKL's packed GEMM (Intel) or
     the register-blocked kernel; the input projection and dx through oneDNN's matmul (other CPUs, large
-    products) or BLAS; the time loop as one team of threads (small steps) or split per step. Force each
-    through its knob in a subprocess, check `kernel_choices()` says so, and compare with the reference, so
-    every path is tested whatever CPU runs the suite."""
+    products) or BLAS; the time loop as one team of threads (small steps) or split per step; the input
+    projection per step (8+ rows) or up front. Force each through its knob in a subprocess, check
+    `kernel_choices()` says so, and compare with the reference, so every path is tested whatever CPU runs
+    the suite."""
     env_overrides, expected = _FLOAT32_PATHS[path]
     if "MKL" in expected and "never" not in expected and not torch.backends.mkl.is_available():
         pytest.skip("this torch carries no MKL")
