@@ -73,9 +73,9 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
     earlier session whose tables were not kept, an Intel Xeon (AVX-512, no BF16 instructions; geomeans float64
     1.92x / 2.57x, bfloat16 3.18x / 2.76x, inference / training). Ratios are nn.LSTM time / cpp time, same
     process, interleaved.
-    - float64: cpp won everywhere (EPYC, latest grid: inference 1.11-4.28x, training 1.16-14.8x).
+    - float64: cpp won everywhere (EPYC, latest grids: inference 1.11-4.86x, training 1.16-14.8x).
     - float32: oneDNN runs near the machine's GEMM peak, so cpp only wins reliably where per-step overhead
-      dominates: batch 1 (EPYC, latest grid: inference 1.19-1.87x, training 1.11-1.92x). At batch >= 2 it
+      dominates: batch 1 (EPYC, latest grids: inference 1.01-1.87x, training 1.09-1.92x). At batch >= 2 it
       measured 0.77-1.29x, winning some training shapes and losing others by more than run-to-run noise.
     - bfloat16: without bf16 instructions oneDNN converts and cpp won (Xeon: geomean about 3x); with them
       oneDNN is fast and cpp lost at inference on 13 of 14 shapes (EPYC 0.44-1.57x) but won training at batch
