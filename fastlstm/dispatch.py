@@ -73,13 +73,14 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
     earlier session whose tables were not kept, an Intel Xeon (AVX-512, no BF16 instructions; geomeans float64
     1.92x / 2.57x, bfloat16 3.18x / 2.76x, inference / training). Ratios are nn.LSTM time / cpp time, same
     process, interleaved.
-    - float64: cpp won everywhere (EPYC, latest grids: inference 1.11-4.86x, training 1.16-14.8x).
+    - float64: cpp won everywhere (EPYC, latest grids: inference 1.11-5.38x, training 1.16-14.8x).
     - float32: oneDNN runs near the machine's GEMM peak, so cpp only wins reliably where per-step overhead
-      dominates: batch 1 (EPYC, latest grids: inference 1.01-1.87x, training 1.09-1.92x). At batch >= 2 it
-      measured 0.77-1.29x, winning some training shapes and losing others by more than run-to-run noise.
+      dominates: batch 1 (EPYC, latest grids: inference 1.01-1.87x, training 1.09-1.92x). At batch >= 2 the
+      last grid measured 0.88-1.15x at inference and 0.90-1.31x in training, winning some shapes and losing
+      others by more than run-to-run noise.
     - bfloat16: without bf16 instructions oneDNN converts and cpp won (Xeon: geomean about 3x); with them
-      oneDNN is fast and cpp lost at inference on 13 of 14 shapes (EPYC 0.44-1.57x) but won training at batch
-      1 (1.24-2.29x).
+      oneDNN is fast and cpp lost at inference on 13 of 14 shapes (EPYC 0.44-1.62x) but won training at batch
+      1 (1.24-3.22x; the last grid also won batch 2 and 4, 1.35x and 1.07x, not yet taken into the rule).
     """
     if call.dtype == torch.float64:
         return None
