@@ -80,7 +80,8 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       others by more than run-to-run noise.
     - bfloat16: without bf16 instructions oneDNN converts and cpp won (Xeon: geomean about 3x); with them
       oneDNN is fast and cpp lost at inference on 13 of 14 shapes (EPYC 0.44-1.62x) but won training at batch
-      1 (1.24-3.22x; the last grid also won batch 2 and 4, 1.35x and 1.07x, not yet taken into the rule).
+      1 (1.24-3.22x) and batch 2 (B2-T200-H384 1.34-1.35x in three runs, B2-T100-H512 1.16-1.50x in two);
+      at batch 4 training was mixed (0.85-1.07x), beyond it lost (B8: 0.71-0.75x).
     """
     if call.dtype == torch.float64:
         return None
@@ -89,7 +90,7 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
     if call.dtype == torch.bfloat16:
         if not _cpu_has_bf16_dot():
             return None
-        if call.batch == 1 and call.needs_grad:
+        if call.batch <= 2 and call.needs_grad:
             return None
         return "bfloat16 on a CPU with bf16 instructions: oneDNN measured faster"
     return f"no measurement for {call.dtype}"

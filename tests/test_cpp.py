@@ -537,6 +537,8 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     monkeypatch.setattr(dispatch, "_cpu_has_bf16_dot", lambda: True)
     assert _auto_backends(torch.bfloat16, 8) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 1, train=True) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 2, train=True) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 4, train=True) == ["native"] * 4
 
 
 def test_auto_serves_float64_with_cpp_and_matches_nn_lstm():
