@@ -820,6 +820,28 @@ inline int team_threads(int64_t B, int64_t H, int64_t P, bool proj) {
   return at::get_num_threads();
 }
 
+// A team thread's place and its slice [j0, j1) of the H hidden units: whole vectors, as even as that allows
+// (H = 200: 112 + 88, where whole panels would give 128 + 72). Called inside the team's parallel region, where
+// it also sizes the barrier (once, by one thread; `omp single` ends in a barrier, so all see it sized).
+struct TeamSlice {
+  int64_t j0, j1, width;
+};
+
+template <typename scalar_t>
+TeamSlice join_team(SpinBarrier& barrier, int64_t H) {
+#ifdef _OPENMP
+  const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+  const int nth = 1, me = 0;
+#endif
+#pragma omp single
+  barrier.init(nth);
+  constexpr int64_t lanes = Vec<scalar_t>::lanes;
+  const int64_t units = (H + lanes - 1) / lanes;
+  const int64_t j0 = std::min(H, units * me / nth * lanes), j1 = std::min(H, units * (me + 1) / nth * lanes);
+  return {j0, j1, j1 - j0};
+}
+
 // The forward time loop without projection (P == H) on `threads` threads. h: h0 in, hT out; c likewise.
 // With w_ih given, the input projection runs here too, per step and per slice (x: [T, B, I]); else G holds it.
 template <typename scalar_t>
@@ -827,24 +849,14 @@ void forward_team(int threads, const Dims& d, const std::vector<int64_t>& live, 
                   const scalar_t* bias, const scalar_t* w_hh, scalar_t* h, scalar_t* c, scalar_t* y,
                   scalar_t* c_hist, const scalar_t* w_ih, const scalar_t* x) {
   const int64_t T = d.T, B = d.B, I = d.I, H = d.H, G4 = 4 * H;
-  constexpr int64_t W = Packed<scalar_t>::W, lanes = Vec<scalar_t>::lanes;
+  constexpr int64_t W = Packed<scalar_t>::W;
   std::vector<scalar_t> hbuf(2 * B * H);
   std::memcpy(hbuf.data(), h, B * H * sizeof(scalar_t));
   SpinBarrier barrier;
 #pragma omp parallel num_threads(threads)
   {
-#ifdef _OPENMP
-    const int nth = omp_get_num_threads(), me = omp_get_thread_num();
-#else
-    const int nth = 1, me = 0;
-#endif
-#pragma omp single
-    barrier.init(nth);
-    // Slices in whole vectors, as even as that allows (H = 200: 112 + 88, where whole panels would give
-    // 128 + 72). Each thread packs its own slice, which so starts out in its own cache.
-    const int64_t units = (H + lanes - 1) / lanes;
-    const int64_t j0 = std::min(H, units * me / nth * lanes), j1 = std::min(H, units * (me + 1) / nth * lanes);
-    const int64_t width = j1 - j0;
+    // Each thread packs its own slice, which so starts out in its own cache.
+    const auto [j0, j1, width] = join_team<scalar_t>(barrier, H);
     Packed<scalar_t> Wq[4], Wi[4];  // gate q, this slice: B[k, n] = w_hh[q * H + j0 + n, k]; w_ih likewise
     if (width > 0) {
       for (int q = 0; q < 4; ++q) Wq[q].pack(w_hh + (q * H + j0) * H, H, width, 1, H, /*parallel=*/false);
@@ -1032,21 +1044,12 @@ void backward_team(int threads, const Dims& d, const std::vector<int64_t>& live,
                    const scalar_t* gates, const scalar_t* c_hist, const scalar_t* c0, const scalar_t* w_hh,
                    scalar_t* dgates, scalar_t* dh, scalar_t* dc) {
   const int64_t T = d.T, B = d.B, H = d.H, G4 = 4 * H;
-  constexpr int64_t W = Packed<scalar_t>::W, lanes = Vec<scalar_t>::lanes;
+  constexpr int64_t W = Packed<scalar_t>::W;
   std::vector<scalar_t> dht(B * H);  // the total gradient reaching this step's h
   SpinBarrier barrier;
 #pragma omp parallel num_threads(threads)
   {
-#ifdef _OPENMP
-    const int nth = omp_get_num_threads(), me = omp_get_thread_num();
-#else
-    const int nth = 1, me = 0;
-#endif
-#pragma omp single
-    barrier.init(nth);
-    const int64_t units = (H + lanes - 1) / lanes;
-    const int64_t j0 = std::min(H, units * me / nth * lanes), j1 = std::min(H, units * (me + 1) / nth * lanes);
-    const int64_t width = j1 - j0;
+    const auto [j0, j1, width] = join_team<scalar_t>(barrier, H);
     Packed<scalar_t> Wd;  // this slice of w_hh: B[k, n] = w_hh[k, j0 + n], k over 4H
     if (width > 0) Wd.pack(w_hh + j0, G4, width, H, 1, /*parallel=*/false);
     int gen = 0;

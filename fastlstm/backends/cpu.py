@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fastlstm.backends import Backend, LayerCall, LayerResult
+from fastlstm.backends import Backend, LayerCall, LayerResult, layer_op_grads
 
 _SOURCES = ("lstm_cpu.cpp",)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -292,18 +292,7 @@ def _register_python_side() -> None:
             ctx.reverse,
             ctx.has_bias,
         )
-        return (
-            dx,
-            dh0,
-            dc0,
-            dw_ih,
-            dw_hh,
-            db if ctx.has_bias else None,
-            dw_hr if ctx.has_proj else None,
-            None,
-            None,
-            None,
-        )
+        return layer_op_grads(dx, dh0, dc0, dw_ih, dw_hh, db if ctx.has_bias else None, dw_hr if ctx.has_proj else None)
 
     torch.library.register_autograd("fastlstm::cpp_lstm_fwd", _backward, setup_context=_setup_context)
     _registered = True

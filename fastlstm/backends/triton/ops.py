@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastlstm.backends import layer_op_grads
 from fastlstm.backends.triton import kernels
 
 KERNELS = ("step", "sequence")
@@ -327,18 +328,7 @@ def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused):
         grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel,
         ctx.has_bias,
     )  # fmt: skip
-    return (
-        dx,
-        dh0,
-        dc0,
-        dw_ih,
-        dw_hh,
-        db if ctx.has_bias else None,
-        dw_hr if w_hr is not None else None,
-        None,
-        None,
-        None,
-    )
+    return layer_op_grads(dx, dh0, dc0, dw_ih, dw_hh, db if ctx.has_bias else None, dw_hr if w_hr is not None else None)
 
 
 triton_forward.register_autograd(_backward, setup_context=_setup_context)
