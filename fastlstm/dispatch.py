@@ -1,9 +1,10 @@
 """Which backend serves each (layer, direction) of a call, and why. The only place that chooses.
 
-`backend="auto"` (the default): on CUDA, triton where it is available, supports the call and is
-measured faster than cuDNN; on the CPU, cpp where it is built, supports the call and is measured
-faster than oneDNN/ATen; native everywhere else. Any other name forces that backend and raises
-BackendUnavailableError when it cannot serve the call. `FASTLSTM_BACKEND` sets the default.
+`backend="auto"` (the default): on CUDA, triton where it is available, supports the call, is measured
+faster than cuDNN and its kernels pass a self-test on this GPU (they compile and agree with native); on the
+CPU, cpp where it is built, supports the call and is measured faster than oneDNN/ATen; native everywhere
+else. Any other name forces that backend and raises BackendUnavailableError when it cannot serve the call
+(and a forced backend's kernel errors reach the caller). `FASTLSTM_BACKEND` sets the default.
 """
 
 from __future__ import annotations
@@ -108,10 +109,11 @@ def _faster_than_native(name: str, call: LayerCall) -> str | None:
     return "no measured speed rule for this backend yet"
 
 
-def _warn_once(name: str, reason: str) -> None:
-    if name in _warned:
+def _warn_once(name: str, reason: str, key: str | None = None) -> None:
+    key = key or name
+    if key in _warned:
         return
-    _warned.add(name)
+    _warned.add(key)
     message = f"fastlstm: the {name} backend is unavailable, using native nn.LSTM kernels instead: {reason}"
     warnings.warn(message, RuntimeWarning, stacklevel=4)
     _log.info(message)
@@ -144,6 +146,12 @@ def choose(name: str, call: LayerCall) -> Choice:
     unsupported = backend.unsupported_reason(call)
     if unsupported is not None:
         return Choice("native", f"{fast} does not support this call: {unsupported}")
+    # Kernels built at run time (triton's) can fail to compile on a GPU they were never tried on: find out
+    # on a tiny input now, not in the user's call. Not while tracing: the plan is then part of a graph.
+    failed = None if torch.compiler.is_compiling() else backend.self_test(call)
+    if failed is not None:
+        _warn_once(fast, f"its kernels failed a self-test on this device: {failed}", key=f"{fast} self-test")
+        return Choice("native", f"{fast} failed its self-test here: {failed}")
     return Choice(fast, "measured faster than native for this shape")
 
 

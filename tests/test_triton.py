@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from fastlstm import reference  # noqa: E402
 from fastlstm.backends import LayerCall  # noqa: E402
@@ -352,6 +352,103 @@ def test_import_without_triton():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Self-test: auto routes around kernels that fail on this device
+# ------------------------------------------------------------------------------------------------------
+
+
+class _FailingKernel:
+    """Stands in for a triton kernel whose compilation fails, as it does on its first launch."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
+
+        return launch
+
+
+@pytest.fixture
+def fresh_self_tests(monkeypatch):
+    from fastlstm import dispatch
+
+    monkeypatch.setattr(triton_ops, "_SELF_TESTS", {})
+    monkeypatch.setattr(dispatch, "_warned", set())
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [dict(), dict(needs_grad=False), dict(proj_size=5, packed=True, reverse=True), dict(bias=False, batch=1)],
+    ids=["grad", "nograd", "proj-packed-rev", "nobias-B1"],
+)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_self_test_passes_working_kernels(flags, kernel, monkeypatch, fresh_self_tests):
+    monkeypatch.setenv(triton_ops.ENV_KERNEL, kernel)
+    rng = torch.get_rng_state()
+    assert BACKEND.self_test(_call(**flags)) is None
+    assert torch.equal(torch.get_rng_state(), rng)  # the user's random stream is untouched
+
+
+@pytest.mark.parametrize(
+    "failing, needs_grad, kernel",
+    [("fwd_seq_kernel", False, "sequence"), ("fwd_step_kernel", False, "step"), ("bwd_step_kernel", True, "step")],
+)
+def test_self_test_reports_a_kernel_that_fails_to_build(failing, needs_grad, kernel, monkeypatch, fresh_self_tests):
+    monkeypatch.setenv(triton_ops.ENV_KERNEL, kernel)
+    monkeypatch.setattr(triton_ops.kernels, failing, _FailingKernel())
+    reason = BACKEND.self_test(_call(needs_grad=needs_grad))
+    assert reason is not None and "OutOfResources" in reason and "shared memory" in reason
+    assert BACKEND.self_test(_call(needs_grad=needs_grad)) == reason  # cached: the kernels run once
+
+
+def test_self_test_passes_inference_when_only_a_backward_kernel_fails(monkeypatch, fresh_self_tests):
+    monkeypatch.setenv(triton_ops.ENV_KERNEL, "step")
+    monkeypatch.setattr(triton_ops.kernels, "bwd_step_kernel", _FailingKernel())
+    assert BACKEND.self_test(_call(needs_grad=False)) is None
+    assert BACKEND.self_test(_call(needs_grad=True)) is not None
+
+
+@pytest.mark.parametrize("corrupt", ["output", "gradient"])
+def test_self_test_reports_wrong_numbers(corrupt, monkeypatch, fresh_self_tests):
+    name = "forward_impl" if corrupt == "output" else "backward_impl"
+    real = getattr(triton_ops, name)
+
+    def corrupted(*args):
+        first, *rest = real(*args)
+        return (first * 1.5 + 0.1, *rest)
+
+    monkeypatch.setattr(triton_ops, name, corrupted)
+    reason = BACKEND.self_test(_call())
+    assert reason is not None and f"{corrupt} 0 differs from native" in reason
+
+
+def test_auto_routes_around_a_failing_kernel_with_one_warning(monkeypatch, fresh_self_tests):
+    """auto (made to pick triton here) falls back to native, warns once and says why; forced triton raises."""
+    import fastlstm
+    from fastlstm import dispatch
+
+    monkeypatch.setattr(dispatch, "_fast_backend_for", lambda device_type: "triton")
+    monkeypatch.setattr(dispatch, "_faster_than_native", lambda name, call: None)
+    monkeypatch.setattr(triton_ops.kernels, "fwd_seq_kernel", _FailingKernel())
+    monkeypatch.setenv(triton_ops.ENV_KERNEL, "sequence")
+    torch.manual_seed(0)
+    m = fastlstm.LSTM(4, 8, 2, device=DEVICE)
+    ref = nn.LSTM(4, 8, 2, device=DEVICE)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(5, 3, 4, device=DEVICE)
+    with pytest.warns(RuntimeWarning, match="triton backend is unavailable.*self-test.*OutOfResources") as seen:
+        y, (h, c) = m(x)
+        m(x)  # the second call neither warns again nor retries the kernels
+    assert len([w for w in seen if issubclass(w.category, RuntimeWarning)]) == 1
+    y_ref, (h_ref, c_ref) = ref(x)
+    torch.testing.assert_close((y, h, c), (y_ref, h_ref, c_ref), rtol=0, atol=0)
+    plan = fastlstm.explain(m, x)
+    assert plan.backends == ["native", "native"]
+    assert "triton failed its self-test here" in str(plan)
+    forced = fastlstm.LSTM(4, 8, 2, device=DEVICE, backend="triton")
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        forced(x)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Backends: each implements one LSTM layer in one direction (the layer contract in fastlstm.reference).
 
-A backend only answers three questions: can it run on this machine at all, can it serve this call, and
-what the layer computes. Choosing between backends is dispatch's job (fastlstm.dispatch).
+A backend only answers four questions: can it run on this machine at all, can it serve this call, do its
+kernels work for this call here (a self-test, for backends that compile kernels at run time), and what the
+layer computes. Choosing between backends is dispatch's job (fastlstm.dispatch).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class LayerCall:
 
 
 class Backend:
-    """Base class. Subclasses set `name` and implement `layer`; the two reason methods return None for yes."""
+    """Base class. Subclasses set `name` and implement `layer`; the reason methods return None for yes."""
 
     name: str = ""
 
@@ -48,6 +49,12 @@ class Backend:
 
     def unsupported_reason(self, call: LayerCall) -> str | None:
         """Why this backend cannot serve `call` (device, dtype, size), or None when it can."""
+        return None
+
+    def self_test(self, call: LayerCall) -> str | None:
+        """Why this backend's kernels fail for `call` on this machine although it is available and supports the
+        call (a kernel that does not compile for this GPU, say), found by running them; None when they work.
+        Dispatch asks only when choosing for `auto`; a forced backend fails loudly at the call instead."""
         return None
 
     def layer(

@@ -64,6 +64,12 @@ class TritonBackend(Backend):
 
         return size_reason(call.seq_len, call.batch, call.hidden_size, call.out_size)
 
+    def self_test(self, call: LayerCall) -> str | None:
+        """Runs the kernels this call needs once on a two-step input and checks them against native (ops.self_test)."""
+        from fastlstm.backends.triton import ops
+
+        return ops.self_test(call)
+
     def layer(self, x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | None = None) -> LayerResult:
         """One layer, one direction (fastlstm.reference); `kernel` forces "step" or "sequence"."""
         from fastlstm.backends.triton import ops

@@ -9,6 +9,7 @@ the choice is made before the op by `choose_kernel`, so the op itself is determi
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -16,7 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastlstm.backends import layer_op_grads
+from fastlstm.backends import LayerCall, layer_op_grads
+from fastlstm.backends.native import BACKEND as NATIVE
 from fastlstm.backends.triton import kernels
 
 KERNELS = ("step", "sequence")
@@ -344,3 +346,71 @@ def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | No
         bool(reverse), chosen,
     )  # fmt: skip
     return y, hT, cT
+
+
+# --------------------------------------------------------------------------------------------------
+# self-test: do this call's kernels build and compute on this device?
+# --------------------------------------------------------------------------------------------------
+
+_SELF_TESTS: dict[tuple, str | None] = {}
+# Largest error allowed against native, relative to 1 + the largest native value: loose enough for TF32 and
+# half precision over two steps, tight enough to catch a kernel that builds but computes garbage.
+_SELF_TEST_TOL = {torch.float64: 1e-7, torch.float32: 2e-2, torch.bfloat16: 1e-1, torch.float16: 1e-1}
+
+
+def self_test(call: LayerCall) -> str | None:
+    """Why the kernels `call` needs fail on this device, or None when they work.
+
+    Runs them once on a two-step input of the call's sizes and flags (forward, and backward when the call
+    needs gradients) and compares with the native path. Triton compiles a kernel on its first launch, so a
+    kernel that cannot be built for this GPU (out of shared memory, an instruction the GPU lacks) fails here
+    instead of in the user's call. Cached per configuration; the compile it triggers is one the real call
+    needs anyway. Inputs are made without the random generator, so the user's random stream is untouched.
+    """
+    if call.device_type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None  # nothing may run or synchronise inside a CUDA graph capture; the real call decides
+    kernel = choose_kernel(call.batch, call.hidden_size, call.out_size)
+    key = (
+        call.device_type, call.dtype, kernel, call.batch, call.input_size, call.hidden_size, call.proj_size,
+        call.bias, call.packed, call.reverse, call.needs_grad, _precision(call.dtype),
+    )  # fmt: skip
+    if key not in _SELF_TESTS:
+        try:
+            _SELF_TESTS[key] = _run_self_test(call, kernel)
+        except Exception as error:  # whatever the kernels raise here, the real call would raise too
+            _SELF_TESTS[key] = f"the {kernel} kernel failed: {type(error).__name__}: {error}"
+    return _SELF_TESTS[key]
+
+
+def _run_self_test(call: LayerCall, kernel: str) -> str | None:
+    device, dtype = torch.device(call.device_type), call.dtype
+    T, B, I, H, P = 2, call.batch, call.input_size, call.hidden_size, call.out_size
+
+    def data(*shape: int, scale: float) -> Tensor:
+        values = torch.arange(math.prod(shape), dtype=torch.float64).mul_(0.7).sin_().mul_(scale)
+        return values.view(shape).to(device, dtype)
+
+    scale = 2.0 / math.sqrt(I + P)
+    inputs = [
+        data(T, B, I, scale=1.0), data(B, P, scale=0.5), data(B, H, scale=0.5), data(4 * H, I, scale=scale),
+        data(4 * H, P, scale=scale), data(4 * H, scale=0.1) if call.bias else None,
+        data(P, H, scale=1.0 / math.sqrt(H)) if call.proj_size else None,
+    ]  # fmt: skip
+    batch_sizes = torch.tensor([B, max(1, B - 1)]) if call.packed else None
+    leaves = [t.requires_grad_(call.needs_grad) for t in inputs if t is not None]
+    with torch.autocast(call.device_type, enabled=False), torch.set_grad_enabled(call.needs_grad):
+        got = list(layer(*inputs, batch_sizes, call.reverse, kernel))
+        want = list(NATIVE.layer(*inputs, batch_sizes, call.reverse))
+        if call.needs_grad:
+            weights = [data(*t.shape, scale=1.0) for t in want]
+            got += torch.autograd.grad([(g * w).sum() for g, w in zip(got, weights)], leaves)
+            want += torch.autograd.grad([(n * w).sum() for n, w in zip(want, weights)], leaves)
+    for index, (g, w) in enumerate(zip(got, want)):
+        if g.numel() == 0:
+            continue
+        err = (g.double() - w.double()).abs().max().item()
+        allowed = _SELF_TEST_TOL[dtype] * (1.0 + w.double().abs().max().item())
+        if not err <= allowed:  # written so that a NaN error fails too
+            what = f"output {index}" if index < 3 else f"gradient {index - 3}"
+            return f"the {kernel} kernel's {what} differs from native by {err:.3g} (allowed {allowed:.3g}, {dtype})"
+    return None
