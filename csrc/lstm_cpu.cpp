@@ -25,6 +25,7 @@
 // Saved for backward: activated gates [T, B, 4H] and the cell history [T, B, H] (plus the output y).
 
 #include <torch/library.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -1252,6 +1253,70 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
   return {dx, dh, dc, dw_ih, dw_hh, db, dw_hr};
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Autograd, in C++: the same formula Python's torch.library.register_autograd would give, without its per-call
+// Python (measured ~0.14 ms a layer per training step here, a tenth of a batch-1 step at H = 128). Both ops are
+// called through the dispatcher, so tracing (fake tensors, torch.compile) sees the ops and their fake kernels.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+Tensor undefined_if_none(const c10::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+c10::optional<Tensor> none_if_undefined(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
+
+class LayerFunction : public torch::autograd::Function<LayerFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& c0,
+                               const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b,
+                               const c10::optional<Tensor>& w_hr, const c10::optional<Tensor>& batch_sizes,
+                               bool reverse, bool save) {
+    static const auto op = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("fastlstm::cpp_lstm_fwd", "")
+                                .typed<decltype(lstm_fwd)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, hT, cT, gates, c_hist] = op.call(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save);
+    ctx->save_for_backward({x, h0, c0, w_ih, w_hh, undefined_if_none(w_hr), undefined_if_none(batch_sizes), y, gates,
+                            c_hist});
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["save"] = save;
+    ctx->saved_data["has_bias"] = b.has_value();
+    // gates and c_hist are saved state, never differentiated; unused gradients stay undefined rather than being
+    // materialised as zeros ([T, B, 4H] of them).
+    ctx->mark_non_differentiable({gates, c_hist});
+    ctx->set_materialize_grads(false);
+    return {y, hT, cT, gates, c_hist};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(ctx->saved_data["save"].toBool(),
+                "fastlstm cpp: backward through a forward that ran without saving (save=False)");
+    static const auto op = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("fastlstm::cpp_lstm_bwd", "")
+                                .typed<decltype(lstm_bwd)>();
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &h0 = saved[1], &c0 = saved[2], &w_ih = saved[3], &w_hh = saved[4];
+    const Tensor &w_hr = saved[5], &batch_sizes = saved[6], &y = saved[7], &gates = saved[8], &c_hist = saved[9];
+    const Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(y);
+    const Tensor grad_hT = grads[1].defined() ? grads[1] : at::zeros_like(h0);
+    const Tensor grad_cT = grads[2].defined() ? grads[2] : at::zeros_like(c0);
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    auto [dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr] =
+        op.call(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, none_if_undefined(w_hr),
+                none_if_undefined(batch_sizes), y, gates, c_hist, ctx->saved_data["reverse"].toBool(), has_bias);
+    // One gradient per forward input: batch_sizes, reverse and save get none.
+    return {dx, dh0, dc0, dw_ih, dw_hh, has_bias ? db : Tensor(), w_hr.defined() ? dw_hr : Tensor(),
+            Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd_autograd(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const c10::optional<Tensor>& b, const c10::optional<Tensor>& w_hr, const c10::optional<Tensor>& batch_sizes,
+    bool reverse, bool save) {
+  const variable_list out = LayerFunction::apply(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
 }  // namespace
 }  // namespace fastlstm
 
@@ -1271,3 +1336,5 @@ TORCH_LIBRARY_IMPL(fastlstm, CPU, m) {
   m.impl("cpp_lstm_fwd", &fastlstm::lstm_fwd);
   m.impl("cpp_lstm_bwd", &fastlstm::lstm_bwd);
 }
+
+TORCH_LIBRARY_IMPL(fastlstm, Autograd, m) { m.impl("cpp_lstm_fwd", &fastlstm::lstm_fwd_autograd); }

@@ -10,7 +10,7 @@ Build and cache
     `$FASTLSTM_CXX` (or else `$CXX`) chooses the compiler. A failing build never raises out of
     `unavailable_reason()`; it returns the compiler's error text, and `layer()` raises a RuntimeError naming it.
 
-Ops (namespace `fastlstm`, schemas defined in C++, fakes and autograd here)
+Ops (namespace `fastlstm`; schemas, kernels and autograd (cpp_lstm_fwd's Autograd kernel) in C++, fakes here)
     cpp_lstm_fwd(x, h0, c0, w_ih, w_hh, b?, w_hr?, batch_sizes?, reverse, save) -> (y, hT, cT, gates, c_hist)
     cpp_lstm_bwd(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr?, batch_sizes?, y, gates, c_hist,
                  reverse, has_bias) -> (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fastlstm.backends import Backend, LayerCall, LayerResult, layer_op_grads
+from fastlstm.backends import Backend, LayerCall, LayerResult
 
 _SOURCES = ("lstm_cpu.cpp",)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -211,7 +211,7 @@ def kernel_choices() -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Fake kernels and autograd, registered once the C++ schemas exist.
+# Fake kernels, registered once the C++ schemas exist (autograd is the C++ side's).
 
 _registered = False
 
@@ -255,46 +255,6 @@ def _register_python_side() -> None:
             dw_hr,
         )
 
-    def _setup_context(ctx, inputs, output):
-        x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save = inputs
-        y, _, _, gates, c_hist = output
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist)
-        ctx.reverse = reverse
-        ctx.save = save
-        ctx.has_bias = b is not None
-        ctx.has_proj = w_hr is not None
-        # gates and c_hist are saved state, never differentiated; and unused gradients stay None rather than
-        # being materialised as zeros ([T, B, 4H] of them, measured ~2% of a training step at B2-T200-H384).
-        ctx.mark_non_differentiable(gates, c_hist)
-        ctx.set_materialize_grads(False)
-
-    def _backward(ctx, grad_y, grad_hT, grad_cT, _grad_gates, _grad_c_hist):
-        if not ctx.save:
-            raise RuntimeError("fastlstm cpp: backward through a forward that ran without saving (save=False)")
-        x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist = ctx.saved_tensors
-        grad_y = torch.zeros_like(y) if grad_y is None else grad_y
-        grad_hT = torch.zeros_like(h0) if grad_hT is None else grad_hT
-        grad_cT = torch.zeros_like(c0) if grad_cT is None else grad_cT
-        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.fastlstm.cpp_lstm_bwd(
-            grad_y,
-            grad_hT,
-            grad_cT,
-            x,
-            h0,
-            c0,
-            w_ih,
-            w_hh,
-            w_hr,
-            batch_sizes,
-            y,
-            gates,
-            c_hist,
-            ctx.reverse,
-            ctx.has_bias,
-        )
-        return layer_op_grads(dx, dh0, dc0, dw_ih, dw_hh, db if ctx.has_bias else None, dw_hr if ctx.has_proj else None)
-
-    torch.library.register_autograd("fastlstm::cpp_lstm_fwd", _backward, setup_context=_setup_context)
     _registered = True
 
 
