@@ -522,8 +522,9 @@ def test_float32_kernel_paths(path):
 
 def _auto_backends(dtype, batch, train=False):
     _plan_for.cache_clear()  # the rule is monkeypatched between calls of one shape
-    m = fastlstm.LSTM(5, 6, 2, bidirectional=True).to(dtype).train(train)
-    return fastlstm.explain(m, torch.randn(4, batch, 5, dtype=dtype)).backends
+    m = fastlstm.LSTM(5, 6, 2, bidirectional=True).to(dtype)
+    with torch.set_grad_enabled(train):  # the parameters require grad: grad mode alone makes it a training call
+        return fastlstm.explain(m, torch.randn(4, batch, 5, dtype=dtype)).backends
 
 
 def test_auto_follows_the_measured_rule(monkeypatch):
@@ -531,6 +532,10 @@ def test_auto_follows_the_measured_rule(monkeypatch):
 
     assert _auto_backends(torch.float64, 8) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 1) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 2) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 3) == ["native"] * 4
+    assert _auto_backends(torch.float32, 4, train=True) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 5, train=True) == ["native"] * 4
     assert _auto_backends(torch.float32, 8) == ["native"] * 4
     monkeypatch.setattr(dispatch, "_cpu_has_bf16_dot", lambda: False)
     assert _auto_backends(torch.bfloat16, 8) == ["cpp"] * 4

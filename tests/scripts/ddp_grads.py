@@ -28,6 +28,9 @@ def worker(rank, out, store, kind, backend):
         (y.pow(2).sum() + h.sum() + c.sum()).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.module.named_parameters()}, out)
+    # Both ranks tear gloo down together: a rank destroying its group while the other still holds open
+    # connections aborted the process now and then ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
