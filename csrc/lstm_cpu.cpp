@@ -845,9 +845,10 @@ TeamSlice join_team(SpinBarrier& barrier, int64_t H) {
 
 // The forward time loop without projection (P == H) on `threads` threads. h: h0 in, hT out; c likewise.
 // With w_ih given, the input projection runs here too, per step and per slice (x: [T, B, I]); else G holds it.
+// Step t's gates are G + t * g_step (g_step 0: one step's buffer, reused).
 template <typename scalar_t>
 void forward_team(int threads, const Dims& d, const std::vector<int64_t>& live, bool reverse, scalar_t* G,
-                  const scalar_t* bias, const scalar_t* w_hh, scalar_t* h, scalar_t* c, scalar_t* y,
+                  int64_t g_step, const scalar_t* bias, const scalar_t* w_hh, scalar_t* h, scalar_t* c, scalar_t* y,
                   scalar_t* c_hist, const scalar_t* w_ih, const scalar_t* x) {
   const int64_t T = d.T, B = d.B, I = d.I, H = d.H, G4 = 4 * H;
   constexpr int64_t W = Packed<scalar_t>::W;
@@ -870,7 +871,7 @@ void forward_team(int threads, const Dims& d, const std::vector<int64_t>& live, 
       const int64_t n = live[t];
       const scalar_t* hin = hbuf.data() + (s & 1) * B * H;
       scalar_t* hout = hbuf.data() + ((s + 1) & 1) * B * H;
-      scalar_t* Gt = G + t * B * G4;
+      scalar_t* Gt = G + t * g_step;
       scalar_t* yt = y + t * B * H;
       if (width > 0) {
         for (int q = 0; q < 4; ++q)
@@ -932,6 +933,16 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   // The input projection: one GEMM for all steps up front (straight into the gate buffer; the bias is added in
   // the cell), or, from fuse_min_rows() rows on, per step beside the recurrent product (see fuse_min_rows).
   const bool fuse_input = blocked_step && B >= fuse_min_rows() && I > 0;
+  // Inference (gates undefined) keeps gates in reused per-thread scratch memory; with the projection fused it
+  // keeps a single step's [B, 4H], which every step overwrites while it is in cache, instead of streaming T
+  // steps of gates through memory.
+  const bool one_step = !gates.defined() && fuse_input;
+  if (!gates.defined()) {
+    const int64_t rows = one_step ? B : T * B;
+    gates = at::from_blob(gates_scratch().get(std::max<int64_t>(1, rows * G4) * sizeof(scalar_t)),
+                          {one_step ? 1 : T, B, G4}, x.options());
+  }
+  const int64_t g_step = one_step ? 0 : B * G4;
   if (!fuse_input) {
     Tensor G2 = gates.view({T * B, G4});
     linear_nt<scalar_t>(x.view({T * B, I}), w_ih, G2);
@@ -946,7 +957,7 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   scalar_t* yp = y.data_ptr<scalar_t>();
   const int threads = team_threads(B, H, P, proj);
   if (blocked_step && threads > 1) {
-    forward_team<scalar_t>(threads, d, live, reverse, G, bp, w_hh.data_ptr<scalar_t>(), hp, cp, yp, c_hist,
+    forward_team<scalar_t>(threads, d, live, reverse, G, g_step, bp, w_hh.data_ptr<scalar_t>(), hp, cp, yp, c_hist,
                            fuse_input ? w_ih.data_ptr<scalar_t>() : nullptr, xp);
     return;
   }
@@ -957,7 +968,7 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
     const int64_t t = reverse ? T - 1 - s : s;
     const int64_t n = live[t];
     if (n == 0) continue;
-    scalar_t* Gt = G + t * B * G4;
+    scalar_t* Gt = G + t * g_step;
     if (fuse_input) step_gemm<scalar_t>(xp + t * B * I, I, WihT, Gt, G4, n, /*accumulate=*/false);
     if (mkl_whh.ok) {
       // All B rows even when fewer are live: rows past n of this step's gate buffer are never read, and the
@@ -1003,11 +1014,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x_in, 
   auto w_hr = as_compute(w_hr_in, ct);
   Tensor h = h0_in.to(ct, /*non_blocking=*/false, /*copy=*/true).contiguous();
   Tensor c = c0_in.to(ct, false, true).contiguous();
-  // Inference keeps no gates: they live in reused per-thread scratch memory.
-  Tensor gates = save ? at::empty({d.T, d.B, 4 * d.H}, opts)
-                      : at::from_blob(gates_scratch().get(std::max<int64_t>(1, d.T * d.B * 4 * d.H) *
-                                                          c10::elementSize(ct)),
-                                      {d.T, d.B, 4 * d.H}, opts);
+  // Training keeps every step's gates for backward; inference leaves them to forward_impl (undefined here).
+  Tensor gates = save ? at::empty({d.T, d.B, 4 * d.H}, opts) : Tensor();
   Tensor y = packed ? at::zeros({d.T, d.B, d.P}, opts) : at::empty({d.T, d.B, d.P}, opts);
   Tensor c_hist = save ? (packed ? at::zeros({d.T, d.B, d.H}, opts) : at::empty({d.T, d.B, d.H}, opts))
                        : at::empty({0}, opts);
