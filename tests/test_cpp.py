@@ -476,8 +476,8 @@ def test_float32_kernel_paths(path):
     the register-blocked kernel; the input projection and dx through oneDNN's matmul (other CPUs, large
     products) or BLAS; the time loop as one team of threads (small steps) or split per step; the input
     projection per step (8+ rows) or up front. Force each through its knob in a subprocess, check
-    `kernel_choices()` says so, and compare with the reference, so every path is tested whatever CPU runs
-    the suite."""
+    `kernel_choices()` says so, and compare with the reference, training and inference, so every path is
+    tested whatever CPU runs the suite."""
     env_overrides, expected = _FLOAT32_PATHS[path]
     if "MKL" in expected and "never" not in expected and not torch.backends.mkl.is_available():
         pytest.skip("this torch carries no MKL")
@@ -510,6 +510,10 @@ def test_float32_kernel_paths(path):
                 loss = (y * y).sum() + hT.sum() + cT.sin().sum()
                 results.append([y, hT, cT, *torch.autograd.grad(loss, leaves)])
             for got, exp in zip(*results):
+                torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-4)
+            with torch.no_grad():  # inference saves nothing and may keep only one step of gates
+                inferred = BACKEND.layer(x, h0, c0, w_ih, w_hh, b, w_hr, bs, reverse)
+            for got, exp in zip(inferred, results[1][:3]):
                 torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-4)
         print("OK")
         """
