@@ -74,18 +74,18 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
     earlier session whose tables were not kept, an Intel Xeon (AVX-512, no BF16 instructions; geomeans float64
     1.92x / 2.57x, bfloat16 3.18x / 2.76x, inference / training). Ratios are nn.LSTM time / cpp time, same
     process, interleaved.
-    - float64: cpp won everywhere (EPYC, latest grids: inference 1.11-5.38x, training 1.16-14.8x).
+    - float64: cpp won everywhere (EPYC, last two grids: inference 1.11-5.38x, training 1.16-14.8x).
     - float32: oneDNN runs near the machine's GEMM peak, so cpp only wins reliably where per-step overhead
-      dominates: small batches. Batch 1 (EPYC, latest grids: inference 1.01-1.87x, training 1.09-1.92x).
+      dominates: small batches. Batch 1 (EPYC, last four grids: inference 1.01-2.14x, training 1.09-2.08x).
       Batch 2, two runs each of 15 shapes (H 64-1024, T 35-500, 1-3 layers, uni- and bidirectional): inference
       1.15-2.01x except B2-T50-I100-H300-bi at 0.92-0.93x (that shape is weak at batch 1 too: 0.81-0.95x),
       training 1.05-1.87x. Batch 3-4 training, 14 shapes twice: 0.97-1.87x (the 0.97x, B4-T200-H256-L2-bi, was
       1.16x in the other run); batch 3-4 inference was mixed (0.91-1.83x) and stays native. Batch 8 lost
-      (B8-T100-H256: 0.91-0.96x in both modes). At batch >= 8 the last grid measured 0.88-1.00x at inference
-      and 0.90-1.31x in training, winning some shapes and losing others by more than run-to-run noise.
+      (B8-T100-H256: 0.91-0.96x in both modes). At batch >= 8 the last three grids measured 0.79-1.18x at
+      inference and 0.87-1.28x in training, winning some shapes and losing others by more than run-to-run noise.
     - bfloat16: without bf16 instructions oneDNN converts and cpp won (Xeon: geomean about 3x); with them
       oneDNN is fast and cpp lost at inference on 13 of 14 shapes (EPYC 0.44-1.62x) but won training at batch
-      1 (1.24-3.22x) and batch 2 (B2-T200-H384 1.34-1.35x in three runs, B2-T100-H512 1.16-1.50x in two);
+      1 (1.21-3.22x) and batch 2 (B2-T200-H384 1.34-1.38x in four runs, B2-T100-H512 1.16-1.50x in two);
       at batch 4 training was mixed (0.85-1.07x), beyond it lost (B8: 0.71-0.75x).
     """
     if call.dtype == torch.float64:
