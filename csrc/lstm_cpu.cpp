@@ -25,6 +25,7 @@
 // Saved for backward: activated gates [T, B, 4H] and the cell history [T, B, H] (plus the output y).
 
 #include <torch/library.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -1272,6 +1273,59 @@ using torch::autograd::variable_list;
 Tensor undefined_if_none(const c10::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 c10::optional<Tensor> none_if_undefined(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
 
+// The layer in differentiable ATen ops, the same steps as fastlstm/reference.py: for double backward only.
+std::tuple<Tensor, Tensor, Tensor> layer_in_aten_ops(const Tensor& x, const Tensor& h0, const Tensor& c0,
+                                                     const Tensor& w_ih, const Tensor& w_hh, const Tensor& b,
+                                                     const Tensor& w_hr, const std::vector<int64_t>& live,
+                                                     bool reverse) {
+  const int64_t T = x.size(0), B = x.size(1);
+  Tensor x_proj = at::matmul(x, w_ih.t());
+  if (b.defined()) x_proj = x_proj + b;
+  Tensor h = h0, c = c0;
+  std::vector<Tensor> ys(T);
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    const int64_t n = live[t];
+    // Rows past n are finished (forward) or not started (reverse, still at h0/c0): they keep their state.
+    const auto q = (x_proj[t].narrow(0, 0, n) + at::matmul(h.narrow(0, 0, n), w_hh.t())).chunk(4, 1);
+    const Tensor c_live = q[1].sigmoid() * c.narrow(0, 0, n) + q[0].sigmoid() * q[2].tanh();
+    Tensor h_live = q[3].sigmoid() * c_live.tanh();
+    if (w_hr.defined()) h_live = at::matmul(h_live, w_hr.t());
+    ys[t] = n < B ? at::cat({h_live, h_live.new_zeros({B - n, h_live.size(1)})}) : h_live;
+    h = n < B ? at::cat({h_live, h.narrow(0, n, B - n)}) : h_live;
+    c = n < B ? at::cat({c_live, c.narrow(0, n, B - n)}) : c_live;
+  }
+  return {at::stack(ys), h, c};
+}
+
+// Backward with create_graph=True (gradient penalties, Hessian-vector products): the kernels' gradients are not
+// themselves differentiable, so recompute the layer from the saved inputs in differentiable ops and let autograd
+// differentiate that. Slow (a step loop of small ops), exact, and only ever taken for this case.
+variable_list differentiable_grads(const std::vector<Tensor>& inputs, const Tensor& batch_sizes, bool reverse,
+                                   const Tensor& grad_y, const Tensor& grad_hT, const Tensor& grad_cT) {
+  const Tensor& x = inputs[0];
+  const auto ct = compute_type(x.scalar_type());
+  std::vector<Tensor> v;  // the inputs in the compute dtype (bfloat16 computes in float32, as the kernels do)
+  for (const Tensor& t : inputs) v.push_back(t.defined() ? t.to(ct) : t);
+  const auto live = live_rows(none_if_undefined(batch_sizes), x.size(0), x.size(1));
+  auto [y, hT, cT] = layer_in_aten_ops(v[0], v[1], v[2], v[3], v[4], v[5], v[6], live, reverse);
+  variable_list wrt;
+  std::vector<size_t> where;
+  for (size_t k = 0; k < inputs.size(); ++k) {
+    if (inputs[k].defined() && inputs[k].requires_grad()) {
+      wrt.push_back(inputs[k]);
+      where.push_back(k);
+    }
+  }
+  variable_list grads(inputs.size() + 3);  // + batch_sizes, reverse, save: none
+  if (wrt.empty()) return grads;
+  const variable_list got = torch::autograd::grad({y, hT, cT}, wrt, {grad_y.to(ct), grad_hT.to(ct), grad_cT.to(ct)},
+                                                  /*retain_graph=*/true, /*create_graph=*/true, /*allow_unused=*/true);
+  for (size_t k = 0; k < wrt.size(); ++k) grads[where[k]] = got[k];
+  return grads;
+}
+
+
 class LayerFunction : public torch::autograd::Function<LayerFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& c0,
@@ -1284,7 +1338,7 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, hT, cT, gates, c_hist] = op.call(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save);
     ctx->save_for_backward({x, h0, c0, w_ih, w_hh, undefined_if_none(w_hr), undefined_if_none(batch_sizes), y, gates,
-                            c_hist});
+                            c_hist, undefined_if_none(b)});
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["save"] = save;
     ctx->saved_data["has_bias"] = b.has_value();
@@ -1308,6 +1362,10 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     const Tensor grad_hT = grads[1].defined() ? grads[1] : at::zeros_like(h0);
     const Tensor grad_cT = grads[2].defined() ? grads[2] : at::zeros_like(c0);
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      return differentiable_grads({x, h0, c0, w_ih, w_hh, saved[10], w_hr}, batch_sizes,
+                                  ctx->saved_data["reverse"].toBool(), grad_y, grad_hT, grad_cT);
+    }
     auto [dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr] =
         op.call(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, none_if_undefined(w_hr),
                 none_if_undefined(batch_sizes), y, gates, c_hist, ctx->saved_data["reverse"].toBool(), has_bias);

@@ -309,7 +309,7 @@ def _(grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, 
 def _setup_context(ctx, inputs, output):
     x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel = inputs
     _, _, _, acts, hs, cs, r = output
-    ctx.save_for_backward(x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r)
+    ctx.save_for_backward(x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, h0, c0, b)
     ctx.reverse = reverse
     ctx.kernel = kernel
     ctx.has_bias = b is not None
@@ -318,7 +318,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused):
-    x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r = ctx.saved_tensors
+    x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, h0, c0, b = ctx.saved_tensors
     B, P, H = hs.shape[1], hs.shape[2], cs.shape[2]
     if grad_y is None:
         grad_y = x.new_zeros(x.shape[0], B, P)
@@ -326,11 +326,33 @@ def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused):
         grad_hT = x.new_zeros(B, P)
     if grad_cT is None:
         grad_cT = x.new_zeros(B, H)
+    if torch.is_grad_enabled():  # create_graph=True
+        inputs = (x, h0, c0, w_ih, w_hh, b, w_hr)
+        return _differentiable_grads(inputs, batch_sizes, ctx.reverse, (grad_y, grad_hT, grad_cT))
     dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = triton_backward(
         grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel,
         ctx.has_bias,
     )  # fmt: skip
     return layer_op_grads(dx, dh0, dc0, dw_ih, dw_hh, db if ctx.has_bias else None, dw_hr if w_hr is not None else None)
+
+
+def _differentiable_grads(inputs, batch_sizes, reverse, grads) -> tuple[Tensor | None, ...]:
+    """Backward with create_graph=True (gradient penalties, Hessian-vector products): the kernels' gradients are
+    not themselves differentiable, so recompute the layer from the saved inputs with the reference's
+    differentiable ops (in the compute dtype) and let autograd differentiate that. Slow, exact, and only ever
+    taken for this case."""
+    from fastlstm import reference
+
+    cdt = _compute_dtype(inputs[0].dtype)
+    outputs = reference.lstm_layer(*(None if t is None else t.to(cdt) for t in inputs), batch_sizes, reverse)
+    wrt = [k for k, t in enumerate(inputs) if t is not None and t.requires_grad]
+    got = torch.autograd.grad(
+        outputs, [inputs[k] for k in wrt], [g.to(cdt) for g in grads], create_graph=True, allow_unused=True
+    )
+    result: list[Tensor | None] = [None] * len(inputs)
+    for k, g in zip(wrt, got):
+        result[k] = g
+    return layer_op_grads(*result)
 
 
 triton_forward.register_autograd(_backward, setup_context=_setup_context)
