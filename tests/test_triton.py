@@ -506,6 +506,26 @@ def test_cuda_error_at_most_twice_native(case, kernel, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "flags, kernel",
+    [
+        (dict(batch=4, hidden_size=128, input_size=64), "sequence"),
+        (dict(batch=4, hidden_size=128, input_size=64), "step"),
+        (dict(batch=48, hidden_size=256, packed=True, reverse=True), "sequence"),
+        (dict(batch=40, hidden_size=320, proj_size=96, packed=True), "step"),
+    ],
+    ids=["B4-H128-sequence", "B4-H128-step", "B48-H256-packed-rev-sequence", "B40-H320-proj-packed-step"],
+)
+def test_cuda_self_test_passes_real_kernels(flags, kernel, dtype, monkeypatch, fresh_self_tests):
+    """On a real GPU the kernels compile and the self-test's tolerance admits TF32 / bf16 / fp16 rounding, so
+    auto does not route working kernels to native."""
+    monkeypatch.setenv(triton_ops.ENV_KERNEL, kernel)
+    for needs_grad in (False, True):
+        assert BACKEND.self_test(_call(dtype=dtype, needs_grad=needs_grad, **flags)) is None
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("case, kernel", _params([CASES[1], CASES[6], CASES[8], CASES[9], CUDA_CASES[0]], KERNELS))
 def test_cuda_fp32_matches_nn_lstm(case, kernel):
     expected = _nn_lstm_results(case, torch.float32, "cuda")
