@@ -510,12 +510,11 @@ def test_cuda_error_at_most_twice_native(case, kernel, dtype):
 @pytest.mark.parametrize(
     "flags, kernel",
     [
-        (dict(batch=4, hidden_size=128, input_size=64), "sequence"),
-        (dict(batch=4, hidden_size=128, input_size=64), "step"),
-        (dict(batch=48, hidden_size=256, packed=True, reverse=True), "sequence"),
-        (dict(batch=40, hidden_size=320, proj_size=96, packed=True), "step"),
+        (dict(batch=8, hidden_size=128, input_size=64), "sequence"),
+        (dict(batch=40, hidden_size=320, input_size=48, proj_size=96, packed=True), "step"),
     ],
-    ids=["B4-H128-sequence", "B4-H128-step", "B48-H256-packed-rev-sequence", "B40-H320-proj-packed-step"],
+    # the block configurations of CUDA_CASES[0] and [1], so the GPU run compiles nothing extra
+    ids=["B8-H128-sequence", "B40-H320-proj-packed-step"],
 )
 def test_cuda_self_test_passes_real_kernels(flags, kernel, dtype, monkeypatch, fresh_self_tests):
     """On a real GPU the kernels compile and the self-test's tolerance admits TF32 / bf16 / fp16 rounding, so
