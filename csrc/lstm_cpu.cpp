@@ -19,8 +19,10 @@
 //     sequence, each owning a slice of hidden units, with one spin barrier per step, forward and backward.
 //   * The pointwise cell is one fused loop in explicit SIMD with an own exp: ~1 ulp for float, ~1e-16
 //     relative for double; the scalar tail uses std:: math for double.
+//   * Inference keeps no gates for backward: with the projection fused, one step's [B, 4H] buffer, reused.
 //   * Backward runs the reverse time loop for the gate gradients only; dx, dw_ih, dw_hh, db, dw_hr are then
 //     single GEMMs / reductions over all T*B rows.
+//   * Autograd is a C++ Autograd kernel (no per-call Python); double backward recomputes the layer in ATen ops.
 //   * bfloat16 is computed in float32 end to end (fp32 accumulation, fp32 c) and rounded at the boundary.
 // Saved for backward: activated gates [T, B, 4H] and the cell history [T, B, H] (plus the output y).
 
