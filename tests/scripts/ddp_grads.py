@@ -3,6 +3,8 @@
 python ddp_grads.py OUT_FILE STORE_FILE torch|fastlstm [BACKEND]
 """
 
+import gc
+import os
 import sys
 
 import torch
@@ -28,10 +30,16 @@ def worker(rank, out, store, kind, backend):
         (y.pow(2).sum() + h.sum() + c.sum()).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.module.named_parameters()}, out)
-    # Both ranks tear gloo down together: a rank destroying its group while the other still holds open
-    # connections aborted the process now and then ("terminate called without an active exception").
+    # Gloo's teardown aborted a rank now and then on loaded machines ("terminate called without an active
+    # exception", also with backend="reference", which runs no fastlstm kernel). So: meet at a barrier, drop the
+    # DDP reducer (the process group's last user) while the interpreter is fully alive, destroy the group, and
+    # leave without interpreter finalisation, which is not what this script tests.
     dist.barrier()
+    del model, lstm
+    gc.collect()
     dist.destroy_process_group()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _timeout():
