@@ -28,7 +28,8 @@ class Explanation:
 
 
 def explain(module: LSTM, input, hx: tuple[Tensor, Tensor] | None = None) -> Explanation:
-    """Which backend `module(input, hx)` would run for each (layer, direction), and why. Computes nothing."""
+    """Which backend `module(input, hx)` would run for each (layer, direction), and why. Computes nothing of the
+    call itself (auto may run a fast backend's one-time kernel self-test on a tiny input, as the call would)."""
     from fastlstm import dispatch
 
     if not isinstance(module, LSTM):
