@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastlstm
 
@@ -60,3 +60,23 @@ def assert_same_results(ref: nn.Module, fast: nn.Module, inputs: list[torch.Tens
 def lstm_call(module, x, *state):
     """module(x) or module(x, (h0, c0))."""
     return module(x, tuple(state)) if state else module(x)
+
+
+def assert_same_double_backward(backend: str, packed: bool, atol: float, rtol: float) -> None:
+    """create_graph=True (a gradient penalty on the input and weight gradients) through a float64 stack with
+    projection and both directions: first- and second-order gradients equal nn.LSTM's; packed with unsorted
+    lengths, or padded."""
+    torch.manual_seed(5)
+    ref, fast = make_pair(4, 6, 2, bidirectional=True, proj_size=3, backend=backend)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    results = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_()
+        inp = pack_padded_sequence(xi, torch.tensor([4, 5, 2]), enforce_sorted=False) if packed else xi
+        y, h, c = _leaves(m(inp))
+        loss = (y * y).sum() + h.sum() + c.sin().sum()
+        first = torch.autograd.grad(loss, [xi, *m.parameters()], create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in first)
+        results.append([*first, *torch.autograd.grad(penalty, [xi, *m.parameters()])])
+    for got, exp in zip(results[1], results[0]):
+        torch.testing.assert_close(got, exp, atol=atol, rtol=rtol)

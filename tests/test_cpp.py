@@ -552,25 +552,10 @@ def test_auto_follows_the_measured_rule(monkeypatch):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_double_backward_matches_nn_lstm(packed):
-    """create_graph=True (a gradient penalty on input and weight gradients): the second-order gradients equal
-    nn.LSTM's, through a stack with projection, both directions and, packed, unsorted lengths."""
-    torch.manual_seed(5)
-    ref = nn.LSTM(4, 6, 2, bidirectional=True, proj_size=3).double()
-    fast = fastlstm.LSTM(4, 6, 2, bidirectional=True, proj_size=3, backend="cpp").double()
-    fast.load_state_dict(ref.state_dict())
-    x = torch.randn(5, 3, 4, dtype=torch.float64)
-    results = []
-    for m in (ref, fast):
-        xi = x.clone().requires_grad_()
-        inp = pack_padded_sequence(xi, torch.tensor([4, 5, 2]), enforce_sorted=False) if packed else xi
-        y, (h, c) = m(inp)
-        y = y.data if packed else y
-        loss = (y * y).sum() + h.sum() + c.sin().sum()
-        first = torch.autograd.grad(loss, [xi, *m.parameters()], create_graph=True)
-        penalty = sum(g.pow(2).sum() for g in first)
-        results.append([*first, *torch.autograd.grad(penalty, [xi, *m.parameters()])])
-    for got, exp in zip(results[1], results[0]):
-        torch.testing.assert_close(got, exp, atol=1e-9, rtol=1e-7)
+    """create_graph=True: second-order gradients equal nn.LSTM's (helpers.assert_same_double_backward)."""
+    from helpers import assert_same_double_backward
+
+    assert_same_double_backward("cpp", packed, atol=1e-9, rtol=1e-7)
 
 
 def test_auto_serves_float64_with_cpp_and_matches_nn_lstm():

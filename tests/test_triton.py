@@ -19,7 +19,6 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa
 
 triton = pytest.importorskip("triton")
 
-import fastlstm  # noqa: E402
 from fastlstm import reference  # noqa: E402
 from fastlstm.backends import LayerCall  # noqa: E402
 from fastlstm.backends.triton import BACKEND  # noqa: E402
@@ -248,24 +247,11 @@ def test_module_stacked_bidirectional_proj(packed):
 @pytest.mark.skipif(HAS_CUDA, reason="float64 is served by the interpreter only")
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_double_backward_matches_nn_lstm(kernel, monkeypatch):
-    """create_graph=True (a gradient penalty): second-order gradients equal nn.LSTM's (packed, 2 layers, both
-    directions, projection)."""
+    """create_graph=True: second-order gradients equal nn.LSTM's (helpers.assert_same_double_backward), packed."""
+    from helpers import assert_same_double_backward
+
     monkeypatch.setenv(triton_ops.ENV_KERNEL, kernel)
-    torch.manual_seed(5)
-    ref = nn.LSTM(4, 6, 2, bidirectional=True, proj_size=3).double()
-    fast = fastlstm.LSTM(4, 6, 2, bidirectional=True, proj_size=3, backend="triton").double()
-    fast.load_state_dict(ref.state_dict())
-    x = torch.randn(5, 3, 4, dtype=torch.float64)
-    results = []
-    for m in (ref, fast):
-        xi = x.clone().requires_grad_()
-        y, (h, c) = m(pack_padded_sequence(xi, torch.tensor([4, 5, 2]), enforce_sorted=False))
-        loss = (y.data * y.data).sum() + h.sum() + c.sin().sum()
-        first = torch.autograd.grad(loss, [xi, *m.parameters()], create_graph=True)
-        penalty = sum(g.pow(2).sum() for g in first)
-        results.append([*first, *torch.autograd.grad(penalty, [xi, *m.parameters()])])
-    for got, exp in zip(results[1], results[0]):
-        torch.testing.assert_close(got, exp, **TOL[torch.float64])
+    assert_same_double_backward("triton", packed=True, **TOL[torch.float64])
 
 
 # ------------------------------------------------------------------------------------------------------
