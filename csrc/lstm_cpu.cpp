@@ -1327,7 +1327,6 @@ variable_list differentiable_grads(const std::vector<Tensor>& inputs, const Tens
   return grads;
 }
 
-
 class LayerFunction : public torch::autograd::Function<LayerFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& c0,
@@ -1343,7 +1342,6 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
                             c_hist, undefined_if_none(b)});
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["save"] = save;
-    ctx->saved_data["has_bias"] = b.has_value();
     // gates and c_hist are saved state, never differentiated; unused gradients stay undefined rather than being
     // materialised as zeros ([T, B, 4H] of them).
     ctx->mark_non_differentiable({gates, c_hist});
@@ -1360,12 +1358,13 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &h0 = saved[1], &c0 = saved[2], &w_ih = saved[3], &w_hh = saved[4];
     const Tensor &w_hr = saved[5], &batch_sizes = saved[6], &y = saved[7], &gates = saved[8], &c_hist = saved[9];
+    const Tensor& b = saved[10];
     const Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(y);
     const Tensor grad_hT = grads[1].defined() ? grads[1] : at::zeros_like(h0);
     const Tensor grad_cT = grads[2].defined() ? grads[2] : at::zeros_like(c0);
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool has_bias = b.defined();
     if (at::GradMode::is_enabled()) {  // create_graph=True
-      return differentiable_grads({x, h0, c0, w_ih, w_hh, saved[10], w_hr}, batch_sizes,
+      return differentiable_grads({x, h0, c0, w_ih, w_hh, b, w_hr}, batch_sizes,
                                   ctx->saved_data["reverse"].toBool(), grad_y, grad_hT, grad_cT);
     }
     auto [dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr] =

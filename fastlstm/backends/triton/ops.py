@@ -312,7 +312,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, h0, c0, b)
     ctx.reverse = reverse
     ctx.kernel = kernel
-    ctx.has_bias = b is not None
     ctx.mark_non_differentiable(acts, hs, cs, r)
     ctx.set_materialize_grads(False)  # unused gradients stay None, not [T, B, 4H] of zeros
 
@@ -331,9 +330,10 @@ def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused):
         return _differentiable_grads(inputs, batch_sizes, ctx.reverse, (grad_y, grad_hT, grad_cT))
     dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = triton_backward(
         grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel,
-        ctx.has_bias,
+        b is not None,
     )  # fmt: skip
-    return layer_op_grads(dx, dh0, dc0, dw_ih, dw_hh, db if ctx.has_bias else None, dw_hr if w_hr is not None else None)
+    has_bias, has_proj = b is not None, w_hr is not None
+    return layer_op_grads(dx, dh0, dc0, dw_ih, dw_hh, db if has_bias else None, dw_hr if has_proj else None)
 
 
 def _differentiable_grads(inputs, batch_sizes, reverse, grads) -> tuple[Tensor | None, ...]:
