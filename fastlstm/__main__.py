@@ -135,11 +135,18 @@ def _validate(shape: Shape, names: list[str], device: str, dtype: torch.dtype) -
                 raise SystemExit(f"{name} disagrees with nn.LSTM on {shape} ({label}: max error {err:.2e})")
 
 
+def _shape_argument(text: str) -> Shape:
+    try:
+        return Shape.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def cmd_bench(args) -> int:
     device = args.device or _default_device()
     dtype = DTYPES[args.dtype]
     if args.shape:
-        shapes = [Shape.parse(s) for s in args.shape]
+        shapes = args.shape
     elif args.grid == "cpu-full":
         shapes = CPU_FULL_GRID
     else:
@@ -201,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--backend", action="append", help="fastlstm backend to time (repeatable; default auto + the fast one)"
     )
-    bench.add_argument("--shape", action="append", help="B,T,I,H[,L[,bi]] (repeatable; default: a grid per device)")
+    bench.add_argument(
+        "--shape",
+        action="append",
+        type=_shape_argument,
+        help="B,T,I,H[,L[,bi]] or a table label like B32-T100-I256-H256-L2-bi (repeatable; default: a grid per device)",
+    )
     bench.add_argument(
         "--grid", choices=["default", "cpu-full"], default="default", help="shape grid (without --shape)"
     )

@@ -6,6 +6,7 @@ comparing medians taken in the same process keeps the ratio honest.
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -28,12 +29,20 @@ class Shape:
 
     @classmethod
     def parse(cls, text: str) -> Shape:
-        """'B,T,I,H[,L[,bi]]', e.g. '32,100,256,256,2,bi'."""
+        """'B,T,I,H[,L[,bi]]' (e.g. '32,100,256,256,2,bi') or the label tables print ('B32-T100-I256-H256-L2-bi')."""
+        label = re.fullmatch(r"B(\d+)-T(\d+)-I(\d+)-H(\d+)(?:-L(\d+))?(-bi)?", text.strip())
+        if label:
+            numbers = [int(g) for g in label.groups()[:5] if g is not None]
+            return cls(*numbers, bidirectional=label.group(6) is not None)
         parts = text.split(",")
-        bidirectional = parts[-1] == "bi"
-        numbers = [int(p) for p in (parts[:-1] if bidirectional else parts)]
-        if not 4 <= len(numbers) <= 5:
-            raise ValueError(f"shape {text!r}: expected B,T,I,H[,L[,bi]]")
+        bidirectional = parts[-1].strip() == "bi"
+        try:
+            numbers = [int(p) for p in (parts[:-1] if bidirectional else parts)]
+        except ValueError:
+            numbers = []
+        if not 4 <= len(numbers) <= 5 or min(numbers) < 1:
+            expected = "B,T,I,H[,L[,bi]] (positive integers) or B32-T100-I256-H256-L2[-bi]"
+            raise ValueError(f"shape {text!r}: expected {expected}")
         return cls(*numbers, bidirectional=bidirectional)
 
     def __str__(self) -> str:

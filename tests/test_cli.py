@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fastlstm.benchmark import Shape
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,7 +71,21 @@ def test_bench_prints_a_speedup_table_and_json(tmp_path):
 
 def test_bench_rejects_a_malformed_shape():
     done = run("-m", "fastlstm", "bench", "--shape", "2,5")
-    assert done.returncode != 0 and "expected B,T,I,H" in done.stderr
+    assert done.returncode == 2 and "expected B,T,I,H" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("text", ["32,100,256,256,2,bi", "B32-T100-I256-H256-L2-bi"])
+def test_shape_parses_commas_and_the_printed_label(text):
+    shape = Shape.parse(text)
+    assert shape == Shape(32, 100, 256, 256, 2, bidirectional=True)
+    assert Shape.parse(str(shape)) == shape
+
+
+@pytest.mark.parametrize("text", ["2,5", "B2-T5-I4", "2,5,4,0", "a,b,c,d", "B2-T5-I4-H4-L1-uni"])
+def test_shape_parse_rejects(text):
+    with pytest.raises(ValueError, match="expected B,T,I,H"):
+        Shape.parse(text)
 
 
 def test_benchmark_suite_and_report(tmp_path):
