@@ -819,9 +819,26 @@ inline int64_t team_max_macs() {
   return v;
 }
 
-inline int team_threads(int64_t B, int64_t H, int64_t P, bool proj) {
+// Hidden units each team thread must own for the team to pay: below, a thread's slice is a vector or two and
+// the per-step barrier costs more than the split saves. Measured on 2 threads (Zen 4, batch 1-64), alternating
+// A/B against a team at any size. float32: the forward step wants 24+ (hidden 16-40 ran 1.1-1.6x faster on one
+// thread, 48+ even or better as a team); the backward step, with more work per unit, 20+ (hidden 32 ran
+// 1.05-1.3x faster alone, hidden 40 1.05-1.15x faster as a team). float64, whose cell costs more per unit: 16+
+// both ways (hidden 16 ran 1.3-1.6x faster alone; hidden 32 1.1-1.6x faster as a team).
+// FASTLSTM_TEAM_MIN_HIDDEN overrides all.
+template <typename scalar_t>
+inline int64_t team_min_hidden(bool backward) {
+  static const char* env = std::getenv("FASTLSTM_TEAM_MIN_HIDDEN");
+  if (env != nullptr) return std::max<int64_t>(std::atoll(env), 1);
+  if constexpr (std::is_same_v<scalar_t, double>) return 16;
+  return backward ? 20 : 24;
+}
+
+// Threads of the team loop: 1 means the per-step path instead.
+template <typename scalar_t>
+inline int team_threads(int64_t B, int64_t H, int64_t P, bool proj, bool backward) {
   if (proj || at::in_parallel_region() || B * 4 * H * P > team_max_macs()) return 1;
-  return at::get_num_threads();
+  return static_cast<int>(std::min<int64_t>(at::get_num_threads(), H / team_min_hidden<scalar_t>(backward)));
 }
 
 // A team thread's place and its slice [j0, j1) of the H hidden units: whole vectors, as even as that allows
@@ -915,7 +932,10 @@ std::string kernel_choices() {
               "multiply-adds") +
          ", else BLAS; time loop: one team of threads " +
          (team_max_macs() <= 0 ? std::string("never")
-                               : "up to " + std::to_string(team_max_macs()) + " multiply-adds a step") +
+                               : "up to " + std::to_string(team_max_macs()) + " multiply-adds a step, " +
+                                     std::to_string(team_min_hidden<float>(false)) + "+ hidden units a thread (float32 backward " +
+                                     std::to_string(team_min_hidden<float>(true)) + "+, float64 " +
+                                     std::to_string(team_min_hidden<double>(false)) + "+)") +
          " (no projection), else per-step parallel; input projection: per step " + from(fuse_min_rows(), "rows") +
          " (register-blocked steps), else one GEMM up front";
 }
@@ -958,7 +978,7 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   scalar_t* hp = h.data_ptr<scalar_t>();
   scalar_t* cp = c.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
-  const int threads = team_threads(B, H, P, proj);
+  const int threads = team_threads<scalar_t>(B, H, P, proj, /*backward=*/false);
   if (blocked_step && threads > 1) {
     forward_team<scalar_t>(threads, d, live, reverse, G, g_step, bp, w_hh.data_ptr<scalar_t>(), hp, cp, yp, c_hist,
                            fuse_input ? w_ih.data_ptr<scalar_t>() : nullptr, xp);
@@ -1119,7 +1139,7 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& grad_hT, c
   scalar_t* dcp = dc.data_ptr<scalar_t>();
   (void)grad_hT;
   (void)grad_cT;
-  const int threads = team_threads(B, H, P, proj);
+  const int threads = team_threads<scalar_t>(B, H, P, proj, /*backward=*/true);
   if (!mkl_whh.ok && !use_blas_rows<scalar_t>(B) && threads > 1) {
     backward_team<scalar_t>(threads, d, live, reverse, gy, gp, chp, c0p, w_hh.data_ptr<scalar_t>(), dgp, dhp, dcp);
   } else {

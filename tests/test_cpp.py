@@ -458,27 +458,30 @@ def test_two_processes_building_at_once_share_one_good_cache(tmp_path):
 
 
 _HUGE = str(2**62)
-_FLOAT32_PATHS = {
+_KERNEL_PATHS = {
     "mkl-packed-step": ({"FASTLSTM_MKL_MIN_ROWS": "1"}, "MKL packed GEMM from 1 rows"),
     "register-blocked-step": ({"FASTLSTM_MKL_MIN_ROWS": _HUGE}, "MKL packed GEMM never"),
     "onednn-projection": ({"FASTLSTM_ONEDNN_MIN_MACS": "1"}, "oneDNN matmul from 1 multiply-adds"),
     "blas-projection": ({"FASTLSTM_ONEDNN_MIN_MACS": _HUGE}, "oneDNN matmul never"),
-    "team-loop": ({"FASTLSTM_TEAM_MAX_MACS": _HUGE}, f"team of threads up to {_HUGE} multiply-adds"),
+    "team-loop": (
+        {"FASTLSTM_TEAM_MAX_MACS": _HUGE, "FASTLSTM_TEAM_MIN_HIDDEN": "1"},
+        f"team of threads up to {_HUGE} multiply-adds a step, 1+ hidden units a thread",
+    ),
     "per-step-loop": ({"FASTLSTM_TEAM_MAX_MACS": "0"}, "team of threads never"),
     "projection-per-step": ({"FASTLSTM_FUSE_MIN_ROWS": "1"}, "input projection: per step from 1 rows"),
     "projection-up-front": ({"FASTLSTM_FUSE_MIN_ROWS": _HUGE}, "input projection: per step never"),
 }
 
 
-@pytest.mark.parametrize("path", list(_FLOAT32_PATHS))
-def test_float32_kernel_paths(path):
-    """float32 picks its kernels by CPU and size: the per-step product through MKL's packed GEMM (Intel) or
+@pytest.mark.parametrize("path", list(_KERNEL_PATHS))
+def test_kernel_paths(path):
+    """The kernels are picked by CPU and size: for float32 the per-step product through MKL's packed GEMM (Intel) or
     the register-blocked kernel; the input projection and dx through oneDNN's matmul (other CPUs, large
     products) or BLAS; the time loop as one team of threads (small steps) or split per step; the input
     projection per step (8+ rows) or up front. Force each through its knob in a subprocess, check
-    `kernel_choices()` says so, and compare with the reference, training and inference, so every path is
-    tested whatever CPU runs the suite."""
-    env_overrides, expected = _FLOAT32_PATHS[path]
+    `kernel_choices()` says so, and compare with the reference, training and inference, in float32 and float64
+    (which shares the time loops), so every path is tested whatever CPU runs the suite."""
+    env_overrides, expected = _KERNEL_PATHS[path]
     if "MKL" in expected and "never" not in expected and not torch.backends.mkl.is_available():
         pytest.skip("this torch carries no MKL")
     if "oneDNN" in expected and "never" not in expected and not torch.backends.mkldnn.is_available():
@@ -492,10 +495,12 @@ def test_float32_kernel_paths(path):
         assert {expected!r} in cpu.kernel_choices(), cpu.kernel_choices()
         torch.set_num_threads(2)  # the team loop and the per-step split need two, whatever the CPU has
         torch.manual_seed(0)
-        for T, B, I, H, P, packed, reverse in [(5, 3, 4, 20, 0, False, False), (6, 9, 5, 16, 3, True, True),
-                                               (4, 17, 6, 33, 0, True, False)]:
+        import itertools
+        cases = [(5, 3, 4, 20, 0, False, False), (6, 9, 5, 16, 3, True, True), (4, 17, 6, 33, 0, True, False)]
+        dtypes = [(torch.float32, dict(atol=1e-5, rtol=1e-4)), (torch.float64, dict(atol=1e-9, rtol=1e-9))]
+        for (dtype, tol), (T, B, I, H, P, packed, reverse) in itertools.product(dtypes, cases):
             Pe = P or H
-            mk = lambda *s: (torch.rand(*s) - 0.5).requires_grad_()
+            mk = lambda *s: (torch.rand(*s, dtype=dtype) - 0.5).requires_grad_()
             x, h0, c0 = mk(T, B, I), mk(B, Pe), mk(B, H)
             w_ih, w_hh, b = mk(4 * H, I), mk(4 * H, Pe), mk(4 * H)
             w_hr = mk(P, H) if P else None
@@ -510,11 +515,11 @@ def test_float32_kernel_paths(path):
                 loss = (y * y).sum() + hT.sum() + cT.sin().sum()
                 results.append([y, hT, cT, *torch.autograd.grad(loss, leaves)])
             for got, exp in zip(*results):
-                torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(got, exp, **tol)
             with torch.no_grad():  # inference saves nothing and may keep only one step of gates
                 inferred = BACKEND.layer(x, h0, c0, w_ih, w_hh, b, w_hr, bs, reverse)
             for got, exp in zip(inferred, results[1][:3]):
-                torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(got, exp, **tol)
         print("OK")
         """
     )
