@@ -18,7 +18,7 @@
 //   * Small steps (up to 2^20 multiply-adds, no projection) run as one team of threads for the whole
 //     sequence, each owning a slice of hidden units, with one spin barrier per step, forward and backward.
 //   * The pointwise cell is one fused loop in explicit SIMD with an own exp: ~1 ulp for float, ~1e-16
-//     relative for double; the scalar tail uses std:: math for double.
+//     relative for double; a row's last partial vector runs the same code on a zero-padded copy.
 //   * Inference keeps no gates for backward: with the projection fused, one step's [B, 4H] buffer, reused.
 //   * Backward runs the reverse time loop for the gate gradients only; dx, dw_ih, dw_hh, db, dw_hr are then
 //     single GEMMs / reductions over all T*B rows.
@@ -32,6 +32,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -192,10 +195,12 @@ struct Packed {
 // Keep a loaded vector in a register. For row blocks of 2-4, GCC otherwise folds the panel loads into every FMA
 // as a memory operand, loading the same weights once per row: measured in isolation, 2-4 rows ran at ~50% of
 // the FMA peak that way, 70-96% with the loads kept (other block sizes are unaffected or slower, so only these).
+// Only where one register holds the whole 64-byte vector (AVX-512): with AVX2 it spans two, and the constraint
+// cannot be met (the build failed on such CPUs before this guard).
 template <int RB, typename V>
 inline void keep_in_register(V& v) {
-#if defined(__x86_64__) || defined(__i386__)
-  if constexpr (RB >= 2 && RB <= 4) asm("" : "+v"(v));
+#if defined(__AVX512F__)
+  if constexpr (RB >= 2 && RB <= 4 && sizeof(V) == 64) asm("" : "+v"(v));
 #else
   (void)v;
 #endif
@@ -461,39 +466,10 @@ void step_gemm(const scalar_t* A, int64_t lda, const Packed<scalar_t>& B, scalar
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Pointwise math. float: a Cephes-style exp that the compiler vectorises (about 1 ulp); double: std::exp/tanh.
+// Pointwise math, all in explicit SIMD (a row's last partial vector too, through a zero-padded copy).
 
-inline float fast_exp(float x) {
-  x = std::min(88.3762626647949f, std::max(-87.3365447504f, x));
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500E-4f;
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-inline float sigmoid_(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
-inline float tanh_(float x) {
-  // tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|): no cancellation for large |x|, ~1e-7 abs near 0.
-  const float a = std::fabs(x);
-  const float e = fast_exp(-2.0f * a);
-  const float t = (1.0f - e) / (1.0f + e);
-  return std::copysign(t, x);
-}
-inline double sigmoid_(double x) { return 1.0 / (1.0 + std::exp(-x)); }
-inline double tanh_(double x) { return std::tanh(x); }
-
-// Explicit SIMD for float through GCC/Clang vector extensions (16 lanes; the compiler splits them to the
-// machine's width), same math as fast_exp above, so that the hot pointwise loops never fall back to scalar.
+// float through GCC/Clang vector extensions (16 lanes; the compiler splits them to the machine's width): a
+// Cephes-style exp, about 1 ulp.
 typedef float vf __attribute__((vector_size(64)));
 typedef float vf_u __attribute__((vector_size(64), aligned(4), may_alias));
 typedef int32_t vi __attribute__((vector_size(64)));
@@ -570,63 +546,102 @@ inline vd vtanh(vd x) {
   return reinterpret_cast<vd>(reinterpret_cast<vl>(t) | sign);
 }
 
+// A vector of the lanes [p, p + n) of a row, n <= lanes: a plain load for a whole vector, else a masked one
+// (zeros past n), so that a row's last partial vector (H = 24, 40, 200, ...) runs the same vector math rather
+// than a scalar loop of exp and tanh (which, at H = 24, took as long as the rest of the step).
+template <bool Whole, typename scalar_t>
+inline auto vload_n(const scalar_t* p, int64_t n) {
+  if constexpr (Whole) {
+    return vload(p);
+  } else {
+#ifdef __AVX512F__
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return reinterpret_cast<vf>(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p));
+    } else {
+      return reinterpret_cast<vd>(_mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p));
+    }
+#else
+    scalar_t buf[64 / sizeof(scalar_t)] = {};
+    for (int64_t k = 0; k < n; ++k) buf[k] = p[k];
+    return vload(buf);
+#endif
+  }
+}
+
+template <bool Whole, typename scalar_t, typename V>
+inline void vstore_n(scalar_t* p, V v, int64_t n) {
+  if constexpr (Whole) {
+    vstore(p, v);
+  } else {
+#ifdef __AVX512F__
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), reinterpret_cast<__m512>(v));
+    } else {
+      _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), reinterpret_cast<__m512d>(v));
+    }
+#else
+    scalar_t buf[64 / sizeof(scalar_t)];
+    vstore(buf, v);
+    for (int64_t k = 0; k < n; ++k) p[k] = buf[k];
+#endif
+  }
+}
+
+// The cell for lanes [j, j + n) of one row (see cell_row).
+template <bool Whole, typename scalar_t>
+inline void cell_lanes(scalar_t* __restrict__ G, const scalar_t* __restrict__ bias, scalar_t* __restrict__ c,
+                       scalar_t* __restrict__ h_out, int64_t S, int64_t j, int64_t n) {
+  auto ld = [n](const scalar_t* p) { return vload_n<Whole>(p, n); };
+  auto st = [n](scalar_t* p, auto v) { vstore_n<Whole>(p, v, n); };
+  auto pi = ld(G + j), pf = ld(G + S + j), pg = ld(G + 2 * S + j), po = ld(G + 3 * S + j);
+  if (bias != nullptr) {
+    pi += ld(bias + j);
+    pf += ld(bias + S + j);
+    pg += ld(bias + 2 * S + j);
+    po += ld(bias + 3 * S + j);
+  }
+  const auto i = vsigmoid(pi), f = vsigmoid(pf), g = vtanh(pg), o = vsigmoid(po);
+  const auto cn = f * ld(c + j) + i * g;
+  st(G + j, i);
+  st(G + S + j, f);
+  st(G + 2 * S + j, g);
+  st(G + 3 * S + j, o);
+  st(c + j, cn);
+  st(h_out + j, o * vtanh(cn));
+}
+
 // One step of the cell for `count` hidden units of one row: G holds their pre-activations, gate q of unit j at
 // G[q * S + j] (S = H for a whole row; a slice of a row keeps the row's stride), overwritten with activations;
 // bias likewise; c the state (updated); h_out receives o * tanh(c).
 template <typename scalar_t>
-inline void cell_row_scalar(scalar_t* __restrict__ G, const scalar_t* __restrict__ bias, scalar_t* __restrict__ c,
-                            scalar_t* __restrict__ h_out, int64_t count, int64_t S, int64_t j0) {
-  for (int64_t j = j0; j < count; ++j) {
-    if (bias != nullptr) {
-      G[j] += bias[j];
-      G[S + j] += bias[S + j];
-      G[2 * S + j] += bias[2 * S + j];
-      G[3 * S + j] += bias[3 * S + j];
-    }
-    const scalar_t i = sigmoid_(G[j]);
-    const scalar_t f = sigmoid_(G[S + j]);
-    const scalar_t g = tanh_(G[2 * S + j]);
-    const scalar_t o = sigmoid_(G[3 * S + j]);
-    const scalar_t cn = f * c[j] + i * g;
-    G[j] = i;
-    G[S + j] = f;
-    G[2 * S + j] = g;
-    G[3 * S + j] = o;
-    c[j] = cn;
-    h_out[j] = o * tanh_(cn);
-  }
-}
-
-template <typename scalar_t>
 inline void cell_row(scalar_t* __restrict__ G, const scalar_t* __restrict__ bias, scalar_t* __restrict__ c,
                      scalar_t* __restrict__ c_hist, scalar_t* __restrict__ h_out, int64_t count, int64_t S) {
+  constexpr int64_t lanes = 64 / sizeof(scalar_t);
   int64_t j = 0;
-  {
-    using V = decltype(vload(G));
-    constexpr int lanes = 64 / sizeof(scalar_t);
-    for (; j + lanes <= count; j += lanes) {
-      V pi = vload(G + j), pf = vload(G + S + j), pg = vload(G + 2 * S + j), po = vload(G + 3 * S + j);
-      if (bias != nullptr) {
-        pi += vload(bias + j);
-        pf += vload(bias + S + j);
-        pg += vload(bias + 2 * S + j);
-        po += vload(bias + 3 * S + j);
-      }
-      const V i = vsigmoid(pi);
-      const V f = vsigmoid(pf);
-      const V g = vtanh(pg);
-      const V o = vsigmoid(po);
-      const V cn = f * vload(c + j) + i * g;
-      vstore(G + j, i);
-      vstore(G + S + j, f);
-      vstore(G + 2 * S + j, g);
-      vstore(G + 3 * S + j, o);
-      vstore(c + j, cn);
-      vstore(h_out + j, o * vtanh(cn));
-    }
-  }
-  cell_row_scalar<scalar_t>(G, bias, c, h_out, count, S, j);
+  for (; j + lanes <= count; j += lanes) cell_lanes<true>(G, bias, c, h_out, S, j, lanes);
+  if (j < count) cell_lanes<false>(G, bias, c, h_out, S, j, count - j);
   if (c_hist != nullptr) std::memcpy(c_hist, c, count * sizeof(scalar_t));
+}
+
+// The cell's backward for lanes [j, j + n) of one row (see cell_row_backward).
+template <bool Whole, typename scalar_t>
+inline void cell_lanes_backward(const scalar_t* __restrict__ a, const scalar_t* __restrict__ cn,
+                                const scalar_t* __restrict__ cprev, const scalar_t* __restrict__ dh,
+                                scalar_t* __restrict__ dc, scalar_t* __restrict__ dg, scalar_t* __restrict__ hr,
+                                int64_t S, int64_t j, int64_t n) {
+  auto ld = [n](const scalar_t* p) { return vload_n<Whole>(p, n); };
+  auto st = [n](scalar_t* p, auto v) { vstore_n<Whole>(p, v, n); };
+  const scalar_t one = 1;
+  const auto i = ld(a + j), f = ld(a + S + j), g = ld(a + 2 * S + j), o = ld(a + 3 * S + j);
+  const auto tc = vtanh(ld(cn + j));
+  const auto dhj = ld(dh + j);
+  const auto dct = ld(dc + j) + dhj * o * (one - tc * tc);
+  st(dg + j, dct * g * i * (one - i));
+  st(dg + S + j, dct * ld(cprev + j) * f * (one - f));
+  st(dg + 2 * S + j, dct * i * (one - g * g));
+  st(dg + 3 * S + j, dhj * tc * o * (one - o));
+  st(dc + j, dct * f);
+  if (hr != nullptr) st(hr + j, o * tc);
 }
 
 // Backward of one row of the cell. a: activations [4H], cn: c after the step, cprev: c before it,
@@ -638,35 +653,10 @@ inline void cell_row_backward(const scalar_t* __restrict__ a, const scalar_t* __
                               const scalar_t* __restrict__ cprev, const scalar_t* __restrict__ dh,
                               scalar_t* __restrict__ dc, scalar_t* __restrict__ dg, scalar_t* __restrict__ hr,
                               int64_t count, int64_t S) {
+  constexpr int64_t lanes = 64 / sizeof(scalar_t);
   int64_t j = 0;
-  {
-    using V = decltype(vload(a));
-    constexpr int lanes = 64 / sizeof(scalar_t);
-    const scalar_t one = 1;
-    for (; j + lanes <= count; j += lanes) {
-      const V i = vload(a + j), f = vload(a + S + j), g = vload(a + 2 * S + j), o = vload(a + 3 * S + j);
-      const V tc = vtanh(vload(cn + j));
-      const V dhj = vload(dh + j);
-      const V dct = vload(dc + j) + dhj * o * (one - tc * tc);
-      vstore(dg + j, dct * g * i * (one - i));
-      vstore(dg + S + j, dct * vload(cprev + j) * f * (one - f));
-      vstore(dg + 2 * S + j, dct * i * (one - g * g));
-      vstore(dg + 3 * S + j, dhj * tc * o * (one - o));
-      vstore(dc + j, dct * f);
-      if (hr != nullptr) vstore(hr + j, o * tc);
-    }
-  }
-  for (; j < count; ++j) {
-    const scalar_t i = a[j], f = a[S + j], g = a[2 * S + j], o = a[3 * S + j];
-    const scalar_t tc = tanh_(cn[j]);
-    const scalar_t dct = dc[j] + dh[j] * o * (scalar_t(1) - tc * tc);
-    dg[j] = dct * g * i * (scalar_t(1) - i);
-    dg[S + j] = dct * cprev[j] * f * (scalar_t(1) - f);
-    dg[2 * S + j] = dct * i * (scalar_t(1) - g * g);
-    dg[3 * S + j] = dh[j] * tc * o * (scalar_t(1) - o);
-    dc[j] = dct * f;
-    if (hr != nullptr) hr[j] = o * tc;
-  }
+  for (; j + lanes <= count; j += lanes) cell_lanes_backward<true>(a, cn, cprev, dh, dc, dg, hr, S, j, lanes);
+  if (j < count) cell_lanes_backward<false>(a, cn, cprev, dh, dc, dg, hr, S, j, count - j);
 }
 
 // Split [0, n) rows over threads only when the work is worth a fork/join.

@@ -62,6 +62,7 @@ def cmd_info(args) -> int:
     available = fastlstm.available_backends()
     for name, reason in available.items():
         print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    print(f"cpp build: {cpu.build_flags()}")
     if "cpp" in available and available["cpp"] is None:
         print(f"cpp kernels: {cpu.kernel_choices()}")
     return 0

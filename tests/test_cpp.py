@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -415,6 +416,46 @@ def test_broken_compiler_does_not_crash(tmp_path, mode):
     )
     proc = subprocess.run([sys.executable, "-c", auto], env=env, cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 -march levels")
+def test_builds_and_matches_for_cpus_without_avx512(tmp_path):
+    """The vector code is written for 64-byte vectors; a CPU with AVX2 only must build it too (it did not, once)
+    and give the same numbers, including a row's partial last vector. FASTLSTM_CXXFLAGS builds for such a CPU
+    here; this one runs the AVX2 code it produces."""
+    code = textwrap.dedent(
+        """
+        import itertools, torch
+        from fastlstm import reference
+        from fastlstm.backends import cpu
+        from fastlstm.backends.cpu import BACKEND
+        assert BACKEND.unavailable_reason() is None, BACKEND.unavailable_reason()
+        assert "-march=native -fopenmp -march=x86-64-v3" in cpu.build_flags(), cpu.build_flags()
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        # team and per-step loops, fused and up-front projection, tails of 1-15 lanes, the projection
+        cases = [(5, 3, 4, 50, 0), (4, 9, 6, 33, 0), (3, 2, 5, 5, 0), (4, 17, 3, 20, 3)]
+        dtypes = [(torch.float32, dict(atol=1e-5, rtol=1e-4)), (torch.float64, dict(atol=1e-9, rtol=1e-9))]
+        for (dtype, tol), (T, B, I, H, P) in itertools.product(dtypes, cases):
+            mk = lambda *s: (torch.rand(*s, dtype=dtype) - 0.5).requires_grad_()
+            x, h0, c0 = mk(T, B, I), mk(B, P or H), mk(B, H)
+            w_ih, w_hh, b = mk(4 * H, I), mk(4 * H, P or H), mk(4 * H)
+            w_hr = mk(P, H) if P else None
+            leaves = [t for t in (x, h0, c0, w_ih, w_hh, b, w_hr) if t is not None]
+            results = []
+            for layer in (BACKEND.layer, reference.lstm_layer):
+                y, hT, cT = layer(x, h0, c0, w_ih, w_hh, b, w_hr, None, False)
+                loss = (y * y).sum() + hT.sum() + cT.sin().sum()
+                results.append([y, hT, cT, *torch.autograd.grad(loss, leaves)])
+            for got, exp in zip(*results):
+                torch.testing.assert_close(got, exp, **tol)
+        print("OK")
+        """
+    )
+    env = dict(os.environ, FASTLSTM_CXXFLAGS="-march=x86-64-v3", FASTLSTM_CACHE_DIR=str(tmp_path / "cache"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_two_processes_building_at_once_share_one_good_cache(tmp_path):

@@ -7,8 +7,10 @@ Build and cache
     compiler, the flags and the CPU (the build uses -march=native). A finished build leaves a `BUILT` marker;
     later processes load the library straight from there without running the compiler. Concurrent builds in
     the same directory are serialised by cpp_extension's own lock file (FileBaton) in that directory.
-    `$FASTLSTM_CXX` (or else `$CXX`) chooses the compiler. A failing build never raises out of
-    `unavailable_reason()`; it returns the compiler's error text, and `layer()` raises a RuntimeError naming it.
+    `$FASTLSTM_CXX` (or else `$CXX`) chooses the compiler; `$FASTLSTM_CXXFLAGS` adds compiler flags after
+    ours (e.g. `-march=x86-64-v3` to build for a family of CPUs rather than this one). A failing build never
+    raises out of `unavailable_reason()`; it returns the compiler's error text, and `layer()` raises a
+    RuntimeError naming it.
 
 Ops (namespace `fastlstm`; schemas, kernels and autograd (cpp_lstm_fwd's Autograd kernel) in C++, fakes here)
     cpp_lstm_fwd(x, h0, c0, w_ih, w_hh, b?, w_hr?, batch_sizes?, reverse, save) -> (y, hT, cT, gates, c_hist)
@@ -33,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import threading
@@ -68,6 +71,11 @@ def _compiler() -> str:
     return os.environ.get("FASTLSTM_CXX") or os.environ.get("CXX") or "c++"
 
 
+def _cflags() -> list[str]:
+    """Our flags, then the user's: a later -march or -m option overrides ours."""
+    return _CFLAGS + shlex.split(os.environ.get("FASTLSTM_CXXFLAGS", ""))
+
+
 def _cpu_id() -> str:
     """What -march=native depends on: the CPU model and its feature flags."""
     try:
@@ -90,7 +98,7 @@ def _build_key(src: Path) -> str:
     for name in _SOURCES:
         h.update(name.encode())
         h.update((src / name).read_bytes())
-    for part in (torch.__version__, sys.version, _compiler(), " ".join(_CFLAGS + _LDFLAGS), _cpu_id()):
+    for part in (torch.__version__, sys.version, _compiler(), " ".join(_cflags() + _LDFLAGS), _cpu_id()):
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:16]
 
@@ -146,7 +154,7 @@ def _build_and_load(verbose: bool) -> str:
             lib_path = cpp_extension.load(
                 name=name,
                 sources=[str(src / s) for s in _SOURCES],
-                extra_cflags=_CFLAGS,
+                extra_cflags=_cflags(),
                 extra_ldflags=_LDFLAGS,
                 build_directory=str(build_dir),
                 is_python_module=False,
@@ -201,6 +209,11 @@ def build(verbose: bool = False) -> str:
 def build_error() -> str | None:
     """The compiler's error text when the build failed, None when it succeeded (builds if not yet tried)."""
     return _ensure()
+
+
+def build_flags() -> str:
+    """The compiler and flags the extension is built with (FASTLSTM_CXX / FASTLSTM_CXXFLAGS applied)."""
+    return " ".join([_compiler(), *_cflags(), *_LDFLAGS])
 
 
 def kernel_choices() -> str | None:
