@@ -570,9 +570,9 @@ def test_kernel_paths(path):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
 
 
-def _auto_backends(dtype, batch, train=False):
+def _auto_backends(dtype, batch, train=False, hidden=65, proj_size=0):
     _plan_for.cache_clear()  # the rule is monkeypatched between calls of one shape
-    m = fastlstm.LSTM(5, 6, 2, bidirectional=True).to(dtype)
+    m = fastlstm.LSTM(5, hidden, 2, bidirectional=True, proj_size=proj_size).to(dtype)
     with torch.set_grad_enabled(train):  # the parameters require grad: grad mode alone makes it a training call
         return fastlstm.explain(m, torch.randn(4, batch, 5, dtype=dtype)).backends
 
@@ -587,6 +587,9 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 4, train=True) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 5, train=True) == ["native"] * 4
     assert _auto_backends(torch.float32, 8) == ["native"] * 4
+    assert _auto_backends(torch.float32, 16, hidden=64) == ["cpp"] * 4  # small hidden sizes, up to batch 16
+    assert _auto_backends(torch.float32, 17, hidden=64) == ["native"] * 4
+    assert _auto_backends(torch.float32, 8, hidden=64, proj_size=8) == ["native"] * 4  # not measured
     monkeypatch.setattr(dispatch, "_cpu_has_bf16_dot", lambda: False)
     assert _auto_backends(torch.bfloat16, 8) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_cpu_has_bf16_dot", lambda: True)
