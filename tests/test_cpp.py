@@ -623,3 +623,47 @@ def test_auto_serves_float64_with_cpp_and_matches_nn_lstm():
         results.append([y, h, c, *torch.autograd.grad(loss, [xi, *m.parameters()])])
     for got, exp in zip(results[1], results[0]):
         torch.testing.assert_close(got, exp, atol=1e-9, rtol=1e-7)
+
+
+def test_python_threads_calling_at_once_get_their_own_numbers():
+    """A server may run one model from several Python threads. Each call's scratch memory, team barrier and
+    packed weights are its own: every thread, running forward and backward at the same time as the others,
+    gets bitwise what a lone call gives (the team loop, the per-step loop, float32 and float64)."""
+    import threading
+
+    torch.manual_seed(0)
+    jobs = []
+    for dtype, (batch, hidden) in [(torch.float32, (3, 48)), (torch.float64, (9, 40)), (torch.float32, (20, 24))]:
+        model = fastlstm.LSTM(7, hidden, 2, backend="cpp").to(dtype)
+        x = torch.randn(12, batch, 7, dtype=dtype)
+        jobs.append((model, x))
+
+    def run(model, x):
+        with torch.no_grad():
+            inferred = model(x)[0]
+        xi = x.clone().requires_grad_()
+        y, (h, c) = model(xi)
+        grads = torch.autograd.grad((y * y).sum() + c.sum(), [xi, *model.parameters()])
+        return [inferred, y, h, c, *grads]
+
+    expected = [run(model, x) for model, x in jobs]
+    failures: list[str] = []
+
+    def worker(k: int) -> None:
+        model, x = jobs[k % len(jobs)]
+        try:
+            for _ in range(15):
+                got = run(model, x)
+                if not all(torch.equal(a, b) for a, b in zip(got, expected[k % len(jobs)])):
+                    failures.append(f"thread {k}: numbers differ from a lone call")
+                    return
+        except Exception as error:  # reported below: an exception in a thread would otherwise go unseen
+            failures.append(f"thread {k}: {type(error).__name__}: {error}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not failures, failures
