@@ -534,12 +534,13 @@ def test_kernel_paths(path):
         from fastlstm.backends import cpu
         from fastlstm.backends.cpu import BACKEND
         assert {expected!r} in cpu.kernel_choices(), cpu.kernel_choices()
-        torch.set_num_threads(2)  # the team loop and the per-step split need two, whatever the CPU has
         torch.manual_seed(0)
         import itertools
         cases = [(5, 3, 4, 20, 0, False, False), (6, 9, 5, 16, 3, True, True), (4, 17, 6, 33, 0, True, False)]
         dtypes = [(torch.float32, dict(atol=1e-5, rtol=1e-4)), (torch.float64, dict(atol=1e-9, rtol=1e-9))]
-        for (dtype, tol), (T, B, I, H, P, packed, reverse) in itertools.product(dtypes, cases):
+        # the team loop and the per-step split need two threads, whatever the CPU has; three splits unevenly
+        for threads, (dtype, tol), (T, B, I, H, P, packed, reverse) in itertools.product((2, 3), dtypes, cases):
+            torch.set_num_threads(threads)
             Pe = P or H
             mk = lambda *s: (torch.rand(*s, dtype=dtype) - 0.5).requires_grad_()
             x, h0, c0 = mk(T, B, I), mk(B, Pe), mk(B, H)
