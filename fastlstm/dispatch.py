@@ -136,6 +136,10 @@ def choose(name: str, call: LayerCall) -> Choice:
     if torch.onnx.is_in_onnx_export():
         # ONNX has no counterpart for fastlstm's custom ops; the native LSTM exports as ONNX's own LSTM.
         return Choice("native", "ONNX export: only the native path can be exported")
+    if torch.jit.is_tracing():
+        # A traced graph is a TorchScript program, often saved to run where fastlstm is not installed (C++
+        # libtorch): aten::lstm runs there, fastlstm's custom ops would not.
+        return Choice("native", "TorchScript tracing: the graph records aten::lstm, which runs without fastlstm")
     if name != AUTO:
         reason = cannot_serve(name, call)
         if reason is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -83,6 +84,24 @@ class LSTM(nn.RNNBase):
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
+
+    def __prepare_scriptable__(self) -> nn.LSTM:
+        """torch.jit.script's hook: an nn.LSTM holding these very Parameter objects.
+
+        TorchScript cannot run this module's Python dispatch; nn.LSTM it can, and its numbers are the reference
+        every backend matches. torch.jit.script puts the returned module where this one was in its parent (in
+        the eager model too, as for every module with this hook): that model then runs nn.LSTM's kernels.
+        """
+        with warnings.catch_warnings():  # nn.LSTM repeats the constructor's warnings (dropout on one layer)
+            warnings.simplefilter("ignore")
+            native = nn.LSTM(
+                self.input_size, self.hidden_size, self.num_layers, bias=self.bias, batch_first=self.batch_first,
+                dropout=self.dropout, bidirectional=self.bidirectional, proj_size=self.proj_size, device="meta",
+            )  # fmt: skip
+        for name in self._flat_weights_names:
+            setattr(native, name, getattr(self, name))
+        native._init_flat_weights()
+        return native.train(self.training)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -217,7 +236,7 @@ class LSTM(nn.RNNBase):
         )  # fmt: skip
         requested = dispatch.requested(self.backend)
         # dynamo traces the plan once per graph, and exporters decide differently: the cache is for eager calls
-        if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
             return _plan_for.__wrapped__(requested, shape)
         return _plan_for(requested, shape)
 

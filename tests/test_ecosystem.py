@@ -1,6 +1,8 @@
-"""torch.compile, torch.export, ONNX and autocast with fastlstm.LSTM inside a model."""
+"""torch.compile, torch.export, ONNX, TorchScript and autocast with fastlstm.LSTM inside a model."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -93,6 +95,53 @@ def test_onnx_export_runs_in_onnxruntime_with_nn_lstm_numbers(backend, tmp_path)
     for got, expected in zip(outputs, reference(tokens)):
         torch.testing.assert_close(torch.from_numpy(got), expected.detach(), atol=1e-5, rtol=1e-5)
     # the module runs its fast backends again once the export is over
+    if backend != "auto":
+        assert fastlstm.explain(model.lstm, torch.randn(3, 5, 6)).backends[0] == backend
+
+
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+def test_torchscript_script_gives_nn_lstm_numbers_and_saves(backend, tmp_path):
+    """torch.jit.script of a model holding fastlstm.LSTM: the scripted model holds an nn.LSTM with the same
+    Parameter objects (TorchScript cannot run Python dispatch), so it gives nn.LSTM's numbers, saves, loads and
+    keeps the state_dict."""
+    torch.manual_seed(0)
+    reference = Tagger(nn.LSTM).eval()
+    model = Tagger(backend=backend).eval()
+    model.load_state_dict(reference.state_dict())
+    parameters = dict(model.named_parameters())
+    tokens = torch.randint(0, 10, (3, 5))
+    scripted = torch.jit.script(model)
+    path = tmp_path / "tagger.pt"
+    torch.jit.save(scripted, str(path))
+    for program in (scripted, torch.jit.load(str(path))):
+        for got, expected in zip(program(tokens), reference(tokens)):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert scripted.state_dict().keys() == reference.state_dict().keys()
+    # the same Parameter objects: an optimizer built on the eager model trains the scripted one
+    assert all(p is parameters[name] for name, p in model.named_parameters())
+    with torch.no_grad():
+        model.lstm.weight_hh_l0.add_(0.5)
+    torch.testing.assert_close(scripted.lstm.weight_hh_l0, model.lstm.weight_hh_l0, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+def test_torchscript_trace_records_aten_lstm(backend):
+    """torch.jit.trace records nn.LSTM's aten::lstm, which runs where fastlstm is not installed (C++ libtorch),
+    not fastlstm's custom ops; eager calls use the fast backends again afterwards."""
+    torch.manual_seed(0)
+    reference = Tagger(nn.LSTM).eval()
+    model = Tagger(backend=backend).eval()
+    model.load_state_dict(reference.state_dict())
+    tokens = torch.randint(0, 10, (3, 5))
+    model(tokens)  # a plan cached by an eager call must not leak into the trace
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing warns about nn.LSTM's own size checks, as it does for nn.LSTM
+        traced = torch.jit.trace(model, (tokens,), check_trace=False)
+    kinds = [node.kind() for node in traced.inlined_graph.nodes()]
+    assert "aten::lstm" in kinds and not any(kind.startswith("fastlstm::") for kind in kinds), kinds
+    other = torch.randint(0, 10, (2, 7))
+    for got, expected in zip(traced(other), reference(other)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     if backend != "auto":
         assert fastlstm.explain(model.lstm, torch.randn(3, 5, 6)).backends[0] == backend
 
