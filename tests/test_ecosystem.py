@@ -146,6 +146,23 @@ def test_torchscript_trace_records_aten_lstm(backend):
         assert fastlstm.explain(model.lstm, torch.randn(3, 5, 6)).backends[0] == backend
 
 
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+def test_inference_mode_gives_nn_lstm_numbers(backend):
+    """torch.inference_mode() (what serving code uses instead of no_grad): padded and packed input, same numbers."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(4, 5, 2, bidirectional=True).double()
+    fast = fastlstm.LSTM(4, 5, 2, bidirectional=True, backend=backend).double()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([6, 2, 4]), enforce_sorted=False)
+    for inputs in (x, packed):
+        with torch.inference_mode():
+            got, expected = fast(inputs), ref(inputs)
+        for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)):
+            assert a.is_inference() == b.is_inference()
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+
+
 AUTOCAST_CASES = [
     # (proj_size, hx dtype or None, packed lengths or None)
     (0, None, None),
