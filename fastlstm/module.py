@@ -103,6 +103,19 @@ class LSTM(nn.RNNBase):
         native._init_flat_weights()
         return native.train(self.training)
 
+    def _update_flat_weights(self) -> None:
+        """nn.RNNBase's: re-read the weights when one was replaced (functional_call, parametrizations, ...).
+
+        The same check, reading registered parameters straight from `_parameters` rather than through
+        Module.__getattr__: a few microseconds of every call, which count when the model runs step by step.
+        """
+        parameters = self._parameters
+        for ref, name in zip(self._flat_weight_refs, self._flat_weights_names):
+            weight = parameters[name] if name in parameters else getattr(self, name, None)
+            if weight is not None and ref is not None and ref() is not weight:
+                self._init_flat_weights()
+                return
+
     def extra_repr(self) -> str:
         text = super().extra_repr()
         return text if self.backend is None else f"{text}, backend={self.backend!r}"
@@ -390,7 +403,7 @@ class LSTM(nn.RNNBase):
 
         Dropout between layers is applied as nn.LSTM applies it (on the packed data when packed).
         """
-        h0, c0 = hx
+        h0, c0 = hx[0].unbind(0), hx[1].unbind(0)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             outputs = []
@@ -407,6 +420,8 @@ class LSTM(nn.RNNBase):
             x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = self._dropout(x, batch_sizes)
+        if len(h_n) == 1:  # one layer, one direction: a view, not a copy
+            return x, h_n[0].unsqueeze(0), c_n[0].unsqueeze(0)
         return x, torch.stack(h_n), torch.stack(c_n)
 
     def _dropout(self, x: Tensor, batch_sizes: Tensor | None) -> Tensor:
