@@ -90,7 +90,9 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
     - bfloat16: without bf16 instructions oneDNN converts and cpp won (Xeon: geomean about 3x); with them
       oneDNN is fast and cpp lost at inference on 13 of 14 shapes (EPYC 0.44-1.62x) but won training at batch
       1 (1.21-3.22x) and batch 2 (B2-T200-H384 1.34-1.38x in four runs, B2-T100-H512 1.16-1.50x in two);
-      at batch 4 training was mixed (0.85-1.07x), beyond it lost (B8: 0.71-0.75x).
+      at batch 4 training was mixed (0.85-1.07x), beyond it lost (B8: 0.71-0.75x). Small hidden sizes again are
+      the exception: hidden 16-64 (no projection) at batch 1-8, 10 shapes twice each (EPYC): inference
+      1.06-1.85x, training 1.10-1.72x; at batch 16, hidden 64 lost (0.88-0.96x).
     """
     if call.dtype == torch.float64:
         return None
@@ -104,6 +106,8 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
         if not _cpu_has_bf16_dot():
             return None
         if call.batch <= 2 and call.needs_grad:
+            return None
+        if call.hidden_size <= 64 and call.proj_size == 0 and call.batch <= 8:
             return None
         return "bfloat16 on a CPU with bf16 instructions: oneDNN measured faster"
     return f"no measurement for {call.dtype}"

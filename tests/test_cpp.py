@@ -598,6 +598,8 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 1, train=True) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 2, train=True) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 4, train=True) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 8, hidden=64) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 9, hidden=64) == ["native"] * 4
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
