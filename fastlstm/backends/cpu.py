@@ -213,7 +213,7 @@ def build_error() -> str | None:
 
 def build_flags() -> str:
     """The compiler and flags the extension is built with (FASTLSTM_CXX / FASTLSTM_CXXFLAGS applied)."""
-    return " ".join([_compiler(), *_cflags(), *_LDFLAGS])
+    return " ".join([_compiler(), *_cflags()]) + f" (link: {' '.join(_LDFLAGS)})"
 
 
 def kernel_choices() -> str | None:
