@@ -423,39 +423,15 @@ def test_builds_and_matches_for_cpus_without_avx512(tmp_path):
     """The vector code is written for 64-byte vectors; a CPU with AVX2 only must build it too (it did not, once)
     and give the same numbers, including a row's partial last vector. FASTLSTM_CXXFLAGS builds for such a CPU
     here; this one runs the AVX2 code it produces."""
-    code = textwrap.dedent(
-        """
-        import itertools, torch
-        from fastlstm import reference
-        from fastlstm.backends import cpu
-        from fastlstm.backends.cpu import BACKEND
-        assert BACKEND.unavailable_reason() is None, BACKEND.unavailable_reason()
-        assert "-march=native -fopenmp -march=x86-64-v3" in cpu.build_flags(), cpu.build_flags()
-        torch.set_num_threads(2)
-        torch.manual_seed(0)
+    _run_cpp_parity(
+        {"FASTLSTM_CXXFLAGS": "-march=x86-64-v3", "FASTLSTM_CACHE_DIR": str(tmp_path / "cache")},
+        check='"-march=native -fopenmp -march=x86-64-v3" in cpu.build_flags(), cpu.build_flags()',
         # team and per-step loops, fused and up-front projection, tails of 1-15 lanes, the projection
-        cases = [(5, 3, 4, 50, 0), (4, 9, 6, 33, 0), (3, 2, 5, 5, 0), (4, 17, 3, 20, 3)]
-        dtypes = [(torch.float32, dict(atol=1e-5, rtol=1e-4)), (torch.float64, dict(atol=1e-9, rtol=1e-9))]
-        for (dtype, tol), (T, B, I, H, P) in itertools.product(dtypes, cases):
-            mk = lambda *s: (torch.rand(*s, dtype=dtype) - 0.5).requires_grad_()
-            x, h0, c0 = mk(T, B, I), mk(B, P or H), mk(B, H)
-            w_ih, w_hh, b = mk(4 * H, I), mk(4 * H, P or H), mk(4 * H)
-            w_hr = mk(P, H) if P else None
-            leaves = [t for t in (x, h0, c0, w_ih, w_hh, b, w_hr) if t is not None]
-            results = []
-            for layer in (BACKEND.layer, reference.lstm_layer):
-                y, hT, cT = layer(x, h0, c0, w_ih, w_hh, b, w_hr, None, False)
-                loss = (y * y).sum() + hT.sum() + cT.sin().sum()
-                results.append([y, hT, cT, *torch.autograd.grad(loss, leaves)])
-            for got, exp in zip(*results):
-                torch.testing.assert_close(got, exp, **tol)
-        print("OK")
-        """
-    )
-    env = dict(os.environ, FASTLSTM_CXXFLAGS="-march=x86-64-v3", FASTLSTM_CACHE_DIR=str(tmp_path / "cache"))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-3000:]
+        cases=[(5, 3, 4, 50, 0, False, False), (4, 9, 6, 33, 0, False, False), (3, 2, 5, 5, 0, False, False),
+               (4, 17, 3, 20, 3, False, False)],
+        threads=(2,),
+        timeout=600,  # it compiles the extension first
+    )  # fmt: skip
 
 
 def test_two_processes_building_at_once_share_one_good_cache(tmp_path):
@@ -527,19 +503,30 @@ def test_kernel_paths(path):
         pytest.skip("this torch carries no MKL")
     if "oneDNN" in expected and "never" not in expected and not torch.backends.mkldnn.is_available():
         pytest.skip("this torch carries no oneDNN")
+    _run_cpp_parity(
+        env_overrides,
+        check=f"{expected!r} in cpu.kernel_choices(), cpu.kernel_choices()",
+        cases=[(5, 3, 4, 20, 0, False, False), (6, 9, 5, 16, 3, True, True), (4, 17, 6, 33, 0, True, False)],
+        threads=(2, 3),  # the team loop and the per-step split need two, whatever the CPU has; 3 split unevenly
+    )
+
+
+def _run_cpp_parity(env_overrides, check, cases, threads, timeout=120):
+    """In a fresh process with `env_overrides`: assert `check` (Python source), then compare the cpp layer with
+    the reference for every (T, B, I, H, P, packed, reverse) case and thread count, in float32 and float64:
+    outputs and every gradient in training, outputs at inference."""
     code = textwrap.dedent(
         f"""
-        import torch
+        import itertools, torch
         from fastlstm import reference
         from fastlstm.backends import cpu
         from fastlstm.backends.cpu import BACKEND
-        assert {expected!r} in cpu.kernel_choices(), cpu.kernel_choices()
+        assert BACKEND.unavailable_reason() is None, BACKEND.unavailable_reason()
+        assert {check}
         torch.manual_seed(0)
-        import itertools
-        cases = [(5, 3, 4, 20, 0, False, False), (6, 9, 5, 16, 3, True, True), (4, 17, 6, 33, 0, True, False)]
         dtypes = [(torch.float32, dict(atol=1e-5, rtol=1e-4)), (torch.float64, dict(atol=1e-9, rtol=1e-9))]
-        # the team loop and the per-step split need two threads, whatever the CPU has; three splits unevenly
-        for threads, (dtype, tol), (T, B, I, H, P, packed, reverse) in itertools.product((2, 3), dtypes, cases):
+        cases = {cases!r}
+        for threads, (dtype, tol), (T, B, I, H, P, packed, reverse) in itertools.product({threads!r}, dtypes, cases):
             torch.set_num_threads(threads)
             Pe = P or H
             mk = lambda *s: (torch.rand(*s, dtype=dtype) - 0.5).requires_grad_()
@@ -567,8 +554,9 @@ def test_kernel_paths(path):
     )
     env = dict(os.environ, **env_overrides)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+    run = dict(env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-c", code], **run)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def _auto_backends(dtype, batch, train=False, hidden=65, proj_size=0):
