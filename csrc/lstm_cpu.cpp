@@ -18,7 +18,7 @@
 //   * Small steps (up to 2^20 multiply-adds, no projection) run as one team of threads for the whole
 //     sequence, each owning a slice of hidden units, with one spin barrier per step, forward and backward.
 //   * The pointwise cell is one fused loop in explicit SIMD with an own exp: ~1 ulp for float, ~1e-16
-//     relative for double; a row's last partial vector runs the same code on a zero-padded copy.
+//     relative for double; a row's last partial vector runs the same code through masked loads and stores.
 //   * Inference keeps no gates for backward: with the projection fused, one step's [B, 4H] buffer, reused.
 //   * Backward runs the reverse time loop for the gate gradients only; dx, dw_ih, dw_hh, db, dw_hr are then
 //     single GEMMs / reductions over all T*B rows.
@@ -466,7 +466,7 @@ void step_gemm(const scalar_t* A, int64_t lda, const Packed<scalar_t>& B, scalar
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Pointwise math, all in explicit SIMD (a row's last partial vector too, through a zero-padded copy).
+// Pointwise math, all in explicit SIMD (a row's last partial vector too, through masked loads and stores).
 
 // float through GCC/Clang vector extensions (16 lanes; the compiler splits them to the machine's width): a
 // Cephes-style exp, about 1 ulp.
@@ -923,7 +923,8 @@ std::string kernel_choices() {
          ", else BLAS; time loop: one team of threads " +
          (team_max_macs() <= 0 ? std::string("never")
                                : "up to " + std::to_string(team_max_macs()) + " multiply-adds a step, " +
-                                     std::to_string(team_min_hidden<float>(false)) + "+ hidden units a thread (float32 backward " +
+                                     std::to_string(team_min_hidden<float>(false)) +
+                                     "+ hidden units a thread (float32 backward " +
                                      std::to_string(team_min_hidden<float>(true)) + "+, float64 " +
                                      std::to_string(team_min_hidden<double>(false)) + "+)") +
          " (no projection), else per-step parallel; input projection: per step " + from(fuse_min_rows(), "rows") +

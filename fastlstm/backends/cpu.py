@@ -27,6 +27,12 @@ Tuning knobs (read once per process by the C++ code; for measurements and tests,
     FASTLSTM_ONEDNN_MIN_MACS float32 computes the input projection and dx with oneDNN's matmul from this many
                             multiply-adds on (default: 2**22 on CPUs other than Intel's, where it measured
                             faster than MKL's sgemm; never on Intel); else BLAS.
+    FASTLSTM_TEAM_MAX_MACS  the time loop runs as one team of threads up to this many multiply-adds a step
+                            (default 2**20; 0 never); above, each step's product is split over threads.
+    FASTLSTM_TEAM_MIN_HIDDEN hidden units each team thread must own (default 24 forward / 20 backward for
+                            float32, 16 for float64); fewer threads, or one, below that.
+    FASTLSTM_FUSE_MIN_ROWS  the input projection runs per step beside the recurrent product from this batch
+                            size on (default 8), else as one GEMM for all steps up front.
     `python -m fastlstm info` prints the resulting choices.
 """
 
