@@ -23,7 +23,10 @@
 //   * Backward runs the reverse time loop for the gate gradients only; dx, dw_ih, dw_hh, db, dw_hr are then
 //     single GEMMs / reductions over all T*B rows.
 //   * Autograd is a C++ Autograd kernel (no per-call Python); double backward recomputes the layer in ATen ops.
-//   * bfloat16 is computed in float32 end to end (fp32 accumulation, fp32 c) and rounded at the boundary.
+//   * bfloat16, on CPUs with AVX512-BF16: the products take bf16 in pairs (vdpbf16ps, float accumulation), the
+//     recurrent and input products in the register-blocked kernel, backward's large ones in ATen's bf16 matmul;
+//     h (and, in backward, dgates) is rounded to bf16 for them, as native bf16 does; the cell, c and the saved
+//     gates stay float. Elsewhere bfloat16 is computed in float32 end to end and rounded at the boundary.
 // Saved for backward: activated gates [T, B, 4H] and the cell history [T, B, H] (plus the output y).
 
 #include <torch/library.h>
@@ -143,53 +146,109 @@ struct Vec {
   static void store(scalar_t* p, type v) { *reinterpret_cast<utype*>(p) = v; }
 };
 
+// How the kernel multiplies: the element type of the packed weight and of the rows A, how many k one step of
+// the kernel consumes, and the multiply-add of one broadcast row value (or pair) into a vector of columns.
+//
+// FmaDot: scalar_t everywhere, one k per step, acc += a * w.
+template <typename scalar_t>
+struct FmaDot {
+  using acc_t = scalar_t;
+  using elem_t = scalar_t;
+  using unit_t = scalar_t;
+  using vec = typename Vec<scalar_t>::type;
+  using row_t = scalar_t;
+  static constexpr int lanes = Vec<scalar_t>::lanes;
+  static constexpr int pair = 1;
+  static row_t row(const elem_t* a) { return *a; }
+  static vec load(const elem_t* p) { return Vec<scalar_t>::load(p); }
+  static void madd(vec& acc, row_t a, vec w) { acc += a * w; }
+  static elem_t from(acc_t v) { return v; }
+  static acc_t to(elem_t v) { return v; }
+};
+
+// Bf16Dot (CPUs with AVX512-BF16, e.g. AMD Zen 4, Intel Cooper Lake / Sapphire Rapids): bfloat16 weights and rows,
+// float accumulators. One step consumes a pair of k: vdpbf16ps adds a[2k] * w[2k] + a[2k+1] * w[2k+1] to each
+// float lane, products exact in float. So the weight streams half the bytes and each instruction does twice
+// the multiply-adds of a float FMA, as oneDNN's bf16 LSTM does. The panel stores the pair of one column side by
+// side (one 32-bit unit); rows (h, x) and weights are bfloat16 with a zero past an odd K.
+#if defined(__AVX512BF16__)
+constexpr bool kHasBf16Dot = true;
+struct Bf16Dot {
+  using acc_t = float;
+  using elem_t = uint16_t;  // bfloat16 bits
+  using unit_t = uint32_t;  // a pair of them
+  using vec = Vec<float>::type;
+  using row_t = __m512bh;
+  static constexpr int lanes = Vec<float>::lanes;
+  static constexpr int pair = 2;
+  static row_t row(const elem_t* a) {
+    int32_t both;
+    std::memcpy(&both, a, sizeof(both));
+    return reinterpret_cast<__m512bh>(_mm512_set1_epi32(both));
+  }
+  static vec load(const elem_t* p) { return Vec<float>::load(reinterpret_cast<const float*>(p)); }
+  static void madd(vec& acc, row_t a, vec w) {
+    acc = reinterpret_cast<vec>(_mm512_dpbf16_ps(reinterpret_cast<__m512>(acc), a, reinterpret_cast<__m512bh>(w)));
+  }
+  static elem_t from(float v) { return c10::BFloat16(v).x; }  // round to nearest even, as torch rounds
+  static acc_t to(elem_t v) { return static_cast<float>(c10::BFloat16(v, c10::BFloat16::from_bits())); }
+};
+#else
+constexpr bool kHasBf16Dot = false;
+using Bf16Dot = FmaDot<float>;  // never used for computing: kHasBf16Dot guards every use
+#endif
+
 // A weight B [K, N] packed in panels of kPanel vectors of columns: panel p holds columns [p*W, p*W+W) as a
-// contiguous [K, W] block (zero padded past N), so the micro-kernel reads it sequentially.
+// contiguous [steps, W] block of units (zero padded past N), so the micro-kernel reads it sequentially. A unit
+// is what one kernel step takes of one column: one element (FmaDot) or a pair of k (Bf16Dot, a 32-bit word).
 constexpr int kPanel = 2;
 
-template <typename scalar_t>
+template <typename Dot>
 struct Packed {
-  static constexpr int64_t W = kPanel * Vec<scalar_t>::lanes;
-  std::unique_ptr<scalar_t[]> data;  // uninitialised: every element is written by pack()
-  int64_t K = 0, N = 0, panels = 0;
-  // B[k, n] = src[k * sk + n * sn]. Runs once per call over the whole weight, so it is blocked and parallel:
-  // a plain element-wise transpose of a 4 MB weight measured ~0.9 ms, as long as 25 steps of B=1, H=512.
-  void pack(const scalar_t* src, int64_t K_, int64_t N_, int64_t sk, int64_t sn, bool parallel = true) {
-    K = K_;
+  using elem_t = typename Dot::elem_t;
+  using unit_t = typename Dot::unit_t;
+  static constexpr int64_t W = kPanel * Dot::lanes;  // columns per panel
+  std::unique_ptr<unit_t[]> data;                    // uninitialised: every unit is written by pack()
+  int64_t steps = 0, N = 0, panels = 0;
+  // B[k, n] = src[k * sk + n * sn], k over `steps` units. Runs once per call over the whole weight, so it is
+  // blocked and parallel: a plain element-wise transpose of a 4 MB weight measured ~0.9 ms, as long as 25 steps
+  // of B=1, H=512.
+  void pack(const unit_t* src, int64_t steps_, int64_t N_, int64_t sk, int64_t sn, bool parallel = true) {
+    steps = steps_;
     N = N_;
     panels = (N + W - 1) / W;
-    data.reset(new scalar_t[std::max<int64_t>(1, panels * K * W)]);
+    data.reset(new unit_t[std::max<int64_t>(1, panels * steps * W)]);
     if (!parallel) {
       for (int64_t p = 0; p < panels; ++p) pack_panel(src, sk, sn, p);
       return;
     }
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, K * W));
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, steps * W));
     at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) pack_panel(src, sk, sn, p);
     });
   }
-  void pack_panel(const scalar_t* src, int64_t sk, int64_t sn, int64_t p) {
-    scalar_t* d = data.get() + p * K * W;
+  void pack_panel(const unit_t* src, int64_t sk, int64_t sn, int64_t p) {
+    unit_t* d = data.get() + p * steps * W;
     const int64_t width = std::min(W, N - p * W);
     if (sk == 1) {
       // Source columns are contiguous in k. Blocks of one cache line of k: the W source lines and the
       // [kb, W] piece of the panel being written both stay in L1.
-      constexpr int64_t kb = 64 / sizeof(scalar_t);
-      for (int64_t k0 = 0; k0 < K; k0 += kb) {
-        const int64_t k1 = std::min(K, k0 + kb);
+      constexpr int64_t kb = 64 / sizeof(unit_t);
+      for (int64_t k0 = 0; k0 < steps; k0 += kb) {
+        const int64_t k1 = std::min(steps, k0 + kb);
         for (int64_t c = 0; c < width; ++c) {
-          const scalar_t* col = src + (p * W + c) * sn;
+          const unit_t* col = src + (p * W + c) * sn;
           for (int64_t k = k0; k < k1; ++k) d[k * W + c] = col[k];
         }
       }
     } else {
-      for (int64_t k = 0; k < K; ++k)
+      for (int64_t k = 0; k < steps; ++k)
         for (int64_t c = 0; c < width; ++c) d[k * W + c] = src[k * sk + (p * W + c) * sn];
     }
     if (width < W)
-      for (int64_t k = 0; k < K; ++k) std::fill(d + k * W + width, d + (k + 1) * W, scalar_t(0));
+      for (int64_t k = 0; k < steps; ++k) std::fill(d + k * W + width, d + (k + 1) * W, unit_t(0));
   }
-  const scalar_t* panel(int64_t p) const { return data.get() + p * K * W; }
+  const elem_t* panel(int64_t p) const { return reinterpret_cast<const elem_t*>(data.get() + p * steps * W); }
 };
 
 // Keep a loaded vector in a register. For row blocks of 2-4, GCC otherwise folds the panel loads into every FMA
@@ -206,47 +265,44 @@ inline void keep_in_register(V& v) {
 #endif
 }
 
-template <typename scalar_t, int RB>
-inline void micro_kernel(const scalar_t* __restrict__ A, int64_t lda, const scalar_t* __restrict__ panel, int64_t K,
-                         scalar_t* __restrict__ C, int64_t ldc, int64_t valid, bool accumulate) {
-  using V = Vec<scalar_t>;
-  constexpr int L = V::lanes, CV = kPanel, W = CV * L;
-  typename V::type acc[RB][CV];
-  scalar_t tmp[RB * W];
-  scalar_t* out = C;
+// C[RB, valid] (+)= A[RB, K] @ panel, K in steps of Dot::pair (lda in elements).
+template <typename Dot, int RB>
+inline void micro_kernel(const typename Dot::elem_t* __restrict__ A, int64_t lda,
+                         const typename Dot::elem_t* __restrict__ panel, int64_t steps,
+                         typename Dot::acc_t* __restrict__ C, int64_t ldc, int64_t valid, bool accumulate) {
+  using acc_t = typename Dot::acc_t;
+  using vec = typename Dot::vec;
+  constexpr int L = Dot::lanes, CV = kPanel, W = CV * L, PR = Dot::pair;
+  vec acc[RB][CV];
+  acc_t tmp[RB * W];
+  acc_t* out = C;
   int64_t ldo = ldc;
   if (valid < W) {  // the last, partial panel goes through a small buffer
     out = tmp;
     ldo = W;
     for (int r = 0; r < RB; ++r)
-      for (int c = 0; c < W; ++c) tmp[r * W + c] = (accumulate && c < valid) ? C[r * ldc + c] : scalar_t(0);
+      for (int c = 0; c < W; ++c) tmp[r * W + c] = (accumulate && c < valid) ? C[r * ldc + c] : acc_t(0);
   }
   for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < CV; ++v) acc[r][v] = accumulate ? V::load(out + r * ldo + v * L) : typename V::type{};
+    for (int v = 0; v < CV; ++v) acc[r][v] = accumulate ? Vec<acc_t>::load(out + r * ldo + v * L) : vec{};
   // Few rows leave too few independent FMA chains to hide latency: unroll k into KU partial sums.
   constexpr int KU = RB == 1 ? 4 : (RB == 2 ? 2 : 1);
-  typename V::type part[KU > 1 ? KU - 1 : 1][RB][CV];
+  vec part[KU > 1 ? KU - 1 : 1][RB][CV];
   if constexpr (KU > 1) {
     for (int u = 0; u < KU - 1; ++u)
       for (int r = 0; r < RB; ++r)
-        for (int v = 0; v < CV; ++v) part[u][r][v] = typename V::type{};
+        for (int v = 0; v < CV; ++v) part[u][r][v] = vec{};
   }
   int64_t k = 0;
   if constexpr (KU > 1) {
-    for (; k + KU <= K; k += KU) {
+    for (; k + KU <= steps; k += KU) {
       for (int u = 0; u < KU; ++u) {
-        typename V::type w[CV];
-        for (int v = 0; v < CV; ++v) w[v] = V::load(panel + (k + u) * W + v * L);
+        vec w[CV];
+        for (int v = 0; v < CV; ++v) w[v] = Dot::load(panel + (k + u) * W * PR + v * L * PR);
         for (int v = 0; v < CV; ++v) keep_in_register<RB>(w[v]);
         for (int r = 0; r < RB; ++r) {
-          const scalar_t a = A[r * lda + k + u];
-          for (int v = 0; v < CV; ++v) {
-            if (u == 0) {
-              acc[r][v] += a * w[v];
-            } else {
-              part[u > 0 ? u - 1 : 0][r][v] += a * w[v];
-            }
-          }
+          const auto a = Dot::row(A + r * lda + (k + u) * PR);
+          for (int v = 0; v < CV; ++v) Dot::madd(u == 0 ? acc[r][v] : part[u > 0 ? u - 1 : 0][r][v], a, w[v]);
         }
       }
     }
@@ -254,40 +310,41 @@ inline void micro_kernel(const scalar_t* __restrict__ A, int64_t lda, const scal
       for (int r = 0; r < RB; ++r)
         for (int v = 0; v < CV; ++v) acc[r][v] += part[u][r][v];
   }
-  for (; k < K; ++k) {
-    typename V::type w[CV];
-    for (int v = 0; v < CV; ++v) w[v] = V::load(panel + k * W + v * L);
+  for (; k < steps; ++k) {
+    vec w[CV];
+    for (int v = 0; v < CV; ++v) w[v] = Dot::load(panel + k * W * PR + v * L * PR);
     for (int v = 0; v < CV; ++v) keep_in_register<RB>(w[v]);
     for (int r = 0; r < RB; ++r) {
-      const scalar_t a = A[r * lda + k];
-      for (int v = 0; v < CV; ++v) acc[r][v] += a * w[v];
+      const auto a = Dot::row(A + r * lda + k * PR);
+      for (int v = 0; v < CV; ++v) Dot::madd(acc[r][v], a, w[v]);
     }
   }
   for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < CV; ++v) V::store(out + r * ldo + v * L, acc[r][v]);
+    for (int v = 0; v < CV; ++v) Vec<acc_t>::store(out + r * ldo + v * L, acc[r][v]);
   if (valid < W) {
     for (int r = 0; r < RB; ++r)
       for (int c = 0; c < valid; ++c) C[r * ldc + c] = tmp[r * W + c];
   }
 }
 
-template <typename scalar_t>
-inline void panel_rows(const scalar_t* A, int64_t lda, const scalar_t* panel, int64_t K, scalar_t* C, int64_t ldc,
-                       int64_t n, int64_t valid, bool accumulate) {
+template <typename Dot>
+inline void panel_rows(const typename Dot::elem_t* A, int64_t lda, const typename Dot::elem_t* panel, int64_t steps,
+                       typename Dot::acc_t* C, int64_t ldc, int64_t n, int64_t valid, bool accumulate) {
   constexpr int RB = 8;
   int64_t r = 0;
-  for (; r + RB <= n; r += RB) micro_kernel<scalar_t, RB>(A + r * lda, lda, panel, K, C + r * ldc, ldc, valid, accumulate);
-  const scalar_t* a = A + r * lda;
-  scalar_t* c = C + r * ldc;
+  for (; r + RB <= n; r += RB)
+    micro_kernel<Dot, RB>(A + r * lda, lda, panel, steps, C + r * ldc, ldc, valid, accumulate);
+  const auto* a = A + r * lda;
+  auto* c = C + r * ldc;
   switch (n - r) {
     case 0: break;
-    case 1: micro_kernel<scalar_t, 1>(a, lda, panel, K, c, ldc, valid, accumulate); break;
-    case 2: micro_kernel<scalar_t, 2>(a, lda, panel, K, c, ldc, valid, accumulate); break;
-    case 3: micro_kernel<scalar_t, 3>(a, lda, panel, K, c, ldc, valid, accumulate); break;
-    case 4: micro_kernel<scalar_t, 4>(a, lda, panel, K, c, ldc, valid, accumulate); break;
-    case 5: micro_kernel<scalar_t, 5>(a, lda, panel, K, c, ldc, valid, accumulate); break;
-    case 6: micro_kernel<scalar_t, 6>(a, lda, panel, K, c, ldc, valid, accumulate); break;
-    default: micro_kernel<scalar_t, 7>(a, lda, panel, K, c, ldc, valid, accumulate); break;
+    case 1: micro_kernel<Dot, 1>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    case 2: micro_kernel<Dot, 2>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    case 3: micro_kernel<Dot, 3>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    case 4: micro_kernel<Dot, 4>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    case 5: micro_kernel<Dot, 5>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    case 6: micro_kernel<Dot, 6>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    default: micro_kernel<Dot, 7>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
   }
 }
 
@@ -449,16 +506,17 @@ void linear_nt(const Tensor& A, const Tensor& W, Tensor& out) {
 constexpr int64_t kParallelStepWork = 1 << 17;
 
 // C[n, N] (+)= A[n, K] @ B, B packed.
-template <typename scalar_t>
-void step_gemm(const scalar_t* A, int64_t lda, const Packed<scalar_t>& B, scalar_t* C, int64_t ldc, int64_t n,
-               bool accumulate) {
+template <typename Dot>
+void step_gemm(const typename Dot::elem_t* A, int64_t lda, const Packed<Dot>& B, typename Dot::acc_t* C, int64_t ldc,
+               int64_t n, bool accumulate) {
   if (n == 0 || B.N == 0) return;
-  const int64_t W = Packed<scalar_t>::W;
+  const int64_t W = Packed<Dot>::W;
   auto run = [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
-      panel_rows<scalar_t>(A, lda, B.panel(p), B.K, C + p * W, ldc, n, std::min(W, B.N - p * W), accumulate);
+      panel_rows<Dot>(A, lda, B.panel(p), B.steps, C + p * W, ldc, n, std::min(W, B.N - p * W), accumulate);
   };
-  if (at::get_num_threads() > 1 && n * B.N * B.K >= kParallelStepWork && B.panels > 1 && !at::in_parallel_region()) {
+  const int64_t work = n * B.N * B.steps * Dot::pair;
+  if (at::get_num_threads() > 1 && work >= kParallelStepWork && B.panels > 1 && !at::in_parallel_region()) {
     at::parallel_for(0, B.panels, 1, run);
   } else {
     run(0, B.panels);
@@ -853,34 +911,95 @@ TeamSlice join_team(SpinBarrier& barrier, int64_t H) {
   return {j0, j1, j1 - j0};
 }
 
+// The rows the kernel reads as h (and x): Dot's element type, row stride `ld` (the width rounded up to whole
+// pairs, the pad zero). FmaDot: the same numbers. Bf16Dot: h rounded to bfloat16 every step, as native bf16
+// keeps it (c stays float).
+template <typename Dot>
+inline int64_t row_stride(int64_t width) {
+  return (width + Dot::pair - 1) / Dot::pair * Dot::pair;
+}
+
+template <typename Dot>
+void rows_to_kernel(const typename Dot::acc_t* src, int64_t lds, typename Dot::elem_t* dst, int64_t ldd, int64_t rows,
+                    int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; ++j) dst[r * ldd + j] = Dot::from(src[r * lds + j]);
+    for (int64_t j = cols; j < ldd; ++j) dst[r * ldd + j] = Dot::from(0.0f);
+  }
+}
+
+template <typename Dot>
+void rows_from_kernel(const typename Dot::elem_t* src, int64_t lds, typename Dot::acc_t* dst, int64_t ldd,
+                      int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; ++j) dst[r * ldd + j] = Dot::to(src[r * lds + j]);
+}
+
+// n values into the kernel's element type; with `rounded`, also the values dst now holds, back in acc_t.
+template <typename Dot>
+inline void to_kernel(const typename Dot::acc_t* src, typename Dot::elem_t* dst, int64_t n,
+                      typename Dot::acc_t* rounded) {
+  if constexpr (std::is_same_v<typename Dot::elem_t, typename Dot::acc_t>) {
+    if (dst != src) std::memcpy(dst, src, n * sizeof(*src));
+    if (rounded != nullptr && rounded != src) std::memcpy(rounded, src, n * sizeof(*src));
+  } else {
+#if defined(__AVX512BF16__)
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
+      const __m256i b = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + j)));
+      _mm256_mask_storeu_epi16(dst + j, m, b);
+      if (rounded != nullptr)
+        _mm512_mask_storeu_ps(rounded + j, m, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+    }
+#else
+    for (int64_t j = 0; j < n; ++j) {
+      dst[j] = Dot::from(src[j]);
+      if (rounded != nullptr) rounded[j] = Dot::to(dst[j]);
+    }
+#endif
+  }
+}
+
+// A step's new h (n values of one row, y) becomes the next step's kernel input h. Where the kernel reads another
+// type (bfloat16), y is rounded in place as well, so that the output, the state and what backward reads are all
+// exactly the values the next step multiplied.
+template <typename Dot>
+inline void publish(typename Dot::acc_t* y, typename Dot::elem_t* h, int64_t n) {
+  to_kernel<Dot>(y, h, n, y);
+}
+
 // The forward time loop without projection (P == H) on `threads` threads. h: h0 in, hT out; c likewise.
-// With w_ih given, the input projection runs here too, per step and per slice (x: [T, B, I]); else G holds it.
-// Step t's gates are G + t * g_step (g_step 0: one step's buffer, reused).
-template <typename scalar_t>
+// With w_ih given, the input projection runs here too, per step and per slice (x: [T, B, ldx], the kernel's
+// rows); else G holds it. Step t's gates are G + t * g_step (g_step 0: one step's buffer, reused). Weights as
+// the kernel reads them: rows of w_hh H and of w_ih ldx elements long.
+template <typename scalar_t, typename Dot>
 void forward_team(int threads, const Dims& d, const std::vector<int64_t>& live, bool reverse, scalar_t* G,
-                  int64_t g_step, const scalar_t* bias, const scalar_t* w_hh, scalar_t* h, scalar_t* c, scalar_t* y,
-                  scalar_t* c_hist, const scalar_t* w_ih, const scalar_t* x) {
-  const int64_t T = d.T, B = d.B, I = d.I, H = d.H, G4 = 4 * H;
-  constexpr int64_t W = Packed<scalar_t>::W;
-  std::vector<scalar_t> hbuf(2 * B * H);
-  std::memcpy(hbuf.data(), h, B * H * sizeof(scalar_t));
+                  int64_t g_step, const scalar_t* bias, const typename Dot::unit_t* w_hh, scalar_t* h, scalar_t* c,
+                  scalar_t* y, scalar_t* c_hist, const typename Dot::unit_t* w_ih, const typename Dot::elem_t* x,
+                  int64_t ldx) {
+  using elem_t = typename Dot::elem_t;
+  const int64_t T = d.T, B = d.B, H = d.H, G4 = 4 * H, ldh = row_stride<Dot>(H);
+  const int64_t kh = ldh / Dot::pair, ki = ldx / Dot::pair;  // units in a row of w_hh, w_ih
+  constexpr int64_t W = Packed<Dot>::W;
+  std::vector<elem_t> hbuf(2 * B * ldh, Dot::from(0.0f));
+  rows_to_kernel<Dot>(h, H, hbuf.data(), ldh, B, H);
   SpinBarrier barrier;
 #pragma omp parallel num_threads(threads)
   {
     // Each thread packs its own slice, which so starts out in its own cache.
     const auto [j0, j1, width] = join_team<scalar_t>(barrier, H);
-    Packed<scalar_t> Wq[4], Wi[4];  // gate q, this slice: B[k, n] = w_hh[q * H + j0 + n, k]; w_ih likewise
+    Packed<Dot> Wq[4], Wi[4];  // gate q, this slice: B[k, n] = w_hh[q * H + j0 + n, k]; w_ih likewise
     if (width > 0) {
-      for (int q = 0; q < 4; ++q) Wq[q].pack(w_hh + (q * H + j0) * H, H, width, 1, H, /*parallel=*/false);
+      for (int q = 0; q < 4; ++q) Wq[q].pack(w_hh + (q * H + j0) * kh, kh, width, 1, kh, /*parallel=*/false);
       if (w_ih != nullptr)
-        for (int q = 0; q < 4; ++q) Wi[q].pack(w_ih + (q * H + j0) * I, I, width, 1, I, /*parallel=*/false);
+        for (int q = 0; q < 4; ++q) Wi[q].pack(w_ih + (q * H + j0) * ki, ki, width, 1, ki, /*parallel=*/false);
     }
     int gen = 0;
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? T - 1 - s : s;
       const int64_t n = live[t];
-      const scalar_t* hin = hbuf.data() + (s & 1) * B * H;
-      scalar_t* hout = hbuf.data() + ((s + 1) & 1) * B * H;
+      const elem_t* hin = hbuf.data() + (s & 1) * B * ldh;
+      elem_t* hout = hbuf.data() + ((s + 1) & 1) * B * ldh;
       scalar_t* Gt = G + t * g_step;
       scalar_t* yt = y + t * B * H;
       if (width > 0) {
@@ -889,21 +1008,30 @@ void forward_team(int threads, const Dims& d, const std::vector<int64_t>& live, 
             scalar_t* out = Gt + q * H + j0 + p * W;
             const int64_t valid = std::min(W, width - p * W);
             if (w_ih != nullptr)
-              panel_rows<scalar_t>(x + t * B * I, I, Wi[q].panel(p), I, out, G4, n, valid, /*accumulate=*/false);
-            panel_rows<scalar_t>(hin, H, Wq[q].panel(p), H, out, G4, n, valid, /*accumulate=*/true);
+              panel_rows<Dot>(x + t * B * ldx, ldx, Wi[q].panel(p), Wi[q].steps, out, G4, n, valid,
+                              /*accumulate=*/false);
+            panel_rows<Dot>(hin, ldh, Wq[q].panel(p), Wq[q].steps, out, G4, n, valid, /*accumulate=*/true);
           }
         for (int64_t r = 0; r < n; ++r) {
           cell_row<scalar_t>(Gt + r * G4 + j0, bias != nullptr ? bias + j0 : nullptr, c + r * H + j0,
                              c_hist != nullptr ? c_hist + (t * B + r) * H + j0 : nullptr, yt + r * H + j0, width, H);
-          std::memcpy(hout + r * H + j0, yt + r * H + j0, width * sizeof(scalar_t));
+          publish<Dot>(yt + r * H + j0, hout + r * ldh + j0, width);
         }
         for (int64_t r = n; r < B; ++r)  // rows not live this step keep their state
-          std::memcpy(hout + r * H + j0, hin + r * H + j0, width * sizeof(scalar_t));
+          std::memcpy(hout + r * ldh + j0, hin + r * ldh + j0, width * sizeof(elem_t));
       }
       barrier.wait(gen);
     }
   }
-  std::memcpy(h, hbuf.data() + (T & 1) * B * H, B * H * sizeof(scalar_t));
+  rows_from_kernel<Dot>(hbuf.data() + (T & 1) * B * ldh, ldh, h, H, B, H);
+}
+
+// Whether bfloat16 runs on the bf16 dot-product kernel (see Bf16Dot): on CPUs that have it, unless
+// FASTLSTM_BF16_DOT=0 asks for float32 math throughout (for measurements and tests).
+inline bool use_bf16_dot() {
+  static const char* env = std::getenv("FASTLSTM_BF16_DOT");
+  static const bool v = kHasBf16Dot && !(env != nullptr && std::atoll(env) == 0);
+  return v;
 }
 
 // Which kernel serves which product on this CPU, with the knobs applied (for `python -m fastlstm info` and the
@@ -920,7 +1048,10 @@ std::string kernel_choices() {
          ", else register-blocked; float32 x@W^T and dx: oneDNN matmul " +
          from(onednn_linear_op().has_value() ? onednn_min_macs() : std::numeric_limits<int64_t>::max(),
               "multiply-adds") +
-         ", else BLAS; time loop: one team of threads " +
+         ", else BLAS; bfloat16 forward: " +
+         (use_bf16_dot() ? "bf16 dot products (AVX512-BF16), h rounded to bf16 each step"
+                         : "float32 math, rounded at the end") +
+         "; time loop: one team of threads " +
          (team_max_macs() <= 0 ? std::string("never")
                                : "up to " + std::to_string(team_max_macs()) + " multiply-adds a step, " +
                                      std::to_string(team_min_hidden<float>(false)) +
@@ -934,15 +1065,25 @@ std::string kernel_choices() {
 // ---------------------------------------------------------------------------------------------------------
 // Forward.
 
-template <typename scalar_t>
+// x, w_ih, w_hh as the kernel reads them (for Bf16Dot bfloat16, their last dimension rounded up to even, the pad
+// zero); everything else scalar_t.
+template <typename scalar_t, typename Dot>
 void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
                   const c10::optional<Tensor>& b, const c10::optional<Tensor>& w_hr, const std::vector<int64_t>& live,
                   bool reverse, Tensor& gates, Tensor& y, Tensor& h, Tensor& c, scalar_t* c_hist) {
-  const int64_t T = d.T, B = d.B, I = d.I, H = d.H, P = d.P, G4 = 4 * H;
+  using elem_t = typename Dot::elem_t;
+  // Bf16Dot multiplies in the register-blocked kernel only (no BLAS or oneDNN call takes bf16 in, float out).
+  constexpr bool own_rows = !std::is_same_v<elem_t, scalar_t>;
+  using unit_t = typename Dot::unit_t;
+  const int64_t T = d.T, B = d.B, I = d.I, H = d.H, P = d.P, G4 = 4 * H, ldx = x.size(2);
+  const unit_t* wih_u = reinterpret_cast<const unit_t*>(w_ih.data_ptr());
+  const unit_t* whh_u = reinterpret_cast<const unit_t*>(w_hh.data_ptr());
+  const int64_t ki = w_ih.size(1) / Dot::pair, kh = w_hh.size(1) / Dot::pair;  // units a row
   // The recurrent weights laid out [K, N] for step_gemm: w_hh^T [P, 4H], w_hr^T [H, P].
-  Packed<scalar_t> WhhT, WhrT, WihT;
+  Packed<Dot> WhhT, WihT;
+  Packed<FmaDot<scalar_t>> WhrT;
   MklPacked mkl_whh;
-  if constexpr (std::is_same_v<scalar_t, float>) mkl_whh.pack(w_hh.data_ptr<float>(), P, true, B, G4, P);
+  if constexpr (std::is_same_v<scalar_t, float> && !own_rows) mkl_whh.pack(w_hh.data_ptr<float>(), P, true, B, G4, P);
   const bool blocked_step = !mkl_whh.ok && !use_blas_rows<scalar_t>(B);
   // The input projection: one GEMM for all steps up front (straight into the gate buffer; the bias is added in
   // the cell), or, from fuse_min_rows() rows on, per step beside the recurrent product (see fuse_min_rows).
@@ -954,16 +1095,21 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   if (!gates.defined()) {
     const int64_t rows = one_step ? B : T * B;
     gates = at::from_blob(gates_scratch().get(std::max<int64_t>(1, rows * G4) * sizeof(scalar_t)),
-                          {one_step ? 1 : T, B, G4}, x.options());
+                          {one_step ? 1 : T, B, G4}, y.options());
   }
   const int64_t g_step = one_step ? 0 : B * G4;
+  const elem_t* xp = reinterpret_cast<const elem_t*>(x.data_ptr());
   if (!fuse_input) {
-    Tensor G2 = gates.view({T * B, G4});
-    linear_nt<scalar_t>(x.view({T * B, I}), w_ih, G2);
-    gates = G2.view({T, B, G4});
+    if constexpr (own_rows) {
+      WihT.pack(wih_u, ki, G4, 1, ki);  // B[k, n] = w_ih[n, k]
+      step_gemm<Dot>(xp, ldx, WihT, gates.data_ptr<scalar_t>(), G4, T * B, /*accumulate=*/false);
+    } else {
+      Tensor G2 = gates.view({T * B, G4});
+      linear_nt<scalar_t>(x.view({T * B, I}), w_ih, G2);
+      gates = G2.view({T, B, G4});
+    }
   }
   scalar_t* G = gates.data_ptr<scalar_t>();
-  const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* bp = b.has_value() ? b->data_ptr<scalar_t>() : nullptr;
   const bool proj = w_hr.has_value();
   scalar_t* hp = h.data_ptr<scalar_t>();
@@ -971,45 +1117,60 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   scalar_t* yp = y.data_ptr<scalar_t>();
   const int threads = team_threads<scalar_t>(B, H, P, proj, /*backward=*/false);
   if (blocked_step && threads > 1) {
-    forward_team<scalar_t>(threads, d, live, reverse, G, g_step, bp, w_hh.data_ptr<scalar_t>(), hp, cp, yp, c_hist,
-                           fuse_input ? w_ih.data_ptr<scalar_t>() : nullptr, xp);
+    forward_team<scalar_t, Dot>(threads, d, live, reverse, G, g_step, bp, whh_u, hp, cp, yp, c_hist,
+                                fuse_input ? wih_u : nullptr, xp, ldx);
     return;
   }
   if (proj) WhrT.pack(w_hr->data_ptr<scalar_t>(), H, P, 1, H);  // B[k, n] = w_hr[n, k]
-  if (fuse_input) WihT.pack(w_ih.data_ptr<scalar_t>(), I, G4, 1, I);  // B[k, n] = w_ih[n, k]
+  if (fuse_input) WihT.pack(wih_u, ki, G4, 1, ki);  // B[k, n] = w_ih[n, k]
   std::vector<scalar_t> h_raw(proj ? B * H : 0);
+  // The h the kernel reads: hp itself, or its rows in the kernel's type (converted back into hp at the end).
+  const int64_t ldh = row_stride<Dot>(P);
+  std::vector<elem_t> h_rows(own_rows ? B * ldh : 0);
+  elem_t* hk = nullptr;
+  if constexpr (own_rows) {
+    hk = h_rows.data();
+    rows_to_kernel<Dot>(hp, P, hk, ldh, B, P);
+  } else {
+    hk = hp;
+  }
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
     const int64_t n = live[t];
     if (n == 0) continue;
     scalar_t* Gt = G + t * g_step;
-    if (fuse_input) step_gemm<scalar_t>(xp + t * B * I, I, WihT, Gt, G4, n, /*accumulate=*/false);
-    if (mkl_whh.ok) {
-      // All B rows even when fewer are live: rows past n of this step's gate buffer are never read, and the
-      // packed weight is valid for exactly B rows.
-      if constexpr (std::is_same_v<scalar_t, float>) mkl_whh.run(hp, P, Gt, G4, /*accumulate=*/true);
-    } else if (use_blas_rows<scalar_t>(B)) {
-      gemm(false, true, n, G4, P, scalar_t(1), hp, P, w_hh.data_ptr<scalar_t>(), P, scalar_t(1), Gt, G4);
-    } else {
-      if (WhhT.K == 0) WhhT.pack(w_hh.data_ptr<scalar_t>(), P, G4, 1, P);
-      step_gemm<scalar_t>(hp, P, WhhT, Gt, G4, n, /*accumulate=*/true);
+    if (fuse_input) step_gemm<Dot>(xp + t * B * ldx, ldx, WihT, Gt, G4, n, /*accumulate=*/false);
+    if (blocked_step) {
+      if (WhhT.data == nullptr) WhhT.pack(whh_u, kh, G4, 1, kh);  // B[k, n] = w_hh[n, k]
+      step_gemm<Dot>(hk, ldh, WhhT, Gt, G4, n, /*accumulate=*/true);
+    } else if constexpr (!own_rows) {
+      if (mkl_whh.ok) {
+        // All B rows even when fewer are live: rows past n of this step's gate buffer are never read, and the
+        // packed weight is valid for exactly B rows.
+        if constexpr (std::is_same_v<scalar_t, float>) mkl_whh.run(hp, P, Gt, G4, /*accumulate=*/true);
+      } else {
+        gemm(false, true, n, G4, P, scalar_t(1), hp, P, w_hh.data_ptr<scalar_t>(), P, scalar_t(1), Gt, G4);
+      }
     }
     scalar_t* yt = yp + t * B * P;
     scalar_t* ch = c_hist != nullptr ? c_hist + t * B * H : nullptr;
-    if (!proj) {
-      for_rows(n, 16 * H, [&](int64_t r) {
-        cell_row<scalar_t>(Gt + r * G4, bp, cp + r * H, ch != nullptr ? ch + r * H : nullptr, yt + r * H, H, H);
-      });
-      std::memcpy(hp, yt, n * H * sizeof(scalar_t));
+    scalar_t* cell_out = proj ? h_raw.data() : yt;
+    for_rows(n, 16 * H, [&](int64_t r) {
+      cell_row<scalar_t>(Gt + r * G4, bp, cp + r * H, ch != nullptr ? ch + r * H : nullptr, cell_out + r * H, H, H);
+    });
+    if (proj) step_gemm<FmaDot<scalar_t>>(h_raw.data(), H, WhrT, yt, P, n, /*accumulate=*/false);
+    if constexpr (own_rows) {
+      for (int64_t r = 0; r < n; ++r) publish<Dot>(yt + r * P, hk + r * ldh, P);
     } else {
-      scalar_t* hr = h_raw.data();
-      for_rows(n, 16 * H, [&](int64_t r) {
-        cell_row<scalar_t>(Gt + r * G4, bp, cp + r * H, ch != nullptr ? ch + r * H : nullptr, hr + r * H, H, H);
-      });
-      step_gemm<scalar_t>(hr, H, WhrT, yt, P, n, /*accumulate=*/false);
       std::memcpy(hp, yt, n * P * sizeof(scalar_t));
     }
   }
+  if constexpr (own_rows) rows_from_kernel<Dot>(hk, ldh, hp, P, B, P);
+}
+
+// A bfloat16 tensor as Bf16Dot reads it: contiguous, the last dimension rounded up to even with a zero.
+Tensor bf16_pairs(const Tensor& t) {
+  return t.size(-1) % 2 == 0 ? t.contiguous() : at::constant_pad_nd(t, {0, 1}).contiguous();
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x_in, const Tensor& h0_in,
@@ -1022,8 +1183,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x_in, 
   const auto live = live_rows(batch_sizes, d.T, d.B);
   const bool packed = is_packed(batch_sizes);
   const at::ScalarType dt = x_in.scalar_type(), ct = compute_type(dt);
+  const bool bf16_dot = dt == at::kBFloat16 && use_bf16_dot();
   const auto opts = x_in.options().dtype(ct);
-  Tensor x = as_compute(x_in, ct), w_ih = as_compute(w_ih_in, ct), w_hh = as_compute(w_hh_in, ct);
   auto b = as_compute(b_in, ct);
   auto w_hr = as_compute(w_hr_in, ct);
   Tensor h = h0_in.to(ct, /*non_blocking=*/false, /*copy=*/true).contiguous();
@@ -1034,10 +1195,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x_in, 
   Tensor c_hist = save ? (packed ? at::zeros({d.T, d.B, d.H}, opts) : at::empty({d.T, d.B, d.H}, opts))
                        : at::empty({0}, opts);
   if (d.T > 0 && d.B > 0) {
-    AT_DISPATCH_FLOATING_TYPES(ct, "fastlstm_cpp_lstm_fwd", [&] {
-      forward_impl<scalar_t>(d, x, w_ih, w_hh, b, w_hr, live, reverse, gates, y, h, c,
-                             save ? c_hist.data_ptr<scalar_t>() : nullptr);
-    });
+    if (bf16_dot) {
+      forward_impl<float, Bf16Dot>(d, bf16_pairs(x_in), bf16_pairs(w_ih_in), bf16_pairs(w_hh_in), b, w_hr, live,
+                                   reverse, gates, y, h, c, save ? c_hist.data_ptr<float>() : nullptr);
+    } else {
+      const Tensor x = as_compute(x_in, ct), w_ih = as_compute(w_ih_in, ct), w_hh = as_compute(w_hh_in, ct);
+      AT_DISPATCH_FLOATING_TYPES(ct, "fastlstm_cpp_lstm_fwd", [&] {
+        forward_impl<scalar_t, FmaDot<scalar_t>>(d, x, w_ih, w_hh, b, w_hr, live, reverse, gates, y, h, c,
+                                                 save ? c_hist.data_ptr<scalar_t>() : nullptr);
+      });
+    }
   }
   if (!save) gates = at::empty({0}, opts);
   if (dt != ct) {
@@ -1061,20 +1228,21 @@ inline bool first_step(const std::vector<int64_t>& live, int64_t T, int64_t t, i
 // thread turns its hidden slice's incoming gradient into dgates (all four gates of the slice); after the one
 // barrier it computes its slice of dh for the previous step from all of dgates. The next step's cell needs only
 // the thread's own slice of dh, and writes another step's dgates, so one barrier a step suffices.
-// dh, dc: grad_hT, grad_cT in; dh0, dc0 out.
-template <typename scalar_t>
+// dh, dc: grad_hT, grad_cT in; dh0, dc0 out. w_hh as the kernel's units, B[k, n] = w[k * sk + n * sn] with k over
+// 4H / Dot::pair units; dgk: dgates as the kernel reads them (dgates itself for FmaDot).
+template <typename scalar_t, typename Dot>
 void backward_team(int threads, const Dims& d, const std::vector<int64_t>& live, bool reverse, const scalar_t* gy,
-                   const scalar_t* gates, const scalar_t* c_hist, const scalar_t* c0, const scalar_t* w_hh,
-                   scalar_t* dgates, scalar_t* dh, scalar_t* dc) {
+                   const scalar_t* gates, const scalar_t* c_hist, const scalar_t* c0, const typename Dot::unit_t* w_hh,
+                   int64_t sk, int64_t sn, scalar_t* dgates, typename Dot::elem_t* dgk, scalar_t* dh, scalar_t* dc) {
   const int64_t T = d.T, B = d.B, H = d.H, G4 = 4 * H;
-  constexpr int64_t W = Packed<scalar_t>::W;
+  constexpr int64_t W = Packed<Dot>::W;
   std::vector<scalar_t> dht(B * H);  // the total gradient reaching this step's h
   SpinBarrier barrier;
 #pragma omp parallel num_threads(threads)
   {
     const auto [j0, j1, width] = join_team<scalar_t>(barrier, H);
-    Packed<scalar_t> Wd;  // this slice of w_hh: B[k, n] = w_hh[k, j0 + n], k over 4H
-    if (width > 0) Wd.pack(w_hh + j0, G4, width, H, 1, /*parallel=*/false);
+    Packed<Dot> Wd;  // this slice of w_hh: B[k, n] = w_hh[k, j0 + n], k over 4H
+    if (width > 0) Wd.pack(w_hh + j0 * sn, G4 / Dot::pair, width, sk, sn, /*parallel=*/false);
     int gen = 0;
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? s : T - 1 - s;  // the forward's steps, last first
@@ -1086,29 +1254,68 @@ void backward_team(int threads, const Dims& d, const std::vector<int64_t>& live,
           const scalar_t* gyr = gy + (t * B + r) * H;
           for (int64_t j = j0; j < j1; ++j) dhr[j] = dh[r * H + j] + gyr[j];
           const scalar_t* cprev = first_step(live, T, t, r, reverse) ? c0 + r * H : c_hist + (prev_t * B + r) * H;
+          scalar_t* dg = dgates + (t * B + r) * G4 + j0;
           cell_row_backward<scalar_t>(gates + (t * B + r) * G4 + j0, c_hist + (t * B + r) * H + j0, cprev + j0,
-                                      dhr + j0, dc + r * H + j0, dgates + (t * B + r) * G4 + j0, nullptr, width, H);
+                                      dhr + j0, dc + r * H + j0, dg, nullptr, width, H);
+          if constexpr (!std::is_same_v<typename Dot::elem_t, scalar_t>)
+            for (int q = 0; q < 4; ++q) to_kernel<Dot>(dg + q * H, dgk + (t * B + r) * G4 + j0 + q * H, width, nullptr);
         }
       }
       barrier.wait(gen);
       if (width > 0)
         for (int64_t p = 0; p < Wd.panels; ++p)
-          panel_rows<scalar_t>(dgates + t * B * G4, G4, Wd.panel(p), G4, dh + j0 + p * W, H, n,
-                               std::min(W, width - p * W), /*accumulate=*/false);
+          panel_rows<Dot>(dgk + t * B * G4, G4, Wd.panel(p), Wd.steps, dh + j0 + p * W, H, n,
+                          std::min(W, width - p * W), /*accumulate=*/false);
     }
   }
 }
 
-template <typename scalar_t>
-void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& grad_hT, const Tensor& grad_cT,
-                   const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
-                   const c10::optional<Tensor>& w_hr, const std::vector<int64_t>& live, const Tensor& y,
-                   const Tensor& gates, const Tensor& c_hist, bool reverse, bool packed, Tensor& dx, Tensor& dh,
-                   Tensor& dc, Tensor& dw_ih, Tensor& dw_hh, Tensor& db, Tensor& dw_hr) {
+// h_prev of every (t, r) as backward's dw_hh product reads it: y of the previous step, or h0 at a row's first
+// step; zero where a row is not live.
+template <typename elem_t>
+Tensor previous_h(const Tensor& y, const Tensor& h0, const std::vector<int64_t>& live, bool reverse) {
+  const int64_t T = y.size(0), B = y.size(1), P = y.size(2);
+  Tensor h_prev = at::empty({T, B, P}, y.options());
+  const elem_t* yp = reinterpret_cast<const elem_t*>(y.data_ptr());
+  const elem_t* h0p = reinterpret_cast<const elem_t*>(h0.data_ptr());
+  elem_t* hpp = reinterpret_cast<elem_t*>(h_prev.data_ptr());
+  at::parallel_for(0, T, 16, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t n = live[t];
+      const int64_t prev_t = reverse ? t + 1 : t - 1;
+      for (int64_t r = 0; r < B; ++r) {
+        elem_t* dst = hpp + (t * B + r) * P;
+        if (r >= n) {
+          std::memset(dst, 0, P * sizeof(elem_t));
+        } else if (first_step(live, T, t, r, reverse)) {
+          std::memcpy(dst, h0p + r * P, P * sizeof(elem_t));
+        } else {
+          std::memcpy(dst, yp + (prev_t * B + r) * P, P * sizeof(elem_t));
+        }
+      }
+    }
+  });
+  return h_prev;
+}
+
+// FmaDot: every tensor in scalar_t. Bf16Dot (scalar_t float): x, h0, w_ih and y are bfloat16, w_hh_k is w_hh^T
+// [P, 4H] in bfloat16 (so that pairs of k are adjacent), and the recurrent product and the large weight and
+// input gradient products take dgates rounded to bfloat16, as native bf16 does; the cell, c, dh and db stay float.
+template <typename scalar_t, typename Dot>
+void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const Tensor& h0, const Tensor& c0,
+                   const Tensor& w_ih, const Tensor& w_hh_k, const c10::optional<Tensor>& w_hr,
+                   const std::vector<int64_t>& live, const Tensor& y, const Tensor& gates, const Tensor& c_hist,
+                   bool reverse, bool packed, Tensor& dx, Tensor& dh, Tensor& dc, Tensor& dw_ih, Tensor& dw_hh,
+                   Tensor& db, Tensor& dw_hr) {
+  using elem_t = typename Dot::elem_t;
+  using unit_t = typename Dot::unit_t;
+  constexpr bool own_rows = !std::is_same_v<elem_t, scalar_t>;
   const int64_t T = d.T, B = d.B, I = d.I, H = d.H, P = d.P, G4 = 4 * H;
   const bool proj = w_hr.has_value();
-  const auto opts = x.options();
+  const auto opts = grad_y.options();
   Tensor dgates = packed ? at::zeros({T, B, G4}, opts) : at::empty({T, B, G4}, opts);
+  Tensor dgates_k = dgates;  // what the products read
+  if constexpr (own_rows) dgates_k = packed ? at::zeros({T, B, G4}, x.options()) : at::empty({T, B, G4}, x.options());
   // With projection: the total gradient reaching each output h [T,B,P] and the unprojected h [T,B,H].
   Tensor dh_all, hraw_all;
   if (proj) {
@@ -1117,22 +1324,27 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& grad_hT, c
   }
   std::vector<scalar_t> dh_tot(B * P), dh_raw(proj ? B * H : 0);
   scalar_t* dgp = dgates.data_ptr<scalar_t>();
+  elem_t* dgk = reinterpret_cast<elem_t*>(dgates_k.data_ptr());
   const scalar_t* gy = grad_y.data_ptr<scalar_t>();
   const scalar_t* gp = gates.data_ptr<scalar_t>();
   const scalar_t* chp = c_hist.data_ptr<scalar_t>();
   const scalar_t* c0p = c0.data_ptr<scalar_t>();
-  Packed<scalar_t> Whh, Whr;
+  // dh = dgates @ w_hh: B[k, n] = w_hh[k, n], k over 4H, in the kernel's units.
+  const unit_t* whh_u = reinterpret_cast<const unit_t*>(w_hh_k.data_ptr());
+  const int64_t sk = own_rows ? 1 : P, sn = own_rows ? G4 / Dot::pair : 1;
+  Packed<Dot> Whh;
+  Packed<FmaDot<scalar_t>> Whr;
   MklPacked mkl_whh;
-  if constexpr (std::is_same_v<scalar_t, float>) mkl_whh.pack(w_hh.data_ptr<float>(), P, false, B, P, G4);
+  if constexpr (std::is_same_v<scalar_t, float> && !own_rows)
+    mkl_whh.pack(w_hh_k.data_ptr<float>(), P, false, B, P, G4);
+  const bool blocked_step = !mkl_whh.ok && !use_blas_rows<scalar_t>(B);
   std::vector<scalar_t> dh_scratch(mkl_whh.ok && packed ? B * P : 0);
   if (proj) Whr.pack(w_hr->data_ptr<scalar_t>(), P, H, H, 1);  // B = w_hr [P, H]
   scalar_t* dhp = dh.data_ptr<scalar_t>();
   scalar_t* dcp = dc.data_ptr<scalar_t>();
-  (void)grad_hT;
-  (void)grad_cT;
   const int threads = team_threads<scalar_t>(B, H, P, proj, /*backward=*/true);
-  if (!mkl_whh.ok && !use_blas_rows<scalar_t>(B) && threads > 1) {
-    backward_team<scalar_t>(threads, d, live, reverse, gy, gp, chp, c0p, w_hh.data_ptr<scalar_t>(), dgp, dhp, dcp);
+  if (blocked_step && threads > 1) {
+    backward_team<scalar_t, Dot>(threads, d, live, reverse, gy, gp, chp, c0p, whh_u, sk, sn, dgp, dgk, dhp, dcp);
   } else {
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? s : T - 1 - s;  // the forward's steps, last first
@@ -1145,7 +1357,7 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& grad_hT, c
       for (int64_t k = 0; k < n * P; ++k) dht[k] = dhp[k] + gyt[k];
       const scalar_t* dhu = dht;  // gradient w.r.t. the unprojected o * tanh(c)
       if (proj) {
-        step_gemm<scalar_t>(dht, P, Whr, dh_raw.data(), H, n, /*accumulate=*/false);
+        step_gemm<FmaDot<scalar_t>>(dht, P, Whr, dh_raw.data(), H, n, /*accumulate=*/false);
         dhu = dh_raw.data();
       }
       scalar_t* hraw_t = proj ? hraw_all.data_ptr<scalar_t>() + t * B * H : nullptr;
@@ -1155,32 +1367,44 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& grad_hT, c
                                     dgp + (t * B + r) * G4, hraw_t != nullptr ? hraw_t + r * H : nullptr, H, H);
       });
       // dh for the previous step: dgates @ w_hh  ([n, 4H] @ [4H, P]).
-      if (mkl_whh.ok) {
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (n == B) {
-            mkl_whh.run(dgp + t * B * G4, G4, dhp, P, false);
-          } else {  // rows past n must keep their gradient: compute all B rows aside (dgates there are 0)
-            mkl_whh.run(dgp + t * B * G4, G4, dh_scratch.data(), P, false);
-            std::memcpy(dhp, dh_scratch.data(), n * P * sizeof(float));
+      if (blocked_step) {
+        if constexpr (own_rows) to_kernel<Dot>(dgp + t * B * G4, dgk + t * B * G4, n * G4, nullptr);
+        if (Whh.data == nullptr) Whh.pack(whh_u, G4 / Dot::pair, P, sk, sn);
+        step_gemm<Dot>(dgk + t * B * G4, G4, Whh, dhp, P, n, /*accumulate=*/false);
+      } else if constexpr (!own_rows) {
+        if (mkl_whh.ok) {
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            if (n == B) {
+              mkl_whh.run(dgp + t * B * G4, G4, dhp, P, false);
+            } else {  // rows past n must keep their gradient: compute all B rows aside (dgates there are 0)
+              mkl_whh.run(dgp + t * B * G4, G4, dh_scratch.data(), P, false);
+              std::memcpy(dhp, dh_scratch.data(), n * P * sizeof(float));
+            }
           }
+        } else {
+          gemm(false, false, n, P, G4, scalar_t(1), dgp + t * B * G4, G4, w_hh_k.data_ptr<scalar_t>(), P, scalar_t(0),
+               dhp, P);
         }
-      } else if (use_blas_rows<scalar_t>(B)) {
-        gemm(false, false, n, P, G4, scalar_t(1), dgp + t * B * G4, G4, w_hh.data_ptr<scalar_t>(), P, scalar_t(0), dhp,
-             P);
-      } else {
-        if (Whh.K == 0) Whh.pack(w_hh.data_ptr<scalar_t>(), G4, P, P, 1);
-        step_gemm<scalar_t>(dgp + t * B * G4, G4, Whh, dhp, P, n, /*accumulate=*/false);
       }
     }
   }
   // Weight and input gradients: large GEMMs over all T*B rows.
   const int64_t TB = T * B;
   Tensor dg2 = dgates.view({TB, G4});
+  at::sum_out(db, dg2, {0});
+  if (proj) at::mm_out(dw_hr, dh_all.view({TB, P}).t(), hraw_all.view({TB, H}));
+  if constexpr (own_rows) {
+    // bf16 in, bf16 out (float accumulation inside): the results' dtype, rounded once.
+    Tensor dgk2 = dgates_k.view({TB, G4});
+    dx = at::mm(dgk2, w_ih).view({T, B, I});
+    dw_ih = at::mm(dgk2.t(), x.view({TB, I}));
+    dw_hh = at::mm(dgk2.t(), previous_h<elem_t>(y, h0, live, reverse).view({TB, P}));
+    return;
+  }
   Tensor dx2 = dx.view({TB, I});
   linear_nt<scalar_t>(dg2, w_ih.t(), dx2);
   dx = dx2.view({T, B, I});
   at::mm_out(dw_ih, dg2.t(), x.view({TB, I}));
-  at::sum_out(db, dg2, {0});
   if (!(reverse && packed)) {
     // Every row's first step is the same step (0, or T-1 in reverse), where h_prev is h0; elsewhere it is y of
     // the previous step (rows not live at a step have zero dgates, so whatever y holds there does not count).
@@ -1191,35 +1415,10 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& grad_hT, c
       Tensor y_prev = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
       dw_hh.addmm_(dg_rest.reshape({(T - 1) * B, G4}).t(), y_prev.reshape({(T - 1) * B, P}));
     }
-    if (proj) at::mm_out(dw_hr, dh_all.view({TB, P}).t(), hraw_all.view({TB, H}));
     return;
   }
-  // Packed reverse: rows start at different steps. h_prev of every (t, r): y of the previous step, or h0 at a
-  // row's first step.
-  Tensor h_prev = at::empty({T, B, P}, opts);
-  {
-    const scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* h0p = h0.data_ptr<scalar_t>();
-    scalar_t* hpp = h_prev.data_ptr<scalar_t>();
-    at::parallel_for(0, T, 16, [&](int64_t tb, int64_t te) {
-      for (int64_t t = tb; t < te; ++t) {
-        const int64_t n = live[t];
-        const int64_t prev_t = reverse ? t + 1 : t - 1;
-        for (int64_t r = 0; r < B; ++r) {
-          scalar_t* dst = hpp + (t * B + r) * P;
-          if (r >= n) {
-            std::memset(dst, 0, P * sizeof(scalar_t));
-          } else if (first_step(live, T, t, r, reverse)) {
-            std::memcpy(dst, h0p + r * P, P * sizeof(scalar_t));
-          } else {
-            std::memcpy(dst, yp + (prev_t * B + r) * P, P * sizeof(scalar_t));
-          }
-        }
-      }
-    });
-  }
-  at::mm_out(dw_hh, dg2.t(), h_prev.view({TB, P}));
-  if (proj) at::mm_out(dw_hr, dh_all.view({TB, P}).t(), hraw_all.view({TB, H}));
+  // Packed reverse: rows start at different steps.
+  at::mm_out(dw_hh, dg2.t(), previous_h<scalar_t>(y, h0, live, reverse).view({TB, P}));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
@@ -1238,11 +1437,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
               "fastlstm cpp: grad_y / y must be [T, B, P]");
   TORCH_CHECK(grad_hT_in.sizes() == h0_in.sizes() && grad_cT_in.sizes() == c0_in.sizes(),
               "fastlstm cpp: grad_hT / grad_cT shapes");
-  Tensor grad_y = as_compute(grad_y_in, ct), x = as_compute(x_in, ct), h0 = as_compute(h0_in, ct),
-         c0 = as_compute(c0_in, ct), w_ih = as_compute(w_ih_in, ct), w_hh = as_compute(w_hh_in, ct),
-         y = as_compute(y_in, ct), gates = gates_in.contiguous(), c_hist = c_hist_in.contiguous();
+  const bool bf16_dot = dt == at::kBFloat16 && use_bf16_dot();
+  Tensor grad_y = as_compute(grad_y_in, ct), c0 = as_compute(c0_in, ct), gates = gates_in.contiguous(),
+         c_hist = c_hist_in.contiguous();
   auto w_hr = as_compute(w_hr_in, ct);
-  const auto opts = x.options();
+  const auto opts = grad_y.options();
   Tensor dh = grad_hT_in.to(ct, false, true).contiguous();
   Tensor dc = grad_cT_in.to(ct, false, true).contiguous();
   Tensor dx = at::empty({d.T, d.B, d.I}, opts);
@@ -1251,10 +1450,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
   Tensor db = at::empty({4 * d.H}, opts);
   Tensor dw_hr = w_hr.has_value() ? at::empty({d.P, d.H}, opts) : at::empty({0}, opts);
   if (d.T > 0 && d.B > 0) {
-    AT_DISPATCH_FLOATING_TYPES(ct, "fastlstm_cpp_lstm_bwd", [&] {
-      backward_impl<scalar_t>(d, grad_y, grad_hT_in, grad_cT_in, x, h0, c0, w_ih, w_hh, w_hr, live, y, gates,
-                              c_hist, reverse, packed, dx, dh, dc, dw_ih, dw_hh, db, dw_hr);
-    });
+    if (bf16_dot) {
+      backward_impl<float, Bf16Dot>(d, grad_y, x_in.contiguous(), h0_in.contiguous(), c0, w_ih_in.contiguous(),
+                                    w_hh_in.t().contiguous(), w_hr, live, y_in.contiguous(), gates, c_hist, reverse,
+                                    packed, dx, dh, dc, dw_ih, dw_hh, db, dw_hr);
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(ct, "fastlstm_cpp_lstm_bwd", [&] {
+        backward_impl<scalar_t, FmaDot<scalar_t>>(d, grad_y, as_compute(x_in, ct), as_compute(h0_in, ct), c0,
+                                                  as_compute(w_ih_in, ct), as_compute(w_hh_in, ct), w_hr, live,
+                                                  as_compute(y_in, ct), gates, c_hist, reverse, packed, dx, dh, dc,
+                                                  dw_ih, dw_hh, db, dw_hr);
+      });
+    }
   } else {
     dx.zero_();
     dw_ih.zero_();

@@ -197,11 +197,19 @@ def test_unsorted_lengths_through_packing():
         torch.testing.assert_close(got, exp, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize(
-    "case", [Case(6, 4, 5, 6, P=3, lengths=(6, 2, 4, 1), reverse=True), Case(5, 2, 3, 4)], ids=lambda c: c.id
-)
+BF16_CASES = [
+    Case(6, 4, 5, 6, P=3, lengths=(6, 2, 4, 1), reverse=True),
+    Case(5, 2, 3, 4),
+    Case(7, 3, 5, 49),  # odd I and H (pairs padded); at 2+ threads the team loops, forward and backward
+    Case(6, 9, 4, 50, lengths=(6, 5, 5, 4, 3, 3, 2, 1, 1), reverse=True),  # 8+ rows: projection per step
+    Case(5, 9, 7, 33, P=5),  # the per-step loop, with projection
+]
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: c.id)
 def test_bfloat16_error_within_twice_native(case):
-    """bf16 error against an fp32 computation must be at most 2x native nn.LSTM's bf16 error (+ a tiny floor)."""
+    """bf16 error against an fp32 computation must be at most 2x native nn.LSTM's bf16 error (+ a tiny floor);
+    inference gives training's outputs bitwise."""
     t32, bs = make_inputs(case, torch.float32)
     t32 = {k: (None if v is None else v.detach().to(torch.bfloat16).float().requires_grad_()) for k, v in t32.items()}
     t16 = {k: (None if v is None else v.detach().to(torch.bfloat16).requires_grad_()) for k, v in t32.items()}
@@ -213,6 +221,38 @@ def test_bfloat16_error_within_twice_native(case):
         err_native = (native[key].float() - exact[key]).abs().max().item()
         err_ours = (ours[key].float() - exact[key]).abs().max().item()
         assert err_ours <= 2 * err_native + 1e-3, f"{key}: cpp error {err_ours} vs native {err_native}"
+    with torch.no_grad():
+        inferred = BACKEND.layer(*(t16[k] for k in ("x", "h0", "c0", "w_ih", "w_hh", "b", "w_hr")), bs, case.reverse)
+    for key, got in zip(("y", "hT", "cT"), inferred):
+        assert torch.equal(got, ours[key]), key
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    probe = getattr(getattr(torch, "cpu", None), "_is_avx512_bf16_supported", None)
+    return probe is not None and probe()
+
+
+def test_bfloat16_path_follows_the_cpu():
+    """bfloat16 multiplies in bf16 dot products exactly where the CPU has them (the build targets this CPU)."""
+    if os.environ.get("FASTLSTM_CXXFLAGS") or os.environ.get("FASTLSTM_BF16_DOT"):
+        pytest.skip("the build or the path is chosen through the environment")
+    assert ("bf16 dot products" in cpu.kernel_choices()) == _cpu_has_avx512_bf16(), cpu.kernel_choices()
+
+
+def test_bfloat16_float_math_path():
+    """On a CPU with bf16 dot products the other bfloat16 path (float32 math, FASTLSTM_BF16_DOT=0) must hold the
+    same error bound: run the bfloat16 tests in a fresh process that takes it."""
+    if "bf16 dot products" not in cpu.kernel_choices():
+        pytest.skip("float32 math is already the path every bfloat16 test here takes")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    test = f"{Path(__file__).name}::test_bfloat16_error_within_twice_native"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"tests/{test}"]
+    env = dict(os.environ, FASTLSTM_BF16_DOT="0")
+    check = "from fastlstm.backends import cpu; assert 'bfloat16 forward: float32 math' in cpu.kernel_choices()"
+    for args in ([sys.executable, "-c", check], cmd):
+        proc = subprocess.run(args, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{len(BF16_CASES)} passed" in proc.stdout, proc.stdout[-3000:]
 
 
 def test_noncontiguous_inputs():

@@ -33,6 +33,8 @@ Tuning knobs (read once per process by the C++ code; for measurements and tests,
                             float32, 16 for float64); fewer threads, or one, below that.
     FASTLSTM_FUSE_MIN_ROWS  the input projection runs per step beside the recurrent product from this batch
                             size on (default 8), else as one GEMM for all steps up front.
+    FASTLSTM_BF16_DOT       0: bfloat16 computes in float32 math even where the CPU has bf16 dot products
+                            (AVX512-BF16), which it otherwise uses (h rounded to bf16 each step, as native).
     `python -m fastlstm info` prints the resulting choices.
 """
 
