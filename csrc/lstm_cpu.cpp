@@ -1615,6 +1615,7 @@ TORCH_LIBRARY_FRAGMENT(fastlstm, m) {
       "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, Tensor y, Tensor gates, Tensor c_hist, bool reverse, "
       "bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cpp_kernel_choices() -> str", &fastlstm::kernel_choices);
+  m.def("cpp_bf16_dot() -> bool", &fastlstm::use_bf16_dot);
 }
 
 TORCH_LIBRARY_IMPL(fastlstm, CPU, m) {

@@ -57,13 +57,26 @@ def _fast_backend_for(device_type: str) -> str | None:
     return {"cpu": "cpp", "cuda": "triton"}.get(device_type)
 
 
-def _cpu_has_bf16_dot() -> bool:
-    """Whether the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), so oneDNN's bf16 LSTM is fast."""
+def _cpu_bf16_kind() -> str | None:
+    """How this CPU multiplies bfloat16 natively, which oneDNN's bf16 LSTM uses: "amx", "avx512_bf16", None
+    (it converts to float32), or "unknown" (a torch without the probes)."""
     cpu = getattr(torch, "cpu", None)
-    probes = [getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None)]
-    known = [probe for probe in probes if probe is not None]
-    # Without the probes we cannot tell; assume the fast native path, the safe side of the rule.
-    return not known or any(probe() for probe in known)
+    amx = getattr(cpu, "_is_amx_tile_supported", None)
+    avx = getattr(cpu, "_is_avx512_bf16_supported", None)
+    if amx is None and avx is None:
+        return "unknown"
+    if amx is not None and amx():
+        return "amx"
+    if avx is not None and avx():
+        return "avx512_bf16"
+    return None
+
+
+def _cpp_bf16_dot() -> bool:
+    """Whether the cpp build multiplies bfloat16 in bf16 dot products (see fastlstm.backends.cpu)."""
+    from fastlstm.backends import cpu
+
+    return cpu.uses_bf16_dot()
 
 
 def _cpp_slower_reason(call: LayerCall) -> str | None:
@@ -87,12 +100,18 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       GEMM speed. Hidden 16-64 (no projection) at batch 4-16, T 50-500, 1-2 layers, uni- and bidirectional, 18
       shapes twice each: inference 1.01-1.66x, training 1.06-1.76x. Beyond batch 16 it is mixed (batch 32:
       inference 0.77-1.13x; batch 64: 0.75-1.10x), and hidden 100 at batch 16 was even (0.88-1.02x).
-    - bfloat16: without bf16 instructions oneDNN converts and cpp won (Xeon: geomean about 3x); with them
-      oneDNN is fast and cpp lost at inference on 13 of 14 shapes (EPYC 0.44-1.62x) but won training at batch
-      1 (1.21-3.22x) and batch 2 (B2-T200-H384 1.34-1.38x in four runs, B2-T100-H512 1.16-1.50x in two);
-      at batch 4 training was mixed (0.85-1.07x), beyond it lost (B8: 0.71-0.75x). Small hidden sizes again are
-      the exception: hidden 16-64 (no projection) at batch 1-8, 10 shapes twice each (EPYC): inference
-      1.06-1.85x, training 1.10-1.72x; at batch 16, hidden 64 lost (0.88-0.96x).
+    - bfloat16 depends on the CPU. Without bf16 instructions oneDNN converts to float32 and cpp won (Xeon:
+      geomean about 3x). With AVX512-BF16 (EPYC) cpp multiplies in bf16 dot products as oneDNN does; the grid
+      three times and 25 more shapes twice (batch 1-128, hidden 16-1024;
+      benchmarks/results/cpu-amd-epyc-zen4-2core-bfloat16*.json): inference won wherever batch x hidden <= 1024
+      (22 shapes: 0.97-2.22x, the weakest B1-T100-H512 at 0.97-1.04x) and lost or tied beyond (17 shapes:
+      0.70-1.14x); training won at batch <= 16 on all 28 shapes (1.01-4.17x) and beyond it at hidden >= 512 (6
+      shapes: 1.08-1.68x), and was mixed at batch > 16 below hidden 512 (5 shapes: 0.81-1.25x). Projection was
+      not measured: native. With AMX nothing was measured (oneDNN runs bf16 on its tiles, cpp does not): native.
+      A cpp build that computes bf16 in float32 math on such a CPU (FASTLSTM_BF16_DOT=0, or built for another
+      CPU) lost inference on 13 of 14 grid shapes (0.44-1.62x) but won training at batch 1-2 (1.16-3.22x), and
+      hidden 16-64 (no projection) at batch 1-8 (10 shapes twice: inference 1.06-1.85x, training 1.10-1.72x;
+      the `-bfloat16-f32math-*` JSONs).
     """
     if call.dtype == torch.float64:
         return None
@@ -103,14 +122,31 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             return None
         return "float32 beyond batch 2 (4 in training; 16 at hidden <= 64): oneDNN measured as fast or faster"
     if call.dtype == torch.bfloat16:
-        if not _cpu_has_bf16_dot():
-            return None
-        if call.batch <= 2 and call.needs_grad:
-            return None
-        if call.hidden_size <= 64 and call.proj_size == 0 and call.batch <= 8:
-            return None
-        return "bfloat16 on a CPU with bf16 instructions: oneDNN measured faster"
+        return _cpp_bf16_slower_reason(call)
     return f"no measurement for {call.dtype}"
+
+
+def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
+    """The bfloat16 part of _cpp_slower_reason (the measurements are listed there)."""
+    kind = _cpu_bf16_kind()
+    if kind is None:
+        return None
+    if kind != "avx512_bf16":
+        return f"bfloat16 on a CPU with native bf16 ({kind}): not measured against oneDNN there"
+    small_hidden = call.hidden_size <= 64 and call.proj_size == 0
+    if not _cpp_bf16_dot():
+        if (call.batch <= 2 and call.needs_grad) or (small_hidden and call.batch <= 8):
+            return None
+        return "bfloat16 in float32 math (this cpp build) on a CPU with bf16 instructions: oneDNN measured faster"
+    if call.proj_size:
+        return "bfloat16 with projection: not measured against oneDNN"
+    if call.needs_grad:
+        if call.batch <= 16 or call.hidden_size >= 512:
+            return None
+        return "bfloat16 training beyond batch 16 below hidden 512: oneDNN measured as fast or faster"
+    if call.batch * call.hidden_size <= 1024:
+        return None
+    return "bfloat16 inference beyond batch x hidden 1024: oneDNN measured as fast or faster"
 
 
 def _faster_than_native(name: str, call: LayerCall) -> str | None:

@@ -619,15 +619,33 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 16, hidden=64) == ["cpp"] * 4  # small hidden sizes, up to batch 16
     assert _auto_backends(torch.float32, 17, hidden=64) == ["native"] * 4
     assert _auto_backends(torch.float32, 8, hidden=64, proj_size=8) == ["native"] * 4  # not measured
-    monkeypatch.setattr(dispatch, "_cpu_has_bf16_dot", lambda: False)
-    assert _auto_backends(torch.bfloat16, 8) == ["cpp"] * 4
-    monkeypatch.setattr(dispatch, "_cpu_has_bf16_dot", lambda: True)
+    monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: None)  # oneDNN converts bf16: cpp everywhere
+    assert _auto_backends(torch.bfloat16, 64) == ["cpp"] * 4
+    for kind in ("amx", "unknown"):  # not measured: native
+        monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda kind=kind: kind)
+        assert _auto_backends(torch.bfloat16, 1, train=True) == ["native"] * 4
+    monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: "avx512_bf16")
+    monkeypatch.setattr(dispatch, "_cpp_bf16_dot", lambda: True)
+    assert _auto_backends(torch.bfloat16, 16, hidden=64) == ["cpp"] * 4  # inference: batch x hidden <= 1024
+    assert _auto_backends(torch.bfloat16, 3, hidden=512) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 16, train=True) == ["cpp"] * 4  # training: batch <= 16
+    assert _auto_backends(torch.bfloat16, 17, train=True) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 64, train=True, hidden=512) == ["cpp"] * 4  # or hidden >= 512
+    assert _auto_backends(torch.bfloat16, 1, hidden=8, proj_size=4) == ["native"] * 4  # not measured
+    monkeypatch.setattr(dispatch, "_cpp_bf16_dot", lambda: False)  # a float32-math build on a bf16 CPU
     assert _auto_backends(torch.bfloat16, 8) == ["native"] * 4
-    assert _auto_backends(torch.bfloat16, 1, train=True) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 2, train=True) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 4, train=True) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 8, hidden=64) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 9, hidden=64) == ["native"] * 4
+
+
+def test_auto_knows_which_bfloat16_path_the_build_takes():
+    """The bfloat16 rule asks the build, not the CPU alone: FASTLSTM_BF16_DOT=0 (or a build for another CPU)
+    computes in float32 math, whose measurements differ."""
+    from fastlstm import dispatch
+
+    assert dispatch._cpp_bf16_dot() == ("bf16 dot products" in cpu.kernel_choices())
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

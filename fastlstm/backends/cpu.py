@@ -231,6 +231,13 @@ def kernel_choices() -> str | None:
     return torch.ops.fastlstm.cpp_kernel_choices()
 
 
+@torch.compiler.assume_constant_result
+def uses_bf16_dot() -> bool:
+    """Whether bfloat16 multiplies in bf16 dot products (the build has AVX512-BF16 and FASTLSTM_BF16_DOT is not
+    0) rather than in float32 math; False when the extension is unavailable. Builds if not yet tried."""
+    return _ensure() is None and bool(torch.ops.fastlstm.cpp_bf16_dot())
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Fake kernels, registered once the C++ schemas exist (autograd is the C++ side's).
 
