@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         "--shape",
         action="append",
         type=_shape_argument,
-        help="B,T,I,H[,L[,bi]] or a table label like B32-T100-I256-H256-L2-bi (repeatable; default: a grid per device)",
+        help="B,T,I,H[,L[,bi]] or a table label like B32-T100-I256-H256-L2-bi (with a projection: "
+        "B32-T100-I256-H256-P128-L2-bi; repeatable; default: a grid per device)",
     )
     bench.add_argument(
         "--grid", choices=["default", "cpu-full"], default="default", help="shape grid (without --shape)"

@@ -26,14 +26,22 @@ class Shape:
     hidden_size: int
     num_layers: int = 1
     bidirectional: bool = False
+    proj_size: int = 0
 
     @classmethod
     def parse(cls, text: str) -> Shape:
-        """'B,T,I,H[,L[,bi]]' (e.g. '32,100,256,256,2,bi') or the label tables print ('B32-T100-I256-H256-L2-bi')."""
-        label = re.fullmatch(r"B(\d+)-T(\d+)-I(\d+)-H(\d+)(?:-L(\d+))?(-bi)?", text.strip())
+        """'B,T,I,H[,L[,bi]]' (e.g. '32,100,256,256,2,bi') or the label tables print ('B32-T100-I256-H256-L2-bi';
+        with a projection 'B32-T100-I256-H256-P128-L2-bi')."""
+        label = re.fullmatch(r"B(\d+)-T(\d+)-I(\d+)-H(\d+)(?:-P(\d+))?(?:-L(\d+))?(-bi)?", text.strip())
+        expected = "B,T,I,H[,L[,bi]] (positive integers) or B32-T100-I256-H256[-P128]-L2[-bi]"
         if label:
-            numbers = [int(g) for g in label.groups()[:5] if g is not None]
-            return cls(*numbers, bidirectional=label.group(6) is not None)
+            b, t, i, h, p, layers, bi = label.groups()
+            numbers = [int(b), int(t), int(i), int(h), int(layers or 1)]
+            if min(numbers) < 1:
+                raise ValueError(f"shape {text!r}: expected {expected}")
+            if int(p or 0) >= numbers[3]:
+                raise ValueError(f"shape {text!r}: the projection P must be smaller than the hidden size H")
+            return cls(*numbers, bidirectional=bi is not None, proj_size=int(p or 0))
         parts = text.split(",")
         bidirectional = parts[-1].strip() == "bi"
         try:
@@ -41,13 +49,13 @@ class Shape:
         except ValueError:
             numbers = []
         if not 4 <= len(numbers) <= 5 or min(numbers) < 1:
-            expected = "B,T,I,H[,L[,bi]] (positive integers) or B32-T100-I256-H256-L2[-bi]"
             raise ValueError(f"shape {text!r}: expected {expected}")
         return cls(*numbers, bidirectional=bidirectional)
 
     def __str__(self) -> str:
-        text = f"B{self.batch}-T{self.seq_len}-I{self.input_size}-H{self.hidden_size}-L{self.num_layers}"
-        return text + ("-bi" if self.bidirectional else "")
+        text = f"B{self.batch}-T{self.seq_len}-I{self.input_size}-H{self.hidden_size}"
+        text += f"-P{self.proj_size}" if self.proj_size else ""
+        return text + f"-L{self.num_layers}" + ("-bi" if self.bidirectional else "")
 
 
 # The CPU target grid of the C++ backend: batch 1-64, hidden 64-512 (odd sizes too), seq 35-500, 1-3 layers.
@@ -123,13 +131,12 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
 
 def make_models(shape: Shape, backends: list[str], device, dtype) -> dict[str, nn.Module]:
     """nn.LSTM and one fastlstm.LSTM per backend, all with the same weights."""
-    ref = nn.LSTM(shape.input_size, shape.hidden_size, shape.num_layers, bidirectional=shape.bidirectional)
+    config = dict(bidirectional=shape.bidirectional, proj_size=shape.proj_size)
+    ref = nn.LSTM(shape.input_size, shape.hidden_size, shape.num_layers, **config)
     ref = ref.to(device=device, dtype=dtype)
     models: dict[str, nn.Module] = {"nn.LSTM": ref}
     for name in backends:
-        fast = LSTM(
-            shape.input_size, shape.hidden_size, shape.num_layers, bidirectional=shape.bidirectional, backend=name
-        )
+        fast = LSTM(shape.input_size, shape.hidden_size, shape.num_layers, **config, backend=name)
         fast = fast.to(device=device, dtype=dtype)
         fast.load_state_dict(ref.state_dict())
         models[f"fastlstm[{name}]"] = fast

@@ -58,14 +58,15 @@ def test_check_fails_on_a_wrong_backend(tmp_path):
 def test_bench_prints_a_speedup_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     done = run(
-        "-m", "fastlstm", "bench", "--shape", "2,5,4,4", "--shape", "1,3,4,6,2,bi", "--repeats", "2",
-        "--backend", "auto", "--backend", "reference", "--json", str(out),
+        "-m", "fastlstm", "bench", "--shape", "2,5,4,4", "--shape", "1,3,4,6,2,bi", "--shape", "B2-T3-I4-H6-P2-L1",
+        "--repeats", "2", "--backend", "auto", "--backend", "reference", "--json", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "| B2-T5-I4-H4-L1 | training | fastlstm[reference] | reference |" in done.stdout
+    assert "| B2-T3-I4-H6-P2-L1 | inference | fastlstm[reference] | reference |" in done.stdout
     assert "geometric mean speedup fastlstm[auto] inference" in done.stdout
     data = json.loads(out.read_text())
-    assert data["machine"]["torch"] and len(data["results"]) == 2 * 2 * 3
+    assert data["machine"]["torch"] and len(data["results"]) == 3 * 2 * 3
     assert all(r["median_ms"] > 0 and r["speedup"] > 0 for r in data["results"])
 
 
@@ -82,7 +83,15 @@ def test_shape_parses_commas_and_the_printed_label(text):
     assert Shape.parse(str(shape)) == shape
 
 
-@pytest.mark.parametrize("text", ["2,5", "B2-T5-I4", "2,5,4,0", "a,b,c,d", "B2-T5-I4-H4-L1-uni"])
+def test_shape_label_carries_a_projection():
+    shape = Shape.parse("B8-T50-I64-H128-P32-L2-bi")
+    assert shape == Shape(8, 50, 64, 128, 2, bidirectional=True, proj_size=32)
+    assert str(shape) == "B8-T50-I64-H128-P32-L2-bi" and Shape.parse(str(shape)) == shape
+    with pytest.raises(ValueError, match="smaller than the hidden size"):
+        Shape.parse("B8-T50-I64-H128-P128-L1")
+
+
+@pytest.mark.parametrize("text", ["2,5", "B2-T5-I4", "2,5,4,0", "a,b,c,d", "B2-T5-I4-H4-L1-uni", "B0-T5-I4-H4-L1"])
 def test_shape_parse_rejects(text):
     with pytest.raises(ValueError, match="expected B,T,I,H"):
         Shape.parse(text)
