@@ -88,6 +88,10 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
     1.92x / 2.57x, bfloat16 3.18x / 2.76x, inference / training). Ratios are nn.LSTM time / cpp time, same
     process, interleaved.
     - float64: cpp won everywhere (EPYC, last two grids: inference 1.11-5.38x, training 1.16-14.8x).
+    - With a projection (proj_size > 0) nn.LSTM leaves oneDNN (which has no projection) for ATen's per-step
+      loop, and cpp won every shape, 10 shapes (batch 1-64, hidden 64-512, 1-2 layers, uni- and bidirectional)
+      twice (`-projection-run*.json`): float32 inference 1.62-6.28x, training 1.46-17.9x; bfloat16 (in bf16 dot
+      products) inference 1.55-19.4x, training 1.08-27.6x.
     - float32: oneDNN runs near the machine's GEMM peak, so cpp only wins reliably where per-step overhead
       dominates: small batches. Batch 1 (EPYC, last four grids: inference 1.01-2.14x, training 1.09-2.08x).
       Batch 2, two runs each of 15 shapes (H 64-1024, T 35-500, 1-3 layers, uni- and bidirectional): inference
@@ -106,8 +110,9 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       benchmarks/results/cpu-amd-epyc-zen4-2core-bfloat16*.json): inference won wherever batch x hidden <= 1024
       (22 shapes: 0.97-2.22x, the weakest B1-T100-H512 at 0.97-1.04x) and lost or tied beyond (17 shapes:
       0.70-1.14x); training won at batch <= 16 on all 28 shapes (1.01-4.17x) and beyond it at hidden >= 512 (6
-      shapes: 1.08-1.68x), and was mixed at batch > 16 below hidden 512 (5 shapes: 0.81-1.25x). Projection was
-      not measured: native. With AMX nothing was measured (oneDNN runs bf16 on its tiles, cpp does not): native.
+      shapes: 1.08-1.68x), and was mixed at batch > 16 below hidden 512 (5 shapes: 0.81-1.25x); with a
+      projection it won everywhere (above). With AMX nothing was measured (oneDNN, and ATen's matmuls in the
+      projection loop, run bf16 on its tiles; cpp does not): native.
       A cpp build that computes bf16 in float32 math on such a CPU (FASTLSTM_BF16_DOT=0, or built for another
       CPU) lost inference on 13 of 14 grid shapes (0.44-1.62x) but won training at batch 1-2 (1.16-3.22x), and
       hidden 16-64 (no projection) at batch 1-8 (10 shapes twice: inference 1.06-1.85x, training 1.10-1.72x;
@@ -116,9 +121,9 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
     if call.dtype == torch.float64:
         return None
     if call.dtype == torch.float32:
-        if call.batch <= 2 or (call.needs_grad and call.batch <= 4):
+        if call.proj_size or call.batch <= 2 or (call.needs_grad and call.batch <= 4):
             return None
-        if call.hidden_size <= 64 and call.proj_size == 0 and call.batch <= 16:
+        if call.hidden_size <= 64 and call.batch <= 16:
             return None
         return "float32 beyond batch 2 (4 in training; 16 at hidden <= 64): oneDNN measured as fast or faster"
     if call.dtype == torch.bfloat16:
@@ -139,7 +144,7 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
             return None
         return "bfloat16 in float32 math (this cpp build) on a CPU with bf16 instructions: oneDNN measured faster"
     if call.proj_size:
-        return "bfloat16 with projection: not measured against oneDNN"
+        return None
     if call.needs_grad:
         if call.batch <= 16 or call.hidden_size >= 512:
             return None

@@ -618,7 +618,7 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 8) == ["native"] * 4
     assert _auto_backends(torch.float32, 16, hidden=64) == ["cpp"] * 4  # small hidden sizes, up to batch 16
     assert _auto_backends(torch.float32, 17, hidden=64) == ["native"] * 4
-    assert _auto_backends(torch.float32, 8, hidden=64, proj_size=8) == ["native"] * 4  # not measured
+    assert _auto_backends(torch.float32, 64, proj_size=8) == ["cpp"] * 4  # nn.LSTM then leaves oneDNN
     monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: None)  # oneDNN converts bf16: cpp everywhere
     assert _auto_backends(torch.bfloat16, 64) == ["cpp"] * 4
     for kind in ("amx", "unknown"):  # not measured: native
@@ -631,7 +631,7 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 16, train=True) == ["cpp"] * 4  # training: batch <= 16
     assert _auto_backends(torch.bfloat16, 17, train=True) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 64, train=True, hidden=512) == ["cpp"] * 4  # or hidden >= 512
-    assert _auto_backends(torch.bfloat16, 1, hidden=8, proj_size=4) == ["native"] * 4  # not measured
+    assert _auto_backends(torch.bfloat16, 64, proj_size=4) == ["cpp"] * 4  # nn.LSTM then leaves oneDNN
     monkeypatch.setattr(dispatch, "_cpp_bf16_dot", lambda: False)  # a float32-math build on a bf16 CPU
     assert _auto_backends(torch.bfloat16, 8) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 2, train=True) == ["cpp"] * 4
