@@ -8,6 +8,7 @@ import platform
 import sys
 
 import torch
+from torch.nn.utils.rnn import PackedSequence
 
 import fastlstm
 from fastlstm import backends
@@ -124,12 +125,14 @@ def _validate(shape: Shape, names: list[str], device: str, dtype: torch.dtype) -
     from fastlstm.benchmark import make_models
 
     models = make_models(shape, names, device, dtype)
-    x = torch.randn(shape.seq_len, shape.batch, shape.input_size, device=device, dtype=dtype)
+    x = shape.model_input(torch.randn(shape.seq_len, shape.batch, shape.input_size, device=device, dtype=dtype))
     with torch.no_grad():
         outs = {name: m(x) for name, m in models.items()}
     y_ref, (h_ref, c_ref) = outs.pop("nn.LSTM")
+    y_ref = y_ref.data if isinstance(y_ref, PackedSequence) else y_ref
     tolerance = {torch.float64: 1e-8, torch.float32: 1e-3}.get(dtype, 5e-2)
     for name, (y, (h, c)) in outs.items():
+        y = y.data if isinstance(y, PackedSequence) else y
         for label, a, b in (("y", y, y_ref), ("h_n", h, h_ref), ("c_n", c, c_ref)):
             err = (a.double() - b.double()).abs().max().item()
             if not err <= tolerance * max(1.0, b.double().abs().max().item()):
@@ -214,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         type=_shape_argument,
         help="B,T,I,H[,L[,bi]] or a table label like B32-T100-I256-H256-L2-bi (with a projection: "
-        "B32-T100-I256-H256-P128-L2-bi; repeatable; default: a grid per device)",
+        "B32-T100-I256-H256-P128-L2-bi; a PackedSequence of lengths in [T/2, T]: B32-T100-I256-H256-L2-bi-packed; "
+        "repeatable; default: a grid per device)",
     )
     bench.add_argument(
         "--grid", choices=["default", "cpu-full"], default="default", help="shape grid (without --shape)"

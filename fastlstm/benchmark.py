@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from fastlstm.module import LSTM
 
@@ -27,21 +28,23 @@ class Shape:
     num_layers: int = 1
     bidirectional: bool = False
     proj_size: int = 0
+    packed: bool = False  # a PackedSequence of unsorted lengths in [T/2, T] (see sequence_lengths)
 
     @classmethod
     def parse(cls, text: str) -> Shape:
         """'B,T,I,H[,L[,bi]]' (e.g. '32,100,256,256,2,bi') or the label tables print ('B32-T100-I256-H256-L2-bi';
-        with a projection 'B32-T100-I256-H256-P128-L2-bi')."""
-        label = re.fullmatch(r"B(\d+)-T(\d+)-I(\d+)-H(\d+)(?:-P(\d+))?(?:-L(\d+))?(-bi)?", text.strip())
-        expected = "B,T,I,H[,L[,bi]] (positive integers) or B32-T100-I256-H256[-P128]-L2[-bi]"
+        with a projection 'B32-T100-I256-H256-P128-L2-bi'; packed input '...-L2-bi-packed')."""
+        pattern = r"B(\d+)-T(\d+)-I(\d+)-H(\d+)(?:-P(\d+))?(?:-L(\d+))?(-bi)?(-packed)?"
+        label = re.fullmatch(pattern, text.strip())
+        expected = "B,T,I,H[,L[,bi]] (positive integers) or B32-T100-I256-H256[-P128]-L2[-bi][-packed]"
         if label:
-            b, t, i, h, p, layers, bi = label.groups()
+            b, t, i, h, p, layers, bi, packed = label.groups()
             numbers = [int(b), int(t), int(i), int(h), int(layers or 1)]
             if min(numbers) < 1:
                 raise ValueError(f"shape {text!r}: expected {expected}")
             if int(p or 0) >= numbers[3]:
                 raise ValueError(f"shape {text!r}: the projection P must be smaller than the hidden size H")
-            return cls(*numbers, bidirectional=bi is not None, proj_size=int(p or 0))
+            return cls(*numbers, bidirectional=bi is not None, proj_size=int(p or 0), packed=packed is not None)
         parts = text.split(",")
         bidirectional = parts[-1].strip() == "bi"
         try:
@@ -54,8 +57,23 @@ class Shape:
 
     def __str__(self) -> str:
         text = f"B{self.batch}-T{self.seq_len}-I{self.input_size}-H{self.hidden_size}"
-        text += f"-P{self.proj_size}" if self.proj_size else ""
-        return text + f"-L{self.num_layers}" + ("-bi" if self.bidirectional else "")
+        text += (f"-P{self.proj_size}" if self.proj_size else "") + f"-L{self.num_layers}"
+        return text + ("-bi" if self.bidirectional else "") + ("-packed" if self.packed else "")
+
+    def sequence_lengths(self) -> torch.Tensor | None:
+        """Per-sequence lengths of a packed shape: the first T, the rest uniform in [ceil(T/2), T], unsorted;
+        the same on every call (seeded), so that every provider gets the same batch. None when not packed."""
+        if not self.packed:
+            return None
+        g = torch.Generator().manual_seed(self.batch * 1000 + self.seq_len)
+        lengths = torch.randint((self.seq_len + 1) // 2, self.seq_len + 1, (self.batch,), generator=g)
+        lengths[0] = self.seq_len
+        return lengths
+
+    def model_input(self, x: torch.Tensor) -> torch.Tensor | PackedSequence:
+        """x [T, B, I] as the models take it: itself, or packed by sequence_lengths()."""
+        lengths = self.sequence_lengths()
+        return x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
 
 
 # The CPU target grid of the C++ backend: batch 1-64, hidden 64-512 (odd sizes too), seq 35-500, 1-3 layers.
@@ -143,19 +161,21 @@ def make_models(shape: Shape, backends: list[str], device, dtype) -> dict[str, n
     return models
 
 
-def _step(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], object]:
+def _step(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape) -> Callable[[], object]:
     if mode == "inference":
+        inp = shape.model_input(x)
 
         def infer():
             with torch.no_grad():
-                return model(x)
+                return model(inp)
 
         return infer
 
     def train():
         model.zero_grad(set_to_none=True)
         xg = x.detach().requires_grad_(True)
-        y, (h, c) = model(xg)
+        y, (h, c) = model(shape.model_input(xg))  # packing is part of the step: the gradient flows through it
+        y = y.data if isinstance(y, PackedSequence) else y
         (y.float().sum() + h.float().sum() + c.float().sum()).backward()
 
     return train
@@ -170,7 +190,7 @@ def time_shape(
     device = torch.device(device)
     models = make_models(shape, backends, device, dtype)
     x = torch.randn(shape.seq_len, shape.batch, shape.input_size, device=device, dtype=dtype)
-    steps = {name: _step(m, x, mode) for name, m in models.items()}
+    steps = {name: _step(m, x, mode, shape) for name, m in models.items()}
     timer = _timer(device)
     for _ in range(warmup):
         for step in steps.values():
@@ -184,7 +204,10 @@ def time_shape(
     with torch.set_grad_enabled(mode == "training"):
         for name, samples in times.items():
             model = models[name]
-            used = "native (nn.LSTM)" if name == "nn.LSTM" else ",".join(sorted(set(explain(model, x).backends)))
+            if name == "nn.LSTM":
+                used = "native (nn.LSTM)"
+            else:
+                used = ",".join(sorted(set(explain(model, shape.model_input(x)).backends)))
             median = statistics.median(samples)
             results.append(Result(str(shape), mode, name, used, median, samples, base / median))
     return results

@@ -59,14 +59,16 @@ def test_bench_prints_a_speedup_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     done = run(
         "-m", "fastlstm", "bench", "--shape", "2,5,4,4", "--shape", "1,3,4,6,2,bi", "--shape", "B2-T3-I4-H6-P2-L1",
-        "--repeats", "2", "--backend", "auto", "--backend", "reference", "--json", str(out),
+        "--shape", "B3-T4-I4-H6-L1-packed", "--repeats", "2", "--backend", "auto", "--backend", "reference",
+        "--json", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "| B2-T5-I4-H4-L1 | training | fastlstm[reference] | reference |" in done.stdout
     assert "| B2-T3-I4-H6-P2-L1 | inference | fastlstm[reference] | reference |" in done.stdout
+    assert "| B3-T4-I4-H6-L1-packed | training | fastlstm[reference] | reference |" in done.stdout
     assert "geometric mean speedup fastlstm[auto] inference" in done.stdout
     data = json.loads(out.read_text())
-    assert data["machine"]["torch"] and len(data["results"]) == 3 * 2 * 3
+    assert data["machine"]["torch"] and len(data["results"]) == 4 * 2 * 3
     assert all(r["median_ms"] > 0 and r["speedup"] > 0 for r in data["results"])
 
 
@@ -83,10 +85,14 @@ def test_shape_parses_commas_and_the_printed_label(text):
     assert Shape.parse(str(shape)) == shape
 
 
-def test_shape_label_carries_a_projection():
-    shape = Shape.parse("B8-T50-I64-H128-P32-L2-bi")
-    assert shape == Shape(8, 50, 64, 128, 2, bidirectional=True, proj_size=32)
-    assert str(shape) == "B8-T50-I64-H128-P32-L2-bi" and Shape.parse(str(shape)) == shape
+def test_shape_label_carries_a_projection_and_packing():
+    shape = Shape.parse("B8-T50-I64-H128-P32-L2-bi-packed")
+    assert shape == Shape(8, 50, 64, 128, 2, bidirectional=True, proj_size=32, packed=True)
+    assert str(shape) == "B8-T50-I64-H128-P32-L2-bi-packed" and Shape.parse(str(shape)) == shape
+    lengths = shape.sequence_lengths()
+    assert lengths[0] == 50 and lengths.min() >= 25 and lengths.max() <= 50 and len(lengths) == 8
+    assert lengths.tolist() == shape.sequence_lengths().tolist()  # every provider gets the same batch
+    assert Shape.parse("B8-T50-I64-H128-L1").sequence_lengths() is None
     with pytest.raises(ValueError, match="smaller than the hidden size"):
         Shape.parse("B8-T50-I64-H128-P128-L1")
 
