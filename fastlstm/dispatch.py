@@ -92,6 +92,11 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       loop, and cpp won every shape, 10 shapes (batch 1-64, hidden 64-512, 1-2 layers, uni- and bidirectional)
       twice (`-projection-run*.json`): float32 inference 1.62-6.28x, training 1.46-17.9x; bfloat16 (in bf16 dot
       products) inference 1.55-19.4x, training 1.08-27.6x.
+    - Packed input (a PackedSequence, or lengths=) likewise takes nn.LSTM off oneDNN's fused LSTM onto ATen's
+      loop. The grid's 14 shapes packed (unsorted lengths in [T/2, T]), twice (`-packed-run*.json`): at batch
+      2-64 cpp won every shape, float32 inference 1.48-3.43x, training 1.48-13.2x, bfloat16 (bf16 dot products)
+      inference 1.32-4.55x, training 1.45-9.15x; batch 1 (lengths all T) measured as unpacked (float32 inference
+      0.98-1.49x, training 1.09-1.88x; bfloat16 1.00-1.79x / 1.49-2.95x).
     - float32: oneDNN runs near the machine's GEMM peak, so cpp only wins reliably where per-step overhead
       dominates: small batches. Batch 1 (EPYC, last four grids: inference 1.01-2.14x, training 1.09-2.08x).
       Batch 2, two runs each of 15 shapes (H 64-1024, T 35-500, 1-3 layers, uni- and bidirectional): inference
@@ -111,8 +116,8 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       (22 shapes: 0.97-2.22x, the weakest B1-T100-H512 at 0.97-1.04x) and lost or tied beyond (17 shapes:
       0.70-1.14x); training won at batch <= 16 on all 28 shapes (1.01-4.17x) and beyond it at hidden >= 512 (6
       shapes: 1.08-1.68x), and was mixed at batch > 16 below hidden 512 (5 shapes: 0.81-1.25x); with a
-      projection it won everywhere (above). With AMX nothing was measured (oneDNN, and ATen's matmuls in the
-      projection loop, run bf16 on its tiles; cpp does not): native.
+      projection or packed input it won everywhere (above). With AMX nothing was measured (oneDNN, and ATen's
+      matmuls in its per-step loop, run bf16 on AMX tiles; cpp does not): native.
       A cpp build that computes bf16 in float32 math on such a CPU (FASTLSTM_BF16_DOT=0, or built for another
       CPU) lost inference on 13 of 14 grid shapes (0.44-1.62x) but won training at batch 1-2 (1.16-3.22x), and
       hidden 16-64 (no projection) at batch 1-8 (10 shapes twice: inference 1.06-1.85x, training 1.10-1.72x;
@@ -121,7 +126,7 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
     if call.dtype == torch.float64:
         return None
     if call.dtype == torch.float32:
-        if call.proj_size or call.batch <= 2 or (call.needs_grad and call.batch <= 4):
+        if call.proj_size or call.packed or call.batch <= 2 or (call.needs_grad and call.batch <= 4):
             return None
         if call.hidden_size <= 64 and call.batch <= 16:
             return None
@@ -143,7 +148,7 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
         if (call.batch <= 2 and call.needs_grad) or (small_hidden and call.batch <= 8):
             return None
         return "bfloat16 in float32 math (this cpp build) on a CPU with bf16 instructions: oneDNN measured faster"
-    if call.proj_size:
+    if call.proj_size or call.packed:
         return None
     if call.needs_grad:
         if call.batch <= 16 or call.hidden_size >= 512:

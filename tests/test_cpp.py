@@ -599,11 +599,14 @@ def _run_cpp_parity(env_overrides, check, cases, threads, timeout=120):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def _auto_backends(dtype, batch, train=False, hidden=65, proj_size=0):
+def _auto_backends(dtype, batch, train=False, hidden=65, proj_size=0, packed=False):
     _plan_for.cache_clear()  # the rule is monkeypatched between calls of one shape
     m = fastlstm.LSTM(5, hidden, 2, bidirectional=True, proj_size=proj_size).to(dtype)
+    x = torch.randn(4, batch, 5, dtype=dtype)
+    if packed:
+        x = pack_padded_sequence(x, torch.tensor([4] + [2] * (batch - 1)), enforce_sorted=False)
     with torch.set_grad_enabled(train):  # the parameters require grad: grad mode alone makes it a training call
-        return fastlstm.explain(m, torch.randn(4, batch, 5, dtype=dtype)).backends
+        return fastlstm.explain(m, x).backends
 
 
 def test_auto_follows_the_measured_rule(monkeypatch):
@@ -619,6 +622,7 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 16, hidden=64) == ["cpp"] * 4  # small hidden sizes, up to batch 16
     assert _auto_backends(torch.float32, 17, hidden=64) == ["native"] * 4
     assert _auto_backends(torch.float32, 64, proj_size=8) == ["cpp"] * 4  # nn.LSTM then leaves oneDNN
+    assert _auto_backends(torch.float32, 64, packed=True) == ["cpp"] * 4  # likewise
     monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: None)  # oneDNN converts bf16: cpp everywhere
     assert _auto_backends(torch.bfloat16, 64) == ["cpp"] * 4
     for kind in ("amx", "unknown"):  # not measured: native
@@ -632,6 +636,7 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 17, train=True) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 64, train=True, hidden=512) == ["cpp"] * 4  # or hidden >= 512
     assert _auto_backends(torch.bfloat16, 64, proj_size=4) == ["cpp"] * 4  # nn.LSTM then leaves oneDNN
+    assert _auto_backends(torch.bfloat16, 64, packed=True) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_cpp_bf16_dot", lambda: False)  # a float32-math build on a bf16 CPU
     assert _auto_backends(torch.bfloat16, 8) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 2, train=True) == ["cpp"] * 4
