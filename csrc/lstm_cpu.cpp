@@ -26,7 +26,8 @@
 //   * bfloat16, on CPUs with AVX512-BF16: the products take bf16 in pairs (vdpbf16ps, float accumulation), the
 //     recurrent and input products in the register-blocked kernel, backward's large ones in ATen's bf16 matmul;
 //     h (and, in backward, dgates) is rounded to bf16 for them, as native bf16 does; the cell, c and the saved
-//     gates stay float. Elsewhere bfloat16 is computed in float32 end to end and rounded at the boundary.
+//     gates stay float. Elsewhere bfloat16, and float16 everywhere, compute in float32 end to end (fp32 c) and are
+//     rounded at the boundary.
 // Saved for backward: activated gates [T, B, 4H] and the cell history [T, B, H] (plus the output y).
 
 #include <torch/library.h>
@@ -765,8 +766,9 @@ Dims check_args(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tenso
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), "fastlstm cpp: all tensors must have x's dtype ",
                 x.scalar_type(), ", got ", t->scalar_type());
   }
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kBFloat16,
-              "fastlstm cpp: dtype must be float32, float64 or bfloat16, got ", x.scalar_type());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "fastlstm cpp: dtype must be float32, float64, bfloat16 or float16, got ", dt);
   if (batch_sizes.has_value() && batch_sizes->defined()) {
     const Tensor& bs = *batch_sizes;
     TORCH_CHECK(bs.device().is_cpu() && bs.scalar_type() == at::kLong && bs.dim() == 1 && bs.size(0) == d.T,
@@ -795,7 +797,8 @@ bool is_packed(const c10::optional<Tensor>& batch_sizes) {
   return batch_sizes.has_value() && batch_sizes->defined();
 }
 
-at::ScalarType compute_type(at::ScalarType t) { return t == at::kBFloat16 ? at::kFloat : t; }
+// bfloat16 (without bf16 dot products) and float16 compute in float32 end to end, rounded at the boundary.
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf ? at::kFloat : t; }
 
 Tensor as_compute(const Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
 c10::optional<Tensor> as_compute(const c10::optional<Tensor>& t, at::ScalarType ct) {
@@ -1525,7 +1528,7 @@ variable_list differentiable_grads(const std::vector<Tensor>& inputs, const Tens
                                    const Tensor& grad_y, const Tensor& grad_hT, const Tensor& grad_cT) {
   const Tensor& x = inputs[0];
   const auto ct = compute_type(x.scalar_type());
-  std::vector<Tensor> v;  // the inputs in the compute dtype (bfloat16 computes in float32, as the kernels do)
+  std::vector<Tensor> v;  // the inputs in the compute dtype (bfloat16 and float16 in float32, as the kernels)
   for (const Tensor& t : inputs) v.push_back(t.defined() ? t.to(ct) : t);
   const auto live = live_rows(none_if_undefined(batch_sizes), x.size(0), x.size(1));
   auto [y, hT, cT] = layer_in_aten_ops(v[0], v[1], v[2], v[3], v[4], v[5], v[6], live, reverse);

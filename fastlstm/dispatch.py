@@ -72,6 +72,19 @@ def _cpu_bf16_kind() -> str | None:
     return None
 
 
+def _cpu_has_fp16_units() -> bool:
+    """Whether oneDNN can run float16 natively here (AVX512-FP16 or AMX-FP16): nn.LSTM's float16 inference then
+    takes oneDNN's fused LSTM instead of ATen's float16 loop. Unknown counts as yes (the safe side)."""
+    amx = getattr(getattr(torch, "cpu", None), "_is_amx_fp16_supported", None)
+    if amx is not None and amx():
+        return True
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and "avx512_fp16" in line.split() for line in cpuinfo)
+    except OSError:
+        return True
+
+
 def _cpp_bf16_dot() -> bool:
     """Whether the cpp build multiplies bfloat16 in bf16 dot products (see fastlstm.backends.cpu)."""
     from fastlstm.backends import cpu
@@ -109,6 +122,9 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       GEMM speed. Hidden 16-64 (no projection) at batch 4-16, T 50-500, 1-2 layers, uni- and bidirectional, 18
       shapes twice each: inference 1.01-1.66x, training 1.06-1.76x. Beyond batch 16 it is mixed (batch 32:
       inference 0.77-1.13x; batch 64: 0.75-1.10x), and hidden 100 at batch 16 was even (0.88-1.02x).
+    - float16: cpp computes it in float32 math; nn.LSTM runs ATen's float16 loop, except at inference on CPUs
+      with float16 units (AVX512-FP16, AMX-FP16), where oneDNN runs it (not measured: native there). The grid
+      twice (EPYC, no float16 units; `-float16-run*.json`): inference 2.02-13.4x, training 13.2-60.2x.
     - bfloat16 depends on the CPU. Without bf16 instructions oneDNN converts to float32 and cpp won (Xeon:
       geomean about 3x). With AVX512-BF16 (EPYC) cpp multiplies in bf16 dot products as oneDNN does; the grid
       three times and 25 more shapes twice (batch 1-128, hidden 16-1024;
@@ -133,6 +149,10 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
         return "float32 beyond batch 2 (4 in training; 16 at hidden <= 64): oneDNN measured as fast or faster"
     if call.dtype == torch.bfloat16:
         return _cpp_bf16_slower_reason(call)
+    if call.dtype == torch.float16:
+        if not call.needs_grad and _cpu_has_fp16_units():
+            return "float16 inference on a CPU with float16 units: oneDNN runs it natively (not measured)"
+        return None
     return f"no measurement for {call.dtype}"
 
 

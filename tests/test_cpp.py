@@ -208,16 +208,26 @@ BF16_CASES = [
 
 @pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: c.id)
 def test_bfloat16_error_within_twice_native(case):
-    """bf16 error against an fp32 computation must be at most 2x native nn.LSTM's bf16 error (+ a tiny floor);
+    _assert_low_precision_error_within_twice_native(case, torch.bfloat16)
+
+
+@pytest.mark.parametrize("case", BF16_CASES[:2], ids=lambda c: c.id)
+def test_float16_error_within_twice_native(case):
+    """float16 computes in float32 math (nn.LSTM runs it in ATen's float16 loop on CPUs without fp16 units)."""
+    _assert_low_precision_error_within_twice_native(case, torch.float16)
+
+
+def _assert_low_precision_error_within_twice_native(case, dtype):
+    """Error against an fp32 computation must be at most 2x native nn.LSTM's error in `dtype` (+ a tiny floor);
     inference gives training's outputs bitwise."""
     t32, bs = make_inputs(case, torch.float32)
-    t32 = {k: (None if v is None else v.detach().to(torch.bfloat16).float().requires_grad_()) for k, v in t32.items()}
-    t16 = {k: (None if v is None else v.detach().to(torch.bfloat16).requires_grad_()) for k, v in t32.items()}
+    t32 = {k: (None if v is None else v.detach().to(dtype).float().requires_grad_()) for k, v in t32.items()}
+    t16 = {k: (None if v is None else v.detach().to(dtype).requires_grad_()) for k, v in t32.items()}
     exact = outputs_and_grads(native_layer(case), t32, bs, case.reverse)
     native = outputs_and_grads(native_layer(case), t16, bs, case.reverse)
     ours = outputs_and_grads(BACKEND.layer, t16, bs, case.reverse)
     for key in exact:
-        assert ours[key].dtype == torch.bfloat16, key
+        assert ours[key].dtype == dtype, key
         err_native = (native[key].float() - exact[key]).abs().max().item()
         err_ours = (ours[key].float() - exact[key]).abs().max().item()
         assert err_ours <= 2 * err_native + 1e-3, f"{key}: cpp error {err_ours} vs native {err_native}"
@@ -392,8 +402,9 @@ def test_unsupported_reason():
     assert "cuda" in BACKEND.unsupported_reason(
         LayerCall("cuda", torch.float32, 5, 2, 3, 4, 0, True, False, False, True)
     )
-    assert "float16" in BACKEND.unsupported_reason(
-        LayerCall("cpu", torch.float16, 5, 2, 3, 4, 0, True, False, False, True)
+    assert BACKEND.unsupported_reason(LayerCall("cpu", torch.float16, 5, 2, 3, 4, 0, True, False, False, True)) is None
+    assert "complex64" in BACKEND.unsupported_reason(
+        LayerCall("cpu", torch.complex64, 5, 2, 3, 4, 0, True, False, False, True)
     )
 
 
@@ -623,6 +634,11 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 17, hidden=64) == ["native"] * 4
     assert _auto_backends(torch.float32, 64, proj_size=8) == ["cpp"] * 4  # nn.LSTM then leaves oneDNN
     assert _auto_backends(torch.float32, 64, packed=True) == ["cpp"] * 4  # likewise
+    monkeypatch.setattr(dispatch, "_cpu_has_fp16_units", lambda: False)  # nn.LSTM runs ATen's float16 loop
+    assert _auto_backends(torch.float16, 64) == ["cpp"] * 4
+    monkeypatch.setattr(dispatch, "_cpu_has_fp16_units", lambda: True)  # oneDNN's float16 LSTM (inference only)
+    assert _auto_backends(torch.float16, 64) == ["native"] * 4
+    assert _auto_backends(torch.float16, 64, train=True) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: None)  # oneDNN converts bf16: cpp everywhere
     assert _auto_backends(torch.bfloat16, 64) == ["cpp"] * 4
     for kind in ("amx", "unknown"):  # not measured: native

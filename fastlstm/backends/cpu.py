@@ -17,7 +17,7 @@ Ops (namespace `fastlstm`; schemas, kernels and autograd (cpp_lstm_fwd's Autogra
     cpp_lstm_bwd(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr?, batch_sizes?, y, gates, c_hist,
                  reverse, has_bias) -> (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
     gates [T, B, 4H] (activated) and c_hist [T, B, H] are what backward needs; they are empty ([0]) when
-    save is false (inference), and float32 for bfloat16 inputs.
+    save is false (inference), and float32 for bfloat16 and float16 inputs.
 
 Tuning knobs (read once per process by the C++ code; for measurements and tests, not for users)
     FASTLSTM_MKL_MIN_ROWS   float32 uses MKL's packed GEMM for the per-step product from this batch size on
@@ -59,7 +59,7 @@ from fastlstm.backends import Backend, LayerCall, LayerResult
 _SOURCES = ("lstm_cpu.cpp",)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
-_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _STALE_LOCK_S = 15 * 60  # a lock file older than this was left by a build that died
 
 _lock = threading.Lock()
@@ -253,7 +253,7 @@ def _register_python_side() -> None:
     def _fwd_fake(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save):
         T, B = x.shape[0], x.shape[1]
         H, P = w_hh.shape[0] // 4, w_hh.shape[1]
-        saved_dtype = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+        saved_dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
         y = x.new_empty((T, B, P))
         hT = x.new_empty((B, P))
         cT = x.new_empty((B, H))
@@ -299,7 +299,7 @@ class CppBackend(Backend):
         if call.device_type != "cpu":
             return f"the cpp backend runs on the CPU only, not {call.device_type}"
         if call.dtype not in _SUPPORTED_DTYPES:
-            return f"the cpp backend supports float32, float64 and bfloat16, not {call.dtype}"
+            return f"the cpp backend supports float32, float64, bfloat16 and float16, not {call.dtype}"
         return None
 
     def layer(
