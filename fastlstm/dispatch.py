@@ -9,6 +9,7 @@ else. Any other name forces that backend and raises BackendUnavailableError when
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -72,9 +73,11 @@ def _cpu_bf16_kind() -> str | None:
     return None
 
 
+@functools.cache
 def _cpu_has_fp16_units() -> bool:
     """Whether oneDNN can run float16 natively here (AVX512-FP16 or AMX-FP16): nn.LSTM's float16 inference then
-    takes oneDNN's fused LSTM instead of ATen's float16 loop. Unknown counts as yes (the safe side)."""
+    takes oneDNN's fused LSTM instead of ATen's float16 loop. Unknown counts as yes (the safe side). Read once:
+    /proc/cpuinfo grows with the core count, and every new call shape asks."""
     amx = getattr(getattr(torch, "cpu", None), "_is_amx_fp16_supported", None)
     if amx is not None and amx():
         return True
@@ -163,8 +166,8 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
         return None
     if kind != "avx512_bf16":
         return f"bfloat16 on a CPU with native bf16 ({kind}): not measured against oneDNN there"
-    small_hidden = call.hidden_size <= 64 and call.proj_size == 0
     if not _cpp_bf16_dot():
+        small_hidden = call.hidden_size <= 64 and call.proj_size == 0
         if (call.batch <= 2 and call.needs_grad) or (small_hidden and call.batch <= 8):
             return None
         return "bfloat16 in float32 math (this cpp build) on a CPU with bf16 instructions: oneDNN measured faster"
