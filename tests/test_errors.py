@@ -113,6 +113,20 @@ def test_forced_backend_that_cannot_serve_names_the_reason(monkeypatch):
         m(torch.randn(2, 1, I))
 
 
+def test_a_backend_must_implement_layer_and_a_broken_one_names_why_it_cannot():
+    from fastlstm import backends
+
+    class NoLayer(backends.Backend):
+        name = "no-layer"
+
+    with pytest.raises(TypeError, match="abstract"):
+        NoLayer()
+    broken = backends._Broken("triton", "triton is not installed")
+    x = torch.randn(2, 1, I)
+    with pytest.raises(RuntimeError, match="'triton' is unavailable: triton is not installed"):
+        broken.layer(x, None, None, None, None, None, None, None, False)
+
+
 def test_auto_falls_back_to_native_with_one_warning_when_a_backend_is_missing(monkeypatch):
     from fastlstm import backends, dispatch
 

@@ -7,6 +7,7 @@ layer computes. Choosing between backends is dispatch's job (fastlstm.dispatch).
 
 from __future__ import annotations
 
+import abc
 import importlib
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ class LayerCall:
         return self.proj_size or self.hidden_size
 
 
-class Backend:
+class Backend(abc.ABC):
     """Base class. Subclasses set `name` and implement `layer`; the reason methods return None for yes."""
 
     name: str = ""
@@ -57,6 +58,7 @@ class Backend:
         Dispatch asks only when choosing for `auto`; a forced backend fails loudly at the call instead."""
         return None
 
+    @abc.abstractmethod
     def layer(
         self,
         x: Tensor,
@@ -70,7 +72,6 @@ class Backend:
         reverse: bool,
     ) -> LayerResult:
         """One layer, one direction, differentiable in every tensor argument. Shapes: fastlstm.reference."""
-        raise NotImplementedError(f"backend {self.name!r} does not implement layer()")
 
 
 # name -> "module:attribute". Imported lazily so that `import fastlstm` never imports triton or builds C++.
@@ -119,3 +120,6 @@ class _Broken(Backend):
 
     def unavailable_reason(self) -> str | None:
         return self._reason
+
+    def layer(self, x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse) -> LayerResult:
+        raise RuntimeError(f"fastlstm backend {self.name!r} is unavailable: {self._reason}")
