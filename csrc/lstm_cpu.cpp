@@ -568,11 +568,22 @@ void linear_nt(const Tensor& A, const Tensor& W, Tensor& out) {
 // Work (multiply-adds) below which one step's product is not split over threads.
 constexpr int64_t kParallelStepWork = 1 << 17;
 
-// C[n, N] (+)= A[n, K] @ B, B packed.
+// One product's left operand (rows A, lda elements apart) and packed right operand.
+template <typename Dot>
+struct StepOperand {
+  const typename Dot::elem_t* A;
+  int64_t lda;
+  const Packed<Dot>* B;
+};
+
+// C[n, N] (+)= A[n, K] @ B, B packed. With `first` (a weight of the same N): C = first.A @ first.B + A @ B, each
+// block of C through both products back to back while it is in cache, in one parallel region (the forward's
+// input and recurrent products of a step: one fork/join a step fewer).
 template <typename Dot>
 void step_gemm(const typename Dot::elem_t* A, int64_t lda, const Packed<Dot>& B, typename Dot::acc_t* C, int64_t ldc,
-               int64_t n, bool accumulate) {
+               int64_t n, bool accumulate, const StepOperand<Dot>* first = nullptr) {
   if (n == 0 || B.N == 0) return;
+  TORCH_INTERNAL_ASSERT(first == nullptr || first->B->N == B.N);
   const int64_t W = Packed<Dot>::W;
   // Threads split units of one panel x one row block, panel-major: a thread's range is whole panels but for its
   // ends, so its slice of the weight stays in its cache across steps, and the split is even when the panels do
@@ -583,13 +594,17 @@ void step_gemm(const typename Dot::elem_t* A, int64_t lda, const Packed<Dot>& B,
   auto run = [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1;) {
       const int64_t p = u / row_blocks, b0 = u % row_blocks, b1 = std::min(row_blocks, b0 + (u1 - u));
-      const int64_t r0 = b0 * kRowBlock, r1 = std::min(n, b1 * kRowBlock);
-      panel_rows<Dot>(A + r0 * lda, lda, B.panel(p), B.steps, C + r0 * ldc + p * W, ldc, r1 - r0,
-                      std::min(W, B.N - p * W), accumulate);
+      const int64_t r0 = b0 * kRowBlock, r1 = std::min(n, b1 * kRowBlock), valid = std::min(W, B.N - p * W);
+      if (first != nullptr)
+        panel_rows<Dot>(first->A + r0 * first->lda, first->lda, first->B->panel(p), first->B->steps,
+                        C + r0 * ldc + p * W, ldc, r1 - r0, valid, /*accumulate=*/false);
+      panel_rows<Dot>(A + r0 * lda, lda, B.panel(p), B.steps, C + r0 * ldc + p * W, ldc, r1 - r0, valid,
+                      accumulate || first != nullptr);
       u += b1 - b0;
     }
   };
-  const int64_t work = n * B.N * B.steps * Dot::pair, units = B.panels * row_blocks;
+  const int64_t steps = B.steps + (first != nullptr ? first->B->steps : 0);
+  const int64_t work = n * B.N * steps * Dot::pair, units = B.panels * row_blocks;
   if (at::get_num_threads() > 1 && work >= kParallelStepWork && units > 1 && !at::in_parallel_region()) {
     at::parallel_for(0, units, 1, run);
   } else {
@@ -1215,10 +1230,11 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
     const int64_t n = live[t];
     if (n == 0) continue;
     scalar_t* Gt = G + t * g_step;
-    if (fuse_input) step_gemm<Dot>(xp + t * B * ldx, ldx, WihT, Gt, G4, n, /*accumulate=*/false);
     if (blocked_step) {
       if (WhhT.data == nullptr) WhhT.pack(whh_u, kh, G4, 1, kh);  // B[k, n] = w_hh[n, k]
-      step_gemm<Dot>(hk, ldh, WhhT, Gt, G4, n, /*accumulate=*/true);
+      // fuse_input: the gates are x_t @ w_ih^T + h @ w_hh^T, both here; else the first term is already in G
+      const StepOperand<Dot> input{xp + t * B * ldx, ldx, &WihT};
+      step_gemm<Dot>(hk, ldh, WhhT, Gt, G4, n, /*accumulate=*/true, fuse_input ? &input : nullptr);
     } else if constexpr (!own_rows) {
       if (mkl_whh.ok) {
         // All B rows even when fewer are live: rows past n of this step's gate buffer are never read, and the
