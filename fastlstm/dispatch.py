@@ -118,8 +118,12 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       Batch 2, two runs each of 15 shapes (H 64-1024, T 35-500, 1-3 layers, uni- and bidirectional): inference
       1.15-2.01x except B2-T50-I100-H300-bi at 0.92-0.93x (that shape is weak at batch 1 too: 0.81-0.95x),
       training 1.05-1.87x. Batch 3-4 training, 14 shapes twice: 0.97-1.87x (the 0.97x, B4-T200-H256-L2-bi, was
-      1.16x in the other run); batch 3-4 inference was mixed (0.91-1.83x) and stays native. Batch 8 lost
-      (B8-T100-H256: 0.91-0.96x in both modes). At batch >= 8 the last three grids measured 0.79-1.18x at
+      1.16x in the other run). Batch 3-4 inference was mixed (0.91-1.83x) until the weight packing went through
+      vector registers and the per-step split was evened out (64b9b5b): then 14 shapes twice (H 128-1024, T
+      35-200, 1-2 layers, uni- and bidirectional; `-float32-batch3-4-run*.json`) measured 0.98-2.47x, all but
+      B4-T100-H384-bi (1.00x, 0.98x) above 1.02x. Batch 6, the same 7 shapes twice (`-float32-batch6-run*.json`),
+      was mixed (inference 0.87-1.65x, training 0.98-1.30x). Batch 8 lost (B8-T100-H256: 0.91-0.96x in both
+      modes; 0.96-1.00x in the grids at 64b9b5b / aa90fae). At batch >= 8 the last three grids measured 0.79-1.18x at
       inference and 0.87-1.28x in training, winning some shapes and losing others by more than run-to-run noise.
       Small hidden sizes are the exception: there the per-step products are too small for oneDNN to run at
       GEMM speed. Hidden 16-64 (no projection) at batch 4-16, T 50-500, 1-2 layers, uni- and bidirectional, 18
@@ -145,11 +149,11 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
     if call.dtype == torch.float64:
         return None
     if call.dtype == torch.float32:
-        if call.proj_size or call.packed or call.batch <= 2 or (call.needs_grad and call.batch <= 4):
+        if call.proj_size or call.packed or call.batch <= 4:
             return None
         if call.hidden_size <= 64 and call.batch <= 16:
             return None
-        return "float32 beyond batch 2 (4 in training; 16 at hidden <= 64): oneDNN measured as fast or faster"
+        return "float32 beyond batch 4 (16 at hidden <= 64): oneDNN measured as fast or faster"
     if call.dtype == torch.bfloat16:
         return _cpp_bf16_slower_reason(call)
     if call.dtype == torch.float16:

@@ -625,8 +625,8 @@ def test_auto_follows_the_measured_rule(monkeypatch):
 
     assert _auto_backends(torch.float64, 8) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 1) == ["cpp"] * 4
-    assert _auto_backends(torch.float32, 2) == ["cpp"] * 4
-    assert _auto_backends(torch.float32, 3) == ["native"] * 4
+    assert _auto_backends(torch.float32, 4) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 5) == ["native"] * 4
     assert _auto_backends(torch.float32, 4, train=True) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 5, train=True) == ["native"] * 4
     assert _auto_backends(torch.float32, 8) == ["native"] * 4

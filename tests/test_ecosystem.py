@@ -36,7 +36,7 @@ def _loss(outputs):
 
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_compile_fullgraph_training_step_matches_eager(backend):
-    # inductor for what users get (auto: native for this float32 batch) and for the C++ backend; aot_eager
+    # inductor for what users get (auto: cpp for this small float32 batch) and for the C++ backend; aot_eager
     # elsewhere keeps the suite quick
     compiler = "inductor" if backend in ("auto", "cpp") else "aot_eager"
     torch.manual_seed(0)
