@@ -1012,15 +1012,6 @@ inline int64_t row_stride(int64_t width) {
 }
 
 template <typename Dot>
-void rows_to_kernel(const typename Dot::acc_t* src, int64_t lds, typename Dot::elem_t* dst, int64_t ldd, int64_t rows,
-                    int64_t cols) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < cols; ++j) dst[r * ldd + j] = Dot::from(src[r * lds + j]);
-    for (int64_t j = cols; j < ldd; ++j) dst[r * ldd + j] = Dot::from(0.0f);
-  }
-}
-
-template <typename Dot>
 void rows_from_kernel(const typename Dot::elem_t* src, int64_t lds, typename Dot::acc_t* dst, int64_t ldd,
                       int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r)
@@ -1049,6 +1040,17 @@ inline void to_kernel(const typename Dot::acc_t* src, typename Dot::elem_t* dst,
       if (rounded != nullptr) rounded[j] = Dot::to(dst[j]);
     }
 #endif
+  }
+}
+
+// Rows [rows, cols] of src into the kernel's rows (ldd apart, zero past cols): the same conversion as every
+// step's h (to_kernel).
+template <typename Dot>
+void rows_to_kernel(const typename Dot::acc_t* src, int64_t lds, typename Dot::elem_t* dst, int64_t ldd, int64_t rows,
+                    int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    to_kernel<Dot>(src + r * lds, dst + r * ldd, cols, nullptr);
+    std::fill(dst + r * ldd + cols, dst + (r + 1) * ldd, Dot::from(0.0f));
   }
 }
 
@@ -1125,6 +1127,9 @@ inline bool use_bf16_dot() {
   static const bool v = kHasBf16Dot && !(env != nullptr && std::atoll(env) == 0);
   return v;
 }
+
+// Whether a layer of dtype dt runs on the bf16 dot-product kernel: forward and backward must agree.
+inline bool runs_bf16_dot(at::ScalarType dt) { return dt == at::kBFloat16 && use_bf16_dot(); }
 
 // Which kernel serves which product on this CPU, with the knobs applied (for `python -m fastlstm info` and the
 // tests that force each path).
@@ -1276,7 +1281,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x_in, 
   const auto live = live_rows(batch_sizes, d.T, d.B);
   const bool packed = is_packed(batch_sizes);
   const at::ScalarType dt = x_in.scalar_type(), ct = compute_type(dt);
-  const bool bf16_dot = dt == at::kBFloat16 && use_bf16_dot();
+  const bool bf16_dot = runs_bf16_dot(dt);
   const auto opts = x_in.options().dtype(ct);
   auto b = as_compute(b_in, ct);
   auto w_hr = as_compute(w_hr_in, ct);
@@ -1530,7 +1535,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
               "fastlstm cpp: grad_y / y must be [T, B, P]");
   TORCH_CHECK(grad_hT_in.sizes() == h0_in.sizes() && grad_cT_in.sizes() == c0_in.sizes(),
               "fastlstm cpp: grad_hT / grad_cT shapes");
-  const bool bf16_dot = dt == at::kBFloat16 && use_bf16_dot();
+  const bool bf16_dot = runs_bf16_dot(dt);
   Tensor grad_y = as_compute(grad_y_in, ct), c0 = as_compute(c0_in, ct), gates = gates_in.contiguous(),
          c_hist = c_hist_in.contiguous();
   auto w_hr = as_compute(w_hr_in, ct);
