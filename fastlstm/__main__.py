@@ -8,7 +8,6 @@ import platform
 import sys
 
 import torch
-from torch.nn.utils.rnn import PackedSequence
 
 import fastlstm
 from fastlstm import backends
@@ -122,17 +121,17 @@ def _bench_backends(device: str, requested: list[str] | None) -> list[str]:
 
 def _validate(shape: Shape, names: list[str], device: str, dtype: torch.dtype) -> None:
     """Forward outputs of every provider against nn.LSTM on the benchmark shape itself."""
-    from fastlstm.benchmark import make_models
+    from fastlstm.benchmark import make_models, output_data
 
     models = make_models(shape, names, device, dtype)
     x = shape.model_input(torch.randn(shape.seq_len, shape.batch, shape.input_size, device=device, dtype=dtype))
     with torch.no_grad():
         outs = {name: m(x) for name, m in models.items()}
     y_ref, (h_ref, c_ref) = outs.pop("nn.LSTM")
-    y_ref = y_ref.data if isinstance(y_ref, PackedSequence) else y_ref
+    y_ref = output_data(y_ref)
     tolerance = {torch.float64: 1e-8, torch.float32: 1e-3}.get(dtype, 5e-2)
     for name, (y, (h, c)) in outs.items():
-        y = y.data if isinstance(y, PackedSequence) else y
+        y = output_data(y)
         for label, a, b in (("y", y, y_ref), ("h_n", h, h_ref), ("c_n", c, c_ref)):
             err = (a.double() - b.double()).abs().max().item()
             if not err <= tolerance * max(1.0, b.double().abs().max().item()):

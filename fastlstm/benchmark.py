@@ -147,6 +147,11 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return cpu_time
 
 
+def output_data(y: torch.Tensor | PackedSequence) -> torch.Tensor:
+    """A model's output as one tensor: a PackedSequence's data, else the tensor itself."""
+    return y.data if isinstance(y, PackedSequence) else y
+
+
 def make_models(shape: Shape, backends: list[str], device, dtype) -> dict[str, nn.Module]:
     """nn.LSTM and one fastlstm.LSTM per backend, all with the same weights."""
     config = dict(bidirectional=shape.bidirectional, proj_size=shape.proj_size)
@@ -175,8 +180,7 @@ def _step(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape) -> Callabl
         model.zero_grad(set_to_none=True)
         xg = x.detach().requires_grad_(True)
         y, (h, c) = model(shape.model_input(xg))  # packing is part of the step: the gradient flows through it
-        y = y.data if isinstance(y, PackedSequence) else y
-        (y.float().sum() + h.float().sum() + c.float().sum()).backward()
+        (output_data(y).float().sum() + h.float().sum() + c.float().sum()).backward()
 
     return train
 
