@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from typing import NamedTuple
 
@@ -54,6 +55,25 @@ def _plan_for(requested: str, shape: _CallShape) -> tuple[dispatch.Choice, ...]:
         for direction in range(shape.num_directions)
     ]
     return tuple(dispatch.plan(requested, calls))
+
+
+# Plans of calls that passed every check, by LSTM._call_key: repeated calls of one kind skip the checks and
+# dispatch (tens of microseconds, which count at batch 1-4).
+_CHECKED_CALLS: dict[tuple, tuple[dispatch.Choice, ...]] = {}
+_CHECKED_CALLS_MAX = 4096
+
+
+def _remember_call(key: tuple, choices: tuple[dispatch.Choice, ...]) -> None:
+    if len(_CHECKED_CALLS) >= _CHECKED_CALLS_MAX:
+        _CHECKED_CALLS.clear()
+    _CHECKED_CALLS[key] = choices
+
+
+def forget_plans() -> None:
+    """Forget every remembered plan, so that the next call of each shape asks dispatch again (for tests and
+    tools that change a rule or a backend's availability between calls)."""
+    _plan_for.cache_clear()
+    _CHECKED_CALLS.clear()
 
 
 # nn.LSTM's output dtypes under autocast, per distinct call; see LSTM._autocast_dtypes.
@@ -124,10 +144,21 @@ class LSTM(nn.RNNBase):
         """nn.LSTM.forward, plus `lengths`: per-sequence lengths [B] of a padded batch (see _forward_lengths)."""
         if lengths is not None:
             return self._forward_lengths(input, hx, lengths)
-        input, hx, batch_sizes, sorted_indices, unsorted_indices, is_batched = self._prepare(input, hx)
-        amp = self._autocast_dtypes(input, hx, batch_sizes)
-        choices = self._plan(input, hx, batch_sizes, amp)
+        self._update_flat_weights()  # parameters are read at call time, as nn.LSTM reads them
+        key = self._call_key(input, hx)
+        choices = _CHECKED_CALLS.get(key) if key is not None else None
+        if choices is None:
+            input, hx, batch_sizes, sorted_indices, unsorted_indices, is_batched = self._prepare(input, hx)
+            amp = self._autocast_dtypes(input, hx, batch_sizes)
+            choices = self._plan(input, hx, batch_sizes, amp)
+            if key is not None:
+                _remember_call(key, choices)
+        else:  # the same kind of call passed every check before: a batched tensor, no autocast, no packing
+            batch_sizes = sorted_indices = unsorted_indices = amp = None
+            is_batched = True
         if all(choice.backend == "native" for choice in choices):
+            if hx is None:
+                hx = self._initial_state(input, None, None, True)
             output, h_n, c_n = self._native_stack(input, hx, batch_sizes)
         elif batch_sizes is not None:
             positions = packed_positions(batch_sizes, input.device)
@@ -226,6 +257,33 @@ class LSTM(nn.RNNBase):
         if not batched:
             return x.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
         return x, (h_n, c_n)
+
+    def _call_key(self, input, hx) -> tuple | None:
+        """What decides whether a call passes every check and which backends serve it, for the common call: a
+        batched tensor, (h0, c0) a tuple of tensors or None, no autocast, not traced. None for any other call.
+
+        Each check of _prepare and each input of _plan reads only these (the module's sizes and flags are
+        constant after construction), so a call whose key matches one that passed needs neither again.
+        """
+        if type(input) is not Tensor or input.dim() != 3:
+            return None
+        if torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return None
+        weight = self._flat_weights[0]
+        grad = torch.is_grad_enabled() and (input.requires_grad or any(w.requires_grad for w in self._flat_weights))
+        if hx is None:
+            state = None
+        elif type(hx) is tuple and len(hx) == 2 and type(hx[0]) is Tensor and type(hx[1]) is Tensor:
+            h, c = hx
+            state = (h.shape, h.dtype, h.device, c.shape, c.dtype, c.device)
+            grad = grad or (torch.is_grad_enabled() and (h.requires_grad or c.requires_grad))
+        else:
+            return None
+        return (
+            input.shape, input.dtype, input.device, weight.dtype, weight.device, state, grad, self.batch_first,
+            self.backend, os.environ.get(dispatch.ENV_VAR), self.input_size, self.hidden_size, self.proj_size,
+            self.num_layers, self.bidirectional, self.bias,
+        )  # fmt: skip
 
     def _plan(self, input: Tensor, hx, batch_sizes: Tensor | None, amp=None) -> tuple[dispatch.Choice, ...]:
         """The backend of each (layer, direction) for prepared input, layer-major, forward before reverse.
@@ -387,23 +445,36 @@ class LSTM(nn.RNNBase):
         return _AUTOCAST_DTYPES[key]
 
     def _fast_stack(self, x: Tensor, hx, batch_sizes: Tensor | None, choices, amp) -> tuple[Tensor, Tensor, Tensor]:
-        """_layered_stack, computing in autocast's dtype and returning the dtypes nn.LSTM gives when autocast is on."""
+        """_layered_stack, computing in autocast's dtype and returning the dtypes nn.LSTM gives when autocast is on.
+
+        hx: (h0 [L*D, B, P], c0 [L*D, B, H]), or None for zeros (then amp is None).
+        """
         if amp is None:
-            return self._layered_stack(x, hx, batch_sizes, choices)
+            return self._layered_stack(x, *self._layer_states(x, hx), batch_sizes, choices)
         compute = amp[0]
         with torch.autocast(x.device.type, enabled=False):
-            state = (hx[0].to(compute), hx[1].to(compute))
-            outputs = self._layered_stack(x.to(compute), state, batch_sizes, choices, weight_dtype=compute)
+            h0, c0 = hx[0].to(compute).unbind(0), hx[1].to(compute).unbind(0)
+            outputs = self._layered_stack(x.to(compute), h0, c0, batch_sizes, choices, weight_dtype=compute)
         return tuple(t.to(dtype) for t, dtype in zip(outputs, amp))
 
+    def _layer_states(self, x: Tensor, hx) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """The initial (h, c) of each (layer, direction) for time-major x; zeros when hx is None."""
+        if hx is not None:
+            return hx[0].unbind(0), hx[1].unbind(0)
+        count = self.num_layers * self._num_directions
+        # One zero tensor serves every layer: backends only read their initial state
+        h0 = x.new_zeros(x.size(1), self._out_size)
+        c0 = x.new_zeros(x.size(1), self.hidden_size) if self.proj_size else h0
+        return (h0,) * count, (c0,) * count
+
     def _layered_stack(
-        self, x: Tensor, hx, batch_sizes: Tensor | None, choices, weight_dtype=None
+        self, x: Tensor, h0, c0, batch_sizes: Tensor | None, choices, weight_dtype=None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Each (layer, direction) through its backend on time-major x [T, B, I] -> y [T, B, D*P], h_n, c_n.
 
-        Dropout between layers is applied as nn.LSTM applies it (on the packed data when packed).
+        h0, c0: the initial states of each (layer, direction), [B, P] and [B, H]. Dropout between layers is
+        applied as nn.LSTM applies it (on the packed data when packed).
         """
-        h0, c0 = hx[0].unbind(0), hx[1].unbind(0)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             outputs = []

@@ -43,8 +43,8 @@ def _no_backend_env(monkeypatch):
 @pytest.fixture(autouse=True)
 def _fresh_dispatch_cache():
     """Tests that swap a backend out must not see plans cached by earlier tests."""
-    from fastlstm.module import _plan_for
+    from fastlstm.module import forget_plans
 
-    _plan_for.cache_clear()
+    forget_plans()
     yield
-    _plan_for.cache_clear()
+    forget_plans()

@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fastlstm
 from fastlstm import reference
 from fastlstm.backends import LayerCall, cpu
-from fastlstm.module import _plan_for
+from fastlstm.module import forget_plans
 
 _CXX = os.environ.get("FASTLSTM_CXX") or os.environ.get("CXX") or "c++"
 if shutil.which(_CXX) is None:
@@ -611,7 +611,7 @@ def _run_cpp_parity(env_overrides, check, cases, threads, timeout=120):
 
 
 def _auto_backends(dtype, batch, train=False, hidden=65, proj_size=0, packed=False):
-    _plan_for.cache_clear()  # the rule is monkeypatched between calls of one shape
+    forget_plans()  # the rule is monkeypatched between calls of one shape
     m = fastlstm.LSTM(5, hidden, 2, bidirectional=True, proj_size=proj_size).to(dtype)
     x = torch.randn(4, batch, 5, dtype=dtype)
     if packed:

@@ -207,3 +207,113 @@ def test_layer_contract_against_reference(name, reverse, proj):
     if batch_sizes is not None:
         y = get_backend(name).layer(*tensors, batch_sizes, reverse)[0]
         assert y[5, 1:].abs().max() == 0  # dead positions are zero
+
+
+# ---- repeated calls: LSTM remembers calls that passed its checks (module._CHECKED_CALLS) ----------------
+
+
+@pytest.fixture
+def served_by(monkeypatch):
+    """The backends that serve each call: a list that each module call appends its backend names to."""
+    served: list[list[str]] = []
+
+    def spy(cls, method, name):
+        original = getattr(cls, method)
+
+        def recorded(self, *args):
+            served[-1].append(name)
+            return original(self, *args)
+
+        monkeypatch.setattr(cls, method, recorded)
+
+    spy(fastlstm.LSTM, "_native_stack", "native stack")
+    for name in ("native", "reference"):
+        spy(type(get_backend(name)), "layer", name)
+
+    def call(module, *args, **kwargs):
+        served.append([])
+        module(*args, **kwargs)
+        return served[-1]
+
+    return call
+
+
+@pytest.mark.parametrize("config", [dict(), dict(num_layers=2, bidirectional=True, proj_size=3, batch_first=True)])
+def test_repeated_calls_give_nn_lstm_results(config):
+    """The second and later calls of one kind take the remembered way: the same numbers and gradients."""
+    ref, fast = make_pair(I, H, backend="reference", **config)
+    shape = (3, 5, I)
+    layers = ref.num_layers * (2 if ref.bidirectional else 1)
+    batch = shape[0 if ref.batch_first else 1]
+    state = [torch.randn(layers, batch, size, dtype=torch.float64) for size in (ref.proj_size or H, H)]
+    for _ in range(3):
+        assert_same_results(ref, fast, [torch.randn(*shape, dtype=torch.float64)], lstm_call, **TOL)
+        assert_same_results(ref, fast, [torch.randn(*shape, dtype=torch.float64), *state], lstm_call, **TOL)
+
+
+def test_repeated_calls_follow_the_backend_setting(monkeypatch, served_by):
+    m = fastlstm.LSTM(I, H, dtype=torch.float64)
+    x = torch.randn(3, 2, I, dtype=torch.float64)
+    monkeypatch.setenv("FASTLSTM_BACKEND", "reference")
+    assert served_by(m, x) == served_by(m, x) == ["reference"]
+    monkeypatch.setenv("FASTLSTM_BACKEND", "native")
+    assert served_by(m, x) == ["native stack"]
+    m.backend = "reference"
+    assert served_by(m, x) == ["reference"]
+
+
+def test_repeated_calls_follow_whether_gradients_are_needed(monkeypatch, served_by):
+    """Dispatch's rules differ for training and inference: a remembered plan must not cross between them."""
+    from fastlstm import dispatch
+
+    monkeypatch.setattr(dispatch, "_fast_backend_for", lambda device_type: "reference")
+    monkeypatch.setattr(dispatch, "_faster_than_native", lambda name, call: None if call.needs_grad else "test")
+    m = fastlstm.LSTM(I, H, dtype=torch.float64)
+    x = torch.randn(3, 2, I, dtype=torch.float64)
+    state = (torch.zeros(1, 2, H, dtype=torch.float64), torch.zeros(1, 2, H, dtype=torch.float64))
+    assert served_by(m, x) == served_by(m, x) == ["reference"]  # the parameters require grad
+    with torch.no_grad():
+        assert served_by(m, x) == ["native stack"]
+    m.requires_grad_(False)
+    assert served_by(m, x) == ["native stack"]
+    assert served_by(m, x.requires_grad_()) == ["reference"]
+    assert served_by(m, x.detach(), state) == ["native stack"]
+    assert served_by(m, x.detach(), (state[0], state[1].requires_grad_())) == ["reference"]
+
+
+def test_repeated_calls_are_checked_as_nn_lstm_checks_them():
+    """Bad calls after good ones of the same module raise nn.LSTM's errors (the remembered way skips checks)."""
+    ref, fast = make_pair(I, H, backend="reference", dtype=torch.float32)
+    x = torch.randn(3, 2, I)
+    bad_calls = [
+        (torch.randn(3, 2, I + 1),),
+        (torch.randn(0, 2, I),),
+        (x.double(),),
+        (x, (torch.zeros(1, 3, H), torch.zeros(1, 2, H))),
+        (x, (torch.zeros(1, 2, H), torch.zeros(1, 2, H + 1))),
+        (x, (torch.zeros(1, 2, H), torch.zeros(1, 2, H, dtype=torch.float64))),
+    ]
+    for args in bad_calls:
+        for m in (ref, fast):
+            m(x)
+            m(x, (torch.zeros(1, 2, H), torch.zeros(1, 2, H)))
+        with pytest.raises(Exception) as expected:
+            ref(*args)
+        with pytest.raises(type(expected.value)):
+            fast(*args)
+    for m in (ref, fast):  # the weights change dtype behind the module's back
+        m.weight_ih_l0.data = m.weight_ih_l0.data.double()
+    with pytest.raises(ValueError, match="does not match weight dtype") as expected:
+        ref(x)
+    with pytest.raises(ValueError, match=str(expected.value).replace("(", r"\(").replace(")", r"\)")):
+        fast(x)
+
+
+def test_repeated_calls_under_autocast_give_nn_lstm_dtypes():
+    ref, fast = make_pair(I, H, backend="reference", dtype=torch.float32)
+    x = torch.randn(3, 2, I)
+    fast(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        expected, got = ref(x), fast(x)
+    assert [got[0].dtype, *(t.dtype for t in got[1])] == [expected[0].dtype, *(t.dtype for t in expected[1])]
+    assert fast(x)[0].dtype == torch.float32
