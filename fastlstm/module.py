@@ -69,11 +69,22 @@ def _remember_call(key: tuple, choices: tuple[dispatch.Choice, ...]) -> None:
     _CHECKED_CALLS[key] = choices
 
 
+# LSTM._call_key of the 1-step sequences that LSTM.step calls checked: step runs native cells and needs no plan.
+_CHECKED_STEPS: set[tuple] = set()
+
+
+def _remember_step(key: tuple) -> None:
+    if len(_CHECKED_STEPS) >= _CHECKED_CALLS_MAX:
+        _CHECKED_STEPS.clear()
+    _CHECKED_STEPS.add(key)
+
+
 def forget_plans() -> None:
-    """Forget every remembered plan, so that the next call of each shape asks dispatch again (for tests and
-    tools that change a rule or a backend's availability between calls)."""
+    """Forget every remembered plan and checked call, so that the next call of each shape asks dispatch again
+    (for tests and tools that change a rule or a backend's availability between calls)."""
     _plan_for.cache_clear()
     _CHECKED_CALLS.clear()
+    _CHECKED_STEPS.clear()
 
 
 # nn.LSTM's output dtypes under autocast, per distinct call; see LSTM._autocast_dtypes.
@@ -238,16 +249,25 @@ class LSTM(nn.RNNBase):
             raise ValueError(f"LSTM.step: Expected input to be 1D (unbatched) or 2D [batch, features], got {dim}D")
         batched = input.dim() == 2
         sequence = input.unsqueeze(1 if self.batch_first and batched else 0)  # a 1-step sequence
-        x, (h, c), *_ = self._prepare(sequence, state)
-        x = x.squeeze(1 if self.batch_first else 0)
+        self._update_flat_weights()
+        key = self._call_key(sequence, state)
+        if key is not None and key in _CHECKED_STEPS:  # this kind of step passed every check before
+            x = input
+            h0, c0 = self._layer_states(input[None], state)  # input [B, I] as a time-major 1-step sequence
+        else:
+            x, state, *_ = self._prepare(sequence, state)
+            x = x.squeeze(1 if self.batch_first else 0)
+            h0, c0 = state[0].unbind(0), state[1].unbind(0)
+            if key is not None:
+                _remember_step(key)
         h_out, c_out = [], []
         for layer in range(self.num_layers):
-            w_ih, w_hh, b, w_hr = self._layer_weights(layer, 0)
+            w_ih, w_hh, b_ih, b_hh, w_hr = self._parameters_of(layer, 0)
             if w_hr is None:
-                h_next, c_next = torch.lstm_cell(x, (h[layer], c[layer]), w_ih, w_hh, b)
+                h_next, c_next = torch.lstm_cell(x, (h0[layer], c0[layer]), w_ih, w_hh, b_ih, b_hh)
             else:
-                gates = torch.addmm(b, x, w_ih.t()) if b is not None else x @ w_ih.t()
-                h_next, c_next = reference.lstm_cell(gates + h[layer] @ w_hh.t(), c[layer], w_hr)
+                gates = F.linear(x, w_ih, b_ih) + F.linear(h0[layer], w_hh, b_hh)
+                h_next, c_next = reference.lstm_cell(gates, c0[layer], w_hr)
             h_out.append(h_next)
             c_out.append(c_next)
             x = h_next
@@ -402,15 +422,18 @@ class LSTM(nn.RNNBase):
             self.bidirectional,
         )  # fmt: skip
 
-    def _layer_weights(self, layer: int, direction: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """(w_ih, w_hh, b, w_hr) of one layer and direction, as read by _update_flat_weights for this call."""
+    def _parameters_of(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction, as read by _update_flat_weights for this call."""
         per_layer = len(self._flat_weights) // (self.num_layers * self._num_directions)
         start = (layer * self._num_directions + direction) * per_layer
         weights = self._flat_weights[start : start + per_layer]
-        w_ih, w_hh = weights[0], weights[1]
-        b = weights[2] + weights[3] if self.bias else None
-        w_hr = weights[-1] if self.proj_size > 0 else None
-        return w_ih, w_hh, b, w_hr
+        b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
+        return weights[0], weights[1], b_ih, b_hh, weights[-1] if self.proj_size > 0 else None
+
+    def _layer_weights(self, layer: int, direction: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(w_ih, w_hh, b, w_hr) of one layer and direction as the layer contract takes them: b = b_ih + b_hh."""
+        w_ih, w_hh, b_ih, b_hh, w_hr = self._parameters_of(layer, direction)
+        return w_ih, w_hh, None if b_ih is None else b_ih + b_hh, w_hr
 
     def _autocast_dtypes(self, input: Tensor, hx, batch_sizes: Tensor | None) -> tuple[torch.dtype, ...] | None:
         """(y, h_n, c_n) dtypes nn.LSTM gives this call under autocast, or None when autocast is off.

@@ -130,6 +130,24 @@ def test_step_gradients_and_batch_first():
     torch.testing.assert_close(gx, gx_ref, **TOL)
 
 
+@pytest.mark.parametrize("proj", [0, 3])
+def test_repeated_steps_from_zero_state_then_bad_steps(proj):
+    """Steps of one kind after the first skip the checks they passed: the same numbers, and bad steps still fail."""
+    ref, fast = make_pair(I, H, 2, proj_size=proj, batch_first=True, backend="auto")
+    x = torch.randn(2, I, dtype=torch.float64)
+    y_ref, (h_ref, c_ref) = ref(x[:, None])
+    for _ in range(3):
+        y, (h, c) = fast.step(x)
+        for got, expected in ((y, y_ref[:, 0]), (h, h_ref), (c, c_ref)):
+            torch.testing.assert_close(got, expected, **TOL)
+    with pytest.raises(RuntimeError, match="input.size"):
+        fast.step(torch.randn(2, I + 1, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="Expected hidden"):
+        fast.step(x, (torch.zeros(2, 3, proj or H, dtype=torch.float64), torch.zeros(2, 3, H, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="does not match weight dtype"):
+        fast.step(x.float())
+
+
 def test_step_rejects_bidirectional_and_bad_input():
     with pytest.raises(ValueError, match="unidirectional"):
         fastlstm.LSTM(I, H, bidirectional=True).step(torch.randn(2, I))
