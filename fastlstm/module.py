@@ -164,9 +164,11 @@ class LSTM(nn.RNNBase):
             choices = self._plan(input, hx, batch_sizes, amp)
             if key is not None:
                 _remember_call(key, choices)
-        else:  # the same kind of call passed every check before: a batched tensor, no autocast, no packing
+        else:  # the same kind of call passed every check before: a tensor, no autocast, no packing
             batch_sizes = sorted_indices = unsorted_indices = amp = None
-            is_batched = True
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input, hx = self._as_batch_of_one(input, hx)
         if all(choice.backend == "native" for choice in choices):
             if hx is None:
                 hx = self._initial_state(input, None, None, True)
@@ -252,8 +254,8 @@ class LSTM(nn.RNNBase):
         self._update_flat_weights()
         key = self._call_key(sequence, state)
         if key is not None and key in _CHECKED_STEPS:  # this kind of step passed every check before
-            x = input
-            h0, c0 = self._layer_states(input[None], state)  # input [B, I] as a time-major 1-step sequence
+            x, state = (input, state) if batched else self._as_batch_of_one(input, state)
+            h0, c0 = self._layer_states(x[None], state)  # x [B, I] as a time-major 1-step sequence
         else:
             x, state, *_ = self._prepare(sequence, state)
             x = x.squeeze(1 if self.batch_first else 0)
@@ -280,12 +282,13 @@ class LSTM(nn.RNNBase):
 
     def _call_key(self, input, hx) -> tuple | None:
         """What decides whether a call passes every check and which backends serve it, for the common call: a
-        batched tensor, (h0, c0) a tuple of tensors or None, no autocast, not traced. None for any other call.
+        tensor (batched or not), (h0, c0) a tuple of tensors or None, no autocast, not traced. None for any other
+        call.
 
         Each check of _prepare and each input of _plan reads only these (the module's sizes and flags are
         constant after construction), so a call whose key matches one that passed needs neither again.
         """
-        if type(input) is not Tensor or input.dim() != 3:
+        if type(input) is not Tensor or input.dim() not in (2, 3):
             return None
         if torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return None
@@ -351,6 +354,11 @@ class LSTM(nn.RNNBase):
         self._check_call(input, hx, batch_sizes)
         hx = self.permute_hidden(hx, sorted_indices)
         return input, hx, batch_sizes, sorted_indices, unsorted_indices, is_batched
+
+    def _as_batch_of_one(self, input: Tensor, hx):
+        """Unbatched input ([T, I], or [I] for step) and state ([L*D, P], [L*D, H]) or None as a batch of one."""
+        input = input.unsqueeze(0 if self.batch_first or input.dim() == 1 else 1)
+        return input, None if hx is None else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
 
     @property
     def _num_directions(self) -> int:

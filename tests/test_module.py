@@ -238,14 +238,15 @@ def served_by(monkeypatch):
     return call
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
 @pytest.mark.parametrize("config", [dict(), dict(num_layers=2, bidirectional=True, proj_size=3, batch_first=True)])
-def test_repeated_calls_give_nn_lstm_results(config):
+def test_repeated_calls_give_nn_lstm_results(config, batched):
     """The second and later calls of one kind take the remembered way: the same numbers and gradients."""
     ref, fast = make_pair(I, H, backend="reference", **config)
-    shape = (3, 5, I)
+    shape = (3, 5, I) if batched else (3, I)
     layers = ref.num_layers * (2 if ref.bidirectional else 1)
-    batch = shape[0 if ref.batch_first else 1]
-    state = [torch.randn(layers, batch, size, dtype=torch.float64) for size in (ref.proj_size or H, H)]
+    batch = (shape[0 if ref.batch_first else 1],) if batched else ()
+    state = [torch.randn(layers, *batch, size, dtype=torch.float64) for size in (ref.proj_size or H, H)]
     for _ in range(3):
         assert_same_results(ref, fast, [torch.randn(*shape, dtype=torch.float64)], lstm_call, **TOL)
         assert_same_results(ref, fast, [torch.randn(*shape, dtype=torch.float64), *state], lstm_call, **TOL)
