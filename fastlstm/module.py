@@ -288,9 +288,9 @@ class LSTM(nn.RNNBase):
         Each check of _prepare and each input of _plan reads only these (the module's sizes and flags are
         constant after construction), so a call whose key matches one that passed needs neither again.
         """
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._is_any_autocast_enabled():
+            return None  # graphs decide once per trace, and autocast's dtypes are worked out per call
         if type(input) is not Tensor or input.dim() not in (2, 3):
-            return None
-        if torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return None
         weight = self._flat_weights[0]
         grad = torch.is_grad_enabled() and (input.requires_grad or any(w.requires_grad for w in self._flat_weights))
