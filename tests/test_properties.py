@@ -91,4 +91,5 @@ def _check_config(backend, dtype, config):
         return lstm_call(module, x, *state)
 
     atol, rtol = TOLERANCE[dtype]
-    assert_same_results(ref, fast, [x] + (state if with_state else []), call, atol, rtol)
+    for _ in range(2):  # a repeated call skips the checks and dispatch the first one passed: the same results
+        assert_same_results(ref, fast, [x] + (state if with_state else []), call, atol, rtol)
