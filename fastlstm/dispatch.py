@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -208,9 +209,16 @@ def _warn_once(name: str, reason: str, key: str | None = None) -> None:
     _log.info(message)
 
 
+def in_onnx_export() -> bool:
+    """torch.onnx.is_in_onnx_export(), without importing torch.onnx (~30 ms on a process's first call) when
+    nothing has: then no export can be running."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
 def choose(name: str, call: LayerCall) -> Choice:
     """The backend that serves one (layer, direction) when `name` is requested."""
-    if torch.onnx.is_in_onnx_export():
+    if in_onnx_export():
         # ONNX has no counterpart for fastlstm's custom ops; the native LSTM exports as ONNX's own LSTM.
         return Choice("native", "ONNX export: only the native path can be exported")
     if torch.jit.is_tracing():

@@ -16,6 +16,8 @@ from fastlstm import backends, dispatch, reference
 from fastlstm.backends import LayerCall
 from fastlstm.backends.native import packed_positions
 
+backends.load_all()  # before any torch.compile traces a forward: dynamo cannot import (see fastlstm.backends)
+
 
 class _CallShape(NamedTuple):
     device_type: str
@@ -330,7 +332,7 @@ class LSTM(nn.RNNBase):
         )  # fmt: skip
         requested = dispatch.requested(self.backend)
         # dynamo traces the plan once per graph, and exporters decide differently: the cache is for eager calls
-        if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        if torch.compiler.is_compiling() or dispatch.in_onnx_export() or torch.jit.is_tracing():
             return _plan_for.__wrapped__(requested, shape)
         return _plan_for(requested, shape)
 

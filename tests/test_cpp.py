@@ -360,6 +360,30 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(gc, ge, atol=1e-5, rtol=1e-4)
 
 
+def test_compile_as_the_first_use_in_a_process():
+    """torch.compile(fullgraph=True) before any eager call in a process: dynamo can neither import the backends'
+    modules nor load the extension while it traces, so fastlstm.module loads the modules when imported and the
+    functions that load the extension are marked constant for dynamo (cpu._constant_under_compile)."""
+    code = textwrap.dedent(
+        """
+        import torch, fastlstm
+        for backend, dtype in (("cpp", torch.float32), ("cpp", torch.bfloat16), (None, torch.float32)):
+            torch.manual_seed(0)
+            m = fastlstm.LSTM(4, 8, backend=backend).to(dtype)
+            x = torch.randn(3, 2, 4, dtype=dtype)
+            compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+            y, (h, c) = compiled(x)
+            y_eager, (h_eager, c_eager) = m(x)
+            for got, expected in ((y, y_eager), (h, h_eager), (c, c_eager)):
+                torch.testing.assert_close(got, expected)
+        print("OK")
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def test_long_sequence():
     """T=10000: the last steps still match the reference (no drift, no O(T) per-step cost blow-up)."""
     torch.manual_seed(0)

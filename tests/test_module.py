@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -318,3 +321,23 @@ def test_repeated_calls_under_autocast_give_nn_lstm_dtypes():
         expected, got = ref(x), fast(x)
     assert [got[0].dtype, *(t.dtype for t in got[1])] == [expected[0].dtype, *(t.dtype for t in expected[1])]
     assert fast(x)[0].dtype == torch.float32
+
+
+def test_first_call_imports_neither_dynamo_nor_onnx():
+    """A process that never compiles or exports does not pay for importing them (torch._dynamo took 1.2 s here):
+    nn.LSTM's first call does not either."""
+    code = (
+        "import sys, torch, fastlstm\n"
+        "m = fastlstm.LSTM(4, 8)\n"
+        "with torch.no_grad():\n"
+        "    y, _ = m(torch.randn(3, 2, 4))\n"
+        "m(torch.randn(3, 2, 4))[0].sum().backward()\n"
+        "print(fastlstm.explain(m, torch.randn(3, 2, 4)).backends)\n"
+        "print(sorted(k for k in sys.modules if k.startswith(('torch._dynamo', 'torch.onnx'))))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    backends_line, imported = proc.stdout.strip().splitlines()[-2:]
+    assert imported == "[]", imported
+    assert backends_line in ("['cpp']", "['native']"), backends_line  # cpp unless this machine cannot build it

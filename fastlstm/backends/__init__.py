@@ -74,7 +74,9 @@ class Backend(abc.ABC):
         """One layer, one direction, differentiable in every tensor argument. Shapes: fastlstm.reference."""
 
 
-# name -> "module:attribute". Imported lazily so that `import fastlstm` never imports triton or builds C++.
+# name -> "module:attribute". These modules import neither triton nor the C++ extension (each backend does that
+# on first use); fastlstm.module loads them all when it is imported (load_all), because torch.compile cannot
+# import a module while it traces: a model compiled before any eager call needs them loaded already.
 _REGISTRY = {
     "native": "fastlstm.backends.native:BACKEND",
     "reference": "fastlstm.backends.native:REFERENCE",
@@ -96,6 +98,12 @@ def layer_op_grads(
 def names() -> list[str]:
     """Every backend fastlstm knows, available on this machine or not."""
     return list(_REGISTRY)
+
+
+def load_all() -> None:
+    """Import every backend's module now (a broken one becomes a stand-in that says why)."""
+    for name in _REGISTRY:
+        get(name)
 
 
 def get(name: str) -> Backend:

@@ -144,8 +144,6 @@ def _check_compiler() -> None:
 
 def _build_and_load(verbose: bool) -> str:
     """Compile (or find in the cache) and load the library; returns its path. Raises on failure."""
-    from torch.utils import cpp_extension
-
     src = source_dir()
     key = _build_key(src)
     name = f"fastlstm_cpp_{key}"
@@ -154,6 +152,8 @@ def _build_and_load(verbose: bool) -> str:
     marker = build_dir / "BUILT"
     lib = _find_library(build_dir, name)
     if not (marker.is_file() and lib is not None):
+        from torch.utils import cpp_extension  # imports setuptools: only when building
+
         _check_compiler()
         _clear_stale_lock(build_dir)
         old_cxx = os.environ.get("CXX")
@@ -200,7 +200,18 @@ def _ensure(verbose: bool = False) -> str | None:
     return _state["error"]  # type: ignore[return-value]
 
 
-@torch.compiler.assume_constant_result
+def _constant_under_compile(fn):
+    """torch.compiler.assume_constant_result, without importing torch._dynamo.
+
+    The public decorator imports dynamo (1.2 s here, on the first call of a process that never compiles, which
+    nn.LSTM does not pay); all it does is set this attribute, which dynamo reads when it traces a call of fn
+    (torch 2.4-2.13). tests/test_cpp.py::test_compile_as_the_first_use_in_a_process fails if that changes.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 def _availability() -> str | None:
     """_ensure() run eagerly even while torch.compile traces: the build is not traceable, its outcome is constant."""
     return _ensure()
@@ -231,7 +242,7 @@ def kernel_choices() -> str | None:
     return torch.ops.fastlstm.cpp_kernel_choices()
 
 
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def uses_bf16_dot() -> bool:
     """Whether bfloat16 multiplies in bf16 dot products (the build has AVX512-BF16 and FASTLSTM_BF16_DOT is not
     0) rather than in float32 math; False when the extension is unavailable. Builds if not yet tried."""
@@ -293,7 +304,7 @@ class CppBackend(Backend):
     name = "cpp"
 
     def unavailable_reason(self) -> str | None:
-        return _ensure()
+        return _availability()  # dispatch asks while torch.compile traces too
 
     def unsupported_reason(self, call: LayerCall) -> str | None:
         if call.device_type != "cpu":
