@@ -199,6 +199,7 @@ def _faster_than_native(name: str, call: LayerCall) -> str | None:
     return "no measured speed rule for this backend yet"
 
 
+@backends.constant_under_compile  # warnings.warn cannot be traced; a compiled model's first call warns eagerly
 def _warn_once(name: str, reason: str, key: str | None = None) -> None:
     key = key or name
     if key in _warned:

@@ -39,6 +39,18 @@ class LayerCall:
         return self.proj_size or self.hidden_size
 
 
+def constant_under_compile(fn):
+    """torch.compiler.assume_constant_result, without importing torch._dynamo: while torch.compile traces, dynamo
+    runs fn eagerly (side effects included: building the extension, a warning) and takes its result as a constant.
+
+    The public decorator imports dynamo (1.2 s here, on the first call of a process that never compiles, which
+    nn.LSTM does not pay); all it does is set this attribute, which dynamo reads when it traces a call of fn
+    (torch 2.4-2.13). tests/test_cpp.py::test_compile_as_the_first_use_in_a_process fails if that changes.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 class Backend(abc.ABC):
     """Base class. Subclasses set `name` and implement `layer`; the reason methods return None for yes."""
 

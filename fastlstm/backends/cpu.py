@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fastlstm.backends import Backend, LayerCall, LayerResult
+from fastlstm.backends import Backend, LayerCall, LayerResult, constant_under_compile
 
 _SOURCES = ("lstm_cpu.cpp",)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -200,18 +200,7 @@ def _ensure(verbose: bool = False) -> str | None:
     return _state["error"]  # type: ignore[return-value]
 
 
-def _constant_under_compile(fn):
-    """torch.compiler.assume_constant_result, without importing torch._dynamo.
-
-    The public decorator imports dynamo (1.2 s here, on the first call of a process that never compiles, which
-    nn.LSTM does not pay); all it does is set this attribute, which dynamo reads when it traces a call of fn
-    (torch 2.4-2.13). tests/test_cpp.py::test_compile_as_the_first_use_in_a_process fails if that changes.
-    """
-    fn._dynamo_marked_constant = True
-    return fn
-
-
-@_constant_under_compile
+@constant_under_compile
 def _availability() -> str | None:
     """_ensure() run eagerly even while torch.compile traces: the build is not traceable, its outcome is constant."""
     return _ensure()
@@ -242,7 +231,7 @@ def kernel_choices() -> str | None:
     return torch.ops.fastlstm.cpp_kernel_choices()
 
 
-@_constant_under_compile
+@constant_under_compile
 def uses_bf16_dot() -> bool:
     """Whether bfloat16 multiplies in bf16 dot products (the build has AVX512-BF16 and FASTLSTM_BF16_DOT is not
     0) rather than in float32 math; False when the extension is unavailable. Builds if not yet tried."""
