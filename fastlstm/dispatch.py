@@ -59,6 +59,7 @@ def _fast_backend_for(device_type: str) -> str | None:
     return {"cpu": "cpp", "cuda": "triton"}.get(device_type)
 
 
+@backends.constant_under_compile  # dynamo refuses torch.cpu's probes; what the CPU can do is constant anyway
 def _cpu_bf16_kind() -> str | None:
     """How this CPU multiplies bfloat16 natively, which oneDNN's bf16 LSTM uses: "amx", "avx512_bf16", None
     (it converts to float32), or "unknown" (a torch without the probes)."""
@@ -75,6 +76,7 @@ def _cpu_bf16_kind() -> str | None:
 
 
 @functools.cache
+@backends.constant_under_compile  # dynamo traces through the cache into this
 def _cpu_has_fp16_units() -> bool:
     """Whether oneDNN can run float16 natively here (AVX512-FP16 or AMX-FP16): nn.LSTM's float16 inference then
     takes oneDNN's fused LSTM instead of ATen's float16 loop. Unknown counts as yes (the safe side). Read once:
@@ -89,6 +91,7 @@ def _cpu_has_fp16_units() -> bool:
         return True
 
 
+@backends.constant_under_compile
 def _cpp_bf16_dot() -> bool:
     """Whether the cpp build multiplies bfloat16 in bf16 dot products (see fastlstm.backends.cpu)."""
     from fastlstm.backends import cpu

@@ -366,15 +366,23 @@ def test_compile_as_the_first_use_in_a_process():
     functions that load the extension are marked constant for dynamo (backends.constant_under_compile)."""
     code = textwrap.dedent(
         """
-        import torch, fastlstm
-        for backend, dtype in (("cpp", torch.float32), ("cpp", torch.bfloat16), (None, torch.float32)):
+        import contextlib, torch, fastlstm
+        autocast = torch.autocast("cpu", torch.bfloat16)
+        configs = [("cpp", torch.float32, None), ("cpp", torch.bfloat16, None), (None, torch.float32, None),
+                   (None, torch.bfloat16, None), (None, torch.float16, None), (None, torch.float32, autocast)]
+        for backend, dtype, context in configs:  # auto asks dispatch's rules, which ask the CPU, per dtype
+            torch.compiler.reset()  # a fresh start per config, within dynamo's recompile limit
             torch.manual_seed(0)
             m = fastlstm.LSTM(4, 8, backend=backend).to(dtype)
             x = torch.randn(3, 2, 4, dtype=dtype)
             compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-            y, (h, c) = compiled(x)
-            y_eager, (h_eager, c_eager) = m(x)
-            for got, expected in ((y, y_eager), (h, h_eager), (c, c_eager)):
+            with context or contextlib.nullcontext():
+                y, (h, c) = compiled(x)
+                y_eager, (h_eager, c_eager) = m(x)
+                with torch.no_grad():  # inference: the rules differ (float16 asks for the CPU's fp16 units)
+                    y_inference = compiled(x)[0]
+            for got, expected in ((y, y_eager), (h, h_eager), (c, c_eager), (y_inference, y_eager)):
+                assert got.dtype == expected.dtype, (got.dtype, expected.dtype)
                 torch.testing.assert_close(got, expected)
         print("OK")
         """
