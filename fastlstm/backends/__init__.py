@@ -45,7 +45,8 @@ def constant_under_compile(fn):
 
     The public decorator imports dynamo (1.2 s here, on the first call of a process that never compiles, which
     nn.LSTM does not pay); all it does is set this attribute, which dynamo reads when it traces a call of fn
-    (torch 2.4-2.13). tests/test_cpp.py::test_compile_as_the_first_use_in_a_process fails if that changes.
+    (read so in torch 2.11 and 2.13). tests/test_cpp.py::test_compile_as_the_first_use_in_a_process fails if that
+    changes.
     """
     fn._dynamo_marked_constant = True
     return fn
