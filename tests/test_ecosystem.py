@@ -60,6 +60,18 @@ def test_compile_fullgraph_training_step_matches_eager(backend):
             opt.step()
 
 
+def test_packed_and_lengths_input_compile_with_graph_breaks():
+    """PackedSequence and lengths= have shapes that depend on the lengths' values: fullgraph cannot hold them (as
+    README says), but a compiled model with graph breaks runs them with eager's numbers."""
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(4, 6, 2, bidirectional=True)
+    compiled = torch.compile(model, backend="aot_eager")
+    x, lengths = torch.randn(5, 3, 4), torch.tensor([5, 2, 4])
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    torch.testing.assert_close(compiled(packed)[0].data, model(packed)[0].data)
+    torch.testing.assert_close(compiled(x, lengths=lengths)[0], model(x, lengths=lengths)[0])
+
+
 def test_nn_lstm_itself_cannot_be_compiled_fullgraph():
     """The advantage is real: dynamo refuses nn.LSTM (if this ever passes, the README should say so)."""
     model = Tagger(nn.LSTM)
