@@ -153,8 +153,17 @@ class LSTM(nn.RNNBase):
         text = super().extra_repr()
         return text if self.backend is None else f"{text}, backend={self.backend!r}"
 
-    def forward(self, input, hx=None, *, lengths=None):
-        """nn.LSTM.forward, plus `lengths`: per-sequence lengths [B] of a padded batch (see _forward_lengths)."""
+    def forward(self, input, hx=None, **keywords):
+        """nn.LSTM.forward, plus the keyword-only `lengths`: per-sequence lengths [B] of a padded batch (see
+        _forward_lengths).
+
+        `lengths` comes through **keywords rather than `*, lengths=None`: torch.onnx's TorchScript exporter passes
+        every parameter that has a default positionally, keyword-only ones included, and then forward would
+        receive one argument too many.
+        """
+        lengths = keywords.pop("lengths", None)
+        if keywords:
+            raise TypeError(f"LSTM.forward() got an unexpected keyword argument {next(iter(keywords))!r}")
         if lengths is not None:
             return self._forward_lengths(input, hx, lengths)
         self._update_flat_weights()  # parameters are read at call time, as nn.LSTM reads them

@@ -111,6 +111,30 @@ def test_onnx_export_runs_in_onnxruntime_with_nn_lstm_numbers(backend, tmp_path)
         assert fastlstm.explain(model.lstm, torch.randn(3, 5, 6)).backends[0] == backend
 
 
+def test_onnx_torchscript_exporter_takes_a_bare_lstm(tmp_path):
+    """torch.onnx.export(dynamo=False), the TorchScript-based exporter, with fastlstm.LSTM as the exported module
+    itself: that exporter passes every forward parameter with a default positionally (lengths= included)."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    reference = nn.LSTM(4, 6, 2).eval()
+    model = fastlstm.LSTM(4, 6, 2).eval()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(5, 3, 4)
+    path = tmp_path / "lstm.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own deprecation and tracer warnings
+        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {"x": x.numpy()})
+    y, (h, c) = reference(x)
+    for got, expected in zip(outputs, (y, h, c)):
+        torch.testing.assert_close(torch.from_numpy(got), expected.detach(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'length'"):
+        model(x, length=torch.tensor([5, 5, 5]))
+    with pytest.raises(TypeError, match="positional argument"):
+        model(x, None, torch.tensor([5, 5, 5]))
+
+
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_torchscript_script_gives_nn_lstm_numbers_and_saves(backend, tmp_path):
     """torch.jit.script of a model holding fastlstm.LSTM: the scripted model holds an nn.LSTM with the same
