@@ -89,6 +89,15 @@ def forget_plans() -> None:
     _CHECKED_STEPS.clear()
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False for device types autocast does not know (meta: models built
+    on it to see shapes without memory), where torch raises."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 # nn.LSTM's output dtypes under autocast, per distinct call; see LSTM._autocast_dtypes.
 _AUTOCAST_DTYPES: dict[tuple, tuple[torch.dtype, ...]] = {}
 
@@ -408,7 +417,7 @@ class LSTM(nn.RNNBase):
         if batch_sizes is None and input.size(time_dim) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         weight = self._flat_weights[0]
-        if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
+        if input.dtype != weight.dtype and not _autocast_enabled(input.device.type):
             raise ValueError(
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). Convert input: "
                 f"input.to({weight.dtype}), or convert model: model.to({input.dtype})"
@@ -424,7 +433,7 @@ class LSTM(nn.RNNBase):
                     "Input and hidden tensors are not at the same device, found input tensor at "
                     f"{input.device} and hidden tensor at {state.device}"
                 )
-            if state.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+            if state.dtype != input.dtype and not _autocast_enabled(input.device.type):
                 raise RuntimeError(f"Expected {name} dtype {input.dtype} (the input's), got {state.dtype}")
 
     # ---- running the stack ----------------------------------------------------------------------------
@@ -462,7 +471,7 @@ class LSTM(nn.RNNBase):
         itself: one tiny 1-step call per distinct combination, cached.
         """
         device_type = input.device.type
-        if not torch.is_autocast_enabled(device_type):
+        if not _autocast_enabled(device_type):
             return None
         weights = self._flat_weights
         # ATen takes another path for packed input whose batch sizes vary, with other dtypes

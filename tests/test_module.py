@@ -341,3 +341,13 @@ def test_first_call_imports_neither_dynamo_nor_onnx():
     backends_line, imported = proc.stdout.strip().splitlines()[-2:]
     assert imported == "[]", imported
     assert backends_line in ("['cpp']", "['native']"), backends_line  # cpp unless this machine cannot build it
+
+
+@pytest.mark.parametrize("config", [dict(), dict(num_layers=2, bidirectional=True, proj_size=3, batch_first=True)])
+def test_meta_device_gives_nn_lstm_shapes(config):
+    """Models built on the meta device (shapes without memory, as init_empty_weights does) run forward there."""
+    ref, fast = nn.LSTM(I, H, device="meta", **config), fastlstm.LSTM(I, H, device="meta", **config)
+    for x in (torch.empty(3, 2, I, device="meta"), torch.empty(3, I, device="meta")):
+        expected, got = ref(x), fast(x)
+        for e, g in zip((expected[0], *expected[1]), (got[0], *got[1])):
+            assert g.device.type == "meta" and g.shape == e.shape and g.dtype == e.dtype
