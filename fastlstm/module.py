@@ -270,7 +270,11 @@ class LSTM(nn.RNNBase):
             dim = input.dim() if isinstance(input, Tensor) else type(input).__name__
             raise ValueError(f"LSTM.step: Expected input to be 1D (unbatched) or 2D [batch, features], got {dim}D")
         batched = input.dim() == 2
-        sequence = input.unsqueeze(1 if self.batch_first and batched else 0)  # a 1-step sequence
+        time_dim = 1 if self.batch_first and batched else 0
+        sequence = input.unsqueeze(time_dim)  # a 1-step sequence
+        if _autocast_enabled(input.device.type):  # nn.LSTM's dtypes under autocast are forward's to work out
+            y, state = self.forward(sequence, state)
+            return y.squeeze(time_dim), state
         self._update_flat_weights()
         key = self._call_key(sequence, state)
         if key is not None and key in _CHECKED_STEPS:  # this kind of step passed every check before

@@ -148,6 +148,20 @@ def test_repeated_steps_from_zero_state_then_bad_steps(proj):
         fast.step(x.float())
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_step_under_autocast_gives_nn_lstm_dtypes(batched):
+    ref, fast = make_pair(I, H, 2, batch_first=True, backend="auto", dtype=torch.float32)
+    x = torch.randn(2, I) if batched else torch.randn(I)
+    with torch.autocast("cpu", torch.bfloat16):
+        y_ref, (h_ref, c_ref) = ref(x[:, None] if batched else x[None])
+        y, (h, c) = fast.step(x)
+        _, (h2, c2) = fast.step(x, (h, c))  # the state it returned goes back in
+    for got, expected in ((y, y_ref[:, 0] if batched else y_ref[0]), (h, h_ref), (c, c_ref)):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        torch.testing.assert_close(got.float(), expected.float(), atol=1e-2, rtol=1e-2)
+    assert h2.shape == h.shape and c2.shape == c.shape
+
+
 def test_step_rejects_bidirectional_and_bad_input():
     with pytest.raises(ValueError, match="unidirectional"):
         fastlstm.LSTM(I, H, bidirectional=True).step(torch.randn(2, I))
