@@ -351,3 +351,15 @@ def test_meta_device_gives_nn_lstm_shapes(config):
         expected, got = ref(x), fast(x)
         for e, g in zip((expected[0], *expected[1]), (got[0], *got[1])):
             assert g.device.type == "meta" and g.shape == e.shape and g.dtype == e.dtype
+
+
+def test_dynamic_quantization_after_converting_back():
+    """quantize_dynamic matches nn.LSTM by type, so fastlstm.LSTM is left alone (README: convert back first)."""
+    quantize = torch.ao.quantization.quantize_dynamic
+    model = nn.Sequential(fastlstm.LSTM(I, H))
+    x = torch.randn(3, 2, I)
+    expected = model(x)[0]
+    assert type(quantize(model, {nn.LSTM}, dtype=torch.qint8)[0]) is fastlstm.LSTM
+    quantized = quantize(fastlstm.convert(model, to="torch"), {nn.LSTM}, dtype=torch.qint8)
+    assert type(quantized[0]).__module__.startswith("torch.ao.nn.quantized")
+    torch.testing.assert_close(quantized(x)[0], expected, atol=0.05, rtol=0.05)
