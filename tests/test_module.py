@@ -363,3 +363,9 @@ def test_dynamic_quantization_after_converting_back():
     quantized = quantize(fastlstm.convert(model, to="torch"), {nn.LSTM}, dtype=torch.qint8)
     assert type(quantized[0]).__module__.startswith("torch.ao.nn.quantized")
     torch.testing.assert_close(quantized(x)[0], expected, atol=0.05, rtol=0.05)
+
+
+def test_type_checks_that_readme_names():
+    m = fastlstm.LSTM(I, H)
+    assert not isinstance(m, nn.LSTM)  # README says so: code picking LSTMs by type must name fastlstm.LSTM too
+    assert isinstance(m, nn.RNNBase) and m.mode == "LSTM" and isinstance(m, (nn.LSTM, fastlstm.LSTM))
