@@ -173,6 +173,8 @@ class LSTM(nn.RNNBase):
         lengths = keywords.pop("lengths", None)
         if keywords:
             raise TypeError(f"LSTM.forward() got an unexpected keyword argument {next(iter(keywords))!r}")
+        if isinstance(input, torch.fx.Proxy):
+            return self._fx_leaf(input, hx, lengths)
         if lengths is not None:
             return self._forward_lengths(input, hx, lengths)
         self._update_flat_weights()  # parameters are read at call time, as nn.LSTM reads them
@@ -210,6 +212,13 @@ class LSTM(nn.RNNBase):
             output = output.squeeze(0 if self.batch_first else 1)
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, self.permute_hidden((h_n, c_n), unsorted_indices)
+
+    def _fx_leaf(self, input, hx, lengths):
+        """Under torch.fx.symbolic_trace: one call_module node, as FX records nn.LSTM (it does not trace into torch.nn
+        modules). forward branches on values a symbolic trace does not have; the traced module calls this one."""
+        tracer = input.tracer
+        name = tracer.path_of_module(self)
+        return tracer.create_proxy("call_module", name, (input, hx), {} if lengths is None else {"lengths": lengths})
 
     def _forward_lengths(self, input: Tensor, hx, lengths) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """A padded batch with per-sequence lengths: the numbers of packing it, without packing.

@@ -72,6 +72,30 @@ def test_packed_and_lengths_input_compile_with_graph_breaks():
     torch.testing.assert_close(compiled(x, lengths=lengths)[0], model(x, lengths=lengths)[0])
 
 
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_fx_symbolic_trace_keeps_the_lstm_a_leaf(with_lengths):
+    """torch.fx.symbolic_trace records nn.LSTM as one call_module node (a torch.nn module); fastlstm.LSTM too, so
+    FX-based tools work on models holding it, and the traced module gives eager's numbers."""
+
+    class Encoder(nn.Module):
+        def __init__(self, cls):
+            super().__init__()
+            self.lstm = cls(4, 6, 2, bidirectional=True)
+            self.head = nn.Linear(12, 3)
+
+        def forward(self, x, lengths):
+            y, (h, c) = self.lstm(x, lengths=lengths) if with_lengths else self.lstm(x)
+            return self.head(y), h.sum() + c.sum()
+
+    torch.manual_seed(0)
+    model = Encoder(fastlstm.LSTM)
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["lstm", "head"]
+    x, lengths = torch.randn(5, 3, 4), torch.tensor([5, 2, 4])
+    for got, expected in zip(traced(x, lengths), model(x, lengths)):
+        torch.testing.assert_close(got, expected)
+
+
 def test_nn_lstm_itself_cannot_be_compiled_fullgraph():
     """The advantage is real: dynamo refuses nn.LSTM (if this ever passes, the README should say so)."""
     model = Tagger(nn.LSTM)
