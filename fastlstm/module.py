@@ -32,6 +32,7 @@ class _CallShape(NamedTuple):
     num_layers: int
     num_directions: int
     bias: bool
+    func_grad: bool = False
 
 
 @functools.lru_cache(maxsize=4096)
@@ -52,6 +53,7 @@ def _plan_for(requested: str, shape: _CallShape) -> tuple[dispatch.Choice, ...]:
             reverse=direction == 1,
             needs_grad=shape.needs_grad,
             layer=layer,
+            func_grad=shape.func_grad,
         )
         for layer in range(shape.num_layers)
         for direction in range(shape.num_directions)
@@ -313,6 +315,14 @@ class LSTM(nn.RNNBase):
             return x.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
         return x, (h_n, c_n)
 
+    def _under_func_grad(self, input: Tensor, hx) -> bool:
+        """Whether a torch.func transform that tracks gradients (grad, vjp, jacrev) wraps the input, the state or a
+        weight of this call."""
+        if not torch._C._are_functorch_transforms_active():
+            return False
+        tracked = torch._C._functorch.is_gradtrackingtensor
+        return any(tracked(t) for t in (input, *hx, *self._flat_weights) if isinstance(t, Tensor))
+
     def _call_key(self, input, hx) -> tuple | None:
         """What decides whether a call passes every check and which backends serve it, for the common call: a
         tensor (batched or not), (h0, c0) a tuple of tensors or None, no autocast, not traced. None for any other
@@ -323,6 +333,8 @@ class LSTM(nn.RNNBase):
         """
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._is_any_autocast_enabled():
             return None  # graphs decide once per trace, and autocast's dtypes are worked out per call
+        if torch._C._are_functorch_transforms_active():
+            return None  # whether a torch.func transform tracks gradients here is worked out per call (_plan)
         if type(input) is not Tensor or input.dim() not in (2, 3):
             return None
         weight = self._flat_weights[0]
@@ -360,6 +372,7 @@ class LSTM(nn.RNNBase):
         shape = _CallShape(
             input.device.type, dtype, seq_len, batch, batch_sizes is not None, needs_grad, self.input_size,
             self.hidden_size, self.proj_size, self.num_layers, self._num_directions, self.bias,
+            self._under_func_grad(input, hx),
         )  # fmt: skip
         requested = dispatch.requested(self.backend)
         # dynamo traces the plan once per graph, and exporters decide differently: the cache is for eager calls

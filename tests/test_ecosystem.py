@@ -96,6 +96,40 @@ def test_fx_symbolic_trace_keeps_the_lstm_a_leaf(with_lengths):
         torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+def test_torch_func_gradient_transforms(backend):
+    """torch.func.grad / vjp (and functional_call with them), which work with nn.LSTM: auto serves them natively
+    (the fast backends' autograd cannot run under these transforms); a forced fast backend says so."""
+    torch.manual_seed(0)
+    reference = nn.LSTM(4, 6, 2, bidirectional=True)
+    model = fastlstm.LSTM(4, 6, 2, bidirectional=True, backend=backend)
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 2, 4)
+
+    def input_grad(m):
+        return torch.func.grad(lambda t: m(t)[0].square().sum())(x)
+
+    def parameter_grads(m):
+        loss = lambda p: torch.func.functional_call(m, p, (x,))[1][1].sum()  # noqa: E731
+        return torch.func.grad(loss)(dict(m.named_parameters()))
+
+    def vjp(m):
+        y, pull = torch.func.vjp(lambda t: m(t)[0], x)
+        return pull(torch.ones_like(y))[0]
+
+    if backend in ("cpp", "triton"):
+        with pytest.raises(fastlstm.BackendUnavailableError, match="torch.func"):
+            input_grad(model)
+        return
+    for run in (input_grad, vjp):
+        torch.testing.assert_close(run(model), run(reference))
+    got, expected = parameter_grads(model), parameter_grads(reference)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], msg=name)
+    eager = backend if backend != "auto" else "cpp" if "cpp" in CPU_BACKENDS else "native"
+    assert fastlstm.explain(model, x).backends[0] == eager  # outside the transforms, the fast backends again
+
+
 def test_nn_lstm_itself_cannot_be_compiled_fullgraph():
     """The advantage is real: dynamo refuses nn.LSTM (if this ever passes, the README should say so)."""
     model = Tagger(nn.LSTM)

@@ -300,6 +300,8 @@ class CppBackend(Backend):
             return f"the cpp backend runs on the CPU only, not {call.device_type}"
         if call.dtype not in _SUPPORTED_DTYPES:
             return f"the cpp backend supports float32, float64, bfloat16 and float16, not {call.dtype}"
+        if call.func_grad:
+            return "torch.func's gradient transforms (grad, vjp, jacrev) cannot run the cpp op's C++ autograd"
         return None
 
     def layer(

@@ -60,6 +60,8 @@ class TritonBackend(Backend):
                 return f"dtype {call.dtype} is not supported by the triton interpreter backend (float32/float64)"
         else:
             return f"device {call.device_type!r} is not supported by the triton backend (cuda only)"
+        if call.func_grad:
+            return "torch.func's gradient transforms (grad, vjp, jacrev) cannot run the triton op's autograd"
         from fastlstm.backends.triton.ops import size_reason
 
         return size_reason(call.seq_len, call.batch, call.hidden_size, call.out_size)
