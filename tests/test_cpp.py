@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, run_python
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -254,13 +255,11 @@ def test_bfloat16_float_math_path():
     same error bound: run the bfloat16 tests in a fresh process that takes it."""
     if "bf16 dot products" not in cpu.kernel_choices():
         pytest.skip("float32 math is already the path every bfloat16 test here takes")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     test = f"{Path(__file__).name}::test_bfloat16_error_within_twice_native"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"tests/{test}"]
     env = dict(os.environ, FASTLSTM_BF16_DOT="0")
     check = "from fastlstm.backends import cpu; assert 'bfloat16 forward: float32 math' in cpu.kernel_choices()"
-    for args in ([sys.executable, "-c", check], cmd):
-        proc = subprocess.run(args, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    for args in (["-c", check], ["-m", "pytest", "-q", "-p", "no:cacheprovider", f"tests/{test}"]):
+        proc = run_python(*args, env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"{len(BF16_CASES)} passed" in proc.stdout, proc.stdout[-3000:]
 
@@ -387,8 +386,7 @@ def test_compile_as_the_first_use_in_a_process():
         print("OK")
         """
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    proc = run_python("-c", code, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -471,13 +469,11 @@ def test_broken_compiler_does_not_crash(tmp_path, mode):
         """
     )
     env = dict(os.environ, FASTLSTM_CXX=str(fake), FASTLSTM_CACHE_DIR=str(tmp_path / "cache"))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    proc = run_python("-c", code, env=env, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
-    # `info` shows the compiler's own error; `auto` warns once and runs native.
-    info = subprocess.run(
-        [sys.executable, "-m", "fastlstm", "info"], env=env, cwd=root, capture_output=True, text=True, timeout=120
-    )
+    # `info` shows the compiler's own error; `auto` warns once and runs native, called eagerly or (as the
+    # process's first use) compiled, when the warning comes while dynamo traces.
+    info = run_python("-m", "fastlstm", "info", env=env, timeout=120)
     assert info.returncode == 0 and "broken on purpose" in info.stdout, info.stdout + info.stderr
     auto = textwrap.dedent(
         """
@@ -486,37 +482,20 @@ def test_broken_compiler_does_not_crash(tmp_path, mode):
         ref = torch.nn.LSTM(3, 4).double()
         ref.load_state_dict(m.state_dict())
         x = torch.randn(5, 1, 3, dtype=torch.float64)
+        run = RUN
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            y, _ = m(x)
-            m(x)
+            y, _ = run(x)
+            run(x)
         messages = [str(w.message) for w in caught if "fastlstm" in str(w.message)]
         assert len(messages) == 1 and "broken on purpose" in messages[0], messages
         assert fastlstm.explain(m, x).backends == ["native"]
-        torch.testing.assert_close(y, ref(x)[0], atol=0, rtol=0)
+        torch.testing.assert_close(y, ref(x)[0], atol=ATOL, rtol=0)
         print("OK")
         """
     )
-    # The same when the process's first use compiles the model: the warning comes while dynamo traces.
-    compiled_first = textwrap.dedent(
-        """
-        import warnings, torch, fastlstm
-        m = fastlstm.LSTM(3, 4).double()
-        ref = torch.nn.LSTM(3, 4).double()
-        ref.load_state_dict(m.state_dict())
-        x = torch.randn(5, 1, 3, dtype=torch.float64)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            y, _ = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
-        messages = [str(w.message) for w in caught if "fastlstm" in str(w.message)]
-        assert len(messages) == 1 and "broken on purpose" in messages[0], messages
-        torch.testing.assert_close(y, ref(x)[0], atol=1e-12, rtol=0)
-        print("OK")
-        """
-    )
-    for code in (auto, compiled_first):
-        run = dict(env=env, cwd=root, capture_output=True, text=True, timeout=300)
-        proc = subprocess.run([sys.executable, "-c", code], **run)
+    for run, atol in (("m", "0"), ('torch.compile(m, fullgraph=True, backend="aot_eager")', "1e-12")):
+        proc = run_python("-c", auto.replace("RUN", run).replace("ATOL", atol), env=env)
         assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
 
 
@@ -558,20 +537,14 @@ def test_two_processes_building_at_once_share_one_good_cache(tmp_path):
         """
     )
     env = dict(os.environ, FASTLSTM_CACHE_DIR=str(tmp_path / "cache"))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = dict(env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = dict(env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     procs = [subprocess.Popen([sys.executable, "-c", code], **run) for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0 and out.startswith("OK"), out + err
     paths = {out.split()[1] for out, _ in outputs}
     assert len(paths) == 1 and all(Path(p).is_file() for p in paths)
-    third = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        timeout=120,
-        **{k: v for k, v in run.items() if k not in ("stdout", "stderr")},
-    )
+    third = run_python("-c", code, env=env, timeout=120)
     assert third.returncode == 0 and third.stdout.startswith("OK"), third.stdout + third.stderr
     assert list((tmp_path / "cache").iterdir()) == [Path(next(iter(paths))).parent]
 
@@ -654,10 +627,7 @@ def _run_cpp_parity(env_overrides, check, cases, threads, timeout=120):
         print("OK")
         """
     )
-    env = dict(os.environ, **env_overrides)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = dict(env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
-    proc = subprocess.run([sys.executable, "-c", code], **run)
+    proc = run_python("-c", code, env=dict(os.environ, **env_overrides), timeout=timeout)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-3000:]
 
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import assert_same_results, lstm_call, make_pair
+from helpers import assert_same_results, lstm_call, make_pair, run_python
 from torch import nn
 from torch.nn.utils import parametrizations
 
@@ -335,8 +332,7 @@ def test_first_call_imports_neither_dynamo_nor_onnx():
         "print(fastlstm.explain(m, torch.randn(3, 2, 4)).backends)\n"
         "print(sorted(k for k in sys.modules if k.startswith(('torch._dynamo', 'torch.onnx'))))\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    proc = run_python("-c", code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     backends_line, imported = proc.stdout.strip().splitlines()[-2:]
     assert imported == "[]", imported

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from helpers import make_pair
+from helpers import make_pair, run_python
 
 import fastlstm
 from fastlstm import backends
@@ -74,7 +72,7 @@ def test_hundred_thousand_steps_inference_in_linear_memory(backend):
         assert torch.isfinite(y).all() and y.shape == (100_000, 2, {H})
         print(grown * 1024, y.numel() * y.element_size())
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    done = run_python("-c", code)
     assert done.returncode == 0, done.stderr[-3000:]
     grown, output_bytes = map(int, done.stdout.split())
     # gates for every step ([T, B, 4H]) plus the output is ~5x the output; allow slack for allocator rounding

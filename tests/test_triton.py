@@ -348,8 +348,7 @@ def test_backend_answers_interpreter(monkeypatch):
 
 def test_import_without_triton():
     """The package imports, and says why it cannot run, when triton cannot be imported."""
-    import subprocess
-    import sys
+    from helpers import run_python
 
     code = (
         "import sys; sys.modules['triton'] = None\n"
@@ -358,8 +357,7 @@ def test_import_without_triton():
         "assert reason.startswith('triton is not installed'), reason\n"
         "print('ok')\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    out = run_python("-c", code, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
