@@ -64,23 +64,15 @@ def _plan_for(requested: str, shape: _CallShape) -> tuple[dispatch.Choice, ...]:
 # Plans of calls that passed every check, by LSTM._call_key: repeated calls of one kind skip the checks and
 # dispatch (tens of microseconds, which count at batch 1-4).
 _CHECKED_CALLS: dict[tuple, tuple[dispatch.Choice, ...]] = {}
-_CHECKED_CALLS_MAX = 4096
+# The same for the 1-step sequences LSTM.step checks: step runs native cells and needs no plan (value True).
+_CHECKED_STEPS: dict[tuple, bool] = {}
+_CHECKED_MAX = 4096
 
 
-def _remember_call(key: tuple, choices: tuple[dispatch.Choice, ...]) -> None:
-    if len(_CHECKED_CALLS) >= _CHECKED_CALLS_MAX:
-        _CHECKED_CALLS.clear()
-    _CHECKED_CALLS[key] = choices
-
-
-# LSTM._call_key of the 1-step sequences that LSTM.step calls checked: step runs native cells and needs no plan.
-_CHECKED_STEPS: set[tuple] = set()
-
-
-def _remember_step(key: tuple) -> None:
-    if len(_CHECKED_STEPS) >= _CHECKED_CALLS_MAX:
-        _CHECKED_STEPS.clear()
-    _CHECKED_STEPS.add(key)
+def _remember(store: dict, key: tuple, value) -> None:
+    if len(store) >= _CHECKED_MAX:
+        store.clear()
+    store[key] = value
 
 
 def forget_plans() -> None:
@@ -187,7 +179,7 @@ class LSTM(nn.RNNBase):
             amp = self._autocast_dtypes(input, hx, batch_sizes)
             choices = self._plan(input, hx, batch_sizes, amp)
             if key is not None:
-                _remember_call(key, choices)
+                _remember(_CHECKED_CALLS, key, choices)
         else:  # the same kind of call passed every check before: a tensor, no autocast, no packing
             batch_sizes = sorted_indices = unsorted_indices = amp = None
             is_batched = input.dim() == 3
@@ -296,7 +288,7 @@ class LSTM(nn.RNNBase):
             x = x.squeeze(1 if self.batch_first else 0)
             h0, c0 = state[0].unbind(0), state[1].unbind(0)
             if key is not None:
-                _remember_step(key)
+                _remember(_CHECKED_STEPS, key, True)
         h_out, c_out = [], []
         for layer in range(self.num_layers):
             w_ih, w_hh, b_ih, b_hh, w_hr = self._parameters_of(layer, 0)
