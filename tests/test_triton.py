@@ -7,6 +7,7 @@ before triton is imported anywhere in the process (tests/conftest.py sets it too
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -457,6 +458,18 @@ def test_auto_routes_around_a_failing_kernel_with_one_warning(monkeypatch, fresh
     forced = fastlstm.LSTM(4, 8, 2, device=DEVICE, backend="triton")
     with pytest.raises(triton.runtime.errors.OutOfResources):
         forced(x)
+
+
+def test_kernels_compile_for_an_h200():
+    """Every kernel the launchers issue compiles for sm_90 (H100 / H200) in every CUDA dtype, and fits its
+    shared memory: triton's ahead-of-time compiler and ptxas need no GPU. The interpreter above runs the
+    kernels' arithmetic but not the compiler's checks, and never runs bfloat16 or float16 at all."""
+    pytest.importorskip("triton.backends.nvidia", reason="this triton build has no NVIDIA backend")
+    from helpers import run_python
+
+    result = run_python("tests/triton_compile.py", "--arch", "90", env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    assert re.search(r"^sm_90, triton \S+: [1-9]\d* compiles, 0 failures", result.stdout, re.MULTILINE), result.stdout
 
 
 # ------------------------------------------------------------------------------------------------------
