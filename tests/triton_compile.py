@@ -20,9 +20,13 @@ import argparse
 import contextlib
 import itertools
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -157,10 +161,22 @@ def configs(full: bool) -> list[Config]:
     return out + [Config(torch.float32, 5, 100, 0, False, "sequence", tf32=True)]
 
 
+def _registers(cubin: bytes) -> str:
+    """Registers a thread and stack bytes (where ptxas spills registers), from the cuobjdump triton ships."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK):(\d+)", out))
+    return f"{fields.get('REG', '?')} registers, {fields.get('STACK', '?')} bytes of stack"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
     parser.add_argument("--full", action="store_true", help="the GPU grid's sizes (minutes) instead of the short list")
+    parser.add_argument("--resources", action="store_true", help="registers and stack per kernel (cuobjdump)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("run with TRITON_INTERPRET=0: the interpreter's kernels cannot be compiled")
@@ -191,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 failures += 1
                 print(f"FAILED {name} ({config}): {shared} bytes of shared memory, sm_{args.arch} allows {limit}")
                 continue
-            print(f"ok {name} ({config}): {shared} bytes of shared memory", flush=True)
+            usage = f", {_registers(binary.asm['cubin'])}" if args.resources else ""
+            print(f"ok {name} ({config}): {shared} bytes of shared memory{usage}", flush=True)
     elapsed = time.perf_counter() - start
     print(f"sm_{args.arch}, triton {triton.__version__}: {compiled} compiles, {failures} failures, {elapsed:.0f} s")
     return 1 if failures else 0
