@@ -517,7 +517,8 @@ def test_builds_and_matches_for_cpus_without_avx512(tmp_path):
 
 def test_two_processes_building_at_once_share_one_good_cache(tmp_path):
     """The first use in two processes at the same moment: both build or wait, neither corrupts the cache, and a
-    third process then loads the cached library without compiling."""
+    third process then loads the cached library without compiling. A build says on stderr why the call blocks;
+    loading from the cache says nothing."""
     code = textwrap.dedent(
         """
         import sys, torch
@@ -542,10 +543,13 @@ def test_two_processes_building_at_once_share_one_good_cache(tmp_path):
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0 and out.startswith("OK"), out + err
+    notice = "fastlstm: compiling the C++ CPU backend for this machine"
+    assert any(notice in err for _, err in outputs), [err for _, err in outputs]
     paths = {out.split()[1] for out, _ in outputs}
     assert len(paths) == 1 and all(Path(p).is_file() for p in paths)
     third = run_python("-c", code, env=env, timeout=120)
     assert third.returncode == 0 and third.stdout.startswith("OK"), third.stdout + third.stderr
+    assert notice not in third.stderr, third.stderr
     assert list((tmp_path / "cache").iterdir()) == [Path(next(iter(paths))).parent]
 
 

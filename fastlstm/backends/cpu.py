@@ -5,8 +5,9 @@ Build and cache
     import) into a per-user cache directory, `$FASTLSTM_CACHE_DIR` or `$XDG_CACHE_HOME/fastlstm` or
     `~/.cache/fastlstm`, in a sub-directory named by a hash of the sources, torch and Python versions, the
     compiler, the flags and the CPU (the build uses -march=native). A finished build leaves a `BUILT` marker;
-    later processes load the library straight from there without running the compiler. Concurrent builds in
-    the same directory are serialised by cpp_extension's own lock file (FileBaton) in that directory.
+    later processes load the library straight from there without running the compiler. A build first logs one
+    warning through the `fastlstm` logger (stderr by default): the call that triggers it blocks meanwhile.
+    Concurrent builds in the same directory are serialised by cpp_extension's own lock file (FileBaton) there.
     `$FASTLSTM_CXX` (or else `$CXX`) chooses the compiler; `$FASTLSTM_CXXFLAGS` adds compiler flags after
     ours (e.g. `-march=x86-64-v3` to build for a family of CPUs rather than this one). A failing build never
     raises out of `unavailable_reason()`; it returns the compiler's error text, and `layer()` raises a
@@ -41,6 +42,7 @@ Tuning knobs (read once per process by the C++ code; for measurements and tests,
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shlex
@@ -62,6 +64,7 @@ _LDFLAGS = ["-fopenmp"]
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _STALE_LOCK_S = 15 * 60  # a lock file older than this was left by a build that died
 
+_log = logging.getLogger("fastlstm")
 _lock = threading.Lock()
 _state: dict[str, object] = {"done": False, "error": None, "path": None}
 
@@ -155,6 +158,13 @@ def _build_and_load(verbose: bool) -> str:
         from torch.utils import cpp_extension  # imports setuptools: only when building
 
         _check_compiler()
+        # The first call of a model blocks on the compiler for tens of seconds: say why, once, on stderr
+        # (logging's default for warnings; `logging.getLogger("fastlstm")` silences or redirects it).
+        _log.warning(
+            "fastlstm: compiling the C++ CPU backend for this machine (once; tens of seconds; cached in %s). "
+            "`python -m fastlstm build` does it ahead of time.",
+            build_dir,
+        )
         _clear_stale_lock(build_dir)
         old_cxx = os.environ.get("CXX")
         os.environ["CXX"] = _compiler()
