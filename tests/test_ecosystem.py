@@ -149,6 +149,34 @@ def test_torch_export_gives_nn_lstm_numbers(backend):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+_SAVED_PROGRAM_CHECK = """
+import sys, torch
+import fastlstm
+program = torch.export.load(sys.argv[1])
+tokens, expected = torch.load(sys.argv[2])
+for got, want in zip(program.module()(tokens), expected):
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("backend", [name for name in CPU_BACKENDS if name != "reference"])
+def test_saved_export_loads_where_fastlstm_is_imported(backend, tmp_path):
+    """A program saved with torch.export.save holds the fast backend's ops by name: a fresh process that imports
+    fastlstm (on a machine where the backend has run before) loads it and gets the same numbers."""
+    from helpers import run_python
+
+    torch.manual_seed(0)
+    model = Tagger(backend=backend).eval()
+    tokens = torch.randint(0, 10, (3, 5))
+    program = torch.export.export(model, (tokens,))
+    assert any(str(node.target).startswith("fastlstm.") for node in program.graph.nodes), program.graph
+    torch.export.save(program, tmp_path / "program.pt2")
+    torch.save((tokens, program.module()(tokens)), tmp_path / "io.pt")
+    proc = run_python("-c", _SAVED_PROGRAM_CHECK, str(tmp_path / "program.pt2"), str(tmp_path / "io.pt"))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_onnx_export_runs_in_onnxruntime_with_nn_lstm_numbers(backend, tmp_path):
     ort = pytest.importorskip("onnxruntime")

@@ -23,6 +23,7 @@ triton = pytest.importorskip("triton")
 from fastlstm import reference  # noqa: E402
 from fastlstm.backends import LayerCall  # noqa: E402
 from fastlstm.backends.triton import BACKEND  # noqa: E402
+from fastlstm.backends.triton import kernels as triton_kernels  # noqa: E402
 from fastlstm.backends.triton import ops as triton_ops  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -405,7 +406,7 @@ def test_self_test_passes_working_kernels(flags, kernel, monkeypatch, fresh_self
 )
 def test_self_test_reports_a_kernel_that_fails_to_build(failing, needs_grad, kernel, monkeypatch, fresh_self_tests):
     monkeypatch.setenv(triton_ops.ENV_KERNEL, kernel)
-    monkeypatch.setattr(triton_ops.kernels, failing, _FailingKernel())
+    monkeypatch.setattr(triton_kernels, failing, _FailingKernel())
     reason = BACKEND.self_test(_call(needs_grad=needs_grad))
     assert reason is not None and "OutOfResources" in reason and "shared memory" in reason
     assert BACKEND.self_test(_call(needs_grad=needs_grad)) == reason  # cached: the kernels run once
@@ -413,7 +414,7 @@ def test_self_test_reports_a_kernel_that_fails_to_build(failing, needs_grad, ker
 
 def test_self_test_passes_inference_when_only_a_backward_kernel_fails(monkeypatch, fresh_self_tests):
     monkeypatch.setenv(triton_ops.ENV_KERNEL, "step")
-    monkeypatch.setattr(triton_ops.kernels, "bwd_step_kernel", _FailingKernel())
+    monkeypatch.setattr(triton_kernels, "bwd_step_kernel", _FailingKernel())
     assert BACKEND.self_test(_call(needs_grad=False)) is None
     assert BACKEND.self_test(_call(needs_grad=True)) is not None
 
@@ -439,7 +440,7 @@ def test_auto_routes_around_a_failing_kernel_with_one_warning(monkeypatch, fresh
 
     monkeypatch.setattr(dispatch, "_fast_backend_for", lambda device_type: "triton")
     monkeypatch.setattr(dispatch, "_faster_than_native", lambda name, call: None)
-    monkeypatch.setattr(triton_ops.kernels, "fwd_seq_kernel", _FailingKernel())
+    monkeypatch.setattr(triton_kernels, "fwd_seq_kernel", _FailingKernel())
     monkeypatch.setenv(triton_ops.ENV_KERNEL, "sequence")
     torch.manual_seed(0)
     m = fastlstm.LSTM(4, 8, 2, device=DEVICE)

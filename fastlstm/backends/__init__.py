@@ -72,6 +72,11 @@ class Backend(abc.ABC):
         Dispatch asks only when choosing for `auto`; a forced backend fails loudly at the call instead."""
         return None
 
+    def load_ops(self) -> None:
+        """Register this backend's torch ops now if that is cheap (already built; no compiler, no heavy import), so
+        that programs saved with torch.export or AOTInductor, which hold the ops by name, load in this process."""
+        return None
+
     @abc.abstractmethod
     def layer(
         self,
@@ -115,9 +120,14 @@ def names() -> list[str]:
 
 
 def load_all() -> None:
-    """Import every backend's module now (a broken one becomes a stand-in that says why)."""
+    """Import every backend's module now (a broken one becomes a stand-in that says why), and register the ops
+    each can register cheaply (Backend.load_ops)."""
     for name in _REGISTRY:
-        get(name)
+        backend = get(name)
+        try:
+            backend.load_ops()
+        except Exception:  # noqa: BLE001 - registering early is a convenience; the backend reports trouble at use
+            pass
 
 
 def get(name: str) -> Backend:

@@ -210,6 +210,21 @@ def _ensure(verbose: bool = False) -> str | None:
     return _state["error"]  # type: ignore[return-value]
 
 
+def load_if_built() -> bool:
+    """Load the C++ ops if this machine's build is already in the cache; never compiles. Programs saved with
+    torch.export.save or packaged by AOTInductor hold the ops by name, and only load in a process that has
+    them registered. True when the ops are loaded."""
+    if _state["done"]:
+        return _state["error"] is None
+    try:
+        key = _build_key(source_dir())
+        build_dir = cache_root() / f"cpp-{key}"
+        built = (build_dir / "BUILT").is_file() and _find_library(build_dir, f"fastlstm_cpp_{key}") is not None
+    except OSError:
+        return False
+    return built and _ensure() is None
+
+
 @constant_under_compile
 def _availability() -> str | None:
     """_ensure() run eagerly even while torch.compile traces: the build is not traceable, its outcome is constant."""
@@ -304,6 +319,9 @@ class CppBackend(Backend):
 
     def unavailable_reason(self) -> str | None:
         return _availability()  # dispatch asks while torch.compile traces too
+
+    def load_ops(self) -> None:
+        load_if_built()
 
     def unsupported_reason(self, call: LayerCall) -> str | None:
         if call.device_type != "cpu":

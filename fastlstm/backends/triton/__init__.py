@@ -17,6 +17,7 @@ native backend). c and every accumulation are fp32 (fp64 for float64).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -45,6 +46,13 @@ class TritonBackend(Backend):
         if not torch.cuda.is_available() and not _interpreting():
             return "triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on CPU tensors)"
         return None
+
+    def load_ops(self) -> None:
+        # Only where the ops can have run (a CUDA build of torch, or the interpreter) and triton is installed;
+        # the module defines the ops without importing triton. Not torch.cuda.is_available(): at import time
+        # it would initialise CUDA in the parent of every later fork().
+        if (torch.version.cuda or _interpreting()) and importlib.util.find_spec("triton") is not None:
+            import fastlstm.backends.triton.ops  # noqa: F401
 
     def unsupported_reason(self, call: LayerCall) -> str | None:
         reason = self.unavailable_reason()
