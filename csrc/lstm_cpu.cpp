@@ -139,12 +139,23 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, scalar_t 
 // thread's slice of the weight stays in its cache across all row blocks and all time steps. No allocation,
 // no dispatcher: this is what runs T times.
 
+// Every vector is one of the machine's registers: 64 bytes with AVX-512, 32 with AVX2, 16 elsewhere (SSE,
+// NEON). GCC lowers a wider vector-extension type through the stack: an AVX2 build with 64-byte vectors ran the
+// per-step kernel ~20x slower than this (B1-T100-H128: 5.5 ms, nn.LSTM on AVX2 0.4 ms).
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
 template <typename scalar_t>
 struct Vec {
-  typedef scalar_t type __attribute__((vector_size(64)));
+  typedef scalar_t type __attribute__((vector_size(kVecBytes)));
   // Same vector, under-aligned and may_alias: dereferencing it is an unaligned load/store.
-  typedef scalar_t utype __attribute__((vector_size(64), aligned(sizeof(scalar_t)), may_alias));
-  static constexpr int lanes = 64 / sizeof(scalar_t);
+  typedef scalar_t utype __attribute__((vector_size(kVecBytes), aligned(sizeof(scalar_t)), may_alias));
+  static constexpr int lanes = kVecBytes / sizeof(scalar_t);
   static type load(const scalar_t* p) { return *reinterpret_cast<const utype*>(p); }
   static void store(scalar_t* p, type v) { *reinterpret_cast<utype*>(p) = v; }
 };
@@ -234,7 +245,7 @@ inline __attribute__((always_inline)) void exchange_round(__m512i* r) {
 }
 #endif
 
-// dst[j * ldd + i] = src[i * lds + j] for one square block of one 64-byte vector per row (16 x 16 units of 4
+// dst[j * ldd + i] = src[i * lds + j] for one square block of one 64-byte cache line per row (16 x 16 units of 4
 // bytes, 8 x 8 of 8). Packing transposes the whole weight once per call; element by element it cost ~1.4 cycles
 // a unit (a one-step call at batch 1, hidden 128, one thread: 43 us, 29 us with this; Zen 4). With AVX-512 the
 // block goes through registers: log2(L) rounds, each exchanging the off-diagonal s x s blocks of every 2s x 2s
@@ -315,12 +326,13 @@ struct Packed {
 // Keep a loaded vector in a register. For row blocks of 2-4, GCC otherwise folds the panel loads into every FMA
 // as a memory operand, loading the same weights once per row: measured in isolation, 2-4 rows ran at ~50% of
 // the FMA peak that way, 70-96% with the loads kept (other block sizes are unaffected or slower, so only these).
-// Only where one register holds the whole 64-byte vector (AVX-512): with AVX2 it spans two, and the constraint
-// cannot be met (the build failed on such CPUs before this guard).
+// Only for a vector that is one AVX register (AVX2's ymm, AVX-512's zmm).
 template <int RB, typename V>
 inline void keep_in_register(V& v) {
 #if defined(__AVX512F__)
-  if constexpr (RB >= 2 && RB <= 4 && sizeof(V) == 64) asm("" : "+v"(v));
+  if constexpr (RB >= 2 && RB <= 4 && sizeof(V) == kVecBytes) asm("" : "+v"(v));
+#elif defined(__AVX__)
+  if constexpr (RB >= 2 && RB <= 4 && sizeof(V) == kVecBytes) asm("" : "+x"(v));
 #else
   (void)v;
 #endif
@@ -388,8 +400,10 @@ inline void micro_kernel(const typename Dot::elem_t* __restrict__ A, int64_t lda
   }
 }
 
-// Rows in the register-blocked kernel's row blocks (the last block of a product takes the remainder).
-constexpr int kRowBlock = 8;
+// Rows in the register-blocked kernel's row blocks (the last block of a product takes the remainder): RB x 2
+// accumulators, 2 weight vectors and a broadcast row value must fit the register file, 32 vector registers with
+// AVX-512 and 16 with AVX2 or SSE (NEON has 32, but no ARM machine was measured: 6 there too).
+constexpr int kRowBlock = kVecBytes == 64 ? 8 : 6;
 
 template <typename Dot>
 inline void panel_rows(const typename Dot::elem_t* A, int64_t lda, const typename Dot::elem_t* panel, int64_t steps,
@@ -616,11 +630,10 @@ void step_gemm(const typename Dot::elem_t* A, int64_t lda, const Packed<Dot>& B,
 // ---------------------------------------------------------------------------------------------------------
 // Pointwise math, all in explicit SIMD (a row's last partial vector too, through masked loads and stores).
 
-// float through GCC/Clang vector extensions (16 lanes; the compiler splits them to the machine's width): a
-// Cephes-style exp, about 1 ulp.
-typedef float vf __attribute__((vector_size(64)));
-typedef float vf_u __attribute__((vector_size(64), aligned(4), may_alias));
-typedef int32_t vi __attribute__((vector_size(64)));
+// float through GCC/Clang vector extensions, one register wide (kVecBytes): a Cephes-style exp, about 1 ulp.
+typedef float vf __attribute__((vector_size(kVecBytes)));
+typedef float vf_u __attribute__((vector_size(kVecBytes), aligned(4), may_alias));
+typedef int32_t vi __attribute__((vector_size(kVecBytes)));
 
 inline vf vload(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
 inline void vstore(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
@@ -653,10 +666,10 @@ inline vf vtanh(vf x) {
   return reinterpret_cast<vf>(reinterpret_cast<vi>(t) | sign);
 }
 
-// The same for double (8 lanes): exp by range reduction and a degree-12 Taylor polynomial (~1e-16 relative).
-typedef double vd __attribute__((vector_size(64)));
-typedef double vd_u __attribute__((vector_size(64), aligned(8), may_alias));
-typedef int64_t vl __attribute__((vector_size(64)));
+// The same for double: exp by range reduction and a degree-12 Taylor polynomial (~1e-16 relative).
+typedef double vd __attribute__((vector_size(kVecBytes)));
+typedef double vd_u __attribute__((vector_size(kVecBytes), aligned(8), may_alias));
+typedef int64_t vl __attribute__((vector_size(kVecBytes)));
 
 inline vd vload(const double* p) { return *reinterpret_cast<const vd_u*>(p); }
 inline void vstore(double* p, vd v) { *reinterpret_cast<vd_u*>(p) = v; }
@@ -709,7 +722,7 @@ inline auto vload_n(const scalar_t* p, int64_t n) {
       return reinterpret_cast<vd>(_mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p));
     }
 #else
-    scalar_t buf[64 / sizeof(scalar_t)] = {};
+    scalar_t buf[kVecBytes / sizeof(scalar_t)] = {};
     for (int64_t k = 0; k < n; ++k) buf[k] = p[k];
     return vload(buf);
 #endif
@@ -728,7 +741,7 @@ inline void vstore_n(scalar_t* p, V v, int64_t n) {
       _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), reinterpret_cast<__m512d>(v));
     }
 #else
-    scalar_t buf[64 / sizeof(scalar_t)];
+    scalar_t buf[kVecBytes / sizeof(scalar_t)];
     vstore(buf, v);
     for (int64_t k = 0; k < n; ++k) p[k] = buf[k];
 #endif
@@ -764,7 +777,7 @@ inline void cell_lanes(scalar_t* __restrict__ G, const scalar_t* __restrict__ bi
 template <typename scalar_t>
 inline void cell_row(scalar_t* __restrict__ G, const scalar_t* __restrict__ bias, scalar_t* __restrict__ c,
                      scalar_t* __restrict__ c_hist, scalar_t* __restrict__ h_out, int64_t count, int64_t S) {
-  constexpr int64_t lanes = 64 / sizeof(scalar_t);
+  constexpr int64_t lanes = kVecBytes / sizeof(scalar_t);
   int64_t j = 0;
   for (; j + lanes <= count; j += lanes) cell_lanes<true>(G, bias, c, h_out, S, j, lanes);
   if (j < count) cell_lanes<false>(G, bias, c, h_out, S, j, count - j);
@@ -801,7 +814,7 @@ inline void cell_row_backward(const scalar_t* __restrict__ a, const scalar_t* __
                               const scalar_t* __restrict__ cprev, const scalar_t* __restrict__ dh,
                               scalar_t* __restrict__ dc, scalar_t* __restrict__ dg, scalar_t* __restrict__ hr,
                               int64_t count, int64_t S) {
-  constexpr int64_t lanes = 64 / sizeof(scalar_t);
+  constexpr int64_t lanes = kVecBytes / sizeof(scalar_t);
   int64_t j = 0;
   for (; j + lanes <= count; j += lanes) cell_lanes_backward<true>(a, cn, cprev, dh, dc, dg, hr, S, j, lanes);
   if (j < count) cell_lanes_backward<false>(a, cn, cprev, dh, dc, dg, hr, S, j, count - j);
@@ -1140,7 +1153,8 @@ std::string kernel_choices() {
   const bool mkl =
       cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr;
   const int64_t dgemm_rows = dgemm_ != nullptr ? dgemm_min_rows() : std::numeric_limits<int64_t>::max();
-  return "float32 step: MKL packed GEMM " + from(mkl ? mkl_min_rows() : std::numeric_limits<int64_t>::max(), "rows") +
+  return "vectors of " + std::to_string(kVecBytes) + " bytes, row blocks of " + std::to_string(kRowBlock) +
+         "; float32 step: MKL packed GEMM " + from(mkl ? mkl_min_rows() : std::numeric_limits<int64_t>::max(), "rows") +
          ", else register-blocked; float64 step: dgemm " + from(dgemm_rows, "rows") +
          ", else register-blocked; float32 x@W^T and dx: oneDNN matmul " +
          from(onednn_linear_op().has_value() ? onednn_min_macs() : std::numeric_limits<int64_t>::max(),
