@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 
@@ -35,6 +36,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+_ISA_VARIABLES = (
+    "FASTLSTM_CXXFLAGS",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "ATEN_CPU_CAPABILITY",
+    "FASTLSTM_BF16_DOT",
+)
+
+
 def machine_header(device: str) -> dict[str, str]:
     """What a result depends on: device, library versions, threads."""
     try:
@@ -51,6 +62,12 @@ def machine_header(device: str) -> dict[str, str]:
         "fastlstm": fastlstm.__version__,
         "threads": str(torch.get_num_threads()),
     }
+    if device == "cpu":
+        info["aten isa"] = torch.backends.cpu.get_cpu_capability()
+    # Variables that change which instructions run (how a run here stands in for an older CPU, say).
+    knobs = [f"{name}={os.environ[name]}" for name in _ISA_VARIABLES if os.environ.get(name)]
+    if knobs:
+        info["isa env"] = " ".join(knobs)
     return info
 
 

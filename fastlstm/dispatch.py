@@ -133,6 +133,15 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       GEMM speed. Hidden 16-64 (no projection) at batch 4-16, T 50-500, 1-2 layers, uni- and bidirectional, 18
       shapes twice each: inference 1.01-1.66x, training 1.06-1.76x. Beyond batch 16 it is mixed (batch 32:
       inference 0.77-1.13x; batch 64: 0.75-1.10x), and hidden 100 at batch 16 was even (0.88-1.02x).
+    - CPUs without AVX-512: the cpp build's vectors are one register of the CPU it is built on (32 bytes with
+      AVX2, 16 with SSE4). Measured on the same EPYC with every library held to the older instructions (cpp
+      built with FASTLSTM_CXXFLAGS=-march=x86-64-v3 / -v2; ONEDNN_MAX_CPU_ISA=AVX2 / SSE41,
+      MKL_ENABLE_INSTRUCTIONS=AVX2 / SSE4_2, ATEN_CPU_CAPABILITY=avx2 / default for nn.LSTM), the grid
+      (`-as-avx2-*.json`, `-as-sse4-*.json`), float32 twice each: at batch 1-4 AVX2 inference 1.05-1.78x,
+      training 1.11-2.10x, SSE4 1.14-1.81x / 1.39-1.99x; beyond batch 4 AVX2 0.98-1.54x in both modes, SSE4
+      inference 0.81-1.07x, training 1.03-1.31x. float64 AVX2 twice: inference 1.09-5.59x, training 1.14-12.4x.
+      bfloat16 AVX2 once (cpp in float32 math; oneDNN held to AVX2 has no bf16 instructions either): inference
+      2.43-10.8x, training 10.7-45.3x. The rule holds there as written.
     - float16: cpp computes it in float32 math; nn.LSTM runs ATen's float16 loop, except at inference on CPUs
       with float16 units (AVX512-FP16, AMX-FP16), where oneDNN runs it (not measured: native there). The grid
       twice (EPYC, no float16 units; `-float16-run*.json`): inference 2.02-13.4x, training 13.2-60.2x.
