@@ -519,7 +519,7 @@ def test_builds_and_matches_for_cpus_without_avx512(tmp_path, march, vector_byte
 def test_two_processes_building_at_once_share_one_good_cache(tmp_path):
     """The first use in two processes at the same moment: both build or wait, neither corrupts the cache, and a
     third process then loads the cached library without compiling. A build says on stderr why the call blocks;
-    loading from the cache says nothing."""
+    loading from the cache says nothing. A damaged library is rebuilt, never loaded."""
     code = textwrap.dedent(
         """
         import sys, torch
@@ -552,6 +552,16 @@ def test_two_processes_building_at_once_share_one_good_cache(tmp_path):
     assert third.returncode == 0 and third.stdout.startswith("OK"), third.stdout + third.stderr
     assert notice not in third.stderr, third.stderr
     assert list((tmp_path / "cache").iterdir()) == [Path(next(iter(paths))).parent]
+
+    # A library damaged after its build (here cut short; dlopen of such a file crashed the process) is neither
+    # loaded by `import fastlstm` nor kept: the first use rebuilds it, and the build after that is sound again.
+    library = Path(next(iter(paths)))
+    library.write_bytes(library.read_bytes()[:1000])
+    damaged = run_python("-c", "import fastlstm\n" + code, env=env, timeout=600)
+    assert damaged.returncode == 0 and damaged.stdout.startswith("OK"), damaged.stdout + damaged.stderr
+    assert notice in damaged.stderr, damaged.stderr
+    fourth = run_python("-c", code, env=env, timeout=120)
+    assert fourth.returncode == 0 and notice not in fourth.stderr, fourth.stdout + fourth.stderr
 
 
 _HUGE = str(2**62)

@@ -4,9 +4,12 @@ Build and cache
     The extension is compiled lazily (first call of `unavailable_reason()`, `layer()` or `build()`, never at
     import) into a per-user cache directory, `$FASTLSTM_CACHE_DIR` or `$XDG_CACHE_HOME/fastlstm` or
     `~/.cache/fastlstm`, in a sub-directory named by a hash of the sources, torch and Python versions, the
-    compiler, the flags and the CPU (the build uses -march=native). A finished build leaves a `BUILT` marker;
-    later processes load the library straight from there without running the compiler. A build first logs one
-    warning through the `fastlstm` logger (stderr by default): the call that triggers it blocks meanwhile.
+    compiler, the flags and the CPU (the build uses -march=native). A finished build leaves a `BUILT` marker
+    (the library's size and SHA-256); later processes load the library straight from there without running the
+    compiler, and `import fastlstm` does so too (saved torch.export programs name the ops). A library that no
+    longer matches its marker is never loaded (a truncated one crashed dlopen); the next first use rebuilds it.
+    A build first logs one warning through the `fastlstm` logger (stderr by default): the call that triggers it
+    blocks meanwhile.
     Concurrent builds in the same directory are serialised by cpp_extension's own lock file (FileBaton) there.
     `$FASTLSTM_CXX` (or else `$CXX`) chooses the compiler; `$FASTLSTM_CXXFLAGS` adds compiler flags after
     ours (e.g. `-march=x86-64-v3` to build for a family of CPUs rather than this one). A failing build never
@@ -131,6 +134,41 @@ def _find_library(build_dir: Path, name: str) -> Path | None:
     return None
 
 
+def _fingerprint(lib: Path) -> str:
+    """What the BUILT marker records of the library: name, size and SHA-256 (~1 ms for the ~0.7 MB library)."""
+    data = lib.read_bytes()
+    return f"{lib.name}\n{len(data)}\n{hashlib.sha256(data).hexdigest()}\n"
+
+
+def _cached_library(build_dir: Path, name: str) -> Path | None:
+    """The library of a finished build in `build_dir` whose bytes are still the ones it wrote, else None. A damaged
+    file (a disk filled up, a copy cut short) is not loaded: a truncated library crashed the process in dlopen
+    (SIGBUS). The next build replaces it."""
+    lib = _find_library(build_dir, name)
+    try:
+        return lib if lib is not None and (build_dir / "BUILT").read_text() == _fingerprint(lib) else None
+    except OSError:
+        return None
+
+
+def _remove_damaged_build(build_dir: Path, name: str) -> None:
+    """After a finished build whose library no longer matches its marker: remove the library and the objects, as
+    ninja, going by their timestamps, would keep them. Only the process that claims the marker (an atomic
+    rename) removes anything; with no marker there is nothing finished to remove, or another process is building."""
+    claimed = build_dir / f"BUILT.damaged.{os.getpid()}"
+    try:
+        os.rename(build_dir / "BUILT", claimed)
+    except OSError:
+        return
+    lib = _find_library(build_dir, name)
+    if lib is not None and claimed.read_text() == _fingerprint(lib):  # another process rebuilt it meanwhile
+        os.replace(claimed, build_dir / "BUILT")
+        return
+    for path in [lib, *build_dir.glob("*.o"), claimed]:
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
 def _check_compiler() -> None:
     """Run the compiler once on its own so that its own error text reaches the user (cpp_extension hides it)."""
     compiler = _compiler()
@@ -153,11 +191,12 @@ def _build_and_load(verbose: bool) -> str:
     build_dir = cache_root() / f"cpp-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
     marker = build_dir / "BUILT"
-    lib = _find_library(build_dir, name)
-    if not (marker.is_file() and lib is not None):
+    lib = _cached_library(build_dir, name)
+    if lib is None:
         from torch.utils import cpp_extension  # imports setuptools: only when building
 
         _check_compiler()
+        _remove_damaged_build(build_dir, name)
         # The first call of a model blocks on the compiler for tens of seconds: say why, once, on stderr
         # (logging's default for warnings; `logging.getLogger("fastlstm")` silences or redirects it).
         _log.warning(
@@ -187,7 +226,7 @@ def _build_and_load(verbose: bool) -> str:
         if lib is None:
             raise RuntimeError(f"the build in {build_dir} produced no library")
         tmp = marker.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(f"{lib.name}\n")
+        tmp.write_text(_fingerprint(lib))
         os.replace(tmp, marker)  # atomic: other processes see either no marker or a complete one
     else:
         torch.ops.load_library(str(lib))
@@ -218,8 +257,7 @@ def load_if_built() -> bool:
         return _state["error"] is None
     try:
         key = _build_key(source_dir())
-        build_dir = cache_root() / f"cpp-{key}"
-        built = (build_dir / "BUILT").is_file() and _find_library(build_dir, f"fastlstm_cpp_{key}") is not None
+        built = _cached_library(cache_root() / f"cpp-{key}", f"fastlstm_cpp_{key}") is not None
     except OSError:
         return False
     return built and _ensure() is None
