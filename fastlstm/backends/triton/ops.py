@@ -72,7 +72,9 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _block(n: int, lo: int = 16, hi: int = 64) -> int:
-    return max(lo, min(hi, 1 << (max(n, 1) - 1).bit_length()))
+    import triton
+
+    return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
 def _blocks(B: int, H: int, P: int, kernel: str) -> dict:
@@ -81,10 +83,6 @@ def _blocks(B: int, H: int, P: int, kernel: str) -> dict:
     else:
         block_b = 16 if B <= 32 else 32
     return dict(BLOCK_B=block_b, BLOCK_H=_block(H), BLOCK_P=_block(P), BLOCK_K=64 if min(H, P) >= 64 else 32)
-
-
-def _cdiv(n: int, block: int) -> int:
-    return -(-n // block)
 
 
 def _live_rows(batch_sizes: Tensor | None, T: int, B: int) -> list[int]:
@@ -108,6 +106,8 @@ def forward_impl(
     reverse: bool,
     kernel: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    import triton
+
     from fastlstm.backends.triton import kernels
 
     T, B, _ = x.shape
@@ -132,14 +132,14 @@ def forward_impl(
     common = dict(ACC=_tl_acc(dtype), PREC=_precision(dtype), **LAUNCH_OPTIONS)
     if kernel == "sequence":
         bs = _padded_sizes(live, x.device)
-        grid = (_cdiv(B, blk["BLOCK_B"]),)
+        grid = (triton.cdiv(B, blk["BLOCK_B"]),)
         kernels.fwd_seq_kernel[grid](
             xg, hs, cs, acts, r, y, w_hh, w_hr_c, bs, T, B, H=H, P=P, HAS_PROJ=has_proj, REVERSE=reverse,
             **blk, **common,
         )  # fmt: skip
     else:
-        grid_h = (_cdiv(B, blk["BLOCK_B"]), _cdiv(H, blk["BLOCK_H"]))
-        grid_p = (_cdiv(B, blk["BLOCK_B"]), _cdiv(P, blk["BLOCK_P"]))
+        grid_h = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(H, blk["BLOCK_H"]))
+        grid_p = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(P, blk["BLOCK_P"]))
         for s in range(T):
             t = T - 1 - s if reverse else s
             prev, out = (t + 1, t) if reverse else (t, t + 1)
@@ -176,6 +176,8 @@ def backward_impl(
     kernel: str,
     has_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    import triton
+
     from fastlstm.backends.triton import kernels
 
     T, B, I = x.shape
@@ -199,14 +201,14 @@ def backward_impl(
     first = T - 1 if reverse else 0  # the first step the forward pass processed
     if kernel == "sequence":
         bs = _padded_sizes(live, dev)
-        grid = (_cdiv(B, blk["BLOCK_B"]),)
+        grid = (triton.cdiv(B, blk["BLOCK_B"]),)
         kernels.bwd_seq_kernel[grid](
             dgb, w_hh, w_hr_c, grad_y, dh, dhy, dc, acts, cs, bs, T, B, H=H, P=P, HAS_PROJ=has_proj,
             REVERSE=reverse, **blk, **common,
         )  # fmt: skip
     else:
-        grid_h = (_cdiv(B, blk["BLOCK_B"]), _cdiv(H, blk["BLOCK_H"]))
-        grid_p = (_cdiv(B, blk["BLOCK_B"]), _cdiv(P, blk["BLOCK_P"]))
+        grid_h = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(H, blk["BLOCK_H"]))
+        grid_p = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(P, blk["BLOCK_P"]))
         for s in range(T):
             t = s if reverse else T - 1 - s
             nxt = t - 1 if reverse else t + 1
