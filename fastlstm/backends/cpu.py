@@ -183,17 +183,21 @@ def _check_compiler() -> None:
         )
 
 
-def _build_and_load(verbose: bool) -> str:
-    """Compile (or find in the cache) and load the library; returns its path. Raises on failure."""
+def _build_and_load(verbose: bool, build: bool = True) -> str | None:
+    """Compile (or find in the cache) and load the library; returns its path. With build=False, None instead of
+    compiling when the cache holds no sound library. Raises on failure."""
     src = source_dir()
     key = _build_key(src)
     name = f"fastlstm_cpp_{key}"
     build_dir = cache_root() / f"cpp-{key}"
-    build_dir.mkdir(parents=True, exist_ok=True)
     marker = build_dir / "BUILT"
     lib = _cached_library(build_dir, name)
     if lib is None:
+        if not build:
+            return None
         from torch.utils import cpp_extension  # imports setuptools: only when building
+
+        build_dir.mkdir(parents=True, exist_ok=True)
 
         _check_compiler()
         _remove_damaged_build(build_dir, name)
@@ -234,14 +238,18 @@ def _build_and_load(verbose: bool) -> str:
     return str(lib)
 
 
-def _ensure(verbose: bool = False) -> str | None:
-    """Build/load once per process. Returns None when the ops are available, else the reason (cached)."""
+def _ensure(verbose: bool = False, build: bool = True) -> str | None:
+    """Build/load once per process. Returns None when the ops are available, else the reason (cached). With
+    build=False nothing compiles, and a cache without this machine's library leaves the outcome open."""
     if _state["done"]:
         return _state["error"]  # type: ignore[return-value]
     with _lock:
         if not _state["done"]:
             try:
-                _state["path"] = _build_and_load(verbose)
+                path = _build_and_load(verbose, build)
+                if path is None:
+                    return "the C++ extension is not built yet"
+                _state["path"] = path
             except Exception as error:  # noqa: BLE001 - a failed build must never crash the user's model
                 text = "".join(traceback.format_exception_only(type(error), error)).strip()
                 _state["error"] = f"building the fastlstm C++ extension failed (compiler {_compiler()!r}): {text}"
@@ -253,14 +261,7 @@ def load_if_built() -> bool:
     """Load the C++ ops if this machine's build is already in the cache; never compiles. Programs saved with
     torch.export.save or packaged by AOTInductor hold the ops by name, and only load in a process that has
     them registered. True when the ops are loaded."""
-    if _state["done"]:
-        return _state["error"] is None
-    try:
-        key = _build_key(source_dir())
-        built = _cached_library(cache_root() / f"cpp-{key}", f"fastlstm_cpp_{key}") is not None
-    except OSError:
-        return False
-    return built and _ensure() is None
+    return _ensure(build=False) is None
 
 
 @constant_under_compile
