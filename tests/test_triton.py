@@ -218,6 +218,20 @@ def test_matches_nn_lstm_fp32(case, kernel):
             torch.testing.assert_close(got[key], expected[key], **TOL[torch.float32], msg=lambda m, k=key: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("case, kernel", _params(CASES, KERNELS))
+def test_inference_equals_training_forward(case, kernel):
+    """Inference runs the kernels without storing the gates (SAVE_ACTS off) and, on CUDA, through a CUDA graph
+    for the step kernel: the same numbers, bit for bit, as the forward that saves them for backward."""
+    tensors, bs = _layer_inputs(case, torch.float32)
+    saved = triton_ops.forward_impl(*tensors.values(), bs, case.rev, kernel)
+    assert saved[3].shape == (case.T, case.B, 4 * case.H)
+    for _ in range(3):  # on CUDA: warm-up, capture, replay
+        with torch.no_grad():
+            got = BACKEND.layer(**tensors, batch_sizes=bs, reverse=case.rev, kernel=kernel)
+        for g, w in zip(got, saved[:3]):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_kernels_agree_with_each_other():
     case = Case(4, 3, 3, 6, proj=4, packed=True)
     tensors, bs = _layer_inputs(case, torch.float32)
@@ -543,3 +557,33 @@ def test_cuda_compile_inductor(kernel):
 @pytest.mark.cuda
 def test_cuda_unsupported_float64():
     assert "dtype" in BACKEND.unsupported_reason(_call(device_type="cuda", dtype=torch.float64))
+
+
+def test_launches_follow_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: the launchers make the tensors' device current first (a
+    model on cuda:1 without torch.cuda.set_device). Checked with a stand-in for a cuda:1 tensor."""
+    entered = []
+
+    class DeviceContext:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    class OnCuda1:
+        device = torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "device", DeviceContext)
+    seen = []
+    wrapped = triton_ops.on_input_device(lambda first, *rest: seen.append((first, rest)) or "result")
+    first = OnCuda1()
+    assert wrapped(first, 2, 3) == "result"
+    assert seen == [(first, (2, 3))] and entered == [torch.device("cuda", 1), "exit"]
+    entered.clear()
+    assert wrapped(torch.zeros(1)) == "result" and entered == []  # CPU tensors: no CUDA device touched
+    for launcher in (triton_ops.forward_impl, triton_ops.backward_impl):
+        assert launcher.__wrapped__ is not None  # both launchers go through the guard

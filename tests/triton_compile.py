@@ -119,7 +119,8 @@ def _recording(sink: list):
 
 
 def launches(config: Config, seq_len: int = 3, input_size: int = 8) -> list[Launch]:
-    """The launches forward and backward issue for `config` (with its CPU tensors; nothing runs)."""
+    """The launches training's forward and backward and inference's forward issue for `config` (with its CPU
+    tensors; nothing runs)."""
     T, B, I, H = seq_len, config.batch, input_size, config.hidden
     P = config.proj_size or H
 
@@ -138,6 +139,19 @@ def launches(config: Config, seq_len: int = 3, input_size: int = 8) -> list[Laun
             )
             ops.backward_impl(
                 y, hT, cT, x, w_ih, w_hh, w_hr, None, acts, hs, cs, r, config.reverse, config.kernel, True
+            )
+            ops.forward_impl(  # inference: the gates are not stored
+                x,
+                zeros(B, P),
+                zeros(B, H),
+                w_ih,
+                w_hh,
+                zeros(4 * H),
+                w_hr,
+                None,
+                config.reverse,
+                config.kernel,
+                save_acts=False,
             )
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32

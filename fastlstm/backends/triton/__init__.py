@@ -9,6 +9,8 @@ or env FASTLSTM_TRITON_KERNEL=step|sequence):
 - sequence: one launch for the whole time loop, one program per batch tile owning every hidden unit of its
   rows; used for small batches and hidden sizes up to ops.SEQ_MAX_HIDDEN.
 Both have a backward of the same shape; the weight and input grads are torch GEMMs over all T*B rows.
+At inference the step kernel's loop is replayed as a CUDA graph from a configuration's second call on
+(graphs.py; FASTLSTM_TRITON_GRAPHS=0 turns that off).
 
 Dtypes: float32, bfloat16, float16 on CUDA; float32 and float64 under the interpreter (float64 is for
 gradcheck-grade tests; bf16/fp16 are not exercised by the interpreter, and float64 on CUDA is left to the

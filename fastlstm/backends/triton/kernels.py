@@ -5,6 +5,7 @@ Buffers (all contiguous, allocated once per call by fastlstm.backends.triton.ops
     hs    [T+1, B, P]     h states; time t reads slot t + REV and writes slot t + 1 - REV
     cs    [T+1, B, H]     c states, fp32 (fp64 for float64 input), same slots as hs
     acts  [T, B, 4H]      gate activations (i, f, g, o after sigmoid/tanh), fp32; saved for backward
+                          (inference: SAVE_ACTS off, empty and never touched)
     r     [T, B, H]       o * tanh(c) before the projection (only with w_hr)
     y     [T, B, P]       output, zero where a row is not live
     bs    [T+2] int32     live rows of time t at bs[t + 1]; bs[0] = bs[T+1] = 0 (no step there)
@@ -93,6 +94,7 @@ def _fwd_cell(
     H: tl.constexpr,
     P: tl.constexpr,
     HAS_PROJ: tl.constexpr,
+    SAVE_ACTS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -103,6 +105,7 @@ def _fwd_cell(
 
     Live rows (< n) are updated; the others keep their state (h, c copied to the out slot, y = 0).
     With HAS_PROJ, h_out_ptr is r[t] (o * tanh(c), projected later) and y_ptr is unused.
+    Without SAVE_ACTS (inference) the gates are not stored and acts_ptr is never read or written.
     """
     live = rows < n
     col_mask = cols < H
@@ -127,10 +130,11 @@ def _fwd_cell(
     f = _sigmoid(gf)
     g = _tanh(gg)
     o = _sigmoid(go)
-    tl.store(acts_ptr + off, i, mask=m_live)
-    tl.store(acts_ptr + off + H, f, mask=m_live)
-    tl.store(acts_ptr + off + 2 * H, g, mask=m_live)
-    tl.store(acts_ptr + off + 3 * H, o, mask=m_live)
+    if SAVE_ACTS:
+        tl.store(acts_ptr + off, i, mask=m_live)
+        tl.store(acts_ptr + off + H, f, mask=m_live)
+        tl.store(acts_ptr + off + 2 * H, g, mask=m_live)
+        tl.store(acts_ptr + off + 3 * H, o, mask=m_live)
     hoff = rows[:, None] * H + cols[None, :]
     c_prev = tl.load(c_prev_ptr + hoff, mask=m_all, other=0.0, cache_modifier=".cg")
     c = f * c_prev + i * g
@@ -284,6 +288,7 @@ def fwd_step_kernel(
     H: tl.constexpr,
     P: tl.constexpr,
     HAS_PROJ: tl.constexpr,
+    SAVE_ACTS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -295,7 +300,7 @@ def fwd_step_kernel(
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     _fwd_cell(
         rows, n, B, cols, xg_ptr, h_prev_ptr, c_prev_ptr, c_out_ptr, acts_ptr, h_out_ptr, y_ptr, w_hh_ptr,
-        H, P, HAS_PROJ, BLOCK_B, BLOCK_H, BLOCK_K, ACC, PREC,
+        H, P, HAS_PROJ, SAVE_ACTS, BLOCK_B, BLOCK_H, BLOCK_K, ACC, PREC,
     )  # fmt: skip
 
 
@@ -436,6 +441,7 @@ def fwd_seq_kernel(
     P: tl.constexpr,
     HAS_PROJ: tl.constexpr,
     REVERSE: tl.constexpr,
+    SAVE_ACTS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -464,7 +470,7 @@ def fwd_seq_kernel(
             _fwd_cell(
                 rows, n, B, cols, xg_ptr + t * (B * 4 * H), hs_ptr + prev * (B * P), cs_ptr + prev * (B * H),
                 cs_ptr + out * (B * H), acts_ptr + t * (B * 4 * H), h_dst, y_ptr + t * (B * P), w_hh_ptr,
-                H, P, HAS_PROJ, BLOCK_B, BLOCK_H, BLOCK_K, ACC, PREC,
+                H, P, HAS_PROJ, SAVE_ACTS, BLOCK_B, BLOCK_H, BLOCK_K, ACC, PREC,
             )  # fmt: skip
         tl.debug_barrier()
         if HAS_PROJ:

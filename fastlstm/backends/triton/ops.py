@@ -9,8 +9,10 @@ the choice is made before the op by `choose_kernel`, so the op itself is determi
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -89,11 +91,108 @@ def _live_rows(batch_sizes: Tensor | None, T: int, B: int) -> list[int]:
     return [B] * T if batch_sizes is None else [int(n) for n in batch_sizes.tolist()]
 
 
+def on_input_device(fn):
+    """Run `fn` with its first argument's CUDA device current: triton launches on the current device and its
+    stream, whatever device the tensors live on (a model on cuda:1 without torch.cuda.set_device(1))."""
+
+    @functools.wraps(fn)
+    def wrapper(first: Tensor, *args, **kwargs):
+        if first.device.type != "cuda":
+            return fn(first, *args, **kwargs)
+        with torch.cuda.device(first.device):
+            return fn(first, *args, **kwargs)
+
+    return wrapper
+
+
 def _padded_sizes(live: list[int], device: torch.device) -> Tensor:
     """bs[T+2] int32 with bs[t+1] = live rows of time t and zeros at both ends (see kernels.py)."""
     return torch.tensor([0, *live, 0], dtype=torch.int32, device=device)
 
 
+class ForwardBuffers(NamedTuple):
+    """What the forward loop reads and writes: xg [T,B,4H] (x @ w_ih^T + b), hs [T+1,B,P] and cs [T+1,B,H] (the
+    states, the initial one in slot T when reverse, else 0), acts [T,B,4H], r [T,B,H] ([0] without a
+    projection), y [T,B,P], and the weights the kernels read (w_hr is w_hh's pointer without a projection)."""
+
+    xg: Tensor
+    hs: Tensor
+    cs: Tensor
+    acts: Tensor
+    r: Tensor
+    y: Tensor
+    w_hh: Tensor
+    w_hr: Tensor
+
+
+def forward_buffers(T: int, B: int, H: int, P: int, dtype: torch.dtype, device: torch.device, has_proj: bool,
+                    save_acts: bool, xg: Tensor | None = None, w_hh: Tensor | None = None,
+                    w_hr: Tensor | None = None) -> ForwardBuffers:  # fmt: skip
+    """Buffers for one layer's forward loop; xg and the weights are allocated when not given, acts only when
+    saved for backward (inference leaves it empty: it is the largest buffer, fp32 [T, B, 4H])."""
+    cdt = _compute_dtype(dtype)
+    if xg is None:
+        xg = torch.empty(T, B, 4 * H, dtype=dtype, device=device)
+    if w_hh is None:
+        w_hh = torch.empty(4 * H, P, dtype=dtype, device=device)
+    if w_hr is None:
+        w_hr = torch.empty(P, H, dtype=dtype, device=device) if has_proj else w_hh
+    return ForwardBuffers(
+        xg=xg,
+        hs=torch.empty(T + 1, B, P, dtype=dtype, device=device),
+        cs=torch.empty(T + 1, B, H, dtype=cdt, device=device),
+        acts=torch.empty(T, B, 4 * H, dtype=cdt, device=device) if save_acts else xg.new_empty(0, dtype=cdt),
+        r=torch.empty(T, B, H, dtype=dtype, device=device) if has_proj else xg.new_empty(0),
+        y=torch.empty(T, B, P, dtype=dtype, device=device),
+        w_hh=w_hh,
+        w_hr=w_hr,
+    )
+
+
+def run_forward_loop(buf: ForwardBuffers, live: list[int], reverse: bool, has_proj: bool, kernel: str) -> None:
+    """The time loop over buffers whose initial state slot is filled: one launch (sequence) or T (step)."""
+    import triton
+
+    from fastlstm.backends.triton import kernels
+
+    T, B, P = buf.y.shape
+    H = buf.cs.shape[2]
+    blk = _blocks(B, H, P, kernel)
+    common = dict(ACC=_tl_acc(buf.y.dtype), PREC=_precision(buf.y.dtype), **LAUNCH_OPTIONS)
+    save_acts = buf.acts.numel() > 0
+    if kernel == "sequence":
+        bs = _padded_sizes(live, buf.y.device)
+        grid = (triton.cdiv(B, blk["BLOCK_B"]),)
+        kernels.fwd_seq_kernel[grid](
+            buf.xg, buf.hs, buf.cs, buf.acts, buf.r, buf.y, buf.w_hh, buf.w_hr, bs, T, B, H=H, P=P,
+            HAS_PROJ=has_proj, REVERSE=reverse, SAVE_ACTS=save_acts, **blk, **common,
+        )  # fmt: skip
+        return
+    grid_h = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(H, blk["BLOCK_H"]))
+    grid_p = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(P, blk["BLOCK_P"]))
+    hs, cs, r = buf.hs, buf.cs, buf.r
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        prev, out = (t + 1, t) if reverse else (t, t + 1)
+        kernels.fwd_step_kernel[grid_h](
+            buf.xg[t], hs[prev], cs[prev], cs[out], buf.acts[t] if save_acts else buf.acts,
+            r[t] if has_proj else hs[out], buf.y[t], buf.w_hh, live[t], B, H=H, P=P, HAS_PROJ=has_proj,
+            SAVE_ACTS=save_acts, BLOCK_B=blk["BLOCK_B"], BLOCK_H=blk["BLOCK_H"], BLOCK_K=blk["BLOCK_K"], **common,
+        )  # fmt: skip
+        if has_proj:
+            kernels.fwd_proj_kernel[grid_p](
+                r[t], buf.w_hr, hs[prev], hs[out], buf.y[t], live[t], B, H=H, P=P, BLOCK_B=blk["BLOCK_B"],
+                BLOCK_P=blk["BLOCK_P"], BLOCK_K=blk["BLOCK_K"], **common,
+            )  # fmt: skip
+
+
+def final_state(buf: ForwardBuffers, reverse: bool) -> tuple[Tensor, Tensor]:
+    """hT, cT (fresh tensors, cT in the input dtype) of a finished loop."""
+    last = 0 if reverse else buf.y.shape[0]
+    return buf.hs[last].clone(), buf.cs[last].to(buf.y.dtype, copy=True)
+
+
+@on_input_device
 def forward_impl(
     x: Tensor,
     h0: Tensor,
@@ -105,60 +204,24 @@ def forward_impl(
     batch_sizes: Tensor | None,
     reverse: bool,
     kernel: str,
+    save_acts: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    import triton
-
-    from fastlstm.backends.triton import kernels
-
     T, B, _ = x.shape
     H = w_hh.shape[0] // 4
     P = w_hh.shape[1]
-    dtype = x.dtype
-    cdt = _compute_dtype(dtype)
     has_proj = w_hr is not None
     xg = torch.nn.functional.linear(x, w_ih, b).contiguous()  # [T, B, 4H], every step in one GEMM
-    hs = torch.empty(T + 1, B, P, dtype=dtype, device=x.device)
-    cs = torch.empty(T + 1, B, H, dtype=cdt, device=x.device)
+    buf = forward_buffers(T, B, H, P, x.dtype, x.device, has_proj, save_acts, xg=xg, w_hh=w_hh.contiguous(),
+                          w_hr=w_hr.contiguous() if has_proj else None)  # fmt: skip
     first = T if reverse else 0
-    hs[first] = h0
-    cs[first] = c0
-    acts = torch.empty(T, B, 4 * H, dtype=cdt, device=x.device)
-    y = torch.empty(T, B, P, dtype=dtype, device=x.device)
-    r = torch.empty(T, B, H, dtype=dtype, device=x.device) if has_proj else x.new_empty(0)
-    w_hh = w_hh.contiguous()
-    w_hr_c = w_hr.contiguous() if has_proj else w_hh  # placeholder pointer when there is no projection
-    live = _live_rows(batch_sizes, T, B)
-    blk = _blocks(B, H, P, kernel)
-    common = dict(ACC=_tl_acc(dtype), PREC=_precision(dtype), **LAUNCH_OPTIONS)
-    if kernel == "sequence":
-        bs = _padded_sizes(live, x.device)
-        grid = (triton.cdiv(B, blk["BLOCK_B"]),)
-        kernels.fwd_seq_kernel[grid](
-            xg, hs, cs, acts, r, y, w_hh, w_hr_c, bs, T, B, H=H, P=P, HAS_PROJ=has_proj, REVERSE=reverse,
-            **blk, **common,
-        )  # fmt: skip
-    else:
-        grid_h = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(H, blk["BLOCK_H"]))
-        grid_p = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(P, blk["BLOCK_P"]))
-        for s in range(T):
-            t = T - 1 - s if reverse else s
-            prev, out = (t + 1, t) if reverse else (t, t + 1)
-            kernels.fwd_step_kernel[grid_h](
-                xg[t], hs[prev], cs[prev], cs[out], acts[t], r[t] if has_proj else hs[out], y[t], w_hh, live[t], B,
-                H=H, P=P, HAS_PROJ=has_proj, BLOCK_B=blk["BLOCK_B"], BLOCK_H=blk["BLOCK_H"], BLOCK_K=blk["BLOCK_K"],
-                **common,
-            )  # fmt: skip
-            if has_proj:
-                kernels.fwd_proj_kernel[grid_p](
-                    r[t], w_hr_c, hs[prev], hs[out], y[t], live[t], B, H=H, P=P, BLOCK_B=blk["BLOCK_B"],
-                    BLOCK_P=blk["BLOCK_P"], BLOCK_K=blk["BLOCK_K"], **common,
-                )  # fmt: skip
-    last = 0 if reverse else T
-    hT = hs[last].clone()
-    cT = cs[last].to(dtype, copy=True)
-    return y, hT, cT, acts, hs, cs, r
+    buf.hs[first] = h0
+    buf.cs[first] = c0
+    run_forward_loop(buf, _live_rows(batch_sizes, T, B), reverse, has_proj, kernel)
+    hT, cT = final_state(buf, reverse)
+    return buf.y, hT, cT, buf.acts, buf.hs, buf.cs, buf.r
 
 
+@on_input_device
 def backward_impl(
     grad_y: Tensor,
     grad_hT: Tensor,
@@ -404,8 +467,16 @@ def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | No
     )  # fmt: skip
     if torch.compiler.is_compiling():
         y, hT, cT, *_ = triton_forward(*inputs)
-    else:
+        return y, hT, cT
+    from fastlstm.backends.triton import graphs
+
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:7])
+    if needs_grad:
         y, hT, cT, *_ = _EagerLayer.apply(*inputs)
+    elif graphs.applies(x, w_hh, w_hr, batch_sizes, chosen):
+        y, hT, cT = graphs.forward(*inputs[:7], inputs[8])
+    else:
+        y, hT, cT, *_ = forward_impl(*inputs, save_acts=False)
     return y, hT, cT
 
 

@@ -1,0 +1,168 @@
+"""Inference through the step kernel, replayed as a CUDA graph.
+
+The step kernel launches once per time step (twice with a projection). From Python each launch costs the
+host several microseconds, which at small batch is longer than the kernel runs, so the GPU waits on the
+launcher. A CUDA graph of the whole loop launches it as one unit.
+
+How: the first inference call of a configuration runs the loop as usual (that compiles the kernels, which
+must not happen inside a capture); the second captures the loop over buffers kept for that configuration
+and replays it; later ones only replay. Each call copies its inputs into the kept buffers (the input
+projection is written there directly) and copies the results out, so a graph never holds a caller's tensor,
+and a weight updated in place between calls is read afresh. Calls that need gradients, packed input (whose
+per-step sizes would be baked into the graph), the sequence kernel (one launch already) and calls made while
+the caller is capturing a graph of its own run the loop as usual.
+
+Configurations are keyed by sizes, flags, dtype, device and stream; the most recently used are kept, at
+most MAX_GRAPHS of them holding MAX_BYTES of buffers (about T*B*(4H + 2P) elements each, c in fp32); a
+configuration needing more than MAX_BYTES_ONE runs step by step. FASTLSTM_TRITON_GRAPHS=0 turns graphs
+off. A capture that fails warns once and turns them off for the process; the call that failed runs the loop
+as usual.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fastlstm.backends.triton import ops
+
+ENV = "FASTLSTM_TRITON_GRAPHS"
+MAX_GRAPHS = 8
+# Memory the kept buffers may hold, all graphs together, and one configuration at most: a loop that needs
+# more is long enough per step that its launches do not show, and runs step by step.
+MAX_BYTES = 1 << 30
+MAX_BYTES_ONE = MAX_BYTES // 4
+# Devices whose calls are graphed (tests add "cpu", with `capture` replaced by a re-run of the loop).
+DEVICES = ("cuda",)
+
+
+def capture(loop: Callable[[], None]) -> Callable[[], None]:
+    """Capture `loop`'s launches in a CUDA graph on the current device; returns what replays it."""
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: another thread's unrelated CUDA work during the capture neither breaks it nor is caught.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        loop()
+    return graph.replay
+
+
+@dataclass
+class _Graph:
+    buffers: ops.ForwardBuffers
+    lock: threading.Lock
+    nbytes: int
+    replay: Callable[[], None] | None = None  # set by the capture
+    warmed: bool = False  # the loop ran once uncaptured, so its kernels are compiled
+
+
+_graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
+_graphs_lock = threading.Lock()
+_disabled_reason: str | None = None
+
+
+def _stream_key(device: torch.device):
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+
+
+def buffer_bytes(T: int, B: int, H: int, P: int, dtype: torch.dtype, has_proj: bool) -> int:
+    """Bytes of one configuration's kept buffers (ops.forward_buffers without acts)."""
+    size, state = torch.empty(0, dtype=dtype).element_size(), 8 if dtype == torch.float64 else 4
+    elements = T * B * 4 * H + (T + 1) * B * P + T * B * P + 4 * H * P  # xg, hs, y, w_hh
+    if has_proj:
+        elements += T * B * H + P * H  # r, w_hr
+    return elements * size + (T + 1) * B * H * state  # + cs
+
+
+def applies(x: Tensor, w_hh: Tensor, w_hr: Tensor | None, batch_sizes: Tensor | None, kernel: str) -> bool:
+    """Whether this inference call runs through a graph."""
+    if batch_sizes is not None or kernel != "step" or x.device.type not in DEVICES:
+        return False
+    T, B, _ = x.shape
+    if buffer_bytes(T, B, w_hh.shape[0] // 4, w_hh.shape[1], x.dtype, w_hr is not None) > MAX_BYTES_ONE:
+        return False
+    if _disabled_reason is not None or os.environ.get(ENV, "1") == "0":
+        return False
+    return not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _entry(key: tuple, make: Callable[[], _Graph]) -> _Graph:
+    """The kept graph of `key` (now the most recently used), or a new one."""
+    with _graphs_lock:
+        graph = _graphs.get(key)
+        if graph is not None:
+            _graphs.move_to_end(key)
+            return graph
+        graph = _graphs[key] = make()
+        while len(_graphs) > MAX_GRAPHS or sum(g.nbytes for g in _graphs.values()) > MAX_BYTES:
+            _graphs.popitem(last=False)  # the newest one always fits: applies() bounds it by MAX_BYTES_ONE
+        return graph
+
+
+@ops.on_input_device
+def forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Tensor | None,
+            w_hr: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """y, hT, cT of one dense inference call through the step kernel (the caller checked `applies`)."""
+    global _disabled_reason
+    T, B, I = x.shape
+    H, P = w_hh.shape[0] // 4, w_hh.shape[1]
+    has_proj = w_hr is not None
+    key = (x.device, _stream_key(x.device), x.dtype, T, B, H, P, has_proj, bool(reverse), ops._precision(x.dtype))
+
+    def make() -> _Graph:
+        buf = ops.forward_buffers(T, B, H, P, x.dtype, x.device, has_proj, save_acts=False)
+        nbytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in buf}.values())
+        return _Graph(buffers=buf, lock=threading.Lock(), nbytes=nbytes)
+
+    graph = _entry(key, make)
+    buf = graph.buffers
+    first = T if reverse else 0
+    # Held until the results are copied out: the kept buffers serve one call at a time (calls on one stream
+    # run in the order they were issued, so releasing after the copies are queued is enough).
+    with graph.lock:
+        xg2 = buf.xg.view(T * B, 4 * H)
+        if b is None:
+            torch.mm(x.reshape(T * B, I), w_ih.t(), out=xg2)
+        else:
+            torch.addmm(b, x.reshape(T * B, I), w_ih.t(), out=xg2)
+        buf.w_hh.copy_(w_hh)
+        if has_proj:
+            buf.w_hr.copy_(w_hr)
+        buf.hs[first].copy_(h0)
+        buf.cs[first].copy_(c0)
+
+        def loop() -> None:
+            ops.run_forward_loop(buf, [B] * T, reverse, has_proj, "step")
+
+        if graph.replay is None and graph.warmed:
+            try:
+                graph.replay = capture(loop)
+            except Exception as error:  # the loop itself ran before: it is the capture that failed
+                _disabled_reason = f"{type(error).__name__}: {error}"
+                warnings.warn(
+                    f"fastlstm: capturing the triton step loop in a CUDA graph failed ({_disabled_reason}); "
+                    f"running it launch by launch from now on (set {ENV}=0 to skip the attempt)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                with _graphs_lock:
+                    _graphs.clear()
+        if graph.replay is None:
+            loop()
+            graph.warmed = True
+        else:
+            graph.replay()
+        y = buf.y.clone()
+        hT, cT = ops.final_state(buf, reverse)
+    return y, hT, cT
+
+
+def clear() -> None:
+    """Forget every kept graph and its buffers."""
+    with _graphs_lock:
+        _graphs.clear()

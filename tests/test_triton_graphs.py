@@ -1,0 +1,186 @@
+"""The step kernel's inference loop replayed as a CUDA graph (fastlstm/backends/triton/graphs.py).
+
+Without a GPU the graph machinery runs on CPU tensors under the interpreter with `capture` replaced by a
+recorder whose "replay" runs the recorded loop again over the kept buffers. So everything but the CUDA capture
+itself is checked here: that each call's inputs reach the buffers the loop reads, that results are copied
+out (a later call does not change an earlier result), that weights updated in place are read afresh, the
+warm-up, the eviction, and the fallback when a capture fails. The cuda-marked tests capture for real.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from fastlstm.backends.triton import graphs  # noqa: E402
+from fastlstm.backends.triton import ops as triton_ops  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPE = torch.float32 if HAS_CUDA else torch.float64
+
+
+class Recorder:
+    """Stands in for the CUDA capture: counts captures, and replays by running the captured loop again."""
+
+    def __init__(self, fail: bool = False):
+        self.captures = 0
+        self.fail = fail
+
+    def __call__(self, loop):
+        self.captures += 1
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return loop
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    graphs.clear()
+    rec = Recorder()
+    if not HAS_CUDA:
+        monkeypatch.setattr(graphs, "DEVICES", ("cuda", "cpu"))
+        monkeypatch.setattr(graphs, "capture", rec)
+    monkeypatch.setattr(graphs, "_disabled_reason", None)
+    monkeypatch.delenv(graphs.ENV, raising=False)
+    yield rec
+    graphs.clear()
+
+
+def _inputs(T, B, I, H, proj=0, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=0.4):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(DEVICE, DTYPE)
+
+    P = proj or H
+    return dict(
+        x=rnd(T, B, I, scale=1.0),
+        h0=rnd(B, P, scale=1.0),
+        c0=rnd(B, H, scale=1.0),
+        w_ih=rnd(4 * H, I),
+        w_hh=rnd(4 * H, P),
+        b=rnd(4 * H) if bias else None,
+        w_hr=rnd(P, H) if proj else None,
+    )
+
+
+def _plain(t: dict, reverse: bool):
+    """The same call through the op's loop, launch by launch."""
+    y, hT, cT, *_ = triton_ops.forward_impl(*t.values(), None, reverse, "step")
+    return y, hT, cT
+
+
+def _graphed(t: dict, reverse: bool):
+    with torch.no_grad():
+        return triton_ops.layer(*t.values(), None, reverse, "step")
+
+
+CONFIGS = [
+    pytest.param(dict(T=4, B=3, I=5, H=7), False, id="T4-B3-H7"),
+    pytest.param(dict(T=3, B=2, I=4, H=6, proj=3), True, id="T3-B2-H6-proj3-rev"),
+    pytest.param(dict(T=5, B=1, I=3, H=5, bias=False), True, id="T5-B1-H5-nobias-rev"),
+]
+
+
+@pytest.mark.parametrize("sizes, reverse", CONFIGS)
+def test_every_call_matches_the_plain_loop(sizes, reverse, recorder):
+    """Calls 1 (warm-up), 2 (capture) and 3-4 (replays) with fresh inputs each, a weight updated in place
+    before the last: each equals the plain loop on its own inputs, and earlier results stay as they were."""
+    results, expected = [], []
+    for call in range(4):
+        if call < 3:
+            t = _inputs(**sizes, seed=call)
+        else:
+            with torch.no_grad():  # call 2's tensors, one weight changed in place
+                t["w_hh"].mul_(1.5)
+        results.append(_graphed(t, reverse))
+        expected.append(_plain(t, reverse))
+        assert recorder.captures == (0 if call == 0 else 1) or HAS_CUDA
+    for got, want in zip(results, expected):
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert len(graphs._graphs) == 1
+    assert next(iter(graphs._graphs.values())).replay is not None
+
+
+def test_calls_that_are_not_graphed(recorder):
+    t = _inputs(T=3, B=2, I=3, H=4)
+    x, w_hh = t["x"], t["w_hh"]
+    assert graphs.applies(x, w_hh, None, None, "step")
+    assert not graphs.applies(x, w_hh, None, torch.tensor([2, 2, 1]), "step")  # packed
+    assert not graphs.applies(x, w_hh, None, None, "sequence")  # one launch already
+    os.environ[graphs.ENV] = "0"
+    try:
+        assert not graphs.applies(x, w_hh, None, None, "step")
+    finally:
+        del os.environ[graphs.ENV]
+    # Through the layer: a call needing gradients keeps its autograd graph and makes no graph entry.
+    leaves = {k: (v.requires_grad_(True) if v is not None else None) for k, v in t.items()}
+    y, _, _ = triton_ops.layer(*leaves.values(), None, False, "step")
+    assert y.requires_grad and not graphs._graphs
+
+
+def test_least_recently_used_graphs_are_dropped(recorder, monkeypatch):
+    monkeypatch.setattr(graphs, "MAX_GRAPHS", 2)
+    for T in (2, 3, 2, 4):  # T=3 is the least recently used when T=4 arrives
+        _graphed(_inputs(T=T, B=2, I=3, H=4), False)
+    kept = sorted(key[3] for key in graphs._graphs)
+    assert kept == [2, 4]
+
+
+def test_kept_buffers_stay_within_their_memory_budget(recorder, monkeypatch):
+    sizes = dict(B=2, I=3, H=4, proj=3)
+    one = graphs.buffer_bytes(5, 2, 4, 3, DTYPE, True)
+    _graphed(_inputs(T=5, **sizes), False)
+    assert [g.nbytes for g in graphs._graphs.values()] == [one]  # the estimate is what was allocated
+    monkeypatch.setattr(graphs, "MAX_BYTES", 2 * one + 1)
+    monkeypatch.setattr(graphs, "MAX_BYTES_ONE", one)
+    _graphed(_inputs(T=4, **sizes), False)
+    _graphed(_inputs(T=3, **sizes), False)  # three no longer fit: T=5 (least recent) goes
+    assert sorted(key[3] for key in graphs._graphs) == [3, 4]
+    big = _inputs(T=6, **sizes)
+    assert not graphs.applies(big["x"], big["w_hh"], big["w_hr"], None, "step")  # over MAX_BYTES_ONE
+    _graphed(big, False)
+    assert sorted(key[3] for key in graphs._graphs) == [3, 4]
+
+
+def test_a_failing_capture_warns_once_and_the_loop_runs_plainly(recorder, monkeypatch):
+    if HAS_CUDA:
+        monkeypatch.setattr(graphs, "DEVICES", ("cuda",))
+    failing = Recorder(fail=True)
+    monkeypatch.setattr(graphs, "capture", failing)
+    sizes = dict(T=3, B=2, I=3, H=4)
+    _graphed(_inputs(**sizes, seed=0), False)  # warm-up: nothing captured yet
+    t = _inputs(**sizes, seed=1)
+    with pytest.warns(RuntimeWarning, match="CUDA graph failed"):
+        got = _graphed(t, False)
+    for g, w in zip(got, _plain(t, False)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert failing.captures == 1
+    assert not graphs.applies(t["x"], t["w_hh"], None, None, "step")  # off for the rest of the process
+    assert not graphs._graphs
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replays_a_stream_of_calls():
+    """A real capture: many calls of one configuration, each against the launch-by-launch loop."""
+    graphs.clear()
+    sizes = dict(T=16, B=8, I=32, H=320, proj=64)
+    for call in range(5):
+        t = _inputs(**sizes, seed=call)
+        got = _graphed(t, reverse=call % 2 == 1)
+        want = _plain(t, reverse=call % 2 == 1)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert all(graph.replay is not None for graph in graphs._graphs.values())
+    graphs.clear()
