@@ -9,6 +9,9 @@
 #   bash benchmarks/gpu_check.sh --dry-run   # CPU smoke test: cuda tests skip, tiny grid under TRITON_INTERPRET=1
 #
 # Exit status: 0 when both steps passed, else the first failing step's status.
+#
+# With device time left after it: `python benchmarks/gpu_tune.py` (about 4 minutes) times other tile sizes and
+# warps per kernel against nn.LSTM, for setting ops._blocks and the launch options from measurements.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."

@@ -273,12 +273,12 @@ def markdown(head: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(out_dir: str, stem: str, head: dict, rows: list[dict]) -> None:
+def write(out_dir: str, stem: str, head: dict, rows: list[dict], render=None) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
         json.dump({"header": head, "rows": rows}, f, indent=1)
     with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
-        f.write(markdown(head, rows))
+        f.write((render or markdown)(head, rows))
 
 
 def main(argv=None) -> int:

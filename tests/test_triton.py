@@ -587,3 +587,32 @@ def test_launches_follow_the_tensors_device(monkeypatch):
     assert wrapped(torch.zeros(1)) == "result" and entered == []  # CPU tensors: no CUDA device touched
     for launcher in (triton_ops.forward_impl, triton_ops.backward_impl):
         assert launcher.__wrapped__ is not None  # both launchers go through the guard
+
+
+def test_launch_configuration_from_the_environment(monkeypatch):
+    """FASTLSTM_TRITON_CONFIG (for benchmarks/gpu_tune.py) overrides tiles and launch options; bad values raise
+    before anything launches, and the kernels give the same numbers with other tiles."""
+    default = triton_ops._blocks(40, 100, 100, "step")
+    monkeypatch.setenv(triton_ops.ENV_CONFIG, "BLOCK_K=16, num_warps=8,BLOCK_H=16")
+    assert triton_ops._blocks(40, 100, 100, "step") == dict(default, BLOCK_K=16, BLOCK_H=16)
+    assert triton_ops._launch_options() == dict(triton_ops.LAUNCH_OPTIONS, num_warps=8)
+    case = Case(4, 3, 5, 40, proj=20, packed=True)
+    tensors, bs = _layer_inputs(case, torch.float32)
+    for kernel in KERNELS:
+        got = _outputs_and_grads(
+            lambda k=kernel, **a: BACKEND.layer(**a, batch_sizes=bs, reverse=False, kernel=k), tensors
+        )
+        expected = _outputs_and_grads(lambda **a: reference.lstm_layer(**a, batch_sizes=bs, reverse=False), tensors)
+        _assert_close_all(got, expected, **TOL[torch.float32])
+    for bad, message in [
+        ("BLOCK_K=24", "power of two >= 16"),
+        ("BLOCK_H=8", "power of two >= 16"),
+        ("num_warps=3", "power of two"),
+        ("num_stages=0", "at least 1"),
+        ("BLOCK_Q=16", "NAME one of"),
+        ("num_warps", "NAME=INTEGER"),
+        ("num_warps=8,", "NAME=INTEGER"),
+    ]:
+        monkeypatch.setenv(triton_ops.ENV_CONFIG, bad)
+        with pytest.raises(ValueError, match=message):
+            triton_ops._blocks(4, 16, 16, "step")

@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 binary = triton.compile(
                     ASTSource(fn=launch.kernel, signature=launch.signature, constexprs=launch.constexprs),
                     target=target,
-                    options=ops.LAUNCH_OPTIONS,
+                    options=ops._launch_options(),  # with FASTLSTM_TRITON_CONFIG's num_warps / num_stages
                 )
             except Exception as error:  # report every kernel that fails, then fail the run
                 failures += 1

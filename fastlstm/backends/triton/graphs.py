@@ -112,7 +112,8 @@ def forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Te
     T, B, I = x.shape
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
     has_proj = w_hr is not None
-    key = (x.device, _stream_key(x.device), x.dtype, T, B, H, P, has_proj, bool(reverse), ops._precision(x.dtype))
+    precision, config = ops._precision(x.dtype), os.environ.get(ops.ENV_CONFIG)
+    key = (x.device, _stream_key(x.device), x.dtype, T, B, H, P, has_proj, bool(reverse), precision, config)
 
     def make() -> _Graph:
         buf = ops.forward_buffers(T, B, H, P, x.dtype, x.device, has_proj, save_acts=False)

@@ -25,6 +25,8 @@ from fastlstm.backends.native import BACKEND as NATIVE
 
 KERNELS = ("step", "sequence")
 ENV_KERNEL = "FASTLSTM_TRITON_KERNEL"
+ENV_CONFIG = "FASTLSTM_TRITON_CONFIG"
+CONFIG_KEYS = ("BLOCK_B", "BLOCK_H", "BLOCK_P", "BLOCK_K", "num_warps", "num_stages")
 # The sequence kernel runs one program per batch tile that loops over every hidden unit, so it pays off
 # where the per-step grid is small and launch overhead dominates. These bounds are a first guess, to be
 # tuned with benchmarks/gpu_grid.py on a GPU.
@@ -84,7 +86,43 @@ def _blocks(B: int, H: int, P: int, kernel: str) -> dict:
         block_b = 16 if B <= 16 else 32
     else:
         block_b = 16 if B <= 32 else 32
-    return dict(BLOCK_B=block_b, BLOCK_H=_block(H), BLOCK_P=_block(P), BLOCK_K=64 if min(H, P) >= 64 else 32)
+    blk = dict(BLOCK_B=block_b, BLOCK_H=_block(H), BLOCK_P=_block(P), BLOCK_K=64 if min(H, P) >= 64 else 32)
+    blk.update((k, v) for k, v in config_override().items() if k.startswith("BLOCK_"))
+    return blk
+
+
+def _launch_options() -> dict:
+    options = dict(LAUNCH_OPTIONS)
+    options.update((k, v) for k, v in config_override().items() if not k.startswith("BLOCK_"))
+    return options
+
+
+def config_override() -> dict[str, int]:
+    """Tile sizes and launch options from env FASTLSTM_TRITON_CONFIG, for tuning on a GPU (benchmarks/gpu_tune.py):
+    e.g. "BLOCK_B=16,BLOCK_H=32,BLOCK_K=32,num_warps=8". They apply to every launch of both kernels."""
+    text = os.environ.get(ENV_CONFIG, "")
+    return _parse_config(text) if text.strip() else {}
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_config(text: str) -> dict[str, int]:
+    config = {}
+    for item in (part.strip() for part in text.split(",")):
+        name, _, value = (s.strip() for s in item.partition("="))
+        if name not in CONFIG_KEYS or not value.isdigit():
+            raise ValueError(
+                f"{ENV_CONFIG} takes NAME=INTEGER items separated by commas, NAME one of {', '.join(CONFIG_KEYS)}; "
+                f"got {item!r} in {text!r}"
+            )
+        number = int(value)
+        if name.startswith("BLOCK_") and (number < 16 or number & (number - 1)):
+            raise ValueError(f"{ENV_CONFIG}: {name} must be a power of two >= 16 (tl.dot's least); got {number}")
+        if name == "num_warps" and (number < 1 or number & (number - 1)):
+            raise ValueError(f"{ENV_CONFIG}: num_warps must be a power of two; got {number}")
+        if name == "num_stages" and number < 1:
+            raise ValueError(f"{ENV_CONFIG}: num_stages must be at least 1; got {number}")
+        config[name] = number
+    return config
 
 
 def _live_rows(batch_sizes: Tensor | None, T: int, B: int) -> list[int]:
@@ -158,7 +196,7 @@ def run_forward_loop(buf: ForwardBuffers, live: list[int], reverse: bool, has_pr
     T, B, P = buf.y.shape
     H = buf.cs.shape[2]
     blk = _blocks(B, H, P, kernel)
-    common = dict(ACC=_tl_acc(buf.y.dtype), PREC=_precision(buf.y.dtype), **LAUNCH_OPTIONS)
+    common = dict(ACC=_tl_acc(buf.y.dtype), PREC=_precision(buf.y.dtype), **_launch_options())
     save_acts = buf.acts.numel() > 0
     if kernel == "sequence":
         bs = _padded_sizes(live, buf.y.device)
@@ -260,7 +298,7 @@ def backward_impl(
     dhy = torch.empty(T, B, P, dtype=dtype, device=dev) if has_proj else dh
     live = _live_rows(batch_sizes, T, B)
     blk = _blocks(B, H, P, kernel)
-    common = dict(ACC=_tl_acc(dtype), PREC=_precision(dtype), **LAUNCH_OPTIONS)
+    common = dict(ACC=_tl_acc(dtype), PREC=_precision(dtype), **_launch_options())
     first = T - 1 if reverse else 0  # the first step the forward pass processed
     if kernel == "sequence":
         bs = _padded_sizes(live, dev)
@@ -504,7 +542,7 @@ def self_test(call: LayerCall) -> str | None:
     kernel = choose_kernel(call.batch, call.hidden_size, call.out_size)
     key = (
         call.device_type, call.dtype, kernel, call.batch, call.input_size, call.hidden_size, call.proj_size,
-        call.bias, call.packed, call.reverse, call.needs_grad, _precision(call.dtype),
+        call.bias, call.packed, call.reverse, call.needs_grad, _precision(call.dtype), os.environ.get(ENV_CONFIG),
     )  # fmt: skip
     if key not in _SELF_TESTS:
         try:

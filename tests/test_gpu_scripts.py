@@ -1,5 +1,6 @@
-"""benchmarks/gpu_grid.py's pieces that decide what a GPU run measures and how it reports it (the run itself
-needs a GPU; `bash benchmarks/gpu_check.sh --dry-run` smoke-tests it on the CPU)."""
+"""benchmarks/gpu_grid.py's and gpu_tune.py's pieces that decide what a GPU run measures and how it reports it
+(the runs themselves need a GPU; `bash benchmarks/gpu_check.sh --dry-run` and `gpu_tune.py --dry-run`
+smoke-test them on the CPU)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,18 @@ import torch
 
 pytest.importorskip("triton")
 
-_spec = importlib.util.spec_from_file_location(
-    "gpu_grid", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_grid.py")
-)
-gpu_grid = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gpu_grid)
+BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_grid = _load("gpu_grid")
+gpu_tune = _load("gpu_tune")
 
 
 def _shape(batch, hidden, mode):
@@ -57,3 +65,24 @@ def test_markdown_rows_have_the_header_s_cells():
     cells = {line.count("|") for line in table}
     assert len(cells) == 1, table
     assert "step 1.33x" in table[2] and "RuntimeError: x / y" in table[3]
+
+
+def test_tune_candidates_are_valid_configurations():
+    from fastlstm.backends.triton import ops
+
+    for kernel, candidates in gpu_tune.CANDIDATES.items():
+        assert kernel in ops.KERNELS and candidates[0] == ""  # the default is always timed
+        for config in candidates[1:]:
+            assert ops._parse_config(config)
+
+
+def test_tune_markdown_marks_the_best_and_keeps_failures():
+    row = dict(_shape(64, 512, "inference"), kernel="step", status="ok", native_ms=3.0, best="num_warps=8",
+               candidates={"default": dict(ms=2.0, speedup=1.5), "num_warps=8": dict(ms=1.5, speedup=2.0),
+                           "BLOCK_K=32": dict(error="CompilationError: out of resources")})  # fmt: skip
+    skipped = dict(_shape(1, 256, "inference"), kernel="sequence", status="skipped", error="time budget spent")
+    text = gpu_tune.markdown(dict(gpu="g", torch="t", cuda="c", triton="tr", commit="x", date="d"), [row, skipped])
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1, table
+    assert "**num_warps=8: 2x**" in table[2] and "BLOCK_K=32: failed (CompilationError" in table[2]
+    assert "skipped: time budget spent" in table[3]

@@ -1,0 +1,222 @@
+"""Tile sizes and warps for the Triton kernels, timed against nn.LSTM (cuDNN) on the GPU at hand.
+
+    python benchmarks/gpu_tune.py [--out DIR] [--budget SECONDS]      # on a CUDA machine, after gpu_check.sh
+    TRITON_INTERPRET=1 python benchmarks/gpu_tune.py --dry-run         # tiny shapes on the CPU (smoke test)
+
+The launch configuration (fastlstm/backends/triton/ops.py `_blocks`, num_warps 4) was chosen without a GPU.
+Compiled for sm_90 it spills: in float32 the forward step kernel at batch 64, hidden 512 uses 255 registers and
+792 bytes of stack a thread; BLOCK_K=32 with 8 warps uses 186 registers and none (`tests/triton_compile.py
+--resources` with FASTLSTM_TRITON_CONFIG set). Which runs faster only a GPU can say: for a few shapes per
+kernel this times each candidate of CANDIDATES (through FASTLSTM_TRITON_CONFIG), interleaved with nn.LSTM,
+after checking its output against nn.LSTM's. A candidate that fails to compile or disagrees is recorded as
+such. Writes gpu_tune.json and gpu_tune.md to --out (default $OUT, else benchmarks/results/) after every shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gpu_grid  # noqa: E402  (the same model building, timing and header)
+
+# Per kernel: "" is the default configuration; the others override some of its tiles / launch options.
+CANDIDATES = {
+    "step": [
+        "",
+        "num_warps=8",
+        "BLOCK_K=32",
+        "BLOCK_K=32,num_warps=8",
+        "BLOCK_H=32",
+        "BLOCK_H=32,BLOCK_K=32",
+        "BLOCK_B=16,BLOCK_K=32",
+        "BLOCK_H=128,BLOCK_K=32,num_warps=8",
+        "num_stages=1",
+    ],
+    "sequence": [
+        "",
+        "num_warps=8",
+        "BLOCK_K=32",
+        "BLOCK_K=32,num_warps=8",
+        "BLOCK_H=32",
+        "BLOCK_H=128,num_warps=8",
+        "BLOCK_B=32,num_warps=8",
+        "num_stages=1",
+    ],
+}
+
+
+def shapes(dry_run: bool) -> list[dict]:
+    if dry_run:
+        return [
+            dict(batch=2, hidden=16, seq=3, layers=1, dtype="fp32", input=8, mode="inference", kernel="step"),
+            dict(batch=2, hidden=16, seq=3, layers=1, dtype="fp32", input=8, mode="training", kernel="sequence"),
+        ]
+    rows = [
+        dict(batch=64, hidden=512, dtype="fp32", mode="inference", kernel="step"),
+        dict(batch=64, hidden=512, dtype="bf16", mode="training", kernel="step"),
+        dict(batch=16, hidden=512, dtype="bf16", mode="inference", kernel="step"),
+        dict(batch=256, hidden=1024, dtype="bf16", mode="inference", kernel="step"),
+        dict(batch=1, hidden=256, dtype="bf16", mode="inference", kernel="sequence"),
+        dict(batch=16, hidden=256, dtype="fp32", mode="inference", kernel="sequence"),
+        dict(batch=16, hidden=128, dtype="bf16", mode="training", kernel="sequence"),
+        dict(batch=64, hidden=256, dtype="fp16", mode="inference", kernel="sequence"),
+    ]
+    return [dict(r, seq=100, layers=1, input=r["hidden"]) for r in rows]
+
+
+def candidate_runs(shape: dict, torch, device: str):
+    """(native run, {candidate: run}, {candidate: error}) for one shape; each run is a no-argument callable."""
+    from fastlstm.backends.triton import ops
+
+    dtype = getattr(torch, gpu_grid.DTYPES[shape["dtype"]])
+    gpu_grid.check_supported(shape, torch, device)
+    ref, fast, _ = gpu_grid.build(shape, torch, device)
+    x = torch.randn(shape["seq"], shape["batch"], shape["input"], device=device, dtype=dtype)
+    training = shape["mode"] == "training"
+    if training:
+        x.requires_grad_(True)
+
+    def step(model):
+        def go():
+            if training:
+                y, (h, c) = model(x)
+                (y.float().sum() + h.float().sum() + c.float().sum()).backward()
+            else:
+                with torch.no_grad():
+                    model(x)
+
+        return go
+
+    with torch.no_grad():
+        y_ref = ref(x)[0].float()
+    allowed = 2e-2 * (1.0 + y_ref.abs().max().item())  # the self-test's float32 / TF32 tolerance, loosened
+    runs, errors = {}, {}
+    for config in CANDIDATES[shape["kernel"]]:
+        env = {ops.ENV_KERNEL: shape["kernel"], ops.ENV_CONFIG: config}
+        try:
+            with torch.no_grad():
+                y = output_with(env, fast, x)
+            diff = (y.float() - y_ref).abs().max().item()
+            if not diff <= allowed:
+                errors[config] = f"max abs diff {diff:.3g} > {allowed:.3g}"
+                continue
+            runs[config] = gpu_grid.with_env(env, step(fast))
+            runs[config]()  # compiles the training kernels too
+        except Exception as error:
+            runs.pop(config, None)
+            errors[config] = f"{type(error).__name__}: {error}".strip()[:300]
+    return step(ref), runs, errors
+
+
+def output_with(env: dict[str, str], model, x):
+    """The model's output y with these environment variables set."""
+    got = []
+    gpu_grid.with_env(env, lambda: got.append(model(x)[0]))()
+    return got[0]
+
+
+def run_shape(shape: dict, torch, device: str, reps: int, max_seconds: float) -> dict:
+    native, runs, errors = candidate_runs(shape, torch, device)
+    providers = [native, *runs.values()]
+    for fn in providers:  # warm-up (graphs captured, cuDNN's algorithm picked)
+        fn()
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times: list[list[float]] = [[] for _ in providers]
+    t_start = time.perf_counter()
+    for k in range(reps):
+        order = list(zip(providers, times))
+        for fn, sink in order if k % 2 == 0 else order[::-1]:
+            sink.append(gpu_grid.timed(fn, torch, device))
+        if k >= 2 and time.perf_counter() - t_start > max_seconds:
+            break
+    nat, *meds = [statistics.median(t) for t in times]
+    results = {config or "default": dict(ms=ms, speedup=nat / ms) for config, ms in zip(runs, meds)}
+    results.update({config or "default": dict(error=e) for config, e in errors.items()})
+    best = min(runs, key=lambda c: results[c or "default"]["ms"], default=None)
+    return dict(status="ok", reps=len(times[0]), native_ms=nat, candidates=results,
+                best=None if best is None else best or "default")  # fmt: skip
+
+
+def markdown(head: dict, rows: list[dict]) -> str:
+    lines = [
+        "# fastlstm triton launch configurations vs nn.LSTM (cuDNN)",
+        "",
+        f"GPU: {head['gpu']} | torch {head['torch']} (CUDA {head['cuda']}) | triton {head['triton']} | "
+        f"commit {head['commit']} | {head['date']}",
+        "",
+        "Speedup of each FASTLSTM_TRITON_CONFIG over native (median native time / median candidate time), one",
+        "shape per row, every candidate and native interleaved in the same process; the best is in bold.",
+        "",
+        "| mode | dtype | batch | hidden | seq | kernel | native ms | candidates |",
+        "|---|---|---:|---:|---:|---|---:|---|",
+    ]
+    for r in rows:
+        head_cells = f"| {r['mode']} | {r['dtype']} | {r['batch']} | {r['hidden']} | {r['seq']} | {r['kernel']} |"
+        if r["status"] != "ok":
+            error = f"{r['status']}: {r.get('error', '')}".replace("|", "/").replace("\n", " ")[:160]
+            lines.append(f"{head_cells}  | {error} |")
+            continue
+        cells = []
+        for name, c in r["candidates"].items():
+            text = f"{name}: {c['speedup']:.3g}x" if "speedup" in c else f"{name}: failed ({c['error'][:60]})"
+            cells.append(f"**{text}**" if name == r["best"] else text)
+        lines.append(f"{head_cells} {r['native_ms']:.3f} | {'; '.join(cells).replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
+    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds for all shapes")
+    ap.add_argument("--reps", type=int, default=11, help="timed repetitions per candidate (at most)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if args.dry_run and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    if device == "cpu" and not args.dry_run:
+        print("gpu_tune: no CUDA device; use --dry-run for a CPU smoke test", file=sys.stderr)
+        return 2
+    sys.path.insert(0, ROOT)
+    head = gpu_grid.header(torch, device)
+    stem = "gpu_tune_dry_run" if args.dry_run else "gpu_tune"
+    deadline = time.perf_counter() + args.budget
+    todo = shapes(args.dry_run)
+    rows = []
+    for i, shape in enumerate(todo):
+        left = deadline - time.perf_counter()
+        row = dict(shape)
+        if left <= 0:
+            row.update(status="skipped", error="time budget spent")
+        else:
+            try:
+                row.update(run_shape(shape, torch, device, args.reps, max_seconds=min(20.0, left / 2)))
+            except Exception as e:
+                row.update(status="error", error=f"{type(e).__name__}: {e}".strip())
+                row["traceback"] = traceback.format_exc(limit=6)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        summary = f"best {row['best']}" if row["status"] == "ok" else f"{row['status']}: {row.get('error', '')[:120]}"
+        print(f"[{i + 1}/{len(todo)}] {shape['mode']} {shape['dtype']} B{shape['batch']} H{shape['hidden']} "
+              f"{shape['kernel']}: {summary}", flush=True)  # fmt: skip
+        gpu_grid.write(args.out, stem, head, rows, render=markdown)
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"gpu_tune: {ok}/{len(rows)} shapes ok; wrote {args.out}/{stem}.json and {stem}.md")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
