@@ -171,6 +171,31 @@ def test_a_failing_capture_warns_once_and_the_loop_runs_plainly(recorder, monkey
     assert not graphs._graphs
 
 
+def test_threads_sharing_a_configuration_get_their_own_results(recorder):
+    """Calls from several threads on one configuration (one set of kept buffers) each get their own numbers."""
+    import threading
+
+    sizes = dict(T=4, B=2, I=3, H=5)
+    inputs = [_inputs(**sizes, seed=k) for k in range(6)]
+    expected = [_plain(t, False) for t in inputs]
+    _graphed(inputs[0], False)  # warm-up, so the threads capture or replay
+    results: dict[int, tuple] = {}
+
+    def work(k: int) -> None:
+        for _ in range(3):
+            results[k] = _graphed(inputs[k], False)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for k, want in enumerate(expected):
+        for g, w in zip(results[k], want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert len(graphs._graphs) == 1
+
+
 @pytest.mark.cuda
 def test_cuda_graph_replays_a_stream_of_calls():
     """A real capture: many calls of one configuration, each against the launch-by-launch loop."""

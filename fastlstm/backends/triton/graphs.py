@@ -35,20 +35,31 @@ from fastlstm.backends.triton import ops
 
 ENV = "FASTLSTM_TRITON_GRAPHS"
 MAX_GRAPHS = 8
-# Memory the kept buffers may hold, all graphs together, and one configuration at most: a loop that needs
-# more is long enough per step that its launches do not show, and runs step by step.
-MAX_BYTES = 1 << 30
+# Memory the kept buffers may hold, all graphs together, and one configuration at most (clear() frees them): a
+# loop that needs more has steps long enough that launching them one by one keeps the GPU busy.
+MAX_BYTES = 256 << 20
 MAX_BYTES_ONE = MAX_BYTES // 4
 # Devices whose calls are graphed (tests add "cpu", with `capture` replaced by a re-run of the loop).
 DEVICES = ("cuda",)
 
 
+_capture_lock = threading.Lock()
+_capture_streams: dict[int, torch.cuda.Stream] = {}
+
+
 def capture(loop: Callable[[], None]) -> Callable[[], None]:
     """Capture `loop`'s launches in a CUDA graph on the current device; returns what replays it."""
     graph = torch.cuda.CUDAGraph()
-    # thread_local: another thread's unrelated CUDA work during the capture neither breaks it nor is caught.
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        loop()
+    # A side stream of our own per device (torch.cuda.graph's default is one stream for all devices, made on
+    # whichever was current first), one capture at a time on it. thread_local: another thread's unrelated CUDA
+    # work meanwhile neither breaks the capture nor is caught in it.
+    with _capture_lock:
+        device = torch.cuda.current_device()
+        if device not in _capture_streams:
+            _capture_streams[device] = torch.cuda.Stream(device)
+        stream = _capture_streams[device]
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            loop()
     return graph.replay
 
 
