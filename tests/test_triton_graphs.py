@@ -113,6 +113,18 @@ def test_every_call_matches_the_plain_loop(sizes, reverse, recorder):
     assert next(iter(graphs._graphs.values())).replay is not None
 
 
+def test_inference_mode_and_no_grad_share_a_configuration(recorder):
+    """Buffers made under torch.inference_mode are inference tensors, which may not be written outside it: a
+    configuration first met there must still serve no_grad calls, and the other way round."""
+    sizes = dict(T=3, B=2, I=3, H=4)
+    for call, mode in enumerate([torch.inference_mode, torch.no_grad, torch.inference_mode, torch.no_grad]):
+        t = _inputs(**sizes, seed=call)
+        with mode():
+            got = triton_ops.layer(*t.values(), None, False, "step")
+        for g, w in zip(got, _plain(t, False)):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_calls_that_are_not_graphed(recorder):
     t = _inputs(T=3, B=2, I=3, H=4)
     x, w_hh = t["x"], t["w_hh"]

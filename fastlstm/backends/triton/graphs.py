@@ -127,7 +127,10 @@ def forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Te
     key = (x.device, _stream_key(x.device), x.dtype, T, B, H, P, has_proj, bool(reverse), precision, config)
 
     def make() -> _Graph:
-        buf = ops.forward_buffers(T, B, H, P, x.dtype, x.device, has_proj, save_acts=False)
+        # Normal tensors even when this call runs under torch.inference_mode: inference tensors may not be
+        # written outside it, and later calls of this configuration may come from no_grad code.
+        with torch.inference_mode(False):
+            buf = ops.forward_buffers(T, B, H, P, x.dtype, x.device, has_proj, save_acts=False)
         nbytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in buf}.values())
         return _Graph(buffers=buf, lock=threading.Lock(), nbytes=nbytes)
 
