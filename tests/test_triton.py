@@ -356,6 +356,7 @@ def test_backend_answers():
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter's answers")
 def test_backend_answers_interpreter(monkeypatch):
     assert BACKEND.unsupported_reason(_call(dtype=torch.float64)) is None
+    assert BACKEND.unsupported_reason(_call(dtype=torch.float16)) is None
     assert "dtype" in BACKEND.unsupported_reason(_call(dtype=torch.bfloat16))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "TRITON_INTERPRET" in BACKEND.unavailable_reason()
@@ -500,6 +501,21 @@ CUDA_CASES = [
 
 def _max_errors(results: dict, ref: dict) -> dict:
     return {k: (results[k].double() - ref[k].double()).abs().max().item() for k in ref if ref[k] is not None}
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's float16; on a GPU the cuda test below covers it")
+@pytest.mark.parametrize("case, kernel", _params(CASES[:-1], KERNELS))
+def test_float16_error_at_most_twice_native(case, kernel):
+    """The half-precision path (h and the weights in float16 for tl.dot, c and sums in float32) under the
+    interpreter: error against a float64 reference at most 2x that of nn.LSTM in float16 on the CPU."""
+    ref = _nn_lstm_results(case, torch.float64, DEVICE)
+    native = _nn_lstm_results(case, torch.float16, DEVICE)
+    fast = _nn_lstm_results(case, torch.float16, DEVICE, _run_triton(kernel))
+    native_err, fast_err = _max_errors(native, ref), _max_errors(fast, ref)
+    for key in native_err:
+        assert fast[key].dtype == torch.float16, key
+        floor = (ref[key].to(torch.float16).double() - ref[key]).abs().max().item()
+        assert fast_err[key] <= 2 * native_err[key] + 2 * floor + 1e-6, (key, fast_err[key], native_err[key], floor)
 
 
 @pytest.mark.cuda

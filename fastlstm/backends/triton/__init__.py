@@ -12,9 +12,11 @@ Both have a backward of the same shape; the weight and input grads are torch GEM
 At inference the step kernel's loop is replayed as a CUDA graph from a configuration's second call on
 (graphs.py; FASTLSTM_TRITON_GRAPHS=0 turns that off).
 
-Dtypes: float32, bfloat16, float16 on CUDA; float32 and float64 under the interpreter (float64 is for
-gradcheck-grade tests; bf16/fp16 are not exercised by the interpreter, and float64 on CUDA is left to the
-native backend). c and every accumulation are fp32 (fp64 for float64).
+Dtypes: float32, bfloat16, float16 on CUDA; float32, float64 and float16 under the interpreter (float64 is
+for gradcheck-grade tests, float16 checks the half-precision casts; float64 on CUDA is left to the native
+backend). Not bfloat16: triton 3.6-3.9's interpreter multiplies bfloat16 tiles in tl.dot wrongly (a 16 x 16
+product of normal values came out ~1e10) and rounds float32 to bfloat16 differently from torch.
+c and every accumulation are fp32 (fp64 for float64).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from fastlstm.backends import Backend, LayerCall, LayerResult
 
 CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-INTERPRETER_DTYPES = (torch.float32, torch.float64)
+INTERPRETER_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
 def _interpreting() -> bool:
@@ -67,7 +69,7 @@ class TritonBackend(Backend):
             if not _interpreting():
                 return "triton runs on CPU tensors only under TRITON_INTERPRET=1"
             if call.dtype not in INTERPRETER_DTYPES:
-                return f"dtype {call.dtype} is not supported by the triton interpreter backend (float32/float64)"
+                return f"dtype {call.dtype} is not supported by the triton interpreter (float32/float64/float16)"
         else:
             return f"device {call.device_type!r} is not supported by the triton backend (cuda only)"
         if call.func_grad:
