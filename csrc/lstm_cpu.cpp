@@ -1717,15 +1717,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd_autograd(
 }  // namespace
 }  // namespace fastlstm
 
-// FRAGMENT: the Python side of fastlstm may define other ops in the same namespace.
+// The schemas of cpp_lstm_fwd / cpp_lstm_bwd are defined by fastlstm/backends/cpu.py when fastlstm is imported,
+// before this library is built or loaded: a saved torch.export program naming them then loads on a machine that
+// has never built it. This library adds their kernels. FRAGMENT: Python defines ops in the same namespace.
 TORCH_LIBRARY_FRAGMENT(fastlstm, m) {
-  m.def(
-      "cpp_lstm_fwd(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b, Tensor? w_hr, "
-      "Tensor? batch_sizes, bool reverse, bool save) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "cpp_lstm_bwd(Tensor grad_y, Tensor grad_hT, Tensor grad_cT, Tensor x, Tensor h0, Tensor c0, Tensor w_ih, "
-      "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, Tensor y, Tensor gates, Tensor c_hist, bool reverse, "
-      "bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cpp_kernel_choices() -> str", &fastlstm::kernel_choices);
   m.def("cpp_bf16_dot() -> bool", &fastlstm::use_bf16_dot);
 }

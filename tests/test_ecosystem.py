@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,6 +176,68 @@ def test_saved_export_loads_where_fastlstm_is_imported(backend, tmp_path):
     torch.export.save(program, tmp_path / "program.pt2")
     torch.save((tokens, program.module()(tokens)), tmp_path / "io.pt")
     proc = run_python("-c", _SAVED_PROGRAM_CHECK, str(tmp_path / "program.pt2"), str(tmp_path / "io.pt"))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+_NEVER_BUILT_CHECK = """
+import shutil, sys, torch
+import fastlstm
+from fastlstm.backends import cpu
+from fastlstm.backends.native import BACKEND as NATIVE
+
+program_path, io_path, built_dir, mode = sys.argv[1:]
+assert not any(cpu.cache_root().glob("cpp-*")), "the cache must start empty"
+program = torch.export.load(program_path)  # needs the ops' schemas, which import defines
+print("loaded")
+if mode == "broken compiler":
+    tokens, _ = torch.load(io_path)
+    try:
+        program.module()(tokens)
+    except RuntimeError as error:
+        assert "building the fastlstm C++ extension failed" in str(error), error
+        print("OK")
+    sys.exit(0)
+# Stands in for the first use's build (tens of seconds): this machine's library appears in the cache.
+shutil.copytree(built_dir, cpu.cache_root() / built_dir.rsplit("/", 1)[-1])
+if mode == "program":
+    tokens, expected = torch.load(io_path)
+    for got, want in zip(program.module()(tokens), expected):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+else:  # the op's first call needs gradients: the C++ autograd node must be recorded
+    torch.manual_seed(0)
+    inputs = [torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+              for shape in [(4, 2, 3), (2, 5), (2, 5), (20, 3), (20, 5), (20,)]]
+    y, hT, cT, _, _ = torch.ops.fastlstm.cpp_lstm_fwd(*inputs, None, None, False, True)
+    got = torch.autograd.grad((y.sum(), hT.sum(), cT.sum()), inputs)
+    y2, h2, c2 = NATIVE.layer(*inputs, None, None, False)
+    want = torch.autograd.grad((y2.sum(), h2.sum(), c2.sum()), inputs)
+    for g, w in zip((y, hT, cT, *got), (y2, h2, c2, *want)):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("mode", ["program", "first call with gradients", "broken compiler"])
+def test_saved_export_loads_where_the_cpp_backend_was_never_built(mode, tmp_path):
+    """import fastlstm defines the C++ ops' schemas before the library exists, so a saved program naming them
+    loads on a fresh machine; its first call builds the library (here: finds it appear in the cache) and runs it,
+    recording the C++ autograd node when gradients are needed; a failing build raises the build's error."""
+    from helpers import run_python
+
+    from fastlstm.backends import cpu
+
+    torch.manual_seed(0)
+    model = Tagger(backend="cpp").eval()
+    tokens = torch.randint(0, 10, (3, 5))
+    program = torch.export.export(model, (tokens,))
+    torch.export.save(program, tmp_path / "program.pt2")
+    torch.save((tokens, program.module()(tokens)), tmp_path / "io.pt")
+    built_dir = str(Path(cpu.build()).parent)
+    env = dict(os.environ, FASTLSTM_CACHE_DIR=str(tmp_path / "fresh-cache"))
+    if mode == "broken compiler":
+        env["FASTLSTM_CXX"] = str(tmp_path / "no-such-compiler")
+    args = [str(tmp_path / "program.pt2"), str(tmp_path / "io.pt"), built_dir, mode]
+    proc = run_python("-c", _NEVER_BUILT_CHECK, *args, env=env)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
 
 

@@ -6,7 +6,8 @@ Build and cache
     `~/.cache/fastlstm`, in a sub-directory named by a hash of the sources, torch and Python versions, the
     compiler, the flags and the CPU (the build uses -march=native). A finished build leaves a `BUILT` marker
     (the library's size and SHA-256); later processes load the library straight from there without running the
-    compiler, and `import fastlstm` does so too (saved torch.export programs name the ops). A library that no
+    compiler. `import fastlstm` defines the ops' schemas without loading anything (saved torch.export programs
+    name the ops, and load before any call); the first call of an op loads the library. A library that no
     longer matches its marker is never loaded (a truncated one crashed dlopen); the next first use rebuilds it.
     A build first logs one warning through the `fastlstm` logger (stderr by default): the call that triggers it
     blocks meanwhile.
@@ -16,7 +17,8 @@ Build and cache
     raises out of `unavailable_reason()`; it returns the compiler's error text, and `layer()` raises a
     RuntimeError naming it.
 
-Ops (namespace `fastlstm`; schemas, kernels and autograd (cpp_lstm_fwd's Autograd kernel) in C++, fakes here)
+Ops (namespace `fastlstm`; schemas and fakes here, at import; kernels and autograd (cpp_lstm_fwd's Autograd
+kernel) in C++, loaded on first use, with stand-ins that load them until then)
     cpp_lstm_fwd(x, h0, c0, w_ih, w_hh, b?, w_hr?, batch_sizes?, reverse, save) -> (y, hT, cT, gates, c_hist)
     cpp_lstm_bwd(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr?, batch_sizes?, y, gates, c_hist,
                  reverse, has_bias) -> (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
@@ -183,9 +185,8 @@ def _check_compiler() -> None:
         )
 
 
-def _build_and_load(verbose: bool, build: bool = True) -> str | None:
-    """Compile (or find in the cache) and load the library; returns its path. With build=False, None instead of
-    compiling when the cache holds no sound library. Raises on failure."""
+def _build_and_load(verbose: bool) -> str:
+    """Compile (or find in the cache) and load the library; returns its path. Raises on failure."""
     src = source_dir()
     key = _build_key(src)
     name = f"fastlstm_cpp_{key}"
@@ -193,8 +194,6 @@ def _build_and_load(verbose: bool, build: bool = True) -> str | None:
     marker = build_dir / "BUILT"
     lib = _cached_library(build_dir, name)
     if lib is None:
-        if not build:
-            return None
         from torch.utils import cpp_extension  # imports setuptools: only when building
 
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -211,6 +210,7 @@ def _build_and_load(verbose: bool, build: bool = True) -> str | None:
         _clear_stale_lock(build_dir)
         old_cxx = os.environ.get("CXX")
         os.environ["CXX"] = _compiler()
+        _drop_lazy_kernels()  # cpp_extension.load loads the library it builds
         try:
             lib_path = cpp_extension.load(
                 name=name,
@@ -221,6 +221,9 @@ def _build_and_load(verbose: bool, build: bool = True) -> str | None:
                 is_python_module=False,
                 verbose=verbose,
             )
+        except BaseException:
+            _register_lazy_kernels()  # the ops keep a kernel that reports the failure
+            raise
         finally:
             if old_cxx is None:
                 os.environ.pop("CXX", None)
@@ -233,35 +236,28 @@ def _build_and_load(verbose: bool, build: bool = True) -> str | None:
         tmp.write_text(_fingerprint(lib))
         os.replace(tmp, marker)  # atomic: other processes see either no marker or a complete one
     else:
-        torch.ops.load_library(str(lib))
-    _register_python_side()
+        _drop_lazy_kernels()
+        try:
+            torch.ops.load_library(str(lib))
+        except BaseException:
+            _register_lazy_kernels()
+            raise
     return str(lib)
 
 
-def _ensure(verbose: bool = False, build: bool = True) -> str | None:
-    """Build/load once per process. Returns None when the ops are available, else the reason (cached). With
-    build=False nothing compiles, and a cache without this machine's library leaves the outcome open."""
+def _ensure(verbose: bool = False) -> str | None:
+    """Build/load once per process. Returns None when the ops are available, else the reason (cached)."""
     if _state["done"]:
         return _state["error"]  # type: ignore[return-value]
     with _lock:
         if not _state["done"]:
             try:
-                path = _build_and_load(verbose, build)
-                if path is None:
-                    return "the C++ extension is not built yet"
-                _state["path"] = path
+                _state["path"] = _build_and_load(verbose)
             except Exception as error:  # noqa: BLE001 - a failed build must never crash the user's model
                 text = "".join(traceback.format_exception_only(type(error), error)).strip()
                 _state["error"] = f"building the fastlstm C++ extension failed (compiler {_compiler()!r}): {text}"
             _state["done"] = True
     return _state["error"]  # type: ignore[return-value]
-
-
-def load_if_built() -> bool:
-    """Load the C++ ops if this machine's build is already in the cache; never compiles. Programs saved with
-    torch.export.save or packaged by AOTInductor hold the ops by name, and only load in a process that has
-    them registered. True when the ops are loaded."""
-    return _ensure(build=False) is None
 
 
 @constant_under_compile
@@ -303,51 +299,94 @@ def uses_bf16_dot() -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Fake kernels, registered once the C++ schemas exist (autograd is the C++ side's).
+# The ops' schemas and fake kernels, defined at import whether or not the library is built: a program saved by
+# torch.export names the ops, and loads only where their schemas exist. Until the library loads, each op has a
+# stand-in kernel (on the CPU and Autograd keys) that builds or loads it and calls the op again, now served by
+# the library's kernels (the C++ Autograd kernel included); the stand-ins are dropped before the library loads.
 
-_registered = False
+FWD_SCHEMA = (
+    "cpp_lstm_fwd(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b, Tensor? w_hr, "
+    "Tensor? batch_sizes, bool reverse, bool save) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+BWD_SCHEMA = (
+    "cpp_lstm_bwd(Tensor grad_y, Tensor grad_hT, Tensor grad_cT, Tensor x, Tensor h0, Tensor c0, Tensor w_ih, "
+    "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, Tensor y, Tensor gates, Tensor c_hist, bool reverse, "
+    "bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_schemas = torch.library.Library("fastlstm", "FRAGMENT")
+_schemas.define(FWD_SCHEMA)
+_schemas.define(BWD_SCHEMA)
 
 
-def _register_python_side() -> None:
-    global _registered
-    if _registered:
+@torch.library.register_fake("fastlstm::cpp_lstm_fwd", lib=_schemas)
+def _fwd_fake(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save):
+    T, B = x.shape[0], x.shape[1]
+    H, P = w_hh.shape[0] // 4, w_hh.shape[1]
+    saved_dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+    y = x.new_empty((T, B, P))
+    hT = x.new_empty((B, P))
+    cT = x.new_empty((B, H))
+    if save:
+        gates = x.new_empty((T, B, 4 * H), dtype=saved_dtype)
+        c_hist = x.new_empty((T, B, H), dtype=saved_dtype)
+    else:
+        gates = x.new_empty((0,), dtype=saved_dtype)
+        c_hist = x.new_empty((0,), dtype=saved_dtype)
+    return y, hT, cT, gates, c_hist
+
+
+@torch.library.register_fake("fastlstm::cpp_lstm_bwd", lib=_schemas)
+def _bwd_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, reverse, has_bias):
+    H = w_hh.shape[0] // 4
+    db = x.new_empty((4 * H,)) if has_bias else x.new_empty((0,))
+    dw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else x.new_empty((0,))
+    # The kernel returns contiguous gradients whatever the inputs' strides: new_empty, not empty_like.
+    return (
+        x.new_empty(x.shape),
+        h0.new_empty(h0.shape),
+        c0.new_empty(c0.shape),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
+        db,
+        dw_hr,
+    )
+
+
+def _loaded_then(op_name: str):
+    """A stand-in kernel for op `op_name`: load (building if need be) the library, then call the op again."""
+
+    def kernel(*args):
+        error = _ensure()
+        if error is not None:
+            raise RuntimeError(error)
+        if _lazy["lib"] is not None:  # the library loaded but its kernels are not the ones serving: never loop
+            raise RuntimeError(f"fastlstm::{op_name}: the C++ library loaded without replacing the stand-in kernel")
+        return getattr(torch.ops.fastlstm, op_name).default(*args)
+
+    return kernel
+
+
+_lazy: dict[str, torch.library.Library | None] = {"lib": None}
+
+
+def _register_lazy_kernels() -> None:
+    if _lazy["lib"] is not None:
         return
+    lib = torch.library.Library("fastlstm", "IMPL")
+    fwd, bwd = _loaded_then("cpp_lstm_fwd"), _loaded_then("cpp_lstm_bwd")
+    lib.impl("cpp_lstm_fwd", fwd, "CPU")
+    lib.impl("cpp_lstm_fwd", fwd, "Autograd")  # so that the op's first call still records the C++ autograd node
+    lib.impl("cpp_lstm_bwd", bwd, "CPU")
+    _lazy["lib"] = lib
 
-    @torch.library.register_fake("fastlstm::cpp_lstm_fwd")
-    def _fwd_fake(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save):
-        T, B = x.shape[0], x.shape[1]
-        H, P = w_hh.shape[0] // 4, w_hh.shape[1]
-        saved_dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
-        y = x.new_empty((T, B, P))
-        hT = x.new_empty((B, P))
-        cT = x.new_empty((B, H))
-        if save:
-            gates = x.new_empty((T, B, 4 * H), dtype=saved_dtype)
-            c_hist = x.new_empty((T, B, H), dtype=saved_dtype)
-        else:
-            gates = x.new_empty((0,), dtype=saved_dtype)
-            c_hist = x.new_empty((0,), dtype=saved_dtype)
-        return y, hT, cT, gates, c_hist
 
-    @torch.library.register_fake("fastlstm::cpp_lstm_bwd")
-    def _bwd_fake(
-        grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, reverse, has_bias
-    ):
-        H = w_hh.shape[0] // 4
-        db = x.new_empty((4 * H,)) if has_bias else x.new_empty((0,))
-        dw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else x.new_empty((0,))
-        # The kernel returns contiguous gradients whatever the inputs' strides: new_empty, not empty_like.
-        return (
-            x.new_empty(x.shape),
-            h0.new_empty(h0.shape),
-            c0.new_empty(c0.shape),
-            w_ih.new_empty(w_ih.shape),
-            w_hh.new_empty(w_hh.shape),
-            db,
-            dw_hr,
-        )
+def _drop_lazy_kernels() -> None:
+    lib, _lazy["lib"] = _lazy["lib"], None
+    if lib is not None:
+        lib._destroy()
 
-    _registered = True
+
+_register_lazy_kernels()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -360,7 +399,9 @@ class CppBackend(Backend):
         return _availability()  # dispatch asks while torch.compile traces too
 
     def load_ops(self) -> None:
-        load_if_built()
+        # Nothing to do: importing this module defined the ops' schemas and stand-in kernels, which load the
+        # library at an op's first call (building it if this machine has not yet).
+        return None
 
     def unsupported_reason(self, call: LayerCall) -> str | None:
         if call.device_type != "cpu":
