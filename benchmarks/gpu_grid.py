@@ -159,6 +159,40 @@ def timed(fn, torch, device: str) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def make_step(model, x, training: bool, torch):
+    """One timed unit of work: inference (no_grad forward) or training (forward + backward of a scalar)."""
+
+    def go():
+        if training:
+            y, (h, c) = model(x)
+            (y.float().sum() + h.float().sum() + c.float().sum()).backward()
+        else:
+            with torch.no_grad():
+                model(x)
+
+    return go
+
+
+def interleaved_medians(providers: list, torch, device: str, reps: int, max_seconds: float) -> tuple[list, int]:
+    """Median milliseconds of each provider (a no-argument callable) and the rounds run: warm-up first (triton
+    compiles, cuDNN picks algorithms, the step loop's graph is captured), then rounds that time every provider
+    once, in alternating order, so that drift (clocks, other tenants) hits them alike."""
+    for _ in range(3):
+        for fn in providers:
+            fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times: list[list[float]] = [[] for _ in providers]
+    t_start = time.perf_counter()
+    for k in range(reps):
+        order = list(zip(providers, times))
+        for fn, sink in order if k % 2 == 0 else order[::-1]:
+            sink.append(timed(fn, torch, device))
+        if k >= 2 and time.perf_counter() - t_start > max_seconds:
+            break
+    return [statistics.median(t) for t in times], len(times[0])
+
+
 def run_shape(shape: dict, torch, device: str, reps: int, max_seconds: float) -> dict:
     check_supported(shape, torch, device)
     dtype = getattr(torch, DTYPES[shape["dtype"]])
@@ -167,42 +201,16 @@ def run_shape(shape: dict, torch, device: str, reps: int, max_seconds: float) ->
     training = shape["mode"] == "training"
     if training:
         x.requires_grad_(True)
-
-    def step(model):
-        def go():
-            if training:
-                y, (h, c) = model(x)
-                (y.float().sum() + h.float().sum() + c.float().sum()).backward()
-            else:
-                with torch.no_grad():
-                    model(x)
-
-        return go
-
-    run_native, run_fast = step(ref), step(fast)
-    variants = {name: with_env(env, step(fast)) for name, env in variant_envs(shape, torch).items()}
+    run_native, run_fast = make_step(ref, x, training, torch), make_step(fast, x, training, torch)
+    variants = {name: with_env(env, run_fast) for name, env in variant_envs(shape, torch).items()}
     # Accuracy against native in the same dtype (not a test: the tests assert; this is context for the table).
     with torch.no_grad():
         y_ref, _ = ref(x)
         y_fast, _ = fast(x)
         max_diff = (y_ref.float() - y_fast.float()).abs().max().item()
-    providers = [run_native, run_fast, *variants.values()]
-    for _ in range(3):  # warm-up: triton compiles, cuDNN picks algorithms, the step loop's graph is captured
-        for fn in providers:
-            fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    times: list[list[float]] = [[] for _ in providers]
-    t_start = time.perf_counter()
-    for k in range(reps):
-        # Interleaved, alternating the order, so drift (clocks, other tenants) hits every provider alike.
-        order = list(zip(providers, times))
-        for fn, sink in order if k % 2 == 0 else order[::-1]:
-            sink.append(timed(fn, torch, device))
-        if k >= 2 and time.perf_counter() - t_start > max_seconds:
-            break
-    nat, fst, *var = [statistics.median(t) for t in times]
-    return dict(status="ok", impl=impl, reps=len(times[0]), native_ms=nat, triton_ms=fst, speedup=nat / fst,
+    (nat, fst, *var), rounds = interleaved_medians([run_native, run_fast, *variants.values()], torch, device, reps,
+                                                   max_seconds)  # fmt: skip
+    return dict(status="ok", impl=impl, reps=rounds, native_ms=nat, triton_ms=fst, speedup=nat / fst,
                 max_abs_diff_y=max_diff,
                 variants={name: dict(ms=ms, speedup=nat / ms) for name, ms in zip(variants, var)})  # fmt: skip
 
@@ -243,13 +251,20 @@ def with_env(env: dict[str, str], fn):
     return go
 
 
-def markdown(head: dict, rows: list[dict]) -> str:
-    lines = [
-        "# fastlstm triton vs nn.LSTM (cuDNN)",
+def title_lines(title: str, head: dict) -> list[str]:
+    """A results page's title and the line naming the GPU, versions and commit."""
+    return [
+        f"# {title}",
         "",
         f"GPU: {head['gpu']} | torch {head['torch']} (CUDA {head['cuda']}) | triton {head['triton']} | "
         f"commit {head['commit']} | {head['date']}",
         "",
+    ]
+
+
+def markdown(head: dict, rows: list[dict]) -> str:
+    lines = [
+        *title_lines("fastlstm triton vs nn.LSTM (cuDNN)", head),
         "Speedup = median native time / median triton time (>1: triton faster). Interleaved runs, CUDA events.",
         "",
         "Other ways to run the shape, same process, interleaved: speedup over native of the kernel `auto` did not",
@@ -281,28 +296,25 @@ def write(out_dir: str, stem: str, head: dict, rows: list[dict], render=None) ->
         f.write((render or markdown)(head, rows))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
-    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
-    ap.add_argument("--budget", type=float, default=180.0, help="seconds for the whole grid")
-    ap.add_argument("--reps", type=int, default=15, help="timed repetitions per shape and side (at most)")
-    args = ap.parse_args(argv)
-
-    import torch
-
+def device_for(args, tool: str, torch) -> str | None:
+    """ "cuda", or "cpu" for a dry run (under the interpreter), or None (said on stderr) when there is no GPU."""
     if args.dry_run and not torch.cuda.is_available():
         # Must be set before triton is imported (fastlstm imports it lazily, on first use).
         os.environ.setdefault("TRITON_INTERPRET", "1")
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
     if device == "cpu" and not args.dry_run:
-        print("gpu_grid: no CUDA device; use --dry-run for a CPU smoke test", file=sys.stderr)
-        return 2
+        print(f"{tool}: no CUDA device; use --dry-run for a CPU smoke test", file=sys.stderr)
+        return None
     sys.path.insert(0, ROOT)
+    return device
+
+
+def run_all(tool: str, stem: str, shapes: list[dict], measure, label, summary, render, args, torch, device: str) -> int:
+    """measure(shape, torch, device, reps, max_seconds) for every shape within args.budget seconds, each row
+    printed (label(shape): summary(row)) and the results written after every shape (a killed run keeps them).
+    Exit status 0 when at least one shape ran."""
     head = header(torch, device)
-    shapes = grid(args.dry_run)
     deadline = time.perf_counter() + args.budget
-    stem = "gpu_grid_dry_run" if args.dry_run else "gpu_grid"
     rows = []
     for i, shape in enumerate(shapes):
         left = deadline - time.perf_counter()
@@ -311,21 +323,49 @@ def main(argv=None) -> int:
             row.update(status="skipped", error="time budget spent")
         else:
             try:
-                row.update(run_shape(shape, torch, device, args.reps, max_seconds=min(20.0, left / 2)))
+                row.update(measure(shape, torch, device, args.reps, max_seconds=min(20.0, left / 2)))
             except Exception as e:
                 row.update(status="error", error=f"{type(e).__name__}: {e}".strip())
                 row["traceback"] = traceback.format_exc(limit=6)
             if device == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
-        msg = f"{row['speedup']:.3g}x" if row["status"] == "ok" else f"{row['status']}: {row.get('error', '')[:120]}"
-        print(f"[{i + 1}/{len(shapes)}] {shape['mode']} {shape['dtype']} L{shape['layers']} B{shape['batch']} "
-              f"H{shape['hidden']} T{shape['seq']}: {msg}", flush=True)  # fmt: skip
-        write(args.out, stem, head, rows)  # after every shape: a killed run still leaves its results
-    write(args.out, stem, head, rows)
+        msg = summary(row) if row["status"] == "ok" else f"{row['status']}: {row.get('error', '')[:120]}"
+        print(f"[{i + 1}/{len(shapes)}] {label(shape)}: {msg}", flush=True)
+        write(args.out, stem, head, rows, render)
     ok = sum(r["status"] == "ok" for r in rows)
-    print(f"gpu_grid: {ok}/{len(rows)} shapes ok; wrote {args.out}/{stem}.json and {stem}.md")
+    print(f"{tool}: {ok}/{len(rows)} shapes ok; wrote {args.out}/{stem}.json and {stem}.md")
     return 0 if ok else 1
+
+
+def parse_args(argv, description: str, budget: float, reps: int):
+    """The options both GPU scripts take: --dry-run, --out, --budget (seconds), --reps (timed rounds at most)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
+    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--budget", type=float, default=budget, help="seconds for all shapes")
+    ap.add_argument("--reps", type=int, default=reps, help="timed rounds per shape (at most)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv, __doc__.splitlines()[0], budget=180.0, reps=15)
+
+    import torch
+
+    device = device_for(args, "gpu_grid", torch)
+    if device is None:
+        return 2
+
+    def label(shape):
+        s = shape
+        return f"{s['mode']} {s['dtype']} L{s['layers']} B{s['batch']} H{s['hidden']} T{s['seq']}"
+
+    def summary(row):
+        return f"{row['speedup']:.3g}x"
+
+    stem = "gpu_grid_dry_run" if args.dry_run else "gpu_grid"
+    return run_all("gpu_grid", stem, grid(args.dry_run), run_shape, label, summary, markdown, args, torch, device)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,8 @@ such. Writes gpu_tune.json and gpu_tune.md to --out (default $OUT, else benchmar
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
-import time
-import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -82,18 +78,7 @@ def candidate_runs(shape: dict, torch, device: str):
     training = shape["mode"] == "training"
     if training:
         x.requires_grad_(True)
-
-    def step(model):
-        def go():
-            if training:
-                y, (h, c) = model(x)
-                (y.float().sum() + h.float().sum() + c.float().sum()).backward()
-            else:
-                with torch.no_grad():
-                    model(x)
-
-        return go
-
+    run_fast = gpu_grid.make_step(fast, x, training, torch)
     with torch.no_grad():
         y_ref = ref(x)[0].float()
     allowed = 2e-2 * (1.0 + y_ref.abs().max().item())  # the self-test's float32 / TF32 tolerance, loosened
@@ -107,12 +92,12 @@ def candidate_runs(shape: dict, torch, device: str):
             if not diff <= allowed:
                 errors[config] = f"max abs diff {diff:.3g} > {allowed:.3g}"
                 continue
-            runs[config] = gpu_grid.with_env(env, step(fast))
+            runs[config] = gpu_grid.with_env(env, run_fast)
             runs[config]()  # compiles the training kernels too
         except Exception as error:
             runs.pop(config, None)
             errors[config] = f"{type(error).__name__}: {error}".strip()[:300]
-    return step(ref), runs, errors
+    return gpu_grid.make_step(ref, x, training, torch), runs, errors
 
 
 def output_with(env: dict[str, str], model, x):
@@ -124,35 +109,17 @@ def output_with(env: dict[str, str], model, x):
 
 def run_shape(shape: dict, torch, device: str, reps: int, max_seconds: float) -> dict:
     native, runs, errors = candidate_runs(shape, torch, device)
-    providers = [native, *runs.values()]
-    for fn in providers:  # warm-up (graphs captured, cuDNN's algorithm picked)
-        fn()
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    times: list[list[float]] = [[] for _ in providers]
-    t_start = time.perf_counter()
-    for k in range(reps):
-        order = list(zip(providers, times))
-        for fn, sink in order if k % 2 == 0 else order[::-1]:
-            sink.append(gpu_grid.timed(fn, torch, device))
-        if k >= 2 and time.perf_counter() - t_start > max_seconds:
-            break
-    nat, *meds = [statistics.median(t) for t in times]
+    (nat, *meds), rounds = gpu_grid.interleaved_medians([native, *runs.values()], torch, device, reps, max_seconds)
     results = {config or "default": dict(ms=ms, speedup=nat / ms) for config, ms in zip(runs, meds)}
     results.update({config or "default": dict(error=e) for config, e in errors.items()})
     best = min(runs, key=lambda c: results[c or "default"]["ms"], default=None)
-    return dict(status="ok", reps=len(times[0]), native_ms=nat, candidates=results,
+    return dict(status="ok", reps=rounds, native_ms=nat, candidates=results,
                 best=None if best is None else best or "default")  # fmt: skip
 
 
 def markdown(head: dict, rows: list[dict]) -> str:
     lines = [
-        "# fastlstm triton launch configurations vs nn.LSTM (cuDNN)",
-        "",
-        f"GPU: {head['gpu']} | torch {head['torch']} (CUDA {head['cuda']}) | triton {head['triton']} | "
-        f"commit {head['commit']} | {head['date']}",
-        "",
+        *gpu_grid.title_lines("fastlstm triton launch configurations vs nn.LSTM (cuDNN)", head),
         "Speedup of each FASTLSTM_TRITON_CONFIG over native (median native time / median candidate time), one",
         "shape per row, every candidate and native interleaved in the same process; the best is in bold.",
         "",
@@ -174,48 +141,23 @@ def markdown(head: dict, rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
-    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
-    ap.add_argument("--budget", type=float, default=240.0, help="seconds for all shapes")
-    ap.add_argument("--reps", type=int, default=11, help="timed repetitions per candidate (at most)")
-    args = ap.parse_args(argv)
+    args = gpu_grid.parse_args(argv, __doc__.splitlines()[0], budget=240.0, reps=11)
 
     import torch
 
-    if args.dry_run and not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
-    if device == "cpu" and not args.dry_run:
-        print("gpu_tune: no CUDA device; use --dry-run for a CPU smoke test", file=sys.stderr)
+    device = gpu_grid.device_for(args, "gpu_tune", torch)
+    if device is None:
         return 2
-    sys.path.insert(0, ROOT)
-    head = gpu_grid.header(torch, device)
+
+    def label(shape):
+        return f"{shape['mode']} {shape['dtype']} B{shape['batch']} H{shape['hidden']} {shape['kernel']}"
+
+    def summary(row):
+        return f"best {row['best']}"
+
     stem = "gpu_tune_dry_run" if args.dry_run else "gpu_tune"
-    deadline = time.perf_counter() + args.budget
     todo = shapes(args.dry_run)
-    rows = []
-    for i, shape in enumerate(todo):
-        left = deadline - time.perf_counter()
-        row = dict(shape)
-        if left <= 0:
-            row.update(status="skipped", error="time budget spent")
-        else:
-            try:
-                row.update(run_shape(shape, torch, device, args.reps, max_seconds=min(20.0, left / 2)))
-            except Exception as e:
-                row.update(status="error", error=f"{type(e).__name__}: {e}".strip())
-                row["traceback"] = traceback.format_exc(limit=6)
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        rows.append(row)
-        summary = f"best {row['best']}" if row["status"] == "ok" else f"{row['status']}: {row.get('error', '')[:120]}"
-        print(f"[{i + 1}/{len(todo)}] {shape['mode']} {shape['dtype']} B{shape['batch']} H{shape['hidden']} "
-              f"{shape['kernel']}: {summary}", flush=True)  # fmt: skip
-        gpu_grid.write(args.out, stem, head, rows, render=markdown)
-    ok = sum(r["status"] == "ok" for r in rows)
-    print(f"gpu_tune: {ok}/{len(rows)} shapes ok; wrote {args.out}/{stem}.json and {stem}.md")
-    return 0 if ok else 1
+    return gpu_grid.run_all("gpu_tune", stem, todo, run_shape, label, summary, markdown, args, torch, device)
 
 
 if __name__ == "__main__":
