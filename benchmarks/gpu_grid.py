@@ -80,7 +80,18 @@ def header(torch, device: str) -> dict:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "interpreter": os.environ.get("TRITON_INTERPRET", "0"),
+        "triton kernels": _triton_choices(),
     }
+
+
+def _triton_choices() -> str:
+    """The backend's kernel rule, tiles and graph setting as `python -m fastlstm info` prints them."""
+    try:
+        from fastlstm.backends.triton import ops
+
+        return ops.kernel_choices()
+    except Exception as e:
+        return f"unavailable ({type(e).__name__}: {e})"
 
 
 class StackedTriton:

@@ -82,6 +82,10 @@ def cmd_info(args) -> int:
     print(f"cpp build: {cpu.build_flags()}")
     if "cpp" in available and available["cpp"] is None:
         print(f"cpp kernels: {cpu.kernel_choices()}")
+    if "triton" in available and available["triton"] is None:
+        from fastlstm.backends.triton import ops
+
+        print(f"triton kernels: {ops.kernel_choices()}")
     return 0
 
 

@@ -23,6 +23,17 @@ def test_info_lists_every_backend():
     if "\n  cpp        available" in done.stdout:  # the kernels it picked on this CPU are listed
         for part in ("cpp kernels: vectors of ", "float32 step:", "time loop:"):
             assert part in done.stdout, done.stdout
+    if "\n  triton     available" in done.stdout:  # under the interpreter here (tests/conftest.py sets it)
+        assert "triton kernels: sequence kernel up to batch " in done.stdout, done.stdout
+        assert "CUDA graph: on CUDA, captured from a configuration's second call" in done.stdout, done.stdout
+
+
+def test_info_names_the_triton_knobs():
+    env = dict(os.environ, TRITON_INTERPRET="1", FASTLSTM_TRITON_GRAPHS="0", FASTLSTM_TRITON_CONFIG="num_warps=8")
+    done = run_python("-m", "fastlstm", "info", env=env)
+    assert done.returncode == 0, done.stderr
+    pytest.importorskip("triton")
+    assert "FASTLSTM_TRITON_CONFIG=num_warps=8" in done.stdout and "off (FASTLSTM_TRITON_GRAPHS=0)" in done.stdout
 
 
 def test_check_passes_and_reports_errors():

@@ -177,6 +177,15 @@ def forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Te
     return y, hT, cT
 
 
+def describe() -> str:
+    """Whether inference graphs are on, for `python -m fastlstm info`."""
+    if os.environ.get(ENV, "1") == "0":
+        return f"off ({ENV}=0)"
+    if _disabled_reason is not None:
+        return f"off after a failed capture ({_disabled_reason})"
+    return f"on CUDA, captured from a configuration's second call ({MAX_GRAPHS} kept, {MAX_BYTES >> 20} MiB of buffers)"
+
+
 def clear() -> None:
     """Forget every kept graph and its buffers."""
     with _graphs_lock:

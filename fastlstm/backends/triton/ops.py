@@ -49,6 +49,18 @@ def choose_kernel(batch: int, hidden: int, out_size: int, kernel: str | None = N
     return kernel
 
 
+def kernel_choices() -> str:
+    """Which kernel serves which call, the tiles, and the inference graphs, knobs applied (`fastlstm info`)."""
+    from fastlstm.backends.triton import graphs
+
+    forced = os.environ.get(ENV_KERNEL)
+    rule = (f"{forced} ({ENV_KERNEL})" if forced and forced != "auto" else
+            f"sequence kernel up to batch {SEQ_MAX_BATCH} and hidden {SEQ_MAX_HIDDEN}, else per-step")  # fmt: skip
+    override = os.environ.get(ENV_CONFIG, "").strip()
+    tiles = f"{ENV_CONFIG}={override}" if override else "default tiles, 4 warps"
+    return f"{rule}; {tiles}; inference step loop as a CUDA graph: {graphs.describe()}"
+
+
 def size_reason(T: int, B: int, H: int, P: int) -> str | None:
     """Why the kernels cannot take these sizes (int32 offsets), or None."""
     if T < 1 or B < 1:
