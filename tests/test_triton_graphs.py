@@ -55,11 +55,11 @@ def recorder(monkeypatch):
     graphs.clear()
 
 
-def _inputs(T, B, I, H, proj=0, bias=True, seed=0):
+def _inputs(T, B, I, H, proj=0, bias=True, seed=0, dtype=DTYPE):
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=0.4):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(DEVICE, DTYPE)
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(DEVICE, dtype)
 
     P = proj or H
     return dict(
@@ -209,12 +209,15 @@ def test_threads_sharing_a_configuration_get_their_own_results(recorder):
 
 
 @pytest.mark.cuda
-def test_cuda_graph_replays_a_stream_of_calls():
-    """A real capture: many calls of one configuration, each against the launch-by-launch loop."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("proj", [0, 64], ids=["dense", "proj64"])
+def test_cuda_graph_replays_a_stream_of_calls(dtype, proj):
+    """A real capture: calls of two configurations (forward, reverse), each against the launch-by-launch loop
+    that saves the gates, bit for bit (inference skips storing them; the arithmetic is the same)."""
     graphs.clear()
-    sizes = dict(T=16, B=8, I=32, H=320, proj=64)
+    sizes = dict(T=16, B=8, I=32, H=320, proj=proj)
     for call in range(5):
-        t = _inputs(**sizes, seed=call)
+        t = _inputs(**sizes, seed=call, dtype=dtype)
         got = _graphed(t, reverse=call % 2 == 1)
         want = _plain(t, reverse=call % 2 == 1)
         for g, w in zip(got, want):
