@@ -777,7 +777,7 @@ inline void cell_lanes(scalar_t* __restrict__ G, const scalar_t* __restrict__ bi
 template <typename scalar_t>
 inline void cell_row(scalar_t* __restrict__ G, const scalar_t* __restrict__ bias, scalar_t* __restrict__ c,
                      scalar_t* __restrict__ c_hist, scalar_t* __restrict__ h_out, int64_t count, int64_t S) {
-  constexpr int64_t lanes = kVecBytes / sizeof(scalar_t);
+  constexpr int64_t lanes = Vec<scalar_t>::lanes;
   int64_t j = 0;
   for (; j + lanes <= count; j += lanes) cell_lanes<true>(G, bias, c, h_out, S, j, lanes);
   if (j < count) cell_lanes<false>(G, bias, c, h_out, S, j, count - j);
@@ -814,7 +814,7 @@ inline void cell_row_backward(const scalar_t* __restrict__ a, const scalar_t* __
                               const scalar_t* __restrict__ cprev, const scalar_t* __restrict__ dh,
                               scalar_t* __restrict__ dc, scalar_t* __restrict__ dg, scalar_t* __restrict__ hr,
                               int64_t count, int64_t S) {
-  constexpr int64_t lanes = kVecBytes / sizeof(scalar_t);
+  constexpr int64_t lanes = Vec<scalar_t>::lanes;
   int64_t j = 0;
   for (; j + lanes <= count; j += lanes) cell_lanes_backward<true>(a, cn, cprev, dh, dc, dg, hr, S, j, lanes);
   if (j < count) cell_lanes_backward<false>(a, cn, cprev, dh, dc, dg, hr, S, j, count - j);

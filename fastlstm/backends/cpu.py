@@ -46,6 +46,7 @@ Tuning knobs (read once per process by the C++ code; for measurements and tests,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -210,20 +211,17 @@ def _build_and_load(verbose: bool) -> str:
         _clear_stale_lock(build_dir)
         old_cxx = os.environ.get("CXX")
         os.environ["CXX"] = _compiler()
-        _drop_lazy_kernels()  # cpp_extension.load loads the library it builds
         try:
-            lib_path = cpp_extension.load(
-                name=name,
-                sources=[str(src / s) for s in _SOURCES],
-                extra_cflags=_cflags(),
-                extra_ldflags=_LDFLAGS,
-                build_directory=str(build_dir),
-                is_python_module=False,
-                verbose=verbose,
-            )
-        except BaseException:
-            _register_lazy_kernels()  # the ops keep a kernel that reports the failure
-            raise
+            with _library_loading():  # cpp_extension.load loads the library it builds
+                lib_path = cpp_extension.load(
+                    name=name,
+                    sources=[str(src / s) for s in _SOURCES],
+                    extra_cflags=_cflags(),
+                    extra_ldflags=_LDFLAGS,
+                    build_directory=str(build_dir),
+                    is_python_module=False,
+                    verbose=verbose,
+                )
         finally:
             if old_cxx is None:
                 os.environ.pop("CXX", None)
@@ -236,12 +234,8 @@ def _build_and_load(verbose: bool) -> str:
         tmp.write_text(_fingerprint(lib))
         os.replace(tmp, marker)  # atomic: other processes see either no marker or a complete one
     else:
-        _drop_lazy_kernels()
-        try:
+        with _library_loading():
             torch.ops.load_library(str(lib))
-        except BaseException:
-            _register_lazy_kernels()
-            raise
     return str(lib)
 
 
@@ -380,10 +374,18 @@ def _register_lazy_kernels() -> None:
     _lazy["lib"] = lib
 
 
-def _drop_lazy_kernels() -> None:
+@contextlib.contextmanager
+def _library_loading():
+    """Around loading the library: its kernels replace the stand-ins, which come back if loading fails (the ops
+    then keep a kernel that reports the failure)."""
     lib, _lazy["lib"] = _lazy["lib"], None
     if lib is not None:
         lib._destroy()
+    try:
+        yield
+    except BaseException:
+        _register_lazy_kernels()
+        raise
 
 
 _register_lazy_kernels()
@@ -397,11 +399,6 @@ class CppBackend(Backend):
 
     def unavailable_reason(self) -> str | None:
         return _availability()  # dispatch asks while torch.compile traces too
-
-    def load_ops(self) -> None:
-        # Nothing to do: importing this module defined the ops' schemas and stand-in kernels, which load the
-        # library at an op's first call (building it if this machine has not yet).
-        return None
 
     def unsupported_reason(self, call: LayerCall) -> str | None:
         if call.device_type != "cpu":

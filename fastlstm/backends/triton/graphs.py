@@ -83,7 +83,7 @@ def _stream_key(device: torch.device):
 
 def buffer_bytes(T: int, B: int, H: int, P: int, dtype: torch.dtype, has_proj: bool) -> int:
     """Bytes of one configuration's kept buffers (ops.forward_buffers without acts)."""
-    size, state = torch.empty(0, dtype=dtype).element_size(), 8 if dtype == torch.float64 else 4
+    size, state = dtype.itemsize, 8 if dtype == torch.float64 else 4
     elements = T * B * 4 * H + (T + 1) * B * P + T * B * P + 4 * H * P  # xg, hs, y, w_hh
     if has_proj:
         elements += T * B * H + P * H  # r, w_hr
@@ -136,7 +136,6 @@ def forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Te
 
     graph = _entry(key, make)
     buf = graph.buffers
-    first = T if reverse else 0
     # Held until the results are copied out: the kept buffers serve one call at a time (calls on one stream
     # run in the order they were issued, so releasing after the copies are queued is enough).
     with graph.lock:
@@ -148,8 +147,7 @@ def forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Te
         buf.w_hh.copy_(w_hh)
         if has_proj:
             buf.w_hr.copy_(w_hr)
-        buf.hs[first].copy_(h0)
-        buf.cs[first].copy_(c0)
+        ops.start_state(buf, h0, c0, reverse)
 
         def loop() -> None:
             ops.run_forward_loop(buf, [B] * T, reverse, has_proj, "step")

@@ -236,6 +236,13 @@ def run_forward_loop(buf: ForwardBuffers, live: list[int], reverse: bool, has_pr
             )  # fmt: skip
 
 
+def start_state(buf: ForwardBuffers, h0: Tensor, c0: Tensor, reverse: bool) -> None:
+    """h0, c0 into the slot the loop starts from: T when reverse, else 0."""
+    first = buf.y.shape[0] if reverse else 0
+    buf.hs[first].copy_(h0)
+    buf.cs[first].copy_(c0)
+
+
 def final_state(buf: ForwardBuffers, reverse: bool) -> tuple[Tensor, Tensor]:
     """hT, cT (fresh tensors, cT in the input dtype) of a finished loop."""
     last = 0 if reverse else buf.y.shape[0]
@@ -263,9 +270,7 @@ def forward_impl(
     xg = torch.nn.functional.linear(x, w_ih, b).contiguous()  # [T, B, 4H], every step in one GEMM
     buf = forward_buffers(T, B, H, P, x.dtype, x.device, has_proj, save_acts, xg=xg, w_hh=w_hh.contiguous(),
                           w_hr=w_hr.contiguous() if has_proj else None)  # fmt: skip
-    first = T if reverse else 0
-    buf.hs[first] = h0
-    buf.cs[first] = c0
+    start_state(buf, h0, c0, reverse)
     run_forward_loop(buf, _live_rows(batch_sizes, T, B), reverse, has_proj, kernel)
     hT, cT = final_state(buf, reverse)
     return buf.y, hT, cT, buf.acts, buf.hs, buf.cs, buf.r
