@@ -3,15 +3,15 @@
 # (no network, nothing installed). Under 6 minutes in all:
 #   1. pytest -m cuda tests/        (at most 200 s; the log goes to the results folder)
 #   2. benchmarks/gpu_grid.py       (triton vs nn.LSTM/cuDNN grid; 120 s budget, killed at 150 s)
-# Results: $OUT when set, else benchmarks/results/: pytest_cuda.log, gpu_grid.json, gpu_grid.md.
+#   3. with --tune: benchmarks/gpu_tune.py (other tile sizes and warps per kernel against nn.LSTM, for setting
+#      ops._blocks and the launch options), in what is left of 9 minutes
+# Results: $OUT when set, else benchmarks/results/: pytest_cuda.log, gpu_grid.json, gpu_grid.md (gpu_tune.json,
+# gpu_tune.md).
 #
-#   bash benchmarks/gpu_check.sh             # on the GPU machine
-#   bash benchmarks/gpu_check.sh --dry-run   # CPU smoke test: cuda tests skip, tiny grid under TRITON_INTERPRET=1
+#   bash benchmarks/gpu_check.sh [--tune]             # on the GPU machine (--tune: one device call of <= 9.5 min)
+#   bash benchmarks/gpu_check.sh --dry-run [--tune]   # CPU smoke test: cuda tests skip, tiny runs, TRITON_INTERPRET=1
 #
-# Exit status: 0 when both steps passed, else the first failing step's status.
-#
-# With device time left after it: `python benchmarks/gpu_tune.py` (about 4 minutes) times other tile sizes and
-# warps per kernel against nn.LSTM, for setting ops._blocks and the launch options from measurements.
+# Exit status: 0 when every step passed, else the first failing step's status.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -20,8 +20,15 @@ mkdir -p "$RESULTS"
 PY="${PYTHON:-python}"
 
 DRY_RUN=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-    DRY_RUN=1
+TUNE=0
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY_RUN=1 ;;
+        --tune) TUNE=1 ;;
+        *) echo "gpu_check: unknown option $arg (expected --dry-run, --tune)" >&2; exit 2 ;;
+    esac
+done
+if [[ $DRY_RUN -eq 1 ]]; then
     export TRITON_INTERPRET=1
 else
     unset TRITON_INTERPRET
@@ -60,5 +67,25 @@ fi
 grid_status=$?
 echo "grid: exit $grid_status in $((SECONDS - start)) s; results in $RESULTS"
 
-if [[ $pytest_status -ne 0 ]]; then exit "$pytest_status"; fi
-exit "$grid_status"
+tune_status=0
+if [[ $TUNE -eq 1 ]]; then
+    # 9 minutes from the start of this script in all; the tuner's budget is what the steps above left, less
+    # a margin for the kernels it compiles after its budget check.
+    budget=$((540 - SECONDS - 30))
+    if [[ $budget -lt 30 ]]; then
+        echo "== tuning skipped: $((540 - SECONDS)) s left of 9 minutes"
+    else
+        echo "== tuning ($budget s budget)"
+        start=$SECONDS
+        dry=()
+        if [[ $DRY_RUN -eq 1 ]]; then dry=(--dry-run); fi
+        timeout $((budget + 30)) "$PY" benchmarks/gpu_tune.py "${dry[@]}" --out "$RESULTS" --budget "$budget"
+        tune_status=$?
+        echo "tuning: exit $tune_status in $((SECONDS - start)) s"
+    fi
+fi
+
+for status in "$pytest_status" "$grid_status" "$tune_status"; do
+    if [[ $status -ne 0 ]]; then exit "$status"; fi
+done
+exit 0
