@@ -1676,7 +1676,9 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     // materialised as zeros ([T, B, 4H] of them).
     ctx->mark_non_differentiable({gates, c_hist});
     ctx->set_materialize_grads(false);
-    return {y, hT, cT, gates, c_hist};
+    // The caller gets a copy of y, backward keeps its own: nn.LSTM's ATen path lets a model change its output in
+    // place before backward (y += residual), which would otherwise fail backward's version check.
+    return {y.clone(), hT, cT, gates, c_hist};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -28,13 +30,29 @@ def _rebuild(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
 
 
 def _is_source(module: nn.Module, to: str) -> bool:
-    if to == "fastlstm":
-        return isinstance(module, nn.LSTM)
-    return isinstance(module, LSTM)
+    """Whether `module` is an LSTM to swap: the source class itself (parametrized or not). A subclass of it is
+    left as it is, with a warning: rebuilt as the target class it would lose what the subclass adds (its own
+    forward, say)."""
+    source = nn.LSTM if to == "fastlstm" else LSTM
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]  # the class parametrize generated derives from the module's own
+    if cls is source:
+        return True
+    if issubclass(cls, source):
+        warnings.warn(
+            f"fastlstm.convert: left {cls.__qualname__} unconverted: it subclasses "
+            f"{'torch.nn.LSTM' if to == 'fastlstm' else 'fastlstm.LSTM'}, and the converted layer would drop what "
+            "the subclass adds",
+            UserWarning,
+            stacklevel=3,
+        )
+    return False
 
 
 def convert(model: nn.Module, to: str = "fastlstm", backend: str | None = None) -> nn.Module:
-    """Replace every nn.LSTM in `model` by fastlstm.LSTM (or back, with to="torch"), in place.
+    """Replace every nn.LSTM in `model` by fastlstm.LSTM (or back, with to="torch"), in place. Subclasses are
+    left as they are (with a warning).
 
     The replacements hold the same Parameter objects, so an optimizer built before the conversion keeps
     working. Returns the model, or the replacement when `model` itself is an LSTM.

@@ -35,6 +35,7 @@ def explain(module: LSTM, input, hx: tuple[Tensor, Tensor] | None = None) -> Exp
     if not isinstance(module, LSTM):
         raise TypeError(f"explain() takes a fastlstm.LSTM, got {type(module).__name__}; see fastlstm.convert")
     with torch.no_grad():
+        module._update_flat_weights()
         data, state, batch_sizes, *_ = module._prepare(input, hx)
     grad = torch.is_grad_enabled()
     with torch.set_grad_enabled(grad):

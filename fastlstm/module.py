@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence
 
 from fastlstm import backends, dispatch, reference
@@ -17,6 +18,11 @@ from fastlstm.backends import LayerCall
 from fastlstm.backends.native import packed_positions
 
 backends.load_all()  # before any torch.compile traces a forward: dynamo cannot import (see fastlstm.backends)
+
+
+def _forward_ad_active() -> bool:
+    """Whether a torch.autograd.forward_ad.dual_level is open (only then can a tensor carry a tangent)."""
+    return getattr(forward_ad, "_current_level", -1) >= 0
 
 
 class _CallShape(NamedTuple):
@@ -144,10 +150,16 @@ class LSTM(nn.RNNBase):
 
         The same check, reading registered parameters straight from `_parameters` rather than through
         Module.__getattr__: a few microseconds of every call, which count when the model runs step by step.
+        Anything else is read as nn.RNNBase reads it (hasattr, then getattr), and this runs once per call as
+        there: a parametrization with state (spectral_norm's power iteration) then steps as often as with
+        nn.LSTM.
         """
         parameters = self._parameters
         for ref, name in zip(self._flat_weight_refs, self._flat_weights_names):
-            weight = parameters[name] if name in parameters else getattr(self, name, None)
+            if name in parameters:
+                weight = parameters[name]
+            else:
+                weight = getattr(self, name) if hasattr(self, name) else None
             if weight is not None and ref is not None and ref() is not weight:
                 self._init_flat_weights()
                 return
@@ -169,9 +181,9 @@ class LSTM(nn.RNNBase):
             raise TypeError(f"LSTM.forward() got an unexpected keyword argument {next(iter(keywords))!r}")
         if isinstance(input, torch.fx.Proxy):
             return self._fx_leaf(input, hx, lengths)
+        self._update_flat_weights()  # parameters are read at call time, as nn.LSTM reads them
         if lengths is not None:
             return self._forward_lengths(input, hx, lengths)
-        self._update_flat_weights()  # parameters are read at call time, as nn.LSTM reads them
         key = self._call_key(input, hx)
         choices = _CHECKED_CALLS.get(key) if key is not None else None
         if choices is None:
@@ -236,7 +248,9 @@ class LSTM(nn.RNNBase):
         input, hx, *_ = self._prepare(input, hx)  # every check of a plain call, in the caller's order
         if lengths.numel() == 0:
             return self.forward(input, hx)
-        sorted_lengths, order = torch.sort(lengths, descending=True, stable=True)
+        # pack_padded_sequence's own sort (not a stable one): tied lengths then take the rows packing gives them,
+        # and dropout between layers draws the same numbers for each sequence.
+        sorted_lengths, order = torch.sort(lengths, descending=True)
         unorder = torch.empty_like(order)
         unorder[order] = torch.arange(order.numel())
         order, unorder = order.to(input.device), unorder.to(input.device)
@@ -253,6 +267,11 @@ class LSTM(nn.RNNBase):
             data, h_n, c_n = self._native_stack(x[positions], hx, batch_sizes)
             y = data.new_zeros(*x.shape[:2], data.shape[-1]).index_put(positions, data)
         else:
+            if int(sorted_lengths[-1]) < keep:
+                # Zero the padding, which packing leaves out: the fast layers multiply it by zero gate gradients
+                # for dW_ih, and NaN or inf there (missing values) would make that NaN.
+                live = torch.arange(keep)[:, None] < sorted_lengths[None, :]
+                x = x.masked_fill(~live.to(x.device)[:, :, None], 0)
             y, h_n, c_n = self._fast_stack(x, hx, batch_sizes, choices, amp)
         if keep < seq_len:
             y = torch.cat([y, y.new_zeros(seq_len - keep, *y.shape[1:])])
@@ -309,11 +328,15 @@ class LSTM(nn.RNNBase):
 
     def _under_func_grad(self, input: Tensor, hx) -> bool:
         """Whether a torch.func transform that tracks gradients (grad, vjp, jacrev) wraps the input, the state or a
-        weight of this call."""
+        weight of this call, or one of them is a forward-mode AD dual tensor (torch.autograd.forward_ad): the
+        fast backends' autograd has no forward mode."""
+        tensors = [t for t in (input, *hx, *self._flat_weights) if isinstance(t, Tensor)]
+        if _forward_ad_active() and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+            return True
         if not torch._C._are_functorch_transforms_active():
             return False
         tracked = torch._C._functorch.is_gradtrackingtensor
-        return any(tracked(t) for t in (input, *hx, *self._flat_weights) if isinstance(t, Tensor))
+        return any(tracked(t) for t in tensors)
 
     def _call_key(self, input, hx) -> tuple | None:
         """What decides whether a call passes every check and which backends serve it, for the common call: a
@@ -325,8 +348,8 @@ class LSTM(nn.RNNBase):
         """
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._is_any_autocast_enabled():
             return None  # graphs decide once per trace, and autocast's dtypes are worked out per call
-        if torch._C._are_functorch_transforms_active():
-            return None  # whether a torch.func transform tracks gradients here is worked out per call (_plan)
+        if torch._C._are_functorch_transforms_active() or _forward_ad_active():
+            return None  # whether a transform or dual tensors track gradients here is worked out per call (_plan)
         if type(input) is not Tensor or input.dim() not in (2, 3):
             return None
         weight = self._flat_weights[0]
@@ -375,23 +398,47 @@ class LSTM(nn.RNNBase):
     # ---- input handling -------------------------------------------------------------------------------
 
     def _prepare(self, input, hx):
-        """Validate as nn.LSTM does and normalise: (data, (h0, c0), batch_sizes, sorted, unsorted, is_batched)."""
-        self._update_flat_weights()  # parameters are read at call time, as nn.LSTM reads them
+        """Validate as nn.LSTM does and normalise: (data, (h0, c0), batch_sizes, sorted, unsorted, is_batched).
+        The caller has read the weights for this call (_update_flat_weights)."""
         batch_sizes = sorted_indices = unsorted_indices = None
         is_batched = True
         if isinstance(input, PackedSequence):
             input, batch_sizes, sorted_indices, unsorted_indices = input
+            self._check_packed_call(input, hx)
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
             is_batched = input.dim() == 3
             if not is_batched:
                 input = input.unsqueeze(0 if self.batch_first else 1)
+        extra_states = batch_sizes is None and is_batched and hx is not None and len(hx) > 2
         hx = self._initial_state(input, hx, batch_sizes, is_batched)
         self.check_forward_args(input, hx, batch_sizes)
         self._check_call(input, hx, batch_sizes)
+        if extra_states:  # torch._VF.lstm's check, after nn.LSTM's own (unbatched input ignores extra states)
+            raise RuntimeError("lstm expects two hidden states")
         hx = self.permute_hidden(hx, sorted_indices)
         return input, hx, batch_sizes, sorted_indices, unsorted_indices, is_batched
+
+    def _check_packed_call(self, data: Tensor, hx) -> None:
+        """nn.LSTM hands PackedSequence input to torch._VF.lstm unchecked: where a malformed call fails there with
+        another exception type than the checks of a tensor call would raise, raise that type (with a clearer
+        message)."""
+        if hx is not None:
+            if len(hx) != 2:
+                raise RuntimeError("lstm expects two hidden states")
+            for k, state in enumerate(hx):
+                if state.dim() < 3:
+                    raise IndexError(
+                        f"Expected hidden[{k}] to be 3-D [num_layers * num_directions, batch, size] for "
+                        f"PackedSequence input, got {state.dim()}-D"
+                    )
+        weight = self._flat_weights[0]
+        if data.dtype != weight.dtype and not _autocast_enabled(data.device.type):
+            raise RuntimeError(
+                f"RNN input dtype ({data.dtype}) does not match weight dtype ({weight.dtype}). Convert input: "
+                f"input.to({weight.dtype}), or convert model: model.to({data.dtype})"
+            )
 
     def _as_batch_of_one(self, input: Tensor, hx):
         """Unbatched input ([T, I], or [I] for step) and state ([L*D, P], [L*D, H]) or None as a batch of one."""

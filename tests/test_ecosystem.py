@@ -132,6 +132,35 @@ def test_torch_func_gradient_transforms(backend):
     assert fastlstm.explain(model, x).backends[0] == eager  # outside the transforms, the fast backends again
 
 
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+def test_forward_mode_ad_with_dual_tensors(backend):
+    """torch.autograd.forward_ad, which works with nn.LSTM on ATen's path (float64 here): auto serves dual tensors
+    natively (the fast backends' autograd has no forward mode); a forced fast backend says so; outside the dual
+    level the fast backend serves the same call again."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    reference = nn.LSTM(4, 6, 2, proj_size=3).double()
+    model = fastlstm.LSTM(4, 6, 2, proj_size=3, backend=backend).double()
+    model.load_state_dict(reference.state_dict())
+    x, tangent = torch.randn(3, 2, 4, dtype=torch.float64), torch.randn(3, 2, 4, dtype=torch.float64)
+
+    def jvp(m):
+        with fwAD.dual_level():
+            y, (h, c) = m(fwAD.make_dual(x, tangent))
+            return [fwAD.unpack_dual(t) for t in (y, h, c)]
+
+    if backend in ("cpp", "triton"):
+        with pytest.raises(fastlstm.BackendUnavailableError, match="forward-mode AD"):
+            jvp(model)
+        return
+    for (primal, tan), (primal_ref, tan_ref) in zip(jvp(model), jvp(reference)):
+        torch.testing.assert_close(primal, primal_ref, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(tan, tan_ref, atol=1e-12, rtol=1e-10)
+    eager = backend if backend != "auto" else "cpp" if "cpp" in CPU_BACKENDS else "native"
+    assert fastlstm.explain(model, x).backends[0] == eager
+
+
 def test_nn_lstm_itself_cannot_be_compiled_fullgraph():
     """The advantage is real: dynamo refuses nn.LSTM (if this ever passes, the README should say so)."""
     model = Tagger(nn.LSTM)

@@ -29,6 +29,11 @@ CALLS = {
     "2d-input-3d-hx": ({}, lambda m: m(torch.randn(3, I), (torch.zeros(2, 1, P), torch.zeros(2, 1, H))), True),
     "3d-input-2d-hx": ({}, lambda m: m(torch.randn(3, 2, I), (torch.zeros(2, P), torch.zeros(2, H))), True),
     "hx-not-pair": ({}, lambda m: m(torch.randn(3, 2, I), torch.zeros(2, 2, P)), True),
+    "hx-three-states": (
+        {},
+        lambda m: m(torch.randn(3, 2, I), (torch.zeros(2, 2, P), torch.zeros(2, 2, H), torch.zeros(2, 2, H))),
+        True,
+    ),
     "seq-len-0": ({}, lambda m: m(torch.randn(0, 2, I)), True),
     "seq-len-0-batch-first": ({"batch_first": True}, lambda m: m(torch.randn(2, 0, I)), True),
     "seq-len-0-unbatched": ({}, lambda m: m(torch.randn(0, I)), True),
@@ -41,6 +46,20 @@ CALLS = {
     ),
     "device": ({}, lambda m: m(torch.randn(3, 2, I, device="meta")), True),
     "packed-wrong-input-size": ({}, lambda m: m(_packed(torch.randn(3, 2, I + 1), [3, 2])), False),
+    # nn.LSTM hands packed input to torch._VF.lstm unchecked: its exception types, with clearer messages
+    "packed-2d-hx": (
+        {},
+        lambda m: m(_packed(torch.randn(3, 2, I), [3, 2]), (torch.zeros(2, P), torch.zeros(2, H))),
+        False,
+    ),
+    "packed-hx-three-states": (
+        {},
+        lambda m: m(
+            _packed(torch.randn(3, 2, I), [3, 2]), (torch.zeros(2, 2, P), torch.zeros(2, 2, H), torch.zeros(2, 2, H))
+        ),
+        True,
+    ),
+    "packed-input-dtype": ({}, lambda m: m(_packed(torch.randn(3, 2, I, dtype=torch.float64), [3, 2])), False),
     "packed-wrong-h-batch": (
         {},
         lambda m: m(_packed(torch.randn(3, 2, I), [3, 2]), (torch.zeros(2, 3, P), torch.zeros(2, 3, H))),

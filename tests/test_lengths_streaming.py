@@ -32,6 +32,8 @@ def test_lengths_equal_packing(backend, batch_first, lengths):
     m = fastlstm.LSTM(I, H, 2, bidirectional=True, proj_size=3, batch_first=batch_first, backend=backend).double()
     B, T = len(lengths), 7
     x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64)
+    for b, n in enumerate(lengths):  # missing values in the padding, which packing never reads
+        (x[b, n:] if batch_first else x[n:, b]).copy_(torch.tensor([float("nan"), float("inf")]).repeat(I)[:I])
     h0, c0 = torch.randn(4, B, 3, dtype=torch.float64), torch.randn(4, B, H, dtype=torch.float64)
 
     def packed(module, x, h0, c0):
@@ -50,14 +52,22 @@ def test_lengths_equal_packing(backend, batch_first, lengths):
             assert beyond.abs().max() == 0
 
 
-def test_lengths_with_dropout_draw_as_packing_does():
+@pytest.mark.parametrize(
+    "lengths",
+    # 40 sequences of tied lengths: torch.sort (pack_padded_sequence's) is not stable there
+    [[6, 2, 4], torch.randint(2, 4, (40,), generator=torch.Generator().manual_seed(40)).tolist()],
+    ids=["3", "40-tied"],
+)
+def test_lengths_with_dropout_draw_as_packing_does(lengths):
     m = fastlstm.LSTM(I, H, 3, dropout=0.5, backend="reference").double().train()
-    x = torch.randn(6, 3, I, dtype=torch.float64)
+    T = max(lengths)
+    x = torch.randn(T, len(lengths), I, dtype=torch.float64)
     torch.manual_seed(5)
-    y, _ = m(x, lengths=[6, 2, 4])
+    y, (h, c) = m(x, lengths=lengths)
     torch.manual_seed(5)
-    yp, _ = m(pack_padded_sequence(x, [6, 2, 4], enforce_sorted=False))
-    torch.testing.assert_close(y, pad_packed_sequence(yp, total_length=6)[0], **TOL)
+    yp, (hp, cp) = m(pack_padded_sequence(x, lengths, enforce_sorted=False))
+    torch.testing.assert_close(y, pad_packed_sequence(yp, total_length=T)[0], **TOL)
+    torch.testing.assert_close((h, c), (hp, cp), **TOL)
 
 
 @pytest.mark.parametrize(

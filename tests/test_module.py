@@ -77,6 +77,57 @@ def test_weight_norm_parametrization(backend):
     torch.testing.assert_close(fast(x)[0], ref(x)[0], **TOL)
 
 
+class _Counted(nn.Module):
+    """A parametrization that counts its evaluations (and returns a new tensor, as real ones do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.evaluations = 0
+
+    def forward(self, w):
+        self.evaluations += 1
+        return w * 1
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "reference"])
+@pytest.mark.parametrize("call", ["tensor", "packed", "lengths", "step"])
+def test_parametrizations_run_as_often_as_with_nn_lstm(backend, call):
+    """Each call evaluates a parametrized weight as often as nn.LSTM does, so one with state (spectral_norm's power
+    iteration, one step per evaluation in training) keeps in step with nn.LSTM's."""
+    x = torch.randn(4, 3, I, dtype=torch.float64)
+    calls = {
+        "tensor": lambda m: m(x),
+        "packed": lambda m: m(nn.utils.rnn.pack_padded_sequence(x, [4, 2, 3], enforce_sorted=False)),
+        "lengths": lambda m: m(x, lengths=[4, 2, 3]),
+        "step": lambda m: m.step(x[0]),
+    }
+    counts = []
+    for cls in (nn.LSTM, fastlstm.LSTM):
+        m = cls(I, H, 2, dtype=torch.float64, **({} if cls is nn.LSTM else {"backend": backend}))
+        counter = _Counted()
+        nn.utils.parametrize.register_parametrization(m, "weight_hh_l1", counter)
+        seen = []
+        for _ in range(3):
+            counter.evaluations = 0
+            (calls[call] if cls is fastlstm.LSTM else lambda m: m(x))(m)
+            seen.append(counter.evaluations)
+        counts.append(seen)
+    assert counts[1] == counts[0]
+
+    ref, fast = make_pair(I, H, 1, backend=backend)
+    for m in (ref, fast):
+        torch.manual_seed(1)
+        parametrizations.spectral_norm(m, "weight_ih_l0")
+    for _ in range(3):
+        for m in (ref, fast):
+            m.zero_grad()
+            m(x)[0].sum().backward()
+    torch.testing.assert_close(fast.parametrizations.weight_ih_l0[0]._u, ref.parametrizations.weight_ih_l0[0]._u)
+    torch.testing.assert_close(
+        fast.parametrizations.weight_ih_l0.original.grad, ref.parametrizations.weight_ih_l0.original.grad, **TOL
+    )
+
+
 class Tagger(nn.Module):
     def __init__(self, lstm_cls=fastlstm.LSTM):
         super().__init__()
@@ -135,6 +186,45 @@ def test_convert_a_bare_lstm_and_parametrized_lstm():
     assert isinstance(fast, fastlstm.LSTM)
     x = torch.randn(3, 2, I, dtype=torch.float64)
     torch.testing.assert_close(fast(x)[0], ref(x)[0], **TOL)
+
+
+def test_convert_leaves_subclasses_with_a_warning():
+    class Scaled(nn.LSTM):
+        def forward(self, x, hx=None):
+            y, state = super().forward(x, hx)
+            return 2 * y, state
+
+    model = nn.Sequential(Scaled(I, H), nn.Linear(H, 2))
+    with pytest.warns(UserWarning, match="left .*Scaled unconverted: it subclasses torch.nn.LSTM"):
+        fastlstm.convert(model)
+    assert type(model[0]) is Scaled
+
+    class Tagged(fastlstm.LSTM):
+        pass
+
+    with pytest.warns(UserWarning, match="subclasses fastlstm.LSTM"):
+        assert type(fastlstm.convert(Tagged(I, H), to="torch")) is Tagged
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "reference", "cpp", "triton"])
+@pytest.mark.parametrize("proj", [0, 3])
+def test_output_changed_in_place_before_backward(backend, proj):
+    """nn.LSTM's ATen path (float64 here) lets a model add to its output in place (y += residual) and still
+    backpropagate; so must every fastlstm backend."""
+    if get_backend(backend if backend != "auto" else "native").unavailable_reason() is not None:
+        pytest.skip(f"{backend} unavailable here")
+    ref, fast = make_pair(I, H, 2, proj_size=proj, backend=backend)
+    x = torch.randn(4, 3, I, dtype=torch.float64)
+    residual = torch.randn(4, 3, proj or H, dtype=torch.float64)
+    results = []
+    for m in (ref, fast):
+        y, (h, c) = m(x)
+        y += residual
+        y.mul_(0.5)
+        (y.pow(2).sum() + h.sum()).backward()
+        results.append([y.detach()] + [p.grad for p in m.parameters()])
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, **TOL)
 
 
 def test_convert_rejects_unknown_target():

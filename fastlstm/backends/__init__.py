@@ -33,7 +33,7 @@ class LayerCall:
     reverse: bool
     needs_grad: bool
     layer: int = 0
-    func_grad: bool = False  # a torch.func transform tracks gradients (grad, vjp, jacrev; LSTM._under_func_grad)
+    func_grad: bool = False  # torch.func's grad/vjp/jacrev or forward-mode AD track gradients (LSTM._under_func_grad)
 
     @property
     def out_size(self) -> int:

@@ -406,7 +406,10 @@ class CppBackend(Backend):
         if call.dtype not in _SUPPORTED_DTYPES:
             return f"the cpp backend supports float32, float64, bfloat16 and float16, not {call.dtype}"
         if call.func_grad:
-            return "torch.func's gradient transforms (grad, vjp, jacrev) cannot run the cpp op's C++ autograd"
+            return (
+                "torch.func's gradient transforms (grad, vjp, jacrev) and forward-mode AD cannot run "
+                "the cpp op's C++ autograd"
+            )
         return None
 
     def layer(

@@ -74,7 +74,10 @@ class TritonBackend(Backend):
         else:
             return f"device {call.device_type!r} is not supported by the triton backend (cuda only)"
         if call.func_grad:
-            return "torch.func's gradient transforms (grad, vjp, jacrev) cannot run the triton op's autograd"
+            return (
+                "torch.func's gradient transforms (grad, vjp, jacrev) and forward-mode AD cannot run "
+                "the triton op's autograd"
+            )
         from fastlstm.backends.triton.ops import size_reason
 
         return size_reason(call.seq_len, call.batch, call.hidden_size, call.out_size)
