@@ -3,13 +3,14 @@
     python benchmarks/gpu_tune.py [--out DIR] [--budget SECONDS]      # on a CUDA machine, after gpu_check.sh
     TRITON_INTERPRET=1 python benchmarks/gpu_tune.py --dry-run         # tiny shapes on the CPU (smoke test)
 
-The launch configuration (fastlstm/backends/triton/ops.py `_blocks`, num_warps 4) was chosen without a GPU.
-Compiled for sm_90 it spills: in float32 the forward step kernel at batch 64, hidden 512 uses 255 registers and
-792 bytes of stack a thread; BLOCK_K=32 with 8 warps uses 186 registers and none (`tests/triton_compile.py
---resources` with FASTLSTM_TRITON_CONFIG set). Which runs faster only a GPU can say: for a few shapes per
-kernel this times each candidate of CANDIDATES (through FASTLSTM_TRITON_CONFIG), interleaved with nn.LSTM,
-after checking its output against nn.LSTM's. A candidate that fails to compile or disagrees is recorded as
-such. Writes gpu_tune.json and gpu_tune.md to --out (default $OUT, else benchmarks/results/) after every shape.
+The launch configuration (fastlstm/backends/triton/ops.py `_blocks`, num_warps 4) was chosen without a GPU,
+from what the compiler reports for sm_90 (`tests/triton_compile.py --resources`, FASTLSTM_TRITON_CONFIG set):
+e.g. bfloat16's forward step kernel at batch 256, hidden 1024 uses 255 registers and 32 bytes of stack a thread,
+152 and none with BLOCK_K=32 and 8 warps; float32's default BLOCK_K (16) spills least of 16, 32 and 64. Which
+runs faster only a GPU can say: for a few shapes per kernel this times each candidate of CANDIDATES (through
+FASTLSTM_TRITON_CONFIG), interleaved with nn.LSTM, after checking its output against nn.LSTM's. A candidate
+that fails to compile or disagrees is recorded as such. Writes gpu_tune.json and gpu_tune.md to --out (default
+$OUT, else benchmarks/results/) after every shape.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gpu_grid  # noqa: E402  (the same model building, timing and header)
 
-# Per kernel: "" is the default configuration; the others override some of its tiles / launch options.
+# Per kernel: "" is the default configuration; the others override some of its tiles / launch options (float32's
+# default BLOCK_K is 16, the others' 32 or 64: see ops._blocks).
 CANDIDATES = {
     "step": [
         "",
         "num_warps=8",
         "BLOCK_K=32",
+        "BLOCK_K=64",
         "BLOCK_K=32,num_warps=8",
         "BLOCK_H=32",
         "BLOCK_H=32,BLOCK_K=32",
@@ -39,6 +42,7 @@ CANDIDATES = {
         "",
         "num_warps=8",
         "BLOCK_K=32",
+        "BLOCK_K=64",
         "BLOCK_K=32,num_warps=8",
         "BLOCK_H=32",
         "BLOCK_H=128,num_warps=8",
@@ -56,6 +60,7 @@ def shapes(dry_run: bool) -> list[dict]:
         ]
     rows = [
         dict(batch=64, hidden=512, dtype="fp32", mode="inference", kernel="step"),
+        dict(batch=64, hidden=64, dtype="fp32", mode="training", kernel="step"),  # BLOCK_K=64 spilled 8 KB here
         dict(batch=64, hidden=512, dtype="bf16", mode="training", kernel="step"),
         dict(batch=16, hidden=512, dtype="bf16", mode="inference", kernel="step"),
         dict(batch=256, hidden=1024, dtype="bf16", mode="inference", kernel="step"),

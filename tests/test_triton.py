@@ -477,13 +477,15 @@ def test_auto_routes_around_a_failing_kernel_with_one_warning(monkeypatch, fresh
 
 
 def test_kernels_compile_for_an_h200():
-    """Every kernel the launchers issue compiles for sm_90 (H100 / H200) in every CUDA dtype, and fits its
-    shared memory: triton's ahead-of-time compiler and ptxas need no GPU. The interpreter above runs the
-    kernels' arithmetic but not the compiler's checks, and never runs bfloat16 or float16 at all."""
+    """Every kernel the launchers issue compiles for sm_90 (H100 / H200) in every CUDA dtype, fits its shared
+    memory and spills at most 2 KB a thread (float32 tiles once spilled 8-10 KB): triton's ahead-of-time
+    compiler and ptxas need no GPU. The interpreter above runs the kernels' arithmetic but not the compiler's
+    checks, and never runs bfloat16 or float16 at all."""
     pytest.importorskip("triton.backends.nvidia", reason="this triton build has no NVIDIA backend")
     from helpers import run_python
 
-    result = run_python("tests/triton_compile.py", "--arch", "90", env={**os.environ, "TRITON_INTERPRET": "0"})
+    args = ("--arch", "90", "--resources", "--max-stack", "2048")
+    result = run_python("tests/triton_compile.py", *args, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
     assert re.search(r"^sm_90, triton \S+: [1-9]\d* compiles, 0 failures", result.stdout, re.MULTILINE), result.stdout
 
@@ -608,9 +610,9 @@ def test_launches_follow_the_tensors_device(monkeypatch):
 def test_launch_configuration_from_the_environment(monkeypatch):
     """FASTLSTM_TRITON_CONFIG (for benchmarks/gpu_tune.py) overrides tiles and launch options; bad values raise
     before anything launches, and the kernels give the same numbers with other tiles."""
-    default = triton_ops._blocks(40, 100, 100, "step")
+    default = triton_ops._blocks(40, 100, 100, "step", "tf32")
     monkeypatch.setenv(triton_ops.ENV_CONFIG, "BLOCK_K=16, num_warps=8,BLOCK_H=16")
-    assert triton_ops._blocks(40, 100, 100, "step") == dict(default, BLOCK_K=16, BLOCK_H=16)
+    assert triton_ops._blocks(40, 100, 100, "step", "tf32") == dict(default, BLOCK_K=16, BLOCK_H=16)
     assert triton_ops._launch_options() == dict(triton_ops.LAUNCH_OPTIONS, num_warps=8)
     case = Case(4, 3, 5, 40, proj=20, packed=True)
     tensors, bs = _layer_inputs(case, torch.float32)
@@ -631,4 +633,4 @@ def test_launch_configuration_from_the_environment(monkeypatch):
     ]:
         monkeypatch.setenv(triton_ops.ENV_CONFIG, bad)
         with pytest.raises(ValueError, match=message):
-            triton_ops._blocks(4, 16, 16, "step")
+            triton_ops._blocks(4, 16, 16, "step", "ieee")

@@ -9,7 +9,7 @@ then compiles each distinct launch with triton.compile for the target GPU.
 Launches compile without the specialisations a real launch adds (integer arguments equal to 1, pointers
 aligned to 16 bytes): those change code generation, not what the kernels may do.
 
-    TRITON_INTERPRET=0 python tests/triton_compile.py [--arch 90] [--full]
+    TRITON_INTERPRET=0 python tests/triton_compile.py [--arch 90] [--full] [--resources [--max-stack BYTES]]
 
 Prints one line per compiled kernel and ends with "N compiles, F failures"; exits 1 on a failure.
 """
@@ -172,10 +172,14 @@ def configs(full: bool) -> list[Config]:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for proj in (0, 37):
             out += [Config(dtype, 5, 100, proj, False, "sequence"), Config(dtype, 40, 100, proj, False, "step")]
+    # float32 where a recurrent K of 64 once compiled to kilobytes of local memory a thread (see ops._blocks)
+    out += [
+        Config(torch.float32, 40, hidden, proj, False, k) for hidden, proj in ((64, 0), (128, 64)) for k in ops.KERNELS
+    ]
     return out + [Config(torch.float32, 5, 100, 0, False, "sequence", tf32=True)]
 
 
-def _registers(cubin: bytes) -> str:
+def _registers(cubin: bytes) -> tuple[int, int]:
     """Registers a thread and stack bytes (where ptxas spills registers), from the cuobjdump triton ships."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as folder:
@@ -183,7 +187,7 @@ def _registers(cubin: bytes) -> str:
         path.write_bytes(cubin)
         out = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|STACK):(\d+)", out))
-    return f"{fields.get('REG', '?')} registers, {fields.get('STACK', '?')} bytes of stack"
+    return int(fields["REG"]), int(fields["STACK"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
     parser.add_argument("--full", action="store_true", help="the GPU grid's sizes (minutes) instead of the short list")
     parser.add_argument("--resources", action="store_true", help="registers and stack per kernel (cuobjdump)")
+    parser.add_argument(
+        "--max-stack", type=int, metavar="BYTES", help="with --resources: fail a kernel that spills more a thread"
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("run with TRITON_INTERPRET=0: the interpreter's kernels cannot be compiled")
@@ -221,7 +228,14 @@ def main(argv: list[str] | None = None) -> int:
                 failures += 1
                 print(f"FAILED {name} ({config}): {shared} bytes of shared memory, sm_{args.arch} allows {limit}")
                 continue
-            usage = f", {_registers(binary.asm['cubin'])}" if args.resources else ""
+            usage = ""
+            if args.resources:
+                registers, stack = _registers(binary.asm["cubin"])
+                usage = f", {registers} registers, {stack} bytes of stack"
+                if args.max_stack is not None and stack > args.max_stack:
+                    failures += 1
+                    print(f"FAILED {name} ({config}): {stack} bytes of stack a thread, --max-stack {args.max_stack}")
+                    continue
             print(f"ok {name} ({config}): {shared} bytes of shared memory{usage}", flush=True)
     elapsed = time.perf_counter() - start
     print(f"sm_{args.arch}, triton {triton.__version__}: {compiled} compiles, {failures} failures, {elapsed:.0f} s")

@@ -93,12 +93,19 @@ def _block(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def _blocks(B: int, H: int, P: int, kernel: str) -> dict:
+def _blocks(B: int, H: int, P: int, kernel: str, precision: str) -> dict:
     if kernel == "sequence":
         block_b = 16 if B <= 16 else 32
     else:
         block_b = 16 if B <= 32 else 32
-    blk = dict(BLOCK_B=block_b, BLOCK_H=_block(H), BLOCK_P=_block(P), BLOCK_K=64 if min(H, P) >= 64 else 32)
+    # Dots without tensor cores ("ieee": float32 without TF32, float64) run as FMA loops that keep their tiles in
+    # registers. Compiled for sm_90 (triton 3.6 and 3.9, `tests/triton_compile.py --resources`), BLOCK_K 64 put
+    # 8-10 KB a thread into local memory in both forward kernels wherever the recurrent K was 64 (hidden 64, or
+    # a projection of 64; at batch > 32 a projection of 32 too, with BLOCK_K 32) and spilled 100-1800 bytes
+    # elsewhere; BLOCK_K 16 spilled least in every kernel over batch 1-256, hidden 16-1024 (step kernels
+    # 0-120 bytes). Chosen from the compiler's figures, not timed: benchmarks/gpu_tune.py times the others.
+    block_k = 16 if precision == "ieee" else 64 if min(H, P) >= 64 else 32
+    blk = dict(BLOCK_B=block_b, BLOCK_H=_block(H), BLOCK_P=_block(P), BLOCK_K=block_k)
     blk.update((k, v) for k, v in config_override().items() if k.startswith("BLOCK_"))
     return blk
 
@@ -207,8 +214,9 @@ def run_forward_loop(buf: ForwardBuffers, live: list[int], reverse: bool, has_pr
 
     T, B, P = buf.y.shape
     H = buf.cs.shape[2]
-    blk = _blocks(B, H, P, kernel)
-    common = dict(ACC=_tl_acc(buf.y.dtype), PREC=_precision(buf.y.dtype), **_launch_options())
+    precision = _precision(buf.y.dtype)
+    blk = _blocks(B, H, P, kernel, precision)
+    common = dict(ACC=_tl_acc(buf.y.dtype), PREC=precision, **_launch_options())
     save_acts = buf.acts.numel() > 0
     if kernel == "sequence":
         bs = _padded_sizes(live, buf.y.device)
@@ -314,8 +322,9 @@ def backward_impl(
     dc = grad_cT.to(cdt).contiguous().clone()
     dhy = torch.empty(T, B, P, dtype=dtype, device=dev) if has_proj else dh
     live = _live_rows(batch_sizes, T, B)
-    blk = _blocks(B, H, P, kernel)
-    common = dict(ACC=_tl_acc(dtype), PREC=_precision(dtype), **_launch_options())
+    precision = _precision(dtype)
+    blk = _blocks(B, H, P, kernel, precision)
+    common = dict(ACC=_tl_acc(dtype), PREC=precision, **_launch_options())
     first = T - 1 if reverse else 0  # the first step the forward pass processed
     if kernel == "sequence":
         bs = _padded_sizes(live, dev)
