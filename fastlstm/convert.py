@@ -69,6 +69,7 @@ def convert(model: nn.Module, to: str = "fastlstm", backend: str | None = None) 
             new.backend = backend
         else:
             new.__dict__.pop("backend", None)
+            new.__dict__.pop("_mixed_dtypes", None)
         return new
 
     if _is_source(model, to):

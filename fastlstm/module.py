@@ -39,6 +39,7 @@ class _CallShape(NamedTuple):
     num_directions: int
     bias: bool
     func_grad: bool = False
+    mixed_dtypes: bool = False
 
 
 @functools.lru_cache(maxsize=4096)
@@ -60,11 +61,23 @@ def _plan_for(requested: str, shape: _CallShape) -> tuple[dispatch.Choice, ...]:
             needs_grad=shape.needs_grad,
             layer=layer,
             func_grad=shape.func_grad,
+            mixed_dtypes=shape.mixed_dtypes,
         )
         for layer in range(shape.num_layers)
         for direction in range(shape.num_directions)
     ]
     return tuple(dispatch.plan(requested, calls))
+
+
+@functools.cache
+def _checks_are_ours(cls: type) -> bool:
+    """Whether `cls` (LSTM or a subclass) validates a call with LSTM's own checks: only then may a repeated call of
+    one kind skip them (_call_key)."""
+    names = (
+        "check_forward_args", "check_input", "check_hidden_size", "get_expected_hidden_size",
+        "get_expected_cell_size",
+    )  # fmt: skip
+    return all(getattr(cls, name) is getattr(LSTM, name) for name in names)
 
 
 # Plans of calls that passed every check, by LSTM._call_key: repeated calls of one kind skip the checks and
@@ -163,6 +176,20 @@ class LSTM(nn.RNNBase):
             if weight is not None and ref is not None and ref() is not weight:
                 self._init_flat_weights()
                 return
+
+    def _init_flat_weights(self) -> None:
+        super()._init_flat_weights()
+        self.__dict__.pop("_mixed_dtypes", None)  # the weights were read afresh: _weights_mixed looks again
+
+    def _weights_mixed(self) -> bool:
+        """Whether the weights do not all share one dtype (a state_dict loaded with assign=True, say). Only nn.LSTM's
+        own path decides what that gives (an error, mostly), so dispatch sends such calls there. Worked out once
+        per reading of the weights (a `.data` swapped to another dtype in place goes unseen until then)."""
+        mixed = self.__dict__.get("_mixed_dtypes")
+        if mixed is None:
+            mixed = len({w.dtype for w in self._flat_weights if w is not None}) > 1
+            self.__dict__["_mixed_dtypes"] = mixed
+        return mixed
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -350,6 +377,8 @@ class LSTM(nn.RNNBase):
             return None  # graphs decide once per trace, and autocast's dtypes are worked out per call
         if torch._C._are_functorch_transforms_active() or _forward_ad_active():
             return None  # whether a transform or dual tensors track gradients here is worked out per call (_plan)
+        if not _checks_are_ours(type(self)):
+            return None  # a subclass's own checks run on every call, as nn.LSTM runs them
         if type(input) is not Tensor or input.dim() not in (2, 3):
             return None
         weight = self._flat_weights[0]
@@ -365,7 +394,7 @@ class LSTM(nn.RNNBase):
         return (
             input.shape, input.dtype, input.device, weight.dtype, weight.device, state, grad, self.batch_first,
             self.backend, os.environ.get(dispatch.ENV_VAR), self.input_size, self.hidden_size, self.proj_size,
-            self.num_layers, self.bidirectional, self.bias,
+            self.num_layers, self.bidirectional, self.bias, self._weights_mixed(),
         )  # fmt: skip
 
     def _plan(self, input: Tensor, hx, batch_sizes: Tensor | None, amp=None) -> tuple[dispatch.Choice, ...]:
@@ -388,6 +417,7 @@ class LSTM(nn.RNNBase):
             input.device.type, dtype, seq_len, batch, batch_sizes is not None, needs_grad, self.input_size,
             self.hidden_size, self.proj_size, self.num_layers, self._num_directions, self.bias,
             self._under_func_grad(input, hx),
+            self._weights_mixed(),
         )  # fmt: skip
         requested = dispatch.requested(self.backend)
         # dynamo traces the plan once per graph, and exporters decide differently: the cache is for eager calls

@@ -227,6 +227,61 @@ def test_output_changed_in_place_before_backward(backend, proj):
         torch.testing.assert_close(got, expected, **TOL)
 
 
+@pytest.mark.parametrize(
+    "module_dtype,bias_dtype",
+    [(torch.float64, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.float32)],
+)
+def test_weights_of_mixed_dtypes_get_what_nn_lstm_gives(module_dtype, bias_dtype):
+    """A bias of another dtype (a state_dict loaded with assign=True): nn.LSTM raises, or (oneDNN, bfloat16)
+    computes; auto does exactly that, on the native path, also after a cached call of the same kind; a forced fast
+    backend refuses rather than promote silently."""
+    x = torch.randn(3, 2, I, dtype=module_dtype)
+    ref, fast = make_pair(I, H, 1, dtype=module_dtype, backend="auto")
+    forced = fastlstm.LSTM(I, H, dtype=module_dtype, backend="reference")
+    fast(x)  # the same kind of call passes, and is remembered, before the bias changes
+    for m in (ref, fast, forced):
+        m.bias_hh_l0 = nn.Parameter(m.bias_hh_l0.detach().to(bias_dtype))
+    try:
+        expected = ref(x)
+    except RuntimeError as error:
+        with pytest.raises(RuntimeError) as got:
+            fast(x)
+        assert str(got.value) == str(error)
+    else:
+        for a, b in zip(fast(x), expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(fastlstm.BackendUnavailableError, match="do not all share one dtype"):
+        forced(x)
+    fast.bias_hh_l0 = nn.Parameter(fast.bias_hh_l0.detach().to(module_dtype))
+    assert "share one dtype" not in str(fastlstm.explain(fast, x))  # read afresh once the weights agree again
+
+
+def test_a_subclass_s_own_checks_run_on_every_call():
+    """nn.LSTM runs check_forward_args on every call: a subclass that adds a check there keeps it, even for calls
+    of a kind LSTM itself remembers as checked."""
+
+    class Checked(fastlstm.LSTM):
+        calls = 0
+
+        def check_forward_args(self, input, hidden, batch_sizes):
+            Checked.calls += 1
+            if torch.isnan(input).any():
+                raise ValueError("NaN in the input")
+            super().check_forward_args(input, hidden, batch_sizes)
+
+    x = torch.randn(3, 2, I)
+    fastlstm.LSTM(I, H)(x)  # a plain module's call of this kind is remembered
+    m = Checked(I, H)
+    m(x)
+    m(x)
+    assert Checked.calls == 2
+    with pytest.raises(ValueError, match="NaN"):
+        m(torch.full((3, 2, I), float("nan")))
+    m.step(x[0])
+    m.step(x[0])
+    assert Checked.calls == 5
+
+
 def test_convert_rejects_unknown_target():
     with pytest.raises(ValueError, match="to must be"):
         fastlstm.convert(nn.LSTM(I, H), to="jax")

@@ -34,6 +34,7 @@ class LayerCall:
     needs_grad: bool
     layer: int = 0
     func_grad: bool = False  # torch.func's grad/vjp/jacrev or forward-mode AD track gradients (LSTM._under_func_grad)
+    mixed_dtypes: bool = False  # the module's weights do not all share one dtype (LSTM._weights_mixed)
 
     @property
     def out_size(self) -> int:
