@@ -102,20 +102,27 @@ def cmd_build(args) -> int:
 def cmd_check(args) -> int:
     device = args.device or _default_device()
     failures = 0
+    skipped = []
     print(f"fastlstm check on {device}: every available backend against nn.LSTM, forward and backward")
     for name in backends.names():
         reason = backends.get(name).unavailable_reason()
         if reason is not None:
             print(f"{name:<10} skipped: {reason}")
+            skipped.append(name)
             continue
         for case in CHECK_CASES:
             errors = None
-            for dtype in (torch.float64, torch.float32):
-                try:
-                    errors = compare(case, name, device, dtype)
-                    break
-                except BackendUnavailableError as error:
-                    why = str(error)
+            try:
+                for dtype in (torch.float64, torch.float32):
+                    try:
+                        errors = compare(case, name, device, dtype)
+                        break
+                    except BackendUnavailableError as error:
+                        why = str(error)
+            except Exception as error:  # a kernel that raises is a failure to report, and the others go on
+                failures += 1
+                print(f"{name:<10} {case!s:<45} ERROR {type(error).__name__}: {error}")
+                continue
             if errors is None:
                 print(f"{name:<10} {case!s:<45} skipped: {why}")
                 continue
@@ -126,7 +133,11 @@ def cmd_check(args) -> int:
             status = "ok" if ok else "MISMATCH"
             errors_text = f"max err {worst:.2e} ({worst_key}) tol {tolerance:.0e}"
             print(f"{name:<10} {case!s:<45} {str(dtype)[6:]:<8} {errors_text} {status}")
-    print("all backends match nn.LSTM" if not failures else f"{failures} mismatches")
+    if failures:
+        print(f"{failures} mismatches or errors")
+    else:
+        unchecked = f"; not checked: {', '.join(skipped)} (unavailable, see above)" if skipped else ""
+        print(f"all checked backends match nn.LSTM{unchecked}")
     return 1 if failures else 0
 
 
@@ -179,16 +190,23 @@ def cmd_bench(args) -> int:
     modes = ["inference", "training"] if args.mode == "both" else [args.mode]
     header = machine_header(device)
     print("fastlstm bench: " + ", ".join(f"{k} {v}" for k, v in header.items()))
+    busy = _busy_note()
+    if busy:
+        print(busy, file=sys.stderr)
     results = []
     total = len(shapes) * len(modes)
     done = 0
-    for shape in shapes:
-        if not args.no_check:
-            _validate(shape, names, device, dtype)
-        for mode in modes:
-            done += 1
-            print(f"\r[{done}/{total}] {shape} {mode}...".ljust(60), end="", file=sys.stderr, flush=True)
-            results += time_shape(shape, names, mode, device, dtype, args.repeats)
+    try:
+        for shape in shapes:
+            if not args.no_check:
+                _validate(shape, names, device, dtype)
+            for mode in modes:
+                done += 1
+                print(f"\r[{done}/{total}] {shape} {mode}...".ljust(60), end="", file=sys.stderr, flush=True)
+                results += time_shape(shape, names, mode, device, dtype, args.repeats)
+    except BackendUnavailableError as error:  # a forced backend that cannot serve these calls
+        print(f"\npython -m fastlstm bench: error: {error}", file=sys.stderr)
+        return 2
     print("\r".ljust(60), file=sys.stderr)
     print(format_table(results, dtype))
     if args.json:
@@ -219,6 +237,40 @@ def format_table(results, dtype) -> str:
     return "\n".join(lines)
 
 
+def _busy_note() -> str | None:
+    """A warning when other processes keep the CPUs busy: timings then swing by several times from run to run,
+    interleaving or not (seen: the same code path measured 0.11x and 2.16x against itself)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+    cpus = os.cpu_count() or 1
+    if load < 0.75 * cpus:
+        return None
+    return (
+        f"fastlstm bench: note: load average {load:.1f} on {cpus} CPUs: other processes compete for them, so the "
+        "timings below may be noise; rerun on an idle machine"
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
+    """What argparse cannot check by itself, before any work starts."""
+    if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    if getattr(args, "json", None):
+        try:
+            open(args.json, "a").close()  # fail now, not after the whole benchmark has run
+        except OSError as error:
+            parser.error(f"--json {args.json}: {error.strerror}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastlstm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,7 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", choices=["cpu", "cuda"])
     bench.add_argument("--dtype", choices=list(DTYPES), default="float32")
     bench.add_argument(
-        "--backend", action="append", help="fastlstm backend to time (repeatable; default auto + the fast one)"
+        "--backend",
+        action="append",
+        choices=["auto", *backends.names()],
+        help="fastlstm backend to time (repeatable; default auto + the fast one)",
     )
     bench.add_argument(
         "--shape",
@@ -244,10 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         "--grid", choices=["default", "cpu-full"], default="default", help="shape grid (without --shape)"
     )
     bench.add_argument("--mode", choices=["inference", "training", "both"], default="both")
-    bench.add_argument("--repeats", type=int, default=10, help="timed runs per provider (default 10)")
+    bench.add_argument("--repeats", type=_positive_int, default=10, help="timed runs per provider (default 10)")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--no-check", action="store_true", help="skip validating outputs against nn.LSTM")
     args = parser.parse_args(argv)
+    _check_arguments(parser, args)
     commands = {"info": cmd_info, "build": cmd_build, "check": cmd_check, "bench": cmd_bench}
     return commands[args.command](args)
 

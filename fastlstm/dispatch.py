@@ -39,8 +39,14 @@ class Choice:
 
 def requested(module_backend: str | None) -> str:
     """The backend name in force: the module's own, else $FASTLSTM_BACKEND, else auto."""
-    name = module_backend or os.environ.get(ENV_VAR) or AUTO
-    validate_name(name)
+    if module_backend:
+        validate_name(module_backend)
+        return module_backend
+    name = os.environ.get(ENV_VAR) or AUTO
+    try:
+        validate_name(name)
+    except ValueError as error:
+        raise ValueError(f"{error} (from ${ENV_VAR})") from None
     return name
 
 

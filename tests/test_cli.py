@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import ROOT, run_python
 
 from fastlstm.benchmark import Shape
@@ -39,7 +40,7 @@ def test_info_names_the_triton_knobs():
 def test_check_passes_and_reports_errors():
     done = run_python("-m", "fastlstm", "check")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "all backends match nn.LSTM" in done.stdout
+    assert "all checked backends match nn.LSTM" in done.stdout
     assert "reference  B6-T7-I5-H7-L2-bi-packed" in done.stdout
 
 
@@ -75,10 +76,49 @@ def test_bench_prints_a_speedup_table_and_json(tmp_path):
     assert all(r["median_ms"] > 0 and r["speedup"] > 0 for r in data["results"])
 
 
-def test_bench_rejects_a_malformed_shape():
-    done = run_python("-m", "fastlstm", "bench", "--shape", "2,5")
-    assert done.returncode == 2 and "expected B,T,I,H" in done.stderr
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--shape", "2,5"], "expected B,T,I,H"),
+        (["--backend", "nosuch"], "invalid choice: 'nosuch'"),
+        (["--repeats", "0"], "expected a positive integer"),
+        (["--json", "/nonexistent-dir/out.json"], "--json /nonexistent-dir/out.json: No such file or directory"),
+        (["--backend", "triton", "--shape", "1,2,3,4", "--device", "cpu"], "error: fastlstm backend 'triton'"),
+    ],
+)
+def test_bench_rejects_bad_arguments_in_one_line(args, message):
+    """A user's mistake gets one error line and exit status 2, before any timing, never a traceback."""
+    # TRITON_INTERPRET=0: triton then cannot serve CPU tensors, whether or not it is installed
+    done = run_python("-m", "fastlstm", "bench", *args, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["bench", "check"])
+def test_cuda_without_a_gpu_is_refused_in_one_line(command):
+    done = run_python("-m", "fastlstm", command, "--device", "cuda")
+    assert done.returncode == 2 and "--device cuda: torch sees no CUDA device here" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_check_reports_a_raising_backend_and_goes_on(tmp_path):
+    """A backend whose kernel raises is a failure to report (exit 1), not the end of the check."""
+    broken = tmp_path / "raising.py"
+    broken.write_text(
+        "import sys\n"
+        "from fastlstm import backends\n"
+        "def fail(*args, **kwargs):\n"
+        "    raise RuntimeError('simulated kernel failure')\n"
+        "backends.get('reference').layer = fail\n"
+        "from fastlstm.__main__ import main\n"
+        "sys.exit(main(['check']))\n"
+    )
+    done = run_python(str(broken))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "ERROR RuntimeError: simulated kernel failure" in done.stdout
+    assert "mismatches or errors" in done.stdout and "Traceback" not in done.stderr
+    assert "cpp        B" in done.stdout or "cpp        skipped" in done.stdout  # the next backend was checked
 
 
 @pytest.mark.parametrize("text", ["32,100,256,256,2,bi", "B32-T100-I256-H256-L2-bi"])
@@ -153,3 +193,13 @@ def test_gpu_workflow_targets_the_self_hosted_runner():
     text = (ROOT / ".github" / "workflows" / "gpu.yml").read_text()
     assert "runs-on: [self-hosted, linux, x64, gpu]" in text
     assert "pytest -m cuda" in text and "upload-artifact" in text
+
+
+def test_bench_warns_when_other_processes_keep_the_cpus_busy(monkeypatch):
+    from fastlstm import __main__ as cli
+
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (3.1, 0.0, 0.0))
+    assert "load average 3.1 on 2 CPUs" in cli._busy_note()
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.4, 0.0, 0.0))
+    assert cli._busy_note() is None

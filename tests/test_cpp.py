@@ -516,6 +516,39 @@ def test_builds_and_matches_for_cpus_without_avx512(tmp_path, march, vector_byte
     )  # fmt: skip
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="flock: POSIX only")
+def test_a_build_killed_half_way_leaves_no_lock_behind(tmp_path):
+    """A build killed half way (SIGKILL: a CI timeout, the OOM killer) left cpp_extension's lock file, on which
+    the next first use waited forever. The build lock is an flock the kernel drops with its holder: the next
+    build takes it at once and clears the dead build's lock file; while a live process holds it, others wait."""
+    build_dir = tmp_path / "cpp-x"
+    build_dir.mkdir()
+    holder = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from fastlstm.backends import cpu
+        with cpu._build_lock(Path({str(build_dir)!r})):
+            (Path({str(build_dir)!r}) / "lock").write_text("")  # cpp_extension's baton, mid-build
+            print("holding", flush=True)
+            time.sleep(600)
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        fcntl = pytest.importorskip("fcntl")
+        with open(build_dir / "build.lock", "a+") as handle, pytest.raises(BlockingIOError):
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live holder keeps others waiting
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert (build_dir / "lock").exists()  # what the killed build left
+    with cpu._build_lock(build_dir):  # taken at once: the kernel released the dead holder's lock
+        assert not (build_dir / "lock").exists()
+
+
 def test_two_processes_building_at_once_share_one_good_cache(tmp_path):
     """The first use in two processes at the same moment: both build or wait, neither corrupts the cache, and a
     third process then loads the cached library without compiling. A build says on stderr why the call blocks;

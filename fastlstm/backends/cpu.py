@@ -11,7 +11,9 @@ Build and cache
     longer matches its marker is never loaded (a truncated one crashed dlopen); the next first use rebuilds it.
     A build first logs one warning through the `fastlstm` logger (stderr by default): the call that triggers it
     blocks meanwhile.
-    Concurrent builds in the same directory are serialised by cpp_extension's own lock file (FileBaton) there.
+    Concurrent builds in the same directory are serialised by an exclusive flock on `build.lock` there, which
+    the kernel releases when its holder dies: a build killed half way (a CI timeout, the OOM killer) does not
+    leave the next process waiting forever on cpp_extension's own lock file, as that file alone did.
     `$FASTLSTM_CXX` (or else `$CXX`) chooses the compiler; `$FASTLSTM_CXXFLAGS` adds compiler flags after
     ours (e.g. `-march=x86-64-v3` to build for a family of CPUs rather than this one). A failing build never
     raises out of `unavailable_reason()`; it returns the compiler's error text, and `layer()` raises a
@@ -68,7 +70,7 @@ _SOURCES = ("lstm_cpu.cpp",)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_STALE_LOCK_S = 15 * 60  # a lock file older than this was left by a build that died
+_STALE_LOCK_S = 15 * 60  # without flock (Windows): a lock file older than this was left by a build that died
 
 _log = logging.getLogger("fastlstm")
 _lock = threading.Lock()
@@ -127,6 +129,33 @@ def _clear_stale_lock(build_dir: Path) -> None:
             lock.unlink()
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """One fastlstm build at a time in build_dir, across processes.
+
+    An exclusive flock on build_dir/build.lock: the kernel drops it when the holding process dies, however it
+    dies. Holding it, no live fastlstm process builds here, so cpp_extension's own lock file (`lock`, which it
+    waits on without a timeout and which a killed build leaves behind) is stale if present, and goes.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: only the age of cpp_extension's lock file tells
+        _clear_stale_lock(build_dir)
+        yield
+        return
+    with open(build_dir / "build.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log.warning("fastlstm: waiting for another process that is building the C++ backend in %s", build_dir)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _find_library(build_dir: Path, name: str) -> Path | None:
@@ -195,48 +224,54 @@ def _build_and_load(verbose: bool) -> str:
     marker = build_dir / "BUILT"
     lib = _cached_library(build_dir, name)
     if lib is None:
-        from torch.utils import cpp_extension  # imports setuptools: only when building
-
         build_dir.mkdir(parents=True, exist_ok=True)
-
-        _check_compiler()
-        _remove_damaged_build(build_dir, name)
-        # The first call of a model blocks on the compiler for tens of seconds: say why, once, on stderr
-        # (logging's default for warnings; `logging.getLogger("fastlstm")` silences or redirects it).
-        _log.warning(
-            "fastlstm: compiling the C++ CPU backend for this machine (once; tens of seconds; cached in %s). "
-            "`python -m fastlstm build` does it ahead of time.",
-            build_dir,
-        )
-        _clear_stale_lock(build_dir)
-        old_cxx = os.environ.get("CXX")
-        os.environ["CXX"] = _compiler()
-        try:
-            with _library_loading():  # cpp_extension.load loads the library it builds
-                lib_path = cpp_extension.load(
-                    name=name,
-                    sources=[str(src / s) for s in _SOURCES],
-                    extra_cflags=_cflags(),
-                    extra_ldflags=_LDFLAGS,
-                    build_directory=str(build_dir),
-                    is_python_module=False,
-                    verbose=verbose,
-                )
-        finally:
-            if old_cxx is None:
-                os.environ.pop("CXX", None)
-            else:
-                os.environ["CXX"] = old_cxx
-        lib = Path(lib_path) if lib_path else _find_library(build_dir, name)
-        if lib is None:
-            raise RuntimeError(f"the build in {build_dir} produced no library")
-        tmp = marker.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(_fingerprint(lib))
-        os.replace(tmp, marker)  # atomic: other processes see either no marker or a complete one
-    else:
-        with _library_loading():
-            torch.ops.load_library(str(lib))
+        with _build_lock(build_dir):
+            lib = _cached_library(build_dir, name)  # another process may have built it while this one waited
+            if lib is None:
+                return str(_build(src, name, build_dir, marker, verbose))
+    with _library_loading():
+        torch.ops.load_library(str(lib))
     return str(lib)
+
+
+def _build(src: Path, name: str, build_dir: Path, marker: Path, verbose: bool) -> Path:
+    """Compile and load the library (the caller holds the build lock); marks the build complete."""
+    from torch.utils import cpp_extension  # imports setuptools: only when building
+
+    _check_compiler()
+    _remove_damaged_build(build_dir, name)
+    # The first call of a model blocks on the compiler for tens of seconds: say why, once, on stderr
+    # (logging's default for warnings; `logging.getLogger("fastlstm")` silences or redirects it).
+    _log.warning(
+        "fastlstm: compiling the C++ CPU backend for this machine (once; tens of seconds; cached in %s). "
+        "`python -m fastlstm build` does it ahead of time.",
+        build_dir,
+    )
+    old_cxx = os.environ.get("CXX")
+    os.environ["CXX"] = _compiler()
+    try:
+        with _library_loading():  # cpp_extension.load loads the library it builds
+            lib_path = cpp_extension.load(
+                name=name,
+                sources=[str(src / s) for s in _SOURCES],
+                extra_cflags=list(_cflags()),
+                extra_ldflags=list(_LDFLAGS),  # copies: cpp_extension appends torch's libraries in place
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=verbose,
+            )
+    finally:
+        if old_cxx is None:
+            os.environ.pop("CXX", None)
+        else:
+            os.environ["CXX"] = old_cxx
+    lib = Path(lib_path) if lib_path else _find_library(build_dir, name)
+    if lib is None:
+        raise RuntimeError(f"the build in {build_dir} produced no library")
+    tmp = marker.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(_fingerprint(lib))
+    os.replace(tmp, marker)  # atomic: other processes see either no marker or a complete one
+    return lib
 
 
 def _ensure(verbose: bool = False) -> str | None:
