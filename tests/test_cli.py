@@ -42,6 +42,8 @@ def test_check_passes_and_reports_errors():
     assert done.returncode == 0, done.stdout + done.stderr
     assert "all checked backends match nn.LSTM" in done.stdout
     assert "reference  B6-T7-I5-H7-L2-bi-packed" in done.stdout
+    for dtype in ("float64", "float32"):  # the tight check, and the kernels models run
+        assert f"reference  B3-T6-I5-H7-L1                                {dtype}" in done.stdout, done.stdout
 
 
 def test_check_fails_on_a_wrong_backend(tmp_path):
