@@ -48,17 +48,21 @@ def test_check_passes_and_reports_errors():
 
 def test_check_fails_on_a_wrong_backend(tmp_path):
     """check exits 1 when a backend disagrees with nn.LSTM (the reference is broken on purpose here)."""
-    broken = tmp_path / "broken.py"
-    broken.write_text(
-        "import sys, fastlstm.reference as r\n"
+    done = _check_patched(
+        tmp_path,
+        "import fastlstm.reference as r\n"
         "orig = r.lstm_cell\n"
-        "r.lstm_cell = lambda g, c, w: tuple(t * 1.001 for t in orig(g, c, w))\n"
-        "from fastlstm.__main__ import main\n"
-        "sys.exit(main(['check']))\n"
+        "r.lstm_cell = lambda g, c, w: tuple(t * 1.001 for t in orig(g, c, w))\n",
     )
-    done = run_python(str(broken))
     assert done.returncode == 1, done.stdout + done.stderr
     assert "MISMATCH" in done.stdout
+
+
+def _check_patched(tmp_path, patch: str):
+    """`python -m fastlstm check` in a process where the Python source `patch` ran first."""
+    script = tmp_path / "patched_check.py"
+    script.write_text(f"import sys\n{patch}from fastlstm.__main__ import main\nsys.exit(main(['check']))\n")
+    return run_python(str(script))
 
 
 def test_bench_prints_a_speedup_table_and_json(tmp_path):
@@ -106,17 +110,13 @@ def test_cuda_without_a_gpu_is_refused_in_one_line(command):
 
 def test_check_reports_a_raising_backend_and_goes_on(tmp_path):
     """A backend whose kernel raises is a failure to report (exit 1), not the end of the check."""
-    broken = tmp_path / "raising.py"
-    broken.write_text(
-        "import sys\n"
+    done = _check_patched(
+        tmp_path,
         "from fastlstm import backends\n"
         "def fail(*args, **kwargs):\n"
         "    raise RuntimeError('simulated kernel failure')\n"
-        "backends.get('reference').layer = fail\n"
-        "from fastlstm.__main__ import main\n"
-        "sys.exit(main(['check']))\n"
+        "backends.get('reference').layer = fail\n",
     )
-    done = run_python(str(broken))
     assert done.returncode == 1, done.stdout + done.stderr
     assert "ERROR RuntimeError: simulated kernel failure" in done.stdout
     assert "mismatches or errors" in done.stdout and "Traceback" not in done.stderr
