@@ -102,8 +102,9 @@ def _blocks(B: int, H: int, P: int, kernel: str, precision: str) -> dict:
     # registers. Compiled for sm_90 (triton 3.6 and 3.9, `tests/triton_compile.py --resources`), BLOCK_K 64 put
     # 8-10 KB a thread into local memory in both forward kernels wherever the recurrent K was 64 (hidden 64, or
     # a projection of 64; at batch > 32 a projection of 32 too, with BLOCK_K 32) and spilled 100-1800 bytes
-    # elsewhere; BLOCK_K 16 spilled least in every kernel over batch 1-256, hidden 16-1024 (step kernels
-    # 0-120 bytes). Chosen from the compiler's figures, not timed: benchmarks/gpu_tune.py times the others.
+    # elsewhere. BLOCK_K 16 spilled least wherever the three were compared (every step kernel over batch 1-256,
+    # hidden 16-1024, at most 120 bytes; sequence kernels up to batch 64), and the --full grid compiled with it
+    # spills at most 528 bytes. Chosen from the compiler's figures, not timed: benchmarks/gpu_tune.py times others.
     block_k = 16 if precision == "ieee" else 64 if min(H, P) >= 64 else 32
     blk = dict(BLOCK_B=block_b, BLOCK_H=_block(H), BLOCK_P=_block(P), BLOCK_K=block_k)
     blk.update((k, v) for k, v in config_override().items() if k.startswith("BLOCK_"))
