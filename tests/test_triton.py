@@ -610,9 +610,11 @@ def test_launches_follow_the_tensors_device(monkeypatch):
 def test_launch_configuration_from_the_environment(monkeypatch):
     """FASTLSTM_TRITON_CONFIG (for benchmarks/gpu_tune.py) overrides tiles and launch options; bad values raise
     before anything launches, and the kernels give the same numbers with other tiles."""
-    default = triton_ops._blocks(40, 100, 100, "step", "tf32")
+    default = triton_ops._blocks(40, 100, 100, "step", torch.bfloat16)
+    assert default["BLOCK_K"] == 64  # tensor-core dtypes keep the K tile of 64; FMA dots (float32) take 16
+    assert triton_ops._blocks(40, 100, 100, "step", torch.float32)["BLOCK_K"] == 16
     monkeypatch.setenv(triton_ops.ENV_CONFIG, "BLOCK_K=16, num_warps=8,BLOCK_H=16")
-    assert triton_ops._blocks(40, 100, 100, "step", "tf32") == dict(default, BLOCK_K=16, BLOCK_H=16)
+    assert triton_ops._blocks(40, 100, 100, "step", torch.bfloat16) == dict(default, BLOCK_K=16, BLOCK_H=16)
     assert triton_ops._launch_options() == dict(triton_ops.LAUNCH_OPTIONS, num_warps=8)
     case = Case(4, 3, 5, 40, proj=20, packed=True)
     tensors, bs = _layer_inputs(case, torch.float32)
@@ -633,4 +635,4 @@ def test_launch_configuration_from_the_environment(monkeypatch):
     ]:
         monkeypatch.setenv(triton_ops.ENV_CONFIG, bad)
         with pytest.raises(ValueError, match=message):
-            triton_ops._blocks(4, 16, 16, "step", "ieee")
+            triton_ops._blocks(4, 16, 16, "step", torch.float32)

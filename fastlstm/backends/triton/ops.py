@@ -93,19 +93,20 @@ def _block(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def _blocks(B: int, H: int, P: int, kernel: str, precision: str) -> dict:
+def _blocks(B: int, H: int, P: int, kernel: str, dtype: torch.dtype) -> dict:
     if kernel == "sequence":
         block_b = 16 if B <= 16 else 32
     else:
         block_b = 16 if B <= 32 else 32
-    # Dots without tensor cores ("ieee": float32 without TF32, float64) run as FMA loops that keep their tiles in
+    # Dots without tensor cores (float32 without TF32, float64) run as FMA loops that keep their tiles in
     # registers. Compiled for sm_90 (triton 3.6 and 3.9, `tests/triton_compile.py --resources`), BLOCK_K 64 put
     # 8-10 KB a thread into local memory in both forward kernels wherever the recurrent K was 64 (hidden 64, or
     # a projection of 64; at batch > 32 a projection of 32 too, with BLOCK_K 32) and spilled 100-1800 bytes
     # elsewhere. BLOCK_K 16 spilled least wherever the three were compared (every step kernel over batch 1-256,
     # hidden 16-1024, at most 120 bytes; sequence kernels up to batch 64), and the --full grid compiled with it
     # spills at most 528 bytes. Chosen from the compiler's figures, not timed: benchmarks/gpu_tune.py times others.
-    block_k = 16 if precision == "ieee" else 64 if min(H, P) >= 64 else 32
+    fma_dot = dtype in (torch.float32, torch.float64) and _precision(dtype) == "ieee"
+    block_k = 16 if fma_dot else 64 if min(H, P) >= 64 else 32
     blk = dict(BLOCK_B=block_b, BLOCK_H=_block(H), BLOCK_P=_block(P), BLOCK_K=block_k)
     blk.update((k, v) for k, v in config_override().items() if k.startswith("BLOCK_"))
     return blk
@@ -215,9 +216,7 @@ def run_forward_loop(buf: ForwardBuffers, live: list[int], reverse: bool, has_pr
 
     T, B, P = buf.y.shape
     H = buf.cs.shape[2]
-    precision = _precision(buf.y.dtype)
-    blk = _blocks(B, H, P, kernel, precision)
-    common = dict(ACC=_tl_acc(buf.y.dtype), PREC=precision, **_launch_options())
+    blk, common = _launch_config(B, H, P, kernel, buf.y.dtype)
     save_acts = buf.acts.numel() > 0
     if kernel == "sequence":
         bs = _padded_sizes(live, buf.y.device)
@@ -243,6 +242,12 @@ def run_forward_loop(buf: ForwardBuffers, live: list[int], reverse: bool, has_pr
                 r[t], buf.w_hr, hs[prev], hs[out], buf.y[t], live[t], B, H=H, P=P, BLOCK_B=blk["BLOCK_B"],
                 BLOCK_P=blk["BLOCK_P"], BLOCK_K=blk["BLOCK_K"], **common,
             )  # fmt: skip
+
+
+def _launch_config(B: int, H: int, P: int, kernel: str, dtype: torch.dtype) -> tuple[dict, dict]:
+    """Tiles, and the constants and launch options every kernel of a layer takes, for the layer's dtype."""
+    common = dict(ACC=_tl_acc(dtype), PREC=_precision(dtype), **_launch_options())
+    return _blocks(B, H, P, kernel, dtype), common
 
 
 def start_state(buf: ForwardBuffers, h0: Tensor, c0: Tensor, reverse: bool) -> None:
@@ -323,9 +328,7 @@ def backward_impl(
     dc = grad_cT.to(cdt).contiguous().clone()
     dhy = torch.empty(T, B, P, dtype=dtype, device=dev) if has_proj else dh
     live = _live_rows(batch_sizes, T, B)
-    precision = _precision(dtype)
-    blk = _blocks(B, H, P, kernel, precision)
-    common = dict(ACC=_tl_acc(dtype), PREC=precision, **_launch_options())
+    blk, common = _launch_config(B, H, P, kernel, dtype)
     first = T - 1 if reverse else 0  # the first step the forward pass processed
     if kernel == "sequence":
         bs = _padded_sizes(live, dev)
