@@ -357,13 +357,13 @@ class LSTM(nn.RNNBase):
         """Whether a torch.func transform that tracks gradients (grad, vjp, jacrev) wraps the input, the state or a
         weight of this call, or one of them is a forward-mode AD dual tensor (torch.autograd.forward_ad): the
         fast backends' autograd has no forward mode."""
-        tensors = [t for t in (input, *hx, *self._flat_weights) if isinstance(t, Tensor)]
-        if _forward_ad_active() and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
-            return True
-        if not torch._C._are_functorch_transforms_active():
+        dual, functorch = _forward_ad_active(), torch._C._are_functorch_transforms_active()
+        if not (dual or functorch):
             return False
-        tracked = torch._C._functorch.is_gradtrackingtensor
-        return any(tracked(t) for t in tensors)
+        tensors = [t for t in (input, *hx, *self._flat_weights) if isinstance(t, Tensor)]
+        if dual and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+            return True
+        return functorch and any(torch._C._functorch.is_gradtrackingtensor(t) for t in tensors)
 
     def _call_key(self, input, hx) -> tuple | None:
         """What decides whether a call passes every check and which backends serve it, for the common call: a
