@@ -271,12 +271,98 @@ inline void transpose_block(const unit_t* src, int64_t lds, unit_t* dst, int64_t
 // is what one kernel step takes of one column: one element (FmaDot) or a pair of k (Bf16Dot, a 32-bit word).
 constexpr int kPanel = 2;
 
+// Memory of packed weights, kept by each thread between calls (at most kPackKeep bytes a thread). Every call
+// packs its weights afresh, and fresh allocations of that size come from the kernel as pages that fault and
+// are zeroed on first touch: at batch 1, hidden 512 (4 MB of w_hh) that cost ~1.4 ms of a 6 ms forward,
+// measured by running with glibc told never to return memory (MALLOC_TRIM_THRESHOLD_). Buffers are reused by
+// size; the same model asks for the same sizes call after call.
+constexpr size_t kPackKeep = size_t(64) << 20;
+
+class PackPool {
+ public:
+  // A buffer of at least `bytes`, 64-byte aligned (its size in `got`): the smallest kept one that fits.
+  char* take(size_t bytes, size_t& got) {
+    auto best = kept_.end();
+    for (auto it = kept_.begin(); it != kept_.end(); ++it)
+      if (it->bytes >= bytes && (best == kept_.end() || it->bytes < best->bytes)) best = it;
+    if (best == kept_.end()) {
+      got = bytes;
+      return align(new char[bytes + 64]);
+    }
+    got = best->bytes;
+    char* p = best->base;
+    kept_bytes_ -= best->bytes;
+    kept_.erase(best);
+    return p;
+  }
+  void give(char* p, size_t bytes) {
+    if (kept_bytes_ + bytes > kPackKeep) {
+      delete[] base_of(p);
+      return;
+    }
+    kept_.push_back({p, bytes});
+    kept_bytes_ += bytes;
+  }
+  ~PackPool() {
+    for (const auto& b : kept_) delete[] base_of(b.base);
+  }
+
+ private:
+  struct Buffer {
+    char* base;  // aligned; the allocation starts base_of(base)
+    size_t bytes;
+  };
+  // The allocation's start is stored just below the aligned pointer handed out.
+  static char* align(char* raw) {
+    char* p = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(raw) + 64) & ~uintptr_t(63));
+    std::memcpy(p - sizeof(char*), &raw, sizeof(char*));
+    return p;
+  }
+  static char* base_of(char* p) {
+    char* raw;
+    std::memcpy(&raw, p - sizeof(char*), sizeof(char*));
+    return raw;
+  }
+  std::vector<Buffer> kept_;
+  size_t kept_bytes_ = 0;
+};
+
+PackPool& pack_pool() {
+  thread_local PackPool pool;
+  return pool;
+}
+
+// A buffer from the calling thread's PackPool, returned to it (the pool of the thread that drops it) at the end.
+template <typename unit_t>
+class PoolBuffer {
+ public:
+  PoolBuffer() = default;
+  PoolBuffer(const PoolBuffer&) = delete;
+  PoolBuffer& operator=(const PoolBuffer&) = delete;
+  ~PoolBuffer() { release(); }
+  unit_t* reset(int64_t count) {
+    release();
+    p_ = pack_pool().take(static_cast<size_t>(count) * sizeof(unit_t), bytes_);
+    return get();
+  }
+  unit_t* get() const { return reinterpret_cast<unit_t*>(p_); }
+  bool empty() const { return p_ == nullptr; }
+
+ private:
+  void release() {
+    if (p_ != nullptr) pack_pool().give(p_, bytes_);
+    p_ = nullptr;
+  }
+  char* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
 template <typename Dot>
 struct Packed {
   using elem_t = typename Dot::elem_t;
   using unit_t = typename Dot::unit_t;
   static constexpr int64_t W = kPanel * Dot::lanes;  // columns per panel
-  std::unique_ptr<unit_t[]> data;                    // uninitialised: every unit is written by pack()
+  PoolBuffer<unit_t> data;                           // uninitialised: every unit is written by pack()
   int64_t steps = 0, N = 0, panels = 0;
   // B[k, n] = src[k * sk + n * sn], k over `steps` units. Runs once per call over the whole weight, so it is
   // blocked and parallel: a plain element-wise transpose of a 4 MB weight measured ~0.9 ms, as long as 25 steps
@@ -285,7 +371,7 @@ struct Packed {
     steps = steps_;
     N = N_;
     panels = (N + W - 1) / W;
-    data.reset(new unit_t[std::max<int64_t>(1, panels * steps * W)]);
+    data.reset(std::max<int64_t>(1, panels * steps * W));
     if (!parallel) {
       for (int64_t p = 0; p < panels; ++p) pack_panel(src, sk, sn, p);
       return;
@@ -1251,7 +1337,7 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
     if (n == 0) continue;
     scalar_t* Gt = G + t * g_step;
     if (blocked_step) {
-      if (WhhT.data == nullptr) WhhT.pack(whh_u, kh, G4, 1, kh);  // B[k, n] = w_hh[n, k]
+      if (WhhT.data.empty()) WhhT.pack(whh_u, kh, G4, 1, kh);  // B[k, n] = w_hh[n, k]
       // fuse_input: the gates are x_t @ w_ih^T + h @ w_hh^T, both here; else the first term is already in G
       const StepOperand<Dot> input{xp + t * B * ldx, ldx, &WihT};
       step_gemm<Dot>(hk, ldh, WhhT, Gt, G4, n, /*accumulate=*/true, fuse_input ? &input : nullptr);
@@ -1481,7 +1567,7 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
       // dh for the previous step: dgates @ w_hh  ([n, 4H] @ [4H, P]).
       if (blocked_step) {
         if constexpr (own_rows) to_kernel<Dot>(dgp + t * B * G4, dgk + t * B * G4, n * G4, nullptr);
-        if (Whh.data == nullptr) Whh.pack(whh_u, G4 / Dot::pair, P, sk, sn);
+        if (Whh.data.empty()) Whh.pack(whh_u, G4 / Dot::pair, P, sk, sn);
         step_gemm<Dot>(dgk + t * B * G4, G4, Whh, dhp, P, n, /*accumulate=*/false);
       } else if constexpr (!own_rows) {
         if (mkl_whh.ok) {

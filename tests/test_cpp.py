@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import shutil
@@ -762,6 +763,40 @@ def test_auto_serves_float64_with_cpp_and_matches_nn_lstm():
         results.append([y, h, c, *torch.autograd.grad(loss, [xi, *m.parameters()])])
     for got, exp in zip(results[1], results[0]):
         torch.testing.assert_close(got, exp, atol=1e-9, rtol=1e-7)
+
+
+def test_models_of_other_sizes_in_turn_get_their_own_numbers():
+    """Packed weights live in memory each thread keeps between calls and hands to later calls of any size, stale
+    contents and all: models of other sizes and dtypes called in turn, forward and backward (team loop, per-step
+    loop, a projection), get bitwise what their first call gave, and nn.LSTM's numbers."""
+    torch.manual_seed(0)
+    jobs = []
+    for dtype, batch, hidden, proj in [
+        (torch.float32, 1, 96, 0),
+        (torch.float32, 2, 40, 0),
+        (torch.float64, 9, 33, 0),
+        (torch.float32, 20, 64, 0),
+        (torch.float32, 3, 48, 16),
+    ]:
+        model = fastlstm.LSTM(11, hidden, proj_size=proj, backend="cpp").to(dtype)
+        jobs.append((model, torch.randn(6, batch, 11, dtype=dtype)))
+
+    def run(model, x):
+        with torch.no_grad():
+            inferred = model(x)[0]
+        xi = x.clone().requires_grad_()
+        y, (h, c) = model(xi)
+        return [inferred, y, h, c, *torch.autograd.grad((y * y).sum() + c.sum(), [xi, *model.parameters()])]
+
+    first = [run(model, x) for model, x in jobs]
+    for (model, x), expected in zip(jobs, first):
+        native = fastlstm.convert(copy.deepcopy(model), to="torch")
+        with torch.no_grad():
+            atol, rtol = TOL[x.dtype]
+            torch.testing.assert_close(expected[0], native(x)[0], atol=atol, rtol=rtol)
+    for _ in range(3):
+        for (model, x), expected in zip(reversed(jobs), reversed(first)):
+            assert all(torch.equal(a, b) for a, b in zip(run(model, x), expected))
 
 
 def test_python_threads_calling_at_once_get_their_own_numbers():
