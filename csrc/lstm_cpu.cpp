@@ -176,6 +176,7 @@ struct FmaDot {
   static row_t row(const elem_t* a) { return *a; }
   static vec load(const elem_t* p) { return Vec<scalar_t>::load(p); }
   static void madd(vec& acc, row_t a, vec w) { acc += a * w; }
+  static void madd_lanes(vec& acc, vec a, vec w) { acc += a * w; }  // lane by lane (dot_rows)
   static elem_t from(acc_t v) { return v; }
   static acc_t to(elem_t v) { return v; }
 };
@@ -203,6 +204,10 @@ struct Bf16Dot {
   static vec load(const elem_t* p) { return Vec<float>::load(reinterpret_cast<const float*>(p)); }
   static void madd(vec& acc, row_t a, vec w) {
     acc = reinterpret_cast<vec>(_mm512_dpbf16_ps(reinterpret_cast<__m512>(acc), a, reinterpret_cast<__m512bh>(w)));
+  }
+  static void madd_lanes(vec& acc, vec a, vec w) {
+    acc = reinterpret_cast<vec>(_mm512_dpbf16_ps(reinterpret_cast<__m512>(acc), reinterpret_cast<__m512bh>(a),
+                                                 reinterpret_cast<__m512bh>(w)));
   }
   static elem_t from(float v) { return c10::BFloat16(v).x; }  // round to nearest even, as torch rounds
   static acc_t to(elem_t v) { return static_cast<float>(c10::BFloat16(v, c10::BFloat16::from_bits())); }
@@ -510,6 +515,98 @@ inline void panel_rows(const typename Dot::elem_t* A, int64_t lda, const typenam
     case 6: micro_kernel<Dot, 6>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
     default: micro_kernel<Dot, 7>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
   }
+}
+
+// One row of h against rows of the weight as stored (row-major, no packing): out[r] (+)= h . w[r] for the rows
+// [0, rows), each a dot product of `units` units, lane-wise partial sums added up at the end. At batch 1 this
+// is the whole recurrent product, and packing the weight first cost more than the product at short sequences:
+// at hidden 512 the pack took ~0.25 ms a call, the product ~19 us a step. AVX-512 only (one reduction
+// instruction per row); other builds pack.
+#if defined(__AVX512F__)
+constexpr bool kHasDotRows = true;
+
+template <typename Dot>
+inline typename Dot::vec load_units(const typename Dot::unit_t* p, int64_t n) {
+  using vec = typename Dot::vec;
+  if constexpr (sizeof(typename Dot::unit_t) == 8) {
+    return reinterpret_cast<vec>(_mm512_maskz_loadu_epi64(static_cast<__mmask8>((1u << n) - 1), p));
+  } else {
+    return reinterpret_cast<vec>(_mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << n) - 1), p));
+  }
+}
+
+// R rows at once: R independent accumulators, h loaded once per vector of units for all R.
+template <typename Dot, int R>
+inline void dot_block(const typename Dot::unit_t* h, const typename Dot::unit_t* w, int64_t ldw, int64_t units,
+                      typename Dot::acc_t* out, bool accumulate) {
+  using vec = typename Dot::vec;
+  using unit_t = typename Dot::unit_t;
+  using acc_t = typename Dot::acc_t;
+  constexpr int64_t L = Dot::lanes;
+  static_assert(sizeof(unit_t) == sizeof(acc_t), "a vector holds as many units as accumulator lanes");
+  const auto load = [](const unit_t* p) { return Vec<acc_t>::load(reinterpret_cast<const acc_t*>(p)); };
+  vec acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = vec{};
+  int64_t k = 0;
+  for (; k + L <= units; k += L) {
+    const vec hv = load(h + k);
+    for (int r = 0; r < R; ++r) Dot::madd_lanes(acc[r], hv, load(w + r * ldw + k));
+  }
+  if (k < units) {  // masked: zeros past the row, whose end may be the end of the weight
+    const vec hv = load_units<Dot>(h + k, units - k);
+    for (int r = 0; r < R; ++r) Dot::madd_lanes(acc[r], hv, load_units<Dot>(w + r * ldw + k, units - k));
+  }
+  for (int r = 0; r < R; ++r) {
+    acc_t sum;
+    if constexpr (std::is_same_v<acc_t, double>) {
+      sum = _mm512_reduce_add_pd(reinterpret_cast<__m512d>(acc[r]));
+    } else {
+      sum = _mm512_reduce_add_ps(reinterpret_cast<__m512>(acc[r]));
+    }
+    out[r] = accumulate ? out[r] + sum : sum;
+  }
+}
+
+template <typename Dot>
+inline void dot_rows(const typename Dot::elem_t* h, const typename Dot::unit_t* w, int64_t ldw, int64_t units,
+                     typename Dot::acc_t* out, int64_t rows, bool accumulate) {
+  const auto* hu = reinterpret_cast<const typename Dot::unit_t*>(h);
+  constexpr int R = 8;
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) dot_block<Dot, R>(hu, w + r * ldw, ldw, units, out + r, accumulate);
+  for (; r < rows; ++r) dot_block<Dot, 1>(hu, w + r * ldw, ldw, units, out + r, accumulate);
+}
+#else
+constexpr bool kHasDotRows = false;
+
+template <typename Dot>
+inline void dot_rows(const typename Dot::elem_t*, const typename Dot::unit_t*, int64_t, int64_t,
+                     typename Dot::acc_t*, int64_t, bool) {
+  TORCH_INTERNAL_ASSERT(false, "dot_rows needs AVX-512");
+}
+#endif
+
+// FASTLSTM_DOT_ROWS=N: the team loop's recurrent product through dot_rows at batch <= N whatever the size
+// (0: never); unset: dot_pays decides. -1 when unset.
+inline int64_t dot_rows_override() {
+  static const char* env = std::getenv("FASTLSTM_DOT_ROWS");
+  static const int64_t v = !kHasDotRows ? 0 : env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : -1;
+  return v;
+}
+
+// Whether a batch-1 recurrent product of rows `units` long, T steps, runs through dot_rows rather than a packed
+// weight. Each row's lanes are added up once at the end, which short rows pay relatively more. Measured on Zen 4
+// (2 threads, A/B in one build, FASTLSTM_DOT_ROWS=0 against the default): rows of 16+ vectors were as fast or
+// faster at any length (float32 hidden 256: 1.00-1.05x at T = 300-500; 384-512: 1.05-1.2x at T = 100-200;
+// float64 hidden 128: 1.06-1.11x at T = 300-500) and much faster at one step (hidden 512: 1.8x). Rows of 8-15
+// vectors only on short sequences, where packing is not paid back (float32 hidden 128-160, T = 10-16:
+// 1.06-1.16x; at T = 500, hidden 128-192: 0.89-0.93x). 4 vectors (hidden 64) was slower: 0.87x at T = 500.
+// Batch 2+ packs: dot_rows reads the weight once per row of h, and at batch 2, hidden 384 that ran 0.85x.
+template <typename Dot>
+inline bool dot_pays(int64_t B, int64_t T, int64_t units) {
+  if (dot_rows_override() >= 0) return B <= dot_rows_override();
+  const int64_t vectors = units / Dot::lanes;
+  return kHasDotRows && B == 1 && (vectors >= 16 || (vectors >= 8 && T <= 16));
 }
 
 // C[m, N] (+)= A[m, K] @ op(W) with op(W) [K, N] packed by MKL for exactly m rows; only for float, only when
@@ -1176,6 +1273,8 @@ void forward_team(int threads, const Dims& d, const std::vector<int64_t>& live, 
   constexpr int64_t W = Packed<Dot>::W;
   std::vector<elem_t> hbuf(2 * B * ldh, Dot::from(0.0f));
   rows_to_kernel<Dot>(h, H, hbuf.data(), ldh, B, H);
+  // The recurrent product as dot products over w_hh as stored (not with the input projection fused in).
+  const bool dot = w_ih == nullptr && dot_pays<Dot>(B, T, kh);
   SpinBarrier barrier;
 #pragma omp parallel num_threads(threads)
   {
@@ -1183,7 +1282,8 @@ void forward_team(int threads, const Dims& d, const std::vector<int64_t>& live, 
     const auto [j0, j1, width] = join_team<scalar_t>(barrier, H);
     Packed<Dot> Wq[4], Wi[4];  // gate q, this slice: B[k, n] = w_hh[q * H + j0 + n, k]; w_ih likewise
     if (width > 0) {
-      for (int q = 0; q < 4; ++q) Wq[q].pack(w_hh + (q * H + j0) * kh, kh, width, 1, kh, /*parallel=*/false);
+      if (!dot)
+        for (int q = 0; q < 4; ++q) Wq[q].pack(w_hh + (q * H + j0) * kh, kh, width, 1, kh, /*parallel=*/false);
       if (w_ih != nullptr)
         for (int q = 0; q < 4; ++q) Wi[q].pack(w_ih + (q * H + j0) * ki, ki, width, 1, ki, /*parallel=*/false);
     }
@@ -1196,15 +1296,22 @@ void forward_team(int threads, const Dims& d, const std::vector<int64_t>& live, 
       scalar_t* Gt = G + t * g_step;
       scalar_t* yt = y + t * B * H;
       if (width > 0) {
-        for (int q = 0; q < 4; ++q)
-          for (int64_t p = 0; p < Wq[q].panels; ++p) {
-            scalar_t* out = Gt + q * H + j0 + p * W;
-            const int64_t valid = std::min(W, width - p * W);
-            if (w_ih != nullptr)
-              panel_rows<Dot>(x + t * B * ldx, ldx, Wi[q].panel(p), Wi[q].steps, out, G4, n, valid,
-                              /*accumulate=*/false);
-            panel_rows<Dot>(hin, ldh, Wq[q].panel(p), Wq[q].steps, out, G4, n, valid, /*accumulate=*/true);
-          }
+        if (dot) {  // rows q * H + [j0, j1) of w_hh, as stored
+          for (int64_t r = 0; r < n; ++r)
+            for (int q = 0; q < 4; ++q)
+              dot_rows<Dot>(hin + r * ldh, w_hh + (q * H + j0) * kh, kh, kh, Gt + r * G4 + q * H + j0, width,
+                            /*accumulate=*/true);
+        } else {
+          for (int q = 0; q < 4; ++q)
+            for (int64_t p = 0; p < Wq[q].panels; ++p) {
+              scalar_t* out = Gt + q * H + j0 + p * W;
+              const int64_t valid = std::min(W, width - p * W);
+              if (w_ih != nullptr)
+                panel_rows<Dot>(x + t * B * ldx, ldx, Wi[q].panel(p), Wi[q].steps, out, G4, n, valid,
+                                /*accumulate=*/false);
+              panel_rows<Dot>(hin, ldh, Wq[q].panel(p), Wq[q].steps, out, G4, n, valid, /*accumulate=*/true);
+            }
+        }
         for (int64_t r = 0; r < n; ++r) {
           cell_row<scalar_t>(Gt + r * G4 + j0, bias != nullptr ? bias + j0 : nullptr, c + r * H + j0,
                              c_hist != nullptr ? c_hist + (t * B + r) * H + j0 : nullptr, yt + r * H + j0, width, H);
@@ -1256,7 +1363,12 @@ std::string kernel_choices() {
                                      std::to_string(team_min_hidden<float>(true)) + "+, float64 " +
                                      std::to_string(team_min_hidden<double>(false)) + "+)") +
          " (no projection), else per-step parallel; input projection: per step " + from(fuse_min_rows(), "rows") +
-         " (register-blocked steps), else one GEMM up front";
+         " (register-blocked steps), else one GEMM up front; team loop's recurrent product: " +
+         (dot_rows_override() > 0   ? "dot products over w_hh as stored up to " + std::to_string(dot_rows_override()) +
+                                          " rows"
+          : dot_rows_override() == 0 ? std::string("packed weight always")
+                                     : std::string("dot products over w_hh as stored at batch 1 with rows of 16+ "
+                                                   "vectors (8+ up to 16 steps), else packed weight"));
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -76,6 +76,8 @@ CASES = [
     Case(4, 17, 8, 20),
     Case(5, 20, 6, 16, P=5, lengths=(5, 5, 4, 1, 3, 2, 2, 5, 1, 1, 3, 4, 2, 1, 5, 5, 4, 3, 2, 1), reverse=True),
     Case(5, 16, 6, 32, bias=False, lengths=(5,) * 8 + (3,) * 8),
+    # batch 1, long rows: at 2+ threads the team loop multiplies w_hh as stored (dot products), a partial vector last
+    Case(4, 1, 6, 260, reverse=True),
 ]
 DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32")]
 
@@ -205,6 +207,7 @@ BF16_CASES = [
     Case(7, 3, 5, 49),  # odd I and H (pairs padded); at 2+ threads the team loops, forward and backward
     Case(6, 9, 4, 50, lengths=(6, 5, 5, 4, 3, 3, 2, 1, 1), reverse=True),  # 8+ rows: projection per step
     Case(5, 9, 7, 33, P=5),  # the per-step loop, with projection
+    Case(4, 1, 5, 257),  # batch 1: bf16 dot products over w_hh as stored (at 2+ threads), odd pairs
 ]
 
 
@@ -611,6 +614,16 @@ _KERNEL_PATHS = {
     "per-step-loop": ({"FASTLSTM_TEAM_MAX_MACS": "0"}, "team of threads never"),
     "projection-per-step": ({"FASTLSTM_FUSE_MIN_ROWS": "1"}, "input projection: per step from 1 rows"),
     "projection-up-front": ({"FASTLSTM_FUSE_MIN_ROWS": _HUGE}, "input projection: per step never"),
+    "dot-rows": (
+        {
+            "FASTLSTM_DOT_ROWS": "32",
+            "FASTLSTM_TEAM_MAX_MACS": _HUGE,
+            "FASTLSTM_TEAM_MIN_HIDDEN": "1",
+            "FASTLSTM_FUSE_MIN_ROWS": _HUGE,
+        },
+        "recurrent product: dot products over w_hh as stored up to 32 rows",
+    ),
+    "packed-rows": ({"FASTLSTM_DOT_ROWS": "0"}, "recurrent product: packed weight always"),
 }
 
 
@@ -627,6 +640,8 @@ def test_kernel_paths(path):
         pytest.skip("this torch carries no MKL")
     if "oneDNN" in expected and "never" not in expected and not torch.backends.mkldnn.is_available():
         pytest.skip("this torch carries no oneDNN")
+    if path == "dot-rows" and "vectors of 64 bytes" not in cpu.kernel_choices():
+        pytest.skip("dot products over the stored weight need an AVX-512 build")
     _run_cpp_parity(
         env_overrides,
         check=f"{expected!r} in cpu.kernel_choices(), cpu.kernel_choices()",
