@@ -522,6 +522,11 @@ inline void panel_rows(const typename Dot::elem_t* A, int64_t lda, const typenam
 // is the whole recurrent product, and packing the weight first cost more than the product at short sequences:
 // at hidden 512 the pack took ~0.25 ms a call, the product ~19 us a step. AVX-512 only (one reduction
 // instruction per row); other builds pack.
+// Work (multiply-adds) below which one step's product is not split over threads.
+constexpr int64_t kParallelStepWork = 1 << 17;
+
+constexpr int64_t kDotBlock = 8;  // weight rows a dot_rows block takes at once
+
 #if defined(__AVX512F__)
 constexpr bool kHasDotRows = true;
 
@@ -571,7 +576,7 @@ template <typename Dot>
 inline void dot_rows(const typename Dot::elem_t* h, const typename Dot::unit_t* w, int64_t ldw, int64_t units,
                      typename Dot::acc_t* out, int64_t rows, bool accumulate) {
   const auto* hu = reinterpret_cast<const typename Dot::unit_t*>(h);
-  constexpr int R = 8;
+  constexpr int R = kDotBlock;
   int64_t r = 0;
   for (; r + R <= rows; r += R) dot_block<Dot, R>(hu, w + r * ldw, ldw, units, out + r, accumulate);
   for (; r < rows; ++r) dot_block<Dot, 1>(hu, w + r * ldw, ldw, units, out + r, accumulate);
@@ -586,7 +591,7 @@ inline void dot_rows(const typename Dot::elem_t*, const typename Dot::unit_t*, i
 }
 #endif
 
-// FASTLSTM_DOT_ROWS=N: the team loop's recurrent product through dot_rows at batch <= N whatever the size
+// FASTLSTM_DOT_ROWS=N: the forward's recurrent product through dot_rows at batch <= N whatever the size
 // (0: never); unset: dot_pays decides. -1 when unset.
 inline int64_t dot_rows_override() {
   static const char* env = std::getenv("FASTLSTM_DOT_ROWS");
@@ -602,11 +607,33 @@ inline int64_t dot_rows_override() {
 // vectors only on short sequences, where packing is not paid back (float32 hidden 128-160, T = 10-16:
 // 1.06-1.16x; at T = 500, hidden 128-192: 0.89-0.93x). 4 vectors (hidden 64) was slower: 0.87x at T = 500.
 // Batch 2+ packs: dot_rows reads the weight once per row of h, and at batch 2, hidden 384 that ran 0.85x.
+// The per-step loop (one thread, or a projection) follows the same rule: one thread, hidden 512, 1.02x at T = 100
+// and 1.8x at T = 10; projection 256 of hidden 512 on 2 threads, 1.00-1.03x at T = 10-100.
 template <typename Dot>
 inline bool dot_pays(int64_t B, int64_t T, int64_t units) {
   if (dot_rows_override() >= 0) return B <= dot_rows_override();
   const int64_t vectors = units / Dot::lanes;
   return kHasDotRows && B == 1 && (vectors >= 16 || (vectors >= 8 && T <= 16));
+}
+
+// C[n, N] += A[n, K] @ w^T through dot_rows, w [N, K] as stored (rows `units` long), split over threads in
+// blocks of weight rows when the product is worth it (as step_gemm splits). A row's sum does not depend on the
+// split.
+template <typename Dot>
+void step_dot(const typename Dot::elem_t* A, int64_t lda, const typename Dot::unit_t* w, int64_t units,
+              typename Dot::acc_t* C, int64_t ldc, int64_t n, int64_t N) {
+  const int64_t blocks = (N + kDotBlock - 1) / kDotBlock;
+  auto run = [&](int64_t b0, int64_t b1) {
+    const int64_t r0 = b0 * kDotBlock, r1 = std::min(N, b1 * kDotBlock);
+    for (int64_t i = 0; i < n; ++i)
+      dot_rows<Dot>(A + i * lda, w + r0 * units, units, units, C + i * ldc + r0, r1 - r0, /*accumulate=*/true);
+  };
+  if (at::get_num_threads() > 1 && n * N * units * Dot::pair >= kParallelStepWork && blocks > 1 &&
+      !at::in_parallel_region()) {
+    at::parallel_for(0, blocks, 1, run);
+  } else {
+    run(0, blocks);
+  }
 }
 
 // C[m, N] (+)= A[m, K] @ op(W) with op(W) [K, N] packed by MKL for exactly m rows; only for float, only when
@@ -763,8 +790,6 @@ void linear_nt(const Tensor& A, const Tensor& W, Tensor& out) {
        out.data_ptr<scalar_t>(), N);
 }
 
-// Work (multiply-adds) below which one step's product is not split over threads.
-constexpr int64_t kParallelStepWork = 1 << 17;
 
 // One product's left operand (rows A, lda elements apart) and packed right operand.
 template <typename Dot>
@@ -1363,7 +1388,7 @@ std::string kernel_choices() {
                                      std::to_string(team_min_hidden<float>(true)) + "+, float64 " +
                                      std::to_string(team_min_hidden<double>(false)) + "+)") +
          " (no projection), else per-step parallel; input projection: per step " + from(fuse_min_rows(), "rows") +
-         " (register-blocked steps), else one GEMM up front; team loop's recurrent product: " +
+         " (register-blocked steps), else one GEMM up front; recurrent product (forward): " +
          (dot_rows_override() > 0   ? "dot products over w_hh as stored up to " + std::to_string(dot_rows_override()) +
                                           " rows"
           : dot_rows_override() == 0 ? std::string("packed weight always")
@@ -1430,6 +1455,8 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
                                 fuse_input ? wih_u : nullptr, xp, ldx);
     return;
   }
+  // At batch 1, w_hh as stored (see dot_pays); the input projection is never fused below 8 rows.
+  const bool dot = blocked_step && !fuse_input && dot_pays<Dot>(B, T, kh);
   if (proj) WhrT.pack(w_hr->data_ptr<scalar_t>(), H, P, 1, H);  // B[k, n] = w_hr[n, k]
   if (fuse_input) WihT.pack(wih_u, ki, G4, 1, ki);  // B[k, n] = w_ih[n, k]
   std::vector<scalar_t> h_raw(proj ? B * H : 0);
@@ -1448,7 +1475,9 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
     const int64_t n = live[t];
     if (n == 0) continue;
     scalar_t* Gt = G + t * g_step;
-    if (blocked_step) {
+    if (dot) {
+      step_dot<Dot>(hk, ldh, whh_u, kh, Gt, G4, n, G4);
+    } else if (blocked_step) {
       if (WhhT.data.empty()) WhhT.pack(whh_u, kh, G4, 1, kh);  // B[k, n] = w_hh[n, k]
       // fuse_input: the gates are x_t @ w_ih^T + h @ w_hh^T, both here; else the first term is already in G
       const StepOperand<Dot> input{xp + t * B * ldx, ldx, &WihT};

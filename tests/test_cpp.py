@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, run_python
+from helpers import ROOT, assert_same_results, lstm_call, make_pair, run_python
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -621,9 +621,9 @@ _KERNEL_PATHS = {
             "FASTLSTM_TEAM_MIN_HIDDEN": "1",
             "FASTLSTM_FUSE_MIN_ROWS": _HUGE,
         },
-        "recurrent product: dot products over w_hh as stored up to 32 rows",
+        "recurrent product (forward): dot products over w_hh as stored up to 32 rows",
     ),
-    "packed-rows": ({"FASTLSTM_DOT_ROWS": "0"}, "recurrent product: packed weight always"),
+    "packed-rows": ({"FASTLSTM_DOT_ROWS": "0"}, "recurrent product (forward): packed weight always"),
 }
 
 
@@ -778,6 +778,22 @@ def test_auto_serves_float64_with_cpp_and_matches_nn_lstm():
         results.append([y, h, c, *torch.autograd.grad(loss, [xi, *m.parameters()])])
     for got, exp in zip(results[1], results[0]):
         torch.testing.assert_close(got, exp, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batch_one_multiplies_w_hh_as_stored(threads):
+    """At batch 1 with long rows the recurrent product reads w_hh as stored (dot products), in the team loop and,
+    with one thread or a projection, in the per-step loop: nn.LSTM's numbers, float64, unbatched and batched."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for proj, x in [(0, torch.randn(5, 7, dtype=torch.float64)), (130, torch.randn(3, 1, 7, dtype=torch.float64))]:
+            ref, fast = make_pair(7, 160, proj_size=proj, backend="cpp")
+            state = [torch.randn(1, *x.shape[1:-1], proj or 160, dtype=torch.float64)]
+            state.append(torch.randn(1, *x.shape[1:-1], 160, dtype=torch.float64))
+            assert_same_results(ref, fast, [x, *state], lstm_call, *TOL[torch.float64])
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_models_of_other_sizes_in_turn_get_their_own_numbers():
