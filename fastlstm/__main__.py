@@ -14,7 +14,7 @@ import fastlstm
 from fastlstm import backends
 from fastlstm.backends import cpu
 from fastlstm.benchmark import CPU_FULL_GRID, DEFAULT_GRID, Shape, geometric_mean, time_shape
-from fastlstm.check import CHECK_CASES, TOLERANCE, compare
+from fastlstm.check import CHECK_CASES, TOLERANCE, compare, exact_cudnn
 from fastlstm.dispatch import BackendUnavailableError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -102,10 +102,16 @@ def cmd_build(args) -> int:
 def cmd_check(args) -> int:
     device = args.device or _default_device()
     failures = 0
-    skipped = []
-    print(f"fastlstm check on {device}: every available backend against nn.LSTM, forward and backward")
-    for name in backends.names():
+    skipped, missing = [], []
+    requested = args.backend or []
+    what = ", ".join(requested) if requested else "every available backend"
+    print(f"fastlstm check on {device}: {what} against nn.LSTM, forward and backward")
+    for name in requested or backends.names():
         reason = backends.get(name).unavailable_reason()
+        if reason is not None and name in requested:  # asked for by name: its absence is the failure
+            print(f"{name:<10} UNAVAILABLE: {reason}")
+            missing.append(name)
+            continue
         if reason is not None:
             print(f"{name:<10} skipped: {reason}")
             skipped.append(name)
@@ -131,10 +137,12 @@ def cmd_check(args) -> int:
                 print(f"{label} max err {worst:.2e} ({worst_key}) tol {tolerance:.0e} {status}")
     if failures:
         print(f"{failures} mismatches or errors")
-    else:
+    if missing:
+        print(f"not available, though asked for: {', '.join(missing)} (see above)")
+    if not failures and not missing:
         unchecked = f"; not checked: {', '.join(skipped)} (unavailable, see above)" if skipped else ""
         print(f"all checked backends match nn.LSTM{unchecked}")
-    return 1 if failures else 0
+    return 1 if failures or missing else 0
 
 
 def _bench_backends(device: str, requested: list[str] | None) -> list[str]:
@@ -153,7 +161,7 @@ def _validate(shape: Shape, names: list[str], device: str, dtype: torch.dtype) -
 
     models = make_models(shape, names, device, dtype)
     x = shape.model_input(torch.randn(shape.seq_len, shape.batch, shape.input_size, device=device, dtype=dtype))
-    with torch.no_grad():
+    with torch.no_grad(), exact_cudnn():
         outs = {name: m(x) for name, m in models.items()}
     y_ref, (h_ref, c_ref) = outs.pop("nn.LSTM")
     y_ref = output_data(y_ref)
@@ -203,6 +211,12 @@ def cmd_bench(args) -> int:
     except BackendUnavailableError as error:  # a forced backend that cannot serve these calls
         print(f"\npython -m fastlstm bench: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        if not _out_of_memory(error):
+            raise
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+        print(f"\npython -m fastlstm bench: error: out of memory at {shape}: {detail}", file=sys.stderr)
+        return 2
     print("\r".ljust(60), file=sys.stderr)
     print(format_table(results, dtype))
     if args.json:
@@ -210,6 +224,11 @@ def cmd_bench(args) -> int:
             json.dump({"machine": header, "dtype": args.dtype, "results": [r.as_dict() for r in results]}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    """An allocation that failed: torch's OutOfMemoryError (CUDA), or the CPU allocator's refusal."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def format_table(results, dtype) -> str:
@@ -261,10 +280,21 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
     if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
     if getattr(args, "json", None):
-        try:
-            open(args.json, "a").close()  # fail now, not after the whole benchmark has run
-        except OSError as error:
-            parser.error(f"--json {args.json}: {error.strerror}")
+        problem = _unwritable(args.json)  # fail now, not after the whole benchmark has run
+        if problem:
+            parser.error(f"--json {args.json}: {problem}")
+
+
+def _unwritable(path: str) -> str | None:
+    """Why `path` could not be written, without creating it (a failed run leaves no empty file behind)."""
+    if os.path.isdir(path):
+        return "Is a directory"
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else "Permission denied"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return "No such file or directory"
+    return None if os.access(folder, os.W_OK | os.X_OK) else "Permission denied"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("build", help="build the C++ CPU backend now instead of on first use")
     check = sub.add_parser("check", help="every available backend against nn.LSTM; exit 1 on a mismatch")
     check.add_argument("--device", choices=["cpu", "cuda"])
+    check.add_argument(
+        "--backend",
+        action="append",
+        choices=backends.names(),
+        help="check only this backend (repeatable), and exit 1 if it is unavailable (a failed C++ build, say)",
+    )
     bench = sub.add_parser("bench", help="time fastlstm against nn.LSTM (validates outputs first)")
     bench.add_argument("--device", choices=["cpu", "cuda"])
     bench.add_argument("--dtype", choices=list(DTYPES), default="float32")

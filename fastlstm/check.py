@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,18 @@ CHECK_CASES = [
 ]
 
 
+@contextlib.contextmanager
+def exact_cudnn():
+    """cuDNN without TF32 for a comparison: it multiplies float32 in TF32 by default (torch.backends.cudnn.allow_tf32),
+    ~1e-3 off exact, where fastlstm's kernels follow torch.backends.cuda.matmul.allow_tf32 (off by default)."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
 def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int = 0) -> dict[str, float]:
     """Max absolute error of fastlstm (`backend`) against nn.LSTM for y, h_n, c_n and every gradient."""
     gen = torch.Generator().manual_seed(seed)
@@ -83,7 +96,8 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
         outs.update({f"{n}.grad": p.grad for n, p in module.named_parameters()})
         return outs
 
-    expected, got = run(ref), run(fast)
+    with exact_cudnn():
+        expected, got = run(ref), run(fast)
     return {
         k: (got[k].double() - expected[k].double()).abs().max().item() if expected[k].numel() else 0.0 for k in expected
     }

@@ -58,6 +58,18 @@ def test_check_fails_on_a_wrong_backend(tmp_path):
     assert "MISMATCH" in done.stdout
 
 
+def test_check_of_named_backends_fails_when_one_is_unavailable(tmp_path):
+    """`check --backend NAME` checks only those, and a named backend that cannot run (here the C++ build fails:
+    the compiler is `false`) is a failure, exit 1, where a plain `check` skips it and passes."""
+    env = dict(os.environ, FASTLSTM_CXX="false", FASTLSTM_CACHE_DIR=str(tmp_path / "cache"))
+    done = run_python("-m", "fastlstm", "check", "--backend", "cpp", "--backend", "reference", env=env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "cpp        UNAVAILABLE: " in done.stdout and "not available, though asked for: cpp" in done.stdout
+    assert "reference  B3-T6-I5-H7-L1" in done.stdout and "native " not in done.stdout
+    done = run_python("-m", "fastlstm", "check", "--backend", "reference")
+    assert done.returncode == 0 and "all checked backends match nn.LSTM" in done.stdout, done.stdout + done.stderr
+
+
 def _check_patched(tmp_path, patch: str):
     """`python -m fastlstm check` in a process where the Python source `patch` ran first."""
     script = tmp_path / "patched_check.py"
@@ -98,6 +110,19 @@ def test_bench_rejects_bad_arguments_in_one_line(args, message):
     done = run_python("-m", "fastlstm", "bench", *args, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_bench_that_fails_leaves_no_json_behind(tmp_path):
+    out = tmp_path / "never.json"
+    args = ["--backend", "triton", "--shape", "1,2,3,4", "--device", "cpu", "--json", str(out)]
+    done = run_python("-m", "fastlstm", "bench", *args, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert done.returncode == 2 and not out.exists(), done.stderr
+
+
+def test_bench_of_a_shape_too_large_for_memory_says_so_in_one_line():
+    done = run_python("-m", "fastlstm", "bench", "--shape", "1,2,10000,100000000", "--repeats", "1")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "error: out of memory at B1-T2-I10000-H100000000-L1: " in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
