@@ -139,6 +139,12 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       GEMM speed. Hidden 16-64 (no projection) at batch 4-16, T 50-500, 1-2 layers, uni- and bidirectional, 18
       shapes twice each: inference 1.01-1.66x, training 1.06-1.76x. Beyond batch 16 it is mixed (batch 32:
       inference 0.77-1.13x; batch 64: 0.75-1.10x), and hidden 100 at batch 16 was even (0.88-1.02x).
+      Short sequences are the other: a call of few steps pays oneDNN's per-call setup (weight reorders) over
+      few steps, and cpp keeps its packed-weight memory between calls. Batch 8-64, hidden 128-512 (input size =
+      hidden), one layer, twice each (`-float32-short-run*.json`): one step won every shape (1.12-3.96x, both
+      modes); 10 steps won at batch 8-16 (1.03-2.00x) and was mixed beyond (batch 32: inference 0.96-1.03x,
+      training 1.01-1.50x; batch 64: 0.87-1.03x). 4 steps at batch 5-16 once (`-float32-short-t4.json`):
+      1.13-3.29x.
     - CPUs without AVX-512: the cpp build's vectors are one register of the CPU it is built on (32 bytes with
       AVX2, 16 with SSE4). Measured on the same EPYC with every library held to the older instructions (cpp
       built with FASTLSTM_CXXFLAGS=-march=x86-64-v3 / -v2; ONEDNN_MAX_CPU_ISA=AVX2 / SSE41,
@@ -172,7 +178,12 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             return None
         if call.hidden_size <= 64 and call.batch <= 16:
             return None
-        return "float32 beyond batch 4 (16 at hidden <= 64): oneDNN measured as fast or faster"
+        if call.seq_len == 1 or (call.seq_len <= 10 and call.batch <= 16):
+            return None
+        return (
+            "float32 beyond batch 4 (16 at hidden <= 64 or at most 10 steps; any batch for one step): "
+            "oneDNN measured as fast or faster"
+        )
     if call.dtype == torch.bfloat16:
         return _cpp_bf16_slower_reason(call)
     if call.dtype == torch.float16:

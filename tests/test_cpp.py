@@ -695,12 +695,12 @@ def _run_cpp_parity(env_overrides, check, cases, threads, timeout=120):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def _auto_backends(dtype, batch, train=False, hidden=65, proj_size=0, packed=False):
+def _auto_backends(dtype, batch, train=False, hidden=65, proj_size=0, packed=False, seq_len=20):
     forget_plans()  # the rule is monkeypatched between calls of one shape
     m = fastlstm.LSTM(5, hidden, 2, bidirectional=True, proj_size=proj_size).to(dtype)
-    x = torch.randn(4, batch, 5, dtype=dtype)
+    x = torch.randn(seq_len, batch, 5, dtype=dtype)
     if packed:
-        x = pack_padded_sequence(x, torch.tensor([4] + [2] * (batch - 1)), enforce_sorted=False)
+        x = pack_padded_sequence(x, torch.tensor([seq_len] + [seq_len // 2] * (batch - 1)), enforce_sorted=False)
     with torch.set_grad_enabled(train):  # the parameters require grad: grad mode alone makes it a training call
         return fastlstm.explain(m, x).backends
 
@@ -719,6 +719,10 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 17, hidden=64) == ["native"] * 4
     assert _auto_backends(torch.float32, 64, proj_size=8) == ["cpp"] * 4  # nn.LSTM then leaves oneDNN
     assert _auto_backends(torch.float32, 64, packed=True) == ["cpp"] * 4  # likewise
+    assert _auto_backends(torch.float32, 64, seq_len=1) == ["cpp"] * 4  # short sequences: one step, any batch
+    assert _auto_backends(torch.float32, 16, seq_len=10, train=True) == ["cpp"] * 4  # up to 10 at batch <= 16
+    assert _auto_backends(torch.float32, 16, seq_len=11) == ["native"] * 4
+    assert _auto_backends(torch.float32, 17, seq_len=10) == ["native"] * 4
     monkeypatch.setattr(dispatch, "_cpu_has_fp16_units", lambda: False)  # nn.LSTM runs ATen's float16 loop
     assert _auto_backends(torch.float16, 64) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_cpu_has_fp16_units", lambda: True)  # oneDNN's float16 LSTM (inference only)
