@@ -517,14 +517,14 @@ inline void panel_rows(const typename Dot::elem_t* A, int64_t lda, const typenam
   }
 }
 
+// Work (multiply-adds) below which one step's product is not split over threads.
+constexpr int64_t kParallelStepWork = 1 << 17;
+
 // One row of h against rows of the weight as stored (row-major, no packing): out[r] (+)= h . w[r] for the rows
 // [0, rows), each a dot product of `units` units, lane-wise partial sums added up at the end. At batch 1 this
 // is the whole recurrent product, and packing the weight first cost more than the product at short sequences:
 // at hidden 512 the pack took ~0.25 ms a call, the product ~19 us a step. AVX-512 only (one reduction
 // instruction per row); other builds pack.
-// Work (multiply-adds) below which one step's product is not split over threads.
-constexpr int64_t kParallelStepWork = 1 << 17;
-
 constexpr int64_t kDotBlock = 8;  // weight rows a dot_rows block takes at once
 
 #if defined(__AVX512F__)
