@@ -255,15 +255,15 @@ def choose(name: str, call: LayerCall) -> Choice:
         # A traced graph is a TorchScript program, often saved to run where fastlstm is not installed (C++
         # libtorch): aten::lstm runs there, fastlstm's custom ops would not.
         return Choice("native", "TorchScript tracing: the graph records aten::lstm, which runs without fastlstm")
+    where = f"layer {call.layer} ({'reverse' if call.reverse else 'forward'})"
     if call.mixed_dtypes:
         reason = "the module's weights do not all share one dtype: only nn.LSTM's own path decides what that gives"
         if name not in (AUTO, "native"):
-            raise BackendUnavailableError(f"fastlstm backend {name!r} cannot serve this call: {reason}")
+            raise BackendUnavailableError(f"fastlstm backend {name!r} cannot serve {where}: {reason}")
         return Choice("native", reason)
     if name != AUTO:
         reason = cannot_serve(name, call)
         if reason is not None:
-            where = f"layer {call.layer} ({'reverse' if call.reverse else 'forward'})"
             raise BackendUnavailableError(f"fastlstm backend {name!r} cannot serve {where}: {reason}")
         return Choice(name, "forced")
     fast = _fast_backend_for(call.device_type)
