@@ -13,7 +13,7 @@ import torch
 import fastlstm
 from fastlstm import backends
 from fastlstm.backends import cpu
-from fastlstm.benchmark import CPU_FULL_GRID, DEFAULT_GRID, Shape, geometric_mean, time_shape
+from fastlstm.benchmark import CPU_FULL_GRID, CPU_SHORT_GRID, DEFAULT_GRID, Shape, geometric_mean, time_shape
 from fastlstm.check import CHECK_CASES, TOLERANCE, compare, exact_cudnn
 from fastlstm.dispatch import BackendUnavailableError
 
@@ -188,6 +188,8 @@ def cmd_bench(args) -> int:
         shapes = args.shape
     elif args.grid == "cpu-full":
         shapes = CPU_FULL_GRID
+    elif args.grid == "cpu-short":
+        shapes = CPU_SHORT_GRID
     else:
         shapes = DEFAULT_GRID.get(device, DEFAULT_GRID["cpu"])
     names = _bench_backends(device, args.backend)
@@ -328,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         "repeatable; default: a grid per device)",
     )
     bench.add_argument(
-        "--grid", choices=["default", "cpu-full"], default="default", help="shape grid (without --shape)"
+        "--grid",
+        choices=["default", "cpu-full", "cpu-short"],
+        default="default",
+        help="shape grid (without --shape); cpu-short: 1 and 10 steps at batch 8-64",
     )
     bench.add_argument("--mode", choices=["inference", "training", "both"], default="both")
     bench.add_argument("--repeats", type=_positive_int, default=10, help="timed runs per provider (default 10)")

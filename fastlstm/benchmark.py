@@ -94,6 +94,10 @@ CPU_FULL_GRID = [
     Shape(64, 100, 512, 512),
 ]
 
+# Short sequences (one call per chunk of a stream, truncated backpropagation): where oneDNN's per-call setup
+# weighs most; the float32 dispatch rule for them rests on this grid.
+CPU_SHORT_GRID = [Shape(b, t, h, h) for b in (8, 16, 32, 64) for t in (1, 10) for h in (128, 256, 512)]
+
 DEFAULT_GRID = {
     "cpu": [
         Shape(1, 100, 128, 128),

@@ -141,10 +141,10 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       inference 0.77-1.13x; batch 64: 0.75-1.10x), and hidden 100 at batch 16 was even (0.88-1.02x).
       Short sequences are the other: a call of few steps pays oneDNN's per-call setup (weight reorders) over
       few steps, and cpp keeps its packed-weight memory between calls. Batch 8-64, hidden 128-512 (input size =
-      hidden), one layer, twice each (`-float32-short-run*.json`): one step won every shape (1.12-3.96x, both
-      modes); 10 steps won at batch 8-16 (1.03-2.00x) and was mixed beyond (batch 32: inference 0.96-1.03x,
-      training 1.01-1.50x; batch 64: 0.87-1.03x). 4 steps at batch 5-16 once (`-float32-short-t4.json`):
-      1.13-3.29x.
+      hidden), one layer (`--grid cpu-short`), twice (`-float32-short-run*.json`): one step won every shape
+      (1.12-3.96x, both modes); 10 steps won at batch 8-16 (1.03-2.00x) and was mixed beyond (batch 32:
+      inference 0.96-1.03x, training 1.01-1.50x; batch 64: 0.87-1.03x). 4 steps at batch 5-16 once
+      (`-float32-short-t4.json`): 1.13-3.29x.
     - CPUs without AVX-512: the cpp build's vectors are one register of the CPU it is built on (32 bytes with
       AVX2, 16 with SSE4). Measured on the same EPYC with every library held to the older instructions (cpp
       built with FASTLSTM_CXXFLAGS=-march=x86-64-v3 / -v2; ONEDNN_MAX_CPU_ISA=AVX2 / SSE41,
