@@ -57,6 +57,7 @@
 #include <thread>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // The Fortran BLAS that libtorch_cpu already carries (MKL on x86 wheels, OpenBLAS elsewhere). Weak, so that
@@ -283,10 +284,14 @@ constexpr int kPanel = 2;
 // size; the same model asks for the same sizes call after call.
 constexpr size_t kPackKeep = size_t(64) << 20;
 
+// Bumped by release_memory(): every thread's kept memory (PackPool, Scratch) is freed at its next use.
+std::atomic<uint64_t> release_epoch{0};
+
 class PackPool {
  public:
   // A buffer of at least `bytes`, 64-byte aligned (its size in `got`): the smallest kept one that fits.
   char* take(size_t bytes, size_t& got) {
+    release_if_asked();
     auto best = kept_.end();
     for (auto it = kept_.begin(); it != kept_.end(); ++it)
       if (it->bytes >= bytes && (best == kept_.end() || it->bytes < best->bytes)) best = it;
@@ -301,6 +306,7 @@ class PackPool {
     return p;
   }
   void give(char* p, size_t bytes) {
+    release_if_asked();
     if (kept_bytes_ + bytes > kPackKeep) {
       delete[] base_of(p);
       return;
@@ -308,8 +314,13 @@ class PackPool {
     kept_.push_back({p, bytes});
     kept_bytes_ += bytes;
   }
-  ~PackPool() {
-    for (const auto& b : kept_) delete[] base_of(b.base);
+  ~PackPool() { free_kept(); }
+  // Frees what this thread keeps if release_memory() ran since it last looked; the bytes freed.
+  size_t release_if_asked() {
+    const uint64_t epoch = release_epoch.load(std::memory_order_relaxed);
+    if (epoch == epoch_) return 0;
+    epoch_ = epoch;
+    return free_kept();
   }
 
  private:
@@ -328,8 +339,14 @@ class PackPool {
     std::memcpy(&raw, p - sizeof(char*), sizeof(char*));
     return raw;
   }
+  size_t free_kept() {
+    for (const auto& b : kept_) delete[] base_of(b.base);
+    kept_.clear();
+    return std::exchange(kept_bytes_, 0);
+  }
   std::vector<Buffer> kept_;
   size_t kept_bytes_ = 0;
+  uint64_t epoch_ = 0;
 };
 
 PackPool& pack_pool() {
@@ -666,7 +683,9 @@ struct Scratch {
   std::unique_ptr<char[]> kept;
   size_t kept_bytes = 0;
   std::unique_ptr<char[]> once;  // a request too large to keep: freed on the next request
+  uint64_t epoch = 0;
   void* get(size_t bytes) {
+    release_if_asked();
     once.reset();
     if (bytes > kScratchKeep) {
       once.reset(new char[bytes + 64]);
@@ -677,6 +696,15 @@ struct Scratch {
       kept_bytes = bytes;
     }
     return align(kept.get());
+  }
+  // As PackPool's: called where no buffer of this thread's is in use (a request, release_memory's own region).
+  size_t release_if_asked() {
+    const uint64_t now = release_epoch.load(std::memory_order_relaxed);
+    if (now == epoch) return 0;
+    epoch = now;
+    once.reset();
+    kept.reset();
+    return std::exchange(kept_bytes, 0);
   }
   static void* align(char* p) { return reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); }
 };
@@ -689,6 +717,19 @@ Scratch& pack_scratch() {
 Scratch& gates_scratch() {
   thread_local Scratch s;
   return s;
+}
+
+// Frees the memory kept between calls: now on the calling thread and its team of OpenMP threads, at their next
+// call on other threads. Returns the bytes freed now. Never while a call of this thread is running (it is a
+// separate op, called between calls).
+int64_t release_memory() {
+  release_epoch.fetch_add(1, std::memory_order_relaxed);
+  size_t freed = pack_pool().release_if_asked() + pack_scratch().release_if_asked();
+  freed += gates_scratch().release_if_asked();
+  size_t workers = 0;
+#pragma omp parallel reduction(+ : workers)
+  workers += pack_pool().release_if_asked();
+  return static_cast<int64_t>(freed + workers);
 }
 
 struct MklPacked {
@@ -1952,6 +1993,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd_autograd(
 TORCH_LIBRARY_FRAGMENT(fastlstm, m) {
   m.def("cpp_kernel_choices() -> str", &fastlstm::kernel_choices);
   m.def("cpp_bf16_dot() -> bool", &fastlstm::use_bf16_dot);
+  m.def("cpp_release_memory() -> int", &fastlstm::release_memory);
 }
 
 TORCH_LIBRARY_IMPL(fastlstm, CPU, m) {

@@ -834,6 +834,20 @@ def test_models_of_other_sizes_in_turn_get_their_own_numbers():
             assert all(torch.equal(a, b) for a, b in zip(run(model, x), expected))
 
 
+def test_release_memory_frees_what_calls_keep_and_calls_go_on():
+    """cpu.release_memory() frees the packed weights and scratch buffers kept between calls (the bytes it reports
+    cover at least the packed w_ih and w_hh of the last call); calls after it give bitwise the same numbers."""
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(40, 96, backend="cpp")
+    x = torch.randn(6, 12, 40)  # batch 12: the per-step product packs both weights
+    with torch.no_grad():
+        before = model(x)[0]
+        freed = cpu.release_memory()
+        assert freed >= (model.weight_ih_l0.numel() + model.weight_hh_l0.numel()) * 4, freed
+        assert cpu.release_memory() == 0  # nothing kept since
+        assert torch.equal(model(x)[0], before)
+
+
 def test_python_threads_calling_at_once_get_their_own_numbers():
     """A server may run one model from several Python threads. Each call's scratch memory, team barrier and
     packed weights are its own: every thread, running forward and backward at the same time as the others,

@@ -320,6 +320,16 @@ def kernel_choices() -> str | None:
     return torch.ops.fastlstm.cpp_kernel_choices()
 
 
+def release_memory() -> int:
+    """Free the memory the C++ backend keeps between calls (packed weights and scratch buffers, at most 64 MiB of
+    each per thread, kept so that short calls do not pay page faults): now for the calling thread and its OpenMP
+    threads, at their next call for other threads. Returns the bytes freed now; 0 when the extension is not loaded
+    (this never builds it). Later calls keep memory again as they need it."""
+    if not _state["done"] or _state["error"] is not None:
+        return 0
+    return int(torch.ops.fastlstm.cpp_release_memory())
+
+
 @constant_under_compile
 def uses_bf16_dot() -> bool:
     """Whether bfloat16 multiplies in bf16 dot products (the build has AVX512-BF16 and FASTLSTM_BF16_DOT is not
