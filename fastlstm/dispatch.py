@@ -164,7 +164,10 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       (22 shapes: 0.97-2.22x, the weakest B1-T100-H512 at 0.97-1.04x) and lost or tied beyond (17 shapes:
       0.70-1.14x); training won at batch <= 16 on all 28 shapes (1.01-4.17x) and beyond it at hidden >= 512 (6
       shapes: 1.08-1.68x), and was mixed at batch > 16 below hidden 512 (5 shapes: 0.81-1.25x); with a
-      projection or packed input it won everywhere (above). With AMX nothing was measured (oneDNN, and ATen's
+      projection or packed input it won everywhere (above). Short sequences (`--grid cpu-short --dtype bfloat16`,
+      twice, `-bfloat16-short-run*.json`): one step won at batch 8-64 (inference 1.01-1.64x, training
+      1.12-3.55x), 10 steps at batch 8-16 (inference 1.00-1.44x, training 1.12-2.84x); 10 steps beyond was mixed
+      (batch 32-64: inference 0.78-1.02x, training 0.95-1.54x). With AMX nothing was measured (oneDNN, and ATen's
       matmuls in its per-step loop, run bf16 on AMX tiles; cpp does not): native.
       A cpp build that computes bf16 in float32 math on such a CPU (FASTLSTM_BF16_DOT=0, or built for another
       CPU) lost inference on 13 of 14 grid shapes (0.44-1.62x) but won training at batch 1-2 (1.16-3.22x), and
@@ -206,6 +209,8 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
             return None
         return "bfloat16 in float32 math (this cpp build) on a CPU with bf16 instructions: oneDNN measured faster"
     if call.proj_size or call.packed:
+        return None
+    if call.seq_len == 1 or (call.seq_len <= 10 and call.batch <= 16):  # short sequences, as for float32
         return None
     if call.needs_grad:
         if call.batch <= 16 or call.hidden_size >= 512:

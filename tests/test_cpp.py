@@ -742,6 +742,9 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 64, train=True, hidden=512) == ["cpp"] * 4  # or hidden >= 512
     assert _auto_backends(torch.bfloat16, 64, proj_size=4) == ["cpp"] * 4  # nn.LSTM then leaves oneDNN
     assert _auto_backends(torch.bfloat16, 64, packed=True) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 64, seq_len=1) == ["cpp"] * 4  # short sequences, as for float32
+    assert _auto_backends(torch.bfloat16, 16, hidden=512, seq_len=10) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 17, seq_len=10) == ["native"] * 4
     monkeypatch.setattr(dispatch, "_cpp_bf16_dot", lambda: False)  # a float32-math build on a bf16 CPU
     assert _auto_backends(torch.bfloat16, 8) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 2, train=True) == ["cpp"] * 4
