@@ -181,7 +181,7 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             return None
         if call.hidden_size <= 64 and call.batch <= 16:
             return None
-        if call.seq_len == 1 or (call.seq_len <= 10 and call.batch <= 16):
+        if _short_sequence(call):
             return None
         return (
             "float32 beyond batch 4 (16 at hidden <= 64 or at most 10 steps; any batch for one step): "
@@ -194,6 +194,12 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             return "float16 inference on a CPU with float16 units: oneDNN runs it natively (not measured)"
         return None
     return f"no measurement for {call.dtype}"
+
+
+def _short_sequence(call: LayerCall) -> bool:
+    """One step at any batch, or up to 10 steps at batch <= 16: where cpp beat oneDNN in float32 and in bfloat16
+    (bf16 dot products) on `--grid cpu-short` (figures in _cpp_slower_reason)."""
+    return call.seq_len == 1 or (call.seq_len <= 10 and call.batch <= 16)
 
 
 def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
@@ -210,7 +216,7 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
         return "bfloat16 in float32 math (this cpp build) on a CPU with bf16 instructions: oneDNN measured faster"
     if call.proj_size or call.packed:
         return None
-    if call.seq_len == 1 or (call.seq_len <= 10 and call.batch <= 16):  # short sequences, as for float32
+    if _short_sequence(call):
         return None
     if call.needs_grad:
         if call.batch <= 16 or call.hidden_size >= 512:
