@@ -287,6 +287,20 @@ constexpr size_t kPackKeep = size_t(64) << 20;
 // Bumped by release_memory(): every thread's kept memory (PackPool, Scratch) is freed at its next use.
 std::atomic<uint64_t> release_epoch{0};
 
+// Whether release_memory() ran since this holder of kept memory last asked.
+class ReleaseWatch {
+ public:
+  bool asked() {
+    const uint64_t now = release_epoch.load(std::memory_order_relaxed);
+    if (now == seen_) return false;
+    seen_ = now;
+    return true;
+  }
+
+ private:
+  uint64_t seen_ = 0;
+};
+
 class PackPool {
  public:
   // A buffer of at least `bytes`, 64-byte aligned (its size in `got`): the smallest kept one that fits.
@@ -316,12 +330,7 @@ class PackPool {
   }
   ~PackPool() { free_kept(); }
   // Frees what this thread keeps if release_memory() ran since it last looked; the bytes freed.
-  size_t release_if_asked() {
-    const uint64_t epoch = release_epoch.load(std::memory_order_relaxed);
-    if (epoch == epoch_) return 0;
-    epoch_ = epoch;
-    return free_kept();
-  }
+  size_t release_if_asked() { return watch_.asked() ? free_kept() : 0; }
 
  private:
   struct Buffer {
@@ -346,7 +355,7 @@ class PackPool {
   }
   std::vector<Buffer> kept_;
   size_t kept_bytes_ = 0;
-  uint64_t epoch_ = 0;
+  ReleaseWatch watch_;
 };
 
 PackPool& pack_pool() {
@@ -683,7 +692,7 @@ struct Scratch {
   std::unique_ptr<char[]> kept;
   size_t kept_bytes = 0;
   std::unique_ptr<char[]> once;  // a request too large to keep: freed on the next request
-  uint64_t epoch = 0;
+  ReleaseWatch watch;
   void* get(size_t bytes) {
     release_if_asked();
     once.reset();
@@ -699,9 +708,7 @@ struct Scratch {
   }
   // As PackPool's: called where no buffer of this thread's is in use (a request, release_memory's own region).
   size_t release_if_asked() {
-    const uint64_t now = release_epoch.load(std::memory_order_relaxed);
-    if (now == epoch) return 0;
-    epoch = now;
+    if (!watch.asked()) return 0;
     once.reset();
     kept.reset();
     return std::exchange(kept_bytes, 0);
