@@ -803,6 +803,15 @@ def test_batch_one_multiplies_w_hh_as_stored(threads):
         torch.set_num_threads(previous)
 
 
+def _infer_and_train(model, x):
+    """An inference call's output, then a training call's y, h, c and the gradients of x and every weight."""
+    with torch.no_grad():
+        inferred = model(x)[0]
+    xi = x.clone().requires_grad_()
+    y, (h, c) = model(xi)
+    return [inferred, y, h, c, *torch.autograd.grad((y * y).sum() + c.sum(), [xi, *model.parameters()])]
+
+
 def test_models_of_other_sizes_in_turn_get_their_own_numbers():
     """Packed weights live in memory each thread keeps between calls and hands to later calls of any size, stale
     contents and all: models of other sizes and dtypes called in turn, forward and backward (team loop, per-step
@@ -819,14 +828,7 @@ def test_models_of_other_sizes_in_turn_get_their_own_numbers():
         model = fastlstm.LSTM(11, hidden, proj_size=proj, backend="cpp").to(dtype)
         jobs.append((model, torch.randn(6, batch, 11, dtype=dtype)))
 
-    def run(model, x):
-        with torch.no_grad():
-            inferred = model(x)[0]
-        xi = x.clone().requires_grad_()
-        y, (h, c) = model(xi)
-        return [inferred, y, h, c, *torch.autograd.grad((y * y).sum() + c.sum(), [xi, *model.parameters()])]
-
-    first = [run(model, x) for model, x in jobs]
+    first = [_infer_and_train(model, x) for model, x in jobs]
     for (model, x), expected in zip(jobs, first):
         native = fastlstm.convert(copy.deepcopy(model), to="torch")
         with torch.no_grad():
@@ -834,7 +836,7 @@ def test_models_of_other_sizes_in_turn_get_their_own_numbers():
             torch.testing.assert_close(expected[0], native(x)[0], atol=atol, rtol=rtol)
     for _ in range(3):
         for (model, x), expected in zip(reversed(jobs), reversed(first)):
-            assert all(torch.equal(a, b) for a, b in zip(run(model, x), expected))
+            assert all(torch.equal(a, b) for a, b in zip(_infer_and_train(model, x), expected))
 
 
 def test_release_memory_frees_what_calls_keep_and_calls_go_on():
@@ -864,22 +866,14 @@ def test_python_threads_calling_at_once_get_their_own_numbers():
         x = torch.randn(12, batch, 7, dtype=dtype)
         jobs.append((model, x))
 
-    def run(model, x):
-        with torch.no_grad():
-            inferred = model(x)[0]
-        xi = x.clone().requires_grad_()
-        y, (h, c) = model(xi)
-        grads = torch.autograd.grad((y * y).sum() + c.sum(), [xi, *model.parameters()])
-        return [inferred, y, h, c, *grads]
-
-    expected = [run(model, x) for model, x in jobs]
+    expected = [_infer_and_train(model, x) for model, x in jobs]
     failures: list[str] = []
 
     def worker(k: int) -> None:
         model, x = jobs[k % len(jobs)]
         try:
             for _ in range(15):
-                got = run(model, x)
+                got = _infer_and_train(model, x)
                 if not all(torch.equal(a, b) for a, b in zip(got, expected[k % len(jobs)])):
                     failures.append(f"thread {k}: numbers differ from a lone call")
                     return
