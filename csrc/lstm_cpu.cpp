@@ -40,6 +40,9 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -677,6 +680,19 @@ inline bool cpu_is_intel() {
   return false;
 #endif
 }
+// AMD's CPU family (0x19 Zen 3/4, 0x1A Zen 5), or 0 on other vendors and architectures.
+inline int amd_family() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (!__builtin_cpu_is("amd")) return 0;
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return 0;
+  const unsigned base = (eax >> 8) & 0xf;
+  return static_cast<int>(base == 0xf ? base + ((eax >> 20) & 0xff) : base);
+#else
+  return 0;
+#endif
+}
 inline int64_t mkl_min_rows() {
   static const int64_t v = std::getenv("FASTLSTM_MKL_MIN_ROWS") ? std::atoll(std::getenv("FASTLSTM_MKL_MIN_ROWS"))
                            : cpu_is_intel()                     ? 1
@@ -814,12 +830,21 @@ inline int64_t onednn_min_macs() {
 // oneDNN writes only to a tensor of its own, so when it runs, its result replaces `out` (same shape) rather
 // than being copied in: callers adopt `out` after.
 template <typename scalar_t>
+bool onednn_serves(int64_t macs) {
+  return std::is_same_v<scalar_t, float> && onednn_linear_op().has_value() && macs >= onednn_min_macs() &&
+         macs > 0 && at::globalContext().userEnabledMkldnn();
+}
+
+Tensor onednn_linear(const Tensor& A, const Tensor& W) {
+  return onednn_linear_op()->call(A, W, c10::nullopt, "none", c10::List<c10::optional<c10::Scalar>>(),
+                                  c10::nullopt);
+}
+
+template <typename scalar_t>
 void linear_nt(const Tensor& A, const Tensor& W, Tensor& out) {
   const int64_t M = A.size(0), K = A.size(1), N = W.size(0);
-  const auto& op = onednn_linear_op();
-  if (std::is_same_v<scalar_t, float> && op.has_value() && M * N * K >= onednn_min_macs() && K > 0 &&
-      at::globalContext().userEnabledMkldnn()) {
-    out = op->call(A, W, c10::nullopt, "none", c10::List<c10::optional<c10::Scalar>>(), c10::nullopt);
+  if (onednn_serves<scalar_t>(M * N * K)) {
+    out = onednn_linear(A, W);
     return;
   }
   // Stored [N, K] (row stride ld >= K), or stored [K, N] (ld >= N); anything else is copied to [N, K].
@@ -838,6 +863,45 @@ void linear_nt(const Tensor& A, const Tensor& W, Tensor& out) {
        out.data_ptr<scalar_t>(), N);
 }
 
+
+// Whether oneDNN also serves the weight gradients dW = dG^T @ X (float32), reductions over all T*B rows.
+// Measured with torch's ops on 2 threads. Zen 4 (256-bit AVX-512 units): MKL's sgemm was the faster. Zen 5,
+// whose units are 512 bits wide: MKL's generic path on AMD stays at ~210 GFLOP/s (torch.mm 2048^3: 214), and
+// oneDNN, asked for dW^T = X^T @ dG and transposed after (see weight_grad), ran the grid's shapes at 320-420
+// GFLOP/s, the copy included ([2048 x 6400] @ [6400 x 512]: 372 against MKL's 211; [800 x 2240] @ [2240 x
+// 200]: 418 against 206; [256 x 3200] @ [3200 x 64]: 319 against 181). So from AMD family 0x1A (Zen 5) on,
+// from 2^24 multiply-adds (below, MKL was as fast or faster: [512 x 100] @ [100 x 128] 169 against 130
+// GFLOP/s, [256 x 500] @ [500 x 64] 159 against 119; from [800 x 140] @ [140 x 200], 22M, oneDNN won).
+// FASTLSTM_ONEDNN_WEIGHT_GRADS=1 or 0 overrides which CPUs; FASTLSTM_ONEDNN_MIN_MACS, when set, the size.
+inline bool onednn_weight_grads() {
+  static const bool v = std::getenv("FASTLSTM_ONEDNN_WEIGHT_GRADS")
+                            ? std::atoi(std::getenv("FASTLSTM_ONEDNN_WEIGHT_GRADS")) != 0
+                            : amd_family() >= 0x1A;
+  return v;
+}
+
+// out[M, N] = A[R, M]^T @ X[R, N], A and X with unit column stride. When oneDNN serves it, its result replaces
+// `out` (as in linear_nt). From 512 rows on, oneDNN computes out^T = X^T @ A and the result is transposed: it
+// ran 1.2-1.8x faster than dG^T @ X read strided at 800-6400 rows (Zen 5, the shapes above), even with the
+// copy. Below, the copy does not pay: at 100 rows, [2048 x 512], the product took 0.52 ms and the copy 0.55
+// (strided: 0.57 ms in all; at 400 rows the two ran even).
+constexpr int64_t kWeightGradTransposeRows = 512;
+
+inline int64_t weight_grad_min_macs() {
+  static const int64_t v = std::getenv("FASTLSTM_ONEDNN_MIN_MACS") ? onednn_min_macs() : int64_t(1) << 24;
+  return v;
+}
+
+template <typename scalar_t>
+void weight_grad(const Tensor& A, const Tensor& X, Tensor& out) {
+  const int64_t rows = A.size(0), macs = rows * A.size(1) * X.size(1);
+  if (onednn_weight_grads() && onednn_serves<scalar_t>(macs) && macs >= weight_grad_min_macs()) {
+    out = rows >= kWeightGradTransposeRows ? onednn_linear(X.t(), A.t()).t().contiguous()
+                                           : onednn_linear(A.t(), X.t());
+    return;
+  }
+  at::mm_out(out, A.t(), X);
+}
 
 // One product's left operand (rows A, lda elements apart) and packed right operand.
 template <typename Dot>
@@ -1425,7 +1489,12 @@ std::string kernel_choices() {
          ", else register-blocked; float32 x@W^T and dx: oneDNN matmul " +
          from(onednn_linear_op().has_value() ? onednn_min_macs() : std::numeric_limits<int64_t>::max(),
               "multiply-adds") +
-         ", else BLAS; bfloat16 forward: " +
+         ", else BLAS; float32 weight gradients: " +
+         (onednn_weight_grads() && onednn_linear_op().has_value()
+              ? "oneDNN matmul " + from(std::max(onednn_min_macs(), weight_grad_min_macs()), "multiply-adds") +
+                    ", else BLAS"
+              : std::string("BLAS")) +
+         "; bfloat16 forward: " +
          (use_bf16_dot() ? "bf16 dot products (AVX512-BF16), h rounded to bf16 each step"
                          : "float32 math, rounded at the end") +
          "; time loop: one team of threads " +
@@ -1779,7 +1848,7 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
   const int64_t TB = T * B;
   Tensor dg2 = dgates.view({TB, G4});
   at::sum_out(db, dg2, {0});
-  if (proj) at::mm_out(dw_hr, dh_all.view({TB, P}).t(), hraw_all.view({TB, H}));
+  if (proj) weight_grad<scalar_t>(dh_all.view({TB, P}), hraw_all.view({TB, H}), dw_hr);
   if constexpr (own_rows) {
     // bf16 in, bf16 out (float accumulation inside): the results' dtype, rounded once.
     Tensor dgk2 = dgates_k.view({TB, G4});
@@ -1791,21 +1860,23 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
   Tensor dx2 = dx.view({TB, I});
   linear_nt<scalar_t>(dg2, w_ih.t(), dx2);
   dx = dx2.view({T, B, I});
-  at::mm_out(dw_ih, dg2.t(), x.view({TB, I}));
+  weight_grad<scalar_t>(dg2, x.view({TB, I}), dw_ih);
   if (!(reverse && packed)) {
     // Every row's first step is the same step (0, or T-1 in reverse), where h_prev is h0; elsewhere it is y of
     // the previous step (rows not live at a step have zero dgates, so whatever y holds there does not count).
     const int64_t first = reverse ? T - 1 : 0;
-    at::mm_out(dw_hh, dgates[first].t(), h0);
-    if (T > 1) {
-      Tensor dg_rest = reverse ? dgates.narrow(0, 0, T - 1) : dgates.narrow(0, 1, T - 1);
-      Tensor y_prev = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
-      dw_hh.addmm_(dg_rest.reshape({(T - 1) * B, G4}).t(), y_prev.reshape({(T - 1) * B, P}));
+    if (T == 1) {
+      at::mm_out(dw_hh, dgates[first].t(), h0);
+      return;
     }
+    Tensor dg_rest = reverse ? dgates.narrow(0, 0, T - 1) : dgates.narrow(0, 1, T - 1);
+    Tensor y_prev = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
+    weight_grad<scalar_t>(dg_rest.reshape({(T - 1) * B, G4}), y_prev.reshape({(T - 1) * B, P}), dw_hh);
+    dw_hh.addmm_(dgates[first].t(), h0);
     return;
   }
   // Packed reverse: rows start at different steps.
-  at::mm_out(dw_hh, dg2.t(), previous_h<scalar_t>(y, h0, live, reverse).view({TB, P}));
+  weight_grad<scalar_t>(dg2, previous_h<scalar_t>(y, h0, live, reverse).view({TB, P}), dw_hh);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(

@@ -607,6 +607,11 @@ _KERNEL_PATHS = {
     "register-blocked-step": ({"FASTLSTM_MKL_MIN_ROWS": _HUGE}, "MKL packed GEMM never"),
     "onednn-projection": ({"FASTLSTM_ONEDNN_MIN_MACS": "1"}, "oneDNN matmul from 1 multiply-adds"),
     "blas-projection": ({"FASTLSTM_ONEDNN_MIN_MACS": _HUGE}, "oneDNN matmul never"),
+    "onednn-weight-grads": (
+        {"FASTLSTM_ONEDNN_WEIGHT_GRADS": "1", "FASTLSTM_ONEDNN_MIN_MACS": "1"},
+        "float32 weight gradients: oneDNN matmul from 1 multiply-adds",
+    ),
+    "blas-weight-grads": ({"FASTLSTM_ONEDNN_WEIGHT_GRADS": "0"}, "float32 weight gradients: BLAS"),
     "team-loop": (
         {"FASTLSTM_TEAM_MAX_MACS": _HUGE, "FASTLSTM_TEAM_MIN_HIDDEN": "1"},
         f"team of threads up to {_HUGE} multiply-adds a step, 1+ hidden units a thread",
@@ -627,14 +632,19 @@ _KERNEL_PATHS = {
 }
 
 
+# Weight gradients over 512+ rows (T * B) take oneDNN's other form (the transposed product): cover both.
+_EXTRA_CASES = {"onednn-weight-grads": [(60, 9, 5, 16, 3, False, True), (60, 9, 5, 16, 0, True, True)]}
+
+
 @pytest.mark.parametrize("path", list(_KERNEL_PATHS))
 def test_kernel_paths(path):
     """The kernels are picked by CPU and size: for float32 the per-step product through MKL's packed GEMM (Intel) or
     the register-blocked kernel; the input projection and dx through oneDNN's matmul (other CPUs, large
-    products) or BLAS; the time loop as one team of threads (small steps) or split per step; the input
-    projection per step (8+ rows) or up front. Force each through its knob in a subprocess, check
-    `kernel_choices()` says so, and compare with the reference, training and inference, in float32 and float64
-    (which shares the time loops), so every path is tested whatever CPU runs the suite."""
+    products) or BLAS; the weight gradients through oneDNN (Zen 5 on) or BLAS; the time loop as one team of
+    threads (small steps) or split per step; the input projection per step (8+ rows) or up front. Force each
+    through its knob in a subprocess, check `kernel_choices()` says so, and compare with the reference, training
+    and inference, in float32 and float64 (which shares the time loops), so every path is tested whatever CPU
+    runs the suite."""
     env_overrides, expected = _KERNEL_PATHS[path]
     if "MKL" in expected and "never" not in expected and not torch.backends.mkl.is_available():
         pytest.skip("this torch carries no MKL")
@@ -645,7 +655,8 @@ def test_kernel_paths(path):
     _run_cpp_parity(
         env_overrides,
         check=f"{expected!r} in cpu.kernel_choices(), cpu.kernel_choices()",
-        cases=[(5, 3, 4, 20, 0, False, False), (6, 9, 5, 16, 3, True, True), (4, 17, 6, 33, 0, True, False)],
+        cases=[(5, 3, 4, 20, 0, False, False), (6, 9, 5, 16, 3, True, True), (4, 17, 6, 33, 0, True, False)]
+        + _EXTRA_CASES.get(path, []),
         threads=(2, 3),  # the team loop and the per-step split need two, whatever the CPU has; 3 split unevenly
     )
 
