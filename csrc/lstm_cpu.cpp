@@ -22,7 +22,7 @@
 //     relative for double; a row's last partial vector runs the same code through masked loads and stores.
 //   * Inference keeps no gates for backward: with the projection fused, one step's [B, 4H] buffer, reused.
 //   * Backward runs the reverse time loop for the gate gradients only; dx, dw_ih, dw_hh, db, dw_hr are then
-//     single GEMMs / reductions over all T*B rows.
+//     single GEMMs / reductions over all T*B rows (float32 weight gradients on Zen 5: oneDNN's matmul).
 //   * Autograd is a C++ Autograd kernel (no per-call Python); double backward recomputes the layer in ATen ops.
 //   * bfloat16, on CPUs with AVX512-BF16: the products take bf16 in pairs (vdpbf16ps, float accumulation), the
 //     recurrent and input products in the register-blocked kernel, backward's large ones in ATen's bf16 matmul;
@@ -825,10 +825,7 @@ inline int64_t onednn_min_macs() {
   return v;
 }
 
-// A [M, K] (contiguous) @ W [N, K]^T into out [M, N] (contiguous). W may be a transposed view (dx takes
-// w_ih.t()): oneDNN reads it strided, which measured faster than a transposing copy first, and BLAS is told.
-// oneDNN writes only to a tensor of its own, so when it runs, its result replaces `out` (same shape) rather
-// than being copied in: callers adopt `out` after.
+// Whether oneDNN serves a float32 product of `macs` multiply-adds, and the product A @ W^T as it computes it.
 template <typename scalar_t>
 bool onednn_serves(int64_t macs) {
   return std::is_same_v<scalar_t, float> && onednn_linear_op().has_value() && macs >= onednn_min_macs() &&
@@ -840,6 +837,10 @@ Tensor onednn_linear(const Tensor& A, const Tensor& W) {
                                   c10::nullopt);
 }
 
+// A [M, K] (contiguous) @ W [N, K]^T into out [M, N] (contiguous). W may be a transposed view (dx takes
+// w_ih.t()): oneDNN reads it strided, which measured faster than a transposing copy first, and BLAS is told.
+// oneDNN writes only to a tensor of its own, so when it runs, its result replaces `out` (same shape) rather
+// than being copied in: callers adopt `out` after.
 template <typename scalar_t>
 void linear_nt(const Tensor& A, const Tensor& W, Tensor& out) {
   const int64_t M = A.size(0), K = A.size(1), N = W.size(0);
