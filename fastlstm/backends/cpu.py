@@ -1,4 +1,4 @@
-"""The C++ CPU backend: csrc/lstm_cpu.cpp built on first use with torch.utils.cpp_extension + ninja.
+"""The C++ CPU backend: csrc/ (lstm_cpu.cpp and its headers) built on first use with torch.utils.cpp_extension + ninja.
 
 Build and cache
     The extension is compiled lazily (first call of `unavailable_reason()`, `layer()` or `build()`, never at
@@ -66,7 +66,8 @@ from torch import Tensor
 
 from fastlstm.backends import Backend, LayerCall, LayerResult, constant_under_compile
 
-_SOURCES = ("lstm_cpu.cpp",)
+_SOURCES = ("lstm_cpu.cpp",)  # compiled; it includes the headers, which the build key covers too
+_HEADERS = ("blas.h", "cell.h", "memory.h", "simd.h", "step_product.h", "team.h")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -81,9 +82,9 @@ def source_dir() -> Path:
     """csrc/ of a source checkout (<repo>/csrc) or of an installed wheel (fastlstm/csrc)."""
     here = Path(__file__).resolve()
     for candidate in (here.parents[2] / "csrc", here.parents[1] / "csrc"):
-        if all((candidate / name).is_file() for name in _SOURCES):
+        if all((candidate / name).is_file() for name in _SOURCES + _HEADERS):
             return candidate
-    raise FileNotFoundError(f"fastlstm C++ sources {_SOURCES} not found next to {here.parents[1]}")
+    raise FileNotFoundError(f"fastlstm C++ sources {_SOURCES + _HEADERS} not found next to {here.parents[1]}")
 
 
 def _compiler() -> str:
@@ -114,7 +115,7 @@ def cache_root() -> Path:
 
 def _build_key(src: Path) -> str:
     h = hashlib.sha256()
-    for name in _SOURCES:
+    for name in _SOURCES + _HEADERS:
         h.update(name.encode())
         h.update((src / name).read_bytes())
     for part in (torch.__version__, sys.version, _compiler(), " ".join(_cflags() + _LDFLAGS), _cpu_id()):

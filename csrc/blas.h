@@ -1,0 +1,274 @@
+// fastlstm C++ CPU backend: the products that libraries serve (BLAS, MKL's packed GEMM, oneDNN's matmul).
+#pragma once
+
+#include "memory.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <type_traits>
+
+// The Fortran BLAS that libtorch_cpu already carries (MKL on x86 wheels, OpenBLAS elsewhere). Weak, so that
+// a torch build without them still loads; we then fall back to at::addmm on views.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+// MKL's packed GEMM (x86 torch wheels): pack the recurrent weight once per call, reuse it every step.
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
+                      int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+}
+
+namespace fastlstm {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------------------------------
+// GEMM on row-major buffers: C[M,N] = alpha * op(A) op(B) + beta * C.
+// op(A) is [M,K]: A is stored [M,K] (lda) or, with trans_a, [K,M]. Same for B ([K,N] or, trans_b, [N,K]).
+
+template <typename scalar_t>
+void gemm_fallback(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, scalar_t alpha, const scalar_t* A,
+                   int64_t lda, const scalar_t* B, int64_t ldb, scalar_t beta, scalar_t* C, int64_t ldc) {
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  Tensor a = trans_a ? at::from_blob(const_cast<scalar_t*>(A), {K, M}, {lda, 1}, opts).t()
+                     : at::from_blob(const_cast<scalar_t*>(A), {M, K}, {lda, 1}, opts);
+  Tensor b = trans_b ? at::from_blob(const_cast<scalar_t*>(B), {N, K}, {ldb, 1}, opts).t()
+                     : at::from_blob(const_cast<scalar_t*>(B), {K, N}, {ldb, 1}, opts);
+  Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (beta == scalar_t(0)) {
+    at::mm_out(c, a, b);
+    if (alpha != scalar_t(1)) c.mul_(alpha);
+  } else {
+    c.addmm_(a, b, beta, alpha);
+  }
+}
+
+// The Fortran BLAS routine for scalar_t (null when libtorch does not carry one).
+template <typename scalar_t>
+using FortranGemm = void (*)(const char*, const char*, const int*, const int*, const int*, const scalar_t*,
+                             const scalar_t*, const int*, const scalar_t*, const int*, const scalar_t*, scalar_t*,
+                             const int*);
+template <typename scalar_t>
+FortranGemm<scalar_t> fortran_gemm() {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return sgemm_;
+  } else {
+    return dgemm_;
+  }
+}
+
+template <typename scalar_t>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, scalar_t alpha, const scalar_t* A,
+          int64_t lda, const scalar_t* B, int64_t ldb, scalar_t beta, scalar_t* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  const int64_t big = std::numeric_limits<int>::max();
+  const FortranGemm<scalar_t> blas = fortran_gemm<scalar_t>();
+  if (blas != nullptr && M < big && N < big && K < big && lda < big && ldb < big && ldc < big && K > 0) {
+    // Row-major C = A B is column-major C^T = B^T A^T, and a row-major buffer read column-major is the transpose.
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int m = (int)N, n = (int)M, k = (int)K, la = (int)ldb, lb = (int)lda, lc = (int)ldc;
+    blas(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+  } else {
+    gemm_fallback<scalar_t>(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+}
+
+// C[m, N] (+)= A[m, K] @ op(W) with op(W) [K, N] packed by MKL for exactly m rows; only for float, only when
+// libtorch carries MKL, and only for batches where it beats the register-blocked kernel.
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasBMatrix = 162,
+              kCblasPacked = 151;
+// MKL picks its fast kernels on Intel CPUs only. Measured on a 2-core AMD EPYC (Zen 4), float32 inference over
+// `bench --grid cpu-full`: with MKL's packed GEMM per step, geomean 0.73x of nn.LSTM (min 0.44x); with the
+// register-blocked kernel, 0.93x (min 0.80x). So MKL's packed path is the default on Intel only.
+inline bool cpu_is_intel() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+// AMD's CPU family (0x19 Zen 3/4, 0x1A Zen 5), or 0 on other vendors and architectures.
+inline int amd_family() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (!__builtin_cpu_is("amd")) return 0;
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return 0;
+  const unsigned base = (eax >> 8) & 0xf;
+  return static_cast<int>(base == 0xf ? base + ((eax >> 20) & 0xff) : base);
+#else
+  return 0;
+#endif
+}
+inline int64_t mkl_min_rows() {
+  static const int64_t v = std::getenv("FASTLSTM_MKL_MIN_ROWS") ? std::atoll(std::getenv("FASTLSTM_MKL_MIN_ROWS"))
+                           : cpu_is_intel()                     ? 1
+                                                                : std::numeric_limits<int64_t>::max();
+  return v;
+}
+
+struct MklPacked {
+  float* data = nullptr;
+  int m = 0, n = 0, k = 0;
+  bool ok = false;
+  // W row-major; trans: op(W) = W^T.
+  void pack(const float* W, int64_t ld, bool trans, int64_t m_, int64_t n_, int64_t k_) {
+    ok = false;
+    if (cblas_sgemm_pack_get_size == nullptr || cblas_sgemm_pack == nullptr || cblas_sgemm_compute == nullptr) return;
+    if (m_ < mkl_min_rows() || m_ > (1 << 20) || n_ > (1 << 20) || k_ > (1 << 20)) return;
+    m = (int)m_;
+    n = (int)n_;
+    k = (int)k_;
+    const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, m, n, k);
+    data = static_cast<float*>(pack_scratch().get(bytes));  // MKL asks for megabytes, touches what it uses
+    cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, trans ? kCblasTrans : kCblasNoTrans, m, n, k, 1.0f, W, (int)ld,
+                     data);
+    ok = true;
+  }
+  bool usable(int64_t rows) const { return ok && rows == m; }
+  void run(const float* A, int64_t lda, float* C, int64_t ldc, bool accumulate) const {
+    cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m, n, k, A, (int)lda, data, n,
+                        accumulate ? 1.0f : 0.0f, C, (int)ldc);
+  }
+};
+
+// Where the plain BLAS call (which re-packs the weight every step) beats the register-blocked kernel: float32
+// takes MKL's packed path instead whenever available.
+inline int64_t dgemm_min_rows() {
+  static const int64_t v =
+      std::getenv("FASTLSTM_DGEMM_MIN_ROWS") ? std::atoll(std::getenv("FASTLSTM_DGEMM_MIN_ROWS")) : 16;
+  return v;
+}
+template <typename scalar_t>
+inline bool use_blas_rows(int64_t B) {
+  return std::is_same_v<scalar_t, double> && dgemm_ != nullptr && B >= dgemm_min_rows();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// oneDNN's matmul for the large float32 products of the form A @ W^T (the input projection, and dx in
+// backward). Measured on a 2-core AMD EPYC (Zen 4), [T*B, K] x [K, 4H] shapes of the benchmark grid:
+// 185-209 GFLOP/s, against 136-167 for MKL's sgemm, which runs a generic path on AMD. (For dW = dG^T @ x, a
+// long reduction, MKL measured faster, so those stay on gemm.) libtorch does not export oneDNN's API; it is
+// reached through the op inductor uses for linear layers, looked up once at run time, and absent (so unused)
+// in builds without oneDNN. The user's torch.backends.mkldnn.enabled = False is respected.
+using LinearPointwiseFn = Tensor(const Tensor&, const Tensor&, const c10::optional<Tensor>&, c10::string_view,
+                                 c10::List<c10::optional<c10::Scalar>>, c10::optional<c10::string_view>);
+
+const c10::optional<c10::TypedOperatorHandle<LinearPointwiseFn>>& onednn_linear_op() {
+  static const auto op = []() -> c10::optional<c10::TypedOperatorHandle<LinearPointwiseFn>> {
+    const auto handle = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+    if (!handle.has_value() || !handle->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return c10::nullopt;
+    try {
+      return handle->typed<LinearPointwiseFn>();
+    } catch (const c10::Error&) {  // a torch whose schema differs: keep BLAS
+      return c10::nullopt;
+    }
+  }();
+  return op;
+}
+
+// Multiply-adds from which oneDNN serves a product: by default from 2^22 on CPUs other than Intel's (smaller
+// products measured even), never on Intel, where MKL's sgemm is tuned. FASTLSTM_ONEDNN_MIN_MACS overrides.
+inline int64_t onednn_min_macs() {
+  static const int64_t v = std::getenv("FASTLSTM_ONEDNN_MIN_MACS")
+                               ? std::atoll(std::getenv("FASTLSTM_ONEDNN_MIN_MACS"))
+                           : cpu_is_intel() ? std::numeric_limits<int64_t>::max()
+                                            : int64_t(1) << 22;
+  return v;
+}
+
+// Whether oneDNN serves a float32 product of `macs` multiply-adds, and the product A @ W^T as it computes it.
+template <typename scalar_t>
+bool onednn_serves(int64_t macs) {
+  return std::is_same_v<scalar_t, float> && onednn_linear_op().has_value() && macs >= onednn_min_macs() &&
+         macs > 0 && at::globalContext().userEnabledMkldnn();
+}
+
+Tensor onednn_linear(const Tensor& A, const Tensor& W) {
+  return onednn_linear_op()->call(A, W, c10::nullopt, "none", c10::List<c10::optional<c10::Scalar>>(),
+                                  c10::nullopt);
+}
+
+// A [M, K] (contiguous) @ W [N, K]^T into out [M, N] (contiguous). W may be a transposed view (dx takes
+// w_ih.t()): oneDNN reads it strided, which measured faster than a transposing copy first, and BLAS is told.
+// oneDNN writes only to a tensor of its own, so when it runs, its result replaces `out` (same shape) rather
+// than being copied in: callers adopt `out` after.
+template <typename scalar_t>
+void linear_nt(const Tensor& A, const Tensor& W, Tensor& out) {
+  const int64_t M = A.size(0), K = A.size(1), N = W.size(0);
+  if (onednn_serves<scalar_t>(M * N * K)) {
+    out = onednn_linear(A, W);
+    return;
+  }
+  // Stored [N, K] (row stride ld >= K), or stored [K, N] (ld >= N); anything else is copied to [N, K].
+  Tensor Wc = W;
+  bool stored_nk = true;
+  int64_t ld = K;
+  if (W.stride(1) == 1 && W.stride(0) >= std::max<int64_t>(1, K)) {
+    ld = W.stride(0);
+  } else if (W.stride(0) == 1 && W.stride(1) >= std::max<int64_t>(1, N)) {
+    stored_nk = false;
+    ld = W.stride(1);
+  } else {
+    Wc = W.contiguous();
+  }
+  gemm(false, stored_nk, M, N, K, scalar_t(1), A.data_ptr<scalar_t>(), K, Wc.data_ptr<scalar_t>(), ld, scalar_t(0),
+       out.data_ptr<scalar_t>(), N);
+}
+
+
+// Whether oneDNN also serves the weight gradients dW = dG^T @ X (float32), reductions over all T*B rows.
+// Measured with torch's ops on 2 threads. Zen 4 (256-bit AVX-512 units): MKL's sgemm was the faster. Zen 5,
+// whose units are 512 bits wide: MKL's generic path on AMD stays at ~210 GFLOP/s (torch.mm 2048^3: 214), and
+// oneDNN, asked for dW^T = X^T @ dG and transposed after (see weight_grad), ran the grid's shapes at 320-420
+// GFLOP/s, the copy included ([2048 x 6400] @ [6400 x 512]: 372 against MKL's 211; [800 x 2240] @ [2240 x
+// 200]: 418 against 206; [256 x 3200] @ [3200 x 64]: 319 against 181). So from AMD family 0x1A (Zen 5) on,
+// from 2^24 multiply-adds (below, MKL was as fast or faster: [512 x 100] @ [100 x 128] 169 against 130
+// GFLOP/s, [256 x 500] @ [500 x 64] 159 against 119; from [800 x 140] @ [140 x 200], 22M, oneDNN won).
+// FASTLSTM_ONEDNN_WEIGHT_GRADS=1 or 0 overrides which CPUs; FASTLSTM_ONEDNN_MIN_MACS, when set, the size.
+inline bool onednn_weight_grads() {
+  static const bool v = std::getenv("FASTLSTM_ONEDNN_WEIGHT_GRADS")
+                            ? std::atoi(std::getenv("FASTLSTM_ONEDNN_WEIGHT_GRADS")) != 0
+                            : amd_family() >= 0x1A;
+  return v;
+}
+
+// out[M, N] = A[R, M]^T @ X[R, N], A and X with unit column stride. When oneDNN serves it, its result replaces
+// `out` (as in linear_nt). From 512 rows on, oneDNN computes out^T = X^T @ A and the result is transposed: it
+// ran 1.2-1.8x faster than dG^T @ X read strided at 800-6400 rows (Zen 5, the shapes above), even with the
+// copy. Below, the copy does not pay: at 100 rows, [2048 x 512], the product took 0.52 ms and the copy 0.55
+// (strided: 0.57 ms in all; at 400 rows the two ran even).
+constexpr int64_t kWeightGradTransposeRows = 512;
+
+inline int64_t weight_grad_min_macs() {
+  static const int64_t v = std::getenv("FASTLSTM_ONEDNN_MIN_MACS") ? onednn_min_macs() : int64_t(1) << 24;
+  return v;
+}
+
+template <typename scalar_t>
+void weight_grad(const Tensor& A, const Tensor& X, Tensor& out) {
+  const int64_t rows = A.size(0), macs = rows * A.size(1) * X.size(1);
+  if (onednn_weight_grads() && onednn_serves<scalar_t>(macs) && macs >= weight_grad_min_macs()) {
+    out = rows >= kWeightGradTransposeRows ? onednn_linear(X.t(), A.t()).t().contiguous()
+                                           : onednn_linear(A.t(), X.t());
+    return;
+  }
+  at::mm_out(out, A.t(), X);
+}
+
+}  // namespace
+}  // namespace fastlstm

@@ -1,0 +1,223 @@
+// fastlstm C++ CPU backend: the pointwise LSTM cell, forward and backward, in explicit SIMD.
+#pragma once
+
+#include "simd.h"
+
+#include <ATen/Parallel.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+#include <cmath>
+#include <cstdint>
+
+namespace fastlstm {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------
+// Pointwise math, all in explicit SIMD (a row's last partial vector too, through masked loads and stores).
+
+// float through GCC/Clang vector extensions, one register wide (kVecBytes): a Cephes-style exp, about 1 ulp.
+typedef float vf __attribute__((vector_size(kVecBytes)));
+typedef float vf_u __attribute__((vector_size(kVecBytes), aligned(4), may_alias));
+typedef int32_t vi __attribute__((vector_size(kVecBytes)));
+
+inline vf vload(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
+inline void vstore(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
+inline vf vsplat(float a) { return vf{} + a; }
+
+inline vf vexp(vf x) {
+  x = x < vsplat(-87.3365447504f) ? vsplat(-87.3365447504f) : x;
+  x = x > vsplat(88.3762626647949f) ? vsplat(88.3762626647949f) : x;
+  const vf magic = vsplat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to nearest
+  const vf n = (x * 1.44269504088896341f + magic) - magic;
+  vf r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  vf p = vsplat(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  return p * reinterpret_cast<vf>(bits);
+}
+inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
+inline vf vtanh(vf x) {
+  const vi xb = reinterpret_cast<vi>(x);
+  const vi sign = xb & (int32_t)0x80000000;
+  const vf a = reinterpret_cast<vf>(xb & (int32_t)0x7fffffff);
+  const vf e = vexp(-2.0f * a);
+  const vf t = (1.0f - e) / (1.0f + e);
+  return reinterpret_cast<vf>(reinterpret_cast<vi>(t) | sign);
+}
+
+// The same for double: exp by range reduction and a degree-12 Taylor polynomial (~1e-16 relative).
+typedef double vd __attribute__((vector_size(kVecBytes)));
+typedef double vd_u __attribute__((vector_size(kVecBytes), aligned(8), may_alias));
+typedef int64_t vl __attribute__((vector_size(kVecBytes)));
+
+inline vd vload(const double* p) { return *reinterpret_cast<const vd_u*>(p); }
+inline void vstore(double* p, vd v) { *reinterpret_cast<vd_u*>(p) = v; }
+inline vd vsplat(double a) { return vd{} + a; }
+
+inline vd vexp(vd x) {
+  x = x < vsplat(-708.0) ? vsplat(-708.0) : x;
+  x = x > vsplat(709.0) ? vsplat(709.0) : x;
+  const vd magic = vsplat(6755399441055744.0);  // 1.5 * 2^52
+  const vd n = (x * 1.4426950408889634 + magic) - magic;
+  const vd r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+  vd p = vsplat(1.0 / 479001600.0);
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  const vl bits = (__builtin_convertvector(n, vl) + 1023) << 52;
+  return p * reinterpret_cast<vd>(bits);
+}
+inline vd vsigmoid(vd x) { return 1.0 / (1.0 + vexp(-x)); }
+inline vd vtanh(vd x) {
+  const vl xb = reinterpret_cast<vl>(x);
+  const vl sign = xb & (int64_t)0x8000000000000000ULL;
+  const vd a = reinterpret_cast<vd>(xb & (int64_t)0x7fffffffffffffffLL);
+  const vd e = vexp(-2.0 * a);
+  const vd t = (1.0 - e) / (1.0 + e);
+  return reinterpret_cast<vd>(reinterpret_cast<vl>(t) | sign);
+}
+
+// A vector of the lanes [p, p + n) of a row, n <= lanes: a plain load for a whole vector, else a masked one
+// (zeros past n), so that a row's last partial vector (H = 24, 40, 200, ...) runs the same vector math rather
+// than a scalar loop of exp and tanh (which, at H = 24, took as long as the rest of the step).
+template <bool Whole, typename scalar_t>
+inline auto vload_n(const scalar_t* p, int64_t n) {
+  if constexpr (Whole) {
+    return vload(p);
+  } else {
+#ifdef __AVX512F__
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return reinterpret_cast<vf>(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p));
+    } else {
+      return reinterpret_cast<vd>(_mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p));
+    }
+#else
+    scalar_t buf[kVecBytes / sizeof(scalar_t)] = {};
+    for (int64_t k = 0; k < n; ++k) buf[k] = p[k];
+    return vload(buf);
+#endif
+  }
+}
+
+template <bool Whole, typename scalar_t, typename V>
+inline void vstore_n(scalar_t* p, V v, int64_t n) {
+  if constexpr (Whole) {
+    vstore(p, v);
+  } else {
+#ifdef __AVX512F__
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), reinterpret_cast<__m512>(v));
+    } else {
+      _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), reinterpret_cast<__m512d>(v));
+    }
+#else
+    scalar_t buf[kVecBytes / sizeof(scalar_t)];
+    vstore(buf, v);
+    for (int64_t k = 0; k < n; ++k) p[k] = buf[k];
+#endif
+  }
+}
+
+// The cell for lanes [j, j + n) of one row (see cell_row).
+template <bool Whole, typename scalar_t>
+inline void cell_lanes(scalar_t* __restrict__ G, const scalar_t* __restrict__ bias, scalar_t* __restrict__ c,
+                       scalar_t* __restrict__ h_out, int64_t S, int64_t j, int64_t n) {
+  auto ld = [n](const scalar_t* p) { return vload_n<Whole>(p, n); };
+  auto st = [n](scalar_t* p, auto v) { vstore_n<Whole>(p, v, n); };
+  auto pi = ld(G + j), pf = ld(G + S + j), pg = ld(G + 2 * S + j), po = ld(G + 3 * S + j);
+  if (bias != nullptr) {
+    pi += ld(bias + j);
+    pf += ld(bias + S + j);
+    pg += ld(bias + 2 * S + j);
+    po += ld(bias + 3 * S + j);
+  }
+  const auto i = vsigmoid(pi), f = vsigmoid(pf), g = vtanh(pg), o = vsigmoid(po);
+  const auto cn = f * ld(c + j) + i * g;
+  st(G + j, i);
+  st(G + S + j, f);
+  st(G + 2 * S + j, g);
+  st(G + 3 * S + j, o);
+  st(c + j, cn);
+  st(h_out + j, o * vtanh(cn));
+}
+
+// One step of the cell for `count` hidden units of one row: G holds their pre-activations, gate q of unit j at
+// G[q * S + j] (S = H for a whole row; a slice of a row keeps the row's stride), overwritten with activations;
+// bias likewise; c the state (updated); h_out receives o * tanh(c).
+template <typename scalar_t>
+inline void cell_row(scalar_t* __restrict__ G, const scalar_t* __restrict__ bias, scalar_t* __restrict__ c,
+                     scalar_t* __restrict__ c_hist, scalar_t* __restrict__ h_out, int64_t count, int64_t S) {
+  constexpr int64_t lanes = Vec<scalar_t>::lanes;
+  int64_t j = 0;
+  for (; j + lanes <= count; j += lanes) cell_lanes<true>(G, bias, c, h_out, S, j, lanes);
+  if (j < count) cell_lanes<false>(G, bias, c, h_out, S, j, count - j);
+  if (c_hist != nullptr) std::memcpy(c_hist, c, count * sizeof(scalar_t));
+}
+
+// The cell's backward for lanes [j, j + n) of one row (see cell_row_backward).
+template <bool Whole, typename scalar_t>
+inline void cell_lanes_backward(const scalar_t* __restrict__ a, const scalar_t* __restrict__ cn,
+                                const scalar_t* __restrict__ cprev, const scalar_t* __restrict__ dh,
+                                scalar_t* __restrict__ dc, scalar_t* __restrict__ dg, scalar_t* __restrict__ hr,
+                                int64_t S, int64_t j, int64_t n) {
+  auto ld = [n](const scalar_t* p) { return vload_n<Whole>(p, n); };
+  auto st = [n](scalar_t* p, auto v) { vstore_n<Whole>(p, v, n); };
+  const scalar_t one = 1;
+  const auto i = ld(a + j), f = ld(a + S + j), g = ld(a + 2 * S + j), o = ld(a + 3 * S + j);
+  const auto tc = vtanh(ld(cn + j));
+  const auto dhj = ld(dh + j);
+  const auto dct = ld(dc + j) + dhj * o * (one - tc * tc);
+  st(dg + j, dct * g * i * (one - i));
+  st(dg + S + j, dct * ld(cprev + j) * f * (one - f));
+  st(dg + 2 * S + j, dct * i * (one - g * g));
+  st(dg + 3 * S + j, dhj * tc * o * (one - o));
+  st(dc + j, dct * f);
+  if (hr != nullptr) st(hr + j, o * tc);
+}
+
+// Backward of one row of the cell. a: activations [4H], cn: c after the step, cprev: c before it,
+// dh: gradient reaching o*tanh(c), dc: gradient reaching c (in: from later steps; out: for cprev),
+// dg: pre-activation gradients [4H]; hr (optional) receives o*tanh(c) for dw_hr. As for cell_row, `count`
+// hidden units with gate stride S (S = H for a whole row).
+template <typename scalar_t>
+inline void cell_row_backward(const scalar_t* __restrict__ a, const scalar_t* __restrict__ cn,
+                              const scalar_t* __restrict__ cprev, const scalar_t* __restrict__ dh,
+                              scalar_t* __restrict__ dc, scalar_t* __restrict__ dg, scalar_t* __restrict__ hr,
+                              int64_t count, int64_t S) {
+  constexpr int64_t lanes = Vec<scalar_t>::lanes;
+  int64_t j = 0;
+  for (; j + lanes <= count; j += lanes) cell_lanes_backward<true>(a, cn, cprev, dh, dc, dg, hr, S, j, lanes);
+  if (j < count) cell_lanes_backward<false>(a, cn, cprev, dh, dc, dg, hr, S, j, count - j);
+}
+
+// Split [0, n) rows over threads only when the work is worth a fork/join.
+template <typename F>
+inline void for_rows(int64_t n, int64_t work_per_row, F&& f) {
+  const int64_t total = n * work_per_row;
+  if (total >= 32768 && n > 1 && at::get_num_threads() > 1) {
+    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) f(r);
+    });
+  } else {
+    for (int64_t r = 0; r < n; ++r) f(r);
+  }
+}
+
+}  // namespace
+}  // namespace fastlstm

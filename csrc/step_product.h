@@ -1,0 +1,351 @@
+// fastlstm C++ CPU backend: one step's product h @ W (and x @ W_ih): the packed weight, the register-blocked
+// kernel, and dot products over the weight as stored.
+#pragma once
+
+#include "memory.h"
+#include "simd.h"
+
+#include <ATen/Parallel.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace fastlstm {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------
+// The per-step product C[n, N] (+)= A[n, K] @ Bm[K, N], Bm row-major and contiguous (the weight, laid out once
+// per call). A register-blocked kernel in GCC/Clang vector extensions: a block of RB rows x 2 vectors of
+// columns lives in registers while k runs; columns are the outer loop (and the split between threads) so a
+// thread's slice of the weight stays in its cache across all row blocks and all time steps. No allocation,
+// no dispatcher: this is what runs T times.
+
+// A weight B [K, N] packed in panels of kPanel vectors of columns: panel p holds columns [p*W, p*W+W) as a
+// contiguous [steps, W] block of units (zero padded past N), so the micro-kernel reads it sequentially. A unit
+// is what one kernel step takes of one column: one element (FmaDot) or a pair of k (Bf16Dot, a 32-bit word).
+constexpr int kPanel = 2;
+
+template <typename Dot>
+struct Packed {
+  using elem_t = typename Dot::elem_t;
+  using unit_t = typename Dot::unit_t;
+  static constexpr int64_t W = kPanel * Dot::lanes;  // columns per panel
+  PoolBuffer<unit_t> data;                           // uninitialised: every unit is written by pack()
+  int64_t steps = 0, N = 0, panels = 0;
+  // B[k, n] = src[k * sk + n * sn], k over `steps` units. Runs once per call over the whole weight, so it is
+  // blocked and parallel: a plain element-wise transpose of a 4 MB weight measured ~0.9 ms, as long as 25 steps
+  // of B=1, H=512.
+  void pack(const unit_t* src, int64_t steps_, int64_t N_, int64_t sk, int64_t sn, bool parallel = true) {
+    steps = steps_;
+    N = N_;
+    panels = (N + W - 1) / W;
+    data.reset(std::max<int64_t>(1, panels * steps * W));
+    if (!parallel) {
+      for (int64_t p = 0; p < panels; ++p) pack_panel(src, sk, sn, p);
+      return;
+    }
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, steps * W));
+    at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) pack_panel(src, sk, sn, p);
+    });
+  }
+  void pack_panel(const unit_t* src, int64_t sk, int64_t sn, int64_t p) {
+    unit_t* d = data.get() + p * steps * W;
+    const int64_t width = std::min(W, N - p * W);
+    if (sk == 1) {
+      // Source columns are contiguous in k. Blocks of one cache line of k: the W source lines and the
+      // [kb, W] piece of the panel being written both stay in L1. Whole square blocks go through vector
+      // registers (transpose_block); what remains, element by element.
+      constexpr int64_t kb = 64 / sizeof(unit_t);
+      for (int64_t k0 = 0; k0 < steps; k0 += kb) {
+        const int64_t k1 = std::min(steps, k0 + kb);
+        int64_t c = 0;
+        if (k1 - k0 == kb)
+          for (; c + kb <= width; c += kb) transpose_block(src + (p * W + c) * sn + k0, sn, d + k0 * W + c, W);
+        for (; c < width; ++c) {
+          const unit_t* col = src + (p * W + c) * sn;
+          for (int64_t k = k0; k < k1; ++k) d[k * W + c] = col[k];
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < steps; ++k)
+        for (int64_t c = 0; c < width; ++c) d[k * W + c] = src[k * sk + (p * W + c) * sn];
+    }
+    if (width < W)
+      for (int64_t k = 0; k < steps; ++k) std::fill(d + k * W + width, d + (k + 1) * W, unit_t(0));
+  }
+  const elem_t* panel(int64_t p) const { return reinterpret_cast<const elem_t*>(data.get() + p * steps * W); }
+};
+
+// Keep a loaded vector in a register. For row blocks of 2-4, GCC otherwise folds the panel loads into every FMA
+// as a memory operand, loading the same weights once per row: measured in isolation, 2-4 rows ran at ~50% of
+// the FMA peak that way, 70-96% with the loads kept (other block sizes are unaffected or slower, so only these).
+// Only for a vector that is one AVX register (AVX2's ymm, AVX-512's zmm).
+template <int RB, typename V>
+inline void keep_in_register(V& v) {
+#if defined(__AVX512F__)
+  if constexpr (RB >= 2 && RB <= 4 && sizeof(V) == kVecBytes) asm("" : "+v"(v));
+#elif defined(__AVX__)
+  if constexpr (RB >= 2 && RB <= 4 && sizeof(V) == kVecBytes) asm("" : "+x"(v));
+#else
+  (void)v;
+#endif
+}
+
+// C[RB, valid] (+)= A[RB, K] @ panel, K in steps of Dot::pair (lda in elements).
+template <typename Dot, int RB>
+inline void micro_kernel(const typename Dot::elem_t* __restrict__ A, int64_t lda,
+                         const typename Dot::elem_t* __restrict__ panel, int64_t steps,
+                         typename Dot::acc_t* __restrict__ C, int64_t ldc, int64_t valid, bool accumulate) {
+  using acc_t = typename Dot::acc_t;
+  using vec = typename Dot::vec;
+  constexpr int L = Dot::lanes, CV = kPanel, W = CV * L, PR = Dot::pair;
+  vec acc[RB][CV];
+  acc_t tmp[RB * W];
+  acc_t* out = C;
+  int64_t ldo = ldc;
+  if (valid < W) {  // the last, partial panel goes through a small buffer
+    out = tmp;
+    ldo = W;
+    for (int r = 0; r < RB; ++r)
+      for (int c = 0; c < W; ++c) tmp[r * W + c] = (accumulate && c < valid) ? C[r * ldc + c] : acc_t(0);
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < CV; ++v) acc[r][v] = accumulate ? Vec<acc_t>::load(out + r * ldo + v * L) : vec{};
+  // Few rows leave too few independent FMA chains to hide latency: unroll k into KU partial sums.
+  constexpr int KU = RB == 1 ? 4 : (RB == 2 ? 2 : 1);
+  vec part[KU > 1 ? KU - 1 : 1][RB][CV];
+  if constexpr (KU > 1) {
+    for (int u = 0; u < KU - 1; ++u)
+      for (int r = 0; r < RB; ++r)
+        for (int v = 0; v < CV; ++v) part[u][r][v] = vec{};
+  }
+  int64_t k = 0;
+  if constexpr (KU > 1) {
+    for (; k + KU <= steps; k += KU) {
+      for (int u = 0; u < KU; ++u) {
+        vec w[CV];
+        for (int v = 0; v < CV; ++v) w[v] = Dot::load(panel + (k + u) * W * PR + v * L * PR);
+        for (int v = 0; v < CV; ++v) keep_in_register<RB>(w[v]);
+        for (int r = 0; r < RB; ++r) {
+          const auto a = Dot::row(A + r * lda + (k + u) * PR);
+          for (int v = 0; v < CV; ++v) Dot::madd(u == 0 ? acc[r][v] : part[u > 0 ? u - 1 : 0][r][v], a, w[v]);
+        }
+      }
+    }
+    for (int u = 0; u < KU - 1; ++u)
+      for (int r = 0; r < RB; ++r)
+        for (int v = 0; v < CV; ++v) acc[r][v] += part[u][r][v];
+  }
+  for (; k < steps; ++k) {
+    vec w[CV];
+    for (int v = 0; v < CV; ++v) w[v] = Dot::load(panel + k * W * PR + v * L * PR);
+    for (int v = 0; v < CV; ++v) keep_in_register<RB>(w[v]);
+    for (int r = 0; r < RB; ++r) {
+      const auto a = Dot::row(A + r * lda + k * PR);
+      for (int v = 0; v < CV; ++v) Dot::madd(acc[r][v], a, w[v]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < CV; ++v) Vec<acc_t>::store(out + r * ldo + v * L, acc[r][v]);
+  if (valid < W) {
+    for (int r = 0; r < RB; ++r)
+      for (int c = 0; c < valid; ++c) C[r * ldc + c] = tmp[r * W + c];
+  }
+}
+
+// Rows in the register-blocked kernel's row blocks (the last block of a product takes the remainder): RB x 2
+// accumulators, 2 weight vectors and a broadcast row value must fit the register file, 32 vector registers with
+// AVX-512 and 16 with AVX2 or SSE (NEON has 32, but no ARM machine was measured: 6 there too).
+constexpr int kRowBlock = kVecBytes == 64 ? 8 : 6;
+
+template <typename Dot>
+inline void panel_rows(const typename Dot::elem_t* A, int64_t lda, const typename Dot::elem_t* panel, int64_t steps,
+                       typename Dot::acc_t* C, int64_t ldc, int64_t n, int64_t valid, bool accumulate) {
+  constexpr int RB = kRowBlock;
+  int64_t r = 0;
+  for (; r + RB <= n; r += RB)
+    micro_kernel<Dot, RB>(A + r * lda, lda, panel, steps, C + r * ldc, ldc, valid, accumulate);
+  const auto* a = A + r * lda;
+  auto* c = C + r * ldc;
+  switch (n - r) {
+    case 0: break;
+    case 1: micro_kernel<Dot, 1>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    case 2: micro_kernel<Dot, 2>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    case 3: micro_kernel<Dot, 3>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    case 4: micro_kernel<Dot, 4>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    case 5: micro_kernel<Dot, 5>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    case 6: micro_kernel<Dot, 6>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    default: micro_kernel<Dot, 7>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+  }
+}
+
+// Work (multiply-adds) below which one step's product is not split over threads.
+constexpr int64_t kParallelStepWork = 1 << 17;
+
+// One row of h against rows of the weight as stored (row-major, no packing): out[r] (+)= h . w[r] for the rows
+// [0, rows), each a dot product of `units` units, lane-wise partial sums added up at the end. At batch 1 this
+// is the whole recurrent product, and packing the weight first cost more than the product at short sequences:
+// at hidden 512 the pack took ~0.25 ms a call, the product ~19 us a step. AVX-512 only (one reduction
+// instruction per row); other builds pack.
+constexpr int64_t kDotBlock = 8;  // weight rows a dot_rows block takes at once
+
+#if defined(__AVX512F__)
+constexpr bool kHasDotRows = true;
+
+template <typename Dot>
+inline typename Dot::vec load_units(const typename Dot::unit_t* p, int64_t n) {
+  using vec = typename Dot::vec;
+  if constexpr (sizeof(typename Dot::unit_t) == 8) {
+    return reinterpret_cast<vec>(_mm512_maskz_loadu_epi64(static_cast<__mmask8>((1u << n) - 1), p));
+  } else {
+    return reinterpret_cast<vec>(_mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << n) - 1), p));
+  }
+}
+
+// R rows at once: R independent accumulators, h loaded once per vector of units for all R.
+template <typename Dot, int R>
+inline void dot_block(const typename Dot::unit_t* h, const typename Dot::unit_t* w, int64_t ldw, int64_t units,
+                      typename Dot::acc_t* out, bool accumulate) {
+  using vec = typename Dot::vec;
+  using unit_t = typename Dot::unit_t;
+  using acc_t = typename Dot::acc_t;
+  constexpr int64_t L = Dot::lanes;
+  static_assert(sizeof(unit_t) == sizeof(acc_t), "a vector holds as many units as accumulator lanes");
+  const auto load = [](const unit_t* p) { return Vec<acc_t>::load(reinterpret_cast<const acc_t*>(p)); };
+  vec acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = vec{};
+  int64_t k = 0;
+  for (; k + L <= units; k += L) {
+    const vec hv = load(h + k);
+    for (int r = 0; r < R; ++r) Dot::madd_lanes(acc[r], hv, load(w + r * ldw + k));
+  }
+  if (k < units) {  // masked: zeros past the row, whose end may be the end of the weight
+    const vec hv = load_units<Dot>(h + k, units - k);
+    for (int r = 0; r < R; ++r) Dot::madd_lanes(acc[r], hv, load_units<Dot>(w + r * ldw + k, units - k));
+  }
+  for (int r = 0; r < R; ++r) {
+    acc_t sum;
+    if constexpr (std::is_same_v<acc_t, double>) {
+      sum = _mm512_reduce_add_pd(reinterpret_cast<__m512d>(acc[r]));
+    } else {
+      sum = _mm512_reduce_add_ps(reinterpret_cast<__m512>(acc[r]));
+    }
+    out[r] = accumulate ? out[r] + sum : sum;
+  }
+}
+
+template <typename Dot>
+inline void dot_rows(const typename Dot::elem_t* h, const typename Dot::unit_t* w, int64_t ldw, int64_t units,
+                     typename Dot::acc_t* out, int64_t rows, bool accumulate) {
+  const auto* hu = reinterpret_cast<const typename Dot::unit_t*>(h);
+  constexpr int R = kDotBlock;
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) dot_block<Dot, R>(hu, w + r * ldw, ldw, units, out + r, accumulate);
+  for (; r < rows; ++r) dot_block<Dot, 1>(hu, w + r * ldw, ldw, units, out + r, accumulate);
+}
+#else
+constexpr bool kHasDotRows = false;
+
+template <typename Dot>
+inline void dot_rows(const typename Dot::elem_t*, const typename Dot::unit_t*, int64_t, int64_t,
+                     typename Dot::acc_t*, int64_t, bool) {
+  TORCH_INTERNAL_ASSERT(false, "dot_rows needs AVX-512");
+}
+#endif
+
+// FASTLSTM_DOT_ROWS=N: the forward's recurrent product through dot_rows at batch <= N whatever the size
+// (0: never); unset: dot_pays decides. -1 when unset.
+inline int64_t dot_rows_override() {
+  static const char* env = std::getenv("FASTLSTM_DOT_ROWS");
+  static const int64_t v = !kHasDotRows ? 0 : env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : -1;
+  return v;
+}
+
+// Whether a batch-1 recurrent product of rows `units` long, T steps, runs through dot_rows rather than a packed
+// weight. Each row's lanes are added up once at the end, which short rows pay relatively more. Measured on Zen 4
+// (2 threads, A/B in one build, FASTLSTM_DOT_ROWS=0 against the default): rows of 16+ vectors were as fast or
+// faster at any length (float32 hidden 256: 1.00-1.05x at T = 300-500; 384-512: 1.05-1.2x at T = 100-200;
+// float64 hidden 128: 1.06-1.11x at T = 300-500) and much faster at one step (hidden 512: 1.8x). Rows of 8-15
+// vectors only on short sequences, where packing is not paid back (float32 hidden 128-160, T = 10-16:
+// 1.06-1.16x; at T = 500, hidden 128-192: 0.89-0.93x). 4 vectors (hidden 64) was slower: 0.87x at T = 500.
+// Batch 2+ packs: dot_rows reads the weight once per row of h, and at batch 2, hidden 384 that ran 0.85x.
+// The per-step loop (one thread, or a projection) follows the same rule: one thread, hidden 512, 1.02x at T = 100
+// and 1.8x at T = 10; projection 256 of hidden 512 on 2 threads, 1.00-1.03x at T = 10-100.
+template <typename Dot>
+inline bool dot_pays(int64_t B, int64_t T, int64_t units) {
+  if (dot_rows_override() >= 0) return B <= dot_rows_override();
+  const int64_t vectors = units / Dot::lanes;
+  return kHasDotRows && B == 1 && (vectors >= 16 || (vectors >= 8 && T <= 16));
+}
+
+// C[n, N] += A[n, K] @ w^T through dot_rows, w [N, K] as stored (rows `units` long), split over threads in
+// blocks of weight rows when the product is worth it (as step_gemm splits). A row's sum does not depend on the
+// split.
+template <typename Dot>
+void step_dot(const typename Dot::elem_t* A, int64_t lda, const typename Dot::unit_t* w, int64_t units,
+              typename Dot::acc_t* C, int64_t ldc, int64_t n, int64_t N) {
+  const int64_t blocks = (N + kDotBlock - 1) / kDotBlock;
+  auto run = [&](int64_t b0, int64_t b1) {
+    const int64_t r0 = b0 * kDotBlock, r1 = std::min(N, b1 * kDotBlock);
+    for (int64_t i = 0; i < n; ++i)
+      dot_rows<Dot>(A + i * lda, w + r0 * units, units, units, C + i * ldc + r0, r1 - r0, /*accumulate=*/true);
+  };
+  if (at::get_num_threads() > 1 && n * N * units * Dot::pair >= kParallelStepWork && blocks > 1 &&
+      !at::in_parallel_region()) {
+    at::parallel_for(0, blocks, 1, run);
+  } else {
+    run(0, blocks);
+  }
+}
+
+// One product's left operand (rows A, lda elements apart) and packed right operand.
+template <typename Dot>
+struct StepOperand {
+  const typename Dot::elem_t* A;
+  int64_t lda;
+  const Packed<Dot>* B;
+};
+
+// C[n, N] (+)= A[n, K] @ B, B packed. With `first` (a weight of the same N): C = first.A @ first.B + A @ B, each
+// block of C through both products back to back while it is in cache, in one parallel region (the forward's
+// input and recurrent products of a step: one fork/join a step fewer).
+template <typename Dot>
+void step_gemm(const typename Dot::elem_t* A, int64_t lda, const Packed<Dot>& B, typename Dot::acc_t* C, int64_t ldc,
+               int64_t n, bool accumulate, const StepOperand<Dot>* first = nullptr) {
+  if (n == 0 || B.N == 0) return;
+  TORCH_INTERNAL_ASSERT(first == nullptr || first->B->N == B.N);
+  const int64_t W = Packed<Dot>::W;
+  // Threads split units of one panel x one row block, panel-major: a thread's range is whole panels but for its
+  // ends, so its slice of the weight stays in its cache across steps, and the split is even when the panels do
+  // not divide evenly among threads (25 panels at hidden 200: 13 + 12 before, idling a thread ~4% of the
+  // product; 7 panels of dh at hidden 200: 4 + 3, 14%). Row blocks are the kernel's own, so each row goes
+  // through the same kernel, and sums in the same order, however the rows are split.
+  const int64_t row_blocks = (n + kRowBlock - 1) / kRowBlock;
+  auto run = [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1;) {
+      const int64_t p = u / row_blocks, b0 = u % row_blocks, b1 = std::min(row_blocks, b0 + (u1 - u));
+      const int64_t r0 = b0 * kRowBlock, r1 = std::min(n, b1 * kRowBlock), valid = std::min(W, B.N - p * W);
+      if (first != nullptr)
+        panel_rows<Dot>(first->A + r0 * first->lda, first->lda, first->B->panel(p), first->B->steps,
+                        C + r0 * ldc + p * W, ldc, r1 - r0, valid, /*accumulate=*/false);
+      panel_rows<Dot>(A + r0 * lda, lda, B.panel(p), B.steps, C + r0 * ldc + p * W, ldc, r1 - r0, valid,
+                      accumulate || first != nullptr);
+      u += b1 - b0;
+    }
+  };
+  const int64_t steps = B.steps + (first != nullptr ? first->B->steps : 0);
+  const int64_t work = n * B.N * steps * Dot::pair, units = B.panels * row_blocks;
+  if (at::get_num_threads() > 1 && work >= kParallelStepWork && units > 1 && !at::in_parallel_region()) {
+    at::parallel_for(0, units, 1, run);
+  } else {
+    run(0, units);
+  }
+}
+
+}  // namespace
+}  // namespace fastlstm
