@@ -430,6 +430,21 @@ def _cell_at(x, w_ih, w_hh, b, steps):
     return BACKEND.layer(x[:steps], z, z, w_ih, w_hh, b, None, None, False)[2]
 
 
+def test_build_key_covers_every_source_file(tmp_path):
+    """lstm_cpu.cpp includes the headers: an edit to any of them must give a new cache directory, or a stale
+    library would be loaded."""
+    src = tmp_path / "csrc"
+    shutil.copytree(cpu.source_dir(), src)
+    key = cpu._build_key(src)
+    for name in cpu._SOURCES + cpu._HEADERS:
+        original = (src / name).read_bytes()
+        (src / name).write_bytes(original + b"\n// edited\n")
+        assert cpu._build_key(src) != key, name
+        (src / name).write_bytes(original)
+    assert cpu._build_key(src) == key
+    assert sorted(p.name for p in src.glob("*.[ch]*")) == sorted(cpu._SOURCES + cpu._HEADERS)
+
+
 def test_unsupported_reason():
     call = LayerCall("cpu", torch.float32, 5, 2, 3, 4, 0, True, False, False, True)
     assert BACKEND.unsupported_reason(call) is None
