@@ -620,6 +620,8 @@ _HUGE = str(2**62)
 _KERNEL_PATHS = {
     "mkl-packed-step": ({"FASTLSTM_MKL_MIN_ROWS": "1"}, "MKL packed GEMM from 1 rows"),
     "register-blocked-step": ({"FASTLSTM_MKL_MIN_ROWS": _HUGE}, "MKL packed GEMM never"),
+    "dgemm-step": ({"FASTLSTM_DGEMM_MIN_ROWS": "1"}, "float64 step: dgemm from 1 rows"),
+    "register-blocked-float64-step": ({"FASTLSTM_DGEMM_MIN_ROWS": _HUGE}, "float64 step: dgemm never"),
     "onednn-projection": ({"FASTLSTM_ONEDNN_MIN_MACS": "1"}, "oneDNN matmul from 1 multiply-adds"),
     "blas-projection": ({"FASTLSTM_ONEDNN_MIN_MACS": _HUGE}, "oneDNN matmul never"),
     "onednn-weight-grads": (
@@ -654,15 +656,17 @@ _EXTRA_CASES = {"onednn-weight-grads": [(60, 9, 5, 16, 3, False, True), (60, 9, 
 @pytest.mark.parametrize("path", list(_KERNEL_PATHS))
 def test_kernel_paths(path):
     """The kernels are picked by CPU and size: for float32 the per-step product through MKL's packed GEMM (Intel) or
-    the register-blocked kernel; the input projection and dx through oneDNN's matmul (other CPUs, large
-    products) or BLAS; the weight gradients through oneDNN (Zen 5 on) or BLAS; the time loop as one team of
-    threads (small steps) or split per step; the input projection per step (8+ rows) or up front. Force each
-    through its knob in a subprocess, check `kernel_choices()` says so, and compare with the reference, training
-    and inference, in float32 and float64 (which shares the time loops), so every path is tested whatever CPU
-    runs the suite."""
+    the register-blocked kernel, for float64 through dgemm (16+ rows, not on Zen 5) or that kernel; the input
+    projection and dx through oneDNN's matmul (other CPUs, large products) or BLAS; the weight gradients through
+    oneDNN (Zen 5 on) or BLAS; the time loop as one team of threads (small steps) or split per step; the input
+    projection per step (8+ rows) or up front. Force each through its knob in a subprocess, check
+    `kernel_choices()` says so, and compare with the reference, training and inference, in float32 and float64
+    (which shares the time loops), so every path is tested whatever CPU runs the suite."""
     env_overrides, expected = _KERNEL_PATHS[path]
     if "MKL" in expected and "never" not in expected and not torch.backends.mkl.is_available():
         pytest.skip("this torch carries no MKL")
+    if path == "dgemm-step" and not torch.backends.mkl.is_available():
+        pytest.skip("this torch carries no MKL (its dgemm is what the path calls)")
     if "oneDNN" in expected and "never" not in expected and not torch.backends.mkldnn.is_available():
         pytest.skip("this torch carries no oneDNN")
     if path == "dot-rows" and "vectors of 64 bytes" not in cpu.kernel_choices():

@@ -31,10 +31,14 @@ Tuning knobs (read once per process by the C++ code; for measurements and tests,
     FASTLSTM_MKL_MIN_ROWS   float32 uses MKL's packed GEMM for the per-step product from this batch size on
                             (default: 1 on Intel CPUs, never elsewhere, where MKL measured slow); a huge value
                             forces the register-blocked kernel, which builds without MKL always use.
-    FASTLSTM_DGEMM_MIN_ROWS float64 uses a plain BLAS dgemm per step from this batch size on (default 16).
+    FASTLSTM_DGEMM_MIN_ROWS float64 uses a plain BLAS dgemm per step from this batch size on (default 16; never
+                            on Zen 5).
     FASTLSTM_ONEDNN_MIN_MACS float32 computes the input projection and dx with oneDNN's matmul from this many
                             multiply-adds on (default: 2**22 on CPUs other than Intel's, where it measured
                             faster than MKL's sgemm; never on Intel); else BLAS.
+    FASTLSTM_ONEDNN_WEIGHT_GRADS 1 / 0: float32 weight gradients through oneDNN's matmul (from 2**24
+                            multiply-adds, or FASTLSTM_ONEDNN_MIN_MACS when set) or BLAS (default: oneDNN on
+                            Zen 5, where MKL runs at half its rate; BLAS elsewhere).
     FASTLSTM_TEAM_MAX_MACS  the time loop runs as one team of threads up to this many multiply-adds a step
                             (default 2**20; 0 never); above, each step's product is split over threads.
     FASTLSTM_TEAM_MIN_HIDDEN hidden units each team thread must own (default 24 forward / 20 backward for
