@@ -174,9 +174,10 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       hidden 16-64 (no projection) at batch 1-8 (10 shapes twice: inference 1.06-1.85x, training 1.10-1.72x;
       the `-bfloat16-f32math-*` JSONs).
     - Zen 5 (AMD EPYC, family 0x1A, AVX-512 on full-width units), every class above measured again once at
-      ad9520d (benchmarks/results/cpu-amd-epyc-zen5-2core*): the classes given to cpp won (float64 1.08-11.05x;
-      float32 batch 1-4 1.14-3.29x, hidden <= 64 1.11-2.81x, projection 1.88-19.8x, packed 1.18-10.7x, one
-      step 1.07-6.21x, 10 steps at batch 8-16 1.00-2.29x; bfloat16 as above) but one bfloat16 training shape,
+      ad9520d (benchmarks/results/cpu-amd-epyc-zen5-2core*): the classes given to cpp won (float64 1.08-11.05x,
+      1.42x and up at 8dfb771; float32 batch 1-4 1.14-3.29x, hidden <= 64 1.11-2.81x, projection 1.88-19.8x,
+      packed 1.18-10.7x, one step 1.07-6.21x, 10 steps at batch 8-16 1.00-2.29x; bfloat16 as above) but one
+      bfloat16 training shape,
       B16-T500-H128 (0.84x in the grid, 0.93x and 0.98x alone: its calls alternate between two speeds); float32
       beyond batch 4 measured inference 1.00-1.20x, training 0.89-1.58x: close to even, so native.
     """
