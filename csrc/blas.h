@@ -1,13 +1,11 @@
-// fastlstm C++ CPU backend: the products that libraries serve (BLAS, MKL's packed GEMM, oneDNN's matmul).
+// fastlstm C++ CPU backend: the products that libraries serve: BLAS (and MKL's packed GEMM), and oneDNN's matmul.
 #pragma once
 
+#include "cpu_id.h"
 #include "memory.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <cpuid.h>
-#endif
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -93,27 +91,6 @@ constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCbl
 // MKL picks its fast kernels on Intel CPUs only. Measured on a 2-core AMD EPYC (Zen 4), float32 inference over
 // `bench --grid cpu-full`: with MKL's packed GEMM per step, geomean 0.73x of nn.LSTM (min 0.44x); with the
 // register-blocked kernel, 0.93x (min 0.80x). So MKL's packed path is the default on Intel only.
-inline bool cpu_is_intel() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return __builtin_cpu_is("intel");
-#else
-  return false;
-#endif
-}
-// AMD's CPU family (0x19 Zen 3/4, 0x1A Zen 5), or 0 on other vendors and architectures.
-inline int amd_family() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (!__builtin_cpu_is("amd")) return 0;
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return 0;
-  const unsigned base = (eax >> 8) & 0xf;
-  return static_cast<int>(base == 0xf ? base + ((eax >> 20) & 0xff) : base);
-#else
-  return 0;
-#endif
-}
 inline int64_t mkl_min_rows() {
   static const int64_t v = std::getenv("FASTLSTM_MKL_MIN_ROWS") ? std::atoll(std::getenv("FASTLSTM_MKL_MIN_ROWS"))
                            : cpu_is_intel()                     ? 1
@@ -147,15 +124,10 @@ struct MklPacked {
 };
 
 // Where the plain BLAS call (which re-packs the weight every step) beats the register-blocked kernel: float32
-// takes MKL's packed path instead whenever available. float64 from 16 rows, measured on Zen 4; never on Zen 5
-// (AMD family 0x1A on), where MKL's generic dgemm runs at half the rate of the register-blocked kernel's full-width
-// AVX-512: batch 16-64, 7 grid shapes twice, the kernel took float64 inference from 1.06-1.63x of nn.LSTM to
-// 1.80-2.96x, training from 1.04-1.69x to 1.41-2.28x. FASTLSTM_DGEMM_MIN_ROWS overrides.
+// takes MKL's packed path instead whenever available.
 inline int64_t dgemm_min_rows() {
-  static const int64_t v = std::getenv("FASTLSTM_DGEMM_MIN_ROWS")
-                               ? std::atoll(std::getenv("FASTLSTM_DGEMM_MIN_ROWS"))
-                           : amd_family() >= 0x1A ? std::numeric_limits<int64_t>::max()
-                                                  : 16;
+  static const int64_t v =
+      std::getenv("FASTLSTM_DGEMM_MIN_ROWS") ? std::atoll(std::getenv("FASTLSTM_DGEMM_MIN_ROWS")) : 16;
   return v;
 }
 template <typename scalar_t>

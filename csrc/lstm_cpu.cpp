@@ -30,14 +30,6 @@
 //     gates stay float. Elsewhere bfloat16, and float16 everywhere, compute in float32 end to end (fp32 c) and are
 //     rounded at the boundary.
 // Saved for backward: activated gates [T, B, 4H] and the cell history [T, B, H] (plus the output y).
-//
-// This file holds the layer (argument checks, the forward and backward time loops) and the ops. Its parts:
-//   simd.h          vector types, the kernels' multiply-adds (float FMA, bfloat16 pairs), the register transpose
-//   memory.h        memory kept between calls (packed weights, scratch) and release_memory()
-//   step_product.h  one step's product: the packed weight, the register-blocked kernel, dot products
-//   cell.h          the pointwise cell, forward and backward
-//   team.h          the team loop's spin barrier and thresholds
-//   blas.h          the products libraries serve: BLAS, MKL's packed GEMM, oneDNN's matmul
 
 #include <torch/library.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -333,12 +325,12 @@ std::string kernel_choices() {
          (use_bf16_dot() ? "bf16 dot products (AVX512-BF16), h rounded to bf16 each step"
                          : "float32 math, rounded at the end") +
          "; time loop: one team of threads " +
-         (team_max_macs() <= 0 ? std::string("never")
-                               : "up to " + std::to_string(team_max_macs()) + " multiply-adds a step, " +
-                                     std::to_string(team_min_hidden<float>(false)) +
-                                     "+ hidden units a thread (float32 backward " +
-                                     std::to_string(team_min_hidden<float>(true)) + "+, float64 " +
-                                     std::to_string(team_min_hidden<double>(false)) + "+)") +
+         (team_max_macs(false) <= 0
+              ? std::string("never")
+              : "up to " + std::to_string(team_max_macs(false)) + " multiply-adds a step (backward " +
+                    std::to_string(team_max_macs(true)) + "), " + std::to_string(team_min_hidden<float>(false)) +
+                    "+ hidden units a thread (float32 backward " + std::to_string(team_min_hidden<float>(true)) +
+                    "+, float64 " + std::to_string(team_min_hidden<double>(false)) + "+)") +
          " (no projection), else per-step parallel; input projection: per step " + from(fuse_min_rows(), "rows") +
          " (register-blocked steps), else one GEMM up front; recurrent product (forward): " +
          (dot_rows_override() > 0   ? "dot products over w_hh as stored up to " + std::to_string(dot_rows_override()) +

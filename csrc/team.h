@@ -2,8 +2,6 @@
 // hidden units.
 #pragma once
 
-#include "simd.h"
-
 #include <ATen/Parallel.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -63,11 +61,18 @@ class SpinBarrier {
 };
 
 // Per-step multiply-adds up to which the team loop runs (above, the per-step path splits the product more
-// evenly: it balances 4H/W panels instead of H/W). FASTLSTM_TEAM_MAX_MACS overrides; 0 disables.
-inline int64_t team_max_macs() {
-  static const int64_t v =
-      std::getenv("FASTLSTM_TEAM_MAX_MACS") ? std::atoll(std::getenv("FASTLSTM_TEAM_MAX_MACS")) : int64_t(1) << 20;
-  return v;
+// evenly: it balances 4H/W panels instead of H/W): 2^20, measured on Zen 4. On Zen 5 (AMD family 0x1A on),
+// whose products take half the time, the per-step path's two fork/joins a step weigh more, and the forward
+// pays as a team up to 2^23: float32 inference, 9 shapes of batch 1-64 alternating 2^20 / 2^23 / 2^26 twice,
+// gained where the threshold moved (B2-T200-H384 1.67x -> 1.70x of nn.LSTM, B8-T100-H256 1.06x -> 1.15x,
+// B8-T35-H384-bi 1.11x -> 1.26x, B16-T100-H256 1.01x -> 1.04x, B32-T100-H256 0.98x -> 1.00x); 2^26 lost
+// B64-T35-H200 (1.09x -> 0.89x: 200 units split 112 + 88). The backward, at 2^23, was mixed (0.95-1.64x
+// against 0.96-1.40x), so it keeps 2^20. FASTLSTM_TEAM_MAX_MACS overrides both; 0 disables.
+inline int64_t team_max_macs(bool backward) {
+  static const char* env = std::getenv("FASTLSTM_TEAM_MAX_MACS");
+  if (env != nullptr) return std::atoll(env);
+  static const int64_t forward = amd_family() >= 0x1A ? int64_t(1) << 23 : int64_t(1) << 20;
+  return backward ? int64_t(1) << 20 : forward;
 }
 
 // Hidden units each team thread must own for the team to pay: below, a thread's slice is a vector or two and
@@ -88,7 +93,7 @@ inline int64_t team_min_hidden(bool backward) {
 // Threads of the team loop: 1 means the per-step path instead.
 template <typename scalar_t>
 inline int team_threads(int64_t B, int64_t H, int64_t P, bool proj, bool backward) {
-  if (proj || at::in_parallel_region() || B * 4 * H * P > team_max_macs()) return 1;
+  if (proj || at::in_parallel_region() || B * 4 * H * P > team_max_macs(backward)) return 1;
   return static_cast<int>(std::min<int64_t>(at::get_num_threads(), H / team_min_hidden<scalar_t>(backward)));
 }
 

@@ -631,7 +631,7 @@ _KERNEL_PATHS = {
     "blas-weight-grads": ({"FASTLSTM_ONEDNN_WEIGHT_GRADS": "0"}, "float32 weight gradients: BLAS"),
     "team-loop": (
         {"FASTLSTM_TEAM_MAX_MACS": _HUGE, "FASTLSTM_TEAM_MIN_HIDDEN": "1"},
-        f"team of threads up to {_HUGE} multiply-adds a step, 1+ hidden units a thread",
+        f"team of threads up to {_HUGE} multiply-adds a step (backward {_HUGE}), 1+ hidden units a thread",
     ),
     "per-step-loop": ({"FASTLSTM_TEAM_MAX_MACS": "0"}, "team of threads never"),
     "projection-per-step": ({"FASTLSTM_FUSE_MIN_ROWS": "1"}, "input projection: per step from 1 rows"),

@@ -40,7 +40,8 @@ Tuning knobs (read once per process by the C++ code; for measurements and tests,
                             multiply-adds, or FASTLSTM_ONEDNN_MIN_MACS when set) or BLAS (default: oneDNN on
                             Zen 5, where MKL runs at half its rate; BLAS elsewhere).
     FASTLSTM_TEAM_MAX_MACS  the time loop runs as one team of threads up to this many multiply-adds a step
-                            (default 2**20; 0 never); above, each step's product is split over threads.
+                            (default 2**20; forward 2**23 on Zen 5; 0 never); above, each step's product is
+                            split over threads.
     FASTLSTM_TEAM_MIN_HIDDEN hidden units each team thread must own (default 24 forward / 20 backward for
                             float32, 16 for float64); fewer threads, or one, below that.
     FASTLSTM_FUSE_MIN_ROWS  the input projection runs per step beside the recurrent product from this batch
@@ -71,7 +72,7 @@ from torch import Tensor
 from fastlstm.backends import Backend, LayerCall, LayerResult, constant_under_compile
 
 _SOURCES = ("lstm_cpu.cpp",)  # compiled; it includes the headers, which the build key covers too
-_HEADERS = ("blas.h", "cell.h", "memory.h", "simd.h", "step_product.h", "team.h")
+_HEADERS = ("blas.h", "cell.h", "cpu_id.h", "memory.h", "simd.h", "step_product.h", "team.h")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
