@@ -30,6 +30,15 @@
 //     gates stay float. Elsewhere bfloat16, and float16 everywhere, compute in float32 end to end (fp32 c) and are
 //     rounded at the boundary.
 // Saved for backward: activated gates [T, B, 4H] and the cell history [T, B, H] (plus the output y).
+//
+// This file holds the layer (argument checks, the forward and backward time loops) and the ops. Its parts:
+//   simd.h          vector types, the kernels' multiply-adds (float FMA, bfloat16 pairs), the register transpose
+//   memory.h        memory kept between calls (packed weights, scratch) and release_memory()
+//   step_product.h  one step's product: the packed weight, the register-blocked kernel, dot products
+//   cell.h          the pointwise cell, forward and backward
+//   team.h          the team loop's spin barrier and thresholds
+//   cpu_id.h        which CPU this is (Intel, AMD's family), for choices measured to differ between CPUs
+//   blas.h          the products libraries serve: BLAS, MKL's packed GEMM, oneDNN's matmul
 
 #include <torch/library.h>
 #include <torch/csrc/autograd/autograd.h>

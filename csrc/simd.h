@@ -13,13 +13,6 @@
 namespace fastlstm {
 namespace {
 
-// ---------------------------------------------------------------------------------------------------------
-// The per-step product C[n, N] (+)= A[n, K] @ Bm[K, N], Bm row-major and contiguous (the weight, laid out once
-// per call). A register-blocked kernel in GCC/Clang vector extensions: a block of RB rows x 2 vectors of
-// columns lives in registers while k runs; columns are the outer loop (and the split between threads) so a
-// thread's slice of the weight stays in its cache across all row blocks and all time steps. No allocation,
-// no dispatcher: this is what runs T times.
-
 // Every vector is one of the machine's registers: 64 bytes with AVX-512, 32 with AVX2, 16 elsewhere (SSE,
 // NEON). GCC lowers a wider vector-extension type through the stack: an AVX2 build with 64-byte vectors ran the
 // per-step kernel ~20x slower than this (B1-T100-H128: 5.5 ms, nn.LSTM on AVX2 0.4 ms).

@@ -17,6 +17,13 @@
 namespace fastlstm {
 namespace {
 
+// ---------------------------------------------------------------------------------------------------------
+// The per-step product C[n, N] (+)= A[n, K] @ Bm[K, N], Bm row-major and contiguous (the weight, laid out once
+// per call). A register-blocked kernel in GCC/Clang vector extensions: a block of RB rows x 2 vectors of
+// columns lives in registers while k runs; columns are the outer loop (and the split between threads) so a
+// thread's slice of the weight stays in its cache across all row blocks and all time steps. No allocation,
+// no dispatcher: this is what runs T times.
+
 // A weight B [K, N] packed in panels of kPanel vectors of columns: panel p holds columns [p*W, p*W+W) as a
 // contiguous [steps, W] block of units (zero padded past N), so the micro-kernel reads it sequentially. A unit
 // is what one kernel step takes of one column: one element (FmaDot) or a pair of k (Bf16Dot, a 32-bit word).

@@ -2,6 +2,9 @@
 // hidden units.
 #pragma once
 
+#include "cpu_id.h"
+#include "simd.h"
+
 #include <ATen/Parallel.h>
 #ifdef _OPENMP
 #include <omp.h>
