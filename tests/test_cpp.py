@@ -653,6 +653,39 @@ _KERNEL_PATHS = {
 _EXTRA_CASES = {"onednn-weight-grads": [(60, 9, 5, 16, 3, False, True), (60, 9, 5, 16, 0, True, True)]}
 
 
+def _amd_family() -> int:
+    """AMD's CPU family from /proc/cpuinfo (0 on other CPUs, or where there is no /proc/cpuinfo)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return 0
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return int(fields.get("cpu family", "0")) if fields.get("vendor_id") == "AuthenticAMD" else 0
+
+
+def test_default_kernel_choices_follow_the_cpu(monkeypatch):
+    """The choices measured to differ on Zen 5 (AMD family 0x1A on) hold there by default and nowhere else: float32
+    weight gradients through oneDNN, float64 steps never through dgemm, the forward as a team up to 2^23
+    multiply-adds a step. (Forcing each path, test_kernel_paths, cannot tell whether the defaults survived.)"""
+    for knob in ("WEIGHT_GRADS", "MIN_MACS", "DGEMM_MIN_ROWS", "TEAM_MAX_MACS", "MKL_MIN_ROWS"):
+        for name in [n for n in os.environ if n.startswith("FASTLSTM_") and n.endswith(knob)]:
+            monkeypatch.delenv(name)
+    result = run_python("-c", "from fastlstm.backends import cpu; print(cpu.kernel_choices())")
+    assert result.returncode == 0, result.stderr
+    choices = result.stdout
+    if _amd_family() >= 0x1A:
+        expected = ["float64 step: dgemm never", "multiply-adds a step (backward 1048576)", "up to 8388608"]
+        if torch.backends.mkldnn.is_available():
+            expected.append("float32 weight gradients: oneDNN matmul from 16777216 multiply-adds")
+    else:
+        expected = ["float32 weight gradients: BLAS", "up to 1048576 multiply-adds a step (backward 1048576)"]
+        if torch.backends.mkl.is_available():
+            expected.append("float64 step: dgemm from 16 rows")
+    for part in expected:
+        assert part in choices, (part, choices)
+
+
 @pytest.mark.parametrize("path", list(_KERNEL_PATHS))
 def test_kernel_paths(path):
     """The kernels are picked by CPU and size: for float32 the per-step product through MKL's packed GEMM (Intel) or
