@@ -26,14 +26,22 @@ def _default_device() -> str:
 
 
 def _cpu_name() -> str:
+    """The CPU's model name, with its family and model numbers where /proc/cpuinfo has them: a virtual machine
+    may name two generations alike ("AMD EPYC" for Zen 4 and Zen 5), whose kernel choices differ."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 _ISA_VARIABLES = (
@@ -68,6 +76,14 @@ def machine_header(device: str) -> dict[str, str]:
     knobs = [f"{name}={os.environ[name]}" for name in _ISA_VARIABLES if os.environ.get(name)]
     if knobs:
         info["isa env"] = " ".join(knobs)
+    # The C++ backend's tuning knobs (fastlstm/backends/cpu.py), which A/B runs set.
+    tuning = sorted(
+        f"{name}={value}"
+        for name, value in os.environ.items()
+        if name.startswith("FASTLSTM_") and name not in _ISA_VARIABLES and name != "FASTLSTM_CACHE_DIR" and value
+    )
+    if tuning:
+        info["knobs"] = " ".join(tuning)
     return info
 
 

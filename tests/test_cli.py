@@ -94,6 +94,21 @@ def test_bench_prints_a_speedup_table_and_json(tmp_path):
     assert all(r["median_ms"] > 0 and r["speedup"] > 0 for r in data["results"])
 
 
+def test_bench_records_the_cpu_generation_and_the_tuning_knobs(tmp_path):
+    """A virtual machine may name two CPU generations alike ("AMD EPYC"), and an A/B run differs only in a knob:
+    the JSON says both."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, FASTLSTM_TEAM_MAX_MACS="12345")
+    args = ("-m", "fastlstm", "bench", "--shape", "1,2,3,4", "--repeats", "1", "--mode", "inference")
+    done = run_python(*args, "--backend", "reference", "--json", str(out), env=env)
+    assert done.returncode == 0, done.stderr
+    machine = json.loads(out.read_text())["machine"]
+    assert "FASTLSTM_TEAM_MAX_MACS=12345" in machine["knobs"].split()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "cpu family" in cpuinfo.read_text():
+        assert "(family " in machine["device"] and ", model " in machine["device"], machine["device"]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
