@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -236,8 +237,12 @@ inline bool onednn_weight_grads() {
 // (strided: 0.57 ms in all; at 400 rows the two ran even).
 constexpr int64_t kWeightGradTransposeRows = 512;
 
+// Multiply-adds from which oneDNN serves a weight gradient: FASTLSTM_ONEDNN_MIN_MACS when set, else 2^24 (and
+// never below the floor every oneDNN product keeps).
 inline int64_t weight_grad_min_macs() {
-  static const int64_t v = std::getenv("FASTLSTM_ONEDNN_MIN_MACS") ? onednn_min_macs() : int64_t(1) << 24;
+  static const int64_t v = std::getenv("FASTLSTM_ONEDNN_MIN_MACS")
+                               ? onednn_min_macs()
+                               : std::max(onednn_min_macs(), int64_t(1) << 24);
   return v;
 }
 

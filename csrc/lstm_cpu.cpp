@@ -327,8 +327,7 @@ std::string kernel_choices() {
               "multiply-adds") +
          ", else BLAS; float32 weight gradients: " +
          (onednn_weight_grads() && onednn_linear_op().has_value()
-              ? "oneDNN matmul " + from(std::max(onednn_min_macs(), weight_grad_min_macs()), "multiply-adds") +
-                    ", else BLAS"
+              ? "oneDNN matmul " + from(weight_grad_min_macs(), "multiply-adds") + ", else BLAS"
               : std::string("BLAS")) +
          "; bfloat16 forward: " +
          (use_bf16_dot() ? "bf16 dot products (AVX512-BF16), h rounded to bf16 each step"
