@@ -3,6 +3,7 @@
 
 #include "cpu_id.h"
 #include "memory.h"
+#include "simd.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -230,13 +231,6 @@ inline bool onednn_weight_grads() {
   return v;
 }
 
-// out[M, N] = A[R, M]^T @ X[R, N], A and X with unit column stride. When oneDNN serves it, its result replaces
-// `out` (as in linear_nt). From 512 rows on, oneDNN computes out^T = X^T @ A and the result is transposed: it
-// ran 1.2-1.8x faster than dG^T @ X read strided at 800-6400 rows (Zen 5, the shapes above), even with the
-// copy. Below, the copy does not pay: at 100 rows, [2048 x 512], the product took 0.52 ms and the copy 0.55
-// (strided: 0.57 ms in all; at 400 rows the two ran even).
-constexpr int64_t kWeightGradTransposeRows = 512;
-
 // Multiply-adds from which oneDNN serves a weight gradient: FASTLSTM_ONEDNN_MIN_MACS when set, else 2^24 (and
 // never below the floor every oneDNN product keeps).
 inline int64_t weight_grad_min_macs() {
@@ -246,15 +240,35 @@ inline int64_t weight_grad_min_macs() {
   return v;
 }
 
+// out[M, N] = A[R, M]^T @ X[R, N], A and X with unit column stride. When oneDNN serves it, its result replaces
+// `out` (as in linear_nt). oneDNN wants its source contiguous and makes a strided one so with a copy as slow as
+// at::copy_ of a transposed view (~5 GB/s), so the transposing copies are made here, by transpose_matrix, in
+// whichever of two forms copies fewer elements: A^T as the source with X read strided as the weight (R * M
+// elements), or out^T = X^T @ A, X^T as the source and the result transposed back (R * N + M * N). Both ran
+// the product itself at 470-500 GFLOP/s (Zen 5, [2048 x 100] @ [100 x 512], [1024 x 800] @ [800 x 256],
+// [1536 x 200] @ [200 x 384]), against 350-400 with oneDNN's own copy and ~205 for MKL.
 template <typename scalar_t>
 void weight_grad(const Tensor& A, const Tensor& X, Tensor& out) {
-  const int64_t rows = A.size(0), macs = rows * A.size(1) * X.size(1);
-  if (onednn_weight_grads() && onednn_serves<scalar_t>(macs) && macs >= weight_grad_min_macs()) {
-    out = rows >= kWeightGradTransposeRows ? onednn_linear(X.t(), A.t()).t().contiguous()
-                                           : onednn_linear(A.t(), X.t());
+  const int64_t R = A.size(0), M = A.size(1), N = X.size(1), macs = R * M * N;
+  if (!(onednn_weight_grads() && onednn_serves<scalar_t>(macs) && macs >= weight_grad_min_macs())) {
+    at::mm_out(out, A.t(), X);
     return;
   }
-  at::mm_out(out, A.t(), X);
+  const bool source_a = R * M <= R * N + M * N;
+  // The copy lives in kept memory: a fresh one of megabytes faults its pages in every call (at batch 64, hidden
+  // 200, 35 steps, two 7 MB copies of A^T that way doubled the backward).
+  PoolBuffer<scalar_t> copy;
+  if (source_a) {
+    const Tensor At = at::from_blob(copy.reset(M * R), {M, R}, A.options());
+    transpose_matrix(A.data_ptr<scalar_t>(), R, M, A.stride(0), At.data_ptr<scalar_t>(), R);
+    out = onednn_linear(At, X.t());
+    return;
+  }
+  const Tensor Xt = at::from_blob(copy.reset(N * R), {N, R}, X.options());
+  transpose_matrix(X.data_ptr<scalar_t>(), R, N, X.stride(0), Xt.data_ptr<scalar_t>(), R);
+  const Tensor out_t = onednn_linear(Xt, A.t());  // [N, M]
+  if (!(out.is_contiguous() && out.size(0) == M && out.size(1) == N)) out = at::empty({M, N}, X.options());
+  transpose_matrix(out_t.data_ptr<scalar_t>(), N, M, M, out.data_ptr<scalar_t>(), N);
 }
 
 }  // namespace

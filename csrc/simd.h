@@ -3,9 +3,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <type_traits>
@@ -143,6 +145,28 @@ inline void transpose_block(const unit_t* src, int64_t lds, unit_t* dst, int64_t
 #endif
   for (int i = 0; i < L; ++i)
     for (int j = 0; j < L; ++j) dst[j * ldd + i] = src[i * lds + j];
+}
+
+// dst[j * ldd + i] = src[i * lds + j] for a whole [rows, cols] matrix, in transpose_block's squares, parallel over
+// column strips. at::copy_ of a transposed view ran ~5 GB/s here (a [1024, 256] float32 weight gradient: 190 us,
+// Zen 5), as long as a fifth of the product it followed.
+template <typename unit_t>
+void transpose_matrix(const unit_t* src, int64_t rows, int64_t cols, int64_t lds, unit_t* dst, int64_t ldd) {
+  constexpr int64_t L = 64 / sizeof(unit_t);
+  const int64_t strips = (cols + L - 1) / L;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, rows * L));
+  at::parallel_for(0, strips, grain, [&](int64_t s0, int64_t s1) {
+    const int64_t c0 = s0 * L, c1 = std::min(cols, s1 * L);
+    int64_t i = 0;
+    for (; i + L <= rows; i += L) {
+      int64_t j = c0;
+      for (; j + L <= c1; j += L) transpose_block(src + i * lds + j, lds, dst + j * ldd + i, ldd);
+      for (; j < c1; ++j)
+        for (int64_t r = i; r < i + L; ++r) dst[j * ldd + r] = src[r * lds + j];
+    }
+    for (; i < rows; ++i)
+      for (int64_t j = c0; j < c1; ++j) dst[j * ldd + i] = src[i * lds + j];
+  });
 }
 
 }  // namespace

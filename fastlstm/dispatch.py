@@ -105,6 +105,14 @@ def _cpp_bf16_dot() -> bool:
     return cpu.uses_bf16_dot()
 
 
+@backends.constant_under_compile
+def _cpp_onednn_weight_grads() -> bool:
+    """Whether the cpp build takes float32 weight gradients through oneDNN (see fastlstm.backends.cpu)."""
+    from fastlstm.backends import cpu
+
+    return cpu.uses_onednn_weight_grads()
+
+
 def _cpp_slower_reason(call: LayerCall) -> str | None:
     """The measured CPU rule: cpp where it beat nn.LSTM on every measured shape of its class, native elsewhere.
 
@@ -180,6 +188,14 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       bfloat16 training shape,
       B16-T500-H128 (0.84x in the grid, 0.93x and 0.98x alone: its calls alternate between two speeds); float32
       beyond batch 4 measured inference 1.00-1.20x, training 0.89-1.58x: close to even, so native.
+      Float32 training beyond batch 4 changed once the weight gradients' transposing copies were made by the
+      backend (weight_grad in csrc/blas.h; before, oneDNN's and at::copy_'s took up to 60% as long as the
+      products): the grid's 9 such shapes three times 1.05-1.81x (`-float32-at-<commit>-run*.json`), `--grid
+      cpu-short` training at batch 8-64 once 0.98-3.51x, 12 more shapes (batch 6-256, hidden 96-1024, 1-3
+      layers, 20-300 steps) twice 0.97-1.35x (`-float32-training-beyond-batch4-run*.json`). So float32 training
+      goes to cpp at any batch where the build takes its weight gradients through oneDNN
+      (cpu.uses_onednn_weight_grads(): AMD family 0x1A on, by default). Inference beyond batch 4 stayed close to
+      even (0.98-1.13x): native.
     """
     if call.dtype == torch.float64:
         return None
@@ -190,9 +206,11 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             return None
         if _short_sequence(call):
             return None
+        if call.needs_grad and _cpp_onednn_weight_grads():
+            return None
         return (
-            "float32 beyond batch 4 (16 at hidden <= 64 or at most 10 steps; any batch for one step): "
-            "oneDNN measured as fast or faster"
+            "float32 beyond batch 4 (16 at hidden <= 64 or at most 10 steps; any batch for one step; training "
+            "where the cpp build takes its weight gradients through oneDNN): oneDNN measured as fast or faster"
         )
     if call.dtype == torch.bfloat16:
         return _cpp_bf16_slower_reason(call)

@@ -649,8 +649,16 @@ _KERNEL_PATHS = {
 }
 
 
-# Weight gradients over 512+ rows (T * B) take oneDNN's other form (the transposed product): cover both.
-_EXTRA_CASES = {"onednn-weight-grads": [(60, 9, 5, 16, 3, False, True), (60, 9, 5, 16, 0, True, True)]}
+# oneDNN's weight gradients copy dG^T (few rows) or X^T and the result (many rows) through a blocked transpose:
+# cover both forms, with sizes that leave partial 16 x 16 blocks on both sides.
+_EXTRA_CASES = {
+    "onednn-weight-grads": [
+        (60, 9, 5, 16, 3, False, True),
+        (60, 9, 5, 16, 0, True, True),
+        (60, 9, 37, 20, 0, False, False),
+        (4, 5, 40, 17, 0, False, False),
+    ]
+}
 
 
 def _amd_family() -> int:
@@ -771,6 +779,7 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     from fastlstm import dispatch
 
     assert _auto_backends(torch.float64, 8) == ["cpp"] * 4
+    monkeypatch.setattr(dispatch, "_cpp_onednn_weight_grads", lambda: False)  # weight gradients through BLAS
     assert _auto_backends(torch.float32, 1) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 4) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 5) == ["native"] * 4
@@ -785,6 +794,10 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 16, seq_len=10, train=True) == ["cpp"] * 4  # up to 10 at batch <= 16
     assert _auto_backends(torch.float32, 16, seq_len=11) == ["native"] * 4
     assert _auto_backends(torch.float32, 17, seq_len=10) == ["native"] * 4
+    monkeypatch.setattr(dispatch, "_cpp_onednn_weight_grads", lambda: True)  # through oneDNN (Zen 5 by default)
+    assert _auto_backends(torch.float32, 64, train=True) == ["cpp"] * 4  # training at any batch
+    assert _auto_backends(torch.float32, 64, train=True, hidden=512) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 64) == ["native"] * 4  # inference as before
     monkeypatch.setattr(dispatch, "_cpu_has_fp16_units", lambda: False)  # nn.LSTM runs ATen's float16 loop
     assert _auto_backends(torch.float16, 64) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_cpu_has_fp16_units", lambda: True)  # oneDNN's float16 LSTM (inference only)
@@ -821,6 +834,21 @@ def test_auto_knows_which_bfloat16_path_the_build_takes():
     from fastlstm import dispatch
 
     assert dispatch._cpp_bf16_dot() == ("bf16 dot products" in cpu.kernel_choices())
+
+
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_auto_knows_where_the_build_takes_weight_gradients(setting):
+    """The float32 training rule asks the build whether its weight gradients go through oneDNN (its Zen 5
+    measurements depend on it), and the build answers as its knob says."""
+    code = (
+        "import torch; from fastlstm import dispatch; from fastlstm.backends import cpu\n"
+        f"expected = torch.backends.mkldnn.is_available() and {setting!r} == '1'\n"
+        "assert dispatch._cpp_onednn_weight_grads() == expected, cpu.kernel_choices()\n"
+        "assert ('weight gradients: oneDNN' in cpu.kernel_choices()) == expected, cpu.kernel_choices()\n"
+        "print('OK')"
+    )
+    proc = run_python("-c", code, env=dict(os.environ, FASTLSTM_ONEDNN_WEIGHT_GRADS=setting))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

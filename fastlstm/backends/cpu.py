@@ -343,6 +343,14 @@ def uses_bf16_dot() -> bool:
     return _ensure() is None and bool(torch.ops.fastlstm.cpp_bf16_dot())
 
 
+@constant_under_compile
+def uses_onednn_weight_grads() -> bool:
+    """Whether float32 weight gradients run through oneDNN's matmul (by default on AMD family 0x1A, Zen 5, and
+    later; FASTLSTM_ONEDNN_WEIGHT_GRADS overrides) rather than BLAS; False when the extension is unavailable.
+    Builds if not yet tried."""
+    return _ensure() is None and bool(torch.ops.fastlstm.cpp_onednn_weight_grads())
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The ops' schemas and fake kernels, defined at import whether or not the library is built: a program saved by
 # torch.export names the ops, and loads only where their schemas exist. Until the library loads, each op has a
