@@ -190,8 +190,8 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       beyond batch 4 measured inference 1.00-1.20x, training 0.89-1.58x: close to even, so native.
       Float32 training beyond batch 4 changed once the weight gradients' transposing copies were made by the
       backend (weight_grad in csrc/blas.h; before, oneDNN's and at::copy_'s took up to 60% as long as the
-      products): the grid's 9 such shapes three times 1.05-1.81x (`-float32-at-<commit>-run*.json`), `--grid
-      cpu-short` training at batch 8-64 once 0.98-3.51x, 12 more shapes (batch 6-256, hidden 96-1024, 1-3
+      products): the grid's 9 such shapes three times 1.05-1.81x (`-float32-at-ad5aac7-run*.json`), `--grid
+      cpu-short` training at batch 8-64 once 0.98-4.50x, 12 more shapes (batch 6-256, hidden 96-1024, 1-3
       layers, 20-300 steps) twice 0.97-1.35x (`-float32-training-beyond-batch4-run*.json`). So float32 training
       goes to cpp at any batch where the build takes its weight gradients through oneDNN
       (cpu.uses_onednn_weight_grads(): AMD family 0x1A on, by default). Inference beyond batch 4 stayed close to
