@@ -330,7 +330,8 @@ std::string kernel_choices() {
          from(onednn_linear_op().has_value() ? onednn_min_macs() : std::numeric_limits<int64_t>::max(),
               "multiply-adds") +
          ", else BLAS; float32 weight gradients: " +
-         (uses_onednn_weight_grads() ? "oneDNN matmul " + from(weight_grad_min_macs(), "multiply-adds") + ", else BLAS"
+         (uses_onednn_weight_grads()
+              ? "oneDNN matmul " + from(weight_grad_min_macs(), "multiply-adds") + ", else BLAS"
               : std::string("BLAS")) +
          "; bfloat16 forward: " +
          (use_bf16_dot() ? "bf16 dot products (AVX512-BF16), h rounded to bf16 each step"

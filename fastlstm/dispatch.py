@@ -189,8 +189,8 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       B16-T500-H128 (0.84x in the grid, 0.93x and 0.98x alone: its calls alternate between two speeds); float32
       beyond batch 4 measured inference 1.00-1.20x, training 0.89-1.58x: close to even, so native.
       Float32 training beyond batch 4 changed once the weight gradients' transposing copies were made by the
-      backend (weight_grad in csrc/blas.h; before, oneDNN's and at::copy_'s took up to 60% as long as the
-      products): the grid's 9 such shapes three times 1.05-1.81x (`-float32-at-ad5aac7-run*.json`), `--grid
+      backend (weight_grad in csrc/blas.h; before, oneDNN's and at::copy_'s took 0.63 ms of a 6.9 ms training
+      step at B8-T100-H256): the grid's 9 such shapes three times 1.05-1.81x (`-float32-at-ad5aac7-run*.json`), `--grid
       cpu-short` training at batch 8-64 once 0.98-4.50x, 12 more shapes (batch 6-256, hidden 96-1024, 1-3
       layers, 20-300 steps) twice 0.97-1.35x (`-float32-training-beyond-batch4-run*.json`). So float32 training
       goes to cpp at any batch where the build takes its weight gradients through oneDNN
