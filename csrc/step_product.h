@@ -239,21 +239,27 @@ inline void dot_block(const typename Dot::unit_t* h, const typename Dot::unit_t*
   }
 }
 
+// `descending`: the same sums, the rows visited last first (see forward_team).
 template <typename Dot>
 inline void dot_rows(const typename Dot::elem_t* h, const typename Dot::unit_t* w, int64_t ldw, int64_t units,
-                     typename Dot::acc_t* out, int64_t rows, bool accumulate) {
+                     typename Dot::acc_t* out, int64_t rows, bool accumulate, bool descending = false) {
   const auto* hu = reinterpret_cast<const typename Dot::unit_t*>(h);
   constexpr int R = kDotBlock;
-  int64_t r = 0;
-  for (; r + R <= rows; r += R) dot_block<Dot, R>(hu, w + r * ldw, ldw, units, out + r, accumulate);
-  for (; r < rows; ++r) dot_block<Dot, 1>(hu, w + r * ldw, ldw, units, out + r, accumulate);
+  const int64_t whole = rows / R * R;
+  if (descending) {
+    for (int64_t r = rows - 1; r >= whole; --r) dot_block<Dot, 1>(hu, w + r * ldw, ldw, units, out + r, accumulate);
+    for (int64_t r = whole - R; r >= 0; r -= R) dot_block<Dot, R>(hu, w + r * ldw, ldw, units, out + r, accumulate);
+    return;
+  }
+  for (int64_t r = 0; r < whole; r += R) dot_block<Dot, R>(hu, w + r * ldw, ldw, units, out + r, accumulate);
+  for (int64_t r = whole; r < rows; ++r) dot_block<Dot, 1>(hu, w + r * ldw, ldw, units, out + r, accumulate);
 }
 #else
 constexpr bool kHasDotRows = false;
 
 template <typename Dot>
 inline void dot_rows(const typename Dot::elem_t*, const typename Dot::unit_t*, int64_t, int64_t,
-                     typename Dot::acc_t*, int64_t, bool) {
+                     typename Dot::acc_t*, int64_t, bool, bool = false) {
   TORCH_INTERNAL_ASSERT(false, "dot_rows needs AVX-512");
 }
 #endif

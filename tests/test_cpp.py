@@ -649,15 +649,17 @@ _KERNEL_PATHS = {
 }
 
 
-# oneDNN's weight gradients copy dG^T (few rows) or X^T and the result (many rows) through a blocked transpose:
-# cover both forms, with sizes that leave partial 16 x 16 blocks on both sides.
 _EXTRA_CASES = {
+    # Hidden sizes that give a team thread several panels of w_hh, which odd steps visit in reverse.
+    "team-loop": [(5, 3, 7, 80, 0, False, False), (6, 4, 7, 70, 0, True, True)],
+    # oneDNN's weight gradients copy dG^T (few rows) or X^T and the result (many rows) through a blocked
+    # transpose: cover both forms, with sizes that leave partial 16 x 16 blocks on both sides.
     "onednn-weight-grads": [
         (60, 9, 5, 16, 3, False, True),
         (60, 9, 5, 16, 0, True, True),
         (60, 9, 37, 20, 0, False, False),
         (4, 5, 40, 17, 0, False, False),
-    ]
+    ],
 }
 
 
