@@ -322,7 +322,7 @@ struct StepOperand {
 // input and recurrent products of a step: one fork/join a step fewer).
 template <typename Dot>
 void step_gemm(const typename Dot::elem_t* A, int64_t lda, const Packed<Dot>& B, typename Dot::acc_t* C, int64_t ldc,
-               int64_t n, bool accumulate, const StepOperand<Dot>* first = nullptr) {
+               int64_t n, bool accumulate, const StepOperand<Dot>* first = nullptr, bool descending = false) {
   if (n == 0 || B.N == 0) return;
   TORCH_INTERNAL_ASSERT(first == nullptr || first->B->N == B.N);
   const int64_t W = Packed<Dot>::W;
@@ -332,16 +332,30 @@ void step_gemm(const typename Dot::elem_t* A, int64_t lda, const Packed<Dot>& B,
   // product; 7 panels of dh at hidden 200: 4 + 3, 14%). Row blocks are the kernel's own, so each row goes
   // through the same kernel, and sums in the same order, however the rows are split.
   const int64_t row_blocks = (n + kRowBlock - 1) / kRowBlock;
+  // Units [u0, u1), all of one panel.
+  auto piece = [&](int64_t u0, int64_t u1) {
+    const int64_t p = u0 / row_blocks, b0 = u0 % row_blocks, b1 = b0 + (u1 - u0);
+    const int64_t r0 = b0 * kRowBlock, r1 = std::min(n, b1 * kRowBlock), valid = std::min(W, B.N - p * W);
+    if (first != nullptr)
+      panel_rows<Dot>(first->A + r0 * first->lda, first->lda, first->B->panel(p), first->B->steps,
+                      C + r0 * ldc + p * W, ldc, r1 - r0, valid, /*accumulate=*/false);
+    panel_rows<Dot>(A + r0 * lda, lda, B.panel(p), B.steps, C + r0 * ldc + p * W, ldc, r1 - r0, valid,
+                    accumulate || first != nullptr);
+  };
+  // `descending`: the same pieces, the last panel first (see forward_team's back-and-forth order).
   auto run = [&](int64_t u0, int64_t u1) {
+    if (descending) {
+      for (int64_t e = u1; e > u0;) {
+        const int64_t u = std::max(u0, (e - 1) / row_blocks * row_blocks);
+        piece(u, e);
+        e = u;
+      }
+      return;
+    }
     for (int64_t u = u0; u < u1;) {
-      const int64_t p = u / row_blocks, b0 = u % row_blocks, b1 = std::min(row_blocks, b0 + (u1 - u));
-      const int64_t r0 = b0 * kRowBlock, r1 = std::min(n, b1 * kRowBlock), valid = std::min(W, B.N - p * W);
-      if (first != nullptr)
-        panel_rows<Dot>(first->A + r0 * first->lda, first->lda, first->B->panel(p), first->B->steps,
-                        C + r0 * ldc + p * W, ldc, r1 - r0, valid, /*accumulate=*/false);
-      panel_rows<Dot>(A + r0 * lda, lda, B.panel(p), B.steps, C + r0 * ldc + p * W, ldc, r1 - r0, valid,
-                      accumulate || first != nullptr);
-      u += b1 - b0;
+      const int64_t e = std::min(u1, (u / row_blocks + 1) * row_blocks);
+      piece(u, e);
+      u = e;
     }
   };
   const int64_t steps = B.steps + (first != nullptr ? first->B->steps : 0);
