@@ -97,6 +97,29 @@ def _cpu_has_fp16_units() -> bool:
         return True
 
 
+@functools.cache
+@backends.constant_under_compile
+def _cpu_amd_family(cpuinfo_path: str = "/proc/cpuinfo") -> int:
+    """AMD's CPU family number (0x19 Zen 3-4, 0x1A Zen 5), 0 on other CPUs or without /proc/cpuinfo. A VM names
+    Zen 4 and Zen 5 both "AMD EPYC"; the family tells them apart, and they measured differently."""
+    try:
+        with open(cpuinfo_path) as cpuinfo:
+            fields = {}
+            for line in cpuinfo:
+                if not line.strip():
+                    break  # the first processor's entry is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return 0
+    if fields.get("vendor_id") != "AuthenticAMD":
+        return 0
+    try:
+        return int(fields.get("cpu family", "0"))
+    except ValueError:
+        return 0
+
+
 @backends.constant_under_compile
 def _cpp_bf16_dot() -> bool:
     """Whether the cpp build multiplies bfloat16 in bf16 dot products (see fastlstm.backends.cpu)."""
@@ -194,13 +217,18 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       cpu-short` training at batch 8-64 once 0.98-4.50x, 12 more shapes (batch 6-256, hidden 96-1024, 1-3
       layers, 20-300 steps) twice 0.97-1.35x (`-float32-training-beyond-batch4-run*.json`). So float32 training
       goes to cpp at any batch where the build takes its weight gradients through oneDNN
-      (cpu.uses_onednn_weight_grads(): AMD family 0x1A on, by default). Inference beyond batch 4 stayed close to
-      even (0.98-1.13x): native.
+      (cpu.uses_onednn_weight_grads(): AMD family 0x1A on, by default). Inference at batch 5-8 won on Zen 5:
+      12 shapes (batch 5-8, hidden 128-1024, 1-2 layers, uni- and bidirectional; the Zen 4 batch-6 set and five
+      more) twice, 1.03-1.47x (`-float32-batch5-8-inference-run*.json`), and the grid's batch-8 shapes
+      1.07-1.13x: so on AMD family 0x1A on (_cpu_amd_family) float32 inference goes to cpp up to batch 8. Beyond
+      it inference stayed close to even (0.98-1.13x): native.
     """
     if call.dtype == torch.float64:
         return None
     if call.dtype == torch.float32:
         if call.proj_size or call.packed or call.batch <= 4:
+            return None
+        if not call.needs_grad and call.batch <= 8 and _cpu_amd_family() >= 0x1A:
             return None
         if call.hidden_size <= 64 and call.batch <= 16:
             return None
@@ -209,8 +237,9 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
         if call.needs_grad and _cpp_onednn_weight_grads():
             return None
         return (
-            "float32 beyond batch 4 (16 at hidden <= 64 or at most 10 steps; any batch for one step; training "
-            "where the cpp build takes its weight gradients through oneDNN): oneDNN measured as fast or faster"
+            "float32 beyond batch 4 (16 at hidden <= 64 or at most 10 steps; any batch for one step; 8 at "
+            "inference on Zen 5; training where the cpp build takes its weight gradients through oneDNN): oneDNN "
+            "measured as fast or faster"
         )
     if call.dtype == torch.bfloat16:
         return _cpp_bf16_slower_reason(call)

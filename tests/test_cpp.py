@@ -663,27 +663,18 @@ _EXTRA_CASES = {
 }
 
 
-def _amd_family() -> int:
-    """AMD's CPU family from /proc/cpuinfo (0 on other CPUs, or where there is no /proc/cpuinfo)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return 0
-    fields = dict(line.split(":", 1) for line in lines if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    return int(fields.get("cpu family", "0")) if fields.get("vendor_id") == "AuthenticAMD" else 0
-
-
 def test_default_kernel_choices_follow_the_cpu(monkeypatch):
     """The choices measured to differ on Zen 5 (AMD family 0x1A on) hold there by default and nowhere else: float32
     weight gradients through oneDNN, float64 steps never through dgemm, the forward as a team up to 2^23
     multiply-adds a step. (Forcing each path, test_kernel_paths, cannot tell whether the defaults survived.)"""
+    from fastlstm import dispatch
+
     for knob in ("ONEDNN_WEIGHT_GRADS", "ONEDNN_MIN_MACS", "DGEMM_MIN_ROWS", "TEAM_MAX_MACS", "MKL_MIN_ROWS"):
         monkeypatch.delenv(f"FASTLSTM_{knob}", raising=False)
     result = run_python("-c", "from fastlstm.backends import cpu; print(cpu.kernel_choices())")
     assert result.returncode == 0, result.stderr
     choices = result.stdout
-    if _amd_family() >= 0x1A:
+    if dispatch._cpu_amd_family() >= 0x1A:
         expected = ["float64 step: dgemm never", "multiply-adds a step (backward 1048576)", "up to 8388608"]
         if torch.backends.mkldnn.is_available():
             expected.append("float32 weight gradients: oneDNN matmul from 16777216 multiply-adds")
@@ -782,6 +773,7 @@ def test_auto_follows_the_measured_rule(monkeypatch):
 
     assert _auto_backends(torch.float64, 8) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_cpp_onednn_weight_grads", lambda: False)  # weight gradients through BLAS
+    monkeypatch.setattr(dispatch, "_cpu_amd_family", lambda: 0x19)  # Zen 4, where the rule was first measured
     assert _auto_backends(torch.float32, 1) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 4) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 5) == ["native"] * 4
@@ -796,6 +788,10 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 16, seq_len=10, train=True) == ["cpp"] * 4  # up to 10 at batch <= 16
     assert _auto_backends(torch.float32, 16, seq_len=11) == ["native"] * 4
     assert _auto_backends(torch.float32, 17, seq_len=10) == ["native"] * 4
+    monkeypatch.setattr(dispatch, "_cpu_amd_family", lambda: 0x1A)  # Zen 5: inference up to batch 8
+    assert _auto_backends(torch.float32, 8) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 9) == ["native"] * 4
+    assert _auto_backends(torch.float32, 8, train=True) == ["native"] * 4  # weight gradients still through BLAS
     monkeypatch.setattr(dispatch, "_cpp_onednn_weight_grads", lambda: True)  # through oneDNN (Zen 5 by default)
     assert _auto_backends(torch.float32, 64, train=True) == ["cpp"] * 4  # training at any batch
     assert _auto_backends(torch.float32, 64, train=True, hidden=512) == ["cpp"] * 4
@@ -828,6 +824,26 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 4, train=True) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 8, hidden=64) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 9, hidden=64) == ["native"] * 4
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, family",
+    [
+        ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n\nprocessor\t: 1\n", 26),
+        ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n", 25),
+        ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n", 0),
+        ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: ?\n", 0),
+        (None, 0),
+    ],
+    ids=["zen5", "zen4", "intel", "garbled", "no-cpuinfo"],
+)
+def test_cpu_family_as_the_rule_reads_it(tmp_path, cpuinfo, family):
+    from fastlstm import dispatch
+
+    path = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        path.write_text(cpuinfo)
+    assert dispatch._cpu_amd_family(str(path)) == family
 
 
 def test_auto_knows_which_bfloat16_path_the_build_takes():
