@@ -17,12 +17,9 @@ namespace {
 // Pointwise math, all in explicit SIMD (a row's last partial vector too, through masked loads and stores).
 
 // float through GCC/Clang vector extensions, one register wide (kVecBytes): a Cephes-style exp, about 1 ulp.
-typedef float vf __attribute__((vector_size(kVecBytes)));
-typedef float vf_u __attribute__((vector_size(kVecBytes), aligned(4), may_alias));
+using vf = Vec<float>::type;
 typedef int32_t vi __attribute__((vector_size(kVecBytes)));
 
-inline vf vload(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
-inline void vstore(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
 inline vf vsplat(float a) { return vf{} + a; }
 
 inline vf vexp(vf x) {
@@ -53,12 +50,9 @@ inline vf vtanh(vf x) {
 }
 
 // The same for double: exp by range reduction and a degree-12 Taylor polynomial (~1e-16 relative).
-typedef double vd __attribute__((vector_size(kVecBytes)));
-typedef double vd_u __attribute__((vector_size(kVecBytes), aligned(8), may_alias));
+using vd = Vec<double>::type;
 typedef int64_t vl __attribute__((vector_size(kVecBytes)));
 
-inline vd vload(const double* p) { return *reinterpret_cast<const vd_u*>(p); }
-inline void vstore(double* p, vd v) { *reinterpret_cast<vd_u*>(p) = v; }
 inline vd vsplat(double a) { return vd{} + a; }
 
 inline vd vexp(vd x) {
@@ -99,7 +93,7 @@ inline vd vtanh(vd x) {
 template <bool Whole, typename scalar_t>
 inline auto vload_n(const scalar_t* p, int64_t n) {
   if constexpr (Whole) {
-    return vload(p);
+    return Vec<scalar_t>::load(p);
   } else {
 #ifdef __AVX512F__
     if constexpr (std::is_same_v<scalar_t, float>) {
@@ -110,7 +104,7 @@ inline auto vload_n(const scalar_t* p, int64_t n) {
 #else
     scalar_t buf[kVecBytes / sizeof(scalar_t)] = {};
     for (int64_t k = 0; k < n; ++k) buf[k] = p[k];
-    return vload(buf);
+    return Vec<scalar_t>::load(buf);
 #endif
   }
 }
@@ -118,7 +112,7 @@ inline auto vload_n(const scalar_t* p, int64_t n) {
 template <bool Whole, typename scalar_t, typename V>
 inline void vstore_n(scalar_t* p, V v, int64_t n) {
   if constexpr (Whole) {
-    vstore(p, v);
+    Vec<scalar_t>::store(p, v);
   } else {
 #ifdef __AVX512F__
     if constexpr (std::is_same_v<scalar_t, float>) {
@@ -128,7 +122,7 @@ inline void vstore_n(scalar_t* p, V v, int64_t n) {
     }
 #else
     scalar_t buf[kVecBytes / sizeof(scalar_t)];
-    vstore(buf, v);
+    Vec<scalar_t>::store(buf, v);
     for (int64_t k = 0; k < n; ++k) p[k] = buf[k];
 #endif
   }
