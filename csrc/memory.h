@@ -14,10 +14,10 @@ namespace fastlstm {
 namespace {
 
 // Memory of packed weights (and of weight_grad's transposed copies), kept by each thread between calls (at most
-// kPackKeep bytes a thread). Every call packs its weights afresh, and fresh allocations of that size come from the kernel as pages that fault and
-// are zeroed on first touch: at batch 1, hidden 512 (4 MB of w_hh) that cost ~1.4 ms of a 6 ms forward,
-// measured by running with glibc told never to return memory (MALLOC_TRIM_THRESHOLD_). Buffers are reused by
-// size; the same model asks for the same sizes call after call.
+// kPackKeep bytes a thread). Every call packs its weights afresh, and fresh allocations of that size come from
+// the kernel as pages that fault and are zeroed on first touch: at batch 1, hidden 512 (4 MB of w_hh) that cost
+// ~1.4 ms of a 6 ms forward, measured by running with glibc told never to return memory
+// (MALLOC_TRIM_THRESHOLD_). Buffers are reused by size; the same model asks for the same sizes call after call.
 constexpr size_t kPackKeep = size_t(64) << 20;
 
 // Bumped by release_memory(): every thread's kept memory (PackPool, Scratch) is freed at its next use.
