@@ -15,7 +15,7 @@ from fastlstm import backends
 from fastlstm.backends import cpu
 from fastlstm.benchmark import CPU_FULL_GRID, CPU_SHORT_GRID, DEFAULT_GRID, Shape, geometric_mean, time_shape
 from fastlstm.check import CHECK_CASES, TOLERANCE, compare, exact_cudnn
-from fastlstm.dispatch import BackendUnavailableError
+from fastlstm.dispatch import BackendUnavailableError, cpuinfo_fields
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FAST_BACKEND = {"cpu": "cpp", "cuda": "triton"}
@@ -28,16 +28,7 @@ def _default_device() -> str:
 def _cpu_name() -> str:
     """The CPU's model name, with its family and model numbers where /proc/cpuinfo has them: a virtual machine
     may name two generations alike ("AMD EPYC" for Zen 4 and Zen 5), whose kernel choices differ."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor's block is enough
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    fields = cpuinfo_fields() or {}
     name = fields.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']}, model {fields['model']})"

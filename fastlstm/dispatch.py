@@ -97,22 +97,28 @@ def _cpu_has_fp16_units() -> bool:
         return True
 
 
+def cpuinfo_fields(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, str] | None:
+    """The first processor's entry of /proc/cpuinfo as {field: value}; None where there is none to read."""
+    fields: dict[str, str] = {}
+    try:
+        with open(cpuinfo_path) as cpuinfo:
+            for line in cpuinfo:
+                if not line.strip():
+                    break  # the first processor's entry is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return None
+    return fields
+
+
 @functools.cache
 @backends.constant_under_compile
 def _cpu_amd_family(cpuinfo_path: str = "/proc/cpuinfo") -> int:
     """AMD's CPU family number (0x19 Zen 3-4, 0x1A Zen 5), 0 on other CPUs or without /proc/cpuinfo. A VM names
     Zen 4 and Zen 5 both "AMD EPYC"; the family tells them apart, and they measured differently."""
-    try:
-        with open(cpuinfo_path) as cpuinfo:
-            fields = {}
-            for line in cpuinfo:
-                if not line.strip():
-                    break  # the first processor's entry is enough
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-    except OSError:
-        return 0
-    if fields.get("vendor_id") != "AuthenticAMD":
+    fields = cpuinfo_fields(cpuinfo_path)
+    if fields is None or fields.get("vendor_id") != "AuthenticAMD":
         return 0
     try:
         return int(fields.get("cpu family", "0"))
