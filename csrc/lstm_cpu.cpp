@@ -16,7 +16,9 @@
 //     in isolation; panels of w_hh stay in each thread's cache across steps; threads split panel x row-block
 //     units); for float32 on Intel CPUs where libtorch carries MKL, MKL's packed GEMM; for float64 batches
 //     >= 16, a plain dgemm. No dispatcher, no allocation.
-//   * Small steps (up to 2^20 multiply-adds, no projection) run as one team of threads for the whole
+//   * Batches of 8+ rows a thread whose step weights fit a core's L2 split their rows among the threads, each
+//     running the whole time loop on its own rows: no barrier, nothing shared but the weights.
+//   * Other small steps (up to 2^20 multiply-adds, no projection) run as one team of threads for the whole
 //     sequence, each owning a slice of hidden units, with one spin barrier per step, forward and backward.
 //   * The pointwise cell is one fused loop in explicit SIMD with an own exp: ~1 ulp for float, ~1e-16
 //     relative for double; a row's last partial vector runs the same code through masked loads and stores.
@@ -36,7 +38,7 @@
 //   memory.h        memory kept between calls (packed weights, scratch) and release_memory()
 //   step_product.h  one step's product: the packed weight, the register-blocked kernel, dot products
 //   cell.h          the pointwise cell, forward and backward
-//   team.h          the team loop's spin barrier and thresholds
+//   team.h          how a time loop's threads share it: the team loop's barrier and thresholds, the row split
 //   cpu_id.h        which CPU this is (Intel, AMD's family), for choices measured to differ between CPUs
 //   blas.h          the products libraries serve: BLAS, MKL's packed GEMM, oneDNN's matmul
 
@@ -353,7 +355,11 @@ std::string kernel_choices() {
                     std::to_string(team_max_macs(true)) + "), " + std::to_string(team_min_hidden<float>(false)) +
                     "+ hidden units a thread (float32 backward " + std::to_string(team_min_hidden<float>(true)) +
                     "+, float64 " + std::to_string(team_min_hidden<double>(false)) + "+)") +
-         " (no projection), else per-step parallel; input projection: per step " + from(fuse_min_rows(), "rows") +
+         " (no projection), else per-step parallel; row split (each thread its own rows' time loop): " +
+         (row_split_max_bytes() <= 0 ? std::string("never")
+                                     : "with " + std::to_string(kRowBlock) + "+ rows a thread and up to " +
+                                           std::to_string(row_split_max_bytes()) + " bytes of weights a step") +
+         "; input projection: per step " + from(fuse_min_rows(), "rows") +
          " (register-blocked steps), else one GEMM up front; recurrent product (forward): " +
          (dot_rows_override() > 0   ? "dot products over w_hh as stored up to " + std::to_string(dot_rows_override()) +
                                           " rows"
@@ -416,62 +422,72 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   scalar_t* cp = c.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   const int threads = team_threads<scalar_t>(B, H, P, proj, /*backward=*/false);
-  if (blocked_step && threads > 1) {
+  // At batch 1, w_hh as stored (see dot_pays); the input projection is never fused below 8 rows.
+  const bool dot = blocked_step && !fuse_input && dot_pays<Dot>(B, T, kh);
+  // The weights every step reads: w_hh, w_ih where the input projection is fused, w_hr.
+  const int64_t step_bytes = (kh + (fuse_input ? ki : 0)) * G4 * sizeof(unit_t) + (proj ? H * P * sizeof(scalar_t) : 0);
+  const int split = blocked_step && !dot ? row_split_threads(B, step_bytes) : 1;
+  if (blocked_step && threads > 1 && split == 1) {
     forward_team<scalar_t, Dot>(threads, d, live, reverse, G, g_step, bp, whh_u, hp, cp, yp, c_hist,
                                 fuse_input ? wih_u : nullptr, xp, ldx);
     return;
   }
-  // At batch 1, w_hh as stored (see dot_pays); the input projection is never fused below 8 rows.
-  const bool dot = blocked_step && !fuse_input && dot_pays<Dot>(B, T, kh);
   if (proj) WhrT.pack(w_hr->data_ptr<scalar_t>(), H, P, 1, H);  // B[k, n] = w_hr[n, k]
   if (fuse_input) WihT.pack(wih_u, ki, G4, 1, ki);  // B[k, n] = w_ih[n, k]
-  std::vector<scalar_t> h_raw(proj ? B * H : 0);
-  // The h the kernel reads: hp itself, or its rows in the kernel's type (converted back into hp at the end).
+  if (blocked_step && !dot) WhhT.pack(whh_u, kh, G4, 1, kh);  // B[k, n] = w_hh[n, k]
   const int64_t ldh = row_stride<Dot>(P);
-  std::vector<elem_t> h_rows(own_rows ? B * ldh : 0);
-  elem_t* hk = nullptr;
-  if constexpr (own_rows) {
-    hk = h_rows.data();
-    rows_to_kernel<Dot>(hp, P, hk, ldh, B, P);
-  } else {
-    hk = hp;
-  }
-  for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = reverse ? T - 1 - s : s;
-    const int64_t n = live[t];
-    if (n == 0) continue;
-    scalar_t* Gt = G + t * g_step;
-    if (dot) {
-      step_dot<Dot>(hk, ldh, whh_u, kh, Gt, G4, n, G4);
-    } else if (blocked_step) {
-      if (WhhT.data.empty()) WhhT.pack(whh_u, kh, G4, 1, kh);  // B[k, n] = w_hh[n, k]
-      // fuse_input: the gates are x_t @ w_ih^T + h @ w_hh^T, both here; else the first term is already in G
-      const StepOperand<Dot> input{xp + t * B * ldx, ldx, &WihT};
-      // Odd steps back to front, as in forward_team (one thread, B2-T200-H384: 1.13x; B4-T100-H384 1.04x).
-      step_gemm<Dot>(hk, ldh, WhhT, Gt, G4, n, /*accumulate=*/true, fuse_input ? &input : nullptr, s & 1);
-    } else if constexpr (!own_rows) {
-      if (mkl_whh.ok) {
-        // All B rows even when fewer are live: rows past n of this step's gate buffer are never read, and the
-        // packed weight is valid for exactly B rows.
-        if constexpr (std::is_same_v<scalar_t, float>) mkl_whh.run(hp, P, Gt, G4, /*accumulate=*/true);
+  // The time loop for rows [r0, r1): every pointer below is offset to row r0, row strides stay B's.
+  auto run_rows = [&](int64_t r0, int64_t r1) {
+    const int64_t rows = r1 - r0;
+    std::vector<scalar_t> h_raw(proj ? rows * H : 0);
+    // The h the kernel reads: hp itself, or its rows in the kernel's type (converted back into hp at the end).
+    std::vector<elem_t> h_rows(own_rows ? rows * ldh : 0);
+    scalar_t* hr = hp + r0 * P;
+    scalar_t* cr = cp + r0 * H;
+    elem_t* hk = nullptr;
+    if constexpr (own_rows) {
+      hk = h_rows.data();
+      rows_to_kernel<Dot>(hr, P, hk, ldh, rows, P);
+    } else {
+      hk = hr;
+    }
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = reverse ? T - 1 - s : s;
+      const int64_t n = std::clamp<int64_t>(live[t] - r0, 0, rows);
+      if (n == 0) continue;
+      scalar_t* Gt = G + t * g_step + r0 * G4;
+      if (dot) {
+        step_dot<Dot>(hk, ldh, whh_u, kh, Gt, G4, n, G4);
+      } else if (blocked_step) {
+        // fuse_input: the gates are x_t @ w_ih^T + h @ w_hh^T, both here; else the first term is already in G
+        const StepOperand<Dot> input{xp + (t * B + r0) * ldx, ldx, &WihT};
+        // Odd steps back to front, as in forward_team (one thread, B2-T200-H384: 1.13x; B4-T100-H384 1.04x).
+        step_gemm<Dot>(hk, ldh, WhhT, Gt, G4, n, /*accumulate=*/true, fuse_input ? &input : nullptr, s & 1);
+      } else if constexpr (!own_rows) {
+        if (mkl_whh.ok) {
+          // All B rows even when fewer are live: rows past n of this step's gate buffer are never read, and the
+          // packed weight is valid for exactly B rows. (The rows are never split here: r0 is 0.)
+          if constexpr (std::is_same_v<scalar_t, float>) mkl_whh.run(hp, P, Gt, G4, /*accumulate=*/true);
+        } else {
+          gemm(false, true, n, G4, P, scalar_t(1), hr, P, w_hh.data_ptr<scalar_t>(), P, scalar_t(1), Gt, G4);
+        }
+      }
+      scalar_t* yt = yp + (t * B + r0) * P;
+      scalar_t* ch = c_hist != nullptr ? c_hist + (t * B + r0) * H : nullptr;
+      scalar_t* cell_out = proj ? h_raw.data() : yt;
+      for_rows(n, 16 * H, [&](int64_t r) {
+        cell_row<scalar_t>(Gt + r * G4, bp, cr + r * H, ch != nullptr ? ch + r * H : nullptr, cell_out + r * H, H, H);
+      });
+      if (proj) step_gemm<FmaDot<scalar_t>>(h_raw.data(), H, WhrT, yt, P, n, /*accumulate=*/false);
+      if constexpr (own_rows) {
+        for (int64_t r = 0; r < n; ++r) publish<Dot>(yt + r * P, hk + r * ldh, P);
       } else {
-        gemm(false, true, n, G4, P, scalar_t(1), hp, P, w_hh.data_ptr<scalar_t>(), P, scalar_t(1), Gt, G4);
+        std::memcpy(hr, yt, n * P * sizeof(scalar_t));
       }
     }
-    scalar_t* yt = yp + t * B * P;
-    scalar_t* ch = c_hist != nullptr ? c_hist + t * B * H : nullptr;
-    scalar_t* cell_out = proj ? h_raw.data() : yt;
-    for_rows(n, 16 * H, [&](int64_t r) {
-      cell_row<scalar_t>(Gt + r * G4, bp, cp + r * H, ch != nullptr ? ch + r * H : nullptr, cell_out + r * H, H, H);
-    });
-    if (proj) step_gemm<FmaDot<scalar_t>>(h_raw.data(), H, WhrT, yt, P, n, /*accumulate=*/false);
-    if constexpr (own_rows) {
-      for (int64_t r = 0; r < n; ++r) publish<Dot>(yt + r * P, hk + r * ldh, P);
-    } else {
-      std::memcpy(hp, yt, n * P * sizeof(scalar_t));
-    }
-  }
-  if constexpr (own_rows) rows_from_kernel<Dot>(hk, ldh, hp, P, B, P);
+    if constexpr (own_rows) rows_from_kernel<Dot>(hk, ldh, hr, P, rows, P);
+  };
+  run_row_split(row_split_bounds(live, B, split), run_rows);
 }
 
 // A bfloat16 tensor as Bf16Dot reads it: contiguous, the last dimension rounded up to even with a zero.
@@ -630,7 +646,6 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
     dh_all = packed ? at::zeros({T, B, P}, opts) : at::empty({T, B, P}, opts);
     hraw_all = packed ? at::zeros({T, B, H}, opts) : at::empty({T, B, H}, opts);
   }
-  std::vector<scalar_t> dh_tot(B * P), dh_raw(proj ? B * H : 0);
   scalar_t* dgp = dgates.data_ptr<scalar_t>();
   elem_t* dgk = reinterpret_cast<elem_t*>(dgates_k.data_ptr());
   const scalar_t* gy = grad_y.data_ptr<scalar_t>();
@@ -651,35 +666,39 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
   scalar_t* dhp = dh.data_ptr<scalar_t>();
   scalar_t* dcp = dc.data_ptr<scalar_t>();
   const int threads = team_threads<scalar_t>(B, H, P, proj, /*backward=*/true);
-  if (blocked_step && threads > 1) {
-    backward_team<scalar_t, Dot>(threads, d, live, reverse, gy, gp, chp, c0p, whh_u, sk, sn, dgp, dgk, dhp, dcp);
-  } else {
+  // The reverse time loop for rows [r0, r1): every pointer below is offset to row r0, row strides stay B's.
+  auto run_rows = [&](int64_t r0, int64_t r1) {
+    const int64_t rows = r1 - r0;
+    std::vector<scalar_t> dh_tot(rows * P), dh_raw(proj ? rows * H : 0);
+    scalar_t* dhr = dhp + r0 * P;
+    scalar_t* dcr = dcp + r0 * H;
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? s : T - 1 - s;  // the forward's steps, last first
-      const int64_t n = live[t];
+      const int64_t n = std::clamp<int64_t>(live[t] - r0, 0, rows);
       if (n == 0) continue;
       const int64_t prev_t = reverse ? t + 1 : t - 1;
+      const int64_t row_t = t * B + r0;  // this step's first row of ours in [T, B, *] tensors
       // Total gradient reaching this step's output h.
-      scalar_t* dht = proj ? dh_all.data_ptr<scalar_t>() + t * B * P : dh_tot.data();
-      const scalar_t* gyt = gy + t * B * P;
-      for (int64_t k = 0; k < n * P; ++k) dht[k] = dhp[k] + gyt[k];
+      scalar_t* dht = proj ? dh_all.data_ptr<scalar_t>() + row_t * P : dh_tot.data();
+      const scalar_t* gyt = gy + row_t * P;
+      for (int64_t k = 0; k < n * P; ++k) dht[k] = dhr[k] + gyt[k];
       const scalar_t* dhu = dht;  // gradient w.r.t. the unprojected o * tanh(c)
       if (proj) {
         step_gemm<FmaDot<scalar_t>>(dht, P, Whr, dh_raw.data(), H, n, /*accumulate=*/false);
         dhu = dh_raw.data();
       }
-      scalar_t* hraw_t = proj ? hraw_all.data_ptr<scalar_t>() + t * B * H : nullptr;
-      for_rows(n, 16 * H, [&](int64_t r) {
+      scalar_t* hraw_t = proj ? hraw_all.data_ptr<scalar_t>() + row_t * H : nullptr;
+      for_rows(n, 16 * H, [&](int64_t i) {
+        const int64_t r = r0 + i;
         const scalar_t* cprev = first_step(live, T, t, r, reverse) ? c0p + r * H : chp + (prev_t * B + r) * H;
-        cell_row_backward<scalar_t>(gp + (t * B + r) * G4, chp + (t * B + r) * H, cprev, dhu + r * H, dcp + r * H,
-                                    dgp + (t * B + r) * G4, hraw_t != nullptr ? hraw_t + r * H : nullptr, H, H);
+        cell_row_backward<scalar_t>(gp + (row_t + i) * G4, chp + (row_t + i) * H, cprev, dhu + i * H, dcr + i * H,
+                                    dgp + (row_t + i) * G4, hraw_t != nullptr ? hraw_t + i * H : nullptr, H, H);
       });
       // dh for the previous step: dgates @ w_hh  ([n, 4H] @ [4H, P]).
       if (blocked_step) {
-        if constexpr (own_rows) to_kernel<Dot>(dgp + t * B * G4, dgk + t * B * G4, n * G4, nullptr);
-        if (Whh.data.empty()) Whh.pack(whh_u, G4 / Dot::pair, P, sk, sn);
+        if constexpr (own_rows) to_kernel<Dot>(dgp + row_t * G4, dgk + row_t * G4, n * G4, nullptr);
         // Odd steps back to front, as in forward_team (B2-T200-H384 1.06x, B2-T100-H1024 1.09x on two threads).
-        step_gemm<Dot>(dgk + t * B * G4, G4, Whh, dhp, P, n, /*accumulate=*/false, nullptr, s & 1);
+        step_gemm<Dot>(dgk + row_t * G4, G4, Whh, dhr, P, n, /*accumulate=*/false, nullptr, s & 1);
       } else if constexpr (!own_rows) {
         if (mkl_whh.ok) {
           if constexpr (std::is_same_v<scalar_t, float>) {
@@ -691,11 +710,20 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
             }
           }
         } else {
-          gemm(false, false, n, P, G4, scalar_t(1), dgp + t * B * G4, G4, w_hh_k.data_ptr<scalar_t>(), P, scalar_t(0),
-               dhp, P);
+          gemm(false, false, n, P, G4, scalar_t(1), dgp + row_t * G4, G4, w_hh_k.data_ptr<scalar_t>(), P,
+               scalar_t(0), dhr, P);
         }
       }
     }
+  };
+  // The weights every step reads: w_hh, and w_hr with a projection.
+  const int64_t step_bytes = G4 * P * sizeof(elem_t) + (proj ? H * P * sizeof(scalar_t) : 0);
+  const int split = blocked_step ? row_split_threads(B, step_bytes) : 1;
+  if (blocked_step && threads > 1 && split == 1) {
+    backward_team<scalar_t, Dot>(threads, d, live, reverse, gy, gp, chp, c0p, whh_u, sk, sn, dgp, dgk, dhp, dcp);
+  } else {
+    if (blocked_step) Whh.pack(whh_u, G4 / Dot::pair, P, sk, sn);
+    run_row_split(row_split_bounds(live, B, split), run_rows);
   }
   // Weight and input gradients: large GEMMs over all T*B rows.
   const int64_t TB = T * B;

@@ -268,6 +268,49 @@ def test_bfloat16_float_math_path():
     assert f"{len(BF16_CASES)} passed" in proc.stdout, proc.stdout[-3000:]
 
 
+def test_row_split_gives_the_bits_of_the_other_loops(tmp_path):
+    """Each thread running the time loop on its own rows (the row split) must give bitwise what the team and
+    per-step loops give: same kernel calls per row, only which thread makes them differs. Two processes, the split
+    on and off, 2 threads; outputs, final state and every gradient, float32, float64 and bfloat16."""
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        from fastlstm.backends.cpu import BACKEND
+        torch.set_num_threads(2)
+        results = []
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            for T, B, I, H, P, packed, reverse in [(7, 16, 9, 24, 0, False, False), (6, 37, 5, 40, 0, True, True),
+                                                   (5, 24, 8, 30, 7, True, False), (4, 64, 16, 64, 0, False, True)]:
+                g = torch.Generator().manual_seed(T * B + H)
+                mk = lambda *s: ((torch.rand(*s, generator=g) - 0.5).to(dtype)).requires_grad_()
+                Pe = P or H
+                leaves = [mk(T, B, I), mk(B, Pe), mk(B, H), mk(4 * H, I), mk(4 * H, Pe), mk(4 * H)]
+                leaves += [mk(P, H)] if P else []
+                bs = None
+                if packed:
+                    lengths = sorted(torch.randint(1, T + 1, (B,), generator=g).tolist(), reverse=True)
+                    lengths[0] = T
+                    bs = (torch.arange(T)[:, None] < torch.tensor(lengths)[None, :]).sum(1)
+                w_hr = leaves[6] if P else None
+                y, hT, cT = BACKEND.layer(*leaves[:6], w_hr, bs, reverse)
+                loss = (y.float() ** 2).sum() + hT.float().sum() + cT.float().sin().sum()
+                results += [y, hT, cT, *torch.autograd.grad(loss, leaves)]
+                with torch.no_grad():
+                    results += list(BACKEND.layer(*leaves[:6], w_hr, bs, reverse))
+        torch.save([t.detach() for t in results], sys.argv[1])
+        """
+    )
+    outs = {}
+    for name, max_kb in (("split", "1048576"), ("unsplit", "0")):
+        outs[name] = tmp_path / f"{name}.pt"
+        proc = run_python("-c", code, str(outs[name]), env=dict(os.environ, FASTLSTM_ROW_SPLIT_MAX_KB=max_kb))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    split, unsplit = torch.load(outs["split"]), torch.load(outs["unsplit"])
+    assert len(split) == len(unsplit) == 3 * (3 * 12 + 13)  # 3 dtypes; 12 results a case, 13 with a projection
+    for k, (a, b) in enumerate(zip(split, unsplit)):
+        assert torch.equal(a, b), k
+
+
 def test_noncontiguous_inputs():
     case = Case(5, 3, 4, 6, P=2)
     t, _ = make_inputs(case, torch.float64)
@@ -646,7 +689,18 @@ _KERNEL_PATHS = {
         "recurrent product (forward): dot products over w_hh as stored up to 32 rows",
     ),
     "packed-rows": ({"FASTLSTM_DOT_ROWS": "0"}, "recurrent product (forward): packed weight always"),
+    "row-split": ({"FASTLSTM_ROW_SPLIT_MAX_KB": "1048576"}, "rows a thread and up to 1073741824 bytes of weights"),
+    "no-row-split": ({"FASTLSTM_ROW_SPLIT_MAX_KB": "0"}, "row split (each thread its own rows' time loop): never"),
 }
+
+# Batches of two and three row blocks a thread or more (whatever the build's block, 6 or 8 rows): the row split
+# where it runs, the team or per-step loops where it is disabled. Packed rows split by work, not by count.
+_ROW_SPLIT_CASES = [
+    (5, 17, 6, 20, 0, True, False),
+    (4, 26, 5, 33, 3, True, True),
+    (3, 16, 4, 24, 0, False, False),
+    (6, 40, 3, 12, 0, False, True),
+]
 
 
 _EXTRA_CASES = {
@@ -660,6 +714,8 @@ _EXTRA_CASES = {
         (60, 9, 37, 20, 0, False, False),
         (4, 5, 40, 17, 0, False, False),
     ],
+    "row-split": _ROW_SPLIT_CASES,
+    "no-row-split": _ROW_SPLIT_CASES,
 }
 
 
