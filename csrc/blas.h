@@ -105,10 +105,14 @@ struct MklPacked {
   int m = 0, n = 0, k = 0;
   bool ok = false;
   // W row-major; trans: op(W) = W^T.
+  // Whether pack() takes a product of m rows, n columns and depth k (MKL present, m from mkl_min_rows()).
+  static bool applies(int64_t m_, int64_t n_, int64_t k_) {
+    return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr &&
+           m_ >= mkl_min_rows() && m_ <= (1 << 20) && n_ <= (1 << 20) && k_ <= (1 << 20);
+  }
   void pack(const float* W, int64_t ld, bool trans, int64_t m_, int64_t n_, int64_t k_) {
     ok = false;
-    if (cblas_sgemm_pack_get_size == nullptr || cblas_sgemm_pack == nullptr || cblas_sgemm_compute == nullptr) return;
-    if (m_ < mkl_min_rows() || m_ > (1 << 20) || n_ > (1 << 20) || k_ > (1 << 20)) return;
+    if (!applies(m_, n_, k_)) return;
     m = (int)m_;
     n = (int)n_;
     k = (int)k_;

@@ -371,6 +371,39 @@ std::string kernel_choices() {
 // ---------------------------------------------------------------------------------------------------------
 // Forward.
 
+// How the forward runs its steps, for T steps of B rows (I, P: the widths of x and h as the kernel reads them).
+struct ForwardSteps {
+  bool blocked_step;  // the register-blocked kernel (else MKL's packed GEMM or dgemm)
+  bool fuse_input;    // the input projection per step, beside the recurrent product (else one GEMM up front)
+  bool dot;           // the recurrent product as dot products over w_hh as stored
+  int split;          // threads of the row split (1: none)
+};
+
+template <typename scalar_t, typename Dot>
+ForwardSteps forward_steps(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P, bool proj) {
+  ForwardSteps f{};
+  const bool mkl = std::is_same_v<scalar_t, float> && std::is_same_v<typename Dot::elem_t, float> &&
+                   MklPacked::applies(B, 4 * H, P);
+  f.blocked_step = !mkl && !use_blas_rows<scalar_t>(B);
+  // One GEMM for all steps up front (straight into the gate buffer; the bias is added in the cell), or, from
+  // fuse_min_rows() rows on, per step beside the recurrent product (see fuse_min_rows).
+  f.fuse_input = f.blocked_step && B >= fuse_min_rows() && I > 0;
+  // At batch 1, w_hh as stored (see dot_pays); the input projection is never fused below 8 rows.
+  f.dot = f.blocked_step && !f.fuse_input && dot_pays<Dot>(B, T, P / Dot::pair);
+  // The weights every step reads: w_hh, w_ih where the input projection is fused, w_hr.
+  const int64_t step_bytes = (P + (f.fuse_input ? I : 0)) * 4 * H * sizeof(typename Dot::elem_t) +
+                             (proj ? H * P * sizeof(scalar_t) : 0);
+  f.split = f.blocked_step && !f.dot ? row_split_threads(B, step_bytes) : 1;
+  return f;
+}
+
+// The first row of each thread of a float32 forward of T steps of B rows (unpacked), then B; {0, B} when the rows
+// are not split. dispatch's measured rule depends on it.
+std::vector<int64_t> float32_forward_rows(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P) {
+  const ForwardSteps f = forward_steps<float, FmaDot<float>>(T, B, I, H, P > 0 ? P : H, P > 0);
+  return row_split_bounds(std::vector<int64_t>(T, B), B, f.split);
+}
+
 // x, w_ih, w_hh as the kernel reads them (for Bf16Dot bfloat16, their last dimension rounded up to even, the pad
 // zero); everything else scalar_t.
 template <typename scalar_t, typename Dot>
@@ -388,12 +421,11 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   // The recurrent weights laid out [K, N] for step_gemm: w_hh^T [P, 4H], w_hr^T [H, P].
   Packed<Dot> WhhT, WihT;
   Packed<FmaDot<scalar_t>> WhrT;
+  const bool proj = w_hr.has_value();
+  const auto [blocked_step, fuse_input, dot, split] = forward_steps<scalar_t, Dot>(T, B, ldx, H, kh * Dot::pair, proj);
   MklPacked mkl_whh;
-  if constexpr (std::is_same_v<scalar_t, float> && !own_rows) mkl_whh.pack(w_hh.data_ptr<float>(), P, true, B, G4, P);
-  const bool blocked_step = !mkl_whh.ok && !use_blas_rows<scalar_t>(B);
-  // The input projection: one GEMM for all steps up front (straight into the gate buffer; the bias is added in
-  // the cell), or, from fuse_min_rows() rows on, per step beside the recurrent product (see fuse_min_rows).
-  const bool fuse_input = blocked_step && B >= fuse_min_rows() && I > 0;
+  if constexpr (std::is_same_v<scalar_t, float> && !own_rows)
+    if (!blocked_step) mkl_whh.pack(w_hh.data_ptr<float>(), P, true, B, G4, P);
   // Inference (gates undefined) keeps gates in reused per-thread scratch memory; with the projection fused it
   // keeps a single step's [B, 4H], which every step overwrites while it is in cache, instead of streaming T
   // steps of gates through memory.
@@ -417,16 +449,10 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   }
   scalar_t* G = gates.data_ptr<scalar_t>();
   const scalar_t* bp = b.has_value() ? b->data_ptr<scalar_t>() : nullptr;
-  const bool proj = w_hr.has_value();
   scalar_t* hp = h.data_ptr<scalar_t>();
   scalar_t* cp = c.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   const int threads = team_threads<scalar_t>(B, H, P, proj, /*backward=*/false);
-  // At batch 1, w_hh as stored (see dot_pays); the input projection is never fused below 8 rows.
-  const bool dot = blocked_step && !fuse_input && dot_pays<Dot>(B, T, kh);
-  // The weights every step reads: w_hh, w_ih where the input projection is fused, w_hr.
-  const int64_t step_bytes = (kh + (fuse_input ? ki : 0)) * G4 * sizeof(unit_t) + (proj ? H * P * sizeof(scalar_t) : 0);
-  const int split = blocked_step && !dot ? row_split_threads(B, step_bytes) : 1;
   if (blocked_step && threads > 1 && split == 1) {
     forward_team<scalar_t, Dot>(threads, d, live, reverse, G, g_step, bp, whh_u, hp, cp, yp, c_hist,
                                 fuse_input ? wih_u : nullptr, xp, ldx);
@@ -955,6 +981,7 @@ TORCH_LIBRARY_FRAGMENT(fastlstm, m) {
   m.def("cpp_kernel_choices() -> str", &fastlstm::kernel_choices);
   m.def("cpp_bf16_dot() -> bool", &fastlstm::use_bf16_dot);
   m.def("cpp_onednn_weight_grads() -> bool", &fastlstm::uses_onednn_weight_grads);
+  m.def("cpp_float32_forward_rows(int T, int B, int I, int H, int P) -> int[]", &fastlstm::float32_forward_rows);
   m.def("cpp_release_memory() -> int", &fastlstm::release_memory);
 }
 

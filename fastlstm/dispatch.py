@@ -142,6 +142,15 @@ def _cpp_onednn_weight_grads() -> bool:
     return cpu.uses_onednn_weight_grads()
 
 
+def _cpp_rows_split_evenly(call: LayerCall) -> bool:
+    """Whether the cpp float32 forward of `call` splits its rows among threads (the row split, csrc/team.h), every
+    thread taking as many."""
+    from fastlstm.backends import cpu
+
+    bounds = cpu.float32_forward_rows(call.seq_len, call.batch, call.input_size, call.hidden_size, call.proj_size)
+    return len(bounds) > 2 and len({end - start for start, end in zip(bounds, bounds[1:])}) == 1
+
+
 def _cpp_slower_reason(call: LayerCall) -> str | None:
     """The measured CPU rule: cpp where it beat nn.LSTM on every measured shape of its class, native elsewhere.
 
@@ -227,14 +236,23 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       12 shapes (batch 5-8, hidden 128-1024, 1-2 layers, uni- and bidirectional; the Zen 4 batch-6 set and five
       more) twice, 1.03-1.47x (`-float32-batch5-8-inference-run*.json`), and the grid's batch-8 shapes
       1.07-1.13x: so on AMD family 0x1A on (_cpu_amd_family) float32 inference goes to cpp up to batch 8. Beyond
-      it inference stayed close to even (0.98-1.13x): native.
+      it inference stayed close to even (0.98-1.13x): native, except where the rows split evenly.
+      The row split (csrc/team.h: each thread runs the time loop on its own rows, from 8 rows a thread where a
+      step's weights fit the core's L2) took float32 inference 1.05-1.31x faster than the team loop before it.
+      Against nn.LSTM on Zen 5, 2 threads: the grid's three shapes it serves, three runs each, 1.10-1.14x
+      (`-float32-at-c385603-run*.json`), and 10 more shapes (batch 16-256, hidden 64-180, input 32-256, 35-300
+      steps, 1-2 layers, uni- and bidirectional; `-float32-row-split-shapes-run*.json`) three times: 1.02-1.80x
+      on the nine whose threads take equal shares, and 0.88x, 1.29x, 0.91x on B24-T200-H96, whose 24 rows split
+      16 + 8 (the split runs whole blocks of 8 rows, so each row's sum is the same however the rows are split).
+      So on Zen 5 float32 inference also goes to cpp where the forward splits its rows in equal shares
+      (_cpp_rows_split_evenly, asked of the build: cpu.float32_forward_rows).
     """
     if call.dtype == torch.float64:
         return None
     if call.dtype == torch.float32:
         if call.proj_size or call.packed or call.batch <= 4:
             return None
-        if not call.needs_grad and call.batch <= 8 and _cpu_amd_family() >= 0x1A:
+        if not call.needs_grad and _cpu_amd_family() >= 0x1A and (call.batch <= 8 or _cpp_rows_split_evenly(call)):
             return None
         if call.hidden_size <= 64 and call.batch <= 16:
             return None
@@ -243,9 +261,9 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
         if call.needs_grad and _cpp_onednn_weight_grads():
             return None
         return (
-            "float32 beyond batch 4 (16 at hidden <= 64 or at most 10 steps; any batch for one step; 8 at "
-            "inference on Zen 5; training where the cpp build takes its weight gradients through oneDNN): oneDNN "
-            "measured as fast or faster"
+            "float32 beyond batch 4 (16 at hidden <= 64 or at most 10 steps; any batch for one step; inference on "
+            "Zen 5 up to batch 8 or where the rows split evenly among threads; training where the cpp build takes "
+            "its weight gradients through oneDNN): oneDNN measured as fast or faster"
         )
     if call.dtype == torch.bfloat16:
         return _cpp_bf16_slower_reason(call)

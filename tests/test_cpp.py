@@ -824,6 +824,31 @@ def _auto_backends(dtype, batch, train=False, hidden=65, proj_size=0, packed=Fal
         return fastlstm.explain(m, x).backends
 
 
+def test_the_build_says_how_it_splits_rows():
+    """dispatch asks the build how a float32 forward splits its rows (cpu.float32_forward_rows): it must say what
+    the split does, whole row blocks a thread, as even as they allow, none on one thread or beyond the weights'
+    limit (FASTLSTM_ROW_SPLIT_MAX_KB, else the core's L2)."""
+    choices = cpu.kernel_choices()
+    block = int(choices.split("row blocks of ")[1].split(";")[0])
+    # The split serves the register-blocked kernel only: where MKL's packed GEMM runs float32 steps, none.
+    split = "float32 step: MKL packed GEMM never" in choices
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        B = 4 * block
+        assert cpu.float32_forward_rows(50, B, 32, 32, 0) == ([0, 2 * block, B] if split else [0, B])
+        assert cpu.float32_forward_rows(50, 3 * block, 32, 32, 0) == (
+            [0, 2 * block, 3 * block] if split else [0, 3 * block]
+        )
+        assert cpu.float32_forward_rows(50, B, 32, 32, 8) == ([0, 2 * block, B] if split else [0, B])
+        assert cpu.float32_forward_rows(50, block, 32, 32, 0) == [0, block]  # one block: no split
+        assert cpu.float32_forward_rows(50, 4 * block, 1024, 1024, 0) == [0, 4 * block]  # 16 MB a step
+        torch.set_num_threads(1)
+        assert cpu.float32_forward_rows(50, 4 * block, 32, 32, 0) == [0, 4 * block]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_auto_follows_the_measured_rule(monkeypatch):
     from fastlstm import dispatch
 
@@ -851,7 +876,11 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     monkeypatch.setattr(dispatch, "_cpp_onednn_weight_grads", lambda: True)  # through oneDNN (Zen 5 by default)
     assert _auto_backends(torch.float32, 64, train=True) == ["cpp"] * 4  # training at any batch
     assert _auto_backends(torch.float32, 64, train=True, hidden=512) == ["cpp"] * 4
-    assert _auto_backends(torch.float32, 64) == ["native"] * 4  # inference as before
+    monkeypatch.setattr(dispatch, "_cpp_rows_split_evenly", lambda call: call.batch % 16 == 0)  # 2 x 8 rows
+    assert _auto_backends(torch.float32, 64) == ["cpp"] * 4  # inference where the rows split evenly
+    assert _auto_backends(torch.float32, 24) == ["native"] * 4  # not evenly (16 + 8)
+    monkeypatch.setattr(dispatch, "_cpp_rows_split_evenly", lambda call: False)
+    assert _auto_backends(torch.float32, 64) == ["native"] * 4  # rows not split: as before
     monkeypatch.setattr(dispatch, "_cpu_has_fp16_units", lambda: False)  # nn.LSTM runs ATen's float16 loop
     assert _auto_backends(torch.float16, 64) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_cpu_has_fp16_units", lambda: True)  # oneDNN's float16 LSTM (inference only)

@@ -351,6 +351,16 @@ def uses_onednn_weight_grads() -> bool:
     return _ensure() is None and bool(torch.ops.fastlstm.cpp_onednn_weight_grads())
 
 
+@constant_under_compile
+def float32_forward_rows(seq_len: int, batch: int, input_size: int, hidden_size: int, proj_size: int) -> list[int]:
+    """The first row of each thread the float32 forward of one unpacked layer splits its batch over, then the
+    batch ([0, batch]: no split), with torch's thread count as it is now; [0, batch] when the extension is
+    unavailable. Builds if not yet tried."""
+    if _ensure() is not None:
+        return [0, batch]
+    return list(torch.ops.fastlstm.cpp_float32_forward_rows(seq_len, batch, input_size, hidden_size, proj_size))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The ops' schemas and fake kernels, defined at import whether or not the library is built: a program saved by
 # torch.export names the ops, and loads only where their schemas exist. Until the library loads, each op has a
