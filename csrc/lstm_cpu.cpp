@@ -422,7 +422,8 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   Packed<Dot> WhhT, WihT;
   Packed<FmaDot<scalar_t>> WhrT;
   const bool proj = w_hr.has_value();
-  const auto [blocked_step, fuse_input, dot, split] = forward_steps<scalar_t, Dot>(T, B, ldx, H, kh * Dot::pair, proj);
+  const ForwardSteps steps = forward_steps<scalar_t, Dot>(T, B, ldx, H, kh * Dot::pair, proj);
+  const bool blocked_step = steps.blocked_step, fuse_input = steps.fuse_input, dot = steps.dot;
   MklPacked mkl_whh;
   if constexpr (std::is_same_v<scalar_t, float> && !own_rows)
     if (!blocked_step) mkl_whh.pack(w_hh.data_ptr<float>(), P, true, B, G4, P);
@@ -453,7 +454,7 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   scalar_t* cp = c.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   const int threads = team_threads<scalar_t>(B, H, P, proj, /*backward=*/false);
-  if (blocked_step && threads > 1 && split == 1) {
+  if (blocked_step && threads > 1 && steps.split == 1) {
     forward_team<scalar_t, Dot>(threads, d, live, reverse, G, g_step, bp, whh_u, hp, cp, yp, c_hist,
                                 fuse_input ? wih_u : nullptr, xp, ldx);
     return;
@@ -513,7 +514,7 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
     }
     if constexpr (own_rows) rows_from_kernel<Dot>(hk, ldh, hr, P, rows, P);
   };
-  run_row_split(row_split_bounds(live, B, split), run_rows);
+  run_row_split(row_split_bounds(live, B, steps.split), run_rows);
 }
 
 // A bfloat16 tensor as Bf16Dot reads it: contiguous, the last dimension rounded up to even with a zero.

@@ -239,9 +239,9 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       it inference stayed close to even (0.98-1.13x): native, except where the rows split evenly.
       The row split (csrc/team.h: each thread runs the time loop on its own rows, from 8 rows a thread where a
       step's weights fit the core's L2) took float32 inference 1.05-1.31x faster than the team loop before it.
-      Against nn.LSTM on Zen 5, 2 threads: the grid's three shapes it serves, three runs each, 1.10-1.14x
+      Against nn.LSTM on Zen 5, 2 threads: the grid's three shapes it serves, three runs each, 1.09-1.38x
       (`-float32-at-c385603-run*.json`), and 10 more shapes (batch 16-256, hidden 64-180, input 32-256, 35-300
-      steps, 1-2 layers, uni- and bidirectional; `-float32-row-split-shapes-run*.json`) three times: 1.02-1.80x
+      steps, 1-2 layers, uni- and bidirectional; `-float32-row-split-shapes-run*.json`) three times: 1.02-2.11x
       on the nine whose threads take equal shares, and 0.88x, 1.29x, 0.91x on B24-T200-H96, whose 24 rows split
       16 + 8 (the split runs whole blocks of 8 rows, so each row's sum is the same however the rows are split).
       So on Zen 5 float32 inference also goes to cpp where the forward splits its rows in equal shares
