@@ -397,11 +397,15 @@ ForwardSteps forward_steps(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P
   return f;
 }
 
-// The first row of each thread of a float32 forward of T steps of B rows (unpacked), then B; {0, B} when the rows
-// are not split. dispatch's measured rule depends on it.
+// The first row of each thread of a float32 forward of T steps of B rows (unpacked: each thread one range), then
+// B; {0, B} when the rows are not split. dispatch's measured rule depends on it.
 std::vector<int64_t> float32_forward_rows(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P) {
   const ForwardSteps f = forward_steps<float, FmaDot<float>>(T, B, I, H, P > 0 ? P : H, P > 0);
-  return row_split_bounds(std::vector<int64_t>(T, B), B, f.split);
+  std::vector<int64_t> bounds;
+  for (const auto& thread : row_split_ranges(std::vector<int64_t>(T, B), B, f.split))
+    bounds.push_back(thread.empty() ? B : thread.front().first);
+  bounds.push_back(B);
+  return bounds;
 }
 
 // x, w_ih, w_hh as the kernel reads them (for Bf16Dot bfloat16, their last dimension rounded up to even, the pad
@@ -514,7 +518,7 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
     }
     if constexpr (own_rows) rows_from_kernel<Dot>(hk, ldh, hr, P, rows, P);
   };
-  run_row_split(row_split_bounds(live, B, steps.split), run_rows);
+  run_row_split(row_split_ranges(live, B, steps.split), run_rows);
 }
 
 // A bfloat16 tensor as Bf16Dot reads it: contiguous, the last dimension rounded up to even with a zero.
@@ -750,7 +754,7 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
     backward_team<scalar_t, Dot>(threads, d, live, reverse, gy, gp, chp, c0p, whh_u, sk, sn, dgp, dgk, dhp, dcp);
   } else {
     if (blocked_step) Whh.pack(whh_u, G4 / Dot::pair, P, sk, sn);
-    run_row_split(row_split_bounds(live, B, split), run_rows);
+    run_row_split(row_split_ranges(live, B, split), run_rows);
   }
   // Weight and input gradients: large GEMMs over all T*B rows.
   const int64_t TB = T * B;

@@ -838,7 +838,7 @@ def test_the_build_says_how_it_splits_rows():
         B = 4 * block
         assert cpu.float32_forward_rows(50, B, 32, 32, 0) == ([0, 2 * block, B] if split else [0, B])
         assert cpu.float32_forward_rows(50, 3 * block, 32, 32, 0) == (
-            [0, 2 * block, 3 * block] if split else [0, 3 * block]
+            [0, block, 3 * block] if split else [0, 3 * block]
         )
         assert cpu.float32_forward_rows(50, B, 32, 32, 8) == ([0, 2 * block, B] if split else [0, B])
         assert cpu.float32_forward_rows(50, block, 32, 32, 0) == [0, block]  # one block: no split
