@@ -183,7 +183,7 @@ inline RowRanges row_split_ranges(const std::vector<int64_t>& live, int64_t B, i
     ranges[0].emplace_back(0, B);
     return ranges;
   }
-  std::vector<int64_t> rows_live(B + 2, 0);  // rows_live[n]: steps with n or more rows live
+  std::vector<int64_t> rows_live(B + 1, 0);  // rows_live[n]: steps with n or more rows live
   for (const int64_t n : live) rows_live[std::min(n, B)] += 1;
   for (int64_t n = B - 1; n >= 0; --n) rows_live[n] += rows_live[n + 1];
   const bool packed = rows_live[B] != static_cast<int64_t>(live.size());  // some step has fewer than B live

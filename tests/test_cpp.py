@@ -693,8 +693,9 @@ _KERNEL_PATHS = {
     "no-row-split": ({"FASTLSTM_ROW_SPLIT_MAX_KB": "0"}, "row split (each thread its own rows' time loop): never"),
 }
 
-# Batches of two and three row blocks a thread or more (whatever the build's block, 6 or 8 rows): the row split
-# where it runs, the team or per-step loops where it is disabled. Packed rows split by work, not by count.
+# Batches of 16-40 rows, enough whole row blocks (of 6 or 8 rows, by the build) for 2 threads and, from 24 rows,
+# 3 to split them: the row split where it runs, the team or per-step loops where it is disabled. Packed rows
+# split by work, not by count.
 _ROW_SPLIT_CASES = [
     (5, 17, 6, 20, 0, True, False),
     (4, 26, 5, 33, 3, True, True),
