@@ -40,6 +40,9 @@ class _CallShape(NamedTuple):
     bias: bool
     func_grad: bool = False
     mixed_dtypes: bool = False
+    # torch's thread count, for CPU calls: the CPU rule reads it (how the cpp forward splits its rows among
+    # threads), so a remembered plan holds for one count. 0 on other devices and while tracing (not remembered).
+    threads: int = 0
 
 
 @functools.lru_cache(maxsize=4096)
@@ -394,7 +397,7 @@ class LSTM(nn.RNNBase):
         return (
             input.shape, input.dtype, input.device, weight.dtype, weight.device, state, grad, self.batch_first,
             self.backend, os.environ.get(dispatch.ENV_VAR), self.input_size, self.hidden_size, self.proj_size,
-            self.num_layers, self.bidirectional, self.bias, self._weights_mixed(),
+            self.num_layers, self.bidirectional, self.bias, self._weights_mixed(), torch.get_num_threads(),
         )  # fmt: skip
 
     def _plan(self, input: Tensor, hx, batch_sizes: Tensor | None, amp=None) -> tuple[dispatch.Choice, ...]:
@@ -413,15 +416,17 @@ class LSTM(nn.RNNBase):
             or any(w.requires_grad for w in self._flat_weights)
         )
         dtype = amp[0] if amp else input.dtype
+        # dynamo traces the plan once per graph, and exporters decide differently: the cache is for eager calls
+        traced = torch.compiler.is_compiling() or dispatch.in_onnx_export() or torch.jit.is_tracing()
         shape = _CallShape(
             input.device.type, dtype, seq_len, batch, batch_sizes is not None, needs_grad, self.input_size,
             self.hidden_size, self.proj_size, self.num_layers, self._num_directions, self.bias,
             self._under_func_grad(input, hx),
             self._weights_mixed(),
+            torch.get_num_threads() if input.device.type == "cpu" and not traced else 0,
         )  # fmt: skip
         requested = dispatch.requested(self.backend)
-        # dynamo traces the plan once per graph, and exporters decide differently: the cache is for eager calls
-        if torch.compiler.is_compiling() or dispatch.in_onnx_export() or torch.jit.is_tracing():
+        if traced:
             return _plan_for.__wrapped__(requested, shape)
         return _plan_for(requested, shape)
 

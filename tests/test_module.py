@@ -427,6 +427,26 @@ def test_repeated_calls_follow_whether_gradients_are_needed(monkeypatch, served_
     assert served_by(m, x.detach(), (state[0], state[1].requires_grad_())) == ["reference"]
 
 
+def test_repeated_calls_follow_the_thread_count(monkeypatch, served_by):
+    """The CPU rule reads torch's thread count (how the cpp forward splits its rows): a plan remembered at one count
+    must not serve another."""
+    from fastlstm import dispatch
+
+    monkeypatch.setattr(dispatch, "_fast_backend_for", lambda device_type: "reference")
+    one_thread = lambda name, call: None if torch.get_num_threads() == 1 else "more threads"  # noqa: E731
+    monkeypatch.setattr(dispatch, "_faster_than_native", one_thread)
+    m = fastlstm.LSTM(I, H, dtype=torch.float64)
+    x = torch.randn(3, 2, I, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        for count, backend, stack in ((1, "reference", ["reference"]), (2, "native", ["native stack"])) * 2:
+            torch.set_num_threads(count)
+            assert served_by(m, x) == served_by(m, x) == stack
+            assert fastlstm.explain(m, x).backends == [backend]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_repeated_calls_are_checked_as_nn_lstm_checks_them():
     """Bad calls after good ones of the same module raise nn.LSTM's errors (the remembered way skips checks)."""
     ref, fast = make_pair(I, H, backend="reference", dtype=torch.float32)
