@@ -246,6 +246,17 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       16 + 8 (the split runs whole blocks of 8 rows, so each row's sum is the same however the rows are split).
       So on Zen 5 float32 inference also goes to cpp where the forward splits its rows in equal shares
       (_cpp_rows_split_evenly, asked of the build: cpu.float32_forward_rows).
+      bfloat16 (bf16 dot products) on Zen 5 at e4fb7e5, beyond the Zen 4 rule's classes, twice or three times
+      each (`-bfloat16-batch8-16-inference-run*.json`, `-bfloat16-training-batch17-32-run*.json`,
+      `-bfloat16-training-beyond-batch32-run*.json`, `-bfloat16-beyond-zen4-rule-run*.json`):
+      inference at batch 8, 5 shapes (hidden 128-1024) 1.01-1.31x; batch 9-16 at hidden 128-256, 7 shapes
+      1.02-1.64x, at hidden 320-1024 mixed (5 shapes 0.93-1.13x); beyond batch 16 close to even or lost (18
+      shapes 0.80-1.26x). Training at batch 17-32: hidden 64-256 and 512, 8 shapes 1.00-2.60x; hidden 320-384
+      mixed (B24-T100-H384 0.92x, 0.97x; B28-T50-H320-L2 1.04x, 1.24x). Beyond batch 32: hidden 512 mixed or lost
+      (B64-T100-H512 0.86-0.97x in five runs, B128-T50-H512 0.87-1.13x, B48-T50-H512 0.98x, 1.11x), hidden
+      640-1024 won (4 shapes 1.06-1.52x), below 512 mixed (8 shapes 0.90-1.78x). So on Zen 5 bfloat16 inference
+      also goes to cpp up to batch 8, and up to batch 16 at hidden <= 256; training up to batch 32 at hidden
+      <= 256 or >= 512, and at hidden >= 640 at any batch (no longer at hidden 512 beyond batch 32).
     """
     if call.dtype == torch.float64:
         return None
@@ -296,13 +307,28 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
         return None
     if _short_sequence(call):
         return None
+    zen5 = _cpu_amd_family() >= 0x1A
     if call.needs_grad:
-        if call.batch <= 16 or call.hidden_size >= 512:
+        if call.batch <= 16:
             return None
-        return "bfloat16 training beyond batch 16 below hidden 512: oneDNN measured as fast or faster"
+        if not zen5:
+            if call.hidden_size >= 512:
+                return None
+            return "bfloat16 training beyond batch 16 below hidden 512: oneDNN measured as fast or faster"
+        if call.hidden_size >= 640 or (call.batch <= 32 and not 256 < call.hidden_size < 512):
+            return None
+        return (
+            "bfloat16 training on Zen 5 beyond batch 16, but for batch <= 32 at hidden <= 256 or >= 512 and "
+            "hidden >= 640 at any batch: oneDNN measured as fast or faster"
+        )
     if call.batch * call.hidden_size <= 1024:
         return None
-    return "bfloat16 inference beyond batch x hidden 1024: oneDNN measured as fast or faster"
+    if zen5 and (call.batch <= 8 or (call.batch <= 16 and call.hidden_size <= 256)):
+        return None
+    return (
+        "bfloat16 inference beyond batch x hidden 1024 (on Zen 5: beyond batch 8, and beyond hidden 256 at "
+        "batch <= 16): oneDNN measured as fast or faster"
+    )
 
 
 def _faster_than_native(name: str, call: LayerCall) -> str | None:
