@@ -142,8 +142,11 @@ TeamSlice join_team(SpinBarrier& barrier, int64_t H) {
 // B64-T35-H200 (1.28 MB) 1.01x, B32-T100-H256 (2 MB) 0.98-1.01x, B40-T100-H300 (2.9 MB) 0.90x. Training
 // (forward and backward) within L2: 1.01-1.04x.
 //
-// Rows split in whole row blocks of the kernel, so every row goes through the same kernel calls as unsplit:
-// the results are bitwise those of any other split.
+// Where each thread's share is whole row blocks of the kernel, every row goes through the same kernel calls as
+// unsplit, and the results are bitwise those of the team and per-step loops. Elsewhere (24 rows on 2 threads:
+// 12 each, blocks of 8 + 4) a short block's rows may round differently in the last bits, since the kernel unrolls
+// k for short blocks: results then depend on the number of threads. With the same threads they are bitwise the
+// same run to run, as the README promises.
 
 // The most bytes of weights a step may read for the split: the L2 of one core, as the C library reports it
 // (1 MB where it reports none). FASTLSTM_ROW_SPLIT_MAX_KB overrides; 0 disables the split.
@@ -160,7 +163,7 @@ inline int64_t row_split_max_bytes() {
 }
 
 // Threads of the row split for a batch of B rows whose steps read step_bytes of weights: all of torch's threads
-// where each gets a whole row block and the weights fit, else 1 (no split). Only 2 threads were measured, so it
+// where each gets a row block's worth of rows and the weights fit, else 1 (no split). Only 2 threads were measured, so it
 // never runs on fewer threads than the alternatives would.
 inline int row_split_threads(int64_t B, int64_t step_bytes) {
   const int threads = at::get_num_threads();
@@ -169,12 +172,18 @@ inline int row_split_threads(int64_t B, int64_t step_bytes) {
   return threads;
 }
 
-// Each thread's rows: ranges [first, end) of whole row blocks. Unpacked rows all take the same work: contiguous
-// shares, as even as whole blocks allow. Packed rows come longest first, so contiguous shares would leave the
-// first thread the most work (B32-T100-H128 packed, lengths in [T/2, T]: ~10% slower than the team loop): there
-// the blocks go out longest first, each to the thread with the least work so far (the same shape: 7% faster than
-// the team loop, three runs alternating; B24-T100-H128 packed, 3 blocks for 2 threads: 7% slower). A thread runs
-// its ranges one after another (rows never meet).
+// Each thread's rows: ranges [first, end). Unpacked rows all take the same work: contiguous shares as even as
+// rows allow, each thread forming its own row blocks. Shares of whole row blocks, as first written (24 rows on 2
+// threads: 16 + 8), measured slower wherever the blocks did not divide evenly (2 threads, float32, alternating
+// in one process, times against nn.LSTM's, even rows / whole blocks / team loop: inference B24-T200-H96
+// 1.17x / 0.91x / 0.83x, B24-T100-H128 1.09x / 0.86x / 0.98x, B40-T100-H128 1.22x / 1.04x / 0.95x,
+// B20-T100-H128 1.39x / 1.24x / 1.10x, B56-T50-H128 1.10x / 1.00x / 0.96x, B100-T50-H64 1.34x / 1.31x / 1.11x;
+// training B24-T200-H96, B40-T100-H128, B20-T100-H128, B56-T50-H128 1.05-1.13x faster than whole blocks).
+// Packed rows come longest first, so contiguous shares would leave the first thread the most work
+// (B32-T100-H128 packed, lengths in [T/2, T]: ~10% slower than the team loop): there whole blocks go out
+// longest first, each to the thread with the least work so far (the same shape: 7% faster than the team loop,
+// three runs alternating; B24-T100-H128 packed, 3 blocks for 2 threads: 7% slower). A thread runs its ranges
+// one after another (rows never meet).
 using RowRanges = std::vector<std::vector<std::pair<int64_t, int64_t>>>;
 
 inline RowRanges row_split_ranges(const std::vector<int64_t>& live, int64_t B, int split) {
@@ -185,20 +194,18 @@ inline RowRanges row_split_ranges(const std::vector<int64_t>& live, int64_t B, i
   }
   std::vector<int64_t> rows_live(B + 1, 0);  // rows_live[n]: steps with n or more rows live
   for (const int64_t n : live) rows_live[std::min(n, B)] += 1;
+  if (rows_live[B] == static_cast<int64_t>(live.size())) {  // every step has all B rows live
+    for (int t = 0; t < split; ++t) ranges[t].emplace_back(B * t / split, B * (t + 1) / split);
+    return ranges;
+  }
   for (int64_t n = B - 1; n >= 0; --n) rows_live[n] += rows_live[n + 1];
-  const bool packed = rows_live[B] != static_cast<int64_t>(live.size());  // some step has fewer than B live
-  int64_t total = 0, done = 0;  // row r is live on rows_live[r + 1] steps
-  for (int64_t r = 0; r < B; ++r) total += rows_live[r + 1];
   std::vector<int64_t> work(split, 0);
   for (int64_t r0 = 0; r0 < B; r0 += kRowBlock) {
     const int64_t r1 = std::min(B, r0 + kRowBlock);
-    int64_t block = 0;
+    int64_t block = 0;  // row r is live on rows_live[r + 1] steps
     for (int64_t r = r0; r < r1; ++r) block += rows_live[r + 1];
-    // Unpacked: the share of the thread whose even part of the work holds the block's middle.
-    int me = static_cast<int>(std::min<int64_t>(split - 1, (2 * done + block) * split / (2 * total)));
-    if (packed) me = static_cast<int>(std::min_element(work.begin(), work.end()) - work.begin());
+    const int me = static_cast<int>(std::min_element(work.begin(), work.end()) - work.begin());
     work[me] += block;
-    done += block;
     if (!ranges[me].empty() && ranges[me].back().second == r0) {
       ranges[me].back().second = r1;
     } else {

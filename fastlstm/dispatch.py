@@ -142,13 +142,12 @@ def _cpp_onednn_weight_grads() -> bool:
     return cpu.uses_onednn_weight_grads()
 
 
-def _cpp_rows_split_evenly(call: LayerCall) -> bool:
-    """Whether the cpp float32 forward of `call` splits its rows among threads (the row split, csrc/team.h), every
-    thread taking as many."""
+def _cpp_splits_rows(call: LayerCall) -> bool:
+    """Whether the cpp float32 forward of `call` splits its rows among threads (the row split, csrc/team.h)."""
     from fastlstm.backends import cpu
 
     bounds = cpu.float32_forward_rows(call.seq_len, call.batch, call.input_size, call.hidden_size, call.proj_size)
-    return len(bounds) > 2 and len({end - start for start, end in zip(bounds, bounds[1:])}) == 1
+    return len(bounds) > 2
 
 
 def _cpp_slower_reason(call: LayerCall) -> str | None:
@@ -243,9 +242,14 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       (`-float32-at-c385603-run*.json`), and 10 more shapes (batch 16-256, hidden 64-180, input 32-256, 35-300
       steps, 1-2 layers, uni- and bidirectional; `-float32-row-split-shapes-run*.json`) three times: 1.02-2.11x
       on the nine whose threads take equal shares, and 0.88x, 1.29x, 0.91x on B24-T200-H96, whose 24 rows split
-      16 + 8 (the split runs whole blocks of 8 rows, so each row's sum is the same however the rows are split).
-      So on Zen 5 float32 inference also goes to cpp where the forward splits its rows in equal shares
-      (_cpp_rows_split_evenly, asked of the build: cpu.float32_forward_rows).
+      16 + 8 (the split then ran whole blocks of 8 rows a thread).
+      So on Zen 5 float32 inference also went to cpp where the forward split its rows in equal shares. Since
+      unpacked rows split in shares as even as rows allow (each thread forming its own row blocks; 24 rows: 12
+      + 12, no longer 16 + 8), 15 shapes whose rows do not split in equal whole blocks (batch 17-200, hidden
+      64-160, 35-200 steps, 1-2 layers, uni- and bidirectional; `-float32-even-rows-run*.json`, three runs on the
+      commit that made the shares even) measured inference 0.99-1.30x (B25-T50-H160 0.99-1.00x, B120-T35-H128
+      0.99-1.02x, the other 13 1.01-1.30x) and training 1.00-1.88x. So it goes to cpp wherever the forward splits
+      its rows (_cpp_splits_rows, asked of the build: cpu.float32_forward_rows).
       bfloat16 (bf16 dot products) on Zen 5 at e4fb7e5, beyond the Zen 4 rule's classes, twice or three times
       each (`-bfloat16-batch8-16-inference-run*.json`, `-bfloat16-training-batch17-32-run*.json`,
       `-bfloat16-training-beyond-batch32-run*.json`, `-bfloat16-beyond-zen4-rule-run*.json`):
@@ -263,7 +267,7 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
     if call.dtype == torch.float32:
         if call.proj_size or call.packed or call.batch <= 4:
             return None
-        if not call.needs_grad and _cpu_amd_family() >= 0x1A and (call.batch <= 8 or _cpp_rows_split_evenly(call)):
+        if not call.needs_grad and _cpu_amd_family() >= 0x1A and (call.batch <= 8 or _cpp_splits_rows(call)):
             return None
         if call.hidden_size <= 64 and call.batch <= 16:
             return None
@@ -273,7 +277,7 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             return None
         return (
             "float32 beyond batch 4 (16 at hidden <= 64 or at most 10 steps; any batch for one step; inference on "
-            "Zen 5 up to batch 8 or where the rows split evenly among threads; training where the cpp build takes "
+            "Zen 5 up to batch 8 or where the rows split among threads; training where the cpp build takes "
             "its weight gradients through oneDNN): oneDNN measured as fast or faster"
         )
     if call.dtype == torch.bfloat16:
