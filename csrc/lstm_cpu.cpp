@@ -16,7 +16,7 @@
 //     in isolation; panels of w_hh stay in each thread's cache across steps; threads split panel x row-block
 //     units); for float32 on Intel CPUs where libtorch carries MKL, MKL's packed GEMM; for float64 batches
 //     >= 16, a plain dgemm. No dispatcher, no allocation.
-//   * Batches of 8+ rows a thread whose step weights fit a core's L2 split their rows among the threads, each
+//   * Batches of 3+ rows a thread whose step weights fit a core's L2 split their rows among the threads, each
 //     running the whole time loop on its own rows: no barrier, nothing shared but the weights.
 //   * Other small steps (up to 2^20 multiply-adds, no projection) run as one team of threads for the whole
 //     sequence, each owning a slice of hidden units, with one spin barrier per step, forward and backward.
@@ -357,7 +357,7 @@ std::string kernel_choices() {
                     "+, float64 " + std::to_string(team_min_hidden<double>(false)) + "+)") +
          " (no projection), else per-step parallel; row split (each thread its own rows' time loop): " +
          (row_split_max_bytes() <= 0 ? std::string("never")
-                                     : "with " + std::to_string(kRowBlock) + "+ rows a thread and up to " +
+                                     : "with " + std::to_string(kRowSplitMinRows) + "+ rows a thread and up to " +
                                            std::to_string(row_split_max_bytes()) + " bytes of weights a step") +
          "; input projection: per step " + from(fuse_min_rows(), "rows") +
          " (register-blocked steps), else one GEMM up front; recurrent product (forward): " +

@@ -162,12 +162,25 @@ inline int64_t row_split_max_bytes() {
   return v;
 }
 
+// Fewest rows a thread of the row split takes. Measured on Zen 5, 2 threads, float32 inference in one process,
+// alternating, against nn.LSTM, split from 8 / 4 / 3 rows a thread (the team loop below that): B6-T100-H200
+// 1.22x / 1.29x / 1.28x, B6-T50-H160-L2 1.15x / 1.15x / 1.28x, B8-T100-H128 1.21x / 1.26x / 1.28x, B8-T200-H96
+// 1.04x / 1.43x / 1.44x, B8-T100-H180 1.09x / 1.12x / 1.12x, B10-T100-H160 0.94x / 1.09x / 1.08x, B12-T200-H96
+// 0.95x / 1.35x / 1.35x; B9, B11, B16 even. In processes alternating with the build that split from 8, batch
+// 6-15 (16 shapes, inference, three runs each) 0.95-1.41x its speed, all but two (0.95x, 0.97x) faster.
+// Training at 3-6 rows a thread, 1.03-1.13x faster than the team loop (B8-T100-H128, B6-T100-H96, B12-T100-H128).
+// 2 rows a thread was faster in one state of this VM (B4-T100-H128 1.25x) and slower in another (0.83-0.98x
+// on 6 shapes at batch 4-5, B4-T100-H256 0.83x), 1 row a thread slower (B2-T200-H256 0.70x, B2-T100-H128
+// 0.80x): every row then reads all of a step's weights alone.
+constexpr int64_t kRowSplitMinRows = 3;
+
 // Threads of the row split for a batch of B rows whose steps read step_bytes of weights: all of torch's threads
-// where each gets a row block's worth of rows and the weights fit, else 1 (no split). Only 2 threads were measured, so it
-// never runs on fewer threads than the alternatives would.
+// where each gets kRowSplitMinRows rows or more and the weights fit, else 1 (no split). Only 2 threads were
+// measured, so it never runs on fewer threads than the alternatives would.
 inline int row_split_threads(int64_t B, int64_t step_bytes) {
   const int threads = at::get_num_threads();
-  if (threads < 2 || at::in_parallel_region() || step_bytes > row_split_max_bytes() || B / kRowBlock < threads)
+  if (threads < 2 || at::in_parallel_region() || step_bytes > row_split_max_bytes() ||
+      B / kRowSplitMinRows < threads)
     return 1;
   return threads;
 }
@@ -182,8 +195,8 @@ inline int row_split_threads(int64_t B, int64_t step_bytes) {
 // Packed rows come longest first, so contiguous shares would leave the first thread the most work
 // (B32-T100-H128 packed, lengths in [T/2, T]: ~10% slower than the team loop): there whole blocks go out
 // longest first, each to the thread with the least work so far (the same shape: 7% faster than the team loop,
-// three runs alternating; B24-T100-H128 packed, 3 blocks for 2 threads: 7% slower). A thread runs its ranges
-// one after another (rows never meet).
+// three runs alternating; B24-T100-H128 packed, 3 blocks for 2 threads: 7% slower); below a row block a thread,
+// blocks of a thread's even share. A thread runs its ranges one after another (rows never meet).
 using RowRanges = std::vector<std::vector<std::pair<int64_t, int64_t>>>;
 
 inline RowRanges row_split_ranges(const std::vector<int64_t>& live, int64_t B, int split) {
@@ -200,8 +213,9 @@ inline RowRanges row_split_ranges(const std::vector<int64_t>& live, int64_t B, i
   }
   for (int64_t n = B - 1; n >= 0; --n) rows_live[n] += rows_live[n + 1];
   std::vector<int64_t> work(split, 0);
-  for (int64_t r0 = 0; r0 < B; r0 += kRowBlock) {
-    const int64_t r1 = std::min(B, r0 + kRowBlock);
+  const int64_t rows = std::min<int64_t>(kRowBlock, B / split);  // a deal: every thread gets one or more
+  for (int64_t r0 = 0; r0 < B; r0 += rows) {
+    const int64_t r1 = std::min(B, r0 + rows);
     int64_t block = 0;  // row r is live on rows_live[r + 1] steps
     for (int64_t r = r0; r < r1; ++r) block += rows_live[r + 1];
     const int me = static_cast<int>(std::min_element(work.begin(), work.end()) - work.begin());

@@ -236,8 +236,8 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       more) twice, 1.03-1.47x (`-float32-batch5-8-inference-run*.json`), and the grid's batch-8 shapes
       1.07-1.13x: so on AMD family 0x1A on (_cpu_amd_family) float32 inference goes to cpp up to batch 8. Beyond
       it inference stayed close to even (0.98-1.13x): native, except where the rows split evenly.
-      The row split (csrc/team.h: each thread runs the time loop on its own rows, from 8 rows a thread where a
-      step's weights fit the core's L2) took float32 inference 1.05-1.31x faster than the team loop before it.
+      The row split (csrc/team.h: each thread runs the time loop on its own rows, then from 8 rows a thread where
+      a step's weights fit the core's L2) took float32 inference 1.05-1.31x faster than the team loop before it.
       Against nn.LSTM on Zen 5, 2 threads: the grid's three shapes it serves, three runs each, 1.09-1.38x
       (`-float32-at-c385603-run*.json`), and 10 more shapes (batch 16-256, hidden 64-180, input 32-256, 35-300
       steps, 1-2 layers, uni- and bidirectional; `-float32-row-split-shapes-run*.json`) three times: 1.02-2.11x
@@ -249,7 +249,10 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       64-160, 35-200 steps, 1-2 layers, uni- and bidirectional; `-float32-even-rows-run*.json`, three runs on the
       commit that made the shares even) measured inference 0.99-1.30x (B25-T50-H160 0.99-1.00x, B120-T35-H128
       0.99-1.02x, the other 13 1.01-1.30x) and training 1.00-1.88x. So it goes to cpp wherever the forward splits
-      its rows (_cpp_splits_rows, asked of the build: cpu.float32_forward_rows).
+      its rows (_cpp_splits_rows, asked of the build: cpu.float32_forward_rows). Since the split takes 3+ rows a
+      thread (it took 8+), batch 9-15 splits where the weights fit: 10 such shapes (hidden 64-180, 35-200 steps,
+      1-2 layers, uni- and bidirectional) six runs each, 1.05-1.95x (`-float32-split-from-3-rows-run*.json`,
+      `-float32-batch9-15-run*.json`).
       bfloat16 (bf16 dot products) on Zen 5 at e4fb7e5, beyond the Zen 4 rule's classes, twice or three times
       each (`-bfloat16-batch8-16-inference-run*.json`, `-bfloat16-training-batch17-32-run*.json`,
       `-bfloat16-training-beyond-batch32-run*.json`, `-bfloat16-beyond-zen4-rule-run*.json`):

@@ -686,11 +686,11 @@ _KERNEL_PATHS = {
         "float32 weight gradients: oneDNN matmul from 1 multiply-adds",
     ),
     "blas-weight-grads": ({"FASTLSTM_ONEDNN_WEIGHT_GRADS": "0"}, "float32 weight gradients: BLAS"),
-    "team-loop": (
-        {"FASTLSTM_TEAM_MAX_MACS": _HUGE, "FASTLSTM_TEAM_MIN_HIDDEN": "1"},
+    "team-loop": (  # the row split off: it would take the batches of 6+ rows
+        {"FASTLSTM_TEAM_MAX_MACS": _HUGE, "FASTLSTM_TEAM_MIN_HIDDEN": "1", "FASTLSTM_ROW_SPLIT_MAX_KB": "0"},
         f"team of threads up to {_HUGE} multiply-adds a step (backward {_HUGE}), 1+ hidden units a thread",
     ),
-    "per-step-loop": ({"FASTLSTM_TEAM_MAX_MACS": "0"}, "team of threads never"),
+    "per-step-loop": ({"FASTLSTM_TEAM_MAX_MACS": "0", "FASTLSTM_ROW_SPLIT_MAX_KB": "0"}, "team of threads never"),
     "projection-per-step": ({"FASTLSTM_FUSE_MIN_ROWS": "1"}, "input projection: per step from 1 rows"),
     "projection-up-front": ({"FASTLSTM_FUSE_MIN_ROWS": _HUGE}, "input projection: per step never"),
     "dot-rows": (
@@ -841,8 +841,8 @@ def _auto_backends(dtype, batch, train=False, hidden=65, proj_size=0, packed=Fal
 
 def test_the_build_says_how_it_splits_rows():
     """dispatch asks the build how a float32 forward splits its rows (cpu.float32_forward_rows): it must say what
-    the split does, shares as even as rows allow from a row block's worth a thread, none on one thread, below
-    that or beyond the weights' limit (FASTLSTM_ROW_SPLIT_MAX_KB, else the core's L2)."""
+    the split does, shares as even as rows allow from 3 rows a thread, none on one thread, below that or beyond
+    the weights' limit (FASTLSTM_ROW_SPLIT_MAX_KB, else the core's L2)."""
     choices = cpu.kernel_choices()
     block = int(choices.split("row blocks of ")[1].split(";")[0])
     # The split serves the register-blocked kernel only: where MKL's packed GEMM runs float32 steps, none.
@@ -854,9 +854,9 @@ def test_the_build_says_how_it_splits_rows():
         assert cpu.float32_forward_rows(50, B, 32, 32, 0) == ([0, 2 * block, B] if split else [0, B])
         for rows in (3 * block, 2 * block + 1):  # blocks that do not divide evenly: rows do
             assert cpu.float32_forward_rows(50, rows, 32, 32, 0) == ([0, rows // 2, rows] if split else [0, rows])
-        assert cpu.float32_forward_rows(50, 2 * block - 1, 32, 32, 0) == [0, 2 * block - 1]  # a thread short
         assert cpu.float32_forward_rows(50, B, 32, 32, 8) == ([0, 2 * block, B] if split else [0, B])
-        assert cpu.float32_forward_rows(50, block, 32, 32, 0) == [0, block]  # one block: no split
+        assert cpu.float32_forward_rows(50, 7, 32, 32, 0) == ([0, 3, 7] if split else [0, 7])  # from 3 rows a thread
+        assert cpu.float32_forward_rows(50, 5, 32, 32, 0) == [0, 5]  # a thread short
         assert cpu.float32_forward_rows(50, 4 * block, 1024, 1024, 0) == [0, 4 * block]  # 16 MB a step
         torch.set_num_threads(1)
         assert cpu.float32_forward_rows(50, 4 * block, 32, 32, 0) == [0, 4 * block]
@@ -885,16 +885,16 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 16, seq_len=11) == ["native"] * 4
     assert _auto_backends(torch.float32, 17, seq_len=10) == ["native"] * 4
     monkeypatch.setattr(dispatch, "_cpu_amd_family", lambda: 0x1A)  # Zen 5: inference up to batch 8
+    monkeypatch.setattr(dispatch, "_cpp_splits_rows", lambda call: False)  # and where the rows split (below)
     assert _auto_backends(torch.float32, 8) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 9) == ["native"] * 4
     assert _auto_backends(torch.float32, 8, train=True) == ["native"] * 4  # weight gradients still through BLAS
     monkeypatch.setattr(dispatch, "_cpp_onednn_weight_grads", lambda: True)  # through oneDNN (Zen 5 by default)
     assert _auto_backends(torch.float32, 64, train=True) == ["cpp"] * 4  # training at any batch
     assert _auto_backends(torch.float32, 64, train=True, hidden=512) == ["cpp"] * 4
-    monkeypatch.setattr(dispatch, "_cpp_splits_rows", lambda call: call.batch >= 16)  # 8+ rows a thread
-    assert _auto_backends(torch.float32, 64) == ["cpp"] * 4  # inference where the rows split
-    assert _auto_backends(torch.float32, 25) == ["cpp"] * 4
-    assert _auto_backends(torch.float32, 15) == ["native"] * 4
+    monkeypatch.setattr(dispatch, "_cpp_splits_rows", lambda call: call.batch <= 32)  # as if the weights fit
+    assert _auto_backends(torch.float32, 32) == ["cpp"] * 4  # inference where the rows split
+    assert _auto_backends(torch.float32, 33) == ["native"] * 4
     monkeypatch.setattr(dispatch, "_cpp_splits_rows", lambda call: False)
     assert _auto_backends(torch.float32, 64) == ["native"] * 4  # rows not split: as before
     monkeypatch.setattr(dispatch, "_cpu_has_fp16_units", lambda: False)  # nn.LSTM runs ATen's float16 loop
