@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -114,8 +115,26 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
-# nn.LSTM's output dtypes under autocast, per distinct call; see LSTM._autocast_dtypes.
-_AUTOCAST_DTYPES: dict[tuple, tuple[torch.dtype, ...]] = {}
+class _Autocast(NamedTuple):
+    """What autocast makes of a call: the (y, h_n, c_n) dtypes nn.LSTM gives, and whether its oneDNN path runs it."""
+
+    dtypes: tuple[torch.dtype, ...]
+    onednn: bool = True
+
+
+# Per distinct call; see LSTM._autocast_dtypes.
+_AUTOCAST_DTYPES: dict[tuple, _Autocast] = {}
+
+
+@contextlib.contextmanager
+def _onednn_off():
+    """nn.LSTM's ATen path on the CPU: oneDNN off for the block, every other oneDNN setting left as it is."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
 
 
 class LSTM(nn.RNNBase):
@@ -230,7 +249,7 @@ class LSTM(nn.RNNBase):
         if all(choice.backend == "native" for choice in choices):
             if hx is None:
                 hx = self._initial_state(input, None, None, True)
-            output, h_n, c_n = self._native_stack(input, hx, batch_sizes)
+            output, h_n, c_n = self._native_stack(input, hx, batch_sizes, amp)
         elif batch_sizes is not None:
             positions = packed_positions(batch_sizes, input.device)
             padded = input.new_zeros(batch_sizes.numel(), int(batch_sizes[0]), input.shape[-1])
@@ -294,7 +313,7 @@ class LSTM(nn.RNNBase):
         x, batch_sizes = x[:keep], batch_sizes[:keep]  # trailing steps where no sequence is live
         if all(choice.backend == "native" for choice in choices):
             positions = packed_positions(batch_sizes, input.device)
-            data, h_n, c_n = self._native_stack(x[positions], hx, batch_sizes)
+            data, h_n, c_n = self._native_stack(x[positions], hx, batch_sizes, amp)
             y = data.new_zeros(*x.shape[:2], data.shape[-1]).index_put(positions, data)
         else:
             if int(sorted_lengths[-1]) < keep:
@@ -403,7 +422,7 @@ class LSTM(nn.RNNBase):
     def _plan(self, input: Tensor, hx, batch_sizes: Tensor | None, amp=None) -> tuple[dispatch.Choice, ...]:
         """The backend of each (layer, direction) for prepared input, layer-major, forward before reverse.
 
-        amp: the dtypes autocast gives this call (see _autocast_dtypes); backends then compute in amp[0].
+        amp: what autocast makes of this call (see _autocast_dtypes); backends then compute in amp.dtypes[0].
         """
         if batch_sizes is not None:
             seq_len, batch = batch_sizes.numel(), int(batch_sizes[0])
@@ -415,7 +434,7 @@ class LSTM(nn.RNNBase):
             or hx[1].requires_grad
             or any(w.requires_grad for w in self._flat_weights)
         )
-        dtype = amp[0] if amp else input.dtype
+        dtype = amp.dtypes[0] if amp else input.dtype
         # dynamo traces the plan once per graph, and exporters decide differently: the cache is for eager calls
         traced = torch.compiler.is_compiling() or dispatch.in_onnx_export() or torch.jit.is_tracing()
         shape = _CallShape(
@@ -538,17 +557,21 @@ class LSTM(nn.RNNBase):
 
     # ---- running the stack ----------------------------------------------------------------------------
 
-    def _native_stack(self, input: Tensor, hx, batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Exactly nn.LSTM's call: the whole stack in one torch._VF.lstm (cuDNN / oneDNN / ATen)."""
-        if batch_sizes is None:
+    def _native_stack(
+        self, input: Tensor, hx, batch_sizes: Tensor | None, amp: _Autocast | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Exactly nn.LSTM's call: the whole stack in one torch._VF.lstm (cuDNN / oneDNN / ATen); with oneDNN off
+        where it cannot run the call under autocast (see _autocast_dtypes)."""
+        with contextlib.nullcontext() if amp is None or amp.onednn else _onednn_off():
+            if batch_sizes is None:
+                return torch._VF.lstm(
+                    input, hx, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
+                    self.bidirectional, self.batch_first,
+                )  # fmt: skip
             return torch._VF.lstm(
-                input, hx, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
-                self.bidirectional, self.batch_first,
+                input, batch_sizes, hx, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
+                self.bidirectional,
             )  # fmt: skip
-        return torch._VF.lstm(
-            input, batch_sizes, hx, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
-            self.bidirectional,
-        )  # fmt: skip
 
     def _parameters_of(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
         """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction, as read by _update_flat_weights for this call."""
@@ -563,8 +586,8 @@ class LSTM(nn.RNNBase):
         w_ih, w_hh, b_ih, b_hh, w_hr = self._parameters_of(layer, direction)
         return w_ih, w_hh, None if b_ih is None else b_ih + b_hh, w_hr
 
-    def _autocast_dtypes(self, input: Tensor, hx, batch_sizes: Tensor | None) -> tuple[torch.dtype, ...] | None:
-        """(y, h_n, c_n) dtypes nn.LSTM gives this call under autocast, or None when autocast is off.
+    def _autocast_dtypes(self, input: Tensor, hx, batch_sizes: Tensor | None) -> _Autocast | None:
+        """The (y, h_n, c_n) dtypes nn.LSTM gives this call under autocast, or None when autocast is off.
 
         nn.LSTM's dtypes under autocast follow from which ATen path runs (oneDNN, cuDNN, the default
         implementation, packed or not) rather than from one rule, so they are read off the native path
@@ -586,13 +609,35 @@ class LSTM(nn.RNNBase):
             x = input.new_zeros(3 if varying else 1, input.shape[-1])
             state = tuple(t.new_zeros(layers, batch, t.shape[-1]) for t in hx)
             flags = (self.bias, self.num_layers, 0.0, False, self.bidirectional)
-            with torch.no_grad():
-                if batch_sizes is None:
-                    out = torch._VF.lstm(x[None], state, weights, *flags, False)
-                else:
-                    probe_sizes = torch.tensor([2, 1] if varying else [1], dtype=torch.int64)
-                    out = torch._VF.lstm(x, probe_sizes, state, weights, *flags)
-            _AUTOCAST_DTYPES[key] = tuple(t.dtype for t in out)
+
+            def probe() -> tuple[torch.dtype, ...]:
+                with torch.no_grad():
+                    if batch_sizes is None:
+                        out = torch._VF.lstm(x[None], state, weights, *flags, False)
+                    else:
+                        probe_sizes = torch.tensor([2, 1] if varying else [1], dtype=torch.int64)
+                        out = torch._VF.lstm(x, probe_sizes, state, weights, *flags)
+                return tuple(t.dtype for t in out)
+
+            try:
+                _AUTOCAST_DTYPES[key] = _Autocast(probe())
+            except RuntimeError as error:
+                if device_type != "cpu" or not torch._C._get_mkldnn_enabled():
+                    raise
+                # oneDNN's LSTM has no bfloat16 kernel on CPUs without AVX-512 (seen on an AMD EPYC Zen 3: "could
+                # not create a primitive descriptor"), so nn.LSTM fails under bfloat16 autocast there. Its ATen
+                # path (oneDNN off) runs the call, in its own dtypes: those are given instead of the failure.
+                with _onednn_off():
+                    try:
+                        dtypes = probe()
+                    except RuntimeError:
+                        raise error from None
+                warnings.warn(
+                    f"fastlstm: nn.LSTM's oneDNN path fails this call under {device_type} autocast here ({error}); "
+                    f"computing it as nn.LSTM does with oneDNN off (output dtypes {dtypes})",
+                    stacklevel=4,
+                )
+                _AUTOCAST_DTYPES[key] = _Autocast(dtypes, onednn=False)
         return _AUTOCAST_DTYPES[key]
 
     def _fast_stack(self, x: Tensor, hx, batch_sizes: Tensor | None, choices, amp) -> tuple[Tensor, Tensor, Tensor]:
@@ -602,11 +647,11 @@ class LSTM(nn.RNNBase):
         """
         if amp is None:
             return self._layered_stack(x, *self._layer_states(x, hx), batch_sizes, choices)
-        compute = amp[0]
+        compute = amp.dtypes[0]
         with torch.autocast(x.device.type, enabled=False):
             h0, c0 = hx[0].to(compute).unbind(0), hx[1].to(compute).unbind(0)
             outputs = self._layered_stack(x.to(compute), h0, c0, batch_sizes, choices, weight_dtype=compute)
-        return tuple(t.to(dtype) for t, dtype in zip(outputs, amp))
+        return tuple(t.to(dtype) for t, dtype in zip(outputs, amp.dtypes))
 
     def _layer_states(self, x: Tensor, hx) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """The initial (h, c) of each (layer, direction) for time-major x; zeros when hx is None."""

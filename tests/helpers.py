@@ -26,6 +26,20 @@ def run_python(*args: str, env: dict | None = None, timeout: int = 300) -> subpr
     )
 
 
+def nn_lstm_under_cpu_autocast(call):
+    """call() (running nn.LSTM) under CPU bfloat16 autocast; where nn.LSTM's oneDNN path cannot run that (oneDNN has
+    no bfloat16 LSTM on CPUs without AVX-512: "could not create a primitive descriptor"), with oneDNN off, which is
+    what fastlstm gives there."""
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return call()
+    except RuntimeError as error:
+        if "could not create a primitive descriptor" not in str(error):
+            raise
+    with torch.backends.mkldnn.flags(enabled=False), torch.autocast("cpu", dtype=torch.bfloat16):
+        return call()
+
+
 def make_pair(*args, backend: str, dtype=torch.float64, **kwargs) -> tuple[nn.LSTM, fastlstm.LSTM]:
     """nn.LSTM and fastlstm.LSTM with the same state_dict."""
     ref = nn.LSTM(*args, dtype=dtype, **kwargs)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import nn_lstm_under_cpu_autocast
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -411,8 +412,9 @@ def test_cpu_autocast_dtypes_and_accuracy_match_nn_lstm(backend, proj, hx_dtype,
         y, (h, c) = module(inp, state)
         return [y.data if lengths is not None else y, h, c]
 
+    expected = nn_lstm_under_cpu_autocast(lambda: run(native))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected, got = run(native), run(fast)
+        got = run(fast)
     truth = run(exact, torch.float64)
     for e, g, t in zip(expected, got, truth):
         assert g.dtype == e.dtype
@@ -422,6 +424,48 @@ def test_cpu_autocast_dtypes_and_accuracy_match_nn_lstm(backend, proj, hx_dtype,
     if backend != "reference":
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert fastlstm.explain(fast, x).backends == [backend, backend]
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", *[b for b in CPU_BACKENDS if b != "triton"]])
+@pytest.mark.parametrize("lengths", [None, [5, 5, 5]], ids=str)
+def test_cpu_autocast_where_onednn_fails_runs_as_nn_lstm_without_onednn(monkeypatch, backend, lengths):
+    """On CPUs without AVX-512 nn.LSTM fails under bfloat16 autocast (oneDNN: "could not create a primitive
+    descriptor"); fastlstm then gives what nn.LSTM gives with oneDNN off, with one warning. Played out here on any
+    CPU by a torch._VF.lstm that fails as oneDNN does there."""
+    real_lstm = torch._VF.lstm
+
+    def onednn_without_bf16(*args):
+        if torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled:
+            raise RuntimeError("could not create a primitive descriptor for the LSTM forward propagation primitive")
+        return real_lstm(*args)
+
+    monkeypatch.setattr(torch._VF, "lstm", onednn_without_bf16)
+    monkeypatch.setattr(fastlstm.module, "_AUTOCAST_DTYPES", {})
+    torch.manual_seed(0)
+    native = nn.LSTM(6, 8, 2)
+    fast = fastlstm.LSTM(6, 8, 2, backend=backend)
+    fast.load_state_dict(native.state_dict())
+    x = torch.randn(5, 3, 6)
+
+    def run(module):
+        y, (h, c) = module(x if lengths is None else pack_padded_sequence(x, lengths))
+        return [y if lengths is None else y.data, h, c]
+
+    with pytest.raises(RuntimeError, match="primitive descriptor"), torch.autocast("cpu", dtype=torch.bfloat16):
+        run(native)
+    expected = nn_lstm_under_cpu_autocast(lambda: run(native))
+    with pytest.warns(UserWarning, match="oneDNN path fails"), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(fast)
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype
+        if backend == "native":
+            torch.testing.assert_close(g, e, atol=0, rtol=0)
+        else:  # in float32 throughout, where ATen's path multiplies in bfloat16
+            torch.testing.assert_close(g, e, atol=1e-2, rtol=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once for this kind of call
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            run(fast)
 
 
 @pytest.mark.cuda

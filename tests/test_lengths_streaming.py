@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_pair
+from helpers import make_pair, nn_lstm_under_cpu_autocast
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastlstm
@@ -162,8 +162,8 @@ def test_repeated_steps_from_zero_state_then_bad_steps(proj):
 def test_step_under_autocast_gives_nn_lstm_dtypes(batched):
     ref, fast = make_pair(I, H, 2, batch_first=True, backend="auto", dtype=torch.float32)
     x = torch.randn(2, I) if batched else torch.randn(I)
+    y_ref, (h_ref, c_ref) = nn_lstm_under_cpu_autocast(lambda: ref(x[:, None] if batched else x[None]))
     with torch.autocast("cpu", torch.bfloat16):
-        y_ref, (h_ref, c_ref) = ref(x[:, None] if batched else x[None])
         y, (h, c) = fast.step(x)
         _, (h2, c2) = fast.step(x, (h, c))  # the state it returned goes back in
     for got, expected in ((y, y_ref[:, 0] if batched else y_ref[0]), (h, h_ref), (c, c_ref)):
