@@ -126,6 +126,19 @@ def _cpu_amd_family(cpuinfo_path: str = "/proc/cpuinfo") -> int:
         return 0
 
 
+@functools.cache
+@backends.constant_under_compile
+def _cpu_amd_zen3(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU is AMD family 0x19 without AVX-512: Zen 3 (Zen 4, the same family, has AVX-512). oneDNN runs
+    its AVX2 LSTM there, and float32 measured differently (see _cpp_slower_reason)."""
+    fields = cpuinfo_fields(cpuinfo_path) or {}
+    return (
+        fields.get("vendor_id") == "AuthenticAMD"
+        and fields.get("cpu family") == "25"
+        and "avx512f" not in fields.get("flags", "").split()
+    )
+
+
 @backends.constant_under_compile
 def _cpp_bf16_dot() -> bool:
     """Whether the cpp build multiplies bfloat16 in bf16 dot products (see fastlstm.backends.cpu)."""
@@ -264,11 +277,22 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       640-1024 won (4 shapes 1.06-1.52x), below 512 mixed (8 shapes 0.90-1.78x). So on Zen 5 bfloat16 inference
       also goes to cpp up to batch 8, and up to batch 16 at hidden <= 256; training up to batch 32 at hidden
       <= 256 or >= 512, and at hidden >= 640 at any batch (no longer at hidden 512 beyond batch 32).
+    - Zen 3 (AMD family 0x19 without AVX-512: oneDNN runs its AVX2 LSTM; cpp builds AVX2 vectors), 2 threads, at
+      340a26f (benchmarks/results/cpu-amd-epyc-zen3-2core*): float32 beyond batch 4 won far more than on the CPUs
+      above. The grid three times: per-shape medians 1.04-2.11x at inference, 1.01-2.25x in training (single runs
+      1.00x and up; batch 8-64: 1.04-1.42x, 1.01-1.62x). 78 more shapes (the batch 5-512 sets measured on Zen 5
+      above, five more at hidden 640-1024) once, the 29 of them below 1.10x or at hidden >= 640 twice: below
+      hidden 640 (65 shapes) inference 0.93-1.82x (B6-T300-H256 1.07x then 0.93x, B6-T200-H256 1.10x then 0.95x,
+      the others 1.00x and up), training 1.01-1.71x; hidden 640-2048 at batch 6-8 (4 shapes) 0.99-1.67x and
+      1.01-1.64x; beyond batch 8 (9 shapes) 0.97-1.15x and 0.87-1.41x, training below 0.95x on seven. So on Zen 3
+      float32 goes to cpp at any batch below hidden 640, and up to batch 8 from it.
     """
     if call.dtype == torch.float64:
         return None
     if call.dtype == torch.float32:
         if call.proj_size or call.packed or call.batch <= 4:
+            return None
+        if _cpu_amd_zen3() and not (call.hidden_size >= 640 and call.batch > 8):
             return None
         if not call.needs_grad and _cpu_amd_family() >= 0x1A and (call.batch <= 8 or _cpp_splits_rows(call)):
             return None
@@ -281,7 +305,8 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
         return (
             "float32 beyond batch 4 (16 at hidden <= 64 or at most 10 steps; any batch for one step; inference on "
             "Zen 5 up to batch 8 or where the rows split among threads; training where the cpp build takes "
-            "its weight gradients through oneDNN): oneDNN measured as fast or faster"
+            "its weight gradients through oneDNN; on Zen 3 any batch below hidden 640, up to batch 8 from it): "
+            "oneDNN measured as fast or faster"
         )
     if call.dtype == torch.bfloat16:
         return _cpp_bf16_slower_reason(call)

@@ -870,6 +870,7 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float64, 8) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_cpp_onednn_weight_grads", lambda: False)  # weight gradients through BLAS
     monkeypatch.setattr(dispatch, "_cpu_amd_family", lambda: 0x19)  # Zen 4, where the rule was first measured
+    monkeypatch.setattr(dispatch, "_cpu_amd_zen3", lambda: False)
     assert _auto_backends(torch.float32, 1) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 4) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 5) == ["native"] * 4
@@ -884,6 +885,12 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 16, seq_len=10, train=True) == ["cpp"] * 4  # up to 10 at batch <= 16
     assert _auto_backends(torch.float32, 16, seq_len=11) == ["native"] * 4
     assert _auto_backends(torch.float32, 17, seq_len=10) == ["native"] * 4
+    monkeypatch.setattr(dispatch, "_cpu_amd_zen3", lambda: True)  # Zen 3: any batch below hidden 640, 8 from it
+    assert _auto_backends(torch.float32, 64) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 64, train=True, hidden=512) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 8, hidden=640) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 9, hidden=640, train=True) == ["native"] * 4
+    monkeypatch.setattr(dispatch, "_cpu_amd_zen3", lambda: False)
     monkeypatch.setattr(dispatch, "_cpu_amd_family", lambda: 0x1A)  # Zen 5: inference up to batch 8
     monkeypatch.setattr(dispatch, "_cpp_splits_rows", lambda call: False)  # and where the rows split (below)
     assert _auto_backends(torch.float32, 8) == ["cpp"] * 4
@@ -957,6 +964,26 @@ def test_cpu_family_as_the_rule_reads_it(tmp_path, cpuinfo, family):
     if cpuinfo is not None:
         path.write_text(cpuinfo)
     assert dispatch._cpu_amd_family(str(path)) == family
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, zen3",
+    [
+        ("vendor_id\t: AuthenticAMD\ncpu family\t: 25\nflags\t\t: fpu avx2 fma\n\nflags\t\t: avx512f\n", True),
+        ("vendor_id\t: AuthenticAMD\ncpu family\t: 25\nflags\t\t: fpu avx2 avx512f avx512_bf16\n", False),
+        ("vendor_id\t: AuthenticAMD\ncpu family\t: 26\nflags\t\t: fpu avx2\n", False),
+        ("vendor_id\t: GenuineIntel\ncpu family\t: 25\nflags\t\t: fpu avx2\n", False),
+        (None, False),
+    ],
+    ids=["zen3", "zen4", "family-26", "intel", "no-cpuinfo"],
+)
+def test_zen3_as_the_rule_reads_it(tmp_path, cpuinfo, zen3):
+    from fastlstm import dispatch
+
+    path = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        path.write_text(cpuinfo)
+    assert dispatch._cpu_amd_zen3(str(path)) == zen3
 
 
 def test_auto_knows_which_bfloat16_path_the_build_takes():
