@@ -222,7 +222,8 @@ inline typename Dot::vec load_units(const typename Dot::unit_t* p, int64_t n) {
     const __m256i live = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
     return reinterpret_cast<vec>(_mm256_maskload_pd(reinterpret_cast<const double*>(p), live));
   } else {
-    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane);
     return reinterpret_cast<vec>(_mm256_maskload_ps(reinterpret_cast<const float*>(p), live));
   }
 #endif
