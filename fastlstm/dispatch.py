@@ -131,12 +131,10 @@ def _cpu_amd_family(cpuinfo_path: str = "/proc/cpuinfo") -> int:
 def _cpu_amd_zen3(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
     """Whether the CPU is AMD family 0x19 without AVX-512: Zen 3 (Zen 4, the same family, has AVX-512). oneDNN runs
     its AVX2 LSTM there, and float32 measured differently (see _cpp_slower_reason)."""
+    if _cpu_amd_family(cpuinfo_path) != 0x19:
+        return False
     fields = cpuinfo_fields(cpuinfo_path) or {}
-    return (
-        fields.get("vendor_id") == "AuthenticAMD"
-        and fields.get("cpu family") == "25"
-        and "avx512f" not in fields.get("flags", "").split()
-    )
+    return "avx512f" not in fields.get("flags", "").split()
 
 
 @backends.constant_under_compile
