@@ -278,6 +278,7 @@ inline void dot_block(const typename Dot::unit_t* h, const typename Dot::unit_t*
     out[r] = accumulate ? out[r] + sum : sum;
   }
 }
+
 // `descending`: the same sums, the rows visited last first (see forward_team).
 template <typename Dot>
 inline void dot_rows(const typename Dot::elem_t* h, const typename Dot::unit_t* w, int64_t ldw, int64_t units,
