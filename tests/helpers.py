@@ -16,14 +16,45 @@ import fastlstm
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _python_env(env: dict | None) -> dict:
+    """env (or this process's), with this checkout first on the import path, and without pytest-xdist's worker
+    variables: a pytest run in the child (the benchmark suite) would take itself for a worker of this one, and
+    pytest-benchmark then disables itself."""
+    env = {k: v for k, v in (os.environ if env is None else env).items() if not k.startswith("PYTEST_XDIST_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
 def run_python(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python *args` in a fresh process, in the repository root with this checkout first on the import path;
     output captured as text, the exit status left to the caller."""
-    env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout, check=False
-    )
+        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=_python_env(env), timeout=timeout,
+        check=False,
+    )  # fmt: skip
+
+
+def run_pythons(runs: list[tuple[tuple[str, ...], dict | None]], timeout: int = 300) -> list:
+    """run_python for each (args, env) of `runs`, all at once: for processes that mostly wait on one core each (a
+    compiler), so that a test building several variants takes about as long as it takes to build one."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=_python_env(env),
+        )
+        for args, env in runs
+    ]
+    try:
+        outputs = [proc.communicate(timeout=timeout) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
 def nn_lstm_under_cpu_autocast(call):

@@ -10,6 +10,10 @@ Launches compile without the specialisations a real launch adds (integer argumen
 aligned to 16 bytes): those change code generation, not what the kernels may do.
 
     TRITON_INTERPRET=0 python tests/triton_compile.py [--arch 90] [--full] [--resources [--max-stack BYTES]]
+        [--shard K/N]
+
+--shard K/N compiles every N-th distinct launch from the K-th (0-based): N processes with K = 0..N-1 share the
+work (a compile takes one core; on a cold cache the short list takes minutes on one).
 
 Prints one line per compiled kernel and ends with "N compiles, F failures"; exits 1 on a failure.
 """
@@ -198,7 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-stack", type=int, metavar="BYTES", help="with --resources: fail a kernel that spills more a thread"
     )
+    parser.add_argument("--shard", default="0/1", metavar="K/N", help="compile every N-th launch from the K-th")
     args = parser.parse_args(argv)
+    try:
+        shard, shards = (int(part) for part in args.shard.split("/"))
+    except ValueError:
+        parser.error(f"--shard {args.shard!r}: expected K/N, e.g. 0/2")
+    if not 0 <= shard < shards:
+        parser.error(f"--shard {args.shard!r}: expected 0 <= K < N")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("run with TRITON_INTERPRET=0: the interpreter's kernels cannot be compiled")
     target = GPUTarget("cuda", args.arch, 32)
@@ -211,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             if launch.key in seen:
                 continue
             seen.add(launch.key)
+            if (len(seen) - 1) % shards != shard:
+                continue
             name = launch.kernel.__name__
             try:
                 binary = triton.compile(
@@ -238,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                     continue
             print(f"ok {name} ({config}): {shared} bytes of shared memory{usage}", flush=True)
     elapsed = time.perf_counter() - start
-    print(f"sm_{args.arch}, triton {triton.__version__}: {compiled} compiles, {failures} failures, {elapsed:.0f} s")
+    part = f" (shard {shard}/{shards} of {len(seen)} distinct launches)" if shards > 1 else ""
+    print(
+        f"sm_{args.arch}, triton {triton.__version__}: {compiled} compiles, {failures} failures, {elapsed:.0f} s{part}"
+    )
     return 1 if failures else 0
 
 
