@@ -5,8 +5,10 @@
 #include "memory.h"
 #include "simd.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>

@@ -33,7 +33,8 @@
 //     rounded at the boundary.
 // Saved for backward: activated gates [T, B, 4H] and the cell history [T, B, H] (plus the output y).
 //
-// This file holds the layer (argument checks, the forward and backward time loops) and the ops. Its parts:
+// This file holds the layer (argument checks, the forward and backward time loops); lstm_ops.cpp holds the ops
+// (the Autograd kernel, the registration) and calls the layer through layer.h. The layer's parts:
 //   simd.h          vector types, the kernels' multiply-adds (float FMA, bfloat16 pairs), the register transpose
 //   memory.h        memory kept between calls (packed weights, scratch) and release_memory()
 //   step_product.h  one step's product: the packed weight, the register-blocked kernel, dot products
@@ -42,12 +43,16 @@
 //   cpu_id.h        which CPU this is (Intel, AMD's family), for choices measured to differ between CPUs
 //   blas.h          the products libraries serve: BLAS, MKL's packed GEMM, oneDNN's matmul
 
-#include <torch/library.h>
-#include <torch/csrc/autograd/autograd.h>
-#include <torch/csrc/autograd/custom_function.h>
-#include <ATen/ATen.h>
+// Light ATen headers (the tensor class and the operators used, not ATen/ATen.h): see layer.h.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -76,6 +81,7 @@
 
 #include "blas.h"
 #include "cell.h"
+#include "layer.h"
 #include "memory.h"
 #include "simd.h"
 #include "step_product.h"
@@ -852,147 +858,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
   return {dx, dh, dc, dw_ih, dw_hh, db, dw_hr};
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Autograd, in C++: the same formula Python's torch.library.register_autograd would give, without its per-call
-// Python (measured ~0.14 ms a layer per training step here, a tenth of a batch-1 step at H = 128). Both ops are
-// called through the dispatcher, so tracing (fake tensors, torch.compile) sees the ops and their fake kernels.
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-Tensor undefined_if_none(const c10::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
-c10::optional<Tensor> none_if_undefined(const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; }
-
-// The layer in differentiable ATen ops, the same steps as fastlstm/reference.py: for double backward only.
-std::tuple<Tensor, Tensor, Tensor> layer_in_aten_ops(const Tensor& x, const Tensor& h0, const Tensor& c0,
-                                                     const Tensor& w_ih, const Tensor& w_hh, const Tensor& b,
-                                                     const Tensor& w_hr, const std::vector<int64_t>& live,
-                                                     bool reverse) {
-  const int64_t T = x.size(0), B = x.size(1);
-  Tensor x_proj = at::matmul(x, w_ih.t());
-  if (b.defined()) x_proj = x_proj + b;
-  Tensor h = h0, c = c0;
-  std::vector<Tensor> ys(T);
-  for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = reverse ? T - 1 - s : s;
-    const int64_t n = live[t];
-    // Rows past n are finished (forward) or not started (reverse, still at h0/c0): they keep their state.
-    const auto q = (x_proj[t].narrow(0, 0, n) + at::matmul(h.narrow(0, 0, n), w_hh.t())).chunk(4, 1);
-    const Tensor c_live = q[1].sigmoid() * c.narrow(0, 0, n) + q[0].sigmoid() * q[2].tanh();
-    Tensor h_live = q[3].sigmoid() * c_live.tanh();
-    if (w_hr.defined()) h_live = at::matmul(h_live, w_hr.t());
-    ys[t] = n < B ? at::cat({h_live, h_live.new_zeros({B - n, h_live.size(1)})}) : h_live;
-    h = n < B ? at::cat({h_live, h.narrow(0, n, B - n)}) : h_live;
-    c = n < B ? at::cat({c_live, c.narrow(0, n, B - n)}) : c_live;
-  }
-  return {at::stack(ys), h, c};
-}
-
-// Backward with create_graph=True (gradient penalties, Hessian-vector products): the kernels' gradients are not
-// themselves differentiable, so recompute the layer from the saved inputs in differentiable ops and let autograd
-// differentiate that. Slow (a step loop of small ops), exact, and only ever taken for this case.
-variable_list differentiable_grads(const std::vector<Tensor>& inputs, const Tensor& batch_sizes, bool reverse,
-                                   const Tensor& grad_y, const Tensor& grad_hT, const Tensor& grad_cT) {
-  const Tensor& x = inputs[0];
-  const auto ct = compute_type(x.scalar_type());
-  std::vector<Tensor> v;  // the inputs in the compute dtype (bfloat16 and float16 in float32, as the kernels)
-  for (const Tensor& t : inputs) v.push_back(t.defined() ? t.to(ct) : t);
-  const auto live = live_rows(none_if_undefined(batch_sizes), x.size(0), x.size(1));
-  auto [y, hT, cT] = layer_in_aten_ops(v[0], v[1], v[2], v[3], v[4], v[5], v[6], live, reverse);
-  variable_list wrt;
-  std::vector<size_t> where;
-  for (size_t k = 0; k < inputs.size(); ++k) {
-    if (inputs[k].defined() && inputs[k].requires_grad()) {
-      wrt.push_back(inputs[k]);
-      where.push_back(k);
-    }
-  }
-  variable_list grads(inputs.size() + 3);  // + batch_sizes, reverse, save: none
-  if (wrt.empty()) return grads;
-  const variable_list got = torch::autograd::grad({y, hT, cT}, wrt, {grad_y.to(ct), grad_hT.to(ct), grad_cT.to(ct)},
-                                                  /*retain_graph=*/true, /*create_graph=*/true, /*allow_unused=*/true);
-  for (size_t k = 0; k < wrt.size(); ++k) grads[where[k]] = got[k];
-  return grads;
-}
-
-class LayerFunction : public torch::autograd::Function<LayerFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& c0,
-                               const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b,
-                               const c10::optional<Tensor>& w_hr, const c10::optional<Tensor>& batch_sizes,
-                               bool reverse, bool save) {
-    static const auto op = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("fastlstm::cpp_lstm_fwd", "")
-                                .typed<decltype(lstm_fwd)>();
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, hT, cT, gates, c_hist] = op.call(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save);
-    ctx->save_for_backward({x, h0, c0, w_ih, w_hh, undefined_if_none(w_hr), undefined_if_none(batch_sizes), y, gates,
-                            c_hist, undefined_if_none(b)});
-    ctx->saved_data["reverse"] = reverse;
-    ctx->saved_data["save"] = save;
-    // gates and c_hist are saved state, never differentiated; unused gradients stay undefined rather than being
-    // materialised as zeros ([T, B, 4H] of them).
-    ctx->mark_non_differentiable({gates, c_hist});
-    ctx->set_materialize_grads(false);
-    // The caller gets a copy of y, backward keeps its own: nn.LSTM's ATen path lets a model change its output in
-    // place before backward (y += residual), which would otherwise fail backward's version check. Without saving
-    // (no_grad, which still comes through here) there is no backward to protect, and the copy cost 8% of an
-    // inference call (B32-T100-H256: 0.6 of 7.9 ms).
-    return {save ? y.clone() : y, hT, cT, gates, c_hist};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(ctx->saved_data["save"].toBool(),
-                "fastlstm cpp: backward through a forward that ran without saving (save=False)");
-    static const auto op = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("fastlstm::cpp_lstm_bwd", "")
-                                .typed<decltype(lstm_bwd)>();
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &h0 = saved[1], &c0 = saved[2], &w_ih = saved[3], &w_hh = saved[4];
-    const Tensor &w_hr = saved[5], &batch_sizes = saved[6], &y = saved[7], &gates = saved[8], &c_hist = saved[9];
-    const Tensor& b = saved[10];
-    const Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(y);
-    const Tensor grad_hT = grads[1].defined() ? grads[1] : at::zeros_like(h0);
-    const Tensor grad_cT = grads[2].defined() ? grads[2] : at::zeros_like(c0);
-    const bool has_bias = b.defined();
-    if (at::GradMode::is_enabled()) {  // create_graph=True
-      return differentiable_grads({x, h0, c0, w_ih, w_hh, b, w_hr}, batch_sizes,
-                                  ctx->saved_data["reverse"].toBool(), grad_y, grad_hT, grad_cT);
-    }
-    auto [dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr] =
-        op.call(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, none_if_undefined(w_hr),
-                none_if_undefined(batch_sizes), y, gates, c_hist, ctx->saved_data["reverse"].toBool(), has_bias);
-    // One gradient per forward input: batch_sizes, reverse and save get none.
-    return {dx, dh0, dc0, dw_ih, dw_hh, has_bias ? db : Tensor(), w_hr.defined() ? dw_hr : Tensor(),
-            Tensor(), Tensor(), Tensor()};
-  }
-};
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd_autograd(
-    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
-    const c10::optional<Tensor>& b, const c10::optional<Tensor>& w_hr, const c10::optional<Tensor>& batch_sizes,
-    bool reverse, bool save) {
-  const variable_list out = LayerFunction::apply(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save);
-  return {out[0], out[1], out[2], out[3], out[4]};
-}
-
 }  // namespace
 }  // namespace fastlstm
 
-// The schemas of cpp_lstm_fwd / cpp_lstm_bwd are defined by fastlstm/backends/cpu.py when fastlstm is imported,
-// before this library is built or loaded: a saved torch.export program naming them then loads on a machine that
-// has never built it. This library adds their kernels. FRAGMENT: Python defines ops in the same namespace.
-TORCH_LIBRARY_FRAGMENT(fastlstm, m) {
-  m.def("cpp_kernel_choices() -> str", &fastlstm::kernel_choices);
-  m.def("cpp_bf16_dot() -> bool", &fastlstm::use_bf16_dot);
-  m.def("cpp_onednn_weight_grads() -> bool", &fastlstm::uses_onednn_weight_grads);
-  m.def("cpp_float32_forward_rows(int T, int B, int I, int H, int P) -> int[]", &fastlstm::float32_forward_rows);
-  m.def("cpp_release_memory() -> int", &fastlstm::release_memory);
+// What lstm_ops.cpp calls (layer.h).
+namespace fastlstm {
+namespace layer {
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x, const Tensor& h0, const Tensor& c0,
+                                                           const Tensor& w_ih, const Tensor& w_hh,
+                                                           const c10::optional<Tensor>& b,
+                                                           const c10::optional<Tensor>& w_hr,
+                                                           const c10::optional<Tensor>& batch_sizes, bool reverse,
+                                                           bool save) {
+  return fastlstm::lstm_fwd(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save);
 }
 
-TORCH_LIBRARY_IMPL(fastlstm, CPU, m) {
-  m.impl("cpp_lstm_fwd", &fastlstm::lstm_fwd);
-  m.impl("cpp_lstm_bwd", &fastlstm::lstm_bwd);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
+    const Tensor& grad_y, const Tensor& grad_hT, const Tensor& grad_cT, const Tensor& x, const Tensor& h0,
+    const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& w_hr,
+    const c10::optional<Tensor>& batch_sizes, const Tensor& y, const Tensor& gates, const Tensor& c_hist,
+    bool reverse, bool has_bias) {
+  return fastlstm::lstm_bwd(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist,
+                            reverse, has_bias);
 }
 
-TORCH_LIBRARY_IMPL(fastlstm, Autograd, m) { m.impl("cpp_lstm_fwd", &fastlstm::lstm_fwd_autograd); }
+at::ScalarType compute_type(at::ScalarType t) { return fastlstm::compute_type(t); }
+std::vector<int64_t> live_rows(const c10::optional<Tensor>& batch_sizes, int64_t T, int64_t B) {
+  return fastlstm::live_rows(batch_sizes, T, B);
+}
+std::string kernel_choices() { return fastlstm::kernel_choices(); }
+bool use_bf16_dot() { return fastlstm::use_bf16_dot(); }
+bool uses_onednn_weight_grads() { return fastlstm::uses_onednn_weight_grads(); }
+std::vector<int64_t> float32_forward_rows(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P) {
+  return fastlstm::float32_forward_rows(T, B, I, H, P);
+}
+int64_t release_memory() { return fastlstm::release_memory(); }
+
+}  // namespace layer
+}  // namespace fastlstm

@@ -2,7 +2,7 @@
 // transpose that packing uses.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #ifdef __AVX__
 #include <immintrin.h>

@@ -488,7 +488,7 @@ def _cell_at(x, w_ih, w_hh, b, steps):
 
 
 def test_build_key_covers_every_source_file(tmp_path):
-    """lstm_cpu.cpp includes the headers: an edit to any of them must give a new cache directory, or a stale
+    """The sources include the headers: an edit to any of them must give a new cache directory, or a stale
     library would be loaded."""
     src = tmp_path / "csrc"
     shutil.copytree(cpu.source_dir(), src)

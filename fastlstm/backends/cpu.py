@@ -1,4 +1,4 @@
-"""The C++ CPU backend: csrc/ (lstm_cpu.cpp and its headers) built on first use with torch.utils.cpp_extension + ninja.
+"""The C++ CPU backend: csrc/ (lstm_cpu.cpp, lstm_ops.cpp, headers) built on first use with cpp_extension + ninja.
 
 Build and cache
     The extension is compiled lazily (first call of `unavailable_reason()`, `layer()` or `build()`, never at
@@ -71,8 +71,10 @@ from torch import Tensor
 
 from fastlstm.backends import Backend, LayerCall, LayerResult, constant_under_compile
 
-_SOURCES = ("lstm_cpu.cpp",)  # compiled; it includes the headers, which the build key covers too
-_HEADERS = ("blas.h", "cell.h", "cpu_id.h", "memory.h", "simd.h", "step_product.h", "team.h")
+# Compiled, at once (ninja runs one compiler a core): the layer's kernels and the ops. They include the headers,
+# which the build key covers too.
+_SOURCES = ("lstm_cpu.cpp", "lstm_ops.cpp")
+_HEADERS = ("blas.h", "cell.h", "cpu_id.h", "layer.h", "memory.h", "simd.h", "step_product.h", "team.h")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
