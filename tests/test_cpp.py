@@ -657,11 +657,10 @@ def test_two_processes_building_at_once_share_one_good_cache(tmp_path):
     # -O0: this tests the cache, not the code; it compiles in half the time of -O3 (~30 s against ~55 on 2 cores)
     flags = f"{os.environ.get('FASTLSTM_CXXFLAGS', '')} -O0".strip()
     env = dict(os.environ, FASTLSTM_CACHE_DIR=str(tmp_path / "cache"), FASTLSTM_CXXFLAGS=flags)
-    run = dict(env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    procs = [subprocess.Popen([sys.executable, "-c", code], **run) for _ in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0 and out.startswith("OK"), out + err
+    procs = run_pythons([(("-c", code), env)] * 2, timeout=600)
+    outputs = [(p.stdout, p.stderr) for p in procs]
+    for p in procs:
+        assert p.returncode == 0 and p.stdout.startswith("OK"), p.stdout + p.stderr
     notice = "fastlstm: compiling the C++ CPU backend for this machine"
     assert any(notice in err for _, err in outputs), [err for _, err in outputs]
     paths = {out.split()[1] for out, _ in outputs}
@@ -975,10 +974,15 @@ def test_auto_follows_the_measured_rule(monkeypatch):
 def test_cpu_family_as_the_rule_reads_it(tmp_path, cpuinfo, family):
     from fastlstm import dispatch
 
+    assert dispatch._cpu_amd_family(_cpuinfo_file(tmp_path, cpuinfo)) == family
+
+
+def _cpuinfo_file(tmp_path, text: str | None) -> str:
+    """The path of a /proc/cpuinfo stand-in holding `text`; None: a path where no file is."""
     path = tmp_path / "cpuinfo"
-    if cpuinfo is not None:
-        path.write_text(cpuinfo)
-    assert dispatch._cpu_amd_family(str(path)) == family
+    if text is not None:
+        path.write_text(text)
+    return str(path)
 
 
 @pytest.mark.parametrize(
@@ -995,10 +999,7 @@ def test_cpu_family_as_the_rule_reads_it(tmp_path, cpuinfo, family):
 def test_zen3_as_the_rule_reads_it(tmp_path, cpuinfo, zen3):
     from fastlstm import dispatch
 
-    path = tmp_path / "cpuinfo"
-    if cpuinfo is not None:
-        path.write_text(cpuinfo)
-    assert dispatch._cpu_amd_zen3(str(path)) == zen3
+    assert dispatch._cpu_amd_zen3(_cpuinfo_file(tmp_path, cpuinfo)) == zen3
 
 
 def test_auto_knows_which_bfloat16_path_the_build_takes():
