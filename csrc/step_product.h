@@ -96,38 +96,50 @@ inline void keep_in_register(V& v) {
 #endif
 }
 
-// Independent chains of multiply-adds a block of RB rows keeps in flight: RB x kPanel accumulators, times KU
-// partial sums over k. Two FMA units of 4 cycles' latency need 8 chains; fewer rows leave fewer, so k is unrolled
-// into KU partial sums, as far as the register file allows (AVX-512: 32 vector registers; else 16). Measured on
-// Zen 5 (2 threads, forward, in one process, each build's calls alternating after nn.LSTM's), 3-4 rows at KU = 2
-// against 1: B4-T35-H200-L2 1.07-1.09x, B3-T100-H128 1.04-1.05x, B12 (8 + 4 rows)-T100-H256 1.03x faster; 5-6
-// rows 1.01x (not taken); 1 row at KU = 8 against 4: 0.91-0.98x.
-template <int RB>
+// Independent chains of multiply-adds a block of RB rows x CV vectors of columns keeps in flight: RB x CV
+// accumulators, times KU partial sums over k. Two FMA units of 4 cycles' latency need 8 chains; fewer rows leave
+// fewer, so k is unrolled into KU partial sums, as far as the register file allows (AVX-512: 32 vector registers;
+// else 16). Measured on Zen 5 (2 threads, forward, in one process, each build's calls alternating after
+// nn.LSTM's), 3-4 rows at KU = 2 against 1: B4-T35-H200-L2 1.07-1.09x, B3-T100-H128 1.04-1.05x, B12 (8 + 4
+// rows)-T100-H256 1.03x faster; 5-6 rows 1.01x (not taken); 1 row at KU = 8 against 4: 0.91-0.98x. With 16
+// registers (AVX2), 2 rows take KU = 3 and 3 rows KU = 2 (12 chains in 14-15 registers): the kernel alone on Zen 3
+// (K = 200, 128 columns, one thread, alternating with the build before), 2 rows 1.14-1.20x and 3 rows 1.09-1.36x
+// faster; 1 row at KU = 6: 0.95x. One vector of columns (a panel's last vector alone, CV = 1): 8+ chains.
+template <int RB, int CV>
 constexpr int k_unroll() {
-  return RB == 1 ? 4 : RB <= (kVecBytes == 64 ? 4 : 2) ? 2 : 1;
+  if constexpr (CV == 1) return (8 + RB - 1) / RB;
+  if constexpr (kVecBytes == 64) return RB == 1 ? 4 : RB <= 4 ? 2 : 1;
+  return RB == 1 ? 4 : RB == 2 ? 3 : RB == 3 ? 2 : 1;
 }
 
-// C[RB, valid] (+)= A[RB, K] @ panel, K in steps of Dot::pair (lda in elements).
-template <typename Dot, int RB>
-inline void micro_kernel(const typename Dot::elem_t* __restrict__ A, int64_t lda,
-                         const typename Dot::elem_t* __restrict__ panel, int64_t steps,
-                         typename Dot::acc_t* __restrict__ C, int64_t ldc, int64_t valid, bool accumulate) {
+// C[RB, valid] (+)= A[RB, K] @ panel, K in steps of Dot::pair (lda in elements), for the panel's first CV vectors
+// of columns (valid <= CV lanes: CV = 1 where a panel's second vector is all padding, which would double the
+// work of a lone vector). Never inlined: inlined into forward_team's step loop, GCC ran out of registers for the
+// loop's own values and spilled the weight vectors to the stack every k (4 rows: 21 instructions a k instead of
+// 17; B4-T35-H200-L2 1.11-1.13x faster against nn.LSTM on Zen 3 without it).
+template <typename Dot, int RB, int CV>
+__attribute__((noinline)) void micro_kernel(const typename Dot::elem_t* __restrict__ A, int64_t lda,
+                                            const typename Dot::elem_t* __restrict__ panel, int64_t steps,
+                                            typename Dot::acc_t* __restrict__ C, int64_t ldc, int64_t valid,
+                                            bool accumulate) {
   using acc_t = typename Dot::acc_t;
   using vec = typename Dot::vec;
-  constexpr int L = Dot::lanes, CV = kPanel, W = CV * L, PR = Dot::pair;
+  // W: the panel's row of units (its stride over k); WC: the columns computed here.
+  constexpr int L = Dot::lanes, W = kPanel * L, WC = CV * L, PR = Dot::pair;
+  static_assert(CV >= 1 && CV <= kPanel, "a panel has kPanel vectors of columns");
   vec acc[RB][CV];
-  acc_t tmp[RB * W];
+  acc_t tmp[RB * WC];
   acc_t* out = C;
   int64_t ldo = ldc;
-  if (valid < W) {  // the last, partial panel goes through a small buffer
+  if (valid < WC) {  // a partial vector goes through a small buffer
     out = tmp;
-    ldo = W;
+    ldo = WC;
     for (int r = 0; r < RB; ++r)
-      for (int c = 0; c < W; ++c) tmp[r * W + c] = (accumulate && c < valid) ? C[r * ldc + c] : acc_t(0);
+      for (int c = 0; c < WC; ++c) tmp[r * WC + c] = (accumulate && c < valid) ? C[r * ldc + c] : acc_t(0);
   }
   for (int r = 0; r < RB; ++r)
     for (int v = 0; v < CV; ++v) acc[r][v] = accumulate ? Vec<acc_t>::load(out + r * ldo + v * L) : vec{};
-  constexpr int KU = k_unroll<RB>();
+  constexpr int KU = k_unroll<RB, CV>();
   vec part[KU > 1 ? KU - 1 : 1][RB][CV];
   if constexpr (KU > 1) {
     for (int u = 0; u < KU - 1; ++u)
@@ -162,9 +174,9 @@ inline void micro_kernel(const typename Dot::elem_t* __restrict__ A, int64_t lda
   }
   for (int r = 0; r < RB; ++r)
     for (int v = 0; v < CV; ++v) Vec<acc_t>::store(out + r * ldo + v * L, acc[r][v]);
-  if (valid < W) {
+  if (valid < WC) {
     for (int r = 0; r < RB; ++r)
-      for (int c = 0; c < valid; ++c) C[r * ldc + c] = tmp[r * W + c];
+      for (int c = 0; c < valid; ++c) C[r * ldc + c] = tmp[r * WC + c];
   }
 }
 
@@ -173,24 +185,37 @@ inline void micro_kernel(const typename Dot::elem_t* __restrict__ A, int64_t lda
 // AVX-512 and 16 with AVX2 or SSE (NEON has 32, but no ARM machine was measured: 6 there too).
 constexpr int kRowBlock = kVecBytes == 64 ? 8 : 6;
 
-template <typename Dot>
-inline void panel_rows(const typename Dot::elem_t* A, int64_t lda, const typename Dot::elem_t* panel, int64_t steps,
-                       typename Dot::acc_t* C, int64_t ldc, int64_t n, int64_t valid, bool accumulate) {
+template <typename Dot, int CV>
+inline void panel_row_blocks(const typename Dot::elem_t* A, int64_t lda, const typename Dot::elem_t* panel,
+                             int64_t steps, typename Dot::acc_t* C, int64_t ldc, int64_t n, int64_t valid,
+                             bool accumulate) {
   constexpr int RB = kRowBlock;
   int64_t r = 0;
   for (; r + RB <= n; r += RB)
-    micro_kernel<Dot, RB>(A + r * lda, lda, panel, steps, C + r * ldc, ldc, valid, accumulate);
+    micro_kernel<Dot, RB, CV>(A + r * lda, lda, panel, steps, C + r * ldc, ldc, valid, accumulate);
   const auto* a = A + r * lda;
   auto* c = C + r * ldc;
   switch (n - r) {
     case 0: break;
-    case 1: micro_kernel<Dot, 1>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
-    case 2: micro_kernel<Dot, 2>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
-    case 3: micro_kernel<Dot, 3>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
-    case 4: micro_kernel<Dot, 4>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
-    case 5: micro_kernel<Dot, 5>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
-    case 6: micro_kernel<Dot, 6>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
-    default: micro_kernel<Dot, 7>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    case 1: micro_kernel<Dot, 1, CV>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    case 2: micro_kernel<Dot, 2, CV>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    case 3: micro_kernel<Dot, 3, CV>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    case 4: micro_kernel<Dot, 4, CV>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    case 5: micro_kernel<Dot, 5, CV>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    case 6: micro_kernel<Dot, 6, CV>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+    default: micro_kernel<Dot, 7, CV>(a, lda, panel, steps, c, ldc, valid, accumulate); break;
+  }
+}
+
+// C[n, valid] (+)= A[n, K] @ one panel: the kernel over its row blocks, on the panel's first vector of columns
+// alone where the rest is padding (a slice or a width of an odd number of vectors, e.g. 25 at hidden 200).
+template <typename Dot>
+inline void panel_rows(const typename Dot::elem_t* A, int64_t lda, const typename Dot::elem_t* panel, int64_t steps,
+                       typename Dot::acc_t* C, int64_t ldc, int64_t n, int64_t valid, bool accumulate) {
+  if (valid <= Dot::lanes) {
+    panel_row_blocks<Dot, 1>(A, lda, panel, steps, C, ldc, n, valid, accumulate);
+  } else {
+    panel_row_blocks<Dot, kPanel>(A, lda, panel, steps, C, ldc, n, valid, accumulate);
   }
 }
 
