@@ -114,14 +114,11 @@ constexpr int k_unroll() {
 
 // C[RB, valid] (+)= A[RB, K] @ panel, K in steps of Dot::pair (lda in elements), for the panel's first CV vectors
 // of columns (valid <= CV lanes: CV = 1 where a panel's second vector is all padding, which would double the
-// work of a lone vector). Never inlined: inlined into forward_team's step loop, GCC ran out of registers for the
-// loop's own values and spilled the weight vectors to the stack every k (4 rows: 21 instructions a k instead of
-// 17; B4-T35-H200-L2 1.11-1.13x faster against nn.LSTM on Zen 3 without it).
+// work of a lone vector).
 template <typename Dot, int RB, int CV>
-__attribute__((noinline)) void micro_kernel(const typename Dot::elem_t* __restrict__ A, int64_t lda,
-                                            const typename Dot::elem_t* __restrict__ panel, int64_t steps,
-                                            typename Dot::acc_t* __restrict__ C, int64_t ldc, int64_t valid,
-                                            bool accumulate) {
+inline void micro_kernel_body(const typename Dot::elem_t* __restrict__ A, int64_t lda,
+                              const typename Dot::elem_t* __restrict__ panel, int64_t steps,
+                              typename Dot::acc_t* __restrict__ C, int64_t ldc, int64_t valid, bool accumulate) {
   using acc_t = typename Dot::acc_t;
   using vec = typename Dot::vec;
   // W: the panel's row of units (its stride over k); WC: the columns computed here.
@@ -177,6 +174,31 @@ __attribute__((noinline)) void micro_kernel(const typename Dot::elem_t* __restri
   if (valid < WC) {
     for (int r = 0; r < RB; ++r)
       for (int c = 0; c < valid; ++c) C[r * ldc + c] = tmp[r * WC + c];
+  }
+}
+
+// Blocks of 2+ rows run out of line: inlined into forward_team's step loop, GCC ran out of registers for the
+// loop's own values and spilled the weight vectors to the stack every k (4 rows: 21 instructions a k instead of
+// 17; out of line, B4-T35-H200-L2 ran 1.18-1.20x faster against nn.LSTM on Zen 3). A single row keeps few
+// accumulators, and its calls are short at the sizes it serves (batch 1, hidden 48-64 on 2 threads: 8 calls a step
+// a thread, each 48-64 k long), where calling it out of line measured 5-20% slower (medians of five processes
+// alternating, B1-T200-H48 and B1-T500-H64 layers).
+template <typename Dot, int RB, int CV>
+__attribute__((noinline)) void micro_kernel_call(const typename Dot::elem_t* __restrict__ A, int64_t lda,
+                                                 const typename Dot::elem_t* __restrict__ panel, int64_t steps,
+                                                 typename Dot::acc_t* __restrict__ C, int64_t ldc, int64_t valid,
+                                                 bool accumulate) {
+  micro_kernel_body<Dot, RB, CV>(A, lda, panel, steps, C, ldc, valid, accumulate);
+}
+
+template <typename Dot, int RB, int CV>
+inline void micro_kernel(const typename Dot::elem_t* __restrict__ A, int64_t lda,
+                         const typename Dot::elem_t* __restrict__ panel, int64_t steps,
+                         typename Dot::acc_t* __restrict__ C, int64_t ldc, int64_t valid, bool accumulate) {
+  if constexpr (RB == 1) {
+    micro_kernel_body<Dot, RB, CV>(A, lda, panel, steps, C, ldc, valid, accumulate);
+  } else {
+    micro_kernel_call<Dot, RB, CV>(A, lda, panel, steps, C, ldc, valid, accumulate);
   }
 }
 
@@ -277,6 +299,35 @@ inline acc_t sum_lanes(vec v) {
 #endif
 }
 
+#if !defined(__AVX512F__)
+// The sums of 8 vectors' lanes (AVX2: 8 floats or 2 x 4 doubles), into out[0..8) (added to it with
+// `accumulate`): horizontal adds of pairs of vectors, then the two 128-bit halves, 11 instructions where
+// sum_lanes takes 5 a vector (40). At batch 1 each row of w_hh ends in such a sum: dot_rows alone, rows of 64-200
+// floats, ran 1.03-1.08x faster this way (Zen 3, medians of 31 runs alternating with sum_lanes; float64 even).
+template <typename acc_t, typename vec>
+inline void sum_lanes8(const vec* acc, acc_t* out, bool accumulate) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    for (int g = 0; g < 8; g += 4) {
+      const auto a = [&](int r) { return reinterpret_cast<__m256d>(acc[g + r]); };
+      // [a0 01, a1 01 | a0 23, a1 23] and the same for a2, a3: the halves added give the four sums in order
+      const __m256d p01 = _mm256_hadd_pd(a(0), a(1)), p23 = _mm256_hadd_pd(a(2), a(3));
+      __m256d sums = _mm256_add_pd(_mm256_permute2f128_pd(p01, p23, 0x20), _mm256_permute2f128_pd(p01, p23, 0x31));
+      if (accumulate) sums = _mm256_add_pd(sums, _mm256_loadu_pd(out + g));
+      _mm256_storeu_pd(out + g, sums);
+    }
+  } else {
+    const auto a = [&](int r) { return reinterpret_cast<__m256>(acc[r]); };
+    const __m256 p01 = _mm256_hadd_ps(a(0), a(1)), p23 = _mm256_hadd_ps(a(2), a(3));
+    const __m256 p45 = _mm256_hadd_ps(a(4), a(5)), p67 = _mm256_hadd_ps(a(6), a(7));
+    // each 128-bit half: the four rows' sums over that half's lanes
+    const __m256 q0 = _mm256_hadd_ps(p01, p23), q1 = _mm256_hadd_ps(p45, p67);
+    __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+    if (accumulate) sums = _mm256_add_ps(sums, _mm256_loadu_ps(out));
+    _mm256_storeu_ps(out, sums);
+  }
+}
+#endif
+
 // R rows at once: R independent accumulators, h loaded once per vector of units for all R.
 template <typename Dot, int R>
 inline void dot_block(const typename Dot::unit_t* h, const typename Dot::unit_t* w, int64_t ldw, int64_t units,
@@ -298,6 +349,12 @@ inline void dot_block(const typename Dot::unit_t* h, const typename Dot::unit_t*
     const vec hv = load_units<Dot>(h + k, units - k);
     for (int r = 0; r < R; ++r) Dot::madd_lanes(acc[r], hv, load_units<Dot>(w + r * ldw + k, units - k));
   }
+#if !defined(__AVX512F__)
+  if constexpr (R == 8) {
+    sum_lanes8<acc_t>(acc, out, accumulate);
+    return;
+  }
+#endif
   for (int r = 0; r < R; ++r) {
     const acc_t sum = sum_lanes<acc_t>(acc[r]);
     out[r] = accumulate ? out[r] + sum : sum;
