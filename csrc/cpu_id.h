@@ -31,5 +31,14 @@ inline int amd_family() {
 #endif
 }
 
+// Whether this is a Zen 3 (AMD family 0x19 without AVX-512; Zen 4, the same family, has it).
+inline bool amd_zen3() {
+#if defined(__x86_64__) || defined(__i386__)
+  return amd_family() == 0x19 && !__builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 }  // namespace fastlstm

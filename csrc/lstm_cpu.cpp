@@ -355,10 +355,16 @@ std::string kernel_choices() {
          (use_bf16_dot() ? "bf16 dot products (AVX512-BF16), h rounded to bf16 each step"
                          : "float32 math, rounded at the end") +
          "; time loop: one team of threads " +
-         (team_max_macs(false) <= 0
+         (team_max_macs(false, 1) <= 0
               ? std::string("never")
-              : "up to " + std::to_string(team_max_macs(false)) + " multiply-adds a step (backward " +
-                    std::to_string(team_max_macs(true)) + "), " + std::to_string(team_min_hidden<float>(false)) +
+              : "up to " + std::to_string(team_max_macs(false, 1)) + " multiply-adds a step" +
+                    (team_max_macs(false, kTeamZen3Rows) == team_max_macs(false, 1)
+                         ? std::string()
+                         : " below " + std::to_string(kTeamZen3Rows) + " rows, " +
+                               std::to_string(team_max_macs(false, kTeamZen3Rows)) + " from " +
+                               std::to_string(kTeamZen3Rows)) +
+                    " (backward " + std::to_string(team_max_macs(true, 1)) + "), " +
+                    std::to_string(team_min_hidden<float>(false)) +
                     "+ hidden units a thread (float32 backward " + std::to_string(team_min_hidden<float>(true)) +
                     "+, float64 " + std::to_string(team_min_hidden<double>(false)) + "+)") +
          " (no projection), else per-step parallel; row split (each thread its own rows' time loop): " +

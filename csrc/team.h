@@ -76,12 +76,21 @@ class SpinBarrier {
 // gained where the threshold moved (B2-T200-H384 1.67x -> 1.70x of nn.LSTM, B8-T100-H256 1.06x -> 1.15x,
 // B8-T35-H384-bi 1.11x -> 1.26x, B16-T100-H256 1.01x -> 1.04x, B32-T100-H256 0.98x -> 1.00x); 2^26 lost
 // B64-T35-H200 (1.09x -> 0.89x: 200 units split 112 + 88). The backward, at 2^23, was mixed (0.95-1.64x
-// against 0.96-1.40x), so it keeps 2^20. FASTLSTM_TEAM_MAX_MACS overrides both; 0 disables.
-inline int64_t team_max_macs(bool backward) {
+// against 0.96-1.40x), so it keeps 2^20. On Zen 3 the forward pays as a team up to 2^23 below kTeamZen3Rows
+// rows: float32 inference against nn.LSTM, 2^23 against 2^20 alternating in processes three or four times,
+// B1-T100-H1024 1.40x -> 1.60x, B3-T100-H512 1.26x -> 1.35x, B5-T50-H600 1.08x -> 1.19x, B4-T100-H384 1.14x ->
+// 1.19x, B2-T100-H512 1.84x -> 1.95x, B6-T100-H384 1.01x -> 1.04x (training 1.09x -> 1.11x, B3 1.09x -> 1.17x);
+// from 8 rows even or slower (B8-T100-H256 0.99x, B8-T35-H384-bi 1.00x, B16-T50-H300 0.95x).
+// FASTLSTM_TEAM_MAX_MACS overrides all; 0 disables.
+constexpr int64_t kTeamZen3Rows = 8;
+
+inline int64_t team_max_macs(bool backward, int64_t rows) {
   static const char* env = std::getenv("FASTLSTM_TEAM_MAX_MACS");
   if (env != nullptr) return std::atoll(env);
-  static const int64_t forward = amd_family() >= 0x1A ? int64_t(1) << 23 : int64_t(1) << 20;
-  return backward ? int64_t(1) << 20 : forward;
+  constexpr int64_t narrow = int64_t(1) << 20, wide = int64_t(1) << 23;
+  static const bool zen5 = amd_family() >= 0x1A, zen3 = amd_zen3();
+  if (backward) return narrow;
+  return zen5 || (zen3 && rows < kTeamZen3Rows) ? wide : narrow;
 }
 
 // Hidden units each team thread must own for the team to pay: below, a thread's slice is a vector or two and
@@ -102,7 +111,7 @@ inline int64_t team_min_hidden(bool backward) {
 // Threads of the team loop: 1 means the per-step path instead.
 template <typename scalar_t>
 inline int team_threads(int64_t B, int64_t H, int64_t P, bool proj, bool backward) {
-  if (proj || at::in_parallel_region() || B * 4 * H * P > team_max_macs(backward)) return 1;
+  if (proj || at::in_parallel_region() || B * 4 * H * P > team_max_macs(backward, B)) return 1;
   return static_cast<int>(std::min<int64_t>(at::get_num_threads(), H / team_min_hidden<scalar_t>(backward)));
 }
 

@@ -745,7 +745,8 @@ _EXTRA_CASES = {
 def test_default_kernel_choices_follow_the_cpu(monkeypatch):
     """The choices measured to differ on Zen 5 (AMD family 0x1A on) hold there by default and nowhere else: float32
     weight gradients through oneDNN, float64 steps never through dgemm, the forward as a team up to 2^23
-    multiply-adds a step. (Forcing each path, test_kernel_paths, cannot tell whether the defaults survived.)"""
+    multiply-adds a step; on Zen 3 (family 0x19 without AVX-512), the forward as a team up to 2^23 below 8 rows.
+    (Forcing each path, test_kernel_paths, cannot tell whether the defaults survived.)"""
     from fastlstm import dispatch
 
     for knob in ("ONEDNN_WEIGHT_GRADS", "ONEDNN_MIN_MACS", "DGEMM_MIN_ROWS", "TEAM_MAX_MACS", "MKL_MIN_ROWS"):
@@ -757,8 +758,12 @@ def test_default_kernel_choices_follow_the_cpu(monkeypatch):
         expected = ["float64 step: dgemm never", "multiply-adds a step (backward 1048576)", "up to 8388608"]
         if torch.backends.mkldnn.is_available():
             expected.append("float32 weight gradients: oneDNN matmul from 16777216 multiply-adds")
+    elif dispatch._cpu_amd_zen3():
+        team = "up to 8388608 multiply-adds a step below 8 rows, 1048576 from 8 (backward 1048576)"
+        expected = ["float32 weight gradients: BLAS", team]
     else:
         expected = ["float32 weight gradients: BLAS", "up to 1048576 multiply-adds a step (backward 1048576)"]
+    if dispatch._cpu_amd_family() < 0x1A:
         if torch.backends.mkl.is_available():
             expected.append("float64 step: dgemm from 16 rows")
     for part in expected:
