@@ -179,7 +179,8 @@ inline void micro_kernel_body(const typename Dot::elem_t* __restrict__ A, int64_
 
 // Blocks of 2+ rows run out of line: inlined into forward_team's step loop, GCC ran out of registers for the
 // loop's own values and spilled the weight vectors to the stack every k (4 rows: 21 instructions a k instead of
-// 17; out of line, B4-T35-H200-L2 ran 1.18-1.20x faster against nn.LSTM on Zen 3). A single row keeps few
+// 17; out of line, and with the one-vector panels below, B4-T35-H200-L2 float32 inference went from 1.04-1.11x
+// of nn.LSTM to 1.15-1.26x across A/B runs on Zen 3). A single row keeps few
 // accumulators, and its calls are short at the sizes it serves (batch 1, hidden 48-64 on 2 threads: 8 calls a step
 // a thread, each 48-64 k long), where calling it out of line measured 5-20% slower (medians of five processes
 // alternating, B1-T200-H48 and B1-T500-H64 layers).

@@ -79,8 +79,9 @@ class SpinBarrier {
 // against 0.96-1.40x), so it keeps 2^20. On Zen 3 the forward pays as a team up to 2^23 below kTeamZen3Rows
 // rows: float32 inference against nn.LSTM, 2^23 against 2^20 alternating in processes three or four times,
 // B1-T100-H1024 1.40x -> 1.60x, B3-T100-H512 1.26x -> 1.35x, B5-T50-H600 1.08x -> 1.19x, B4-T100-H384 1.14x ->
-// 1.19x, B2-T100-H512 1.84x -> 1.95x, B6-T100-H384 1.01x -> 1.04x (training 1.09x -> 1.11x, B3 1.09x -> 1.17x);
-// from 8 rows even or slower (B8-T100-H256 0.99x, B8-T35-H384-bi 1.00x, B16-T50-H300 0.95x).
+// 1.19x, B2-T100-H512 1.84x -> 1.95x, B6-T100-H384 1.01x -> 1.04x, B2-T200-H384 1.52x -> 1.64x in one set and
+// 1.53x -> 1.49x in another; training B3-T100-H512 1.09x -> 1.17x, B6-T100-H384 1.09x -> 1.11x. From 8 rows even
+// or slower (B8-T100-H256 0.99x, B8-T35-H384-bi 1.00x, B16-T50-H300 0.95x).
 // FASTLSTM_TEAM_MAX_MACS overrides all; 0 disables.
 constexpr int64_t kTeamZen3Rows = 8;
 
