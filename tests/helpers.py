@@ -28,10 +28,7 @@ def _python_env(env: dict | None) -> dict:
 def run_python(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python *args` in a fresh process, in the repository root with this checkout first on the import path;
     output captured as text, the exit status left to the caller."""
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=_python_env(env), timeout=timeout,
-        check=False,
-    )  # fmt: skip
+    return run_pythons([(args, env)], timeout=timeout)[0]
 
 
 def run_pythons(runs: list[tuple[tuple[str, ...], dict | None]], timeout: int = 300) -> list:

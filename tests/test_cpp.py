@@ -658,12 +658,11 @@ def test_two_processes_building_at_once_share_one_good_cache(tmp_path):
     flags = f"{os.environ.get('FASTLSTM_CXXFLAGS', '')} -O0".strip()
     env = dict(os.environ, FASTLSTM_CACHE_DIR=str(tmp_path / "cache"), FASTLSTM_CXXFLAGS=flags)
     procs = run_pythons([(("-c", code), env)] * 2, timeout=600)
-    outputs = [(p.stdout, p.stderr) for p in procs]
     for p in procs:
         assert p.returncode == 0 and p.stdout.startswith("OK"), p.stdout + p.stderr
     notice = "fastlstm: compiling the C++ CPU backend for this machine"
-    assert any(notice in err for _, err in outputs), [err for _, err in outputs]
-    paths = {out.split()[1] for out, _ in outputs}
+    assert any(notice in p.stderr for p in procs), [p.stderr for p in procs]
+    paths = {p.stdout.split()[1] for p in procs}
     assert len(paths) == 1 and all(Path(p).is_file() for p in paths)
     third = run_python("-c", code, env=env, timeout=120)
     assert third.returncode == 0 and third.stdout.startswith("OK"), third.stdout + third.stderr
