@@ -179,6 +179,25 @@ inline int64_t fuse_min_rows() {
   return v;
 }
 
+// Bytes of w_ih up to which the float32 input projection up front runs on the register-blocked kernel (w_ih
+// packed each call) rather than oneDNN's matmul or BLAS: there a library call's fixed costs (oneDNN: fetching
+// its primitive, reordering the weight, a fresh output where the kernel writes into the kept gate buffer) are a
+// large part of the product. Measured on Zen 3, 2 threads, the layer alone (float32 inference), alternating in
+// one process: 64 KB-1 MB of w_ih 1.03-1.15x faster than oneDNN (B1-T100-H128 1.14-1.15x, B1-T35-H128 1.13x,
+// B4-T35-H200 1.07-1.08x, B1-T500-H64 1.06-1.10x, B4-T100-H256 1.09x, B1-T100-I1024-H64 1.11x) and 1.00-1.03x
+// faster than BLAS; from 1.6 MB even or slower (I=H=320 1.00-1.04x, I=H=384 0.97-1.05x, I=H=512 0.96-0.98x,
+// the packing growing with w_ih while the product's rows stay few). Against nn.LSTM (the bench, processes
+// alternating with the build before), inference B1-T100-H128 1.51x -> 1.70x and B3-T100-H256 1.41x -> 1.76x
+// (medians of 9 and 6 runs), B4-T35-H200-L2 1.27x -> 1.34x; training even within its spread but for
+// B4-T35-H200-L2, 1.71x -> 1.63x. float64 gained nothing (0.90-1.04x against BLAS).
+// FASTLSTM_OWN_PROJECTION_MAX_KB overrides; 0 disables.
+inline int64_t own_projection_max_bytes() {
+  static const int64_t v = std::getenv("FASTLSTM_OWN_PROJECTION_MAX_KB")
+                               ? std::atoll(std::getenv("FASTLSTM_OWN_PROJECTION_MAX_KB")) * 1024
+                               : int64_t(1) << 20;
+  return v;
+}
+
 
 // The rows the kernel reads as h (and x): Dot's element type, row stride `ld` (the width rounded up to whole
 // pairs, the pad zero). FmaDot: the same numbers. Bf16Dot: h rounded to bfloat16 every step, as native bf16
@@ -347,7 +366,10 @@ std::string kernel_choices() {
          ", else register-blocked; float32 x@W^T and dx: oneDNN matmul " +
          from(onednn_linear_op().has_value() ? onednn_min_macs() : std::numeric_limits<int64_t>::max(),
               "multiply-adds") +
-         ", else BLAS; float32 weight gradients: " +
+         ", else BLAS; float32 input projection up front: register-blocked " +
+         (own_projection_max_bytes() > 0 ? "up to " + std::to_string(own_projection_max_bytes()) + " bytes of w_ih"
+                                         : std::string("never")) +
+         "; float32 weight gradients: " +
          (uses_onednn_weight_grads()
               ? "oneDNN matmul " + from(weight_grad_min_macs(), "multiply-adds") + ", else BLAS"
               : std::string("BLAS")) +
@@ -455,7 +477,10 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   const int64_t g_step = one_step ? 0 : B * G4;
   const elem_t* xp = reinterpret_cast<const elem_t*>(x.data_ptr());
   if (!fuse_input) {
-    if constexpr (own_rows) {
+    // Bf16Dot's products are the kernel's always (no library call takes bf16 in, float out).
+    const bool own_kernel = own_rows || (std::is_same_v<scalar_t, float> &&
+                                         G4 * I * static_cast<int64_t>(sizeof(float)) <= own_projection_max_bytes());
+    if (own_kernel) {
       WihT.pack(wih_u, ki, G4, 1, ki);  // B[k, n] = w_ih[n, k]
       step_gemm<Dot>(xp, ldx, WihT, gates.data_ptr<scalar_t>(), G4, T * B, /*accumulate=*/false);
     } else {

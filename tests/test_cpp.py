@@ -686,8 +686,19 @@ _KERNEL_PATHS = {
     "register-blocked-step": ({"FASTLSTM_MKL_MIN_ROWS": _HUGE}, "MKL packed GEMM never"),
     "dgemm-step": ({"FASTLSTM_DGEMM_MIN_ROWS": "1"}, "float64 step: dgemm from 1 rows"),
     "register-blocked-float64-step": ({"FASTLSTM_DGEMM_MIN_ROWS": _HUGE}, "float64 step: dgemm never"),
-    "onednn-projection": ({"FASTLSTM_ONEDNN_MIN_MACS": "1"}, "oneDNN matmul from 1 multiply-adds"),
-    "blas-projection": ({"FASTLSTM_ONEDNN_MIN_MACS": _HUGE}, "oneDNN matmul never"),
+    # The library products below 8 rows, where the input projection would otherwise be the kernel's
+    "onednn-projection": (
+        {"FASTLSTM_ONEDNN_MIN_MACS": "1", "FASTLSTM_OWN_PROJECTION_MAX_KB": "0"},
+        "oneDNN matmul from 1 multiply-adds",
+    ),
+    "blas-projection": (
+        {"FASTLSTM_ONEDNN_MIN_MACS": _HUGE, "FASTLSTM_OWN_PROJECTION_MAX_KB": "0"},
+        "oneDNN matmul never",
+    ),
+    "own-projection": (  # at every batch: the input projection up front on the kernel
+        {"FASTLSTM_OWN_PROJECTION_MAX_KB": str(2**30), "FASTLSTM_FUSE_MIN_ROWS": _HUGE},
+        f"input projection up front: register-blocked up to {2**40} bytes of w_ih",
+    ),
     "onednn-weight-grads": (
         {"FASTLSTM_ONEDNN_WEIGHT_GRADS": "1", "FASTLSTM_ONEDNN_MIN_MACS": "1"},
         "float32 weight gradients: oneDNN matmul from 1 multiply-adds",
@@ -748,7 +759,10 @@ def test_default_kernel_choices_follow_the_cpu(monkeypatch):
     (Forcing each path, test_kernel_paths, cannot tell whether the defaults survived.)"""
     from fastlstm import dispatch
 
-    for knob in ("ONEDNN_WEIGHT_GRADS", "ONEDNN_MIN_MACS", "DGEMM_MIN_ROWS", "TEAM_MAX_MACS", "MKL_MIN_ROWS"):
+    for knob in (
+        "ONEDNN_WEIGHT_GRADS", "ONEDNN_MIN_MACS", "DGEMM_MIN_ROWS", "TEAM_MAX_MACS", "MKL_MIN_ROWS",
+        "OWN_PROJECTION_MAX_KB",
+    ):  # fmt: skip
         monkeypatch.delenv(f"FASTLSTM_{knob}", raising=False)
     result = run_python("-c", "from fastlstm.backends import cpu; print(cpu.kernel_choices())")
     assert result.returncode == 0, result.stderr
@@ -765,6 +779,7 @@ def test_default_kernel_choices_follow_the_cpu(monkeypatch):
     if dispatch._cpu_amd_family() < 0x1A:
         if torch.backends.mkl.is_available():
             expected.append("float64 step: dgemm from 16 rows")
+    expected.append("input projection up front: register-blocked up to 1048576 bytes of w_ih")
     for part in expected:
         assert part in choices, (part, choices)
 
