@@ -179,8 +179,8 @@ inline int64_t fuse_min_rows() {
   return v;
 }
 
-// Bytes of w_ih up to which the float32 input projection up front runs on the register-blocked kernel (w_ih
-// packed each call) rather than oneDNN's matmul or BLAS: there a library call's fixed costs (oneDNN: fetching
+// Bytes of w_ih up to which the float32 input projection up front (below 8 rows) runs on the register-blocked
+// kernel (w_ih packed each call) rather than oneDNN's matmul or BLAS: there a library call's fixed costs (oneDNN: fetching
 // its primitive, reordering the weight, a fresh output where the kernel writes into the kept gate buffer) are a
 // large part of the product. Measured on Zen 3, 2 threads, the layer alone (float32 inference), alternating in
 // one process: 64 KB-1 MB of w_ih 1.03-1.15x faster than oneDNN (B1-T100-H128 1.14-1.15x, B1-T35-H128 1.13x,
@@ -189,13 +189,26 @@ inline int64_t fuse_min_rows() {
 // the packing growing with w_ih while the product's rows stay few). Against nn.LSTM (the bench, processes
 // alternating with the build before), inference B1-T100-H128 1.51x -> 1.70x and B3-T100-H256 1.41x -> 1.76x
 // (medians of 9 and 6 runs), B4-T35-H200-L2 1.27x -> 1.34x; training even within its spread but for
-// B4-T35-H200-L2, 1.71x -> 1.63x. float64 gained nothing (0.90-1.04x against BLAS).
+// B4-T35-H200-L2, 1.71x -> 1.63x. float64 gained nothing (0.90-1.04x against BLAS). dx = dgates @ w_ih likewise
+// below 8 rows (the backward op alone, against oneDNN: B1-T100-H128 1.06x, B1-T500-H64 1.07x, B4-T35-H200
+// 1.08-1.10x, B2-T100-H224 1.08x, B1-T100-H256 1.05x, B3-T100-H256 0.93x and 1.17x in two sets; from 16 rows
+// even or slower: B16-T500-H128 0.87x, B32-T100-H256 0.96x, B64-T50-H64 0.97x); training against nn.LSTM,
+// twelve runs alternating with the build before: B1-T100-H128 1.52x -> 1.63x, B4-T35-H200-L2 1.69x -> 1.76x,
+// B3-T100-H256 1.28x -> 1.31x, B1-T500-H64 2.22x -> 2.19x.
 // FASTLSTM_OWN_PROJECTION_MAX_KB overrides; 0 disables.
 inline int64_t own_projection_max_bytes() {
   static const int64_t v = std::getenv("FASTLSTM_OWN_PROJECTION_MAX_KB")
                                ? std::atoll(std::getenv("FASTLSTM_OWN_PROJECTION_MAX_KB")) * 1024
                                : int64_t(1) << 20;
   return v;
+}
+
+// Whether the input projection x @ w_ih^T up front, or dx = dgates @ w_ih, of a batch of B rows runs on the
+// register-blocked kernel (float32; w_ih_elems: 4H * I).
+template <typename scalar_t>
+bool own_projection(int64_t B, int64_t w_ih_elems) {
+  return std::is_same_v<scalar_t, float> && B < fuse_min_rows() &&
+         w_ih_elems * static_cast<int64_t>(sizeof(float)) <= own_projection_max_bytes();
 }
 
 
@@ -366,7 +379,8 @@ std::string kernel_choices() {
          ", else register-blocked; float32 x@W^T and dx: oneDNN matmul " +
          from(onednn_linear_op().has_value() ? onednn_min_macs() : std::numeric_limits<int64_t>::max(),
               "multiply-adds") +
-         ", else BLAS; float32 input projection up front: register-blocked " +
+         ", else BLAS; float32 input projection up front and dx below " + std::to_string(fuse_min_rows()) +
+         " rows: register-blocked " +
          (own_projection_max_bytes() > 0 ? "up to " + std::to_string(own_projection_max_bytes()) + " bytes of w_ih"
                                          : std::string("never")) +
          "; float32 weight gradients: " +
@@ -478,9 +492,7 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   const elem_t* xp = reinterpret_cast<const elem_t*>(x.data_ptr());
   if (!fuse_input) {
     // Bf16Dot's products are the kernel's always (no library call takes bf16 in, float out).
-    const bool own_kernel = own_rows || (std::is_same_v<scalar_t, float> &&
-                                         G4 * I * static_cast<int64_t>(sizeof(float)) <= own_projection_max_bytes());
-    if (own_kernel) {
+    if (own_rows || own_projection<scalar_t>(B, G4 * I)) {
       WihT.pack(wih_u, ki, G4, 1, ki);  // B[k, n] = w_ih[n, k]
       step_gemm<Dot>(xp, ldx, WihT, gates.data_ptr<scalar_t>(), G4, T * B, /*accumulate=*/false);
     } else {
@@ -807,7 +819,14 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
     return;
   }
   Tensor dx2 = dx.view({TB, I});
-  linear_nt<scalar_t>(dg2, w_ih.t(), dx2);
+  if (own_projection<scalar_t>(B, G4 * I)) {
+    Packed<FmaDot<scalar_t>> WihB;
+    WihB.pack(w_ih.data_ptr<scalar_t>(), G4, I, I, 1);  // B[k, n] = w_ih[k, n]
+    step_gemm<FmaDot<scalar_t>>(dg2.data_ptr<scalar_t>(), G4, WihB, dx2.data_ptr<scalar_t>(), I, TB,
+                                /*accumulate=*/false);
+  } else {
+    linear_nt<scalar_t>(dg2, w_ih.t(), dx2);
+  }
   dx = dx2.view({T, B, I});
   weight_grad<scalar_t>(dg2, x.view({TB, I}), dw_ih);
   if (!(reverse && packed)) {

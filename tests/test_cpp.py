@@ -695,9 +695,9 @@ _KERNEL_PATHS = {
         {"FASTLSTM_ONEDNN_MIN_MACS": _HUGE, "FASTLSTM_OWN_PROJECTION_MAX_KB": "0"},
         "oneDNN matmul never",
     ),
-    "own-projection": (  # at every batch: the input projection up front on the kernel
+    "own-projection": (  # at every batch: the input projection up front and dx on the kernel
         {"FASTLSTM_OWN_PROJECTION_MAX_KB": str(2**30), "FASTLSTM_FUSE_MIN_ROWS": _HUGE},
-        f"input projection up front: register-blocked up to {2**40} bytes of w_ih",
+        f"input projection up front and dx below {2**62} rows: register-blocked up to {2**40} bytes of w_ih",
     ),
     "onednn-weight-grads": (
         {"FASTLSTM_ONEDNN_WEIGHT_GRADS": "1", "FASTLSTM_ONEDNN_MIN_MACS": "1"},
@@ -779,7 +779,7 @@ def test_default_kernel_choices_follow_the_cpu(monkeypatch):
     if dispatch._cpu_amd_family() < 0x1A:
         if torch.backends.mkl.is_available():
             expected.append("float64 step: dgemm from 16 rows")
-    expected.append("input projection up front: register-blocked up to 1048576 bytes of w_ih")
+    expected.append("input projection up front and dx below 8 rows: register-blocked up to 1048576 bytes of w_ih")
     for part in expected:
         assert part in choices, (part, choices)
 

@@ -36,9 +36,9 @@ Tuning knobs (read once per process by the C++ code; for measurements and tests,
     FASTLSTM_ONEDNN_MIN_MACS float32 computes the input projection and dx with oneDNN's matmul from this many
                             multiply-adds on (default: 2**22 on CPUs other than Intel's, where it measured
                             faster than MKL's sgemm; never on Intel); else BLAS.
-    FASTLSTM_OWN_PROJECTION_MAX_KB float32 computes the input projection up front (below 8 rows) on the
-                            register-blocked kernel up to this many KB of w_ih (default 1024; 0 never), else
-                            as FASTLSTM_ONEDNN_MIN_MACS says.
+    FASTLSTM_OWN_PROJECTION_MAX_KB float32 computes the input projection up front and dx below 8 rows
+                            (FASTLSTM_FUSE_MIN_ROWS) on the register-blocked kernel up to this many KB of w_ih
+                            (default 1024; 0 never), else as FASTLSTM_ONEDNN_MIN_MACS says.
     FASTLSTM_ONEDNN_WEIGHT_GRADS 1 / 0: float32 weight gradients through oneDNN's matmul (from 2**24
                             multiply-adds, or FASTLSTM_ONEDNN_MIN_MACS when set) or BLAS (default: oneDNN on
                             Zen 5, where MKL runs at half its rate; BLAS elsewhere).
