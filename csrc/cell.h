@@ -17,12 +17,18 @@ namespace {
 // Pointwise math, all in explicit SIMD (a row's last partial vector too, through masked loads and stores).
 
 // float through GCC/Clang vector extensions, one register wide (kVecBytes): a Cephes-style exp, about 1 ulp.
+//
+// tanh is -m / (2 + m) with m = e^(-2|x|) - 1 taken from exp's own parts (vexpm1), not (1 - e) / (1 + e): near 0
+// that subtraction cancels, leaving tanh an absolute error of an ulp of 1 instead of a relative one. A layer
+// whose activations were ~1e-6 then measured 3e-3 relative error in float32 against nn.LSTM's 2e-6 (and 6e-12
+// in float64), found by random configurations (proj_size 1, no bias, three layers).
 using vf = Vec<float>::type;
 typedef int32_t vi __attribute__((vector_size(kVecBytes)));
 
 inline vf vsplat(float a) { return vf{} + a; }
 
-inline vf vexp(vf x) {
+// exp(x) = s * (1 + q): s = 2^n, n = round(x / ln 2), q = e^r - 1 of the remainder r, |r| <= ln 2 / 2.
+inline void vexp_parts(vf x, vf& s, vf& q) {
   x = x < vsplat(-87.3365447504f) ? vsplat(-87.3365447504f) : x;
   x = x > vsplat(88.3762626647949f) ? vsplat(88.3762626647949f) : x;
   const vf magic = vsplat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to nearest
@@ -35,17 +41,27 @@ inline vf vexp(vf x) {
   p = p * r + 4.1665795894E-2f;
   p = p * r + 1.6666665459E-1f;
   p = p * r + 5.0000001201E-1f;
-  p = p * r * r + r + 1.0f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  return p * reinterpret_cast<vf>(bits);
+  q = p * r * r + r;
+  s = reinterpret_cast<vf>((__builtin_convertvector(n, vi) + 127) << 23);
+}
+inline vf vexp(vf x) {
+  vf s, q;
+  vexp_parts(x, s, q);
+  return (q + 1.0f) * s;
+}
+// e^x - 1, relatively accurate near 0 (there s = 1 and this is q itself).
+inline vf vexpm1(vf x) {
+  vf s, q;
+  vexp_parts(x, s, q);
+  return s * q + (s - 1.0f);
 }
 inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
 inline vf vtanh(vf x) {
   const vi xb = reinterpret_cast<vi>(x);
   const vi sign = xb & (int32_t)0x80000000;
   const vf a = reinterpret_cast<vf>(xb & (int32_t)0x7fffffff);
-  const vf e = vexp(-2.0f * a);
-  const vf t = (1.0f - e) / (1.0f + e);
+  const vf m = vexpm1(-2.0f * a);
+  const vf t = -m / (m + 2.0f);
   return reinterpret_cast<vf>(reinterpret_cast<vi>(t) | sign);
 }
 
@@ -55,7 +71,7 @@ typedef int64_t vl __attribute__((vector_size(kVecBytes)));
 
 inline vd vsplat(double a) { return vd{} + a; }
 
-inline vd vexp(vd x) {
+inline void vexp_parts(vd x, vd& s, vd& q) {
   x = x < vsplat(-708.0) ? vsplat(-708.0) : x;
   x = x > vsplat(709.0) ? vsplat(709.0) : x;
   const vd magic = vsplat(6755399441055744.0);  // 1.5 * 2^52
@@ -73,17 +89,26 @@ inline vd vexp(vd x) {
   p = p * r + 1.0 / 6.0;
   p = p * r + 0.5;
   p = p * r + 1.0;
-  p = p * r + 1.0;
-  const vl bits = (__builtin_convertvector(n, vl) + 1023) << 52;
-  return p * reinterpret_cast<vd>(bits);
+  q = p * r;
+  s = reinterpret_cast<vd>((__builtin_convertvector(n, vl) + 1023) << 52);
+}
+inline vd vexp(vd x) {
+  vd s, q;
+  vexp_parts(x, s, q);
+  return (q + 1.0) * s;
+}
+inline vd vexpm1(vd x) {
+  vd s, q;
+  vexp_parts(x, s, q);
+  return s * q + (s - 1.0);
 }
 inline vd vsigmoid(vd x) { return 1.0 / (1.0 + vexp(-x)); }
 inline vd vtanh(vd x) {
   const vl xb = reinterpret_cast<vl>(x);
   const vl sign = xb & (int64_t)0x8000000000000000ULL;
   const vd a = reinterpret_cast<vd>(xb & (int64_t)0x7fffffffffffffffLL);
-  const vd e = vexp(-2.0 * a);
-  const vd t = (1.0 - e) / (1.0 + e);
+  const vd m = vexpm1(-2.0 * a);
+  const vd t = -m / (m + 2.0);
   return reinterpret_cast<vd>(reinterpret_cast<vl>(t) | sign);
 }
 

@@ -6,10 +6,11 @@ import textwrap
 
 import pytest
 import torch
-from helpers import make_pair, run_python
+from helpers import lstm_call, make_pair, run_python, run_with_grads
 
 import fastlstm
 from fastlstm import backends
+from fastlstm.backends import LayerCall
 
 I, H = 4, 6
 BACKENDS = ["native", "reference"] + [n for n in ("cpp", "triton") if backends.get(n).unavailable_reason() is None]
@@ -38,6 +39,30 @@ def test_saturated_input_stays_finite(backend, scale):
     (y.sum() + h.sum() + c.sum()).backward()
     assert torch.isfinite(y).all() and torch.isfinite(c).all() and torch.isfinite(x.grad).all()
     torch.testing.assert_close(y, ref(x)[0], atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "dtype,scale,rtol", [(torch.float64, 1e-9, 1e-9), (torch.float32, 1e-6, 1e-4)], ids=["float64", "float32"]
+)
+def test_tiny_activations_keep_relative_accuracy(backend, dtype, scale, rtol):
+    """Weights scaled down so that pre-activations are ~2 * scale: every result within rtol of nn.LSTM's relative
+    to its own size, which the usual atol would not see. A tanh computed as (1 - e) / (1 + e) failed this: it
+    cancels near 0 (3e-3 relative error in float32 at activations ~1e-6, against nn.LSTM's 2e-6)."""
+    call = LayerCall("cpu", dtype, 5, 3, I, H, 3, True, False, False, True)
+    reason = backends.get(backend).unsupported_reason(call)
+    if reason is not None:
+        pytest.skip(reason)
+    ref, fast = make_pair(I, H, 2, proj_size=3, backend=backend, dtype=dtype)
+    with torch.no_grad():
+        for module in (ref, fast):
+            for p in module.parameters():
+                p.mul_(scale)
+    x = torch.randn(5, 3, I, dtype=dtype)
+    expected, got = run_with_grads(ref, [x], lstm_call), run_with_grads(fast, [x], lstm_call)
+    for key, want in expected.items():
+        error, size = (got[key] - want).abs().max().item(), want.abs().max().item()
+        assert error <= rtol * size, f"{key}: error {error:.3g} against values up to {size:.3g}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
