@@ -14,7 +14,7 @@ import fastlstm
 from fastlstm import backends
 from fastlstm.backends import cpu
 from fastlstm.benchmark import CPU_FULL_GRID, CPU_SHORT_GRID, DEFAULT_GRID, Shape, geometric_mean, time_shape
-from fastlstm.check import CHECK_CASES, TOLERANCE, compare, exact_cudnn
+from fastlstm.check import CHECK_CASES, TOLERANCE, compare, exact_cudnn, random_cases
 from fastlstm.dispatch import BackendUnavailableError, cpuinfo_fields
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -112,7 +112,9 @@ def cmd_check(args) -> int:
     skipped, missing = [], []
     requested = args.backend or []
     what = ", ".join(requested) if requested else "every available backend"
-    print(f"fastlstm check on {device}: {what} against nn.LSTM, forward and backward")
+    cases = CHECK_CASES + random_cases(args.random, args.seed)
+    extra = f", and {args.random} random configurations of seed {args.seed}" if args.random else ""
+    print(f"fastlstm check on {device}: {what} against nn.LSTM, forward and backward{extra}")
     for name in requested or backends.names():
         reason = backends.get(name).unavailable_reason()
         if reason is not None and name in requested:  # asked for by name: its absence is the failure
@@ -123,7 +125,7 @@ def cmd_check(args) -> int:
             print(f"{name:<10} skipped: {reason}")
             skipped.append(name)
             continue
-        for case in CHECK_CASES:
+        for case in cases:
             # float64 checks the math tightly; float32 is what models run (other kernels on the CPU)
             for dtype in (torch.float64, torch.float32):
                 label = f"{name:<10} {case!s:<45} {str(dtype)[6:]:<8}"
@@ -141,7 +143,7 @@ def cmd_check(args) -> int:
                 ok = worst <= tolerance
                 failures += not ok
                 status = "ok" if ok else "MISMATCH"
-                print(f"{label} max err {worst:.2e} ({worst_key}) tol {tolerance:.0e} {status}")
+                print(f"{label} max err {worst:.2e} ({worst_key}) tol {tolerance:.0e} {status}", flush=True)
     if failures:
         print(f"{failures} mismatches or errors")
     if missing:
@@ -286,6 +288,8 @@ def _positive_int(text: str) -> int:
 
 def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
     """What argparse cannot check by itself, before any work starts."""
+    if getattr(args, "random", 0) < 0:
+        parser.error(f"--random: expected 0 or more configurations, got {args.random}")
     if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
     if getattr(args, "json", None):
@@ -319,6 +323,15 @@ def main(argv: list[str] | None = None) -> int:
         choices=backends.names(),
         help="check only this backend (repeatable), and exit 1 if it is unavailable (a failed C++ build, say)",
     )
+    check.add_argument(
+        "--random",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also N random configurations, sized to cross the fast backends' size rules (slow for the Python "
+        "reference and the Triton interpreter at those sizes)",
+    )
+    check.add_argument("--seed", type=int, default=0, help="seed of the random configurations (default 0)")
     bench = sub.add_parser("bench", help="time fastlstm against nn.LSTM (validates outputs first)")
     bench.add_argument("--device", choices=["cpu", "cuda"])
     bench.add_argument("--dtype", choices=list(DTYPES), default="float32")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -11,7 +12,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from fastlstm.module import LSTM
 
-# atol per dtype for `python -m fastlstm check`; low precision uses a scale-aware bound.
+# Per dtype, for `python -m fastlstm check`: the largest error allowed in a tensor, as a fraction of that tensor's
+# largest value in nn.LSTM's results (so that a case whose values are all tiny is held to the same precision).
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 1e-1, torch.float16: 2e-2}
 
 
@@ -29,6 +31,7 @@ class Case:
     bias: bool = True
     batch_first: bool = False
     lengths: tuple[int, ...] | None = None
+    weight_scale: float = 1.0  # every weight multiplied by it: small values make every activation small
 
     def __str__(self) -> str:
         parts = [
@@ -40,7 +43,10 @@ class Case:
         ]
         parts += ["bi"] * self.bidirectional + [f"proj{self.proj_size}"] * bool(self.proj_size)
         parts += ["nobias"] * (not self.bias) + ["bf"] * self.batch_first
-        parts += [f"packed{list(self.lengths)}"] if self.lengths else []
+        if self.lengths:
+            many = len(self.lengths) > 8
+            parts.append(f"packed[{min(self.lengths)}..{max(self.lengths)}]" if many else f"packed{list(self.lengths)}")
+        parts += [f"w{self.weight_scale:g}"] if self.weight_scale != 1.0 else []
         return "-".join(parts)
 
 
@@ -51,6 +57,34 @@ CHECK_CASES = [
     Case(batch=6, seq_len=7, num_layers=2, bidirectional=True, lengths=(1, 7, 5, 2, 5, 1)),
     Case(batch=5, hidden_size=16, bias=False, num_layers=3),
 ]
+
+
+def random_cases(count: int, seed: int) -> list[Case]:
+    """`count` configurations drawn from `seed`, sized to cross the fast backends' size rules (batch 1-70, hidden
+    and input 1-300, 1-40 steps, 1-3 layers, every flag, packed lengths); every fourth one with weights scaled
+    by 1e-6, so that its activations are tiny (where a formula that cancels near 0 loses its relative precision)."""
+    draw = random.Random(seed)
+    cases = []
+    for k in range(count):
+        hidden = draw.choice([draw.randint(1, 40), draw.randint(41, 300)])
+        batch = draw.choice([1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 17, 24, 33, 64, 70])
+        seq_len = draw.choice([1, 2, 3, 7, 16, 40])
+        case = Case(
+            batch=batch,
+            seq_len=seq_len,
+            input_size=draw.choice([draw.randint(1, 40), draw.randint(41, 300)]),
+            hidden_size=hidden,
+            num_layers=draw.randint(1, 3),
+            bidirectional=draw.random() < 0.3,
+            proj_size=draw.randint(1, hidden - 1) if hidden > 1 and draw.random() < 0.25 else 0,
+            bias=draw.random() < 0.8,
+            batch_first=draw.random() < 0.3,
+            weight_scale=1e-6 if k % 4 == 3 else 1.0,
+        )
+        if draw.random() < 0.3:
+            case = replace(case, lengths=tuple(draw.randint(1, seq_len) for _ in range(batch)))
+        cases.append(case)
+    return cases
 
 
 @contextlib.contextmanager
@@ -66,7 +100,9 @@ def exact_cudnn():
 
 
 def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int = 0) -> dict[str, float]:
-    """Max absolute error of fastlstm (`backend`) against nn.LSTM for y, h_n, c_n and every gradient."""
+    """The error of fastlstm (`backend`) against nn.LSTM for y, h_n, c_n and every gradient: the largest absolute
+    difference over the tensor's largest absolute value in nn.LSTM's result (the difference itself where that
+    is 0)."""
     gen = torch.Generator().manual_seed(seed)
     kwargs = dict(
         num_layers=case.num_layers, bidirectional=case.bidirectional, proj_size=case.proj_size, bias=case.bias,
@@ -74,6 +110,10 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
     )  # fmt: skip
     torch.manual_seed(seed)
     ref = nn.LSTM(case.input_size, case.hidden_size, **kwargs).to(device=device, dtype=dtype)
+    if case.weight_scale != 1.0:
+        with torch.no_grad():
+            for weight in ref.parameters():
+                weight.mul_(case.weight_scale)
     fast = LSTM(case.input_size, case.hidden_size, backend=backend, **kwargs).to(device=device, dtype=dtype)
     fast.load_state_dict(ref.state_dict())
     shape = (case.batch, case.seq_len) if case.batch_first else (case.seq_len, case.batch)
@@ -98,6 +138,12 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
 
     with exact_cudnn():
         expected, got = run(ref), run(fast)
-    return {
-        k: (got[k].double() - expected[k].double()).abs().max().item() if expected[k].numel() else 0.0 for k in expected
-    }
+    errors = {}
+    for key, want in expected.items():
+        if want.numel() == 0:
+            errors[key] = 0.0
+            continue
+        size = want.double().abs().max().item()
+        difference = (got[key].double() - want.double()).abs().max().item()
+        errors[key] = difference / size if size > 0 else difference
+    return errors

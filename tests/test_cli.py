@@ -71,12 +71,34 @@ def test_check_of_named_backends_fails_when_one_is_unavailable(tmp_path):
     assert done.returncode == 0 and "all checked backends match nn.LSTM" in done.stdout, done.stdout + done.stderr
 
 
-def _check_patched(tmp_path, patch: str, backends: tuple[str, ...]):
+def test_check_random_configurations_measure_errors_against_each_tensors_size(tmp_path):
+    """`check --random 4`: the fixed cases and four random ones, the fourth with weights scaled by 1e-6. The
+    reference is patched to add 1e-12 to h and c each step: negligible against values near 1, so the fixed cases
+    and the first three random ones pass; the scaled case's values are ~1e-6 and smaller, so there it is a large
+    error, which an absolute tolerance (1e-9) would not have seen."""
+    done = _check_patched(
+        tmp_path,
+        "import fastlstm.reference as r\n"
+        "orig = r.lstm_cell\n"
+        "r.lstm_cell = lambda g, c, w: tuple(t + 1e-12 for t in orig(g, c, w))\n",
+        ("reference",),
+        ("--random", "4", "--seed", "1"),
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "and 4 random configurations of seed 1" in done.stdout
+    lines = [line for line in done.stdout.splitlines() if line.startswith("reference ")]
+    assert len(lines) == 2 * (5 + 4), done.stdout  # float64 and float32 of 5 fixed and 4 random cases
+    for line in lines:
+        assert line.endswith("MISMATCH" if "-w1e-06 " in line else " ok"), line
+    assert sum("-w1e-06 " in line for line in lines) == 2, done.stdout
+
+
+def _check_patched(tmp_path, patch: str, backends: tuple[str, ...], extra: tuple[str, ...] = ()):
     """`python -m fastlstm check --backend B...` in a process where the Python source `patch` ran first. Only the
     backends named: the triton interpreter's share of a whole check (~18 s of ~22 on 2 cores) tests nothing here
     that test_check_passes_and_reports_errors does not."""
     script = tmp_path / "patched_check.py"
-    args = ["check"] + [arg for name in backends for arg in ("--backend", name)]
+    args = ["check"] + [arg for name in backends for arg in ("--backend", name)] + list(extra)
     script.write_text(f"import sys\n{patch}from fastlstm.__main__ import main\nsys.exit(main({args!r}))\n")
     return run_python(str(script))
 
@@ -215,7 +237,13 @@ WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 
 
 def test_workflows_exist():
-    assert {p.name for p in WORKFLOWS} == {"ci.yml", "gpu.yml"}
+    assert {p.name for p in WORKFLOWS} == {"ci.yml", "gpu.yml", "random-configurations.yml"}
+
+
+def test_nightly_workflow_checks_random_configurations_with_a_new_seed():
+    text = (ROOT / ".github" / "workflows" / "random-configurations.yml").read_text()
+    assert "schedule:" in text and "cron:" in text
+    assert 'python -m fastlstm check --backend cpp --random 300 --seed "$GITHUB_RUN_NUMBER"' in text
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
