@@ -62,7 +62,8 @@ CHECK_CASES = [
 def random_cases(count: int, seed: int) -> list[Case]:
     """`count` configurations drawn from `seed`, sized to cross the fast backends' size rules (batch 1-70, hidden
     and input 1-300, 1-40 steps, 1-3 layers, every flag, packed lengths); every fourth one with weights scaled
-    by 1e-6, so that its activations are tiny (where a formula that cancels near 0 loses its relative precision)."""
+    by 1e-6 and no projection, so that its activations are tiny (where a formula that cancels near 0 loses its
+    relative precision)."""
     draw = random.Random(seed)
     cases = []
     for k in range(count):
@@ -81,6 +82,10 @@ def random_cases(count: int, seed: int) -> list[Case]:
             batch_first=draw.random() < 0.3,
             weight_scale=1e-6 if k % 4 == 3 else 1.0,
         )
+        if case.weight_scale != 1.0:
+            # Projected, tiny weights make some gradients ill-conditioned (a proj_size 1 layer's weight_hr
+            # gradient: float64 implementations agreed only to 4e-10 there): such cases test no backend.
+            case = replace(case, proj_size=0)
         if draw.random() < 0.3:
             case = replace(case, lengths=tuple(draw.randint(1, seq_len) for _ in range(batch)))
         cases.append(case)
@@ -99,27 +104,43 @@ def exact_cudnn():
         torch.backends.cudnn.allow_tf32 = tf32
 
 
-def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int = 0) -> dict[str, float]:
-    """The error of fastlstm (`backend`) against nn.LSTM for y, h_n, c_n and every gradient: the largest absolute
-    difference over the tensor's largest absolute value in nn.LSTM's result (the difference itself where that
-    is 0)."""
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest absolute difference over the largest absolute value of `want` (the difference itself where
+    that is 0)."""
+    if want.numel() == 0:
+        return 0.0
+    size = want.double().abs().max().item()
+    difference = (got.double() - want.double()).abs().max().item()
+    return difference / size if size > 0 else difference
+
+
+def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """fastlstm (`backend`) against nn.LSTM for y, h_n, c_n and every gradient: {name: (error, allowed)}, errors
+    relative to the tensor's largest value (_relative_error).
+
+    float64: against nn.LSTM in float64, allowed TOLERANCE. Below: against nn.LSTM in float64 too, allowed
+    TOLERANCE or twice nn.LSTM's own error in that dtype, whichever is larger. Some results are ill-conditioned
+    in float32 (a proj_size 1 layer's weight_hr gradient with weights of 1e-6: nn.LSTM's float32 erred 0.38 there),
+    and there no implementation can agree with another to TOLERANCE."""
     gen = torch.Generator().manual_seed(seed)
     kwargs = dict(
         num_layers=case.num_layers, bidirectional=case.bidirectional, proj_size=case.proj_size, bias=case.bias,
         batch_first=case.batch_first,
     )  # fmt: skip
     torch.manual_seed(seed)
-    ref = nn.LSTM(case.input_size, case.hidden_size, **kwargs).to(device=device, dtype=dtype)
+    exact = nn.LSTM(case.input_size, case.hidden_size, **kwargs).to(device=device, dtype=torch.float64)
     if case.weight_scale != 1.0:
         with torch.no_grad():
-            for weight in ref.parameters():
+            for weight in exact.parameters():
                 weight.mul_(case.weight_scale)
+    native = nn.LSTM(case.input_size, case.hidden_size, **kwargs).to(device=device, dtype=dtype)
     fast = LSTM(case.input_size, case.hidden_size, backend=backend, **kwargs).to(device=device, dtype=dtype)
-    fast.load_state_dict(ref.state_dict())
+    native.load_state_dict(exact.state_dict())
+    fast.load_state_dict(exact.state_dict())
     shape = (case.batch, case.seq_len) if case.batch_first else (case.seq_len, case.batch)
     x = torch.randn(*shape, case.input_size, generator=gen).to(device=device, dtype=dtype)
 
-    def run(module):
+    def run(module, x):
         inp = x.detach().clone().requires_grad_(True)
         fed = inp
         if case.lengths is not None:
@@ -137,13 +158,13 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
         return outs
 
     with exact_cudnn():
-        expected, got = run(ref), run(fast)
-    errors = {}
-    for key, want in expected.items():
-        if want.numel() == 0:
-            errors[key] = 0.0
-            continue
-        size = want.double().abs().max().item()
-        difference = (got[key].double() - want.double()).abs().max().item()
-        errors[key] = difference / size if size > 0 else difference
-    return errors
+        expected, got = run(exact, x.double()), run(fast, x)
+        own = run(native, x) if dtype != torch.float64 else None
+    tolerance = TOLERANCE[dtype]
+    return {
+        key: (
+            _relative_error(got[key], want),
+            tolerance if own is None else max(tolerance, 2 * _relative_error(own[key], want)),
+        )
+        for key, want in expected.items()
+    }

@@ -243,7 +243,8 @@ def test_workflows_exist():
 def test_nightly_workflow_checks_random_configurations_with_a_new_seed():
     text = (ROOT / ".github" / "workflows" / "random-configurations.yml").read_text()
     assert "schedule:" in text and "cron:" in text
-    assert 'python -m fastlstm check --backend cpp --random 300 --seed "$GITHUB_RUN_NUMBER"' in text
+    assert 'python -m fastlstm check --backend cpp --random 2000 --seed "$GITHUB_RUN_NUMBER"' in text
+    assert "threads: [1, 2, 3]" in text and "OMP_NUM_THREADS: ${{ matrix.threads }}" in text
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
