@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -106,6 +107,12 @@ def cmd_build(args) -> int:
     return 0
 
 
+def _excess(error: float, allowed: float) -> float:
+    """error / allowed, NaN as infinity (a comparison with NaN is false, so max() would pass over it)."""
+    ratio = error / allowed
+    return math.inf if math.isnan(ratio) else ratio
+
+
 def cmd_check(args) -> int:
     device = args.device or _default_device()
     failures = 0
@@ -138,7 +145,7 @@ def cmd_check(args) -> int:
                     failures += 1
                     print(f"{label} ERROR {type(error).__name__}: {error}")
                     continue
-                worst_key = max(errors, key=lambda key: errors[key][0] / errors[key][1])
+                worst_key = max(errors, key=lambda key: _excess(*errors[key]))
                 worst, tolerance = errors[worst_key]
                 ok = worst <= tolerance
                 failures += not ok

@@ -93,6 +93,15 @@ def test_check_random_configurations_measure_errors_against_each_tensors_size(tm
     assert sum("-w1e-06 " in line for line in lines) == 2, done.stdout
 
 
+def test_check_reports_a_nan_error_whatever_the_other_errors():
+    """A NaN error is the worst of a case's errors: max() compares with >, which is false against NaN, so it
+    would keep whichever error it met first."""
+    from fastlstm.__main__ import _excess
+
+    errors = {"y": (1e-10, 1e-9), "h_n": (float("nan"), 1e-9), "c_n": (0.0, 1e-9)}
+    assert max(errors, key=lambda key: _excess(*errors[key])) == "h_n"
+
+
 def _check_patched(tmp_path, patch: str, backends: tuple[str, ...], extra: tuple[str, ...] = ()):
     """`python -m fastlstm check --backend B...` in a process where the Python source `patch` ran first. Only the
     backends named: the triton interpreter's share of a whole check (~18 s of ~22 on 2 cores) tests nothing here
