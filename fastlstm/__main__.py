@@ -121,7 +121,7 @@ def cmd_check(args) -> int:
     what = ", ".join(requested) if requested else "every available backend"
     cases = CHECK_CASES + random_cases(args.random, args.seed)
     extra = f", and {args.random} random configurations of seed {args.seed}" if args.random else ""
-    print(f"fastlstm check on {device}: {what} against nn.LSTM, forward and backward{extra}")
+    print(f"fastlstm check on {device}: {what} against nn.LSTM, forward and backward, and without gradients{extra}")
     for name in requested or backends.names():
         reason = backends.get(name).unavailable_reason()
         if reason is not None and name in requested:  # asked for by name: its absence is the failure
@@ -322,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and which backends are available (and why not)")
     sub.add_parser("build", help="build the C++ CPU backend now instead of on first use")
-    check = sub.add_parser("check", help="every available backend against nn.LSTM; exit 1 on a mismatch")
+    check = sub.add_parser(
+        "check", help="every available backend against nn.LSTM (training and inference); exit 1 on a mismatch"
+    )
     check.add_argument("--device", choices=["cpu", "cuda"])
     check.add_argument(
         "--backend",

@@ -116,8 +116,9 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """fastlstm (`backend`) against nn.LSTM for y, h_n, c_n and every gradient: {name: (error, allowed)}, errors
-    relative to the tensor's largest value (_relative_error).
+    """fastlstm (`backend`) against nn.LSTM for y, h_n, c_n and every gradient, and for y, h_n, c_n of the same call
+    without gradients ("y (no grad)", ...: inference runs other code, keeping no state for backward):
+    {name: (error, allowed)}, errors relative to the tensor's largest value (_relative_error).
 
     float64: against nn.LSTM in float64, allowed TOLERANCE. Below: against nn.LSTM in float64 too, allowed
     TOLERANCE or twice nn.LSTM's own error in that dtype, whichever is larger. Some results are ill-conditioned
@@ -141,12 +142,14 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
     shape = (case.batch, case.seq_len) if case.batch_first else (case.seq_len, case.batch)
     x = torch.randn(*shape, case.input_size, generator=gen).to(device=device, dtype=dtype)
 
+    def feed(inp):
+        if case.lengths is None:
+            return inp
+        return pack_padded_sequence(inp, list(case.lengths), batch_first=case.batch_first, enforce_sorted=False)
+
     def run(module, x):
         inp = x.detach().clone().requires_grad_(True)
-        fed = inp
-        if case.lengths is not None:
-            fed = pack_padded_sequence(inp, list(case.lengths), batch_first=case.batch_first, enforce_sorted=False)
-        y, (h, c) = module(fed)
+        y, (h, c) = module(feed(inp))
         y = y.data if isinstance(y, PackedSequence) else y
         outs = {"y": y, "h_n": h, "c_n": c}
         loss = sum(
@@ -156,6 +159,10 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
         loss.backward()
         outs["input.grad"] = inp.grad
         outs.update({f"{n}.grad": p.grad for n, p in module.named_parameters()})
+        with torch.no_grad():
+            y, (h, c) = module(feed(x))
+        y = y.data if isinstance(y, PackedSequence) else y
+        outs.update({"y (no grad)": y, "h_n (no grad)": h, "c_n (no grad)": c})
         return outs
 
     with exact_cudnn():

@@ -93,6 +93,27 @@ def test_check_random_configurations_measure_errors_against_each_tensors_size(tm
     assert sum("-w1e-06 " in line for line in lines) == 2, done.stdout
 
 
+def test_check_covers_calls_without_gradients(tmp_path):
+    """Inference runs other code than training (no state kept for backward, other buffers): check compares the
+    outputs of a call without gradients too. Here only that call of the reference is off."""
+    done = _check_patched(
+        tmp_path,
+        "import torch\n"
+        "from fastlstm import backends\n"
+        "backend = backends.get('reference')\n"
+        "trained = backend.layer\n"
+        "def layer(*args):\n"
+        "    y, h, c = trained(*args)\n"
+        "    return (y, h, c) if torch.is_grad_enabled() else (y, h, c * 1.001)\n"
+        "backend.layer = layer\n",
+        ("reference",),
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("reference ")]
+    assert len(lines) == 2 * 5 and all(line.endswith("MISMATCH") for line in lines), done.stdout
+    assert all("(no grad)" in line for line in lines), done.stdout
+
+
 def test_check_reports_a_nan_error_whatever_the_other_errors():
     """A NaN error is the worst of a case's errors: max() compares with >, which is false against NaN, so it
     would keep whichever error it met first."""

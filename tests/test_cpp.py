@@ -581,13 +581,17 @@ def test_broken_compiler_does_not_crash(tmp_path, mode):
 def test_builds_and_matches_for_cpus_without_avx512(tmp_path):
     """A CPU without AVX-512 builds vectors of its own register width (AVX2: 32 bytes; SSE4 here, NEON on ARM:
     16) and gives the same numbers, including a row's partial last vector. FASTLSTM_CXXFLAGS builds for such a
-    CPU here; this one runs the code it produces. The two builds run at once (a compile takes one core)."""
+    CPU here; this one runs the code it produces. The two builds run at once (a compile takes one core). Where this
+    machine's own build is AVX2's width, the rest of the suite tests it, and only SSE4 is built here."""
+    widths = (("x86-64-v3", 32), ("x86-64-v2", 16))  # AVX2, SSE4
+    if cpu.kernel_choices() is not None and cpu.kernel_choices().startswith("vectors of 32 bytes"):
+        widths = widths[1:]
     builds = [
         (
             {"FASTLSTM_CXXFLAGS": f"-march={march}", "FASTLSTM_CACHE_DIR": str(tmp_path / march)},
             f'cpu.kernel_choices().startswith("vectors of {vector_bytes} bytes"), cpu.kernel_choices()',
         )
-        for march, vector_bytes in (("x86-64-v3", 32), ("x86-64-v2", 16))  # AVX2, SSE4
+        for march, vector_bytes in widths
     ]
     _run_cpp_parity(
         builds,
