@@ -9,6 +9,7 @@
 #endif
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace fastlstm {
 namespace {
@@ -44,26 +45,6 @@ inline void vexp_parts(vf x, vf& s, vf& q) {
   q = p * r * r + r;
   s = reinterpret_cast<vf>((__builtin_convertvector(n, vi) + 127) << 23);
 }
-inline vf vexp(vf x) {
-  vf s, q;
-  vexp_parts(x, s, q);
-  return (q + 1.0f) * s;
-}
-// e^x - 1, relatively accurate near 0 (there s = 1 and this is q itself).
-inline vf vexpm1(vf x) {
-  vf s, q;
-  vexp_parts(x, s, q);
-  return s * q + (s - 1.0f);
-}
-inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
-inline vf vtanh(vf x) {
-  const vi xb = reinterpret_cast<vi>(x);
-  const vi sign = xb & (int32_t)0x80000000;
-  const vf a = reinterpret_cast<vf>(xb & (int32_t)0x7fffffff);
-  const vf m = vexpm1(-2.0f * a);
-  const vf t = -m / (m + 2.0f);
-  return reinterpret_cast<vf>(reinterpret_cast<vi>(t) | sign);
-}
 
 // The same for double: exp by range reduction and a degree-12 Taylor polynomial (~1e-16 relative).
 using vd = Vec<double>::type;
@@ -92,24 +73,51 @@ inline void vexp_parts(vd x, vd& s, vd& q) {
   q = p * r;
   s = reinterpret_cast<vd>((__builtin_convertvector(n, vl) + 1023) << 52);
 }
-inline vd vexp(vd x) {
-  vd s, q;
+
+// Each lane's bits as an integer vector (for its sign), and the lane type, of vf and vd.
+template <typename V>
+struct VecBits;
+template <>
+struct VecBits<vf> {
+  using type = vi;
+  using lane = float;
+  static constexpr int32_t sign = std::numeric_limits<int32_t>::min();
+};
+template <>
+struct VecBits<vd> {
+  using type = vl;
+  using lane = double;
+  static constexpr int64_t sign = std::numeric_limits<int64_t>::min();
+};
+
+// exp, e^x - 1, sigmoid and tanh of vf or vd, from the exp parts above: one formula for both widths.
+template <typename V, typename S = typename VecBits<V>::lane>
+inline V vexp(V x) {
+  V s, q;
   vexp_parts(x, s, q);
-  return (q + 1.0) * s;
+  return (q + S(1)) * s;
 }
-inline vd vexpm1(vd x) {
-  vd s, q;
+// e^x - 1, relatively accurate near 0 (there s = 1 and this is q itself).
+template <typename V, typename S = typename VecBits<V>::lane>
+inline V vexpm1(V x) {
+  V s, q;
   vexp_parts(x, s, q);
-  return s * q + (s - 1.0);
+  return s * q + (s - S(1));
 }
-inline vd vsigmoid(vd x) { return 1.0 / (1.0 + vexp(-x)); }
-inline vd vtanh(vd x) {
-  const vl xb = reinterpret_cast<vl>(x);
-  const vl sign = xb & (int64_t)0x8000000000000000ULL;
-  const vd a = reinterpret_cast<vd>(xb & (int64_t)0x7fffffffffffffffLL);
-  const vd m = vexpm1(-2.0 * a);
-  const vd t = -m / (m + 2.0);
-  return reinterpret_cast<vd>(reinterpret_cast<vl>(t) | sign);
+template <typename V, typename S = typename VecBits<V>::lane>
+inline V vsigmoid(V x) {
+  return S(1) / (S(1) + vexp(-x));
+}
+template <typename V, typename S = typename VecBits<V>::lane>
+inline V vtanh(V x) {
+  using I = typename VecBits<V>::type;
+  const I xb = reinterpret_cast<I>(x);
+  const I sign_bit = I{} + VecBits<V>::sign;
+  const I sign = xb & sign_bit;
+  const V a = reinterpret_cast<V>(xb & ~sign_bit);
+  const V m = vexpm1(S(-2) * a);
+  const V t = -m / (m + S(2));
+  return reinterpret_cast<V>(reinterpret_cast<I>(t) | sign);
 }
 
 // A vector of the lanes [p, p + n) of a row, n <= lanes: a plain load for a whole vector, else a masked one
