@@ -587,20 +587,20 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   run_row_split(row_split_ranges(live, B, steps.split), run_rows);
 }
 
-// forward_impl for inference: where the gates of every step would be kept (the input projected up front, not per
-// step) and the sequence is long, chunk by chunk of steps (inference_chunk_steps), each chunk's steps picking up
-// the state where the previous chunk left it; reverse takes the chunks last first. Rows not live in a chunk keep
-// their state through it, as through any step.
+// forward_impl, and for inference (no c_hist: nothing saved for backward) where the gates of every step would be
+// kept (the input projected up front, not per step) and the sequence is long, chunk by chunk of steps
+// (inference_chunk_steps), each chunk's steps picking up the state where the previous chunk left it; reverse takes
+// the chunks last first. Rows not live in a chunk keep their state through it, as through any step.
 template <typename scalar_t, typename Dot>
-void forward_inference(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
-                       const c10::optional<Tensor>& b, const c10::optional<Tensor>& w_hr,
-                       const std::vector<int64_t>& live, bool reverse, Tensor& y, Tensor& h, Tensor& c) {
+void forward_chunked(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
+                     const c10::optional<Tensor>& b, const c10::optional<Tensor>& w_hr,
+                     const std::vector<int64_t>& live, bool reverse, Tensor& gates, Tensor& y, Tensor& h, Tensor& c,
+                     scalar_t* c_hist) {
   const int64_t chunk = inference_chunk_steps(d.B, d.H, sizeof(scalar_t));
   const bool fused = forward_steps<scalar_t, Dot>(d.T, d.B, x.size(2), d.H, w_hh.size(1), w_hr.has_value()).fuse_input;
   // Up to two chunks' worth in one piece: a call just past a chunk is not cut in two.
-  if (fused || d.T <= (inference_chunk_override() > 0 ? chunk : 2 * chunk)) {
-    Tensor gates;
-    forward_impl<scalar_t, Dot>(d, x, w_ih, w_hh, b, w_hr, live, reverse, gates, y, h, c, nullptr);
+  if (c_hist != nullptr || fused || d.T <= (inference_chunk_override() > 0 ? chunk : 2 * chunk)) {
+    forward_impl<scalar_t, Dot>(d, x, w_ih, w_hh, b, w_hr, live, reverse, gates, y, h, c, c_hist);
     return;
   }
   for (int64_t done = 0; done < d.T; done += chunk) {
@@ -608,9 +608,9 @@ void forward_inference(const Dims& d, const Tensor& x, const Tensor& w_ih, const
     Dims part = d;
     part.T = len;
     const std::vector<int64_t> part_live(live.begin() + t0, live.begin() + t0 + len);
-    Tensor gates, y_part = y.narrow(0, t0, len);
-    forward_impl<scalar_t, Dot>(part, x.narrow(0, t0, len), w_ih, w_hh, b, w_hr, part_live, reverse, gates, y_part,
-                                h, c, nullptr);
+    Tensor part_gates, y_part = y.narrow(0, t0, len);
+    forward_impl<scalar_t, Dot>(part, x.narrow(0, t0, len), w_ih, w_hh, b, w_hr, part_live, reverse, part_gates,
+                                y_part, h, c, nullptr);
   }
 }
 
@@ -642,22 +642,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x_in, 
                        : at::empty({0}, opts);
   if (d.T > 0 && d.B > 0) {
     if (bf16_dot) {
-      const Tensor x = bf16_pairs(x_in), w_ih = bf16_pairs(w_ih_in), w_hh = bf16_pairs(w_hh_in);
-      if (save) {
-        forward_impl<float, Bf16Dot>(d, x, w_ih, w_hh, b, w_hr, live, reverse, gates, y, h, c,
-                                     c_hist.data_ptr<float>());
-      } else {
-        forward_inference<float, Bf16Dot>(d, x, w_ih, w_hh, b, w_hr, live, reverse, y, h, c);
-      }
+      forward_chunked<float, Bf16Dot>(d, bf16_pairs(x_in), bf16_pairs(w_ih_in), bf16_pairs(w_hh_in), b, w_hr, live,
+                                      reverse, gates, y, h, c, save ? c_hist.data_ptr<float>() : nullptr);
     } else {
       const Tensor x = as_compute(x_in, ct), w_ih = as_compute(w_ih_in, ct), w_hh = as_compute(w_hh_in, ct);
       AT_DISPATCH_FLOATING_TYPES(ct, "fastlstm_cpp_lstm_fwd", [&] {
-        if (save) {
-          forward_impl<scalar_t, FmaDot<scalar_t>>(d, x, w_ih, w_hh, b, w_hr, live, reverse, gates, y, h, c,
-                                                   c_hist.data_ptr<scalar_t>());
-        } else {
-          forward_inference<scalar_t, FmaDot<scalar_t>>(d, x, w_ih, w_hh, b, w_hr, live, reverse, y, h, c);
-        }
+        forward_chunked<scalar_t, FmaDot<scalar_t>>(d, x, w_ih, w_hh, b, w_hr, live, reverse, gates, y, h, c,
+                                                    save ? c_hist.data_ptr<scalar_t>() : nullptr);
       });
     }
   }

@@ -142,16 +142,16 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
     shape = (case.batch, case.seq_len) if case.batch_first else (case.seq_len, case.batch)
     x = torch.randn(*shape, case.input_size, generator=gen).to(device=device, dtype=dtype)
 
-    def feed(inp):
-        if case.lengths is None:
-            return inp
-        return pack_padded_sequence(inp, list(case.lengths), batch_first=case.batch_first, enforce_sorted=False)
+    def outputs(module, inp):
+        """{"y", "h_n", "c_n"} of one call of `module` on inp, packed as the case says (y: the packed data)."""
+        if case.lengths is not None:
+            inp = pack_padded_sequence(inp, list(case.lengths), batch_first=case.batch_first, enforce_sorted=False)
+        y, (h, c) = module(inp)
+        return {"y": y.data if isinstance(y, PackedSequence) else y, "h_n": h, "c_n": c}
 
     def run(module, x):
         inp = x.detach().clone().requires_grad_(True)
-        y, (h, c) = module(feed(inp))
-        y = y.data if isinstance(y, PackedSequence) else y
-        outs = {"y": y, "h_n": h, "c_n": c}
+        outs = outputs(module, inp)
         loss = sum(
             (t.float() * torch.linspace(-1, 1, t.numel(), device=device).view(t.shape)).sum() for t in outs.values()
         )
@@ -160,9 +160,7 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
         outs["input.grad"] = inp.grad
         outs.update({f"{n}.grad": p.grad for n, p in module.named_parameters()})
         with torch.no_grad():
-            y, (h, c) = module(feed(x))
-        y = y.data if isinstance(y, PackedSequence) else y
-        outs.update({"y (no grad)": y, "h_n (no grad)": h, "c_n (no grad)": c})
+            outs.update({f"{key} (no grad)": value for key, value in outputs(module, x).items()})
         return outs
 
     with exact_cudnn():
