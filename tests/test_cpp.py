@@ -514,6 +514,29 @@ def test_unsupported_reason():
     )
 
 
+def test_the_build_finds_pips_ninja_when_it_is_not_on_path(tmp_path, monkeypatch):
+    """A virtual environment's python run by its path, not activated, has the ninja pip installed with fastlstm in a
+    folder outside PATH; cpp_extension runs `ninja` from PATH. The build puts that folder on PATH while it runs, as
+    it sets CXX, and leaves both as they were; with a ninja on PATH, PATH is left alone."""
+    ninja = pytest.importorskip("ninja")  # a dependency of fastlstm: present wherever fastlstm was pip-installed
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ninja, no compiler here
+    monkeypatch.delenv("CXX", raising=False)
+    assert shutil.which("ninja") is None
+    with cpu._build_environment():
+        assert os.environ["PATH"].split(os.pathsep) == [ninja.BIN_DIR, str(tmp_path)]
+        assert os.environ["CXX"] == cpu._compiler()
+        # what cpp_extension runs to check for ninja
+        version = subprocess.run(["ninja", "--version"], capture_output=True, text=True, timeout=60)
+        assert version.returncode == 0 and version.stdout.strip(), version.stderr
+    assert os.environ["PATH"] == str(tmp_path) and "CXX" not in os.environ
+
+    monkeypatch.setenv("PATH", ninja.BIN_DIR)
+    monkeypatch.setenv("CXX", "the user's compiler")
+    with cpu._build_environment():
+        assert os.environ["PATH"] == ninja.BIN_DIR
+    assert os.environ["CXX"] == "the user's compiler"
+
+
 @pytest.mark.parametrize("mode", ["always-fails", "fails-to-compile"])
 def test_broken_compiler_does_not_crash(tmp_path, mode):
     """A compiler that fails: unavailable_reason() carries its error text; layer() raises a RuntimeError.

@@ -62,6 +62,7 @@ import logging
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -226,6 +227,41 @@ def _check_compiler() -> None:
         )
 
 
+def _ninja_dir() -> str | None:
+    """Where the ninja that pip installed with fastlstm lies, when `ninja` is not on PATH (else None).
+
+    cpp_extension runs `ninja` from PATH. A virtual environment's python run by its path, not activated (a
+    service's ExecStart, an IDE, a container's CMD), has its ninja in a folder that is not on PATH: the build
+    then failed with "Ninja is required", although the dependency is installed.
+    """
+    if shutil.which("ninja") is not None:
+        return None
+    try:
+        import ninja  # the PyPI package: only its folder is used
+    except ImportError:
+        return None
+    folder = getattr(ninja, "BIN_DIR", "")
+    return folder if folder and shutil.which("ninja", path=folder) is not None else None
+
+
+@contextlib.contextmanager
+def _build_environment():
+    """CXX set to our compiler and pip's ninja reachable on PATH for the build, the environment as before after."""
+    saved = {key: os.environ.get(key) for key in ("CXX", "PATH")}
+    os.environ["CXX"] = _compiler()
+    folder = _ninja_dir()
+    if folder is not None:
+        os.environ["PATH"] = os.pathsep.join(p for p in (folder, saved["PATH"]) if p)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _build_and_load(verbose: bool) -> str:
     """Compile (or find in the cache) and load the library; returns its path. Raises on failure."""
     src = source_dir()
@@ -258,24 +294,16 @@ def _build(src: Path, name: str, build_dir: Path, marker: Path, verbose: bool) -
         "`python -m fastlstm build` does it ahead of time.",
         build_dir,
     )
-    old_cxx = os.environ.get("CXX")
-    os.environ["CXX"] = _compiler()
-    try:
-        with _library_loading():  # cpp_extension.load loads the library it builds
-            lib_path = cpp_extension.load(
-                name=name,
-                sources=[str(src / s) for s in _SOURCES],
-                extra_cflags=list(_cflags()),
-                extra_ldflags=list(_LDFLAGS),  # copies: cpp_extension appends torch's libraries in place
-                build_directory=str(build_dir),
-                is_python_module=False,
-                verbose=verbose,
-            )
-    finally:
-        if old_cxx is None:
-            os.environ.pop("CXX", None)
-        else:
-            os.environ["CXX"] = old_cxx
+    with _build_environment(), _library_loading():  # cpp_extension.load loads the library it builds
+        lib_path = cpp_extension.load(
+            name=name,
+            sources=[str(src / s) for s in _SOURCES],
+            extra_cflags=list(_cflags()),
+            extra_ldflags=list(_LDFLAGS),  # copies: cpp_extension appends torch's libraries in place
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=verbose,
+        )
     lib = Path(lib_path) if lib_path else _find_library(build_dir, name)
     if lib is None:
         raise RuntimeError(f"the build in {build_dir} produced no library")
