@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import platform
 import sys
 import warnings
 from dataclasses import dataclass
@@ -110,6 +111,13 @@ def cpuinfo_fields(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, str] | None
     except OSError:
         return None
     return fields
+
+
+@functools.cache
+@backends.constant_under_compile
+def _cpu_is_x86() -> bool:
+    """Whether this is an x86-64 CPU, the only architecture the CPU rule below was measured on."""
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 @functools.cache
@@ -284,9 +292,19 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       the others 1.00x and up), training 1.01-1.71x; hidden 640-2048 at batch 6-8 (4 shapes) 0.99-1.67x and
       1.01-1.64x; beyond batch 8 (9 shapes) 0.97-1.15x and 0.87-1.41x, training below 0.95x on seven. So on Zen 3
       float32 goes to cpp at any batch below hidden 640, and up to batch 8 from it.
+    - Other architectures (aarch64: Graviton, Ampere, Apple silicon under Linux): nothing measured. nn.LSTM runs
+      float32 through oneDNN's fused LSTM there too (aarch64, torch 2.8: aten::mkldnn_rnn_layer), while cpp runs
+      16-byte NEON vectors, so where nn.LSTM stays on oneDNN the call goes native. float64, a projection and
+      packed input take nn.LSTM off oneDNN onto ATen's per-step loop on every CPU: cpp, as above (it matched
+      nn.LSTM there on aarch64 under qemu: `python -m fastlstm check --backend cpp`, float32 and float64).
     """
     if call.dtype == torch.float64:
         return None
+    if not _cpu_is_x86() and not (call.proj_size or call.packed):
+        return (
+            f"{str(call.dtype).removeprefix('torch.')} on this {platform.machine()} CPU: cpp was measured against "
+            "oneDNN's fused LSTM on x86-64 CPUs only"
+        )
     if call.dtype == torch.float32:
         if call.proj_size or call.packed or call.batch <= 4:
             return None

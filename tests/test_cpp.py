@@ -962,9 +962,27 @@ def test_the_build_says_how_it_splits_rows():
         torch.set_num_threads(threads)
 
 
+def test_auto_keeps_oneDNNs_calls_native_on_other_architectures(monkeypatch):
+    """Not x86-64 (aarch64, say): where nn.LSTM runs oneDNN's fused LSTM, nothing was measured, so native; where
+    it leaves oneDNN for ATen's loop (float64, a projection, packed input), cpp as on x86-64."""
+    from fastlstm import dispatch
+
+    monkeypatch.setattr(dispatch, "_cpu_is_x86", lambda: False)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for train in (False, True):
+            assert _auto_backends(dtype, 1, train=train) == ["native"] * 4, (dtype, train)
+            assert _auto_backends(dtype, 64, proj_size=8, train=train) == ["cpp"] * 4, (dtype, train)
+            assert _auto_backends(dtype, 64, packed=True, train=train) == ["cpp"] * 4, (dtype, train)
+    assert _auto_backends(torch.float64, 64) == ["cpp"] * 4
+    x = torch.randn(3, 2, 5)
+    forget_plans()
+    assert "measured against oneDNN's fused LSTM on x86-64 CPUs only" in str(fastlstm.explain(fastlstm.LSTM(5, 7), x))
+
+
 def test_auto_follows_the_measured_rule(monkeypatch):
     from fastlstm import dispatch
 
+    monkeypatch.setattr(dispatch, "_cpu_is_x86", lambda: True)  # where the rule was measured
     assert _auto_backends(torch.float64, 8) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_cpp_onednn_weight_grads", lambda: False)  # weight gradients through BLAS
     monkeypatch.setattr(dispatch, "_cpu_amd_family", lambda: 0x19)  # Zen 4, where the rule was first measured
