@@ -276,6 +276,10 @@ def test_nightly_workflow_checks_random_configurations_with_a_new_seed():
     assert 'python -m fastlstm check --backend cpp --random 2000 --seed "$GITHUB_RUN_NUMBER"' in text
     assert "threads: [1, 2, 3]" in text and "OMP_NUM_THREADS: ${{ matrix.threads }}" in text
     assert "FASTLSTM_INFERENCE_CHUNK_STEPS: ${{ matrix.chunk_steps || 0 }}" in text and "chunk_steps: 3" in text
+    # the C++ backend on aarch64 (NEON vectors; CI runs x86-64 only)
+    arm_job = text[text.index("\n  cpu-arm64:") : text.index("\n  cuda:")]
+    assert "runs-on: ubuntu-24.04-arm" in arm_job
+    assert 'python -m fastlstm check --backend cpp --random 1000 --seed "$GITHUB_RUN_NUMBER"' in arm_job
     # the Triton backend on a GPU: CI runs its kernels only under the interpreter, at small sizes
     gpu_job = text[text.index("\n  cuda:") :]
     assert "runs-on: [self-hosted, linux, x64, gpu]" in gpu_job
