@@ -9,7 +9,6 @@ else. Any other name forces that backend and raises BackendUnavailableError when
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import platform
@@ -82,8 +81,7 @@ def _cpu_bf16_kind() -> str | None:
     return None
 
 
-@functools.cache
-@backends.constant_under_compile  # dynamo traces through the cache into this
+@backends.cached_constant
 def _cpu_has_fp16_units() -> bool:
     """Whether oneDNN can run float16 natively here (AVX512-FP16 or AMX-FP16): nn.LSTM's float16 inference then
     takes oneDNN's fused LSTM instead of ATen's float16 loop. Unknown counts as yes (the safe side). Read once:
@@ -113,15 +111,18 @@ def cpuinfo_fields(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, str] | None
     return fields
 
 
-@functools.cache
-@backends.constant_under_compile
+@backends.cached_constant
+def _cpu_architecture() -> str:
+    """platform.machine(), read once and outside any trace ("x86_64", "aarch64", ...)."""
+    return platform.machine()
+
+
 def _cpu_is_x86() -> bool:
     """Whether this is an x86-64 CPU, the only architecture the CPU rule below was measured on."""
-    return platform.machine().lower() in ("x86_64", "amd64")
+    return _cpu_architecture().lower() in ("x86_64", "amd64")
 
 
-@functools.cache
-@backends.constant_under_compile
+@backends.cached_constant
 def _cpu_amd_family(cpuinfo_path: str = "/proc/cpuinfo") -> int:
     """AMD's CPU family number (0x19 Zen 3-4, 0x1A Zen 5), 0 on other CPUs or without /proc/cpuinfo. A VM names
     Zen 4 and Zen 5 both "AMD EPYC"; the family tells them apart, and they measured differently."""
@@ -134,8 +135,7 @@ def _cpu_amd_family(cpuinfo_path: str = "/proc/cpuinfo") -> int:
         return 0
 
 
-@functools.cache
-@backends.constant_under_compile
+@backends.cached_constant
 def _cpu_amd_zen3(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
     """Whether the CPU is AMD family 0x19 without AVX-512: Zen 3 (Zen 4, the same family, has AVX-512). oneDNN runs
     its AVX2 LSTM there, and float32 measured differently (see _cpp_slower_reason)."""
@@ -302,7 +302,7 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
         return None
     if not _cpu_is_x86() and not (call.proj_size or call.packed):
         return (
-            f"{str(call.dtype).removeprefix('torch.')} on this {platform.machine()} CPU: cpp was measured against "
+            f"{str(call.dtype).removeprefix('torch.')} on this {_cpu_architecture()} CPU: cpp was measured against "
             "oneDNN's fused LSTM on x86-64 CPUs only"
         )
     if call.dtype == torch.float32:
@@ -435,7 +435,8 @@ def choose(name: str, call: LayerCall) -> Choice:
     # The speed rule first: it is cheap, and where native wins anyway there is no reason to build or load
     # the fast backend (a first build compiles C++) nor to warn that it is missing.
     slower = _faster_than_native(fast, call)
-    if slower is not None:
+    compiling = _native_fails_to_compile(call)
+    if slower is not None and not compiling:
         return Choice("native", f"{fast} not measured faster here: {slower}")
     backend = backends.get(fast)
     missing = backend.unavailable_reason()
@@ -451,7 +452,17 @@ def choose(name: str, call: LayerCall) -> Choice:
     if failed is not None:
         _warn_once(fast, f"its kernels failed a self-test on this device: {failed}", key=f"{fast} self-test")
         return Choice("native", f"{fast} failed its self-test here: {failed}")
+    if slower is not None:
+        return Choice(fast, f"torch.compile: nn.LSTM's CPU path does not compile ({slower}, but native fails)")
     return Choice(fast, "measured faster than native for this shape")
+
+
+def _native_fails_to_compile(call: LayerCall) -> bool:
+    """Whether torch.compile is tracing a CPU call. nn.LSTM's CPU path then breaks the graph's backward (torch 2.13,
+    a model whose calls auto gave to native: inductor "expected Tensor() for op: aten.mkldnn_rnn_layer", aot_eager
+    an AssertionError in save_from_forward), so the speed rule yields to cpp there: an opaque custom op that
+    compiles. Eager calls of the same model keep the rule."""
+    return call.device_type == "cpu" and torch.compiler.is_compiling()
 
 
 def plan(module_backend: str | None, calls: list[LayerCall]) -> list[Choice]:

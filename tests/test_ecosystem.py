@@ -63,6 +63,30 @@ def test_compile_fullgraph_training_step_matches_eager(backend):
             opt.step()
 
 
+@pytest.mark.skipif(backends.get("cpp").unavailable_reason() is not None, reason="needs the C++ backend")
+def test_compile_trains_where_auto_gives_the_call_to_native(monkeypatch):
+    """A call auto gives to native on speed (float32 beyond batch 4 on many CPUs): nn.LSTM's CPU path breaks a
+    compiled backward (aot_eager: an AssertionError in save_from_forward; inductor: "expected Tensor() for op:
+    aten.mkldnn_rnn_layer"), so while torch.compile traces, such calls run on cpp. Eager calls keep native; both
+    give the same outputs and gradients. float32: in float64 nn.LSTM takes ATen's path, which compiles."""
+    from fastlstm import dispatch
+
+    monkeypatch.setattr(dispatch, "_faster_than_native", lambda name, call: "native measured faster (test)")
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(6, 8, 2, batch_first=True, bidirectional=True)
+    compiled_model = fastlstm.LSTM(6, 8, 2, batch_first=True, bidirectional=True)
+    compiled_model.load_state_dict(model.state_dict())
+    x = torch.randn(3, 5, 6)  # features from a frozen encoder, say: no gradient of its own
+    assert fastlstm.explain(model, x).backends == ["native"] * 4
+    eager = model(x)
+    _loss((eager[0], *eager[1])).backward()
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")(x)
+    _loss((compiled[0], *compiled[1])).backward()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_packed_and_lengths_input_compile_with_graph_breaks():
     """PackedSequence and lengths= have shapes that depend on the lengths' values: fullgraph cannot hold them (as
     README says), but a compiled model with graph breaks runs them with eager's numbers."""

@@ -54,6 +54,24 @@ def constant_under_compile(fn):
     return fn
 
 
+def cached_constant(fn):
+    """constant_under_compile, the result kept per arguments (the CPU's facts: read once).
+
+    A plain function rather than functools.cache's wrapper: dynamo looks through that wrapper before it reads the
+    constant mark and warns about it on every compile ("Dynamo detected a call to a functools.lru_cache-wrapped
+    function"; torch 2.13).
+    """
+    results = {}
+
+    def cached(*args):
+        if args not in results:
+            results[args] = fn(*args)
+        return results[args]
+
+    cached.__name__, cached.__qualname__, cached.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return constant_under_compile(cached)
+
+
 class Backend(abc.ABC):
     """Base class. Subclasses set `name` and implement `layer`; the reason methods return None for yes."""
 
