@@ -452,7 +452,7 @@ def choose(name: str, call: LayerCall) -> Choice:
     if failed is not None:
         _warn_once(fast, f"its kernels failed a self-test on this device: {failed}", key=f"{fast} self-test")
         return Choice("native", f"{fast} failed its self-test here: {failed}")
-    if slower is not None:
+    if compiling and slower is not None:
         return Choice(fast, f"torch.compile: nn.LSTM's CPU path does not compile ({slower}, but native fails)")
     return Choice(fast, "measured faster than native for this shape")
 
