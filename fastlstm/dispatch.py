@@ -431,27 +431,30 @@ def choose(name: str, call: LayerCall) -> Choice:
         return Choice(name, "forced")
     fast = _fast_backend_for(call.device_type)
     if fast is None:
-        return Choice("native", f"no fast backend for device type {call.device_type!r}")
+        return _fallback(call, f"no fast backend for device type {call.device_type!r}")
     # The speed rule first: it is cheap, and where native wins anyway there is no reason to build or load
     # the fast backend (a first build compiles C++) nor to warn that it is missing.
     slower = _faster_than_native(fast, call)
     compiling = _native_fails_to_compile(call)
-    if slower is not None and not compiling:
+    native_fails = _native_cannot_run(call)
+    if slower is not None and not compiling and native_fails is None:
         return Choice("native", f"{fast} not measured faster here: {slower}")
     backend = backends.get(fast)
     missing = backend.unavailable_reason()
     if missing is not None:
         _warn_once(fast, missing)
-        return Choice("native", f"{fast} unavailable: {missing}")
+        return _fallback(call, f"{fast} unavailable: {missing}")
     unsupported = backend.unsupported_reason(call)
     if unsupported is not None:
-        return Choice("native", f"{fast} does not support this call: {unsupported}")
+        return _fallback(call, f"{fast} does not support this call: {unsupported}")
     # Kernels built at run time (triton's) can fail to compile on a GPU they were never tried on: find out
     # on a tiny input now, not in the user's call. Not while tracing: the plan is then part of a graph.
     failed = None if torch.compiler.is_compiling() else backend.self_test(call)
     if failed is not None:
         _warn_once(fast, f"its kernels failed a self-test on this device: {failed}", key=f"{fast} self-test")
-        return Choice("native", f"{fast} failed its self-test here: {failed}")
+        return _fallback(call, f"{fast} failed its self-test here: {failed}")
+    if native_fails is not None and slower is not None:
+        return Choice(fast, f"native cannot run it: {native_fails} ({fast} not measured faster: {slower})")
     if compiling and slower is not None:
         return Choice(fast, f"torch.compile: nn.LSTM's CPU path does not compile ({slower}, but native fails)")
     return Choice(fast, "measured faster than native for this shape")
@@ -463,6 +466,30 @@ def _native_fails_to_compile(call: LayerCall) -> bool:
     an AssertionError in save_from_forward), so the speed rule yields to cpp there: an opaque custom op that
     compiles. Eager calls of the same model keep the rule."""
     return call.device_type == "cpu" and torch.compiler.is_compiling()
+
+
+def _native_cannot_run(call: LayerCall) -> str | None:
+    """Why nn.LSTM's own kernels fail under the transform around this call (see LSTM._transforms), or None.
+
+    Under torch.vmap aten::lstm has no batching rule (torch 2.13: "Batching rule not implemented for
+    aten::lstm.input", every dtype on the CPU). oneDNN's fused LSTM (float32 on the CPU) has no forward-mode
+    derivative, nor has cuDNN's; ATen's per-step loop has one, but which path nn.LSTM takes is its own business,
+    so every forward-mode call counts.
+    """
+    if call.vmapped:
+        return "torch.vmap: nn.LSTM's kernels have no batching rule"
+    if call.forward_ad:
+        return "forward-mode AD: nn.LSTM's fused kernels (oneDNN, cuDNN) have no forward-mode derivative"
+    return None
+
+
+def _fallback(call: LayerCall, reason: str) -> Choice:
+    """native, for a call auto does not give to the fast backend; the reference step loop where nn.LSTM's kernels
+    cannot run the call: it is plain PyTorch ops, which have batching rules and forward-mode derivatives."""
+    native_fails = _native_cannot_run(call)
+    if native_fails is None:
+        return Choice("native", reason)
+    return Choice("reference", f"{reason}; native cannot run it: {native_fails}")
 
 
 def plan(module_backend: str | None, calls: list[LayerCall]) -> list[Choice]:

@@ -26,6 +26,29 @@ def _forward_ad_active() -> bool:
     return getattr(forward_ad, "_current_level", -1) >= 0
 
 
+def _functorch_transform_kinds() -> frozenset[str]:
+    """The torch.func transforms active around this call, by kind: "Vmap", "Grad", "Jvp", "Functionalize"."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return frozenset(interpreter.key().name for interpreter in retrieve_all_functorch_interpreters())
+
+
+class _Transforms(NamedTuple):
+    """What torch.func's transforms and forward-mode AD make of a call, as dispatch needs to know it."""
+
+    # A transform that tracks gradients (grad, vjp, jacrev, jvp) wraps the input, the state or a weight, or one
+    # of them carries a forward-mode tangent: the fast backends' autograd cannot run there.
+    func_grad: bool = False
+    # A torch.vmap is active: nn.LSTM's kernels have no batching rule (aten::lstm) and fail there.
+    vmapped: bool = False
+    # Forward-mode AD (tangents, torch.func.jvp / jacfwd): nn.LSTM's fused kernels (oneDNN's on the CPU, cuDNN's)
+    # have no forward-mode derivative.
+    forward_ad: bool = False
+
+
+_NO_TRANSFORMS = _Transforms()
+
+
 class _CallShape(NamedTuple):
     device_type: str
     dtype: torch.dtype
@@ -40,6 +63,8 @@ class _CallShape(NamedTuple):
     num_directions: int
     bias: bool
     func_grad: bool = False
+    vmapped: bool = False
+    forward_ad: bool = False
     mixed_dtypes: bool = False
     # torch's thread count, for CPU calls: the CPU rule reads it (how the cpp forward splits its rows among
     # threads), so a remembered plan holds for one count. 0 on other devices and while tracing (not remembered).
@@ -65,6 +90,8 @@ def _plan_for(requested: str, shape: _CallShape) -> tuple[dispatch.Choice, ...]:
             needs_grad=shape.needs_grad,
             layer=layer,
             func_grad=shape.func_grad,
+            vmapped=shape.vmapped,
+            forward_ad=shape.forward_ad,
             mixed_dtypes=shape.mixed_dtypes,
         )
         for layer in range(shape.num_layers)
@@ -375,17 +402,16 @@ class LSTM(nn.RNNBase):
             return x.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
         return x, (h_n, c_n)
 
-    def _under_func_grad(self, input: Tensor, hx) -> bool:
-        """Whether a torch.func transform that tracks gradients (grad, vjp, jacrev) wraps the input, the state or a
-        weight of this call, or one of them is a forward-mode AD dual tensor (torch.autograd.forward_ad): the
-        fast backends' autograd has no forward mode."""
+    def _transforms(self, input: Tensor, hx) -> _Transforms:
+        """What torch.func's transforms and forward-mode AD make of this call (see _Transforms)."""
         dual, functorch = _forward_ad_active(), torch._C._are_functorch_transforms_active()
         if not (dual or functorch):
-            return False
+            return _NO_TRANSFORMS
         tensors = [t for t in (input, *hx, *self._flat_weights) if isinstance(t, Tensor)]
-        if dual and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
-            return True
-        return functorch and any(torch._C._functorch.is_gradtrackingtensor(t) for t in tensors)
+        tangent = dual and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+        tracked = functorch and any(torch._C._functorch.is_gradtrackingtensor(t) for t in tensors)
+        kinds = _functorch_transform_kinds() if functorch else frozenset()
+        return _Transforms(func_grad=tangent or tracked, vmapped="Vmap" in kinds, forward_ad=tangent or "Jvp" in kinds)
 
     def _call_key(self, input, hx) -> tuple | None:
         """What decides whether a call passes every check and which backends serve it, for the common call: a
@@ -440,7 +466,7 @@ class LSTM(nn.RNNBase):
         shape = _CallShape(
             input.device.type, dtype, seq_len, batch, batch_sizes is not None, needs_grad, self.input_size,
             self.hidden_size, self.proj_size, self.num_layers, self._num_directions, self.bias,
-            self._under_func_grad(input, hx),
+            *self._transforms(input, hx),
             self._weights_mixed(),
             torch.get_num_threads() if input.device.type == "cpu" and not traced else 0,
         )  # fmt: skip

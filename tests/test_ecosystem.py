@@ -160,8 +160,8 @@ def test_torch_func_gradient_transforms(backend):
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_forward_mode_ad_with_dual_tensors(backend):
     """torch.autograd.forward_ad, which works with nn.LSTM on ATen's path (float64 here): auto serves dual tensors
-    natively (the fast backends' autograd has no forward mode); a forced fast backend says so; outside the dual
-    level the fast backend serves the same call again."""
+    on the reference loop (the fast backends' autograd has no forward mode, nor have oneDNN's and cuDNN's
+    kernels); a forced fast backend says so; outside the dual level the fast backend serves the same call again."""
     import torch.autograd.forward_ad as fwAD
 
     torch.manual_seed(0)
@@ -172,7 +172,10 @@ def test_forward_mode_ad_with_dual_tensors(backend):
 
     def jvp(m):
         with fwAD.dual_level():
-            y, (h, c) = m(fwAD.make_dual(x, tangent))
+            dual = fwAD.make_dual(x, tangent)
+            if m is model:
+                assert fastlstm.explain(m, dual).backends == ["reference" if backend == "auto" else backend] * 2
+            y, (h, c) = m(dual)
             return [fwAD.unpack_dual(t) for t in (y, h, c)]
 
     if backend in ("cpp", "triton"):
@@ -184,6 +187,212 @@ def test_forward_mode_ad_with_dual_tensors(backend):
         torch.testing.assert_close(tan, tan_ref, atol=1e-12, rtol=1e-10)
     eager = backend if backend != "auto" else "cpp" if "cpp" in CPU_BACKENDS else "native"
     assert fastlstm.explain(model, x).backends[0] == eager
+
+
+def test_forward_mode_ad_in_float32_where_nn_lstm_cannot():
+    """torch.func.jvp, jacfwd and hessian (forward over reverse) in float32: nn.LSTM's oneDNN path has no
+    forward-mode derivative and raises; auto runs the reference loop, which matches nn.LSTM's float64 (ATen's
+    path, which has one) to float32 precision."""
+    torch.manual_seed(0)
+    reference = nn.LSTM(4, 6, 2, bidirectional=True).double()
+    model = fastlstm.LSTM(4, 6, 2, bidirectional=True)
+    model.load_state_dict(reference.state_dict())
+    nn_float32 = nn.LSTM(4, 6, 2, bidirectional=True)
+    nn_float32.load_state_dict(reference.state_dict())
+    x, tangent = torch.randn(5, 3, 4), torch.randn(5, 3, 4)
+
+    def jvp(m, dtype):
+        outputs = lambda t: torch.cat([m(t)[0].flatten(), *(s.flatten() for s in m(t)[1])])  # noqa: E731
+        return torch.func.jvp(outputs, (x.to(dtype),), (tangent.to(dtype),))[1]
+
+    def hessian(m, dtype):
+        return torch.func.hessian(lambda t: m(t)[0].square().sum())(x[:2, :1].to(dtype))
+
+    with pytest.raises(NotImplementedError, match="forward AD"):  # if torch adds one, README should say so
+        jvp(nn_float32, torch.float32)
+    for run in (jvp, hessian):
+        torch.testing.assert_close(
+            run(model, torch.float32), run(reference, torch.float64).float(), atol=2e-5, rtol=1e-4
+        )
+    jacobian = torch.func.jacfwd(lambda t: model(t)[1][1])(x)
+    expected = torch.func.jacrev(lambda t: reference(t)[1][1])(x.double())
+    torch.testing.assert_close(jacobian, expected.float(), atol=2e-5, rtol=1e-4)
+
+
+def _stack(results):
+    """Per-sample results (tuples of tensors and tuples) stacked along a new first dimension."""
+    return torch.utils._pytree.tree_map(lambda *ts: torch.stack(ts), *results)
+
+
+def _choices_inside_vmap(model, x, *state):
+    """The backends auto gives each (layer, direction) of a call as torch.vmap sees it (one sample)."""
+    seen = []
+
+    def one(t, *s):
+        seen.append(fastlstm.explain(model, t, *s).backends)
+        return model(t, *s)[0]
+
+    torch.func.vmap(one)(x, *state)
+    return seen[0]
+
+
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+def test_vmap_over_samples_matches_a_loop(backend):
+    """torch.vmap over a model holding fastlstm.LSTM: input, initial state or both batched, lengths= too. nn.LSTM
+    cannot ("Batching rule not implemented for aten::lstm.input"). cpp runs the samples side by side as one batch
+    (its vmap rule); auto gives what native would serve to the reference loop; triton has no vmap rule."""
+    torch.manual_seed(0)
+    reference = nn.LSTM(4, 6, 2, bidirectional=True, proj_size=3).double()
+    model = fastlstm.LSTM(4, 6, 2, bidirectional=True, proj_size=3, backend=backend).double()
+    model.load_state_dict(reference.state_dict())
+    xs = torch.randn(5, 7, 3, 4, dtype=torch.float64)
+    h0s, c0s = torch.randn(5, 4, 3, 3, dtype=torch.float64), torch.randn(5, 4, 3, 6, dtype=torch.float64)
+    lengths = torch.tensor([7, 2, 5])
+
+    def as_tuple(out):
+        return out[0], *out[1]
+
+    if backend == "triton":
+        with pytest.raises(fastlstm.BackendUnavailableError, match="torch.vmap"):
+            torch.func.vmap(model)(xs)
+        return
+    with pytest.raises(RuntimeError, match="aten::lstm"):  # if torch adds a batching rule, README should say so
+        torch.func.vmap(reference)(xs)
+    calls = {
+        "input": (lambda x: as_tuple(model(x)), (xs,), lambda i: as_tuple(reference(xs[i]))),
+        "input and state": (
+            lambda x, h, c: as_tuple(model(x, (h, c))), (xs, h0s, c0s),
+            lambda i: as_tuple(reference(xs[i], (h0s[i], c0s[i]))),
+        ),
+        "state": (
+            lambda h, c: as_tuple(model(xs[0], (h, c))), (h0s, c0s),
+            lambda i: as_tuple(reference(xs[0], (h0s[i], c0s[i]))),
+        ),
+        "lengths": (
+            lambda x: as_tuple(model(x, lengths=lengths)), (xs,),
+            lambda i: _padded(reference(pack_padded_sequence(xs[i], lengths, enforce_sorted=False)), 7),
+        ),
+    }  # fmt: skip
+    for name, (call, inputs, one) in calls.items():
+        got = torch.func.vmap(call)(*inputs)
+        expected = _stack([one(i) for i in range(5)])
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10, msg=name)
+    if backend == "auto":
+        assert _choices_inside_vmap(model, xs) == ["cpp" if "cpp" in CPU_BACKENDS else "reference"] * 4
+
+
+def _padded(out, total_length):
+    from torch.nn.utils.rnn import pad_packed_sequence
+
+    return pad_packed_sequence(out[0], total_length=total_length)[0], *out[1]
+
+
+def test_vmap_gives_the_fast_backend_calls_the_speed_rule_gave_to_native(monkeypatch):
+    """Under torch.vmap native cannot run, so a call the speed rule gives to native goes to cpp where it is built
+    (the reference loop where not), and eager calls keep the rule."""
+    from fastlstm import dispatch
+
+    monkeypatch.setattr(dispatch, "_faster_than_native", lambda name, call: "native measured faster (test)")
+    reference = nn.LSTM(4, 6)
+    model = fastlstm.LSTM(4, 6)
+    model.load_state_dict(reference.state_dict())
+    xs = torch.randn(3, 5, 2, 4)
+    assert fastlstm.explain(model, xs[0]).backends == ["native"]
+    assert _choices_inside_vmap(model, xs) == ["cpp" if "cpp" in CPU_BACKENDS else "reference"]
+    expected = torch.stack([reference(x)[0] for x in xs])
+    torch.testing.assert_close(torch.func.vmap(lambda x: model(x)[0])(xs), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_vmap_over_an_ensemble_of_models():
+    """torch.func.stack_module_state + functional_call under torch.vmap: models that differ only in their weights run
+    as one (cpp: one call per model, as the weights differ), each giving what it gives alone."""
+    torch.manual_seed(0)
+    models = [fastlstm.LSTM(4, 6, 2, bidirectional=True) for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(models)
+    base = fastlstm.LSTM(4, 6, 2, bidirectional=True).to("meta")
+    x = torch.randn(5, 2, 4)
+    got = torch.func.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (x,)), in_dims=(0, 0))(params, buffers)
+    expected = _stack([m(x) for m in models])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+def test_per_sample_gradients_with_vmap_of_grad(backend):
+    """torch.func.vmap(torch.func.grad(loss)) over samples, the per-sample gradients of differential privacy:
+    every parameter's gradient for each sample, as a loop of nn.LSTM backward passes gives them. auto runs the
+    reference loop (native has no batching rule, the fast backends' autograd cannot run under torch.func)."""
+    torch.manual_seed(0)
+    reference = nn.LSTM(4, 6, 2, bidirectional=True, proj_size=3).double()
+    model = fastlstm.LSTM(4, 6, 2, bidirectional=True, proj_size=3, backend=backend).double()
+    model.load_state_dict(reference.state_dict())
+    xs = torch.randn(4, 5, 1, 4, dtype=torch.float64)  # 4 samples of 5 steps, each a batch of one
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(p, x):
+        y, (h, c) = torch.func.functional_call(model, p, (x,))
+        return y.square().sum() + h.sum() + c.sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))
+    if backend in ("cpp", "triton"):
+        with pytest.raises(fastlstm.BackendUnavailableError, match="torch.func"):
+            per_sample(params, xs)
+        return
+    got = per_sample(params, xs)
+    for i, x in enumerate(xs):
+        reference.zero_grad()
+        y, (h, c) = reference(x)
+        (y.square().sum() + h.sum() + c.sum()).backward()
+        for name, p in reference.named_parameters():
+            torch.testing.assert_close(got[name][i], p.grad, atol=1e-12, rtol=1e-10, msg=f"sample {i} {name}")
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ backend is not built here")
+@pytest.mark.parametrize(
+    ("in_dims", "packed", "reverse", "save"),
+    [
+        ((0, None, None, None, None), False, False, False),
+        ((0, 0, 0, None, None), True, True, True),
+        ((None, 0, None, None, None), True, False, False),
+        ((2, None, 0, None, None), False, True, True),
+        ((0, None, None, None, 0), True, True, False),  # per-sample w_hh
+    ],
+    ids=["x", "x-state-packed-reverse-save", "h0-packed", "x-dim2-c0-reverse-save", "x-w_hh-packed-reverse"],
+)
+def test_cpp_vmap_rule_runs_the_samples_as_one_call(in_dims, packed, reverse, save):
+    """cpp_lstm_fwd under torch.vmap, with each argument batched or not, packed and reversed, saving for backward or
+    not: one call over the samples side by side (in the profile, the batched call's event and one direct call's),
+    each sample's rows what its own call gives; weights that differ per sample take a call each."""
+    op = torch.ops.fastlstm.cpp_lstm_fwd.default
+    samples, T, B, I, H, P = 3, 5, 4, 3, 6, 2
+    x, h0, c0 = torch.randn(samples, T, B, I), torch.randn(samples, B, P), torch.randn(samples, B, H)
+    w_ih, w_hh, b, w_hr = torch.randn(4 * H, I), torch.randn(samples, 4 * H, P), torch.randn(4 * H), torch.randn(P, H)
+    sizes = torch.tensor([4, 3, 3, 1, 1]) if packed else None
+    args = [x.movedim(0, in_dims[0]) if in_dims[0] is not None else x[0], h0 if in_dims[1] is not None else h0[0]]
+    args += [c0 if in_dims[2] is not None else c0[0], w_ih, w_hh if in_dims[4] is not None else w_hh[0]]
+
+    def call(x_, h_, c_, wi, wh):
+        return op(x_, h_, c_, wi, wh, b, w_hr, sizes, reverse, save)
+
+    def op_events(run, *inputs):
+        with torch.profiler.profile() as profile:
+            result = run(*inputs)
+        return result, sum(e.count for e in profile.key_averages() if e.key == "fastlstm::cpp_lstm_fwd")
+
+    got, events = op_events(torch.func.vmap(call, in_dims=in_dims), *args)
+    one = [a.select(d, 0) if d is not None else a for a, d in zip(args, in_dims)]
+    _, per_call = op_events(call, *one)  # the events one direct call records (its autograd kernel's among them)
+    assert events == 1 + (samples if in_dims[4] is not None else 1) * per_call
+    live = torch.arange(B)[None, :] < (sizes if packed else torch.full((T,), B))[:, None]  # [T, B]
+    for v in range(samples):
+        one = [a.select(d, v) if d is not None else a for a, d in zip(args, in_dims)]
+        y, hT, cT, *history = call(*one)
+        for name, g, e in zip(("y", "hT", "cT"), got, (y, hT, cT)):
+            torch.testing.assert_close(g[v], e, atol=1e-6, rtol=1e-5, msg=name)
+        for name, g, e in zip(("gates", "c_hist"), got[3:], history):  # what backward reads: the live rows
+            torch.testing.assert_close(
+                g[v][live] if save else g[v], e[live] if save else e, atol=1e-6, rtol=1e-5, msg=name
+            )
 
 
 def test_nn_lstm_itself_cannot_be_compiled_fullgraph():

@@ -33,7 +33,9 @@ class LayerCall:
     reverse: bool
     needs_grad: bool
     layer: int = 0
-    func_grad: bool = False  # torch.func's grad/vjp/jacrev or forward-mode AD track gradients (LSTM._under_func_grad)
+    func_grad: bool = False  # torch.func's grad/vjp/jacrev or forward-mode AD track gradients (LSTM._transforms)
+    vmapped: bool = False  # a torch.vmap is active (LSTM._transforms)
+    forward_ad: bool = False  # forward-mode AD: dual tensors, torch.func.jvp / jacfwd (LSTM._transforms)
     mixed_dtypes: bool = False  # the module's weights do not all share one dtype (LSTM._weights_mixed)
 
     @property
