@@ -257,6 +257,10 @@ class LSTM(nn.RNNBase):
             raise TypeError(f"LSTM.forward() got an unexpected keyword argument {next(iter(keywords))!r}")
         if isinstance(input, torch.fx.Proxy):
             return self._fx_leaf(input, hx, lengths)
+        if isinstance(input, Tensor) and (input.is_nested or input.layout != torch.strided):
+            # Sparse and nested tensors: no backend reads them, and nn.LSTM's own forward decides what they give
+            # (torch 2.13: an error, which its checks raise before any of fastlstm's would trip over them).
+            return nn.LSTM.forward(self, input, hx)
         self._update_flat_weights()  # parameters are read at call time, as nn.LSTM reads them
         if lengths is not None:
             return self._forward_lengths(input, hx, lengths)

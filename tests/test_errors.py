@@ -45,6 +45,8 @@ CALLS = {
         False,
     ),
     "device": ({}, lambda m: m(torch.randn(3, 2, I, device="meta")), True),
+    "sparse-input": ({}, lambda m: m(torch.randn(3, 2, I).to_sparse()), True),
+    "nested-input": ({}, lambda m: m(torch.nested.nested_tensor([torch.randn(3, I), torch.randn(2, I)])), True),
     "packed-wrong-input-size": ({}, lambda m: m(_packed(torch.randn(3, 2, I + 1), [3, 2])), False),
     # nn.LSTM hands packed input to torch._VF.lstm unchecked: its exception types, with clearer messages
     "packed-2d-hx": (
