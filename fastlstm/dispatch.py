@@ -434,8 +434,10 @@ def choose(name: str, call: LayerCall) -> Choice:
         return _fallback(call, f"no fast backend for device type {call.device_type!r}")
     # The speed rule first: it is cheap, and where native wins anyway there is no reason to build or load
     # the fast backend (a first build compiles C++) nor to warn that it is missing.
-    slower = _faster_than_native(fast, call)
     compiling = _native_fails_to_compile(call)
+    # Compiled CPU calls go to cpp whatever the rule says, and asking it would guard the graph on the sizes it
+    # reads (torch.export with a dynamic batch failed: "Not all values of b ... satisfy the generated guard").
+    slower = None if compiling else _faster_than_native(fast, call)
     native_fails = _native_cannot_run(call)
     if slower is not None and not compiling and native_fails is None:
         return Choice("native", f"{fast} not measured faster here: {slower}")
@@ -455,16 +457,16 @@ def choose(name: str, call: LayerCall) -> Choice:
         return _fallback(call, f"{fast} failed its self-test here: {failed}")
     if native_fails is not None and slower is not None:
         return Choice(fast, f"native cannot run it: {native_fails} ({fast} not measured faster: {slower})")
-    if compiling and slower is not None:
-        return Choice(fast, f"torch.compile: nn.LSTM's CPU path does not compile ({slower}, but native fails)")
+    if compiling:
+        return Choice(fast, "torch.compile: nn.LSTM's CPU path does not compile (the speed rule is not asked)")
     return Choice(fast, "measured faster than native for this shape")
 
 
 def _native_fails_to_compile(call: LayerCall) -> bool:
     """Whether torch.compile is tracing a CPU call. nn.LSTM's CPU path then breaks the graph's backward (torch 2.13,
     a model whose calls auto gave to native: inductor "expected Tensor() for op: aten.mkldnn_rnn_layer", aot_eager
-    an AssertionError in save_from_forward), so the speed rule yields to cpp there: an opaque custom op that
-    compiles. Eager calls of the same model keep the rule."""
+    an AssertionError in save_from_forward), so such calls go to cpp whatever the speed rule says: an opaque custom
+    op that compiles. Eager calls of the same model keep the rule."""
     return call.device_type == "cpu" and torch.compiler.is_compiling()
 
 

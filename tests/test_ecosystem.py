@@ -414,6 +414,24 @@ def test_torch_export_gives_nn_lstm_numbers(backend):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["auto", *(name for name in CPU_BACKENDS if name != "reference")])
+def test_torch_export_with_a_dynamic_batch_and_length(backend):
+    """A program exported with a dynamic batch and sequence length serves every size in their ranges with nn.LSTM's
+    numbers. nn.LSTM specializes the length, and so does the reference backend (its time loop is Python's, which
+    the trace unrolls). Dispatch's speed rule reads the batch, so a compiled CPU call does not ask it (before,
+    export failed: "Not all values of b ... satisfy the generated guard")."""
+    torch.manual_seed(0)
+    reference = Tagger(nn.LSTM).eval()
+    model = Tagger(backend=backend).eval()
+    model.load_state_dict(reference.state_dict())
+    batch, length = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("length", min=1, max=1000)
+    program = torch.export.export(model, (torch.randint(0, 10, (3, 5)),), dynamic_shapes=({0: batch, 1: length},))
+    for sizes in [(1, 1), (2, 7), (17, 3), (64, 40)]:
+        tokens = torch.randint(0, 10, sizes)
+        for got, expected in zip(program.module()(tokens), reference(tokens)):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=str(sizes))
+
+
 _SAVED_PROGRAM_CHECK = """
 import sys, torch
 import fastlstm
