@@ -475,13 +475,16 @@ def _native_cannot_run(call: LayerCall) -> str | None:
 
     Under torch.vmap aten::lstm has no batching rule (torch 2.13: "Batching rule not implemented for
     aten::lstm.input", every dtype on the CPU). oneDNN's fused LSTM (float32 on the CPU) has no forward-mode
-    derivative, nor has cuDNN's; ATen's per-step loop has one, but which path nn.LSTM takes is its own business,
-    so every forward-mode call counts.
+    derivative, nor has cuDNN's; ATen's per-step loop has one, and nn.LSTM takes it on the CPU for float64 and
+    for a projection (which oneDNN's LSTM does not take). Packed input fails on every path (torch 2.13: "Cannot
+    access data pointer of Tensor that doesn't have storage"), and elsewhere which path nn.LSTM takes is its own
+    business, so every other forward-mode call counts.
     """
     if call.vmapped:
         return "torch.vmap: nn.LSTM's kernels have no batching rule"
-    if call.forward_ad:
-        return "forward-mode AD: nn.LSTM's fused kernels (oneDNN, cuDNN) have no forward-mode derivative"
+    atens_loop = call.device_type == "cpu" and not call.packed and (call.dtype == torch.float64 or call.proj_size)
+    if call.forward_ad and not atens_loop:
+        return "forward-mode AD: nn.LSTM's kernels have no forward-mode derivative here (oneDNN's, cuDNN's, packed)"
     return None
 
 

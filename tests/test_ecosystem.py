@@ -160,8 +160,8 @@ def test_torch_func_gradient_transforms(backend):
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_forward_mode_ad_with_dual_tensors(backend):
     """torch.autograd.forward_ad, which works with nn.LSTM on ATen's path (float64 here): auto serves dual tensors
-    on the reference loop (the fast backends' autograd has no forward mode, nor have oneDNN's and cuDNN's
-    kernels); a forced fast backend says so; outside the dual level the fast backend serves the same call again."""
+    natively (the fast backends' autograd has no forward mode); a forced fast backend says so; outside the dual
+    level the fast backend serves the same call again."""
     import torch.autograd.forward_ad as fwAD
 
     torch.manual_seed(0)
@@ -174,7 +174,7 @@ def test_forward_mode_ad_with_dual_tensors(backend):
         with fwAD.dual_level():
             dual = fwAD.make_dual(x, tangent)
             if m is model:
-                assert fastlstm.explain(m, dual).backends == ["reference" if backend == "auto" else backend] * 2
+                assert fastlstm.explain(m, dual).backends == ["native" if backend == "auto" else backend] * 2
             y, (h, c) = m(dual)
             return [fwAD.unpack_dual(t) for t in (y, h, c)]
 
@@ -192,7 +192,8 @@ def test_forward_mode_ad_with_dual_tensors(backend):
 def test_forward_mode_ad_in_float32_where_nn_lstm_cannot():
     """torch.func.jvp, jacfwd and hessian (forward over reverse) in float32: nn.LSTM's oneDNN path has no
     forward-mode derivative and raises; auto runs the reference loop, which matches nn.LSTM's float64 (ATen's
-    path, which has one) to float32 precision."""
+    path, which has one) to float32 precision. With a projection nn.LSTM takes ATen's path in float32 too: native
+    there."""
     torch.manual_seed(0)
     reference = nn.LSTM(4, 6, 2, bidirectional=True).double()
     model = fastlstm.LSTM(4, 6, 2, bidirectional=True)
@@ -217,6 +218,41 @@ def test_forward_mode_ad_in_float32_where_nn_lstm_cannot():
     jacobian = torch.func.jacfwd(lambda t: model(t)[1][1])(x)
     expected = torch.func.jacrev(lambda t: reference(t)[1][1])(x.double())
     torch.testing.assert_close(jacobian, expected.float(), atol=2e-5, rtol=1e-4)
+
+    def plan_under_jvp(m):
+        plans = []
+        torch.func.jvp(lambda t: plans.append(fastlstm.explain(m, t).backends) or m(t)[0], (x,), (tangent,))
+        return plans[0]
+
+    assert plan_under_jvp(model) == ["reference"] * 4
+    assert plan_under_jvp(fastlstm.LSTM(4, 6, 2, bidirectional=True, proj_size=3)) == ["native"] * 4
+
+
+def test_forward_mode_ad_of_packed_input_where_nn_lstm_cannot():
+    """torch.func.jvp through PackedSequence input: nn.LSTM fails on every path (torch 2.13: "Cannot access data
+    pointer of Tensor that doesn't have storage"); auto runs the reference loop, whose tangents match nn.LSTM's
+    own jvp of each sequence alone (unbatched float64: ATen's path)."""
+    from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+    torch.manual_seed(0)
+    reference = nn.LSTM(4, 6, 2, bidirectional=True).double()
+    model = fastlstm.LSTM(4, 6, 2, bidirectional=True).double()
+    model.load_state_dict(reference.state_dict())
+    lengths = torch.tensor([5, 3, 2])
+    packed = pack_padded_sequence(torch.randn(5, 3, 4, dtype=torch.float64), lengths)
+    tangent = torch.randn_like(packed.data)
+
+    def run(m):
+        return torch.func.jvp(lambda d: m(PackedSequence(d, packed.batch_sizes))[0].data, (packed.data,), (tangent,))
+
+    with pytest.raises(RuntimeError, match="data pointer"):  # if torch fixes it, README should say so
+        run(reference)
+    _, y_tangent = run(model)
+    padded = pad_packed_sequence(PackedSequence(y_tangent, packed.batch_sizes))[0]
+    x, v = (pad_packed_sequence(PackedSequence(t, packed.batch_sizes))[0] for t in (packed.data, tangent))
+    for i, n in enumerate(lengths.tolist()):
+        expected = torch.func.jvp(lambda t: reference(t)[0], (x[:n, i],), (v[:n, i],))[1]
+        torch.testing.assert_close(padded[:n, i], expected, atol=1e-12, rtol=1e-10)
 
 
 def _stack(results):
@@ -426,7 +462,7 @@ def test_torch_export_with_a_dynamic_batch_and_length(backend):
     model.load_state_dict(reference.state_dict())
     batch, length = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("length", min=1, max=1000)
     program = torch.export.export(model, (torch.randint(0, 10, (3, 5)),), dynamic_shapes=({0: batch, 1: length},))
-    for sizes in [(1, 1), (2, 7), (17, 3), (64, 40)]:
+    for sizes in [(1, 1), (2, 7), (11, 3)]:
         tokens = torch.randint(0, 10, sizes)
         for got, expected in zip(program.module()(tokens), reference(tokens)):
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=str(sizes))
