@@ -275,23 +275,19 @@ def _choices_inside_vmap(model, x, *state):
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_vmap_over_samples_matches_a_loop(backend):
     """torch.vmap over a model holding fastlstm.LSTM: input, initial state or both batched, lengths= too. nn.LSTM
-    cannot ("Batching rule not implemented for aten::lstm.input"). cpp runs the samples side by side as one batch
-    (its vmap rule); auto gives what native would serve to the reference loop; triton has no vmap rule."""
+    cannot ("Batching rule not implemented for aten::lstm.input"). cpp and triton run the samples side by side as
+    one batch (their ops' vmap rules); auto gives what native would serve to the reference loop."""
     torch.manual_seed(0)
-    reference = nn.LSTM(4, 6, 2, bidirectional=True, proj_size=3).double()
-    model = fastlstm.LSTM(4, 6, 2, bidirectional=True, proj_size=3, backend=backend).double()
+    reference = nn.LSTM(4, 6, 1, bidirectional=True, proj_size=3).double()
+    model = fastlstm.LSTM(4, 6, 1, bidirectional=True, proj_size=3, backend=backend).double()
     model.load_state_dict(reference.state_dict())
-    xs = torch.randn(5, 7, 3, 4, dtype=torch.float64)
-    h0s, c0s = torch.randn(5, 4, 3, 3, dtype=torch.float64), torch.randn(5, 4, 3, 6, dtype=torch.float64)
-    lengths = torch.tensor([7, 2, 5])
+    xs = torch.randn(3, 5, 3, 4, dtype=torch.float64)
+    h0s, c0s = torch.randn(3, 2, 3, 3, dtype=torch.float64), torch.randn(3, 2, 3, 6, dtype=torch.float64)
+    lengths = torch.tensor([5, 2, 4])
 
     def as_tuple(out):
         return out[0], *out[1]
 
-    if backend == "triton":
-        with pytest.raises(fastlstm.BackendUnavailableError, match="torch.vmap"):
-            torch.func.vmap(model)(xs)
-        return
     with pytest.raises(RuntimeError, match="aten::lstm"):  # if torch adds a batching rule, README should say so
         torch.func.vmap(reference)(xs)
     calls = {
@@ -306,16 +302,16 @@ def test_vmap_over_samples_matches_a_loop(backend):
         ),
         "lengths": (
             lambda x: as_tuple(model(x, lengths=lengths)), (xs,),
-            lambda i: _padded(reference(pack_padded_sequence(xs[i], lengths, enforce_sorted=False)), 7),
+            lambda i: _padded(reference(pack_padded_sequence(xs[i], lengths, enforce_sorted=False)), 5),
         ),
     }  # fmt: skip
     for name, (call, inputs, one) in calls.items():
         got = torch.func.vmap(call)(*inputs)
-        expected = _stack([one(i) for i in range(5)])
+        expected = _stack([one(i) for i in range(3)])
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10, msg=name)
     if backend == "auto":
-        assert _choices_inside_vmap(model, xs) == ["cpp" if "cpp" in CPU_BACKENDS else "reference"] * 4
+        assert _choices_inside_vmap(model, xs) == ["cpp" if "cpp" in CPU_BACKENDS else "reference"] * 2
 
 
 def _padded(out, total_length):
@@ -383,7 +379,48 @@ def test_per_sample_gradients_with_vmap_of_grad(backend):
             torch.testing.assert_close(got[name][i], p.grad, atol=1e-12, rtol=1e-10, msg=f"sample {i} {name}")
 
 
-@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the C++ backend is not built here")
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "lengths"])
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+def test_backward_through_vmap_matches_a_loop(backend, packed):
+    """Autograd outside torch.vmap (vmap(model)(xs), then loss.backward()): the input's and every parameter's
+    gradients are what a loop of nn.LSTM calls gives, packed through lengths= too, so what the ops' vmap rules
+    save for backward is right."""
+    torch.manual_seed(0)
+    reference = nn.LSTM(4, 6, 1, bidirectional=True, proj_size=3).double()
+    model = fastlstm.LSTM(4, 6, 1, bidirectional=True, proj_size=3, backend=backend).double()
+    model.load_state_dict(reference.state_dict())
+    lengths = torch.tensor([5, 2, 4])
+
+    def loss(m, x):
+        if m is reference and packed:
+            y, (h, c) = m(pack_padded_sequence(x, lengths, enforce_sorted=False))
+            y = y.data
+        else:
+            y, (h, c) = m(x, lengths=lengths) if packed else m(x)
+        return y.square().sum() + h.sum() + c.sum()
+
+    xs = torch.randn(3, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    torch.func.vmap(lambda x: loss(model, x))(xs).sum().backward()
+    got = [xs.grad.clone(), *(p.grad for p in model.parameters())]
+    xs.grad = None
+    sum(loss(reference, x) for x in xs).backward()
+    expected = [xs.grad, *(p.grad for p in reference.parameters())]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10)
+
+
+def _layer_op_call(backend: str, save: bool):
+    """The backend's layer op as f(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse), and its profile name."""
+    if backend == "cpp":
+        op = torch.ops.fastlstm.cpp_lstm_fwd.default
+        return (lambda *args: op(*args, save)), "fastlstm::cpp_lstm_fwd"
+    from fastlstm.backends.triton.ops import triton_forward
+
+    kernel = "sequence" if save else "step"  # the triton op always saves; both kernels get a turn
+    return (lambda *args: triton_forward(*args, kernel)), "fastlstm::triton_forward"
+
+
+@pytest.mark.parametrize("backend", [name for name in CPU_BACKENDS if name in ("cpp", "triton")])
 @pytest.mark.parametrize(
     ("in_dims", "packed", "reverse", "save"),
     [
@@ -395,11 +432,11 @@ def test_per_sample_gradients_with_vmap_of_grad(backend):
     ],
     ids=["x", "x-state-packed-reverse-save", "h0-packed", "x-dim2-c0-reverse-save", "x-w_hh-packed-reverse"],
 )
-def test_cpp_vmap_rule_runs_the_samples_as_one_call(in_dims, packed, reverse, save):
-    """cpp_lstm_fwd under torch.vmap, with each argument batched or not, packed and reversed, saving for backward or
-    not: one call over the samples side by side (in the profile, the batched call's event and one direct call's),
-    each sample's rows what its own call gives; weights that differ per sample take a call each."""
-    op = torch.ops.fastlstm.cpp_lstm_fwd.default
+def test_layer_op_vmap_rule_runs_the_samples_as_one_call(backend, in_dims, packed, reverse, save):
+    """A fast backend's layer op under torch.vmap, each argument batched or not, packed and reversed: one call over
+    the samples side by side (in the profile, the batched call's event and one direct call's), each sample's rows
+    what its own call gives; weights that differ per sample take a call each."""
+    call_op, event = _layer_op_call(backend, save)
     samples, T, B, I, H, P = 3, 5, 4, 3, 6, 2
     x, h0, c0 = torch.randn(samples, T, B, I), torch.randn(samples, B, P), torch.randn(samples, B, H)
     w_ih, w_hh, b, w_hr = torch.randn(4 * H, I), torch.randn(samples, 4 * H, P), torch.randn(4 * H), torch.randn(P, H)
@@ -408,27 +445,26 @@ def test_cpp_vmap_rule_runs_the_samples_as_one_call(in_dims, packed, reverse, sa
     args += [c0 if in_dims[2] is not None else c0[0], w_ih, w_hh if in_dims[4] is not None else w_hh[0]]
 
     def call(x_, h_, c_, wi, wh):
-        return op(x_, h_, c_, wi, wh, b, w_hr, sizes, reverse, save)
+        return call_op(x_, h_, c_, wi, wh, b, w_hr, sizes, reverse)
 
     def op_events(run, *inputs):
         with torch.profiler.profile() as profile:
             result = run(*inputs)
-        return result, sum(e.count for e in profile.key_averages() if e.key == "fastlstm::cpp_lstm_fwd")
+        return result, sum(e.count for e in profile.key_averages() if e.key == event)
 
     got, events = op_events(torch.func.vmap(call, in_dims=in_dims), *args)
     one = [a.select(d, 0) if d is not None else a for a, d in zip(args, in_dims)]
-    _, per_call = op_events(call, *one)  # the events one direct call records (its autograd kernel's among them)
+    _, per_call = op_events(call, *one)  # the events one direct call records (an autograd kernel's among them)
     assert events == 1 + (samples if in_dims[4] is not None else 1) * per_call
-    live = torch.arange(B)[None, :] < (sizes if packed else torch.full((T,), B))[:, None]  # [T, B]
     for v in range(samples):
         one = [a.select(d, v) if d is not None else a for a, d in zip(args, in_dims)]
-        y, hT, cT, *history = call(*one)
-        for name, g, e in zip(("y", "hT", "cT"), got, (y, hT, cT)):
+        expected = call(*one)
+        for name, g, e in zip(("y", "hT", "cT"), got, expected):
             torch.testing.assert_close(g[v], e, atol=1e-6, rtol=1e-5, msg=name)
-        for name, g, e in zip(("gates", "c_hist"), got[3:], history):  # what backward reads: the live rows
-            torch.testing.assert_close(
-                g[v][live] if save else g[v], e[live] if save else e, atol=1e-6, rtol=1e-5, msg=name
-            )
+        for g, e in zip(got[3:], expected[3:]):  # what backward reads (test_backward_through_vmap checks it in use)
+            assert g[v].shape == e.shape
+            if not packed:  # packed, rows beyond a sequence's end hold whatever the kernel left there
+                torch.testing.assert_close(g[v], e, atol=1e-6, rtol=1e-5)
 
 
 def test_nn_lstm_itself_cannot_be_compiled_fullgraph():

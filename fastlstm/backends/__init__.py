@@ -135,6 +135,42 @@ def layer_op_grads(
     return dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr, None, None, None
 
 
+def vmap_layer_op(op, info, in_dims: tuple, args: tuple, batch_axes: tuple[int | None, ...]):
+    """A torch.vmap rule (torch.library.register_vmap) for a fast backend's layer op, whose inputs follow the layer
+    contract's order (x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, then its flags).
+
+    The samples' batches run as one call over B·V rows, row b·V + v holding row b of sample v, so that packed
+    batch sizes scale by V and each step's live rows stay a prefix. Weights (or batch sizes) that differ from
+    sample to sample (an ensemble: torch.func.stack_module_state) take one call per sample instead.
+    batch_axes: for each output of the op, the axis that holds the batch, or None for an output that has no rows
+    (an empty placeholder).
+    """
+    samples = info.batch_size
+    if any(dim is not None for dim in in_dims[3:]):
+        calls = [op(*(_sample(a, dim, v) for a, dim in zip(args, in_dims))) for v in range(samples)]
+        return tuple(torch.stack(outputs) for outputs in zip(*calls)), (0,) * len(batch_axes)
+    (x, h0, c0), rest, batch_sizes, flags = args[:3], args[3:7], args[7], args[8:]
+    folded = [_rows_side_by_side(t, dim, axis, samples) for t, dim, axis in zip((x, h0, c0), in_dims, (1, 0, 0))]
+    outputs = op(*folded, *rest, None if batch_sizes is None else batch_sizes * samples, *flags)
+    unfolded = tuple(
+        out if axis is None else out.unflatten(axis, (-1, samples)) for out, axis in zip(outputs, batch_axes)
+    )
+    return unfolded, tuple(None if axis is None else axis + 1 for axis in batch_axes)
+
+
+def _sample(t, dim: int | None, v: int):
+    return t if dim is None else t.select(dim, v)
+
+
+def _rows_side_by_side(t: Tensor, dim: int | None, batch_axis: int, samples: int) -> Tensor:
+    """t's batch axis times `samples`, sample-minor (t the same for every sample when dim is None)."""
+    if dim is None:
+        t = t.unsqueeze(batch_axis + 1).expand(*t.shape[: batch_axis + 1], samples, *t.shape[batch_axis + 1 :])
+    else:
+        t = t.movedim(dim, batch_axis + 1)
+    return t.flatten(batch_axis, batch_axis + 1)
+
+
 def names() -> list[str]:
     """Every backend fastlstm knows, available on this machine or not."""
     return list(_REGISTRY)

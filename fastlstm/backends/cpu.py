@@ -73,7 +73,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fastlstm.backends import Backend, LayerCall, LayerResult, constant_under_compile
+from fastlstm.backends import Backend, LayerCall, LayerResult, constant_under_compile, vmap_layer_op
 
 # Compiled, at once (ninja runs one compiler a core): the layer's kernels and the ops. They include the headers,
 # which the build key covers too.
@@ -449,49 +449,11 @@ def _bwd_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes
 
 
 @torch.library.register_vmap("fastlstm::cpp_lstm_fwd", lib=_schemas)
-def _fwd_vmap(info, in_dims, x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save):
-    """torch.vmap of one layer: the samples' batches run as one batch of B·V rows, row b·V + v holding row b of
-    sample v, so that packed batch sizes scale by V and each step's live rows stay a prefix. Weights that differ
-    from sample to sample (an ensemble, torch.func.stack_module_state) take one call per sample."""
-    op = torch.ops.fastlstm.cpp_lstm_fwd.default
-    samples = info.batch_size
-    if any(dim is not None for dim in in_dims[3:]):
-        calls = [
-            op(
-                *(_sample(t, dim, v) for t, dim in zip((x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes), in_dims)),
-                reverse,
-                save,
-            )
-            for v in range(samples)
-        ]
-        return tuple(torch.stack(outputs) for outputs in zip(*calls)), (0, 0, 0, 0, 0)
-    x_dim, h_dim, c_dim = in_dims[:3]
-    y, hT, cT, gates, c_hist = op(
-        _rows_side_by_side(x, x_dim, 1, samples),
-        _rows_side_by_side(h0, h_dim, 0, samples),
-        _rows_side_by_side(c0, c_dim, 0, samples),
-        w_ih, w_hh, b, w_hr,
-        None if batch_sizes is None else batch_sizes * samples,
-        reverse, save,
-    )  # fmt: skip
-    history_dim = 2 if save else None  # without save, gates and c_hist are empty
-    if save:
-        gates, c_hist = gates.unflatten(1, (-1, samples)), c_hist.unflatten(1, (-1, samples))
-    outputs = (y.unflatten(1, (-1, samples)), hT.unflatten(0, (-1, samples)), cT.unflatten(0, (-1, samples)))
-    return (*outputs, gates, c_hist), (2, 1, 1, history_dim, history_dim)
-
-
-def _sample(t: Tensor | None, dim: int | None, v: int) -> Tensor | None:
-    return t if dim is None else t.select(dim, v)
-
-
-def _rows_side_by_side(t: Tensor, dim: int | None, batch_axis: int, samples: int) -> Tensor:
-    """t's batch axis times `samples` (t the same for every sample when dim is None), sample-minor."""
-    if dim is None:
-        t = t.unsqueeze(batch_axis + 1).expand(*t.shape[: batch_axis + 1], samples, *t.shape[batch_axis + 1 :])
-    else:
-        t = t.movedim(dim, batch_axis + 1)
-    return t.flatten(batch_axis, batch_axis + 1)
+def _fwd_vmap(info, in_dims, *args):
+    """torch.vmap of one layer: the samples side by side as one batch (backends.vmap_layer_op)."""
+    save = args[-1]  # without it, gates and c_hist are empty
+    batch_axes = (1, 0, 0, 1, 1) if save else (1, 0, 0, None, None)
+    return vmap_layer_op(torch.ops.fastlstm.cpp_lstm_fwd.default, info, in_dims, args, batch_axes)
 
 
 def _loaded_then(op_name: str):

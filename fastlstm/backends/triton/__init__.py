@@ -78,8 +78,6 @@ class TritonBackend(Backend):
                 "torch.func's gradient transforms (grad, vjp, jacrev) and forward-mode AD cannot run "
                 "the triton op's autograd"
             )
-        if call.vmapped:
-            return "torch.vmap: the triton layer's autograd.Function has no vmap rule"
         from fastlstm.backends.triton.ops import size_reason
 
         return size_reason(call.seq_len, call.batch, call.hidden_size, call.out_size)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fastlstm.backends import LayerCall, layer_op_grads
+from fastlstm.backends import LayerCall, layer_op_grads, vmap_layer_op
 from fastlstm.backends.native import BACKEND as NATIVE
 
 # triton itself (and the kernels) are imported where kernels launch: importing this module only defines the
@@ -509,6 +509,15 @@ def _differentiable_grads(inputs, batch_sizes, reverse, grads) -> tuple[Tensor |
 triton_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+@triton_forward.register_vmap
+def _forward_vmap(info, in_dims, *args):
+    """torch.vmap of one layer: the samples side by side as one batch (backends.vmap_layer_op). Both kernels take
+    any batch, so the kernel chosen for one sample's serves them all."""
+    w_hr = args[6]
+    batch_axes = (1, 0, 0, 1, 1, 1, None if w_hr is None else 1)  # r is empty without a projection
+    return vmap_layer_op(triton_forward, info, in_dims, args, batch_axes)
+
+
 class _EagerLayer(torch.autograd.Function):
     """triton_forward with its autograd, for eager calls, without torch.library's per-call Python.
 
@@ -538,7 +547,8 @@ def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | No
         None if b is None else b.contiguous(), None if w_hr is None else w_hr.contiguous(), batch_sizes,
         bool(reverse), chosen,
     )  # fmt: skip
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        # the op: opaque to a trace, and torch.vmap has its rule (the eager autograd.Function has none)
         y, hT, cT, *_ = triton_forward(*inputs)
         return y, hT, cT
     from fastlstm.backends.triton import graphs
