@@ -804,3 +804,46 @@ def test_cuda_autocast_dtypes_match_nn_lstm(dtype):
         y, (h, c) = fast(x)
     assert [t.dtype for t in (y, h, c)] == [t.dtype for t in (y_ref, h_ref, c_ref)]
     torch.testing.assert_close(y.float(), y_ref.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_cuda_compile_trains_where_auto_picks_native(compiler):
+    """The CUDA side of test_compile_trains_where_auto_gives_the_call_to_native: a fullgraph training step of a
+    model whose calls auto gives to cuDNN matches eager. Never run yet (no GPU lent so far): if cuDNN's path breaks
+    a compiled backward as oneDNN's does on the CPU, dispatch needs the same rule for CUDA."""
+    torch.manual_seed(0)
+    model = Tagger().cuda()
+    compiled_model = Tagger().cuda()
+    compiled_model.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 10, (3, 5), device="cuda")
+    eager = model(tokens)
+    _loss(eager).backward()
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=compiler)(tokens)
+    _loss(compiled).backward()
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    for (name, p), q in zip(model.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_cuda_vmap_and_forward_mode_ad(backend):
+    """torch.vmap and torch.func.jvp on CUDA, where nn.LSTM's cuDNN path has neither a batching rule nor a forward-mode
+    derivative: auto serves them on the reference loop, triton (vmap only) with its op's vmap rule; both match
+    nn.LSTM, a loop of it for vmap, its float64 CPU jvp (ATen's path) for jvp."""
+    torch.manual_seed(0)
+    reference = nn.LSTM(4, 16, 2, bidirectional=True)
+    model = fastlstm.LSTM(4, 16, 2, bidirectional=True, backend=backend).cuda()
+    model.load_state_dict(reference.state_dict())
+    xs = torch.randn(3, 6, 2, 4)
+    expected = torch.stack([reference(x)[0] for x in xs])
+    got = torch.func.vmap(lambda x: model(x)[0])(xs.cuda())
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
+    if backend == "triton":
+        return
+    tangent = torch.randn_like(xs[0])
+    _, jvp = torch.func.jvp(lambda x: model(x)[0], (xs[0].cuda(),), (tangent.cuda(),))
+    reference.double()
+    _, expected_jvp = torch.func.jvp(lambda x: reference(x)[0], (xs[0].double(),), (tangent.double(),))
+    torch.testing.assert_close(jvp.cpu(), expected_jvp.float(), atol=1e-4, rtol=1e-4)
