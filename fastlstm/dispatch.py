@@ -3,8 +3,10 @@
 `backend="auto"` (the default): on CUDA, triton where it is available, supports the call, is measured
 faster than cuDNN and its kernels pass a self-test on this GPU (they compile and agree with native); on the
 CPU, cpp where it is built, supports the call and is measured faster than oneDNN/ATen; native everywhere
-else. Any other name forces that backend and raises BackendUnavailableError when it cannot serve the call
-(and a forced backend's kernel errors reach the caller). `FASTLSTM_BACKEND` sets the default.
+else, except where nn.LSTM's kernels cannot run the call (torch.vmap, forward-mode AD): there the fast backend
+if it serves the call, else the reference loop. Any other name forces that backend and raises
+BackendUnavailableError when it cannot serve the call (and a forced backend's kernel errors reach the caller).
+`FASTLSTM_BACKEND` sets the default.
 """
 
 from __future__ import annotations
