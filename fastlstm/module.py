@@ -28,8 +28,10 @@ def _forward_ad_active() -> bool:
 
 def _functorch_transform_kinds() -> frozenset[str]:
     """The torch.func transforms active around this call, by kind: "Vmap", "Grad", "Jvp", "Functionalize"."""
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:  # a private module: should a torch lack it, assume the transforms nn.LSTM cannot run under
+        return frozenset({"Vmap", "Jvp"})
     return frozenset(interpreter.key().name for interpreter in retrieve_all_functorch_interpreters())
 
 

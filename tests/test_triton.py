@@ -342,6 +342,15 @@ def _call(**kw):
     return LayerCall(**{**base, **kw})
 
 
+def test_vmap_needs_the_ops_vmap_rule(monkeypatch):
+    """Under torch.vmap triton serves a call through its op's vmap rule, which torch.library has from torch 2.5 on;
+    without it the backend says so (and auto uses the reference loop)."""
+    assert BACKEND.unsupported_reason(_call(vmapped=True)) is None
+    monkeypatch.setattr(triton_ops, "HAS_VMAP_RULE", False)
+    assert "torch.vmap" in BACKEND.unsupported_reason(_call(vmapped=True))
+    assert BACKEND.unsupported_reason(_call()) is None
+
+
 def test_backend_answers():
     assert BACKEND.name == "triton"
     assert BACKEND.unavailable_reason() is None

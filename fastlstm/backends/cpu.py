@@ -448,12 +448,15 @@ def _bwd_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes
     )
 
 
-@torch.library.register_vmap("fastlstm::cpp_lstm_fwd", lib=_schemas)
 def _fwd_vmap(info, in_dims, *args):
     """torch.vmap of one layer: the samples side by side as one batch (backends.vmap_layer_op)."""
     save = args[-1]  # without it, gates and c_hist are empty
     batch_axes = (1, 0, 0, 1, 1) if save else (1, 0, 0, None, None)
     return vmap_layer_op(torch.ops.fastlstm.cpp_lstm_fwd.default, info, in_dims, args, batch_axes)
+
+
+if hasattr(torch.library, "register_vmap"):  # torch >= 2.5; before, functorch's fallback runs one call a sample
+    torch.library.register_vmap("fastlstm::cpp_lstm_fwd", _fwd_vmap, lib=_schemas)
 
 
 def _loaded_then(op_name: str):

@@ -78,8 +78,10 @@ class TritonBackend(Backend):
                 "torch.func's gradient transforms (grad, vjp, jacrev) and forward-mode AD cannot run "
                 "the triton op's autograd"
             )
-        from fastlstm.backends.triton.ops import size_reason
+        from fastlstm.backends.triton.ops import HAS_VMAP_RULE, size_reason
 
+        if call.vmapped and not HAS_VMAP_RULE:
+            return f"torch.vmap: the triton op's vmap rule needs torch 2.5 or later (torch {torch.__version__} here)"
         return size_reason(call.seq_len, call.batch, call.hidden_size, call.out_size)
 
     def self_test(self, call: LayerCall) -> str | None:

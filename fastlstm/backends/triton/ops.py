@@ -509,13 +509,18 @@ def _differentiable_grads(inputs, batch_sizes, reverse, grads) -> tuple[Tensor |
 triton_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-@triton_forward.register_vmap
 def _forward_vmap(info, in_dims, *args):
     """torch.vmap of one layer: the samples side by side as one batch (backends.vmap_layer_op). Both kernels take
     any batch, so the kernel chosen for one sample's serves them all."""
     w_hr = args[6]
     batch_axes = (1, 0, 0, 1, 1, 1, None if w_hr is None else 1)  # r is empty without a projection
     return vmap_layer_op(triton_forward, info, in_dims, args, batch_axes)
+
+
+# torch >= 2.5 (torch.library's vmap rules); before, a custom op under torch.vmap raises: dispatch then says so
+HAS_VMAP_RULE = hasattr(triton_forward, "register_vmap")
+if HAS_VMAP_RULE:
+    triton_forward.register_vmap(_forward_vmap)
 
 
 class _EagerLayer(torch.autograd.Function):
