@@ -260,15 +260,15 @@ def _stack(results):
     return torch.utils._pytree.tree_map(lambda *ts: torch.stack(ts), *results)
 
 
-def _choices_inside_vmap(model, x, *state):
-    """The backends auto gives each (layer, direction) of a call as torch.vmap sees it (one sample)."""
+def _choices_inside_vmap(model, xs):
+    """The backends auto gives each (layer, direction) of model(x) for x in xs, under torch.vmap."""
     seen = []
 
-    def one(t, *s):
-        seen.append(fastlstm.explain(model, t, *s).backends)
-        return model(t, *s)[0]
+    def one(x):
+        seen.append(fastlstm.explain(model, x).backends)
+        return model(x)[0]
 
-    torch.func.vmap(one)(x, *state)
+    torch.func.vmap(one)(xs)
     return seen[0]
 
 
