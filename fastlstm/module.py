@@ -26,6 +26,11 @@ def _forward_ad_active() -> bool:
     return getattr(forward_ad, "_current_level", -1) >= 0
 
 
+def _zeros_like_kind(t: Tensor, *shape: int) -> Tensor:
+    """Zeros of t's dtype and device, of `shape`: a plain tensor even where t is one a torch.func transform wraps."""
+    return torch.zeros(shape, dtype=t.dtype, device=t.device)
+
+
 def _functorch_transform_kinds() -> frozenset[str]:
     """The torch.func transforms active around this call, by kind: "Vmap", "Grad", "Jvp", "Functionalize"."""
     try:
@@ -638,8 +643,11 @@ class LSTM(nn.RNNBase):
         )  # fmt: skip
         if key not in _AUTOCAST_DTYPES:
             layers, batch = hx[0].shape[0], 2 if varying else 1
-            x = input.new_zeros(3 if varying else 1, input.shape[-1])
-            state = tuple(t.new_zeros(layers, batch, t.shape[-1]) for t in hx)
+            # Fresh tensors of the call's dtypes, not new_zeros of its own: under torch.vmap those would be
+            # batched too, and nn.LSTM's kernels have no batching rule.
+            x = _zeros_like_kind(input, 3 if varying else 1, input.shape[-1])
+            state = tuple(_zeros_like_kind(t, layers, batch, t.shape[-1]) for t in hx)
+            weights = [None if w is None else _zeros_like_kind(w, *w.shape) for w in weights]
             flags = (self.bias, self.num_layers, 0.0, False, self.bidirectional)
 
             def probe() -> tuple[torch.dtype, ...]:

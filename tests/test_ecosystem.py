@@ -320,6 +320,20 @@ def _padded(out, total_length):
     return pad_packed_sequence(out[0], total_length=total_length)[0], *out[1]
 
 
+@pytest.mark.parametrize("backend", ["auto", *(name for name in CPU_BACKENDS if name != "triton")])  # no bf16 there
+def test_vmap_under_cpu_autocast(backend):
+    """torch.vmap under CPU bfloat16 autocast: the dtypes nn.LSTM gives (read off a probe call of nn.LSTM's own path,
+    which must not see the transform: it has no batching rule) and a loop's numbers."""
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(4, 8, 2, bidirectional=True, backend=backend)
+    xs = torch.randn(3, 5, 2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.func.vmap(model)(xs)
+        expected = _stack([model(x) for x in xs])
+    assert [t.dtype for t in (got[0], *got[1])] == [t.dtype for t in (expected[0], *expected[1])]
+    torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
+
+
 def test_vmap_gives_the_fast_backend_calls_the_speed_rule_gave_to_native(monkeypatch):
     """Under torch.vmap native cannot run, so a call the speed rule gives to native goes to cpp where it is built
     (the reference loop where not), and eager calls keep the rule."""
