@@ -431,32 +431,32 @@ def choose(name: str, call: LayerCall) -> Choice:
         if reason is not None:
             raise BackendUnavailableError(f"fastlstm backend {name!r} cannot serve {where}: {reason}")
         return Choice(name, "forced")
+    native_fails = _native_cannot_run(call)
     fast = _fast_backend_for(call.device_type)
     if fast is None:
-        return _fallback(call, f"no fast backend for device type {call.device_type!r}")
+        return _fallback(native_fails, f"no fast backend for device type {call.device_type!r}")
     # The speed rule first: it is cheap, and where native wins anyway there is no reason to build or load
     # the fast backend (a first build compiles C++) nor to warn that it is missing.
     compiling = _native_fails_to_compile(call)
     # Compiled CPU calls go to cpp whatever the rule says, and asking it would guard the graph on the sizes it
     # reads (torch.export with a dynamic batch failed: "Not all values of b ... satisfy the generated guard").
     slower = None if compiling else _faster_than_native(fast, call)
-    native_fails = _native_cannot_run(call)
-    if slower is not None and not compiling and native_fails is None:
+    if slower is not None and native_fails is None:
         return Choice("native", f"{fast} not measured faster here: {slower}")
     backend = backends.get(fast)
     missing = backend.unavailable_reason()
     if missing is not None:
         _warn_once(fast, missing)
-        return _fallback(call, f"{fast} unavailable: {missing}")
+        return _fallback(native_fails, f"{fast} unavailable: {missing}")
     unsupported = backend.unsupported_reason(call)
     if unsupported is not None:
-        return _fallback(call, f"{fast} does not support this call: {unsupported}")
+        return _fallback(native_fails, f"{fast} does not support this call: {unsupported}")
     # Kernels built at run time (triton's) can fail to compile on a GPU they were never tried on: find out
     # on a tiny input now, not in the user's call. Not while tracing: the plan is then part of a graph.
     failed = None if torch.compiler.is_compiling() else backend.self_test(call)
     if failed is not None:
         _warn_once(fast, f"its kernels failed a self-test on this device: {failed}", key=f"{fast} self-test")
-        return _fallback(call, f"{fast} failed its self-test here: {failed}")
+        return _fallback(native_fails, f"{fast} failed its self-test here: {failed}")
     if native_fails is not None and slower is not None:
         return Choice(fast, f"native cannot run it: {native_fails} ({fast} not measured faster: {slower})")
     if compiling:
@@ -490,10 +490,10 @@ def _native_cannot_run(call: LayerCall) -> str | None:
     return None
 
 
-def _fallback(call: LayerCall, reason: str) -> Choice:
+def _fallback(native_fails: str | None, reason: str) -> Choice:
     """native, for a call auto does not give to the fast backend; the reference step loop where nn.LSTM's kernels
-    cannot run the call: it is plain PyTorch ops, which have batching rules and forward-mode derivatives."""
-    native_fails = _native_cannot_run(call)
+    cannot run the call (native_fails: _native_cannot_run's answer): it is plain PyTorch ops, which have batching
+    rules and forward-mode derivatives."""
     if native_fails is None:
         return Choice("native", reason)
     return Choice("reference", f"{reason}; native cannot run it: {native_fails}")
