@@ -128,3 +128,42 @@ def test_streaming_step_latency(benchmark, shape, provider):
 
     y = benchmark(run)
     assert y.shape == (shape.batch, shape.hidden_size)
+
+
+# (shape of one sample, samples)
+PER_SAMPLE_SHAPES = {
+    "tiny": [(Shape(1, 6, 8, 8), 3)],
+    "default": [(Shape(1, 50, 64, 128), 32), (Shape(4, 100, 128, 256), 16)],
+}
+
+
+@pytest.mark.parametrize("provider", ["nn.LSTM loop", "fastlstm vmap(grad)"])
+@pytest.mark.parametrize("shape,samples", PER_SAMPLE_SHAPES[os.environ.get("FASTLSTM_BENCH_GRID", "default")], ids=str)
+def test_per_sample_gradients(benchmark, shape, samples, provider):
+    """Every parameter's gradient for each of `samples` samples (differential privacy): a loop of nn.LSTM backward
+    passes, which is what nn.LSTM offers (its vmap has no batching rule), against torch.func.vmap(grad)."""
+    models = make_models(shape, ["auto"], DEVICE, DTYPE)
+    xs = torch.randn(samples, shape.seq_len, shape.batch, shape.input_size, device=DEVICE, dtype=DTYPE)
+    benchmark.group = f"{shape} x{samples} samples per-sample gradients {str(DTYPE)[6:]} {DEVICE}"
+    if provider == "nn.LSTM loop":
+        model = models["nn.LSTM"]
+
+        def run():
+            grads = []
+            for x in xs:
+                model.zero_grad()
+                model(x)[0].square().sum().backward()
+                grads.append([p.grad.clone() for p in model.parameters()])
+            return [torch.stack(g) for g in zip(*grads)]
+
+    else:
+        model = models["fastlstm[auto]"]
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        loss = lambda p, x: torch.func.functional_call(model, p, (x,))[0].square().sum()  # noqa: E731
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))
+
+        def run():
+            return list(per_sample(params, xs).values())
+
+    grads = benchmark(run)
+    assert [g.shape for g in grads] == [(samples, *p.shape) for p in models["nn.LSTM"].parameters()]

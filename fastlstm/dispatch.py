@@ -435,6 +435,9 @@ def choose(name: str, call: LayerCall) -> Choice:
     fast = _fast_backend_for(call.device_type)
     if fast is None:
         return _fallback(native_fails, f"no fast backend for device type {call.device_type!r}")
+    if call.grad_of_grad:
+        # A fast backward is not differentiable: cpp's would recompute the layer in plain ops, as the reference does
+        return _fallback(native_fails, "a transform's gradients through it are differentiated again")
     # The speed rule first: it is cheap, and where native wins anyway there is no reason to build or load
     # the fast backend (a first build compiles C++) nor to warn that it is missing.
     compiling = _native_fails_to_compile(call)

@@ -44,13 +44,16 @@ class _Transforms(NamedTuple):
     """What torch.func's transforms and forward-mode AD make of a call, as dispatch needs to know it."""
 
     # A transform that tracks gradients (grad, vjp, jacrev, jvp) wraps the input, the state or a weight, or one
-    # of them carries a forward-mode tangent: the fast backends' autograd cannot run there.
+    # of them carries a forward-mode tangent: triton's autograd cannot run there, cpp's runs through Python.
     func_grad: bool = False
     # A torch.vmap is active: nn.LSTM's kernels have no batching rule (aten::lstm) and fail there.
     vmapped: bool = False
     # Forward-mode AD (tangents, torch.func.jvp / jacfwd): nn.LSTM's fused kernels (oneDNN's on the CPU, cuDNN's)
     # have no forward-mode derivative.
     forward_ad: bool = False
+    # The gradients such a transform takes are differentiated again (backends.differentiated_twice): the fast
+    # backends' backward kernels are not differentiable.
+    grad_of_grad: bool = False
 
 
 _NO_TRANSFORMS = _Transforms()
@@ -72,6 +75,7 @@ class _CallShape(NamedTuple):
     func_grad: bool = False
     vmapped: bool = False
     forward_ad: bool = False
+    grad_of_grad: bool = False
     mixed_dtypes: bool = False
     # torch's thread count, for CPU calls: the CPU rule reads it (how the cpp forward splits its rows among
     # threads), so a remembered plan holds for one count. 0 on other devices and while tracing (not remembered).
@@ -99,6 +103,7 @@ def _plan_for(requested: str, shape: _CallShape) -> tuple[dispatch.Choice, ...]:
             func_grad=shape.func_grad,
             vmapped=shape.vmapped,
             forward_ad=shape.forward_ad,
+            grad_of_grad=shape.grad_of_grad,
             mixed_dtypes=shape.mixed_dtypes,
         )
         for layer in range(shape.num_layers)
@@ -420,9 +425,14 @@ class LSTM(nn.RNNBase):
             return _NO_TRANSFORMS
         tensors = [t for t in (input, *hx, *self._flat_weights) if isinstance(t, Tensor)]
         tangent = dual and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-        tracked = functorch and any(torch._C._functorch.is_gradtrackingtensor(t) for t in tensors)
+        tracked = functorch and bool(backends.functorch_grad_levels(tensors))
         kinds = _functorch_transform_kinds() if functorch else frozenset()
-        return _Transforms(func_grad=tangent or tracked, vmapped="Vmap" in kinds, forward_ad=tangent or "Jvp" in kinds)
+        return _Transforms(
+            func_grad=tangent or tracked,
+            vmapped="Vmap" in kinds,
+            forward_ad=tangent or "Jvp" in kinds,
+            grad_of_grad=tracked and backends.differentiated_twice(tensors),
+        )
 
     def _call_key(self, input, hx) -> tuple | None:
         """What decides whether a call passes every check and which backends serve it, for the common call: a

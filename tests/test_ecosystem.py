@@ -125,8 +125,9 @@ def test_fx_symbolic_trace_keeps_the_lstm_a_leaf(with_lengths):
 
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_torch_func_gradient_transforms(backend):
-    """torch.func.grad / vjp (and functional_call with them), which work with nn.LSTM: auto serves them natively
-    (the fast backends' autograd cannot run under these transforms); a forced fast backend says so."""
+    """torch.func.grad / vjp (and functional_call with them), which work with nn.LSTM. The module's parameters
+    require grad, so these gradients are differentiable in them: auto serves them natively, forced cpp through
+    its gradients recomputed in plain ops; triton's autograd cannot run under these transforms and says so."""
     torch.manual_seed(0)
     reference = nn.LSTM(4, 6, 2, bidirectional=True)
     model = fastlstm.LSTM(4, 6, 2, bidirectional=True, backend=backend)
@@ -144,7 +145,7 @@ def test_torch_func_gradient_transforms(backend):
         y, pull = torch.func.vjp(lambda t: m(t)[0], x)
         return pull(torch.ones_like(y))[0]
 
-    if backend in ("cpp", "triton"):
+    if backend == "triton":
         with pytest.raises(fastlstm.BackendUnavailableError, match="torch.func"):
             input_grad(model)
         return
@@ -363,34 +364,95 @@ def test_vmap_over_an_ensemble_of_models():
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lengths", [None, [5, 2]], ids=["padded", "lengths"])
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
-def test_per_sample_gradients_with_vmap_of_grad(backend):
+def test_per_sample_gradients_with_vmap_of_grad(backend, lengths, monkeypatch):
     """torch.func.vmap(torch.func.grad(loss)) over samples, the per-sample gradients of differential privacy:
-    every parameter's gradient for each sample, as a loop of nn.LSTM backward passes gives them. auto runs the
-    reference loop (native has no batching rule, the fast backends' autograd cannot run under torch.func)."""
+    every parameter's gradient for each sample, as a loop of nn.LSTM backward passes gives them. cpp serves them
+    with its own backward kernel (one call a sample), and auto gives them to cpp where it is built (native has no
+    batching rule), else to the reference loop; triton's autograd cannot run under torch.func."""
+    from fastlstm.backends import cpu
+
+    def not_here(*args):
+        raise AssertionError("these gradients are not differentiated: the cpp backward kernel serves them")
+
+    monkeypatch.setattr(cpu, "_grads_through_reference", not_here)
     torch.manual_seed(0)
     reference = nn.LSTM(4, 6, 2, bidirectional=True, proj_size=3).double()
     model = fastlstm.LSTM(4, 6, 2, bidirectional=True, proj_size=3, backend=backend).double()
     model.load_state_dict(reference.state_dict())
-    xs = torch.randn(4, 5, 1, 4, dtype=torch.float64)  # 4 samples of 5 steps, each a batch of one
+    xs = torch.randn(4, 5, 2, 4, dtype=torch.float64)  # 4 samples of 5 steps, each a batch of two
+    kwargs = {} if lengths is None else {"lengths": torch.tensor(lengths)}
     params = {name: p.detach() for name, p in model.named_parameters()}
+    chosen = []  # explain() in a hook, where functional_call has put params in the module
+    model.register_forward_pre_hook(lambda m, args: chosen.append(fastlstm.explain(m, *args).backends))
 
     def loss(p, x):
-        y, (h, c) = torch.func.functional_call(model, p, (x,))
+        y, (h, c) = torch.func.functional_call(model, p, (x,), kwargs)
         return y.square().sum() + h.sum() + c.sum()
 
     per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))
-    if backend in ("cpp", "triton"):
+    if backend == "triton":
         with pytest.raises(fastlstm.BackendUnavailableError, match="torch.func"):
             per_sample(params, xs)
         return
     got = per_sample(params, xs)
+    if backend == "auto":
+        assert chosen[0] == ["cpp" if "cpp" in CPU_BACKENDS else "reference"] * 4
     for i, x in enumerate(xs):
         reference.zero_grad()
-        y, (h, c) = reference(x)
+        if lengths is None:
+            y, (h, c) = reference(x)
+        else:
+            y, h, c = _padded(reference(pack_padded_sequence(x, lengths)), 5)
         (y.square().sum() + h.sum() + c.sum()).backward()
         for name, p in reference.named_parameters():
             torch.testing.assert_close(got[name][i], p.grad, atol=1e-12, rtol=1e-10, msg=f"sample {i} {name}")
+
+
+@pytest.mark.parametrize("backend", ["auto", *(name for name in CPU_BACKENDS if name != "triton")])
+def test_gradients_of_gradients_under_torch_func(backend):
+    """Gradients a torch.func transform takes through the layer, differentiated again: nested transforms
+    (jacrev of jacrev), grad inside vmap inside grad, and autograd outside torch.func.grad (a gradient step on
+    parameters that require grad, then a loss after it: MAML). nn.LSTM's numbers (float64, ATen's path, which is
+    twice differentiable). The cpp backward kernel is not: forced cpp recomputes the layer in plain ops there, and
+    auto gives these calls to native, or the reference loop under vmap."""
+    torch.manual_seed(0)
+    reference = nn.LSTM(2, 3, bidirectional=True).double()
+    model = fastlstm.LSTM(2, 3, bidirectional=True, backend=backend).double()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 1, 2, dtype=torch.float64)
+    xs = torch.randn(3, 4, 1, 2, dtype=torch.float64)
+    chosen = []
+
+    def out(m, t):
+        if m is model:
+            chosen.append(fastlstm.explain(m, t).backends)
+        return m(t)[0].sin().sum()
+
+    def hessian(m):
+        return torch.func.jacrev(torch.func.jacrev(lambda t: out(m, t)))(x)
+
+    def grad_of_vmapped_grads(m):
+        inner = torch.func.grad(lambda u: out(m, u))
+        if m is reference:  # which has no batching rule: a loop over the samples
+            return torch.func.grad(lambda t: sum(inner(t[i]).square().sum() for i in range(len(xs))))(xs)
+        return torch.func.grad(lambda t: torch.func.vmap(inner)(t).square().sum())(xs)
+
+    def maml(m):
+        params = dict(m.named_parameters())
+        loss = lambda p: torch.func.functional_call(m, p, (x,))[0].square().sum()  # noqa: E731
+        step = torch.func.grad(loss)(params)
+        loss({name: p - 0.1 * step[name] for name, p in params.items()}).backward()
+        grads = [p.grad.clone() for p in params.values()]
+        m.zero_grad()
+        return grads
+
+    for run in (hessian, grad_of_vmapped_grads, maml):
+        torch.testing.assert_close(run(model), run(reference), atol=1e-12, rtol=1e-10, msg=run.__name__)
+    if backend == "auto":
+        assert {tuple(c) for c in chosen} <= {("native", "native"), ("reference", "reference")}
+        assert ("reference", "reference") in {tuple(c) for c in chosen}  # inside the vmap
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "lengths"])

@@ -36,6 +36,7 @@ class LayerCall:
     func_grad: bool = False  # torch.func's grad/vjp/jacrev or forward-mode AD track gradients (LSTM._transforms)
     vmapped: bool = False  # a torch.vmap is active (LSTM._transforms)
     forward_ad: bool = False  # forward-mode AD: dual tensors, torch.func.jvp / jacfwd (LSTM._transforms)
+    grad_of_grad: bool = False  # a transform's gradients through this call are differentiated (LSTM._transforms)
     mixed_dtypes: bool = False  # the module's weights do not all share one dtype (LSTM._weights_mixed)
 
     @property
@@ -147,8 +148,7 @@ def vmap_layer_op(op, info, in_dims: tuple, args: tuple, batch_axes: tuple[int |
     """
     samples = info.batch_size
     if any(dim is not None for dim in in_dims[3:]):
-        calls = [op(*(_sample(a, dim, v) for a, dim in zip(args, in_dims))) for v in range(samples)]
-        return tuple(torch.stack(outputs) for outputs in zip(*calls)), (0,) * len(batch_axes)
+        return vmap_per_sample(op, info, in_dims, args)
     (x, h0, c0), rest, batch_sizes, flags = args[:3], args[3:7], args[7], args[8:]
     folded = [_rows_side_by_side(t, dim, axis, samples) for t, dim, axis in zip((x, h0, c0), in_dims, (1, 0, 0))]
     outputs = op(*folded, *rest, None if batch_sizes is None else batch_sizes * samples, *flags)
@@ -156,6 +156,12 @@ def vmap_layer_op(op, info, in_dims: tuple, args: tuple, batch_axes: tuple[int |
         out if axis is None else out.unflatten(axis, (-1, samples)) for out, axis in zip(outputs, batch_axes)
     )
     return unfolded, tuple(None if axis is None else axis + 1 for axis in batch_axes)
+
+
+def vmap_per_sample(op, info, in_dims: tuple, args: tuple):
+    """A torch.vmap rule that calls `op` once per sample and stacks each output along a new leading axis."""
+    calls = [op(*(_sample(a, dim, v) for a, dim in zip(args, in_dims))) for v in range(info.batch_size)]
+    return tuple(torch.stack(outputs) for outputs in zip(*calls)), (0,) * len(calls[0])
 
 
 def _sample(t, dim: int | None, v: int):
@@ -169,6 +175,36 @@ def _rows_side_by_side(t: Tensor, dim: int | None, batch_axis: int, samples: int
     else:
         t = t.movedim(dim, batch_axis + 1)
     return t.flatten(batch_axis, batch_axis + 1)
+
+
+def functorch_grad_levels(tensors) -> set[int]:
+    """The levels of the torch.func gradient transforms (grad, vjp, jacrev, jvp) that wrap any of `tensors`, at
+    any depth of their wrappers (a vmap's batching wrapper may sit above a gradient's, or below)."""
+    levels = set()
+    for t in tensors:
+        while t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t):
+            if torch._C._functorch.is_gradtrackingtensor(t):
+                levels.add(torch._C._functorch.maybe_get_level(t))
+            t = torch._C._functorch.get_unwrapped(t)
+    return levels
+
+
+def differentiated_twice(tensors) -> bool:
+    """Whether the gradients a backward computes from `tensors` (its saved inputs and incoming gradients, or a
+    call's inputs) are themselves differentiated: two gradient transforms track them (torch.func.hessian, jacrev
+    of a grad), or autograd tracks the plain tensors under a transform's wrappers (torch.func.grad of parameters
+    that require grad, whose result a loss may backpropagate through)."""
+    tensors = [t for t in tensors if t is not None]
+    if len(functorch_grad_levels(tensors)) > 1:
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        while torch._C._functorch.is_functorch_wrapped_tensor(t):
+            t = torch._C._functorch.get_unwrapped(t)
+        if t.requires_grad:
+            return True
+    return False
 
 
 def names() -> list[str]:

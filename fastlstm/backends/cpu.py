@@ -20,7 +20,8 @@ Build and cache
     RuntimeError naming it.
 
 Ops (namespace `fastlstm`; schemas and fakes here, at import; kernels and autograd (cpp_lstm_fwd's Autograd
-kernel) in C++, loaded on first use, with stand-ins that load them until then)
+kernel) in C++, loaded on first use, with stand-ins that load them until then; under torch.func's gradient
+transforms, which cannot run a C++ autograd Function, the layer takes the same ops through _FuncLayer instead)
     cpp_lstm_fwd(x, h0, c0, w_ih, w_hh, b?, w_hr?, batch_sizes?, reverse, save) -> (y, hT, cT, gates, c_hist)
     cpp_lstm_bwd(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr?, batch_sizes?, y, gates, c_hist,
                  reverse, has_bias) -> (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
@@ -73,7 +74,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fastlstm.backends import Backend, LayerCall, LayerResult, constant_under_compile, vmap_layer_op
+from fastlstm import reference
+from fastlstm.backends import (
+    Backend,
+    LayerCall,
+    LayerResult,
+    constant_under_compile,
+    differentiated_twice,
+    functorch_grad_levels,
+    vmap_layer_op,
+    vmap_per_sample,
+)
 
 # Compiled, at once (ninja runs one compiler a core): the layer's kernels and the ops. They include the headers,
 # which the build key covers too.
@@ -455,8 +466,71 @@ def _fwd_vmap(info, in_dims, *args):
     return vmap_layer_op(torch.ops.fastlstm.cpp_lstm_fwd.default, info, in_dims, args, batch_axes)
 
 
+def _bwd_vmap(info, in_dims, *args):
+    """torch.vmap of backward (per-sample gradients, torch.func.vmap of grad): one call per sample, since each
+    sample needs weight gradients of its own, which one call over all the samples' rows would sum."""
+    return vmap_per_sample(torch.ops.fastlstm.cpp_lstm_bwd.default, info, in_dims, args)
+
+
 if hasattr(torch.library, "register_vmap"):  # torch >= 2.5; before, functorch's fallback runs one call a sample
     torch.library.register_vmap("fastlstm::cpp_lstm_fwd", _fwd_vmap, lib=_schemas)
+    torch.library.register_vmap("fastlstm::cpp_lstm_bwd", _bwd_vmap, lib=_schemas)
+
+
+class _FuncLayer(torch.autograd.Function):
+    """The layer's autograd where a torch.func gradient transform (grad, vjp, jacrev) tracks it: those cannot run
+    cpp_lstm_fwd's C++ autograd ("cannot use C++ torch::autograd::Function with functorch transforms"). The same
+    two ops, their autograd in Python; under torch.vmap, each op's vmap rule batches it (per-sample gradients)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse):
+        with torch._C._AutoDispatchBelowAutograd():  # the CPU kernel (or the vmap rule), not the C++ autograd
+            return torch.ops.fastlstm.cpp_lstm_fwd.default(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse = inputs
+        y, _, _, gates, c_hist = output
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, y, gates, c_hist)
+        ctx.reverse = reverse
+        ctx.mark_non_differentiable(gates, c_hist)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_hT, grad_cT, _grad_gates, _grad_c_hist):
+        x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, y, gates, c_hist = ctx.saved_tensors
+        inputs = (x, h0, c0, w_ih, w_hh, b, w_hr)
+        if differentiated_twice((*inputs, grad_y, grad_hT, grad_cT)):
+            grads = _grads_through_reference(inputs, batch_sizes, ctx.reverse, (grad_y, grad_hT, grad_cT))
+        else:
+            dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.fastlstm.cpp_lstm_bwd.default(
+                grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, ctx.reverse,
+                b is not None,
+            )  # fmt: skip
+            grads = (dx, dh0, dc0, dw_ih, dw_hh, db if b is not None else None, dw_hr if w_hr is not None else None)
+        return (*grads, None, None)  # batch_sizes and reverse get none
+
+
+def _grads_through_reference(inputs: tuple, batch_sizes: Tensor | None, reverse: bool, grads: tuple) -> tuple:
+    """The layer's input gradients, themselves differentiable: the kernels' are not, so differentiate the layer
+    recomputed in plain ops (fastlstm.reference; bfloat16 and float16 in float32, as the kernels compute them).
+    Slow, exact, and taken only when the gradients are differentiated (see differentiated_twice)."""
+    compute = torch.float32 if inputs[0].dtype in (torch.bfloat16, torch.float16) else inputs[0].dtype
+    present = [k for k, t in enumerate(inputs) if t is not None]
+
+    def layer(*tensors):
+        args = list(inputs)
+        for k, t in zip(present, tensors):
+            args[k] = t.to(compute)
+        return reference.lstm_layer(*args, batch_sizes, reverse)
+
+    _, vjp = torch.func.vjp(layer, *(inputs[k] for k in present))
+    got = vjp(tuple(g.to(compute) for g in grads))
+    out: list[Tensor | None] = [None] * len(inputs)
+    for k, g in zip(present, got):
+        out[k] = g
+    return tuple(out)
 
 
 def _loaded_then(op_name: str):
@@ -518,11 +592,8 @@ class CppBackend(Backend):
             return f"the cpp backend runs on the CPU only, not {call.device_type}"
         if call.dtype not in _SUPPORTED_DTYPES:
             return f"the cpp backend supports float32, float64, bfloat16 and float16, not {call.dtype}"
-        if call.func_grad:
-            return (
-                "torch.func's gradient transforms (grad, vjp, jacrev) and forward-mode AD cannot run "
-                "the cpp op's C++ autograd"
-            )
+        if call.forward_ad:
+            return "forward-mode AD (torch.func.jvp, jacfwd, dual tensors): the cpp ops have no forward derivative"
         return None
 
     def layer(
@@ -543,6 +614,9 @@ class CppBackend(Backend):
             raise RuntimeError(f"fastlstm cpp backend is unavailable: {reason}")
         tensors = (x, h0, c0, w_ih, w_hh, b, w_hr)
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        if torch._C._are_functorch_transforms_active() and functorch_grad_levels(tensors):
+            y, hT, cT, _, _ = _FuncLayer.apply(*tensors, batch_sizes, reverse)
+            return y, hT, cT
         # The overload itself, not the packet: the packet resolves it on every call, ~5 us at batch 1
         forward = torch.ops.fastlstm.cpp_lstm_fwd.default
         y, hT, cT, _, _ = forward(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save)
