@@ -44,7 +44,8 @@ class _Transforms(NamedTuple):
     """What torch.func's transforms and forward-mode AD make of a call, as dispatch needs to know it."""
 
     # A transform that tracks gradients (grad, vjp, jacrev, jvp) wraps the input, the state or a weight, or one
-    # of them carries a forward-mode tangent: triton's autograd cannot run there, cpp's runs through Python.
+    # of them carries a forward-mode tangent: the fast backends then run their ops through an autograd.Function
+    # that torch.func can run (it cannot run cpp's C++ autograd nor torch.library's).
     func_grad: bool = False
     # A torch.vmap is active: nn.LSTM's kernels have no batching rule (aten::lstm) and fail there.
     vmapped: bool = False

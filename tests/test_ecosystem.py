@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from pathlib import Path
@@ -126,8 +127,8 @@ def test_fx_symbolic_trace_keeps_the_lstm_a_leaf(with_lengths):
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_torch_func_gradient_transforms(backend):
     """torch.func.grad / vjp (and functional_call with them), which work with nn.LSTM. The module's parameters
-    require grad, so these gradients are differentiable in them: auto serves them natively, forced cpp through
-    its gradients recomputed in plain ops; triton's autograd cannot run under these transforms and says so."""
+    require grad, so these gradients are differentiable in them: auto serves them natively, a forced fast backend
+    with its gradients recomputed in plain ops."""
     torch.manual_seed(0)
     reference = nn.LSTM(4, 6, 2, bidirectional=True)
     model = fastlstm.LSTM(4, 6, 2, bidirectional=True, backend=backend)
@@ -145,10 +146,6 @@ def test_torch_func_gradient_transforms(backend):
         y, pull = torch.func.vjp(lambda t: m(t)[0], x)
         return pull(torch.ones_like(y))[0]
 
-    if backend == "triton":
-        with pytest.raises(fastlstm.BackendUnavailableError, match="torch.func"):
-            input_grad(model)
-        return
     for run in (input_grad, vjp):
         torch.testing.assert_close(run(model), run(reference))
     got, expected = parameter_grads(model), parameter_grads(reference)
@@ -368,15 +365,19 @@ def test_vmap_over_an_ensemble_of_models():
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_per_sample_gradients_with_vmap_of_grad(backend, lengths, monkeypatch):
     """torch.func.vmap(torch.func.grad(loss)) over samples, the per-sample gradients of differential privacy:
-    every parameter's gradient for each sample, as a loop of nn.LSTM backward passes gives them. cpp serves them
-    with its own backward kernel (one call a sample), and auto gives them to cpp where it is built (native has no
-    batching rule), else to the reference loop; triton's autograd cannot run under torch.func."""
-    from fastlstm.backends import cpu
+    every parameter's gradient for each sample, as a loop of nn.LSTM backward passes gives them. cpp and triton
+    serve them with their own backward kernels (one call a sample), and auto gives them to cpp where it is built
+    (native has no batching rule), else to the reference loop."""
 
     def not_here(*args):
-        raise AssertionError("these gradients are not differentiated: the cpp backward kernel serves them")
+        raise AssertionError("these gradients are not differentiated: the backward kernels serve them")
 
-    monkeypatch.setattr(cpu, "_grads_through_reference", not_here)
+    for name in ("cpp", "triton"):
+        if name in CPU_BACKENDS:
+            ops = importlib.import_module(
+                {"cpp": "fastlstm.backends.cpu", "triton": "fastlstm.backends.triton.ops"}[name]
+            )
+            monkeypatch.setattr(ops, "grads_through_reference", not_here)
     torch.manual_seed(0)
     reference = nn.LSTM(4, 6, 2, bidirectional=True, proj_size=3).double()
     model = fastlstm.LSTM(4, 6, 2, bidirectional=True, proj_size=3, backend=backend).double()
@@ -392,10 +393,6 @@ def test_per_sample_gradients_with_vmap_of_grad(backend, lengths, monkeypatch):
         return y.square().sum() + h.sum() + c.sum()
 
     per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))
-    if backend == "triton":
-        with pytest.raises(fastlstm.BackendUnavailableError, match="torch.func"):
-            per_sample(params, xs)
-        return
     got = per_sample(params, xs)
     if backend == "auto":
         assert chosen[0] == ["cpp" if "cpp" in CPU_BACKENDS else "reference"] * 4
@@ -410,7 +407,7 @@ def test_per_sample_gradients_with_vmap_of_grad(backend, lengths, monkeypatch):
             torch.testing.assert_close(got[name][i], p.grad, atol=1e-12, rtol=1e-10, msg=f"sample {i} {name}")
 
 
-@pytest.mark.parametrize("backend", ["auto", *(name for name in CPU_BACKENDS if name != "triton")])
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_gradients_of_gradients_under_torch_func(backend):
     """Gradients a torch.func transform takes through the layer, differentiated again: nested transforms
     (jacrev of jacrev), grad inside vmap inside grad, and autograd outside torch.func.grad (a gradient step on
@@ -923,3 +920,22 @@ def test_cuda_vmap_and_forward_mode_ad(backend):
     reference.double()
     _, expected_jvp = torch.func.jvp(lambda x: reference(x)[0], (xs[0].double(),), (tangent.double(),))
     torch.testing.assert_close(jvp.cpu(), expected_jvp.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_per_sample_gradients():
+    """torch.func.vmap(torch.func.grad(loss)) on CUDA: triton's forward once for all the samples, its backward once a
+    sample; every parameter's gradient as a loop of nn.LSTM (float64 on the CPU) gives it."""
+    torch.manual_seed(0)
+    reference = nn.LSTM(4, 16, 2, bidirectional=True).double()
+    model = fastlstm.LSTM(4, 16, 2, bidirectional=True, backend="triton").cuda()
+    model.load_state_dict(reference.state_dict())
+    xs = torch.randn(3, 6, 2, 4, dtype=torch.float64)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    loss = lambda p, x: torch.func.functional_call(model, p, (x,))[0].square().sum()  # noqa: E731
+    got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xs.float().cuda())
+    for i, x in enumerate(xs):
+        reference.zero_grad()
+        reference(x)[0].square().sum().backward()
+        for name, p in reference.named_parameters():
+            torch.testing.assert_close(got[name][i].cpu().double(), p.grad, atol=1e-3, rtol=1e-3, msg=f"{i} {name}")

@@ -207,6 +207,31 @@ def differentiated_twice(tensors) -> bool:
     return False
 
 
+def grads_through_reference(inputs: tuple, batch_sizes: Tensor | None, reverse: bool, grads: tuple) -> tuple:
+    """A fast backend's backward where its gradients are differentiated again (differentiated_twice): the layer's
+    input gradients for inputs (x, h0, c0, w_ih, w_hh, b, w_hr) and grads (of y, hT, cT), differentiable. The
+    backward kernels' are not, so this differentiates the layer recomputed in plain ops (fastlstm.reference;
+    bfloat16 and float16 in float32, as the kernels compute them) through torch.func.vjp, which composes with
+    torch.func's transforms and with autograd outside them. Slow and exact."""
+    from fastlstm import reference
+
+    compute = torch.float32 if inputs[0].dtype in (torch.bfloat16, torch.float16) else inputs[0].dtype
+    present = [k for k, t in enumerate(inputs) if t is not None]
+
+    def layer(*tensors):
+        args = list(inputs)
+        for k, t in zip(present, tensors):
+            args[k] = t.to(compute)
+        return reference.lstm_layer(*args, batch_sizes, reverse)
+
+    _, vjp = torch.func.vjp(layer, *(inputs[k] for k in present))
+    got = vjp(tuple(g.to(compute) for g in grads))
+    out: list[Tensor | None] = [None] * len(inputs)
+    for k, g in zip(present, got):
+        out[k] = g
+    return tuple(out)
+
+
 def names() -> list[str]:
     """Every backend fastlstm knows, available on this machine or not."""
     return list(_REGISTRY)

@@ -74,7 +74,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fastlstm import reference
 from fastlstm.backends import (
     Backend,
     LayerCall,
@@ -82,6 +81,7 @@ from fastlstm.backends import (
     constant_under_compile,
     differentiated_twice,
     functorch_grad_levels,
+    grads_through_reference,
     vmap_layer_op,
     vmap_per_sample,
 )
@@ -502,7 +502,7 @@ class _FuncLayer(torch.autograd.Function):
         x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, y, gates, c_hist = ctx.saved_tensors
         inputs = (x, h0, c0, w_ih, w_hh, b, w_hr)
         if differentiated_twice((*inputs, grad_y, grad_hT, grad_cT)):
-            grads = _grads_through_reference(inputs, batch_sizes, ctx.reverse, (grad_y, grad_hT, grad_cT))
+            grads = grads_through_reference(inputs, batch_sizes, ctx.reverse, (grad_y, grad_hT, grad_cT))
         else:
             dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.fastlstm.cpp_lstm_bwd.default(
                 grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, ctx.reverse,
@@ -510,27 +510,6 @@ class _FuncLayer(torch.autograd.Function):
             )  # fmt: skip
             grads = (dx, dh0, dc0, dw_ih, dw_hh, db if b is not None else None, dw_hr if w_hr is not None else None)
         return (*grads, None, None)  # batch_sizes and reverse get none
-
-
-def _grads_through_reference(inputs: tuple, batch_sizes: Tensor | None, reverse: bool, grads: tuple) -> tuple:
-    """The layer's input gradients, themselves differentiable: the kernels' are not, so differentiate the layer
-    recomputed in plain ops (fastlstm.reference; bfloat16 and float16 in float32, as the kernels compute them).
-    Slow, exact, and taken only when the gradients are differentiated (see differentiated_twice)."""
-    compute = torch.float32 if inputs[0].dtype in (torch.bfloat16, torch.float16) else inputs[0].dtype
-    present = [k for k, t in enumerate(inputs) if t is not None]
-
-    def layer(*tensors):
-        args = list(inputs)
-        for k, t in zip(present, tensors):
-            args[k] = t.to(compute)
-        return reference.lstm_layer(*args, batch_sizes, reverse)
-
-    _, vjp = torch.func.vjp(layer, *(inputs[k] for k in present))
-    got = vjp(tuple(g.to(compute) for g in grads))
-    out: list[Tensor | None] = [None] * len(inputs)
-    for k, g in zip(present, got):
-        out[k] = g
-    return tuple(out)
 
 
 def _loaded_then(op_name: str):

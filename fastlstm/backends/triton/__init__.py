@@ -73,11 +73,8 @@ class TritonBackend(Backend):
                 return f"dtype {call.dtype} is not supported by the triton interpreter (float32/float64/float16)"
         else:
             return f"device {call.device_type!r} is not supported by the triton backend (cuda only)"
-        if call.func_grad:
-            return (
-                "torch.func's gradient transforms (grad, vjp, jacrev) and forward-mode AD cannot run "
-                "the triton op's autograd"
-            )
+        if call.forward_ad:
+            return "forward-mode AD (torch.func.jvp, jacfwd, dual tensors): the triton op has no forward derivative"
         from fastlstm.backends.triton.ops import HAS_VMAP_RULE, size_reason
 
         if call.vmapped and not HAS_VMAP_RULE:

@@ -17,7 +17,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fastlstm.backends import LayerCall, layer_op_grads, vmap_layer_op
+from fastlstm.backends import (
+    LayerCall,
+    differentiated_twice,
+    functorch_grad_levels,
+    grads_through_reference,
+    layer_op_grads,
+    vmap_layer_op,
+    vmap_per_sample,
+)
 from fastlstm.backends.native import BACKEND as NATIVE
 
 # triton itself (and the kernels) are imported where kernels launch: importing this module only defines the
@@ -325,6 +333,8 @@ def backward_impl(
     has_proj = w_hr is not None
     dev = x.device
     grad_y = grad_y.contiguous()
+    # The forward's saved tensors are contiguous, except as a vmap rule slices one sample out of several
+    acts, hs, cs, r = acts.contiguous(), hs.contiguous(), cs.contiguous(), r.contiguous()
     w_hh = w_hh.contiguous()
     w_hr_c = w_hr.contiguous() if has_proj else w_hh
     # dgates in the input dtype (the weight-grad GEMMs run in it, as native does); carries in fp32.
@@ -476,34 +486,18 @@ def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused):
         grad_hT = x.new_zeros(B, P)
     if grad_cT is None:
         grad_cT = x.new_zeros(B, H)
-    if torch.is_grad_enabled():  # create_graph=True
-        inputs = (x, h0, c0, w_ih, w_hh, b, w_hr)
-        return _differentiable_grads(inputs, batch_sizes, ctx.reverse, (grad_y, grad_hT, grad_cT))
-    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = triton_backward(
-        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel,
-        b is not None,
-    )  # fmt: skip
+    inputs = (x, h0, c0, w_ih, w_hh, b, w_hr)
+    if differentiated_twice((*inputs, grad_y, grad_hT, grad_cT)):  # create_graph=True, nested torch.func transforms
+        return layer_op_grads(*grads_through_reference(inputs, batch_sizes, ctx.reverse, (grad_y, grad_hT, grad_cT)))
+    # No graph: these gradients are not differentiated. And the op's autograd layer (torch.library's
+    # autograd.Function, without setup_context) raises under a torch.func gradient transform if it records one.
+    with torch.no_grad():
+        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = triton_backward(
+            grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel,
+            b is not None,
+        )  # fmt: skip
     has_bias, has_proj = b is not None, w_hr is not None
     return layer_op_grads(dx, dh0, dc0, dw_ih, dw_hh, db if has_bias else None, dw_hr if has_proj else None)
-
-
-def _differentiable_grads(inputs, batch_sizes, reverse, grads) -> tuple[Tensor | None, ...]:
-    """Backward with create_graph=True (gradient penalties, Hessian-vector products): the kernels' gradients are
-    not themselves differentiable, so recompute the layer from the saved inputs with the reference's
-    differentiable ops (in the compute dtype) and let autograd differentiate that. Slow, exact, and only ever
-    taken for this case."""
-    from fastlstm import reference
-
-    cdt = _compute_dtype(inputs[0].dtype)
-    outputs = reference.lstm_layer(*(None if t is None else t.to(cdt) for t in inputs), batch_sizes, reverse)
-    wrt = [k for k, t in enumerate(inputs) if t is not None and t.requires_grad]
-    got = torch.autograd.grad(
-        outputs, [inputs[k] for k in wrt], [g.to(cdt) for g in grads], create_graph=True, allow_unused=True
-    )
-    result: list[Tensor | None] = [None] * len(inputs)
-    for k, g in zip(wrt, got):
-        result[k] = g
-    return layer_op_grads(*result)
 
 
 triton_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -518,9 +512,15 @@ def _forward_vmap(info, in_dims, *args):
 
 
 # torch >= 2.5 (torch.library's vmap rules); before, a custom op under torch.vmap raises: dispatch then says so
+def _backward_vmap(info, in_dims, *args):
+    """torch.vmap of backward (per-sample gradients): one call per sample, each with weight gradients of its own."""
+    return vmap_per_sample(triton_backward, info, in_dims, args)
+
+
 HAS_VMAP_RULE = hasattr(triton_forward, "register_vmap")
 if HAS_VMAP_RULE:
     triton_forward.register_vmap(_forward_vmap)
+    triton_backward.register_vmap(_backward_vmap)
 
 
 class _EagerLayer(torch.autograd.Function):
@@ -543,6 +543,24 @@ class _EagerLayer(torch.autograd.Function):
         return _backward(ctx, *grads)
 
 
+class _FuncLayer(torch.autograd.Function):
+    """triton_forward with its autograd where a torch.func gradient transform (grad, vjp, jacrev) tracks the layer,
+    which needs setup_context; under torch.vmap each op's vmap rule batches it (per-sample gradients)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        with torch._C._AutoDispatchBelowAutograd():  # the kernels (or the vmap rule), not the op's autograd
+            return triton_forward(*inputs)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
+
+
 def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | None = None):
     """One layer, one direction, per the contract in fastlstm.reference; `kernel` forces step/sequence."""
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
@@ -552,9 +570,14 @@ def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | No
         None if b is None else b.contiguous(), None if w_hr is None else w_hr.contiguous(), batch_sizes,
         bool(reverse), chosen,
     )  # fmt: skip
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        # the op: opaque to a trace, and torch.vmap has its rule (the eager autograd.Function has none)
+    if torch.compiler.is_compiling():  # the op: opaque to a trace
         y, hT, cT, *_ = triton_forward(*inputs)
+        return y, hT, cT
+    if torch._C._are_functorch_transforms_active():
+        # torch.vmap alone: the op, which has a vmap rule (the eager autograd.Function has none); a torch.func
+        # gradient transform cannot run the op's autograd (torch.library's has no setup_context): _FuncLayer
+        layer_fn = _FuncLayer.apply if functorch_grad_levels(inputs[:7]) else triton_forward
+        y, hT, cT, *_ = layer_fn(*inputs)
         return y, hT, cT
     from fastlstm.backends.triton import graphs
 
