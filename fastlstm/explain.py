@@ -27,16 +27,21 @@ class Explanation:
         return "\n".join(lines)
 
 
-def explain(module: LSTM, input, hx: tuple[Tensor, Tensor] | None = None) -> Explanation:
-    """Which backend `module(input, hx)` would run for each (layer, direction), and why. Computes nothing of the
-    call itself (auto may run a fast backend's one-time kernel self-test on a tiny input, as the call would)."""
+def explain(module: LSTM, input, hx: tuple[Tensor, Tensor] | None = None, *, lengths=None) -> Explanation:
+    """Which backend `module(input, hx, lengths=lengths)` would run for each (layer, direction), and why. Computes
+    nothing of the call itself (auto may run a fast backend's one-time kernel self-test on a tiny input, as the
+    call would)."""
     from fastlstm import dispatch
 
     if not isinstance(module, LSTM):
         raise TypeError(f"explain() takes a fastlstm.LSTM, got {type(module).__name__}; see fastlstm.convert")
     with torch.no_grad():
         module._update_flat_weights()
+        if lengths is not None:
+            lengths = module._check_lengths(input, lengths)
         data, state, batch_sizes, *_ = module._prepare(input, hx)
+        if lengths is not None and lengths.numel():
+            data, state, batch_sizes, *_ = module._sorted_by_length(data, state, lengths)
     grad = torch.is_grad_enabled()
     with torch.set_grad_enabled(grad):
         choices = module._plan(data, state, batch_sizes)

@@ -326,31 +326,12 @@ class LSTM(nn.RNNBase):
         Returns the padded output, T steps long, zero beyond each length (as pad_packed_sequence with
         total_length=T gives it), and (h_n, c_n) taken at each sequence's own end, in the caller's order.
         """
-        if isinstance(input, PackedSequence) or not isinstance(input, Tensor) or input.dim() != 3:
-            raise ValueError("LSTM: lengths= takes a padded, batched 3-D input tensor")
-        batch_dim = 0 if self.batch_first else 1
-        lengths = torch.as_tensor(lengths).to("cpu", torch.int64)
-        if lengths.dim() != 1 or lengths.numel() != input.size(batch_dim):
-            raise ValueError(
-                f"LSTM: lengths must be 1-D with one entry per sequence ({input.size(batch_dim)}), got shape "
-                f"{tuple(lengths.shape)}"
-            )
-        seq_len = input.size(1 - batch_dim)
-        if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > seq_len):
-            raise ValueError(f"LSTM: every length must be in 1..{seq_len} (the padded length), got {lengths.tolist()}")
+        lengths = self._check_lengths(input, lengths)
         input, hx, *_ = self._prepare(input, hx)  # every check of a plain call, in the caller's order
         if lengths.numel() == 0:
             return self.forward(input, hx)
-        # pack_padded_sequence's own sort (not a stable one): tied lengths then take the rows packing gives them,
-        # and dropout between layers draws the same numbers for each sequence.
-        sorted_lengths, order = torch.sort(lengths, descending=True)
-        unorder = torch.empty_like(order)
-        unorder[order] = torch.arange(order.numel())
-        order, unorder = order.to(input.device), unorder.to(input.device)
-        batch_sizes = (torch.arange(seq_len)[:, None] < sorted_lengths[None, :]).sum(1)
-        x = input.index_select(batch_dim, order)
-        x = x.transpose(0, 1) if self.batch_first else x  # time-major, rows sorted by length
-        hx = self.permute_hidden(hx, order)
+        x, hx, batch_sizes, sorted_lengths, unorder = self._sorted_by_length(input, hx, lengths)
+        seq_len = x.size(0)
         amp = self._autocast_dtypes(x, hx, batch_sizes)
         choices = self._plan(x, hx, batch_sizes, amp)
         keep = batch_sizes[batch_sizes > 0].numel()
@@ -371,6 +352,37 @@ class LSTM(nn.RNNBase):
         y = y.index_select(1, unorder)
         y = y.transpose(0, 1) if self.batch_first else y
         return y, self.permute_hidden((h_n, c_n), unorder)
+
+    def _check_lengths(self, input, lengths) -> Tensor:
+        """lengths= as int64 on the CPU, after nn.LSTM-style checks of it against the padded input."""
+        if isinstance(input, PackedSequence) or not isinstance(input, Tensor) or input.dim() != 3:
+            raise ValueError("LSTM: lengths= takes a padded, batched 3-D input tensor")
+        batch_dim = 0 if self.batch_first else 1
+        lengths = torch.as_tensor(lengths).to("cpu", torch.int64)
+        if lengths.dim() != 1 or lengths.numel() != input.size(batch_dim):
+            raise ValueError(
+                f"LSTM: lengths must be 1-D with one entry per sequence ({input.size(batch_dim)}), got shape "
+                f"{tuple(lengths.shape)}"
+            )
+        seq_len = input.size(1 - batch_dim)
+        if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > seq_len):
+            raise ValueError(f"LSTM: every length must be in 1..{seq_len} (the padded length), got {lengths.tolist()}")
+        return lengths
+
+    def _sorted_by_length(self, input: Tensor, hx, lengths: Tensor):
+        """A checked padded batch as the layers take it: time-major, rows (and hx) sorted by length, longest first.
+        Returns (x [T, B, I], hx, batch_sizes [T], sorted lengths, the row order that undoes the sort)."""
+        # pack_padded_sequence's own sort (not a stable one): tied lengths then take the rows packing gives them,
+        # and dropout between layers draws the same numbers for each sequence.
+        batch_dim = 0 if self.batch_first else 1
+        sorted_lengths, order = torch.sort(lengths, descending=True)
+        unorder = torch.empty_like(order)
+        unorder[order] = torch.arange(order.numel())
+        order, unorder = order.to(input.device), unorder.to(input.device)
+        batch_sizes = (torch.arange(input.size(1 - batch_dim))[:, None] < sorted_lengths[None, :]).sum(1)
+        x = input.index_select(batch_dim, order)
+        x = x.transpose(0, 1) if self.batch_first else x
+        return x, self.permute_hidden(hx, order), batch_sizes, sorted_lengths, unorder
 
     def step(self, input: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """One time step through every layer, for streaming: the same numbers as forward on a 1-step sequence.

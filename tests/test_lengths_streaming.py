@@ -76,8 +76,30 @@ def test_lengths_with_dropout_draw_as_packing_does(lengths):
 )
 def test_bad_lengths_are_rejected(lengths, error):
     m = fastlstm.LSTM(I, H)
-    with pytest.raises(ValueError, match=error):
-        m(torch.randn(4, 2, I), lengths=lengths)
+    for call in (m, fastlstm.explain):
+        with pytest.raises(ValueError, match=error):
+            call(*([m] if call is fastlstm.explain else []), torch.randn(4, 2, I), lengths=lengths)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_explain_with_lengths_gives_the_plan_the_call_runs(batch_first, monkeypatch):
+    """explain(m, x, lengths=) answers for the call m(x, lengths=), which the layers see as packed (here a speed
+    rule that sends packed calls to native, and the rest to the fast backend, tells the two apart)."""
+    from fastlstm import dispatch
+
+    monkeypatch.setattr(dispatch, "_faster_than_native", lambda name, call: "packed (test)" if call.packed else None)
+    m = fastlstm.LSTM(I, H, 2, bidirectional=True, batch_first=batch_first)
+    x = torch.randn((3, 6, I) if batch_first else (6, 3, I))
+    lengths = torch.tensor([2, 6, 4])
+    plans = []
+    plan = m._plan
+    monkeypatch.setattr(m, "_plan", lambda *args: plans.append(plan(*args)) or plans[-1])
+    m(x, lengths=lengths)
+    explained = fastlstm.explain(m, x, lengths=lengths)
+    assert [choice for _, _, choice in explained.layers] == list(plans[0])
+    assert explained.backends == ["native"] * 4
+    fast = "cpp" if backends.get("cpp").unavailable_reason() is None else "native"
+    assert fastlstm.explain(m, x).backends == [fast] * 4
 
 
 def test_lengths_reject_packed_and_unbatched_input():

@@ -504,10 +504,11 @@ class _FuncLayer(torch.autograd.Function):
         if differentiated_twice((*inputs, grad_y, grad_hT, grad_cT)):
             grads = grads_through_reference(inputs, batch_sizes, ctx.reverse, (grad_y, grad_hT, grad_cT))
         else:
-            dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.fastlstm.cpp_lstm_bwd.default(
-                grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, ctx.reverse,
-                b is not None,
-            )  # fmt: skip
+            with torch.no_grad():  # these gradients are not differentiated: no graph of an op that has no derivative
+                dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.fastlstm.cpp_lstm_bwd.default(
+                    grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, ctx.reverse,
+                    b is not None,
+                )  # fmt: skip
             grads = (dx, dh0, dc0, dw_ih, dw_hh, db if b is not None else None, dw_hr if w_hr is not None else None)
         return (*grads, None, None)  # batch_sizes and reverse get none
 
