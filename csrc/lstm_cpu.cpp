@@ -746,6 +746,13 @@ Tensor previous_h(const Tensor& y, const Tensor& h0, const std::vector<int64_t>&
   return h_prev;
 }
 
+// What backward leaves for the weight gradients, where its caller computes them (per-sample gradients): dgates
+// [T, B, 4H], and with a projection the total gradient reaching each output h [T, B, P] and the unprojected h
+// [T, B, H]; zero where a row is not live.
+struct GateRows {
+  Tensor dgates, dh_out, h_raw;
+};
+
 // FmaDot: every tensor in scalar_t. Bf16Dot (scalar_t float): x, h0, w_ih and y are bfloat16, w_hh_k is w_hh^T
 // [P, 4H] in bfloat16 (so that pairs of k are adjacent), and the recurrent product and the large weight and
 // input gradient products take dgates rounded to bfloat16, as native bf16 does; the cell, c, dh and db stay float.
@@ -754,7 +761,7 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
                    const Tensor& w_ih, const Tensor& w_hh_k, const c10::optional<Tensor>& w_hr,
                    const std::vector<int64_t>& live, const Tensor& y, const Tensor& gates, const Tensor& c_hist,
                    bool reverse, bool packed, Tensor& dx, Tensor& dh, Tensor& dc, Tensor& dw_ih, Tensor& dw_hh,
-                   Tensor& db, Tensor& dw_hr) {
+                   Tensor& db, Tensor& dw_hr, GateRows* rows = nullptr) {
   using elem_t = typename Dot::elem_t;
   using unit_t = typename Dot::unit_t;
   constexpr bool own_rows = !std::is_same_v<elem_t, scalar_t>;
@@ -852,8 +859,10 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
   // Weight and input gradients: large GEMMs over all T*B rows.
   const int64_t TB = T * B;
   Tensor dg2 = dgates.view({TB, G4});
-  at::sum_out(db, dg2, {0});
-  if (proj) weight_grad<scalar_t>(dh_all.view({TB, P}), hraw_all.view({TB, H}), dw_hr);
+  if (rows == nullptr) {
+    at::sum_out(db, dg2, {0});
+    if (proj) weight_grad<scalar_t>(dh_all.view({TB, P}), hraw_all.view({TB, H}), dw_hr);
+  }
   if constexpr (own_rows) {
     // bf16 in, bf16 out (float accumulation inside): the results' dtype, rounded once.
     Tensor dgk2 = dgates_k.view({TB, G4});
@@ -872,6 +881,10 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
     linear_nt<scalar_t>(dg2, w_ih.t(), dx2);
   }
   dx = dx2.view({T, B, I});
+  if (rows != nullptr) {
+    *rows = {dgates, dh_all, hraw_all};
+    return;
+  }
   weight_grad<scalar_t>(dg2, x.view({TB, I}), dw_ih);
   if (!(reverse && packed)) {
     // Every row's first step is the same step (0, or T-1 in reverse), where h_prev is h0; elsewhere it is y of
@@ -952,6 +965,51 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
   return {dx, dh, dc, dw_ih, dw_hh, db, dw_hr};
 }
 
+// Backward without the weight gradients: dx, dh0, dc0 and the rows they are made of (GateRows), for a caller that
+// sums them per sample of a batch (torch.vmap of per-sample gradients). float32 and float64.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows(
+    const Tensor& grad_y_in, const Tensor& grad_hT_in, const Tensor& grad_cT_in, const Tensor& x_in,
+    const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih_in, const Tensor& w_hh_in,
+    const c10::optional<Tensor>& w_hr_in, const c10::optional<Tensor>& batch_sizes, const Tensor& y_in,
+    const Tensor& gates_in, const Tensor& c_hist_in, bool reverse) {
+  const Dims d = check_args(x_in, h0_in, c0_in, w_ih_in, w_hh_in, c10::nullopt, w_hr_in, batch_sizes);
+  const at::ScalarType dt = x_in.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "fastlstm cpp: backward by rows takes float32 or float64");
+  TORCH_CHECK(gates_in.numel() == d.T * d.B * 4 * d.H && c_hist_in.numel() == d.T * d.B * d.H,
+              "fastlstm cpp: backward needs the saved gates and cell history (forward ran with save=false)");
+  TORCH_CHECK(gates_in.scalar_type() == dt && c_hist_in.scalar_type() == dt && y_in.scalar_type() == dt &&
+                  grad_y_in.scalar_type() == dt,
+              "fastlstm cpp: backward by rows: every tensor in x's dtype");
+  TORCH_CHECK(grad_y_in.sizes() == y_in.sizes() && y_in.size(0) == d.T && y_in.size(1) == d.B && y_in.size(2) == d.P,
+              "fastlstm cpp: grad_y / y must be [T, B, P]");
+  TORCH_CHECK(grad_hT_in.sizes() == h0_in.sizes() && grad_cT_in.sizes() == c0_in.sizes(),
+              "fastlstm cpp: grad_hT / grad_cT shapes");
+  const auto live = live_rows(batch_sizes, d.T, d.B);
+  const auto opts = x_in.options();
+  const bool proj = w_hr_in.has_value();
+  Tensor dh = grad_hT_in.to(dt, false, true).contiguous();
+  Tensor dc = grad_cT_in.to(dt, false, true).contiguous();
+  Tensor dx = at::empty({d.T, d.B, d.I}, opts);
+  GateRows rows;
+  if (d.T == 0 || d.B == 0) {
+    rows = {at::empty({d.T, d.B, 4 * d.H}, opts), proj ? at::empty({d.T, d.B, d.P}, opts) : at::empty({0}, opts),
+            proj ? at::empty({d.T, d.B, d.H}, opts) : at::empty({0}, opts)};
+  } else {
+    Tensor unused;
+    AT_DISPATCH_FLOATING_TYPES(dt, "fastlstm_cpp_lstm_bwd_rows", [&] {
+      backward_impl<scalar_t, FmaDot<scalar_t>>(
+          d, grad_y_in.contiguous(), x_in.contiguous(), h0_in.contiguous(), c0_in.contiguous(), w_ih_in.contiguous(),
+          w_hh_in.contiguous(), as_compute(w_hr_in, dt), live, y_in.contiguous(), gates_in.contiguous(),
+          c_hist_in.contiguous(), reverse, is_packed(batch_sizes), dx, dh, dc, unused, unused, unused, unused, &rows);
+    });
+    if (!proj) {  // two tensors: a schema's outputs must not alias
+      rows.dh_out = at::empty({0}, opts);
+      rows.h_raw = at::empty({0}, opts);
+    }
+  }
+  return {dx, dh, dc, rows.dgates, rows.dh_out, rows.h_raw};
+}
+
 }  // namespace
 }  // namespace fastlstm
 
@@ -975,6 +1033,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
     bool reverse, bool has_bias) {
   return fastlstm::lstm_bwd(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist,
                             reverse, has_bias);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows(
+    const Tensor& grad_y, const Tensor& grad_hT, const Tensor& grad_cT, const Tensor& x, const Tensor& h0,
+    const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& w_hr,
+    const c10::optional<Tensor>& batch_sizes, const Tensor& y, const Tensor& gates, const Tensor& c_hist,
+    bool reverse) {
+  return fastlstm::lstm_bwd_rows(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist,
+                                 reverse);
 }
 
 at::ScalarType compute_type(at::ScalarType t) { return fastlstm::compute_type(t); }

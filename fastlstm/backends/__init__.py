@@ -150,7 +150,7 @@ def vmap_layer_op(op, info, in_dims: tuple, args: tuple, batch_axes: tuple[int |
     if any(dim is not None for dim in in_dims[3:]):
         return vmap_per_sample(op, info, in_dims, args)
     (x, h0, c0), rest, batch_sizes, flags = args[:3], args[3:7], args[7], args[8:]
-    folded = [_rows_side_by_side(t, dim, axis, samples) for t, dim, axis in zip((x, h0, c0), in_dims, (1, 0, 0))]
+    folded = [rows_side_by_side(t, dim, axis, samples) for t, dim, axis in zip((x, h0, c0), in_dims, (1, 0, 0))]
     outputs = op(*folded, *rest, None if batch_sizes is None else batch_sizes * samples, *flags)
     unfolded = tuple(
         out if axis is None else out.unflatten(axis, (-1, samples)) for out, axis in zip(outputs, batch_axes)
@@ -168,7 +168,7 @@ def _sample(t, dim: int | None, v: int):
     return t if dim is None else t.select(dim, v)
 
 
-def _rows_side_by_side(t: Tensor, dim: int | None, batch_axis: int, samples: int) -> Tensor:
+def rows_side_by_side(t: Tensor, dim: int | None, batch_axis: int, samples: int) -> Tensor:
     """t's batch axis times `samples`, sample-minor (t the same for every sample when dim is None)."""
     if dim is None:
         t = t.unsqueeze(batch_axis + 1).expand(*t.shape[: batch_axis + 1], samples, *t.shape[batch_axis + 1 :])

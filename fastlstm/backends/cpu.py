@@ -25,6 +25,8 @@ transforms, which cannot run a C++ autograd Function, the layer takes the same o
     cpp_lstm_fwd(x, h0, c0, w_ih, w_hh, b?, w_hr?, batch_sizes?, reverse, save) -> (y, hT, cT, gates, c_hist)
     cpp_lstm_bwd(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr?, batch_sizes?, y, gates, c_hist,
                  reverse, has_bias) -> (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
+    cpp_lstm_bwd_rows(grad_y, ..., c_hist, reverse) -> (dx, dh0, dc0, dgates, dh_out, h_raw): backward without
+                 the weight gradients, for their sums per sample under torch.vmap (float32, float64)
     gates [T, B, 4H] (activated) and c_hist [T, B, H] are what backward needs; they are empty ([0]) when
     save is false (inference), and float32 for bfloat16 and float16 inputs.
 
@@ -82,6 +84,7 @@ from fastlstm.backends import (
     differentiated_twice,
     functorch_grad_levels,
     grads_through_reference,
+    rows_side_by_side,
     vmap_layer_op,
     vmap_per_sample,
 )
@@ -420,9 +423,15 @@ BWD_SCHEMA = (
     "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, Tensor y, Tensor gates, Tensor c_hist, bool reverse, "
     "bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
+BWD_ROWS_SCHEMA = (
+    "cpp_lstm_bwd_rows(Tensor grad_y, Tensor grad_hT, Tensor grad_cT, Tensor x, Tensor h0, Tensor c0, Tensor w_ih, "
+    "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, Tensor y, Tensor gates, Tensor c_hist, bool reverse) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
 _schemas = torch.library.Library("fastlstm", "FRAGMENT")
 _schemas.define(FWD_SCHEMA)
 _schemas.define(BWD_SCHEMA)
+_schemas.define(BWD_ROWS_SCHEMA)
 
 
 @torch.library.register_fake("fastlstm::cpp_lstm_fwd", lib=_schemas)
@@ -459,6 +468,21 @@ def _bwd_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes
     )
 
 
+@torch.library.register_fake("fastlstm::cpp_lstm_bwd_rows", lib=_schemas)
+def _bwd_rows_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, reverse):
+    T, B = x.shape[0], x.shape[1]
+    H, P = w_hh.shape[0] // 4, w_hh.shape[1]
+    with_proj = w_hr is not None
+    return (
+        x.new_empty(x.shape),
+        h0.new_empty(h0.shape),
+        c0.new_empty(c0.shape),
+        x.new_empty((T, B, 4 * H)),
+        x.new_empty((T, B, P) if with_proj else (0,)),
+        x.new_empty((T, B, H) if with_proj else (0,)),
+    )
+
+
 def _fwd_vmap(info, in_dims, *args):
     """torch.vmap of one layer: the samples side by side as one batch (backends.vmap_layer_op)."""
     save = args[-1]  # without it, gates and c_hist are empty
@@ -467,9 +491,54 @@ def _fwd_vmap(info, in_dims, *args):
 
 
 def _bwd_vmap(info, in_dims, *args):
-    """torch.vmap of backward (per-sample gradients, torch.func.vmap of grad): one call per sample, since each
-    sample needs weight gradients of its own, which one call over all the samples' rows would sum."""
-    return vmap_per_sample(torch.ops.fastlstm.cpp_lstm_bwd.default, info, in_dims, args)
+    """torch.vmap of backward (per-sample gradients, torch.func.vmap of grad). Each sample needs weight gradients
+    of its own, which one call over all the samples' rows would sum: the samples' rows run side by side through
+    cpp_lstm_bwd_rows, which leaves the weight gradients out, and each sample's are summed from its rows here
+    (float32 and float64; weights that differ per sample, and bfloat16 and float16, take one call per sample)."""
+    grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, reverse, has_bias = args
+    if any(dim is not None for dim in in_dims[6:10]) or x.dtype not in (torch.float32, torch.float64):
+        return vmap_per_sample(torch.ops.fastlstm.cpp_lstm_bwd.default, info, in_dims, args)
+    samples = info.batch_size
+    rows = (grad_y, grad_hT, grad_cT, x, h0, c0, y, gates, c_hist)
+    dims = in_dims[:6] + in_dims[10:13]
+    folded = [rows_side_by_side(t, dim, axis, samples) for t, dim, axis in zip(rows, dims, (1, 0, 0, 1, 0, 0, 1, 1, 1))]
+    grad_y, grad_hT, grad_cT, x, h0, c0, y, gates, c_hist = folded
+    folded_sizes = None if batch_sizes is None else batch_sizes * samples
+    dx, dh0, dc0, dgates, dh_out, h_raw = torch.ops.fastlstm.cpp_lstm_bwd_rows.default(
+        grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, folded_sizes, y, gates, c_hist, reverse
+    )
+
+    def per_sample(t: Tensor) -> Tensor:
+        """[T, B·V, n] -> [V, T·B, n], a view: BLAS reads each sample's rows in place, one row stride apart."""
+        return t.unflatten(1, (-1, samples)).permute(2, 0, 1, 3).flatten(1, 2)
+
+    def weight_grads(grad_rows: Tensor, input_rows: Tensor) -> Tensor:  # [V, out, in]
+        return torch.bmm(per_sample(grad_rows).transpose(1, 2), per_sample(input_rows))
+
+    dg = per_sample(dgates)
+    grads = (
+        dx.unflatten(1, (-1, samples)),
+        dh0.unflatten(0, (-1, samples)),
+        dc0.unflatten(0, (-1, samples)),
+        weight_grads(dgates, x),
+        weight_grads(dgates, _previous_h(y, h0, folded_sizes, reverse)),
+        dg.sum(1) if has_bias else dg.new_empty(samples, 0),
+        weight_grads(dh_out, h_raw) if w_hr is not None else dg.new_empty(samples, 0),
+    )
+    return grads, (2, 1, 1, 0, 0, 0, 0)
+
+
+def _previous_h(y: Tensor, h0: Tensor, batch_sizes: Tensor | None, reverse: bool) -> Tensor:
+    """The h each step of each row started from: y of the step before, or h0 at the row's first step (step 0, or
+    its last live step in reverse), [T, B, P]. Where a row is not live its dgates are zero: any value serves."""
+    if not reverse:
+        return torch.cat([h0[None], y[:-1]])
+    h_prev = torch.cat([y[1:], h0[None]])
+    if batch_sizes is None:
+        return h_prev
+    lengths = (batch_sizes[:, None] > torch.arange(y.shape[1])[None, :]).sum(0).to(y.device)  # [B]
+    first = torch.arange(y.shape[0], device=y.device)[:, None] == (lengths - 1)[None, :]  # [T, B]
+    return torch.where(first[:, :, None], h0[None], h_prev)
 
 
 if hasattr(torch.library, "register_vmap"):  # torch >= 2.5; before, functorch's fallback runs one call a sample
@@ -538,6 +607,7 @@ def _register_lazy_kernels() -> None:
     lib.impl("cpp_lstm_fwd", fwd, "CPU")
     lib.impl("cpp_lstm_fwd", fwd, "Autograd")  # so that the op's first call still records the C++ autograd node
     lib.impl("cpp_lstm_bwd", bwd, "CPU")
+    lib.impl("cpp_lstm_bwd_rows", _loaded_then("cpp_lstm_bwd_rows"), "CPU")
     _lazy["lib"] = lib
 
 
