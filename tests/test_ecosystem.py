@@ -411,14 +411,19 @@ def test_per_sample_gradients_with_vmap_of_grad(backend, lengths, monkeypatch):
             torch.testing.assert_close(got[name][i], p.grad, atol=1e-12, rtol=1e-10, msg=f"sample {i} {name}")
 
 
-@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the cpp backend is not built here")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cpp_per_sample_gradients_equal_its_own_backward_passes(dtype):
-    """cpp's per-sample gradients under torch.vmap (float32: one call over every sample's rows, the weight gradients
-    summed per sample outside the kernel; bfloat16: one call a sample) against a loop of its own backward passes,
-    and per-model gradients of an ensemble (weights batched: one call a model)."""
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [("cpp", torch.float32), ("cpp", torch.bfloat16), ("triton", torch.float32)],  # the interpreter: no bfloat16
+    ids=str,
+)
+def test_fast_per_sample_gradients_equal_their_own_backward_passes(backend, dtype):
+    """A fast backend's per-sample gradients under torch.vmap (one backward call over every sample's rows, the
+    weight gradients summed per sample outside the kernel; cpp in bfloat16: one call a sample) against a loop of
+    its own backward passes, and per-model gradients of an ensemble (weights batched: one call a model)."""
+    if backend not in CPU_BACKENDS:
+        pytest.skip(f"the {backend} backend is not available here")
     torch.manual_seed(0)
-    model = fastlstm.LSTM(4, 6, bidirectional=True, proj_size=3, backend="cpp", dtype=dtype)
+    model = fastlstm.LSTM(4, 6, bidirectional=True, proj_size=3, backend=backend, dtype=dtype)
     xs = torch.randn(3, 5, 2, 4, dtype=dtype)
     h0s, c0s = torch.randn(3, 2, 2, 3, dtype=dtype), torch.randn(3, 2, 2, 6, dtype=dtype)  # a state per sample
     lengths = torch.tensor([5, 3])  # the reverse direction starts the short row at its own last step, from h0
@@ -435,7 +440,7 @@ def test_cpp_per_sample_gradients_equal_its_own_backward_passes(dtype):
         loss(dict(model.named_parameters()), x, h0s[i], c0s[i]).backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(got[name][i], p.grad, **tol, msg=f"sample {i} {name}")
-    models = [fastlstm.LSTM(4, 6, bidirectional=True, proj_size=3, backend="cpp", dtype=dtype) for _ in range(2)]
+    models = [fastlstm.LSTM(4, 6, bidirectional=True, proj_size=3, backend=backend, dtype=dtype) for _ in range(2)]
     stacked, _ = torch.func.stack_module_state(models)
     got = torch.func.vmap(torch.func.grad(loss), in_dims=(0, None, None, None))(stacked, xs[0], h0s[0], c0s[0])
     for k, m in enumerate(models):

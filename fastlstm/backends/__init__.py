@@ -177,6 +177,17 @@ def rows_side_by_side(t: Tensor, dim: int | None, batch_axis: int, samples: int)
     return t.flatten(batch_axis, batch_axis + 1)
 
 
+def rows_per_sample(t: Tensor, samples: int) -> Tensor:
+    """[T, B·V, n] with rows side by side (rows_side_by_side) -> [V, T·B, n]: each sample's rows, a view."""
+    return t.unflatten(1, (-1, samples)).permute(2, 0, 1, 3).flatten(1, 2)
+
+
+def summed_per_sample(grad_rows: Tensor, input_rows: Tensor, samples: int) -> Tensor:
+    """A weight gradient per sample, [V, n, m]: the sum over each sample's rows of grad_rows [T, B·V, n] times
+    input_rows [T, B·V, m]. One batched product on strided views: BLAS reads each sample's rows in place."""
+    return torch.bmm(rows_per_sample(grad_rows, samples).transpose(1, 2), rows_per_sample(input_rows, samples))
+
+
 def functorch_grad_levels(tensors) -> set[int]:
     """The levels of the torch.func gradient transforms (grad, vjp, jacrev, jvp) that wrap any of `tensors`, at
     any depth of their wrappers (a vmap's batching wrapper may sit above a gradient's, or below)."""

@@ -84,7 +84,9 @@ from fastlstm.backends import (
     differentiated_twice,
     functorch_grad_levels,
     grads_through_reference,
+    rows_per_sample,
     rows_side_by_side,
+    summed_per_sample,
     vmap_layer_op,
     vmap_per_sample,
 )
@@ -508,22 +510,15 @@ def _bwd_vmap(info, in_dims, *args):
         grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, folded_sizes, y, gates, c_hist, reverse
     )
 
-    def per_sample(t: Tensor) -> Tensor:
-        """[T, B·V, n] -> [V, T·B, n], a view: BLAS reads each sample's rows in place, one row stride apart."""
-        return t.unflatten(1, (-1, samples)).permute(2, 0, 1, 3).flatten(1, 2)
-
-    def weight_grads(grad_rows: Tensor, input_rows: Tensor) -> Tensor:  # [V, out, in]
-        return torch.bmm(per_sample(grad_rows).transpose(1, 2), per_sample(input_rows))
-
-    dg = per_sample(dgates)
+    none = dgates.new_empty(samples, 0)
     grads = (
         dx.unflatten(1, (-1, samples)),
         dh0.unflatten(0, (-1, samples)),
         dc0.unflatten(0, (-1, samples)),
-        weight_grads(dgates, x),
-        weight_grads(dgates, _previous_h(y, h0, folded_sizes, reverse)),
-        dg.sum(1) if has_bias else dg.new_empty(samples, 0),
-        weight_grads(dh_out, h_raw) if w_hr is not None else dg.new_empty(samples, 0),
+        summed_per_sample(dgates, x, samples),
+        summed_per_sample(dgates, _previous_h(y, h0, folded_sizes, reverse), samples),
+        rows_per_sample(dgates, samples).sum(1) if has_bias else none,
+        summed_per_sample(dh_out, h_raw, samples) if w_hr is not None else none,
     )
     return grads, (2, 1, 1, 0, 0, 0, 0)
 

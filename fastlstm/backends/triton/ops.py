@@ -3,7 +3,9 @@
 Ops (namespace fastlstm, see DESIGN.md "Ops and autograd"):
     fastlstm::triton_forward  -> y, hT, cT and what backward needs (acts, hs, cs, r)
     fastlstm::triton_backward -> grads of x, h0, c0, w_ih, w_hh, b, w_hr
-Both take `kernel`: "step" (one launch per time step) or "sequence" (one launch for the whole loop);
+    fastlstm::triton_backward_rows -> grads of x, h0, c0, and the rows the weights' are sums of (dgates; with a
+        projection the gradient reaching each output h): per-sample weight gradients under torch.vmap
+All take `kernel`: "step" (one launch per time step) or "sequence" (one launch for the whole loop);
 the choice is made before the op by `choose_kernel`, so the op itself is deterministic.
 """
 
@@ -23,6 +25,9 @@ from fastlstm.backends import (
     functorch_grad_levels,
     grads_through_reference,
     layer_op_grads,
+    rows_per_sample,
+    rows_side_by_side,
+    summed_per_sample,
     vmap_layer_op,
     vmap_per_sample,
 )
@@ -321,6 +326,43 @@ def backward_impl(
     kernel: str,
     has_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dx, dh0, dc0, dg, dhy = backward_rows_impl(
+        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel
+    )
+    T, B, I = x.shape
+    dg2 = dg.reshape(T * B, -1)
+    dw_ih = dg2.t() @ x.reshape(T * B, I)
+    dw_hh = dg2.t() @ previous_h(hs, reverse).reshape(T * B, -1)
+    db = dg2.sum(0, dtype=_compute_dtype(x.dtype)).to(x.dtype) if has_bias else x.new_empty(0)
+    dw_hr = dhy.reshape(T * B, -1).t() @ r.reshape(T * B, -1) if w_hr is not None else x.new_empty(0)
+    return dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr
+
+
+def previous_h(hs: Tensor, reverse: bool) -> Tensor:
+    """The state each step read, [T, B, P] from the forward's h history hs [T+1, B, P]: slots 0..T-1 forward,
+    1..T reverse, aligned with dgates in time order."""
+    return hs[1:] if reverse else hs[:-1]
+
+
+@on_input_device
+def backward_rows_impl(
+    grad_y: Tensor,
+    grad_hT: Tensor,
+    grad_cT: Tensor,
+    x: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    acts: Tensor,
+    hs: Tensor,
+    cs: Tensor,
+    r: Tensor,
+    reverse: bool,
+    kernel: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward up to the weight gradients: dx, dh0, dc0, dgates [T, B, 4H] and, with a projection, the gradient
+    reaching each output h [T, B, P] (else empty), whose products with x, previous_h and r are the weights'."""
     import triton
 
     from fastlstm.backends.triton import kernels
@@ -380,15 +422,8 @@ def backward_impl(
             BLOCK_B=blk["BLOCK_B"], BLOCK_P=blk["BLOCK_P"], BLOCK_K=blk["BLOCK_K"], **common,
         )  # fmt: skip
     dg = dgb[1 : T + 1]  # [T, B, 4H] in time order
-    dg2 = dg.reshape(T * B, 4 * H)
-    dx = (dg2 @ w_ih).view(T, B, I)
-    dw_ih = dg2.t() @ x.reshape(T * B, I)
-    # The state each step read: slots 0..T-1 forward, 1..T reverse, aligned with dgates in time order.
-    h_before = hs[1:] if reverse else hs[:T]
-    dw_hh = dg2.t() @ h_before.reshape(T * B, P)
-    db = dg2.sum(0, dtype=cdt).to(dtype) if has_bias else x.new_empty(0)
-    dw_hr = dhy.reshape(T * B, P).t() @ r.reshape(T * B, H) if has_proj else x.new_empty(0)
-    return dx, dh.to(dtype), dc.to(dtype), dw_ih, dw_hh, db, dw_hr
+    dx = (dg.reshape(T * B, 4 * H) @ w_ih).view(T, B, I)
+    return dx, dh.to(dtype), dc.to(dtype), dg, dhy if has_proj else x.new_empty(0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -467,6 +502,43 @@ def _(grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, 
     )
 
 
+@torch.library.custom_op("fastlstm::triton_backward_rows", mutates_args=())
+def triton_backward_rows(
+    grad_y: Tensor,
+    grad_hT: Tensor,
+    grad_cT: Tensor,
+    x: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    acts: Tensor,
+    hs: Tensor,
+    cs: Tensor,
+    r: Tensor,
+    reverse: bool,
+    kernel: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """triton_backward without the weight gradients (backward_rows_impl), for their sums per sample under vmap."""
+    dx, dh0, dc0, dg, dhy = backward_rows_impl(
+        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel
+    )
+    return dx, dh0, dc0, dg.clone(), dhy  # dg: a view of backward's own buffer, which an op's output may not be
+
+
+@triton_backward_rows.register_fake
+def _(grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel):
+    T, B = x.shape[0], x.shape[1]
+    P, H = hs.shape[2], cs.shape[2]
+    return (
+        torch.empty_like(x),
+        x.new_empty(B, P),
+        x.new_empty(B, H),
+        x.new_empty(T, B, 4 * H),
+        x.new_empty(T, B, P) if w_hr is not None else x.new_empty(0),
+    )
+
+
 def _setup_context(ctx, inputs, output):
     x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel = inputs
     _, _, _, acts, hs, cs, r = output
@@ -513,8 +585,33 @@ def _forward_vmap(info, in_dims, *args):
 
 # torch >= 2.5 (torch.library's vmap rules); before, a custom op under torch.vmap raises: dispatch then says so
 def _backward_vmap(info, in_dims, *args):
-    """torch.vmap of backward (per-sample gradients): one call per sample, each with weight gradients of its own."""
-    return vmap_per_sample(triton_backward, info, in_dims, args)
+    """torch.vmap of backward (per-sample gradients). Each sample needs weight gradients of its own, which one call
+    over all the samples' rows would sum: the rows run side by side through triton_backward_rows, and each
+    sample's weight gradients are summed from its own rows here. Weights that differ per sample: one call each."""
+    grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, has_bias = args
+    if any(dim is not None for dim in in_dims[4:8]):
+        return vmap_per_sample(triton_backward, info, in_dims, args)
+    samples = info.batch_size
+    rows = (grad_y, grad_hT, grad_cT, x, acts, hs, cs) + ((r,) if w_hr is not None else ())  # r: [0] otherwise
+    dims = in_dims[:4] + in_dims[8 : 8 + len(rows) - 4]
+    folded = [rows_side_by_side(t, dim, axis, samples) for t, dim, axis in zip(rows, dims, (1, 0, 0, 1, 1, 1, 1, 1))]
+    grad_y, grad_hT, grad_cT, x, acts, hs, cs = folded[:7]
+    r = folded[7] if w_hr is not None else r
+    folded_sizes = None if batch_sizes is None else batch_sizes * samples
+    dx, dh0, dc0, dg, dhy = triton_backward_rows(
+        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, folded_sizes, acts, hs, cs, r, reverse, kernel
+    )
+    none = dg.new_empty(samples, 0)
+    grads = (
+        dx.unflatten(1, (-1, samples)),
+        dh0.unflatten(0, (-1, samples)),
+        dc0.unflatten(0, (-1, samples)),
+        summed_per_sample(dg, x, samples),
+        summed_per_sample(dg, previous_h(hs, reverse), samples),
+        rows_per_sample(dg, samples).sum(1, dtype=_compute_dtype(dg.dtype)).to(dg.dtype) if has_bias else none,
+        summed_per_sample(dhy, r, samples) if w_hr is not None else none,
+    )
+    return grads, (2, 1, 1, 0, 0, 0, 0)
 
 
 HAS_VMAP_RULE = hasattr(triton_forward, "register_vmap")
