@@ -188,6 +188,25 @@ def summed_per_sample(grad_rows: Tensor, input_rows: Tensor, samples: int) -> Te
     return torch.bmm(rows_per_sample(grad_rows, samples).transpose(1, 2), rows_per_sample(input_rows, samples))
 
 
+def per_sample_layer_grads(samples: int, dx, dh0, dc0, dgates, x, h_prev, has_bias: bool, proj_rows=None):
+    """A torch.vmap rule's result for a fast backend's backward op (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr) from one
+    call over every sample's rows side by side (rows_side_by_side): the input gradients unfolded, and each
+    weight gradient summed over each sample's own rows. dgates, x, h_prev (the state each step read): [T, B·V, *];
+    proj_rows: with a projection, (gradient reaching each output h, unprojected h). Returns (outputs, out_dims)."""
+    none = dgates.new_empty(samples, 0)
+    accumulate = torch.float32 if dgates.dtype in (torch.bfloat16, torch.float16) else dgates.dtype
+    grads = (
+        dx.unflatten(1, (-1, samples)),
+        dh0.unflatten(0, (-1, samples)),
+        dc0.unflatten(0, (-1, samples)),
+        summed_per_sample(dgates, x, samples),
+        summed_per_sample(dgates, h_prev, samples),
+        rows_per_sample(dgates, samples).sum(1, dtype=accumulate).to(dgates.dtype) if has_bias else none,
+        none if proj_rows is None else summed_per_sample(*proj_rows, samples),
+    )
+    return grads, (2, 1, 1, 0, 0, 0, 0)
+
+
 def functorch_grad_levels(tensors) -> set[int]:
     """The levels of the torch.func gradient transforms (grad, vjp, jacrev, jvp) that wrap any of `tensors`, at
     any depth of their wrappers (a vmap's batching wrapper may sit above a gradient's, or below)."""

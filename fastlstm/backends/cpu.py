@@ -84,9 +84,8 @@ from fastlstm.backends import (
     differentiated_twice,
     functorch_grad_levels,
     grads_through_reference,
-    rows_per_sample,
+    per_sample_layer_grads,
     rows_side_by_side,
-    summed_per_sample,
     vmap_layer_op,
     vmap_per_sample,
 )
@@ -510,17 +509,9 @@ def _bwd_vmap(info, in_dims, *args):
         grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, folded_sizes, y, gates, c_hist, reverse
     )
 
-    none = dgates.new_empty(samples, 0)
-    grads = (
-        dx.unflatten(1, (-1, samples)),
-        dh0.unflatten(0, (-1, samples)),
-        dc0.unflatten(0, (-1, samples)),
-        summed_per_sample(dgates, x, samples),
-        summed_per_sample(dgates, _previous_h(y, h0, folded_sizes, reverse), samples),
-        rows_per_sample(dgates, samples).sum(1) if has_bias else none,
-        summed_per_sample(dh_out, h_raw, samples) if w_hr is not None else none,
-    )
-    return grads, (2, 1, 1, 0, 0, 0, 0)
+    h_prev = _previous_h(y, h0, folded_sizes, reverse)
+    proj_rows = (dh_out, h_raw) if w_hr is not None else None
+    return per_sample_layer_grads(samples, dx, dh0, dc0, dgates, x, h_prev, has_bias, proj_rows)
 
 
 def _previous_h(y: Tensor, h0: Tensor, batch_sizes: Tensor | None, reverse: bool) -> Tensor:

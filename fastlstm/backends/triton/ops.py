@@ -25,9 +25,8 @@ from fastlstm.backends import (
     functorch_grad_levels,
     grads_through_reference,
     layer_op_grads,
-    rows_per_sample,
+    per_sample_layer_grads,
     rows_side_by_side,
-    summed_per_sample,
     vmap_layer_op,
     vmap_per_sample,
 )
@@ -523,7 +522,7 @@ def triton_backward_rows(
     dx, dh0, dc0, dg, dhy = backward_rows_impl(
         grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel
     )
-    return dx, dh0, dc0, dg.clone(), dhy  # dg: a view of backward's own buffer, which an op's output may not be
+    return dx, dh0, dc0, dg.clone(), dhy  # dg is a view into backward's buffer, at an offset the fake does not have
 
 
 @triton_backward_rows.register_fake
@@ -601,17 +600,8 @@ def _backward_vmap(info, in_dims, *args):
     dx, dh0, dc0, dg, dhy = triton_backward_rows(
         grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, folded_sizes, acts, hs, cs, r, reverse, kernel
     )
-    none = dg.new_empty(samples, 0)
-    grads = (
-        dx.unflatten(1, (-1, samples)),
-        dh0.unflatten(0, (-1, samples)),
-        dc0.unflatten(0, (-1, samples)),
-        summed_per_sample(dg, x, samples),
-        summed_per_sample(dg, previous_h(hs, reverse), samples),
-        rows_per_sample(dg, samples).sum(1, dtype=_compute_dtype(dg.dtype)).to(dg.dtype) if has_bias else none,
-        summed_per_sample(dhy, r, samples) if w_hr is not None else none,
-    )
-    return grads, (2, 1, 1, 0, 0, 0, 0)
+    proj_rows = (dhy, r) if w_hr is not None else None
+    return per_sample_layer_grads(samples, dx, dh0, dc0, dg, x, previous_h(hs, reverse), has_bias, proj_rows)
 
 
 HAS_VMAP_RULE = hasattr(triton_forward, "register_vmap")
