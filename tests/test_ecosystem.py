@@ -126,9 +126,10 @@ def test_fx_symbolic_trace_keeps_the_lstm_a_leaf(with_lengths):
 
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_torch_func_gradient_transforms(backend):
-    """torch.func.grad / vjp (and functional_call with them), which work with nn.LSTM. The module's parameters
-    require grad, so these gradients are differentiable in them: auto serves them natively, a forced fast backend
-    with its gradients recomputed in plain ops."""
+    """torch.func.grad / vjp / jacrev (and functional_call with them), which work with nn.LSTM. Where the module's
+    parameters require grad these gradients are differentiable in them: auto serves them natively, a forced fast
+    backend with its gradients recomputed in plain ops. jacrev of detached parameters: the fast backends' kernels,
+    their backward under the vmap jacrev runs over the output's entries."""
     torch.manual_seed(0)
     reference = nn.LSTM(4, 6, 2, bidirectional=True)
     model = fastlstm.LSTM(4, 6, 2, bidirectional=True, backend=backend)
@@ -146,8 +147,13 @@ def test_torch_func_gradient_transforms(backend):
         y, pull = torch.func.vjp(lambda t: m(t)[0], x)
         return pull(torch.ones_like(y))[0]
 
-    for run in (input_grad, vjp):
-        torch.testing.assert_close(run(model), run(reference))
+    def jacobians(m):  # of parameters that do not require grad, as torch.func's tutorials pass them: fast backends
+        params = {name: p.detach() for name, p in m.named_parameters()}
+        out = lambda p, t: torch.func.functional_call(m, p, (t,))[0].sum(-1)  # noqa: E731
+        return torch.func.jacrev(out, argnums=(0, 1))(params, x)
+
+    for run in (input_grad, vjp, jacobians):
+        torch.testing.assert_close(run(model), run(reference), msg=run.__name__)
     got, expected = parameter_grads(model), parameter_grads(reference)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], msg=name)
