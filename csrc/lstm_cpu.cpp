@@ -747,10 +747,11 @@ Tensor previous_h(const Tensor& y, const Tensor& h0, const std::vector<int64_t>&
 }
 
 // What backward leaves for the weight gradients, where its caller computes them (per-sample gradients): dgates
-// [T, B, 4H], and with a projection the total gradient reaching each output h [T, B, P] and the unprojected h
-// [T, B, H]; zero where a row is not live.
+// [T, B, 4H], the h each step read [T, B, P] (previous_h), and with a projection the total gradient reaching each
+// output h [T, B, P] and the unprojected h [T, B, H]; dgates and the projection's rows are zero where a row is not
+// live.
 struct GateRows {
-  Tensor dgates, dh_out, h_raw;
+  Tensor dgates, h_prev, dh_out, h_raw;
 };
 
 // FmaDot: every tensor in scalar_t. Bf16Dot (scalar_t float): x, h0, w_ih and y are bfloat16, w_hh_k is w_hh^T
@@ -882,7 +883,7 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
   }
   dx = dx2.view({T, B, I});
   if (rows != nullptr) {
-    *rows = {dgates, dh_all, hraw_all};
+    *rows = {dgates, previous_h<scalar_t>(y, h0, live, reverse), dh_all, hraw_all};
     return;
   }
   weight_grad<scalar_t>(dg2, x.view({TB, I}), dw_ih);
@@ -967,7 +968,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
 
 // Backward without the weight gradients: dx, dh0, dc0 and the rows they are made of (GateRows), for a caller that
 // sums them per sample of a batch (torch.vmap of per-sample gradients). float32 and float64.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows(
     const Tensor& grad_y_in, const Tensor& grad_hT_in, const Tensor& grad_cT_in, const Tensor& x_in,
     const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih_in, const Tensor& w_hh_in,
     const c10::optional<Tensor>& w_hr_in, const c10::optional<Tensor>& batch_sizes, const Tensor& y_in,
@@ -992,7 +993,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows(
   Tensor dx = at::empty({d.T, d.B, d.I}, opts);
   GateRows rows;
   if (d.T == 0 || d.B == 0) {
-    rows = {at::empty({d.T, d.B, 4 * d.H}, opts), proj ? at::empty({d.T, d.B, d.P}, opts) : at::empty({0}, opts),
+    rows = {at::empty({d.T, d.B, 4 * d.H}, opts), at::empty({d.T, d.B, d.P}, opts),
+            proj ? at::empty({d.T, d.B, d.P}, opts) : at::empty({0}, opts),
             proj ? at::empty({d.T, d.B, d.H}, opts) : at::empty({0}, opts)};
   } else {
     Tensor unused;
@@ -1007,7 +1009,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows(
       rows.h_raw = at::empty({0}, opts);
     }
   }
-  return {dx, dh, dc, rows.dgates, rows.dh_out, rows.h_raw};
+  return {dx, dh, dc, rows.dgates, rows.h_prev, rows.dh_out, rows.h_raw};
 }
 
 }  // namespace
@@ -1035,7 +1037,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
                             reverse, has_bias);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows(
     const Tensor& grad_y, const Tensor& grad_hT, const Tensor& grad_cT, const Tensor& x, const Tensor& h0,
     const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& w_hr,
     const c10::optional<Tensor>& batch_sizes, const Tensor& y, const Tensor& gates, const Tensor& c_hist,

@@ -141,3 +141,28 @@ def assert_same_double_backward(backend: str, packed: bool, atol: float, rtol: f
         results.append([*first, *torch.autograd.grad(penalty, [xi, *m.parameters()])])
     for got, exp in zip(results[1], results[0]):
         torch.testing.assert_close(got, exp, atol=atol, rtol=rtol)
+
+
+def assert_backward_rows_match(bwd_op, rows_op, bwd_args, x, h_prev, proj_rows=None) -> None:
+    """A fast backend's backward by rows (per-sample gradients) against its full backward on the same arguments
+    (bwd_args, ending in has_bias, which the rows op does not take): opcheck, the same input gradients, and rows
+    whose products are the weight gradients. h_prev(rows): the h each step read; proj_rows(rows): with a
+    projection, (gradient reaching each output h, unprojected h), else None."""
+    rows_args, has_bias = bwd_args[:-1], bwd_args[-1]
+    torch.library.opcheck(rows_op, rows_args)
+    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = bwd_op(*bwd_args)
+    rows = rows_op(*rows_args)
+    for got, expected in zip(rows[:3], (dx, dh0, dc0)):
+        torch.testing.assert_close(got, expected)
+
+    def product(grad_rows, input_rows):  # summed over every (t, b) row
+        return grad_rows.flatten(0, 1).t() @ input_rows.flatten(0, 1)
+
+    tol = dict(atol=1e-5, rtol=1e-5)
+    dgates = rows[3]
+    torch.testing.assert_close(product(dgates, x), dw_ih, **tol)
+    torch.testing.assert_close(product(dgates, h_prev(rows)), dw_hh, **tol)
+    if has_bias:
+        torch.testing.assert_close(dgates.flatten(0, 1).sum(0), db, **tol)
+    if proj_rows is not None and proj_rows(rows) is not None:
+        torch.testing.assert_close(product(*proj_rows(rows)), dw_hr, **tol)

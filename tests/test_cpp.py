@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, assert_same_results, lstm_call, make_pair, run_python, run_pythons
+from helpers import ROOT, assert_backward_rows_match, assert_same_results, lstm_call, make_pair, run_python, run_pythons
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -389,18 +389,11 @@ def test_opcheck(case, layout):
         case.bias,
     )
     torch.library.opcheck(torch.ops.fastlstm.cpp_lstm_bwd.default, bwd_args)
-    # Backward by rows (per-sample gradients): the same input gradients, and rows whose products are the weights'
-    torch.library.opcheck(torch.ops.fastlstm.cpp_lstm_bwd_rows.default, bwd_args[:-1])
-    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.fastlstm.cpp_lstm_bwd(*bwd_args)
-    rows = torch.ops.fastlstm.cpp_lstm_bwd_rows(*bwd_args[:-1])
-    for got, expected in zip(rows[:3], (dx, dh0, dc0)):
-        torch.testing.assert_close(got, expected)
-    dgates = rows[3].flatten(0, 1)
-    torch.testing.assert_close(dgates.t() @ nograd[0].flatten(0, 1), dw_ih, atol=1e-5, rtol=1e-5)
-    if case.bias:
-        torch.testing.assert_close(dgates.sum(0), db, atol=1e-5, rtol=1e-5)
-    if case.P:
-        torch.testing.assert_close(rows[4].flatten(0, 1).t() @ rows[5].flatten(0, 1), dw_hr, atol=1e-5, rtol=1e-5)
+    # Backward by rows (per-sample gradients): rows[4] the h each step read; with a projection rows[5:7]
+    assert_backward_rows_match(
+        torch.ops.fastlstm.cpp_lstm_bwd.default, torch.ops.fastlstm.cpp_lstm_bwd_rows.default, bwd_args, nograd[0],
+        h_prev=lambda rows: rows[4], proj_rows=lambda rows: rows[5:7] if case.P else None,
+    )  # fmt: skip
 
 
 def test_inference_saves_nothing():

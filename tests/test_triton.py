@@ -20,6 +20,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa
 
 triton = pytest.importorskip("triton")
 
+from helpers import assert_backward_rows_match  # noqa: E402
+
 from fastlstm import reference  # noqa: E402
 from fastlstm.backends import LayerCall  # noqa: E402
 from fastlstm.backends.triton import BACKEND  # noqa: E402
@@ -295,15 +297,14 @@ def test_opcheck_backward(case, kernel):
     grads = [torch.randn_like(t) for t in (y, hT, cT)]
     bwd_args = [*grads, x, w_ih, w_hh, w_hr, bs, acts, hs, cs, r, rev, kernel, b is not None]
     torch.library.opcheck(torch.ops.fastlstm.triton_backward.default, bwd_args)
-    # Backward by rows (per-sample gradients): the same input gradients, and dgates whose products are the weights'
-    torch.library.opcheck(torch.ops.fastlstm.triton_backward_rows.default, bwd_args[:-1])
-    dx, dh0, dc0, dw_ih, dw_hh, db, _ = torch.ops.fastlstm.triton_backward(*bwd_args)
-    rows = torch.ops.fastlstm.triton_backward_rows(*bwd_args[:-1])
-    for got, expected in zip(rows[:3], (dx, dh0, dc0)):
-        torch.testing.assert_close(got, expected)
-    dgates = rows[3].flatten(0, 1)
-    torch.testing.assert_close(dgates.t() @ x.flatten(0, 1), dw_ih, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dgates.sum(0), db, atol=1e-5, rtol=1e-5)
+    # Backward by rows (per-sample gradients): the h each step read is the forward's history
+    assert_backward_rows_match(
+        torch.ops.fastlstm.triton_backward.default,
+        torch.ops.fastlstm.triton_backward_rows.default,
+        bwd_args,
+        x,
+        h_prev=lambda rows: triton_ops.previous_h(hs, rev),
+    )
 
 
 def _compiled_matches_eager(case: Case, kernel, dtype, device, backend):

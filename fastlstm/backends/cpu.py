@@ -25,8 +25,8 @@ transforms, which cannot run a C++ autograd Function, the layer takes the same o
     cpp_lstm_fwd(x, h0, c0, w_ih, w_hh, b?, w_hr?, batch_sizes?, reverse, save) -> (y, hT, cT, gates, c_hist)
     cpp_lstm_bwd(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr?, batch_sizes?, y, gates, c_hist,
                  reverse, has_bias) -> (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
-    cpp_lstm_bwd_rows(grad_y, ..., c_hist, reverse) -> (dx, dh0, dc0, dgates, dh_out, h_raw): backward without
-                 the weight gradients, for their sums per sample under torch.vmap (float32, float64)
+    cpp_lstm_bwd_rows(grad_y, ..., c_hist, reverse) -> (dx, dh0, dc0, dgates, h_prev, dh_out, h_raw): backward
+                 without the weight gradients, for their sums per sample under torch.vmap (float32, float64)
     gates [T, B, 4H] (activated) and c_hist [T, B, H] are what backward needs; they are empty ([0]) when
     save is false (inference), and float32 for bfloat16 and float16 inputs.
 
@@ -427,7 +427,7 @@ BWD_SCHEMA = (
 BWD_ROWS_SCHEMA = (
     "cpp_lstm_bwd_rows(Tensor grad_y, Tensor grad_hT, Tensor grad_cT, Tensor x, Tensor h0, Tensor c0, Tensor w_ih, "
     "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, Tensor y, Tensor gates, Tensor c_hist, bool reverse) -> "
-    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _schemas = torch.library.Library("fastlstm", "FRAGMENT")
 _schemas.define(FWD_SCHEMA)
@@ -479,6 +479,7 @@ def _bwd_rows_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_
         h0.new_empty(h0.shape),
         c0.new_empty(c0.shape),
         x.new_empty((T, B, 4 * H)),
+        x.new_empty((T, B, P)),
         x.new_empty((T, B, P) if with_proj else (0,)),
         x.new_empty((T, B, H) if with_proj else (0,)),
     )
@@ -505,26 +506,11 @@ def _bwd_vmap(info, in_dims, *args):
     folded = [rows_side_by_side(t, dim, axis, samples) for t, dim, axis in zip(rows, dims, (1, 0, 0, 1, 0, 0, 1, 1, 1))]
     grad_y, grad_hT, grad_cT, x, h0, c0, y, gates, c_hist = folded
     folded_sizes = None if batch_sizes is None else batch_sizes * samples
-    dx, dh0, dc0, dgates, dh_out, h_raw = torch.ops.fastlstm.cpp_lstm_bwd_rows.default(
+    dx, dh0, dc0, dgates, h_prev, dh_out, h_raw = torch.ops.fastlstm.cpp_lstm_bwd_rows.default(
         grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, folded_sizes, y, gates, c_hist, reverse
     )
-
-    h_prev = _previous_h(y, h0, folded_sizes, reverse)
     proj_rows = (dh_out, h_raw) if w_hr is not None else None
     return per_sample_layer_grads(samples, dx, dh0, dc0, dgates, x, h_prev, has_bias, proj_rows)
-
-
-def _previous_h(y: Tensor, h0: Tensor, batch_sizes: Tensor | None, reverse: bool) -> Tensor:
-    """The h each step of each row started from: y of the step before, or h0 at the row's first step (step 0, or
-    its last live step in reverse), [T, B, P]. Where a row is not live its dgates are zero: any value serves."""
-    if not reverse:
-        return torch.cat([h0[None], y[:-1]])
-    h_prev = torch.cat([y[1:], h0[None]])
-    if batch_sizes is None:
-        return h_prev
-    lengths = (batch_sizes[:, None] > torch.arange(y.shape[1])[None, :]).sum(0).to(y.device)  # [B]
-    first = torch.arange(y.shape[0], device=y.device)[:, None] == (lengths - 1)[None, :]  # [T, B]
-    return torch.where(first[:, :, None], h0[None], h_prev)
 
 
 if hasattr(torch.library, "register_vmap"):  # torch >= 2.5; before, functorch's fallback runs one call a sample
@@ -649,10 +635,10 @@ class CppBackend(Backend):
         if reason is not None:
             raise RuntimeError(f"fastlstm cpp backend is unavailable: {reason}")
         tensors = (x, h0, c0, w_ih, w_hh, b, w_hr)
-        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         if torch._C._are_functorch_transforms_active() and functorch_grad_levels(tensors):
             y, hT, cT, _, _ = _FuncLayer.apply(*tensors, batch_sizes, reverse)
             return y, hT, cT
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         # The overload itself, not the packet: the packet resolves it on every call, ~5 us at batch 1
         forward = torch.ops.fastlstm.cpp_lstm_fwd.default
         y, hT, cT, _, _ = forward(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save)
