@@ -207,16 +207,24 @@ def per_sample_layer_grads(samples: int, dx, dh0, dc0, dgates, x, h_prev, has_bi
     return grads, (2, 1, 1, 0, 0, 0, 0)
 
 
+def _wrapper_chain(t: Tensor):
+    """t, then each tensor a torch.func transform's wrapper holds, down to the plain tensor (yielded last)."""
+    yield t
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+        yield t
+
+
 def functorch_grad_levels(tensors) -> set[int]:
     """The levels of the torch.func gradient transforms (grad, vjp, jacrev, jvp) that wrap any of `tensors`, at
     any depth of their wrappers (a vmap's batching wrapper may sit above a gradient's, or below)."""
-    levels = set()
-    for t in tensors:
-        while t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t):
-            if torch._C._functorch.is_gradtrackingtensor(t):
-                levels.add(torch._C._functorch.maybe_get_level(t))
-            t = torch._C._functorch.get_unwrapped(t)
-    return levels
+    return {
+        torch._C._functorch.maybe_get_level(w)
+        for t in tensors
+        if t is not None
+        for w in _wrapper_chain(t)
+        if torch._C._functorch.is_gradtrackingtensor(w)
+    }
 
 
 def differentiated_twice(tensors) -> bool:
@@ -227,14 +235,7 @@ def differentiated_twice(tensors) -> bool:
     tensors = [t for t in tensors if t is not None]
     if len(functorch_grad_levels(tensors)) > 1:
         return True
-    if not torch.is_grad_enabled():
-        return False
-    for t in tensors:
-        while torch._C._functorch.is_functorch_wrapped_tensor(t):
-            t = torch._C._functorch.get_unwrapped(t)
-        if t.requires_grad:
-            return True
-    return False
+    return torch.is_grad_enabled() and any(list(_wrapper_chain(t))[-1].requires_grad for t in tensors)
 
 
 def grads_through_reference(inputs: tuple, batch_sizes: Tensor | None, reverse: bool, grads: tuple) -> tuple:
