@@ -376,8 +376,8 @@ def test_vmap_over_an_ensemble_of_models():
 def test_per_sample_gradients_with_vmap_of_grad(backend, lengths, monkeypatch):
     """torch.func.vmap(torch.func.grad(loss)) over samples, the per-sample gradients of differential privacy:
     every parameter's gradient for each sample, as a loop of nn.LSTM backward passes gives them. cpp and triton
-    serve them with their own backward kernels (one call a sample), and auto gives them to cpp where it is built
-    (native has no batching rule), else to the reference loop."""
+    serve them with their own backward kernels (one call over all the samples' rows), and auto gives them to cpp
+    where it is built (native has no batching rule), else to the reference loop."""
 
     def not_here(*args):
         raise AssertionError("these gradients are not differentiated: the backward kernels serve them")
