@@ -27,7 +27,8 @@
 //     single GEMMs / reductions over all T*B rows (float32 weight gradients on Zen 5: oneDNN's matmul).
 //   * Autograd is a C++ Autograd kernel (no per-call Python); double backward recomputes the layer in ATen ops.
 //   * bfloat16, on CPUs with AVX512-BF16: the products take bf16 in pairs (vdpbf16ps, float accumulation), the
-//     recurrent and input products in the register-blocked kernel, backward's large ones in ATen's bf16 matmul;
+//     recurrent and input products in the register-blocked kernel (on AMX tiles where the CPU has them, amx.h),
+//     backward's large ones in ATen's bf16 matmul;
 //     h (and, in backward, dgates) is rounded to bf16 for them, as native bf16 does; the cell, c and the saved
 //     gates stay float. Elsewhere bfloat16, and float16 everywhere, compute in float32 end to end (fp32 c) and are
 //     rounded at the boundary.
@@ -36,6 +37,7 @@
 // This file holds the layer (argument checks, the forward and backward time loops); lstm_ops.cpp holds the ops
 // (the Autograd kernel, the registration) and calls the layer through layer.h. The layer's parts:
 //   simd.h          vector types, the kernels' multiply-adds (float FMA, bfloat16 pairs), the register transpose
+//   amx.h           bfloat16 products on AMX tiles, over the same packed weight
 //   memory.h        memory kept between calls (packed weights, scratch) and release_memory()
 //   step_product.h  one step's product: the packed weight, the register-blocked kernel, dot products
 //   cell.h          the pointwise cell, forward and backward
@@ -172,11 +174,25 @@ c10::optional<Tensor> as_compute(const c10::optional<Tensor>& t, at::ScalarType 
 // GEMM for all steps up front: the gates then go from the register-blocked kernel (~95% of the FMA peak in
 // isolation at 8+ rows) straight into the cell while in cache, where the up-front GEMM wrote [T, B, 4H] to
 // memory and each step read its slice back. Below 8 rows the kernel is bound by loading the weight, and one
-// big GEMM wins. FASTLSTM_FUSE_MIN_ROWS overrides; a huge value disables.
-inline int64_t fuse_min_rows() {
+// big GEMM wins. On AMX tiles (bfloat16) from 16 rows: there the products are fast enough that writing the gates
+// of every step costs less than the second weight each step streams. bf16 inference, 2-core Xeon with AMX, one
+// process each way: B8-T100-H256 1.46 -> 1.23 ms up front, B12 1.66 -> 1.54 ms, B16 1.97 -> 1.98 ms, B16-H512
+// 6.48 -> 6.31 ms, B8-H512 even; B32-H256 2.86 -> 3.40 ms and B64-H512 20.6 -> 24.5 ms, so fused from 16 rows
+// there. FASTLSTM_FUSE_MIN_ROWS overrides both; a huge value disables.
+inline int64_t fuse_min_rows_override() {
   static const int64_t v =
-      std::getenv("FASTLSTM_FUSE_MIN_ROWS") ? std::atoll(std::getenv("FASTLSTM_FUSE_MIN_ROWS")) : 8;
+      std::getenv("FASTLSTM_FUSE_MIN_ROWS") ? std::atoll(std::getenv("FASTLSTM_FUSE_MIN_ROWS")) : 0;
   return v;
+}
+
+inline int64_t fuse_min_rows() { return fuse_min_rows_override() > 0 ? fuse_min_rows_override() : 8; }
+
+template <typename Dot>
+inline int64_t fuse_min_rows_of() {
+  if (fuse_min_rows_override() > 0) return fuse_min_rows_override();
+  if constexpr (kHasAmx && std::is_same_v<Dot, Bf16Dot>)
+    if (amx_enabled()) return 16;
+  return fuse_min_rows();
 }
 
 // Bytes of w_ih up to which the float32 input projection up front (below 8 rows) and dx = dgates @ w_ih run on the
@@ -357,6 +373,18 @@ inline bool use_bf16_dot() {
 // Whether a layer of dtype dt runs on the bf16 dot-product kernel: forward and backward must agree.
 inline bool runs_bf16_dot(at::ScalarType dt) { return dt == at::kBFloat16 && use_bf16_dot(); }
 
+// Whether the bf16 dot-product kernel's products take AMX tiles (see amx.h).
+inline bool uses_amx() { return use_bf16_dot() && amx_enabled(); }
+
+inline std::string amx_description() {
+#ifdef FASTLSTM_AMX
+  if (uses_amx())
+    return ", on AMX tiles from " + std::to_string(amx_min_rows()) + " rows (input projection per step from " +
+           std::to_string(fuse_min_rows_of<Bf16Dot>()) + " rows)";
+#endif
+  return std::string();
+}
+
 // Whether float32 weight gradients go through oneDNN's matmul (from weight_grad_min_macs on): the training
 // measurements behind dispatch's float32 rule depend on it.
 bool uses_onednn_weight_grads() { return onednn_weight_grads() && onednn_linear_op().has_value(); }
@@ -402,7 +430,7 @@ std::string kernel_choices() {
               ? "oneDNN matmul " + from(weight_grad_min_macs(), "multiply-adds") + ", else BLAS"
               : std::string("BLAS")) +
          "; bfloat16 forward: " +
-         (use_bf16_dot() ? "bf16 dot products (AVX512-BF16), h rounded to bf16 each step"
+         (use_bf16_dot() ? "bf16 dot products (AVX512-BF16)" + amx_description() + ", h rounded to bf16 each step"
                          : "float32 math, rounded at the end") +
          "; time loop: one team of threads " +
          (team_max_macs(false, 1) <= 0
@@ -452,7 +480,7 @@ ForwardSteps forward_steps(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P
   f.blocked_step = !mkl && !use_blas_rows<scalar_t>(B);
   // One GEMM for all steps up front (straight into the gate buffer; the bias is added in the cell), or, from
   // fuse_min_rows() rows on, per step beside the recurrent product (see fuse_min_rows).
-  f.fuse_input = f.blocked_step && B >= fuse_min_rows() && I > 0;
+  f.fuse_input = f.blocked_step && B >= fuse_min_rows_of<Dot>() && I > 0;
   // At batch 1, w_hh as stored (see dot_pays); the input projection is never fused below 8 rows.
   f.dot = f.blocked_step && !f.fuse_input && dot_pays<Dot>(B, T, P / Dot::pair);
   // The weights every step reads: w_hh, w_ih where the input projection is fused, w_hr.
@@ -1052,6 +1080,7 @@ std::vector<int64_t> live_rows(const c10::optional<Tensor>& batch_sizes, int64_t
 }
 std::string kernel_choices() { return fastlstm::kernel_choices(); }
 bool use_bf16_dot() { return fastlstm::use_bf16_dot(); }
+bool uses_amx() { return fastlstm::uses_amx(); }
 bool uses_onednn_weight_grads() { return fastlstm::uses_onednn_weight_grads(); }
 std::vector<int64_t> float32_forward_rows(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P) {
   return fastlstm::float32_forward_rows(T, B, I, H, P);

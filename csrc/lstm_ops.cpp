@@ -159,6 +159,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd_autograd(
 TORCH_LIBRARY_FRAGMENT(fastlstm, m) {
   m.def("cpp_kernel_choices() -> str", &fastlstm::layer::kernel_choices);
   m.def("cpp_bf16_dot() -> bool", &fastlstm::layer::use_bf16_dot);
+  m.def("cpp_amx() -> bool", &fastlstm::layer::uses_amx);
   m.def("cpp_onednn_weight_grads() -> bool", &fastlstm::layer::uses_onednn_weight_grads);
   m.def("cpp_float32_forward_rows(int T, int B, int I, int H, int P) -> int[]",
         &fastlstm::layer::float32_forward_rows);

@@ -2,6 +2,7 @@
 // kernel, and dot products over the weight as stored.
 #pragma once
 
+#include "amx.h"
 #include "memory.h"
 #include "simd.h"
 
@@ -235,6 +236,21 @@ inline void panel_row_blocks(const typename Dot::elem_t* A, int64_t lda, const t
 template <typename Dot>
 inline void panel_rows(const typename Dot::elem_t* A, int64_t lda, const typename Dot::elem_t* panel, int64_t steps,
                        typename Dot::acc_t* C, int64_t ldc, int64_t n, int64_t valid, bool accumulate) {
+#ifdef FASTLSTM_AMX
+  // bfloat16 from amx_min_rows() rows: whole blocks of 16 pairs of k on the tiles, the rest of k below.
+  if constexpr (std::is_same_v<Dot, Bf16Dot>) {
+    const int64_t blocks = steps / 16;
+    if (blocks > 0 && n >= amx_min_rows() && amx_enabled()) {
+      amx_panel_blocks(A, lda, panel, blocks, C, ldc, n, valid, accumulate);
+      const int64_t done = blocks * 16;
+      if (done == steps) return;
+      A += done * Dot::pair;
+      panel += done * Packed<Dot>::W * Dot::pair;
+      steps -= done;
+      accumulate = true;
+    }
+  }
+#endif
   if (valid <= Dot::lanes) {
     panel_row_blocks<Dot, 1>(A, lda, panel, steps, C, ldc, n, valid, accumulate);
   } else {

@@ -156,6 +156,14 @@ def _cpp_bf16_dot() -> bool:
 
 
 @backends.constant_under_compile
+def _cpp_amx() -> bool:
+    """Whether the cpp build's bfloat16 products run on AMX tiles (see fastlstm.backends.cpu)."""
+    from fastlstm.backends import cpu
+
+    return cpu.uses_amx()
+
+
+@backends.constant_under_compile
 def _cpp_onednn_weight_grads() -> bool:
     """Whether the cpp build takes float32 weight gradients through oneDNN (see fastlstm.backends.cpu)."""
     from fastlstm.backends import cpu
@@ -233,8 +241,7 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       projection or packed input it won everywhere (above). Short sequences (`--grid cpu-short --dtype bfloat16`,
       twice, `-bfloat16-short-run*.json`): one step won at batch 8-64 (inference 1.01-1.64x, training
       1.12-3.55x), 10 steps at batch 8-16 (inference 1.00-1.44x, training 1.12-2.84x); 10 steps beyond was mixed
-      (batch 32-64: inference 0.78-1.02x, training 0.95-1.54x). With AMX nothing was measured (oneDNN, and ATen's
-      matmuls in its per-step loop, run bf16 on AMX tiles; cpp does not): native.
+      (batch 32-64: inference 0.78-1.02x, training 0.95-1.54x). With AMX, see the Intel paragraph below.
       A cpp build that computes bf16 in float32 math on such a CPU (FASTLSTM_BF16_DOT=0, or built for another
       CPU) lost inference on 13 of 14 grid shapes (0.44-1.62x) but won training at batch 1-2 (1.16-3.22x), and
       hidden 16-64 (no projection) at batch 1-8 (10 shapes twice: inference 1.06-1.85x, training 1.10-1.72x;
@@ -294,6 +301,22 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       the others 1.00x and up), training 1.01-1.71x; hidden 640-2048 at batch 6-8 (4 shapes) 0.99-1.67x and
       1.01-1.64x; beyond batch 8 (9 shapes) 0.97-1.15x and 0.87-1.41x, training below 0.95x on seven. So on Zen 3
       float32 goes to cpp at any batch below hidden 640, and up to batch 8 from it.
+    - Intel with AMX (a 2-core Xeon, family 6 model 167 as its VM reports it: AMX-BF16, AVX512-BF16, AVX512-FP16;
+      benchmarks/results/cpu-intel-xeon-amx-2core*): oneDNN runs bf16 on AMX tiles, and cpp's vdpbf16ps kernel
+      lost inference on 11 of the grid's 14 shapes (0.17-0.79x; `-bfloat16-vector-kernel.json`). With cpp's bf16
+      products on the tiles too (csrc/amx.h), twice each: the grid, inference 1.01-1.80x, training 0.95-5.57x
+      (B64-T100-H512 0.95x, 1.02x); `--grid cpu-short` (1 and 10 steps, batch 8-64) 1.05-1.49x and 1.10-2.41x; a
+      projection or packed input (4 shapes) 2.21-5.78x and 1.97-7.18x; 22 more shapes (batch 1-256, hidden
+      32-2048; `-bfloat16-amx-extra-run*.json`): inference won at batch <= 8 (with the grid's: 1.13-3.94x), at
+      hidden <= 256 up to batch 128 (1.11-1.80x) and at hidden 512-2048 up to batch 48 (1.04-1.31x); it lost at
+      hidden 320-384 beyond batch 8 (4 shapes 0.92-0.98x), B64-H1024 (0.89-0.92x), B128-H1024 (0.86-0.89x) and
+      batch 256 (0.80-1.12x), and was even at B64-H512 (1.01x). Training won up to batch 48 (1.24-5.57x) and at
+      hidden <= 256 up to batch 96 (3 shapes 1.23-1.62x); beyond, mixed (B64-H512 0.95x, 1.02x; B64-H1024
+      1.02-1.03x; B128-H256 0.95-0.99x; B128-H1024 0.86-0.89x; B256-H512 0.76-0.81x; B256-H128 1.46-1.48x). So
+      where the build multiplies on the tiles (cpu.uses_amx()) bfloat16 goes to cpp with a projection or packed
+      input, for up to 10 steps at batch <= 64, at inference up to batch 8, up to batch 96 at hidden <= 256 and up
+      to batch 48 from hidden 512, and in training up to batch 48 and up to batch 96 at hidden <= 256. A build
+      without them (FASTLSTM_AMX=0, or built for another CPU) goes native there.
     - Other architectures (aarch64: Graviton, Ampere, Apple silicon under Linux): nothing measured. nn.LSTM runs
       float32 through oneDNN's fused LSTM there too (aarch64, torch 2.8: aten::mkldnn_rnn_layer), while cpp runs
       16-byte NEON vectors, so where nn.LSTM stays on oneDNN the call goes native. float64, a projection and
@@ -346,6 +369,8 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
     kind = _cpu_bf16_kind()
     if kind is None:
         return None
+    if kind == "amx" and _cpp_amx():
+        return _cpp_amx_slower_reason(call)
     if kind != "avx512_bf16":
         return f"bfloat16 on a CPU with native bf16 ({kind}): not measured against oneDNN there"
     if not _cpp_bf16_dot():
@@ -378,6 +403,26 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
     return (
         "bfloat16 inference beyond batch x hidden 1024 (on Zen 5: beyond batch 8, and beyond hidden 256 at "
         "batch <= 16): oneDNN measured as fast or faster"
+    )
+
+
+def _cpp_amx_slower_reason(call: LayerCall) -> str | None:
+    """bfloat16 where both cpp and oneDNN multiply on AMX tiles (the measurements are listed in _cpp_slower_reason)."""
+    if call.proj_size or call.packed or (call.seq_len <= 10 and call.batch <= 64):
+        return None
+    if call.needs_grad:
+        if call.batch <= 48 or (call.batch <= 96 and call.hidden_size <= 256):
+            return None
+        return "bfloat16 training on AMX beyond batch 48 (96 at hidden <= 256): oneDNN measured as fast or faster"
+    if (
+        call.batch <= 8
+        or (call.batch <= 96 and call.hidden_size <= 256)
+        or (call.batch <= 48 and call.hidden_size >= 512)
+    ):
+        return None
+    return (
+        "bfloat16 inference on AMX beyond batch 8 at hidden 257-511, beyond batch 48 from hidden 512, beyond batch "
+        "96 below: oneDNN measured as fast or faster"
     )
 
 

@@ -208,6 +208,10 @@ BF16_CASES = [
     Case(6, 9, 4, 50, lengths=(6, 5, 5, 4, 3, 3, 2, 1, 1), reverse=True),  # 8+ rows: projection per step
     Case(5, 9, 7, 33, P=5),  # the per-step loop, with projection
     Case(4, 1, 5, 257),  # batch 1: bf16 dot products over w_hh as stored (at 2+ threads), odd pairs
+    # On AMX tiles (where the CPU has them): k in blocks of 32 and the rest, rows in blocks of 16 and a tail, tile
+    # columns whole or cut short (a team thread's slice of hidden units), packed rows dropping out, a projection
+    Case(5, 21, 40, 54, lengths=(5, 4, 5, 1, 3, 5, 2, 5, 5, 4, 1, 5, 3, 5, 5, 2, 5, 4, 5, 5, 3), reverse=True),
+    Case(4, 18, 70, 36, P=33),
 ]
 
 
@@ -822,6 +826,30 @@ _EXTRA_CASES = {
 }
 
 
+def test_amx_tiles_follow_the_cpu():
+    """bfloat16 takes AMX tiles exactly where the CPU has them (and Linux grants their state; a kernel too old to
+    would leave them off, which this test would then report)."""
+    if os.environ.get("FASTLSTM_CXXFLAGS") or os.environ.get("FASTLSTM_BF16_DOT") or os.environ.get("FASTLSTM_AMX"):
+        pytest.skip("the build or the path is chosen through the environment")
+    probe = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
+    has_tiles = probe is not None and probe() and _cpu_has_avx512_bf16() and sys.platform == "linux"
+    assert cpu.uses_amx() == has_tiles == ("on AMX tiles" in cpu.kernel_choices()), cpu.kernel_choices()
+
+
+def test_bfloat16_without_amx_tiles():
+    """Where bfloat16 takes AMX tiles, the vector kernel it takes without them (FASTLSTM_AMX=0) must hold the same
+    error bound: run the bfloat16 tests in a fresh process that takes it."""
+    if not cpu.uses_amx():
+        pytest.skip("the vector kernel is already the path every bfloat16 test here takes")
+    test = f"{Path(__file__).name}::test_bfloat16_error_within_twice_native"
+    env = dict(os.environ, FASTLSTM_AMX="0")
+    check = "from fastlstm.backends import cpu; assert not cpu.uses_amx(), cpu.kernel_choices()"
+    for args in (["-c", check], ["-m", "pytest", "-q", "-p", "no:cacheprovider", f"tests/{test}"]):
+        proc = run_python(*args, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{len(BF16_CASES)} passed" in proc.stdout, proc.stdout[-3000:]
+
+
 def test_default_kernel_choices_follow_the_cpu(monkeypatch):
     """The choices measured to differ on Zen 5 (AMD family 0x1A on) hold there by default and nowhere else: float32
     weight gradients through oneDNN, float64 steps never through dgemm, the forward as a team up to 2^23
@@ -1032,9 +1060,26 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float16, 64, train=True) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: None)  # oneDNN converts bf16: cpp everywhere
     assert _auto_backends(torch.bfloat16, 64) == ["cpp"] * 4
+    monkeypatch.setattr(dispatch, "_cpp_amx", lambda: False)  # a build whose bf16 products are not on AMX tiles
     for kind in ("amx", "unknown"):  # not measured: native
         monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda kind=kind: kind)
         assert _auto_backends(torch.bfloat16, 1, train=True) == ["native"] * 4
+    monkeypatch.setattr(dispatch, "_cpp_amx", lambda: True)  # cpp and oneDNN both on AMX tiles
+    monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: "amx")
+    assert _auto_backends(torch.bfloat16, 8, hidden=384) == ["cpp"] * 4  # inference: batch <= 8 ...
+    assert _auto_backends(torch.bfloat16, 9, hidden=384) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 96, hidden=256) == ["cpp"] * 4  # ... 96 at hidden <= 256 ...
+    assert _auto_backends(torch.bfloat16, 97, hidden=256) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 48, hidden=512) == ["cpp"] * 4  # ... 48 from hidden 512
+    assert _auto_backends(torch.bfloat16, 49, hidden=512) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 48, train=True, hidden=384) == ["cpp"] * 4  # training: batch <= 48 ...
+    assert _auto_backends(torch.bfloat16, 49, train=True, hidden=384) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 96, train=True, hidden=256) == ["cpp"] * 4  # ... 96 at hidden <= 256
+    assert _auto_backends(torch.bfloat16, 97, train=True, hidden=256) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 64, hidden=384, seq_len=10) == ["cpp"] * 4  # short sequences
+    assert _auto_backends(torch.bfloat16, 65, hidden=384, seq_len=10) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 256, proj_size=4) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 256, packed=True) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: "avx512_bf16")
     monkeypatch.setattr(dispatch, "_cpp_bf16_dot", lambda: True)
     monkeypatch.setattr(dispatch, "_cpu_amd_family", lambda: 0x19)  # Zen 4

@@ -93,7 +93,7 @@ from fastlstm.backends import (
 # Compiled, at once (ninja runs one compiler a core): the layer's kernels and the ops. They include the headers,
 # which the build key covers too.
 _SOURCES = ("lstm_cpu.cpp", "lstm_ops.cpp")
-_HEADERS = ("blas.h", "cell.h", "cpu_id.h", "layer.h", "memory.h", "simd.h", "step_product.h", "team.h")
+_HEADERS = ("amx.h", "blas.h", "cell.h", "cpu_id.h", "layer.h", "memory.h", "simd.h", "step_product.h", "team.h")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -389,6 +389,13 @@ def uses_bf16_dot() -> bool:
     """Whether bfloat16 multiplies in bf16 dot products (the build has AVX512-BF16 and FASTLSTM_BF16_DOT is not
     0) rather than in float32 math; False when the extension is unavailable. Builds if not yet tried."""
     return _ensure() is None and bool(torch.ops.fastlstm.cpp_bf16_dot())
+
+
+@constant_under_compile
+def uses_amx() -> bool:
+    """Whether those bf16 dot products run on AMX tiles (the build has AMX-BF16, Linux grants the tiles' state and
+    FASTLSTM_AMX is not 0); False when the extension is unavailable. Builds if not yet tried."""
+    return _ensure() is None and bool(torch.ops.fastlstm.cpp_amx())
 
 
 @constant_under_compile
