@@ -84,18 +84,20 @@ def _cpu_bf16_kind() -> str | None:
 
 
 @backends.cached_constant
-def _cpu_has_fp16_units() -> bool:
-    """Whether oneDNN can run float16 natively here (AVX512-FP16 or AMX-FP16): nn.LSTM's float16 inference then
-    takes oneDNN's fused LSTM instead of ATen's float16 loop. Unknown counts as yes (the safe side). Read once:
-    /proc/cpuinfo grows with the core count, and every new call shape asks."""
+def _cpu_fp16_units() -> str | None:
+    """How oneDNN can run float16 natively here, where nn.LSTM's float16 inference takes oneDNN's fused LSTM
+    instead of ATen's float16 loop: "amx" (AMX-FP16 tiles), "avx512" (AVX512-FP16), None (it cannot), or "unknown"
+    (no /proc/cpuinfo: the rule then keeps native, as for AMX). Read once: /proc/cpuinfo grows with the core count,
+    and every new call shape asks."""
     amx = getattr(getattr(torch, "cpu", None), "_is_amx_fp16_supported", None)
     if amx is not None and amx():
-        return True
+        return "amx"
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and "avx512_fp16" in line.split() for line in cpuinfo)
+            avx512 = any(line.startswith("flags") and "avx512_fp16" in line.split() for line in cpuinfo)
     except OSError:
-        return True
+        return "unknown"
+    return "avx512" if avx512 else None
 
 
 def cpuinfo_fields(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, str] | None:
@@ -229,8 +231,13 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       bfloat16 AVX2 once (cpp in float32 math; oneDNN held to AVX2 has no bf16 instructions either): inference
       2.43-10.8x, training 10.7-45.3x. The rule holds there as written.
     - float16: cpp computes it in float32 math; nn.LSTM runs ATen's float16 loop, except at inference on CPUs
-      with float16 units (AVX512-FP16, AMX-FP16), where oneDNN runs it (not measured: native there). The grid
-      twice (EPYC, no float16 units; `-float16-run*.json`): inference 2.02-13.4x, training 13.2-60.2x.
+      with float16 units (AVX512-FP16, AMX-FP16) without a projection or packed input, where oneDNN runs it. The
+      grid twice (EPYC, no float16 units; `-float16-run*.json`): inference 2.02-13.4x, training 13.2-60.2x. On
+      the Xeon with AVX512-FP16 (no AMX-FP16; `cpu-intel-xeon-amx-2core-float16-*.json`), twice: the grid's
+      inference 1.09-7.64x, training 1.29x and up; a projection or packed input (5 shapes) 1.30-4.38x; beyond
+      batch 64 B128-T50-H256 1.01x, B256-T35-H512 0.81x. So float16 inference goes native on such a CPU beyond
+      batch 64, and on CPUs with AMX-FP16 (oneDNN on tiles, which beat cpp's vector kernel in bf16; not
+      measured) without a projection or packed input.
     - bfloat16 depends on the CPU. Without bf16 instructions oneDNN converts to float32 and cpp won (Xeon:
       geomean about 3x). With AVX512-BF16 (EPYC) cpp multiplies in bf16 dot products as oneDNN does; the grid
       three times and 25 more shapes twice (batch 1-128, hidden 16-1024;
@@ -352,9 +359,14 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
     if call.dtype == torch.bfloat16:
         return _cpp_bf16_slower_reason(call)
     if call.dtype == torch.float16:
-        if not call.needs_grad and _cpu_has_fp16_units():
-            return "float16 inference on a CPU with float16 units: oneDNN runs it natively (not measured)"
-        return None
+        units = _cpu_fp16_units()
+        if call.needs_grad or call.proj_size or call.packed or units is None:
+            return None
+        if units != "avx512":
+            return f"float16 inference on a CPU with float16 units ({units}): oneDNN runs it natively (not measured)"
+        if call.batch <= 64:
+            return None
+        return "float16 inference beyond batch 64 on a CPU with AVX512-FP16: oneDNN measured as fast or faster"
     return f"no measurement for {call.dtype}"
 
 

@@ -1053,11 +1053,19 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 33) == ["native"] * 4
     monkeypatch.setattr(dispatch, "_cpp_splits_rows", lambda call: False)
     assert _auto_backends(torch.float32, 64) == ["native"] * 4  # rows not split: as before
-    monkeypatch.setattr(dispatch, "_cpu_has_fp16_units", lambda: False)  # nn.LSTM runs ATen's float16 loop
+    monkeypatch.setattr(dispatch, "_cpu_fp16_units", lambda: None)  # nn.LSTM runs ATen's float16 loop
+    assert _auto_backends(torch.float16, 256) == ["cpp"] * 4
+    monkeypatch.setattr(dispatch, "_cpu_fp16_units", lambda: "avx512")  # oneDNN's float16 LSTM (inference only)
     assert _auto_backends(torch.float16, 64) == ["cpp"] * 4
-    monkeypatch.setattr(dispatch, "_cpu_has_fp16_units", lambda: True)  # oneDNN's float16 LSTM (inference only)
-    assert _auto_backends(torch.float16, 64) == ["native"] * 4
-    assert _auto_backends(torch.float16, 64, train=True) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 65) == ["native"] * 4
+    assert _auto_backends(torch.float16, 256, train=True) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 256, proj_size=4) == ["cpp"] * 4  # nn.LSTM then leaves oneDNN
+    assert _auto_backends(torch.float16, 256, packed=True) == ["cpp"] * 4
+    for units in ("amx", "unknown"):  # not measured: native, but where nn.LSTM leaves oneDNN
+        monkeypatch.setattr(dispatch, "_cpu_fp16_units", lambda units=units: units)
+        assert _auto_backends(torch.float16, 1) == ["native"] * 4
+        assert _auto_backends(torch.float16, 1, train=True) == ["cpp"] * 4
+        assert _auto_backends(torch.float16, 1, proj_size=4) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: None)  # oneDNN converts bf16: cpp everywhere
     assert _auto_backends(torch.bfloat16, 64) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_cpp_amx", lambda: False)  # a build whose bf16 products are not on AMX tiles
