@@ -94,11 +94,23 @@ constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCbl
               kCblasPacked = 151;
 // MKL picks its fast kernels on Intel CPUs only. Measured on a 2-core AMD EPYC (Zen 4), float32 inference over
 // `bench --grid cpu-full`: with MKL's packed GEMM per step, geomean 0.73x of nn.LSTM (min 0.44x); with the
-// register-blocked kernel, 0.93x (min 0.80x). So MKL's packed path is the default on Intel only.
+// register-blocked kernel, 0.93x (min 0.80x). So MKL's packed path is the default on Intel only, and there (a
+// 2-core Xeon with AMX, the float32 grid twice, processes alternating with and without it; speedups against
+// nn.LSTM, MKL's then the kernel's) from 8 rows of a w_hh 256+ wide: there it won (inference B8-T100-H256 1.01x
+// against 0.75-0.79x, B8-T35-H384-bi 1.32x against 1.08-1.09x, B32-T35-H512-L2-bi 1.10-1.12x against
+// 0.90-0.92x, B64-T100-H512 1.03-1.05x against 0.88-0.90x; training likewise, by less), and it lost below 8 rows
+// (B1-T100-H512 inference 0.74-0.76x against 2.22-2.32x, B1-T100-H128 1.05-1.07x against 1.54-1.57x; B2-B4
+// even) and at narrower weights (B16-T500-H128 0.95-0.96x against 1.27-1.28x, B64-T50-H64-L2-bi 1.00x against
+// 1.41-1.43x, B64-T35-H200 1.04-1.07x against 1.11-1.12x), where the kernel's team loop and row split serve.
+// FASTLSTM_MKL_MIN_ROWS overrides the rows, and then any width goes.
 inline int64_t mkl_min_rows() {
   static const int64_t v = std::getenv("FASTLSTM_MKL_MIN_ROWS") ? std::atoll(std::getenv("FASTLSTM_MKL_MIN_ROWS"))
-                           : cpu_is_intel()                     ? 1
+                           : cpu_is_intel()                     ? 8
                                                                 : std::numeric_limits<int64_t>::max();
+  return v;
+}
+inline int64_t mkl_min_width() {
+  static const int64_t v = std::getenv("FASTLSTM_MKL_MIN_ROWS") ? 0 : 256;
   return v;
 }
 
@@ -107,10 +119,12 @@ struct MklPacked {
   int m = 0, n = 0, k = 0;
   bool ok = false;
   // W row-major; trans: op(W) = W^T.
-  // Whether pack() takes a product of m rows, n columns and depth k (MKL present, m from mkl_min_rows()).
+  // Whether pack() takes a product of m rows, n columns and depth k (MKL present, m from mkl_min_rows(), both sides
+  // of the weight from mkl_min_width(): w_hh is [4H, P] forward and [P, 4H] backward).
   static bool applies(int64_t m_, int64_t n_, int64_t k_) {
     return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr &&
-           m_ >= mkl_min_rows() && m_ <= (1 << 20) && n_ <= (1 << 20) && k_ <= (1 << 20);
+           m_ >= mkl_min_rows() && std::min(n_, k_) >= mkl_min_width() && m_ <= (1 << 20) && n_ <= (1 << 20) &&
+           k_ <= (1 << 20);
   }
   void pack(const float* W, int64_t ld, bool trans, int64_t m_, int64_t n_, int64_t k_) {
     ok = false;

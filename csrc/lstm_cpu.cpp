@@ -14,7 +14,8 @@
 //   * Inside the loop h @ w_hh^T runs against a weight packed once per call (transposed through AVX-512
 //     registers, 16 x 16 at a time): a register-blocked kernel in GCC vector extensions (~95% of the FMA peak
 //     in isolation; panels of w_hh stay in each thread's cache across steps; threads split panel x row-block
-//     units); for float32 on Intel CPUs where libtorch carries MKL, MKL's packed GEMM; for float64 batches
+//     units); for float32 on Intel CPUs where libtorch carries MKL, from 8 rows of a w_hh 256+ wide, MKL's
+//     packed GEMM; for float64 batches
 //     >= 16, a plain dgemm. No dispatcher, no allocation.
 //   * Batches of 3+ rows a thread whose step weights fit a core's L2 split their rows among the threads, each
 //     running the whole time loop on its own rows: no barrier, nothing shared but the weights.
@@ -417,6 +418,9 @@ std::string kernel_choices() {
   const int64_t dgemm_rows = dgemm_ != nullptr ? dgemm_min_rows() : std::numeric_limits<int64_t>::max();
   return "vectors of " + std::to_string(kVecBytes) + " bytes, row blocks of " + std::to_string(kRowBlock) +
          "; float32 step: MKL packed GEMM " + from(mkl ? mkl_min_rows() : std::numeric_limits<int64_t>::max(), "rows") +
+         (mkl && mkl_min_rows() < (int64_t(1) << 40) && mkl_min_width() > 1
+              ? " of a w_hh " + std::to_string(mkl_min_width()) + "+ wide"
+              : std::string()) +
          ", else register-blocked; float64 step: dgemm " + from(dgemm_rows, "rows") +
          ", else register-blocked; float32 x@W^T and dx: oneDNN matmul " +
          from(onednn_linear_op().has_value() ? onednn_min_macs() : std::numeric_limits<int64_t>::max(),
