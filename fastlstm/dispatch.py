@@ -139,6 +139,12 @@ def _cpu_amd_family(cpuinfo_path: str = "/proc/cpuinfo") -> int:
         return 0
 
 
+def _cpu_intel_amx() -> bool:
+    """Whether this is an Intel CPU with AMX (Sapphire Rapids and later: no other CPU has the tiles), where float32
+    measured differently (see _cpp_slower_reason)."""
+    return _cpu_bf16_kind() == "amx"
+
+
 @backends.cached_constant
 def _cpu_amd_zen3(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
     """Whether the CPU is AMD family 0x19 without AVX-512: Zen 3 (Zen 4, the same family, has AVX-512). oneDNN runs
@@ -309,7 +315,13 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       1.01-1.64x; beyond batch 8 (9 shapes) 0.97-1.15x and 0.87-1.41x, training below 0.95x on seven. So on Zen 3
       float32 goes to cpp at any batch below hidden 640, and up to batch 8 from it.
     - Intel with AMX (a 2-core Xeon, family 6 model 167 as its VM reports it: AMX-BF16, AVX512-BF16, AVX512-FP16;
-      benchmarks/results/cpu-intel-xeon-amx-2core*): oneDNN runs bf16 on AMX tiles, and cpp's vdpbf16ps kernel
+      benchmarks/results/cpu-intel-xeon-amx-2core*). float32, the grid twice and 18 more shapes twice (batch 1-256,
+      hidden 32-1024; `-float32-grid-run*.json`, `-float32-extra-run*.json`), once cpp's step left MKL's packed
+      GEMM below 8 rows and at a w_hh narrower than 256 (csrc/blas.h): training won every shape (beyond batch 4,
+      1.06-2.53x); inference beyond batch 4 won every shape below hidden 256 (9 shapes 1.09-3.72x) and was mixed
+      from it, where MKL runs the step (15 shapes 0.92-1.42x; hidden 256 at batch 8-256 0.92-1.09x). So on
+      Intel with AMX float32 goes to cpp in training at any batch and at inference below hidden 256.
+      bfloat16: oneDNN runs it on AMX tiles, and cpp's vdpbf16ps kernel
       lost inference on 11 of the grid's 14 shapes (0.17-0.79x; `-bfloat16-vector-kernel.json`). With cpp's bf16
       products on the tiles too (csrc/amx.h), twice each: the grid, inference 1.01-1.80x, training 0.95-5.57x
       (B64-T100-H512 0.95x, 1.02x); `--grid cpu-short` (1 and 10 steps, batch 8-64) 1.05-1.49x and 1.10-2.41x; a
@@ -342,6 +354,8 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             return None
         if _cpu_amd_zen3() and not (call.hidden_size >= 640 and call.batch > 8):
             return None
+        if _cpu_intel_amx() and (call.needs_grad or call.hidden_size < 256):
+            return None
         if not call.needs_grad and _cpu_amd_family() >= 0x1A and (call.batch <= 8 or _cpp_splits_rows(call)):
             return None
         if call.hidden_size <= 64 and call.batch <= 16:
@@ -353,8 +367,8 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
         return (
             "float32 beyond batch 4 (16 at hidden <= 64 or at most 10 steps; any batch for one step; inference on "
             "Zen 5 up to batch 8 or where the rows split among threads; training where the cpp build takes "
-            "its weight gradients through oneDNN; on Zen 3 any batch below hidden 640, up to batch 8 from it): "
-            "oneDNN measured as fast or faster"
+            "its weight gradients through oneDNN; on Zen 3 any batch below hidden 640, up to batch 8 from it; on "
+            "Intel with AMX training at any batch, inference below hidden 256): oneDNN measured as fast or faster"
         )
     if call.dtype == torch.bfloat16:
         return _cpp_bf16_slower_reason(call)

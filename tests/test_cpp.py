@@ -1024,6 +1024,7 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     monkeypatch.setattr(dispatch, "_cpp_onednn_weight_grads", lambda: False)  # weight gradients through BLAS
     monkeypatch.setattr(dispatch, "_cpu_amd_family", lambda: 0x19)  # Zen 4, where the rule was first measured
     monkeypatch.setattr(dispatch, "_cpu_amd_zen3", lambda: False)
+    monkeypatch.setattr(dispatch, "_cpu_intel_amx", lambda: False)
     assert _auto_backends(torch.float32, 1) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 4) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 5) == ["native"] * 4
@@ -1044,6 +1045,11 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 8, hidden=640) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 9, hidden=640, train=True) == ["native"] * 4
     monkeypatch.setattr(dispatch, "_cpu_amd_zen3", lambda: False)
+    monkeypatch.setattr(dispatch, "_cpu_intel_amx", lambda: True)  # Intel with AMX: float32 ...
+    assert _auto_backends(torch.float32, 256, train=True, hidden=1024) == ["cpp"] * 4  # ... training at any batch
+    assert _auto_backends(torch.float32, 256, hidden=255) == ["cpp"] * 4  # ... inference below hidden 256
+    assert _auto_backends(torch.float32, 8, hidden=256) == ["native"] * 4
+    monkeypatch.setattr(dispatch, "_cpu_intel_amx", lambda: False)
     monkeypatch.setattr(dispatch, "_cpu_amd_family", lambda: 0x1A)  # Zen 5: inference up to batch 8
     monkeypatch.setattr(dispatch, "_cpp_splits_rows", lambda call: False)  # and where the rows split (below)
     assert _auto_backends(torch.float32, 8) == ["cpp"] * 4
