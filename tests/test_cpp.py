@@ -1287,15 +1287,34 @@ def test_release_memory_frees_what_calls_keep_and_calls_go_on():
         assert torch.equal(model(x)[0], before)
 
 
+def test_bfloat16_between_onednn_calls_gets_its_own_numbers():
+    """oneDNN's bf16 kernels set the AMX tiles up their own way (or release them) on the same threads as cpp's: calls
+    of both in turn, cpp's give bitwise what they give alone (cpp reads the tiles' layout back before each
+    product). Where the CPU has no AMX this holds trivially."""
+    torch.manual_seed(0)
+    ours = fastlstm.LSTM(40, 40, 2, backend="cpp").to(torch.bfloat16)
+    theirs = nn.LSTM(40, 24, 2).to(torch.bfloat16)  # oneDNN's LSTM, and its matmuls, on the tiles where they exist
+    x = torch.randn(9, 21, 40, dtype=torch.bfloat16)
+    expected = _infer_and_train(ours, x)
+    for _ in range(3):
+        with torch.no_grad():
+            theirs(x)
+        theirs(x)[0].float().sum().backward()
+        got = _infer_and_train(ours, x)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 def test_python_threads_calling_at_once_get_their_own_numbers():
     """A server may run one model from several Python threads. Each call's scratch memory, team barrier and
     packed weights are its own: every thread, running forward and backward at the same time as the others,
-    gets bitwise what a lone call gives (the team loop, the per-step loop, float32 and float64)."""
+    gets bitwise what a lone call gives (the team loop, the per-step loop, float32, float64 and bfloat16, whose
+    products take AMX tiles where the CPU has them: each thread's tile layout is its own)."""
     import threading
 
     torch.manual_seed(0)
     jobs = []
-    for dtype, (batch, hidden) in [(torch.float32, (3, 48)), (torch.float64, (9, 40)), (torch.float32, (20, 24))]:
+    shapes = [(torch.float32, (3, 48)), (torch.float64, (9, 40)), (torch.float32, (20, 24)), (torch.bfloat16, (21, 40))]
+    for dtype, (batch, hidden) in shapes:
         model = fastlstm.LSTM(7, hidden, 2, backend="cpp").to(dtype)
         x = torch.randn(12, batch, 7, dtype=dtype)
         jobs.append((model, x))
