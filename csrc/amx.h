@@ -51,7 +51,8 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Makes the thread's tiles hold the layout for `tail` rows (0: any tail will do, only whole blocks run). Other code
+// Makes the thread's tiles hold the layout for `tail` rows (1-16; 0: any tail will do, only single whole blocks
+// run). Other code
 // on this thread (oneDNN's kernels, between our calls) configures the tiles its own way, or releases them, so the
 // current layout is read back every time (~6 ns) rather than remembered.
 inline void amx_configure(int tail) {
@@ -61,7 +62,8 @@ inline void amx_configure(int tail) {
   // stores that fill a layout (ldtilecfg then faulted on a zero one).
   asm volatile("" ::: "memory");
   bool ok = have.palette == 1 && have.start_row == 0;
-  for (int t = 0; t < 8; ++t) ok = ok && have.colsb[t] == 64 && (t < 5 ? have.rows[t] == 16 : tail == 0 || have.rows[t] == tail);
+  for (int t = 0; t < 8; ++t)
+    ok = ok && have.colsb[t] == 64 && (t < 5 ? have.rows[t] == 16 : tail == 0 || have.rows[t] == tail);
   if (ok) return;
   TileConfig want;
   const int t_rows = tail == 0 ? (have.rows[5] >= 1 && have.rows[5] <= 16 ? have.rows[5] : 16) : tail;
@@ -159,16 +161,66 @@ inline void amx_block(const uint16_t* a, int64_t lda, const uint16_t* panel, int
   }
 }
 
+// Two blocks of rows against all 32 columns of a panel at once: 16 rows at a0 on tmm0-2, the rows tmm5-7 are laid
+// out for at a1, each weight tile loaded once for both. A weight tile is as many bytes as two blocks' worth of
+// multiply-adds read from A, and it comes from L2 where A stays in L1: alone, each block streamed the panel.
+inline void amx_pair(const uint16_t* a0, const uint16_t* a1, int64_t lda, const uint16_t* panel, int64_t blocks,
+                     float* c0, float* c1, int64_t ldc, bool accumulate) {
+  constexpr int64_t kPanelBytes = 128, kBlockElems = 16 * 64;  // as in amx_block
+  using T0 = BlockTiles<false>;
+  using T1 = BlockTiles<true>;
+  if (accumulate) {
+    T0::load_c0(c0, ldc);
+    T0::load_c1(c0 + 16, ldc);
+    T1::load_c0(c1, ldc);
+    T1::load_c1(c1 + 16, ldc);
+  } else {
+    T0::zero_c0();
+    T0::zero_c1();
+    T1::zero_c0();
+    T1::zero_c1();
+  }
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    T0::load_a(a0 + kb * 32, lda);
+    T1::load_a(a1 + kb * 32, lda);
+    _tile_loadd(3, panel + kb * kBlockElems, kPanelBytes);
+    T0::dp0();
+    T1::dp0();
+    _tile_loadd(4, panel + kb * kBlockElems + 32, kPanelBytes);
+    T0::dp1();
+    T1::dp1();
+  }
+  T0::store_c0(c0, ldc);
+  T0::store_c1(c0 + 16, ldc);
+  T1::store_c0(c1, ldc);
+  T1::store_c1(c1 + 16, ldc);
+}
+
 // C[n, valid] (+)= A[n, 32 * blocks] @ panel's first 16 * blocks steps (valid <= 32 columns) on the tiles: row
-// blocks of 16, then the tail.
+// blocks of 16 and the tail. A whole panel goes two blocks at a time: pairs of 16-row blocks where the rows are
+// whole blocks (the second set of tiles laid out for 16 rows), else the tail beside the first block.
 inline void amx_panel_blocks(const uint16_t* A, int64_t lda, const uint16_t* panel, int64_t blocks, float* C,
                              int64_t ldc, int64_t n, int64_t valid, bool accumulate) {
   const int tail = static_cast<int>(n % 16);
-  amx_configure(tail);
-  int64_t r0 = 0;
-  for (; r0 + 16 <= n; r0 += 16)
-    amx_block<false>(A + r0 * lda, lda, panel, blocks, C + r0 * ldc, ldc, 16, valid, accumulate);
-  if (tail > 0) amx_block<true>(A + r0 * lda, lda, panel, blocks, C + r0 * ldc, ldc, tail, valid, accumulate);
+  const int64_t whole = n / 16;
+  const bool pairs = valid == 32 && whole + (tail > 0) >= 2;
+  amx_configure(tail > 0 ? tail : pairs ? 16 : 0);
+  int64_t b = 0;  // the next whole block
+  if (pairs && tail > 0) {
+    amx_pair(A, A + whole * 16 * lda, lda, panel, blocks, C, C + whole * 16 * ldc, ldc, accumulate);
+    b = 1;
+  }
+  for (; b < whole; ++b) {
+    if (pairs && tail == 0 && b + 1 < whole) {
+      amx_pair(A + b * 16 * lda, A + (b + 1) * 16 * lda, lda, panel, blocks, C + b * 16 * ldc,
+               C + (b + 1) * 16 * ldc, ldc, accumulate);
+      ++b;
+      continue;
+    }
+    amx_block<false>(A + b * 16 * lda, lda, panel, blocks, C + b * 16 * ldc, ldc, 16, valid, accumulate);
+  }
+  if (tail > 0 && !pairs)
+    amx_block<true>(A + whole * 16 * lda, lda, panel, blocks, C + whole * 16 * ldc, ldc, tail, valid, accumulate);
 }
 
 // Rows from which a product takes the tiles; below it, the vector kernel. From one row: bf16 on a 2-core Xeon with

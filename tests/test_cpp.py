@@ -212,6 +212,9 @@ BF16_CASES = [
     # columns whole or cut short (a team thread's slice of hidden units), packed rows dropping out, a projection
     Case(5, 21, 40, 54, lengths=(5, 4, 5, 1, 3, 5, 2, 5, 5, 4, 1, 5, 3, 5, 5, 2, 5, 4, 5, 5, 3), reverse=True),
     Case(4, 18, 70, 36, P=33),
+    # The input projection up front: over 32 rows, two whole blocks side by side; over 35, a block beside the tail
+    Case(4, 8, 40, 40),
+    Case(5, 7, 40, 40),
 ]
 
 
