@@ -447,8 +447,8 @@ def _cpp_amx_slower_reason(call: LayerCall) -> str | None:
     ):
         return None
     return (
-        "bfloat16 inference on AMX beyond batch 8 at hidden 257-511, beyond batch 48 from hidden 512, beyond batch "
-        "96 below: oneDNN measured as fast or faster"
+        "bfloat16 inference on AMX beyond batch 8 at hidden 257-511, beyond batch 48 from hidden 512 and beyond "
+        "batch 96 at hidden <= 256: oneDNN measured as fast or faster"
     )
 
 
