@@ -266,9 +266,15 @@ def test_bfloat16_float_math_path():
     same error bound: run the bfloat16 tests in a fresh process that takes it."""
     if "bf16 dot products" not in cpu.kernel_choices():
         pytest.skip("float32 math is already the path every bfloat16 test here takes")
+    _bfloat16_tests_pass_with("FASTLSTM_BF16_DOT", "assert 'bfloat16 forward: float32 math' in cpu.kernel_choices()")
+
+
+def _bfloat16_tests_pass_with(knob: str, check: str) -> None:
+    """The bfloat16 error tests pass in a fresh process with `knob`=0, where the statement `check` (cpu imported)
+    holds."""
     test = f"{Path(__file__).name}::test_bfloat16_error_within_twice_native"
-    env = dict(os.environ, FASTLSTM_BF16_DOT="0")
-    check = "from fastlstm.backends import cpu; assert 'bfloat16 forward: float32 math' in cpu.kernel_choices()"
+    env = dict(os.environ, **{knob: "0"})
+    check = "from fastlstm.backends import cpu; " + check
     for args in (["-c", check], ["-m", "pytest", "-q", "-p", "no:cacheprovider", f"tests/{test}"]):
         proc = run_python(*args, env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -847,13 +853,7 @@ def test_bfloat16_without_amx_tiles():
     error bound: run the bfloat16 tests in a fresh process that takes it."""
     if not cpu.uses_amx():
         pytest.skip("the vector kernel is already the path every bfloat16 test here takes")
-    test = f"{Path(__file__).name}::test_bfloat16_error_within_twice_native"
-    env = dict(os.environ, FASTLSTM_AMX="0")
-    check = "from fastlstm.backends import cpu; assert not cpu.uses_amx(), cpu.kernel_choices()"
-    for args in (["-c", check], ["-m", "pytest", "-q", "-p", "no:cacheprovider", f"tests/{test}"]):
-        proc = run_python(*args, env=env)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"{len(BF16_CASES)} passed" in proc.stdout, proc.stdout[-3000:]
+    _bfloat16_tests_pass_with("FASTLSTM_AMX", "assert not cpu.uses_amx(), cpu.kernel_choices()")
 
 
 def test_default_kernel_choices_follow_the_cpu(monkeypatch):
