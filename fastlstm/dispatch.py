@@ -240,7 +240,7 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       with float16 units (AVX512-FP16, AMX-FP16) without a projection or packed input, where oneDNN runs it. The
       grid twice (EPYC, no float16 units; `-float16-run*.json`): inference 2.02-13.4x, training 13.2-60.2x. On
       the Xeon with AVX512-FP16 (no AMX-FP16; `cpu-intel-xeon-amx-2core-float16-*.json`), twice: the grid's
-      inference 1.09-7.64x, training 1.29x and up; a projection or packed input (5 shapes) 1.30-4.38x; beyond
+      inference 1.09-7.64x (training, once: 1.29x and up); a projection or packed input (5 shapes) 1.30-4.38x; beyond
       batch 64 B128-T50-H256 1.01x, B256-T35-H512 0.81x. So float16 inference goes native on such a CPU beyond
       batch 64, and on CPUs with AMX-FP16 (oneDNN on tiles, which beat cpp's vector kernel in bf16; not
       measured) without a projection or packed input.
