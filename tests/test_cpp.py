@@ -464,7 +464,10 @@ def test_compile_as_the_first_use_in_a_process():
                     y_inference = compiled(x)[0]
             for got, expected in ((y, y_eager), (h, h_eager), (c, c_eager), (y_inference, y_eager)):
                 assert got.dtype == expected.dtype, (got.dtype, expected.dtype)
-                torch.testing.assert_close(got, expected)
+                # A compiled CPU call runs cpp, an eager one what the rule picks: in bf16 and fp16 the two round
+                # differently (cpp and oneDNN on a CPU with AMX, the build's tiles off: 3.4e-4 apart at 0.0045)
+                low = got.dtype in (torch.bfloat16, torch.float16)
+                torch.testing.assert_close(got, expected, **(dict(atol=1e-2, rtol=2e-2) if low else {}))
         print("OK")
         """
     )
@@ -1008,6 +1011,8 @@ def test_auto_keeps_oneDNNs_calls_native_on_other_architectures(monkeypatch):
     from fastlstm import dispatch
 
     monkeypatch.setattr(dispatch, "_cpu_is_x86", lambda: False)
+    monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: None)  # x86's bf16 and fp16 units, as an ARM CPU reads
+    monkeypatch.setattr(dispatch, "_cpu_fp16_units", lambda: None)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for train in (False, True):
             assert _auto_backends(dtype, 1, train=train) == ["native"] * 4, (dtype, train)
