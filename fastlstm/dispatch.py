@@ -331,11 +331,15 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       hidden 320-384 beyond batch 8 (4 shapes 0.92-0.98x), B64-H1024 (0.89-0.92x), B128-H1024 (0.86-0.89x) and
       batch 256 (0.80-1.12x), and was even at B64-H512 (1.01x). Training won up to batch 48 (1.24-5.57x) and at
       hidden <= 256 up to batch 96 (3 shapes 1.23-1.62x); beyond, mixed (B64-H512 0.95x, 1.02x; B64-H1024
-      1.02-1.03x; B128-H256 0.95-0.99x; B128-H1024 0.86-0.89x; B256-H512 0.76-0.81x; B256-H128 1.46-1.48x). So
-      where the build multiplies on the tiles (cpu.uses_amx()) bfloat16 goes to cpp with a projection or packed
-      input, for up to 10 steps at batch <= 64, at inference up to batch 8, up to batch 96 at hidden <= 256 and up
-      to batch 48 from hidden 512, and in training up to batch 48 and up to batch 96 at hidden <= 256. A build
-      without them (FASTLSTM_AMX=0, or built for another CPU) goes native there.
+      1.02-1.03x; B128-H256 0.95-0.99x; B128-H1024 0.86-0.89x; B256-H512 0.76-0.81x; B256-H128 1.46-1.48x). With
+      two row blocks a panel at once (56db7f2), twice more (`-bfloat16-amx-pairs-extra-run*.json`): training
+      B64-H512 1.37-1.38x (0.95-1.02x in the grid runs), B64-H1024 1.16-1.19x, B96-H768 1.23-1.25x, B128-H1024
+      0.91-0.95x; inference still at most even beyond the rule below (B64-H512 0.96-0.97x, B64-H1024 1.02-1.04x,
+      B96-H768 0.93-0.94x, B128-H1024 0.90-0.91x, B16-H384 0.92-0.93x). So where the build multiplies on the
+      tiles (cpu.uses_amx()) bfloat16 goes to cpp with a projection or packed input, for up to 10 steps at batch
+      <= 64, at inference up to batch 8, up to batch 96 at hidden <= 256 and up to batch 48 from hidden 512, and
+      in training up to batch 96. A build without them (FASTLSTM_AMX=0, or built for another CPU) goes native
+      there.
     - Other architectures (aarch64: Graviton, Ampere, Apple silicon under Linux): nothing measured. nn.LSTM runs
       float32 through oneDNN's fused LSTM there too (aarch64, torch 2.8: aten::mkldnn_rnn_layer), while cpp runs
       16-byte NEON vectors, so where nn.LSTM stays on oneDNN the call goes native. float64, a projection and
@@ -437,9 +441,9 @@ def _cpp_amx_slower_reason(call: LayerCall) -> str | None:
     if call.proj_size or call.packed or (call.seq_len <= 10 and call.batch <= 64):
         return None
     if call.needs_grad:
-        if call.batch <= 48 or (call.batch <= 96 and call.hidden_size <= 256):
+        if call.batch <= 96:
             return None
-        return "bfloat16 training on AMX beyond batch 48 (96 at hidden <= 256): oneDNN measured as fast or faster"
+        return "bfloat16 training on AMX beyond batch 96: oneDNN measured as fast or faster"
     if (
         call.batch <= 8
         or (call.batch <= 96 and call.hidden_size <= 256)
