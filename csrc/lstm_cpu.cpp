@@ -668,9 +668,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x_in, 
   Tensor h = h0_in.to(ct, /*non_blocking=*/false, /*copy=*/true).contiguous();
   Tensor c = c0_in.to(ct, false, true).contiguous();
   // Training keeps every step's gates for backward; inference leaves them to forward_impl (undefined here).
-  Tensor gates = save ? at::empty({d.T, d.B, 4 * d.H}, opts) : Tensor();
+  Tensor gates = save ? pooled_tensor({d.T, d.B, 4 * d.H}, opts, /*zero=*/false) : Tensor();
   Tensor y = packed ? at::zeros({d.T, d.B, d.P}, opts) : at::empty({d.T, d.B, d.P}, opts);
-  Tensor c_hist = save ? (packed ? at::zeros({d.T, d.B, d.H}, opts) : at::empty({d.T, d.B, d.H}, opts))
+  Tensor c_hist = save ? pooled_tensor({d.T, d.B, d.H}, opts, /*zero=*/packed)
                        : at::empty({0}, opts);
   if (d.T > 0 && d.B > 0) {
     if (bf16_dot) {
@@ -801,9 +801,9 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
   const int64_t T = d.T, B = d.B, I = d.I, H = d.H, P = d.P, G4 = 4 * H;
   const bool proj = w_hr.has_value();
   const auto opts = grad_y.options();
-  Tensor dgates = packed ? at::zeros({T, B, G4}, opts) : at::empty({T, B, G4}, opts);
+  Tensor dgates = pooled_tensor({T, B, G4}, opts, /*zero=*/packed);
   Tensor dgates_k = dgates;  // what the products read
-  if constexpr (own_rows) dgates_k = packed ? at::zeros({T, B, G4}, x.options()) : at::empty({T, B, G4}, x.options());
+  if constexpr (own_rows) dgates_k = pooled_tensor({T, B, G4}, x.options(), /*zero=*/packed);
   // With projection: the total gradient reaching each output h [T,B,P] and the unprojected h [T,B,H].
   Tensor dh_all, hraw_all;
   if (proj) {

@@ -2,11 +2,18 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -166,13 +173,90 @@ Scratch& gates_scratch() {
   return s;
 }
 
+// The large tensors a training call makes and drops every call: the saved gates and cell history (freed after
+// backward) and backward's gate gradients. At batch 64+ they are tens of MB each, which the allocator takes from
+// the kernel and hands back every call, as pages that fault and are zeroed on first touch: bf16 training of
+// B64-T100-H512 on a 2-core Xeon ran 128-134 ms a step, 93-97 ms with glibc told to keep its memory
+// (MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_), and a profile of B256-T35-H512 had a quarter of its samples in page
+// faults. Kept here between calls instead, process-wide (a tensor is freed on whichever thread drops it), up to
+// kTensorKeep bytes (FASTLSTM_KEEP_TENSORS_MB overrides; 0 keeps none), and reused by exact (rounded) size: the
+// same model asks for the same sizes call after call. Only for tensors that stay inside the layer's ops: memory
+// from here cannot be resized, which a user's y may need.
+constexpr size_t kTensorKeep = size_t(512) << 20;
+constexpr size_t kTensorPoolMin = size_t(1) << 20;  // below this the allocator's own reuse suffices
+
+inline size_t tensor_keep_bytes() {
+  static const size_t v = std::getenv("FASTLSTM_KEEP_TENSORS_MB")
+                              ? static_cast<size_t>(std::atoll(std::getenv("FASTLSTM_KEEP_TENSORS_MB"))) << 20
+                              : kTensorKeep;
+  return v;
+}
+
+class TensorPool {
+ public:
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = kept_.find(bytes);
+      if (it != kept_.end()) {
+        void* p = it->second;
+        kept_.erase(it);
+        kept_bytes_ -= bytes;
+        return p;
+      }
+    }
+    void* p = std::aligned_alloc(64, bytes);
+    TORCH_CHECK(p != nullptr, "fastlstm: out of memory allocating ", bytes, " bytes");
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (kept_bytes_ + bytes > tensor_keep_bytes()) {
+      std::free(p);
+      return;
+    }
+    kept_.emplace(bytes, p);
+    kept_bytes_ += bytes;
+  }
+  size_t release() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& [bytes, p] : kept_) std::free(p);
+    kept_.clear();
+    return std::exchange(kept_bytes_, 0);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::multimap<size_t, void*> kept_;
+  size_t kept_bytes_ = 0;
+};
+
+// Never destroyed: tensors may be freed after static destructors ran, and their deleters come here.
+TensorPool& tensor_pool() {
+  static TensorPool* pool = new TensorPool;
+  return *pool;
+}
+
+// at::empty (or, with `zero`, at::zeros) of sizes and options, large ones from the TensorPool.
+at::Tensor pooled_tensor(at::IntArrayRef sizes, const at::TensorOptions& options, bool zero) {
+  int64_t numel = 1;
+  for (const int64_t s : sizes) numel *= s;
+  const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
+  if (bytes < kTensorPoolMin || tensor_keep_bytes() == 0)
+    return zero ? at::zeros(sizes, options) : at::empty(sizes, options);
+  const size_t rounded = (bytes + 65535) & ~size_t(65535);
+  void* p = tensor_pool().take(rounded);
+  if (zero) std::memset(p, 0, bytes);
+  return at::from_blob(p, sizes, [rounded](void* q) { tensor_pool().give(q, rounded); }, options);
+}
+
 // Frees the memory kept between calls: now on the calling thread and its team of OpenMP threads, at their next
 // call on other threads. Returns the bytes freed now. Never while a call of this thread is running (it is a
 // separate op, called between calls).
 int64_t release_memory() {
   release_epoch.fetch_add(1, std::memory_order_relaxed);
   size_t freed = pack_pool().release_if_asked() + pack_scratch().release_if_asked();
-  freed += gates_scratch().release_if_asked();
+  freed += gates_scratch().release_if_asked() + tensor_pool().release();
   size_t workers = 0;
 #pragma omp parallel reduction(+ : workers)
   workers += pack_pool().release_if_asked();

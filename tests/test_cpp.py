@@ -1293,6 +1293,29 @@ def test_release_memory_frees_what_calls_keep_and_calls_go_on():
         assert torch.equal(model(x)[0], before)
 
 
+def test_kept_training_tensors_never_leak_stale_values_and_are_freed():
+    """A training call's large tensors (saved gates and cell history, gate gradients) are kept for later calls: a
+    packed call, whose rows past each length must read zero, gives bitwise what it gave before an unpacked call of
+    other values used that memory; cpu.release_memory() frees them (at least the saved gates' bytes)."""
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(64, 128, backend="cpp")
+    T, B = 20, 40  # saved gates: 20 x 40 x 512 floats, 1.6 MB, past the size from which tensors are kept
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+    x = torch.randn(T, B, 64)
+
+    def packed_step():
+        xi = x.clone().requires_grad_()
+        y, (h, c) = model(pack_padded_sequence(xi, lengths, enforce_sorted=False))
+        loss = (y.data**2).sum() + h.sum() + c.sin().sum()
+        return [y.data, h, c, *torch.autograd.grad(loss, [xi, *model.parameters()])]
+
+    first = packed_step()
+    _infer_and_train(model, torch.randn(T, B, 64) * 3)  # fills the kept memory with other values
+    assert all(torch.equal(a, b) for a, b in zip(packed_step(), first))
+    assert cpu.release_memory() >= T * B * 4 * 128 * 4
+
+
 def test_bfloat16_between_onednn_calls_gets_its_own_numbers():
     """oneDNN's bf16 kernels set the AMX tiles up their own way (or release them) on the same threads as cpp's: calls
     of both in turn, cpp's give bitwise what they give alone (cpp reads the tiles' layout back before each

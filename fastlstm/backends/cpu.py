@@ -376,9 +376,10 @@ def kernel_choices() -> str | None:
 
 def release_memory() -> int:
     """Free the memory the C++ backend keeps between calls (packed weights and scratch buffers, at most 64 MiB of
-    each per thread, kept so that short calls do not pay page faults): now for the calling thread and its OpenMP
-    threads, at their next call for other threads. Returns the bytes freed now; 0 when the extension is not loaded
-    (this never builds it). Later calls keep memory again as they need it."""
+    each per thread, and the process's kept training tensors, at most 512 MiB: kept so that calls do not pay page
+    faults): now for the calling thread and its OpenMP threads and the process's tensors, at their next call for
+    other threads. Returns the bytes freed now; 0 when the extension is not loaded (this never builds it). Later
+    calls keep memory again as they need it."""
     if not _state["done"] or _state["error"] is not None:
         return 0
     return int(torch.ops.fastlstm.cpp_release_memory())
