@@ -42,9 +42,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows
 at::ScalarType compute_type(at::ScalarType t);
 std::vector<int64_t> live_rows(const c10::optional<Tensor>& batch_sizes, int64_t T, int64_t B);
 
-// The small ops: which kernel serves which product, whether bfloat16 takes bf16 dot products (on AMX tiles), whether float32
-// weight gradients go through oneDNN, how a float32 forward splits its rows, and freeing the memory kept between
-// calls.
+// The small ops: which kernel serves which product, whether bfloat16 takes bf16 dot products (on AMX tiles),
+// whether float32 weight gradients go through oneDNN, how a float32 forward splits its rows, and freeing the memory
+// kept between calls.
 std::string kernel_choices();
 bool use_bf16_dot();
 bool uses_amx();
