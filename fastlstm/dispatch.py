@@ -338,8 +338,11 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       B96-H768 0.93-0.94x, B128-H1024 0.90-0.91x, B16-H384 0.92-0.93x). So where the build multiplies on the
       tiles (cpu.uses_amx()) bfloat16 goes to cpp with a projection or packed input, for up to 10 steps at batch
       <= 64, at inference up to batch 8, up to batch 96 at hidden <= 256 and up to batch 48 from hidden 512, and
-      in training up to batch 96. A build without them (FASTLSTM_AMX=0, or built for another CPU) goes native
-      there.
+      in training at any batch: once the large training tensors were kept between calls (csrc/memory.h), training
+      beyond batch 96 won twice (`-bfloat16-amx-kept-tensors-training-run*.json`): B128-H256 1.46-1.48x,
+      B128-H1024 1.08-1.12x, B256-H512 1.06-1.08x, B64-H512 1.14-1.25x; B256-H128 1.38x and 0.77x, then
+      1.37-1.48x three times, B192-H384 1.29-1.33x three times. A build without the tiles (FASTLSTM_AMX=0, or
+      built for another CPU) goes native there.
     - Other architectures (aarch64: Graviton, Ampere, Apple silicon under Linux): nothing measured. nn.LSTM runs
       float32 through oneDNN's fused LSTM there too (aarch64, torch 2.8: aten::mkldnn_rnn_layer), while cpp runs
       16-byte NEON vectors, so where nn.LSTM stays on oneDNN the call goes native. float64, a projection and
@@ -441,9 +444,7 @@ def _cpp_amx_slower_reason(call: LayerCall) -> str | None:
     if call.proj_size or call.packed or (call.seq_len <= 10 and call.batch <= 64):
         return None
     if call.needs_grad:
-        if call.batch <= 96:
-            return None
-        return "bfloat16 training on AMX beyond batch 96: oneDNN measured as fast or faster"
+        return None
     if (
         call.batch <= 8
         or (call.batch <= 96 and call.hidden_size <= 256)

@@ -1098,8 +1098,7 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 97, hidden=256) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 48, hidden=512) == ["cpp"] * 4  # ... 48 from hidden 512
     assert _auto_backends(torch.bfloat16, 49, hidden=512) == ["native"] * 4
-    assert _auto_backends(torch.bfloat16, 96, train=True, hidden=1024) == ["cpp"] * 4  # training: batch <= 96
-    assert _auto_backends(torch.bfloat16, 97, train=True, hidden=256) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 256, train=True, hidden=1024) == ["cpp"] * 4  # training at any batch
     assert _auto_backends(torch.bfloat16, 64, hidden=384, seq_len=10) == ["cpp"] * 4  # short sequences
     assert _auto_backends(torch.bfloat16, 65, hidden=384, seq_len=10) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 256, proj_size=4) == ["cpp"] * 4
