@@ -441,9 +441,7 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
 
 def _cpp_amx_slower_reason(call: LayerCall) -> str | None:
     """bfloat16 where both cpp and oneDNN multiply on AMX tiles (the measurements are listed in _cpp_slower_reason)."""
-    if call.proj_size or call.packed or (call.seq_len <= 10 and call.batch <= 64):
-        return None
-    if call.needs_grad:
+    if call.proj_size or call.packed or call.needs_grad or (call.seq_len <= 10 and call.batch <= 64):
         return None
     if (
         call.batch <= 8
