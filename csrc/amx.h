@@ -52,9 +52,8 @@ struct alignas(64) TileConfig {
 };
 
 // Makes the thread's tiles hold the layout for `tail` rows (1-16; 0: any tail will do, only single whole blocks
-// run). Other code
-// on this thread (oneDNN's kernels, between our calls) configures the tiles its own way, or releases them, so the
-// current layout is read back every time (~6 ns) rather than remembered.
+// run). Other code on this thread (oneDNN's kernels, between our calls) configures the tiles its own way, or
+// releases them, so the current layout is read back every time (~6 ns) rather than remembered.
 inline void amx_configure(int tail) {
   alignas(64) TileConfig have;
   _tile_storeconfig(&have);
@@ -74,6 +73,11 @@ inline void amx_configure(int tail) {
   asm volatile("" ::: "memory");
   _tile_loadconfig(&want);
 }
+
+// A panel as the weight tiles read it: one step is 32 columns x a pair of bf16 (128 bytes, a tile row's stride),
+// and 16 steps (one tile's rows, 32 of k) are kBlockElems bf16 elements.
+constexpr int64_t kPanelBytes = 128;
+constexpr int64_t kBlockElems = 16 * 64;
 
 // The tiles a block of rows uses: tmm0-2 for a whole block of 16, tmm5-7 for a tail (the intrinsics take tile
 // numbers as literals, so each set is spelled out). Weight tiles tmm3-4 are shared.
@@ -110,32 +114,30 @@ template <bool kTail>
 inline void amx_block(const uint16_t* a, int64_t lda, const uint16_t* panel, int64_t blocks, float* c, int64_t ldc,
                       int m, int64_t valid, bool accumulate) {
   using T = BlockTiles<kTail>;
-  constexpr int64_t kPanelBytes = 128;      // one step of a panel: 32 columns x a pair of bf16
-  constexpr int64_t kBlockElems = 16 * 64;  // 16 steps of the panel, in bf16 elements
   const bool two = valid > 16;
   const int64_t cols0 = std::min<int64_t>(valid, 16), cols1 = two ? valid - 16 : 0;
   alignas(64) float buf[2][16 * 16];
-  // Accumulators: straight from C where all 16 columns are C's, else through buf.
-  auto stage = [&](int64_t cols, float* cb, const float* cc) {
+  // An accumulator tile of `cols` columns at cc: straight from C where all 16 columns are C's, else through cb.
+  auto load = [&](int64_t cols, const float* cc, float* cb, auto load_tile, auto zero_tile) {
+    if (cols == 16) {
+      if (accumulate) load_tile(cc, ldc);
+      else zero_tile();
+      return;
+    }
     for (int r = 0; r < m; ++r)
       for (int j = 0; j < 16; ++j) cb[r * 16 + j] = (accumulate && j < cols) ? cc[r * ldc + j] : 0.0f;
+    load_tile(cb, 16);
   };
-  if (cols0 == 16) {
-    if (accumulate) T::load_c0(c, ldc);
-    else T::zero_c0();
-  } else {
-    stage(cols0, buf[0], c);
-    T::load_c0(buf[0], 16);
-  }
-  if (two) {
-    if (cols1 == 16) {
-      if (accumulate) T::load_c1(c + 16, ldc);
-      else T::zero_c1();
-    } else {
-      stage(cols1, buf[1], c + 16);
-      T::load_c1(buf[1], 16);
+  auto store = [&](int64_t cols, float* cc, float* cb, auto store_tile) {
+    if (cols == 16) {
+      store_tile(cc, ldc);
+      return;
     }
-  }
+    store_tile(cb, 16);
+    for (int r = 0; r < m; ++r) std::memcpy(cc + r * ldc, cb + r * 16, cols * sizeof(float));
+  };
+  load(cols0, c, buf[0], T::load_c0, T::zero_c0);
+  if (two) load(cols1, c + 16, buf[1], T::load_c1, T::zero_c1);
   for (int64_t kb = 0; kb < blocks; ++kb) {
     T::load_a(a + kb * 32, lda);
     _tile_loadd(3, panel + kb * kBlockElems, kPanelBytes);
@@ -145,20 +147,8 @@ inline void amx_block(const uint16_t* a, int64_t lda, const uint16_t* panel, int
       T::dp1();
     }
   }
-  if (cols0 == 16) {
-    T::store_c0(c, ldc);
-  } else {
-    T::store_c0(buf[0], 16);
-    for (int r = 0; r < m; ++r) std::memcpy(c + r * ldc, buf[0] + r * 16, cols0 * sizeof(float));
-  }
-  if (two) {
-    if (cols1 == 16) {
-      T::store_c1(c + 16, ldc);
-    } else {
-      T::store_c1(buf[1], 16);
-      for (int r = 0; r < m; ++r) std::memcpy(c + 16 + r * ldc, buf[1] + r * 16, cols1 * sizeof(float));
-    }
-  }
+  store(cols0, c, buf[0], T::store_c0);
+  if (two) store(cols1, c + 16, buf[1], T::store_c1);
 }
 
 // Two blocks of rows against all 32 columns of a panel at once: 16 rows at a0 on tmm0-2, the rows tmm5-7 are laid
@@ -166,7 +156,6 @@ inline void amx_block(const uint16_t* a, int64_t lda, const uint16_t* panel, int
 // multiply-adds read from A, and it comes from L2 where A stays in L1: alone, each block streamed the panel.
 inline void amx_pair(const uint16_t* a0, const uint16_t* a1, int64_t lda, const uint16_t* panel, int64_t blocks,
                      float* c0, float* c1, int64_t ldc, bool accumulate) {
-  constexpr int64_t kPanelBytes = 128, kBlockElems = 16 * 64;  // as in amx_block
   using T0 = BlockTiles<false>;
   using T1 = BlockTiles<true>;
   if (accumulate) {

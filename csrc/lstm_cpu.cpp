@@ -190,9 +190,8 @@ inline int64_t fuse_min_rows() { return fuse_min_rows_override() > 0 ? fuse_min_
 
 template <typename Dot>
 inline int64_t fuse_min_rows_of() {
-  if (fuse_min_rows_override() > 0) return fuse_min_rows_override();
   if constexpr (kHasAmx && std::is_same_v<Dot, Bf16Dot>)
-    if (amx_enabled()) return 16;
+    if (fuse_min_rows_override() <= 0 && amx_enabled()) return 16;
   return fuse_min_rows();
 }
 

@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/accumulate.h>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -239,9 +240,7 @@ TensorPool& tensor_pool() {
 
 // at::empty (or, with `zero`, at::zeros) of sizes and options, large ones from the TensorPool.
 at::Tensor pooled_tensor(at::IntArrayRef sizes, const at::TensorOptions& options, bool zero) {
-  int64_t numel = 1;
-  for (const int64_t s : sizes) numel *= s;
-  const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
   if (bytes < kTensorPoolMin || tensor_keep_bytes() == 0)
     return zero ? at::zeros(sizes, options) : at::empty(sizes, options);
   const size_t rounded = (bytes + 65535) & ~size_t(65535);
