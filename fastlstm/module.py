@@ -761,3 +761,14 @@ class LSTM(nn.RNNBase):
         positions = packed_positions(batch_sizes, x.device)
         dropped = F.dropout(x[positions], self.dropout, training=True)
         return torch.zeros_like(x).index_put(positions, dropped)
+
+
+# torch.compile and torch.export trace LSTM.forward from torch 2.8 on. Before, dynamo stops inside it (2.4-2.7:
+# nn.RNNBase's argument checks, which this module shares with nn.LSTM, are methods it will not call; 2.4 also
+# fails an assertion of its own), and a plain torch.compile of a model holding the layer would fail. There the
+# layer runs outside the compiled graph, as nn.LSTM does in those releases: a graph break, the same numbers;
+# fullgraph=True and torch.export then raise dynamo's error about it.
+TRACEABLE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"
+if not TRACEABLE:
+    LSTM.forward = torch.compiler.disable(LSTM.forward)
+    LSTM.step = torch.compiler.disable(LSTM.step)

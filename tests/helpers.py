@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
@@ -166,3 +167,47 @@ def assert_backward_rows_match(bwd_op, rows_op, bwd_args, x, h_prev, proj_rows=N
         torch.testing.assert_close(dgates.flatten(0, 1).sum(0), db, **tol)
     if proj_rows is not None and proj_rows(rows) is not None:
         torch.testing.assert_close(product(*proj_rows(rows)), dw_hr, **tol)
+
+
+def require_triton():
+    """triton, for a test module of the triton backend: skips the module where triton is missing or older than the
+    backend takes (it then reports itself unavailable, and its own tests say so)."""
+    triton = pytest.importorskip("triton")
+    from fastlstm.backends.triton import MIN_TRITON, triton_version
+
+    if triton_version() < MIN_TRITON:
+        pytest.skip(f"triton {triton.__version__}: the backend needs {MIN_TRITON}+", allow_module_level=True)
+    return triton
+
+
+def interpreter_has_float64() -> bool:
+    """Whether the installed triton's interpreter multiplies float64 tiles (the triton tests' float64 cases)."""
+    from fastlstm.backends.triton import INTERPRETER_FLOAT64_TRITON, triton_version
+
+    return triton_version() >= INTERPRETER_FLOAT64_TRITON
+
+
+def fast_cpu_backends() -> list[str]:
+    """cpp and triton where they serve a float64 call on the CPU here, as the tests that compare in float64 need
+    (triton under the interpreter from triton 3.5 on)."""
+    from fastlstm import backends
+    from fastlstm.backends import LayerCall
+
+    call = LayerCall("cpu", torch.float64, 3, 2, 4, 4, 0, True, False, False, True)
+    return [name for name in ("cpp", "triton") if backends.get(name).unsupported_reason(call) is None]
+
+
+# torch.compile(fullgraph=True) and torch.export of a model holding fastlstm.LSTM: from torch 2.8 on (before, the
+# layer runs outside the graph; fastlstm/module.py, TRACEABLE).
+needs_tracing = pytest.mark.skipif(
+    not fastlstm.module.TRACEABLE, reason=f"fastlstm.LSTM is traced from torch 2.8 on (torch {torch.__version__})"
+)
+
+# A tensor made inside a torch.func transform (jvp, vmap of grad) cannot be read (tolist, item) before torch 2.10:
+# "Cannot access data pointer of Tensor that doesn't have storage". Packed or lengths= input under such a transform
+# reads its batch sizes, and the fast backends' per-sample gradients do too: seen failing so on 2.4-2.9, passing
+# on 2.10 and later.
+needs_readable_transform_tensors = pytest.mark.skipif(
+    torch.torch_version.TorchVersion(torch.__version__) < "2.10",
+    reason=f"tensors made under torch.func transforms are readable from torch 2.10 on (torch {torch.__version__})",
+)

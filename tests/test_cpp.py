@@ -14,14 +14,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, assert_backward_rows_match, assert_same_results, lstm_call, make_pair, run_python, run_pythons
+from helpers import (
+    ROOT,
+    assert_backward_rows_match,
+    assert_same_results,
+    lstm_call,
+    make_pair,
+    needs_tracing,
+    run_python,
+    run_pythons,
+)
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastlstm
 from fastlstm import reference
 from fastlstm.backends import LayerCall, cpu
-from fastlstm.module import forget_plans
+from fastlstm.module import TRACEABLE, forget_plans
 
 _CXX = os.environ.get("FASTLSTM_CXX") or os.environ.get("CXX") or "c++"
 if shutil.which(_CXX) is None:
@@ -421,6 +430,7 @@ def test_inference_saves_nothing():
     assert out[3].numel() == 0 and out[4].numel() == 0
 
 
+@needs_tracing
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     case = Case(6, 3, 5, 4, P=2)
@@ -441,6 +451,7 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(gc, ge, atol=1e-5, rtol=1e-4)
 
 
+@needs_tracing
 def test_compile_as_the_first_use_in_a_process():
     """torch.compile(fullgraph=True) before any eager call in a process: dynamo can neither import the backends'
     modules nor load the extension while it traces, so fastlstm.module loads the modules when imported and the
@@ -566,7 +577,7 @@ def test_broken_compiler_does_not_crash(tmp_path, mode):
     """A compiler that fails: unavailable_reason() carries its error text; layer() raises a RuntimeError.
     always-fails: even `--version` fails; fails-to-compile: answers version queries, fails on the source."""
     fake = tmp_path / "broken-c++"
-    passthrough = f'case "$1" in --version|-dumpversion|-dumpfullversion) exec {shutil.which(_CXX)} "$@";; esac\n'
+    passthrough = f'case "$1" in --version|-v|-dumpversion|-dumpfullversion) exec {shutil.which(_CXX)} "$@";; esac\n'
     fake.write_text(
         "#!/bin/sh\n"
         + (passthrough if mode == "fails-to-compile" else "")
@@ -615,7 +626,7 @@ def test_broken_compiler_does_not_crash(tmp_path, mode):
     )
     runs = [("-c", code), ("-m", "fastlstm", "info")] + [
         ("-c", auto.replace("RUN", run).replace("ATOL", atol))
-        for run, atol in (("m", "0"), ('torch.compile(m, fullgraph=True, backend="aot_eager")', "1e-12"))
+        for run, atol in (("m", "0"), (f'torch.compile(m, fullgraph={TRACEABLE}, backend="aot_eager")', "1e-12"))
     ]
     layer, info, *autos = run_pythons([(args, env) for args in runs], timeout=300)
     assert layer.returncode == 0 and layer.stdout.strip().endswith("OK"), layer.stdout + layer.stderr

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
-from fastlstm import backends
+from helpers import fast_cpu_backends
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_grads.py"
 
@@ -30,7 +29,7 @@ def nn_lstm_grads(tmp_path_factory):
     return _grads(tmp_path_factory.mktemp("ddp"), "torch", "torch")
 
 
-FAST = [name for name in ("cpp", "triton") if backends.get(name).unavailable_reason() is None]
+FAST = fast_cpu_backends()
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference", *FAST])

@@ -7,10 +7,10 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import pytest
 import torch
+from helpers import require_triton
 
-pytest.importorskip("triton")
+require_triton()
 
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 

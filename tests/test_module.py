@@ -5,10 +5,18 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import re
 
 import pytest
 import torch
-from helpers import assert_same_results, lstm_call, make_pair, nn_lstm_under_cpu_autocast, run_python
+from helpers import (
+    assert_same_results,
+    fast_cpu_backends,
+    lstm_call,
+    make_pair,
+    nn_lstm_under_cpu_autocast,
+    run_python,
+)
 from torch import nn
 from torch.nn.utils import parametrizations
 
@@ -211,8 +219,8 @@ def test_convert_leaves_subclasses_with_a_warning():
 def test_output_changed_in_place_before_backward(backend, proj):
     """nn.LSTM's ATen path (float64 here) lets a model add to its output in place (y += residual) and still
     backpropagate; so must every fastlstm backend."""
-    if get_backend(backend if backend != "auto" else "native").unavailable_reason() is not None:
-        pytest.skip(f"{backend} unavailable here")
+    if backend in ("cpp", "triton") and backend not in fast_cpu_backends():
+        pytest.skip(f"{backend} serves no float64 call here")
     ref, fast = make_pair(I, H, 2, proj_size=proj, backend=backend)
     x = torch.randn(4, 3, I, dtype=torch.float64)
     residual = torch.randn(4, 3, proj or H, dtype=torch.float64)
@@ -469,9 +477,9 @@ def test_repeated_calls_are_checked_as_nn_lstm_checks_them():
             fast(*args)
     for m in (ref, fast):  # the weights change dtype behind the module's back
         m.weight_ih_l0.data = m.weight_ih_l0.data.double()
-    with pytest.raises(ValueError, match="does not match weight dtype") as expected:
+    with pytest.raises(ValueError) as expected:  # torch 2.5+: "... does not match weight dtype ..."; 2.4 words it so
         ref(x)
-    with pytest.raises(ValueError, match=str(expected.value).replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(str(expected.value))):
         fast(x)
 
 

@@ -6,14 +6,14 @@ import textwrap
 
 import pytest
 import torch
-from helpers import lstm_call, make_pair, run_python, run_with_grads
+from helpers import fast_cpu_backends, lstm_call, make_pair, run_python, run_with_grads
 
 import fastlstm
 from fastlstm import backends
 from fastlstm.backends import LayerCall
 
 I, H = 4, 6
-BACKENDS = ["native", "reference"] + [n for n in ("cpp", "triton") if backends.get(n).unavailable_reason() is None]
+BACKENDS = ["native", "reference", *fast_cpu_backends()]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

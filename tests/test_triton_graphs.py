@@ -17,8 +17,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from helpers import interpreter_has_float64, require_triton  # noqa: E402
 
-pytest.importorskip("triton")
+require_triton()
+if not torch.cuda.is_available() and not interpreter_has_float64():
+    pytest.skip("these tests run float64 under the interpreter: triton 3.5+", allow_module_level=True)
 
 from fastlstm.backends.triton import graphs  # noqa: E402
 from fastlstm.backends.triton import ops as triton_ops  # noqa: E402

@@ -136,6 +136,13 @@ def layer_op_grads(
     return dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr, None, None, None
 
 
+# Whether the fast backends register torch.vmap rules for their layer ops. torch.library.register_vmap came in
+# torch 2.5, where backward through a vmapped call of them lost its graph ("element 0 of tensors does not require
+# grad") and the rules ran for packed, reversed calls one call too few; from 2.6 on they hold. Without them,
+# functorch's fallback runs a layer op one sample at a time.
+VMAP_RULES = torch.torch_version.TorchVersion(torch.__version__) >= "2.6" and hasattr(torch.library, "register_vmap")
+
+
 def vmap_layer_op(op, info, in_dims: tuple, args: tuple, batch_axes: tuple[int | None, ...]):
     """A torch.vmap rule (torch.library.register_vmap) for a fast backend's layer op, whose inputs follow the layer
     contract's order (x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, then its flags).

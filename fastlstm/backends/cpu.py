@@ -77,6 +77,7 @@ import torch
 from torch import Tensor
 
 from fastlstm.backends import (
+    VMAP_RULES,
     Backend,
     LayerCall,
     LayerResult,
@@ -338,6 +339,10 @@ def _ensure(verbose: bool = False) -> str | None:
                 _state["path"] = _build_and_load(verbose)
             except Exception as error:  # noqa: BLE001 - a failed build must never crash the user's model
                 text = "".join(traceback.format_exception_only(type(error), error)).strip()
+                # A compiler query that failed (torch 2.7 and before ask `c++ -v` first): what it printed says why
+                output = getattr(error, "output", None) if isinstance(error, subprocess.CalledProcessError) else None
+                if output:
+                    text += ": " + (output.decode(errors="replace") if isinstance(output, bytes) else output).strip()
                 _state["error"] = f"building the fastlstm C++ extension failed (compiler {_compiler()!r}): {text}"
             _state["done"] = True
     return _state["error"]  # type: ignore[return-value]
@@ -521,7 +526,7 @@ def _bwd_vmap(info, in_dims, *args):
     return per_sample_layer_grads(samples, dx, dh0, dc0, dgates, x, h_prev, has_bias, proj_rows)
 
 
-if hasattr(torch.library, "register_vmap"):  # torch >= 2.5; before, functorch's fallback runs one call a sample
+if VMAP_RULES:
     torch.library.register_vmap("fastlstm::cpp_lstm_fwd", _fwd_vmap, lib=_schemas)
     torch.library.register_vmap("fastlstm::cpp_lstm_bwd", _bwd_vmap, lib=_schemas)
 

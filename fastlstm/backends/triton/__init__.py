@@ -13,8 +13,8 @@ At inference the step kernel's loop is replayed as a CUDA graph from a configura
 (graphs.py; FASTLSTM_TRITON_GRAPHS=0 turns that off). Tiles and warps come from ops._blocks; env
 FASTLSTM_TRITON_CONFIG (e.g. "BLOCK_K=32,num_warps=8") overrides them, for benchmarks/gpu_tune.py.
 
-Dtypes: float32, bfloat16, float16 on CUDA; float32, float64 and float16 under the interpreter (float64 is
-for gradcheck-grade tests, float16 checks the half-precision casts; float64 on CUDA is left to the native
+Dtypes: float32, bfloat16, float16 on CUDA; float32, float64 (triton 3.5+) and float16 under the interpreter
+(float64 is for gradcheck-grade tests, float16 checks the half-precision casts; float64 on CUDA is left to the native
 backend). Not bfloat16: triton 3.6-3.9's interpreter multiplies bfloat16 tiles in tl.dot wrongly (a 16 x 16
 product of normal values came out ~1e10) and rounds float32 to bfloat16 differently from torch.
 c and every accumulation are fp32 (fp64 for float64).
@@ -31,10 +31,24 @@ from fastlstm.backends import Backend, LayerCall, LayerResult
 
 CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INTERPRETER_DTYPES = (torch.float32, torch.float64, torch.float16)
+# The oldest triton the kernels are used with. Under triton 3.0 and 3.1 (what torch 2.4 and 2.5 pin) the
+# interpreter ran them to wrong numbers (outputs never written), and no GPU was at hand to tell whether compiled
+# kernels fare better; 3.2 through 3.9 pass the whole interpreter suite (3.2-3.4 without float64, next).
+MIN_TRITON = (3, 2)
+# tl.dot of float64 tiles under the interpreter: "Unsupported lhs dtype fp64" before triton 3.5.
+INTERPRETER_FLOAT64_TRITON = (3, 5)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed triton, which must be importable."""
+    import triton
+
+    major, minor = (int("".join(ch for ch in part if ch.isdigit()) or 0) for part in triton.__version__.split(".")[:2])
+    return major, minor
 
 
 class TritonBackend(Backend):
@@ -48,6 +62,11 @@ class TritonBackend(Backend):
             return f"triton is not installed: {e} (pip install 'fastlstm[triton]', Linux only)"
         except Exception as e:  # a broken install must not break dispatch
             return f"triton is installed but cannot be imported: {type(e).__name__}: {e}"
+        if triton_version() < MIN_TRITON:
+            return (
+                f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest release "
+                "fastlstm's kernels are tested with (pip install 'triton>=3.2' with a torch that accepts it)"
+            )
         if not torch.cuda.is_available() and not _interpreting():
             return "triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on CPU tensors)"
         return None
@@ -71,6 +90,8 @@ class TritonBackend(Backend):
                 return "triton runs on CPU tensors only under TRITON_INTERPRET=1"
             if call.dtype not in INTERPRETER_DTYPES:
                 return f"dtype {call.dtype} is not supported by the triton interpreter (float32/float64/float16)"
+            if call.dtype == torch.float64 and triton_version() < INTERPRETER_FLOAT64_TRITON:
+                return "float64 under the triton interpreter needs triton 3.5 or later (tl.dot of float64 tiles)"
         else:
             return f"device {call.device_type!r} is not supported by the triton backend (cuda only)"
         if call.forward_ad:
@@ -78,7 +99,7 @@ class TritonBackend(Backend):
         from fastlstm.backends.triton.ops import HAS_VMAP_RULE, size_reason
 
         if call.vmapped and not HAS_VMAP_RULE:
-            return f"torch.vmap: the triton op's vmap rule needs torch 2.5 or later (torch {torch.__version__} here)"
+            return f"torch.vmap: the triton op's vmap rule needs torch 2.6 or later (torch {torch.__version__} here)"
         return size_reason(call.seq_len, call.batch, call.hidden_size, call.out_size)
 
     def self_test(self, call: LayerCall) -> str | None:

@@ -20,8 +20,8 @@ TRITON_INTERPRET=1; the time loop of the sequence kernels is a `while` over a ru
 Offsets are int32: the launcher refuses calls with more than 2**31 elements in one buffer.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: triton 3.1's interpreter takes a parameter as constexpr only where
+# its annotation is tl.constexpr itself, and would read the string "tl.constexpr" as a runtime argument.
 import triton
 import triton.language as tl
 

@@ -9,8 +9,8 @@ All take `kernel`: "step" (one launch per time step) or "sequence" (one launch f
 the choice is made before the op by `choose_kernel`, so the op itself is deterministic.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch 2.4's custom_op reads the ops' annotations as objects and
+# rejects them as strings ("Parameter x has unsupported type Tensor").
 import functools
 import math
 import os
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fastlstm.backends import (
+    VMAP_RULES,
     LayerCall,
     differentiated_twice,
     functorch_grad_levels,
@@ -604,7 +605,7 @@ def _backward_vmap(info, in_dims, *args):
     return per_sample_layer_grads(samples, dx, dh0, dc0, dg, x, previous_h(hs, reverse), has_bias, proj_rows)
 
 
-HAS_VMAP_RULE = hasattr(triton_forward, "register_vmap")
+HAS_VMAP_RULE = VMAP_RULES and hasattr(triton_forward, "register_vmap")
 if HAS_VMAP_RULE:
     triton_forward.register_vmap(_forward_vmap)
     triton_backward.register_vmap(_backward_vmap)
