@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastlstm
-from fastlstm import reference
+from fastlstm import dispatch, reference
 from fastlstm.backends import LayerCall, cpu
 from fastlstm.module import TRACEABLE, forget_plans
 
@@ -258,9 +258,17 @@ def _assert_low_precision_error_within_twice_native(case, dtype):
         assert torch.equal(got, ours[key]), key
 
 
+def _cpu_has(probe_name: str, flag: str) -> bool:
+    """torch's probe of a CPU feature; /proc/cpuinfo's flag where this torch has no such probe (2.4)."""
+    probe = getattr(getattr(torch, "cpu", None), probe_name, None)
+    if probe is not None:
+        return probe()
+    fields = dispatch.cpuinfo_fields()
+    return fields is not None and flag in fields.get("flags", "").split()
+
+
 def _cpu_has_avx512_bf16() -> bool:
-    probe = getattr(getattr(torch, "cpu", None), "_is_avx512_bf16_supported", None)
-    return probe is not None and probe()
+    return _cpu_has("_is_avx512_bf16_supported", "avx512_bf16")
 
 
 def test_bfloat16_path_follows_the_cpu():
@@ -857,8 +865,7 @@ def test_amx_tiles_follow_the_cpu():
     would leave them off, which this test would then report)."""
     if os.environ.get("FASTLSTM_CXXFLAGS") or os.environ.get("FASTLSTM_BF16_DOT") or os.environ.get("FASTLSTM_AMX"):
         pytest.skip("the build or the path is chosen through the environment")
-    probe = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
-    has_tiles = probe is not None and probe() and _cpu_has_avx512_bf16() and sys.platform == "linux"
+    has_tiles = _cpu_has("_is_amx_tile_supported", "amx_tile") and _cpu_has_avx512_bf16() and sys.platform == "linux"
     assert cpu.uses_amx() == has_tiles == ("on AMX tiles" in cpu.kernel_choices()), cpu.kernel_choices()
 
 
@@ -875,8 +882,6 @@ def test_default_kernel_choices_follow_the_cpu(monkeypatch):
     weight gradients through oneDNN, float64 steps never through dgemm, the forward as a team up to 2^23
     multiply-adds a step; on Zen 3 (family 0x19 without AVX-512), the forward as a team up to 2^23 below 8 rows.
     (Forcing each path, test_kernel_paths, cannot tell whether the defaults survived.)"""
-    from fastlstm import dispatch
-
     for knob in (
         "ONEDNN_WEIGHT_GRADS", "ONEDNN_MIN_MACS", "DGEMM_MIN_ROWS", "TEAM_MAX_MACS", "MKL_MIN_ROWS",
         "OWN_PROJECTION_MAX_KB", "FUSE_MIN_ROWS",
