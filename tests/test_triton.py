@@ -15,7 +15,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from helpers import assert_backward_rows_match, interpreter_has_float64, needs_tracing, require_triton  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_backward_rows_match,
+    interpreter_has_float64,
+    needs_readable_transform_tensors,
+    needs_tracing,
+    require_triton,
+)
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
@@ -266,6 +272,7 @@ def test_module_stacked_bidirectional_proj(packed):
 
 
 @INTERPRETER_FLOAT64
+@needs_readable_transform_tensors  # packed: the recomputed layer reads its batch sizes under torch.func.vjp
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_double_backward_matches_nn_lstm(kernel, monkeypatch):
     """create_graph=True: second-order gradients equal nn.LSTM's (helpers.assert_same_double_backward), packed."""
