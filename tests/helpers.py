@@ -207,7 +207,8 @@ needs_tracing = pytest.mark.skipif(
 # "Cannot access data pointer of Tensor that doesn't have storage". Packed or lengths= input under such a transform
 # reads its batch sizes, and the fast backends' per-sample gradients do too: seen failing so on 2.4-2.9, passing
 # on 2.10 and later.
+TRANSFORM_TENSORS_READABLE = torch.torch_version.TorchVersion(torch.__version__) >= "2.10"
 needs_readable_transform_tensors = pytest.mark.skipif(
-    torch.torch_version.TorchVersion(torch.__version__) < "2.10",
+    not TRANSFORM_TENSORS_READABLE,
     reason=f"tensors made under torch.func transforms are readable from torch 2.10 on (torch {torch.__version__})",
 )

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fast_cpu_backends, needs_readable_transform_tensors, needs_tracing, nn_lstm_under_cpu_autocast
+from helpers import (
+    TRANSFORM_TENSORS_READABLE,
+    fast_cpu_backends,
+    needs_readable_transform_tensors,
+    needs_tracing,
+    nn_lstm_under_cpu_autocast,
+)
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
@@ -391,7 +397,7 @@ def test_per_sample_gradients_with_vmap_of_grad(backend, lengths, monkeypatch):
     every parameter's gradient for each sample, as a loop of nn.LSTM backward passes gives them. cpp and triton
     serve them with their own backward kernels (one call over all the samples' rows), and auto gives them to cpp
     where it is built (native has no batching rule), else to the reference loop."""
-    if lengths is not None and torch.torch_version.TorchVersion(torch.__version__) < "2.10":
+    if lengths is not None and not TRANSFORM_TENSORS_READABLE:
         pytest.skip("lengths= under vmap of grad reads its batch sizes there: torch 2.10+")
 
     def not_here(*args):
