@@ -70,34 +70,38 @@ def _fast_backend_for(device_type: str) -> str | None:
 @backends.constant_under_compile  # dynamo refuses torch.cpu's probes; what the CPU can do is constant anyway
 def _cpu_bf16_kind() -> str | None:
     """How this CPU multiplies bfloat16 natively, which oneDNN's bf16 LSTM uses: "amx", "avx512_bf16", None
-    (it converts to float32), or "unknown" (a torch without the probes)."""
+    (it converts to float32), or "unknown" (neither torch's probes nor /proc/cpuinfo to tell)."""
     cpu = getattr(torch, "cpu", None)
     amx = getattr(cpu, "_is_amx_tile_supported", None)
     avx = getattr(cpu, "_is_avx512_bf16_supported", None)
-    if amx is None and avx is None:
-        return "unknown"
-    if amx is not None and amx():
+    if amx is not None or avx is not None:
+        tiles, dots = amx is not None and amx(), avx is not None and avx()
+    else:  # torch 2.4 has no probes: the kernel's flags tell
+        flags = cpu_flags()
+        if flags is None:
+            return "unknown"
+        tiles, dots = {"amx_tile", "amx_bf16"} <= flags, "avx512_bf16" in flags
+    if tiles:
         return "amx"
-    if avx is not None and avx():
-        return "avx512_bf16"
-    return None
+    return "avx512_bf16" if dots else None
 
 
-@backends.cached_constant
+@backends.constant_under_compile
 def _cpu_fp16_units() -> str | None:
     """How oneDNN can run float16 natively here, where nn.LSTM's float16 inference takes oneDNN's fused LSTM
     instead of ATen's float16 loop: "amx" (AMX-FP16 tiles), "avx512" (AVX512-FP16), None (it cannot), or "unknown"
-    (no /proc/cpuinfo: the rule then keeps native, as for AMX). Read once: /proc/cpuinfo grows with the core count,
-    and every new call shape asks."""
+    (no /proc/cpuinfo: the rule then keeps native, as for AMX)."""
     amx = getattr(getattr(torch, "cpu", None), "_is_amx_fp16_supported", None)
-    if amx is not None and amx():
+    flags = cpu_flags()
+    if amx is not None:
+        tiles = amx()
+    else:  # torch 2.4 and 2.5 have no probe
+        tiles = flags is not None and "amx_fp16" in flags
+    if tiles:
         return "amx"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            avx512 = any(line.startswith("flags") and "avx512_fp16" in line.split() for line in cpuinfo)
-    except OSError:
+    if flags is None:
         return "unknown"
-    return "avx512" if avx512 else None
+    return "avx512" if "avx512_fp16" in flags else None
 
 
 def cpuinfo_fields(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, str] | None:
@@ -113,6 +117,14 @@ def cpuinfo_fields(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, str] | None
     except OSError:
         return None
     return fields
+
+
+@backends.cached_constant
+def cpu_flags() -> frozenset[str] | None:
+    """The first processor's flags in /proc/cpuinfo (None without it). Read once: /proc/cpuinfo grows with the core
+    count, and every new call shape asks."""
+    fields = cpuinfo_fields()
+    return None if fields is None else frozenset(fields.get("flags", "").split())
 
 
 @backends.cached_constant

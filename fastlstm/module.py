@@ -177,6 +177,24 @@ def _onednn_off():
         torch._C._set_mkldnn_enabled(enabled)
 
 
+def _own_method(method):
+    """nn.RNNBase's or nn.LSTM's `method`, called through a function defined here.
+
+    Dynamo before torch 2.8 will not trace a method of a module whose function was defined in torch.nn: it looks
+    such calls up in a table of nn.Module's methods and stops ("Dynamo does not know how to trace method
+    `check_forward_args`"). A function of fastlstm's own that calls nn.LSTM's with `self` it inlines, and the
+    checks it runs are still nn.LSTM's, with their messages.
+    """
+
+    def call(self, *args, **kwargs):
+        return method(self, *args, **kwargs)
+
+    # Not functools.wraps: it would copy __module__ ("torch.nn.modules.rnn"), which is what dynamo looks at.
+    call.__name__ = call.__qualname__ = method.__name__
+    call.__doc__ = method.__doc__
+    return call
+
+
 class LSTM(nn.RNNBase):
     """Drop-in torch.nn.LSTM. Same constructor, parameters, state_dict, inputs and outputs.
 
@@ -198,9 +216,12 @@ class LSTM(nn.RNNBase):
 
     # Validation and hidden-state permutation are nn.LSTM's own methods, so that every malformed call fails
     # exactly as it does with nn.LSTM (same exception type and message).
-    get_expected_cell_size = nn.LSTM.get_expected_cell_size
-    check_forward_args = nn.LSTM.check_forward_args
-    permute_hidden = nn.LSTM.permute_hidden
+    check_input = _own_method(nn.RNNBase.check_input)
+    get_expected_hidden_size = _own_method(nn.RNNBase.get_expected_hidden_size)
+    check_hidden_size = _own_method(nn.RNNBase.check_hidden_size)
+    get_expected_cell_size = _own_method(nn.LSTM.get_expected_cell_size)
+    check_forward_args = _own_method(nn.LSTM.check_forward_args)
+    permute_hidden = _own_method(nn.LSTM.permute_hidden)
 
     def __prepare_scriptable__(self) -> nn.LSTM:
         """torch.jit.script's hook: an nn.LSTM holding these very Parameter objects.
@@ -250,7 +271,8 @@ class LSTM(nn.RNNBase):
         mixed = self.__dict__.get("_mixed_dtypes")
         if mixed is None:
             mixed = len({w.dtype for w in self._flat_weights if w is not None}) > 1
-            self.__dict__["_mixed_dtypes"] = mixed
+            if not torch.compiler.is_compiling():  # dynamo before torch 2.7 cannot write a module's __dict__
+                self.__dict__["_mixed_dtypes"] = mixed
         return mixed
 
     def extra_repr(self) -> str:
@@ -763,12 +785,12 @@ class LSTM(nn.RNNBase):
         return torch.zeros_like(x).index_put(positions, dropped)
 
 
-# torch.compile and torch.export trace LSTM.forward from torch 2.8 on. Before, dynamo stops inside it (2.4-2.7:
-# nn.RNNBase's argument checks, which this module shares with nn.LSTM, are methods it will not call; 2.4 also
-# fails an assertion of its own), and a plain torch.compile of a model holding the layer would fail. There the
-# layer runs outside the compiled graph, as nn.LSTM does in those releases: a graph break, the same numbers;
-# fullgraph=True and torch.export then raise dynamo's error about it.
-TRACEABLE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"
+# torch.compile and torch.export trace LSTM.forward from torch 2.5 on. Torch 2.4's dynamo stops inside it (it
+# cannot call the weakrefs nn.RNNBase keeps of the weights, nor torch._C._are_functorch_transforms_active), and a
+# plain torch.compile of a model holding the layer would fail. There the layer runs outside the compiled graph,
+# as nn.LSTM does in that release: a graph break, the same numbers; fullgraph=True and torch.export then raise
+# dynamo's error about it.
+TRACEABLE = torch.torch_version.TorchVersion(torch.__version__) >= "2.5"
 if not TRACEABLE:
     LSTM.forward = torch.compiler.disable(LSTM.forward)
     LSTM.step = torch.compiler.disable(LSTM.step)

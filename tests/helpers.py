@@ -197,10 +197,10 @@ def fast_cpu_backends() -> list[str]:
     return [name for name in ("cpp", "triton") if backends.get(name).unsupported_reason(call) is None]
 
 
-# torch.compile(fullgraph=True) and torch.export of a model holding fastlstm.LSTM: from torch 2.8 on (before, the
+# torch.compile(fullgraph=True) and torch.export of a model holding fastlstm.LSTM: from torch 2.5 on (in 2.4 the
 # layer runs outside the graph; fastlstm/module.py, TRACEABLE).
 needs_tracing = pytest.mark.skipif(
-    not fastlstm.module.TRACEABLE, reason=f"fastlstm.LSTM is traced from torch 2.8 on (torch {torch.__version__})"
+    not fastlstm.module.TRACEABLE, reason=f"fastlstm.LSTM is traced from torch 2.5 on (torch {torch.__version__})"
 )
 
 # A tensor made inside a torch.func transform (jvp, vmap of grad) cannot be read (tolist, item) before torch 2.10:
@@ -211,4 +211,12 @@ TRANSFORM_TENSORS_READABLE = torch.torch_version.TorchVersion(torch.__version__)
 needs_readable_transform_tensors = pytest.mark.skipif(
     not TRANSFORM_TENSORS_READABLE,
     reason=f"tensors made under torch.func transforms are readable from torch 2.10 on (torch {torch.__version__})",
+)
+
+# torch.onnx.export(dynamo=True) says it is exporting (torch.onnx.is_in_onnx_export, which sends the layer to the
+# native path ONNX knows) from torch 2.8 on. On 2.5-2.7 that exporter traces the layer's fast ops, which it has no
+# ONNX function for ("No ONNX function found for fastlstm.cpp_lstm_fwd").
+needs_onnx_export_flag = pytest.mark.skipif(
+    torch.torch_version.TorchVersion(torch.__version__) < "2.8",
+    reason=f"torch.onnx.export(dynamo=True) says it is exporting from torch 2.8 on (torch {torch.__version__})",
 )

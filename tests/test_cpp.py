@@ -263,8 +263,8 @@ def _cpu_has(probe_name: str, flag: str) -> bool:
     probe = getattr(getattr(torch, "cpu", None), probe_name, None)
     if probe is not None:
         return probe()
-    fields = dispatch.cpuinfo_fields()
-    return fields is not None and flag in fields.get("flags", "").split()
+    flags = dispatch.cpu_flags()
+    return flags is not None and flag in flags
 
 
 def _cpu_has_avx512_bf16() -> bool:
@@ -1191,6 +1191,31 @@ def test_zen3_as_the_rule_reads_it(tmp_path, cpuinfo, zen3):
     from fastlstm import dispatch
 
     assert dispatch._cpu_amd_zen3(_cpuinfo_file(tmp_path, cpuinfo)) == zen3
+
+
+SAPPHIRE_RAPIDS = frozenset({"avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16"})
+
+
+@pytest.mark.parametrize(
+    "flags, bf16, fp16",
+    [
+        (frozenset({"avx2", "fma"}), None, None),
+        (frozenset({"avx512f", "avx512_bf16"}), "avx512_bf16", None),
+        (SAPPHIRE_RAPIDS, "amx", "avx512"),
+        (SAPPHIRE_RAPIDS | {"amx_fp16"}, "amx", "amx"),
+        (None, "unknown", "unknown"),
+    ],
+    ids=["avx2", "zen4", "sapphire-rapids", "granite-rapids", "no-cpuinfo"],
+)
+def test_cpu_units_read_from_flags_where_torch_has_no_probes(monkeypatch, flags, bf16, fp16):
+    """torch 2.4 has none of torch.cpu's bf16/AMX probes (2.5 no AMX-FP16 one): the bf16 and fp16 rules then read
+    /proc/cpuinfo's flags rather than answer "unknown" (native) on every CPU."""
+    from fastlstm import dispatch
+
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported", "_is_amx_fp16_supported"):
+        monkeypatch.delattr(torch.cpu, probe, raising=False)
+    monkeypatch.setattr(dispatch, "cpu_flags", lambda: flags)
+    assert (dispatch._cpu_bf16_kind(), dispatch._cpu_fp16_units()) == (bf16, fp16)
 
 
 def test_auto_knows_which_bfloat16_path_the_build_takes():

@@ -12,6 +12,7 @@ import torch
 from helpers import (
     TRANSFORM_TENSORS_READABLE,
     fast_cpu_backends,
+    needs_onnx_export_flag,
     needs_readable_transform_tensors,
     needs_tracing,
     nn_lstm_under_cpu_autocast,
@@ -54,8 +55,8 @@ def test_compile_fullgraph_training_step_matches_eager(backend):
 
 
 def test_compile_with_graph_breaks_trains_as_eager():
-    """Every supported torch: a compiled model's training steps match eager (before torch 2.8 the layer runs
-    outside the graph, as nn.LSTM's does there)."""
+    """Every supported torch: a compiled model's training steps match eager (on torch 2.4 the layer runs
+    outside the graph, as nn.LSTM does in every release)."""
     _compiled_training_matches_eager("auto", False, "aot_eager")
 
 
@@ -743,7 +744,7 @@ def test_saved_export_loads_where_the_cpp_backend_was_never_built(mode, tmp_path
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
 
 
-@needs_tracing
+@needs_onnx_export_flag
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_onnx_export_runs_in_onnxruntime_with_nn_lstm_numbers(backend, tmp_path):
     ort = pytest.importorskip("onnxruntime")

@@ -495,7 +495,7 @@ def test_repeated_calls_under_autocast_give_nn_lstm_dtypes():
 
 
 @pytest.mark.skipif(
-    not fastlstm.module.TRACEABLE, reason="before torch 2.8 `import fastlstm` imports dynamo to keep it out of forward"
+    not fastlstm.module.TRACEABLE, reason="on torch 2.4 `import fastlstm` imports dynamo to keep it out of forward"
 )
 def test_first_call_imports_neither_dynamo_nor_onnx():
     """A process that never compiles or exports does not pay for importing them (torch._dynamo took 1.2 s here):
