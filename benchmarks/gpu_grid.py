@@ -232,7 +232,7 @@ def variant_envs(shape: dict, torch) -> dict[str, dict[str, str]]:
     the step kernel, the loop launched step by step instead of replayed as a CUDA graph."""
     from fastlstm.backends.triton import graphs, ops
 
-    chosen = ops.choose_kernel(shape["batch"], shape["hidden"], shape["hidden"])
+    chosen = ops.choose_kernel(shape["batch"], shape["hidden"], shape["hidden"], getattr(torch, DTYPES[shape["dtype"]]))
     out = {}
     if shape["batch"] <= 64 and shape["hidden"] <= 512:
         other = "sequence" if chosen == "step" else "step"

@@ -343,16 +343,23 @@ def test_compile_fullgraph(kernel):
 
 def test_choose_kernel(monkeypatch):
     monkeypatch.delenv(triton_ops.ENV_KERNEL, raising=False)
-    assert triton_ops.choose_kernel(4, 128, 128) == "sequence"
-    assert triton_ops.choose_kernel(4, triton_ops.SEQ_MAX_HIDDEN + 1, 128) == "step"
-    assert triton_ops.choose_kernel(triton_ops.SEQ_MAX_BATCH + 1, 128, 128) == "step"
-    assert triton_ops.choose_kernel(4, 128, 128, "step") == "step"
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert triton_ops.choose_kernel(4, 128, 128, f32) == "sequence"
+    assert triton_ops.choose_kernel(4, triton_ops.SEQ_MAX_HIDDEN + 1, 128, f32) == "step"
+    assert triton_ops.choose_kernel(triton_ops.SEQ_MAX_BATCH + 1, 128, 128, f32) == "step"
+    assert triton_ops.choose_kernel(4, 128, 128, f32, "step") == "step"
+    # float32's FMA dots: a projection of 16 or less under a wider hidden size aborts triton 3.9's compiler in
+    # the sequence kernel (ops.choose_kernel); tensor-core dtypes and hidden sizes of 16 keep it
+    assert triton_ops.choose_kernel(4, 128, 16, f32) == "step"
+    assert triton_ops.choose_kernel(4, 128, 16, bf16) == "sequence"
+    assert triton_ops.choose_kernel(4, 16, 8, f32) == "sequence"
+    assert triton_ops.choose_kernel(4, 128, 17, f32) == "sequence"
     monkeypatch.setenv(triton_ops.ENV_KERNEL, "step")
-    assert triton_ops.choose_kernel(4, 128, 128) == "step"
-    assert triton_ops.choose_kernel(4, 128, 128, "sequence") == "sequence"
+    assert triton_ops.choose_kernel(4, 128, 128, f32) == "step"
+    assert triton_ops.choose_kernel(4, 128, 128, f32, "sequence") == "sequence"
     monkeypatch.setenv(triton_ops.ENV_KERNEL, "bogus")
     with pytest.raises(ValueError, match="FASTLSTM_TRITON_KERNEL"):
-        triton_ops.choose_kernel(4, 128, 128)
+        triton_ops.choose_kernel(4, 128, 128, f32)
 
 
 def _call(**kw):

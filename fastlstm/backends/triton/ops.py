@@ -51,12 +51,16 @@ INT32_MAX = 2**31 - 1
 LAUNCH_OPTIONS = dict(enable_fp_fusion=True)
 
 
-def choose_kernel(batch: int, hidden: int, out_size: int, kernel: str | None = None) -> str:
+def choose_kernel(batch: int, hidden: int, out_size: int, dtype: torch.dtype, kernel: str | None = None) -> str:
     """Which kernel serves a call: `kernel` if given, else env FASTLSTM_TRITON_KERNEL, else the size rule."""
     kernel = kernel or os.environ.get(ENV_KERNEL) or "auto"
     if kernel == "auto":
         fits = hidden <= SEQ_MAX_HIDDEN and out_size <= SEQ_MAX_HIDDEN and batch <= SEQ_MAX_BATCH
-        return "sequence" if fits else "step"
+        # Triton 3.9's LLVM aborts the process compiling the sequence kernel's FMA dots (float32 without TF32)
+        # where a projection of 16 or less meets a wider hidden size, whatever the tiles tried (see _blocks); the
+        # step kernel compiles there. Forcing the sequence kernel there on a GPU still meets the abort.
+        aborts = _fma_dot(dtype) and out_size <= 16 < hidden
+        return "sequence" if fits and not aborts else "step"
     if kernel not in KERNELS:
         raise ValueError(f"{ENV_KERNEL} / kernel must be one of auto, step, sequence; got {kernel!r}")
     return kernel
@@ -68,7 +72,8 @@ def kernel_choices() -> str:
 
     forced = os.environ.get(ENV_KERNEL)
     rule = (f"{forced} ({ENV_KERNEL})" if forced and forced != "auto" else
-            f"sequence kernel up to batch {SEQ_MAX_BATCH} and hidden {SEQ_MAX_HIDDEN}, else per-step")  # fmt: skip
+            f"sequence kernel up to batch {SEQ_MAX_BATCH} and hidden {SEQ_MAX_HIDDEN} (float32 without TF32: not "
+            "for a projection of 16 or less), else per-step")  # fmt: skip
     override = os.environ.get(ENV_CONFIG, "").strip()
     tiles = (
         f"{ENV_CONFIG}={override}"
@@ -105,6 +110,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def _fma_dot(dtype: torch.dtype) -> bool:
+    """Whether tl.dot runs without tensor cores (float32 without TF32, float64): as FMA loops over register tiles."""
+    return dtype in (torch.float32, torch.float64) and _precision(dtype) == "ieee"
+
+
 def _block(n: int, lo: int = 16, hi: int = 64) -> int:
     import triton
 
@@ -123,9 +133,18 @@ def _blocks(B: int, H: int, P: int, kernel: str, dtype: torch.dtype) -> dict:
     # elsewhere. BLOCK_K 16 spilled least wherever the three were compared (every step kernel over batch 1-256,
     # hidden 16-1024, at most 120 bytes; sequence kernels up to batch 64), and the --full grid compiled with it
     # spills at most 528 bytes. Chosen from the compiler's figures, not timed: benchmarks/gpu_tune.py times others.
-    fma_dot = dtype in (torch.float32, torch.float64) and _precision(dtype) == "ieee"
+    fma_dot = _fma_dot(dtype)
     block_k = 16 if fma_dot else 64 if min(H, P) >= 64 else 32
-    blk = dict(BLOCK_B=block_b, BLOCK_H=_block(H), BLOCK_P=_block(P), BLOCK_K=block_k)
+    block_h = _block(H)
+    if fma_dot and P <= 16:
+        # Triton 3.9's LLVM aborts the process (an assertion in its SLP vectorizer, "must be scheduled at this
+        # point") compiling the forward kernels for sm_90 where the recurrent width is 16 or less (hidden <= 16,
+        # or a projection <= 16) and a gate tile holds 4 or more values a thread (32 x 16 and up with 4 warps).
+        # 16 x 16 tiles compile in the step kernel, and in the sequence kernel up to hidden 16 (beyond it,
+        # choose_kernel takes the step kernel); triton 3.6 compiles every tile. tests/triton_compile.py's short
+        # list holds such launches.
+        block_b = block_h = 16
+    blk = dict(BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_P=_block(P), BLOCK_K=block_k)
     blk.update((k, v) for k, v in config_override().items() if k.startswith("BLOCK_"))
     return blk
 
@@ -652,7 +671,7 @@ class _FuncLayer(torch.autograd.Function):
 def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | None = None):
     """One layer, one direction, per the contract in fastlstm.reference; `kernel` forces step/sequence."""
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
-    chosen = choose_kernel(x.shape[1], H, P, kernel)
+    chosen = choose_kernel(x.shape[1], H, P, x.dtype, kernel)
     inputs = (
         x.contiguous(), h0.contiguous(), c0.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
         None if b is None else b.contiguous(), None if w_hr is None else w_hr.contiguous(), batch_sizes,
@@ -700,7 +719,7 @@ def self_test(call: LayerCall) -> str | None:
     """
     if call.device_type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None  # nothing may run or synchronise inside a CUDA graph capture; the real call decides
-    kernel = choose_kernel(call.batch, call.hidden_size, call.out_size)
+    kernel = choose_kernel(call.batch, call.hidden_size, call.out_size, call.dtype)
     key = (
         call.device_type, call.dtype, kernel, call.batch, call.input_size, call.hidden_size, call.proj_size,
         call.bias, call.packed, call.reverse, call.needs_grad, _precision(call.dtype), os.environ.get(ENV_CONFIG),
