@@ -15,7 +15,8 @@ aligned to 16 bytes): those change code generation, not what the kernels may do.
 --shard K/N compiles every N-th distinct launch from the K-th (0-based): N processes with K = 0..N-1 share the
 work (a compile takes one core; on a cold cache the short list takes minutes on one).
 
-Prints one line per compiled kernel and ends with "N compiles, F failures"; exits 1 on a failure.
+Prints one line per compiled kernel ("KERNEL (CONFIG): ok, ..." or "...: FAILED: why"), named before it compiles,
+and ends with "N compiles, F failures"; exits 1 on a failure.
 """
 
 from __future__ import annotations
@@ -229,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             seen.add(launch.key)
             if (len(seen) - 1) % shards != shard:
                 continue
-            name = launch.kernel.__name__
+            # Named before it compiles: a compiler that aborts the process (triton 3.9's LLVM did, on float32
+            # tiles ops._blocks now avoids) leaves the launch it died on as the last line.
+            print(f"{launch.kernel.__name__} ({config}): ", end="", flush=True)
             try:
                 binary = triton.compile(
                     ASTSource(fn=launch.kernel, signature=launch.signature, constexprs=launch.constexprs),
@@ -238,13 +241,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
             except Exception as error:  # report every kernel that fails, then fail the run
                 failures += 1
-                print(f"FAILED {name} ({config}): {type(error).__name__}: {error}", flush=True)
+                print(f"FAILED: {type(error).__name__}: {error}", flush=True)
                 continue
             compiled += 1
             shared = binary.metadata.shared
             if limit is not None and shared > limit:
                 failures += 1
-                print(f"FAILED {name} ({config}): {shared} bytes of shared memory, sm_{args.arch} allows {limit}")
+                print(f"FAILED: {shared} bytes of shared memory, sm_{args.arch} allows {limit}")
                 continue
             usage = ""
             if args.resources:
@@ -252,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                 usage = f", {registers} registers, {stack} bytes of stack"
                 if args.max_stack is not None and stack > args.max_stack:
                     failures += 1
-                    print(f"FAILED {name} ({config}): {stack} bytes of stack a thread, --max-stack {args.max_stack}")
+                    print(f"FAILED: {stack} bytes of stack a thread, --max-stack {args.max_stack}")
                     continue
-            print(f"ok {name} ({config}): {shared} bytes of shared memory{usage}", flush=True)
+            print(f"ok, {shared} bytes of shared memory{usage}", flush=True)
     elapsed = time.perf_counter() - start
     part = f" (shard {shard}/{shards} of {len(seen)} distinct launches)" if shards > 1 else ""
     print(
