@@ -54,6 +54,15 @@ def test_compile_fullgraph_training_step_matches_eager(backend):
     _compiled_training_matches_eager(backend, True, "inductor" if backend in ("auto", "cpp") else "aot_eager")
 
 
+def test_methods_forward_calls_are_defined_in_fastlstm():
+    """Dynamo before torch 2.8 stops at a module method whose function lives in torch.nn (fastlstm.module's
+    _own_method): the nn.LSTM checks forward calls go through functions of fastlstm's own. Checked on every torch,
+    since only the CI job on older releases would otherwise notice one assigned straight from nn.LSTM."""
+    names = ["check_input", "get_expected_hidden_size", "check_hidden_size", "get_expected_cell_size"]
+    for name in names + ["check_forward_args", "permute_hidden"]:
+        assert getattr(fastlstm.LSTM, name).__module__ == "fastlstm.module", name
+
+
 def test_compile_with_graph_breaks_trains_as_eager():
     """Every supported torch: a compiled model's training steps match eager (on torch 2.4 the layer runs
     outside the graph, as nn.LSTM does in every release)."""
