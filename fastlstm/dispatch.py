@@ -120,10 +120,10 @@ def cpuinfo_fields(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, str] | None
 
 
 @backends.cached_constant
-def cpu_flags() -> frozenset[str] | None:
+def cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> frozenset[str] | None:
     """The first processor's flags in /proc/cpuinfo (None without it). Read once: /proc/cpuinfo grows with the core
     count, and every new call shape asks."""
-    fields = cpuinfo_fields()
+    fields = cpuinfo_fields(cpuinfo_path)
     return None if fields is None else frozenset(fields.get("flags", "").split())
 
 
@@ -163,8 +163,7 @@ def _cpu_amd_zen3(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
     its AVX2 LSTM there, and float32 measured differently (see _cpp_slower_reason)."""
     if _cpu_amd_family(cpuinfo_path) != 0x19:
         return False
-    fields = cpuinfo_fields(cpuinfo_path) or {}
-    return "avx512f" not in fields.get("flags", "").split()
+    return "avx512f" not in (cpu_flags(cpuinfo_path) or ())
 
 
 @backends.constant_under_compile
