@@ -121,8 +121,14 @@ def cmd_check(args) -> int:
     requested = args.backend or []
     what = ", ".join(requested) if requested else "every available backend"
     cases = CHECK_CASES + random_cases(args.random, args.seed)
+    # float64 checks the math tightly; float32 is what models run (other kernels on the CPU)
+    dtypes = [DTYPES[name] for name in args.dtype] if args.dtype else [torch.float64, torch.float32]
     extra = f", and {args.random} random configurations of seed {args.seed}" if args.random else ""
-    print(f"fastlstm check on {device}: {what} against nn.LSTM, forward and backward, and without gradients{extra}")
+    in_dtypes = " and ".join(str(dtype)[6:] for dtype in dtypes)
+    print(
+        f"fastlstm check on {device} in {in_dtypes}: {what} against nn.LSTM, forward and backward, and without "
+        f"gradients{extra}"
+    )
     for name in requested or backends.names():
         reason = backends.get(name).unavailable_reason()
         if reason is not None and name in requested:  # asked for by name: its absence is the failure
@@ -134,8 +140,7 @@ def cmd_check(args) -> int:
             skipped.append(name)
             continue
         for case in cases:
-            # float64 checks the math tightly; float32 is what models run (other kernels on the CPU)
-            for dtype in (torch.float64, torch.float32):
+            for dtype in dtypes:
                 label = f"{name:<10} {case!s:<45} {str(dtype)[6:]:<8}"
                 try:
                     errors = compare(case, name, device, dtype)
@@ -342,6 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         "reference and the Triton interpreter at those sizes)",
     )
     check.add_argument("--seed", type=int, default=0, help="seed of the random configurations (default 0)")
+    check.add_argument(
+        "--dtype",
+        action="append",
+        choices=list(DTYPES),
+        help="check in this dtype (repeatable; default float64 and float32); below float32 a tensor may err twice "
+        "as much as nn.LSTM's own result in that dtype",
+    )
     bench = sub.add_parser("bench", help="time fastlstm against nn.LSTM (validates outputs first)")
     bench.add_argument("--device", choices=["cpu", "cuda"])
     bench.add_argument("--dtype", choices=list(DTYPES), default="float32")

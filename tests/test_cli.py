@@ -13,6 +13,7 @@ import torch
 from helpers import ROOT, require_triton, run_python
 
 from fastlstm.benchmark import Shape
+from fastlstm.check import Case, compare
 
 
 def test_info_lists_every_backend():
@@ -44,6 +45,27 @@ def test_check_passes_and_reports_errors():
     assert "reference  B6-T7-I5-H7-L2-bi-packed" in done.stdout
     for dtype in ("float64", "float32"):  # the tight check, and the kernels models run
         assert f"reference  B3-T6-I5-H7-L1                                {dtype}" in done.stdout, done.stdout
+
+
+def test_check_runs_in_the_dtypes_asked_for():
+    """`--dtype` (repeatable) replaces float64 and float32: bfloat16 and float16 are what the fast CPU kernels and
+    the GPU's kernels run in lower precision, held to twice nn.LSTM's own error in that dtype."""
+    done = run_python("-m", "fastlstm", "check", "--backend", "cpp", "--dtype", "bfloat16", "--dtype", "float16")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fastlstm check on cpu in bfloat16 and float16: cpp against nn.LSTM" in done.stdout, done.stdout
+    lines = [line for line in done.stdout.splitlines() if line.startswith("cpp ")]
+    assert len(lines) == 2 * 5, done.stdout  # 5 fixed cases
+    assert sum(" bfloat16 " in line for line in lines) == 5 and sum(" float16 " in line for line in lines) == 5
+    assert not any("float32" in line or "float64" in line for line in lines), done.stdout
+
+
+def test_check_keeps_tiny_weights_above_float16s_normal_range():
+    """Weights scaled by 1e-6 lie below float16's smallest normal number (6e-5): every float16 result is rounding
+    noise there, and nn.LSTM's own error (which sets the allowed error) was 100% of a gradient's largest value
+    (this case, from `check --random 300 --seed 12`). In float16 such a case scales its weights by 1e-3."""
+    case = Case(batch=64, seq_len=2, input_size=86, hidden_size=2, num_layers=3, weight_scale=1e-6)
+    errors = compare(case, "native", "cpu", torch.float16, seed=83)
+    assert max(allowed for _, allowed in errors.values()) < 0.5, errors
 
 
 def test_check_fails_on_a_wrong_backend(tmp_path):
@@ -284,6 +306,7 @@ def test_nightly_workflow_checks_random_configurations_with_a_new_seed():
     gpu_job = text[text.index("\n  cuda:") :]
     assert "runs-on: [self-hosted, linux, x64, gpu]" in gpu_job
     assert 'python -m fastlstm check --device cuda --backend triton --random 300 --seed "$GITHUB_RUN_NUMBER"' in gpu_job
+    assert "--dtype float32 --dtype bfloat16 --dtype float16" in gpu_job  # the dtypes the kernels serve on CUDA
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
@@ -308,6 +331,7 @@ def test_gpu_workflow_targets_the_self_hosted_runner():
     text = (ROOT / ".github" / "workflows" / "gpu.yml").read_text()
     assert "runs-on: [self-hosted, linux, x64, gpu]" in text
     assert "pytest -m cuda" in text and "upload-artifact" in text
+    assert "check --device cuda --backend triton --dtype float32 --dtype bfloat16 --dtype float16" in text
 
 
 def test_bench_warns_when_other_processes_keep_the_cpus_busy(monkeypatch):
