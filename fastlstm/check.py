@@ -18,8 +18,10 @@ from fastlstm.module import LSTM
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 1e-1, torch.float16: 2e-2}
 # Weights scaled by 1e-6 lie below float16's smallest normal number (6e-5), rounded to a bit or two each, and
 # every result is rounding noise (nn.LSTM's own float16 gradients erred 100% and more there): a case with tiny
-# weights scales them no lower than this in float16.
-SMALLEST_WEIGHT_SCALE = {torch.float16: 1e-3}
+# weights scales them no lower than this in float16, where a product of two such values stays near its normal
+# range. Layers without bias still shrink their values by the scale each (12 of 40 such cases set the allowed
+# error above 0.05 at 1e-3, 5 at 1e-2).
+SMALLEST_WEIGHT_SCALE = {torch.float16: 1e-2}
 
 
 @dataclass(frozen=True)
