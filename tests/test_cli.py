@@ -70,6 +70,17 @@ def test_check_keeps_tiny_weights_above_float16s_normal_range():
     assert max(allowed for _, allowed in errors.values()) == TOLERANCE[torch.float16], errors
 
 
+def test_check_says_where_the_dtype_cannot_resolve_a_result(monkeypatch, capsys):
+    """A result float16 cannot resolve (it underflows, or cancels) lets nn.LSTM's own error, 50% or more, set
+    the allowed error: the line says so rather than a bare "ok"."""
+    from fastlstm import __main__ as cli
+
+    monkeypatch.setattr(cli, "compare", lambda *args, **kwargs: {"y": (1.0, 2.0), "h_n": (1e-3, 2e-2)})
+    assert cli.main(["check", "--backend", "native", "--dtype", "float16"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("max err 1.00e+00 (y) tol 2e+00 ok (nn.LSTM's own error in this dtype is 50%+ here") == 5, out
+
+
 class _RoundedExactLSTM(nn.LSTM):
     """Exact but for rounding its results: computes in float64 from its own (low-precision) weights and input,
     each result then rounded once to the dtype (autograd rounds the gradients where it casts back)."""
