@@ -14,7 +14,7 @@ from helpers import ROOT, require_triton, run_python
 from torch import nn
 
 from fastlstm.benchmark import Shape
-from fastlstm.check import TOLERANCE, Case, compare
+from fastlstm.check import TOLERANCE, Case, _relative_error, compare
 
 
 def test_info_lists_every_backend():
@@ -79,6 +79,17 @@ def test_check_says_where_the_dtype_cannot_resolve_a_result(monkeypatch, capsys)
     assert cli.main(["check", "--backend", "native", "--dtype", "float16"]) == 0
     out = capsys.readouterr().out
     assert out.count("max err 1.00e+00 (y) tol 2e+00 ok (nn.LSTM's own error in this dtype is 50%+ here") == 5, out
+
+
+def test_check_measures_errors_no_finer_than_the_dtype_resolves():
+    """Below a dtype's smallest normal number its steps are fixed (6e-8 in float16): a float16 weight gradient
+    whose exact values lay below 3e-8 came out as zeros from nn.LSTM and as one step from cpp. Both errors are
+    measured against float16's smallest normal number, not against the 2e-8 (100% and 204% otherwise)."""
+    want = torch.tensor([2.06e-8, -1e-8], dtype=torch.float64)
+    for got in (torch.zeros(2), torch.tensor([5.96e-8, 0.0])):
+        assert _relative_error(got.half(), want) < 1e-3
+        assert _relative_error(got.double(), want) > 0.99  # float64 resolves them
+    assert _relative_error(torch.tensor([1e-3, 0.0]).half(), torch.zeros(2, dtype=torch.float64)) > 9e-4
 
 
 class _RoundedExactLSTM(nn.LSTM):
