@@ -49,6 +49,9 @@ INT32_MAX = 2**31 - 1
 # Compiler options of every launch. FMA contraction stays on, as triton up to 3.9 does by default: 3.9 warns
 # once a process when a compile leaves it unset, and says 3.10 turns the default off.
 LAUNCH_OPTIONS = dict(enable_fp_fusion=True)
+# Recurrent widths (hidden, or the projection) up to this abort triton 3.9's compiler in float32's FMA forward
+# kernels with the usual tiles (see _blocks and choose_kernel, which both steer around it).
+FMA_NARROW_WIDTH = 16
 
 
 def choose_kernel(batch: int, hidden: int, out_size: int, dtype: torch.dtype, kernel: str | None = None) -> str:
@@ -59,7 +62,7 @@ def choose_kernel(batch: int, hidden: int, out_size: int, dtype: torch.dtype, ke
         # Triton 3.9's LLVM aborts the process compiling the sequence kernel's FMA dots (float32 without TF32)
         # where a projection of 16 or less meets a wider hidden size, whatever the tiles tried (see _blocks); the
         # step kernel compiles there. Forcing the sequence kernel there on a GPU still meets the abort.
-        aborts = _fma_dot(dtype) and out_size <= 16 < hidden
+        aborts = _fma_dot(dtype) and out_size <= FMA_NARROW_WIDTH < hidden
         return "sequence" if fits and not aborts else "step"
     if kernel not in KERNELS:
         raise ValueError(f"{ENV_KERNEL} / kernel must be one of auto, step, sequence; got {kernel!r}")
@@ -136,7 +139,7 @@ def _blocks(B: int, H: int, P: int, kernel: str, dtype: torch.dtype) -> dict:
     fma_dot = _fma_dot(dtype)
     block_k = 16 if fma_dot else 64 if min(H, P) >= 64 else 32
     block_h = _block(H)
-    if fma_dot and P <= 16:
+    if fma_dot and P <= FMA_NARROW_WIDTH:
         # Triton 3.9's LLVM aborts the process (an assertion in its SLP vectorizer, "must be scheduled at this
         # point") compiling the forward kernels for sm_90 where the recurrent width is 16 or less (hidden <= 16,
         # or a projection <= 16) and a gate tile holds 4 or more values a thread (32 x 16 and up with 4 warps).
