@@ -92,9 +92,10 @@ def cmd_info(args) -> int:
     if "cpp" in available and available["cpp"] is None:
         print(f"cpp kernels: {cpu.kernel_choices()}")
     if "triton" in available and available["triton"] is None:
-        from fastlstm.backends.triton import ops
+        from fastlstm.backends.triton import build_guard, ops
 
         print(f"triton kernels: {ops.kernel_choices()}")
+        print(f"triton builds: {build_guard.describe()}")
     return 0
 
 

@@ -513,6 +513,8 @@ def choose(name: str, call: LayerCall) -> Choice:
         return Choice("native", reason)
     if name != AUTO:
         reason = cannot_serve(name, call)
+        if reason is None and not torch.compiler.is_compiling():
+            reason = backends.get(name).crash_reason(call)
         if reason is not None:
             raise BackendUnavailableError(f"fastlstm backend {name!r} cannot serve {where}: {reason}")
         return Choice(name, "forced")

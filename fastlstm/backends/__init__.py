@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import abc
 import importlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -42,6 +44,15 @@ class LayerCall:
     @property
     def out_size(self) -> int:
         return self.proj_size or self.hidden_size
+
+
+def cache_root() -> Path:
+    """Where backends keep what they build for this machine: `$FASTLSTM_CACHE_DIR`, else `$XDG_CACHE_HOME/fastlstm`,
+    else `~/.cache/fastlstm`."""
+    if os.environ.get("FASTLSTM_CACHE_DIR"):
+        return Path(os.environ["FASTLSTM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastlstm"
 
 
 def constant_under_compile(fn):
@@ -92,6 +103,12 @@ class Backend(abc.ABC):
         """Why this backend's kernels fail for `call` on this machine although it is available and supports the
         call (a kernel that does not compile for this GPU, say), found by running them; None when they work.
         Dispatch asks only when choosing for `auto`; a forced backend fails loudly at the call instead."""
+        return None
+
+    def crash_reason(self, call: LayerCall) -> str | None:
+        """Why building this backend's kernels for `call` would crash the process (a compiler abort, which no
+        exception reports), found without crashing it; None otherwise. Dispatch asks for a forced backend too:
+        it raises this instead of letting the call end the process."""
         return None
 
     def load_ops(self) -> None:

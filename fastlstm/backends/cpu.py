@@ -81,6 +81,7 @@ from fastlstm.backends import (
     Backend,
     LayerCall,
     LayerResult,
+    cache_root,
     constant_under_compile,
     differentiated_twice,
     functorch_grad_levels,
@@ -131,13 +132,6 @@ def _cpu_id() -> str:
         return "\n".join(sorted(set(lines)))
     except OSError:
         return platform.machine() + platform.processor()
-
-
-def cache_root() -> Path:
-    if os.environ.get("FASTLSTM_CACHE_DIR"):
-        return Path(os.environ["FASTLSTM_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fastlstm"
 
 
 def _build_key(src: Path) -> str:

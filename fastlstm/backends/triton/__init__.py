@@ -109,6 +109,13 @@ class TritonBackend(Backend):
 
         return ops.self_test(call)
 
+    def crash_reason(self, call: LayerCall) -> str | None:
+        """Builds the kernels `call` needs in a child process first, on a GPU (build_guard)."""
+        from fastlstm.backends.triton import build_guard, ops
+
+        kernel = ops.choose_kernel(call.batch, call.hidden_size, call.out_size, call.dtype)
+        return build_guard.crash_reason(call, kernel)
+
     def layer(self, x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | None = None) -> LayerResult:
         """One layer, one direction (fastlstm.reference); `kernel` forces "step" or "sequence"."""
         from fastlstm.backends.triton import ops

@@ -719,6 +719,7 @@ def self_test(call: LayerCall) -> str | None:
     kernel that cannot be built for this GPU (out of shared memory, an instruction the GPU lacks) fails here
     instead of in the user's call. Cached per configuration; the compile it triggers is one the real call
     needs anyway. Inputs are made without the random generator, so the user's random stream is untouched.
+    On a GPU a child process builds the kernels first (build_guard): a compiler crash ends the child, not this one.
     """
     if call.device_type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None  # nothing may run or synchronise inside a CUDA graph capture; the real call decides
@@ -728,8 +729,10 @@ def self_test(call: LayerCall) -> str | None:
         call.bias, call.packed, call.reverse, call.needs_grad, _precision(call.dtype), os.environ.get(ENV_CONFIG),
     )  # fmt: skip
     if key not in _SELF_TESTS:
+        from fastlstm.backends.triton import build_guard
+
         try:
-            _SELF_TESTS[key] = _run_self_test(call, kernel)
+            _SELF_TESTS[key] = build_guard.crash_reason(call, kernel) or _run_self_test(call, kernel)
         except Exception as error:  # whatever the kernels raise here, the real call would raise too
             _SELF_TESTS[key] = f"the {kernel} kernel failed: {type(error).__name__}: {error}"
     return _SELF_TESTS[key]

@@ -1,0 +1,344 @@
+"""Builds a call's kernels in a child process first, so that a compiler crash ends the child, not the user's process.
+
+Triton compiles a kernel on its first launch, inside the launching process, and its LLVM can abort there (triton
+3.9: an assertion in the SLP vectorizer on float32 tiles 16 wide, which ops.FMA_NARROW_WIDTH now steers around).
+An abort is no exception: nothing catches it, and the process ends with the user's model and training state.
+So before this process builds the kernels a CUDA call needs, a child process runs that call's self-test
+(ops._run_self_test: the same sizes, flags, kernel, precision and GPU, on two steps). A child killed by a signal
+means building them here would kill this process too: the call goes to native (auto) or raises (a forced
+backend). A child that ends any other way changes nothing: the kernels are built here as before, and any error
+they raise is an ordinary exception.
+
+One child serves a process (_Builder): it starts on the first configuration to build (seconds: importing torch
+and triton, initialising CUDA) and each build after costs the self-test's time; its compiles land in triton's
+cache, which this process's own build then reads. The verdicts are kept on disk in fastlstm's cache
+(backends.cache_root(), "triton-builds"), per triton, torch and kernel source, GPU model, configuration and
+TRITON_* / FASTLSTM_TRITON_* environment, so that a later process starts no child for what is known. The
+self-test's launch has its configuration's tiles and kernels but two time steps: a crash only some sequence
+length's specialisation would meet (integer arguments divisible by 16) is not caught.
+
+FASTLSTM_TRITON_BUILD_IN_CHILD=0 turns the guard off; under TRITON_INTERPRET=1 nothing is compiled and it is off.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from fastlstm.backends import LayerCall, cache_root
+
+ENV_SWITCH = "FASTLSTM_TRITON_BUILD_IN_CHILD"
+# A child still building after this long is stopped and the call served without triton: a compile this slow is
+# itself a fault (a cold build of every kernel one call needs takes seconds).
+CHILD_TIMEOUT_S = 600
+# A child with no build to do for this long leaves (its CUDA context holds GPU memory); the next build starts one.
+CHILD_IDLE_S = 60
+# What the child writes to stderr as it begins each build: a crash's words are those after the last one.
+BUILD_MARK = "fastlstm build_guard: building"
+# Lines of the child's stderr quoted in a crash's reason: where LLVM says which assertion failed.
+QUOTED_LINES = 4
+
+_log = logging.getLogger("fastlstm")
+_VERDICTS: dict[str, str | None] = {}  # the disk cache's key -> verdict, for this process
+
+
+def crash_reason(call: LayerCall, kernel: str) -> str | None:
+    """Why building the kernels `call` needs (with `kernel`) would crash this process, or None."""
+    if not _applies(call):
+        return None
+    payload = _payload(call, kernel)
+    key = _key(payload)
+    if key not in _VERDICTS:
+        cached = _read_verdict(key)
+        if cached is not None:
+            _VERDICTS[key] = cached["reason"]
+        else:
+            with _LOCK:
+                reason, keep = _BUILDER.build(payload)
+            if keep:
+                _write_verdict(key, reason)
+            _VERDICTS[key] = reason
+    return _VERDICTS[key]
+
+
+def describe() -> str:
+    """Where kernels are first built, and the verdicts kept on this machine (`fastlstm info`)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "none (TRITON_INTERPRET=1 runs the kernels uncompiled)"
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return f"in this process ({ENV_SWITCH}=0): a compiler crash would end it"
+    verdicts = [v for v in (_read_file(path) for path in sorted(_cache_dir().glob("*.json"))) if v is not None]
+    crashed = [v["reason"] for v in verdicts if v["reason"] is not None]
+    text = f"CUDA kernels first in a child process; {len(verdicts)} configurations known in {_cache_dir()}"
+    return text + "".join(f"\n  crashed: {reason}" for reason in crashed)
+
+
+def _applies(call: LayerCall) -> bool:
+    # Only where triton compiles: CUDA tensors, not the interpreter. A CUDA graph capture may be running here: the
+    # child shares no stream with this process.
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return call.device_type == "cuda" and not interpreting and os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+def _payload(call: LayerCall, kernel: str) -> dict:
+    """What the child needs to rebuild the call: JSON, so it crosses the process boundary as text."""
+    fields = {name: getattr(call, name) for name in call.__dataclass_fields__}
+    fields["dtype"] = str(call.dtype).removeprefix("torch.")
+    # The self-test runs two steps whatever the call's length, and a layer's index changes no kernel: left out, a
+    # model fed sequences of many lengths, or stacking equal layers, is built once, not once per length.
+    fields.update(seq_len=2, layer=0)
+    device = torch.cuda.current_device() if call.device_type == "cuda" else None
+    return {"call": fields, "kernel": kernel, "device": device, "tf32": torch.backends.cuda.matmul.allow_tf32}
+
+
+def _key(payload: dict) -> str:
+    import triton
+
+    # The GPU's model, not its index: the ranks of one job on eight equal GPUs share their verdicts
+    device = payload["device"]
+    gpu = None
+    if device is not None:
+        gpu = [torch.cuda.get_device_name(device), list(torch.cuda.get_device_capability(device))]
+    environment = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("TRITON_", "FASTLSTM_TRITON_"))}
+    build = {k: v for k, v in payload.items() if k != "device"}
+    material = [build, gpu, triton.__version__, torch.__version__, _source_digest(), environment]
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
+
+
+_SOURCE_DIGEST: list[str] = []
+
+
+def _source_digest() -> str:
+    """A digest of the backend's sources: a verdict holds for the kernels it was reached with."""
+    if not _SOURCE_DIGEST:
+        digest = hashlib.sha256()
+        for path in sorted(Path(__file__).parent.glob("*.py")):
+            digest.update(path.name.encode() + path.read_bytes())
+        _SOURCE_DIGEST.append(digest.hexdigest())
+    return _SOURCE_DIGEST[0]
+
+
+def _child_command() -> list[str]:
+    return [sys.executable, "-m", __name__]
+
+
+class _Builder:
+    """The child process of this process: it builds configurations one after another, as they are asked for.
+
+    One child serves a process's whole life (importing torch and triton and initialising CUDA take it seconds;
+    each build after that costs what the self-test costs), and leaves after CHILD_IDLE_S without work, so
+    that its CUDA context does not hold GPU memory through a training run whose configurations are all known.
+    """
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.owner = 0  # the pid that started it: a forked process starts its own
+        self.stderr = None
+        self.unable: str | None = None  # why no child can run here (then none is tried again)
+        self.stops_at_exit = False
+
+    def build(self, payload: dict) -> tuple[str | None, bool]:
+        """(the crash's reason or None, whether that verdict may be kept on disk)."""
+        if self.unable is not None:
+            return None, False
+        try:
+            outcome = self._build_once(payload)
+            if outcome == "left":  # it left, idle, as the request went out: once more, with a new child
+                outcome = self._build_once(payload)
+        except OSError as error:  # the pipes failed: nothing learnt, the in-process build decides
+            self._stop()
+            self.unable = f"failed: {type(error).__name__}: {error}"
+            _log.info("fastlstm: the child process building triton kernels %s", self.unable)
+            return None, False
+        return (None, False) if outcome == "left" else outcome
+
+    def _build_once(self, payload: dict) -> tuple[str | None, bool] | str:
+        what = f"the triton {payload['kernel']} kernels for {_describe(payload['call'])}"
+        if self.process is None or self.owner != os.getpid() or self.process.poll() is not None:
+            try:
+                self._start()
+            except OSError as error:  # nothing learnt: the in-process build decides, as without the guard
+                self.unable = f"could not start: {error}"
+                _log.info("fastlstm: no child process to build triton kernels in: %s", error)
+                return None, False
+        start = time.monotonic()
+        request = json.dumps(payload) + "\n"
+        try:
+            self.process.stdin.write(request.encode())
+            self.process.stdin.flush()
+            reply = _read_line(self.process.stdout.fileno(), start + CHILD_TIMEOUT_S)
+        except BrokenPipeError:  # it died before reading: how it ended says why
+            reply = b""
+        except TimeoutError:
+            self._stop()
+            return f"building {what} took over {CHILD_TIMEOUT_S} s in a child process", False
+        if reply:
+            return None, True  # built, whatever the self-test said: this process's own self-test or call reports it
+        code = self.process.wait()
+        said = self._said_since_request()
+        self._forget()
+        if code < 0:
+            quoted = " | ".join(_cause(said))
+            return (
+                f"building {what} killed a child process with {_signal_name(-code)} (a compiler crash that would "
+                f"have ended this process)" + (f"; it said: {quoted}" if quoted else "")
+            ), True
+        if code == 0:
+            return "left"
+        # It failed on its own: it cannot run builds at all (no CUDA for a second process, say)
+        tail = " | ".join(said.strip().splitlines()[-QUOTED_LINES:])
+        self.unable = f"exited with {code}: {tail}"
+        _log.info("fastlstm: the child process building triton kernels %s", self.unable)
+        return None, False
+
+    def _start(self) -> None:
+        self._forget()  # one that exited, or the parent's (inherited by a fork): its pipes are closed here
+        if not self.stops_at_exit:
+            atexit.register(self._stop)  # a child still building when this process ends ends with it
+            self.stops_at_exit = True
+        env = dict(os.environ)
+        # The child imports this fastlstm, wherever it was imported from (an installed copy, a source tree).
+        package_root = str(Path(__file__).resolve().parents[3])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: nothing blocks on what the compiler writes
+        self.process = subprocess.Popen(
+            _child_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=env
+        )
+        self.owner = os.getpid()
+
+    def _stop(self) -> None:
+        if self.process is not None and self.owner == os.getpid():
+            self.process.kill()
+            self.process.wait()
+        self._forget()
+
+    def _forget(self) -> None:
+        if self.process is not None:
+            for pipe in (self.process.stdin, self.process.stdout):
+                try:
+                    pipe.close()
+                except OSError:  # a write the child never read: nothing to keep
+                    pass
+        self.process = None
+
+    def _said_since_request(self) -> str:
+        """What the child wrote to stderr since it began the last build (it marks each one)."""
+        self.stderr.seek(0)
+        text = self.stderr.read().decode(errors="replace")
+        return text.rpartition(BUILD_MARK)[2]
+
+
+def _read_line(fd: int, deadline: float) -> bytes:
+    """A line from the pipe, b"" at its end; TimeoutError after `deadline` (time.monotonic())."""
+    line = b""
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise TimeoutError
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return b""
+        line += chunk
+    return line
+
+
+_BUILDER = _Builder()
+_LOCK = threading.Lock()  # one conversation with the child at a time (DataParallel calls from threads)
+
+
+def _cause(stderr: str) -> list[str]:
+    """The lines of a crashed child's stderr that say why: LLVM's assertion or error (a stack dump follows them),
+    else the last few."""
+    lines = [line.strip()[:500] for line in stderr.splitlines() if line.strip()]
+    said = [line for line in lines if "Assertion" in line or "LLVM ERROR" in line or "error:" in line]
+    return said[:QUOTED_LINES] or lines[-QUOTED_LINES:]
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _describe(fields: dict) -> str:
+    proj = f"-P{fields['proj_size']}" if fields["proj_size"] else ""
+    flags = "".join(
+        f"-{name}" for name, on in [("nobias", not fields["bias"]), ("packed", fields["packed"]),
+                                    ("reverse", fields["reverse"]), ("grad", fields["needs_grad"])] if on
+    )  # fmt: skip
+    return f"{fields['dtype']} B{fields['batch']}-I{fields['input_size']}-H{fields['hidden_size']}{proj}{flags}"
+
+
+def _cache_dir() -> Path:
+    return cache_root() / "triton-builds"
+
+
+def _read_verdict(key: str) -> dict | None:
+    return _read_file(_cache_dir() / f"{key}.json")
+
+
+def _read_file(path: Path) -> dict | None:
+    try:
+        verdict = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return verdict if isinstance(verdict, dict) and "reason" in verdict else None
+
+
+def _write_verdict(key: str, reason: str | None) -> None:
+    """Atomically (processes of one job may build the same configuration at once); a cache that cannot be written
+    only costs the next process a child."""
+    directory = _cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
+            json.dump({"reason": reason}, f)
+        os.replace(f.name, directory / f"{key}.json")
+    except OSError as error:
+        _log.info("fastlstm: could not keep a triton build verdict in %s: %s", directory, error)
+
+
+def _child_main() -> int:
+    """Runs in the child: one self-test per line read (what _payload wrote), one line of reply each."""
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # whatever else prints (the kernels, torch) goes to stderr, not into the replies
+    from fastlstm.backends.triton import ops
+
+    # select on a buffered stdin is sound here: the parent sends a line only after the reply to the one before.
+    while select.select([sys.stdin], [], [], CHILD_IDLE_S)[0]:
+        line = sys.stdin.readline()
+        if not line:
+            break  # the parent is gone
+        sys.stderr.write(f"{BUILD_MARK} {line}")
+        sys.stderr.flush()
+        payload = json.loads(line)
+        fields = dict(payload["call"], dtype=getattr(torch, payload["call"]["dtype"]))
+        if payload["device"] is not None:
+            torch.cuda.set_device(payload["device"])
+        torch.backends.cuda.matmul.allow_tf32 = payload["tf32"]
+        try:
+            failed = ops._run_self_test(LayerCall(**fields), payload["kernel"])
+        except Exception as error:  # an ordinary failure, which the parent's own self-test or call meets and reports
+            failed = f"{type(error).__name__}: {error}"
+        if payload["device"] is not None:
+            torch.cuda.empty_cache()  # hold no more GPU memory than the context while idle
+        replies.write(json.dumps({"self_test": failed}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

@@ -1,0 +1,286 @@
+"""The triton backend builds a call's kernels in a child process first (build_guard): a compiler that aborts ends
+the child, and the call goes to native (auto) or raises (backend="triton") instead of the process dying.
+
+On a GPU-less machine the guard is off (the interpreter compiles nothing); these tests switch it on for CPU calls,
+whose child runs the self-test under the interpreter, and stand in crashing children where a GPU build would crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from helpers import require_triton  # noqa: E402
+from torch import nn  # noqa: E402
+
+triton = require_triton()
+
+import fastlstm  # noqa: E402
+from fastlstm import dispatch  # noqa: E402
+from fastlstm.backends import LayerCall  # noqa: E402
+from fastlstm.backends.triton import BACKEND, build_guard, triton_version  # noqa: E402
+from fastlstm.backends.triton import ops as triton_ops  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+SCRIPTS = Path(__file__).parent / "scripts"
+# What a crashing compiler leaves on stderr: LLVM's assertion, then its stack dump (shortened).
+LLVM_CRASH = (
+    "import os, sys\n"
+    "sys.stderr.write('some warning first\\n')\n"
+    'sys.stderr.write("python: SLPVectorizer.cpp:27316: void scheduleBlock(): Assertion `all_of(...)\' failed.\\n")\n'
+    "sys.stderr.write('Stack dump:\\n0.  Program arguments: python\\n #0 0x00007f llvm::sys::PrintStackTrace\\n')\n"
+    "sys.stderr.flush()\n"
+    "os.abort()\n"
+)
+
+# A child that speaks the protocol (a line of reply for each line read) without building anything.
+ANSWERING_CHILD = "import sys\nfor line in sys.stdin:\n    print('{\"self_test\": null}', flush=True)\n"
+
+
+def _call(**kw) -> LayerCall:
+    base = dict(device_type=DEVICE, dtype=torch.float32, seq_len=5, batch=3, input_size=4, hidden_size=8, proj_size=0,
+                bias=True, packed=False, reverse=False, needs_grad=True)  # fmt: skip
+    return LayerCall(**{**base, **kw})
+
+
+@pytest.fixture
+def guard(monkeypatch, tmp_path):
+    """The guard on for this device's calls, with an empty verdict cache on disk and in memory."""
+    monkeypatch.setenv("FASTLSTM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(build_guard, "_VERDICTS", {})
+    monkeypatch.setattr(build_guard, "_applies", lambda call: True)
+    monkeypatch.setattr(build_guard, "_BUILDER", build_guard._Builder())
+    monkeypatch.setattr(triton_ops, "_SELF_TESTS", {})
+    monkeypatch.setattr(dispatch, "_warned", set())
+    yield tmp_path / "triton-builds"
+    build_guard._BUILDER._stop()
+
+
+def _child_runs(monkeypatch, code: str | None = None) -> list[list[str]]:
+    """Makes the guard's child run `code` (python -c; None: the real child), and returns the commands it starts."""
+    commands = []
+    real = build_guard._child_command()
+
+    def command():
+        commands.append(real if code is None else [sys.executable, "-c", code])
+        return commands[-1]
+
+    monkeypatch.setattr(build_guard, "_child_command", command)
+    return commands
+
+
+def _ask_child(payload: dict) -> dict:
+    """One build asked of the real child, by hand: its reply."""
+    child = subprocess.Popen(build_guard._child_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    reply, _ = child.communicate(json.dumps(payload) + "\n", timeout=300)
+    assert child.returncode == 0
+    return json.loads(reply)
+
+
+def _verdicts(folder: Path) -> list:
+    return [json.loads(path.read_text())["reason"] for path in sorted(folder.glob("*.json"))]
+
+
+def test_off_for_the_interpreter_and_cpu_tensors(monkeypatch):
+    monkeypatch.setattr(build_guard, "_child_command", lambda: pytest.fail("no child may run here"))
+    assert build_guard.crash_reason(_call(device_type="cpu"), "step") is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert build_guard.crash_reason(_call(device_type="cuda"), "step") is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(build_guard.ENV_SWITCH, "0")
+    assert build_guard.crash_reason(_call(device_type="cuda"), "step") is None
+
+
+def test_the_child_runs_the_self_test(guard):
+    """The real child: this fastlstm's self-test of the call, in a fresh interpreter (here under TRITON_INTERPRET)."""
+    assert _ask_child(build_guard._payload(_call(), "sequence")) == {"self_test": None}
+
+
+def test_one_child_builds_every_configuration_and_the_verdicts_are_kept(guard, monkeypatch):
+    commands = _child_runs(monkeypatch)
+    kernel = "sequence"
+    assert build_guard.crash_reason(_call(), kernel) is None
+    assert build_guard.crash_reason(_call(batch=2, proj_size=3, reverse=True), "step") is None
+    assert len(commands) == 1 and build_guard._BUILDER.process.poll() is None
+    assert _verdicts(guard) == [None, None]
+    # Another process (an empty memory) reads the verdict instead of starting a child, whatever the call's length
+    monkeypatch.setattr(build_guard, "_VERDICTS", {})
+    monkeypatch.setattr(build_guard, "_child_command", lambda: pytest.fail("the verdict was on disk"))
+    assert build_guard.crash_reason(_call(seq_len=1000, layer=3), kernel) is None
+
+
+def test_the_child_reports_failing_kernels_without_failing_itself(guard, monkeypatch):
+    """A kernel that raises is an ordinary error, which the self-test in this process reports: the child replies
+    with it and goes on, so nothing is taken for a crash."""
+    monkeypatch.setenv(triton_ops.ENV_CONFIG, "BLOCK_B=3")  # not a power of two: the launcher refuses it
+    assert "BLOCK_B must be a power of two" in _ask_child(build_guard._payload(_call(), "step"))["self_test"]
+
+
+def test_a_crashing_child_is_reported_with_llvms_words_and_kept(guard, monkeypatch):
+    commands = _child_runs(monkeypatch, LLVM_CRASH)
+    reason = build_guard.crash_reason(_call(proj_size=5, packed=True), "sequence")
+    assert "killed a child process with SIGABRT" in reason
+    assert "sequence kernels for float32 B3-I4-H8-P5-packed-grad" in reason
+    assert "Assertion `all_of(...)' failed." in reason
+    assert "Stack dump" not in reason and "some warning" not in reason
+    assert _verdicts(guard) == [reason]
+    assert build_guard.crash_reason(_call(proj_size=5, packed=True), "sequence") == reason
+    assert len(commands) == 1  # the verdict is remembered in memory
+    assert build_guard.crash_reason(_call(), "sequence") is not None
+    assert len(commands) == 2  # the next build starts a new child
+
+
+@pytest.mark.parametrize(
+    "code, why", [("raise SystemExit(3)", "failed"), ("pass", "left"), ("import os; os.kill(os.getpid(), 9)", "killed")]
+)
+def test_how_a_child_ends_decides(code, why, guard, monkeypatch):
+    """A child that fails (no CUDA for it, say) could build nothing: nothing learnt, nothing kept, and no other is
+    started in this process. One that leaves (idle) as a request goes out is started again, once. One killed by
+    a signal (SIGKILL here) is taken as a crash."""
+    commands = _child_runs(monkeypatch, code)
+    reason = build_guard.crash_reason(_call(), "step")
+    if why == "killed":
+        assert "killed a child process with SIGKILL" in reason
+        assert _verdicts(guard) == [reason]
+        return
+    assert reason is None and _verdicts(guard) == []
+    assert build_guard.crash_reason(_call(batch=2), "step") is None
+    assert len(commands) == {"failed": 1, "left": 4}[why]
+
+
+def test_a_forked_process_starts_its_own_child(guard, monkeypatch):
+    """A fork (a DataLoader worker, say) inherits the parent's child, which answers the parent: it starts its own
+    and leaves the parent's alone."""
+    commands = _child_runs(monkeypatch, ANSWERING_CHILD)
+    assert build_guard.crash_reason(_call(), "step") is None
+    parents_child = build_guard._BUILDER.process
+    pid = os.fork()
+    if pid == 0:  # the forked process: exit status 0 only if it built with a child of its own
+        ok = False
+        try:
+            ok = build_guard.crash_reason(_call(batch=2), "step") is None and len(commands) == 2
+            ok = ok and build_guard._BUILDER.process is not parents_child
+            build_guard._BUILDER._stop()
+        finally:
+            os._exit(0 if ok else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert parents_child.poll() is None and build_guard._BUILDER.process is parents_child
+    assert build_guard.crash_reason(_call(batch=3), "sequence") is None
+    assert len(commands) == 1
+
+
+def test_a_child_that_hangs_is_stopped_and_not_kept(guard, monkeypatch):
+    _child_runs(monkeypatch, "import time; time.sleep(60)")
+    monkeypatch.setattr(build_guard, "CHILD_TIMEOUT_S", 1)
+    reason = build_guard.crash_reason(_call(), "step")
+    assert reason is not None and "took over 1 s in a child process" in reason
+    assert _verdicts(guard) == []
+
+
+def test_a_verdict_cache_that_cannot_be_written_costs_only_a_child(guard, monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("FASTLSTM_CACHE_DIR", str(blocker))  # a file: the folder under it cannot be made
+    commands = _child_runs(monkeypatch, LLVM_CRASH)
+    assert "SIGABRT" in build_guard.crash_reason(_call(), "step")
+    monkeypatch.setattr(build_guard, "_VERDICTS", {})
+    assert "SIGABRT" in build_guard.crash_reason(_call(), "step")
+    assert len(commands) == 2
+
+
+def test_verdicts_are_kept_apart_by_what_the_build_depends_on(guard, monkeypatch):
+    key = build_guard._key(build_guard._payload(_call(), "step"))
+    assert key == build_guard._key(build_guard._payload(_call(seq_len=77, layer=2), "step"))
+    others = [
+        build_guard._payload(_call(), "sequence"),
+        build_guard._payload(_call(batch=4), "step"),
+        build_guard._payload(_call(dtype=torch.float16), "step"),
+        build_guard._payload(_call(needs_grad=False), "step"),
+    ]
+    assert len({key, *(build_guard._key(p) for p in others)}) == 5
+    monkeypatch.setenv(triton_ops.ENV_CONFIG, "num_warps=8")
+    assert build_guard._key(build_guard._payload(_call(), "step")) != key
+    monkeypatch.delenv(triton_ops.ENV_CONFIG)
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # a property of torch's: monkeypatch cannot restore it
+    torch.backends.cuda.matmul.allow_tf32 = not tf32
+    try:
+        assert build_guard._key(build_guard._payload(_call(), "step")) != key
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def test_auto_routes_around_a_crashing_build_and_a_forced_triton_raises(guard, monkeypatch):
+    """auto (made to pick triton here) warns once and gives native's numbers; backend="triton" raises the crash
+    as an error at the call, where the build would have ended the process."""
+    monkeypatch.setattr(dispatch, "_fast_backend_for", lambda device_type: "triton")
+    monkeypatch.setattr(dispatch, "_faster_than_native", lambda name, call: None)
+    monkeypatch.setattr(triton_ops, "_run_self_test", lambda call, kernel: pytest.fail("built after a crash"))
+    _child_runs(monkeypatch, LLVM_CRASH)
+    torch.manual_seed(0)
+    m = fastlstm.LSTM(4, 8, 2, device=DEVICE)
+    ref = nn.LSTM(4, 8, 2, device=DEVICE)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(5, 3, 4, device=DEVICE)
+    with pytest.warns(RuntimeWarning, match="triton backend is unavailable.*SIGABRT.*Assertion") as seen:
+        y, (h, c) = m(x)
+        m(x)
+    assert len([w for w in seen if issubclass(w.category, RuntimeWarning)]) == 1
+    y_ref, (h_ref, c_ref) = ref(x)
+    torch.testing.assert_close((y, h, c), (y_ref, h_ref, c_ref), rtol=0, atol=0)
+    assert fastlstm.explain(m, x).backends == ["native", "native"]
+    forced = fastlstm.LSTM(4, 8, 2, device=DEVICE, backend="triton")
+    with pytest.raises(fastlstm.BackendUnavailableError, match="cannot serve layer 0.*SIGABRT"):
+        forced(x)
+
+
+@pytest.mark.skipif(
+    triton_version() != (3, 9), reason="the launch scripts/triton_abort.py compiles aborted triton 3.9's compiler"
+)
+def test_info_says_where_kernels_are_built_and_what_crashed(guard, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert build_guard.describe().startswith("none (TRITON_INTERPRET=1")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(build_guard.ENV_SWITCH, "0")
+    assert "in this process" in build_guard.describe()
+    monkeypatch.delenv(build_guard.ENV_SWITCH)
+    _child_runs(monkeypatch, ANSWERING_CHILD)
+    build_guard.crash_reason(_call(), "step")
+    build_guard._BUILDER._stop()
+    _child_runs(monkeypatch, LLVM_CRASH)
+    crash = build_guard.crash_reason(_call(batch=2), "step")
+    (guard / "partial.json").write_text("{")  # a file cut short is not a verdict
+    assert build_guard.describe() == (
+        f"CUDA kernels first in a child process; 2 configurations known in {guard}\n  crashed: {crash}"
+    )
+
+
+def test_a_real_compiler_abort_is_caught(guard, monkeypatch):
+    """Triton 3.9's LLVM, compiling for sm_90 (no GPU needed) a tile ops._blocks avoids, aborts the child."""
+    pytest.importorskip("triton.backends.nvidia", reason="this triton build has no NVIDIA backend")
+    script = [sys.executable, str(SCRIPTS / "triton_abort.py")]
+    monkeypatch.setattr(build_guard, "_child_command", lambda: script)
+    reason = build_guard.crash_reason(_call(hidden_size=16, batch=40), "step")
+    assert f"killed a child process with {signal.SIGABRT.name}" in reason
+    assert "SLPVectorizer" in reason and "must be scheduled at this point" in reason
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_kernels_build_in_a_child_once(dtype, monkeypatch, tmp_path):
+    """On a GPU the real guard: the child builds and runs the kernels, and the next process reads its verdict."""
+    monkeypatch.setenv("FASTLSTM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(build_guard, "_VERDICTS", {})
+    call = _call(device_type="cuda", dtype=dtype, batch=5, hidden_size=48, proj_size=24)
+    assert BACKEND.crash_reason(call) is None
+    assert _verdicts(tmp_path / "triton-builds") == [None]
