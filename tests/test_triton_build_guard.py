@@ -180,6 +180,30 @@ def test_a_forked_process_starts_its_own_child(guard, monkeypatch):
     assert len(commands) == 1
 
 
+def test_a_process_with_many_open_files_still_hears_its_child(guard, monkeypatch):
+    """The child's pipes get descriptors past 1024, where select.select refuses them."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1100
+    if soft < wanted + 64:
+        if hard != resource.RLIM_INFINITY and hard < wanted + 64:
+            pytest.skip(f"this process may open {hard} files")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted + 64, hard))
+        monkeypatch.setattr(build_guard, "_BUILDER", build_guard._Builder())  # restored before the limit
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(wanted)]
+    try:
+        _child_runs(monkeypatch, ANSWERING_CHILD)
+        assert build_guard.crash_reason(_call(), "step") is None
+        assert build_guard._BUILDER.process.stdout.fileno() > 1024
+        build_guard._BUILDER._stop()
+    finally:
+        for fd in held:
+            os.close(fd)
+        if soft < wanted + 64:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_a_child_that_hangs_is_stopped_and_not_kept(guard, monkeypatch):
     _child_runs(monkeypatch, "import time; time.sleep(60)")
     monkeypatch.setattr(build_guard, "CHILD_TIMEOUT_S", 1)

@@ -243,10 +243,12 @@ class _Builder:
 
 def _read_line(fd: int, deadline: float) -> bytes:
     """A line from the pipe, b"" at its end; TimeoutError after `deadline` (time.monotonic())."""
+    waiting = select.poll()  # not select.select: a busy process's descriptors pass FD_SETSIZE (1024)
+    waiting.register(fd, select.POLLIN)
     line = b""
     while not line.endswith(b"\n"):
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        if left <= 0 or not waiting.poll(left * 1000):
             raise TimeoutError
         chunk = os.read(fd, 4096)
         if not chunk:
