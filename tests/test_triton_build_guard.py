@@ -80,12 +80,12 @@ def _child_runs(monkeypatch, code: str | None = None) -> list[list[str]]:
     return commands
 
 
-def _ask_child(payload: dict) -> dict:
-    """One build asked of the real child, by hand: its reply."""
+def _ask_child(*payloads: dict) -> list[dict]:
+    """Builds asked of one real child, by hand: its replies."""
     child = subprocess.Popen(build_guard._child_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    reply, _ = child.communicate(json.dumps(payload) + "\n", timeout=300)
+    replies, _ = child.communicate("".join(json.dumps(p) + "\n" for p in payloads), timeout=300)
     assert child.returncode == 0
-    return json.loads(reply)
+    return [json.loads(line) for line in replies.splitlines()]
 
 
 def _verdicts(folder: Path) -> list:
@@ -104,7 +104,7 @@ def test_off_for_the_interpreter_and_cpu_tensors(monkeypatch):
 
 def test_the_child_runs_the_self_test(guard):
     """The real child: this fastlstm's self-test of the call, in a fresh interpreter (here under TRITON_INTERPRET)."""
-    assert _ask_child(build_guard._payload(_call(), "sequence")) == {"self_test": None}
+    assert _ask_child(build_guard._payload(_call(), "sequence")) == [{"self_test": None}]
 
 
 def test_one_child_builds_every_configuration_and_the_verdicts_are_kept(guard, monkeypatch):
@@ -120,11 +120,17 @@ def test_one_child_builds_every_configuration_and_the_verdicts_are_kept(guard, m
     assert build_guard.crash_reason(_call(seq_len=1000, layer=3), kernel) is None
 
 
-def test_the_child_reports_failing_kernels_without_failing_itself(guard, monkeypatch):
-    """A kernel that raises is an ordinary error, which the self-test in this process reports: the child replies
-    with it and goes on, so nothing is taken for a crash."""
+def test_the_child_builds_with_each_requests_environment_and_survives_failing_kernels(guard, monkeypatch):
+    """Each build runs with the environment the request carries (a tuning loop sets FASTLSTM_TRITON_CONFIG between
+    calls, after the child started). A kernel that raises is an ordinary error, which the self-test in this
+    process reports: the child replies with it and goes on, so nothing is taken for a crash."""
+    plain = build_guard._payload(_call(), "step")
     monkeypatch.setenv(triton_ops.ENV_CONFIG, "BLOCK_B=3")  # not a power of two: the launcher refuses it
-    assert "BLOCK_B must be a power of two" in _ask_child(build_guard._payload(_call(), "step"))["self_test"]
+    tuned = build_guard._payload(_call(), "step")
+    monkeypatch.delenv(triton_ops.ENV_CONFIG)
+    replies = _ask_child(plain, tuned, plain)
+    assert replies[0] == replies[2] == {"self_test": None}
+    assert "BLOCK_B must be a power of two" in replies[1]["self_test"]
 
 
 def test_a_crashing_child_is_reported_with_llvms_words_and_kept(guard, monkeypatch):

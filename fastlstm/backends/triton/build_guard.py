@@ -41,6 +41,8 @@ import torch
 from fastlstm.backends import LayerCall, cache_root
 
 ENV_SWITCH = "FASTLSTM_TRITON_BUILD_IN_CHILD"
+# The environment a build depends on (triton's settings, the backend's tiles and kernel choice), sent with each one
+ENV_PREFIXES = ("TRITON_", "FASTLSTM_TRITON_")
 # A child still building after this long is stopped and the call served without triton: a compile this slow is
 # itself a fault (a cold build of every kernel one call needs takes seconds).
 CHILD_TIMEOUT_S = 600
@@ -101,7 +103,12 @@ def _payload(call: LayerCall, kernel: str) -> dict:
     # model fed sequences of many lengths, or stacking equal layers, is built once, not once per length.
     fields.update(seq_len=2, layer=0)
     device = torch.cuda.current_device() if call.device_type == "cuda" else None
-    return {"call": fields, "kernel": kernel, "device": device, "tf32": torch.backends.cuda.matmul.allow_tf32}
+    return {
+        "call": fields, "kernel": kernel, "device": device, "tf32": torch.backends.cuda.matmul.allow_tf32,
+        # As it is now: the child's own environment is the one this process had when it started the child, and
+        # a tuning loop sets FASTLSTM_TRITON_CONFIG between calls
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
+    }  # fmt: skip
 
 
 def _key(payload: dict) -> str:
@@ -112,9 +119,8 @@ def _key(payload: dict) -> str:
     gpu = None
     if device is not None:
         gpu = [torch.cuda.get_device_name(device), list(torch.cuda.get_device_capability(device))]
-    environment = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("TRITON_", "FASTLSTM_TRITON_"))}
     build = {k: v for k, v in payload.items() if k != "device"}
-    material = [build, gpu, triton.__version__, torch.__version__, _source_digest(), environment]
+    material = [build, gpu, triton.__version__, torch.__version__, _source_digest()]
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -328,6 +334,9 @@ def _child_main() -> int:
         sys.stderr.write(f"{BUILD_MARK} {line}")
         sys.stderr.flush()
         payload = json.loads(line)
+        for name in [name for name in os.environ if name.startswith(ENV_PREFIXES)]:
+            del os.environ[name]
+        os.environ.update(payload["env"])
         fields = dict(payload["call"], dtype=getattr(torch, payload["call"]["dtype"]))
         if payload["device"] is not None:
             torch.cuda.set_device(payload["device"])
