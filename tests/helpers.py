@@ -220,3 +220,26 @@ needs_onnx_export_flag = pytest.mark.skipif(
     torch.torch_version.TorchVersion(torch.__version__) < "2.8",
     reason=f"torch.onnx.export(dynamo=True) says it is exporting from torch 2.8 on (torch {torch.__version__})",
 )
+
+
+def auto_falls_back_to_native(monkeypatch, device: str, warning: str) -> tuple[fastlstm.LSTM, torch.Tensor]:
+    """A 2-layer fastlstm.LSTM whose auto is made to pick triton on `device` (measured faster): its calls warn once
+    (`warning`, a regex), give nn.LSTM's numbers bitwise, and the second call neither warns again nor retries.
+    Returns the module and its input, for what a test checks after."""
+    from fastlstm import dispatch
+
+    monkeypatch.setattr(dispatch, "_fast_backend_for", lambda device_type: "triton")
+    monkeypatch.setattr(dispatch, "_faster_than_native", lambda name, call: None)
+    torch.manual_seed(0)
+    m = fastlstm.LSTM(4, 8, 2, device=device)
+    ref = nn.LSTM(4, 8, 2, device=device)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(5, 3, 4, device=device)
+    with pytest.warns(RuntimeWarning, match=warning) as seen:
+        y, (h, c) = m(x)
+        m(x)
+    assert len([w for w in seen if issubclass(w.category, RuntimeWarning)]) == 1
+    y_ref, (h_ref, c_ref) = ref(x)
+    torch.testing.assert_close((y, h, c), (y_ref, h_ref, c_ref), rtol=0, atol=0)
+    assert fastlstm.explain(m, x).backends == ["native", "native"]
+    return m, x

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from helpers import (  # noqa: E402
     assert_backward_rows_match,
+    auto_falls_back_to_native,
     interpreter_has_float64,
     needs_readable_transform_tensors,
     needs_tracing,
@@ -487,26 +488,12 @@ def test_self_test_reports_wrong_numbers(corrupt, monkeypatch, fresh_self_tests)
 def test_auto_routes_around_a_failing_kernel_with_one_warning(monkeypatch, fresh_self_tests):
     """auto (made to pick triton here) falls back to native, warns once and says why; forced triton raises."""
     import fastlstm
-    from fastlstm import dispatch
 
-    monkeypatch.setattr(dispatch, "_fast_backend_for", lambda device_type: "triton")
-    monkeypatch.setattr(dispatch, "_faster_than_native", lambda name, call: None)
     monkeypatch.setattr(triton_kernels, "fwd_seq_kernel", _FailingKernel())
     monkeypatch.setenv(triton_ops.ENV_KERNEL, "sequence")
-    torch.manual_seed(0)
-    m = fastlstm.LSTM(4, 8, 2, device=DEVICE)
-    ref = nn.LSTM(4, 8, 2, device=DEVICE)
-    ref.load_state_dict(m.state_dict())
-    x = torch.randn(5, 3, 4, device=DEVICE)
-    with pytest.warns(RuntimeWarning, match="triton backend is unavailable.*self-test.*OutOfResources") as seen:
-        y, (h, c) = m(x)
-        m(x)  # the second call neither warns again nor retries the kernels
-    assert len([w for w in seen if issubclass(w.category, RuntimeWarning)]) == 1
-    y_ref, (h_ref, c_ref) = ref(x)
-    torch.testing.assert_close((y, h, c), (y_ref, h_ref, c_ref), rtol=0, atol=0)
-    plan = fastlstm.explain(m, x)
-    assert plan.backends == ["native", "native"]
-    assert "triton failed its self-test here" in str(plan)
+    warning = "triton backend is unavailable.*self-test.*OutOfResources"
+    m, x = auto_falls_back_to_native(monkeypatch, DEVICE, warning)
+    assert "triton failed its self-test here" in str(fastlstm.explain(m, x))
     forced = fastlstm.LSTM(4, 8, 2, device=DEVICE, backend="triton")
     with pytest.raises(triton.runtime.errors.OutOfResources):
         forced(x)

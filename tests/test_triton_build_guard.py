@@ -20,8 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from helpers import require_triton  # noqa: E402
-from torch import nn  # noqa: E402
+from helpers import auto_falls_back_to_native, require_triton  # noqa: E402
 
 triton = require_triton()
 
@@ -253,22 +252,9 @@ def test_verdicts_are_kept_apart_by_what_the_build_depends_on(guard, monkeypatch
 def test_auto_routes_around_a_crashing_build_and_a_forced_triton_raises(guard, monkeypatch):
     """auto (made to pick triton here) warns once and gives native's numbers; backend="triton" raises the crash
     as an error at the call, where the build would have ended the process."""
-    monkeypatch.setattr(dispatch, "_fast_backend_for", lambda device_type: "triton")
-    monkeypatch.setattr(dispatch, "_faster_than_native", lambda name, call: None)
     monkeypatch.setattr(triton_ops, "_run_self_test", lambda call, kernel: pytest.fail("built after a crash"))
     _child_runs(monkeypatch, LLVM_CRASH)
-    torch.manual_seed(0)
-    m = fastlstm.LSTM(4, 8, 2, device=DEVICE)
-    ref = nn.LSTM(4, 8, 2, device=DEVICE)
-    ref.load_state_dict(m.state_dict())
-    x = torch.randn(5, 3, 4, device=DEVICE)
-    with pytest.warns(RuntimeWarning, match="triton backend is unavailable.*SIGABRT.*Assertion") as seen:
-        y, (h, c) = m(x)
-        m(x)
-    assert len([w for w in seen if issubclass(w.category, RuntimeWarning)]) == 1
-    y_ref, (h_ref, c_ref) = ref(x)
-    torch.testing.assert_close((y, h, c), (y_ref, h_ref, c_ref), rtol=0, atol=0)
-    assert fastlstm.explain(m, x).backends == ["native", "native"]
+    _, x = auto_falls_back_to_native(monkeypatch, DEVICE, "triton backend is unavailable.*SIGABRT.*Assertion")
     forced = fastlstm.LSTM(4, 8, 2, device=DEVICE, backend="triton")
     with pytest.raises(fastlstm.BackendUnavailableError, match="cannot serve layer 0.*SIGABRT"):
         forced(x)
