@@ -58,6 +58,7 @@ def guard(monkeypatch, tmp_path):
     """The guard on for this device's calls, with an empty verdict cache on disk and in memory."""
     monkeypatch.setenv("FASTLSTM_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(build_guard, "_VERDICTS", {})
+    monkeypatch.setattr(build_guard, "_LAUNCHES", {})
     monkeypatch.setattr(build_guard, "_applies", lambda call: True)
     monkeypatch.setattr(build_guard, "_BUILDER", build_guard._Builder())
     monkeypatch.setattr(triton_ops, "_SELF_TESTS", {})
@@ -260,9 +261,28 @@ def test_auto_routes_around_a_crashing_build_and_a_forced_triton_raises(guard, m
         forced(x)
 
 
-@pytest.mark.skipif(
-    triton_version() != (3, 9), reason="the launch scripts/triton_abort.py compiles aborted triton 3.9's compiler"
-)
+def test_a_launch_planned_before_its_environment_changed_is_guarded_too(guard, monkeypatch):
+    """A tuning loop plans a call, then sets other tiles (FASTLSTM_TRITON_CONFIG) or the other kernel between calls:
+    the launchers ask again before building, and raise where a child crashed building them."""
+    commands = _child_runs(monkeypatch, ANSWERING_CHILD)
+    torch.manual_seed(0)
+    m = fastlstm.LSTM(4, 8, device=DEVICE, backend="triton")
+    x = torch.randn(5, 3, 4, device=DEVICE)
+    m(x)
+    assert len(commands) == 1  # dispatch's question and the launch's: one build
+    build_guard._BUILDER._stop()
+    _child_runs(monkeypatch, LLVM_CRASH)
+    monkeypatch.setenv(triton_ops.ENV_CONFIG, "num_warps=2")
+    with pytest.raises(build_guard.BuildCrashError, match="SIGABRT.*Assertion"):
+        m(x)
+    monkeypatch.delenv(triton_ops.ENV_CONFIG)
+    m(x)  # the tiles it was planned with still run
+    other = "sequence" if triton_ops.choose_kernel(3, 8, 8, x.dtype) == "step" else "step"
+    monkeypatch.setenv(triton_ops.ENV_KERNEL, other)
+    with pytest.raises(build_guard.BuildCrashError):
+        m(x)
+
+
 def test_info_says_where_kernels_are_built_and_what_crashed(guard, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert build_guard.describe().startswith("none (TRITON_INTERPRET=1")
@@ -281,6 +301,9 @@ def test_info_says_where_kernels_are_built_and_what_crashed(guard, monkeypatch):
     )
 
 
+@pytest.mark.skipif(
+    triton_version() != (3, 9), reason="the launch scripts/triton_abort.py compiles aborted triton 3.9's compiler"
+)
 def test_a_real_compiler_abort_is_caught(guard, monkeypatch):
     """Triton 3.9's LLVM, compiling for sm_90 (no GPU needed) a tile ops._blocks avoids, aborts the child."""
     pytest.importorskip("triton.backends.nvidia", reason="this triton build has no NVIDIA backend")

@@ -53,8 +53,37 @@ BUILD_MARK = "fastlstm build_guard: building"
 # Lines of the child's stderr quoted in a crash's reason: where LLVM says which assertion failed.
 QUOTED_LINES = 4
 
+# What of a LayerCall a build depends on (the rest, and the length, the self-test sets itself)
+BUILD_FIELDS = ("device_type", "dtype", "batch", "input_size", "hidden_size", "proj_size", "bias", "packed", "reverse",
+                "needs_grad")  # fmt: skip
+
 _log = logging.getLogger("fastlstm")
 _VERDICTS: dict[str, str | None] = {}  # the disk cache's key -> verdict, for this process
+_LAUNCHES: dict[tuple, str | None] = {}  # check_launch's cheap key -> verdict
+_IN_CHILD = False  # set in the child, whose own builds are the guarded ones
+
+
+class BuildCrashError(RuntimeError):
+    """Building these kernels crashed a child process: building them here would end this one."""
+
+
+def check_launch(x, hidden: int, proj_size: int, bias: bool, packed: bool, reverse: bool, needs_grad: bool,
+                 kernel: str) -> None:  # fmt: skip
+    """Raises BuildCrashError before the launchers build kernels a child crashed building; a dict lookup once known.
+
+    Dispatch asks crash_reason when it plans a call; this backstop, at every launch, also covers launches planned
+    before their environment changed (a tuning loop setting FASTLSTM_TRITON_CONFIG or the kernel between calls)
+    and the compiled op's (inductor calls it with no plan in between).
+    """
+    key = (x.device, x.dtype, x.shape[1], x.shape[2], hidden, proj_size, bias, packed, reverse, needs_grad, kernel,
+           torch.backends.cuda.matmul.allow_tf32, os.environ.get("FASTLSTM_TRITON_CONFIG"))  # fmt: skip
+    if key not in _LAUNCHES:
+        call = LayerCall(device_type=x.device.type, dtype=x.dtype, seq_len=2, batch=x.shape[1], input_size=x.shape[2],
+                         hidden_size=hidden, proj_size=proj_size, bias=bias, packed=packed, reverse=reverse,
+                         needs_grad=needs_grad)  # fmt: skip
+        _LAUNCHES[key] = crash_reason(call, kernel)
+    if _LAUNCHES[key] is not None:
+        raise BuildCrashError(_LAUNCHES[key])
 
 
 def crash_reason(call: LayerCall, kernel: str) -> str | None:
@@ -89,19 +118,19 @@ def describe() -> str:
 
 
 def _applies(call: LayerCall) -> bool:
-    # Only where triton compiles: CUDA tensors, not the interpreter. A CUDA graph capture may be running here: the
-    # child shares no stream with this process.
+    # Only where triton compiles: CUDA tensors, not the interpreter, and not in the child itself. A CUDA graph
+    # capture may be running here: the child shares no stream with this process.
     interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return call.device_type == "cuda" and not interpreting and os.environ.get(ENV_SWITCH, "1") != "0"
+    switched_on = os.environ.get(ENV_SWITCH, "1") != "0"
+    return call.device_type == "cuda" and not interpreting and switched_on and not _IN_CHILD
 
 
 def _payload(call: LayerCall, kernel: str) -> dict:
     """What the child needs to rebuild the call: JSON, so it crosses the process boundary as text."""
-    fields = {name: getattr(call, name) for name in call.__dataclass_fields__}
+    # Not the length (the self-test runs two steps), the layer's index or the transforms around the call, which
+    # change no kernel: a model fed sequences of many lengths, or stacking equal layers, is built once.
+    fields = {name: getattr(call, name) for name in BUILD_FIELDS}
     fields["dtype"] = str(call.dtype).removeprefix("torch.")
-    # The self-test runs two steps whatever the call's length, and a layer's index changes no kernel: left out, a
-    # model fed sequences of many lengths, or stacking equal layers, is built once, not once per length.
-    fields.update(seq_len=2, layer=0)
     device = torch.cuda.current_device() if call.device_type == "cuda" else None
     return {
         "call": fields, "kernel": kernel, "device": device, "tf32": torch.backends.cuda.matmul.allow_tf32,
@@ -322,6 +351,8 @@ def _write_verdict(key: str, reason: str | None) -> None:
 
 def _child_main() -> int:
     """Runs in the child: one self-test per line read (what _payload wrote), one line of reply each."""
+    global _IN_CHILD
+    _IN_CHILD = True
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever else prints (the kernels, torch) goes to stderr, not into the replies
     from fastlstm.backends.triton import ops
@@ -337,7 +368,7 @@ def _child_main() -> int:
         for name in [name for name in os.environ if name.startswith(ENV_PREFIXES)]:
             del os.environ[name]
         os.environ.update(payload["env"])
-        fields = dict(payload["call"], dtype=getattr(torch, payload["call"]["dtype"]))
+        fields = dict(payload["call"], dtype=getattr(torch, payload["call"]["dtype"]), seq_len=2)
         if payload["device"] is not None:
             torch.cuda.set_device(payload["device"])
         torch.backends.cuda.matmul.allow_tf32 = payload["tf32"]

@@ -32,6 +32,7 @@ from fastlstm.backends import (
     vmap_per_sample,
 )
 from fastlstm.backends.native import BACKEND as NATIVE
+from fastlstm.backends.triton import build_guard
 
 # triton itself (and the kernels) are imported where kernels launch: importing this module only defines the
 # torch ops, which `import fastlstm` does so that saved programs holding them load (TritonBackend.load_ops).
@@ -321,6 +322,8 @@ def forward_impl(
     H = w_hh.shape[0] // 4
     P = w_hh.shape[1]
     has_proj = w_hr is not None
+    build_guard.check_launch(x, H, P if has_proj else 0, b is not None, batch_sizes is not None, reverse, save_acts,
+                             kernel)  # fmt: skip
     xg = torch.nn.functional.linear(x, w_ih, b).contiguous()  # [T, B, 4H], every step in one GEMM
     buf = forward_buffers(T, B, H, P, x.dtype, x.device, has_proj, save_acts, xg=xg, w_hh=w_hh.contiguous(),
                           w_hr=w_hr.contiguous() if has_proj else None)  # fmt: skip
@@ -729,8 +732,6 @@ def self_test(call: LayerCall) -> str | None:
         call.bias, call.packed, call.reverse, call.needs_grad, _precision(call.dtype), os.environ.get(ENV_CONFIG),
     )  # fmt: skip
     if key not in _SELF_TESTS:
-        from fastlstm.backends.triton import build_guard
-
         try:
             _SELF_TESTS[key] = build_guard.crash_reason(call, kernel) or _run_self_test(call, kernel)
         except Exception as error:  # whatever the kernels raise here, the real call would raise too
