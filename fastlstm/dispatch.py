@@ -21,16 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from fastlstm import backends
-from fastlstm.backends import LayerCall
+from fastlstm.backends import BackendUnavailableError, LayerCall
 
 AUTO = "auto"
 ENV_VAR = "FASTLSTM_BACKEND"
 _log = logging.getLogger("fastlstm")
 _warned: set[str] = set()
-
-
-class BackendUnavailableError(RuntimeError):
-    """A forced backend cannot serve the call; the message names the reason."""
 
 
 @dataclass(frozen=True)

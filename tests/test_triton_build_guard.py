@@ -279,7 +279,7 @@ def test_a_launch_planned_before_its_environment_changed_is_guarded_too(guard, m
     m(x)  # the tiles it was planned with still run
     other = "sequence" if triton_ops.choose_kernel(3, 8, 8, x.dtype) == "step" else "step"
     monkeypatch.setenv(triton_ops.ENV_KERNEL, other)
-    with pytest.raises(build_guard.BuildCrashError):
+    with pytest.raises(fastlstm.BackendUnavailableError):  # what a forced backend raises when it cannot serve
         m(x)
 
 

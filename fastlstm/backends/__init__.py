@@ -19,6 +19,10 @@ from torch import Tensor
 LayerResult = tuple[Tensor, Tensor, Tensor]
 
 
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot serve the call; the message names the reason."""
+
+
 @dataclass(frozen=True)
 class LayerCall:
     """What a backend needs to know to decide whether it can serve one (layer, direction)."""

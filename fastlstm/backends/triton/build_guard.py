@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from fastlstm.backends import LayerCall, cache_root
+from fastlstm.backends import BackendUnavailableError, LayerCall, cache_root
 
 ENV_SWITCH = "FASTLSTM_TRITON_BUILD_IN_CHILD"
 # The environment a build depends on (triton's settings, the backend's tiles and kernel choice), sent with each one
@@ -63,22 +63,24 @@ _LAUNCHES: dict[tuple, str | None] = {}  # check_launch's cheap key -> verdict
 _IN_CHILD = False  # set in the child, whose own builds are the guarded ones
 
 
-class BuildCrashError(RuntimeError):
+class BuildCrashError(BackendUnavailableError):
     """Building these kernels crashed a child process: building them here would end this one."""
 
 
-def check_launch(x, hidden: int, proj_size: int, bias: bool, packed: bool, reverse: bool, needs_grad: bool,
-                 kernel: str) -> None:  # fmt: skip
+def check_launch(x, batch: int, input_size: int, hidden: int, proj_size: int, bias: bool, packed: bool,
+                 reverse: bool, needs_grad: bool, kernel: str) -> None:  # fmt: skip
     """Raises BuildCrashError before the launchers build kernels a child crashed building; a dict lookup once known.
 
     Dispatch asks crash_reason when it plans a call; this backstop, at every launch, also covers launches planned
     before their environment changed (a tuning loop setting FASTLSTM_TRITON_CONFIG or the kernel between calls)
     and the compiled op's (inductor calls it with no plan in between).
     """
-    key = (x.device, x.dtype, x.shape[1], x.shape[2], hidden, proj_size, bias, packed, reverse, needs_grad, kernel,
-           torch.backends.cuda.matmul.allow_tf32, os.environ.get("FASTLSTM_TRITON_CONFIG"))  # fmt: skip
+    dtype = x.dtype
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # half precision ignores the switch
+    key = (x.device, dtype, batch, input_size, hidden, proj_size, bias, packed, reverse, needs_grad, kernel, tf32,
+           os.environ.get("FASTLSTM_TRITON_CONFIG"))  # fmt: skip
     if key not in _LAUNCHES:
-        call = LayerCall(device_type=x.device.type, dtype=x.dtype, seq_len=2, batch=x.shape[1], input_size=x.shape[2],
+        call = LayerCall(device_type=x.device.type, dtype=dtype, seq_len=2, batch=batch, input_size=input_size,
                          hidden_size=hidden, proj_size=proj_size, bias=bias, packed=packed, reverse=reverse,
                          needs_grad=needs_grad)  # fmt: skip
         _LAUNCHES[key] = crash_reason(call, kernel)

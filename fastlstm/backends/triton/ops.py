@@ -318,12 +318,12 @@ def forward_impl(
     kernel: str,
     save_acts: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    T, B, _ = x.shape
+    T, B, I = x.shape
     H = w_hh.shape[0] // 4
     P = w_hh.shape[1]
     has_proj = w_hr is not None
-    build_guard.check_launch(x, H, P if has_proj else 0, b is not None, batch_sizes is not None, reverse, save_acts,
-                             kernel)  # fmt: skip
+    build_guard.check_launch(x, B, I, H, P if has_proj else 0, b is not None, batch_sizes is not None, reverse,
+                             save_acts, kernel)  # fmt: skip
     xg = torch.nn.functional.linear(x, w_ih, b).contiguous()  # [T, B, 4H], every step in one GEMM
     buf = forward_buffers(T, B, H, P, x.dtype, x.device, has_proj, save_acts, xg=xg, w_hh=w_hh.contiguous(),
                           w_hr=w_hr.contiguous() if has_proj else None)  # fmt: skip
