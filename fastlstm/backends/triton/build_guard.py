@@ -7,7 +7,9 @@ So before this process builds the kernels a CUDA call needs, a child process run
 (ops._run_self_test: the same sizes, flags, kernel, precision and GPU, on two steps). A child killed by a signal
 means building them here would kill this process too: the call goes to native (auto) or raises (a forced
 backend). A child that ends any other way changes nothing: the kernels are built here as before, and any error
-they raise is an ordinary exception.
+they raise is an ordinary exception. Dispatch asks (crash_reason) when it plans a call, and the launchers ask
+again (check_launch, a dict lookup once known) for what changed since: tiles or kernel set in the environment
+between calls, the compiled op's launches.
 
 One child serves a process (_Builder): it starts on the first configuration to build (seconds: importing torch
 and triton, initialising CUDA) and each build after costs the self-test's time; its compiles land in triton's
@@ -264,12 +266,12 @@ class _Builder:
 
     def _forget(self) -> None:
         if self.process is not None:
-            for pipe in (self.process.stdin, self.process.stdout):
+            for pipe in (self.process.stdin, self.process.stdout, self.stderr):
                 try:
                     pipe.close()
                 except OSError:  # a write the child never read: nothing to keep
                     pass
-        self.process = None
+        self.process = self.stderr = None
 
     def _said_since_request(self) -> str:
         """What the child wrote to stderr since it began the last build (it marks each one)."""
