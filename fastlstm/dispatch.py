@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from fastlstm import backends
-from fastlstm.backends import BackendUnavailableError, LayerCall
+from fastlstm.backends import BackendUnavailableError, BuildCrashError, LayerCall
 
 AUTO = "auto"
 ENV_VAR = "FASTLSTM_BACKEND"
@@ -509,10 +509,11 @@ def choose(name: str, call: LayerCall) -> Choice:
         return Choice("native", reason)
     if name != AUTO:
         reason = cannot_serve(name, call)
-        if reason is None and not torch.compiler.is_compiling():
-            reason = backends.get(name).crash_reason(call)
         if reason is not None:
             raise BackendUnavailableError(f"fastlstm backend {name!r} cannot serve {where}: {reason}")
+        crash = None if torch.compiler.is_compiling() else backends.get(name).crash_reason(call)
+        if crash is not None:
+            raise BuildCrashError(f"fastlstm backend {name!r} cannot serve {where}: {crash}")
         return Choice(name, "forced")
     native_fails = _native_cannot_run(call)
     fast = _fast_backend_for(call.device_type)

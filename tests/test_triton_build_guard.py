@@ -257,7 +257,7 @@ def test_auto_routes_around_a_crashing_build_and_a_forced_triton_raises(guard, m
     _child_runs(monkeypatch, LLVM_CRASH)
     _, x = auto_falls_back_to_native(monkeypatch, DEVICE, "triton backend is unavailable.*SIGABRT.*Assertion")
     forced = fastlstm.LSTM(4, 8, 2, device=DEVICE, backend="triton")
-    with pytest.raises(fastlstm.BackendUnavailableError, match="cannot serve layer 0.*SIGABRT"):
+    with pytest.raises(fastlstm.backends.BuildCrashError, match="cannot serve layer 0.*SIGABRT"):
         forced(x)
 
 
@@ -281,6 +281,18 @@ def test_a_launch_planned_before_its_environment_changed_is_guarded_too(guard, m
     monkeypatch.setenv(triton_ops.ENV_KERNEL, other)
     with pytest.raises(fastlstm.BackendUnavailableError):  # what a forced backend raises when it cannot serve
         m(x)
+
+
+def test_check_counts_a_crash_as_a_failure(guard, monkeypatch, capsys):
+    """`python -m fastlstm check --backend triton` on a GPU whose compiler crashes: each configuration says CRASH
+    and the run fails (a backend that cannot serve a dtype is skipped instead)."""
+    from fastlstm.__main__ import main
+
+    _child_runs(monkeypatch, LLVM_CRASH)
+    assert main(["check", "--backend", "triton", "--device", DEVICE, "--dtype", "float32"]) == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("triton ")]
+    assert lines and all(" CRASH fastlstm backend 'triton' cannot serve layer 0" in line for line in lines), lines
+    assert all("SIGABRT" in line for line in lines)
 
 
 def test_info_says_where_kernels_are_built_and_what_crashed(guard, monkeypatch):

@@ -23,6 +23,11 @@ class BackendUnavailableError(RuntimeError):
     """A forced backend cannot serve the call; the message names the reason."""
 
 
+class BuildCrashError(BackendUnavailableError):
+    """Building a backend's kernels for the call crashed a child process (Backend.crash_reason): building them in
+    this process would end it. Unlike the rest of BackendUnavailableError, a defect of the backend here."""
+
+
 @dataclass(frozen=True)
 class LayerCall:
     """What a backend needs to know to decide whether it can serve one (layer, direction)."""

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from fastlstm.backends import BackendUnavailableError, LayerCall, cache_root
+from fastlstm.backends import BuildCrashError, LayerCall, cache_root
 
 ENV_SWITCH = "FASTLSTM_TRITON_BUILD_IN_CHILD"
 # The environment a build depends on (triton's settings, the backend's tiles and kernel choice), sent with each one
@@ -63,10 +63,6 @@ _log = logging.getLogger("fastlstm")
 _VERDICTS: dict[str, str | None] = {}  # the disk cache's key -> verdict, for this process
 _LAUNCHES: dict[tuple, str | None] = {}  # check_launch's cheap key -> verdict
 _IN_CHILD = False  # set in the child, whose own builds are the guarded ones
-
-
-class BuildCrashError(BackendUnavailableError):
-    """Building these kernels crashed a child process: building them here would end this one."""
 
 
 def check_launch(x, batch: int, input_size: int, hidden: int, proj_size: int, bias: bool, packed: bool,
