@@ -6,7 +6,8 @@
 #   3. with --tune: benchmarks/gpu_tune.py (other tile sizes and warps per kernel against nn.LSTM, for setting
 #      ops._blocks and the launch options), in what is left of 9 minutes
 # Results: $OUT when set, else benchmarks/results/: pytest_cuda.log, gpu_grid.json, gpu_grid.md (gpu_tune.json,
-# gpu_tune.md).
+# gpu_tune.md), and fastlstm_info.txt (`python -m fastlstm info` after the runs: which kernel configurations
+# crashed the compiler in a child process, if any did).
 #
 #   bash benchmarks/gpu_check.sh [--tune]             # on the GPU machine (--tune: one device call of <= 9.5 min)
 #   bash benchmarks/gpu_check.sh --dry-run [--tune]   # CPU smoke test: cuda tests skip, tiny runs, TRITON_INTERPRET=1
@@ -84,6 +85,9 @@ if [[ $TUNE -eq 1 ]]; then
         echo "tuning: exit $tune_status in $((SECONDS - start)) s"
     fi
 fi
+
+timeout 60 "$PY" -m fastlstm info > "$RESULTS/fastlstm_info.txt" 2>&1
+grep -A20 "^triton builds" "$RESULTS/fastlstm_info.txt"
 
 for status in "$pytest_status" "$grid_status" "$tune_status"; do
     if [[ $status -ne 0 ]]; then exit "$status"; fi
