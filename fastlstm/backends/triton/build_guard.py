@@ -45,6 +45,7 @@ from fastlstm.backends import BuildCrashError, LayerCall, cache_root
 ENV_SWITCH = "FASTLSTM_TRITON_BUILD_IN_CHILD"
 # The environment a build depends on (triton's settings, the backend's tiles and kernel choice), sent with each one
 ENV_PREFIXES = ("TRITON_", "FASTLSTM_TRITON_")
+ENV_TILES = "FASTLSTM_TRITON_CONFIG"  # ops.ENV_CONFIG (ops imports this module): what a tuning loop changes
 # A child still building after this long is stopped and the call served without triton: a compile this slow is
 # itself a fault (a cold build of every kernel one call needs takes seconds).
 CHILD_TIMEOUT_S = 600
@@ -74,9 +75,8 @@ def check_launch(x, batch: int, input_size: int, hidden: int, proj_size: int, bi
     and the compiled op's (inductor calls it with no plan in between).
     """
     dtype = x.dtype
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32  # half precision ignores the switch
-    key = (x.device, dtype, batch, input_size, hidden, proj_size, bias, packed, reverse, needs_grad, kernel, tf32,
-           os.environ.get("FASTLSTM_TRITON_CONFIG"))  # fmt: skip
+    key = (x.device, dtype, batch, input_size, hidden, proj_size, bias, packed, reverse, needs_grad, kernel,
+           _tf32(dtype), os.environ.get(ENV_TILES))  # fmt: skip
     if key not in _LAUNCHES:
         call = LayerCall(device_type=x.device.type, dtype=dtype, seq_len=2, batch=batch, input_size=input_size,
                          hidden_size=hidden, proj_size=proj_size, bias=bias, packed=packed, reverse=reverse,
@@ -117,6 +117,11 @@ def describe() -> str:
     return text + "".join(f"\n  crashed: {reason}" for reason in crashed)
 
 
+def _tf32(dtype: torch.dtype) -> bool:
+    """Whether float32 dots may run as TF32 (ops._precision); half precision ignores the switch."""
+    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+
+
 def _applies(call: LayerCall) -> bool:
     # Only where triton compiles: CUDA tensors, not the interpreter, and not in the child itself. A CUDA graph
     # capture may be running here: the child shares no stream with this process.
@@ -133,7 +138,7 @@ def _payload(call: LayerCall, kernel: str) -> dict:
     fields["dtype"] = str(call.dtype).removeprefix("torch.")
     device = torch.cuda.current_device() if call.device_type == "cuda" else None
     return {
-        "call": fields, "kernel": kernel, "device": device, "tf32": torch.backends.cuda.matmul.allow_tf32,
+        "call": fields, "kernel": kernel, "device": device, "tf32": _tf32(call.dtype),
         # As it is now: the child's own environment is the one this process had when it started the child, and
         # a tuning loop sets FASTLSTM_TRITON_CONFIG between calls
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
