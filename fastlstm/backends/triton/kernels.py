@@ -17,7 +17,8 @@ Backward:
 
 Every K and N extent (H, P) is a constexpr: loops over them are static, so the kernels also run under
 TRITON_INTERPRET=1; the time loop of the sequence kernels is a `while` over a runtime T.
-Offsets are int32: the launcher refuses calls with more than 2**31 elements in one buffer.
+Offsets are int32 (the per-step kernels compute theirs from the step indices): the launcher refuses calls with
+more than 2**31 elements in one buffer.
 """
 
 # No `from __future__ import annotations` here: triton 3.1's interpreter takes a parameter as constexpr only where
@@ -282,19 +283,24 @@ def _bwd_cell(
 
 # ---------------------------------------------------------------------------------------------------------
 # Per-step kernels: grid (batch tiles, column tiles), one launch (two with a projection) per time step.
+# They take whole buffers and the step's indices, and offset the pointers themselves: slicing a tensor per
+# buffer per step cost the launcher more host time than the launch (~1.4 us a view). The indices are not
+# specialised: as values equal to 1 or divisible by 16 they would compile a kernel twice more.
 # ---------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t", "prev", "out"])
 def fwd_step_kernel(
     xg_ptr,
-    h_prev_ptr,
-    c_prev_ptr,
-    c_out_ptr,
+    hs_ptr,
+    cs_ptr,
     acts_ptr,
     h_out_ptr,
     y_ptr,
     w_hh_ptr,
+    t,
+    prev,
+    out,
     n,
     B,
     H: tl.constexpr,
@@ -307,22 +313,29 @@ def fwd_step_kernel(
     ACC: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """One time step; pointers are already offset to this step's slices."""
+    """Time step t, reading state slot `prev` and writing slot `out`; h_out_ptr is r with HAS_PROJ, else hs."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    if HAS_PROJ:
+        h_out_ptr += t * (B * H)
+    else:
+        h_out_ptr += out * (B * P)
     _fwd_cell(
-        rows, n, B, cols, xg_ptr, h_prev_ptr, c_prev_ptr, c_out_ptr, acts_ptr, h_out_ptr, y_ptr, w_hh_ptr,
-        H, P, HAS_PROJ, SAVE_ACTS, BLOCK_B, BLOCK_H, BLOCK_K, ACC, PREC,
+        rows, n, B, cols, xg_ptr + t * (B * 4 * H), hs_ptr + prev * (B * P), cs_ptr + prev * (B * H),
+        cs_ptr + out * (B * H), acts_ptr + t * (B * 4 * H), h_out_ptr,
+        y_ptr + t * (B * P), w_hh_ptr, H, P, HAS_PROJ, SAVE_ACTS, BLOCK_B, BLOCK_H, BLOCK_K, ACC, PREC,
     )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t", "prev", "out"])
 def fwd_proj_kernel(
     r_ptr,
     w_hr_ptr,
-    h_prev_ptr,
-    h_out_ptr,
+    hs_ptr,
     y_ptr,
+    t,
+    prev,
+    out,
     n,
     B,
     H: tl.constexpr,
@@ -333,24 +346,28 @@ def fwd_proj_kernel(
     ACC: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    """Time step t's projection: h of slot `out` from r[t], slot `prev` kept where a row is not live."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     _fwd_proj(
-        rows, n, B, cols, r_ptr, w_hr_ptr, h_prev_ptr, h_out_ptr, y_ptr, H, P, BLOCK_B, BLOCK_P, BLOCK_K, ACC, PREC
-    )
+        rows, n, B, cols, r_ptr + t * (B * H), w_hr_ptr, hs_ptr + prev * (B * P), hs_ptr + out * (B * P),
+        y_ptr + t * (B * P), H, P, BLOCK_B, BLOCK_P, BLOCK_K, ACC, PREC,
+    )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t", "prev", "out", "nxt"])
 def bwd_step_kernel(
-    dg_next_ptr,
+    dgb_ptr,
     w_hh_ptr,
     dy_ptr,
     dh_ptr,
     acts_ptr,
-    c_ptr,
-    c_prev_ptr,
+    cs_ptr,
     dc_ptr,
-    dg_ptr,
+    t,
+    prev,
+    out,
+    nxt,
     n,
     n_next,
     B,
@@ -361,25 +378,30 @@ def bwd_step_kernel(
     ACC: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """One reverse step without projection (P == H): dh for columns `cols` and the cell backward of the same
-    hidden units, fused: dh never leaves the program."""
+    """Reverse step t without projection (P == H), after step `nxt` (dgates at slot nxt + 1 of dgb): dh for
+    columns `cols` and the cell backward of the same hidden units, fused: dh never leaves the program."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dh = _bwd_dh(
-        rows, n, n_next, B, cols, dg_next_ptr, w_hh_ptr, dy_ptr, dh_ptr, dh_ptr, 0,
-        H, H, False, BLOCK_B, BLOCK_H, BLOCK_K, ACC, PREC,
+        rows, n, n_next, B, cols, dgb_ptr + (nxt + 1) * (B * 4 * H), w_hh_ptr, dy_ptr + t * (B * H), dh_ptr, dh_ptr,
+        0, H, H, False, BLOCK_B, BLOCK_H, BLOCK_K, ACC, PREC,
     )  # fmt: skip
-    _bwd_cell(rows, n, B, cols, dh, acts_ptr, c_ptr, c_prev_ptr, dc_ptr, dg_ptr, H)
+    _bwd_cell(
+        rows, n, B, cols, dh, acts_ptr + t * (B * 4 * H), cs_ptr + out * (B * H), cs_ptr + prev * (B * H), dc_ptr,
+        dgb_ptr + (t + 1) * (B * 4 * H), H,
+    )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t", "nxt"])
 def bwd_dh_kernel(
-    dg_next_ptr,
+    dgb_ptr,
     w_hh_ptr,
     dy_ptr,
     dh_ptr,
     dhy_ptr,
     store_dhy,
+    t,
+    nxt,
     n,
     n_next,
     B,
@@ -392,24 +414,27 @@ def bwd_dh_kernel(
     ACC: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Reverse step, part 1 with a projection (and the final dh0 in every case): the carry dh over P."""
+    """Reverse step t, part 1 with a projection (and the final dh0 in every case): the carry dh over P, from the
+    dgates of step `nxt` (slot nxt + 1 of dgb) and dy[t]; dhy[t] too where store_dhy."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     _bwd_dh(
-        rows, n, n_next, B, cols, dg_next_ptr, w_hh_ptr, dy_ptr, dh_ptr, dhy_ptr, store_dhy,
-        H, P, HAS_PROJ, BLOCK_B, BLOCK_P, BLOCK_K, ACC, PREC,
+        rows, n, n_next, B, cols, dgb_ptr + (nxt + 1) * (B * 4 * H), w_hh_ptr, dy_ptr + t * (B * P), dh_ptr,
+        dhy_ptr + t * (B * P), store_dhy, H, P, HAS_PROJ, BLOCK_B, BLOCK_P, BLOCK_K, ACC, PREC,
     )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t", "prev", "out"])
 def bwd_proj_cell_kernel(
     dh_ptr,
     w_hr_ptr,
     acts_ptr,
-    c_ptr,
-    c_prev_ptr,
+    cs_ptr,
     dc_ptr,
-    dg_ptr,
+    dgb_ptr,
+    t,
+    prev,
+    out,
     n,
     B,
     H: tl.constexpr,
@@ -420,12 +445,15 @@ def bwd_proj_cell_kernel(
     ACC: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Reverse step, part 2 with a projection: dr = dh @ W_hr for hidden units `cols`, then the cell backward."""
+    """Reverse step t, part 2 with a projection: dr = dh @ W_hr for hidden units `cols`, then the cell backward."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     live = rows < n
     dr = _mm_rows(dh_ptr, P, rows, live, w_hr_ptr, H, 1, cols, cols < H, P, BLOCK_B, BLOCK_H, BLOCK_K, ACC, PREC)
-    _bwd_cell(rows, n, B, cols, dr, acts_ptr, c_ptr, c_prev_ptr, dc_ptr, dg_ptr, H)
+    _bwd_cell(
+        rows, n, B, cols, dr, acts_ptr + t * (B * 4 * H), cs_ptr + out * (B * H), cs_ptr + prev * (B * H), dc_ptr,
+        dgb_ptr + (t + 1) * (B * 4 * H), H,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -267,22 +267,20 @@ def run_forward_loop(buf: ForwardBuffers, live: list[int], reverse: bool, has_pr
             HAS_PROJ=has_proj, REVERSE=reverse, SAVE_ACTS=save_acts, **blk, **common,
         )  # fmt: skip
         return
-    grid_h = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(H, blk["BLOCK_H"]))
-    grid_p = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(P, blk["BLOCK_P"]))
-    hs, cs, r = buf.hs, buf.cs, buf.r
+    # Everything but the step's indices is the same for every launch: made once, outside the loop
+    step = kernels.fwd_step_kernel[(triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(H, blk["BLOCK_H"]))]
+    step_consts = dict(H=H, P=P, HAS_PROJ=has_proj, SAVE_ACTS=save_acts, BLOCK_B=blk["BLOCK_B"],
+                       BLOCK_H=blk["BLOCK_H"], BLOCK_K=blk["BLOCK_K"], **common)  # fmt: skip
+    proj = kernels.fwd_proj_kernel[(triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(P, blk["BLOCK_P"]))]
+    proj_consts = dict(H=H, P=P, BLOCK_B=blk["BLOCK_B"], BLOCK_P=blk["BLOCK_P"], BLOCK_K=blk["BLOCK_K"], **common)
+    xg, hs, cs, acts, r, y, w_hh, w_hr = buf.xg, buf.hs, buf.cs, buf.acts, buf.r, buf.y, buf.w_hh, buf.w_hr
+    h_out = r if has_proj else hs
     for s in range(T):
         t = T - 1 - s if reverse else s
         prev, out = (t + 1, t) if reverse else (t, t + 1)
-        kernels.fwd_step_kernel[grid_h](
-            buf.xg[t], hs[prev], cs[prev], cs[out], buf.acts[t] if save_acts else buf.acts,
-            r[t] if has_proj else hs[out], buf.y[t], buf.w_hh, live[t], B, H=H, P=P, HAS_PROJ=has_proj,
-            SAVE_ACTS=save_acts, BLOCK_B=blk["BLOCK_B"], BLOCK_H=blk["BLOCK_H"], BLOCK_K=blk["BLOCK_K"], **common,
-        )  # fmt: skip
+        step(xg, hs, cs, acts, h_out, y, w_hh, t, prev, out, live[t], B, **step_consts)
         if has_proj:
-            kernels.fwd_proj_kernel[grid_p](
-                r[t], buf.w_hr, hs[prev], hs[out], buf.y[t], live[t], B, H=H, P=P, BLOCK_B=blk["BLOCK_B"],
-                BLOCK_P=blk["BLOCK_P"], BLOCK_K=blk["BLOCK_K"], **common,
-            )  # fmt: skip
+            proj(r, w_hr, hs, y, t, prev, out, live[t], B, **proj_consts)
 
 
 def _launch_config(B: int, H: int, P: int, kernel: str, dtype: torch.dtype) -> tuple[dict, dict]:
@@ -422,30 +420,23 @@ def backward_rows_impl(
     else:
         grid_h = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(H, blk["BLOCK_H"]))
         grid_p = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(P, blk["BLOCK_P"]))
+        # Everything but the step's indices is the same for every launch: made once, outside the loop
+        tiles_h = dict(BLOCK_B=blk["BLOCK_B"], BLOCK_H=blk["BLOCK_H"], BLOCK_K=blk["BLOCK_K"], **common)
+        tiles_p = dict(H=H, P=P, BLOCK_B=blk["BLOCK_B"], BLOCK_P=blk["BLOCK_P"], BLOCK_K=blk["BLOCK_K"], **common)
+        step, dh_step = kernels.bwd_step_kernel[grid_h], kernels.bwd_dh_kernel[grid_p]
+        cell_step = kernels.bwd_proj_cell_kernel[grid_h]
         for s in range(T):
             t = s if reverse else T - 1 - s
             nxt = t - 1 if reverse else t + 1
             prev, out = (t + 1, t) if reverse else (t, t + 1)
             n_next = live[nxt] if 0 <= nxt < T else 0
             if has_proj:
-                kernels.bwd_dh_kernel[grid_p](
-                    dgb[nxt + 1], w_hh, grad_y[t], dh, dhy[t], 1, live[t], n_next, B, H=H, P=P, HAS_PROJ=True,
-                    BLOCK_B=blk["BLOCK_B"], BLOCK_P=blk["BLOCK_P"], BLOCK_K=blk["BLOCK_K"], **common,
-                )  # fmt: skip
-                kernels.bwd_proj_cell_kernel[grid_h](
-                    dh, w_hr_c, acts[t], cs[out], cs[prev], dc, dgb[t + 1], live[t], B, H=H, P=P,
-                    BLOCK_B=blk["BLOCK_B"], BLOCK_H=blk["BLOCK_H"], BLOCK_K=blk["BLOCK_K"], **common,
-                )  # fmt: skip
+                dh_step(dgb, w_hh, grad_y, dh, dhy, 1, t, nxt, live[t], n_next, B, HAS_PROJ=True, **tiles_p)
+                cell_step(dh, w_hr_c, acts, cs, dc, dgb, t, prev, out, live[t], B, H=H, P=P, **tiles_h)
             else:
-                kernels.bwd_step_kernel[grid_h](
-                    dgb[nxt + 1], w_hh, grad_y[t], dh, acts[t], cs[out], cs[prev], dc, dgb[t + 1], live[t], n_next, B,
-                    H=H, BLOCK_B=blk["BLOCK_B"], BLOCK_H=blk["BLOCK_H"], BLOCK_K=blk["BLOCK_K"], **common,
-                )  # fmt: skip
+                step(dgb, w_hh, grad_y, dh, acts, cs, dc, t, prev, out, nxt, live[t], n_next, B, H=H, **tiles_h)
         # dh0 = dgates of the first processed step @ W_hh where that step was live; the carry elsewhere.
-        kernels.bwd_dh_kernel[grid_p](
-            dgb[first + 1], w_hh, grad_y[0], dh, dh, 0, 0, live[first], B, H=H, P=P, HAS_PROJ=False,
-            BLOCK_B=blk["BLOCK_B"], BLOCK_P=blk["BLOCK_P"], BLOCK_K=blk["BLOCK_K"], **common,
-        )  # fmt: skip
+        dh_step(dgb, w_hh, grad_y, dh, dh, 0, 0, first, 0, live[first], B, HAS_PROJ=False, **tiles_p)
     dg = dgb[1 : T + 1]  # [T, B, 4H] in time order
     dx = (dg.reshape(T * B, 4 * H) @ w_ih).view(T, B, I)
     return dx, dh.to(dtype), dc.to(dtype), dg, dhy if has_proj else x.new_empty(0)
