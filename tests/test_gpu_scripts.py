@@ -86,3 +86,22 @@ def test_tune_markdown_marks_the_best_and_keeps_failures():
     assert len({line.count("|") for line in table}) == 1, table
     assert "**num_warps=8: 2x**" in table[2] and "BLOCK_K=32: failed (CompilationError" in table[2]
     assert "skipped: time budget spent" in table[3]
+
+
+def test_host_cost_script_times_both_loops_and_puts_the_kernels_back():
+    """benchmarks/triton_host_cost.py (its own process: it sets TRITON_INTERPRET=0 for the launchers' real path)
+    prints a forward and a backward figure with and without a projection, and leaves the kernels as it found
+    them."""
+    from helpers import run_python
+
+    code = (
+        "import sys; sys.path.insert(0, 'benchmarks'); import triton_host_cost as h; "
+        "from fastlstm.backends.triton import kernels; before = {n: getattr(kernels, n) for n in h.STEP_KERNELS}; "
+        "assert h.main(['--steps', '5', '--reps', '2']) == 0; "
+        "assert all(getattr(kernels, n) is k for n, k in before.items())"
+    )
+    done = run_python("-c", code)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["no projection", "projection 8"], done.stdout
+    assert all(" us a step, backward " in line and line.endswith("us a step (host only)") for line in lines)
