@@ -243,3 +243,13 @@ def auto_falls_back_to_native(monkeypatch, device: str, warning: str) -> tuple[f
     torch.testing.assert_close((y, h, c), (y_ref, h_ref, c_ref), rtol=0, atol=0)
     assert fastlstm.explain(m, x).backends == ["native", "native"]
     return m, x
+
+
+def small_layer_call(device_type: str, **changes):
+    """A LayerCall for a small float32 layer (T5-B3-I4-H8, bias, gradients), with `changes` applied: what the
+    triton tests ask the backend's questions (self-test, build guard) about."""
+    from fastlstm.backends import LayerCall
+
+    base = dict(device_type=device_type, dtype=torch.float32, seq_len=5, batch=3, input_size=4, hidden_size=8,
+                proj_size=0, bias=True, packed=False, reverse=False, needs_grad=True)  # fmt: skip
+    return LayerCall(**{**base, **changes})

@@ -22,6 +22,7 @@ from helpers import (  # noqa: E402
     needs_readable_transform_tensors,
     needs_tracing,
     require_triton,
+    small_layer_call,
 )
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
@@ -363,10 +364,8 @@ def test_choose_kernel(monkeypatch):
         triton_ops.choose_kernel(4, 128, 128, f32)
 
 
-def _call(**kw):
-    base = dict(device_type=DEVICE, dtype=torch.float32, seq_len=5, batch=3, input_size=4, hidden_size=8, proj_size=0,
-                bias=True, packed=False, reverse=False, needs_grad=True)  # fmt: skip
-    return LayerCall(**{**base, **kw})
+def _call(**kw) -> LayerCall:
+    return small_layer_call(kw.pop("device_type", DEVICE), **kw)
 
 
 def test_vmap_needs_the_ops_vmap_rule(monkeypatch):

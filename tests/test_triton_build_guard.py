@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from helpers import auto_falls_back_to_native, require_triton  # noqa: E402
+from helpers import auto_falls_back_to_native, require_triton, small_layer_call  # noqa: E402
 
 triton = require_triton()
 
@@ -48,9 +48,7 @@ ANSWERING_CHILD = "import sys\nfor line in sys.stdin:\n    print('{\"self_test\"
 
 
 def _call(**kw) -> LayerCall:
-    base = dict(device_type=DEVICE, dtype=torch.float32, seq_len=5, batch=3, input_size=4, hidden_size=8, proj_size=0,
-                bias=True, packed=False, reverse=False, needs_grad=True)  # fmt: skip
-    return LayerCall(**{**base, **kw})
+    return small_layer_call(kw.pop("device_type", DEVICE), **kw)
 
 
 @pytest.fixture

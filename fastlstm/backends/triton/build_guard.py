@@ -25,6 +25,7 @@ FASTLSTM_TRITON_BUILD_IN_CHILD=0 turns the guard off; under TRITON_INTERPRET=1 n
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ from pathlib import Path
 import torch
 
 from fastlstm.backends import BuildCrashError, LayerCall, cache_root
+from fastlstm.backends.triton import _interpreting
 
 ENV_SWITCH = "FASTLSTM_TRITON_BUILD_IN_CHILD"
 # The environment a build depends on (triton's settings, the backend's tiles and kernel choice), sent with each one
@@ -107,9 +109,9 @@ def crash_reason(call: LayerCall, kernel: str) -> str | None:
 
 def describe() -> str:
     """Where kernels are first built, and the verdicts kept on this machine (`fastlstm info`)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if _interpreting():
         return "none (TRITON_INTERPRET=1 runs the kernels uncompiled)"
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    if not _switched_on():
         return f"in this process ({ENV_SWITCH}=0): a compiler crash would end it"
     verdicts = [v for v in (_read_file(path) for path in sorted(_cache_dir().glob("*.json"))) if v is not None]
     crashed = [v["reason"] for v in verdicts if v["reason"] is not None]
@@ -125,9 +127,11 @@ def _tf32(dtype: torch.dtype) -> bool:
 def _applies(call: LayerCall) -> bool:
     # Only where triton compiles: CUDA tensors, not the interpreter, and not in the child itself. A CUDA graph
     # capture may be running here: the child shares no stream with this process.
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    switched_on = os.environ.get(ENV_SWITCH, "1") != "0"
-    return call.device_type == "cuda" and not interpreting and switched_on and not _IN_CHILD
+    return call.device_type == "cuda" and not _interpreting() and _switched_on() and not _IN_CHILD
+
+
+def _switched_on() -> bool:
+    return os.environ.get(ENV_SWITCH, "1") != "0"
 
 
 def _payload(call: LayerCall, kernel: str) -> dict:
@@ -158,17 +162,13 @@ def _key(payload: dict) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
 
 
-_SOURCE_DIGEST: list[str] = []
-
-
+@functools.cache
 def _source_digest() -> str:
     """A digest of the backend's sources: a verdict holds for the kernels it was reached with."""
-    if not _SOURCE_DIGEST:
-        digest = hashlib.sha256()
-        for path in sorted(Path(__file__).parent.glob("*.py")):
-            digest.update(path.name.encode() + path.read_bytes())
-        _SOURCE_DIGEST.append(digest.hexdigest())
-    return _SOURCE_DIGEST[0]
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _child_command() -> list[str]:
