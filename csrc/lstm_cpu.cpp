@@ -406,6 +406,27 @@ inline int64_t inference_chunk_steps(int64_t B, int64_t H, size_t elem_bytes) {
   return std::max<int64_t>(1, static_cast<int64_t>(kScratchKeep / (B * 4 * H * elem_bytes)));
 }
 
+// Whether a single step (T = 1: streaming, LSTM.step) of B rows multiplies every weight as stored (dot_rows)
+// rather than packed: a packed weight pays when several steps or many rows read it, and packing writes the whole
+// weight out once more. weight_bytes: w_ih and w_hh as the kernel reads them. The ops alone on Zen 4 (2 threads,
+// float32, I = H, FASTLSTM_ONE_STEP_ROWS=0 against 16 or 64, alternating processes, best of 5-7, on a VM whose
+// figures for unchanged code moved up to 1.5x between rounds): batch 1-8 at hidden 16-1024 1.2-2.7x faster (hidden
+// 32 at batch 1 0.73x in one early pair of rounds, 1.2-1.5x in three later), batch 2-8 at hidden 512-1024 2.8-7x,
+// where packing streamed the weight through memory twice more; batch 16 1.9-3.2x
+// faster at hidden 512-1024 (8 MB of weights and more) but 0.8-1.0x at hidden 32-256, where dot_rows, reading
+// each weight vector once per row, loses to the packed kernel's row blocks; batch 32 at hidden 128-256 0.5-0.8x.
+// FASTLSTM_ONE_STEP_ROWS=N: up to N rows whatever the size (0: never).
+inline int64_t one_step_rows_override() {
+  static const char* env = std::getenv("FASTLSTM_ONE_STEP_ROWS");
+  static const int64_t rows = !kHasDotRows ? 0 : env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : -1;
+  return rows;
+}
+
+inline bool one_step_pays(int64_t B, int64_t weight_bytes) {
+  if (one_step_rows_override() >= 0) return B <= one_step_rows_override();
+  return B <= 8 || (B <= 16 && weight_bytes >= (int64_t(8) << 20));
+}
+
 // Which kernel serves which product on this CPU, with the knobs applied (for `python -m fastlstm info` and the
 // tests that force each path).
 std::string kernel_choices() {
@@ -459,6 +480,10 @@ std::string kernel_choices() {
           : dot_rows_override() == 0 ? std::string("packed weight always")
                                      : std::string("dot products over w_hh as stored at batch 1 with rows of 16+ "
                                                    "vectors (8+ up to 16 steps), else packed weight")) +
+         "; a single step: every product as dot products over the weights as stored " +
+         (one_step_rows_override() > 0    ? "up to " + std::to_string(one_step_rows_override()) + " rows"
+          : one_step_rows_override() == 0 ? std::string("never")
+                                          : std::string("up to 8 rows, 16 with 8 MB of weights")) +
          "; long inference with the input projected up front: in chunks of " +
          (inference_chunk_override() > 0 ? std::to_string(inference_chunk_override()) + " steps"
                                          : "steps whose gates fit " + std::to_string(kScratchKeep) + " bytes");
@@ -472,12 +497,18 @@ struct ForwardSteps {
   bool blocked_step;  // the register-blocked kernel (else MKL's packed GEMM or dgemm)
   bool fuse_input;    // the input projection per step, beside the recurrent product (else one GEMM up front)
   bool dot;           // the recurrent product as dot products over w_hh as stored
+  bool one_step;      // a single step: every product (input, recurrent, projection) as dot products, no team loop
   int split;          // threads of the row split (1: none)
 };
 
 template <typename scalar_t, typename Dot>
 ForwardSteps forward_steps(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P, bool proj) {
   ForwardSteps f{};
+  if (T == 1 && one_step_pays(B, 4 * H * (I + P) * static_cast<int64_t>(sizeof(typename Dot::elem_t)))) {
+    f.blocked_step = f.dot = f.one_step = true;
+    f.split = 1;
+    return f;
+  }
   const bool mkl = std::is_same_v<scalar_t, float> && std::is_same_v<typename Dot::elem_t, float> &&
                    MklPacked::applies(B, 4 * H, P);
   f.blocked_step = !mkl && !use_blas_rows<scalar_t>(B);
@@ -523,22 +554,27 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   Packed<FmaDot<scalar_t>> WhrT;
   const bool proj = w_hr.has_value();
   const ForwardSteps steps = forward_steps<scalar_t, Dot>(T, B, ldx, H, kh * Dot::pair, proj);
-  const bool blocked_step = steps.blocked_step, fuse_input = steps.fuse_input, dot = steps.dot;
+  const bool blocked_step = steps.blocked_step, fuse_input = steps.fuse_input, dot = steps.dot,
+             one_step = steps.one_step;
   MklPacked mkl_whh;
   if constexpr (std::is_same_v<scalar_t, float> && !own_rows)
     if (!blocked_step) mkl_whh.pack(w_hh.data_ptr<float>(), P, true, B, G4, P);
   // Inference (gates undefined) keeps gates in reused per-thread scratch memory; with the projection fused it
   // keeps a single step's [B, 4H], which every step overwrites while it is in cache, instead of streaming T
   // steps of gates through memory.
-  const bool one_step = !gates.defined() && fuse_input;
+  const bool reuse_gates = !gates.defined() && fuse_input;
   if (!gates.defined()) {
-    const int64_t rows = one_step ? B : T * B;
+    const int64_t rows = reuse_gates ? B : T * B;
     gates = at::from_blob(gates_scratch().get(std::max<int64_t>(1, rows * G4) * sizeof(scalar_t)),
-                          {one_step ? 1 : T, B, G4}, y.options());
+                          {reuse_gates ? 1 : T, B, G4}, y.options());
   }
-  const int64_t g_step = one_step ? 0 : B * G4;
+  const int64_t g_step = reuse_gates ? 0 : B * G4;
   const elem_t* xp = reinterpret_cast<const elem_t*>(x.data_ptr());
-  if (!fuse_input) {
+  if (one_step) {
+    scalar_t* G0 = gates.data_ptr<scalar_t>();
+    std::fill(G0, G0 + B * G4, scalar_t(0));
+    step_dot<Dot>(xp, ldx, wih_u, ki, G0, G4, B, G4);
+  } else if (!fuse_input) {
     // Bf16Dot's products are the kernel's always (no library call takes bf16 in, float out).
     if (own_rows || own_projection<scalar_t>(B, G4 * I)) {
       WihT.pack(wih_u, ki, G4, 1, ki);  // B[k, n] = w_ih[n, k]
@@ -555,12 +591,12 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   scalar_t* cp = c.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   const int threads = team_threads<scalar_t>(B, H, P, proj, /*backward=*/false);
-  if (blocked_step && threads > 1 && steps.split == 1) {
+  if (blocked_step && threads > 1 && steps.split == 1 && !one_step) {
     forward_team<scalar_t, Dot>(threads, d, live, reverse, G, g_step, bp, whh_u, hp, cp, yp, c_hist,
                                 fuse_input ? wih_u : nullptr, xp, ldx);
     return;
   }
-  if (proj) WhrT.pack(w_hr->data_ptr<scalar_t>(), H, P, 1, H);  // B[k, n] = w_hr[n, k]
+  if (proj && !one_step) WhrT.pack(w_hr->data_ptr<scalar_t>(), H, P, 1, H);  // B[k, n] = w_hr[n, k]
   if (fuse_input) WihT.pack(wih_u, ki, G4, 1, ki);  // B[k, n] = w_ih[n, k]
   if (blocked_step && !dot) WhhT.pack(whh_u, kh, G4, 1, kh);  // B[k, n] = w_hh[n, k]
   const int64_t ldh = row_stride<Dot>(P);
@@ -606,7 +642,12 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
       for_rows(n, 16 * H, [&](int64_t r) {
         cell_row<scalar_t>(Gt + r * G4, bp, cr + r * H, ch != nullptr ? ch + r * H : nullptr, cell_out + r * H, H, H);
       });
-      if (proj) step_gemm<FmaDot<scalar_t>>(h_raw.data(), H, WhrT, yt, P, n, /*accumulate=*/false);
+      if (proj && one_step) {
+        std::fill(yt, yt + n * P, scalar_t(0));
+        step_dot<FmaDot<scalar_t>>(h_raw.data(), H, w_hr->data_ptr<scalar_t>(), H, yt, P, n, P);
+      } else if (proj) {
+        step_gemm<FmaDot<scalar_t>>(h_raw.data(), H, WhrT, yt, P, n, /*accumulate=*/false);
+      }
       if constexpr (own_rows) {
         for (int64_t r = 0; r < n; ++r) publish<Dot>(yt + r * P, hk + r * ldh, P);
       } else {

@@ -432,17 +432,27 @@ inline bool dot_pays(int64_t B, int64_t T, int64_t units) {
   return kHasDotRows && B == 1 && (vectors >= 16 || (vectors >= 8 && T <= 16));
 }
 
+// Bytes of weight rows that step_dot takes through every row of A before it moves on: they stay in L1 (32 KB and
+// up) beside the rows of A, so that the weight streams from memory once however many rows A has. A single step
+// (the op alone, Zen 4, 2 threads, against each row of A through the whole weight, three alternating rounds):
+// batch 2-16 at hidden 256-1024 1.3-1.9x faster.
+constexpr int64_t kDotGroupBytes = 16 << 10;
+
 // C[n, N] += A[n, K] @ w^T through dot_rows, w [N, K] as stored (rows `units` long), split over threads in
 // blocks of weight rows when the product is worth it (as step_gemm splits). A row's sum does not depend on the
-// split.
+// split, nor on the groups of weight rows (whole blocks) that the rows of A go through in turn.
 template <typename Dot>
 void step_dot(const typename Dot::elem_t* A, int64_t lda, const typename Dot::unit_t* w, int64_t units,
               typename Dot::acc_t* C, int64_t ldc, int64_t n, int64_t N) {
   const int64_t blocks = (N + kDotBlock - 1) / kDotBlock;
+  const int64_t block_bytes = kDotBlock * units * static_cast<int64_t>(sizeof(typename Dot::unit_t));
+  const int64_t group = n == 1 ? blocks : std::max<int64_t>(1, kDotGroupBytes / block_bytes);
   auto run = [&](int64_t b0, int64_t b1) {
-    const int64_t r0 = b0 * kDotBlock, r1 = std::min(N, b1 * kDotBlock);
-    for (int64_t i = 0; i < n; ++i)
-      dot_rows<Dot>(A + i * lda, w + r0 * units, units, units, C + i * ldc + r0, r1 - r0, /*accumulate=*/true);
+    for (int64_t g0 = b0; g0 < b1; g0 += group) {
+      const int64_t r0 = g0 * kDotBlock, r1 = std::min(N, std::min(b1, g0 + group) * kDotBlock);
+      for (int64_t i = 0; i < n; ++i)
+        dot_rows<Dot>(A + i * lda, w + r0 * units, units, units, C + i * ldc + r0, r1 - r0, /*accumulate=*/true);
+    }
   };
   if (at::get_num_threads() > 1 && n * N * units * Dot::pair >= kParallelStepWork && blocks > 1 &&
       !at::in_parallel_region()) {

@@ -223,6 +223,12 @@ def cmd_bench(args) -> int:
         shapes = DEFAULT_GRID.get(device, DEFAULT_GRID["cpu"])
     names = _bench_backends(device, args.backend)
     modes = ["inference", "training"] if args.mode == "both" else [args.mode]
+    if args.mode == "step":
+        streamed = [shape for shape in shapes if shape.bidirectional or shape.packed]
+        if streamed:  # the reverse direction reads the future; a packed batch has no one step to feed
+            error = f"--mode step streams unidirectional, unpacked shapes, not {streamed[0]}"
+            print(f"python -m fastlstm bench: error: {error}", file=sys.stderr)
+            return 2
     header = machine_header(device)
     print("fastlstm bench: " + ", ".join(f"{k} {v}" for k, v in header.items()))
     busy = _busy_note()
@@ -384,7 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         default="default",
         help="shape grid (without --shape); cpu-short: 1 and 10 steps at batch 8-64",
     )
-    bench.add_argument("--mode", choices=["inference", "training", "both"], default="both")
+    bench.add_argument(
+        "--mode",
+        choices=["inference", "training", "both", "step"],
+        default="both",
+        help="both: inference and training; step: streaming, the sequence fed one step a call with the state "
+        "carried (fastlstm's step() against nn.LSTM on 1-step sequences)",
+    )
     bench.add_argument("--repeats", type=_positive_int, default=10, help="timed runs per provider (default 10)")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--no-check", action="store_true", help="skip validating outputs against nn.LSTM")

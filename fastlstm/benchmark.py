@@ -119,7 +119,7 @@ DEFAULT_GRID = {
 @dataclass
 class Result:
     shape: str
-    mode: str  # "inference" or "training"
+    mode: str  # "inference", "training" or "step" (streaming: the sequence fed one step a call)
     provider: str  # "nn.LSTM" or "fastlstm[backend]"
     backends_used: str
     median_ms: float
@@ -171,6 +171,17 @@ def make_models(shape: Shape, backends: list[str], device, dtype) -> dict[str, n
 
 
 def _step(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape) -> Callable[[], object]:
+    if mode == "step":  # x fed one step a call, (h, c) carried: nn.LSTM on 1-step sequences, fastlstm's step()
+        one_step = model.step if isinstance(model, LSTM) else lambda x_t, state: model(x_t[None], state)
+
+        def stream():
+            state = None
+            with torch.no_grad():
+                for x_t in x:
+                    y, state = one_step(x_t, state)
+            return y
+
+        return stream
     if mode == "inference":
         inp = shape.model_input(x)
 
@@ -215,7 +226,8 @@ def time_shape(
             if name == "nn.LSTM":
                 used = "native (nn.LSTM)"
             else:
-                used = ",".join(sorted(set(explain(model, shape.model_input(x)).backends)))
+                called = x[:1] if mode == "step" else shape.model_input(x)  # a step is a 1-step sequence to dispatch
+                used = ",".join(sorted(set(explain(model, called).backends)))
             median = statistics.median(samples)
             results.append(Result(str(shape), mode, name, used, median, samples, base / median))
     return results

@@ -127,8 +127,6 @@ def _checks_are_ours(cls: type) -> bool:
 # Plans of calls that passed every check, by LSTM._call_key: repeated calls of one kind skip the checks and
 # dispatch (tens of microseconds, which count at batch 1-4).
 _CHECKED_CALLS: dict[tuple, tuple[dispatch.Choice, ...]] = {}
-# The same for the 1-step sequences LSTM.step checks: step runs native cells and needs no plan (value True).
-_CHECKED_STEPS: dict[tuple, bool] = {}
 _CHECKED_MAX = 4096
 
 
@@ -143,7 +141,6 @@ def forget_plans() -> None:
     (for tests and tools that change a rule or a backend's availability between calls)."""
     _plan_for.cache_clear()
     _CHECKED_CALLS.clear()
-    _CHECKED_STEPS.clear()
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -425,16 +422,31 @@ class LSTM(nn.RNNBase):
             y, state = self.forward(sequence, state)
             return y.squeeze(time_dim), state
         self._update_flat_weights()
+        # Forward's plans and checks: a step is a 1-step sequence to them (the same key, the same backends)
         key = self._call_key(sequence, state)
-        if key is not None and key in _CHECKED_STEPS:  # this kind of step passed every check before
-            x, state = (input, state) if batched else self._as_batch_of_one(input, state)
-            h0, c0 = self._layer_states(x[None], state)  # x [B, I] as a time-major 1-step sequence
-        else:
+        choices = _CHECKED_CALLS.get(key) if key is not None else None
+        if choices is None:
             x, state, *_ = self._prepare(sequence, state)
+            choices = self._plan(x, state, None)
+            if key is not None:
+                _remember(_CHECKED_CALLS, key, choices)
             x = x.squeeze(1 if self.batch_first else 0)
             h0, c0 = state[0].unbind(0), state[1].unbind(0)
-            if key is not None:
-                _remember(_CHECKED_STEPS, key, True)
+        else:  # this kind of step passed every check before
+            x, state = (input, state) if batched else self._as_batch_of_one(input, state)
+            h0, c0 = self._layer_states(x[None], state)  # x [B, I] as a time-major 1-step sequence
+        if all(choice.backend == "native" for choice in choices):
+            x, h_n, c_n = self._native_cells(x, h0, c0)
+        else:
+            y, h_n, c_n = self._layered_stack(x[None], h0, c0, None, choices)
+            x = y[0]
+        if not batched:
+            return x.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
+        return x, (h_n, c_n)
+
+    def _native_cells(self, x: Tensor, h0, c0) -> tuple[Tensor, Tensor, Tensor]:
+        """One step of every layer in ATen's cells: x [B, I] -> (y [B, P], h_n, c_n). On the CPU nn.LSTM's own call
+        costs far more for one step (oneDNN reorders every weight on each call)."""
         h_out, c_out = [], []
         for layer in range(self.num_layers):
             w_ih, w_hh, b_ih, b_hh, w_hr = self._parameters_of(layer, 0)
@@ -448,10 +460,7 @@ class LSTM(nn.RNNBase):
             x = h_next
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
-        h_n, c_n = torch.stack(h_out), torch.stack(c_out)
-        if not batched:
-            return x.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
-        return x, (h_n, c_n)
+        return x, torch.stack(h_out), torch.stack(c_out)
 
     def _transforms(self, input: Tensor, hx) -> _Transforms:
         """What torch.func's transforms and forward-mode AD make of this call (see _Transforms)."""

@@ -226,6 +226,22 @@ def test_bench_prints_a_speedup_table_and_json(tmp_path):
     assert all(r["median_ms"] > 0 and r["speedup"] > 0 for r in data["results"])
 
 
+def test_bench_times_streaming_steps(tmp_path):
+    """--mode step feeds the sequence one step a call, the state carried: fastlstm's step() against nn.LSTM on
+    1-step sequences, with the backends a step runs on (native: ATen's cells)."""
+    out = tmp_path / "bench.json"
+    done = run_python(
+        "-m", "fastlstm", "bench", "--shape", "2,5,4,4", "--shape", "B1-T3-I4-H6-P2-L2", "--mode", "step",
+        "--repeats", "2", "--backend", "native", "--backend", "reference", "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "| B2-T5-I4-H4-L1 | step | fastlstm[native] | native |" in done.stdout
+    assert "| B1-T3-I4-H6-P2-L2 | step | fastlstm[reference] | reference |" in done.stdout
+    assert "geometric mean speedup fastlstm[reference] step" in done.stdout
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 2 * 3 and {r["mode"] for r in results} == {"step"}
+
+
 def test_bench_records_the_cpu_generation_and_the_tuning_knobs(tmp_path):
     """A virtual machine may name two CPU generations alike ("AMD EPYC"), and an A/B run differs only in a knob:
     the JSON says both."""
@@ -249,6 +265,8 @@ def test_bench_records_the_cpu_generation_and_the_tuning_knobs(tmp_path):
         (["--repeats", "0"], "expected a positive integer"),
         (["--json", "/nonexistent-dir/out.json"], "--json /nonexistent-dir/out.json: No such file or directory"),
         (["--backend", "triton", "--shape", "1,2,3,4", "--device", "cpu"], "error: fastlstm backend 'triton'"),
+        (["--mode", "step", "--shape", "1,3,4,6,2,bi"], "--mode step streams unidirectional, unpacked shapes"),
+        (["--mode", "step", "--shape", "B3-T4-I4-H6-L1-packed"], "--mode step streams unidirectional, unpacked"),
     ],
 )
 def test_bench_rejects_bad_arguments_in_one_line(args, message):

@@ -87,6 +87,8 @@ CASES = [
     Case(5, 16, 6, 32, bias=False, lengths=(5,) * 8 + (3,) * 8),
     # batch 1, long rows: at 2+ threads the team loop multiplies w_hh as stored (dot products), a partial vector last
     Case(4, 1, 6, 260, reverse=True),
+    # a single step: every product dot products over the weights as stored (rows past a vector, a projection)
+    Case(1, 6, 21, 37, P=5, reverse=True),
 ]
 DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32")]
 
@@ -224,6 +226,8 @@ BF16_CASES = [
     # The input projection up front: over 32 rows, two whole blocks side by side; over 35, a block beside the tail
     Case(4, 8, 40, 40),
     Case(5, 7, 40, 40),
+    # A single step: every product bf16 dot products over the weights as stored, odd pairs, a projection
+    Case(1, 5, 41, 67, P=9),
 ]
 
 
@@ -820,6 +824,14 @@ _KERNEL_PATHS = {
         "recurrent product (forward): dot products over w_hh as stored up to 32 rows",
     ),
     "packed-rows": ({"FASTLSTM_DOT_ROWS": "0"}, "recurrent product (forward): packed weight always"),
+    "one-step-dot": (
+        {"FASTLSTM_ONE_STEP_ROWS": "64"},
+        "a single step: every product as dot products over the weights as stored up to 64 rows",
+    ),
+    "one-step-packed": (
+        {"FASTLSTM_ONE_STEP_ROWS": "0"},
+        "a single step: every product as dot products over the weights as stored never",
+    ),
     "row-split": ({"FASTLSTM_ROW_SPLIT_MAX_KB": "1048576"}, "rows a thread and up to 1073741824 bytes of weights"),
     "no-row-split": ({"FASTLSTM_ROW_SPLIT_MAX_KB": "0"}, "row split (each thread its own rows' time loop): never"),
     "inference-in-chunks": ({"FASTLSTM_INFERENCE_CHUNK_STEPS": "3"}, "in chunks of 3 steps"),
@@ -836,6 +848,12 @@ _ROW_SPLIT_CASES = [
 ]
 
 
+_ONE_STEP_CASES = [
+    (1, 1, 5, 130, 0, False, False),
+    (1, 17, 9, 33, 0, False, True),
+    (1, 12, 70, 130, 40, True, False),
+    (1, 3, 4, 20, 3, True, True),
+]
 _EXTRA_CASES = {
     # Hidden sizes that give a team thread several panels of w_hh, which odd steps visit in reverse.
     "team-loop": [(5, 3, 7, 80, 0, False, False), (6, 4, 7, 70, 0, True, True)],
@@ -849,6 +867,10 @@ _EXTRA_CASES = {
     ],
     "row-split": _ROW_SPLIT_CASES,
     "no-row-split": _ROW_SPLIT_CASES,
+    # Single steps: one row and many (the weight rows in several groups at hidden 33 and 130), a projection,
+    # packed (every length 1), reverse.
+    "one-step-dot": _ONE_STEP_CASES,
+    "one-step-packed": _ONE_STEP_CASES,
     # Chunks of 3 steps with a shorter last one, batch 1 (dot products over w_hh at hidden 130) to 5, packed
     # rows that end inside a chunk, reverse (the last chunk first), a projection.
     "inference-in-chunks": [
@@ -1279,6 +1301,33 @@ def test_batch_one_multiplies_w_hh_as_stored(threads):
             state = [torch.randn(1, *x.shape[1:-1], proj or 160, dtype=torch.float64)]
             state.append(torch.randn(1, *x.shape[1:-1], 160, dtype=torch.float64))
             assert_same_results(ref, fast, [x, *state], lstm_call, *TOL[torch.float64])
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("proj", [0, 40])
+def test_a_single_step_gives_each_row_what_it_gives_alone(dtype, proj):
+    """A single step multiplies the weights as stored, the rows of a batch through each group of weight rows in
+    turn (and the groups split over two threads): each row's numbers must not depend on the rows beside it, bitwise,
+    and match nn.LSTM's."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref, fast = make_pair(70, 130, 2, proj_size=proj, backend="cpp", dtype=dtype)
+        x = torch.randn(1, 7, 70, dtype=dtype)
+        state = (torch.randn(2, 7, proj or 130, dtype=dtype), torch.randn(2, 7, 130, dtype=dtype))
+        with torch.no_grad():
+            y, (h, c) = fast(x, state)
+            for r in range(7):
+                y_r, (h_r, c_r) = fast(x[:, r : r + 1], (state[0][:, r : r + 1], state[1][:, r : r + 1]))
+                for whole, alone in ((y, y_r), (h, h_r), (c, c_r)):
+                    assert torch.equal(whole[:, r : r + 1], alone)
+            if dtype != torch.bfloat16:  # bfloat16's bound against nn.LSTM: test_bfloat16_error_within_twice_native
+                atol, rtol = TOL[dtype]
+                expected_y, (expected_h, expected_c) = ref(x, state)
+                for got, expected in ((y, expected_y), (h, expected_h), (c, expected_c)):
+                    torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
     finally:
         torch.set_num_threads(previous)
 

@@ -153,6 +153,33 @@ def test_step_equals_forward(proj, batched):
     torch.testing.assert_close(state[1], c_all, **TOL)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("proj", [0, 3])
+def test_step_runs_the_backend_forward_runs(backend, proj):
+    """step goes where forward sends a 1-step sequence (cpp and triton too, not only ATen's cells): bitwise the same
+    numbers and gradients as forward on that sequence, nn.LSTM's within tolerance."""
+    ref, fast = make_pair(I, H, 2, proj_size=proj, backend=backend)
+    x = torch.randn(3, I, dtype=torch.float64)
+    state = (torch.randn(2, 3, proj or H, dtype=torch.float64), torch.randn(2, 3, H, dtype=torch.float64))
+
+    def run_step(module, x, h0, c0):
+        return module.step(x[0], (h0, c0))
+
+    def run_forward(module, x, h0, c0):
+        y, hc = module(x, (h0, c0))
+        return y[0], hc
+
+    stepped = _grads(fast, x[None], *state, run_step)
+    forwarded = _grads(fast, x[None], *state, run_forward)
+    expected = _grads(ref, x[None], *state, run_forward)
+    for got, same, want in zip(stepped, forwarded, expected):
+        if backend != "native":  # native steps in ATen's cells, forward in nn.LSTM's own call (oneDNN here)
+            assert torch.equal(got, same)
+        torch.testing.assert_close(got, want, **TOL)
+    plan = fastlstm.explain(fast, x[None], state).backends
+    assert plan == [backend] * 2 if backend != "native" else plan == ["native"] * 2
+
+
 def test_step_gradients_and_batch_first():
     ref, fast = make_pair(I, H, 2, batch_first=True, backend="auto")
     x = torch.randn(3, I, dtype=torch.float64, requires_grad=True)
