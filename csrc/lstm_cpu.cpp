@@ -427,6 +427,23 @@ inline bool one_step_pays(int64_t B, int64_t weight_bytes) {
   return B <= 8 || (B <= 16 && weight_bytes >= (int64_t(8) << 20));
 }
 
+// Whether the input projection up front of a few steps (T * B rows in all) runs as dot products over w_ih as
+// stored rather than packing w_ih first (or calling a library): step_dot reads the weight once for all the rows,
+// where packing writes it out once more. The op alone on Zen 4 (float32, I = H, 2 threads, a temporary switch, four
+// alternating rounds, best of each): T * B = 2-8 rows at hidden 256-1024 (w_ih 1-16 MB) 1.06-1.49x faster
+// (T2-B1-H256 1.49x, T4-B1-H256 1.30x, T4-B2-H512 1.28x, T2-B2-H1024 1.11x, T8-B1-H512 1.06x), at hidden 128 0.97x;
+// 16 rows at hidden 256 0.67-0.76x. FASTLSTM_DOT_INPUT_ROWS=N: up to N rows whatever the size (0: never).
+inline int64_t dot_input_rows_override() {
+  static const char* env = std::getenv("FASTLSTM_DOT_INPUT_ROWS");
+  static const int64_t rows = !kHasDotRows ? 0 : env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : -1;
+  return rows;
+}
+
+inline bool dot_input_pays(int64_t rows, int64_t w_ih_bytes) {
+  if (dot_input_rows_override() >= 0) return rows <= dot_input_rows_override();
+  return rows <= 8 && w_ih_bytes >= (int64_t(1) << 20);
+}
+
 // Which kernel serves which product on this CPU, with the knobs applied (for `python -m fastlstm info` and the
 // tests that force each path).
 std::string kernel_choices() {
@@ -484,6 +501,10 @@ std::string kernel_choices() {
          (one_step_rows_override() > 0    ? "up to " + std::to_string(one_step_rows_override()) + " rows"
           : one_step_rows_override() == 0 ? std::string("never")
                                           : std::string("up to 8 rows, 16 with 8 MB of weights")) +
+         "; the input projection of a few steps: dot products over w_ih as stored " +
+         (dot_input_rows_override() > 0    ? "up to " + std::to_string(dot_input_rows_override()) + " rows"
+          : dot_input_rows_override() == 0 ? std::string("never")
+                                           : std::string("up to 8 rows with 1 MB of w_ih")) +
          "; long inference with the input projected up front: in chunks of " +
          (inference_chunk_override() > 0 ? std::to_string(inference_chunk_override()) + " steps"
                                          : "steps whose gates fit " + std::to_string(kScratchKeep) + " bytes");
@@ -498,14 +519,16 @@ struct ForwardSteps {
   bool fuse_input;    // the input projection per step, beside the recurrent product (else one GEMM up front)
   bool dot;           // the recurrent product as dot products over w_hh as stored
   bool one_step;      // a single step: every product (input, recurrent, projection) as dot products, no team loop
+  bool dot_input;     // the input projection up front as dot products over w_ih as stored
   int split;          // threads of the row split (1: none)
 };
 
 template <typename scalar_t, typename Dot>
 ForwardSteps forward_steps(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P, bool proj) {
   ForwardSteps f{};
-  if (T == 1 && one_step_pays(B, 4 * H * (I + P) * static_cast<int64_t>(sizeof(typename Dot::elem_t)))) {
-    f.blocked_step = f.dot = f.one_step = true;
+  const int64_t elem_bytes = sizeof(typename Dot::elem_t);
+  if (T == 1 && one_step_pays(B, 4 * H * (I + P) * elem_bytes)) {
+    f.blocked_step = f.dot = f.one_step = f.dot_input = true;
     f.split = 1;
     return f;
   }
@@ -517,6 +540,7 @@ ForwardSteps forward_steps(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P
   f.fuse_input = f.blocked_step && B >= fuse_min_rows_of<Dot>() && I > 0;
   // At batch 1, w_hh as stored (see dot_pays); the input projection is never fused below 8 rows.
   f.dot = f.blocked_step && !f.fuse_input && dot_pays<Dot>(B, T, P / Dot::pair);
+  f.dot_input = f.blocked_step && !f.fuse_input && I > 0 && dot_input_pays(T * B, 4 * H * I * elem_bytes);
   // The weights every step reads: w_hh, w_ih where the input projection is fused, w_hr.
   const int64_t step_bytes = (P + (f.fuse_input ? I : 0)) * 4 * H * sizeof(typename Dot::elem_t) +
                              (proj ? H * P * sizeof(scalar_t) : 0);
@@ -570,10 +594,10 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   }
   const int64_t g_step = reuse_gates ? 0 : B * G4;
   const elem_t* xp = reinterpret_cast<const elem_t*>(x.data_ptr());
-  if (one_step) {
+  if (steps.dot_input) {
     scalar_t* G0 = gates.data_ptr<scalar_t>();
-    std::fill(G0, G0 + B * G4, scalar_t(0));
-    step_dot<Dot>(xp, ldx, wih_u, ki, G0, G4, B, G4);
+    std::fill(G0, G0 + T * B * G4, scalar_t(0));
+    step_dot<Dot>(xp, ldx, wih_u, ki, G0, G4, T * B, G4);
   } else if (!fuse_input) {
     // Bf16Dot's products are the kernel's always (no library call takes bf16 in, float out).
     if (own_rows || own_projection<scalar_t>(B, G4 * I)) {

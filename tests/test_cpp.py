@@ -832,6 +832,14 @@ _KERNEL_PATHS = {
         {"FASTLSTM_ONE_STEP_ROWS": "0"},
         "a single step: every product as dot products over the weights as stored never",
     ),
+    "dot-input": (  # the projection never fused per step, so that every case takes it
+        {"FASTLSTM_DOT_INPUT_ROWS": "1000", "FASTLSTM_FUSE_MIN_ROWS": _HUGE},
+        "the input projection of a few steps: dot products over w_ih as stored up to 1000 rows",
+    ),
+    "packed-input": (
+        {"FASTLSTM_DOT_INPUT_ROWS": "0"},
+        "the input projection of a few steps: dot products over w_ih as stored never",
+    ),
     "row-split": ({"FASTLSTM_ROW_SPLIT_MAX_KB": "1048576"}, "rows a thread and up to 1073741824 bytes of weights"),
     "no-row-split": ({"FASTLSTM_ROW_SPLIT_MAX_KB": "0"}, "row split (each thread its own rows' time loop): never"),
     "inference-in-chunks": ({"FASTLSTM_INFERENCE_CHUNK_STEPS": "3"}, "in chunks of 3 steps"),
