@@ -54,6 +54,33 @@ def test_compile_fullgraph_training_step_matches_eager(backend):
     _compiled_training_matches_eager(backend, True, "inductor" if backend in ("auto", "cpp") else "aot_eager")
 
 
+@needs_tracing
+@pytest.mark.parametrize("backend", ["auto", "native", *CPU_BACKENDS])
+def test_compiled_steps_train_as_eager(backend):
+    """step under torch.compile(fullgraph=True): a few steps with the state carried, then backward, give eager's
+    outputs and gradients (step runs forward's backends: cpp's ops, ATen's cells where native serves)."""
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(6, 8, 2, backend=backend)
+    compiled_model = fastlstm.LSTM(6, 8, 2, backend=backend)
+    compiled_model.load_state_dict(model.state_dict())
+    xs = torch.randn(4, 3, 6)
+
+    def stream(m, xs):
+        state, ys = None, []
+        for x_t in xs:
+            y, state = m.step(x_t, state)
+            ys.append(y)
+        return torch.stack(ys), *state
+
+    eager = stream(model, xs)
+    _loss(eager).backward()
+    compiled = torch.compile(stream, fullgraph=True, backend="aot_eager")(compiled_model, xs)
+    _loss(compiled).backward()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_methods_forward_calls_are_defined_in_fastlstm():
     """Dynamo before torch 2.8 stops at a module method whose function lives in torch.nn (fastlstm.module's
     _own_method): the nn.LSTM checks forward calls go through functions of fastlstm's own. Checked on every torch,
