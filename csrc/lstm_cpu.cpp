@@ -417,8 +417,7 @@ inline int64_t inference_chunk_steps(int64_t B, int64_t H, size_t elem_bytes) {
 // each weight vector once per row, loses to the packed kernel's row blocks; batch 32 at hidden 128-256 0.5-0.8x.
 // FASTLSTM_ONE_STEP_ROWS=N: up to N rows whatever the size (0: never).
 inline int64_t one_step_rows_override() {
-  static const char* env = std::getenv("FASTLSTM_ONE_STEP_ROWS");
-  static const int64_t rows = !kHasDotRows ? 0 : env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : -1;
+  static const int64_t rows = dot_rows_knob("FASTLSTM_ONE_STEP_ROWS");
   return rows;
 }
 
@@ -434,8 +433,7 @@ inline bool one_step_pays(int64_t B, int64_t weight_bytes) {
 // (T2-B1-H256 1.49x, T4-B1-H256 1.30x, T4-B2-H512 1.28x, T2-B2-H1024 1.11x, T8-B1-H512 1.06x), at hidden 128 0.97x;
 // 16 rows at hidden 256 0.67-0.76x. FASTLSTM_DOT_INPUT_ROWS=N: up to N rows whatever the size (0: never).
 inline int64_t dot_input_rows_override() {
-  static const char* env = std::getenv("FASTLSTM_DOT_INPUT_ROWS");
-  static const int64_t rows = !kHasDotRows ? 0 : env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : -1;
+  static const int64_t rows = dot_rows_knob("FASTLSTM_DOT_INPUT_ROWS");
   return rows;
 }
 
@@ -449,6 +447,10 @@ inline bool dot_input_pays(int64_t rows, int64_t w_ih_bytes) {
 std::string kernel_choices() {
   const auto from = [](int64_t v, const char* unit) {
     return v >= (int64_t(1) << 40) ? std::string("never") : "from " + std::to_string(v) + " " + unit;
+  };
+  // A dot_rows path's rows: its knob's (dot_rows_knob), or its rule's when unset.
+  const auto up_to = [](int64_t knob, const std::string& rule) {
+    return knob > 0 ? "up to " + std::to_string(knob) + " rows" : knob == 0 ? std::string("never") : rule;
   };
   const bool mkl =
       cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr;
@@ -498,13 +500,9 @@ std::string kernel_choices() {
                                      : std::string("dot products over w_hh as stored at batch 1 with rows of 16+ "
                                                    "vectors (8+ up to 16 steps), else packed weight")) +
          "; a single step: every product as dot products over the weights as stored " +
-         (one_step_rows_override() > 0    ? "up to " + std::to_string(one_step_rows_override()) + " rows"
-          : one_step_rows_override() == 0 ? std::string("never")
-                                          : std::string("up to 8 rows, 16 with 8 MB of weights")) +
+         up_to(one_step_rows_override(), "up to 8 rows, 16 with 8 MB of weights") +
          "; the input projection of a few steps: dot products over w_ih as stored " +
-         (dot_input_rows_override() > 0    ? "up to " + std::to_string(dot_input_rows_override()) + " rows"
-          : dot_input_rows_override() == 0 ? std::string("never")
-                                           : std::string("up to 8 rows with 1 MB of w_ih")) +
+         up_to(dot_input_rows_override(), "up to 8 rows with 1 MB of w_ih") +
          "; long inference with the input projected up front: in chunks of " +
          (inference_chunk_override() > 0 ? std::to_string(inference_chunk_override()) + " steps"
                                          : "steps whose gates fit " + std::to_string(kScratchKeep) + " bytes");

@@ -403,11 +403,17 @@ inline void dot_rows(const typename Dot::elem_t*, const typename Dot::unit_t*, i
 }
 #endif
 
+// A knob of a dot_rows path, the environment variable `name`: N rows up to which the path runs whatever the size
+// (0: never), -1 when unset (the path's rule decides); 0 in builds without dot_rows.
+inline int64_t dot_rows_knob(const char* name) {
+  const char* env = std::getenv(name);
+  return !kHasDotRows ? 0 : env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : -1;
+}
+
 // FASTLSTM_DOT_ROWS=N: the forward's recurrent product through dot_rows at batch <= N whatever the size
-// (0: never); unset: dot_pays decides. -1 when unset.
+// (0: never); unset: dot_pays decides.
 inline int64_t dot_rows_override() {
-  static const char* env = std::getenv("FASTLSTM_DOT_ROWS");
-  static const int64_t v = !kHasDotRows ? 0 : env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : -1;
+  static const int64_t v = dot_rows_knob("FASTLSTM_DOT_ROWS");
   return v;
 }
 
