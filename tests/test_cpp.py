@@ -658,16 +658,22 @@ def test_builds_and_matches_for_cpus_without_avx512(tmp_path):
         widths = widths[1:]
     builds = [
         (
-            {"FASTLSTM_CXXFLAGS": f"-march={march}", "FASTLSTM_CACHE_DIR": str(tmp_path / march)},
+            # the input projection of the few-row case as dot products too (AVX2's dot_rows; SSE4 has none)
+            {
+                "FASTLSTM_CXXFLAGS": f"-march={march}",
+                "FASTLSTM_CACHE_DIR": str(tmp_path / march),
+                "FASTLSTM_DOT_INPUT_ROWS": "8",
+            },
             f'cpu.kernel_choices().startswith("vectors of {vector_bytes} bytes"), cpu.kernel_choices()',
         )
         for march, vector_bytes in widths
     ]
     _run_cpp_parity(
         builds,
-        # team and per-step loops, fused and up-front projection, tails of 1-15 lanes, the projection
+        # team and per-step loops, fused and up-front projection, tails of 1-15 lanes, the projection; a single
+        # step and a call of 6 rows in all (dot products over the weights as stored)
         cases=[(5, 3, 4, 50, 0, False, False), (4, 9, 6, 33, 0, False, False), (3, 2, 5, 5, 0, False, False),
-               (4, 17, 3, 20, 3, False, False)],
+               (4, 17, 3, 20, 3, False, False), (1, 5, 7, 40, 6, False, True), (2, 3, 9, 37, 0, False, False)],
         threads=(2,),
         timeout=600,  # it compiles the extension first
     )  # fmt: skip
