@@ -540,8 +540,7 @@ ForwardSteps forward_steps(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P
   f.dot = f.blocked_step && !f.fuse_input && dot_pays<Dot>(B, T, P / Dot::pair);
   f.dot_input = f.blocked_step && !f.fuse_input && I > 0 && dot_input_pays(T * B, 4 * H * I * elem_bytes);
   // The weights every step reads: w_hh, w_ih where the input projection is fused, w_hr.
-  const int64_t step_bytes = (P + (f.fuse_input ? I : 0)) * 4 * H * sizeof(typename Dot::elem_t) +
-                             (proj ? H * P * sizeof(scalar_t) : 0);
+  const int64_t step_bytes = (P + (f.fuse_input ? I : 0)) * 4 * H * elem_bytes + (proj ? H * P * sizeof(scalar_t) : 0);
   f.split = f.blocked_step && !f.dot ? row_split_threads(B, step_bytes) : 1;
   return f;
 }
