@@ -50,6 +50,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -102,9 +103,9 @@ struct Dims {
   int64_t T, B, I, H, P;
 };
 
-Dims check_args(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
-                const c10::optional<Tensor>& b, const c10::optional<Tensor>& w_hr,
-                const c10::optional<Tensor>& batch_sizes) {
+// A layer's arguments but its state (check_args; cpp_lstm_stack_fwd checks the whole stack's state itself).
+Dims check_layer_args(const Tensor& x, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b,
+                      const c10::optional<Tensor>& w_hr, const c10::optional<Tensor>& batch_sizes) {
   TORCH_CHECK(x.dim() == 3, "fastlstm cpp: x must be [T, B, I], got ", x.sizes());
   TORCH_CHECK(w_ih.dim() == 2 && w_hh.dim() == 2, "fastlstm cpp: weights must be 2-d");
   TORCH_CHECK(w_ih.size(0) % 4 == 0, "fastlstm cpp: w_ih must be [4H, I], got ", w_ih.sizes());
@@ -118,14 +119,10 @@ Dims check_args(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tenso
   } else {
     TORCH_CHECK(d.P == d.H, "fastlstm cpp: without w_hr, w_hh must be [4H, H], got ", w_hh.sizes());
   }
-  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == d.B && h0.size(1) == d.P, "fastlstm cpp: h0 must be [B, P] = [", d.B,
-              ", ", d.P, "], got ", h0.sizes());
-  TORCH_CHECK(c0.dim() == 2 && c0.size(0) == d.B && c0.size(1) == d.H, "fastlstm cpp: c0 must be [B, H] = [", d.B,
-              ", ", d.H, "], got ", c0.sizes());
   if (b.has_value() && b->defined()) {
     TORCH_CHECK(b->dim() == 1 && b->size(0) == 4 * d.H, "fastlstm cpp: b must be [4H], got ", b->sizes());
   }
-  for (const Tensor* t : {&x, &h0, &c0, &w_ih, &w_hh}) {
+  for (const Tensor* t : {&x, &w_ih, &w_hh}) {
     TORCH_CHECK(t->device().is_cpu(), "fastlstm cpp: tensors must be on the CPU");
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), "fastlstm cpp: all tensors must have x's dtype ",
                 x.scalar_type(), ", got ", t->scalar_type());
@@ -138,6 +135,30 @@ Dims check_args(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tenso
     TORCH_CHECK(bs.device().is_cpu() && bs.scalar_type() == at::kLong && bs.dim() == 1 && bs.size(0) == d.T,
                 "fastlstm cpp: batch_sizes must be an int64 CPU tensor [T]");
   }
+  return d;
+}
+
+// The initial state of one layer ([B, P] and [B, H]; layers 0) or of a stack of them ([L, B, P] and [L, B, H]).
+void check_state(const Dims& d, const Tensor& x, const Tensor& h0, const Tensor& c0, int64_t layers) {
+  std::vector<int64_t> h_shape{d.B, d.P}, c_shape{d.B, d.H};
+  if (layers > 0) {
+    h_shape.insert(h_shape.begin(), layers);
+    c_shape.insert(c_shape.begin(), layers);
+  }
+  TORCH_CHECK(h0.sizes() == h_shape, "fastlstm cpp: h0 must be ", h_shape, ", got ", h0.sizes());
+  TORCH_CHECK(c0.sizes() == c_shape, "fastlstm cpp: c0 must be ", c_shape, ", got ", c0.sizes());
+  for (const Tensor* t : {&h0, &c0}) {
+    TORCH_CHECK(t->device().is_cpu(), "fastlstm cpp: tensors must be on the CPU");
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "fastlstm cpp: all tensors must have x's dtype ",
+                x.scalar_type(), ", got ", t->scalar_type());
+  }
+}
+
+Dims check_args(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+                const c10::optional<Tensor>& b, const c10::optional<Tensor>& w_hr,
+                const c10::optional<Tensor>& batch_sizes) {
+  const Dims d = check_layer_args(x, w_ih, w_hh, b, w_hr, batch_sizes);
+  check_state(d, x, h0, c0, /*layers=*/0);
   return d;
 }
 
@@ -712,13 +733,12 @@ Tensor bf16_pairs(const Tensor& t) {
   return t.size(-1) % 2 == 0 ? t.contiguous() : at::constant_pad_nd(t, {0, 1}).contiguous();
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x_in, const Tensor& h0_in,
-                                                           const Tensor& c0_in, const Tensor& w_ih_in,
-                                                           const Tensor& w_hh_in, const c10::optional<Tensor>& b_in,
-                                                           const c10::optional<Tensor>& w_hr_in,
-                                                           const c10::optional<Tensor>& batch_sizes, bool reverse,
-                                                           bool save) {
-  const Dims d = check_args(x_in, h0_in, c0_in, w_ih_in, w_hh_in, b_in, w_hr_in, batch_sizes);
+// One layer's forward (d: check_layer_args'). h, c: the initial state in the compute dtype, contiguous, which the
+// layer leaves holding its final state. Returns y, in x's dtype; with `save`, gates and c_hist for backward.
+Tensor forward_layer(const Dims& d, const Tensor& x_in, const Tensor& w_ih_in, const Tensor& w_hh_in,
+                     const c10::optional<Tensor>& b_in, const c10::optional<Tensor>& w_hr_in,
+                     const c10::optional<Tensor>& batch_sizes, bool reverse, bool save, Tensor& h, Tensor& c,
+                     Tensor& gates, Tensor& c_hist) {
   const auto live = live_rows(batch_sizes, d.T, d.B);
   const bool packed = is_packed(batch_sizes);
   const at::ScalarType dt = x_in.scalar_type(), ct = compute_type(dt);
@@ -726,13 +746,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x_in, 
   const auto opts = x_in.options().dtype(ct);
   auto b = as_compute(b_in, ct);
   auto w_hr = as_compute(w_hr_in, ct);
-  Tensor h = h0_in.to(ct, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  Tensor c = c0_in.to(ct, false, true).contiguous();
   // Training keeps every step's gates for backward; inference leaves them to forward_impl (undefined here).
-  Tensor gates = save ? pooled_tensor({d.T, d.B, 4 * d.H}, opts, /*zero=*/false) : Tensor();
+  gates = save ? pooled_tensor({d.T, d.B, 4 * d.H}, opts, /*zero=*/false) : Tensor();
   Tensor y = packed ? at::zeros({d.T, d.B, d.P}, opts) : at::empty({d.T, d.B, d.P}, opts);
-  Tensor c_hist = save ? pooled_tensor({d.T, d.B, d.H}, opts, /*zero=*/packed)
-                       : at::empty({0}, opts);
+  c_hist = save ? pooled_tensor({d.T, d.B, d.H}, opts, /*zero=*/packed) : at::empty({0}, opts);
   if (d.T > 0 && d.B > 0) {
     if (bf16_dot) {
       forward_chunked<float, Bf16Dot>(d, bf16_pairs(x_in), bf16_pairs(w_ih_in), bf16_pairs(w_hh_in), b, w_hr, live,
@@ -746,12 +763,77 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x_in, 
     }
   }
   if (!save) gates = at::empty({0}, opts);
+  return dt != ct ? y.to(dt) : y;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x, const Tensor& h0, const Tensor& c0,
+                                                           const Tensor& w_ih, const Tensor& w_hh,
+                                                           const c10::optional<Tensor>& b,
+                                                           const c10::optional<Tensor>& w_hr,
+                                                           const c10::optional<Tensor>& batch_sizes, bool reverse,
+                                                           bool save) {
+  const Dims d = check_args(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes);
+  const at::ScalarType dt = x.scalar_type(), ct = compute_type(dt);
+  Tensor h = h0.to(ct, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  Tensor c = c0.to(ct, false, true).contiguous();
+  Tensor gates, c_hist;
+  const Tensor y = forward_layer(d, x, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save, h, c, gates, c_hist);
   if (dt != ct) {
-    y = y.to(dt);
     h = h.to(dt);
     c = c.to(dt);
   }
   return {y, h, c, gates, c_hist};
+}
+
+// A unidirectional stack at inference, each layer through forward_layer as a call of lstm_fwd of its own would
+// run it (the same numbers: the same kernel, the same b_ih + b_hh), in one call from Python, with the state of
+// every layer in one tensor from start to end. At batch 1 a layer's products take a few microseconds, and its call
+// from Python (arguments, outputs, the autograd wrapper, the bias sum, the state's copies, unbind and stack)
+// several times that. weights: nn.LSTM's _flat_weights of one direction, per layer w_ih, w_hh[, b_ih, b_hh][,
+// w_hr]; h0 [L, B, P] and c0 [L, B, H], or neither for zeros. x [B, I] is a single step (y then [B, P]).
+std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x_in, const c10::optional<Tensor>& h0,
+                                                  const c10::optional<Tensor>& c0, at::TensorList weights,
+                                                  bool has_bias, bool has_proj) {
+  const size_t per_layer = 2 + (has_bias ? 2 : 0) + (has_proj ? 1 : 0);
+  TORCH_CHECK(!weights.empty() && weights.size() % per_layer == 0, "fastlstm cpp_lstm_stack_fwd: ", weights.size(),
+              " weights for layers of ", per_layer);
+  TORCH_CHECK(h0.has_value() == c0.has_value(), "fastlstm cpp_lstm_stack_fwd: h0 and c0 come together");
+  const int64_t layers = static_cast<int64_t>(weights.size() / per_layer);
+  auto layer_weights = [&](int64_t l) { return weights.slice(l * per_layer, per_layer); };
+  auto bias = [&](at::TensorList w) { return has_bias ? c10::optional<Tensor>(at::add(w[2], w[3])) : c10::nullopt; };
+  auto projection = [&](at::TensorList w) {
+    return has_proj ? c10::optional<Tensor>(w[per_layer - 1]) : c10::nullopt;
+  };
+  const bool one_step = x_in.dim() == 2;
+  const Tensor x = one_step ? x_in.unsqueeze(0) : x_in;
+  const at::ScalarType dt = x.scalar_type(), ct = compute_type(dt);
+  Tensor h_n, c_n;
+  Tensor layer_in = x;
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::TensorList w = layer_weights(l);
+    const auto b = bias(w), w_hr = projection(w);
+    const Dims d = check_layer_args(layer_in, w[0], w[1], b, w_hr, c10::nullopt);
+    if (l == 0) {
+      if (h0.has_value()) {
+        check_state(d, x, *h0, *c0, layers);
+        h_n = h0->to(ct, /*non_blocking=*/false, /*copy=*/true).contiguous();
+        c_n = c0->to(ct, false, true).contiguous();
+      } else {
+        h_n = at::zeros({layers, d.B, d.P}, x.options().dtype(ct));
+        c_n = at::zeros({layers, d.B, d.H}, x.options().dtype(ct));
+      }
+    }
+    TORCH_CHECK(h_n.size(2) == d.P && c_n.size(2) == d.H, "fastlstm cpp_lstm_stack_fwd: layer ", l,
+                " has another hidden or projection size than layer 0");
+    Tensor h = h_n.select(0, l), c = c_n.select(0, l), gates, c_hist;
+    layer_in = forward_layer(d, layer_in, w[0], w[1], b, w_hr, c10::nullopt, /*reverse=*/false, /*save=*/false, h, c,
+                             gates, c_hist);
+  }
+  if (dt != ct) {
+    h_n = h_n.to(dt);
+    c_n = c_n.to(dt);
+  }
+  return {one_step ? layer_in.squeeze(0) : layer_in, h_n, c_n};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1137,6 +1219,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows
     bool reverse) {
   return fastlstm::lstm_bwd_rows(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist,
                                  reverse);
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x, const c10::optional<Tensor>& h0,
+                                                  const c10::optional<Tensor>& c0, at::TensorList weights,
+                                                  bool has_bias, bool has_proj) {
+  return fastlstm::lstm_stack_fwd(x, h0, c0, weights, has_bias, has_proj);
 }
 
 at::ScalarType compute_type(at::ScalarType t) { return fastlstm::compute_type(t); }

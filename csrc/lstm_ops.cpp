@@ -170,6 +170,7 @@ TORCH_LIBRARY_IMPL(fastlstm, CPU, m) {
   m.impl("cpp_lstm_fwd", &fastlstm::layer::lstm_fwd);
   m.impl("cpp_lstm_bwd", &fastlstm::layer::lstm_bwd);
   m.impl("cpp_lstm_bwd_rows", &fastlstm::layer::lstm_bwd_rows);
+  m.impl("cpp_lstm_stack_fwd", &fastlstm::layer::lstm_stack_fwd);
 }
 
 TORCH_LIBRARY_IMPL(fastlstm, Autograd, m) { m.impl("cpp_lstm_fwd", &fastlstm::lstm_fwd_autograd); }

@@ -431,14 +431,15 @@ class LSTM(nn.RNNBase):
             if key is not None:
                 _remember(_CHECKED_CALLS, key, choices)
             x = x.squeeze(1 if self.batch_first else 0)
-            h0, c0 = state[0].unbind(0), state[1].unbind(0)
         else:  # this kind of step passed every check before
             x, state = (input, state) if batched else self._as_batch_of_one(input, state)
-            h0, c0 = self._layer_states(x[None], state)  # x [B, I] as a time-major 1-step sequence
-        if all(choice.backend == "native" for choice in choices):
-            x, h_n, c_n = self._native_cells(x, h0, c0)
+        whole = self._inference_stack_backend(choices, x, state, None)
+        if whole is not None:
+            x, h_n, c_n = whole.inference_stack(x, state, self._flat_weights, self.bias, self.proj_size > 0)
+        elif all(choice.backend == "native" for choice in choices):
+            x, h_n, c_n = self._native_cells(x, *self._layer_states(x[None], state))
         else:
-            y, h_n, c_n = self._layered_stack(x[None], h0, c0, None, choices)
+            y, h_n, c_n = self._layered_stack(x[None], *self._layer_states(x[None], state), None, choices)
             x = y[0]
         if not batched:
             return x.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
@@ -740,12 +741,36 @@ class LSTM(nn.RNNBase):
         hx: (h0 [L*D, B, P], c0 [L*D, B, H]), or None for zeros (then amp is None).
         """
         if amp is None:
+            whole = self._inference_stack_backend(choices, x, hx, batch_sizes)
+            if whole is not None:
+                return whole.inference_stack(x, hx, self._flat_weights, self.bias, self.proj_size > 0)
             return self._layered_stack(x, *self._layer_states(x, hx), batch_sizes, choices)
         compute = amp.dtypes[0]
         with torch.autocast(x.device.type, enabled=False):
             h0, c0 = hx[0].to(compute).unbind(0), hx[1].to(compute).unbind(0)
             outputs = self._layered_stack(x.to(compute), h0, c0, batch_sizes, choices, weight_dtype=compute)
         return tuple(t.to(dtype) for t, dtype in zip(outputs, amp.dtypes))
+
+    def _inference_stack_backend(self, choices, x: Tensor, hx, batch_sizes: Tensor | None) -> backends.Backend | None:
+        """The backend that runs this whole call's stack in one call (Backend.inference_stack), or None: every layer
+        on one backend that can, one direction, unpacked, no dropout to apply, an eager call without transforms,
+        and nothing that needs a gradient. The same numbers as layer by layer, with less of Python around them."""
+        backend = backends.get(choices[0].backend)
+        if not backend.has_inference_stack or batch_sizes is not None or self._num_directions != 1:
+            return None
+        if any(choice.backend != backend.name for choice in choices) or (self.training and self.dropout > 0):
+            return None
+        if torch.is_grad_enabled() and (
+            x.requires_grad
+            or (hx is not None and (hx[0].requires_grad or hx[1].requires_grad))
+            or any(w.requires_grad for w in self._flat_weights)
+        ):
+            return None
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or dispatch.in_onnx_export():
+            return None  # graphs hold the layer ops, which have autograd, fakes and vmap rules
+        if torch._C._are_functorch_transforms_active() or _forward_ad_active():
+            return None
+        return backend
 
     def _layer_states(self, x: Tensor, hx) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """The initial (h, c) of each (layer, direction) for time-major x; zeros when hx is None."""

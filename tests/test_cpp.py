@@ -1472,3 +1472,116 @@ def test_python_threads_calling_at_once_get_their_own_numbers():
         t.join(timeout=300)
     assert not any(t.is_alive() for t in threads), "a thread hung"
     assert not failures, failures
+
+
+# ---- inference in one call: every layer of a unidirectional stack through cpp_lstm_stack_fwd ------------------
+
+
+def _count_stack_calls(monkeypatch) -> list[int]:
+    calls = [0]
+    run = cpu.CppBackend.inference_stack
+
+    def counted(self, *args):
+        calls[0] += 1
+        return run(self, *args)
+
+    monkeypatch.setattr(cpu.CppBackend, "inference_stack", counted)
+    return calls
+
+
+def _forward_and_step(model, x, state):
+    """forward on x, and a step on its first time step, both without gradients."""
+    with torch.no_grad():
+        y, (h, c) = model(x, state)
+        y_t, (h_t, c_t) = model.step(x[:, 0] if model.batch_first else x[0], state)
+    return [y, h, c, y_t, h_t, c_t]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("proj", [0, 3])
+def test_inference_in_one_call_gives_the_layers_numbers(dtype, proj, monkeypatch):
+    """At inference forward and step run a unidirectional stack in one call (cpp_lstm_stack_fwd): bitwise what
+    the layers give called one by one, with and without a state, batch_first, 1-3 layers, one step and several;
+    and nn.LSTM's numbers in float64."""
+    calls = _count_stack_calls(monkeypatch)
+    cases = [(1, 1, 1, True, False), (3, 5, 4, False, False), (2, 3, 6, True, True), (2, 1, 1, False, True)]
+    for layers, batch, steps, with_state, batch_first in cases:
+        ref, fast = make_pair(5, 7, layers, proj_size=proj, backend="cpp", dtype=dtype, batch_first=batch_first)
+        x = torch.randn((batch, steps, 5) if batch_first else (steps, batch, 5), dtype=dtype)
+        state = None
+        if with_state:
+            state = (torch.randn(layers, batch, proj or 7, dtype=dtype), torch.randn(layers, batch, 7, dtype=dtype))
+        before = calls[0]
+        whole = _forward_and_step(fast, x, state)
+        assert calls[0] == before + 2, "forward and step at inference run the stack in one call"
+        with monkeypatch.context() as layer_by_layer:
+            layer_by_layer.setattr(cpu.CppBackend, "has_inference_stack", False)
+            layered = _forward_and_step(fast, x, state)
+        assert calls[0] == before + 2
+        for got, expected in zip(whole, layered):
+            assert got.dtype == expected.dtype and torch.equal(got, expected)
+        if dtype == torch.float64:
+            with torch.no_grad():
+                expected_y, (expected_h, expected_c) = ref(x, state)
+            for got, expected in zip(whole, (expected_y, expected_h, expected_c)):
+                torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-7)
+
+
+def test_inference_in_one_call_only_where_nothing_is_differentiated(monkeypatch):
+    """The stack op has no autograd and applies no dropout: calls that need either, bidirectional and packed
+    ones, and those under torch.func's transforms run layer by layer; inference without no_grad (nothing requires
+    a gradient) and training mode without dropout run in one call."""
+    calls = _count_stack_calls(monkeypatch)
+    ref, fast = make_pair(4, 6, 2, backend="cpp")
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+
+    def runs_whole(call) -> bool:
+        before = calls[0]
+        call()
+        return calls[0] > before
+
+    assert runs_whole(lambda: _forward_and_step(fast, x, None))
+    # Gradients: forward and step train as nn.LSTM does, layer by layer
+    assert not runs_whole(lambda: fast(x)[0].sum().backward())
+    assert not runs_whole(lambda: fast.step(x[0])[0].sum().backward())
+    assert all(p.grad is not None for p in fast.parameters())
+    frozen = copy.deepcopy(fast).requires_grad_(False)
+    assert runs_whole(lambda: frozen(x))
+    assert not runs_whole(lambda: frozen(x.clone().requires_grad_()))
+    # Dropout between layers acts in training mode only
+    dropping = fastlstm.LSTM(4, 6, 2, dropout=0.5, backend="cpp", dtype=torch.float64)
+    assert not runs_whole(lambda: _forward_and_step(dropping, x, None))
+    assert runs_whole(lambda: _forward_and_step(dropping.eval(), x, None))
+    assert runs_whole(lambda: _forward_and_step(fast.train(), x, None))
+    # Two directions, packed input, torch.vmap
+    both = fastlstm.LSTM(4, 6, 2, bidirectional=True, backend="cpp", dtype=torch.float64)
+    with torch.no_grad():
+        assert not runs_whole(lambda: both(x))
+        packed = pack_padded_sequence(x, [3, 2])
+        assert not runs_whole(lambda: fast(packed))
+        samples = torch.randn(2, 3, 2, 4, dtype=torch.float64)
+        assert not runs_whole(lambda: torch.func.vmap(lambda s: fast(s)[0])(samples))
+        vmapped = torch.func.vmap(lambda s: fast(s)[0])(samples)
+        torch.testing.assert_close(vmapped[1], fast(samples[1])[0], atol=1e-9, rtol=1e-7)
+
+
+def test_stack_opcheck_and_errors():
+    """cpp_lstm_stack_fwd: opcheck (schema, fake kernel), a single step as x [B, I], and its checks of the state
+    and the weights."""
+    op = torch.ops.fastlstm.cpp_lstm_stack_fwd.default
+    fast = fastlstm.LSTM(5, 7, 2, proj_size=3, backend="cpp").requires_grad_(False)
+    weights = list(fast._flat_weights)
+    x, h0, c0 = torch.randn(4, 2, 5), torch.randn(2, 2, 3), torch.randn(2, 2, 7)
+    torch.library.opcheck(op, (x, h0, c0, weights, True, True))
+    torch.library.opcheck(op, (x[0], None, None, weights, True, True))
+    y, h_n, c_n = op(x[0], h0, c0, weights, True, True)
+    y_seq, h_seq, c_seq = op(x[:1], h0, c0, weights, True, True)
+    assert y.shape == (2, 3) and torch.equal(y, y_seq[0]) and torch.equal(h_n, h_seq) and torch.equal(c_n, c_seq)
+    with pytest.raises(RuntimeError, match="h0 must be"):
+        op(x, h0[:1], c0, weights, True, True)
+    with pytest.raises(RuntimeError, match="h0 and c0 come together"):
+        op(x, h0, None, weights, True, True)
+    with pytest.raises(RuntimeError, match="weights for layers of 5"):
+        op(x, h0, c0, weights[:-1], True, True)
+    with pytest.raises(RuntimeError, match="x must be"):
+        op(x[0, 0], h0, c0, weights, True, True)

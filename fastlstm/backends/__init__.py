@@ -140,6 +140,19 @@ class Backend(abc.ABC):
     ) -> LayerResult:
         """One layer, one direction, differentiable in every tensor argument. Shapes: fastlstm.reference."""
 
+    # Whether inference_stack serves: the module then runs a stack whose layers are all this backend's in one call
+    # where nothing is differentiated (LSTM._inference_stack_backend says where).
+    has_inference_stack: bool = False
+
+    def inference_stack(
+        self, x: Tensor, hx: tuple[Tensor, Tensor] | None, weights: list[Tensor], bias: bool, proj: bool
+    ) -> LayerResult:
+        """Every layer of a unidirectional stack at inference, each as layer() computes it (the same numbers), on
+        time-major x [T, B, I], or x [B, I] for a single step: y [T, B, P] (or [B, P]), h_n [L, B, P],
+        c_n [L, B, H]. hx: (h0 [L, B, P], c0 [L, B, H]) or None for zeros; weights: the module's _flat_weights
+        (per layer w_ih, w_hh[, b_ih, b_hh][, w_hr])."""
+        raise NotImplementedError(f"the {self.name} backend runs layer by layer")
+
 
 # name -> "module:attribute". These modules import neither triton nor the C++ extension (each backend does that
 # on first use); fastlstm.module loads them all when it is imported (load_all), because torch.compile cannot

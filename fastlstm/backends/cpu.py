@@ -436,10 +436,16 @@ BWD_ROWS_SCHEMA = (
     "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, Tensor y, Tensor gates, Tensor c_hist, bool reverse) -> "
     "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
+# A unidirectional stack at inference in one call (CppBackend.inference_stack); no autograd.
+STACK_FWD_SCHEMA = (
+    "cpp_lstm_stack_fwd(Tensor x, Tensor? h0, Tensor? c0, Tensor[] weights, bool bias, bool proj) -> "
+    "(Tensor, Tensor, Tensor)"
+)
 _schemas = torch.library.Library("fastlstm", "FRAGMENT")
 _schemas.define(FWD_SCHEMA)
 _schemas.define(BWD_SCHEMA)
 _schemas.define(BWD_ROWS_SCHEMA)
+_schemas.define(STACK_FWD_SCHEMA)
 
 
 @torch.library.register_fake("fastlstm::cpp_lstm_fwd", lib=_schemas)
@@ -490,6 +496,15 @@ def _bwd_rows_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_
         x.new_empty((T, B, P) if with_proj else (0,)),
         x.new_empty((T, B, H) if with_proj else (0,)),
     )
+
+
+@torch.library.register_fake("fastlstm::cpp_lstm_stack_fwd", lib=_schemas)
+def _stack_fwd_fake(x, h0, c0, weights, bias, proj):
+    per_layer = 2 + 2 * bias + proj
+    layers, last_w_hh = len(weights) // per_layer, weights[-per_layer + 1]
+    H, P = last_w_hh.shape[0] // 4, last_w_hh.shape[1]
+    steps, B = x.shape[:-2], x.shape[-2]  # x [T, B, I], or [B, I] for one step
+    return x.new_empty((*steps, B, P)), x.new_empty((layers, B, P)), x.new_empty((layers, B, H))
 
 
 def _fwd_vmap(info, in_dims, *args):
@@ -587,6 +602,7 @@ def _register_lazy_kernels() -> None:
     lib.impl("cpp_lstm_fwd", fwd, "Autograd")  # so that the op's first call still records the C++ autograd node
     lib.impl("cpp_lstm_bwd", bwd, "CPU")
     lib.impl("cpp_lstm_bwd_rows", _loaded_then("cpp_lstm_bwd_rows"), "CPU")
+    lib.impl("cpp_lstm_stack_fwd", _loaded_then("cpp_lstm_stack_fwd"), "CPU")
     _lazy["lib"] = lib
 
 
@@ -650,6 +666,15 @@ class CppBackend(Backend):
         forward = torch.ops.fastlstm.cpp_lstm_fwd.default
         y, hT, cT, _, _ = forward(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save)
         return y, hT, cT
+
+    has_inference_stack = True
+
+    def inference_stack(self, x, hx, weights, bias, proj) -> LayerResult:
+        reason = _availability()
+        if reason is not None:
+            raise RuntimeError(f"fastlstm cpp backend is unavailable: {reason}")
+        h0, c0 = (None, None) if hx is None else hx
+        return torch.ops.fastlstm.cpp_lstm_stack_fwd.default(x, h0, c0, weights, bias, proj)
 
 
 BACKEND = CppBackend()

@@ -1,0 +1,87 @@
+"""In one process, interleaved: the cpp backend's inference with every layer of the stack in one call
+(cpp_lstm_stack_fwd) against the same layers called one by one (CppBackend.has_inference_stack off, which is what
+ran before), each on a model of its own, with nn.LSTM (and, for steps, ATen's cells: backend native) beside them.
+
+    python benchmarks/inference_stack_ab.py {step,forward} OUT.json SHAPE[,SHAPE...] [--repeats N] [--layers-first]
+
+step: each shape's T steps fed one a call with the state carried, as `python -m fastlstm bench --mode step` runs
+them (nn.LSTM on 1-step sequences); forward: whole inference calls. Times per step / per call, medians of the
+repeats. Whichever of the two fastlstm ways runs first after nn.LSTM measured up to 15% slower on a loaded 2-core
+host (nn.LSTM's memory traffic before it), so run both orders (--layers-first swaps them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+from fastlstm import benchmark
+from fastlstm.__main__ import _shape_argument
+from fastlstm.backends import cpu
+
+
+def _forward(model, x: torch.Tensor, inner: int):
+    def run():
+        with torch.no_grad():
+            for _ in range(inner):
+                model(x)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=["step", "forward"])
+    parser.add_argument("out")
+    parser.add_argument("shapes")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--layers-first", action="store_true")
+    args = parser.parse_args()
+    results = {}
+    for label in args.shapes.split(","):
+        shape = _shape_argument(label)
+        models = benchmark.make_models(shape, ["cpp", "native"], "cpu", torch.float32)
+        twin = copy.deepcopy(models["fastlstm[cpp]"])
+        x = torch.randn(shape.seq_len, shape.batch, shape.input_size)
+        if args.mode == "step":
+            per = shape.seq_len  # times per step
+            ways = {
+                "one call": benchmark._step(models["fastlstm[cpp]"], x, "step", shape),
+                "layer by layer": benchmark._step(twin, x, "step", shape),
+                "ATen cells": benchmark._step(models["fastlstm[native]"], x, "step", shape),
+                "nn.LSTM": benchmark._step(models["nn.LSTM"], x, "step", shape),
+            }
+        else:
+            per = 200 if shape.seq_len * shape.batch * shape.hidden_size <= 4096 else 20 if shape.seq_len <= 10 else 2
+            pairs = (("one call", models["fastlstm[cpp]"]), ("layer by layer", twin), ("nn.LSTM", models["nn.LSTM"]))
+            ways = {name: _forward(m, x, per) for name, m in pairs}
+        order = ["layer by layer", "one call"] if args.layers_first else ["one call", "layer by layer"]
+        order += [name for name in ways if name not in order]
+        times: dict[str, list[float]] = {name: [] for name in order}
+        for repeat in range(args.repeats + 2):  # two rounds of warm-up
+            for name in order:
+                cpu.CppBackend.has_inference_stack = name != "layer by layer"
+                start = time.perf_counter()
+                ways[name]()
+                if repeat >= 2:
+                    times[name].append((time.perf_counter() - start) * 1e6 / per)
+        cpu.CppBackend.has_inference_stack = True
+        median = {name: statistics.median(t) for name, t in times.items()}
+        results[label] = {"order": order, "us_median": median, "us": times}
+        print(
+            f"{label}: " + ", ".join(f"{name} {us:.1f} us" for name, us in median.items())
+            + f" | layer by layer / one call {median['layer by layer'] / median['one call']:.2f}x",
+            flush=True,
+        )  # fmt: skip
+    with open(args.out, "w") as f:
+        json.dump({"mode": args.mode, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "results": results}, f, indent=1)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
