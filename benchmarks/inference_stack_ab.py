@@ -25,7 +25,7 @@ from fastlstm.__main__ import _shape_argument
 from fastlstm.backends import cpu
 
 
-def _forward(model, x: torch.Tensor, inner: int):
+def _forward(model, x, inner: int):
     def run():
         with torch.no_grad():
             for _ in range(inner):
@@ -59,7 +59,7 @@ def main() -> None:
         else:
             per = 200 if shape.seq_len * shape.batch * shape.hidden_size <= 4096 else 20 if shape.seq_len <= 10 else 2
             pairs = (("one call", models["fastlstm[cpp]"]), ("layer by layer", twin), ("nn.LSTM", models["nn.LSTM"]))
-            ways = {name: _forward(m, x, per) for name, m in pairs}
+            ways = {name: _forward(m, shape.model_input(x), per) for name, m in pairs}
         order = ["layer by layer", "one call"] if args.layers_first else ["one call", "layer by layer"]
         order += [name for name in ways if name not in order]
         times: dict[str, list[float]] = {name: [] for name in order}

@@ -38,10 +38,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows
     const c10::optional<Tensor>& batch_sizes, const Tensor& y, const Tensor& gates, const Tensor& c_hist,
     bool reverse);
 
-// The CPU kernel of cpp_lstm_stack_fwd: a unidirectional stack at inference, layer by layer as lstm_fwd runs each.
+// The CPU kernel of cpp_lstm_stack_fwd: a whole stack at inference, layer by layer as lstm_fwd runs each.
 std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x, const c10::optional<Tensor>& h0,
                                                   const c10::optional<Tensor>& c0, at::TensorList weights,
-                                                  bool has_bias, bool has_proj);
+                                                  const c10::optional<Tensor>& batch_sizes, bool has_bias,
+                                                  bool has_proj, bool bidirectional);
 
 // The dtype the kernels compute a layer of dtype t in, and the live rows of each step (B everywhere unpacked).
 at::ScalarType compute_type(at::ScalarType t);

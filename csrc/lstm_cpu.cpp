@@ -51,6 +51,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -785,21 +786,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x, con
   return {y, h, c, gates, c_hist};
 }
 
-// A unidirectional stack at inference, each layer through forward_layer as a call of lstm_fwd of its own would
-// run it (the same numbers: the same kernel, the same b_ih + b_hh), in one call from Python, with the state of
-// every layer in one tensor from start to end. At batch 1 a layer's products take a few microseconds, and its call
-// from Python (arguments, outputs, the autograd wrapper, the bias sum, the state's copies, unbind and stack)
-// several times that. weights: nn.LSTM's _flat_weights of one direction, per layer w_ih, w_hh[, b_ih, b_hh][,
-// w_hr]; h0 [L, B, P] and c0 [L, B, H], or neither for zeros. x [B, I] is a single step (y then [B, P]).
+// A whole stack at inference, each (layer, direction) through forward_layer as a call of lstm_fwd of its own would
+// run it (the same numbers: the same kernel, the same b_ih + b_hh, the directions' outputs concatenated as the
+// module concatenates them), in one call from Python, with the state of every layer in one tensor from start to
+// end. At batch 1 a layer's products take a few microseconds, and its call from Python (arguments, outputs, the
+// autograd wrapper, the bias sum, the state's copies, unbind and stack) several times that.
+// weights: nn.LSTM's _flat_weights, per (layer, direction) w_ih, w_hh[, b_ih, b_hh][, w_hr]; h0 [L*D, B, P] and
+// c0 [L*D, B, H], or neither for zeros; batch_sizes as for lstm_fwd (packed input, padded to [T, B, I]). x [B, I]
+// is a single step (y then [B, P]).
 std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x_in, const c10::optional<Tensor>& h0,
                                                   const c10::optional<Tensor>& c0, at::TensorList weights,
-                                                  bool has_bias, bool has_proj) {
+                                                  const c10::optional<Tensor>& batch_sizes, bool has_bias,
+                                                  bool has_proj, bool bidirectional) {
   const size_t per_layer = 2 + (has_bias ? 2 : 0) + (has_proj ? 1 : 0);
-  TORCH_CHECK(!weights.empty() && weights.size() % per_layer == 0, "fastlstm cpp_lstm_stack_fwd: ", weights.size(),
-              " weights for layers of ", per_layer);
+  const int64_t directions = bidirectional ? 2 : 1;
+  TORCH_CHECK(!weights.empty() && weights.size() % (per_layer * directions) == 0, "fastlstm cpp_lstm_stack_fwd: ",
+              weights.size(), " weights for layers of ", per_layer, " in ", directions, " direction(s)");
   TORCH_CHECK(h0.has_value() == c0.has_value(), "fastlstm cpp_lstm_stack_fwd: h0 and c0 come together");
-  const int64_t layers = static_cast<int64_t>(weights.size() / per_layer);
-  auto layer_weights = [&](int64_t l) { return weights.slice(l * per_layer, per_layer); };
+  const int64_t count = static_cast<int64_t>(weights.size() / per_layer);  // (layer, direction) pairs
   auto bias = [&](at::TensorList w) { return has_bias ? c10::optional<Tensor>(at::add(w[2], w[3])) : c10::nullopt; };
   auto projection = [&](at::TensorList w) {
     return has_proj ? c10::optional<Tensor>(w[per_layer - 1]) : c10::nullopt;
@@ -809,25 +813,29 @@ std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x_in, const c10:
   const at::ScalarType dt = x.scalar_type(), ct = compute_type(dt);
   Tensor h_n, c_n;
   Tensor layer_in = x;
-  for (int64_t l = 0; l < layers; ++l) {
-    const at::TensorList w = layer_weights(l);
-    const auto b = bias(w), w_hr = projection(w);
-    const Dims d = check_layer_args(layer_in, w[0], w[1], b, w_hr, c10::nullopt);
-    if (l == 0) {
-      if (h0.has_value()) {
-        check_state(d, x, *h0, *c0, layers);
-        h_n = h0->to(ct, /*non_blocking=*/false, /*copy=*/true).contiguous();
-        c_n = c0->to(ct, false, true).contiguous();
-      } else {
-        h_n = at::zeros({layers, d.B, d.P}, x.options().dtype(ct));
-        c_n = at::zeros({layers, d.B, d.H}, x.options().dtype(ct));
+  for (int64_t k0 = 0; k0 < count; k0 += directions) {
+    std::vector<Tensor> outputs;
+    for (int64_t k = k0; k < k0 + directions; ++k) {
+      const at::TensorList w = weights.slice(k * per_layer, per_layer);
+      const auto b = bias(w), w_hr = projection(w);
+      const Dims d = check_layer_args(layer_in, w[0], w[1], b, w_hr, batch_sizes);
+      if (k == 0) {
+        if (h0.has_value()) {
+          check_state(d, x, *h0, *c0, count);
+          h_n = h0->to(ct, /*non_blocking=*/false, /*copy=*/true).contiguous();
+          c_n = c0->to(ct, false, true).contiguous();
+        } else {
+          h_n = at::zeros({count, d.B, d.P}, x.options().dtype(ct));
+          c_n = at::zeros({count, d.B, d.H}, x.options().dtype(ct));
+        }
       }
+      TORCH_CHECK(h_n.size(2) == d.P && c_n.size(2) == d.H, "fastlstm cpp_lstm_stack_fwd: layer ", k / directions,
+                  " has another hidden or projection size than layer 0");
+      Tensor h = h_n.select(0, k), c = c_n.select(0, k), gates, c_hist;
+      outputs.push_back(forward_layer(d, layer_in, w[0], w[1], b, w_hr, batch_sizes, /*reverse=*/k > k0,
+                                      /*save=*/false, h, c, gates, c_hist));
     }
-    TORCH_CHECK(h_n.size(2) == d.P && c_n.size(2) == d.H, "fastlstm cpp_lstm_stack_fwd: layer ", l,
-                " has another hidden or projection size than layer 0");
-    Tensor h = h_n.select(0, l), c = c_n.select(0, l), gates, c_hist;
-    layer_in = forward_layer(d, layer_in, w[0], w[1], b, w_hr, c10::nullopt, /*reverse=*/false, /*save=*/false, h, c,
-                             gates, c_hist);
+    layer_in = outputs.size() == 1 ? outputs[0] : at::cat(outputs, 2);
   }
   if (dt != ct) {
     h_n = h_n.to(dt);
@@ -1223,8 +1231,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows
 
 std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x, const c10::optional<Tensor>& h0,
                                                   const c10::optional<Tensor>& c0, at::TensorList weights,
-                                                  bool has_bias, bool has_proj) {
-  return fastlstm::lstm_stack_fwd(x, h0, c0, weights, has_bias, has_proj);
+                                                  const c10::optional<Tensor>& batch_sizes, bool has_bias,
+                                                  bool has_proj, bool bidirectional) {
+  return fastlstm::lstm_stack_fwd(x, h0, c0, weights, batch_sizes, has_bias, has_proj, bidirectional);
 }
 
 at::ScalarType compute_type(at::ScalarType t) { return fastlstm::compute_type(t); }

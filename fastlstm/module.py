@@ -433,9 +433,9 @@ class LSTM(nn.RNNBase):
             x = x.squeeze(1 if self.batch_first else 0)
         else:  # this kind of step passed every check before
             x, state = (input, state) if batched else self._as_batch_of_one(input, state)
-        whole = self._inference_stack_backend(choices, x, state, None)
+        whole = self._inference_stack_backend(choices, x, state)
         if whole is not None:
-            x, h_n, c_n = whole.inference_stack(x, state, self._flat_weights, self.bias, self.proj_size > 0)
+            x, h_n, c_n = self._inference_stack(whole, x, state, None)
         elif all(choice.backend == "native" for choice in choices):
             x, h_n, c_n = self._native_cells(x, *self._layer_states(x[None], state))
         else:
@@ -741,9 +741,9 @@ class LSTM(nn.RNNBase):
         hx: (h0 [L*D, B, P], c0 [L*D, B, H]), or None for zeros (then amp is None).
         """
         if amp is None:
-            whole = self._inference_stack_backend(choices, x, hx, batch_sizes)
+            whole = self._inference_stack_backend(choices, x, hx)
             if whole is not None:
-                return whole.inference_stack(x, hx, self._flat_weights, self.bias, self.proj_size > 0)
+                return self._inference_stack(whole, x, hx, batch_sizes)
             return self._layered_stack(x, *self._layer_states(x, hx), batch_sizes, choices)
         compute = amp.dtypes[0]
         with torch.autocast(x.device.type, enabled=False):
@@ -751,12 +751,12 @@ class LSTM(nn.RNNBase):
             outputs = self._layered_stack(x.to(compute), h0, c0, batch_sizes, choices, weight_dtype=compute)
         return tuple(t.to(dtype) for t, dtype in zip(outputs, amp.dtypes))
 
-    def _inference_stack_backend(self, choices, x: Tensor, hx, batch_sizes: Tensor | None) -> backends.Backend | None:
+    def _inference_stack_backend(self, choices, x: Tensor, hx) -> backends.Backend | None:
         """The backend that runs this whole call's stack in one call (Backend.inference_stack), or None: every layer
-        on one backend that can, one direction, unpacked, no dropout to apply, an eager call without transforms,
-        and nothing that needs a gradient. The same numbers as layer by layer, with less of Python around them."""
+        and direction on one backend that can, no dropout to apply, an eager call without transforms, and nothing
+        that needs a gradient. The same numbers as layer by layer, with less of Python around them."""
         backend = backends.get(choices[0].backend)
-        if not backend.has_inference_stack or batch_sizes is not None or self._num_directions != 1:
+        if not backend.has_inference_stack:
             return None
         if any(choice.backend != backend.name for choice in choices) or (self.training and self.dropout > 0):
             return None
@@ -771,6 +771,10 @@ class LSTM(nn.RNNBase):
         if torch._C._are_functorch_transforms_active() or _forward_ad_active():
             return None
         return backend
+
+    def _inference_stack(self, backend, x: Tensor, hx, batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        weights = self._flat_weights
+        return backend.inference_stack(x, hx, weights, batch_sizes, self.bias, self.proj_size > 0, self.bidirectional)
 
     def _layer_states(self, x: Tensor, hx) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """The initial (h, c) of each (layer, direction) for time-major x; zeros when hx is None."""

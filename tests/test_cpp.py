@@ -25,7 +25,7 @@ from helpers import (
     run_pythons,
 )
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import fastlstm
 from fastlstm import dispatch, reference
@@ -1474,7 +1474,7 @@ def test_python_threads_calling_at_once_get_their_own_numbers():
     assert not failures, failures
 
 
-# ---- inference in one call: every layer of a unidirectional stack through cpp_lstm_stack_fwd ------------------
+# ---- inference in one call: every layer and direction of the stack through cpp_lstm_stack_fwd ----------------
 
 
 def _count_stack_calls(monkeypatch) -> list[int]:
@@ -1489,48 +1489,70 @@ def _count_stack_calls(monkeypatch) -> list[int]:
     return calls
 
 
-def _forward_and_step(model, x, state):
-    """forward on x, and a step on its first time step, both without gradients."""
+def _inferred(model, x, state) -> list[torch.Tensor]:
+    """forward on x and, for a unidirectional model on a plain tensor, a step on its first time step; no_grad."""
     with torch.no_grad():
         y, (h, c) = model(x, state)
+        if isinstance(y, PackedSequence):
+            y = y.data
+        if model.bidirectional or isinstance(x, PackedSequence):
+            return [y, h, c]
         y_t, (h_t, c_t) = model.step(x[:, 0] if model.batch_first else x[0], state)
     return [y, h, c, y_t, h_t, c_t]
+
+
+# (layers, batch, steps, with a state, batch_first, bidirectional, packed)
+_STACK_CASES = [
+    (1, 1, 1, True, False, False, False),
+    (3, 5, 4, False, False, False, False),
+    (2, 3, 6, True, True, False, False),
+    (2, 1, 1, False, True, False, False),
+    (2, 3, 4, True, False, True, False),
+    (1, 2, 1, False, True, True, False),
+    (2, 4, 5, True, False, False, True),
+    (2, 3, 4, False, True, True, True),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("proj", [0, 3])
 def test_inference_in_one_call_gives_the_layers_numbers(dtype, proj, monkeypatch):
-    """At inference forward and step run a unidirectional stack in one call (cpp_lstm_stack_fwd): bitwise what
-    the layers give called one by one, with and without a state, batch_first, 1-3 layers, one step and several;
-    and nn.LSTM's numbers in float64."""
+    """At inference forward and step run the whole stack in one call (cpp_lstm_stack_fwd): bitwise what the layers
+    give called one by one, with and without a state, batch_first, 1-3 layers, one step and several, both
+    directions, packed (unsorted lengths); and nn.LSTM's numbers in float64."""
     calls = _count_stack_calls(monkeypatch)
-    cases = [(1, 1, 1, True, False), (3, 5, 4, False, False), (2, 3, 6, True, True), (2, 1, 1, False, True)]
-    for layers, batch, steps, with_state, batch_first in cases:
-        ref, fast = make_pair(5, 7, layers, proj_size=proj, backend="cpp", dtype=dtype, batch_first=batch_first)
+    for layers, batch, steps, with_state, batch_first, bidirectional, packed in _STACK_CASES:
+        config = dict(proj_size=proj, batch_first=batch_first, bidirectional=bidirectional)
+        ref, fast = make_pair(5, 7, layers, backend="cpp", dtype=dtype, **config)
         x = torch.randn((batch, steps, 5) if batch_first else (steps, batch, 5), dtype=dtype)
+        if packed:
+            lengths = torch.randint(1, steps + 1, (batch,))
+            lengths[batch // 2] = steps
+            x = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
         state = None
         if with_state:
-            state = (torch.randn(layers, batch, proj or 7, dtype=dtype), torch.randn(layers, batch, 7, dtype=dtype))
+            count = layers * (2 if bidirectional else 1)
+            state = (torch.randn(count, batch, proj or 7, dtype=dtype), torch.randn(count, batch, 7, dtype=dtype))
         before = calls[0]
-        whole = _forward_and_step(fast, x, state)
-        assert calls[0] == before + 2, "forward and step at inference run the stack in one call"
+        whole = _inferred(fast, x, state)
+        assert calls[0] == before + len(whole) // 3, "forward and step at inference run the stack in one call"
         with monkeypatch.context() as layer_by_layer:
             layer_by_layer.setattr(cpu.CppBackend, "has_inference_stack", False)
-            layered = _forward_and_step(fast, x, state)
-        assert calls[0] == before + 2
+            layered = _inferred(fast, x, state)
+        assert calls[0] == before + len(whole) // 3
         for got, expected in zip(whole, layered):
             assert got.dtype == expected.dtype and torch.equal(got, expected)
         if dtype == torch.float64:
             with torch.no_grad():
-                expected_y, (expected_h, expected_c) = ref(x, state)
-            for got, expected in zip(whole, (expected_y, expected_h, expected_c)):
-                torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-7)
+                y, (h, c) = ref(x, state)
+            for got, want in zip(whole, (y.data if packed else y, h, c)):
+                torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-7)
 
 
 def test_inference_in_one_call_only_where_nothing_is_differentiated(monkeypatch):
-    """The stack op has no autograd and applies no dropout: calls that need either, bidirectional and packed
-    ones, and those under torch.func's transforms run layer by layer; inference without no_grad (nothing requires
-    a gradient) and training mode without dropout run in one call."""
+    """The stack op has no autograd and applies no dropout: calls that need either, and those under torch.func's
+    transforms, run layer by layer; inference without no_grad (nothing requires a gradient) and training mode
+    without dropout run in one call."""
     calls = _count_stack_calls(monkeypatch)
     ref, fast = make_pair(4, 6, 2, backend="cpp")
     x = torch.randn(3, 2, 4, dtype=torch.float64)
@@ -1540,7 +1562,7 @@ def test_inference_in_one_call_only_where_nothing_is_differentiated(monkeypatch)
         call()
         return calls[0] > before
 
-    assert runs_whole(lambda: _forward_and_step(fast, x, None))
+    assert runs_whole(lambda: _inferred(fast, x, None))
     # Gradients: forward and step train as nn.LSTM does, layer by layer
     assert not runs_whole(lambda: fast(x)[0].sum().backward())
     assert not runs_whole(lambda: fast.step(x[0])[0].sum().backward())
@@ -1548,17 +1570,15 @@ def test_inference_in_one_call_only_where_nothing_is_differentiated(monkeypatch)
     frozen = copy.deepcopy(fast).requires_grad_(False)
     assert runs_whole(lambda: frozen(x))
     assert not runs_whole(lambda: frozen(x.clone().requires_grad_()))
+    h0 = torch.zeros(2, 2, 6, dtype=torch.float64)
+    assert not runs_whole(lambda: frozen(x, (h0.clone().requires_grad_(), h0)))
     # Dropout between layers acts in training mode only
     dropping = fastlstm.LSTM(4, 6, 2, dropout=0.5, backend="cpp", dtype=torch.float64)
-    assert not runs_whole(lambda: _forward_and_step(dropping, x, None))
-    assert runs_whole(lambda: _forward_and_step(dropping.eval(), x, None))
-    assert runs_whole(lambda: _forward_and_step(fast.train(), x, None))
-    # Two directions, packed input, torch.vmap
-    both = fastlstm.LSTM(4, 6, 2, bidirectional=True, backend="cpp", dtype=torch.float64)
+    assert not runs_whole(lambda: _inferred(dropping, x, None))
+    assert runs_whole(lambda: _inferred(dropping.eval(), x, None))
+    assert runs_whole(lambda: _inferred(fast.train(), x, None))
+    # torch.vmap: the layer op's vmap rule, which the stack op has not
     with torch.no_grad():
-        assert not runs_whole(lambda: both(x))
-        packed = pack_padded_sequence(x, [3, 2])
-        assert not runs_whole(lambda: fast(packed))
         samples = torch.randn(2, 3, 2, 4, dtype=torch.float64)
         assert not runs_whole(lambda: torch.func.vmap(lambda s: fast(s)[0])(samples))
         vmapped = torch.func.vmap(lambda s: fast(s)[0])(samples)
@@ -1566,22 +1586,28 @@ def test_inference_in_one_call_only_where_nothing_is_differentiated(monkeypatch)
 
 
 def test_stack_opcheck_and_errors():
-    """cpp_lstm_stack_fwd: opcheck (schema, fake kernel), a single step as x [B, I], and its checks of the state
-    and the weights."""
+    """cpp_lstm_stack_fwd: opcheck (schema, fake kernel) one and two directions, packed, a single step as x [B, I],
+    and its checks of the state and the weights."""
     op = torch.ops.fastlstm.cpp_lstm_stack_fwd.default
-    fast = fastlstm.LSTM(5, 7, 2, proj_size=3, backend="cpp").requires_grad_(False)
-    weights = list(fast._flat_weights)
+    one = list(fastlstm.LSTM(5, 7, 2, proj_size=3, backend="cpp").requires_grad_(False)._flat_weights)
+    both = list(fastlstm.LSTM(5, 7, 2, bidirectional=True, backend="cpp").requires_grad_(False)._flat_weights)
     x, h0, c0 = torch.randn(4, 2, 5), torch.randn(2, 2, 3), torch.randn(2, 2, 7)
-    torch.library.opcheck(op, (x, h0, c0, weights, True, True))
-    torch.library.opcheck(op, (x[0], None, None, weights, True, True))
-    y, h_n, c_n = op(x[0], h0, c0, weights, True, True)
-    y_seq, h_seq, c_seq = op(x[:1], h0, c0, weights, True, True)
+    sizes = torch.tensor([2, 2, 1, 1])
+    torch.library.opcheck(op, (x, h0, c0, one, None, True, True, False))
+    torch.library.opcheck(op, (x[0], None, None, one, None, True, True, False))
+    torch.library.opcheck(op, (x, None, None, both, sizes, True, False, True))
+    y, h_n, c_n = op(x, None, None, both, sizes, True, False, True)
+    assert y.shape == (4, 2, 14) and h_n.shape == c_n.shape == (4, 2, 7)
+    y, h_n, c_n = op(x[0], h0, c0, one, None, True, True, False)
+    y_seq, h_seq, c_seq = op(x[:1], h0, c0, one, None, True, True, False)
     assert y.shape == (2, 3) and torch.equal(y, y_seq[0]) and torch.equal(h_n, h_seq) and torch.equal(c_n, c_seq)
     with pytest.raises(RuntimeError, match="h0 must be"):
-        op(x, h0[:1], c0, weights, True, True)
+        op(x, h0[:1], c0, one, None, True, True, False)
     with pytest.raises(RuntimeError, match="h0 and c0 come together"):
-        op(x, h0, None, weights, True, True)
+        op(x, h0, None, one, None, True, True, False)
     with pytest.raises(RuntimeError, match="weights for layers of 5"):
-        op(x, h0, c0, weights[:-1], True, True)
+        op(x, h0, c0, one[:-1], None, True, True, False)
     with pytest.raises(RuntimeError, match="x must be"):
-        op(x[0, 0], h0, c0, weights, True, True)
+        op(x[0, 0], h0, c0, one, None, True, True, False)
+    with pytest.raises(RuntimeError, match="batch_sizes must be"):
+        op(x, None, None, both, sizes[:2], True, False, True)

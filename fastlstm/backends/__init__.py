@@ -145,12 +145,20 @@ class Backend(abc.ABC):
     has_inference_stack: bool = False
 
     def inference_stack(
-        self, x: Tensor, hx: tuple[Tensor, Tensor] | None, weights: list[Tensor], bias: bool, proj: bool
+        self,
+        x: Tensor,
+        hx: tuple[Tensor, Tensor] | None,
+        weights: list[Tensor],
+        batch_sizes: Tensor | None,
+        bias: bool,
+        proj: bool,
+        bidirectional: bool,
     ) -> LayerResult:
-        """Every layer of a unidirectional stack at inference, each as layer() computes it (the same numbers), on
-        time-major x [T, B, I], or x [B, I] for a single step: y [T, B, P] (or [B, P]), h_n [L, B, P],
-        c_n [L, B, H]. hx: (h0 [L, B, P], c0 [L, B, H]) or None for zeros; weights: the module's _flat_weights
-        (per layer w_ih, w_hh[, b_ih, b_hh][, w_hr])."""
+        """Every (layer, direction) of a stack at inference, each as layer() computes it and the directions' outputs
+        concatenated (the same numbers as the module's loop over layer()), on time-major x [T, B, I] (packed input
+        padded, with its batch_sizes), or x [B, I] for a single step: y [T, B, D*P] (or [B, D*P]),
+        h_n [L*D, B, P], c_n [L*D, B, H]. hx: (h0, c0) of those shapes or None for zeros; weights: the module's
+        _flat_weights (per layer and direction w_ih, w_hh[, b_ih, b_hh][, w_hr])."""
         raise NotImplementedError(f"the {self.name} backend runs layer by layer")
 
 
