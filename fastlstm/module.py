@@ -773,6 +773,7 @@ class LSTM(nn.RNNBase):
         return backend
 
     def _inference_stack(self, backend, x: Tensor, hx, batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """backend.inference_stack with this module's weights and flags: y, h_n, c_n as _layered_stack gives them."""
         weights = self._flat_weights
         return backend.inference_stack(x, hx, weights, batch_sizes, self.bias, self.proj_size > 0, self.bidirectional)
 
