@@ -3,16 +3,19 @@
 ran before), each on a model of its own, with nn.LSTM (and, for steps, ATen's cells: backend native) beside them.
 
     python benchmarks/inference_stack_ab.py {step,forward} OUT.json SHAPE[,SHAPE...] [--repeats N] [--layers-first]
+        [--autocast-bf16]
 
 step: each shape's T steps fed one a call with the state carried, as `python -m fastlstm bench --mode step` runs
 them (nn.LSTM on 1-step sequences); forward: whole inference calls. Times per step / per call, medians of the
 repeats. Whichever of the two fastlstm ways runs first after nn.LSTM measured up to 15% slower on a loaded 2-core
-host (nn.LSTM's memory traffic before it), so run both orders (--layers-first swaps them).
+host (nn.LSTM's memory traffic before it), so run both orders (--layers-first swaps them). --autocast-bf16 runs
+every way under torch.autocast("cpu", dtype=torch.bfloat16), float32 models.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -34,6 +37,10 @@ def _forward(model, x, inner: int):
     return run
 
 
+def _autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=["step", "forward"])
@@ -41,6 +48,7 @@ def main() -> None:
     parser.add_argument("shapes")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--layers-first", action="store_true")
+    parser.add_argument("--autocast-bf16", action="store_true")
     args = parser.parse_args()
     results = {}
     for label in args.shapes.split(","):
@@ -67,7 +75,8 @@ def main() -> None:
             for name in order:
                 cpu.CppBackend.has_inference_stack = name != "layer by layer"
                 start = time.perf_counter()
-                ways[name]()
+                with _autocast(args.autocast_bf16):
+                    ways[name]()
                 if repeat >= 2:
                     times[name].append((time.perf_counter() - start) * 1e6 / per)
         cpu.CppBackend.has_inference_stack = True
@@ -79,8 +88,8 @@ def main() -> None:
             flush=True,
         )  # fmt: skip
     with open(args.out, "w") as f:
-        json.dump({"mode": args.mode, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "results": results}, f, indent=1)  # fmt: skip
+        json.dump({"mode": args.mode, "autocast_bf16": args.autocast_bf16, "torch": torch.__version__,
+                   "threads": torch.get_num_threads(), "results": results}, f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows
 // The CPU kernel of cpp_lstm_stack_fwd: a whole stack at inference, layer by layer as lstm_fwd runs each.
 std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x, const c10::optional<Tensor>& h0,
                                                   const c10::optional<Tensor>& c0, at::TensorList weights,
-                                                  const c10::optional<Tensor>& batch_sizes, bool has_bias,
+                                                  const c10::optional<Tensor>& batch_sizes, int64_t biases,
                                                   bool has_proj, bool bidirectional);
 
 // The dtype the kernels compute a layer of dtype t in, and the live rows of each step (B everywhere unpacked).

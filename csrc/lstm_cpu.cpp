@@ -791,20 +791,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x, con
 // module concatenates them), in one call from Python, with the state of every layer in one tensor from start to
 // end. At batch 1 a layer's products take a few microseconds, and its call from Python (arguments, outputs, the
 // autograd wrapper, the bias sum, the state's copies, unbind and stack) several times that.
-// weights: nn.LSTM's _flat_weights, per (layer, direction) w_ih, w_hh[, b_ih, b_hh][, w_hr]; h0 [L*D, B, P] and
+// weights: per (layer, direction) w_ih, w_hh, then `biases` biases (2: nn.LSTM's _flat_weights, b_ih and b_hh; 1:
+// their sum, as the module casts it under autocast; 0: none)[, w_hr]; h0 [L*D, B, P] and
 // c0 [L*D, B, H], or neither for zeros; batch_sizes as for lstm_fwd (packed input, padded to [T, B, I]). x [B, I]
 // is a single step (y then [B, P]).
 std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x_in, const c10::optional<Tensor>& h0,
                                                   const c10::optional<Tensor>& c0, at::TensorList weights,
-                                                  const c10::optional<Tensor>& batch_sizes, bool has_bias,
+                                                  const c10::optional<Tensor>& batch_sizes, int64_t biases,
                                                   bool has_proj, bool bidirectional) {
-  const size_t per_layer = 2 + (has_bias ? 2 : 0) + (has_proj ? 1 : 0);
+  TORCH_CHECK(biases >= 0 && biases <= 2, "fastlstm cpp_lstm_stack_fwd: biases must be 0, 1 or 2, got ", biases);
+  const size_t per_layer = 2 + static_cast<size_t>(biases) + (has_proj ? 1 : 0);
   const int64_t directions = bidirectional ? 2 : 1;
   TORCH_CHECK(!weights.empty() && weights.size() % (per_layer * directions) == 0, "fastlstm cpp_lstm_stack_fwd: ",
               weights.size(), " weights for layers of ", per_layer, " in ", directions, " direction(s)");
   TORCH_CHECK(h0.has_value() == c0.has_value(), "fastlstm cpp_lstm_stack_fwd: h0 and c0 come together");
   const int64_t count = static_cast<int64_t>(weights.size() / per_layer);  // (layer, direction) pairs
-  auto bias = [&](at::TensorList w) { return has_bias ? c10::optional<Tensor>(at::add(w[2], w[3])) : c10::nullopt; };
+  auto bias = [&](at::TensorList w) -> c10::optional<Tensor> {
+    if (biases == 0) return c10::nullopt;
+    return biases == 1 ? w[2] : at::add(w[2], w[3]);
+  };
   auto projection = [&](at::TensorList w) {
     return has_proj ? c10::optional<Tensor>(w[per_layer - 1]) : c10::nullopt;
   };
@@ -1231,9 +1236,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows
 
 std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x, const c10::optional<Tensor>& h0,
                                                   const c10::optional<Tensor>& c0, at::TensorList weights,
-                                                  const c10::optional<Tensor>& batch_sizes, bool has_bias,
+                                                  const c10::optional<Tensor>& batch_sizes, int64_t biases,
                                                   bool has_proj, bool bidirectional) {
-  return fastlstm::lstm_stack_fwd(x, h0, c0, weights, batch_sizes, has_bias, has_proj, bidirectional);
+  return fastlstm::lstm_stack_fwd(x, h0, c0, weights, batch_sizes, biases, has_proj, bidirectional);
 }
 
 at::ScalarType compute_type(at::ScalarType t) { return fastlstm::compute_type(t); }

@@ -747,8 +747,13 @@ class LSTM(nn.RNNBase):
             return self._layered_stack(x, *self._layer_states(x, hx), batch_sizes, choices)
         compute = amp.dtypes[0]
         with torch.autocast(x.device.type, enabled=False):
-            h0, c0 = hx[0].to(compute).unbind(0), hx[1].to(compute).unbind(0)
-            outputs = self._layered_stack(x.to(compute), h0, c0, batch_sizes, choices, weight_dtype=compute)
+            whole = self._inference_stack_backend(choices, x, hx)
+            if whole is not None:
+                state = (hx[0].to(compute), hx[1].to(compute))
+                outputs = self._inference_stack(whole, x.to(compute), state, batch_sizes, weight_dtype=compute)
+            else:
+                h0, c0 = hx[0].to(compute).unbind(0), hx[1].to(compute).unbind(0)
+                outputs = self._layered_stack(x.to(compute), h0, c0, batch_sizes, choices, weight_dtype=compute)
         return tuple(t.to(dtype) for t, dtype in zip(outputs, amp.dtypes))
 
     def _inference_stack_backend(self, choices, x: Tensor, hx) -> backends.Backend | None:
@@ -772,10 +777,22 @@ class LSTM(nn.RNNBase):
             return None
         return backend
 
-    def _inference_stack(self, backend, x: Tensor, hx, batch_sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """backend.inference_stack with this module's weights and flags: y, h_n, c_n as _layered_stack gives them."""
-        weights = self._flat_weights
-        return backend.inference_stack(x, hx, weights, batch_sizes, self.bias, self.proj_size > 0, self.bidirectional)
+    def _inference_stack(
+        self, backend, x: Tensor, hx, batch_sizes: Tensor | None, weight_dtype=None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """backend.inference_stack with this module's weights and flags: y, h_n, c_n as _layered_stack gives them
+        (weight_dtype as there: each layer's weights and its bias sum cast to it)."""
+        flags = (self.proj_size > 0, self.bidirectional)
+        if weight_dtype is None:
+            return backend.inference_stack(x, hx, self._flat_weights, batch_sizes, 2 if self.bias else 0, *flags)
+        weights = [
+            w.to(weight_dtype)
+            for layer in range(self.num_layers)
+            for direction in range(self._num_directions)
+            for w in self._layer_weights(layer, direction)
+            if w is not None
+        ]
+        return backend.inference_stack(x, hx, weights, batch_sizes, 1 if self.bias else 0, *flags)
 
     def _layer_states(self, x: Tensor, hx) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """The initial (h, c) of each (layer, direction) for time-major x; zeros when hx is None."""

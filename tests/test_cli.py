@@ -243,18 +243,20 @@ def test_bench_times_streaming_steps(tmp_path):
 
 
 def test_inference_stack_ab_times_both_ways(tmp_path):
-    """benchmarks/inference_stack_ab.py (the A/B behind README's step figures): steps and inference calls, the stack
-    in one call against layer by layer, both orders, one JSON each."""
+    """benchmarks/inference_stack_ab.py (the A/B behind README's step figures): steps and inference calls (under
+    bfloat16 autocast too), the stack in one call against layer by layer, both orders, one JSON each."""
     script = str(ROOT / "benchmarks" / "inference_stack_ab.py")
     step_args = (script, "step", str(tmp_path / "step.json"), "B1-T3-I4-H6-L2", "--repeats", "1")
     forward_args = (script, "forward", str(tmp_path / "fwd.json"), "B2-T1-I4-H6-P3-L2", "--repeats", "1")
-    runs = [(step_args, None), ((*forward_args, "--layers-first"), None)]
+    runs = [(step_args, None), ((*forward_args, "--layers-first", "--autocast-bf16"), None)]
     for done in run_pythons(runs):
         assert done.returncode == 0, done.stderr
     step = json.loads((tmp_path / "step.json").read_text())["results"]["B1-T3-I4-H6-L2"]
     assert step["order"] == ["one call", "layer by layer", "ATen cells", "nn.LSTM"]
     assert all(us > 0 for us in step["us_median"].values())
-    forward = json.loads((tmp_path / "fwd.json").read_text())["results"]["B2-T1-I4-H6-P3-L2"]
+    forward_run = json.loads((tmp_path / "fwd.json").read_text())
+    forward = forward_run["results"]["B2-T1-I4-H6-P3-L2"]
+    assert forward_run["autocast_bf16"] is True
     assert forward["order"] == ["layer by layer", "one call", "nn.LSTM"]
     assert all(len(times) == 1 for times in forward["us"].values())
 

@@ -1549,6 +1549,33 @@ def test_inference_in_one_call_gives_the_layers_numbers(dtype, proj, monkeypatch
                 torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-7)
 
 
+@pytest.mark.parametrize("proj", [0, 3])
+def test_autocast_inference_in_one_call_gives_the_layers_numbers(proj, monkeypatch):
+    """Under CPU bfloat16 autocast the stack in one call takes each layer's weights and bias sum cast as the layers
+    one by one take them: bitwise their numbers and dtypes (plain, bidirectional, packed; forward and step)."""
+    calls = _count_stack_calls(monkeypatch)
+    for layers, batch, steps, with_state, batch_first, bidirectional, packed in _STACK_CASES[1:]:
+        config = dict(proj_size=proj, batch_first=batch_first, bidirectional=bidirectional)
+        _, fast = make_pair(5, 7, layers, backend="cpp", dtype=torch.float32, **config)
+        x = torch.randn((batch, steps, 5) if batch_first else (steps, batch, 5))
+        if packed:
+            x = pack_padded_sequence(x, torch.full((batch,), steps), batch_first=batch_first, enforce_sorted=False)
+        state = None
+        if with_state:
+            count = layers * (2 if bidirectional else 1)
+            state = (torch.randn(count, batch, proj or 7), torch.randn(count, batch, 7))
+        before = calls[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            whole = _inferred(fast, x, state)
+            assert calls[0] == before + len(whole) // 3
+            with monkeypatch.context() as layer_by_layer:
+                layer_by_layer.setattr(cpu.CppBackend, "has_inference_stack", False)
+                layered = _inferred(fast, x, state)
+        assert calls[0] == before + len(whole) // 3
+        for got, expected in zip(whole, layered):
+            assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
 def test_inference_in_one_call_only_where_nothing_is_differentiated(monkeypatch):
     """The stack op has no autograd and applies no dropout: calls that need either, and those under torch.func's
     transforms, run layer by layer; inference without no_grad (nothing requires a gradient) and training mode
@@ -1593,21 +1620,27 @@ def test_stack_opcheck_and_errors():
     both = list(fastlstm.LSTM(5, 7, 2, bidirectional=True, backend="cpp").requires_grad_(False)._flat_weights)
     x, h0, c0 = torch.randn(4, 2, 5), torch.randn(2, 2, 3), torch.randn(2, 2, 7)
     sizes = torch.tensor([2, 2, 1, 1])
-    torch.library.opcheck(op, (x, h0, c0, one, None, True, True, False))
-    torch.library.opcheck(op, (x[0], None, None, one, None, True, True, False))
-    torch.library.opcheck(op, (x, None, None, both, sizes, True, False, True))
-    y, h_n, c_n = op(x, None, None, both, sizes, True, False, True)
+    torch.library.opcheck(op, (x, h0, c0, one, None, 2, True, False))
+    torch.library.opcheck(op, (x[0], None, None, one, None, 2, True, False))
+    torch.library.opcheck(op, (x, None, None, both, sizes, 2, False, True))
+    summed = [*one[:2], one[2] + one[3], one[4], *one[5:7], one[7] + one[8], one[9]]  # biases=1: b_ih + b_hh given
+    torch.library.opcheck(op, (x, h0, c0, summed, None, 1, True, False))
+    for got, expected in zip(op(x, h0, c0, summed, None, 1, True, False), op(x, h0, c0, one, None, 2, True, False)):
+        assert torch.equal(got, expected)
+    y, h_n, c_n = op(x, None, None, both, sizes, 2, False, True)
     assert y.shape == (4, 2, 14) and h_n.shape == c_n.shape == (4, 2, 7)
-    y, h_n, c_n = op(x[0], h0, c0, one, None, True, True, False)
-    y_seq, h_seq, c_seq = op(x[:1], h0, c0, one, None, True, True, False)
+    y, h_n, c_n = op(x[0], h0, c0, one, None, 2, True, False)
+    y_seq, h_seq, c_seq = op(x[:1], h0, c0, one, None, 2, True, False)
     assert y.shape == (2, 3) and torch.equal(y, y_seq[0]) and torch.equal(h_n, h_seq) and torch.equal(c_n, c_seq)
     with pytest.raises(RuntimeError, match="h0 must be"):
-        op(x, h0[:1], c0, one, None, True, True, False)
+        op(x, h0[:1], c0, one, None, 2, True, False)
     with pytest.raises(RuntimeError, match="h0 and c0 come together"):
-        op(x, h0, None, one, None, True, True, False)
+        op(x, h0, None, one, None, 2, True, False)
     with pytest.raises(RuntimeError, match="weights for layers of 5"):
-        op(x, h0, c0, one[:-1], None, True, True, False)
+        op(x, h0, c0, one[:-1], None, 2, True, False)
     with pytest.raises(RuntimeError, match="x must be"):
-        op(x[0, 0], h0, c0, one, None, True, True, False)
+        op(x[0, 0], h0, c0, one, None, 2, True, False)
+    with pytest.raises(RuntimeError, match="biases must be 0, 1 or 2"):
+        op(x, h0, c0, one, None, 3, True, False)
     with pytest.raises(RuntimeError, match="batch_sizes must be"):
-        op(x, None, None, both, sizes[:2], True, False, True)
+        op(x, None, None, both, sizes[:2], 2, False, True)

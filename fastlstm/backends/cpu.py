@@ -438,7 +438,7 @@ BWD_ROWS_SCHEMA = (
 )
 # A whole stack at inference in one call (CppBackend.inference_stack); no autograd.
 STACK_FWD_SCHEMA = (
-    "cpp_lstm_stack_fwd(Tensor x, Tensor? h0, Tensor? c0, Tensor[] weights, Tensor? batch_sizes, bool bias, "
+    "cpp_lstm_stack_fwd(Tensor x, Tensor? h0, Tensor? c0, Tensor[] weights, Tensor? batch_sizes, int biases, "
     "bool proj, bool bidirectional) -> (Tensor, Tensor, Tensor)"
 )
 _schemas = torch.library.Library("fastlstm", "FRAGMENT")
@@ -499,8 +499,8 @@ def _bwd_rows_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_
 
 
 @torch.library.register_fake("fastlstm::cpp_lstm_stack_fwd", lib=_schemas)
-def _stack_fwd_fake(x, h0, c0, weights, batch_sizes, bias, proj, bidirectional):
-    per_layer = 2 + 2 * bias + proj
+def _stack_fwd_fake(x, h0, c0, weights, batch_sizes, biases, proj, bidirectional):
+    per_layer = 2 + biases + proj
     count, last_w_hh = len(weights) // per_layer, weights[-per_layer + 1]  # (layer, direction) pairs
     H, P = last_w_hh.shape[0] // 4, last_w_hh.shape[1]
     steps, B = x.shape[:-2], x.shape[-2]  # x [T, B, I], or [B, I] for one step
@@ -670,13 +670,13 @@ class CppBackend(Backend):
 
     has_inference_stack = True
 
-    def inference_stack(self, x, hx, weights, batch_sizes, bias, proj, bidirectional) -> LayerResult:
+    def inference_stack(self, x, hx, weights, batch_sizes, biases, proj, bidirectional) -> LayerResult:
         reason = _availability()
         if reason is not None:
             raise RuntimeError(f"fastlstm cpp backend is unavailable: {reason}")
         h0, c0 = (None, None) if hx is None else hx
         op = torch.ops.fastlstm.cpp_lstm_stack_fwd.default
-        return op(x, h0, c0, weights, batch_sizes, bias, proj, bidirectional)
+        return op(x, h0, c0, weights, batch_sizes, biases, proj, bidirectional)
 
 
 BACKEND = CppBackend()
