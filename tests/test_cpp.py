@@ -1501,6 +1501,21 @@ def _inferred(model, x, state) -> list[torch.Tensor]:
     return [y, h, c, y_t, h_t, c_t]
 
 
+def _one_call_as_layers(calls: list[int], monkeypatch, model, x, state) -> list[torch.Tensor]:
+    """_inferred through the stack op (each of forward and step calls it once), then layer by layer: bitwise the
+    same numbers and dtypes. Returns the former."""
+    before = calls[0]
+    whole = _inferred(model, x, state)
+    assert calls[0] == before + len(whole) // 3, "forward and step at inference run the stack in one call"
+    with monkeypatch.context() as layer_by_layer:
+        layer_by_layer.setattr(cpu.CppBackend, "has_inference_stack", False)
+        layered = _inferred(model, x, state)
+    assert calls[0] == before + len(whole) // 3
+    for got, expected in zip(whole, layered):
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+    return whole
+
+
 # (layers, batch, steps, with a state, batch_first, bidirectional, packed)
 _STACK_CASES = [
     (1, 1, 1, True, False, False, False),
@@ -1533,15 +1548,7 @@ def test_inference_in_one_call_gives_the_layers_numbers(dtype, proj, monkeypatch
         if with_state:
             count = layers * (2 if bidirectional else 1)
             state = (torch.randn(count, batch, proj or 7, dtype=dtype), torch.randn(count, batch, 7, dtype=dtype))
-        before = calls[0]
-        whole = _inferred(fast, x, state)
-        assert calls[0] == before + len(whole) // 3, "forward and step at inference run the stack in one call"
-        with monkeypatch.context() as layer_by_layer:
-            layer_by_layer.setattr(cpu.CppBackend, "has_inference_stack", False)
-            layered = _inferred(fast, x, state)
-        assert calls[0] == before + len(whole) // 3
-        for got, expected in zip(whole, layered):
-            assert got.dtype == expected.dtype and torch.equal(got, expected)
+        whole = _one_call_as_layers(calls, monkeypatch, fast, x, state)
         if dtype == torch.float64:
             with torch.no_grad():
                 y, (h, c) = ref(x, state)
@@ -1564,16 +1571,8 @@ def test_autocast_inference_in_one_call_gives_the_layers_numbers(proj, monkeypat
         if with_state:
             count = layers * (2 if bidirectional else 1)
             state = (torch.randn(count, batch, proj or 7), torch.randn(count, batch, 7))
-        before = calls[0]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            whole = _inferred(fast, x, state)
-            assert calls[0] == before + len(whole) // 3
-            with monkeypatch.context() as layer_by_layer:
-                layer_by_layer.setattr(cpu.CppBackend, "has_inference_stack", False)
-                layered = _inferred(fast, x, state)
-        assert calls[0] == before + len(whole) // 3
-        for got, expected in zip(whole, layered):
-            assert got.dtype == expected.dtype and torch.equal(got, expected)
+            _one_call_as_layers(calls, monkeypatch, fast, x, state)
 
 
 def test_inference_in_one_call_only_where_nothing_is_differentiated(monkeypatch):
