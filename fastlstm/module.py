@@ -740,20 +740,18 @@ class LSTM(nn.RNNBase):
 
         hx: (h0 [L*D, B, P], c0 [L*D, B, H]), or None for zeros (then amp is None).
         """
+        whole = self._inference_stack_backend(choices, x, hx)
         if amp is None:
-            whole = self._inference_stack_backend(choices, x, hx)
             if whole is not None:
                 return self._inference_stack(whole, x, hx, batch_sizes)
             return self._layered_stack(x, *self._layer_states(x, hx), batch_sizes, choices)
         compute = amp.dtypes[0]
         with torch.autocast(x.device.type, enabled=False):
-            whole = self._inference_stack_backend(choices, x, hx)
+            x, hx = x.to(compute), (hx[0].to(compute), hx[1].to(compute))
             if whole is not None:
-                state = (hx[0].to(compute), hx[1].to(compute))
-                outputs = self._inference_stack(whole, x.to(compute), state, batch_sizes, weight_dtype=compute)
+                outputs = self._inference_stack(whole, x, hx, batch_sizes, weight_dtype=compute)
             else:
-                h0, c0 = hx[0].to(compute).unbind(0), hx[1].to(compute).unbind(0)
-                outputs = self._layered_stack(x.to(compute), h0, c0, batch_sizes, choices, weight_dtype=compute)
+                outputs = self._layered_stack(x, *self._layer_states(x, hx), batch_sizes, choices, weight_dtype=compute)
         return tuple(t.to(dtype) for t, dtype in zip(outputs, amp.dtypes))
 
     def _inference_stack_backend(self, choices, x: Tensor, hx) -> backends.Backend | None:
