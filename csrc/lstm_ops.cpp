@@ -5,6 +5,9 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/matmul.h>
@@ -150,6 +153,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd_autograd(
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
+// Weights for a call under autocast, in dtype, through autocast's own cache of casts (the one ATen's ops take
+// their weights from): a parameter is cast once per autocast region rather than on every call, as nn.LSTM's are.
+// Registered without a dispatch key (CompositeImplicitAutograd), so autograd records each cast as it records
+// any .to(). Never under inference_mode: tensors made there cannot serve a later call that trains, and the cache
+// would hand them to it. A cast cached under no_grad keeps its grad_fn for the same reason (newer releases'
+// cached_cast does both itself; older ones did neither).
+std::vector<Tensor> autocast_weights(at::TensorList weights, at::ScalarType dtype) {
+  std::vector<Tensor> out;
+  out.reserve(weights.size());
+  for (const Tensor& w : weights) {
+    Tensor cast;
+    if (w.scalar_type() == dtype) {
+      cast = w;
+    } else if (!c10::InferenceMode::is_enabled()) {
+      at::AutoGradMode grad(w.requires_grad() || at::GradMode::is_enabled());
+      cast = at::autocast::cached_cast(dtype, w, w.device().type());
+    }
+    // cached_cast leaves what autocast does not cast as it is (float64, say): the call still needs it in dtype
+    out.push_back(cast.defined() && cast.scalar_type() == dtype ? cast : w.to(dtype));
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace fastlstm
 
@@ -164,6 +190,7 @@ TORCH_LIBRARY_FRAGMENT(fastlstm, m) {
   m.def("cpp_float32_forward_rows(int T, int B, int I, int H, int P) -> int[]",
         &fastlstm::layer::float32_forward_rows);
   m.def("cpp_release_memory() -> int", &fastlstm::layer::release_memory);
+  m.def("cpp_autocast_weights(Tensor[] weights, ScalarType dtype) -> Tensor[]", &fastlstm::autocast_weights);
 }
 
 TORCH_LIBRARY_IMPL(fastlstm, CPU, m) {

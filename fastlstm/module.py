@@ -124,9 +124,10 @@ def _checks_are_ours(cls: type) -> bool:
     return all(getattr(cls, name) is getattr(LSTM, name) for name in names)
 
 
-# Plans of calls that passed every check, by LSTM._call_key: repeated calls of one kind skip the checks and
-# dispatch (tens of microseconds, which count at batch 1-4).
-_CHECKED_CALLS: dict[tuple, tuple[dispatch.Choice, ...]] = {}
+# Plans of calls that passed every check, by LSTM._call_key, with what autocast makes of them (None when it is
+# off): repeated calls of one kind skip the checks, dispatch and autocast's dtypes (tens of microseconds, which
+# count at batch 1-4).
+_CHECKED_CALLS: dict[tuple, tuple[tuple[dispatch.Choice, ...], "_Autocast | None"]] = {}
 _CHECKED_MAX = 4096
 
 
@@ -161,6 +162,16 @@ class _Autocast(NamedTuple):
 
 # Per distinct call; see LSTM._autocast_dtypes.
 _AUTOCAST_DTYPES: dict[tuple, _Autocast] = {}
+
+
+def _autocast_key(device_type: str) -> tuple | bool:
+    """What decides autocast's dtypes for a call on device_type beside the call itself: autocast's dtype there,
+    and which ATen path nn.LSTM takes (oneDNN off, nn.LSTM under CPU bfloat16 autocast computes and returns
+    float32; cuDNN off, CUDA takes ATen's default implementation). False when autocast is off there."""
+    if not _autocast_enabled(device_type):
+        return False
+    dtype = torch.get_autocast_dtype(device_type)
+    return device_type, dtype, torch._C._get_mkldnn_enabled(), torch._C._get_cudnn_enabled()
 
 
 @contextlib.contextmanager
@@ -297,15 +308,16 @@ class LSTM(nn.RNNBase):
         if lengths is not None:
             return self._forward_lengths(input, hx, lengths)
         key = self._call_key(input, hx)
-        choices = _CHECKED_CALLS.get(key) if key is not None else None
-        if choices is None:
+        checked = _CHECKED_CALLS.get(key) if key is not None else None
+        if checked is None:
             input, hx, batch_sizes, sorted_indices, unsorted_indices, is_batched = self._prepare(input, hx)
             amp = self._autocast_dtypes(input, hx, batch_sizes)
             choices = self._plan(input, hx, batch_sizes, amp)
             if key is not None:
-                _remember(_CHECKED_CALLS, key, choices)
-        else:  # the same kind of call passed every check before: a tensor, no autocast, no packing
-            batch_sizes = sorted_indices = unsorted_indices = amp = None
+                _remember(_CHECKED_CALLS, key, (choices, amp))
+        else:  # the same kind of call passed every check before: a tensor, no packing
+            choices, amp = checked
+            batch_sizes = sorted_indices = unsorted_indices = None
             is_batched = input.dim() == 3
             if not is_batched:
                 input, hx = self._as_batch_of_one(input, hx)
@@ -424,14 +436,15 @@ class LSTM(nn.RNNBase):
         self._update_flat_weights()
         # Forward's plans and checks: a step is a 1-step sequence to them (the same key, the same backends)
         key = self._call_key(sequence, state)
-        choices = _CHECKED_CALLS.get(key) if key is not None else None
-        if choices is None:
+        checked = _CHECKED_CALLS.get(key) if key is not None else None
+        if checked is None:
             x, state, *_ = self._prepare(sequence, state)
             choices = self._plan(x, state, None)
             if key is not None:
-                _remember(_CHECKED_CALLS, key, choices)
+                _remember(_CHECKED_CALLS, key, (choices, None))
             x = x.squeeze(1 if self.batch_first else 0)
         else:  # this kind of step passed every check before
+            choices = checked[0]
             x, state = (input, state) if batched else self._as_batch_of_one(input, state)
         whole = self._inference_stack_backend(choices, x, state)
         if whole is not None:
@@ -480,21 +493,23 @@ class LSTM(nn.RNNBase):
         )
 
     def _call_key(self, input, hx) -> tuple | None:
-        """What decides whether a call passes every check and which backends serve it, for the common call: a
-        tensor (batched or not), (h0, c0) a tuple of tensors or None, no autocast, not traced. None for any other
-        call.
+        """What decides whether a call passes every check, which backends serve it and what autocast makes of it,
+        for the common call: a tensor (batched or not), (h0, c0) a tuple of tensors or None, not traced. None for
+        any other call.
 
-        Each check of _prepare and each input of _plan reads only these (the module's sizes and flags are
-        constant after construction), so a call whose key matches one that passed needs neither again.
+        Each check of _prepare and each input of _plan and _autocast_dtypes reads only these (the module's sizes
+        and flags are constant after construction), so a call whose key matches one that passed needs none of
+        them again.
         """
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._is_any_autocast_enabled():
-            return None  # graphs decide once per trace, and autocast's dtypes are worked out per call
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return None  # graphs decide once per trace
         if torch._C._are_functorch_transforms_active() or _forward_ad_active():
             return None  # whether a transform or dual tensors track gradients here is worked out per call (_plan)
         if not _checks_are_ours(type(self)):
             return None  # a subclass's own checks run on every call, as nn.LSTM runs them
         if type(input) is not Tensor or input.dim() not in (2, 3):
             return None
+        amp = torch._C._is_any_autocast_enabled() and _autocast_key(input.device.type)
         weight = self._flat_weights[0]
         grad = torch.is_grad_enabled() and (input.requires_grad or any(w.requires_grad for w in self._flat_weights))
         if hx is None:
@@ -508,7 +523,7 @@ class LSTM(nn.RNNBase):
         return (
             input.shape, input.dtype, input.device, weight.dtype, weight.device, state, grad, self.batch_first,
             self.backend, os.environ.get(dispatch.ENV_VAR), self.input_size, self.hidden_size, self.proj_size,
-            self.num_layers, self.bidirectional, self.bias, self._weights_mixed(), torch.get_num_threads(),
+            self.num_layers, self.bidirectional, self.bias, self._weights_mixed(), torch.get_num_threads(), amp,
         )  # fmt: skip
 
     def _plan(self, input: Tensor, hx, batch_sizes: Tensor | None, amp=None) -> tuple[dispatch.Choice, ...]:
@@ -692,9 +707,8 @@ class LSTM(nn.RNNBase):
         # ATen takes another path for packed input whose batch sizes vary, with other dtypes
         varying = batch_sizes is not None and int(batch_sizes[0]) != int(batch_sizes[-1])
         key = (
-            device_type, torch.get_autocast_dtype(device_type), input.dtype, hx[0].dtype, hx[1].dtype,
-            batch_sizes is not None, varying, weights[0].dtype, self.num_layers, self.bidirectional, self.bias,
-            self.proj_size,
+            _autocast_key(device_type), input.dtype, hx[0].dtype, hx[1].dtype, batch_sizes is not None, varying,
+            weights[0].dtype, self.num_layers, self.bidirectional, self.bias, self.proj_size,
         )  # fmt: skip
         if key not in _AUTOCAST_DTYPES:
             layers, batch = hx[0].shape[0], 2 if varying else 1
@@ -738,7 +752,7 @@ class LSTM(nn.RNNBase):
     def _fast_stack(self, x: Tensor, hx, batch_sizes: Tensor | None, choices, amp) -> tuple[Tensor, Tensor, Tensor]:
         """_layered_stack, computing in autocast's dtype and returning the dtypes nn.LSTM gives when autocast is on.
 
-        hx: (h0 [L*D, B, P], c0 [L*D, B, H]), or None for zeros (then amp is None).
+        hx: (h0 [L*D, B, P], c0 [L*D, B, H]), or None for zeros.
         """
         whole = self._inference_stack_backend(choices, x, hx)
         if amp is None:
@@ -747,7 +761,8 @@ class LSTM(nn.RNNBase):
             return self._layered_stack(x, *self._layer_states(x, hx), batch_sizes, choices)
         compute = amp.dtypes[0]
         with torch.autocast(x.device.type, enabled=False):
-            x, hx = x.to(compute), (hx[0].to(compute), hx[1].to(compute))
+            x = x.to(compute)
+            hx = None if hx is None else (hx[0].to(compute), hx[1].to(compute))
             if whole is not None:
                 outputs = self._inference_stack(whole, x, hx, batch_sizes, weight_dtype=compute)
             else:
@@ -784,12 +799,13 @@ class LSTM(nn.RNNBase):
         if weight_dtype is None:
             return backend.inference_stack(x, hx, self._flat_weights, batch_sizes, 2 if self.bias else 0, *flags)
         weights = [
-            w.to(weight_dtype)
+            w
             for layer in range(self.num_layers)
             for direction in range(self._num_directions)
             for w in self._layer_weights(layer, direction)
             if w is not None
         ]
+        weights = backend.autocast_weights(weights, weight_dtype)
         return backend.inference_stack(x, hx, weights, batch_sizes, 1 if self.bias else 0, *flags)
 
     def _layer_states(self, x: Tensor, hx) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
@@ -818,7 +834,7 @@ class LSTM(nn.RNNBase):
                 backend = backends.get(choices[k].backend)
                 weights = self._layer_weights(layer, direction)
                 if weight_dtype is not None:
-                    weights = [None if w is None else w.to(weight_dtype) for w in weights]
+                    weights = backend.autocast_weights(list(weights), weight_dtype)
                 y, h, c = backend.layer(x, h0[k], c0[k], *weights, batch_sizes, direction == 1)
                 outputs.append(y)
                 h_n.append(h)

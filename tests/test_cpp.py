@@ -1575,6 +1575,68 @@ def test_autocast_inference_in_one_call_gives_the_layers_numbers(proj, monkeypat
             _one_call_as_layers(calls, monkeypatch, fast, x, state)
 
 
+def test_autocast_weights_are_cast_once_an_autocast_region():
+    """Under autocast cpp takes a module's weights from autocast's cache of casts, as ATen's ops (nn.LSTM's among
+    them) take theirs: a parameter is cast once a region, under no_grad too; what autocast does not cache (a tensor
+    that is not a parameter, a bias sum, float64) is cast on every call; nothing is cached under inference_mode."""
+    w = nn.Parameter(torch.randn(8, 3))
+    frozen, double = torch.randn(8, 3), nn.Parameter(torch.randn(8, 3, dtype=torch.float64))
+
+    def cast(*weights):
+        return BACKEND.autocast_weights(list(weights), torch.bfloat16)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bias_sum = w[:, 0] + w[:, 1]
+        first = cast(w, frozen, None, bias_sum, double)
+        assert first[2] is None
+        for got, source in zip(first, (w, frozen, None, bias_sum, double)):
+            if source is not None:
+                assert got.dtype == torch.bfloat16 and torch.equal(got, source.detach().to(torch.bfloat16))
+        again = cast(w, frozen, None, bias_sum, double)
+        assert again[0] is first[0]
+        assert all(again[k] is not first[k] for k in (1, 3, 4))
+        assert first[0].grad_fn is not None and first[3].grad_fn is not None  # differentiable casts
+        with torch.no_grad():
+            assert cast(w)[0] is first[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cast(w)[0] is not first[0]  # a new region casts afresh
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode():
+            inside = cast(w)[0]
+        outside = cast(w)[0]
+        assert outside is not inside and not outside.is_inference() and outside.grad_fn is not None
+
+
+def test_autocast_weights_from_the_cache_give_the_same_numbers_and_gradients(monkeypatch):
+    """Weights from autocast's cache: bitwise the numbers of weights cast on every call, at inference (the stack in
+    one call, forward and step) and in training; and a training call after inference in the same autocast region
+    (under no_grad or inference_mode, which saw the weights first) gets every gradient, as in a region of its own.
+    Torch 2.4's own cache lost them there: a cast cached under no_grad had no grad_fn."""
+    _, fast = make_pair(5, 7, 2, backend="cpp", dtype=torch.float32, proj_size=3)
+    x = torch.randn(4, 3, 5)
+
+    def run(warm=None):
+        fast.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if warm is not None:
+                with warm():
+                    inferred = _inferred(fast, x, None)
+            y, (h, c) = fast(x)
+            (y.float().sum() + h.float().sum() + c.float().sum()).backward()
+        assert all(p.grad is not None for p in fast.parameters())
+        result = [y, h, c, *(p.grad for p in fast.parameters())]
+        return result if warm is None else [*inferred, *result]
+
+    expected = run()
+    for warm in (torch.no_grad, torch.inference_mode):
+        got = run(warm)
+        with monkeypatch.context() as every_call:
+            every_call.setattr(cpu.CppBackend, "autocast_weights", fastlstm.backends.Backend.autocast_weights)
+            cast_each_time = run(warm)
+        assert all(torch.equal(g, e) for g, e in zip(got, cast_each_time))
+        assert all(torch.equal(g, e) for g, e in zip(got[-len(expected) :], expected))
+
+
 def test_inference_in_one_call_only_where_nothing_is_differentiated(monkeypatch):
     """The stack op has no autograd and applies no dropout: calls that need either, and those under torch.func's
     transforms, run layer by layer; inference without no_grad (nothing requires a gradient) and training mode

@@ -494,6 +494,40 @@ def test_repeated_calls_under_autocast_give_nn_lstm_dtypes():
     assert fast(x)[0].dtype == torch.float32
 
 
+@pytest.mark.parametrize("backend", ["reference", "native", "auto"])
+def test_repeated_calls_under_autocast_are_remembered_per_autocast_setting(monkeypatch, backend):
+    """A call under autocast that passed the checks is remembered with what autocast makes of it (dtypes, plan),
+    per autocast dtype and per ATen path nn.LSTM takes (oneDNN off, nn.LSTM under CPU bfloat16 autocast returns
+    float32): later calls skip the checks and still give nn.LSTM's dtypes, whichever setting came first."""
+    ref, fast = make_pair(I, H, 2, backend=backend, dtype=torch.float32)
+    prepared = []
+    prepare = fastlstm.LSTM._prepare
+    monkeypatch.setattr(fastlstm.LSTM, "_prepare", lambda self, *a: prepared.append(1) or prepare(self, *a))
+    monkeypatch.setattr(fastlstm.module, "_AUTOCAST_DTYPES", {})
+    fastlstm.module.forget_plans()
+    x = torch.randn(3, 2, I)
+    state = (torch.randn(2, 2, H), torch.randn(2, 2, H))
+
+    def dtypes(out):
+        return [out[0].dtype, *(t.dtype for t in out[1])]
+
+    for onednn in (False, True, False, True):
+        for args in ((x,), (x, state)):
+            if onednn:
+                expected = nn_lstm_under_cpu_autocast(lambda: ref(*args))
+            else:
+                with torch.backends.mkldnn.flags(enabled=False), torch.autocast("cpu", torch.bfloat16):
+                    expected = ref(*args)
+            before = len(prepared)
+            with torch.backends.mkldnn.flags(enabled=onednn), torch.autocast("cpu", torch.bfloat16):
+                got = fast(*args)
+                assert dtypes(fast(*args)) == dtypes(got) == dtypes(expected)
+            assert len(prepared) - before <= 1  # the second call of the two was remembered
+            torch.testing.assert_close(got[0].float(), expected[0].float(), atol=2e-2, rtol=2e-2)
+    assert len(prepared) == 4  # each kind of call checked once: no state and a state, oneDNN on and off
+    assert dtypes(fast(x)) == [torch.float32] * 3
+
+
 @pytest.mark.skipif(
     not fastlstm.module.TRACEABLE, reason="on torch 2.4 `import fastlstm` imports dynamo to keep it out of forward"
 )

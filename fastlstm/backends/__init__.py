@@ -162,6 +162,12 @@ class Backend(abc.ABC):
         as layer() callers sum them), or with 1 the sum itself (b = b_ih + b_hh, as autocast casts it)."""
         raise NotImplementedError(f"the {self.name} backend runs layer by layer")
 
+    def autocast_weights(self, weights: list[Tensor | None], dtype: torch.dtype) -> list[Tensor | None]:
+        """The weights (None stays None) of a call under autocast in dtype, the dtype this backend computes the
+        call in. Backends that can take them from autocast's cache of casts (cast once per autocast region, as
+        nn.LSTM's weights are) do so."""
+        return [None if w is None else w.to(dtype) for w in weights]
+
 
 # name -> "module:attribute". These modules import neither triton nor the C++ extension (each backend does that
 # on first use); fastlstm.module loads them all when it is imported (load_all), because torch.compile cannot

@@ -678,5 +678,21 @@ class CppBackend(Backend):
         op = torch.ops.fastlstm.cpp_lstm_stack_fwd.default
         return op(x, h0, c0, weights, batch_sizes, biases, proj, bidirectional)
 
+    def autocast_weights(self, weights: list[Tensor | None], dtype: torch.dtype) -> list[Tensor | None]:
+        # The library's op takes them from autocast's cache. Eager calls only: a graph being traced records
+        # plain casts (fake tensors must not enter the cache), and under torch.func's transforms the
+        # weights are wrappers that the cache would keep beyond the transform.
+        present = [w for w in weights if w is not None]
+        if (
+            _availability() is not None
+            or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
+            or torch._C._are_functorch_transforms_active()
+            or not present
+        ):
+            return super().autocast_weights(weights, dtype)
+        cast = iter(torch.ops.fastlstm.cpp_autocast_weights.default(present, dtype))
+        return [None if w is None else next(cast) for w in weights]
+
 
 BACKEND = CppBackend()
