@@ -127,7 +127,7 @@ def _checks_are_ours(cls: type) -> bool:
 # Plans of calls that passed every check, by LSTM._call_key, with what autocast makes of them (None when it is
 # off): repeated calls of one kind skip the checks, dispatch and autocast's dtypes (tens of microseconds, which
 # count at batch 1-4).
-_CHECKED_CALLS: dict[tuple, tuple[tuple[dispatch.Choice, ...], "_Autocast | None"]] = {}
+_CHECKED_CALLS: dict[tuple, tuple[tuple[dispatch.Choice, ...], _Autocast | None]] = {}
 _CHECKED_MAX = 4096
 
 

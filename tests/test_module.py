@@ -514,7 +514,7 @@ def test_repeated_calls_under_autocast_are_remembered_per_autocast_setting(monke
     for onednn in (False, True, False, True):
         for args in ((x,), (x, state)):
             if onednn:
-                expected = nn_lstm_under_cpu_autocast(lambda: ref(*args))
+                expected = nn_lstm_under_cpu_autocast(lambda args=args: ref(*args))
             else:
                 with torch.backends.mkldnn.flags(enabled=False), torch.autocast("cpu", torch.bfloat16):
                     expected = ref(*args)
