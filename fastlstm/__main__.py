@@ -184,20 +184,23 @@ def _bench_backends(device: str, requested: list[str] | None) -> list[str]:
     return chosen
 
 
-def _validate(shape: Shape, names: list[str], device: str, dtype: torch.dtype) -> None:
-    """Forward outputs of every provider against nn.LSTM on the benchmark shape itself."""
-    from fastlstm.benchmark import make_models, output_data
+def _validate(shape: Shape, names: list[str], device: str, dtype: torch.dtype, autocast=None) -> None:
+    """Forward outputs of every provider against nn.LSTM on the benchmark shape itself (under autocast: both in
+    autocast's dtype, and outputs of the same dtypes)."""
+    from fastlstm.benchmark import autocast_region, make_models, output_data
 
     models = make_models(shape, names, device, dtype)
     x = shape.model_input(torch.randn(shape.seq_len, shape.batch, shape.input_size, device=device, dtype=dtype))
-    with torch.no_grad(), exact_cudnn():
+    with torch.no_grad(), exact_cudnn(), autocast_region(torch.device(device).type, autocast)():
         outs = {name: m(x) for name, m in models.items()}
     y_ref, (h_ref, c_ref) = outs.pop("nn.LSTM")
     y_ref = output_data(y_ref)
-    tolerance = {torch.float64: 1e-8, torch.float32: 1e-3}.get(dtype, 5e-2)
+    tolerance = {torch.float64: 1e-8, torch.float32: 1e-3}.get(autocast or dtype, 5e-2)
     for name, (y, (h, c)) in outs.items():
         y = output_data(y)
         for label, a, b in (("y", y, y_ref), ("h_n", h, h_ref), ("c_n", c, c_ref)):
+            if a.dtype != b.dtype:
+                raise SystemExit(f"{name} gives {label} in {a.dtype}, nn.LSTM in {b.dtype}, on {shape}")
             err = (a.double() - b.double()).abs().max().item()
             if not err <= tolerance * max(1.0, b.double().abs().max().item()):
                 raise SystemExit(f"{name} disagrees with nn.LSTM on {shape} ({label}: max error {err:.2e})")
@@ -213,6 +216,7 @@ def _shape_argument(text: str) -> Shape:
 def cmd_bench(args) -> int:
     device = args.device or _default_device()
     dtype = DTYPES[args.dtype]
+    autocast = DTYPES[args.autocast] if args.autocast else None
     if args.shape:
         shapes = args.shape
     elif args.grid == "cpu-full":
@@ -240,25 +244,32 @@ def cmd_bench(args) -> int:
     try:
         for shape in shapes:
             if not args.no_check:
-                _validate(shape, names, device, dtype)
+                _validate(shape, names, device, dtype, autocast)
             for mode in modes:
                 done += 1
                 print(f"\r[{done}/{total}] {shape} {mode}...".ljust(60), end="", file=sys.stderr, flush=True)
-                results += time_shape(shape, names, mode, device, dtype, args.repeats)
+                results += time_shape(shape, names, mode, device, dtype, args.repeats, autocast=autocast)
     except BackendUnavailableError as error:  # a forced backend that cannot serve these calls
         print(f"\npython -m fastlstm bench: error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:
+        if autocast is not None and "primitive descriptor" in str(error):
+            # oneDNN's LSTM lacks this dtype on this CPU (bfloat16 without AVX-512; float16): nn.LSTM fails
+            onednn = str(error).splitlines()[0]
+            detail = f"nn.LSTM fails under {device} {args.autocast} autocast here (oneDNN: {onednn})"
+            print(f"\npython -m fastlstm bench: error: {detail}", file=sys.stderr)
+            return 2
         if not _out_of_memory(error):
             raise
         detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]
         print(f"\npython -m fastlstm bench: error: out of memory at {shape}: {detail}", file=sys.stderr)
         return 2
     print("\r".ljust(60), file=sys.stderr)
-    print(format_table(results, dtype))
+    print(format_table(results, dtype, autocast))
     if args.json:
+        run = {"machine": header, "dtype": args.dtype, "autocast": args.autocast}
         with open(args.json, "w") as f:
-            json.dump({"machine": header, "dtype": args.dtype, "results": [r.as_dict() for r in results]}, f, indent=1)
+            json.dump({**run, "results": [r.as_dict() for r in results]}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
 
@@ -268,9 +279,10 @@ def _out_of_memory(error: RuntimeError) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
-def format_table(results, dtype) -> str:
+def format_table(results, dtype, autocast=None) -> str:
+    under = f" under {str(autocast)[6:]} autocast" if autocast else ""
     lines = [
-        f"dtype {str(dtype)[6:]}; speedup = nn.LSTM median / provider median, same process, interleaved",
+        f"dtype {str(dtype)[6:]}{under}; speedup = nn.LSTM median / provider median, same process, interleaved",
         "",
         "| shape | mode | provider | runs on | median ms | speedup |",
         "|---|---|---|---|---:|---:|",
@@ -318,6 +330,8 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--random: expected 0 or more configurations, got {args.random}")
     if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
+    if getattr(args, "autocast", None) and args.dtype != "float32":
+        parser.error(f"--autocast runs float32 models under autocast, not {args.dtype} ones (--dtype float32)")
     if getattr(args, "json", None):
         problem = _unwritable(args.json)  # fail now, not after the whole benchmark has run
         if problem:
@@ -396,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
         default="both",
         help="both: inference and training; step: streaming, the sequence fed one step a call with the state "
         "carried (fastlstm's step() against nn.LSTM on 1-step sequences)",
+    )
+    bench.add_argument(
+        "--autocast",
+        choices=["bfloat16", "float16"],
+        help="time every provider under torch.autocast in this dtype (float32 models; one autocast region a "
+        "timed call, training step or stream)",
     )
     bench.add_argument("--repeats", type=_positive_int, default=10, help="timed runs per provider (default 10)")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")

@@ -6,6 +6,7 @@ comparing medians taken in the same process keeps the ratio honest.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import statistics
 import time
@@ -170,13 +171,22 @@ def make_models(shape: Shape, backends: list[str], device, dtype) -> dict[str, n
     return models
 
 
-def _step(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape) -> Callable[[], object]:
+def autocast_region(device_type: str, dtype: torch.dtype | None):
+    """A context manager factory: torch.autocast(device_type, dtype) when dtype is given, else a no-op."""
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type, dtype=dtype)
+
+
+def _step(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape, region=contextlib.nullcontext):
+    """One timed run of a mode, inside one region() (an autocast region, as a model's caller opens one a call, a
+    training step, or a stream)."""
     if mode == "step":  # x fed one step a call, (h, c) carried: nn.LSTM on 1-step sequences, fastlstm's step()
         one_step = model.step if isinstance(model, LSTM) else lambda x_t, state: model(x_t[None], state)
 
         def stream():
             state = None
-            with torch.no_grad():
+            with torch.no_grad(), region():
                 for x_t in x:
                     y, state = one_step(x_t, state)
             return y
@@ -186,7 +196,7 @@ def _step(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape) -> Callabl
         inp = shape.model_input(x)
 
         def infer():
-            with torch.no_grad():
+            with torch.no_grad(), region():
                 return model(inp)
 
         return infer
@@ -194,22 +204,33 @@ def _step(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape) -> Callabl
     def train():
         model.zero_grad(set_to_none=True)
         xg = x.detach().requires_grad_(True)
-        y, (h, c) = model(shape.model_input(xg))  # packing is part of the step: the gradient flows through it
-        (output_data(y).float().sum() + h.float().sum() + c.float().sum()).backward()
+        with region():
+            y, (h, c) = model(shape.model_input(xg))  # packing is part of the step: the gradient flows through it
+            loss = output_data(y).float().sum() + h.float().sum() + c.float().sum()
+        loss.backward()  # outside autocast, as torch's AMP recipes run it
 
     return train
 
 
 def time_shape(
-    shape: Shape, backends: list[str], mode: str, device, dtype, repeats: int, warmup: int = 2
+    shape: Shape,
+    backends: list[str],
+    mode: str,
+    device,
+    dtype,
+    repeats: int,
+    warmup: int = 2,
+    autocast: torch.dtype | None = None,
 ) -> list[Result]:
-    """Interleaved timing of nn.LSTM and each fastlstm backend on one shape and mode."""
+    """Interleaved timing of nn.LSTM and each fastlstm backend on one shape and mode; with autocast, every run
+    of every provider under torch.autocast(device, autocast)."""
     from fastlstm.explain import explain
 
     device = torch.device(device)
     models = make_models(shape, backends, device, dtype)
     x = torch.randn(shape.seq_len, shape.batch, shape.input_size, device=device, dtype=dtype)
-    steps = {name: _step(m, x, mode, shape) for name, m in models.items()}
+    region = autocast_region(device.type, autocast)
+    steps = {name: _step(m, x, mode, shape, region) for name, m in models.items()}
     timer = _timer(device)
     for _ in range(warmup):
         for step in steps.values():
@@ -220,7 +241,7 @@ def time_shape(
             times[name].append(timer(step))
     base = statistics.median(times["nn.LSTM"])
     results = []
-    with torch.set_grad_enabled(mode == "training"):
+    with torch.set_grad_enabled(mode == "training"), region():
         for name, samples in times.items():
             model = models[name]
             if name == "nn.LSTM":

@@ -242,6 +242,30 @@ def test_bench_times_streaming_steps(tmp_path):
     assert len(results) == 2 * 3 and {r["mode"] for r in results} == {"step"}
 
 
+def test_bench_times_calls_under_autocast(tmp_path):
+    """--autocast bfloat16: every provider's runs under CPU autocast, float32 models, checked to give nn.LSTM's
+    dtypes; where nn.LSTM itself fails under it (oneDNN without a bfloat16 LSTM on CPUs without AVX-512), one
+    error line saying so."""
+    out = tmp_path / "bench.json"
+    done = run_python(
+        "-m", "fastlstm", "bench", "--autocast", "bfloat16", "--shape", "2,5,4,4", "--shape", "B1-T3-I4-H6-P2-L2",
+        "--mode", "both", "--repeats", "2", "--backend", "auto", "--backend", "reference", "--json", str(out),
+    )  # fmt: skip
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.LSTM(4, 4)(torch.randn(5, 2, 4))
+    except RuntimeError as error:
+        assert "primitive descriptor" in str(error)
+        assert done.returncode == 2 and "nn.LSTM fails under cpu bfloat16 autocast here" in done.stderr
+        assert "Traceback" not in done.stderr and not out.exists()
+        return
+    assert done.returncode == 0, done.stderr
+    assert "dtype float32 under bfloat16 autocast; speedup" in done.stdout
+    assert "| B1-T3-I4-H6-P2-L2 | training | fastlstm[reference] | reference |" in done.stdout
+    run = json.loads(out.read_text())
+    assert run["autocast"] == "bfloat16" and len(run["results"]) == 2 * 2 * 3
+
+
 def test_inference_stack_ab_times_both_ways(tmp_path):
     """benchmarks/inference_stack_ab.py (the A/B behind README's step figures): steps and inference calls (under
     bfloat16 autocast too), the stack in one call against layer by layer, both orders, one JSON each."""
@@ -286,6 +310,7 @@ def test_bench_records_the_cpu_generation_and_the_tuning_knobs(tmp_path):
         (["--backend", "triton", "--shape", "1,2,3,4", "--device", "cpu"], "error: fastlstm backend 'triton'"),
         (["--mode", "step", "--shape", "1,3,4,6,2,bi"], "--mode step streams unidirectional, unpacked shapes"),
         (["--mode", "step", "--shape", "B3-T4-I4-H6-L1-packed"], "--mode step streams unidirectional, unpacked"),
+        (["--autocast", "bfloat16", "--dtype", "float64"], "--autocast runs float32 models under autocast"),
     ],
 )
 def test_bench_rejects_bad_arguments_in_one_line(args, message):
