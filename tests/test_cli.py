@@ -285,6 +285,23 @@ def test_inference_stack_ab_times_both_ways(tmp_path):
     assert all(len(times) == 1 for times in forward["us"].values())
 
 
+def test_autocast_ab_times_every_way(tmp_path):
+    """benchmarks/autocast_ab.py (the A/B behind the autocast figures): streamed steps in one autocast region and
+    inference calls with all of them in one region, every way and nn.LSTM, one JSON each; the ways it swaps in
+    are put back."""
+    script = str(ROOT / "benchmarks" / "autocast_ab.py")
+    step_args = (script, "step", str(tmp_path / "step.json"), "B1-T3-I4-H6-L2", "--repeats", "1")
+    forward_args = (script, "forward", str(tmp_path / "fwd.json"), "B2-T1-I4-H6-P3-L2", "--repeats", "1")
+    for done in run_pythons([(step_args, None), ((*forward_args, "--one-region"), None)]):
+        assert done.returncode == 0, done.stderr
+    ways = ["now", "weights cast each call", "before", "nn.LSTM"]
+    step = json.loads((tmp_path / "step.json").read_text())["results"]["B1-T3-I4-H6-L2"]
+    assert list(step["us_median"]) == ways and all(us > 0 for us in step["us_median"].values())
+    forward_run = json.loads((tmp_path / "fwd.json").read_text())
+    assert forward_run["one_region"] is True
+    assert all(len(times) == 1 for times in forward_run["results"]["B2-T1-I4-H6-P3-L2"]["us"].values())
+
+
 def test_bench_records_the_cpu_generation_and_the_tuning_knobs(tmp_path):
     """A virtual machine may name two CPU generations alike ("AMD EPYC"), and an A/B run differs only in a knob:
     the JSON says both."""
