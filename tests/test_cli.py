@@ -287,8 +287,7 @@ def test_inference_stack_ab_times_both_ways(tmp_path):
 
 def test_autocast_ab_times_every_way(tmp_path):
     """benchmarks/autocast_ab.py (the A/B behind the autocast figures): streamed steps in one autocast region and
-    inference calls with all of them in one region, every way and nn.LSTM, one JSON each; the ways it swaps in
-    are put back."""
+    inference calls with all of them in one region, every way and nn.LSTM, one JSON each."""
     script = str(ROOT / "benchmarks" / "autocast_ab.py")
     step_args = (script, "step", str(tmp_path / "step.json"), "B1-T3-I4-H6-L2", "--repeats", "1")
     forward_args = (script, "forward", str(tmp_path / "fwd.json"), "B2-T1-I4-H6-P3-L2", "--repeats", "1")
