@@ -42,9 +42,8 @@ def explain(module: LSTM, input, hx: tuple[Tensor, Tensor] | None = None, *, len
         data, state, batch_sizes, *_ = module._prepare(input, hx)
         if lengths is not None and lengths.numel():
             data, state, batch_sizes, *_ = module._sorted_by_length(data, state, lengths)
-    grad = torch.is_grad_enabled()
-    with torch.set_grad_enabled(grad):
-        choices = module._plan(data, state, batch_sizes)
+        amp = module._autocast_dtypes(data, state, batch_sizes)  # under autocast, backends compute in its dtype
+    choices = module._plan(data, state, batch_sizes, amp)
     directions = ["forward", "reverse"] if module.bidirectional else ["forward"]
     layers = [(k // len(directions), directions[k % len(directions)], c) for k, c in enumerate(choices)]
     return Explanation(dispatch.requested(module.backend), layers)

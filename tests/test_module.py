@@ -435,6 +435,24 @@ def test_repeated_calls_follow_whether_gradients_are_needed(monkeypatch, served_
     assert served_by(m, x.detach(), (state[0], state[1].requires_grad_())) == ["reference"]
 
 
+def test_explain_under_autocast_names_the_backends_the_call_runs(monkeypatch, served_by):
+    """Under autocast backends compute in autocast's dtype, and dispatch's rules are per dtype: explain plans as
+    the call does (it had planned float32 input as float32)."""
+    from fastlstm import dispatch
+
+    monkeypatch.setattr(dispatch, "_fast_backend_for", lambda device_type: "reference")
+    in_bf16 = lambda name, call: None if call.dtype == torch.bfloat16 else "not faster"  # noqa: E731
+    monkeypatch.setattr(dispatch, "_faster_than_native", in_bf16)
+    fastlstm.module.forget_plans()
+    m = fastlstm.LSTM(I, H, 2)
+    x = torch.randn(3, 2, I)
+    assert fastlstm.explain(m, x).backends == ["native", "native"]
+    assert served_by(m, x) == ["native stack"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fastlstm.explain(m, x).backends == ["reference", "reference"]
+        assert served_by(m, x) == ["reference", "reference"]
+
+
 def test_repeated_calls_follow_the_thread_count(monkeypatch, served_by):
     """The CPU rule reads torch's thread count (how the cpp forward splits its rows): a plan remembered at one count
     must not serve another."""
