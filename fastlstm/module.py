@@ -170,8 +170,26 @@ def _autocast_key(device_type: str) -> tuple | bool:
     float32; cuDNN off, CUDA takes ATen's default implementation). False when autocast is off there."""
     if not _autocast_enabled(device_type):
         return False
-    dtype = torch.get_autocast_dtype(device_type)
-    return device_type, dtype, torch._C._get_mkldnn_enabled(), torch._C._get_cudnn_enabled()
+    return device_type, torch.get_autocast_dtype(device_type), *_aten_paths()
+
+
+@backends.constant_under_compile
+def _aten_paths() -> tuple[bool, bool]:
+    """Whether oneDNN and cuDNN are on: constants while torch.compile traces (dynamo cannot trace the getters)."""
+    return torch._C._get_mkldnn_enabled(), torch._C._get_cudnn_enabled()
+
+
+def _autocast_off(device_type: str):
+    """Autocast off for a block. Eager calls take the C++ guard that torch.autocast(enabled=False) also sets
+    (~1 us against ~10: a step under autocast paid that); graphs being traced take torch.autocast, which dynamo
+    knows."""
+    if torch.compiler.is_compiling():
+        return torch.autocast(device_type, enabled=False)
+    return torch._C._DisableAutocast()
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 @contextlib.contextmanager
@@ -760,14 +778,14 @@ class LSTM(nn.RNNBase):
                 return self._inference_stack(whole, x, hx, batch_sizes)
             return self._layered_stack(x, *self._layer_states(x, hx), batch_sizes, choices)
         compute = amp.dtypes[0]
-        with torch.autocast(x.device.type, enabled=False):
-            x = x.to(compute)
-            hx = None if hx is None else (hx[0].to(compute), hx[1].to(compute))
+        with _autocast_off(x.device.type):
+            x = _as_dtype(x, compute)
+            hx = None if hx is None else (_as_dtype(hx[0], compute), _as_dtype(hx[1], compute))
             if whole is not None:
                 outputs = self._inference_stack(whole, x, hx, batch_sizes, weight_dtype=compute)
             else:
                 outputs = self._layered_stack(x, *self._layer_states(x, hx), batch_sizes, choices, weight_dtype=compute)
-        return tuple(t.to(dtype) for t, dtype in zip(outputs, amp.dtypes))
+        return tuple(_as_dtype(t, dtype) for t, dtype in zip(outputs, amp.dtypes))
 
     def _inference_stack_backend(self, choices, x: Tensor, hx) -> backends.Backend | None:
         """The backend that runs this whole call's stack in one call (Backend.inference_stack), or None: every layer
