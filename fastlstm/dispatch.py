@@ -258,10 +258,15 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       (22 shapes: 0.97-2.22x, the weakest B1-T100-H512 at 0.97-1.04x) and lost or tied beyond (17 shapes:
       0.70-1.14x); training won at batch <= 16 on all 28 shapes (1.01-4.17x) and beyond it at hidden >= 512 (6
       shapes: 1.08-1.68x), and was mixed at batch > 16 below hidden 512 (5 shapes: 0.81-1.25x); with a
-      projection or packed input it won everywhere (above). Short sequences (`--grid cpu-short --dtype bfloat16`,
-      twice, `-bfloat16-short-run*.json`): one step won at batch 8-64 (inference 1.01-1.64x, training
-      1.12-3.55x), 10 steps at batch 8-16 (inference 1.00-1.44x, training 1.12-2.84x); 10 steps beyond was mixed
-      (batch 32-64: inference 0.78-1.02x, training 0.95-1.54x). With AMX, see the Intel paragraph below.
+      projection or packed input it won everywhere (above). Measured again on Zen 4 once the large training
+      tensors were kept between calls (csrc/memory.h) and the kernels had moved on (at bd90f9b), twice each:
+      training beyond batch 16, 23 shapes (batch 17-512, hidden 64-1024, 1-2 layers, uni- and bidirectional;
+      `-bfloat16-training-beyond-batch16-run*.json`, `-beyond-batch128-run*.json`, `-large-hidden-run*.json`)
+      1.05-1.75x but B256-T20-H128 (0.98x, 1.02x): so on Zen 4 bfloat16 training goes to cpp at any batch.
+      Short sequences (`--grid cpu-short --dtype bfloat16`, twice, `-bfloat16-short-run*.json`): one step won at
+      batch 8-64 (inference 1.01-1.64x, training 1.12-3.55x), 10 steps at batch 8-16 (inference 1.00-1.44x,
+      training 1.12-2.84x); 10 steps beyond was mixed (batch 32-64: inference 0.78-1.02x, training 0.95-1.54x).
+      With AMX, see the Intel paragraph below.
       A cpp build that computes bf16 in float32 math on such a CPU (FASTLSTM_BF16_DOT=0, or built for another
       CPU) lost inference on 13 of 14 grid shapes (0.44-1.62x) but won training at batch 1-2 (1.16-3.22x), and
       hidden 16-64 (no projection) at batch 1-8 (10 shapes twice: inference 1.06-1.85x, training 1.10-1.72x;
@@ -424,12 +429,8 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
         return None
     zen5 = _cpu_amd_family() >= 0x1A
     if call.needs_grad:
-        if call.batch <= 16:
+        if call.batch <= 16 or not zen5:
             return None
-        if not zen5:
-            if call.hidden_size >= 512:
-                return None
-            return "bfloat16 training beyond batch 16 below hidden 512: oneDNN measured as fast or faster"
         if call.hidden_size >= 640 or (call.batch <= 32 and not 256 < call.hidden_size < 512):
             return None
         return (
