@@ -258,9 +258,9 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       (22 shapes: 0.97-2.22x, the weakest B1-T100-H512 at 0.97-1.04x) and lost or tied beyond (17 shapes:
       0.70-1.14x); training won at batch <= 16 on all 28 shapes (1.01-4.17x) and beyond it at hidden >= 512 (6
       shapes: 1.08-1.68x), and was mixed at batch > 16 below hidden 512 (5 shapes: 0.81-1.25x); with a
-      projection or packed input it won everywhere (above). Measured again on Zen 4 once the large training
-      tensors were kept between calls (csrc/memory.h) and the kernels had moved on (at bd90f9b), twice each:
-      training beyond batch 16, 23 shapes (batch 17-512, hidden 64-1024, 1-2 layers, uni- and bidirectional;
+      projection or packed input it won everywhere (above). Measured again on Zen 4 at bd90f9b (since the
+      first measurement, among other changes, the large training tensors are kept between calls: csrc/memory.h),
+      twice each: training beyond batch 16, 23 shapes (batch 17-512, hidden 64-1024, 1-2 layers, uni- and bidirectional;
       `-bfloat16-training-beyond-batch16-run*.json`, `-beyond-batch128-run*.json`, `-large-hidden-run*.json`)
       1.05-1.75x but B256-T20-H128 (0.98x, 1.02x): so on Zen 4 bfloat16 training goes to cpp at any batch.
       Short sequences (`--grid cpu-short --dtype bfloat16`, twice, `-bfloat16-short-run*.json`): one step won at
