@@ -263,6 +263,12 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       twice each: training beyond batch 16, 23 shapes (batch 17-512, hidden 64-1024, 1-2 layers, uni- and bidirectional;
       `-bfloat16-training-beyond-batch16-run*.json`, `-beyond-batch128-run*.json`, `-large-hidden-run*.json`)
       1.05-1.75x but B256-T20-H128 (0.98x, 1.02x): so on Zen 4 bfloat16 training goes to cpp at any batch.
+      Inference at bd90f9b, twice each: batch 6-16 at hidden 64-256, 10 shapes (1-2 layers, uni- and
+      bidirectional; `-bfloat16-inference-hidden-64-256-run*.json`, `-inference-batch5-16-run*.json`)
+      1.04-1.65x; beyond batch 16 at hidden 64-256, 10 shapes, mixed (0.93-1.62x: B24-H96 1.56x, 1.62x but
+      B128-H256 0.93x, 0.94x, B64-H128 1.01x, 0.99x); the grid once (`-inference-grid-at-bd90f9b.json`) 0.92-1.07x
+      beyond the rule at hidden 256-512. So bfloat16 inference also goes to cpp up to batch 16 at hidden <= 256,
+      on Zen 4 as on Zen 5.
       Short sequences (`--grid cpu-short --dtype bfloat16`, twice, `-bfloat16-short-run*.json`): one step won at
       batch 8-64 (inference 1.01-1.64x, training 1.12-3.55x), 10 steps at batch 8-16 (inference 1.00-1.44x,
       training 1.12-2.84x); 10 steps beyond was mixed (batch 32-64: inference 0.78-1.02x, training 0.95-1.54x).
@@ -437,13 +443,13 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
             "bfloat16 training on Zen 5 beyond batch 16, but for batch <= 32 at hidden <= 256 or >= 512 and "
             "hidden >= 640 at any batch: oneDNN measured as fast or faster"
         )
-    if call.batch * call.hidden_size <= 1024:
+    if call.batch * call.hidden_size <= 1024 or (call.batch <= 16 and call.hidden_size <= 256):
         return None
-    if zen5 and (call.batch <= 8 or (call.batch <= 16 and call.hidden_size <= 256)):
+    if zen5 and call.batch <= 8:
         return None
     return (
-        "bfloat16 inference beyond batch x hidden 1024 (on Zen 5: beyond batch 8, and beyond hidden 256 at "
-        "batch <= 16): oneDNN measured as fast or faster"
+        "bfloat16 inference beyond batch x hidden 1024, but for batch <= 16 at hidden <= 256 (on Zen 5 also up "
+        "to batch 8): oneDNN measured as fast or faster"
     )
 
 
