@@ -311,7 +311,11 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       its rows (_cpp_splits_rows, asked of the build: cpu.float32_forward_rows). Since the split takes 3+ rows a
       thread (it took 8+), batch 9-15 splits where the weights fit: 10 such shapes (hidden 64-180, 35-200 steps,
       1-2 layers, uni- and bidirectional) six runs each, 1.05-1.95x (`-float32-split-from-3-rows-run*.json`,
-      `-float32-batch9-15-run*.json`).
+      `-float32-batch9-15-run*.json`). On Zen 4 too, at bd90f9b: 17 shapes whose rows split (batch 12-256,
+      hidden 64-180, 20-300 steps, 1-2 layers, uni- and bidirectional) twice each, 0.97-1.66x (B25-T50-H160
+      1.17x, 0.97x; the others 1.01x and up; `cpu-amd-epyc-zen4-2core-float32-row-split-inference-*.json`),
+      while three beside them whose rows do not split (batch 9-16 at hidden 200-256) measured 0.88-1.04x: so on
+      Zen 4 float32 inference goes to cpp wherever the rows split as well.
       bfloat16 (bf16 dot products) on Zen 5 at e4fb7e5, beyond the Zen 4 rule's classes, twice or three times
       each (`-bfloat16-batch8-16-inference-run*.json`, `-bfloat16-training-batch17-32-run*.json`,
       `-bfloat16-training-beyond-batch32-run*.json`, `-bfloat16-beyond-zen4-rule-run*.json`):
@@ -381,7 +385,9 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             return None
         if _cpu_intel_amx() and (call.needs_grad or call.hidden_size < 256):
             return None
-        if not call.needs_grad and _cpu_amd_family() >= 0x1A and (call.batch <= 8 or _cpp_splits_rows(call)):
+        if not call.needs_grad and _cpu_amd_family() >= 0x1A and call.batch <= 8:
+            return None
+        if not call.needs_grad and _cpu_amd_family() >= 0x19 and _cpp_splits_rows(call):
             return None
         if call.hidden_size <= 64 and call.batch <= 16:
             return None
@@ -391,9 +397,9 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             return None
         return (
             "float32 beyond batch 4 (16 at hidden <= 64 or at most 10 steps; any batch for one step; inference on "
-            "Zen 5 up to batch 8 or where the rows split among threads; training where the cpp build takes "
-            "its weight gradients through oneDNN; on Zen 3 any batch below hidden 640, up to batch 8 from it; on "
-            "Intel with AMX training at any batch, inference below hidden 256): oneDNN measured as fast or faster"
+            "Zen 4 and 5 where the rows split among threads, on Zen 5 up to batch 8; training where the cpp build "
+            "takes its weight gradients through oneDNN; on Zen 3 any batch below hidden 640, up to batch 8 from it; "
+            "on Intel with AMX training at any batch, inference below hidden 256): oneDNN measured as fast or faster"
         )
     if call.dtype == torch.bfloat16:
         return _cpp_bf16_slower_reason(call)

@@ -1085,6 +1085,7 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     monkeypatch.setattr(dispatch, "_cpu_amd_family", lambda: 0x19)  # Zen 4, where the rule was first measured
     monkeypatch.setattr(dispatch, "_cpu_amd_zen3", lambda: False)
     monkeypatch.setattr(dispatch, "_cpu_intel_amx", lambda: False)
+    monkeypatch.setattr(dispatch, "_cpp_splits_rows", lambda call: False)  # rows not split (split: below)
     assert _auto_backends(torch.float32, 1) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 4) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 5) == ["native"] * 4
@@ -1099,6 +1100,11 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 16, seq_len=10, train=True) == ["cpp"] * 4  # up to 10 at batch <= 16
     assert _auto_backends(torch.float32, 16, seq_len=11) == ["native"] * 4
     assert _auto_backends(torch.float32, 17, seq_len=10) == ["native"] * 4
+    monkeypatch.setattr(dispatch, "_cpp_splits_rows", lambda call: call.batch <= 32)  # as if the weights fit
+    assert _auto_backends(torch.float32, 32) == ["cpp"] * 4  # inference where the forward splits its rows
+    assert _auto_backends(torch.float32, 32, train=True) == ["native"] * 4
+    assert _auto_backends(torch.float32, 33) == ["native"] * 4
+    monkeypatch.setattr(dispatch, "_cpp_splits_rows", lambda call: False)
     monkeypatch.setattr(dispatch, "_cpu_amd_zen3", lambda: True)  # Zen 3: any batch below hidden 640, 8 from it
     assert _auto_backends(torch.float32, 64) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 64, train=True, hidden=512) == ["cpp"] * 4
@@ -1111,7 +1117,6 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 8, hidden=256) == ["native"] * 4
     monkeypatch.setattr(dispatch, "_cpu_intel_amx", lambda: False)
     monkeypatch.setattr(dispatch, "_cpu_amd_family", lambda: 0x1A)  # Zen 5: inference up to batch 8
-    monkeypatch.setattr(dispatch, "_cpp_splits_rows", lambda call: False)  # and where the rows split (below)
     assert _auto_backends(torch.float32, 8) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 9) == ["native"] * 4
     assert _auto_backends(torch.float32, 8, train=True) == ["native"] * 4  # weight gradients still through BLAS
