@@ -167,7 +167,7 @@ _AUTOCAST_DTYPES: dict[tuple, _Autocast] = {}
 def _autocast_key(device_type: str) -> tuple | bool:
     """What decides autocast's dtypes for a call on device_type beside the call itself: autocast's dtype there,
     and which ATen path nn.LSTM takes (oneDNN off, nn.LSTM under CPU bfloat16 autocast computes and returns
-    float32; cuDNN off, CUDA takes ATen's default implementation). False when autocast is off there."""
+    float32; cuDNN off, CUDA's nn.LSTM leaves cuDNN too). False when autocast is off there."""
     if not _autocast_enabled(device_type):
         return False
     return device_type, torch.get_autocast_dtype(device_type), *_aten_paths()
