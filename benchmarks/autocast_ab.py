@@ -13,12 +13,8 @@ Times per step / per call, medians of the repeats; the order of the ways turns r
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import json
-import statistics
-import time
 
 import torch
 
@@ -43,6 +39,10 @@ _WAYS = {
 }
 
 
+def _switch_to(way: str) -> None:
+    module.LSTM._call_key, cpu.CppBackend.autocast_weights = _WAYS.get(way, _WAYS["now"])
+
+
 def _region():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
@@ -58,11 +58,7 @@ def _forward(model, x, calls: int, one_region: bool):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["step", "forward"])
-    parser.add_argument("out")
-    parser.add_argument("shapes")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser = benchmark.ab_parser(__doc__)
     parser.add_argument("--one-region", action="store_true")
     args = parser.parse_args()
     results = {}
@@ -76,31 +72,14 @@ def main() -> None:
             runs = {way: benchmark._step(m, x, "step", shape, _region) for way, m in fast.items()}
             runs["nn.LSTM"] = benchmark._step(models["nn.LSTM"], x, "step", shape, _region)
         else:
-            per = 200 if shape.seq_len * shape.batch * shape.hidden_size <= 4096 else 20 if shape.seq_len <= 10 else 2
+            per = benchmark.calls_per_run(shape)
             inp = shape.model_input(x)
             runs = {way: _forward(m, inp, per, args.one_region) for way, m in fast.items()}
             runs["nn.LSTM"] = _forward(models["nn.LSTM"], inp, per, args.one_region)
-        order = list(runs)
-        times: dict[str, list[float]] = {name: [] for name in order}
-        for repeat in range(args.repeats + 2):  # two rounds of warm-up
-            for name in order if repeat % 2 else order[::-1]:
-                module.LSTM._call_key, cpu.CppBackend.autocast_weights = _WAYS.get(name, _WAYS["now"])
-                start = time.perf_counter()
-                runs[name]()
-                if repeat >= 2:
-                    times[name].append((time.perf_counter() - start) * 1e6 / per)
-        module.LSTM._call_key, cpu.CppBackend.autocast_weights = _WAYS["now"]
-        median = {name: statistics.median(t) for name, t in times.items()}
-        results[label] = {"us_median": median, "us": times}
-        print(
-            f"{label}: " + ", ".join(f"{name} {us:.1f} us" for name, us in median.items())
-            + f" | before / now {median['before'] / median['now']:.2f}x,"
-            + f" nn.LSTM / now {median['nn.LSTM'] / median['now']:.2f}x",
-            flush=True,
-        )  # fmt: skip
-    with open(args.out, "w") as f:
-        json.dump({"mode": args.mode, "one_region": args.one_region, "torch": torch.__version__,
-                   "threads": torch.get_num_threads(), "results": results}, f, indent=1)  # fmt: skip
+        times = benchmark.interleaved_us(runs, args.repeats, per, _switch_to, alternate=True)
+        _switch_to("now")
+        results[label] = benchmark.ab_summary(label, times, ("before", "now"), ("nn.LSTM", "now"))
+    benchmark.write_ab_json(args.out, results, mode=args.mode, one_region=args.one_region)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,8 @@ every way under torch.autocast("cpu", dtype=torch.bfloat16), float32 models.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import json
-import statistics
-import time
 
 import torch
 
@@ -37,16 +33,20 @@ def _forward(model, x, inner: int):
     return run
 
 
-def _autocast(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def _under_autocast(run, bf16: bool):
+    def region():
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            run()
+
+    return region
+
+
+def _one_call_unless_layered(name: str) -> None:
+    cpu.CppBackend.has_inference_stack = name != "layer by layer"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["step", "forward"])
-    parser.add_argument("out")
-    parser.add_argument("shapes")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser = benchmark.ab_parser(__doc__)
     parser.add_argument("--layers-first", action="store_true")
     parser.add_argument("--autocast-bf16", action="store_true")
     args = parser.parse_args()
@@ -65,31 +65,17 @@ def main() -> None:
                 "nn.LSTM": benchmark._step(models["nn.LSTM"], x, "step", shape),
             }
         else:
-            per = 200 if shape.seq_len * shape.batch * shape.hidden_size <= 4096 else 20 if shape.seq_len <= 10 else 2
+            per = benchmark.calls_per_run(shape)
             pairs = (("one call", models["fastlstm[cpp]"]), ("layer by layer", twin), ("nn.LSTM", models["nn.LSTM"]))
             ways = {name: _forward(m, shape.model_input(x), per) for name, m in pairs}
         order = ["layer by layer", "one call"] if args.layers_first else ["one call", "layer by layer"]
         order += [name for name in ways if name not in order]
-        times: dict[str, list[float]] = {name: [] for name in order}
-        for repeat in range(args.repeats + 2):  # two rounds of warm-up
-            for name in order:
-                cpu.CppBackend.has_inference_stack = name != "layer by layer"
-                start = time.perf_counter()
-                with _autocast(args.autocast_bf16):
-                    ways[name]()
-                if repeat >= 2:
-                    times[name].append((time.perf_counter() - start) * 1e6 / per)
+        runs = {name: _under_autocast(ways[name], args.autocast_bf16) for name in order}
+        times = benchmark.interleaved_us(runs, args.repeats, per, _one_call_unless_layered)
         cpu.CppBackend.has_inference_stack = True
-        median = {name: statistics.median(t) for name, t in times.items()}
-        results[label] = {"order": order, "us_median": median, "us": times}
-        print(
-            f"{label}: " + ", ".join(f"{name} {us:.1f} us" for name, us in median.items())
-            + f" | layer by layer / one call {median['layer by layer'] / median['one call']:.2f}x",
-            flush=True,
-        )  # fmt: skip
-    with open(args.out, "w") as f:
-        json.dump({"mode": args.mode, "autocast_bf16": args.autocast_bf16, "torch": torch.__version__,
-                   "threads": torch.get_num_threads(), "results": results}, f, indent=1)  # fmt: skip
+        summary = benchmark.ab_summary(label, times, ("layer by layer", "one call"))
+        results[label] = {"order": order, **summary}
+    benchmark.write_ab_json(args.out, results, mode=args.mode, autocast_bf16=args.autocast_bf16)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ comparing medians taken in the same process keeps the ratio honest.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import statistics
 import time
@@ -252,6 +253,67 @@ def time_shape(
             median = statistics.median(samples)
             results.append(Result(str(shape), mode, name, used, median, samples, base / median))
     return results
+
+
+def calls_per_run(shape: Shape) -> int:
+    """How many inference calls of a shape one timed run of the A/B scripts (benchmarks/*_ab.py) makes: enough
+    that a run of small calls lasts long enough to time."""
+    if shape.seq_len * shape.batch * shape.hidden_size <= 4096:
+        return 200
+    return 20 if shape.seq_len <= 10 else 2
+
+
+def interleaved_us(
+    runs: dict[str, Callable[[], object]],
+    repeats: int,
+    per: int = 1,
+    switch: Callable[[str], object] | None = None,
+    alternate: bool = False,
+    warmup: int = 2,
+) -> dict[str, list[float]]:
+    """Microseconds per unit (a run's time / per) of each run, round by round in one process, after warmup
+    rounds. switch(name) runs before each run, untimed (the A/B scripts switch their way on there); alternate:
+    every other round in reverse order."""
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(repeats + warmup):
+        for name in names[::-1] if alternate and repeat % 2 == 0 else names:
+            if switch is not None:
+                switch(name)
+            start = time.perf_counter()
+            runs[name]()
+            if repeat >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e6 / per)
+    return times
+
+
+def ab_parser(doc: str):
+    """The arguments every A/B script takes: mode (step or forward), the JSON to write, shapes, --repeats."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("mode", choices=["step", "forward"])
+    parser.add_argument("out")
+    parser.add_argument("shapes")
+    parser.add_argument("--repeats", type=int, default=15)
+    return parser
+
+
+def ab_summary(label: str, times: dict[str, list[float]], *ratios: tuple[str, str]) -> dict:
+    """Print one line for an A/B shape, each way's median and the ratios of the (numerator, denominator) ways
+    named; returns its JSON entry."""
+    median = {name: statistics.median(t) for name, t in times.items()}
+    text = ", ".join(f"{name} {us:.1f} us" for name, us in median.items())
+    text += " | " + ", ".join(f"{a} / {b} {median[a] / median[b]:.2f}x" for a, b in ratios)
+    print(f"{label}: {text}", flush=True)
+    return {"us_median": median, "us": times}
+
+
+def write_ab_json(path: str, results: dict, **run) -> None:
+    """An A/B script's JSON: its run's settings, torch's version and thread count, and each shape's entry."""
+    with open(path, "w") as f:
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+        json.dump({**run, **meta, "results": results}, f, indent=1)
 
 
 def geometric_mean(values: list[float]) -> float:
