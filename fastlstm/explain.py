@@ -28,9 +28,10 @@ class Explanation:
 
 
 def explain(module: LSTM, input, hx: tuple[Tensor, Tensor] | None = None, *, lengths=None) -> Explanation:
-    """Which backend `module(input, hx, lengths=lengths)` would run for each (layer, direction), and why. Computes
-    nothing of the call itself (auto may run a fast backend's one-time kernel self-test on a tiny input, as the
-    call would)."""
+    """Which backend `module(input, hx, lengths=lengths)` would run for each (layer, direction), and why; under
+    autocast, planned in autocast's dtype as the call is. Computes nothing of the call itself (auto may run a fast
+    backend's one-time kernel self-test on a tiny input, and under autocast nn.LSTM's dtypes are read off a
+    1-step call of its own, as the call would)."""
     from fastlstm import dispatch
 
     if not isinstance(module, LSTM):
