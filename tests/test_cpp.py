@@ -1167,7 +1167,9 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 3, hidden=512) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 16, hidden=256) == ["cpp"] * 4  # or batch <= 16 at hidden <= 256
     assert _auto_backends(torch.bfloat16, 16, hidden=257) == ["native"] * 4
-    assert _auto_backends(torch.bfloat16, 17, hidden=128) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 32, hidden=160) == ["cpp"] * 4  # and batch <= 32 at hidden <= 160
+    assert _auto_backends(torch.bfloat16, 33, hidden=128) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 17, hidden=192) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 16, train=True) == ["cpp"] * 4  # training at any batch
     assert _auto_backends(torch.bfloat16, 256, train=True, hidden=128) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 64, train=True, hidden=512) == ["cpp"] * 4
@@ -1175,11 +1177,12 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 64, packed=True) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 64, seq_len=1) == ["cpp"] * 4  # short sequences, as for float32
     assert _auto_backends(torch.bfloat16, 16, hidden=512, seq_len=10) == ["cpp"] * 4
-    assert _auto_backends(torch.bfloat16, 17, seq_len=10) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 17, hidden=384, seq_len=10) == ["native"] * 4
     monkeypatch.setattr(dispatch, "_cpu_amd_family", lambda: 0x1A)  # Zen 5
     assert _auto_backends(torch.bfloat16, 8, hidden=1024) == ["cpp"] * 4  # inference up to batch 8 too
     assert _auto_backends(torch.bfloat16, 9, hidden=384) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 16, hidden=256) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 17, hidden=128) == ["native"] * 4  # not beyond batch 16 there
     assert _auto_backends(torch.bfloat16, 32, train=True, hidden=256) == ["cpp"] * 4  # training: batch <= 32 ...
     assert _auto_backends(torch.bfloat16, 32, train=True, hidden=512) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 32, train=True, hidden=384) == ["native"] * 4  # ... but hidden 257-511
