@@ -188,6 +188,11 @@ def _autocast_off(device_type: str):
     return torch._C._DisableAutocast()
 
 
+def _traced() -> bool:
+    """Whether a graph is being traced: torch.compile, TorchScript's tracer, or an ONNX export."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or dispatch.in_onnx_export()
+
+
 def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -494,6 +499,14 @@ class LSTM(nn.RNNBase):
                 x = F.dropout(x, self.dropout, training=True)
         return x, torch.stack(h_out), torch.stack(c_out)
 
+    def _needs_grad(self, input: Tensor, hx) -> bool:
+        """Whether autograd needs this call's gradients: grad mode on and the input, the state (hx may be None) or
+        a weight requires one."""
+        if not torch.is_grad_enabled():
+            return False
+        tensors = (input, *self._flat_weights) if hx is None else (input, hx[0], hx[1], *self._flat_weights)
+        return any(t.requires_grad for t in tensors)
+
     def _transforms(self, input: Tensor, hx) -> _Transforms:
         """What torch.func's transforms and forward-mode AD make of this call (see _Transforms)."""
         dual, functorch = _forward_ad_active(), torch._C._are_functorch_transforms_active()
@@ -529,15 +542,14 @@ class LSTM(nn.RNNBase):
             return None
         amp = torch._C._is_any_autocast_enabled() and _autocast_key(input.device.type)
         weight = self._flat_weights[0]
-        grad = torch.is_grad_enabled() and (input.requires_grad or any(w.requires_grad for w in self._flat_weights))
         if hx is None:
             state = None
         elif type(hx) is tuple and len(hx) == 2 and type(hx[0]) is Tensor and type(hx[1]) is Tensor:
             h, c = hx
             state = (h.shape, h.dtype, h.device, c.shape, c.dtype, c.device)
-            grad = grad or (torch.is_grad_enabled() and (h.requires_grad or c.requires_grad))
         else:
             return None
+        grad = self._needs_grad(input, hx)
         return (
             input.shape, input.dtype, input.device, weight.dtype, weight.device, state, grad, self.batch_first,
             self.backend, os.environ.get(dispatch.ENV_VAR), self.input_size, self.hidden_size, self.proj_size,
@@ -553,15 +565,10 @@ class LSTM(nn.RNNBase):
             seq_len, batch = batch_sizes.numel(), int(batch_sizes[0])
         else:
             seq_len, batch = (input.size(1), input.size(0)) if self.batch_first else (input.size(0), input.size(1))
-        needs_grad = torch.is_grad_enabled() and (
-            input.requires_grad
-            or hx[0].requires_grad
-            or hx[1].requires_grad
-            or any(w.requires_grad for w in self._flat_weights)
-        )
+        needs_grad = self._needs_grad(input, hx)
         dtype = amp.dtypes[0] if amp else input.dtype
         # dynamo traces the plan once per graph, and exporters decide differently: the cache is for eager calls
-        traced = torch.compiler.is_compiling() or dispatch.in_onnx_export() or torch.jit.is_tracing()
+        traced = _traced()
         shape = _CallShape(
             input.device.type, dtype, seq_len, batch, batch_sizes is not None, needs_grad, self.input_size,
             self.hidden_size, self.proj_size, self.num_layers, self._num_directions, self.bias,
@@ -719,13 +726,14 @@ class LSTM(nn.RNNBase):
         itself: one tiny 1-step call per distinct combination, cached.
         """
         device_type = input.device.type
-        if not _autocast_enabled(device_type):
+        autocast = _autocast_key(device_type)
+        if not autocast:
             return None
         weights = self._flat_weights
         # ATen takes another path for packed input whose batch sizes vary, with other dtypes
         varying = batch_sizes is not None and int(batch_sizes[0]) != int(batch_sizes[-1])
         key = (
-            _autocast_key(device_type), input.dtype, hx[0].dtype, hx[1].dtype, batch_sizes is not None, varying,
+            autocast, input.dtype, hx[0].dtype, hx[1].dtype, batch_sizes is not None, varying,
             weights[0].dtype, self.num_layers, self.bidirectional, self.bias, self.proj_size,
         )  # fmt: skip
         if key not in _AUTOCAST_DTYPES:
@@ -796,13 +804,9 @@ class LSTM(nn.RNNBase):
             return None
         if any(choice.backend != backend.name for choice in choices) or (self.training and self.dropout > 0):
             return None
-        if torch.is_grad_enabled() and (
-            x.requires_grad
-            or (hx is not None and (hx[0].requires_grad or hx[1].requires_grad))
-            or any(w.requires_grad for w in self._flat_weights)
-        ):
+        if self._needs_grad(x, hx):
             return None
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or dispatch.in_onnx_export():
+        if _traced():
             return None  # graphs hold the layer ops, which have autograd, fakes and vmap rules
         if torch._C._are_functorch_transforms_active() or _forward_ad_active():
             return None

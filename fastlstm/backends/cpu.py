@@ -348,6 +348,13 @@ def _availability() -> str | None:
     return _ensure()
 
 
+def _require_library() -> None:
+    """Raise, with the reason, when the ops cannot run (a call forced onto cpp where it is unavailable)."""
+    reason = _availability()
+    if reason is not None:
+        raise RuntimeError(f"fastlstm cpp backend is unavailable: {reason}")
+
+
 def build(verbose: bool = False) -> str:
     """Build (or load from the cache) ahead of time. Returns the library path; raises RuntimeError on failure."""
     error = _ensure(verbose)
@@ -655,9 +662,7 @@ class CppBackend(Backend):
         reverse: bool,
     ) -> LayerResult:
         """x: [T, B, I], h0: [B, P], c0: [B, H] -> y [T, B, P], hT [B, P], cT [B, H] (fastlstm.reference)."""
-        reason = _availability()
-        if reason is not None:
-            raise RuntimeError(f"fastlstm cpp backend is unavailable: {reason}")
+        _require_library()
         tensors = (x, h0, c0, w_ih, w_hh, b, w_hr)
         if torch._C._are_functorch_transforms_active() and functorch_grad_levels(tensors):
             y, hT, cT, _, _ = _FuncLayer.apply(*tensors, batch_sizes, reverse)
@@ -671,9 +676,7 @@ class CppBackend(Backend):
     has_inference_stack = True
 
     def inference_stack(self, x, hx, weights, batch_sizes, biases, proj, bidirectional) -> LayerResult:
-        reason = _availability()
-        if reason is not None:
-            raise RuntimeError(f"fastlstm cpp backend is unavailable: {reason}")
+        _require_library()
         h0, c0 = (None, None) if hx is None else hx
         op = torch.ops.fastlstm.cpp_lstm_stack_fwd.default
         return op(x, h0, c0, weights, batch_sizes, biases, proj, bidirectional)
