@@ -236,18 +236,22 @@ void linear_nt(const Tensor& A, const Tensor& W, Tensor& out) {
 
 
 // Whether oneDNN also serves the weight gradients dW = dG^T @ X (float32), reductions over all T*B rows.
-// Measured with torch's ops on 2 threads. Zen 4 (256-bit AVX-512 units): MKL's sgemm was the faster. Zen 5,
-// whose units are 512 bits wide: MKL's generic path on AMD stays at ~210 GFLOP/s (torch.mm 2048^3: 214), and
-// oneDNN, asked for dW^T = X^T @ dG and transposed after (see weight_grad), ran the grid's shapes at 320-420
-// GFLOP/s, the copy included ([2048 x 6400] @ [6400 x 512]: 372 against MKL's 211; [800 x 2240] @ [2240 x
-// 200]: 418 against 206; [256 x 3200] @ [3200 x 64]: 319 against 181). So from AMD family 0x1A (Zen 5) on,
-// from 2^24 multiply-adds (below, MKL was as fast or faster: [512 x 100] @ [100 x 128] 169 against 130
-// GFLOP/s, [256 x 500] @ [500 x 64] 159 against 119; from [800 x 140] @ [140 x 200], 22M, oneDNN won).
-// FASTLSTM_ONEDNN_WEIGHT_GRADS=1 or 0 overrides which CPUs; FASTLSTM_ONEDNN_MIN_MACS, when set, the size.
+// Measured on 2 threads. Zen 5, whose AVX-512 units are 512 bits wide: MKL's generic path on AMD stays at ~210
+// GFLOP/s (torch.mm 2048^3: 214), and oneDNN, asked for dW^T = X^T @ dG and transposed after (see weight_grad),
+// ran the grid's shapes at 320-420 GFLOP/s, the copy included ([2048 x 6400] @ [6400 x 512]: 372 against MKL's
+// 211; [800 x 2240] @ [2240 x 200]: 418 against 206; [256 x 3200] @ [3200 x 64]: 319 against 181). From 2^24
+// multiply-adds: below, MKL was as fast or faster ([512 x 100] @ [100 x 128] 169 against 130 GFLOP/s, [256 x
+// 500] @ [500 x 64] 159 against 119; from [800 x 140] @ [140 x 200], 22M, oneDNN won). Zen 4 (AVX-512 on
+// 256-bit units): with torch's ops (oneDNN making its own transposing copy) MKL had been the faster; through
+// weight_grad, 35 products of 100-6400 rows at hidden 128-1024 (dW of [4H x R] @ [R x H]) ran 1.0-1.4x MKL's
+// speed from 2^24 multiply-adds but two (6400 rows at hidden 768: 0.89x, 0.93x; R=100 at hidden 512 0.87x once,
+// 1.07x and 1.15x again), and whole training steps gained or held (benchmarks/results/cpu-amd-epyc-zen4-*.md).
+// So from Zen 4 (AMD family 0x19 with AVX-512) on. FASTLSTM_ONEDNN_WEIGHT_GRADS=1 or 0 overrides which CPUs;
+// FASTLSTM_ONEDNN_MIN_MACS, when set, the size.
 inline bool onednn_weight_grads() {
   static const bool v = std::getenv("FASTLSTM_ONEDNN_WEIGHT_GRADS")
                             ? std::atoi(std::getenv("FASTLSTM_ONEDNN_WEIGHT_GRADS")) != 0
-                            : amd_family() >= 0x1A;
+                            : amd_family() >= 0x1A || (amd_family() == 0x19 && !amd_zen3());
   return v;
 }
 

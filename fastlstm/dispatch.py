@@ -318,6 +318,16 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       1.17x, 0.97x; the others 1.01x and up; `cpu-amd-epyc-zen4-2core-float32-row-split-inference-*.json`),
       while three beside them whose rows do not split (batch 9-16 at hidden 200-256) measured 0.88-1.04x: so on
       Zen 4 float32 inference goes to cpp wherever the rows split as well.
+      Float32 training beyond batch 4 on Zen 4 had measured 0.95-1.17x with the weight gradients through MKL
+      (native). Through oneDNN (weight_grad in csrc/blas.h, its transposing copies made by the backend), the
+      products alone ran 1.0-1.4x faster than MKL's, and cpp's training against nn.LSTM, alternating processes
+      with FASTLSTM_ONEDNN_WEIGHT_GRADS=0 and 1 three rounds each (`-float32-training-weight-grads-*.json`):
+      20 shapes beyond batch 4 (batch 5-512, hidden 64-1024, 10-300 steps, 1-3 layers, uni- and bidirectional)
+      0.98-1.51x through oneDNN against 0.97-1.45x through MKL, 18 shapes' medians as fast or faster, two a
+      little slower (B6-T200-H128-L2 1.23x against 1.31x, the runs spanning 1.11-1.40x and 1.12-1.33x;
+      B32-T100-H1024 1.06x against 1.08x); at batch 1-4 (10 shapes, which went to cpp already) the two within
+      the runs' spread, nn.LSTM's own time swinging up to 1.7x between processes. So the build takes them
+      through oneDNN on Zen 4 too, and float32 training goes to cpp at any batch there by the rule above.
       bfloat16 (bf16 dot products) on Zen 5 at e4fb7e5, beyond the Zen 4 rule's classes, twice or three times
       each (`-bfloat16-batch8-16-inference-run*.json`, `-bfloat16-training-batch17-32-run*.json`,
       `-bfloat16-training-beyond-batch32-run*.json`, `-bfloat16-beyond-zen4-rule-run*.json`):

@@ -914,9 +914,10 @@ def test_bfloat16_without_amx_tiles():
 
 
 def test_default_kernel_choices_follow_the_cpu(monkeypatch):
-    """The choices measured to differ on Zen 5 (AMD family 0x1A on) hold there by default and nowhere else: float32
-    weight gradients through oneDNN, float64 steps never through dgemm, the forward as a team up to 2^23
-    multiply-adds a step; on Zen 3 (family 0x19 without AVX-512), the forward as a team up to 2^23 below 8 rows.
+    """The choices measured to differ on Zen 5 (AMD family 0x1A on) hold there by default and nowhere else: float64
+    steps never through dgemm, the forward as a team up to 2^23 multiply-adds a step; float32 weight gradients
+    through oneDNN there and on Zen 4 (family 0x19 with AVX-512); on Zen 3 (family 0x19 without AVX-512), the
+    forward as a team up to 2^23 below 8 rows.
     (Forcing each path, test_kernel_paths, cannot tell whether the defaults survived.)"""
     for knob in (
         "ONEDNN_WEIGHT_GRADS", "ONEDNN_MIN_MACS", "DGEMM_MIN_ROWS", "TEAM_MAX_MACS", "MKL_MIN_ROWS",
@@ -928,13 +929,16 @@ def test_default_kernel_choices_follow_the_cpu(monkeypatch):
     choices = result.stdout
     if dispatch._cpu_amd_family() >= 0x1A:
         expected = ["float64 step: dgemm never", "multiply-adds a step (backward 1048576)", "up to 8388608"]
-        if torch.backends.mkldnn.is_available():
-            expected.append("float32 weight gradients: oneDNN matmul from 16777216 multiply-adds")
     elif dispatch._cpu_amd_zen3():
-        team = "up to 8388608 multiply-adds a step below 8 rows, 1048576 from 8 (backward 1048576)"
-        expected = ["float32 weight gradients: BLAS", team]
+        expected = ["up to 8388608 multiply-adds a step below 8 rows, 1048576 from 8 (backward 1048576)"]
     else:
-        expected = ["float32 weight gradients: BLAS", "up to 1048576 multiply-adds a step (backward 1048576)"]
+        expected = ["up to 1048576 multiply-adds a step (backward 1048576)"]
+    family = dispatch._cpu_amd_family()
+    from_zen4 = family >= 0x1A or (family == 0x19 and not dispatch._cpu_amd_zen3())
+    if from_zen4 and torch.backends.mkldnn.is_available():
+        expected.append("float32 weight gradients: oneDNN matmul from 16777216 multiply-adds")
+    else:
+        expected.append("float32 weight gradients: BLAS")
     if dispatch._cpu_amd_family() < 0x1A:
         if torch.backends.mkl.is_available():
             expected.append("float64 step: dgemm from 16 rows")
@@ -1120,7 +1124,7 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 8) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 9) == ["native"] * 4
     assert _auto_backends(torch.float32, 8, train=True) == ["native"] * 4  # weight gradients still through BLAS
-    monkeypatch.setattr(dispatch, "_cpp_onednn_weight_grads", lambda: True)  # through oneDNN (Zen 5 by default)
+    monkeypatch.setattr(dispatch, "_cpp_onednn_weight_grads", lambda: True)  # through oneDNN (Zen 4 and 5 by default)
     assert _auto_backends(torch.float32, 64, train=True) == ["cpp"] * 4  # training at any batch
     assert _auto_backends(torch.float32, 64, train=True, hidden=512) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_cpp_splits_rows", lambda call: call.batch <= 32)  # as if the weights fit
@@ -1274,8 +1278,8 @@ def test_auto_knows_which_bfloat16_path_the_build_takes():
 
 @pytest.mark.parametrize("setting", ["0", "1"])
 def test_auto_knows_where_the_build_takes_weight_gradients(setting):
-    """The float32 training rule asks the build whether its weight gradients go through oneDNN (its Zen 5
-    measurements depend on it), and the build answers as its knob says."""
+    """The float32 training rule asks the build whether its weight gradients go through oneDNN (its Zen 4 and
+    Zen 5 measurements depend on it), and the build answers as its knob says."""
     code = (
         "import torch; from fastlstm import dispatch; from fastlstm.backends import cpu\n"
         f"expected = torch.backends.mkldnn.is_available() and {setting!r} == '1'\n"

@@ -44,7 +44,8 @@ Tuning knobs (read once per process by the C++ code; for measurements and tests,
                             (default 1024; 0 never), else as FASTLSTM_ONEDNN_MIN_MACS says.
     FASTLSTM_ONEDNN_WEIGHT_GRADS 1 / 0: float32 weight gradients through oneDNN's matmul (from 2**24
                             multiply-adds, or FASTLSTM_ONEDNN_MIN_MACS when set) or BLAS (default: oneDNN on
-                            Zen 5, where MKL runs at half its rate; BLAS elsewhere).
+                            Zen 4 and 5, where it measured faster than MKL's sgemm, at half oneDNN's rate on
+                            Zen 5; BLAS elsewhere).
     FASTLSTM_TEAM_MAX_MACS  the time loop runs as one team of threads up to this many multiply-adds a step
                             (default 2**20; forward 2**23 on Zen 5; 0 never); above, each step's product is
                             split over threads.
@@ -407,9 +408,9 @@ def uses_amx() -> bool:
 
 @constant_under_compile
 def uses_onednn_weight_grads() -> bool:
-    """Whether float32 weight gradients run through oneDNN's matmul (by default on AMD family 0x1A, Zen 5, and
-    later; FASTLSTM_ONEDNN_WEIGHT_GRADS overrides) rather than BLAS; False when the extension is unavailable.
-    Builds if not yet tried."""
+    """Whether float32 weight gradients run through oneDNN's matmul (by default from Zen 4 on: AMD family 0x19
+    with AVX-512, and 0x1A; FASTLSTM_ONEDNN_WEIGHT_GRADS overrides) rather than BLAS; False when the extension is
+    unavailable. Builds if not yet tried."""
     return _ensure() is None and bool(torch.ops.fastlstm.cpp_onednn_weight_grads())
 
 
