@@ -510,7 +510,9 @@ std::string kernel_choices() {
                     std::to_string(team_min_hidden<float>(false)) +
                     "+ hidden units a thread (float32 backward " + std::to_string(team_min_hidden<float>(true)) +
                     "+, float64 " + std::to_string(team_min_hidden<double>(false)) + "+)") +
-         " (no projection), else per-step parallel; row split (each thread its own rows' time loop): " +
+         " (no projection; " + std::to_string(lockstep_threads()) +
+         " threads now: torch's, no more than the CPUs), else per-step parallel; row split (each thread its own "
+         "rows' time loop): " +
          (row_split_max_bytes() <= 0 ? std::string("never")
                                      : "with " + std::to_string(kRowSplitMinRows) + "+ rows a thread and up to " +
                                            std::to_string(row_split_max_bytes()) + " bytes of weights a step") +

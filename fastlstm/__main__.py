@@ -233,6 +233,8 @@ def cmd_bench(args) -> int:
             error = f"--mode step streams unidirectional, unpacked shapes, not {streamed[0]}"
             print(f"python -m fastlstm bench: error: {error}", file=sys.stderr)
             return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # before the header, which reports it
     header = machine_header(device)
     print("fastlstm bench: " + ", ".join(f"{k} {v}" for k, v in header.items()))
     busy = _busy_note()
@@ -418,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         "timed call, training step or stream)",
     )
     bench.add_argument("--repeats", type=_positive_int, default=10, help="timed runs per provider (default 10)")
+    bench.add_argument(
+        "--threads", type=_positive_int, help="torch.set_num_threads(N) before timing (default: torch's own)"
+    )
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--no-check", action="store_true", help="skip validating outputs against nn.LSTM")
     args = parser.parse_args(argv)

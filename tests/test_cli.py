@@ -301,16 +301,17 @@ def test_autocast_ab_times_every_way(tmp_path):
     assert all(len(times) == 1 for times in forward_run["results"]["B2-T1-I4-H6-P3-L2"]["us"].values())
 
 
-def test_bench_records_the_cpu_generation_and_the_tuning_knobs(tmp_path):
-    """A virtual machine may name two CPU generations alike ("AMD EPYC"), and an A/B run differs only in a knob:
-    the JSON says both."""
+def test_bench_records_the_cpu_generation_the_tuning_knobs_and_the_threads(tmp_path):
+    """A virtual machine may name two CPU generations alike ("AMD EPYC"), and an A/B run differs only in a knob
+    or in --threads: the JSON says all three."""
     out = tmp_path / "bench.json"
     env = dict(os.environ, FASTLSTM_TEAM_MAX_MACS="12345")
     args = ("-m", "fastlstm", "bench", "--shape", "1,2,3,4", "--repeats", "1", "--mode", "inference")
-    done = run_python(*args, "--backend", "reference", "--json", str(out), env=env)
+    done = run_python(*args, "--backend", "reference", "--threads", "3", "--json", str(out), env=env)
     assert done.returncode == 0, done.stderr
     machine = json.loads(out.read_text())["machine"]
     assert "FASTLSTM_TEAM_MAX_MACS=12345" in machine["knobs"].split()
+    assert machine["threads"] == "3" and "threads 3" in done.stdout
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists() and "cpu family" in cpuinfo.read_text():
         assert "(family " in machine["device"] and ", model " in machine["device"], machine["device"]
@@ -322,6 +323,7 @@ def test_bench_records_the_cpu_generation_and_the_tuning_knobs(tmp_path):
         (["--shape", "2,5"], "expected B,T,I,H"),
         (["--backend", "nosuch"], "invalid choice: 'nosuch'"),
         (["--repeats", "0"], "expected a positive integer"),
+        (["--threads", "0"], "expected a positive integer"),
         (["--json", "/nonexistent-dir/out.json"], "--json /nonexistent-dir/out.json: No such file or directory"),
         (["--backend", "triton", "--shape", "1,2,3,4", "--device", "cpu"], "error: fastlstm backend 'triton'"),
         (["--mode", "step", "--shape", "1,3,4,6,2,bi"], "--mode step streams unidirectional, unpacked shapes"),

@@ -1291,6 +1291,51 @@ def test_auto_knows_where_the_build_takes_weight_gradients(setting):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_threads_beyond_the_cpus_run_on_the_cpus_there_are():
+    """torch.set_num_threads beyond the CPUs the process may run on: the team loop takes no more threads than
+    there are CPUs (its threads wait at every step's barrier for one without a core), the row split keeps torch's
+    threads (they never wait on each other), and the numbers and gradients stay nn.LSTM's. Runs in a process of
+    its own, held to two CPUs, then one."""
+    code = """
+import os, re, time, torch, fastlstm
+from fastlstm.backends import cpu
+def team():
+    return int(re.search(r"\\(no projection; (\\d+) threads now", cpu.kernel_choices()).group(1))
+def rows():
+    return cpu.float32_forward_rows(50, 36, 32, 64, 0)
+cpus = sorted(os.sched_getaffinity(0))
+if len(cpus) >= 2:
+    os.sched_setaffinity(0, cpus[:2])
+    torch.set_num_threads(2)
+    assert team() == 2 and rows() == [0, 18, 36], (team(), rows())
+    torch.set_num_threads(3)
+    assert team() == 2 and rows() == [0, 12, 24, 36], (team(), rows())
+torch.set_num_threads(3)
+os.sched_setaffinity(0, cpus[:1])
+time.sleep(0.2)  # the build reads the CPUs again within 100 ms, or when torch's thread count changes
+assert team() == 1 and rows() == [0, 12, 24, 36], (team(), rows())
+torch.manual_seed(0)
+for dtype, batch, tol in ((torch.float64, 2, 1e-10), (torch.float32, 12, 2e-5)):
+    ref = torch.nn.LSTM(8, 48, 2, dtype=dtype)  # 48 units: a team of two at batch 2
+    fast = fastlstm.LSTM(8, 48, 2, dtype=dtype, backend="cpp")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(9, batch, 8, dtype=dtype)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (yr, (hr, cr)), (yf, (hf, cf)) = ref(xr), fast(xf)
+    for a, b in ((yf, yr), (hf, hr), (cf, cr)):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    (yr.sum() + cr.sum()).backward()
+    (yf.sum() + cf.sum()).backward()
+    torch.testing.assert_close(xf.grad, xr.grad, atol=tol, rtol=tol)
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=tol, rtol=tol, msg=name)
+print("OK")
+"""
+    proc = run_python("-c", code)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_double_backward_matches_nn_lstm(packed):
     """create_graph=True: second-order gradients equal nn.LSTM's (helpers.assert_same_double_backward)."""
