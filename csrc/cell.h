@@ -2,6 +2,7 @@
 #pragma once
 
 #include "simd.h"
+#include "threads.h"
 
 #include <ATen/Parallel.h>
 #ifdef __AVX512F__
@@ -238,7 +239,7 @@ template <typename F>
 inline void for_rows(int64_t n, int64_t work_per_row, F&& f) {
   const int64_t total = n * work_per_row;
   if (total >= 32768 && n > 1 && at::get_num_threads() > 1) {
-    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    parallel_steps(0, n, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) f(r);
     });
   } else {

@@ -5,6 +5,7 @@
 #include "amx.h"
 #include "memory.h"
 #include "simd.h"
+#include "threads.h"
 
 #include <ATen/Parallel.h>
 #ifdef __AVX__
@@ -462,7 +463,7 @@ void step_dot(const typename Dot::elem_t* A, int64_t lda, const typename Dot::un
   };
   if (at::get_num_threads() > 1 && n * N * units * Dot::pair >= kParallelStepWork && blocks > 1 &&
       !at::in_parallel_region()) {
-    at::parallel_for(0, blocks, 1, run);
+    parallel_steps(0, blocks, 1, run);
   } else {
     run(0, blocks);
   }
@@ -520,7 +521,7 @@ void step_gemm(const typename Dot::elem_t* A, int64_t lda, const Packed<Dot>& B,
   const int64_t steps = B.steps + (first != nullptr ? first->B->steps : 0);
   const int64_t work = n * B.N * steps * Dot::pair, units = B.panels * row_blocks;
   if (at::get_num_threads() > 1 && work >= kParallelStepWork && units > 1 && !at::in_parallel_region()) {
-    at::parallel_for(0, units, 1, run);
+    parallel_steps(0, units, 1, run);
   } else {
     run(0, units);
   }

@@ -5,6 +5,7 @@
 #include "cpu_id.h"
 #include "simd.h"
 #include "step_product.h"
+#include "threads.h"
 
 #include <ATen/Parallel.h>
 #ifdef _OPENMP
@@ -13,12 +14,8 @@
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>  // sysconf
 #endif
-#ifdef __linux__
-#include <sched.h>  // sched_getaffinity
-#endif
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <thread>
@@ -72,41 +69,6 @@ class SpinBarrier {
   alignas(64) std::atomic<int> arrived_{0};
   alignas(64) std::atomic<int> generation_{0};
 };
-
-// The threads a loop whose threads meet every step may take (the team loop): torch's, but no more than the
-// CPUs this process may run on. torch starts with no more, but torch.set_num_threads takes any number, and a
-// team then waits at every step's barrier for a thread without a core. 2-core Zen 4, torch.set_num_threads(4),
-// inference (nn.LSTM, with 4 threads: 5-14 ms each): B1-T100-H128 as a team of 4, 23 ms (0.3 ms as a team of
-// 2 with 2 threads). Capped at the CPUs, six processes: B1-T100-H128 0.46-0.49 ms; B4-T100-H256 2.5-2.9 ms,
-// once 13.9; B1-T100-H512 3.9-4.9 ms, twice 19-20 (the pool's spare threads still contend). On one thread
-// instead, the bounded choice, two to four processes: 0.58-0.83, 7.4-9.5, 8.7-11.4 ms: slower on the whole, so
-// the cap. The row split, whose threads never wait on each other, keeps torch's threads: capped, B32-T100-H128
-// measured no faster (inference 5.6-8.4 ms against 6.0-6.3, training 20.5-23.3 ms against 17.6-18.2). The CPUs
-// are read again (a system call, ~0.3 us, a tenth of a small step's call) when torch's thread count changes,
-// and otherwise at most every 100 ms, so a process that narrows its affinity is seen within 100 ms.
-inline int lockstep_threads() {
-  const int threads = at::get_num_threads();
-#ifdef __linux__
-  // Packed: the thread count read last (high half) and the CPUs then (low half); -1 before the first read.
-  static std::atomic<int64_t> seen{-1};
-  static std::atomic<int64_t> read_at{0};  // steady_clock nanoseconds
-  const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                          std::chrono::steady_clock::now().time_since_epoch())
-                          .count();
-  int64_t last = seen.load(std::memory_order_relaxed);
-  if (last < 0 || (last >> 32) != threads || now - read_at.load(std::memory_order_relaxed) > 100'000'000) {
-    cpu_set_t cpus;
-    CPU_ZERO(&cpus);
-    const int count = sched_getaffinity(0, sizeof(cpus), &cpus) == 0 ? std::max(CPU_COUNT(&cpus), 1) : threads;
-    last = (int64_t(threads) << 32) | count;
-    seen.store(last, std::memory_order_relaxed);
-    read_at.store(now, std::memory_order_relaxed);
-  }
-  return std::min<int>(threads, static_cast<int>(last & 0xffffffff));
-#else
-  return threads;
-#endif
-}
 
 // Per-step multiply-adds up to which the team loop runs (above, the per-step path splits the product more
 // evenly: it balances 4H/W panels instead of H/W): 2^20, measured on Zen 4. On Zen 5 (AMD family 0x1A on),

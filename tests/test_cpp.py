@@ -1293,10 +1293,10 @@ def test_auto_knows_where_the_build_takes_weight_gradients(setting):
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
 def test_threads_beyond_the_cpus_run_on_the_cpus_there_are():
-    """torch.set_num_threads beyond the CPUs the process may run on: the team loop takes no more threads than
-    there are CPUs (its threads wait at every step's barrier for one without a core), the row split keeps torch's
-    threads (they never wait on each other), and the numbers and gradients stay nn.LSTM's. Runs in a process of
-    its own, held to two CPUs, then one."""
+    """torch.set_num_threads beyond the CPUs the process may run on: the team loop and each step's parallel
+    products take no more threads than there are CPUs (their threads meet every step, and would wait for one
+    without a core), the row split keeps torch's threads (they never wait on each other), and the numbers and
+    gradients stay nn.LSTM's. Runs in a process of its own, held to two CPUs, then one."""
     code = """
 import os, re, time, torch, fastlstm
 from fastlstm.backends import cpu
@@ -1304,6 +1304,23 @@ def team():
     return int(re.search(r"\\(no projection; (\\d+) threads now", cpu.kernel_choices()).group(1))
 def rows():
     return cpu.float32_forward_rows(50, 36, 32, 64, 0)
+def same_as_nn_lstm():
+    torch.manual_seed(0)
+    # a team of two (48 units, 2 rows), then per-step parallel products (8 x 4 x 192 x 192 > 2^20 a step)
+    for dtype, batch, hidden, tol in ((torch.float64, 2, 48, 1e-10), (torch.float32, 8, 192, 5e-5)):
+        ref = torch.nn.LSTM(8, hidden, 2, dtype=dtype)
+        fast = fastlstm.LSTM(8, hidden, 2, dtype=dtype, backend="cpp")
+        fast.load_state_dict(ref.state_dict())
+        x = torch.randn(9, batch, 8, dtype=dtype)
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        (yr, (hr, cr)), (yf, (hf, cf)) = ref(xr), fast(xf)
+        for a, b in ((yf, yr), (hf, hr), (cf, cr)):
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+        (yr.sum() + cr.sum()).backward()
+        (yf.sum() + cf.sum()).backward()
+        torch.testing.assert_close(xf.grad, xr.grad, atol=tol, rtol=tol)
+        for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, atol=tol, rtol=tol, msg=name)
 cpus = sorted(os.sched_getaffinity(0))
 if len(cpus) >= 2:
     os.sched_setaffinity(0, cpus[:2])
@@ -1311,25 +1328,12 @@ if len(cpus) >= 2:
     assert team() == 2 and rows() == [0, 18, 36], (team(), rows())
     torch.set_num_threads(3)
     assert team() == 2 and rows() == [0, 12, 24, 36], (team(), rows())
+    same_as_nn_lstm()
 torch.set_num_threads(3)
 os.sched_setaffinity(0, cpus[:1])
 time.sleep(0.2)  # the build reads the CPUs again within 100 ms, or when torch's thread count changes
 assert team() == 1 and rows() == [0, 12, 24, 36], (team(), rows())
-torch.manual_seed(0)
-for dtype, batch, tol in ((torch.float64, 2, 1e-10), (torch.float32, 12, 2e-5)):
-    ref = torch.nn.LSTM(8, 48, 2, dtype=dtype)  # 48 units: a team of two at batch 2
-    fast = fastlstm.LSTM(8, 48, 2, dtype=dtype, backend="cpp")
-    fast.load_state_dict(ref.state_dict())
-    x = torch.randn(9, batch, 8, dtype=dtype)
-    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-    (yr, (hr, cr)), (yf, (hf, cf)) = ref(xr), fast(xf)
-    for a, b in ((yf, yr), (hf, hr), (cf, cr)):
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
-    (yr.sum() + cr.sum()).backward()
-    (yf.sum() + cf.sum()).backward()
-    torch.testing.assert_close(xf.grad, xr.grad, atol=tol, rtol=tol)
-    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, atol=tol, rtol=tol, msg=name)
+same_as_nn_lstm()
 print("OK")
 """
     proc = run_python("-c", code)

@@ -96,7 +96,18 @@ from fastlstm.backends import (
 # Compiled, at once (ninja runs one compiler a core): the layer's kernels and the ops. They include the headers,
 # which the build key covers too.
 _SOURCES = ("lstm_cpu.cpp", "lstm_ops.cpp")
-_HEADERS = ("amx.h", "blas.h", "cell.h", "cpu_id.h", "layer.h", "memory.h", "simd.h", "step_product.h", "team.h")
+_HEADERS = (
+    "amx.h",
+    "blas.h",
+    "cell.h",
+    "cpu_id.h",
+    "layer.h",
+    "memory.h",
+    "simd.h",
+    "step_product.h",
+    "team.h",
+    "threads.h",
+)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

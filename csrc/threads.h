@@ -1,0 +1,96 @@
+// fastlstm C++ CPU backend: how many threads a loop whose threads meet every step may take, and the parallel
+// loop those steps run their products in.
+#pragma once
+
+#include <ATen/Parallel.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifdef __linux__
+#include <sched.h>  // sched_getaffinity
+#endif
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <exception>
+
+namespace fastlstm {
+namespace {
+
+// The threads a loop whose threads meet every step may take (the team loop, and each step's parallel products):
+// torch's, but no more than the CPUs this process may run on. torch starts with no more, but
+// torch.set_num_threads takes any number, and a team then waits at every step's barrier for a thread without a
+// core. 2-core Zen 4, torch.set_num_threads(4),
+// inference (nn.LSTM, with 4 threads: 5-14 ms each): B1-T100-H128 as a team of 4, 23 ms (0.3 ms as a team of
+// 2 with 2 threads). Capped at the CPUs, six processes: B1-T100-H128 0.46-0.49 ms; B4-T100-H256 2.5-2.9 ms,
+// once 13.9; B1-T100-H512 3.9-4.9 ms, twice 19-20 (the pool's spare threads still contend). On one thread
+// instead, the bounded choice, two to four processes: 0.58-0.83, 7.4-9.5, 8.7-11.4 ms: slower on the whole, so
+// the cap. The row split, whose threads never wait on each other, keeps torch's threads: capped, B32-T100-H128
+// measured no faster (inference 5.6-8.4 ms against 6.0-6.3, training 20.5-23.3 ms against 17.6-18.2). The CPUs
+// are read again (a system call, ~0.3 us, a tenth of a small step's call) when torch's thread count changes,
+// and otherwise at most every 100 ms, so a process that narrows its affinity is seen within 100 ms.
+inline int lockstep_threads() {
+  const int threads = at::get_num_threads();
+#ifdef __linux__
+  // Packed: the thread count read last (high half) and the CPUs then (low half); -1 before the first read.
+  static std::atomic<int64_t> seen{-1};
+  static std::atomic<int64_t> read_at{0};  // steady_clock nanoseconds
+  const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                          std::chrono::steady_clock::now().time_since_epoch())
+                          .count();
+  int64_t last = seen.load(std::memory_order_relaxed);
+  if (last < 0 || (last >> 32) != threads || now - read_at.load(std::memory_order_relaxed) > 100'000'000) {
+    cpu_set_t cpus;
+    CPU_ZERO(&cpus);
+    const int count = sched_getaffinity(0, sizeof(cpus), &cpus) == 0 ? std::max(CPU_COUNT(&cpus), 1) : threads;
+    last = (int64_t(threads) << 32) | count;
+    seen.store(last, std::memory_order_relaxed);
+    read_at.store(now, std::memory_order_relaxed);
+  }
+  return std::min<int>(threads, static_cast<int>(last & 0xffffffff));
+#else
+  return threads;
+#endif
+}
+
+// at::parallel_for(begin, end, grain, f) for the work of one step, on no more threads than lockstep_threads():
+// the same call where torch's threads fit the CPUs, else an OpenMP region of that many threads splitting the range
+// as at::parallel_for does (contiguous chunks, one a thread). Each step forks and joins, so a thread without a
+// core would hold up every step's join, as a team's barrier.
+template <typename F>
+void parallel_steps(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const int threads = lockstep_threads();
+  if (threads >= at::get_num_threads()) {
+    at::parallel_for(begin, end, grain, f);
+    return;
+  }
+  const int64_t range = end - begin, chunks = (range + grain - 1) / std::max<int64_t>(grain, 1);
+  const int n = static_cast<int>(std::min<int64_t>(threads, chunks));
+  if (n <= 1 || at::in_parallel_region()) {
+    if (range > 0) f(begin, end);
+    return;
+  }
+#ifdef _OPENMP
+  const int64_t chunk = (range + n - 1) / n;
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
+#pragma omp parallel num_threads(n)
+  {
+    const int64_t b = begin + omp_get_thread_num() * chunk, e = std::min(end, b + chunk);
+    if (b < e) {
+      try {
+        f(b, e);
+      } catch (...) {
+        if (!failed.exchange(true)) error = std::current_exception();
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+#else
+  f(begin, end);
+#endif
+}
+
+}  // namespace
+}  // namespace fastlstm
