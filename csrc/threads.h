@@ -20,16 +20,17 @@ namespace {
 
 // The threads a loop whose threads meet every step may take (the team loop, and each step's parallel products):
 // torch's, but no more than the CPUs this process may run on. torch starts with no more, but
-// torch.set_num_threads takes any number, and a team then waits at every step's barrier for a thread without a
-// core. 2-core Zen 4, torch.set_num_threads(4),
-// inference (nn.LSTM, with 4 threads: 5-14 ms each): B1-T100-H128 as a team of 4, 23 ms (0.3 ms as a team of
-// 2 with 2 threads). Capped at the CPUs, six processes: B1-T100-H128 0.46-0.49 ms; B4-T100-H256 2.5-2.9 ms,
-// once 13.9; B1-T100-H512 3.9-4.9 ms, twice 19-20 (the pool's spare threads still contend). On one thread
-// instead, the bounded choice, two to four processes: 0.58-0.83, 7.4-9.5, 8.7-11.4 ms: slower on the whole, so
-// the cap. The row split, whose threads never wait on each other, keeps torch's threads: capped, B32-T100-H128
-// measured no faster (inference 5.6-8.4 ms against 6.0-6.3, training 20.5-23.3 ms against 17.6-18.2). The CPUs
-// are read again (a system call, ~0.3 us, a tenth of a small step's call) when torch's thread count changes,
-// and otherwise at most every 100 ms, so a process that narrows its affinity is seen within 100 ms.
+// torch.set_num_threads takes any number, and a step then waits for a thread without a core. 2-core Zen 4,
+// torch.set_num_threads(4), inference (nn.LSTM, taking all 4: 5-25 ms): B1-T100-H128 as a team of 4, 11-23 ms
+// (0.3 ms as a team of 2 with 2 threads). Capped at the CPUs, six processes: B1-T100-H128 0.46-0.49 ms;
+// B4-T100-H256 2.5-2.9 ms, once 13.9; B1-T100-H512 3.9-4.9 ms, twice 19-20 (the pool's spare threads still
+// contend). On one thread instead, the bounded choice, two to four processes: 0.58-0.83, 7.4-9.5, 8.7-11.4 ms:
+// slower on the whole, so the cap. Per-step parallel products capped as well: B8-T100-H256 18.4 ms -> 6.8-9.1
+// ms (5 ms with 2 threads), B4-T100-H1024 67-115 -> 44-45 ms. The row split, whose threads never wait on each
+// other, keeps torch's threads: capped, B32-T100-H128 measured no faster (inference 5.6-8.4 ms against 6.0-6.3,
+// training 20.5-23.3 ms against 17.6-18.2). The CPUs are read again (a system call, ~0.3 us, a tenth of a small
+// step's call) when torch's thread count changes, and otherwise at most every 100 ms, so a process that narrows
+// its affinity is seen within 100 ms.
 inline int lockstep_threads() {
   const int threads = at::get_num_threads();
 #ifdef __linux__
