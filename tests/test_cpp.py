@@ -1298,8 +1298,10 @@ def test_threads_beyond_the_cpus_run_on_the_cpus_there_are():
     without a core), the row split keeps torch's threads (they never wait on each other), and the numbers and
     gradients stay nn.LSTM's. Runs in a process of its own, held to two CPUs, then one."""
     code = """
-import os, re, time, torch, fastlstm
+import os, re, sys, time, torch
 from fastlstm.backends import cpu
+sys.path.insert(0, "tests")
+from helpers import assert_same_results, lstm_call, make_pair
 def team():
     return int(re.search(r"\\(no projection; (\\d+) threads now", cpu.kernel_choices()).group(1))
 def rows():
@@ -1308,19 +1310,9 @@ def same_as_nn_lstm():
     torch.manual_seed(0)
     # a team of two (48 units, 2 rows), then per-step parallel products (8 x 4 x 192 x 192 > 2^20 a step)
     for dtype, batch, hidden, tol in ((torch.float64, 2, 48, 1e-10), (torch.float32, 8, 192, 5e-5)):
-        ref = torch.nn.LSTM(8, hidden, 2, dtype=dtype)
-        fast = fastlstm.LSTM(8, hidden, 2, dtype=dtype, backend="cpp")
-        fast.load_state_dict(ref.state_dict())
+        ref, fast = make_pair(8, hidden, 2, backend="cpp", dtype=dtype)
         x = torch.randn(9, batch, 8, dtype=dtype)
-        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-        (yr, (hr, cr)), (yf, (hf, cf)) = ref(xr), fast(xf)
-        for a, b in ((yf, yr), (hf, hr), (cf, cr)):
-            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
-        (yr.sum() + cr.sum()).backward()
-        (yf.sum() + cf.sum()).backward()
-        torch.testing.assert_close(xf.grad, xr.grad, atol=tol, rtol=tol)
-        for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(a.grad, b.grad, atol=tol, rtol=tol, msg=name)
+        assert_same_results(ref, fast, [x], lstm_call, atol=tol, rtol=tol)
 cpus = sorted(os.sched_getaffinity(0))
 if len(cpus) >= 2:
     os.sched_setaffinity(0, cpus[:2])
