@@ -83,12 +83,14 @@ struct VecBits<vf> {
   using type = vi;
   using lane = float;
   static constexpr int32_t sign = std::numeric_limits<int32_t>::min();
+  static constexpr float exp_overflow = 88.7228391f;  // log of the largest float: e^x is inf beyond it
 };
 template <>
 struct VecBits<vd> {
   using type = vl;
   using lane = double;
   static constexpr int64_t sign = std::numeric_limits<int64_t>::min();
+  static constexpr double exp_overflow = 709.782712893384;
 };
 
 // exp, e^x - 1, sigmoid and tanh of vf or vd, from the exp parts above: one formula for both widths.
@@ -105,9 +107,13 @@ inline V vexpm1(V x) {
   vexp_parts(x, s, q);
   return s * q + (s - S(1));
 }
+// Exactly 0 where e^-x overflows, as ATen's and oneDNN's sigmoid give it: exp's clamp would leave ~4e-39 (1e-308
+// in double) there, and a saturated gate times an inf (or 1e38) cell would then give inf (or a finite number)
+// where nn.LSTM gives NaN (or 0). Towards +x it reaches exactly 1 by itself.
 template <typename V, typename S = typename VecBits<V>::lane>
 inline V vsigmoid(V x) {
-  return S(1) / (S(1) + vexp(-x));
+  const V s = S(1) / (S(1) + vexp(-x));
+  return x < V{} - VecBits<V>::exp_overflow ? V{} : s;
 }
 template <typename V, typename S = typename VecBits<V>::lane>
 inline V vtanh(V x) {

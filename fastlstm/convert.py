@@ -8,25 +8,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fastlstm import dispatch
-from fastlstm.module import LSTM
+from fastlstm.module import LSTM, rebuilt_as
 
 _TARGETS = {"fastlstm": LSTM, "torch": nn.LSTM}
-
-
-def _rebuild(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
-    """A `cls` instance holding `module`'s state: parameters, buffers, hooks, mode, device and dtype stay."""
-    if parametrize.is_parametrized(module):
-        # parametrize swaps the class for a generated subclass holding the parametrized properties;
-        # build the same kind of subclass over the target class.
-        generated = type(module)
-        namespace = {k: v for k, v in vars(generated).items() if k not in ("__dict__", "__weakref__")}
-        cls = type(generated.__name__, (cls,), namespace)
-    new = cls.__new__(cls)
-    new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in vars(module).items()})
-    new._flat_weights_names = list(module._flat_weights_names)
-    new._all_weights = [list(w) for w in module._all_weights]
-    new._flat_weights = list(module._flat_weights)
-    return new
 
 
 def _is_source(module: nn.Module, to: str) -> bool:
@@ -63,19 +47,21 @@ def convert(model: nn.Module, to: str = "fastlstm", backend: str | None = None) 
     if backend is not None:
         dispatch.validate_name(backend)
 
+    swapped: dict[int, nn.Module] = {}  # id -> replacement: a layer used in several places stays one layer
+
     def swap(module: nn.Module) -> nn.Module:
-        new = _rebuild(module, _TARGETS[to])
-        if to == "fastlstm":
-            new.backend = backend
-        else:
-            new.__dict__.pop("backend", None)
-            new.__dict__.pop("_mixed_dtypes", None)
-        return new
+        if id(module) not in swapped:
+            new = rebuilt_as(module, _TARGETS[to])
+            if to == "fastlstm":
+                new.backend = backend
+            swapped[id(module)] = new
+        return swapped[id(module)]
 
     if _is_source(model, to):
         return swap(model)
-    for parent in model.modules():
-        for name, child in list(parent.named_children()):
-            if _is_source(child, to):
+    for parent in list(model.modules()):
+        # _modules itself, not named_children(): that names a module held under two names only once
+        for name, child in list(parent._modules.items()):
+            if child is not None and _is_source(child, to):
                 setattr(parent, name, swap(child))
     return model

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from fastlstm import backends, dispatch, reference
@@ -197,6 +198,20 @@ def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _saveable(input: Tensor, hx):
+    """input and hx (None or a tuple) with copies of any inference tensor (made under torch.inference_mode: a
+    batch prepared there, say) when grad mode is on: autograd refuses to save those for backward, and the layers
+    save their inputs. nn.LSTM takes them only where its own path copies the input first (batch_first), so a
+    model would train or fail by layout and by which backend serves it; here it trains either way."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return input, hx
+    if input.is_inference():
+        input = input.clone()
+    if hx is not None and (hx[0].is_inference() or hx[1].is_inference()):
+        hx = tuple(t.clone() if t.is_inference() else t for t in hx)
+    return input, hx
+
+
 @contextlib.contextmanager
 def _onednn_off():
     """nn.LSTM's ATen path on the CPU: oneDNN off for the block, every other oneDNN setting left as it is."""
@@ -224,6 +239,26 @@ def _own_method(method):
     call.__name__ = call.__qualname__ = method.__name__
     call.__doc__ = method.__doc__
     return call
+
+
+def rebuilt_as(module: nn.RNNBase, cls: type[nn.RNNBase]) -> nn.RNNBase:
+    """A `cls` instance (nn.LSTM or LSTM) holding `module`'s state: the very Parameter objects, buffers, hooks,
+    mode, device and dtype. A parametrized module gives the same kind of parametrized class over `cls`. What
+    only fastlstm.LSTM has (its backend) stays behind when `cls` is not one."""
+    fastlstm_only = () if issubclass(cls, LSTM) else ("backend", "_mixed_dtypes")
+    if parametrize.is_parametrized(module):
+        # parametrize swaps the class for a generated subclass holding the parametrized properties;
+        # build the same kind of subclass over the target class.
+        generated = type(module)
+        namespace = {k: v for k, v in vars(generated).items() if k not in ("__dict__", "__weakref__")}
+        cls = type(generated.__name__, (cls,), namespace)
+    new = cls.__new__(cls)
+    state = {k: (v.copy() if isinstance(v, dict) else v) for k, v in vars(module).items() if k not in fastlstm_only}
+    new.__dict__.update(state)
+    new._flat_weights_names = list(module._flat_weights_names)
+    new._all_weights = [list(w) for w in module._all_weights]
+    new._flat_weights = list(module._flat_weights)
+    return new
 
 
 class LSTM(nn.RNNBase):
@@ -255,22 +290,16 @@ class LSTM(nn.RNNBase):
     permute_hidden = _own_method(nn.LSTM.permute_hidden)
 
     def __prepare_scriptable__(self) -> nn.LSTM:
-        """torch.jit.script's hook: an nn.LSTM holding these very Parameter objects.
+        """torch.jit.script's hook: an nn.LSTM holding this module's state (see rebuilt_as): the very Parameter
+        objects, and its hooks and parametrizations, which TorchScript then takes or refuses as it does
+        nn.LSTM's.
 
         TorchScript cannot run this module's Python dispatch; nn.LSTM it can, and its numbers are the reference
         every backend matches. torch.jit.script puts the returned module where this one was in its parent (in
-        the eager model too, as for every module with this hook): that model then runs nn.LSTM's kernels.
+        the eager model too, as for every module with this hook, and before it knows whether scripting will
+        succeed): that model then runs nn.LSTM's kernels, hooks and all.
         """
-        with warnings.catch_warnings():  # nn.LSTM repeats the constructor's warnings (dropout on one layer)
-            warnings.simplefilter("ignore")
-            native = nn.LSTM(
-                self.input_size, self.hidden_size, self.num_layers, bias=self.bias, batch_first=self.batch_first,
-                dropout=self.dropout, bidirectional=self.bidirectional, proj_size=self.proj_size, device="meta",
-            )  # fmt: skip
-        for name in self._flat_weights_names:
-            setattr(native, name, getattr(self, name))
-        native._init_flat_weights()
-        return native.train(self.training)
+        return rebuilt_as(self, nn.LSTM)
 
     def _update_flat_weights(self) -> None:
         """nn.RNNBase's: re-read the weights when one was replaced (functional_call, parametrizations, ...).
@@ -344,6 +373,7 @@ class LSTM(nn.RNNBase):
             is_batched = input.dim() == 3
             if not is_batched:
                 input, hx = self._as_batch_of_one(input, hx)
+        input, hx = _saveable(input, hx)
         if all(choice.backend == "native" for choice in choices):
             if hx is None:
                 hx = self._initial_state(input, None, None, True)
@@ -382,6 +412,7 @@ class LSTM(nn.RNNBase):
         """
         lengths = self._check_lengths(input, lengths)
         input, hx, *_ = self._prepare(input, hx)  # every check of a plain call, in the caller's order
+        input, hx = _saveable(input, hx)
         if lengths.numel() == 0:
             return self.forward(input, hx)
         x, hx, batch_sizes, sorted_lengths, unorder = self._sorted_by_length(input, hx, lengths)
@@ -448,8 +479,8 @@ class LSTM(nn.RNNBase):
         if self.bidirectional:
             raise ValueError("LSTM.step: needs a unidirectional LSTM (the reverse direction reads the future)")
         if not isinstance(input, Tensor) or input.dim() not in (1, 2):
-            dim = input.dim() if isinstance(input, Tensor) else type(input).__name__
-            raise ValueError(f"LSTM.step: Expected input to be 1D (unbatched) or 2D [batch, features], got {dim}D")
+            got = f"{input.dim()}D" if isinstance(input, Tensor) else f"a {type(input).__name__}"
+            raise ValueError(f"LSTM.step: Expected input to be 1D (unbatched) or 2D [batch, features], got {got}")
         batched = input.dim() == 2
         time_dim = 1 if self.batch_first and batched else 0
         sequence = input.unsqueeze(time_dim)  # a 1-step sequence
@@ -469,6 +500,7 @@ class LSTM(nn.RNNBase):
         else:  # this kind of step passed every check before
             choices = checked[0]
             x, state = (input, state) if batched else self._as_batch_of_one(input, state)
+        x, state = _saveable(x, state)
         whole = self._inference_stack_backend(choices, x, state)
         if whole is not None:
             x, h_n, c_n = self._inference_stack(whole, x, state, None)

@@ -850,6 +850,31 @@ def test_torchscript_script_gives_nn_lstm_numbers_and_saves(backend, tmp_path):
     torch.testing.assert_close(scripted.lstm.weight_hh_l0, model.lstm.weight_hh_l0, atol=0, rtol=0)
 
 
+def test_torchscript_script_takes_the_layers_hooks_as_nn_lstm_does():
+    """torch.jit.script swaps fastlstm.LSTM for an nn.LSTM in the eager model too; that nn.LSTM carries the layer's
+    hooks. TorchScript then refuses a hooked layer as it refuses a hooked nn.LSTM (rather than scripting it with
+    the hook dropped), and the eager model still calls the hook."""
+    calls = []
+
+    def outcome(layer):
+        layer.register_forward_pre_hook(lambda module, args: calls.append(type(module)))
+        model = nn.Sequential(layer)
+        try:
+            torch.jit.script(model)
+        except Exception as error:  # noqa: BLE001 -- the type is what is compared
+            failure = type(error)
+        else:
+            failure = None
+        calls.clear()
+        model(torch.randn(3, 2, 4))
+        return failure, list(calls)
+
+    native_failure, native_calls = outcome(nn.LSTM(4, 6))
+    fast_failure, fast_calls = outcome(fastlstm.LSTM(4, 6))
+    assert native_failure is not None and fast_failure is native_failure
+    assert native_calls == fast_calls == [nn.LSTM]
+
+
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_torchscript_trace_records_aten_lstm(backend):
     """torch.jit.trace records nn.LSTM's aten::lstm, which runs where fastlstm is not installed (C++ libtorch),
@@ -893,6 +918,35 @@ def test_inference_mode_gives_nn_lstm_numbers(backend):
         for a, b in zip(_tensors(got), _tensors(expected)):
             assert a.is_inference() == b.is_inference()
             torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", *CPU_BACKENDS])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time_major", "batch_first"])
+def test_a_batch_made_under_inference_mode_trains(backend, batch_first):
+    """A batch and initial state prepared under torch.inference_mode, then trained on: forward, lengths= and step
+    give the outputs and gradients of the same values made outside it. (nn.LSTM trains on such a batch only where
+    its own path copies the input first, batch_first; time-major it raises.)"""
+    torch.manual_seed(0)
+    fast = fastlstm.LSTM(4, 5, 2, batch_first=batch_first, backend=backend).double()
+    with torch.inference_mode():
+        x = torch.randn(*((3, 6) if batch_first else (6, 3)), 4, dtype=torch.float64)
+        hx = (torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64))
+    plain_x, plain_hx = x.clone(), tuple(t.clone() for t in hx)
+    calls = [
+        lambda x, hx: fast(x, hx),
+        lambda x, hx: fast(x, hx, lengths=[6, 2, 4]),
+        lambda x, hx: fast.step(x[:, 0] if batch_first else x[0], hx),
+    ]
+    for call in calls:
+        results = []
+        for inputs in ((x, hx), (plain_x, plain_hx)):
+            fast.zero_grad(set_to_none=True)
+            y, (h, c) = call(*inputs)
+            (y.sum() + h.sum() + 2 * c.sum()).backward()
+            results.append([y, h, c, *(p.grad for p in fast.parameters())])
+        assert not results[0][0].is_inference()
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
 AUTOCAST_CASES = [

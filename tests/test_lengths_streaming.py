@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 from helpers import fast_cpu_backends, make_pair, nn_lstm_under_cpu_autocast
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence
 
 import fastlstm
 from fastlstm import backends
@@ -227,8 +227,10 @@ def test_step_under_autocast_gives_nn_lstm_dtypes(batched):
 def test_step_rejects_bidirectional_and_bad_input():
     with pytest.raises(ValueError, match="unidirectional"):
         fastlstm.LSTM(I, H, bidirectional=True).step(torch.randn(2, I))
-    with pytest.raises(ValueError, match="Expected input to be 1D"):
+    with pytest.raises(ValueError, match="Expected input to be 1D .* got 3D$"):
         fastlstm.LSTM(I, H).step(torch.randn(1, 2, I))
+    with pytest.raises(ValueError, match="got a PackedSequence$"):
+        fastlstm.LSTM(I, H).step(pack_sequence([torch.randn(2, I)]))
     with pytest.raises(RuntimeError, match="input.size"):
         fastlstm.LSTM(I, H).step(torch.randn(2, I + 1))
     with pytest.raises(RuntimeError, match="Expected hidden"):

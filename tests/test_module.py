@@ -196,6 +196,28 @@ def test_convert_a_bare_lstm_and_parametrized_lstm():
     torch.testing.assert_close(fast(x)[0], ref(x)[0], **TOL)
 
 
+def test_convert_keeps_a_layer_used_in_several_places_one_layer():
+    """One nn.LSTM held under two names, and by two parents: converted, each place holds the same new layer, so a
+    weight replaced through one place (or a hook added there) reaches the others, as before the conversion."""
+    shared = nn.LSTM(I, H)
+
+    class TwoNames(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = shared
+            self.decoder = shared
+
+    model = nn.Sequential(TwoNames(), nn.ModuleList([shared]))
+    fastlstm.convert(model, backend="reference")
+    layers = (model[0].encoder, model[0].decoder, model[1][0])
+    assert type(layers[0]) is fastlstm.LSTM and all(layer is layers[0] for layer in layers)
+    model[1][0].weight_hh_l0 = nn.Parameter(torch.zeros(4 * H, H))
+    assert model[0].decoder.weight_hh_l0 is model[1][0].weight_hh_l0
+    fastlstm.convert(model, to="torch")
+    layers = (model[0].encoder, model[0].decoder, model[1][0])
+    assert type(layers[0]) is nn.LSTM and all(layer is layers[0] for layer in layers)
+
+
 def test_convert_leaves_subclasses_with_a_warning():
     class Scaled(nn.LSTM):
         def forward(self, x, hx=None):

@@ -30,6 +30,25 @@ def test_non_finite_input_propagates_as_in_nn_lstm(backend, bad):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_a_closed_gate_times_an_infinite_or_huge_cell_gives_nn_lstms_nan_and_zeros(backend, dtype):
+    """A gate saturated shut is exactly 0, as nn.LSTM's sigmoid gives it: forget gate 0 times an inf cell is NaN,
+    times a finite huge one 0 (a sigmoid left at ~1e-39 gave inf and 0.4). Inputs drive every gate to -1000."""
+    ref, fast = make_pair(1, 1, 1, bias=False, dtype=dtype, backend=backend)
+    with torch.no_grad():
+        for lstm in (ref, fast):
+            lstm.weight_ih_l0.fill_(1)
+            lstm.weight_hh_l0.zero_()
+    x = torch.full((2, 1, 1), -1000.0, dtype=dtype)
+    huge = torch.finfo(dtype).max / 4
+    for c0 in (float("inf"), huge, -huge):
+        hx = (torch.zeros(1, 1, 1, dtype=dtype), torch.full((1, 1, 1), c0, dtype=dtype))
+        (y, (h, c)), (y_ref, (h_ref, c_ref)) = fast(x, hx), ref(x, hx)
+        for got, expected in ((y, y_ref), (h, h_ref), (c, c_ref)):
+            torch.testing.assert_close(got, expected, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale", [1e4, -1e4])
 def test_saturated_input_stays_finite(backend, scale):
     ref, fast = make_pair(I, H, 2, proj_size=3, backend=backend)
