@@ -194,6 +194,11 @@ def _traced() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or dispatch.in_onnx_export()
 
 
+def _not_a_state_list(hx) -> TypeError:
+    """torch._VF.lstm's exception for a state that is not a tuple or list of tensors (a dict, a bare tensor)."""
+    return TypeError(f"LSTM: hx must be a tuple (h_0, c_0) of tensors, got {type(hx).__name__}")
+
+
 def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -622,6 +627,10 @@ class LSTM(nn.RNNBase):
         is_batched = True
         if isinstance(input, PackedSequence):
             input, batch_sizes, sorted_indices, unsorted_indices = input
+            if hx is not None:
+                # nn.LSTM's order: the state in the pack's order first, then the checks (what that indexing makes
+                # of a malformed state fails as there; an unsorted pack's state of three loses the third)
+                hx = self.permute_hidden(hx, sorted_indices)
             self._check_packed_call(input, hx)
         else:
             if input.dim() not in (2, 3):
@@ -629,13 +638,18 @@ class LSTM(nn.RNNBase):
             is_batched = input.dim() == 3
             if not is_batched:
                 input = input.unsqueeze(0 if self.batch_first else 1)
+        # What torch._VF.lstm takes of a batched tensor call's state as given, after nn.LSTM's own checks: two
+        # tensors in a tuple or list (unbatched input's state is rebuilt as a tuple, extra states ignored)
         extra_states = batch_sizes is None and is_batched and hx is not None and len(hx) > 2
+        given = hx
+        not_a_list = batch_sizes is None and is_batched and hx is not None and not isinstance(hx, (tuple, list))
         hx = self._initial_state(input, hx, batch_sizes, is_batched)
         self.check_forward_args(input, hx, batch_sizes)
         self._check_call(input, hx, batch_sizes)
-        if extra_states:  # torch._VF.lstm's check, after nn.LSTM's own (unbatched input ignores extra states)
+        if extra_states:
             raise RuntimeError("lstm expects two hidden states")
-        hx = self.permute_hidden(hx, sorted_indices)
+        if not_a_list:
+            raise _not_a_state_list(given)
         return input, hx, batch_sizes, sorted_indices, unsorted_indices, is_batched
 
     def _check_packed_call(self, data: Tensor, hx) -> None:
@@ -643,6 +657,8 @@ class LSTM(nn.RNNBase):
         another exception type than the checks of a tensor call would raise, raise that type (with a clearer
         message)."""
         if hx is not None:
+            if not isinstance(hx, (tuple, list)):
+                raise _not_a_state_list(hx)
             if len(hx) != 2:
                 raise RuntimeError("lstm expects two hidden states")
             for k, state in enumerate(hx):

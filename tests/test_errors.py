@@ -18,6 +18,10 @@ def _packed(x, lengths):
     return pack_padded_sequence(x, lengths)
 
 
+def _unsorted(x):
+    return pack_padded_sequence(x, [2, 3], enforce_sorted=False)
+
+
 # name -> (constructor kwargs, call(module) -> anything, same_message)
 CALLS = {
     "4d-input": ({}, lambda m: m(torch.randn(3, 2, I, 1)), True),
@@ -67,6 +71,11 @@ CALLS = {
         lambda m: m(_packed(torch.randn(3, 2, I), [3, 2]), (torch.zeros(2, 3, P), torch.zeros(2, 3, H))),
         False,
     ),
+    "hx-dict": ({}, lambda m: m(torch.randn(3, 2, I), {0: torch.zeros(2, 2, P), 1: torch.zeros(2, 2, H)}), False),
+    "packed-hx-tensor": ({}, lambda m: m(_packed(torch.randn(3, 2, I), [3, 2]), torch.zeros(2, 2, P)), False),
+    # an unsorted pack's state is put in the pack's order before any check, and that indexing fails first
+    "unsorted-packed-hx-one-state": ({}, lambda m: m(_unsorted(torch.randn(3, 2, I)), (torch.zeros(2, 2, P),)), True),
+    "unsorted-packed-hx-tensor": ({}, lambda m: m(_unsorted(torch.randn(3, 2, I)), torch.zeros(1, 2, P)), True),
 }
 
 
@@ -88,6 +97,21 @@ def test_forward_errors_match_nn_lstm(name, backend):
         assert str(got) == str(expected)
     else:
         assert str(got)
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "reference"])
+def test_an_unsorted_packs_third_state_is_dropped_as_nn_lstm_drops_it(backend):
+    """nn.LSTM puts an unsorted pack's state in the pack's order by taking hx[0] and hx[1], and runs: so does
+    fastlstm (a sorted pack's third state fails in both, see CALLS)."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(I, H, 2, proj_size=P).double()
+    fast = fastlstm.LSTM(I, H, 2, proj_size=P, backend=backend).double()
+    fast.load_state_dict(ref.state_dict())
+    packed = _unsorted(torch.randn(3, 2, I, dtype=torch.float64))
+    hx = (torch.randn(2, 2, P, dtype=torch.float64), torch.randn(2, 2, H, dtype=torch.float64), torch.zeros(1))
+    (y, (h, c)), (y_ref, (h_ref, c_ref)) = fast(packed, hx), ref(packed, hx)
+    for got, expected in ((y.data, y_ref.data), (h, h_ref), (c, c_ref)):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
 
 
 CONSTRUCTORS = {
