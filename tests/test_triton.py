@@ -29,6 +29,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa
 
 triton = require_triton()
 
+import fastlstm  # noqa: E402
 from fastlstm import reference  # noqa: E402
 from fastlstm.backends import LayerCall  # noqa: E402
 from fastlstm.backends.triton import BACKEND, triton_version  # noqa: E402
@@ -271,6 +272,43 @@ def test_module_stacked_bidirectional_proj(packed):
         return lstm_call(module, inp, *state)
 
     assert_same_results(ref, fast, [x, *state], call, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_python_threads_calling_at_once_get_their_own_numbers(kernel, monkeypatch):
+    """Several Python threads running one model at once, forward and backward: each gets bitwise what a lone call
+    gives (under the interpreter, whose kernels had failed mid-run when another thread's finished)."""
+    import threading
+
+    monkeypatch.setenv(triton_ops.ENV_KERNEL, kernel)
+    torch.manual_seed(0)
+    model = nn.LSTM(3, 5).float()
+    fast = fastlstm.LSTM(3, 5, backend="triton")
+    fast.load_state_dict(model.state_dict())
+    inputs = [torch.randn(4, 2, 3, requires_grad=True) for _ in range(3)]
+
+    def run(x):
+        y, (h, c) = fast(x)
+        return (y, h, c, *torch.autograd.grad(y.sum() + c.sum(), (x, *fast.parameters())))
+
+    expected = [run(x) for x in inputs]
+    failures: list[str] = []
+
+    def worker(k: int) -> None:
+        try:
+            for _ in range(3):
+                if not all(torch.equal(a, b) for a, b in zip(run(inputs[k]), expected[k])):
+                    failures.append(f"thread {k}: numbers differ from a lone call")
+        except Exception as error:  # reported below: an exception in a thread would otherwise go unseen
+            failures.append(f"thread {k}: {type(error).__name__}: {error}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not failures, failures
 
 
 @INTERPRETER_FLOAT64

@@ -14,6 +14,7 @@ the choice is made before the op by `choose_kernel`, so the op itself is determi
 import functools
 import math
 import os
+import threading
 from typing import NamedTuple
 
 import torch
@@ -191,14 +192,22 @@ def _live_rows(batch_sizes: Tensor | None, T: int, B: int) -> list[int]:
     return [B] * T if batch_sizes is None else [int(n) for n in batch_sizes.tolist()]
 
 
+# Triton's interpreter swaps triton.language's functions for its own while a kernel runs and puts them back after,
+# for the whole process: a second Python thread's kernel finishing mid-run left the first one calling the originals
+# ("`_semantic` argument must be provided outside of JIT functions"). Kernels on CPU tensors take turns.
+_INTERPRETER_TURN = threading.RLock()
+
+
 def on_input_device(fn):
     """Run `fn` with its first argument's CUDA device current: triton launches on the current device and its
-    stream, whatever device the tensors live on (a model on cuda:1 without torch.cuda.set_device(1))."""
+    stream, whatever device the tensors live on (a model on cuda:1 without torch.cuda.set_device(1)). CPU tensors
+    (the interpreter) run one call at a time."""
 
     @functools.wraps(fn)
     def wrapper(first: Tensor, *args, **kwargs):
         if first.device.type != "cuda":
-            return fn(first, *args, **kwargs)
+            with _INTERPRETER_TURN:
+                return fn(first, *args, **kwargs)
         with torch.cuda.device(first.device):
             return fn(first, *args, **kwargs)
 
