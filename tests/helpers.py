@@ -119,6 +119,33 @@ def assert_same_results(ref: nn.Module, fast: nn.Module, inputs: list[torch.Tens
         torch.testing.assert_close(got[key], expected[key], atol=atol, rtol=rtol, msg=lambda m, k=key: f"{k}: {m}")
 
 
+def assert_threads_get_lone_results(run, jobs: list, threads: int, repeats: int) -> None:
+    """`threads` Python threads at once, thread k calling run(jobs[k % len(jobs)]) `repeats` times: each result
+    (a sequence of tensors) bitwise what a lone call gave, no exception, no thread hung."""
+    import threading
+
+    expected = [run(job) for job in jobs]
+    failures: list[str] = []
+
+    def worker(k: int) -> None:
+        try:
+            for _ in range(repeats):
+                got = run(jobs[k % len(jobs)])
+                if not all(torch.equal(a, b) for a, b in zip(got, expected[k % len(jobs)], strict=True)):
+                    failures.append(f"thread {k}: numbers differ from a lone call")
+                    return
+        except Exception as error:  # reported below: an exception in a thread would otherwise go unseen
+            failures.append(f"thread {k}: {type(error).__name__}: {error}")
+
+    started = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for t in started:
+        t.start()
+    for t in started:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in started), "a thread hung"
+    assert not failures, failures
+
+
 def lstm_call(module, x, *state):
     """module(x) or module(x, (h0, c0))."""
     return module(x, tuple(state)) if state else module(x)

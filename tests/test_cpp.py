@@ -18,6 +18,7 @@ from helpers import (
     ROOT,
     assert_backward_rows_match,
     assert_same_results,
+    assert_threads_get_lone_results,
     lstm_call,
     make_pair,
     needs_tracing,
@@ -1496,8 +1497,6 @@ def test_python_threads_calling_at_once_get_their_own_numbers():
     packed weights are its own: every thread, running forward and backward at the same time as the others,
     gets bitwise what a lone call gives (the team loop, the per-step loop, float32, float64 and bfloat16, whose
     products take AMX tiles where the CPU has them: each thread's tile layout is its own)."""
-    import threading
-
     torch.manual_seed(0)
     jobs = []
     shapes = [(torch.float32, (3, 48)), (torch.float64, (9, 40)), (torch.float32, (20, 24)), (torch.bfloat16, (21, 40))]
@@ -1505,28 +1504,7 @@ def test_python_threads_calling_at_once_get_their_own_numbers():
         model = fastlstm.LSTM(7, hidden, 2, backend="cpp").to(dtype)
         x = torch.randn(12, batch, 7, dtype=dtype)
         jobs.append((model, x))
-
-    expected = [_infer_and_train(model, x) for model, x in jobs]
-    failures: list[str] = []
-
-    def worker(k: int) -> None:
-        model, x = jobs[k % len(jobs)]
-        try:
-            for _ in range(15):
-                got = _infer_and_train(model, x)
-                if not all(torch.equal(a, b) for a, b in zip(got, expected[k % len(jobs)])):
-                    failures.append(f"thread {k}: numbers differ from a lone call")
-                    return
-        except Exception as error:  # reported below: an exception in a thread would otherwise go unseen
-            failures.append(f"thread {k}: {type(error).__name__}: {error}")
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    assert not failures, failures
+    assert_threads_get_lone_results(lambda job: _infer_and_train(*job), jobs, threads=6, repeats=15)
 
 
 # ---- inference in one call: every layer and direction of the stack through cpp_lstm_stack_fwd ----------------

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from helpers import (  # noqa: E402
     assert_backward_rows_match,
+    assert_threads_get_lone_results,
     auto_falls_back_to_native,
     interpreter_has_float64,
     needs_readable_transform_tensors,
@@ -278,37 +279,16 @@ def test_module_stacked_bidirectional_proj(packed):
 def test_python_threads_calling_at_once_get_their_own_numbers(kernel, monkeypatch):
     """Several Python threads running one model at once, forward and backward: each gets bitwise what a lone call
     gives (under the interpreter, whose kernels had failed mid-run when another thread's finished)."""
-    import threading
-
     monkeypatch.setenv(triton_ops.ENV_KERNEL, kernel)
     torch.manual_seed(0)
-    model = nn.LSTM(3, 5).float()
     fast = fastlstm.LSTM(3, 5, backend="triton")
-    fast.load_state_dict(model.state_dict())
     inputs = [torch.randn(4, 2, 3, requires_grad=True) for _ in range(3)]
 
     def run(x):
         y, (h, c) = fast(x)
         return (y, h, c, *torch.autograd.grad(y.sum() + c.sum(), (x, *fast.parameters())))
 
-    expected = [run(x) for x in inputs]
-    failures: list[str] = []
-
-    def worker(k: int) -> None:
-        try:
-            for _ in range(3):
-                if not all(torch.equal(a, b) for a, b in zip(run(inputs[k]), expected[k])):
-                    failures.append(f"thread {k}: numbers differ from a lone call")
-        except Exception as error:  # reported below: an exception in a thread would otherwise go unseen
-            failures.append(f"thread {k}: {type(error).__name__}: {error}")
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    assert not failures, failures
+    assert_threads_get_lone_results(run, inputs, threads=3, repeats=3)
 
 
 @INTERPRETER_FLOAT64
