@@ -275,6 +275,24 @@ def test_module_stacked_bidirectional_proj(packed):
     assert_same_results(ref, fast, [x, *state], call, **TOL[torch.float64])
 
 
+def test_a_weight_of_another_dtype_is_refused_as_nn_lstm_refuses_it():
+    """A weight's .data swapped to float64 in place after a first call (the module does not read the weights'
+    dtypes again then): nn.LSTM raises a RuntimeError, and so does the triton layer, rather than reading float64
+    as float32."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 5)
+    fast = fastlstm.LSTM(3, 5, backend="triton")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 2, 3)
+    fast(x)
+    for lstm in (ref, fast):
+        lstm.weight_hh_l0.data = lstm.weight_hh_l0.data.double()
+    with pytest.raises(RuntimeError):
+        ref(x)
+    with pytest.raises(RuntimeError, match="x's dtype torch.float32, got torch.float64"):
+        fast(x)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_python_threads_calling_at_once_get_their_own_numbers(kernel, monkeypatch):
     """Several Python threads running one model at once, forward and backward: each gets bitwise what a lone call

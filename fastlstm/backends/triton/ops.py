@@ -676,6 +676,11 @@ class _FuncLayer(torch.autograd.Function):
 
 def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | None = None):
     """One layer, one direction, per the contract in fastlstm.reference; `kernel` forces step/sequence."""
+    for t in (h0, c0, w_ih, w_hh, b, w_hr):
+        # The module checks the weights' dtypes once per reading of them; a `.data` swapped to another dtype in
+        # place since then reaches here, and the kernels would read it as x's dtype. nn.LSTM raises too.
+        if t is not None and t.dtype != x.dtype:
+            raise RuntimeError(f"fastlstm triton: every tensor of a layer must have x's dtype {x.dtype}, got {t.dtype}")
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
     chosen = choose_kernel(x.shape[1], H, P, x.dtype, kernel)
     inputs = (
