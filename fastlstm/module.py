@@ -638,18 +638,17 @@ class LSTM(nn.RNNBase):
             is_batched = input.dim() == 3
             if not is_batched:
                 input = input.unsqueeze(0 if self.batch_first else 1)
-        # What torch._VF.lstm takes of a batched tensor call's state as given, after nn.LSTM's own checks: two
-        # tensors in a tuple or list (unbatched input's state is rebuilt as a tuple, extra states ignored)
-        extra_states = batch_sizes is None and is_batched and hx is not None and len(hx) > 2
         given = hx
-        not_a_list = batch_sizes is None and is_batched and hx is not None and not isinstance(hx, (tuple, list))
         hx = self._initial_state(input, hx, batch_sizes, is_batched)
         self.check_forward_args(input, hx, batch_sizes)
         self._check_call(input, hx, batch_sizes)
-        if extra_states:
-            raise RuntimeError("lstm expects two hidden states")
-        if not_a_list:
-            raise _not_a_state_list(given)
+        if batch_sizes is None and is_batched and given is not None:
+            # What torch._VF.lstm takes of a batched tensor call's state as given, after nn.LSTM's own checks:
+            # two tensors in a tuple or list (unbatched input's state is rebuilt as a tuple, extra states ignored)
+            if len(given) > 2:
+                raise RuntimeError("lstm expects two hidden states")
+            if not isinstance(given, (tuple, list)):
+                raise _not_a_state_list(given)
         return input, hx, batch_sizes, sorted_indices, unsorted_indices, is_batched
 
     def _check_packed_call(self, data: Tensor, hx) -> None:
