@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from fastlstm.__main__ import machine_header
+from fastlstm.__main__ import machine_header, timing_notes
 
 DEVICE = os.environ.get("FASTLSTM_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE == "cpu":
@@ -14,6 +14,10 @@ if DEVICE == "cpu":
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["fastlstm"] = machine_header(DEVICE)
+
+
+def pytest_report_header(config):
+    return [f"fastlstm: note: {note}" for note in timing_notes()]
 
 
 @pytest.fixture(scope="session")

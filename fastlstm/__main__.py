@@ -7,7 +7,9 @@ import json
 import math
 import os
 import platform
+import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -63,6 +65,9 @@ def machine_header(device: str) -> dict[str, str]:
         "fastlstm": fastlstm.__version__,
         "threads": str(torch.get_num_threads()),
     }
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        info["cpu quota"] = _cpus(quota)
     if device == "cpu":
         info["aten isa"] = torch.backends.cpu.get_cpu_capability()
     # Variables that change which instructions run (how a run here stands in for an older CPU, say).
@@ -237,9 +242,8 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)  # before the header, which reports it
     header = machine_header(device)
     print("fastlstm bench: " + ", ".join(f"{k} {v}" for k, v in header.items()))
-    busy = _busy_note()
-    if busy:
-        print(busy, file=sys.stderr)
+    for note in timing_notes():
+        print(f"fastlstm bench: note: {note}", file=sys.stderr)
     results = []
     total = len(shapes) * len(modes)
     done = 0
@@ -314,9 +318,93 @@ def _busy_note() -> str | None:
     if load < 0.75 * cpus:
         return None
     return (
-        f"fastlstm bench: note: load average {load:.1f} on {cpus} CPUs: other processes compete for them, so the "
+        f"load average {load:.1f} on {cpus} CPUs: other processes compete for them, so the "
         "timings below may be noise; rerun on an idle machine"
     )
+
+
+def _unescape_mount_path(path: str) -> str:
+    """mountinfo writes a space, tab, newline or backslash in a path as a backslash and three octal digits."""
+    return re.sub(r"\\([0-7]{3})", lambda digits: chr(int(digits.group(1), 8)), path)
+
+
+def _cgroup_dirs(mountinfo: Path, cgroup: Path) -> list[tuple[Path, bool]]:
+    """The cgroup directories whose CPU quota bounds this process, each with whether it is cgroup v2's: its
+    cgroup in v2 and in the v1 cpu controller's hierarchy, and every cgroup above it up to what the mount shows.
+    A container without a cgroup namespace sees its own cgroup mounted as the root (mountinfo's root field names
+    it), so the process's path is taken relative to that."""
+    mounts: dict[bool, tuple[str, Path]] = {}  # v2 or not: (root, mount point), the first mount of each
+    for line in mountinfo.read_text().splitlines():
+        fields, _, rest = line.partition(" - ")
+        fields, rest = fields.split(), rest.split()
+        if len(fields) < 5 or len(rest) < 3:
+            continue
+        v2 = rest[0] == "cgroup2"
+        if v2 or (rest[0] == "cgroup" and "cpu" in rest[2].split(",")):
+            mounts.setdefault(v2, (_unescape_mount_path(fields[3]), Path(_unescape_mount_path(fields[4]))))
+    dirs = []
+    for line in cgroup.read_text().splitlines():  # hierarchy-id:controllers:path
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        v2 = hierarchy == "0" and not controllers
+        if not (v2 or "cpu" in controllers.split(",")) or v2 not in mounts:
+            continue
+        root, point = mounts[v2]
+        if root != "/":
+            path = path[len(root) :] if path == root or path.startswith(root + "/") else ""
+        here = point.joinpath(*[part for part in path.split("/") if part])
+        dirs += [(d, v2) for d in [here, *here.parents] if d == point or point in d.parents]
+    return dirs
+
+
+def cgroup_cpu_quota(mountinfo: str = "/proc/self/mountinfo", cgroup: str = "/proc/self/cgroup") -> float | None:
+    """The CPUs' worth of time the tightest of this process's cgroup quotas allows it (cgroup v2's cpu.max, the v1
+    cpu controller's cpu.cfs_quota_us over cpu.cfs_period_us), or None where none is set or none can be read.
+
+    A container limited to fewer CPUs than it sees (docker --cpus, a Kubernetes CPU limit) still has torch take
+    a thread for every CPU it sees; those threads spend the quota early in each period and then all wait for the
+    next one (100 ms by default), so calls that hit the wait take tens of milliseconds more."""
+    try:
+        dirs = _cgroup_dirs(Path(mountinfo), Path(cgroup))
+    except (OSError, UnicodeDecodeError):  # not Linux, or no cgroups to read
+        return None
+    quotas = []
+    for directory, v2 in dirs:
+        try:
+            if v2:
+                limit, period = (directory / "cpu.max").read_text().split()[:2]
+            else:
+                limit = (directory / "cpu.cfs_quota_us").read_text().strip()
+                period = (directory / "cpu.cfs_period_us").read_text().strip()
+            if limit != "max" and int(limit) > 0 and int(period) > 0:  # v1 writes -1 for no quota
+                quotas.append(int(limit) / int(period))
+        except (OSError, ValueError):  # no quota file at this level, or no controller enabled here
+            continue
+    return min(quotas) if quotas else None
+
+
+def _cpus(count: float) -> str:
+    return f"{count:g} CPU" + ("" if count == 1 else "s")
+
+
+def _quota_note() -> str | None:
+    """A warning when torch runs more threads than the CPU quota allows: the timings then mix calls that ran at
+    full speed with calls that waited for the next period. 2-core Zen 4 under a quota of 1 CPU, 4 s of calls:
+    nn.LSTM B1-T100-H128 inference 876 calls/s on 2 threads against 1761 on 1; the slowest 1% 50 ms against 0.7
+    ms (benchmarks/results/cpu-amd-epyc-zen4-2core.md)."""
+    quota = cgroup_cpu_quota()
+    threads = torch.get_num_threads()
+    if quota is None or threads <= math.ceil(quota):
+        return None
+    return (
+        f"torch runs {threads} threads, but this process's cgroup allows {_cpus(quota)} of "
+        f"time: once the threads have spent it, they wait for the next period, and the timings below mix both; "
+        f"--threads {math.ceil(quota)} (torch.set_num_threads in a model) fits the quota"
+    )
+
+
+def timing_notes() -> list[str]:
+    """What makes this machine's timings unreliable now (for `bench` and the pytest-benchmark suite)."""
+    return [note for note in (_busy_note(), _quota_note()) if note]
 
 
 def _positive_int(text: str) -> int:

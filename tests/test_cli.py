@@ -285,6 +285,24 @@ def test_inference_stack_ab_times_both_ways(tmp_path):
     assert all(len(times) == 1 for times in forward["us"].values())
 
 
+def test_calls_per_second_counts_calls_and_the_slowest_of_them(tmp_path):
+    """benchmarks/calls_per_second.py (the figures under a CPU quota): every model of every shape, with the machine
+    header, in the JSON."""
+    out = tmp_path / "calls.json"
+    script = str(ROOT / "benchmarks" / "calls_per_second.py")
+    args = (script, "B1-T3-I4-H6-L2-bi", "2,5,3,4", "--backend", "reference", "--seconds", "0.2", "--json", str(out))
+    done = run_python(*args, "--threads", "1")
+    assert done.returncode == 0, done.stderr
+    run = json.loads(out.read_text())
+    assert run["machine"]["threads"] == "1" and list(run["results"]) == ["B1-T3-I4-H6-L2-bi", "B2-T5-I3-H4-L1"]
+    for shape in run["results"].values():
+        assert list(shape) == ["nn.LSTM", "fastlstm[reference]"]
+        for entry in shape.values():
+            assert entry["calls"] > 0 and entry["calls_per_s"] > 0, entry
+            assert 0 < entry["median_ms"] <= entry["slowest_1pct_ms"], entry
+    assert "B2-T5-I3-H4-L1 fastlstm[reference]:" in done.stdout
+
+
 def test_autocast_ab_times_every_way(tmp_path):
     """benchmarks/autocast_ab.py (the A/B behind the autocast figures): streamed steps in one autocast region and
     inference calls with all of them in one region, every way and nn.LSTM, one JSON each."""
@@ -478,3 +496,118 @@ def test_bench_warns_when_other_processes_keep_the_cpus_busy(monkeypatch):
     assert "load average 3.1 on 2 CPUs" in cli._busy_note()
     monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.4, 0.0, 0.0))
     assert cli._busy_note() is None
+
+
+def _fake_cgroups(tmp_path, mount_lines, cgroup_lines, files):
+    """A mountinfo and a /proc/self/cgroup naming mounts under tmp_path, and the quota files given."""
+    for relative, text in files.items():
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    mountinfo, cgroup = tmp_path / "mountinfo", tmp_path / "cgroup"
+    mountinfo.write_text("".join(line.format(tmp=tmp_path) + "\n" for line in mount_lines))
+    cgroup.write_text("".join(line + "\n" for line in cgroup_lines))
+    return str(mountinfo), str(cgroup)
+
+
+CGROUP_LAYOUTS = {
+    # cgroup v2, a Kubernetes pod's limit two levels above the container's "max"
+    "v2-nested": (
+        ["30 25 0:26 / {tmp}/cg2 rw,nosuid,nodev shared:4 - cgroup2 cgroup2 rw,nsdelegate"],
+        ["0::/kubepods/pod1/ctr"],
+        {
+            "cg2/kubepods/pod1/ctr/cpu.max": "max 100000\n",
+            "cg2/kubepods/pod1/cpu.max": "150000 100000\n",
+            "cg2/kubepods/cpu.max": "400000 100000\n",
+            "cg2/cpu.max": "max 100000\n",
+        },
+        1.5,
+    ),
+    # v1 inside a container without a cgroup namespace: its own cgroup mounted as the root
+    "v1-container": (
+        ["40 30 0:30 /docker/abc {tmp}/cpu\\040acct rw,nosuid master:7 - cgroup cgroup rw,cpu,cpuacct"],
+        ["5:memory:/docker/abc", "4:cpu,cpuacct:/docker/abc", "0::/docker/abc"],
+        {"cpu acct/cpu.cfs_quota_us": "50000\n", "cpu acct/cpu.cfs_period_us": "100000\n"},
+        0.5,
+    ),
+    # hybrid: v1's cpu controller holds the quota, v2's mount has no cpu controller (no cpu.max)
+    "hybrid": (
+        [
+            "41 30 0:31 / {tmp}/v1cpu rw - cgroup cgroup rw,cpu",
+            "42 30 0:32 / {tmp}/unified rw - cgroup2 none rw",
+            "43 30 0:33 / {tmp}/v1mem rw - cgroup cgroup rw,memory",
+        ],
+        ["3:memory:/job", "1:cpu:/job", "0::/job"],
+        {
+            "v1cpu/job/cpu.cfs_quota_us": "300000\n",
+            "v1cpu/job/cpu.cfs_period_us": "100000\n",
+            "v1cpu/cpu.cfs_quota_us": "-1\n",
+            "v1cpu/cpu.cfs_period_us": "100000\n",
+            "unified/job/cgroup.procs": "",
+        },
+        3.0,
+    ),
+    "v1-no-quota": (
+        ["41 30 0:31 / {tmp}/v1cpu rw - cgroup cgroup rw,cpu"],
+        ["1:cpu:/"],
+        {"v1cpu/cpu.cfs_quota_us": "-1\n", "v1cpu/cpu.cfs_period_us": "100000\n"},
+        None,
+    ),
+    "no-cgroup-mounts": (["22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw"], ["0::/"], {}, None),
+}
+
+
+@pytest.mark.parametrize("layout", CGROUP_LAYOUTS)
+def test_cgroup_cpu_quota_takes_the_tightest_limit_from_the_process_cgroup_up(tmp_path, layout):
+    from fastlstm.__main__ import cgroup_cpu_quota
+
+    mounts, groups, files, expected = CGROUP_LAYOUTS[layout]
+    assert cgroup_cpu_quota(*_fake_cgroups(tmp_path, mounts, groups, files)) == expected
+    assert cgroup_cpu_quota(str(tmp_path / "missing"), str(tmp_path / "missing")) is None
+
+
+def test_bench_warns_when_torch_runs_more_threads_than_the_cpu_quota(monkeypatch):
+    from fastlstm import __main__ as cli
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(cli, "cgroup_cpu_quota", lambda: 1.5)
+    note = cli._quota_note()
+    assert "torch runs 4 threads" in note and "allows 1.5 CPUs" in note and "--threads 2" in note, note
+    assert note in cli.timing_notes()
+    assert cli.machine_header("cpu")["cpu quota"] == "1.5 CPUs"
+    monkeypatch.setattr(cli, "cgroup_cpu_quota", lambda: 4.0)
+    assert cli._quota_note() is None
+    monkeypatch.setattr(cli, "cgroup_cpu_quota", lambda: None)
+    assert cli._quota_note() is None and "cpu quota" not in cli.machine_header("cpu")
+
+
+def _writable_v1_cpu_hierarchy() -> Path | None:
+    for mount in (Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/cpu,cpuacct")):
+        if (mount / "cpu.cfs_quota_us").exists() and os.access(mount, os.W_OK):
+            return mount
+    return None
+
+
+@pytest.mark.skipif(_writable_v1_cpu_hierarchy() is None, reason="needs a writable cgroup v1 cpu hierarchy (root)")
+def test_cgroup_cpu_quota_reads_a_real_cgroups_quota():
+    """The same reading on this kernel's own files: a process put into a fresh cgroup with a quota of 0.75 CPUs."""
+    group = _writable_v1_cpu_hierarchy() / f"fastlstm-test-{os.getpid()}"
+    try:
+        group.mkdir()
+    except OSError as error:  # a container may mount the hierarchy writable yet refuse new groups
+        pytest.skip(f"cannot make a cgroup here: {error}")
+    try:
+        try:
+            (group / "cpu.cfs_period_us").write_text("100000")
+            (group / "cpu.cfs_quota_us").write_text("75000")
+        except OSError as error:  # a parent's quota below 0.75 CPUs refuses this one
+            pytest.skip(f"cannot set a quota here: {error}")
+        # the process moves itself in before it reads anything
+        code = (
+            f"import os; open({str(group / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+            "from fastlstm.__main__ import cgroup_cpu_quota; print(cgroup_cpu_quota())"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 0 and done.stdout.split() == ["0.75"], done.stdout + done.stderr
+    finally:
+        group.rmdir()

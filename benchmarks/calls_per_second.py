@@ -1,0 +1,87 @@
+"""Back-to-back inference calls for a few seconds: calls per second, the median call and the slowest 1% of calls.
+Medians hide calls that wait now and then, as every call does once a container's CPU quota is spent for the
+period (README, "In a container with a CPU limit"). nn.LSTM and each fastlstm backend named, with the same weights,
+taking turns in rounds of a few hundred milliseconds.
+
+    python benchmarks/calls_per_second.py SHAPE [SHAPE...] [--backend NAME]... [--seconds S] [--threads N]
+        [--json OUT]
+
+To time under a CPU quota (cgroup v1, as root): mkdir /sys/fs/cgroup/cpu/q; echo 100000 >
+/sys/fs/cgroup/cpu/q/cpu.cfs_quota_us; then run this from a shell whose pid was written to
+/sys/fs/cgroup/cpu/q/cgroup.procs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from fastlstm.__main__ import _shape_argument, machine_header, timing_notes
+from fastlstm.benchmark import make_models
+
+ROUNDS = 4
+
+
+def _calls(model, x, seconds: float, latencies: list[float]) -> float:
+    """Calls for about `seconds`, each call's time appended; returns the time they took in all."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        while time.perf_counter() - start < seconds:
+            began = time.perf_counter()
+            model(x)
+            latencies.append(time.perf_counter() - began)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("shapes", nargs="+", type=_shape_argument, help="as `python -m fastlstm bench --shape`")
+    parser.add_argument("--backend", action="append", help="fastlstm backend (repeatable; default cpp)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="of calls per model and shape (default 3)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads(N) first")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    header = machine_header("cpu")
+    print("calls per second: " + ", ".join(f"{k} {v}" for k, v in header.items()))
+    for note in timing_notes():
+        print(f"note: {note}")
+    results = {}
+    for shape in args.shapes:
+        torch.manual_seed(0)
+        models = make_models(shape, args.backend or ["cpp"], "cpu", torch.float32)
+        x = shape.model_input(torch.randn(shape.seq_len, shape.batch, shape.input_size))
+        latencies: dict[str, list[float]] = {name: [] for name in models}
+        wall = dict.fromkeys(models, 0.0)
+        for model in models.values():
+            _calls(model, x, 0.1, [])  # warm up: a first call builds and packs
+        for _ in range(ROUNDS):
+            for name, model in models.items():
+                wall[name] += _calls(model, x, args.seconds / ROUNDS, latencies[name])
+        results[str(shape)] = {}
+        for name, times in latencies.items():
+            times.sort()
+            entry = {
+                "calls_per_s": len(times) / wall[name],
+                "median_ms": 1e3 * statistics.median(times),
+                "slowest_1pct_ms": 1e3 * times[min(len(times) - 1, int(0.99 * len(times)))],
+                "calls": len(times),
+            }
+            results[str(shape)][name] = entry
+            print(
+                f"{shape} {name}: {entry['calls_per_s']:.0f} calls/s, median {entry['median_ms']:.2f} ms, "
+                f"slowest 1% {entry['slowest_1pct_ms']:.2f} ms",
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": header, "seconds": args.seconds, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
