@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from fastlstm import backends, dispatch, reference
 from fastlstm.backends import LayerCall
-from fastlstm.backends.native import packed_positions
+from fastlstm.backends.native import pack_padded, packed_rows, pad_packed
 
 backends.load_all()  # before any torch.compile traces a forward: dynamo cannot import (see fastlstm.backends)
 
@@ -384,10 +384,9 @@ class LSTM(nn.RNNBase):
                 hx = self._initial_state(input, None, None, True)
             output, h_n, c_n = self._native_stack(input, hx, batch_sizes, amp)
         elif batch_sizes is not None:
-            positions = packed_positions(batch_sizes, input.device)
-            padded = input.new_zeros(batch_sizes.numel(), int(batch_sizes[0]), input.shape[-1])
-            y, h_n, c_n = self._fast_stack(padded.index_put(positions, input), hx, batch_sizes, choices, amp)
-            output = y[positions]
+            rows = packed_rows(batch_sizes, input.device)
+            y, h_n, c_n = self._fast_stack(pad_packed(input, batch_sizes, rows), hx, batch_sizes, choices, amp)
+            output = pack_padded(y, rows)
         else:
             x = input.transpose(0, 1) if self.batch_first else input
             y, h_n, c_n = self._fast_stack(x, hx, None, choices, amp)
@@ -427,9 +426,9 @@ class LSTM(nn.RNNBase):
         keep = batch_sizes[batch_sizes > 0].numel()
         x, batch_sizes = x[:keep], batch_sizes[:keep]  # trailing steps where no sequence is live
         if all(choice.backend == "native" for choice in choices):
-            positions = packed_positions(batch_sizes, input.device)
-            data, h_n, c_n = self._native_stack(x[positions], hx, batch_sizes, amp)
-            y = data.new_zeros(*x.shape[:2], data.shape[-1]).index_put(positions, data)
+            rows = packed_rows(batch_sizes, input.device)
+            data, h_n, c_n = self._native_stack(pack_padded(x, rows), hx, batch_sizes, amp)
+            y = pad_packed(data, batch_sizes, rows)
         else:
             if int(sorted_lengths[-1]) < keep:
                 # Zero the padding, which packing leaves out: the fast layers multiply it by zero gate gradients
@@ -919,9 +918,8 @@ class LSTM(nn.RNNBase):
         # nn.LSTM drops on the packed data when the input is packed: same shape, same random stream.
         if batch_sizes is None:
             return F.dropout(x, self.dropout, training=True)
-        positions = packed_positions(batch_sizes, x.device)
-        dropped = F.dropout(x[positions], self.dropout, training=True)
-        return torch.zeros_like(x).index_put(positions, dropped)
+        rows = packed_rows(batch_sizes, x.device)
+        return pad_packed(F.dropout(pack_padded(x, rows), self.dropout, training=True), batch_sizes, rows)
 
 
 # torch.compile and torch.export trace LSTM.forward from torch 2.5 on. Torch 2.4's dynamo stops inside it (it

@@ -13,11 +13,23 @@ from fastlstm import reference
 from fastlstm.backends import Backend, LayerResult
 
 
-def packed_positions(batch_sizes: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(time, row) of every packed element, in PackedSequence.data order."""
+def packed_rows(batch_sizes: Tensor, device: torch.device) -> Tensor:
+    """Where each packed element lies among the T * B rows of its padded, time-major batch, in PackedSequence.data
+    order. One index into rows: index_copy and index_select over it ran 2-3x faster than advanced indexing with
+    (time, row) pairs (2-core Zen 4, pad and unpad of T50 x B64 x 64 floats: 105 us against 222)."""
     live = torch.arange(int(batch_sizes[0]))[None, :] < batch_sizes[:, None]
-    t_idx, b_idx = live.nonzero(as_tuple=True)
-    return t_idx.to(device), b_idx.to(device)
+    return live.view(-1).nonzero().squeeze(1).to(device)
+
+
+def pad_packed(data: Tensor, batch_sizes: Tensor, rows: Tensor) -> Tensor:
+    """Packed data [N, *] as its padded, time-major batch [T, B, *], zero where no sequence is live."""
+    T, B = batch_sizes.numel(), int(batch_sizes[0])
+    return data.new_zeros(T * B, *data.shape[1:]).index_copy(0, rows, data).view(T, B, *data.shape[1:])
+
+
+def pack_padded(padded: Tensor, rows: Tensor) -> Tensor:
+    """A padded, time-major batch [T, B, *]'s packed data [N, *] (pad_packed's inverse)."""
+    return padded.flatten(0, 1).index_select(0, rows)
 
 
 def lengths_from_batch_sizes(batch_sizes: Tensor) -> Tensor:
@@ -41,7 +53,6 @@ class NativeBackend(Backend):
     name = "native"
 
     def layer(self, x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse) -> LayerResult:
-        T, B = x.shape[0], x.shape[1]
         lengths = None if batch_sizes is None else lengths_from_batch_sizes(batch_sizes)
         if reverse:
             x = flip_time(x, lengths)
@@ -56,11 +67,11 @@ class NativeBackend(Backend):
         if batch_sizes is None:
             y, hT, cT = torch._VF.lstm(x, hx, params, b is not None, 1, 0.0, train, False, False)
         else:
-            t_idx, b_idx = packed_positions(batch_sizes, x.device)
+            rows = packed_rows(batch_sizes, x.device)
             y_data, hT, cT = torch._VF.lstm(
-                x[t_idx, b_idx], batch_sizes, hx, params, b is not None, 1, 0.0, train, False
+                pack_padded(x, rows), batch_sizes, hx, params, b is not None, 1, 0.0, train, False
             )
-            y = y_data.new_zeros(T, B, y_data.shape[-1]).index_put((t_idx, b_idx), y_data)
+            y = pad_packed(y_data, batch_sizes, rows)
         if reverse:
             y = flip_time(y, lengths)
         return y, hT[0], cT[0]
