@@ -111,6 +111,10 @@ Dims check_layer_args(const Tensor& x, const Tensor& w_ih, const Tensor& w_hh, c
   TORCH_CHECK(w_ih.dim() == 2 && w_hh.dim() == 2, "fastlstm cpp: weights must be 2-d");
   TORCH_CHECK(w_ih.size(0) % 4 == 0, "fastlstm cpp: w_ih must be [4H, I], got ", w_ih.sizes());
   Dims d{x.size(0), x.size(1), x.size(2), w_ih.size(0) / 4, w_hh.size(1)};
+  // the kernels divide by each (their chunk and block sizes): a size of 0 would stop the process
+  TORCH_CHECK(d.I > 0 && d.H > 0 && d.P > 0,
+              "fastlstm cpp: input, hidden and projection sizes must be positive, got I=", d.I, ", H=", d.H,
+              ", P=", d.P);
   TORCH_CHECK(w_ih.size(1) == d.I, "fastlstm cpp: w_ih is ", w_ih.sizes(), " but x has I=", d.I);
   TORCH_CHECK(w_hh.size(0) == 4 * d.H, "fastlstm cpp: w_hh must be [4H, P], got ", w_hh.sizes());
   const bool proj = w_hr.has_value() && w_hr->defined();
@@ -123,7 +127,10 @@ Dims check_layer_args(const Tensor& x, const Tensor& w_ih, const Tensor& w_hh, c
   if (b.has_value() && b->defined()) {
     TORCH_CHECK(b->dim() == 1 && b->size(0) == 4 * d.H, "fastlstm cpp: b must be [4H], got ", b->sizes());
   }
-  for (const Tensor* t : {&x, &w_ih, &w_hh}) {
+  std::vector<const Tensor*> tensors{&x, &w_ih, &w_hh};
+  if (b.has_value() && b->defined()) tensors.push_back(&*b);
+  if (proj) tensors.push_back(&*w_hr);
+  for (const Tensor* t : tensors) {
     TORCH_CHECK(t->device().is_cpu(), "fastlstm cpp: tensors must be on the CPU");
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), "fastlstm cpp: all tensors must have x's dtype ",
                 x.scalar_type(), ", got ", t->scalar_type());
@@ -572,6 +579,8 @@ ForwardSteps forward_steps(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P
 // The first row of each thread of a float32 forward of T steps of B rows (unpacked: each thread one range), then
 // B; {0, B} when the rows are not split. dispatch's measured rule depends on it.
 std::vector<int64_t> float32_forward_rows(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P) {
+  TORCH_CHECK(T > 0 && B > 0 && I > 0 && H > 0 && P >= 0, "fastlstm cpp: float32_forward_rows takes positive T, B, "
+              "I, H and P >= 0 (0: no projection), got ", T, ", ", B, ", ", I, ", ", H, ", ", P);
   const ForwardSteps f = forward_steps<float, FmaDot<float>>(T, B, I, H, P > 0 ? P : H, P > 0);
   std::vector<int64_t> bounds;
   for (const auto& thread : row_split_ranges(std::vector<int64_t>(T, B), B, f.split))
@@ -788,6 +797,57 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x, con
   return {y, h, c, gates, c_hist};
 }
 
+// Packed data [N, F] in a PackedSequence's order (each step's live rows, longest sequences first) for batch sizes
+// `live`, as the padded, time-major batch [T, B, F] the layers take (zero where no sequence is live), and back.
+// The module did both in Python (an index of the live rows, index_copy, index_select): at batch 2, 5 steps, that
+// took longer than the whole stack's call. One copy a step here.
+std::vector<int64_t> packed_batch_sizes(const Tensor& data, const Tensor& batch_sizes) {
+  TORCH_CHECK(data.device().is_cpu(), "fastlstm cpp: tensors must be on the CPU");
+  TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong && batch_sizes.dim() == 1 &&
+                  batch_sizes.numel() > 0,
+              "fastlstm cpp: batch_sizes must be an int64 CPU tensor [T], T > 0");
+  const Tensor bs = batch_sizes.contiguous();
+  const int64_t* p = bs.data_ptr<int64_t>();
+  std::vector<int64_t> live(p, p + bs.numel());
+  int64_t rows = 0;
+  for (size_t t = 0; t < live.size(); ++t) {
+    TORCH_CHECK(live[t] > 0 && live[t] <= live[0],
+                "fastlstm cpp: packed batch_sizes must be positive and at most batch_sizes[0], got ", batch_sizes);
+    rows += live[t];
+  }
+  TORCH_CHECK(rows == data.size(0), "fastlstm cpp: packed data has ", data.size(0), " rows, batch_sizes sum to ",
+              rows);
+  return live;
+}
+
+Tensor pad_packed_rows(const Tensor& data, const std::vector<int64_t>& live) {
+  const int64_t T = static_cast<int64_t>(live.size()), B = live[0], F = data.size(1);
+  const Tensor src = data.contiguous();
+  Tensor padded = at::zeros({T, B, F}, data.options());
+  const int64_t row_bytes = F * static_cast<int64_t>(data.element_size());
+  const char* from = static_cast<const char*>(src.data_ptr());
+  char* to = static_cast<char*>(padded.data_ptr());
+  for (int64_t t = 0; t < T; ++t) {
+    std::memcpy(to + t * B * row_bytes, from, live[t] * row_bytes);
+    from += live[t] * row_bytes;
+  }
+  return padded;
+}
+
+Tensor pack_padded_rows(const Tensor& padded, const std::vector<int64_t>& live, int64_t rows) {
+  const int64_t T = static_cast<int64_t>(live.size()), B = live[0], F = padded.size(2);
+  const Tensor src = padded.contiguous();
+  Tensor data = at::empty({rows, F}, padded.options());
+  const int64_t row_bytes = F * static_cast<int64_t>(padded.element_size());
+  const char* from = static_cast<const char*>(src.data_ptr());
+  char* to = static_cast<char*>(data.data_ptr());
+  for (int64_t t = 0; t < T; ++t) {
+    std::memcpy(to, from + t * B * row_bytes, live[t] * row_bytes);
+    to += live[t] * row_bytes;
+  }
+  return data;
+}
+
 // A whole stack at inference, each (layer, direction) through forward_layer as a call of lstm_fwd of its own would
 // run it (the same numbers: the same kernel, the same b_ih + b_hh, the directions' outputs concatenated as the
 // module concatenates them), in one call from Python, with the state of every layer in one tensor from start to
@@ -795,8 +855,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x, con
 // autograd wrapper, the bias sum, the state's copies, unbind and stack) several times that.
 // weights: per (layer, direction) w_ih, w_hh, then `biases` biases (2: nn.LSTM's _flat_weights, b_ih and b_hh; 1:
 // their sum, as the module casts it under autocast; 0: none)[, w_hr]; h0 [L*D, B, P] and
-// c0 [L*D, B, H], or neither for zeros; batch_sizes as for lstm_fwd (packed input, padded to [T, B, I]). x [B, I]
-// is a single step (y then [B, P]).
+// c0 [L*D, B, H], or neither for zeros; batch_sizes as for lstm_fwd (packed input, padded to [T, B, I]), or with x
+// the packed data itself [N, I] (y then packed too, [N, D*P]). x [B, I] without batch_sizes is a single step (y
+// then [B, P]).
 std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x_in, const c10::optional<Tensor>& h0,
                                                   const c10::optional<Tensor>& c0, at::TensorList weights,
                                                   const c10::optional<Tensor>& batch_sizes, int64_t biases,
@@ -810,13 +871,23 @@ std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x_in, const c10:
   const int64_t count = static_cast<int64_t>(weights.size() / per_layer);  // (layer, direction) pairs
   auto bias = [&](at::TensorList w) -> c10::optional<Tensor> {
     if (biases == 0) return c10::nullopt;
-    return biases == 1 ? w[2] : at::add(w[2], w[3]);
+    if (biases == 1) return w[2];
+    // each as check_layer_args checks the sum: their sum would broadcast a [1]-shaped or int bias
+    for (const Tensor& one : {w[2], w[3]}) {
+      TORCH_CHECK(one.dim() == 1 && one.size(0) == w[0].size(0), "fastlstm cpp: b_ih and b_hh must be [4H] = [",
+                  w[0].size(0), "], got ", one.sizes());
+      TORCH_CHECK(one.scalar_type() == x_in.scalar_type(), "fastlstm cpp: all tensors must have x's dtype ",
+                  x_in.scalar_type(), ", got ", one.scalar_type());
+    }
+    return at::add(w[2], w[3]);
   };
   auto projection = [&](at::TensorList w) {
     return has_proj ? c10::optional<Tensor>(w[per_layer - 1]) : c10::nullopt;
   };
-  const bool one_step = x_in.dim() == 2;
-  const Tensor x = one_step ? x_in.unsqueeze(0) : x_in;
+  const bool packed_data = x_in.dim() == 2 && is_packed(batch_sizes);
+  const bool one_step = x_in.dim() == 2 && !packed_data;
+  const std::vector<int64_t> live = packed_data ? packed_batch_sizes(x_in, *batch_sizes) : std::vector<int64_t>();
+  const Tensor x = packed_data ? pad_packed_rows(x_in, live) : one_step ? x_in.unsqueeze(0) : x_in;
   const at::ScalarType dt = x.scalar_type(), ct = compute_type(dt);
   Tensor h_n, c_n;
   Tensor layer_in = x;
@@ -848,6 +919,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x_in, const c10:
     h_n = h_n.to(dt);
     c_n = c_n.to(dt);
   }
+  if (packed_data) return {pack_padded_rows(layer_in, live, x_in.size(0)), h_n, c_n};
   return {one_step ? layer_in.squeeze(0) : layer_in, h_n, c_n};
 }
 
@@ -1095,6 +1167,34 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
   weight_grad<scalar_t>(dg2, previous_h<scalar_t>(y, h0, live, reverse).view({TB, P}), dw_hh);
 }
 
+// What forward saved for backward: gates [T, B, 4H] and the cell history [T, B, H] in the compute dtype ct.
+void check_saved(const Dims& d, const Tensor& gates, const Tensor& c_hist, at::ScalarType ct) {
+  TORCH_CHECK(gates.numel() == d.T * d.B * 4 * d.H && c_hist.numel() == d.T * d.B * d.H,
+              "fastlstm cpp: backward needs the saved gates and cell history (forward ran with save=false)");
+  TORCH_CHECK(gates.sizes() == c10::IntArrayRef({d.T, d.B, 4 * d.H}) &&
+                  c_hist.sizes() == c10::IntArrayRef({d.T, d.B, d.H}),
+              "fastlstm cpp: saved gates must be [T, B, 4H] and the cell history [T, B, H], got ", gates.sizes(),
+              " and ", c_hist.sizes());
+  TORCH_CHECK(gates.scalar_type() == ct && c_hist.scalar_type() == ct, "fastlstm cpp: saved tensors must be ", ct,
+              ", got ", gates.scalar_type(), " and ", c_hist.scalar_type());
+  TORCH_CHECK(gates.device().is_cpu() && c_hist.device().is_cpu(), "fastlstm cpp: tensors must be on the CPU");
+}
+
+// The incoming gradients and the forward's output: y and grad_y [T, B, P], grad_hT and grad_cT as h0 and c0, all in
+// x's dtype (the kernels read y as x's rows: a y of 1-byte items overran its copy).
+void check_gradients(const Dims& d, const Tensor& x, const Tensor& grad_y, const Tensor& grad_hT,
+                     const Tensor& grad_cT, const Tensor& y, const Tensor& h0, const Tensor& c0) {
+  TORCH_CHECK(grad_y.sizes() == y.sizes() && y.dim() == 3 && y.size(0) == d.T && y.size(1) == d.B &&
+                  y.size(2) == d.P,
+              "fastlstm cpp: grad_y / y must be [T, B, P]");
+  TORCH_CHECK(grad_hT.sizes() == h0.sizes() && grad_cT.sizes() == c0.sizes(), "fastlstm cpp: grad_hT / grad_cT shapes");
+  for (const Tensor* t : {&grad_y, &grad_hT, &grad_cT, &y}) {
+    TORCH_CHECK(t->device().is_cpu(), "fastlstm cpp: tensors must be on the CPU");
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "fastlstm cpp: all tensors must have x's dtype ",
+                x.scalar_type(), ", got ", t->scalar_type());
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
     const Tensor& grad_y_in, const Tensor& grad_hT_in, const Tensor& grad_cT_in, const Tensor& x_in,
     const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih_in, const Tensor& w_hh_in,
@@ -1104,13 +1204,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
   const auto live = live_rows(batch_sizes, d.T, d.B);
   const bool packed = is_packed(batch_sizes);
   const at::ScalarType dt = x_in.scalar_type(), ct = compute_type(dt);
-  TORCH_CHECK(gates_in.numel() == d.T * d.B * 4 * d.H && c_hist_in.numel() == d.T * d.B * d.H,
-              "fastlstm cpp: backward needs the saved gates and cell history (forward ran with save=false)");
-  TORCH_CHECK(gates_in.scalar_type() == ct && c_hist_in.scalar_type() == ct, "fastlstm cpp: saved tensors dtype");
-  TORCH_CHECK(grad_y_in.sizes() == y_in.sizes() && y_in.size(0) == d.T && y_in.size(1) == d.B && y_in.size(2) == d.P,
-              "fastlstm cpp: grad_y / y must be [T, B, P]");
-  TORCH_CHECK(grad_hT_in.sizes() == h0_in.sizes() && grad_cT_in.sizes() == c0_in.sizes(),
-              "fastlstm cpp: grad_hT / grad_cT shapes");
+  check_saved(d, gates_in, c_hist_in, ct);
+  check_gradients(d, x_in, grad_y_in, grad_hT_in, grad_cT_in, y_in, h0_in, c0_in);
   const bool bf16_dot = runs_bf16_dot(dt);
   Tensor grad_y = as_compute(grad_y_in, ct), c0 = as_compute(c0_in, ct), gates = gates_in.contiguous(),
          c_hist = c_hist_in.contiguous();
@@ -1166,15 +1261,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows
   const Dims d = check_args(x_in, h0_in, c0_in, w_ih_in, w_hh_in, c10::nullopt, w_hr_in, batch_sizes);
   const at::ScalarType dt = x_in.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "fastlstm cpp: backward by rows takes float32 or float64");
-  TORCH_CHECK(gates_in.numel() == d.T * d.B * 4 * d.H && c_hist_in.numel() == d.T * d.B * d.H,
-              "fastlstm cpp: backward needs the saved gates and cell history (forward ran with save=false)");
-  TORCH_CHECK(gates_in.scalar_type() == dt && c_hist_in.scalar_type() == dt && y_in.scalar_type() == dt &&
-                  grad_y_in.scalar_type() == dt,
-              "fastlstm cpp: backward by rows: every tensor in x's dtype");
-  TORCH_CHECK(grad_y_in.sizes() == y_in.sizes() && y_in.size(0) == d.T && y_in.size(1) == d.B && y_in.size(2) == d.P,
-              "fastlstm cpp: grad_y / y must be [T, B, P]");
-  TORCH_CHECK(grad_hT_in.sizes() == h0_in.sizes() && grad_cT_in.sizes() == c0_in.sizes(),
-              "fastlstm cpp: grad_hT / grad_cT shapes");
+  check_saved(d, gates_in, c_hist_in, dt);
+  check_gradients(d, x_in, grad_y_in, grad_hT_in, grad_cT_in, y_in, h0_in, c0_in);
   const auto live = live_rows(batch_sizes, d.T, d.B);
   const auto opts = x_in.options();
   const bool proj = w_hr_in.has_value();

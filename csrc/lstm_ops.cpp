@@ -160,6 +160,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd_autograd(
 // would hand them to it. A cast cached under no_grad keeps its grad_fn for the same reason (newer releases'
 // cached_cast does both itself; older ones did neither).
 std::vector<Tensor> autocast_weights(at::TensorList weights, at::ScalarType dtype) {
+  TORCH_CHECK(at::isFloatingType(dtype), "fastlstm cpp_autocast_weights: casts to a floating-point dtype, got ", dtype);
+  for (const Tensor& w : weights)
+    TORCH_CHECK(at::isFloatingType(w.scalar_type()), "fastlstm cpp_autocast_weights: weights must be floating point, "
+                "got ", w.scalar_type());
   std::vector<Tensor> out;
   out.reserve(weights.size());
   for (const Tensor& w : weights) {

@@ -384,9 +384,7 @@ class LSTM(nn.RNNBase):
                 hx = self._initial_state(input, None, None, True)
             output, h_n, c_n = self._native_stack(input, hx, batch_sizes, amp)
         elif batch_sizes is not None:
-            rows = packed_rows(batch_sizes, input.device)
-            y, h_n, c_n = self._fast_stack(pad_packed(input, batch_sizes, rows), hx, batch_sizes, choices, amp)
-            output = pack_padded(y, rows)
+            output, h_n, c_n = self._fast_stack(input, hx, batch_sizes, choices, amp)
         else:
             x = input.transpose(0, 1) if self.batch_first else input
             y, h_n, c_n = self._fast_stack(x, hx, None, choices, amp)
@@ -824,13 +822,14 @@ class LSTM(nn.RNNBase):
     def _fast_stack(self, x: Tensor, hx, batch_sizes: Tensor | None, choices, amp) -> tuple[Tensor, Tensor, Tensor]:
         """_layered_stack, computing in autocast's dtype and returning the dtypes nn.LSTM gives when autocast is on.
 
-        hx: (h0 [L*D, B, P], c0 [L*D, B, H]), or None for zeros.
+        x: time-major [T, B, I], or with batch_sizes either that padded or a PackedSequence's data [N, I] (y then
+        packed too). hx: (h0 [L*D, B, P], c0 [L*D, B, H]), or None for zeros.
         """
         whole = self._inference_stack_backend(choices, x, hx)
         if amp is None:
             if whole is not None:
                 return self._inference_stack(whole, x, hx, batch_sizes)
-            return self._layered_stack(x, *self._layer_states(x, hx), batch_sizes, choices)
+            return self._padded_layered_stack(x, hx, batch_sizes, choices)
         compute = amp.dtypes[0]
         with _autocast_off(x.device.type):
             x = _as_dtype(x, compute)
@@ -838,8 +837,18 @@ class LSTM(nn.RNNBase):
             if whole is not None:
                 outputs = self._inference_stack(whole, x, hx, batch_sizes, weight_dtype=compute)
             else:
-                outputs = self._layered_stack(x, *self._layer_states(x, hx), batch_sizes, choices, weight_dtype=compute)
+                outputs = self._padded_layered_stack(x, hx, batch_sizes, choices, weight_dtype=compute)
         return tuple(_as_dtype(t, dtype) for t, dtype in zip(outputs, amp.dtypes))
+
+    def _padded_layered_stack(self, x: Tensor, hx, batch_sizes, choices, weight_dtype=None):
+        """_layered_stack of x as _fast_stack takes it: packed data is padded for the layers, and their output
+        packed again (the whole stack's backend does both itself)."""
+        if batch_sizes is None or x.dim() == 3:
+            return self._layered_stack(x, *self._layer_states(x, hx), batch_sizes, choices, weight_dtype)
+        rows = packed_rows(batch_sizes, x.device)
+        padded = pad_packed(x, batch_sizes, rows)
+        y, h_n, c_n = self._layered_stack(padded, *self._layer_states(padded, hx), batch_sizes, choices, weight_dtype)
+        return pack_padded(y, rows), h_n, c_n
 
     def _inference_stack_backend(self, choices, x: Tensor, hx) -> backends.Backend | None:
         """The backend that runs this whole call's stack in one call (Backend.inference_stack), or None: every layer

@@ -1738,3 +1738,113 @@ def test_stack_opcheck_and_errors():
         op(x, h0, c0, one, None, 3, True, False)
     with pytest.raises(RuntimeError, match="batch_sizes must be"):
         op(x, None, None, both, sizes[:2], 2, False, True)
+
+
+def test_stack_takes_packed_data_as_the_padded_batch_it_packs():
+    """cpp_lstm_stack_fwd of a PackedSequence's data [N, I] with its batch_sizes: bitwise the padded batch's call,
+    its output packed (opcheck too: the fake's batch is a dynamic size); malformed batch sizes raise."""
+    op = torch.ops.fastlstm.cpp_lstm_stack_fwd.default
+    both = list(fastlstm.LSTM(5, 7, 2, bidirectional=True, backend="cpp").requires_grad_(False)._flat_weights)
+    one = list(fastlstm.LSTM(5, 7, 2, proj_size=3, backend="cpp").requires_grad_(False)._flat_weights)
+    x = torch.randn(4, 3, 5)
+    packed = pack_padded_sequence(x, torch.tensor([4, 2, 1]))
+    data, sizes = packed.data, packed.batch_sizes
+    padded_x = pad_packed_sequence(packed)[0]  # zero beyond each length, as packing leaves it
+    for weights, proj, bidirectional, h0, c0 in (
+        (both, False, True, None, None),
+        (one, True, False, torch.randn(2, 3, 3), torch.randn(2, 3, 7)),
+    ):
+        y, h_n, c_n = op(data, h0, c0, weights, sizes, 2, proj, bidirectional)
+        y_pad, h_pad, c_pad = op(padded_x, h0, c0, weights, sizes, 2, proj, bidirectional)
+        packed_y = pack_padded_sequence(y_pad, torch.tensor([4, 2, 1])).data
+        assert torch.equal(y, packed_y) and torch.equal(h_n, h_pad) and torch.equal(c_n, c_pad)
+        torch.library.opcheck(op, (data, h0, c0, weights, sizes, 2, proj, bidirectional))
+    one_step = torch.tensor([3])  # a single step packed: its data is the step itself, as x [B, I] gives it
+    y, h_n, c_n = op(x[0], None, None, both, one_step, 2, False, True)
+    assert torch.equal(y, op(x[:1], None, None, both, one_step, 2, False, True)[0][0])
+    bad = {
+        "batch_sizes sum to 6": torch.tensor([3, 2, 1]),
+        "positive and at most": torch.tensor([3, 4, 1]),
+        "must be positive": torch.tensor([3, 0, 4]),
+        "int64 CPU tensor": torch.tensor([4.0, 2.0, 1.0]),
+        "T > 0": torch.tensor([], dtype=torch.int64),
+    }
+    for message, batch_sizes in bad.items():
+        with pytest.raises(RuntimeError, match=message):
+            op(data, None, None, both, batch_sizes, 2, False, True)
+
+
+def test_malformed_op_calls_raise_instead_of_stopping_the_process():
+    """Calls of the ops themselves (fastlstm.LSTM never makes these) that once stopped the process or were taken
+    unchecked: a size of 0 (the kernels divide by it: SIGFPE), a y of 1-byte items in backward (copied as x's
+    bfloat16 rows: heap corruption), gradients, biases or a projection of another dtype, biases that only broadcast
+    to [4H], saved tensors of the right count in another shape, a meta tensor among CPU ones (the fake kernel served
+    it, returning uninitialised tensors), negative sizes asked of float32_forward_rows, casts to integers. Each
+    raises RuntimeError, in a process of its own so that a crash fails this test and not the run."""
+    code = """
+import torch
+from fastlstm.backends import cpu
+cpu.build()
+ops = torch.ops.fastlstm
+T, B, I, H = 4, 3, 5, 8
+
+
+def lstm(dtype=torch.float32, I=I, H=H, T=T):
+    x, h0, c0 = torch.randn(T, B, I, dtype=dtype), torch.zeros(B, H, dtype=dtype), torch.zeros(B, H, dtype=dtype)
+    w_ih, w_hh = torch.randn(4 * H, I, dtype=dtype), torch.randn(4 * H, H, dtype=dtype)
+    return [x, h0, c0, w_ih, w_hh, torch.randn(4 * H, dtype=dtype), None, None, False, True]
+
+
+def backward(dtype=torch.float32, **change):
+    args = lstm(dtype)
+    y, hT, cT, gates, c_hist = ops.cpp_lstm_fwd(*args)
+    b = {**dict(grad_y=torch.ones_like(y), grad_hT=hT, grad_cT=cT, y=y, gates=gates, c_hist=c_hist), **change}
+    x, h0, c0, w_ih, w_hh = args[:5]
+    return ops.cpp_lstm_bwd(b["grad_y"], b["grad_hT"], b["grad_cT"], x, h0, c0, w_ih, w_hh, None, None, b["y"],
+                            b["gates"], b["c_hist"], False, True)
+
+
+def changed(args, **at):
+    args = list(args)
+    for k, v in at.items():
+        args[int(k[1:])] = v
+    return args
+
+
+def stack(weights, x=None, biases=2):
+    return ops.cpp_lstm_stack_fwd(torch.randn(T, B, I) if x is None else x, None, None, weights, None, biases, False,
+                                  False)
+
+
+w = lstm()
+cases = {
+    "hidden size 0": (lambda: ops.cpp_lstm_fwd(*lstm(H=0)), "sizes must be positive"),
+    "input size 0, one step": (lambda: ops.cpp_lstm_fwd(*lstm(I=0, T=1)), "sizes must be positive"),
+    "stack of input size 0": (lambda: stack([torch.randn(32, 0), torch.randn(32, 8), torch.randn(32)],
+                                            torch.randn(B, 0), biases=1), "sizes must be positive"),
+    "bfloat16 backward, y uint8": (lambda: backward(torch.bfloat16, y=torch.zeros(T, B, H, dtype=torch.uint8)),
+                                   "x's dtype"),
+    "grad_y of ints": (lambda: backward(grad_y=torch.ones(T, B, H, dtype=torch.int32)), "x's dtype"),
+    "gates flattened": (lambda: backward(gates=torch.zeros(T * B * 4 * H)), "saved gates must be"),
+    "bias of ints": (lambda: ops.cpp_lstm_fwd(*changed(w, a5=torch.ones(4 * H, dtype=torch.int32))), "x's dtype"),
+    "projection of float64": (lambda: ops.cpp_lstm_fwd(*changed(w, a4=torch.randn(32, 4), a1=torch.zeros(B, 4),
+                                                                a6=torch.randn(4, H, dtype=torch.float64))),
+                              "x's dtype"),
+    "b_hh of one element": (lambda: stack([w[3], w[4], w[5], torch.randn(1)]), "b_ih and b_hh must be"),
+    "meta batch_sizes": (lambda: ops.cpp_lstm_fwd(*changed(w, a7=torch.tensor([3, 2, 2, 1]).to("meta"))),
+                         "one device"),
+    "negative batch for forward rows": (lambda: ops.cpp_float32_forward_rows(3, -1, 5, 16, 0), "positive"),
+    "autocast to int": (lambda: ops.cpp_autocast_weights([w[3]], torch.int32), "floating-point"),
+}
+for name, (call, message) in cases.items():
+    try:
+        call()
+    except RuntimeError as error:
+        assert message in str(error), (name, str(error))
+        print("raised:", name)
+    else:
+        raise AssertionError(f"{name}: no error")
+print("OK")
+"""
+    proc = run_python("-c", code)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-3000:]

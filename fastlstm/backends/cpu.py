@@ -467,8 +467,17 @@ _schemas.define(BWD_ROWS_SCHEMA)
 _schemas.define(STACK_FWD_SCHEMA)
 
 
+def _one_device(*tensors) -> None:
+    """The fakes serve every call with a meta tensor among its arguments: one that mixes devices fails as the CPU
+    kernels would fail it, instead of returning uninitialised tensors on x's device."""
+    devices = {t.device for t in tensors if isinstance(t, Tensor)}
+    if len(devices) > 1:
+        raise RuntimeError(f"fastlstm cpp: tensors must be on one device, got {sorted(str(d) for d in devices)}")
+
+
 @torch.library.register_fake("fastlstm::cpp_lstm_fwd", lib=_schemas)
 def _fwd_fake(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save):
+    _one_device(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes)
     T, B = x.shape[0], x.shape[1]
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
     saved_dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
@@ -486,6 +495,7 @@ def _fwd_fake(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save):
 
 @torch.library.register_fake("fastlstm::cpp_lstm_bwd", lib=_schemas)
 def _bwd_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, reverse, has_bias):
+    _one_device(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist)
     H = w_hh.shape[0] // 4
     db = x.new_empty((4 * H,)) if has_bias else x.new_empty((0,))
     dw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else x.new_empty((0,))
@@ -503,6 +513,7 @@ def _bwd_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes
 
 @torch.library.register_fake("fastlstm::cpp_lstm_bwd_rows", lib=_schemas)
 def _bwd_rows_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, reverse):
+    _one_device(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist)
     T, B = x.shape[0], x.shape[1]
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
     with_proj = w_hr is not None
@@ -519,11 +530,16 @@ def _bwd_rows_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_
 
 @torch.library.register_fake("fastlstm::cpp_lstm_stack_fwd", lib=_schemas)
 def _stack_fwd_fake(x, h0, c0, weights, batch_sizes, biases, proj, bidirectional):
+    _one_device(x, h0, c0, *weights, batch_sizes)
     per_layer = 2 + biases + proj
     count, last_w_hh = len(weights) // per_layer, weights[-per_layer + 1]  # (layer, direction) pairs
     H, P = last_w_hh.shape[0] // 4, last_w_hh.shape[1]
+    directions = 2 if bidirectional else 1
+    if x.dim() == 2 and batch_sizes is not None:  # packed data [N, I]: y packed too; the batch is batch_sizes[0]
+        B = torch.library.get_ctx().new_dynamic_size()
+        return x.new_empty((x.shape[0], P * directions)), x.new_empty((count, B, P)), x.new_empty((count, B, H))
     steps, B = x.shape[:-2], x.shape[-2]  # x [T, B, I], or [B, I] for one step
-    y = x.new_empty((*steps, B, P * (2 if bidirectional else 1)))
+    y = x.new_empty((*steps, B, P * directions))
     return y, x.new_empty((count, B, P)), x.new_empty((count, B, H))
 
 
