@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.nn.utils import parametrize
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastlstm import backends, dispatch, reference
 from fastlstm.backends import LayerCall
@@ -413,6 +413,14 @@ class LSTM(nn.RNNBase):
         total_length=T gives it), and (h_n, c_n) taken at each sequence's own end, in the caller's order.
         """
         lengths = self._check_lengths(input, lengths)
+        if torch.jit.is_tracing() and lengths.numel():
+            # A trace keeps ops, not the Python ints the sort and the batch sizes become below: it would replay
+            # this batch's order and sizes on every other. Packing records them as ops, as a traced model that packs
+            # for nn.LSTM records them (the same numbers: lengths= gives packing's).
+            packed = pack_padded_sequence(input, lengths, self.batch_first, enforce_sorted=False)
+            y, state = self.forward(packed, hx)
+            time_dim = 1 if self.batch_first else 0
+            return pad_packed_sequence(y, self.batch_first, total_length=input.size(time_dim))[0], state
         input, hx, *_ = self._prepare(input, hx)  # every check of a plain call, in the caller's order
         input, hx = _saveable(input, hx)
         if lengths.numel() == 0:
@@ -686,7 +694,7 @@ class LSTM(nn.RNNBase):
     def _initial_state(self, input: Tensor, hx, batch_sizes: Tensor | None, is_batched: bool) -> tuple[Tensor, Tensor]:
         if hx is None:
             if batch_sizes is not None:
-                batch = int(batch_sizes[0])
+                batch = batch_sizes[0]  # a tensor, as nn.LSTM takes it: a trace then sizes the zeros per call
             else:
                 batch = input.size(0) if self.batch_first else input.size(1)
             layers = self.num_layers * self._num_directions

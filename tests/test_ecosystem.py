@@ -897,6 +897,45 @@ def test_torchscript_trace_records_aten_lstm(backend):
         assert fastlstm.explain(model.lstm, torch.randn(3, 5, 6)).backends[0] == backend
 
 
+@pytest.mark.parametrize("call", ["packed", "lengths"])
+def test_torchscript_trace_of_variable_lengths_replays_on_other_batches(call):
+    """torch.jit.trace of a model that packs its batch (no initial state) or calls lengths=: the trace replays on
+    another batch size, sequence length and set of lengths with nn.LSTM's packed numbers. Before, the trace kept the
+    traced batch's size for the zero state (packed) and its sort and batch sizes (lengths=)."""
+    from torch.nn.utils.rnn import pad_packed_sequence
+
+    torch.manual_seed(0)
+    ref = nn.LSTM(4, 6, 2, bidirectional=True, batch_first=True).double()
+    fast = fastlstm.LSTM(4, 6, 2, bidirectional=True, batch_first=True).double()
+    fast.load_state_dict(ref.state_dict())
+
+    def packing(lstm, x, lengths):
+        y, (h, c) = lstm(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        return pad_packed_sequence(y, batch_first=True, total_length=x.shape[1])[0], h, c
+
+    class Model(nn.Module):
+        def __init__(self, lstm):
+            super().__init__()
+            self.lstm = lstm
+
+        def forward(self, x, lengths):
+            if call == "packed":
+                return packing(self.lstm, x, lengths)
+            y, (h, c) = self.lstm(x, lengths=lengths)
+            return y, h, c
+
+    x, lengths = torch.randn(3, 5, 4, dtype=torch.float64), torch.tensor([5, 2, 4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing warns about the size checks, as it does for nn.LSTM's
+        traced = torch.jit.trace(Model(fast), (x, lengths), check_trace=False)
+    kinds = [node.kind() for node in traced.inlined_graph.nodes()]
+    assert "aten::lstm" in kinds and not any(kind.startswith("fastlstm::") for kind in kinds), kinds
+    for batch, steps, other in ((4, 7, [7, 2, 6, 3]), (2, 5, [1, 5]), (3, 5, [3, 5, 1])):
+        x_other, lengths_other = torch.randn(batch, steps, 4, dtype=torch.float64), torch.tensor(other)
+        for got, expected in zip(traced(x_other, lengths_other), packing(ref, x_other, lengths_other)):
+            torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+
 def _tensors(out) -> list[torch.Tensor]:
     """The tensors of an LSTM's output, a PackedSequence's among them (torch 2.5's pytree keeps one whole)."""
     leaves = torch.utils._pytree.tree_leaves(out)
