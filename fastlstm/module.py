@@ -372,16 +372,22 @@ class LSTM(nn.RNNBase):
             choices = self._plan(input, hx, batch_sizes, amp)
             if key is not None:
                 _remember(_CHECKED_CALLS, key, (choices, amp))
-        else:  # the same kind of call passed every check before: a tensor, no packing
+        else:  # the same kind of call passed every check before
             choices, amp = checked
-            batch_sizes = sorted_indices = unsorted_indices = None
-            is_batched = input.dim() == 3
-            if not is_batched:
-                input, hx = self._as_batch_of_one(input, hx)
+            if type(input) is PackedSequence:
+                input, batch_sizes, sorted_indices, unsorted_indices = input
+                is_batched = True
+                if hx is not None:
+                    hx = self.permute_hidden(hx, sorted_indices)  # the state in the pack's order, as _prepare has it
+            else:
+                batch_sizes = sorted_indices = unsorted_indices = None
+                is_batched = input.dim() == 3
+                if not is_batched:
+                    input, hx = self._as_batch_of_one(input, hx)
         input, hx = _saveable(input, hx)
         if all(choice.backend == "native" for choice in choices):
             if hx is None:
-                hx = self._initial_state(input, None, None, True)
+                hx = self._initial_state(input, None, batch_sizes, True)
             output, h_n, c_n = self._native_stack(input, hx, batch_sizes, amp)
         elif batch_sizes is not None:
             output, h_n, c_n = self._fast_stack(input, hx, batch_sizes, choices, amp)
@@ -567,8 +573,8 @@ class LSTM(nn.RNNBase):
 
     def _call_key(self, input, hx) -> tuple | None:
         """What decides whether a call passes every check, which backends serve it and what autocast makes of it,
-        for the common call: a tensor (batched or not), (h0, c0) a tuple of tensors or None, not traced. None for
-        any other call.
+        for the common call: a tensor (batched or not) or a PackedSequence, (h0, c0) a tuple of tensors or None, not
+        traced. None for any other call.
 
         Each check of _prepare and each input of _plan and _autocast_dtypes reads only these (the module's sizes
         and flags are constant after construction), so a call whose key matches one that passed needs none of
@@ -580,7 +586,19 @@ class LSTM(nn.RNNBase):
             return None  # whether a transform or dual tensors track gradients here is worked out per call (_plan)
         if not _checks_are_ours(type(self)):
             return None  # a subclass's own checks run on every call, as nn.LSTM runs them
-        if type(input) is not Tensor or input.dim() not in (2, 3):
+        if type(input) is PackedSequence:
+            input, batch_sizes = input.data, input.batch_sizes
+            if type(input) is not Tensor or type(batch_sizes) is not Tensor or batch_sizes.dim() != 1:
+                return None
+            if input.dim() != 2 or not batch_sizes.numel():
+                return None
+            # what the checks, the plan and autocast read of a pack: not its count of rows, which varies with the
+            # lengths (_autocast_dtypes: whether the batch sizes vary)
+            shape = (input.shape[1], batch_sizes.dtype, batch_sizes.device, batch_sizes.numel(), int(batch_sizes[0]))
+            shape += (int(batch_sizes[-1]) != shape[-1],)
+        elif type(input) is Tensor and input.dim() in (2, 3):
+            shape = input.shape
+        else:
             return None
         amp = torch._C._is_any_autocast_enabled() and _autocast_key(input.device.type)
         weight = self._flat_weights[0]
@@ -593,7 +611,7 @@ class LSTM(nn.RNNBase):
             return None
         grad = self._needs_grad(input, hx)
         return (
-            input.shape, input.dtype, input.device, weight.dtype, weight.device, state, grad, self.batch_first,
+            shape, input.dtype, input.device, weight.dtype, weight.device, state, grad, self.batch_first,
             self.backend, os.environ.get(dispatch.ENV_VAR), self.input_size, self.hidden_size, self.proj_size,
             self.num_layers, self.bidirectional, self.bias, self._weights_mixed(), torch.get_num_threads(), amp,
         )  # fmt: skip

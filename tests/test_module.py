@@ -427,6 +427,57 @@ def test_repeated_calls_give_nn_lstm_results(config, batched):
         assert_same_results(ref, fast, [torch.randn(*shape, dtype=torch.float64), *state], lstm_call, **TOL)
 
 
+@pytest.mark.parametrize("backend", ["reference", *fast_cpu_backends(), "native"])
+def test_repeated_packed_calls_give_nn_lstm_results(monkeypatch, backend):
+    """Packed calls are remembered too, by what the checks and the plan read of a pack (its batch sizes' length,
+    first and whether they vary; not its row count): later packs of other lengths skip the checks and still give
+    nn.LSTM's numbers and gradients, unsorted packs with a state included."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    prepared = []
+    prepare = fastlstm.LSTM._prepare
+    monkeypatch.setattr(fastlstm.LSTM, "_prepare", lambda self, *a: prepared.append(1) or prepare(self, *a))
+    fastlstm.module.forget_plans()
+    ref, fast = make_pair(I, H, 2, bidirectional=True, proj_size=3, backend=backend)
+    state = [torch.randn(4, 3, size, dtype=torch.float64) for size in (3, H)]
+
+    def packed(module, x, lengths, *hx):
+        return lstm_call(module, pack_padded_sequence(x, lengths, enforce_sorted=False), *hx)
+
+    for lengths in ([5, 3, 2], [2, 5, 4], [5, 1, 5], [4, 5, 3]):  # T 5, B 3: one kind of pack, varying lengths
+        for hx in ([], state):
+            call = lambda module, x, *h, lengths=lengths: packed(module, x, lengths, *h)  # noqa: E731
+            assert_same_results(ref, fast, [torch.randn(5, 3, I, dtype=torch.float64), *hx], call, **TOL)
+    assert len(prepared) == 2, prepared  # the first call without a state and the first with one
+    call = lambda module, x: packed(module, x, [5, 5, 5])  # noqa: E731  lengths that do not vary: another path
+    assert_same_results(ref, fast, [torch.randn(5, 3, I, dtype=torch.float64)], call, **TOL)
+    assert len(prepared) == 3
+
+
+def test_repeated_packed_calls_are_checked_as_nn_lstm_checks_them():
+    """Bad packed calls after good ones of the same module raise nn.LSTM's errors."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    ref, fast = make_pair(I, H, backend="reference", dtype=torch.float32)
+    pack = pack_padded_sequence(torch.randn(4, 2, I), [4, 3])
+    good = (torch.zeros(1, 2, H), torch.zeros(1, 2, H))
+    bad_calls = [
+        (pack_padded_sequence(torch.randn(4, 2, I + 1), [4, 3]),),
+        (pack_padded_sequence(torch.randn(4, 2, I, dtype=torch.float64), [4, 3]),),
+        (pack, (torch.zeros(1, 3, H), torch.zeros(1, 2, H))),
+        (pack, (torch.zeros(1, 2, H), torch.zeros(1, 2, H + 1))),
+        (pack, (torch.zeros(2, H), torch.zeros(2, H))),
+    ]
+    for args in bad_calls:
+        for m in (ref, fast):
+            m(pack)
+            m(pack, good)
+        with pytest.raises(Exception) as expected:
+            ref(*args)
+        with pytest.raises(type(expected.value)):
+            fast(*args)
+
+
 def test_repeated_calls_follow_the_backend_setting(monkeypatch, served_by):
     m = fastlstm.LSTM(I, H, dtype=torch.float64)
     x = torch.randn(3, 2, I, dtype=torch.float64)
