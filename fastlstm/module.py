@@ -594,8 +594,8 @@ class LSTM(nn.RNNBase):
                 return None
             # what the checks, the plan and autocast read of a pack: not its count of rows, which varies with the
             # lengths (_autocast_dtypes: whether the batch sizes vary)
-            shape = (input.shape[1], batch_sizes.dtype, batch_sizes.device, batch_sizes.numel(), int(batch_sizes[0]))
-            shape += (int(batch_sizes[-1]) != shape[-1],)
+            first, last = int(batch_sizes[0]), int(batch_sizes[-1])
+            shape = (input.shape[1], batch_sizes.dtype, batch_sizes.device, batch_sizes.numel(), first, first != last)
         elif type(input) is Tensor and input.dim() in (2, 3):
             shape = input.shape
         else:
