@@ -398,7 +398,8 @@ def _quota_note() -> str | None:
     return (
         f"torch runs {threads} threads, but this process's cgroup allows {_cpus(quota)} of "
         f"time: once the threads have spent it, they wait for the next period, and the timings below mix both; "
-        f"--threads {math.ceil(quota)} (torch.set_num_threads in a model) fits the quota"
+        f"torch.set_num_threads({math.ceil(quota)}) fits the quota (`python -m fastlstm bench --threads "
+        f"{math.ceil(quota)}`)"
     )
 
 

@@ -572,7 +572,7 @@ def test_bench_warns_when_torch_runs_more_threads_than_the_cpu_quota(monkeypatch
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     monkeypatch.setattr(cli, "cgroup_cpu_quota", lambda: 1.5)
     note = cli._quota_note()
-    assert "torch runs 4 threads" in note and "allows 1.5 CPUs" in note and "--threads 2" in note, note
+    assert "torch runs 4 threads" in note and "allows 1.5 CPUs" in note and "set_num_threads(2)" in note, note
     assert note in cli.timing_notes()
     assert cli.machine_header("cpu")["cpu quota"] == "1.5 CPUs"
     monkeypatch.setattr(cli, "cgroup_cpu_quota", lambda: 4.0)
