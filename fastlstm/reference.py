@@ -34,10 +34,20 @@ def lstm_cell(gates: Tensor, c: Tensor, w_hr: Tensor | None) -> tuple[Tensor, Te
 
 
 def live_rows(batch_sizes: Tensor | None, T: int, B: int) -> list[int]:
-    """How many leading rows are live at each step."""
+    """How many leading rows are live at each step, from batch sizes checked against the contract above (the
+    kernels that take them index rows by them: one beyond B, or a step that grows, reads past the data)."""
     if batch_sizes is None:
         return [B] * T
-    return [int(n) for n in batch_sizes.tolist()]
+    if batch_sizes.device.type != "cpu" or batch_sizes.dtype != torch.int64 or batch_sizes.shape != (T,):
+        raise RuntimeError(
+            f"fastlstm: batch_sizes must be an int64 CPU tensor [T] = [{T}], got {batch_sizes.dtype} "
+            f"{tuple(batch_sizes.shape)} on {batch_sizes.device}"
+        )
+    live = batch_sizes.tolist()
+    if T and (live[0] != B or any(not 1 <= n <= m for n, m in zip(live[1:], live))):
+        raise RuntimeError(f"fastlstm: batch_sizes must start at the batch size {B} and not increase, staying at 1 or "
+                           f"more; got {live}")  # fmt: skip
+    return live
 
 
 def lstm_layer(

@@ -6,8 +6,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import fast_cpu_backends
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastlstm
 
@@ -202,3 +203,23 @@ def test_auto_does_not_touch_a_fast_backend_the_speed_rule_declines(monkeypatch)
         warnings.simplefilter("error")
         m(torch.randn(2, 3, I))
     assert "cpp not measured faster here: measured slower" in str(fastlstm.explain(m, torch.randn(2, 3, I)))
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "reference", *fast_cpu_backends()])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_a_malformed_pack_raises_runtime_error_as_nn_lstm(backend, grad):
+    """A PackedSequence built by hand with batch sizes that grow or hold a zero: nn.LSTM raises RuntimeError from
+    its kernels; every backend raises that type too (the padding's index_copy raised IndexError), before any kernel
+    reads past the data. (Batch sizes that sum to fewer rows than the data has: nn.LSTM reads the first rows and
+    returns; the native backend does so too, the fast ones raise.)"""
+    packs = [
+        PackedSequence(torch.randn(5, I), torch.tensor([1, 2, 2])),
+        PackedSequence(torch.randn(5, I), torch.tensor([2, 0, 3])),
+        PackedSequence(torch.randn(5, I), torch.tensor([2, 1, 2])),
+    ]
+    for pack in packs:
+        with torch.set_grad_enabled(grad):
+            with pytest.raises(RuntimeError):
+                nn.LSTM(I, H, 2, proj_size=P)(pack)
+            with pytest.raises(RuntimeError):
+                fastlstm.LSTM(I, H, 2, proj_size=P, backend=backend)(pack)

@@ -702,3 +702,59 @@ def test_launch_configuration_from_the_environment(monkeypatch):
         monkeypatch.setenv(triton_ops.ENV_CONFIG, bad)
         with pytest.raises(ValueError, match=message):
             triton_ops._blocks(4, 16, 16, "step", torch.float32)
+
+
+def test_malformed_op_calls_raise_before_any_kernel_runs():
+    """Calls of the triton ops themselves (fastlstm.LSTM never makes these) with a tensor smaller than the layer's
+    sizes, batch sizes above the batch or growing, a meta tensor among CPU ones, an unknown kernel: each raises
+    before a launch. Under the interpreter such calls segfaulted or corrupted the heap, or returned garbage; on a
+    GPU they would be illegal memory accesses. In a process of its own, so that a crash fails this test only."""
+    from helpers import run_python
+
+    code = """
+import torch
+import fastlstm
+ops = torch.ops.fastlstm
+T, B, I, H, P = 3, 2, 5, 6, 4
+x, h0, c0 = torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, H)
+w_ih, w_hh, b = torch.randn(4 * H, I), torch.randn(4 * H, H), torch.randn(4 * H)
+sizes = torch.tensor([2, 2, 1])
+fwd = lambda *a, kernel="step", bs=sizes: ops.triton_forward(*a, bs, False, kernel)
+y, hT, cT, acts, hs, cs, r = fwd(x, h0, c0, w_ih, w_hh, b, None)
+
+
+def bwd(**change):
+    a = {**dict(grad_y=torch.ones_like(y), grad_hT=hT, grad_cT=cT, acts=acts, hs=hs, cs=cs, w_hh=w_hh, bs=sizes),
+         **change}
+    return ops.triton_backward(a["grad_y"], a["grad_hT"], a["grad_cT"], x, w_ih, a["w_hh"], None, a["bs"],
+                               a["acts"], a["hs"], a["cs"], r, False, "sequence", True)
+
+
+cases = {
+    "batch sizes above B": (lambda: fwd(x, h0, c0, w_ih, w_hh, b, None, bs=torch.tensor([2, 2, 1000])), "batch_sizes"),
+    "growing batch sizes": (lambda: fwd(x, h0, c0, w_ih, w_hh, b, None, bs=torch.tensor([2, 1, 2])), "batch_sizes"),
+    "float batch sizes": (lambda: fwd(x, h0, c0, w_ih, w_hh, b, None, bs=torch.tensor([2.0, 2.0, 1.0])),
+                          "batch_sizes"),
+    "empty batch sizes": (lambda: fwd(x, h0, c0, w_ih, w_hh, b, None, kernel="sequence",
+                                      bs=torch.tensor([], dtype=torch.long)), "batch_sizes"),
+    "w_hr of 0 columns": (lambda: fwd(x, torch.randn(B, P), c0, w_ih, torch.randn(4 * H, P), b, torch.randn(P, 0)),
+                          "w_hr must be"),
+    "no w_hr, P != H": (lambda: fwd(x, torch.randn(B, P), c0, w_ih, torch.randn(4 * H, P), b, None), "without w_hr"),
+    "h0 of one row": (lambda: fwd(x, h0[:1], c0, w_ih, w_hh, b, None), "h0 must be"),
+    "meta w_ih": (lambda: fwd(x, h0, c0, w_ih.to("meta"), w_hh, b, None), "device"),
+    "unknown kernel": (lambda: fwd(x, h0, c0, w_ih, w_hh, b, None, kernel="foo"), "kernel must be"),
+    "grad_cT one row short": (lambda: bwd(grad_cT=cT[:1]), "grad_cT must be"),
+    "saved acts one step short": (lambda: bwd(acts=acts[:-1]), "acts (saved) must be"),
+    "w_hh of 4H + 1 rows": (lambda: bwd(w_hh=torch.randn(4 * H + 1, H)), "w_hh must be"),
+}
+for name, (call, message) in cases.items():
+    try:
+        call()
+    except (RuntimeError, ValueError) as error:
+        assert message in str(error), (name, str(error))
+    else:
+        raise AssertionError(f"{name}: no error")
+print("OK")
+"""
+    proc = run_python("-c", code, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-3000:]

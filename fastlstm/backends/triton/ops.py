@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from fastlstm import reference
 from fastlstm.backends import (
     VMAP_RULES,
     LayerCall,
@@ -188,8 +189,34 @@ def _parse_config(text: str) -> dict[str, int]:
     return config
 
 
-def _live_rows(batch_sizes: Tensor | None, T: int, B: int) -> list[int]:
-    return [B] * T if batch_sizes is None else [int(n) for n in batch_sizes.tolist()]
+def _check_shapes(x: Tensor, expected: dict[str, tuple[Tensor | None, tuple[int, ...] | None]]) -> None:
+    """Each tensor's shape (None: any) and device, x's, before any launch: the kernels index them by the layer's
+    sizes, so one smaller than they take is read or written out of bounds. On a GPU that is an illegal memory
+    access, which ends every later CUDA call of the process; under the interpreter it segfaulted or corrupted the
+    heap (a fuzz of the raw ops: a w_hr of 0 columns, grad_cT one row short, batch sizes above B)."""
+    for name, (t, shape) in expected.items():
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise RuntimeError(f"fastlstm triton: {name} is on {t.device}, x on {x.device}")
+        if shape is not None and tuple(t.shape) != shape:
+            raise RuntimeError(f"fastlstm triton: {name} must be {list(shape)}, got {list(t.shape)}")
+
+
+def _layer_sizes(x: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Tensor | None, kernel: str) -> tuple[int, ...]:
+    """T, B, I, H, P of a layer's arguments, checked for rank and for sizes the kernels can take."""
+    if kernel not in KERNELS:
+        raise ValueError(f"fastlstm triton: kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
+    if x.dim() != 3 or w_ih.dim() != 2 or w_hh.dim() != 2 or w_ih.shape[0] % 4:
+        raise RuntimeError(f"fastlstm triton: x must be [T, B, I], w_ih [4H, I] and w_hh [4H, P], got "
+                           f"{list(x.shape)}, {list(w_ih.shape)}, {list(w_hh.shape)}")  # fmt: skip
+    T, B, I = x.shape
+    H, P = w_ih.shape[0] // 4, w_hh.shape[1]
+    if min(I, H, P) < 1:
+        raise RuntimeError(f"fastlstm triton: input, hidden and projection sizes must be positive, got {I}, {H}, {P}")
+    if w_hr is None and P != H:
+        raise RuntimeError(f"fastlstm triton: without w_hr, w_hh must be [4H, H] = [{4 * H}, {H}], got {[4 * H, P]}")
+    return T, B, I, H, P
 
 
 # Triton's interpreter swaps triton.language's functions for its own while a kernel runs and puts them back after,
@@ -325,9 +352,12 @@ def forward_impl(
     kernel: str,
     save_acts: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    T, B, I = x.shape
-    H = w_hh.shape[0] // 4
-    P = w_hh.shape[1]
+    T, B, I, H, P = _layer_sizes(x, w_ih, w_hh, w_hr, kernel)
+    _check_shapes(x, {
+        "h0": (h0, (B, P)), "c0": (c0, (B, H)), "w_ih": (w_ih, (4 * H, I)), "w_hh": (w_hh, (4 * H, P)),
+        "b": (b, (4 * H,)), "w_hr": (w_hr, (P, H)),
+    })  # fmt: skip
+    live = reference.live_rows(batch_sizes, T, B)
     has_proj = w_hr is not None
     build_guard.check_launch(x, B, I, H, P if has_proj else 0, b is not None, batch_sizes is not None, reverse,
                              save_acts, kernel)  # fmt: skip
@@ -335,7 +365,7 @@ def forward_impl(
     buf = forward_buffers(T, B, H, P, x.dtype, x.device, has_proj, save_acts, xg=xg, w_hh=w_hh.contiguous(),
                           w_hr=w_hr.contiguous() if has_proj else None)  # fmt: skip
     start_state(buf, h0, c0, reverse)
-    run_forward_loop(buf, _live_rows(batch_sizes, T, B), reverse, has_proj, kernel)
+    run_forward_loop(buf, live, reverse, has_proj, kernel)
     hT, cT = final_state(buf, reverse)
     return buf.y, hT, cT, buf.acts, buf.hs, buf.cs, buf.r
 
@@ -399,9 +429,14 @@ def backward_rows_impl(
 
     from fastlstm.backends.triton import kernels
 
-    T, B, I = x.shape
-    H = w_hh.shape[0] // 4
-    P = w_hh.shape[1]
+    T, B, I, H, P = _layer_sizes(x, w_ih, w_hh, w_hr, kernel)
+    _check_shapes(x, {
+        "grad_y": (grad_y, (T, B, P)), "grad_hT": (grad_hT, (B, P)), "grad_cT": (grad_cT, (B, H)),
+        "w_ih": (w_ih, (4 * H, I)), "w_hh": (w_hh, (4 * H, P)), "w_hr": (w_hr, (P, H)),
+        "acts (saved)": (acts, (T, B, 4 * H)), "hs (saved)": (hs, (T + 1, B, P)), "cs (saved)": (cs, (T + 1, B, H)),
+        "r (saved)": (r, (T, B, H) if w_hr is not None else None),
+    })  # fmt: skip
+    live = reference.live_rows(batch_sizes, T, B)
     dtype = x.dtype
     cdt = _compute_dtype(dtype)
     has_proj = w_hr is not None
@@ -416,7 +451,6 @@ def backward_rows_impl(
     dh = grad_hT.to(cdt).contiguous().clone()
     dc = grad_cT.to(cdt).contiguous().clone()
     dhy = torch.empty(T, B, P, dtype=dtype, device=dev) if has_proj else dh
-    live = _live_rows(batch_sizes, T, B)
     blk, common = _launch_config(B, H, P, kernel, dtype)
     first = T - 1 if reverse else 0  # the first step the forward pass processed
     if kernel == "sequence":
@@ -473,8 +507,20 @@ def triton_forward(
     return forward_impl(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel)
 
 
+def _on_x_device(x: Tensor, batch_sizes: Tensor | None, *tensors: Tensor | None) -> None:
+    """The fakes serve every call with a meta tensor among its arguments: one whose tensors are not all on x's
+    device (batch_sizes on the CPU, or meta with x) fails as the kernels' checks would fail it, instead of
+    returning uninitialised tensors."""
+    for t in tensors:
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"fastlstm triton: every tensor must be on x's device {x.device}, got {t.device}")
+    if batch_sizes is not None and batch_sizes.device.type not in ("cpu", x.device.type):
+        raise RuntimeError(f"fastlstm triton: batch_sizes must be on the CPU, got {batch_sizes.device}")
+
+
 @triton_forward.register_fake
 def _(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel):
+    _on_x_device(x, batch_sizes, h0, c0, w_ih, w_hh, b, w_hr)
     T, B = x.shape[0], x.shape[1]
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
     cdt = _compute_dtype(x.dtype)
@@ -515,6 +561,7 @@ def triton_backward(
 
 @triton_backward.register_fake
 def _(grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, has_bias):
+    _on_x_device(x, batch_sizes, grad_y, grad_hT, grad_cT, w_ih, w_hh, w_hr, acts, hs, cs, r)
     B, P, H = hs.shape[1], hs.shape[2], cs.shape[2]
     return (
         torch.empty_like(x),
@@ -553,6 +600,7 @@ def triton_backward_rows(
 
 @triton_backward_rows.register_fake
 def _(grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel):
+    _on_x_device(x, batch_sizes, grad_y, grad_hT, grad_cT, w_ih, w_hh, w_hr, acts, hs, cs, r)
     T, B = x.shape[0], x.shape[1]
     P, H = hs.shape[2], cs.shape[2]
     return (
