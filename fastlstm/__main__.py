@@ -393,13 +393,13 @@ def _quota_note() -> str | None:
     ms (benchmarks/results/cpu-amd-epyc-zen4-2core.md)."""
     quota = cgroup_cpu_quota()
     threads = torch.get_num_threads()
-    if quota is None or threads <= math.ceil(quota):
+    fits = None if quota is None else math.ceil(quota)
+    if fits is None or threads <= fits:
         return None
     return (
         f"torch runs {threads} threads, but this process's cgroup allows {_cpus(quota)} of "
         f"time: once the threads have spent it, they wait for the next period, and the timings below mix both; "
-        f"torch.set_num_threads({math.ceil(quota)}) fits the quota (`python -m fastlstm bench --threads "
-        f"{math.ceil(quota)}`)"
+        f"torch.set_num_threads({fits}) fits the quota (`python -m fastlstm bench --threads {fits}`)"
     )
 
 

@@ -375,10 +375,8 @@ class LSTM(nn.RNNBase):
         else:  # the same kind of call passed every check before
             choices, amp = checked
             if type(input) is PackedSequence:
-                input, batch_sizes, sorted_indices, unsorted_indices = input
+                input, batch_sizes, sorted_indices, unsorted_indices, hx = self._unpack(input, hx)
                 is_batched = True
-                if hx is not None:
-                    hx = self.permute_hidden(hx, sorted_indices)  # the state in the pack's order, as _prepare has it
             else:
                 batch_sizes = sorted_indices = unsorted_indices = None
                 is_batched = input.dim() == 3
@@ -649,11 +647,7 @@ class LSTM(nn.RNNBase):
         batch_sizes = sorted_indices = unsorted_indices = None
         is_batched = True
         if isinstance(input, PackedSequence):
-            input, batch_sizes, sorted_indices, unsorted_indices = input
-            if hx is not None:
-                # nn.LSTM's order: the state in the pack's order first, then the checks (what that indexing makes
-                # of a malformed state fails as there; an unsorted pack's state of three loses the third)
-                hx = self.permute_hidden(hx, sorted_indices)
+            input, batch_sizes, sorted_indices, unsorted_indices, hx = self._unpack(input, hx)
             self._check_packed_call(input, hx)
         else:
             if input.dim() not in (2, 3):
@@ -673,6 +667,15 @@ class LSTM(nn.RNNBase):
             if not isinstance(given, (tuple, list)):
                 raise _not_a_state_list(given)
         return input, hx, batch_sizes, sorted_indices, unsorted_indices, is_batched
+
+    def _unpack(self, pack: PackedSequence, hx):
+        """(data, batch_sizes, sorted_indices, unsorted_indices, hx) with the state in the pack's order. nn.LSTM's
+        order: the state is permuted before any check (what that indexing makes of a malformed state fails as
+        there; an unsorted pack's state of three loses the third)."""
+        data, batch_sizes, sorted_indices, unsorted_indices = pack
+        if hx is not None:
+            hx = self.permute_hidden(hx, sorted_indices)
+        return data, batch_sizes, sorted_indices, unsorted_indices, hx
 
     def _check_packed_call(self, data: Tensor, hx) -> None:
         """nn.LSTM hands PackedSequence input to torch._VF.lstm unchecked: where a malformed call fails there with

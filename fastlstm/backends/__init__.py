@@ -182,6 +182,15 @@ _REGISTRY = {
 _loaded: dict[str, Backend] = {}
 
 
+def fake_on_x_device(backend: str, x: Tensor, *tensors: Tensor | None) -> None:
+    """For a layer op's fake kernel, which torch serves every call with a meta tensor among its arguments: a call
+    whose tensors are not all on x's device fails as the real kernel's checks would fail it, instead of returning
+    uninitialised tensors on x's device."""
+    for t in tensors:
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"fastlstm {backend}: tensors must be on one device, x's {x.device}; got {t.device}")
+
+
 def layer_op_grads(
     dx: Tensor, dh0: Tensor, dc0: Tensor, dw_ih: Tensor, dw_hh: Tensor, db: Tensor | None, dw_hr: Tensor | None
 ) -> tuple[Tensor | None, ...]:

@@ -85,6 +85,7 @@ from fastlstm.backends import (
     cache_root,
     constant_under_compile,
     differentiated_twice,
+    fake_on_x_device,
     functorch_grad_levels,
     grads_through_reference,
     per_sample_layer_grads,
@@ -467,17 +468,9 @@ _schemas.define(BWD_ROWS_SCHEMA)
 _schemas.define(STACK_FWD_SCHEMA)
 
 
-def _one_device(*tensors) -> None:
-    """The fakes serve every call with a meta tensor among its arguments: one that mixes devices fails as the CPU
-    kernels would fail it, instead of returning uninitialised tensors on x's device."""
-    devices = {t.device for t in tensors if isinstance(t, Tensor)}
-    if len(devices) > 1:
-        raise RuntimeError(f"fastlstm cpp: tensors must be on one device, got {sorted(str(d) for d in devices)}")
-
-
 @torch.library.register_fake("fastlstm::cpp_lstm_fwd", lib=_schemas)
 def _fwd_fake(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save):
-    _one_device(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes)
+    fake_on_x_device("cpp", x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes)
     T, B = x.shape[0], x.shape[1]
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
     saved_dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
@@ -495,7 +488,7 @@ def _fwd_fake(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save):
 
 @torch.library.register_fake("fastlstm::cpp_lstm_bwd", lib=_schemas)
 def _bwd_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, reverse, has_bias):
-    _one_device(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist)
+    fake_on_x_device("cpp", x, grad_y, grad_hT, grad_cT, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist)
     H = w_hh.shape[0] // 4
     db = x.new_empty((4 * H,)) if has_bias else x.new_empty((0,))
     dw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else x.new_empty((0,))
@@ -513,7 +506,7 @@ def _bwd_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes
 
 @torch.library.register_fake("fastlstm::cpp_lstm_bwd_rows", lib=_schemas)
 def _bwd_rows_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, reverse):
-    _one_device(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist)
+    fake_on_x_device("cpp", x, grad_y, grad_hT, grad_cT, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist)
     T, B = x.shape[0], x.shape[1]
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
     with_proj = w_hr is not None
@@ -530,7 +523,7 @@ def _bwd_rows_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_
 
 @torch.library.register_fake("fastlstm::cpp_lstm_stack_fwd", lib=_schemas)
 def _stack_fwd_fake(x, h0, c0, weights, batch_sizes, biases, proj, bidirectional):
-    _one_device(x, h0, c0, *weights, batch_sizes)
+    fake_on_x_device("cpp", x, h0, c0, *weights, batch_sizes)
     per_layer = 2 + biases + proj
     count, last_w_hh = len(weights) // per_layer, weights[-per_layer + 1]  # (layer, direction) pairs
     H, P = last_w_hh.shape[0] // 4, last_w_hh.shape[1]

@@ -25,6 +25,7 @@ from fastlstm.backends import (
     VMAP_RULES,
     LayerCall,
     differentiated_twice,
+    fake_on_x_device,
     functorch_grad_levels,
     grads_through_reference,
     layer_op_grads,
@@ -508,12 +509,8 @@ def triton_forward(
 
 
 def _on_x_device(x: Tensor, batch_sizes: Tensor | None, *tensors: Tensor | None) -> None:
-    """The fakes serve every call with a meta tensor among its arguments: one whose tensors are not all on x's
-    device (batch_sizes on the CPU, or meta with x) fails as the kernels' checks would fail it, instead of
-    returning uninitialised tensors."""
-    for t in tensors:
-        if t is not None and t.device != x.device:
-            raise RuntimeError(f"fastlstm triton: every tensor must be on x's device {x.device}, got {t.device}")
+    """fake_on_x_device for the triton ops, whose batch_sizes stay on the CPU (or are meta with x)."""
+    fake_on_x_device("triton", x, *tensors)
     if batch_sizes is not None and batch_sizes.device.type not in ("cpu", x.device.type):
         raise RuntimeError(f"fastlstm triton: batch_sizes must be on the CPU, got {batch_sizes.device}")
 
