@@ -167,11 +167,13 @@ _AUTOCAST_DTYPES: dict[tuple, _Autocast] = {}
 
 def _autocast_key(device_type: str) -> tuple | bool:
     """What decides autocast's dtypes for a call on device_type beside the call itself: autocast's dtype there,
-    and which ATen path nn.LSTM takes (oneDNN off, nn.LSTM under CPU bfloat16 autocast computes and returns
-    float32; cuDNN off, CUDA's nn.LSTM leaves cuDNN too). False when autocast is off there."""
+    which ATen path nn.LSTM takes (oneDNN off, nn.LSTM under CPU bfloat16 autocast computes and returns float32;
+    cuDNN off, CUDA's nn.LSTM leaves cuDNN too), and grad mode (oneDNN takes some dtypes at inference only: a
+    float16 model under CPU bfloat16 autocast gives float32 where grad mode is on). False when autocast is off
+    there."""
     if not _autocast_enabled(device_type):
         return False
-    return device_type, torch.get_autocast_dtype(device_type), *_aten_paths()
+    return device_type, torch.get_autocast_dtype(device_type), *_aten_paths(), torch.is_grad_enabled()
 
 
 @backends.constant_under_compile
@@ -250,7 +252,7 @@ def rebuilt_as(module: nn.RNNBase, cls: type[nn.RNNBase]) -> nn.RNNBase:
     """A `cls` instance (nn.LSTM or LSTM) holding `module`'s state: the very Parameter objects, buffers, hooks,
     mode, device and dtype. A parametrized module gives the same kind of parametrized class over `cls`. What
     only fastlstm.LSTM has (its backend) stays behind when `cls` is not one."""
-    fastlstm_only = () if issubclass(cls, LSTM) else ("backend", "_mixed_dtypes")
+    fastlstm_only = () if issubclass(cls, LSTM) else ("backend", "_mixed_dtypes")  # earlier releases kept the latter
     if parametrize.is_parametrized(module):
         # parametrize swaps the class for a generated subclass holding the parametrized properties;
         # build the same kind of subclass over the target class.
@@ -325,20 +327,20 @@ class LSTM(nn.RNNBase):
                 self._init_flat_weights()
                 return
 
-    def _init_flat_weights(self) -> None:
-        super()._init_flat_weights()
-        self.__dict__.pop("_mixed_dtypes", None)  # the weights were read afresh: _weights_mixed looks again
-
     def _weights_mixed(self) -> bool:
         """Whether the weights do not all share one dtype (a state_dict loaded with assign=True, say). Only nn.LSTM's
-        own path decides what that gives (an error, mostly), so dispatch sends such calls there. Worked out once
-        per reading of the weights (a `.data` swapped to another dtype in place goes unseen until then)."""
-        mixed = self.__dict__.get("_mixed_dtypes")
-        if mixed is None:
-            mixed = len({w.dtype for w in self._flat_weights if w is not None}) > 1
-            if not torch.compiler.is_compiling():  # dynamo before torch 2.7 cannot write a module's __dict__
-                self.__dict__["_mixed_dtypes"] = mixed
-        return mixed
+        own path decides what that gives (an error, mostly), so dispatch sends such calls there. Read on every
+        call: a `.data` swapped to another dtype keeps the Parameter, and so does not make the weights read afresh.
+        """
+        first = None
+        for w in self._flat_weights:
+            if w is None:
+                continue
+            if first is None:
+                first = w.dtype
+            elif w.dtype is not first:
+                return True
+        return False
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -796,7 +798,7 @@ class LSTM(nn.RNNBase):
 
         nn.LSTM's dtypes under autocast follow from which ATen path runs (oneDNN, cuDNN, the default
         implementation, packed or not) rather than from one rule, so they are read off the native path
-        itself: one tiny 1-step call per distinct combination, cached.
+        itself: one tiny 1-step call per distinct combination, cached, in the call's grad mode (_autocast_key).
         """
         device_type = input.device.type
         autocast = _autocast_key(device_type)
@@ -805,26 +807,28 @@ class LSTM(nn.RNNBase):
         weights = self._flat_weights
         # ATen takes another path for packed input whose batch sizes vary, with other dtypes
         varying = batch_sizes is not None and int(batch_sizes[0]) != int(batch_sizes[-1])
+        # and oneDNN takes no empty input: an empty batch goes to ATen's path, in its dtypes
+        empty = input.numel() == 0
         key = (
-            autocast, input.dtype, hx[0].dtype, hx[1].dtype, batch_sizes is not None, varying,
+            autocast, input.dtype, hx[0].dtype, hx[1].dtype, batch_sizes is not None, varying, empty,
             weights[0].dtype, self.num_layers, self.bidirectional, self.bias, self.proj_size,
         )  # fmt: skip
         if key not in _AUTOCAST_DTYPES:
-            layers, batch = hx[0].shape[0], 2 if varying else 1
+            layers, batch = hx[0].shape[0], 0 if empty else 2 if varying else 1
             # Fresh tensors of the call's dtypes, not new_zeros of its own: under torch.vmap those would be
             # batched too, and nn.LSTM's kernels have no batching rule.
-            x = _zeros_like_kind(input, 3 if varying else 1, input.shape[-1])
+            x = _zeros_like_kind(input, 3 if varying else batch, input.shape[-1])
             state = tuple(_zeros_like_kind(t, layers, batch, t.shape[-1]) for t in hx)
             weights = [None if w is None else _zeros_like_kind(w, *w.shape) for w in weights]
             flags = (self.bias, self.num_layers, 0.0, False, self.bidirectional)
 
             def probe() -> tuple[torch.dtype, ...]:
-                with torch.no_grad():
-                    if batch_sizes is None:
-                        out = torch._VF.lstm(x[None], state, weights, *flags, False)
-                    else:
-                        probe_sizes = torch.tensor([2, 1] if varying else [1], dtype=torch.int64)
-                        out = torch._VF.lstm(x, probe_sizes, state, weights, *flags)
+                # in the call's grad mode; nothing here requires grad, so no graph is recorded
+                if batch_sizes is None:
+                    out = torch._VF.lstm(x[None], state, weights, *flags, False)
+                else:
+                    probe_sizes = torch.tensor([2, 1] if varying else [1], dtype=torch.int64)
+                    out = torch._VF.lstm(x, probe_sizes, state, weights, *flags)
                 return tuple(t.dtype for t in out)
 
             try:

@@ -1507,7 +1507,6 @@ def test_python_threads_calling_at_once_get_their_own_numbers():
     assert_threads_get_lone_results(lambda job: _infer_and_train(*job), jobs, threads=6, repeats=15)
 
 
-
 def test_a_forked_worker_with_one_thread_runs_what_the_parent_ran():
     """A DataLoader worker, or a server's pre-forked worker, is a fork of a process whose OpenMP threads already
     ran the model. GNU OpenMP's pool does not survive a fork (nn.LSTM itself hangs there at two threads), and
@@ -1521,7 +1520,8 @@ from helpers import assert_same_results, lstm_call, make_pair
 torch.set_num_threads(2)
 torch.manual_seed(0)
 cases = []
-for dtype, batch, hidden, tol in ((torch.float32, 3, 48, 2e-5), (torch.float32, 8, 192, 5e-5), (torch.bfloat16, 4, 40, 5e-2)):
+shapes = ((torch.float32, 3, 48, 2e-5), (torch.float32, 8, 192, 5e-5), (torch.bfloat16, 4, 40, 5e-2))
+for dtype, batch, hidden, tol in shapes:
     ref, fast = make_pair(8, hidden, 2, backend="cpp", dtype=dtype)
     x = torch.randn(9, batch, 8, dtype=dtype)
     assert_same_results(ref, fast, [x], lstm_call, atol=tol, rtol=tol)  # the parent's pool runs them first
@@ -1541,6 +1541,7 @@ print("OK")
 """
     proc = run_python("-c", code, timeout=240)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-2000:] + proc.stderr[-2000:]
+
 
 # ---- inference in one call: every layer and direction of the stack through cpp_lstm_stack_fwd ----------------
 

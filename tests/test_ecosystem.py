@@ -1035,6 +1035,39 @@ def test_cpu_autocast_dtypes_and_accuracy_match_nn_lstm(backend, proj, hx_dtype,
             assert fastlstm.explain(fast, x).backends == [backend, backend]
 
 
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])  # no bf16 in the interpreter
+def test_cpu_autocast_dtypes_follow_grad_mode_and_empty_batches_as_nn_lstm(backend):
+    """nn.LSTM's dtypes under CPU autocast follow oneDNN, which takes some calls only with grad mode off (seen: a
+    float16 model under bfloat16 autocast returns bfloat16 under no_grad and float32 with grad mode on) and no
+    empty batch (ATen's path takes it, in float32 under bfloat16 autocast). The dtypes of each call are nn.LSTM's
+    in whatever order the calls come, remembered calls included, and the numbers stay within twice its error."""
+    torch.manual_seed(0)
+    for model_dtype in (torch.float32, torch.float16):
+        native = nn.LSTM(6, 8, dtype=model_dtype)
+        fast = fastlstm.LSTM(6, 8, dtype=model_dtype, backend=backend)
+        fast.load_state_dict(native.state_dict())
+        exact = nn.LSTM(6, 8, dtype=torch.float64)
+        exact.load_state_dict(native.state_dict())
+
+        def leaves(out):
+            y, (h, c) = out
+            return [y, h, c]
+
+        for grad, batch in [(False, 3), (True, 3), (False, 3), (True, 0), (False, 0), (True, 3), (False, 0)]:
+            x = torch.randn(5, batch, 6, dtype=model_dtype)
+            with torch.set_grad_enabled(grad):
+                expected = nn_lstm_under_cpu_autocast(lambda native=native, x=x: leaves(native(x)))
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    got = leaves(fast(x))
+            truth = leaves(exact(x.double()))
+            for e, g, t in zip(expected, got, truth):
+                assert g.dtype == e.dtype, (model_dtype, grad, batch, g.dtype, e.dtype)
+                if batch and backend != "reference":  # its plain ops round c to bfloat16 each step
+                    native_error = (e.double() - t).abs().max().item()
+                    fast_error = (g.double() - t).abs().max().item()
+                    assert fast_error <= 2 * native_error + 1e-3, (model_dtype, grad, fast_error, native_error)
+
+
 @pytest.mark.parametrize("backend", ["auto", "native", *[b for b in CPU_BACKENDS if b != "triton"]])
 @pytest.mark.parametrize("lengths", [None, [5, 5, 5]], ids=str)
 def test_cpu_autocast_where_onednn_fails_runs_as_nn_lstm_without_onednn(monkeypatch, backend, lengths):

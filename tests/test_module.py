@@ -257,20 +257,29 @@ def test_output_changed_in_place_before_backward(backend, proj):
         torch.testing.assert_close(got, expected, **TOL)
 
 
+def _set_bias_dtype(module: nn.Module, dtype: torch.dtype, swap: str) -> None:
+    if swap == "parameter":  # a new Parameter: the weights are read afresh
+        module.bias_hh_l0 = nn.Parameter(module.bias_hh_l0.detach().to(dtype))
+    else:  # the same Parameter, its data swapped: nothing is read afresh
+        module.bias_hh_l0.data = module.bias_hh_l0.data.to(dtype)
+
+
+@pytest.mark.parametrize("swap", ["parameter", "data"])
 @pytest.mark.parametrize(
     "module_dtype,bias_dtype",
     [(torch.float64, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.float32)],
 )
-def test_weights_of_mixed_dtypes_get_what_nn_lstm_gives(module_dtype, bias_dtype):
-    """A bias of another dtype (a state_dict loaded with assign=True): nn.LSTM raises, or (oneDNN, bfloat16)
-    computes; auto does exactly that, on the native path, also after a cached call of the same kind; a forced fast
-    backend refuses rather than promote silently."""
+def test_weights_of_mixed_dtypes_get_what_nn_lstm_gives(module_dtype, bias_dtype, swap):
+    """A bias of another dtype (a state_dict loaded with assign=True, or a `.data` swapped): nn.LSTM raises, or
+    (oneDNN, bfloat16) computes; auto does exactly that, on the native path, also after a remembered call of the
+    same kind; a forced fast backend refuses rather than promote silently, and runs again once the dtypes agree."""
     x = torch.randn(3, 2, I, dtype=module_dtype)
     ref, fast = make_pair(I, H, 1, dtype=module_dtype, backend="auto")
     forced = fastlstm.LSTM(I, H, dtype=module_dtype, backend="reference")
     fast(x)  # the same kind of call passes, and is remembered, before the bias changes
+    forced(x)
     for m in (ref, fast, forced):
-        m.bias_hh_l0 = nn.Parameter(m.bias_hh_l0.detach().to(bias_dtype))
+        _set_bias_dtype(m, bias_dtype, swap)
     try:
         expected = ref(x)
     except RuntimeError as error:
@@ -282,8 +291,10 @@ def test_weights_of_mixed_dtypes_get_what_nn_lstm_gives(module_dtype, bias_dtype
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(fastlstm.BackendUnavailableError, match="do not all share one dtype"):
         forced(x)
-    fast.bias_hh_l0 = nn.Parameter(fast.bias_hh_l0.detach().to(module_dtype))
+    for m in (fast, forced):
+        _set_bias_dtype(m, module_dtype, swap)
     assert "share one dtype" not in str(fastlstm.explain(fast, x))  # read afresh once the weights agree again
+    assert forced(x)[0].dtype == module_dtype
 
 
 def test_a_subclass_s_own_checks_run_on_every_call():
