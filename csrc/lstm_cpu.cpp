@@ -21,8 +21,8 @@
 //     running the whole time loop on its own rows: no barrier, nothing shared but the weights.
 //   * Other small steps (up to 2^20 multiply-adds, no projection) run as one team of threads for the whole
 //     sequence, each owning a slice of hidden units, with one spin barrier per step, forward and backward.
-//   * The pointwise cell is one fused loop in explicit SIMD with an own exp: ~1 ulp for float, ~1e-16
-//     relative for double; a row's last partial vector runs the same code through masked loads and stores.
+//   * The pointwise cell is one fused loop in explicit SIMD with an own exp: sigmoid and tanh within ~2 ulp for
+//     float, ~1e-16 relative for double; a row's last partial vector runs the same code through masked loads and stores.
 //   * Inference keeps no gates for backward: with the projection fused, one step's [B, 4H] buffer, reused.
 //   * Backward runs the reverse time loop for the gate gradients only; dx, dw_ih, dw_hh, db, dw_hr are then
 //     single GEMMs / reductions over all T*B rows (float32 weight gradients on Zen 5: oneDNN's matmul).

@@ -276,9 +276,9 @@ def test_module_stacked_bidirectional_proj(packed):
 
 
 def test_a_weight_of_another_dtype_is_refused_as_nn_lstm_refuses_it():
-    """A weight's .data swapped to float64 in place after a first call (the module does not read the weights'
-    dtypes again then): nn.LSTM raises a RuntimeError, and so does the triton layer, rather than reading float64
-    as float32."""
+    """A weight's .data swapped to float64 in place after a first call: nn.LSTM raises a RuntimeError; the module
+    sees the mixed dtypes on the next call and a forced triton refuses it, and the triton layer itself refuses
+    such a weight rather than reading float64 as float32."""
     torch.manual_seed(0)
     ref = nn.LSTM(3, 5)
     fast = fastlstm.LSTM(3, 5, backend="triton")
@@ -289,8 +289,11 @@ def test_a_weight_of_another_dtype_is_refused_as_nn_lstm_refuses_it():
         lstm.weight_hh_l0.data = lstm.weight_hh_l0.data.double()
     with pytest.raises(RuntimeError):
         ref(x)
-    with pytest.raises(RuntimeError, match="x's dtype torch.float32, got torch.float64"):
+    with pytest.raises(fastlstm.BackendUnavailableError, match="do not all share one dtype"):
         fast(x)
+    h0 = torch.zeros(2, 5)
+    with pytest.raises(RuntimeError, match="x's dtype torch.float32, got torch.float64"):
+        BACKEND.layer(x, h0, h0, fast.weight_ih_l0, fast.weight_hh_l0, fast.bias_ih_l0, None, None, False)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
