@@ -29,7 +29,13 @@ import triton.language as tl
 
 @triton.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    # Towards 1 as 1 - e / (1 + e): the small part's error (exp's, the division's) then stays small, and the one
+    # rounding of 1 - it is all that is left, where 1 / (1 + e) rounds twice near 1; a saturated gate's derivative
+    # s (1 - s) carries that error (csrc/cell.h measured it halve in float32). Below 0, e / (1 + e) itself; e of
+    # -|x| never overflows.
+    e = tl.exp(-tl.abs(x))
+    q = e / (1.0 + e)
+    return tl.where(x >= 0, 1.0 - q, q)
 
 
 @triton.jit
@@ -37,7 +43,8 @@ def _tanh(x):
     # (1 - e) / (1 + e), e = exp(-2|x|), cancels near 0 (an absolute error of an ulp of 1, so a relative error of
     # 3e-3 at activations ~1e-6, as 2 / (1 + e) - 1 had): below |x| = 1/5 the odd Taylor series to x^17 instead,
     # whose first omitted term (443861162/1856156927625 x^19) is below 1e-16 of x there (float64 under the
-    # interpreter too); above, the formula's cancellation costs at most a factor 3.
+    # interpreter too); above, the formula's cancellation costs at most a factor 3; beyond tanh 0.5 (|x| 0.55),
+    # 1 - 2e / (1 + e), for the reason _sigmoid goes towards 1 so.
     a = tl.abs(x)
     e = tl.exp(-2.0 * a)
     s = tl.minimum(a, 0.2)  # the series only where it is taken (no overflow for huge |x|)
@@ -45,7 +52,8 @@ def _tanh(x):
     p = -929569.0 / 638512875.0 + z * (6404582.0 / 10854718875.0)
     p = 62.0 / 2835.0 + z * (-1382.0 / 155925.0 + z * (21844.0 / 6081075.0 + z * p))
     p = -1.0 / 3.0 + z * (2.0 / 15.0 + z * (-17.0 / 315.0 + z * p))
-    t = tl.where(a < 0.2, s + s * z * p, (1.0 - e) / (1.0 + e))
+    t = tl.where(a < 0.55, (1.0 - e) / (1.0 + e), 1.0 - 2.0 * e / (1.0 + e))
+    t = tl.where(a < 0.2, s + s * z * p, t)
     return tl.where(x < 0, -t, t)
 
 
