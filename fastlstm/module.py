@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import warnings
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -114,15 +115,22 @@ def _plan_for(requested: str, shape: _CallShape) -> tuple[dispatch.Choice, ...]:
     return tuple(dispatch.plan(requested, calls))
 
 
-@functools.cache
+# Weakly keyed: parametrization (weight_norm, spectral_norm, ...) makes a class per module, whose properties hold the
+# module; a strong cache would keep every such model alive.
+_CHECKS_BY_CLASS: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
 def _checks_are_ours(cls: type) -> bool:
     """Whether `cls` (LSTM or a subclass) validates a call with LSTM's own checks: only then may a repeated call of
     one kind skip them (_call_key)."""
-    names = (
-        "check_forward_args", "check_input", "check_hidden_size", "get_expected_hidden_size",
-        "get_expected_cell_size",
-    )  # fmt: skip
-    return all(getattr(cls, name) is getattr(LSTM, name) for name in names)
+    ours = _CHECKS_BY_CLASS.get(cls)
+    if ours is None:
+        names = (
+            "check_forward_args", "check_input", "check_hidden_size", "get_expected_hidden_size",
+            "get_expected_cell_size",
+        )  # fmt: skip
+        ours = _CHECKS_BY_CLASS[cls] = all(getattr(cls, name) is getattr(LSTM, name) for name in names)
+    return ours
 
 
 # Plans of calls that passed every check, by LSTM._call_key, with what autocast makes of them (None when it is

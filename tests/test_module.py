@@ -678,3 +678,29 @@ def test_type_checks_that_readme_names():
     m = fastlstm.LSTM(I, H)
     assert not isinstance(m, nn.LSTM)  # README says so: code picking LSTMs by type must name fastlstm.LSTM too
     assert isinstance(m, nn.RNNBase) and m.mode == "LSTM" and isinstance(m, (nn.LSTM, fastlstm.LSTM))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", *fast_cpu_backends()])
+def test_a_parametrized_model_is_freed_once_dropped(backend):
+    """Parametrization makes a class per module, whose properties hold the module: nothing fastlstm remembers about
+    a call may keep that class (and so the model and its weights) alive."""
+    import gc
+    import weakref
+
+    def dropped_model():
+        m = fastlstm.LSTM(I, H, 2, dtype=torch.float64, backend=backend)
+        parametrizations.weight_norm(m, name="weight_hh_l0")
+        nn.utils.parametrize.register_parametrization(m, "weight_ih_l1", _Counted())
+        x = torch.randn(4, 3, I, dtype=torch.float64)
+        for _ in range(2):
+            m(x)[0].sum().backward()
+            m(nn.utils.rnn.pack_padded_sequence(x, [4, 2, 3], enforce_sorted=False))
+            m.step(x[0])
+        with torch.no_grad():
+            m(x)
+        converted = fastlstm.convert(nn.Sequential(m), to="torch")
+        return weakref.ref(m), weakref.ref(type(m)), weakref.ref(converted[0])
+
+    refs = dropped_model()
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
