@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -180,11 +181,19 @@ Scratch& gates_scratch() {
 // B64-T100-H512 on a 2-core Xeon ran 128-134 ms a step, 93-97 ms with glibc told to keep its memory
 // (MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_), and a profile of B256-T35-H512 had a quarter of its samples in page
 // faults. Kept here between calls instead, process-wide (a tensor is freed on whichever thread drops it), up to
-// kTensorKeep bytes (FASTLSTM_KEEP_TENSORS_MB overrides; 0 keeps none), and reused by exact (rounded) size: the
-// same model asks for the same sizes call after call. Only for tensors that stay inside the layer's ops: memory
-// from here cannot be resized, which a user's y may need.
+// kTensorKeep bytes (FASTLSTM_KEEP_TENSORS_MB overrides; 0 keeps none). Only for tensors that stay inside the
+// layer's ops: memory from here cannot be resized, which a user's y may need.
+//
+// Only what calls go on using is kept, so that memory follows the model's working set rather than the cap:
+// sequences of varying length (bucketed batches, packed lengths) ask for a new size nearly every step, and kept by
+// exact size those filled the cap with sizes that never came back (+520 MB over nn.LSTM's memory, training a
+// 2-layer H256 model on T of 20-200). A request takes the smallest kept block up to kFitSlack larger, and blocks
+// no request took for kIdlePeriods busy periods are freed, a busy period ending whenever none of the pool's
+// memory is in use (after a training step's backward, typically); over the cap, the longest idle go first.
 constexpr size_t kTensorKeep = size_t(512) << 20;
 constexpr size_t kTensorPoolMin = size_t(1) << 20;  // below this the allocator's own reuse suffices
+constexpr size_t kFitSlack = 4;                     // a block up to a quarter larger than asked serves
+constexpr uint64_t kIdlePeriods = 2;                // two: steps that alternate two shapes keep both
 
 inline size_t tensor_keep_bytes() {
   static const size_t v = std::getenv("FASTLSTM_KEEP_TENSORS_MB")
@@ -195,41 +204,75 @@ inline size_t tensor_keep_bytes() {
 
 class TensorPool {
  public:
-  void* take(size_t bytes) {
+  struct Block {
+    void* p;
+    size_t bytes;
+  };
+
+  Block take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = kept_.find(bytes);
-      if (it != kept_.end()) {
-        void* p = it->second;
+      auto it = kept_.lower_bound(bytes);
+      if (it != kept_.end() && it->first - bytes <= bytes / kFitSlack) {
+        const Block block{it->second.p, it->first};
         kept_.erase(it);
-        kept_bytes_ -= bytes;
-        return p;
+        kept_bytes_ -= block.bytes;
+        in_use_ += block.bytes;
+        return block;
       }
     }
     void* p = std::aligned_alloc(64, bytes);
     TORCH_CHECK(p != nullptr, "fastlstm: out of memory allocating ", bytes, " bytes");
-    return p;
-  }
-  void give(void* p, size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (kept_bytes_ + bytes > tensor_keep_bytes()) {
-      std::free(p);
-      return;
-    }
-    kept_.emplace(bytes, p);
-    kept_bytes_ += bytes;
+    in_use_ += bytes;
+    return {p, bytes};
   }
+
+  void give(const Block& block) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    in_use_ -= block.bytes;
+    kept_.emplace(block.bytes, Kept{block.p, period_});
+    kept_bytes_ += block.bytes;
+    while (kept_bytes_ > tensor_keep_bytes()) free_kept(longest_idle());
+    if (in_use_ == 0) end_period();
+  }
+
   size_t release() {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (const auto& [bytes, p] : kept_) std::free(p);
+    for (const auto& [bytes, kept] : kept_) std::free(kept.p);
     kept_.clear();
     return std::exchange(kept_bytes_, 0);
   }
 
  private:
+  struct Kept {
+    void* p;
+    uint64_t period;  // the busy period in which it was last given back
+  };
+  using Map = std::multimap<size_t, Kept>;
+
+  Map::iterator longest_idle() {
+    auto oldest = kept_.begin();
+    for (auto it = kept_.begin(); it != kept_.end(); ++it)
+      if (it->second.period < oldest->second.period) oldest = it;
+    return oldest;
+  }
+  Map::iterator free_kept(Map::iterator it) {
+    std::free(it->second.p);
+    kept_bytes_ -= it->first;
+    return kept_.erase(it);
+  }
+  void end_period() {
+    for (auto it = kept_.begin(); it != kept_.end();)
+      it = period_ - it->second.period >= kIdlePeriods ? free_kept(it) : std::next(it);
+    ++period_;
+  }
+
   std::mutex mutex_;
-  std::multimap<size_t, void*> kept_;
+  Map kept_;
   size_t kept_bytes_ = 0;
+  size_t in_use_ = 0;  // bytes of the pool's blocks held by live tensors
+  uint64_t period_ = 0;
 };
 
 // Never destroyed: tensors may be freed after static destructors ran, and their deleters come here.
@@ -243,10 +286,9 @@ at::Tensor pooled_tensor(at::IntArrayRef sizes, const at::TensorOptions& options
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
   if (bytes < kTensorPoolMin || tensor_keep_bytes() == 0)
     return zero ? at::zeros(sizes, options) : at::empty(sizes, options);
-  const size_t rounded = (bytes + 65535) & ~size_t(65535);
-  void* p = tensor_pool().take(rounded);
-  if (zero) std::memset(p, 0, bytes);
-  return at::from_blob(p, sizes, [rounded](void* q) { tensor_pool().give(q, rounded); }, options);
+  const TensorPool::Block block = tensor_pool().take((bytes + 65535) & ~size_t(65535));
+  if (zero) std::memset(block.p, 0, bytes);
+  return at::from_blob(block.p, sizes, [block](void*) { tensor_pool().give(block); }, options);
 }
 
 // Frees the memory kept between calls: now on the calling thread and its team of OpenMP threads, at their next

@@ -1475,6 +1475,18 @@ def test_kept_training_tensors_never_leak_stale_values_and_are_freed():
     assert cpu.release_memory() >= T * B * 4 * 128 * 4
 
 
+def test_kept_training_tensors_follow_the_working_set_when_lengths_vary():
+    """Training on sequences of varying length asks for new sizes nearly every step: what is kept between calls
+    stays near what a step uses (here at most 40 MB: blocks of two steps, each up to a quarter larger than asked),
+    not the sum of every size seen (about 300 MB here, which sizes kept for exact reuse had come to)."""
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(64, 128, backend="cpp")
+    cpu.release_memory()
+    for T in torch.randperm(40) + 20:  # saved gates and their gradients 1.6-4.7 MB each
+        _infer_and_train(model, torch.randn(int(T), 40, 64))
+    assert 0 < cpu.release_memory() <= 40 << 20
+
+
 def test_bfloat16_between_onednn_calls_gets_its_own_numbers():
     """oneDNN's bf16 kernels set the AMX tiles up their own way (or release them) on the same threads as cpp's: calls
     of both in turn, cpp's give bitwise what they give alone (cpp reads the tiles' layout back before each
