@@ -102,13 +102,16 @@ def random_cases(count: int, seed: int) -> list[Case]:
 @contextlib.contextmanager
 def exact_cudnn():
     """cuDNN without TF32 for a comparison: it multiplies float32 in TF32 by default (torch.backends.cudnn.allow_tf32),
-    ~1e-3 off exact, where fastlstm's kernels follow torch.backends.cuda.matmul.allow_tf32 (off by default)."""
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    ~1e-3 off exact, where fastlstm's kernels follow torch's switch for matmuls (off by default). Through the RNN's
+    own switch where torch has one (2.9+): allow_tf32 raises once conv and rnn were set apart with the newer API."""
+    newer = hasattr(torch._C, "_get_fp32_precision_getter")  # before it, cudnn.rnn is a module of helpers
+    owner, name = (torch.backends.cudnn.rnn, "fp32_precision") if newer else (torch.backends.cudnn, "allow_tf32")
+    before = getattr(owner, name)
+    setattr(owner, name, "ieee" if newer else False)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = tf32
+        setattr(owner, name, before)
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

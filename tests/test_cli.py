@@ -14,7 +14,7 @@ from helpers import ROOT, require_triton, run_python, run_pythons
 from torch import nn
 
 from fastlstm.benchmark import Shape
-from fastlstm.check import TOLERANCE, Case, _relative_error, compare
+from fastlstm.check import TOLERANCE, Case, _relative_error, compare, exact_cudnn
 
 
 def test_info_lists_every_backend():
@@ -120,6 +120,21 @@ def test_check_holds_an_exact_implementation_to_its_rounding(monkeypatch, dtype)
     case = Case(batch=6, seq_len=2, input_size=36, hidden_size=9, num_layers=3, bidirectional=True, proj_size=1)
     errors = compare(case, "native", "cpu", dtype)
     assert max(error for error, _ in errors.values()) <= torch.finfo(dtype).eps / 2, errors
+
+
+@pytest.mark.skipif(not hasattr(torch._C, "_get_fp32_precision_getter"), reason="torch before 2.9 has one switch")
+def test_exact_cudnn_works_after_torchs_newer_tf32_switches():
+    """With cuDNN's conv and RNN switched apart through torch's newer API, reading cudnn.allow_tf32 raises; the
+    comparisons still turn TF32 off for cuDNN's RNN, and put the switch back after."""
+    rnn, conv = torch.backends.cudnn.rnn, torch.backends.cudnn.conv
+    before = rnn.fp32_precision, conv.fp32_precision  # properties of torch's: monkeypatch cannot restore them
+    try:
+        rnn.fp32_precision, conv.fp32_precision = "tf32", "ieee"
+        with exact_cudnn():
+            assert rnn.fp32_precision == "ieee"
+        assert (rnn.fp32_precision, conv.fp32_precision) == ("tf32", "ieee")
+    finally:
+        rnn.fp32_precision, conv.fp32_precision = before
 
 
 def test_check_fails_on_a_wrong_backend(tmp_path):

@@ -233,6 +233,26 @@ def test_matches_nn_lstm_fp32(case, kernel):
             torch.testing.assert_close(got[key], expected[key], **TOL[torch.float32], msg=lambda m, k=key: f"{k}: {m}")
 
 
+@pytest.mark.skipif(not hasattr(torch._C, "_get_fp32_precision_getter"), reason="torch before 2.9 has one switch")
+def test_float32_follows_either_of_torchs_tf32_switches():
+    """Once torch's newer switch is set (torch.backends.cuda.matmul.fp32_precision), reading the older allow_tf32
+    raises: float32 calls still run, with the kernels' precision following whichever switch was set last."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision  # a property of torch's: monkeypatch cannot restore it
+    case = CASES[0]
+    expected = _nn_lstm_results(case, torch.float32, DEVICE)
+    try:
+        for switch, precision in [("fp32_precision", "tf32"), ("fp32_precision", "ieee"), ("allow_tf32", True)]:
+            setattr(matmul, switch, precision)
+            assert triton_ops._precision(torch.float32) == ("ieee" if precision == "ieee" else "tf32")
+            assert triton_ops._precision(torch.bfloat16) == "ieee"
+            got = _nn_lstm_results(case, torch.float32, DEVICE, _run_triton("step"))
+            tol = TOL[torch.float32] if precision == "ieee" or not HAS_CUDA else dict(atol=5e-3, rtol=5e-3)
+            torch.testing.assert_close(got["y"], expected["y"], **tol)
+    finally:
+        matmul.fp32_precision = before
+
+
 @pytest.mark.parametrize("case, kernel", _params(CASES, KERNELS))
 def test_inference_equals_training_forward(case, kernel):
     """Inference runs the kernels without storing the gates (SAVE_ACTS off) and, on CUDA, through a CUDA graph

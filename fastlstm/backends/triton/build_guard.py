@@ -120,8 +120,15 @@ def describe() -> str:
 
 
 def _tf32(dtype: torch.dtype) -> bool:
-    """Whether float32 dots may run as TF32 (ops._precision); half precision ignores the switch."""
-    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    """Whether float32 dots may run as TF32 (ops._precision), as torch's matmuls on CUDA do; half precision ignores
+    the switch. Read through fp32_precision where torch has it (2.9+): it answers after either of torch's switches,
+    where allow_tf32 raises once the newer one was set (torch.backends.cuda.matmul.fp32_precision = "tf32")."""
+    if dtype != torch.float32:
+        return False
+    matmul = torch.backends.cuda.matmul
+    if hasattr(torch._C, "_get_fp32_precision_getter"):
+        return matmul.fp32_precision == "tf32"
+    return matmul.allow_tf32
 
 
 def _applies(call: LayerCall) -> bool:

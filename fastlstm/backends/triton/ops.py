@@ -112,9 +112,7 @@ def _tl_acc(dtype: torch.dtype):
 
 def _precision(dtype: torch.dtype) -> str:
     # fp32 follows torch's own TF32 switch for matmuls (off by default): exact fp32 unless the user opts in.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    return "tf32" if build_guard._tf32(dtype) else "ieee"
 
 
 def _fma_dot(dtype: torch.dtype) -> bool:
