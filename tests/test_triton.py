@@ -662,6 +662,70 @@ def test_cuda_compile_inductor(kernel):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_cuda_sequence_kernel_never_waits_for_the_gpu_and_captures_in_a_callers_graph(packed):
+    """The sequence kernel's per-step batch sizes reach the GPU without a synchronizing copy, so neither its forward
+    nor its backward waits for the GPU, and a caller's own CUDA graph (torch.cuda.graph, inductor's cudagraphs)
+    can capture its forward: a replay gives what the call gives outside the graph."""
+    case = Case(6, 5, 7, 16, packed=packed)
+    tensors, bs = _layer_inputs(case, torch.float32, "cuda")
+    upstream = [torch.randn(shape, device="cuda") for shape in ((6, 5, 16), (5, 16), (5, 16))]
+
+    def train():
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in tensors.items() if v is not None}
+        outs = BACKEND.layer(**{k: leaves.get(k) for k in tensors}, batch_sizes=bs, reverse=False, kernel="sequence")
+        loss = sum((out * g).sum() for out, g in zip(outs, upstream))
+        return [out.detach() for out in outs], torch.autograd.grad(loss, list(leaves.values()))
+
+    def infer():
+        with torch.no_grad():
+            return BACKEND.layer(**tensors, batch_sizes=bs, reverse=False, kernel="sequence")
+
+    expected, inferred = train(), infer()  # compiles both variants of the kernel, outside what is checked
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = train()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for got, want in zip([*again[0], *again[1]], [*expected[0], *expected[1]]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
+        captured = infer()
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, inferred):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_a_failed_graph_capture_leaves_the_callers_stream_current(monkeypatch):
+    """A capture that fails (here: a loop that synchronizes, which capturing forbids) warns and runs the loop
+    plainly, and later work of the thread stays on the stream it was on."""
+    from fastlstm.backends.triton import graphs
+
+    graphs.clear()
+    monkeypatch.setattr(graphs, "_disabled_reason", None)
+    case = Case(4, 3, 5, 16)
+    tensors, _ = _layer_inputs(case, torch.float32, "cuda")
+    real_loop = triton_ops.run_forward_loop
+
+    def syncing_loop(*args, **kwargs):
+        torch.cuda.synchronize()
+        return real_loop(*args, **kwargs)
+
+    monkeypatch.setattr(triton_ops, "run_forward_loop", syncing_loop)
+    mine = torch.cuda.Stream()
+    with torch.cuda.stream(mine), torch.no_grad():
+        BACKEND.layer(**tensors, batch_sizes=None, reverse=False, kernel="step")  # warm-up: not captured
+        with pytest.warns(RuntimeWarning, match="CUDA graph failed"):
+            BACKEND.layer(**tensors, batch_sizes=None, reverse=False, kernel="step")
+        assert torch.cuda.current_stream() == mine
+    graphs.clear()
+
+
+@pytest.mark.cuda
 def test_cuda_unsupported_float64():
     assert "dtype" in BACKEND.unsupported_reason(_call(device_type="cuda", dtype=torch.float64))
 

@@ -186,6 +186,22 @@ def test_a_failing_capture_warns_once_and_the_loop_runs_plainly(recorder, monkey
     assert not graphs._graphs
 
 
+def test_graphed_calls_are_checked_as_launch_by_launch_ones(recorder, monkeypatch):
+    """Every graphed call passes the launch check (a configuration whose build crashed a child raises before
+    anything compiles, whatever changed since the call was planned) and the shape checks: an h0 of one row for a
+    batch of three is refused, not broadcast into the kept buffers."""
+    from fastlstm.backends.triton import build_guard
+
+    launches = []
+    monkeypatch.setattr(build_guard, "check_launch", lambda *args: launches.append(args[-2:]))
+    t = _inputs(T=3, B=3, I=4, H=5)
+    for _ in range(3):  # warm-up, capture, replay
+        _graphed(t, False)
+    assert launches == [(False, "step")] * 3 and recorder.captures == 1
+    with pytest.raises(RuntimeError, match=r"h0 must be \[3, 5\], got \[1, 5\]"):
+        _graphed({**t, "h0": t["h0"][:1]}, False)
+
+
 def test_threads_sharing_a_configuration_get_their_own_results(recorder):
     """Calls from several threads on one configuration (one set of kept buffers) each get their own numbers."""
     import threading

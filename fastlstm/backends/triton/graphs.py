@@ -22,6 +22,7 @@ as usual.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 import warnings
@@ -52,14 +53,23 @@ def capture(loop: Callable[[], None]) -> Callable[[], None]:
     graph = torch.cuda.CUDAGraph()
     # A side stream of our own per device (torch.cuda.graph's default is one stream for all devices, made on
     # whichever was current first), one capture at a time on it. thread_local: another thread's unrelated CUDA
-    # work meanwhile neither breaks the capture nor is caught in it.
+    # work meanwhile neither breaks the capture nor is caught in it. Not torch.cuda.graph itself: it
+    # synchronizes the device and empties torch's caches of GPU and pinned memory at every capture (room for a
+    # capture's own memory, which this loop hardly has), and when a capture fails its exit leaves the thread on
+    # the capture stream. The captured launches do not run, so nothing needs waiting for.
     with _capture_lock:
         device = torch.cuda.current_device()
         if device not in _capture_streams:
             _capture_streams[device] = torch.cuda.Stream(device)
-        stream = _capture_streams[device]
-        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-            loop()
+        with torch.cuda.stream(_capture_streams[device]):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                loop()
+            except BaseException:
+                with contextlib.suppress(Exception):  # the loop's error says more than the broken capture's
+                    graph.capture_end()
+                raise
+            graph.capture_end()
     return graph.replay
 
 
@@ -120,8 +130,8 @@ def forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Te
             w_hr: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """y, hT, cT of one dense inference call through the step kernel (the caller checked `applies`)."""
     global _disabled_reason
-    T, B, I = x.shape
-    H, P = w_hh.shape[0] // 4, w_hh.shape[1]
+    # as every launch's: a configuration whose build crashed a child raises here, before anything is compiled
+    T, B, I, H, P, _ = ops.checked_sizes(x, h0, c0, w_ih, w_hh, b, w_hr, None, reverse, "step", save_acts=False)
     has_proj = w_hr is not None
     precision, config = ops._precision(x.dtype), os.environ.get(ops.ENV_CONFIG)
     key = (x.device, _stream_key(x.device), x.dtype, T, B, H, P, has_proj, bool(reverse), precision, config)

@@ -242,8 +242,18 @@ def on_input_device(fn):
 
 
 def _padded_sizes(live: list[int], device: torch.device) -> Tensor:
-    """bs[T+2] int32 with bs[t+1] = live rows of time t and zeros at both ends (see kernels.py)."""
-    return torch.tensor([0, *live, 0], dtype=torch.int32, device=device)
+    """bs[T+2] int32 with bs[t+1] = live rows of time t and zeros at both ends (see kernels.py).
+
+    On CUDA not copied from pageable host memory: that copy waits for the stream (so every call of the sequence
+    kernel waited for the GPU to drain) and is refused inside a caller's CUDA graph capture. Dense calls fill it
+    on the GPU; packed ones copy from pinned memory without waiting."""
+    if device.type != "cuda":
+        return torch.tensor([0, *live, 0], dtype=torch.int32, device=device)
+    if min(live) == max(live):
+        bs = torch.full((len(live) + 2,), live[0], dtype=torch.int32, device=device)
+        bs[:: len(live) + 1] = 0
+        return bs
+    return torch.tensor([0, *live, 0], dtype=torch.int32).pin_memory().to(device, non_blocking=True)
 
 
 class ForwardBuffers(NamedTuple):
@@ -338,6 +348,20 @@ def final_state(buf: ForwardBuffers, reverse: bool) -> tuple[Tensor, Tensor]:
     return buf.hs[last].clone(), buf.cs[last].to(buf.y.dtype, copy=True)
 
 
+def checked_sizes(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel, save_acts):
+    """T, B, I, H, P and the live rows of each step, once every tensor's shape and device fits them and the launch
+    check passed (build_guard.check_launch: launches of a configuration whose build crashed a child raise)."""
+    T, B, I, H, P = _layer_sizes(x, w_ih, w_hh, w_hr, kernel)
+    _check_shapes(x, {
+        "h0": (h0, (B, P)), "c0": (c0, (B, H)), "w_ih": (w_ih, (4 * H, I)), "w_hh": (w_hh, (4 * H, P)),
+        "b": (b, (4 * H,)), "w_hr": (w_hr, (P, H)),
+    })  # fmt: skip
+    live = reference.live_rows(batch_sizes, T, B)
+    build_guard.check_launch(x, B, I, H, P if w_hr is not None else 0, b is not None, batch_sizes is not None,
+                             reverse, save_acts, kernel)  # fmt: skip
+    return T, B, I, H, P, live
+
+
 @on_input_device
 def forward_impl(
     x: Tensor,
@@ -352,15 +376,8 @@ def forward_impl(
     kernel: str,
     save_acts: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    T, B, I, H, P = _layer_sizes(x, w_ih, w_hh, w_hr, kernel)
-    _check_shapes(x, {
-        "h0": (h0, (B, P)), "c0": (c0, (B, H)), "w_ih": (w_ih, (4 * H, I)), "w_hh": (w_hh, (4 * H, P)),
-        "b": (b, (4 * H,)), "w_hr": (w_hr, (P, H)),
-    })  # fmt: skip
-    live = reference.live_rows(batch_sizes, T, B)
+    T, B, I, H, P, live = checked_sizes(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel, save_acts)
     has_proj = w_hr is not None
-    build_guard.check_launch(x, B, I, H, P if has_proj else 0, b is not None, batch_sizes is not None, reverse,
-                             save_acts, kernel)  # fmt: skip
     xg = torch.nn.functional.linear(x, w_ih, b).contiguous()  # [T, B, 4H], every step in one GEMM
     buf = forward_buffers(T, B, H, P, x.dtype, x.device, has_proj, save_acts, xg=xg, w_hh=w_hh.contiguous(),
                           w_hr=w_hr.contiguous() if has_proj else None)  # fmt: skip
