@@ -1122,7 +1122,10 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
   // Weight and input gradients: large GEMMs over all T*B rows.
   const int64_t TB = T * B;
   Tensor dg2 = dgates.view({TB, G4});
-  if (rows == nullptr) {
+  // Without rows to hand back and without dw_ih to fill, no weight needs a gradient (frozen weights, gradients for
+  // the input only): the weight gradients' products, a third of a training step's, are skipped.
+  const bool weights = rows == nullptr && dw_ih.defined();
+  if (weights) {
     at::sum_out(db, dg2, {0});
     if (proj) weight_grad<scalar_t>(dh_all.view({TB, P}), hraw_all.view({TB, H}), dw_hr);
   }
@@ -1130,6 +1133,7 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
     // bf16 in, bf16 out (float accumulation inside): the results' dtype, rounded once.
     Tensor dgk2 = dgates_k.view({TB, G4});
     dx = at::mm(dgk2, w_ih).view({T, B, I});
+    if (!weights) return;
     dw_ih = at::mm(dgk2.t(), x.view({TB, I}));
     dw_hh = at::mm(dgk2.t(), previous_h<elem_t>(y, h0, live, reverse).view({TB, P}));
     return;
@@ -1148,6 +1152,7 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
     *rows = {dgates, previous_h<scalar_t>(y, h0, live, reverse), dh_all, hraw_all};
     return;
   }
+  if (!weights) return;
   weight_grad<scalar_t>(dg2, x.view({TB, I}), dw_ih);
   if (!(reverse && packed)) {
     // Every row's first step is the same step (0, or T-1 in reverse), where h_prev is h0; elsewhere it is y of
@@ -1199,7 +1204,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
     const Tensor& grad_y_in, const Tensor& grad_hT_in, const Tensor& grad_cT_in, const Tensor& x_in,
     const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih_in, const Tensor& w_hh_in,
     const c10::optional<Tensor>& w_hr_in, const c10::optional<Tensor>& batch_sizes, const Tensor& y_in,
-    const Tensor& gates_in, const Tensor& c_hist_in, bool reverse, bool has_bias) {
+    const Tensor& gates_in, const Tensor& c_hist_in, bool reverse, bool has_bias, bool weight_grads) {
   const Dims d = check_args(x_in, h0_in, c0_in, w_ih_in, w_hh_in, c10::nullopt, w_hr_in, batch_sizes);
   const auto live = live_rows(batch_sizes, d.T, d.B);
   const bool packed = is_packed(batch_sizes);
@@ -1214,10 +1219,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
   Tensor dh = grad_hT_in.to(ct, false, true).contiguous();
   Tensor dc = grad_cT_in.to(ct, false, true).contiguous();
   Tensor dx = at::empty({d.T, d.B, d.I}, opts);
-  Tensor dw_ih = at::empty({4 * d.H, d.I}, opts);
-  Tensor dw_hh = at::empty({4 * d.H, d.P}, opts);
-  Tensor db = at::empty({4 * d.H}, opts);
-  Tensor dw_hr = w_hr.has_value() ? at::empty({d.P, d.H}, opts) : at::empty({0}, opts);
+  // Without weight_grads they stay undefined, which tells backward_impl to skip them, and go out empty.
+  Tensor dw_ih, dw_hh, db, dw_hr;
+  if (weight_grads) {
+    dw_ih = at::empty({4 * d.H, d.I}, opts);
+    dw_hh = at::empty({4 * d.H, d.P}, opts);
+    db = at::empty({4 * d.H}, opts);
+    dw_hr = w_hr.has_value() ? at::empty({d.P, d.H}, opts) : at::empty({0}, opts);
+  }
   if (d.T > 0 && d.B > 0) {
     if (bf16_dot) {
       backward_impl<float, Bf16Dot>(d, grad_y, x_in.contiguous(), h0_in.contiguous(), c0, w_ih_in.contiguous(),
@@ -1233,11 +1242,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
     }
   } else {
     dx.zero_();
-    dw_ih.zero_();
-    dw_hh.zero_();
-    db.zero_();
-    dw_hr.zero_();
+    for (Tensor* t : {&dw_ih, &dw_hh, &db, &dw_hr})
+      if (t->defined()) t->zero_();
   }
+  for (Tensor* t : {&dw_ih, &dw_hh, &db, &dw_hr})
+    if (!t->defined()) *t = at::empty({0}, opts);
   if (!has_bias) db = at::empty({0}, opts);
   if (dt != ct) {
     dx = dx.to(dt);
@@ -1310,9 +1319,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
     const Tensor& grad_y, const Tensor& grad_hT, const Tensor& grad_cT, const Tensor& x, const Tensor& h0,
     const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& w_hr,
     const c10::optional<Tensor>& batch_sizes, const Tensor& y, const Tensor& gates, const Tensor& c_hist,
-    bool reverse, bool has_bias) {
+    bool reverse, bool has_bias, bool weight_grads) {
   return fastlstm::lstm_bwd(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist,
-                            reverse, has_bias);
+                            reverse, has_bias, weight_grads);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows(

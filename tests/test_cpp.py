@@ -427,11 +427,51 @@ def test_opcheck(case, layout):
         case.bias,
     )
     torch.library.opcheck(torch.ops.fastlstm.cpp_lstm_bwd.default, bwd_args)
+    # Without the weight gradients (frozen weights): the same dx, dh0 and dc0, the weights' empty
+    torch.library.opcheck(torch.ops.fastlstm.cpp_lstm_bwd.default, (*bwd_args, False))
+    full, frozen = (torch.ops.fastlstm.cpp_lstm_bwd(*bwd_args, weights) for weights in (True, False))
+    assert all(torch.equal(a, b) for a, b in zip(full[:3], frozen[:3]))
+    assert [t.shape for t in frozen[3:]] == [(0,)] * 4
     # Backward by rows (per-sample gradients): rows[4] the h each step read; with a projection rows[5:7]
     assert_backward_rows_match(
         torch.ops.fastlstm.cpp_lstm_bwd.default, torch.ops.fastlstm.cpp_lstm_bwd_rows.default, bwd_args, nograd[0],
         h_prev=lambda rows: rows[4], proj_rows=lambda rows: rows[5:7] if case.P else None,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("trained", ["none", "bias_hh_l0", "weight_hr_l1_reverse"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_frozen_weights_get_no_gradient_and_the_input_nn_lstms(trained, dtype):
+    """Weights that need no gradient (a frozen encoder under trained layers) skip the weight gradients' products,
+    a third of a training step's: dx, dh0 and dc0 are nn.LSTM's, every frozen weight's .grad stays None, and a
+    weight left trainable among frozen ones gets nn.LSTM's gradient (then every product runs)."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(5, 6, 2, bidirectional=True, proj_size=3 if trained != "bias_hh_l0" else 0).to(dtype)
+    fast = fastlstm.LSTM(5, 6, 2, bidirectional=True, proj_size=ref.proj_size, backend="cpp").to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    x, lengths = torch.randn(6, 3, 5, dtype=dtype), torch.tensor([6, 2, 4])
+    tol = dict(atol=1e-9, rtol=1e-7) if dtype == torch.float64 else dict(atol=3e-2, rtol=3e-2)
+    results = []
+    for m in (ref, fast):
+        for name, p in m.named_parameters():
+            p.requires_grad_(name == trained)
+        grads = []
+        for packed in (False, True):
+            xi = x.clone().requires_grad_()
+            h0 = torch.zeros(4, 3, m.proj_size or 6, dtype=dtype, requires_grad=True)
+            c0 = torch.zeros(4, 3, 6, dtype=dtype, requires_grad=True)
+            inp = pack_padded_sequence(xi, lengths, enforce_sorted=False) if packed else xi
+            y, (h, c) = m(inp, (h0, c0))
+            y = y.data if packed else y
+            loss = y.float().sin().sum() + h.float().sum() + c.float().cos().sum()
+            m.zero_grad()
+            loss.backward()
+            grads += [xi.grad, h0.grad, c0.grad, *(p.grad for p in m.parameters())]
+        results.append(grads)
+    for got, want in zip(*reversed(results)):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, **tol)
 
 
 def test_inference_saves_nothing():

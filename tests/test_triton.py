@@ -267,6 +267,32 @@ def test_inference_equals_training_forward(case, kernel):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_frozen_weights_get_no_gradient_and_the_input_nn_lstms(kernel, monkeypatch):
+    """Weights that need no gradient skip the weight gradients' GEMMs (the rows alone, triton_backward_rows): dx,
+    dh0 and dc0 are nn.LSTM's and the weights' .grad stays None; with one weight trainable all of them run."""
+    monkeypatch.setenv(triton_ops.ENV_KERNEL, kernel)
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 5, proj_size=2, bidirectional=True).to(DEVICE)
+    fast = fastlstm.LSTM(3, 5, proj_size=2, bidirectional=True, backend="triton").to(DEVICE)
+    fast.load_state_dict(ref.state_dict())
+    x, h0 = torch.randn(4, 2, 3, device=DEVICE), torch.randn(2, 2, 2, device=DEVICE)
+    for trained in (None, "weight_hr_l0_reverse"):
+        results = []
+        for m in (ref, fast):
+            for name, p in m.named_parameters():
+                p.requires_grad_(name == trained)
+                p.grad = None
+            xi, hi = x.clone().requires_grad_(), h0.clone().requires_grad_()
+            y, (h, c) = m(xi, (hi, torch.zeros(2, 2, 5, device=DEVICE)))
+            (y.sin().sum() + h.sum() + c.cos().sum()).backward()
+            results.append([xi.grad, hi.grad, *(p.grad for p in m.parameters())])
+        for got, want in zip(results[1], results[0]):
+            assert (got is None) == (want is None)
+            if want is not None:
+                torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
 def test_kernels_agree_with_each_other():
     case = Case(4, 3, 3, 6, proj=4, packed=True)
     tensors, bs = _layer_inputs(case, torch.float32)

@@ -192,11 +192,18 @@ def fake_on_x_device(backend: str, x: Tensor, *tensors: Tensor | None) -> None:
 
 
 def layer_op_grads(
-    dx: Tensor, dh0: Tensor, dc0: Tensor, dw_ih: Tensor, dw_hh: Tensor, db: Tensor | None, dw_hr: Tensor | None
+    dx: Tensor,
+    dh0: Tensor,
+    dc0: Tensor,
+    dw_ih: Tensor | None,
+    dw_hh: Tensor | None,
+    db: Tensor | None,
+    dw_hr: Tensor | None,
 ) -> tuple[Tensor | None, ...]:
     """The backward result of a fast backend's layer op, whose inputs follow the layer contract's order
     (x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, one op-specific flag): the three non-tensor inputs
-    get None. Pass None for db / dw_hr when the layer has no bias / projection."""
+    get None. Pass None for db / dw_hr when the layer has no bias / projection, and for every weight's when none
+    needs a gradient."""
     return dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr, None, None, None
 
 

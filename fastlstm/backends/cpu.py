@@ -24,7 +24,9 @@ kernel) in C++, loaded on first use, with stand-ins that load them until then; u
 transforms, which cannot run a C++ autograd Function, the layer takes the same ops through _FuncLayer instead)
     cpp_lstm_fwd(x, h0, c0, w_ih, w_hh, b?, w_hr?, batch_sizes?, reverse, save) -> (y, hT, cT, gates, c_hist)
     cpp_lstm_bwd(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr?, batch_sizes?, y, gates, c_hist,
-                 reverse, has_bias) -> (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
+                 reverse, has_bias, weight_grads=True) -> (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr): the weight
+                 gradients empty ([0]) without weight_grads, which the layer's autograd passes where no weight
+                 needs a gradient (frozen weights)
     cpp_lstm_bwd_rows(grad_y, ..., c_hist, reverse) -> (dx, dh0, dc0, dgates, h_prev, dh_out, h_raw): backward
                  without the weight gradients, for their sums per sample under torch.vmap (float32, float64)
     gates [T, B, 4H] (activated) and c_hist [T, B, H] are what backward needs; they are empty ([0]) when
@@ -449,7 +451,7 @@ FWD_SCHEMA = (
 BWD_SCHEMA = (
     "cpp_lstm_bwd(Tensor grad_y, Tensor grad_hT, Tensor grad_cT, Tensor x, Tensor h0, Tensor c0, Tensor w_ih, "
     "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, Tensor y, Tensor gates, Tensor c_hist, bool reverse, "
-    "bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "bool has_bias, bool weight_grads=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 BWD_ROWS_SCHEMA = (
     "cpp_lstm_bwd_rows(Tensor grad_y, Tensor grad_hT, Tensor grad_cT, Tensor x, Tensor h0, Tensor c0, Tensor w_ih, "
@@ -487,21 +489,31 @@ def _fwd_fake(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save):
 
 
 @torch.library.register_fake("fastlstm::cpp_lstm_bwd", lib=_schemas)
-def _bwd_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, reverse, has_bias):
+def _bwd_fake(
+    grad_y,
+    grad_hT,
+    grad_cT,
+    x,
+    h0,
+    c0,
+    w_ih,
+    w_hh,
+    w_hr,
+    batch_sizes,
+    y,
+    gates,
+    c_hist,
+    reverse,
+    has_bias,
+    weight_grads=True,
+):
     fake_on_x_device("cpp", x, grad_y, grad_hT, grad_cT, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist)
     H = w_hh.shape[0] // 4
-    db = x.new_empty((4 * H,)) if has_bias else x.new_empty((0,))
-    dw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else x.new_empty((0,))
-    # The kernel returns contiguous gradients whatever the inputs' strides: new_empty, not empty_like.
-    return (
-        x.new_empty(x.shape),
-        h0.new_empty(h0.shape),
-        c0.new_empty(c0.shape),
-        w_ih.new_empty(w_ih.shape),
-        w_hh.new_empty(w_hh.shape),
-        db,
-        dw_hr,
-    )
+    # The kernel returns contiguous gradients whatever the inputs' strides: new_empty, not empty_like. Weight
+    # gradients left out (weight_grads false) come back empty, as a missing bias's and projection's.
+    sizes = [w_ih.shape, w_hh.shape, (4 * H,) if has_bias else (0,), w_hr.shape if w_hr is not None else (0,)]
+    weight_rows = [x.new_empty(size if weight_grads else (0,)) for size in sizes]
+    return (x.new_empty(x.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape), *weight_rows)
 
 
 @torch.library.register_fake("fastlstm::cpp_lstm_bwd_rows", lib=_schemas)
@@ -548,8 +560,13 @@ def _bwd_vmap(info, in_dims, *args):
     of its own, which one call over all the samples' rows would sum: the samples' rows run side by side through
     cpp_lstm_bwd_rows, which leaves the weight gradients out, and each sample's are summed from its rows here
     (float32 and float64; weights that differ per sample, and bfloat16 and float16, take one call per sample)."""
-    grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, reverse, has_bias = args
-    if any(dim is not None for dim in in_dims[6:10]) or x.dtype not in (torch.float32, torch.float64):
+    grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, reverse, has_bias = args[:15]
+    weight_grads = args[15] if len(args) > 15 else True
+    if (
+        any(dim is not None for dim in in_dims[6:10])
+        or x.dtype not in (torch.float32, torch.float64)
+        or not weight_grads
+    ):
         return vmap_per_sample(torch.ops.fastlstm.cpp_lstm_bwd.default, info, in_dims, args)
     samples = info.batch_size
     rows = (grad_y, grad_hT, grad_cT, x, h0, c0, y, gates, c_hist)

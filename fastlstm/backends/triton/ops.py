@@ -649,6 +649,12 @@ def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused):
         return layer_op_grads(*grads_through_reference(inputs, batch_sizes, ctx.reverse, (grad_y, grad_hT, grad_cT)))
     # No graph: these gradients are not differentiated. And the op's autograd layer (torch.library's
     # autograd.Function, without setup_context) raises under a torch.func gradient transform if it records one.
+    if not any(ctx.needs_input_grad[3:7]):  # frozen weights: the rows alone, without the weight gradients' GEMMs
+        with torch.no_grad():
+            dx, dh0, dc0, _, _ = triton_backward_rows(
+                grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel
+            )
+        return layer_op_grads(dx, dh0, dc0, None, None, None, None)
     with torch.no_grad():
         dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = triton_backward(
             grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel,
