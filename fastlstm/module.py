@@ -960,8 +960,8 @@ class LSTM(nn.RNNBase):
             x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = self._dropout(x, batch_sizes)
-        if len(h_n) == 1:  # one layer, one direction: a view, not a copy
-            return x, h_n[0].unsqueeze(0), c_n[0].unsqueeze(0)
+        # A copy even of one layer's state, not a view of it: as nn.LSTM's, h_n and c_n must take detach_()
+        # (truncated backpropagation's `h.detach_()`), which a view refuses.
         return x, torch.stack(h_n), torch.stack(c_n)
 
     def _dropout(self, x: Tensor, batch_sizes: Tensor | None) -> Tensor:

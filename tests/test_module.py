@@ -704,3 +704,30 @@ def test_a_parametrized_model_is_freed_once_dropped(backend):
     refs = dropped_model()
     gc.collect()
     assert [r() for r in refs] == [None, None, None]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", *fast_cpu_backends()])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_states_take_detach_in_place_as_nn_lstms(backend, grad):
+    """Truncated backpropagation detaches the carried state in place (`h.detach_()`), which a view refuses: the
+    states every kind of call returns are views exactly where nn.LSTM's are (an unbatched call's)."""
+    x = torch.randn(4, 2, I, dtype=torch.float64)
+    calls = {
+        "tensor": lambda m: m(x)[1],
+        "unbatched": lambda m: m(x[:, 0])[1],
+        "packed": lambda m: m(nn.utils.rnn.pack_padded_sequence(x, [4, 2], enforce_sorted=False))[1],
+    }
+    for layers, bidirectional in [(1, False), (1, True), (2, False)]:
+        ref, fast = make_pair(I, H, layers, bidirectional=bidirectional, backend=backend)
+        for kind, call in calls.items():
+            with torch.set_grad_enabled(grad):
+                expected, got = call(ref), call(fast)
+            for want, have in zip(expected, got):
+                assert (have._base is None) == (want._base is None), (kind, layers, bidirectional)
+                if want._base is None:
+                    have.detach_()
+    fast = make_pair(I, H, 1, backend=backend)[1]
+    with torch.set_grad_enabled(grad):
+        states = [fast(x, lengths=[4, 2])[1], fast.step(x[0])[1]]
+    for h, c in states:
+        h.detach_(), c.detach_()
