@@ -796,9 +796,19 @@ class LSTM(nn.RNNBase):
         b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
         return weights[0], weights[1], b_ih, b_hh, weights[-1] if self.proj_size > 0 else None
 
-    def _layer_weights(self, layer: int, direction: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """(w_ih, w_hh, b, w_hr) of one layer and direction as the layer contract takes them: b = b_ih + b_hh."""
-        w_ih, w_hh, b_ih, b_hh, w_hr = self._parameters_of(layer, direction)
+    def _layer_weights(
+        self, layer: int, direction: int, backend=None, dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(w_ih, w_hh, b, w_hr) of one layer and direction as the layer contract takes them: b = b_ih + b_hh.
+
+        With dtype (autocast's), each parameter is cast first by `backend` and the biases summed in dtype after, as
+        nn.LSTM's native path sums its cast biases: the same bias, and where the backend takes its casts from
+        autocast's cache, the biases' casts are cached too, so a bias changed in place within an autocast region
+        is read as stale as nn.LSTM reads its weights and biases there, not afresh beside cached weights."""
+        params = self._parameters_of(layer, direction)
+        if dtype is not None:
+            params = backend.autocast_weights(list(params), dtype)
+        w_ih, w_hh, b_ih, b_hh, w_hr = params
         return w_ih, w_hh, None if b_ih is None else b_ih + b_hh, w_hr
 
     def _autocast_dtypes(self, input: Tensor, hx, batch_sizes: Tensor | None) -> _Autocast | None:
@@ -912,19 +922,12 @@ class LSTM(nn.RNNBase):
         self, backend, x: Tensor, hx, batch_sizes: Tensor | None, weight_dtype=None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """backend.inference_stack with this module's weights and flags: y, h_n, c_n as _layered_stack gives them
-        (weight_dtype as there: each layer's weights and its bias sum cast to it)."""
+        (weight_dtype as there: each weight and bias cast to it, the biases summed after, in the op)."""
         flags = (self.proj_size > 0, self.bidirectional)
-        if weight_dtype is None:
-            return backend.inference_stack(x, hx, self._flat_weights, batch_sizes, 2 if self.bias else 0, *flags)
-        weights = [
-            w
-            for layer in range(self.num_layers)
-            for direction in range(self._num_directions)
-            for w in self._layer_weights(layer, direction)
-            if w is not None
-        ]
-        weights = backend.autocast_weights(weights, weight_dtype)
-        return backend.inference_stack(x, hx, weights, batch_sizes, 1 if self.bias else 0, *flags)
+        weights = self._flat_weights
+        if weight_dtype is not None:
+            weights = backend.autocast_weights(list(weights), weight_dtype)
+        return backend.inference_stack(x, hx, weights, batch_sizes, 2 if self.bias else 0, *flags)
 
     def _layer_states(self, x: Tensor, hx) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """The initial (h, c) of each (layer, direction) for time-major x; zeros when hx is None."""
@@ -950,9 +953,7 @@ class LSTM(nn.RNNBase):
             for direction in range(self._num_directions):
                 k = layer * self._num_directions + direction
                 backend = backends.get(choices[k].backend)
-                weights = self._layer_weights(layer, direction)
-                if weight_dtype is not None:
-                    weights = backend.autocast_weights(list(weights), weight_dtype)
+                weights = self._layer_weights(layer, direction, backend, weight_dtype)
                 y, h, c = backend.layer(x, h0[k], c0[k], *weights, batch_sizes, direction == 1)
                 outputs.append(y)
                 h_n.append(h)

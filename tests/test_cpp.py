@@ -1728,6 +1728,33 @@ def test_autocast_weights_are_cast_once_an_autocast_region():
         assert outside is not inside and not outside.is_inference() and outside.grad_fn is not None
 
 
+@pytest.mark.parametrize("backend", ["cpp", "auto"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_parameters_changed_within_an_autocast_region_are_read_as_nn_lstm_reads_them(backend, grad):
+    """Within one autocast region nn.LSTM computes with autocast's cached casts of its weights and biases, so a
+    parameter changed in place there (an optimizer step inside the region) is not seen until the next region:
+    cpp takes the same cache for the biases too (each cast, then summed), so it does not mix stale weights with
+    fresh biases; a new region sees the change, as nn.LSTM does."""
+    torch.manual_seed(0)
+    ref, fast = make_pair(5, 7, 2, backend=backend, dtype=torch.float32)
+    x = torch.randn(4, 3, 5)
+    outputs = []
+    for m in (ref, fast):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            first = m(x)[0]
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(0.5)
+            within = m(x)[0]
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            after = m(x)[0]
+        outputs.append((first, within, after))
+    (ref_first, ref_within, ref_after), (first, within, after) = outputs
+    assert torch.equal(ref_within, ref_first) and torch.equal(within, first)
+    assert not torch.equal(after, first)
+    torch.testing.assert_close(after.float(), ref_after.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_autocast_weights_from_the_cache_give_the_same_numbers_and_gradients(monkeypatch):
     """Weights from autocast's cache: bitwise the numbers of weights cast on every call, at inference (the stack in
     one call, forward and step) and in training; and a training call after inference in the same autocast region
