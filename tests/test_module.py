@@ -731,3 +731,17 @@ def test_states_take_detach_in_place_as_nn_lstms(backend, grad):
         states = [fast(x, lengths=[4, 2])[1], fast.step(x[0])[1]]
     for h, c in states:
         h.detach_(), c.detach_()
+
+
+@pytest.mark.parametrize("backend", ["native", "reference", *fast_cpu_backends()])
+def test_a_model_made_under_inference_mode_raises_when_trained_as_nn_lstm(backend):
+    """Parameters made under torch.inference_mode cannot be saved for backward outside it: nn.LSTM raises, and so
+    does every backend (the reference's matmuls had silently recorded no graph, so no gradient); inference runs."""
+    x = torch.randn(3, 2, I, dtype=torch.float64)
+    for cls in (nn.LSTM, lambda *a, **k: fastlstm.LSTM(*a, **k, backend=backend)):
+        with torch.inference_mode():
+            m = cls(I, H, dtype=torch.float64)
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+            m(x)
+        with torch.no_grad():
+            assert m(x)[0].shape == (3, 2, H)

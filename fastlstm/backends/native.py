@@ -86,7 +86,20 @@ class ReferenceBackend(Backend):
     name = "reference"
 
     def layer(self, x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse) -> LayerResult:
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            _refuse_inference_weights(w_ih, w_hh, b, w_hr)
         return reference.lstm_layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse)
+
+
+def _refuse_inference_weights(*weights) -> None:
+    """nn.LSTM's error for weights made under torch.inference_mode that need a gradient outside it (a model built
+    there, then trained): a matmul with such a weight records no graph, and the reference's gradients would be
+    silently missing where every other path raises."""
+    if any(w is not None and w.requires_grad and w.is_inference() for w in weights):
+        raise RuntimeError(
+            "Inference tensors cannot be saved for backward. Please do not use Tensors created in inference mode in "
+            "computation tracked by autograd. To work around this, you can make a clone to get a normal tensor"
+        )
 
 
 BACKEND = NativeBackend()
