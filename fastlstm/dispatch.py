@@ -353,8 +353,16 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       hidden 32-1024; `-float32-grid-run*.json`, `-float32-extra-run*.json`), once cpp's step left MKL's packed
       GEMM below 8 rows and at a w_hh narrower than 256 (csrc/blas.h): training won every shape (beyond batch 4,
       1.06-2.53x); inference beyond batch 4 won every shape below hidden 256 (9 shapes 1.09-3.72x) and was mixed
-      from it, where MKL runs the step (15 shapes 0.92-1.42x; hidden 256 at batch 8-256 0.92-1.09x). So on
-      Intel with AMX float32 goes to cpp in training at any batch and at inference below hidden 256.
+      from it, where MKL runs the step (15 shapes 0.92-1.42x; hidden 256 at batch 8-256 0.92-1.09x). Measured
+      again at 2269ae7, 28 shapes beyond batch 4 from hidden 256 (batch 5-256, hidden 256-1024, 35-200 steps, 1-2
+      layers, uni- and bidirectional) twice (`-float32-inference-beyond-batch4-run*.json`,
+      `-float32-inference-beyond-batch4-more-run*.json`): batch 5-7 won at every hidden (5 shapes 1.07-1.21x;
+      B6-H384 1.38-1.42x before), hidden 384-1024 up to batch 32 won every shape (7 shapes 1.07-1.44x; with the
+      earlier runs' B8-H1024, B16-H512, B24-H384 1.09x and up), beyond batch 32 there it was close to even
+      (B40-H448 0.94x, 1.00x; B256-H512 0.89x, 0.91x; six more 1.02-1.07x), and hidden 256-320 beyond batch 7
+      even or lost (hidden 256: 9 shapes 0.92-1.05x; hidden 320: 1.00-1.05x). So on Intel with AMX float32 goes
+      to cpp in training at any batch, and at inference below hidden 256, up to batch 7, and from hidden 384 up
+      to batch 32.
       bfloat16: oneDNN runs it on AMX tiles, and cpp's vdpbf16ps kernel
       lost inference on 11 of the grid's 14 shapes (0.17-0.79x; `-bfloat16-vector-kernel.json`). With cpp's bf16
       products on the tiles too (csrc/amx.h), twice each: the grid, inference 1.01-1.80x, training 0.95-5.57x
@@ -395,7 +403,9 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             return None
         if _cpu_amd_zen3() and not (call.hidden_size >= 640 and call.batch > 8):
             return None
-        if _cpu_intel_amx() and (call.needs_grad or call.hidden_size < 256):
+        if _cpu_intel_amx() and (call.needs_grad or call.hidden_size < 256 or call.batch <= 7):
+            return None
+        if _cpu_intel_amx() and call.hidden_size >= 384 and call.batch <= 32:
             return None
         if not call.needs_grad and _cpu_amd_family() >= 0x1A and call.batch <= 8:
             return None
@@ -411,7 +421,8 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             "float32 beyond batch 4 (16 at hidden <= 64 or at most 10 steps; any batch for one step; inference on "
             "Zen 4 and 5 where the rows split among threads, on Zen 5 up to batch 8; training where the cpp build "
             "takes its weight gradients through oneDNN; on Zen 3 any batch below hidden 640, up to batch 8 from it; "
-            "on Intel with AMX training at any batch, inference below hidden 256): oneDNN measured as fast or faster"
+            "on Intel with AMX training at any batch, inference below hidden 256, up to batch 7 and from hidden 384 "
+            "up to batch 32): oneDNN measured as fast or faster"
         )
     if call.dtype == torch.bfloat16:
         return _cpp_bf16_slower_reason(call)

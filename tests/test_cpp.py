@@ -1158,8 +1158,12 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     monkeypatch.setattr(dispatch, "_cpu_amd_zen3", lambda: False)
     monkeypatch.setattr(dispatch, "_cpu_intel_amx", lambda: True)  # Intel with AMX: float32 ...
     assert _auto_backends(torch.float32, 256, train=True, hidden=1024) == ["cpp"] * 4  # ... training at any batch
-    assert _auto_backends(torch.float32, 256, hidden=255) == ["cpp"] * 4  # ... inference below hidden 256
+    assert _auto_backends(torch.float32, 256, hidden=255) == ["cpp"] * 4  # ... inference below hidden 256,
+    assert _auto_backends(torch.float32, 7, hidden=1024) == ["cpp"] * 4  # up to batch 7,
+    assert _auto_backends(torch.float32, 32, hidden=384) == ["cpp"] * 4  # from hidden 384 up to batch 32
     assert _auto_backends(torch.float32, 8, hidden=256) == ["native"] * 4
+    assert _auto_backends(torch.float32, 8, hidden=383) == ["native"] * 4
+    assert _auto_backends(torch.float32, 33, hidden=384) == ["native"] * 4
     monkeypatch.setattr(dispatch, "_cpu_intel_amx", lambda: False)
     monkeypatch.setattr(dispatch, "_cpu_amd_family", lambda: 0x1A)  # Zen 5: inference up to batch 8
     assert _auto_backends(torch.float32, 8) == ["cpp"] * 4
