@@ -83,6 +83,7 @@ class _CallShape(NamedTuple):
     # torch's thread count, for CPU calls: the CPU rule reads it (how the cpp forward splits its rows among
     # threads), so a remembered plan holds for one count. 0 on other devices and while tracing (not remembered).
     threads: int = 0
+    device_index: int | None = None  # a CUDA device's (LayerCall.device_index)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -108,6 +109,7 @@ def _plan_for(requested: str, shape: _CallShape) -> tuple[dispatch.Choice, ...]:
             forward_ad=shape.forward_ad,
             grad_of_grad=shape.grad_of_grad,
             mixed_dtypes=shape.mixed_dtypes,
+            device_index=shape.device_index,
         )
         for layer in range(shape.num_layers)
         for direction in range(shape.num_directions)
@@ -643,6 +645,7 @@ class LSTM(nn.RNNBase):
             *self._transforms(input, hx),
             self._weights_mixed(),
             torch.get_num_threads() if input.device.type == "cpu" and not traced else 0,
+            input.device.index if input.device.type == "cuda" else None,
         )  # fmt: skip
         requested = dispatch.requested(self.backend)
         if traced:

@@ -249,6 +249,20 @@ def test_verdicts_are_kept_apart_by_what_the_build_depends_on(guard, monkeypatch
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
+def test_the_child_builds_on_the_calls_device_not_the_current_one(monkeypatch):
+    """A model on cuda:1 in a process that never called torch.cuda.set_device: the child builds and tests on
+    device 1, which the call names (LayerCall.device_index), not on the current device 0. The module passes the
+    input's device index through its plan."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert build_guard._payload(_call(device_type="cuda", device_index=1), "step")["device"] == 1
+    assert build_guard._payload(_call(device_type="cuda"), "step")["device"] == 0
+    from fastlstm import module
+
+    shape = module._CallShape("cuda", torch.float32, 5, 3, False, True, 4, 8, 0, 2, 1, True, device_index=1)
+    monkeypatch.setattr(module.dispatch, "plan", lambda requested, calls: [call.device_index for call in calls])
+    assert module._plan_for.__wrapped__("auto", shape) == (1, 1)
+
+
 def test_auto_routes_around_a_crashing_build_and_a_forced_triton_raises(guard, monkeypatch):
     """auto (made to pick triton here) warns once and gives native's numbers; backend="triton" raises the crash
     as an error at the call, where the build would have ended the process."""

@@ -202,6 +202,16 @@ def test_graphed_calls_are_checked_as_launch_by_launch_ones(recorder, monkeypatc
         _graphed({**t, "h0": t["h0"][:1]}, False)
 
 
+def test_the_self_test_keeps_off_the_graphs(recorder, monkeypatch):
+    """The self-test's two-step inference runs launch by launch: its buffers would take a kept graph's place."""
+    from helpers import small_layer_call
+
+    monkeypatch.setattr(triton_ops, "_SELF_TESTS", {})
+    for _ in range(3):  # what would warm up, capture and replay a graph
+        assert triton_ops._run_self_test(small_layer_call("cpu", dtype=DTYPE, needs_grad=False), "step") is None
+    assert not graphs._graphs and recorder.captures == 0
+
+
 def test_threads_sharing_a_configuration_get_their_own_results(recorder):
     """Calls from several threads on one configuration (one set of kept buffers) each get their own numbers."""
     import threading

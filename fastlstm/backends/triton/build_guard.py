@@ -82,7 +82,7 @@ def check_launch(x, batch: int, input_size: int, hidden: int, proj_size: int, bi
     if key not in _LAUNCHES:
         call = LayerCall(device_type=x.device.type, dtype=dtype, seq_len=2, batch=batch, input_size=input_size,
                          hidden_size=hidden, proj_size=proj_size, bias=bias, packed=packed, reverse=reverse,
-                         needs_grad=needs_grad)  # fmt: skip
+                         needs_grad=needs_grad, device_index=x.device.index if x.is_cuda else None)  # fmt: skip
         _LAUNCHES[key] = crash_reason(call, kernel)
     if _LAUNCHES[key] is not None:
         raise BuildCrashError(_LAUNCHES[key])
@@ -147,7 +147,9 @@ def _payload(call: LayerCall, kernel: str) -> dict:
     # change no kernel: a model fed sequences of many lengths, or stacking equal layers, is built once.
     fields = {name: getattr(call, name) for name in BUILD_FIELDS}
     fields["dtype"] = str(call.dtype).removeprefix("torch.")
-    device = torch.cuda.current_device() if call.device_type == "cuda" else None
+    device = None
+    if call.device_type == "cuda":
+        device = torch.cuda.current_device() if call.device_index is None else call.device_index
     return {
         "call": fields, "kernel": kernel, "device": device, "tf32": _tf32(call.dtype),
         # As it is now: the child's own environment is the one this process had when it started the child, and

@@ -741,8 +741,9 @@ class _FuncLayer(torch.autograd.Function):
         return _backward(ctx, *grads)
 
 
-def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | None = None):
-    """One layer, one direction, per the contract in fastlstm.reference; `kernel` forces step/sequence."""
+def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | None = None, graph: bool = True):
+    """One layer, one direction, per the contract in fastlstm.reference; `kernel` forces step/sequence, and
+    graph=False keeps an inference call off the CUDA graphs (graphs.py)."""
     for t in (h0, c0, w_ih, w_hh, b, w_hr):
         # The module checks the weights' dtypes once per reading of them; a `.data` swapped to another dtype in
         # place since then reaches here, and the kernels would read it as x's dtype. nn.LSTM raises too.
@@ -769,7 +770,7 @@ def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | No
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:7])
     if needs_grad:
         y, hT, cT, *_ = _EagerLayer.apply(*inputs)
-    elif graphs.applies(x, w_hh, w_hr, batch_sizes, chosen):
+    elif graph and graphs.applies(x, w_hh, w_hr, batch_sizes, chosen):
         y, hT, cT = graphs.forward(*inputs[:7], inputs[8])
     else:
         y, hT, cT, *_ = forward_impl(*inputs, save_acts=False)
@@ -800,8 +801,9 @@ def self_test(call: LayerCall) -> str | None:
         return None  # nothing may run or synchronise inside a CUDA graph capture; the real call decides
     kernel = choose_kernel(call.batch, call.hidden_size, call.out_size, call.dtype)
     key = (
-        call.device_type, call.dtype, kernel, call.batch, call.input_size, call.hidden_size, call.proj_size,
-        call.bias, call.packed, call.reverse, call.needs_grad, _precision(call.dtype), os.environ.get(ENV_CONFIG),
+        call.device_type, call.device_index, call.dtype, kernel, call.batch, call.input_size, call.hidden_size,
+        call.proj_size, call.bias, call.packed, call.reverse, call.needs_grad, _precision(call.dtype),
+        os.environ.get(ENV_CONFIG),
     )  # fmt: skip
     if key not in _SELF_TESTS:
         try:
@@ -812,7 +814,7 @@ def self_test(call: LayerCall) -> str | None:
 
 
 def _run_self_test(call: LayerCall, kernel: str) -> str | None:
-    device, dtype = torch.device(call.device_type), call.dtype
+    device, dtype = torch.device(call.device_type, call.device_index), call.dtype
     T, B, I, H, P = 2, call.batch, call.input_size, call.hidden_size, call.out_size
 
     def data(*shape: int, scale: float) -> Tensor:
@@ -827,8 +829,9 @@ def _run_self_test(call: LayerCall, kernel: str) -> str | None:
     ]  # fmt: skip
     batch_sizes = torch.tensor([B, max(1, B - 1)]) if call.packed else None
     leaves = [t.requires_grad_(call.needs_grad) for t in inputs if t is not None]
+    # Not through an inference graph: the test's buffers would take one of the kept graphs' places
     with torch.autocast(call.device_type, enabled=False), torch.set_grad_enabled(call.needs_grad):
-        got = list(layer(*inputs, batch_sizes, call.reverse, kernel))
+        got = list(layer(*inputs, batch_sizes, call.reverse, kernel, graph=False))
         want = list(NATIVE.layer(*inputs, batch_sizes, call.reverse))
         if call.needs_grad:
             weights = [data(*t.shape, scale=1.0) for t in want]
