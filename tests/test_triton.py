@@ -253,6 +253,26 @@ def test_float32_follows_either_of_torchs_tf32_switches():
         matmul.fp32_precision = before
 
 
+@needs_tracing
+@pytest.mark.skipif(not hasattr(torch._C, "_get_fp32_precision_getter"), reason="torch before 2.9 has one switch")
+def test_compiled_calls_read_torchs_tf32_switch_and_follow_its_changes():
+    """dynamo cannot trace fp32_precision's getter (a fullgraph compile of every triton call raised): the switch is
+    read once as a constant while tracing, and a change to it makes the compiled call read it again."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision  # a property of torch's: monkeypatch cannot restore it
+
+    def precision_as_tensor(x):
+        return x + (1.0 if triton_ops._precision(torch.float32) == "tf32" else 0.0)
+
+    compiled = torch.compile(precision_as_tensor, fullgraph=True)
+    try:
+        for precision in ["tf32", "ieee", "tf32"]:
+            matmul.fp32_precision = precision
+            assert compiled(torch.zeros(1)).item() == (1.0 if precision == "tf32" else 0.0), precision
+    finally:
+        matmul.fp32_precision = before
+
+
 @pytest.mark.parametrize("case, kernel", _params(CASES, KERNELS))
 def test_inference_equals_training_forward(case, kernel):
     """Inference runs the kernels without storing the gates (SAVE_ACTS off) and, on CUDA, through a CUDA graph

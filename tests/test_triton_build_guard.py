@@ -241,12 +241,17 @@ def test_verdicts_are_kept_apart_by_what_the_build_depends_on(guard, monkeypatch
     monkeypatch.setenv(triton_ops.ENV_CONFIG, "num_warps=8")
     assert build_guard._key(build_guard._payload(_call(), "step")) != key
     monkeypatch.delenv(triton_ops.ENV_CONFIG)
-    tf32 = torch.backends.cuda.matmul.allow_tf32  # a property of torch's: monkeypatch cannot restore it
-    torch.backends.cuda.matmul.allow_tf32 = not tf32
+    # torch's switch through the API other tests may have used (after fp32_precision was set, allow_tf32 raises);
+    # a property of torch's: monkeypatch cannot restore it
+    matmul = torch.backends.cuda.matmul
+    switch = "fp32_precision" if hasattr(torch._C, "_get_fp32_precision_getter") else "allow_tf32"
+    before = getattr(matmul, switch)
+    flipped = ("ieee" if build_guard._tf32_switch() else "tf32") if switch == "fp32_precision" else not before
+    setattr(matmul, switch, flipped)
     try:
         assert build_guard._key(build_guard._payload(_call(), "step")) != key
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        setattr(matmul, switch, before)
 
 
 def test_the_child_builds_on_the_calls_device_not_the_current_one(monkeypatch):

@@ -86,7 +86,8 @@ class ReferenceBackend(Backend):
     name = "reference"
 
     def layer(self, x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse) -> LayerResult:
-        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        # Under torch.compile no tensor is an inference tensor to dynamo (it cannot trace the question either).
+        if not torch.compiler.is_compiling() and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
             _refuse_inference_weights(w_ih, w_hh, b, w_hr)
         return reference.lstm_layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse)
 

@@ -121,10 +121,16 @@ def describe() -> str:
 
 def _tf32(dtype: torch.dtype) -> bool:
     """Whether float32 dots may run as TF32 (ops._precision), as torch's matmuls on CUDA do; half precision ignores
-    the switch. Read through fp32_precision where torch has it (2.9+): it answers after either of torch's switches,
-    where allow_tf32 raises once the newer one was set (torch.backends.cuda.matmul.fp32_precision = "tf32")."""
-    if dtype != torch.float32:
-        return False
+    the switch."""
+    return dtype == torch.float32 and _tf32_switch()
+
+
+@torch.compiler.assume_constant_result
+def _tf32_switch() -> bool:
+    """torch's TF32 switch for CUDA matmuls, read through fp32_precision where torch has it (2.9+): it answers after
+    either of torch's switches, where allow_tf32 raises once the newer one was set. Dynamo cannot trace that getter:
+    a compiled call reads it once as a constant, and dynamo's global-state guard (which holds the switch)
+    recompiles when it changes."""
     matmul = torch.backends.cuda.matmul
     if hasattr(torch._C, "_get_fp32_precision_getter"):
         return matmul.fp32_precision == "tf32"
