@@ -670,6 +670,31 @@ def test_torch_export_gives_nn_lstm_numbers(backend):
 
 
 @needs_tracing
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+def test_a_program_exported_under_no_grad_trains_as_nn_lstms(backend):
+    """Exported under torch.no_grad (as for deployment), the program still trains with nn.LSTM's gradients, as
+    nn.LSTM's own does: the cpp op's save flag, baked into the graph, had been false and its backward raised."""
+    torch.manual_seed(0)
+    reference = Tagger(nn.LSTM)
+    model = Tagger(backend=backend)
+    model.load_state_dict(reference.state_dict())
+    tokens = torch.randint(0, 10, (3, 5))
+    results = []
+    for module in (reference, model):
+        with torch.no_grad():
+            program = torch.export.export(module, (tokens,)).module()
+        outputs = program(tokens)
+        outputs[0].square().sum().backward()
+        results.append((outputs, dict(program.named_parameters())))
+    (got, got_params), (expected, expected_params) = results[1], results[0]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    assert got_params.keys() == expected_params.keys()
+    for name, param in expected_params.items():
+        torch.testing.assert_close(got_params[name].grad, param.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@needs_tracing
 @pytest.mark.parametrize("backend", ["auto", *(name for name in CPU_BACKENDS if name != "reference")])
 def test_torch_export_with_a_dynamic_batch_and_length(backend):
     """A program exported with a dynamic batch and sequence length serves every size in their ranges with nn.LSTM's

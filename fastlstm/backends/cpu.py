@@ -672,6 +672,12 @@ _register_lazy_kernels()
 # ------------------------------------------------------------------------------------------------------------
 
 
+def _exporting() -> bool:
+    # torch.compiler.is_exporting is newer than the oldest torch this supports
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
+
+
 class CppBackend(Backend):
     name = "cpp"
 
@@ -705,7 +711,10 @@ class CppBackend(Backend):
         if torch._C._are_functorch_transforms_active() and functorch_grad_levels(tensors):
             y, hT, cT, _, _ = _FuncLayer.apply(*tensors, batch_sizes, reverse)
             return y, hT, cT
-        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        # An exported program bakes the flag in: one exported under no_grad may still be trained, as nn.LSTM's is
+        save = (torch.is_grad_enabled() or _exporting()) and any(
+            t is not None and t.requires_grad for t in tensors
+        )
         # The overload itself, not the packet: the packet resolves it on every call, ~5 us at batch 1
         forward = torch.ops.fastlstm.cpp_lstm_fwd.default
         y, hT, cT, _, _ = forward(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save)
