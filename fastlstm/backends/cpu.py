@@ -712,9 +712,7 @@ class CppBackend(Backend):
             y, hT, cT, _, _ = _FuncLayer.apply(*tensors, batch_sizes, reverse)
             return y, hT, cT
         # An exported program bakes the flag in: one exported under no_grad may still be trained, as nn.LSTM's is
-        save = (torch.is_grad_enabled() or _exporting()) and any(
-            t is not None and t.requires_grad for t in tensors
-        )
+        save = (torch.is_grad_enabled() or _exporting()) and any(t is not None and t.requires_grad for t in tensors)
         # The overload itself, not the packet: the packet resolves it on every call, ~5 us at batch 1
         forward = torch.ops.fastlstm.cpp_lstm_fwd.default
         y, hT, cT, _, _ = forward(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save)
