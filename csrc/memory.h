@@ -190,6 +190,8 @@ Scratch& gates_scratch() {
 // 2-layer H256 model on T of 20-200). A request takes the smallest kept block up to kFitSlack larger, and blocks
 // no request took for kIdlePeriods busy periods are freed, a busy period ending whenever none of the pool's
 // memory is in use (after a training step's backward, typically); over the cap, the longest idle go first.
+// Threads that train at once, their steps overlapping, may never leave the pool idle: no period ends, and what
+// is kept then grows to the cap (bounded, not freed until a pause or release_memory()).
 constexpr size_t kTensorKeep = size_t(512) << 20;
 constexpr size_t kTensorPoolMin = size_t(1) << 20;  // below this the allocator's own reuse suffices
 constexpr size_t kFitSlack = 4;                     // a block up to a quarter larger than asked serves
