@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from fastlstm.backends import BuildCrashError, LayerCall, cache_root
+from fastlstm.backends import BuildCrashError, LayerCall, cache_root, constant_under_compile
 from fastlstm.backends.triton import _interpreting
 
 ENV_SWITCH = "FASTLSTM_TRITON_BUILD_IN_CHILD"
@@ -125,12 +125,12 @@ def _tf32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and _tf32_switch()
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def _tf32_switch() -> bool:
     """torch's TF32 switch for CUDA matmuls, read through fp32_precision where torch has it (2.9+): it answers after
     either of torch's switches, where allow_tf32 raises once the newer one was set. Dynamo cannot trace that getter:
     a compiled call reads it once as a constant, and dynamo's global-state guard (which holds the switch)
-    recompiles when it changes."""
+    recompiles when it changes (tested)."""
     matmul = torch.backends.cuda.matmul
     if hasattr(torch._C, "_get_fp32_precision_getter"):
         return matmul.fp32_precision == "tf32"
