@@ -989,7 +989,7 @@ Tensor previous_h(const Tensor& y, const Tensor& h0, const std::vector<int64_t>&
   const elem_t* yp = reinterpret_cast<const elem_t*>(y.data_ptr());
   const elem_t* h0p = reinterpret_cast<const elem_t*>(h0.data_ptr());
   elem_t* hpp = reinterpret_cast<elem_t*>(h_prev.data_ptr());
-  at::parallel_for(0, T, 16, [&](int64_t tb, int64_t te) {
+  parallel_for(0, T, 16, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       const int64_t n = live[t];
       const int64_t prev_t = reverse ? t + 1 : t - 1;

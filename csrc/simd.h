@@ -3,7 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/Parallel.h>
+#include "threads.h"
 #ifdef __AVX__
 #include <immintrin.h>
 #endif
@@ -208,7 +208,7 @@ void transpose_matrix(const unit_t* src, int64_t rows, int64_t cols, int64_t lds
   constexpr int64_t L = 64 / sizeof(unit_t);
   const int64_t strips = (cols + L - 1) / L;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, rows * L));
-  at::parallel_for(0, strips, grain, [&](int64_t s0, int64_t s1) {
+  parallel_for(0, strips, grain, [&](int64_t s0, int64_t s1) {
     const int64_t c0 = s0 * L, c1 = std::min(cols, s1 * L);
     int64_t i = 0;
     for (; i + L <= rows; i += L) {

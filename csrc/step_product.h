@@ -51,7 +51,7 @@ struct Packed {
       return;
     }
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, steps * W));
-    at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) pack_panel(src, sk, sn, p);
     });
   }

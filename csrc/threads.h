@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/ParallelGuard.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -55,21 +56,23 @@ inline int lockstep_threads() {
 #endif
 }
 
-// at::parallel_for(begin, end, grain, f) for the work of one step, on no more threads than lockstep_threads():
-// the same call where torch's threads fit the CPUs, else an OpenMP region of that many threads splitting the range
-// as at::parallel_for does (contiguous chunks, one a thread). Each step forks and joins, so a thread without a
-// core would hold up every step's join, as a team's barrier.
+// at::parallel_for(begin, end, grain, f) on at most `threads` threads: contiguous chunks, one a thread, each in a
+// parallel region as at::parallel_for marks it (at::in_parallel_region(), at::get_thread_num()).
+//
+// Never at::parallel_for itself: it first runs at::internal::lazy_init_num_threads(), an inline function whose
+// thread_local flag is this library's own copy (libtorch's is hidden), so its first run in a thread re-ran
+// at::init_num_threads() there and put the thread back to the count last set process-wide. A worker thread at
+// torch.set_num_threads(1), after the main thread's set_num_threads(2): its first cpp call left it at 2 threads
+// (nn.LSTM leaves it at 1). at::get_num_threads() runs libtorch's own flag, as torch's calls do.
 template <typename F>
-void parallel_steps(int64_t begin, int64_t end, int64_t grain, const F& f) {
-  const int threads = lockstep_threads();
-  if (threads >= at::get_num_threads()) {
-    at::parallel_for(begin, end, grain, f);
-    return;
-  }
-  const int64_t range = end - begin, chunks = (range + grain - 1) / std::max<int64_t>(grain, 1);
+void parallel_on(int threads, int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const int64_t range = end - begin;
+  if (range <= 0) return;
+  const int64_t chunks = (range + std::max<int64_t>(grain, 1) - 1) / std::max<int64_t>(grain, 1);
   const int n = static_cast<int>(std::min<int64_t>(threads, chunks));
   if (n <= 1 || at::in_parallel_region()) {
-    if (range > 0) f(begin, end);
+    c10::ParallelGuard guard(true);
+    f(begin, end);
     return;
   }
 #ifdef _OPENMP
@@ -78,9 +81,12 @@ void parallel_steps(int64_t begin, int64_t end, int64_t grain, const F& f) {
   std::atomic<bool> failed{false};
 #pragma omp parallel num_threads(n)
   {
-    const int64_t b = begin + omp_get_thread_num() * chunk, e = std::min(end, b + chunk);
+    const int me = omp_get_thread_num();
+    const int64_t b = begin + me * chunk, e = std::min(end, b + chunk);
     if (b < e) {
       try {
+        at::internal::ThreadIdGuard id(me);
+        c10::ParallelGuard guard(true);
         f(b, e);
       } catch (...) {
         if (!failed.exchange(true)) error = std::current_exception();
@@ -89,8 +95,22 @@ void parallel_steps(int64_t begin, int64_t end, int64_t grain, const F& f) {
   }
   if (error) std::rethrow_exception(error);
 #else
+  c10::ParallelGuard guard(true);
   f(begin, end);
 #endif
+}
+
+// at::parallel_for's split over torch's threads (see parallel_on for why not at::parallel_for).
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  parallel_on(at::get_num_threads(), begin, end, grain, f);
+}
+
+// The work of one step on no more threads than lockstep_threads(): each step forks and joins, so a thread without
+// a core would hold up every step's join, as a team's barrier.
+template <typename F>
+void parallel_steps(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  parallel_on(lockstep_threads(), begin, end, grain, f);
 }
 
 }  // namespace

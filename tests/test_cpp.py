@@ -539,6 +539,46 @@ def test_compile_as_the_first_use_in_a_process():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+_THREAD_COUNT_CHECK = """
+import threading, torch, fastlstm
+from torch import nn
+cases = [(1024, 4, 1), (64, 1, 20), (128, 8, 20), (256, 2, 20)]  # per-step products, team, row split, batch 2
+for name in ["nn", "cpp"]:
+    for H, B, T in cases:
+        torch.set_num_threads(2)
+        model = nn.LSTM(H, H) if name == "nn" else fastlstm.LSTM(H, H, backend="cpp")
+        x = torch.randn(T, B, H)
+        with torch.no_grad():
+            model(x)  # built and loaded by the main thread
+        ready, go, seen = threading.Event(), threading.Event(), []
+        def worker():
+            torch.get_num_threads()  # torch has set this thread up
+            torch.set_num_threads(1)
+            ready.set()
+            go.wait()
+            y, _ = model(x)
+            y.sum().backward()
+            seen.append(torch.get_num_threads())
+        thread = threading.Thread(target=worker)
+        thread.start()
+        ready.wait()
+        torch.set_num_threads(2)  # the count set process-wide last
+        go.set()
+        thread.join()
+        print(name, H, B, T, seen[0])
+"""
+
+
+def test_a_threads_own_thread_count_is_kept_as_nn_lstm_keeps_it():
+    """A worker thread at torch.set_num_threads(1) after the main thread set 2: its calls leave it at 1, as
+    nn.LSTM's do. The library's at::parallel_for had put it back to 2 on its first call in the thread (its own copy
+    of ATen's lazily-initialised thread count, csrc/threads.h)."""
+    proc = run_python("-c", _THREAD_COUNT_CHECK, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()[-8:]
+    assert len(lines) == 8 and all(line.endswith(" 1") for line in lines), lines
+
+
 def test_long_sequence():
     """T=10000: the last steps still match the reference (no drift, no O(T) per-step cost blow-up)."""
     torch.manual_seed(0)
