@@ -541,7 +541,10 @@ def choose(name: str, call: LayerCall) -> Choice:
         return Choice("native", "TorchScript tracing: the graph records aten::lstm, which runs without fastlstm")
     where = f"layer {call.layer} ({'reverse' if call.reverse else 'forward'})"
     if call.mixed_dtypes:
-        reason = "the module's weights do not all share one dtype: only nn.LSTM's own path decides what that gives"
+        reason = (
+            "the module's weights, or its c0 and input, do not all share one dtype: only nn.LSTM's own path "
+            "decides what that gives"
+        )
         if name not in (AUTO, "native"):
             raise BackendUnavailableError(f"fastlstm backend {name!r} cannot serve {where}: {reason}")
         return Choice("native", reason)

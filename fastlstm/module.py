@@ -215,6 +215,20 @@ def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _without_empty_steps(batch_sizes: Tensor) -> Tensor:
+    """A pack's batch sizes less the trailing steps of size 0, which no sequence reaches (a pack built by hand with
+    lengths shorter than its padded length): nn.LSTM runs such a pack as the pack without them, and so do the fast
+    backends, which take only steps of one row or more. Zeros before a live step stay (every backend refuses them)."""
+    if batch_sizes.numel() < 2 or batch_sizes[-1] != 0 or batch_sizes[0] == 0:
+        return batch_sizes
+    return batch_sizes[: int(batch_sizes.nonzero()[-1]) + 1]
+
+
+def _state_dtype_differs(input: Tensor, state) -> bool:
+    """Whether a step's state (any value a caller passes) holds a tensor of another dtype than the input."""
+    return type(state) is tuple and any(isinstance(t, Tensor) and t.dtype != input.dtype for t in state)
+
+
 def _saveable(input: Tensor, hx):
     """input and hx (None or a tuple) with copies of any inference tensor (made under torch.inference_mode: a
     batch prepared there, say) when grad mode is on: autograd refuses to save those for backward, and the layers
@@ -352,6 +366,15 @@ class LSTM(nn.RNNBase):
                 return True
         return False
 
+    def _dtypes_mixed(self, input: Tensor, hx) -> bool:
+        """Whether the weights, or c0 against the input, do not all share one dtype (outside autocast, which casts
+        them). nn.LSTM's own path decides what that gives (ATen's cell takes a c0 of another dtype and promotes,
+        oneDNN raises), so dispatch sends such calls there. An h0 of another dtype fails on every path (_check_call).
+        """
+        if self._weights_mixed():
+            return True
+        return hx is not None and hx[1].dtype != input.dtype and not _autocast_enabled(input.device.type)
+
     def extra_repr(self) -> str:
         text = super().extra_repr()
         return text if self.backend is None else f"{text}, backend={self.backend!r}"
@@ -400,7 +423,8 @@ class LSTM(nn.RNNBase):
                 hx = self._initial_state(input, None, batch_sizes, True)
             output, h_n, c_n = self._native_stack(input, hx, batch_sizes, amp)
         elif batch_sizes is not None:
-            output, h_n, c_n = self._fast_stack(input, hx, batch_sizes, choices, amp)
+            steps = batch_sizes if checked is not None or _traced() else _without_empty_steps(batch_sizes)
+            output, h_n, c_n = self._fast_stack(input, hx, steps, choices, amp)
         else:
             x = input.transpose(0, 1) if self.batch_first else input
             y, h_n, c_n = self._fast_stack(x, hx, None, choices, amp)
@@ -510,7 +534,8 @@ class LSTM(nn.RNNBase):
         batched = input.dim() == 2
         time_dim = 1 if self.batch_first and batched else 0
         sequence = input.unsqueeze(time_dim)  # a 1-step sequence
-        if _autocast_enabled(input.device.type):  # nn.LSTM's dtypes under autocast are forward's to work out
+        if _autocast_enabled(input.device.type) or _state_dtype_differs(input, state):
+            # nn.LSTM's dtypes under autocast, or with a state of another dtype, are forward's to work out
             y, state = self.forward(sequence, state)
             return y.squeeze(time_dim), state
         self._update_flat_weights()
@@ -605,6 +630,8 @@ class LSTM(nn.RNNBase):
             # what the checks, the plan and autocast read of a pack: not its count of rows, which varies with the
             # lengths (_autocast_dtypes: whether the batch sizes vary)
             first, last = int(batch_sizes[0]), int(batch_sizes[-1])
+            if first and not last:
+                return None  # steps no sequence reaches, which forward drops on the checked path
             shape = (input.shape[1], batch_sizes.dtype, batch_sizes.device, batch_sizes.numel(), first, first != last)
         elif type(input) is Tensor and input.dim() in (2, 3):
             shape = input.shape
@@ -643,7 +670,7 @@ class LSTM(nn.RNNBase):
             input.device.type, dtype, seq_len, batch, batch_sizes is not None, needs_grad, self.input_size,
             self.hidden_size, self.proj_size, self.num_layers, self._num_directions, self.bias,
             *self._transforms(input, hx),
-            self._weights_mixed(),
+            self._dtypes_mixed(input, hx),
             torch.get_num_threads() if input.device.type == "cpu" and not traced else 0,
             input.device.index if input.device.type == "cuda" else None,
         )  # fmt: skip
@@ -764,14 +791,16 @@ class LSTM(nn.RNNBase):
                 "Input and parameter tensors are not at the same device, found input tensor at "
                 f"{input.device} and parameter tensor at {weight.device}"
             )
-        for name, state in zip(("hidden[0]", "hidden[1]"), hx):
+        for state in hx:
             if state.device != input.device:
                 raise RuntimeError(
                     "Input and hidden tensors are not at the same device, found input tensor at "
                     f"{input.device} and hidden tensor at {state.device}"
                 )
-            if state.dtype != input.dtype and not _autocast_enabled(input.device.type):
-                raise RuntimeError(f"Expected {name} dtype {input.dtype} (the input's), got {state.dtype}")
+        # An h0 of another dtype fails nn.LSTM's first product on every path; a c0 of another dtype is for its own
+        # path to decide (_dtypes_mixed)
+        if hx[0].dtype != input.dtype and not _autocast_enabled(input.device.type):
+            raise RuntimeError(f"Expected hidden[0] dtype {input.dtype} (the input's), got {hx[0].dtype}")
 
     # ---- running the stack ----------------------------------------------------------------------------
 

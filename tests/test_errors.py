@@ -223,3 +223,32 @@ def test_a_malformed_pack_raises_runtime_error_as_nn_lstm(backend, grad):
                 nn.LSTM(I, H, 2, proj_size=P)(pack)
             with pytest.raises(RuntimeError):
                 fastlstm.LSTM(I, H, 2, proj_size=P, backend=backend)(pack)
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "reference", *fast_cpu_backends()])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_a_pack_whose_batch_sizes_end_in_zeros_runs_as_nn_lstm_runs_it(backend, grad):
+    """A PackedSequence built by hand whose last steps hold no sequence (batch sizes [2, 2, 0]: lengths shorter than
+    the padded length): nn.LSTM runs it as the pack without those steps, and so does every backend (the cpp
+    inference stack and the reference had refused it), in both modes, also when the call is remembered."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(I, H, 2, proj_size=P, dtype=torch.float64)
+    fast = fastlstm.LSTM(I, H, 2, proj_size=P, dtype=torch.float64, backend=backend)
+    fast.load_state_dict(ref.state_dict())
+    for sizes in ([2, 2, 0], [3, 1, 0, 0], [1, 0]):
+        data = torch.randn(sum(sizes), I, dtype=torch.float64)
+        results = []
+        for m in (ref, fast, fast):  # the second fastlstm call of this kind is a remembered one
+            m.zero_grad()
+            x = data.clone().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                y, (h, c) = m(PackedSequence(x, torch.tensor(sizes)))
+            assert y.batch_sizes.tolist() == sizes
+            outs = [y.data, h, c]
+            if grad:
+                (y.data.square().sum() + h.sum() + c.sum()).backward()
+                outs += [x.grad, *(p.grad for p in m.parameters())]
+            results.append(outs)
+        for got in results[1:]:
+            for a, b in zip(got, results[0]):
+                torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=str(sizes))

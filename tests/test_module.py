@@ -297,6 +297,81 @@ def test_weights_of_mixed_dtypes_get_what_nn_lstm_gives(module_dtype, bias_dtype
     assert forced(x)[0].dtype == module_dtype
 
 
+_STATE_DTYPE_CASES = [
+    # (module dtype, proj_size, h0 dtype, c0 dtype): ATen's cell promotes a c0 of another dtype (float64; any
+    # module with a projection; bfloat16 even returns a float32 c_n), oneDNN (float32 without one) raises, and an
+    # h0 of another dtype fails its product
+    (torch.float64, 0, torch.float64, torch.float32),
+    (torch.float32, 3, torch.float32, torch.float16),
+    (torch.bfloat16, 0, torch.bfloat16, torch.float32),
+    (torch.float32, 0, torch.float32, torch.float64),
+    (torch.float64, 0, torch.float32, torch.float64),
+]
+
+
+def _state_dtype_calls(m, x, h0, c0) -> dict:
+    """(y, h_n, c_n) or the RuntimeError of a tensor call, a packed one, lengths= (nn.LSTM: packing) and step
+    (nn.LSTM: a 1-step sequence)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    lengths = torch.tensor([3, 2])
+    fast = isinstance(m, fastlstm.LSTM)
+
+    def packed():
+        y, state = m(pack_padded_sequence(x, lengths), (h0, c0))
+        return y.data, state
+
+    def padded():
+        if fast:
+            return m(x, (h0, c0), lengths=lengths)
+        y, state = m(pack_padded_sequence(x, lengths), (h0, c0))
+        return pad_packed_sequence(y, total_length=3)[0], state
+
+    def step():
+        if fast:
+            return m.step(x[0], (h0, c0))
+        y, state = m(x[:1], (h0, c0))
+        return y[0], state
+
+    results = {}
+    for name, call in [("tensor", lambda: m(x, (h0, c0))), ("packed", packed), ("lengths", padded), ("step", step)]:
+        try:
+            y, (h, c) = call()
+            results[name] = (y, h, c)
+        except RuntimeError as error:
+            results[name] = error
+    return results
+
+
+@pytest.mark.parametrize("module_dtype, proj, h_dtype, c_dtype", _STATE_DTYPE_CASES)
+def test_a_state_of_another_dtype_gets_what_nn_lstm_gives(module_dtype, proj, h_dtype, c_dtype):
+    """A c0 of another dtype than the input's: auto gives exactly nn.LSTM's numbers and dtypes, or its error, for
+    every kind of call (nn.LSTM's own path decides: dispatch sends such calls there; fastlstm raised for any c0 of
+    another dtype); a forced fast backend refuses rather than compute what nn.LSTM may not. An h0 of another dtype
+    raises RuntimeError on every path."""
+    torch.manual_seed(0)
+    ref, fast = make_pair(I, H, 1, dtype=module_dtype, backend="auto", proj_size=proj)
+    x = torch.randn(3, 2, I, dtype=module_dtype)
+    h0, c0 = torch.randn(1, 2, proj or H, dtype=h_dtype), torch.randn(1, 2, H, dtype=c_dtype)
+    expected, got = _state_dtype_calls(ref, x, h0, c0), _state_dtype_calls(fast, x, h0, c0)
+    for kind, want in expected.items():
+        if isinstance(want, RuntimeError):  # nn.LSTM's own error where its path runs the call
+            assert type(got[kind]) is RuntimeError, (kind, got[kind])
+            assert h_dtype != module_dtype or str(got[kind]) == str(want), (kind, got[kind])
+            continue
+        assert not isinstance(got[kind], RuntimeError), (kind, got[kind])
+        for name, a, b in zip(("y", "h_n", "c_n"), got[kind], want):
+            assert a.dtype == b.dtype, (kind, name, a.dtype, b.dtype)
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{kind} {name}")
+    forced = fastlstm.LSTM(I, H, dtype=module_dtype, backend="reference", proj_size=proj)
+    if h_dtype != module_dtype:  # fails on every path
+        with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] dtype"):
+            forced(x, (h0, c0))
+    else:
+        with pytest.raises(fastlstm.BackendUnavailableError, match="do not all share one dtype"):
+            forced(x, (h0, c0))
+
+
 def test_a_subclass_s_own_checks_run_on_every_call():
     """nn.LSTM runs check_forward_args on every call: a subclass that adds a check there keeps it, even for calls
     of a kind LSTM itself remembers as checked."""

@@ -48,7 +48,7 @@ class LayerCall:
     vmapped: bool = False  # a torch.vmap is active (LSTM._transforms)
     forward_ad: bool = False  # forward-mode AD: dual tensors, torch.func.jvp / jacfwd (LSTM._transforms)
     grad_of_grad: bool = False  # a transform's gradients through this call are differentiated (LSTM._transforms)
-    mixed_dtypes: bool = False  # the module's weights do not all share one dtype (LSTM._weights_mixed)
+    mixed_dtypes: bool = False  # the weights, or c0 against the input, differ in dtype (LSTM._dtypes_mixed)
     # The CUDA device's index (None on other devices): a backend's self-test and build check run there, not on
     # whichever device is current (GPU 0 in a process that never called torch.cuda.set_device).
     device_index: int | None = None
