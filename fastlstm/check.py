@@ -14,8 +14,14 @@ from fastlstm.module import LSTM
 
 # Per dtype, for `python -m fastlstm check`: the largest error allowed in a tensor, as a fraction of that tensor's
 # largest value in nn.LSTM's float64 result (so that a case whose values are all tiny is held to the same
-# precision); below float64, twice nn.LSTM's own error in that dtype where that is larger (see compare).
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 1e-1, torch.float16: 2e-2}
+# precision); below float64, twice nn.LSTM's own error in that dtype where that is larger (see compare). Below
+# float32 these floors are about 2.5 and 2 of the dtype's epsilons: over the 5 fixed and 300 random configurations
+# of seed 5, cpp's largest error was 0.65 (bfloat16) and 0.74 (float16) of what they allow (the floors had been
+# 1e-1 and 2e-2, under which a y scaled by 1.06 passed in bfloat16).
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+# triton's half-precision errors on CUDA are not measured yet (no GPU lent to a session since these floors were
+# set): the earlier floors there until they are.
+CUDA_HALF_TOLERANCE = {torch.bfloat16: 1e-1, torch.float16: 2e-2}
 # Weights scaled by 1e-6 lie below float16's smallest normal number (6e-5), rounded to a bit or two each, and
 # every result is rounding noise (nn.LSTM's own float16 gradients erred 100% and more there): a case with tiny
 # weights scales them no lower than this in float16, where a product of two such values stays near its normal
@@ -187,7 +193,7 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
     with exact_cudnn():
         expected, got = run(exact, x.double()), run(fast, x)
         own = run(native, x) if dtype != torch.float64 else None
-    tolerance = TOLERANCE[dtype]
+    tolerance = CUDA_HALF_TOLERANCE.get(dtype, TOLERANCE[dtype]) if device != "cpu" else TOLERANCE[dtype]
     return {
         key: (
             _relative_error(got[key], want),
