@@ -189,26 +189,36 @@ def _bench_backends(device: str, requested: list[str] | None) -> list[str]:
     return chosen
 
 
-def _validate(shape: Shape, names: list[str], device: str, dtype: torch.dtype, autocast=None) -> None:
-    """Forward outputs of every provider against nn.LSTM on the benchmark shape itself (under autocast: both in
-    autocast's dtype, and outputs of the same dtypes)."""
-    from fastlstm.benchmark import autocast_region, make_models, output_data
+def _validate(shape: Shape, names: list[str], modes: list[str], device: str, dtype: torch.dtype, autocast=None):
+    """Every provider against nn.LSTM on the benchmark shape itself, in each mode to be timed: inference's outputs,
+    training's outputs and every gradient, the streamed steps' outputs and state (under autocast: both in autocast's
+    dtype, and results of the same dtypes)."""
+    from fastlstm.benchmark import autocast_region, make_models, validation_results
 
-    models = make_models(shape, names, device, dtype)
-    x = shape.model_input(torch.randn(shape.seq_len, shape.batch, shape.input_size, device=device, dtype=dtype))
-    with torch.no_grad(), exact_cudnn(), autocast_region(torch.device(device).type, autocast)():
-        outs = {name: m(x) for name, m in models.items()}
-    y_ref, (h_ref, c_ref) = outs.pop("nn.LSTM")
-    y_ref = output_data(y_ref)
+    device_type = torch.device(device).type
     tolerance = {torch.float64: 1e-8, torch.float32: 1e-3}.get(autocast or dtype, 5e-2)
-    for name, (y, (h, c)) in outs.items():
-        y = output_data(y)
-        for label, a, b in (("y", y, y_ref), ("h_n", h, h_ref), ("c_n", c, c_ref)):
-            if a.dtype != b.dtype:
-                raise SystemExit(f"{name} gives {label} in {a.dtype}, nn.LSTM in {b.dtype}, on {shape}")
-            err = (a.double() - b.double()).abs().max().item()
-            if not err <= tolerance * max(1.0, b.double().abs().max().item()):
-                raise SystemExit(f"{name} disagrees with nn.LSTM on {shape} ({label}: max error {err:.2e})")
+    for mode in modes:
+        models = make_models(shape, names, device, dtype)  # fresh gradients
+        x = torch.randn(shape.seq_len, shape.batch, shape.input_size, device=device, dtype=dtype)
+        with exact_cudnn():
+            results = {
+                name: validation_results(m, x, mode, shape, autocast_region(device_type, autocast))
+                for name, m in models.items()
+            }
+        expected = results.pop("nn.LSTM")
+        for name, got in results.items():
+            for label, want in expected.items():
+                a = got[label]
+                if (a is None) != (want is None):
+                    which = f"{name} has no {label}" if a is None else f"nn.LSTM has no {label}, {name} has one"
+                    raise SystemExit(f"{which}, on {shape} {mode}")
+                if want is None:
+                    continue
+                if a.dtype != want.dtype:
+                    raise SystemExit(f"{name} gives {label} in {a.dtype}, nn.LSTM in {want.dtype}, on {shape} {mode}")
+                err = (a.double() - want.double()).abs().max().item()
+                if not err <= tolerance * max(1.0, want.double().abs().max().item()):
+                    raise SystemExit(f"{name} disagrees with nn.LSTM on {shape} {mode} ({label}: max error {err:.2e})")
 
 
 def _shape_argument(text: str) -> Shape:
@@ -250,7 +260,7 @@ def cmd_bench(args) -> int:
     try:
         for shape in shapes:
             if not args.no_check:
-                _validate(shape, names, device, dtype, autocast)
+                _validate(shape, names, modes, device, dtype, autocast)
             for mode in modes:
                 done += 1
                 print(f"\r[{done}/{total}] {shape} {mode}...".ljust(60), end="", file=sys.stderr, flush=True)
@@ -473,7 +483,10 @@ def main(argv: list[str] | None = None) -> int:
         "as much as nn.LSTM's own result in that dtype, or 2e-2 (bfloat16) / 2e-3 (float16) of its largest value "
         "where that is larger (1e-1 / 2e-2 on CUDA)",
     )
-    bench = sub.add_parser("bench", help="time fastlstm against nn.LSTM (validates outputs first)")
+    bench = sub.add_parser(
+        "bench",
+        help="time fastlstm against nn.LSTM (first checks each timed mode against nn.LSTM: outputs, gradients, steps)",
+    )
     bench.add_argument("--device", choices=["cpu", "cuda"])
     bench.add_argument("--dtype", choices=list(DTYPES), default="float32")
     bench.add_argument(

@@ -213,6 +213,31 @@ def _step(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape, region=con
     return train
 
 
+def validation_results(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape, region) -> dict[str, torch.Tensor]:
+    """What one run of a mode computes, for comparing providers before they are timed: inference's outputs; the
+    training run's outputs and every gradient (input and parameters, of _step's loss); the streamed steps'
+    outputs and final state (at most 16 steps)."""
+    if mode == "step":
+        one_step = model.step if isinstance(model, LSTM) else lambda x_t, state: model(x_t[None], state)
+        state, ys = None, []
+        with torch.no_grad(), region():
+            for x_t in x[:16]:
+                y, state = one_step(x_t, state)
+                ys.append(y.reshape(x_t.shape[0], -1))
+        return {"y": torch.stack(ys), "h_n": state[0], "c_n": state[1]}
+    if mode == "inference":
+        with torch.no_grad(), region():
+            y, (h, c) = model(shape.model_input(x))
+        return {"y": output_data(y), "h_n": h, "c_n": c}
+    xg = x.detach().requires_grad_(True)
+    with region():
+        y, (h, c) = model(shape.model_input(xg))
+        loss = output_data(y).float().sum() + h.float().sum() + c.float().sum()
+    loss.backward()
+    grads = {f"{name}.grad": p.grad for name, p in model.named_parameters()}
+    return {"y": output_data(y).detach(), "h_n": h.detach(), "c_n": c.detach(), "input.grad": xg.grad, **grads}
+
+
 def time_shape(
     shape: Shape,
     backends: list[str],

@@ -151,6 +151,48 @@ def test_check_fails_on_a_wrong_backend(tmp_path):
     assert "MISMATCH" in done.stdout
 
 
+class _Times7(torch.autograd.Function):
+    """The identity, whose backward scales the gradient: a training-only fault."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 7
+
+
+@pytest.mark.parametrize("mode, fault", [("inference", "forward"), ("step", "step"), ("both", "backward")])
+def test_bench_checks_what_each_timed_mode_computes(monkeypatch, mode, fault):
+    """bench fails (exit 1, naming the mode and the result) before timing a provider whose results differ from
+    nn.LSTM's in a mode it times: inference's outputs, the streamed steps (`step()` answering 123 was timed and
+    reported as 155x faster), training's gradients (scaled by 7: timed, exit 0)."""
+    import fastlstm
+    from fastlstm import __main__ as cli
+
+    forward, step = fastlstm.LSTM.forward, fastlstm.LSTM.step
+
+    def scaled_forward(self, *args, **kwargs):
+        y, state = forward(self, *args, **kwargs)
+        return y * 1.01, state
+
+    def constant_step(self, *args, **kwargs):
+        y, state = step(self, *args, **kwargs)
+        return torch.full_like(y, 123.0), state
+
+    def gradient_times_7(self, *args, **kwargs):
+        y, state = forward(self, *args, **kwargs)
+        return _Times7.apply(y), state
+
+    faulty = {"forward": ("forward", scaled_forward), "step": ("step", constant_step)}
+    monkeypatch.setattr(fastlstm.LSTM, *faulty.get(fault, ("forward", gradient_times_7)))
+    with pytest.raises(SystemExit, match="disagrees with nn.LSTM on B2-T5-I8-H8-L1") as failed:
+        cli.main(["bench", "--shape", "2,5,8,8", "--backend", "cpp", "--mode", mode, "--repeats", "1"])
+    expected = {"forward": "inference (y:", "step": "step (y:", "backward": "training (input.grad:"}[fault]
+    assert expected in str(failed.value), failed.value
+
+
 def test_check_of_named_backends_fails_when_one_is_unavailable(tmp_path):
     """`check --backend NAME` checks only those, and a named backend that cannot run (here the C++ build fails:
     the compiler is `false`) is a failure, exit 1, where a plain `check` skips it and passes."""
