@@ -495,6 +495,19 @@ def test_benchmark_suite_and_report(tmp_path):
     assert png.stat().st_size > 1000
 
 
+def test_report_plots_beside_groups_that_lack_nn_lstm(tmp_path):
+    """A run filtered to one provider (`pytest benchmarks -k cpp`) has groups without nn.LSTM: the table shows "-"
+    for them, and the plot leaves them out (it raised a TypeError dividing None)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    png = tmp_path / "plot.png"
+    report.plot({"a": {"nn.LSTM": 2.0, "fastlstm[cpp]": 1.0}, "b": {"fastlstm[cpp]": 1.0}}, str(png))
+    assert png.stat().st_size > 1000
+
+
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 
 
