@@ -6,8 +6,10 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
 #include <atomic>
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -197,10 +199,24 @@ constexpr size_t kTensorPoolMin = size_t(1) << 20;  // below this the allocator'
 constexpr size_t kFitSlack = 4;                     // a block up to a quarter larger than asked serves
 constexpr uint64_t kIdlePeriods = 2;                // two: steps that alternate two shapes keep both
 
+// The cap's environment variable, in MiB: a whole number of 0 or more, else a warning and the default (atoll had
+// read "-1" as no cap at all, and "abc" or "" as 0).
+inline size_t keep_bytes_from_env(const char* name, size_t fallback) {
+  const char* text = std::getenv(name);
+  if (text == nullptr) return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const long long mib = std::strtoll(text, &end, 10);
+  if (end == text || *end != '\0' || errno != 0 || mib < 0 || mib > (int64_t(1) << 30)) {
+    TORCH_WARN(name, "=", text, " is not a whole number of MiB from 0; fastlstm keeps its default, ",
+               fallback >> 20, " MiB");
+    return fallback;
+  }
+  return size_t(mib) << 20;
+}
+
 inline size_t tensor_keep_bytes() {
-  static const size_t v = std::getenv("FASTLSTM_KEEP_TENSORS_MB")
-                              ? static_cast<size_t>(std::atoll(std::getenv("FASTLSTM_KEEP_TENSORS_MB"))) << 20
-                              : kTensorKeep;
+  static const size_t v = keep_bytes_from_env("FASTLSTM_KEEP_TENSORS_MB", kTensorKeep);
   return v;
 }
 

@@ -579,6 +579,23 @@ def test_a_threads_own_thread_count_is_kept_as_nn_lstm_keeps_it():
     assert len(lines) == 8 and all(line.endswith(" 1") for line in lines), lines
 
 
+@pytest.mark.parametrize("value", ["-1", "abc", "1e3"])
+def test_a_malformed_keep_tensors_cap_warns_and_keeps_the_default(value):
+    """FASTLSTM_KEEP_TENSORS_MB must be a whole number of MiB from 0: otherwise a warning, the 512 MiB default, and
+    training runs (it was read with atoll: "-1" as no cap at all, "abc" as keeping none, "1e3" as 1 MiB)."""
+    code = (
+        "import torch, fastlstm\n"
+        "m = fastlstm.LSTM(64, 64, backend='cpp')\n"
+        "y, _ = m(torch.randn(50, 32, 64))\n"
+        "y.sum().backward()\n"
+        "print('trained')\n"
+    )
+    proc = run_python("-c", code, env=dict(os.environ, FASTLSTM_KEEP_TENSORS_MB=value))
+    assert proc.returncode == 0 and "trained" in proc.stdout, proc.stderr[-3000:]
+    assert f"FASTLSTM_KEEP_TENSORS_MB={value} is not a whole number of MiB from 0" in proc.stderr, proc.stderr
+    assert "keeps its default, 512 MiB" in proc.stderr
+
+
 def test_long_sequence():
     """T=10000: the last steps still match the reference (no drift, no O(T) per-step cost blow-up)."""
     torch.manual_seed(0)
