@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import fastlstm
-from fastlstm import backends
+from fastlstm import backends, dispatch
 from fastlstm.backends import BuildCrashError, cpu
 from fastlstm.benchmark import CPU_FULL_GRID, CPU_SHORT_GRID, DEFAULT_GRID, Shape, geometric_mean, time_shape
 from fastlstm.check import CHECK_CASES, compare, exact_cudnn, random_cases
@@ -86,9 +86,17 @@ def machine_header(device: str) -> dict[str, str]:
 
 
 def cmd_info(args) -> int:
+    """What this machine has and what fastlstm makes of it; exit 1 where a setting would make calls fail."""
     for key, value in machine_header(_default_device()).items():
         print(f"{key:>9}: {value}")
     print(f"{'cuda':>9}: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
+    errors = []
+    try:
+        default = dispatch.requested(None)
+    except ValueError as error:  # every model built without backend= raises it on its first call
+        default = "none"
+        errors.append(str(error))
+    print(f"default backend: {default}")
     print("backends:")
     available = fastlstm.available_backends()
     for name, reason in available.items():
@@ -99,9 +107,12 @@ def cmd_info(args) -> int:
     if "triton" in available and available["triton"] is None:
         from fastlstm.backends.triton import build_guard, ops
 
+        errors += ops.setting_errors()
         print(f"triton kernels: {ops.kernel_choices()}")
         print(f"triton builds: {build_guard.describe()}")
-    return 0
+    for error in errors:
+        print(f"python -m fastlstm info: error: {error}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def cmd_build(args) -> int:

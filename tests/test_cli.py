@@ -61,6 +61,21 @@ def test_check_runs_in_the_dtypes_asked_for():
     assert not any("float32" in line or "float64" in line for line in lines), done.stdout
 
 
+def test_info_says_which_settings_would_make_calls_fail():
+    """A $FASTLSTM_BACKEND every model without backend= raises on (and triton's kernel and tile settings, which
+    every triton call raises on) is an error of info's, exit 1; it had listed them among the knobs, exit 0."""
+    env = dict(os.environ, FASTLSTM_BACKEND="bogus", FASTLSTM_TRITON_KERNEL="bogus", FASTLSTM_TRITON_CONFIG="x")
+    done = run_python("-m", "fastlstm", "info", env=env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "default backend: none" in done.stdout
+    assert "error: unknown fastlstm backend 'bogus'" in done.stderr and "(from $FASTLSTM_BACKEND)" in done.stderr
+    if "\n  triton     available" in done.stdout:  # under the interpreter here (tests/conftest.py sets it)
+        assert "error: FASTLSTM_TRITON_KERNEL must be one of auto, step, sequence" in done.stderr
+        assert "error: FASTLSTM_TRITON_CONFIG takes NAME=INTEGER items" in done.stderr
+    fine = run_python("-m", "fastlstm", "info", env=dict(os.environ, FASTLSTM_BACKEND="cpp"))
+    assert fine.returncode == 0 and "default backend: cpp" in fine.stdout, fine.stderr
+
+
 def test_check_keeps_tiny_weights_above_float16s_normal_range():
     """Weights scaled by 1e-6 lie below float16's smallest normal number (6e-5): every float16 result is rounding
     noise there, and nn.LSTM's own error (which sets the allowed error) was 100% of a gradient's largest value

@@ -73,6 +73,20 @@ def choose_kernel(batch: int, hidden: int, out_size: int, dtype: torch.dtype, ke
     return kernel
 
 
+def setting_errors() -> list[str]:
+    """What is wrong with this process's triton settings ($FASTLSTM_TRITON_KERNEL, $FASTLSTM_TRITON_CONFIG), which
+    every triton call would raise (`fastlstm info` says so up front)."""
+    errors = []
+    if os.environ.get(ENV_KERNEL, "auto") not in ("auto", "step", "sequence"):
+        errors.append(f"{ENV_KERNEL} must be one of auto, step, sequence; got {os.environ[ENV_KERNEL]!r}")
+    if os.environ.get(ENV_CONFIG, "").strip():
+        try:
+            _parse_config(os.environ[ENV_CONFIG])
+        except ValueError as error:
+            errors.append(str(error))
+    return errors
+
+
 def kernel_choices() -> str:
     """Which kernel serves which call, the tiles, and the inference graphs, knobs applied (`fastlstm info`)."""
     from fastlstm.backends.triton import graphs
