@@ -19,7 +19,6 @@ import copy
 import torch
 
 from fastlstm import benchmark, module
-from fastlstm.__main__ import _shape_argument
 from fastlstm.backends import Backend, cpu
 
 _REMEMBERED = module.LSTM._call_key
@@ -62,8 +61,8 @@ def main() -> None:
     parser.add_argument("--one-region", action="store_true")
     args = parser.parse_args()
     results = {}
-    for label in args.shapes.split(","):
-        shape = _shape_argument(label)
+    for shape in args.shapes:
+        label = str(shape)
         models = benchmark.make_models(shape, ["cpp"], "cpu", torch.float32)
         fast = {way: copy.deepcopy(models["fastlstm[cpp]"]) for way in _WAYS}
         x = torch.randn(shape.seq_len, shape.batch, shape.input_size)

@@ -20,7 +20,6 @@ import copy
 import torch
 
 from fastlstm import benchmark
-from fastlstm.__main__ import _shape_argument
 from fastlstm.backends import cpu
 
 
@@ -51,8 +50,8 @@ def main() -> None:
     parser.add_argument("--autocast-bf16", action="store_true")
     args = parser.parse_args()
     results = {}
-    for label in args.shapes.split(","):
-        shape = _shape_argument(label)
+    for shape in args.shapes:
+        label = str(shape)
         models = benchmark.make_models(shape, ["cpp", "native"], "cpu", torch.float32)
         twin = copy.deepcopy(models["fastlstm[cpp]"])
         x = torch.randn(shape.seq_len, shape.batch, shape.input_size)

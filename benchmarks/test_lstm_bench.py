@@ -1,9 +1,11 @@
-"""pytest-benchmark suite: each group is one shape and mode, nn.LSTM beside every available fastlstm backend.
+"""pytest-benchmark suite: each group is one shape and mode, nn.LSTM beside fastlstm's auto and the device's fast
+backend (cpp, triton) where available.
 
     pytest benchmarks/ --benchmark-enable --benchmark-json=bench.json
     python benchmarks/report.py bench.json --plot bench.png
 
-FASTLSTM_BENCH_GRID=tiny runs a two-shape grid (a smoke test of the suite itself).
+FASTLSTM_BENCH_GRID=tiny runs a two-shape grid (a smoke test of the suite itself); FASTLSTM_BENCH_DTYPE=bfloat16
+or float16 times that dtype (default float32).
 """
 
 from __future__ import annotations
@@ -22,10 +24,20 @@ GRIDS = {
     "tiny": [Shape(2, 8, 8, 8), Shape(3, 6, 8, 8, 2, True)],
     "default": DEFAULT_GRID[DEVICE],
 }
-SHAPES = GRIDS[os.environ.get("FASTLSTM_BENCH_GRID", "default")]
-DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-    os.environ.get("FASTLSTM_BENCH_DTYPE", "float32")
-]
+
+
+def _setting(name: str, choices, default: str) -> str:
+    """An environment variable of the suite's, one of `choices`: else a usage error naming them."""
+    value = os.environ.get(name, default)
+    if value not in choices:
+        raise pytest.UsageError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+GRID = _setting("FASTLSTM_BENCH_GRID", GRIDS, "default")
+SHAPES = GRIDS[GRID]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE = DTYPES[_setting("FASTLSTM_BENCH_DTYPE", DTYPES, "float32")]
 
 
 def _providers() -> list[str]:
@@ -73,7 +85,7 @@ LENGTHS_SHAPES = {"tiny": [Shape(4, 12, 8, 8)], "default": [Shape(16, 500, 128, 
 
 
 @pytest.mark.parametrize("provider", ["nn.LSTM packed", "fastlstm packed", "fastlstm lengths="])
-@pytest.mark.parametrize("shape", LENGTHS_SHAPES[os.environ.get("FASTLSTM_BENCH_GRID", "default")], ids=str)
+@pytest.mark.parametrize("shape", LENGTHS_SHAPES[GRID], ids=str)
 def test_padded_lengths_vs_packing(benchmark, shape, provider):
     """A padded batch of variable lengths: pack -> LSTM -> unpack against fastlstm's lengths= (inference)."""
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -103,7 +115,7 @@ STEP_SHAPES = {"tiny": [Shape(1, 1, 8, 8, 2)], "default": [Shape(1, 1, 128, 256,
 
 
 @pytest.mark.parametrize("provider", ["nn.LSTM T=1", "fastlstm.step"])
-@pytest.mark.parametrize("shape", STEP_SHAPES[os.environ.get("FASTLSTM_BENCH_GRID", "default")], ids=str)
+@pytest.mark.parametrize("shape", STEP_SHAPES[GRID], ids=str)
 def test_streaming_step_latency(benchmark, shape, provider):
     """Per-step latency of streaming inference: nn.LSTM on 1-step chunks carrying state, or fastlstm.step."""
     models = make_models(shape, ["auto"], DEVICE, DTYPE)
@@ -138,7 +150,7 @@ PER_SAMPLE_SHAPES = {
 
 
 @pytest.mark.parametrize("provider", ["nn.LSTM loop", "fastlstm vmap(grad)"])
-@pytest.mark.parametrize("shape,samples", PER_SAMPLE_SHAPES[os.environ.get("FASTLSTM_BENCH_GRID", "default")], ids=str)
+@pytest.mark.parametrize("shape,samples", PER_SAMPLE_SHAPES[GRID], ids=str)
 def test_per_sample_gradients(benchmark, shape, samples, provider):
     """Every parameter's gradient for each of `samples` samples (differential privacy): a loop of nn.LSTM backward
     passes, which is what nn.LSTM offers (its vmap has no batching rule), against torch.func.vmap(grad)."""

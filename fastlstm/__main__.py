@@ -436,6 +436,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_positive_int.__name__ = "positive integer"  # argparse names the type in its error ("invalid positive integer value")
+
+
 def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
     """What argparse cannot check by itself, before any work starts."""
     if getattr(args, "random", 0) < 0:

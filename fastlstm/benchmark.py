@@ -313,14 +313,22 @@ def interleaved_us(
 
 
 def ab_parser(doc: str):
-    """The arguments every A/B script takes: mode (step or forward), the JSON to write, shapes, --repeats."""
+    """The arguments every A/B script takes: mode (step or forward), the JSON to write, shapes (labels separated by
+    commas, as `bench --shape` takes them, parsed into a list of Shape), --repeats; bad values are argparse's
+    errors, before any timing."""
     import argparse
 
+    from fastlstm.__main__ import _positive_int, _shape_argument
+
+    def shape_list(text: str) -> list[Shape]:
+        return [_shape_argument(label) for label in text.split(",")]
+
+    shape_list.__name__ = "shape list"  # argparse names the type in its error
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("mode", choices=["step", "forward"])
     parser.add_argument("out")
-    parser.add_argument("shapes")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("shapes", type=shape_list)
+    parser.add_argument("--repeats", type=_positive_int, default=15)
     return parser
 
 

@@ -510,6 +510,33 @@ def test_benchmark_suite_and_report(tmp_path):
     assert png.stat().st_size > 1000
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["step", "out.json", "B1-T3-I8-H8-L2", "--repeats", "0"], "expected a positive integer, got 0"),
+        (["step", "out.json", "B1-T3-I8"], "shape 'B1-T3-I8': expected B,T,I,H"),
+    ],
+)
+def test_ab_scripts_refuse_bad_arguments_before_timing(capsys, args, message):
+    """The A/B scripts' arguments are argparse's to refuse (exit 2, a usage line): --repeats 0 ended in
+    statistics.StatisticsError after the timing, a bad shape label in a traceback."""
+    from fastlstm import benchmark
+
+    with pytest.raises(SystemExit) as exited:
+        benchmark.ab_parser("an A/B script").parse_args(args)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    parsed = benchmark.ab_parser("an A/B script").parse_args(["forward", "out.json", "B1-T3-I8-H8-L2,B2-T5-I4-H4-L1"])
+    assert [str(shape) for shape in parsed.shapes] == ["B1-T3-I8-H8-L2", "B2-T5-I4-H4-L1"]
+
+
+def test_benchmark_suite_names_its_settings_when_one_is_unknown():
+    done = run_python(
+        "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", env=dict(os.environ, FASTLSTM_BENCH_GRID="small")
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "FASTLSTM_BENCH_GRID must be one of tiny, default; got 'small'" in done.stdout + done.stderr
+
+
 def test_report_plots_beside_groups_that_lack_nn_lstm(tmp_path):
     """A run filtered to one provider (`pytest benchmarks -k cpp`) has groups without nn.LSTM: the table shows "-"
     for them, and the plot leaves them out (it raised a TypeError dividing None)."""
