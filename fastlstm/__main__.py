@@ -263,7 +263,8 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)  # before the header, which reports it
     header = machine_header(device)
     print("fastlstm bench: " + ", ".join(f"{k} {v}" for k, v in header.items()))
-    for note in timing_notes():
+    notes = timing_notes()
+    for note in notes:
         print(f"fastlstm bench: note: {note}", file=sys.stderr)
     results = []
     total = len(shapes) * len(modes)
@@ -294,7 +295,10 @@ def cmd_bench(args) -> int:
     print("\r".ljust(60), file=sys.stderr)
     print(format_table(results, dtype, autocast))
     if args.json:
-        run = {"machine": header, "dtype": args.dtype, "autocast": args.autocast}
+        run = {
+            "machine": header, "dtype": args.dtype, "autocast": args.autocast, "repeats": args.repeats,
+            "checked": not args.no_check, "notes": notes,  # a run unchecked, or on a busy machine, says so
+        }  # fmt: skip
         with open(args.json, "w") as f:
             json.dump({**run, "results": [r.as_dict() for r in results]}, f, indent=1)
         print(f"wrote {args.json}")

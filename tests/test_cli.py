@@ -337,6 +337,7 @@ def test_bench_times_calls_under_autocast(tmp_path):
     assert "| B1-T3-I4-H6-P2-L2 | training | fastlstm[reference] | reference |" in done.stdout
     run = json.loads(out.read_text())
     assert run["autocast"] == "bfloat16" and len(run["results"]) == 2 * 2 * 3
+    assert run["repeats"] == 2 and run["checked"] is True and isinstance(run["notes"], list)  # how it was run
 
 
 def test_inference_stack_ab_times_both_ways(tmp_path):
