@@ -284,7 +284,13 @@ def rebuilt_as(module: nn.RNNBase, cls: type[nn.RNNBase]) -> nn.RNNBase:
         namespace = {k: v for k, v in vars(generated).items() if k not in ("__dict__", "__weakref__")}
         cls = type(generated.__name__, (cls,), namespace)
     new = cls.__new__(cls)
-    state = {k: (v.copy() if isinstance(v, dict) else v) for k, v in vars(module).items() if k not in fastlstm_only}
+    # The hook dicts themselves, shared (a handle taken before the conversion removes its hook from the rebuilt
+    # module: RemovableHandle holds the dict); the other dicts (parameters, buffers, ...) copied
+    state = {
+        k: (v.copy() if isinstance(v, dict) and "hooks" not in k else v)
+        for k, v in vars(module).items()
+        if k not in fastlstm_only
+    }
     new.__dict__.update(state)
     new._flat_weights_names = list(module._flat_weights_names)
     new._all_weights = [list(w) for w in module._all_weights]

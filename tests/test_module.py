@@ -218,6 +218,33 @@ def test_convert_keeps_a_layer_used_in_several_places_one_layer():
     assert type(layers[0]) is nn.LSTM and all(layer is layers[0] for layer in layers)
 
 
+@pytest.mark.parametrize("to", ["fastlstm", "torch"])
+def test_hook_handles_taken_before_convert_still_remove_their_hooks(to):
+    """A hook's handle taken before fastlstm.convert removes the hook from the converted layer, as the hooks are
+    the layer's own (they were copied: the handle removed nothing, and the hook kept firing)."""
+    source = nn.LSTM(I, H) if to == "fastlstm" else fastlstm.LSTM(I, H)
+    fired = []
+    handles = [
+        source.register_forward_hook(lambda *args: fired.append("forward")),
+        source.register_forward_pre_hook(lambda *args: fired.append("pre")),
+        source.register_forward_hook(lambda *args, **kwargs: fired.append("kwargs"), with_kwargs=True),
+        source.register_full_backward_hook(lambda *args: fired.append("backward")),
+        source.register_state_dict_post_hook(lambda *args: fired.append("state_dict")),
+    ]
+    converted = fastlstm.convert(nn.Sequential(source), to=to)[0]
+    assert type(converted) is (fastlstm.LSTM if to == "fastlstm" else nn.LSTM)
+    x = torch.randn(3, 2, I, requires_grad=True)
+    converted(x)[0].sum().backward()
+    converted.state_dict()
+    assert sorted(fired) == ["backward", "forward", "kwargs", "pre", "state_dict"]
+    for handle in handles:
+        handle.remove()
+    fired.clear()
+    converted(x)[0].sum().backward()
+    converted.state_dict()
+    assert fired == []
+
+
 def test_convert_leaves_subclasses_with_a_warning():
     class Scaled(nn.LSTM):
         def forward(self, x, hx=None):
