@@ -81,10 +81,10 @@ def test_check_keeps_tiny_weights_above_float16s_normal_range():
     noise there, and nn.LSTM's own error (which sets the allowed error) was 100% of a gradient's largest value
     (this case: `random_cases(300, 12)[83]` compared with seed 83). In float16 such a case scales its weights by
     1e-2, and nn.LSTM's own error stays under 0.5% (0.38% here, about 4 of float16's epsilons), so that the error
-    allowed, twice that where it exceeds the dtype's tolerance, stays under 1%."""
+    allowed, 3 times that where it exceeds the dtype's tolerance, stays under 1.5%."""
     case = Case(batch=64, seq_len=2, input_size=86, hidden_size=2, num_layers=3, weight_scale=1e-6)
     errors = compare(case, "native", "cpu", torch.float16, seed=83)
-    assert TOLERANCE[torch.float16] <= max(allowed for _, allowed in errors.values()) < 1e-2, errors
+    assert TOLERANCE[torch.float16] <= max(allowed for _, allowed in errors.values()) < 1.5e-2, errors
 
 
 def test_check_says_where_the_dtype_cannot_resolve_a_result(monkeypatch, capsys):
