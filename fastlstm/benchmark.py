@@ -343,9 +343,12 @@ def ab_summary(label: str, times: dict[str, list[float]], *ratios: tuple[str, st
 
 
 def write_ab_json(path: str, results: dict, **run) -> None:
-    """An A/B script's JSON: its run's settings, torch's version and thread count, and each shape's entry."""
+    """An A/B script's JSON: its run's settings, the machine as bench's header gives it (CPU, torch, threads, ...),
+    and each shape's entry."""
+    from fastlstm.__main__ import machine_header
+
     with open(path, "w") as f:
-        meta = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+        meta = {"machine": machine_header("cpu"), "torch": torch.__version__, "threads": torch.get_num_threads()}
         json.dump({**run, **meta, "results": results}, f, indent=1)
 
 

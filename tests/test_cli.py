@@ -355,6 +355,7 @@ def test_inference_stack_ab_times_both_ways(tmp_path):
     forward_run = json.loads((tmp_path / "fwd.json").read_text())
     forward = forward_run["results"]["B2-T1-I4-H6-P3-L2"]
     assert forward_run["autocast_bf16"] is True
+    assert forward_run["machine"]["device"] and forward_run["machine"]["torch"] == torch.__version__  # which CPU
     assert forward["order"] == ["layer by layer", "one call", "nn.LSTM"]
     assert all(len(times) == 1 for times in forward["us"].values())
 
