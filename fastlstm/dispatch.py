@@ -186,6 +186,13 @@ def _cpp_onednn_weight_grads() -> bool:
     return cpu.uses_onednn_weight_grads()
 
 
+def _one_thread() -> bool:
+    """Whether torch runs one thread (a serving worker, say): the Intel AMX rules were measured at two, where cpp
+    splits a batch's rows between the threads and oneDNN synchronises them at every step. Plans are remembered
+    per thread count (the module's call key and _CallShape hold it)."""
+    return torch.get_num_threads() == 1
+
+
 def _cpp_splits_rows(call: LayerCall) -> bool:
     """Whether the cpp float32 forward of `call` splits its rows among threads (the row split, csrc/team.h)."""
     from fastlstm.backends import cpu
@@ -403,6 +410,12 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             return None
         if _cpu_amd_zen3() and not (call.hidden_size >= 640 and call.batch > 8):
             return None
+        if _cpu_intel_amx() and _one_thread() and not call.needs_grad and call.batch > 16 and call.hidden_size >= 64:
+            if call.hidden_size < 256:
+                return (
+                    "float32 inference on Intel with AMX at one thread, beyond batch 16 at hidden 64-255 (where at "
+                    "two threads cpp splits the rows): oneDNN measured faster"
+                )
         if _cpu_intel_amx() and (call.needs_grad or call.hidden_size < 256 or call.batch <= 7):
             return None
         if _cpu_intel_amx() and call.hidden_size >= 384 and call.batch <= 32:
@@ -488,6 +501,8 @@ def _cpp_amx_slower_reason(call: LayerCall) -> str | None:
     """bfloat16 where both cpp and oneDNN multiply on AMX tiles (the measurements are listed in _cpp_slower_reason)."""
     if call.proj_size or call.packed or call.needs_grad or (call.seq_len <= 10 and call.batch <= 64):
         return None
+    if _one_thread() and call.batch >= 8 and call.hidden_size <= 256:
+        return "bfloat16 inference on AMX at one thread from batch 8 at hidden <= 256: oneDNN measured faster"
     if (
         call.batch <= 8
         or (call.batch <= 96 and call.hidden_size <= 256)

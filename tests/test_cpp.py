@@ -1188,6 +1188,7 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     monkeypatch.setattr(dispatch, "_cpu_amd_zen3", lambda: False)
     monkeypatch.setattr(dispatch, "_cpu_intel_amx", lambda: False)
     monkeypatch.setattr(dispatch, "_cpp_splits_rows", lambda call: False)  # rows not split (split: below)
+    monkeypatch.setattr(dispatch, "_one_thread", lambda: False)  # two threads, as measured (one: below)
     assert _auto_backends(torch.float32, 1) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 4) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 5) == ["native"] * 4
@@ -1221,6 +1222,13 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 8, hidden=256) == ["native"] * 4
     assert _auto_backends(torch.float32, 8, hidden=383) == ["native"] * 4
     assert _auto_backends(torch.float32, 33, hidden=384) == ["native"] * 4
+    monkeypatch.setattr(dispatch, "_one_thread", lambda: True)  # one thread: inference beyond batch 16 at hidden
+    assert _auto_backends(torch.float32, 17, hidden=64) == ["native"] * 4  # 64-255 to oneDNN,
+    assert _auto_backends(torch.float32, 64, hidden=255) == ["native"] * 4
+    assert _auto_backends(torch.float32, 16, hidden=128) == ["cpp"] * 4  # not up to batch 16,
+    assert _auto_backends(torch.float32, 64, hidden=32) == ["cpp"] * 4  # nor below hidden 64,
+    assert _auto_backends(torch.float32, 64, hidden=128, train=True) == ["cpp"] * 4  # nor training
+    monkeypatch.setattr(dispatch, "_one_thread", lambda: False)
     monkeypatch.setattr(dispatch, "_cpu_intel_amx", lambda: False)
     monkeypatch.setattr(dispatch, "_cpu_amd_family", lambda: 0x1A)  # Zen 5: inference up to batch 8
     assert _auto_backends(torch.float32, 8) == ["cpp"] * 4
@@ -1266,6 +1274,12 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 65, hidden=384, seq_len=10) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 256, proj_size=4) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 256, packed=True) == ["cpp"] * 4
+    monkeypatch.setattr(dispatch, "_one_thread", lambda: True)  # one thread: inference from batch 8 at hidden
+    assert _auto_backends(torch.bfloat16, 8, hidden=256) == ["native"] * 4  # <= 256 to oneDNN
+    assert _auto_backends(torch.bfloat16, 7, hidden=256) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 8, hidden=384) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 64, hidden=256, train=True) == ["cpp"] * 4
+    monkeypatch.setattr(dispatch, "_one_thread", lambda: False)
     monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: "avx512_bf16")
     monkeypatch.setattr(dispatch, "_cpp_bf16_dot", lambda: True)
     monkeypatch.setattr(dispatch, "_cpu_amd_family", lambda: 0x19)  # Zen 4
