@@ -183,7 +183,7 @@ def _step(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape, region=con
     """One timed run of a mode, inside one region() (an autocast region, as a model's caller opens one a call, a
     training step, or a stream)."""
     if mode == "step":  # x fed one step a call, (h, c) carried: nn.LSTM on 1-step sequences, fastlstm's step()
-        one_step = model.step if isinstance(model, LSTM) else lambda x_t, state: model(x_t[None], state)
+        one_step = _one_step(model)
 
         def stream():
             state = None
@@ -204,21 +204,31 @@ def _step(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape, region=con
 
     def train():
         model.zero_grad(set_to_none=True)
-        xg = x.detach().requires_grad_(True)
-        with region():
-            y, (h, c) = model(shape.model_input(xg))  # packing is part of the step: the gradient flows through it
-            loss = output_data(y).float().sum() + h.float().sum() + c.float().sum()
-        loss.backward()  # outside autocast, as torch's AMP recipes run it
+        _training_run(model, x.detach().requires_grad_(True), shape, region)
 
     return train
 
 
+def _one_step(model: nn.Module):
+    """One streamed step, (x_t, state) -> (y_t, state): fastlstm's step(), nn.LSTM on a 1-step sequence."""
+    return model.step if isinstance(model, LSTM) else lambda x_t, state: model(x_t[None], state)
+
+
+def _training_run(model: nn.Module, xg: torch.Tensor, shape: Shape, region):
+    """A training mode's run: forward in region(), backward of the sum of y, h_n and c_n. Returns (y, (h, c))."""
+    with region():
+        y, (h, c) = model(shape.model_input(xg))  # packing is part of the step: the gradient flows through it
+        loss = output_data(y).float().sum() + h.float().sum() + c.float().sum()
+    loss.backward()  # outside autocast, as torch's AMP recipes run it
+    return y, (h, c)
+
+
 def validation_results(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape, region) -> dict[str, torch.Tensor]:
     """What one run of a mode computes, for comparing providers before they are timed: inference's outputs; the
-    training run's outputs and every gradient (input and parameters, of _step's loss); the streamed steps'
-    outputs and final state (at most 16 steps)."""
+    training run's outputs and every gradient (input and parameters, of _training_run's loss); the streamed
+    steps' outputs and final state (at most 16 steps)."""
     if mode == "step":
-        one_step = model.step if isinstance(model, LSTM) else lambda x_t, state: model(x_t[None], state)
+        one_step = _one_step(model)
         state, ys = None, []
         with torch.no_grad(), region():
             for x_t in x[:16]:
@@ -230,10 +240,7 @@ def validation_results(model: nn.Module, x: torch.Tensor, mode: str, shape: Shap
             y, (h, c) = model(shape.model_input(x))
         return {"y": output_data(y), "h_n": h, "c_n": c}
     xg = x.detach().requires_grad_(True)
-    with region():
-        y, (h, c) = model(shape.model_input(xg))
-        loss = output_data(y).float().sum() + h.float().sum() + c.float().sum()
-    loss.backward()
+    y, (h, c) = _training_run(model, xg, shape, region)
     grads = {f"{name}.grad": p.grad for name, p in model.named_parameters()}
     return {"y": output_data(y).detach(), "h_n": h.detach(), "c_n": c.detach(), "input.grad": xg.grad, **grads}
 

@@ -410,12 +410,12 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             return None
         if _cpu_amd_zen3() and not (call.hidden_size >= 640 and call.batch > 8):
             return None
-        if _cpu_intel_amx() and _one_thread() and not call.needs_grad and call.batch > 16 and call.hidden_size >= 64:
-            if call.hidden_size < 256:
-                return (
-                    "float32 inference on Intel with AMX at one thread, beyond batch 16 at hidden 64-255 (where at "
-                    "two threads cpp splits the rows): oneDNN measured faster"
-                )
+        one_thread_loss = not call.needs_grad and call.batch > 16 and 64 <= call.hidden_size < 256
+        if _cpu_intel_amx() and _one_thread() and one_thread_loss:
+            return (
+                "float32 inference on Intel with AMX at one thread, beyond batch 16 at hidden 64-255 (where at two "
+                "threads cpp splits the rows): oneDNN measured faster"
+            )
         if _cpu_intel_amx() and (call.needs_grad or call.hidden_size < 256 or call.batch <= 7):
             return None
         if _cpu_intel_amx() and call.hidden_size >= 384 and call.batch <= 32:
