@@ -82,7 +82,7 @@ CASES = [
     Case(7, 3, 5, 4, P=2, reverse=True),
     Case(4, 13, 6, 9, P=3, lengths=(4, 4, 1, 3, 2, 2, 4, 1, 1, 3, 4, 2, 1)),
     Case(3, 9, 16, 33),  # odd H past the vector width
-    # batch >= 16: float32 runs the per-step product through MKL's packed GEMM where available
+    # batch >= 16 (MKL's packed GEMM takes float32 steps only from a w_hh 256 wide: test_kernel_paths forces it)
     Case(4, 17, 8, 20),
     Case(5, 20, 6, 16, P=5, lengths=(5, 5, 4, 1, 3, 2, 2, 5, 1, 1, 3, 4, 2, 1, 5, 5, 4, 3, 2, 1), reverse=True),
     Case(5, 16, 6, 32, bias=False, lengths=(5,) * 8 + (3,) * 8),

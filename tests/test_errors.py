@@ -221,8 +221,10 @@ def test_a_malformed_pack_raises_runtime_error_as_nn_lstm(backend, grad):
         with torch.set_grad_enabled(grad):
             with pytest.raises(RuntimeError):
                 nn.LSTM(I, H, 2, proj_size=P)(pack)
-            with pytest.raises(RuntimeError):
+            with pytest.raises(RuntimeError) as raised:
                 fastlstm.LSTM(I, H, 2, proj_size=P, backend=backend)(pack)
+            # the pack's own error, not a forced backend's refusal (BackendUnavailableError is a RuntimeError too)
+            assert not isinstance(raised.value, fastlstm.BackendUnavailableError), raised.value
 
 
 @pytest.mark.parametrize("backend", ["auto", "native", "reference", *fast_cpu_backends()])

@@ -31,7 +31,8 @@ def _grads(module, x, h0, c0, run):
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("lengths", [[3, 7, 1, 4], [7, 7, 7, 7], [2, 2, 1, 1]], ids=str)
 def test_lengths_equal_packing(backend, batch_first, lengths):
-    m = fastlstm.LSTM(I, H, 2, bidirectional=True, proj_size=3, batch_first=batch_first, backend=backend).double()
+    """fastlstm's lengths= against nn.LSTM on the packed batch, padded back: outputs, states, every gradient."""
+    ref, m = make_pair(I, H, 2, bidirectional=True, proj_size=3, batch_first=batch_first, backend=backend)
     B, T = len(lengths), 7
     x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64)
     for b, n in enumerate(lengths):  # missing values in the padding, which packing never reads
@@ -45,7 +46,7 @@ def test_lengths_equal_packing(backend, batch_first, lengths):
     def padded(module, x, h0, c0):
         return module(x, (h0, c0), lengths=torch.tensor(lengths))
 
-    for got, expected in zip(_grads(m, x, h0, c0, padded), _grads(m, x, h0, c0, packed)):
+    for got, expected in zip(_grads(m, x, h0, c0, padded), _grads(ref, x, h0, c0, packed), strict=True):
         torch.testing.assert_close(got, expected, **TOL)
     y, _ = m(x, lengths=lengths)
     for b, n in enumerate(lengths):
@@ -60,16 +61,26 @@ def test_lengths_equal_packing(backend, batch_first, lengths):
     [[6, 2, 4], torch.randint(2, 4, (40,), generator=torch.Generator().manual_seed(40)).tolist()],
     ids=["3", "40-tied"],
 )
-def test_lengths_with_dropout_draw_as_packing_does(lengths):
-    m = fastlstm.LSTM(I, H, 3, dropout=0.5, backend="reference").double().train()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lengths_with_dropout_draw_as_packing_does(backend, lengths):
+    """Each sequence draws nn.LSTM's dropout masks for it when packed: outputs, states and every gradient."""
+    ref, m = make_pair(I, H, 3, dropout=0.5, backend=backend)
+    ref.train(), m.train()
     T = max(lengths)
     x = torch.randn(T, len(lengths), I, dtype=torch.float64)
-    torch.manual_seed(5)
-    y, (h, c) = m(x, lengths=lengths)
-    torch.manual_seed(5)
-    yp, (hp, cp) = m(pack_padded_sequence(x, lengths, enforce_sorted=False))
-    torch.testing.assert_close(y, pad_packed_sequence(yp, total_length=T)[0], **TOL)
-    torch.testing.assert_close((h, c), (hp, cp), **TOL)
+    h0, c0 = torch.randn(3, len(lengths), H, dtype=torch.float64), torch.randn(3, len(lengths), H, dtype=torch.float64)
+
+    def packed(module, x, h0, c0):
+        torch.manual_seed(5)
+        out, state = module(pack_padded_sequence(x, lengths, enforce_sorted=False), (h0, c0))
+        return pad_packed_sequence(out, total_length=T)[0], state
+
+    def padded(module, x, h0, c0):
+        torch.manual_seed(5)
+        return module(x, (h0, c0), lengths=lengths)
+
+    for got, expected in zip(_grads(m, x, h0, c0, padded), _grads(ref, x, h0, c0, packed), strict=True):
+        torch.testing.assert_close(got, expected, **TOL)
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,7 @@ def test_initialisation_matches_nn_lstm_for_the_same_seed():
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("backend", ["native", "reference", *fast_cpu_backends()])
 def test_functional_call_uses_the_given_parameters(backend):
     ref, fast = make_pair(I, H, 2, backend=backend)
     replaced = {name: torch.randn_like(p) for name, p in ref.named_parameters()}
@@ -60,7 +60,7 @@ def test_functional_call_uses_the_given_parameters(backend):
     assert not torch.allclose(y, y_plain)
 
 
-@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("backend", ["native", "reference", *fast_cpu_backends()])
 def test_weight_tying(backend):
     ref, fast = make_pair(I, H, 1, bidirectional=True, backend=backend)
     for m in (ref, fast):
@@ -71,7 +71,7 @@ def test_weight_tying(backend):
     assert fast.bias_ih_l0.grad is not None
 
 
-@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("backend", ["native", "reference", *fast_cpu_backends()])
 def test_weight_norm_parametrization(backend):
     ref, fast = make_pair(I, H, 1, backend=backend)
     ref = parametrizations.weight_norm(ref, name="weight_hh_l0")
@@ -464,7 +464,7 @@ def test_mixed_plan_native_and_reference_layers(monkeypatch, packed):
     assert_same_results(ref, fast, [torch.randn(5, 3, I, dtype=torch.float64)], call, **TOL)
 
 
-@pytest.mark.parametrize("name", ["native", "reference"])
+@pytest.mark.parametrize("name", ["native", "reference", *fast_cpu_backends()])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("proj", [0, 3])
 def test_layer_contract_against_reference(name, reverse, proj):

@@ -771,7 +771,6 @@ def test_cuda_a_failed_graph_capture_leaves_the_callers_stream_current(monkeypat
     graphs.clear()
 
 
-@pytest.mark.cuda
 def test_cuda_unsupported_float64():
     assert "dtype" in BACKEND.unsupported_reason(_call(device_type="cuda", dtype=torch.float64))
 

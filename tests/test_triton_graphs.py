@@ -214,26 +214,14 @@ def test_the_self_test_keeps_off_the_graphs(recorder, monkeypatch):
 
 def test_threads_sharing_a_configuration_get_their_own_results(recorder):
     """Calls from several threads on one configuration (one set of kept buffers) each get their own numbers."""
-    import threading
+    from helpers import assert_threads_get_lone_results
 
     sizes = dict(T=4, B=2, I=3, H=5)
     inputs = [_inputs(**sizes, seed=k) for k in range(6)]
-    expected = [_plain(t, False) for t in inputs]
-    _graphed(inputs[0], False)  # warm-up, so the threads capture or replay
-    results: dict[int, tuple] = {}
-
-    def work(k: int) -> None:
-        for _ in range(3):
-            results[k] = _graphed(inputs[k], False)
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(inputs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for k, want in enumerate(expected):
-        for g, w in zip(results[k], want):
+    for t in inputs:  # one at a time (the first captures, the rest replay): the launch-by-launch numbers
+        for g, w in zip(_graphed(t, False), _plain(t, False), strict=True):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert_threads_get_lone_results(lambda t: _graphed(t, False), inputs, threads=len(inputs), repeats=3)
     assert len(graphs._graphs) == 1
 
 
