@@ -562,7 +562,7 @@ class LSTM(nn.RNNBase):
         if whole is not None:
             x, h_n, c_n = self._inference_stack(whole, x, state, None)
         elif all(choice.backend == "native" for choice in choices):
-            x, h_n, c_n = self._native_cells(x, *self._layer_states(x[None], state))
+            x, h_n, c_n = self._native_step(x, state)
         else:
             y, h_n, c_n = self._layered_stack(x[None], *self._layer_states(x[None], state), None, choices)
             x = y[0]
@@ -570,9 +570,24 @@ class LSTM(nn.RNNBase):
             return x.squeeze(0), (h_n.squeeze(1), c_n.squeeze(1))
         return x, (h_n, c_n)
 
+    def _native_step(self, x: Tensor, hx) -> tuple[Tensor, Tensor, Tensor]:
+        """One step of every layer where native serves it: x [B, I], hx (h0, c0) or None -> (y [B, P], h_n, c_n).
+
+        float32 and float64 in ATen's cells, to float rounding of nn.LSTM's numbers: on the CPU nn.LSTM's own call
+        costs far more for one step at small batches (oneDNN reorders every weight on each call; float32 B8-H256,
+        2 layers: 241 us against 517). Below float32, nn.LSTM's own call: the cells round every gate to the dtype,
+        2.5-3x nn.LSTM's error against float64 (bfloat16 and float16, batch 8-256, hidden 128-512), and oneDNN
+        was as fast or faster from batch 128, where auto sends such steps native."""
+        if x.dtype in (torch.float32, torch.float64):
+            return self._native_cells(x, *self._layer_states(x[None], hx))
+        if hx is None:
+            rows = (self.num_layers, x.size(0))
+            hx = (x.new_zeros(*rows, self._out_size), x.new_zeros(*rows, self.hidden_size))
+        y, h_n, c_n = self._native_stack(x.unsqueeze(1 if self.batch_first else 0), hx, None)
+        return y.squeeze(1 if self.batch_first else 0), h_n, c_n
+
     def _native_cells(self, x: Tensor, h0, c0) -> tuple[Tensor, Tensor, Tensor]:
-        """One step of every layer in ATen's cells: x [B, I] -> (y [B, P], h_n, c_n). On the CPU nn.LSTM's own call
-        costs far more for one step (oneDNN reorders every weight on each call)."""
+        """One step of every layer in ATen's cells: x [B, I] -> (y [B, P], h_n, c_n)."""
         h_out, c_out = [], []
         for layer in range(self.num_layers):
             w_ih, w_hh, b_ih, b_hh, w_hr = self._parameters_of(layer, 0)

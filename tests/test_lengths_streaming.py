@@ -184,10 +184,33 @@ def test_step_runs_the_backend_forward_runs(backend, proj):
     forwarded = _grads(fast, x[None], *state, run_forward)
     expected = _grads(ref, x[None], *state, run_forward)
     for got, same, want in zip(stepped, forwarded, expected):
-        if backend != "native":  # native steps in ATen's cells, forward in nn.LSTM's own call
+        if backend != "native":  # native float64 steps in ATen's cells, forward in nn.LSTM's own call
             assert torch.equal(got, same)
         torch.testing.assert_close(got, want, **TOL)
     assert fastlstm.explain(fast, x[None], state).backends == [backend] * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_native_step_below_float32_is_nn_lstms_call(dtype, batch_first, with_state):
+    """Where native serves a step below float32 it makes nn.LSTM's own call (ATen's cells would round every gate to
+    the dtype, 2.5-3x nn.LSTM's error): bitwise nn.LSTM's numbers on the 1-step sequence, and its gradients."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(I, H, 2, proj_size=3, batch_first=batch_first).to(dtype)
+    fast = fastlstm.LSTM(I, H, 2, proj_size=3, batch_first=batch_first, backend="native").to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(4, I).to(dtype)
+    state = (torch.randn(2, 4, 3).to(dtype), torch.randn(2, 4, H).to(dtype)) if with_state else None
+    with torch.no_grad():
+        y, (h, c) = fast.step(x, state)
+        y_ref, (h_ref, c_ref) = ref(x.unsqueeze(1 if batch_first else 0), state)
+    for got, want in zip((y, h, c), (y_ref.squeeze(1 if batch_first else 0), h_ref, c_ref), strict=True):
+        assert got.dtype == dtype and torch.equal(got, want)
+    fast.step(x, state)[0].float().sum().backward()
+    ref(x.unsqueeze(1 if batch_first else 0), state)[0].float().sum().backward()
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
 
 
 def test_step_gradients_and_batch_first():
