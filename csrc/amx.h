@@ -11,6 +11,8 @@
 // weight as the vector kernel does, and k past the last whole block of 16 pairs goes to the vector kernel.
 #pragma once
 
+#include "env.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -33,8 +35,7 @@ constexpr bool kHasAmx = true;
 // before 5.16 refuses), and FASTLSTM_AMX=0 does not turn them off (for measurements and tests).
 inline bool amx_enabled() {
   static const bool v = [] {
-    const char* env = std::getenv("FASTLSTM_AMX");
-    if (env != nullptr && std::atoll(env) == 0) return false;
+    if (!env_flag("FASTLSTM_AMX").value_or(true)) return false;
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
@@ -217,7 +218,7 @@ inline void amx_panel_blocks(const uint16_t* A, int64_t lda, const uint16_t* pan
 // at batch 1), B3-T100-H256 and B2-T200-H384 1.5x faster than from 4 rows, the rest even. FASTLSTM_AMX_MIN_ROWS
 // overrides (a huge value keeps the tiles off).
 inline int64_t amx_min_rows() {
-  static const int64_t v = std::getenv("FASTLSTM_AMX_MIN_ROWS") ? std::atoll(std::getenv("FASTLSTM_AMX_MIN_ROWS")) : 1;
+  static const int64_t v = env_int("FASTLSTM_AMX_MIN_ROWS").value_or(1);
   return v;
 }
 #else

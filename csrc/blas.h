@@ -2,6 +2,7 @@
 #pragma once
 
 #include "cpu_id.h"
+#include "env.h"
 #include "memory.h"
 #include "simd.h"
 
@@ -103,16 +104,14 @@ constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCbl
 // even) and at narrower weights (B16-T500-H128 0.95-0.96x against 1.27-1.28x, B64-T50-H64-L2-bi 1.00x against
 // 1.41-1.43x, B64-T35-H200 1.04-1.07x against 1.11-1.12x), where the kernel's team loop and row split serve.
 // FASTLSTM_MKL_MIN_ROWS overrides the rows, and then any width goes.
+inline std::optional<int64_t> mkl_min_rows_env() {
+  static const std::optional<int64_t> v = env_int("FASTLSTM_MKL_MIN_ROWS");
+  return v;
+}
 inline int64_t mkl_min_rows() {
-  static const int64_t v = std::getenv("FASTLSTM_MKL_MIN_ROWS") ? std::atoll(std::getenv("FASTLSTM_MKL_MIN_ROWS"))
-                           : cpu_is_intel()                     ? 8
-                                                                : std::numeric_limits<int64_t>::max();
-  return v;
+  return mkl_min_rows_env().value_or(cpu_is_intel() ? 8 : std::numeric_limits<int64_t>::max());
 }
-inline int64_t mkl_min_width() {
-  static const int64_t v = std::getenv("FASTLSTM_MKL_MIN_ROWS") ? 0 : 256;
-  return v;
-}
+inline int64_t mkl_min_width() { return mkl_min_rows_env() ? 0 : 256; }
 
 struct MklPacked {
   float* data = nullptr;
@@ -151,10 +150,8 @@ struct MklPacked {
 // AVX-512: batch 16-64, 7 grid shapes twice, the kernel took float64 inference from 1.06-1.63x of nn.LSTM to
 // 1.80-2.96x, training from 1.04-1.69x to 1.41-2.28x. FASTLSTM_DGEMM_MIN_ROWS overrides.
 inline int64_t dgemm_min_rows() {
-  static const int64_t v = std::getenv("FASTLSTM_DGEMM_MIN_ROWS")
-                               ? std::atoll(std::getenv("FASTLSTM_DGEMM_MIN_ROWS"))
-                           : amd_family() >= 0x1A ? std::numeric_limits<int64_t>::max()
-                                                  : 16;
+  static const int64_t v =
+      env_int("FASTLSTM_DGEMM_MIN_ROWS").value_or(amd_family() >= 0x1A ? std::numeric_limits<int64_t>::max() : 16);
   return v;
 }
 template <typename scalar_t>
@@ -187,12 +184,12 @@ const c10::optional<c10::TypedOperatorHandle<LinearPointwiseFn>>& onednn_linear_
 
 // Multiply-adds from which oneDNN serves a product: by default from 2^22 on CPUs other than Intel's (smaller
 // products measured even), never on Intel, where MKL's sgemm is tuned. FASTLSTM_ONEDNN_MIN_MACS overrides.
-inline int64_t onednn_min_macs() {
-  static const int64_t v = std::getenv("FASTLSTM_ONEDNN_MIN_MACS")
-                               ? std::atoll(std::getenv("FASTLSTM_ONEDNN_MIN_MACS"))
-                           : cpu_is_intel() ? std::numeric_limits<int64_t>::max()
-                                            : int64_t(1) << 22;
+inline std::optional<int64_t> onednn_min_macs_env() {
+  static const std::optional<int64_t> v = env_int("FASTLSTM_ONEDNN_MIN_MACS");
   return v;
+}
+inline int64_t onednn_min_macs() {
+  return onednn_min_macs_env().value_or(cpu_is_intel() ? std::numeric_limits<int64_t>::max() : int64_t(1) << 22);
 }
 
 // Whether oneDNN serves a float32 product of `macs` multiply-adds, and the product A @ W^T as it computes it.
@@ -249,18 +246,15 @@ void linear_nt(const Tensor& A, const Tensor& W, Tensor& out) {
 // So from Zen 4 (AMD family 0x19 with AVX-512) on. FASTLSTM_ONEDNN_WEIGHT_GRADS=1 or 0 overrides which CPUs;
 // FASTLSTM_ONEDNN_MIN_MACS, when set, the size.
 inline bool onednn_weight_grads() {
-  static const bool v = std::getenv("FASTLSTM_ONEDNN_WEIGHT_GRADS")
-                            ? std::atoi(std::getenv("FASTLSTM_ONEDNN_WEIGHT_GRADS")) != 0
-                            : amd_family() >= 0x1A || (amd_family() == 0x19 && !amd_zen3());
+  static const bool v = env_flag("FASTLSTM_ONEDNN_WEIGHT_GRADS")
+                            .value_or(amd_family() >= 0x1A || (amd_family() == 0x19 && !amd_zen3()));
   return v;
 }
 
 // Multiply-adds from which oneDNN serves a weight gradient: FASTLSTM_ONEDNN_MIN_MACS when set, else 2^24 (and
 // never below the floor every oneDNN product keeps).
 inline int64_t weight_grad_min_macs() {
-  static const int64_t v = std::getenv("FASTLSTM_ONEDNN_MIN_MACS")
-                               ? onednn_min_macs()
-                               : std::max(onednn_min_macs(), int64_t(1) << 24);
+  static const int64_t v = onednn_min_macs_env() ? onednn_min_macs() : std::max(onednn_min_macs(), int64_t(1) << 24);
   return v;
 }
 

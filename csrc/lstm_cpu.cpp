@@ -86,6 +86,7 @@
 
 #include "blas.h"
 #include "cell.h"
+#include "env.h"
 #include "layer.h"
 #include "memory.h"
 #include "simd.h"
@@ -210,8 +211,7 @@ c10::optional<Tensor> as_compute(const c10::optional<Tensor>& t, at::ScalarType 
 // 6.48 -> 6.31 ms, B8-H512 even; B32-H256 2.86 -> 3.40 ms and B64-H512 20.6 -> 24.5 ms, so fused from 16 rows
 // there. FASTLSTM_FUSE_MIN_ROWS overrides both; a huge value disables.
 inline int64_t fuse_min_rows_override() {
-  static const int64_t v =
-      std::getenv("FASTLSTM_FUSE_MIN_ROWS") ? std::atoll(std::getenv("FASTLSTM_FUSE_MIN_ROWS")) : 0;
+  static const int64_t v = env_int("FASTLSTM_FUSE_MIN_ROWS").value_or(0);
   return v;
 }
 
@@ -239,9 +239,7 @@ inline int64_t fuse_min_rows_of() {
 // B3-T100-H256 1.41x -> 1.76x; training B1-T100-H128 1.52x -> 1.63x, B4-T35-H200-L2 1.69x -> 1.76x.
 // FASTLSTM_OWN_PROJECTION_MAX_KB overrides; 0 disables.
 inline int64_t own_projection_max_bytes() {
-  static const int64_t v = std::getenv("FASTLSTM_OWN_PROJECTION_MAX_KB")
-                               ? std::atoll(std::getenv("FASTLSTM_OWN_PROJECTION_MAX_KB")) * 1024
-                               : int64_t(1) << 20;
+  static const int64_t v = env_int("FASTLSTM_OWN_PROJECTION_MAX_KB", 0, int64_t(1) << 40).value_or(1024) * 1024;
   return v;
 }
 
@@ -394,8 +392,7 @@ void forward_team(int threads, const Dims& d, const std::vector<int64_t>& live, 
 // Whether bfloat16 runs on the bf16 dot-product kernel (see Bf16Dot): on CPUs that have it, unless
 // FASTLSTM_BF16_DOT=0 asks for float32 math throughout (for measurements and tests).
 inline bool use_bf16_dot() {
-  static const char* env = std::getenv("FASTLSTM_BF16_DOT");
-  static const bool v = kHasBf16Dot && !(env != nullptr && std::atoll(env) == 0);
+  static const bool v = kHasBf16Dot && env_flag("FASTLSTM_BF16_DOT").value_or(true);
   return v;
 }
 
@@ -425,8 +422,7 @@ bool uses_onednn_weight_grads() { return onednn_weight_grads() && onednn_linear_
 // the noise of this machine: 3.31 s against 3.34 s a call, Zen 3, 2 threads). A chunk repacks the weights, a few
 // steps' worth of memory traffic.
 inline int64_t inference_chunk_override() {
-  static const int64_t v =
-      std::getenv("FASTLSTM_INFERENCE_CHUNK_STEPS") ? std::atoll(std::getenv("FASTLSTM_INFERENCE_CHUNK_STEPS")) : 0;
+  static const int64_t v = env_int("FASTLSTM_INFERENCE_CHUNK_STEPS").value_or(0);
   return v;
 }
 

@@ -1,6 +1,8 @@
 // fastlstm C++ CPU backend: memory kept between calls (packed weights, scratch buffers) and release_memory().
 #pragma once
 
+#include "env.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -202,17 +204,8 @@ constexpr uint64_t kIdlePeriods = 2;                // two: steps that alternate
 // The cap's environment variable, in MiB: a whole number of 0 or more, else a warning and the default (atoll had
 // read "-1" as no cap at all, and "abc" or "" as 0).
 inline size_t keep_bytes_from_env(const char* name, size_t fallback) {
-  const char* text = std::getenv(name);
-  if (text == nullptr) return fallback;
-  char* end = nullptr;
-  errno = 0;
-  const long long mib = std::strtoll(text, &end, 10);
-  if (end == text || *end != '\0' || errno != 0 || mib < 0 || mib > (int64_t(1) << 30)) {
-    TORCH_WARN(name, "=", text, " is not a whole number of MiB from 0; fastlstm keeps its default, ",
-               fallback >> 20, " MiB");
-    return fallback;
-  }
-  return size_t(mib) << 20;
+  const auto mib = env_int(name, 0, int64_t(1) << 30, "MiB", std::to_string(fallback >> 20) + " MiB");
+  return mib ? size_t(*mib) << 20 : fallback;
 }
 
 inline size_t tensor_keep_bytes() {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "amx.h"
+#include "env.h"
 #include "memory.h"
 #include "simd.h"
 #include "threads.h"
@@ -407,8 +408,7 @@ inline void dot_rows(const typename Dot::elem_t*, const typename Dot::unit_t*, i
 // A knob of a dot_rows path, the environment variable `name`: N rows up to which the path runs whatever the size
 // (0: never), -1 when unset (the path's rule decides); 0 in builds without dot_rows.
 inline int64_t dot_rows_knob(const char* name) {
-  const char* env = std::getenv(name);
-  return !kHasDotRows ? 0 : env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : -1;
+  return !kHasDotRows ? 0 : env_int(name).value_or(-1);
 }
 
 // FASTLSTM_DOT_ROWS=N: the forward's recurrent product through dot_rows at batch <= N whatever the size

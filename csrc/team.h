@@ -3,6 +3,7 @@
 #pragma once
 
 #include "cpu_id.h"
+#include "env.h"
 #include "simd.h"
 #include "step_product.h"
 #include "threads.h"
@@ -87,8 +88,8 @@ class SpinBarrier {
 constexpr int64_t kTeamZen3Rows = 8;
 
 inline int64_t team_max_macs(bool backward, int64_t rows) {
-  static const char* env = std::getenv("FASTLSTM_TEAM_MAX_MACS");
-  if (env != nullptr) return std::atoll(env);
+  static const std::optional<int64_t> env = env_int("FASTLSTM_TEAM_MAX_MACS");
+  if (env) return *env;
   constexpr int64_t narrow = int64_t(1) << 20, wide = int64_t(1) << 23;
   static const bool zen5 = amd_family() >= 0x1A, zen3 = amd_zen3();
   if (backward) return narrow;
@@ -102,10 +103,13 @@ inline int64_t team_max_macs(bool backward, int64_t rows) {
 // 1.05-1.3x faster alone, hidden 40 1.05-1.15x faster as a team). float64, whose cell costs more per unit: 16+
 // both ways (hidden 16 ran 1.3-1.6x faster alone; hidden 32 1.1-1.6x faster as a team).
 // FASTLSTM_TEAM_MIN_HIDDEN overrides all.
+inline std::optional<int64_t> team_min_hidden_env() {
+  static const std::optional<int64_t> v = env_int("FASTLSTM_TEAM_MIN_HIDDEN", 1);  // read (and warned about) once
+  return v;
+}
 template <typename scalar_t>
 inline int64_t team_min_hidden(bool backward) {
-  static const char* env = std::getenv("FASTLSTM_TEAM_MIN_HIDDEN");
-  if (env != nullptr) return std::max<int64_t>(std::atoll(env), 1);
+  if (const auto env = team_min_hidden_env()) return *env;
   if constexpr (std::is_same_v<scalar_t, double>) return 16;
   return backward ? 20 : 24;
 }
@@ -163,7 +167,7 @@ TeamSlice join_team(SpinBarrier& barrier, int64_t H) {
 // (1 MB where it reports none). FASTLSTM_ROW_SPLIT_MAX_KB overrides; 0 disables the split.
 inline int64_t row_split_max_bytes() {
   static const int64_t v = []() -> int64_t {
-    if (const char* env = std::getenv("FASTLSTM_ROW_SPLIT_MAX_KB")) return std::atoll(env) * 1024;
+    if (const auto kb = env_int("FASTLSTM_ROW_SPLIT_MAX_KB", 0, int64_t(1) << 40)) return *kb * 1024;
 #ifdef _SC_LEVEL2_CACHE_SIZE
     const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
     if (l2 > 0) return static_cast<int64_t>(l2);

@@ -596,6 +596,35 @@ def test_a_malformed_keep_tensors_cap_warns_and_keeps_the_default(value):
     assert "keeps its default, 512 MiB" in proc.stderr
 
 
+_CHOICES = "from fastlstm.backends import cpu; print(cpu.kernel_choices())"
+
+
+def test_knobs_read_strictly():
+    """The C++ knobs take whole numbers in their range, and switches 1/0 (true/false, on/off, yes/no): anything else
+    warns and keeps the default (atoll had read FASTLSTM_AMX=true as 0, turning the tiles off, and -5 KB as never)."""
+    malformed = [
+        ("FASTLSTM_AMX", "banana"),
+        ("FASTLSTM_BF16_DOT", "enabled"),
+        ("FASTLSTM_ROW_SPLIT_MAX_KB", "-5"),
+        ("FASTLSTM_INFERENCE_CHUNK_STEPS", "abc"),
+        ("FASTLSTM_TEAM_MIN_HIDDEN", "0"),
+        ("FASTLSTM_MKL_MIN_ROWS", "1e3"),
+        ("FASTLSTM_ONEDNN_WEIGHT_GRADS", "2"),
+    ]
+    spelled = [("FASTLSTM_AMX", "TRUE"), ("FASTLSTM_BF16_DOT", "Off"), ("FASTLSTM_BF16_DOT", "0")]
+    runs = [(("-c", _CHOICES), None)] + [(("-c", _CHOICES), dict(os.environ, **{k: v})) for k, v in malformed + spelled]
+    default, *rest = run_pythons(runs)
+    assert default.returncode == 0 and "vectors of" in default.stdout, default.stderr[-2000:]
+    for (name, value), proc in zip(malformed, rest[: len(malformed)], strict=True):
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"{name}={value} is not" in proc.stderr and "keeps its default" in proc.stderr, (name, proc.stderr)
+        assert proc.stderr.count(f"{name}={value} is not") == 1, (name, proc.stderr)  # one warning, not one a use
+        assert proc.stdout == default.stdout, name
+    amx_true, bf16_off, bf16_zero = rest[len(malformed) :]
+    assert amx_true.stdout == default.stdout and "is not" not in amx_true.stderr, amx_true.stderr
+    assert bf16_off.stdout == bf16_zero.stdout and "is not" not in bf16_off.stderr, bf16_off.stderr
+
+
 def test_long_sequence():
     """T=10000: the last steps still match the reference (no drift, no O(T) per-step cost blow-up)."""
     torch.manual_seed(0)

@@ -32,7 +32,9 @@ transforms, which cannot run a C++ autograd Function, the layer takes the same o
     gates [T, B, 4H] (activated) and c_hist [T, B, H] are what backward needs; they are empty ([0]) when
     save is false (inference), and float32 for bfloat16 and float16 inputs.
 
-Tuning knobs (read once per process by the C++ code; for measurements and tests, not for users)
+Tuning knobs (read once per process by the C++ code; for measurements and tests, not for users). Numbers are
+whole numbers of 0 or more, switches 1 or 0 (true/false, on/off, yes/no): anything else warns once and keeps the
+default (csrc/env.h).
     FASTLSTM_MKL_MIN_ROWS   float32 uses MKL's packed GEMM for the per-step product from this batch size on
                             (default: 1 on Intel CPUs, never elsewhere, where MKL measured slow); a huge value
                             forces the register-blocked kernel, which builds without MKL always use.
@@ -104,6 +106,7 @@ _HEADERS = (
     "blas.h",
     "cell.h",
     "cpu_id.h",
+    "env.h",
     "layer.h",
     "memory.h",
     "simd.h",
