@@ -18,8 +18,9 @@ namespace {
 
 // A whole number in [lo, hi] from the environment variable `name`: nullopt when it is unset, or (with a warning
 // naming the unit and the default, where given) when it is anything else.
-inline std::optional<int64_t> env_int(const char* name, int64_t lo = 0, int64_t hi = std::numeric_limits<int64_t>::max(),
-                                      const std::string& unit = "", const std::string& fallback = "") {
+inline std::optional<int64_t> env_int(const char* name, int64_t lo = 0,
+                                      int64_t hi = std::numeric_limits<int64_t>::max(), const std::string& unit = "",
+                                      const std::string& fallback = "") {
   const char* text = std::getenv(name);
   if (text == nullptr) return std::nullopt;
   char* end = nullptr;
