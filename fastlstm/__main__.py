@@ -445,6 +445,8 @@ _positive_int.__name__ = "positive integer"  # argparse names the type in its er
 
 def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
     """What argparse cannot check by itself, before any work starts."""
+    if getattr(args, "shape", None) and getattr(args, "grid", None):
+        parser.error("--grid and --shape: give one of them (--shape times only the shapes it names)")
     if getattr(args, "random", 0) < 0:
         parser.error(f"--random: expected 0 or more configurations, got {args.random}")
     if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
@@ -524,8 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--grid",
         choices=["default", "cpu-full", "cpu-short"],
-        default="default",
-        help="shape grid (without --shape); cpu-short: 1 and 10 steps at batch 8-64",
+        help="shape grid (instead of --shape; default: the device's default grid); cpu-short: 1 and 10 steps at "
+        "batch 8-64",
     )
     bench.add_argument(
         "--mode",
@@ -547,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--no-check", action="store_true", help="skip validating outputs against nn.LSTM")
     args = parser.parse_args(argv)
-    _check_arguments(parser, args)
+    _check_arguments(sub.choices[args.command], args)  # errors in the subcommand's usage, as argparse's own
     commands = {"info": cmd_info, "build": cmd_build, "check": cmd_check, "bench": cmd_bench}
     return commands[args.command](args)
 

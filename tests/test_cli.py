@@ -417,7 +417,7 @@ def test_bench_records_the_cpu_generation_the_tuning_knobs_and_the_threads(tmp_p
         (["--backend", "nosuch"], "invalid choice: 'nosuch'"),
         (["--repeats", "0"], "expected a positive integer"),
         (["--threads", "0"], "expected a positive integer"),
-        (["--json", "/nonexistent-dir/out.json"], "--json /nonexistent-dir/out.json: No such file or directory"),
+        (["--json", "/x-none/out.json"], "bench: error: --json /x-none/out.json: No such file or directory"),
         (["--backend", "triton", "--shape", "1,2,3,4", "--device", "cpu"], "error: fastlstm backend 'triton'"),
         (["--mode", "step", "--shape", "1,3,4,6,2,bi"], "--mode step streams unidirectional, unpacked shapes"),
         (["--mode", "step", "--shape", "B3-T4-I4-H6-L1-packed"], "--mode step streams unidirectional, unpacked"),
@@ -430,6 +430,25 @@ def test_bench_rejects_bad_arguments_in_one_line(args, message):
     done = run_python("-m", "fastlstm", "bench", *args, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["bench", "--grid", "cpu-short", "--shape", "2,5,8,16"], "bench: error: --grid and --shape: give one"),
+        (["check", "--random", "-1"], "check: error: --random: expected 0 or more configurations, got -1"),
+    ],
+)
+def test_checks_beyond_argparse_answer_in_the_subcommands_usage(capsys, args, message):
+    """What argparse cannot check itself errs as argparse does: the subcommand's usage and name, exit status 2 (a
+    --grid beside --shape had been ignored)."""
+    from fastlstm import __main__ as cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(args)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: python -m fastlstm {args[0]}" in err and f"python -m fastlstm {message}" in err, err
 
 
 def test_bench_that_fails_leaves_no_json_behind(tmp_path):
