@@ -179,6 +179,29 @@ def autocast_region(device_type: str, dtype: torch.dtype | None):
     return lambda: torch.autocast(device_type, dtype=dtype)
 
 
+def nn_lstm_region(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape, region):
+    """The region nn.LSTM runs a mode in: region() (autocast's), with oneDNN off as well where nn.LSTM's oneDNN path
+    cannot run the call under CPU autocast (float16 training; bfloat16 on CPUs without AVX-512: "could not create
+    a primitive descriptor"), as fastlstm computes it there. Returns (region, whether oneDNN is off); tried once."""
+    if region is contextlib.nullcontext or x.device.type != "cpu":
+        return region, False
+    try:
+        validation_results(model, x, mode, shape, region)
+        return region, False
+    except RuntimeError as error:
+        if "primitive descriptor" not in str(error):
+            raise
+    finally:
+        model.zero_grad(set_to_none=True)
+
+    @contextlib.contextmanager
+    def without_onednn():
+        with torch.backends.mkldnn.flags(enabled=False), region():
+            yield
+
+    return without_onednn, True
+
+
 def _step(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape, region=contextlib.nullcontext):
     """One timed run of a mode, inside one region() (an autocast region, as a model's caller opens one a call, a
     training step, or a stream)."""
@@ -263,7 +286,9 @@ def time_shape(
     models = make_models(shape, backends, device, dtype)
     x = torch.randn(shape.seq_len, shape.batch, shape.input_size, device=device, dtype=dtype)
     region = autocast_region(device.type, autocast)
-    steps = {name: _step(m, x, mode, shape, region) for name, m in models.items()}
+    regions = {name: region for name in models}
+    regions["nn.LSTM"], onednn_off = nn_lstm_region(models["nn.LSTM"], x, mode, shape, region)
+    steps = {name: _step(m, x, mode, shape, regions[name]) for name, m in models.items()}
     timer = _timer(device)
     for _ in range(warmup):
         for step in steps.values():
@@ -278,7 +303,7 @@ def time_shape(
         for name, samples in times.items():
             model = models[name]
             if name == "nn.LSTM":
-                used = "native (nn.LSTM)"
+                used = "native (nn.LSTM, oneDNN off)" if onednn_off else "native (nn.LSTM)"
             else:
                 called = x[:1] if mode == "step" else shape.model_input(x)  # a step is a 1-step sequence to dispatch
                 used = ",".join(sorted(set(explain(model, called).backends)))
