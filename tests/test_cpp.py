@@ -1276,6 +1276,15 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     monkeypatch.setattr(dispatch, "_cpu_fp16_units", lambda: "avx512")  # oneDNN's float16 LSTM (inference only)
     assert _auto_backends(torch.float16, 64) == ["cpp"] * 4
     assert _auto_backends(torch.float16, 65) == ["native"] * 4
+    # a single step: float16 weights as stored (oneDNN) against cpp's float32 copies, twice the bytes
+    assert _auto_backends(torch.float16, 2, hidden=768, seq_len=1) == ["native"] * 4
+    assert _auto_backends(torch.float16, 1, hidden=768, seq_len=1) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 16, hidden=512, seq_len=1) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 17, hidden=512, seq_len=1) == ["native"] * 4
+    assert _auto_backends(torch.float16, 32, hidden=256, seq_len=1) == ["native"] * 4
+    assert _auto_backends(torch.float16, 64, hidden=256, seq_len=1) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 64, hidden=128, seq_len=1) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 32, hidden=512, seq_len=2) == ["cpp"] * 4  # more steps: cpp
     assert _auto_backends(torch.float16, 256, train=True) == ["cpp"] * 4
     assert _auto_backends(torch.float16, 256, proj_size=4) == ["cpp"] * 4  # nn.LSTM then leaves oneDNN
     assert _auto_backends(torch.float16, 256, packed=True) == ["cpp"] * 4
