@@ -596,6 +596,54 @@ def test_a_malformed_keep_tensors_cap_warns_and_keeps_the_default(value):
     assert "keeps its default, 512 MiB" in proc.stderr
 
 
+def _home_cache_unusable(monkeypatch, tmp_path):
+    """No FASTLSTM_CACHE_DIR, an XDG cache folder that cannot be made (a file stands in its way), temp in tmp_path."""
+    import tempfile
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.delenv("FASTLSTM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path / f"fastlstm-{os.getuid()}"
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX users")
+def test_the_cache_falls_back_to_a_private_temp_folder(monkeypatch, tmp_path):
+    """Where the home cache cannot be made or written (a container user whose home is / or read-only; no home at
+    all, where "~" stayed unexpanded and the cache landed in ./~), builds go to $TMPDIR/fastlstm-<uid>, made 0700;
+    one that another user made, or others can write, is refused (the library built there is loaded)."""
+    from fastlstm.backends import cache_root
+
+    private = _home_cache_unusable(monkeypatch, tmp_path)
+    assert cache_root() == private and (private.stat().st_mode & 0o777) == 0o700
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # no HOME, no passwd entry
+    assert cache_root() == private
+    private.chmod(0o777)
+    with pytest.raises(PermissionError, match="set FASTLSTM_CACHE_DIR"):
+        cache_root()
+    private.rmdir()
+    private.symlink_to(tmp_path)
+    with pytest.raises(PermissionError, match="belongs to another user"):
+        cache_root()
+    monkeypatch.setenv("FASTLSTM_CACHE_DIR", str(tmp_path / "asked"))  # asked for: used as it is
+    assert cache_root() == tmp_path / "asked"
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX users")
+def test_a_cache_that_cannot_be_written_is_named_as_the_reason(monkeypatch, tmp_path):
+    """The reason a build could not happen names the cache and FASTLSTM_CACHE_DIR, not the compiler."""
+    private = _home_cache_unusable(monkeypatch, tmp_path)
+    private.mkdir(mode=0o777)
+    private.chmod(0o777)  # others may write it: refused
+    monkeypatch.setitem(cpu._state, "done", False)
+    monkeypatch.setitem(cpu._state, "error", None)
+    reason = cpu._ensure()
+    assert "its cache folder cannot be written (set FASTLSTM_CACHE_DIR" in reason, reason
+    assert "compiler" not in reason, reason
+
+
 _CHOICES = "from fastlstm.backends import cpu; print(cpu.kernel_choices())"
 
 

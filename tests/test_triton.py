@@ -520,6 +520,23 @@ def test_import_without_triton():
     assert out.stdout.strip() == "ok"
 
 
+def test_triton_missing_what_it_imports_is_not_called_missing(monkeypatch):
+    """Installed triton whose import fails on a module of its own needs (numpy, which its interpreter imports and
+    triton does not require) says so, not that triton is not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def import_without_numpy(name, *args, **kwargs):
+        if name == "triton":
+            raise ModuleNotFoundError("No module named 'numpy'", name="numpy")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", import_without_numpy)
+    reason = BACKEND.unavailable_reason()
+    assert reason.startswith("importing triton failed: No module named 'numpy'"), reason
+
+
 # ------------------------------------------------------------------------------------------------------
 # Self-test: auto routes around kernels that fail on this device
 # ------------------------------------------------------------------------------------------------------

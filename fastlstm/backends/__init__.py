@@ -60,11 +60,37 @@ class LayerCall:
 
 def cache_root() -> Path:
     """Where backends keep what they build for this machine: `$FASTLSTM_CACHE_DIR`, else `$XDG_CACHE_HOME/fastlstm`,
-    else `~/.cache/fastlstm`."""
+    else `~/.cache/fastlstm`; where that cannot be made or written (a container user whose home is `/` or read-only,
+    no home at all), a folder of this user's own in the temporary directory (_private_temp_cache)."""
     if os.environ.get("FASTLSTM_CACHE_DIR"):
-        return Path(os.environ["FASTLSTM_CACHE_DIR"])
+        return Path(os.environ["FASTLSTM_CACHE_DIR"])  # asked for: used as it is, its errors reported as they are
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fastlstm"
+    home = Path(base) / "fastlstm"
+    if home.is_absolute():  # "~" stays unexpanded without HOME or a passwd entry
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+            if os.access(home, os.W_OK | os.X_OK):
+                return home
+        except OSError:
+            pass
+    return _private_temp_cache()
+
+
+def _private_temp_cache() -> Path:
+    """$TMPDIR/fastlstm-<uid>, made 0700 and owned by this user: the library built there is loaded into the process,
+    so a folder another user made (or could write) first is refused, not used."""
+    import tempfile
+
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    folder = Path(tempfile.gettempdir()) / f"fastlstm-{uid if uid is not None else os.getlogin()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.lstat()
+    if uid is not None and (folder.is_symlink() or info.st_uid != uid or info.st_mode & 0o022):
+        raise PermissionError(
+            f"no writable cache folder: the home cache cannot be made or written, and {folder} belongs to another "
+            "user or others can write it; set FASTLSTM_CACHE_DIR to a folder of your own"
+        )
+    return folder
 
 
 def constant_under_compile(fn):

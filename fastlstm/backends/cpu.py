@@ -65,6 +65,7 @@ default (csrc/env.h).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -355,7 +356,13 @@ def _ensure(verbose: bool = False) -> str | None:
                 output = getattr(error, "output", None) if isinstance(error, subprocess.CalledProcessError) else None
                 if output:
                     text += ": " + (output.decode(errors="replace") if isinstance(output, bytes) else output).strip()
-                _state["error"] = f"building the fastlstm C++ extension failed (compiler {_compiler()!r}): {text}"
+                if isinstance(error, PermissionError) or getattr(error, "errno", None) == errno.EROFS:
+                    _state["error"] = (
+                        "building the fastlstm C++ extension failed: its cache folder cannot be written (set "
+                        f"FASTLSTM_CACHE_DIR to a writable folder): {text}"
+                    )
+                else:
+                    _state["error"] = f"building the fastlstm C++ extension failed (compiler {_compiler()!r}): {text}"
             _state["done"] = True
     return _state["error"]  # type: ignore[return-value]
 

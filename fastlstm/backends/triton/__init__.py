@@ -60,6 +60,8 @@ class TritonBackend(Backend):
             import triton  # noqa: F401
             import triton.language  # noqa: F401
         except ImportError as e:
+            if (e.name or "").split(".")[0] != "triton":  # triton is there; what it imports is not (numpy, say)
+                return f"importing triton failed: {e} (pip install 'fastlstm[triton]' brings what it needs)"
             return f"triton is not installed: {e} (pip install 'fastlstm[triton]', Linux only)"
         except Exception as e:  # a broken install must not break dispatch
             return f"triton is installed but cannot be imported: {type(e).__name__}: {e}"

@@ -113,9 +113,12 @@ def describe() -> str:
         return "none (TRITON_INTERPRET=1 runs the kernels uncompiled)"
     if not _switched_on():
         return f"in this process ({ENV_SWITCH}=0): a compiler crash would end it"
-    verdicts = [v for v in (_read_file(path) for path in sorted(_cache_dir().glob("*.json"))) if v is not None]
+    directory = _cache_dir()
+    if directory is None:
+        return "CUDA kernels first in a child process; no writable cache folder keeps their verdicts"
+    verdicts = [v for v in (_read_file(path) for path in sorted(directory.glob("*.json"))) if v is not None]
     crashed = [v["reason"] for v in verdicts if v["reason"] is not None]
-    text = f"CUDA kernels first in a child process; {len(verdicts)} configurations known in {_cache_dir()}"
+    text = f"CUDA kernels first in a child process; {len(verdicts)} configurations known in {directory}"
     return text + "".join(f"\n  crashed: {reason}" for reason in crashed)
 
 
@@ -340,12 +343,17 @@ def _describe(fields: dict) -> str:
     return f"{fields['dtype']} B{fields['batch']}-I{fields['input_size']}-H{fields['hidden_size']}{proj}{flags}"
 
 
-def _cache_dir() -> Path:
-    return cache_root() / "triton-builds"
+def _cache_dir() -> Path | None:
+    """Where verdicts are kept; None without a usable cache folder (each process then builds in a child)."""
+    try:
+        return cache_root() / "triton-builds"
+    except OSError:
+        return None
 
 
 def _read_verdict(key: str) -> dict | None:
-    return _read_file(_cache_dir() / f"{key}.json")
+    directory = _cache_dir()
+    return None if directory is None else _read_file(directory / f"{key}.json")
 
 
 def _read_file(path: Path) -> dict | None:
@@ -360,6 +368,8 @@ def _write_verdict(key: str, reason: str | None) -> None:
     """Atomically (processes of one job may build the same configuration at once); a cache that cannot be written
     only costs the next process a child."""
     directory = _cache_dir()
+    if directory is None:
+        return
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
