@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fastlstm import dispatch
+from fastlstm.backends import outside_stacklevel
 from fastlstm.module import LSTM, rebuilt_as
 
 _TARGETS = {"fastlstm": LSTM, "torch": nn.LSTM}
@@ -29,7 +30,7 @@ def _is_source(module: nn.Module, to: str) -> bool:
             f"{'torch.nn.LSTM' if to == 'fastlstm' else 'fastlstm.LSTM'}, and the converted layer would drop what "
             "the subclass adds",
             UserWarning,
-            stacklevel=3,
+            stacklevel=outside_stacklevel(),
         )
     return False
 

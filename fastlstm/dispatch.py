@@ -555,7 +555,7 @@ def _warn_once(name: str, reason: str, key: str | None = None) -> None:
         return
     _warned.add(key)
     message = f"fastlstm: the {name} backend is unavailable, using native nn.LSTM kernels instead: {reason}"
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    warnings.warn(message, RuntimeWarning, stacklevel=backends.outside_stacklevel())
     _log.info(message)
 
 

@@ -918,7 +918,7 @@ class LSTM(nn.RNNBase):
                 warnings.warn(
                     f"fastlstm: nn.LSTM's oneDNN path fails this call under {device_type} autocast here ({error}); "
                     f"computing it as nn.LSTM does with oneDNN off (output dtypes {dtypes})",
-                    stacklevel=4,
+                    stacklevel=backends.outside_stacklevel(),
                 )
                 _AUTOCAST_DTYPES[key] = _Autocast(dtypes, onednn=False)
         return _AUTOCAST_DTYPES[key]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -185,8 +186,10 @@ def test_auto_falls_back_to_native_with_one_warning_when_a_backend_is_missing(mo
     monkeypatch.setattr(dispatch, "_warned", set())
     monkeypatch.setattr(dispatch, "_faster_than_native", lambda name, call: None)
     m = fastlstm.LSTM(I, H, 2)
-    with pytest.warns(RuntimeWarning, match="cpp backend is unavailable.*no C.. compiler"):
+    with pytest.warns(RuntimeWarning, match="cpp backend is unavailable.*no C.. compiler") as caught:
         y, _ = m(torch.randn(2, 3, I))
+    # it points at the caller's line, not at fastlstm's or torch's frames between
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, sys._getframe().f_lineno - 2)]
     assert fastlstm.explain(m, torch.randn(2, 3, I)).backends == ["native", "native"]
     assert "cpp unavailable: no C++ compiler" in str(fastlstm.explain(m, torch.randn(2, 4, I)))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import importlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,19 @@ def _private_temp_cache() -> Path:
             "user or others can write it; set FASTLSTM_CACHE_DIR to a folder of your own"
         )
     return folder
+
+
+# fastlstm's package folder and torch's: frames there are the library's, not the user's
+_OWN_FOLDERS = (os.path.dirname(os.path.dirname(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def outside_stacklevel() -> int:
+    """warnings.warn's stacklevel, for its caller, of the first frame outside fastlstm and torch: the user's line
+    that called the model (or convert), however deep the call that warns sits below it."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_OWN_FOLDERS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def constant_under_compile(fn):

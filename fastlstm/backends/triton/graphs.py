@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fastlstm.backends import outside_stacklevel
 from fastlstm.backends.triton import ops
 
 ENV = "FASTLSTM_TRITON_GRAPHS"
@@ -171,7 +172,7 @@ def forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Te
                     f"fastlstm: capturing the triton step loop in a CUDA graph failed ({_disabled_reason}); "
                     f"running it launch by launch from now on (set {ENV}=0 to skip the attempt)",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=outside_stacklevel(),
                 )
                 with _graphs_lock:
                     _graphs.clear()
