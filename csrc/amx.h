@@ -223,7 +223,11 @@ inline int64_t amx_min_rows() {
 }
 #else
 constexpr bool kHasAmx = false;
-inline bool amx_enabled() { return false; }
+inline bool amx_enabled() {
+  static const bool checked = env_flag("FASTLSTM_AMX").has_value();  // a malformed value warns in every build
+  (void)checked;
+  return false;
+}
 #endif
 
 }  // namespace

@@ -16,18 +16,31 @@
 namespace fastlstm {
 namespace {
 
+// The environment variable `name`, spaces around it trimmed; nullopt when unset.
+inline std::optional<std::string> env_text(const char* name) {
+  const char* raw = std::getenv(name);
+  if (raw == nullptr) return std::nullopt;
+  std::string text(raw);
+  const auto space = [](char ch) { return std::isspace(static_cast<unsigned char>(ch)) != 0; };
+  while (!text.empty() && space(text.back())) text.pop_back();
+  size_t first = 0;
+  while (first < text.size() && space(text[first])) ++first;
+  return text.substr(first);
+}
+
 // A whole number in [lo, hi] from the environment variable `name`: nullopt when it is unset, or (with a warning
 // naming the unit and the default, where given) when it is anything else.
 inline std::optional<int64_t> env_int(const char* name, int64_t lo = 0,
                                       int64_t hi = std::numeric_limits<int64_t>::max(), const std::string& unit = "",
                                       const std::string& fallback = "") {
-  const char* text = std::getenv(name);
-  if (text == nullptr) return std::nullopt;
+  const auto given = env_text(name);
+  if (!given) return std::nullopt;
+  const char* text = given->c_str();
   char* end = nullptr;
   errno = 0;
   const long long value = std::strtoll(text, &end, 10);
   if (end == text || *end != '\0' || errno != 0 || value < lo || value > hi) {
-    TORCH_WARN(name, "=", text, " is not a whole number", unit.empty() ? "" : " of " + unit, " from ", lo,
+    TORCH_WARN(name, "=", std::getenv(name), " is not a whole number", unit.empty() ? "" : " of " + unit, " from ", lo,
                hi == std::numeric_limits<int64_t>::max() ? "" : " to " + std::to_string(hi),
                "; fastlstm keeps its default", fallback.empty() ? "" : ", " + fallback);
     return std::nullopt;
@@ -38,13 +51,13 @@ inline std::optional<int64_t> env_int(const char* name, int64_t lo = 0,
 // A switch from the environment variable `name`: 1 or 0 (also true/false, on/off, yes/no, any case); nullopt when
 // it is unset, or (with a warning) when it is anything else.
 inline std::optional<bool> env_flag(const char* name) {
-  const char* text = std::getenv(name);
-  if (text == nullptr) return std::nullopt;
-  std::string word(text);
+  const auto given = env_text(name);
+  if (!given) return std::nullopt;
+  std::string word = *given;
   for (char& ch : word) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   if (word == "1" || word == "true" || word == "on" || word == "yes") return true;
   if (word == "0" || word == "false" || word == "off" || word == "no") return false;
-  TORCH_WARN(name, "=", text, " is not 1 or 0; fastlstm keeps its default");
+  TORCH_WARN(name, "=", std::getenv(name), " is not 1 or 0; fastlstm keeps its default");
   return std::nullopt;
 }
 

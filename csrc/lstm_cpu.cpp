@@ -392,7 +392,8 @@ void forward_team(int threads, const Dims& d, const std::vector<int64_t>& live, 
 // Whether bfloat16 runs on the bf16 dot-product kernel (see Bf16Dot): on CPUs that have it, unless
 // FASTLSTM_BF16_DOT=0 asks for float32 math throughout (for measurements and tests).
 inline bool use_bf16_dot() {
-  static const bool v = kHasBf16Dot && env_flag("FASTLSTM_BF16_DOT").value_or(true);
+  static const bool asked = env_flag("FASTLSTM_BF16_DOT").value_or(true);  // read (and checked) in every build
+  static const bool v = kHasBf16Dot && asked;
   return v;
 }
 
@@ -400,7 +401,10 @@ inline bool use_bf16_dot() {
 inline bool runs_bf16_dot(at::ScalarType dt) { return dt == at::kBFloat16 && use_bf16_dot(); }
 
 // Whether the bf16 dot-product kernel's products take AMX tiles (see amx.h).
-inline bool uses_amx() { return use_bf16_dot() && amx_enabled(); }
+inline bool uses_amx() {
+  const bool amx = amx_enabled();  // asked first: FASTLSTM_AMX is read (and checked) whatever use_bf16_dot says
+  return use_bf16_dot() && amx;
+}
 
 inline std::string amx_description() {
 #ifdef FASTLSTM_AMX
@@ -470,6 +474,7 @@ inline bool dot_input_pays(int64_t rows, int64_t w_ih_bytes) {
 // Which kernel serves which product on this CPU, with the knobs applied (for `python -m fastlstm info` and the
 // tests that force each path).
 std::string kernel_choices() {
+  (void)uses_amx();  // reads FASTLSTM_AMX and FASTLSTM_BF16_DOT in every build, so a malformed one warns here too
   const auto from = [](int64_t v, const char* unit) {
     return v >= (int64_t(1) << 40) ? std::string("never") : "from " + std::to_string(v) + " " + unit;
   };

@@ -445,7 +445,9 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             return None
         if units != "avx512":
             return f"float16 inference on a CPU with float16 units ({units}): oneDNN runs it natively (not measured)"
-        if call.seq_len == 1 and _float16_step_to_native(call):
+        if call.seq_len == 1 and call.batch <= 96:  # single steps were measured to batch 96: their own rule
+            if not _float16_step_to_native(call):
+                return None
             return (
                 "a float16 inference step on a CPU with AVX512-FP16 above hidden 512 beyond batch 1, from hidden 512 "
                 "beyond batch 16, or at batch 17-48 from hidden 256: oneDNN measured faster"
@@ -461,10 +463,11 @@ def _float16_step_to_native(call: LayerCall) -> bool:
     float32 copies of them beyond 8 rows (twice the bytes a step reads). The Xeon with AMX, 2 threads, cpp's step()
     against nn.LSTM on 1-step sequences, streams of 50-100 steps (`python -m fastlstm bench --dtype float16 --mode
     step`; benchmarks/results/cpu-intel-xeon-amx-2core-float16-step-*.json), two to four runs a shape: hidden 128
-    won at batch 1-96 (1.02-2.22x); hidden 256 at batch 1-16 and 64-96 (1.05-2.08x) but not 32-48 (0.92-0.99x);
-    hidden 384-512 up to batch 16 (0.86-1.34x, all but one run 0.93x and up), beyond it lost (0.81-0.94x); hidden
-    768-1024 beyond batch 1 lost or was mixed (0.45-1.21x; batch 1 0.89-1.09x). Ten steps a call won every shape
-    up to batch 64 (hidden 256-1024, once, `-float16-t10.json`: 1.05-2.72x), so only a single step goes native."""
+    won at batch 1-96 (1.02-2.22x; so beyond batch 64 too, where longer float16 calls go native); hidden 256 at
+    batch 1-16 and 64-96 (1.05-2.08x) but not 32-48 (0.92-0.99x); hidden 384-512 up to batch 16 (0.86-1.34x, all
+    but one run 0.93x and up), hidden 512 beyond it lost (0.81-0.94x; 384 there is taken as 256 and 512 were);
+    hidden 768-1024 beyond batch 1 lost or was mixed (0.45-1.21x; batch 1 0.89-1.09x). Ten steps a call won every
+    shape up to batch 64 (hidden 256-1024, once, `-float16-t10.json`: 1.05-2.72x), so only a single step changes."""
     if call.hidden_size > 512:
         return call.batch > 1
     if call.hidden_size >= 512:

@@ -612,23 +612,48 @@ def _home_cache_unusable(monkeypatch, tmp_path):
 def test_the_cache_falls_back_to_a_private_temp_folder(monkeypatch, tmp_path):
     """Where the home cache cannot be made or written (a container user whose home is / or read-only; no home at
     all, where "~" stayed unexpanded and the cache landed in ./~), builds go to $TMPDIR/fastlstm-<uid>, made 0700;
-    one that another user made, or others can write, is refused (the library built there is loaded)."""
-    from fastlstm.backends import cache_root
+    one that another user made, or others can write, or a file in its place, is refused (the library built there
+    is loaded)."""
+    from fastlstm.backends import cache_root, writable_cache_root
 
     private = _home_cache_unusable(monkeypatch, tmp_path)
-    assert cache_root() == private and (private.stat().st_mode & 0o777) == 0o700
+    assert writable_cache_root() == private and (private.stat().st_mode & 0o777) == 0o700
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # no HOME, no passwd entry
-    assert cache_root() == private
+    assert cache_root() is None and writable_cache_root() == private
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # the XDG spec: a relative one is ignored
+    assert cache_root() is None
     private.chmod(0o777)
     with pytest.raises(PermissionError, match="set FASTLSTM_CACHE_DIR"):
-        cache_root()
+        writable_cache_root()
     private.rmdir()
     private.symlink_to(tmp_path)
     with pytest.raises(PermissionError, match="belongs to another user"):
-        cache_root()
+        writable_cache_root()
+    private.unlink()
+    private.write_text("")
+    with pytest.raises(PermissionError, match="not a folder"):
+        writable_cache_root()
     monkeypatch.setenv("FASTLSTM_CACHE_DIR", str(tmp_path / "asked"))  # asked for: used as it is
-    assert cache_root() == tmp_path / "asked"
+    assert cache_root() == writable_cache_root() == tmp_path / "asked"
+
+
+def test_a_finished_build_in_a_read_only_home_cache_loads(monkeypatch, tmp_path):
+    """An image built ahead of time (`python -m fastlstm build`) whose home cache is then read-only: the finished
+    build there loads, nothing is rebuilt elsewhere (it had been, in the temporary folder)."""
+    built = Path(cpu.build()).parent
+    home = tmp_path / "xdg"
+    shutil.copytree(built, home / "fastlstm" / built.name)
+    monkeypatch.delenv("FASTLSTM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    real_access = os.access
+    # read-only, for root too (which a chmod would not stop)
+    monkeypatch.setattr(os, "access", lambda path, mode: not (mode & os.W_OK) and real_access(path, mode))
+    monkeypatch.setattr(cpu, "_build", lambda *args: pytest.fail("rebuilt a finished build"))
+    loaded = []
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)  # this process has the library already
+    assert Path(cpu._build_and_load(False)).parent == home / "fastlstm" / built.name
+    assert [Path(p).parent for p in loaded] == [home / "fastlstm" / built.name]
 
 
 @pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX users")
@@ -659,7 +684,12 @@ def test_knobs_read_strictly():
         ("FASTLSTM_MKL_MIN_ROWS", "1e3"),
         ("FASTLSTM_ONEDNN_WEIGHT_GRADS", "2"),
     ]
-    spelled = [("FASTLSTM_AMX", "TRUE"), ("FASTLSTM_BF16_DOT", "Off"), ("FASTLSTM_BF16_DOT", "0")]
+    spelled = [
+        ("FASTLSTM_AMX", "TRUE"),
+        ("FASTLSTM_BF16_DOT", "Off"),
+        ("FASTLSTM_BF16_DOT", "0"),
+        ("FASTLSTM_BF16_DOT", " 0 "),
+    ]
     runs = [(("-c", _CHOICES), None)] + [(("-c", _CHOICES), dict(os.environ, **{k: v})) for k, v in malformed + spelled]
     default, *rest = run_pythons(runs)
     assert default.returncode == 0 and "vectors of" in default.stdout, default.stderr[-2000:]
@@ -668,9 +698,10 @@ def test_knobs_read_strictly():
         assert f"{name}={value} is not" in proc.stderr and "keeps its default" in proc.stderr, (name, proc.stderr)
         assert proc.stderr.count(f"{name}={value} is not") == 1, (name, proc.stderr)  # one warning, not one a use
         assert proc.stdout == default.stdout, name
-    amx_true, bf16_off, bf16_zero = rest[len(malformed) :]
+    amx_true, bf16_off, bf16_zero, bf16_spaced = rest[len(malformed) :]
     assert amx_true.stdout == default.stdout and "is not" not in amx_true.stderr, amx_true.stderr
-    assert bf16_off.stdout == bf16_zero.stdout and "is not" not in bf16_off.stderr, bf16_off.stderr
+    for spelling in (bf16_off, bf16_spaced):  # the switch is read in every build, with or without bf16 products
+        assert spelling.stdout == bf16_zero.stdout and "is not" not in spelling.stderr, spelling.stderr
 
 
 def test_long_sequence():
@@ -1332,6 +1363,9 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float16, 32, hidden=256, seq_len=1) == ["native"] * 4
     assert _auto_backends(torch.float16, 64, hidden=256, seq_len=1) == ["cpp"] * 4
     assert _auto_backends(torch.float16, 64, hidden=128, seq_len=1) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 96, hidden=256, seq_len=1) == ["cpp"] * 4  # measured to batch 96
+    assert _auto_backends(torch.float16, 96, hidden=512, seq_len=1) == ["native"] * 4
+    assert _auto_backends(torch.float16, 97, hidden=128, seq_len=1) == ["native"] * 4
     assert _auto_backends(torch.float16, 32, hidden=512, seq_len=2) == ["cpp"] * 4  # more steps: cpp
     assert _auto_backends(torch.float16, 256, train=True) == ["cpp"] * 4
     assert _auto_backends(torch.float16, 256, proj_size=4) == ["cpp"] * 4  # nn.LSTM then leaves oneDNN

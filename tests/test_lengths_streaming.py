@@ -193,15 +193,17 @@ def test_step_runs_the_backend_forward_runs(backend, proj):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_native_step_below_float32_is_nn_lstms_call(dtype, batch_first, with_state):
+@pytest.mark.parametrize("proj", [0, 3])
+def test_native_step_below_float32_is_nn_lstms_call(dtype, batch_first, with_state, proj):
     """Where native serves a step below float32 it makes nn.LSTM's own call (ATen's cells would round every gate to
-    the dtype, 2.5-3x nn.LSTM's error): bitwise nn.LSTM's numbers on the 1-step sequence, and its gradients."""
+    the dtype, 2.5-3x nn.LSTM's error): bitwise nn.LSTM's numbers on the 1-step sequence, and its gradients.
+    Without a projection nn.LSTM runs oneDNN, which the cells do not match (with one, ATen's loop, which they do)."""
     torch.manual_seed(0)
-    ref = torch.nn.LSTM(I, H, 2, proj_size=3, batch_first=batch_first).to(dtype)
-    fast = fastlstm.LSTM(I, H, 2, proj_size=3, batch_first=batch_first, backend="native").to(dtype)
+    ref = torch.nn.LSTM(I, H, 2, proj_size=proj, batch_first=batch_first).to(dtype)
+    fast = fastlstm.LSTM(I, H, 2, proj_size=proj, batch_first=batch_first, backend="native").to(dtype)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(4, I).to(dtype)
-    state = (torch.randn(2, 4, 3).to(dtype), torch.randn(2, 4, H).to(dtype)) if with_state else None
+    state = (torch.randn(2, 4, proj or H).to(dtype), torch.randn(2, 4, H).to(dtype)) if with_state else None
     with torch.no_grad():
         y, (h, c) = fast.step(x, state)
         y_ref, (h_ref, c_ref) = ref(x.unsqueeze(1 if batch_first else 0), state)

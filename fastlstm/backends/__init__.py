@@ -59,15 +59,26 @@ class LayerCall:
         return self.proj_size or self.hidden_size
 
 
-def cache_root() -> Path:
-    """Where backends keep what they build for this machine: `$FASTLSTM_CACHE_DIR`, else `$XDG_CACHE_HOME/fastlstm`,
-    else `~/.cache/fastlstm`; where that cannot be made or written (a container user whose home is `/` or read-only,
-    no home at all), a folder of this user's own in the temporary directory (_private_temp_cache)."""
+def cache_root() -> Path | None:
+    """Where backends keep what they build for this machine: `$FASTLSTM_CACHE_DIR`, else `$XDG_CACHE_HOME/fastlstm`
+    (an absolute one, as the XDG spec has it), else `~/.cache/fastlstm`. None without a home to put it in ("~"
+    stays unexpanded without HOME or a passwd entry). A finished build is read from here even where it cannot be
+    written (a read-only image built ahead of time); builds go to writable_cache_root()."""
     if os.environ.get("FASTLSTM_CACHE_DIR"):
         return Path(os.environ["FASTLSTM_CACHE_DIR"])  # asked for: used as it is, its errors reported as they are
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    home = Path(base) / "fastlstm"
-    if home.is_absolute():  # "~" stays unexpanded without HOME or a passwd entry
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache"))
+    return base / "fastlstm" if base.is_absolute() else None
+
+
+def writable_cache_root() -> Path:
+    """cache_root() where it can be made and written (or was asked for by FASTLSTM_CACHE_DIR); else, as for a
+    container user whose home is `/` or read-only, or one without a home, a folder of this user's own in the
+    temporary directory (_private_temp_cache). Raises OSError when neither can be used."""
+    home = cache_root()
+    if home is not None and os.environ.get("FASTLSTM_CACHE_DIR"):
+        return home
+    if home is not None:
         try:
             home.mkdir(parents=True, exist_ok=True)
             if os.access(home, os.W_OK | os.X_OK):
@@ -79,17 +90,27 @@ def cache_root() -> Path:
 
 def _private_temp_cache() -> Path:
     """$TMPDIR/fastlstm-<uid>, made 0700 and owned by this user: the library built there is loaded into the process,
-    so a folder another user made (or could write) first is refused, not used."""
+    so a folder another user made (or could write) first is refused, not used, and so is a temporary directory
+    mounted noexec, from which no library loads."""
     import tempfile
 
     uid = os.getuid() if hasattr(os, "getuid") else None
-    folder = Path(tempfile.gettempdir()) / f"fastlstm-{uid if uid is not None else os.getlogin()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
+    folder = Path(tempfile.gettempdir()) / f"fastlstm-{uid if uid is not None else 'user'}"
+    refused = (
+        f"no writable cache folder: the home cache cannot be made or written, and {folder} belongs to another "
+        "user, others can write it or it is not a folder; set FASTLSTM_CACHE_DIR to a folder of your own"
+    )
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except FileExistsError:  # a file (or a dangling link) in its place
+        raise PermissionError(refused) from None
     info = folder.lstat()
     if uid is not None and (folder.is_symlink() or info.st_uid != uid or info.st_mode & 0o022):
+        raise PermissionError(refused)
+    if hasattr(os, "ST_NOEXEC") and os.statvfs(folder).f_flag & os.ST_NOEXEC:
         raise PermissionError(
-            f"no writable cache folder: the home cache cannot be made or written, and {folder} belongs to another "
-            "user or others can write it; set FASTLSTM_CACHE_DIR to a folder of your own"
+            f"no writable cache folder: the home cache cannot be made or written, and {folder} is on a noexec "
+            "mount (no library built there could load); set FASTLSTM_CACHE_DIR to a folder of your own"
         )
     return folder
 

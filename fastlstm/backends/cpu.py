@@ -33,8 +33,8 @@ transforms, which cannot run a C++ autograd Function, the layer takes the same o
     save is false (inference), and float32 for bfloat16 and float16 inputs.
 
 Tuning knobs (read once per process by the C++ code; for measurements and tests, not for users). Numbers are
-whole numbers of 0 or more, switches 1 or 0 (true/false, on/off, yes/no): anything else warns once and keeps the
-default (csrc/env.h).
+whole numbers of 0 or more (FASTLSTM_TEAM_MIN_HIDDEN: 1 or more), switches 1 or 0 (true/false, on/off, yes/no),
+spaces around either ignored: anything else warns once and keeps the default (csrc/env.h).
     FASTLSTM_MKL_MIN_ROWS   float32 uses MKL's packed GEMM for the per-step product from this batch size on
                             (default: 1 on Intel CPUs, never elsewhere, where MKL measured slow); a huge value
                             forces the register-blocked kernel, which builds without MKL always use.
@@ -97,6 +97,7 @@ from fastlstm.backends import (
     rows_side_by_side,
     vmap_layer_op,
     vmap_per_sample,
+    writable_cache_root,
 )
 
 # Compiled, at once (ninja runs one compiler a core): the layer's kernels and the ops. They include the headers,
@@ -296,15 +297,18 @@ def _build_and_load(verbose: bool) -> str:
     src = source_dir()
     key = _build_key(src)
     name = f"fastlstm_cpp_{key}"
-    build_dir = cache_root() / f"cpp-{key}"
-    marker = build_dir / "BUILT"
-    lib = _cached_library(build_dir, name)
+    home = cache_root()
+    # a finished build is loaded from the home cache even where that is read-only (an image built ahead of time)
+    lib = None if home is None else _cached_library(home / f"cpp-{key}", name)
     if lib is None:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        with _build_lock(build_dir):
-            lib = _cached_library(build_dir, name)  # another process may have built it while this one waited
-            if lib is None:
-                return str(_build(src, name, build_dir, marker, verbose))
+        build_dir = writable_cache_root() / f"cpp-{key}"
+        lib = _cached_library(build_dir, name)
+        if lib is None:
+            build_dir.mkdir(parents=True, exist_ok=True)
+            with _build_lock(build_dir):
+                lib = _cached_library(build_dir, name)  # another process may have built it while this one waited
+                if lib is None:
+                    return str(_build(src, name, build_dir, build_dir / "BUILT", verbose))
     with _library_loading():
         torch.ops.load_library(str(lib))
     return str(lib)

@@ -14,7 +14,7 @@ between calls, the compiled op's launches.
 One child serves a process (_Builder): it starts on the first configuration to build (seconds: importing torch
 and triton, initialising CUDA) and each build after costs the self-test's time; its compiles land in triton's
 cache, which this process's own build then reads. The verdicts are kept on disk in fastlstm's cache
-(backends.cache_root(), "triton-builds"), per triton, torch and kernel source, GPU model, configuration and
+(backends.writable_cache_root(), "triton-builds"), per triton, torch and kernel source, GPU model, configuration and
 TRITON_* / FASTLSTM_TRITON_* environment, so that a later process starts no child for what is known. The
 self-test's launch has its configuration's tiles and kernels but two time steps: a crash only some sequence
 length's specialisation would meet (integer arguments divisible by 16) is not caught.
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from fastlstm.backends import BuildCrashError, LayerCall, cache_root, constant_under_compile
+from fastlstm.backends import BuildCrashError, LayerCall, constant_under_compile, writable_cache_root
 from fastlstm.backends.triton import _interpreting
 
 ENV_SWITCH = "FASTLSTM_TRITON_BUILD_IN_CHILD"
@@ -346,7 +346,7 @@ def _describe(fields: dict) -> str:
 def _cache_dir() -> Path | None:
     """Where verdicts are kept; None without a usable cache folder (each process then builds in a child)."""
     try:
-        return cache_root() / "triton-builds"
+        return writable_cache_root() / "triton-builds"
     except OSError:
         return None
 
