@@ -2,9 +2,10 @@
 in one process, interleaved: fastlstm leaves out the weight gradients' products there, nn.LSTM computes them.
 
     python benchmarks/frozen_weights.py SHAPE [SHAPE ...] [--dtype float32] [--backend auto] [--repeats 9]
+        [--json FILE]
 
 SHAPE as `python -m fastlstm bench --shape` takes it (B64-T100-I512-H512). Prints each shape's median step times
-and nn.LSTM's time over fastlstm's.
+and nn.LSTM's time over fastlstm's; --json also writes them, with the machine, as the A/B scripts do.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 from torch import nn
 
 import fastlstm
-from fastlstm.__main__ import DTYPES, _shape_argument
-from fastlstm.benchmark import Shape, output_data
+from fastlstm.__main__ import DTYPES, _positive_int, _shape_argument
+from fastlstm.benchmark import Shape, output_data, write_ab_json
 
 
 def _models(shape: Shape, dtype: torch.dtype, backend: str) -> dict[str, nn.Module]:
@@ -42,9 +43,11 @@ def main() -> None:
     parser.add_argument("shapes", nargs="+", type=_shape_argument)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=_positive_int, default=9)
+    parser.add_argument("--json", metavar="FILE", help="also write the medians and every time as JSON")
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
+    results = {}
     for shape in args.shapes:
         models = _models(shape, dtype, args.backend)
         x = torch.randn(shape.seq_len, shape.batch, shape.input_size, dtype=dtype)
@@ -56,10 +59,16 @@ def main() -> None:
             for name in sorted(models, reverse=round_ % 2 == 1):  # the order turns round by round
                 times[name].append(_step_time(models[name], x, shape))
         median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        speedup = median["nn.LSTM"] / median["fastlstm"]
         print(
             f"{shape} {args.dtype} frozen: nn.LSTM {median['nn.LSTM']:.2f} ms, fastlstm "
-            f"{median['fastlstm']:.2f} ms, {median['nn.LSTM'] / median['fastlstm']:.2f}x"
+            f"{median['fastlstm']:.2f} ms, {speedup:.2f}x"
         )
+        results[str(shape)] = {
+            "median_ms": median, "speedup": speedup, "times_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}
+        }  # fmt: skip
+    if args.json:
+        write_ab_json(args.json, results, dtype=args.dtype, backend=args.backend, repeats=args.repeats)
 
 
 if __name__ == "__main__":

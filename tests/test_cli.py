@@ -559,6 +559,20 @@ def test_ab_scripts_refuse_bad_arguments_before_timing(capsys, args, message):
     assert [str(shape) for shape in parsed.shapes] == ["B1-T3-I8-H8-L2", "B2-T5-I4-H4-L1"]
 
 
+def test_frozen_weights_script_times_and_records_its_runs(tmp_path):
+    """benchmarks/frozen_weights.py (README's frozen-weights figures): each shape's medians printed and, with --json,
+    kept with the machine; --repeats 0 is refused before any timing."""
+    out = tmp_path / "frozen.json"
+    done = run_python("benchmarks/frozen_weights.py", "B2-T4-I8-H8", "--repeats", "2", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "B2-T4-I8-H8-L1 float32 frozen: nn.LSTM " in done.stdout
+    run = json.loads(out.read_text())
+    assert run["repeats"] == 2 and "device" in run["machine"]
+    assert len(run["results"]["B2-T4-I8-H8-L1"]["times_ms"]["fastlstm"]) == 2
+    refused = run_python("benchmarks/frozen_weights.py", "B2-T4-I8-H8", "--repeats", "0")
+    assert refused.returncode == 2 and "expected a positive integer" in refused.stderr, refused.stderr
+
+
 def test_benchmark_suite_names_its_settings_when_one_is_unknown():
     done = run_python(
         "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", env=dict(os.environ, FASTLSTM_BENCH_GRID="small")
