@@ -790,6 +790,25 @@ def test_the_build_finds_pips_ninja_when_it_is_not_on_path(tmp_path, monkeypatch
     assert os.environ["CXX"] == "the user's compiler"
 
 
+def test_no_ninja_is_the_reason_and_no_build_is_announced(tmp_path, monkeypatch, caplog):
+    """Without ninja (none on PATH, not pip's either) the build cannot start: the reason says ninja, and the log
+    line that promises tens of seconds of compiling is not written."""
+    compiler = shutil.which(cpu._compiler())
+    if compiler is None:
+        pytest.skip("no C++ compiler here")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / Path(compiler).name).symlink_to(compiler)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setenv("FASTLSTM_CACHE_DIR", str(tmp_path / "cache"))  # nothing built there
+    monkeypatch.setattr(cpu, "_ninja_dir", lambda: None)
+    monkeypatch.setitem(cpu._state, "done", False)
+    monkeypatch.setitem(cpu._state, "error", None)
+    with caplog.at_level("WARNING", logger="fastlstm"):
+        reason = cpu._ensure()
+    assert reason is not None and "Ninja is required" in reason, reason
+    assert not [r for r in caplog.records if "compiling the C++ CPU backend" in r.getMessage()]
+
+
 @pytest.mark.parametrize("mode", ["always-fails", "fails-to-compile"])
 def test_broken_compiler_does_not_crash(tmp_path, mode):
     """A compiler that fails: unavailable_reason() carries its error text; layer() raises a RuntimeError.

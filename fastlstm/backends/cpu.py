@@ -319,6 +319,8 @@ def _build(src: Path, name: str, build_dir: Path, marker: Path, verbose: bool) -
     from torch.utils import cpp_extension  # imports setuptools: only when building
 
     _check_compiler()
+    with _build_environment():  # no promise of a build that cannot start (the failure is the warning then)
+        cpp_extension.verify_ninja_availability()
     _remove_damaged_build(build_dir, name)
     # The first call of a model blocks on the compiler for tens of seconds: say why, once, on stderr
     # (logging's default for warnings; `logging.getLogger("fastlstm")` silences or redirects it).
