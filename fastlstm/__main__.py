@@ -111,7 +111,7 @@ def cmd_info(args) -> int:
         print(f"triton kernels: {ops.kernel_choices()}")
         print(f"triton builds: {build_guard.describe()}")
     for error in errors:
-        print(f"python -m fastlstm info: error: {error}", file=sys.stderr)
+        print(f"{_prog()} info: error: {error}", file=sys.stderr)
     return 1 if errors else 0
 
 
@@ -259,7 +259,7 @@ def cmd_bench(args) -> int:
         streamed = [shape for shape in shapes if shape.bidirectional or shape.packed]
         if streamed:  # the reverse direction reads the future; a packed batch has no one step to feed
             error = f"--mode step streams unidirectional, unpacked shapes, not {streamed[0]}"
-            print(f"python -m fastlstm bench: error: {error}", file=sys.stderr)
+            print(f"{_prog()} bench: error: {error}", file=sys.stderr)
             return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # before the header, which reports it
@@ -280,13 +280,13 @@ def cmd_bench(args) -> int:
                 print(f"\r[{done}/{total}] {shape} {mode}...".ljust(60), end="", file=sys.stderr, flush=True)
                 results += time_shape(shape, names, mode, device, dtype, args.repeats, autocast=autocast)
     except BackendUnavailableError as error:  # a forced backend that cannot serve these calls
-        print(f"\npython -m fastlstm bench: error: {error}", file=sys.stderr)
+        print(f"\n{_prog()} bench: error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:
         if not _out_of_memory(error):
             raise
         detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]
-        print(f"\npython -m fastlstm bench: error: out of memory at {shape}: {detail}", file=sys.stderr)
+        print(f"\n{_prog()} bench: error: out of memory at {shape}: {detail}", file=sys.stderr)
         return 2
     print("\r".ljust(60), file=sys.stderr)
     print(format_table(results, dtype, autocast))
@@ -467,8 +467,14 @@ def _unwritable(path: str) -> str | None:
     return None if os.access(folder, os.W_OK | os.X_OK) else "Permission denied"
 
 
+def _prog() -> str:
+    """The command's name in usage and error lines: the console script's where it was run by it, else how the
+    README runs it."""
+    return "fastlstm" if os.path.basename(sys.argv[0]) == "fastlstm" else "python -m fastlstm"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastlstm", description=__doc__)
+    parser = argparse.ArgumentParser(prog=_prog(), description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and which backends are available (and why not)")
     sub.add_parser("build", help="build the C++ CPU backend now instead of on first use")

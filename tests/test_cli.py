@@ -559,6 +559,17 @@ def test_ab_scripts_refuse_bad_arguments_before_timing(capsys, args, message):
     assert [str(shape) for shape in parsed.shapes] == ["B1-T3-I8-H8-L2", "B2-T5-I4-H4-L1"]
 
 
+def test_the_console_script_names_itself(monkeypatch, capsys):
+    """Run as the `fastlstm` console script, usage and error lines say `fastlstm`, not `python -m fastlstm`."""
+    from fastlstm import __main__ as cli
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/fastlstm", "check", "--random", "-1"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    err = capsys.readouterr().err
+    assert "usage: fastlstm check" in err and "\nfastlstm check: error: --random" in err, err
+
+
 def test_frozen_weights_script_times_and_records_its_runs(tmp_path):
     """benchmarks/frozen_weights.py (README's frozen-weights figures): each shape's medians printed and, with --json,
     kept with the machine; --repeats 0 is refused before any timing."""
