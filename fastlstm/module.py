@@ -467,14 +467,27 @@ class LSTM(nn.RNNBase):
             y, state = self.forward(packed, hx)
             time_dim = 1 if self.batch_first else 0
             return pad_packed_sequence(y, self.batch_first, total_length=input.size(time_dim))[0], state
-        input, hx, *_ = self._prepare(input, hx)  # every check of a plain call, in the caller's order
+        # What decides the checks and the plan: the padded call's own key, and whether the lengths vary (autocast's
+        # dtypes read that of a pack); the lengths' values are checked above on every call
+        key = self._call_key(input, hx) if lengths.numel() else None
+        key = key and ("lengths", key, bool(lengths.min() != lengths.max()))
+        checked = _CHECKED_CALLS.get(key) if key is not None else None
+        if checked is None:
+            input, hx, *_ = self._prepare(input, hx)  # every check of a plain call, in the caller's order
+        elif hx is None:  # this kind of call passed every check before
+            hx = self._initial_state(input, None, None, True)
         input, hx = _saveable(input, hx)
         if lengths.numel() == 0:
             return self.forward(input, hx)
         x, hx, batch_sizes, sorted_lengths, unorder = self._sorted_by_length(input, hx, lengths)
         seq_len = x.size(0)
-        amp = self._autocast_dtypes(x, hx, batch_sizes)
-        choices = self._plan(x, hx, batch_sizes, amp)
+        if checked is None:
+            amp = self._autocast_dtypes(x, hx, batch_sizes)
+            choices = self._plan(x, hx, batch_sizes, amp)
+            if key is not None:
+                _remember(_CHECKED_CALLS, key, (choices, amp))
+        else:
+            choices, amp = checked
         keep = batch_sizes[batch_sizes > 0].numel()
         x, batch_sizes = x[:keep], batch_sizes[:keep]  # trailing steps where no sequence is live
         if all(choice.backend == "native" for choice in choices):

@@ -55,6 +55,24 @@ def test_lengths_equal_packing(backend, batch_first, lengths):
             assert beyond.abs().max() == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repeated_lengths_calls_of_one_kind_match_packing_each_time(backend):
+    """lengths= calls remember their checks and plan as tensor calls do (per padded shape, state and whether the
+    lengths vary): calls of one kind with other lengths, equal or not, with and without a state, each give nn.LSTM's
+    numbers on the packed batch."""
+    ref, m = make_pair(I, H, 2, bidirectional=True, batch_first=True, backend=backend)
+    x = torch.randn(3, 4, I, dtype=torch.float64)
+    state = (torch.randn(4, 3, H, dtype=torch.float64), torch.randn(4, 3, H, dtype=torch.float64))
+    with torch.no_grad():
+        for lengths in ([4, 1, 2], [4, 4, 4], [2, 3, 1], [3, 3, 3], [1, 4, 4]):
+            for hx in (None, state):
+                y, (h, c) = m(x, hx, lengths=lengths)
+                packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+                y_ref, (h_ref, c_ref) = ref(packed, hx)
+                y_ref = pad_packed_sequence(y_ref, batch_first=True, total_length=4)[0]
+                torch.testing.assert_close((y, h, c), (y_ref, h_ref, c_ref), **TOL)
+
+
 @pytest.mark.parametrize(
     "lengths",
     # 40 sequences of tied lengths: torch.sort (pack_padded_sequence's) is not stable there
