@@ -401,10 +401,7 @@ inline bool use_bf16_dot() {
 inline bool runs_bf16_dot(at::ScalarType dt) { return dt == at::kBFloat16 && use_bf16_dot(); }
 
 // Whether the bf16 dot-product kernel's products take AMX tiles (see amx.h).
-inline bool uses_amx() {
-  const bool amx = amx_enabled();  // asked first: FASTLSTM_AMX is read (and checked) whatever use_bf16_dot says
-  return use_bf16_dot() && amx;
-}
+inline bool uses_amx() { return use_bf16_dot() && amx_enabled(); }
 
 inline std::string amx_description() {
 #ifdef FASTLSTM_AMX
@@ -474,7 +471,9 @@ inline bool dot_input_pays(int64_t rows, int64_t w_ih_bytes) {
 // Which kernel serves which product on this CPU, with the knobs applied (for `python -m fastlstm info` and the
 // tests that force each path).
 std::string kernel_choices() {
-  (void)uses_amx();  // reads FASTLSTM_AMX and FASTLSTM_BF16_DOT in every build, so a malformed one warns here too
+  // Both switches read in every build (uses_amx() stops at the first), so a malformed one warns here too
+  (void)use_bf16_dot();
+  (void)amx_enabled();
   const auto from = [](int64_t v, const char* unit) {
     return v >= (int64_t(1) << 40) ? std::string("never") : "from " + std::to_string(v) + " " + unit;
   };

@@ -593,11 +593,10 @@ class LSTM(nn.RNNBase):
         was as fast or faster from batch 128, where auto sends such steps native."""
         if x.dtype in (torch.float32, torch.float64):
             return self._native_cells(x, *self._layer_states(x[None], hx))
-        if hx is None:
-            rows = (self.num_layers, x.size(0))
-            hx = (x.new_zeros(*rows, self._out_size), x.new_zeros(*rows, self.hidden_size))
-        y, h_n, c_n = self._native_stack(x.unsqueeze(1 if self.batch_first else 0), hx, None)
-        return y.squeeze(1 if self.batch_first else 0), h_n, c_n
+        time_dim = 1 if self.batch_first else 0
+        sequence = x.unsqueeze(time_dim)
+        y, h_n, c_n = self._native_stack(sequence, self._initial_state(sequence, hx, None, True), None)
+        return y.squeeze(time_dim), h_n, c_n
 
     def _native_cells(self, x: Tensor, h0, c0) -> tuple[Tensor, Tensor, Tensor]:
         """One step of every layer in ATen's cells: x [B, I] -> (y [B, P], h_n, c_n)."""

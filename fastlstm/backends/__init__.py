@@ -76,7 +76,7 @@ def writable_cache_root() -> Path:
     container user whose home is `/` or read-only, or one without a home, a folder of this user's own in the
     temporary directory (_private_temp_cache). Raises OSError when neither can be used."""
     home = cache_root()
-    if home is not None and os.environ.get("FASTLSTM_CACHE_DIR"):
+    if os.environ.get("FASTLSTM_CACHE_DIR"):
         return home
     if home is not None:
         try:
