@@ -200,25 +200,28 @@ def _bench_backends(device: str, requested: list[str] | None) -> list[str]:
     return chosen
 
 
-def _validate(shape: Shape, names: list[str], modes: list[str], device: str, dtype: torch.dtype, autocast=None):
+def _validate(
+    shape: Shape, names: list[str], modes: list[str], device: str, dtype: torch.dtype, autocast=None
+) -> dict[str, bool]:
     """Every provider against nn.LSTM on the benchmark shape itself, in each mode to be timed: inference's outputs,
     training's outputs and every gradient, the streamed steps' outputs and state (under autocast: both in autocast's
-    dtype, and results of the same dtypes)."""
+    dtype, and results of the same dtypes). Returns, for each mode, whether nn.LSTM ran with oneDNN off
+    (nn_lstm_region)."""
     from fastlstm.benchmark import autocast_region, make_models, nn_lstm_region, validation_results
 
     device_type = torch.device(device).type
     tolerance = {torch.float64: 1e-8, torch.float32: 1e-3}.get(autocast or dtype, 5e-2)
+    onednn_off = {}
     for mode in modes:
         models = make_models(shape, names, device, dtype)  # fresh gradients
         x = torch.randn(shape.seq_len, shape.batch, shape.input_size, device=device, dtype=dtype)
         region = autocast_region(device_type, autocast)
         with exact_cudnn():
-            native_region, _ = nn_lstm_region(models["nn.LSTM"], x, mode, shape, region)
-            results = {
-                name: validation_results(m, x, mode, shape, native_region if name == "nn.LSTM" else region)
-                for name, m in models.items()
-            }
-        expected = results.pop("nn.LSTM")
+            reference = models.pop("nn.LSTM")
+            native_region, onednn_off[mode], expected = nn_lstm_region(reference, x, mode, shape, region)
+            if expected is None:  # no probe ran, or it found oneDNN cannot
+                expected = validation_results(reference, x, mode, shape, native_region)
+            results = {name: validation_results(m, x, mode, shape, region) for name, m in models.items()}
         for name, got in results.items():
             for label, want in expected.items():
                 a = got[label]
@@ -232,6 +235,7 @@ def _validate(shape: Shape, names: list[str], modes: list[str], device: str, dty
                 err = (a.double() - want.double()).abs().max().item()
                 if not err <= tolerance * max(1.0, want.double().abs().max().item()):
                     raise SystemExit(f"{name} disagrees with nn.LSTM on {shape} {mode} ({label}: max error {err:.2e})")
+    return onednn_off
 
 
 def _shape_argument(text: str) -> Shape:
@@ -273,12 +277,13 @@ def cmd_bench(args) -> int:
     done = 0
     try:
         for shape in shapes:
-            if not args.no_check:
-                _validate(shape, names, modes, device, dtype, autocast)
+            onednn_off = {} if args.no_check else _validate(shape, names, modes, device, dtype, autocast)
             for mode in modes:
                 done += 1
                 print(f"\r[{done}/{total}] {shape} {mode}...".ljust(60), end="", file=sys.stderr, flush=True)
-                results += time_shape(shape, names, mode, device, dtype, args.repeats, autocast=autocast)
+                results += time_shape(
+                    shape, names, mode, device, dtype, args.repeats, autocast=autocast, onednn_off=onednn_off.get(mode)
+                )
     except BackendUnavailableError as error:  # a forced backend that cannot serve these calls
         print(f"\n{_prog()} bench: error: {error}", file=sys.stderr)
         return 2

@@ -179,27 +179,30 @@ def autocast_region(device_type: str, dtype: torch.dtype | None):
     return lambda: torch.autocast(device_type, dtype=dtype)
 
 
-def nn_lstm_region(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape, region):
+def nn_lstm_region(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape, region, onednn_off: bool | None = None):
     """The region nn.LSTM runs a mode in: region() (autocast's), with oneDNN off as well where nn.LSTM's oneDNN path
     cannot run the call under CPU autocast (float16 training; bfloat16 on CPUs without AVX-512: "could not create
-    a primitive descriptor"), as fastlstm computes it there. Returns (region, whether oneDNN is off); tried once."""
+    a primitive descriptor"), as fastlstm computes it there. onednn_off: what an earlier probe of this call found;
+    None tries the call once. Returns (region, whether oneDNN is off, the tried call's validation_results or None)."""
     if region is contextlib.nullcontext or x.device.type != "cpu":
-        return region, False
-    try:
-        validation_results(model, x, mode, shape, region)
-        return region, False
-    except RuntimeError as error:
-        if "primitive descriptor" not in str(error):
-            raise
-    finally:
-        model.zero_grad(set_to_none=True)
+        return region, False, None
+    if onednn_off is None:
+        try:
+            return region, False, validation_results(model, x, mode, shape, region)
+        except RuntimeError as error:
+            if "primitive descriptor" not in str(error):
+                raise
+        finally:
+            model.zero_grad(set_to_none=True)
+    elif not onednn_off:
+        return region, False, None
 
     @contextlib.contextmanager
     def without_onednn():
         with torch.backends.mkldnn.flags(enabled=False), region():
             yield
 
-    return without_onednn, True
+    return without_onednn, True, None
 
 
 def _step(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape, region=contextlib.nullcontext):
@@ -277,9 +280,10 @@ def time_shape(
     repeats: int,
     warmup: int = 2,
     autocast: torch.dtype | None = None,
+    onednn_off: bool | None = None,
 ) -> list[Result]:
     """Interleaved timing of nn.LSTM and each fastlstm backend on one shape and mode; with autocast, every run
-    of every provider under torch.autocast(device, autocast)."""
+    of every provider under torch.autocast(device, autocast). onednn_off: nn_lstm_region's, known from a check."""
     from fastlstm.explain import explain
 
     device = torch.device(device)
@@ -287,7 +291,7 @@ def time_shape(
     x = torch.randn(shape.seq_len, shape.batch, shape.input_size, device=device, dtype=dtype)
     region = autocast_region(device.type, autocast)
     regions = {name: region for name in models}
-    regions["nn.LSTM"], onednn_off = nn_lstm_region(models["nn.LSTM"], x, mode, shape, region)
+    regions["nn.LSTM"], onednn_off, _ = nn_lstm_region(models["nn.LSTM"], x, mode, shape, region, onednn_off)
     steps = {name: _step(m, x, mode, shape, regions[name]) for name, m in models.items()}
     timer = _timer(device)
     for _ in range(warmup):
@@ -380,8 +384,7 @@ def write_ab_json(path: str, results: dict, **run) -> None:
     from fastlstm.__main__ import machine_header
 
     with open(path, "w") as f:
-        meta = {"machine": machine_header("cpu"), "torch": torch.__version__, "threads": torch.get_num_threads()}
-        json.dump({**run, **meta, "results": results}, f, indent=1)
+        json.dump({**run, "machine": machine_header("cpu"), "results": results}, f, indent=1)
 
 
 def geometric_mean(values: list[float]) -> float:

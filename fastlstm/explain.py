@@ -39,7 +39,7 @@ def explain(module: LSTM, input, hx: tuple[Tensor, Tensor] | None = None, *, len
     with torch.no_grad():
         module._update_flat_weights()
         if lengths is not None:
-            lengths = module._check_lengths(input, lengths)
+            lengths, _ = module._check_lengths(input, lengths)
         data, state, batch_sizes, *_ = module._prepare(input, hx)
         if lengths is not None and lengths.numel():
             data, state, batch_sizes, *_ = module._sorted_by_length(data, state, lengths)

@@ -458,7 +458,7 @@ class LSTM(nn.RNNBase):
         Returns the padded output, T steps long, zero beyond each length (as pad_packed_sequence with
         total_length=T gives it), and (h_n, c_n) taken at each sequence's own end, in the caller's order.
         """
-        lengths = self._check_lengths(input, lengths)
+        lengths, varying = self._check_lengths(input, lengths)
         if torch.jit.is_tracing() and lengths.numel():
             # A trace keeps ops, not the Python ints the sort and the batch sizes become below: it would replay
             # this batch's order and sizes on every other. Packing records them as ops, as a traced model that packs
@@ -470,7 +470,7 @@ class LSTM(nn.RNNBase):
         # What decides the checks and the plan: the padded call's own key, and whether the lengths vary (autocast's
         # dtypes read that of a pack); the lengths' values are checked above on every call
         key = self._call_key(input, hx) if lengths.numel() else None
-        key = key and ("lengths", key, bool(lengths.min() != lengths.max()))
+        key = key and ("lengths", key, varying)
         checked = _CHECKED_CALLS.get(key) if key is not None else None
         if checked is None:
             input, hx, *_ = self._prepare(input, hx)  # every check of a plain call, in the caller's order
@@ -507,8 +507,9 @@ class LSTM(nn.RNNBase):
         y = y.transpose(0, 1) if self.batch_first else y
         return y, self.permute_hidden((h_n, c_n), unorder)
 
-    def _check_lengths(self, input, lengths) -> Tensor:
-        """lengths= as int64 on the CPU, after nn.LSTM-style checks of it against the padded input."""
+    def _check_lengths(self, input, lengths) -> tuple[Tensor, bool]:
+        """lengths= as int64 on the CPU, after nn.LSTM-style checks of it against the padded input, and whether
+        the lengths differ."""
         if isinstance(input, PackedSequence) or not isinstance(input, Tensor) or input.dim() != 3:
             raise ValueError("LSTM: lengths= takes a padded, batched 3-D input tensor")
         batch_dim = 0 if self.batch_first else 1
@@ -518,10 +519,13 @@ class LSTM(nn.RNNBase):
                 f"LSTM: lengths must be 1-D with one entry per sequence ({input.size(batch_dim)}), got shape "
                 f"{tuple(lengths.shape)}"
             )
+        if not lengths.numel():
+            return lengths, False
         seq_len = input.size(1 - batch_dim)
-        if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > seq_len):
+        shortest, longest = (int(end) for end in torch.aminmax(lengths))
+        if shortest < 1 or longest > seq_len:
             raise ValueError(f"LSTM: every length must be in 1..{seq_len} (the padded length), got {lengths.tolist()}")
-        return lengths
+        return lengths, shortest != longest
 
     def _sorted_by_length(self, input: Tensor, hx, lengths: Tensor):
         """A checked padded batch as the layers take it: time-major, rows (and hx) sorted by length, longest first.
