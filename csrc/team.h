@@ -255,11 +255,13 @@ void run_row_split(const RowRanges& ranges, F&& run_rows) {
 #pragma omp parallel num_threads(split)
   {
 #ifdef _OPENMP
-    const int me = omp_get_thread_num();
+    const int me = omp_get_thread_num(), team = omp_get_num_threads();
 #else
-    const int me = 0;
+    const int me = 0, team = 1;
 #endif
-    for (const auto& [r0, r1] : ranges[me]) run_rows(r0, r1);
+    // OpenMP may start fewer threads than asked (see parallel_on): each then runs every team-th thread's ranges.
+    for (int t = me; t < split; t += team)
+      for (const auto& [r0, r1] : ranges[t]) run_rows(r0, r1);
   }
 }
 

@@ -81,9 +81,12 @@ void parallel_on(int threads, int64_t begin, int64_t end, int64_t grain, const F
   std::atomic<bool> failed{false};
 #pragma omp parallel num_threads(n)
   {
-    const int me = omp_get_thread_num();
-    const int64_t b = begin + me * chunk, e = std::min(end, b + chunk);
-    if (b < e) {
+    // OpenMP may start fewer threads than asked (OMP_THREAD_LIMIT, OMP_DYNAMIC, OMP_MAX_ACTIVE_LEVELS): each
+    // thread then runs every team-th chunk, so no chunk is left undone.
+    const int me = omp_get_thread_num(), team = omp_get_num_threads();
+    for (int k = me; k < n; k += team) {
+      const int64_t b = begin + k * chunk, e = std::min(end, b + chunk);
+      if (b >= e) continue;
       try {
         at::internal::ThreadIdGuard id(me);
         c10::ParallelGuard guard(true);

@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from fastlstm import backends, dispatch, reference
 from fastlstm.backends import LayerCall
-from fastlstm.backends.native import pack_padded, packed_rows, pad_packed
+from fastlstm.backends.native import onednn_off, onednn_training_miscomputes, pack_padded, packed_rows, pad_packed
 
 backends.load_all()  # before any torch.compile traces a forward: dynamo cannot import (see fastlstm.backends)
 
@@ -241,17 +241,6 @@ def _saveable(input: Tensor, hx):
     if hx is not None and (hx[0].is_inference() or hx[1].is_inference()):
         hx = tuple(t.clone() if t.is_inference() else t for t in hx)
     return input, hx
-
-
-@contextlib.contextmanager
-def _onednn_off():
-    """nn.LSTM's ATen path on the CPU: oneDNN off for the block, every other oneDNN setting left as it is."""
-    enabled = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        yield
-    finally:
-        torch._C._set_mkldnn_enabled(enabled)
 
 
 def _own_method(method):
@@ -846,7 +835,8 @@ class LSTM(nn.RNNBase):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Exactly nn.LSTM's call: the whole stack in one torch._VF.lstm (cuDNN / oneDNN / ATen); with oneDNN off
         where it cannot run the call under autocast (see _autocast_dtypes)."""
-        with contextlib.nullcontext() if amp is None or amp.onednn else _onednn_off():
+        onednn = (amp is None or amp.onednn) and not onednn_training_miscomputes(input)
+        with contextlib.nullcontext() if onednn else onednn_off():
             if batch_sizes is None:
                 return torch._VF.lstm(
                     input, hx, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
@@ -926,7 +916,7 @@ class LSTM(nn.RNNBase):
                 # oneDNN's LSTM has no bfloat16 kernel on CPUs without AVX-512 (seen on an AMD EPYC Zen 3: "could
                 # not create a primitive descriptor"), so nn.LSTM fails under bfloat16 autocast there. Its ATen
                 # path (oneDNN off) runs the call, in its own dtypes: those are given instead of the failure.
-                with _onednn_off():
+                with onednn_off():
                     try:
                         dtypes = probe()
                     except RuntimeError:

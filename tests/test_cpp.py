@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import platform
 import shutil
@@ -702,6 +703,52 @@ def test_knobs_read_strictly():
     assert amx_true.stdout == default.stdout and "is not" not in amx_true.stderr, amx_true.stderr
     for spelling in (bf16_off, bf16_spaced):  # the switch is read in every build, with or without bf16 products
         assert spelling.stdout == bf16_zero.stdout and "is not" not in spelling.stderr, spelling.stderr
+
+
+# Every kind of split the extension makes (weight packing, the per-step products, the team loop, the row split),
+# and the native path, forward and backward, against the reference backend: one JSON line of relative errors.
+_AGAINST_REFERENCE = """
+import itertools, json, torch, fastlstm
+torch.set_num_threads(2)
+torch.manual_seed(0)
+errors = {}
+for T, B, I, H, layers, bi in [(5, 16, 8, 32, 1, False), (5, 1, 64, 512, 1, False), (40, 4, 8, 64, 2, True),
+                               (3, 64, 32, 256, 1, False), (2, 2, 512, 1024, 1, False), (30, 24, 16, 96, 1, False)]:
+    for dtype in (torch.float32, torch.float64):
+        ref = fastlstm.LSTM(I, H, layers, bidirectional=bi, backend="reference", dtype=dtype)
+        x = torch.randn(T, B, I, dtype=dtype)
+        for backend, grad in itertools.product(("cpp", "native"), (False, True)):
+            m = fastlstm.LSTM(I, H, layers, bidirectional=bi, backend=backend, dtype=dtype)
+            m.load_state_dict(ref.state_dict())
+            got, want = [], []
+            for model, out in ((m, got), (ref, want)):
+                xi = x.clone().requires_grad_(grad)
+                with torch.set_grad_enabled(grad):
+                    y, (h, c) = model(xi)
+                    out += [y, h, c]
+                    if grad:
+                        out += torch.autograd.grad((y.sum(), h.sum(), c.sum()), [xi, *model.parameters()])
+            err = max(((a - b).abs().max() / (1 + b.abs().max())).item() for a, b in zip(got, want))
+            errors[f"{backend} B{B}-T{T}-I{I}-H{H}-L{layers}{'-bi' if bi else ''} {str(dtype)[6:]} grad={grad}"] = err
+print(json.dumps(errors))
+"""
+
+
+def test_fewer_openmp_threads_than_asked():
+    """OpenMP may start fewer threads than a parallel region asks for (OMP_THREAD_LIMIT, OMP_MAX_ACTIVE_LEVELS=0,
+    OMP_DYNAMIC under load): every chunk of the extension's work still runs (each thread had run only its own
+    chunk, so those of threads never started were left undone: outputs and gradients of uninitialised memory, 1e306
+    or NaN, silently), and the native path trains with oneDNN off, whose LSTM training is wrong there (nn.LSTM's
+    too), saying so once."""
+    settings = [{"OMP_THREAD_LIMIT": "1"}, {"OMP_MAX_ACTIVE_LEVELS": "0"}]
+    runs = [(("-c", _AGAINST_REFERENCE), dict(os.environ, **setting)) for setting in settings]
+    for setting, done in zip(settings, run_pythons(runs), strict=True):
+        assert done.returncode == 0, done.stderr[-2000:]
+        errors = json.loads(done.stdout.splitlines()[-1])
+        assert len(errors) == 6 * 2 * 2 * 2
+        for case, err in errors.items():
+            assert err <= (1e-9 if "float64" in case else 1e-4), (setting, case, err)
+        assert done.stderr.count("nn.LSTM's oneDNN path trains on wrong numbers") == 1, done.stderr[-2000:]
 
 
 def test_long_sequence():

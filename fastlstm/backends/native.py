@@ -6,11 +6,16 @@ exactly what nn.LSTM does); the per-layer form here serves stacks where other ba
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import warnings
+
 import torch
 from torch import Tensor
 
 from fastlstm import reference
-from fastlstm.backends import Backend, LayerResult
+from fastlstm.backends import Backend, LayerResult, outside_stacklevel
 
 
 def packed_rows(batch_sizes: Tensor, device: torch.device) -> Tensor:
@@ -54,6 +59,56 @@ def flip_time(x: Tensor, lengths: Tensor | None) -> Tensor:
     return x.gather(0, index.view(T, B, *([1] * (x.dim() - 2))).expand_as(x))
 
 
+@contextlib.contextmanager
+def onednn_off():
+    """nn.LSTM's ATen path on the CPU: oneDNN off for the block, every other oneDNN setting left as it is."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
+@functools.cache
+def _openmp_settings() -> tuple[bool, int | None]:
+    """(whether OpenMP may start fewer threads than a region asks for whatever torch's count, OMP_THREAD_LIMIT or
+    None), as OpenMP read them when the process started (it reads them once: later changes have no effect)."""
+    dynamic = os.environ.get("OMP_DYNAMIC", "").strip().lower() == "true"
+    no_levels = os.environ.get("OMP_MAX_ACTIVE_LEVELS", "").strip() == "0"
+    limit = os.environ.get("OMP_THREAD_LIMIT", "").strip()
+    return dynamic or no_levels, int(limit) if limit.isdigit() else None
+
+
+def onednn_training_miscomputes(x: Tensor) -> bool:
+    """Whether nn.LSTM's oneDNN path would compute this CPU call wrong: where OpenMP starts fewer threads than torch
+    asks for (OMP_THREAD_LIMIT below torch's threads, OMP_DYNAMIC=true, OMP_MAX_ACTIVE_LEVELS=0), oneDNN's LSTM
+    training forward and backward give outputs off by ~0.3 and gradients off by ~16 or NaN (float32 B4-T40-H64,
+    torch 2.13 and 2.14.1 on a 2-core Xeon; inference is right). Its ATen path (oneDNN off) computes such calls."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or not torch.is_grad_enabled():
+        return False  # a compiled graph runs nn.LSTM's own call, as a compiled nn.LSTM does
+    starves, limit = _openmp_settings()
+    if not starves and (limit is None or limit >= torch.get_num_threads()) or not torch._C._get_mkldnn_enabled():
+        return False
+    _warn_once_about_openmp()
+    return True
+
+
+@functools.cache
+def _warn_once_about_openmp() -> None:
+    warnings.warn(
+        "fastlstm: OpenMP may start fewer threads than torch asks for here (OMP_THREAD_LIMIT, OMP_DYNAMIC or "
+        "OMP_MAX_ACTIVE_LEVELS), where nn.LSTM's oneDNN path trains on wrong numbers; the native path trains with "
+        "oneDNN off instead (nn.LSTM's ATen path: right, slower)",
+        stacklevel=outside_stacklevel(),
+    )
+
+
+def onednn_safe(x: Tensor):
+    """A context for a native LSTM call on x: oneDNN off where it would compute the call wrong."""
+    return onednn_off() if onednn_training_miscomputes(x) else contextlib.nullcontext()
+
+
 class NativeBackend(Backend):
     name = "native"
 
@@ -69,14 +124,15 @@ class NativeBackend(Backend):
         hx = (h0.unsqueeze(0), c0.unsqueeze(0))
         # train=True keeps cuDNN's backward possible; with dropout 0 it changes nothing else.
         train = torch.is_grad_enabled()
-        if batch_sizes is None:
-            y, hT, cT = torch._VF.lstm(x, hx, params, b is not None, 1, 0.0, train, False, False)
-        else:
-            rows = packed_rows(batch_sizes, x.device)
-            y_data, hT, cT = torch._VF.lstm(
-                pack_padded(x, rows), batch_sizes, hx, params, b is not None, 1, 0.0, train, False
-            )
-            y = pad_packed(y_data, batch_sizes, rows)
+        with onednn_safe(x):
+            if batch_sizes is None:
+                y, hT, cT = torch._VF.lstm(x, hx, params, b is not None, 1, 0.0, train, False, False)
+            else:
+                rows = packed_rows(batch_sizes, x.device)
+                y_data, hT, cT = torch._VF.lstm(
+                    pack_padded(x, rows), batch_sizes, hx, params, b is not None, 1, 0.0, train, False
+                )
+                y = pad_packed(y_data, batch_sizes, rows)
         if reverse:
             y = flip_time(y, lengths)
         return y, hT[0], cT[0]
