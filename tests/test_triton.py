@@ -855,7 +855,8 @@ def test_launch_configuration_from_the_environment(monkeypatch):
 
 def test_malformed_op_calls_raise_before_any_kernel_runs():
     """Calls of the triton ops themselves (fastlstm.LSTM never makes these) with a tensor smaller than the layer's
-    sizes, batch sizes above the batch or growing, a meta tensor among CPU ones, an unknown kernel: each raises
+    sizes, batch sizes above the batch or growing, a meta tensor among CPU ones, an unknown kernel, no steps or no
+    rows (forward had run them, backward then failed), a dtype no kernel takes here: each raises
     before a launch. Under the interpreter such calls segfaulted or corrupted the heap, or returned garbage; on a
     GPU they would be illegal memory accesses. In a process of its own, so that a crash fails this test only."""
     from helpers import run_python
@@ -895,6 +896,13 @@ cases = {
     "grad_cT one row short": (lambda: bwd(grad_cT=cT[:1]), "grad_cT must be"),
     "saved acts one step short": (lambda: bwd(acts=acts[:-1]), "acts (saved) must be"),
     "w_hh of 4H + 1 rows": (lambda: bwd(w_hh=torch.randn(4 * H + 1, H)), "w_hh must be"),
+    "no steps": (lambda: fwd(x[:0], h0, c0, w_ih, w_hh, b, None, bs=torch.tensor([], dtype=torch.long)),
+                 "one step and one row"),
+    "no rows": (lambda: fwd(x[:, :0], h0[:0], c0[:0], w_ih, w_hh, b, None, bs=None), "one step and one row"),
+    "bfloat16 (the interpreter computes it wrong)": (
+        lambda: fwd(*(t.bfloat16() for t in (x, h0, c0, w_ih, w_hh, b)), None), "x must be one of"),
+    "integer w_hh": (lambda: fwd(x, h0, c0, w_ih, w_hh.long(), b, None), "w_hh must be floating point"),
+    "integer saved cs": (lambda: bwd(cs=cs.long()), "cs (saved) must be floating point"),
 }
 for name, (call, message) in cases.items():
     try:

@@ -35,7 +35,7 @@ from fastlstm.backends import (
     vmap_per_sample,
 )
 from fastlstm.backends.native import BACKEND as NATIVE
-from fastlstm.backends.triton import build_guard
+from fastlstm.backends.triton import CUDA_DTYPES, INTERPRETER_DTYPES, build_guard
 
 # triton itself (and the kernels) are imported where kernels launch: importing this module only defines the
 # torch ops, which `import fastlstm` does so that saved programs holding them load (TritonBackend.load_ops).
@@ -213,6 +213,8 @@ def _check_shapes(x: Tensor, expected: dict[str, tuple[Tensor | None, tuple[int,
             continue
         if t.device != x.device:
             raise RuntimeError(f"fastlstm triton: {name} is on {t.device}, x on {x.device}")
+        if not t.is_floating_point():
+            raise RuntimeError(f"fastlstm triton: {name} must be floating point, got {t.dtype}")
         if shape is not None and tuple(t.shape) != shape:
             raise RuntimeError(f"fastlstm triton: {name} must be {list(shape)}, got {list(t.shape)}")
 
@@ -226,6 +228,8 @@ def _layer_sizes(x: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Tensor | None, ker
                            f"{list(x.shape)}, {list(w_ih.shape)}, {list(w_hh.shape)}")  # fmt: skip
     T, B, I = x.shape
     H, P = w_ih.shape[0] // 4, w_hh.shape[1]
+    if min(T, B) < 1:  # the module sends neither to a fast backend; backward could not take them
+        raise RuntimeError(f"fastlstm triton: x must hold one step and one row or more, got {list(x.shape)}")
     if min(I, H, P) < 1:
         raise RuntimeError(f"fastlstm triton: input, hidden and projection sizes must be positive, got {I}, {H}, {P}")
     if w_hr is None and P != H:
@@ -521,6 +525,15 @@ def backward_rows_impl(
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_dtype(x: Tensor) -> None:
+    """A layer op's dtype, where the kernels run: the interpreter computes bfloat16 wrong (the module never sends it
+    there), and float64 reaches no CUDA kernel. (tests/triton_compile.py calls forward_impl itself with CPU tensors
+    of every CUDA dtype, recording the launches a GPU would make.)"""
+    supported = CUDA_DTYPES if x.device.type == "cuda" else INTERPRETER_DTYPES
+    if x.dtype not in supported:
+        raise RuntimeError(f"fastlstm triton: x must be one of {', '.join(map(str, supported))} here, got {x.dtype}")
+
+
 @torch.library.custom_op("fastlstm::triton_forward", mutates_args=())
 def triton_forward(
     x: Tensor,
@@ -535,6 +548,7 @@ def triton_forward(
     kernel: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """y [T,B,P], hT [B,P], cT [B,H], and for backward: acts [T,B,4H], hs [T+1,B,P], cs [T+1,B,H], r [T,B,H]|[0]."""
+    _check_dtype(x)
     return forward_impl(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel)
 
 
@@ -581,6 +595,7 @@ def triton_backward(
     has_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dx, dh0, dc0, dw_ih, dw_hh, db ([0] without bias), dw_hr ([0] without projection)."""
+    _check_dtype(x)
     return backward_impl(
         grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, has_bias
     )
@@ -619,6 +634,7 @@ def triton_backward_rows(
     kernel: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """triton_backward without the weight gradients (backward_rows_impl), for their sums per sample under vmap."""
+    _check_dtype(x)
     dx, dh0, dc0, dg, dhy = backward_rows_impl(
         grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel
     )
