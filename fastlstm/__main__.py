@@ -133,7 +133,7 @@ def _excess(error: float, allowed: float) -> float:
 
 def cmd_check(args) -> int:
     device = args.device or _default_device()
-    failures = 0
+    failures = checked = 0
     skipped, missing = [], []
     requested = args.backend or []
     what = ", ".join(requested) if requested else "every available backend"
@@ -156,11 +156,13 @@ def cmd_check(args) -> int:
             print(f"{name:<10} skipped: {reason}")
             skipped.append(name)
             continue
+        served = 0
         for case in cases:
             for dtype in dtypes:
                 label = f"{name:<10} {case!s:<45} {str(dtype)[6:]:<8}"
                 try:
                     errors = compare(case, name, device, dtype)
+                    served += 1
                 except BuildCrashError as error:  # the backend serves the call, but its compiler crashes on it
                     failures += 1
                     print(f"{label} CRASH {error}")
@@ -180,6 +182,13 @@ def cmd_check(args) -> int:
                 if ok and tolerance >= 1:  # a result the dtype does not resolve (it underflows, or cancels)
                     status += " (nn.LSTM's own error in this dtype is 50%+ here: the dtype cannot resolve it)"
                 print(f"{label} max err {worst:.2e} ({worst_key}) tol {tolerance:.0e} {status}", flush=True)
+        checked += served
+        if not served and name in requested:  # asked for by name, and it served none of the calls: nothing checked
+            print(f"{name:<10} UNAVAILABLE: it serves none of these calls (see above)")
+            missing.append(name)
+    if not checked and not failures and not missing:
+        print("nothing checked: no backend served any of these calls (see above)")
+        return 1
     if failures:
         print(f"{failures} mismatches or errors")
     if missing:

@@ -15,6 +15,7 @@ from torch import nn
 
 from fastlstm.benchmark import Shape
 from fastlstm.check import TOLERANCE, Case, _relative_error, compare, exact_cudnn
+from fastlstm.dispatch import BackendUnavailableError
 
 
 def test_info_lists_every_backend():
@@ -218,6 +219,25 @@ def test_check_of_named_backends_fails_when_one_is_unavailable(tmp_path):
     assert "reference  B3-T6-I5-H7-L1" in done.stdout and "native " not in done.stdout
     done = run_python("-m", "fastlstm", "check", "--backend", "reference")
     assert done.returncode == 0 and "all checked backends match nn.LSTM" in done.stdout, done.stdout + done.stderr
+
+
+def test_check_that_served_nothing_fails(monkeypatch, capsys):
+    """A backend named with --backend that serves none of the calls (triton asked for bfloat16 under the
+    interpreter) fails, as an unavailable one does, and a run where no backend served any call says that nothing was
+    checked, exit 1: both had printed "all checked backends match nn.LSTM" and exited 0."""
+    from fastlstm import __main__ as cli
+
+    def refuse(case, name, device, dtype, **kwargs):
+        raise BackendUnavailableError(f"fastlstm backend {name!r} cannot serve {case}")
+
+    monkeypatch.setattr(cli, "compare", refuse)
+    assert cli.main(["check", "--backend", "reference"]) == 1
+    out = capsys.readouterr().out
+    assert "reference  UNAVAILABLE: it serves none of these calls" in out, out
+    assert "not available, though asked for: reference" in out and "all checked" not in out, out
+    assert cli.main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "nothing checked: no backend served any of these calls" in out and "all checked" not in out, out
 
 
 def test_check_random_configurations_measure_errors_against_each_tensors_size(tmp_path):
