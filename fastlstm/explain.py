@@ -43,7 +43,8 @@ def explain(module: LSTM, input, hx: tuple[Tensor, Tensor] | None = None, *, len
         data, state, batch_sizes, *_ = module._prepare(input, hx)
         if lengths is not None and lengths.numel():
             data, state, batch_sizes, *_ = module._sorted_by_length(data, state, lengths)
-        amp = module._autocast_dtypes(data, state, batch_sizes)  # under autocast, backends compute in its dtype
+    # Under autocast, backends compute in its dtype, which can depend on grad mode: the caller's, as the call's
+    amp = module._autocast_dtypes(data, state, batch_sizes)
     choices = module._plan(data, state, batch_sizes, amp)
     directions = ["forward", "reverse"] if module.bidirectional else ["forward"]
     layers = [(k // len(directions), directions[k % len(directions)], c) for k, c in enumerate(choices)]

@@ -637,6 +637,15 @@ def test_explain_under_autocast_names_the_backends_the_call_runs(monkeypatch, se
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fastlstm.explain(m, x).backends == ["reference", "reference"]
         assert served_by(m, x) == ["reference", "reference"]
+    # A float16 model under CPU bfloat16 autocast: nn.LSTM computes in float32 in grad mode, in bfloat16 without;
+    # explain plans in the caller's grad mode (it had planned every call as a call without gradients)
+    m.half()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fastlstm.explain(m, x.half()).backends == ["native", "native"]
+        assert served_by(m, x.half()) == ["native stack"]
+        with torch.no_grad():
+            assert fastlstm.explain(m, x.half()).backends == ["reference", "reference"]
+            assert served_by(m, x.half()) == ["reference", "reference"]
 
 
 def test_repeated_calls_follow_the_thread_count(monkeypatch, served_by):
