@@ -33,8 +33,8 @@ CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INTERPRETER_DTYPES = (torch.float32, torch.float64, torch.float16)
 # The oldest triton the kernels are used with. Under triton 3.0 and 3.1 (what torch 2.4 and 2.5 pin) the
 # interpreter ran them to wrong numbers (outputs never written), and no GPU was at hand to tell whether compiled
-# kernels fare better; 3.2-3.6 and 3.9 pass the whole interpreter suite (3.2-3.4 without float64, next; 3.7 and
-# 3.8 were not run).
+# kernels fare better; 3.2-3.6, 3.8 and 3.9 pass the whole interpreter suite (3.2-3.4 without float64, next; 3.7
+# was not run).
 MIN_TRITON = (3, 2)
 # tl.dot of float64 tiles under the interpreter: "Unsupported lhs dtype fp64" before triton 3.5.
 INTERPRETER_FLOAT64_TRITON = (3, 5)
