@@ -663,6 +663,8 @@ class LSTM(nn.RNNBase):
             shape = input.shape
         else:
             return None
+        if any(w is None for w in self._flat_weights):
+            return None  # a weight deleted (`del m.weight_hh_l0`): _check_call raises nn.LSTM's error
         amp = torch._C._is_any_autocast_enabled() and _autocast_key(input.device.type)
         weight = self._flat_weights[0]
         if hx is None:
@@ -758,12 +760,20 @@ class LSTM(nn.RNNBase):
                         f"Expected hidden[{k}] to be 3-D [num_layers * num_directions, batch, size] for "
                         f"PackedSequence input, got {state.dim()}-D"
                     )
+        self._check_weights_present(packed=True)
         weight = self._flat_weights[0]
         if data.dtype != weight.dtype and not _autocast_enabled(data.device.type):
             raise RuntimeError(
                 f"RNN input dtype ({data.dtype}) does not match weight dtype ({weight.dtype}). Convert input: "
                 f"input.to({weight.dtype}), or convert model: model.to({data.dtype})"
             )
+
+    def _check_weights_present(self, packed: bool) -> None:
+        """torch._VF.lstm's error for a weight deleted from the module (`del m.weight_hh_l0`): its weights are its
+        argument 2, or 3 after a pack's batch sizes."""
+        for k, w in enumerate(self._flat_weights):
+            if w is None:
+                raise TypeError(f"expected Tensor as element {k} in argument {3 if packed else 2}, but got NoneType")
 
     def _as_batch_of_one(self, input: Tensor, hx):
         """Unbatched input ([T, I], or [I] for step) and state ([L*D, P], [L*D, H]) or None as a batch of one."""
@@ -806,9 +816,13 @@ class LSTM(nn.RNNBase):
         time_dim = 1 if (self.batch_first and batch_sizes is None) else 0
         if batch_sizes is None and input.size(time_dim) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        self._check_weights_present(packed=batch_sizes is not None)
         weight = self._flat_weights[0]
         if input.dtype != weight.dtype and not _autocast_enabled(input.device.type):
-            raise ValueError(
+            # nn.LSTM's Python check lets the call through under another device's autocast, and its first product
+            # then fails: the same type of error
+            error = RuntimeError if torch._C._is_any_autocast_enabled() else ValueError
+            raise error(
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). Convert input: "
                 f"input.to({weight.dtype}), or convert model: model.to({input.dtype})"
             )

@@ -20,6 +20,20 @@ def _packed(x, lengths):
     return pack_padded_sequence(x, lengths)
 
 
+def _without(m, weight, x):
+    m(x)
+    delattr(m, weight)
+    m.float()  # the module reads its weights again: the deleted one as None
+    return m(x)
+
+
+def _under_xpu_autocast(m, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no XPU here: autocast still marks itself enabled for the device type
+        with torch.autocast("xpu", dtype=torch.bfloat16):
+            return m(x)
+
+
 def _unsorted(x):
     return pack_padded_sequence(x, [2, 3], enforce_sorted=False)
 
@@ -45,6 +59,17 @@ CALLS = {
     "seq-len-0-unbatched": ({}, lambda m: m(torch.randn(0, I)), True),
     "input-dtype": ({}, lambda m: m(torch.randn(3, 2, I, dtype=torch.float64)), True),
     "integer-input": ({}, lambda m: m(torch.ones(3, 2, I, dtype=torch.long)), True),
+    # nn.LSTM's Python check lets it through under another device's autocast, and its first product fails
+    # a weight deleted from the module after a call (torch._VF.lstm's argument check, or nn.LSTM's own dtype check)
+    "deleted-weight-hh": ({}, lambda m: _without(m, "weight_hh_l0", torch.randn(3, 2, I)), True),
+    "deleted-weight-ih": ({}, lambda m: _without(m, "weight_ih_l0", torch.randn(3, 2, I)), True),
+    "packed-deleted-weight-ih": (
+        {},
+        lambda m: _without(m, "weight_ih_l0", _packed(torch.randn(3, 2, I), [3, 2])),
+        True,
+    ),
+    "packed-deleted-bias": ({}, lambda m: _without(m, "bias_hh_l1", _packed(torch.randn(3, 2, I), [3, 2])), True),
+    "input-dtype-under-xpu-autocast": ({}, lambda m: _under_xpu_autocast(m, torch.randn(3, 2, I).double()), False),
     "hidden-dtype": (
         {},
         lambda m: m(torch.randn(3, 2, I), (torch.zeros(2, 2, P, dtype=torch.float64), torch.zeros(2, 2, H))),
