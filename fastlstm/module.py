@@ -447,7 +447,7 @@ class LSTM(nn.RNNBase):
         Returns the padded output, T steps long, zero beyond each length (as pad_packed_sequence with
         total_length=T gives it), and (h_n, c_n) taken at each sequence's own end, in the caller's order.
         """
-        lengths, varying = self._check_lengths(input, lengths)
+        lengths, (shortest, longest) = self._check_lengths(input, lengths)
         if torch.jit.is_tracing() and lengths.numel():
             # A trace keeps ops, not the Python ints the sort and the batch sizes become below: it would replay
             # this batch's order and sizes on every other. Packing records them as ops, as a traced model that packs
@@ -459,7 +459,7 @@ class LSTM(nn.RNNBase):
         # What decides the checks and the plan: the padded call's own key, and whether the lengths vary (autocast's
         # dtypes read that of a pack); the lengths' values are checked above on every call
         key = self._call_key(input, hx) if lengths.numel() else None
-        key = key and ("lengths", key, varying)
+        key = key and ("lengths", key, shortest != longest)
         checked = _CHECKED_CALLS.get(key) if key is not None else None
         if checked is None:
             input, hx, *_ = self._prepare(input, hx)  # every check of a plain call, in the caller's order
@@ -468,7 +468,7 @@ class LSTM(nn.RNNBase):
         input, hx = _saveable(input, hx)
         if lengths.numel() == 0:
             return self.forward(input, hx)
-        x, hx, batch_sizes, sorted_lengths, unorder = self._sorted_by_length(input, hx, lengths)
+        x, hx, batch_sizes, live, unorder = self._sorted_by_length(input, hx, lengths)
         seq_len = x.size(0)
         if checked is None:
             amp = self._autocast_dtypes(x, hx, batch_sizes)
@@ -477,28 +477,27 @@ class LSTM(nn.RNNBase):
                 _remember(_CHECKED_CALLS, key, (choices, amp))
         else:
             choices, amp = checked
-        keep = batch_sizes[batch_sizes > 0].numel()
-        x, batch_sizes = x[:keep], batch_sizes[:keep]  # trailing steps where no sequence is live
+        if longest < seq_len:  # trailing steps where no sequence is live
+            x, batch_sizes, live = x[:longest], batch_sizes[:longest], live[:longest]
         if all(choice.backend == "native" for choice in choices):
             rows = packed_rows(batch_sizes, input.device)
             data, h_n, c_n = self._native_stack(pack_padded(x, rows), hx, batch_sizes, amp)
             y = pad_packed(data, batch_sizes, rows)
         else:
-            if int(sorted_lengths[-1]) < keep:
+            if shortest < longest:
                 # Zero the padding, which packing leaves out: the fast layers multiply it by zero gate gradients
                 # for dW_ih, and NaN or inf there (missing values) would make that NaN.
-                live = torch.arange(keep)[:, None] < sorted_lengths[None, :]
-                x = x.masked_fill(~live.to(x.device)[:, :, None], 0)
+                x = torch.where(live.to(x.device)[:, :, None], x, 0)
             y, h_n, c_n = self._fast_stack(x, hx, batch_sizes, choices, amp)
-        if keep < seq_len:
-            y = torch.cat([y, y.new_zeros(seq_len - keep, *y.shape[1:])])
+        if longest < seq_len:
+            y = torch.cat([y, y.new_zeros(seq_len - longest, *y.shape[1:])])
         y = y.index_select(1, unorder)
         y = y.transpose(0, 1) if self.batch_first else y
         return y, self.permute_hidden((h_n, c_n), unorder)
 
-    def _check_lengths(self, input, lengths) -> tuple[Tensor, bool]:
-        """lengths= as int64 on the CPU, after nn.LSTM-style checks of it against the padded input, and whether
-        the lengths differ."""
+    def _check_lengths(self, input, lengths) -> tuple[Tensor, tuple[int, int]]:
+        """lengths= as int64 on the CPU, after nn.LSTM-style checks of it against the padded input, and the
+        shortest and longest of them ((0, 0) for none)."""
         if isinstance(input, PackedSequence) or not isinstance(input, Tensor) or input.dim() != 3:
             raise ValueError("LSTM: lengths= takes a padded, batched 3-D input tensor")
         batch_dim = 0 if self.batch_first else 1
@@ -509,27 +508,27 @@ class LSTM(nn.RNNBase):
                 f"{tuple(lengths.shape)}"
             )
         if not lengths.numel():
-            return lengths, False
+            return lengths, (0, 0)
         seq_len = input.size(1 - batch_dim)
         shortest, longest = (int(end) for end in torch.aminmax(lengths))
         if shortest < 1 or longest > seq_len:
             raise ValueError(f"LSTM: every length must be in 1..{seq_len} (the padded length), got {lengths.tolist()}")
-        return lengths, shortest != longest
+        return lengths, (shortest, longest)
 
     def _sorted_by_length(self, input: Tensor, hx, lengths: Tensor):
         """A checked padded batch as the layers take it: time-major, rows (and hx) sorted by length, longest first.
-        Returns (x [T, B, I], hx, batch_sizes [T], sorted lengths, the row order that undoes the sort)."""
+        Returns (x [T, B, I], hx, batch_sizes [T], whether each of x's rows is live at each step [T, B], the row
+        order that undoes the sort)."""
         # pack_padded_sequence's own sort (not a stable one): tied lengths then take the rows packing gives them,
         # and dropout between layers draws the same numbers for each sequence.
         batch_dim = 0 if self.batch_first else 1
         sorted_lengths, order = torch.sort(lengths, descending=True)
-        unorder = torch.empty_like(order)
-        unorder[order] = torch.arange(order.numel())
+        unorder = order.argsort()  # a permutation's inverse
         order, unorder = order.to(input.device), unorder.to(input.device)
-        batch_sizes = (torch.arange(input.size(1 - batch_dim))[:, None] < sorted_lengths[None, :]).sum(1)
+        live = torch.arange(input.size(1 - batch_dim))[:, None] < sorted_lengths[None, :]
         x = input.index_select(batch_dim, order)
         x = x.transpose(0, 1) if self.batch_first else x
-        return x, self.permute_hidden(hx, order), batch_sizes, sorted_lengths, unorder
+        return x, self.permute_hidden(hx, order), live.sum(1), live, unorder
 
     def step(self, input: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """One time step through every layer, for streaming: the same numbers as forward on a 1-step sequence.
