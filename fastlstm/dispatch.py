@@ -450,7 +450,8 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
                 return None
             return (
                 "a float16 inference step on a CPU with AVX512-FP16 above hidden 512 beyond batch 1, from hidden 512 "
-                "beyond batch 16, or at batch 17-48 from hidden 256: oneDNN measured faster"
+                "beyond batch 16, or at batch 17-48 from hidden 256 (on one thread: above hidden 512, or above 128 "
+                "beyond batch 4): oneDNN measured faster"
             )
         if call.batch <= 64:
             return None
@@ -467,7 +468,13 @@ def _float16_step_to_native(call: LayerCall) -> bool:
     batch 1-16 and 64-96 (1.05-2.08x) but not 32-48 (0.92-0.99x); hidden 384-512 up to batch 16 (0.86-1.34x, all
     but one run 0.93x and up), hidden 512 beyond it lost (0.81-0.94x; 384 there is taken as 256 and 512 were);
     hidden 768-1024 beyond batch 1 lost or was mixed (0.45-1.21x; batch 1 0.89-1.09x). Ten steps a call won every
-    shape up to batch 64 (hidden 256-1024, once, `-float16-t10.json`: 1.05-2.72x), so only a single step changes."""
+    shape up to batch 64 (hidden 256-1024, once, `-float16-t10.json`: 1.05-2.72x), so only a single step changes.
+    One thread (`--threads 1`, two runs, `-float16-step-one-thread-run*.json`), where cpp's products lose the second
+    thread's share of the weights: hidden 128 won to batch 64 (1.04-2.07x; 0.98-1.00x at 96); hidden 256-512 at
+    batch 1-4 (0.99-1.38x), at 384 to batch 8 (1.04x), but lost from batch 8 at 256 and 512 (0.66-0.99x) and from
+    16 at 384 (0.89-0.96x); hidden 768 lost at every batch (0.63-0.98x)."""
+    if _one_thread():
+        return call.hidden_size > 512 or (call.hidden_size > 128 and call.batch > 4)
     if call.hidden_size > 512:
         return call.batch > 1
     if call.hidden_size >= 512:

@@ -1433,6 +1433,12 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float16, 96, hidden=512, seq_len=1) == ["native"] * 4
     assert _auto_backends(torch.float16, 97, hidden=128, seq_len=1) == ["native"] * 4
     assert _auto_backends(torch.float16, 32, hidden=512, seq_len=2) == ["cpp"] * 4  # more steps: cpp
+    monkeypatch.setattr(dispatch, "_one_thread", lambda: True)  # steps lose the second thread's share of weights
+    assert _auto_backends(torch.float16, 64, hidden=128, seq_len=1) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 4, hidden=512, seq_len=1) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 5, hidden=256, seq_len=1) == ["native"] * 4
+    assert _auto_backends(torch.float16, 1, hidden=768, seq_len=1) == ["native"] * 4
+    monkeypatch.setattr(dispatch, "_one_thread", lambda: False)
     assert _auto_backends(torch.float16, 256, train=True) == ["cpp"] * 4
     assert _auto_backends(torch.float16, 256, proj_size=4) == ["cpp"] * 4  # nn.LSTM then leaves oneDNN
     assert _auto_backends(torch.float16, 256, packed=True) == ["cpp"] * 4
