@@ -1470,6 +1470,9 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 8, hidden=256) == ["native"] * 4  # <= 256 to oneDNN
     assert _auto_backends(torch.bfloat16, 7, hidden=256) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 8, hidden=384) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 24, hidden=384) == ["cpp"] * 4  # hidden 384-511 to batch 24
+    assert _auto_backends(torch.bfloat16, 25, hidden=448) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 16, hidden=320) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 64, hidden=256, train=True) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_one_thread", lambda: False)
     monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: "avx512_bf16")
