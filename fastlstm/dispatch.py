@@ -410,6 +410,11 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             "oneDNN's fused LSTM on x86-64 CPUs only"
         )
     if call.dtype == torch.float32:
+        if _cpu_intel_amx() and _one_thread() and _packed_inference_to_aten(call):
+            return (
+                "float32 packed inference on Intel with AMX at one thread, beyond batch 32 from hidden 384: nn.LSTM's "
+                "ATen loop (MKL's GEMM a step) measured faster"
+            )
         if call.proj_size or call.packed or call.batch <= 4:
             return None
         if _cpu_amd_zen3() and not (call.hidden_size >= 640 and call.batch > 8):
@@ -484,6 +489,16 @@ def _float16_step_to_native(call: LayerCall) -> bool:
     if call.hidden_size >= 512:
         return call.batch > 16
     return call.hidden_size >= 256 and 16 < call.batch <= 48
+
+
+def _packed_inference_to_aten(call: LayerCall) -> bool:
+    """float32 packed input at inference, no projection, on Intel with AMX at one thread: nn.LSTM leaves oneDNN for
+    ATen's loop, whose step is one MKL GEMM. `python -m fastlstm bench --dtype float32 --mode both --threads 1
+    --backend cpp` (T = 20, one layer, `cpu-intel-xeon-amx-2core-float32-packed-one-thread.json`, and once more
+    without a file): cpp lost inference from batch 48 at hidden 384-768 (0.91-0.99x; 2 layers bidirectional
+    B64-H512 0.92x), won at batch 16-32 (hidden 512: 1.10-1.18x) and was even at B64-H256 (1.01x); training won
+    every shape (1.08-1.22x)."""
+    return call.packed and not call.needs_grad and not call.proj_size and call.batch > 32 and call.hidden_size >= 384
 
 
 def _short_sequence(call: LayerCall) -> bool:

@@ -1402,7 +1402,13 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 16, hidden=128) == ["cpp"] * 4  # not up to batch 16,
     assert _auto_backends(torch.float32, 64, hidden=32) == ["cpp"] * 4  # nor below hidden 64,
     assert _auto_backends(torch.float32, 64, hidden=128, train=True) == ["cpp"] * 4  # nor training
+    assert _auto_backends(torch.float32, 33, hidden=384, packed=True) == ["native"] * 4  # packed: ATen's loop
+    assert _auto_backends(torch.float32, 32, hidden=512, packed=True) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 64, hidden=256, packed=True) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 64, hidden=512, packed=True, train=True) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 64, hidden=512, packed=True, proj_size=4) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_one_thread", lambda: False)
+    assert _auto_backends(torch.float32, 64, hidden=512, packed=True) == ["cpp"] * 4  # two threads: cpp
     monkeypatch.setattr(dispatch, "_cpu_intel_amx", lambda: False)
     monkeypatch.setattr(dispatch, "_cpu_amd_family", lambda: 0x1A)  # Zen 5: inference up to batch 8
     assert _auto_backends(torch.float32, 8) == ["cpp"] * 4
