@@ -162,18 +162,18 @@ def cmd_check(args) -> int:
                 label = f"{name:<10} {case!s:<45} {str(dtype)[6:]:<8}"
                 try:
                     errors = compare(case, name, device, dtype)
-                    served += 1
                 except BuildCrashError as error:  # the backend serves the call, but its compiler crashes on it
-                    failures += 1
+                    served, failures = served + 1, failures + 1
                     print(f"{label} CRASH {error}")
                     continue
                 except BackendUnavailableError as error:
                     print(f"{label} skipped: {error}")
                     continue
                 except Exception as error:  # a kernel that raises is a failure to report, and the others go on
-                    failures += 1
+                    served, failures = served + 1, failures + 1
                     print(f"{label} ERROR {type(error).__name__}: {error}")
                     continue
+                served += 1
                 worst_key = max(errors, key=lambda key: _excess(*errors[key]))
                 worst, tolerance = errors[worst_key]
                 ok = worst <= tolerance

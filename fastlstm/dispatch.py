@@ -394,7 +394,7 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       built for another CPU) goes native there. At one thread (`--threads 1`, inference, 50 steps,
       `-bfloat16-inference-one-thread-run{1,2}.json`), where oneDNN loses its synchronisation of two threads at
       every step: hidden 384-511 won up to batch 24 (B12-B24 1.10-1.57x; B16-H384 1.19x and 1.14x), even at B32-48
-      (1.01-1.08x) and lost beyond (0.92-0.95x); hidden 320 was even (0.93-1.05x); hidden 256 lost from batch 8
+      (1.01-1.08x) and lost beyond (0.92-0.93x); hidden 320 was even (0.93-1.05x); hidden 256 lost from batch 8
       (0.74-0.97x), as before; hidden 512 kept the two threads' rule (B16-48 1.02-1.29x, B64-96 0.95-0.98x).
     - Other architectures (aarch64: Graviton, Ampere, Apple silicon under Linux): nothing measured. nn.LSTM runs
       float32 through oneDNN's fused LSTM there too (aarch64, torch 2.8: aten::mkldnn_rnn_layer), while cpp runs

@@ -847,18 +847,25 @@ class LSTM(nn.RNNBase):
         self, input: Tensor, hx, batch_sizes: Tensor | None, amp: _Autocast | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Exactly nn.LSTM's call: the whole stack in one torch._VF.lstm (cuDNN / oneDNN / ATen); with oneDNN off
-        where it cannot run the call under autocast (see _autocast_dtypes)."""
-        onednn = (amp is None or amp.onednn) and not onednn_training_miscomputes(input)
+        where it cannot run the call under autocast (see _autocast_dtypes), or would compute it wrong (see
+        onednn_training_miscomputes)."""
+        miscomputes = onednn_training_miscomputes(input, batch_sizes is not None, self.proj_size > 0)
+        onednn = (amp is None or amp.onednn) and not miscomputes
         with contextlib.nullcontext() if onednn else onednn_off():
             if batch_sizes is None:
-                return torch._VF.lstm(
+                out = torch._VF.lstm(
                     input, hx, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
                     self.bidirectional, self.batch_first,
                 )  # fmt: skip
-            return torch._VF.lstm(
-                input, batch_sizes, hx, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
-                self.bidirectional,
-            )  # fmt: skip
+            else:
+                out = torch._VF.lstm(
+                    input, batch_sizes, hx, self._flat_weights, self.bias, self.num_layers, self.dropout,
+                    self.training, self.bidirectional,
+                )  # fmt: skip
+        if miscomputes and amp is not None and amp.onednn:
+            # ATen's path gives other dtypes than oneDNN's under autocast (float32 for bfloat16): nn.LSTM's
+            out = tuple(t.to(dtype) for t, dtype in zip(out, amp.dtypes, strict=True))
+        return out
 
     def _parameters_of(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
         """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction, as read by _update_flat_weights for this call."""

@@ -239,6 +239,15 @@ def test_check_that_served_nothing_fails(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "nothing checked: no backend served any of these calls" in out and "all checked" not in out, out
 
+    def fail(case, name, device, dtype, **kwargs):
+        raise RuntimeError("a kernel that raises")
+
+    monkeypatch.setattr(cli, "compare", fail)  # served, and failed: errors, not an unavailable backend
+    assert cli.main(["check", "--backend", "reference"]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR RuntimeError: a kernel that raises" in out and "UNAVAILABLE" not in out, out
+    assert "mismatches or errors" in out and "nothing checked" not in out, out
+
 
 def test_check_random_configurations_measure_errors_against_each_tensors_size(tmp_path):
     """`check --random 4`: the fixed cases and four random ones, the fourth with weights scaled by 1e-6. The

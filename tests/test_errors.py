@@ -59,7 +59,6 @@ CALLS = {
     "seq-len-0-unbatched": ({}, lambda m: m(torch.randn(0, I)), True),
     "input-dtype": ({}, lambda m: m(torch.randn(3, 2, I, dtype=torch.float64)), True),
     "integer-input": ({}, lambda m: m(torch.ones(3, 2, I, dtype=torch.long)), True),
-    # nn.LSTM's Python check lets it through under another device's autocast, and its first product fails
     # a weight deleted from the module after a call (torch._VF.lstm's argument check, or nn.LSTM's own dtype check)
     "deleted-weight-hh": ({}, lambda m: _without(m, "weight_hh_l0", torch.randn(3, 2, I)), True),
     "deleted-weight-ih": ({}, lambda m: _without(m, "weight_ih_l0", torch.randn(3, 2, I)), True),
@@ -69,6 +68,7 @@ CALLS = {
         True,
     ),
     "packed-deleted-bias": ({}, lambda m: _without(m, "bias_hh_l1", _packed(torch.randn(3, 2, I), [3, 2])), True),
+    # nn.LSTM's Python check lets it through under another device's autocast, and its first product fails
     "input-dtype-under-xpu-autocast": ({}, lambda m: _under_xpu_autocast(m, torch.randn(3, 2, I).double()), False),
     "hidden-dtype": (
         {},

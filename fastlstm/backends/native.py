@@ -80,13 +80,16 @@ def _openmp_settings() -> tuple[bool, int | None]:
     return dynamic or no_levels, int(limit) if limit.isdigit() else None
 
 
-def onednn_training_miscomputes(x: Tensor) -> bool:
+def onednn_training_miscomputes(x: Tensor, packed: bool, projected: bool) -> bool:
     """Whether nn.LSTM's oneDNN path would compute this CPU call wrong: where OpenMP starts fewer threads than torch
     asks for (OMP_THREAD_LIMIT below torch's threads, OMP_DYNAMIC=true, OMP_MAX_ACTIVE_LEVELS=0), oneDNN's LSTM
     training forward and backward give outputs off by ~0.3 and gradients off by ~16 or NaN (float32 B4-T40-H64,
-    torch 2.13 and 2.14.1 on a 2-core Xeon; inference is right). Its ATen path (oneDNN off) computes such calls."""
+    torch 2.13 and 2.14.1 on a 2-core Xeon; inference is right). Its ATen path (oneDNN off) computes such calls.
+    oneDNN never runs float64, packed input or a projection."""
     if torch.compiler.is_compiling() or x.device.type != "cpu" or not torch.is_grad_enabled():
-        return False  # a compiled graph runs nn.LSTM's own call, as a compiled nn.LSTM does
+        return False  # a compiled graph runs nn.LSTM's own call, as a compiled nn.LSTM does (a trace too)
+    if packed or projected or x.dtype == torch.float64:
+        return False
     starves, limit = _openmp_settings()
     if not starves and (limit is None or limit >= torch.get_num_threads()) or not torch._C._get_mkldnn_enabled():
         return False
@@ -104,9 +107,9 @@ def _warn_once_about_openmp() -> None:
     )
 
 
-def onednn_safe(x: Tensor):
+def onednn_safe(x: Tensor, packed: bool, projected: bool):
     """A context for a native LSTM call on x: oneDNN off where it would compute the call wrong."""
-    return onednn_off() if onednn_training_miscomputes(x) else contextlib.nullcontext()
+    return onednn_off() if onednn_training_miscomputes(x, packed, projected) else contextlib.nullcontext()
 
 
 class NativeBackend(Backend):
@@ -124,7 +127,7 @@ class NativeBackend(Backend):
         hx = (h0.unsqueeze(0), c0.unsqueeze(0))
         # train=True keeps cuDNN's backward possible; with dropout 0 it changes nothing else.
         train = torch.is_grad_enabled()
-        with onednn_safe(x):
+        with onednn_safe(x, batch_sizes is not None, w_hr is not None):
             if batch_sizes is None:
                 y, hT, cT = torch._VF.lstm(x, hx, params, b is not None, 1, 0.0, train, False, False)
             else:
