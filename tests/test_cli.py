@@ -379,6 +379,28 @@ def test_bench_times_calls_under_autocast(tmp_path, autocast, check):
     assert run["repeats"] == 2 and run["checked"] is check and isinstance(run["notes"], list)  # how it was run
 
 
+def test_bench_under_autocast_runs_nn_lstm_once_to_check_it(monkeypatch, capsys):
+    """Under --autocast the check's probe of nn.LSTM (whether oneDNN can run the call) is its expected results, and
+    the timing takes what the check found: one checking run of nn.LSTM a mode, two where the probe fails and the
+    call runs again with oneDNN off (there had been three either way)."""
+    from fastlstm import __main__ as cli
+    from fastlstm import benchmark
+
+    runs = []
+    real = benchmark.validation_results
+
+    def counting(model, *args):
+        runs.append(type(model).__module__)
+        return real(model, *args)
+
+    monkeypatch.setattr(benchmark, "validation_results", counting)
+    args = ["bench", "--autocast", "float16", "--shape", "2,5,4,4", "--mode", "both", "--repeats", "1"]
+    assert cli.main([*args, "--backend", "reference"]) == 0
+    capsys.readouterr()
+    expected = sum(1 + _nn_lstm_fails_under_cpu_autocast("float16", grad) for grad in (False, True))
+    assert runs.count("torch.nn.modules.rnn") == expected and runs.count("fastlstm.module") == 2, runs
+
+
 def test_inference_stack_ab_times_both_ways(tmp_path):
     """benchmarks/inference_stack_ab.py (the A/B behind README's step figures): steps and inference calls (under
     bfloat16 autocast too), the stack in one call against layer by layer, both orders, one JSON each."""
