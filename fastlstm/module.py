@@ -501,7 +501,7 @@ class LSTM(nn.RNNBase):
         if isinstance(input, PackedSequence) or not isinstance(input, Tensor) or input.dim() != 3:
             raise ValueError("LSTM: lengths= takes a padded, batched 3-D input tensor")
         batch_dim = 0 if self.batch_first else 1
-        lengths = torch.as_tensor(lengths).to("cpu", torch.int64)
+        lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
         if lengths.dim() != 1 or lengths.numel() != input.size(batch_dim):
             raise ValueError(
                 f"LSTM: lengths must be 1-D with one entry per sequence ({input.size(batch_dim)}), got shape "
@@ -525,7 +525,7 @@ class LSTM(nn.RNNBase):
         sorted_lengths, order = torch.sort(lengths, descending=True)
         unorder = order.argsort()  # a permutation's inverse
         order, unorder = order.to(input.device), unorder.to(input.device)
-        live = torch.arange(input.size(1 - batch_dim))[:, None] < sorted_lengths[None, :]
+        live = torch.arange(input.size(1 - batch_dim), device="cpu")[:, None] < sorted_lengths[None, :]
         x = input.index_select(batch_dim, order)
         x = x.transpose(0, 1) if self.batch_first else x
         return x, self.permute_hidden(hx, order), live.sum(1), live, unorder
@@ -924,7 +924,7 @@ class LSTM(nn.RNNBase):
                 if batch_sizes is None:
                     out = torch._VF.lstm(x[None], state, weights, *flags, False)
                 else:
-                    probe_sizes = torch.tensor([2, 1] if varying else [1], dtype=torch.int64)
+                    probe_sizes = torch.tensor([2, 1] if varying else [1], dtype=torch.int64, device="cpu")
                     out = torch._VF.lstm(x, probe_sizes, state, weights, *flags)
                 return tuple(t.dtype for t in out)
 

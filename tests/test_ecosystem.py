@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
@@ -967,20 +968,28 @@ def _tensors(out) -> list[torch.Tensor]:
     return [t for x in leaves for t in (x if isinstance(x, PackedSequence) else (x,)) if t is not None]
 
 
+@pytest.mark.parametrize("grad_inside", [False, True], ids=["inference_mode", "enable_grad_inside"])
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
-def test_inference_mode_gives_nn_lstm_numbers(backend):
-    """torch.inference_mode() (what serving code uses instead of no_grad): padded and packed input, same numbers."""
+def test_inference_mode_gives_nn_lstm_numbers(backend, grad_inside):
+    """torch.inference_mode() (what serving code uses instead of no_grad): padded and packed input, and a step,
+    same numbers; also with grad mode on inside it (a validation loop's enable_grad), where autograd still records
+    nothing (triton's layer had tried to save its inference tensors for backward, and raised)."""
     torch.manual_seed(0)
-    ref = nn.LSTM(4, 5, 2, bidirectional=True).double()
-    fast = fastlstm.LSTM(4, 5, 2, bidirectional=True, backend=backend).double()
+    ref = nn.LSTM(4, 5, 2).double()
+    fast = fastlstm.LSTM(4, 5, 2, backend=backend).double()
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(6, 3, 4, dtype=torch.float64)
     packed = pack_padded_sequence(x, torch.tensor([6, 2, 4]), enforce_sorted=False)
-    for inputs in (x, packed):
-        with torch.inference_mode():
-            got, expected = fast(inputs), ref(inputs)
-        for a, b in zip(_tensors(got), _tensors(expected)):
-            assert a.is_inference() == b.is_inference()
+    grad_mode = torch.enable_grad if grad_inside else contextlib.nullcontext
+    for inputs in (x, packed, "step"):
+        with torch.inference_mode(), grad_mode():
+            if inputs == "step":
+                got, expected = fast.step(x[0]), ref(x[:1])
+                expected = (expected[0][0], expected[1])
+            else:
+                got, expected = fast(inputs), ref(inputs)
+        for a, b in zip(_tensors(got), _tensors(expected), strict=True):
+            assert a.is_inference() == b.is_inference() and not a.requires_grad
             torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
 
 

@@ -177,3 +177,36 @@ def test_triton_on_cuda_is_bitwise_repeatable(dtype):
 
     for a, b in zip(run(), run()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_packed_and_lengths_calls_under_another_default_device(backend):
+    """torch.set_default_device elsewhere than the data (a CUDA default with a CPU model, say; meta here): packed and
+    lengths= calls, dropout and training included, build their index tensors on the CPU beside the batch sizes, as
+    nn.LSTM's packed path does ("Tensor on device cpu is not on the expected device meta!" had been raised)."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(I, H, 2, bidirectional=True, dropout=0.5).double()
+    fast = fastlstm.LSTM(I, H, 2, bidirectional=True, dropout=0.5, backend=backend).double()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, I, dtype=torch.float64)
+    lengths = torch.tensor([5, 2, 4])
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    results = []
+    try:
+        torch.set_default_device("meta")
+        for model, call in (
+            (ref, lambda m: m(packed)),
+            (fast, lambda m: m(packed)),
+            (fast, lambda m: m(x, lengths=lengths)),
+        ):
+            torch.manual_seed(1)  # the same dropout draws
+            y, (h, c) = call(model)
+            y = y.data if isinstance(y, nn.utils.rnn.PackedSequence) else y
+            grads = torch.autograd.grad(y.sum() + h.sum() + c.sum(), list(model.parameters()))
+            results.append((h, c, *grads))
+    finally:
+        torch.set_default_device(None)
+    for got in results[1:]:
+        for a, b in zip(got, results[0], strict=True):
+            assert a.device.type == "cpu"
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)

@@ -271,7 +271,7 @@ def _padded_sizes(live: list[int], device: torch.device) -> Tensor:
         bs = torch.full((len(live) + 2,), live[0], dtype=torch.int32, device=device)
         bs[:: len(live) + 1] = 0
         return bs
-    return torch.tensor([0, *live, 0], dtype=torch.int32).pin_memory().to(device, non_blocking=True)
+    return torch.tensor([0, *live, 0], dtype=torch.int32, device="cpu").pin_memory().to(device, non_blocking=True)
 
 
 class ForwardBuffers(NamedTuple):
@@ -797,7 +797,10 @@ def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | No
         return y, hT, cT
     from fastlstm.backends.triton import graphs
 
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:7])
+    # Under inference_mode autograd records nothing, even with grad mode on inside it (a validation loop's
+    # enable_grad): its outputs are inference tensors, which the autograd Function could not save
+    recording = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    needs_grad = recording and any(t is not None and t.requires_grad for t in inputs[:7])
     if needs_grad:
         y, hT, cT, *_ = _EagerLayer.apply(*inputs)
     elif graph and graphs.applies(x, w_hh, w_hr, batch_sizes, chosen):
@@ -848,7 +851,7 @@ def _run_self_test(call: LayerCall, kernel: str) -> str | None:
     T, B, I, H, P = 2, call.batch, call.input_size, call.hidden_size, call.out_size
 
     def data(*shape: int, scale: float) -> Tensor:
-        values = torch.arange(math.prod(shape), dtype=torch.float64).mul_(0.7).sin_().mul_(scale)
+        values = torch.arange(math.prod(shape), dtype=torch.float64, device="cpu").mul_(0.7).sin_().mul_(scale)
         return values.view(shape).to(device, dtype)
 
     scale = 2.0 / math.sqrt(I + P)
@@ -857,7 +860,7 @@ def _run_self_test(call: LayerCall, kernel: str) -> str | None:
         data(4 * H, P, scale=scale), data(4 * H, scale=0.1) if call.bias else None,
         data(P, H, scale=1.0 / math.sqrt(H)) if call.proj_size else None,
     ]  # fmt: skip
-    batch_sizes = torch.tensor([B, max(1, B - 1)]) if call.packed else None
+    batch_sizes = torch.tensor([B, max(1, B - 1)], device="cpu") if call.packed else None
     leaves = [t.requires_grad_(call.needs_grad) for t in inputs if t is not None]
     # Not through an inference graph: the test's buffers would take one of the kept graphs' places
     with torch.autocast(call.device_type, enabled=False), torch.set_grad_enabled(call.needs_grad):
