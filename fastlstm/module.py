@@ -815,7 +815,8 @@ class LSTM(nn.RNNBase):
         time_dim = 1 if (self.batch_first and batch_sizes is None) else 0
         if batch_sizes is None and input.size(time_dim) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        self._check_weights_present(packed=batch_sizes is not None)
+        if batch_sizes is None:  # a packed call's were checked by _check_packed_call, before it read a weight
+            self._check_weights_present(packed=False)
         weight = self._flat_weights[0]
         if input.dtype != weight.dtype and not _autocast_enabled(input.device.type):
             # nn.LSTM's Python check lets the call through under another device's autocast, and its first product

@@ -224,7 +224,10 @@ class Backend(abc.ABC):
         single step: y [T, B, D*P] (or packed [N, D*P], or [B, D*P]), h_n [L*D, B, P], c_n [L*D, B, H]. hx: (h0,
         c0) of those shapes or None for zeros; weights: per layer and direction w_ih, w_hh, `biases` biases,
         [w_hr]: the module's _flat_weights with biases 2 (b_ih, b_hh, summed as layer() callers sum them), or with
-        1 the sum itself (b = b_ih + b_hh, as autocast casts it)."""
+        1 the sum itself (b = b_ih + b_hh, as autocast casts it).
+
+        Optional: a backend that has it sets has_inference_stack, and the module calls it only there; the others run
+        layer by layer through layer(), so this default is never reached from the module."""
         raise NotImplementedError(f"the {self.name} backend runs layer by layer")
 
     def autocast_weights(self, weights: list[Tensor | None], dtype: torch.dtype) -> list[Tensor | None]:

@@ -91,7 +91,9 @@ def onednn_training_miscomputes(x: Tensor, packed: bool, projected: bool) -> boo
     if packed or projected or x.dtype == torch.float64:
         return False
     starves, limit = _openmp_settings()
-    if not starves and (limit is None or limit >= torch.get_num_threads()) or not torch._C._get_mkldnn_enabled():
+    if not starves and (limit is None or limit >= torch.get_num_threads()):
+        return False
+    if not torch._C._get_mkldnn_enabled():
         return False
     _warn_once_about_openmp()
     return True
