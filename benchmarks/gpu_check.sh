@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # One prepared GPU check, from the repository root, on a CUDA machine with torch, triton, pytest and ninja
-# (no network, nothing installed). Under 6 minutes in all:
-#   1. pytest -m cuda tests/        (at most 200 s; the log goes to the results folder)
-#   2. benchmarks/gpu_grid.py       (triton vs nn.LSTM/cuDNN grid; 120 s budget, killed at 150 s)
+# (no network, nothing installed). About 6 minutes, at most 8 (without --tune):
+#   0. in the background, while the tests run: benchmarks/gpu_grid.py --warm in 8 processes (the grid's kernels
+#      compile on spare cores into triton's cache, so the grid's budget goes to timing), and
+#      `python -m fastlstm check --device cuda --backend triton` in bfloat16, float16 and float32
+#   1. pytest -m cuda tests/        (at most 200 s, on 6 workers where pytest-xdist is there; the log goes to the
+#      results folder)
+#   2. benchmarks/gpu_grid.py       (triton vs nn.LSTM/cuDNN grid; 180 s budget, killed at 220 s)
 #   3. with --tune: benchmarks/gpu_tune.py (other tile sizes and warps per kernel against nn.LSTM, for setting
 #      ops._blocks and the launch options), in what is left of 9 minutes
-# Results: $OUT when set, else benchmarks/results/: pytest_cuda.log, gpu_grid.json, gpu_grid.md (gpu_tune.json,
-# gpu_tune.md), and fastlstm_info.txt (`python -m fastlstm info` after the runs: which kernel configurations
-# crashed the compiler in a child process, if any did).
+# Results: $OUT when set, else benchmarks/results/: pytest_cuda.log, gpu_warm.log, check_cuda.txt, gpu_grid.json,
+# gpu_grid.md (gpu_tune.json, gpu_tune.md) and fastlstm_info.txt (`python -m fastlstm info` after the runs:
+# which kernel configurations crashed the compiler in a child process, if any did).
 #
 #   bash benchmarks/gpu_check.sh [--tune]             # on the GPU machine (--tune: one device call of <= 9.5 min)
 #   bash benchmarks/gpu_check.sh --dry-run [--tune]   # CPU smoke test: cuda tests skip, tiny runs, TRITON_INTERPRET=1
@@ -18,7 +22,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS="${OUT:-benchmarks/results}"
 mkdir -p "$RESULTS"
+# A GPU machine's image may have python3 alone.
 PY="${PYTHON:-python}"
+if ! command -v "$PY" > /dev/null; then PY=python3; fi
 
 DRY_RUN=0
 TUNE=0
@@ -39,7 +45,7 @@ else
     fi
 fi
 
-"$PY" - <<'EOF' | tee "$RESULTS/gpu_check_env.txt"
+"$PY" - <<'EOF'
 import torch
 try:
     import triton
@@ -50,20 +56,55 @@ gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
 print(f"gpu: {gpu} | torch {torch.__version__} (CUDA {torch.version.cuda}) | triton {tv}")
 EOF
 
+dry=()
+if [[ $DRY_RUN -eq 1 ]]; then dry=(--dry-run); fi
+
+# The grid's kernels compile while the tests run (a cold build of one shape's kernels takes seconds a core).
+warm_parts=8
+if [[ $DRY_RUN -eq 1 ]]; then warm_parts=1; fi
+: > "$RESULTS/gpu_warm.log"
+warm_pids=()
+for ((k = 0; k < warm_parts; k++)); do
+    timeout 240 "$PY" benchmarks/gpu_grid.py "${dry[@]}" --warm "$k/$warm_parts" >> "$RESULTS/gpu_warm.log" 2>&1 &
+    warm_pids+=($!)
+done
+
+# Half precision against nn.LSTM on the GPU (the errors `check` allows there are set from these), alongside.
+check_pid=
+if [[ $DRY_RUN -eq 0 ]]; then
+    timeout 200 "$PY" -m fastlstm check --device cuda --backend triton --dtype bfloat16 --dtype float16 \
+        --dtype float32 --random 6 > "$RESULTS/check_cuda.txt" 2>&1 &
+    check_pid=$!
+fi
+
 echo "== pytest -m cuda tests/"
 start=$SECONDS
-timeout 200 "$PY" -m pytest -m cuda tests/ -q -p no:cacheprovider 2>&1 | tee "$RESULTS/pytest_cuda.log"
+pytest_args=(-m cuda tests/ -q -p no:cacheprovider -rfE --tb=short)
+if [[ $DRY_RUN -eq 0 ]] && "$PY" -c "import xdist" 2> /dev/null; then pytest_args+=(-n 6); fi
+if "$PY" -c "import pytest_timeout" 2> /dev/null; then pytest_args+=(--timeout 150); fi
+timeout 200 "$PY" -m pytest "${pytest_args[@]}" 2>&1 | tee "$RESULTS/pytest_cuda.log"
 pytest_status=${PIPESTATUS[0]}
 # 5: no tests collected (e.g. every cuda test deselected); not a failure of the kernels.
 if [[ $pytest_status -eq 5 ]]; then pytest_status=0; fi
 echo "pytest: exit $pytest_status in $((SECONDS - start)) s"
+
+start=$SECONDS
+for pid in "${warm_pids[@]}"; do wait "$pid"; done
+check_status=0
+if [[ -n $check_pid ]]; then
+    wait "$check_pid"
+    check_status=$?
+    echo "== check on CUDA: exit $check_status"
+    tail -n 3 "$RESULTS/check_cuda.txt"
+fi
+echo "== grid kernels compiled ($((SECONDS - start)) s more after the tests): $(grep -c ' ok in ' "$RESULTS/gpu_warm.log") shapes ok"
 
 echo "== benchmark grid"
 start=$SECONDS
 if [[ $DRY_RUN -eq 1 ]]; then
     timeout 150 "$PY" benchmarks/gpu_grid.py --dry-run --out "$RESULTS" --budget 100
 else
-    timeout 150 "$PY" benchmarks/gpu_grid.py --out "$RESULTS" --budget 120
+    timeout 220 "$PY" benchmarks/gpu_grid.py --out "$RESULTS" --budget 180
 fi
 grid_status=$?
 echo "grid: exit $grid_status in $((SECONDS - start)) s; results in $RESULTS"
@@ -78,8 +119,6 @@ if [[ $TUNE -eq 1 ]]; then
     else
         echo "== tuning ($budget s budget)"
         start=$SECONDS
-        dry=()
-        if [[ $DRY_RUN -eq 1 ]]; then dry=(--dry-run); fi
         timeout $((budget + 30)) "$PY" benchmarks/gpu_tune.py "${dry[@]}" --out "$RESULTS" --budget "$budget"
         tune_status=$?
         echo "tuning: exit $tune_status in $((SECONDS - start)) s"
@@ -89,7 +128,7 @@ fi
 timeout 60 "$PY" -m fastlstm info > "$RESULTS/fastlstm_info.txt" 2>&1
 grep -A20 "^triton builds" "$RESULTS/fastlstm_info.txt"
 
-for status in "$pytest_status" "$grid_status" "$tune_status"; do
+for status in "$pytest_status" "$check_status" "$grid_status" "$tune_status"; do
     if [[ $status -ne 0 ]]; then exit "$status"; fi
 done
 exit 0

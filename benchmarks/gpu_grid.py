@@ -226,6 +226,36 @@ def run_shape(shape: dict, torch, device: str, reps: int, max_seconds: float) ->
                 variants={name: dict(ms=ms, speedup=nat / ms) for name, ms in zip(variants, var)})  # fmt: skip
 
 
+def warm_shape(shape: dict, torch, device: str) -> None:
+    """One untimed call of every way run_shape will time the triton side of this shape: its kernels compile and
+    land in triton's cache (shared by the processes of one machine), its build verdicts in fastlstm's."""
+    check_supported(shape, torch, device)
+    dtype = getattr(torch, DTYPES[shape["dtype"]])
+    _, fast, _ = build(shape, torch, device)
+    x = torch.randn(shape["seq"], shape["batch"], shape["input"], device=device, dtype=dtype)
+    run_fast = make_step(fast, x.requires_grad_(shape["mode"] == "training"), shape["mode"] == "training", torch)
+    for fn in [run_fast, *(with_env(env, run_fast) for env in variant_envs(shape, torch).values())]:
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def warm(shapes: list[dict], part: str, torch, device: str) -> int:
+    """warm_shape for every shape of one part ("K/N": every N-th from the K-th), so that N processes started
+    side by side compile the grid's kernels on N cores before (or while) one process times it. Exit status 0:
+    a shape that fails here fails again, with its error recorded, when timed."""
+    k, n = (int(v) for v in part.split("/"))
+    for shape in shapes[k::n]:
+        t0 = time.perf_counter()
+        try:
+            warm_shape(shape, torch, device)
+            msg = "ok"
+        except Exception as e:
+            msg = f"{type(e).__name__}: {e}".strip()[:200]
+        print(f"gpu_grid --warm {part}: {shape} {msg} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return 0
+
+
 def variant_envs(shape: dict, torch) -> dict[str, dict[str, str]]:
     """Other ways the triton backend can run this shape, timed beside its default so one GPU run can set the
     rules: the kernel `auto` did not pick (where the sequence kernel is plausible), and, at inference through
@@ -349,18 +379,29 @@ def run_all(tool: str, stem: str, shapes: list[dict], measure, label, summary, r
     return 0 if ok else 1
 
 
-def parse_args(argv, description: str, budget: float, reps: int):
-    """The options both GPU scripts take: --dry-run, --out, --budget (seconds), --reps (timed rounds at most)."""
+def parse_args(argv, description: str, budget: float, reps: int, warm: bool = False):
+    """The options both GPU scripts take: --dry-run, --out, --budget (seconds), --reps (timed rounds at most);
+    with warm, the grid's --warm K/N."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--budget", type=float, default=budget, help="seconds for all shapes")
     ap.add_argument("--reps", type=int, default=reps, help="timed rounds per shape (at most)")
+    if warm:
+        ap.add_argument("--warm", metavar="K/N", type=_part, help="only compile: one call of every N-th shape from "
+                        "the K-th (0-based), untimed, nothing written")  # fmt: skip
     return ap.parse_args(argv)
 
 
+def _part(text: str) -> str:
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise argparse.ArgumentTypeError(f"expected K/N with 0 <= K < N, got {text!r}")
+    return text
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv, __doc__.splitlines()[0], budget=180.0, reps=15)
+    args = parse_args(argv, __doc__.splitlines()[0], budget=180.0, reps=15, warm=True)
 
     import torch
 
@@ -375,6 +416,8 @@ def main(argv=None) -> int:
     def summary(row):
         return f"{row['speedup']:.3g}x"
 
+    if args.warm:
+        return warm(grid(args.dry_run), args.warm, torch, device)
     stem = "gpu_grid_dry_run" if args.dry_run else "gpu_grid"
     return run_all("gpu_grid", stem, grid(args.dry_run), run_shape, label, summary, markdown, args, torch, device)
 
