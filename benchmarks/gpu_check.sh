@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # One prepared GPU check, from the repository root, on a CUDA machine with torch, triton, pytest and ninja
-# (no network, nothing installed). About 6 minutes, at most 8 (without --tune):
-#   0. in the background, while the tests run: benchmarks/gpu_grid.py --warm in 8 processes (the grid's kernels
-#      compile on spare cores into triton's cache, so the grid's budget goes to timing), and
-#      `python -m fastlstm check --device cuda --backend triton` in bfloat16, float16 and float32
-#   1. pytest -m cuda tests/        (at most 200 s, on 6 workers where pytest-xdist is there; the log goes to the
-#      results folder)
+# (no network, nothing installed). About 7 minutes, at most 10 (without --tune):
+#   1. benchmarks/gpu_grid.py --warm in 8 processes at once (at most 150 s): the grid's kernels compile into
+#      triton's cache, so the grid's budget goes to timing
 #   2. benchmarks/gpu_grid.py       (triton vs nn.LSTM/cuDNN grid; 180 s budget, killed at 220 s)
-#   3. with --tune: benchmarks/gpu_tune.py (other tile sizes and warps per kernel against nn.LSTM, for setting
+#   3. pytest -m cuda tests/        (at most 200 s, on 6 workers where pytest-xdist is there), and beside it
+#      `python -m fastlstm check --device cuda --backend triton` in bfloat16, float16 and float32
+#   4. with --tune: benchmarks/gpu_tune.py (other tile sizes and warps per kernel against nn.LSTM, for setting
 #      ops._blocks and the launch options), in what is left of 9 minutes
-# Results: $OUT when set, else benchmarks/results/: pytest_cuda.log, gpu_warm.log, check_cuda.txt, gpu_grid.json,
-# gpu_grid.md (gpu_tune.json, gpu_tune.md) and fastlstm_info.txt (`python -m fastlstm info` after the runs:
-# which kernel configurations crashed the compiler in a child process, if any did).
+# Results: $OUT when set, else benchmarks/results/: gpu_warm.log, gpu_grid.json, gpu_grid.md, pytest_cuda.log,
+# check_cuda.txt (gpu_tune.json, gpu_tune.md) and fastlstm_info.txt (`python -m fastlstm info` after the runs:
+# which kernel configurations crashed the compiler in a child process, if any did): 8 files, what the device
+# tool brings back.
 #
-#   bash benchmarks/gpu_check.sh [--tune]             # on the GPU machine (--tune: one device call of <= 9.5 min)
+#   bash benchmarks/gpu_check.sh [--tune]             # on the GPU machine (--tune: tunes in what is left of 9 min)
 #   bash benchmarks/gpu_check.sh --dry-run [--tune]   # CPU smoke test: cuda tests skip, tiny runs, TRITON_INTERPRET=1
 #
 # Exit status: 0 when every step passed, else the first failing step's status.
@@ -59,21 +59,42 @@ EOF
 dry=()
 if [[ $DRY_RUN -eq 1 ]]; then dry=(--dry-run); fi
 
-# The grid's kernels compile while the tests run (a cold build of one shape's kernels takes seconds a core).
+# 1. The grid's kernels, compiled on many cores at once (a cold build of one shape's kernels takes seconds of a
+# core), before anything is timed. Alone: on an H200 with the tests beside them, a process's first shape took
+# 80-190 s.
+echo "== compiling the grid's kernels"
+start=$SECONDS
 warm_parts=8
 if [[ $DRY_RUN -eq 1 ]]; then warm_parts=1; fi
 : > "$RESULTS/gpu_warm.log"
 warm_pids=()
 for ((k = 0; k < warm_parts; k++)); do
-    timeout 240 "$PY" benchmarks/gpu_grid.py "${dry[@]}" --warm "$k/$warm_parts" >> "$RESULTS/gpu_warm.log" 2>&1 &
+    timeout 150 "$PY" benchmarks/gpu_grid.py "${dry[@]}" --warm "$k/$warm_parts" >> "$RESULTS/gpu_warm.log" 2>&1 &
     warm_pids+=($!)
 done
+for pid in "${warm_pids[@]}"; do wait "$pid"; done
+echo "compiled in $((SECONDS - start)) s: $(grep -c ': ok in ' "$RESULTS/gpu_warm.log") shapes ok"
 
-# Half precision against nn.LSTM on the GPU (the errors `check` allows there are set from these), alongside.
+# 2. The grid on a quiet machine.
+echo "== benchmark grid"
+start=$SECONDS
+if [[ $DRY_RUN -eq 1 ]]; then
+    timeout 150 "$PY" benchmarks/gpu_grid.py --dry-run --out "$RESULTS" --budget 100
+else
+    timeout 220 "$PY" benchmarks/gpu_grid.py --out "$RESULTS" --budget 180
+fi
+grid_status=$?
+echo "grid: exit $grid_status in $((SECONDS - start)) s; results in $RESULTS"
+
+# 3. The CUDA tests, and beside them `check` in half precision against nn.LSTM (the errors it allows on CUDA are
+# set from these). A process its time limit stops says where every thread was (faulthandler on SIGTERM).
 check_pid=
 if [[ $DRY_RUN -eq 0 ]]; then
-    timeout 200 "$PY" -m fastlstm check --device cuda --backend triton --dtype bfloat16 --dtype float16 \
-        --dtype float32 --random 6 > "$RESULTS/check_cuda.txt" 2>&1 &
+    timeout 200 "$PY" -c "import faulthandler, runpy, signal, sys
+faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+sys.argv = ['fastlstm', 'check', '--device', 'cuda', '--backend', 'triton', '--dtype', 'bfloat16',
+            '--dtype', 'float16', '--dtype', 'float32', '--random', '6']
+runpy.run_module('fastlstm', run_name='__main__')" > "$RESULTS/check_cuda.txt" 2>&1 &
     check_pid=$!
 fi
 
@@ -88,8 +109,6 @@ pytest_status=${PIPESTATUS[0]}
 if [[ $pytest_status -eq 5 ]]; then pytest_status=0; fi
 echo "pytest: exit $pytest_status in $((SECONDS - start)) s"
 
-start=$SECONDS
-for pid in "${warm_pids[@]}"; do wait "$pid"; done
 check_status=0
 if [[ -n $check_pid ]]; then
     wait "$check_pid"
@@ -97,17 +116,6 @@ if [[ -n $check_pid ]]; then
     echo "== check on CUDA: exit $check_status"
     tail -n 3 "$RESULTS/check_cuda.txt"
 fi
-echo "== grid kernels compiled ($((SECONDS - start)) s more after the tests): $(grep -c ' ok in ' "$RESULTS/gpu_warm.log") shapes ok"
-
-echo "== benchmark grid"
-start=$SECONDS
-if [[ $DRY_RUN -eq 1 ]]; then
-    timeout 150 "$PY" benchmarks/gpu_grid.py --dry-run --out "$RESULTS" --budget 100
-else
-    timeout 220 "$PY" benchmarks/gpu_grid.py --out "$RESULTS" --budget 180
-fi
-grid_status=$?
-echo "grid: exit $grid_status in $((SECONDS - start)) s; results in $RESULTS"
 
 tune_status=0
 if [[ $TUNE -eq 1 ]]; then

@@ -14,10 +14,13 @@ Writes gpu_grid.json and gpu_grid.md to --out (default $OUT, else benchmarks/res
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import faulthandler
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -204,40 +207,68 @@ def interleaved_medians(providers: list, torch, device: str, reps: int, max_seco
     return [statistics.median(t) for t in times], len(times[0])
 
 
+class Phases:
+    """Seconds spent in each phase of one shape, each phase named on stdout as it begins: a run stopped by its
+    time limit shows where it was (on an H200 one training shape ran past 200 s with nothing to say why)."""
+
+    def __init__(self, torch, device: str, prefix: str = "    "):
+        self.torch, self.device, self.prefix, self.seconds = torch, device, prefix, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        print(f"{self.prefix}{name} ...", flush=True)
+        start = time.perf_counter()
+        yield
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
 def run_shape(shape: dict, torch, device: str, reps: int, max_seconds: float) -> dict:
     check_supported(shape, torch, device)
     dtype = getattr(torch, DTYPES[shape["dtype"]])
-    ref, fast, impl = build(shape, torch, device)
+    phase = Phases(torch, device)
+    with phase("build"):
+        ref, fast, impl = build(shape, torch, device)
     x = torch.randn(shape["seq"], shape["batch"], shape["input"], device=device, dtype=dtype)
     training = shape["mode"] == "training"
     if training:
         x.requires_grad_(True)
     run_native, run_fast = make_step(ref, x, training, torch), make_step(fast, x, training, torch)
     variants = {name: with_env(env, run_fast) for name, env in variant_envs(shape, torch).items()}
+    # The first call of each way compiles what it needs (or reads it from the cache --warm filled).
+    with phase("first call (build guard, compile)"):
+        run_fast()
+    for name, run in variants.items():
+        with phase(f"first call: {name}"):
+            run()
+    with phase("native's first call"):
+        run_native()
     # Accuracy against native in the same dtype (not a test: the tests assert; this is context for the table).
-    with torch.no_grad():
+    with phase("accuracy"), torch.no_grad():
         y_ref, _ = ref(x)
         y_fast, _ = fast(x)
         max_diff = (y_ref.float() - y_fast.float()).abs().max().item()
-    (nat, fst, *var), rounds = interleaved_medians([run_native, run_fast, *variants.values()], torch, device, reps,
-                                                   max_seconds)  # fmt: skip
+    with phase("timing"):
+        (nat, fst, *var), rounds = interleaved_medians([run_native, run_fast, *variants.values()], torch, device,
+                                                       reps, max_seconds)  # fmt: skip
     return dict(status="ok", impl=impl, reps=rounds, native_ms=nat, triton_ms=fst, speedup=nat / fst,
-                max_abs_diff_y=max_diff,
+                max_abs_diff_y=max_diff, seconds=phase.seconds,
                 variants={name: dict(ms=ms, speedup=nat / ms) for name, ms in zip(variants, var)})  # fmt: skip
 
 
-def warm_shape(shape: dict, torch, device: str) -> None:
+def warm_shape(shape: dict, torch, device: str, phase: Phases) -> None:
     """One untimed call of every way run_shape will time the triton side of this shape: its kernels compile and
     land in triton's cache (shared by the processes of one machine), its build verdicts in fastlstm's."""
     check_supported(shape, torch, device)
     dtype = getattr(torch, DTYPES[shape["dtype"]])
-    _, fast, _ = build(shape, torch, device)
+    with phase("build"):
+        _, fast, _ = build(shape, torch, device)
     x = torch.randn(shape["seq"], shape["batch"], shape["input"], device=device, dtype=dtype)
     run_fast = make_step(fast, x.requires_grad_(shape["mode"] == "training"), shape["mode"] == "training", torch)
-    for fn in [run_fast, *(with_env(env, run_fast) for env in variant_envs(shape, torch).values())]:
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    for name, env in {"default": {}, **variant_envs(shape, torch)}.items():
+        with phase(f"first call: {name}"):
+            with_env(env, run_fast)()
 
 
 def warm(shapes: list[dict], part: str, torch, device: str) -> int:
@@ -245,14 +276,18 @@ def warm(shapes: list[dict], part: str, torch, device: str) -> int:
     side by side compile the grid's kernels on N cores before (or while) one process times it. Exit status 0:
     a shape that fails here fails again, with its error recorded, when timed."""
     k, n = (int(v) for v in part.split("/"))
-    for shape in shapes[k::n]:
+    rows = list({tuple((key, v) for key, v in s.items() if key != "mode"): None for s in shapes})
+    mine = set(rows[k::n])  # both modes of a row in one process: they share the forward's kernels
+    for shape in [s for s in shapes if tuple((key, v) for key, v in s.items() if key != "mode") in mine]:
         t0 = time.perf_counter()
+        name = f"gpu_grid --warm {part}: {shape_label(shape)}"
+        phase = Phases(torch, device, prefix=f"{name}: ")
         try:
-            warm_shape(shape, torch, device)
+            warm_shape(shape, torch, device, phase)
             msg = "ok"
         except Exception as e:
             msg = f"{type(e).__name__}: {e}".strip()[:200]
-        print(f"gpu_grid --warm {part}: {shape} {msg} in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"{name}: {msg} in {time.perf_counter() - t0:.1f} s {phase.seconds}", flush=True)
     return 0
 
 
@@ -347,6 +382,8 @@ def device_for(args, tool: str, torch) -> str | None:
         print(f"{tool}: no CUDA device; use --dry-run for a CPU smoke test", file=sys.stderr)
         return None
     sys.path.insert(0, ROOT)
+    # A run its time limit stops (timeout sends SIGTERM) says where every thread was.
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     return device
 
 
@@ -360,6 +397,7 @@ def run_all(tool: str, stem: str, shapes: list[dict], measure, label, summary, r
     for i, shape in enumerate(shapes):
         left = deadline - time.perf_counter()
         row = dict(shape)
+        print(f"[{i + 1}/{len(shapes)}] {label(shape)}: started", flush=True)
         if left <= 0:
             row.update(status="skipped", error="time budget spent")
         else:
@@ -393,6 +431,11 @@ def parse_args(argv, description: str, budget: float, reps: int, warm: bool = Fa
     return ap.parse_args(argv)
 
 
+def shape_label(shape: dict) -> str:
+    s = shape
+    return f"{s['mode']} {s['dtype']} L{s['layers']} B{s['batch']} H{s['hidden']} T{s['seq']}"
+
+
 def _part(text: str) -> str:
     k, _, n = text.partition("/")
     if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
@@ -409,17 +452,14 @@ def main(argv=None) -> int:
     if device is None:
         return 2
 
-    def label(shape):
-        s = shape
-        return f"{s['mode']} {s['dtype']} L{s['layers']} B{s['batch']} H{s['hidden']} T{s['seq']}"
-
     def summary(row):
         return f"{row['speedup']:.3g}x"
 
     if args.warm:
         return warm(grid(args.dry_run), args.warm, torch, device)
     stem = "gpu_grid_dry_run" if args.dry_run else "gpu_grid"
-    return run_all("gpu_grid", stem, grid(args.dry_run), run_shape, label, summary, markdown, args, torch, device)
+    return run_all("gpu_grid", stem, grid(args.dry_run), run_shape, shape_label, summary, markdown, args, torch,
+                   device)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.autograd import forward_ad
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -345,6 +346,14 @@ class LSTM(nn.RNNBase):
             if weight is not None and ref is not None and ref() is not weight:
                 self._init_flat_weights()
                 return
+
+    def flatten_parameters(self) -> None:
+        """nn.RNNBase's (cuDNN's weights as one buffer, on CUDA), except for weights a torch.func transform wraps
+        (functional_call's under vmap / grad): they have no storage to point cuDNN at, and nn.RNNBase's reads
+        their data pointers and raises. Per-sample gradients on CUDA pass such weights in (triton serves them)."""
+        if any(w is not None and is_functorch_wrapped_tensor(w) for w in self._flat_weights):
+            return
+        super().flatten_parameters()
 
     def _weights_mixed(self) -> bool:
         """Whether the weights do not all share one dtype (a state_dict loaded with assign=True, say). Only nn.LSTM's
@@ -863,6 +872,12 @@ class LSTM(nn.RNNBase):
                     input, batch_sizes, hx, self._flat_weights, self.bias, self.num_layers, self.dropout,
                     self.training, self.bidirectional,
                 )  # fmt: skip
+        if batch_sizes is None and torch.compiler.is_compiling():
+            # torch 2.4-2.11's decomposition of aten::lstm (what a compiled graph runs where oneDNN does not take
+            # the call: every CUDA call, CPU training) stacks each layer's [1, B, H] state unsqueezed: h_n and c_n
+            # came out [L*D, 1, B, H] (seen on an H200, torch 2.11). Same values; the shape nn.LSTM gives.
+            y, h, c = out
+            out = (y, h.reshape(hx[0].shape), c.reshape(hx[1].shape))
         if miscomputes and amp is not None and amp.onednn:
             # ATen's path gives other dtypes than oneDNN's under autocast (float32 for bfloat16): nn.LSTM's
             out = tuple(t.to(dtype) for t, dtype in zip(out, amp.dtypes, strict=True))

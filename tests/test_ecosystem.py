@@ -144,6 +144,36 @@ def test_compile_trains_where_auto_gives_the_call_to_native(monkeypatch):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
+@needs_tracing
+def test_compiled_native_stack_gives_nn_lstms_state_shapes(monkeypatch):
+    """torch 2.4-2.11 decompose aten::lstm for a compiled graph (every CUDA call, CPU training) with each layer's
+    final state left [1, B, H]: a compiled native call's h_n and c_n came out [L*D, 1, B, H] (an H200, torch 2.11).
+    That decomposition is put back here (torch 2.13's squeezes), and the compiled step must still give eager's
+    shapes, numbers and gradients."""
+    from torch._decomp import decompositions
+
+    fixed = decompositions.one_layer_lstm
+
+    def as_in_torch_2_11(*args, **kwargs):
+        out, (h, c) = fixed(*args, **kwargs)
+        return out, (h.unsqueeze(0), c.unsqueeze(0))
+
+    monkeypatch.setattr(decompositions, "one_layer_lstm", as_in_torch_2_11)
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(6, 8, 2, batch_first=True, bidirectional=True, backend="native").double()
+    compiled_model = fastlstm.LSTM(6, 8, 2, batch_first=True, bidirectional=True, backend="native").double()
+    compiled_model.load_state_dict(model.state_dict())
+    x = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    eager = model(x)
+    _loss((eager[0], *eager[1])).backward()
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")(x)
+    assert [t.shape for t in (compiled[0], *compiled[1])] == [(3, 5, 16), (4, 3, 8), (4, 3, 8)]
+    _loss((compiled[0], *compiled[1])).backward()
+    torch.testing.assert_close(compiled, eager, atol=1e-12, rtol=1e-10)
+    for (name, p), q in zip(model.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-12, rtol=1e-10, msg=name)
+
+
 def test_packed_and_lengths_input_compile_with_graph_breaks():
     """PackedSequence and lengths= have shapes that depend on the lengths' values: fullgraph cannot hold them (as
     README says), but a compiled model with graph breaks runs them with eager's numbers."""
@@ -474,6 +504,32 @@ def test_per_sample_gradients_with_vmap_of_grad(backend, lengths, monkeypatch):
         (y.square().sum() + h.sum() + c.sum()).backward()
         for name, p in reference.named_parameters():
             torch.testing.assert_close(got[name][i], p.grad, atol=1e-12, rtol=1e-10, msg=f"sample {i} {name}")
+
+
+def test_per_sample_gradients_keep_cudnns_weight_buffer_out(monkeypatch):
+    """On CUDA nn.RNNBase.flatten_parameters reads every weight's data pointer, and functional_call's weights under
+    vmap of grad have none ("Cannot access data pointer of Tensor that doesn't have storage": every per-sample
+    gradient on an H200 raised there). fastlstm leaves such weights alone; plain weights still reach it. A
+    stand-in for the CUDA branch reads the pointers here."""
+    flattened = []
+
+    def cuda_flatten(self):
+        flattened.append([w.data_ptr() for w in self._flat_weights])
+
+    monkeypatch.setattr(nn.RNNBase, "flatten_parameters", cuda_flatten)
+    torch.manual_seed(0)
+    reference = nn.LSTM(4, 6)
+    model = fastlstm.LSTM(4, 6, backend="reference")
+    model.load_state_dict(reference.state_dict())
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    loss = lambda p, x: torch.func.functional_call(model, p, (x,))[0].square().sum()  # noqa: E731
+    flattened.clear()  # the constructors' own
+    got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, torch.randn(3, 5, 2, 4))
+    assert flattened == []
+    model.weight_hh_l0 = nn.Parameter(model.weight_hh_l0.detach().clone())
+    model(torch.randn(5, 2, 4))  # a plain replacement, read at the call: flattened
+    assert len(flattened) == 1
+    assert got["weight_hh_l0"].shape == (3, 24, 6)
 
 
 @needs_readable_transform_tensors
@@ -1163,8 +1219,9 @@ def test_cuda_autocast_dtypes_match_nn_lstm(dtype):
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_cuda_compile_trains_where_auto_picks_native(compiler):
     """The CUDA side of test_compile_trains_where_auto_gives_the_call_to_native: a fullgraph training step of a
-    model whose calls auto gives to cuDNN matches eager. Never run yet (no GPU lent so far): if cuDNN's path breaks
-    a compiled backward as oneDNN's does on the CPU, dispatch needs the same rule for CUDA."""
+    model whose calls auto gives to native matches eager. A compiled graph runs torch's decomposition of aten::lstm
+    there, not cuDNN: on an H200 (torch 2.11) its h_n and c_n came out [4, 1, 3, 8] until the module restored
+    nn.LSTM's shapes (test_compiled_native_stack_gives_nn_lstms_state_shapes)."""
     torch.manual_seed(0)
     model = Tagger().cuda()
     compiled_model = Tagger().cuda()

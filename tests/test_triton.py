@@ -573,6 +573,24 @@ def test_self_test_passes_working_kernels(flags, kernel, monkeypatch, fresh_self
     assert torch.equal(torch.get_rng_state(), rng)  # the user's random stream is untouched
 
 
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+@pytest.mark.parametrize("needs_grad", [False, True], ids=["inference", "training"])
+def test_self_test_run_first_under_a_transform_passes(transform, needs_grad, fresh_self_tests):
+    """A configuration's first call under torch.func.vmap or grad runs the self-test there: it must test the
+    kernels, not the transform (on an H200 its requires_grad_ raised under vmap, and the cached failure sent every
+    later call of the configuration to native)."""
+    seen = []
+
+    def body(x):
+        seen.append(BACKEND.self_test(_call(needs_grad=needs_grad)))
+        return (x * 2).sum()
+
+    run = torch.func.vmap(body) if transform == "vmap" else torch.func.grad(body)
+    run(torch.randn(3, 2))
+    assert seen == [None]
+    assert list(triton_ops._SELF_TESTS.values()) == [None]
+
+
 @pytest.mark.parametrize(
     "failing, needs_grad, kernel",
     [("fwd_seq_kernel", False, "sequence"), ("fwd_step_kernel", False, "step"), ("bwd_step_kernel", True, "step")],
@@ -709,7 +727,14 @@ def test_cuda_self_test_passes_real_kernels(flags, kernel, dtype, monkeypatch, f
 @pytest.mark.cuda
 @pytest.mark.parametrize("case, kernel", _params([CASES[1], CASES[6], CASES[8], CASES[9], CUDA_CASES[0]], KERNELS))
 def test_cuda_fp32_matches_nn_lstm(case, kernel):
-    expected = _nn_lstm_results(case, torch.float32, "cuda")
+    """Against cuDNN without TF32: by default it multiplies float32 in TF32 (torch.backends.cudnn.allow_tf32), where
+    triton follows torch's matmul switch (off by default). With TF32 on, these differed by up to 8.9% of a weight
+    gradient's value (an H200), while test_cuda_error_at_most_twice_native held triton's own error within twice
+    cuDNN's."""
+    from fastlstm.check import exact_cudnn
+
+    with exact_cudnn():
+        expected = _nn_lstm_results(case, torch.float32, "cuda")
     got = _nn_lstm_results(case, torch.float32, "cuda", _run_triton(kernel))
     for key in expected:
         if expected[key] is not None:

@@ -150,11 +150,7 @@ def forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Te
     # Held until the results are copied out: the kept buffers serve one call at a time (calls on one stream
     # run in the order they were issued, so releasing after the copies are queued is enough).
     with graph.lock:
-        xg2 = buf.xg.view(T * B, 4 * H)
-        if b is None:
-            torch.mm(x.reshape(T * B, I), w_ih.t(), out=xg2)
-        else:
-            torch.addmm(b, x.reshape(T * B, I), w_ih.t(), out=xg2)
+        ops.project_inputs(x, w_ih, b, out=buf.xg)
         buf.w_hh.copy_(w_hh)
         if has_proj:
             buf.w_hr.copy_(w_hr)

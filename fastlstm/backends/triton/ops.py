@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
 from fastlstm import reference
 from fastlstm.backends import (
@@ -396,7 +397,7 @@ def forward_impl(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     T, B, I, H, P, live = checked_sizes(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel, save_acts)
     has_proj = w_hr is not None
-    xg = torch.nn.functional.linear(x, w_ih, b).contiguous()  # [T, B, 4H], every step in one GEMM
+    xg = project_inputs(x, w_ih, b)
     buf = forward_buffers(T, B, H, P, x.dtype, x.device, has_proj, save_acts, xg=xg, w_hh=w_hh.contiguous(),
                           w_hr=w_hr.contiguous() if has_proj else None)  # fmt: skip
     start_state(buf, h0, c0, reverse)
@@ -433,6 +434,23 @@ def backward_impl(
     db = dg2.sum(0, dtype=_compute_dtype(x.dtype)).to(x.dtype) if has_bias else x.new_empty(0)
     dw_hr = dhy.reshape(T * B, -1).t() @ r.reshape(T * B, -1) if w_hr is not None else x.new_empty(0)
     return dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr
+
+
+def project_inputs(x: Tensor, w_ih: Tensor, b: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """Every step's x @ w_ih^T + b in one GEMM, [T, B, 4H] (into `out` where given: a graph's kept buffer).
+
+    The one call both inference loops make, launch by launch and graphed: cuBLAS may choose another kernel for
+    another call (F.linear on [T, B, I], say), which rounds otherwise in half precision, and a graphed call's
+    numbers then differed from the plain loop's (an H200, float16 and bfloat16)."""
+    T, B, I = x.shape
+    if out is None:
+        out = x.new_empty(T, B, w_ih.shape[0])
+    rows, out_rows = x.reshape(T * B, I), out.view(T * B, -1)
+    if b is None:
+        torch.mm(rows, w_ih.t(), out=out_rows)
+    else:
+        torch.addmm(b, rows, w_ih.t(), out=out_rows)
+    return out
 
 
 def previous_h(hs: Tensor, reverse: bool) -> Tensor:
@@ -839,8 +857,12 @@ def self_test(call: LayerCall) -> str | None:
         os.environ.get(ENV_CONFIG),
     )  # fmt: skip
     if key not in _SELF_TESTS:
+        # Outside any torch.func transform the call is made under (its first call may be vmap's or grad's): the
+        # test's own tensors are no transform's, and its requires_grad_ raised in there, which cached a failure
+        # and sent the configuration to native for the process's life (seen on an H200 under torch.vmap).
         try:
-            _SELF_TESTS[key] = build_guard.crash_reason(call, kernel) or _run_self_test(call, kernel)
+            with temporarily_clear_interpreter_stack():
+                _SELF_TESTS[key] = build_guard.crash_reason(call, kernel) or _run_self_test(call, kernel)
         except Exception as error:  # whatever the kernels raise here, the real call would raise too
             _SELF_TESTS[key] = f"the {kernel} kernel failed: {type(error).__name__}: {error}"
     return _SELF_TESTS[key]
