@@ -172,6 +172,14 @@ def test_compiled_native_stack_gives_nn_lstms_state_shapes(monkeypatch):
     torch.testing.assert_close(compiled, eager, atol=1e-12, rtol=1e-10)
     for (name, p), q in zip(model.named_parameters(), compiled_model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-12, rtol=1e-10, msg=name)
+    # the native backend's one layer (a plan that mixes backends across layers): [B, H] states
+    from fastlstm.backends.native import BACKEND as NATIVE
+
+    weights = [p.detach() for p in model.parameters()][:4]
+    h0, c0 = torch.randn(2, 3, 8, dtype=torch.float64)
+    inputs = [x.detach().transpose(0, 1), h0, c0, weights[0], weights[1], weights[2] + weights[3], None, None]
+    layer = torch.compile(lambda *a: NATIVE.layer(*a, False), backend="aot_eager", fullgraph=True)
+    assert [t.shape for t in layer(*inputs)] == [(5, 3, 8), (3, 8), (3, 8)]
 
 
 def test_packed_and_lengths_input_compile_with_graph_breaks():

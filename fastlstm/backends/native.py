@@ -140,7 +140,8 @@ class NativeBackend(Backend):
                 y = pad_packed(y_data, batch_sizes, rows)
         if reverse:
             y = flip_time(y, lengths)
-        return y, hT[0], cT[0]
+        # Not hT[0]: under torch.compile, torch 2.4-2.11's decomposition of aten::lstm gives [1, 1, B, H]
+        return y, hT.reshape(h0.shape), cT.reshape(c0.shape)
 
 
 class ReferenceBackend(Backend):
