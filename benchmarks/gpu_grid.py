@@ -235,7 +235,7 @@ def run_shape(shape: dict, torch, device: str, reps: int, max_seconds: float) ->
     if training:
         x.requires_grad_(True)
     run_native, run_fast = make_step(ref, x, training, torch), make_step(fast, x, training, torch)
-    variants = {name: with_env(env, run_fast) for name, env in variant_envs(shape, torch).items()}
+    variants = variants_of(shape, run_fast, torch)
     # The first call of each way compiles what it needs (or reads it from the cache --warm filled).
     with phase("first call (build guard, compile)"):
         run_fast()
@@ -266,9 +266,9 @@ def warm_shape(shape: dict, torch, device: str, phase: Phases) -> None:
         _, fast, _ = build(shape, torch, device)
     x = torch.randn(shape["seq"], shape["batch"], shape["input"], device=device, dtype=dtype)
     run_fast = make_step(fast, x.requires_grad_(shape["mode"] == "training"), shape["mode"] == "training", torch)
-    for name, env in {"default": {}, **variant_envs(shape, torch)}.items():
+    for name, run in {"default": run_fast, **variants_of(shape, run_fast, torch)}.items():
         with phase(f"first call: {name}"):
-            with_env(env, run_fast)()
+            run()
 
 
 def warm(shapes: list[dict], part: str, torch, device: str) -> int:
@@ -307,6 +307,32 @@ def variant_envs(shape: dict, torch) -> dict[str, dict[str, str]]:
         if chosen == "sequence":
             out["step"] = {ops.ENV_KERNEL: "step"}
     return out
+
+
+def variants_of(shape: dict, run_fast, torch) -> dict:
+    """name -> run_fast run another way: variant_envs' ways, and in float32 with TF32 dots (cuDNN's default for
+    float32, torch.backends.cudnn.allow_tf32, where triton follows torch's matmul switch, off by default)."""
+    out = {name: with_env(env, run_fast) for name, env in variant_envs(shape, torch).items()}
+    if shape["dtype"] == "fp32":
+        out["tf32"] = with_tf32(run_fast, torch)
+    return out
+
+
+def with_tf32(fn, torch):
+    """fn run with torch's TF32 switch for matmuls on, which the triton backend reads at each call."""
+    matmul = torch.backends.cuda.matmul
+    newer = hasattr(torch._C, "_get_fp32_precision_getter")  # 2.9+: allow_tf32 raises once this one was set
+
+    def go():
+        name, on = ("fp32_precision", "tf32") if newer else ("allow_tf32", True)
+        before = getattr(matmul, name)
+        setattr(matmul, name, on)
+        try:
+            fn()
+        finally:
+            setattr(matmul, name, before)
+
+    return go
 
 
 def with_env(env: dict[str, str], fn):
