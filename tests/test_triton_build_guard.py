@@ -105,6 +105,33 @@ def test_the_child_runs_the_self_test(guard):
     assert _ask_child(build_guard._payload(_call(), "sequence")) == [{"self_test": None}]
 
 
+@pytest.mark.parametrize("needs_grad", [False, True], ids=["inference", "training"])
+def test_the_child_starts_no_child_of_its_own(needs_grad, guard, monkeypatch, tmp_path):
+    """The child's self-test launches its kernels through the guard's check as well, where the guard must be off.
+    On an H200 it was not (the child ran as `python -m`, its flag set on a copy of the module that ops did not
+    read): each child started one for its own self-test, a chain of processes with a CUDA context each, until the
+    GPU's memory ran out (a first training call ran for minutes). Here the real child counts its CPU calls as a
+    GPU's, and records any child it would start instead of starting it."""
+    hook, started = tmp_path / "hook", tmp_path / "started.txt"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import dataclasses\n"
+        "from fastlstm.backends.triton import build_guard\n"
+        "real = build_guard._applies\n"
+        "build_guard._interpreting = lambda: False\n"
+        "build_guard._applies = lambda call: real(dataclasses.replace(call, device_type='cuda'))\n"
+        "def record(self):\n"
+        f"    with open({str(started)!r}, 'a') as f:\n"
+        "        f.write('a child of the child\\n')\n"
+        "    raise OSError('recorded, not started')\n"
+        "build_guard._Builder._start = record\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p))
+    assert build_guard.crash_reason(_call(needs_grad=needs_grad), "sequence") is None
+    assert _verdicts(guard) == [None]  # the child answered
+    assert not started.exists(), started.read_text()
+
+
 def test_one_child_builds_every_configuration_and_the_verdicts_are_kept(guard, monkeypatch):
     commands = _child_runs(monkeypatch)
     kernel = "sequence"

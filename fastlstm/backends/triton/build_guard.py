@@ -65,7 +65,12 @@ BUILD_FIELDS = ("device_type", "dtype", "batch", "input_size", "hidden_size", "p
 _log = logging.getLogger("fastlstm")
 _VERDICTS: dict[str, str | None] = {}  # the disk cache's key -> verdict, for this process
 _LAUNCHES: dict[tuple, str | None] = {}  # check_launch's cheap key -> verdict
-_IN_CHILD = False  # set in the child, whose own builds are the guarded ones
+# Set in the child's environment (so in anything it starts too): its own builds are the guarded ones. Not a module
+# global: the child was started as `python -m` this module, so its code ran as __main__ and set the flag there,
+# while ops read a second copy imported under the package's name: every child started a child for its own
+# self-test, each with a CUDA context, a chain that filled an H200's memory before it unwound (a first training
+# call ran for minutes).
+CHILD_ENV = "FASTLSTM_BUILD_GUARD_CHILD"
 
 
 def check_launch(x, batch: int, input_size: int, hidden: int, proj_size: int, bias: bool, packed: bool,
@@ -143,7 +148,11 @@ def _tf32_switch() -> bool:
 def _applies(call: LayerCall) -> bool:
     # Only where triton compiles: CUDA tensors, not the interpreter, and not in the child itself. A CUDA graph
     # capture may be running here: the child shares no stream with this process.
-    return call.device_type == "cuda" and not _interpreting() and _switched_on() and not _IN_CHILD
+    return call.device_type == "cuda" and not _interpreting() and _switched_on() and not _in_child()
+
+
+def _in_child() -> bool:
+    return os.environ.get(CHILD_ENV) == "1"
 
 
 def _switched_on() -> bool:
@@ -190,7 +199,7 @@ def _source_digest() -> str:
 
 
 def _child_command() -> list[str]:
-    return [sys.executable, "-m", __name__]
+    return [sys.executable, "-c", f"import sys; from {__name__} import _child_main; sys.exit(_child_main())"]
 
 
 class _Builder:
@@ -271,6 +280,7 @@ class _Builder:
         # The child imports this fastlstm, wherever it was imported from (an installed copy, a source tree).
         package_root = str(Path(__file__).resolve().parents[3])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        env[CHILD_ENV] = "1"
         self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: nothing blocks on what the compiler writes
         self.process = subprocess.Popen(
             _child_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=env
@@ -381,8 +391,7 @@ def _write_verdict(key: str, reason: str | None) -> None:
 
 def _child_main() -> int:
     """Runs in the child: one self-test per line read (what _payload wrote), one line of reply each."""
-    global _IN_CHILD
-    _IN_CHILD = True
+    os.environ[CHILD_ENV] = "1"  # also when started by hand
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever else prints (the kernels, torch) goes to stderr, not into the replies
     from fastlstm.backends.triton import ops
