@@ -351,7 +351,11 @@ class LSTM(nn.RNNBase):
         """nn.RNNBase's (cuDNN's weights as one buffer, on CUDA), except for weights a torch.func transform wraps
         (functional_call's under vmap / grad): they have no storage to point cuDNN at, and nn.RNNBase's reads
         their data pointers and raises. Per-sample gradients on CUDA pass such weights in (triton serves them)."""
-        if any(w is not None and is_functorch_wrapped_tensor(w) for w in self._flat_weights):
+        # Not while compiling: dynamo cannot trace the check (a parametrized weight broke fullgraph), and its
+        # fake weights are no transform's
+        if not torch.compiler.is_compiling() and any(
+            w is not None and is_functorch_wrapped_tensor(w) for w in self._flat_weights
+        ):
             return
         super().flatten_parameters()
 

@@ -145,6 +145,32 @@ def test_compile_trains_where_auto_gives_the_call_to_native(monkeypatch):
 
 
 @needs_tracing
+@pytest.mark.parametrize("how", ["parametrization", "functional_call"])
+def test_compile_fullgraph_with_weights_read_afresh(how):
+    """A parametrized weight, or functional_call's, makes the module read its weights afresh inside the compiled
+    graph (nn.RNNBase's _init_flat_weights and flatten_parameters): that must trace, as it did before the check
+    for weights a torch.func transform wraps (which dynamo cannot trace) was added to flatten_parameters."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return w * 2.0
+
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(4, 6, backend="native").double()  # float64: ATen's path, which compiles with a backward
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    if how == "parametrization":
+        parametrize.register_parametrization(model, "weight_hh_l0", Double())
+        run = model
+    else:
+        params = {name: p.detach() * 2.0 for name, p in model.named_parameters()}
+        run = lambda x: torch.func.functional_call(model, params, (x,))  # noqa: E731
+    eager = run(x)
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager)
+
+
+@needs_tracing
 def test_compiled_native_stack_gives_nn_lstms_state_shapes(monkeypatch):
     """torch 2.4-2.11 decompose aten::lstm for a compiled graph (every CUDA call, CPU training) with each layer's
     final state left [1, B, H]: a compiled native call's h_n and c_n came out [L*D, 1, B, H] (an H200, torch 2.11).

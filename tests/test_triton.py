@@ -36,6 +36,7 @@ from fastlstm.backends import LayerCall  # noqa: E402
 from fastlstm.backends.triton import BACKEND, triton_version  # noqa: E402
 from fastlstm.backends.triton import kernels as triton_kernels  # noqa: E402
 from fastlstm.backends.triton import ops as triton_ops  # noqa: E402
+from fastlstm.check import exact_cudnn  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -224,7 +225,8 @@ def _run_triton(kernel):
 
 @pytest.mark.parametrize("case, kernel", _params(CASES[:-1], KERNELS))
 def test_matches_nn_lstm_fp32(case, kernel):
-    expected = _nn_lstm_results(case, torch.float32, DEVICE)
+    with exact_cudnn():  # on a GPU: cuDNN's float32 without TF32, as triton's by default
+        expected = _nn_lstm_results(case, torch.float32, DEVICE)
     got = _nn_lstm_results(case, torch.float32, DEVICE, _run_triton(kernel))
     assert got.keys() == expected.keys()
     for key in expected:
@@ -240,7 +242,8 @@ def test_float32_follows_either_of_torchs_tf32_switches():
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision  # a property of torch's: monkeypatch cannot restore it
     case = CASES[0]
-    expected = _nn_lstm_results(case, torch.float32, DEVICE)
+    with exact_cudnn():
+        expected = _nn_lstm_results(case, torch.float32, DEVICE)
     try:
         for switch, precision in [("fp32_precision", "tf32"), ("fp32_precision", "ieee"), ("allow_tf32", True)]:
             setattr(matmul, switch, precision)
@@ -731,8 +734,6 @@ def test_cuda_fp32_matches_nn_lstm(case, kernel):
     triton follows torch's matmul switch (off by default). With TF32 on, these differed by up to 8.9% of a weight
     gradient's value (an H200), while test_cuda_error_at_most_twice_native held triton's own error within twice
     cuDNN's."""
-    from fastlstm.check import exact_cudnn
-
     with exact_cudnn():
         expected = _nn_lstm_results(case, torch.float32, "cuda")
     got = _nn_lstm_results(case, torch.float32, "cuda", _run_triton(kernel))
