@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # One prepared GPU check, from the repository root, on a CUDA machine with torch, triton, pytest and ninja
-# (no network, nothing installed). About 7 minutes, at most 10 (without --tune):
-#   1. benchmarks/gpu_grid.py --warm in 8 processes at once (at most 150 s): the grid's kernels compile into
+# (no network, nothing installed). About 7 minutes, at most 9 (without --tune):
+#   1. benchmarks/gpu_grid.py --warm in 8 processes at once (at most 120 s): the grid's kernels compile into
 #      triton's cache, so the grid's budget goes to timing
-#   2. benchmarks/gpu_grid.py       (triton vs nn.LSTM/cuDNN grid; 180 s budget, killed at 220 s)
-#   3. pytest -m cuda tests/        (at most 200 s, on 6 workers where pytest-xdist is there), and beside it
+#   2. benchmarks/gpu_grid.py       (triton vs nn.LSTM/cuDNN grid; 160 s budget, killed at 200 s)
+#   3. pytest -m cuda tests/        (at most 180 s, on 6 workers where pytest-xdist is there), and beside it
 #      `python -m fastlstm check --device cuda --backend triton` in bfloat16, float16 and float32
 #   4. with --tune: benchmarks/gpu_tune.py (other tile sizes and warps per kernel against nn.LSTM, for setting
 #      ops._blocks and the launch options), in what is left of 9 minutes
-# Results: $OUT when set, else benchmarks/results/: gpu_warm.log, gpu_grid.json, gpu_grid.md, pytest_cuda.log,
-# check_cuda.txt (gpu_tune.json, gpu_tune.md) and fastlstm_info.txt (`python -m fastlstm info` after the runs:
-# which kernel configurations crashed the compiler in a child process, if any did): 8 files, what the device
-# tool brings back.
+# Results: $OUT when set, else benchmarks/results/: gpu_check.log (what the warm-up, the grid and the tuning
+# printed: each shape's phases as they begin, and the stacks of a process its time limit stopped),
+# gpu_grid.json, gpu_grid.md, pytest_cuda.log, check_cuda.txt (gpu_tune.json, gpu_tune.md) and
+# fastlstm_info.txt (`python -m fastlstm info` after the runs: which kernel configurations crashed the compiler
+# in a child process, if any did): 8 files, what the device tool brings back.
 #
 #   bash benchmarks/gpu_check.sh [--tune]             # on the GPU machine (--tune: tunes in what is left of 9 min)
 #   bash benchmarks/gpu_check.sh --dry-run [--tune]   # CPU smoke test: cuda tests skip, tiny runs, TRITON_INTERPRET=1
@@ -64,33 +65,34 @@ if [[ $DRY_RUN -eq 1 ]]; then dry=(--dry-run); fi
 # 80-190 s.
 echo "== compiling the grid's kernels"
 start=$SECONDS
+LOG="$RESULTS/gpu_check.log"
 warm_parts=8
 if [[ $DRY_RUN -eq 1 ]]; then warm_parts=1; fi
-: > "$RESULTS/gpu_warm.log"
+: > "$LOG"
 warm_pids=()
 for ((k = 0; k < warm_parts; k++)); do
-    timeout 150 "$PY" benchmarks/gpu_grid.py "${dry[@]}" --warm "$k/$warm_parts" >> "$RESULTS/gpu_warm.log" 2>&1 &
+    timeout 120 "$PY" benchmarks/gpu_grid.py "${dry[@]}" --warm "$k/$warm_parts" >> "$LOG" 2>&1 &
     warm_pids+=($!)
 done
 for pid in "${warm_pids[@]}"; do wait "$pid"; done
-echo "compiled in $((SECONDS - start)) s: $(grep -c ': ok in ' "$RESULTS/gpu_warm.log") shapes ok"
+echo "compiled in $((SECONDS - start)) s: $(grep -c ': ok in ' "$LOG") shapes ok"
 
 # 2. The grid on a quiet machine.
 echo "== benchmark grid"
 start=$SECONDS
 if [[ $DRY_RUN -eq 1 ]]; then
-    timeout 150 "$PY" benchmarks/gpu_grid.py --dry-run --out "$RESULTS" --budget 100
+    timeout 150 "$PY" benchmarks/gpu_grid.py --dry-run --out "$RESULTS" --budget 100 2>&1 | tee -a "$LOG"
 else
-    timeout 220 "$PY" benchmarks/gpu_grid.py --out "$RESULTS" --budget 180
+    timeout 200 "$PY" benchmarks/gpu_grid.py --out "$RESULTS" --budget 160 2>&1 | tee -a "$LOG"
 fi
-grid_status=$?
+grid_status=${PIPESTATUS[0]}
 echo "grid: exit $grid_status in $((SECONDS - start)) s; results in $RESULTS"
 
 # 3. The CUDA tests, and beside them `check` in half precision against nn.LSTM (the errors it allows on CUDA are
 # set from these). A process its time limit stops says where every thread was (faulthandler on SIGTERM).
 check_pid=
 if [[ $DRY_RUN -eq 0 ]]; then
-    timeout 200 "$PY" -c "import faulthandler, runpy, signal, sys
+    timeout 180 "$PY" -c "import faulthandler, runpy, signal, sys
 faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
 sys.argv = ['fastlstm', 'check', '--device', 'cuda', '--backend', 'triton', '--dtype', 'bfloat16',
             '--dtype', 'float16', '--dtype', 'float32', '--random', '6']
@@ -103,7 +105,7 @@ start=$SECONDS
 pytest_args=(-m cuda tests/ -q -p no:cacheprovider -rfE --tb=short)
 if [[ $DRY_RUN -eq 0 ]] && "$PY" -c "import xdist" 2> /dev/null; then pytest_args+=(-n 6); fi
 if "$PY" -c "import pytest_timeout" 2> /dev/null; then pytest_args+=(--timeout 150); fi
-timeout 200 "$PY" -m pytest "${pytest_args[@]}" 2>&1 | tee "$RESULTS/pytest_cuda.log"
+timeout 180 "$PY" -m pytest "${pytest_args[@]}" 2>&1 | tee "$RESULTS/pytest_cuda.log"
 pytest_status=${PIPESTATUS[0]}
 # 5: no tests collected (e.g. every cuda test deselected); not a failure of the kernels.
 if [[ $pytest_status -eq 5 ]]; then pytest_status=0; fi
@@ -127,8 +129,9 @@ if [[ $TUNE -eq 1 ]]; then
     else
         echo "== tuning ($budget s budget)"
         start=$SECONDS
-        timeout $((budget + 30)) "$PY" benchmarks/gpu_tune.py "${dry[@]}" --out "$RESULTS" --budget "$budget"
-        tune_status=$?
+        timeout $((budget + 30)) "$PY" benchmarks/gpu_tune.py "${dry[@]}" --out "$RESULTS" --budget "$budget" 2>&1 |
+            tee -a "$LOG"
+        tune_status=${PIPESTATUS[0]}
         echo "tuning: exit $tune_status in $((SECONDS - start)) s"
     fi
 fi
