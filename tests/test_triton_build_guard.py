@@ -132,6 +132,44 @@ def test_the_child_starts_no_child_of_its_own(needs_grad, guard, monkeypatch, tm
     assert not started.exists(), started.read_text()
 
 
+def test_the_child_imports_this_fastlstm_not_one_in_the_working_directory(guard, monkeypatch, tmp_path):
+    """python -c puts the working directory first on the child's path: a fastlstm folder there (a checkout, with
+    an installed copy serving this process) failed the child, and a failed child turns the guard off."""
+    (tmp_path / "fastlstm").mkdir()
+    (tmp_path / "fastlstm" / "__init__.py").write_text("raise ImportError('the wrong fastlstm')\n")
+    monkeypatch.chdir(tmp_path)
+    assert build_guard.crash_reason(_call(), "sequence") is None
+    assert build_guard._BUILDER.unable is None
+    assert _verdicts(guard) == [None]  # the child answered
+
+
+def test_threads_asking_at_once_build_a_configuration_once(guard, monkeypatch):
+    """DataParallel's threads meet a new configuration together: one build, which the others wait for."""
+    import threading
+    import time
+
+    builds = []
+
+    def build(payload):
+        builds.append(payload)
+        time.sleep(0.2)
+        return None, True
+
+    monkeypatch.setattr(build_guard._BUILDER, "build", build)
+    barrier = threading.Barrier(4)
+
+    def ask():
+        barrier.wait()
+        build_guard.crash_reason(_call(), "step")
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1
+
+
 def test_one_child_builds_every_configuration_and_the_verdicts_are_kept(guard, monkeypatch):
     commands = _child_runs(monkeypatch)
     kernel = "sequence"
@@ -173,21 +211,36 @@ def test_a_crashing_child_is_reported_with_llvms_words_and_kept(guard, monkeypat
 
 
 @pytest.mark.parametrize(
-    "code, why", [("raise SystemExit(3)", "failed"), ("pass", "left"), ("import os; os.kill(os.getpid(), 9)", "killed")]
+    "code, why",
+    [
+        ("raise SystemExit(3)", "failed"),
+        ("pass", "left"),
+        ("import os; os.kill(os.getpid(), 11)", "fault"),
+        ("import os; os.kill(os.getpid(), 9)", "killed"),
+        ("import os; os.kill(os.getpid(), 15)", "stopped"),
+        ("import os; os.kill(os.getpid(), 2)", "stopped"),
+    ],
+    ids=["failed", "left", "SIGSEGV", "SIGKILL", "SIGTERM", "SIGINT"],
 )
 def test_how_a_child_ends_decides(code, why, guard, monkeypatch):
     """A child that fails (no CUDA for it, say) could build nothing: nothing learnt, nothing kept, and no other is
-    started in this process. One that leaves (idle) as a request goes out is started again, once. One killed by
-    a signal (SIGKILL here) is taken as a crash."""
+    started in this process. One that leaves (idle) as a request goes out is started again, once. One ended by a
+    fault signal is taken as a crash and kept; by SIGKILL (the out-of-memory killer, most likely), as a crash for
+    this process only; by a signal asking it to stop (a job's SIGTERM, a Ctrl+C), as nothing learnt: that
+    verdict, kept, had sent the configuration to native in every later process."""
     commands = _child_runs(monkeypatch, code)
     reason = build_guard.crash_reason(_call(), "step")
-    if why == "killed":
-        assert "killed a child process with SIGKILL" in reason
+    if why == "fault":
+        assert "killed a child process with SIGSEGV" in reason
         assert _verdicts(guard) == [reason]
+        return
+    if why == "killed":
+        assert "SIGKILL" in reason and "not kept" in reason
+        assert _verdicts(guard) == []
         return
     assert reason is None and _verdicts(guard) == []
     assert build_guard.crash_reason(_call(batch=2), "step") is None
-    assert len(commands) == {"failed": 1, "left": 4}[why]
+    assert len(commands) == {"failed": 1, "left": 4, "stopped": 2}[why]
 
 
 def test_a_forked_process_starts_its_own_child(guard, monkeypatch):
@@ -268,6 +321,12 @@ def test_verdicts_are_kept_apart_by_what_the_build_depends_on(guard, monkeypatch
     monkeypatch.setenv(triton_ops.ENV_CONFIG, "num_warps=8")
     assert build_guard._key(build_guard._payload(_call(), "step")) != key
     monkeypatch.delenv(triton_ops.ENV_CONFIG)
+    # where triton keeps its files is no part of a build (inductor sets TRITON_CACHE_DIR per device)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere/triton/1")
+    assert build_guard._key(build_guard._payload(_call(), "step")) == key
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    assert build_guard._key(build_guard._payload(_call(), "step")) != key
+    monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION")
     # torch's switch through the API other tests may have used (after fp32_precision was set, allow_tf32 raises);
     # a property of torch's: monkeypatch cannot restore it
     matmul = torch.backends.cuda.matmul

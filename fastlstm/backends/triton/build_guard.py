@@ -47,6 +47,9 @@ from fastlstm.backends.triton import _interpreting
 ENV_SWITCH = "FASTLSTM_TRITON_BUILD_IN_CHILD"
 # The environment a build depends on (triton's settings, the backend's tiles and kernel choice), sent with each one
 ENV_PREFIXES = ("TRITON_", "FASTLSTM_TRITON_")
+# Where triton keeps or writes things, which changes no kernel: out of a verdict's key (inductor sets
+# TRITON_CACHE_DIR per device on its first kernel, which had given every rank's GPU its own verdicts)
+ENV_LOCATIONS = ("TRITON_CACHE_DIR", "TRITON_HOME", "TRITON_DUMP_DIR", "TRITON_OVERRIDE_DIR")
 ENV_TILES = "FASTLSTM_TRITON_CONFIG"  # ops.ENV_CONFIG (ops imports this module): what a tuning loop changes
 # A child still building after this long is stopped and the call served without triton: a compile this slow is
 # itself a fault (a cold build of every kernel one call needs takes seconds).
@@ -55,6 +58,13 @@ CHILD_TIMEOUT_S = 600
 CHILD_IDLE_S = 60
 # What the child writes to stderr as it begins each build: a crash's words are those after the last one.
 BUILD_MARK = "fastlstm build_guard: building"
+# How a compiler crash ends a process (LLVM's assertions abort; a bad access faults). Any other signal came from
+# outside (Ctrl+C, a job's SIGTERM, the OOM killer's SIGKILL) and says nothing about the build.
+FAULT_SIGNALS = frozenset(
+    getattr(signal, name)
+    for name in ("SIGABRT", "SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGTRAP")
+    if hasattr(signal, name)
+)
 # Lines of the child's stderr quoted in a crash's reason: where LLVM says which assertion failed.
 QUOTED_LINES = 4
 
@@ -100,15 +110,16 @@ def crash_reason(call: LayerCall, kernel: str) -> str | None:
     payload = _payload(call, kernel)
     key = _key(payload)
     if key not in _VERDICTS:
-        cached = _read_verdict(key)
-        if cached is not None:
-            _VERDICTS[key] = cached["reason"]
-        else:
-            with _LOCK:
-                reason, keep = _BUILDER.build(payload)
-            if keep:
-                _write_verdict(key, reason)
-            _VERDICTS[key] = reason
+        with _LOCK:  # threads asking for one configuration at once (DataParallel's) build it once
+            if key not in _VERDICTS:
+                cached = _read_verdict(key)
+                if cached is not None:
+                    _VERDICTS[key] = cached["reason"]
+                else:
+                    reason, keep = _BUILDER.build(payload)
+                    if keep:
+                        _write_verdict(key, reason)
+                    _VERDICTS[key] = reason
     return _VERDICTS[key]
 
 
@@ -185,6 +196,7 @@ def _key(payload: dict) -> str:
     if device is not None:
         gpu = [torch.cuda.get_device_name(device), list(torch.cuda.get_device_capability(device))]
     build = {k: v for k, v in payload.items() if k != "device"}
+    build["env"] = {k: v for k, v in build["env"].items() if k not in ENV_LOCATIONS}
     material = [build, gpu, triton.__version__, torch.__version__, _source_digest()]
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -199,7 +211,16 @@ def _source_digest() -> str:
 
 
 def _child_command() -> list[str]:
-    return [sys.executable, "-c", f"import sys; from {__name__} import _child_main; sys.exit(_child_main())"]
+    # The child imports this fastlstm, wherever it was imported from (an installed copy, a source tree): its
+    # root first where it is not on the path already, and not the working directory that -c puts first (a
+    # fastlstm folder there had shadowed the installed one, and the failed child turned the guard off).
+    root = str(Path(__file__).resolve().parents[3])
+    code = (
+        f"import sys; root = {root!r}; sys.path[:] = [p for p in sys.path if p != '']; "
+        "sys.path.insert(0, root) if root not in sys.path else None; "
+        f"from {__name__} import _child_main; sys.exit(_child_main())"
+    )
+    return [sys.executable, "-c", code]
 
 
 class _Builder:
@@ -257,12 +278,17 @@ class _Builder:
         code = self.process.wait()
         said = self._said_since_request()
         self._forget()
-        if code < 0:
+        if code < 0 and -code in FAULT_SIGNALS:
             quoted = " | ".join(_cause(said))
             return (
                 f"building {what} killed a child process with {_signal_name(-code)} (a compiler crash that would "
                 f"have ended this process)" + (f"; it said: {quoted}" if quoted else "")
             ), True
+        if code == -signal.SIGKILL:  # the out-of-memory killer, most likely: the build here could meet it too
+            return f"building {what} got a child process killed (SIGKILL: out of memory?); not kept", False
+        if code < 0:  # asked to stop from outside (a signal to the job): nothing learnt about the build
+            _log.info("fastlstm: the child process building %s was stopped by %s", what, _signal_name(-code))
+            return None, False
         if code == 0:
             return "left"
         # It failed on its own: it cannot run builds at all (no CUDA for a second process, say)
@@ -276,15 +302,12 @@ class _Builder:
         if not self.stops_at_exit:
             atexit.register(self._stop)  # a child still building when this process ends ends with it
             self.stops_at_exit = True
-        env = dict(os.environ)
-        # The child imports this fastlstm, wherever it was imported from (an installed copy, a source tree).
-        package_root = str(Path(__file__).resolve().parents[3])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        env[CHILD_ENV] = "1"
+        env = {**os.environ, CHILD_ENV: "1"}
         self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: nothing blocks on what the compiler writes
-        self.process = subprocess.Popen(
-            _child_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=env
-        )
+        # Its own session: a Ctrl+C or a job's SIGTERM to the terminal's process group does not reach it (a child
+        # so killed read as a compiler crash). It still ends with this process: stdin closes, or atexit kills it.
+        self.process = subprocess.Popen(_child_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.stderr, env=env, start_new_session=True)  # fmt: skip
         self.owner = os.getpid()
 
     def _stop(self) -> None:
