@@ -47,6 +47,12 @@ def _providers() -> list[str]:
     return providers
 
 
+def _sync() -> None:
+    """Waits for the GPU: a timed call on CUDA returns once its kernels are queued, not done."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("provider", _providers())
 @pytest.mark.parametrize("mode", ["inference", "training"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -56,14 +62,12 @@ def test_lstm(benchmark, shape, mode, provider):
     model = models["nn.LSTM" if provider == "nn.LSTM" else f"fastlstm[{provider}]"]
     x = torch.randn(shape.seq_len, shape.batch, shape.input_size, device=DEVICE, dtype=DTYPE)
     benchmark.group = f"{shape} {mode} {str(DTYPE)[6:]} {DEVICE}"
-    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
-
     if mode == "inference":
 
         def run():
             with torch.no_grad():
                 out = model(x)
-            sync()
+            _sync()
             return out
 
     else:
@@ -73,7 +77,7 @@ def test_lstm(benchmark, shape, mode, provider):
             model.zero_grad(set_to_none=True)
             y, (h, c) = model(xg)
             (y.float().sum() + h.float().sum() + c.float().sum()).backward()
-            sync()
+            _sync()
             return y
 
     result = benchmark(run)
@@ -101,11 +105,15 @@ def test_padded_lengths_vs_packing(benchmark, shape, provider):
     def packed():
         with torch.no_grad():
             out, _ = model(pack_padded_sequence(x, lengths, enforce_sorted=False))
-            return pad_packed_sequence(out, total_length=shape.seq_len)[0]
+            y = pad_packed_sequence(out, total_length=shape.seq_len)[0]
+        _sync()
+        return y
 
     def padded():
         with torch.no_grad():
-            return model(x, lengths=lengths)[0]
+            y = model(x, lengths=lengths)[0]
+        _sync()
+        return y
 
     y = benchmark(padded if provider.endswith("lengths=") else packed)
     assert y.shape == (shape.seq_len, shape.batch, shape.hidden_size)
@@ -128,6 +136,7 @@ def test_streaming_step_latency(benchmark, shape, provider):
         def run():
             with torch.no_grad():
                 y, state["value"] = model.step(x, state["value"])
+            _sync()
             return y
 
     else:
@@ -136,6 +145,7 @@ def test_streaming_step_latency(benchmark, shape, provider):
         def run():
             with torch.no_grad():
                 y, state["value"] = model(x[None], state["value"])
+            _sync()
             return y[0]
 
     y = benchmark(run)
@@ -166,7 +176,9 @@ def test_per_sample_gradients(benchmark, shape, samples, provider):
                 model.zero_grad()
                 model(x)[0].square().sum().backward()
                 grads.append([p.grad.clone() for p in model.parameters()])
-            return [torch.stack(g) for g in zip(*grads)]
+            out = [torch.stack(g) for g in zip(*grads)]
+            _sync()
+            return out
 
     else:
         model = models["fastlstm[auto]"]
@@ -175,7 +187,9 @@ def test_per_sample_gradients(benchmark, shape, samples, provider):
         per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))
 
         def run():
-            return list(per_sample(params, xs).values())
+            out = list(per_sample(params, xs).values())
+            _sync()
+            return out
 
     grads = benchmark(run)
     assert [g.shape for g in grads] == [(samples, *p.shape) for p in models["nn.LSTM"].parameters()]
