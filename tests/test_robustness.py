@@ -210,3 +210,24 @@ def test_packed_and_lengths_calls_under_another_default_device(backend):
         for a, b in zip(got, results[0], strict=True):
             assert a.device.type == "cpu"
             torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+
+
+def test_cudnns_advice_to_flatten_a_layers_own_weights_is_kept_quiet():
+    """cuDNN warns that an RNN's weights are not one flat buffer and says to call flatten_parameters(), which does
+    nothing for the separate weights the native backend's one layer passes (a mixed plan's layer, triton's
+    self-test: seen on an H200). Kept out of the user's output on CUDA; on the CPU nothing is filtered (no
+    catch_warnings in its small calls). A stand-in stands for a CUDA tensor here."""
+    import warnings
+    from types import SimpleNamespace
+
+    from fastlstm.backends.native import SEPARATE_WEIGHTS_WARNING, separate_weights_quiet
+
+    advice = SEPARATE_WEIGHTS_WARNING + ". This means they need to be compacted at every call, ..."
+    for on_cuda in (True, False):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with separate_weights_quiet(SimpleNamespace(is_cuda=on_cuda)):
+                warnings.warn(advice, UserWarning, stacklevel=1)
+                warnings.warn("another warning", UserWarning, stacklevel=1)
+        expected = ["another warning"] if on_cuda else [advice, "another warning"]
+        assert [str(w.message) for w in seen] == expected

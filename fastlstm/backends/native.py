@@ -17,6 +17,23 @@ from torch import Tensor
 from fastlstm import reference
 from fastlstm.backends import Backend, LayerResult, outside_stacklevel
 
+# cuDNN's warning when an RNN's weights are not one flat buffer: it tells the user to call flatten_parameters(),
+# which does nothing for a layer's weights passed as they are here (a mixed plan's layer, triton's self-test).
+SEPARATE_WEIGHTS_WARNING = "RNN module weights are not part of single contiguous chunk of memory"
+
+
+def separate_weights_quiet(x: Tensor):
+    """Keeps cuDNN's advice to flatten_parameters() out of the user's output on a layer's own call; only on CUDA,
+    where cuDNN gives it (a catch_warnings costs microseconds, which count in the CPU's small calls)."""
+    return _without_separate_weights_warning() if x.is_cuda else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _without_separate_weights_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=SEPARATE_WEIGHTS_WARNING)
+        yield
+
 
 def packed_rows(batch_sizes: Tensor, device: torch.device) -> Tensor:
     """Where each packed element lies among the T * B rows of its padded, time-major batch, in PackedSequence.data
@@ -129,7 +146,7 @@ class NativeBackend(Backend):
         hx = (h0.unsqueeze(0), c0.unsqueeze(0))
         # train=True keeps cuDNN's backward possible; with dropout 0 it changes nothing else.
         train = torch.is_grad_enabled()
-        with onednn_safe(x, batch_sizes is not None, w_hr is not None):
+        with onednn_safe(x, batch_sizes is not None, w_hr is not None), separate_weights_quiet(x):
             if batch_sizes is None:
                 y, hT, cT = torch._VF.lstm(x, hx, params, b is not None, 1, 0.0, train, False, False)
             else:
