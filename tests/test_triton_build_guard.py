@@ -7,6 +7,7 @@ whose child runs the self-test under the interpreter, and stand in crashing chil
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
@@ -141,6 +142,37 @@ def test_the_child_imports_this_fastlstm_not_one_in_the_working_directory(guard,
     assert build_guard.crash_reason(_call(), "sequence") is None
     assert build_guard._BUILDER.unable is None
     assert _verdicts(guard) == [None]  # the child answered
+
+
+def test_an_interrupted_build_leaves_no_reply_for_the_next(guard, monkeypatch):
+    """A KeyboardInterrupt while the child builds: the child is stopped, so its late reply cannot answer the next
+    configuration's request (a stand-in child that crashes on batch 2 had been read as building it fine)."""
+    _child_runs(monkeypatch, ANSWERING_CHILD)
+    real_read = build_guard._read_line
+
+    def interrupted(fd, deadline):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_guard, "_read_line", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_guard.crash_reason(_call(), "step")
+    assert build_guard._BUILDER.process is None
+    monkeypatch.setattr(build_guard, "_read_line", real_read)
+    assert build_guard.crash_reason(_call(batch=2), "step") is None
+    assert len(_verdicts(guard)) == 1  # the interrupted one left no verdict
+
+
+def test_the_childs_path_finds_this_fastlstm_through_a_symlinked_entry(tmp_path):
+    """Where the path reaches this fastlstm's root through a symlink (a venv under a linked home), the child keeps
+    the path's order: its resolved root, compared with the resolved entries, is already there."""
+    root = Path(build_guard.__file__).resolve().parents[3]
+    link = tmp_path / "link"
+    link.symlink_to(root, target_is_directory=True)
+    code = build_guard._child_command()[2]
+    probe = code.split("from fastlstm")[0] + "print(sys.path[:2])"
+    env = {**os.environ, "PYTHONPATH": str(link)}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert ast.literal_eval(out)[0] == str(link), out  # not the resolved root inserted ahead of it
 
 
 def test_threads_asking_at_once_build_a_configuration_once(guard, monkeypatch):

@@ -17,22 +17,19 @@ from torch import Tensor
 from fastlstm import reference
 from fastlstm.backends import Backend, LayerResult, outside_stacklevel
 
-# cuDNN's warning when an RNN's weights are not one flat buffer: it tells the user to call flatten_parameters(),
-# which does nothing for a layer's weights passed as they are here (a mixed plan's layer, triton's self-test).
+# cuDNN's warning when an RNN's weights are not one flat buffer tells the user to call flatten_parameters(),
+# which does nothing for a layer's weights passed as they are here (a mixed plan's layer, triton's self-test; in
+# an H200 run's output): ignored where this module's calls give it, and only there. One filter at import, not a
+# catch_warnings a call: that cannot be traced by torch.compile, is not thread-safe, and resets every warning's
+# once-per-location memory.
 SEPARATE_WEIGHTS_WARNING = "RNN module weights are not part of single contiguous chunk of memory"
 
 
-def separate_weights_quiet(x: Tensor):
-    """Keeps cuDNN's advice to flatten_parameters() out of the user's output on a layer's own call; only on CUDA,
-    where cuDNN gives it (a catch_warnings costs microseconds, which count in the CPU's small calls)."""
-    return _without_separate_weights_warning() if x.is_cuda else contextlib.nullcontext()
+def ignore_separate_weights_warning() -> None:
+    warnings.filterwarnings("ignore", message=SEPARATE_WEIGHTS_WARNING, module=r"fastlstm\.backends\.native$")
 
 
-@contextlib.contextmanager
-def _without_separate_weights_warning():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=SEPARATE_WEIGHTS_WARNING)
-        yield
+ignore_separate_weights_warning()
 
 
 def packed_rows(batch_sizes: Tensor, device: torch.device) -> Tensor:
@@ -146,7 +143,7 @@ class NativeBackend(Backend):
         hx = (h0.unsqueeze(0), c0.unsqueeze(0))
         # train=True keeps cuDNN's backward possible; with dropout 0 it changes nothing else.
         train = torch.is_grad_enabled()
-        with onednn_safe(x, batch_sizes is not None, w_hr is not None), separate_weights_quiet(x):
+        with onednn_safe(x, batch_sizes is not None, w_hr is not None):
             if batch_sizes is None:
                 y, hT, cT = torch._VF.lstm(x, hx, params, b is not None, 1, 0.0, train, False, False)
             else:

@@ -4,12 +4,13 @@ Triton compiles a kernel on its first launch, inside the launching process, and 
 3.9: an assertion in the SLP vectorizer on float32 tiles 16 wide, which ops.FMA_NARROW_WIDTH now steers around).
 An abort is no exception: nothing catches it, and the process ends with the user's model and training state.
 So before this process builds the kernels a CUDA call needs, a child process runs that call's self-test
-(ops._run_self_test: the same sizes, flags, kernel, precision and GPU, on two steps). A child killed by a signal
-means building them here would kill this process too: the call goes to native (auto) or raises (a forced
-backend). A child that ends any other way changes nothing: the kernels are built here as before, and any error
-they raise is an ordinary exception. Dispatch asks (crash_reason) when it plans a call, and the launchers ask
-again (check_launch, a dict lookup once known) for what changed since: tiles or kernel set in the environment
-between calls, the compiled op's launches.
+(ops._run_self_test: the same sizes, flags, kernel, precision and GPU, on two steps). A child ended by a fault
+(an abort, a bad access) means building them here would kill this process too: the call goes to native (auto) or
+raises (a forced backend), and the verdict is kept. One killed by SIGKILL (out of memory, most likely) counts so
+for this process only. A child that ends any other way (stopped by a Ctrl+C or a job's SIGTERM, failing on its
+own) changes nothing: the kernels are built here as before, and any error they raise is an ordinary exception.
+Dispatch asks (crash_reason) when it plans a call, and the launchers ask again (check_launch, a dict lookup once
+known) for what changed since: tiles or kernel set in the environment between calls, the compiled op's launches.
 
 One child serves a process (_Builder): it starts on the first configuration to build (seconds: importing torch
 and triton, initialising CUDA) and each build after costs the self-test's time; its compiles land in triton's
@@ -49,7 +50,7 @@ ENV_SWITCH = "FASTLSTM_TRITON_BUILD_IN_CHILD"
 ENV_PREFIXES = ("TRITON_", "FASTLSTM_TRITON_")
 # Where triton keeps or writes things, which changes no kernel: out of a verdict's key (inductor sets
 # TRITON_CACHE_DIR per device on its first kernel, which had given every rank's GPU its own verdicts)
-ENV_LOCATIONS = ("TRITON_CACHE_DIR", "TRITON_HOME", "TRITON_DUMP_DIR", "TRITON_OVERRIDE_DIR")
+ENV_LOCATIONS = ("TRITON_CACHE_DIR", "TRITON_DUMP_DIR")
 ENV_TILES = "FASTLSTM_TRITON_CONFIG"  # ops.ENV_CONFIG (ops imports this module): what a tuning loop changes
 # A child still building after this long is stopped and the call served without triton: a compile this slow is
 # itself a fault (a cold build of every kernel one call needs takes seconds).
@@ -216,8 +217,8 @@ def _child_command() -> list[str]:
     # fastlstm folder there had shadowed the installed one, and the failed child turned the guard off).
     root = str(Path(__file__).resolve().parents[3])
     code = (
-        f"import sys; root = {root!r}; sys.path[:] = [p for p in sys.path if p != '']; "
-        "sys.path.insert(0, root) if root not in sys.path else None; "
+        f"import os, sys; root = {root!r}; sys.path[:] = [p for p in sys.path if p != '']; "
+        "sys.path.insert(0, root) if root not in {os.path.realpath(p) for p in sys.path} else None; "
         f"from {__name__} import _child_main; sys.exit(_child_main())"
     )
     return [sys.executable, "-c", code]
@@ -251,6 +252,11 @@ class _Builder:
             self.unable = f"failed: {type(error).__name__}: {error}"
             _log.info("fastlstm: the child process building triton kernels %s", self.unable)
             return None, False
+        except BaseException:
+            # A KeyboardInterrupt while it builds, say: its reply would come to the next request, answering for
+            # another configuration
+            self._stop()
+            raise
         return (None, False) if outcome == "left" else outcome
 
     def _build_once(self, payload: dict) -> tuple[str | None, bool] | str:
@@ -304,10 +310,11 @@ class _Builder:
             self.stops_at_exit = True
         env = {**os.environ, CHILD_ENV: "1"}
         self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: nothing blocks on what the compiler writes
-        # Its own session: a Ctrl+C or a job's SIGTERM to the terminal's process group does not reach it (a child
-        # so killed read as a compiler crash). It still ends with this process: stdin closes, or atexit kills it.
-        self.process = subprocess.Popen(_child_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self.stderr, env=env, start_new_session=True)  # fmt: skip
+        # In this process's group: a Ctrl+C or a job's SIGTERM ends it with this process (which says nothing
+        # about the build; see _build_once), and timeout's kill of the group reaches it
+        self.process = subprocess.Popen(
+            _child_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, env=env
+        )
         self.owner = os.getpid()
 
     def _stop(self) -> None:
@@ -415,6 +422,9 @@ def _write_verdict(key: str, reason: str | None) -> None:
 def _child_main() -> int:
     """Runs in the child: one self-test per line read (what _payload wrote), one line of reply each."""
     os.environ[CHILD_ENV] = "1"  # also when started by hand
+    # A Ctrl+C to the group ends it by the signal, which the parent reads as "stopped", not as a failure of its
+    # own (a KeyboardInterrupt's exit status, which turned the guard off for the parent's life)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever else prints (the kernels, torch) goes to stderr, not into the replies
     from fastlstm.backends.triton import ops
