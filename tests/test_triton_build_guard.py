@@ -202,6 +202,22 @@ def test_threads_asking_at_once_build_a_configuration_once(guard, monkeypatch):
     assert len(builds) == 1
 
 
+def test_a_ctrl_c_ends_the_child_by_the_signal(guard):
+    """A Ctrl+C reaches the child with its parent's process group: it must end by SIGINT (Python ends an uncaught
+    KeyboardInterrupt so; the child catches only Exception), which the parent reads as "stopped" (nothing
+    learnt), not by an exit status, which reads as a child that cannot build and turns the guard off."""
+    child = subprocess.Popen(build_guard._child_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        child.stdin.write(json.dumps(build_guard._payload(_call(), "step")) + "\n")
+        child.stdin.flush()
+        assert json.loads(child.stdout.readline()) == {"self_test": None}  # now waiting for the next request
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=60) == -signal.SIGINT
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_one_child_builds_every_configuration_and_the_verdicts_are_kept(guard, monkeypatch):
     commands = _child_runs(monkeypatch)
     kernel = "sequence"

@@ -422,9 +422,6 @@ def _write_verdict(key: str, reason: str | None) -> None:
 def _child_main() -> int:
     """Runs in the child: one self-test per line read (what _payload wrote), one line of reply each."""
     os.environ[CHILD_ENV] = "1"  # also when started by hand
-    # A Ctrl+C to the group ends it by the signal, which the parent reads as "stopped", not as a failure of its
-    # own (a KeyboardInterrupt's exit status, which turned the guard off for the parent's life)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever else prints (the kernels, torch) goes to stderr, not into the replies
     from fastlstm.backends.triton import ops
