@@ -224,24 +224,28 @@ class Phases:
         self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
-def run_shape(shape: dict, torch, device: str, reps: int, max_seconds: float) -> dict:
+def prepared(shape: dict, torch, device: str, phase: Phases):
+    """(nn.LSTM, the triton side, how it was built, x, nn.LSTM's timed unit, triton's, {variant: its unit}) for one
+    shape, and every triton way called once: that compiles what each needs (or reads it from the cache --warm
+    filled) and asks the build guard once."""
     check_supported(shape, torch, device)
     dtype = getattr(torch, DTYPES[shape["dtype"]])
-    phase = Phases(torch, device)
     with phase("build"):
         ref, fast, impl = build(shape, torch, device)
-    x = torch.randn(shape["seq"], shape["batch"], shape["input"], device=device, dtype=dtype)
     training = shape["mode"] == "training"
-    if training:
-        x.requires_grad_(True)
+    x = torch.randn(shape["seq"], shape["batch"], shape["input"], device=device, dtype=dtype)
+    x.requires_grad_(training)
     run_native, run_fast = make_step(ref, x, training, torch), make_step(fast, x, training, torch)
     variants = variants_of(shape, run_fast, torch)
-    # The first call of each way compiles what it needs (or reads it from the cache --warm filled).
-    with phase("first call (build guard, compile)"):
-        run_fast()
-    for name, run in variants.items():
+    for name, run in {"default": run_fast, **variants}.items():
         with phase(f"first call: {name}"):
             run()
+    return ref, fast, impl, x, run_native, run_fast, variants
+
+
+def run_shape(shape: dict, torch, device: str, reps: int, max_seconds: float) -> dict:
+    phase = Phases(torch, device)
+    ref, fast, impl, x, run_native, run_fast, variants = prepared(shape, torch, device, phase)
     with phase("native's first call"):
         run_native()
     # Accuracy against native in the same dtype (not a test: the tests assert; this is context for the table).
@@ -257,33 +261,23 @@ def run_shape(shape: dict, torch, device: str, reps: int, max_seconds: float) ->
                 variants={name: dict(ms=ms, speedup=nat / ms) for name, ms in zip(variants, var)})  # fmt: skip
 
 
-def warm_shape(shape: dict, torch, device: str, phase: Phases) -> None:
-    """One untimed call of every way run_shape will time the triton side of this shape: its kernels compile and
-    land in triton's cache (shared by the processes of one machine), its build verdicts in fastlstm's."""
-    check_supported(shape, torch, device)
-    dtype = getattr(torch, DTYPES[shape["dtype"]])
-    with phase("build"):
-        _, fast, _ = build(shape, torch, device)
-    x = torch.randn(shape["seq"], shape["batch"], shape["input"], device=device, dtype=dtype)
-    run_fast = make_step(fast, x.requires_grad_(shape["mode"] == "training"), shape["mode"] == "training", torch)
-    for name, run in {"default": run_fast, **variants_of(shape, run_fast, torch)}.items():
-        with phase(f"first call: {name}"):
-            run()
+def _row(shape: dict) -> tuple:
+    """A shape without its mode: the row its inference and training share."""
+    return tuple((key, value) for key, value in shape.items() if key != "mode")
 
 
 def warm(shapes: list[dict], part: str, torch, device: str) -> int:
-    """warm_shape for every shape of one part ("K/N": every N-th from the K-th), so that N processes started
-    side by side compile the grid's kernels on N cores before (or while) one process times it. Exit status 0:
-    a shape that fails here fails again, with its error recorded, when timed."""
+    """prepared() for every shape of one part ("K/N": every N-th row from the K-th), untimed, so that N processes
+    started side by side compile the grid's kernels on N cores before one process times it. Exit status 0: a
+    shape that fails here fails again, with its error recorded, when timed."""
     k, n = (int(v) for v in part.split("/"))
-    rows = list({tuple((key, v) for key, v in s.items() if key != "mode"): None for s in shapes})
-    mine = set(rows[k::n])  # both modes of a row in one process: they share the forward's kernels
-    for shape in [s for s in shapes if tuple((key, v) for key, v in s.items() if key != "mode") in mine]:
+    mine = set(list(dict.fromkeys(map(_row, shapes)))[k::n])  # both modes of a row: they share the forward's kernels
+    for shape in [s for s in shapes if _row(s) in mine]:
         t0 = time.perf_counter()
         name = f"gpu_grid --warm {part}: {shape_label(shape)}"
         phase = Phases(torch, device, prefix=f"{name}: ")
         try:
-            warm_shape(shape, torch, device, phase)
+            prepared(shape, torch, device, phase)
             msg = "ok"
         except Exception as e:
             msg = f"{type(e).__name__}: {e}".strip()[:200]

@@ -110,10 +110,9 @@ def test_host_cost_script_times_both_loops_and_puts_the_kernels_back():
 def test_float32_rows_also_time_tf32_dots():
     """cuDNN multiplies float32 in TF32 by default, triton only when torch's matmul switch says so: the grid times
     that way too, and puts the switch back."""
+    from fastlstm.backends.triton.build_guard import _tf32_switch as read  # what the backend reads
+
     seen = []
-    matmul = torch.backends.cuda.matmul
-    newer = hasattr(torch._C, "_get_fp32_precision_getter")
-    read = (lambda: matmul.fp32_precision == "tf32") if newer else (lambda: matmul.allow_tf32)
     before = read()
     variants = gpu_grid.variants_of(dict(_shape(16, 512, "training"), dtype="fp32"), lambda: seen.append(read()), torch)
     assert list(variants) == ["sequence", "tf32"]
