@@ -94,10 +94,17 @@ CONFIGS = [
 ]
 
 
+def _assert_same(got, want):
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("sizes, reverse", CONFIGS)
 def test_every_call_matches_the_plain_loop(sizes, reverse, recorder):
     """Calls 1 (warm-up), 2 (capture) and 3-4 (replays) with fresh inputs each, a weight updated in place
     before the last: each equals the plain loop on its own inputs, and earlier results stay as they were."""
+    lengths = set(graphs.chunks(sizes["T"], graphs.MIN_CHUNK))  # T=5: 4 and 1
     results, expected = [], []
     for call in range(4):
         if call < 3:
@@ -107,13 +114,66 @@ def test_every_call_matches_the_plain_loop(sizes, reverse, recorder):
                 t["w_hh"].mul_(1.5)
         results.append(_graphed(t, reverse))
         expected.append(_plain(t, reverse))
-        assert recorder.captures == (0 if call == 0 else 1) or HAS_CUDA
+        assert recorder.captures == (0 if call == 0 else len(lengths)) or HAS_CUDA
     for got, want in zip(results, expected):
-        for g, w in zip(got, want):
-            assert g.dtype == w.dtype and g.shape == w.shape
-            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        _assert_same(got, want)
     assert len(graphs._graphs) == 1
-    assert next(iter(graphs._graphs.values())).replay is not None
+    assert set(next(iter(graphs._graphs.values())).replays) == lengths
+
+
+@pytest.fixture
+def short_windows(monkeypatch):
+    """Windows of 2 to 4 steps, so that short calls span several chunks."""
+    monkeypatch.setattr(graphs, "MIN_CHUNK", 2)
+    monkeypatch.setattr(graphs, "MAX_CHUNK", 4)
+
+
+@pytest.mark.parametrize("sizes, reverse", [
+    pytest.param(dict(T=11, B=2, I=3, H=5), False, id="T11-forward"),
+    pytest.param(dict(T=11, B=3, I=2, H=4), True, id="T11-reverse"),
+    pytest.param(dict(T=7, B=2, I=3, H=6, proj=3), True, id="T7-proj3-reverse"),
+    pytest.param(dict(T=8, B=1, I=3, H=4, proj=2, bias=False), False, id="T8-proj2-nobias"),
+])  # fmt: skip
+def test_calls_longer_than_the_window_carry_the_state_across_chunks(sizes, reverse, recorder, short_windows):
+    """A call of 11 steps in a window of 4 runs as chunks of 4, 4, 2 and 1, each replayed over the same buffers
+    with the state carried between them (forward from the first step, reverse from the last): the plain loop's
+    numbers, bit for bit, on the first (launch by launch) call and on the replays."""
+    assert graphs.chunks(11, 4) == [4, 4, 2, 1] and graphs.chunks(8, 4) == [4, 4] and graphs.chunks(3, 4) == [2, 1]
+    for call in range(3):
+        t = _inputs(**sizes, seed=call)
+        _assert_same(_graphed(t, reverse), _plain(t, reverse))
+    kept = next(iter(graphs._graphs.values()))
+    assert kept.window == 4 and set(kept.replays) == set(graphs.chunks(sizes["T"], 4))
+    assert recorder.captures == len(kept.replays) or HAS_CUDA
+
+
+def test_calls_of_any_length_share_one_configuration(recorder, short_windows):
+    """Lengths 1 to 12 in a shuffled stream: one configuration, whose window grows to 4 steps once, and a graph
+    per chunk length (1, 2 and 4) captured once per window: whole-call graphs would be captured per length."""
+    sizes = dict(B=2, I=3, H=4)
+    order = [3, 1, 12, 5, 2, 9, 7, 1, 11, 4, 6, 10, 8, 12, 3]
+    for call, T in enumerate(order):
+        t = _inputs(T=T, **sizes, seed=call)
+        _assert_same(_graphed(t, False), _plain(t, False))
+    assert len(graphs._graphs) == 1
+    kept = next(iter(graphs._graphs.values()))
+    assert kept.window == 4 and set(kept.replays) == {1, 2, 4}
+    # window 4 from the first call (3 steps), so nothing was captured twice
+    assert recorder.captures == 3 or HAS_CUDA
+
+
+def test_a_window_grows_for_longer_calls_and_keeps_its_warm_up(recorder, short_windows):
+    """A configuration first met with a short call gets a short window; a longer call grows it (new buffers, its
+    graphs captured anew) without another uncaptured warm-up call."""
+    sizes = dict(B=2, I=3, H=4)
+    for T in (1, 1):  # window 2: warm-up, then the 1-step graph
+        _graphed(_inputs(T=T, **sizes), False)
+    assert next(iter(graphs._graphs.values())).window == 2 and recorder.captures == 1
+    t = _inputs(T=7, **sizes, seed=3)
+    _assert_same(_graphed(t, False), _plain(t, False))
+    kept = next(iter(graphs._graphs.values()))
+    assert len(graphs._graphs) == 1 and kept.window == 4
+    assert set(kept.replays) == {4, 2, 1} and recorder.captures == 4
 
 
 def test_inference_mode_and_no_grad_share_a_configuration(recorder):
@@ -145,28 +205,36 @@ def test_calls_that_are_not_graphed(recorder):
     assert y.requires_grad and not graphs._graphs
 
 
-def test_least_recently_used_graphs_are_dropped(recorder, monkeypatch):
+def test_least_recently_used_configurations_are_dropped(recorder, monkeypatch):
     monkeypatch.setattr(graphs, "MAX_GRAPHS", 2)
-    for T in (2, 3, 2, 4):  # T=3 is the least recently used when T=4 arrives
-        _graphed(_inputs(T=T, B=2, I=3, H=4), False)
+    for B in (2, 3, 2, 4):  # B=3 is the least recently used when B=4 arrives
+        _graphed(_inputs(T=3, B=B, I=3, H=4), False)
     kept = sorted(key[3] for key in graphs._graphs)
     assert kept == [2, 4]
 
 
 def test_kept_buffers_stay_within_their_memory_budget(recorder, monkeypatch):
-    sizes = dict(B=2, I=3, H=4, proj=3)
-    one = graphs.buffer_bytes(5, 2, 4, 3, DTYPE, True)
-    _graphed(_inputs(T=5, **sizes), False)
-    assert [g.nbytes for g in graphs._graphs.values()] == [one]  # the estimate is what was allocated
-    monkeypatch.setattr(graphs, "MAX_BYTES", 2 * one + 1)
+    """A window is as long as the calls need, within MAX_BYTES_ONE; a configuration where even MIN_CHUNK steps
+    do not fit runs launch by launch; the kept configurations together hold MAX_BYTES at most."""
+    monkeypatch.setattr(graphs, "MIN_CHUNK", 2)
+    sizes = dict(I=3, H=4, proj=3)
+    _graphed(_inputs(T=3, B=2, **sizes), False)
+    kept = next(iter(graphs._graphs.values()))
+    assert kept.window == 4 and kept.nbytes == graphs.buffer_bytes(4, 2, 4, 3, DTYPE, True)  # what was allocated
+    one = graphs.buffer_bytes(4, 3, 4, 3, DTYPE, True)
     monkeypatch.setattr(graphs, "MAX_BYTES_ONE", one)
-    _graphed(_inputs(T=4, **sizes), False)
-    _graphed(_inputs(T=3, **sizes), False)  # three no longer fit: T=5 (least recent) goes
-    assert sorted(key[3] for key in graphs._graphs) == [3, 4]
-    big = _inputs(T=6, **sizes)
-    assert not graphs.applies(big["x"], big["w_hh"], big["w_hr"], None, "step")  # over MAX_BYTES_ONE
+    monkeypatch.setattr(graphs, "MAX_BYTES", one + kept.nbytes + 1)
+    t = _inputs(T=20, B=3, **sizes)
+    _assert_same(_graphed(t, False), _plain(t, False))  # in chunks of 4: 8 would not fit
+    assert [g.window for g in graphs._graphs.values()] == [4, 4]
+    _graphed(_inputs(T=3, B=1, **sizes), False)  # three no longer fit: B=2 (least recently used) goes
+    assert sorted(key[3] for key in graphs._graphs) == [1, 3]
+    assert sum(g.nbytes for g in graphs._graphs.values()) <= graphs.MAX_BYTES
+    big = _inputs(T=3, B=8, **sizes)
+    assert graphs.largest_window(8, 4, 3, DTYPE, True) == 0
+    assert not graphs.applies(big["x"], big["w_hh"], big["w_hr"], None, "step")  # 2 steps over MAX_BYTES_ONE
     _graphed(big, False)
-    assert sorted(key[3] for key in graphs._graphs) == [3, 4]
+    assert sorted(key[3] for key in graphs._graphs) == [1, 3]
 
 
 def test_a_failing_capture_warns_once_and_the_loop_runs_plainly(recorder, monkeypatch):
@@ -195,9 +263,9 @@ def test_graphed_calls_are_checked_as_launch_by_launch_ones(recorder, monkeypatc
     launches = []
     monkeypatch.setattr(build_guard, "check_launch", lambda *args: launches.append(args[-2:]))
     t = _inputs(T=3, B=3, I=4, H=5)
-    for _ in range(3):  # warm-up, capture, replay
+    for _ in range(3):  # warm-up, capture (chunks of 2 and 1), replay
         _graphed(t, False)
-    assert launches == [(False, "step")] * 3 and recorder.captures == 1
+    assert launches == [(False, "step")] * 3 and recorder.captures == 2
     with pytest.raises(RuntimeError, match=r"h0 must be \[3, 5\], got \[1, 5\]"):
         _graphed({**t, "h0": t["h0"][:1]}, False)
 
@@ -237,8 +305,8 @@ def test_cuda_graph_replays_a_stream_of_calls(dtype, proj):
     projection (ops.project_inputs now serves both loops). Which of the two it was is not known."""
     graphs.clear()
     sizes = dict(T=16, B=8, I=32, H=320, proj=proj)
-    for call in range(5):
-        t = _inputs(**sizes, seed=call, dtype=dtype)
+    for call, T in enumerate([16, 37, 16, 300, 37]):  # 37 and 300: several chunks, the state carried between
+        t = _inputs(**{**sizes, "T": T}, seed=call, dtype=dtype)
         got = _graphed(t, reverse=call % 2 == 1)
         with torch.no_grad():
             want = triton_ops.forward_impl(*t.values(), None, call % 2 == 1, "step", save_acts=False)[:3]
@@ -247,7 +315,7 @@ def test_cuda_graph_replays_a_stream_of_calls(dtype, proj):
                 torch.testing.assert_close(g, w, rtol=0, atol=0)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
-    assert all(graph.replay is not None for graph in graphs._graphs.values())
+    assert all(kept.replays for kept in graphs._graphs.values())
     if dtype != torch.float32:
         # Weights small enough that a step's rounding does not grow from step to step: the training loop within
         # a few of the dtype's rounding steps
