@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastlstm import backends, dispatch, reference
-from fastlstm.backends import LayerCall
+from fastlstm.backends import LayerCall, host_to_device
 from fastlstm.backends.native import onednn_off, onednn_training_miscomputes, pack_padded, packed_rows, pad_packed
 
 backends.load_all()  # before any torch.compile traces a forward: dynamo cannot import (see fastlstm.backends)
@@ -500,7 +500,7 @@ class LSTM(nn.RNNBase):
             if shortest < longest:
                 # Zero the padding, which packing leaves out: the fast layers multiply it by zero gate gradients
                 # for dW_ih, and NaN or inf there (missing values) would make that NaN.
-                x = torch.where(live.to(x.device)[:, :, None], x, 0)
+                x = torch.where(host_to_device(live, x.device)[:, :, None], x, 0)
             y, h_n, c_n = self._fast_stack(x, hx, batch_sizes, choices, amp)
         if longest < seq_len:
             y = torch.cat([y, y.new_zeros(seq_len - longest, *y.shape[1:])])
@@ -537,7 +537,7 @@ class LSTM(nn.RNNBase):
         batch_dim = 0 if self.batch_first else 1
         sorted_lengths, order = torch.sort(lengths, descending=True)
         unorder = order.argsort()  # a permutation's inverse
-        order, unorder = order.to(input.device), unorder.to(input.device)
+        order, unorder = host_to_device(order, input.device), host_to_device(unorder, input.device)
         live = torch.arange(input.size(1 - batch_dim), device="cpu")[:, None] < sorted_lengths[None, :]
         x = input.index_select(batch_dim, order)
         x = x.transpose(0, 1) if self.batch_first else x

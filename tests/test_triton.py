@@ -641,6 +641,31 @@ def test_auto_routes_around_a_failing_kernel_with_one_warning(monkeypatch, fresh
         forced(x)
 
 
+def test_no_integer_argument_of_a_kernel_is_specialised():
+    """Triton compiles a kernel again for an integer argument equal to 1 or divisible by 16 unless told not to;
+    step indices, live rows (1 at a packed batch's end), batch sizes and lengths take every value, so each new
+    class would compile in the user's call, outside the build guard's child, which builds one batch size on two
+    steps (an audit counted 8-13 such compiles in 40 training calls of varying lengths and batches)."""
+    import inspect
+
+    import triton.language as tl
+
+    kernels = [getattr(triton_kernels, name) for name in dir(triton_kernels) if name.endswith("_kernel")]
+    assert len(kernels) == 7
+    for kernel in kernels:
+        fn = getattr(kernel, "fn", kernel)
+        unspecialised = getattr(kernel, "do_not_specialize", None) or getattr(kernel, "kwargs", {}).get(
+            "do_not_specialize", ()
+        )
+        names = {fn.__code__.co_varnames[i] if isinstance(i, int) else i for i in unspecialised}
+        integers = [
+            p.name
+            for p in inspect.signature(fn).parameters.values()
+            if p.annotation is not tl.constexpr and not p.name.endswith("_ptr")
+        ]
+        assert integers and set(integers) <= names, (fn.__name__, sorted(set(integers) - names))
+
+
 def test_kernels_compile_for_an_h200():
     """Every kernel the launchers issue compiles for sm_90 (H100 / H200) in every CUDA dtype, fits its shared
     memory and spills at most 2 KB a thread (float32 tiles once spilled 8-10 KB): triton's ahead-of-time

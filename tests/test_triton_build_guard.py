@@ -158,7 +158,7 @@ def test_an_interrupted_build_leaves_no_reply_for_the_next(guard, monkeypatch):
         build_guard.crash_reason(_call(), "step")
     assert build_guard._BUILDER.process is None
     monkeypatch.setattr(build_guard, "_read_line", real_read)
-    assert build_guard.crash_reason(_call(batch=2), "step") is None
+    assert build_guard.crash_reason(_call(hidden_size=16), "step") is None
     assert len(_verdicts(guard)) == 1  # the interrupted one left no verdict
 
 
@@ -222,7 +222,7 @@ def test_one_child_builds_every_configuration_and_the_verdicts_are_kept(guard, m
     commands = _child_runs(monkeypatch)
     kernel = "sequence"
     assert build_guard.crash_reason(_call(), kernel) is None
-    assert build_guard.crash_reason(_call(batch=2, proj_size=3, reverse=True), "step") is None
+    assert build_guard.crash_reason(_call(hidden_size=16, proj_size=3, reverse=True), "step") is None
     assert len(commands) == 1 and build_guard._BUILDER.process.poll() is None
     assert _verdicts(guard) == [None, None]
     # Another process (an empty memory) reads the verdict instead of starting a child, whatever the call's length
@@ -287,7 +287,7 @@ def test_how_a_child_ends_decides(code, why, guard, monkeypatch):
         assert _verdicts(guard) == []
         return
     assert reason is None and _verdicts(guard) == []
-    assert build_guard.crash_reason(_call(batch=2), "step") is None
+    assert build_guard.crash_reason(_call(hidden_size=16), "step") is None
     assert len(commands) == {"failed": 1, "left": 4, "stopped": 2}[why]
 
 
@@ -301,7 +301,7 @@ def test_a_forked_process_starts_its_own_child(guard, monkeypatch):
     if pid == 0:  # the forked process: exit status 0 only if it built with a child of its own
         ok = False
         try:
-            ok = build_guard.crash_reason(_call(batch=2), "step") is None and len(commands) == 2
+            ok = build_guard.crash_reason(_call(hidden_size=16), "step") is None and len(commands) == 2
             ok = ok and build_guard._BUILDER.process is not parents_child
             build_guard._BUILDER._stop()
         finally:
@@ -357,14 +357,23 @@ def test_a_verdict_cache_that_cannot_be_written_costs_only_a_child(guard, monkey
 
 def test_verdicts_are_kept_apart_by_what_the_build_depends_on(guard, monkeypatch):
     key = build_guard._key(build_guard._payload(_call(), "step"))
-    assert key == build_guard._key(build_guard._payload(_call(seq_len=77, layer=2), "step"))
+    # What compiles nothing new shares a verdict: the length, the layer, a batch with the same tiles, the input
+    # size, the bias, packing, and the step kernels' direction (runtime arguments)
+    same = [
+        _call(seq_len=77, layer=2), _call(batch=1), _call(batch=32), _call(input_size=100), _call(bias=False),
+        _call(packed=True), _call(reverse=True),
+    ]  # fmt: skip
+    assert {build_guard._key(build_guard._payload(call, "step")) for call in same} == {key}
     others = [
         build_guard._payload(_call(), "sequence"),
-        build_guard._payload(_call(batch=4), "step"),
+        build_guard._payload(_call(reverse=True), "sequence"),  # the sequence kernels' direction is a constant
+        build_guard._payload(_call(hidden_size=16), "step"),
+        build_guard._payload(_call(proj_size=4), "step"),
         build_guard._payload(_call(dtype=torch.float16), "step"),
+        build_guard._payload(_call(dtype=torch.float16, batch=33), "step"),  # other tiles (float32's are 16 x 16 here)
         build_guard._payload(_call(needs_grad=False), "step"),
     ]
-    assert len({key, *(build_guard._key(p) for p in others)}) == 5
+    assert len({key, *(build_guard._key(p) for p in others)}) == 8
     assert build_guard.ENV_TILES == triton_ops.ENV_CONFIG  # the launch check's own spelling of it
     monkeypatch.setenv(triton_ops.ENV_CONFIG, "num_warps=8")
     assert build_guard._key(build_guard._payload(_call(), "step")) != key
@@ -458,7 +467,7 @@ def test_info_says_where_kernels_are_built_and_what_crashed(guard, monkeypatch):
     build_guard.crash_reason(_call(), "step")
     build_guard._BUILDER._stop()
     _child_runs(monkeypatch, LLVM_CRASH)
-    crash = build_guard.crash_reason(_call(batch=2), "step")
+    crash = build_guard.crash_reason(_call(hidden_size=16), "step")
     (guard / "partial.json").write_text("{")  # a file cut short is not a verdict
     assert build_guard.describe() == (
         f"CUDA kernels first in a child process; 2 configurations known in {guard}\n  crashed: {crash}"

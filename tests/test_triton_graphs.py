@@ -147,6 +147,35 @@ def test_calls_longer_than_the_window_carry_the_state_across_chunks(sizes, rever
     assert recorder.captures == len(kept.replays) or HAS_CUDA
 
 
+def test_chunks_launch_on_the_windows_aligned_buffers(recorder, short_windows, monkeypatch):
+    """A reverse chunk shorter than the window runs the window's last steps. Launched on views of those rows, its
+    kernels got pointers off the 16-byte alignment triton specialises on (here c's slot 3 of B3 x H5 float64:
+    byte 360), which would compile the kernels again inside the capture: every pointer a chunk's kernels get is
+    aligned."""
+    from fastlstm.backends.triton import kernels
+
+    pointers = []
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                pointers.extend(a.data_ptr() for a in args if isinstance(a, torch.Tensor))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    for name in ("fwd_step_kernel", "fwd_proj_kernel"):
+        monkeypatch.setattr(kernels, name, Recording(getattr(kernels, name)))
+    for sizes in (dict(T=7, B=3, I=2, H=5), dict(T=7, B=3, I=2, H=5, proj=3)):
+        for call in range(2):  # launch by launch, then captured
+            t = _inputs(**sizes, seed=call)
+            _assert_same(_graphed(t, True), _plain(t, True))
+    assert pointers and all(p % 16 == 0 for p in pointers), sorted({p % 16 for p in pointers})
+
+
 def test_calls_of_any_length_share_one_configuration(recorder, short_windows):
     """Lengths 1 to 12 in a shuffled stream: one configuration, whose window grows to 4 steps once, and a graph
     per chunk length (1, 2 and 4) captured once per window: whole-call graphs would be captured per length."""

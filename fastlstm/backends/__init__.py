@@ -128,6 +128,16 @@ def outside_stacklevel() -> int:
     return level
 
 
+def host_to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor (indices a call derives from its lengths) on `device`. To a GPU from pinned memory, without
+    waiting: a copy from pageable memory waits until the GPU has run all that was queued before it, so each packed
+    or lengths= call had stopped the host until the GPU drained (the previous step's backward, say). Traced
+    calls copy plainly: the copy is then a graph's op."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def constant_under_compile(fn):
     """torch.compiler.assume_constant_result, without importing torch._dynamo: while torch.compile traces, dynamo
     runs fn eagerly (side effects included: building the extension, a warning) and takes its result as a constant.

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fastlstm import reference
-from fastlstm.backends import Backend, LayerResult, outside_stacklevel
+from fastlstm.backends import Backend, LayerResult, host_to_device, outside_stacklevel
 
 # cuDNN's warning when an RNN's weights are not one flat buffer tells the user to call flatten_parameters(),
 # which does nothing for a layer's weights passed as they are here (a mixed plan's layer, triton's self-test; in
@@ -37,7 +37,7 @@ def packed_rows(batch_sizes: Tensor, device: torch.device) -> Tensor:
     order. One index into rows: index_copy and index_select over it ran 2-3x faster than advanced indexing with
     (time, row) pairs (2-core Zen 4, pad and unpad of T50 x B64 x 64 floats: 105 us against 222)."""
     live = torch.arange(int(batch_sizes[0]), device="cpu")[None, :] < batch_sizes[:, None]
-    return live.view(-1).nonzero().squeeze(1).to(device)
+    return host_to_device(live.view(-1).nonzero().squeeze(1), device)
 
 
 def pad_packed(data: Tensor, batch_sizes: Tensor, rows: Tensor) -> Tensor:
@@ -69,7 +69,7 @@ def flip_time(x: Tensor, lengths: Tensor | None) -> Tensor:
     T, B = x.shape[0], x.shape[1]
     t = torch.arange(T, device="cpu")[:, None].expand(T, B)
     lengths = lengths[None, :]
-    index = torch.where(t < lengths, lengths - 1 - t, t).to(x.device)
+    index = host_to_device(torch.where(t < lengths, lengths - 1 - t, t), x.device)
     return x.gather(0, index.view(T, B, *([1] * (x.dim() - 2))).expand_as(x))
 
 

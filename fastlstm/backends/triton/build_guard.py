@@ -15,8 +15,9 @@ known) for what changed since: tiles or kernel set in the environment between ca
 One child serves a process (_Builder): it starts on the first configuration to build (seconds: importing torch
 and triton, initialising CUDA) and each build after costs the self-test's time; its compiles land in triton's
 cache, which this process's own build then reads. The verdicts are kept on disk in fastlstm's cache
-(backends.writable_cache_root(), "triton-builds"), per triton, torch and kernel source, GPU model, configuration and
-TRITON_* / FASTLSTM_TRITON_* environment, so that a later process starts no child for what is known. The
+(backends.writable_cache_root(), "triton-builds"), per triton, torch and kernel source, GPU model, the kernels'
+constants and tiles (not the batch, input size or packing, which compile nothing new) and TRITON_* /
+FASTLSTM_TRITON_* environment, so that a later process starts no child for what is known. The
 self-test's launch has its configuration's tiles and kernels but two time steps: a crash only some sequence
 length's specialisation would meet (integer arguments divisible by 16) is not caught.
 
@@ -69,7 +70,8 @@ FAULT_SIGNALS = frozenset(
 # Lines of the child's stderr quoted in a crash's reason: where LLVM says which assertion failed.
 QUOTED_LINES = 4
 
-# What of a LayerCall a build depends on (the rest, and the length, the self-test sets itself)
+# What of a LayerCall the child's self-test takes (the rest, and the length, it sets itself). A verdict's key holds
+# less: what decides the kernels compiled (_kernels_built)
 BUILD_FIELDS = ("device_type", "dtype", "batch", "input_size", "hidden_size", "proj_size", "bias", "packed", "reverse",
                 "needs_grad")  # fmt: skip
 
@@ -196,10 +198,28 @@ def _key(payload: dict) -> str:
     gpu = None
     if device is not None:
         gpu = [torch.cuda.get_device_name(device), list(torch.cuda.get_device_capability(device))]
-    build = {k: v for k, v in payload.items() if k != "device"}
+    build = {k: v for k, v in payload.items() if k not in ("device", "call")}
+    build["kernels"] = _kernels_built(payload)
     build["env"] = {k: v for k, v in build["env"].items() if k not in ENV_LOCATIONS}
     material = [build, gpu, triton.__version__, torch.__version__, _source_digest()]
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _kernels_built(payload: dict) -> dict:
+    """What of a build's call decides the kernels it compiles: their constants (sizes, dtype, whether they save the
+    gates for backward, the sequence kernels' direction) and tiles, which follow the batch. Not the batch itself,
+    the packing or the step kernels' direction (runtime arguments, none specialised: kernels.py), nor the input
+    size or the bias (a torch GEMM's): a training run's new batch sizes (its last batch, its first evaluation)
+    then start no child, which costs seconds where the idle one left after CHILD_IDLE_S."""
+    from fastlstm.backends.triton import ops
+
+    call, kernel = payload["call"], payload["kernel"]
+    hidden, proj = call["hidden_size"], call["proj_size"]
+    tiles = ops._blocks(call["batch"], hidden, proj or hidden, kernel, getattr(torch, call["dtype"]))
+    return {
+        "dtype": call["dtype"], "hidden_size": hidden, "proj_size": proj, "needs_grad": call["needs_grad"],
+        "reverse": call["reverse"] if kernel == "sequence" else None, "tiles": tiles,
+    }  # fmt: skip
 
 
 @functools.cache

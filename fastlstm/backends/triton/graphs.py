@@ -160,14 +160,10 @@ def _entry(key: tuple, window: int, make: Callable[[int], _Graphs]) -> _Graphs:
         return grown
 
 
-def _chunk_buffers(buf: ops.ForwardBuffers, k: int, reverse: bool) -> ops.ForwardBuffers:
-    """The window's buffers for a chunk of k steps: its first k steps, or its last k when reverse (whose loop
-    starts from slot W), so that every chunk starts from the state slot the previous one's carry fills."""
-    W = buf.y.shape[0]
-    steps = slice(W - k, W) if reverse else slice(0, k)
-    states = slice(W - k, W + 1) if reverse else slice(0, k + 1)
-    r = buf.r[steps] if buf.r.numel() else buf.r
-    return buf._replace(xg=buf.xg[steps], hs=buf.hs[states], cs=buf.cs[states], r=r, y=buf.y[steps])
+def _chunk_rows(W: int, k: int, reverse: bool) -> slice:
+    """The window's steps a chunk of k steps runs: its first k, or its last k when reverse (whose loop starts from
+    state slot W), so that every chunk starts from the slot the one before left its state in."""
+    return slice(W - k, W) if reverse else slice(0, k)
 
 
 @ops.on_input_device
@@ -204,10 +200,10 @@ def forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Te
         done = 0
         for k in chunks(T, W):
             steps = slice(T - done - k, T - done) if reverse else slice(done, done + k)
-            chunk = _chunk_buffers(buf, k, reverse)
-            chunk.xg.copy_(xg[steps])
-            _run_chunk(graphs, chunk, k, reverse, has_proj, may_capture=warmed)
-            y[steps].copy_(chunk.y)
+            rows = _chunk_rows(W, k, reverse)
+            buf.xg[rows].copy_(xg[steps])
+            _run_chunk(graphs, k, reverse, has_proj, may_capture=warmed)
+            y[steps].copy_(buf.y[rows])
             done += k
         # every chunk ends by carrying its last state to the slot all start from
         first = W if reverse else 0
@@ -216,20 +212,22 @@ def forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Te
     return y, hT, cT
 
 
-def _run_chunk(graphs: _Graphs, chunk: ops.ForwardBuffers, k: int, reverse: bool, has_proj: bool,
-               may_capture: bool) -> None:  # fmt: skip
+def _run_chunk(graphs: _Graphs, k: int, reverse: bool, has_proj: bool, may_capture: bool) -> None:
     """One chunk's steps: its graph's replay, captured first where this length is new (from a configuration's
     second call: the first built the kernels); launch by launch before that, or where capturing failed."""
     global _disabled_reason
-    B = chunk.y.shape[1]
+    buf, W = graphs.buffers, graphs.window
+    B = buf.y.shape[1]
 
     def loop() -> None:
-        ops.run_forward_loop(chunk, [B] * k, reverse, has_proj, "step")
+        # Over the whole window's buffers, not views of the chunk's rows: a view's pointer may lose the 16-byte
+        # alignment triton specialises its kernels on, and a capture would compile them anew
+        ops.run_forward_loop(buf, [B] * W, reverse, has_proj, "step", steps=k)
         # The state into the slot every chunk starts from (W when reverse, else 0), for the next chunk or the
         # caller: in the graph, where it costs no launch from the host.
-        first, last = (k, 0) if reverse else (0, k)
-        chunk.hs[first].copy_(chunk.hs[last])
-        chunk.cs[first].copy_(chunk.cs[last])
+        first, last = (W, W - k) if reverse else (0, k)
+        buf.hs[first].copy_(buf.hs[last])
+        buf.cs[first].copy_(buf.cs[last])
 
     if k not in graphs.replays and may_capture and _disabled_reason is None:
         try:

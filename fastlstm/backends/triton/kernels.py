@@ -292,12 +292,16 @@ def _bwd_cell(
 # ---------------------------------------------------------------------------------------------------------
 # Per-step kernels: grid (batch tiles, column tiles), one launch (two with a projection) per time step.
 # They take whole buffers and the step's indices, and offset the pointers themselves: slicing a tensor per
-# buffer per step cost the launcher more host time than the launch (~1.4 us a view). The indices are not
-# specialised: as values equal to 1 or divisible by 16 they would compile a kernel twice more.
+# buffer per step cost the launcher more host time than the launch (~1.4 us a view; a view's pointer can also
+# lose the 16-byte alignment triton specialises on). No integer argument is specialised: by default triton
+# compiles a kernel again for values equal to 1 or divisible by 16, and the indices, the live rows (n, n_next,
+# which packed input takes down to 1), B (and T of the sequence kernels) take every value, so each new class
+# of value compiled in the user's process, outside the build guard's child (which builds two steps of one
+# batch size).
 # ---------------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["t", "prev", "out"])
+@triton.jit(do_not_specialize=["t", "prev", "out", "n", "B"])
 def fwd_step_kernel(
     xg_ptr,
     hs_ptr,
@@ -335,7 +339,7 @@ def fwd_step_kernel(
     )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["t", "prev", "out"])
+@triton.jit(do_not_specialize=["t", "prev", "out", "n", "B"])
 def fwd_proj_kernel(
     r_ptr,
     w_hr_ptr,
@@ -363,7 +367,7 @@ def fwd_proj_kernel(
     )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["t", "prev", "out", "nxt"])
+@triton.jit(do_not_specialize=["t", "prev", "out", "nxt", "n", "n_next", "B"])
 def bwd_step_kernel(
     dgb_ptr,
     w_hh_ptr,
@@ -400,7 +404,7 @@ def bwd_step_kernel(
     )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["t", "nxt"])
+@triton.jit(do_not_specialize=["store_dhy", "t", "nxt", "n", "n_next", "B"])
 def bwd_dh_kernel(
     dgb_ptr,
     w_hh_ptr,
@@ -432,7 +436,7 @@ def bwd_dh_kernel(
     )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["t", "prev", "out"])
+@triton.jit(do_not_specialize=["t", "prev", "out", "n", "B"])
 def bwd_proj_cell_kernel(
     dh_ptr,
     w_hr_ptr,
@@ -472,7 +476,7 @@ def bwd_proj_cell_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "B"])
 def fwd_seq_kernel(
     xg_ptr,
     hs_ptr,
@@ -532,7 +536,7 @@ def fwd_seq_kernel(
         s += 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "B"])
 def bwd_seq_kernel(
     dgb_ptr,
     w_hh_ptr,

@@ -29,6 +29,7 @@ from fastlstm.backends import (
     fake_on_x_device,
     functorch_grad_levels,
     grads_through_reference,
+    host_to_device,
     layer_op_grads,
     per_sample_layer_grads,
     rows_side_by_side,
@@ -272,7 +273,7 @@ def _padded_sizes(live: list[int], device: torch.device) -> Tensor:
         bs = torch.full((len(live) + 2,), live[0], dtype=torch.int32, device=device)
         bs[:: len(live) + 1] = 0
         return bs
-    return torch.tensor([0, *live, 0], dtype=torch.int32, device="cpu").pin_memory().to(device, non_blocking=True)
+    return host_to_device(torch.tensor([0, *live, 0], dtype=torch.int32, device="cpu"), device)
 
 
 class ForwardBuffers(NamedTuple):
@@ -314,8 +315,10 @@ def forward_buffers(T: int, B: int, H: int, P: int, dtype: torch.dtype, device: 
     )
 
 
-def run_forward_loop(buf: ForwardBuffers, live: list[int], reverse: bool, has_proj: bool, kernel: str) -> None:
-    """The time loop over buffers whose initial state slot is filled: one launch (sequence) or T (step)."""
+def run_forward_loop(buf: ForwardBuffers, live: list[int], reverse: bool, has_proj: bool, kernel: str,
+                     steps: int | None = None) -> None:  # fmt: skip
+    """The time loop over buffers whose initial state slot is filled: one launch (sequence) or T (step). `steps`
+    (step kernel): only the loop's first steps, in the order it takes them (a graph's chunk)."""
     import triton
 
     from fastlstm.backends.triton import kernels
@@ -340,7 +343,7 @@ def run_forward_loop(buf: ForwardBuffers, live: list[int], reverse: bool, has_pr
     proj_consts = dict(H=H, P=P, BLOCK_B=blk["BLOCK_B"], BLOCK_P=blk["BLOCK_P"], BLOCK_K=blk["BLOCK_K"], **common)
     xg, hs, cs, acts, r, y, w_hh, w_hr = buf.xg, buf.hs, buf.cs, buf.acts, buf.r, buf.y, buf.w_hh, buf.w_hr
     h_out = r if has_proj else hs
-    for s in range(T):
+    for s in range(T if steps is None else steps):
         t = T - 1 - s if reverse else s
         prev, out = (t + 1, t) if reverse else (t, t + 1)
         step(xg, hs, cs, acts, h_out, y, w_hh, t, prev, out, live[t], B, **step_consts)
