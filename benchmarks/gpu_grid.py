@@ -287,8 +287,8 @@ def warm(shapes: list[dict], part: str, torch, device: str) -> int:
 
 def variant_envs(shape: dict, torch) -> dict[str, dict[str, str]]:
     """Other ways the triton backend can run this shape, timed beside its default so one GPU run can set the
-    rules: the kernel `auto` did not pick (where the sequence kernel is plausible), and, at inference through
-    the step kernel, the loop launched step by step instead of replayed as a CUDA graph."""
+    rules: the kernel `auto` did not pick (where the sequence kernel is plausible), and the step kernel's loops
+    launched step by step instead of replayed as CUDA graphs (inference, and training's forward and backward)."""
     from fastlstm.backends.triton import graphs, ops
 
     chosen = ops.choose_kernel(shape["batch"], shape["hidden"], shape["hidden"], getattr(torch, DTYPES[shape["dtype"]]))
@@ -296,10 +296,7 @@ def variant_envs(shape: dict, torch) -> dict[str, dict[str, str]]:
     if shape["batch"] <= 64 and shape["hidden"] <= 512:
         other = "sequence" if chosen == "step" else "step"
         out[other] = {ops.ENV_KERNEL: other}
-    if shape["mode"] == "inference":
-        out["step (no graph)"] = {ops.ENV_KERNEL: "step", graphs.ENV: "0"}
-        if chosen == "sequence":
-            out["step"] = {ops.ENV_KERNEL: "step"}
+    out["step (no graph)"] = {ops.ENV_KERNEL: "step", graphs.ENV: "0"}
     return out
 
 

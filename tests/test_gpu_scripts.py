@@ -38,9 +38,10 @@ def test_variants_time_the_other_kernel_and_the_loop_without_its_graph():
         "step": {ops.ENV_KERNEL: "step"},
         "step (no graph)": {ops.ENV_KERNEL: "step", graphs.ENV: "0"},
     }
-    mid = gpu_grid.variant_envs(_shape(16, 512, "training"), torch)  # auto: step; no graph in training
-    assert mid == {"sequence": {ops.ENV_KERNEL: "sequence"}}
-    assert gpu_grid.variant_envs(_shape(256, 1024, "training"), torch) == {}
+    mid = gpu_grid.variant_envs(_shape(16, 512, "training"), torch)  # auto: step, graphed in training too
+    no_graph = {ops.ENV_KERNEL: "step", graphs.ENV: "0"}
+    assert mid == {"sequence": {ops.ENV_KERNEL: "sequence"}, "step (no graph)": no_graph}
+    assert gpu_grid.variant_envs(_shape(256, 1024, "training"), torch) == {"step (no graph)": no_graph}
 
 
 def test_with_env_sets_and_restores(monkeypatch):
@@ -115,7 +116,7 @@ def test_float32_rows_also_time_tf32_dots():
     seen = []
     before = read()
     variants = gpu_grid.variants_of(dict(_shape(16, 512, "training"), dtype="fp32"), lambda: seen.append(read()), torch)
-    assert list(variants) == ["sequence", "tf32"]
+    assert list(variants) == ["sequence", "step (no graph)", "tf32"]
     variants["tf32"]()
     assert seen == [True] and read() == before
     assert "tf32" not in gpu_grid.variants_of(_shape(16, 512, "training"), lambda: None, torch)  # bf16

@@ -78,7 +78,7 @@ def _inputs(T, B, I, H, proj=0, bias=True, seed=0, dtype=DTYPE, weight_scale=0.4
 
 def _plain(t: dict, reverse: bool):
     """The same call through the op's loop, launch by launch."""
-    y, hT, cT, *_ = triton_ops.forward_impl(*t.values(), None, reverse, "step")
+    y, hT, cT, *_ = triton_ops.forward_impl(*t.values(), None, reverse, "step", graph=False)
     return y, hT, cT
 
 
@@ -228,17 +228,17 @@ def test_calls_that_are_not_graphed(recorder):
         assert not graphs.applies(x, w_hh, None, None, "step")
     finally:
         del os.environ[graphs.ENV]
-    # Through the layer: a call needing gradients keeps its autograd graph and makes no graph entry.
+    # Through the layer: a call needing gradients keeps its autograd graph, its loop graphed as training's
     leaves = {k: (v.requires_grad_(True) if v is not None else None) for k, v in t.items()}
     y, _, _ = triton_ops.layer(*leaves.values(), None, False, "step")
-    assert y.requires_grad and not graphs._graphs
+    assert y.requires_grad and [key[0] for key in graphs._graphs] == ["forward"]
 
 
 def test_least_recently_used_configurations_are_dropped(recorder, monkeypatch):
     monkeypatch.setattr(graphs, "MAX_GRAPHS", 2)
     for B in (2, 3, 2, 4):  # B=3 is the least recently used when B=4 arrives
         _graphed(_inputs(T=3, B=B, I=3, H=4), False)
-    kept = sorted(key[3] for key in graphs._graphs)
+    kept = sorted(key[4] for key in graphs._graphs)
     assert kept == [2, 4]
 
 
@@ -249,21 +249,21 @@ def test_kept_buffers_stay_within_their_memory_budget(recorder, monkeypatch):
     sizes = dict(I=3, H=4, proj=3)
     _graphed(_inputs(T=3, B=2, **sizes), False)
     kept = next(iter(graphs._graphs.values()))
-    assert kept.window == 4 and kept.nbytes == graphs.buffer_bytes(4, 2, 4, 3, DTYPE, True)  # what was allocated
-    one = graphs.buffer_bytes(4, 3, 4, 3, DTYPE, True)
+    assert kept.window == 4 and kept.nbytes == graphs.window_bytes("inference", 4, 2, 4, 3, DTYPE, True)
+    one = graphs.window_bytes("inference", 4, 3, 4, 3, DTYPE, True)
     monkeypatch.setattr(graphs, "MAX_BYTES_ONE", one)
     monkeypatch.setattr(graphs, "MAX_BYTES", one + kept.nbytes + 1)
     t = _inputs(T=20, B=3, **sizes)
     _assert_same(_graphed(t, False), _plain(t, False))  # in chunks of 4: 8 would not fit
     assert [g.window for g in graphs._graphs.values()] == [4, 4]
     _graphed(_inputs(T=3, B=1, **sizes), False)  # three no longer fit: B=2 (least recently used) goes
-    assert sorted(key[3] for key in graphs._graphs) == [1, 3]
+    assert sorted(key[4] for key in graphs._graphs) == [1, 3]
     assert sum(g.nbytes for g in graphs._graphs.values()) <= graphs.MAX_BYTES
     big = _inputs(T=3, B=8, **sizes)
-    assert graphs.largest_window(8, 4, 3, DTYPE, True) == 0
+    assert graphs.largest_window("inference", 8, 4, 3, DTYPE, True) == 0
     assert not graphs.applies(big["x"], big["w_hh"], big["w_hr"], None, "step")  # 2 steps over MAX_BYTES_ONE
     _graphed(big, False)
-    assert sorted(key[3] for key in graphs._graphs) == [1, 3]
+    assert sorted(key[4] for key in graphs._graphs) == [1, 3]
 
 
 def test_a_failing_capture_warns_once_and_the_loop_runs_plainly(recorder, monkeypatch):
@@ -299,14 +299,18 @@ def test_graphed_calls_are_checked_as_launch_by_launch_ones(recorder, monkeypatc
         _graphed({**t, "h0": t["h0"][:1]}, False)
 
 
-def test_the_self_test_keeps_off_the_graphs(recorder, monkeypatch):
-    """The self-test's two-step inference runs launch by launch: its buffers would take a kept graph's place."""
+@pytest.mark.parametrize("needs_grad", [False, True], ids=["inference", "training"])
+def test_the_self_test_keeps_off_the_graphs(needs_grad, recorder, monkeypatch):
+    """The self-test's two-step calls run launch by launch: their buffers would take a kept configuration's place."""
     from helpers import small_layer_call
 
     monkeypatch.setattr(triton_ops, "_SELF_TESTS", {})
+    monkeypatch.setattr(graphs, "MIN_CHUNK", 1)
     for _ in range(3):  # what would warm up, capture and replay a graph
-        assert triton_ops._run_self_test(small_layer_call("cpu", dtype=DTYPE, needs_grad=False), "step") is None
+        call = small_layer_call("cpu", dtype=DTYPE, needs_grad=needs_grad)
+        assert triton_ops._run_self_test(call, "step") is None
     assert not graphs._graphs and recorder.captures == 0
+    assert graphs._kept_off == 0
 
 
 def test_threads_sharing_a_configuration_get_their_own_results(recorder):
@@ -353,3 +357,65 @@ def test_cuda_graph_replays_a_stream_of_calls(dtype, proj):
         for g, w in zip(_graphed(t, reverse=False), _plain(t, reverse=False)):
             torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol)
     graphs.clear()
+
+
+def _grads_of(t: dict, T: int, B: int, seed: int):
+    """Gradients reaching y, hT and cT of a layer with `t`'s sizes."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    P, H = t["w_hh"].shape[1], t["w_hh"].shape[0] // 4
+    return [(torch.randn(*shape, generator=gen, dtype=torch.float64)).to(DEVICE, DTYPE)
+            for shape in ((T, B, P), (B, P), (B, H))]  # fmt: skip
+
+
+@pytest.mark.parametrize("sizes, reverse", [
+    pytest.param(dict(T=11, B=2, I=3, H=5), False, id="T11-forward"),
+    pytest.param(dict(T=11, B=3, I=2, H=4), True, id="T11-reverse"),
+    pytest.param(dict(T=7, B=2, I=3, H=6, proj=3), True, id="T7-proj3-reverse"),
+    pytest.param(dict(T=6, B=1, I=3, H=4, proj=2, bias=False), False, id="T6-proj2-nobias"),
+])  # fmt: skip
+def test_training_loops_through_graphs_match_the_plain_loops(sizes, reverse, recorder, short_windows):
+    """Training's forward (which saves the gates, states and r for backward) and backward (dgates, dhy and the
+    carries dh, dc through every chunk of a window of 4, the first chunk starting from no later step) through
+    graphs: every output of each op, bit for bit what the launch-by-launch loops give, on the first call (launch by
+    launch over the window) and on the captured and replayed ones."""
+    for call in range(3):
+        t = _inputs(**sizes, seed=call)
+        args = (*t.values(), None, reverse, "step")
+        graphed, plain = triton_ops.forward_impl(*args), triton_ops.forward_impl(*args, graph=False)
+        _assert_same(graphed, plain)
+        _, _, _, acts, hs, cs, r = plain
+        grads = _grads_of(t, sizes["T"], sizes["B"], call)
+        saved = (t["x"], t["w_ih"], t["w_hh"], t["w_hr"], None, acts, hs, cs, r, reverse, "step")
+        backward = [triton_ops.backward_rows_impl(*grads, *saved, graph=graph) for graph in (True, False)]
+        _assert_same(*backward)
+    kinds = {key[0]: kept for key, kept in graphs._graphs.items()}
+    assert sorted(kinds) == ["backward", "forward"]
+    lengths = graphs.chunks(sizes["T"], 4)
+    assert set(kinds["forward"].replays) == set(lengths)
+    assert set(kinds["backward"].replays) == {(k, index == 0) for index, k in enumerate(lengths)}
+
+
+def test_a_model_trains_through_graphs_as_launch_by_launch(recorder, short_windows, monkeypatch):
+    """fastlstm.LSTM on the triton backend, two bidirectional layers with a projection, three training steps of
+    varying lengths, through the step kernel: outputs and every gradient bit for bit those with graphs off."""
+    import fastlstm
+
+    monkeypatch.setenv(triton_ops.ENV_KERNEL, "step")
+
+    def run(graphs_on: bool):
+        monkeypatch.setenv(graphs.ENV, "1" if graphs_on else "0")
+        torch.manual_seed(0)
+        m = fastlstm.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2, backend="triton").to(DEVICE, DTYPE)
+        results = []
+        for step, T in enumerate((6, 9, 6)):
+            gen = torch.Generator().manual_seed(step)
+            x = torch.randn(T, 2, 3, generator=gen, dtype=torch.float64).to(DEVICE, DTYPE)
+            y, (h, c) = m(x)
+            (y.pow(2).sum() + h.sum() + c.pow(2).sum()).backward()
+            results += [y.detach(), h.detach(), c.detach(), *(p.grad.clone() for p in m.parameters())]
+            m.zero_grad()
+        return results
+
+    graphed = run(True)
+    assert {key[0] for key in graphs._graphs} == {"forward", "backward"} and recorder.captures
+    _assert_same(graphed, run(False))

@@ -9,9 +9,10 @@ or env FASTLSTM_TRITON_KERNEL=step|sequence):
 - sequence: one launch for the whole time loop, one program per batch tile owning every hidden unit of its
   rows; used for small batches and hidden sizes up to ops.SEQ_MAX_HIDDEN.
 Both have a backward of the same shape; the weight and input grads are torch GEMMs over all T*B rows.
-At inference the step kernel's loop is replayed as CUDA graphs of fixed-length chunks from a configuration's
-second call on (graphs.py; FASTLSTM_TRITON_GRAPHS=0 turns that off). Tiles and warps come from ops._blocks; env
-FASTLSTM_TRITON_CONFIG (e.g. "BLOCK_K=32,num_warps=8") overrides them, for benchmarks/gpu_tune.py.
+The step kernel's loops (inference, and training's forward and backward) are replayed as CUDA graphs of
+fixed-length chunks from a configuration's second call on (graphs.py; FASTLSTM_TRITON_GRAPHS=0 turns that off).
+Tiles and warps come from ops._blocks; env FASTLSTM_TRITON_CONFIG (e.g. "BLOCK_K=32,num_warps=8") overrides
+them, for benchmarks/gpu_tune.py.
 
 Dtypes: float32, bfloat16, float16 on CUDA; float32, float64 (triton 3.5+) and float16 under the interpreter
 (float64 is for gradcheck-grade tests, float16 checks the half-precision casts; float64 on CUDA is left to the native

@@ -1,31 +1,35 @@
-"""Inference through the step kernel, replayed as CUDA graphs of fixed-length chunks of the time loop.
+"""The step kernel's time loops replayed as CUDA graphs of fixed-length chunks: inference, and training's forward
+(which saves the gates) and backward.
 
-The step kernel launches once per time step (twice with a projection). From Python each launch costs the
-host several microseconds, which at small batch is longer than the kernel runs, so the GPU waits on the
-launcher. A CUDA graph of many steps launches them as one unit.
+The step kernel launches once per time step (twice with a projection), and so does its backward. From Python
+each launch costs the host several microseconds (about 30 on an H200's host, triton 3.6), which at small batch is
+longer than the kernel runs, so the GPU waits on the launcher. A CUDA graph of many steps launches them as one
+unit.
 
-Graphs are kept per configuration (sizes but the sequence length, flags, dtype, device, stream), over a
-window of W steps' buffers (W a power of two). A call of T steps runs as chunks whose lengths are powers of
-two up to W (T = 37, W = 16: 16, 16, 4, 1), each the replay of that length's graph, the state carried from one
-chunk to the next. So calls of any length share one configuration's graphs, at most log2(W) + 1 of them: a
-stream of calls of varying lengths captures a few graphs once, where graphs of whole calls, keyed by T,
-would be captured again and again; and a long sequence is graphed in a bounded window.
+Graphs are kept per configuration (which loop, sizes but the sequence length, flags, dtype, device, stream), over
+a window of W steps' buffers (W a power of two). A call of T steps runs as chunks whose lengths are powers of two
+up to W (T = 37, W = 16: 16, 16, 4, 1), each the replay of that length's graph, the state carried from one chunk
+to the next inside the graph. So calls of any length share one configuration's graphs, at most log2(W) + 1 of them
+(twice that for backward, whose first chunk starts from no later step): a stream of calls of varying lengths
+captures a few graphs once, where graphs of whole calls, keyed by T, would be captured again and again; and a long
+sequence is graphed in a bounded window.
 
-How: the first inference call of a configuration runs its chunks as usual (that compiles the kernels, which
-must not happen inside a capture); from the second call, a chunk length met for the first time is captured
-over the window's buffers, then replayed. Each call computes its input projection in one GEMM, as the
-launch-by-launch loop does (so the numbers are that loop's, bit for bit), copies each chunk of it into the
-window and each chunk's output out, so a graph never holds a caller's tensor, and copies the weights in, so a
-weight updated in place between calls is read afresh. Calls that need gradients, packed input (whose
-per-step sizes would be baked into the graph), the sequence kernel (one launch already) and calls made while
+How: the first call of a configuration runs its chunks as usual (that compiles the kernels, which must not
+happen inside a capture); from the second call, a chunk length met for the first time is captured over the
+window's buffers, then replayed. Each call copies into the window what the chunk reads (the input projection,
+computed in one GEMM as the launch-by-launch loop does, so the numbers are that loop's, bit for bit; in backward
+the output gradients and the forward's gates and cells) and out of it what the chunk wrote (outputs, and in
+training what backward reads: gates, states, dgates), so a graph never holds a caller's tensor; and copies the
+weights in, so a weight updated in place between calls is read afresh. The kernels get the window's buffers
+whole, never a view of a chunk's rows (whose pointer may lose the alignment triton compiles for). Packed input
+(whose per-step sizes would be baked into a graph), the sequence kernel (one launch already) and calls made while
 the caller is capturing a graph of its own run the loop as usual.
 
-The window grows with the calls, to MAX_CHUNK steps at most and to what fits MAX_BYTES_ONE of buffers (about
-W*B*(4H + 2P) elements, c in fp32); a configuration whose window would be under MIN_CHUNK steps runs step by
-step (its steps are long enough that launching them one by one keeps the GPU busy). The most recently used
-configurations are kept, at most MAX_GRAPHS of them holding MAX_BYTES. FASTLSTM_TRITON_GRAPHS=0 turns graphs
-off. A capture that fails warns once and turns them off for the process; the call that failed runs the loop
-as usual.
+The window grows with the calls, to MAX_CHUNK steps at most and to what fits MAX_BYTES_ONE; a configuration whose
+window would hold fewer than MIN_CHUNK steps runs step by step (its steps are long enough that launching them one
+by one keeps the GPU busy). The most recently used configurations are kept, at most MAX_GRAPHS of them holding
+MAX_BYTES. FASTLSTM_TRITON_GRAPHS=0 turns graphs off. A capture that fails warns once and turns them off for the
+process; the call that failed runs the loop as usual.
 """
 
 from __future__ import annotations
@@ -86,43 +90,59 @@ def capture(loop: Callable[[], None]) -> Callable[[], None]:
     return graph.replay
 
 
+KINDS = ("inference", "forward", "backward")  # the loops graphed: inference's, and training's forward and backward
+
+
 @dataclass
 class _Graphs:
-    """One configuration's window of buffers and the graphs of each chunk length captured over it."""
+    """One configuration's window of buffers and the graphs captured over it, by chunk (its length, and for backward
+    whether it is a call's first)."""
 
-    buffers: ops.ForwardBuffers
+    buffers: ops.ForwardBuffers | ops.BackwardBuffers
     window: int
     nbytes: int
     lock: threading.Lock = field(default_factory=threading.Lock)
-    replays: dict[int, Callable[[], None]] = field(default_factory=dict)  # chunk length -> its graph's replay
+    replays: dict[object, Callable[[], None]] = field(default_factory=dict)
     warmed: bool = False  # a call ran through, so the kernels are compiled
 
 
 _graphs: collections.OrderedDict[tuple, _Graphs] = collections.OrderedDict()
 _graphs_lock = threading.Lock()
+_kept_off = 0  # kept_off() blocks running now
 _disabled_reason: str | None = None
+_largest: dict[tuple, int] = {}
 
 
 def _stream_key(device: torch.device):
     return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
 
 
-def buffer_bytes(T: int, B: int, H: int, P: int, dtype: torch.dtype, has_proj: bool) -> int:
-    """Bytes of a window of T steps' buffers (ops.forward_buffers without acts)."""
-    size, state = dtype.itemsize, 8 if dtype == torch.float64 else 4
-    elements = T * B * 4 * H + (T + 1) * B * P + T * B * P + 4 * H * P  # xg, hs, y, w_hh
-    if has_proj:
-        elements += T * B * H + P * H  # r, w_hr
-    return elements * size + (T + 1) * B * H * state  # + cs
+def _window_buffers(kind: str, W: int, B: int, H: int, P: int, dtype: torch.dtype, device: torch.device,
+                    has_proj: bool) -> ops.ForwardBuffers | ops.BackwardBuffers:  # fmt: skip
+    if kind == "backward":
+        return ops.backward_buffers(W, B, H, P, dtype, device, has_proj)
+    return ops.forward_buffers(W, B, H, P, dtype, device, has_proj, save_acts=kind == "forward")
 
 
-def largest_window(B: int, H: int, P: int, dtype: torch.dtype, has_proj: bool) -> int:
+def _nbytes(buffers) -> int:
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in buffers}.values())
+
+
+def window_bytes(kind: str, W: int, B: int, H: int, P: int, dtype: torch.dtype, has_proj: bool) -> int:
+    """Bytes of a window of W steps' buffers for `kind`'s loop (counted on the meta device: nothing allocated)."""
+    return _nbytes(_window_buffers(kind, W, B, H, P, dtype, torch.device("meta"), has_proj))
+
+
+def largest_window(kind: str, B: int, H: int, P: int, dtype: torch.dtype, has_proj: bool) -> int:
     """The most steps (a power of two, MAX_CHUNK at most) a configuration's window may hold within MAX_BYTES_ONE;
     0 where even MIN_CHUNK steps do not fit."""
-    window = MAX_CHUNK
-    while window >= MIN_CHUNK and buffer_bytes(window, B, H, P, dtype, has_proj) > MAX_BYTES_ONE:
-        window //= 2
-    return window if window >= MIN_CHUNK else 0
+    key = (kind, B, H, P, dtype, has_proj, MAX_CHUNK, MIN_CHUNK, MAX_BYTES_ONE)
+    if key not in _largest:
+        window = MAX_CHUNK
+        while window >= MIN_CHUNK and window_bytes(kind, window, B, H, P, dtype, has_proj) > MAX_BYTES_ONE:
+            window //= 2
+        _largest[key] = window if window >= MIN_CHUNK else 0
+    return _largest[key]
 
 
 def chunks(T: int, window: int) -> list[int]:
@@ -131,15 +151,31 @@ def chunks(T: int, window: int) -> list[int]:
     return [window] * whole + [1 << bit for bit in reversed(range(rest.bit_length())) if rest >> bit & 1]
 
 
-def applies(x: Tensor, w_hh: Tensor, w_hr: Tensor | None, batch_sizes: Tensor | None, kernel: str) -> bool:
-    """Whether this inference call runs through graphs."""
+def applies(x: Tensor, w_hh: Tensor, w_hr: Tensor | None, batch_sizes: Tensor | None, kernel: str,
+            kind: str = "inference") -> bool:  # fmt: skip
+    """Whether a call of this loop (see KINDS) runs through graphs."""
     if batch_sizes is not None or kernel != "step" or x.device.type not in DEVICES:
         return False
-    if not largest_window(x.shape[1], w_hh.shape[0] // 4, w_hh.shape[1], x.dtype, w_hr is not None):
+    if _disabled_reason is not None or os.environ.get(ENV, "1") == "0" or _kept_off:
         return False
-    if _disabled_reason is not None or os.environ.get(ENV, "1") == "0":
+    if not largest_window(kind, x.shape[1], w_hh.shape[0] // 4, w_hh.shape[1], x.dtype, w_hr is not None):
         return False
     return not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+@contextlib.contextmanager
+def kept_off():
+    """No graphs while the block runs (the self-test's calls: their buffers would take a kept configuration's
+    place). For every thread, not only this one: autograd runs a CUDA backward on a thread of its own. Other calls
+    meanwhile run launch by launch, as they would without graphs."""
+    global _kept_off
+    with _graphs_lock:
+        _kept_off += 1
+    try:
+        yield
+    finally:
+        with _graphs_lock:
+            _kept_off -= 1
 
 
 def _entry(key: tuple, window: int, make: Callable[[int], _Graphs]) -> _Graphs:
@@ -160,10 +196,39 @@ def _entry(key: tuple, window: int, make: Callable[[int], _Graphs]) -> _Graphs:
         return grown
 
 
-def _chunk_rows(W: int, k: int, reverse: bool) -> slice:
-    """The window's steps a chunk of k steps runs: its first k, or its last k when reverse (whose loop starts from
-    state slot W), so that every chunk starts from the slot the one before left its state in."""
-    return slice(W - k, W) if reverse else slice(0, k)
+def _graphs_for(kind: str, like: Tensor, T: int, B: int, H: int, P: int, has_proj: bool, reverse: bool) -> _Graphs:
+    """The kept graphs of this configuration of `kind`'s loop, with a window for a call of T steps."""
+    dtype, device = like.dtype, like.device
+    key = (kind, device, _stream_key(device), dtype, B, H, P, has_proj, bool(reverse), ops._precision(dtype),
+           os.environ.get(ops.ENV_CONFIG))  # fmt: skip
+    window = min(largest_window(kind, B, H, P, dtype, has_proj), max(MIN_CHUNK, 1 << (T - 1).bit_length()))
+
+    def make(window: int) -> _Graphs:
+        # Normal tensors even when this call runs under torch.inference_mode: inference tensors may not be
+        # written outside it, and later calls of this configuration may come from no_grad code.
+        with torch.inference_mode(False):
+            buffers = _window_buffers(kind, window, B, H, P, dtype, device, has_proj)
+        return _Graphs(buffers=buffers, window=window, nbytes=_nbytes(buffers))
+
+    return _entry(key, window, make)
+
+
+def _call_steps(T: int, done: int, k: int, last_first: bool) -> slice:
+    """The call's steps a chunk of k covers after `done` steps, the loop taking them last first or first first."""
+    return slice(T - done - k, T - done) if last_first else slice(done, done + k)
+
+
+def _chunk_rows(W: int, k: int, last_first: bool) -> slice:
+    """The window's steps a chunk of k steps runs: its last k where the loop takes steps last first (starting
+    from state slot W), else its first k, so that every chunk starts from the slot the one before left its state
+    in."""
+    return slice(W - k, W) if last_first else slice(0, k)
+
+
+def _load_weights(window, w_hh: Tensor, w_hr: Tensor | None) -> None:
+    window.w_hh.copy_(w_hh)
+    if w_hr is not None:
+        window.w_hr.copy_(w_hr)
 
 
 @ops.on_input_device
@@ -173,65 +238,137 @@ def forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Te
     # as every launch's: a configuration whose build crashed a child raises here, before anything is compiled
     T, B, I, H, P, _ = ops.checked_sizes(x, h0, c0, w_ih, w_hh, b, w_hr, None, reverse, "step", save_acts=False)
     has_proj = w_hr is not None
-    precision, config = ops._precision(x.dtype), os.environ.get(ops.ENV_CONFIG)
-    key = (x.device, _stream_key(x.device), x.dtype, B, H, P, has_proj, bool(reverse), precision, config)
-    window = min(largest_window(B, H, P, x.dtype, has_proj), max(MIN_CHUNK, 1 << (T - 1).bit_length()))
-
-    def make(window: int) -> _Graphs:
-        # Normal tensors even when this call runs under torch.inference_mode: inference tensors may not be
-        # written outside it, and later calls of this configuration may come from no_grad code.
-        with torch.inference_mode(False):
-            buf = ops.forward_buffers(window, B, H, P, x.dtype, x.device, has_proj, save_acts=False)
-        nbytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in buf}.values())
-        return _Graphs(buffers=buf, window=window, nbytes=nbytes)
-
-    graphs = _entry(key, window, make)
-    buf, W = graphs.buffers, graphs.window
+    graphs = _graphs_for("inference", x, T, B, H, P, has_proj, reverse)
+    win, W = graphs.buffers, graphs.window
     xg = ops.project_inputs(x, w_ih, b)  # one GEMM, as the launch-by-launch loop's
     y = x.new_empty(T, B, P)
     # Held until the results are copied out: the kept buffers serve one call at a time (calls on one stream
     # run in the order they were issued, so releasing after the copies are queued is enough).
     with graphs.lock:
         warmed = graphs.warmed
-        buf.w_hh.copy_(w_hh)
-        if has_proj:
-            buf.w_hr.copy_(w_hr)
-        ops.start_state(buf, h0, c0, reverse)
+        _load_weights(win, w_hh, w_hr)
+        ops.start_state(win, h0, c0, reverse)
         done = 0
         for k in chunks(T, W):
-            steps = slice(T - done - k, T - done) if reverse else slice(done, done + k)
-            rows = _chunk_rows(W, k, reverse)
-            buf.xg[rows].copy_(xg[steps])
-            _run_chunk(graphs, k, reverse, has_proj, may_capture=warmed)
-            y[steps].copy_(buf.y[rows])
+            steps, rows = _call_steps(T, done, k, reverse), _chunk_rows(W, k, reverse)
+            win.xg[rows].copy_(xg[steps])
+            _run_chunk(graphs, k, _forward_chunk(win, k, reverse, has_proj), may_capture=warmed)
+            y[steps].copy_(win.y[rows])
             done += k
         # every chunk ends by carrying its last state to the slot all start from
         first = W if reverse else 0
-        hT, cT = buf.hs[first].clone(), buf.cs[first].to(x.dtype, copy=True)
+        hT, cT = win.hs[first].clone(), win.cs[first].to(x.dtype, copy=True)
         graphs.warmed = True
     return y, hT, cT
 
 
-def _run_chunk(graphs: _Graphs, k: int, reverse: bool, has_proj: bool, may_capture: bool) -> None:
-    """One chunk's steps: its graph's replay, captured first where this length is new (from a configuration's
-    second call: the first built the kernels); launch by launch before that, or where capturing failed."""
-    global _disabled_reason
-    buf, W = graphs.buffers, graphs.window
-    B = buf.y.shape[1]
+def training_forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Tensor | None,
+                     w_hr: Tensor | None, reverse: bool):  # fmt: skip
+    """ops.forward_impl's outputs for a dense training call through the step kernel, called by it on the input's
+    device, sizes checked and `applies` asked for "forward": the gates, states and r of every step copied out of the
+    window for backward."""
+    T, B, _ = x.shape
+    H, P = w_hh.shape[0] // 4, w_hh.shape[1]
+    has_proj = w_hr is not None
+    graphs = _graphs_for("forward", x, T, B, H, P, has_proj, reverse)
+    win, W = graphs.buffers, graphs.window
+    xg = ops.project_inputs(x, w_ih, b)
+    out = ops.forward_buffers(T, B, H, P, x.dtype, x.device, has_proj, save_acts=True, xg=xg, w_hh=w_hh, w_hr=w_hr)
+    with graphs.lock:
+        warmed = graphs.warmed
+        _load_weights(win, w_hh, w_hr)
+        ops.start_state(win, h0, c0, reverse)
+        ops.start_state(out, h0, c0, reverse)
+        done = 0
+        for k in chunks(T, W):
+            steps, rows = _call_steps(T, done, k, reverse), _chunk_rows(W, k, reverse)
+            win.xg[rows].copy_(xg[steps])
+            _run_chunk(graphs, k, _forward_chunk(win, k, reverse, has_proj), may_capture=warmed)
+            out.y[steps].copy_(win.y[rows])
+            out.acts[steps].copy_(win.acts[rows])
+            if has_proj:
+                out.r[steps].copy_(win.r[rows])
+            # the state slots the chunk wrote: those after each step, before it when reverse
+            written = rows if reverse else slice(1, k + 1)
+            stored = steps if reverse else slice(steps.start + 1, steps.stop + 1)
+            out.hs[stored].copy_(win.hs[written])
+            out.cs[stored].copy_(win.cs[written])
+            done += k
+        graphs.warmed = True
+    hT, cT = ops.final_state(out, reverse)
+    return out.y, hT, cT, out.acts, out.hs, out.cs, out.r
+
+
+def _forward_chunk(win: ops.ForwardBuffers, k: int, reverse: bool, has_proj: bool) -> Callable[[], None]:
+    """A forward chunk of k steps over the window: the loop, then its last state into the slot every chunk starts
+    from (W when reverse, else 0), for the next chunk or the caller, inside the graph (no launch from the host)."""
+    W, B = win.y.shape[0], win.y.shape[1]
 
     def loop() -> None:
-        # Over the whole window's buffers, not views of the chunk's rows: a view's pointer may lose the 16-byte
-        # alignment triton specialises its kernels on, and a capture would compile them anew
-        ops.run_forward_loop(buf, [B] * W, reverse, has_proj, "step", steps=k)
-        # The state into the slot every chunk starts from (W when reverse, else 0), for the next chunk or the
-        # caller: in the graph, where it costs no launch from the host.
+        ops.run_forward_loop(win, [B] * W, reverse, has_proj, "step", steps=k)
         first, last = (W, W - k) if reverse else (0, k)
-        buf.hs[first].copy_(buf.hs[last])
-        buf.cs[first].copy_(buf.cs[last])
+        win.hs[first].copy_(win.hs[last])
+        win.cs[first].copy_(win.cs[last])
 
-    if k not in graphs.replays and may_capture and _disabled_reason is None:
+    return loop
+
+
+def training_backward(bb: ops.BackwardBuffers, reverse: bool, has_proj: bool) -> None:
+    """ops.run_backward_loop and ops.run_final_dh over a dense call's backward buffers `bb`, through graphs (called
+    by ops.backward_rows_impl on the input's device, `applies` asked for "backward"): fills bb's dgates (and dhy)
+    and leaves dh0 and dc0 in its carries."""
+    T, B, P = bb.grad_y.shape
+    H = bb.cs.shape[2]
+    graphs = _graphs_for("backward", bb.grad_y, T, B, H, P, has_proj, reverse)
+    win, W = graphs.buffers, graphs.window
+    last_first = not reverse  # backward takes the forward's steps in the other order
+    with graphs.lock:
+        warmed = graphs.warmed
+        _load_weights(win, bb.w_hh, bb.w_hr if has_proj else None)
+        win.dh.copy_(bb.dh)
+        win.dc.copy_(bb.dc)
+        done = 0
+        for k in chunks(T, W):
+            steps, rows = _call_steps(T, done, k, last_first), _chunk_rows(W, k, last_first)
+            win.grad_y[rows].copy_(bb.grad_y[steps])
+            win.acts[rows].copy_(bb.acts[steps])
+            win.cs[rows.start : rows.stop + 1].copy_(bb.cs[steps.start : steps.stop + 1])
+            first_chunk = done == 0
+            loop = _backward_chunk(win, k, reverse, has_proj, live_before=0 if first_chunk else B)
+            _run_chunk(graphs, (k, first_chunk), loop, may_capture=warmed)
+            bb.dgb[steps.start + 1 : steps.stop + 1].copy_(win.dgb[rows.start + 1 : rows.stop + 1])
+            if has_proj:
+                bb.dhy[steps].copy_(win.dhy[rows])
+            done += k
+        # dh0 from the dgates of the forward's first step, which the last chunk carried to the slot past its end
+        ops.run_final_dh(win, W if last_first else -1, B)
+        bb.dh.copy_(win.dh)
+        bb.dc.copy_(win.dc)
+        graphs.warmed = True
+
+
+def _backward_chunk(win: ops.BackwardBuffers, k: int, reverse: bool, has_proj: bool,
+                    live_before: int) -> Callable[[], None]:  # fmt: skip
+    """A backward chunk of k steps over the window (live_before: 0 for a call's first chunk, which no later step
+    precedes), then its last dgates into the slot the next chunk's first step reads (W + 1 where steps go last
+    first, else 0), inside the graph."""
+    W, B = win.grad_y.shape[0], win.grad_y.shape[1]
+
+    def loop() -> None:
+        ops.run_backward_loop(win, [B] * W, reverse, has_proj, steps=k, live_before=live_before)
+        target, last = (0, k) if reverse else (W + 1, W - k + 1)
+        win.dgb[target].copy_(win.dgb[last])
+
+    return loop
+
+
+def _run_chunk(graphs: _Graphs, chunk: object, loop: Callable[[], None], may_capture: bool) -> None:
+    """One chunk's steps: its graph's replay, captured first where this chunk is new (from a configuration's
+    second call: the first built the kernels); launch by launch before that, or where capturing failed."""
+    global _disabled_reason
+    if chunk not in graphs.replays and may_capture and _disabled_reason is None:
         try:
-            graphs.replays[k] = capture(loop)
+            graphs.replays[chunk] = capture(loop)
         except Exception as error:  # its kernels ran in the first call: it is the capture that failed
             _disabled_reason = f"{type(error).__name__}: {error}"
             warnings.warn(
@@ -242,7 +379,7 @@ def _run_chunk(graphs: _Graphs, k: int, reverse: bool, has_proj: bool, may_captu
             )
             with _graphs_lock:
                 _graphs.clear()
-    replay = graphs.replays.get(k)
+    replay = graphs.replays.get(chunk)
     if replay is None:
         loop()
     else:
@@ -256,8 +393,8 @@ def describe() -> str:
     if _disabled_reason is not None:
         return f"off after a failed capture ({_disabled_reason})"
     return (
-        f"on CUDA, captured from a configuration's second call in chunks of up to {MAX_CHUNK} steps "
-        f"({MAX_GRAPHS} configurations kept, {MAX_BYTES >> 20} MiB of buffers)"
+        f"on CUDA for inference and training (dense input), captured from a configuration's second call in chunks "
+        f"of up to {MAX_CHUNK} steps ({MAX_GRAPHS} configurations kept, {MAX_BYTES >> 20} MiB of buffers)"
     )
 
 

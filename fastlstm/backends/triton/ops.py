@@ -397,9 +397,16 @@ def forward_impl(
     reverse: bool,
     kernel: str,
     save_acts: bool = True,
+    graph: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward op's work; a training call (save_acts) through CUDA graphs where they apply (graphs.py) unless
+    graph=False, launch by launch otherwise."""
+    from fastlstm.backends.triton import graphs
+
     T, B, I, H, P, live = checked_sizes(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel, save_acts)
     has_proj = w_hr is not None
+    if save_acts and graph and graphs.applies(x, w_hh, w_hr, batch_sizes, kernel, "forward"):
+        return graphs.training_forward(x, h0, c0, w_ih, w_hh, b, w_hr, reverse)
     xg = project_inputs(x, w_ih, b)
     buf = forward_buffers(T, B, H, P, x.dtype, x.device, has_proj, save_acts, xg=xg, w_hh=w_hh.contiguous(),
                           w_hr=w_hr.contiguous() if has_proj else None)  # fmt: skip
@@ -462,6 +469,91 @@ def previous_h(hs: Tensor, reverse: bool) -> Tensor:
     return hs[1:] if reverse else hs[:-1]
 
 
+class BackwardBuffers(NamedTuple):
+    """What the backward loop reads and writes: dgb [T+2,B,4H] (dgates of time t at slot t + 1, zero slots at both
+    ends), the weights it reads (w_hr is w_hh without a projection), grad_y [T,B,P], the fp32 carries dh [B,P] and
+    dc [B,H], dhy [T,B,P] (dh itself without a projection), and the forward's acts [T,B,4H] and cs [T+1,B,H]."""
+
+    dgb: Tensor
+    w_hh: Tensor
+    w_hr: Tensor
+    grad_y: Tensor
+    dh: Tensor
+    dhy: Tensor
+    dc: Tensor
+    acts: Tensor
+    cs: Tensor
+
+
+def backward_buffers(T: int, B: int, H: int, P: int, dtype: torch.dtype, device: torch.device,
+                     has_proj: bool) -> BackwardBuffers:  # fmt: skip
+    """Empty backward buffers for a window of T steps (graphs.py), dgb zeroed."""
+    cdt = _compute_dtype(dtype)
+    dh = torch.empty(B, P, dtype=cdt, device=device)
+    w_hh = torch.empty(4 * H, P, dtype=dtype, device=device)
+    return BackwardBuffers(
+        dgb=torch.zeros(T + 2, B, 4 * H, dtype=dtype, device=device),
+        w_hh=w_hh,
+        w_hr=torch.empty(P, H, dtype=dtype, device=device) if has_proj else w_hh,
+        grad_y=torch.empty(T, B, P, dtype=dtype, device=device),
+        dh=dh,
+        dhy=torch.empty(T, B, P, dtype=dtype, device=device) if has_proj else dh,
+        dc=torch.empty(B, H, dtype=cdt, device=device),
+        acts=torch.empty(T, B, 4 * H, dtype=cdt, device=device),
+        cs=torch.empty(T + 1, B, H, dtype=cdt, device=device),
+    )
+
+
+def run_backward_loop(bb: BackwardBuffers, live: list[int], reverse: bool, has_proj: bool, steps: int | None = None,
+                      live_before: int = 0) -> None:  # fmt: skip
+    """The step kernel's reverse time loop over backward buffers whose carries hold the gradients reaching the
+    forward's last state. `steps`: only the loop's first steps, in the order it takes them (a graph's chunk);
+    live_before: the live rows of the step processed before the loop's first (whose dgates it reads from the slot
+    past its end), 0 for none."""
+    import triton
+
+    from fastlstm.backends.triton import kernels
+
+    T, B, P = bb.grad_y.shape
+    H = bb.cs.shape[2]
+    blk, common = _launch_config(B, H, P, "step", bb.grad_y.dtype)
+    grid_h = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(H, blk["BLOCK_H"]))
+    grid_p = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(P, blk["BLOCK_P"]))
+    # Everything but the step's indices is the same for every launch: made once, outside the loop
+    tiles_h = dict(BLOCK_B=blk["BLOCK_B"], BLOCK_H=blk["BLOCK_H"], BLOCK_K=blk["BLOCK_K"], **common)
+    tiles_p = dict(H=H, P=P, BLOCK_B=blk["BLOCK_B"], BLOCK_P=blk["BLOCK_P"], BLOCK_K=blk["BLOCK_K"], **common)
+    step, dh_step = kernels.bwd_step_kernel[grid_h], kernels.bwd_dh_kernel[grid_p]
+    cell_step = kernels.bwd_proj_cell_kernel[grid_h]
+    dgb, w_hh, w_hr, grad_y, dh, dhy, dc, acts, cs = bb
+    for s in range(T if steps is None else steps):
+        t = s if reverse else T - 1 - s
+        nxt = t - 1 if reverse else t + 1
+        prev, out = (t + 1, t) if reverse else (t, t + 1)
+        n_next = live[nxt] if 0 <= nxt < T else live_before
+        if has_proj:
+            dh_step(dgb, w_hh, grad_y, dh, dhy, 1, t, nxt, live[t], n_next, B, HAS_PROJ=True, **tiles_p)
+            cell_step(dh, w_hr, acts, cs, dc, dgb, t, prev, out, live[t], B, H=H, P=P, **tiles_h)
+        else:
+            step(dgb, w_hh, grad_y, dh, acts, cs, dc, t, prev, out, nxt, live[t], n_next, B, H=H, **tiles_h)
+
+
+def run_final_dh(bb: BackwardBuffers, first: int, n_first: int) -> None:
+    """dh0 into the carry dh: the dgates of the forward's first step (`first`, live rows n_first) @ W_hh where
+    that step was live, the carry elsewhere."""
+    import triton
+
+    from fastlstm.backends.triton import kernels
+
+    _, B, P = bb.grad_y.shape
+    H = bb.cs.shape[2]
+    blk, common = _launch_config(B, H, P, "step", bb.grad_y.dtype)
+    grid_p = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(P, blk["BLOCK_P"]))
+    tiles_p = dict(H=H, P=P, BLOCK_B=blk["BLOCK_B"], BLOCK_P=blk["BLOCK_P"], BLOCK_K=blk["BLOCK_K"], **common)
+    kernels.bwd_dh_kernel[grid_p](
+        bb.dgb, bb.w_hh, bb.grad_y, bb.dh, bb.dh, 0, 0, first, 0, n_first, B, HAS_PROJ=False, **tiles_p
+    )
+
+
 @on_input_device
 def backward_rows_impl(
     grad_y: Tensor,
@@ -478,12 +570,14 @@ def backward_rows_impl(
     r: Tensor,
     reverse: bool,
     kernel: str,
+    graph: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward up to the weight gradients: dx, dh0, dc0, dgates [T, B, 4H] and, with a projection, the gradient
-    reaching each output h [T, B, P] (else empty), whose products with x, previous_h and r are the weights'."""
+    reaching each output h [T, B, P] (else empty), whose products with x, previous_h and r are the weights'. The
+    step kernel's loop runs through CUDA graphs where they apply (graphs.py) unless graph=False."""
     import triton
 
-    from fastlstm.backends.triton import kernels
+    from fastlstm.backends.triton import graphs, kernels
 
     T, B, I, H, P = _layer_sizes(x, w_ih, w_hh, w_hr, kernel)
     _check_shapes(x, {
@@ -517,25 +611,12 @@ def backward_rows_impl(
             REVERSE=reverse, **blk, **common,
         )  # fmt: skip
     else:
-        grid_h = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(H, blk["BLOCK_H"]))
-        grid_p = (triton.cdiv(B, blk["BLOCK_B"]), triton.cdiv(P, blk["BLOCK_P"]))
-        # Everything but the step's indices is the same for every launch: made once, outside the loop
-        tiles_h = dict(BLOCK_B=blk["BLOCK_B"], BLOCK_H=blk["BLOCK_H"], BLOCK_K=blk["BLOCK_K"], **common)
-        tiles_p = dict(H=H, P=P, BLOCK_B=blk["BLOCK_B"], BLOCK_P=blk["BLOCK_P"], BLOCK_K=blk["BLOCK_K"], **common)
-        step, dh_step = kernels.bwd_step_kernel[grid_h], kernels.bwd_dh_kernel[grid_p]
-        cell_step = kernels.bwd_proj_cell_kernel[grid_h]
-        for s in range(T):
-            t = s if reverse else T - 1 - s
-            nxt = t - 1 if reverse else t + 1
-            prev, out = (t + 1, t) if reverse else (t, t + 1)
-            n_next = live[nxt] if 0 <= nxt < T else 0
-            if has_proj:
-                dh_step(dgb, w_hh, grad_y, dh, dhy, 1, t, nxt, live[t], n_next, B, HAS_PROJ=True, **tiles_p)
-                cell_step(dh, w_hr_c, acts, cs, dc, dgb, t, prev, out, live[t], B, H=H, P=P, **tiles_h)
-            else:
-                step(dgb, w_hh, grad_y, dh, acts, cs, dc, t, prev, out, nxt, live[t], n_next, B, H=H, **tiles_h)
-        # dh0 = dgates of the first processed step @ W_hh where that step was live; the carry elsewhere.
-        dh_step(dgb, w_hh, grad_y, dh, dh, 0, 0, first, 0, live[first], B, HAS_PROJ=False, **tiles_p)
+        bb = BackwardBuffers(dgb, w_hh, w_hr_c, grad_y, dh, dhy, dc, acts, cs)
+        if graph and graphs.applies(x, w_hh, w_hr, batch_sizes, kernel, "backward"):
+            graphs.training_backward(bb, reverse, has_proj)  # fills dgb, dhy, dh and dc as the two calls below
+        else:
+            run_backward_loop(bb, live, reverse, has_proj)
+            run_final_dh(bb, first, live[first])  # the first step the forward processed
     dg = dgb[1 : T + 1]  # [T, B, 4H] in time order
     dx = (dg.reshape(T * B, 4 * H) @ w_ih).view(T, B, I)
     return dx, dh.to(dtype), dc.to(dtype), dg, dhy if has_proj else x.new_empty(0)
@@ -792,9 +873,8 @@ class _FuncLayer(torch.autograd.Function):
         return _backward(ctx, *grads)
 
 
-def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | None = None, graph: bool = True):
-    """One layer, one direction, per the contract in fastlstm.reference; `kernel` forces step/sequence, and
-    graph=False keeps an inference call off the CUDA graphs (graphs.py)."""
+def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | None = None):
+    """One layer, one direction, per the contract in fastlstm.reference; `kernel` forces step/sequence."""
     for t in (h0, c0, w_ih, w_hh, b, w_hr):
         # The module checks the weights' dtypes once per reading of them; a `.data` swapped to another dtype in
         # place since then reaches here, and the kernels would read it as x's dtype. nn.LSTM raises too.
@@ -824,7 +904,7 @@ def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | No
     needs_grad = recording and any(t is not None and t.requires_grad for t in inputs[:7])
     if needs_grad:
         y, hT, cT, *_ = _EagerLayer.apply(*inputs)
-    elif graph and graphs.applies(x, w_hh, w_hr, batch_sizes, chosen):
+    elif graphs.applies(x, w_hh, w_hr, batch_sizes, chosen):
         y, hT, cT = graphs.forward(*inputs[:7], inputs[8])
     else:
         y, hT, cT, *_ = forward_impl(*inputs, save_acts=False)
@@ -872,6 +952,8 @@ def self_test(call: LayerCall) -> str | None:
 
 
 def _run_self_test(call: LayerCall, kernel: str) -> str | None:
+    from fastlstm.backends.triton import graphs
+
     device, dtype = torch.device(call.device_type, call.device_index), call.dtype
     T, B, I, H, P = 2, call.batch, call.input_size, call.hidden_size, call.out_size
 
@@ -887,9 +969,9 @@ def _run_self_test(call: LayerCall, kernel: str) -> str | None:
     ]  # fmt: skip
     batch_sizes = torch.tensor([B, max(1, B - 1)], device="cpu") if call.packed else None
     leaves = [t.requires_grad_(call.needs_grad) for t in inputs if t is not None]
-    # Not through an inference graph: the test's buffers would take one of the kept graphs' places
-    with torch.autocast(call.device_type, enabled=False), torch.set_grad_enabled(call.needs_grad):
-        got = list(layer(*inputs, batch_sizes, call.reverse, kernel, graph=False))
+    # Not through graphs: the test's buffers would take one of the kept configurations' places
+    with torch.autocast(call.device_type, enabled=False), torch.set_grad_enabled(call.needs_grad), graphs.kept_off():
+        got = list(layer(*inputs, batch_sizes, call.reverse, kernel))
         want = list(NATIVE.layer(*inputs, batch_sizes, call.reverse))
         if call.needs_grad:
             weights = [data(*t.shape, scale=1.0) for t in want]
