@@ -606,6 +606,7 @@ class LSTM(nn.RNNBase):
     def _native_cells(self, x: Tensor, h0, c0) -> tuple[Tensor, Tensor, Tensor]:
         """One step of every layer in ATen's cells: x [B, I] -> (y [B, P], h_n, c_n)."""
         h_out, c_out = [], []
+        dropout = self._between_layers_dropout()
         for layer in range(self.num_layers):
             w_ih, w_hh, b_ih, b_hh, w_hr = self._parameters_of(layer, 0)
             if w_hr is None:
@@ -616,8 +617,8 @@ class LSTM(nn.RNNBase):
             h_out.append(h_next)
             c_out.append(c_next)
             x = h_next
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, training=True)
+            if dropout and layer < self.num_layers - 1:
+                x = F.dropout(x, dropout, training=True)
         return x, torch.stack(h_out), torch.stack(c_out)
 
     def _needs_grad(self, input: Tensor, hx) -> bool:
@@ -1007,7 +1008,7 @@ class LSTM(nn.RNNBase):
         backend = backends.get(choices[0].backend)
         if not backend.has_inference_stack:
             return None
-        if any(choice.backend != backend.name for choice in choices) or (self.training and self.dropout > 0):
+        if any(choice.backend != backend.name for choice in choices) or self._between_layers_dropout():
             return None
         if self._needs_grad(x, hx):
             return None
@@ -1047,6 +1048,7 @@ class LSTM(nn.RNNBase):
         applied as nn.LSTM applies it (on the packed data when packed).
         """
         h_n, c_n = [], []
+        dropout = self._between_layers_dropout()
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(self._num_directions):
@@ -1058,18 +1060,29 @@ class LSTM(nn.RNNBase):
                 h_n.append(h)
                 c_n.append(c)
             x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                x = self._dropout(x, batch_sizes)
+            if dropout and layer < self.num_layers - 1:
+                x = self._dropout(x, dropout, batch_sizes)
         # A copy even of one layer's state, not a view of it: as nn.LSTM's, h_n and c_n must take detach_()
         # (truncated backpropagation's `h.detach_()`), which a view refuses.
         return x, torch.stack(h_n), torch.stack(c_n)
 
-    def _dropout(self, x: Tensor, batch_sizes: Tensor | None) -> Tensor:
+    def _between_layers_dropout(self) -> float:
+        """The dropout probability between this call's layers (0 for none: eval mode, one layer); for one outside
+        [0, 1] (set after construction, which checks it) nn.LSTM's error, which its kernels raise where they would
+        apply it (a negative or NaN one had been taken as none, one above 1 raised F.dropout's ValueError)."""
+        p = self.dropout
+        if not self.training or self.num_layers == 1 or p == 0:
+            return 0.0
+        if not 0 <= p <= 1:
+            raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p:g}")
+        return p
+
+    def _dropout(self, x: Tensor, p: float, batch_sizes: Tensor | None) -> Tensor:
         # nn.LSTM drops on the packed data when the input is packed: same shape, same random stream.
         if batch_sizes is None:
-            return F.dropout(x, self.dropout, training=True)
+            return F.dropout(x, p, training=True)
         rows = packed_rows(batch_sizes, x.device)
-        return pad_packed(F.dropout(pack_padded(x, rows), self.dropout, training=True), batch_sizes, rows)
+        return pad_packed(F.dropout(pack_padded(x, rows), p, training=True), batch_sizes, rows)
 
 
 # torch.compile and torch.export trace LSTM.forward from torch 2.5 on. Torch 2.4's dynamo stops inside it (it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 
@@ -124,6 +125,29 @@ def test_forward_errors_match_nn_lstm(name, backend):
         assert str(got) == str(expected)
     else:
         assert str(got)
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "reference", *fast_cpu_backends()])
+@pytest.mark.parametrize("p", [-1.0, float("nan"), 2.0])
+def test_a_dropout_set_out_of_range_after_construction_raises_as_nn_lstm(p, backend):
+    """The constructor checks dropout; one set on the module afterwards nn.LSTM's kernels reject where they would
+    apply it (training, between layers), with its message: the fast paths had taken a negative or NaN one as no
+    dropout and raised F.dropout's ValueError above 1. In eval mode, or with one layer, it runs."""
+    x = torch.randn(4, 2, I, dtype=torch.float64)
+    expected = nn.LSTM(I, H, 2).double()
+    fast = fastlstm.LSTM(I, H, 2, backend=backend).double()
+    for m in (expected, fast):
+        m.dropout = p
+    errors = [_raised(lambda m=m: m, lambda m: m(x)) for m in (expected, fast)]
+    assert type(errors[1]) is type(errors[0]) is RuntimeError and str(errors[1]) == str(errors[0])
+    with pytest.raises(RuntimeError, match=re.escape(str(errors[0]))):
+        fast.step(x[0])
+    fast.eval()
+    fast(x)
+    fast.step(x[0])
+    one_layer = fastlstm.LSTM(I, H, 1, backend=backend).double()
+    one_layer.dropout = p
+    one_layer(x)
 
 
 @pytest.mark.parametrize("backend", ["auto", "native", "reference"])

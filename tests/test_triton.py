@@ -344,6 +344,33 @@ def test_module_stacked_bidirectional_proj(packed):
     assert_same_results(ref, fast, [x, *state], call, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_negated_weights_are_read_negated(kernel, monkeypatch):
+    """A weight with the negative bit (torch._neg_view: the values negated lazily, the memory not) keeps it through
+    .contiguous(): the kernels read the recurrent weights' memory themselves, and had read them un-negated (3.5e-3
+    off nn.LSTM through w_hh, 0.1 through w_hr). Outputs and every gradient against nn.LSTM's."""
+    monkeypatch.setenv(triton_ops.ENV_KERNEL, kernel)
+    for name in ("weight_hh_l0", "weight_hr_l0", "weight_ih_l0", "bias_hh_l0"):
+        torch.manual_seed(0)
+        ref = nn.LSTM(3, 4, proj_size=2).double()
+        fast = fastlstm.LSTM(3, 4, proj_size=2, backend="triton").double()
+        negated = torch._neg_view(getattr(ref, name).detach().clone())
+        for m in (ref, fast):
+            m.load_state_dict(ref.state_dict())
+            setattr(m, name, nn.Parameter(negated.clone() if m is ref else negated))
+        assert getattr(fast, name).is_neg()
+        x = torch.randn(5, 2, 3, dtype=torch.float64)
+        got, want = (_outputs_and_grads(m, x) for m in (fast, ref))
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+def _outputs_and_grads(m, x):
+    y, (h, c) = m(x)
+    (y.sum() + 2 * h.sum() + 3 * c.sum()).backward()
+    return [y, h, c, *(p.grad for p in m.parameters())]
+
+
 def test_a_weight_of_another_dtype_is_refused_as_nn_lstm_refuses_it():
     """A weight's .data swapped to float64 in place after a first call: nn.LSTM raises a RuntimeError; the module
     sees the mixed dtypes on the next call and a forced triton refuses it, and the triton layer itself refuses

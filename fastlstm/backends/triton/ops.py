@@ -261,6 +261,13 @@ def on_input_device(fn):
     return wrapper
 
 
+def dense(t: Tensor | None) -> Tensor | None:
+    """t as the kernels read it: contiguous, and with its values in memory. A tensor with the negative bit (a lazy
+    negation, torch._neg_view's) keeps it through .contiguous(), and the kernels read its memory un-negated: a
+    w_hh so negated gave errors of 3.5e-3 against nn.LSTM's numbers (an audit)."""
+    return None if t is None else t.resolve_neg().contiguous()
+
+
 def _padded_sizes(live: list[int], device: torch.device) -> Tensor:
     """bs[T+2] int32 with bs[t+1] = live rows of time t and zeros at both ends (see kernels.py).
 
@@ -408,8 +415,8 @@ def forward_impl(
     if save_acts and graph and graphs.applies(x, w_hh, w_hr, batch_sizes, kernel, "forward"):
         return graphs.training_forward(x, h0, c0, w_ih, w_hh, b, w_hr, reverse)
     xg = project_inputs(x, w_ih, b)
-    buf = forward_buffers(T, B, H, P, x.dtype, x.device, has_proj, save_acts, xg=xg, w_hh=w_hh.contiguous(),
-                          w_hr=w_hr.contiguous() if has_proj else None)  # fmt: skip
+    buf = forward_buffers(T, B, H, P, x.dtype, x.device, has_proj, save_acts, xg=xg, w_hh=dense(w_hh),
+                          w_hr=dense(w_hr))  # fmt: skip
     start_state(buf, h0, c0, reverse)
     run_forward_loop(buf, live, reverse, has_proj, kernel)
     hT, cT = final_state(buf, reverse)
@@ -591,11 +598,11 @@ def backward_rows_impl(
     cdt = _compute_dtype(dtype)
     has_proj = w_hr is not None
     dev = x.device
-    grad_y = grad_y.contiguous()
+    grad_y = dense(grad_y)
     # The forward's saved tensors are contiguous, except as a vmap rule slices one sample out of several
-    acts, hs, cs, r = acts.contiguous(), hs.contiguous(), cs.contiguous(), r.contiguous()
-    w_hh = w_hh.contiguous()
-    w_hr_c = w_hr.contiguous() if has_proj else w_hh
+    acts, hs, cs, r = dense(acts), dense(hs), dense(cs), dense(r)
+    w_hh = dense(w_hh)
+    w_hr_c = dense(w_hr) if has_proj else w_hh
     # dgates in the input dtype (the weight-grad GEMMs run in it, as native does); carries in fp32.
     dgb = torch.zeros(T + 2, B, 4 * H, dtype=dtype, device=dev)
     dh = grad_hT.to(cdt).contiguous().clone()
@@ -883,8 +890,7 @@ def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | No
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
     chosen = choose_kernel(x.shape[1], H, P, x.dtype, kernel)
     inputs = (
-        x.contiguous(), h0.contiguous(), c0.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
-        None if b is None else b.contiguous(), None if w_hr is None else w_hr.contiguous(), batch_sizes,
+        dense(x), dense(h0), dense(c0), dense(w_ih), dense(w_hh), dense(b), dense(w_hr), batch_sizes,
         bool(reverse), chosen,
     )  # fmt: skip
     if torch.compiler.is_compiling():  # the op: opaque to a trace
