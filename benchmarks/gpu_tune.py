@@ -146,9 +146,10 @@ def markdown(head: dict, rows: list[dict]) -> str:
 
 
 def keep_every_candidates_graph() -> None:
-    """Room for one inference graph per candidate, and then some: each tile configuration is a graph of its own,
-    and with 10 candidates timed in turn against 8 kept graphs some were evicted before every replay, timing a
-    fresh capture and the plain loop where the others replayed (seen with the graphs' own eviction, stubbed)."""
+    """Room for every candidate's graphs (one configuration at inference, two in training: forward and backward):
+    each tile configuration keeps its own, and with 10 candidates timed in turn against 8 kept configurations some
+    were evicted before every replay, timing a fresh capture and the plain loop where the others replayed (seen
+    with the graphs' own eviction, stubbed)."""
     from fastlstm.backends.triton import graphs
 
     most = max(len(c) for c in CANDIDATES.values())

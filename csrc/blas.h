@@ -6,6 +6,7 @@
 #include "memory.h"
 #include "simd.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
@@ -15,6 +16,10 @@
 #include <cstdlib>
 #include <limits>
 #include <type_traits>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 // The Fortran BLAS that libtorch_cpu already carries (MKL on x86 wheels, OpenBLAS elsewhere). Weak, so that
 // a torch build without them still loads; we then fall back to at::addmm on views.
@@ -192,11 +197,25 @@ inline int64_t onednn_min_macs() {
   return onednn_min_macs_env().value_or(cpu_is_intel() ? std::numeric_limits<int64_t>::max() : int64_t(1) << 22);
 }
 
+// Whether OpenMP may start fewer threads than a parallel region asks for here (OMP_DYNAMIC=true,
+// OMP_MAX_ACTIVE_LEVELS=0, OMP_THREAD_LIMIT below torch's thread count). oneDNN's matmul then computes wrong
+// numbers: with OMP_THREAD_LIMIT=1 and torch at 2 threads, on a 2-core Zen 4, the float32 training calls whose
+// weight gradients or dx it served were off by 0.7 to 6e37 (tests/test_cpp.py::test_fewer_openmp_threads_than_asked,
+// three runs, a different shape wrong each time; right with every product on BLAS), as its LSTM is for nn.LSTM
+// (fastlstm/backends/native.py). Read from this library's OpenMP runtime, which read the same environment.
+inline bool openmp_may_start_fewer_threads() {
+#ifdef _OPENMP
+  return omp_get_dynamic() || omp_get_max_active_levels() == 0 || omp_get_thread_limit() < at::get_num_threads();
+#else
+  return false;
+#endif
+}
+
 // Whether oneDNN serves a float32 product of `macs` multiply-adds, and the product A @ W^T as it computes it.
 template <typename scalar_t>
 bool onednn_serves(int64_t macs) {
   return std::is_same_v<scalar_t, float> && onednn_linear_op().has_value() && macs >= onednn_min_macs() &&
-         macs > 0 && at::globalContext().userEnabledMkldnn();
+         macs > 0 && at::globalContext().userEnabledMkldnn() && !openmp_may_start_fewer_threads();
 }
 
 Tensor onednn_linear(const Tensor& A, const Tensor& W) {

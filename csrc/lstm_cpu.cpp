@@ -414,7 +414,9 @@ inline std::string amx_description() {
 
 // Whether float32 weight gradients go through oneDNN's matmul (from weight_grad_min_macs on): the training
 // measurements behind dispatch's float32 rule depend on it.
-bool uses_onednn_weight_grads() { return onednn_weight_grads() && onednn_linear_op().has_value(); }
+bool uses_onednn_weight_grads() {
+  return onednn_weight_grads() && onednn_linear_op().has_value() && !openmp_may_start_fewer_threads();
+}
 
 // Steps of one chunk of a long inference: FASTLSTM_INFERENCE_CHUNK_STEPS when set (tests: chunk borders), else
 // as many as fit the scratch memory a thread keeps (kScratchKeep) with their gates. The gates of every step
@@ -483,6 +485,8 @@ std::string kernel_choices() {
   };
   const bool mkl =
       cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr;
+  // Not where OpenMP may start fewer threads than asked: oneDNN's matmul computes wrong there (blas.h)
+  const bool onednn = onednn_linear_op().has_value() && !openmp_may_start_fewer_threads();
   const int64_t dgemm_rows = dgemm_ != nullptr ? dgemm_min_rows() : std::numeric_limits<int64_t>::max();
   return "vectors of " + std::to_string(kVecBytes) + " bytes, row blocks of " + std::to_string(kRowBlock) +
          "; float32 step: MKL packed GEMM " + from(mkl ? mkl_min_rows() : std::numeric_limits<int64_t>::max(), "rows") +
@@ -491,8 +495,7 @@ std::string kernel_choices() {
               : std::string()) +
          ", else register-blocked; float64 step: dgemm " + from(dgemm_rows, "rows") +
          ", else register-blocked; float32 x@W^T and dx: oneDNN matmul " +
-         from(onednn_linear_op().has_value() ? onednn_min_macs() : std::numeric_limits<int64_t>::max(),
-              "multiply-adds") +
+         from(onednn ? onednn_min_macs() : std::numeric_limits<int64_t>::max(), "multiply-adds") +
          ", else BLAS; float32 input projection up front and dx below " + std::to_string(fuse_min_rows()) +
          " rows: register-blocked " +
          (own_projection_max_bytes() > 0 ? "up to " + std::to_string(own_projection_max_bytes()) + " bytes of w_ih"

@@ -29,7 +29,7 @@ def test_info_lists_every_backend():
             assert part in done.stdout, done.stdout
     if "\n  triton     available" in done.stdout:  # under the interpreter here (tests/conftest.py sets it)
         assert "triton kernels: sequence kernel up to batch " in done.stdout, done.stdout
-        assert "CUDA graph: on CUDA, captured from a configuration's second call" in done.stdout, done.stdout
+        assert "step loops as CUDA graphs: on CUDA for inference and training" in done.stdout, done.stdout
         assert "triton builds: none (TRITON_INTERPRET=1" in done.stdout, done.stdout
 
 

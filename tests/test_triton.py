@@ -360,12 +360,12 @@ def test_negated_weights_are_read_negated(kernel, monkeypatch):
             setattr(m, name, nn.Parameter(negated.clone() if m is ref else negated))
         assert getattr(fast, name).is_neg()
         x = torch.randn(5, 2, 3, dtype=torch.float64)
-        got, want = (_outputs_and_grads(m, x) for m in (fast, ref))
+        got, want = (_module_outputs_and_grads(m, x) for m in (fast, ref))
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
 
 
-def _outputs_and_grads(m, x):
+def _module_outputs_and_grads(m, x):
     y, (h, c) = m(x)
     (y.sum() + 2 * h.sum() + 3 * c.sum()).backward()
     return [y, h, c, *(p.grad for p in m.parameters())]

@@ -31,18 +31,82 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPE = torch.float32 if HAS_CUDA else torch.float64
 
 
+KERNEL_NAMES = ("fwd_step_kernel", "fwd_proj_kernel", "bwd_step_kernel", "bwd_dh_kernel", "bwd_proj_cell_kernel")
+
+
 class Recorder:
-    """Stands in for the CUDA capture: counts captures, and replays by running the captured loop again."""
+    """Stands in for the CUDA capture as a graph behaves: while the loop is captured, its kernel launches and the
+    torch ops that write (copy_) are recorded with their arguments, not run, and a replay issues exactly those
+    again; so an index, a pointer or a tensor baked into a graph is what a replay uses, as on a GPU. Every tensor
+    a captured launch or op touches must be one of a window's buffers (`touched`, `windows`), and nothing else may
+    run inside a capture (`unexpected`: an allocation, say)."""
 
     def __init__(self, fail: bool = False):
         self.captures = 0
         self.fail = fail
+        self.touched: set[int] = set()  # storages of the tensors captured launches and ops take
+        self.windows: set[int] = set()  # storages of every window's buffers
+        self.unexpected: list[str] = []
 
     def __call__(self, loop):
         self.captures += 1
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
-        return loop
+        recorded = []
+        with _Recording(recorded, self.unexpected):
+            loop()
+        for _, args, kwargs in recorded:
+            self.touched |= _storages([*args, *kwargs.values()])
+
+        def replay():
+            for issue, args, kwargs in recorded:
+                issue(*args, **kwargs)
+
+        return replay
+
+
+def _storages(values) -> set[int]:
+    return {v.untyped_storage().data_ptr() for v in values if isinstance(v, torch.Tensor) and v.numel()}
+
+
+class _Recording(torch.overrides.TorchFunctionMode):
+    """Kernel launches and in-place torch ops recorded into `recorded` as (what issues it, args, kwargs)."""
+
+    def __init__(self, recorded: list, unexpected: list):
+        super().__init__()
+        self.recorded, self.unexpected = recorded, unexpected
+
+    def __enter__(self):
+        from fastlstm.backends.triton import kernels
+
+        self.kernels, self.real = kernels, {name: getattr(kernels, name) for name in KERNEL_NAMES}
+        for name, kernel in self.real.items():
+            setattr(kernels, name, _RecordedKernel(kernel, self.recorded))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, kernel in self.real.items():
+            setattr(self.kernels, name, kernel)
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "copy_":
+            self.recorded.append((func, args, kwargs))
+            return args[0]
+        if name not in ("__getitem__", "__get__", "shape", "dtype", "device", "numel", "element_size", "data_ptr"):
+            self.unexpected.append(name)
+        return func(*args, **kwargs)
+
+
+class _RecordedKernel:
+    def __init__(self, kernel, recorded: list):
+        self.kernel, self.recorded = kernel, recorded
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+        return lambda *args, **kwargs: self.recorded.append((launch, args, kwargs))
 
 
 @pytest.fixture
@@ -52,10 +116,20 @@ def recorder(monkeypatch):
     if not HAS_CUDA:
         monkeypatch.setattr(graphs, "DEVICES", ("cuda", "cpu"))
         monkeypatch.setattr(graphs, "capture", rec)
+        real_window = graphs._window_buffers
+
+        def window(*args):
+            buffers = real_window(*args)
+            rec.windows |= _storages(buffers)
+            return buffers
+
+        monkeypatch.setattr(graphs, "_window_buffers", window)
     monkeypatch.setattr(graphs, "_disabled_reason", None)
     monkeypatch.delenv(graphs.ENV, raising=False)
     yield rec
     graphs.clear()
+    assert rec.touched <= rec.windows, "a captured launch or op took a tensor outside the windows"
+    assert not rec.unexpected, f"ran inside a capture: {sorted(set(rec.unexpected))}"
 
 
 def _inputs(T, B, I, H, proj=0, bias=True, seed=0, dtype=DTYPE, weight_scale=0.4):
@@ -234,6 +308,43 @@ def test_calls_that_are_not_graphed(recorder):
     assert y.requires_grad and [key[0] for key in graphs._graphs] == ["forward"]
 
 
+def test_the_ops_themselves_never_graph(recorder):
+    """A traced program calls the ops, and CUDA graph trees (torch.compile's mode="reduce-overhead") allocate its
+    warm-up's memory from a private pool that would hand a kept window to their outputs: the ops run launch by
+    launch, forward and backward; the eager layer's autograd (the same kernels) graphs."""
+    t = _inputs(T=5, B=2, I=3, H=4)
+    leaves = [v.requires_grad_(True) for v in t.values() if v is not None]
+    for _ in range(3):
+        y, hT, cT, *_ = torch.ops.fastlstm.triton_forward(*t.values(), None, False, "step")
+        torch.autograd.grad((y.sum(), hT.sum(), cT.sum()), leaves)
+    assert not graphs._graphs and recorder.captures == 0
+    for _ in range(3):
+        y, hT, cT = triton_ops.layer(*t.values(), None, False, "step")
+        torch.autograd.grad((y.sum(), hT.sum(), cT.sum()), leaves)
+    assert sorted(key[0] for key in graphs._graphs) == ["backward", "forward"] and recorder.captures
+
+
+def test_no_memory_for_a_window_runs_the_loops_launch_by_launch(recorder, monkeypatch):
+    """The window is memory the launch-by-launch loop does not need: where the GPU has none left for it, every kept
+    window is freed and the call runs as it did without graphs, inference and training alike."""
+    _graphed(_inputs(T=3, B=2, I=3, H=4, seed=9), False)  # a kept configuration, freed below
+
+    real_window = graphs._window_buffers
+
+    def out_of_memory(kind, W, B, H, P, dtype, device, has_proj):
+        if device.type == "meta":  # sizes counted, nothing allocated
+            return real_window(kind, W, B, H, P, dtype, device, has_proj)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (a stand-in)")
+
+    monkeypatch.setattr(graphs, "_window_buffers", out_of_memory)
+    t = _inputs(T=5, B=3, I=2, H=4)
+    _assert_same(_graphed(t, True), _plain(t, True))
+    assert not graphs._graphs
+    for graphed, plain in _training_both_ways(t, reverse=False, seed=0):
+        _assert_same(graphed, plain)
+    assert not graphs._graphs and recorder.captures == 0
+
+
 def test_least_recently_used_configurations_are_dropped(recorder, monkeypatch):
     monkeypatch.setattr(graphs, "MAX_GRAPHS", 2)
     for B in (2, 3, 2, 4):  # B=3 is the least recently used when B=4 arrives
@@ -348,6 +459,7 @@ def test_cuda_graph_replays_a_stream_of_calls(dtype, proj):
                 torch.testing.assert_close(g, w, rtol=0, atol=0)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert graphs._disabled_reason is None and graphs._graphs  # a failed capture runs the loop plainly: same numbers
     assert all(kept.replays for kept in graphs._graphs.values())
     if dtype != torch.float32:
         # Weights small enough that a step's rounding does not grow from step to step: the training loop within
@@ -360,11 +472,24 @@ def test_cuda_graph_replays_a_stream_of_calls(dtype, proj):
 
 
 def _grads_of(t: dict, T: int, B: int, seed: int):
-    """Gradients reaching y, hT and cT of a layer with `t`'s sizes."""
+    """Gradients reaching y, hT and cT of a layer with `t`'s sizes, device and dtype."""
     gen = torch.Generator().manual_seed(100 + seed)
     P, H = t["w_hh"].shape[1], t["w_hh"].shape[0] // 4
-    return [(torch.randn(*shape, generator=gen, dtype=torch.float64)).to(DEVICE, DTYPE)
+    like = t["w_hh"]
+    return [(torch.randn(*shape, generator=gen, dtype=torch.float64)).to(like.device, like.dtype)
             for shape in ((T, B, P), (B, P), (B, H))]  # fmt: skip
+
+
+def _training_both_ways(t: dict, reverse: bool, seed: int):
+    """Training's forward op and backward rows through graphs and launch by launch: [(graphed, plain)] of each."""
+    args = (*t.values(), None, reverse, "step")
+    forward = triton_ops.forward_impl(*args), triton_ops.forward_impl(*args, graph=False)
+    _, _, _, acts, hs, cs, r = forward[1]
+    T, B = t["x"].shape[:2]
+    grads = _grads_of(t, T, B, seed)
+    saved = (t["x"], t["w_ih"], t["w_hh"], t["w_hr"], None, acts, hs, cs, r, reverse, "step")
+    backward = tuple(triton_ops.backward_rows_impl(*grads, *saved, graph=graph) for graph in (True, False))
+    return [forward, backward]
 
 
 @pytest.mark.parametrize("sizes, reverse", [
@@ -379,15 +504,8 @@ def test_training_loops_through_graphs_match_the_plain_loops(sizes, reverse, rec
     graphs: every output of each op, bit for bit what the launch-by-launch loops give, on the first call (launch by
     launch over the window) and on the captured and replayed ones."""
     for call in range(3):
-        t = _inputs(**sizes, seed=call)
-        args = (*t.values(), None, reverse, "step")
-        graphed, plain = triton_ops.forward_impl(*args), triton_ops.forward_impl(*args, graph=False)
-        _assert_same(graphed, plain)
-        _, _, _, acts, hs, cs, r = plain
-        grads = _grads_of(t, sizes["T"], sizes["B"], call)
-        saved = (t["x"], t["w_ih"], t["w_hh"], t["w_hr"], None, acts, hs, cs, r, reverse, "step")
-        backward = [triton_ops.backward_rows_impl(*grads, *saved, graph=graph) for graph in (True, False)]
-        _assert_same(*backward)
+        for graphed, plain in _training_both_ways(_inputs(**sizes, seed=call), reverse, call):
+            _assert_same(graphed, plain)
     kinds = {key[0]: kept for key, kept in graphs._graphs.items()}
     assert sorted(kinds) == ["backward", "forward"]
     lengths = graphs.chunks(sizes["T"], 4)
@@ -419,3 +537,22 @@ def test_a_model_trains_through_graphs_as_launch_by_launch(recorder, short_windo
     graphed = run(True)
     assert {key[0] for key in graphs._graphs} == {"forward", "backward"} and recorder.captures
     _assert_same(graphed, run(False))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("proj", [0, 64], ids=["dense", "proj64"])
+def test_cuda_training_graphs_replay_the_plain_loops(dtype, proj):
+    """Real captures of training's loops: forward (gates, states, r saved) and backward (dgates, dhy, dh0, dc0)
+    over calls of 16, 37 and 300 steps (several chunks, the window growing), forward and reverse, each bit for bit
+    the launch-by-launch loops' (the same kernels and the same input GEMM)."""
+    graphs.clear()
+    sizes = dict(B=8, I=32, H=320, proj=proj)
+    for call, T in enumerate([16, 37, 16, 300, 37, 300]):
+        t = _inputs(**{**sizes, "T": T}, seed=call, dtype=dtype)
+        for graphed, plain in _training_both_ways(t, reverse=call % 2 == 1, seed=call):
+            _assert_same(graphed, plain)
+    kinds = {key[0]: kept for key, kept in graphs._graphs.items()}
+    assert graphs._disabled_reason is None
+    assert {"forward", "backward"} <= set(kinds) and all(kept.replays for kept in kinds.values())
+    graphs.clear()

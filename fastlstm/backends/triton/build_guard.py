@@ -18,8 +18,8 @@ cache, which this process's own build then reads. The verdicts are kept on disk 
 (backends.writable_cache_root(), "triton-builds"), per triton, torch and kernel source, GPU model, the kernels'
 constants and tiles (not the batch, input size or packing, which compile nothing new) and TRITON_* /
 FASTLSTM_TRITON_* environment, so that a later process starts no child for what is known. The
-self-test's launch has its configuration's tiles and kernels but two time steps: a crash only some sequence
-length's specialisation would meet (integer arguments divisible by 16) is not caught.
+self-test's launch has its configuration's tiles and kernels but two time steps of one batch size, which builds
+every kernel the configuration's other calls launch: no integer argument is specialised (kernels.py).
 
 FASTLSTM_TRITON_BUILD_IN_CHILD=0 turns the guard off; under TRITON_INTERPRET=1 nothing is compiled and it is off.
 """

@@ -90,9 +90,6 @@ def capture(loop: Callable[[], None]) -> Callable[[], None]:
     return graph.replay
 
 
-KINDS = ("inference", "forward", "backward")  # the loops graphed: inference's, and training's forward and backward
-
-
 @dataclass
 class _Graphs:
     """One configuration's window of buffers and the graphs captured over it, by chunk (its length, and for backward
@@ -153,7 +150,7 @@ def chunks(T: int, window: int) -> list[int]:
 
 def applies(x: Tensor, w_hh: Tensor, w_hr: Tensor | None, batch_sizes: Tensor | None, kernel: str,
             kind: str = "inference") -> bool:  # fmt: skip
-    """Whether a call of this loop (see KINDS) runs through graphs."""
+    """Whether a call of `kind`'s loop ("inference", or training's "forward" and "backward") runs through graphs."""
     if batch_sizes is not None or kernel != "step" or x.device.type not in DEVICES:
         return False
     if _disabled_reason is not None or os.environ.get(ENV, "1") == "0" or _kept_off:
@@ -178,15 +175,20 @@ def kept_off():
             _kept_off -= 1
 
 
-def _entry(key: tuple, window: int, make: Callable[[int], _Graphs]) -> _Graphs:
+def _entry(key: tuple, window: int, make: Callable[[int], _Graphs]) -> _Graphs | None:
     """The kept graphs of `key` (now the most recently used), made anew with a window of `window` steps where the
-    kept one is smaller."""
+    kept one is smaller; None where the GPU has no memory left for the window (every kept one is freed then, and
+    the call runs launch by launch, as it ran before graphs took memory of their own)."""
     with _graphs_lock:
         graphs = _graphs.get(key)
         if graphs is not None and graphs.window >= window:
             _graphs.move_to_end(key)
             return graphs
-        grown = make(window)
+        try:
+            grown = make(window)
+        except torch.cuda.OutOfMemoryError:
+            _graphs.clear()
+            return None
         # A grown window's kernels are those of the smaller one (the window's length is no kernel argument)
         grown.warmed = graphs is not None and graphs.warmed
         _graphs.pop(key, None)
@@ -196,8 +198,10 @@ def _entry(key: tuple, window: int, make: Callable[[int], _Graphs]) -> _Graphs:
         return grown
 
 
-def _graphs_for(kind: str, like: Tensor, T: int, B: int, H: int, P: int, has_proj: bool, reverse: bool) -> _Graphs:
-    """The kept graphs of this configuration of `kind`'s loop, with a window for a call of T steps."""
+def _graphs_for(kind: str, like: Tensor, T: int, B: int, H: int, P: int, has_proj: bool,
+                reverse: bool) -> _Graphs | None:  # fmt: skip
+    """The kept graphs of this configuration of `kind`'s loop, with a window for a call of T steps (None: no memory
+    for it, see _entry)."""
     dtype, device = like.dtype, like.device
     key = (kind, device, _stream_key(device), dtype, B, H, P, has_proj, bool(reverse), ops._precision(dtype),
            os.environ.get(ops.ENV_CONFIG))  # fmt: skip
@@ -239,6 +243,8 @@ def forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Te
     T, B, I, H, P, _ = ops.checked_sizes(x, h0, c0, w_ih, w_hh, b, w_hr, None, reverse, "step", save_acts=False)
     has_proj = w_hr is not None
     graphs = _graphs_for("inference", x, T, B, H, P, has_proj, reverse)
+    if graphs is None:
+        return ops.forward_impl(x, h0, c0, w_ih, w_hh, b, w_hr, None, reverse, "step", False, graph=False)[:3]
     win, W = graphs.buffers, graphs.window
     xg = ops.project_inputs(x, w_ih, b)  # one GEMM, as the launch-by-launch loop's
     y = x.new_empty(T, B, P)
@@ -271,6 +277,8 @@ def training_forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tens
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
     has_proj = w_hr is not None
     graphs = _graphs_for("forward", x, T, B, H, P, has_proj, reverse)
+    if graphs is None:
+        return ops.forward_impl(x, h0, c0, w_ih, w_hh, b, w_hr, None, reverse, "step", graph=False)
     win, W = graphs.buffers, graphs.window
     xg = ops.project_inputs(x, w_ih, b)
     out = ops.forward_buffers(T, B, H, P, x.dtype, x.device, has_proj, save_acts=True, xg=xg, w_hh=w_hh, w_hr=w_hr)
@@ -320,6 +328,10 @@ def training_backward(bb: ops.BackwardBuffers, reverse: bool, has_proj: bool) ->
     T, B, P = bb.grad_y.shape
     H = bb.cs.shape[2]
     graphs = _graphs_for("backward", bb.grad_y, T, B, H, P, has_proj, reverse)
+    if graphs is None:
+        ops.run_backward_loop(bb, [B] * T, reverse, has_proj)
+        ops.run_final_dh(bb, T - 1 if reverse else 0, B)
+        return
     win, W = graphs.buffers, graphs.window
     last_first = not reverse  # backward takes the forward's steps in the other order
     with graphs.lock:
@@ -387,7 +399,7 @@ def _run_chunk(graphs: _Graphs, chunk: object, loop: Callable[[], None], may_cap
 
 
 def describe() -> str:
-    """Whether inference graphs are on, for `python -m fastlstm info`."""
+    """Whether the step loops' graphs are on, for `python -m fastlstm info`."""
     if os.environ.get(ENV, "1") == "0":
         return f"off ({ENV}=0)"
     if _disabled_reason is not None:

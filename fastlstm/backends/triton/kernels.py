@@ -1,6 +1,7 @@
 """Triton kernels for one LSTM layer in one direction (imported only when triton is available).
 
-Buffers (all contiguous, allocated once per call by fastlstm.backends.triton.ops):
+Buffers (all contiguous; allocated per call by fastlstm.backends.triton.ops, or kept across calls as a graph's
+window of steps by graphs.py):
     xg    [T, B, 4H]      x @ W_ih^T + b for every step (one torch GEMM, outside the time loop)
     hs    [T+1, B, P]     h states; time t reads slot t + REV and writes slot t + 1 - REV
     cs    [T+1, B, H]     c states, fp32 (fp64 for float64 input), same slots as hs

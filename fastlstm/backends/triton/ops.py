@@ -104,7 +104,7 @@ def kernel_choices() -> str:
         else "tiles: BLOCK_B 16 or 32 by batch, BLOCK_H / BLOCK_P the next power of two of the hidden / projection "
         "size within 16-64, BLOCK_K 16 for float32 without TF32 (and float64), else 64 (32 below 64); 4 warps"
     )
-    return f"{rule}; {tiles}; inference step loop as a CUDA graph: {graphs.describe()}"
+    return f"{rule}; {tiles}; step loops as CUDA graphs: {graphs.describe()}"
 
 
 def size_reason(T: int, B: int, H: int, P: int) -> str | None:
@@ -440,9 +440,10 @@ def backward_impl(
     reverse: bool,
     kernel: str,
     has_bias: bool,
+    graph: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dx, dh0, dc0, dg, dhy = backward_rows_impl(
-        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel
+        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, graph
     )
     T, B, I = x.shape
     dg2 = dg.reshape(T * B, -1)
@@ -453,15 +454,15 @@ def backward_impl(
     return dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr
 
 
-def project_inputs(x: Tensor, w_ih: Tensor, b: Tensor | None, out: Tensor | None = None) -> Tensor:
-    """Every step's x @ w_ih^T + b in one GEMM, [T, B, 4H] (into `out` where given: a graph's kept buffer).
+def project_inputs(x: Tensor, w_ih: Tensor, b: Tensor | None) -> Tensor:
+    """Every step's x @ w_ih^T + b in one GEMM, [T, B, 4H].
 
-    The one call both inference loops make, launch by launch and graphed: cuBLAS may choose another kernel for
-    another call (F.linear on [T, B, I], say), which rounds otherwise in half precision, and a graphed call's
-    numbers then differed from the plain loop's (an H200, float16 and bfloat16)."""
+    The one call every forward loop makes, launch by launch and graphed (graphs.py copies it into its windows
+    chunk by chunk): cuBLAS may choose another kernel for another call (F.linear on [T, B, I], or a GEMM per
+    chunk), which rounds otherwise in half precision, and a graphed call's numbers then differed from the plain
+    loop's (an H200, float16 and bfloat16)."""
     T, B, I = x.shape
-    if out is None:
-        out = x.new_empty(T, B, w_ih.shape[0])
+    out = x.new_empty(T, B, w_ih.shape[0])
     rows, out_rows = x.reshape(T * B, I), out.view(T * B, -1)
     if b is None:
         torch.mm(rows, w_ih.t(), out=out_rows)
@@ -658,7 +659,9 @@ def triton_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """y [T,B,P], hT [B,P], cT [B,H], and for backward: acts [T,B,4H], hs [T+1,B,P], cs [T+1,B,H], r [T,B,H]|[0]."""
     _check_dtype(x)
-    return forward_impl(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel)
+    # Never through graphs.py's: a compiled program calls the op, and under CUDA graph trees (mode="reduce-overhead")
+    # its warm-up allocates from the trees' private pool, which would hand a kept window's memory to their outputs
+    return forward_impl(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel, graph=False)
 
 
 def _on_x_device(x: Tensor, batch_sizes: Tensor | None, *tensors: Tensor | None) -> None:
@@ -706,7 +709,22 @@ def triton_backward(
     """dx, dh0, dc0, dw_ih, dw_hh, db ([0] without bias), dw_hr ([0] without projection)."""
     _check_dtype(x)
     return backward_impl(
-        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, has_bias
+        grad_y,
+        grad_hT,
+        grad_cT,
+        x,
+        w_ih,
+        w_hh,
+        w_hr,
+        batch_sizes,
+        acts,
+        hs,
+        cs,
+        r,
+        reverse,
+        kernel,
+        has_bias,
+        graph=False,  # as triton_forward's
     )
 
 
@@ -745,7 +763,7 @@ def triton_backward_rows(
     """triton_backward without the weight gradients (backward_rows_impl), for their sums per sample under vmap."""
     _check_dtype(x)
     dx, dh0, dc0, dg, dhy = backward_rows_impl(
-        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel
+        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, graph=False
     )
     return dx, dh0, dc0, dg.clone(), dhy  # dg is a view into backward's buffer, at an offset the fake does not have
 
@@ -774,7 +792,9 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused gradients stay None, not [T, B, 4H] of zeros
 
 
-def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused):
+def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused, eager: bool = False):
+    """The layer's backward: through the backward ops (traced calls: the op's own autograd), or for an eager
+    call (_EagerLayer) through their implementations, whose step loops may replay CUDA graphs (graphs.py)."""
     x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, h0, c0, b = ctx.saved_tensors
     B, P, H = hs.shape[1], hs.shape[2], cs.shape[2]
     if grad_y is None:
@@ -788,14 +808,21 @@ def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused):
         return layer_op_grads(*grads_through_reference(inputs, batch_sizes, ctx.reverse, (grad_y, grad_hT, grad_cT)))
     # No graph: these gradients are not differentiated. And the op's autograd layer (torch.library's
     # autograd.Function, without setup_context) raises under a torch.func gradient transform if it records one.
+    rows_of, grads_of = triton_backward_rows, triton_backward
+    if eager:
+        _check_dtype(x)
+        rows_of, grads_of = (
+            functools.partial(backward_rows_impl, graph=True),
+            functools.partial(backward_impl, graph=True),
+        )
     if not any(ctx.needs_input_grad[3:7]):  # frozen weights: the rows alone, without the weight gradients' GEMMs
         with torch.no_grad():
-            dx, dh0, dc0, _, _ = triton_backward_rows(
+            dx, dh0, dc0, _, _ = rows_of(
                 grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel
             )
         return layer_op_grads(dx, dh0, dc0, None, None, None, None)
     with torch.no_grad():
-        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = triton_backward(
+        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = grads_of(
             grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel,
             b is not None,
         )  # fmt: skip
@@ -853,13 +880,14 @@ class _EagerLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = forward_impl(*inputs)
+        _check_dtype(inputs[0])
+        output = forward_impl(*inputs, graph=True)
         _setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, *grads):
-        return _backward(ctx, *grads)
+        return _backward(ctx, *grads, eager=True)
 
 
 class _FuncLayer(torch.autograd.Function):
