@@ -645,8 +645,8 @@ def test_self_test_reports_wrong_numbers(corrupt, monkeypatch, fresh_self_tests)
     name = "forward_impl" if corrupt == "output" else "backward_impl"
     real = getattr(triton_ops, name)
 
-    def corrupted(*args):
-        first, *rest = real(*args)
+    def corrupted(*args, **kwargs):
+        first, *rest = real(*args, **kwargs)
         return (first * 1.5 + 0.1, *rest)
 
     monkeypatch.setattr(triton_ops, name, corrupted)

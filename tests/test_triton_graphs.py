@@ -9,6 +9,7 @@ warm-up, the eviction, and the fallback when a capture fails. The cuda-marked te
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -38,14 +39,14 @@ class Recorder:
     """Stands in for the CUDA capture as a graph behaves: while the loop is captured, its kernel launches and the
     torch ops that write (copy_) are recorded with their arguments, not run, and a replay issues exactly those
     again; so an index, a pointer or a tensor baked into a graph is what a replay uses, as on a GPU. Every tensor
-    a captured launch or op touches must be one of a window's buffers (`touched`, `windows`), and nothing else may
-    run inside a capture (`unexpected`: an allocation, say)."""
+    a captured launch or op touches must be one of the captured configuration's window buffers (`foreign` lists
+    those that are not), and nothing else may run inside a capture (`unexpected`: an allocation, say)."""
 
     def __init__(self, fail: bool = False):
         self.captures = 0
         self.fail = fail
-        self.touched: set[int] = set()  # storages of the tensors captured launches and ops take
-        self.windows: set[int] = set()  # storages of every window's buffers
+        self.window = None  # the buffers of the configuration whose chunk runs now (set by the fixture)
+        self.foreign: list[tuple] = []
         self.unexpected: list[str] = []
 
     def __call__(self, loop):
@@ -55,8 +56,10 @@ class Recorder:
         recorded = []
         with _Recording(recorded, self.unexpected):
             loop()
-        for _, args, kwargs in recorded:
-            self.touched |= _storages([*args, *kwargs.values()])
+        own = _storages(self.window)
+        for issue, args, kwargs in recorded:
+            if not _storages([*args, *kwargs.values()]) <= own:
+                self.foreign.append(issue)
 
         def replay():
             for issue, args, kwargs in recorded:
@@ -116,19 +119,18 @@ def recorder(monkeypatch):
     if not HAS_CUDA:
         monkeypatch.setattr(graphs, "DEVICES", ("cuda", "cpu"))
         monkeypatch.setattr(graphs, "capture", rec)
-        real_window = graphs._window_buffers
+        real_run_chunk = graphs._run_chunk
 
-        def window(*args):
-            buffers = real_window(*args)
-            rec.windows |= _storages(buffers)
-            return buffers
+        def run_chunk(kept, *args, **kwargs):
+            rec.window = kept.buffers
+            return real_run_chunk(kept, *args, **kwargs)
 
-        monkeypatch.setattr(graphs, "_window_buffers", window)
+        monkeypatch.setattr(graphs, "_run_chunk", run_chunk)
     monkeypatch.setattr(graphs, "_disabled_reason", None)
     monkeypatch.delenv(graphs.ENV, raising=False)
     yield rec
     graphs.clear()
-    assert rec.touched <= rec.windows, "a captured launch or op took a tensor outside the windows"
+    assert not rec.foreign, f"captured launches or ops took tensors outside their window: {rec.foreign}"
     assert not rec.unexpected, f"ran inside a capture: {sorted(set(rec.unexpected))}"
 
 
@@ -324,25 +326,62 @@ def test_the_ops_themselves_never_graph(recorder):
     assert sorted(key[0] for key in graphs._graphs) == ["backward", "forward"] and recorder.captures
 
 
-def test_no_memory_for_a_window_runs_the_loops_launch_by_launch(recorder, monkeypatch):
-    """The window is memory the launch-by-launch loop does not need: where the GPU has none left for it, every kept
-    window is freed and the call runs as it did without graphs, inference and training alike."""
-    _graphed(_inputs(T=3, B=2, I=3, H=4, seed=9), False)  # a kept configuration, freed below
+def test_compiled_autograd_traces_the_ops_not_the_graphs(recorder, monkeypatch):
+    """Compiled autograd traces the eager layer's backward: it then takes the ops, as any compiled program, and
+    never asks for graphs while tracing (it had traced into graphs.py's backward and failed); the gradients are
+    eager's."""
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    enable = getattr(compiled_autograd, "_enable", None)
+    if enable is None:
+        pytest.skip("this torch has no compiled_autograd._enable")
+    asked, real_applies = [], graphs.applies
 
-    real_window = graphs._window_buffers
+    def applies(*args, **kwargs):
+        asked.append(torch.compiler.is_compiling())
+        return real_applies(*args, **kwargs)
+
+    monkeypatch.setattr(graphs, "applies", applies)
+    t = _inputs(T=3, B=2, I=3, H=4)
+    leaves = [v.requires_grad_(True) for v in t.values() if v is not None]
+    grads = []
+    for compiled in (False, True):
+        y, hT, cT = triton_ops.layer(*t.values(), None, False, "step")
+        context = enable(torch.compile(backend="eager")) if compiled else contextlib.nullcontext()
+        with context:
+            (y.sum() + 2 * hT.sum() + 3 * cT.sum()).backward()
+        grads.append([leaf.grad.clone() for leaf in leaves])
+        for leaf in leaves:
+            leaf.grad = None
+    assert asked and True not in asked
+    _assert_same(*grads)
+
+
+def test_no_memory_for_a_window_keeps_the_window_there_is(recorder, short_windows, monkeypatch):
+    """A window is memory the launch-by-launch loop does not need. Where the GPU has none left for a new one, the
+    call runs as it did without graphs (inference and training alike); for a larger one, the kept window serves
+    it in more chunks. Either way the configuration is not tried again (each failure flushes torch's allocator)."""
+    sizes = dict(B=2, I=3, H=4)
+    _graphed(_inputs(T=2, **sizes, seed=9), False)  # a window of 2 steps
+    real_window, attempts = graphs._window_buffers, []
 
     def out_of_memory(kind, W, B, H, P, dtype, device, has_proj):
         if device.type == "meta":  # sizes counted, nothing allocated
             return real_window(kind, W, B, H, P, dtype, device, has_proj)
+        attempts.append((kind, W))
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (a stand-in)")
 
     monkeypatch.setattr(graphs, "_window_buffers", out_of_memory)
-    t = _inputs(T=5, B=3, I=2, H=4)
-    _assert_same(_graphed(t, True), _plain(t, True))
-    assert not graphs._graphs
-    for graphed, plain in _training_both_ways(t, reverse=False, seed=0):
-        _assert_same(graphed, plain)
-    assert not graphs._graphs and recorder.captures == 0
+    for seed in range(3):
+        t = _inputs(T=7, **sizes, seed=seed)
+        _assert_same(_graphed(t, True), _plain(t, True))  # a new configuration (reverse): no window
+        _assert_same(_graphed(t, False), _plain(t, False))  # 4 steps would not fit: chunks of 2
+        for graphed, plain in _training_both_ways(t, reverse=False, seed=seed):
+            _assert_same(graphed, plain)
+    assert sorted(attempts) == [("backward", 4), ("forward", 4), ("inference", 4), ("inference", 4)]
+    assert [(key[0], key[8], kept.window) for key, kept in graphs._graphs.items()] == [("inference", False, 2)]
+    graphs.clear()
+    _graphed(_inputs(T=7, **sizes), True)
+    assert len(attempts) == 5  # tried again after clear()
 
 
 def test_least_recently_used_configurations_are_dropped(recorder, monkeypatch):
@@ -552,7 +591,7 @@ def test_cuda_training_graphs_replay_the_plain_loops(dtype, proj):
         t = _inputs(**{**sizes, "T": T}, seed=call, dtype=dtype)
         for graphed, plain in _training_both_ways(t, reverse=call % 2 == 1, seed=call):
             _assert_same(graphed, plain)
-    kinds = {key[0]: kept for key, kept in graphs._graphs.items()}
     assert graphs._disabled_reason is None
-    assert {"forward", "backward"} <= set(kinds) and all(kept.replays for kept in kinds.values())
+    assert {key[0] for key in graphs._graphs} == {"forward", "backward"}
+    assert all(kept.replays for kept in graphs._graphs.values())
     graphs.clear()

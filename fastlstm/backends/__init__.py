@@ -132,9 +132,11 @@ def host_to_device(t: Tensor, device: torch.device) -> Tensor:
     """A CPU tensor (indices a call derives from its lengths) on `device`. To a GPU from pinned memory, without
     waiting: a copy from pageable memory waits until the GPU has run all that was queued before it, so each packed
     or lengths= call had stopped the host until the GPU drained (the previous step's backward, say). Traced
-    calls copy plainly: the copy is then a graph's op. So do calls inside the caller's own CUDA graph capture:
-    the pinned block would be baked into the graph, and torch before 2.13 may hand it out again afterwards."""
-    if device.type != "cuda" or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+    calls copy plainly: the copy is then a graph's op. Inside a caller's own CUDA graph capture the pinned copy
+    is captured (a pageable one would synchronize, which a capture refuses); torch before 2.13 may hand the pinned
+    block out again after the capture, so a replay could read other numbers there (torch 2.13 keeps blocks
+    allocated during a capture)."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 

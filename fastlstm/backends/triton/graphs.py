@@ -23,13 +23,15 @@ training what backward reads: gates, states, dgates), so a graph never holds a c
 weights in, so a weight updated in place between calls is read afresh. The kernels get the window's buffers
 whole, never a view of a chunk's rows (whose pointer may lose the alignment triton compiles for). Packed input
 (whose per-step sizes would be baked into a graph), the sequence kernel (one launch already) and calls made while
-the caller is capturing a graph of its own run the loop as usual.
+the caller is capturing a graph of its own run the loop as usual. So do the torch.library ops themselves, which
+a compiled program calls (ops.triton_forward): only eager calls replay graphs here.
 
 The window grows with the calls, to MAX_CHUNK steps at most and to what fits MAX_BYTES_ONE; a configuration whose
 window would hold fewer than MIN_CHUNK steps runs step by step (its steps are long enough that launching them one
 by one keeps the GPU busy). The most recently used configurations are kept, at most MAX_GRAPHS of them holding
-MAX_BYTES. FASTLSTM_TRITON_GRAPHS=0 turns graphs off. A capture that fails warns once and turns them off for the
-process; the call that failed runs the loop as usual.
+MAX_BYTES. Where the GPU has no memory for a window, a configuration keeps the window it has, or runs launch by
+launch without one. FASTLSTM_TRITON_GRAPHS=0 turns graphs off. A capture that fails warns once and turns them
+off for the process; the call that failed runs the loop as usual.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ MAX_BYTES_ONE = MAX_BYTES // 4
 # Steps one graph covers at most, and at least for a configuration to be graphed.
 MAX_CHUNK = 128
 MIN_CHUNK = 16
-# Devices whose calls are graphed (tests add "cpu", with `capture` replaced by a re-run of the loop).
+# Devices whose calls are graphed (tests add "cpu", with `capture` replaced by a stand-in that records the
+# loop's launches and replays them).
 DEVICES = ("cuda",)
 
 
@@ -108,6 +111,9 @@ _graphs_lock = threading.Lock()
 _kept_off = 0  # kept_off() blocks running now
 _disabled_reason: str | None = None
 _largest: dict[tuple, int] = {}
+# Configurations a window could not be allocated for: the most steps their window may hold now (0: none), so
+# that an out-of-memory error is met once, not at every call (each costs the allocator a device-wide flush)
+_window_caps: dict[tuple, int] = {}
 
 
 def _stream_key(device: torch.device):
@@ -177,8 +183,9 @@ def kept_off():
 
 def _entry(key: tuple, window: int, make: Callable[[int], _Graphs]) -> _Graphs | None:
     """The kept graphs of `key` (now the most recently used), made anew with a window of `window` steps where the
-    kept one is smaller; None where the GPU has no memory left for the window (every kept one is freed then, and
-    the call runs launch by launch, as it ran before graphs took memory of their own)."""
+    kept one is smaller. Where the GPU has no memory left for that window, the kept smaller one serves the call
+    in more chunks, or without one, None: the call runs launch by launch, as it did before graphs took memory of
+    their own; either way this configuration's window stays as it is from then on (until clear())."""
     with _graphs_lock:
         graphs = _graphs.get(key)
         if graphs is not None and graphs.window >= window:
@@ -187,8 +194,8 @@ def _entry(key: tuple, window: int, make: Callable[[int], _Graphs]) -> _Graphs |
         try:
             grown = make(window)
         except torch.cuda.OutOfMemoryError:
-            _graphs.clear()
-            return None
+            _window_caps[key] = 0 if graphs is None else graphs.window
+            return graphs
         # A grown window's kernels are those of the smaller one (the window's length is no kernel argument)
         grown.warmed = graphs is not None and graphs.warmed
         _graphs.pop(key, None)
@@ -206,6 +213,9 @@ def _graphs_for(kind: str, like: Tensor, T: int, B: int, H: int, P: int, has_pro
     key = (kind, device, _stream_key(device), dtype, B, H, P, has_proj, bool(reverse), ops._precision(dtype),
            os.environ.get(ops.ENV_CONFIG))  # fmt: skip
     window = min(largest_window(kind, B, H, P, dtype, has_proj), max(MIN_CHUNK, 1 << (T - 1).bit_length()))
+    window = min(window, _window_caps.get(key, window))
+    if not window:
+        return None
 
     def make(window: int) -> _Graphs:
         # Normal tensors even when this call runs under torch.inference_mode: inference tensors may not be
@@ -411,6 +421,7 @@ def describe() -> str:
 
 
 def clear() -> None:
-    """Forget every kept graph and its buffers."""
+    """Forget every kept graph and its buffers (and which configurations had no memory for a window)."""
     with _graphs_lock:
         _graphs.clear()
+        _window_caps.clear()

@@ -90,7 +90,7 @@ def setting_errors() -> list[str]:
 
 
 def kernel_choices() -> str:
-    """Which kernel serves which call, the tiles, and the inference graphs, knobs applied (`fastlstm info`)."""
+    """Which kernel serves which call, the tiles, and the step loops' graphs, knobs applied (`fastlstm info`)."""
     from fastlstm.backends.triton import graphs
 
     forced = os.environ.get(ENV_KERNEL)
@@ -810,7 +810,6 @@ def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused, eager: bool = False):
     # autograd.Function, without setup_context) raises under a torch.func gradient transform if it records one.
     rows_of, grads_of = triton_backward_rows, triton_backward
     if eager:
-        _check_dtype(x)
         rows_of, grads_of = (
             functools.partial(backward_rows_impl, graph=True),
             functools.partial(backward_impl, graph=True),
@@ -872,22 +871,23 @@ if HAS_VMAP_RULE:
 class _EagerLayer(torch.autograd.Function):
     """triton_forward with its autograd, for eager calls, without torch.library's per-call Python.
 
-    Same kernels, same context, same backward as the op, less Python: with the kernels stubbed out, a layer's
-    training call (forward and backward) measured 145 us of CPU time this way against 194-322 us through the
-    op, and an inference call 19 us against 24-44 us. On a GPU at small sizes that is time the kernels wait
-    for. Traced calls (torch.compile, torch.export) keep the op: it is opaque to them and has a fake kernel.
+    Same kernels, same context, the op's backward computation, less Python: with the kernels stubbed out, a
+    layer's training call (forward and backward) measured 145 us of CPU time this way against 194-322 us through
+    the op, and an inference call 19 us against 24-44 us. On a GPU at small sizes that is time the kernels wait
+    for. It calls the ops' implementations, whose step loops replay CUDA graphs (graphs.py), which the ops never
+    do. Traced calls (torch.compile, torch.export) keep the op: it is opaque to them and has a fake kernel.
     """
 
     @staticmethod
     def forward(ctx, *inputs):
-        _check_dtype(inputs[0])
         output = forward_impl(*inputs, graph=True)
         _setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, *grads):
-        return _backward(ctx, *grads, eager=True)
+        # Compiled autograd traces this backward: the ops then, as a compiled program's (see triton_forward)
+        return _backward(ctx, *grads, eager=not torch.compiler.is_compiling())
 
 
 class _FuncLayer(torch.autograd.Function):
@@ -910,6 +910,7 @@ class _FuncLayer(torch.autograd.Function):
 
 def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | None = None):
     """One layer, one direction, per the contract in fastlstm.reference; `kernel` forces step/sequence."""
+    _check_dtype(x)  # as the ops check it, also for the eager paths, which call their implementations
     for t in (h0, c0, w_ih, w_hh, b, w_hr):
         # The module checks the weights' dtypes once per reading of them; a `.data` swapped to another dtype in
         # place since then reaches here, and the kernels would read it as x's dtype. nn.LSTM raises too.
