@@ -204,12 +204,16 @@ def short_windows(monkeypatch):
     monkeypatch.setattr(graphs, "MAX_CHUNK", 4)
 
 
-@pytest.mark.parametrize("sizes, reverse", [
+# Calls longer than a window of 4 steps (short_windows): several chunks, the last ones shorter
+ACROSS_CHUNKS = [
     pytest.param(dict(T=11, B=2, I=3, H=5), False, id="T11-forward"),
     pytest.param(dict(T=11, B=3, I=2, H=4), True, id="T11-reverse"),
     pytest.param(dict(T=7, B=2, I=3, H=6, proj=3), True, id="T7-proj3-reverse"),
     pytest.param(dict(T=8, B=1, I=3, H=4, proj=2, bias=False), False, id="T8-proj2-nobias"),
-])  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("sizes, reverse", ACROSS_CHUNKS)
 def test_calls_longer_than_the_window_carry_the_state_across_chunks(sizes, reverse, recorder, short_windows):
     """A call of 11 steps in a window of 4 runs as chunks of 4, 4, 2 and 1, each replayed over the same buffers
     with the state carried between them (forward from the first step, reverse from the last): the plain loop's
@@ -531,12 +535,7 @@ def _training_both_ways(t: dict, reverse: bool, seed: int):
     return [forward, backward]
 
 
-@pytest.mark.parametrize("sizes, reverse", [
-    pytest.param(dict(T=11, B=2, I=3, H=5), False, id="T11-forward"),
-    pytest.param(dict(T=11, B=3, I=2, H=4), True, id="T11-reverse"),
-    pytest.param(dict(T=7, B=2, I=3, H=6, proj=3), True, id="T7-proj3-reverse"),
-    pytest.param(dict(T=6, B=1, I=3, H=4, proj=2, bias=False), False, id="T6-proj2-nobias"),
-])  # fmt: skip
+@pytest.mark.parametrize("sizes, reverse", ACROSS_CHUNKS)
 def test_training_loops_through_graphs_match_the_plain_loops(sizes, reverse, recorder, short_windows):
     """Training's forward (which saves the gates, states and r for backward) and backward (dgates, dhy and the
     carries dh, dc through every chunk of a window of 4, the first chunk starting from no later step) through

@@ -255,26 +255,20 @@ def forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Te
     graphs = _graphs_for("inference", x, T, B, H, P, has_proj, reverse)
     if graphs is None:
         return ops.forward_impl(x, h0, c0, w_ih, w_hh, b, w_hr, None, reverse, "step", False, graph=False)[:3]
-    win, W = graphs.buffers, graphs.window
     xg = ops.project_inputs(x, w_ih, b)  # one GEMM, as the launch-by-launch loop's
     y = x.new_empty(T, B, P)
+    win = graphs.buffers
+
+    def keep(steps: slice, rows: slice, k: int) -> None:
+        y[steps].copy_(win.y[rows])
+
     # Held until the results are copied out: the kept buffers serve one call at a time (calls on one stream
     # run in the order they were issued, so releasing after the copies are queued is enough).
     with graphs.lock:
-        warmed = graphs.warmed
-        _load_weights(win, w_hh, w_hr)
-        ops.start_state(win, h0, c0, reverse)
-        done = 0
-        for k in chunks(T, W):
-            steps, rows = _call_steps(T, done, k, reverse), _chunk_rows(W, k, reverse)
-            win.xg[rows].copy_(xg[steps])
-            _run_chunk(graphs, k, _forward_chunk(win, k, reverse, has_proj), may_capture=warmed)
-            y[steps].copy_(win.y[rows])
-            done += k
+        _forward_chunks(graphs, xg, h0, c0, w_hh, w_hr, reverse, keep)
         # every chunk ends by carrying its last state to the slot all start from
-        first = W if reverse else 0
+        first = graphs.window if reverse else 0
         hT, cT = win.hs[first].clone(), win.cs[first].to(x.dtype, copy=True)
-        graphs.warmed = True
     return y, hT, cT
 
 
@@ -289,32 +283,45 @@ def training_forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tens
     graphs = _graphs_for("forward", x, T, B, H, P, has_proj, reverse)
     if graphs is None:
         return ops.forward_impl(x, h0, c0, w_ih, w_hh, b, w_hr, None, reverse, "step", graph=False)
-    win, W = graphs.buffers, graphs.window
     xg = ops.project_inputs(x, w_ih, b)
     out = ops.forward_buffers(T, B, H, P, x.dtype, x.device, has_proj, save_acts=True, xg=xg, w_hh=w_hh, w_hr=w_hr)
+    ops.start_state(out, h0, c0, reverse)
+    win = graphs.buffers
+
+    def keep(steps: slice, rows: slice, k: int) -> None:
+        out.y[steps].copy_(win.y[rows])
+        out.acts[steps].copy_(win.acts[rows])
+        if has_proj:
+            out.r[steps].copy_(win.r[rows])
+        # the state slots the chunk wrote: those after each step, before it when reverse
+        written = rows if reverse else slice(1, k + 1)
+        stored = steps if reverse else slice(steps.start + 1, steps.stop + 1)
+        out.hs[stored].copy_(win.hs[written])
+        out.cs[stored].copy_(win.cs[written])
+
     with graphs.lock:
-        warmed = graphs.warmed
-        _load_weights(win, w_hh, w_hr)
-        ops.start_state(win, h0, c0, reverse)
-        ops.start_state(out, h0, c0, reverse)
-        done = 0
-        for k in chunks(T, W):
-            steps, rows = _call_steps(T, done, k, reverse), _chunk_rows(W, k, reverse)
-            win.xg[rows].copy_(xg[steps])
-            _run_chunk(graphs, k, _forward_chunk(win, k, reverse, has_proj), may_capture=warmed)
-            out.y[steps].copy_(win.y[rows])
-            out.acts[steps].copy_(win.acts[rows])
-            if has_proj:
-                out.r[steps].copy_(win.r[rows])
-            # the state slots the chunk wrote: those after each step, before it when reverse
-            written = rows if reverse else slice(1, k + 1)
-            stored = steps if reverse else slice(steps.start + 1, steps.stop + 1)
-            out.hs[stored].copy_(win.hs[written])
-            out.cs[stored].copy_(win.cs[written])
-            done += k
-        graphs.warmed = True
+        _forward_chunks(graphs, xg, h0, c0, w_hh, w_hr, reverse, keep)
     hT, cT = ops.final_state(out, reverse)
     return out.y, hT, cT, out.acts, out.hs, out.cs, out.r
+
+
+def _forward_chunks(graphs: _Graphs, xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor | None,
+                    reverse: bool, keep: Callable[[slice, slice, int], None]) -> None:  # fmt: skip
+    """A forward call through the window (its lock held): the weights and the initial state in, then chunk by
+    chunk its input projection in, the chunk's replay, and keep(the call's steps, the window's, the chunk's
+    length) to copy out what the call keeps."""
+    win, W, T = graphs.buffers, graphs.window, xg.shape[0]
+    warmed = graphs.warmed
+    _load_weights(win, w_hh, w_hr)
+    ops.start_state(win, h0, c0, reverse)
+    done = 0
+    for k in chunks(T, W):
+        steps, rows = _call_steps(T, done, k, reverse), _chunk_rows(W, k, reverse)
+        win.xg[rows].copy_(xg[steps])
+        _run_chunk(graphs, k, _forward_chunk(win, k, reverse, w_hr is not None), may_capture=warmed)
+        keep(steps, rows, k)
+        done += k
+    graphs.warmed = True
 
 
 def _forward_chunk(win: ops.ForwardBuffers, k: int, reverse: bool, has_proj: bool) -> Callable[[], None]:
