@@ -102,7 +102,8 @@ fi
 
 echo "== pytest -m cuda tests/"
 start=$SECONDS
-pytest_args=(-m cuda tests/ -q -p no:cacheprovider -rfE --tb=short)
+# -v: each test's verdict on its own line as it ends, so that a run its time limit stops still says which passed
+pytest_args=(-m cuda tests/ -v -p no:cacheprovider -rfE --tb=short)
 if [[ $DRY_RUN -eq 0 ]] && "$PY" -c "import xdist" 2> /dev/null; then pytest_args+=(-n 6); fi
 if "$PY" -c "import pytest_timeout" 2> /dev/null; then pytest_args+=(--timeout 150); fi
 timeout 170 "$PY" -m pytest "${pytest_args[@]}" 2>&1 | tee "$RESULTS/pytest_cuda.log"

@@ -361,7 +361,8 @@ def markdown(head: dict, rows: list[dict]) -> str:
         "Speedup = median native time / median triton time (>1: triton faster). Interleaved runs, CUDA events.",
         "",
         "Other ways to run the shape, same process, interleaved: speedup over native of the kernel `auto` did not",
-        "pick, and of the step loop launched step by step (`no graph`) instead of replayed as a CUDA graph.",
+        "pick, and of the step kernel's loops launched step by step (`no graph`) instead of replayed as CUDA",
+        "graphs (inference, and training's forward and backward).",
         "",
         "| mode | dtype | layers | batch | hidden | seq | native ms | triton ms | speedup | max abs diff y "
         "| other ways | status |",
