@@ -5,8 +5,9 @@
 No GPU needed: the launchers run on CPU tensors and launch nothing, so what is timed is fastlstm's own Python
 per step (indices, arguments), not triton's launch (which comes on top on a GPU) nor any kernel. The step kernel
 launches once a step (twice with a projection, forward and backward): where a step's kernel runs for less
-time than the host takes to issue it, the GPU waits on the host, so this is the floor of a step's time in
-training (inference replays the loop as a CUDA graph instead, graphs.py). Best of --reps runs.
+time than the host takes to issue it, the GPU waits on the host, so this is the floor of a step's time where
+the loop runs launch by launch (packed input, compiled programs; eager dense calls replay CUDA graphs instead,
+graphs.py). Best of --reps runs.
 """
 
 from __future__ import annotations

@@ -120,3 +120,12 @@ def test_float32_rows_also_time_tf32_dots():
     variants["tf32"]()
     assert seen == [True] and read() == before
     assert "tf32" not in gpu_grid.variants_of(_shape(16, 512, "training"), lambda: None, torch)  # bf16
+
+
+def test_graph_captures_counts_a_stream_of_lengths():
+    """benchmarks/graph_captures.py: calls of any length share one configuration's chunk graphs, so a stream of
+    200 lengths in 1-64 captures at most one graph per chunk length (7), launches only the first call's chunks
+    step by step, and replays every later call's."""
+    counts = _load("graph_captures").count(200, 64, 0)
+    assert counts["captures"] <= 7 and counts["launched"] <= 7
+    assert counts["replays"] >= 199
