@@ -338,17 +338,16 @@ def _forward_chunk(win: ops.ForwardBuffers, k: int, reverse: bool, has_proj: boo
     return loop
 
 
-def training_backward(bb: ops.BackwardBuffers, reverse: bool, has_proj: bool) -> None:
+def training_backward(bb: ops.BackwardBuffers, reverse: bool, has_proj: bool) -> bool:
     """ops.run_backward_loop and ops.run_final_dh over a dense call's backward buffers `bb`, through graphs (called
     by ops.backward_rows_impl on the input's device, `applies` asked for "backward"): fills bb's dgates (and dhy)
-    and leaves dh0 and dc0 in its carries."""
+    and leaves dh0 and dc0 in its carries. False, with nothing done, where there is no memory for a window: the
+    caller runs the loop launch by launch."""
     T, B, P = bb.grad_y.shape
     H = bb.cs.shape[2]
     graphs = _graphs_for("backward", bb.grad_y, T, B, H, P, has_proj, reverse)
     if graphs is None:
-        ops.run_backward_loop(bb, [B] * T, reverse, has_proj)
-        ops.run_final_dh(bb, T - 1 if reverse else 0, B)
-        return
+        return False
     win, W = graphs.buffers, graphs.window
     last_first = not reverse  # backward takes the forward's steps in the other order
     with graphs.lock:
@@ -374,6 +373,7 @@ def training_backward(bb: ops.BackwardBuffers, reverse: bool, has_proj: bool) ->
         bb.dh.copy_(win.dh)
         bb.dc.copy_(win.dc)
         graphs.warmed = True
+    return True
 
 
 def _backward_chunk(win: ops.BackwardBuffers, k: int, reverse: bool, has_proj: bool,

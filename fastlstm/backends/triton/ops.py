@@ -620,9 +620,9 @@ def backward_rows_impl(
         )  # fmt: skip
     else:
         bb = BackwardBuffers(dgb, w_hh, w_hr_c, grad_y, dh, dhy, dc, acts, cs)
-        if graph and graphs.applies(x, w_hh, w_hr, batch_sizes, kernel, "backward"):
-            graphs.training_backward(bb, reverse, has_proj)  # fills dgb, dhy, dh and dc as the two calls below
-        else:
+        # graphs fill dgb, dhy, dh and dc as the two calls below do, where they apply and have memory for it
+        applies = graph and graphs.applies(x, w_hh, w_hr, batch_sizes, kernel, "backward")
+        if not (applies and graphs.training_backward(bb, reverse, has_proj)):
             run_backward_loop(bb, live, reverse, has_proj)
             run_final_dh(bb, first, live[first])  # the first step the forward processed
     dg = dgb[1 : T + 1]  # [T, B, 4H] in time order
@@ -708,24 +708,11 @@ def triton_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dx, dh0, dc0, dw_ih, dw_hh, db ([0] without bias), dw_hr ([0] without projection)."""
     _check_dtype(x)
+    # Never through graphs.py's, as triton_forward's
     return backward_impl(
-        grad_y,
-        grad_hT,
-        grad_cT,
-        x,
-        w_ih,
-        w_hh,
-        w_hr,
-        batch_sizes,
-        acts,
-        hs,
-        cs,
-        r,
-        reverse,
-        kernel,
-        has_bias,
-        graph=False,  # as triton_forward's
-    )
+        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, has_bias,
+        graph=False,
+    )  # fmt: skip
 
 
 @triton_backward.register_fake
