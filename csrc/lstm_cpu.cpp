@@ -117,7 +117,8 @@ Dims check_layer_args(const Tensor& x, const Tensor& w_ih, const Tensor& w_hh, c
               "fastlstm cpp: input, hidden and projection sizes must be positive, got I=", d.I, ", H=", d.H,
               ", P=", d.P);
   TORCH_CHECK(w_ih.size(1) == d.I, "fastlstm cpp: w_ih is ", w_ih.sizes(), " but x has I=", d.I);
-  TORCH_CHECK(w_hh.size(0) == 4 * d.H, "fastlstm cpp: w_hh must be [4H, P], got ", w_hh.sizes());
+  TORCH_CHECK(w_hh.size(0) == 4 * d.H, "fastlstm cpp: w_ih ", w_ih.sizes(), " and w_hh ", w_hh.sizes(),
+              " disagree on 4H (both must have 4H rows)");
   const bool proj = w_hr.has_value() && w_hr->defined();
   if (proj) {
     TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(0) == d.P && w_hr->size(1) == d.H,

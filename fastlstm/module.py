@@ -118,6 +118,33 @@ def _plan_for(requested: str, shape: _CallShape) -> tuple[dispatch.Choice, ...]:
     return tuple(dispatch.plan(requested, calls))
 
 
+@functools.lru_cache(maxsize=256)
+def _standard_shapes(
+    names: tuple[str, ...], input_size: int, hidden_size: int, proj_size: int, directions: int
+) -> tuple[tuple[int, ...], ...]:
+    """The shape nn.RNNBase's constructor gives each named LSTM weight (weight_ih_l1_reverse, bias_hh_l0, ...)."""
+    gates, out_size = 4 * hidden_size, proj_size or hidden_size
+    shapes = []
+    for name in names:
+        kind, where = name.rsplit("_l", 1)
+        layer = int(where.split("_")[0])
+        shapes.append(
+            {
+                "weight_ih": (gates, input_size if layer == 0 else out_size * directions),
+                "weight_hh": (gates, out_size),
+                "bias_ih": (gates,),
+                "bias_hh": (gates,),
+                "weight_hr": (proj_size, hidden_size),
+            }[kind]
+        )
+    return tuple(shapes)
+
+
+def _flat_bias(bias: Tensor) -> Tensor:
+    """A bias as the fast backends take it, [4H]: one assigned as [1, 4H] (nn.LSTM broadcasts it) viewed so."""
+    return bias if bias.dim() == 1 else bias.reshape(-1)
+
+
 # Weakly keyed: parametrization (weight_norm, spectral_norm, ...) makes a class per module, whose properties hold the
 # module; a strong cache would keep every such model alive.
 _CHECKS_BY_CLASS: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
@@ -358,6 +385,23 @@ class LSTM(nn.RNNBase):
         ):
             return
         super().flatten_parameters()
+
+    def _misshapen_weight(self) -> str:
+        """The first weight whose shape is not the one nn.LSTM's constructor gives it, with both shapes; "" when none.
+        A bias of [1, 4H] counts as its [4H]: nn.LSTM broadcasts it to the same numbers on every path, and the fast
+        paths view it so (_flat_bias); [1, 1, 4H] fails most of nn.LSTM's paths. Read on every call: a `.data`
+        swapped keeps the Parameter."""
+        names = self._flat_weights_names
+        # dynamo traces through an lru_cache, and warns that it does
+        shapes = _standard_shapes.__wrapped__ if torch.compiler.is_compiling() else _standard_shapes
+        expected = shapes(tuple(names), self.input_size, self.hidden_size, self.proj_size, self._num_directions)
+        for name, w, shape in zip(names, self._flat_weights, expected):
+            if w is None or w.shape == shape:
+                continue
+            if name.startswith("bias") and w.shape == (1, *shape):
+                continue
+            return f"{name} is {list(w.shape)} where nn.LSTM's constructor makes it {list(shape)}"
+        return ""
 
     def _weights_mixed(self) -> bool:
         """Whether the weights do not all share one dtype (a state_dict loaded with assign=True, say). Only nn.LSTM's
@@ -691,7 +735,8 @@ class LSTM(nn.RNNBase):
         return (
             shape, input.dtype, input.device, weight.dtype, weight.device, state, grad, self.batch_first,
             self.backend, os.environ.get(dispatch.ENV_VAR), self.input_size, self.hidden_size, self.proj_size,
-            self.num_layers, self.bidirectional, self.bias, self._weights_mixed(), torch.get_num_threads(), amp,
+            self.num_layers, self.bidirectional, self.bias, self._weights_mixed(), self._misshapen_weight(),
+            torch.get_num_threads(), amp,
         )  # fmt: skip
 
     def _plan(self, input: Tensor, hx, batch_sizes: Tensor | None, amp=None) -> tuple[dispatch.Choice, ...]:
@@ -783,10 +828,16 @@ class LSTM(nn.RNNBase):
 
     def _check_weights_present(self, packed: bool) -> None:
         """torch._VF.lstm's error for a weight deleted from the module (`del m.weight_hh_l0`): its weights are its
-        argument 2, or 3 after a pack's batch sizes."""
+        argument 2, or 3 after a pack's batch sizes. Then a weight of another shape than nn.LSTM's constructor
+        gives it (_misshapen_weight)."""
         for k, w in enumerate(self._flat_weights):
             if w is None:
                 raise TypeError(f"expected Tensor as element {k} in argument {3 if packed else 2}, but got NoneType")
+        misshapen = self._misshapen_weight()
+        if misshapen:
+            # nn.LSTM's kernels raise on most such weights, and some read past their end (float32 on the CPU: wrong
+            # numbers, or a corrupted heap that ends the process): one clear error, whatever the backend
+            raise RuntimeError(f"LSTM: {misshapen}")
 
     def _as_batch_of_one(self, input: Tensor, hx):
         """Unbatched input ([T, I], or [I] for step) and state ([L*D, P], [L*D, H]) or None as a batch of one."""
@@ -909,7 +960,7 @@ class LSTM(nn.RNNBase):
         if dtype is not None:
             params = backend.autocast_weights(list(params), dtype)
         w_ih, w_hh, b_ih, b_hh, w_hr = params
-        return w_ih, w_hh, None if b_ih is None else b_ih + b_hh, w_hr
+        return w_ih, w_hh, None if b_ih is None else _flat_bias(b_ih + b_hh), w_hr
 
     def _autocast_dtypes(self, input: Tensor, hx, batch_sizes: Tensor | None) -> _Autocast | None:
         """The (y, h_n, c_n) dtypes nn.LSTM gives this call under autocast, or None when autocast is off.
@@ -1027,6 +1078,9 @@ class LSTM(nn.RNNBase):
         weights = self._flat_weights
         if weight_dtype is not None:
             weights = backend.autocast_weights(list(weights), weight_dtype)
+        if self.bias:
+            per_layer = len(weights) // (self.num_layers * self._num_directions)
+            weights = [_flat_bias(w) if k % per_layer in (2, 3) else w for k, w in enumerate(weights)]
         return backend.inference_stack(x, hx, weights, batch_sizes, 2 if self.bias else 0, *flags)
 
     def _layer_states(self, x: Tensor, hx) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:

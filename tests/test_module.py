@@ -324,6 +324,66 @@ def test_weights_of_mixed_dtypes_get_what_nn_lstm_gives(module_dtype, bias_dtype
     assert forced(x)[0].dtype == module_dtype
 
 
+def _reshape_weight(module, name: str, shape) -> None:
+    """The weight as a new Parameter of `shape`, its values kept where it has as many (else fresh ones)."""
+    old = getattr(module, name).detach()
+    values = old.reshape(shape) if old.numel() == torch.Size(shape).numel() else torch.randn(shape, dtype=old.dtype)
+    setattr(module, name, nn.Parameter(values.clone()))
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "reference", *fast_cpu_backends()])
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_bias_assigned_as_a_row_gives_nn_lstms_numbers(backend, packed):
+    """A bias assigned as [1, 4H]: nn.LSTM broadcasts it on every path, to the numbers of its [4H]; every backend
+    gives them, and gradients of its [1, 4H] shape (a projected bidirectional stack, the model's last bias)."""
+    torch.manual_seed(3)
+    ref, fast = make_pair(I, H, 2, bidirectional=True, proj_size=3, backend=backend)
+    x = torch.randn(4, 3, I, dtype=torch.float64)
+    fast(x)  # the same kind of call is remembered before the bias changes
+    for m in (ref, fast):
+        _reshape_weight(m, "bias_hh_l1_reverse", (1, 4 * H))
+        _reshape_weight(m, "bias_ih_l0", (1, 4 * H))
+    call = lstm_call
+    if packed:
+
+        def call(module, x):
+            return module(nn.utils.rnn.pack_padded_sequence(x, [4, 2, 3], enforce_sorted=False))
+
+    assert_same_results(ref, fast, [x], call, **TOL)
+    assert fast.bias_hh_l1_reverse.grad.shape == (1, 4 * H)
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", *fast_cpu_backends()])
+@pytest.mark.parametrize(
+    "name,shape",
+    [("weight_ih_l0", (4 * H, I + 2)), ("weight_hh_l1", (4 * H - 4, H)), ("bias_ih_l0", (1, 1, 4 * H)),
+     ("bias_hh_l1", (4 * H, 1)), ("weight_ih_l1", (4 * H, 2 * H))],
+)  # fmt: skip
+def test_a_weight_of_another_shape_is_a_clear_error(backend, name, shape):
+    """A weight of another shape than nn.LSTM's constructor gives it: nn.LSTM raises on most (float64), and its
+    float32 CPU path reads some past their end (wrong numbers, or a heap corrupted until the process dies); every
+    backend raises one clear error naming the weight, also after the same kind of call was remembered, for a tensor,
+    a packed and a lengths= call and a step, and runs again once the shape is put back."""
+    fast = fastlstm.LSTM(I, H, 2, bidirectional=name != "weight_ih_l1", dtype=torch.float64, backend=backend)
+    x = torch.randn(4, 3, I, dtype=torch.float64)
+    expected = fast(x)[0]
+    kept = getattr(fast, name)
+    _reshape_weight(fast, name, shape)
+    message = re.escape(f"LSTM: {name} is {list(shape)} where nn.LSTM's constructor makes it")
+    calls = [
+        lambda: fast(x),
+        lambda: fast(nn.utils.rnn.pack_padded_sequence(x, [4, 2, 3], enforce_sorted=False)),
+        lambda: fast(x, lengths=torch.tensor([4, 2, 3])),
+    ]
+    if not fast.bidirectional:
+        calls.append(lambda: fast.step(x[0]))
+    for call in calls:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+    setattr(fast, name, kept)
+    torch.testing.assert_close(fast(x)[0], expected, rtol=0, atol=0)
+
+
 _STATE_DTYPE_CASES = [
     # (module dtype, proj_size, h0 dtype, c0 dtype): ATen's cell promotes a c0 of another dtype (float64; any
     # module with a projection; bfloat16 even returns a float32 c_n), oneDNN (float32 without one) raises, and an
