@@ -3,16 +3,17 @@
 # (no network, nothing installed). About 7 minutes, at most 9 (without --tune; the limits add up to 510 s):
 #   1. benchmarks/gpu_grid.py --warm in 8 processes at once (at most 120 s): the grid's kernels compile into
 #      triton's cache, so the grid's budget goes to timing
-#   2. benchmarks/gpu_grid.py       (triton vs nn.LSTM/cuDNN grid; 150 s budget, killed at 190 s)
+#   2. benchmarks/gpu_grid.py       (triton vs nn.LSTM/cuDNN grid; 150 s budget, killed at 190 s), then
+#      benchmarks/cuda_rule.py: the grid's figures as fastlstm/measured_cuda.py would hold them (dispatch's rule)
 #   3. pytest -m cuda tests/        (at most 170 s, on 6 workers where pytest-xdist is there), and beside it
 #      `python -m fastlstm check --device cuda --backend triton` in bfloat16, float16 and float32
 #   4. with --tune: benchmarks/gpu_tune.py (other tile sizes and warps per kernel against nn.LSTM, for setting
 #      ops._blocks and the launch options), in what is left of 520 s
 # Results: $OUT when set, else benchmarks/results/: gpu_check.log (what the warm-up, the grid and the tuning
 # printed: each shape's phases as they begin, and the stacks of a process its time limit stopped),
-# gpu_grid.json, gpu_grid.md, pytest_cuda.log, check_cuda.txt (gpu_tune.json, gpu_tune.md) and
-# fastlstm_info.txt (`python -m fastlstm info` after the runs: which kernel configurations crashed the compiler
-# in a child process, if any did): 8 files, what the device tool brings back.
+# gpu_grid.json, gpu_grid.md, measured_cuda.py, pytest_cuda.log, check_cuda.txt (gpu_tune.json, gpu_tune.md)
+# and fastlstm_info.txt (`python -m fastlstm info` after the runs: which kernel configurations crashed the
+# compiler in a child process, if any did): 9 files, what the device tool brings back.
 #
 #   bash benchmarks/gpu_check.sh [--tune]             # on the GPU machine (--tune: tunes in what is left of 520 s)
 #   bash benchmarks/gpu_check.sh --dry-run [--tune]   # CPU smoke test: cuda tests skip, tiny runs, TRITON_INTERPRET=1
@@ -87,6 +88,8 @@ else
 fi
 grid_status=${PIPESTATUS[0]}
 echo "grid: exit $grid_status in $((SECONDS - start)) s; results in $RESULTS"
+# The figures dispatch's CUDA rule would read from this grid (fastlstm/measured_cuda.py's form; committed by hand)
+"$PY" benchmarks/cuda_rule.py "$RESULTS/gpu_grid.json" --out "$RESULTS/measured_cuda.py" 2>&1 | tee -a "$LOG"
 
 # 3. The CUDA tests, and beside them `check` in half precision against nn.LSTM (the errors it allows on CUDA are
 # set from these). A process its time limit stops says where every thread was (faulthandler on SIGTERM).

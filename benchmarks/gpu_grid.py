@@ -76,6 +76,8 @@ def header(torch, device: str) -> dict:
         commit = "unknown"
     return {
         "gpu": torch.cuda.get_device_name() if device == "cuda" else "none (CPU dry run)",
+        # what fastlstm/measured_cuda.py keys its figures by (benchmarks/cuda_rule.py)
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())) if device == "cuda" else None,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton_version,

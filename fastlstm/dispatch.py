@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastlstm import backends
+from fastlstm import backends, measured_cuda
 from fastlstm.backends import BackendUnavailableError, BuildCrashError, LayerCall
 
 AUTO = "auto"
@@ -577,7 +577,63 @@ def _faster_than_native(name: str, call: LayerCall) -> str | None:
         return "empty batch: nothing to compute"
     if name == "cpp":
         return _cpp_slower_reason(call)
+    if name == "triton":
+        return _triton_slower_reason(call, measured_cuda.MEASURED, _cuda_capability(call.device_index))
     return "no measured speed rule for this backend yet"
+
+
+# A call takes triton where every nearest measured shape ran at least this much faster than cuDNN: run-to-run noise
+# on a shared GPU is a few percent, and the issue's floor is 0.95x wherever auto picks triton.
+CUDA_MARGIN = 1.05
+# How far (a factor, in each of batch, hidden size and length) a call may be from the shapes its rule reads: the
+# grid's batches are 1, 16, 64 and 256, its lengths 100 and 1000.
+CUDA_REACH = 4.0
+_CUDA_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@backends.cached_constant
+def _cuda_capability(index: int | None) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{major}.{minor}"
+
+
+def _triton_slower_reason(call: LayerCall, measured, capability: str) -> str | None:
+    """The measured CUDA rule: triton where the grid's nearest shapes (benchmarks/gpu_grid.py, the figures in
+    fastlstm/measured_cuda.py) all ran CUDA_MARGIN faster than cuDNN, on a GPU of this compute capability, in this
+    mode and dtype; native elsewhere, and wherever nothing was measured within CUDA_REACH of the call in each of
+    batch, hidden size and length. Nearest: the least of the largest factor between the call and a row's batch,
+    hidden size and length (rows of 1 and 2 layers alike; each layer is one call). The grid measures neither a
+    projection nor packed input: those stay native."""
+    if call.proj_size:
+        return "a projection: no CUDA speed measured for one"
+    if call.packed:
+        return "packed input: no CUDA speed measured for it"
+    mode = "training" if call.needs_grad else "inference"
+    dtype = _CUDA_DTYPES.get(call.dtype, str(call.dtype))
+    rows = [r for r in measured if r[0] == capability and r[1] == mode and r[2] == dtype]
+    if not rows:
+        return f"no CUDA speed measured for {dtype} {mode} on a GPU of compute capability {capability}"
+    size = (call.batch, call.hidden_size, call.seq_len)
+    if not all(type(v) is int for v in size):
+        # torch.compile's symbolic sizes: comparing them would guard the graph on them (torch.export with a dynamic
+        # batch fails such guards), so a dynamic size keeps the call on cuDNN
+        return "a size torch.compile keeps dynamic: the CUDA rule reads sizes"
+
+    def factor(row) -> float:
+        return max(max(a, b) / min(a, b) for a, b in zip(size, row[4:7]))
+
+    nearest = min(factor(r) for r in rows)
+    if nearest > CUDA_REACH:
+        return f"no CUDA speed measured within {CUDA_REACH:g}x of batch {size[0]}, hidden {size[1]}, length {size[2]}"
+    closest = [r for r in rows if factor(r) == nearest]
+    slowest = min(closest, key=lambda r: r[7])
+    if slowest[7] >= CUDA_MARGIN:
+        return None
+    layers, batch, hidden, seq, speedup = slowest[3:8]
+    return (
+        f"measured {speedup:.2f}x of cuDNN at the nearest {dtype} {mode} shape "
+        f"(batch {batch}, hidden {hidden}, length {seq}, {layers} layer{'s' if layers > 1 else ''})"
+    )
 
 
 @backends.constant_under_compile  # warnings.warn cannot be traced; a compiled model's first call warns eagerly

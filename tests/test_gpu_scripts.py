@@ -129,3 +129,127 @@ def test_graph_captures_counts_a_stream_of_lengths():
     counts = _load("graph_captures").count(200, 64, 0)
     assert counts["captures"] <= 7 and counts["launched"] <= 7
     assert counts["replays"] >= 199
+
+
+# ---- the CUDA speed rule: dispatch reads fastlstm/measured_cuda.py, which benchmarks/cuda_rule.py writes ----------
+
+cuda_rule = _load("cuda_rule")
+
+_MEASURED = (
+    ("9.0", "inference", "bf16", 1, 1, 128, 100, 1.39),
+    ("9.0", "inference", "bf16", 1, 16, 128, 100, 1.2),
+    ("9.0", "inference", "bf16", 2, 16, 128, 100, 0.9),  # the same shape with two layers: the slower decides
+    ("9.0", "inference", "bf16", 1, 64, 128, 100, 1.3),
+    ("9.0", "training", "bf16", 1, 1, 128, 100, 0.97),
+)
+
+
+def _cuda_call(**fields):
+    from fastlstm.backends import LayerCall
+
+    values = dict(
+        device_type="cuda", dtype=torch.bfloat16, seq_len=100, batch=1, input_size=128, hidden_size=128, proj_size=0,
+        bias=True, packed=False, reverse=False, needs_grad=False, device_index=0,
+    )  # fmt: skip
+    return LayerCall(**{**values, **fields})
+
+
+def _slower(capability="9.0", **fields):
+    from fastlstm import dispatch
+
+    return dispatch._triton_slower_reason(_cuda_call(**fields), _MEASURED, capability)
+
+
+def test_cuda_rule_takes_triton_where_the_nearest_measured_shapes_won():
+    assert _slower() is None  # measured 1.39x
+    assert _slower(batch=2, hidden_size=200, seq_len=300) is None  # within 4x of that shape only
+    assert _slower(reverse=True) is None  # the same kernels, the other way through time
+    assert _slower(batch=64) is None and _slower(batch=100) is None  # 1.3x at batch 64; batch 256 unmeasured
+    # batch 16: one of its two rows (two layers) ran at 0.9x; batch 4 is as near to it as to batch 1
+    for batch in (16, 4, 8):
+        assert "0.90x of cuDNN" in _slower(batch=batch) and "2 layers" in _slower(batch=batch)
+    assert _slower(batch=32) is not None  # as near to batch 16 (0.9x) as to 64
+    assert "0.97x" in _slower(needs_grad=True)  # training: its own rows, below the margin
+
+
+def test_cuda_rule_keeps_unmeasured_calls_on_cudnn():
+    class SymbolicInt(int):  # what a dynamic size is to the rule: not a plain int
+        pass
+
+    for reason, call in [
+        ("within 4x", dict(batch=512)),
+        ("within 4x", dict(seq_len=10)),
+        ("within 4x", dict(hidden_size=1024)),
+        ("fp32 inference", dict(dtype=torch.float32)),
+        ("fp16 inference", dict(dtype=torch.float16)),
+        ("compute capability 8.0", dict(capability="8.0")),
+        ("projection", dict(proj_size=64)),
+        ("packed", dict(packed=True)),
+        ("dynamic", dict(batch=SymbolicInt(1))),
+    ]:
+        got = _slower(**call)
+        assert got is not None and reason in got, (call, got)
+
+
+def test_auto_keeps_cuda_calls_native_while_nothing_is_measured(monkeypatch):
+    from fastlstm import dispatch, measured_cuda
+
+    monkeypatch.setattr(dispatch, "_cuda_capability", lambda index: "9.0")
+    monkeypatch.setattr(measured_cuda, "MEASURED", ())
+    assert "no CUDA speed measured" in dispatch._faster_than_native("triton", _cuda_call())
+    monkeypatch.setattr(measured_cuda, "MEASURED", _MEASURED)
+    assert dispatch._faster_than_native("triton", _cuda_call()) is None
+    # what is committed: rows of the documented form, read by the rule without error
+    for row in measured_cuda.MEASURED:
+        assert [type(v) for v in row] == [str, str, str, int, int, int, int, float], row
+        assert row[1] in cuda_rule.MODES and row[2] in cuda_rule.DTYPES, row
+
+
+def _grid(capability, rows):
+    head = dict(gpu="NVIDIA H200", torch="2.11.0", triton="3.6.0", commit="abc1234", capability=capability)
+    base = dict(mode="inference", dtype="bf16", layers=1, batch=1, hidden=128, seq=100, status="ok")
+    return {"header": head, "rows": [{**base, **row} for row in rows]}
+
+
+def test_cuda_rule_script_writes_the_measured_shapes(tmp_path):
+    import json
+    import runpy
+
+    first = _grid("9.0", [
+        dict(speedup=1.4),
+        dict(batch=16, speedup=1.1),
+        dict(batch=64, speedup=None, status="error: out of memory"),  # not timed: left out
+        dict(batch=64, speedup=3.0, impl="stacked"),  # a variant of the grid's dry run: left out
+        dict(mode="training", dtype="fp32", layers=2, batch=256, hidden=512, seq=1000, speedup=0.8123456),
+    ])  # fmt: skip
+    second = _grid("9.0", [dict(speedup=1.3), dict(batch=16, speedup=1.25)])  # shape timed twice: the lower
+    paths = []
+    for k, grid in enumerate((first, second)):
+        paths.append(tmp_path / f"grid{k}.json")
+        paths[-1].write_text(json.dumps(grid))
+    out = tmp_path / "measured.py"
+    assert cuda_rule.main([*map(str, paths), "--out", str(out)]) == 0
+    written = runpy.run_path(str(out))
+    assert written["MEASURED"] == (
+        ("9.0", "inference", "bf16", 1, 1, 128, 100, 1.3),
+        ("9.0", "inference", "bf16", 1, 16, 128, 100, 1.1),
+        ("9.0", "training", "fp32", 2, 256, 512, 1000, 0.812),
+    )
+    assert "NVIDIA H200, torch 2.11.0, triton 3.6.0, commit abc1234" in written["SOURCE"]
+    text = out.read_text()
+    assert "'" not in text.split('"""')[2]  # strings as ruff's formatter writes them: the file is committed as is
+
+
+def test_cuda_rule_script_needs_one_compute_capability(tmp_path, capsys):
+    import json
+
+    old, other = tmp_path / "old.json", tmp_path / "other.json"
+    old.write_text(json.dumps(_grid(None, [dict(speedup=1.4)])))  # written before headers kept the capability
+    other.write_text(json.dumps(_grid("8.0", [dict(speedup=1.4)])))
+    out = tmp_path / "measured.py"
+    assert cuda_rule.main([str(old), "--out", str(out)]) == 2 and "--capability" in capsys.readouterr().err
+    assert cuda_rule.main([str(old), "--out", str(out), "--capability", "9.0"]) == 0
+    nine = tmp_path / "nine.json"
+    nine.write_text(json.dumps(_grid("9.0", [dict(speedup=1.4)])))
+    assert cuda_rule.main([str(nine), str(other), "--out", str(out)]) == 2
+    assert "different compute capabilities" in capsys.readouterr().err
