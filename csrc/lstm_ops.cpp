@@ -92,6 +92,13 @@ variable_list differentiable_grads(const std::vector<Tensor>& inputs, const Tens
   return grads;
 }
 
+// Whether a layer's gradient reaches w_hr. Not where one step's c_n alone is differentiated: c_n then depends on no
+// projection, and nn.LSTM leaves w_hr's gradient None there (an optimizer skips it, weight decay included) where a
+// zero gradient would be decayed.
+bool projection_used(const Tensor& w_hr, const Tensor& x, const Tensor& grad_y, const Tensor& grad_hT) {
+  return w_hr.defined() && (x.size(0) > 1 || grad_y.defined() || grad_hT.defined());
+}
+
 class LayerFunction : public torch::autograd::Function<LayerFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& h0, const Tensor& c0,
@@ -102,9 +109,13 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
                                 .findSchemaOrThrow("fastlstm::cpp_lstm_fwd", "")
                                 .typed<decltype(lstm_fwd)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, hT, cT, gates, c_hist] = op.call(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save);
-    ctx->save_for_backward({x, h0, c0, w_ih, w_hh, undefined_if_none(w_hr), undefined_if_none(batch_sizes), y, gates,
-                            c_hist, undefined_if_none(b)});
+    // x as nn.LSTM keeps it for backward: a dense copy where it is not dense (batch_first input, transposed here),
+    // which the caller may then refill before backward (micro-batches through one buffer); else x itself, whose
+    // change in place before backward fails autograd's version check, as there.
+    const Tensor xc = x.contiguous();
+    auto [y, hT, cT, gates, c_hist] = op.call(xc, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save);
+    ctx->save_for_backward({xc, h0, c0, w_ih, w_hh, undefined_if_none(w_hr), undefined_if_none(batch_sizes), y,
+                            gates, c_hist, undefined_if_none(b)});
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["save"] = save;
     // gates and c_hist are saved state, never differentiated; unused gradients stay undefined rather than being
@@ -147,8 +158,8 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
                 weight_grads);
     // One gradient per forward input: batch_sizes, reverse and save get none.
     if (!weight_grads) return {dx, dh0, dc0, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
-    return {dx, dh0, dc0, dw_ih, dw_hh, has_bias ? db : Tensor(), w_hr.defined() ? dw_hr : Tensor(),
-            Tensor(), Tensor(), Tensor()};
+    return {dx, dh0, dc0, dw_ih, dw_hh, has_bias ? db : Tensor(),
+            projection_used(w_hr, x, grads[0], grads[1]) ? dw_hr : Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 

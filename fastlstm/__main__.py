@@ -110,9 +110,21 @@ def cmd_info(args) -> int:
         errors += ops.setting_errors()
         print(f"triton kernels: {ops.kernel_choices()}")
         print(f"triton builds: {build_guard.describe()}")
+        print(f"cuda speed rule: {_measured_cuda()}")
     for error in errors:
         print(f"{_prog()} info: error: {error}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _measured_cuda() -> str:
+    """What `auto` reads to choose between triton and cuDNN (dispatch._triton_slower_reason)."""
+    from fastlstm import measured_cuda
+
+    capabilities = sorted({row[0] for row in measured_cuda.MEASURED})
+    if not capabilities:
+        return "no grid measured: auto keeps CUDA calls on cuDNN"
+    shapes = len(measured_cuda.MEASURED)
+    return f"{shapes} measured shapes, compute capability {', '.join(capabilities)} ({measured_cuda.SOURCE})"
 
 
 def cmd_build(args) -> int:

@@ -31,6 +31,10 @@ def test_info_lists_every_backend():
         assert "triton kernels: sequence kernel up to batch " in done.stdout, done.stdout
         assert "step loops as CUDA graphs: on CUDA for inference and training" in done.stdout, done.stdout
         assert "triton builds: none (TRITON_INTERPRET=1" in done.stdout, done.stdout
+        from fastlstm import measured_cuda
+
+        rule = "cuda speed rule: " + ("no grid measured" if not measured_cuda.MEASURED else "measured shapes")
+        assert rule in done.stdout, done.stdout
 
 
 def test_info_names_the_triton_knobs():

@@ -201,3 +201,85 @@ def test_dropout_matches_native_random_stream(backend, packed):
     fast.eval()
     y_eval = call(fast, x)[0]
     assert not torch.allclose(y_eval.data if packed else y_eval, y_train.data if packed else y_train)
+
+
+# ---- training mechanics: what autograd keeps, as nn.LSTM keeps it ----------------------------------------------
+
+
+def _transposed(module, name: str) -> None:
+    """The parameter stored transposed: the same values, not contiguous."""
+    weight = getattr(module, name).detach()
+    setattr(module, name, torch.nn.Parameter(weight.t().contiguous().t()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stored", ["contiguous", "transposed"])
+def test_a_weight_changed_in_place_before_backward_fails_as_in_nn_lstm(backend, stored):
+    """An optimizer step between forward and backward: nn.LSTM's backward fails autograd's version check, whatever
+    the weights' layout. A backend that saved a dense copy of a transposed weight instead went on silently with
+    the forward's values (triton; an audit)."""
+    for name in ("weight_ih_l0", "weight_hh_l0", "h0"):
+        ref, fast = make_pair(I, H, 1, backend=backend)
+        # x needs a gradient, so that every path needs w_ih for backward (nn.LSTM's ATen path keeps it only then)
+        x = torch.randn(4, 2, I, dtype=torch.float64, requires_grad=True)
+        h0 = torch.randn(1, 2, H, dtype=torch.float64)
+        if stored == "transposed":
+            h0 = h0[0].t().contiguous().t()[None]
+        for m in (ref, fast):
+            if stored == "transposed" and name != "h0":
+                _transposed(m, name)
+            y, _ = m(x, (h0, torch.zeros_like(h0)))
+            with torch.no_grad():
+                (h0 if name == "h0" else getattr(m, name)).add_(0.5)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.sum().backward()
+            with torch.no_grad():
+                (h0 if name == "h0" else getattr(m, name)).sub_(0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_first_input_refilled_before_backward_as_in_nn_lstm(backend):
+    """Micro-batches through one input buffer, one backward: nn.LSTM keeps a transposed copy of a batch_first input
+    (batch > 1) and trains, with the gradients of the values each call read; with batch 1 the transpose is the
+    buffer itself, and backward fails the version check there too."""
+    data = torch.randn(3, 2, 5, I, dtype=torch.float64)
+    for batch in (2, 1):
+        ref, fast = make_pair(I, H, 2, batch_first=True, backend=backend)
+        grads, errors = [], []
+        for m in (ref, fast):
+            buffer = torch.empty(batch, 5, I, dtype=torch.float64)
+            loss = 0
+            for chunk in data[:, :batch]:
+                buffer.copy_(chunk)
+                loss = loss + m(buffer)[0].pow(2).sum()
+            try:
+                loss.backward()
+            except RuntimeError as error:
+                errors.append(str(error).split(":")[0])
+            else:
+                grads.append([p.grad for p in m.parameters()])
+        if batch == 1:
+            assert errors == ["one of the variables needed for gradient computation has been modified by an inplace "
+                              "operation"] * 2, errors  # fmt: skip
+        else:
+            assert not errors, errors
+            for a, b in zip(*grads, strict=True):
+                torch.testing.assert_close(b, a, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("steps", [1, 2])
+def test_one_step_c_n_alone_leaves_the_last_projection_without_gradient(backend, steps):
+    """A loss on c_n alone after one step: c_n depends on no projection of its layer, and nn.LSTM leaves that w_hr's
+    gradient None (an optimizer skips it: AdamW's weight decay leaves it alone), where a fast backend's layer gave
+    zeros; the first layer's projection feeds the second's input, and with two steps every w_hr counts."""
+    ref, fast = make_pair(I, H, 2, proj_size=PROJ, bidirectional=True, backend=backend)
+    x = torch.randn(steps, 3, I, dtype=torch.float64)
+    for m in (ref, fast):
+        m(x)[1][1].pow(2).sum().backward()
+    for (name, a), b in zip(ref.named_parameters(), fast.parameters(), strict=True):
+        if a.grad is None:
+            assert b.grad is None, name
+            continue
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-9, rtol=1e-7, msg=name)
+    assert (ref.weight_hr_l1.grad is None) == (steps == 1) and ref.weight_hr_l0.grad is not None

@@ -271,6 +271,13 @@ def fake_on_x_device(backend: str, x: Tensor, *tensors: Tensor | None) -> None:
             raise RuntimeError(f"fastlstm {backend}: tensors must be on one device, x's {x.device}; got {t.device}")
 
 
+def projection_used(w_hr: Tensor | None, x: Tensor, grad_y_given: bool, grad_hT_given: bool) -> bool:
+    """Whether a layer's gradient reaches w_hr. Not where one step's c_n alone is differentiated: c_n then depends on
+    no projection, and nn.LSTM leaves w_hr's gradient None there (an optimizer skips it, weight decay included)
+    where a zero gradient would be decayed. (csrc/lstm_ops.cpp has the cpp backend's copy.)"""
+    return w_hr is not None and (x.shape[0] > 1 or grad_y_given or grad_hT_given)
+
+
 def layer_op_grads(
     dx: Tensor,
     dh0: Tensor,

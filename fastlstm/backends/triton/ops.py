@@ -32,6 +32,7 @@ from fastlstm.backends import (
     host_to_device,
     layer_op_grads,
     per_sample_layer_grads,
+    projection_used,
     rows_side_by_side,
     vmap_layer_op,
     vmap_per_sample,
@@ -784,6 +785,7 @@ def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused, eager: bool = False):
     call (_EagerLayer) through their implementations, whose step loops may replay CUDA graphs (graphs.py)."""
     x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, h0, c0, b = ctx.saved_tensors
     B, P, H = hs.shape[1], hs.shape[2], cs.shape[2]
+    grad_y_given, grad_hT_given = grad_y is not None, grad_hT is not None
     if grad_y is None:
         grad_y = x.new_zeros(x.shape[0], B, P)
     if grad_hT is None:
@@ -812,7 +814,7 @@ def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused, eager: bool = False):
             grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel,
             b is not None,
         )  # fmt: skip
-    has_bias, has_proj = b is not None, w_hr is not None
+    has_bias, has_proj = b is not None, projection_used(w_hr, x, grad_y_given, grad_hT_given)
     return layer_op_grads(dx, dh0, dc0, dw_ih, dw_hh, db if has_bias else None, dw_hr if has_proj else None)
 
 
@@ -905,10 +907,11 @@ def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | No
             raise RuntimeError(f"fastlstm triton: every tensor of a layer must have x's dtype {x.dtype}, got {t.dtype}")
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
     chosen = choose_kernel(x.shape[1], H, P, x.dtype, kernel)
-    inputs = (
-        dense(x), dense(h0), dense(c0), dense(w_ih), dense(w_hh), dense(b), dense(w_hr), batch_sizes,
-        bool(reverse), chosen,
-    )  # fmt: skip
+    # The states and weights as given: autograd saves them, and its version check then catches a weight changed in
+    # place before backward (an optimizer step) as nn.LSTM's does; a dense copy saved instead would hand backward
+    # the old values silently. The implementations densify what the kernels read. x as nn.LSTM keeps it: a copy
+    # where it is not dense (batch_first), which the caller may then refill before backward.
+    inputs = (dense(x), h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, bool(reverse), chosen)
     if torch.compiler.is_compiling():  # the op: opaque to a trace
         y, hT, cT, *_ = triton_forward(*inputs)
         return y, hT, cT
