@@ -89,10 +89,9 @@ fi
 grid_status=${PIPESTATUS[0]}
 echo "grid: exit $grid_status in $((SECONDS - start)) s; results in $RESULTS"
 # The figures dispatch's CUDA rule would read from this grid (fastlstm/measured_cuda.py's form; committed by hand)
-rule_args=()
-if [[ $DRY_RUN -eq 1 ]]; then rule_args=(--capability "none (CPU dry run)"); fi
-"$PY" benchmarks/cuda_rule.py "$RESULTS/gpu_grid.json" --out "$RESULTS/measured_cuda.py" "${rule_args[@]}" 2>&1 |
-    tee -a "$LOG"
+rule_args=("$RESULTS/gpu_grid.json")
+if [[ $DRY_RUN -eq 1 ]]; then rule_args=("$RESULTS/gpu_grid_dry_run.json" --capability "none (CPU dry run)"); fi
+"$PY" benchmarks/cuda_rule.py "${rule_args[@]}" --out "$RESULTS/measured_cuda.py" 2>&1 | tee -a "$LOG"
 
 # 3. The CUDA tests, and beside them `check` in half precision against nn.LSTM (the errors it allows on CUDA are
 # set from these). A process its time limit stops says where every thread was (faulthandler on SIGTERM).
