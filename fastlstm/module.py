@@ -118,9 +118,8 @@ def _plan_for(requested: str, shape: _CallShape) -> tuple[dispatch.Choice, ...]:
     return tuple(dispatch.plan(requested, calls))
 
 
-@functools.lru_cache(maxsize=256)
 def _standard_shapes(
-    names: tuple[str, ...], input_size: int, hidden_size: int, proj_size: int, directions: int
+    names: list[str], input_size: int, hidden_size: int, proj_size: int, directions: int
 ) -> tuple[tuple[int, ...], ...]:
     """The shape nn.RNNBase's constructor gives each named LSTM weight (weight_ih_l1_reverse, bias_hh_l0, ...)."""
     gates, out_size = 4 * hidden_size, proj_size or hidden_size
@@ -293,7 +292,8 @@ def rebuilt_as(module: nn.RNNBase, cls: type[nn.RNNBase]) -> nn.RNNBase:
     """A `cls` instance (nn.LSTM or LSTM) holding `module`'s state: the very Parameter objects, buffers, hooks,
     mode, device and dtype. A parametrized module gives the same kind of parametrized class over `cls`. What
     only fastlstm.LSTM has (its backend) stays behind when `cls` is not one."""
-    fastlstm_only = () if issubclass(cls, LSTM) else ("backend", "_mixed_dtypes")  # earlier releases kept the latter
+    # earlier releases kept _mixed_dtypes
+    fastlstm_only = () if issubclass(cls, LSTM) else ("backend", "_mixed_dtypes", "_standard_shapes")
     if parametrize.is_parametrized(module):
         # parametrize swaps the class for a generated subclass holding the parametrized properties;
         # build the same kind of subclass over the target class.
@@ -392,15 +392,17 @@ class LSTM(nn.RNNBase):
         paths view it so (_flat_bias); [1, 1, 4H] fails most of nn.LSTM's paths. Read on every call: a `.data`
         swapped keeps the Parameter."""
         names = self._flat_weights_names
-        # dynamo traces through an lru_cache, and warns that it does
-        shapes = _standard_shapes.__wrapped__ if torch.compiler.is_compiling() else _standard_shapes
-        expected = shapes(tuple(names), self.input_size, self.hidden_size, self.proj_size, self._num_directions)
-        for name, w, shape in zip(names, self._flat_weights, expected):
+        expected = self.__dict__.get("_standard_shapes")  # a microsecond of every call where computed afresh
+        if expected is None:
+            expected = _standard_shapes(names, self.input_size, self.hidden_size, self.proj_size, self._num_directions)
+            if not torch.compiler.is_compiling():  # no side effects in a trace
+                self._standard_shapes = expected  # the sizes are constant after construction, as the names are
+        for k, (w, shape) in enumerate(zip(self._flat_weights, expected)):
             if w is None or w.shape == shape:
                 continue
-            if name.startswith("bias") and w.shape == (1, *shape):
+            if names[k].startswith("bias") and w.shape == (1, *shape):
                 continue
-            return f"{name} is {list(w.shape)} where nn.LSTM's constructor makes it {list(shape)}"
+            return f"{names[k]} is {list(w.shape)} where nn.LSTM's constructor makes it {list(shape)}"
         return ""
 
     def _weights_mixed(self) -> bool:
