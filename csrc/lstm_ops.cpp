@@ -109,13 +109,9 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
                                 .findSchemaOrThrow("fastlstm::cpp_lstm_fwd", "")
                                 .typed<decltype(lstm_fwd)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    // x as nn.LSTM keeps it for backward: a dense copy where it is not dense (batch_first input, transposed here),
-    // which the caller may then refill before backward (micro-batches through one buffer); else x itself, whose
-    // change in place before backward fails autograd's version check, as there.
-    const Tensor xc = x.contiguous();
-    auto [y, hT, cT, gates, c_hist] = op.call(xc, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save);
-    ctx->save_for_backward({xc, h0, c0, w_ih, w_hh, undefined_if_none(w_hr), undefined_if_none(batch_sizes), y,
-                            gates, c_hist, undefined_if_none(b)});
+    auto [y, hT, cT, gates, c_hist] = op.call(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save);
+    ctx->save_for_backward({x, h0, c0, w_ih, w_hh, undefined_if_none(w_hr), undefined_if_none(batch_sizes), y, gates,
+                            c_hist, undefined_if_none(b)});
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["save"] = save;
     // gates and c_hist are saved state, never differentiated; unused gradients stay undefined rather than being
@@ -144,8 +140,10 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     const Tensor grad_cT = grads[2].defined() ? grads[2] : at::zeros_like(c0);
     const bool has_bias = b.defined();
     if (at::GradMode::is_enabled()) {  // create_graph=True
-      return differentiable_grads({x, h0, c0, w_ih, w_hh, b, w_hr}, batch_sizes,
-                                  ctx->saved_data["reverse"].toBool(), grad_y, grad_hT, grad_cT);
+      variable_list out = differentiable_grads({x, h0, c0, w_ih, w_hh, b, w_hr}, batch_sizes,
+                                               ctx->saved_data["reverse"].toBool(), grad_y, grad_hT, grad_cT);
+      if (!projection_used(w_hr, x, grads[0], grads[1])) out[6] = Tensor();
+      return out;
     }
     // The node's edges: x, h0, c0, w_ih, w_hh, then b, w_hr and batch_sizes where given (batch_sizes never needs
     // one). Weights that need none (frozen) spare the weight gradients' products.
@@ -167,7 +165,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd_autograd(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
     const c10::optional<Tensor>& b, const c10::optional<Tensor>& w_hr, const c10::optional<Tensor>& batch_sizes,
     bool reverse, bool save) {
-  const variable_list out = LayerFunction::apply(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save);
+  // x as nn.LSTM keeps it for backward: a dense copy where it is not dense (a batch_first input, transposed by the
+  // module), which the caller may then refill before backward (micro-batches through one buffer); else x itself,
+  // whose change in place before backward fails autograd's version check, as there. Copied here, above the
+  // function, so that autograd records the copy: a gradient of the gradients (create_graph) reaches x through it.
+  const variable_list out =
+      LayerFunction::apply(x.contiguous(), h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 

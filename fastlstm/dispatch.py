@@ -631,7 +631,7 @@ def _triton_slower_reason(call: LayerCall, measured, capability: str) -> str | N
         return None
     layers, batch, hidden, seq, speedup = slowest[3:8]
     return (
-        f"measured {speedup:.2f}x of cuDNN at the nearest {dtype} {mode} shape "
+        f"measured {speedup:.3f}x of cuDNN at the nearest {dtype} {mode} shape "
         f"(batch {batch}, hidden {hidden}, length {seq}, {layers} layer{'s' if layers > 1 else ''})"
     )
 

@@ -139,9 +139,16 @@ def _standard_shapes(
     return tuple(shapes)
 
 
-def _flat_bias(bias: Tensor) -> Tensor:
-    """A bias as the fast backends take it, [4H]: one assigned as [1, 4H] (nn.LSTM broadcasts it) viewed so."""
-    return bias if bias.dim() == 1 else bias.reshape(-1)
+def _broadcast_bias(shape: torch.Size, gates: int) -> bool:
+    """Whether a bias of `shape` is one nn.LSTM broadcasts to [gates] on every one of its paths (oneDNN, ATen, packed
+    or not; torch 2.13): a scalar, [1], [1, 1] and [1, 4H]. Not [B, 4H] (ATen adds it row by row, oneDNN reads its
+    first row), nor [4H, 1], nor [1, 1, 4H] (ATen fails)."""
+    return len(shape) <= 2 and all(n == 1 for n in shape[:-1]) and (len(shape) == 0 or shape[-1] in (1, gates))
+
+
+def _flat_bias(bias: Tensor, gates: int) -> Tensor:
+    """A bias as the fast backends take it, [4H]: one nn.LSTM broadcasts (_broadcast_bias) expanded so."""
+    return bias if bias.shape == (gates,) else bias.reshape(-1).expand(gates)
 
 
 # Weakly keyed: parametrization (weight_norm, spectral_norm, ...) makes a class per module, whose properties hold the
@@ -388,22 +395,45 @@ class LSTM(nn.RNNBase):
 
     def _misshapen_weight(self) -> str:
         """The first weight whose shape is not the one nn.LSTM's constructor gives it, with both shapes; "" when none.
-        A bias of [1, 4H] counts as its [4H]: nn.LSTM broadcasts it to the same numbers on every path, and the fast
-        paths view it so (_flat_bias); [1, 1, 4H] fails most of nn.LSTM's paths. Read on every call: a `.data`
-        swapped keeps the Parameter."""
+        A bias nn.LSTM broadcasts to the same numbers on each of its paths counts as its [4H] (_broadcast_bias), and
+        the fast paths expand it so (_flat_bias). Read on every call: a `.data` swapped keeps the Parameter."""
         names = self._flat_weights_names
-        expected = self.__dict__.get("_standard_shapes")  # a microsecond of every call where computed afresh
-        if expected is None:
-            expected = _standard_shapes(names, self.input_size, self.hidden_size, self.proj_size, self._num_directions)
+        sizes = (self.input_size, self.hidden_size, self.proj_size, self._num_directions, len(names))
+        # kept: a microsecond of every call where computed afresh. Keyed by the sizes, which a model surgery may
+        # change together with the weights (m.input_size = 5 and a new weight_ih_l0), as nn.LSTM reads them
+        kept = self.__dict__.get("_standard_shapes")
+        if kept is not None and kept[0] == sizes:
+            expected = kept[1]
+        else:
+            expected = _standard_shapes(names, *sizes[:4])
             if not torch.compiler.is_compiling():  # no side effects in a trace
-                self._standard_shapes = expected  # the sizes are constant after construction, as the names are
+                self._standard_shapes = (sizes, expected)
         for k, (w, shape) in enumerate(zip(self._flat_weights, expected)):
             if w is None or w.shape == shape:
                 continue
-            if names[k].startswith("bias") and w.shape == (1, *shape):
+            if names[k].startswith("bias") and _broadcast_bias(w.shape, shape[0]):
                 continue
-            return f"{names[k]} is {list(w.shape)} where nn.LSTM's constructor makes it {list(shape)}"
+            got = [int(n) for n in w.shape]  # ints, also where torch.jit.trace makes sizes tensors
+            return f"{names[k]} is {got} where nn.LSTM's constructor makes it {list(shape)}"
         return ""
+
+    def _weights_as_built(self, weights: list[Tensor | None] | None = None) -> list[Tensor | None]:
+        """The flat weights (or autocast's casts of them), each bias nn.LSTM broadcasts (_broadcast_bias) as the [4H]
+        it stands for, in memory: nn.LSTM's oneDNN path reads the sum of a layer's biases by pointer, 4H values
+        whatever its shape (b_ih and b_hh both of [1]: wrong numbers, float32 B3-H4 off by 0.62), and the fast
+        backends take [4H]. The list itself where every bias has its constructor's shape."""
+        weights = self._flat_weights if weights is None else weights
+        if not self.bias:
+            return weights
+        gates = 4 * self.hidden_size
+        per_layer = len(weights) // (self.num_layers * self._num_directions)
+        biases = [k for k in range(len(weights)) if k % per_layer in (2, 3)]
+        if all(weights[k].shape == (gates,) for k in biases):
+            return weights
+        flat = list(weights)
+        for k in biases:
+            flat[k] = _flat_bias(flat[k], gates).contiguous()
+        return flat
 
     def _weights_mixed(self) -> bool:
         """Whether the weights do not all share one dtype (a state_dict loaded with assign=True, say). Only nn.LSTM's
@@ -922,12 +952,12 @@ class LSTM(nn.RNNBase):
         with contextlib.nullcontext() if onednn else onednn_off():
             if batch_sizes is None:
                 out = torch._VF.lstm(
-                    input, hx, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
+                    input, hx, self._weights_as_built(), self.bias, self.num_layers, self.dropout, self.training,
                     self.bidirectional, self.batch_first,
                 )  # fmt: skip
             else:
                 out = torch._VF.lstm(
-                    input, batch_sizes, hx, self._flat_weights, self.bias, self.num_layers, self.dropout,
+                    input, batch_sizes, hx, self._weights_as_built(), self.bias, self.num_layers, self.dropout,
                     self.training, self.bidirectional,
                 )  # fmt: skip
         if batch_sizes is None and torch.compiler.is_compiling():
@@ -962,7 +992,7 @@ class LSTM(nn.RNNBase):
         if dtype is not None:
             params = backend.autocast_weights(list(params), dtype)
         w_ih, w_hh, b_ih, b_hh, w_hr = params
-        return w_ih, w_hh, None if b_ih is None else _flat_bias(b_ih + b_hh), w_hr
+        return w_ih, w_hh, None if b_ih is None else _flat_bias(b_ih + b_hh, 4 * self.hidden_size), w_hr
 
     def _autocast_dtypes(self, input: Tensor, hx, batch_sizes: Tensor | None) -> _Autocast | None:
         """The (y, h_n, c_n) dtypes nn.LSTM gives this call under autocast, or None when autocast is off.
@@ -990,7 +1020,7 @@ class LSTM(nn.RNNBase):
             # batched too, and nn.LSTM's kernels have no batching rule.
             x = _zeros_like_kind(input, 3 if varying else batch, input.shape[-1])
             state = tuple(_zeros_like_kind(t, layers, batch, t.shape[-1]) for t in hx)
-            weights = [None if w is None else _zeros_like_kind(w, *w.shape) for w in weights]
+            weights = [None if w is None else _zeros_like_kind(w, *w.shape) for w in self._weights_as_built()]
             flags = (self.bias, self.num_layers, 0.0, False, self.bidirectional)
 
             def probe() -> tuple[torch.dtype, ...]:
@@ -1080,10 +1110,9 @@ class LSTM(nn.RNNBase):
         weights = self._flat_weights
         if weight_dtype is not None:
             weights = backend.autocast_weights(list(weights), weight_dtype)
-        if self.bias:
-            per_layer = len(weights) // (self.num_layers * self._num_directions)
-            weights = [_flat_bias(w) if k % per_layer in (2, 3) else w for k, w in enumerate(weights)]
-        return backend.inference_stack(x, hx, weights, batch_sizes, 2 if self.bias else 0, *flags)
+        return backend.inference_stack(
+            x, hx, self._weights_as_built(weights), batch_sizes, 2 if self.bias else 0, *flags
+        )
 
     def _layer_states(self, x: Tensor, hx) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """The initial (h, c) of each (layer, direction) for time-major x; zeros when hx is None."""

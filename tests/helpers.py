@@ -151,12 +151,12 @@ def lstm_call(module, x, *state):
     return module(x, tuple(state)) if state else module(x)
 
 
-def assert_same_double_backward(backend: str, packed: bool, atol: float, rtol: float) -> None:
+def assert_same_double_backward(backend: str, packed: bool, atol: float, rtol: float, batch_first=False) -> None:
     """create_graph=True (a gradient penalty on the input and weight gradients) through a float64 stack with
     projection and both directions: first- and second-order gradients equal nn.LSTM's; packed with unsorted
-    lengths, or padded."""
+    lengths, or padded (batch_first: an input the module transposes, which a backend then copies)."""
     torch.manual_seed(5)
-    ref, fast = make_pair(4, 6, 2, bidirectional=True, proj_size=3, backend=backend)
+    ref, fast = make_pair(4, 6, 2, bidirectional=True, proj_size=3, backend=backend, batch_first=batch_first)
     x = torch.randn(5, 3, 4, dtype=torch.float64)
     results = []
     for m in (ref, fast):

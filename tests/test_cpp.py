@@ -1674,12 +1674,14 @@ print("OK")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_double_backward_matches_nn_lstm(packed):
-    """create_graph=True: second-order gradients equal nn.LSTM's (helpers.assert_same_double_backward)."""
+@pytest.mark.parametrize("packed,batch_first", [(False, False), (True, False), (False, True)],
+                         ids=["padded", "packed", "batch-first"])  # fmt: skip
+def test_double_backward_matches_nn_lstm(packed, batch_first):
+    """create_graph=True: second-order gradients equal nn.LSTM's (helpers.assert_same_double_backward); a batch_first
+    input's gradient too, which the layer's copy of it once cut off (None)."""
     from helpers import assert_same_double_backward
 
-    assert_same_double_backward("cpp", packed, atol=1e-9, rtol=1e-7)
+    assert_same_double_backward("cpp", packed, atol=1e-9, rtol=1e-7, batch_first=batch_first)
 
 
 def test_auto_serves_float64_with_cpp_and_matches_nn_lstm():

@@ -325,24 +325,27 @@ def test_weights_of_mixed_dtypes_get_what_nn_lstm_gives(module_dtype, bias_dtype
 
 
 def _reshape_weight(module, name: str, shape) -> None:
-    """The weight as a new Parameter of `shape`, its values kept where it has as many (else fresh ones)."""
+    """The weight as a new Parameter of `shape`, its values kept where it has as many (else its first ones)."""
     old = getattr(module, name).detach()
-    values = old.reshape(shape) if old.numel() == torch.Size(shape).numel() else torch.randn(shape, dtype=old.dtype)
+    values = old.reshape(shape) if old.numel() == torch.Size(shape).numel() else old.flatten()[0].expand(shape)
     setattr(module, name, nn.Parameter(values.clone()))
 
 
 @pytest.mark.parametrize("backend", ["auto", "native", "reference", *fast_cpu_backends()])
 @pytest.mark.parametrize("packed", [False, True])
-def test_a_bias_assigned_as_a_row_gives_nn_lstms_numbers(backend, packed):
-    """A bias assigned as [1, 4H]: nn.LSTM broadcasts it on every path, to the numbers of its [4H]; every backend
-    gives them, and gradients of its [1, 4H] shape (a projected bidirectional stack, the model's last bias)."""
+@pytest.mark.parametrize("shapes", [((1, 4 * H), (1, 4 * H)), ((), (4 * H,)), ((1,), (1, 1))])
+def test_a_bias_nn_lstm_broadcasts_gives_its_numbers(backend, packed, shapes):
+    """A bias assigned as [1, 4H], a scalar, [1] or [1, 1]: nn.LSTM's ATen path (float64) broadcasts it, to the
+    numbers of the [4H] it stands for; every backend gives them, and gradients of the bias's own shape (a projected
+    bidirectional stack)."""
     torch.manual_seed(3)
     ref, fast = make_pair(I, H, 2, bidirectional=True, proj_size=3, backend=backend)
     x = torch.randn(4, 3, I, dtype=torch.float64)
     fast(x)  # the same kind of call is remembered before the bias changes
     for m in (ref, fast):
-        _reshape_weight(m, "bias_hh_l1_reverse", (1, 4 * H))
-        _reshape_weight(m, "bias_ih_l0", (1, 4 * H))
+        _reshape_weight(m, "bias_hh_l1_reverse", shapes[0])
+        _reshape_weight(m, "bias_ih_l0", shapes[0])
+        _reshape_weight(m, "bias_hh_l0", shapes[1])
     call = lstm_call
     if packed:
 
@@ -350,14 +353,44 @@ def test_a_bias_assigned_as_a_row_gives_nn_lstms_numbers(backend, packed):
             return module(nn.utils.rnn.pack_padded_sequence(x, [4, 2, 3], enforce_sorted=False))
 
     assert_same_results(ref, fast, [x], call, **TOL)
-    assert fast.bias_hh_l1_reverse.grad.shape == (1, 4 * H)
+    assert fast.bias_hh_l1_reverse.grad.shape == shapes[0]
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", *fast_cpu_backends()])
+def test_one_element_biases_give_the_numbers_they_stand_for_in_float32(backend):
+    """Both biases of a layer of one element: nn.LSTM's float32 CPU path (oneDNN) reads their sum by pointer, 4H
+    values from one (wrong numbers; ATen's path broadcasts). Every backend gives the broadcast numbers, native
+    included: the numbers of the same biases expanded to [4H]."""
+    torch.manual_seed(4)
+    fast = fastlstm.LSTM(I, H, backend=backend)
+    expected = nn.LSTM(I, H)
+    expected.load_state_dict(fast.state_dict())
+    x = torch.randn(5, 3, I)
+    for m, shape in ((fast, (1,)), (expected, (4 * H,))):
+        m.bias_ih_l0 = nn.Parameter(torch.full(shape, 0.3))
+        m.bias_hh_l0 = nn.Parameter(torch.full(shape, -0.1))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x)[0], expected(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_surgery_of_sizes_and_weights_runs_as_in_nn_lstm():
+    """The input size changed after a call, with a weight_ih of the new size: nn.LSTM reads both at call time, and
+    so does the shape check (it had kept the first call's shapes)."""
+    ref, fast = make_pair(I, H, 1, backend="auto")
+    fast(torch.randn(3, 2, I, dtype=torch.float64))
+    weight = torch.randn(4 * H, I + 2, dtype=torch.float64)
+    for m in (ref, fast):
+        m.input_size = I + 2
+        m.weight_ih_l0 = nn.Parameter(weight.clone())
+    x = torch.randn(3, 2, I + 2, dtype=torch.float64)
+    torch.testing.assert_close(fast(x)[0], ref(x)[0], **TOL)
 
 
 @pytest.mark.parametrize("backend", ["auto", "native", *fast_cpu_backends()])
 @pytest.mark.parametrize(
     "name,shape",
     [("weight_ih_l0", (4 * H, I + 2)), ("weight_hh_l1", (4 * H - 4, H)), ("bias_ih_l0", (1, 1, 4 * H)),
-     ("bias_hh_l1", (4 * H, 1)), ("weight_ih_l1", (4 * H, 2 * H))],
+     ("bias_hh_l1", (4 * H, 1)), ("bias_ih_l1", (2, 4 * H)), ("weight_ih_l1", (4 * H, 2 * H))],
 )  # fmt: skip
 def test_a_weight_of_another_shape_is_a_clear_error(backend, name, shape):
     """A weight of another shape than nn.LSTM's constructor gives it: nn.LSTM raises on most (float64), and its

@@ -269,14 +269,16 @@ def test_batch_first_input_refilled_before_backward_as_in_nn_lstm(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("steps", [1, 2])
-def test_one_step_c_n_alone_leaves_the_last_projection_without_gradient(backend, steps):
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_one_step_c_n_alone_leaves_the_last_projection_without_gradient(backend, steps, create_graph):
     """A loss on c_n alone after one step: c_n depends on no projection of its layer, and nn.LSTM leaves that w_hr's
     gradient None (an optimizer skips it: AdamW's weight decay leaves it alone), where a fast backend's layer gave
-    zeros; the first layer's projection feeds the second's input, and with two steps every w_hr counts."""
+    zeros; the first layer's projection feeds the second's input, and with two steps every w_hr counts. Also where
+    the gradients are themselves differentiable (create_graph)."""
     ref, fast = make_pair(I, H, 2, proj_size=PROJ, bidirectional=True, backend=backend)
     x = torch.randn(steps, 3, I, dtype=torch.float64)
     for m in (ref, fast):
-        m(x)[1][1].pow(2).sum().backward()
+        m(x)[1][1].pow(2).sum().backward(create_graph=create_graph)
     for (name, a), b in zip(ref.named_parameters(), fast.parameters(), strict=True):
         if a.grad is None:
             assert b.grad is None, name

@@ -793,8 +793,10 @@ def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused, eager: bool = False):
     if grad_cT is None:
         grad_cT = x.new_zeros(B, H)
     inputs = (x, h0, c0, w_ih, w_hh, b, w_hr)
+    used = projection_used(w_hr, x, grad_y_given, grad_hT_given)
     if differentiated_twice((*inputs, grad_y, grad_hT, grad_cT)):  # create_graph=True, nested torch.func transforms
-        return layer_op_grads(*grads_through_reference(inputs, batch_sizes, ctx.reverse, (grad_y, grad_hT, grad_cT)))
+        *grads, dw_hr = grads_through_reference(inputs, batch_sizes, ctx.reverse, (grad_y, grad_hT, grad_cT))
+        return layer_op_grads(*grads, dw_hr if used else None)
     # No graph: these gradients are not differentiated. And the op's autograd layer (torch.library's
     # autograd.Function, without setup_context) raises under a torch.func gradient transform if it records one.
     rows_of, grads_of = triton_backward_rows, triton_backward
@@ -814,7 +816,7 @@ def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused, eager: bool = False):
             grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel,
             b is not None,
         )  # fmt: skip
-    has_bias, has_proj = b is not None, projection_used(w_hr, x, grad_y_given, grad_hT_given)
+    has_bias, has_proj = b is not None, used
     return layer_op_grads(dx, dh0, dc0, dw_ih, dw_hh, db if has_bias else None, dw_hr if has_proj else None)
 
 
