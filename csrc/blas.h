@@ -211,6 +211,15 @@ inline bool openmp_may_start_fewer_threads() {
 #endif
 }
 
+// a @ b of bfloat16 matrices in float accumulation, rounded once to bfloat16. ATen hands such products to oneDNN,
+// which gives non-finite numbers where OpenMP may start fewer threads (with OMP_THREAD_LIMIT=1 and torch at 2
+// threads, torch 2.13's own bf16 a @ b was off by 3e35, nn.LSTM's bf16 gradients NaN; an audit): there they are
+// computed in float32 (BLAS), then rounded.
+inline at::Tensor bf16_mm(const at::Tensor& a, const at::Tensor& b) {
+  if (!openmp_may_start_fewer_threads()) return at::mm(a, b);
+  return at::mm(a.to(at::kFloat), b.to(at::kFloat)).to(a.scalar_type());
+}
+
 // Whether oneDNN serves a float32 product of `macs` multiply-adds, and the product A @ W^T as it computes it.
 template <typename scalar_t>
 bool onednn_serves(int64_t macs) {

@@ -585,6 +585,11 @@ ForwardSteps forward_steps(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P
 std::vector<int64_t> float32_forward_rows(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P) {
   TORCH_CHECK(T > 0 && B > 0 && I > 0 && H > 0 && P >= 0, "fastlstm cpp: float32_forward_rows takes positive T, B, "
               "I, H and P >= 0 (0: no projection), got ", T, ", ", B, ", ", I, ", ", H, ", ", P);
+  // Layer sizes whose weights could exist: the products of them it takes (4H x (I + P) weights, in bytes) then stay
+  // within int64. T and B are any a tensor's.
+  constexpr int64_t most = int64_t{1} << 24;
+  TORCH_CHECK(I <= most && H <= most && P <= most, "fastlstm cpp: float32_forward_rows takes I, H and P up to ", most,
+              ", got ", I, ", ", H, ", ", P);
   const ForwardSteps f = forward_steps<float, FmaDot<float>>(T, B, I, H, P > 0 ? P : H, P > 0);
   std::vector<int64_t> bounds;
   for (const auto& thread : row_split_ranges(std::vector<int64_t>(T, B), B, f.split))
@@ -817,6 +822,9 @@ std::vector<int64_t> packed_batch_sizes(const Tensor& data, const Tensor& batch_
   for (size_t t = 0; t < live.size(); ++t) {
     TORCH_CHECK(live[t] > 0 && live[t] <= live[0],
                 "fastlstm cpp: packed batch_sizes must be positive and at most batch_sizes[0], got ", batch_sizes);
+    // bounded before the sum: batch_sizes that sum past int64 (no tensor has that many rows) overflowed it
+    TORCH_CHECK(live[t] <= data.size(0) - rows, "fastlstm cpp: packed batch_sizes sum past the data's ",
+                data.size(0), " rows");
     rows += live[t];
   }
   TORCH_CHECK(rows == data.size(0), "fastlstm cpp: packed data has ", data.size(0), " rows, batch_sizes sum to ",
@@ -1136,10 +1144,10 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
   if constexpr (own_rows) {
     // bf16 in, bf16 out (float accumulation inside): the results' dtype, rounded once.
     Tensor dgk2 = dgates_k.view({TB, G4});
-    dx = at::mm(dgk2, w_ih).view({T, B, I});
+    dx = bf16_mm(dgk2, w_ih).view({T, B, I});
     if (!weights) return;
-    dw_ih = at::mm(dgk2.t(), x.view({TB, I}));
-    dw_hh = at::mm(dgk2.t(), previous_h<elem_t>(y, h0, live, reverse).view({TB, P}));
+    dw_ih = bf16_mm(dgk2.t(), x.view({TB, I}));
+    dw_hh = bf16_mm(dgk2.t(), previous_h<elem_t>(y, h0, live, reverse).view({TB, P}));
     return;
   }
   Tensor dx2 = dx.view({TB, I});

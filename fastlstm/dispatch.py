@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from fastlstm import backends, measured_cuda
-from fastlstm.backends import BackendUnavailableError, BuildCrashError, LayerCall
+from fastlstm.backends import BackendUnavailableError, BuildCrashError, LayerCall, native
 
 AUTO = "auto"
 ENV_VAR = "FASTLSTM_BACKEND"
@@ -403,6 +403,9 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       nn.LSTM there on aarch64 under qemu: `python -m fastlstm check --backend cpp`, float32 and float64).
     """
     if call.dtype == torch.float64:
+        return None
+    if call.dtype == torch.bfloat16 and call.needs_grad and native.openmp_starves():
+        # not speed: nn.LSTM's bfloat16 gradients come out NaN there (oneDNN's bf16 matmul), cpp's do not
         return None
     if not _cpu_is_x86() and not (call.proj_size or call.packed):
         return (

@@ -94,6 +94,14 @@ def _openmp_settings() -> tuple[bool, int | None]:
     return dynamic or no_levels, int(limit) if limit.isdigit() else None
 
 
+def openmp_starves() -> bool:
+    """Whether OpenMP may start fewer threads than torch asks for (OMP_THREAD_LIMIT below torch's threads,
+    OMP_DYNAMIC=true, OMP_MAX_ACTIVE_LEVELS=0), where oneDNN computes wrong numbers (onednn_training_miscomputes;
+    its bfloat16 matmul, which ATen's bfloat16 products take, too: torch 2.13's bf16 a @ b off by 3e35)."""
+    starves, limit = _openmp_settings()
+    return starves or (limit is not None and limit < torch.get_num_threads())
+
+
 def onednn_training_miscomputes(x: Tensor, packed: bool, projected: bool) -> bool:
     """Whether nn.LSTM's oneDNN path would compute this CPU call wrong: where OpenMP starts fewer threads than torch
     asks for (OMP_THREAD_LIMIT below torch's threads, OMP_DYNAMIC=true, OMP_MAX_ACTIVE_LEVELS=0), oneDNN's LSTM
@@ -104,8 +112,7 @@ def onednn_training_miscomputes(x: Tensor, packed: bool, projected: bool) -> boo
         return False  # a compiled graph runs nn.LSTM's own call, as a compiled nn.LSTM does (a trace too)
     if packed or projected or x.dtype == torch.float64:
         return False
-    starves, limit = _openmp_settings()
-    if not starves and (limit is None or limit >= torch.get_num_threads()):
+    if not openmp_starves():
         return False
     if not torch._C._get_mkldnn_enabled():
         return False
