@@ -19,6 +19,12 @@
 namespace fastlstm {
 namespace {
 
+// The thread count lockstep_threads read last (high half) and the CPUs then (low half); -1 before the first read.
+inline std::atomic<int64_t>& lockstep_seen() {
+  static std::atomic<int64_t> seen{-1};
+  return seen;
+}
+
 // The threads a loop whose threads meet every step may take (the team loop, and each step's parallel products):
 // torch's, but no more than the CPUs this process may run on. torch starts with no more, but
 // torch.set_num_threads takes any number, and a step then waits for a thread without a core. 2-core Zen 4,
@@ -35,8 +41,7 @@ namespace {
 inline int lockstep_threads() {
   const int threads = at::get_num_threads();
 #ifdef __linux__
-  // Packed: the thread count read last (high half) and the CPUs then (low half); -1 before the first read.
-  static std::atomic<int64_t> seen{-1};
+  std::atomic<int64_t>& seen = lockstep_seen();
   static std::atomic<int64_t> read_at{0};  // steady_clock nanoseconds
   const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
                           std::chrono::steady_clock::now().time_since_epoch())
@@ -54,6 +59,12 @@ inline int lockstep_threads() {
 #else
   return threads;
 #endif
+}
+
+// The CPUs this process may run on as lockstep_threads last read them; 0 where it has not, or cannot.
+inline int lockstep_cpus() {
+  const int64_t seen = lockstep_seen().load(std::memory_order_relaxed);
+  return seen < 0 ? 0 : static_cast<int>(seen & 0xffffffff);
 }
 
 // at::parallel_for(begin, end, grain, f) on at most `threads` threads: contiguous chunks, one a thread, each in a

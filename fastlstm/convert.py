@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 from torch import nn
@@ -23,6 +24,16 @@ def _is_source(module: nn.Module, to: str) -> bool:
     if parametrize.is_parametrized(module):
         cls = cls.__bases__[0]  # the class parametrize generated derives from the module's own
     if cls is source:
+        replaced = _replaced_on_instance(module)
+        if replaced:
+            warnings.warn(
+                f"fastlstm.convert: left an {cls.__qualname__} unconverted: its call was replaced on the instance "
+                f"({replaced}), and the converted layer would still call this one, not the weights it is given "
+                "afterwards; convert first, then compile or hook the converted layer",
+                UserWarning,
+                stacklevel=outside_stacklevel(),
+            )
+            return False
         return True
     if issubclass(cls, source):
         warnings.warn(
@@ -33,6 +44,22 @@ def _is_source(module: nn.Module, to: str) -> bool:
             stacklevel=outside_stacklevel(),
         )
     return False
+
+
+def _replaced_on_instance(module: nn.Module) -> str:
+    """What replaced the module's call on the instance itself, or "": Module.compile() (a compiled call of the
+    module's bound _call_impl), a forward set on the instance (accelerate's hooks: a partial holding the module), or
+    any other attribute bound to the module. Copied into the converted layer, each would keep calling this one."""
+    own = vars(module)
+    if own.get("_compiled_call_impl") is not None:
+        return "Module.compile()"
+    if "forward" in own:
+        return "a forward of its own"
+    for name, value in own.items():
+        bound = getattr(value, "__self__", None) is module
+        if bound or (isinstance(value, functools.partial) and any(arg is module for arg in value.args)):
+            return f"{name!r}, an attribute bound to it"
+    return ""
 
 
 def convert(model: nn.Module, to: str = "fastlstm", backend: str | None = None) -> nn.Module:

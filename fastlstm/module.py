@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import warnings
@@ -19,7 +20,14 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from fastlstm import backends, dispatch, reference
 from fastlstm.backends import LayerCall, host_to_device
-from fastlstm.backends.native import onednn_off, onednn_training_miscomputes, pack_padded, packed_rows, pad_packed
+from fastlstm.backends.native import (
+    onednn_enabled,
+    onednn_off,
+    onednn_training_miscomputes,
+    pack_padded,
+    packed_rows,
+    pad_packed,
+)
 
 backends.load_all()  # before any torch.compile traces a forward: dynamo cannot import (see fastlstm.backends)
 
@@ -223,7 +231,7 @@ def _autocast_key(device_type: str) -> tuple | bool:
 @backends.constant_under_compile
 def _aten_paths() -> tuple[bool, bool]:
     """Whether oneDNN and cuDNN are on: constants while torch.compile traces (dynamo cannot trace the getters)."""
-    return torch._C._get_mkldnn_enabled(), torch._C._get_cudnn_enabled()
+    return onednn_enabled(), torch._C._get_cudnn_enabled()
 
 
 def _autocast_off(device_type: str):
@@ -319,7 +327,22 @@ def rebuilt_as(module: nn.RNNBase, cls: type[nn.RNNBase]) -> nn.RNNBase:
     new._flat_weights_names = list(module._flat_weights_names)
     new._all_weights = [list(w) for w in module._all_weights]
     new._flat_weights = list(module._flat_weights)
+    _rebind_load_pre_hooks(new, module)
     return new
+
+
+def _rebind_load_pre_hooks(new: nn.Module, old: nn.Module) -> None:
+    """load_state_dict pre-hooks registered through the public API hold a weak reference to the module they are
+    called with (torch's _WrappedHook): point those of `old` at `new`, in the dict both share, under the same ids
+    (their handles still remove them). Left as they were, they would be called with the replaced module, or raise
+    once it is gone ("the hook of a dead Module")."""
+    hooks = getattr(new, "_load_state_dict_pre_hooks", None)
+    for key, hook in list((hooks or {}).items()):
+        ref = getattr(hook, "module", None)
+        if getattr(hook, "with_module", False) and isinstance(ref, weakref.ref) and ref() is old:
+            rebound = copy.copy(hook)
+            rebound.module = weakref.ref(new)
+            hooks[key] = rebound
 
 
 class LSTM(nn.RNNBase):
@@ -392,6 +415,17 @@ class LSTM(nn.RNNBase):
         ):
             return
         super().flatten_parameters()
+
+    def _miscounted_weights(self) -> str:
+        """torch._VF.lstm's error where the number of weights does not fit the flags (num_layers, bidirectional,
+        bias, proj_size), as a model surgery of a flag alone leaves it; "" where it fits."""
+        per_layer = 2 + 2 * bool(self.bias) + (self.proj_size > 0)
+        count = len(self._flat_weights)
+        if count % per_layer:
+            return "got an incorrect number of RNN parameters"
+        if count != per_layer * self.num_layers * self._num_directions:
+            return "Expected more weights in stacked_rnn"
+        return ""
 
     def _misshapen_weight(self) -> str:
         """The first weight whose shape is not the one nn.LSTM's constructor gives it, with both shapes; "" when none.
@@ -703,6 +737,8 @@ class LSTM(nn.RNNBase):
         if not torch.is_grad_enabled():
             return False
         tensors = (input, *self._flat_weights) if hx is None else (input, hx[0], hx[1], *self._flat_weights)
+        if torch._C._are_functorch_transforms_active():  # a vmap's wrappers hide requires_grad
+            return any(backends.autograd_tracks(t) for t in tensors)
         return any(t.requires_grad for t in tensors)
 
     def _transforms(self, input: Tensor, hx) -> _Transforms:
@@ -756,6 +792,11 @@ class LSTM(nn.RNNBase):
             return None  # a weight deleted (`del m.weight_hh_l0`): _check_call raises nn.LSTM's error
         amp = torch._C._is_any_autocast_enabled() and _autocast_key(input.device.type)
         weight = self._flat_weights[0]
+        device, dtype, mixed = weight.device, weight.dtype, False
+        for w in self._flat_weights:  # one pass for both (_weights_mixed): a microsecond of a small call
+            if w.device != device:
+                return None  # a weight left on another device: _check_call raises nn.LSTM's error
+            mixed = mixed or w.dtype is not dtype
         if hx is None:
             state = None
         elif type(hx) is tuple and len(hx) == 2 and type(hx[0]) is Tensor and type(hx[1]) is Tensor:
@@ -767,7 +808,7 @@ class LSTM(nn.RNNBase):
         return (
             shape, input.dtype, input.device, weight.dtype, weight.device, state, grad, self.batch_first,
             self.backend, os.environ.get(dispatch.ENV_VAR), self.input_size, self.hidden_size, self.proj_size,
-            self.num_layers, self.bidirectional, self.bias, self._weights_mixed(), self._misshapen_weight(),
+            self.num_layers, self.bidirectional, self.bias, len(self._flat_weights), mixed, self._misshapen_weight(),
             torch.get_num_threads(), amp,
         )  # fmt: skip
 
@@ -865,6 +906,11 @@ class LSTM(nn.RNNBase):
         for k, w in enumerate(self._flat_weights):
             if w is None:
                 raise TypeError(f"expected Tensor as element {k} in argument {3 if packed else 2}, but got NoneType")
+        miscounted = self._miscounted_weights()
+        if miscounted:
+            # flags changed after construction (m.num_layers = 1, m.bias = False) without the weights: nn.LSTM refuses
+            # the call, where reading the list by the new flags would run a layer on another layer's weights
+            raise RuntimeError(miscounted)
         misshapen = self._misshapen_weight()
         if misshapen:
             # nn.LSTM's kernels raise on most such weights, and some read past their end (float32 on the CPU: wrong
@@ -923,11 +969,12 @@ class LSTM(nn.RNNBase):
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). Convert input: "
                 f"input.to({weight.dtype}), or convert model: model.to({input.dtype})"
             )
-        if input.device != weight.device:
-            raise RuntimeError(
-                "Input and parameter tensors are not at the same device, found input tensor at "
-                f"{input.device} and parameter tensor at {weight.device}"
-            )
+        for w in self._flat_weights:  # each one: a weight left behind (on meta, say) would be read as garbage
+            if w.device != input.device:
+                raise RuntimeError(
+                    "Input and parameter tensors are not at the same device, found input tensor at "
+                    f"{input.device} and parameter tensor at {w.device}"
+                )
         for state in hx:
             if state.device != input.device:
                 raise RuntimeError(
@@ -1035,7 +1082,7 @@ class LSTM(nn.RNNBase):
             try:
                 _AUTOCAST_DTYPES[key] = _Autocast(probe())
             except RuntimeError as error:
-                if device_type != "cpu" or not torch._C._get_mkldnn_enabled():
+                if device_type != "cpu" or not onednn_enabled():
                     raise
                 # oneDNN's LSTM has no bfloat16 kernel on CPUs without AVX-512 (seen on an AMD EPYC Zen 3: "could
                 # not create a primitive descriptor"), so nn.LSTM fails under bfloat16 autocast there. Its ATen

@@ -907,6 +907,56 @@ def test_the_build_finds_pips_ninja_when_it_is_not_on_path(tmp_path, monkeypatch
     assert os.environ["CXX"] == "the user's compiler"
 
 
+def test_the_build_leaves_what_another_thread_set_meanwhile(monkeypatch):
+    """os.environ is the process's: a variable another thread sets while a first call builds (CXX and PATH are set
+    for the build) keeps that thread's value after it, rather than the one saved before the build."""
+    monkeypatch.setenv("PATH", os.environ.get("PATH", ""))
+    monkeypatch.setenv("CXX", "the user's compiler")
+    with cpu._build_environment():
+        assert os.environ["CXX"] == cpu._compiler()
+        os.environ["CXX"] = "another thread's compiler"
+        os.environ["PATH"] = os.pathsep.join(["/another/threads/tools", os.environ["PATH"]])
+        changed_path = os.environ["PATH"]
+    assert os.environ["CXX"] == "another thread's compiler" and os.environ["PATH"] == changed_path
+
+
+def test_a_process_forked_during_another_threads_build_serves_its_calls():
+    """A DataLoader worker or a pre-forked server may fork while another thread builds or loads the library: that
+    thread is not in the child, and its lock (and the build lock's file, which the child shares) had held the
+    child's first call forever. The child serves calls on the native path, saying why, with nn.LSTM's numbers."""
+    code = """
+import os, sys, threading, torch
+from torch import nn
+import fastlstm
+from fastlstm.backends import cpu
+torch.set_num_threads(1)
+assert not cpu._state["done"]
+held, release = threading.Event(), threading.Event()
+def building():  # holds the lock as a build does
+    with cpu._lock:
+        held.set()
+        release.wait()
+threading.Thread(target=building).start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    model, x = fastlstm.LSTM(4, 6), torch.randn(5, 2, 4)
+    ref = nn.LSTM(4, 6)
+    ref.load_state_dict(model.state_dict())
+    out = []
+    worker = threading.Thread(target=lambda: out.append(model(x)[0]), daemon=True)
+    worker.start()
+    worker.join(60)
+    ok = bool(out) and torch.allclose(out[0], ref(x)[0], atol=1e-6) and "forked" in (cpu.build_error() or "")
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+release.set()
+print("OK" if os.waitstatus_to_exitcode(status) == 0 else "FAILED")
+"""
+    proc = run_python("-c", code, timeout=240)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def test_no_ninja_is_the_reason_and_no_build_is_announced(tmp_path, monkeypatch, caplog):
     """Without ninja (none on PATH, not pip's either) the build cannot start: the reason says ninja, and the log
     line that promises tens of seconds of compiling is not written."""

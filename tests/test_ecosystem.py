@@ -488,6 +488,57 @@ def test_vmap_over_an_ensemble_of_models():
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+def test_an_ensemble_run_through_vmap_trains_by_ordinary_backward(backend):
+    """stack_module_state's leaves require grad, and autograd records the vmapped forward on them: backward gives each
+    model the gradients its own backward gives. A vmap's wrappers report requires_grad False, which had made cpp's
+    forward skip saving for a backward that then came (it raised)."""
+    torch.manual_seed(0)
+    models = [fastlstm.LSTM(3, 4, 2, dtype=torch.float64, backend=backend) for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(models)
+    base = fastlstm.LSTM(3, 4, 2, dtype=torch.float64, backend=backend).to("meta")
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    run = torch.func.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (x,)), in_dims=(0, 0))
+    y, (h, c) = run(params, buffers)
+    (y.square().sum() + c.sum()).backward()
+    for k, model in enumerate(models):
+        y, (h, c) = model(x)
+        (y.square().sum() + c.sum()).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(params[name].grad[k], p.grad, atol=1e-9, rtol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+def test_frozen_layer_under_vmap_backpropagates_to_its_input(backend):
+    model = fastlstm.LSTM(3, 4, dtype=torch.float64, backend=backend).requires_grad_(False)
+    xs = torch.randn(4, 5, 2, 3, dtype=torch.float64, requires_grad=True)
+    torch.func.vmap(lambda x: model(x)[0])(xs).square().sum().backward()
+    samples = xs.detach().requires_grad_()
+    expected = torch.stack([torch.autograd.grad(model(x)[0].square().sum(), x)[0] for x in samples])
+    torch.testing.assert_close(xs.grad, expected, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", *CPU_BACKENDS])
+def test_fake_tensor_mode_gives_nn_lstms_shapes_forward_and_backward(backend):
+    """Shape inference and memory estimates run a model under FakeTensorMode: the fast backends take their ops,
+    which have fakes, rather than launch kernels on memory that does not exist (triton did)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    ref, fast = nn.LSTM(3, 4, 2, proj_size=2), fastlstm.LSTM(3, 4, 2, proj_size=2, backend=backend)
+    fast.load_state_dict(ref.state_dict())
+    outs = []
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for m in (ref, fast):
+            x = torch.randn(5, 2, 3, requires_grad=True)
+            y, (h, c) = m(x)
+            (y.sum() + c.sum()).backward()
+            outs.append((y, h, c, x.grad))
+    for expected, got in zip(*outs):
+        assert isinstance(got, FakeTensor) and got.shape == expected.shape and got.dtype == expected.dtype
+    x = torch.randn(5, 2, 3)  # and real calls after it are served as before
+    torch.testing.assert_close(fast(x)[0], ref(x)[0], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "backend,lengths",
     # triton (~10 s a case in the interpreter) with lengths= only, which covers the padded case's kernels

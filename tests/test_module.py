@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import pickle
 import re
@@ -19,6 +20,7 @@ from helpers import (
 )
 from torch import nn
 from torch.nn.utils import parametrizations
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastlstm
 from fastlstm.backends import get as get_backend
@@ -245,6 +247,46 @@ def test_hook_handles_taken_before_convert_still_remove_their_hooks(to):
     assert fired == []
 
 
+@pytest.mark.parametrize("to", ["fastlstm", "torch"])
+def test_convert_points_load_state_dict_pre_hooks_at_the_converted_layer(to):
+    """register_load_state_dict_pre_hook's hooks are called with their module (torch keeps a weak reference to it):
+    converted, with the new layer (they had raised "the hook of a dead Module", or got the replaced one)."""
+    source = nn.LSTM(I, H) if to == "fastlstm" else fastlstm.LSTM(I, H)
+    seen = []
+    handle = source.register_load_state_dict_pre_hook(lambda module, *args: seen.append(module))
+    model = fastlstm.convert(nn.Sequential(source), to=to)
+    state = model.state_dict()
+    del source
+    model.load_state_dict(state)
+    assert len(seen) == 1 and seen[0] is model[0]
+    handle.remove()  # a handle taken before still removes it
+    model.load_state_dict(state)
+    assert len(seen) == 1
+
+
+def _forward_replaced_as_accelerate_does(module: nn.Module) -> None:
+    """What accelerate's add_hook_to_module does to a module (less the hook): forward replaced on the instance by a
+    partial holding the module, the old bound forward kept beside it."""
+    module._old_forward = module.forward
+    module.forward = functools.partial(lambda mod, *args, **kwargs: mod._old_forward(*args, **kwargs), module)
+
+
+@pytest.mark.parametrize("replace", ["compile", "accelerate"])
+@pytest.mark.parametrize("to", ["fastlstm", "torch"])
+def test_convert_leaves_a_layer_whose_call_was_replaced_on_the_instance(replace, to):
+    """Module.compile() and forward overrides are bound to the layer itself: a converted copy would keep calling the
+    old layer, whose weights a later load_state_dict(assign=True) no longer reaches (stale numbers). Left, warned."""
+    source = nn.LSTM(I, H) if to == "fastlstm" else fastlstm.LSTM(I, H)
+    if replace == "compile":
+        source.compile(backend="eager")
+    else:
+        _forward_replaced_as_accelerate_does(source)
+    model = nn.Sequential(source)
+    with pytest.warns(UserWarning, match="left an .*LSTM unconverted: its call was replaced on the instance"):
+        fastlstm.convert(model, to=to)
+    assert model[0] is source
+
+
 def test_convert_leaves_subclasses_with_a_warning():
     class Scaled(nn.LSTM):
         def forward(self, x, hx=None):
@@ -282,6 +324,84 @@ def test_output_changed_in_place_before_backward(backend, proj):
         results.append([y.detach()] + [p.grad for p in m.parameters()])
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, **TOL)
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "reference", *fast_cpu_backends()])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_activation_checkpointing_trains_as_nn_lstm(backend, reentrant):
+    """torch.utils.checkpoint runs forward again in backward: the non-reentrant variant checks that the recomputed
+    saved tensors match the first forward's, the reentrant one ran that forward under no_grad (the inference paths)
+    and backpropagates through the recomputation. Dropout must draw the same numbers both times, as nn.LSTM's does."""
+    ref, fast = make_pair(I, H, 3, dropout=0.4, bidirectional=True, proj_size=3, backend=backend)
+    x = torch.randn(7, 4, I, dtype=torch.float64)
+    results = []
+    for m in (ref, fast):
+        xx = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        y, (h, c) = torch.utils.checkpoint.checkpoint(m, xx, use_reentrant=reentrant)
+        (y.square().sum() + h.sum() + c.square().sum()).backward()
+        results.append([y.detach(), h.detach(), c.detach(), xx.grad] + [p.grad for p in m.parameters()])
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, **TOL)
+
+
+_CHANGED_FLAGS = [
+    (dict(num_layers=2), dict(num_layers=1)),
+    (dict(num_layers=4), dict(num_layers=2)),
+    (dict(num_layers=2), dict(num_layers=3)),
+    (dict(bidirectional=True), dict(bidirectional=False)),
+    (dict(num_layers=2), dict(bias=False)),
+    (dict(proj_size=2), dict(bias=False)),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "reference", *fast_cpu_backends()])
+@pytest.mark.parametrize("call", ["tensor", "packed", "step"])
+@pytest.mark.parametrize("built,changed", _CHANGED_FLAGS, ids=str)
+def test_a_flag_changed_without_its_weights_raises_as_nn_lstm(backend, call, built, changed):
+    """A model surgery of a flag alone (m.num_layers = 1) leaves weights that do not fit it: nn.LSTM refuses the call;
+    reading the list by the new flags had run layers on other layers' weights, or dropped the biases."""
+    if call == "step" and changed.get("bidirectional") is False:
+        built = dict(num_layers=2, bidirectional=True)  # step needs the layer unidirectional after the change
+    ref, fast = make_pair(I, H, backend=backend, **built)
+    x = torch.randn(4, 2, I, dtype=torch.float64)
+    for m in (ref, fast):
+        m(x)  # calls before the change are remembered: the change must still be seen
+        for name, value in changed.items():
+            setattr(m, name, value)
+    errors = []
+    for m in (ref, fast):
+        with pytest.raises(RuntimeError) as raised:
+            if call == "packed":
+                m(pack_padded_sequence(x, [4, 3]))
+            elif call == "step" and m is fast:
+                m.step(x[0])
+            else:  # nn.LSTM's own 1-step sequence for step
+                m(x[:1] if call == "step" else x)
+        errors.append(str(raised.value))
+    assert errors[1] == errors[0]
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "reference", *fast_cpu_backends()])
+@pytest.mark.parametrize("which", ["weight_ih_l0", "weight_hh_l1", "bias_hh_l1"])
+def test_a_weight_left_on_another_device_raises_as_nn_lstm(backend, which):
+    """A checkpoint that lacks a weight, loaded with assign=True into a model built on the meta device (accelerate's
+    init_empty_weights), leaves that weight on meta: nn.LSTM refuses a tensor call, where reference had computed CPU
+    numbers from it (torch.mm of a CPU and a meta tensor gives a CPU tensor). nn.LSTM checks no weight's device for
+    packed input, and computes from it too (torch 2.13): fastlstm refuses that call the same way."""
+    ref, fast = make_pair(I, H, 2, backend=backend)
+    x = torch.randn(4, 2, I, dtype=torch.float64)
+    errors = []
+    for m in (ref, fast):
+        m(x)  # remembered before the weight moves
+        setattr(m, which, nn.Parameter(getattr(m, which).detach().to("meta")))
+        with pytest.raises(RuntimeError, match="Input and parameter tensors are not at the same device") as raised:
+            m(x)
+        errors.append(str(raised.value))
+    assert errors[1] == errors[0]
+    with pytest.raises(RuntimeError) as raised:
+        fast(pack_padded_sequence(x, [4, 3]))
+    assert str(raised.value) == errors[0]
 
 
 def _set_bias_dtype(module: nn.Module, dtype: torch.dtype, swap: str) -> None:

@@ -227,3 +227,42 @@ def test_cudnns_advice_to_flatten_a_layers_own_weights_is_kept_quiet():
         for module in ("fastlstm.backends.native", "torch.nn.modules.rnn"):
             warnings.warn_explicit(advice, UserWarning, "caller.py", 1, module=module, registry={})
     assert [(w.message.args[0], w.filename) for w in seen] == [(advice, "caller.py")]
+
+
+def test_threads_taking_turns_with_onednn_off_leave_it_as_it_was():
+    """oneDNN's switch is the process's. Native calls that need oneDNN off (training where OpenMP starves, bfloat16
+    autocast on CPUs without AVX-512) each saved and restored it: with two threads' turns overlapping, the first out
+    switched it back on under the second (which then ran oneDNN: wrong numbers, or an error), and the second
+    restored "off" for good. Now the last out restores it, and the decisions read the program's setting."""
+    import threading
+
+    from fastlstm.backends.native import onednn_enabled, onednn_off
+
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with onednn_off():
+            first_in.set()
+            second_in.wait()
+        first_out.set()
+
+    def second():
+        first_in.wait()
+        with onednn_off():
+            second_in.set()
+            first_out.wait()
+            seen["switch"], seen["setting"] = torch._C._get_mkldnn_enabled(), onednn_enabled()
+
+    with torch.backends.mkldnn.flags(enabled=True):
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert seen == {"switch": False, "setting": True}  # still off for the second; the program's setting on
+        assert torch._C._get_mkldnn_enabled()
+    with torch.backends.mkldnn.flags(enabled=False):  # a program's own setting: kept through a turn, and read
+        with onednn_off():
+            assert not onednn_enabled()
+        assert not torch._C._get_mkldnn_enabled()

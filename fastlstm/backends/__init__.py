@@ -380,6 +380,24 @@ def _wrapper_chain(t: Tensor):
         yield t
 
 
+def fake_tensors_in_play(tensors) -> bool:
+    """Whether FakeTensorMode is on or any of `tensors` is a fake tensor (shape inference, memory estimates): ops
+    then compute shapes alone, and a kernel launched by hand would read memory that does not exist."""
+    fake = sys.modules.get("torch._subclasses.fake_tensor")
+    if fake is None:
+        return False  # no fake tensor exists before the module that makes them is imported
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return True
+    return any(isinstance(t, fake.FakeTensor) for t in tensors if t is not None)
+
+
+def autograd_tracks(t: Tensor) -> bool:
+    """Whether autograd records what is computed from t: requires_grad at any depth of a torch.func transform's
+    wrappers. A vmap's batched tensor answers False of itself while autograd records the ops on the tensor it
+    wraps (a model ensemble trained through vmap: stack_module_state's leaves require grad)."""
+    return any(w.requires_grad for w in _wrapper_chain(t))
+
+
 def functorch_grad_levels(tensors) -> set[int]:
     """The levels of the torch.func gradient transforms (grad, vjp, jacrev, jvp) that wrap any of `tensors`, at
     any depth of their wrappers (a vmap's batching wrapper may sit above a gradient's, or below)."""

@@ -87,6 +87,7 @@ from fastlstm.backends import (
     Backend,
     LayerCall,
     LayerResult,
+    autograd_tracks,
     cache_root,
     constant_under_compile,
     differentiated_twice,
@@ -124,6 +125,24 @@ _STALE_LOCK_S = 15 * 60  # without flock (Windows): a lock file older than this 
 _log = logging.getLogger("fastlstm")
 _lock = threading.Lock()
 _state: dict[str, object] = {"done": False, "error": None, "path": None}
+
+
+def _after_fork_in_child() -> None:
+    """A process forked while another thread was building or loading the library (a DataLoader worker started
+    meanwhile): that thread is not in the child, and its lock would hold the child's first call forever; so would
+    the build lock's file, whose lock the child shares with the parent. The child serves calls without the library."""
+    global _lock
+    if _lock.locked() and not _state["done"]:
+        _lock = threading.Lock()
+        _state.update(
+            done=True,
+            error="this process was forked while another thread was building or loading the C++ extension: it "
+            "serves calls without it (build or load it before forking: `python -m fastlstm build`, or a first call)",
+        )
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def source_dir() -> Path:
@@ -278,18 +297,21 @@ def _ninja_dir() -> str | None:
 def _build_environment():
     """CXX set to our compiler and pip's ninja reachable on PATH for the build, the environment as before after."""
     saved = {key: os.environ.get(key) for key in ("CXX", "PATH")}
-    os.environ["CXX"] = _compiler()
+    ours = {"CXX": _compiler()}
     folder = _ninja_dir()
     if folder is not None:
-        os.environ["PATH"] = os.pathsep.join(p for p in (folder, saved["PATH"]) if p)
+        ours["PATH"] = os.pathsep.join(p for p in (folder, saved["PATH"]) if p)
+    os.environ.update(ours)
     try:
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
+        for key, value in ours.items():
+            if os.environ.get(key) != value:
+                continue  # another thread set it meanwhile: its value stays
+            if saved[key] is None:
                 os.environ.pop(key, None)
             else:
-                os.environ[key] = value
+                os.environ[key] = saved[key]
 
 
 def _build_and_load(verbose: bool) -> str:
@@ -729,6 +751,8 @@ class CppBackend(Backend):
             return y, hT, cT
         # An exported program bakes the flag in: one exported under no_grad may still be trained, as nn.LSTM's is
         save = (torch.is_grad_enabled() or _exporting()) and any(t is not None and t.requires_grad for t in tensors)
+        if not save and torch.is_grad_enabled() and torch._C._are_functorch_transforms_active():
+            save = any(t is not None and autograd_tracks(t) for t in tensors)  # vmap's wrappers hide requires_grad
         # The overload itself, not the packet: the packet resolves it on every call, ~5 us at batch 1
         forward = torch.ops.fastlstm.cpp_lstm_fwd.default
         y, hT, cT, _, _ = forward(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import warnings
 
 import torch
@@ -73,15 +74,60 @@ def flip_time(x: Tensor, lengths: Tensor | None) -> Tensor:
     return x.gather(0, index.view(T, B, *([1] * (x.dim() - 2))).expand_as(x))
 
 
+# oneDNN's switch is the process's, and calls in several threads may each turn it off for a while: the first in
+# keeps the setting it found, the last out puts it back. Each had saved and restored it on its own, and two
+# threads' turns interleaved: a call read the switch off (another's turn), ran oneDNN once it came back on (wrong
+# numbers where OpenMP starves, an error under bfloat16 autocast on CPUs without AVX-512), and oneDNN was left off.
+_onednn_lock = threading.Lock()
+_onednn_turns = 0  # calls holding oneDNN off now
+_onednn_setting = True  # the switch as it was before they did
+
+
+def onednn_enabled() -> bool:
+    """Whether oneDNN is on as the program set it: the switch, or while calls of fastlstm's hold it off
+    (onednn_off), what it was before."""
+    with _onednn_lock:
+        return _onednn_setting if _onednn_turns else torch._C._get_mkldnn_enabled()
+
+
 @contextlib.contextmanager
 def onednn_off():
-    """nn.LSTM's ATen path on the CPU: oneDNN off for the block, every other oneDNN setting left as it is."""
-    enabled = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
+    """nn.LSTM's ATen path on the CPU: oneDNN off for the block, every other oneDNN setting left as it is. The switch
+    is the process's: other threads' oneDNN calls meanwhile run without it too."""
+    if torch.compiler.is_compiling():  # a trace of the block: no turns to take
+        enabled = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(False)
+        try:
+            yield
+        finally:
+            torch._C._set_mkldnn_enabled(enabled)
+        return
+    global _onednn_turns, _onednn_setting
+    with _onednn_lock:
+        if not _onednn_turns:
+            _onednn_setting = torch._C._get_mkldnn_enabled()
+            torch._C._set_mkldnn_enabled(False)
+        _onednn_turns += 1
     try:
         yield
     finally:
-        torch._C._set_mkldnn_enabled(enabled)
+        with _onednn_lock:
+            _onednn_turns -= 1
+            if not _onednn_turns:
+                torch._C._set_mkldnn_enabled(_onednn_setting)
+
+
+def _after_fork_in_child() -> None:
+    """A child forked during another thread's turn: that thread is not there to end it."""
+    global _onednn_lock, _onednn_turns
+    _onednn_lock = threading.Lock()
+    if _onednn_turns:
+        _onednn_turns = 0
+        torch._C._set_mkldnn_enabled(_onednn_setting)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @functools.cache
@@ -114,7 +160,7 @@ def onednn_training_miscomputes(x: Tensor, packed: bool, projected: bool) -> boo
         return False
     if not openmp_starves():
         return False
-    if not torch._C._get_mkldnn_enabled():
+    if not onednn_enabled():
         return False
     _warn_once_about_openmp()
     return True
