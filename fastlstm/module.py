@@ -536,7 +536,10 @@ class LSTM(nn.RNNBase):
                 if not is_batched:
                     input, hx = self._as_batch_of_one(input, hx)
         input, hx = _saveable(input, hx)
-        if all(choice.backend == "native" for choice in choices):
+        # a pack without rows (batch sizes all 0, built by hand): nn.LSTM's own answer, whatever the backend; the
+        # fast ones take steps of one row or more
+        empty_pack = batch_sizes is not None and input.shape[0] == 0
+        if empty_pack or all(choice.backend == "native" for choice in choices):
             if hx is None:
                 hx = self._initial_state(input, None, batch_sizes, True)
             output, h_n, c_n = self._native_stack(input, hx, batch_sizes, amp)
@@ -886,6 +889,8 @@ class LSTM(nn.RNNBase):
             if len(hx) != 2:
                 raise RuntimeError("lstm expects two hidden states")
             for k, state in enumerate(hx):
+                if not isinstance(state, Tensor):
+                    raise TypeError(f"expected Tensor as element {k} in argument 2, but got {type(state).__name__}")
                 if state.dim() < 3:
                     raise IndexError(
                         f"Expected hidden[{k}] to be 3-D [num_layers * num_directions, batch, size] for "

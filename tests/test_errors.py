@@ -101,6 +101,8 @@ CALLS = {
     ),
     "hx-dict": ({}, lambda m: m(torch.randn(3, 2, I), {0: torch.zeros(2, 2, P), 1: torch.zeros(2, 2, H)}), False),
     "packed-hx-tensor": ({}, lambda m: m(_packed(torch.randn(3, 2, I), [3, 2]), torch.zeros(2, 2, P)), False),
+    "packed-hx-none-h": ({}, lambda m: m(_packed(torch.randn(3, 2, I), [3, 2]), (None, torch.zeros(2, 2, H))), True),
+    "packed-hx-none-c": ({}, lambda m: m(_packed(torch.randn(3, 2, I), [3, 2]), (torch.zeros(2, 2, P), None)), True),
     # an unsorted pack's state is put in the pack's order before any check, and that indexing fails first
     "unsorted-packed-hx-one-state": ({}, lambda m: m(_unsorted(torch.randn(3, 2, I)), (torch.zeros(2, 2, P),)), True),
     "unsorted-packed-hx-tensor": ({}, lambda m: m(_unsorted(torch.randn(3, 2, I)), torch.zeros(1, 2, P)), True),
@@ -284,13 +286,18 @@ def test_a_malformed_pack_raises_runtime_error_as_nn_lstm(backend, grad):
 def test_a_pack_whose_batch_sizes_end_in_zeros_runs_as_nn_lstm_runs_it(backend, grad):
     """A PackedSequence built by hand whose last steps hold no sequence (batch sizes [2, 2, 0]: lengths shorter than
     the padded length): nn.LSTM runs it as the pack without those steps, and so does every backend (the cpp
-    inference stack and the reference had refused it), in both modes, also when the call is remembered."""
+    inference stack and the reference had refused it), in both modes, also when the call is remembered. A pack of
+    no rows at all ([0], [0, 0]) gives nn.LSTM's answer too (cpp and reference had refused it)."""
     torch.manual_seed(0)
     ref = nn.LSTM(I, H, 2, proj_size=P, dtype=torch.float64)
     fast = fastlstm.LSTM(I, H, 2, proj_size=P, dtype=torch.float64, backend=backend)
     fast.load_state_dict(ref.state_dict())
-    for sizes in ([2, 2, 0], [3, 1, 0, 0], [1, 0]):
+    for sizes in ([2, 2, 0], [3, 1, 0, 0], [1, 0], [0], [0, 0]):
         data = torch.randn(sum(sizes), I, dtype=torch.float64)
+        if backend == "triton" and not sum(sizes):  # refuses an empty batch when forced, as for tensor input
+            with pytest.raises(fastlstm.BackendUnavailableError, match="empty input"):
+                fast(PackedSequence(data, torch.tensor(sizes)))
+            continue
         results = []
         for m in (ref, fast, fast):  # the second fastlstm call of this kind is a remembered one
             m.zero_grad()
