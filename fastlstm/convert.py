@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from fastlstm import dispatch
 from fastlstm.backends import outside_stacklevel
-from fastlstm.module import LSTM, rebuilt_as
+from fastlstm.module import LSTM, rebind_load_pre_hooks, rebuilt_as
 
 _TARGETS = {"fastlstm": LSTM, "torch": nn.LSTM}
 
@@ -80,6 +80,7 @@ def convert(model: nn.Module, to: str = "fastlstm", backend: str | None = None) 
     def swap(module: nn.Module) -> nn.Module:
         if id(module) not in swapped:
             new = rebuilt_as(module, _TARGETS[to])
+            rebind_load_pre_hooks(new, module)
             if to == "fastlstm":
                 new.backend = backend
             swapped[id(module)] = new

@@ -754,6 +754,14 @@ def _fallback(native_fails: str | None, reason: str) -> Choice:
     return Choice("reference", f"{reason}; native cannot run it: {native_fails}")
 
 
+def own_call_only(name: str, count: int, reason: str) -> tuple[Choice, ...]:
+    """native for each of `count` (layer, direction)s of a call whose outcome only nn.LSTM's own call decides
+    (`reason`), when `name` is requested: another forced backend cannot serve it."""
+    if name not in (AUTO, "native"):
+        raise BackendUnavailableError(f"fastlstm backend {name!r} cannot serve this call: {reason}")
+    return (Choice("native", reason),) * count
+
+
 def plan(module_backend: str | None, calls: list[LayerCall]) -> list[Choice]:
     """One Choice per entry of `calls` (ordered layer-major, forward direction before reverse)."""
     name = requested(module_backend)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import os
 import warnings
@@ -145,6 +144,17 @@ def _standard_shapes(
             }[kind]
         )
     return tuple(shapes)
+
+
+def _constructor_names(layers: int, directions: int, bias: bool, proj: bool) -> list[str]:
+    """The weights' names, in order, as nn.RNNBase's constructor makes them for these flags."""
+    kinds = ["weight_ih", "weight_hh", *(["bias_ih", "bias_hh"] if bias else []), *(["weight_hr"] if proj else [])]
+    return [
+        f"{kind}_l{layer}{'_reverse' if direction else ''}"
+        for layer in range(layers)
+        for direction in range(directions)
+        for kind in kinds
+    ]
 
 
 def _broadcast_bias(shape: torch.Size, gates: int) -> bool:
@@ -327,22 +337,19 @@ def rebuilt_as(module: nn.RNNBase, cls: type[nn.RNNBase]) -> nn.RNNBase:
     new._flat_weights_names = list(module._flat_weights_names)
     new._all_weights = [list(w) for w in module._all_weights]
     new._flat_weights = list(module._flat_weights)
-    _rebind_load_pre_hooks(new, module)
     return new
 
 
-def _rebind_load_pre_hooks(new: nn.Module, old: nn.Module) -> None:
+def rebind_load_pre_hooks(new: nn.Module, old: nn.Module) -> None:
     """load_state_dict pre-hooks registered through the public API hold a weak reference to the module they are
-    called with (torch's _WrappedHook): point those of `old` at `new`, in the dict both share, under the same ids
-    (their handles still remove them). Left as they were, they would be called with the replaced module, or raise
-    once it is gone ("the hook of a dead Module")."""
+    called with (torch's _WrappedHook): point those of `old` at `new`, which replaces it, in the dict both share,
+    under the same ids (their handles still remove them). Left as they were, they would be called with the replaced
+    module, or raise once it is gone ("the hook of a dead Module")."""
     hooks = getattr(new, "_load_state_dict_pre_hooks", None)
     for key, hook in list((hooks or {}).items()):
         ref = getattr(hook, "module", None)
         if getattr(hook, "with_module", False) and isinstance(ref, weakref.ref) and ref() is old:
-            rebound = copy.copy(hook)
-            rebound.module = weakref.ref(new)
-            hooks[key] = rebound
+            hooks[key] = type(hook)(hook.hook, new)  # wrapped anew: the hook's name and __wrapped__ kept
 
 
 class LSTM(nn.RNNBase):
@@ -417,14 +424,35 @@ class LSTM(nn.RNNBase):
         super().flatten_parameters()
 
     def _miscounted_weights(self) -> str:
-        """torch._VF.lstm's error where the number of weights does not fit the flags (num_layers, bidirectional,
-        bias, proj_size), as a model surgery of a flag alone leaves it; "" where it fits."""
+        """Where the number of weights does not fit the flags (num_layers, bidirectional, bias, proj_size), as a
+        model surgery of a flag alone leaves it, ATen's error for it; "" where it fits. What such a call gives is
+        nn.LSTM's own path's to decide: ATen's raises that error, oneDNN's (float32 on the CPU) computes from the
+        weights it finds (m.num_layers = 1 on two layers: the first layer's output), and the layers read by the
+        new flags could take other layers' weights. So the call goes to nn.LSTM's own call (_plan)."""
         per_layer = 2 + 2 * bool(self.bias) + (self.proj_size > 0)
         count = len(self._flat_weights)
         if count % per_layer:
             return "got an incorrect number of RNN parameters"
         if count != per_layer * self.num_layers * self._num_directions:
             return "Expected more weights in stacked_rnn"
+        return ""
+
+    def _misplaced_weight(self) -> str:
+        """Where the weights do not fit the flags (_miscounted_weights): the first weight that nn.LSTM's kernels
+        would read in the place of one of another shape, with both shapes; "" when each one read there has the shape
+        they read. oneDNN reads past the end of such a weight (m.bias = False on two layers: a bias read as the next
+        layer's w_ih): garbage numbers, NaN among them, as _misshapen_weight's."""
+        flags = (self.num_layers, self._num_directions, self.bias, self.proj_size > 0)
+        read_as = _constructor_names(*flags)
+        expected = _standard_shapes(read_as, self.input_size, self.hidden_size, self.proj_size, self._num_directions)
+        for k, (w, shape, name) in enumerate(zip(self._flat_weights, expected, read_as)):
+            if w.shape == shape or (name.startswith("bias") and _broadcast_bias(w.shape, shape[0])):
+                continue
+            got = [int(n) for n in w.shape]
+            return (
+                f"{self._flat_weights_names[k]} is {got}, read where nn.LSTM reads {name} of {list(shape)}: the "
+                f"module's flags were changed after construction, its weights not"
+            )
         return ""
 
     def _misshapen_weight(self) -> str:
@@ -457,7 +485,7 @@ class LSTM(nn.RNNBase):
         whatever its shape (b_ih and b_hh both of [1]: wrong numbers, float32 B3-H4 off by 0.62), and the fast
         backends take [4H]. The list itself where every bias has its constructor's shape."""
         weights = self._flat_weights if weights is None else weights
-        if not self.bias:
+        if not self.bias or self._miscounted_weights():  # the latter: the list as nn.LSTM hands it on (_plan)
             return weights
         gates = 4 * self.hidden_size
         per_layer = len(weights) // (self.num_layers * self._num_directions)
@@ -709,7 +737,7 @@ class LSTM(nn.RNNBase):
         2 layers: 241 us against 517). Below float32, nn.LSTM's own call: the cells round every gate to the dtype,
         2.5-3x nn.LSTM's error against float64 (bfloat16 and float16, batch 8-256, hidden 128-512), and oneDNN
         was as fast or faster from batch 128, where auto sends such steps native."""
-        if x.dtype in (torch.float32, torch.float64):
+        if x.dtype in (torch.float32, torch.float64) and not self._miscounted_weights():
             return self._native_cells(x, *self._layer_states(x[None], hx))
         time_dim = 1 if self.batch_first else 0
         sequence = x.unsqueeze(time_dim)
@@ -796,7 +824,7 @@ class LSTM(nn.RNNBase):
         amp = torch._C._is_any_autocast_enabled() and _autocast_key(input.device.type)
         weight = self._flat_weights[0]
         device, dtype, mixed = weight.device, weight.dtype, False
-        for w in self._flat_weights:  # one pass for both (_weights_mixed): a microsecond of a small call
+        for w in self._flat_weights:  # one pass for both (_weights_mixed): 1.5 us of a call with 16 weights
             if w.device != device:
                 return None  # a weight left on another device: _check_call raises nn.LSTM's error
             mixed = mixed or w.dtype is not dtype
@@ -837,6 +865,10 @@ class LSTM(nn.RNNBase):
             input.device.index if input.device.type == "cuda" else None,
         )  # fmt: skip
         requested = dispatch.requested(self.backend)
+        misfit = self._miscounted_weights()
+        if misfit:
+            reason = f"the weights do not fit the module's flags, changed after construction (ATen: {misfit!r})"
+            return dispatch.own_call_only(requested, self.num_layers * self._num_directions, reason)
         if traced:
             return _plan_for.__wrapped__(requested, shape)
         return _plan_for(requested, shape)
@@ -911,12 +943,7 @@ class LSTM(nn.RNNBase):
         for k, w in enumerate(self._flat_weights):
             if w is None:
                 raise TypeError(f"expected Tensor as element {k} in argument {3 if packed else 2}, but got NoneType")
-        miscounted = self._miscounted_weights()
-        if miscounted:
-            # flags changed after construction (m.num_layers = 1, m.bias = False) without the weights: nn.LSTM refuses
-            # the call, where reading the list by the new flags would run a layer on another layer's weights
-            raise RuntimeError(miscounted)
-        misshapen = self._misshapen_weight()
+        misshapen = self._misplaced_weight() if self._miscounted_weights() else self._misshapen_weight()
         if misshapen:
             # nn.LSTM's kernels raise on most such weights, and some read past their end (float32 on the CPU: wrong
             # numbers, or a corrupted heap that ends the process): one clear error, whatever the backend
@@ -1140,6 +1167,8 @@ class LSTM(nn.RNNBase):
         """The backend that runs this whole call's stack in one call (Backend.inference_stack), or None: every layer
         and direction on one backend that can, no dropout to apply, an eager call without transforms, and nothing
         that needs a gradient. The same numbers as layer by layer, with less of Python around them."""
+        if not choices:
+            return None  # no layer (m.num_layers = 0): nn.LSTM's own call decides
         backend = backends.get(choices[0].backend)
         if not backend.has_inference_stack:
             return None

@@ -380,15 +380,15 @@ def _wrapper_chain(t: Tensor):
         yield t
 
 
-def fake_tensors_in_play(tensors) -> bool:
-    """Whether FakeTensorMode is on or any of `tensors` is a fake tensor (shape inference, memory estimates): ops
+def fake_tensors_in_play(x: Tensor) -> bool:
+    """Whether FakeTensorMode is on or a call's input x is a fake tensor (shape inference, memory estimates): ops
     then compute shapes alone, and a kernel launched by hand would read memory that does not exist."""
-    fake = sys.modules.get("torch._subclasses.fake_tensor")
-    if fake is None:
-        return False  # no fake tensor exists before the module that makes them is imported
     if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
         return True
-    return any(isinstance(t, fake.FakeTensor) for t in tensors if t is not None)
+    if type(x) is Tensor:
+        return False
+    fake = sys.modules.get("torch._subclasses.fake_tensor")
+    return fake is not None and isinstance(x, fake.FakeTensor)
 
 
 def autograd_tracks(t: Tensor) -> bool:

@@ -112,9 +112,10 @@ def onednn_off():
         yield
     finally:
         with _onednn_lock:
-            _onednn_turns -= 1
-            if not _onednn_turns:
-                torch._C._set_mkldnn_enabled(_onednn_setting)
+            if _onednn_turns:  # none where this thread forked inside its turn (_after_fork_in_child ended them)
+                _onednn_turns -= 1
+                if not _onednn_turns:
+                    torch._C._set_mkldnn_enabled(_onednn_setting)
 
 
 def _after_fork_in_child() -> None:

@@ -915,7 +915,7 @@ def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | No
     # the old values silently. The implementations densify what the kernels read. x as nn.LSTM keeps it: a copy
     # where it is not dense (batch_first), which the caller may then refill before backward.
     inputs = (dense(x), h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, bool(reverse), chosen)
-    if torch.compiler.is_compiling() or fake_tensors_in_play(inputs[:8]):  # the op: opaque to a trace, has a fake
+    if torch.compiler.is_compiling() or fake_tensors_in_play(x):  # the op: opaque to a trace, has a fake
         y, hT, cT, *_ = triton_forward(*inputs)
         return y, hT, cT
     if torch._C._are_functorch_transforms_active():
