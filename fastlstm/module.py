@@ -217,10 +217,12 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 class _Autocast(NamedTuple):
-    """What autocast makes of a call: the (y, h_n, c_n) dtypes nn.LSTM gives, and whether its oneDNN path runs it."""
+    """What autocast makes of a call: the (y, h_n, c_n) dtypes nn.LSTM gives, and whether its oneDNN path runs it;
+    own_call: only nn.LSTM's own call, left to autocast when it runs, gives them (an exported program's)."""
 
     dtypes: tuple[torch.dtype, ...]
     onednn: bool = True
+    own_call: bool = False
 
 
 # Per distinct call; see LSTM._autocast_dtypes.
@@ -869,6 +871,9 @@ class LSTM(nn.RNNBase):
         if misfit:
             reason = f"the weights do not fit the module's flags, changed after construction (ATen: {misfit!r})"
             return dispatch.own_call_only(requested, self.num_layers * self._num_directions, reason)
+        if amp is not None and amp.own_call:
+            reason = "torch.export under autocast: the program holds nn.LSTM's call, whose dtypes autocast decides"
+            return dispatch.own_call_only(requested, self.num_layers * self._num_directions, reason)
         if traced:
             return _plan_for.__wrapped__(requested, shape)
         return _plan_for(requested, shape)
@@ -1084,6 +1089,11 @@ class LSTM(nn.RNNBase):
         autocast = _autocast_key(device_type)
         if not autocast:
             return None
+        if backends.exporting():
+            # torch.export traces with oneDNN off (torch 2.13): dtypes read here would be its ATen path's (float32
+            # under CPU bfloat16 autocast), baked into the program, where nn.LSTM's program holds aten::lstm, whose
+            # dtypes autocast and the path it takes decide when it runs; and the probe would be recorded too
+            return _Autocast((input.dtype,) * 3, own_call=True)
         weights = self._flat_weights
         # ATen takes another path for packed input whose batch sizes vary, with other dtypes
         varying = batch_sizes is not None and int(batch_sizes[0]) != int(batch_sizes[-1])

@@ -812,6 +812,43 @@ def test_torch_export_gives_nn_lstm_numbers(backend):
 
 
 @needs_tracing
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.compiler.is_exporting: torch 2.7+")
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+def test_a_program_exported_under_cpu_autocast_gives_nn_lstms_dtypes(strict):
+    """torch.export traces with oneDNN off, and the dtypes fastlstm read off nn.LSTM's path there were its ATen
+    path's: the program computed and returned float32 under bfloat16 autocast, where nn.LSTM's program (aten::lstm,
+    left to autocast when it runs) returns bfloat16. Exported under autocast, the layer is nn.LSTM's own call."""
+    torch.manual_seed(0)
+    reference = Tagger(nn.LSTM).eval()
+    model = Tagger().eval()
+    model.load_state_dict(reference.state_dict())
+    tokens = torch.randint(0, 10, (3, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        programs = [torch.export.export(m, (tokens,), strict=strict).module() for m in (reference, model)]
+        expected, got = (program(tokens) for program in programs)
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
+@needs_tracing
+def test_a_compiled_functional_call_leaves_the_layers_own_weights_to_later_calls():
+    """functional_call's parameters, read by a compiled call, are not the layer's own: a later eager call and a
+    compiled plain call read the layer's own weights again."""
+    torch.manual_seed(0)
+    reference, model = nn.LSTM(4, 6, 2), fastlstm.LSTM(4, 6, 2)
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(5, 3, 4)
+    doubled = {name: p.detach() * 2 for name, p in model.named_parameters()}
+    run = torch.compile(lambda params: torch.func.functional_call(model, params, (x,)), backend="aot_eager")
+    for _ in range(2):
+        run(doubled)
+    torch.testing.assert_close(model(x)[0], reference(x)[0], atol=1e-5, rtol=1e-5)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x)[0], reference(x)[0], atol=1e-5, rtol=1e-5)
+
+
+@needs_tracing
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_a_program_exported_under_no_grad_trains_as_nn_lstms(backend):
     """Exported under torch.no_grad (as for deployment), the program still trains with nn.LSTM's gradients, as

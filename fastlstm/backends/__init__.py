@@ -380,6 +380,12 @@ def _wrapper_chain(t: Tensor):
         yield t
 
 
+def exporting() -> bool:
+    """Whether torch.export is tracing (torch.compiler.is_exporting is newer than the oldest torch fastlstm takes)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
+
+
 def fake_tensors_in_play(x: Tensor) -> bool:
     """Whether FakeTensorMode is on or a call's input x is a fake tensor (shape inference, memory estimates): ops
     then compute shapes alone, and a kernel launched by hand would read memory that does not exist."""

@@ -91,6 +91,7 @@ from fastlstm.backends import (
     cache_root,
     constant_under_compile,
     differentiated_twice,
+    exporting,
     fake_on_x_device,
     functorch_grad_levels,
     grads_through_reference,
@@ -710,12 +711,6 @@ _register_lazy_kernels()
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _exporting() -> bool:
-    # torch.compiler.is_exporting is newer than the oldest torch this supports
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return is_exporting is not None and is_exporting()
-
-
 class CppBackend(Backend):
     name = "cpp"
 
@@ -750,7 +745,7 @@ class CppBackend(Backend):
             y, hT, cT, _, _ = _FuncLayer.apply(*tensors, batch_sizes, reverse)
             return y, hT, cT
         # An exported program bakes the flag in: one exported under no_grad may still be trained, as nn.LSTM's is
-        save = (torch.is_grad_enabled() or _exporting()) and any(t is not None and t.requires_grad for t in tensors)
+        save = (torch.is_grad_enabled() or exporting()) and any(t is not None and t.requires_grad for t in tensors)
         if not save and torch.is_grad_enabled() and torch._C._are_functorch_transforms_active():
             save = any(t is not None and autograd_tracks(t) for t in tensors)  # vmap's wrappers hide requires_grad
         # The overload itself, not the packet: the packet resolves it on every call, ~5 us at batch 1
