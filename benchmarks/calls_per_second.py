@@ -1,10 +1,11 @@
 """Back-to-back inference calls for a few seconds: calls per second, the median call and the slowest 1% of calls.
 Medians hide calls that wait now and then, as every call does once a container's CPU quota is spent for the
 period (README, "In a container with a CPU limit"). nn.LSTM and each fastlstm backend named, with the same weights,
-taking turns in rounds of a few hundred milliseconds.
+taking turns in rounds of a few hundred milliseconds. --python-threads N: N Python threads call one model at once,
+as a server's workers do (calls per second then counts them all), each at --worker-threads torch threads if given.
 
     python benchmarks/calls_per_second.py SHAPE [SHAPE...] [--backend NAME]... [--seconds S] [--threads N]
-        [--json OUT]
+        [--python-threads N] [--worker-threads N] [--json OUT]
 
 To time under a CPU quota (cgroup v1, as root): mkdir /sys/fs/cgroup/cpu/q; echo 100000 >
 /sys/fs/cgroup/cpu/q/cpu.cfs_quota_us; then run this from a shell whose pid was written to
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 import time
 
 import torch
@@ -37,12 +39,35 @@ def _calls(model, x, seconds: float, latencies: list[float]) -> float:
     return time.perf_counter() - start
 
 
+def _calls_from_threads(model, x, seconds: float, latencies: list[float], threads: int, worker_threads) -> float:
+    """_calls in `threads` Python threads at once (each at `worker_threads` torch threads if given); returns the
+    wall time they took."""
+
+    def worker(times: list[float]) -> None:
+        if worker_threads:
+            torch.set_num_threads(worker_threads)
+        _calls(model, x, seconds, times)
+
+    per_thread: list[list[float]] = [[] for _ in range(threads)]
+    workers = [threading.Thread(target=worker, args=(times,)) for times in per_thread]
+    start = time.perf_counter()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    for times in per_thread:
+        latencies.extend(times)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("shapes", nargs="+", type=_shape_argument, help="as `python -m fastlstm bench --shape`")
     parser.add_argument("--backend", action="append", help="fastlstm backend (repeatable; default cpp)")
     parser.add_argument("--seconds", type=float, default=3.0, help="of calls per model and shape (default 3)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads(N) first")
+    parser.add_argument("--python-threads", type=int, default=1, help="Python threads calling at once (default 1)")
+    parser.add_argument("--worker-threads", type=int, help="torch.set_num_threads(N) in each of those threads")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.threads:
@@ -62,7 +87,12 @@ def main() -> None:
             _calls(model, x, 0.1, [])  # warm up: a first call builds and packs
         for _ in range(ROUNDS):
             for name, model in models.items():
-                wall[name] += _calls(model, x, args.seconds / ROUNDS, latencies[name])
+                if args.python_threads > 1:
+                    wall[name] += _calls_from_threads(
+                        model, x, args.seconds / ROUNDS, latencies[name], args.python_threads, args.worker_threads
+                    )
+                else:
+                    wall[name] += _calls(model, x, args.seconds / ROUNDS, latencies[name])
         results[str(shape)] = {}
         for name, times in latencies.items():
             times.sort()
@@ -80,7 +110,9 @@ def main() -> None:
             )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": header, "seconds": args.seconds, "results": results}, f, indent=1)
+            run = {"machine": header, "seconds": args.seconds, "python_threads": args.python_threads}
+            run.update(worker_threads=args.worker_threads, results=results)
+            json.dump(run, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -59,9 +59,9 @@ inline std::atomic<int>& team_threads_running() {
 // thread has a core. Where the teams running (several Python threads' calls at once) hold more threads than the
 // CPUs, the thread awaited often has no core, and a waiter that spins, or yields (the scheduler may hand the core
 // straight back), keeps it from one: there a waiter spins a little, then sleeps until the last thread in wakes it.
-// 2-core Zen 4, B1-T100-H128 inference as teams of 2: 2 Python threads at once took 10.9 ms a call (0.5 ms alone),
-// 1.2-1.3 ms since (nn.LSTM: 1.9-2.1 ms; 0.9 ms alone); 4 threads 6.4 -> 2.7-4.4 ms (nn.LSTM 4.5-5.0 ms);
-// B4-T100-H256, 4 threads, 30.8 -> 10.8-11.2 ms (nn.LSTM 15-20 ms).
+// 2-core Zen 4, inference as teams of 2 (benchmarks/calls_per_second.py --python-threads N), calls per second from
+// all threads: B1-T100-H128 from 2 Python threads 184-191 -> 1387-1411 (nn.LSTM 987-1079), from 4 503-611 ->
+// 1528-1650; B4-T100-H256 from 4 146-166 -> 331-340 (nn.LSTM 211-238); alone unchanged (2104 / 2119).
 constexpr int kSpinsWithCores = 4096, kSpinsOversubscribed = 64;
 
 class SpinBarrier {

@@ -443,6 +443,20 @@ def test_calls_per_second_counts_calls_and_the_slowest_of_them(tmp_path):
     assert "B2-T5-I3-H4-L1 fastlstm[reference]:" in done.stdout
 
 
+def test_calls_per_second_from_python_threads_at_once(tmp_path):
+    """--python-threads: several Python threads calling one model at once (a server's workers), their calls counted
+    together, each thread at --worker-threads torch threads."""
+    out = tmp_path / "calls.json"
+    script = str(ROOT / "benchmarks" / "calls_per_second.py")
+    args = (script, "B1-T3-I4-H6-L1", "--backend", "reference", "--seconds", "0.2", "--json", str(out))
+    done = run_python(*args, "--python-threads", "3", "--worker-threads", "1")
+    assert done.returncode == 0, done.stderr
+    run = json.loads(out.read_text())
+    assert run["python_threads"] == 3 and run["worker_threads"] == 1
+    for entry in run["results"]["B1-T3-I4-H6-L1"].values():
+        assert entry["calls"] >= 3 and entry["calls_per_s"] > 0 and entry["median_ms"] > 0, entry
+
+
 def test_autocast_ab_times_every_way(tmp_path):
     """benchmarks/autocast_ab.py (the A/B behind the autocast figures): streamed steps in one autocast region and
     inference calls with all of them in one region, every way and nn.LSTM, one JSON each."""
