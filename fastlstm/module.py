@@ -146,8 +146,9 @@ def _standard_shapes(
     return tuple(shapes)
 
 
+@functools.lru_cache(maxsize=64)
 def _constructor_names(layers: int, directions: int, bias: bool, proj: bool) -> list[str]:
-    """The weights' names, in order, as nn.RNNBase's constructor makes them for these flags."""
+    """The weights' names, in order, as nn.RNNBase's constructor makes them for these flags (not to be changed)."""
     kinds = ["weight_ih", "weight_hh", *(["bias_ih", "bias_hh"] if bias else []), *(["weight_hr"] if proj else [])]
     return [
         f"{kind}_l{layer}{'_reverse' if direction else ''}"
@@ -440,10 +441,10 @@ class LSTM(nn.RNNBase):
         return ""
 
     def _misplaced_weight(self) -> str:
-        """Where the weights do not fit the flags (_miscounted_weights): the first weight that nn.LSTM's kernels
-        would read in the place of one of another shape, with both shapes; "" when each one read there has the shape
-        they read. oneDNN reads past the end of such a weight (m.bias = False on two layers: a bias read as the next
-        layer's w_ih): garbage numbers, NaN among them, as _misshapen_weight's."""
+        """Where the flags were changed after construction and the weights not: the first weight that nn.LSTM's
+        kernels would read in the place of one of another shape, with both shapes; "" when each one read there has
+        the shape they read. oneDNN reads past the end of such a weight (m.bias = False on two layers: a bias read as
+        the next layer's w_ih): garbage numbers, NaN among them, as _misshapen_weight's."""
         flags = (self.num_layers, self._num_directions, self.bias, self.proj_size > 0)
         read_as = _constructor_names(*flags)
         expected = _standard_shapes(read_as, self.input_size, self.hidden_size, self.proj_size, self._num_directions)
@@ -948,7 +949,9 @@ class LSTM(nn.RNNBase):
         for k, w in enumerate(self._flat_weights):
             if w is None:
                 raise TypeError(f"expected Tensor as element {k} in argument {3 if packed else 2}, but got NoneType")
-        misshapen = self._misplaced_weight() if self._miscounted_weights() else self._misshapen_weight()
+        built = _constructor_names(self.num_layers, self._num_directions, bool(self.bias), self.proj_size > 0)
+        # flags changed after construction: the weights' names no longer say what nn.LSTM reads them as
+        misshapen = self._misplaced_weight() if self._flat_weights_names != built else self._misshapen_weight()
         if misshapen:
             # nn.LSTM's kernels raise on most such weights, and some read past their end (float32 on the CPU: wrong
             # numbers, or a corrupted heap that ends the process): one clear error, whatever the backend

@@ -372,6 +372,7 @@ _CHANGED_FLAGS = [
     (dict(num_layers=2, bidirectional=True), dict(bidirectional=False), False),  # layer 0's reverse as layer 1
     (dict(num_layers=2), dict(bias=False), False),  # layer 0's biases as layer 1's matrices
     (dict(proj_size=2), dict(bias=False), False),
+    (dict(num_layers=2, bias=False), dict(num_layers=1, bias=True), False),  # as many weights, other roles
 ]
 
 
