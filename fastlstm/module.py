@@ -146,16 +146,26 @@ def _standard_shapes(
     return tuple(shapes)
 
 
-@functools.lru_cache(maxsize=64)
+# Per flags; see _constructor_names. A dict rather than functools.lru_cache, which dynamo warns about when it traces
+# a call of it (a forward under torch.compile).
+_CONSTRUCTOR_NAMES: dict[tuple[int, int, bool, bool], list[str]] = {}
+
+
 def _constructor_names(layers: int, directions: int, bias: bool, proj: bool) -> list[str]:
     """The weights' names, in order, as nn.RNNBase's constructor makes them for these flags (not to be changed)."""
-    kinds = ["weight_ih", "weight_hh", *(["bias_ih", "bias_hh"] if bias else []), *(["weight_hr"] if proj else [])]
-    return [
-        f"{kind}_l{layer}{'_reverse' if direction else ''}"
-        for layer in range(layers)
-        for direction in range(directions)
-        for kind in kinds
-    ]
+    key = (layers, directions, bias, proj)
+    names = _CONSTRUCTOR_NAMES.get(key)
+    if names is None:
+        kinds = ["weight_ih", "weight_hh", *(["bias_ih", "bias_hh"] if bias else []), *(["weight_hr"] if proj else [])]
+        names = [
+            f"{kind}_l{layer}{'_reverse' if direction else ''}"
+            for layer in range(layers)
+            for direction in range(directions)
+            for kind in kinds
+        ]
+        if not torch.compiler.is_compiling():  # no side effects in a trace
+            _CONSTRUCTOR_NAMES[key] = names
+    return names
 
 
 def _broadcast_bias(shape: torch.Size, gates: int) -> bool:
