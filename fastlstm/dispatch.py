@@ -672,9 +672,7 @@ def choose(name: str, call: LayerCall) -> Choice:
             "the module's weights, or its c0 and input, do not all share one dtype: only nn.LSTM's own path "
             "decides what that gives"
         )
-        if name not in (AUTO, "native"):
-            raise BackendUnavailableError(f"fastlstm backend {name!r} cannot serve {where}: {reason}")
-        return Choice("native", reason)
+        return _own_call(name, where, reason)
     if name != AUTO:
         reason = cannot_serve(name, call)
         if reason is not None:
@@ -754,12 +752,17 @@ def _fallback(native_fails: str | None, reason: str) -> Choice:
     return Choice("reference", f"{reason}; native cannot run it: {native_fails}")
 
 
-def own_call_only(name: str, count: int, reason: str) -> tuple[Choice, ...]:
-    """native for each of `count` (layer, direction)s of a call whose outcome only nn.LSTM's own call decides
-    (`reason`), when `name` is requested: another forced backend cannot serve it."""
+def _own_call(name: str, where: str, reason: str) -> Choice:
+    """native for a call (or `where` of it) whose outcome only nn.LSTM's own call decides (`reason`), when `name` is
+    requested: another forced backend cannot serve it."""
     if name not in (AUTO, "native"):
-        raise BackendUnavailableError(f"fastlstm backend {name!r} cannot serve this call: {reason}")
-    return (Choice("native", reason),) * count
+        raise BackendUnavailableError(f"fastlstm backend {name!r} cannot serve {where}: {reason}")
+    return Choice("native", reason)
+
+
+def own_call_only(name: str, count: int, reason: str) -> tuple[Choice, ...]:
+    """_own_call for each of `count` (layer, direction)s: the whole call is nn.LSTM's."""
+    return (_own_call(name, "this call", reason),) * count
 
 
 def plan(module_backend: str | None, calls: list[LayerCall]) -> list[Choice]:

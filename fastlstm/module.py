@@ -450,46 +450,39 @@ class LSTM(nn.RNNBase):
             return "Expected more weights in stacked_rnn"
         return ""
 
-    def _misplaced_weight(self) -> str:
-        """Where the flags were changed after construction and the weights not: the first weight that nn.LSTM's
-        kernels would read in the place of one of another shape, with both shapes; "" when each one read there has
-        the shape they read. oneDNN reads past the end of such a weight (m.bias = False on two layers: a bias read as
-        the next layer's w_ih): garbage numbers, NaN among them, as _misshapen_weight's."""
-        flags = (self.num_layers, self._num_directions, self.bias, self.proj_size > 0)
-        read_as = _constructor_names(*flags)
-        expected = _standard_shapes(read_as, self.input_size, self.hidden_size, self.proj_size, self._num_directions)
-        for k, (w, shape, name) in enumerate(zip(self._flat_weights, expected, read_as)):
-            if w.shape == shape or (name.startswith("bias") and _broadcast_bias(w.shape, shape[0])):
-                continue
-            got = [int(n) for n in w.shape]
-            return (
-                f"{self._flat_weights_names[k]} is {got}, read where nn.LSTM reads {name} of {list(shape)}: the "
-                f"module's flags were changed after construction, its weights not"
-            )
-        return ""
-
     def _misshapen_weight(self) -> str:
-        """The first weight whose shape is not the one nn.LSTM's constructor gives it, with both shapes; "" when none.
-        A bias nn.LSTM broadcasts to the same numbers on each of its paths counts as its [4H] (_broadcast_bias), and
-        the fast paths expand it so (_flat_bias). Read on every call: a `.data` swapped keeps the Parameter."""
-        names = self._flat_weights_names
-        sizes = (self.input_size, self.hidden_size, self.proj_size, self._num_directions, len(names))
-        # kept: a microsecond of every call where computed afresh. Keyed by the sizes, which a model surgery may
-        # change together with the weights (m.input_size = 5 and a new weight_ih_l0), as nn.LSTM reads them
+        """The first weight whose shape is not the one nn.LSTM's kernels read it as, with both shapes; "" when none.
+        That is the shape nn.LSTM's constructor gives it, or where the flags were changed after construction and the
+        weights not, the shape of the weight read in its place (oneDNN reads past the end of one of another shape:
+        m.bias = False on two layers reads a bias as the next layer's w_ih; garbage numbers, NaN among them). A bias
+        nn.LSTM broadcasts to the same numbers on each of its paths counts as its [4H] (_broadcast_bias), and the
+        fast paths expand it so (_flat_bias). Read on every call: a `.data` swapped keeps the Parameter."""
+        sizes = (self.input_size, self.hidden_size, self.proj_size, self.num_layers, self.bidirectional, self.bias)
+        # kept: a microsecond of every call where computed afresh. Keyed by the sizes and flags, which a model surgery
+        # may change (m.input_size = 5 and a new weight_ih_l0), as nn.LSTM reads them
         kept = self.__dict__.get("_standard_shapes")
         if kept is not None and kept[0] == sizes:
-            expected = kept[1]
+            read_as, expected = kept[1], kept[2]
         else:
-            expected = _standard_shapes(names, *sizes[:4])
+            directions = self._num_directions
+            # what nn.LSTM reads each place of the list as, with these flags
+            read_as = _constructor_names(self.num_layers, directions, bool(self.bias), self.proj_size > 0)
+            expected = _standard_shapes(read_as, *sizes[:3], directions)
             if not torch.compiler.is_compiling():  # no side effects in a trace
-                self._standard_shapes = (sizes, expected)
+                self._standard_shapes = (sizes, read_as, expected)
+        names = self._flat_weights_names
         for k, (w, shape) in enumerate(zip(self._flat_weights, expected)):
             if w is None or w.shape == shape:
                 continue
-            if names[k].startswith("bias") and _broadcast_bias(w.shape, shape[0]):
+            if read_as[k].startswith("bias") and _broadcast_bias(w.shape, shape[0]):
                 continue
             got = [int(n) for n in w.shape]  # ints, also where torch.jit.trace makes sizes tensors
-            return f"{names[k]} is {got} where nn.LSTM's constructor makes it {list(shape)}"
+            if names[k] == read_as[k]:
+                return f"{names[k]} is {got} where nn.LSTM's constructor makes it {list(shape)}"
+            return (
+                f"{names[k]} is {got}, read where nn.LSTM reads {read_as[k]} of {list(shape)}: the module's flags "
+                "were changed after construction, its weights not"
+            )
         return ""
 
     def _weights_as_built(self, weights: list[Tensor | None] | None = None) -> list[Tensor | None]:
@@ -959,9 +952,7 @@ class LSTM(nn.RNNBase):
         for k, w in enumerate(self._flat_weights):
             if w is None:
                 raise TypeError(f"expected Tensor as element {k} in argument {3 if packed else 2}, but got NoneType")
-        built = _constructor_names(self.num_layers, self._num_directions, bool(self.bias), self.proj_size > 0)
-        # flags changed after construction: the weights' names no longer say what nn.LSTM reads them as
-        misshapen = self._misplaced_weight() if self._flat_weights_names != built else self._misshapen_weight()
+        misshapen = self._misshapen_weight()
         if misshapen:
             # nn.LSTM's kernels raise on most such weights, and some read past their end (float32 on the CPU: wrong
             # numbers, or a corrupted heap that ends the process): one clear error, whatever the backend
