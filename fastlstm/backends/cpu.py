@@ -352,16 +352,23 @@ def _build(src: Path, name: str, build_dir: Path, marker: Path, verbose: bool) -
         "`python -m fastlstm build` does it ahead of time.",
         build_dir,
     )
-    with _build_environment(), _library_loading():  # cpp_extension.load loads the library it builds
-        lib_path = cpp_extension.load(
-            name=name,
-            sources=[str(src / s) for s in _SOURCES],
-            extra_cflags=list(_cflags()),
-            extra_ldflags=list(_LDFLAGS),  # copies: cpp_extension appends torch's libraries in place
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=verbose,
-        )
+    try:
+        with _build_environment(), _library_loading():  # cpp_extension.load loads the library it builds
+            lib_path = cpp_extension.load(
+                name=name,
+                sources=[str(src / s) for s in _SOURCES],
+                extra_cflags=list(_cflags()),
+                extra_ldflags=list(_LDFLAGS),  # copies: cpp_extension appends torch's libraries in place
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=verbose,
+            )
+    except BaseException:
+        # torch notes a name's sources before building them, and skips the build of sources it has noted: after an
+        # interrupted build (Ctrl-C in a notebook) the next call only tried to load a library never made, and the
+        # backend stayed off for the process. Forgetting the note lets the next call build.
+        getattr(getattr(cpp_extension, "JIT_EXTENSION_VERSIONER", None), "entries", {}).pop(name, None)
+        raise
     lib = Path(lib_path) if lib_path else _find_library(build_dir, name)
     if lib is None:
         raise RuntimeError(f"the build in {build_dir} produced no library")
