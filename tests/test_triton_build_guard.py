@@ -496,3 +496,18 @@ def test_cuda_kernels_build_in_a_child_once(dtype, monkeypatch, tmp_path):
     call = _call(device_type="cuda", dtype=dtype, batch=5, hidden_size=48, proj_size=24)
     assert BACKEND.crash_reason(call) is None
     assert _verdicts(tmp_path / "triton-builds") == [None]
+
+
+def test_remembered_verdicts_stay_bounded_whatever_the_batches(monkeypatch):
+    """Each new batch size is a new launch key: a stream of varying batches must not grow the remembered verdicts
+    (or the self-tests) without bound, and a verdict forgotten is found again."""
+    monkeypatch.setattr(build_guard, "REMEMBERED_MAX", 8)
+    monkeypatch.setattr(build_guard, "_LAUNCHES", {})
+    monkeypatch.setattr(triton_ops, "_SELF_TESTS", {})
+    monkeypatch.setattr(triton_ops, "_run_self_test", lambda call, kernel: "wrong numbers" if call.batch == 3 else None)
+    x = torch.zeros(2, 1, 3)
+    for batch in range(1, 40):
+        build_guard.check_launch(x, batch, 3, 4, 0, True, False, False, False, "sequence")
+        assert triton_ops.self_test(_call(batch=batch)) == ("wrong numbers" if batch == 3 else None)
+        assert len(build_guard._LAUNCHES) <= 8 and len(triton_ops._SELF_TESTS) <= 8
+    assert triton_ops.self_test(_call(batch=3)) == "wrong numbers"  # forgotten, then asked again

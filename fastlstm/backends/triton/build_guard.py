@@ -78,6 +78,21 @@ BUILD_FIELDS = ("device_type", "dtype", "batch", "input_size", "hidden_size", "p
 _log = logging.getLogger("fastlstm")
 _VERDICTS: dict[str, str | None] = {}  # the disk cache's key -> verdict, for this process
 _LAUNCHES: dict[tuple, str | None] = {}  # check_launch's cheap key -> verdict
+# Verdicts remembered at most: keys hold the batch, which a stream of varying batches makes new every call (an
+# audit: 100,000 batch sizes held 24 MB). Past it a dict starts over; a verdict is a disk-cache lookup away.
+REMEMBERED_MAX = 4096
+
+
+UNKNOWN = object()  # not in a dict of verdicts (whose values may be None)
+
+
+def remember(store: dict, key, value) -> None:
+    """store[key] = value, in a dict of at most REMEMBERED_MAX entries."""
+    if len(store) >= REMEMBERED_MAX:
+        store.clear()
+    store[key] = value
+
+
 # Set in the child's environment (so in anything it starts too): its own builds are the guarded ones. Not a module
 # global: the child was started as `python -m` this module, so its code ran as __main__ and set the flag there,
 # while ops read a second copy imported under the package's name: every child started a child for its own
@@ -97,13 +112,16 @@ def check_launch(x, batch: int, input_size: int, hidden: int, proj_size: int, bi
     dtype = x.dtype
     key = (x.device, dtype, batch, input_size, hidden, proj_size, bias, packed, reverse, needs_grad, kernel,
            _tf32(dtype), os.environ.get(ENV_TILES))  # fmt: skip
-    if key not in _LAUNCHES:
+    # Read once: another thread may start the dict over between a write and a second read.
+    reason = _LAUNCHES.get(key, UNKNOWN)
+    if reason is UNKNOWN:
         call = LayerCall(device_type=x.device.type, dtype=dtype, seq_len=2, batch=batch, input_size=input_size,
                          hidden_size=hidden, proj_size=proj_size, bias=bias, packed=packed, reverse=reverse,
                          needs_grad=needs_grad, device_index=x.device.index if x.is_cuda else None)  # fmt: skip
-        _LAUNCHES[key] = crash_reason(call, kernel)
-    if _LAUNCHES[key] is not None:
-        raise BuildCrashError(_LAUNCHES[key])
+        reason = crash_reason(call, kernel)
+        remember(_LAUNCHES, key, reason)
+    if reason is not None:
+        raise BuildCrashError(reason)
 
 
 def crash_reason(call: LayerCall, kernel: str) -> str | None:
@@ -112,18 +130,20 @@ def crash_reason(call: LayerCall, kernel: str) -> str | None:
         return None
     payload = _payload(call, kernel)
     key = _key(payload)
-    if key not in _VERDICTS:
+    reason = _VERDICTS.get(key, UNKNOWN)
+    if reason is UNKNOWN:
         with _LOCK:  # threads asking for one configuration at once (DataParallel's) build it once
-            if key not in _VERDICTS:
+            reason = _VERDICTS.get(key, UNKNOWN)
+            if reason is UNKNOWN:
                 cached = _read_verdict(key)
                 if cached is not None:
-                    _VERDICTS[key] = cached["reason"]
+                    reason = cached["reason"]
                 else:
                     reason, keep = _BUILDER.build(payload)
                     if keep:
                         _write_verdict(key, reason)
-                    _VERDICTS[key] = reason
-    return _VERDICTS[key]
+                remember(_VERDICTS, key, reason)
+    return reason
 
 
 def describe() -> str:

@@ -967,16 +967,18 @@ def self_test(call: LayerCall) -> str | None:
         call.proj_size, call.bias, call.packed, call.reverse, call.needs_grad, _precision(call.dtype),
         os.environ.get(ENV_CONFIG),
     )  # fmt: skip
-    if key not in _SELF_TESTS:
+    reason = _SELF_TESTS.get(key, build_guard.UNKNOWN)  # read once: another thread may start the dict over
+    if reason is build_guard.UNKNOWN:
         # Outside any torch.func transform the call is made under (its first call may be vmap's or grad's): the
         # test's own tensors are no transform's, and its requires_grad_ raised in there, which cached a failure
         # and sent the configuration to native for the process's life (seen on an H200 under torch.vmap).
         try:
             with temporarily_clear_interpreter_stack():
-                _SELF_TESTS[key] = build_guard.crash_reason(call, kernel) or _run_self_test(call, kernel)
+                reason = build_guard.crash_reason(call, kernel) or _run_self_test(call, kernel)
         except Exception as error:  # whatever the kernels raise here, the real call would raise too
-            _SELF_TESTS[key] = f"the {kernel} kernel failed: {type(error).__name__}: {error}"
-    return _SELF_TESTS[key]
+            reason = f"the {kernel} kernel failed: {type(error).__name__}: {error}"
+        build_guard.remember(_SELF_TESTS, key, reason)  # keyed by batch too: bounded as the launches' verdicts
+    return reason
 
 
 def _run_self_test(call: LayerCall, kernel: str) -> str | None:
