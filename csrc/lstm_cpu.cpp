@@ -794,6 +794,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x, con
                                                            const c10::optional<Tensor>& batch_sizes, bool reverse,
                                                            bool save) {
   const Dims d = check_args(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes);
+  if (!save) tensor_pool().inference_call();
   const at::ScalarType dt = x.scalar_type(), ct = compute_type(dt);
   Tensor h = h0.to(ct, /*non_blocking=*/false, /*copy=*/true).contiguous();
   Tensor c = c0.to(ct, false, true).contiguous();
@@ -875,6 +876,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x_in, const c10:
                                                   const c10::optional<Tensor>& batch_sizes, int64_t biases,
                                                   bool has_proj, bool bidirectional) {
   TORCH_CHECK(biases >= 0 && biases <= 2, "fastlstm cpp_lstm_stack_fwd: biases must be 0, 1 or 2, got ", biases);
+  tensor_pool().inference_call();
   const size_t per_layer = 2 + static_cast<size_t>(biases) + (has_proj ? 1 : 0);
   const int64_t directions = bidirectional ? 2 : 1;
   TORCH_CHECK(!weights.empty() && weights.size() % (per_layer * directions) == 0, "fastlstm cpp_lstm_stack_fwd: ",
