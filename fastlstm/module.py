@@ -1140,7 +1140,7 @@ class LSTM(nn.RNNBase):
                         raise error from None
                 warnings.warn(
                     f"fastlstm: nn.LSTM's oneDNN path fails this call under {device_type} autocast here ({error}); "
-                    f"computing it as nn.LSTM does with oneDNN off (output dtypes {dtypes})",
+                    f"giving the output dtypes nn.LSTM gives with oneDNN off ({dtypes})",
                     stacklevel=backends.outside_stacklevel(),
                 )
                 _AUTOCAST_DTYPES[key] = _Autocast(dtypes, onednn=False)
