@@ -974,7 +974,28 @@ def test_no_ninja_is_the_reason_and_no_build_is_announced(tmp_path, monkeypatch,
     with caplog.at_level("WARNING", logger="fastlstm"):
         reason = cpu._ensure()
     assert reason is not None and "Ninja is required" in reason, reason
+    assert "(compiler" not in reason, reason  # not the compiler's failure
     assert not [r for r in caplog.records if "compiling the C++ CPU backend" in r.getMessage()]
+
+
+@pytest.mark.skipif(not hasattr(os, "ST_NOEXEC"), reason="mount flags (POSIX)")
+def test_a_cache_on_a_noexec_mount_is_named_as_the_reason(monkeypatch, tmp_path):
+    """A cache folder on a noexec mount: no library built there can load. The reason says so before any build
+    (it had built, then failed to load "the library", blaming the compiler, in every process)."""
+    real_statvfs = os.statvfs
+
+    class NoExec:
+        def __init__(self, path):
+            self.f_flag = real_statvfs(path).f_flag | os.ST_NOEXEC
+
+    monkeypatch.setenv("FASTLSTM_CACHE_DIR", str(tmp_path / "cache"))  # nothing built there
+    monkeypatch.setattr(os, "statvfs", NoExec)
+    monkeypatch.setattr(cpu, "_build", lambda *args, **kwargs: pytest.fail("built where nothing can load"))
+    monkeypatch.setitem(cpu._state, "done", False)
+    monkeypatch.setitem(cpu._state, "error", None)
+    reason = cpu._ensure()
+    assert reason is not None and "noexec mount" in reason and "FASTLSTM_CACHE_DIR" in reason, reason
+    assert "(compiler" not in reason, reason
 
 
 @pytest.mark.parametrize("mode", ["always-fails", "fails-to-compile"])

@@ -328,6 +328,11 @@ def _build_and_load(verbose: bool) -> str:
         lib = _cached_library(build_dir, name)
         if lib is None:
             build_dir.mkdir(parents=True, exist_ok=True)
+            if hasattr(os, "ST_NOEXEC") and os.statvfs(build_dir).f_flag & os.ST_NOEXEC:
+                raise OSError(
+                    f"its cache folder {build_dir} is on a noexec mount, from which no library loads (set "
+                    "FASTLSTM_CACHE_DIR to a folder elsewhere)"
+                )
             with _build_lock(build_dir):
                 lib = _cached_library(build_dir, name)  # another process may have built it while this one waited
                 if lib is None:
@@ -378,6 +383,14 @@ def _build(src: Path, name: str, build_dir: Path, marker: Path, verbose: bool) -
     return lib
 
 
+def _compiler_failed(error: BaseException) -> bool:
+    """Whether a build failed in the compiler (ninja's compile or link steps, or the compiler's own check)."""
+    if isinstance(error, subprocess.CalledProcessError):
+        return True
+    text = str(error)
+    return text.startswith(("Error building extension", "cannot run the C++ compiler", "the C++ compiler "))
+
+
 def _ensure(verbose: bool = False) -> str | None:
     """Build/load once per process. Returns None when the ops are available, else the reason (cached)."""
     if _state["done"]:
@@ -397,8 +410,10 @@ def _ensure(verbose: bool = False) -> str | None:
                         "building the fastlstm C++ extension failed: its cache folder cannot be written (set "
                         f"FASTLSTM_CACHE_DIR to a writable folder): {text}"
                     )
-                else:
+                elif _compiler_failed(error):
                     _state["error"] = f"building the fastlstm C++ extension failed (compiler {_compiler()!r}): {text}"
+                else:  # ninja missing, no temporary folder, a library that would not load: not the compiler's
+                    _state["error"] = f"building the fastlstm C++ extension failed: {text}"
             _state["done"] = True
     return _state["error"]  # type: ignore[return-value]
 
