@@ -1,6 +1,6 @@
 """fastlstm's float32 error against nn.LSTM's own, both measured against nn.LSTM in float64 with the same weights.
 
-    python benchmarks/float64_accuracy.py [--backend cpp] [--seeds 2]
+    python benchmarks/float64_accuracy.py [SHAPE ...] [--backend cpp] [--seeds 2]
 
 For each shape, one training call (forward and backward, h0 and c0 given, every output in the loss): per tensor
 (y, h_n, c_n, the gradients of x, h0, c0 and every weight), the mean and the largest absolute error of fastlstm,
@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 import fastlstm
+from fastlstm.benchmark import Shape
 
-# (input, hidden, steps, batch, layers, bidirectional)
-SHAPES = [(64, 512, 200, 7, 1, False), (128, 512, 100, 32, 2, True), (256, 1024, 100, 7, 1, False)]
+SHAPES = ["B7-T200-I64-H512-L1", "B32-T100-I128-H512-L2-bi", "B7-T100-I256-H1024-L1"]
 
 
 def run(module: nn.Module, dtype: torch.dtype, inputs, grad_y) -> dict[str, torch.Tensor]:
@@ -32,8 +32,9 @@ def run(module: nn.Module, dtype: torch.dtype, inputs, grad_y) -> dict[str, torc
     return {key: value.detach().double() for key, value in out.items()}
 
 
-def ratios(shape, backend: str, seed: int) -> dict[str, tuple[float, float]]:
-    I, H, T, B, layers, bidirectional = shape
+def ratios(shape: Shape, backend: str, seed: int) -> dict[str, tuple[float, float]]:
+    I, H, T, B, layers = shape.input_size, shape.hidden_size, shape.seq_len, shape.batch, shape.num_layers
+    bidirectional = shape.bidirectional
     torch.manual_seed(seed)
     native = nn.LSTM(I, H, layers, bidirectional=bidirectional)
     ours = fastlstm.LSTM(I, H, layers, bidirectional=bidirectional, backend=backend)
@@ -52,16 +53,17 @@ def ratios(shape, backend: str, seed: int) -> dict[str, tuple[float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("shapes", nargs="*", type=Shape.parse, help="B7-T200-I64-H512-L1[-bi] (default: three)")
     parser.add_argument("--backend", default="cpp")
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
     print("error over nn.LSTM's, mean / largest, float32 against float64")
-    for shape in SHAPES:
+    for shape in args.shapes or [Shape.parse(text) for text in SHAPES]:
+        if shape.proj_size or shape.packed:
+            parser.error(f"{shape}: dense input without a projection only")
         for seed in range(args.seeds):
-            I, H, T, B, layers, bidirectional = shape
-            name = f"B{B}-T{T}-I{I}-H{H}-L{layers}" + ("-bi" if bidirectional else "")
             cells = " ".join(f"{k}:{m:.2f}/{x:.2f}" for k, (m, x) in ratios(shape, args.backend, seed).items())
-            print(f"{name} seed {seed}: {cells}", flush=True)
+            print(f"{shape} seed {seed}: {cells}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -652,6 +653,19 @@ def test_frozen_weights_script_times_and_records_its_runs(tmp_path):
     assert len(run["results"]["B2-T4-I8-H8-L1"]["times_ms"]["fastlstm"]) == 2
     refused = run_python("benchmarks/frozen_weights.py", "B2-T4-I8-H8", "--repeats", "0")
     assert refused.returncode == 2 and "expected a positive integer" in refused.stderr, refused.stderr
+
+
+def test_float64_accuracy_script_prints_every_tensors_ratio():
+    """benchmarks/float64_accuracy.py (README's Accuracy figures): per shape and seed, the mean / largest error ratio
+    of every output and gradient, finite; a shape it cannot run is refused."""
+    done = run_python("benchmarks/float64_accuracy.py", "B3-T6-I5-H8-L2-bi", "--backend", "reference", "--seeds", "1")
+    assert done.returncode == 0, done.stderr
+    line = next(text for text in done.stdout.splitlines() if text.startswith("B3-T6-I5-H8-L2-bi seed 0: "))
+    cells = dict(cell.split(":") for cell in line.split(": ", 1)[1].split())
+    assert {"y", "h_n", "c_n", "dx", "dh0", "dc0", "dweight_ih_l1_reverse", "dweight_hh_l0"} <= set(cells), line
+    assert all(math.isfinite(float(part)) for value in cells.values() for part in value.split("/")), line
+    refused = run_python("benchmarks/float64_accuracy.py", "B3-T6-I5-H8-P4-L1")
+    assert refused.returncode == 2 and "without a projection only" in refused.stderr, refused.stderr
 
 
 def test_benchmark_suite_names_its_settings_when_one_is_unknown():
