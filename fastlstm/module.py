@@ -146,26 +146,16 @@ def _standard_shapes(
     return tuple(shapes)
 
 
-# Per flags; see _constructor_names. A dict rather than functools.lru_cache, which dynamo warns about when it traces
-# a call of it (a forward under torch.compile).
-_CONSTRUCTOR_NAMES: dict[tuple[int, int, bool, bool], list[str]] = {}
-
-
 def _constructor_names(layers: int, directions: int, bias: bool, proj: bool) -> list[str]:
-    """The weights' names, in order, as nn.RNNBase's constructor makes them for these flags (not to be changed)."""
-    key = (layers, directions, bias, proj)
-    names = _CONSTRUCTOR_NAMES.get(key)
-    if names is None:
-        kinds = ["weight_ih", "weight_hh", *(["bias_ih", "bias_hh"] if bias else []), *(["weight_hr"] if proj else [])]
-        names = [
-            f"{kind}_l{layer}{'_reverse' if direction else ''}"
-            for layer in range(layers)
-            for direction in range(directions)
-            for kind in kinds
-        ]
-        if not torch.compiler.is_compiling():  # no side effects in a trace
-            _CONSTRUCTOR_NAMES[key] = names
-    return names
+    """The weights' names, in order, as nn.RNNBase's constructor makes them for these flags. Its one caller,
+    _misshapen_weight, keeps what it derives per module."""
+    kinds = ["weight_ih", "weight_hh", *(["bias_ih", "bias_hh"] if bias else []), *(["weight_hr"] if proj else [])]
+    return [
+        f"{kind}_l{layer}{'_reverse' if direction else ''}"
+        for layer in range(layers)
+        for direction in range(directions)
+        for kind in kinds
+    ]
 
 
 def _broadcast_bias(shape: torch.Size, gates: int) -> bool:
@@ -201,14 +191,8 @@ def _checks_are_ours(cls: type) -> bool:
 # Plans of calls that passed every check, by LSTM._call_key, with what autocast makes of them (None when it is
 # off): repeated calls of one kind skip the checks, dispatch and autocast's dtypes (tens of microseconds, which
 # count at batch 1-4).
+# Remembered at most backends.REMEMBERED_MAX (backends.remember): keys hold shapes.
 _CHECKED_CALLS: dict[tuple, tuple[tuple[dispatch.Choice, ...], _Autocast | None]] = {}
-_CHECKED_MAX = 4096
-
-
-def _remember(store: dict, key: tuple, value) -> None:
-    if len(store) >= _CHECKED_MAX:
-        store.clear()
-    store[key] = value
 
 
 def forget_plans() -> None:
@@ -558,7 +542,7 @@ class LSTM(nn.RNNBase):
             amp = self._autocast_dtypes(input, hx, batch_sizes)
             choices = self._plan(input, hx, batch_sizes, amp)
             if key is not None:
-                _remember(_CHECKED_CALLS, key, (choices, amp))
+                backends.remember(_CHECKED_CALLS, key, (choices, amp))
         else:  # the same kind of call passed every check before
             choices, amp = checked
             if type(input) is PackedSequence:
@@ -634,7 +618,7 @@ class LSTM(nn.RNNBase):
             amp = self._autocast_dtypes(x, hx, batch_sizes)
             choices = self._plan(x, hx, batch_sizes, amp)
             if key is not None:
-                _remember(_CHECKED_CALLS, key, (choices, amp))
+                backends.remember(_CHECKED_CALLS, key, (choices, amp))
         else:
             choices, amp = checked
         if longest < seq_len:  # trailing steps where no sequence is live
@@ -717,7 +701,7 @@ class LSTM(nn.RNNBase):
             x, state, *_ = self._prepare(sequence, state)
             choices = self._plan(x, state, None)
             if key is not None:
-                _remember(_CHECKED_CALLS, key, (choices, None))
+                backends.remember(_CHECKED_CALLS, key, (choices, None))
             x = x.squeeze(1 if self.batch_first else 0)
         else:  # this kind of step passed every check before
             choices = checked[0]

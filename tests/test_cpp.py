@@ -1016,6 +1016,7 @@ def test_broken_compiler_does_not_crash(tmp_path, mode):
         from fastlstm.backends.cpu import BACKEND, build_error
         reason = BACKEND.unavailable_reason()
         assert reason is not None and "broken on purpose" in reason, reason
+        assert "failed (compiler " in reason, reason  # the compiler's failure, named as such
         assert build_error() == reason
         x = torch.zeros(2, 1, 3)
         try:

@@ -501,7 +501,7 @@ def test_cuda_kernels_build_in_a_child_once(dtype, monkeypatch, tmp_path):
 def test_remembered_verdicts_stay_bounded_whatever_the_batches(monkeypatch):
     """Each new batch size is a new launch key: a stream of varying batches must not grow the remembered verdicts
     (or the self-tests) without bound, and a verdict forgotten is found again."""
-    monkeypatch.setattr(build_guard, "REMEMBERED_MAX", 8)
+    monkeypatch.setattr(fastlstm.backends, "REMEMBERED_MAX", 8)
     monkeypatch.setattr(build_guard, "_LAUNCHES", {})
     monkeypatch.setattr(triton_ops, "_SELF_TESTS", {})
     monkeypatch.setattr(triton_ops, "_run_self_test", lambda call, kernel: "wrong numbers" if call.batch == 3 else None)

@@ -88,6 +88,11 @@ def writable_cache_root() -> Path:
     return _private_temp_cache()
 
 
+def on_noexec_mount(folder: Path) -> bool:
+    """Whether folder lies on a file system mounted noexec, from which no library built there loads."""
+    return hasattr(os, "ST_NOEXEC") and bool(os.statvfs(folder).f_flag & os.ST_NOEXEC)
+
+
 def _private_temp_cache() -> Path:
     """$TMPDIR/fastlstm-<uid>, made 0700 and owned by this user: the library built there is loaded into the process,
     so a folder another user made (or could write) first is refused, not used, and so is a temporary directory
@@ -107,7 +112,7 @@ def _private_temp_cache() -> Path:
     info = folder.lstat()
     if uid is not None and (folder.is_symlink() or info.st_uid != uid or info.st_mode & 0o022):
         raise PermissionError(refused)
-    if hasattr(os, "ST_NOEXEC") and os.statvfs(folder).f_flag & os.ST_NOEXEC:
+    if on_noexec_mount(folder):
         raise PermissionError(
             f"no writable cache folder: the home cache cannot be made or written, and {folder} is on a noexec "
             "mount (no library built there could load); set FASTLSTM_CACHE_DIR to a folder of your own"
@@ -139,6 +144,21 @@ def host_to_device(t: Tensor, device: torch.device) -> Tensor:
     if device.type != "cuda" or torch.compiler.is_compiling():
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+# Entries a dict of remembered answers holds at most (remember): keys that user input makes new call after call (a
+# shape, a batch size) would grow it without bound (triton's verdicts: 100,000 batch sizes held 24 MB). Past it the
+# dict starts over; every answer is found again.
+REMEMBERED_MAX = 4096
+MISSING = object()  # what such a dict's .get gives for a key it lacks (its values may be None)
+
+
+def remember(store: dict, key, value) -> None:
+    """store[key] = value, in a dict of at most REMEMBERED_MAX entries. Another thread may start the dict over
+    between a write and a read: read a key once, with store.get(key, MISSING)."""
+    if len(store) >= REMEMBERED_MAX:
+        store.clear()
+    store[key] = value
 
 
 def constant_under_compile(fn):

@@ -95,6 +95,7 @@ from fastlstm.backends import (
     fake_on_x_device,
     functorch_grad_levels,
     grads_through_reference,
+    on_noexec_mount,
     per_sample_layer_grads,
     rows_side_by_side,
     vmap_layer_op,
@@ -263,15 +264,19 @@ def _remove_damaged_build(build_dir: Path, name: str) -> None:
             path.unlink(missing_ok=True)
 
 
+class _CompilerError(RuntimeError):
+    """The C++ compiler cannot run, or fails its own check (_check_compiler)."""
+
+
 def _check_compiler() -> None:
     """Run the compiler once on its own so that its own error text reaches the user (cpp_extension hides it)."""
     compiler = _compiler()
     try:
         proc = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as error:
-        raise RuntimeError(f"cannot run the C++ compiler {compiler!r}: {error}") from error
+        raise _CompilerError(f"cannot run the C++ compiler {compiler!r}: {error}") from error
     if proc.returncode != 0:
-        raise RuntimeError(
+        raise _CompilerError(
             f"the C++ compiler {compiler!r} fails (`{compiler} --version` exited {proc.returncode}): "
             f"{(proc.stdout + proc.stderr).strip()}"
         )
@@ -328,7 +333,7 @@ def _build_and_load(verbose: bool) -> str:
         lib = _cached_library(build_dir, name)
         if lib is None:
             build_dir.mkdir(parents=True, exist_ok=True)
-            if hasattr(os, "ST_NOEXEC") and os.statvfs(build_dir).f_flag & os.ST_NOEXEC:
+            if on_noexec_mount(build_dir):
                 raise OSError(
                     f"its cache folder {build_dir} is on a noexec mount, from which no library loads (set "
                     "FASTLSTM_CACHE_DIR to a folder elsewhere)"
@@ -384,11 +389,10 @@ def _build(src: Path, name: str, build_dir: Path, marker: Path, verbose: bool) -
 
 
 def _compiler_failed(error: BaseException) -> bool:
-    """Whether a build failed in the compiler (ninja's compile or link steps, or the compiler's own check)."""
-    if isinstance(error, subprocess.CalledProcessError):
-        return True
-    text = str(error)
-    return text.startswith(("Error building extension", "cannot run the C++ compiler", "the C++ compiler "))
+    """Whether a build failed in the compiler: its own check, or a step ninja ran (torch raises the failed
+    subprocess as the cause of its "Error building extension"; torch 2.7 and before also ask `c++ -v` first)."""
+    failed_step = (_CompilerError, subprocess.CalledProcessError)
+    return isinstance(error, failed_step) or isinstance(error.__cause__, subprocess.CalledProcessError)
 
 
 def _ensure(verbose: bool = False) -> str | None:

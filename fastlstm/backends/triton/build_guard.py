@@ -43,7 +43,14 @@ from pathlib import Path
 
 import torch
 
-from fastlstm.backends import BuildCrashError, LayerCall, constant_under_compile, writable_cache_root
+from fastlstm.backends import (
+    MISSING,
+    BuildCrashError,
+    LayerCall,
+    constant_under_compile,
+    remember,
+    writable_cache_root,
+)
 from fastlstm.backends.triton import _interpreting
 
 ENV_SWITCH = "FASTLSTM_TRITON_BUILD_IN_CHILD"
@@ -76,23 +83,10 @@ BUILD_FIELDS = ("device_type", "dtype", "batch", "input_size", "hidden_size", "p
                 "needs_grad")  # fmt: skip
 
 _log = logging.getLogger("fastlstm")
+# Both keyed by the batch too, so remembered at most REMEMBERED_MAX (backends.remember); a verdict forgotten is a
+# disk-cache lookup away.
 _VERDICTS: dict[str, str | None] = {}  # the disk cache's key -> verdict, for this process
 _LAUNCHES: dict[tuple, str | None] = {}  # check_launch's cheap key -> verdict
-# Verdicts remembered at most: keys hold the batch, which a stream of varying batches makes new every call (an
-# audit: 100,000 batch sizes held 24 MB). Past it a dict starts over; a verdict is a disk-cache lookup away.
-REMEMBERED_MAX = 4096
-
-
-UNKNOWN = object()  # not in a dict of verdicts (whose values may be None)
-
-
-def remember(store: dict, key, value) -> None:
-    """store[key] = value, in a dict of at most REMEMBERED_MAX entries."""
-    if len(store) >= REMEMBERED_MAX:
-        store.clear()
-    store[key] = value
-
-
 # Set in the child's environment (so in anything it starts too): its own builds are the guarded ones. Not a module
 # global: the child was started as `python -m` this module, so its code ran as __main__ and set the flag there,
 # while ops read a second copy imported under the package's name: every child started a child for its own
@@ -112,9 +106,8 @@ def check_launch(x, batch: int, input_size: int, hidden: int, proj_size: int, bi
     dtype = x.dtype
     key = (x.device, dtype, batch, input_size, hidden, proj_size, bias, packed, reverse, needs_grad, kernel,
            _tf32(dtype), os.environ.get(ENV_TILES))  # fmt: skip
-    # Read once: another thread may start the dict over between a write and a second read.
-    reason = _LAUNCHES.get(key, UNKNOWN)
-    if reason is UNKNOWN:
+    reason = _LAUNCHES.get(key, MISSING)
+    if reason is MISSING:
         call = LayerCall(device_type=x.device.type, dtype=dtype, seq_len=2, batch=batch, input_size=input_size,
                          hidden_size=hidden, proj_size=proj_size, bias=bias, packed=packed, reverse=reverse,
                          needs_grad=needs_grad, device_index=x.device.index if x.is_cuda else None)  # fmt: skip
@@ -130,11 +123,11 @@ def crash_reason(call: LayerCall, kernel: str) -> str | None:
         return None
     payload = _payload(call, kernel)
     key = _key(payload)
-    reason = _VERDICTS.get(key, UNKNOWN)
-    if reason is UNKNOWN:
+    reason = _VERDICTS.get(key, MISSING)
+    if reason is MISSING:
         with _LOCK:  # threads asking for one configuration at once (DataParallel's) build it once
-            reason = _VERDICTS.get(key, UNKNOWN)
-            if reason is UNKNOWN:
+            reason = _VERDICTS.get(key, MISSING)
+            if reason is MISSING:
                 cached = _read_verdict(key)
                 if cached is not None:
                     reason = cached["reason"]

@@ -23,6 +23,7 @@ from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
 from fastlstm import reference
 from fastlstm.backends import (
+    MISSING,
     VMAP_RULES,
     LayerCall,
     differentiated_twice,
@@ -34,6 +35,7 @@ from fastlstm.backends import (
     layer_op_grads,
     per_sample_layer_grads,
     projection_used,
+    remember,
     rows_side_by_side,
     vmap_layer_op,
     vmap_per_sample,
@@ -967,8 +969,8 @@ def self_test(call: LayerCall) -> str | None:
         call.proj_size, call.bias, call.packed, call.reverse, call.needs_grad, _precision(call.dtype),
         os.environ.get(ENV_CONFIG),
     )  # fmt: skip
-    reason = _SELF_TESTS.get(key, build_guard.UNKNOWN)  # read once: another thread may start the dict over
-    if reason is build_guard.UNKNOWN:
+    reason = _SELF_TESTS.get(key, MISSING)
+    if reason is MISSING:
         # Outside any torch.func transform the call is made under (its first call may be vmap's or grad's): the
         # test's own tensors are no transform's, and its requires_grad_ raised in there, which cached a failure
         # and sent the configuration to native for the process's life (seen on an H200 under torch.vmap).
@@ -977,7 +979,7 @@ def self_test(call: LayerCall) -> str | None:
                 reason = build_guard.crash_reason(call, kernel) or _run_self_test(call, kernel)
         except Exception as error:  # whatever the kernels raise here, the real call would raise too
             reason = f"the {kernel} kernel failed: {type(error).__name__}: {error}"
-        build_guard.remember(_SELF_TESTS, key, reason)  # keyed by batch too: bounded as the launches' verdicts
+        remember(_SELF_TESTS, key, reason)  # keyed by the batch too, as the launches' verdicts
     return reason
 
 
