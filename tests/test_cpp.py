@@ -998,6 +998,26 @@ def test_a_cache_on_a_noexec_mount_is_named_as_the_reason(monkeypatch, tmp_path)
     assert "(compiler" not in reason, reason
 
 
+def test_a_failed_builds_warning_quotes_the_compiler_not_ninjas_commands(tmp_path):
+    """torch's error for a failed build carries ninja's whole output: every command line (kilobytes of flags) and
+    every error of every source. The warning quotes what the compiler said, each line once and shortened, at most
+    QUOTED_COMPILER_LINES of them, and names the whole log, written in the build folder."""
+    command = "c++ -MMD -DTORCH_EXTENSION_NAME=x " + "-isystem /some/include " * 50 + "-c a.cpp -o a.o"
+    errors = [f"a.cpp:{n}:1: error: number {n} went wrong" for n in range(40)]
+    log = "\n".join(
+        [f"Error building extension 'x': [1/2] {command}", "FAILED: a.o ", command, *errors, "[2/2] " + command,
+         "FAILED: b.o ", command, errors[0], "b.cpp:1:1: error: " + "T<" * 1000, "ninja: build stopped: failed."]
+    )  # fmt: skip
+    said = cpu._compiler_said(log, tmp_path / cpu.FAILED_BUILD_LOG)
+    lines = said.splitlines()
+    assert lines[0] == "it printed:" and lines[-1] == f"(the whole log: {tmp_path / cpu.FAILED_BUILD_LOG})", said
+    assert [line.strip() for line in lines[1:-1]] == errors[: cpu.QUOTED_COMPILER_LINES] + ["... 29 more lines"]
+    assert "-isystem" not in said
+    assert (tmp_path / cpu.FAILED_BUILD_LOG).read_text() == log
+    said = cpu._compiler_said(log.replace("number", "only"), tmp_path / "no such folder" / "log")
+    assert "the whole log could not be written to" in said and "a.cpp:0:1: error: only 0" in said, said
+
+
 @pytest.mark.parametrize("mode", ["always-fails", "fails-to-compile"])
 def test_broken_compiler_does_not_crash(tmp_path, mode):
     """A compiler that fails: unavailable_reason() carries its error text; layer() raises a RuntimeError.
@@ -1018,6 +1038,10 @@ def test_broken_compiler_does_not_crash(tmp_path, mode):
         assert reason is not None and "broken on purpose" in reason, reason
         assert "failed (compiler " in reason, reason  # the compiler's failure, named as such
         assert build_error() == reason
+        if MODE == "fails-to-compile":  # ninja's long command lines stay in the log, which the reason names
+            assert "-DTORCH_EXTENSION_NAME" not in reason, reason
+            log = reason.rsplit("the whole log: ", 1)[1].rstrip(")")
+            assert "-DTORCH_EXTENSION_NAME" in open(log).read()
         x = torch.zeros(2, 1, 3)
         try:
             BACKEND.layer(x, torch.zeros(1, 4), torch.zeros(1, 4), torch.zeros(16, 3), torch.zeros(16, 4), None, None,
@@ -1051,7 +1075,7 @@ def test_broken_compiler_does_not_crash(tmp_path, mode):
         print("OK")
         """
     )
-    runs = [("-c", code), ("-m", "fastlstm", "info")] + [
+    runs = [("-c", code.replace("MODE", repr(mode))), ("-m", "fastlstm", "info")] + [
         ("-c", auto.replace("RUN", run).replace("ATOL", atol))
         for run, atol in (("m", "0"), (f'torch.compile(m, fullgraph={TRACEABLE}, backend="aot_eager")', "1e-12"))
     ]

@@ -70,6 +70,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -122,6 +123,12 @@ _HEADERS = (
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# A failed build's warning quotes this many lines of what the compiler said; the whole log goes to FAILED_BUILD_LOG
+QUOTED_COMPILER_LINES = 12
+QUOTED_LINE_CHARS = 400  # a template's error names types thousands of characters long
+FAILED_BUILD_LOG = "failed-build.log"
+# ninja's own lines in a failed build's output: progress ("[2/3] <command>"), "FAILED: <target>", "ninja: ..."
+_NINJA_LINE = re.compile(r"^(\[\d+/\d+\] |FAILED: |ninja: )")
 _STALE_LOCK_S = 15 * 60  # without flock (Windows): a lock file older than this was left by a build that died
 
 _log = logging.getLogger("fastlstm")
@@ -373,19 +380,45 @@ def _build(src: Path, name: str, build_dir: Path, marker: Path, verbose: bool) -
                 is_python_module=False,
                 verbose=verbose,
             )
-    except BaseException:
+    except BaseException as error:
         # torch notes a name's sources before building them, and skips the build of sources it has noted: after an
         # interrupted build (Ctrl-C in a notebook) the next call only tried to load a library never made, and the
         # backend stayed off for the process. Forgetting the note lets the next call build.
         getattr(getattr(cpp_extension, "JIT_EXTENSION_VERSIONER", None), "entries", {}).pop(name, None)
+        if isinstance(error.__cause__, subprocess.CalledProcessError):
+            raise _CompilerError(_compiler_said(str(error), build_dir / FAILED_BUILD_LOG)) from error
         raise
     lib = Path(lib_path) if lib_path else _find_library(build_dir, name)
     if lib is None:
         raise RuntimeError(f"the build in {build_dir} produced no library")
+    (build_dir / FAILED_BUILD_LOG).unlink(missing_ok=True)  # an earlier failure's, which no longer holds
     tmp = marker.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(_fingerprint(lib))
     os.replace(tmp, marker)  # atomic: other processes see either no marker or a complete one
     return lib
+
+
+def _compiler_said(log: str, log_path: Path) -> str:
+    """What the compiler said about a failed build, for a warning: its own lines, not ninja's progress lines and the
+    long command lines it echoes (torch's error carries them all: kilobytes for one bad flag, far more for an error
+    in a template), at most QUOTED_COMPILER_LINES; the whole log is written to `log_path`, and named."""
+    said: dict[str, None] = {}  # in order, each once (two sources compiled at once fail alike)
+    echoed = False
+    for line in log.splitlines()[1:]:  # the first: torch's "Error building extension ...: [1/3] <command>"
+        line = line.rstrip()
+        if echoed or not line or _NINJA_LINE.match(line):
+            echoed = line.startswith("FAILED:")  # ninja echoes the failed command on the line after
+            continue
+        said.setdefault(line[:QUOTED_LINE_CHARS] + ("..." if len(line) > QUOTED_LINE_CHARS else ""))
+    try:
+        log_path.write_text(log)
+        where = f"the whole log: {log_path}"
+    except OSError as error:
+        where = f"the whole log could not be written to {log_path}: {error}"
+    lines = list(said)
+    more = len(lines) - QUOTED_COMPILER_LINES
+    quoted = lines[:QUOTED_COMPILER_LINES] + ([f"... {more} more lines"] if more > 0 else [])
+    return "it printed:\n  " + "\n  ".join(quoted or ["(nothing captured)"]) + f"\n({where})"
 
 
 def _compiler_failed(error: BaseException) -> bool:
@@ -405,6 +438,8 @@ def _ensure(verbose: bool = False) -> str | None:
                 _state["path"] = _build_and_load(verbose)
             except Exception as error:  # noqa: BLE001 - a failed build must never crash the user's model
                 text = "".join(traceback.format_exception_only(type(error), error)).strip()
+                if isinstance(error, _CompilerError):  # our own words: no exception class's module path before them
+                    text = str(error)
                 # A compiler query that failed (torch 2.7 and before ask `c++ -v` first): what it printed says why
                 output = getattr(error, "output", None) if isinstance(error, subprocess.CalledProcessError) else None
                 if output:
