@@ -241,6 +241,16 @@ def _aten_paths() -> tuple[bool, bool]:
     return onednn_enabled(), torch._C._get_cudnn_enabled()
 
 
+def _autocast_casts(backend, weights, projections, dtype: torch.dtype) -> list[Tensor | None]:
+    """The weights (None stays None) of a call under autocast, cast to dtype by `backend` (from autocast's cache of
+    casts where it can: once per region, as nn.LSTM's weights and biases are), except the projections (w_hr, where
+    `projections` says so), cast afresh on every call: nn.LSTM's ATen path multiplies by w_hr's transpose, a view,
+    which autocast's cache never keeps; so an optimizer step inside one autocast region changes nn.LSTM's w_hr at
+    once, and its other weights at the next region."""
+    cached = backend.autocast_weights([None if fresh else w for w, fresh in zip(weights, projections)], dtype)
+    return [w.to(dtype) if fresh and w is not None else c for w, c, fresh in zip(weights, cached, projections)]
+
+
 def _autocast_off(device_type: str):
     """Autocast off for a block. Eager calls take the C++ guard that torch.autocast(enabled=False) also sets
     (~1 us against ~10: a step under autocast paid that); graphs being traced take torch.autocast, which dynamo
@@ -1062,7 +1072,7 @@ class LSTM(nn.RNNBase):
         is read as stale as nn.LSTM reads its weights and biases there, not afresh beside cached weights."""
         params = self._parameters_of(layer, direction)
         if dtype is not None:
-            params = backend.autocast_weights(list(params), dtype)
+            params = _autocast_casts(backend, params, (False,) * 4 + (True,), dtype)
         w_ih, w_hh, b_ih, b_hh, w_hr = params
         return w_ih, w_hh, None if b_ih is None else _flat_bias(b_ih + b_hh, 4 * self.hidden_size), w_hr
 
@@ -1188,7 +1198,9 @@ class LSTM(nn.RNNBase):
         flags = (self.proj_size > 0, self.bidirectional)
         weights = self._flat_weights
         if weight_dtype is not None:
-            weights = backend.autocast_weights(list(weights), weight_dtype)
+            per_layer = len(weights) // (self.num_layers * self._num_directions)
+            projections = [self.proj_size > 0 and i % per_layer == per_layer - 1 for i in range(len(weights))]
+            weights = _autocast_casts(backend, weights, projections, weight_dtype)
         return backend.inference_stack(
             x, hx, self._weights_as_built(weights), batch_sizes, 2 if self.bias else 0, *flags
         )
