@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from fastlstm.module import LSTM
+from fastlstm.module import LSTM, TORCH_LSTM
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def output_data(y: torch.Tensor | PackedSequence) -> torch.Tensor:
 def make_models(shape: Shape, backends: list[str], device, dtype) -> dict[str, nn.Module]:
     """nn.LSTM and one fastlstm.LSTM per backend, all with the same weights."""
     config = dict(bidirectional=shape.bidirectional, proj_size=shape.proj_size)
-    ref = nn.LSTM(shape.input_size, shape.hidden_size, shape.num_layers, **config)
+    ref = TORCH_LSTM(shape.input_size, shape.hidden_size, shape.num_layers, **config)
     ref = ref.to(device=device, dtype=dtype)
     models: dict[str, nn.Module] = {"nn.LSTM": ref}
     for name in backends:

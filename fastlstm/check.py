@@ -7,10 +7,9 @@ import random
 from dataclasses import dataclass, replace
 
 import torch
-from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from fastlstm.module import LSTM
+from fastlstm.module import LSTM, TORCH_LSTM
 
 # Per dtype, for `python -m fastlstm check`: the largest error allowed in a tensor, as a fraction of that tensor's
 # largest value in nn.LSTM's float64 result (so that a case whose values are all tiny is held to the same
@@ -157,13 +156,13 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
         batch_first=case.batch_first,
     )  # fmt: skip
     torch.manual_seed(seed)
-    exact = nn.LSTM(case.input_size, case.hidden_size, **kwargs).to(device=device, dtype=torch.float64)
+    exact = TORCH_LSTM(case.input_size, case.hidden_size, **kwargs).to(device=device, dtype=torch.float64)
     scale = max(case.weight_scale, SMALLEST_WEIGHT_SCALE.get(dtype, 0.0))
     if scale != 1.0:
         with torch.no_grad():
             for weight in exact.parameters():
                 weight.mul_(scale)
-    native = nn.LSTM(case.input_size, case.hidden_size, **kwargs).to(device=device, dtype=dtype)
+    native = TORCH_LSTM(case.input_size, case.hidden_size, **kwargs).to(device=device, dtype=dtype)
     fast = LSTM(case.input_size, case.hidden_size, backend=backend, **kwargs).to(device=device, dtype=dtype)
     native.load_state_dict(exact.state_dict())
     fast.load_state_dict(exact.state_dict())

@@ -10,16 +10,16 @@ from torch.nn.utils import parametrize
 
 from fastlstm import dispatch
 from fastlstm.backends import outside_stacklevel
-from fastlstm.module import LSTM, rebind_load_pre_hooks, rebuilt_as
+from fastlstm.module import LSTM, TORCH_LSTM, rebind_load_pre_hooks, rebuilt_as
 
-_TARGETS = {"fastlstm": LSTM, "torch": nn.LSTM}
+_TARGETS = {"fastlstm": LSTM, "torch": TORCH_LSTM}
 
 
 def _is_source(module: nn.Module, to: str) -> bool:
     """Whether `module` is an LSTM to swap: the source class itself (parametrized or not). A subclass of it is
     left as it is, with a warning: rebuilt as the target class it would lose what the subclass adds (its own
     forward, say)."""
-    source = nn.LSTM if to == "fastlstm" else LSTM
+    source = TORCH_LSTM if to == "fastlstm" else LSTM
     cls = type(module)
     if parametrize.is_parametrized(module):
         cls = cls.__bases__[0]  # the class parametrize generated derives from the module's own

@@ -302,6 +302,12 @@ def _saveable(input: Tensor, hx):
     return input, hx
 
 
+# torch's own nn.LSTM, as it was when fastlstm was imported: a script may swap fastlstm in for every model it
+# builds by `torch.nn.LSTM = fastlstm.LSTM`, after which nn.LSTM, looked up at call time, is this module's class
+# (torch.jit.script then rebuilt a fastlstm layer, which it cannot script; sparse input recursed without end).
+TORCH_LSTM = nn.LSTM
+
+
 def _own_method(method):
     """nn.RNNBase's or nn.LSTM's `method`, called through a function defined here.
 
@@ -383,9 +389,9 @@ class LSTM(nn.RNNBase):
     check_input = _own_method(nn.RNNBase.check_input)
     get_expected_hidden_size = _own_method(nn.RNNBase.get_expected_hidden_size)
     check_hidden_size = _own_method(nn.RNNBase.check_hidden_size)
-    get_expected_cell_size = _own_method(nn.LSTM.get_expected_cell_size)
-    check_forward_args = _own_method(nn.LSTM.check_forward_args)
-    permute_hidden = _own_method(nn.LSTM.permute_hidden)
+    get_expected_cell_size = _own_method(TORCH_LSTM.get_expected_cell_size)
+    check_forward_args = _own_method(TORCH_LSTM.check_forward_args)
+    permute_hidden = _own_method(TORCH_LSTM.permute_hidden)
 
     def __prepare_scriptable__(self) -> nn.LSTM:
         """torch.jit.script's hook: an nn.LSTM holding this module's state (see rebuilt_as): the very Parameter
@@ -397,7 +403,7 @@ class LSTM(nn.RNNBase):
         the eager model too, as for every module with this hook, and before it knows whether scripting will
         succeed): that model then runs nn.LSTM's kernels, hooks and all.
         """
-        return rebuilt_as(self, nn.LSTM)
+        return rebuilt_as(self, TORCH_LSTM)
 
     def _update_flat_weights(self) -> None:
         """nn.RNNBase's: re-read the weights when one was replaced (functional_call, parametrizations, ...).
@@ -541,7 +547,7 @@ class LSTM(nn.RNNBase):
         if isinstance(input, Tensor) and (input.is_nested or input.layout != torch.strided):
             # Sparse and nested tensors: no backend reads them, and nn.LSTM's own forward decides what they give
             # (torch 2.13: an error, which its checks raise before any of fastlstm's would trip over them).
-            return nn.LSTM.forward(self, input, hx)
+            return TORCH_LSTM.forward(self, input, hx)
         self._update_flat_weights()  # parameters are read at call time, as nn.LSTM reads them
         if lengths is not None:
             return self._forward_lengths(input, hx, lengths)

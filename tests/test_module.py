@@ -24,6 +24,7 @@ from torch.nn.utils import parametrizations
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastlstm
+from fastlstm import benchmark
 from fastlstm.backends import get as get_backend
 from fastlstm.dispatch import Choice
 
@@ -280,6 +281,34 @@ def test_scripting_leaves_the_layers_load_state_dict_pre_hooks_its_own():
     gc.collect()
     model.load_state_dict(model.state_dict())
     assert len(seen) == 1 and seen[0] is model
+
+
+def test_a_script_that_swaps_fastlstm_in_for_torch_nn_lstm(monkeypatch):
+    """`torch.nn.LSTM = fastlstm.LSTM` before a model is built: a way to swap it into third-party code. What fastlstm
+    hands to nn.LSTM (TorchScript's rebuilt layer, sparse input, convert back, check's and bench's references) is
+    still torch's class, not whatever torch.nn.LSTM names at call time (torch.jit.script had failed on a rebuilt
+    fastlstm layer; sparse input had recursed until RecursionError)."""
+    torch_lstm = nn.LSTM
+    monkeypatch.setattr(nn, "LSTM", fastlstm.LSTM)
+    model = nn.Sequential(nn.LSTM(I, H))
+    assert isinstance(model[0], fastlstm.LSTM)
+    x = torch.randn(4, 2, I)
+    expected = model(x)[0]
+    scripted = torch.jit.script(model)
+    assert type(model[0]) is torch_lstm
+    torch.testing.assert_close(scripted(x)[0], expected, atol=1e-6, rtol=1e-5)
+
+    sparse = torch.randn(3, 2, I).to_sparse()
+    with pytest.raises(RuntimeError) as fast_error:
+        fastlstm.LSTM(I, H)(sparse)
+    with pytest.raises(RuntimeError) as torch_error:
+        torch_lstm(I, H)(sparse)
+    assert str(fast_error.value) == str(torch_error.value)
+
+    assert type(fastlstm.convert(fastlstm.LSTM(I, H), to="torch")) is torch_lstm
+    assert fastlstm.convert(torch_lstm(I, H)).__class__ is fastlstm.LSTM
+    models = benchmark.make_models(benchmark.Shape(2, 3, I, H), ["reference"], "cpu", torch.float32)
+    assert type(models["nn.LSTM"]) is torch_lstm
 
 
 def _forward_replaced_as_accelerate_does(module: nn.Module) -> None:
