@@ -813,6 +813,27 @@ def test_torch_export_gives_nn_lstm_numbers(backend):
 
 @needs_tracing
 @pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.compiler.is_exporting: torch 2.7+")
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_is_told_from_compile(strict):
+    """backends.exporting(): True while torch.export traces (strict or not), False while torch.compile does. Dynamo
+    before torch 2.13 traced torch.compiler.is_exporting() as True under any torch.compile, and every compiled call
+    under autocast was then planned as an export's (torch 2.11: its backward failed)."""
+
+    def told(x):
+        return x + 1 if backends.exporting() else x - 1
+
+    class Told(nn.Module):
+        def forward(self, x):
+            return told(x)
+
+    x = torch.zeros(1)
+    assert told(x).item() == -1
+    assert torch.compile(told, fullgraph=True, backend="aot_eager")(x).item() == -1
+    assert torch.export.export(Told(), (x,), strict=strict).module()(x).item() == 1
+
+
+@needs_tracing
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.compiler.is_exporting: torch 2.7+")
 @pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
 def test_a_program_exported_under_cpu_autocast_gives_nn_lstms_dtypes(strict):
     """torch.export traces with oneDNN off, and the dtypes fastlstm read off nn.LSTM's path there were its ATen

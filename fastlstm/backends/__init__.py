@@ -401,7 +401,14 @@ def _wrapper_chain(t: Tensor):
 
 
 def exporting() -> bool:
-    """Whether torch.export is tracing (torch.compiler.is_exporting is newer than the oldest torch fastlstm takes)."""
+    """Whether torch.export is tracing (torch.compiler.is_exporting is newer than the oldest torch fastlstm takes).
+
+    The flag export sets, read as it is: dynamo before torch 2.13 traces a call of torch.compiler.is_exporting()
+    as True under any torch.compile (torch 2.11: every compiled call under autocast was planned as an export's, its
+    graph held nn.LSTM's oneDNN call, and aot_eager's backward then failed on that call's missing workspace)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if isinstance(flag, bool):
+        return flag
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return is_exporting is not None and is_exporting()
 
