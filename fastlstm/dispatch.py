@@ -405,7 +405,8 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
     if call.dtype == torch.float64:
         return None
     if call.dtype == torch.bfloat16 and call.needs_grad and native.openmp_starves():
-        # not speed: nn.LSTM's bfloat16 gradients come out NaN there (oneDNN's bf16 matmul), cpp's do not
+        # not speed: torch's bfloat16 products are wrong there (oneDNN's bf16 matmul: NaN), which ATen's path takes;
+        # oneDNN's bf16 LSTM trained right on a Zen 4 (not measured elsewhere); cpp's backward multiplies in float32
         return None
     if not _cpu_is_x86() and not (call.proj_size or call.packed):
         return (

@@ -732,14 +732,15 @@ for T, B, I, H, layers, bi in [(5, 16, 8, 32, 1, False), (5, 1, 64, 512, 1, Fals
                         out += torch.autograd.grad((y.sum(), h.sum(), c.sum()), [xi, *model.parameters()])
             err = max(((a - b).abs().max() / (1 + b.abs().max())).item() for a, b in zip(got, want))
             errors[f"{backend} B{B}-T{T}-I{I}-H{H}-L{layers}{'-bi' if bi else ''} {str(dtype)[6:]} grad={grad}"] = err
-# bfloat16 training: oneDNN's bf16 matmul (ATen's bf16 products) gives non-finite numbers here; cpp's gradients
-# are right, and auto gives them (nn.LSTM's are NaN)
+# bfloat16 training: oneDNN's bf16 matmul (ATen's bf16 products) gives non-finite numbers here, oneDNN's bf16 LSTM
+# right ones; cpp's gradients are right, and auto gives them; native runs nn.LSTM's own call (it had run ATen's path
+# with oneDNN off for the forward only: inf from the matmul in its backward)
 for T, B, I, H in [(7, 33, 22, 57), (5, 16, 8, 32), (3, 64, 32, 256)]:
     m = fastlstm.LSTM(I, H, backend="reference", dtype=torch.bfloat16)
     ref = fastlstm.LSTM(I, H, backend="reference", dtype=torch.float64)
     ref.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
     x = torch.randn(T, B, I, dtype=torch.float64)
-    for backend in ("cpp", "auto"):
+    for backend in ("cpp", "auto", "native"):
         m.backend = backend
         got, want = [], []
         for model, xi in ((m, x.bfloat16().requires_grad_()), (ref, x.clone().requires_grad_())):
@@ -749,16 +750,20 @@ for T, B, I, H in [(7, 33, 22, 57), (5, 16, 8, 32), (3, 64, 32, 256)]:
         err = max(((a.double() - b).abs().max() / (1 + b.abs().max())).nan_to_num(float("inf")).item()
                   for a, b in zip(got, want))
         errors[f"{backend} B{B}-T{T}-I{I}-H{H} bfloat16 grad=True"] = err
-# Under CPU bfloat16 autocast the native stack gives nn.LSTM's dtypes, whichever path computed it
+# Under CPU bfloat16 autocast the native stack gives nn.LSTM's dtypes, whichever path computed it, and trains
 x = torch.randn(40, 4, 8)
 ref = fastlstm.LSTM(8, 64, 2, backend="reference")
 m = fastlstm.LSTM(8, 64, 2, backend="native")
 m.load_state_dict(ref.state_dict())
+xi, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
 with torch.autocast("cpu", dtype=torch.bfloat16):
-    got, want = m(x), torch.nn.LSTM.forward(m, x)
+    got, want = m(xi), torch.nn.LSTM.forward(m, x)
 dtypes = [t.dtype for t in (got[0], *got[1])] == [t.dtype for t in (want[0], *want[1])]
-y, (h, c) = ref(x)
-err = max(((a.float() - b).abs().max() / (1 + b.abs().max())).item() for a, b in zip((got[0], *got[1]), (y, h, c)))
+got = [got[0], *got[1], *torch.autograd.grad(got[0].float().sum(), [xi, *m.parameters()])]
+y, (h, c) = ref(xr)
+want = [y, h, c, *torch.autograd.grad(y.sum(), [xr, *ref.parameters()])]
+err = max(((a.float() - b).abs().max() / (1 + b.abs().max())).nan_to_num(float("inf")).item()
+          for a, b in zip(got, want))
 errors["native bfloat16 autocast grad=True (dtypes: nn.LSTM's)"] = err if dtypes else float("inf")
 # A stack whose first layer is native and second cpp: the native layer alone (the reference computed first, before
 # every module's plan is replaced)
@@ -781,23 +786,24 @@ def test_fewer_openmp_threads_than_asked():
     """OpenMP may start fewer threads than a parallel region asks for (OMP_THREAD_LIMIT, OMP_MAX_ACTIVE_LEVELS=0,
     OMP_DYNAMIC under load): every chunk of the extension's work still runs (each thread had run only its own
     chunk, so those of threads never started were left undone: outputs and gradients of uninitialised memory, 1e306
-    or NaN, silently), and the native path trains with oneDNN off, whose LSTM training is wrong there (nn.LSTM's
-    too), saying so once."""
+    or NaN, silently), and the native path trains float32 with oneDNN off, whose float32 LSTM training is wrong
+    there (nn.LSTM's too), saying so once; in bfloat16 (and under bfloat16 autocast) it runs nn.LSTM's own call."""
     settings = [{"OMP_THREAD_LIMIT": "1"}, {"OMP_MAX_ACTIVE_LEVELS": "0"}]
     runs = [(("-c", _AGAINST_REFERENCE), dict(os.environ, **setting)) for setting in settings]
     for setting, done in zip(settings, run_pythons(runs), strict=True):
         assert done.returncode == 0, done.stderr[-2000:]
         errors = json.loads(done.stdout.splitlines()[-1])
-        assert len(errors) == 6 * 2 * 2 * 2 + 3 * 2 + 2
+        assert len(errors) == 6 * 2 * 2 * 2 + 3 * 3 + 2
         for case, err in errors.items():
             assert err <= (1e-9 if "float64" in case else 3e-2 if "bfloat16" in case else 1e-4), (setting, case, err)
         assert done.stderr.count("nn.LSTM's oneDNN path trains on wrong numbers") == 1, done.stderr[-2000:]
 
 
 def test_bfloat16_training_goes_to_cpp_where_openmp_may_start_fewer_threads(monkeypatch):
-    """Where OpenMP may start fewer threads than torch asks, nn.LSTM's bfloat16 gradients are NaN (oneDNN's bf16
-    matmul) and cpp's right (test_fewer_openmp_threads_than_asked): auto's CPU rule takes cpp for bfloat16 training
-    there, whatever speed says; here on a CPU it was not measured on (else native)."""
+    """Where OpenMP may start fewer threads than torch asks, torch's bfloat16 products are wrong (oneDNN's bf16
+    matmul: NaN), which ATen's path takes, and cpp's gradients right (test_fewer_openmp_threads_than_asked): auto's
+    CPU rule takes cpp for bfloat16 training there, whatever speed says; here on a CPU it was not measured on (else
+    native)."""
     from fastlstm import dispatch
     from fastlstm.backends import LayerCall, native
 

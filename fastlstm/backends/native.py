@@ -151,13 +151,20 @@ def openmp_starves() -> bool:
 
 def onednn_training_miscomputes(x: Tensor, packed: bool, projected: bool) -> bool:
     """Whether nn.LSTM's oneDNN path would compute this CPU call wrong: where OpenMP starts fewer threads than torch
-    asks for (OMP_THREAD_LIMIT below torch's threads, OMP_DYNAMIC=true, OMP_MAX_ACTIVE_LEVELS=0), oneDNN's LSTM
-    training forward and backward give outputs off by ~0.3 and gradients off by ~16 or NaN (float32 B4-T40-H64,
-    torch 2.13 and 2.14.1 on a 2-core Xeon; inference is right). Its ATen path (oneDNN off) computes such calls.
-    oneDNN never runs float64, packed input or a projection."""
+    asks for (OMP_THREAD_LIMIT below torch's threads, OMP_DYNAMIC=true, OMP_MAX_ACTIVE_LEVELS=0), oneDNN's float32
+    LSTM training forward and backward give outputs off by ~0.3 and gradients off by ~16 or NaN (float32
+    B4-T40-H64, torch 2.13 and 2.14.1 on a 2-core Xeon and a 2-core Zen 4; inference is right). Its ATen path
+    (oneDNN off) computes such calls. oneDNN never runs float64, packed input or a projection.
+
+    Not below float32 (a bfloat16 model, or a float32 one under CPU autocast): there oneDNN's LSTM trains right
+    (bfloat16 on a 2-core Zen 4: 3.3e-3 to 4.6e-3 of float64's largest value, as without the limit), while ATen's
+    path, run with oneDNN off for the forward only, took oneDNN's bfloat16 matmul in its backward, which is wrong
+    there: its gradients came out inf (an audit)."""
     if torch.compiler.is_compiling() or x.device.type != "cpu" or not torch.is_grad_enabled():
         return False  # a compiled graph runs nn.LSTM's own call, as a compiled nn.LSTM does (a trace too)
-    if packed or projected or x.dtype == torch.float64:
+    if packed or projected or x.dtype != torch.float32:
+        return False
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.float32:
         return False
     if not openmp_starves():
         return False
