@@ -732,9 +732,10 @@ def _native_cannot_run(call: LayerCall) -> str | None:
     Under torch.vmap aten::lstm has no batching rule (torch 2.13: "Batching rule not implemented for
     aten::lstm.input", every dtype on the CPU). oneDNN's fused LSTM (float32 on the CPU) has no forward-mode
     derivative, nor has cuDNN's; ATen's per-step loop has one, and nn.LSTM takes it on the CPU for float64 and
-    for a projection (which oneDNN's LSTM does not take). Packed input fails on every path (torch 2.13: "Cannot
-    access data pointer of Tensor that doesn't have storage"), and elsewhere which path nn.LSTM takes is its own
-    business, so every other forward-mode call counts.
+    for a projection (which oneDNN's LSTM does not take). Packed input fails under torch.func's jvp (torch 2.13:
+    "Cannot access data pointer of Tensor that doesn't have storage"; torch.autograd.forward_ad runs it on ATen's
+    loop, but the call does not tell the two apart: the reference loop serves both), and elsewhere which path
+    nn.LSTM takes is its own business, so every other forward-mode call counts.
     """
     if call.vmapped:
         return "torch.vmap: nn.LSTM's kernels have no batching rule"

@@ -661,6 +661,14 @@ class LSTM(nn.RNNBase):
         if isinstance(input, PackedSequence) or not isinstance(input, Tensor) or input.dim() != 3:
             raise ValueError("LSTM: lengths= takes a padded, batched 3-D input tensor")
         batch_dim = 0 if self.batch_first else 1
+        # Not while compiling: dynamo cannot trace the check
+        if isinstance(lengths, Tensor) and not torch.compiler.is_compiling() and backends.batched_under_vmap(lengths):
+            # Their values decide the packing, read on the host; torch's own error named .item(), not the cause
+            raise RuntimeError(
+                "LSTM: lengths= batched under torch.vmap (lengths of their own for each sample) is not supported: "
+                "the lengths are read as values to pack the batch; pass lengths shared by the samples, or call "
+                "the model sample by sample"
+            )
         lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
         if lengths.dim() != 1 or lengths.numel() != input.size(batch_dim):
             raise ValueError(

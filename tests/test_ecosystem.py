@@ -437,6 +437,10 @@ def test_vmap_over_samples_matches_a_loop(backend):
             torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10, msg=name)
     if backend == "auto":
         assert _choices_inside_vmap(model, xs) == ["cpp" if "cpp" in CPU_BACKENDS else "reference"] * 2
+    # lengths of each sample's own: their values decide the packing, which vmap cannot read (torch's error named
+    # .item(), not why)
+    with pytest.raises(RuntimeError, match="lengths= batched under torch.vmap"):
+        torch.func.vmap(lambda x, n: model(x, lengths=n)[0])(xs, torch.tensor([[5, 2, 4]] * 3))
 
 
 def _padded(out, total_length):

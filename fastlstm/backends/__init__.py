@@ -392,6 +392,11 @@ def per_sample_layer_grads(samples: int, dx, dh0, dc0, dgates, x, h_prev, has_bi
     return grads, (2, 1, 1, 0, 0, 0, 0)
 
 
+def batched_under_vmap(t: Tensor) -> bool:
+    """Whether torch.vmap batches t at any depth of a torch.func transform's wrappers."""
+    return any(torch._C._functorch.is_batchedtensor(w) for w in _wrapper_chain(t))
+
+
 def _wrapper_chain(t: Tensor):
     """t, then each tensor a torch.func transform's wrapper holds, down to the plain tensor (yielded last)."""
     yield t
