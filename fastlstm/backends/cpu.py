@@ -422,10 +422,9 @@ def _compiler_said(log: str, log_path: Path) -> str:
 
 
 def _compiler_failed(error: BaseException) -> bool:
-    """Whether a build failed in the compiler: its own check, or a step ninja ran (torch raises the failed
-    subprocess as the cause of its "Error building extension"; torch 2.7 and before also ask `c++ -v` first)."""
-    failed_step = (_CompilerError, subprocess.CalledProcessError)
-    return isinstance(error, failed_step) or isinstance(error.__cause__, subprocess.CalledProcessError)
+    """Whether a build failed in the compiler: its own check or a step ninja ran (both _CompilerError: _build turns
+    torch's "Error building extension" into one), or a compiler query (torch 2.7 and before ask `c++ -v` first)."""
+    return isinstance(error, (_CompilerError, subprocess.CalledProcessError))
 
 
 def _ensure(verbose: bool = False) -> str | None:
@@ -437,9 +436,12 @@ def _ensure(verbose: bool = False) -> str | None:
             try:
                 _state["path"] = _build_and_load(verbose)
             except Exception as error:  # noqa: BLE001 - a failed build must never crash the user's model
-                text = "".join(traceback.format_exception_only(type(error), error)).strip()
-                if isinstance(error, _CompilerError):  # our own words: no exception class's module path before them
-                    text = str(error)
+                # our own words as they are; anything else with its exception's type
+                text = (
+                    str(error)
+                    if isinstance(error, _CompilerError)
+                    else "".join(traceback.format_exception_only(type(error), error)).strip()
+                )
                 # A compiler query that failed (torch 2.7 and before ask `c++ -v` first): what it printed says why
                 output = getattr(error, "output", None) if isinstance(error, subprocess.CalledProcessError) else None
                 if output:
