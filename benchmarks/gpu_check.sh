@@ -4,7 +4,8 @@
 #   1. benchmarks/gpu_grid.py --warm in 8 processes at once (at most 120 s): the grid's kernels compile into
 #      triton's cache, so the grid's budget goes to timing
 #   2. benchmarks/gpu_grid.py       (triton vs nn.LSTM/cuDNN grid; 150 s budget, killed at 190 s), then
-#      benchmarks/cuda_rule.py: the grid's figures as fastlstm/measured_cuda.py would hold them (dispatch's rule)
+#      benchmarks/cuda_rule.py: the grid's figures as fastlstm/measured_cuda.py would hold them (dispatch's rule),
+#      and how the grid stands against issue 4's targets (in gpu_check.log)
 #   3. pytest -m cuda tests/        (at most 170 s, on 6 workers where pytest-xdist is there), and beside it
 #      `python -m fastlstm check --device cuda --backend triton` in bfloat16, float16 and float32
 #   4. with --tune: benchmarks/gpu_tune.py (other tile sizes and warps per kernel against nn.LSTM, for setting

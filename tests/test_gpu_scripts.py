@@ -242,6 +242,37 @@ def test_cuda_rule_script_writes_the_measured_shapes(tmp_path):
     assert "'" not in text.split('"""')[2]  # strings as ruff's formatter writes them: the file is committed as is
 
 
+def test_cuda_rule_script_says_how_the_grid_stands_against_the_targets(tmp_path, capsys):
+    import json
+
+    grid = _grid("9.0", [
+        dict(speedup=2.0),
+        dict(batch=16, speedup=1.2),
+        dict(batch=4, hidden=512, speedup=0.9),  # below the margin: auto keeps cuDNN (1.00x)
+        dict(batch=64, speedup=None, status="error: out of memory"),
+        dict(mode="training", batch=64, speedup=1.1),
+        dict(mode="training", batch=256, speedup=0.8),
+    ])  # fmt: skip
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(grid))
+    assert cuda_rule.main([str(path), "--out", str(tmp_path / "measured.py")]) == 0
+    out = capsys.readouterr().out
+    for line in [
+        "(5 shapes timed, 1 not: skipped or failed)",
+        # auto (2.0 * 1.2 * 1.0) ** (1/3), triton (2.0 * 1.2 * 0.9) ** (1/3)
+        "inference, batch <= 16: geometric mean over 3 shapes: auto 1.34x (missed; target >= 1.5x), triton alone 1.29x",
+        "training, batch >= 64: geometric mean over 2 shapes: auto 1.05x (met; target >= 1.0x), triton alone 0.94x",
+        "(the grid's figures): on 3 of 5 shapes, slowest 1.100x at training bf16 L1 B64 H128 T100 (never below 0.95x: "
+        "met)",
+        # Left out, batch 4 at hidden 512 is as near to batch 1 and 16 at hidden 128 (both won), and batch 256 in
+        # training to batch 64: the rule would give both to triton, where it lost
+        "(each shape by the others' figures): on 2 of 5 shapes, slowest 0.800x at training bf16 L1 B256 H128 T100 "
+        "(never below 0.95x: missed: 0.900x at inference bf16 L1 B4 H512 T100; 0.800x at training bf16 L1 B256 H128 "
+        "T100)",
+    ]:
+        assert line in out, (line, out)
+
+
 def test_cuda_rule_script_needs_one_compute_capability(tmp_path, capsys):
     import json
 
