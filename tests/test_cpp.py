@@ -2120,16 +2120,16 @@ def _one_call_as_layers(calls: list[int], monkeypatch, model, x, state) -> list[
     return whole
 
 
-# (layers, batch, steps, with a state, batch_first, bidirectional, packed)
+# (layers, batch, steps, with a state, batch_first, bidirectional, packed, bias)
 _STACK_CASES = [
-    (1, 1, 1, True, False, False, False),
-    (3, 5, 4, False, False, False, False),
-    (2, 3, 6, True, True, False, False),
-    (2, 1, 1, False, True, False, False),
-    (2, 3, 4, True, False, True, False),
-    (1, 2, 1, False, True, True, False),
-    (2, 4, 5, True, False, False, True),
-    (2, 3, 4, False, True, True, True),
+    (1, 1, 1, True, False, False, False, True),
+    (3, 5, 4, False, False, False, False, True),
+    (2, 3, 6, True, True, False, False, False),
+    (2, 1, 1, False, True, False, False, True),
+    (2, 3, 4, True, False, True, False, True),
+    (1, 2, 1, False, True, True, False, False),
+    (2, 4, 5, True, False, False, True, True),
+    (2, 3, 4, False, True, True, True, True),
 ]
 
 
@@ -2138,10 +2138,10 @@ _STACK_CASES = [
 def test_inference_in_one_call_gives_the_layers_numbers(dtype, proj, monkeypatch):
     """At inference forward and step run the whole stack in one call (cpp_lstm_stack_fwd): bitwise what the layers
     give called one by one, with and without a state, batch_first, 1-3 layers, one step and several, both
-    directions, packed (unsorted lengths); and nn.LSTM's numbers in float64."""
+    directions, packed (unsorted lengths), with and without biases; and nn.LSTM's numbers in float64."""
     calls = _count_stack_calls(monkeypatch)
-    for layers, batch, steps, with_state, batch_first, bidirectional, packed in _STACK_CASES:
-        config = dict(proj_size=proj, batch_first=batch_first, bidirectional=bidirectional)
+    for layers, batch, steps, with_state, batch_first, bidirectional, packed, bias in _STACK_CASES:
+        config = dict(proj_size=proj, batch_first=batch_first, bidirectional=bidirectional, bias=bias)
         ref, fast = make_pair(5, 7, layers, backend="cpp", dtype=dtype, **config)
         x = torch.randn((batch, steps, 5) if batch_first else (steps, batch, 5), dtype=dtype)
         if packed:
@@ -2165,8 +2165,8 @@ def test_autocast_inference_in_one_call_gives_the_layers_numbers(proj, monkeypat
     """Under CPU bfloat16 autocast the stack in one call takes each layer's weights and bias sum cast as the layers
     one by one take them: bitwise their numbers and dtypes (plain, bidirectional, packed; forward and step)."""
     calls = _count_stack_calls(monkeypatch)
-    for layers, batch, steps, with_state, batch_first, bidirectional, packed in _STACK_CASES[1:]:
-        config = dict(proj_size=proj, batch_first=batch_first, bidirectional=bidirectional)
+    for layers, batch, steps, with_state, batch_first, bidirectional, packed, bias in _STACK_CASES[1:]:
+        config = dict(proj_size=proj, batch_first=batch_first, bidirectional=bidirectional, bias=bias)
         _, fast = make_pair(5, 7, layers, backend="cpp", dtype=torch.float32, **config)
         x = torch.randn((batch, steps, 5) if batch_first else (steps, batch, 5))
         if packed:

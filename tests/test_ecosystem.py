@@ -1225,6 +1225,25 @@ def test_a_batch_made_under_inference_mode_trains(backend, batch_first):
             torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["auto", "native", *CPU_BACKENDS])
+def test_a_cell_state_made_under_inference_mode_alone_trains(backend):
+    """c0 alone made under torch.inference_mode (a cell state kept from an earlier inference pass), h0 and the batch
+    plain: it trains as the same values made outside it."""
+    torch.manual_seed(0)
+    fast = fastlstm.LSTM(4, 5, 2, backend=backend).double()
+    x, h0 = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    with torch.inference_mode():
+        c0 = torch.randn(2, 3, 5, dtype=torch.float64)
+    results = []
+    for state in ((h0, c0), (h0, c0.clone())):
+        fast.zero_grad(set_to_none=True)
+        y, (h, c) = fast(x, state)
+        (y.sum() + h.sum() + 2 * c.sum()).backward()
+        results.append([y, h, c, *(p.grad for p in fast.parameters())])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
 AUTOCAST_CASES = [
     # (proj_size, hx dtype or None, packed lengths or None)
     (0, None, None),

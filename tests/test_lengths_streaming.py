@@ -208,6 +208,23 @@ def test_step_runs_the_backend_forward_runs(backend, proj):
     assert fastlstm.explain(fast, x[None], state).backends == [backend] * 2
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_in_training_drops_out_between_layers_as_nn_lstm(backend):
+    """In training, dropout acts between layers only, as nn.LSTM's: a step draws the random numbers nn.LSTM draws on
+    the 1-step sequence, and the last layer's output is not dropped (y is h_n[-1])."""
+    ref, fast = make_pair(I, H, 3, dropout=0.5, backend=backend)
+    ref.train(), fast.train()
+    x = torch.randn(4, I, dtype=torch.float64)
+    state = (torch.randn(3, 4, H, dtype=torch.float64), torch.randn(3, 4, H, dtype=torch.float64))
+    torch.manual_seed(3)
+    y_ref, (h_ref, c_ref) = ref(x[None], state)
+    torch.manual_seed(3)
+    y, (h, c) = fast.step(x, state)
+    assert torch.equal(y, h[-1])
+    for got, want in zip((y, h, c), (y_ref[0], h_ref, c_ref), strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("with_state", [False, True])

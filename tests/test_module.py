@@ -318,16 +318,20 @@ def _forward_replaced_as_accelerate_does(module: nn.Module) -> None:
     module.forward = functools.partial(lambda mod, *args, **kwargs: mod._old_forward(*args, **kwargs), module)
 
 
-@pytest.mark.parametrize("replace", ["compile", "accelerate"])
+@pytest.mark.parametrize("replace", ["compile", "accelerate", "closure"])
 @pytest.mark.parametrize("to", ["fastlstm", "torch"])
 def test_convert_leaves_a_layer_whose_call_was_replaced_on_the_instance(replace, to):
     """Module.compile() and forward overrides are bound to the layer itself: a converted copy would keep calling the
-    old layer, whose weights a later load_state_dict(assign=True) no longer reaches (stale numbers). Left, warned."""
+    old layer, whose weights a later load_state_dict(assign=True) no longer reaches (stale numbers). Left, warned.
+    A plain function holds the old forward where no attribute of the layer shows it (a closure's cell)."""
     source = nn.LSTM(I, H) if to == "fastlstm" else fastlstm.LSTM(I, H)
     if replace == "compile":
         source.compile(backend="eager")
-    else:
+    elif replace == "accelerate":
         _forward_replaced_as_accelerate_does(source)
+    else:
+        old_forward = source.forward
+        source.forward = lambda *args, **kwargs: old_forward(*args, **kwargs)
     model = nn.Sequential(source)
     with pytest.warns(UserWarning, match="left an .*LSTM unconverted: its call was replaced on the instance"):
         fastlstm.convert(model, to=to)

@@ -183,10 +183,12 @@ def test_low_precision_reference_within_twice_native_error(dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("packed", [False, True])
-def test_dropout_matches_native_random_stream(backend, packed):
+@pytest.mark.parametrize("p", [0.4, 1.0])
+def test_dropout_matches_native_random_stream(backend, packed, p):
     """Training-mode dropout between layers draws the same random numbers as nn.LSTM on the CPU: outputs, states
-    and every gradient (the masks scale what flows back)."""
-    ref, fast = make_pair(I, H, 3, bidirectional=True, dropout=0.4, backend=backend)
+    and every gradient (the masks scale what flows back). p=1 (nn.LSTM's constructor takes it): nothing passes
+    between layers, and nn.LSTM runs."""
+    ref, fast = make_pair(I, H, 3, bidirectional=True, dropout=p, backend=backend)
     ref.train(), fast.train()
     x = torch.randn(6, 3, I, dtype=torch.float64)
 

@@ -933,9 +933,9 @@ def test_launch_configuration_from_the_environment(monkeypatch):
 
 def test_malformed_op_calls_raise_before_any_kernel_runs():
     """Calls of the triton ops themselves (fastlstm.LSTM never makes these) with a tensor smaller than the layer's
-    sizes, batch sizes above the batch or growing, a meta tensor among CPU ones, an unknown kernel, no steps or no
-    rows (forward had run them, backward then failed), a dtype no kernel takes here: each raises
-    before a launch. Under the interpreter such calls segfaulted or corrupted the heap, or returned garbage; on a
+    sizes, batch sizes above the batch, growing or reaching 0, a meta tensor among CPU ones, an unknown kernel, no
+    steps or no rows (forward had run them, backward then failed), a dtype no kernel takes here: each raises before a
+    launch. Under the interpreter such calls segfaulted or corrupted the heap, or returned garbage; on a
     GPU they would be illegal memory accesses. In a process of its own, so that a crash fails this test only."""
     from helpers import run_python
 
@@ -961,6 +961,7 @@ def bwd(**change):
 cases = {
     "batch sizes above B": (lambda: fwd(x, h0, c0, w_ih, w_hh, b, None, bs=torch.tensor([2, 2, 1000])), "batch_sizes"),
     "growing batch sizes": (lambda: fwd(x, h0, c0, w_ih, w_hh, b, None, bs=torch.tensor([2, 1, 2])), "batch_sizes"),
+    "a step without rows": (lambda: fwd(x, h0, c0, w_ih, w_hh, b, None, bs=torch.tensor([2, 1, 0])), "batch_sizes"),
     "float batch sizes": (lambda: fwd(x, h0, c0, w_ih, w_hh, b, None, bs=torch.tensor([2.0, 2.0, 1.0])),
                           "batch_sizes"),
     "empty batch sizes": (lambda: fwd(x, h0, c0, w_ih, w_hh, b, None, kernel="sequence",
