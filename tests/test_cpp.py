@@ -1314,8 +1314,14 @@ _ONE_STEP_CASES = [
     (1, 3, 4, 20, 3, True, True),
 ]
 _EXTRA_CASES = {
-    # Hidden sizes that give a team thread several panels of w_hh, which odd steps visit in reverse.
-    "team-loop": [(5, 3, 7, 80, 0, False, False), (6, 4, 7, 70, 0, True, True)],
+    # Hidden sizes that give a team thread several panels of w_hh, which odd steps visit in reverse; 8+ rows
+    # without a projection, whose input projection the team fuses into each step, in reverse (plain and packed).
+    "team-loop": [
+        (5, 3, 7, 80, 0, False, False),
+        (6, 4, 7, 70, 0, True, True),
+        (5, 9, 4, 32, 0, False, True),
+        (6, 10, 4, 24, 0, True, True),
+    ],
     # oneDNN's weight gradients copy dG^T (few rows) or X^T and the result (many rows) through a blocked
     # transpose: cover both forms, with sizes that leave partial 16 x 16 blocks on both sides.
     "onednn-weight-grads": [
