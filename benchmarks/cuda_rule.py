@@ -25,7 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRITON_AS_RUN = "fastlstm.LSTM(backend='triton')"  # gpu_grid.py's impl of a plain row (others: variants)
 DTYPES = ("fp32", "bf16", "fp16")
 MODES = ("inference", "training")
-TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Issue 4's targets: (mode, the batches a target covers, how it names them, the geometric mean asked of auto)
 TARGETS = (
     ("inference", lambda batch: batch <= 16, "batch <= 16", 1.5),
@@ -68,14 +67,13 @@ def module_text(rows: list[tuple], source: str) -> str:
 
 def _picks_triton(row: tuple, measured: list[tuple]) -> bool:
     """Whether dispatch's CUDA rule, reading `measured`, gives this grid shape to triton."""
-    import torch
-
     from fastlstm import dispatch
     from fastlstm.backends import LayerCall
 
     capability, mode, dtype, _, batch, hidden, seq, _ = row
+    (torch_dtype,) = [t for t, name in dispatch._CUDA_DTYPES.items() if name == dtype]  # the names the rule reads
     call = LayerCall(
-        device_type="cuda", dtype=getattr(torch, TORCH_DTYPES[dtype]), seq_len=seq, batch=batch, input_size=hidden,
+        device_type="cuda", dtype=torch_dtype, seq_len=seq, batch=batch, input_size=hidden,
         hidden_size=hidden, proj_size=0, bias=True, packed=False, reverse=False, needs_grad=mode == "training",
         device_index=0,
     )  # fmt: skip

@@ -1214,15 +1214,22 @@ def test_a_batch_made_under_inference_mode_trains(backend, batch_first):
         lambda x, hx: fast.step(x[:, 0] if batch_first else x[0], hx),
     ]
     for call in calls:
-        results = []
-        for inputs in ((x, hx), (plain_x, plain_hx)):
-            fast.zero_grad(set_to_none=True)
-            y, (h, c) = call(*inputs)
-            (y.sum() + h.sum() + 2 * c.sum()).backward()
-            results.append([y, h, c, *(p.grad for p in fast.parameters())])
-        assert not results[0][0].is_inference()
-        for got, expected in zip(*results):
-            torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        y = _trains_as_outside_inference_mode(fast, call, (x, hx), (plain_x, plain_hx))
+        assert not y.is_inference()
+
+
+def _trains_as_outside_inference_mode(model, call, inputs, plain_inputs):
+    """call(*inputs), some made under torch.inference_mode, trains as call(*plain_inputs), the same values made
+    outside it: outputs, states and every gradient bitwise. Returns the former's output."""
+    results = []
+    for args in (inputs, plain_inputs):
+        model.zero_grad(set_to_none=True)
+        y, (h, c) = call(*args)
+        (y.sum() + h.sum() + 2 * c.sum()).backward()
+        results.append([y, h, c, *(p.grad for p in model.parameters())])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    return results[0][0]
 
 
 @pytest.mark.parametrize("backend", ["auto", "native", *CPU_BACKENDS])
@@ -1234,14 +1241,7 @@ def test_a_cell_state_made_under_inference_mode_alone_trains(backend):
     x, h0 = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
     with torch.inference_mode():
         c0 = torch.randn(2, 3, 5, dtype=torch.float64)
-    results = []
-    for state in ((h0, c0), (h0, c0.clone())):
-        fast.zero_grad(set_to_none=True)
-        y, (h, c) = fast(x, state)
-        (y.sum() + h.sum() + 2 * c.sum()).backward()
-        results.append([y, h, c, *(p.grad for p in fast.parameters())])
-    for got, expected in zip(*results):
-        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    _trains_as_outside_inference_mode(fast, fast, (x, (h0, c0)), (x, (h0, c0.clone())))
 
 
 AUTOCAST_CASES = [
