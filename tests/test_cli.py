@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -694,6 +695,14 @@ WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 
 def test_workflows_exist():
     assert {p.name for p in WORKFLOWS} == {"ci.yml", "gpu.yml", "random-configurations.yml"}
+
+
+def test_ci_runs_the_suite_on_the_oldest_python_pyproject_admits():
+    floor = re.search(r'^requires-python = ">=(3\.\d+)"$', (ROOT / "pyproject.toml").read_text(), re.M)
+    text = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
+    cpu_job = text[text.index("\n  cpu:") : text.index("\n  cpu-torch-releases:")]
+    assert floor and f'python: ["{floor.group(1)}", ' in cpu_job
+    assert "python-version: ${{ matrix.python }}" in cpu_job
 
 
 def test_nightly_workflow_checks_random_configurations_with_a_new_seed():
