@@ -298,9 +298,14 @@ def time_shape(
         for step in steps.values():
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            times[name].append(timer(step))
+    names = list(steps)
+    for repeat in range(repeats):
+        # The order rotates: a run right after nn.LSTM's measured slower than the same work later in the round
+        # (auto and cpp on one kernel, B16-T50-H256 training, 2-core Zen 4: in 15 runs of 16, by up to 2.5%), and a
+        # fixed order gave that place to one backend every time.
+        start = repeat % len(names)
+        for name in names[start:] + names[:start]:
+            times[name].append(timer(steps[name]))
     base = statistics.median(times["nn.LSTM"])
     results = []
     with torch.set_grad_enabled(mode == "training"), region():

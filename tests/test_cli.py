@@ -407,6 +407,25 @@ def test_bench_under_autocast_runs_nn_lstm_once_to_check_it(monkeypatch, capsys)
     assert runs.count("torch.nn.modules.rnn") == expected and runs.count("fastlstm.module") == 2, runs
 
 
+def test_bench_gives_every_provider_every_place_in_a_round(monkeypatch):
+    """A run right after nn.LSTM's measured slower than the same work later in the round: the timed rounds rotate
+    their order, so that no backend sits there every time (the warm-up rounds keep the first order)."""
+    from fastlstm import benchmark
+
+    order = []
+
+    def recording_step(model, *args, **kwargs):
+        return lambda: order.append(getattr(model, "backend", "nn.LSTM"))  # nn.LSTM has no backend
+
+    monkeypatch.setattr(benchmark, "_step", recording_step)
+    shape = Shape(batch=2, seq_len=3, input_size=4, hidden_size=5)
+    benchmark.time_shape(shape, ["auto", "cpp"], "inference", "cpu", torch.float32, repeats=6, warmup=1)
+    rounds = [order[i : i + 3] for i in range(3, len(order), 3)]
+    assert order[:3] == ["nn.LSTM", "auto", "cpp"]
+    for place in range(3):
+        assert sorted(r[place] for r in rounds) == sorted(["nn.LSTM", "auto", "cpp"] * 2), rounds
+
+
 def test_inference_stack_ab_times_both_ways(tmp_path):
     """benchmarks/inference_stack_ab.py (the A/B behind README's step figures): steps and inference calls (under
     bfloat16 autocast too), the stack in one call against layer by layer, both orders, one JSON each."""
