@@ -1,6 +1,6 @@
 """How fast could any LSTM run on this CPU? Upper bounds on the speedup over nn.LSTM, per benchmark shape.
 
-    python benchmarks/cpu_bounds.py RESULTS.json [--threads N]
+    python benchmarks/cpu_bounds.py RESULTS.json [--threads N]   (default N: the threads the bench run used)
 
 RESULTS.json is what `python -m fastlstm bench --json` wrote on this machine (its nn.LSTM medians are used).
 The script measures, with a small C++ kernel built here (OpenMP, -march=native):
@@ -165,34 +165,44 @@ def _work(shape: str, training: bool) -> tuple[float, list[int]]:
     return flops * (3 if training else 1), streams
 
 
+def bounded_rows(bench: dict, threads: int | None) -> tuple[int, list[dict]]:
+    """The threads the bounds are measured at (the bench run's own, unless given) and the nn.LSTM rows they bound.
+    The model counts float32 products outside autocast; a streamed step (`--mode step`) is another workload."""
+    setting = {"dtype": bench.get("dtype", "float32"), "autocast": bench.get("autocast")}
+    if setting != {"dtype": "float32", "autocast": None}:
+        raise SystemExit(f"cpu_bounds: the bounds assume float32 outside autocast; this run has {setting}")
+    if threads is None:
+        threads = int(bench.get("machine", {}).get("threads") or torch.get_num_threads())
+    rows = [row for row in bench["results"] if row["provider"] == "nn.LSTM" and row["mode"] != "step"]
+    return threads, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", help="JSON written by `python -m fastlstm bench --json` on this machine")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=None, help="default: the threads the bench run used")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     with open(args.results) as f:
-        results = json.load(f)["results"]
+        threads, results = bounded_rows(json.load(f), args.threads)
+    torch.set_num_threads(threads)
 
     kernels = _kernels()
-    peak = kernels.fma_peak_gflops(args.threads)
+    peak = kernels.fma_peak_gflops(threads)
     gemm_rates = _gemm_gflops()
     sgemm = max(gemm_rates.values())
     bandwidth: dict[int, float] = {}
 
     def read_rate(nbytes: int) -> float:
         if nbytes not in bandwidth:
-            bandwidth[nbytes] = kernels.read_gbps(nbytes, args.threads)
+            bandwidth[nbytes] = kernels.read_gbps(nbytes, threads)
         return bandwidth[nbytes]
 
     rates = ", ".join(f"{name} {rate:.0f}" for name, rate in gemm_rates.items())
-    print(f"threads {args.threads}: FMA peak {peak:.0f} GFLOP/s; 2048^3 float32: {rates} GFLOP/s")
+    print(f"threads {threads}: FMA peak {peak:.0f} GFLOP/s; 2048^3 float32: {rates} GFLOP/s")
     print("| shape | mode | nn.LSTM ms | nn.LSTM GFLOP/s | W_hh read GB/s | cap (FMA peak) | cap (best GEMM rate) |")
     print("|---|---|---|---|---|---|---|")
     caps: dict[str, dict[str, list[float]]] = {}
     for row in results:
-        if row["provider"] != "nn.LSTM":
-            continue
         training = row["mode"] == "training"
         flops, streams = _work(row["shape"], training)
         stream_s = sum(n / (read_rate(n) * 1e9) for n in streams)

@@ -709,6 +709,26 @@ def test_report_plots_beside_groups_that_lack_nn_lstm(tmp_path):
     assert png.stat().st_size > 1000
 
 
+def test_cpu_bounds_takes_the_bench_runs_threads_and_refuses_what_it_cannot_model():
+    """benchmarks/cpu_bounds.py bounds nn.LSTM's time at the bench run's own thread count (it had taken this
+    process's), for float32 outside autocast only, and leaves out streamed steps."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cpu_bounds", ROOT / "benchmarks" / "cpu_bounds.py")
+    bounds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bounds)
+    row = {"shape": "B1-T5-I4-H4-L1", "median_ms": 1.0}
+    rows = [
+        {**row, "mode": mode, "provider": p} for mode in ("inference", "step") for p in ("nn.LSTM", "fastlstm[cpp]")
+    ]
+    bench = {"machine": {"threads": "1"}, "dtype": "float32", "autocast": None, "results": rows}
+    assert bounds.bounded_rows(bench, None) == (1, rows[:1])
+    assert bounds.bounded_rows(bench, 3)[0] == 3
+    for setting in ({"dtype": "bfloat16"}, {"autocast": "bfloat16"}):
+        with pytest.raises(SystemExit, match="float32 outside autocast"):
+            bounds.bounded_rows({**bench, **setting}, None)
+
+
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 
 
