@@ -316,6 +316,10 @@ def cmd_bench(args) -> int:
         return 2
     print("\r".ljust(60), file=sys.stderr)
     print(format_table(results, dtype, autocast))
+    unlike = _onednn_off_note(results)
+    if unlike:
+        print(f"fastlstm bench: note: {unlike}", file=sys.stderr)
+        notes = [*notes, unlike]
     if args.json:
         run = {
             "machine": header, "dtype": args.dtype, "autocast": args.autocast, "repeats": args.repeats,
@@ -325,6 +329,22 @@ def cmd_bench(args) -> int:
             json.dump({**run, "results": [r.as_dict() for r in results]}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
+
+
+def _onednn_off_note(results) -> str | None:
+    """Where nn.LSTM ran with oneDNN off (its oneDNN path cannot run the call under CPU autocast), it ran ATen's loop
+    with its products in autocast's dtype and returned float32, and fastlstm, giving that dtype, computed in float32:
+    those rows time unlike work, which the table's label alone does not say."""
+    rows = sorted(
+        {f"{r.shape} {r.mode}" for r in results if r.provider == "nn.LSTM" and "oneDNN off" in r.backends_used}
+    )
+    if not rows:
+        return None
+    return (
+        f"nn.LSTM's oneDNN path cannot run {', '.join(rows)} under autocast here: it ran ATen's loop (products in "
+        "autocast's dtype, float32 output), where fastlstm's fast backends compute in float32, as nn.LSTM's output "
+        "dtype asks: their speedups there compare unlike work"
+    )
 
 
 def _out_of_memory(error: RuntimeError) -> bool:

@@ -376,13 +376,21 @@ def test_bench_times_calls_under_autocast(tmp_path, autocast, check):
     assert done.returncode == 0, done.stderr
     assert f"dtype float32 under {autocast} autocast; speedup" in done.stdout
     assert "| B1-T3-I4-H6-P2-L2 | training | fastlstm[reference] | reference |" in done.stdout
+    unlike = []  # the calls where nn.LSTM and the fast backends computed differently: a note names them
     for mode in ("inference", "training"):
         off = _nn_lstm_fails_under_cpu_autocast(autocast, grad=mode == "training")
         runs_on = "native (nn.LSTM, oneDNN off)" if off else "native (nn.LSTM)"
         assert f"| B2-T5-I4-H4-L1 | {mode} | nn.LSTM | {runs_on} |" in done.stdout, done.stdout
+        unlike += [f"B2-T5-I4-H4-L1 {mode}"] if off else []
     run = json.loads(out.read_text())
     assert run["autocast"] == autocast and len(run["results"]) == 2 * 2 * 3
     assert run["repeats"] == 2 and run["checked"] is check and isinstance(run["notes"], list)  # how it was run
+    noted = [n for n in run["notes"] if "compare unlike work" in n]
+    if unlike:
+        assert len(noted) == 1 and f"cannot run {', '.join(unlike)} under autocast" in noted[0], run["notes"]
+        assert noted[0] in done.stderr
+    else:
+        assert not noted and "compare unlike work" not in done.stderr
 
 
 def test_bench_under_autocast_runs_nn_lstm_once_to_check_it(monkeypatch, capsys):
