@@ -2,7 +2,6 @@
 
 import os
 
-import pytest
 import torch
 
 from fastlstm.__main__ import machine_header, timing_notes
@@ -18,8 +17,3 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 def pytest_report_header(config):
     return [f"fastlstm: note: {note}" for note in timing_notes()]
-
-
-@pytest.fixture(scope="session")
-def device():
-    return DEVICE

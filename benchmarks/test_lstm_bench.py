@@ -5,7 +5,8 @@ backend (cpp, triton) where available.
     python benchmarks/report.py bench.json --plot bench.png
 
 FASTLSTM_BENCH_GRID=tiny runs a two-shape grid (a smoke test of the suite itself); FASTLSTM_BENCH_DTYPE=bfloat16
-or float16 times that dtype (default float32).
+or float16 times that dtype (default float32); FASTLSTM_BENCH_DEVICE=cpu times the CPU on a CUDA machine (default:
+cuda where torch sees a GPU).
 """
 
 from __future__ import annotations

@@ -879,6 +879,17 @@ def test_build_key_covers_every_source_file(tmp_path):
     assert sorted(p.name for p in src.glob("*.[ch]*")) == sorted(cpu._SOURCES + cpu._HEADERS)
 
 
+def test_every_knob_the_cpp_code_reads_is_in_the_backends_list_of_them():
+    """cpu.py's docstring lists the C++ backend's tuning knobs (`python -m fastlstm info` points there): each
+    variable the C++ code reads is named in it, and it names none that the code does not read."""
+    import re
+
+    read = {m for p in cpu.source_dir().iterdir() for m in re.findall(r'"(FASTLSTM_[A-Z0-9_]+)"', p.read_text())}
+    knobs = cpu.__doc__[cpu.__doc__.index("Tuning knobs") :]
+    listed = set(re.findall(r"^    (FASTLSTM_[A-Z0-9_]+) ", knobs, re.M))
+    assert read == listed, (sorted(read - listed), sorted(listed - read))
+
+
 def test_unsupported_reason():
     call = LayerCall("cpu", torch.float32, 5, 2, 3, 4, 0, True, False, False, True)
     assert BACKEND.unsupported_reason(call) is None

@@ -22,6 +22,8 @@ Build and cache
 Ops (namespace `fastlstm`; schemas and fakes here, at import; kernels and autograd (cpp_lstm_fwd's Autograd
 kernel) in C++, loaded on first use, with stand-ins that load them until then; under torch.func's gradient
 transforms, which cannot run a C++ autograd Function, the layer takes the same ops through _FuncLayer instead)
+    cpp_lstm_stack_fwd(x, h0?, c0?, weights, batch_sizes?, biases, proj, bidirectional) -> (y, h_n, c_n):
+                 inference of every layer and direction in one call (the module's one-call inference stack)
     cpp_lstm_fwd(x, h0, c0, w_ih, w_hh, b?, w_hr?, batch_sizes?, reverse, save) -> (y, hT, cT, gates, c_hist)
     cpp_lstm_bwd(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr?, batch_sizes?, y, gates, c_hist,
                  reverse, has_bias, weight_grads=True) -> (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr): the weight
@@ -35,9 +37,10 @@ transforms, which cannot run a C++ autograd Function, the layer takes the same o
 Tuning knobs (read once per process by the C++ code; for measurements and tests, not for users). Numbers are
 whole numbers of 0 or more (FASTLSTM_TEAM_MIN_HIDDEN: 1 or more), switches 1 or 0 (true/false, on/off, yes/no),
 spaces around either ignored: anything else warns once and keeps the default (csrc/env.h).
-    FASTLSTM_MKL_MIN_ROWS   float32 uses MKL's packed GEMM for the per-step product from this batch size on
-                            (default: 1 on Intel CPUs, never elsewhere, where MKL measured slow); a huge value
-                            forces the register-blocked kernel, which builds without MKL always use.
+    FASTLSTM_MKL_MIN_ROWS   float32 uses MKL's packed GEMM for the per-step product from this batch size on, at
+                            any width (default: on Intel CPUs from 8 rows of a w_hh 256+ wide, never elsewhere,
+                            where MKL measured slow); a huge value forces the register-blocked kernel, which
+                            builds without MKL always use.
     FASTLSTM_DGEMM_MIN_ROWS float64 uses a plain BLAS dgemm per step from this batch size on (default 16; never
                             on Zen 5).
     FASTLSTM_ONEDNN_MIN_MACS float32 computes the input projection and dx with oneDNN's matmul from this many
@@ -51,12 +54,31 @@ spaces around either ignored: anything else warns once and keeps the default (cs
                             Zen 4 and 5, where it measured faster than MKL's sgemm, at half oneDNN's rate on
                             Zen 5; BLAS elsewhere).
     FASTLSTM_TEAM_MAX_MACS  the time loop runs as one team of threads up to this many multiply-adds a step
-                            (default 2**20; forward 2**23 on Zen 5; 0 never); above, each step's product is
-                            split over threads.
+                            (default 2**20; forward 2**23 on Zen 5, and on Zen 3 below 8 rows; 0 never);
+                            above, each step's product is split over threads.
     FASTLSTM_TEAM_MIN_HIDDEN hidden units each team thread must own (default 24 forward / 20 backward for
                             float32, 16 for float64); fewer threads, or one, below that.
     FASTLSTM_FUSE_MIN_ROWS  the input projection runs per step beside the recurrent product from this batch
-                            size on (default 8), else as one GEMM for all steps up front.
+                            size on (default 8; 16 for bfloat16 on AMX tiles), else as one GEMM for all steps
+                            up front.
+    FASTLSTM_ROW_SPLIT_MAX_KB batches of 3+ rows a thread split their rows among the threads, each running the
+                            whole time loop, where a step reads at most this many KB of weights (default: a
+                            core's L2 as the C library reports it, else 1024; 0 never).
+    FASTLSTM_DOT_ROWS       the forward's recurrent product as dot products over w_hh as stored, not packed, up
+                            to this batch size whatever the width (0 never; default: batch 1, at rows of 16+
+                            vectors, or 8+ over at most 16 steps).
+    FASTLSTM_DOT_INPUT_ROWS the input projection up front as dot products over w_ih as stored, up to this many
+                            rows (T * B) whatever its size (0 never; default: up to 8 rows of a w_ih of 1 MB+).
+    FASTLSTM_ONE_STEP_ROWS  a single step (T = 1: streaming, LSTM.step) multiplies every weight as stored, up to
+                            this batch size whatever the size (0 never; default: up to 8 rows, 16 where the
+                            weights take 8 MB+).
+    FASTLSTM_INFERENCE_CHUNK_STEPS a long inference that projects its input up front runs in chunks of this many
+                            steps (default: as many steps' gates as fit 64 MiB).
+    FASTLSTM_KEEP_TENSORS_MB MiB of training's large temporary tensors (saved gates, cell history, gate
+                            gradients) kept between calls instead of returned to the system (default 512; 0 none).
+    FASTLSTM_AMX            0: bfloat16 products never take AMX tiles, on CPUs that have them (default: they do).
+    FASTLSTM_AMX_MIN_ROWS   products of this many rows and more take the AMX tiles (default 1; a huge value
+                            keeps them off).
     FASTLSTM_BF16_DOT       0: bfloat16 computes in float32 math even where the CPU has bf16 dot products
                             (AVX512-BF16), which it otherwise uses (h rounded to bf16 each step, as native).
     `python -m fastlstm info` prints the resulting choices.
