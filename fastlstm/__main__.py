@@ -333,8 +333,8 @@ def cmd_bench(args) -> int:
 
 def _onednn_off_note(results) -> str | None:
     """Where nn.LSTM ran with oneDNN off (its oneDNN path cannot run the call under CPU autocast), it ran ATen's loop
-    with its products in autocast's dtype and returned float32, and fastlstm, giving that dtype, computed in float32:
-    those rows time unlike work, which the table's label alone does not say."""
+    with its products in autocast's dtype and returned float32, and the fast backends, giving that dtype, computed in
+    float32: those rows time unlike work, which the table's label alone does not say."""
     rows = sorted(
         {f"{r.shape} {r.mode}" for r in results if r.provider == "nn.LSTM" and "oneDNN off" in r.backends_used}
     )

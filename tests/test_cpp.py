@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -882,8 +883,6 @@ def test_build_key_covers_every_source_file(tmp_path):
 def test_every_knob_the_cpp_code_reads_is_in_the_backends_list_of_them():
     """cpu.py's docstring lists the C++ backend's tuning knobs (`python -m fastlstm info` points there): each
     variable the C++ code reads is named in it, and it names none that the code does not read."""
-    import re
-
     read = {m for p in cpu.source_dir().iterdir() for m in re.findall(r'"(FASTLSTM_[A-Z0-9_]+)"', p.read_text())}
     knobs = cpu.__doc__[cpu.__doc__.index("Tuning knobs") :]
     listed = set(re.findall(r"^    (FASTLSTM_[A-Z0-9_]+) ", knobs, re.M))

@@ -87,9 +87,7 @@ def test_the_sdist_holds_what_a_wheel_is_built_from(released):
     sdist, _ = released
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
-    wanted = {"pyproject.toml", "README.md", "fastlstm/LICENSE"}
-    wanted |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "fastlstm").rglob("*.py")}
-    wanted |= {f"csrc/{p.name}" for p in (ROOT / "csrc").iterdir() if p.is_file()}
+    wanted = {"pyproject.toml", "README.md"} | {p.relative_to(ROOT).as_posix() for p in _package_files().values()}
     assert wanted <= names, sorted(wanted - names)
 
 
