@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
+from fastlstm.backends.native import onednn_off
 from fastlstm.module import LSTM, TORCH_LSTM
 
 # Per dtype, for `python -m fastlstm check`: the largest error allowed in a tensor, as a fraction of that tensor's
@@ -147,7 +148,8 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
 
     float64: against nn.LSTM in float64, allowed TOLERANCE. Below: against nn.LSTM in float64 too, on the weights
     as the dtype rounds them, allowed TOLERANCE or OWN_ERROR_FACTOR times nn.LSTM's own error in that dtype,
-    whichever is larger.
+    whichever is larger; on the CPU, where a result errs more than that, nn.LSTM's error on its ATen path too
+    (oneDNN off), the larger of its two paths' errors.
     Some results are ill-conditioned in float32 (a proj_size 1 layer's weight_hr gradient with weights of 1e-6:
     nn.LSTM's float32 erred 0.38 there), and there no implementation can agree with another to TOLERANCE."""
     gen = torch.Generator().manual_seed(seed)
@@ -196,10 +198,18 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
         expected, got = run(exact, x.double()), run(fast, x)
         own = run(native, x) if dtype != torch.float64 else None
     tolerance = CUDA_HALF_TOLERANCE.get(dtype, TOLERANCE[dtype]) if device != "cpu" else TOLERANCE[dtype]
-    return {
-        key: (
-            _relative_error(got[key], want),
-            tolerance if own is None else max(tolerance, OWN_ERROR_FACTOR * _relative_error(own[key], want)),
-        )
-        for key, want in expected.items()
-    }
+
+    def allowed(key: str, owns: list[dict]) -> float:
+        return max([tolerance] + [OWN_ERROR_FACTOR * _relative_error(o[key], expected[key]) for o in owns])
+
+    owns = [] if own is None else [own]
+    errors = {key: (_relative_error(got[key], want), allowed(key, owns)) for key, want in expected.items()}
+    if owns and device == "cpu" and any(error > limit for error, limit in errors.values()):
+        # nn.LSTM's own error is one draw of this dtype's rounding: where a result is ill-conditioned in it, its
+        # two CPU paths draw differently (weights of 1e-6, hidden 1, 3 layers, float32: a layer-1 weight gradient
+        # erred 5e-4 through oneDNN, 6e-3 through ATen's loop, 6e-3 and 1.3e-2 on cpp and reference). A result
+        # over the limit is held to the larger of the two; a well-conditioned one errs ~1e-7 on both.
+        with onednn_off():
+            owns.append(run(native, x))
+        errors = {key: (error, allowed(key, owns)) for key, (error, _) in errors.items()}
+    return errors

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,18 @@ def test_check_keeps_tiny_weights_above_float16s_normal_range():
     case = Case(batch=64, seq_len=2, input_size=86, hidden_size=2, num_layers=3, weight_scale=1e-6)
     errors = compare(case, "native", "cpu", torch.float16, seed=83)
     assert TOLERANCE[torch.float16] <= max(allowed for _, allowed in errors.values()) < 1.5e-2, errors
+
+
+def test_check_allows_what_either_of_nn_lstms_cpu_paths_errs_on_an_ill_conditioned_result():
+    """Tiny weights, hidden 1, 3 layers, float32 (`check --random 600 --seed 7733` at 3 threads): layer 1's weight
+    gradients are rounding noise in float32. nn.LSTM's oneDNN path erred 5e-4 on weight_hh_l1's, its ATen loop
+    6e-3, the reference 1.3e-2 and cpp 6e-3: the allowed error counts nn.LSTM's ATen path too, where a result
+    exceeds 3 times oneDNN's. A well-conditioned case keeps the dtype's tolerance."""
+    case = Case(batch=24, seq_len=16, input_size=4, hidden_size=1, num_layers=3, weight_scale=1e-6)
+    errors = compare(case, "reference", "cpu", torch.float32, seed=0)
+    assert all(error <= allowed for error, allowed in errors.values()), errors
+    plain = compare(replace(case, weight_scale=1.0), "reference", "cpu", torch.float32, seed=0)
+    assert {allowed for _, allowed in plain.values()} == {TOLERANCE[torch.float32]}, plain
 
 
 def test_check_says_where_the_dtype_cannot_resolve_a_result(monkeypatch, capsys):
