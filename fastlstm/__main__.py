@@ -16,7 +16,15 @@ import torch
 import fastlstm
 from fastlstm import backends, dispatch
 from fastlstm.backends import BuildCrashError, cpu
-from fastlstm.benchmark import CPU_FULL_GRID, CPU_SHORT_GRID, DEFAULT_GRID, Shape, geometric_mean, time_shape
+from fastlstm.benchmark import (
+    CPU_FULL_GRID,
+    CPU_SHORT_GRID,
+    DEFAULT_GRID,
+    NN_LSTM_ONEDNN_OFF,
+    Shape,
+    geometric_mean,
+    time_shape,
+)
 from fastlstm.check import CHECK_CASES, compare, exact_cudnn, random_cases
 from fastlstm.dispatch import BackendUnavailableError, cpuinfo_fields
 
@@ -335,9 +343,7 @@ def _onednn_off_note(results) -> str | None:
     """Where nn.LSTM ran with oneDNN off (its oneDNN path cannot run the call under CPU autocast), it ran ATen's loop
     with its products in autocast's dtype and returned float32, and the fast backends, giving that dtype, computed in
     float32: those rows time unlike work, which the table's label alone does not say."""
-    rows = sorted(
-        {f"{r.shape} {r.mode}" for r in results if r.provider == "nn.LSTM" and "oneDNN off" in r.backends_used}
-    )
+    rows = sorted({f"{r.shape} {r.mode}" for r in results if r.backends_used == NN_LSTM_ONEDNN_OFF})
     if not rows:
         return None
     return (

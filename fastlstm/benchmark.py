@@ -179,6 +179,10 @@ def autocast_region(device_type: str, dtype: torch.dtype | None):
     return lambda: torch.autocast(device_type, dtype=dtype)
 
 
+# What nn.LSTM's row says it ran on where it ran with oneDNN off (nn_lstm_region); `bench` notes such rows.
+NN_LSTM_ONEDNN_OFF = "native (nn.LSTM, oneDNN off)"
+
+
 def nn_lstm_region(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape, region, onednn_off: bool | None = None):
     """The region nn.LSTM runs a mode in: region() (autocast's), with oneDNN off as well where nn.LSTM's oneDNN path
     cannot run the call under CPU autocast (float16 training; bfloat16 on CPUs without AVX-512: "could not create
@@ -312,7 +316,7 @@ def time_shape(
         for name, samples in times.items():
             model = models[name]
             if name == "nn.LSTM":
-                used = "native (nn.LSTM, oneDNN off)" if onednn_off else "native (nn.LSTM)"
+                used = NN_LSTM_ONEDNN_OFF if onednn_off else "native (nn.LSTM)"
             else:
                 called = x[:1] if mode == "step" else shape.model_input(x)  # a step is a 1-step sequence to dispatch
                 used = ",".join(sorted(set(explain(model, called).backends)))

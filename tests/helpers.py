@@ -17,6 +17,16 @@ import fastlstm
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def load_benchmark_script(name: str):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _python_env(env: dict | None) -> dict:
     """env (or this process's), with this checkout first on the import path, and without pytest-xdist's worker
     variables: a pytest run in the child (the benchmark suite) would take itself for a worker of this one, and

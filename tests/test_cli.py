@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, require_triton, run_python, run_pythons
+from helpers import ROOT, load_benchmark_script, require_triton, run_python, run_pythons
 from torch import nn
 
 from fastlstm.benchmark import Shape
@@ -758,11 +758,7 @@ def test_benchmark_suite_names_its_settings_when_one_is_unknown():
 def test_report_plots_beside_groups_that_lack_nn_lstm(tmp_path):
     """A run filtered to one provider (`pytest benchmarks -k cpp`) has groups without nn.LSTM: the table shows "-"
     for them, and the plot leaves them out (it raised a TypeError dividing None)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_benchmark_script("report")
     png = tmp_path / "plot.png"
     report.plot({"a": {"nn.LSTM": 2.0, "fastlstm[cpp]": 1.0}, "b": {"fastlstm[cpp]": 1.0}}, str(png))
     assert png.stat().st_size > 1000
@@ -771,11 +767,7 @@ def test_report_plots_beside_groups_that_lack_nn_lstm(tmp_path):
 def test_cpu_bounds_takes_the_bench_runs_threads_and_refuses_what_it_cannot_model():
     """benchmarks/cpu_bounds.py bounds nn.LSTM's time at the bench run's own thread count (it had taken this
     process's), for float32 outside autocast only, and leaves out streamed steps."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("cpu_bounds", ROOT / "benchmarks" / "cpu_bounds.py")
-    bounds = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bounds)
+    bounds = load_benchmark_script("cpu_bounds")
     row = {"shape": "B1-T5-I4-H4-L1", "median_ms": 1.0}
     rows = [
         {**row, "mode": mode, "provider": p} for mode in ("inference", "step") for p in ("nn.LSTM", "fastlstm[cpp]")

@@ -4,26 +4,15 @@ smoke-test them on the CPU)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
-from helpers import require_triton
+from helpers import load_benchmark_script, require_triton
 
 require_triton()
 
-BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_grid = _load("gpu_grid")
-gpu_tune = _load("gpu_tune")
+gpu_grid = load_benchmark_script("gpu_grid")
+gpu_tune = load_benchmark_script("gpu_tune")
 
 
 def _shape(batch, hidden, mode):
@@ -126,14 +115,14 @@ def test_graph_captures_counts_a_stream_of_lengths():
     """benchmarks/graph_captures.py: calls of any length share one configuration's chunk graphs, so a stream of
     200 lengths in 1-64 captures at most one graph per chunk length (7), launches only the first call's chunks
     step by step, and replays every later call's."""
-    counts = _load("graph_captures").count(200, 64, 0)
+    counts = load_benchmark_script("graph_captures").count(200, 64, 0)
     assert counts["captures"] <= 7 and counts["launched"] <= 7
     assert counts["replays"] >= 199
 
 
 # ---- the CUDA speed rule: dispatch reads fastlstm/measured_cuda.py, which benchmarks/cuda_rule.py writes ----------
 
-cuda_rule = _load("cuda_rule")
+cuda_rule = load_benchmark_script("cuda_rule")
 
 _MEASURED = (
     ("9.0", "inference", "bf16", 1, 1, 128, 100, 1.39),
