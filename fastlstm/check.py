@@ -140,7 +140,7 @@ def _loss_weights(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     Positive, each element its own: weights of both signs cancel in a gradient's sum over rows, and where the rows
     agree to rounding (weights of 1e-6) the remainder is rounding noise. From -1 to 1 in a line they had summed to
     0 over the middle layer's rows of h_n and c_n (3 layers, hidden 1, float32: that layer's weight gradients 5e-3
-    to 3e-2 off for nn.LSTM and fastlstm alike, 2e-7 to 5e-7 with these)."""
+    to 3e-2 off for nn.LSTM and fastlstm alike, 1.6e-7 to 4.4e-7 with these)."""
     index = torch.arange(t.numel(), device=t.device, dtype=torch.float64)
     return (0.625 + 0.375 * torch.sin(1.0 + 2.3 * index)).to(dtype).double().view(t.shape)
 
@@ -210,9 +210,10 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
     errors = {key: (_relative_error(got[key], want), allowed(key, owns)) for key, want in expected.items()}
     if owns and device == "cpu" and any(error > limit for error, limit in errors.values()):
         # nn.LSTM's own error is one draw of this dtype's rounding: where a result is ill-conditioned in it, its
-        # two CPU paths draw differently (weights of 1e-6, hidden 1, 3 layers, float32: a layer-1 weight gradient
-        # erred 5e-4 through oneDNN, 6e-3 through ATen's loop, 6e-3 and 1.3e-2 on cpp and reference). A result
-        # over the limit is held to the larger of the two; a well-conditioned one errs ~1e-7 on both.
+        # two CPU paths draw differently (weights of 1e-6, hidden 1, 3 layers, float32, with the loss's earlier
+        # weights, _loss_weights: a layer-1 weight gradient erred 5e-4 through oneDNN, 6e-3 through ATen's loop,
+        # 6e-3 and 1.3e-2 on cpp and reference). A result over the limit is held to the larger of the two; a
+        # well-conditioned one errs ~1e-7 on both.
         with onednn_off():
             owns.append(run(native, x))
         errors = {key: (error, allowed(key, owns)) for key, (error, _) in errors.items()}
