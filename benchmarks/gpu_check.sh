@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One prepared GPU check, from the repository root, on a CUDA machine with torch, triton, pytest and ninja
-# (no network, nothing installed). About 7 minutes, at most 9 (without --tune; the limits add up to 510 s):
-#   1. benchmarks/gpu_grid.py --warm in 8 processes at once (at most 120 s): the grid's kernels compile into
-#      triton's cache, so the grid's budget goes to timing
-#   2. benchmarks/gpu_grid.py       (triton vs nn.LSTM/cuDNN grid; 150 s budget, killed at 190 s), then
-#      benchmarks/cuda_rule.py: the grid's figures as fastlstm/measured_cuda.py would hold them (dispatch's rule),
-#      and how the grid stands against issue 4's targets (in gpu_check.log)
-#   3. pytest -m cuda tests/        (at most 170 s, on 6 workers where pytest-xdist is there), and beside it
-#      `python -m fastlstm check --device cuda --backend triton` in bfloat16, float16 and float32
-#   4. with --tune: benchmarks/gpu_tune.py (other tile sizes and warps per kernel against nn.LSTM, for setting
+# (no network, nothing installed). Under 6 minutes at worst without --tune (the limits add up to 335 s), which
+# leaves a device session's 15 minutes room to run it again:
+#   1. at once, for at most 160 s: benchmarks/gpu_grid.py --warm in 8 processes (the grid's kernels compile into
+#      triton's cache, so the grid's budget goes to timing); `pytest -m cuda tests/` (on 6 workers where
+#      pytest-xdist is there); `python -m fastlstm check --device cuda --backend triton` in bfloat16, float16 and
+#      float32. All three compile more than they time, and none of them is timed against another.
+#   2. alone, on a quiet GPU: benchmarks/gpu_grid.py (triton vs nn.LSTM/cuDNN grid; 115 s budget, killed at
+#      145 s), then benchmarks/cuda_rule.py: the grid's figures as fastlstm/measured_cuda.py would hold them
+#      (dispatch's rule), and how the grid stands against issue 4's targets (in gpu_check.log)
+#   3. with --tune: benchmarks/gpu_tune.py (other tile sizes and warps per kernel against nn.LSTM, for setting
 #      ops._blocks and the launch options), in what is left of 520 s
 # Results: $OUT when set, else benchmarks/results/: gpu_check.log (what the warm-up, the grid and the tuning
 # printed: each shape's phases as they begin, and the stacks of a process its time limit stopped),
@@ -62,43 +63,25 @@ EOF
 dry=()
 if [[ $DRY_RUN -eq 1 ]]; then dry=(--dry-run); fi
 
-# 1. The grid's kernels, compiled on many cores at once (a cold build of one shape's kernels takes seconds of a
-# core), before anything is timed. Alone: on an H200 with the tests beside them, a process's first shape took
-# 80-190 s.
-echo "== compiling the grid's kernels"
-start=$SECONDS
+# 1. Everything that compiles more than it times, at once: the grid's kernels (a cold build of one shape's kernels
+# takes seconds of a core) in 8 processes, the CUDA tests and `check` in half precision against nn.LSTM (the
+# errors it allows on CUDA are set from these), about 15 processes on the machine's 16 cores. A process its time
+# limit stops says where every thread was (faulthandler on SIGTERM).
 LOG="$RESULTS/gpu_check.log"
+: > "$LOG"
+echo "== compiling the grid's kernels, beside them pytest -m cuda tests/ and check on CUDA"
+start=$SECONDS
 warm_parts=8
 if [[ $DRY_RUN -eq 1 ]]; then warm_parts=1; fi
-: > "$LOG"
 warm_pids=()
 for ((k = 0; k < warm_parts; k++)); do
-    timeout 120 "$PY" benchmarks/gpu_grid.py "${dry[@]}" --warm "$k/$warm_parts" >> "$LOG" 2>&1 &
+    timeout 160 "$PY" benchmarks/gpu_grid.py "${dry[@]}" --warm "$k/$warm_parts" >> "$LOG" 2>&1 &
     warm_pids+=($!)
 done
-for pid in "${warm_pids[@]}"; do wait "$pid"; done
-echo "compiled in $((SECONDS - start)) s: $(grep -c ': ok in ' "$LOG") shapes ok"
 
-# 2. The grid on a quiet machine.
-echo "== benchmark grid"
-start=$SECONDS
-if [[ $DRY_RUN -eq 1 ]]; then
-    timeout 150 "$PY" benchmarks/gpu_grid.py --dry-run --out "$RESULTS" --budget 100 2>&1 | tee -a "$LOG"
-else
-    timeout 190 "$PY" benchmarks/gpu_grid.py --out "$RESULTS" --budget 150 2>&1 | tee -a "$LOG"
-fi
-grid_status=${PIPESTATUS[0]}
-echo "grid: exit $grid_status in $((SECONDS - start)) s; results in $RESULTS"
-# The figures dispatch's CUDA rule would read from this grid (fastlstm/measured_cuda.py's form; committed by hand)
-rule_args=("$RESULTS/gpu_grid.json")
-if [[ $DRY_RUN -eq 1 ]]; then rule_args=("$RESULTS/gpu_grid_dry_run.json" --capability "none (CPU dry run)"); fi
-"$PY" benchmarks/cuda_rule.py "${rule_args[@]}" --out "$RESULTS/measured_cuda.py" 2>&1 | tee -a "$LOG"
-
-# 3. The CUDA tests, and beside them `check` in half precision against nn.LSTM (the errors it allows on CUDA are
-# set from these). A process its time limit stops says where every thread was (faulthandler on SIGTERM).
 check_pid=
 if [[ $DRY_RUN -eq 0 ]]; then
-    timeout 170 "$PY" -c "import faulthandler, runpy, signal, sys
+    timeout 160 "$PY" -c "import faulthandler, runpy, signal, sys
 faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
 sys.argv = ['fastlstm', 'check', '--device', 'cuda', '--backend', 'triton', '--dtype', 'bfloat16',
             '--dtype', 'float16', '--dtype', 'float32', '--random', '6']
@@ -106,17 +89,16 @@ runpy.run_module('fastlstm', run_name='__main__')" > "$RESULTS/check_cuda.txt" 2
     check_pid=$!
 fi
 
-echo "== pytest -m cuda tests/"
-start=$SECONDS
 # -v: each test's verdict on its own line as it ends, so that a run its time limit stops still says which passed
 pytest_args=(-m cuda tests/ -v -p no:cacheprovider -rfE --tb=short)
 if [[ $DRY_RUN -eq 0 ]] && "$PY" -c "import xdist" 2> /dev/null; then pytest_args+=(-n 6); fi
-if "$PY" -c "import pytest_timeout" 2> /dev/null; then pytest_args+=(--timeout 150); fi
-timeout 170 "$PY" -m pytest "${pytest_args[@]}" 2>&1 | tee "$RESULTS/pytest_cuda.log"
-pytest_status=${PIPESTATUS[0]}
+if "$PY" -c "import pytest_timeout" 2> /dev/null; then pytest_args+=(--timeout 140); fi
+timeout 160 "$PY" -m pytest "${pytest_args[@]}" > "$RESULTS/pytest_cuda.log" 2>&1
+pytest_status=$?
 # 5: no tests collected (e.g. every cuda test deselected); not a failure of the kernels.
 if [[ $pytest_status -eq 5 ]]; then pytest_status=0; fi
 echo "pytest: exit $pytest_status in $((SECONDS - start)) s"
+tail -n 25 "$RESULTS/pytest_cuda.log"
 
 check_status=0
 if [[ -n $check_pid ]]; then
@@ -125,6 +107,23 @@ if [[ -n $check_pid ]]; then
     echo "== check on CUDA: exit $check_status"
     tail -n 3 "$RESULTS/check_cuda.txt"
 fi
+for pid in "${warm_pids[@]}"; do wait "$pid"; done
+echo "compiled in $((SECONDS - start)) s: $(grep -c ': ok in ' "$LOG") shapes ok"
+
+# 2. The grid alone, on a quiet machine.
+echo "== benchmark grid"
+start=$SECONDS
+if [[ $DRY_RUN -eq 1 ]]; then
+    timeout 150 "$PY" benchmarks/gpu_grid.py --dry-run --out "$RESULTS" --budget 100 2>&1 | tee -a "$LOG"
+else
+    timeout 145 "$PY" benchmarks/gpu_grid.py --out "$RESULTS" --budget 115 2>&1 | tee -a "$LOG"
+fi
+grid_status=${PIPESTATUS[0]}
+echo "grid: exit $grid_status in $((SECONDS - start)) s; results in $RESULTS"
+# The figures dispatch's CUDA rule would read from this grid (fastlstm/measured_cuda.py's form; committed by hand)
+rule_args=("$RESULTS/gpu_grid.json")
+if [[ $DRY_RUN -eq 1 ]]; then rule_args=("$RESULTS/gpu_grid_dry_run.json" --capability "none (CPU dry run)"); fi
+"$PY" benchmarks/cuda_rule.py "${rule_args[@]}" --out "$RESULTS/measured_cuda.py" 2>&1 | tee -a "$LOG"
 
 tune_status=0
 if [[ $TUNE -eq 1 ]]; then

@@ -1,6 +1,6 @@
-"""benchmarks/gpu_grid.py's and gpu_tune.py's pieces that decide what a GPU run measures and how it reports it
-(the runs themselves need a GPU; `bash benchmarks/gpu_check.sh --dry-run` and `gpu_tune.py --dry-run`
-smoke-test them on the CPU)."""
+"""benchmarks/gpu_grid.py's and gpu_tune.py's pieces that decide what a GPU run measures and how it reports it,
+and gpu_check.sh's worst-case length (the runs themselves need a GPU; `bash benchmarks/gpu_check.sh --dry-run`
+and `gpu_tune.py --dry-run` smoke-test them on the CPU)."""
 
 from __future__ import annotations
 
@@ -275,3 +275,48 @@ def test_cuda_rule_script_needs_one_compute_capability(tmp_path, capsys):
     nine.write_text(json.dumps(_grid("9.0", [dict(speedup=1.4)])))
     assert cuda_rule.main([str(nine), str(other), "--out", str(out)]) == 2
     assert "different compute capabilities" in capsys.readouterr().err
+
+
+def test_gpu_check_ends_within_six_minutes_at_worst(tmp_path):
+    """Issue 4 asks for the check in under 6 minutes, which leaves a device session's 15 room to run it again.
+    Every `timeout LIMIT` of the script is stubbed by one that sleeps LIMIT/100 s and notes when it ran, and every
+    Python call by one that returns at once; the longest chain of limits that ran one after another is then the
+    script's worst case."""
+    import json
+    import subprocess
+    import sys
+
+    scale = 100
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    calls = tmp_path / "calls.jsonl"
+    stub_timeout = stubs / "timeout"
+    stub_timeout.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys, time\n"
+        "start = time.monotonic()\n"
+        f"time.sleep(float(sys.argv[1]) / {scale})\n"
+        f"with open({str(calls)!r}, 'a') as f:\n"
+        "    f.write(json.dumps([float(sys.argv[1]), start, time.monotonic(), sys.argv[2:]]) + '\\n')\n"
+    )
+    stub_python = stubs / "python"
+    stub_python.write_text("#!/bin/sh\nexit 0\n")
+    for stub in (stub_timeout, stub_python):
+        stub.chmod(0o755)
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.sh")
+    env = dict(os.environ, PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}", PYTHON=str(stub_python),
+               OUT=str(tmp_path / "out"))  # fmt: skip
+    done = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    runs = [json.loads(line) for line in calls.read_text().splitlines()]
+    commands = [" ".join(argv) for _, _, _, argv in runs]
+    assert any("gpu_grid.py --warm" in c for c in commands) and any("gpu_grid.py --out" in c for c in commands)
+    assert any("-m pytest" in c for c in commands) and any("-m fastlstm" in c for c in commands), commands
+    # A call's worst end: its limit after the latest worst end of the calls that had ended before it began.
+    margin = 0.5 / scale  # the stubs' own start-up, far below the shortest limit's sleep
+    worst_end = {}
+    for i, (limit, start, _, _) in sorted(enumerate(runs), key=lambda r: r[1][1]):
+        before = [worst_end[j] for j, (_, _, end, _) in enumerate(runs) if j in worst_end and end <= start + margin]
+        worst_end[i] = max(before, default=0.0) + limit
+    assert max(worst_end.values()) < 6 * 60, sorted(zip(worst_end.values(), commands))
