@@ -320,3 +320,15 @@ def test_gpu_check_ends_within_six_minutes_at_worst(tmp_path):
         before = [worst_end[j] for j, (_, _, end, _) in enumerate(runs) if j in worst_end and end <= start + margin]
         worst_end[i] = max(before, default=0.0) + limit
     assert max(worst_end.values()) < 6 * 60, sorted(zip(worst_end.values(), commands))
+
+
+def test_the_grid_times_the_rows_issue_4_judges_first_and_every_row_in_both_modes():
+    rows = gpu_grid.grid(dry_run=False)
+    judged = [(r["mode"] == "inference" and r["batch"] <= 16) or (r["mode"] == "training" and r["batch"] >= 64)
+              for r in rows]  # fmt: skip
+    assert judged == sorted(judged, reverse=True) and any(judged) and not all(judged)
+    by_mode = {m: sorted(gpu_grid._row(r) for r in rows if r["mode"] == m) for m in ("inference", "training")}
+    assert by_mode["inference"] == by_mode["training"] and len(set(by_mode["inference"])) == len(rows) // 2
+    # Within the rest, inference first: a training row that outlasts the budget leaves no inference row untimed.
+    rest = [r["mode"] for r, j in zip(rows, judged) if not j]
+    assert rest == sorted(rest)
