@@ -140,10 +140,11 @@ def _fma_dot(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64) and _precision(dtype) == "ieee"
 
 
-def _block(n: int, lo: int = 16, hi: int = 64) -> int:
+def _block(n: int) -> int:
+    """A tile's width over n units: a power of two from 16 to 64."""
     import triton
 
-    return max(lo, min(hi, triton.next_power_of_2(n)))
+    return max(16, min(64, triton.next_power_of_2(n)))
 
 
 def _blocks(B: int, H: int, P: int, kernel: str, dtype: torch.dtype) -> dict:
