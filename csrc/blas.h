@@ -220,11 +220,17 @@ inline at::Tensor bf16_mm(const at::Tensor& a, const at::Tensor& b) {
   return at::mm(a.to(at::kFloat), b.to(at::kFloat)).to(a.scalar_type());
 }
 
+// Whether oneDNN may serve a float32 product here at all, whatever its size.
+template <typename scalar_t>
+bool onednn_usable() {
+  return std::is_same_v<scalar_t, float> && onednn_linear_op().has_value() && at::globalContext().userEnabledMkldnn() &&
+         !openmp_may_start_fewer_threads();
+}
+
 // Whether oneDNN serves a float32 product of `macs` multiply-adds, and the product A @ W^T as it computes it.
 template <typename scalar_t>
 bool onednn_serves(int64_t macs) {
-  return std::is_same_v<scalar_t, float> && onednn_linear_op().has_value() && macs >= onednn_min_macs() &&
-         macs > 0 && at::globalContext().userEnabledMkldnn() && !openmp_may_start_fewer_threads();
+  return onednn_usable<scalar_t>() && macs >= onednn_min_macs() && macs > 0;
 }
 
 Tensor onednn_linear(const Tensor& A, const Tensor& W) {
@@ -279,10 +285,11 @@ inline bool onednn_weight_grads() {
   return v;
 }
 
-// Multiply-adds from which oneDNN serves a weight gradient: FASTLSTM_ONEDNN_MIN_MACS when set, else 2^24 (and
-// never below the floor every oneDNN product keeps).
+// Multiply-adds from which oneDNN serves a weight gradient: FASTLSTM_ONEDNN_MIN_MACS when set, else 2^24. Not the
+// other products' floor, which is "never" on Intel: there FASTLSTM_ONEDNN_WEIGHT_GRADS=1 alone had switched on
+// nothing, while dispatch's training rule read the weight gradients as oneDNN's.
 inline int64_t weight_grad_min_macs() {
-  static const int64_t v = onednn_min_macs_env() ? onednn_min_macs() : std::max(onednn_min_macs(), int64_t(1) << 24);
+  static const int64_t v = onednn_min_macs_env().value_or(int64_t(1) << 24);
   return v;
 }
 
@@ -296,7 +303,7 @@ inline int64_t weight_grad_min_macs() {
 template <typename scalar_t>
 void weight_grad(const Tensor& A, const Tensor& X, Tensor& out) {
   const int64_t R = A.size(0), M = A.size(1), N = X.size(1), macs = R * M * N;
-  if (!(onednn_weight_grads() && onednn_serves<scalar_t>(macs) && macs >= weight_grad_min_macs())) {
+  if (!(onednn_weight_grads() && onednn_usable<scalar_t>() && macs > 0 && macs >= weight_grad_min_macs())) {
     at::mm_out(out, A.t(), X);
     return;
   }

@@ -211,17 +211,17 @@ c10::optional<Tensor> as_compute(const c10::optional<Tensor>& t, at::ScalarType 
 // process each way: B8-T100-H256 1.46 -> 1.23 ms up front, B12 1.66 -> 1.54 ms, B16 1.97 -> 1.98 ms, B16-H512
 // 6.48 -> 6.31 ms, B8-H512 even; B32-H256 2.86 -> 3.40 ms and B64-H512 20.6 -> 24.5 ms, so fused from 16 rows
 // there. FASTLSTM_FUSE_MIN_ROWS overrides both; a huge value disables.
-inline int64_t fuse_min_rows_override() {
-  static const int64_t v = env_int("FASTLSTM_FUSE_MIN_ROWS").value_or(0);
+inline std::optional<int64_t> fuse_min_rows_override() {
+  static const std::optional<int64_t> v = env_int("FASTLSTM_FUSE_MIN_ROWS");
   return v;
 }
 
-inline int64_t fuse_min_rows() { return fuse_min_rows_override() > 0 ? fuse_min_rows_override() : 8; }
+inline int64_t fuse_min_rows() { return fuse_min_rows_override().value_or(8); }
 
 template <typename Dot>
 inline int64_t fuse_min_rows_of() {
   if constexpr (kHasAmx && std::is_same_v<Dot, Bf16Dot>)
-    if (fuse_min_rows_override() <= 0 && amx_enabled()) return 16;
+    if (!fuse_min_rows_override() && amx_enabled()) return 16;
   return fuse_min_rows();
 }
 
@@ -426,7 +426,7 @@ bool uses_onednn_weight_grads() {
 // the noise of this machine: 3.31 s against 3.34 s a call, Zen 3, 2 threads). A chunk repacks the weights, a few
 // steps' worth of memory traffic.
 inline int64_t inference_chunk_override() {
-  static const int64_t v = env_int("FASTLSTM_INFERENCE_CHUNK_STEPS").value_or(0);
+  static const int64_t v = env_int("FASTLSTM_INFERENCE_CHUNK_STEPS", 1).value_or(0);
   return v;
 }
 

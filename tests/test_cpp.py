@@ -675,6 +675,21 @@ def test_a_cache_that_cannot_be_written_is_named_as_the_reason(monkeypatch, tmp_
 _CHOICES = "from fastlstm.backends import cpu; print(cpu.kernel_choices())"
 
 
+def test_onednn_weight_gradients_switched_on_serve_from_their_own_size():
+    """FASTLSTM_ONEDNN_WEIGHT_GRADS=1 alone serves float32 weight gradients through oneDNN from 2**24 multiply-adds
+    on every CPU: on Intel, where the other products' floor is "never", it had switched on nothing while the
+    extension told dispatch the weight gradients were oneDNN's."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch carries no oneDNN")
+    env = {k: v for k, v in os.environ.items() if k != "FASTLSTM_ONEDNN_MIN_MACS"}
+    (proc,) = run_pythons([(("-c", _CHOICES + "; print(cpu.uses_onednn_weight_grads())"),
+                            dict(env, FASTLSTM_ONEDNN_WEIGHT_GRADS="1"))])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    choices, uses = proc.stdout.strip().splitlines()[-2:]
+    assert uses == "True", proc.stdout
+    assert f"float32 weight gradients: oneDNN matmul from {2**24} multiply-adds, else BLAS" in choices, choices
+
+
 def test_knobs_read_strictly():
     """The C++ knobs take whole numbers in their range, and switches 1/0 (true/false, on/off, yes/no): anything else
     warns and keeps the default (atoll had read FASTLSTM_AMX=true as 0, turning the tiles off, and -5 KB as never)."""
@@ -683,6 +698,7 @@ def test_knobs_read_strictly():
         ("FASTLSTM_BF16_DOT", "enabled"),
         ("FASTLSTM_ROW_SPLIT_MAX_KB", "-5"),
         ("FASTLSTM_INFERENCE_CHUNK_STEPS", "abc"),
+        ("FASTLSTM_INFERENCE_CHUNK_STEPS", "0"),  # chunks of no steps (0 had meant the default)
         ("FASTLSTM_TEAM_MIN_HIDDEN", "0"),
         ("FASTLSTM_MKL_MIN_ROWS", "1e3"),
         ("FASTLSTM_ONEDNN_WEIGHT_GRADS", "2"),
@@ -1273,7 +1289,8 @@ _KERNEL_PATHS = {
         f"team of threads up to {_HUGE} multiply-adds a step (backward {_HUGE}), 1+ hidden units a thread",
     ),
     "per-step-loop": ({"FASTLSTM_TEAM_MAX_MACS": "0", "FASTLSTM_ROW_SPLIT_MAX_KB": "0"}, "team of threads never"),
-    "projection-per-step": ({"FASTLSTM_FUSE_MIN_ROWS": "1"}, "input projection: per step from 1 rows"),
+    # 0: at every batch (0 had meant the default, 8)
+    "projection-per-step": ({"FASTLSTM_FUSE_MIN_ROWS": "0"}, "input projection: per step from 0 rows"),
     "projection-up-front": ({"FASTLSTM_FUSE_MIN_ROWS": _HUGE}, "input projection: per step never"),
     "dot-rows": (
         {

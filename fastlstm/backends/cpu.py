@@ -35,8 +35,9 @@ transforms, which cannot run a C++ autograd Function, the layer takes the same o
     save is false (inference), and float32 for bfloat16 and float16 inputs.
 
 Tuning knobs (read once per process by the C++ code; for measurements and tests, not for users). Numbers are
-whole numbers of 0 or more (FASTLSTM_TEAM_MIN_HIDDEN: 1 or more), switches 1 or 0 (true/false, on/off, yes/no),
-spaces around either ignored: anything else warns once and keeps the default (csrc/env.h).
+whole numbers of 0 or more (FASTLSTM_TEAM_MIN_HIDDEN and FASTLSTM_INFERENCE_CHUNK_STEPS: 1 or more), switches 1
+or 0 (true/false, on/off, yes/no), spaces around either ignored: anything else warns once and keeps the default
+(csrc/env.h).
     FASTLSTM_MKL_MIN_ROWS   float32 uses MKL's packed GEMM for the per-step product from this batch size on, at
                             any width (default: on Intel CPUs from 8 rows of a w_hh 256+ wide, never elsewhere,
                             where MKL measured slow); a huge value forces the register-blocked kernel, which
@@ -50,17 +51,17 @@ spaces around either ignored: anything else warns once and keeps the default (cs
                             (FASTLSTM_FUSE_MIN_ROWS) on the register-blocked kernel up to this many KB of w_ih
                             (default 1024; 0 never), else as FASTLSTM_ONEDNN_MIN_MACS says.
     FASTLSTM_ONEDNN_WEIGHT_GRADS 1 / 0: float32 weight gradients through oneDNN's matmul (from 2**24
-                            multiply-adds, or FASTLSTM_ONEDNN_MIN_MACS when set) or BLAS (default: oneDNN on
-                            Zen 4 and 5, where it measured faster than MKL's sgemm, at half oneDNN's rate on
-                            Zen 5; BLAS elsewhere).
+                            multiply-adds, or FASTLSTM_ONEDNN_MIN_MACS when set, on Intel too) or BLAS (default:
+                            oneDNN on Zen 4 and 5, where it measured faster than MKL's sgemm, at half oneDNN's
+                            rate on Zen 5; BLAS elsewhere).
     FASTLSTM_TEAM_MAX_MACS  the time loop runs as one team of threads up to this many multiply-adds a step
                             (default 2**20; forward 2**23 on Zen 5, and on Zen 3 below 8 rows; 0 never);
                             above, each step's product is split over threads.
     FASTLSTM_TEAM_MIN_HIDDEN hidden units each team thread must own (default 24 forward / 20 backward for
                             float32, 16 for float64); fewer threads, or one, below that.
     FASTLSTM_FUSE_MIN_ROWS  the input projection runs per step beside the recurrent product from this batch
-                            size on (default 8; 16 for bfloat16 on AMX tiles), else as one GEMM for all steps
-                            up front.
+                            size on (0: at every batch; default 8, 16 for bfloat16 on AMX tiles), else as one
+                            GEMM for all steps up front.
     FASTLSTM_ROW_SPLIT_MAX_KB batches of 3+ rows a thread split their rows among the threads, each running the
                             whole time loop, where a step reads at most this many KB of weights (default: a
                             core's L2 as the C library reports it, else 1024; 0 never).
