@@ -528,11 +528,13 @@ def _prog() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=_prog(), description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, device and which backends are available (and why not)")
-    sub.add_parser("build", help="build the C++ CPU backend now instead of on first use")
-    check = sub.add_parser(
-        "check", help="every available backend against nn.LSTM (training and inference); exit 1 on a mismatch"
-    )
+    for name, text in (
+        ("info", "versions, device and which backends are available (and why not)"),
+        ("build", "build the C++ CPU backend now instead of on first use"),
+    ):
+        sub.add_parser(name, help=text, description=text)
+    check_text = "every available backend against nn.LSTM (training and inference); exit 1 on a mismatch"
+    check = sub.add_parser("check", help=check_text, description=check_text)
     check.add_argument("--device", choices=["cpu", "cuda"])
     check.add_argument(
         "--backend",
@@ -558,10 +560,10 @@ def main(argv: list[str] | None = None) -> int:
         "oneDNN and ATen paths' errors), or 2e-4 (float32) / 3e-2 (bfloat16) / 4e-3 (float16) of its largest value "
         "where that is larger (1e-1 / 2e-2 for the halves on CUDA)",
     )
-    bench = sub.add_parser(
-        "bench",
-        help="time fastlstm against nn.LSTM (first checks each timed mode against nn.LSTM: outputs, gradients, steps)",
+    bench_text = (
+        "time fastlstm against nn.LSTM (first checks each timed mode against nn.LSTM: outputs, gradients, steps)"
     )
+    bench = sub.add_parser("bench", help=bench_text, description=bench_text)
     bench.add_argument("--device", choices=["cpu", "cuda"])
     bench.add_argument("--dtype", choices=list(DTYPES), default="float32")
     bench.add_argument(

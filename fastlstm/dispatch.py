@@ -1,12 +1,17 @@
 """Which backend serves each (layer, direction) of a call, and why. The only place that chooses.
 
-`backend="auto"` (the default): on CUDA, triton where it is available, supports the call, is measured
-faster than cuDNN and its kernels pass a self-test on this GPU (they compile and agree with native); on the
-CPU, cpp where it is built, supports the call and is measured faster than oneDNN/ATen; native everywhere
-else, except where nn.LSTM's kernels cannot run the call (torch.vmap, forward-mode AD): there the fast backend
-if it serves the call, else the reference loop. Any other name forces that backend and raises
-BackendUnavailableError when it cannot serve the call (and a forced backend's kernel errors reach the caller).
-`FASTLSTM_BACKEND` sets the default.
+`backend="auto"`: on CUDA, triton where it is available, supports the call, is measured faster than cuDNN and
+its kernels pass a self-test on this GPU (they compile and agree with native); on the CPU, cpp where it is built,
+supports the call and is measured faster than oneDNN/ATen, and every call torch.compile traces (nn.LSTM's CPU
+path breaks a compiled graph's backward; the speed rule is not asked); native everywhere else, except where
+nn.LSTM's kernels cannot run the call (torch.vmap, forward-mode AD): there the fast backend if it serves the
+call, else the reference loop. Any other name forces that backend and raises BackendUnavailableError when it
+cannot serve the call (and a forced backend's kernel errors reach the caller). A module's backend=None (its
+default) reads `FASTLSTM_BACKEND` at each call, "auto" when unset.
+
+Whatever is requested, forced or not, calls inside torch.onnx.export or torch.jit.trace take native: the exported
+or traced graph then holds ONNX's LSTM or aten::lstm, which run where fastlstm is not installed, with nn.LSTM's
+numbers.
 """
 
 from __future__ import annotations

@@ -13,11 +13,18 @@ from fastlstm.module import LSTM
 
 @dataclass(frozen=True)
 class Explanation:
+    """Which backend serves each layer and direction of one call, and why (str() prints it a line each).
+
+    requested: the backend the module asked for ("auto", a forced name, or $FASTLSTM_BACKEND's value).
+    layers: (layer, "forward" | "reverse", dispatch.Choice(backend, reason)) in the order the module runs them.
+    """
+
     requested: str
-    layers: list[tuple[int, str, Choice]]  # (layer, "forward" | "reverse", choice)
+    layers: list[tuple[int, str, Choice]]
 
     @property
     def backends(self) -> list[str]:
+        """The backend of each entry of `layers`, in order."""
         return [choice.backend for _, _, choice in self.layers]
 
     def __str__(self) -> str:

@@ -369,11 +369,18 @@ class LSTM(nn.RNNBase):
     """Drop-in torch.nn.LSTM. Same constructor, parameters, state_dict, inputs and outputs.
 
     Extra keyword-only argument:
-        backend: "auto" (default: the fastest backend that supports each call), or one of
-            "native", "reference", "cpp", "triton" to force it. None reads $FASTLSTM_BACKEND at call time.
+        backend: None (the default) reads $FASTLSTM_BACKEND at each call, "auto" when it is unset; "auto" takes
+            the fastest backend that supports each call (fastlstm.dispatch says how it chooses); one of
+            "native", "reference", "cpp", "triton" forces that backend, and a call it cannot serve raises
+            BackendUnavailableError. Calls inside torch.onnx.export or torch.jit.trace take native whatever
+            the backend, so that the graph holds nn.LSTM's op (it runs where fastlstm is not installed).
+
+    Beyond nn.LSTM: forward's keyword-only `lengths=` (a padded batch with per-sequence lengths, the numbers of
+    packing it) and `step()` (one time step of streaming inference or training, state carried by the caller).
 
     Built on nn.RNNBase in mode "LSTM" rather than on nn.LSTM, because TorchDynamo refuses to trace any
-    nn.LSTM instance; everything but forward is the native implementation.
+    nn.LSTM instance. The input checks and their errors, parameters, state_dict and flatten_parameters are
+    nn.LSTM's; torch.jit.script scripts an nn.LSTM holding the same state (__prepare_scriptable__).
     """
 
     backend: str | None = None  # class default keeps pickles made without the attribute loadable
@@ -532,8 +539,13 @@ class LSTM(nn.RNNBase):
         return text if self.backend is None else f"{text}, backend={self.backend!r}"
 
     def forward(self, input, hx=None, **keywords):
-        """nn.LSTM.forward, plus the keyword-only `lengths`: per-sequence lengths [B] of a padded batch (see
-        _forward_lengths).
+        """nn.LSTM.forward, plus the keyword-only `lengths`.
+
+        lengths: per-sequence lengths of a padded batch, [B] integers in 1..T (a tensor or a list, any order;
+        ValueError otherwise), with input [B, T, I] (batch_first) or [T, B, I] and hx as for nn.LSTM. Gives the
+        numbers of packing the batch and calling the module, without the round trip: the output padded to T
+        steps, zero beyond each sequence's length (as pad_packed_sequence with total_length=T), and (h_n, c_n)
+        taken at each sequence's own end, in the caller's order.
 
         `lengths` comes through **keywords rather than `*, lengths=None`: torch.onnx's TorchScript exporter passes
         every parameter that has a default positionally, keyword-only ones included, and then forward would

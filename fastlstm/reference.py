@@ -3,7 +3,7 @@
 A plain step loop in PyTorch ops, written to be read rather than to be fast. Every fast backend is
 tested against it and against nn.LSTM; autograd through these ops gives its backward.
 
-Conventions (the layer contract, see DESIGN.md):
+Conventions (the layer contract every backend implements, fastlstm.backends.Backend.layer):
     x:   [T, B, I]  time-major input
     h0:  [B, P]     P = proj_size, or H without projection
     c0:  [B, H]

@@ -1,8 +1,11 @@
 """Backends: each implements one LSTM layer in one direction (the layer contract in fastlstm.reference).
 
-A backend only answers four questions: can it run on this machine at all, can it serve this call, do its
-kernels work for this call here (a self-test, for backends that compile kernels at run time), and what the
-layer computes. Choosing between backends is dispatch's job (fastlstm.dispatch).
+A backend answers what dispatch asks: can it run on this machine at all, can it serve this call, do its
+kernels work for this call here (a self-test, for backends that compile kernels at run time) and did building
+them crash the compiler (crash_reason), and it computes the layer. Beside those: load_ops (its torch.library
+ops, for a graph that calls them before any call), autocast_weights (the weights autocast hands its kernels)
+and, optionally, inference_stack (every layer and direction of an inference in one call; has_inference_stack).
+Choosing between backends is dispatch's job (fastlstm.dispatch).
 """
 
 from __future__ import annotations

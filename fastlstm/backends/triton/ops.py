@@ -1,6 +1,6 @@
 """Launchers and torch.library ops of the Triton backend (imported only when triton is importable).
 
-Ops (namespace fastlstm, see DESIGN.md "Ops and autograd"):
+Ops (namespace fastlstm; fakes and autograd registered here, as the CPU backend's in fastlstm.backends.cpu):
     fastlstm::triton_forward  -> y, hT, cT and what backward needs (acts, hs, cs, r)
     fastlstm::triton_backward -> grads of x, h0, c0, w_ih, w_hh, b, w_hr
     fastlstm::triton_backward_rows -> grads of x, h0, c0, and the rows the weights' are sums of (dgates; with a
