@@ -284,8 +284,64 @@ def _without_empty_steps(batch_sizes: Tensor) -> Tensor:
 
 
 def _state_dtype_differs(input: Tensor, state) -> bool:
-    """Whether a step's state (any value a caller passes) holds a tensor of another dtype than the input."""
-    return type(state) is tuple and any(isinstance(t, Tensor) and t.dtype != input.dtype for t in state)
+    """Whether a step's (checked) state holds a tensor of another dtype than the input."""
+    return state is not None and (state[0].dtype != input.dtype or state[1].dtype != input.dtype)
+
+
+def _check_step_args(input, state) -> None:
+    """LSTM.step's own checks, in its terms (x_t and a state of layers), before forward's, which would speak of a
+    sequence: an x_t of 1 or 2 dimensions, and a state of None or (h, c), one dimension more. Written out rather
+    than looped: a step of a small model costs ~35 us, and a loop over the tensors cost 1.5 of them."""
+    dims = input.dim() if isinstance(input, Tensor) else None
+    if dims not in (1, 2):
+        got = f"{dims}D" if dims is not None else f"a {type(input).__name__}"
+        raise ValueError(f"LSTM.step: Expected input to be 1D (unbatched) or 2D [batch, features], got {got}")
+    if state is None:
+        return
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise TypeError(f"LSTM.step: state must be None or (h, c), two tensors; got {_describe(state)}")
+    h, c = state
+    if not isinstance(h, Tensor) or not isinstance(c, Tensor):
+        raise TypeError(f"LSTM.step: state must be None or (h, c), two tensors; got {_describe(state)}")
+    if h.dim() != dims + 1 or c.dim() != dims + 1:
+        batched = dims == 2
+        layout = "[num_layers, batch, " if batched else "[num_layers, "
+        raise ValueError(
+            f"LSTM.step: for a{' batched' if batched else 'n unbatched'} {dims}D input the state is "
+            f"(h {layout}proj_size or hidden_size], c {layout}hidden_size]), got h {h.dim()}D and c {c.dim()}D"
+        )
+
+
+def _lengths_as_int64(lengths) -> Tensor:
+    """lengths= as an int64 CPU tensor: whole numbers, given as integers or as floats that hold whole numbers (a
+    mask's float sum, say). pack_padded_sequence truncates 2.5 to 2 and reads True as 1; a length is a count, so
+    here those are the caller's mistake, and anything torch cannot read as numbers is named as lengths'."""
+    try:
+        # on the CPU whatever torch.set_default_device says, as the batch sizes are
+        given = lengths.detach().to("cpu") if isinstance(lengths, Tensor) else torch.as_tensor(lengths, device="cpu")
+    except (TypeError, ValueError, RuntimeError, OverflowError, NotImplementedError) as e:
+        raise ValueError(f"LSTM: lengths must be whole numbers, one per sequence; {type(e).__name__}: {e}") from e
+    if given.dtype == torch.bool or given.is_complex():
+        raise ValueError(f"LSTM: lengths must be whole numbers, one per sequence, got a {given.dtype} tensor")
+    if given.is_floating_point() and not (torch.isfinite(given) & (given == given.round())).all():
+        raise ValueError(f"LSTM: lengths must be whole numbers, got {given.tolist()}")
+    return given.to(torch.int64)
+
+
+def _not_dense(tensors) -> bool:
+    """Whether any of these tensors is sparse, nested or otherwise not strided: no backend reads those, and
+    nn.LSTM's own forward decides what they give (torch 2.13: a sparse h0 runs, a sparse input or c0 raises)."""
+    for t in tensors:  # a loop, not any(): this runs on every step
+        if isinstance(t, Tensor) and (t.layout != torch.strided or t.is_nested):
+            return True
+    return False
+
+
+def _describe(value) -> str:
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(type(v).__name__ for v in value)
+        return f"a {type(value).__name__} of {len(value)} ({inner})"
+    return f"a {type(value).__name__}"
 
 
 def _saveable(input: Tensor, hx):
@@ -556,9 +612,7 @@ class LSTM(nn.RNNBase):
             raise TypeError(f"LSTM.forward() got an unexpected keyword argument {next(iter(keywords))!r}")
         if isinstance(input, torch.fx.Proxy):
             return self._fx_leaf(input, hx, lengths)
-        if isinstance(input, Tensor) and (input.is_nested or input.layout != torch.strided):
-            # Sparse and nested tensors: no backend reads them, and nn.LSTM's own forward decides what they give
-            # (torch 2.13: an error, which its checks raise before any of fastlstm's would trip over them).
+        if _not_dense((input, *(hx if isinstance(hx, (tuple, list)) else ()))):
             return TORCH_LSTM.forward(self, input, hx)
         self._update_flat_weights()  # parameters are read at call time, as nn.LSTM reads them
         if lengths is not None:
@@ -681,7 +735,7 @@ class LSTM(nn.RNNBase):
                 "the lengths are read as values to pack the batch; pass lengths shared by the samples, or call "
                 "the model sample by sample"
             )
-        lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
+        lengths = _lengths_as_int64(lengths)
         if lengths.dim() != 1 or lengths.numel() != input.size(batch_dim):
             raise ValueError(
                 f"LSTM: lengths must be 1-D with one entry per sequence ({input.size(batch_dim)}), got shape "
@@ -690,6 +744,8 @@ class LSTM(nn.RNNBase):
         if not lengths.numel():
             return lengths, (0, 0)
         seq_len = input.size(1 - batch_dim)
+        if seq_len == 0:
+            raise ValueError("LSTM: lengths= takes a padded input of 1 or more steps, got 0")
         shortest, longest = (int(end) for end in torch.aminmax(lengths))
         if shortest < 1 or longest > seq_len:
             raise ValueError(f"LSTM: every length must be in 1..{seq_len} (the padded length), got {lengths.tolist()}")
@@ -719,16 +775,16 @@ class LSTM(nn.RNNBase):
         """
         if self.bidirectional:
             raise ValueError("LSTM.step: needs a unidirectional LSTM (the reverse direction reads the future)")
-        if not isinstance(input, Tensor) or input.dim() not in (1, 2):
-            got = f"{input.dim()}D" if isinstance(input, Tensor) else f"a {type(input).__name__}"
-            raise ValueError(f"LSTM.step: Expected input to be 1D (unbatched) or 2D [batch, features], got {got}")
+        _check_step_args(input, state)
         batched = input.dim() == 2
         time_dim = 1 if self.batch_first and batched else 0
-        sequence = input.unsqueeze(time_dim)  # a 1-step sequence
-        if _autocast_enabled(input.device.type) or _state_dtype_differs(input, state):
-            # nn.LSTM's dtypes under autocast, or with a state of another dtype, are forward's to work out
-            y, state = self.forward(sequence, state)
+        tensors = (input,) if state is None else (input, *state)
+        if _autocast_enabled(input.device.type) or _state_dtype_differs(input, state) or _not_dense(tensors):
+            # nn.LSTM's dtypes under autocast, or with a state of another dtype, are forward's to work out, and
+            # what sparse or nested tensors give
+            y, state = self.forward(input.unsqueeze(time_dim), state)
             return y.squeeze(time_dim), state
+        sequence = input.unsqueeze(time_dim)  # a 1-step sequence
         self._update_flat_weights()
         # Forward's plans and checks: a step is a 1-step sequence to them (the same key, the same backends)
         key = self._call_key(sequence, state)

@@ -103,7 +103,22 @@ def test_lengths_with_dropout_draw_as_packing_does(backend, lengths):
 
 @pytest.mark.parametrize(
     "lengths,error",
-    [([3, 0], "every length must be in 1..4"), ([5, 1], "every length must be in 1..4"), ([1], "one entry per")],
+    [
+        ([3, 0], "every length must be in 1..4"),
+        ([5, 1], "every length must be in 1..4"),
+        ([1], "one entry per"),
+        # pack_padded_sequence reads these as [2, 1] and [1, 1]; a length is a count
+        ([2.5, 1.0], "whole numbers, got \\[2.5, 1.0\\]"),
+        (torch.tensor([True, True]), "whole numbers, .* torch.bool"),
+        (torch.tensor([2 + 0j, 1]), "whole numbers, .* torch.complex"),
+        ([float("nan"), 1.0], "whole numbers, got \\[nan, 1.0\\]"),
+        ([float("inf"), 1.0], "whole numbers, got \\[inf, 1.0\\]"),
+        # what torch cannot read as numbers is named as lengths' (torch's own errors did not say so)
+        ((n for n in (2, 1)), "lengths must be whole numbers, one per sequence; RuntimeError: Could not infer dtype"),
+        (["2", "1"], "lengths must be whole numbers, one per sequence; "),
+        ([2**64, 1], "lengths must be whole numbers, one per sequence; "),
+        (torch.tensor([2, 1], device="meta"), "lengths must be whole numbers, one per sequence; "),
+    ],
 )
 def test_bad_lengths_are_rejected(lengths, error):
     m = fastlstm.LSTM(I, H)
@@ -131,6 +146,23 @@ def test_explain_with_lengths_gives_the_plan_the_call_runs(batch_first, monkeypa
     assert explained.backends == ["native"] * 4
     fast = "cpp" if backends.get("cpp").unavailable_reason() is None else "native"
     assert fastlstm.explain(m, x).backends == [fast] * 4
+
+
+def test_lengths_take_whole_numbers_held_as_floats():
+    """A mask's float sum, say: the same call as with integers."""
+    torch.manual_seed(0)
+    m = fastlstm.LSTM(I, H)
+    x = torch.randn(4, 3, I)
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 1], [1, 0, 1], [0, 0, 1]])
+    y, (h, c) = m(x, lengths=mask.sum(0))
+    y_int, (h_int, c_int) = m(x, lengths=[3, 1, 4])
+    for got, expected in ((y, y_int), (h, h_int), (c, c_int)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_lengths_with_an_input_of_no_steps():
+    with pytest.raises(ValueError, match="lengths= takes a padded input of 1 or more steps, got 0"):
+        fastlstm.LSTM(I, H)(torch.randn(0, 2, I), lengths=[1, 1])
 
 
 def test_lengths_reject_packed_and_unbatched_input():
@@ -306,6 +338,85 @@ def test_step_rejects_bidirectional_and_bad_input():
         fastlstm.LSTM(I, H).step(torch.randn(2, I + 1))
     with pytest.raises(RuntimeError, match="Expected hidden"):
         fastlstm.LSTM(I, H).step(torch.randn(2, I), (torch.zeros(1, 3, H), torch.zeros(1, 3, H)))
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "reference"])
+def test_step_says_what_state_it_takes(backend):
+    """In step's terms: forward's messages spoke of a "batched 3-D input" where the caller passed a 2-D x_t, and a
+    state of one tensor, or one of None, raised IndexError or AttributeError from inside."""
+    m = fastlstm.LSTM(I, H, 2, backend=backend)
+    x, h, c = torch.randn(3, I), torch.zeros(2, 3, H), torch.zeros(2, 3, H)
+    for state, what in (((h,), "a tuple of 1 \\(Tensor\\)"), ((h, None), "a tuple of 2 \\(Tensor, NoneType\\)"),
+                        (h, "a Tensor"), ((h, c, c), "a tuple of 3")):  # fmt: skip
+        with pytest.raises(TypeError, match=f"state must be None or \\(h, c\\), two tensors; got {what}"):
+            m.step(x, state)
+    with pytest.raises(ValueError, match=re.escape("for a batched 2D input the state is (h [num_layers, batch, ")):
+        m.step(x, (h[:, 0], c[:, 0]))
+    with pytest.raises(ValueError, match=re.escape("for an unbatched 1D input the state is (h [num_layers, proj")):
+        m.step(x[0], (h, c))
+    y, (h1, c1) = m.step(x, [h, c])  # a list, as forward takes it
+    assert y.shape == (3, H) and h1.shape == c1.shape == (2, 3, H)
+
+
+def _outcome(call, *args):
+    """("ran", call(*args)) or ("raised", its exception's type and first line): nn.LSTM's answer to sparse tensors
+    is one or the other."""
+    try:
+        return "ran", call(*args)
+    except (RuntimeError, NotImplementedError) as e:
+        return "raised", type(e), str(e).splitlines()[0]
+
+
+def _one_step_of(module, x_t, state):
+    """nn.LSTM's call on the 1-step sequence of x_t [B, I], as step's output [B, P] and state."""
+    y, state = module(x_t.unsqueeze(0), state)
+    return y[0], state
+
+
+def _assert_same_outcome(got, expected):
+    assert got[0] == expected[0], (got, expected)
+    if got[0] == "raised":
+        assert got == expected
+        return
+    (y, (h, c)), (y_ref, (h_ref, c_ref)) = got[1], expected[1]
+    for a, b in ((y, y_ref), (h, h_ref), (c, c_ref)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "cpp"])
+def test_sparse_tensors_get_nn_lstms_answer(backend):
+    """A sparse input, h0 or c0, in forward or step, after a dense call of the same shapes (whose plan is
+    remembered): nn.LSTM's own answer (torch 2.13: a sparse h0 runs, a sparse input or c0 raises). A sparse h0 had
+    reached the C++ op (NotImplementedError for SparseCPU) and step had given a dense result on one backend."""
+    if backend == "cpp" and backends.get("cpp").unavailable_reason() is not None:
+        pytest.skip("the C++ backend is not built here")
+    ref, m = make_pair(I, H, 1, backend=backend)
+    x, h, c = torch.randn(5, 3, I, dtype=torch.float64), torch.rand(1, 3, H).double(), torch.rand(1, 3, H).double()
+    m(x, (h, c))
+    m.step(x[0], (h, c))
+    for xs, hs, cs in ((x, h.to_sparse(), c), (x, h, c.to_sparse()), (x.to_sparse(), h, c)):
+        _assert_same_outcome(_outcome(m, xs, (hs, cs)), _outcome(ref, xs, (hs, cs)))
+        x_t = xs.to_dense()[0].to_sparse() if xs.is_sparse else xs[0]
+        _assert_same_outcome(_outcome(m.step, x_t, (hs, cs)), _outcome(_one_step_of, ref, x_t, (hs, cs)))
+
+
+def test_step_state_of_another_dtype_in_a_list_is_forwards_as_in_a_tuple():
+    """A c of another dtype: nn.LSTM's outcome on the 1-step sequence (oneDNN raises; ATen's cells promote),
+    whether the state comes as a tuple or a list (a list had skipped forward and run in ATen's cells, which
+    promote, where nn.LSTM's call raised)."""
+    ref, m = make_pair(I, H, 1, backend="auto", dtype=torch.float32)
+    x, h, c = torch.randn(3, I), torch.zeros(1, 3, H), torch.zeros(1, 3, H, dtype=torch.float64)
+
+    def outcome(call):
+        try:
+            y, _ = call()
+        except RuntimeError as e:
+            return "raised", str(e).splitlines()[0]
+        return "ran", y.dtype
+
+    expected = outcome(lambda: ref(x[None], (h, c)))
+    assert outcome(lambda: m.step(x, (h, c))) == expected
+    assert outcome(lambda: m.step(x, [h, c])) == expected
 
 
 @pytest.mark.cuda
