@@ -338,6 +338,7 @@ def _not_dense(tensors) -> bool:
 
 
 def _describe(value) -> str:
+    """What a caller passed as a state, for an error message."""
     if isinstance(value, (tuple, list)):
         inner = ", ".join(type(v).__name__ for v in value)
         return f"a {type(value).__name__} of {len(value)} ({inner})"
