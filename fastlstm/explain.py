@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from fastlstm.dispatch import Choice
@@ -43,13 +42,14 @@ def explain(module: LSTM, input, hx: tuple[Tensor, Tensor] | None = None, *, len
 
     if not isinstance(module, LSTM):
         raise TypeError(f"explain() takes a fastlstm.LSTM, got {type(module).__name__}; see fastlstm.convert")
-    with torch.no_grad():
-        module._update_flat_weights()
-        if lengths is not None:
-            lengths, _ = module._check_lengths(input, lengths)
-        data, state, batch_sizes, *_ = module._prepare(input, hx)
-        if lengths is not None and lengths.numel():
-            data, state, batch_sizes, *_ = module._sorted_by_length(data, state, lengths)
+    # In the caller's grad mode, as the call prepares: under no_grad the rows that a lengths= call or an unsorted
+    # pack reorders (index_select, not a view) lost requires_grad, and a call that trains was planned as inference
+    module._update_flat_weights()
+    if lengths is not None:
+        lengths, _ = module._check_lengths(input, lengths)
+    data, state, batch_sizes, *_ = module._prepare(input, hx)
+    if lengths is not None and lengths.numel():
+        data, state, batch_sizes, *_ = module._sorted_by_length(data, state, lengths)
     # Under autocast, backends compute in its dtype, which can depend on grad mode: the caller's, as the call's
     amp = module._autocast_dtypes(data, state, batch_sizes)
     choices = module._plan(data, state, batch_sizes, amp)

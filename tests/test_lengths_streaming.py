@@ -148,6 +148,31 @@ def test_explain_with_lengths_gives_the_plan_the_call_runs(batch_first, monkeypa
     assert fastlstm.explain(m, x).backends == [fast] * 4
 
 
+@pytest.mark.parametrize("call", ["lengths", "unsorted pack, h0 needs grad"])
+def test_explain_plans_a_call_that_trains_through_reordered_rows_as_training(call, monkeypatch):
+    """Frozen weights, the gradient through the input (lengths=) or h0 (an unsorted pack): the rows these calls
+    reorder (index_select) lost requires_grad under explain's no_grad, so explain planned inference where the call
+    planned training (a speed rule that tells the two apart, here one that sends training to native)."""
+    from fastlstm import dispatch
+
+    monkeypatch.setattr(dispatch, "_faster_than_native", lambda name, c: "training (test)" if c.needs_grad else None)
+    m = fastlstm.LSTM(I, H, batch_first=True).requires_grad_(False)
+    x = torch.randn(2, 6, I, requires_grad=call == "lengths")
+    lengths = torch.tensor([4, 6])
+    if call == "lengths":
+        args, keywords = (x,), {"lengths": lengths}
+    else:
+        h0 = torch.zeros(1, 2, H, requires_grad=True)
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        args, keywords = (packed, (h0, torch.zeros(1, 2, H))), {}
+    plans = []
+    plan = m._plan
+    monkeypatch.setattr(m, "_plan", lambda *a: plans.append(plan(*a)) or plans[-1])
+    m(*args, **keywords)
+    assert [choice.backend for choice in plans[0]] == ["native"]
+    assert fastlstm.explain(m, *args, **keywords).backends == ["native"]
+
+
 def test_lengths_take_whole_numbers_held_as_floats():
     """A mask's float sum, say: the same call as with integers."""
     torch.manual_seed(0)
