@@ -59,7 +59,7 @@ def _forward(model, x, calls: int, one_region: bool):
 def main() -> None:
     parser = benchmark.ab_parser(__doc__)
     parser.add_argument("--one-region", action="store_true")
-    args = parser.parse_args()
+    args = benchmark.parse_ab_args(parser)
     results = {}
     for shape in args.shapes:
         label = str(shape)
@@ -78,7 +78,7 @@ def main() -> None:
         times = benchmark.interleaved_us(runs, args.repeats, per, _switch_to, alternate=True)
         _switch_to("now")
         results[label] = benchmark.ab_summary(label, times, ("before", "now"), ("nn.LSTM", "now"))
-    benchmark.write_ab_json(args.out, results, mode=args.mode, one_region=args.one_region)
+    benchmark.write_ab_json(args.out, results, mode=args.mode, one_region=args.one_region, repeats=args.repeats)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ import time
 
 import torch
 
-from fastlstm.__main__ import _shape_argument, machine_header, timing_notes
-from fastlstm.benchmark import make_models
+from fastlstm import backends
+from fastlstm.__main__ import _positive_int, _shape_argument, machine_header, timing_notes
+from fastlstm.benchmark import check_script_arguments, make_models
 
 ROUNDS = 4
 
@@ -60,16 +61,36 @@ def _calls_from_threads(model, x, seconds: float, latencies: list[float], thread
     return time.perf_counter() - start
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+_positive_float.__name__ = "positive number"  # argparse names the type in its error
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("shapes", nargs="+", type=_shape_argument, help="as `python -m fastlstm bench --shape`")
-    parser.add_argument("--backend", action="append", help="fastlstm backend (repeatable; default cpp)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="of calls per model and shape (default 3)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads(N) first")
-    parser.add_argument("--python-threads", type=int, default=1, help="Python threads calling at once (default 1)")
-    parser.add_argument("--worker-threads", type=int, help="torch.set_num_threads(N) in each of those threads")
+    parser.add_argument(
+        "--backend", action="append", choices=["auto", *backends.names()],
+        help="fastlstm backend (repeatable; default cpp)",
+    )  # fmt: skip
+    parser.add_argument("--seconds", type=_positive_float, default=3.0, help="of calls per model and shape (default 3)")
+    parser.add_argument("--threads", type=_positive_int, help="torch.set_num_threads(N) first")
+    parser.add_argument(
+        "--python-threads", type=_positive_int, default=1, help="Python threads calling at once (default 1)"
+    )
+    parser.add_argument(
+        "--worker-threads", type=_positive_int, help="torch.set_num_threads(N) in each of those threads (2+ of them)"
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.worker_threads is not None and args.python_threads < 2:
+        parser.error("--worker-threads sets the threads of --python-threads' callers: give --python-threads 2 or more")
+    check_script_arguments(parser, args.shapes, args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
     header = machine_header("cpu")

@@ -9,15 +9,16 @@ The script measures, with a small C++ kernel built here (OpenMP, -march=native):
 and the rates of torch.mm and of oneDNN's matmul on 2048^3 float32: the better of the two is what a tuned GEMM
 library reaches here (on AMD CPUs torch.mm runs MKL's generic code: on Zen 5 at less than half oneDNN's rate).
 
-Model, per shape: an LSTM must do its FLOPs (input projection + recurrent product; x3 for training: forward,
-dgates @ W_hh, dx, dW_ih, dW_hh) and must stream each direction's W_hh [4H, H] once per step (twice in
-training) -- it cannot be reused across steps when it does not fit in registers. So
+Model, per shape: an LSTM must do its FLOPs (input projection + recurrent product, + the projection's with
+proj_size; x3 for training: forward, dgates @ W_hh, dx, dW_ih, dW_hh) over the (step, sequence) pairs it computes
+(a packed shape's lengths as bench fed them) and must stream each direction's W_hh [4H, P] (and W_hr [P, H]) once
+per step (twice in training) -- it cannot be reused across steps when it does not fit in registers. So
 
     time >= max(FLOPs / rate, steps * |W_hh| / bandwidth(|W_hh|))
 
 and nn.LSTM's time over that bound caps the speedup of any implementation. Two columns: at the FMA peak (a
 hard ceiling) and at the best GEMM's rate (what the best GEMM code here reaches on its best shape).
-Bounds assume float32 and no projection.
+Bounds assume float32 outside autocast.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 
 import torch
 import torch.utils.cpp_extension
+
+from fastlstm.__main__ import _positive_int
+from fastlstm.benchmark import Shape
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -113,8 +116,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 }
 """
 
-_SHAPE = re.compile(r"B(\d+)-T(\d+)-I(\d+)-H(\d+)-L(\d+)(-bi)?$")
-
 
 def _kernels():
     return torch.utils.cpp_extension.load_inline(
@@ -149,19 +150,23 @@ def _gemm_gflops() -> dict[str, float]:
     return rates
 
 
-def _work(shape: str, training: bool) -> tuple[float, list[int]]:
-    """FLOPs, and the recurrent weight bytes streamed per step for each (layer, direction) with its steps."""
-    m = _SHAPE.match(shape)
-    if m is None:
-        raise ValueError(f"unrecognised shape {shape!r}")
-    batch, steps, inputs, hidden, layers = (int(g) for g in m.groups()[:5])
-    directions = 2 if m.group(6) else 1
+def _work(label: str, training: bool) -> tuple[float, list[int]]:
+    """FLOPs, and the recurrent weight bytes (w_hh, and w_hr with a projection) streamed per step for each (layer,
+    direction) with its steps, for a shape as bench labels it (Shape.parse: a projection, packed input too; a
+    packed batch's lengths are the ones bench fed, Shape.sequence_lengths)."""
+    shape = Shape.parse(label)
+    lengths = shape.sequence_lengths()
+    rows = int(lengths.sum()) if lengths is not None else shape.batch * shape.seq_len  # (step, sequence) pairs computed
+    hidden, recurrent = shape.hidden_size, shape.proj_size or shape.hidden_size
+    directions = 2 if shape.bidirectional else 1
     flops = 0.0
     streams: list[int] = []
-    for layer in range(layers):
-        layer_in = inputs if layer == 0 else hidden * directions
-        flops += directions * 2.0 * steps * batch * (layer_in + hidden) * 4 * hidden
-        streams += [4 * hidden * hidden * 4] * directions * steps * (2 if training else 1)
+    for layer in range(shape.num_layers):
+        layer_in = shape.input_size if layer == 0 else recurrent * directions
+        per_row = (layer_in + recurrent) * 4 * hidden + (hidden * recurrent if shape.proj_size else 0)
+        flops += directions * 2.0 * rows * per_row
+        weight_bytes = (4 * hidden * recurrent + (hidden * recurrent if shape.proj_size else 0)) * 4
+        streams += [weight_bytes] * directions * shape.seq_len * (2 if training else 1)
     return flops * (3 if training else 1), streams
 
 
@@ -180,10 +185,18 @@ def bounded_rows(bench: dict, threads: int | None) -> tuple[int, list[dict]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", help="JSON written by `python -m fastlstm bench --json` on this machine")
-    parser.add_argument("--threads", type=int, default=None, help="default: the threads the bench run used")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="default: the threads the bench run used")
     args = parser.parse_args(argv)
-    with open(args.results) as f:
-        threads, results = bounded_rows(json.load(f), args.threads)
+    try:
+        with open(args.results) as f:
+            bench = json.load(f)
+    except (OSError, ValueError) as e:
+        parser.error(f"{args.results}: {e}")
+    if not isinstance(bench, dict) or not isinstance(bench.get("results"), list):
+        parser.error(f"{args.results}: not a JSON of `python -m fastlstm bench --json` (no list of results)")
+    threads, results = bounded_rows(bench, args.threads)
+    if not results:
+        parser.error(f"{args.results}: no nn.LSTM inference or training rows to bound (step rows are another workload)")
     torch.set_num_threads(threads)
 
     kernels = _kernels()

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 import fastlstm
+from fastlstm import backends
+from fastlstm.__main__ import _positive_int, _shape_argument
 from fastlstm.benchmark import Shape
 
 SHAPES = ["B7-T200-I64-H512-L1", "B32-T100-I128-H512-L2-bi", "B7-T100-I256-H1024-L1"]
@@ -53,10 +55,13 @@ def ratios(shape: Shape, backend: str, seed: int) -> dict[str, tuple[float, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("shapes", nargs="*", type=Shape.parse, help="B7-T200-I64-H512-L1[-bi] (default: three)")
-    parser.add_argument("--backend", default="cpp")
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("shapes", nargs="*", type=_shape_argument, help="B7-T200-I64-H512-L1[-bi] (default: three)")
+    parser.add_argument("--backend", choices=["auto", *backends.names()], default="cpp")
+    parser.add_argument("--seeds", type=_positive_int, default=2)
     args = parser.parse_args()
+    reason = backends.get(args.backend).unavailable_reason() if args.backend != "auto" else None
+    if reason is not None:
+        parser.error(f"--backend {args.backend}: {reason}")
     print("error over nn.LSTM's, mean / largest, float32 against float64")
     for shape in args.shapes or [Shape.parse(text) for text in SHAPES]:
         if shape.proj_size or shape.packed:

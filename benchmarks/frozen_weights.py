@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 import fastlstm
+from fastlstm import backends
 from fastlstm.__main__ import DTYPES, _positive_int, _shape_argument
-from fastlstm.benchmark import Shape, output_data, write_ab_json
+from fastlstm.benchmark import Shape, check_script_arguments, output_data, write_ab_json
 
 
 def _models(shape: Shape, dtype: torch.dtype, backend: str) -> dict[str, nn.Module]:
@@ -42,10 +43,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shapes", nargs="+", type=_shape_argument)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--backend", choices=["auto", *backends.names()], default="auto")
     parser.add_argument("--repeats", type=_positive_int, default=9)
     parser.add_argument("--json", metavar="FILE", help="also write the medians and every time as JSON")
     args = parser.parse_args()
+    check_script_arguments(parser, args.shapes, args.json)
     dtype = DTYPES[args.dtype]
     results = {}
     for shape in args.shapes:

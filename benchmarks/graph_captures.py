@@ -17,6 +17,7 @@ import random
 
 import torch
 
+from fastlstm.__main__ import _positive_int
 from fastlstm.backends.triton import graphs, ops
 
 
@@ -49,8 +50,8 @@ def count(calls: int, max_len: int, seed: int, batch: int = 4, input_size: int =
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=1000)
-    parser.add_argument("--max-len", type=int, default=64)
+    parser.add_argument("--calls", type=_positive_int, default=1000)
+    parser.add_argument("--max-len", type=_positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     counts = count(args.calls, args.max_len, args.seed)

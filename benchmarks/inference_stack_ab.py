@@ -48,7 +48,7 @@ def main() -> None:
     parser = benchmark.ab_parser(__doc__)
     parser.add_argument("--layers-first", action="store_true")
     parser.add_argument("--autocast-bf16", action="store_true")
-    args = parser.parse_args()
+    args = benchmark.parse_ab_args(parser)
     results = {}
     for shape in args.shapes:
         label = str(shape)
@@ -74,7 +74,7 @@ def main() -> None:
         cpu.CppBackend.has_inference_stack = True
         summary = benchmark.ab_summary(label, times, ("layer by layer", "one call"))
         results[label] = {"order": order, **summary}
-    benchmark.write_ab_json(args.out, results, mode=args.mode, autocast_bf16=args.autocast_bf16)
+    benchmark.write_ab_json(args.out, results, mode=args.mode, autocast_bf16=args.autocast_bf16, repeats=args.repeats)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", help="write a PNG bar chart here")
     parser.add_argument("--out", help="write the markdown here as well as to stdout")
     args = parser.parse_args(argv)
-    data, groups = load(args.json)
+    try:
+        data, groups = load(args.json)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a bench --json or an A/B script's JSON, say
+        parser.error(f"{args.json}: not a pytest-benchmark JSON (`pytest benchmarks --benchmark-json`): {e!r}")
     lines, _ = table(groups)
     text = "\n".join(["## fastlstm vs nn.LSTM", "", *header(data), "", *lines])
     print(text)

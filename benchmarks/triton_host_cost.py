@@ -20,6 +20,7 @@ os.environ["TRITON_INTERPRET"] = "0"  # the launchers' real path; nothing reache
 
 import torch  # noqa: E402
 
+from fastlstm.__main__ import _positive_int  # noqa: E402
 from fastlstm.backends.triton import kernels, ops  # noqa: E402
 
 STEP_KERNELS = ("fwd_step_kernel", "fwd_proj_kernel", "bwd_step_kernel", "bwd_dh_kernel", "bwd_proj_cell_kernel")
@@ -60,8 +61,8 @@ def host_cost(steps: int, reps: int, proj_size: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--steps", type=_positive_int, default=100)
+    parser.add_argument("--reps", type=_positive_int, default=200)
     args = parser.parse_args(argv)
     originals = {name: getattr(kernels, name) for name in STEP_KERNELS}
     try:

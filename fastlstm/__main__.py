@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -155,11 +156,11 @@ def cmd_check(args) -> int:
     device = args.device or _default_device()
     failures = checked = 0
     skipped, missing = [], []
-    requested = args.backend or []
+    requested = list(dict.fromkeys(args.backend or []))  # a name given twice is checked once
     what = ", ".join(requested) if requested else "every available backend"
     cases = CHECK_CASES + random_cases(args.random, args.seed)
     # float64 checks the math tightly; float32 is what models run (other kernels on the CPU)
-    dtypes = [DTYPES[name] for name in args.dtype] if args.dtype else [torch.float64, torch.float32]
+    dtypes = [DTYPES[name] for name in dict.fromkeys(args.dtype)] if args.dtype else [torch.float64, torch.float32]
     extra = f", and {args.random} random configurations of seed {args.seed}" if args.random else ""
     in_dtypes = " and ".join(str(dtype)[6:] for dtype in dtypes)
     print(
@@ -176,24 +177,24 @@ def cmd_check(args) -> int:
             print(f"{name:<10} skipped: {reason}")
             skipped.append(name)
             continue
-        served = 0
+        served_in = dict.fromkeys(dtypes, 0)
         for case in cases:
             for dtype in dtypes:
                 label = f"{name:<10} {case!s:<45} {str(dtype)[6:]:<8}"
                 try:
                     errors = compare(case, name, device, dtype)
                 except BuildCrashError as error:  # the backend serves the call, but its compiler crashes on it
-                    served, failures = served + 1, failures + 1
+                    served_in[dtype], failures = served_in[dtype] + 1, failures + 1
                     print(f"{label} CRASH {error}")
                     continue
                 except BackendUnavailableError as error:
                     print(f"{label} skipped: {error}")
                     continue
                 except Exception as error:  # a kernel that raises is a failure to report, and the others go on
-                    served, failures = served + 1, failures + 1
+                    served_in[dtype], failures = served_in[dtype] + 1, failures + 1
                     print(f"{label} ERROR {type(error).__name__}: {error}")
                     continue
-                served += 1
+                served_in[dtype] += 1
                 worst_key = max(errors, key=lambda key: _excess(*errors[key]))
                 worst, tolerance = errors[worst_key]
                 ok = worst <= tolerance
@@ -202,10 +203,15 @@ def cmd_check(args) -> int:
                 if ok and tolerance >= 1:  # a result the dtype does not resolve (it underflows, or cancels)
                     status += " (nn.LSTM's own error in this dtype is 50%+ here: the dtype cannot resolve it)"
                 print(f"{label} max err {worst:.2e} ({worst_key}) tol {tolerance:.0e} {status}", flush=True)
+        served = sum(served_in.values())
         checked += served
         if not served and name in requested:  # asked for by name, and it served none of the calls: nothing checked
             print(f"{name:<10} UNAVAILABLE: it serves none of these calls (see above)")
             missing.append(name)
+        elif name in requested and args.dtype:  # a dtype asked for, in which it served none: that dtype unchecked
+            for dtype in (dtype for dtype, count in served_in.items() if not count):
+                print(f"{name:<10} UNAVAILABLE in {str(dtype)[6:]}: it serves none of these calls in it (see above)")
+                missing.append(f"{name} in {str(dtype)[6:]}")
     if not checked and not failures and not missing:
         print("nothing checked: no backend served any of these calls (see above)")
         return 1
@@ -269,9 +275,13 @@ def _validate(
 
 def _shape_argument(text: str) -> Shape:
     try:
-        return Shape.parse(text)
+        shape = Shape.parse(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+    sizes = (shape.batch, shape.seq_len, shape.input_size, shape.hidden_size, shape.num_layers)
+    if max(sizes) > 2**31 - 1:  # torch's sizes are int64, its products of them too: a size this big cannot run
+        raise argparse.ArgumentTypeError(f"shape {text!r}: a size over 2**31 - 1")
+    return shape
 
 
 def cmd_bench(args) -> int:
@@ -289,11 +299,16 @@ def cmd_bench(args) -> int:
     names = _bench_backends(device, args.backend)
     modes = ["inference", "training"] if args.mode == "both" else [args.mode]
     if args.mode == "step":
-        streamed = [shape for shape in shapes if shape.bidirectional or shape.packed]
-        if streamed:  # the reverse direction reads the future; a packed batch has no one step to feed
-            error = f"--mode step streams unidirectional, unpacked shapes, not {streamed[0]}"
+        unstreamed = [shape for shape in shapes if shape.bidirectional or shape.packed]
+        if unstreamed and args.shape:  # the reverse direction reads the future; a packed batch has no one step
+            error = f"--mode step streams unidirectional, unpacked shapes, not {unstreamed[0]}"
             print(f"{_prog()} bench: error: {error}", file=sys.stderr)
             return 2
+        if unstreamed:  # a grid's: time the shapes a stream can feed, and say which were left out
+            shapes = [shape for shape in shapes if shape not in unstreamed]
+            left = ", ".join(map(str, unstreamed))
+            print(f"fastlstm bench: note: --mode step leaves out the grid's bidirectional and packed shapes: {left}",
+                  file=sys.stderr)  # fmt: skip
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # before the header, which reports it
     header = machine_header(device)
@@ -323,18 +338,25 @@ def cmd_bench(args) -> int:
         print(f"\n{_prog()} bench: error: out of memory at {shape}: {detail}", file=sys.stderr)
         return 2
     print("\r".ljust(60), file=sys.stderr)
-    print(format_table(results, dtype, autocast))
     unlike = _onednn_off_note(results)
     if unlike:
-        print(f"fastlstm bench: note: {unlike}", file=sys.stderr)
         notes = [*notes, unlike]
-    if args.json:
+    if args.json:  # before the table: a reader that closes the pipe early (`| head`) does not cost the results
         run = {
             "machine": header, "dtype": args.dtype, "autocast": args.autocast, "repeats": args.repeats,
             "checked": not args.no_check, "notes": notes,  # a run unchecked, or on a busy machine, says so
         }  # fmt: skip
-        with open(args.json, "w") as f:
-            json.dump({**run, "results": [r.as_dict() for r in results]}, f, indent=1)
+        try:
+            with open(args.json, "w") as f:
+                json.dump({**run, "results": [r.as_dict() for r in results]}, f, indent=1)
+        except OSError as error:  # writable when the run began (_check_arguments), not now: a full disk, say
+            print(format_table(results, dtype, autocast))
+            print(f"{_prog()} bench: error: could not write {args.json}: {error}", file=sys.stderr)
+            return 1
+    print(format_table(results, dtype, autocast))
+    if unlike:
+        print(f"fastlstm bench: note: {unlike}", file=sys.stderr)
+    if args.json:
         print(f"wrote {args.json}")
     return 0
 
@@ -387,12 +409,33 @@ def _busy_note() -> str | None:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):  # not on every platform
         return None
-    cpus = os.cpu_count() or 1
+    cpus = os.cpu_count() or 1  # the load average is the whole machine's
     if load < 0.75 * cpus:
         return None
     return (
         f"load average {load:.1f} on {cpus} CPUs: other processes compete for them, so the "
         "timings below may be noise; rerun on an idle machine"
+    )
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (taskset, a container's cpuset), where the platform says."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _oversubscribed_note() -> str | None:
+    """A warning when torch runs more threads than the CPUs this process may run on: nn.LSTM's calls then wait for
+    CPUs (64 threads on 1 CPU: 3.96 ms for a call of 0.1 ms' work, an audit), while cpp caps its own threads, and
+    the speedups below measure the waiting."""
+    threads, cpus = torch.get_num_threads(), usable_cpus()
+    if threads <= cpus:
+        return None
+    return (
+        f"torch runs {threads} threads on {_cpus(cpus)} this process may use: threads wait for one another, "
+        f"nn.LSTM's most, so the speedups below are not a machine's (`python -m fastlstm bench --threads {cpus}`)"
     )
 
 
@@ -478,7 +521,7 @@ def _quota_note() -> str | None:
 
 def timing_notes() -> list[str]:
     """What makes this machine's timings unreliable now (for `bench` and the pytest-benchmark suite)."""
-    return [note for note in (_busy_note(), _quota_note()) if note]
+    return [note for note in (_busy_note(), _quota_note(), _oversubscribed_note()) if note]
 
 
 def _positive_int(text: str) -> int:
@@ -501,22 +544,30 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--device cuda: torch sees no CUDA device here")
     if getattr(args, "autocast", None) and args.dtype != "float32":
         parser.error(f"--autocast runs float32 models under autocast, not {args.dtype} ones (--dtype float32)")
-    if getattr(args, "json", None):
+    if getattr(args, "json", None) is not None:
         problem = _unwritable(args.json)  # fail now, not after the whole benchmark has run
         if problem:
             parser.error(f"--json {args.json}: {problem}")
 
 
 def _unwritable(path: str) -> str | None:
-    """Why `path` could not be written, without creating it (a failed run leaves no empty file behind)."""
+    """Why `path` could not be written, found by opening it to append (which leaves a file there as it was), and
+    removing it again where that created it: a failed run leaves no empty file behind. os.access had passed
+    whatever root asked for, /proc/x.json too, and the run ended in a traceback after all its timing."""
+    if not path:
+        return "expected a file name"
     if os.path.isdir(path):
         return "Is a directory"
-    if os.path.exists(path):
-        return None if os.access(path, os.W_OK) else "Permission denied"
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        return "No such file or directory"
-    return None if os.access(folder, os.W_OK | os.X_OK) else "Permission denied"
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        return error.strerror or str(error)
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    return None
 
 
 def _prog() -> str:
@@ -608,7 +659,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_arguments(sub.choices[args.command], args)  # errors in the subcommand's usage, as argparse's own
     commands = {"info": cmd_info, "build": cmd_build, "check": cmd_check, "bench": cmd_bench}
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except BrokenPipeError:  # the reader went away (`| head`): say nothing more, and not at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{_prog()} {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -357,6 +357,31 @@ def interleaved_us(
     return times
 
 
+def check_script_arguments(parser, shapes: list[Shape], json_path: str | None, step: bool = False) -> None:
+    """What the benchmark scripts check after parsing, as argparse errors before any timing: no shape twice (their
+    results are keyed by its label: the second run replaced the first), in step mode only shapes a stream can feed
+    (as bench), and a JSON path that can be written (a run had ended in a traceback there, its results lost)."""
+    from fastlstm.__main__ import _unwritable
+
+    labels = [str(shape) for shape in shapes]
+    twice = next((label for k, label in enumerate(labels) if label in labels[:k]), None)
+    if twice:
+        parser.error(f"shape {twice} given twice (results are kept by shape)")
+    unstreamed = next((shape for shape in shapes if shape.bidirectional or shape.packed), None)
+    if step and unstreamed:
+        parser.error(f"step mode streams unidirectional, unpacked shapes, not {unstreamed}")
+    problem = _unwritable(json_path) if json_path is not None else None
+    if problem:
+        parser.error(f"{json_path}: {problem}")
+
+
+def parse_ab_args(parser):
+    """An A/B script's arguments (ab_parser's and its own), checked (check_script_arguments)."""
+    args = parser.parse_args()
+    check_script_arguments(parser, args.shapes, args.out, step=args.mode == "step")
+    return args
+
+
 def ab_parser(doc: str):
     """The arguments every A/B script takes: mode (step or forward), the JSON to write, shapes (labels separated by
     commas, as `bench --shape` takes them, parsed into a list of Shape), --repeats; bad values are argparse's
@@ -366,7 +391,13 @@ def ab_parser(doc: str):
     from fastlstm.__main__ import _positive_int, _shape_argument
 
     def shape_list(text: str) -> list[Shape]:
-        return [_shape_argument(label) for label in text.split(",")]
+        labels = text.split(",")
+        odd = next((label for label in labels if not label.strip().startswith("B")), None)
+        if odd is not None:  # Shape.parse's other form, B,T,I,H, cannot pass: commas separate the shapes here
+            raise argparse.ArgumentTypeError(
+                f"shape {odd!r}: expected labels like B32-T100-I256-H256[-P128]-L2[-bi][-packed], separated by commas"
+            )
+        return [_shape_argument(label) for label in labels]
 
     shape_list.__name__ = "shape list"  # argparse names the type in its error
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])

@@ -16,7 +16,7 @@ from helpers import ROOT, load_benchmark_script, require_triton, run_python, run
 from torch import nn
 
 from fastlstm.benchmark import Shape
-from fastlstm.check import TOLERANCE, Case, _relative_error, compare, exact_cudnn
+from fastlstm.check import CHECK_CASES, TOLERANCE, Case, _relative_error, compare, exact_cudnn
 from fastlstm.dispatch import BackendUnavailableError
 
 
@@ -306,6 +306,27 @@ def test_check_that_served_nothing_fails(monkeypatch, capsys):
     assert "mismatches or errors" in out and "nothing checked" not in out, out
 
 
+def test_check_of_a_named_backend_fails_in_a_dtype_it_serves_none_of(monkeypatch, capsys):
+    """triton under the interpreter serves float32 and no bfloat16: asked for both by name, the bfloat16 half went
+    unchecked while the run said "all checked backends match" and exited 0. Names given twice run once."""
+    from fastlstm import __main__ as cli
+
+    def serve_float32(case, name, device, dtype, **kwargs):
+        if dtype != torch.float32:
+            raise BackendUnavailableError(f"fastlstm backend {name!r} cannot serve {case} in {dtype}")
+        return {"y": (0.0, 1e-4)}
+
+    monkeypatch.setattr(cli, "compare", serve_float32)
+    args = ["check", "--backend", "reference", "--backend", "reference", "--dtype", "float32", "--dtype", "bfloat16"]
+    assert cli.main([*args, "--dtype", "float32"]) == 1
+    out = capsys.readouterr().out
+    assert "in float32 and bfloat16: reference against nn.LSTM" in out, out
+    assert "reference  UNAVAILABLE in bfloat16: it serves none of these calls in it" in out, out
+    assert "not available, though asked for: reference in bfloat16" in out and "all checked" not in out, out
+    assert out.count(f"{CHECK_CASES[0]!s:<45} float32") == 1, out
+    assert cli.main(["check", "--backend", "reference", "--dtype", "float32"]) == 0
+
+
 def test_check_random_configurations_measure_errors_against_each_tensors_size(tmp_path):
     """`check --random 4`: the fixed cases and four random ones, the fourth with weights scaled by 1e-6. The
     reference is patched to add 1e-12 to h and c each step: negligible against values near 1, so the fixed cases
@@ -577,6 +598,8 @@ def test_bench_records_the_cpu_generation_the_tuning_knobs_and_the_threads(tmp_p
         (["--repeats", "0"], "expected a positive integer"),
         (["--threads", "0"], "expected a positive integer"),
         (["--json", "/x-none/out.json"], "bench: error: --json /x-none/out.json: No such file or directory"),
+        (["--json", ""], "bench: error: --json : expected a file name"),
+        (["--shape", "B99999999999999999999-T1-I1-H1"], "a size over 2**31 - 1"),
         (["--backend", "triton", "--shape", "1,2,3,4", "--device", "cpu"], "error: fastlstm backend 'triton'"),
         (["--mode", "step", "--shape", "1,3,4,6,2,bi"], "--mode step streams unidirectional, unpacked shapes"),
         (["--mode", "step", "--shape", "B3-T4-I4-H6-L1-packed"], "--mode step streams unidirectional, unpacked"),
@@ -608,6 +631,102 @@ def test_checks_beyond_argparse_answer_in_the_subcommands_usage(capsys, args, me
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert f"usage: python -m fastlstm {args[0]}" in err and f"python -m fastlstm {message}" in err, err
+
+
+def test_json_paths_are_tried_not_guessed(tmp_path):
+    """--json's path is opened to append before any timing (os.access had passed /proc/x.json for root, and the run
+    ended in a traceback after timing everything): a file there stays as it was, none is left where there was none."""
+    from fastlstm import __main__ as cli
+
+    assert cli._unwritable("/proc/fastlstm-x.json") is not None
+    assert cli._unwritable("") == "expected a file name"
+    assert cli._unwritable(str(tmp_path)) == "Is a directory"
+    assert cli._unwritable(str(tmp_path / "missing" / "x.json")) == "No such file or directory"
+    kept = tmp_path / "kept.json"
+    kept.write_text("{}")
+    assert cli._unwritable(str(kept)) is None and kept.read_text() == "{}"
+    assert cli._unwritable(str(tmp_path / "new.json")) is None and not (tmp_path / "new.json").exists()
+
+
+def test_bench_piped_into_head_keeps_its_json_and_says_nothing_more(tmp_path):
+    """`bench ... --json F | head -1`: the JSON is written before the table (it had been lost to the BrokenPipeError
+    the table's print raised), and the closed pipe ends the run without a traceback."""
+    out = tmp_path / "piped.json"
+    command = (
+        f"{sys.executable} -m fastlstm bench --shape B1-T2-I2-H2 --repeats 2 --mode inference --backend native "
+        f"--json {out} | head -1"
+    )
+    done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert done.stdout.startswith("fastlstm bench: "), done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert json.loads(out.read_text())["results"], out.read_text()
+
+
+def test_an_interrupted_command_says_so_in_one_line(monkeypatch, capsys):
+    from fastlstm import __main__ as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    assert cli.main(["info"]) == 130
+    assert capsys.readouterr().err.strip() == "python -m fastlstm info: interrupted"
+
+
+def test_bench_step_mode_on_a_grid_leaves_out_what_a_stream_cannot_feed(monkeypatch, capsys):
+    """The default grids hold bidirectional and packed shapes: --mode step had refused them all (exit 2); named
+    with --shape such a shape is still an error."""
+    from fastlstm import __main__ as cli
+
+    timed = []
+    monkeypatch.setattr(cli, "_validate", lambda shape, *args, **kwargs: {})
+    monkeypatch.setattr(cli, "time_shape", lambda shape, *args, **kwargs: timed.append(shape) or [])
+    monkeypatch.setattr(cli, "format_table", lambda *args: "")
+    monkeypatch.setitem(cli.DEFAULT_GRID, "cpu", [Shape.parse("B2-T3-I4-H5-L1"), Shape.parse("B2-T3-I4-H5-L1-bi"),
+                                                  Shape.parse("B2-T3-I4-H5-L1-packed")])  # fmt: skip
+    assert cli.main(["bench", "--mode", "step", "--device", "cpu"]) == 0
+    assert [str(shape) for shape in timed] == ["B2-T3-I4-H5-L1"]
+    err = capsys.readouterr().err
+    assert "--mode step leaves out the grid's bidirectional and packed shapes: B2-T3-I4-H5-L1-bi, " in err, err
+    assert cli.main(["bench", "--mode", "step", "--shape", "B2-T3-I4-H5-L1-bi"]) == 2
+
+
+def test_bench_warns_when_torch_runs_more_threads_than_the_process_may_use(monkeypatch):
+    from fastlstm import __main__ as cli
+
+    monkeypatch.setattr(cli, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(cli.torch, "get_num_threads", lambda: 64)
+    assert "torch runs 64 threads on 1 CPU this process may use" in cli._oversubscribed_note()
+    monkeypatch.setattr(cli.torch, "get_num_threads", lambda: 1)
+    assert cli._oversubscribed_note() is None
+
+
+@pytest.mark.parametrize(
+    "script,args,message",
+    [
+        ("inference_stack_ab", ["forward", "{tmp}/a.json", "B2-T3-I4-H5,B2-T3-I4-H5"], "B2-T3-I4-H5-L1 given twice"),
+        ("autocast_ab", ["step", "{tmp}/a.json", "B2-T3-I4-H5-L1-bi"], "step mode streams unidirectional, unpacked"),
+        ("inference_stack_ab", ["step", "{tmp}/a.json", "B2-T3-I4-H5-L2-packed"], "step mode streams unidirectional"),
+        ("inference_stack_ab", ["forward", "{tmp}", "B2-T3-I4-H5"], "Is a directory"),
+        ("inference_stack_ab", ["forward", "{tmp}/a.json", "2,3,4,5"], "expected labels like B32-T100-I256-H256"),
+        ("frozen_weights", ["B2-T3-I4-H5", "--json", "/x-none/f.json"], "No such file or directory"),
+        ("frozen_weights", ["B2-T3-I4-H5", "--backend", "bogus"], "invalid choice: 'bogus'"),
+        ("calls_per_second", ["B2-T3-I4-H5", "--worker-threads", "4"], "give --python-threads 2 or more"),
+        ("calls_per_second", ["B2-T3-I4-H5", "--seconds", "0"], "expected a positive number, got 0"),
+        ("calls_per_second", ["B2-T3-I4-H5", "--threads", "-1"], "expected a positive integer"),
+        ("calls_per_second", ["B2-T3-I4-H5", "B2-T3-I4-H5"], "given twice"),
+    ],
+)
+def test_benchmark_scripts_refuse_bad_arguments_before_timing(tmp_path, script, args, message):
+    """The scripts' mistakes as argparse errors, exit 2, before any timing: a shape given twice had kept only its
+    second run's results, step mode had labelled an unpacked stream "-packed" (and crashed on "-bi"), a JSON path
+    had failed after the whole run, and --worker-threads without Python threads had been written to the JSON
+    unused."""
+    argv = [arg.format(tmp=tmp_path) for arg in args]
+    done = run_python(str(ROOT / "benchmarks" / f"{script}.py"), *argv)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_bench_that_fails_leaves_no_json_behind(tmp_path):
@@ -778,6 +897,21 @@ def test_cpu_bounds_takes_the_bench_runs_threads_and_refuses_what_it_cannot_mode
     for setting in ({"dtype": "bfloat16"}, {"autocast": "bfloat16"}):
         with pytest.raises(SystemExit, match="float32 outside autocast"):
             bounds.bounded_rows({**bench, **setting}, None)
+
+
+def test_cpu_bounds_reads_every_label_bench_writes():
+    """Projections and packed shapes too (it had raised "unrecognised shape" on them after measuring): the work of a
+    packed batch over the lengths bench fed, a projection's products and weight."""
+    bounds = load_benchmark_script("cpu_bounds")
+    plain, _ = bounds._work("B2-T10-I3-H4-L1", training=False)
+    assert plain == 2.0 * 2 * 10 * (3 + 4) * 16
+    lengths = Shape.parse("B3-T10-I3-H4-L1-packed").sequence_lengths()
+    packed, streams = bounds._work("B3-T10-I3-H4-L1-packed", training=False)
+    assert packed == 2.0 * int(lengths.sum()) * (3 + 4) * 16 and len(streams) == 10
+    projected, streams = bounds._work("B2-T10-I3-H4-P2-L2-bi", training=True)
+    per_row = [(3 + 2) * 16 + 4 * 2, (2 * 2 + 2) * 16 + 4 * 2]  # layer 1 reads both directions' projected h
+    assert projected == 3 * sum(2 * 2.0 * 20 * n for n in per_row)
+    assert streams == [(16 * 2 + 4 * 2) * 4] * (2 * 2 * 10 * 2)
 
 
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
