@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One prepared GPU check, from the repository root, on a CUDA machine with torch, triton, pytest and ninja
-# (no network, nothing installed). Under 6 minutes at worst without --tune (the limits add up to 335 s), which
-# leaves a device session's 15 minutes room to run it again:
+# (no network, nothing installed). Under 6 minutes at worst without --tune (every step has a time limit; those
+# that run one after another add up to 355 s), which leaves a device session's 15 minutes room to run it again:
 #   1. at once, for at most 160 s: benchmarks/gpu_grid.py --warm in 8 processes (the grid's kernels compile into
 #      triton's cache, so the grid's budget goes to timing); `pytest -m cuda tests/` (on 6 workers where
 #      pytest-xdist is there); `python -m fastlstm check --device cuda --backend triton` in bfloat16, float16 and
 #      float32. All three compile more than they time, and none of them is timed against another.
 #   2. alone, on a quiet GPU: benchmarks/gpu_grid.py (triton vs nn.LSTM/cuDNN grid; 115 s budget, killed at
-#      145 s), then benchmarks/cuda_rule.py: the grid's figures as fastlstm/measured_cuda.py would hold them
+#      135 s), then benchmarks/cuda_rule.py: the grid's figures as fastlstm/measured_cuda.py would hold them
 #      (dispatch's rule), and how the grid stands against issue 4's targets (in gpu_check.log)
 #   3. with --tune: benchmarks/gpu_tune.py (other tile sizes and warps per kernel against nn.LSTM, for setting
 #      ops._blocks and the launch options), in what is left of 520 s
@@ -39,17 +39,12 @@ for arg in "$@"; do
         *) echo "gpu_check: unknown option $arg (expected --dry-run, --tune)" >&2; exit 2 ;;
     esac
 done
-if [[ $DRY_RUN -eq 1 ]]; then
-    export TRITON_INTERPRET=1
-else
-    unset TRITON_INTERPRET
-    if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-        echo "gpu_check: no CUDA device visible to torch; run with --dry-run for a CPU smoke test" >&2
-        exit 2
-    fi
-fi
+if [[ $DRY_RUN -eq 1 ]]; then export TRITON_INTERPRET=1; else unset TRITON_INTERPRET; fi
 
-"$PY" - <<'EOF'
+# The versions (on stderr), and whether torch sees a GPU and pytest has its plugins here: one call, bounded as
+# every step is.
+probe=$(timeout 20 "$PY" - <<'EOF'
+import importlib.util, sys
 import torch
 try:
     import triton
@@ -57,8 +52,16 @@ try:
 except Exception as e:
     tv = f"unavailable: {e}"
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-print(f"gpu: {gpu} | torch {torch.__version__} (CUDA {torch.version.cuda}) | triton {tv}")
+print(f"gpu: {gpu} | torch {torch.__version__} (CUDA {torch.version.cuda}) | triton {tv}", file=sys.stderr)
+has = [torch.cuda.is_available(), *(importlib.util.find_spec(name) is not None for name in ("xdist", "pytest_timeout"))]
+print(*(int(x) for x in has))
 EOF
+)
+read -r has_cuda has_xdist has_timeout <<< "${probe:-0 0 0}"
+if [[ $DRY_RUN -eq 0 && $has_cuda -ne 1 ]]; then
+    echo "gpu_check: no CUDA device visible to torch; run with --dry-run for a CPU smoke test" >&2
+    exit 2
+fi
 
 dry=()
 if [[ $DRY_RUN -eq 1 ]]; then dry=(--dry-run); fi
@@ -91,8 +94,8 @@ fi
 
 # -v: each test's verdict on its own line as it ends, so that a run its time limit stops still says which passed
 pytest_args=(-m cuda tests/ -v -p no:cacheprovider -rfE --tb=short)
-if [[ $DRY_RUN -eq 0 ]] && "$PY" -c "import xdist" 2> /dev/null; then pytest_args+=(-n 6); fi
-if "$PY" -c "import pytest_timeout" 2> /dev/null; then pytest_args+=(--timeout 140); fi
+if [[ $DRY_RUN -eq 0 && $has_xdist -eq 1 ]]; then pytest_args+=(-n 6); fi
+if [[ $has_timeout -eq 1 ]]; then pytest_args+=(--timeout 140); fi
 timeout 160 "$PY" -m pytest "${pytest_args[@]}" > "$RESULTS/pytest_cuda.log" 2>&1
 pytest_status=$?
 # 5: no tests collected (e.g. every cuda test deselected); not a failure of the kernels.
@@ -116,14 +119,14 @@ start=$SECONDS
 if [[ $DRY_RUN -eq 1 ]]; then
     timeout 150 "$PY" benchmarks/gpu_grid.py --dry-run --out "$RESULTS" --budget 100 2>&1 | tee -a "$LOG"
 else
-    timeout 145 "$PY" benchmarks/gpu_grid.py --out "$RESULTS" --budget 115 2>&1 | tee -a "$LOG"
+    timeout 135 "$PY" benchmarks/gpu_grid.py --out "$RESULTS" --budget 115 2>&1 | tee -a "$LOG"
 fi
 grid_status=${PIPESTATUS[0]}
 echo "grid: exit $grid_status in $((SECONDS - start)) s; results in $RESULTS"
 # The figures dispatch's CUDA rule would read from this grid (fastlstm/measured_cuda.py's form; committed by hand)
 rule_args=("$RESULTS/gpu_grid.json")
 if [[ $DRY_RUN -eq 1 ]]; then rule_args=("$RESULTS/gpu_grid_dry_run.json" --capability "none (CPU dry run)"); fi
-"$PY" benchmarks/cuda_rule.py "${rule_args[@]}" --out "$RESULTS/measured_cuda.py" 2>&1 | tee -a "$LOG"
+timeout 10 "$PY" benchmarks/cuda_rule.py "${rule_args[@]}" --out "$RESULTS/measured_cuda.py" 2>&1 | tee -a "$LOG"
 
 tune_status=0
 if [[ $TUNE -eq 1 ]]; then

@@ -29,8 +29,9 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# A shape's timing rounds stop after this many seconds (three rounds at least): the grid's 52 rows share
-# gpu_check.sh's 115 s, and its largest (batch 256, 1000 steps) may take a second or more a round.
+# A grid shape's timing rounds stop after this many seconds (three rounds at least): the grid's 52 rows share
+# gpu_check.sh's 115 s, and its largest (batch 256, 1000 steps) may take a second or more a round. The tuner's
+# shapes, ten candidates a round, keep 20 (run_all's default).
 PER_SHAPE_SECONDS = 8.0
 
 
@@ -414,10 +415,13 @@ def device_for(args, tool: str, torch) -> str | None:
     return device
 
 
-def run_all(tool: str, stem: str, shapes: list[dict], measure, label, summary, render, args, torch, device: str) -> int:
-    """measure(shape, torch, device, reps, max_seconds) for every shape within args.budget seconds, each row
-    printed (label(shape): summary(row)) and the results written after every shape (a killed run keeps them).
-    Exit status 0 when at least one shape ran."""
+def run_all(
+    tool: str, stem: str, shapes: list[dict], measure, label, summary, render, args, torch, device: str,
+    per_shape: float = 20.0,
+) -> int:  # fmt: skip
+    """measure(shape, torch, device, reps, max_seconds) for every shape within args.budget seconds (its timing
+    rounds within per_shape seconds, or half what is left), each row printed (label(shape): summary(row)) and the
+    results written after every shape (a killed run keeps them). Exit status 0 when at least one shape ran."""
     head = header(torch, device)
     deadline = time.perf_counter() + args.budget
     rows = []
@@ -429,7 +433,7 @@ def run_all(tool: str, stem: str, shapes: list[dict], measure, label, summary, r
             row.update(status="skipped", error="time budget spent")
         else:
             try:
-                row.update(measure(shape, torch, device, args.reps, max_seconds=min(PER_SHAPE_SECONDS, left / 2)))
+                row.update(measure(shape, torch, device, args.reps, max_seconds=min(per_shape, left / 2)))
             except Exception as e:
                 row.update(status="error", error=f"{type(e).__name__}: {e}".strip())
                 row["traceback"] = traceback.format_exc(limit=6)
@@ -486,7 +490,7 @@ def main(argv=None) -> int:
         return warm(grid(args.dry_run), args.warm, torch, device)
     stem = "gpu_grid_dry_run" if args.dry_run else "gpu_grid"
     return run_all("gpu_grid", stem, grid(args.dry_run), run_shape, shape_label, summary, markdown, args, torch,
-                   device)  # fmt: skip
+                   device, per_shape=PER_SHAPE_SECONDS)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -558,7 +558,11 @@ def _unwritable(path: str) -> str | None:
         return "expected a file name"
     if os.path.isdir(path):
         return "Is a directory"
-    existed = os.path.exists(path)
+    existed = os.path.lexists(path)
+    if existed and not os.path.isfile(path):
+        # a FIFO, a device or a link to nothing: opening would block or hand a reader its end, or make the link's
+        # target; these are asked, not tried
+        return None if not os.path.exists(path) or os.access(path, os.W_OK) else "Permission denied"
     try:
         with open(path, "a"):
             pass

@@ -159,8 +159,8 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
     float64: against nn.LSTM in float64, allowed TOLERANCE. Below: against nn.LSTM in float64 too, on the weights
     as the dtype rounds them, allowed TOLERANCE or OWN_ERROR_FACTOR times nn.LSTM's own error in that dtype,
     whichever is larger; on the CPU, where a result errs more than that, nn.LSTM's error on its ATen path too
-    (oneDNN off), the larger of its two paths' errors; and where a result still errs more, SENSITIVITY_FACTOR
-    times its rounding sensitivity in the dtype (_rounding_sensitivity) where that is larger.
+    (oneDNN off), the larger of its two paths' errors; and where a result still errs more, on any device,
+    SENSITIVITY_FACTOR times its rounding sensitivity in the dtype (_rounding_sensitivity) where that is larger.
     Some results are ill-conditioned in float32 (a proj_size 1 layer's weight_hr gradient with weights of 1e-6:
     nn.LSTM's float32 erred 0.38 there), and there no implementation can agree with another to TOLERANCE."""
     gen = torch.Generator().manual_seed(seed)

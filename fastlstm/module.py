@@ -613,11 +613,12 @@ class LSTM(nn.RNNBase):
             raise TypeError(f"LSTM.forward() got an unexpected keyword argument {next(iter(keywords))!r}")
         if isinstance(input, torch.fx.Proxy):
             return self._fx_leaf(input, hx, lengths)
-        if _not_dense((input, *(hx if isinstance(hx, (tuple, list)) else ()))):
+        dense = not _not_dense((input, *(hx if isinstance(hx, (tuple, list)) else ())))
+        if not dense and lengths is None:
             return TORCH_LSTM.forward(self, input, hx)
         self._update_flat_weights()  # parameters are read at call time, as nn.LSTM reads them
         if lengths is not None:
-            return self._forward_lengths(input, hx, lengths)
+            return self._forward_lengths(input, hx, lengths, packing=not dense)
         key = self._call_key(input, hx)
         checked = _CHECKED_CALLS.get(key) if key is not None else None
         if checked is None:
@@ -667,18 +668,20 @@ class LSTM(nn.RNNBase):
         name = tracer.path_of_module(self)
         return tracer.create_proxy("call_module", name, (input, hx), {} if lengths is None else {"lengths": lengths})
 
-    def _forward_lengths(self, input: Tensor, hx, lengths) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """A padded batch with per-sequence lengths: the numbers of packing it, without packing.
+    def _forward_lengths(self, input: Tensor, hx, lengths, packing=False) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """A padded batch with per-sequence lengths: the numbers of packing it, without packing (with packing where
+        `packing` says: sparse or nested tensors, which only nn.LSTM's own forward takes).
 
         input: [B, T, I] (batch_first) or [T, B, I]; lengths: [B] ints in 1..T, any order.
         Returns the padded output, T steps long, zero beyond each length (as pad_packed_sequence with
         total_length=T gives it), and (h_n, c_n) taken at each sequence's own end, in the caller's order.
         """
         lengths, (shortest, longest) = self._check_lengths(input, lengths)
-        if torch.jit.is_tracing() and lengths.numel():
+        if (packing or torch.jit.is_tracing()) and lengths.numel():
             # A trace keeps ops, not the Python ints the sort and the batch sizes become below: it would replay
             # this batch's order and sizes on every other. Packing records them as ops, as a traced model that packs
-            # for nn.LSTM records them (the same numbers: lengths= gives packing's).
+            # for nn.LSTM records them (the same numbers: lengths= gives packing's). A sparse h0 went to nn.LSTM's
+            # own forward with the lengths left behind: outputs past each length, h_n at step T.
             packed = pack_padded_sequence(input, lengths, self.batch_first, enforce_sorted=False)
             y, state = self.forward(packed, hx)
             time_dim = 1 if self.batch_first else 0

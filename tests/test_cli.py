@@ -701,6 +701,13 @@ def test_json_paths_are_tried_not_guessed(tmp_path):
     kept.write_text("{}")
     assert cli._unwritable(str(kept)) is None and kept.read_text() == "{}"
     assert cli._unwritable(str(tmp_path / "new.json")) is None and not (tmp_path / "new.json").exists()
+    # not opened: a FIFO (the probe would block, or hand a waiting reader its end) and a link to nothing (the probe
+    # would make its target, and the clean-up remove the link)
+    fifo, link = tmp_path / "fifo", tmp_path / "link.json"
+    os.mkfifo(fifo)
+    link.symlink_to(tmp_path / "target.json")
+    assert cli._unwritable(str(fifo)) is None and cli._unwritable(str(link)) is None
+    assert link.is_symlink() and not (tmp_path / "target.json").exists()
 
 
 def test_bench_piped_into_head_keeps_its_json_and_says_nothing_more(tmp_path):

@@ -279,9 +279,10 @@ def test_cuda_rule_script_needs_one_compute_capability(tmp_path, capsys):
 
 def test_gpu_check_ends_within_six_minutes_at_worst(tmp_path):
     """Issue 4 asks for the check in under 6 minutes, which leaves a device session's 15 room to run it again.
-    Every `timeout LIMIT` of the script is stubbed by one that sleeps LIMIT/100 s and notes when it ran, and every
-    Python call by one that returns at once; the longest chain of limits that ran one after another is then the
-    script's worst case."""
+    Every `timeout LIMIT` of the script is stubbed by one that sleeps LIMIT/100 s, notes when it ran and answers the
+    probe's question (a GPU, and pytest's plugins: "1 1 1"), and Python by a stub that returns at once (so a call
+    without a limit takes no time here: the test fails if one is left out); the longest chain of limits that ran
+    one after another is then the script's worst case."""
     import json
     import subprocess
     import sys
@@ -298,6 +299,7 @@ def test_gpu_check_ends_within_six_minutes_at_worst(tmp_path):
         f"time.sleep(float(sys.argv[1]) / {scale})\n"
         f"with open({str(calls)!r}, 'a') as f:\n"
         "    f.write(json.dumps([float(sys.argv[1]), start, time.monotonic(), sys.argv[2:]]) + '\\n')\n"
+        "print('1 1 1')\n"
     )
     stub_python = stubs / "python"
     stub_python.write_text("#!/bin/sh\nexit 0\n")
@@ -313,6 +315,7 @@ def test_gpu_check_ends_within_six_minutes_at_worst(tmp_path):
     commands = [" ".join(argv) for _, _, _, argv in runs]
     assert any("gpu_grid.py --warm" in c for c in commands) and any("gpu_grid.py --out" in c for c in commands)
     assert any("-m pytest" in c for c in commands) and any("-m fastlstm" in c for c in commands), commands
+    assert any("cuda_rule.py" in c for c in commands) and any(c.endswith("python -") for c in commands), commands
     # A call's worst end: its limit after the latest worst end of the calls that had ended before it began.
     margin = 0.5 / scale  # the stubs' own start-up, far below the shortest limit's sleep
     worst_end = {}
