@@ -36,6 +36,11 @@ SMALLEST_WEIGHT_SCALE = {torch.float16: 1e-2}
 # (bfloat16 and float16, a projection of 1, 3 layers) cpp erred 0.32x and 1.2x it, the reference loop 0.18-0.86x.
 SENSITIVITY_DRAWS = 3
 SENSITIVITY_FACTOR = 2
+# Only a result the dtype barely resolves gets that allowance: one that moves this many rounding units or more.
+# With Gaussian draws (the largest of 3) well-conditioned results moved 4.3-6.6 units (bfloat16 and float16, 45
+# cases), the two failing ones 34 and 10; a mutation audit found 1-4% gradient faults on well-conditioned results
+# passing in 4 of 31 cases when every result got the allowance.
+ILL_CONDITIONED_UNITS = 8
 
 
 @dataclass(frozen=True)
@@ -159,8 +164,9 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
     float64: against nn.LSTM in float64, allowed TOLERANCE. Below: against nn.LSTM in float64 too, on the weights
     as the dtype rounds them, allowed TOLERANCE or OWN_ERROR_FACTOR times nn.LSTM's own error in that dtype,
     whichever is larger; on the CPU, where a result errs more than that, nn.LSTM's error on its ATen path too
-    (oneDNN off), the larger of its two paths' errors; and where a result still errs more, on any device,
-    SENSITIVITY_FACTOR times its rounding sensitivity in the dtype (_rounding_sensitivity) where that is larger.
+    (oneDNN off), the larger of its two paths' errors; and where a result still errs more, on any device, if it is
+    ill-conditioned in the dtype (its rounding sensitivity, _rounding_sensitivity, ILL_CONDITIONED_UNITS rounding
+    units or more), SENSITIVITY_FACTOR times that sensitivity where that is larger.
     Some results are ill-conditioned in float32 (a proj_size 1 layer's weight_hr gradient with weights of 1e-6:
     nn.LSTM's float32 erred 0.38 there), and there no implementation can agree with another to TOLERANCE."""
     gen = torch.Generator().manual_seed(seed)
@@ -232,8 +238,10 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
         # float16, the same layers: 0.0061 on cpp, 0.0043 on the reference, one unit moved it 0.0050)
         with exact_cudnn():
             sensitivity = _rounding_sensitivity(exact, x, dtype, run)
+        ill = ILL_CONDITIONED_UNITS * torch.finfo(dtype).eps / 2
         errors = {
-            key: (error, max(limit, SENSITIVITY_FACTOR * sensitivity[key])) for key, (error, limit) in errors.items()
+            key: (error, max(limit, SENSITIVITY_FACTOR * sensitivity[key] if sensitivity[key] >= ill else 0.0))
+            for key, (error, limit) in errors.items()
         }
     return errors
 
