@@ -299,13 +299,13 @@ def cmd_bench(args) -> int:
     names = _bench_backends(device, args.backend)
     modes = ["inference", "training"] if args.mode == "both" else [args.mode]
     if args.mode == "step":
-        unstreamed = [shape for shape in shapes if shape.bidirectional or shape.packed]
-        if unstreamed and args.shape:  # the reverse direction reads the future; a packed batch has no one step
+        unstreamed = [shape for shape in shapes if not shape.streamable]
+        if unstreamed and args.shape:
             error = f"--mode step streams unidirectional, unpacked shapes, not {unstreamed[0]}"
             print(f"{_prog()} bench: error: {error}", file=sys.stderr)
             return 2
         if unstreamed:  # a grid's: time the shapes a stream can feed, and say which were left out
-            shapes = [shape for shape in shapes if shape not in unstreamed]
+            shapes = [shape for shape in shapes if shape.streamable]
             left = ", ".join(map(str, unstreamed))
             print(f"fastlstm bench: note: --mode step leaves out the grid's bidirectional and packed shapes: {left}",
                   file=sys.stderr)  # fmt: skip
@@ -350,7 +350,7 @@ def cmd_bench(args) -> int:
             with open(args.json, "w") as f:
                 json.dump({**run, "results": [r.as_dict() for r in results]}, f, indent=1)
         except OSError as error:  # writable when the run began (_check_arguments), not now: a full disk, say
-            print(format_table(results, dtype, autocast))
+            print(format_table(results, dtype, autocast))  # the results, at least on the screen
             print(f"{_prog()} bench: error: could not write {args.json}: {error}", file=sys.stderr)
             return 1
     print(format_table(results, dtype, autocast))

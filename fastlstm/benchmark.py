@@ -62,6 +62,12 @@ class Shape:
         text += (f"-P{self.proj_size}" if self.proj_size else "") + f"-L{self.num_layers}"
         return text + ("-bi" if self.bidirectional else "") + ("-packed" if self.packed else "")
 
+    @property
+    def streamable(self) -> bool:
+        """Whether step mode can feed it one step a call: the reverse direction reads the future, and a packed
+        batch has no one step to feed."""
+        return not (self.bidirectional or self.packed)
+
     def sequence_lengths(self) -> torch.Tensor | None:
         """Per-sequence lengths of a packed shape: the first T, the rest uniform in [ceil(T/2), T], unsorted;
         the same on every call (seeded), so that every provider gets the same batch. None when not packed."""
@@ -367,7 +373,7 @@ def check_script_arguments(parser, shapes: list[Shape], json_path: str | None, s
     twice = next((label for k, label in enumerate(labels) if label in labels[:k]), None)
     if twice:
         parser.error(f"shape {twice} given twice (results are kept by shape)")
-    unstreamed = next((shape for shape in shapes if shape.bidirectional or shape.packed), None)
+    unstreamed = next((shape for shape in shapes if not shape.streamable), None)
     if step and unstreamed:
         parser.error(f"step mode streams unidirectional, unpacked shapes, not {unstreamed}")
     problem = _unwritable(json_path) if json_path is not None else None

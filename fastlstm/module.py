@@ -298,11 +298,10 @@ def _check_step_args(input, state) -> None:
         raise ValueError(f"LSTM.step: Expected input to be 1D (unbatched) or 2D [batch, features], got {got}")
     if state is None:
         return
-    if not isinstance(state, (tuple, list)) or len(state) != 2:
+    pair = isinstance(state, (tuple, list)) and len(state) == 2
+    if not (pair and isinstance(state[0], Tensor) and isinstance(state[1], Tensor)):
         raise TypeError(f"LSTM.step: state must be None or (h, c), two tensors; got {_describe(state)}")
     h, c = state
-    if not isinstance(h, Tensor) or not isinstance(c, Tensor):
-        raise TypeError(f"LSTM.step: state must be None or (h, c), two tensors; got {_describe(state)}")
     if h.dim() != dims + 1 or c.dim() != dims + 1:
         batched = dims == 2
         layout = "[num_layers, batch, " if batched else "[num_layers, "
@@ -613,12 +612,12 @@ class LSTM(nn.RNNBase):
             raise TypeError(f"LSTM.forward() got an unexpected keyword argument {next(iter(keywords))!r}")
         if isinstance(input, torch.fx.Proxy):
             return self._fx_leaf(input, hx, lengths)
-        dense = not _not_dense((input, *(hx if isinstance(hx, (tuple, list)) else ())))
-        if not dense and lengths is None:
+        sparse = _not_dense((input, *(hx if isinstance(hx, (tuple, list)) else ())))
+        if sparse and lengths is None:
             return TORCH_LSTM.forward(self, input, hx)
         self._update_flat_weights()  # parameters are read at call time, as nn.LSTM reads them
         if lengths is not None:
-            return self._forward_lengths(input, hx, lengths, packing=not dense)
+            return self._forward_lengths(input, hx, lengths, packing=sparse)
         key = self._call_key(input, hx)
         checked = _CHECKED_CALLS.get(key) if key is not None else None
         if checked is None:

@@ -442,17 +442,9 @@ def test_step_state_of_another_dtype_in_a_list_is_forwards_as_in_a_tuple():
     promote, where nn.LSTM's call raised)."""
     ref, m = make_pair(I, H, 1, backend="auto", dtype=torch.float32)
     x, h, c = torch.randn(3, I), torch.zeros(1, 3, H), torch.zeros(1, 3, H, dtype=torch.float64)
-
-    def outcome(call):
-        try:
-            y, _ = call()
-        except RuntimeError as e:
-            return "raised", str(e).splitlines()[0]
-        return "ran", y.dtype
-
-    expected = outcome(lambda: ref(x[None], (h, c)))
-    assert outcome(lambda: m.step(x, (h, c))) == expected
-    assert outcome(lambda: m.step(x, [h, c])) == expected
+    expected = _outcome(_one_step_of, ref, x, (h, c))
+    _assert_same_outcome(_outcome(m.step, x, (h, c)), expected)
+    _assert_same_outcome(_outcome(m.step, x, [h, c]), expected)
 
 
 @pytest.mark.cuda
