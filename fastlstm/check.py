@@ -59,6 +59,7 @@ class Case:
     batch_first: bool = False
     lengths: tuple[int, ...] | None = None
     weight_scale: float = 1.0  # every weight multiplied by it: small values make every activation small
+    dropout: float = 0.0  # between layers, drawn as nn.LSTM draws it (compare seeds torch before each call)
 
     def __str__(self) -> str:
         parts = [
@@ -74,6 +75,7 @@ class Case:
             many = len(self.lengths) > 8
             parts.append(f"packed[{min(self.lengths)}..{max(self.lengths)}]" if many else f"packed{list(self.lengths)}")
         parts += [f"w{self.weight_scale:g}"] if self.weight_scale != 1.0 else []
+        parts += [f"drop{self.dropout:g}"] if self.dropout else []
         return "-".join(parts)
 
 
@@ -83,6 +85,7 @@ CHECK_CASES = [
     Case(num_layers=2, bidirectional=True, proj_size=4, batch_first=True),
     Case(batch=6, seq_len=7, num_layers=2, bidirectional=True, lengths=(1, 7, 5, 2, 5, 1)),
     Case(batch=5, hidden_size=16, bias=False, num_layers=3),
+    Case(batch=4, seq_len=5, num_layers=3, bidirectional=True, lengths=(2, 5, 1, 4), dropout=0.5),
 ]
 
 
@@ -90,8 +93,10 @@ def random_cases(count: int, seed: int) -> list[Case]:
     """`count` configurations drawn from `seed`, sized to cross the fast backends' size rules (batch 1-70, hidden
     and input 1-300, 1-40 steps, 1-3 layers, every flag, packed lengths); every fourth one with weights scaled
     by 1e-6 and no projection, so that its activations are tiny (where a formula that cancels near 0 loses its
-    relative precision)."""
+    relative precision); a third of the stacked ones with dropout between layers, drawn from a stream of its own
+    so that a seed's configurations are otherwise what they were before dropout was drawn."""
     draw = random.Random(seed)
+    drops = random.Random(f"dropout {seed}")
     cases = []
     for k in range(count):
         hidden = draw.choice([draw.randint(1, 40), draw.randint(41, 300)])
@@ -115,6 +120,8 @@ def random_cases(count: int, seed: int) -> list[Case]:
             case = replace(case, proj_size=0)
         if draw.random() < 0.3:
             case = replace(case, lengths=tuple(draw.randint(1, seq_len) for _ in range(batch)))
+        if case.num_layers > 1 and drops.random() < 1 / 3:
+            case = replace(case, dropout=drops.choice([0.2, 0.5, 1.0]))  # 1: nothing passes, and nn.LSTM runs
         cases.append(case)
     return cases
 
@@ -173,7 +180,7 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
     gen = torch.Generator().manual_seed(seed)
     kwargs = dict(
         num_layers=case.num_layers, bidirectional=case.bidirectional, proj_size=case.proj_size, bias=case.bias,
-        batch_first=case.batch_first,
+        batch_first=case.batch_first, dropout=case.dropout,
     )  # fmt: skip
     torch.manual_seed(seed)
     exact = TORCH_LSTM(case.input_size, case.hidden_size, **kwargs).to(device=device, dtype=torch.float64)
@@ -194,10 +201,14 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
     x = torch.randn(*shape, case.input_size, generator=gen).to(device=device, dtype=dtype)
 
     def outputs(module, inp):
-        """{"y", "h_n", "c_n"} of one call of `module` on inp, packed as the case says (y: the packed data)."""
+        """{"y", "h_n", "c_n"} of one call of `module` on inp, packed as the case says (y: the packed data); with
+        dropout, every call draws the same masks."""
         if case.lengths is not None:
             inp = pack_padded_sequence(inp, list(case.lengths), batch_first=case.batch_first, enforce_sorted=False)
-        y, (h, c) = module(inp)
+        if case.dropout:
+            torch.manual_seed(seed)
+        with _drawing_as_fastlstm(module, case.dropout):
+            y, (h, c) = module(inp)
         return {"y": y.data if isinstance(y, PackedSequence) else y, "h_n": h, "c_n": c}
 
     def run(module, x):
@@ -245,6 +256,15 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
             for key, (error, limit) in errors.items()
         }
     return errors
+
+
+def _drawing_as_fastlstm(module, dropout: float):
+    """nn.LSTM with dropout on CUDA through ATen's loop, not cuDNN: cuDNN draws its masks from a state of its own,
+    where ATen's loop draws them from torch's generator, as fastlstm's module does between layers on every backend
+    (on the CPU nn.LSTM draws from torch's generator already)."""
+    if not dropout or isinstance(module, LSTM) or not module.weight_ih_l0.is_cuda:
+        return contextlib.nullcontext()
+    return torch.backends.cudnn.flags(enabled=False)
 
 
 def _rounding_sensitivity(exact, x: torch.Tensor, dtype: torch.dtype, run) -> dict[str, float]:

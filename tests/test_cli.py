@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from helpers import ROOT, load_benchmark_script, require_triton, run_python, run
 from torch import nn
 
 from fastlstm.benchmark import Shape
-from fastlstm.check import CHECK_CASES, TOLERANCE, Case, _relative_error, compare, exact_cudnn
+from fastlstm.check import CHECK_CASES, TOLERANCE, Case, _relative_error, compare, exact_cudnn, random_cases
 from fastlstm.dispatch import BackendUnavailableError
 
 
@@ -63,8 +64,8 @@ def test_check_runs_in_the_dtypes_asked_for():
     assert done.returncode == 0, done.stdout + done.stderr
     assert "fastlstm check on cpu in bfloat16 and float16: cpp against nn.LSTM" in done.stdout, done.stdout
     lines = [line for line in done.stdout.splitlines() if line.startswith("cpp ")]
-    assert len(lines) == 2 * 5, done.stdout  # 5 fixed cases
-    assert sum(" bfloat16 " in line for line in lines) == 5 and sum(" float16 " in line for line in lines) == 5
+    assert len(lines) == 2 * len(CHECK_CASES), done.stdout  # the fixed cases
+    assert sum(" bfloat16 " in line for line in lines) == sum(" float16 " in line for line in lines) == len(CHECK_CASES)
     assert not any("float32" in line or "float64" in line for line in lines), done.stdout
 
 
@@ -231,7 +232,8 @@ def test_check_says_where_the_dtype_cannot_resolve_a_result(monkeypatch, capsys)
     monkeypatch.setattr(cli, "compare", lambda *args, **kwargs: {"y": (1.0, 2.0), "h_n": (1e-3, 2e-2)})
     assert cli.main(["check", "--backend", "native", "--dtype", "float16"]) == 0
     out = capsys.readouterr().out
-    assert out.count("max err 1.00e+00 (y) tol 2e+00 ok (nn.LSTM's own error in this dtype is 50%+ here") == 5, out
+    flagged = "max err 1.00e+00 (y) tol 2e+00 ok (nn.LSTM's own error in this dtype is 50%+ here"
+    assert out.count(flagged) == len(CHECK_CASES), out
 
 
 def test_check_measures_errors_no_finer_than_the_dtype_resolves():
@@ -421,7 +423,7 @@ def test_check_random_configurations_measure_errors_against_each_tensors_size(tm
     assert done.returncode == 1, done.stdout + done.stderr
     assert "and 4 random configurations of seed 1" in done.stdout
     lines = [line for line in done.stdout.splitlines() if line.startswith("reference ")]
-    assert len(lines) == 2 * (5 + 4), done.stdout  # float64 and float32 of 5 fixed and 4 random cases
+    assert len(lines) == 2 * (len(CHECK_CASES) + 4), done.stdout  # float64 and float32, fixed and random cases
     for line in lines:
         assert line.endswith("MISMATCH" if "-w1e-06 " in line else " ok"), line
     assert sum("-w1e-06 " in line for line in lines) == 2, done.stdout
@@ -444,8 +446,38 @@ def test_check_covers_calls_without_gradients(tmp_path):
     )
     assert done.returncode == 1, done.stdout + done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("reference ")]
-    assert len(lines) == 2 * 5 and all(line.endswith("MISMATCH") for line in lines), done.stdout
+    assert len(lines) == 2 * len(CHECK_CASES) and all(line.endswith("MISMATCH") for line in lines), done.stdout
     assert all("(no grad)" in line for line in lines), done.stdout
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_check_compares_dropout_between_layers_mask_for_mask(monkeypatch, backend):
+    """A case with dropout between layers: both modules draw nn.LSTM's masks, so an exact backend passes it to
+    float64's tolerance; one whose between-layer dropout draws one random number more (every mask shifted) fails."""
+    case = next(case for case in CHECK_CASES if case.dropout)
+    assert "-drop0.5" in str(case)
+    errors = compare(case, backend, "cpu", torch.float64)
+    assert all(error <= allowed for error, allowed in errors.values()), errors
+    drawn = torch.nn.functional.dropout
+
+    def shifted(*args, **kwargs):
+        torch.rand(1)
+        return drawn(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", shifted)  # fastlstm's module draws through it, not nn.LSTM
+    errors = compare(case, backend, "cpu", torch.float64)
+    assert errors["y"][0] > 1e-3 and errors["input.grad"][0] > 1e-3, errors
+
+
+def test_random_check_cases_draw_dropout_apart_from_the_rest():
+    """A third of the stacked random cases drop between layers; drawn from a stream of their own, a seed's cases
+    are otherwise those it gave before dropout was drawn (sizes and flags that earlier notes and tests cite)."""
+    cases = random_cases(300, 12)
+    dropping = [case for case in cases if case.dropout]
+    assert all(case.num_layers > 1 for case in dropping) and {case.dropout for case in dropping} == {0.2, 0.5, 1.0}
+    assert 0.25 < len(dropping) / sum(case.num_layers > 1 for case in cases) < 0.4
+    cited = Case(batch=64, seq_len=2, input_size=86, hidden_size=2, num_layers=3, weight_scale=1e-6)
+    assert replace(cases[83], dropout=0.0) == cited  # test_check_keeps_tiny_weights_above_float16s_normal_range's
 
 
 def test_check_reports_a_nan_error_whatever_the_other_errors():

@@ -797,6 +797,17 @@ def test_cuda_fp32_matches_nn_lstm(case, kernel):
 
 
 @pytest.mark.cuda
+def test_cuda_dropout_draws_the_masks_nn_lstms_aten_loop_draws():
+    """`check`'s dropout case on a GPU: between layers fastlstm's module draws from torch's CUDA generator as
+    nn.LSTM's ATen loop does (check runs nn.LSTM there with cuDNN off: cuDNN keeps a dropout state of its own)."""
+    from fastlstm.check import CHECK_CASES, compare
+
+    case = next(case for case in CHECK_CASES if case.dropout)
+    errors = compare(case, "triton", "cuda", torch.float32)
+    assert all(error <= allowed for error, allowed in errors.values()), errors
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_cuda_compile_inductor(kernel):
     _compiled_matches_eager(Case(16, 8, 32, 64, proj=32, packed=True), kernel, torch.float32, "cuda", "inductor")
