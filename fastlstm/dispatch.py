@@ -407,11 +407,14 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       packed input take nn.LSTM off oneDNN onto ATen's per-step loop on every CPU: cpp, as above (it matched
       nn.LSTM there on aarch64 under qemu: `python -m fastlstm check --backend cpp`, float32 and float64).
     """
-    if call.dtype == torch.float64:
-        return None
     if call.dtype == torch.bfloat16 and call.needs_grad and native.openmp_starves():
         # not speed: torch's bfloat16 products are wrong there (oneDNN's bf16 matmul: NaN), which ATen's path takes;
         # oneDNN's bf16 LSTM trained right on a Zen 4 (not measured elsewhere); cpp's backward multiplies in float32
+        return None
+    few_steps = _few_steps_slower_reason(call)
+    if few_steps is not None:
+        return few_steps
+    if call.dtype == torch.float64:
         return None
     if not _cpu_is_x86() and not (call.proj_size or call.packed):
         return (
@@ -475,6 +478,55 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             return None
         return "float16 inference beyond batch 64 on a CPU with AVX512-FP16: oneDNN measured as fast or faster"
     return f"no measurement for {call.dtype}"
+
+
+def _few_steps_slower_reason(call: LayerCall) -> str | None:
+    """Calls of one to three steps where nn.LSTM runs ATen's per-step loop (float64, a projection, float16 on a CPU
+    with float16 units: oneDNN's fused LSTM takes none of them in training) and a step's products are all there is,
+    so that cpp's fixed costs per call (its fused backward's, packing a weight for few rows) outweigh its faster
+    steps. The classes' own measurements above were of 35-500 steps; an audit of 360 random shapes found these.
+    The Xeon with AMX, 2 and 1 threads, one layer, input = hidden, proj = hidden / 2: a script timing nn.LSTM, cpp
+    and fastlstm's native path interleaved in one process, 9 rounds (not kept), and at 2 threads `python -m fastlstm
+    bench --backend auto --backend cpp --backend native --repeats 11` (benchmarks/results/cpu-intel-xeon-amx-2core-
+    {float32-projection-one-step,float64-one-step-training,float16-few-steps-training}.json). fastlstm's native path
+    ran 0.77-1.01x of nn.LSTM's own call at these sizes (0.1-3 ms): its Python costs 15-25 us more a call.
+    - One step in training, batch 1-64: from hidden 256 cpp lost (float64 0.67-1.01x, a projection 0.72-0.96x,
+      bfloat16 B16-H256 0.82x, float16 0.29-0.78x) where the native path ran 0.81-1.01x; at hidden 128 the two
+      were even (cpp 0.79-1.09x, native 0.79-0.93x). Two steps won or were even (float64 1.05-1.50x; a
+      projection 0.94-1.32x), three won (1.04x and up) but in float16. Packed input won one step everywhere
+      (ATen's packed loop: 1.06-8.04x).
+    - float16 training from hidden 512: two and three steps lost at every batch (cpp 0.36-0.94x, native
+      0.95-1.00x); four were even (0.98x), five won from batch 4 (1.03-1.09x; batch 1 0.68x), ten everywhere.
+    - One step at inference with a projection, beyond 8 rows, where cpp packs w_hh for its one step
+      (csrc/lstm_cpu.cpp, one_step_pays), hidden 192-512, batch 9-48: at batch 9-16 cpp 0.48-0.98x, native
+      0.77-0.97x, native the faster but at B12-H512 (0.98x, 0.94x); beyond, native the faster at hidden 192-256
+      (cpp 0.69-0.94x, native 0.81-0.91x) and cpp from 320 (0.93-1.08x, native 0.86-0.97x); at one thread native
+      from hidden 256 at every batch (cpp 0.70-0.96x, native 0.84-0.98x). Batch 1 and hidden 128 won (1.03-1.50x),
+      and so did batch 64 from hidden 512 (1.00-1.10x). fastlstm's step() follows (B16-H256-P128, 50 steps:
+      cpp 0.58x, native 0.84-0.86x of nn.LSTM's 1-step calls; `-float32-projection-step-mode.json`).
+    Zen CPUs were not measured: nn.LSTM runs the same loop there, and cpp does the same work per call."""
+    if call.packed:
+        return None
+    fp16_units = call.dtype == torch.float16 and _cpu_fp16_units() is not None
+    atens_loop = call.dtype == torch.float64 or call.proj_size > 0 or fp16_units
+    if call.needs_grad and atens_loop and call.seq_len == 1 and call.hidden_size >= 256:
+        return (
+            "one step in training from hidden 256 on nn.LSTM's per-step loop (float64, a projection, float16 on a "
+            "CPU with float16 units): its products measured faster than cpp's fixed costs"
+        )
+    if call.needs_grad and fp16_units and call.seq_len <= 3 and call.hidden_size >= 512:
+        return "float16 training of 2-3 steps from hidden 512 on a CPU with float16 units: nn.LSTM measured faster"
+    if call.needs_grad or call.seq_len != 1 or not call.proj_size or not 8 < call.batch <= 48:
+        return None
+    if call.hidden_size >= 192 and call.batch <= 16:
+        return "one step at inference with a projection at batch 9-16 from hidden 192: nn.LSTM measured faster"
+    beyond_batch_16 = call.hidden_size >= 256 if _one_thread() else 192 <= call.hidden_size <= 256
+    if beyond_batch_16:
+        return (
+            "one step at inference with a projection at batch 17-48, hidden 192-256 (one thread: from hidden 256): "
+            "nn.LSTM measured faster"
+        )
+    return None
 
 
 def _float16_step_to_native(call: LayerCall) -> bool:

@@ -1508,7 +1508,7 @@ def _auto_backends(dtype, batch, train=False, hidden=65, proj_size=0, packed=Fal
     m = fastlstm.LSTM(5, hidden, 2, bidirectional=True, proj_size=proj_size).to(dtype)
     x = torch.randn(seq_len, batch, 5, dtype=dtype)
     if packed:
-        x = pack_padded_sequence(x, torch.tensor([seq_len] + [seq_len // 2] * (batch - 1)), enforce_sorted=False)
+        x = pack_padded_sequence(x, torch.tensor([seq_len] + [max(1, seq_len // 2)] * (batch - 1)), enforce_sorted=False)
     with torch.set_grad_enabled(train):  # the parameters require grad: grad mode alone makes it a training call
         return fastlstm.explain(m, x).backends
 
@@ -1537,6 +1537,42 @@ def test_the_build_says_how_it_splits_rows():
         assert cpu.float32_forward_rows(50, 4 * block, 32, 32, 0) == [0, 4 * block]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_auto_sends_short_calls_on_atens_loop_native_where_measured_faster(monkeypatch):
+    """One step in training from hidden 256 where nn.LSTM runs ATen's per-step loop (float64, a projection, float16
+    with float16 units), float16 training of up to 3 steps from hidden 512 there, and one projected step at
+    inference at batch 9-16 from hidden 192 and 17-48 at hidden 192-256 (one thread: from 256) go native; packed
+    input, more steps, smaller sizes and oneDNN's classes keep their rules."""
+    from fastlstm import dispatch
+
+    monkeypatch.setattr(dispatch, "_cpu_fp16_units", lambda: "avx512")
+    monkeypatch.setattr(dispatch, "_one_thread", lambda: False)
+    for dtype, proj in ((torch.float64, 0), (torch.float32, 4), (torch.bfloat16, 4), (torch.float16, 0)):
+        one_step = dict(train=True, hidden=256, proj_size=proj, seq_len=1)
+        assert _auto_backends(dtype, 16, **one_step) == ["native"] * 4, dtype
+        assert _auto_backends(dtype, 16, **dict(one_step, hidden=255)) == ["cpp"] * 4, dtype
+        assert _auto_backends(dtype, 16, **dict(one_step, packed=True)) == ["cpp"] * 4, dtype
+        if dtype != torch.float16:
+            assert _auto_backends(dtype, 16, **dict(one_step, seq_len=2)) == ["cpp"] * 4, dtype
+    assert _auto_backends(torch.float16, 4, train=True, hidden=512, seq_len=3) == ["native"] * 4
+    assert _auto_backends(torch.float16, 4, train=True, hidden=511, seq_len=3) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 4, train=True, hidden=512, seq_len=4) == ["cpp"] * 4
+    monkeypatch.setattr(dispatch, "_cpu_fp16_units", lambda: None)  # nn.LSTM's float16 loop without the units
+    assert _auto_backends(torch.float16, 4, train=True, hidden=512, seq_len=1) == ["cpp"] * 4
+    step = dict(proj_size=4, seq_len=1)
+    assert _auto_backends(torch.float32, 9, hidden=192, **step) == ["native"] * 4
+    assert _auto_backends(torch.float32, 16, hidden=512, **step) == ["native"] * 4
+    assert _auto_backends(torch.float32, 8, hidden=512, **step) == ["cpp"] * 4  # one step as dot products
+    assert _auto_backends(torch.float32, 16, hidden=191, **step) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 48, hidden=256, **step) == ["native"] * 4
+    assert _auto_backends(torch.float32, 48, hidden=257, **step) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 49, hidden=256, **step) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 16, hidden=256, proj_size=4, seq_len=2) == ["cpp"] * 4
+    monkeypatch.setattr(dispatch, "_one_thread", lambda: True)
+    assert _auto_backends(torch.float32, 48, hidden=1024, **step) == ["native"] * 4
+    assert _auto_backends(torch.float32, 17, hidden=255, **step) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 16, hidden=192, **step) == ["native"] * 4
 
 
 def test_auto_keeps_oneDNNs_calls_native_on_other_architectures(monkeypatch):
