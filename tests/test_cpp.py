@@ -1508,7 +1508,8 @@ def _auto_backends(dtype, batch, train=False, hidden=65, proj_size=0, packed=Fal
     m = fastlstm.LSTM(5, hidden, 2, bidirectional=True, proj_size=proj_size).to(dtype)
     x = torch.randn(seq_len, batch, 5, dtype=dtype)
     if packed:
-        x = pack_padded_sequence(x, torch.tensor([seq_len] + [max(1, seq_len // 2)] * (batch - 1)), enforce_sorted=False)
+        lengths = torch.tensor([seq_len] + [max(1, seq_len // 2)] * (batch - 1))
+        x = pack_padded_sequence(x, lengths, enforce_sorted=False)
     with torch.set_grad_enabled(train):  # the parameters require grad: grad mode alone makes it a training call
         return fastlstm.explain(m, x).backends
 
