@@ -405,7 +405,8 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       float32 through oneDNN's fused LSTM there too (aarch64, torch 2.8: aten::mkldnn_rnn_layer), while cpp runs
       16-byte NEON vectors, so where nn.LSTM stays on oneDNN the call goes native. float64, a projection and
       packed input take nn.LSTM off oneDNN onto ATen's per-step loop on every CPU: cpp, as above (it matched
-      nn.LSTM there on aarch64 under qemu: `python -m fastlstm check --backend cpp`, float32 and float64).
+      nn.LSTM there on aarch64 under qemu: `python -m fastlstm check --backend cpp`, float32 and float64), but for
+      the short calls of _few_steps_slower_reason, on every CPU.
     """
     if call.dtype == torch.bfloat16 and call.needs_grad and native.openmp_starves():
         # not speed: torch's bfloat16 products are wrong there (oneDNN's bf16 matmul: NaN), which ATen's path takes;
@@ -481,50 +482,66 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
 
 
 def _few_steps_slower_reason(call: LayerCall) -> str | None:
-    """Calls of one to three steps where nn.LSTM runs ATen's per-step loop (float64, a projection, float16 on a CPU
-    with float16 units: oneDNN's fused LSTM takes none of them in training) and a step's products are all there is,
-    so that cpp's fixed costs per call (its fused backward's, packing a weight for few rows) outweigh its faster
-    steps. The classes' own measurements above were of 35-500 steps; an audit of 360 random shapes found these.
-    The Xeon with AMX, 2 and 1 threads, one layer, input = hidden, proj = hidden / 2: a script timing nn.LSTM, cpp
-    and fastlstm's native path interleaved in one process, 9 rounds (not kept), and at 2 threads `python -m fastlstm
-    bench --backend auto --backend cpp --backend native --repeats 11` (benchmarks/results/cpu-intel-xeon-amx-2core-
-    {float32-projection-one-step,float64-one-step-training,float16-few-steps-training}.json). fastlstm's native path
-    ran 0.77-1.01x of nn.LSTM's own call at these sizes (0.1-3 ms): its Python costs 15-25 us more a call.
-    - One step in training, batch 1-64: from hidden 256 cpp lost (float64 0.67-1.01x, a projection 0.72-0.96x,
-      bfloat16 B16-H256 0.82x, float16 0.29-0.78x) where the native path ran 0.81-1.01x; at hidden 128 the two
-      were even (cpp 0.79-1.09x, native 0.79-0.93x). Two steps won or were even (float64 1.05-1.50x; a
-      projection 0.94-1.32x), three won (1.04x and up) but in float16. Packed input won one step everywhere
-      (ATen's packed loop: 1.06-8.04x).
-    - float16 training from hidden 512: two and three steps lost at every batch (cpp 0.36-0.94x, native
-      0.95-1.00x); four were even (0.98x), five won from batch 4 (1.03-1.09x; batch 1 0.68x), ten everywhere.
-    - One step at inference with a projection, beyond 8 rows, where cpp packs w_hh for its one step
-      (csrc/lstm_cpu.cpp, one_step_pays), hidden 192-512, batch 9-48: at batch 9-16 cpp 0.48-0.98x, native
-      0.77-0.97x, native the faster but at B12-H512 (0.98x, 0.94x); beyond, native the faster at hidden 192-256
-      (cpp 0.69-0.94x, native 0.81-0.91x) and cpp from 320 (0.93-1.08x, native 0.86-0.97x); at one thread native
-      from hidden 256 at every batch (cpp 0.70-0.96x, native 0.84-0.98x). Batch 1 and hidden 128 won (1.03-1.50x),
-      and so did batch 64 from hidden 512 (1.00-1.10x). fastlstm's step() follows (B16-H256-P128, 50 steps:
-      cpp 0.58x, native 0.84-0.86x of nn.LSTM's 1-step calls; `-float32-projection-step-mode.json`).
-    Zen CPUs were not measured: nn.LSTM runs the same loop there, and cpp does the same work per call."""
-    if call.packed:
+    """Short calls where nn.LSTM runs ATen's per-step loop at the dtype's full speed (float64, a projection, float16
+    on a CPU that multiplies it natively; oneDNN's fused LSTM takes none of these in training) and a few steps'
+    products are all there is, so that cpp's fixed costs per call (its fused backward's; packing w_hh for one step
+    beyond 8 rows; in float16 its float32 copies of the weights) outweigh its faster steps. The classes' own
+    measurements above were of 35-500 steps; an audit of 360 random shapes found these.
+    The Xeon with AMX, one layer, input = hidden, proj = hidden / 2, at 2 threads (one thread where said): a script
+    timing nn.LSTM, cpp and fastlstm's native path interleaved in one process, 9 rounds (not kept), and `python -m
+    fastlstm bench --backend auto --backend cpp --backend native --repeats 11` (benchmarks/results/cpu-intel-xeon-
+    amx-2core-{float32-projection-one-step,float64-one-step-training,float16-few-steps-training}.json). fastlstm's
+    native path ran 0.71-1.26x of nn.LSTM's own call on these calls (0.1-300 ms; its Python costs 15-25 us more a
+    call, which calls of a millisecond and up do not see).
+    - One step in training, batch 1-64: float64 at hidden 256-512 cpp 0.62-1.06x (13 of 16 shapes at batch 8-64
+      below native's 0.71-1.09x), a projection at hidden 256-1024 0.72-0.96x (native 0.81-1.06x), float16 at
+      hidden 256-1024 0.16-0.78x (native 0.88-1.18x); at hidden 128 cpp and native were even (0.79-1.09x,
+      0.79-0.93x). Two steps won or were even (float64 1.05-1.50x, a projection 0.94-1.32x), three won (1.04x and
+      up), but in float16. Packed input won one step everywhere (ATen's packed loop: 1.06-8.04x).
+    - float16 training, batch 1-64: up to 5 steps from hidden 512 (to 1024) cpp lost (2-3 steps 0.22-0.94x, 5 steps
+      0.68-0.95x; native 0.95-1.26x), and won at hidden 256 from 3 steps (1.15-1.62x); 10 steps were mixed at hidden
+      768-1024 (0.86-1.12x, native 0.99-1.08x) and won at 512 (1.05-1.19x); 35 steps won (1.08-1.78x; B64-H1024
+      0.98x). `-float16-few-steps-more.json` has 6 of these shapes.
+    - One projected step at inference, beyond 8 rows (below, cpp's single step multiplies the weights as stored):
+      float32 at batch 9-16, hidden 192-512, cpp 0.48-0.98x, native 0.77-0.97x, native the faster but at B12-H512
+      (0.98x, 0.94x); at batch 17-48 native the faster at hidden 192-256 (cpp 0.69-0.94x, native 0.81-0.91x) and
+      cpp from 320 (0.93-1.08x, native 0.86-0.97x); at one thread native from hidden 256 (cpp 0.70-0.96x, native
+      0.84-0.98x). float16 at batch 12-24, hidden 256-512: cpp 0.62-0.68x, native 0.91-0.94x. bfloat16 and float64
+      there won (1.03-1.38x) but at one shape each. Batch 1 and hidden 128 won (1.03-1.50x), and batch 64 from
+      hidden 512 (1.00-1.10x). fastlstm's step() follows (B16-H256-P128, 50 steps: cpp 0.58x, native 0.84-0.86x of
+      nn.LSTM's 1-step calls; `-float32-projection-step-mode.json`).
+    Not measured on other CPUs (Zen, aarch64): nn.LSTM runs the same loop there and cpp does the same work per call,
+    so the rule holds there too, but for float16, whose loop runs at full speed only with AVX512-FP16."""
+    if call.packed or call.batch > 64:
         return None
-    fp16_units = call.dtype == torch.float16 and _cpu_fp16_units() is not None
-    atens_loop = call.dtype == torch.float64 or call.proj_size > 0 or fp16_units
-    if call.needs_grad and atens_loop and call.seq_len == 1 and call.hidden_size >= 256:
-        return (
-            "one step in training from hidden 256 on nn.LSTM's per-step loop (float64, a projection, float16 on a "
-            "CPU with float16 units): its products measured faster than cpp's fixed costs"
-        )
-    if call.needs_grad and fp16_units and call.seq_len <= 3 and call.hidden_size >= 512:
-        return "float16 training of 2-3 steps from hidden 512 on a CPU with float16 units: nn.LSTM measured faster"
-    if call.needs_grad or call.seq_len != 1 or not call.proj_size or not 8 < call.batch <= 48:
+    if call.dtype in (torch.bfloat16, torch.float16) and native.openmp_starves():
+        # not speed: torch's half-precision products are wrong there (NaN), and nn.LSTM's loop takes them
         return None
-    if call.hidden_size >= 192 and call.batch <= 16:
-        return "one step at inference with a projection at batch 9-16 from hidden 192: nn.LSTM measured faster"
-    beyond_batch_16 = call.hidden_size >= 256 if _one_thread() else 192 <= call.hidden_size <= 256
-    if beyond_batch_16:
+    fp16_native = call.dtype == torch.float16 and _cpu_fp16_units() == "avx512"
+    full_speed_loop = call.dtype == torch.float64 or call.proj_size > 0 or fp16_native
+    if call.needs_grad:
+        if full_speed_loop and call.seq_len == 1 and call.hidden_size >= 256:
+            return (
+                "one step in training from hidden 256 where nn.LSTM runs its per-step loop at full speed (float64, a "
+                "projection, float16 on a CPU with AVX512-FP16): its products measured faster than cpp's fixed costs"
+            )
+        if fp16_native and call.seq_len <= 5 and call.hidden_size >= 512:
+            return "float16 training of up to 5 steps from hidden 512 with AVX512-FP16: nn.LSTM measured faster"
+        return None
+    if call.seq_len != 1 or not call.proj_size or not 8 < call.batch <= 48:
+        return None
+    if fp16_native and 256 <= call.hidden_size <= 512:
+        return "a float16 projected step at inference at batch 9-48, hidden 256-512: nn.LSTM measured faster"
+    if call.dtype != torch.float32:
+        return None
+    if call.batch <= 16:
+        measured = 192 <= call.hidden_size <= 512
+    else:
+        measured = 256 <= call.hidden_size <= 512 if _one_thread() else 192 <= call.hidden_size <= 256
+    if measured:
         return (
-            "one step at inference with a projection at batch 17-48, hidden 192-256 (one thread: from hidden 256): "
-            "nn.LSTM measured faster"
+            "a float32 projected step at inference at batch 9-16, hidden 192-512, or 17-48 at hidden 192-256 (one "
+            "thread: 256-512): nn.LSTM measured faster"
         )
     return None
 

@@ -469,6 +469,15 @@ def test_check_compares_dropout_between_layers_mask_for_mask(monkeypatch, backen
     assert errors["y"][0] > 1e-3 and errors["input.grad"][0] > 1e-3, errors
 
 
+def test_check_compares_dropout_on_the_cpu_only():
+    """On CUDA torch's dropout masks depend on the dtype (and cuDNN draws its own), so nn.LSTM in float64 cannot
+    share a float32 call's: compare refuses a dropout case there before touching the device (check runs such cases
+    without dropout on CUDA, saying so)."""
+    case = next(case for case in CHECK_CASES if case.dropout)
+    with pytest.raises(ValueError, match="dropout on the CPU only"):
+        compare(case, "native", "cuda", torch.float32)
+
+
 def test_random_check_cases_draw_dropout_apart_from_the_rest():
     """A third of the stacked random cases drop between layers; drawn from a stream of their own, a seed's cases
     are otherwise those it gave before dropout was drawn (sizes and flags that earlier notes and tests cite)."""

@@ -1541,39 +1541,61 @@ def test_the_build_says_how_it_splits_rows():
 
 
 def test_auto_sends_short_calls_on_atens_loop_native_where_measured_faster(monkeypatch):
-    """One step in training from hidden 256 where nn.LSTM runs ATen's per-step loop (float64, a projection, float16
-    with float16 units), float16 training of up to 3 steps from hidden 512 there, and one projected step at
-    inference at batch 9-16 from hidden 192 and 17-48 at hidden 192-256 (one thread: from 256) go native; packed
-    input, more steps, smaller sizes and oneDNN's classes keep their rules."""
+    """Where nn.LSTM runs its per-step loop at full speed (float64, a projection, float16 with AVX512-FP16): one step
+    in training from hidden 256 and float16 training of up to 5 steps from hidden 512 go native, and
+    one projected step at inference beyond 8 rows where measured (float32 at batch 9-16, hidden 192-512, and 17-48 at
+    192-256, one thread 256-512; float16 at batch 9-48, hidden 256-512); packed input, more steps, other sizes and
+    dtypes keep their rules, and so do half-precision calls where OpenMP may start fewer threads (torch's half
+    products are wrong there)."""
     from fastlstm import dispatch
+    from fastlstm.backends import native
 
     monkeypatch.setattr(dispatch, "_cpu_fp16_units", lambda: "avx512")
     monkeypatch.setattr(dispatch, "_one_thread", lambda: False)
+    monkeypatch.setattr(native, "openmp_starves", lambda: False)
     for dtype, proj in ((torch.float64, 0), (torch.float32, 4), (torch.bfloat16, 4), (torch.float16, 0)):
         one_step = dict(train=True, hidden=256, proj_size=proj, seq_len=1)
         assert _auto_backends(dtype, 16, **one_step) == ["native"] * 4, dtype
+        assert _auto_backends(dtype, 64, **dict(one_step, hidden=1024)) == ["native"] * 4, dtype
+        assert _auto_backends(dtype, 65, **one_step) == ["cpp"] * 4, dtype  # measured to batch 64
         assert _auto_backends(dtype, 16, **dict(one_step, hidden=255)) == ["cpp"] * 4, dtype
         assert _auto_backends(dtype, 16, **dict(one_step, packed=True)) == ["cpp"] * 4, dtype
         if dtype != torch.float16:
             assert _auto_backends(dtype, 16, **dict(one_step, seq_len=2)) == ["cpp"] * 4, dtype
-    assert _auto_backends(torch.float16, 4, train=True, hidden=512, seq_len=3) == ["native"] * 4
-    assert _auto_backends(torch.float16, 4, train=True, hidden=511, seq_len=3) == ["cpp"] * 4
-    assert _auto_backends(torch.float16, 4, train=True, hidden=512, seq_len=4) == ["cpp"] * 4
-    monkeypatch.setattr(dispatch, "_cpu_fp16_units", lambda: None)  # nn.LSTM's float16 loop without the units
-    assert _auto_backends(torch.float16, 4, train=True, hidden=512, seq_len=1) == ["cpp"] * 4
+    fp16 = dict(train=True)
+    assert _auto_backends(torch.float16, 4, hidden=512, seq_len=5, **fp16) == ["native"] * 4
+    assert _auto_backends(torch.float16, 4, hidden=511, seq_len=5, **fp16) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 4, hidden=512, seq_len=6, **fp16) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 4, hidden=1024, seq_len=6, **fp16) == ["cpp"] * 4
     step = dict(proj_size=4, seq_len=1)
     assert _auto_backends(torch.float32, 9, hidden=192, **step) == ["native"] * 4
     assert _auto_backends(torch.float32, 16, hidden=512, **step) == ["native"] * 4
+    assert _auto_backends(torch.float32, 16, hidden=513, **step) == ["cpp"] * 4  # not measured beyond 512
     assert _auto_backends(torch.float32, 8, hidden=512, **step) == ["cpp"] * 4  # one step as dot products
     assert _auto_backends(torch.float32, 16, hidden=191, **step) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 48, hidden=256, **step) == ["native"] * 4
     assert _auto_backends(torch.float32, 48, hidden=257, **step) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 49, hidden=256, **step) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 16, hidden=256, proj_size=4, seq_len=2) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 48, hidden=512, **step) == ["native"] * 4
+    assert _auto_backends(torch.float16, 48, hidden=255, **step) == ["cpp"] * 4
+    for dtype in (torch.bfloat16, torch.float64):  # cpp won there
+        assert _auto_backends(dtype, 16, hidden=256, **step) == ["cpp"] * 4, dtype
     monkeypatch.setattr(dispatch, "_one_thread", lambda: True)
-    assert _auto_backends(torch.float32, 48, hidden=1024, **step) == ["native"] * 4
+    assert _auto_backends(torch.float32, 48, hidden=512, **step) == ["native"] * 4
+    assert _auto_backends(torch.float32, 48, hidden=513, **step) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 17, hidden=255, **step) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 16, hidden=192, **step) == ["native"] * 4
+    monkeypatch.setattr(native, "openmp_starves", lambda: True)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert _auto_backends(dtype, 16, train=True, hidden=256, proj_size=4, seq_len=1) == ["cpp"] * 4, dtype
+    assert _auto_backends(torch.float16, 16, hidden=256, **step) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 4, hidden=512, seq_len=3, **fp16) == ["cpp"] * 4
+    assert _auto_backends(torch.float64, 16, train=True, hidden=256, seq_len=1) == ["native"] * 4
+    monkeypatch.setattr(native, "openmp_starves", lambda: False)
+    for units in (None, "amx", "unknown"):  # float16's loop at full speed only with AVX512-FP16 (measured)
+        monkeypatch.setattr(dispatch, "_cpu_fp16_units", lambda units=units: units)
+        assert _auto_backends(torch.float16, 4, hidden=512, seq_len=1, **fp16) == ["cpp"] * 4, units
 
 
 def test_auto_keeps_oneDNNs_calls_native_on_other_architectures(monkeypatch):
