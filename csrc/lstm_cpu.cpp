@@ -525,7 +525,8 @@ std::string kernel_choices() {
          " threads now: torch's, no more than the CPUs), else per-step parallel; row split (each thread its own "
          "rows' time loop): " +
          (row_split_max_bytes() <= 0 ? std::string("never")
-                                     : "with " + std::to_string(kRowSplitMinRows) + "+ rows a thread and up to " +
+                                     : "with " + std::to_string(kRowSplitMinRows) + "+ rows a thread, " +
+                                           std::to_string(kRowSplitMinSteps) + "+ steps and up to " +
                                            std::to_string(row_split_max_bytes()) + " bytes of weights a step") +
          "; input projection: per step " + from(fuse_min_rows(), "rows") +
          " (register-blocked steps), else one GEMM up front; recurrent product (forward): " +
@@ -576,7 +577,7 @@ ForwardSteps forward_steps(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P
   f.dot_input = f.blocked_step && !f.fuse_input && I > 0 && dot_input_pays(T * B, 4 * H * I * elem_bytes);
   // The weights every step reads: w_hh, w_ih where the input projection is fused, w_hr.
   const int64_t step_bytes = (P + (f.fuse_input ? I : 0)) * 4 * H * elem_bytes + (proj ? H * P * sizeof(scalar_t) : 0);
-  f.split = f.blocked_step && !f.dot ? row_split_threads(B, step_bytes) : 1;
+  f.split = f.blocked_step && !f.dot ? row_split_threads(B, T, step_bytes) : 1;
   return f;
 }
 
@@ -1126,7 +1127,7 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
   };
   // The weights every step reads: w_hh, and w_hr with a projection.
   const int64_t step_bytes = G4 * P * sizeof(elem_t) + (proj ? H * P * sizeof(scalar_t) : 0);
-  const int split = blocked_step ? row_split_threads(B, step_bytes) : 1;
+  const int split = blocked_step ? row_split_threads(B, d.T, step_bytes) : 1;
   if (blocked_step && threads > 1 && split == 1) {
     backward_team<scalar_t, Dot>(threads, d, live, reverse, gy, gp, chp, c0p, whh_u, sk, sn, dgp, dgk, dhp, dcp);
   } else {

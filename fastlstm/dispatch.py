@@ -198,11 +198,19 @@ def _one_thread() -> bool:
     return torch.get_num_threads() == 1
 
 
+# The fewest steps the cpp forward splits its rows for (csrc/team.h, kRowSplitMinSteps; a test holds the two equal).
+CPP_ROW_SPLIT_MIN_STEPS = 8
+
+
 def _cpp_splits_rows(call: LayerCall) -> bool:
-    """Whether the cpp float32 forward of `call` splits its rows among threads (the row split, csrc/team.h)."""
+    """Whether the cpp float32 forward of `call` splits its rows among threads (the row split, csrc/team.h), or would
+    were it CPP_ROW_SPLIT_MIN_STEPS steps long: a shorter call runs the team loop instead, faster than the split
+    there on the Xeon with AMX (csrc/team.h), and the Zen rule that reads this was measured at 20-300 steps, the
+    split's lengths, with cpp given every call whose rows split (shorter ones too, before the split took a length)."""
     from fastlstm.backends import cpu
 
-    bounds = cpu.float32_forward_rows(call.seq_len, call.batch, call.input_size, call.hidden_size, call.proj_size)
+    steps = max(call.seq_len, CPP_ROW_SPLIT_MIN_STEPS)
+    bounds = cpu.float32_forward_rows(steps, call.batch, call.input_size, call.hidden_size, call.proj_size)
     return len(bounds) > 2
 
 
@@ -502,14 +510,16 @@ def _few_steps_slower_reason(call: LayerCall) -> str | None:
       0.68-0.95x; native 0.95-1.26x), and won at hidden 256 from 3 steps (1.15-1.62x); 10 steps were mixed at hidden
       768-1024 (0.86-1.12x, native 0.99-1.08x) and won at 512 (1.05-1.19x); 35 steps won (1.08-1.78x; B64-H1024
       0.98x). `-float16-few-steps-more.json` has 6 of these shapes.
-    - One projected step at inference, beyond 8 rows (below, cpp's single step multiplies the weights as stored):
-      float32 at batch 9-16, hidden 192-512, cpp 0.48-0.98x, native 0.77-0.97x, native the faster but at B12-H512
-      (0.98x, 0.94x); at batch 17-48 native the faster at hidden 192-256 (cpp 0.69-0.94x, native 0.81-0.91x) and
-      cpp from 320 (0.93-1.08x, native 0.86-0.97x); at one thread native from hidden 256 (cpp 0.70-0.96x, native
-      0.84-0.98x). float16 at batch 12-24, hidden 256-512: cpp 0.62-0.68x, native 0.91-0.94x. bfloat16 and float64
-      there won (1.03-1.38x) but at one shape each. Batch 1 and hidden 128 won (1.03-1.50x), and batch 64 from
-      hidden 512 (1.00-1.10x). fastlstm's step() follows (B16-H256-P128, 50 steps: cpp 0.58x, native 0.84-0.86x of
-      nn.LSTM's 1-step calls; `-float32-projection-step-mode.json`).
+    - One projected step at inference, beyond 8 rows (below, cpp's single step multiplies the weights as stored),
+      float32, 2 threads, once a call of few steps no longer split its rows (csrc/team.h, kRowSplitMinSteps): at
+      batch 9-16 cpp won at hidden 192 (1.11-1.17x) and lost at 256-512 (0.74-0.94x, native 0.85-0.95x; B12-H256
+      0.94x against native's 0.86x); at batch 17-48 it won or tied at hidden 192-512 (0.92-1.33x, native
+      0.89-0.96x); before that change, the split had lost there (0.69-0.99x). One thread (no split): native the
+      faster at batch 9-16 from hidden 192 (cpp 0.66-0.90x, native 0.83-0.97x) and at 17-48 from 256 (cpp
+      0.79-0.96x, native 0.86-0.98x). float16 at batch 12-24, hidden 256-512: cpp 0.59-0.89x, native 0.91-0.94x.
+      bfloat16 and float64 there won (1.03-1.38x) but at one shape each. Batch 1 and hidden 128 won (1.03-1.50x),
+      and batch 64 from hidden 512 (1.00-1.10x). fastlstm's step() follows (B16-H256-P128, 50 steps: cpp 0.58x,
+      native 0.84-0.86x of nn.LSTM's 1-step calls; `-float32-projection-step-mode.json`).
     Not measured on other CPUs (Zen, aarch64): nn.LSTM runs the same loop there and cpp does the same work per call,
     so the rule holds there too, but for float16, whose loop runs at full speed only with AVX512-FP16."""
     if call.packed or call.batch > 64:
@@ -534,14 +544,14 @@ def _few_steps_slower_reason(call: LayerCall) -> str | None:
         return "a float16 projected step at inference at batch 9-48, hidden 256-512: nn.LSTM measured faster"
     if call.dtype != torch.float32:
         return None
-    if call.batch <= 16:
-        measured = 192 <= call.hidden_size <= 512
+    if _one_thread():
+        measured = (192 if call.batch <= 16 else 256) <= call.hidden_size <= 512
     else:
-        measured = 256 <= call.hidden_size <= 512 if _one_thread() else 192 <= call.hidden_size <= 256
+        measured = call.batch <= 16 and 256 <= call.hidden_size <= 512
     if measured:
         return (
-            "a float32 projected step at inference at batch 9-16, hidden 192-512, or 17-48 at hidden 192-256 (one "
-            "thread: 256-512): nn.LSTM measured faster"
+            "a float32 projected step at inference at batch 9-16, hidden 256-512 (one thread: 192-512, and 256-512 at "
+            "batch 17-48): nn.LSTM measured faster"
         )
     return None
 

@@ -1318,7 +1318,7 @@ _KERNEL_PATHS = {
         {"FASTLSTM_DOT_INPUT_ROWS": "0"},
         "the input projection of a few steps: dot products over w_ih as stored never",
     ),
-    "row-split": ({"FASTLSTM_ROW_SPLIT_MAX_KB": "1048576"}, "rows a thread and up to 1073741824 bytes of weights"),
+    "row-split": ({"FASTLSTM_ROW_SPLIT_MAX_KB": "1048576"}, "steps and up to 1073741824 bytes of weights"),
     "no-row-split": ({"FASTLSTM_ROW_SPLIT_MAX_KB": "0"}, "row split (each thread its own rows' time loop): never"),
     "inference-in-chunks": ({"FASTLSTM_INFERENCE_CHUNK_STEPS": "3"}, "in chunks of 3 steps"),
 }
@@ -1516,8 +1516,9 @@ def _auto_backends(dtype, batch, train=False, hidden=65, proj_size=0, packed=Fal
 
 def test_the_build_says_how_it_splits_rows():
     """dispatch asks the build how a float32 forward splits its rows (cpu.float32_forward_rows): it must say what
-    the split does, shares as even as rows allow from 3 rows a thread, none on one thread, below that or beyond
-    the weights' limit (FASTLSTM_ROW_SPLIT_MAX_KB, else the core's L2)."""
+    the split does, shares as even as rows allow from 3 rows a thread, none on one thread, below that, below
+    dispatch.CPP_ROW_SPLIT_MIN_STEPS steps or beyond the weights' limit (FASTLSTM_ROW_SPLIT_MAX_KB, else the core's
+    L2)."""
     choices = cpu.kernel_choices()
     block = int(choices.split("row blocks of ")[1].split(";")[0])
     # The split serves the register-blocked kernel only: where MKL's packed GEMM runs float32 steps (on Intel: of
@@ -1532,6 +1533,9 @@ def test_the_build_says_how_it_splits_rows():
             assert cpu.float32_forward_rows(50, rows, 32, 32, 0) == ([0, rows // 2, rows] if split else [0, rows])
         assert cpu.float32_forward_rows(50, B, 32, 32, 8) == ([0, 2 * block, B] if split else [0, B])
         assert cpu.float32_forward_rows(50, 7, 32, 32, 0) == ([0, 3, 7] if split else [0, 7])  # from 3 rows a thread
+        steps = dispatch.CPP_ROW_SPLIT_MIN_STEPS  # the build's kRowSplitMinSteps: fewer run the team loop
+        assert cpu.float32_forward_rows(steps, B, 32, 32, 0) == ([0, 2 * block, B] if split else [0, B])
+        assert cpu.float32_forward_rows(steps - 1, B, 32, 32, 0) == [0, B]
         assert cpu.float32_forward_rows(50, 5, 32, 32, 0) == [0, 5]  # a thread short
         assert cpu.float32_forward_rows(50, 4 * block, 1024, 1024, 0) == [0, 4 * block]  # 16 MB a step
         torch.set_num_threads(1)
@@ -1542,11 +1546,11 @@ def test_the_build_says_how_it_splits_rows():
 
 def test_auto_sends_short_calls_on_atens_loop_native_where_measured_faster(monkeypatch):
     """Where nn.LSTM runs its per-step loop at full speed (float64, a projection, float16 with AVX512-FP16): one step
-    in training from hidden 256 and float16 training of up to 5 steps from hidden 512 go native, and
-    one projected step at inference beyond 8 rows where measured (float32 at batch 9-16, hidden 192-512, and 17-48 at
-    192-256, one thread 256-512; float16 at batch 9-48, hidden 256-512); packed input, more steps, other sizes and
-    dtypes keep their rules, and so do half-precision calls where OpenMP may start fewer threads (torch's half
-    products are wrong there)."""
+    in training from hidden 256 and float16 training of up to 5 steps from hidden 512 go native, and one projected
+    step at inference beyond 8 rows where measured (float32 at batch 9-16, hidden 256-512, one thread 192-512 and
+    256-512 at batch 17-48; float16 at batch 9-48, hidden 256-512); packed input, more steps, other sizes and dtypes
+    keep their rules, and so do half-precision calls where OpenMP may start fewer threads (torch's half products are
+    wrong there)."""
     from fastlstm import dispatch
     from fastlstm.backends import native
 
@@ -1568,14 +1572,12 @@ def test_auto_sends_short_calls_on_atens_loop_native_where_measured_faster(monke
     assert _auto_backends(torch.float16, 4, hidden=512, seq_len=6, **fp16) == ["cpp"] * 4
     assert _auto_backends(torch.float16, 4, hidden=1024, seq_len=6, **fp16) == ["cpp"] * 4
     step = dict(proj_size=4, seq_len=1)
-    assert _auto_backends(torch.float32, 9, hidden=192, **step) == ["native"] * 4
+    assert _auto_backends(torch.float32, 9, hidden=256, **step) == ["native"] * 4
     assert _auto_backends(torch.float32, 16, hidden=512, **step) == ["native"] * 4
     assert _auto_backends(torch.float32, 16, hidden=513, **step) == ["cpp"] * 4  # not measured beyond 512
     assert _auto_backends(torch.float32, 8, hidden=512, **step) == ["cpp"] * 4  # one step as dot products
-    assert _auto_backends(torch.float32, 16, hidden=191, **step) == ["cpp"] * 4
-    assert _auto_backends(torch.float32, 48, hidden=256, **step) == ["native"] * 4
-    assert _auto_backends(torch.float32, 48, hidden=257, **step) == ["cpp"] * 4
-    assert _auto_backends(torch.float32, 49, hidden=256, **step) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 16, hidden=255, **step) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 17, hidden=256, **step) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 16, hidden=256, proj_size=4, seq_len=2) == ["cpp"] * 4
     assert _auto_backends(torch.float16, 48, hidden=512, **step) == ["native"] * 4
     assert _auto_backends(torch.float16, 48, hidden=255, **step) == ["cpp"] * 4
@@ -1584,8 +1586,10 @@ def test_auto_sends_short_calls_on_atens_loop_native_where_measured_faster(monke
     monkeypatch.setattr(dispatch, "_one_thread", lambda: True)
     assert _auto_backends(torch.float32, 48, hidden=512, **step) == ["native"] * 4
     assert _auto_backends(torch.float32, 48, hidden=513, **step) == ["cpp"] * 4
+    assert _auto_backends(torch.float32, 49, hidden=256, **step) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 17, hidden=255, **step) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 16, hidden=192, **step) == ["native"] * 4
+    assert _auto_backends(torch.float32, 16, hidden=191, **step) == ["cpp"] * 4
     monkeypatch.setattr(native, "openmp_starves", lambda: True)
     for dtype in (torch.bfloat16, torch.float16):
         assert _auto_backends(dtype, 16, train=True, hidden=256, proj_size=4, seq_len=1) == ["cpp"] * 4, dtype
