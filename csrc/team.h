@@ -251,9 +251,10 @@ constexpr int64_t kRowSplitMinRows = 3;
 // between the threads. The Xeon with AMX, 2 threads, float32, nn.LSTM's speed against cpp's without the split
 // (FASTLSTM_ROW_SPLIT_MAX_KB=1) and with it, one process each, 7 rounds interleaved: inference at 1-2 steps the
 // team loop faster on all 12 shapes (B24-T1-H160 1.91x against 1.11x, B24-T1-H256-P128 1.11x against 0.69x,
-// B16-T1-H300-P150 1.00x against 0.64x), at 5 steps on 5 of 7 (the others even), at 10 the split on 3 of 4 (one
-// even), at 20 on 4 of 5 (B24-T20-H160 1.35x against 1.03x); training at 1 step the team 1.12-1.19x faster, at 5
-// even, at 50 the split (B24-H160, B48-H128 with and without a projection, batch 16-48, hidden 96-307).
+// B16-T1-H300-P150 1.00x against 0.64x), at 5 steps on 5 of 7 by up to 0.45x (the other two within 0.05x; in
+// `bench`, B48-T5-H128 1.05-1.07x against 1.09-1.16x), at 10 the split on 3 of 4 (one even), at 20 on 4 of 5
+// (B24-T20-H160 1.35x against 1.03x); training at 1 step the team 1.12-1.19x faster, at 5 even, at 50 the split
+// (B24-H160, B48-H128 with and without a projection, batch 16-48, hidden 96-307).
 constexpr int64_t kRowSplitMinSteps = 8;
 
 // Threads of the row split for a batch of B rows, T steps, whose steps read step_bytes of weights: all of torch's

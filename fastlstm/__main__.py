@@ -609,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         metavar="N",
         help="also N random configurations, sized to cross the fast backends' size rules, a third of the stacked "
-        "ones with dropout between layers (on the CPU) (slow for the Python reference and the Triton interpreter at "
+        "ones with dropout between layers on the CPU (slow for the Python reference and the Triton interpreter at "
         "those sizes)",
     )
     check.add_argument("--seed", type=int, default=0, help="seed of the random configurations (default 0)")
