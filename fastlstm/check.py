@@ -256,7 +256,7 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
         # one rounding unit moved it by 0.133; with another seed nn.LSTM erred 0.236 on a result that moved 0.478;
         # float16, the same layers: 0.0061 on cpp, 0.0043 on the reference, one unit moved it 0.0050)
         with exact_cudnn():
-            sensitivity = _rounding_sensitivity(exact, x, dtype, run)
+            sensitivity = _rounding_sensitivity(exact, x, dtype, run, expected)
         ill = ILL_CONDITIONED_UNITS * torch.finfo(dtype).eps / 2
         errors = {
             key: (error, max(limit, SENSITIVITY_FACTOR * sensitivity[key] if sensitivity[key] >= ill else 0.0))
@@ -265,15 +265,15 @@ def compare(case: Case, backend: str, device: str, dtype: torch.dtype, seed: int
     return errors
 
 
-def _rounding_sensitivity(exact, x: torch.Tensor, dtype: torch.dtype, run) -> dict[str, float]:
-    """How far each result of the float64 call `run(exact, x)` moves, relative to its largest value, when x and
-    every weight move by one rounding unit of `dtype` (each element by its own random relative amount, u = eps / 2;
-    the largest over SENSITIVITY_DRAWS draws): what a backward-stable computation in `dtype` may err from rounding
-    its inputs alone. 4-7 units on a well-conditioned result (the largest of Gaussian draws), 10 and more where the
-    dtype barely resolves it (a gradient summed over rows that cancel: 34 units, 0.13, in bfloat16)."""
+def _rounding_sensitivity(exact, x: torch.Tensor, dtype: torch.dtype, run, base: dict) -> dict[str, float]:
+    """How far each result of the float64 call `run(exact, x)` (base: compare's, already run) moves, relative to its
+    largest value, when x and every weight move by one rounding unit of `dtype` (each element by its own random
+    relative amount, u = eps / 2; the largest over SENSITIVITY_DRAWS draws): what a backward-stable computation in
+    `dtype` may err from rounding its inputs alone. 4-7 units on a well-conditioned result (the largest of Gaussian
+    draws), 10 and more where the dtype barely resolves it (a gradient summed over rows that cancel: 34 units, 0.13,
+    in bfloat16)."""
     unit = torch.finfo(dtype).eps / 2
     gen = torch.Generator().manual_seed(0)
-    base = run(exact, x.double())
 
     def moved(t: torch.Tensor) -> torch.Tensor:
         noise = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device)
