@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import warnings
@@ -178,6 +177,8 @@ _CHECKS_BY_CLASS: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDiction
 def _checks_are_ours(cls: type) -> bool:
     """Whether `cls` (LSTM or a subclass) validates a call with LSTM's own checks: only then may a repeated call of
     one kind skip them (_call_key)."""
+    if cls is LSTM:
+        return True  # without the weak dictionary's lookup: half a microsecond of every call
     ours = _CHECKS_BY_CLASS.get(cls)
     if ours is None:
         names = (
@@ -192,7 +193,7 @@ def _checks_are_ours(cls: type) -> bool:
 # off): repeated calls of one kind skip the checks, dispatch and autocast's dtypes (tens of microseconds, which
 # count at batch 1-4).
 # Remembered at most backends.REMEMBERED_MAX (backends.remember): keys hold shapes.
-_CHECKED_CALLS: dict[tuple, tuple[tuple[dispatch.Choice, ...], _Autocast | None]] = {}
+_CHECKED_CALLS: dict[tuple, _Checked] = {}
 
 
 def forget_plans() -> None:
@@ -218,6 +219,17 @@ class _Autocast(NamedTuple):
     dtypes: tuple[torch.dtype, ...]
     onednn: bool = True
     own_call: bool = False
+
+
+class _Checked(NamedTuple):
+    """What a call that passed every check was planned as, for the calls of its key (LSTM._call_key)."""
+
+    choices: tuple[dispatch.Choice, ...]
+    amp: _Autocast | None
+    # every layer native: the whole stack is nn.LSTM's one call
+    native: bool
+    # _weights_as_built() is the weight list itself (no bias to expand): the key's weight shapes decide it
+    weights_as_built: bool
 
 
 # Per distinct call; see LSTM._autocast_dtypes.
@@ -513,6 +525,22 @@ class LSTM(nn.RNNBase):
             return "Expected more weights in stacked_rnn"
         return ""
 
+    def _read_as(self) -> tuple[list[str], tuple[tuple[int, ...], ...]]:
+        """What nn.LSTM reads each place of the weight list as with the module's flags, and that weight's shape as
+        its constructor makes it."""
+        sizes = (self.input_size, self.hidden_size, self.proj_size, self.num_layers, self.bidirectional, self.bias)
+        # kept: a microsecond of every call where computed afresh. Keyed by the sizes and flags, which a model surgery
+        # may change (m.input_size = 5 and a new weight_ih_l0), as nn.LSTM reads them
+        kept = self.__dict__.get("_standard_shapes")
+        if kept is not None and kept[0] == sizes:
+            return kept[1], kept[2]
+        directions = self._num_directions
+        read_as = _constructor_names(self.num_layers, directions, bool(self.bias), self.proj_size > 0)
+        expected = _standard_shapes(read_as, *sizes[:3], directions)
+        if not torch.compiler.is_compiling():  # no side effects in a trace
+            self._standard_shapes = (sizes, read_as, expected)
+        return read_as, expected
+
     def _misshapen_weight(self) -> str:
         """The first weight whose shape is not the one nn.LSTM's kernels read it as, with both shapes; "" when none.
         That is the shape nn.LSTM's constructor gives it, or where the flags were changed after construction and the
@@ -520,19 +548,7 @@ class LSTM(nn.RNNBase):
         m.bias = False on two layers reads a bias as the next layer's w_ih; garbage numbers, NaN among them). A bias
         nn.LSTM broadcasts to the same numbers on each of its paths counts as its [4H] (_broadcast_bias), and the
         fast paths expand it so (_flat_bias). Read on every call: a `.data` swapped keeps the Parameter."""
-        sizes = (self.input_size, self.hidden_size, self.proj_size, self.num_layers, self.bidirectional, self.bias)
-        # kept: a microsecond of every call where computed afresh. Keyed by the sizes and flags, which a model surgery
-        # may change (m.input_size = 5 and a new weight_ih_l0), as nn.LSTM reads them
-        kept = self.__dict__.get("_standard_shapes")
-        if kept is not None and kept[0] == sizes:
-            read_as, expected = kept[1], kept[2]
-        else:
-            directions = self._num_directions
-            # what nn.LSTM reads each place of the list as, with these flags
-            read_as = _constructor_names(self.num_layers, directions, bool(self.bias), self.proj_size > 0)
-            expected = _standard_shapes(read_as, *sizes[:3], directions)
-            if not torch.compiler.is_compiling():  # no side effects in a trace
-                self._standard_shapes = (sizes, read_as, expected)
+        read_as, expected = self._read_as()
         names = self._flat_weights_names
         for k, (w, shape) in enumerate(zip(self._flat_weights, expected)):
             if w is None or w.shape == shape:
@@ -620,14 +636,16 @@ class LSTM(nn.RNNBase):
             return self._forward_lengths(input, hx, lengths, packing=sparse)
         key = self._call_key(input, hx)
         checked = _CHECKED_CALLS.get(key) if key is not None else None
-        if checked is None:
+        repeated = checked is not None
+        if not repeated:
             input, hx, batch_sizes, sorted_indices, unsorted_indices, is_batched = self._prepare(input, hx)
             amp = self._autocast_dtypes(input, hx, batch_sizes)
             choices = self._plan(input, hx, batch_sizes, amp)
+            checked = self._checked(choices, amp)
             if key is not None:
-                backends.remember(_CHECKED_CALLS, key, (choices, amp))
+                backends.remember(_CHECKED_CALLS, key, checked)
         else:  # the same kind of call passed every check before
-            choices, amp = checked
+            choices, amp = checked.choices, checked.amp
             if type(input) is PackedSequence:
                 input, batch_sizes, sorted_indices, unsorted_indices, hx = self._unpack(input, hx)
                 is_batched = True
@@ -640,12 +658,13 @@ class LSTM(nn.RNNBase):
         # a pack without rows (batch sizes all 0, built by hand): nn.LSTM's own answer, whatever the backend; the
         # fast ones take steps of one row or more
         empty_pack = batch_sizes is not None and input.shape[0] == 0
-        if empty_pack or all(choice.backend == "native" for choice in choices):
+        if empty_pack or checked.native:
             if hx is None:
                 hx = self._initial_state(input, None, batch_sizes, True)
-            output, h_n, c_n = self._native_stack(input, hx, batch_sizes, amp)
+            weights = self._flat_weights if checked.weights_as_built else None
+            output, h_n, c_n = self._native_stack(input, hx, batch_sizes, amp, weights)
         elif batch_sizes is not None:
-            steps = batch_sizes if checked is not None or _traced() else _without_empty_steps(batch_sizes)
+            steps = batch_sizes if repeated or _traced() else _without_empty_steps(batch_sizes)
             output, h_n, c_n = self._fast_stack(input, hx, steps, choices, amp)
         else:
             x = input.transpose(0, 1) if self.batch_first else input
@@ -703,9 +722,9 @@ class LSTM(nn.RNNBase):
             amp = self._autocast_dtypes(x, hx, batch_sizes)
             choices = self._plan(x, hx, batch_sizes, amp)
             if key is not None:
-                backends.remember(_CHECKED_CALLS, key, (choices, amp))
+                backends.remember(_CHECKED_CALLS, key, self._checked(choices, amp))
         else:
-            choices, amp = checked
+            choices, amp = checked.choices, checked.amp
         if longest < seq_len:  # trailing steps where no sequence is live
             x, batch_sizes, live = x[:longest], batch_sizes[:longest], live[:longest]
         if all(choice.backend == "native" for choice in choices):
@@ -796,10 +815,10 @@ class LSTM(nn.RNNBase):
             x, state, *_ = self._prepare(sequence, state)
             choices = self._plan(x, state, None)
             if key is not None:
-                backends.remember(_CHECKED_CALLS, key, (choices, None))
+                backends.remember(_CHECKED_CALLS, key, self._checked(choices, None))
             x = x.squeeze(1 if self.batch_first else 0)
         else:  # this kind of step passed every check before
-            choices = checked[0]
+            choices = checked.choices
             x, state = (input, state) if batched else self._as_batch_of_one(input, state)
         x, state = _saveable(x, state)
         whole = self._inference_stack_backend(choices, x, state)
@@ -855,7 +874,10 @@ class LSTM(nn.RNNBase):
         tensors = (input, *self._flat_weights) if hx is None else (input, hx[0], hx[1], *self._flat_weights)
         if torch._C._are_functorch_transforms_active():  # a vmap's wrappers hide requires_grad
             return any(backends.autograd_tracks(t) for t in tensors)
-        return any(t.requires_grad for t in tensors)
+        for t in tensors:  # a loop, not any(): this runs on every call
+            if t.requires_grad:
+                return True
+        return False
 
     def _transforms(self, input: Tensor, hx) -> _Transforms:
         """What torch.func's transforms and forward-mode AD make of this call (see _Transforms)."""
@@ -904,15 +926,21 @@ class LSTM(nn.RNNBase):
             shape = input.shape
         else:
             return None
-        if any(w is None for w in self._flat_weights):
+        weights = self._flat_weights
+        weight = weights[0] if weights else None
+        if weight is None:
             return None  # a weight deleted (`del m.weight_hh_l0`): _check_call raises nn.LSTM's error
         amp = torch._C._is_any_autocast_enabled() and _autocast_key(input.device.type)
-        weight = self._flat_weights[0]
-        device, dtype, mixed = weight.device, weight.dtype, False
-        for w in self._flat_weights:  # one pass for both (_weights_mixed): 1.5 us of a call with 16 weights
-            if w.device != device:
-                return None  # a weight left on another device: _check_call raises nn.LSTM's error
-            mixed = mixed or w.dtype is not dtype
+        expected = self._read_as()[1]
+        device, dtype, mixed, standard = weight.device, weight.dtype, False, len(weights) == len(expected)
+        # one pass for what every call reads of the weights (1.5 us of a call with 16 weights where each had its own)
+        for k, w in enumerate(weights):
+            if w is None or w.device != device:
+                return None  # a weight deleted, or left on another device: _check_call raises nn.LSTM's error
+            mixed = mixed or w.dtype is not dtype  # _weights_mixed
+            standard = standard and w.shape == expected[k]
+        # the common case of _misshapen_weight's, in the pass: every weight has its constructor's shape
+        shapes = None if standard else self._misshapen_weight()
         if hx is None:
             state = None
         elif type(hx) is tuple and len(hx) == 2 and type(hx[0]) is Tensor and type(hx[1]) is Tensor:
@@ -924,9 +952,14 @@ class LSTM(nn.RNNBase):
         return (
             shape, input.dtype, input.device, weight.dtype, weight.device, state, grad, self.batch_first,
             self.backend, os.environ.get(dispatch.ENV_VAR), self.input_size, self.hidden_size, self.proj_size,
-            self.num_layers, self.bidirectional, self.bias, len(self._flat_weights), mixed, self._misshapen_weight(),
+            self.num_layers, self.bidirectional, self.bias, len(weights), mixed, shapes,
             torch.get_num_threads(), amp,
         )  # fmt: skip
+
+    def _checked(self, choices: tuple[dispatch.Choice, ...], amp: _Autocast | None) -> _Checked:
+        """A checked call's plan, with what its repeats need not work out again."""
+        native = all(choice.backend == "native" for choice in choices)
+        return _Checked(choices, amp, native, self._weights_as_built() is self._flat_weights)
 
     def _plan(self, input: Tensor, hx, batch_sizes: Tensor | None, amp=None) -> tuple[dispatch.Choice, ...]:
         """The backend of each (layer, direction) for prepared input, layer-major, forward before reverse.
@@ -1109,24 +1142,19 @@ class LSTM(nn.RNNBase):
     # ---- running the stack ----------------------------------------------------------------------------
 
     def _native_stack(
-        self, input: Tensor, hx, batch_sizes: Tensor | None, amp: _Autocast | None = None
+        self, input: Tensor, hx, batch_sizes: Tensor | None, amp: _Autocast | None = None, weights=None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Exactly nn.LSTM's call: the whole stack in one torch._VF.lstm (cuDNN / oneDNN / ATen); with oneDNN off
         where it cannot run the call under autocast (see _autocast_dtypes), or would compute it wrong (see
-        onednn_training_miscomputes)."""
+        onednn_training_miscomputes). weights: _weights_as_built()'s list, where the caller knows it."""
         miscomputes = onednn_training_miscomputes(input, batch_sizes is not None, self.proj_size > 0)
-        onednn = (amp is None or amp.onednn) and not miscomputes
-        with contextlib.nullcontext() if onednn else onednn_off():
-            if batch_sizes is None:
-                out = torch._VF.lstm(
-                    input, hx, self._weights_as_built(), self.bias, self.num_layers, self.dropout, self.training,
-                    self.bidirectional, self.batch_first,
-                )  # fmt: skip
-            else:
-                out = torch._VF.lstm(
-                    input, batch_sizes, hx, self._weights_as_built(), self.bias, self.num_layers, self.dropout,
-                    self.training, self.bidirectional,
-                )  # fmt: skip
+        if weights is None:
+            weights = self._weights_as_built()
+        if (amp is None or amp.onednn) and not miscomputes:
+            out = self._vf_lstm(input, hx, batch_sizes, weights)
+        else:
+            with onednn_off():
+                out = self._vf_lstm(input, hx, batch_sizes, weights)
         if batch_sizes is None and torch.compiler.is_compiling():
             # torch 2.4-2.11's decomposition of aten::lstm (what a compiled graph runs where oneDNN does not take
             # the call: every CUDA call, CPU training) stacks each layer's [1, B, H] state unsqueezed: h_n and c_n
@@ -1137,6 +1165,17 @@ class LSTM(nn.RNNBase):
             # ATen's path gives other dtypes than oneDNN's under autocast (float32 for bfloat16): nn.LSTM's
             out = tuple(t.to(dtype) for t, dtype in zip(out, amp.dtypes, strict=True))
         return out
+
+    def _vf_lstm(self, input: Tensor, hx, batch_sizes: Tensor | None, weights) -> tuple[Tensor, Tensor, Tensor]:
+        if batch_sizes is None:
+            return torch._VF.lstm(
+                input, hx, weights, self.bias, self.num_layers, self.dropout, self.training, self.bidirectional,
+                self.batch_first,
+            )  # fmt: skip
+        return torch._VF.lstm(
+            input, batch_sizes, hx, weights, self.bias, self.num_layers, self.dropout, self.training,
+            self.bidirectional,
+        )  # fmt: skip
 
     def _parameters_of(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
         """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction, as read by _update_flat_weights for this call."""

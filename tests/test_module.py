@@ -568,6 +568,27 @@ def test_one_element_biases_give_the_numbers_they_stand_for_in_float32(backend):
         torch.testing.assert_close(fast(x)[0], expected(x)[0], atol=1e-5, rtol=1e-5)
 
 
+def test_biases_swapped_by_data_to_one_element_and_back_between_remembered_calls():
+    """A `.data` swap keeps the Parameter, so the weights are not read afresh: a remembered call of the same kind
+    must still see the biases' new shape (a repeat hands nn.LSTM's oneDNN path the weight list as it is only while
+    every bias is its [4H]), both ways."""
+    torch.manual_seed(5)
+    fast = fastlstm.LSTM(I, H, backend="native")
+    expected = nn.LSTM(I, H)
+    expected.load_state_dict(fast.state_dict())
+    x = torch.randn(5, 3, I)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x)[0], expected(x)[0], atol=1e-5, rtol=1e-5)
+        full = fast.bias_ih_l0.data, fast.bias_hh_l0.data
+        fast.bias_ih_l0.data, fast.bias_hh_l0.data = torch.full((1,), 0.3), torch.full((1,), -0.1)
+        expected.bias_ih_l0.fill_(0.3)
+        expected.bias_hh_l0.fill_(-0.1)
+        torch.testing.assert_close(fast(x)[0], expected(x)[0], atol=1e-5, rtol=1e-5)
+        fast.bias_ih_l0.data, fast.bias_hh_l0.data = full
+        expected.load_state_dict(fast.state_dict())
+        torch.testing.assert_close(fast(x)[0], expected(x)[0], atol=1e-5, rtol=1e-5)
+
+
 def test_a_model_surgery_of_sizes_and_weights_runs_as_in_nn_lstm():
     """The input size changed after a call, with a weight_ih of the new size: nn.LSTM reads both at call time, and
     so does the shape check (it had kept the first call's shapes)."""

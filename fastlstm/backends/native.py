@@ -160,13 +160,15 @@ def onednn_training_miscomputes(x: Tensor, packed: bool, projected: bool) -> boo
     (bfloat16 on a 2-core Zen 4: 3.3e-3 to 4.6e-3 of float64's largest value, as without the limit), while ATen's
     path, run with oneDNN off for the forward only, took oneDNN's bfloat16 matmul in its backward, which is wrong
     there: its gradients came out inf (an audit)."""
-    if torch.compiler.is_compiling() or x.device.type != "cpu" or not torch.is_grad_enabled():
+    if torch.compiler.is_compiling():
         return False  # a compiled graph runs nn.LSTM's own call, as a compiled nn.LSTM does (a trace too)
+    if not openmp_starves():  # before the call's own questions: the common case, on every native call
+        return False
+    if x.device.type != "cpu" or not torch.is_grad_enabled():
+        return False
     if packed or projected or x.dtype != torch.float32:
         return False
     if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.float32:
-        return False
-    if not openmp_starves():
         return False
     if not onednn_enabled():
         return False
