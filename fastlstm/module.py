@@ -704,10 +704,11 @@ class LSTM(nn.RNNBase):
             y, state = self.forward(packed, hx)
             time_dim = 1 if self.batch_first else 0
             return pad_packed_sequence(y, self.batch_first, total_length=input.size(time_dim))[0], state
-        # What decides the checks and the plan: the padded call's own key, and whether the lengths vary (autocast's
-        # dtypes read that of a pack); the lengths' values are checked above on every call
+        # What decides the checks and the plan: the padded call's own key, the steps the call runs (the plan's
+        # length, as a pack's) and whether the lengths vary (autocast's dtypes read that of a pack); the lengths'
+        # values are checked above on every call
         key = self._call_key(input, hx) if lengths.numel() else None
-        key = key and ("lengths", key, shortest != longest)
+        key = key and ("lengths", key, longest, shortest != longest)
         checked = _CHECKED_CALLS.get(key) if key is not None else None
         if checked is None:
             input, hx, *_ = self._prepare(input, hx)  # every check of a plain call, in the caller's order
@@ -716,20 +717,19 @@ class LSTM(nn.RNNBase):
         input, hx = _saveable(input, hx)
         if lengths.numel() == 0:
             return self.forward(input, hx)
+        seq_len = input.size(1 if self.batch_first else 0)
         x, hx, batch_sizes, live, unorder = self._sorted_by_length(input, hx, lengths)
-        seq_len = x.size(0)
         if checked is None:
             amp = self._autocast_dtypes(x, hx, batch_sizes)
             choices = self._plan(x, hx, batch_sizes, amp)
+            checked = self._checked(choices, amp)
             if key is not None:
-                backends.remember(_CHECKED_CALLS, key, self._checked(choices, amp))
-        else:
-            choices, amp = checked.choices, checked.amp
-        if longest < seq_len:  # trailing steps where no sequence is live
-            x, batch_sizes, live = x[:longest], batch_sizes[:longest], live[:longest]
-        if all(choice.backend == "native" for choice in choices):
+                backends.remember(_CHECKED_CALLS, key, checked)
+        choices, amp = checked.choices, checked.amp
+        if checked.native:
             rows = packed_rows(batch_sizes, input.device)
-            data, h_n, c_n = self._native_stack(pack_padded(x, rows), hx, batch_sizes, amp)
+            weights = self._flat_weights if checked.weights_as_built else None
+            data, h_n, c_n = self._native_stack(pack_padded(x, rows), hx, batch_sizes, amp, weights)
             y = pad_packed(data, batch_sizes, rows)
         else:
             if shortest < longest:
@@ -774,18 +774,21 @@ class LSTM(nn.RNNBase):
         return lengths, (shortest, longest)
 
     def _sorted_by_length(self, input: Tensor, hx, lengths: Tensor):
-        """A checked padded batch as the layers take it: time-major, rows (and hx) sorted by length, longest first.
-        Returns (x [T, B, I], hx, batch_sizes [T], whether each of x's rows is live at each step [T, B], the row
-        order that undoes the sort)."""
+        """A checked padded batch as the layers take it: time-major, rows (and hx) sorted by length, longest first,
+        and as many steps as the longest (as packing leaves out the steps where no sequence is live, whose batch size
+        of 0 would also make the lengths look varied to autocast's dtypes). Returns (x [T', B, I], hx, batch_sizes
+        [T'], whether each of x's rows is live at each step [T', B], the row order that undoes the sort), T' the
+        longest length."""
         # pack_padded_sequence's own sort (not a stable one): tied lengths then take the rows packing gives them,
         # and dropout between layers draws the same numbers for each sequence.
         batch_dim = 0 if self.batch_first else 1
         sorted_lengths, order = torch.sort(lengths, descending=True)
         unorder = order.argsort()  # a permutation's inverse
         order, unorder = host_to_device(order, input.device), host_to_device(unorder, input.device)
-        live = torch.arange(input.size(1 - batch_dim), device="cpu")[:, None] < sorted_lengths[None, :]
+        longest = int(sorted_lengths[0])
+        live = torch.arange(longest, device="cpu")[:, None] < sorted_lengths[None, :]
         x = input.index_select(batch_dim, order)
-        x = x.transpose(0, 1) if self.batch_first else x
+        x = x[:, :longest].transpose(0, 1) if self.batch_first else x[:longest]
         return x, self.permute_hidden(hx, order), live.sum(1), live, unorder
 
     def step(self, input: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:

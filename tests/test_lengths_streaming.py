@@ -148,6 +148,53 @@ def test_explain_with_lengths_gives_the_plan_the_call_runs(batch_first, monkeypa
     assert fastlstm.explain(m, x).backends == [fast] * 4
 
 
+@pytest.mark.parametrize("lengths", [[3, 2, 6], [3, 3, 3]], ids=str)
+def test_lengths_plan_the_steps_the_call_runs(lengths, monkeypatch):
+    """A lengths= call runs as many steps as its longest sequence, as packing does: dispatch plans it so (here a
+    speed rule that sends calls of more than 4 steps to native tells them apart), per longest length, also where a
+    call of the same padded shape was planned before; explain answers so too."""
+    from fastlstm import dispatch
+
+    monkeypatch.setattr(dispatch, "_faster_than_native", lambda name, c: "long (test)" if c.seq_len > 4 else None)
+    m = fastlstm.LSTM(I, H, batch_first=True)
+    fast = "cpp" if backends.get("cpp").unavailable_reason() is None else "native"
+    x = torch.randn(3, 8, I)
+    plans = []
+    plan = m._plan
+    monkeypatch.setattr(m, "_plan", lambda *a: plans.append(plan(*a)) or plans[-1])
+    calls = (lengths, [8, 2, 8] if len(set(lengths)) > 1 else [8, 8, 8], lengths)
+    for called in calls:
+        m(x, lengths=called)
+    # the third call's plan is the first's, remembered
+    assert [[choice.backend for choice in p] for p in plans] == [["native" if max(lengths) > 4 else fast], ["native"]]
+    monkeypatch.setattr(m, "_plan", plan)
+    for called in calls:
+        assert fastlstm.explain(m, x, lengths=called).backends == ["native" if max(called) > 4 else fast]
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    assert fastlstm.explain(m, packed).backends == fastlstm.explain(m, x, lengths=lengths).backends
+
+
+@pytest.mark.parametrize("backend", ["auto", *(name for name in BACKENDS if name != "triton")])  # bf16: not triton's
+def test_lengths_under_cpu_autocast_give_the_dtypes_of_packing(backend):
+    """Under CPU bfloat16 autocast nn.LSTM's dtypes for a pack depend on whether its batch sizes vary (ATen's path
+    for varied ones returns float32): lengths= gives packing's, including for equal lengths shorter than the padded
+    batch (the steps beyond them had made the batch sizes look varied: float32 where packing gives bfloat16), in
+    any order of calls of one padded shape, with and without grad mode."""
+    torch.manual_seed(6)
+    ref, m = make_pair(I, H, 2, batch_first=True, backend=backend, dtype=torch.float32)
+    x = torch.randn(3, 5, I)
+    for lengths in ([3, 3, 3], [5, 5, 5], [3, 2, 3], [5, 5, 5], [3, 3, 3]):
+        for grad in (False, True):
+            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            with torch.set_grad_enabled(grad):
+                y_ref, (h_ref, c_ref) = nn_lstm_under_cpu_autocast(lambda packed=packed: ref(packed))
+                with torch.autocast("cpu", torch.bfloat16):
+                    y, (h, c) = m(x, lengths=torch.tensor(lengths))
+            y_ref = pad_packed_sequence(y_ref, batch_first=True, total_length=5)[0]
+            assert (y.dtype, h.dtype, c.dtype) == (y_ref.dtype, h_ref.dtype, c_ref.dtype), (lengths, grad)
+            torch.testing.assert_close((y, h, c), (y_ref, h_ref, c_ref), atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("call", ["lengths", "unsorted pack, h0 needs grad"])
 def test_explain_plans_a_call_that_trains_through_reordered_rows_as_training(call, monkeypatch):
     """Frozen weights, the gradient through the input (lengths=) or h0 (an unsorted pack): the rows these calls
