@@ -440,11 +440,14 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             return None
         if _cpu_amd_zen3() and not (call.hidden_size >= 640 and call.batch > 8):
             return None
+        # Measured at 35-50 steps (benchmarks/results/cpu-intel-xeon-amx-2core.md, "One thread": cpp 0.91-0.96x).
+        # At 1-5 steps cpp won (an audit's B24-T1-I276-H117-L2 1.27-1.56x; batch 24-48, hidden 96-240: 1.02-2.20x,
+        # at 10 steps 0.96-1.29x; `-float32-one-thread-short-calls.json`).
         one_thread_loss = not call.needs_grad and call.batch > 16 and 64 <= call.hidden_size < 256
-        if _cpu_intel_amx() and _one_thread() and one_thread_loss:
+        if _cpu_intel_amx() and _one_thread() and one_thread_loss and call.seq_len > 5:
             return (
-                "float32 inference on Intel with AMX at one thread, beyond batch 16 at hidden 64-255 (where at two "
-                "threads cpp splits the rows): oneDNN measured faster"
+                "float32 inference on Intel with AMX at one thread, beyond batch 16 at hidden 64-255 and beyond 5 "
+                "steps (where at two threads cpp splits the rows): oneDNN measured faster"
             )
         if _cpu_intel_amx() and (call.needs_grad or call.hidden_size < 256 or call.batch <= 7):
             return None
@@ -509,7 +512,7 @@ def _few_steps_slower_reason(call: LayerCall) -> str | None:
     - float16 training, batch 1-64: up to 5 steps from hidden 512 (to 1024) cpp lost (2-3 steps 0.22-0.94x, 5 steps
       0.68-0.95x; native 0.95-1.26x), and won at hidden 256 from 3 steps (1.15-1.62x); 10 steps were mixed at hidden
       768-1024 (0.86-1.12x, native 0.99-1.08x) and won at 512 (1.05-1.19x); 35 steps won (1.08-1.78x; B64-H1024
-      0.98x). `-float16-few-steps-more.json` has 6 of these shapes.
+      0.98x). `-float16-few-steps-more.json` has 6 of these shapes. Below hidden 512: _float16_few_steps_training_to_native.
     - One projected step at inference, beyond 8 rows (below, cpp's single step multiplies the weights as stored),
       float32, 2 threads, once a call of few steps no longer split its rows (csrc/team.h, kRowSplitMinSteps): at
       batch 9-16 cpp won at hidden 192 (1.11-1.17x) and lost at 256-512 (0.74-0.94x, native 0.85-0.95x; B12-H256
@@ -535,8 +538,11 @@ def _few_steps_slower_reason(call: LayerCall) -> str | None:
                 "one step in training from hidden 256 where nn.LSTM runs its per-step loop at full speed (float64, a "
                 "projection, float16 on a CPU with AVX512-FP16): its products measured faster than cpp's fixed costs"
             )
-        if fp16_native and call.seq_len <= 5 and call.hidden_size >= 512:
-            return "float16 training of up to 5 steps from hidden 512 with AVX512-FP16: nn.LSTM measured faster"
+        if fp16_native and _float16_few_steps_training_to_native(call):
+            return (
+                "float16 training of a few steps with AVX512-FP16 (up to 5 from hidden 512, 2 from 384, and at small "
+                "batches 2 from 256 and 3 from 448): nn.LSTM measured faster"
+            )
         return None
     if call.seq_len != 1 or not call.proj_size or not 8 < call.batch <= 48:
         return None
@@ -554,6 +560,29 @@ def _few_steps_slower_reason(call: LayerCall) -> str | None:
             "batch 17-48): nn.LSTM measured faster"
         )
     return None
+
+
+def _float16_few_steps_training_to_native(call: LayerCall) -> bool:
+    """float16 training of 2-5 steps on AVX512-FP16, batch <= 64 (not packed; one step is the rule above), where
+    nn.LSTM's per-step loop multiplies float16 as stored and cpp's fixed costs (float32 copies of the weights, its
+    fused backward's) outweigh its faster steps. The Xeon with AMX, `python -m fastlstm bench --dtype float16 --mode
+    training --backend auto --backend cpp --backend native --repeats 9`, one layer, input = hidden (and two layers
+    from input 8): up to 5 steps lost from hidden 512 (the rule's first measurements, in _few_steps_slower_reason).
+    An audit found B3-T2-I3-H509-L2 at 0.46-0.51x (native 0.92-1.04x), and below 512
+    (`benchmarks/results/cpu-intel-xeon-amx-2core-float16-few-steps-training-{t1,t1-more,t2}.json`):
+    - 2 steps from hidden 384 lost or tied at batch 3-64 (2 threads 0.56-1.01x, one thread batch 3-16 0.55-0.83x;
+      native 0.89-1.02x); at hidden 256-320 it lost at batch 3 (0.50-0.83x) and, at one thread, mostly to batch 16
+      (0.77-1.01x, native 0.95-1.01x), and won beyond (2 threads, batch 8-64: 1.01-1.16x); at hidden 160-224 it won
+      but at one thread at batch 3 (0.78-0.82x).
+    - 3 steps at hidden 448 lost at batch 3 (0.54-1.00x) and, at one thread, to batch 16 (0.70-0.88x); won at 2
+      threads from batch 8 (1.01-1.06x); at hidden 256-384 it won or was mixed (0.82-1.23x; native 0.93-1.02x).
+    - 4-5 steps at hidden 320-448 won or were mixed (0.78-1.37x; 4 steps at hidden 448, one thread: 0.88-1.04x)."""
+    small_batch = call.batch <= (16 if _one_thread() else 4)
+    if call.hidden_size >= 512:
+        return call.seq_len <= 5
+    if call.seq_len == 2:
+        return call.hidden_size >= 384 or (call.hidden_size >= 256 and small_batch)
+    return call.seq_len == 3 and call.hidden_size >= 448 and small_batch
 
 
 def _float16_step_to_native(call: LayerCall) -> bool:

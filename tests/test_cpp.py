@@ -1546,7 +1546,8 @@ def test_the_build_says_how_it_splits_rows():
 
 def test_auto_sends_short_calls_on_atens_loop_native_where_measured_faster(monkeypatch):
     """Where nn.LSTM runs its per-step loop at full speed (float64, a projection, float16 with AVX512-FP16): one step
-    in training from hidden 256 and float16 training of up to 5 steps from hidden 512 go native, and one projected
+    in training from hidden 256 and float16 training of a few steps (up to 5 from hidden 512, 2 from 384, at small
+    batches 2 from 256 and 3 from 448) go native, and one projected
     step at inference beyond 8 rows where measured (float32 at batch 9-16, hidden 256-512, one thread 192-512 and
     256-512 at batch 17-48; float16 at batch 9-48, hidden 256-512); packed input, more steps, other sizes and dtypes
     keep their rules, and so do half-precision calls where OpenMP may start fewer threads (torch's half products are
@@ -1571,6 +1572,18 @@ def test_auto_sends_short_calls_on_atens_loop_native_where_measured_faster(monke
     assert _auto_backends(torch.float16, 4, hidden=511, seq_len=5, **fp16) == ["cpp"] * 4
     assert _auto_backends(torch.float16, 4, hidden=512, seq_len=6, **fp16) == ["cpp"] * 4
     assert _auto_backends(torch.float16, 4, hidden=1024, seq_len=6, **fp16) == ["cpp"] * 4
+    # below hidden 512: 2 steps from 384 at any batch, and at small batches (2 threads: up to 4) 2 steps from 256
+    # and 3 from 448
+    assert _auto_backends(torch.float16, 64, hidden=384, seq_len=2, **fp16) == ["native"] * 4
+    assert _auto_backends(torch.float16, 64, hidden=383, seq_len=2, **fp16) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 4, hidden=256, seq_len=2, **fp16) == ["native"] * 4
+    assert _auto_backends(torch.float16, 5, hidden=256, seq_len=2, **fp16) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 4, hidden=255, seq_len=2, **fp16) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 4, hidden=448, seq_len=3, **fp16) == ["native"] * 4
+    assert _auto_backends(torch.float16, 4, hidden=447, seq_len=3, **fp16) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 5, hidden=448, seq_len=3, **fp16) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 4, hidden=448, seq_len=4, **fp16) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 4, hidden=448, seq_len=2) == ["cpp"] * 4  # inference: its own rules
     step = dict(proj_size=4, seq_len=1)
     assert _auto_backends(torch.float32, 9, hidden=256, **step) == ["native"] * 4
     assert _auto_backends(torch.float32, 16, hidden=512, **step) == ["native"] * 4
@@ -1590,6 +1603,10 @@ def test_auto_sends_short_calls_on_atens_loop_native_where_measured_faster(monke
     assert _auto_backends(torch.float32, 17, hidden=255, **step) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 16, hidden=192, **step) == ["native"] * 4
     assert _auto_backends(torch.float32, 16, hidden=191, **step) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 16, hidden=256, seq_len=2, **fp16) == ["native"] * 4
+    assert _auto_backends(torch.float16, 17, hidden=256, seq_len=2, **fp16) == ["cpp"] * 4
+    assert _auto_backends(torch.float16, 16, hidden=448, seq_len=3, **fp16) == ["native"] * 4
+    assert _auto_backends(torch.float16, 17, hidden=448, seq_len=3, **fp16) == ["cpp"] * 4
     monkeypatch.setattr(native, "openmp_starves", lambda: True)
     for dtype in (torch.bfloat16, torch.float16):
         assert _auto_backends(dtype, 16, train=True, hidden=256, proj_size=4, seq_len=1) == ["cpp"] * 4, dtype
@@ -1668,7 +1685,9 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     monkeypatch.setattr(dispatch, "_one_thread", lambda: True)  # one thread: inference beyond batch 16 at hidden
     assert _auto_backends(torch.float32, 17, hidden=64) == ["native"] * 4  # 64-255 to oneDNN,
     assert _auto_backends(torch.float32, 64, hidden=255) == ["native"] * 4
-    assert _auto_backends(torch.float32, 16, hidden=128) == ["cpp"] * 4  # not up to batch 16,
+    assert _auto_backends(torch.float32, 64, hidden=255, seq_len=6) == ["native"] * 4
+    assert _auto_backends(torch.float32, 64, hidden=255, seq_len=5) == ["cpp"] * 4  # not up to 5 steps,
+    assert _auto_backends(torch.float32, 16, hidden=128) == ["cpp"] * 4  # nor up to batch 16,
     assert _auto_backends(torch.float32, 64, hidden=32) == ["cpp"] * 4  # nor below hidden 64,
     assert _auto_backends(torch.float32, 64, hidden=128, train=True) == ["cpp"] * 4  # nor training
     assert _auto_backends(torch.float32, 33, hidden=384, packed=True) == ["native"] * 4  # packed: ATen's loop
