@@ -345,13 +345,13 @@ inline acc_t sum_lanes(vec v) {
 #endif
 }
 
-#if !defined(__AVX512F__)
-// The sums of 8 vectors' lanes (AVX2: 8 floats or 2 x 4 doubles), into out[0..8) (added to it with
-// `accumulate`): horizontal adds of pairs of vectors, then the two 128-bit halves, 11 instructions where
+// The sums of 8 vectors' lanes, each vector given as 256 bits (8 floats or 4 doubles), into out[0..8) (added to
+// it with `accumulate`): horizontal adds of pairs of vectors, then the two 128-bit halves, 11 instructions where
 // sum_lanes takes 5 a vector (40). At batch 1 each row of w_hh ends in such a sum: dot_rows alone, rows of 64-200
 // floats, ran 1.03-1.08x faster this way (Zen 3, medians of 31 runs alternating with sum_lanes; float64 even).
-template <typename acc_t, typename vec>
-inline void sum_lanes8(const vec* acc, acc_t* out, bool accumulate) {
+// Each row's sum is a fixed tree of its own lanes, whichever rows share the call.
+template <typename acc_t, typename half_t>
+inline void sum_halves8(const half_t* acc, acc_t* out, bool accumulate) {
   if constexpr (std::is_same_v<acc_t, double>) {
     for (int g = 0; g < 8; g += 4) {
       const auto a = [&](int r) { return reinterpret_cast<__m256d>(acc[g + r]); };
@@ -372,7 +372,35 @@ inline void sum_lanes8(const vec* acc, acc_t* out, bool accumulate) {
     _mm256_storeu_ps(out, sums);
   }
 }
+
+// sum_halves8 for the build's vectors. AVX-512: each vector's two 256-bit halves added first, about 27
+// instructions for the 8 sums where _mm512_reduce_add takes about 8 a vector (64): rows of a few vectors (a
+// projection's w_hh of 97 floats: 7) had as many for their sums as for their products. The op alone, four
+// processes a build alternating: float32 B1-T10-H128 0.071-0.076 -> 0.067-0.070 ms, B8-T1-I66-H256-P97
+// 0.103-0.107 -> 0.101-0.106 ms; bfloat16 even (benchmarks/results/cpu-intel-xeon-amx-2core.md).
+template <typename acc_t, typename vec>
+inline void sum_lanes8(const vec* acc, acc_t* out, bool accumulate) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, double>) {
+    __m256d halves[8];
+    for (int r = 0; r < 8; ++r) {
+      const __m512d v = reinterpret_cast<__m512d>(acc[r]);
+      halves[r] = _mm256_add_pd(_mm512_castpd512_pd256(v), _mm512_extractf64x4_pd(v, 1));
+    }
+    sum_halves8<acc_t>(halves, out, accumulate);
+  } else {
+    __m256 halves[8];
+    for (int r = 0; r < 8; ++r) {
+      const __m512d v = reinterpret_cast<__m512d>(acc[r]);
+      halves[r] = _mm256_add_ps(_mm256_castpd_ps(_mm512_castpd512_pd256(v)),
+                                _mm256_castpd_ps(_mm512_extractf64x4_pd(v, 1)));
+    }
+    sum_halves8<acc_t>(halves, out, accumulate);
+  }
+#else
+  sum_halves8<acc_t>(acc, out, accumulate);
 #endif
+}
 
 // R rows at once: R independent accumulators, h loaded once per vector of units for all R.
 template <typename Dot, int R>
@@ -395,12 +423,10 @@ inline void dot_block(const typename Dot::unit_t* h, const typename Dot::unit_t*
     const vec hv = load_units<Dot>(h + k, units - k);
     for (int r = 0; r < R; ++r) Dot::madd_lanes(acc[r], hv, load_units<Dot>(w + r * ldw + k, units - k));
   }
-#if !defined(__AVX512F__)
   if constexpr (R == 8) {
     sum_lanes8<acc_t>(acc, out, accumulate);
     return;
   }
-#endif
   for (int r = 0; r < R; ++r) {
     const acc_t sum = sum_lanes<acc_t>(acc[r]);
     out[r] = accumulate ? out[r] + sum : sum;

@@ -1556,6 +1556,8 @@ def test_auto_sends_short_calls_on_atens_loop_native_where_measured_faster(monke
     from fastlstm.backends import native
 
     monkeypatch.setattr(dispatch, "_cpu_fp16_units", lambda: "avx512")
+    # bfloat16's own rules aside: a build without bf16 products on a CPU with them keeps bf16 native
+    monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: None)
     monkeypatch.setattr(dispatch, "_one_thread", lambda: False)
     monkeypatch.setattr(native, "openmp_starves", lambda: False)
     for dtype, proj in ((torch.float64, 0), (torch.float32, 4), (torch.bfloat16, 4), (torch.float16, 0)):
