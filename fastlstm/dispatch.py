@@ -512,7 +512,8 @@ def _few_steps_slower_reason(call: LayerCall) -> str | None:
     - float16 training, batch 1-64: up to 5 steps from hidden 512 (to 1024) cpp lost (2-3 steps 0.22-0.94x, 5 steps
       0.68-0.95x; native 0.95-1.26x), and won at hidden 256 from 3 steps (1.15-1.62x); 10 steps were mixed at hidden
       768-1024 (0.86-1.12x, native 0.99-1.08x) and won at 512 (1.05-1.19x); 35 steps won (1.08-1.78x; B64-H1024
-      0.98x). `-float16-few-steps-more.json` has 6 of these shapes. Below hidden 512: _float16_few_steps_training_to_native.
+      0.98x). `-float16-few-steps-more.json` has 6 of these shapes. Below hidden 512:
+      _float16_few_steps_training_to_native.
     - One projected step at inference, beyond 8 rows (below, cpp's single step multiplies the weights as stored),
       float32, 2 threads, once a call of few steps no longer split its rows (csrc/team.h, kRowSplitMinSteps): at
       batch 9-16 cpp won at hidden 192 (1.11-1.17x) and lost at 256-512 (0.74-0.94x, native 0.85-0.95x; B12-H256
