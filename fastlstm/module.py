@@ -236,6 +236,77 @@ class _Checked(NamedTuple):
 _AUTOCAST_DTYPES: dict[tuple, _Autocast] = {}
 
 
+class _ProbeCall(NamedTuple):
+    """What decides nn.LSTM's dtypes for a call under autocast, as plain values (LSTM._autocast_dtypes)."""
+
+    autocast: tuple  # _autocast_key's: device type, autocast's dtype, oneDNN and cuDNN on, grad mode
+    device: torch.device
+    dtype: torch.dtype
+    input_size: int
+    states: tuple  # (dtype, layers, size) of h0 and c0
+    weights: tuple  # (dtype, shape) of each weight as built, None where deleted
+    packed: bool
+    varying: bool  # a pack whose batch sizes vary
+    empty: bool
+    num_layers: int
+    bidirectional: bool
+    bias: bool
+    proj_size: int
+
+
+@backends.constant_under_compile
+def _probed_autocast_dtypes(key: tuple) -> _Autocast:
+    """nn.LSTM's (y, h_n, c_n) dtypes for `call`, read off one tiny call of its own on fresh tensors, cached.
+
+    The probe runs under the autocast and grad mode the call's key names, and takes only plain values, so that
+    torch.compile runs it eagerly and takes its answer as a constant: traced, the packed probe had given float32
+    where nn.LSTM gives bfloat16 (its ATen path's dtypes), and the cache had kept that for the eager calls after it.
+    key: a _ProbeCall's fields as a plain tuple (what dynamo hands such a function as it was given).
+    """
+    if key in _AUTOCAST_DTYPES:
+        return _AUTOCAST_DTYPES[key]
+    call = _ProbeCall(*key)
+    device_type, autocast_dtype, grad = call.autocast[0], call.autocast[1], call.autocast[-1]
+    batch = 0 if call.empty else 2 if call.varying else 1
+    # Fresh tensors, not new_zeros of the call's: under torch.vmap those would be batched too, and nn.LSTM's kernels
+    # have no batching rule.
+    x = torch.zeros(3 if call.varying else batch, call.input_size, dtype=call.dtype, device=call.device)
+    state = tuple(torch.zeros(n, batch, size, dtype=dtype, device=call.device) for dtype, n, size in call.states)
+    weights = [None if w is None else torch.zeros(w[1], dtype=w[0], device=call.device) for w in call.weights]
+    flags = (call.bias, call.num_layers, 0.0, False, call.bidirectional)
+
+    def probe() -> tuple[torch.dtype, ...]:
+        # nothing here requires grad, so no graph is recorded
+        with torch.autocast(device_type, dtype=autocast_dtype), torch.set_grad_enabled(grad):
+            if not call.packed:
+                out = torch._VF.lstm(x[None], state, weights, *flags, False)
+            else:
+                probe_sizes = torch.tensor([2, 1] if call.varying else [1], dtype=torch.int64, device="cpu")
+                out = torch._VF.lstm(x, probe_sizes, state, weights, *flags)
+        return tuple(t.dtype for t in out)
+
+    try:
+        _AUTOCAST_DTYPES[key] = _Autocast(probe())
+    except RuntimeError as error:
+        if device_type != "cpu" or not onednn_enabled():
+            raise
+        # oneDNN's LSTM has no bfloat16 kernel on CPUs without AVX-512 (seen on an AMD EPYC Zen 3: "could not create
+        # a primitive descriptor"), so nn.LSTM fails under bfloat16 autocast there. Its ATen path (oneDNN off) runs
+        # the call, in its own dtypes: those are given instead of the failure.
+        with onednn_off():
+            try:
+                dtypes = probe()
+            except RuntimeError:
+                raise error from None
+        warnings.warn(
+            f"fastlstm: nn.LSTM's oneDNN path fails this call under {device_type} autocast here ({error}); giving "
+            f"the output dtypes nn.LSTM gives with oneDNN off ({dtypes})",
+            stacklevel=backends.outside_stacklevel(),
+        )
+        _AUTOCAST_DTYPES[key] = _Autocast(dtypes, onednn=False)
+    return _AUTOCAST_DTYPES[key]
+
+
 def _autocast_key(device_type: str) -> tuple | bool:
     """What decides autocast's dtypes for a call on device_type beside the call itself: autocast's dtype there,
     which ATen path nn.LSTM takes (oneDNN off, nn.LSTM under CPU bfloat16 autocast computes and returns float32;
@@ -1219,53 +1290,19 @@ class LSTM(nn.RNNBase):
             # under CPU bfloat16 autocast), baked into the program, where nn.LSTM's program holds aten::lstm, whose
             # dtypes autocast and the path it takes decide when it runs; and the probe would be recorded too
             return _Autocast((input.dtype,) * 3, own_call=True)
-        weights = self._flat_weights
         # ATen takes another path for packed input whose batch sizes vary, with other dtypes
         varying = batch_sizes is not None and int(batch_sizes[0]) != int(batch_sizes[-1])
         # and oneDNN takes no empty input: an empty batch goes to ATen's path, in its dtypes
         empty = input.numel() == 0
-        key = (
-            autocast, input.dtype, hx[0].dtype, hx[1].dtype, batch_sizes is not None, varying, empty,
-            weights[0].dtype, self.num_layers, self.bidirectional, self.bias, self.proj_size,
+        layers = self.num_layers * self._num_directions  # the checked state's sizes, as the module's, not symbolic
+        call = _ProbeCall(
+            autocast, input.device, input.dtype, self.input_size,
+            ((hx[0].dtype, layers, self._out_size), (hx[1].dtype, layers, self.hidden_size)),
+            tuple(None if w is None else (w.dtype, tuple(int(n) for n in w.shape)) for w in self._weights_as_built()),
+            batch_sizes is not None, varying, empty, self.num_layers, self.bidirectional, bool(self.bias),
+            self.proj_size,
         )  # fmt: skip
-        if key not in _AUTOCAST_DTYPES:
-            layers, batch = hx[0].shape[0], 0 if empty else 2 if varying else 1
-            # Fresh tensors of the call's dtypes, not new_zeros of its own: under torch.vmap those would be
-            # batched too, and nn.LSTM's kernels have no batching rule.
-            x = _zeros_like_kind(input, 3 if varying else batch, input.shape[-1])
-            state = tuple(_zeros_like_kind(t, layers, batch, t.shape[-1]) for t in hx)
-            weights = [None if w is None else _zeros_like_kind(w, *w.shape) for w in self._weights_as_built()]
-            flags = (self.bias, self.num_layers, 0.0, False, self.bidirectional)
-
-            def probe() -> tuple[torch.dtype, ...]:
-                # in the call's grad mode; nothing here requires grad, so no graph is recorded
-                if batch_sizes is None:
-                    out = torch._VF.lstm(x[None], state, weights, *flags, False)
-                else:
-                    probe_sizes = torch.tensor([2, 1] if varying else [1], dtype=torch.int64, device="cpu")
-                    out = torch._VF.lstm(x, probe_sizes, state, weights, *flags)
-                return tuple(t.dtype for t in out)
-
-            try:
-                _AUTOCAST_DTYPES[key] = _Autocast(probe())
-            except RuntimeError as error:
-                if device_type != "cpu" or not onednn_enabled():
-                    raise
-                # oneDNN's LSTM has no bfloat16 kernel on CPUs without AVX-512 (seen on an AMD EPYC Zen 3: "could
-                # not create a primitive descriptor"), so nn.LSTM fails under bfloat16 autocast there. Its ATen
-                # path (oneDNN off) runs the call, in its own dtypes: those are given instead of the failure.
-                with onednn_off():
-                    try:
-                        dtypes = probe()
-                    except RuntimeError:
-                        raise error from None
-                warnings.warn(
-                    f"fastlstm: nn.LSTM's oneDNN path fails this call under {device_type} autocast here ({error}); "
-                    f"giving the output dtypes nn.LSTM gives with oneDNN off ({dtypes})",
-                    stacklevel=backends.outside_stacklevel(),
-                )
-                _AUTOCAST_DTYPES[key] = _Autocast(dtypes, onednn=False)
-        return _AUTOCAST_DTYPES[key]
+        return _probed_autocast_dtypes(tuple(call))
 
     def _fast_stack(self, x: Tensor, hx, batch_sizes: Tensor | None, choices, amp) -> tuple[Tensor, Tensor, Tensor]:
         """_layered_stack, computing in autocast's dtype and returning the dtypes nn.LSTM gives when autocast is on.

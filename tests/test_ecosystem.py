@@ -220,6 +220,38 @@ def test_packed_and_lengths_input_compile_with_graph_breaks():
     torch.testing.assert_close(compiled(x, lengths=lengths)[0], model(x, lengths=lengths)[0])
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("autocast_inside", [False, True])
+def test_compiled_packed_and_lengths_calls_under_cpu_autocast_give_nn_lstms_dtypes(backend, autocast_inside):
+    """Under CPU bfloat16 autocast nn.LSTM's dtypes for a pack depend on its path (bfloat16 where the batch sizes are
+    equal, float32 where they vary). A compiled call that comes first reads them as an eager call does, with
+    autocast entered around the compiled function or inside it: the probe traced had given float32 for equal batch
+    sizes, and kept that for the eager calls after it."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(4, 5, batch_first=True)
+    m = fastlstm.LSTM(4, 5, batch_first=True, backend=backend)
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 6, 4)
+
+    def region():
+        return torch.autocast("cpu", torch.bfloat16)
+
+    def run(x, lengths, packed):
+        with region() if autocast_inside else contextlib.nullcontext():
+            if packed:
+                return m(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))[0].data
+            return m(x, lengths=lengths)[0]
+
+    compiled = torch.compile(run, backend="aot_eager")
+    for lengths in ([3, 3, 3], [6, 6, 6], [3, 2, 6]):
+        pack = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        expected = nn_lstm_under_cpu_autocast(lambda pack=pack: ref(pack))[0].data.dtype
+        for packed in (True, False):
+            with torch.no_grad(), contextlib.nullcontext() if autocast_inside else region():
+                got = [call(x, torch.tensor(lengths), packed).dtype for call in (compiled, run)]
+            assert got == [expected, expected], (lengths, packed)
+
+
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_fx_symbolic_trace_keeps_the_lstm_a_leaf(with_lengths):
     """torch.fx.symbolic_trace records nn.LSTM as one call_module node (a torch.nn module); fastlstm.LSTM too, so
