@@ -390,7 +390,7 @@ inline void sum_lanes8(const vec* acc, acc_t* out, bool accumulate) {
     sum_halves8<acc_t>(halves, out, accumulate);
   } else {
     __m256 halves[8];
-    for (int r = 0; r < 8; ++r) {
+    for (int r = 0; r < 8; ++r) {  // the halves as doubles: extractf64x4 is AVX512F, extractf32x8 needs AVX512DQ
       const __m512d v = reinterpret_cast<__m512d>(acc[r]);
       halves[r] = _mm256_add_ps(_mm256_castpd_ps(_mm512_castpd512_pd256(v)),
                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(v, 1)));

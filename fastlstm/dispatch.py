@@ -502,8 +502,9 @@ def _few_steps_slower_reason(call: LayerCall) -> str | None:
     timing nn.LSTM, cpp and fastlstm's native path interleaved in one process, 9 rounds (not kept), and `python -m
     fastlstm bench --backend auto --backend cpp --backend native --repeats 11` (benchmarks/results/cpu-intel-xeon-
     amx-2core-{float32-projection-one-step,float64-one-step-training,float16-few-steps-training}.json). fastlstm's
-    native path ran 0.71-1.26x of nn.LSTM's own call on these calls (0.1-300 ms; its Python costs 15-25 us more a
-    call, which calls of a millisecond and up do not see).
+    native path ran 0.71-1.26x of nn.LSTM's own call on these calls (0.1-300 ms; its Python then cost 15-25 us more a
+    call, 3-4 us at inference since the call key read the weights in one pass, which calls of a millisecond and up do
+    not see).
     - One step in training, batch 1-64: float64 at hidden 256-512 cpp 0.62-1.06x (13 of 16 shapes at batch 8-64
       below native's 0.71-1.09x), a projection at hidden 256-1024 0.72-0.96x (native 0.81-1.06x), float16 at
       hidden 256-1024 0.16-0.78x (native 0.88-1.18x); at hidden 128 cpp and native were even (0.79-1.09x,

@@ -46,10 +46,10 @@ def explain(module: LSTM, input, hx: tuple[Tensor, Tensor] | None = None, *, len
     # pack reorders (index_select, not a view) lost requires_grad, and a call that trains was planned as inference
     module._update_flat_weights()
     if lengths is not None:
-        lengths, _ = module._check_lengths(input, lengths)
+        lengths, (_, longest) = module._check_lengths(input, lengths)
     data, state, batch_sizes, *_ = module._prepare(input, hx)
     if lengths is not None and lengths.numel():
-        data, state, batch_sizes, *_ = module._sorted_by_length(data, state, lengths)
+        data, state, batch_sizes, *_ = module._sorted_by_length(data, state, lengths, longest)
     # Under autocast, backends compute in its dtype, which can depend on grad mode: the caller's, as the call's
     amp = module._autocast_dtypes(data, state, batch_sizes)
     choices = module._plan(data, state, batch_sizes, amp)

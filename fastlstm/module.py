@@ -789,7 +789,7 @@ class LSTM(nn.RNNBase):
         if lengths.numel() == 0:
             return self.forward(input, hx)
         seq_len = input.size(1 if self.batch_first else 0)
-        x, hx, batch_sizes, live, unorder = self._sorted_by_length(input, hx, lengths)
+        x, hx, batch_sizes, live, unorder = self._sorted_by_length(input, hx, lengths, longest)
         if checked is None:
             amp = self._autocast_dtypes(x, hx, batch_sizes)
             choices = self._plan(x, hx, batch_sizes, amp)
@@ -844,19 +844,18 @@ class LSTM(nn.RNNBase):
             raise ValueError(f"LSTM: every length must be in 1..{seq_len} (the padded length), got {lengths.tolist()}")
         return lengths, (shortest, longest)
 
-    def _sorted_by_length(self, input: Tensor, hx, lengths: Tensor):
+    def _sorted_by_length(self, input: Tensor, hx, lengths: Tensor, longest: int):
         """A checked padded batch as the layers take it: time-major, rows (and hx) sorted by length, longest first,
         and as many steps as the longest (as packing leaves out the steps where no sequence is live, whose batch size
         of 0 would also make the lengths look varied to autocast's dtypes). Returns (x [T', B, I], hx, batch_sizes
         [T'], whether each of x's rows is live at each step [T', B], the row order that undoes the sort), T' the
-        longest length."""
+        longest length (as _check_lengths gives it)."""
         # pack_padded_sequence's own sort (not a stable one): tied lengths then take the rows packing gives them,
         # and dropout between layers draws the same numbers for each sequence.
         batch_dim = 0 if self.batch_first else 1
         sorted_lengths, order = torch.sort(lengths, descending=True)
         unorder = order.argsort()  # a permutation's inverse
         order, unorder = host_to_device(order, input.device), host_to_device(unorder, input.device)
-        longest = int(sorted_lengths[0])
         live = torch.arange(longest, device="cpu")[:, None] < sorted_lengths[None, :]
         x = input.index_select(batch_dim, order)
         x = x[:, :longest].transpose(0, 1) if self.batch_first else x[:longest]
