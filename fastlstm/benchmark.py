@@ -310,11 +310,7 @@ def time_shape(
     times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     for repeat in range(repeats):
-        # The order rotates: a run right after nn.LSTM's measured slower than the same work later in the round
-        # (auto and cpp on one kernel, B16-T50-H256 training, 2-core Zen 4: in 15 runs of 16, by up to 2.5%), and a
-        # fixed order gave that place to one backend every time.
-        start = repeat % len(names)
-        for name in names[start:] + names[:start]:
+        for name in _round_order(names, repeat):
             times[name].append(timer(steps[name]))
     base = statistics.median(times["nn.LSTM"])
     results = []
@@ -329,6 +325,23 @@ def time_shape(
             median = statistics.median(samples)
             results.append(Result(str(shape), mode, name, used, median, samples, base / median))
     return results
+
+
+def _round_order(names: list[str], repeat: int) -> list[str]:
+    """The order of timed round `repeat`: a run right after nn.LSTM's measured slower than the same work later in
+    the round (auto and cpp on one kernel, B16-T50-H256 training, 2-core Zen 4: in 15 runs of 16, by up to 2.5%;
+    B64-T50-H128 bfloat16 training, 2-core Xeon: 5-8%, whichever came first). The rounds go through a balanced
+    Latin square (Williams's design): every provider takes every place, and follows every other provider in one
+    round of each cycle (a cycle of 2n rounds for n providers, n odd; n rounds, n even). Rotations alone keep
+    each provider's neighbours: with two fastlstm backends one of them had followed nn.LSTM in two rounds of three."""
+    n = len(names)
+    first = [0]
+    for k in range(1, n):  # 0, 1, n-1, 2, n-2, ...
+        first.append((k + 1) // 2 if k % 2 else n - k // 2)
+    rows = [[(place + shift) % n for place in first] for shift in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return [names[i] for i in rows[repeat % len(rows)]]
 
 
 def calls_per_run(shape: Shape) -> int:

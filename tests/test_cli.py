@@ -607,8 +607,9 @@ def test_bench_under_autocast_runs_nn_lstm_once_to_check_it(monkeypatch, capsys)
 
 
 def test_bench_gives_every_provider_every_place_in_a_round(monkeypatch):
-    """A run right after nn.LSTM's measured slower than the same work later in the round: the timed rounds rotate
-    their order, so that no backend sits there every time (the warm-up rounds keep the first order)."""
+    """A run right after nn.LSTM's measured slower than the same work later in the round: the timed rounds change
+    their order, so that every backend takes every place, and follows nn.LSTM as often as another backend does
+    (the warm-up rounds keep the first order)."""
     from fastlstm import benchmark
 
     order = []
@@ -623,6 +624,8 @@ def test_bench_gives_every_provider_every_place_in_a_round(monkeypatch):
     assert order[:3] == ["nn.LSTM", "auto", "cpp"]
     for place in range(3):
         assert sorted(r[place] for r in rounds) == sorted(["nn.LSTM", "auto", "cpp"] * 2), rounds
+    after_nn_lstm = [r[r.index("nn.LSTM") + 1] for r in rounds if r[-1] != "nn.LSTM"]
+    assert sorted(after_nn_lstm) == ["auto", "auto", "cpp", "cpp"], rounds
 
 
 def test_inference_stack_ab_times_both_ways(tmp_path):
