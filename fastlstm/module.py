@@ -360,7 +360,9 @@ def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
 def _without_empty_steps(batch_sizes: Tensor) -> Tensor:
     """A pack's batch sizes less the trailing steps of size 0, which no sequence reaches (a pack built by hand with
     lengths shorter than its padded length): nn.LSTM runs such a pack as the pack without them, and so do the fast
-    backends, which take only steps of one row or more. Zeros before a live step stay (every backend refuses them)."""
+    backends, which take only steps of one row or more. Zeros before a live step stay: the fast backends refuse them,
+    where nn.LSTM, and so the native path, drops the rows after the zero or fails, by the pack ([3, 0, 1]: 3 rows of 4
+    out; [2, 0, 2]: a size mismatch)."""
     if batch_sizes.numel() < 2 or batch_sizes[-1] != 0 or batch_sizes[0] == 0:
         return batch_sizes
     return batch_sizes[: int(batch_sizes.nonzero()[-1]) + 1]
@@ -408,6 +410,21 @@ def _lengths_as_int64(lengths) -> Tensor:
     if given.is_floating_point() and not (torch.isfinite(given) & (given == given.round())).all():
         raise ValueError(f"LSTM: lengths must be whole numbers, got {given.tolist()}")
     return given.to(torch.int64)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` runs any hook, its own or one registered for every module (what Module.__call__
+    asks before it takes its fast path)."""
+    if module._forward_pre_hooks or module._forward_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return True
+    hooks = torch.nn.modules.module
+    return any(
+        getattr(hooks, name, None)
+        for name in (
+            "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_hooks",
+            "_global_backward_pre_hooks",
+        )
+    )  # fmt: skip
 
 
 def _not_dense(tensors) -> bool:
@@ -873,6 +890,13 @@ class LSTM(nn.RNNBase):
         _check_step_args(input, state)
         batched = input.dim() == 2
         time_dim = 1 if self.batch_first and batched else 0
+        if _has_hooks(self):
+            # A module's hooks run on calls of it, and some keep its weights: prune and the older weight_norm
+            # recompute a weight in a forward pre-hook. A step then is such a call, on the 1-step sequence, so that
+            # every hook runs as on forward's (a step had read the weight the last call left: stale after an
+            # optimizer step, and a second backward through its graph failed).
+            y, state = self(input.unsqueeze(time_dim), state)
+            return y.squeeze(time_dim), state
         tensors = (input,) if state is None else (input, *state)
         if _autocast_enabled(input.device.type) or _state_dtype_differs(input, state) or _not_dense(tensors):
             # nn.LSTM's dtypes under autocast, or with a state of another dtype, are forward's to work out, and
@@ -1159,7 +1183,11 @@ class LSTM(nn.RNNBase):
     def _initial_state(self, input: Tensor, hx, batch_sizes: Tensor | None, is_batched: bool) -> tuple[Tensor, Tensor]:
         if hx is None:
             if batch_sizes is not None:
-                batch = batch_sizes[0]  # a tensor, as nn.LSTM takes it: a trace then sizes the zeros per call
+                # A tensor, as nn.LSTM takes it: a trace then sizes the zeros per call. torch.compile takes an int
+                # (a graph break, as at nn.LSTM's own int(batch_sizes[0]) in its checks): zeros sized by a tensor's
+                # value reached inductor as aten._local_scalar_dense, which it failed on, logging a backend
+                # compiler exception before falling back.
+                batch = int(batch_sizes[0]) if torch.compiler.is_compiling() else batch_sizes[0]
             else:
                 batch = input.size(0) if self.batch_first else input.size(1)
             layers = self.num_layers * self._num_directions

@@ -313,6 +313,37 @@ def test_step_runs_the_backend_forward_runs(backend, proj):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_streamed_training_of_a_pruned_model_steps_on_the_weights_its_hooks_give(backend):
+    """prune keeps weight_ih_l0 = weight_ih_l0_orig * mask by a forward pre-hook: a step runs the module's hooks as
+    forward's call does (forward hooks see the 1-step sequence), so streamed training with an optimizer step after
+    each time step trains as nn.LSTM on 1-step sequences. A step had read the weight the last call left: after the
+    optimizer's step, stale numbers (1.6e-2 off in float64), and the next backward went through the graph of the
+    weight prune had made, freed by the first ("backward through the graph a second time")."""
+    from torch.nn.utils import prune
+
+    ref, fast = make_pair(I, H, 2, backend=backend)
+    for model in (ref, fast):
+        prune.random_unstructured(model, "weight_ih_l0", amount=0.5)
+    fast.weight_ih_l0_mask.copy_(ref.weight_ih_l0_mask)
+    seen = []
+    fast.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.5) for model in (ref, fast)]
+    xs = torch.randn(3, 2, I, dtype=torch.float64)
+    states = [None, None]
+    for x in xs:
+        y_ref, states[0] = ref(x[None], states[0])
+        y, states[1] = fast.step(x, states[1])
+        torch.testing.assert_close(y, y_ref[0], **TOL)
+        for out, optimizer in zip((y_ref, y), optimizers):
+            optimizer.zero_grad()
+            out.pow(2).sum().backward()
+            optimizer.step()
+        states = [tuple(t.detach() for t in state) for state in states]
+        torch.testing.assert_close(fast.weight_ih_l0_orig, ref.weight_ih_l0_orig, **TOL)
+    assert seen == [torch.Size([1, 2, I])] * 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_step_in_training_drops_out_between_layers_as_nn_lstm(backend):
     """In training, dropout acts between layers only, as nn.LSTM's: a step draws the random numbers nn.LSTM draws on
     the 1-step sequence, and the last layer's output is not dropped (y is h_n[-1])."""
