@@ -380,9 +380,13 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       B6-H384 1.38-1.42x before), hidden 384-1024 up to batch 32 won every shape (7 shapes 1.07-1.44x; with the
       earlier runs' B8-H1024, B16-H512, B24-H384 1.09x and up), beyond batch 32 there it was close to even
       (B40-H448 0.94x, 1.00x; B256-H512 0.89x, 0.91x; six more 1.02-1.07x), and hidden 256-320 beyond batch 7
-      even or lost (hidden 256: 9 shapes 0.92-1.05x; hidden 320: 1.00-1.05x). So on Intel with AMX float32 goes
-      to cpp in training at any batch, and at inference below hidden 256, up to batch 7, and from hidden 384 up
-      to batch 32.
+      even or lost (hidden 256: 9 shapes 0.92-1.05x; hidden 320: 1.00-1.05x). From hidden 640 beyond batch 32
+      (2026-12-05, `-float32-inference-wide-*.json`): at two threads, two runs, 1.01-1.15x to hidden 1024 (batch
+      40-512), 1.37-1.45x at hidden 1536-2048; at one thread, three runs, 0.99-1.17x to hidden 896 but
+      B192-T40-H640 0.94x (B256-T20-H640 1.06x), 1.07-1.38x at hidden 1024 (batch 40-512), 1.22-1.63x at
+      1536-2048; `auto` on four more shapes, 1.02-1.15x and 0.99x (B200-T25-H640), at one thread 1.02-1.17x. So
+      on Intel with AMX float32 goes to cpp in training at any batch, and at inference below hidden 256, up to
+      batch 7, from hidden 384 up to batch 32, and from hidden 640 at any batch.
       bfloat16: oneDNN runs it on AMX tiles, and cpp's vdpbf16ps kernel
       lost inference on 11 of the grid's 14 shapes (0.17-0.79x; `-bfloat16-vector-kernel.json`). With cpp's bf16
       products on the tiles too (csrc/amx.h), twice each: the grid, inference 1.01-1.80x, training 0.95-5.57x
@@ -451,7 +455,7 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             )
         if _cpu_intel_amx() and (call.needs_grad or call.hidden_size < 256 or call.batch <= 7):
             return None
-        if _cpu_intel_amx() and call.hidden_size >= 384 and call.batch <= 32:
+        if _cpu_intel_amx() and (call.hidden_size >= 640 or (call.hidden_size >= 384 and call.batch <= 32)):
             return None
         if not call.needs_grad and _cpu_amd_family() >= 0x1A and call.batch <= 8:
             return None
@@ -467,8 +471,8 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
             "float32 beyond batch 4 (16 at hidden <= 64 or at most 10 steps; any batch for one step; inference on "
             "Zen 4 and 5 where the rows split among threads, on Zen 5 up to batch 8; training where the cpp build "
             "takes its weight gradients through oneDNN; on Zen 3 any batch below hidden 640, up to batch 8 from it; "
-            "on Intel with AMX training at any batch, inference below hidden 256, up to batch 7 and from hidden 384 "
-            "up to batch 32): oneDNN measured as fast or faster"
+            "on Intel with AMX training at any batch, inference below hidden 256, up to batch 7, from hidden 384 up "
+            "to batch 32 and from hidden 640 at any batch): oneDNN measured as fast or faster"
         )
     if call.dtype == torch.bfloat16:
         return _cpp_bf16_slower_reason(call)

@@ -1684,6 +1684,8 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 8, hidden=256) == ["native"] * 4
     assert _auto_backends(torch.float32, 8, hidden=383) == ["native"] * 4
     assert _auto_backends(torch.float32, 33, hidden=384) == ["native"] * 4
+    assert _auto_backends(torch.float32, 33, hidden=639) == ["native"] * 4
+    assert _auto_backends(torch.float32, 256, hidden=640) == ["cpp"] * 4  # and from hidden 640 at any batch
     monkeypatch.setattr(dispatch, "_one_thread", lambda: True)  # one thread: inference beyond batch 16 at hidden
     assert _auto_backends(torch.float32, 17, hidden=64) == ["native"] * 4  # 64-255 to oneDNN,
     assert _auto_backends(torch.float32, 64, hidden=255) == ["native"] * 4
@@ -1692,6 +1694,7 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.float32, 16, hidden=128) == ["cpp"] * 4  # nor up to batch 16,
     assert _auto_backends(torch.float32, 64, hidden=32) == ["cpp"] * 4  # nor below hidden 64,
     assert _auto_backends(torch.float32, 64, hidden=128, train=True) == ["cpp"] * 4  # nor training
+    assert _auto_backends(torch.float32, 512, hidden=640) == ["cpp"] * 4  # from hidden 640 as at two threads
     assert _auto_backends(torch.float32, 33, hidden=384, packed=True) == ["native"] * 4  # packed: ATen's loop
     assert _auto_backends(torch.float32, 32, hidden=512, packed=True) == ["cpp"] * 4
     assert _auto_backends(torch.float32, 64, hidden=256, packed=True) == ["cpp"] * 4
