@@ -455,6 +455,34 @@ inline bool one_step_pays(int64_t B, int64_t weight_bytes) {
   return B <= 8 || (B <= 16 && weight_bytes >= (int64_t(8) << 20));
 }
 
+// Whether an inference call of a few steps (2+) of B rows runs as a single step does where one_step_pays: every
+// product as dot products over the weights as stored, none packed. Packing reads a weight and writes it out once
+// more, which a few rows do not pay back where the weights exceed a core's L2 and every step streams them from
+// memory either way; over more rows the packed kernel's row blocks (or MKL's) win, and the more so the smaller the
+// weights: up to one row of a step (T * B rows in all) for every 512 KB of weights, 2-10 steps, batch 2+, 4 MB+ of
+// weights. float32 on the Xeon with AMX (2 MB of L2; I = H, one layer, `bench --backend cpp --mode inference`, this
+// path against the packed weight, processes alternating twice, cpp's own medians: nn.LSTM's in the same process
+// moved by up to 2x with what cpp had run before it): within the rule, one thread hidden 512-1024 batch 2-8, 2-5
+// steps 1.04-2.37x faster, 10 steps at batch 4 0.98-1.16x; two threads 1.06-2.08x; ten more shapes at and within
+// its edge 0.92-1.37x. Beyond it: hidden 512 (8 MB) at 20-40 rows 0.80-1.14x and 80-160 rows 0.57-0.78x, hidden
+// 768 at 40 rows 0.93-0.98x, hidden 1024 at 80-160 rows 0.77-1.07x, B16-T4-H640 (64 rows of 13 MB) 0.83-0.86x;
+// batch 1 (dot_rows already) 0.82-1.25x; hidden 256 (2 MB) 0.56-1.25x. Training (the forward's part, two threads)
+// ran even, 0.77-1.25x: it keeps the packed weight, as do the other types (not measured).
+// benchmarks/results/cpu-intel-xeon-amx-2core.md, "A few steps of float32 inference". FASTLSTM_FEW_STEPS=N: up to N
+// steps whatever the size and mode (0: never), with one_step_pays' rows.
+inline int64_t few_steps_override() {
+  static const int64_t steps = dot_rows_knob("FASTLSTM_FEW_STEPS");
+  return steps;
+}
+
+template <typename scalar_t, typename Dot>
+inline bool few_steps_pay(int64_t T, int64_t B, int64_t weight_bytes, bool inference) {
+  if (few_steps_override() >= 0) return T <= few_steps_override();
+  constexpr bool float32 = std::is_same_v<scalar_t, float> && std::is_same_v<typename Dot::elem_t, float>;
+  return float32 && inference && T <= 10 && B >= 2 && weight_bytes >= (int64_t(4) << 20) &&
+         T * B <= (weight_bytes >> 19);
+}
+
 // Whether the input projection up front of a few steps (T * B rows in all) runs as dot products over w_ih as
 // stored rather than packing w_ih first (or calling a library): step_dot reads the weight once for all the rows,
 // where packing writes it out once more. The op alone on Zen 4 (float32, I = H, 2 threads, a temporary switch, four
@@ -536,7 +564,11 @@ std::string kernel_choices() {
                                      : std::string("dot products over w_hh as stored at batch 1 with rows of 16+ "
                                                    "vectors (8+ up to 16 steps), else packed weight")) +
          "; a single step: every product as dot products over the weights as stored " +
-         up_to(one_step_rows_override(), "up to 8 rows, 16 with 8 MB of weights") +
+         up_to(one_step_rows_override(), "up to 8 rows, 16 with 8 MB of weights") + ", and so a call of " +
+         (few_steps_override() > 0    ? "up to " + std::to_string(few_steps_override()) + " steps"
+          : few_steps_override() == 0 ? std::string("one step only")
+                                      : std::string("2-10 steps at float32 inference from batch 2, up to a row of "
+                                                    "a step for every 512 KB of weights, 4 MB and more")) +
          "; the input projection of a few steps: dot products over w_ih as stored " +
          up_to(dot_input_rows_override(), "up to 8 rows with 1 MB of w_ih") +
          "; long inference with the input projected up front: in chunks of " +
@@ -558,10 +590,11 @@ struct ForwardSteps {
 };
 
 template <typename scalar_t, typename Dot>
-ForwardSteps forward_steps(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P, bool proj) {
+ForwardSteps forward_steps(int64_t T, int64_t B, int64_t I, int64_t H, int64_t P, bool proj, bool inference) {
   ForwardSteps f{};
   const int64_t elem_bytes = sizeof(typename Dot::elem_t);
-  if (T == 1 && one_step_pays(B, 4 * H * (I + P) * elem_bytes)) {
+  const int64_t weight_bytes = 4 * H * (I + P) * elem_bytes;
+  if ((T == 1 || few_steps_pay<scalar_t, Dot>(T, B, weight_bytes, inference)) && one_step_pays(B, weight_bytes)) {
     f.blocked_step = f.dot = f.one_step = f.dot_input = true;
     f.split = 1;
     return f;
@@ -591,7 +624,7 @@ std::vector<int64_t> float32_forward_rows(int64_t T, int64_t B, int64_t I, int64
   constexpr int64_t most = int64_t{1} << 24;
   TORCH_CHECK(I <= most && H <= most && P <= most, "fastlstm cpp: float32_forward_rows takes I, H and P up to ", most,
               ", got ", I, ", ", H, ", ", P);
-  const ForwardSteps f = forward_steps<float, FmaDot<float>>(T, B, I, H, P > 0 ? P : H, P > 0);
+  const ForwardSteps f = forward_steps<float, FmaDot<float>>(T, B, I, H, P > 0 ? P : H, P > 0, /*inference=*/true);
   std::vector<int64_t> bounds;
   for (const auto& thread : row_split_ranges(std::vector<int64_t>(T, B), B, f.split))
     bounds.push_back(thread.empty() ? B : thread.front().first);
@@ -617,7 +650,7 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   Packed<Dot> WhhT, WihT;
   Packed<FmaDot<scalar_t>> WhrT;
   const bool proj = w_hr.has_value();
-  const ForwardSteps steps = forward_steps<scalar_t, Dot>(T, B, ldx, H, kh * Dot::pair, proj);
+  const ForwardSteps steps = forward_steps<scalar_t, Dot>(T, B, ldx, H, kh * Dot::pair, proj, c_hist == nullptr);
   const bool blocked_step = steps.blocked_step, fuse_input = steps.fuse_input, dot = steps.dot,
              one_step = steps.one_step;
   MklPacked mkl_whh;
@@ -733,7 +766,9 @@ void forward_chunked(const Dims& d, const Tensor& x, const Tensor& w_ih, const T
                      const std::vector<int64_t>& live, bool reverse, Tensor& gates, Tensor& y, Tensor& h, Tensor& c,
                      scalar_t* c_hist) {
   const int64_t chunk = inference_chunk_steps(d.B, d.H, sizeof(scalar_t));
-  const bool fused = forward_steps<scalar_t, Dot>(d.T, d.B, x.size(2), d.H, w_hh.size(1), w_hr.has_value()).fuse_input;
+  const bool fused =
+      forward_steps<scalar_t, Dot>(d.T, d.B, x.size(2), d.H, w_hh.size(1), w_hr.has_value(), c_hist == nullptr)
+          .fuse_input;
   // Up to two chunks' worth in one piece: a call just past a chunk is not cut in two.
   if (c_hist != nullptr || fused || d.T <= (inference_chunk_override() > 0 ? chunk : 2 * chunk)) {
     forward_impl<scalar_t, Dot>(d, x, w_ih, w_hh, b, w_hr, live, reverse, gates, y, h, c, c_hist);

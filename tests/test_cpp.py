@@ -1310,6 +1310,11 @@ _KERNEL_PATHS = {
         {"FASTLSTM_ONE_STEP_ROWS": "0"},
         "a single step: every product as dot products over the weights as stored never",
     ),
+    "few-steps-dot": (
+        {"FASTLSTM_FEW_STEPS": "64", "FASTLSTM_ONE_STEP_ROWS": "64"},
+        "and so a call of up to 64 steps",
+    ),
+    "few-steps-packed": ({"FASTLSTM_FEW_STEPS": "0"}, "and so a call of one step only"),
     "dot-input": (  # the projection never fused per step, so that every case takes it
         {"FASTLSTM_DOT_INPUT_ROWS": "1000", "FASTLSTM_FUSE_MIN_ROWS": _HUGE},
         "the input projection of a few steps: dot products over w_ih as stored up to 1000 rows",
@@ -1423,6 +1428,37 @@ def test_default_kernel_choices_follow_the_cpu(monkeypatch):
     expected.append("input projection up front and dx below 8 rows: register-blocked up to 1048576 bytes of w_ih")
     for part in expected:
         assert part in choices, (part, choices)
+
+
+def test_a_few_steps_of_float32_inference_multiply_the_weights_as_stored_where_the_rule_says():
+    """A float32 inference call of 2-10 steps from batch 2, with 4 MB of weights and more and up to one row of a
+    step (T * B) for every 512 KB of them, runs as a single step does (every weight as stored): bitwise what
+    FASTLSTM_FEW_STEPS=64 gives, and not what the packed weight (FASTLSTM_FEW_STEPS=0) gives; past the rule's rows,
+    below its 4 MB and in training, the packed weight's numbers."""
+    script = textwrap.dedent(
+        """
+        import hashlib, torch
+        from fastlstm.backends.cpu import BACKEND
+        torch.set_num_threads(1)
+        for T, B, H, train in [(3, 4, 512, False), (5, 4, 512, False), (3, 4, 256, False), (3, 4, 512, True)]:
+            gen = torch.Generator().manual_seed(0)
+            x, w_ih, w_hh = (torch.randn(*s, generator=gen) for s in ((T, B, H), (4 * H, H), (4 * H, H)))
+            zeros = torch.zeros(B, H)
+            with torch.set_grad_enabled(train):
+                w_ih.requires_grad_(train)
+                y = BACKEND.layer(x, zeros, zeros, w_ih * 0.05, w_hh * 0.05, torch.zeros(4 * H), None, None, False)[0]
+            print(hashlib.sha256(y.detach().numpy().tobytes()).hexdigest())
+        """
+    )
+    base = {k: v for k, v in os.environ.items() if k not in ("FASTLSTM_FEW_STEPS", "FASTLSTM_ONE_STEP_ROWS")}
+    knobs = [{}, {"FASTLSTM_FEW_STEPS": "64"}, {"FASTLSTM_FEW_STEPS": "0"}]
+    results = run_pythons([(("-c", script), {**base, **env}) for env in knobs], timeout=300)
+    for result in results:
+        assert result.returncode == 0, result.stderr
+    default, stored, packed = (result.stdout.split() for result in results)
+    assert default[0] == stored[0] != packed[0]  # 12 rows of 8 MB: as stored
+    for case in range(1, 4):  # 20 rows of 8 MB; 2 MB; training: packed
+        assert default[case] == packed[case] != stored[case], case
 
 
 @pytest.mark.parametrize("path", list(_KERNEL_PATHS))
