@@ -662,7 +662,13 @@ def main(argv: list[str] | None = None) -> int:
         help="time every provider under torch.autocast in this dtype (float32 models; one autocast region a "
         "timed call, training step or stream)",
     )
-    bench.add_argument("--repeats", type=_positive_int, default=10, help="timed runs per provider (default 10)")
+    bench.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=10,
+        help="timed runs per provider (default 10), rounded up to whole cycles of the round order (nn.LSTM and one "
+        "backend: 2 rounds; and two: 6)",
+    )
     bench.add_argument(
         "--threads", type=_positive_int, help="torch.set_num_threads(N) before timing (default: torch's own)"
     )

@@ -626,6 +626,12 @@ def test_bench_gives_every_provider_every_place_in_a_round(monkeypatch):
         assert sorted(r[place] for r in rounds) == sorted(["nn.LSTM", "auto", "cpp"] * 2), rounds
     after_nn_lstm = [r[r.index("nn.LSTM") + 1] for r in rounds if r[-1] != "nn.LSTM"]
     assert sorted(after_nn_lstm) == ["auto", "auto", "cpp", "cpp"], rounds
+    # only whole cycles are balanced: 10 rounds (bench's default) time 12
+    order.clear()
+    benchmark.time_shape(shape, ["auto", "cpp"], "inference", "cpu", torch.float32, repeats=10, warmup=1)
+    rounds = [order[i : i + 3] for i in range(3, len(order), 3)]
+    after_nn_lstm = [r[r.index("nn.LSTM") + 1] for r in rounds if r[-1] != "nn.LSTM"]
+    assert len(rounds) == 12 and sorted(after_nn_lstm) == ["auto"] * 4 + ["cpp"] * 4, rounds
 
 
 def test_inference_stack_ab_times_both_ways(tmp_path):
