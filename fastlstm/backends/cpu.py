@@ -75,7 +75,7 @@ or 0 (true/false, on/off, yes/no), spaces around either ignored: anything else w
                             weights take 8 MB+).
     FASTLSTM_FEW_STEPS      a call of up to this many steps, inference or training, multiplies every weight as
                             stored, as a single step does (up to FASTLSTM_ONE_STEP_ROWS' batch; 0 never;
-                            default: float32 inference of 2-10 steps from batch 2, with 4 MB of weights and
+                            default: float32 inference of 2-10 steps from batch 2, with 4 MB of w_ih and w_hh and
                             more, up to one row of a step, T * B, for every 512 KB of them).
     FASTLSTM_INFERENCE_CHUNK_STEPS a long inference that projects its input up front runs in chunks of this many
                             steps (default: as many steps' gates as fit 64 MiB).
