@@ -579,12 +579,14 @@ std::string kernel_choices() {
 // ---------------------------------------------------------------------------------------------------------
 // Forward.
 
-// How the forward runs its steps, for T steps of B rows (I, P: the widths of x and h as the kernel reads them).
+// How the forward runs its steps, for T steps of B rows (I, P: the widths of x and h as the kernel reads them;
+// inference: nothing kept for backward).
 struct ForwardSteps {
   bool blocked_step;  // the register-blocked kernel (else MKL's packed GEMM or dgemm)
   bool fuse_input;    // the input projection per step, beside the recurrent product (else one GEMM up front)
   bool dot;           // the recurrent product as dot products over w_hh as stored
-  bool one_step;      // a single step: every product (input, recurrent, projection) as dot products, no team loop
+  bool one_step;      // every product (input, recurrent, projection) as dot products over the weights as stored,
+                      // no team loop: a single step, or a few (few_steps_pay)
   bool dot_input;     // the input projection up front as dot products over w_ih as stored
   int split;          // threads of the row split (1: none)
 };
