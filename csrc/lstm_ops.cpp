@@ -68,28 +68,44 @@ std::tuple<Tensor, Tensor, Tensor> layer_in_aten_ops(const Tensor& x, const Tens
 // Backward with create_graph=True (gradient penalties, Hessian-vector products): the kernels' gradients are not
 // themselves differentiable, so recompute the layer from the saved inputs in differentiable ops and let autograd
 // differentiate that. Slow (a step loop of small ops), exact, and only ever taken for this case.
+//
+// The recomputation starts from an alias of each input: a gradient taken with respect to the input itself would
+// also follow the input's own history, which the outer backward follows again (h0 computed from x, a state carried
+// from the module's previous call, one weight in two places: those paths counted twice). Only the outputs whose
+// gradient was given are differentiated (grads undefined where not): a zero gradient of y would still put w_hr in
+// the result's graph, and a second backward would give w_hr a zero gradient where nn.LSTM gives none.
 variable_list differentiable_grads(const std::vector<Tensor>& inputs, const Tensor& batch_sizes, bool reverse,
-                                   const Tensor& grad_y, const Tensor& grad_hT, const Tensor& grad_cT) {
+                                   const variable_list& grads) {
   const Tensor& x = inputs[0];
   const auto ct = compute_type(x.scalar_type());
-  std::vector<Tensor> v;  // the inputs in the compute dtype (bfloat16 and float16 in float32, as the kernels)
-  for (const Tensor& t : inputs) v.push_back(t.defined() ? t.to(ct) : t);
-  const auto live = live_rows(none_if_undefined(batch_sizes), x.size(0), x.size(1));
-  auto [y, hT, cT] = layer_in_aten_ops(v[0], v[1], v[2], v[3], v[4], v[5], v[6], live, reverse);
   variable_list wrt;
   std::vector<size_t> where;
+  std::vector<Tensor> v;  // the inputs in the compute dtype (bfloat16 and float16 in float32, as the kernels)
   for (size_t k = 0; k < inputs.size(); ++k) {
-    if (inputs[k].defined() && inputs[k].requires_grad()) {
-      wrt.push_back(inputs[k]);
+    Tensor t = inputs[k];
+    if (t.defined() && t.requires_grad()) {
+      t = t.view_as(t);
+      wrt.push_back(t);
       where.push_back(k);
     }
+    v.push_back(t.defined() ? t.to(ct) : t);
   }
-  variable_list grads(inputs.size() + 3);  // + batch_sizes, reverse, save: none
-  if (wrt.empty()) return grads;
-  const variable_list got = torch::autograd::grad({y, hT, cT}, wrt, {grad_y.to(ct), grad_hT.to(ct), grad_cT.to(ct)},
-                                                  /*retain_graph=*/true, /*create_graph=*/true, /*allow_unused=*/true);
-  for (size_t k = 0; k < wrt.size(); ++k) grads[where[k]] = got[k];
-  return grads;
+  variable_list result(inputs.size() + 3);  // + batch_sizes, reverse, save: none
+  if (wrt.empty()) return result;
+  const auto live = live_rows(none_if_undefined(batch_sizes), x.size(0), x.size(1));
+  auto [y, hT, cT] = layer_in_aten_ops(v[0], v[1], v[2], v[3], v[4], v[5], v[6], live, reverse);
+  variable_list outputs, given;
+  for (const auto& [out, grad] : {std::pair{y, grads[0]}, std::pair{hT, grads[1]}, std::pair{cT, grads[2]}}) {
+    if (grad.defined()) {
+      outputs.push_back(out);
+      given.push_back(grad.to(ct));
+    }
+  }
+  if (outputs.empty()) return result;
+  const variable_list got = torch::autograd::grad(outputs, wrt, given, /*retain_graph=*/true, /*create_graph=*/true,
+                                                  /*allow_unused=*/true);
+  for (size_t k = 0; k < wrt.size(); ++k) result[where[k]] = got[k];
+  return result;
 }
 
 // Whether a layer's gradient reaches w_hr. Not where one step's c_n alone is differentiated: c_n then depends on no
@@ -115,8 +131,8 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["save"] = save;
     // gates and c_hist are saved state, never differentiated; unused gradients stay undefined rather than being
-    // materialised as zeros ([T, B, 4H] of them).
-    ctx->mark_non_differentiable({gates, c_hist});
+    // materialised as zeros ([T, B, 4H] of them). Not marked non-differentiable: compiled autograd (torch.compile
+    // of the backward) refuses a C++ function that marks any output so (an internal assert in torch).
     ctx->set_materialize_grads(false);
     // The caller gets a copy of y, backward keeps its own: nn.LSTM's ATen path lets a model change its output in
     // place before backward (y += residual), which would otherwise fail backward's version check. Without saving
@@ -135,16 +151,16 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     const Tensor &x = saved[0], &h0 = saved[1], &c0 = saved[2], &w_ih = saved[3], &w_hh = saved[4];
     const Tensor &w_hr = saved[5], &batch_sizes = saved[6], &y = saved[7], &gates = saved[8], &c_hist = saved[9];
     const Tensor& b = saved[10];
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      variable_list out = differentiable_grads({x, h0, c0, w_ih, w_hh, b, w_hr}, batch_sizes,
+                                               ctx->saved_data["reverse"].toBool(), grads);
+      if (!projection_used(w_hr, x, grads[0], grads[1])) out[6] = Tensor();
+      return out;
+    }
     const Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(y);
     const Tensor grad_hT = grads[1].defined() ? grads[1] : at::zeros_like(h0);
     const Tensor grad_cT = grads[2].defined() ? grads[2] : at::zeros_like(c0);
     const bool has_bias = b.defined();
-    if (at::GradMode::is_enabled()) {  // create_graph=True
-      variable_list out = differentiable_grads({x, h0, c0, w_ih, w_hh, b, w_hr}, batch_sizes,
-                                               ctx->saved_data["reverse"].toBool(), grad_y, grad_hT, grad_cT);
-      if (!projection_used(w_hr, x, grads[0], grads[1])) out[6] = Tensor();
-      return out;
-    }
     // The node's edges: x, h0, c0, w_ih, w_hh, then b, w_hr and batch_sizes where given (batch_sizes never needs
     // one). Weights that need none (frozen) spare the weight gradients' products.
     const size_t edges = 5 + has_bias + w_hr.defined() + batch_sizes.defined();

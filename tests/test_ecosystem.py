@@ -99,6 +99,29 @@ def test_compile_with_graph_breaks_trains_as_eager():
     _compiled_training_matches_eager("auto", False, "aot_eager")
 
 
+@pytest.mark.parametrize("backend", ["auto", *(name for name in CPU_BACKENDS if name == "cpp")])  # triton: its own
+def test_compiled_autograd_gives_eagers_gradients(backend):
+    """Compiled autograd (torch.compile of the backward pass) over a model holding the layer, as over nn.LSTM: cpp's
+    C++ autograd function had marked its saved-state outputs non-differentiable, which compiled autograd refuses (an
+    internal assert in torch), so every backward failed."""
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    enable = getattr(compiled_autograd, "_enable", None)
+    if enable is None:
+        pytest.skip("this torch has no compiled_autograd._enable")
+    torch.manual_seed(0)
+    model = Tagger(backend=backend)
+    tokens = torch.randint(0, 10, (3, 5))
+    grads = []
+    for compiled in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = _loss(model(tokens))
+        with enable(torch.compile(backend="eager")) if compiled else contextlib.nullcontext():
+            loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for (name, _), got, expected in zip(model.named_parameters(), grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def _compiled_training_matches_eager(backend: str, fullgraph: bool, compiler: str) -> None:
     torch.manual_seed(0)
     model = Tagger(backend=backend)

@@ -287,3 +287,74 @@ def test_one_step_c_n_alone_leaves_the_last_projection_without_gradient(backend,
             continue
         torch.testing.assert_close(b.grad, a.grad, atol=1e-9, rtol=1e-7, msg=name)
     assert (ref.weight_hr_l1.grad is None) == (steps == 1) and ref.weight_hr_l0.grad is not None
+
+
+def _chained_calls(m, x):
+    """The module run twice, the second call from the first's final state (TBPTT without detaching, decoding)."""
+    y1, state = m(x[:3])
+    y2, (h, c) = m(x[3:], state)
+    return y1, y2, h, c
+
+
+def _state_from_input(m, x):
+    """h0 and c0 computed from the input itself (an encoder's summary as the initial state)."""
+    s = x.mean(0).tanh() @ torch.ones(I, H, dtype=x.dtype)
+    state = (s.expand(2, -1, -1).contiguous(), s.cos().expand(2, -1, -1).contiguous())
+    return m(x, state)[0], state[0]
+
+
+def _tied_weights(m, x):
+    """One Parameter as two weights: the second layer's recurrent weight is the first's."""
+    m.weight_hh_l1 = m.weight_hh_l0
+    return m(x)[0], m(x)[1][1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model", [_chained_calls, _state_from_input, _tied_weights], ids=lambda f: f.__name__[1:])
+def test_differentiable_gradients_count_each_path_once(backend, model):
+    """create_graph=True where one of a layer's inputs was computed from another (the state of an earlier call of the
+    same weights, h0 from x, one weight in two places): the layer's gradients that are themselves differentiated
+    must be its own part only, since the outer backward follows the rest. cpp's first-order gradients counted those
+    paths twice (wrong by up to 0.4 here; first-order alone they were right), so a gradient penalty trained on
+    wrong gradients. First- and second-order gradients against nn.LSTM's, float64."""
+    ref, fast = make_pair(I, H, 2, backend=backend)
+    x = torch.randn(6, 3, I, dtype=torch.float64)
+    results = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_()
+        loss = sum(out.sin().sum() for out in model(m, xi))
+        params = [xi, *m.parameters()]
+        first = torch.autograd.grad(loss, params, create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in first)
+        results.append([*first, *torch.autograd.grad(penalty, params)])
+    atol, rtol = TOLERANCES[torch.float64]
+    for k, (got, exp) in enumerate(zip(results[1], results[0], strict=True)):
+        torch.testing.assert_close(got, exp, atol=atol, rtol=rtol, msg=f"gradient {k}")
+
+
+def _input_grad_by_autograd(m, x):
+    xi = x.clone().requires_grad_()
+    return torch.autograd.grad(m(xi)[1][1].sum(), xi, create_graph=True)[0]
+
+
+def _input_grad_by_torch_func(m, x):
+    """torch.func.grad of a functional call, whose parameters still require grad: autograd records the result."""
+    params = dict(m.named_parameters())
+    return torch.func.grad(lambda xi: torch.func.functional_call(m, params, (xi,))[1][1].sum())(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("input_grad", [_input_grad_by_autograd, _input_grad_by_torch_func], ids=["autograd", "func"])
+def test_a_penalty_on_one_step_s_c_n_gives_the_projection_no_second_order_gradient(backend, input_grad):
+    """A gradient penalty on the input's gradient of one step's c_n: c_n depends on no projection, nor does that
+    gradient, and nn.LSTM leaves w_hr's gradient None after the second backward (weight decay then leaves it alone).
+    The fast backends had differentiated y and h_n with zero gradients, which put w_hr in the penalty's graph."""
+    ref, fast = make_pair(I, H, 1, proj_size=PROJ, backend=backend)
+    x = torch.randn(1, 3, I, dtype=torch.float64)
+    for m in (ref, fast):
+        input_grad(m, x).pow(2).sum().backward()
+    assert ref.weight_hr_l0.grad is None and fast.weight_hr_l0.grad is None
+    atol, rtol = TOLERANCES[torch.float64]
+    for (name, a), b in zip(ref.named_parameters(), fast.parameters(), strict=True):
+        if name != "weight_hr_l0":
+            torch.testing.assert_close(b.grad, a.grad, atol=atol, rtol=rtol, msg=name)

@@ -464,23 +464,29 @@ def differentiated_twice(tensors) -> bool:
 
 def grads_through_reference(inputs: tuple, batch_sizes: Tensor | None, reverse: bool, grads: tuple) -> tuple:
     """A fast backend's backward where its gradients are differentiated again (differentiated_twice): the layer's
-    input gradients for inputs (x, h0, c0, w_ih, w_hh, b, w_hr) and grads (of y, hT, cT), differentiable. The
-    backward kernels' are not, so this differentiates the layer recomputed in plain ops (fastlstm.reference;
-    bfloat16 and float16 in float32, as the kernels compute them) through torch.func.vjp, which composes with
-    torch.func's transforms and with autograd outside them. Slow and exact."""
+    input gradients for inputs (x, h0, c0, w_ih, w_hh, b, w_hr) and grads (of y, hT, cT; None where an output got
+    none), differentiable. The backward kernels' are not, so this differentiates the layer recomputed in plain ops
+    (fastlstm.reference; bfloat16 and float16 in float32, as the kernels compute them) through torch.func.vjp, which
+    composes with torch.func's transforms and with autograd outside them, and counts only this layer's part of each
+    gradient (not the paths by which one input was computed from another, which the outer backward follows). Slow
+    and exact. Only the outputs that got a gradient are differentiated: a zero one of y would put w_hr into the
+    result's graph, and a second backward would give w_hr a zero gradient where nn.LSTM gives none. A gradient of an
+    input that no differentiated output reaches is zero (torch.func's vjp), as the callers' projection_used knows."""
     from fastlstm import reference
 
     compute = torch.float32 if inputs[0].dtype in (torch.bfloat16, torch.float16) else inputs[0].dtype
     present = [k for k, t in enumerate(inputs) if t is not None]
+    given = [k for k, g in enumerate(grads) if g is not None]
 
     def layer(*tensors):
         args = list(inputs)
         for k, t in zip(present, tensors):
             args[k] = t.to(compute)
-        return reference.lstm_layer(*args, batch_sizes, reverse)
+        outputs = reference.lstm_layer(*args, batch_sizes, reverse)
+        return tuple(outputs[k] for k in given)
 
     _, vjp = torch.func.vjp(layer, *(inputs[k] for k in present))
-    got = vjp(tuple(g.to(compute) for g in grads))
+    got = vjp(tuple(grads[k].to(compute) for k in given))
     out: list[Tensor | None] = [None] * len(inputs)
     for k, g in zip(present, got):
         out[k] = g

@@ -790,6 +790,7 @@ def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused, eager: bool = False):
     x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, h0, c0, b = ctx.saved_tensors
     B, P, H = hs.shape[1], hs.shape[2], cs.shape[2]
     grad_y_given, grad_hT_given = grad_y is not None, grad_hT is not None
+    given = (grad_y, grad_hT, grad_cT)
     if grad_y is None:
         grad_y = x.new_zeros(x.shape[0], B, P)
     if grad_hT is None:
@@ -799,7 +800,7 @@ def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused, eager: bool = False):
     inputs = (x, h0, c0, w_ih, w_hh, b, w_hr)
     used = projection_used(w_hr, x, grad_y_given, grad_hT_given)
     if differentiated_twice((*inputs, grad_y, grad_hT, grad_cT)):  # create_graph=True, nested torch.func transforms
-        *grads, dw_hr = grads_through_reference(inputs, batch_sizes, ctx.reverse, (grad_y, grad_hT, grad_cT))
+        *grads, dw_hr = grads_through_reference(inputs, batch_sizes, ctx.reverse, given)
         return layer_op_grads(*grads, dw_hr if used else None)
     # No graph: these gradients are not differentiated. And the op's autograd layer (torch.library's
     # autograd.Function, without setup_context) raises under a torch.func gradient transform if it records one.
