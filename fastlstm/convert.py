@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 
 from torch import nn
@@ -15,21 +16,24 @@ from fastlstm.module import LSTM, TORCH_LSTM, rebind_load_pre_hooks, rebuilt_as
 _TARGETS = {"fastlstm": LSTM, "torch": TORCH_LSTM}
 
 
-def _is_source(module: nn.Module, to: str) -> bool:
+def _is_source(module: nn.Module, to: str, compiled: set[int]) -> bool:
     """Whether `module` is an LSTM to swap: the source class itself (parametrized or not). A subclass of it is
     left as it is, with a warning: rebuilt as the target class it would lose what the subclass adds (its own
-    forward, say)."""
+    forward, say). So is a layer whose call something else holds (compiled: the ids of the layers torch.compile
+    wrapped)."""
     source = TORCH_LSTM if to == "fastlstm" else LSTM
     cls = type(module)
     if parametrize.is_parametrized(module):
         cls = cls.__bases__[0]  # the class parametrize generated derives from the module's own
     if cls is source:
         replaced = _replaced_on_instance(module)
-        if replaced:
+        held = "torch.compile wrapped it" if id(module) in compiled else ""
+        held = held or (replaced and f"its call was replaced on the instance ({replaced})")
+        if held:
             warnings.warn(
-                f"fastlstm.convert: left an {cls.__qualname__} unconverted: its call was replaced on the instance "
-                f"({replaced}), and the converted layer would still call this one, not the weights it is given "
-                "afterwards; convert first, then compile or hook the converted layer",
+                f"fastlstm.convert: left an {cls.__qualname__} unconverted: {held}, and this layer would go on "
+                "serving the calls, blind to the weights the converted one is given afterwards; convert first, then "
+                "compile or hook the converted layer",
                 UserWarning,
                 stacklevel=outside_stacklevel(),
             )
@@ -44,6 +48,17 @@ def _is_source(module: nn.Module, to: str) -> bool:
             stacklevel=outside_stacklevel(),
         )
     return False
+
+
+def _compiled_layers(model: nn.Module) -> set[int]:
+    """The ids of the modules in `model` (itself included) that torch.compile wrapped: an OptimizedModule holds one
+    as its _orig_mod, and its compiled call is bound to that module, not to whatever _orig_mod later holds. None
+    exists before torch._dynamo is imported, which a check need not then do (~1 s)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    optimized = getattr(eval_frame, "OptimizedModule", None)
+    if optimized is None:
+        return set()
+    return {id(m._orig_mod) for m in model.modules() if isinstance(m, optimized)}
 
 
 def _replaced_on_instance(module: nn.Module) -> str:
@@ -86,11 +101,12 @@ def convert(model: nn.Module, to: str = "fastlstm", backend: str | None = None) 
             swapped[id(module)] = new
         return swapped[id(module)]
 
-    if _is_source(model, to):
+    compiled = _compiled_layers(model)
+    if _is_source(model, to, compiled):
         return swap(model)
     for parent in list(model.modules()):
         # _modules itself, not named_children(): that names a module held under two names only once
         for name, child in list(parent._modules.items()):
-            if child is not None and _is_source(child, to):
+            if child is not None and _is_source(child, to, compiled):
                 setattr(parent, name, swap(child))
     return model

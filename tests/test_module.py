@@ -338,6 +338,20 @@ def test_convert_leaves_a_layer_whose_call_was_replaced_on_the_instance(replace,
     assert model[0] is source
 
 
+@pytest.mark.parametrize("where", ["child", "model"])
+@pytest.mark.parametrize("to", ["fastlstm", "torch"])
+def test_convert_leaves_a_layer_that_torch_compile_wrapped(where, to):
+    """torch.compile(layer) holds the layer as its _orig_mod with its call bound to it: converting _orig_mod had left
+    the old layer serving every call, silently, and blind to the weights a later load_state_dict(assign=True) gave
+    the converted one (0.87 off nn.LSTM). Left, warned, as a layer whose call was replaced on the instance."""
+    source = nn.LSTM(I, H) if to == "fastlstm" else fastlstm.LSTM(I, H)
+    wrapped = torch.compile(source, backend="eager")
+    model = nn.Sequential(wrapped) if where == "child" else wrapped
+    with pytest.warns(UserWarning, match="left an .*LSTM unconverted: torch.compile wrapped it"):
+        assert fastlstm.convert(model, to=to) is model
+    assert wrapped._orig_mod is source
+
+
 def test_convert_leaves_subclasses_with_a_warning():
     class Scaled(nn.LSTM):
         def forward(self, x, hx=None):
