@@ -26,9 +26,11 @@ def _is_source(module: nn.Module, to: str, compiled: set[int]) -> bool:
     if parametrize.is_parametrized(module):
         cls = cls.__bases__[0]  # the class parametrize generated derives from the module's own
     if cls is source:
-        replaced = _replaced_on_instance(module)
-        held = "torch.compile wrapped it" if id(module) in compiled else ""
-        held = held or (replaced and f"its call was replaced on the instance ({replaced})")
+        if id(module) in compiled:
+            held = "torch.compile wrapped it"
+        else:
+            replaced = _replaced_on_instance(module)
+            held = f"its call was replaced on the instance ({replaced})" if replaced else ""
         if held:
             warnings.warn(
                 f"fastlstm.convert: left an {cls.__qualname__} unconverted: {held}, and this layer would go on "
