@@ -1472,8 +1472,9 @@ def test_cuda_compile_trains_where_auto_picks_native(compiler):
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_cuda_vmap_and_forward_mode_ad(backend):
     """torch.vmap and torch.func.jvp on CUDA, where nn.LSTM's cuDNN path has neither a batching rule nor a forward-mode
-    derivative: auto serves them on the reference loop, triton (vmap only) with its op's vmap rule; both match
-    nn.LSTM, a loop of it for vmap, its float64 CPU jvp (ATen's path) for jvp."""
+    derivative: auto serves vmap with triton's op and its vmap rule, as a forced triton does, and jvp on the reference
+    loop (triton has no forward-mode derivative); both match nn.LSTM, a loop of it for vmap, its float64 CPU jvp
+    (ATen's path) for jvp."""
     torch.manual_seed(0)
     reference = nn.LSTM(4, 16, 2, bidirectional=True)
     model = fastlstm.LSTM(4, 16, 2, bidirectional=True, backend=backend).cuda()

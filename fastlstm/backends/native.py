@@ -20,14 +20,16 @@ from fastlstm.backends import Backend, LayerResult, host_to_device, outside_stac
 
 # cuDNN's warning when an RNN's weights are not one flat buffer tells the user to call flatten_parameters(),
 # which does nothing for a layer's weights passed as they are here (a mixed plan's layer, triton's self-test; in
-# an H200 run's output): ignored where this module's calls give it, and only there. One filter at import, not a
+# an H200 run's output) or by fastlstm.module's autocast probe (zero weights of the call's dtypes: half weights
+# under half autocast, which cuDNN's autocast wrapper does not flatten): ignored where those modules' calls give
+# it, and only there. One filter at import, not a
 # catch_warnings a call: that cannot be traced by torch.compile, is not thread-safe, and resets every warning's
 # once-per-location memory.
 SEPARATE_WEIGHTS_WARNING = "RNN module weights are not part of single contiguous chunk of memory"
 
 
 def ignore_separate_weights_warning() -> None:
-    warnings.filterwarnings("ignore", message=SEPARATE_WEIGHTS_WARNING, module=r"fastlstm\.backends\.native$")
+    warnings.filterwarnings("ignore", message=SEPARATE_WEIGHTS_WARNING, module=r"fastlstm\.(backends\.native|module)$")
 
 
 ignore_separate_weights_warning()

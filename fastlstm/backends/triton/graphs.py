@@ -71,9 +71,13 @@ _capture_streams: dict[int, torch.cuda.Stream] = {}
 def capture(loop: Callable[[], None]) -> Callable[[], None]:
     """Capture `loop`'s launches in a CUDA graph on the current device; returns what replays it."""
     graph = torch.cuda.CUDAGraph()
-    # A side stream of our own per device (torch.cuda.graph's default is one stream for all devices, made on
-    # whichever was current first), one capture at a time on it. thread_local: another thread's unrelated CUDA
-    # work meanwhile neither breaks the capture nor is caught in it. Not torch.cuda.graph itself: it
+    # A side stream per device (torch.cuda.graph's default is one stream for all devices, made on whichever was
+    # current first), one capture at a time on it. thread_local: another thread's unrelated CUDA work meanwhile, on
+    # other streams, neither breaks the capture nor is caught in it. The stream comes from torch's pool, as
+    # torch.cuda.graph's does: the pool hands out its streams in turn, so a program that makes more than 32 streams
+    # of one priority on a device shares one with this, and work it queues there during a capture would be caught
+    # in the graph, as it would in torch.cuda.graph's.
+    # Captures are few (one per chunk length of a configuration). Not torch.cuda.graph itself: it
     # synchronizes the device and empties torch's caches of GPU and pinned memory at every capture (room for a
     # capture's own memory, which this loop hardly has), and when a capture fails its exit leaves the thread on
     # the capture stream. The captured launches do not run, so nothing needs waiting for.
