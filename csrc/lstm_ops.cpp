@@ -20,6 +20,21 @@
 
 #include "layer.h"
 
+// The CPython calls that tell whether this thread holds the GIL, let go of it and take it back, declared rather
+// than included: the build needs no Python headers (a system Python without its -dev package has none). Weak, so
+// that the library still loads in a process without Python, which holds no GIL. Every CPython 3 exports them.
+#if defined(__ELF__)
+#define FASTLSTM_WEAK __attribute__((weak))
+#else
+#define FASTLSTM_WEAK
+#endif
+extern "C" {
+struct _ts;
+FASTLSTM_WEAK int PyGILState_Check();
+FASTLSTM_WEAK _ts* PyEval_SaveThread();
+FASTLSTM_WEAK void PyEval_RestoreThread(_ts*);
+}
+
 namespace fastlstm {
 namespace {
 
@@ -74,6 +89,24 @@ std::tuple<Tensor, Tensor, Tensor> layer_in_aten_ops(const Tensor& x, const Tens
 // from the module's previous call, one weight in two places: those paths counted twice). Only the outputs whose
 // gradient was given are differentiated (grads undefined where not): a zero gradient of y would still put w_hr in
 // the result's graph, and a second backward would give w_hr a zero gradient where nn.LSTM gives none.
+// The GIL let go of for the scope where the calling thread holds it. Compiled autograd runs this backward with
+// the GIL held (torch.compile of the backward pass, which calls C++ autograd functions from Python), and torch's
+// autograd engine refuses to start under it ("The autograd engine was called while holding the GIL").
+class WithoutGil {
+ public:
+  WithoutGil() {
+    if (PyGILState_Check != nullptr && PyGILState_Check()) state_ = PyEval_SaveThread();
+  }
+  ~WithoutGil() {
+    if (state_ != nullptr) PyEval_RestoreThread(state_);
+  }
+  WithoutGil(const WithoutGil&) = delete;
+  WithoutGil& operator=(const WithoutGil&) = delete;
+
+ private:
+  _ts* state_ = nullptr;
+};
+
 variable_list differentiable_grads(const std::vector<Tensor>& inputs, const Tensor& batch_sizes, bool reverse,
                                    const variable_list& grads) {
   const Tensor& x = inputs[0];
@@ -96,12 +129,15 @@ variable_list differentiable_grads(const std::vector<Tensor>& inputs, const Tens
   auto [y, hT, cT] = layer_in_aten_ops(v[0], v[1], v[2], v[3], v[4], v[5], v[6], live, reverse);
   variable_list outputs, given;
   for (const auto& [out, grad] : {std::pair{y, grads[0]}, std::pair{hT, grads[1]}, std::pair{cT, grads[2]}}) {
-    if (grad.defined()) {
+    // An output that depends on no input requiring grad contributes nothing (one step's c_n where only w_hr
+    // requires grad), and autograd refuses to differentiate it.
+    if (grad.defined() && out.requires_grad()) {
       outputs.push_back(out);
       given.push_back(grad.to(ct));
     }
   }
   if (outputs.empty()) return result;
+  WithoutGil without_gil;
   const variable_list got = torch::autograd::grad(outputs, wrt, given, /*retain_graph=*/true, /*create_graph=*/true,
                                                   /*allow_unused=*/true);
   for (size_t k = 0; k < wrt.size(); ++k) result[where[k]] = got[k];

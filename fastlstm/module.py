@@ -25,6 +25,7 @@ from fastlstm.backends.native import (
     pack_padded,
     packed_rows,
     pad_packed,
+    probe_lstm,
 )
 
 backends.load_all()  # before any torch.compile traces a forward: dynamo cannot import (see fastlstm.backends)
@@ -279,10 +280,10 @@ def _probed_autocast_dtypes(key: tuple) -> _Autocast:
         # nothing here requires grad, so no graph is recorded
         with torch.autocast(device_type, dtype=autocast_dtype), torch.set_grad_enabled(grad):
             if not call.packed:
-                out = torch._VF.lstm(x[None], state, weights, *flags, False)
+                out = probe_lstm(x[None], state, weights, *flags, False)
             else:
                 probe_sizes = torch.tensor([2, 1] if call.varying else [1], dtype=torch.int64, device="cpu")
-                out = torch._VF.lstm(x, probe_sizes, state, weights, *flags)
+                out = probe_lstm(x, probe_sizes, state, weights, *flags)
         return tuple(t.dtype for t in out)
 
     try:

@@ -100,26 +100,38 @@ def test_compile_with_graph_breaks_trains_as_eager():
 
 
 @pytest.mark.parametrize("backend", ["auto", *(name for name in CPU_BACKENDS if name == "cpp")])  # triton: its own
-def test_compiled_autograd_gives_eagers_gradients(backend):
-    """Compiled autograd (torch.compile of the backward pass) over a model holding the layer, as over nn.LSTM: cpp's
-    C++ autograd function had marked its saved-state outputs non-differentiable, which compiled autograd refuses (an
-    internal assert in torch), so every backward failed."""
+@pytest.mark.parametrize("penalty", [False, True], ids=["backward", "gradient-penalty"])
+def test_compiled_autograd_gives_eagers_gradients(backend, penalty):
+    """Compiled autograd (torch.compile of the backward pass) over the layer, as over nn.LSTM: cpp's C++ autograd
+    function had marked its saved-state outputs non-differentiable, which compiled autograd refuses (an internal
+    assert in torch), so every backward failed. With a gradient penalty (create_graph=True) its backward starts
+    autograd's engine itself, which compiled autograd calls with the GIL held: the engine refused to start. The
+    penalty's own backward runs eagerly (compiled, it took 25 s here; a stacked model's, minutes)."""
     compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
-    enable = getattr(compiled_autograd, "_enable", None)
-    if enable is None:
-        pytest.skip("this torch has no compiled_autograd._enable")
+    enable, reset = getattr(compiled_autograd, "_enable", None), getattr(compiled_autograd, "reset", None)
+    if enable is None or reset is None:
+        pytest.skip("this torch has no compiled_autograd._enable and reset")
+    reset()  # its graphs cached by an earlier test would serve this one without a capture to count
+    counters = torch._dynamo.utils.counters["compiled_autograd"]
     torch.manual_seed(0)
-    model = Tagger(backend=backend)
-    tokens = torch.randint(0, 10, (3, 5))
-    grads = []
+    model = fastlstm.LSTM(3, 4, backend=backend).double()
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    grads, captures = [], counters["captures"]
     for compiled in (False, True):
         model.zero_grad(set_to_none=True)
-        loss = _loss(model(tokens))
+        y, (h, c) = model(x)
+        loss = _loss((y, h, c))
         with enable(torch.compile(backend="eager")) if compiled else contextlib.nullcontext():
-            loss.backward()
+            if penalty:
+                first = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+            else:
+                loss.backward()
+        if penalty:
+            sum(g.pow(2).sum() for g in first).backward()
         grads.append([p.grad for p in model.parameters()])
+    assert counters["captures"] > captures  # compiled autograd ran, rather than leaving the backward eager
     for (name, _), got, expected in zip(model.named_parameters(), grads[1], grads[0], strict=True):
-        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-7, msg=name)
 
 
 def _compiled_training_matches_eager(backend: str, fullgraph: bool, compiler: str) -> None:

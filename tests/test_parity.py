@@ -358,3 +358,56 @@ def test_a_penalty_on_one_step_s_c_n_gives_the_projection_no_second_order_gradie
     for (name, a), b in zip(ref.named_parameters(), fast.parameters(), strict=True):
         if name != "weight_hr_l0":
             torch.testing.assert_close(b.grad, a.grad, atol=atol, rtol=rtol, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layers", [1, 2])
+def test_differentiable_gradients_where_only_the_projection_trains(backend, layers):
+    """create_graph=True where w_hr is all that requires grad and a step's c_n gets a gradient: c_n depends on no
+    projection of its layer (one step), so it has no graph to differentiate, and cpp had asked autograd to
+    differentiate it anyway ("element 1 of tensors does not require grad"), where nn.LSTM gives the gradients."""
+    ref, fast = make_pair(I, H, layers, proj_size=PROJ, backend=backend)
+    x = torch.randn(1, 3, I, dtype=torch.float64)
+    results = []
+    for m in (ref, fast):
+        for name, p in m.named_parameters():
+            p.requires_grad_(name.startswith("weight_hr"))
+        y, (h, c) = m(x)
+        params = [p for p in m.parameters() if p.requires_grad]
+        first = torch.autograd.grad(y.sin().sum() + c.sum(), params, create_graph=True)
+        results.append([*first, *torch.autograd.grad(sum(g.pow(2).sum() for g in first), params)])
+    atol, rtol = TOLERANCES[torch.float64]
+    for k, (got, exp) in enumerate(zip(results[1], results[0], strict=True)):
+        torch.testing.assert_close(got, exp, atol=atol, rtol=rtol, msg=f"gradient {k}")
+
+
+class _PassesNoGradient(torch.autograd.Function):
+    """The identity forward, no gradient backward: a layer's outputs that flow only through it get none."""
+
+    @staticmethod
+    def forward(t):
+        return t.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_differentiable_gradients_where_no_output_of_the_layer_gets_one(backend):
+    """torch.func.grad with the parameters requiring grad (its result is differentiable) of a loss whose path through
+    the layer passes no gradient back: every output of the layer gets None, and the layer's gradients are None, as
+    nn.LSTM's (the fast backends' recomputation had been asked to differentiate no output at all, and raised)."""
+    ref, fast = make_pair(I, H, 1, backend=backend)
+    x = torch.randn(4, 2, I, dtype=torch.float64)
+    for m in (ref, fast):
+        params = dict(m.named_parameters())
+
+        def loss(xi, m=m, params=params):
+            return _PassesNoGradient.apply(torch.func.functional_call(m, params, (xi,))[0]).sum() + xi.sum()
+
+        torch.testing.assert_close(torch.func.grad(loss)(x), torch.ones_like(x))

@@ -24,7 +24,9 @@ kernel) in C++, loaded on first use, with stand-ins that load them until then; u
 transforms, which cannot run a C++ autograd Function, the layer takes the same ops through _FuncLayer instead)
     cpp_lstm_stack_fwd(x, h0?, c0?, weights, batch_sizes?, biases, proj, bidirectional) -> (y, h_n, c_n):
                  inference of every layer and direction in one call (the module's one-call inference stack)
-    cpp_lstm_fwd(x, h0, c0, w_ih, w_hh, b?, w_hr?, batch_sizes?, reverse, save) -> (y, hT, cT, gates, c_hist)
+    cpp_lstm_fwd(x, h0, c0, w_ih, w_hh, b?, w_hr?, batch_sizes?, reverse, save) -> (y, hT, cT, gates, c_hist):
+                 gates and c_hist are the state backward reads; a gradient reaching them is ignored (they require
+                 grad with the rest: compiled autograd refuses a C++ function that marks an output otherwise)
     cpp_lstm_bwd(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr?, batch_sizes?, y, gates, c_hist,
                  reverse, has_bias, weight_grads=True) -> (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr): the weight
                  gradients empty ([0]) without weight_grads, which the layer's autograd passes where no weight
