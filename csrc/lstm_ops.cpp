@@ -80,18 +80,10 @@ std::tuple<Tensor, Tensor, Tensor> layer_in_aten_ops(const Tensor& x, const Tens
   return {at::stack(ys), h, c};
 }
 
-// Backward with create_graph=True (gradient penalties, Hessian-vector products): the kernels' gradients are not
-// themselves differentiable, so recompute the layer from the saved inputs in differentiable ops and let autograd
-// differentiate that. Slow (a step loop of small ops), exact, and only ever taken for this case.
-//
-// The recomputation starts from an alias of each input: a gradient taken with respect to the input itself would
-// also follow the input's own history, which the outer backward follows again (h0 computed from x, a state carried
-// from the module's previous call, one weight in two places: those paths counted twice). Only the outputs whose
-// gradient was given are differentiated (grads undefined where not): a zero gradient of y would still put w_hr in
-// the result's graph, and a second backward would give w_hr a zero gradient where nn.LSTM gives none.
-// The GIL let go of for the scope where the calling thread holds it. Compiled autograd runs this backward with
-// the GIL held (torch.compile of the backward pass, which calls C++ autograd functions from Python), and torch's
-// autograd engine refuses to start under it ("The autograd engine was called while holding the GIL").
+// Lets go of the GIL for its scope, where the calling thread holds it. Compiled autograd (torch.compile of the
+// backward pass, which calls C++ autograd functions from Python) runs the layer's backward with the GIL held, and
+// torch's autograd engine, which differentiable_grads starts, refuses to under it ("The autograd engine was called
+// while holding the GIL").
 class WithoutGil {
  public:
   WithoutGil() {
@@ -107,6 +99,15 @@ class WithoutGil {
   _ts* state_ = nullptr;
 };
 
+// Backward with create_graph=True (gradient penalties, Hessian-vector products): the kernels' gradients are not
+// themselves differentiable, so recompute the layer from the saved inputs in differentiable ops and let autograd
+// differentiate that. Slow (a step loop of small ops), exact, and only ever taken for this case.
+//
+// The recomputation starts from an alias of each input: a gradient taken with respect to the input itself would
+// also follow the input's own history, which the outer backward follows again (h0 computed from x, a state carried
+// from the module's previous call, one weight in two places: those paths counted twice). Only the outputs whose
+// gradient was given are differentiated (grads undefined where not): a zero gradient of y would still put w_hr in
+// the result's graph, and a second backward would give w_hr a zero gradient where nn.LSTM gives none.
 variable_list differentiable_grads(const std::vector<Tensor>& inputs, const Tensor& batch_sizes, bool reverse,
                                    const variable_list& grads) {
   const Tensor& x = inputs[0];
