@@ -189,10 +189,10 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     const Tensor &w_hr = saved[5], &batch_sizes = saved[6], &y = saved[7], &gates = saved[8], &c_hist = saved[9];
     const Tensor& b = saved[10];
     if (at::GradMode::is_enabled()) {  // create_graph=True
-      variable_list out = differentiable_grads({x, h0, c0, w_ih, w_hh, b, w_hr}, batch_sizes,
-                                               ctx->saved_data["reverse"].toBool(), grads);
-      if (!projection_used(w_hr, x, grads[0], grads[1])) out[6] = Tensor();
-      return out;
+      // w_hr's gradient is undefined where projection_used says no: only c_n is differentiated, which one step's
+      // projection does not reach.
+      return differentiable_grads({x, h0, c0, w_ih, w_hh, b, w_hr}, batch_sizes, ctx->saved_data["reverse"].toBool(),
+                                  grads);
     }
     const Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(y);
     const Tensor grad_hT = grads[1].defined() ? grads[1] : at::zeros_like(h0);
