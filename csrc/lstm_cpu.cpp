@@ -77,6 +77,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -866,8 +867,8 @@ std::vector<int64_t> packed_batch_sizes(const Tensor& data, const Tensor& batch_
                 data.size(0), " rows");
     rows += live[t];
   }
-  TORCH_CHECK(rows == data.size(0), "fastlstm cpp: packed data has ", data.size(0), " rows, batch_sizes sum to ",
-              rows);
+  // Rows past the batch sizes' sum (a hand-built pack over a buffer larger than its batch) are left out, as
+  // nn.LSTM leaves them: its output has the sum's rows.
   return live;
 }
 
@@ -971,7 +972,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x_in, const c10:
     h_n = h_n.to(dt);
     c_n = c_n.to(dt);
   }
-  if (packed_data) return {pack_padded_rows(layer_in, live, x_in.size(0)), h_n, c_n};
+  if (packed_data) return {pack_padded_rows(layer_in, live, std::accumulate(live.begin(), live.end(), int64_t{0})),
+                           h_n, c_n};
   return {one_step ? layer_in.squeeze(0) : layer_in, h_n, c_n};
 }
 

@@ -358,6 +358,18 @@ def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _within_batch_sizes(data, batch_sizes):
+    """A bidirectional layer's packed data without rows past its batch sizes' sum (a hand-built pack over a larger
+    buffer). Each unidirectional path reads the rows the batch sizes cover and leaves the rest, nn.LSTM's included;
+    nn.LSTM's reverse direction instead counts back from the data's last row, so that it reads other rows than its
+    forward direction (the later ones, each step's of another sequence or step): every path reads the covered rows
+    here, the numbers of nn.LSTM on the pack without the extra rows."""
+    if type(data) is not Tensor or type(batch_sizes) is not Tensor or data.dim() < 1 or batch_sizes.dim() != 1:
+        return data  # malformed: the checks raise nn.LSTM's error
+    rows = int(batch_sizes.sum())
+    return data[:rows] if 0 <= rows < data.shape[0] else data
+
+
 def _without_empty_steps(batch_sizes: Tensor) -> Tensor:
     """A pack's batch sizes less the trailing steps of size 0, which no sequence reaches (a pack built by hand with
     lengths shorter than its padded length): nn.LSTM runs such a pack as the pack without them, and so do the fast
@@ -1128,6 +1140,8 @@ class LSTM(nn.RNNBase):
         data, batch_sizes, sorted_indices, unsorted_indices = pack
         if hx is not None:
             hx = self.permute_hidden(hx, sorted_indices)
+        if self.bidirectional:
+            data = _within_batch_sizes(data, batch_sizes)
         return data, batch_sizes, sorted_indices, unsorted_indices, hx
 
     def _check_packed_call(self, data: Tensor, hx) -> None:

@@ -2503,7 +2503,8 @@ def test_stack_opcheck_and_errors():
 
 def test_stack_takes_packed_data_as_the_padded_batch_it_packs():
     """cpp_lstm_stack_fwd of a PackedSequence's data [N, I] with its batch_sizes: bitwise the padded batch's call,
-    its output packed (opcheck too: the fake's batch is a dynamic size); malformed batch sizes raise."""
+    its output packed (opcheck too: the fake's batch is a dynamic size); data rows past the batch sizes' sum left
+    out, as nn.LSTM leaves them; malformed batch sizes raise."""
     op = torch.ops.fastlstm.cpp_lstm_stack_fwd.default
     both = list(fastlstm.LSTM(5, 7, 2, bidirectional=True, backend="cpp").requires_grad_(False)._flat_weights)
     one = list(fastlstm.LSTM(5, 7, 2, proj_size=3, backend="cpp").requires_grad_(False)._flat_weights)
@@ -2523,8 +2524,12 @@ def test_stack_takes_packed_data_as_the_padded_batch_it_packs():
     one_step = torch.tensor([3])  # a single step packed: its data is the step itself, as x [B, I] gives it
     y, h_n, c_n = op(x[0], None, None, both, one_step, 2, False, True)
     assert torch.equal(y, op(x[:1], None, None, both, one_step, 2, False, True)[0][0])
+    fewer = torch.tensor([3, 2, 1])  # sums to 6 of data's 7 rows
+    y, h_n, c_n = op(data, None, None, both, fewer, 2, False, True)
+    y_within, h_within, c_within = op(data[:6], None, None, both, fewer, 2, False, True)
+    assert torch.equal(y, y_within) and torch.equal(h_n, h_within) and torch.equal(c_n, c_within)
     bad = {
-        "batch_sizes sum to 6": torch.tensor([3, 2, 1]),
+        "sum past the data's 7 rows": torch.tensor([4, 2, 2]),
         "positive and at most": torch.tensor([3, 4, 1]),
         "must be positive": torch.tensor([3, 0, 4]),
         "int64 CPU tensor": torch.tensor([4.0, 2.0, 1.0]),

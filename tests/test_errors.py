@@ -265,7 +265,7 @@ def test_a_malformed_pack_raises_runtime_error_as_nn_lstm(backend, grad):
     """A PackedSequence built by hand with batch sizes that grow or hold a zero: nn.LSTM raises RuntimeError from
     its kernels; every backend raises that type too (the padding's index_copy raised IndexError), before any kernel
     reads past the data. (Batch sizes that sum to fewer rows than the data has: nn.LSTM reads the first rows and
-    returns; the native backend does so too, the fast ones raise.)"""
+    returns, and so does every backend: test_a_pack_over_a_larger_buffer_runs_as_nn_lstm_runs_it.)"""
     packs = [
         PackedSequence(torch.randn(5, I), torch.tensor([1, 2, 2])),
         PackedSequence(torch.randn(5, I), torch.tensor([2, 0, 3])),
@@ -279,6 +279,42 @@ def test_a_malformed_pack_raises_runtime_error_as_nn_lstm(backend, grad):
                 fastlstm.LSTM(I, H, 2, proj_size=P, backend=backend)(pack)
             # the pack's own error, not a forced backend's refusal (BackendUnavailableError is a RuntimeError too)
             assert not isinstance(raised.value, fastlstm.BackendUnavailableError), raised.value
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "reference", *fast_cpu_backends()])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_a_pack_over_a_larger_buffer_runs_as_nn_lstm_runs_it(backend, grad):
+    """A PackedSequence built by hand over a buffer with rows past its batch sizes' sum (one buffer reused for
+    batches of several lengths): nn.LSTM reads the rows the batch sizes cover and leaves the rest (its output has
+    the sum's rows, the rest get zero gradient); every backend does so too, stacked and projected, also when the
+    call is remembered (cpp and reference had raised). Bidirectional: nn.LSTM's reverse direction reads the last
+    rows instead (the forward direction's rows shifted by the extra rows); every backend, the native one included,
+    gives nn.LSTM's numbers for the pack without the extra rows."""
+    torch.manual_seed(0)
+    for layers, bidirectional, proj in ((1, False, 0), (2, False, P), (1, True, 0), (2, True, P)):
+        ref = nn.LSTM(I, H, layers, proj_size=proj, bidirectional=bidirectional, dtype=torch.float64)
+        fast = fastlstm.LSTM(I, H, layers, proj_size=proj, bidirectional=bidirectional, dtype=torch.float64,
+                             backend=backend)  # fmt: skip
+        fast.load_state_dict(ref.state_dict())
+        for sizes, rows in (([3, 3, 2], 10), ([2, 2, 0], 5), ([1], 4)):
+            data = torch.randn(rows, I, dtype=torch.float64)
+            results = []
+            for m in (ref, fast, fast):  # the second fastlstm call of this kind is a remembered one
+                m.zero_grad()
+                x = data.clone().requires_grad_(grad)
+                # nn.LSTM given the rows it reads in both directions, where it reads other rows in its reverse one
+                given = x[: sum(sizes)] if m is ref and bidirectional else x
+                with torch.set_grad_enabled(grad):
+                    y, (h, c) = m(PackedSequence(given, torch.tensor(sizes)))
+                assert y.data.shape[0] == sum(sizes)
+                outs = [y.data, h, c]
+                if grad:
+                    (y.data.square().sum() + h.sum() + c.sum()).backward()
+                    outs += [x.grad, *(p.grad for p in m.parameters())]
+                results.append(outs)
+            for got in results[1:]:
+                for a, b in zip(got, results[0]):
+                    torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=f"{sizes}, {rows} rows")
 
 
 @pytest.mark.parametrize("backend", ["auto", "native", "reference", *fast_cpu_backends()])

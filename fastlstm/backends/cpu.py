@@ -672,7 +672,9 @@ def _stack_fwd_fake(x, h0, c0, weights, batch_sizes, biases, proj, bidirectional
     count, last_w_hh = len(weights) // per_layer, weights[-per_layer + 1]  # (layer, direction) pairs
     H, P = last_w_hh.shape[0] // 4, last_w_hh.shape[1]
     directions = 2 if bidirectional else 1
-    if x.dim() == 2 and batch_sizes is not None:  # packed data [N, I]: y packed too; the batch is batch_sizes[0]
+    # Packed data [N, I]: y packed too, with as many rows as the batch sizes sum to: N, but for a hand-built pack
+    # with rows past them, which a fake cannot tell from its batch sizes' values. The batch is batch_sizes[0].
+    if x.dim() == 2 and batch_sizes is not None:
         B = torch.library.get_ctx().new_dynamic_size()
         return x.new_empty((x.shape[0], P * directions)), x.new_empty((count, B, P)), x.new_empty((count, B, H))
     steps, B = x.shape[:-2], x.shape[-2]  # x [T, B, I], or [B, I] for one step

@@ -51,11 +51,14 @@ def packed_rows(batch_sizes: Tensor, device: torch.device) -> Tensor:
 
 
 def pad_packed(data: Tensor, batch_sizes: Tensor, rows: Tensor) -> Tensor:
-    """Packed data [N, *] as its padded, time-major batch [T, B, *], zero where no sequence is live."""
+    """Packed data [N, *] as its padded, time-major batch [T, B, *], zero where no sequence is live. Rows past the
+    batch sizes' sum (a hand-built pack over a larger buffer) are left out, as nn.LSTM leaves them."""
     T, B = batch_sizes.numel(), int(batch_sizes[0])
-    if rows.numel() != data.shape[0]:  # batch sizes that grow, or do not sum to the rows: nn.LSTM's type of error
+    if rows.numel() < data.shape[0] and rows.numel() == int(batch_sizes.sum()):
+        data = data[: rows.numel()]
+    if rows.numel() != data.shape[0]:  # batch sizes that grow, or sum past the rows: nn.LSTM's type of error
         raise RuntimeError(
-            f"fastlstm: a PackedSequence's batch_sizes must not increase and must sum to its data's {data.shape[0]} "
+            f"fastlstm: a PackedSequence's batch_sizes must not increase nor sum past its data's {data.shape[0]} "
             f"rows, got {batch_sizes.tolist()}"
         )
     return data.new_zeros(T * B, *data.shape[1:]).index_copy(0, rows, data).view(T, B, *data.shape[1:])
