@@ -113,9 +113,25 @@ def run_with_grads(module: nn.Module, inputs: list[torch.Tensor], call) -> dict[
     return results
 
 
-def assert_same_results(ref: nn.Module, fast: nn.Module, inputs: list[torch.Tensor], call, atol, rtol) -> None:
-    expected = run_with_grads(ref, inputs, call)
-    got = run_with_grads(fast, inputs, call)
+def run_without_grads(module: nn.Module, inputs: list[torch.Tensor], call) -> dict[str, torch.Tensor]:
+    """Forward through `call(module, *inputs)` under torch.no_grad() (inference: cpp runs a whole stack in one
+    call there); its results as run_with_grads gives them."""
+    with torch.no_grad():
+        out = call(module, *inputs)
+    results = dict(zip(("y", "h_n", "c_n"), _leaves(out)))
+    if isinstance(out[0], PackedSequence):
+        for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+            results[field] = getattr(out[0], field)
+    return results
+
+
+def assert_same_results(
+    ref: nn.Module, fast: nn.Module, inputs: list[torch.Tensor], call, atol, rtol, run=run_with_grads
+) -> None:
+    """nn.LSTM's results (run: run_with_grads, or run_without_grads for inference) and fastlstm's: the same keys,
+    shapes, dtypes, layouts of the outputs and numbers."""
+    expected = run(ref, inputs, call)
+    got = run(fast, inputs, call)
     assert expected.keys() == got.keys()
     for key in expected:
         if expected[key] is None:

@@ -1062,6 +1062,10 @@ def test_ci_runs_the_suite_on_the_oldest_python_pyproject_admits():
     cpu_job = text[text.index("\n  cpu:") : text.index("\n  cpu-torch-releases:")]
     assert floor and f'python: ["{floor.group(1)}", ' in cpu_job
     assert "python-version: ${{ matrix.python }}" in cpu_job
+    # every Python pyproject lists (its comment says the whole suite ran under each)
+    listed = re.findall(r'"Programming Language :: Python :: (3\.\d+)"', (ROOT / "pyproject.toml").read_text())
+    matrix = re.search(r"python: \[(.*)\]", cpu_job).group(1)
+    assert listed and all(f'"{version}"' in matrix for version in listed), (listed, matrix)
 
 
 def test_nightly_workflow_checks_random_configurations_with_a_new_seed():
@@ -1105,6 +1109,8 @@ def test_gpu_workflow_targets_the_self_hosted_runner():
     text = (ROOT / ".github" / "workflows" / "gpu.yml").read_text()
     assert "runs-on: [self-hosted, linux, x64, gpu]" in text
     assert "pytest -m cuda" in text and "upload-artifact" in text
+    # the triton tests that take CUDA tensors where there is a GPU, which `-m cuda` leaves out
+    assert 'pytest tests/test_triton.py tests/test_triton_graphs.py -m "not cuda"' in text
     assert "check --device cuda --backend triton --dtype float32 --dtype bfloat16 --dtype float16" in text
 
 

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 from conftest import TOLERANCES
-from helpers import assert_same_results, fast_cpu_backends, lstm_call, make_pair
+from helpers import assert_same_results, fast_cpu_backends, lstm_call, make_pair, run_without_grads
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from fastlstm.backends import BackendUnavailableError
@@ -52,6 +52,7 @@ def test_matrix_float64(backend, bias, batch_first, bidirectional, proj, layers)
     atol, rtol = TOLERANCES[torch.float64]
     assert_same_results(ref, fast, [x, h0, c0], lstm_call, atol, rtol)
     assert_same_results(ref, fast, [x], lstm_call, atol, rtol)
+    assert_same_results(ref, fast, [x, h0, c0], lstm_call, atol, rtol, run=run_without_grads)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -69,8 +70,14 @@ def test_matrix_float64(backend, bias, batch_first, bidirectional, proj, layers)
 def test_shapes(backend, dtype, T, B, hidden, layers, bidirectional, proj):
     ref, fast = make_pair(I, hidden, layers, bidirectional=bidirectional, proj_size=proj, backend=backend, dtype=dtype)
     x = torch.randn(T, B, I, dtype=dtype)
+    D = 2 if bidirectional else 1
+    # a state given too: from zeros, one step leaves w_hh's gradient zero, which no mistake in it would show
+    h0 = torch.randn(layers * D, B, proj or hidden, dtype=dtype)
+    c0 = torch.randn(layers * D, B, hidden, dtype=dtype)
     atol, rtol = TOLERANCES[dtype]
     assert_same_results(ref, fast, [x], lstm_call, atol, rtol)
+    assert_same_results(ref, fast, [x, h0, c0], lstm_call, atol, rtol)
+    assert_same_results(ref, fast, [x, h0, c0], lstm_call, atol, rtol, run=run_without_grads)
 
 
 PACKED_CASES = [
@@ -108,6 +115,7 @@ def test_packed(backend, lengths, enforce_sorted, bidirectional, proj, layers, w
 
     atol, rtol = TOLERANCES[torch.float64]
     assert_same_results(ref, fast, [x] + (state if with_state else []), call, atol, rtol)
+    assert_same_results(ref, fast, [x] + (state if with_state else []), call, atol, rtol, run=run_without_grads)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
