@@ -135,7 +135,8 @@ class Result:
     speedup: float = 1.0  # nn.LSTM's median over this provider's
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        # rounds: the timed calls the median is of (the repeats asked for, rounded up to whole cycles of the order)
+        return {**asdict(self), "rounds": len(self.times_ms)}
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:

@@ -840,8 +840,9 @@ class LSTM(nn.RNNBase):
             y, h_n, c_n = self._fast_stack(x, hx, batch_sizes, choices, amp)
         if longest < seq_len:
             y = torch.cat([y, y.new_zeros(seq_len - longest, *y.shape[1:])])
-        y = y.index_select(1, unorder)
-        y = y.transpose(0, 1) if self.batch_first else y
+        # batch-major for batch_first through the reordering's own copy: contiguous, as pad_packed_sequence gives it
+        # (code written for it may .view() the output)
+        y = y.transpose(0, 1).index_select(0, unorder) if self.batch_first else y.index_select(1, unorder)
         return y, self.permute_hidden((h_n, c_n), unorder)
 
     def _check_lengths(self, input, lengths) -> tuple[Tensor, tuple[int, int]]:

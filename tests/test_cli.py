@@ -316,10 +316,13 @@ class _Times7(torch.autograd.Function):
         return grad * 7
 
 
-@pytest.mark.parametrize("mode, fault", [("inference", "forward"), ("step", "step"), ("both", "backward")])
+@pytest.mark.parametrize(
+    "mode, fault", [("inference", "forward"), ("inference", "slightly"), ("step", "step"), ("both", "backward")]
+)
 def test_bench_checks_what_each_timed_mode_computes(monkeypatch, mode, fault):
     """bench fails (exit 1, naming the mode and the result) before timing a provider whose results differ from
-    nn.LSTM's in a mode it times: inference's outputs, the streamed steps (`step()` answering 123 was timed and
+    nn.LSTM's in a mode it times: inference's outputs, also slightly (float32 outputs 0.2% off, a few 1e-4: the
+    check had allowed 1e-3, where `check` allows 2e-4), the streamed steps (`step()` answering 123 was timed and
     reported as 155x faster), training's gradients (scaled by 7: timed, exit 0)."""
     import fastlstm
     from fastlstm import __main__ as cli
@@ -330,6 +333,10 @@ def test_bench_checks_what_each_timed_mode_computes(monkeypatch, mode, fault):
         y, state = forward(self, *args, **kwargs)
         return y * 1.01, state
 
+    def slightly_scaled_forward(self, *args, **kwargs):
+        y, state = forward(self, *args, **kwargs)
+        return y * 1.002, state
+
     def constant_step(self, *args, **kwargs):
         y, state = step(self, *args, **kwargs)
         return torch.full_like(y, 123.0), state
@@ -338,11 +345,14 @@ def test_bench_checks_what_each_timed_mode_computes(monkeypatch, mode, fault):
         y, state = forward(self, *args, **kwargs)
         return _Times7.apply(y), state
 
-    faulty = {"forward": ("forward", scaled_forward), "step": ("step", constant_step)}
+    faulty = {
+        "forward": ("forward", scaled_forward), "slightly": ("forward", slightly_scaled_forward),
+        "step": ("step", constant_step),
+    }  # fmt: skip
     monkeypatch.setattr(fastlstm.LSTM, *faulty.get(fault, ("forward", gradient_times_7)))
     with pytest.raises(SystemExit, match="disagrees with nn.LSTM on B2-T5-I8-H8-L1") as failed:
         cli.main(["bench", "--shape", "2,5,8,8", "--backend", "cpp", "--mode", mode, "--repeats", "1"])
-    expected = {"forward": "inference (y:", "step": "step (y:", "backward": "training (input.grad:"}[fault]
+    expected = {"step": "step (y:", "backward": "training (input.grad:"}.get(fault, "inference (y:")
     assert expected in str(failed.value), failed.value
 
 
@@ -576,6 +586,8 @@ def test_bench_times_calls_under_autocast(tmp_path, autocast, check):
     run = json.loads(out.read_text())
     assert run["autocast"] == autocast and len(run["results"]) == 2 * 2 * 3
     assert run["repeats"] == 2 and run["checked"] is check and isinstance(run["notes"], list)  # how it was run
+    # the rounds each median is of: the repeats asked for, rounded up to whole cycles of the order (3 providers: 6)
+    assert all(r["rounds"] == len(r["times_ms"]) == 6 for r in run["results"]), [r["rounds"] for r in run["results"]]
     noted = [n for n in run["notes"] if "compare unlike work" in n]
     if unlike:
         assert len(noted) == 1 and f"cannot run {', '.join(unlike)} under autocast" in noted[0], run["notes"]
@@ -1007,6 +1019,39 @@ def test_benchmark_suite_names_its_settings_when_one_is_unknown():
     )  # fmt: skip
     assert done.returncode != 0
     assert "FASTLSTM_BENCH_GRID must be one of tiny, default; got 'small'" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    "option, path, message",
+    [
+        ("--out", "missing/x.md", "no directory"), ("--out", ".", "is a directory"),
+        ("--plot", "missing/x.png", "no directory"), ("--plot", "x.foo", "a file name ending in one of"),
+    ],
+)  # fmt: skip
+def test_report_refuses_an_unwritable_output_before_it_works(tmp_path, option, path, message):
+    """report.py's --out and --plot: a path it cannot write is a usage error (exit 2) before any work, as bench's
+    --json is (the table had printed, then a traceback)."""
+    data = tmp_path / "bench.json"
+    data.write_text('{"benchmarks": []}')
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "report.py"), str(data), option, path],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "fastlstm vs nn.LSTM" not in done.stdout
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda"], ids=["unknown-name", "absent-gpu"])  # a "cuda" id would skip
+def test_benchmark_suite_refuses_a_device_it_cannot_time(device):
+    """FASTLSTM_BENCH_DEVICE: a name other than cpu or cuda, or cuda where torch sees no GPU, is a usage error (a
+    KeyError at collection; every test failing on "Torch not compiled with CUDA")."""
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    done = run_python(
+        "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", env=dict(os.environ, FASTLSTM_BENCH_DEVICE=device)
+    )  # fmt: skip
+    assert done.returncode == 4, done.stdout[-2000:] + done.stderr[-2000:]  # pytest's usage error
+    assert "FASTLSTM_BENCH_DEVICE" in done.stdout + done.stderr and "KeyError" not in done.stdout + done.stderr
 
 
 def test_report_plots_beside_groups_that_lack_nn_lstm(tmp_path):

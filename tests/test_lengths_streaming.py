@@ -31,7 +31,9 @@ def _grads(module, x, h0, c0, run):
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("lengths", [[3, 7, 1, 4], [7, 7, 7, 7], [2, 2, 1, 1]], ids=str)
 def test_lengths_equal_packing(backend, batch_first, lengths):
-    """fastlstm's lengths= against nn.LSTM on the packed batch, padded back: outputs, states, every gradient."""
+    """fastlstm's lengths= against nn.LSTM on the packed batch, padded back: outputs, states, every gradient, and
+    the output's layout (batch_first's had been a transposed view, where pad_packed_sequence gives a contiguous
+    tensor that code may .view())."""
     ref, m = make_pair(I, H, 2, bidirectional=True, proj_size=3, batch_first=batch_first, backend=backend)
     B, T = len(lengths), 7
     x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64)
@@ -49,6 +51,8 @@ def test_lengths_equal_packing(backend, batch_first, lengths):
     for got, expected in zip(_grads(m, x, h0, c0, padded), _grads(ref, x, h0, c0, packed), strict=True):
         torch.testing.assert_close(got, expected, **TOL)
     y, _ = m(x, lengths=lengths)
+    with torch.no_grad():
+        assert y.stride() == packed(ref, x, h0, c0)[0].stride() and y.is_contiguous()
     for b, n in enumerate(lengths):
         if n < T:
             beyond = y[b, n:] if batch_first else y[n:, b]
