@@ -147,9 +147,11 @@ variable_list differentiable_grads(const std::vector<Tensor>& inputs, const Tens
 
 // Whether a layer's gradient reaches w_hr. Not where one step's c_n alone is differentiated: c_n then depends on no
 // projection, and nn.LSTM leaves w_hr's gradient None there (an optimizer skips it, weight decay included) where a
-// zero gradient would be decayed.
+// zero gradient would be decayed. The steps as a symbolic size: AOTAutograd traces this backward on fake tensors,
+// where size() made every dimension a constant of the graph (a compiled training step recompiled for each batch
+// size and length; fullgraph=True failed at the eighth); sym_size guards only T > 1, which dynamic sizes assume.
 bool projection_used(const Tensor& w_hr, const Tensor& x, const Tensor& grad_y, const Tensor& grad_hT) {
-  return w_hr.defined() && (x.size(0) > 1 || grad_y.defined() || grad_hT.defined());
+  return w_hr.defined() && (x.sym_size(0) > 1 || grad_y.defined() || grad_hT.defined());
 }
 
 class LayerFunction : public torch::autograd::Function<LayerFunction> {

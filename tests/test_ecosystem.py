@@ -84,6 +84,34 @@ def test_compiled_steps_train_as_eager(backend):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
+@needs_tracing
+@pytest.mark.parametrize("proj", [0, 3])
+@pytest.mark.parametrize("backend", ["auto", *fast_cpu_backends()])
+def test_compiled_training_takes_new_batch_sizes_and_lengths_without_recompiling(backend, proj):
+    """torch.compile(fullgraph=True, dynamic=True) of a training step, called at several batch sizes and lengths:
+    one graph, eager's gradients. With a projection, cpp's backward had read the steps as a constant while
+    AOTAutograd traced it: a graph per shape, and fullgraph=True failed at the recompile limit (8). (Not the
+    reference: its time loop is Python, which dynamo unrolls, a graph per length.)"""
+    from torch._dynamo.utils import counters
+
+    torch.compiler.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(6, 8, proj_size=proj, backend=backend)
+    eager = fastlstm.LSTM(6, 8, proj_size=proj, backend=backend)
+    eager.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    for T, B in [(5, 3), (9, 4), (2, 7), (6, 2), (11, 5), (3, 9), (7, 6), (4, 8), (8, 3)]:
+        x = torch.randn(T, B, 6)
+        model.zero_grad(), eager.zero_grad()
+        for run in (compiled, eager):
+            y, (h, c) = run(x)
+            _loss((y, h, c)).backward()
+        for (name, p), q in zip(eager.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=f"{name}, T{T} B{B}")
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_methods_forward_calls_are_defined_in_fastlstm():
     """Dynamo before torch 2.8 stops at a module method whose function lives in torch.nn (fastlstm.module's
     _own_method): the nn.LSTM checks forward calls go through functions of fastlstm's own. Checked on every torch,
