@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <type_traits>
 
 #ifdef _OPENMP
@@ -120,6 +121,7 @@ inline int64_t mkl_min_width() { return mkl_min_rows_env() ? 0 : 256; }
 
 struct MklPacked {
   float* data = nullptr;
+  std::unique_ptr<char[]> own;  // data's memory where the scratch does not keep a pack this large
   int m = 0, n = 0, k = 0;
   bool ok = false;
   // W row-major; trans: op(W) = W^T.
@@ -137,7 +139,13 @@ struct MklPacked {
     n = (int)n_;
     k = (int)k_;
     const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, m, n, k);
-    data = static_cast<float*>(pack_scratch().get(bytes));  // MKL asks for megabytes, touches what it uses
+    // MKL asks for megabytes, touches what it uses; beyond the scratch's cap, memory of this pack's own
+    if (Scratch::keeps(bytes)) {
+      data = static_cast<float*>(pack_scratch().get(bytes));
+    } else {
+      own.reset(new char[bytes + 64]);
+      data = static_cast<float*>(Scratch::align(own.get()));
+    }
     cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, trans ? kCblasTrans : kCblasNoTrans, m, n, k, 1.0f, W, (int)ld,
                      data);
     ok = true;

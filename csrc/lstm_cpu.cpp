@@ -665,8 +665,10 @@ void forward_impl(const Dims& d, const Tensor& x, const Tensor& w_ih, const Tens
   const bool reuse_gates = !gates.defined() && fuse_input;
   if (!gates.defined()) {
     const int64_t rows = reuse_gates ? B : T * B;
-    gates = at::from_blob(gates_scratch().get(std::max<int64_t>(1, rows * G4) * sizeof(scalar_t)),
-                          {reuse_gates ? 1 : T, B, G4}, y.options());
+    const size_t bytes = std::max<int64_t>(1, rows * G4) * sizeof(scalar_t);
+    const std::vector<int64_t> shape{reuse_gates ? 1 : T, B, G4};
+    gates = Scratch::keeps(bytes) ? at::from_blob(gates_scratch().get(bytes), shape, y.options())
+                                  : at::empty(shape, y.options());
   }
   const int64_t g_step = reuse_gates ? 0 : B * G4;
   const elem_t* xp = reinterpret_cast<const elem_t*>(x.data_ptr());

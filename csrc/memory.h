@@ -144,15 +144,14 @@ constexpr size_t kScratchKeep = size_t(64) << 20;
 struct Scratch {
   std::unique_ptr<char[]> kept;
   size_t kept_bytes = 0;
-  std::unique_ptr<char[]> once;  // a request too large to keep: freed on the next request
   ReleaseWatch watch;
+  // Whether a request of `bytes` is served here. A larger one takes memory of the call's own, freed with it: kept
+  // here until the thread's next request, it had outlived the call (an idle thread after one B64-T200-H512
+  // inference call held 100 MiB of gates, over the cap, which release_memory() cannot free on another thread).
+  static bool keeps(size_t bytes) { return bytes <= kScratchKeep; }
   void* get(size_t bytes) {
+    TORCH_CHECK(keeps(bytes), "fastlstm: scratch request of ", bytes, " bytes over its cap");
     release_if_asked();
-    once.reset();
-    if (bytes > kScratchKeep) {
-      once.reset(new char[bytes + 64]);
-      return align(once.get());
-    }
     if (bytes > kept_bytes) {
       kept.reset(new char[bytes + 64]);
       kept_bytes = bytes;
@@ -162,7 +161,6 @@ struct Scratch {
   // As PackPool's: called where no buffer of this thread's is in use (a request, release_memory's own region).
   size_t release_if_asked() {
     if (!watch.asked()) return 0;
-    once.reset();
     kept.reset();
     return std::exchange(kept_bytes, 0);
   }

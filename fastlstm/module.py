@@ -233,7 +233,7 @@ class _Checked(NamedTuple):
     weights_as_built: bool
 
 
-# Per distinct call; see LSTM._autocast_dtypes.
+# Per distinct call (at most backends.REMEMBERED_MAX); see LSTM._autocast_dtypes.
 _AUTOCAST_DTYPES: dict[tuple, _Autocast] = {}
 
 
@@ -264,8 +264,9 @@ def _probed_autocast_dtypes(key: tuple) -> _Autocast:
     where nn.LSTM gives bfloat16 (its ATen path's dtypes), and the cache had kept that for the eager calls after it.
     key: a _ProbeCall's fields as a plain tuple (what dynamo hands such a function as it was given).
     """
-    if key in _AUTOCAST_DTYPES:
-        return _AUTOCAST_DTYPES[key]
+    known = _AUTOCAST_DTYPES.get(key)
+    if known is not None:
+        return known
     call = _ProbeCall(*key)
     device_type, autocast_dtype, grad = call.autocast[0], call.autocast[1], call.autocast[-1]
     batch = 0 if call.empty else 2 if call.varying else 1
@@ -287,7 +288,7 @@ def _probed_autocast_dtypes(key: tuple) -> _Autocast:
         return tuple(t.dtype for t in out)
 
     try:
-        _AUTOCAST_DTYPES[key] = _Autocast(probe())
+        found = _Autocast(probe())
     except RuntimeError as error:
         if device_type != "cpu" or not onednn_enabled():
             raise
@@ -304,8 +305,10 @@ def _probed_autocast_dtypes(key: tuple) -> _Autocast:
             f"the output dtypes nn.LSTM gives with oneDNN off ({dtypes})",
             stacklevel=backends.outside_stacklevel(),
         )
-        _AUTOCAST_DTYPES[key] = _Autocast(dtypes, onednn=False)
-    return _AUTOCAST_DTYPES[key]
+        found = _Autocast(dtypes, onednn=False)
+    # bounded as the other caches of calls: it had kept an entry for every configuration a process met
+    backends.remember(_AUTOCAST_DTYPES, key, found)
+    return found
 
 
 def _autocast_key(device_type: str) -> tuple | bool:

@@ -2122,6 +2122,46 @@ def test_kept_training_tensors_never_leak_stale_values_and_are_freed():
     assert cpu.release_memory() >= T * B * 4 * 128 * 4
 
 
+IDLE_THREAD_AFTER_A_LONG_CALL = r"""
+import ctypes, gc, threading
+import torch, fastlstm
+torch.set_num_threads(1)
+def rss_mb():
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+model = fastlstm.LSTM(64, 256, backend="cpp")
+x = torch.randn(1500, 16, 64)  # gates of every step: 1500 x 16 x 1024 floats, 94 MiB, over the 64 MiB cap
+with torch.no_grad():
+    model(x[:2])
+done, finish = threading.Event(), threading.Event()
+def worker():
+    with torch.no_grad():
+        model(x)
+    done.set()
+    finish.wait()  # idle, as a server's pool thread between requests
+thread = threading.Thread(target=worker)
+before = rss_mb()
+thread.start()
+done.wait()
+print(rss_mb() - before)
+finish.set()
+thread.join()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status and glibc's malloc_trim")
+def test_a_thread_keeps_no_memory_over_the_cap_after_a_long_inference_call():
+    """An inference call whose gates of every step exceed the scratch memory a thread keeps (64 MiB) takes memory
+    of its own, freed with the call: it had stayed with the thread until its next call (an idle pool thread after
+    one B64-T200-H512 call held 100 MiB, which release_memory() on another thread cannot free). Gates projected
+    up front (FASTLSTM_FUSE_MIN_ROWS: never fused), in one piece (under two chunks' worth)."""
+    done = run_python("-c", IDLE_THREAD_AFTER_A_LONG_CALL, env={**os.environ, "FASTLSTM_FUSE_MIN_ROWS": "100000"})
+    assert done.returncode == 0, done.stderr
+    grown = float(done.stdout.split()[-1])
+    assert grown < 48, f"an idle thread keeps {grown:.0f} MB after the call"
+
+
 def test_kept_training_tensors_follow_the_working_set_when_lengths_vary():
     """Training on sequences of varying length asks for new sizes nearly every step: what is kept between calls
     stays near what a step uses (here at most 40 MB: blocks of two steps, each up to a quarter larger than asked),

@@ -1430,6 +1430,24 @@ def test_cpu_autocast_dtypes_follow_grad_mode_and_empty_batches_as_nn_lstm(backe
                     assert fast_error <= 2 * native_error + 1e-3, (model_dtype, grad, fast_error, native_error)
 
 
+def test_autocast_dtypes_remembered_stay_bounded_whatever_the_models(monkeypatch):
+    """The dtypes nn.LSTM gives each kind of call under autocast are remembered as the calls' checks are, at most
+    backends.REMEMBERED_MAX of them: a process that builds models of many sizes (a hyperparameter search, a server
+    of many models) had kept one entry for every configuration it met, its models long deleted; each still gets
+    nn.LSTM's dtypes."""
+    from fastlstm import module
+
+    monkeypatch.setattr(backends, "REMEMBERED_MAX", 4)
+    monkeypatch.setattr(module, "_AUTOCAST_DTYPES", {})
+    for size in range(1, 13):
+        fast, native, x = fastlstm.LSTM(size, 3), nn.LSTM(size, 3), torch.randn(2, 1, size)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, (h, c) = fast(x)
+        y_native, (h_native, c_native) = nn_lstm_under_cpu_autocast(lambda native=native, x=x: native(x))
+        assert [y.dtype, h.dtype, c.dtype] == [y_native.dtype, h_native.dtype, c_native.dtype]
+        assert len(module._AUTOCAST_DTYPES) <= 4
+
+
 @pytest.mark.parametrize("backend", ["auto", "native", *[b for b in CPU_BACKENDS if b != "triton"]])
 @pytest.mark.parametrize("lengths", [None, [5, 5, 5]], ids=str)
 def test_cpu_autocast_where_onednn_fails_runs_as_nn_lstm_without_onednn(monkeypatch, backend, lengths):
