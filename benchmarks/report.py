@@ -115,9 +115,10 @@ def main(argv: list[str] | None = None) -> None:
         from matplotlib.figure import Figure
 
         kind = os.path.splitext(args.plot)[1].lstrip(".").lower()
-        formats = Figure().canvas.get_supported_filetypes()
-        if kind not in formats:
-            parser.error(f"--plot {args.plot}: a file name ending in one of .{', .'.join(sorted(formats))}")
+        # matplotlib's formats but pgf, which needs a LaTeX install; no extension: PNG, matplotlib's default
+        formats = set(Figure().canvas.get_supported_filetypes()) - {"pgf"}
+        if kind and kind not in formats:
+            parser.error(f"--plot {args.plot}: a file name ending in one of .{', .'.join(sorted(formats))} (or none)")
     try:
         data, groups = load(args.json)
     except (OSError, ValueError, KeyError, TypeError) as e:  # a bench --json or an A/B script's JSON, say

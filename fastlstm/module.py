@@ -361,14 +361,12 @@ def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _within_batch_sizes(data, batch_sizes):
-    """A bidirectional layer's packed data without rows past its batch sizes' sum (a hand-built pack over a larger
-    buffer). Each unidirectional path reads the rows the batch sizes cover and leaves the rest, nn.LSTM's included;
-    nn.LSTM's reverse direction instead counts back from the data's last row, so that it reads other rows than its
-    forward direction (the later ones, each step's of another sequence or step): every path reads the covered rows
-    here, the numbers of nn.LSTM on the pack without the extra rows."""
-    if type(data) is not Tensor or type(batch_sizes) is not Tensor or data.dim() < 1 or batch_sizes.dim() != 1:
-        return data  # malformed: the checks raise nn.LSTM's error
+def _within_batch_sizes(data: Tensor, batch_sizes: Tensor) -> Tensor:
+    """Packed data for nn.LSTM's own call of a bidirectional stack, without rows past its batch sizes' sum (a
+    hand-built pack over a larger buffer). Every path reads the rows the batch sizes cover and leaves the rest, in
+    both directions, the fast backends' padding included; nn.LSTM's reverse direction alone counts back from the
+    data's last row, so that it reads other rows than its forward direction (the later ones, each step's of another
+    sequence or step). Given the covered rows alone, it gives its numbers for the pack without the extra rows."""
     rows = int(batch_sizes.sum())
     return data[:rows] if 0 <= rows < data.shape[0] else data
 
@@ -745,7 +743,9 @@ class LSTM(nn.RNNBase):
             input, hx, batch_sizes, sorted_indices, unsorted_indices, is_batched = self._prepare(input, hx)
             amp = self._autocast_dtypes(input, hx, batch_sizes)
             choices = self._plan(input, hx, batch_sizes, amp)
-            checked = self._checked(choices, amp)
+            # a pack of no live row (batch sizes all 0, built by hand, over a buffer): nn.LSTM's own answer, no rows,
+            # whatever the backend (its key holds the first batch size)
+            checked = self._checked(choices, amp, empty=batch_sizes is not None and not int(batch_sizes[0]))
             if key is not None:
                 backends.remember(_CHECKED_CALLS, key, checked)
         else:  # the same kind of call passed every check before
@@ -759,10 +759,12 @@ class LSTM(nn.RNNBase):
                 if not is_batched:
                     input, hx = self._as_batch_of_one(input, hx)
         input, hx = _saveable(input, hx)
-        # a pack without rows (batch sizes all 0, built by hand): nn.LSTM's own answer, whatever the backend; the
-        # fast ones take steps of one row or more
+        # a pack without rows (malformed: nn.LSTM's own error), and a pack of no live row (checked.native): nn.LSTM's
+        # own answer, whatever the backend; the fast ones take steps of one row or more
         empty_pack = batch_sizes is not None and input.shape[0] == 0
         if empty_pack or checked.native:
+            if batch_sizes is not None and self.bidirectional:
+                input = _within_batch_sizes(input, batch_sizes)
             if hx is None:
                 hx = self._initial_state(input, None, batch_sizes, True)
             weights = self._flat_weights if checked.weights_as_built else None
@@ -1070,9 +1072,10 @@ class LSTM(nn.RNNBase):
             torch.get_num_threads(), amp,
         )  # fmt: skip
 
-    def _checked(self, choices: tuple[dispatch.Choice, ...], amp: _Autocast | None) -> _Checked:
-        """A checked call's plan, with what its repeats need not work out again."""
-        native = all(choice.backend == "native" for choice in choices)
+    def _checked(self, choices: tuple[dispatch.Choice, ...], amp: _Autocast | None, empty=False) -> _Checked:
+        """A checked call's plan, with what its repeats need not work out again (`empty`: nothing to compute, which
+        nn.LSTM's own call answers)."""
+        native = empty or all(choice.backend == "native" for choice in choices)
         return _Checked(choices, amp, native, self._weights_as_built() is self._flat_weights)
 
     def _plan(self, input: Tensor, hx, batch_sizes: Tensor | None, amp=None) -> tuple[dispatch.Choice, ...]:
@@ -1144,8 +1147,6 @@ class LSTM(nn.RNNBase):
         data, batch_sizes, sorted_indices, unsorted_indices = pack
         if hx is not None:
             hx = self.permute_hidden(hx, sorted_indices)
-        if self.bidirectional:
-            data = _within_batch_sizes(data, batch_sizes)
         return data, batch_sizes, sorted_indices, unsorted_indices, hx
 
     def _check_packed_call(self, data: Tensor, hx) -> None:

@@ -1026,6 +1026,7 @@ def test_benchmark_suite_names_its_settings_when_one_is_unknown():
     [
         ("--out", "missing/x.md", "no directory"), ("--out", ".", "is a directory"),
         ("--plot", "missing/x.png", "no directory"), ("--plot", "x.foo", "a file name ending in one of"),
+        ("--plot", "x.pgf", "a file name ending in one of"),  # matplotlib lists it; it needs a LaTeX install
     ],
 )  # fmt: skip
 def test_report_refuses_an_unwritable_output_before_it_works(tmp_path, option, path, message):
