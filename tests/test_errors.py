@@ -281,6 +281,32 @@ def test_a_malformed_pack_raises_runtime_error_as_nn_lstm(backend, grad):
             assert not isinstance(raised.value, fastlstm.BackendUnavailableError), raised.value
 
 
+def _assert_pack_runs_as_nn_lstm(ref, fast, backend: str, grad: bool, data, sizes: list, trim_for_ref=False):
+    """nn.LSTM and fastlstm (twice: the second call of a kind is a remembered one) on PackedSequence(data, sizes):
+    the same batch sizes, rows, outputs and states, and with grad every gradient. trim_for_ref: nn.LSTM is given
+    only the rows the batch sizes cover."""
+    if backend == "triton" and not sum(sizes):  # refuses an empty batch when forced, as for tensor input
+        with pytest.raises(fastlstm.BackendUnavailableError, match="empty input"):
+            fast(PackedSequence(data, torch.tensor(sizes)))
+        return
+    results = []
+    for m in (ref, fast, fast):
+        m.zero_grad()
+        x = data.clone().requires_grad_(grad)
+        given = x[: sum(sizes)] if m is ref and trim_for_ref else x
+        with torch.set_grad_enabled(grad):
+            y, (h, c) = m(PackedSequence(given, torch.tensor(sizes)))
+        assert y.batch_sizes.tolist() == sizes and y.data.shape[0] == sum(sizes)
+        outs = [y.data, h, c]
+        if grad:
+            (y.data.square().sum() + h.sum() + c.sum()).backward()
+            outs += [x.grad, *(p.grad for p in m.parameters())]
+        results.append(outs)
+    for got in results[1:]:
+        for a, b in zip(got, results[0]):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=f"{sizes}, {data.shape[0]} rows")
+
+
 @pytest.mark.parametrize("backend", ["auto", "native", "reference", *fast_cpu_backends()])
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
 def test_a_pack_over_a_larger_buffer_runs_as_nn_lstm_runs_it(backend, grad):
@@ -298,27 +324,7 @@ def test_a_pack_over_a_larger_buffer_runs_as_nn_lstm_runs_it(backend, grad):
         fast.load_state_dict(ref.state_dict())
         for sizes, rows in (([3, 3, 2], 10), ([2, 2, 0], 5), ([1], 4), ([0, 0], 4)):
             data = torch.randn(rows, I, dtype=torch.float64)
-            if backend == "triton" and not sum(sizes):  # refuses an empty batch when forced, as for tensor input
-                with pytest.raises(fastlstm.BackendUnavailableError, match="empty input"):
-                    fast(PackedSequence(data, torch.tensor(sizes)))
-                continue
-            results = []
-            for m in (ref, fast, fast):  # the second fastlstm call of this kind is a remembered one
-                m.zero_grad()
-                x = data.clone().requires_grad_(grad)
-                # nn.LSTM given the rows it reads in both directions, where it reads other rows in its reverse one
-                given = x[: sum(sizes)] if m is ref and bidirectional else x
-                with torch.set_grad_enabled(grad):
-                    y, (h, c) = m(PackedSequence(given, torch.tensor(sizes)))
-                assert y.data.shape[0] == sum(sizes)
-                outs = [y.data, h, c]
-                if grad:
-                    (y.data.square().sum() + h.sum() + c.sum()).backward()
-                    outs += [x.grad, *(p.grad for p in m.parameters())]
-                results.append(outs)
-            for got in results[1:]:
-                for a, b in zip(got, results[0]):
-                    torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=f"{sizes}, {rows} rows")
+            _assert_pack_runs_as_nn_lstm(ref, fast, backend, grad, data, sizes, trim_for_ref=bidirectional)
 
 
 @pytest.mark.parametrize("backend", ["auto", "native", "reference", *fast_cpu_backends()])
@@ -334,22 +340,4 @@ def test_a_pack_whose_batch_sizes_end_in_zeros_runs_as_nn_lstm_runs_it(backend, 
     fast.load_state_dict(ref.state_dict())
     for sizes in ([2, 2, 0], [3, 1, 0, 0], [1, 0], [0], [0, 0]):
         data = torch.randn(sum(sizes), I, dtype=torch.float64)
-        if backend == "triton" and not sum(sizes):  # refuses an empty batch when forced, as for tensor input
-            with pytest.raises(fastlstm.BackendUnavailableError, match="empty input"):
-                fast(PackedSequence(data, torch.tensor(sizes)))
-            continue
-        results = []
-        for m in (ref, fast, fast):  # the second fastlstm call of this kind is a remembered one
-            m.zero_grad()
-            x = data.clone().requires_grad_(grad)
-            with torch.set_grad_enabled(grad):
-                y, (h, c) = m(PackedSequence(x, torch.tensor(sizes)))
-            assert y.batch_sizes.tolist() == sizes
-            outs = [y.data, h, c]
-            if grad:
-                (y.data.square().sum() + h.sum() + c.sum()).backward()
-                outs += [x.grad, *(p.grad for p in m.parameters())]
-            results.append(outs)
-        for got in results[1:]:
-            for a, b in zip(got, results[0]):
-                torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=str(sizes))
+        _assert_pack_runs_as_nn_lstm(ref, fast, backend, grad, data, sizes)
