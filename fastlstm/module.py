@@ -759,8 +759,8 @@ class LSTM(nn.RNNBase):
                 if not is_batched:
                     input, hx = self._as_batch_of_one(input, hx)
         input, hx = _saveable(input, hx)
-        # a pack without rows (malformed: nn.LSTM's own error), and a pack of no live row (checked.native): nn.LSTM's
-        # own answer, whatever the backend; the fast ones take steps of one row or more
+        # a pack without rows (batch sizes all 0, or malformed) and one of no live row (checked.native): nn.LSTM's own
+        # answer or error, whatever the backend; the fast ones take steps of one row or more
         empty_pack = batch_sizes is not None and input.shape[0] == 0
         if empty_pack or checked.native:
             if batch_sizes is not None and self.bidirectional:
