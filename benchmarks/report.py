@@ -89,24 +89,14 @@ def plot(groups: dict[str, dict[str, float]], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _unwritable(path: str) -> str | None:
-    """Why a file cannot be written at `path`, or None."""
-    if os.path.isdir(path):
-        return "is a directory"
-    folder = os.path.dirname(path) or "."
-    if not os.path.isdir(folder):
-        return f"no directory {folder}"
-    if not os.access(folder, os.W_OK):
-        return f"directory {folder} is not writable"
-    return None
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json")
     parser.add_argument("--plot", help="write a PNG bar chart here")
     parser.add_argument("--out", help="write the markdown here as well as to stdout")
     args = parser.parse_args(argv)
+    from fastlstm.__main__ import _unwritable  # bench --json's check (it opens the file: os.access passed root)
+
     for option, path in (("--out", args.out), ("--plot", args.plot)):
         problem = path and _unwritable(path)
         if problem:  # before the work, as bench --json: the table had printed, then a traceback
