@@ -888,10 +888,10 @@ Tensor pad_packed_rows(const Tensor& data, const std::vector<int64_t>& live) {
   return padded;
 }
 
-Tensor pack_padded_rows(const Tensor& padded, const std::vector<int64_t>& live, int64_t rows) {
+Tensor pack_padded_rows(const Tensor& padded, const std::vector<int64_t>& live) {
   const int64_t T = static_cast<int64_t>(live.size()), B = live[0], F = padded.size(2);
   const Tensor src = padded.contiguous();
-  Tensor data = at::empty({rows, F}, padded.options());
+  Tensor data = at::empty({std::accumulate(live.begin(), live.end(), int64_t{0}), F}, padded.options());
   const int64_t row_bytes = F * static_cast<int64_t>(padded.element_size());
   const char* from = static_cast<const char*>(src.data_ptr());
   char* to = static_cast<char*>(data.data_ptr());
@@ -974,8 +974,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x_in, const c10:
     h_n = h_n.to(dt);
     c_n = c_n.to(dt);
   }
-  if (packed_data) return {pack_padded_rows(layer_in, live, std::accumulate(live.begin(), live.end(), int64_t{0})),
-                           h_n, c_n};
+  if (packed_data) return {pack_padded_rows(layer_in, live), h_n, c_n};
   return {one_step ? layer_in.squeeze(0) : layer_in, h_n, c_n};
 }
 
