@@ -92,6 +92,13 @@ def _leaves(out):
     return (y.data if isinstance(y, PackedSequence) else y), h, c
 
 
+def _pack_fields(out) -> dict:
+    """A packed output's batch_sizes, sorted_indices and unsorted_indices (none for a tensor output)."""
+    if not isinstance(out[0], PackedSequence):
+        return {}
+    return {field: getattr(out[0], field) for field in ("batch_sizes", "sorted_indices", "unsorted_indices")}
+
+
 def run_with_grads(module: nn.Module, inputs: list[torch.Tensor], call) -> dict[str, torch.Tensor]:
     """Forward through `call(module, *inputs)`, backward a loss touching y, h_n and c_n; all results."""
     inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
@@ -107,10 +114,7 @@ def run_with_grads(module: nn.Module, inputs: list[torch.Tensor], call) -> dict[
         results[f"input{k}.grad"] = t.grad
     for name, p in module.named_parameters():
         results[f"{name}.grad"] = p.grad
-    if isinstance(out[0], PackedSequence):
-        for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
-            results[field] = getattr(out[0], field)
-    return results
+    return {**results, **_pack_fields(out)}
 
 
 def run_without_grads(module: nn.Module, inputs: list[torch.Tensor], call) -> dict[str, torch.Tensor]:
@@ -118,11 +122,7 @@ def run_without_grads(module: nn.Module, inputs: list[torch.Tensor], call) -> di
     call there); its results as run_with_grads gives them."""
     with torch.no_grad():
         out = call(module, *inputs)
-    results = dict(zip(("y", "h_n", "c_n"), _leaves(out)))
-    if isinstance(out[0], PackedSequence):
-        for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
-            results[field] = getattr(out[0], field)
-    return results
+    return {**dict(zip(("y", "h_n", "c_n"), _leaves(out))), **_pack_fields(out)}
 
 
 def assert_same_results(
