@@ -257,10 +257,10 @@ class Backend(abc.ABC):
         """Every (layer, direction) of a stack at inference, each as layer() computes it and the directions' outputs
         concatenated (the same numbers as the module's loop over layer()), on time-major x [T, B, I] (packed input
         padded, with its batch_sizes), a PackedSequence's data x [N, I] with its batch_sizes, or x [B, I] for a
-        single step: y [T, B, D*P] (or packed [N, D*P], or [B, D*P]), h_n [L*D, B, P], c_n [L*D, B, H]. hx: (h0,
-        c0) of those shapes or None for zeros; weights: per layer and direction w_ih, w_hh, `biases` biases,
-        [w_hr]: the module's _flat_weights with biases 2 (b_ih, b_hh, summed as layer() callers sum them), or with
-        1 the sum itself (b = b_ih + b_hh, as autocast casts it).
+        single step: y [T, B, D*P] (or packed [S, D*P], S the batch sizes' sum: N but for rows past it, or
+        [B, D*P]), h_n [L*D, B, P], c_n [L*D, B, H]. hx: (h0, c0) of those shapes or None for zeros; weights: per
+        layer and direction w_ih, w_hh, `biases` biases, [w_hr]: the module's _flat_weights with biases 2 (b_ih,
+        b_hh, summed as layer() callers sum them), or with 1 the sum itself (b = b_ih + b_hh, as autocast casts it).
 
         Optional: a backend that has it sets has_inference_stack, and the module calls it only there; the others run
         layer by layer through layer(), so this default is never reached from the module."""
