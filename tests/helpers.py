@@ -65,6 +65,56 @@ def run_pythons(runs: list[tuple[tuple[str, ...], dict | None]], timeout: int = 
     return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
+# Runs each command of argv[1] (a JSON list of run_python's argument lists) as `python ARGS` would, in this one
+# process, and prints a JSON list of [exit status, stdout, stderr].
+_COMMANDS_IN_ONE_PROCESS = """
+import contextlib, io, json, os, runpy, sys, traceback
+
+RESULTS = "\\nfastlstm-test-results:"
+
+def run(args):
+    if args[0] == "-m":
+        sys.argv = [args[1], *args[2:]]
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(args)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(args[0])))  # as `python SCRIPT` puts it first
+        try:
+            runpy.run_path(args[0], run_name="__main__")
+        finally:
+            sys.path.pop(0)
+    return 0
+
+results = []
+for args in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = run(args)
+        except SystemExit as exit:
+            status = exit.code if isinstance(exit.code, int) or exit.code is None else 1
+            if not isinstance(exit.code, int) and exit.code is not None:
+                print(exit.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+    results.append([status or 0, out.getvalue(), err.getvalue()])
+sys.stdout.write(RESULTS + json.dumps(results))
+"""
+
+
+def run_in_one_python(commands: list[tuple[str, ...]], env: dict | None = None, timeout: int = 300) -> list:
+    """run_python for each argument list of `commands`, one after the other in one fresh process (importing torch
+    in a process of each costs seconds): for commands that end before they work, a usage error, say, as the
+    modules they import stay imported from one to the next. Gives a CompletedProcess for each."""
+    import json
+
+    done = run_python("-c", _COMMANDS_IN_ONE_PROCESS, json.dumps([list(c) for c in commands]), env=env, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    results = json.loads(done.stdout.rsplit("\nfastlstm-test-results:", 1)[1])
+    return [subprocess.CompletedProcess(c, *result) for c, result in zip(commands, results)]
+
+
 def nn_lstm_under_cpu_autocast(call):
     """call() (running nn.LSTM) under CPU bfloat16 autocast; where nn.LSTM's oneDNN path cannot run that (oneDNN has
     no bfloat16 LSTM on CPUs without AVX-512: "could not create a primitive descriptor"), with oneDNN off, which is

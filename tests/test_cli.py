@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, load_benchmark_script, require_triton, run_python, run_pythons
+from helpers import ROOT, load_benchmark_script, require_triton, run_in_one_python, run_python, run_pythons
 from torch import nn
 
+from fastlstm import backends
 from fastlstm.benchmark import Shape
 from fastlstm.check import CHECK_CASES, TOLERANCE, Case, _relative_error, compare, exact_cudnn, random_cases
 from fastlstm.dispatch import BackendUnavailableError
@@ -49,9 +51,17 @@ def test_info_names_the_triton_knobs():
 
 
 def test_check_passes_and_reports_errors():
-    done = run_python("-m", "fastlstm", "check")
+    """Every available backend, and the unavailable ones named. Triton is made unavailable here (TRITON_INTERPRET=0:
+    no kernels on CPU tensors): the interpreter took 15 of this check's 18 s, and tests/test_triton.py holds its
+    kernels to nn.LSTM on these shapes and more."""
+    done = run_python("-m", "fastlstm", "check", env={**os.environ, "TRITON_INTERPRET": "0"})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "all checked backends match nn.LSTM" in done.stdout
+    if importlib.util.find_spec("triton") is not None:
+        assert "\ntriton     skipped: " in done.stdout and "not checked: triton (unavailable" in done.stdout
+    cpp = [] if backends.get("cpp").unavailable_reason() else ["cpp"]
+    for name in ("native", "reference", *cpp):
+        assert f"\n{name:<10} B3-T6-I5-H7-L1 " in done.stdout, (name, done.stdout)
     assert "reference  B6-T7-I5-H7-L2-bi-packed" in done.stdout
     for dtype in ("float64", "float32"):  # the tight check, and the kernels models run
         assert f"reference  B3-T6-I5-H7-L1                                {dtype}" in done.stdout, done.stdout
@@ -164,8 +174,6 @@ _ILL_CONDITIONED = {
 def test_check_allows_an_ill_conditioned_result_its_rounding_sensitivity(which):
     """Two cases the random check failed on rounding noise (3 layers, a projection of 1): where a result errs more
     than 3x both of nn.LSTM's paths, twice its sensitivity in the dtype is allowed where that is larger."""
-    from fastlstm import backends
-
     if backends.get("cpp").unavailable_reason() is not None:
         pytest.skip("the C++ backend is not built here")
     case, dtype, key = _ILL_CONDITIONED[which]
@@ -730,26 +738,34 @@ def test_bench_records_the_cpu_generation_the_tuning_knobs_and_the_threads(tmp_p
         assert "(family " in machine["device"] and ", model " in machine["device"], machine["device"]
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--shape", "2,5"], "expected B,T,I,H"),
-        (["--backend", "nosuch"], "invalid choice: 'nosuch'"),
-        (["--repeats", "0"], "expected a positive integer"),
-        (["--threads", "0"], "expected a positive integer"),
-        (["--json", "/x-none/out.json"], "bench: error: --json /x-none/out.json: No such file or directory"),
-        (["--json", ""], "bench: error: --json : expected a file name"),
-        (["--shape", "B99999999999999999999-T1-I1-H1"], "a size over 2**31 - 1"),
-        (["--backend", "triton", "--shape", "1,2,3,4", "--device", "cpu"], "error: fastlstm backend 'triton'"),
-        (["--mode", "step", "--shape", "1,3,4,6,2,bi"], "--mode step streams unidirectional, unpacked shapes"),
-        (["--mode", "step", "--shape", "B3-T4-I4-H6-L1-packed"], "--mode step streams unidirectional, unpacked"),
-        (["--autocast", "bfloat16", "--dtype", "float64"], "--autocast runs float32 models under autocast"),
-    ],
-)
-def test_bench_rejects_bad_arguments_in_one_line(args, message):
-    """A user's mistake gets one error line and exit status 2, before any timing, never a traceback."""
+_BAD_BENCH_ARGS = [
+    (["--shape", "2,5"], "expected B,T,I,H"),
+    (["--backend", "nosuch"], "invalid choice: 'nosuch'"),
+    (["--repeats", "0"], "expected a positive integer"),
+    (["--threads", "0"], "expected a positive integer"),
+    (["--json", "/x-none/out.json"], "bench: error: --json /x-none/out.json: No such file or directory"),
+    (["--json", ""], "bench: error: --json : expected a file name"),
+    (["--shape", "B99999999999999999999-T1-I1-H1"], "a size over 2**31 - 1"),
+    (["--backend", "triton", "--shape", "1,2,3,4", "--device", "cpu"], "error: fastlstm backend 'triton'"),
+    (["--mode", "step", "--shape", "1,3,4,6,2,bi"], "--mode step streams unidirectional, unpacked shapes"),
+    (["--mode", "step", "--shape", "B3-T4-I4-H6-L1-packed"], "--mode step streams unidirectional, unpacked"),
+    (["--autocast", "bfloat16", "--dtype", "float64"], "--autocast runs float32 models under autocast"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_bench_calls():
+    """`python -m fastlstm bench ARGS` for each of _BAD_BENCH_ARGS, all in one process, by their args."""
     # TRITON_INTERPRET=0: triton then cannot serve CPU tensors, whether or not it is installed
-    done = run_python("-m", "fastlstm", "bench", *args, env={**os.environ, "TRITON_INTERPRET": "0"})
+    commands = [("-m", "fastlstm", "bench", *args) for args, _ in _BAD_BENCH_ARGS]
+    done = run_in_one_python(commands, env={**os.environ, "TRITON_INTERPRET": "0"})
+    return {tuple(args): result for (args, _), result in zip(_BAD_BENCH_ARGS, done)}
+
+
+@pytest.mark.parametrize("args,message", _BAD_BENCH_ARGS)
+def test_bench_rejects_bad_arguments_in_one_line(bad_bench_calls, args, message):
+    """A user's mistake gets one error line and exit status 2, before any timing, never a traceback."""
+    done = bad_bench_calls[tuple(args)]
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
 
@@ -849,29 +865,40 @@ def test_bench_warns_when_torch_runs_more_threads_than_the_process_may_use(monke
     assert cli._oversubscribed_note() is None
 
 
-@pytest.mark.parametrize(
-    "script,args,message",
-    [
-        ("inference_stack_ab", ["forward", "{tmp}/a.json", "B2-T3-I4-H5,B2-T3-I4-H5"], "B2-T3-I4-H5-L1 given twice"),
-        ("autocast_ab", ["step", "{tmp}/a.json", "B2-T3-I4-H5-L1-bi"], "step mode streams unidirectional, unpacked"),
-        ("inference_stack_ab", ["step", "{tmp}/a.json", "B2-T3-I4-H5-L2-packed"], "step mode streams unidirectional"),
-        ("inference_stack_ab", ["forward", "{tmp}", "B2-T3-I4-H5"], "Is a directory"),
-        ("inference_stack_ab", ["forward", "{tmp}/a.json", "2,3,4,5"], "expected labels like B32-T100-I256-H256"),
-        ("frozen_weights", ["B2-T3-I4-H5", "--json", "/x-none/f.json"], "No such file or directory"),
-        ("frozen_weights", ["B2-T3-I4-H5", "--backend", "bogus"], "invalid choice: 'bogus'"),
-        ("calls_per_second", ["B2-T3-I4-H5", "--worker-threads", "4"], "give --python-threads 2 or more"),
-        ("calls_per_second", ["B2-T3-I4-H5", "--seconds", "0"], "expected a positive number, got 0"),
-        ("calls_per_second", ["B2-T3-I4-H5", "--threads", "-1"], "expected a positive integer"),
-        ("calls_per_second", ["B2-T3-I4-H5", "B2-T3-I4-H5"], "given twice"),
-    ],
-)
-def test_benchmark_scripts_refuse_bad_arguments_before_timing(tmp_path, script, args, message):
+_BAD_SCRIPT_ARGS = [
+    ("inference_stack_ab", ["forward", "{tmp}/a.json", "B2-T3-I4-H5,B2-T3-I4-H5"], "B2-T3-I4-H5-L1 given twice"),
+    ("autocast_ab", ["step", "{tmp}/a.json", "B2-T3-I4-H5-L1-bi"], "step mode streams unidirectional, unpacked"),
+    ("inference_stack_ab", ["step", "{tmp}/a.json", "B2-T3-I4-H5-L2-packed"], "step mode streams unidirectional"),
+    ("inference_stack_ab", ["forward", "{tmp}", "B2-T3-I4-H5"], "Is a directory"),
+    ("inference_stack_ab", ["forward", "{tmp}/a.json", "2,3,4,5"], "expected labels like B32-T100-I256-H256"),
+    ("frozen_weights", ["B2-T3-I4-H5", "--json", "/x-none/f.json"], "No such file or directory"),
+    ("frozen_weights", ["B2-T3-I4-H5", "--backend", "bogus"], "invalid choice: 'bogus'"),
+    ("calls_per_second", ["B2-T3-I4-H5", "--worker-threads", "4"], "give --python-threads 2 or more"),
+    ("calls_per_second", ["B2-T3-I4-H5", "--seconds", "0"], "expected a positive number, got 0"),
+    ("calls_per_second", ["B2-T3-I4-H5", "--threads", "-1"], "expected a positive integer"),
+    ("calls_per_second", ["B2-T3-I4-H5", "B2-T3-I4-H5"], "given twice"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_script_calls(tmp_path_factory):
+    """Each of _BAD_SCRIPT_ARGS run as `python benchmarks/SCRIPT.py ARGS`, all in one process, by (script, args)."""
+    tmp = tmp_path_factory.mktemp("scripts")
+    commands = [
+        (str(ROOT / "benchmarks" / f"{script}.py"), *(arg.format(tmp=tmp) for arg in args))
+        for script, args, _ in _BAD_SCRIPT_ARGS
+    ]
+    done = run_in_one_python(commands)
+    return {(script, tuple(args)): result for (script, args, _), result in zip(_BAD_SCRIPT_ARGS, done)}
+
+
+@pytest.mark.parametrize("script,args,message", _BAD_SCRIPT_ARGS)
+def test_benchmark_scripts_refuse_bad_arguments_before_timing(bad_script_calls, script, args, message):
     """The scripts' mistakes as argparse errors, exit 2, before any timing: a shape given twice had kept only its
     second run's results, step mode had labelled an unpacked stream "-packed" (and crashed on "-bi"), a JSON path
     had failed after the whole run, and --worker-threads without Python threads had been written to the JSON
     unused."""
-    argv = [arg.format(tmp=tmp_path) for arg in args]
-    done = run_python(str(ROOT / "benchmarks" / f"{script}.py"), *argv)
+    done = bad_script_calls[script, tuple(args)]
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
 
@@ -1021,20 +1048,29 @@ def test_benchmark_suite_names_its_settings_when_one_is_unknown():
     assert "FASTLSTM_BENCH_GRID must be one of tiny, default; got 'small'" in done.stdout + done.stderr
 
 
-@pytest.mark.parametrize(
-    "option, path, message",
-    [
-        ("--out", "missing/x.md", "No such file or directory"), ("--out", ".", "Is a directory"),
-        ("--plot", "missing/x.png", "No such file or directory"), ("--plot", "x.foo", "a file name ending in one of"),
-        ("--plot", "x.pgf", "a file name ending in one of"),  # matplotlib lists it; it needs a LaTeX install
-    ],
-)  # fmt: skip
-def test_report_refuses_an_unwritable_output_before_it_works(tmp_path, option, path, message):
+_UNWRITABLE_REPORTS = [
+    ("--out", "missing/x.md", "No such file or directory"), ("--out", ".", "Is a directory"),
+    ("--plot", "missing/x.png", "No such file or directory"), ("--plot", "x.foo", "a file name ending in one of"),
+    ("--plot", "x.pgf", "a file name ending in one of"),  # matplotlib lists it; it needs a LaTeX install
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def unwritable_reports(tmp_path_factory):
+    """`python benchmarks/report.py DATA OPTION PATH` for each of _UNWRITABLE_REPORTS, all in one process."""
+    tmp = tmp_path_factory.mktemp("report")
+    data = tmp / "bench.json"
+    data.write_text('{"benchmarks": []}')
+    script = str(ROOT / "benchmarks" / "report.py")
+    done = run_in_one_python([(script, str(data), option, str(tmp / path)) for option, path, _ in _UNWRITABLE_REPORTS])
+    return {(option, path): result for (option, path, _), result in zip(_UNWRITABLE_REPORTS, done)}
+
+
+@pytest.mark.parametrize("option, path, message", _UNWRITABLE_REPORTS)
+def test_report_refuses_an_unwritable_output_before_it_works(unwritable_reports, option, path, message):
     """report.py's --out and --plot: a path it cannot write is a usage error (exit 2) before any work, found by
     bench --json's own check (the table had printed, then a traceback)."""
-    data = tmp_path / "bench.json"
-    data.write_text('{"benchmarks": []}')
-    done = run_python("benchmarks/report.py", str(data), option, str(tmp_path / path), timeout=120)
+    done = unwritable_reports[option, path]
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and "fastlstm vs nn.LSTM" not in done.stdout
 

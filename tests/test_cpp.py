@@ -1215,7 +1215,7 @@ def test_long_inference_holds_its_gates_in_chunks():
 def test_two_processes_building_at_once_share_one_good_cache(tmp_path):
     """The first use in two processes at the same moment: both build or wait, neither corrupts the cache, and a
     third process then loads the cached library without compiling. A build says on stderr why the call blocks;
-    loading from the cache says nothing. A damaged library is rebuilt, never loaded."""
+    loading from the cache says nothing. A damaged library is rebuilt (its objects too), never loaded."""
     code = textwrap.dedent(
         """
         import sys, torch
@@ -1236,7 +1236,20 @@ def test_two_processes_building_at_once_share_one_good_cache(tmp_path):
     )
     # -O0: this tests the cache, not the code; it compiles in half the time of -O3 (~30 s against ~55 on 2 cores)
     flags = f"{os.environ.get('FASTLSTM_CXXFLAGS', '')} -O0".strip()
-    env = dict(os.environ, FASTLSTM_CACHE_DIR=str(tmp_path / "cache"), FASTLSTM_CXXFLAGS=flags)
+    # The compiler is named (in the build's key) by a script that fails on a source when FASTLSTM_TEST_BROKEN is
+    # set: the rebuild of a damaged library then ends at once, in the same cache folder, instead of compiling.
+    compiler = tmp_path / "c++"
+    compiler.write_text(
+        "#!/bin/sh\n"
+        'if [ -n "$FASTLSTM_TEST_BROKEN" ]; then\n'
+        '  case "$1" in --version|-v|-dumpversion|-dumpfullversion) ;; *) echo "broken on purpose" >&2; exit 1;; esac\n'
+        "fi\n"
+        f'exec {shutil.which(_CXX)} "$@"\n'
+    )
+    compiler.chmod(0o755)
+    env = dict(
+        os.environ, FASTLSTM_CACHE_DIR=str(tmp_path / "cache"), FASTLSTM_CXXFLAGS=flags, FASTLSTM_CXX=str(compiler)
+    )
     procs = run_pythons([(("-c", code), env)] * 2, timeout=600)
     for p in procs:
         assert p.returncode == 0 and p.stdout.startswith("OK"), p.stdout + p.stderr
@@ -1250,14 +1263,24 @@ def test_two_processes_building_at_once_share_one_good_cache(tmp_path):
     assert list((tmp_path / "cache").iterdir()) == [Path(next(iter(paths))).parent]
 
     # A library damaged after its build (here cut short; dlopen of such a file crashed the process) is neither
-    # loaded by `import fastlstm` nor kept: the first use rebuilds it, and the build after that is sound again.
+    # loaded by `import fastlstm` nor kept: the first use removes it and its objects (ninja, going by their times,
+    # would only link them again) and builds anew, which here fails at its first source (a build that succeeds is
+    # the first part's). The backend is then unavailable for the compiler's reason, and the process lives.
     library = Path(next(iter(paths)))
     library.write_bytes(library.read_bytes()[:1000])
-    damaged = run_python("-c", "import fastlstm\n" + code, env=env, timeout=600)
+    rebuild = textwrap.dedent(
+        """
+        import fastlstm
+        from fastlstm.backends import cpu
+        reason = cpu.BACKEND.unavailable_reason()
+        assert reason is not None and "broken on purpose" in reason, reason
+        print("OK")
+        """
+    )
+    damaged = run_python("-c", rebuild, env={**env, "FASTLSTM_TEST_BROKEN": "1"}, timeout=120)
     assert damaged.returncode == 0 and damaged.stdout.startswith("OK"), damaged.stdout + damaged.stderr
     assert notice in damaged.stderr, damaged.stderr
-    fourth = run_python("-c", code, env=env, timeout=120)
-    assert fourth.returncode == 0 and notice not in fourth.stderr, fourth.stdout + fourth.stderr
+    assert not library.exists() and not list(library.parent.glob("*.o")), list(library.parent.iterdir())
 
 
 _HUGE = str(2**62)
