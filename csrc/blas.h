@@ -150,7 +150,6 @@ struct MklPacked {
                      data);
     ok = true;
   }
-  bool usable(int64_t rows) const { return ok && rows == m; }
   void run(const float* A, int64_t lda, float* C, int64_t ldc, bool accumulate) const {
     cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m, n, k, A, (int)lda, data, n,
                         accumulate ? 1.0f : 0.0f, C, (int)ldc);
@@ -175,8 +174,8 @@ inline bool use_blas_rows(int64_t B) {
 // ---------------------------------------------------------------------------------------------------------
 // oneDNN's matmul for the large float32 products of the form A @ W^T (the input projection, and dx in
 // backward). Measured on a 2-core AMD EPYC (Zen 4), [T*B, K] x [K, 4H] shapes of the benchmark grid:
-// 185-209 GFLOP/s, against 136-167 for MKL's sgemm, which runs a generic path on AMD. (For dW = dG^T @ x, a
-// long reduction, MKL measured faster, so those stay on gemm.) libtorch does not export oneDNN's API; it is
+// 185-209 GFLOP/s, against 136-167 for MKL's sgemm, which runs a generic path on AMD. (dW = dG^T @ x, a long
+// reduction, has a rule of its own: onednn_weight_grads below.) libtorch does not export oneDNN's API; it is
 // reached through the op inductor uses for linear layers, looked up once at run time, and absent (so unused)
 // in builds without oneDNN. The user's torch.backends.mkldnn.enabled = False is respected.
 using LinearPointwiseFn = Tensor(const Tensor&, const Tensor&, const c10::optional<Tensor>&, c10::string_view,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from fastlstm.dispatch import Choice
-from fastlstm.module import LSTM
+from fastlstm.module import LSTM, _no_live_row, _not_dense
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,14 @@ def explain(module: LSTM, input, hx: tuple[Tensor, Tensor] | None = None, *, len
     autocast, planned in autocast's dtype as the call is. Computes nothing of the call itself (auto may run a fast
     backend's one-time kernel self-test on a tiny input, and under autocast nn.LSTM's dtypes are read off a
     1-step call of its own, as the call would)."""
-    from fastlstm import dispatch
-
     if not isinstance(module, LSTM):
         raise TypeError(f"explain() takes a fastlstm.LSTM, got {type(module).__name__}; see fastlstm.convert")
     # In the caller's grad mode, as the call prepares: under no_grad the rows that a lengths= call or an unsorted
     # pack reorders (index_select, not a view) lost requires_grad, and a call that trains was planned as inference
+    directions = ["forward", "reverse"] if module.bidirectional else ["forward"]
+    if lengths is None and _not_dense((input, *(hx if isinstance(hx, (tuple, list)) else ()))):
+        choice = Choice("native", "sparse or nested input: nn.LSTM's own forward takes the call")
+        return _explanation(module, [choice] * (module.num_layers * len(directions)), directions)
     module._update_flat_weights()
     if lengths is not None:
         lengths, (_, longest) = module._check_lengths(input, lengths)
@@ -53,6 +55,13 @@ def explain(module: LSTM, input, hx: tuple[Tensor, Tensor] | None = None, *, len
     # Under autocast, backends compute in its dtype, which can depend on grad mode: the caller's, as the call's
     amp = module._autocast_dtypes(data, state, batch_sizes)
     choices = module._plan(data, state, batch_sizes, amp)
-    directions = ["forward", "reverse"] if module.bidirectional else ["forward"]
+    if _no_live_row(data, batch_sizes):
+        choices = [Choice("native", "a pack with no live row: nn.LSTM's own call answers it")] * len(choices)
+    return _explanation(module, choices, directions)
+
+
+def _explanation(module: LSTM, choices, directions: list[str]) -> Explanation:
+    from fastlstm import dispatch
+
     layers = [(k // len(directions), directions[k % len(directions)], c) for k, c in enumerate(choices)]
     return Explanation(dispatch.requested(module.backend), layers)

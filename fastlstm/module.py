@@ -36,11 +36,6 @@ def _forward_ad_active() -> bool:
     return getattr(forward_ad, "_current_level", -1) >= 0
 
 
-def _zeros_like_kind(t: Tensor, *shape: int) -> Tensor:
-    """Zeros of t's dtype and device, of `shape`: a plain tensor even where t is one a torch.func transform wraps."""
-    return torch.zeros(shape, dtype=t.dtype, device=t.device)
-
-
 def _functorch_transform_kinds() -> frozenset[str]:
     """The torch.func transforms active around this call, by kind: "Vmap", "Grad", "Jvp", "Functionalize"."""
     try:
@@ -148,7 +143,7 @@ def _standard_shapes(
 
 def _constructor_names(layers: int, directions: int, bias: bool, proj: bool) -> list[str]:
     """The weights' names, in order, as nn.RNNBase's constructor makes them for these flags. Its one caller,
-    _misshapen_weight, keeps what it derives per module."""
+    _read_as, keeps what it derives per module."""
     kinds = ["weight_ih", "weight_hh", *(["bias_ih", "bias_hh"] if bias else []), *(["weight_hr"] if proj else [])]
     return [
         f"{kind}_l{layer}{'_reverse' if direction else ''}"
@@ -439,6 +434,20 @@ def _has_hooks(module: nn.Module) -> bool:
             "_global_backward_pre_hooks",
         )
     )  # fmt: skip
+
+
+def _no_live_row(data: Tensor, batch_sizes: Tensor | None) -> bool:
+    """A pack with nothing to compute: no rows, or batch sizes all 0 (built by hand, over a buffer). nn.LSTM's own
+    call answers it, whatever the backend: the fast ones take steps of one row or more."""
+    return batch_sizes is not None and (data.shape[0] == 0 or not int(batch_sizes[0]))
+
+
+def _dtype_mismatch(input: Tensor, weight: Tensor) -> str:
+    """nn.LSTM's words for an input whose dtype is not the weights' (outside autocast)."""
+    return (
+        f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). Convert input: "
+        f"input.to({weight.dtype}), or convert model: model.to({input.dtype})"
+    )
 
 
 def _not_dense(tensors) -> bool:
@@ -743,9 +752,8 @@ class LSTM(nn.RNNBase):
             input, hx, batch_sizes, sorted_indices, unsorted_indices, is_batched = self._prepare(input, hx)
             amp = self._autocast_dtypes(input, hx, batch_sizes)
             choices = self._plan(input, hx, batch_sizes, amp)
-            # a pack of no live row (batch sizes all 0, built by hand, over a buffer): nn.LSTM's own answer, no rows,
-            # whatever the backend (its key holds the first batch size)
-            checked = self._checked(choices, amp, empty=batch_sizes is not None and not int(batch_sizes[0]))
+            # the key holds the first batch size, and not whether the pack has rows: empty_pack below
+            checked = self._checked(choices, amp, empty=_no_live_row(input, batch_sizes))
             if key is not None:
                 backends.remember(_CHECKED_CALLS, key, checked)
         else:  # the same kind of call passed every check before
@@ -1169,10 +1177,7 @@ class LSTM(nn.RNNBase):
         self._check_weights_present(packed=True)
         weight = self._flat_weights[0]
         if data.dtype != weight.dtype and not _autocast_enabled(data.device.type):
-            raise RuntimeError(
-                f"RNN input dtype ({data.dtype}) does not match weight dtype ({weight.dtype}). Convert input: "
-                f"input.to({weight.dtype}), or convert model: model.to({data.dtype})"
-            )
+            raise RuntimeError(_dtype_mismatch(data, weight))
 
     def _check_weights_present(self, packed: bool) -> None:
         """torch._VF.lstm's error for a weight deleted from the module (`del m.weight_hh_l0`): its weights are its
@@ -1239,10 +1244,7 @@ class LSTM(nn.RNNBase):
             # nn.LSTM's Python check lets the call through under another device's autocast, and its first product
             # then fails: the same type of error
             error = RuntimeError if torch._C._is_any_autocast_enabled() else ValueError
-            raise error(
-                f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). Convert input: "
-                f"input.to({weight.dtype}), or convert model: model.to({input.dtype})"
-            )
+            raise error(_dtype_mismatch(input, weight))
         for w in self._flat_weights:  # each one: a weight left behind (on meta, say) would be read as garbage
             if w.device != input.device:
                 raise RuntimeError(

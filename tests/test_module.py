@@ -21,7 +21,7 @@ from helpers import (
 )
 from torch import nn
 from torch.nn.utils import parametrizations
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastlstm
 from fastlstm import benchmark
@@ -762,6 +762,23 @@ def test_explain_names_a_backend_and_reason_per_layer():
     assert auto.requested == "auto" and len(auto.backends) == 1 and auto.layers[0][2].reason
     with pytest.raises(TypeError, match="fastlstm.LSTM"):
         fastlstm.explain(nn.LSTM(I, H), torch.randn(3, 2, I))
+
+
+@pytest.mark.parametrize("call", ["sparse h0", "empty pack", "pack of no live row"])
+def test_explain_names_nn_lstms_own_call_where_the_call_runs_it(call, monkeypatch):
+    """Sparse input and packs with nothing to compute run nn.LSTM's own call whatever the backend: explain had named
+    the planned backend (a code review; `reference` here, which such calls never reach)."""
+    m = fastlstm.LSTM(I, H, 2, bidirectional=True, backend="reference")
+    x = torch.randn(5, 2, I)
+    args = {
+        "sparse h0": (x, (torch.zeros(4, 2, H).to_sparse(), torch.zeros(4, 2, H))),
+        "empty pack": (PackedSequence(torch.randn(0, I), torch.tensor([0])),),
+        "pack of no live row": (PackedSequence(torch.randn(0, I), torch.tensor([0, 0])),),
+    }[call]
+    explained = fastlstm.explain(m, *args)
+    assert explained.backends == ["native"] * 4 and "nn.LSTM's own" in explained.layers[0][2].reason, explained
+    monkeypatch.setattr(get_backend("reference"), "layer", lambda *a: pytest.fail("the reference layer ran"))
+    m(*args)
 
 
 def test_environment_sets_the_default_backend(monkeypatch):

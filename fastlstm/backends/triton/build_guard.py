@@ -59,7 +59,7 @@ ENV_PREFIXES = ("TRITON_", "FASTLSTM_TRITON_")
 # Where triton keeps or writes things, which changes no kernel: out of a verdict's key (inductor sets
 # TRITON_CACHE_DIR per device on its first kernel, which had given every rank's GPU its own verdicts)
 ENV_LOCATIONS = ("TRITON_CACHE_DIR", "TRITON_DUMP_DIR")
-ENV_TILES = "FASTLSTM_TRITON_CONFIG"  # ops.ENV_CONFIG (ops imports this module): what a tuning loop changes
+ENV_TILES = "FASTLSTM_TRITON_CONFIG"  # ops.ENV_CONFIG, named from here: what a tuning loop changes
 # A child still building after this long is stopped and the call served without triton: a compile this slow is
 # itself a fault (a cold build of every kernel one call needs takes seconds).
 CHILD_TIMEOUT_S = 600

@@ -48,7 +48,7 @@ from fastlstm.backends.triton import CUDA_DTYPES, INTERPRETER_DTYPES, build_guar
 
 KERNELS = ("step", "sequence")
 ENV_KERNEL = "FASTLSTM_TRITON_KERNEL"
-ENV_CONFIG = "FASTLSTM_TRITON_CONFIG"
+ENV_CONFIG = build_guard.ENV_TILES
 CONFIG_KEYS = ("BLOCK_B", "BLOCK_H", "BLOCK_P", "BLOCK_K", "num_warps", "num_stages")
 # The sequence kernel runs one program per batch tile that loops over every hidden unit, so it pays off
 # where the per-step grid is small and launch overhead dominates. These bounds are a first guess, to be
