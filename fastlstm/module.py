@@ -405,6 +405,12 @@ def _check_step_args(input, state) -> None:
         )
 
 
+def _holds_bool(lengths) -> bool:
+    """Whether a list or tuple of lengths holds a bool: torch.as_tensor reads [True, 6] as [1, 6], where only an
+    all-bool list gives a bool tensor."""
+    return isinstance(lengths, (list, tuple)) and any(isinstance(v, bool) for v in lengths)
+
+
 def _lengths_as_int64(lengths) -> Tensor:
     """lengths= as an int64 CPU tensor: whole numbers, given as integers or as floats that hold whole numbers (a
     mask's float sum, say). pack_padded_sequence truncates 2.5 to 2 and reads True as 1; a length is a count, so
@@ -416,6 +422,8 @@ def _lengths_as_int64(lengths) -> Tensor:
         raise ValueError(f"LSTM: lengths must be whole numbers, one per sequence; {type(e).__name__}: {e}") from e
     if given.dtype == torch.bool or given.is_complex():
         raise ValueError(f"LSTM: lengths must be whole numbers, one per sequence, got a {given.dtype} tensor")
+    if _holds_bool(lengths):
+        raise ValueError(f"LSTM: lengths must be whole numbers, one per sequence, got {list(lengths)}")
     if given.is_floating_point() and not (torch.isfinite(given) & (given == given.round())).all():
         raise ValueError(f"LSTM: lengths must be whole numbers, got {given.tolist()}")
     return given.to(torch.int64)

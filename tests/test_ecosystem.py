@@ -7,6 +7,7 @@ import importlib
 import io
 import logging
 import os
+import unittest.mock
 import warnings
 from pathlib import Path
 
@@ -125,6 +126,32 @@ def test_compile_with_graph_breaks_trains_as_eager():
     """Every supported torch: a compiled model's training steps match eager (on torch 2.4 the layer runs
     outside the graph, as nn.LSTM does in every release)."""
     _compiled_training_matches_eager("auto", False, "aot_eager")
+
+
+@needs_tracing
+def test_backward_twice_through_a_compiled_graph_with_retain_graph():
+    """backward(retain_graph=True) then backward() through a compiled (aot_eager) layer: twice eager's gradients, at
+    the shape it compiled for, as README says. At a second shape torch compiles dynamic shapes, and refuses
+    retain_graph for any graph that donates buffers (a Linear stack as well); with donation off it runs (README)."""
+    import torch._functorch.config as functorch_config
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(3, 4, 2).double()
+    compiled = torch.compile(model, backend="aot_eager")
+    for shape, donation in [((5, 3, 3), True), ((7, 2, 3), False)]:  # the second compiles with dynamic shapes
+        x = torch.randn(*shape, dtype=torch.float64)
+        grads = []
+        with unittest.mock.patch.object(functorch_config, "donated_buffer", donation):
+            for call in (model, compiled):
+                model.zero_grad(set_to_none=True)
+                y, (h, c) = call(x)
+                loss = _loss((y, h, c))
+                loss.backward(retain_graph=True)
+                loss.backward()
+                grads.append([p.grad for p in model.parameters()])
+        for (name, _), got, expected in zip(model.named_parameters(), grads[1], grads[0], strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-7, msg=f"{shape} {name}")
 
 
 @pytest.mark.parametrize("backend", ["auto", *(name for name in CPU_BACKENDS if name == "cpp")])  # triton: its own

@@ -114,6 +114,7 @@ def test_lengths_with_dropout_draw_as_packing_does(backend, lengths):
         # pack_padded_sequence reads these as [2, 1] and [1, 1]; a length is a count
         ([2.5, 1.0], "whole numbers, got \\[2.5, 1.0\\]"),
         (torch.tensor([True, True]), "whole numbers, .* torch.bool"),
+        ([True, 1], "whole numbers, one per sequence, got \\[True, 1\\]"),
         (torch.tensor([2 + 0j, 1]), "whole numbers, .* torch.complex"),
         ([float("nan"), 1.0], "whole numbers, got \\[nan, 1.0\\]"),
         ([float("inf"), 1.0], "whole numbers, got \\[inf, 1.0\\]"),
