@@ -551,8 +551,8 @@ std::string kernel_choices() {
                     "+ hidden units a thread (float32 backward " + std::to_string(team_min_hidden<float>(true)) +
                     "+, float64 " + std::to_string(team_min_hidden<double>(false)) + "+)") +
          " (no projection; " + std::to_string(lockstep_threads()) +
-         " threads now: torch's, no more than the CPUs), else per-step parallel; row split (each thread its own "
-         "rows' time loop): " +
+         " threads now: torch's count, capped at the CPUs this process may use), else per-step parallel; row "
+         "split (each thread its own rows' time loop): " +
          (row_split_max_bytes() <= 0 ? std::string("never")
                                      : "with " + std::to_string(kRowSplitMinRows) + "+ rows a thread, " +
                                            std::to_string(kRowSplitMinSteps) + "+ steps and up to " +
