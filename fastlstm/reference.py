@@ -67,6 +67,9 @@ def lstm_layer(
     x_proj = x @ w_ih.t()
     if b is not None:
         x_proj = x_proj + b
+    # Steps by unbind, not x_proj[t]: each select's backward is a zero-filled [T, B, 4H] gradient, quadratic in T
+    # where the gradients are differentiated again (double backward), and fragmenting the heap (see csrc/lstm_ops.cpp)
+    x_steps = x_proj.unbind(0)
     live = live_rows(batch_sizes, T, B)
     h, c = h0, c0
     outputs: list[Tensor] = [x.new_empty(0)] * T
@@ -74,7 +77,7 @@ def lstm_layer(
         n = live[t]
         # Rows past n are finished (forward) or not started yet (reverse): they keep their state,
         # which in the reverse direction is still h0/c0 when they become live.
-        gates = x_proj[t, :n] + h[:n] @ w_hh.t()
+        gates = x_steps[t][:n] + h[:n] @ w_hh.t()
         h_live, c_live = lstm_cell(gates, c[:n], w_hr)
         outputs[t] = torch.cat([h_live, h_live.new_zeros(B - n, h_live.shape[1])]) if n < B else h_live
         h = torch.cat([h_live, h[n:]]) if n < B else h_live
