@@ -446,7 +446,8 @@ def _has_hooks(module: nn.Module) -> bool:
 
 def _no_live_row(data: Tensor, batch_sizes: Tensor | None) -> bool:
     """A pack with nothing to compute: no rows, or batch sizes all 0 (built by hand, over a buffer). nn.LSTM's own
-    call answers it, whatever the backend: the fast ones take steps of one row or more."""
+    call answers it, whatever the backend: the fast ones take steps of one row or more (LSTM.forward's checked
+    plan and empty_pack)."""
     return batch_sizes is not None and (data.shape[0] == 0 or not int(batch_sizes[0]))
 
 
@@ -760,8 +761,10 @@ class LSTM(nn.RNNBase):
             input, hx, batch_sizes, sorted_indices, unsorted_indices, is_batched = self._prepare(input, hx)
             amp = self._autocast_dtypes(input, hx, batch_sizes)
             choices = self._plan(input, hx, batch_sizes, amp)
-            # the key holds the first batch size, and not whether the pack has rows: empty_pack below
-            checked = self._checked(choices, amp, empty=_no_live_row(input, batch_sizes))
+            # a pack of no live row (batch sizes all 0, built by hand, over a buffer): nn.LSTM's own answer, no rows,
+            # whatever the backend. Not a pack without rows (empty_pack below): the key holds the first batch size,
+            # not the rows, and a malformed call remembered as native would send the well-formed ones of its key there
+            checked = self._checked(choices, amp, empty=batch_sizes is not None and not int(batch_sizes[0]))
             if key is not None:
                 backends.remember(_CHECKED_CALLS, key, checked)
         else:  # the same kind of call passed every check before
