@@ -143,7 +143,7 @@ struct MklPacked {
     if (Scratch::keeps(bytes)) {
       data = static_cast<float*>(pack_scratch().get(bytes));
     } else {
-      own.reset(new char[bytes + 64]);
+      own.reset(new_bytes(bytes + 64));
       data = static_cast<float*>(Scratch::align(own.get()));
     }
     cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, trans ? kCblasTrans : kCblasNoTrans, m, n, k, 1.0f, W, (int)ld,

@@ -331,19 +331,25 @@ void forward_team(int threads, const Dims& d, const std::vector<int64_t>& live, 
   // The recurrent product as dot products over w_hh as stored (not with the input projection fused in).
   const bool dot = w_ih == nullptr && dot_pays<Dot>(B, T, kh);
   SpinBarrier barrier;
+  RegionErrors errors;
 #pragma omp parallel num_threads(threads)
   {
     // Each thread packs its own slice, which so starts out in its own cache.
-    const auto [j0, j1, width] = join_team<scalar_t>(barrier, H);
+    const TeamSlice slice = join_team<scalar_t>(barrier, H);
+    const int64_t j0 = slice.j0, width = slice.width;
     Packed<Dot> Wq[4], Wi[4];  // gate q, this slice: B[k, n] = w_hh[q * H + j0 + n, k]; w_ih likewise
-    if (width > 0) {
+    errors.run([&] {
+      if (width == 0) return;
       if (!dot)
         for (int q = 0; q < 4; ++q) Wq[q].pack(w_hh + (q * H + j0) * kh, kh, width, 1, kh, /*parallel=*/false);
       if (w_ih != nullptr)
         for (int q = 0; q < 4; ++q) Wi[q].pack(w_ih + (q * H + j0) * ki, ki, width, 1, ki, /*parallel=*/false);
-    }
+    });
+    // A pack that failed (out of memory) ends the call on every thread, none left waiting at the step barrier.
+#pragma omp barrier
     int gen = 0;
-    for (int64_t s = 0; s < T; ++s) {
+    const int64_t steps = errors.failed() ? 0 : T;  // every thread alike: they meet at each step
+    for (int64_t s = 0; s < steps; ++s) {
       const int64_t t = reverse ? T - 1 - s : s;
       const int64_t n = live[t];
       const elem_t* hin = hbuf.data() + (s & 1) * B * ldh;
@@ -388,6 +394,7 @@ void forward_team(int threads, const Dims& d, const std::vector<int64_t>& live, 
       barrier.wait(gen);
     }
   }
+  errors.rethrow();
   rows_from_kernel<Dot>(hbuf.data() + (T & 1) * B * ldh, ldh, h, H, B, H);
 }
 
@@ -1001,13 +1008,19 @@ void backward_team(int threads, const Dims& d, const std::vector<int64_t>& live,
   constexpr int64_t W = Packed<Dot>::W;
   std::vector<scalar_t> dht(B * H);  // the total gradient reaching this step's h
   SpinBarrier barrier;
+  RegionErrors errors;
 #pragma omp parallel num_threads(threads)
   {
-    const auto [j0, j1, width] = join_team<scalar_t>(barrier, H);
+    const TeamSlice slice = join_team<scalar_t>(barrier, H);
+    const int64_t j0 = slice.j0, j1 = slice.j1, width = slice.width;
     Packed<Dot> Wd;  // this slice of w_hh: B[k, n] = w_hh[k, j0 + n], k over 4H
-    if (width > 0) Wd.pack(w_hh + j0 * sn, G4 / Dot::pair, width, sk, sn, /*parallel=*/false);
+    errors.run([&] {
+      if (width > 0) Wd.pack(w_hh + j0 * sn, G4 / Dot::pair, width, sk, sn, /*parallel=*/false);
+    });
+#pragma omp barrier
     int gen = 0;
-    for (int64_t s = 0; s < T; ++s) {
+    const int64_t steps = errors.failed() ? 0 : T;  // as forward_team
+    for (int64_t s = 0; s < steps; ++s) {
       const int64_t t = reverse ? s : T - 1 - s;  // the forward's steps, last first
       const int64_t n = live[t];
       const int64_t prev_t = reverse ? t + 1 : t - 1;
@@ -1033,6 +1046,7 @@ void backward_team(int threads, const Dims& d, const std::vector<int64_t>& live,
         }
     }
   }
+  errors.rethrow();
 }
 
 // h_prev of every (t, r) as backward's dw_hh product reads it: y of the previous step, or h0 at a row's first

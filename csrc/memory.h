@@ -20,6 +20,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -50,6 +51,14 @@ class ReleaseWatch {
   uint64_t seen_ = 0;
 };
 
+// `bytes` of new memory, or torch's out-of-memory error: std::bad_alloc reached Python as MemoryError where
+// nn.LSTM raises RuntimeError (DefaultCPUAllocator's), and an OpenMP worker cannot pass on an exception at all.
+inline char* new_bytes(size_t bytes) {
+  char* p = new (std::nothrow) char[bytes];
+  TORCH_CHECK(p != nullptr, "fastlstm: out of memory allocating ", bytes, " bytes");
+  return p;
+}
+
 class PackPool {
  public:
   // A buffer of at least `bytes`, 64-byte aligned (its size in `got`): the smallest kept one that fits.
@@ -60,7 +69,7 @@ class PackPool {
       if (it->bytes >= bytes && (best == kept_.end() || it->bytes < best->bytes)) best = it;
     if (best == kept_.end()) {
       got = bytes;
-      return align(new char[bytes + 64]);
+      return align(new_bytes(bytes + 64));
     }
     got = best->bytes;
     char* p = best->base;
@@ -153,7 +162,7 @@ struct Scratch {
     TORCH_CHECK(keeps(bytes), "fastlstm: scratch request of ", bytes, " bytes over its cap");
     release_if_asked();
     if (bytes > kept_bytes) {
-      kept.reset(new char[bytes + 64]);
+      kept.reset(new_bytes(bytes + 64));
       kept_bytes = bytes;
     }
     return align(kept.get());

@@ -321,6 +321,7 @@ void run_row_split(const RowRanges& ranges, F&& run_rows) {
     for (const auto& [r0, r1] : ranges[0]) run_rows(r0, r1);
     return;
   }
+  RegionErrors errors;
 #pragma omp parallel num_threads(split)
   {
 #ifdef _OPENMP
@@ -329,9 +330,12 @@ void run_row_split(const RowRanges& ranges, F&& run_rows) {
     const int me = 0, team = 1;
 #endif
     // OpenMP may start fewer threads than asked (see parallel_on): each then runs every team-th thread's ranges.
-    for (int t = me; t < split; t += team)
-      for (const auto& [r0, r1] : ranges[t]) run_rows(r0, r1);
+    errors.run([&] {
+      for (int t = me; t < split; t += team)
+        for (const auto& [r0, r1] : ranges[t]) run_rows(r0, r1);
+    });
   }
+  errors.rethrow();
 }
 
 }  // namespace

@@ -67,6 +67,29 @@ inline int lockstep_cpus() {
   return seen < 0 ? 0 : static_cast<int>(seen & 0xffffffff);
 }
 
+// An exception thrown on a thread of an OpenMP region cannot leave the region (std::terminate: a failed allocation
+// on a worker aborted the process). Each thread's work runs through run(); the first exception is rethrown after
+// the region, on the calling thread.
+class RegionErrors {
+ public:
+  template <typename F>
+  void run(F&& f) noexcept {
+    try {
+      f();
+    } catch (...) {
+      if (!failed_.exchange(true)) error_ = std::current_exception();
+    }
+  }
+  bool failed() const { return failed_.load(); }
+  void rethrow() const {
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  std::exception_ptr error_;
+  std::atomic<bool> failed_{false};
+};
+
 // at::parallel_for(begin, end, grain, f) on at most `threads` threads: contiguous chunks, one a thread, each in a
 // parallel region as at::parallel_for marks it (at::in_parallel_region(), at::get_thread_num()).
 //

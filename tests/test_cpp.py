@@ -2145,6 +2145,79 @@ def test_kept_training_tensors_never_leak_stale_values_and_are_freed():
     assert cpu.release_memory() >= T * B * 4 * 128 * 4
 
 
+# Preloaded: operator new of $FAILNEW_MIN bytes or more fails (std::bad_alloc) on every thread but the main one (on
+# every thread with $FAILNEW_ANY_THREAD), as where memory runs out. Read at each allocation: a process can lift it.
+_FAIL_WORKER_NEW = r"""
+#include <cstdlib>
+#include <new>
+#include <sys/syscall.h>
+#include <unistd.h>
+static void* allocate(size_t n) {
+  const char* min = std::getenv("FAILNEW_MIN");
+  const bool here = std::getenv("FAILNEW_ANY_THREAD") != nullptr || syscall(SYS_gettid) != getpid();
+  if (min != nullptr && n >= std::strtoull(min, nullptr, 10) && here) throw std::bad_alloc();
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void* operator new(size_t n) { return allocate(n); }
+void* operator new[](size_t n) { return allocate(n); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, size_t) noexcept { std::free(p); }
+void operator delete[](void* p, size_t) noexcept { std::free(p); }
+"""
+
+# Two threads: the team loop (B4: inference, training) and the row split (B16, training). Each call fails on a pool
+# thread's allocation; then, with allocations allowed again, the same call gives nn.LSTM's numbers.
+_WORKER_OUT_OF_MEMORY = r"""
+import os, torch, fastlstm
+torch.set_num_threads(2)
+torch.manual_seed(0)
+for B, H, train in [(4, 256, False), (4, 256, True), (16, 128, True)]:
+    ref = torch.nn.LSTM(64, H)
+    m = fastlstm.LSTM(64, H, backend="cpp")
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(50, B, 64, requires_grad=True)
+    os.environ["FAILNEW_MIN"] = "4096"
+    try:
+        with torch.set_grad_enabled(train):
+            m(x)[0].sum().backward() if train else m(x)
+    except RuntimeError as error:
+        assert "out of memory" in str(error) or "bad_alloc" in str(error), error
+        print("RuntimeError", B, train)
+    os.environ.pop("FAILNEW_MIN")
+    with torch.set_grad_enabled(train):
+        got, want = m(x)[0], ref(x)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+# One thread, the scratch memory of an inference call's gates (26 MB): nn.LSTM's error type, not MemoryError
+torch.set_num_threads(1)
+os.environ.update(FAILNEW_MIN=str(1 << 20), FAILNEW_ANY_THREAD="1")
+try:
+    with torch.no_grad():
+        fastlstm.LSTM(64, 256, backend="cpp")(torch.randn(100, 64, 64))
+except RuntimeError as error:
+    assert "out of memory" in str(error), error
+    print("RuntimeError on the main thread")
+print("OK")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and gettid: Linux")
+def test_out_of_memory_on_a_pool_thread_raises_and_leaves_the_backend_sound(tmp_path):
+    """An allocation that fails on an OpenMP thread (the team loop's packed weights, the row split's buffers) had
+    aborted the process (std::terminate: an exception cannot leave a parallel region; an audit). It now raises
+    RuntimeError, as nn.LSTM's allocator does, and the next calls compute as before. On the calling thread, a
+    failed allocation of the C++ buffers had raised MemoryError, which code catching nn.LSTM's RuntimeError
+    misses."""
+    source, shim = tmp_path / "fail_worker_new.cpp", tmp_path / "fail_worker_new.so"
+    source.write_text(_FAIL_WORKER_NEW)
+    subprocess.run([_CXX, "-shared", "-fPIC", "-O1", str(source), "-o", str(shim)], check=True, timeout=120)
+    env = {**os.environ, "LD_PRELOAD": str(shim), "OMP_NUM_THREADS": "2"}
+    done = run_python("-c", _WORKER_OUT_OF_MEMORY, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.endswith("OK\n"), done.stdout + done.stderr[-3000:]
+    assert done.stdout.count("RuntimeError") == 4, done.stdout
+
+
 IDLE_THREAD_AFTER_A_LONG_CALL = r"""
 import ctypes, gc, threading
 import torch, fastlstm
