@@ -83,7 +83,12 @@ class PackPool {
       delete[] base_of(p);
       return;
     }
-    kept_.push_back({p, bytes});
+    try {
+      kept_.push_back({p, bytes});
+    } catch (...) {  // called from destructors (PoolBuffer's), where a throw would end the process: free it instead
+      delete[] base_of(p);
+      return;
+    }
     kept_bytes_ += bytes;
   }
   ~PackPool() { free_kept(); }

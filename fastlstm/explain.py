@@ -41,14 +41,16 @@ def explain(module: LSTM, input, hx: tuple[Tensor, Tensor] | None = None, *, len
     if not isinstance(module, LSTM):
         raise TypeError(f"explain() takes a fastlstm.LSTM, got {type(module).__name__}; see fastlstm.convert")
     directions = ["forward", "reverse"] if module.bidirectional else ["forward"]
-    if lengths is None and _not_dense((input, *(hx if isinstance(hx, (tuple, list)) else ()))):
+    sparse = _not_dense((input, *(hx if isinstance(hx, (tuple, list)) else ())))
+    if lengths is not None:
+        lengths, (_, longest) = module._check_lengths(input, lengths)
+    # lengths= packs sparse input for nn.LSTM's own forward (LSTM._forward_lengths)
+    if sparse and (lengths is None or lengths.numel()):
         choice = Choice("native", "sparse or nested input: nn.LSTM's own forward takes the call")
         return _explanation(module, [choice] * (module.num_layers * len(directions)), directions)
     # In the caller's grad mode, as the call prepares: under no_grad the rows that a lengths= call or an unsorted
     # pack reorders (index_select, not a view) lost requires_grad, and a call that trains was planned as inference
     module._update_flat_weights()
-    if lengths is not None:
-        lengths, (_, longest) = module._check_lengths(input, lengths)
     data, state, batch_sizes, *_ = module._prepare(input, hx)
     if lengths is not None and lengths.numel():
         data, state, batch_sizes, *_ = module._sorted_by_length(data, state, lengths, longest)

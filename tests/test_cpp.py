@@ -2215,7 +2215,10 @@ def test_out_of_memory_on_a_pool_thread_raises_and_leaves_the_backend_sound(tmp_
     env = {**os.environ, "LD_PRELOAD": str(shim), "OMP_NUM_THREADS": "2"}
     done = run_python("-c", _WORKER_OUT_OF_MEMORY, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.endswith("OK\n"), done.stdout + done.stderr[-3000:]
-    assert done.stdout.count("RuntimeError") == 4, done.stdout
+    # The team loop runs on 2+ CPUs only (its thread count is capped at the CPUs this process may use): on one, the
+    # B4 calls run on the calling thread, where nothing fails
+    team = len(os.sched_getaffinity(0)) >= 2
+    assert done.stdout.count("RuntimeError") == (4 if team else 2), done.stdout
 
 
 IDLE_THREAD_AFTER_A_LONG_CALL = r"""

@@ -781,6 +781,14 @@ def test_explain_names_nn_lstms_own_call_where_the_call_runs_it(call, monkeypatc
     m(*args)
 
 
+def test_explain_names_nn_lstms_own_call_for_sparse_input_with_lengths():
+    """lengths= packs sparse input for nn.LSTM's own forward, which then decides what it gives (torch 2.13: an
+    error, as nn.LSTM gives for that pack): explain had named the planned backend (a review)."""
+    m = fastlstm.LSTM(I, H, 2, bidirectional=True, backend="reference")
+    state = (torch.zeros(4, 2, H).to_sparse(), torch.zeros(4, 2, H))
+    assert fastlstm.explain(m, torch.randn(5, 2, I), state, lengths=[5, 3]).backends == ["native"] * 4
+
+
 def test_environment_sets_the_default_backend(monkeypatch):
     monkeypatch.setenv("FASTLSTM_BACKEND", "reference")
     m = fastlstm.LSTM(I, H)
