@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from fastlstm.dispatch import Choice
-from fastlstm.module import LSTM, _no_live_row, _not_dense
+from fastlstm.module import LSTM, _no_live_row, _not_dense_call
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def explain(module: LSTM, input, hx: tuple[Tensor, Tensor] | None = None, *, len
     if not isinstance(module, LSTM):
         raise TypeError(f"explain() takes a fastlstm.LSTM, got {type(module).__name__}; see fastlstm.convert")
     directions = ["forward", "reverse"] if module.bidirectional else ["forward"]
-    sparse = _not_dense((input, *(hx if isinstance(hx, (tuple, list)) else ())))
+    sparse = _not_dense_call(input, hx)
     if lengths is not None:
         lengths, (_, longest) = module._check_lengths(input, lengths)
     # lengths= packs sparse input for nn.LSTM's own forward (LSTM._forward_lengths)

@@ -459,6 +459,12 @@ def _dtype_mismatch(input: Tensor, weight: Tensor) -> str:
     )
 
 
+def _not_dense_call(input, hx) -> bool:
+    """Whether the input or a tensor of hx is not dense (_not_dense): nn.LSTM's own forward takes such a call (with
+    lengths=, the pack made of it). LSTM.forward routes by it, and explain() answers by it."""
+    return _not_dense((input, *(hx if isinstance(hx, (tuple, list)) else ())))
+
+
 def _not_dense(tensors) -> bool:
     """Whether any of these tensors is sparse, nested or otherwise not strided: no backend reads those, and
     nn.LSTM's own forward decides what they give (torch 2.13: a sparse h0 runs, a sparse input or c0 raises)."""
@@ -748,7 +754,7 @@ class LSTM(nn.RNNBase):
             raise TypeError(f"LSTM.forward() got an unexpected keyword argument {next(iter(keywords))!r}")
         if isinstance(input, torch.fx.Proxy):
             return self._fx_leaf(input, hx, lengths)
-        sparse = _not_dense((input, *(hx if isinstance(hx, (tuple, list)) else ())))
+        sparse = _not_dense_call(input, hx)
         if sparse and lengths is None:
             return TORCH_LSTM.forward(self, input, hx)
         self._update_flat_weights()  # parameters are read at call time, as nn.LSTM reads them

@@ -1050,12 +1050,17 @@ def test_a_failed_builds_warning_quotes_the_compiler_not_ninjas_commands(tmp_pat
     assert "the whole log could not be written to" in said and "a.cpp:0:1: error: only 0" in said, said
 
 
+# What a compiler is asked of itself (its version; torch 2.7 and before ask `c++ -v` first): the test compilers that
+# fail on sources answer these as the real one
+_COMPILER_QUERIES = "--version|-v|-dumpversion|-dumpfullversion"
+
+
 @pytest.mark.parametrize("mode", ["always-fails", "fails-to-compile"])
 def test_broken_compiler_does_not_crash(tmp_path, mode):
     """A compiler that fails: unavailable_reason() carries its error text; layer() raises a RuntimeError.
     always-fails: even `--version` fails; fails-to-compile: answers version queries, fails on the source."""
     fake = tmp_path / "broken-c++"
-    passthrough = f'case "$1" in --version|-v|-dumpversion|-dumpfullversion) exec {shutil.which(_CXX)} "$@";; esac\n'
+    passthrough = f'case "$1" in {_COMPILER_QUERIES}) exec {shutil.which(_CXX)} "$@";; esac\n'
     fake.write_text(
         "#!/bin/sh\n"
         + (passthrough if mode == "fails-to-compile" else "")
@@ -1242,7 +1247,7 @@ def test_two_processes_building_at_once_share_one_good_cache(tmp_path):
     compiler.write_text(
         "#!/bin/sh\n"
         'if [ -n "$FASTLSTM_TEST_BROKEN" ]; then\n'
-        '  case "$1" in --version|-v|-dumpversion|-dumpfullversion) ;; *) echo "broken on purpose" >&2; exit 1;; esac\n'
+        f'  case "$1" in {_COMPILER_QUERIES}) ;; *) echo "broken on purpose" >&2; exit 1;; esac\n'
         "fi\n"
         f'exec {shutil.which(_CXX)} "$@"\n'
     )
