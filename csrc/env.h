@@ -16,7 +16,8 @@
 namespace fastlstm {
 namespace {
 
-// The environment variable `name`, spaces around it trimmed; nullopt when unset.
+// The environment variable `name`, spaces around it trimmed; nullopt when unset or blank (`NAME=` in a shell or a
+// job's file clears a knob, as it clears the Python side's variables).
 inline std::optional<std::string> env_text(const char* name) {
   const char* raw = std::getenv(name);
   if (raw == nullptr) return std::nullopt;
@@ -25,6 +26,7 @@ inline std::optional<std::string> env_text(const char* name) {
   while (!text.empty() && space(text.back())) text.pop_back();
   size_t first = 0;
   while (first < text.size() && space(text[first])) ++first;
+  if (first == text.size()) return std::nullopt;
   return text.substr(first);
 }
 

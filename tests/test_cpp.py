@@ -692,7 +692,8 @@ def test_onednn_weight_gradients_switched_on_serve_from_their_own_size():
 
 def test_knobs_read_strictly():
     """The C++ knobs take whole numbers in their range, and switches 1/0 (true/false, on/off, yes/no): anything else
-    warns and keeps the default (atoll had read FASTLSTM_AMX=true as 0, turning the tiles off, and -5 KB as never)."""
+    warns and keeps the default (atoll had read FASTLSTM_AMX=true as 0, turning the tiles off, and -5 KB as never).
+    A blank one is unset, silently."""
     malformed = [
         ("FASTLSTM_AMX", "banana"),
         ("FASTLSTM_BF16_DOT", "enabled"),
@@ -708,6 +709,8 @@ def test_knobs_read_strictly():
         ("FASTLSTM_BF16_DOT", "Off"),
         ("FASTLSTM_BF16_DOT", "0"),
         ("FASTLSTM_BF16_DOT", " 0 "),
+        ("FASTLSTM_MKL_MIN_ROWS", ""),
+        ("FASTLSTM_AMX", " "),
     ]
     runs = [(("-c", _CHOICES), None)] + [(("-c", _CHOICES), dict(os.environ, **{k: v})) for k, v in malformed + spelled]
     default, *rest = run_pythons(runs)
@@ -717,8 +720,9 @@ def test_knobs_read_strictly():
         assert f"{name}={value} is not" in proc.stderr and "keeps its default" in proc.stderr, (name, proc.stderr)
         assert proc.stderr.count(f"{name}={value} is not") == 1, (name, proc.stderr)  # one warning, not one a use
         assert proc.stdout == default.stdout, name
-    amx_true, bf16_off, bf16_zero, bf16_spaced = rest[len(malformed) :]
-    assert amx_true.stdout == default.stdout and "is not" not in amx_true.stderr, amx_true.stderr
+    amx_true, bf16_off, bf16_zero, bf16_spaced, *blank = rest[len(malformed) :]
+    for same in (amx_true, *blank):
+        assert same.stdout == default.stdout and "is not" not in same.stderr, same.stderr
     for spelling in (bf16_off, bf16_spaced):  # the switch is read in every build, with or without bf16 products
         assert spelling.stdout == bf16_zero.stdout and "is not" not in spelling.stderr, spelling.stderr
 
@@ -1121,6 +1125,25 @@ def test_broken_compiler_does_not_crash(tmp_path, mode):
     assert info.returncode == 0 and "broken on purpose" in info.stdout, info.stdout + info.stderr
     for proc in autos:
         assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+def test_a_build_out_of_disk_space_says_where_and_what_to_set(tmp_path):
+    """A compiler that runs out of room (a full disk or quota, where it writes objects or temporaries): the reason
+    names the cache folder, the temporary folder and the variables that move them, not the compiler alone."""
+    fake = tmp_path / "full-disk-c++"
+    fake.write_text(
+        f'#!/bin/sh\ncase "$1" in {_COMPILER_QUERIES}) exec {shutil.which(_CXX)} "$@";; esac\n'
+        "echo 'cc1plus: fatal error: lstm_cpu.o: No space left on device' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    cache = tmp_path / "cache"
+    env = dict(os.environ, FASTLSTM_CXX=str(fake), FASTLSTM_CACHE_DIR=str(cache))
+    code = "from fastlstm.backends.cpu import BACKEND; print(BACKEND.unavailable_reason())"
+    (proc,) = run_pythons([(("-c", code), env)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reason = proc.stdout
+    assert f"no room left on the disk that holds its cache folder {cache}" in reason, reason
+    assert "set FASTLSTM_CACHE_DIR or TMPDIR" in reason and "No space left on device" in reason, reason
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 -march levels")

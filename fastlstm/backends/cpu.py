@@ -38,8 +38,8 @@ transforms, which cannot run a C++ autograd Function, the layer takes the same o
 
 Tuning knobs (read once per process by the C++ code; for measurements and tests, not for users). Numbers are
 whole numbers of 0 or more (FASTLSTM_TEAM_MIN_HIDDEN and FASTLSTM_INFERENCE_CHUNK_STEPS: 1 or more), switches 1
-or 0 (true/false, on/off, yes/no), spaces around either ignored: anything else warns once and keeps the default
-(csrc/env.h).
+or 0 (true/false, on/off, yes/no), spaces around either ignored, a blank one unset: anything else warns once and
+keeps the default (csrc/env.h).
     FASTLSTM_MKL_MIN_ROWS   float32 uses MKL's packed GEMM for the per-step product from this batch size on, at
                             any width (default: on Intel CPUs from 8 rows of a w_hh 256+ wide, never elsewhere,
                             where MKL measured slow); a huge value forces the register-blocked kernel, which
@@ -104,6 +104,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -457,6 +458,22 @@ def _compiler_failed(error: BaseException) -> bool:
     return isinstance(error, (_CompilerError, subprocess.CalledProcessError))
 
 
+def _out_of_room(error: BaseException, text: str) -> bool:
+    """Whether a build failed for want of disk space or quota: the compiler, writing its object or temporary files,
+    says so in its output; Python's own writes raise it."""
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(words in text for words in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT)))
+
+
+def _cache_folder_named() -> str:
+    """The folder the build writes to, for a message; a placeholder where it cannot be worked out."""
+    try:
+        return str(writable_cache_root())
+    except OSError:
+        return "(none usable)"
+
+
 def _ensure(verbose: bool = False) -> str | None:
     """Build/load once per process. Returns None when the ops are available, else the reason (cached)."""
     if _state["done"]:
@@ -480,6 +497,12 @@ def _ensure(verbose: bool = False) -> str | None:
                     _state["error"] = (
                         "building the fastlstm C++ extension failed: its cache folder cannot be written (set "
                         f"FASTLSTM_CACHE_DIR to a writable folder): {text}"
+                    )
+                elif _out_of_room(error, text):
+                    _state["error"] = (
+                        "building the fastlstm C++ extension failed: no room left on the disk that holds its cache "
+                        f"folder {_cache_folder_named()} or the compiler's temporary folder {tempfile.gettempdir()} "
+                        f"(free some, or set FASTLSTM_CACHE_DIR or TMPDIR to a folder elsewhere): {text}"
                     )
                 elif _compiler_failed(error):
                     _state["error"] = f"building the fastlstm C++ extension failed (compiler {_compiler()!r}): {text}"
