@@ -699,7 +699,7 @@ class LSTM(nn.RNNBase):
         if not self.bias or self._miscounted_weights():  # the latter: the list as nn.LSTM hands it on (_plan)
             return weights
         gates = 4 * self.hidden_size
-        per_layer = len(weights) // (self.num_layers * self._num_directions)
+        per_layer = self._per_layer(weights)
         biases = [k for k in range(len(weights)) if k % per_layer in (2, 3)]
         if all(weights[k].shape == (gates,) for k in biases):
             return weights
@@ -1218,6 +1218,10 @@ class LSTM(nn.RNNBase):
     def _num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
+    def _per_layer(self, weights: list[Tensor | None]) -> int:
+        """How many of a flat weight list's entries each (layer, direction) holds."""
+        return len(weights) // (self.num_layers * self._num_directions)
+
     @property
     def _out_size(self) -> int:
         return self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -1319,7 +1323,7 @@ class LSTM(nn.RNNBase):
 
     def _parameters_of(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
         """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction, as read by _update_flat_weights for this call."""
-        per_layer = len(self._flat_weights) // (self.num_layers * self._num_directions)
+        per_layer = self._per_layer(self._flat_weights)
         start = (layer * self._num_directions + direction) * per_layer
         weights = self._flat_weights[start : start + per_layer]
         b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
@@ -1428,7 +1432,7 @@ class LSTM(nn.RNNBase):
         flags = (self.proj_size > 0, self.bidirectional)
         weights = self._flat_weights
         if weight_dtype is not None:
-            per_layer = len(weights) // (self.num_layers * self._num_directions)
+            per_layer = self._per_layer(weights)
             projections = [self.proj_size > 0 and i % per_layer == per_layer - 1 for i in range(len(weights))]
             weights = _autocast_casts(backend, weights, projections, weight_dtype)
         return backend.inference_stack(
