@@ -52,11 +52,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/clamp.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/isinf.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -200,6 +203,16 @@ Tensor as_compute(const Tensor& t, at::ScalarType ct) { return t.to(ct).contiguo
 c10::optional<Tensor> as_compute(const c10::optional<Tensor>& t, at::ScalarType ct) {
   if (!t.has_value() || !t->defined()) return c10::nullopt;
   return t->to(ct).contiguous();
+}
+
+// The cell state c_n as the call returns it. A float16 layer's c is float32 inside, where it grows past float16's
+// range (a forget gate at 1 for 65,504+ steps) while nn.LSTM's float16 cell stops growing; rounded to inf, that
+// state carried into the next call (streaming, step) turns NaN where a forget gate closes (0 * inf), though one
+// call over both chunks stays finite. Saturated, it stays finite as nn.LSTM's does; an inf the call was given stays.
+Tensor state_to(const Tensor& c, at::ScalarType dt) {
+  if (dt != at::kHalf) return c.to(dt);
+  constexpr double largest = 65504.0;  // float16's largest finite value
+  return at::where(at::isinf(c), c, at::clamp(c, -largest, largest)).to(dt);
 }
 
 
@@ -850,7 +863,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x, con
   const Tensor y = forward_layer(d, x, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save, h, c, gates, c_hist);
   if (dt != ct) {
     h = h.to(dt);
-    c = c.to(dt);
+    c = state_to(c, dt);
   }
   return {y, h, c, gates, c_hist};
 }
@@ -979,7 +992,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x_in, const c10:
   }
   if (dt != ct) {
     h_n = h_n.to(dt);
-    c_n = c_n.to(dt);
+    c_n = state_to(c_n, dt);
   }
   if (packed_data) return {pack_padded_rows(layer_in, live), h_n, c_n};
   return {one_step ? layer_in.squeeze(0) : layer_in, h_n, c_n};

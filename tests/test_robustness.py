@@ -86,6 +86,35 @@ def test_a_closed_gate_times_an_infinite_or_huge_cell_gives_nn_lstms_nan_and_zer
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_float16_cell_state_beyond_its_range_comes_back_as_its_largest_value(backend):
+    """The fast backends keep a float16 cell in float32, where it grows past float16's range (here from 65504 by 1 a
+    step), while nn.LSTM's float16 cell stays at 65504 (65505 rounds back): c_n comes back as that, not inf, so that
+    the next chunk, whose forget gate closes, gives nn.LSTM's numbers and one call's (0 * inf had made it NaN)."""
+    ref = nn.LSTM(1, 1, dtype=torch.float16)
+    with torch.no_grad():
+        ref.weight_hh_l0.zero_()
+        ref.bias_hh_l0.zero_()
+        ref.weight_ih_l0.copy_(torch.tensor([[0.0], [-1000.0], [0.0], [0.0]]))  # x = 1 closes the forget gate
+        ref.bias_ih_l0.fill_(20.0)  # every gate at 1 and g at 1: c grows by 1 a step
+    fast = fastlstm.LSTM(1, 1, dtype=torch.float16, backend=backend)
+    fast.load_state_dict(ref.state_dict())
+    largest = torch.finfo(torch.float16).max
+    state = (torch.zeros(1, 1, 1, dtype=torch.float16), torch.full((1, 1, 1), largest, dtype=torch.float16))
+    first, second = torch.zeros(20, 1, 1, dtype=torch.float16), torch.ones(3, 1, 1, dtype=torch.float16)
+    results = []
+    with torch.no_grad():
+        for model in (ref, fast):
+            _, carried = model(first, state)
+            results.append((carried, model(second, carried)))
+        whole = fast(torch.cat([first, second]), state)
+    (ref_carried, ref_second), (carried, second_chunk) = results
+    assert carried[1].item() == ref_carried[1].item() == largest
+    torch.testing.assert_close(second_chunk, ref_second, atol=0, rtol=0)
+    torch.testing.assert_close(second_chunk[0], whole[0][-3:], atol=0, rtol=0)
+    torch.testing.assert_close(second_chunk[1], whole[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale", [1e4, -1e4])
 def test_saturated_input_stays_finite(backend, scale):
     ref, fast = make_pair(I, H, 2, proj_size=3, backend=backend)

@@ -294,6 +294,17 @@ def fake_on_x_device(backend: str, x: Tensor, *tensors: Tensor | None) -> None:
             raise RuntimeError(f"fastlstm {backend}: tensors must be on one device, x's {x.device}; got {t.device}")
 
 
+def cell_state_as(c: Tensor, dtype: torch.dtype) -> Tensor:
+    """A cell state kept in float32 (a float16 layer's), as the call returns it. float16's largest value where it
+    grew beyond (nn.LSTM's float16 cell stops growing below it): inf, carried into the next call (streaming), would
+    turn NaN where a forget gate closes (0 * inf), where one call over both chunks stays finite. An infinity the call
+    was given stays. As csrc/lstm_cpu.cpp's state_to."""
+    if dtype != torch.float16:
+        return c.to(dtype, copy=True)
+    largest = torch.finfo(torch.float16).max
+    return torch.where(c.isinf(), c, c.clamp(-largest, largest)).to(dtype)
+
+
 def projection_used(w_hr: Tensor | None, x: Tensor, grad_y_given: bool, grad_hT_given: bool) -> bool:
     """Whether a layer's gradient reaches w_hr. Not where one step's c_n alone is differentiated: c_n then depends on
     no projection, and nn.LSTM leaves w_hr's gradient None there (an optimizer skips it, weight decay included)

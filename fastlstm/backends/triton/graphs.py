@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fastlstm.backends import outside_stacklevel
+from fastlstm.backends import cell_state_as, outside_stacklevel
 from fastlstm.backends.triton import ops
 
 ENV = "FASTLSTM_TRITON_GRAPHS"
@@ -272,7 +272,7 @@ def forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b: Te
         _forward_chunks(graphs, xg, h0, c0, w_hh, w_hr, reverse, keep)
         # every chunk ends by carrying its last state to the slot all start from
         first = graphs.window if reverse else 0
-        hT, cT = win.hs[first].clone(), win.cs[first].to(x.dtype, copy=True)
+        hT, cT = win.hs[first].clone(), cell_state_as(win.cs[first], x.dtype)
     return y, hT, cT
 
 

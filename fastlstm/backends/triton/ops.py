@@ -26,6 +26,7 @@ from fastlstm.backends import (
     MISSING,
     VMAP_RULES,
     LayerCall,
+    cell_state_as,
     differentiated_twice,
     fake_on_x_device,
     fake_tensors_in_play,
@@ -379,7 +380,7 @@ def start_state(buf: ForwardBuffers, h0: Tensor, c0: Tensor, reverse: bool) -> N
 def final_state(buf: ForwardBuffers, reverse: bool) -> tuple[Tensor, Tensor]:
     """hT, cT (fresh tensors, cT in the input dtype) of a finished loop."""
     last = 0 if reverse else buf.y.shape[0]
-    return buf.hs[last].clone(), buf.cs[last].to(buf.y.dtype, copy=True)
+    return buf.hs[last].clone(), cell_state_as(buf.cs[last], buf.y.dtype)
 
 
 def checked_sizes(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel, save_acts):
