@@ -66,6 +66,16 @@ def guard(monkeypatch, tmp_path):
     build_guard._BUILDER._stop()
 
 
+@pytest.fixture
+def sigint_reaches_children():
+    """Children start with SIGINT as a terminal's Ctrl+C finds it. A test process that ignores it (pytest run as a
+    background job of a non-interactive shell: `pytest ... &` in a script) hands that on through exec, and a child
+    then outlives the signal the test sends; a Python handler in the parent is reset to the default in the child."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _child_runs(monkeypatch, code: str | None = None) -> list[list[str]]:
     """Makes the guard's child run `code` (python -c; None: the real child), and returns the commands it starts."""
     commands = []
@@ -202,7 +212,7 @@ def test_threads_asking_at_once_build_a_configuration_once(guard, monkeypatch):
     assert len(builds) == 1
 
 
-def test_a_ctrl_c_ends_the_child_by_the_signal(guard):
+def test_a_ctrl_c_ends_the_child_by_the_signal(guard, sigint_reaches_children):
     """A Ctrl+C reaches the child with its parent's process group: it must end by SIGINT (Python ends an uncaught
     KeyboardInterrupt so; the child catches only Exception), which the parent reads as "stopped" (nothing
     learnt), not by an exit status, which reads as a child that cannot build and turns the guard off."""
@@ -270,7 +280,7 @@ def test_a_crashing_child_is_reported_with_llvms_words_and_kept(guard, monkeypat
     ],
     ids=["failed", "left", "SIGSEGV", "SIGKILL", "SIGTERM", "SIGINT"],
 )
-def test_how_a_child_ends_decides(code, why, guard, monkeypatch):
+def test_how_a_child_ends_decides(code, why, guard, monkeypatch, sigint_reaches_children):
     """A child that fails (no CUDA for it, say) could build nothing: nothing learnt, nothing kept, and no other is
     started in this process. One that leaves (idle) as a request goes out is started again, once. One ended by a
     fault signal is taken as a crash and kept; by SIGKILL (the out-of-memory killer, most likely), as a crash for
