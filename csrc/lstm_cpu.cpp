@@ -52,14 +52,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/cat.h>
-#include <ATen/ops/clamp.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/isinf.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -208,11 +205,21 @@ c10::optional<Tensor> as_compute(const c10::optional<Tensor>& t, at::ScalarType 
 // The cell state c_n as the call returns it. A float16 layer's c is float32 inside, where it grows past float16's
 // range (a forget gate at 1 for 65,504+ steps) while nn.LSTM's float16 cell stops growing; rounded to inf, that
 // state carried into the next call (streaming, step) turns NaN where a forget gate closes (0 * inf), though one
-// call over both chunks stays finite. Saturated, it stays finite as nn.LSTM's does; an inf the call was given stays.
+// call over both chunks stays finite. Saturated, it stays finite as nn.LSTM's does; an inf the call was given stays
+// (as NaN does). One pass, as the plain conversion: a streamed step's state is small and its call's fixed costs count.
 Tensor state_to(const Tensor& c, at::ScalarType dt) {
   if (dt != at::kHalf) return c.to(dt);
-  constexpr double largest = 65504.0;  // float16's largest finite value
-  return at::where(at::isinf(c), c, at::clamp(c, -largest, largest)).to(dt);
+  TORCH_INTERNAL_ASSERT(c.scalar_type() == at::kFloat, "a float16 layer's state is float32 inside");
+  const Tensor src = c.contiguous();
+  Tensor out = at::empty(src.sizes(), src.options().dtype(dt));
+  const float* from = src.data_ptr<float>();
+  at::Half* to = out.data_ptr<at::Half>();
+  const float largest = static_cast<float>(std::numeric_limits<at::Half>::max());
+  for (int64_t i = 0; i < src.numel(); ++i) {
+    const float v = from[i];
+    to[i] = static_cast<at::Half>(std::isinf(v) ? v : std::clamp(v, -largest, largest));
+  }
+  return out;
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import os
 import platform
@@ -11,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -1144,6 +1146,26 @@ def test_a_build_out_of_disk_space_says_where_and_what_to_set(tmp_path):
     reason = proc.stdout
     assert f"no room left on the disk that holds its cache folder {cache}" in reason, reason
     assert "set FASTLSTM_CACHE_DIR or TMPDIR" in reason and "No space left on device" in reason, reason
+
+
+def test_a_disk_too_full_for_any_temporary_folder_still_gives_the_reason(tmp_path, monkeypatch):
+    """On a full disk tempfile finds no temporary folder it can write (its probe fails): the reason names none
+    (asked for it, the handler had raised, and the call that was to fall back to native with it)."""
+
+    def full(_verbose):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def no_temporary_folder():
+        raise FileNotFoundError(errno.ENOENT, "No usable temporary directory found")
+
+    monkeypatch.setenv("FASTLSTM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu, "_build_and_load", full)
+    monkeypatch.setattr(tempfile, "gettempdir", no_temporary_folder)
+    monkeypatch.setitem(cpu._state, "done", False)
+    monkeypatch.setitem(cpu._state, "error", None)
+    reason = cpu._ensure()
+    assert reason is not None and "temporary folder (none usable)" in reason, reason
+    assert "No space left on device" in reason, reason
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 -march levels")

@@ -85,8 +85,9 @@ def test_a_closed_gate_times_an_infinite_or_huge_cell_gives_nn_lstms_nan_and_zer
             torch.testing.assert_close(got, expected, atol=0, rtol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])  # cpp: its stack's op, then lstm_fwd
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_float16_cell_state_beyond_its_range_comes_back_as_its_largest_value(backend):
+def test_a_float16_cell_state_beyond_its_range_comes_back_as_its_largest_value(backend, grad):
     """The fast backends keep a float16 cell in float32, where it grows past float16's range (here from 65504 by 1 a
     step), while nn.LSTM's float16 cell stays at 65504 (65505 rounds back): c_n comes back as that, not inf, so that
     the next chunk, whose forget gate closes, gives nn.LSTM's numbers and one call's (0 * inf had made it NaN)."""
@@ -102,7 +103,7 @@ def test_a_float16_cell_state_beyond_its_range_comes_back_as_its_largest_value(b
     state = (torch.zeros(1, 1, 1, dtype=torch.float16), torch.full((1, 1, 1), largest, dtype=torch.float16))
     first, second = torch.zeros(20, 1, 1, dtype=torch.float16), torch.ones(3, 1, 1, dtype=torch.float16)
     results = []
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for model in (ref, fast):
             _, carried = model(first, state)
             results.append((carried, model(second, carried)))

@@ -108,6 +108,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -466,10 +467,12 @@ def _out_of_room(error: BaseException, text: str) -> bool:
     return any(words in text for words in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT)))
 
 
-def _cache_folder_named() -> str:
-    """The folder the build writes to, for a message; a placeholder where it cannot be worked out."""
+def _folder_named(folder: Callable[[], object]) -> str:
+    """A folder the build writes to, for a message; a placeholder where it cannot be worked out (a disk too full for
+    tempfile to write its probe leaves it no temporary folder: raised here, the build's reason had crashed the call
+    that was to fall back)."""
     try:
-        return str(writable_cache_root())
+        return str(folder())
     except OSError:
         return "(none usable)"
 
@@ -501,7 +504,8 @@ def _ensure(verbose: bool = False) -> str | None:
                 elif _out_of_room(error, text):
                     _state["error"] = (
                         "building the fastlstm C++ extension failed: no room left on the disk that holds its cache "
-                        f"folder {_cache_folder_named()} or the compiler's temporary folder {tempfile.gettempdir()} "
+                        f"folder {_folder_named(writable_cache_root)} or the compiler's temporary folder "
+                        f"{_folder_named(tempfile.gettempdir)} "
                         f"(free some, or set FASTLSTM_CACHE_DIR or TMPDIR to a folder elsewhere): {text}"
                     )
                 elif _compiler_failed(error):

@@ -65,9 +65,14 @@ LAUNCH_OPTIONS = dict(enable_fp_fusion=True)
 FMA_NARROW_WIDTH = 16
 
 
+def _kernel_setting() -> str:
+    """$FASTLSTM_TRITON_KERNEL, spaces around it trimmed; "auto" where unset or blank (as the C++ knobs read)."""
+    return (os.environ.get(ENV_KERNEL) or "").strip() or "auto"
+
+
 def choose_kernel(batch: int, hidden: int, out_size: int, dtype: torch.dtype, kernel: str | None = None) -> str:
     """Which kernel serves a call: `kernel` if given, else env FASTLSTM_TRITON_KERNEL, else the size rule."""
-    kernel = kernel or os.environ.get(ENV_KERNEL) or "auto"
+    kernel = kernel or _kernel_setting()
     if kernel == "auto":
         fits = hidden <= SEQ_MAX_HIDDEN and out_size <= SEQ_MAX_HIDDEN and batch <= SEQ_MAX_BATCH
         # Triton 3.9's LLVM aborts the process compiling the sequence kernel's FMA dots (float32 without TF32)
@@ -84,7 +89,7 @@ def setting_errors() -> list[str]:
     """What is wrong with this process's triton settings ($FASTLSTM_TRITON_KERNEL, $FASTLSTM_TRITON_CONFIG), which
     every triton call would raise (`fastlstm info` says so up front)."""
     errors = []
-    if os.environ.get(ENV_KERNEL, "auto") not in ("auto", "step", "sequence"):
+    if _kernel_setting() not in ("auto", "step", "sequence"):
         errors.append(f"{ENV_KERNEL} must be one of auto, step, sequence; got {os.environ[ENV_KERNEL]!r}")
     if os.environ.get(ENV_CONFIG, "").strip():
         try:
