@@ -890,3 +890,14 @@ def plan(module_backend: str | None, calls: list[LayerCall]) -> list[Choice]:
     """One Choice per entry of `calls` (ordered layer-major, forward direction before reverse)."""
     name = requested(module_backend)
     return [choose(name, call) for call in calls]
+
+
+def native_step_in_cells(dtype: torch.dtype) -> bool:
+    """Whether a step the native path serves (every layer native) runs ATen's cells rather than nn.LSTM's own call.
+
+    float32 and float64: the cells, to float rounding of nn.LSTM's numbers: on the CPU nn.LSTM's own call costs far
+    more for one step at small batches (oneDNN reorders every weight on each call; float32 B8-H256, 2 layers: 241 us
+    against 517). Below float32, nn.LSTM's own call: the cells round every gate to the dtype, 2.5-3x nn.LSTM's error
+    against float64 (bfloat16 and float16, batch 8-256, hidden 128-512), and oneDNN was as fast or faster from batch
+    128, where auto sends such steps native."""
+    return dtype in (torch.float32, torch.float64)

@@ -975,14 +975,10 @@ class LSTM(nn.RNNBase):
         return x, (h_n, c_n)
 
     def _native_step(self, x: Tensor, hx) -> tuple[Tensor, Tensor, Tensor]:
-        """One step of every layer where native serves it: x [B, I], hx (h0, c0) or None -> (y [B, P], h_n, c_n).
-
-        float32 and float64 in ATen's cells, to float rounding of nn.LSTM's numbers: on the CPU nn.LSTM's own call
-        costs far more for one step at small batches (oneDNN reorders every weight on each call; float32 B8-H256,
-        2 layers: 241 us against 517). Below float32, nn.LSTM's own call: the cells round every gate to the dtype,
-        2.5-3x nn.LSTM's error against float64 (bfloat16 and float16, batch 8-256, hidden 128-512), and oneDNN
-        was as fast or faster from batch 128, where auto sends such steps native."""
-        if x.dtype in (torch.float32, torch.float64) and not self._miscounted_weights():
+        """One step of every layer where native serves it: x [B, I], hx (h0, c0) or None -> (y [B, P], h_n, c_n), in
+        ATen's cells or nn.LSTM's own call as dispatch.native_step_in_cells says (its own call where the weights are
+        not nn.LSTM's count: its error, as forward gives it)."""
+        if dispatch.native_step_in_cells(x.dtype) and not self._miscounted_weights():
             return self._native_cells(x, *self._layer_states(x[None], hx))
         time_dim = 1 if self.batch_first else 0
         sequence = x.unsqueeze(time_dim)
