@@ -235,7 +235,6 @@ def test_matches_nn_lstm_fp32(case, kernel):
             torch.testing.assert_close(got[key], expected[key], **TOL[torch.float32], msg=lambda m, k=key: f"{k}: {m}")
 
 
-@pytest.mark.skipif(not hasattr(torch._C, "_get_fp32_precision_getter"), reason="torch before 2.9 has one switch")
 @pytest.mark.parametrize("value", ["", " "])
 def test_a_blank_kernel_setting_is_unset(value, monkeypatch):
     """A blank FASTLSTM_TRITON_KERNEL picks kernels by the size rule, as unset; `fastlstm info` reports no error."""
@@ -247,6 +246,7 @@ def test_a_blank_kernel_setting_is_unset(value, monkeypatch):
     assert triton_ops.choose_kernel(4, 32, 32, torch.float32) == unset
 
 
+@pytest.mark.skipif(not hasattr(torch._C, "_get_fp32_precision_getter"), reason="torch before 2.9 has one switch")
 def test_float32_follows_either_of_torchs_tf32_switches():
     """Once torch's newer switch is set (torch.backends.cuda.matmul.fp32_precision), reading the older allow_tf32
     raises: float32 calls still run, with the kernels' precision following whichever switch was set last."""
