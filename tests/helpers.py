@@ -66,11 +66,11 @@ def run_pythons(runs: list[tuple[tuple[str, ...], dict | None]], timeout: int = 
 
 
 # Runs each command of argv[1] (a JSON list of run_python's argument lists) as `python ARGS` would, in this one
-# process, and prints a JSON list of [exit status, stdout, stderr].
+# process, and prints argv[2] (a marker) and a JSON list of [exit status, stdout, stderr].
 _COMMANDS_IN_ONE_PROCESS = """
 import contextlib, io, json, os, runpy, sys, traceback
 
-RESULTS = "\\nfastlstm-test-results:"
+COMMANDS, RESULTS = json.loads(sys.argv[1]), sys.argv[2]
 
 def run(args):
     if args[0] == "-m":
@@ -86,7 +86,7 @@ def run(args):
     return 0
 
 results = []
-for args in json.loads(sys.argv[1]):
+for args in COMMANDS:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -109,9 +109,11 @@ def run_in_one_python(commands: list[tuple[str, ...]], env: dict | None = None, 
     modules they import stay imported from one to the next. Gives a CompletedProcess for each."""
     import json
 
-    done = run_python("-c", _COMMANDS_IN_ONE_PROCESS, json.dumps([list(c) for c in commands]), env=env, timeout=timeout)
+    marker = "\nfastlstm-test-results:"
+    commands_json = json.dumps([list(c) for c in commands])
+    done = run_python("-c", _COMMANDS_IN_ONE_PROCESS, commands_json, marker, env=env, timeout=timeout)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    results = json.loads(done.stdout.rsplit("\nfastlstm-test-results:", 1)[1])
+    results = json.loads(done.stdout.rsplit(marker, 1)[1])
     return [subprocess.CompletedProcess(c, *result) for c, result in zip(commands, results)]
 
 

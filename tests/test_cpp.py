@@ -1061,18 +1061,22 @@ def test_a_failed_builds_warning_quotes_the_compiler_not_ninjas_commands(tmp_pat
 _COMPILER_QUERIES = "--version|-v|-dumpversion|-dumpfullversion"
 
 
+def _compiler_failing_on_sources(path: Path, said: str, answers_queries: bool = True) -> Path:
+    """A compiler script at `path` that prints `said` and fails on every source; with answers_queries, the real
+    compiler answers what it is asked of itself (_COMPILER_QUERIES)."""
+    passthrough = f'case "$1" in {_COMPILER_QUERIES}) exec {shutil.which(_CXX)} "$@";; esac\n'
+    path.write_text("#!/bin/sh\n" + (passthrough if answers_queries else "") + f"echo '{said}' >&2\nexit 1\n")
+    path.chmod(0o755)
+    return path
+
+
 @pytest.mark.parametrize("mode", ["always-fails", "fails-to-compile"])
 def test_broken_compiler_does_not_crash(tmp_path, mode):
     """A compiler that fails: unavailable_reason() carries its error text; layer() raises a RuntimeError.
     always-fails: even `--version` fails; fails-to-compile: answers version queries, fails on the source."""
-    fake = tmp_path / "broken-c++"
-    passthrough = f'case "$1" in {_COMPILER_QUERIES}) exec {shutil.which(_CXX)} "$@";; esac\n'
-    fake.write_text(
-        "#!/bin/sh\n"
-        + (passthrough if mode == "fails-to-compile" else "")
-        + "echo 'fastlstm-test: this compiler is broken on purpose' >&2\nexit 1\n"
+    fake = _compiler_failing_on_sources(
+        tmp_path / "broken-c++", "fastlstm-test: this compiler is broken on purpose", mode == "fails-to-compile"
     )
-    fake.chmod(0o755)
     code = textwrap.dedent(
         """
         import torch
@@ -1132,12 +1136,9 @@ def test_broken_compiler_does_not_crash(tmp_path, mode):
 def test_a_build_out_of_disk_space_says_where_and_what_to_set(tmp_path):
     """A compiler that runs out of room (a full disk or quota, where it writes objects or temporaries): the reason
     names the cache folder, the temporary folder and the variables that move them, not the compiler alone."""
-    fake = tmp_path / "full-disk-c++"
-    fake.write_text(
-        f'#!/bin/sh\ncase "$1" in {_COMPILER_QUERIES}) exec {shutil.which(_CXX)} "$@";; esac\n'
-        "echo 'cc1plus: fatal error: lstm_cpu.o: No space left on device' >&2\nexit 1\n"
+    fake = _compiler_failing_on_sources(
+        tmp_path / "full-disk-c++", "cc1plus: fatal error: lstm_cpu.o: No space left on device"
     )
-    fake.chmod(0o755)
     cache = tmp_path / "cache"
     env = dict(os.environ, FASTLSTM_CXX=str(fake), FASTLSTM_CACHE_DIR=str(cache))
     code = "from fastlstm.backends.cpu import BACKEND; print(BACKEND.unavailable_reason())"
