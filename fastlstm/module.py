@@ -192,6 +192,11 @@ def _checks_are_ours(cls: type) -> bool:
 _CHECKED_CALLS: dict[tuple, _Checked] = {}
 
 
+def _passed_before(key: tuple | None) -> _Checked | None:
+    """What a call of this key was planned as when one passed every check, if one did (LSTM._passed)."""
+    return _CHECKED_CALLS.get(key) if key is not None else None
+
+
 def forget_plans() -> None:
     """Forget every remembered plan and checked call, so that the next call of each shape asks dispatch again
     (for tests and tools that change a rule or a backend's availability between calls)."""
@@ -761,7 +766,7 @@ class LSTM(nn.RNNBase):
         if lengths is not None:
             return self._forward_lengths(input, hx, lengths, packing=sparse)
         key = self._call_key(input, hx)
-        checked = _CHECKED_CALLS.get(key) if key is not None else None
+        checked = _passed_before(key)
         repeated = checked is not None
         if not repeated:
             input, hx, batch_sizes, sorted_indices, unsorted_indices, is_batched = self._prepare(input, hx)
@@ -770,9 +775,7 @@ class LSTM(nn.RNNBase):
             # a pack of no live row (batch sizes all 0, built by hand, over a buffer): nn.LSTM's own answer, no rows,
             # whatever the backend. Not a pack without rows (empty_pack below): the key holds the first batch size,
             # not the rows, and a malformed call remembered as native would send the well-formed ones of its key there
-            checked = self._checked(choices, amp, empty=batch_sizes is not None and not int(batch_sizes[0]))
-            if key is not None:
-                backends.remember(_CHECKED_CALLS, key, checked)
+            checked = self._passed(key, choices, amp, empty=batch_sizes is not None and not int(batch_sizes[0]))
         else:  # the same kind of call passed every check before
             choices, amp = checked.choices, checked.amp
             if type(input) is PackedSequence:
@@ -840,7 +843,7 @@ class LSTM(nn.RNNBase):
         # values are checked above on every call
         key = self._call_key(input, hx) if lengths.numel() else None
         key = key and ("lengths", key, longest, shortest != longest)
-        checked = _CHECKED_CALLS.get(key) if key is not None else None
+        checked = _passed_before(key)
         if checked is None:
             input, hx, *_ = self._prepare(input, hx)  # every check of a plain call, in the caller's order
         elif hx is None:  # this kind of call passed every check before
@@ -853,9 +856,7 @@ class LSTM(nn.RNNBase):
         if checked is None:
             amp = self._autocast_dtypes(x, hx, batch_sizes)
             choices = self._plan(x, hx, batch_sizes, amp)
-            checked = self._checked(choices, amp)
-            if key is not None:
-                backends.remember(_CHECKED_CALLS, key, checked)
+            checked = self._passed(key, choices, amp)
         choices, amp = checked.choices, checked.amp
         if checked.native:
             rows = packed_rows(batch_sizes, input.device)
@@ -951,12 +952,11 @@ class LSTM(nn.RNNBase):
         self._update_flat_weights()
         # Forward's plans and checks: a step is a 1-step sequence to them (the same key, the same backends)
         key = self._call_key(sequence, state)
-        checked = _CHECKED_CALLS.get(key) if key is not None else None
+        checked = _passed_before(key)
         if checked is None:
             x, state, *_ = self._prepare(sequence, state)
             choices = self._plan(x, state, None)
-            if key is not None:
-                backends.remember(_CHECKED_CALLS, key, self._checked(choices, None))
+            self._passed(key, choices, None)
             x = x.squeeze(1 if self.batch_first else 0)
         else:  # this kind of step passed every check before
             choices = checked.choices
@@ -1093,11 +1093,14 @@ class LSTM(nn.RNNBase):
             torch.get_num_threads(), amp,
         )  # fmt: skip
 
-    def _checked(self, choices: tuple[dispatch.Choice, ...], amp: _Autocast | None, empty=False) -> _Checked:
-        """A checked call's plan, with what its repeats need not work out again (`empty`: nothing to compute, which
-        nn.LSTM's own call answers)."""
+    def _passed(self, key: tuple | None, choices: tuple[dispatch.Choice, ...], amp: _Autocast | None, empty=False):
+        """A call that passed every check: its plan, with what its repeats need not work out again (`empty`: nothing
+        to compute, which nn.LSTM's own call answers), remembered under its key (None: not to be remembered)."""
         native = empty or all(choice.backend == "native" for choice in choices)
-        return _Checked(choices, amp, native, self._weights_as_built() is self._flat_weights)
+        checked = _Checked(choices, amp, native, self._weights_as_built() is self._flat_weights)
+        if key is not None:
+            backends.remember(_CHECKED_CALLS, key, checked)
+        return checked
 
     def _plan(self, input: Tensor, hx, batch_sizes: Tensor | None, amp=None) -> tuple[dispatch.Choice, ...]:
         """The backend of each (layer, direction) for prepared input, layer-major, forward before reverse.

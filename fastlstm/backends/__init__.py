@@ -16,6 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -468,9 +469,43 @@ def differentiated_twice(tensors) -> bool:
     of a grad), or autograd tracks the plain tensors under a transform's wrappers (torch.func.grad of parameters
     that require grad, whose result a loss may backpropagate through)."""
     tensors = [t for t in tensors if t is not None]
+    if torch.compiler.is_compiling():
+        # A traced backward (compiled autograd's, AOTAutograd's) runs outside torch.func's transforms, whose wrappers
+        # dynamo cannot inspect: asking broke every compiled-autograd graph at this layer's backward
+        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if len(functorch_grad_levels(tensors)) > 1:
         return True
     return torch.is_grad_enabled() and any(list(_wrapper_chain(t))[-1].requires_grad for t in tensors)
+
+
+class LayerBackward(NamedTuple):
+    """Where a fast backend's layer backward starts (layer_backward)."""
+
+    # the incoming gradients of (y, h_T, c_T), zeros for an output that got none
+    grads: tuple[Tensor, Tensor, Tensor]
+    # whether w_hr gets a gradient (projection_used)
+    proj_used: bool
+    # the layer's input gradients (x, h0, c0, w_ih, w_hh, b, w_hr) where they are differentiated again, through
+    # grads_through_reference; None where the backward kernels serve
+    differentiable: tuple | None
+
+
+def layer_backward(inputs: tuple, batch_sizes: Tensor | None, reverse: bool, given: tuple, y_shape) -> LayerBackward:
+    """The start of a fast backend's layer backward: inputs (x, h0, c0, w_ih, w_hh, b, w_hr) as saved, given the
+    gradients of (y, h_T, c_T) as autograd passes them (None where an output got none), y_shape y's shape."""
+    x, h0, c0, *_, w_hr = inputs
+    grad_y, grad_hT, grad_cT = given
+    used = projection_used(w_hr, x, grad_y is not None, grad_hT is not None)
+    grads = (
+        x.new_zeros(y_shape) if grad_y is None else grad_y,
+        x.new_zeros(h0.shape) if grad_hT is None else grad_hT,
+        x.new_zeros(c0.shape) if grad_cT is None else grad_cT,
+    )
+    differentiable = None
+    if differentiated_twice((*inputs, *grads)):  # create_graph=True, nested torch.func transforms
+        *twice, dw_hr = grads_through_reference(inputs, batch_sizes, reverse, given)
+        differentiable = (*twice, dw_hr if used else None)
+    return LayerBackward(grads, used, differentiable)
 
 
 def grads_through_reference(inputs: tuple, batch_sizes: Tensor | None, reverse: bool, grads: tuple) -> tuple:

@@ -122,14 +122,12 @@ from fastlstm.backends import (
     autograd_tracks,
     cache_root,
     constant_under_compile,
-    differentiated_twice,
     exporting,
     fake_on_x_device,
     functorch_grad_levels,
-    grads_through_reference,
+    layer_backward,
     on_noexec_mount,
     per_sample_layer_grads,
-    projection_used,
     rows_side_by_side,
     vmap_layer_op,
     vmap_per_sample,
@@ -772,22 +770,15 @@ class _FuncLayer(torch.autograd.Function):
     def backward(ctx, grad_y, grad_hT, grad_cT, _grad_gates, _grad_c_hist):
         x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, y, gates, c_hist = ctx.saved_tensors
         inputs = (x, h0, c0, w_ih, w_hh, b, w_hr)
-        given = (grad_y, grad_hT, grad_cT)
-        used = projection_used(w_hr, x, grad_y is not None, grad_hT is not None)
-        grad_y = torch.zeros_like(y) if grad_y is None else grad_y
-        grad_hT = torch.zeros_like(h0) if grad_hT is None else grad_hT
-        grad_cT = torch.zeros_like(c0) if grad_cT is None else grad_cT
-        if differentiated_twice((*inputs, grad_y, grad_hT, grad_cT)):
-            *grads, dw_hr = grads_through_reference(inputs, batch_sizes, ctx.reverse, given)
-            grads = (*grads, dw_hr if used else None)
-        else:
-            with torch.no_grad():  # these gradients are not differentiated: no graph of an op that has no derivative
-                dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.fastlstm.cpp_lstm_bwd.default(
-                    grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, ctx.reverse,
-                    b is not None,
-                )  # fmt: skip
-            grads = (dx, dh0, dc0, dw_ih, dw_hh, db if b is not None else None, dw_hr if used else None)
-        return (*grads, None, None)  # batch_sizes and reverse get none
+        start = layer_backward(inputs, batch_sizes, ctx.reverse, (grad_y, grad_hT, grad_cT), y.shape)
+        if start.differentiable is not None:
+            return (*start.differentiable, None, None)  # batch_sizes and reverse get none
+        with torch.no_grad():  # these gradients are not differentiated: no graph of an op that has no derivative
+            dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.fastlstm.cpp_lstm_bwd.default(
+                *start.grads, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, ctx.reverse, b is not None
+            )
+        grads = (dx, dh0, dc0, dw_ih, dw_hh, db if b is not None else None, dw_hr if start.proj_used else None)
+        return (*grads, None, None)
 
 
 def _loaded_then(op_name: str):

@@ -27,15 +27,13 @@ from fastlstm.backends import (
     VMAP_RULES,
     LayerCall,
     cell_state_as,
-    differentiated_twice,
     fake_on_x_device,
     fake_tensors_in_play,
     functorch_grad_levels,
-    grads_through_reference,
     host_to_device,
+    layer_backward,
     layer_op_grads,
     per_sample_layer_grads,
-    projection_used,
     remember,
     rows_side_by_side,
     vmap_layer_op,
@@ -794,20 +792,12 @@ def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused, eager: bool = False):
     """The layer's backward: through the backward ops (traced calls: the op's own autograd), or for an eager
     call (_EagerLayer) through their implementations, whose step loops may replay CUDA graphs (graphs.py)."""
     x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, h0, c0, b = ctx.saved_tensors
-    B, P, H = hs.shape[1], hs.shape[2], cs.shape[2]
-    grad_y_given, grad_hT_given = grad_y is not None, grad_hT is not None
-    given = (grad_y, grad_hT, grad_cT)
-    if grad_y is None:
-        grad_y = x.new_zeros(x.shape[0], B, P)
-    if grad_hT is None:
-        grad_hT = x.new_zeros(B, P)
-    if grad_cT is None:
-        grad_cT = x.new_zeros(B, H)
     inputs = (x, h0, c0, w_ih, w_hh, b, w_hr)
-    used = projection_used(w_hr, x, grad_y_given, grad_hT_given)
-    if differentiated_twice((*inputs, grad_y, grad_hT, grad_cT)):  # create_graph=True, nested torch.func transforms
-        *grads, dw_hr = grads_through_reference(inputs, batch_sizes, ctx.reverse, given)
-        return layer_op_grads(*grads, dw_hr if used else None)
+    y_shape = (x.shape[0], hs.shape[1], hs.shape[2])
+    start = layer_backward(inputs, batch_sizes, ctx.reverse, (grad_y, grad_hT, grad_cT), y_shape)
+    if start.differentiable is not None:
+        return layer_op_grads(*start.differentiable)
+    grad_y, grad_hT, grad_cT = start.grads
     # No graph: these gradients are not differentiated. And the op's autograd layer (torch.library's
     # autograd.Function, without setup_context) raises under a torch.func gradient transform if it records one.
     rows_of, grads_of = triton_backward_rows, triton_backward
@@ -827,7 +817,7 @@ def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused, eager: bool = False):
             grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel,
             b is not None,
         )  # fmt: skip
-    has_bias, has_proj = b is not None, used
+    has_bias, has_proj = b is not None, start.proj_used
     return layer_op_grads(dx, dh0, dc0, dw_ih, dw_hh, db if has_bias else None, dw_hr if has_proj else None)
 
 
