@@ -327,6 +327,30 @@ def test_frozen_weights_get_no_gradient_and_the_input_nn_lstms(kernel, monkeypat
                 torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen-weights"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_batched_gradients_are_nn_lstms(kernel, frozen, monkeypatch):
+    """torch.autograd.grad(..., is_grads_batched=True) (torch's legacy vmap over backward, as in a Jacobian by
+    rows) hands backward BatchedTensors, which the kernels cannot read ("Cannot access storage of
+    BatchedTensorImpl"): backward then runs the ops, once a sample. Each row is nn.LSTM's gradient of its own."""
+    monkeypatch.setenv(triton_ops.ENV_KERNEL, kernel)
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 5, num_layers=2, proj_size=2, bidirectional=True).to(DEVICE)
+    fast = fastlstm.LSTM(3, 5, num_layers=2, proj_size=2, bidirectional=True, backend="triton").to(DEVICE)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 2, 3, device=DEVICE)
+    grads_y = torch.randn(3, 4, 2, 4, device=DEVICE)
+    results = []
+    for m in (ref, fast):
+        m.requires_grad_(not frozen)
+        xi = x.clone().requires_grad_()
+        y, _ = m(xi)
+        wrt = [xi] if frozen else [xi, m.weight_hh_l0, m.weight_ih_l1_reverse, m.weight_hr_l1]
+        results.append(torch.autograd.grad(y, wrt, grads_y, is_grads_batched=True))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
 def test_kernels_agree_with_each_other():
     case = Case(4, 3, 3, 6, proj=4, packed=True)
     tensors, bs = _layer_inputs(case, torch.float32)

@@ -860,6 +860,10 @@ if HAS_VMAP_RULE:
     triton_backward.register_vmap(_backward_vmap)
 
 
+# torch.autograd.grad's is_grads_batched vmaps backward with torch's legacy BatchedTensor (not torch.func's)
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
 class _EagerLayer(torch.autograd.Function):
     """triton_forward with its autograd, for eager calls, without torch.library's per-call Python.
 
@@ -878,8 +882,11 @@ class _EagerLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        # Compiled autograd traces this backward: the ops then, as a compiled program's (see triton_forward)
-        return _backward(ctx, *grads, eager=not torch.compiler.is_compiling())
+        # Compiled autograd traces this backward: the ops then, as a compiled program's (see triton_forward). So
+        # too for gradients batched by torch.autograd.grad(..., is_grads_batched=True), whose legacy vmap hands
+        # this backward BatchedTensors that the kernels cannot read: the ops run once a sample (torch's fallback).
+        batched = any(g is not None and _legacy_batched(g) for g in grads)
+        return _backward(ctx, *grads, eager=not (batched or torch.compiler.is_compiling()))
 
 
 class _FuncLayer(torch.autograd.Function):
