@@ -1453,12 +1453,23 @@ _EXTRA_CASES = {
 }
 
 
+def _compiler_targets(*macros: str) -> bool:
+    """Whether the build's compiler, with the build's flags (-march=native), defines every one of `macros`: which
+    instruction sets it compiles for, short of what the CPU has where it does not know the CPU (clang 14 takes a
+    Sapphire Rapids for a Rocket Lake, without AMX)."""
+    command = [cpu._compiler(), *cpu._cflags(), "-dM", "-E", "-x", "c++", os.devnull]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return all(f"#define {macro} " in proc.stdout for macro in macros)
+
+
 def test_amx_tiles_follow_the_cpu():
-    """bfloat16 takes AMX tiles exactly where the CPU has them (and Linux grants their state; a kernel too old to
-    would leave them off, which this test would then report)."""
+    """bfloat16 takes AMX tiles exactly where the CPU has them and the compiler compiles for them (and Linux grants
+    their state; a kernel too old to would leave them off, which this test would then report)."""
     if os.environ.get("FASTLSTM_CXXFLAGS") or os.environ.get("FASTLSTM_BF16_DOT") or os.environ.get("FASTLSTM_AMX"):
         pytest.skip("the build or the path is chosen through the environment")
     has_tiles = _cpu_has("_is_amx_tile_supported", "amx_tile") and _cpu_has_avx512_bf16() and sys.platform == "linux"
+    has_tiles = has_tiles and _compiler_targets("__AMX_TILE__", "__AMX_BF16__", "__AVX512BF16__")
     assert cpu.uses_amx() == has_tiles == ("on AMX tiles" in cpu.kernel_choices()), cpu.kernel_choices()
 
 
