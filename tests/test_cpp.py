@@ -1635,6 +1635,36 @@ def _auto_backends(dtype, batch, train=False, hidden=65, proj_size=0, packed=Fal
         return fastlstm.explain(m, x).backends
 
 
+@pytest.mark.skipif(dispatch._cpu_bf16_kind() != "amx", reason="measured on a CPU with AMX only")
+@pytest.mark.parametrize("cpp", [True, False], ids=["cpp", "cpp-unavailable"])
+def test_bfloat16_training_avoids_onednns_wrong_gradients(cpp, monkeypatch):
+    """On a CPU with AMX, nn.LSTM's oneDNN bfloat16 backward gives wrong gradients from hidden 1024 in multiples of
+    32 (dx off by its own size against float64; dispatch._onednn_bf16_grads_wrong). auto trains such a layer on cpp
+    whatever the speed rule says (here: a build without AMX, which the rule gives to native), and on the reference
+    loop where cpp is unavailable: gradients within bfloat16's error of float64's, forward as nn.LSTM's."""
+    forget_plans()
+    monkeypatch.setattr(dispatch, "_cpp_amx", lambda: False)  # the rule alone would take native
+    if not cpp:
+        monkeypatch.setattr(cpu.BACKEND, "unavailable_reason", lambda: "a stand-in: no compiler")
+        monkeypatch.setattr(dispatch, "_warn_once", lambda *args, **kwargs: None)
+    torch.manual_seed(0)
+    gold = nn.LSTM(8, 1024).double()
+    model = fastlstm.LSTM(8, 1024)
+    model.load_state_dict(gold.state_dict())
+    model = model.to(torch.bfloat16)
+    x = torch.randn(3, 2, 8, dtype=torch.float64)
+    assert fastlstm.explain(model, x.bfloat16()).backends == ["cpp" if cpp else "reference"]
+    grads = []
+    for m, dtype in ((gold, torch.float64), (model, torch.bfloat16)):
+        xi = x.to(dtype).detach().requires_grad_()
+        y, (h, c) = m(xi)
+        (y.double().square().sum() + h.double().sum() + c.double().sum()).backward()
+        grads.append([xi.grad.double(), *(p.grad.double() for p in m.parameters())])
+    forget_plans()
+    for want, got in zip(*grads):
+        assert (got - want).abs().max() <= 2e-2 * want.abs().max()  # nn.LSTM's own: 0.3-1.2 here
+
+
 def test_the_build_says_how_it_splits_rows():
     """dispatch asks the build how a float32 forward splits its rows (cpu.float32_forward_rows): it must say what
     the split does, shares as even as rows allow from 3 rows a thread, none on one thread, below that, below
@@ -1873,6 +1903,11 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     for kind in ("amx", "unknown"):  # not measured: native
         monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda kind=kind: kind)
         assert _auto_backends(torch.bfloat16, 1, train=True) == ["native"] * 4
+    monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: "amx")  # but oneDNN's gradients are wrong from 1024
+    assert _auto_backends(torch.bfloat16, 1, train=True, hidden=1024, seq_len=2) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 1, train=True, hidden=1056, seq_len=2) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 1, train=True, hidden=1040, seq_len=2) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 1, train=False, hidden=1024, seq_len=2) == ["native"] * 4
     monkeypatch.setattr(dispatch, "_cpp_amx", lambda: True)  # cpp and oneDNN both on AMX tiles
     monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: "amx")
     assert _auto_backends(torch.bfloat16, 8, hidden=384) == ["cpp"] * 4  # inference: batch <= 8 ...
