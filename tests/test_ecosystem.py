@@ -868,6 +868,28 @@ def test_backward_through_vmap_matches_a_loop(backend, packed):
         torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+def test_torch_func_grad_of_a_vmapped_layer_whose_states_get_no_gradient(backend):
+    """torch.func.grad outside torch.vmap of the layer (a batch or an ensemble trained with torch.func), a loss of
+    y alone: h_n and c_n get no gradient. nn.LSTM's numbers (a loop; it has no batching rule). Before torch 2.7 the
+    vmap rule torch generates for the layer's autograd.Function batched those None gradients ("TypeError:
+    _add_batch_dim(): incompatible function arguments"), cpp's and auto's calls alike."""
+    torch.manual_seed(0)
+    reference = nn.LSTM(2, 3, proj_size=2).double()
+    model = fastlstm.LSTM(2, 3, proj_size=2, backend=backend).double()
+    model.load_state_dict(reference.state_dict())
+    xs = torch.randn(3, 4, 1, 2, dtype=torch.float64)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(p, m):
+        call = lambda x: torch.func.functional_call(m, p, (x,))[0].sin().sum()  # noqa: E731
+        return torch.func.vmap(call)(xs).sum() if m is model else sum(call(x) for x in xs)
+
+    got, expected = torch.func.grad(loss)(params, model), torch.func.grad(loss)(params, reference)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-12, rtol=1e-10, msg=name)
+
+
 def _layer_op_call(backend: str, save: bool):
     """The backend's layer op as f(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse), and its profile name."""
     if backend == "cpp":

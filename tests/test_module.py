@@ -29,6 +29,23 @@ from fastlstm.backends import get as get_backend
 from fastlstm.dispatch import Choice
 
 I, H = 5, 6
+
+
+# nn.Module.register_state_dict_post_hook and register_load_state_dict_pre_hook are public from torch 2.5. torch 2.4
+# has the private methods they call, which fill the same dicts (_state_dict_hooks; _load_state_dict_pre_hooks, a
+# _WrappedHook holding a weak reference to the module): the tests below register through them there.
+def register_state_dict_post_hook(module: nn.Module, hook):
+    if hasattr(module, "register_state_dict_post_hook"):
+        return module.register_state_dict_post_hook(hook)
+    return module._register_state_dict_hook(hook)
+
+
+def register_load_state_dict_pre_hook(module: nn.Module, hook):
+    if hasattr(module, "register_load_state_dict_pre_hook"):
+        return module.register_load_state_dict_pre_hook(hook)
+    return module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
 TOL = dict(atol=1e-9, rtol=1e-7)
 
 
@@ -233,7 +250,7 @@ def test_hook_handles_taken_before_convert_still_remove_their_hooks(to):
         source.register_forward_pre_hook(lambda *args: fired.append("pre")),
         source.register_forward_hook(lambda *args, **kwargs: fired.append("kwargs"), with_kwargs=True),
         source.register_full_backward_hook(lambda *args: fired.append("backward")),
-        source.register_state_dict_post_hook(lambda *args: fired.append("state_dict")),
+        register_state_dict_post_hook(source, lambda *args: fired.append("state_dict")),
     ]
     converted = fastlstm.convert(nn.Sequential(source), to=to)[0]
     assert type(converted) is (fastlstm.LSTM if to == "fastlstm" else nn.LSTM)
@@ -259,7 +276,7 @@ def test_convert_points_load_state_dict_pre_hooks_at_the_converted_layer(to):
     def upgrade_checkpoint(module, *args):
         seen.append(module)
 
-    handle = source.register_load_state_dict_pre_hook(upgrade_checkpoint)
+    handle = register_load_state_dict_pre_hook(source, upgrade_checkpoint)
     model = fastlstm.convert(nn.Sequential(source), to=to)
     state = model.state_dict()
     del source
@@ -276,7 +293,7 @@ def test_scripting_leaves_the_layers_load_state_dict_pre_hooks_its_own():
     layer's (pointed at the temporary copy, they raised "the hook of a dead Module" once it was gone)."""
     model = fastlstm.LSTM(I, H)
     seen = []
-    model.register_load_state_dict_pre_hook(lambda module, *args: seen.append(module))
+    register_load_state_dict_pre_hook(model, lambda module, *args: seen.append(module))
     torch.jit.script(model)
     gc.collect()
     model.load_state_dict(model.state_dict())

@@ -335,6 +335,20 @@ def layer_op_grads(
 # functorch's fallback runs a layer op one sample at a time.
 VMAP_RULES = torch.torch_version.TorchVersion(torch.__version__) >= "2.6" and hasattr(torch.library, "register_vmap")
 
+# Whether the vmap rule torch generates for an autograd.Function (generate_vmap_rule) takes an output's None
+# gradient, as set_materialize_grads(False) hands them to backward: from torch 2.7 on. Before, its backward batched
+# the None ("TypeError: _add_batch_dim(): incompatible function arguments"): torch.func.grad of a vmapped layer
+# whose h_n or c_n got no gradient.
+VMAP_TAKES_NO_GRADIENT = torch.torch_version.TorchVersion(torch.__version__) >= "2.7"
+
+
+def materialize_grads_for_vmap(tensors) -> bool:
+    """For the setup_context of a layer's autograd.Function with generate_vmap_rule, which leaves the gradients of
+    outputs that got none None (set_materialize_grads(False)): whether they must come as zeros instead, where
+    torch.vmap batches this call (`tensors`: its inputs) and torch's generated rule cannot take a None
+    (VMAP_TAKES_NO_GRADIENT). Every output then counts as differentiated."""
+    return not VMAP_TAKES_NO_GRADIENT and any(t is not None and batched_under_vmap(t) for t in tensors)
+
 
 def vmap_layer_op(op, info, in_dims: tuple, args: tuple, batch_axes: tuple[int | None, ...]):
     """A torch.vmap rule (torch.library.register_vmap) for a fast backend's layer op, whose inputs follow the layer

@@ -126,6 +126,7 @@ from fastlstm.backends import (
     fake_on_x_device,
     functorch_grad_levels,
     layer_backward,
+    materialize_grads_for_vmap,
     on_noexec_mount,
     per_sample_layer_grads,
     rows_side_by_side,
@@ -764,7 +765,8 @@ class _FuncLayer(torch.autograd.Function):
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, y, gates, c_hist)
         ctx.reverse = reverse
         ctx.mark_non_differentiable(gates, c_hist)
-        ctx.set_materialize_grads(False)  # which outputs got a gradient decides what is differentiated twice
+        # Which outputs got a gradient decides what is differentiated twice (zeros where torch.vmap before 2.7 needs)
+        ctx.set_materialize_grads(materialize_grads_for_vmap((x, h0, c0, w_ih, w_hh, b, w_hr)))
 
     @staticmethod
     def backward(ctx, grad_y, grad_hT, grad_cT, _grad_gates, _grad_c_hist):

@@ -33,6 +33,7 @@ from fastlstm.backends import (
     host_to_device,
     layer_backward,
     layer_op_grads,
+    materialize_grads_for_vmap,
     per_sample_layer_grads,
     remember,
     rows_side_by_side,
@@ -785,7 +786,8 @@ def _setup_context(ctx, inputs, output):
     ctx.reverse = reverse
     ctx.kernel = kernel
     ctx.mark_non_differentiable(acts, hs, cs, r)
-    ctx.set_materialize_grads(False)  # unused gradients stay None, not [T, B, 4H] of zeros
+    # unused gradients stay None, not [T, B, 4H] of zeros (zeros where torch.vmap before torch 2.7 needs them)
+    ctx.set_materialize_grads(materialize_grads_for_vmap((x, h0, c0, w_ih, w_hh, b, w_hr)))
 
 
 def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused, eager: bool = False):
