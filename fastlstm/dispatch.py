@@ -765,7 +765,10 @@ def _warn_once(name: str, reason: str, key: str | None = None) -> None:
     if key in _warned:
         return
     _warned.add(key)
-    message = f"fastlstm: the {name} backend is unavailable, using native nn.LSTM kernels instead: {reason}"
+    message = (
+        f"fastlstm: the {name} backend is unavailable, using nn.LSTM's own kernels instead (the reference loop for "
+        f"calls they cannot serve; fastlstm.explain says which): {reason}"
+    )
     warnings.warn(message, RuntimeWarning, stacklevel=backends.outside_stacklevel())
     _log.info(message)
 
@@ -831,7 +834,7 @@ def choose(name: str, call: LayerCall) -> Choice:
         _warn_once(fast, f"its kernels failed a self-test on this device: {failed}", key=f"{fast} self-test")
         return _fallback(native_fails, f"{fast} failed its self-test here: {failed}")
     if native_fails is not None and slower is not None:
-        return Choice(fast, f"native cannot run it: {native_fails} ({fast} not measured faster: {slower})")
+        return Choice(fast, f"native cannot serve it: {native_fails} ({fast} not measured faster: {slower})")
     if compiling:
         return Choice(fast, "torch.compile: nn.LSTM's CPU path does not compile (the speed rule is not asked)")
     return Choice(fast, "measured faster than native for this shape")
@@ -895,7 +898,7 @@ def _fallback(native_fails: str | None, reason: str) -> Choice:
     PyTorch ops, which have batching rules and forward-mode derivatives."""
     if native_fails is None:
         return Choice("native", reason)
-    return Choice("reference", f"{reason}; native cannot run it: {native_fails}")
+    return Choice("reference", f"{reason}; native cannot serve it: {native_fails}")
 
 
 def _own_call(name: str, where: str, reason: str) -> Choice:

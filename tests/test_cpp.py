@@ -1642,7 +1642,6 @@ def test_bfloat16_training_avoids_onednns_wrong_gradients(cpp, monkeypatch):
     32 (dx off by its own size against float64; dispatch._onednn_bf16_grads_wrong). auto trains such a layer on cpp
     whatever the speed rule says (here: a build without AMX, which the rule gives to native), and on the reference
     loop where cpp is unavailable: gradients within bfloat16's error of float64's, forward as nn.LSTM's."""
-    forget_plans()
     monkeypatch.setattr(dispatch, "_cpp_amx", lambda: False)  # the rule alone would take native
     if not cpp:
         monkeypatch.setattr(cpu.BACKEND, "unavailable_reason", lambda: "a stand-in: no compiler")
@@ -1653,14 +1652,17 @@ def test_bfloat16_training_avoids_onednns_wrong_gradients(cpp, monkeypatch):
     model.load_state_dict(gold.state_dict())
     model = model.to(torch.bfloat16)
     x = torch.randn(3, 2, 8, dtype=torch.float64)
-    assert fastlstm.explain(model, x.bfloat16()).backends == ["cpp" if cpp else "reference"]
-    grads = []
-    for m, dtype in ((gold, torch.float64), (model, torch.bfloat16)):
-        xi = x.to(dtype).detach().requires_grad_()
-        y, (h, c) = m(xi)
-        (y.double().square().sum() + h.double().sum() + c.double().sum()).backward()
-        grads.append([xi.grad.double(), *(p.grad.double() for p in m.parameters())])
-    forget_plans()
+    forget_plans()  # plans made under the monkeypatched rule stay in this test
+    try:
+        assert fastlstm.explain(model, x.bfloat16()).backends == ["cpp" if cpp else "reference"]
+        grads = []
+        for m, dtype in ((gold, torch.float64), (model, torch.bfloat16)):
+            xi = x.to(dtype).detach().requires_grad_()
+            y, (h, c) = m(xi)
+            (y.double().square().sum() + h.double().sum() + c.double().sum()).backward()
+            grads.append([xi.grad.double(), *(p.grad.double() for p in m.parameters())])
+    finally:
+        forget_plans()
     for want, got in zip(*grads):
         assert (got - want).abs().max() <= 2e-2 * want.abs().max()  # nn.LSTM's own: 0.3-1.2 here
 
@@ -1908,6 +1910,9 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 1, train=True, hidden=1056, seq_len=2) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 1, train=True, hidden=1040, seq_len=2) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 1, train=False, hidden=1024, seq_len=2) == ["native"] * 4
+    # a projection and packed input run ATen's loop in nn.LSTM, whose gradients are right
+    assert _auto_backends(torch.bfloat16, 1, train=True, hidden=1024, seq_len=2, proj_size=4) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 2, train=True, hidden=1024, seq_len=2, packed=True) == ["native"] * 4
     monkeypatch.setattr(dispatch, "_cpp_amx", lambda: True)  # cpp and oneDNN both on AMX tiles
     monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: "amx")
     assert _auto_backends(torch.bfloat16, 8, hidden=384) == ["cpp"] * 4  # inference: batch <= 8 ...

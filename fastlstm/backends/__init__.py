@@ -483,10 +483,6 @@ def differentiated_twice(tensors) -> bool:
     of a grad), or autograd tracks the plain tensors under a transform's wrappers (torch.func.grad of parameters
     that require grad, whose result a loss may backpropagate through)."""
     tensors = [t for t in tensors if t is not None]
-    if torch.compiler.is_compiling():
-        # A traced backward (compiled autograd's, AOTAutograd's) runs outside torch.func's transforms, whose wrappers
-        # dynamo cannot inspect: asking broke every compiled-autograd graph at this layer's backward
-        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if len(functorch_grad_levels(tensors)) > 1:
         return True
     return torch.is_grad_enabled() and any(list(_wrapper_chain(t))[-1].requires_grad for t in tensors)
@@ -516,7 +512,13 @@ def layer_backward(inputs: tuple, batch_sizes: Tensor | None, reverse: bool, giv
         x.new_zeros(c0.shape) if grad_cT is None else grad_cT,
     )
     differentiable = None
-    if differentiated_twice((*inputs, *grads)):  # create_graph=True, nested torch.func transforms
+    if torch.compiler.is_compiling():
+        # A traced backward (compiled autograd's, AOTAutograd's) runs outside torch.func's transforms, whose wrappers
+        # dynamo cannot inspect: asking broke every compiled-autograd graph at this layer's backward
+        twice = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*inputs, *grads))
+    else:
+        twice = differentiated_twice((*inputs, *grads))  # create_graph=True, nested torch.func transforms
+    if twice:
         *twice, dw_hr = grads_through_reference(inputs, batch_sizes, reverse, given)
         differentiable = (*twice, dw_hr if used else None)
     return LayerBackward(grads, used, differentiable)

@@ -887,8 +887,10 @@ class _EagerLayer(torch.autograd.Function):
         # Compiled autograd traces this backward: the ops then, as a compiled program's (see triton_forward). So
         # too for gradients batched by torch.autograd.grad(..., is_grads_batched=True), whose legacy vmap hands
         # this backward BatchedTensors that the kernels cannot read: the ops run once a sample (torch's fallback).
-        batched = any(g is not None and _legacy_batched(g) for g in grads)
-        return _backward(ctx, *grads, eager=not (batched or torch.compiler.is_compiling()))
+        # is_compiling first: dynamo cannot trace is_legacy_batchedtensor (a graph break a layer, and under the
+        # triton interpreter a traced kernel launch); a traced backward is never handed BatchedTensors anyway
+        eager = not torch.compiler.is_compiling() and not any(g is not None and _legacy_batched(g) for g in grads)
+        return _backward(ctx, *grads, eager=eager)
 
 
 class _FuncLayer(torch.autograd.Function):
