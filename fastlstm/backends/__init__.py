@@ -519,8 +519,8 @@ def layer_backward(inputs: tuple, batch_sizes: Tensor | None, reverse: bool, giv
     else:
         twice = differentiated_twice((*inputs, *grads))  # create_graph=True, nested torch.func transforms
     if twice:
-        *twice, dw_hr = grads_through_reference(inputs, batch_sizes, reverse, given)
-        differentiable = (*twice, dw_hr if used else None)
+        *others, dw_hr = grads_through_reference(inputs, batch_sizes, reverse, given)
+        differentiable = (*others, dw_hr if used else None)
     return LayerBackward(grads, used, differentiable)
 
 
