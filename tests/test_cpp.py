@@ -1642,7 +1642,7 @@ def test_bfloat16_training_avoids_onednns_wrong_gradients(cpp, packed, monkeypat
     """On a CPU with AMX, nn.LSTM's oneDNN bfloat16 backward gives wrong gradients from hidden 1024 in multiples of
     32 (dx off by its own size against float64; dispatch._onednn_bf16_grads_wrong). auto trains such a layer on cpp
     whatever the speed rule says (here: a build without AMX, which the rule gives to native), and on the reference
-    loop where cpp is unavailable: gradients within bfloat16's error of float64's, forward as nn.LSTM's."""
+    loop where cpp is unavailable: gradients within bfloat16's error of float64's."""
     monkeypatch.setattr(dispatch, "_cpp_amx", lambda: False)  # the rule alone would take native
     if not cpp:
         monkeypatch.setattr(cpu.BACKEND, "unavailable_reason", lambda: "a stand-in: no compiler")
