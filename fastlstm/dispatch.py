@@ -290,7 +290,11 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       beyond the rule at hidden 256-512. So bfloat16 inference also goes to cpp up to batch 16 at hidden <= 256,
       on Zen 4 as on Zen 5. Batch 17-32 at hidden 64-160 on Zen 4, 11 shapes twice (8 in
       `-bfloat16-inference-batch17-32-run*.json`): 1.03-1.62x, so there too (on Zen 5 beyond batch 16 was even or
-      lost, above).
+      lost, above). At ff3f223 (2026-12-06), hidden 16-64 at batch 33-96, 14 shapes twice (1-2 layers, uni- and
+      bidirectional; `-bfloat16-inference-small-hidden-beyond-batch32-run*.json`, `-...-more-run*.json`):
+      1.01-1.75x, the grid's B64-T50-H64-L2-bi among them (1.11-1.23x in five runs); beyond batch 96 it was even
+      (B128-H32-L2 1.01x, 0.95x; B128/B256-H64 1.02-1.05x), and hidden 96-128 at batch 48-128 0.91-1.00x. So on
+      Zen 4 inference also goes to cpp up to batch 96 at hidden <= 64.
       Short sequences (`--grid cpu-short --dtype bfloat16`, twice, `-bfloat16-short-run*.json`): one step won at
       batch 8-64 (inference 1.01-1.64x, training 1.12-3.55x), 10 steps at batch 8-16 (inference 1.00-1.44x,
       training 1.12-2.84x); 10 steps beyond was mixed (batch 32-64: inference 0.78-1.02x, training 0.95-1.54x).
@@ -662,11 +666,12 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
         return None
     if zen5 and call.batch <= 8:
         return None
-    if not zen5 and call.batch <= 32 and call.hidden_size <= 160:
+    if not zen5 and (call.batch <= 32 and call.hidden_size <= 160 or call.batch <= 96 and call.hidden_size <= 64):
         return None
     return (
         "bfloat16 inference beyond batch x hidden 1024, but for batch <= 16 at hidden <= 256 (on Zen 5 also up "
-        "to batch 8; on Zen 4 up to batch 32 at hidden <= 160): oneDNN measured as fast or faster"
+        "to batch 8; on Zen 4 up to batch 32 at hidden <= 160 and 96 at hidden <= 64): oneDNN measured as fast or "
+        "faster"
     )
 
 

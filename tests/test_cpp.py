@@ -1952,6 +1952,9 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 32, hidden=160) == ["cpp"] * 4  # and batch <= 32 at hidden <= 160
     assert _auto_backends(torch.bfloat16, 33, hidden=128) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 17, hidden=192) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 96, hidden=64) == ["cpp"] * 4  # and batch <= 96 at hidden <= 64
+    assert _auto_backends(torch.bfloat16, 97, hidden=64) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 64, hidden=65) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 16, train=True) == ["cpp"] * 4  # training at any batch
     assert _auto_backends(torch.bfloat16, 256, train=True, hidden=128) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 64, train=True, hidden=512) == ["cpp"] * 4
@@ -1965,6 +1968,7 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 9, hidden=384) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 16, hidden=256) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 17, hidden=128) == ["native"] * 4  # not beyond batch 16 there
+    assert _auto_backends(torch.bfloat16, 64, hidden=64) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 32, train=True, hidden=256) == ["cpp"] * 4  # training: batch <= 32 ...
     assert _auto_backends(torch.bfloat16, 32, train=True, hidden=512) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 32, train=True, hidden=384) == ["native"] * 4  # ... but hidden 257-511
