@@ -666,7 +666,8 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
         return None
     if zen5 and call.batch <= 8:
         return None
-    if not zen5 and (call.batch <= 32 and call.hidden_size <= 160 or call.batch <= 96 and call.hidden_size <= 64):
+    zen4_small_hidden = (call.batch <= 32 and call.hidden_size <= 160) or (call.batch <= 96 and call.hidden_size <= 64)
+    if not zen5 and zen4_small_hidden:
         return None
     return (
         "bfloat16 inference beyond batch x hidden 1024, but for batch <= 16 at hidden <= 256 (on Zen 5 also up "
