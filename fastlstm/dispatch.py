@@ -192,8 +192,9 @@ def _cpp_onednn_weight_grads() -> bool:
 
 
 def _one_thread() -> bool:
-    """Whether torch runs one thread (a serving worker, say): the Intel AMX rules were measured at two, where cpp
-    splits a batch's rows between the threads and oneDNN synchronises them at every step. Plans are remembered
+    """Whether torch runs one thread (a serving worker, say): the Intel AMX rules and Zen 4's bfloat16 inference
+    rule were measured at two, where cpp splits a batch's rows between the threads and oneDNN synchronises them at
+    every step. Plans are remembered
     per thread count (the module's call key and _CallShape hold it)."""
     return torch.get_num_threads() == 1
 
@@ -294,7 +295,11 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       bidirectional; `-bfloat16-inference-small-hidden-beyond-batch32-run*.json`, `-...-more-run*.json`):
       1.01-1.75x, the grid's B64-T50-H64-L2-bi among them (1.11-1.23x in five runs); beyond batch 96 it was even
       (B128-H32-L2 1.01x, 0.95x; B128/B256-H64 1.02-1.05x), and hidden 96-128 at batch 48-128 0.91-1.00x. So on
-      Zen 4 inference also goes to cpp up to batch 96 at hidden <= 64.
+      Zen 4 inference also goes to cpp up to batch 96 at hidden <= 64. At one thread (`--threads 1`), the same
+      day, 14 shapes twice (`-bfloat16-inference-one-thread-run*.json`): batch 8-48 at hidden 64-256 lost
+      (0.88-1.00x: B32-H64 0.88x, 0.89x; B16-T500-H128 0.93x, 0.96x), batch 4 was even (B4-T100-H256 1.03x, 0.98x)
+      and bidirectional H48-64 at batch 64-96 even (0.98-1.04x): so at one thread bfloat16 inference from batch 8
+      at hidden <= 256 goes native on Zen 4, as on the Xeon with AMX.
       Short sequences (`--grid cpu-short --dtype bfloat16`, twice, `-bfloat16-short-run*.json`): one step won at
       batch 8-64 (inference 1.01-1.64x, training 1.12-3.55x), 10 steps at batch 8-16 (inference 1.00-1.44x,
       training 1.12-2.84x); 10 steps beyond was mixed (batch 32-64: inference 0.78-1.02x, training 0.95-1.54x).
@@ -662,6 +667,8 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
             "bfloat16 training on Zen 5 beyond batch 16, but for batch <= 32 at hidden <= 256 or >= 512 and "
             "hidden >= 640 at any batch: oneDNN measured as fast or faster"
         )
+    if _one_thread() and not zen5 and call.batch >= 8 and call.hidden_size <= 256:
+        return "bfloat16 inference on Zen 4 at one thread from batch 8 at hidden <= 256: oneDNN measured faster"
     if call.batch * call.hidden_size <= 1024 or (call.batch <= 16 and call.hidden_size <= 256):
         return None
     if zen5 and call.batch <= 8:

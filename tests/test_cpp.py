@@ -1955,6 +1955,11 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 96, hidden=64) == ["cpp"] * 4  # and batch <= 96 at hidden <= 64
     assert _auto_backends(torch.bfloat16, 97, hidden=64) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 64, hidden=65) == ["native"] * 4
+    monkeypatch.setattr(dispatch, "_one_thread", lambda: True)  # at one thread, from batch 8 at hidden <= 256
+    assert _auto_backends(torch.bfloat16, 8, hidden=64) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 7, hidden=64) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 8, hidden=257, seq_len=10) == ["cpp"] * 4  # short sequences still
+    monkeypatch.setattr(dispatch, "_one_thread", lambda: False)
     assert _auto_backends(torch.bfloat16, 16, train=True) == ["cpp"] * 4  # training at any batch
     assert _auto_backends(torch.bfloat16, 256, train=True, hidden=128) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 64, train=True, hidden=512) == ["cpp"] * 4
