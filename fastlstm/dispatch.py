@@ -194,8 +194,7 @@ def _cpp_onednn_weight_grads() -> bool:
 def _one_thread() -> bool:
     """Whether torch runs one thread (a serving worker, say): the Intel AMX rules and Zen 4's bfloat16 inference
     rule were measured at two, where cpp splits a batch's rows between the threads and oneDNN synchronises them at
-    every step. Plans are remembered
-    per thread count (the module's call key and _CallShape hold it)."""
+    every step. Plans are remembered per thread count (the module's call key and _CallShape hold it)."""
     return torch.get_num_threads() == 1
 
 
