@@ -1149,6 +1149,34 @@ def test_a_build_out_of_disk_space_says_where_and_what_to_set(tmp_path):
     assert "set FASTLSTM_CACHE_DIR or TMPDIR" in reason and "No space left on device" in reason, reason
 
 
+def test_a_full_disk_is_recognised_whatever_the_users_language(tmp_path):
+    """A compiler whose libc speaks the user's language says "No space left on device" in it, which the reason's
+    check (English) missed: the build runs the compiler with LC_ALL=C. This one answers in French unless told C."""
+    fake = tmp_path / "localised-c++"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'case "$1" in {_COMPILER_QUERIES}) exec {shutil.which(_CXX)} "$@";; esac\n'
+        'if [ "$LC_ALL" = C ]; then echo "cc1plus: fatal error: lstm_cpu.o: No space left on device" >&2\n'
+        'else echo "cc1plus: erreur fatale: lstm_cpu.o: Aucun espace disponible sur le périphérique" >&2; fi\n'
+        "exit 1\n"
+    )
+    fake.chmod(0o755)
+    env = dict(
+        os.environ,
+        FASTLSTM_CXX=str(fake),
+        FASTLSTM_CACHE_DIR=str(tmp_path / "cache"),
+        LANG="fr_FR.UTF-8",
+        LC_ALL="fr_FR.UTF-8",
+        LANGUAGE="fr",
+    )
+    code = "import os; from fastlstm.backends import cpu; print(cpu.BACKEND.unavailable_reason(), os.environ['LC_ALL'])"
+    (proc,) = run_pythons([(("-c", code), env)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reason, locale_after = proc.stdout.strip().rsplit(" ", 1)
+    assert "no room left on the disk" in reason and "No space left on device" in reason, reason
+    assert locale_after == "fr_FR.UTF-8"  # the process's own setting is given back after the build
+
+
 def test_a_disk_too_full_for_any_temporary_folder_still_gives_the_reason(tmp_path, monkeypatch):
     """On a full disk tempfile finds no temporary folder it can write (its probe fails): the reason names none
     (asked for it, the handler had raised, and the call that was to fall back to native with it)."""

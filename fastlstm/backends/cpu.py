@@ -339,9 +339,11 @@ def _ninja_dir() -> str | None:
 
 @contextlib.contextmanager
 def _build_environment():
-    """CXX set to our compiler and pip's ninja reachable on PATH for the build, the environment as before after."""
-    saved = {key: os.environ.get(key) for key in ("CXX", "PATH")}
-    ours = {"CXX": _compiler()}
+    """CXX set to our compiler and pip's ninja reachable on PATH for the build, the environment as before after.
+    LC_ALL=C: the compiler speaks English, as _out_of_room reads it (a full disk said in the user's language, as a
+    localised libc says it, went unrecognised), and so does what a failed build's warning quotes."""
+    saved = {key: os.environ.get(key) for key in ("CXX", "PATH", "LC_ALL")}
+    ours = {"CXX": _compiler(), "LC_ALL": "C"}
     folder = _ninja_dir()
     if folder is not None:
         ours["PATH"] = os.pathsep.join(p for p in (folder, saved["PATH"]) if p)
