@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import textwrap
 import unittest.mock
 import warnings
 from pathlib import Path
@@ -677,6 +678,68 @@ def test_fake_tensor_mode_gives_nn_lstms_shapes_forward_and_backward(backend):
         assert isinstance(got, FakeTensor) and got.shape == expected.shape and got.dtype == expected.dtype
     x = torch.randn(5, 2, 3)  # and real calls after it are served as before
     torch.testing.assert_close(fast(x)[0], ref(x)[0], atol=1e-5, rtol=1e-4)
+
+
+def _counted_flops(model, inputs, train: bool) -> dict:
+    """FLOPs by op that FlopCounterMode counts over a call (and its backward when train)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.set_grad_enabled(train):
+        out = model(inputs)[0]
+        if train:
+            (out.data if isinstance(out, PackedSequence) else out).sum().backward()
+    return {str(op): count for op, count in counter.get_flop_counts()["Global"].items()}
+
+
+@pytest.mark.parametrize("proj", [0, 3])
+@pytest.mark.parametrize("backend", fast_cpu_backends())
+def test_flop_counter_counts_the_layers_as_nn_lstms_aten_path(backend, proj):
+    """torch.utils.flop_counter.FlopCounterMode counts an op through a formula registered for it: the fast backends'
+    layers counted 0. Now their ops count the products nn.LSTM's ATen path (float64) counts in its mm calls,
+    padded or packed (live rows only), under FakeTensorMode too; a backward twice its forward (dx, dh and the
+    weights' gradients: all computed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    reference = nn.LSTM(5, 6, 2, bidirectional=True, proj_size=proj).double()
+    model = fastlstm.LSTM(5, 6, 2, bidirectional=True, proj_size=proj, backend=backend).double()
+    x = torch.randn(7, 4, 5, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([7, 5, 2, 1]), enforce_sorted=False)
+    for inputs in (x, packed):
+        expected = sum(_counted_flops(reference, inputs, train=False).values())
+        counted = _counted_flops(model, inputs, train=False)
+        assert sum(counted.values()) == expected > 0, (counted, expected)
+        assert all(op.startswith(f"fastlstm.{'cpp' if backend == 'cpp' else 'triton'}_") for op in counted), counted
+        trained = _counted_flops(model, inputs, train=True)
+        assert sum(trained.values()) == 3 * expected, (trained, expected)
+    with FakeTensorMode():  # estimating a model's FLOPs without running it
+        kwargs = dict(bidirectional=True, proj_size=proj, backend=backend, dtype=torch.float64)
+        fake_model = fastlstm.LSTM(5, 6, 2, **kwargs)  # .double() there: "Cannot swap" (nn.LSTM's too)
+        counted = _counted_flops(fake_model, torch.empty(7, 4, 5, dtype=torch.float64), train=True)
+    assert sum(counted.values()) == 3 * sum(_counted_flops(reference, x, train=False).values()), counted
+
+
+def test_flop_formulas_wait_for_the_counter_to_be_imported():
+    """`import fastlstm` imports neither torch.utils.flop_counter nor, through it, triton (0.15 s); the formulas
+    register at the first layer call under a dispatch mode once the counter is imported."""
+    from helpers import run_python
+
+    code = textwrap.dedent(
+        """
+        import sys, torch, fastlstm
+        assert "torch.utils.flop_counter" not in sys.modules and "triton" not in sys.modules
+        from torch.utils.flop_counter import FlopCounterMode
+        model = fastlstm.LSTM(3, 4, backend="cpp")
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(torch.randn(5, 2, 3))
+        print(counter.get_total_flops())
+        """
+    )
+    proc = run_python("-c", code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) == 2 * 5 * 2 * 16 * (3 + 4), proc.stdout
 
 
 @pytest.mark.parametrize(

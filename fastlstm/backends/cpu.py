@@ -124,6 +124,7 @@ from fastlstm.backends import (
     constant_under_compile,
     exporting,
     fake_on_x_device,
+    flops,
     functorch_grad_levels,
     layer_backward,
     materialize_grads_for_vmap,
@@ -742,6 +743,14 @@ def _bwd_vmap(info, in_dims, *args):
     proj_rows = (dh_out, h_raw) if w_hr is not None else None
     return per_sample_layer_grads(samples, dx, dh0, dc0, dgates, x, h_prev, has_bias, proj_rows)
 
+
+for _op, _formula in (
+    (torch.ops.fastlstm.cpp_lstm_fwd, flops.forward),
+    (torch.ops.fastlstm.cpp_lstm_bwd, flops.cpp_backward),
+    (torch.ops.fastlstm.cpp_lstm_bwd_rows, flops.cpp_backward_rows),
+    (torch.ops.fastlstm.cpp_lstm_stack_fwd, flops.stack_forward),
+):
+    flops.register(_op, _formula)
 
 if VMAP_RULES:
     torch.library.register_vmap("fastlstm::cpp_lstm_fwd", _fwd_vmap, lib=_schemas)

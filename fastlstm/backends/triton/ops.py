@@ -29,6 +29,7 @@ from fastlstm.backends import (
     cell_state_as,
     fake_on_x_device,
     fake_tensors_in_play,
+    flops,
     functorch_grad_levels,
     host_to_device,
     layer_backward,
@@ -856,6 +857,13 @@ def _backward_vmap(info, in_dims, *args):
     return per_sample_layer_grads(samples, dx, dh0, dc0, dg, x, previous_h(hs, reverse), has_bias, proj_rows)
 
 
+for _op, _formula in (
+    (torch.ops.fastlstm.triton_forward, flops.forward),
+    (torch.ops.fastlstm.triton_backward, flops.triton_backward),
+    (torch.ops.fastlstm.triton_backward_rows, flops.triton_backward_rows),
+):
+    flops.register(_op, _formula)
+
 HAS_VMAP_RULE = VMAP_RULES and hasattr(triton_forward, "register_vmap")
 if HAS_VMAP_RULE:
     triton_forward.register_vmap(_forward_vmap)
@@ -926,7 +934,9 @@ def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | No
     # the old values silently. The implementations densify what the kernels read. x as nn.LSTM keeps it: a copy
     # where it is not dense (batch_first), which the caller may then refill before backward.
     inputs = (dense(x), h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, bool(reverse), chosen)
-    if torch.compiler.is_compiling() or fake_tensors_in_play(x):  # the op: opaque to a trace, has a fake
+    # The op where it is opaque to a trace and has a fake, and under any dispatch mode, which sees the op (and its
+    # FLOPs: FlopCounterMode) where the eager paths below would show it only their few torch ops
+    if torch.compiler.is_compiling() or fake_tensors_in_play(x) or torch._C._len_torch_dispatch_stack() > 0:
         y, hT, cT, *_ = triton_forward(*inputs)
         return y, hT, cT
     if torch._C._are_functorch_transforms_active():
