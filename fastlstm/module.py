@@ -1043,6 +1043,10 @@ class LSTM(nn.RNNBase):
         """
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return None  # graphs decide once per trace
+        if torch._C._len_torch_dispatch_stack():
+            # A dispatch mode sees every op, and selective activation checkpointing matches a recomputed call's ops
+            # with its first run's, one by one: a checked call and a remembered one would run different ops
+            return None
         if torch._C._are_functorch_transforms_active() or _forward_ad_active():
             return None  # whether a transform or dual tensors track gradients here is worked out per call (_plan)
         if not _checks_are_ours(type(self)):
