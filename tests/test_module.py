@@ -447,6 +447,7 @@ def _recompute_all(ctx, op, *args, **kwargs):
     ids=lambda v: v if isinstance(v, str) else v.__name__.strip("_"),
 )
 @pytest.mark.parametrize("packed", [False, True], ids=["tensor", "packed"])
+@pytest.mark.skipif(not hasattr(torch.utils.checkpoint, "CheckpointPolicy"), reason="no CheckpointPolicy in this torch")
 def test_selective_activation_checkpointing_trains_as_nn_lstm(backend, policy, packed):
     """Selective activation checkpointing matches each recomputed op with the first forward's, one by one. A module's
     first call of a kind runs checks its later calls skip (other ops: torch.zeros of the state where they take
