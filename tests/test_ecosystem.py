@@ -725,7 +725,7 @@ def test_flop_counter_counts_the_layers_as_nn_lstms_aten_path(backend, proj):
 
 def test_flop_formulas_wait_for_the_counter_to_be_imported():
     """`import fastlstm` imports neither torch.utils.flop_counter nor, through it, triton (0.15 s); the formulas
-    register at the first layer call under a dispatch mode once the counter is imported."""
+    register as that module finishes importing, before any FlopCounterMode (each copies the registry) exists."""
     from helpers import run_python
 
     code = textwrap.dedent(

@@ -452,8 +452,9 @@ def test_selective_activation_checkpointing_trains_as_nn_lstm(backend, policy, p
     """Selective activation checkpointing matches each recomputed op with the first forward's, one by one. A module's
     first call of a kind runs checks its later calls skip (other ops: torch.zeros of the state where they take
     new_zeros), so the first training step failed: "aten.new_zeros.default encountered during backward but not found
-    in storage". Under a dispatch mode every call runs the checked path. (nn.LSTM's own packed call fails here:
-    "Tensor cached during selective activation checkpoint has been mutated"; so does native's.)"""
+    in storage". Under a dispatch mode every call runs the checked path. (nn.LSTM's own call, on ATen's path here
+    (float64, a projection, packed), fails: "Tensor cached during selective activation checkpoint has been mutated";
+    so does native's.)"""
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
     ref, fast = make_pair(I, H, 2, bidirectional=True, proj_size=3, backend=backend)
