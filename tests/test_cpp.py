@@ -1059,13 +1059,16 @@ def test_a_failed_builds_warning_quotes_the_compiler_not_ninjas_commands(tmp_pat
 # What a compiler is asked of itself (its version; torch 2.7 and before ask `c++ -v` first): the test compilers that
 # fail on sources answer these as the real one
 _COMPILER_QUERIES = "--version|-v|-dumpversion|-dumpfullversion"
+# A compiler script's first line: what the compiler is asked of itself, the real one answers
+_QUERIES_TO_THE_REAL_COMPILER = f'case "$1" in {_COMPILER_QUERIES}) exec {shutil.which(_CXX)} "$@";; esac\n'
 
 
 def _compiler_failing_on_sources(path: Path, said: str, answers_queries: bool = True) -> Path:
     """A compiler script at `path` that prints `said` and fails on every source; with answers_queries, the real
     compiler answers what it is asked of itself (_COMPILER_QUERIES)."""
-    passthrough = f'case "$1" in {_COMPILER_QUERIES}) exec {shutil.which(_CXX)} "$@";; esac\n'
-    path.write_text("#!/bin/sh\n" + (passthrough if answers_queries else "") + f"echo '{said}' >&2\nexit 1\n")
+    path.write_text(
+        "#!/bin/sh\n" + (_QUERIES_TO_THE_REAL_COMPILER if answers_queries else "") + f"echo '{said}' >&2\nexit 1\n"
+    )
     path.chmod(0o755)
     return path
 
@@ -1155,8 +1158,8 @@ def test_a_full_disk_is_recognised_whatever_the_users_language(tmp_path):
     fake = tmp_path / "localised-c++"
     fake.write_text(
         "#!/bin/sh\n"
-        f'case "$1" in {_COMPILER_QUERIES}) exec {shutil.which(_CXX)} "$@";; esac\n'
-        'if [ "$LC_ALL" = C ]; then echo "cc1plus: fatal error: lstm_cpu.o: No space left on device" >&2\n'
+        + _QUERIES_TO_THE_REAL_COMPILER
+        + 'if [ "$LC_ALL" = C ]; then echo "cc1plus: fatal error: lstm_cpu.o: No space left on device" >&2\n'
         'else echo "cc1plus: erreur fatale: lstm_cpu.o: Aucun espace disponible sur le périphérique" >&2; fi\n'
         "exit 1\n"
     )
