@@ -1108,6 +1108,8 @@ struct GateRows {
 // FmaDot: every tensor in scalar_t. Bf16Dot (scalar_t float): x, h0, w_ih and y are bfloat16, w_hh_k is w_hh^T
 // [P, 4H] in bfloat16 (so that pairs of k are adjacent), and the recurrent product and the large weight and
 // input gradient products take dgates rounded to bfloat16, as native bf16 does; the cell, c, dh and db stay float.
+// An undefined dx (the input needs no gradient: a first layer fed data) or dw_ih (no weight needs one) skips
+// that product: dx = dgates @ w_ih is as large as each weight's gradient product.
 template <typename scalar_t, typename Dot>
 void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const Tensor& h0, const Tensor& c0,
                    const Tensor& w_ih, const Tensor& w_hh_k, const c10::optional<Tensor>& w_hr,
@@ -1221,22 +1223,24 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
   if constexpr (own_rows) {
     // bf16 in, bf16 out (float accumulation inside): the results' dtype, rounded once.
     Tensor dgk2 = dgates_k.view({TB, G4});
-    dx = bf16_mm(dgk2, w_ih).view({T, B, I});
+    if (dx.defined()) dx = bf16_mm(dgk2, w_ih).view({T, B, I});
     if (!weights) return;
     dw_ih = bf16_mm(dgk2.t(), x.view({TB, I}));
     dw_hh = bf16_mm(dgk2.t(), previous_h<elem_t>(y, h0, live, reverse).view({TB, P}));
     return;
   }
-  Tensor dx2 = dx.view({TB, I});
-  if (own_projection<scalar_t>(B, G4 * I)) {
-    Packed<FmaDot<scalar_t>> WihB;
-    WihB.pack(w_ih.data_ptr<scalar_t>(), G4, I, I, 1);  // B[k, n] = w_ih[k, n]
-    step_gemm<FmaDot<scalar_t>>(dg2.data_ptr<scalar_t>(), G4, WihB, dx2.data_ptr<scalar_t>(), I, TB,
-                                /*accumulate=*/false);
-  } else {
-    linear_nt<scalar_t>(dg2, w_ih.t(), dx2);
+  if (dx.defined()) {
+    Tensor dx2 = dx.view({TB, I});
+    if (own_projection<scalar_t>(B, G4 * I)) {
+      Packed<FmaDot<scalar_t>> WihB;
+      WihB.pack(w_ih.data_ptr<scalar_t>(), G4, I, I, 1);  // B[k, n] = w_ih[k, n]
+      step_gemm<FmaDot<scalar_t>>(dg2.data_ptr<scalar_t>(), G4, WihB, dx2.data_ptr<scalar_t>(), I, TB,
+                                  /*accumulate=*/false);
+    } else {
+      linear_nt<scalar_t>(dg2, w_ih.t(), dx2);
+    }
+    dx = dx2.view({T, B, I});
   }
-  dx = dx2.view({T, B, I});
   if (rows != nullptr) {
     *rows = {dgates, previous_h<scalar_t>(y, h0, live, reverse), dh_all, hraw_all};
     return;
@@ -1293,7 +1297,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
     const Tensor& grad_y_in, const Tensor& grad_hT_in, const Tensor& grad_cT_in, const Tensor& x_in,
     const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih_in, const Tensor& w_hh_in,
     const c10::optional<Tensor>& w_hr_in, const c10::optional<Tensor>& batch_sizes, const Tensor& y_in,
-    const Tensor& gates_in, const Tensor& c_hist_in, bool reverse, bool has_bias, bool weight_grads) {
+    const Tensor& gates_in, const Tensor& c_hist_in, bool reverse, bool has_bias, bool weight_grads,
+    bool input_grad) {
   const Dims d = check_args(x_in, h0_in, c0_in, w_ih_in, w_hh_in, c10::nullopt, w_hr_in, batch_sizes);
   const auto live = live_rows(batch_sizes, d.T, d.B);
   const bool packed = is_packed(batch_sizes);
@@ -1307,8 +1312,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
   const auto opts = grad_y.options();
   Tensor dh = grad_hT_in.to(ct, false, true).contiguous();
   Tensor dc = grad_cT_in.to(ct, false, true).contiguous();
-  Tensor dx = at::empty({d.T, d.B, d.I}, opts);
-  // Without weight_grads they stay undefined, which tells backward_impl to skip them, and go out empty.
+  // Without input_grad dx, and without weight_grads the weights' gradients, stay undefined, which tells
+  // backward_impl to skip them, and go out empty.
+  Tensor dx = input_grad ? at::empty({d.T, d.B, d.I}, opts) : Tensor();
   Tensor dw_ih, dw_hh, db, dw_hr;
   if (weight_grads) {
     dw_ih = at::empty({4 * d.H, d.I}, opts);
@@ -1330,11 +1336,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
       });
     }
   } else {
-    dx.zero_();
-    for (Tensor* t : {&dw_ih, &dw_hh, &db, &dw_hr})
+    for (Tensor* t : {&dx, &dw_ih, &dw_hh, &db, &dw_hr})
       if (t->defined()) t->zero_();
   }
-  for (Tensor* t : {&dw_ih, &dw_hh, &db, &dw_hr})
+  for (Tensor* t : {&dx, &dw_ih, &dw_hh, &db, &dw_hr})
     if (!t->defined()) *t = at::empty({0}, opts);
   if (!has_bias) db = at::empty({0}, opts);
   if (dt != ct) {
@@ -1408,9 +1413,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
     const Tensor& grad_y, const Tensor& grad_hT, const Tensor& grad_cT, const Tensor& x, const Tensor& h0,
     const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& w_hr,
     const c10::optional<Tensor>& batch_sizes, const Tensor& y, const Tensor& gates, const Tensor& c_hist,
-    bool reverse, bool has_bias, bool weight_grads) {
+    bool reverse, bool has_bias, bool weight_grads, bool input_grad) {
   return fastlstm::lstm_bwd(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist,
-                            reverse, has_bias, weight_grads);
+                            reverse, has_bias, weight_grads, input_grad);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows(

@@ -224,14 +224,17 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     const Tensor grad_cT = grads[2].defined() ? grads[2] : at::zeros_like(c0);
     const bool has_bias = b.defined();
     // The node's edges: x, h0, c0, w_ih, w_hh, then b, w_hr and batch_sizes where given (batch_sizes never needs
-    // one). Weights that need none (frozen) spare the weight gradients' products.
+    // one). Weights that need none (frozen) spare the weight gradients' products, an input that needs none (a
+    // first layer fed data) dx's.
     const size_t edges = 5 + has_bias + w_hr.defined() + batch_sizes.defined();
     bool weight_grads = false;
     for (size_t k = 3; k < edges; ++k) weight_grads = weight_grads || ctx->needs_input_grad(k);
-    auto [dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr] =
+    const bool input_grad = ctx->needs_input_grad(0);
+    auto [dx_out, dh0, dc0, dw_ih, dw_hh, db, dw_hr] =
         op.call(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, none_if_undefined(w_hr),
                 none_if_undefined(batch_sizes), y, gates, c_hist, ctx->saved_data["reverse"].toBool(), has_bias,
-                weight_grads);
+                weight_grads, input_grad);
+    const Tensor dx = input_grad ? dx_out : Tensor();
     // One gradient per forward input: batch_sizes, reverse and save get none.
     if (!weight_grads) return {dx, dh0, dc0, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     return {dx, dh0, dc0, dw_ih, dw_hh, has_bias ? db : Tensor(),

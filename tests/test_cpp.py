@@ -437,6 +437,12 @@ def test_opcheck(case, layout):
     full, frozen = (torch.ops.fastlstm.cpp_lstm_bwd(*bwd_args, weights) for weights in (True, False))
     assert all(torch.equal(a, b) for a, b in zip(full[:3], frozen[:3]))
     assert [t.shape for t in frozen[3:]] == [(0,)] * 4
+    # Without the input's gradient (a first layer fed data): the same other gradients, dx empty
+    for weights in (True, False):
+        torch.library.opcheck(torch.ops.fastlstm.cpp_lstm_bwd.default, (*bwd_args, weights, False))
+        no_dx = torch.ops.fastlstm.cpp_lstm_bwd(*bwd_args, weights, False)
+        assert no_dx[0].shape == (0,)
+        assert all(torch.equal(a, b) for a, b in zip(no_dx[1:], (full if weights else frozen)[1:]))
     # Backward by rows (per-sample gradients): rows[4] the h each step read; with a projection rows[5:7]
     assert_backward_rows_match(
         torch.ops.fastlstm.cpp_lstm_bwd.default, torch.ops.fastlstm.cpp_lstm_bwd_rows.default, bwd_args, nograd[0],

@@ -122,6 +122,26 @@ def test_packed(backend, lengths, enforce_sorted, bidirectional, proj, layers, w
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_an_input_that_needs_no_gradient(backend, packed):
+    """A first layer fed data (no gradient to the input): the fast backends then skip dx's product, as large as
+    each weight gradient's. Everything else is nn.LSTM's: outputs, the state's and every weight's gradients, and
+    the input's stays None."""
+    ref, fast = make_pair(I, H, 2, bidirectional=True, proj_size=PROJ, backend=backend)
+    lengths = [6, 2, 4]
+    x = torch.randn(6, 3, I, dtype=torch.float64)
+    state = [torch.randn(4, 3, PROJ, dtype=torch.float64), torch.randn(4, 3, H, dtype=torch.float64)]
+
+    def call(module, x, *state):
+        x = x.detach()  # the data: no gradient wanted
+        inputs = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+        return lstm_call(module, inputs, *state)
+
+    atol, rtol = TOLERANCES[torch.float64]
+    assert_same_results(ref, fast, [x, *state], call, atol, rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_unbatched(backend, with_state, batch_first):

@@ -479,6 +479,10 @@ def test_opcheck_backward(case, kernel):
     grads = [torch.randn_like(t) for t in (y, hT, cT)]
     bwd_args = [*grads, x, w_ih, w_hh, w_hr, bs, acts, hs, cs, r, rev, kernel, b is not None]
     torch.library.opcheck(torch.ops.fastlstm.triton_backward.default, bwd_args)
+    # Without the input's gradient (a first layer fed data): the same other gradients, dx empty
+    torch.library.opcheck(torch.ops.fastlstm.triton_backward.default, (*bwd_args, False))
+    full, no_dx = (torch.ops.fastlstm.triton_backward(*bwd_args, input_grad) for input_grad in (True, False))
+    assert no_dx[0].shape == (0,) and all(torch.equal(a, b) for a, b in zip(full[1:], no_dx[1:]))
     # Backward by rows (per-sample gradients): the h each step read is the forward's history
     assert_backward_rows_match(
         torch.ops.fastlstm.triton_backward.default,

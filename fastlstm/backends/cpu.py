@@ -28,9 +28,9 @@ transforms, which cannot run a C++ autograd Function, the layer takes the same o
                  gates and c_hist are the state backward reads; a gradient reaching them is ignored (they require
                  grad with the rest: compiled autograd refuses a C++ function that marks an output otherwise)
     cpp_lstm_bwd(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr?, batch_sizes?, y, gates, c_hist,
-                 reverse, has_bias, weight_grads=True) -> (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr): the weight
-                 gradients empty ([0]) without weight_grads, which the layer's autograd passes where no weight
-                 needs a gradient (frozen weights)
+                 reverse, has_bias, weight_grads=True, input_grad=True) -> (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr):
+                 the weight gradients empty ([0]) without weight_grads, which the layer's autograd passes where no
+                 weight needs a gradient (frozen weights), and dx without input_grad (an input that needs none)
     cpp_lstm_bwd_rows(grad_y, ..., c_hist, reverse) -> (dx, dh0, dc0, dgates, h_prev, dh_out, h_raw): backward
                  without the weight gradients, for their sums per sample under torch.vmap (float32, float64)
     gates [T, B, 4H] (activated) and c_hist [T, B, H] are what backward needs; they are empty ([0]) when
@@ -612,7 +612,8 @@ FWD_SCHEMA = (
 BWD_SCHEMA = (
     "cpp_lstm_bwd(Tensor grad_y, Tensor grad_hT, Tensor grad_cT, Tensor x, Tensor h0, Tensor c0, Tensor w_ih, "
     "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, Tensor y, Tensor gates, Tensor c_hist, bool reverse, "
-    "bool has_bias, bool weight_grads=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "bool has_bias, bool weight_grads=True, bool input_grad=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+    "Tensor)"
 )
 BWD_ROWS_SCHEMA = (
     "cpp_lstm_bwd_rows(Tensor grad_y, Tensor grad_hT, Tensor grad_cT, Tensor x, Tensor h0, Tensor c0, Tensor w_ih, "
@@ -667,14 +668,16 @@ def _bwd_fake(
     reverse,
     has_bias,
     weight_grads=True,
+    input_grad=True,
 ):
     fake_on_x_device("cpp", x, grad_y, grad_hT, grad_cT, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist)
     H = w_hh.shape[0] // 4
-    # The kernel returns contiguous gradients whatever the inputs' strides: new_empty, not empty_like. Weight
-    # gradients left out (weight_grads false) come back empty, as a missing bias's and projection's.
+    # The kernel returns contiguous gradients whatever the inputs' strides: new_empty, not empty_like. Gradients
+    # left out (weight_grads or input_grad false) come back empty, as a missing bias's and projection's.
     sizes = [w_ih.shape, w_hh.shape, (4 * H,) if has_bias else (0,), w_hr.shape if w_hr is not None else (0,)]
     weight_rows = [x.new_empty(size if weight_grads else (0,)) for size in sizes]
-    return (x.new_empty(x.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape), *weight_rows)
+    dx = x.new_empty(x.shape if input_grad else (0,))
+    return (dx, h0.new_empty(h0.shape), c0.new_empty(c0.shape), *weight_rows)
 
 
 @torch.library.register_fake("fastlstm::cpp_lstm_bwd_rows", lib=_schemas)
@@ -725,6 +728,7 @@ def _bwd_vmap(info, in_dims, *args):
     (float32 and float64; weights that differ per sample, and bfloat16 and float16, take one call per sample)."""
     grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, reverse, has_bias = args[:15]
     weight_grads = args[15] if len(args) > 15 else True
+    input_grad = args[16] if len(args) > 16 else True
     if (
         any(dim is not None for dim in in_dims[6:10])
         or x.dtype not in (torch.float32, torch.float64)
@@ -741,7 +745,10 @@ def _bwd_vmap(info, in_dims, *args):
         grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, folded_sizes, y, gates, c_hist, reverse
     )
     proj_rows = (dh_out, h_raw) if w_hr is not None else None
-    return per_sample_layer_grads(samples, dx, dh0, dc0, dgates, x, h_prev, has_bias, proj_rows)
+    grads, dims = per_sample_layer_grads(samples, dx, dh0, dc0, dgates, x, h_prev, has_bias, proj_rows)
+    if not input_grad:  # the rows' op computes dx regardless; the op's result leaves it out
+        grads, dims = (x.new_empty(samples, 0), *grads[1:]), (0, *dims[1:])
+    return grads, dims
 
 
 for _op, _formula in (
@@ -788,8 +795,10 @@ class _FuncLayer(torch.autograd.Function):
             return (*start.differentiable, None, None)  # batch_sizes and reverse get none
         with torch.no_grad():  # these gradients are not differentiated: no graph of an op that has no derivative
             dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.fastlstm.cpp_lstm_bwd.default(
-                *start.grads, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, ctx.reverse, b is not None
-            )
+                *start.grads, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, ctx.reverse, b is not None,
+                input_grad=ctx.needs_input_grad[0],
+            )  # fmt: skip
+        dx = dx if ctx.needs_input_grad[0] else None
         grads = (dx, dh0, dc0, dw_ih, dw_hh, db if b is not None else None, dw_hr if start.proj_used else None)
         return (*grads, None, None)
 

@@ -15,12 +15,18 @@ import threading
 from torch import Tensor
 
 
-def layer_flops(rows, input_size, hidden_size, proj_size, backward: bool = False, weight_grads: bool = True):
+def layer_flops(
+    rows, input_size, hidden_size, proj_size, backward: bool = False, weight_grads: bool = True, input_grad: bool = True
+):
     """One (layer, direction) over `rows` (step, sequence) rows. Forward: x @ w_ih^T and h @ w_hh^T for the four
-    gates, and the projection. Backward: the same products for dx, the recurrent dh and the projection's, and with
-    weight_grads those of the weights' gradients again (a backward twice its forward)."""
+    gates, and the projection. Backward: the same products for dx (with input_grad), the recurrent dh and the
+    projection's, and with weight_grads those of the weights' gradients again (a full backward twice its
+    forward)."""
     per_row = 4 * hidden_size * (input_size + (proj_size or hidden_size)) + hidden_size * proj_size
-    return 2 * rows * per_row * (2 if backward and weight_grads else 1)
+    if not backward:
+        return 2 * rows * per_row
+    dx = 4 * hidden_size * input_size
+    return 2 * rows * ((per_row if input_grad else per_row - dx) + (per_row if weight_grads else 0))
 
 
 def rows(x: Tensor, batch_sizes: Tensor | None):
@@ -44,8 +50,9 @@ def forward(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, *_, **__):
     return _layer(x, w_ih, w_hh, w_hr, batch_sizes)
 
 
-def cpp_backward(gy, ghT, gcT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, g, ch, rev, bias, weight_grads=True, **__):
-    return _layer(x, w_ih, w_hh, w_hr, batch_sizes, backward=True, weight_grads=weight_grads)
+def cpp_backward(gy, ghT, gcT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, g, ch, rev, bias, weight_grads=True,
+                 input_grad=True, **__):  # fmt: skip
+    return _layer(x, w_ih, w_hh, w_hr, batch_sizes, backward=True, weight_grads=weight_grads, input_grad=input_grad)
 
 
 def cpp_backward_rows(gy, ghT, gcT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, *_, **__):
@@ -53,8 +60,9 @@ def cpp_backward_rows(gy, ghT, gcT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, *_
     return _layer(x, w_ih, w_hh, w_hr, batch_sizes, backward=True, weight_grads=False)
 
 
-def triton_backward(gy, ghT, gcT, x, w_ih, w_hh, w_hr, batch_sizes, *_, **__):
-    return _layer(x, w_ih, w_hh, w_hr, batch_sizes, backward=True)
+def triton_backward(gy, ghT, gcT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, rev, kernel, bias,
+                    input_grad=True, **__):  # fmt: skip
+    return _layer(x, w_ih, w_hh, w_hr, batch_sizes, backward=True, input_grad=input_grad)
 
 
 def triton_backward_rows(gy, ghT, gcT, x, w_ih, w_hh, w_hr, batch_sizes, *_, **__):

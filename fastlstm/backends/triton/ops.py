@@ -452,10 +452,12 @@ def backward_impl(
     kernel: str,
     has_bias: bool,
     graph: bool = True,
+    input_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dx, dh0, dc0, dg, dhy = backward_rows_impl(
-        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, graph
-    )
+        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, graph,
+        input_grad,
+    )  # fmt: skip
     T, B, I = x.shape
     dg2 = dg.reshape(T * B, -1)
     dw_ih = dg2.t() @ x.reshape(T * B, I)
@@ -590,10 +592,12 @@ def backward_rows_impl(
     reverse: bool,
     kernel: str,
     graph: bool = True,
+    input_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward up to the weight gradients: dx, dh0, dc0, dgates [T, B, 4H] and, with a projection, the gradient
     reaching each output h [T, B, P] (else empty), whose products with x, previous_h and r are the weights'. The
-    step kernel's loop runs through CUDA graphs where they apply (graphs.py) unless graph=False."""
+    step kernel's loop runs through CUDA graphs where they apply (graphs.py) unless graph=False. Without
+    input_grad (an input that needs no gradient) dx is empty: its GEMM is as large as each weight gradient's."""
     import triton
 
     from fastlstm.backends.triton import graphs, kernels
@@ -637,7 +641,7 @@ def backward_rows_impl(
             run_backward_loop(bb, live, reverse, has_proj)
             run_final_dh(bb, first, live[first])  # the first step the forward processed
     dg = dgb[1 : T + 1]  # [T, B, 4H] in time order
-    dx = (dg.reshape(T * B, 4 * H) @ w_ih).view(T, B, I)
+    dx = (dg.reshape(T * B, 4 * H) @ w_ih).view(T, B, I) if input_grad else x.new_empty(0)
     return dx, dh.to(dtype), dc.to(dtype), dg, dhy if has_proj else x.new_empty(0)
 
 
@@ -716,22 +720,25 @@ def triton_backward(
     reverse: bool,
     kernel: str,
     has_bias: bool,
+    input_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """dx, dh0, dc0, dw_ih, dw_hh, db ([0] without bias), dw_hr ([0] without projection)."""
+    """dx ([0] without input_grad), dh0, dc0, dw_ih, dw_hh, db ([0] without bias), dw_hr ([0] without
+    projection)."""
     _check_dtype(x)
     # Never through graphs.py's, as triton_forward's
     return backward_impl(
         grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, has_bias,
-        graph=False,
+        graph=False, input_grad=input_grad,
     )  # fmt: skip
 
 
 @triton_backward.register_fake
-def _(grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, has_bias):
+def _(grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, has_bias,
+      input_grad=True):  # fmt: skip
     _on_x_device(x, batch_sizes, grad_y, grad_hT, grad_cT, w_ih, w_hh, w_hr, acts, hs, cs, r)
     B, P, H = hs.shape[1], hs.shape[2], cs.shape[2]
     return (
-        torch.empty_like(x),
+        torch.empty_like(x) if input_grad else x.new_empty(0),
         x.new_empty(B, P),
         x.new_empty(B, H),
         torch.empty_like(w_ih),
@@ -815,12 +822,14 @@ def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused, eager: bool = False):
                 grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel
             )
         return layer_op_grads(dx, dh0, dc0, None, None, None, None)
+    input_grad = ctx.needs_input_grad[0]  # a first layer fed data: dx's GEMM skipped
     with torch.no_grad():
         dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = grads_of(
             grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel,
-            b is not None,
+            b is not None, input_grad=input_grad,
         )  # fmt: skip
     has_bias, has_proj = b is not None, start.proj_used
+    dx = dx if input_grad else None
     return layer_op_grads(dx, dh0, dc0, dw_ih, dw_hh, db if has_bias else None, dw_hr if has_proj else None)
 
 
@@ -840,7 +849,8 @@ def _backward_vmap(info, in_dims, *args):
     """torch.vmap of backward (per-sample gradients). Each sample needs weight gradients of its own, which one call
     over all the samples' rows would sum: the rows run side by side through triton_backward_rows, and each
     sample's weight gradients are summed from its own rows here. Weights that differ per sample: one call each."""
-    grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, has_bias = args
+    grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, has_bias = args[:15]
+    input_grad = args[15] if len(args) > 15 else True
     if any(dim is not None for dim in in_dims[4:8]):
         return vmap_per_sample(triton_backward, info, in_dims, args)
     samples = info.batch_size
@@ -854,7 +864,10 @@ def _backward_vmap(info, in_dims, *args):
         grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, folded_sizes, acts, hs, cs, r, reverse, kernel
     )
     proj_rows = (dhy, r) if w_hr is not None else None
-    return per_sample_layer_grads(samples, dx, dh0, dc0, dg, x, previous_h(hs, reverse), has_bias, proj_rows)
+    grads, dims = per_sample_layer_grads(samples, dx, dh0, dc0, dg, x, previous_h(hs, reverse), has_bias, proj_rows)
+    if not input_grad:  # the rows' op computes dx regardless; the op's result leaves it out
+        grads, dims = (x.new_empty(samples, 0), *grads[1:]), (0, *dims[1:])
+    return grads, dims
 
 
 for _op, _formula in (
