@@ -654,10 +654,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument(
         "--mode",
-        choices=["inference", "training", "both", "step"],
+        choices=["inference", "training", "training-data", "both", "step"],
         default="both",
-        help="both: inference and training; step: streaming, the sequence fed one step a call with the state "
-        "carried (fastlstm's step() against nn.LSTM on 1-step sequences)",
+        help="both: inference and training; training-data: training where the input needs no gradient (a first "
+        "layer fed data); step: streaming, the sequence fed one step a call with the state carried (fastlstm's "
+        "step() against nn.LSTM on 1-step sequences)",
     )
     bench.add_argument(
         "--autocast",

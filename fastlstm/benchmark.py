@@ -127,7 +127,7 @@ DEFAULT_GRID = {
 @dataclass
 class Result:
     shape: str
-    mode: str  # "inference", "training" or "step" (streaming: the sequence fed one step a call)
+    mode: str  # "inference", "step" (streaming: the sequence fed one step a call), or one of TRAINING_MODES
     provider: str  # "nn.LSTM" or "fastlstm[backend]"
     backends_used: str
     median_ms: float
@@ -216,6 +216,15 @@ def nn_lstm_region(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape, r
     return without_onednn, True, None
 
 
+# "training": the input gets a gradient too, as a layer inside a model; "training-data": it needs none, as a first
+# layer fed data (raw features, a frozen embedding), where a backward can leave the input's gradient out.
+TRAINING_MODES = ("training", "training-data")
+
+
+def _training_input(x: torch.Tensor, mode: str) -> torch.Tensor:
+    return x.detach().requires_grad_(mode == "training")
+
+
 def _step(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape, region=contextlib.nullcontext):
     """One timed run of a mode, inside one region() (an autocast region, as a model's caller opens one a call, a
     training step, or a stream)."""
@@ -241,7 +250,7 @@ def _step(model: nn.Module, x: torch.Tensor, mode: str, shape: Shape, region=con
 
     def train():
         model.zero_grad(set_to_none=True)
-        _training_run(model, x.detach().requires_grad_(True), shape, region)
+        _training_run(model, _training_input(x, mode), shape, region)
 
     return train
 
@@ -276,7 +285,7 @@ def validation_results(model: nn.Module, x: torch.Tensor, mode: str, shape: Shap
         with torch.no_grad(), region():
             y, (h, c) = model(shape.model_input(x))
         return {"y": output_data(y), "h_n": h, "c_n": c}
-    xg = x.detach().requires_grad_(True)
+    xg = _training_input(x, mode)
     y, (h, c) = _training_run(model, xg, shape, region)
     grads = {f"{name}.grad": p.grad for name, p in model.named_parameters()}
     return {"y": output_data(y).detach(), "h_n": h.detach(), "c_n": c.detach(), "input.grad": xg.grad, **grads}
@@ -315,7 +324,7 @@ def time_shape(
             times[name].append(timer(steps[name]))
     base = statistics.median(times["nn.LSTM"])
     results = []
-    with torch.set_grad_enabled(mode == "training"), region():
+    with torch.set_grad_enabled(mode in TRAINING_MODES), region():
         for name, samples in times.items():
             model = models[name]
             if name == "nn.LSTM":

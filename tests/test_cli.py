@@ -325,8 +325,12 @@ class _Times7(torch.autograd.Function):
 
 
 @pytest.mark.parametrize(
-    "mode, fault", [("inference", "forward"), ("inference", "slightly"), ("step", "step"), ("both", "backward")]
-)
+    "mode, fault",
+    [
+        ("inference", "forward"), ("inference", "slightly"), ("step", "step"), ("both", "backward"),
+        ("training-data", "backward"),
+    ],
+)  # fmt: skip
 def test_bench_checks_what_each_timed_mode_computes(monkeypatch, mode, fault):
     """bench fails (exit 1, naming the mode and the result) before timing a provider whose results differ from
     nn.LSTM's in a mode it times: inference's outputs, also slightly (float32 outputs 0.2% off, a few 1e-4: the
@@ -361,7 +365,22 @@ def test_bench_checks_what_each_timed_mode_computes(monkeypatch, mode, fault):
     with pytest.raises(SystemExit, match="disagrees with nn.LSTM on B2-T5-I8-H8-L1") as failed:
         cli.main(["bench", "--shape", "2,5,8,8", "--backend", "cpp", "--mode", mode, "--repeats", "1"])
     expected = {"step": "step (y:", "backward": "training (input.grad:"}.get(fault, "inference (y:")
+    if mode == "training-data":  # the input has no gradient there: the weights' are checked
+        expected = "training-data (weight_ih_l0.grad:"
     assert expected in str(failed.value), failed.value
+
+
+def test_bench_times_training_where_the_input_needs_no_gradient(tmp_path, capsys):
+    """--mode training-data: training steps whose input needs no gradient (a first layer fed data, where the fast
+    backends leave dx out), checked and timed against nn.LSTM given the same input."""
+    from fastlstm import __main__ as cli
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--shape", "2,5,4,4", "--mode", "training-data", "--backend", "cpp", "--repeats", "2"]
+    assert cli.main([*args, "--json", str(out)]) == 0
+    assert "| B2-T5-I4-H4-L1 | training-data | fastlstm[cpp] | cpp |" in capsys.readouterr().out
+    results = json.loads(out.read_text())["results"]
+    assert [(r["mode"], r["provider"]) for r in results] == [("training-data", p) for p in ("nn.LSTM", "fastlstm[cpp]")]
 
 
 def test_check_of_named_backends_fails_when_one_is_unavailable(tmp_path):
