@@ -126,7 +126,8 @@ def test_packed(backend, lengths, enforce_sorted, bidirectional, proj, layers, w
 def test_an_input_that_needs_no_gradient(backend, packed):
     """A first layer fed data (no gradient to the input): the fast backends then skip dx's product, as large as
     each weight gradient's. Everything else is nn.LSTM's: outputs, the state's and every weight's gradients, and
-    the input's stays None."""
+    the input's stays None. So where the input requires grad but a backward asks for the weights' gradients alone
+    (torch.autograd.grad), and a second backward then for the input's."""
     ref, fast = make_pair(I, H, 2, bidirectional=True, proj_size=PROJ, backend=backend)
     lengths = [6, 2, 4]
     x = torch.randn(6, 3, I, dtype=torch.float64)
@@ -139,6 +140,15 @@ def test_an_input_that_needs_no_gradient(backend, packed):
 
     atol, rtol = TOLERANCES[torch.float64]
     assert_same_results(ref, fast, [x, *state], call, atol, rtol)
+    x.requires_grad_()
+    grads = []
+    for module in (ref, fast):
+        y = lstm_call(module, pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x)[0]
+        loss = (y.data if packed else y).pow(2).sum()
+        grads.append([*torch.autograd.grad(loss, list(module.parameters()), retain_graph=True)])
+        grads[-1] += torch.autograd.grad(loss, x)
+    for got, want in zip(*reversed(grads), strict=True):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
