@@ -1043,7 +1043,7 @@ class LSTM(nn.RNNBase):
         """
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return None  # graphs decide once per trace
-        if torch._C._len_torch_dispatch_stack():
+        if backends.dispatch_mode_active():
             # A dispatch mode sees every op, and selective activation checkpointing matches a recomputed call's ops
             # with its first run's, one by one: a checked call and a remembered one would run different ops
             return None

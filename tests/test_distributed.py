@@ -1,4 +1,5 @@
-"""DistributedDataParallel (gloo, 2 processes, one machine) gives fastlstm the same gradients as nn.LSTM."""
+"""DistributedDataParallel and FSDP2's fully_shard (gloo, 2 processes, one machine) give fastlstm the same gradients
+as nn.LSTM."""
 
 import subprocess
 import sys
@@ -35,3 +36,16 @@ def test_ddp_gradients_match_nn_lstm(ddp_grads, backend):
     assert expected.keys() == got.keys() and len(got) == 2 * 2 * 5
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-9, rtol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_sharded_gradients_match_nn_lstm(ddp_grads, backend):
+    """FSDP2 (fully_shard) swaps each parameter for its gathered whole around forward and backward: the
+    gradients, gathered from the shards, are nn.LSTM's under it, and DDP's (both average over the ranks)."""
+    if "torch/fsdp" not in ddp_grads:
+        pytest.skip("this torch has no torch.distributed.fsdp.fully_shard")
+    expected, got = ddp_grads["torch/fsdp"], ddp_grads[f"{backend}/fsdp"]
+    assert expected.keys() == got.keys() == ddp_grads["torch"].keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-9, rtol=1e-7, msg=name)
+        torch.testing.assert_close(got[name], ddp_grads["torch"][name], atol=1e-9, rtol=1e-7, msg=name)

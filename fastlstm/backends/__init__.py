@@ -447,6 +447,12 @@ def exporting() -> bool:
     return is_exporting is not None and is_exporting()
 
 
+def dispatch_mode_active() -> bool:
+    """Whether a TorchDispatchMode is on (FlopCounterMode, selective activation checkpointing's, DebugMode, ...):
+    it sees every op, so a call then takes the ops, and the same ones on every call."""
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
 def fake_tensors_in_play(x: Tensor) -> bool:
     """Whether FakeTensorMode is on or a call's input x is a fake tensor (shape inference, memory estimates): ops
     then compute shapes alone, and a kernel launched by hand would read memory that does not exist."""

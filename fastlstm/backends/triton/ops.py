@@ -27,6 +27,7 @@ from fastlstm.backends import (
     VMAP_RULES,
     LayerCall,
     cell_state_as,
+    dispatch_mode_active,
     fake_on_x_device,
     fake_tensors_in_play,
     flops,
@@ -949,7 +950,7 @@ def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | No
     inputs = (dense(x), h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, bool(reverse), chosen)
     # The op where it is opaque to a trace and has a fake, and under any dispatch mode, which sees the op (and its
     # FLOPs: FlopCounterMode) where the eager paths below would show it only their few torch ops
-    if torch.compiler.is_compiling() or fake_tensors_in_play(x) or torch._C._len_torch_dispatch_stack() > 0:
+    if torch.compiler.is_compiling() or fake_tensors_in_play(x) or dispatch_mode_active():
         y, hT, cT, *_ = triton_forward(*inputs)
         return y, hT, cT
     if torch._C._are_functorch_transforms_active():
