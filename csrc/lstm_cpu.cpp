@@ -1014,16 +1014,30 @@ inline bool first_step(const std::vector<int64_t>& live, int64_t T, int64_t t, i
   return t == T - 1 || r >= live[t + 1];
 }
 
+// acc[j] += v[j] for j < n, in double: a step's gate gradients into the bias gradient as backward makes them, while
+// they are in cache. A sum over all T * B rows afterwards kept, in bfloat16 training, a float32 [T, B, 4H] of
+// them for that sum alone: 105 MB of the 418 a B64-T200-H512 step grew the process by (310 without it). Time
+// was even (one and two threads, bfloat16 and float32, six shapes), the error of db lower (float32: 0.12-0.21x
+// nn.LSTM's mean against float64, from 0.16-0.26x).
+template <typename scalar_t>
+inline void add_into(double* __restrict__ acc, const scalar_t* __restrict__ v, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<double>(v[j]);
+}
+
 // The backward time loop without projection (P == H) on `threads` threads (see forward_team). Each step, each
 // thread turns its hidden slice's incoming gradient into dgates (all four gates of the slice); after the one
 // barrier it computes its slice of dh for the previous step from all of dgates. The next step's cell needs only
 // the thread's own slice of dh, and writes another step's dgates, so one barrier a step suffices.
 // dh, dc: grad_hT, grad_cT in; dh0, dc0 out. w_hh as the kernel's units, B[k, n] = w[k * sk + n * sn] with k over
-// 4H / Dot::pair units; dgk: dgates as the kernel reads them (dgates itself for FmaDot).
+// 4H / Dot::pair units; dgk: dgates as the kernel reads them (dgates itself for FmaDot). dgates: the gate
+// gradients [T, B, 4H] in scalar_t where the products read them (FmaDot); nullptr where they read dgk alone
+// (Bf16Dot), a row's then in a scratch row only. db_blocks: where not nullptr, the bias gradient of each block of
+// kRowBlock rows accumulates in db_blocks[its first row] (backward_impl), each thread over its own units.
 template <typename scalar_t, typename Dot>
 void backward_team(int threads, const Dims& d, const std::vector<int64_t>& live, bool reverse, const scalar_t* gy,
                    const scalar_t* gates, const scalar_t* c_hist, const scalar_t* c0, const typename Dot::unit_t* w_hh,
-                   int64_t sk, int64_t sn, scalar_t* dgates, typename Dot::elem_t* dgk, scalar_t* dh, scalar_t* dc) {
+                   int64_t sk, int64_t sn, scalar_t* dgates, typename Dot::elem_t* dgk, scalar_t* dh, scalar_t* dc,
+                   std::vector<double>* db_blocks) {
   const int64_t T = d.T, B = d.B, H = d.H, G4 = 4 * H;
   constexpr int64_t W = Packed<Dot>::W;
   std::vector<scalar_t> dht(B * H);  // the total gradient reaching this step's h
@@ -1033,6 +1047,7 @@ void backward_team(int threads, const Dims& d, const std::vector<int64_t>& live,
   {
     const TeamSlice slice = join_team<scalar_t>(barrier, H);
     const int64_t j0 = slice.j0, j1 = slice.j1, width = slice.width;
+    std::vector<scalar_t> row_dg(dgates == nullptr ? G4 : 0);  // a row's gate gradients, without dgates
     Packed<Dot> Wd;  // this slice of w_hh: B[k, n] = w_hh[k, j0 + n], k over 4H
     errors.run([&] {
       if (width > 0) Wd.pack(w_hh + j0 * sn, G4 / Dot::pair, width, sk, sn, /*parallel=*/false);
@@ -1050,9 +1065,13 @@ void backward_team(int threads, const Dims& d, const std::vector<int64_t>& live,
           const scalar_t* gyr = gy + (t * B + r) * H;
           for (int64_t j = j0; j < j1; ++j) dhr[j] = dh[r * H + j] + gyr[j];
           const scalar_t* cprev = first_step(live, T, t, r, reverse) ? c0 + r * H : c_hist + (prev_t * B + r) * H;
-          scalar_t* dg = dgates + (t * B + r) * G4 + j0;
+          scalar_t* dg = (dgates == nullptr ? row_dg.data() : dgates + (t * B + r) * G4) + j0;
           cell_row_backward<scalar_t>(gates + (t * B + r) * G4 + j0, c_hist + (t * B + r) * H + j0, cprev + j0,
                                       dhr + j0, dc + r * H + j0, dg, nullptr, width, H);
+          if (db_blocks != nullptr) {
+            double* db = db_blocks[r / kRowBlock * kRowBlock].data() + j0;
+            for (int q = 0; q < 4; ++q) add_into(db + q * H, dg + q * H, width);
+          }
           if constexpr (!std::is_same_v<typename Dot::elem_t, scalar_t>)
             for (int q = 0; q < 4; ++q) to_kernel<Dot>(dg + q * H, dgk + (t * B + r) * G4 + j0 + q * H, width, nullptr);
         }
@@ -1122,16 +1141,24 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
   const int64_t T = d.T, B = d.B, I = d.I, H = d.H, P = d.P, G4 = 4 * H;
   const bool proj = w_hr.has_value();
   const auto opts = grad_y.options();
-  Tensor dgates = pooled_tensor({T, B, G4}, opts, /*zero=*/packed);
-  Tensor dgates_k = dgates;  // what the products read
-  if constexpr (own_rows) dgates_k = pooled_tensor({T, B, G4}, x.options(), /*zero=*/packed);
+  // Without rows to hand back and without dw_ih to fill, no weight needs a gradient (frozen weights, gradients for
+  // the input only): the weight gradients' products, a third of a training step's, are skipped.
+  const bool weights = rows == nullptr && dw_ih.defined();
+  // The gate gradients the products read: in scalar_t (FmaDot), or rounded to elem_t (Bf16Dot), whose scalar_t
+  // rows then live a step at a time in a scratch row block (the bias gradient sums them as they are made).
+  Tensor dgates = own_rows ? Tensor() : pooled_tensor({T, B, G4}, opts, /*zero=*/packed);
+  Tensor dgates_k = own_rows ? pooled_tensor({T, B, G4}, x.options(), /*zero=*/packed) : dgates;
+  // The bias gradient in double, summed as the time loop makes the gate gradients, per block of kRowBlock rows
+  // (cut where a range of the row split starts or ends; by its first row), the blocks then added in row order:
+  // the same sums whichever loop ran (the team's threads own units, the row split's threads rows).
+  std::vector<std::vector<double>> db_blocks(weights ? B : 0);
   // With projection: the total gradient reaching each output h [T,B,P] and the unprojected h [T,B,H].
   Tensor dh_all, hraw_all;
   if (proj) {
     dh_all = packed ? at::zeros({T, B, P}, opts) : at::empty({T, B, P}, opts);
     hraw_all = packed ? at::zeros({T, B, H}, opts) : at::empty({T, B, H}, opts);
   }
-  scalar_t* dgp = dgates.data_ptr<scalar_t>();
+  scalar_t* dgp = own_rows ? nullptr : dgates.data_ptr<scalar_t>();
   elem_t* dgk = reinterpret_cast<elem_t*>(dgates_k.data_ptr());
   const scalar_t* gy = grad_y.data_ptr<scalar_t>();
   const scalar_t* gp = gates.data_ptr<scalar_t>();
@@ -1155,6 +1182,9 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
   auto run_rows = [&](int64_t r0, int64_t r1) {
     const int64_t rows = r1 - r0;
     std::vector<scalar_t> dh_tot(rows * P), dh_raw(proj ? rows * H : 0);
+    std::vector<scalar_t> dg_rows(own_rows ? rows * G4 : 0);  // this step's gate gradients, without dgates
+    if (weights)
+      for (int64_t r = r0; r < r1; r = (r / kRowBlock + 1) * kRowBlock) db_blocks[r].assign(G4, 0.0);
     scalar_t* dhr = dhp + r0 * P;
     scalar_t* dcr = dcp + r0 * H;
     for (int64_t s = 0; s < T; ++s) {
@@ -1173,15 +1203,19 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
         dhu = dh_raw.data();
       }
       scalar_t* hraw_t = proj ? hraw_all.data_ptr<scalar_t>() + row_t * H : nullptr;
+      scalar_t* dgt = own_rows ? dg_rows.data() : dgp + row_t * G4;  // this step's gate gradients, row r0 first
       for_rows(n, 16 * H, [&](int64_t i) {
         const int64_t r = r0 + i;
         const scalar_t* cprev = first_step(live, T, t, r, reverse) ? c0p + r * H : chp + (prev_t * B + r) * H;
         cell_row_backward<scalar_t>(gp + (row_t + i) * G4, chp + (row_t + i) * H, cprev, dhu + i * H, dcr + i * H,
-                                    dgp + (row_t + i) * G4, hraw_t != nullptr ? hraw_t + i * H : nullptr, H, H);
+                                    dgt + i * G4, hraw_t != nullptr ? hraw_t + i * H : nullptr, H, H);
       });
+      if (weights)
+        for (int64_t i = 0; i < n; ++i)
+          add_into(db_blocks[std::max(r0, (r0 + i) / kRowBlock * kRowBlock)].data(), dgt + i * G4, G4);
       // dh for the previous step: dgates @ w_hh  ([n, 4H] @ [4H, P]).
       if (blocked_step) {
-        if constexpr (own_rows) to_kernel<Dot>(dgp + row_t * G4, dgk + row_t * G4, n * G4, nullptr);
+        if constexpr (own_rows) to_kernel<Dot>(dgt, dgk + row_t * G4, n * G4, nullptr);
         // Odd steps back to front, as in forward_team (B2-T200-H384 1.06x, B2-T100-H1024 1.09x on two threads).
         step_gemm<Dot>(dgk + row_t * G4, G4, Whh, dhr, P, n, /*accumulate=*/false, nullptr, s & 1);
       } else if constexpr (!own_rows) {
@@ -1205,19 +1239,22 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
   const int64_t step_bytes = G4 * P * sizeof(elem_t) + (proj ? H * P * sizeof(scalar_t) : 0);
   const int split = blocked_step ? row_split_threads(B, d.T, step_bytes) : 1;
   if (blocked_step && threads > 1 && split == 1) {
-    backward_team<scalar_t, Dot>(threads, d, live, reverse, gy, gp, chp, c0p, whh_u, sk, sn, dgp, dgk, dhp, dcp);
+    if (weights)
+      for (int64_t r = 0; r < B; r += kRowBlock) db_blocks[r].assign(G4, 0.0);
+    backward_team<scalar_t, Dot>(threads, d, live, reverse, gy, gp, chp, c0p, whh_u, sk, sn, dgp, dgk, dhp, dcp,
+                                 weights ? db_blocks.data() : nullptr);
   } else {
     if (blocked_step) Whh.pack(whh_u, G4 / Dot::pair, P, sk, sn);
     run_row_split(row_split_ranges(live, B, split), run_rows);
   }
   // Weight and input gradients: large GEMMs over all T*B rows.
   const int64_t TB = T * B;
-  Tensor dg2 = dgates.view({TB, G4});
-  // Without rows to hand back and without dw_ih to fill, no weight needs a gradient (frozen weights, gradients for
-  // the input only): the weight gradients' products, a third of a training step's, are skipped.
-  const bool weights = rows == nullptr && dw_ih.defined();
   if (weights) {
-    at::sum_out(db, dg2, {0});
+    std::vector<double> sum(G4, 0.0);
+    for (const auto& block : db_blocks)
+      if (!block.empty()) add_into(sum.data(), block.data(), G4);
+    scalar_t* dbp = db.data_ptr<scalar_t>();
+    for (int64_t g = 0; g < G4; ++g) dbp[g] = static_cast<scalar_t>(sum[g]);
     if (proj) weight_grad<scalar_t>(dh_all.view({TB, P}), hraw_all.view({TB, H}), dw_hr);
   }
   if constexpr (own_rows) {
@@ -1229,6 +1266,7 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
     dw_hh = bf16_mm(dgk2.t(), previous_h<elem_t>(y, h0, live, reverse).view({TB, P}));
     return;
   }
+  Tensor dg2 = dgates.view({TB, G4});
   if (dx.defined()) {
     Tensor dx2 = dx.view({TB, I});
     if (own_projection<scalar_t>(B, G4 * I)) {
