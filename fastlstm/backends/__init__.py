@@ -402,15 +402,18 @@ def summed_per_sample(grad_rows: Tensor, input_rows: Tensor, samples: int) -> Te
     return torch.bmm(rows_per_sample(grad_rows, samples).transpose(1, 2), rows_per_sample(input_rows, samples))
 
 
-def per_sample_layer_grads(samples: int, dx, dh0, dc0, dgates, x, h_prev, has_bias: bool, proj_rows=None):
+def per_sample_layer_grads(
+    samples: int, dx, dh0, dc0, dgates, x, h_prev, has_bias: bool, proj_rows=None, input_grad: bool = True
+):
     """A torch.vmap rule's result for a fast backend's backward op (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr) from one
     call over every sample's rows side by side (rows_side_by_side): the input gradients unfolded, and each
     weight gradient summed over each sample's own rows. dgates, x, h_prev (the state each step read): [T, B·V, *];
-    proj_rows: with a projection, (gradient reaching each output h, unprojected h). Returns (outputs, out_dims)."""
+    proj_rows: with a projection, (gradient reaching each output h, unprojected h). Without input_grad, dx comes
+    out empty, as the op leaves it (the rows' op computes it regardless). Returns (outputs, out_dims)."""
     none = dgates.new_empty(samples, 0)
     accumulate = torch.float32 if dgates.dtype in (torch.bfloat16, torch.float16) else dgates.dtype
     grads = (
-        dx.unflatten(1, (-1, samples)),
+        dx.unflatten(1, (-1, samples)) if input_grad else none,
         dh0.unflatten(0, (-1, samples)),
         dc0.unflatten(0, (-1, samples)),
         summed_per_sample(dgates, x, samples),
@@ -418,7 +421,7 @@ def per_sample_layer_grads(samples: int, dx, dh0, dc0, dgates, x, h_prev, has_bi
         rows_per_sample(dgates, samples).sum(1, dtype=accumulate).to(dgates.dtype) if has_bias else none,
         none if proj_rows is None else summed_per_sample(*proj_rows, samples),
     )
-    return grads, (2, 1, 1, 0, 0, 0, 0)
+    return grads, (2 if input_grad else 0, 1, 1, 0, 0, 0, 0)
 
 
 def batched_under_vmap(t: Tensor) -> bool:

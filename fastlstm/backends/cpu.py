@@ -745,10 +745,7 @@ def _bwd_vmap(info, in_dims, *args):
         grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, folded_sizes, y, gates, c_hist, reverse
     )
     proj_rows = (dh_out, h_raw) if w_hr is not None else None
-    grads, dims = per_sample_layer_grads(samples, dx, dh0, dc0, dgates, x, h_prev, has_bias, proj_rows)
-    if not input_grad:  # the rows' op computes dx regardless; the op's result leaves it out
-        grads, dims = (x.new_empty(samples, 0), *grads[1:]), (0, *dims[1:])
-    return grads, dims
+    return per_sample_layer_grads(samples, dx, dh0, dc0, dgates, x, h_prev, has_bias, proj_rows, input_grad)
 
 
 for _op, _formula in (

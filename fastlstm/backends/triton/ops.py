@@ -865,10 +865,8 @@ def _backward_vmap(info, in_dims, *args):
         grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, folded_sizes, acts, hs, cs, r, reverse, kernel
     )
     proj_rows = (dhy, r) if w_hr is not None else None
-    grads, dims = per_sample_layer_grads(samples, dx, dh0, dc0, dg, x, previous_h(hs, reverse), has_bias, proj_rows)
-    if not input_grad:  # the rows' op computes dx regardless; the op's result leaves it out
-        grads, dims = (x.new_empty(samples, 0), *grads[1:]), (0, *dims[1:])
-    return grads, dims
+    h_prev = previous_h(hs, reverse)
+    return per_sample_layer_grads(samples, dx, dh0, dc0, dg, x, h_prev, has_bias, proj_rows, input_grad)
 
 
 for _op, _formula in (
