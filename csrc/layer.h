@@ -31,12 +31,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
     bool reverse, bool has_bias, bool weight_grads, bool input_grad);
 // cpp_lstm_bwd without the weight gradients: dx, dh0, dc0, dgates [T, B, 4H], the h each step read [T, B, P], and
 // with a projection the gradient reaching each output h [T, B, P] and the unprojected h [T, B, H] (else empty);
-// float32 and float64.
+// float32 and float64. dx empty without input_grad.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows(
     const Tensor& grad_y, const Tensor& grad_hT, const Tensor& grad_cT, const Tensor& x, const Tensor& h0,
     const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& w_hr,
     const c10::optional<Tensor>& batch_sizes, const Tensor& y, const Tensor& gates, const Tensor& c_hist,
-    bool reverse);
+    bool reverse, bool input_grad);
 
 // The CPU kernel of cpp_lstm_stack_fwd: a whole stack at inference, layer by layer as lstm_fwd runs each.
 std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x, const c10::optional<Tensor>& h0,

@@ -1393,12 +1393,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
 }
 
 // Backward without the weight gradients: dx, dh0, dc0 and the rows they are made of (GateRows), for a caller that
-// sums them per sample of a batch (torch.vmap of per-sample gradients). float32 and float64.
+// sums them per sample of a batch (torch.vmap of per-sample gradients). float32 and float64. Without input_grad
+// dx goes out empty, its product skipped, as in lstm_bwd.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows(
     const Tensor& grad_y_in, const Tensor& grad_hT_in, const Tensor& grad_cT_in, const Tensor& x_in,
     const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih_in, const Tensor& w_hh_in,
     const c10::optional<Tensor>& w_hr_in, const c10::optional<Tensor>& batch_sizes, const Tensor& y_in,
-    const Tensor& gates_in, const Tensor& c_hist_in, bool reverse) {
+    const Tensor& gates_in, const Tensor& c_hist_in, bool reverse, bool input_grad) {
   const Dims d = check_args(x_in, h0_in, c0_in, w_ih_in, w_hh_in, c10::nullopt, w_hr_in, batch_sizes);
   const at::ScalarType dt = x_in.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "fastlstm cpp: backward by rows takes float32 or float64");
@@ -1409,7 +1410,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows
   const bool proj = w_hr_in.has_value();
   Tensor dh = grad_hT_in.to(dt, false, true).contiguous();
   Tensor dc = grad_cT_in.to(dt, false, true).contiguous();
-  Tensor dx = at::empty({d.T, d.B, d.I}, opts);
+  Tensor dx = input_grad ? at::empty({d.T, d.B, d.I}, opts) : Tensor();
   GateRows rows;
   if (d.T == 0 || d.B == 0) {
     rows = {at::empty({d.T, d.B, 4 * d.H}, opts), at::empty({d.T, d.B, d.P}, opts),
@@ -1428,6 +1429,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows
       rows.h_raw = at::empty({0}, opts);
     }
   }
+  if (!input_grad) dx = at::empty({0}, opts);
   return {dx, dh, dc, rows.dgates, rows.h_prev, rows.dh_out, rows.h_raw};
 }
 
@@ -1460,9 +1462,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows
     const Tensor& grad_y, const Tensor& grad_hT, const Tensor& grad_cT, const Tensor& x, const Tensor& h0,
     const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& w_hr,
     const c10::optional<Tensor>& batch_sizes, const Tensor& y, const Tensor& gates, const Tensor& c_hist,
-    bool reverse) {
+    bool reverse, bool input_grad) {
   return fastlstm::lstm_bwd_rows(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist,
-                                 reverse);
+                                 reverse, input_grad);
 }
 
 std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x, const c10::optional<Tensor>& h0,

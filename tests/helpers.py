@@ -251,15 +251,20 @@ def assert_same_double_backward(backend: str, packed: bool, atol: float, rtol: f
 
 def assert_backward_rows_match(bwd_op, rows_op, bwd_args, x, h_prev, proj_rows=None) -> None:
     """A fast backend's backward by rows (per-sample gradients) against its full backward on the same arguments
-    (bwd_args, ending in has_bias, which the rows op does not take): opcheck, the same input gradients, and rows
-    whose products are the weight gradients. h_prev(rows): the h each step read; proj_rows(rows): with a
-    projection, (gradient reaching each output h, unprojected h), else None."""
+    (bwd_args, ending in has_bias, which the rows op does not take): opcheck, the same input gradients (dx left
+    out without input_grad), and rows whose products are the weight gradients. h_prev(rows): the h each step read;
+    proj_rows(rows): with a projection, (gradient reaching each output h, unprojected h), else None."""
     rows_args, has_bias = bwd_args[:-1], bwd_args[-1]
     torch.library.opcheck(rows_op, rows_args)
     dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = bwd_op(*bwd_args)
     rows = rows_op(*rows_args)
     for got, expected in zip(rows[:3], (dx, dh0, dc0)):
         torch.testing.assert_close(got, expected)
+    # Without the input's gradient (per-sample gradients of a first layer fed data): dx empty, the rest the same
+    torch.library.opcheck(rows_op, (*rows_args, False))
+    no_dx = rows_op(*rows_args, False)
+    assert no_dx[0].shape == (0,)
+    assert all(torch.equal(a, b) for a, b in zip(no_dx[1:], rows[1:]))
 
     def product(grad_rows, input_rows):  # summed over every (t, b) row
         return grad_rows.flatten(0, 1).t() @ input_rows.flatten(0, 1)

@@ -127,7 +127,8 @@ def test_an_input_that_needs_no_gradient(backend, packed):
     """A first layer fed data (no gradient to the input): the fast backends then skip dx's product, as large as
     each weight gradient's. Everything else is nn.LSTM's: outputs, the state's and every weight's gradients, and
     the input's stays None. So where the input requires grad but a backward asks for the weights' gradients alone
-    (torch.autograd.grad), and a second backward then for the input's."""
+    (torch.autograd.grad), and a second backward then for the input's. And with frozen weights too: the state's
+    gradients alone."""
     ref, fast = make_pair(I, H, 2, bidirectional=True, proj_size=PROJ, backend=backend)
     lengths = [6, 2, 4]
     x = torch.randn(6, 3, I, dtype=torch.float64)
@@ -149,6 +150,9 @@ def test_an_input_that_needs_no_gradient(backend, packed):
         grads[-1] += torch.autograd.grad(loss, x)
     for got, want in zip(*reversed(grads), strict=True):
         torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    for module in (ref, fast):
+        module.requires_grad_(False)
+    assert_same_results(ref, fast, [x, *state], call, atol, rtol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -31,8 +31,9 @@ transforms, which cannot run a C++ autograd Function, the layer takes the same o
                  reverse, has_bias, weight_grads=True, input_grad=True) -> (dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr):
                  the weight gradients empty ([0]) without weight_grads, which the layer's autograd passes where no
                  weight needs a gradient (frozen weights), and dx without input_grad (an input that needs none)
-    cpp_lstm_bwd_rows(grad_y, ..., c_hist, reverse) -> (dx, dh0, dc0, dgates, h_prev, dh_out, h_raw): backward
-                 without the weight gradients, for their sums per sample under torch.vmap (float32, float64)
+    cpp_lstm_bwd_rows(grad_y, ..., c_hist, reverse, input_grad=True) -> (dx, dh0, dc0, dgates, h_prev, dh_out,
+                 h_raw): backward without the weight gradients, for their sums per sample under torch.vmap
+                 (float32, float64); dx empty without input_grad
     gates [T, B, 4H] (activated) and c_hist [T, B, H] are what backward needs; they are empty ([0]) when
     save is false (inference), and float32 for bfloat16 and float16 inputs.
 
@@ -617,8 +618,8 @@ BWD_SCHEMA = (
 )
 BWD_ROWS_SCHEMA = (
     "cpp_lstm_bwd_rows(Tensor grad_y, Tensor grad_hT, Tensor grad_cT, Tensor x, Tensor h0, Tensor c0, Tensor w_ih, "
-    "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, Tensor y, Tensor gates, Tensor c_hist, bool reverse) -> "
-    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, Tensor y, Tensor gates, Tensor c_hist, bool reverse, "
+    "bool input_grad=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 # A whole stack at inference in one call (CppBackend.inference_stack); no autograd.
 STACK_FWD_SCHEMA = (
@@ -681,13 +682,15 @@ def _bwd_fake(
 
 
 @torch.library.register_fake("fastlstm::cpp_lstm_bwd_rows", lib=_schemas)
-def _bwd_rows_fake(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, reverse):
+def _bwd_rows_fake(
+    grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist, reverse, input_grad=True
+):
     fake_on_x_device("cpp", x, grad_y, grad_hT, grad_cT, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist)
     T, B = x.shape[0], x.shape[1]
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
     with_proj = w_hr is not None
     return (
-        x.new_empty(x.shape),
+        x.new_empty(x.shape if input_grad else (0,)),
         h0.new_empty(h0.shape),
         c0.new_empty(c0.shape),
         x.new_empty((T, B, 4 * H)),
@@ -742,7 +745,7 @@ def _bwd_vmap(info, in_dims, *args):
     grad_y, grad_hT, grad_cT, x, h0, c0, y, gates, c_hist = folded
     folded_sizes = None if batch_sizes is None else batch_sizes * samples
     dx, dh0, dc0, dgates, h_prev, dh_out, h_raw = torch.ops.fastlstm.cpp_lstm_bwd_rows.default(
-        grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, folded_sizes, y, gates, c_hist, reverse
+        grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, folded_sizes, y, gates, c_hist, reverse, input_grad
     )
     proj_rows = (dh_out, h_raw) if w_hr is not None else None
     return per_sample_layer_grads(samples, dx, dh0, dc0, dgates, x, h_prev, has_bias, proj_rows, input_grad)

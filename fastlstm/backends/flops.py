@@ -55,9 +55,9 @@ def cpp_backward(gy, ghT, gcT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, g, c
     return _layer(x, w_ih, w_hh, w_hr, batch_sizes, backward=True, weight_grads=weight_grads, input_grad=input_grad)
 
 
-def cpp_backward_rows(gy, ghT, gcT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, *_, **__):
+def cpp_backward_rows(gy, ghT, gcT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, g, ch, rev, input_grad=True, **__):
     """Without the weights' gradients, which its caller sums per sample in ops of torch's own (counted there)."""
-    return _layer(x, w_ih, w_hh, w_hr, batch_sizes, backward=True, weight_grads=False)
+    return _layer(x, w_ih, w_hh, w_hr, batch_sizes, backward=True, weight_grads=False, input_grad=input_grad)
 
 
 def triton_backward(gy, ghT, gcT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, rev, kernel, bias,
@@ -65,8 +65,9 @@ def triton_backward(gy, ghT, gcT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs
     return _layer(x, w_ih, w_hh, w_hr, batch_sizes, backward=True, input_grad=input_grad)
 
 
-def triton_backward_rows(gy, ghT, gcT, x, w_ih, w_hh, w_hr, batch_sizes, *_, **__):
-    return _layer(x, w_ih, w_hh, w_hr, batch_sizes, backward=True, weight_grads=False)
+def triton_backward_rows(gy, ghT, gcT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, rev, kernel,
+                         input_grad=True, **__):  # fmt: skip
+    return _layer(x, w_ih, w_hh, w_hr, batch_sizes, backward=True, weight_grads=False, input_grad=input_grad)
 
 
 def stack_forward(x, h0, c0, weights, batch_sizes, biases, proj, bidirectional, **__):

@@ -4,7 +4,8 @@ Ops (namespace fastlstm; fakes and autograd registered here, as the CPU backend'
     fastlstm::triton_forward  -> y, hT, cT and what backward needs (acts, hs, cs, r)
     fastlstm::triton_backward -> grads of x, h0, c0, w_ih, w_hh, b, w_hr
     fastlstm::triton_backward_rows -> grads of x, h0, c0, and the rows the weights' are sums of (dgates; with a
-        projection the gradient reaching each output h): per-sample weight gradients under torch.vmap
+        projection the gradient reaching each output h): frozen weights, per-sample weight gradients under vmap
+The backward ops take input_grad=True: without it dx is empty ([0]) and its GEMM skipped.
 All take `kernel`: "step" (one launch per time step) or "sequence" (one launch for the whole loop);
 the choice is made before the op by `choose_kernel`, so the op itself is deterministic.
 """
@@ -765,22 +766,26 @@ def triton_backward_rows(
     r: Tensor,
     reverse: bool,
     kernel: str,
+    input_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """triton_backward without the weight gradients (backward_rows_impl), for their sums per sample under vmap."""
+    """triton_backward without the weight gradients (backward_rows_impl), for frozen weights and for their sums
+    per sample under vmap. dx is empty ([0]) without input_grad."""
     _check_dtype(x)
     dx, dh0, dc0, dg, dhy = backward_rows_impl(
-        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, graph=False
-    )
+        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, graph=False,
+        input_grad=input_grad,
+    )  # fmt: skip
     return dx, dh0, dc0, dg.clone(), dhy  # dg is a view into backward's buffer, at an offset the fake does not have
 
 
 @triton_backward_rows.register_fake
-def _(grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel):
+def _(grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel,
+      input_grad=True):  # fmt: skip
     _on_x_device(x, batch_sizes, grad_y, grad_hT, grad_cT, w_ih, w_hh, w_hr, acts, hs, cs, r)
     T, B = x.shape[0], x.shape[1]
     P, H = hs.shape[2], cs.shape[2]
     return (
-        torch.empty_like(x),
+        torch.empty_like(x) if input_grad else x.new_empty(0),
         x.new_empty(B, P),
         x.new_empty(B, H),
         x.new_empty(T, B, 4 * H),
@@ -817,13 +822,14 @@ def _backward(ctx, grad_y, grad_hT, grad_cT, *_unused, eager: bool = False):
             functools.partial(backward_rows_impl, graph=True),
             functools.partial(backward_impl, graph=True),
         )
+    input_grad = ctx.needs_input_grad[0]  # a first layer fed data: dx's GEMM skipped
     if not any(ctx.needs_input_grad[3:7]):  # frozen weights: the rows alone, without the weight gradients' GEMMs
         with torch.no_grad():
             dx, dh0, dc0, _, _ = rows_of(
-                grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel
-            )
-        return layer_op_grads(dx, dh0, dc0, None, None, None, None)
-    input_grad = ctx.needs_input_grad[0]  # a first layer fed data: dx's GEMM skipped
+                grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel,
+                input_grad=input_grad,
+            )  # fmt: skip
+        return layer_op_grads(dx if input_grad else None, dh0, dc0, None, None, None, None)
     with torch.no_grad():
         dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = grads_of(
             grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, ctx.reverse, ctx.kernel,
@@ -862,7 +868,7 @@ def _backward_vmap(info, in_dims, *args):
     r = folded[7] if w_hr is not None else r
     folded_sizes = None if batch_sizes is None else batch_sizes * samples
     dx, dh0, dc0, dg, dhy = triton_backward_rows(
-        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, folded_sizes, acts, hs, cs, r, reverse, kernel
+        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, folded_sizes, acts, hs, cs, r, reverse, kernel, input_grad
     )
     proj_rows = (dhy, r) if w_hr is not None else None
     h_prev = previous_h(hs, reverse)
