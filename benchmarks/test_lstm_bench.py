@@ -55,9 +55,11 @@ def _sync() -> None:
 
 
 @pytest.mark.parametrize("provider", _providers())
-@pytest.mark.parametrize("mode", ["inference", "training"])
+@pytest.mark.parametrize("mode", ["inference", "training", "training-data"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_lstm(benchmark, shape, mode, provider):
+    """One call: inference, a training step whose input needs a gradient (a layer fed by trained layers), or
+    one whose input needs none (training-data: a first layer fed data, where the fast backends skip dx)."""
     backend_names = [] if provider == "nn.LSTM" else [provider]
     models = make_models(shape, backend_names, DEVICE, DTYPE)
     model = models["nn.LSTM" if provider == "nn.LSTM" else f"fastlstm[{provider}]"]
@@ -72,7 +74,7 @@ def test_lstm(benchmark, shape, mode, provider):
             return out
 
     else:
-        xg = x.detach().requires_grad_(True)
+        xg = x.detach().requires_grad_(mode == "training")
 
         def run():
             model.zero_grad(set_to_none=True)

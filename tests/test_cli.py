@@ -996,6 +996,7 @@ def test_benchmark_suite_and_report(tmp_path):
     report = run_python("benchmarks/report.py", str(out), "--plot", str(png))
     assert report.returncode == 0, report.stderr
     assert "| B2-T8-I8-H8-L1 inference float32 cpu | nn.LSTM " in report.stdout
+    assert "| B2-T8-I8-H8-L1 training-data float32 cpu | nn.LSTM " in report.stdout
     assert "| B4-T12-I8-H8-L1 variable lengths inference float32 cpu | nn.LSTM packed " in report.stdout
     assert "fastlstm.step " in report.stdout
     assert "geometric-mean speedup" in report.stdout and "torch " in report.stdout
