@@ -232,6 +232,14 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       2-64 cpp won every shape, float32 inference 1.48-3.43x, training 1.48-13.2x, bfloat16 (bf16 dot products)
       inference 1.32-4.55x, training 1.45-9.15x; batch 1 (lengths all T) measured as unpacked (float32 inference
       0.98-1.49x, training 1.09-1.88x; bfloat16 1.00-1.79x / 1.49-2.95x).
+    - oneDNN off (`torch.backends.mkldnn.enabled = False`, a `flags()` block, or a torch built without it;
+      native.onednn_lstm_available): nn.LSTM runs every call on ATen's loop, float32 at BLAS's GEMM a step and
+      bfloat16 on ATen's own bf16 GEMM. Zen 4, 2 threads, `bench --no-onednn --backend auto`
+      (`-float32-onednn-off-*.json`, `-bfloat16-onednn-off.json`): the cpu-full grid twice, float32 inference
+      1.45-10.9x, training 1.43-28.4x; five of its shapes in bfloat16, inference 9.98-19.5x, training 16.9-28.5x;
+      the cpu-short grid (1 and 10 steps, batch 8-64, hidden 128-512) float32 inference 1.17-2.24x, training
+      1.08-2.42x; one step in training from hidden 256 was mixed (0.72-1.26x, a script at batch 1-64: the
+      few-steps rule's float32 case below). So cpp there, as for float64.
     - float32: oneDNN runs near the machine's GEMM peak, so cpp only wins reliably where per-step overhead
       dominates: small batches. Batch 1 (EPYC, last four grids: inference 1.01-2.14x, training 1.09-2.08x).
       Batch 2, two runs each of 15 shapes (H 64-1024, T 35-500, 1-3 layers, uni- and bidirectional): inference
@@ -435,7 +443,7 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
     few_steps = _few_steps_slower_reason(call)
     if few_steps is not None:
         return few_steps
-    if call.dtype == torch.float64:
+    if call.dtype == torch.float64 or not native.onednn_lstm_available():
         return None
     if not _cpu_is_x86() and not (call.proj_size or call.packed):
         return (
@@ -545,12 +553,14 @@ def _few_steps_slower_reason(call: LayerCall) -> str | None:
         # not speed: torch's half-precision products are wrong there (NaN), and nn.LSTM's loop takes them
         return None
     fp16_native = call.dtype == torch.float16 and _cpu_fp16_units() == "avx512"
-    full_speed_loop = call.dtype == torch.float64 or call.proj_size > 0 or fp16_native
+    float32_loop = call.dtype == torch.float32 and not native.onednn_lstm_available()
+    full_speed_loop = call.dtype == torch.float64 or call.proj_size > 0 or fp16_native or float32_loop
     if call.needs_grad:
         if full_speed_loop and call.seq_len == 1 and call.hidden_size >= 256:
             return (
                 "one step in training from hidden 256 where nn.LSTM runs its per-step loop at full speed (float64, a "
-                "projection, float16 on a CPU with AVX512-FP16): its products measured faster than cpp's fixed costs"
+                "projection, float32 with oneDNN off, float16 on a CPU with AVX512-FP16): its products measured "
+                "faster than cpp's fixed costs"
             )
         if fp16_native and _float16_few_steps_training_to_native(call):
             return (

@@ -20,6 +20,7 @@ from fastlstm import backends, dispatch, reference
 from fastlstm.backends import LayerCall, host_to_device
 from fastlstm.backends.native import (
     onednn_enabled,
+    onednn_lstm_available,
     onednn_off,
     onednn_training_miscomputes,
     pack_padded,
@@ -87,6 +88,9 @@ class _CallShape(NamedTuple):
     # threads), so a remembered plan holds for one count. 0 on other devices and while tracing (not remembered).
     threads: int = 0
     device_index: int | None = None  # a CUDA device's (LayerCall.device_index)
+    # Whether nn.LSTM's CPU call could take oneDNN (native.onednn_lstm_available), which the CPU rule reads: a
+    # program may switch it off and on. True on other devices and while tracing (not remembered).
+    onednn: bool = True
 
 
 @functools.lru_cache(maxsize=4096)
@@ -350,6 +354,11 @@ def _autocast_off(device_type: str):
 def _traced() -> bool:
     """Whether a graph is being traced: torch.compile, TorchScript's tracer, or an ONNX export."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or dispatch.in_onnx_export()
+
+
+def _onednn_lstm_available(input: Tensor) -> bool:
+    """native.onednn_lstm_available for a CPU call, True elsewhere."""
+    return input.device.type != "cpu" or onednn_lstm_available()
 
 
 def _not_a_state_list(hx) -> TypeError:
@@ -1094,7 +1103,7 @@ class LSTM(nn.RNNBase):
             shape, input.dtype, input.device, weight.dtype, weight.device, state, grad, self.batch_first,
             self.backend, os.environ.get(dispatch.ENV_VAR), self.input_size, self.hidden_size, self.proj_size,
             self.num_layers, self.bidirectional, self.bias, len(weights), mixed, shapes,
-            torch.get_num_threads(), amp,
+            torch.get_num_threads(), amp, _onednn_lstm_available(input),
         )  # fmt: skip
 
     def _passed(self, key: tuple | None, choices: tuple[dispatch.Choice, ...], amp: _Autocast | None, empty=False):
@@ -1126,6 +1135,7 @@ class LSTM(nn.RNNBase):
             self._dtypes_mixed(input, hx),
             torch.get_num_threads() if input.device.type == "cpu" and not traced else 0,
             input.device.index if input.device.type == "cuda" else None,
+            _onednn_lstm_available(input) if not traced else True,
         )  # fmt: skip
         requested = dispatch.requested(self.backend)
         misfit = self._miscounted_weights()

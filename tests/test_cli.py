@@ -383,6 +383,52 @@ def test_bench_times_training_where_the_input_needs_no_gradient(tmp_path, capsys
     assert [(r["mode"], r["provider"]) for r in results] == [("training-data", p) for p in ("nn.LSTM", "fastlstm[cpp]")]
 
 
+def test_bench_with_onednn_off(tmp_path, capsys):
+    """--no-onednn: the run with oneDNN switched off (nn.LSTM on ATen's loop), as the header and the JSON say, and
+    the switch as it was afterwards."""
+    from fastlstm import __main__ as cli
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--shape", "2,3,4,4", "--mode", "inference", "--no-onednn", "--repeats", "2", "--json", str(out)]
+    before = torch.backends.mkldnn.enabled
+    assert cli.main(args) == 0
+    assert "onednn off (nn.LSTM runs ATen's per-step loop)" in capsys.readouterr().out
+    assert json.loads(out.read_text())["machine"]["onednn"] == "off (nn.LSTM runs ATen's per-step loop)"
+    assert torch.backends.mkldnn.enabled == before
+
+
+def test_bench_check_lets_float64_decide_where_a_half_precision_result_disagrees(monkeypatch):
+    """bench's check in half precision: where a provider and nn.LSTM disagree beyond the tolerance, float64 on the
+    same weights decides, and the provider passes if it errs no more than nn.LSTM (whose ATen loop, oneDNN off,
+    sums a bias gradient in bfloat16: 5% off at B16-T100-H128-L3, where cpp is not)."""
+    from fastlstm import __main__ as cli
+    from fastlstm import benchmark
+
+    if backends.get("cpp").unavailable_reason() is not None:
+        pytest.skip("needs the C++ backend")
+    label = "bias_hh_l0.grad"
+    results = benchmark.validation_results
+
+    def off_by_one(wrong):  # adds 1 to the label's result of `wrong` (nn.LSTM, or fastlstm), not to float64's
+        def run(model, x, *args):
+            got = results(model, x, *args)
+            if x.dtype == torch.bfloat16 and isinstance(model, nn.LSTM) == (wrong == "nn.LSTM"):
+                got[label] = got[label] + 1
+            return got
+
+        return run
+
+    shape = Shape.parse("B4-T5-I8-H8")
+    monkeypatch.setattr(benchmark, "validation_results", off_by_one("nn.LSTM"))
+    cli._validate(shape, ["cpp"], ["training"], "cpu", torch.bfloat16)
+    monkeypatch.setattr(benchmark, "validation_results", off_by_one("fastlstm"))
+    with pytest.raises(SystemExit, match=f"disagrees with nn.LSTM .*{label}: .*against float64 .*nn.LSTM's"):
+        cli._validate(shape, ["cpp"], ["training"], "cpu", torch.bfloat16)
+    monkeypatch.setattr(benchmark, "validation_results", results)
+    with torch.backends.mkldnn.flags(enabled=False):
+        cli._validate(Shape.parse("B16-T100-I128-H128-L3"), ["cpp"], ["training"], "cpu", torch.bfloat16)
+
+
 def test_check_of_named_backends_fails_when_one_is_unavailable(tmp_path):
     """`check --backend NAME` checks only those, and a named backend that cannot run (here the C++ build fails:
     the compiler is `false`) is a failure, exit 1, where a plain `check` skips it and passes."""

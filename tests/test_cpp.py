@@ -16,6 +16,7 @@ import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -449,6 +450,24 @@ def test_opcheck(case, layout):
         torch.ops.fastlstm.cpp_lstm_bwd.default, torch.ops.fastlstm.cpp_lstm_bwd_rows.default, bwd_args, nograd[0],
         h_prev=lambda rows: rows[4], proj_rows=lambda rows: rows[5:7] if case.P else None,
     )  # fmt: skip
+
+
+def test_bfloat16_training_with_onednn_off():
+    """With oneDNN switched off, cpp's bfloat16 backward takes its three products in float32 (ATen's own bf16 GEMM
+    ran them 12x slower): the gradients are those it gives with oneDNN on, to bfloat16's rounding."""
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(12, 16, 2, bidirectional=True, backend="cpp").bfloat16()
+    x = torch.randn(7, 5, 12, dtype=torch.bfloat16)
+    results = []
+    for enabled in (True, False):
+        with torch.backends.mkldnn.flags(enabled=enabled):
+            model.zero_grad()
+            xi = x.clone().requires_grad_()
+            y, (h, c) = model(xi)
+            (y.float().square().sum() + c.float().sum()).backward()
+        results.append([y, xi.grad, *(p.grad for p in model.parameters())])
+    for on, off in zip(*results):
+        torch.testing.assert_close(off.float(), on.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("trained", ["none", "bias_hh_l0", "weight_hr_l1_reverse"])
@@ -1835,6 +1854,30 @@ def test_auto_keeps_oneDNNs_calls_native_on_other_architectures(monkeypatch):
     x = torch.randn(3, 2, 5)
     forget_plans()
     assert "measured against oneDNN's fused LSTM on x86-64 CPUs only" in str(fastlstm.explain(fastlstm.LSTM(5, 7), x))
+
+
+def test_auto_takes_cpp_where_onednn_is_off(monkeypatch):
+    """oneDNN switched off (torch.backends.mkldnn) or not built into torch: nn.LSTM runs ATen's per-step loop, which
+    cpp beat in every dtype (dispatch: 1.4-3.1x float32, 10-83x bfloat16), so auto takes cpp where the rule gave
+    oneDNN's calls to native (here every float32 call of a CPU nothing was measured on), but for one float32 step
+    in training from hidden 256 (the loop at full speed: the few-steps rule). Back on, the rule is as before."""
+    from fastlstm.backends import native
+
+    monkeypatch.setattr(dispatch, "_cpu_is_x86", lambda: False)
+    monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: None)
+    monkeypatch.setattr(dispatch, "_cpu_fp16_units", lambda: None)
+    monkeypatch.setattr(native, "openmp_starves", lambda: False)
+    one_step = dict(train=True, hidden=256, seq_len=1)
+    for off in (torch.backends.mkldnn.flags(enabled=False), mock.patch.object(native, "ONEDNN_BUILT", False)):
+        assert _auto_backends(torch.float32, 64) == ["native"] * 4
+        with off:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                for train in (False, True):
+                    assert _auto_backends(dtype, 64, train=train) == ["cpp"] * 4, (dtype, train)
+            assert _auto_backends(torch.float32, 16, **one_step) == ["native"] * 4
+            assert _auto_backends(torch.float32, 16, **dict(one_step, seq_len=2)) == ["cpp"] * 4
+            assert _auto_backends(torch.bfloat16, 16, **one_step) == ["cpp"] * 4  # ATen's bf16 products are slow
+        assert _auto_backends(torch.float32, 64, train=True) == ["native"] * 4
 
 
 def test_auto_follows_the_measured_rule(monkeypatch):

@@ -1082,6 +1082,24 @@ def test_repeated_calls_follow_the_thread_count(monkeypatch, served_by):
         torch.set_num_threads(threads)
 
 
+def test_repeated_calls_follow_the_onednn_switch(monkeypatch, served_by):
+    """The CPU rule reads whether nn.LSTM could take oneDNN (a program may switch it off and on): a plan remembered
+    with it on must not serve a call with it off, nor the other way round."""
+    from fastlstm import dispatch
+
+    monkeypatch.setattr(dispatch, "_fast_backend_for", lambda device_type: "reference")
+    onednn_off = lambda name, call: None if not torch._C._get_mkldnn_enabled() else "oneDNN on"  # noqa: E731
+    monkeypatch.setattr(dispatch, "_faster_than_native", onednn_off)
+    m = fastlstm.LSTM(I, H, dtype=torch.float64)
+    x = torch.randn(3, 2, I, dtype=torch.float64)
+    for _ in range(2):
+        assert served_by(m, x) == served_by(m, x) == ["native stack"]
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert served_by(m, x) == served_by(m, x) == ["reference"]
+            assert fastlstm.explain(m, x).backends == ["reference"]
+        assert fastlstm.explain(m, x).backends == ["native"]
+
+
 def test_repeated_calls_are_checked_as_nn_lstm_checks_them():
     """Bad calls after good ones of the same module raise nn.LSTM's errors (the remembered way skips checks)."""
     ref, fast = make_pair(I, H, backend="reference", dtype=torch.float32)

@@ -102,6 +102,16 @@ def onednn_enabled() -> bool:
         return _onednn_setting if _onednn_turns else torch._C._get_mkldnn_enabled()
 
 
+ONEDNN_BUILT = torch.backends.mkldnn.is_available()  # read once: a call's key reads onednn_lstm_available
+
+
+def onednn_lstm_available() -> bool:
+    """Whether nn.LSTM's CPU calls can take oneDNN's fused LSTM: torch built with oneDNN, and the program has not
+    switched it off (`torch.backends.mkldnn.enabled = False`, or its `flags()` block). Without it they run ATen's
+    per-step loop, as float64 does."""
+    return ONEDNN_BUILT and onednn_enabled()
+
+
 @contextlib.contextmanager
 def onednn_off():
     """nn.LSTM's ATen path on the CPU: oneDNN off for the block, every other oneDNN setting left as it is. The switch
