@@ -859,6 +859,8 @@ def choose(name: str, call: LayerCall) -> Choice:
         return Choice(fast, f"native cannot serve it: {native_fails} ({fast} not measured faster: {slower})")
     if compiling:
         return Choice(fast, "torch.compile: nn.LSTM's CPU path does not compile (the speed rule is not asked)")
+    if call.device_type == "cpu" and not native.onednn_lstm_available():
+        return Choice(fast, "measured faster than native for this shape (oneDNN off: nn.LSTM runs ATen's loop)")
     return Choice(fast, "measured faster than native for this shape")
 
 

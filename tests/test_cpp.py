@@ -1877,6 +1877,8 @@ def test_auto_takes_cpp_where_onednn_is_off(monkeypatch):
             assert _auto_backends(torch.float32, 16, **one_step) == ["native"] * 4
             assert _auto_backends(torch.float32, 16, **dict(one_step, seq_len=2)) == ["cpp"] * 4
             assert _auto_backends(torch.bfloat16, 16, **one_step) == ["cpp"] * 4  # ATen's bf16 products are slow
+            explained = str(fastlstm.explain(fastlstm.LSTM(5, 7), torch.randn(3, 64, 5)))
+            assert "cpp (measured faster than native for this shape (oneDNN off: nn.LSTM runs ATen's" in explained
         assert _auto_backends(torch.float32, 64, train=True) == ["native"] * 4
 
 
