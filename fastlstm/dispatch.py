@@ -552,8 +552,10 @@ def _few_steps_slower_reason(call: LayerCall) -> str | None:
     if call.dtype in (torch.bfloat16, torch.float16) and native.openmp_starves():
         # not speed: torch's half-precision products are wrong there (NaN), and nn.LSTM's loop takes them
         return None
-    fp16_native = call.dtype == torch.float16 and _cpu_fp16_units() == "avx512"
-    float32_loop = call.dtype == torch.float32 and not native.onednn_lstm_available()
+    # ATen's half-precision GEMMs are oneDNN's, where it is on; off, ATen's own (bfloat16's: 300x slower)
+    onednn = native.onednn_lstm_available()
+    fp16_native = call.dtype == torch.float16 and _cpu_fp16_units() == "avx512" and onednn
+    float32_loop = call.dtype == torch.float32 and not onednn
     full_speed_loop = call.dtype == torch.float64 or call.proj_size > 0 or fp16_native or float32_loop
     if call.needs_grad:
         if full_speed_loop and call.seq_len == 1 and call.hidden_size >= 256:

@@ -1858,14 +1858,15 @@ def test_auto_keeps_oneDNNs_calls_native_on_other_architectures(monkeypatch):
 
 def test_auto_takes_cpp_where_onednn_is_off(monkeypatch):
     """oneDNN switched off (torch.backends.mkldnn) or not built into torch: nn.LSTM runs ATen's per-step loop, which
-    cpp beat in every dtype (dispatch: 1.4-3.1x float32, 10-83x bfloat16), so auto takes cpp where the rule gave
-    oneDNN's calls to native (here every float32 call of a CPU nothing was measured on), but for one float32 step
-    in training from hidden 256 (the loop at full speed: the few-steps rule). Back on, the rule is as before."""
+    cpp beat in every dtype (dispatch: float32 1.4-28x, bfloat16 10-29x), so auto takes cpp where the rule gave
+    oneDNN's calls to native (here every call of a CPU nothing was measured on), but for one float32 step in
+    training from hidden 256 (the loop at full speed: the few-steps rule; float16's is at full speed only on
+    oneDNN's GEMM). Back on, the rule is as before."""
     from fastlstm.backends import native
 
     monkeypatch.setattr(dispatch, "_cpu_is_x86", lambda: False)
     monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: None)
-    monkeypatch.setattr(dispatch, "_cpu_fp16_units", lambda: None)
+    monkeypatch.setattr(dispatch, "_cpu_fp16_units", lambda: "avx512")  # float16's loop then runs oneDNN's GEMM
     monkeypatch.setattr(native, "openmp_starves", lambda: False)
     one_step = dict(train=True, hidden=256, seq_len=1)
     for off in (torch.backends.mkldnn.flags(enabled=False), mock.patch.object(native, "ONEDNN_BUILT", False)):
@@ -1876,10 +1877,12 @@ def test_auto_takes_cpp_where_onednn_is_off(monkeypatch):
                     assert _auto_backends(dtype, 64, train=train) == ["cpp"] * 4, (dtype, train)
             assert _auto_backends(torch.float32, 16, **one_step) == ["native"] * 4
             assert _auto_backends(torch.float32, 16, **dict(one_step, seq_len=2)) == ["cpp"] * 4
-            assert _auto_backends(torch.bfloat16, 16, **one_step) == ["cpp"] * 4  # ATen's bf16 products are slow
+            for dtype in (torch.bfloat16, torch.float16):  # ATen's own half-precision GEMMs are slow
+                assert _auto_backends(dtype, 16, **one_step) == ["cpp"] * 4, dtype
             explained = str(fastlstm.explain(fastlstm.LSTM(5, 7), torch.randn(3, 64, 5)))
             assert "cpp (measured faster than native for this shape (oneDNN off: nn.LSTM runs ATen's" in explained
         assert _auto_backends(torch.float32, 64, train=True) == ["native"] * 4
+        assert _auto_backends(torch.float16, 16, **one_step) == ["native"] * 4  # oneDNN's float16 GEMM: full speed
 
 
 def test_auto_follows_the_measured_rule(monkeypatch):
