@@ -218,22 +218,26 @@ inline bool openmp_may_start_fewer_threads() {
 #endif
 }
 
+// Whether ATen's products may go to oneDNN here: torch built with it, the program's switch
+// (torch.backends.mkldnn.enabled) on, and OpenMP starting every thread asked for (else oneDNN's numbers are wrong).
+inline bool aten_onednn_on() {
+  return at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() && !openmp_may_start_fewer_threads();
+}
+
 // a @ b of bfloat16 matrices in float accumulation, rounded once to bfloat16. ATen hands such products to oneDNN,
 // which gives non-finite numbers where OpenMP may start fewer threads (with OMP_THREAD_LIMIT=1 and torch at 2
 // threads, torch 2.13's own bf16 a @ b was off by 3e35, nn.LSTM's bf16 gradients NaN; an audit): there they are
 // computed in float32 (BLAS), then rounded. So too where the program has switched oneDNN off (or torch lacks it):
 // ATen's own bf16 GEMM then ran a B32-T100-H256 training step's three products in 0.7 s.
 inline at::Tensor bf16_mm(const at::Tensor& a, const at::Tensor& b) {
-  if (at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() && !openmp_may_start_fewer_threads())
-    return at::mm(a, b);
+  if (aten_onednn_on()) return at::mm(a, b);
   return at::mm(a.to(at::kFloat), b.to(at::kFloat)).to(a.scalar_type());
 }
 
 // Whether oneDNN may serve a float32 product here at all, whatever its size.
 template <typename scalar_t>
 bool onednn_usable() {
-  return std::is_same_v<scalar_t, float> && onednn_linear_op().has_value() && at::globalContext().userEnabledMkldnn() &&
-         !openmp_may_start_fewer_threads();
+  return std::is_same_v<scalar_t, float> && onednn_linear_op().has_value() && aten_onednn_on();
 }
 
 // Whether oneDNN serves a float32 product of `macs` multiply-adds, and the product A @ W^T as it computes it.

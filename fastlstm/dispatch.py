@@ -233,7 +233,7 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       inference 1.32-4.55x, training 1.45-9.15x; batch 1 (lengths all T) measured as unpacked (float32 inference
       0.98-1.49x, training 1.09-1.88x; bfloat16 1.00-1.79x / 1.49-2.95x).
     - oneDNN off (`torch.backends.mkldnn.enabled = False`, a `flags()` block, or a torch built without it;
-      native.onednn_lstm_available): nn.LSTM runs every call on ATen's loop, float32 at BLAS's GEMM a step and
+      LayerCall.onednn): nn.LSTM runs every call on ATen's loop, float32 at BLAS's GEMM a step and
       bfloat16 on ATen's own bf16 GEMM. Zen 4, 2 threads, `bench --no-onednn --backend auto`
       (`-float32-onednn-off-*.json`, `-bfloat16-onednn-off.json`): the cpu-full grid twice, float32 inference
       1.45-10.9x, training 1.43-28.4x; five of its shapes in bfloat16, inference 9.98-19.5x, training 16.9-28.5x;
@@ -443,7 +443,7 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
     few_steps = _few_steps_slower_reason(call)
     if few_steps is not None:
         return few_steps
-    if call.dtype == torch.float64 or not native.onednn_lstm_available():
+    if call.dtype == torch.float64 or not call.onednn:
         return None
     if not _cpu_is_x86() and not (call.proj_size or call.packed):
         return (
@@ -553,9 +553,8 @@ def _few_steps_slower_reason(call: LayerCall) -> str | None:
         # not speed: torch's half-precision products are wrong there (NaN), and nn.LSTM's loop takes them
         return None
     # ATen's half-precision GEMMs are oneDNN's, where it is on; off, ATen's own (bfloat16's: 300x slower)
-    onednn = native.onednn_lstm_available()
-    fp16_native = call.dtype == torch.float16 and _cpu_fp16_units() == "avx512" and onednn
-    float32_loop = call.dtype == torch.float32 and not onednn
+    fp16_native = call.dtype == torch.float16 and _cpu_fp16_units() == "avx512" and call.onednn
+    float32_loop = call.dtype == torch.float32 and not call.onednn
     full_speed_loop = call.dtype == torch.float64 or call.proj_size > 0 or fp16_native or float32_loop
     if call.needs_grad:
         if full_speed_loop and call.seq_len == 1 and call.hidden_size >= 256:
@@ -861,7 +860,7 @@ def choose(name: str, call: LayerCall) -> Choice:
         return Choice(fast, f"native cannot serve it: {native_fails} ({fast} not measured faster: {slower})")
     if compiling:
         return Choice(fast, "torch.compile: nn.LSTM's CPU path does not compile (the speed rule is not asked)")
-    if call.device_type == "cpu" and not native.onednn_lstm_available():
+    if not call.onednn:
         return Choice(fast, "measured faster than native for this shape (oneDNN off: nn.LSTM runs ATen's loop)")
     return Choice(fast, "measured faster than native for this shape")
 

@@ -88,9 +88,7 @@ class _CallShape(NamedTuple):
     # threads), so a remembered plan holds for one count. 0 on other devices and while tracing (not remembered).
     threads: int = 0
     device_index: int | None = None  # a CUDA device's (LayerCall.device_index)
-    # Whether nn.LSTM's CPU call could take oneDNN (native.onednn_lstm_available), which the CPU rule reads: a
-    # program may switch it off and on. True on other devices and while tracing (not remembered).
-    onednn: bool = True
+    onednn: bool = True  # LayerCall.onednn: the CPU rule reads it, and a program may switch it off and on
 
 
 @functools.lru_cache(maxsize=4096)
@@ -117,6 +115,7 @@ def _plan_for(requested: str, shape: _CallShape) -> tuple[dispatch.Choice, ...]:
             grad_of_grad=shape.grad_of_grad,
             mixed_dtypes=shape.mixed_dtypes,
             device_index=shape.device_index,
+            onednn=shape.onednn,
         )
         for layer in range(shape.num_layers)
         for direction in range(shape.num_directions)

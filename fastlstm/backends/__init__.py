@@ -54,6 +54,9 @@ class LayerCall:
     forward_ad: bool = False  # forward-mode AD: dual tensors, torch.func.jvp / jacfwd (LSTM._transforms)
     grad_of_grad: bool = False  # a transform's gradients through this call are differentiated (LSTM._transforms)
     mixed_dtypes: bool = False  # the weights, or c0 against the input, differ in dtype (LSTM._dtypes_mixed)
+    # nn.LSTM's CPU call could take oneDNN's fused LSTM (native.onednn_lstm_available; a program may switch it
+    # off): else ATen's per-step loop. True on other devices and while tracing.
+    onednn: bool = True
     # The CUDA device's index (None on other devices): a backend's self-test and build check run there, not on
     # whichever device is current (GPU 0 in a process that never called torch.cuda.set_device).
     device_index: int | None = None
@@ -409,7 +412,7 @@ def per_sample_layer_grads(
     call over every sample's rows side by side (rows_side_by_side): the input gradients unfolded, and each
     weight gradient summed over each sample's own rows. dgates, x, h_prev (the state each step read): [T, B·V, *];
     proj_rows: with a projection, (gradient reaching each output h, unprojected h). Without input_grad, dx comes
-    out empty, as the op leaves it (the rows' op computes it regardless). Returns (outputs, out_dims)."""
+    out empty, as the rows' op gave it. Returns (outputs, out_dims)."""
     none = dgates.new_empty(samples, 0)
     accumulate = torch.float32 if dgates.dtype in (torch.bfloat16, torch.float16) else dgates.dtype
     grads = (
