@@ -18,10 +18,12 @@ from helpers import (
     make_pair,
     nn_lstm_under_cpu_autocast,
     run_python,
+    run_with_grads,
+    run_without_grads,
 )
 from torch import nn
 from torch.nn.utils import parametrizations
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import fastlstm
 from fastlstm import benchmark
@@ -977,6 +979,55 @@ def test_repeated_packed_calls_give_nn_lstm_results(monkeypatch, backend):
     call = lambda module, x: packed(module, x, [5, 5, 5])  # noqa: E731  lengths that do not vary: another path
     assert_same_results(ref, fast, [torch.randn(5, 3, I, dtype=torch.float64)], call, **TOL)
     assert len(prepared) == 3
+
+
+@pytest.mark.parametrize("backend", ["reference", *fast_cpu_backends(), "auto"])
+def test_every_kind_of_call_in_turn_with_optimizer_steps_between(backend):
+    """One module called every way in turn, twice over (a batch, a pack with a state, lengths=, an unbatched input,
+    a step, an inference call), an optimizer step after each call with gradients: what calls remember (plans,
+    checks passed, memory kept between calls) never serves another kind of call or stale weights. nn.LSTM's
+    numbers, gradients and updated weights every time."""
+    ref, fast = make_pair(I, H, 2, proj_size=3, backend=backend)
+    optimizers = {id(m): torch.optim.SGD(m.parameters(), lr=0.1) for m in (ref, fast)}
+    T, B = 4, 3
+    lengths = torch.tensor([2, 4, 1])
+    state = [torch.randn(2, B, size, dtype=torch.float64) for size in (3, H)]
+
+    def packed(module, x, *hx):
+        return lstm_call(module, pack_padded_sequence(x, lengths, enforce_sorted=False), *hx)
+
+    def with_lengths(module, x, *hx):
+        if isinstance(module, fastlstm.LSTM):
+            return module(x, tuple(hx) or None, lengths=lengths)
+        y, state = packed(module, x, *hx)
+        return pad_packed_sequence(y, total_length=T)[0], state
+
+    def step(module, x_t, *hx):
+        if isinstance(module, fastlstm.LSTM):
+            return module.step(x_t, tuple(hx))
+        y, state = lstm_call(module, x_t[None], *hx)
+        return y[0], state
+
+    def trained(module, inputs, call):
+        results = run_with_grads(module, inputs, call)
+        optimizers[id(module)].step()
+        return results
+
+    kinds = [
+        (lstm_call, [(T, B, I)], trained),
+        (packed, [(T, B, I), *state], trained),
+        (with_lengths, [(T, B, I)], trained),
+        (lstm_call, [(T, I), state[0][:, 0], state[1][:, 0]], trained),
+        (step, [(B, I), *state], trained),
+        (lstm_call, [(T, B, I)], run_without_grads),  # the first call's key but for gradients
+    ]
+    for _ in range(2):
+        for call, inputs, run in kinds:
+            inputs = [torch.randn(*t, dtype=torch.float64) if isinstance(t, tuple) else t for t in inputs]
+            assert_same_results(ref, fast, inputs, call, run=run, **TOL)
+            for (name, want), got in zip(ref.named_parameters(), fast.parameters(), strict=True):
+                label = f"{call.__name__}: {name}"
+                torch.testing.assert_close(got, want, **TOL, msg=lambda m, label=label: f"{label}: {m}")
 
 
 def test_repeated_packed_calls_are_checked_as_nn_lstm_checks_them():
