@@ -15,6 +15,24 @@ except ImportError:  # torch missing: every test will fail loudly at import anyw
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _worker_threads() -> int | None:
+    """A pytest-xdist worker's share of the CPUs this process may run on (None outside xdist). torch starts one
+    thread a core in every worker: `-n auto` on 2 cores ran 4 threads on 2 CPUs, and OpenMP's barriers and the C++
+    backend's team loop then waited on descheduled threads (a test 2 s alone took 20 s in the suite; test_parity,
+    test_properties, test_lengths_streaming and test_module on 2 cores, alternating: 166-176 s, and 121-122 s at a
+    share each). Tests of the multi-thread paths set their counts themselves."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if not os.environ.get("PYTEST_XDIST_WORKER") or workers < 1:
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cpus // workers))
+
+
+_threads = _worker_threads()
+if _threads is not None:
+    torch.set_num_threads(_threads)
+
 # (atol, rtol) against nn.LSTM with the same weights.
 TOLERANCES = {
     torch.float64: (1e-9, 1e-7),
