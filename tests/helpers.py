@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -222,6 +223,17 @@ def assert_threads_get_lone_results(run, jobs: list, threads: int, repeats: int)
         t.join(timeout=300)
     assert not any(t.is_alive() for t in started), "a thread hung"
     assert not failures, failures
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch.set_num_threads(count) for the block, the count before it restored after (a test worker's, conftest)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def lstm_call(module, x, *state):

@@ -30,6 +30,7 @@ from helpers import (
     needs_tracing,
     run_python,
     run_pythons,
+    torch_threads,
 )
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -2237,16 +2238,12 @@ def test_auto_serves_float64_with_cpp_and_matches_nn_lstm():
 def test_batch_one_multiplies_w_hh_as_stored(threads):
     """At batch 1 with long rows the recurrent product reads w_hh as stored (dot products), in the team loop and,
     with one thread or a projection, in the per-step loop: nn.LSTM's numbers, float64, unbatched and batched."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for proj, x in [(0, torch.randn(5, 7, dtype=torch.float64)), (130, torch.randn(3, 1, 7, dtype=torch.float64))]:
             ref, fast = make_pair(7, 160, proj_size=proj, backend="cpp")
             state = [torch.randn(1, *x.shape[1:-1], proj or 160, dtype=torch.float64)]
             state.append(torch.randn(1, *x.shape[1:-1], 160, dtype=torch.float64))
             assert_same_results(ref, fast, [x, *state], lstm_call, *TOL[torch.float64])
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -2255,9 +2252,7 @@ def test_a_single_step_gives_each_row_what_it_gives_alone(dtype, proj):
     """A single step multiplies the weights as stored, the rows of a batch through each group of weight rows in
     turn (and the groups split over two threads): each row's numbers must not depend on the rows beside it, bitwise,
     and match nn.LSTM's."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         ref, fast = make_pair(70, 130, 2, proj_size=proj, backend="cpp", dtype=dtype)
         x = torch.randn(1, 7, 70, dtype=dtype)
         state = (torch.randn(2, 7, proj or 130, dtype=dtype), torch.randn(2, 7, 130, dtype=dtype))
@@ -2272,8 +2267,6 @@ def test_a_single_step_gives_each_row_what_it_gives_alone(dtype, proj):
                 expected_y, (expected_h, expected_c) = ref(x, state)
                 for got, expected in ((y, expected_y), (h, expected_h), (c, expected_c)):
                     torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _infer_and_train(model, x):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_same_results, lstm_call
+from helpers import assert_same_results, lstm_call, torch_threads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -74,12 +74,8 @@ def test_random_configurations_match_nn_lstm(backend, dtype):
     check = settings(max_examples=EXAMPLES.get(backend, 40), deadline=None)(given(config=configs())(_check_config))
     # The C++ backend splits its time loop between threads (a team of them, or rows a thread): its draws run on two
     # threads, whatever share of the CPUs a test worker runs on (conftest)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2 if backend == "cpp" else threads)
-    try:
+    with torch_threads(2 if backend == "cpp" else torch.get_num_threads()):
         check(backend=backend, dtype=dtype)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _check_config(backend, dtype, config):
