@@ -730,13 +730,16 @@ def test_flop_counter_counts_the_layers_as_nn_lstms_aten_path(backend, proj):
 
 def test_flop_formulas_wait_for_the_counter_to_be_imported():
     """`import fastlstm` imports neither torch.utils.flop_counter nor, through it, triton (0.15 s); the formulas
-    register as that module finishes importing, before any FlopCounterMode (each copies the registry) exists."""
+    register as that module finishes importing, before any FlopCounterMode (each copies the registry) exists. (On
+    torch 2.4 `import fastlstm` imports torch._dynamo, and that imports triton: README, "torch and triton
+    releases".)"""
     from helpers import run_python
 
     code = textwrap.dedent(
         """
         import sys, torch, fastlstm
-        assert "torch.utils.flop_counter" not in sys.modules and "triton" not in sys.modules
+        assert "torch.utils.flop_counter" not in sys.modules
+        assert "triton" not in sys.modules or not fastlstm.module.TRACEABLE
         from torch.utils.flop_counter import FlopCounterMode
         model = fastlstm.LSTM(3, 4, backend="cpp")
         counter = FlopCounterMode(display=False)

@@ -108,6 +108,9 @@ def _register_waiting() -> None:
         for op, formula in _waiting:
             if op not in registry:
                 register_formula(op, get_raw=True)(formula)
+            # torch 2.4's registers the op's overloads, and its counter looks ops up by packet (torch.ops.x.y): an
+            # entry by packet as later releases make, which is what their counter reads
+            registry.setdefault(op, formula)
         _waiting.clear()
 
 
