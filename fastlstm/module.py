@@ -350,6 +350,11 @@ def _autocast_off(device_type: str):
     return torch._C._DisableAutocast()
 
 
+def _no_weight() -> None:
+    """A stand-in for a weight's weakref that no weight matches (LSTM._update_flat_weights)."""
+    return None
+
+
 def _traced() -> bool:
     """Whether a graph is being traced: torch.compile, TorchScript's tracer, or an ONNX export."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or dispatch.in_onnx_export()
@@ -635,7 +640,15 @@ class LSTM(nn.RNNBase):
             else:
                 weight = getattr(self, name) if hasattr(self, name) else None
             if weight is not None and ref is not None and ref() is not weight:
-                self._init_flat_weights()
+                if torch.compiler.is_compiling():
+                    # nn.RNNBase's re-read without its weakrefs, which dynamo in torch 2.5 cannot make; refs that
+                    # match no weight in their place make the next eager call read the weights again
+                    names = self._flat_weights_names
+                    self._flat_weights = [getattr(self, n) if hasattr(self, n) else None for n in names]
+                    self._flat_weight_refs = [_no_weight] * len(names)
+                    self.flatten_parameters()
+                else:
+                    self._init_flat_weights()
                 return
 
     def flatten_parameters(self) -> None:
@@ -709,17 +722,26 @@ class LSTM(nn.RNNBase):
         whatever its shape (b_ih and b_hh both of [1]: wrong numbers, float32 B3-H4 off by 0.62), and the fast
         backends take [4H]. The list itself where every bias has its constructor's shape."""
         weights = self._flat_weights if weights is None else weights
-        if not self.bias or self._miscounted_weights():  # the latter: the list as nn.LSTM hands it on (_plan)
+        if self._built_as_they_are(weights):
             return weights
         gates = 4 * self.hidden_size
-        per_layer = self._per_layer(weights)
-        biases = [k for k in range(len(weights)) if k % per_layer in (2, 3)]
-        if all(weights[k].shape == (gates,) for k in biases):
-            return weights
         flat = list(weights)
-        for k in biases:
+        for k in self._bias_indices(weights):
             flat[k] = _flat_bias(flat[k], gates).contiguous()
         return flat
+
+    def _built_as_they_are(self, weights: list[Tensor | None]) -> bool:
+        """Whether _weights_as_built(weights) is the list itself: no bias, every bias of shape [4H], or a list nn.LSTM
+        hands on as it is (_miscounted_weights, _plan). Asked rather than `is` between the lists, which dynamo in
+        torch 2.5 compares element by element (data-dependent control flow: compile and export failed)."""
+        if not self.bias or self._miscounted_weights():
+            return True
+        gates = 4 * self.hidden_size
+        return all(weights[k].shape == (gates,) for k in self._bias_indices(weights))
+
+    def _bias_indices(self, weights: list[Tensor | None]) -> list[int]:
+        per_layer = self._per_layer(weights)
+        return [k for k in range(len(weights)) if k % per_layer in (2, 3)]
 
     def _weights_mixed(self) -> bool:
         """Whether the weights do not all share one dtype (a state_dict loaded with assign=True, say). Only nn.LSTM's
@@ -1109,7 +1131,7 @@ class LSTM(nn.RNNBase):
         """A call that passed every check: its plan, with what its repeats need not work out again (`empty`: nothing
         to compute, which nn.LSTM's own call answers), remembered under its key (None: not to be remembered)."""
         native = empty or all(choice.backend == "native" for choice in choices)
-        checked = _Checked(choices, amp, native, self._weights_as_built() is self._flat_weights)
+        checked = _Checked(choices, amp, native, self._built_as_they_are(self._flat_weights))
         if key is not None:
             backends.remember(_CHECKED_CALLS, key, checked)
         return checked

@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from helpers import (
     assert_same_results,
     fast_cpu_backends,

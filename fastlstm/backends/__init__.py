@@ -450,7 +450,11 @@ def exporting() -> bool:
     if isinstance(flag, bool):
         return flag
     is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return is_exporting is not None and is_exporting()
+    if is_exporting is not None:
+        return is_exporting()
+    # torch 2.5 has neither: torch.export's record of the export in progress (a set of its flags, else None)
+    trace = getattr(getattr(torch, "export", None), "_trace", None)
+    return getattr(trace, "_EXPORT_FLAGS", None) is not None
 
 
 def dispatch_mode_active() -> bool:
