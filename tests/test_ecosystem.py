@@ -1043,8 +1043,25 @@ def test_torch_export_gives_nn_lstm_numbers(backend):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+# backends.exporting() reads torch.compiler.is_exporting (torch 2.7+), else torch.export's record of an export in
+# progress (torch 2.5-2.6)
+def _export_told() -> bool:
+    if hasattr(torch.compiler, "is_exporting"):
+        return True
+    try:
+        from torch.export import _trace
+    except ImportError:
+        return False
+    return hasattr(_trace, "_EXPORT_FLAGS")
+
+
+EXPORT_TOLD = pytest.mark.skipif(
+    not _export_told(), reason="this torch says neither that torch.export is tracing nor which export is in progress"
+)
+
+
 @needs_tracing
-@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.compiler.is_exporting: torch 2.7+")
+@EXPORT_TOLD
 @pytest.mark.parametrize("strict", [False, True])
 def test_export_is_told_from_compile(strict):
     """backends.exporting(): True while torch.export traces (strict or not), False while torch.compile does. Dynamo
@@ -1065,7 +1082,7 @@ def test_export_is_told_from_compile(strict):
 
 
 @needs_tracing
-@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.compiler.is_exporting: torch 2.7+")
+@EXPORT_TOLD
 @pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
 def test_a_program_exported_under_cpu_autocast_gives_nn_lstms_dtypes(strict):
     """torch.export traces with oneDNN off, and the dtypes fastlstm read off nn.LSTM's path there were its ATen
