@@ -351,7 +351,7 @@ def _autocast_off(device_type: str):
 
 
 def _no_weight() -> None:
-    """A stand-in for a weight's weakref that no weight matches (LSTM._update_flat_weights)."""
+    """A stand-in for a weight's weakref that no weight matches (LSTM._init_flat_weights)."""
     return None
 
 
@@ -640,16 +640,19 @@ class LSTM(nn.RNNBase):
             else:
                 weight = getattr(self, name) if hasattr(self, name) else None
             if weight is not None and ref is not None and ref() is not weight:
-                if torch.compiler.is_compiling():
-                    # nn.RNNBase's re-read without its weakrefs, which dynamo in torch 2.5 cannot make; refs that
-                    # match no weight in their place make the next eager call read the weights again
-                    names = self._flat_weights_names
-                    self._flat_weights = [getattr(self, n) if hasattr(self, n) else None for n in names]
-                    self._flat_weight_refs = [_no_weight] * len(names)
-                    self.flatten_parameters()
-                else:
-                    self._init_flat_weights()
+                self._init_flat_weights()
                 return
+
+    def _init_flat_weights(self) -> None:
+        """nn.RNNBase's; while compiling, without its weakrefs, which dynamo in torch 2.5 cannot make: refs that
+        match no weight in their place then make the next eager call read the weights again."""
+        if not torch.compiler.is_compiling():
+            super()._init_flat_weights()
+            return
+        names = self._flat_weights_names
+        self._flat_weights = [getattr(self, n) if hasattr(self, n) else None for n in names]
+        self._flat_weight_refs = [_no_weight] * len(names)
+        self.flatten_parameters()
 
     def flatten_parameters(self) -> None:
         """nn.RNNBase's (cuDNN's weights as one buffer, on CUDA), except for weights a torch.func transform wraps

@@ -25,8 +25,9 @@ def _worker_threads() -> int | None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
     if not os.environ.get("PYTEST_XDIST_WORKER") or workers < 1:
         return None
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), cpus // workers))
+    from fastlstm.__main__ import usable_cpus  # after TRITON_INTERPRET is set above: fastlstm may import triton
+
+    return max(1, min(torch.get_num_threads(), usable_cpus() // workers))
 
 
 _threads = _worker_threads()
