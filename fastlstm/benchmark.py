@@ -330,7 +330,9 @@ def time_shape(
             if name == "nn.LSTM":
                 used = NN_LSTM_ONEDNN_OFF if onednn_off else "native (nn.LSTM)"
             else:
-                called = x[:1] if mode == "step" else shape.model_input(x)  # a step is a 1-step sequence to dispatch
+                # a step is a 1-step sequence to dispatch; training's input needs a gradient or not, as timed
+                timed = _training_input(x, mode) if mode in TRAINING_MODES else x
+                called = x[:1] if mode == "step" else shape.model_input(timed)
                 used = ",".join(sorted(set(explain(model, called).backends)))
             median = statistics.median(samples)
             results.append(Result(str(shape), mode, name, used, median, samples, base / median))

@@ -306,7 +306,19 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       day, 14 shapes twice (`-bfloat16-inference-one-thread-run*.json`): batch 8-48 at hidden 64-256 lost
       (0.88-1.00x: B32-H64 0.88x, 0.89x; B16-T500-H128 0.93x, 0.96x), batch 4 was even (B4-T100-H256 1.03x, 0.98x)
       and bidirectional H48-64 at batch 64-96 even (0.98-1.04x): so at one thread bfloat16 inference from batch 8
-      at hidden <= 256 goes native on Zen 4, as on the Xeon with AMX.
+      at hidden <= 256 goes native on Zen 4, as on the Xeon with AMX. Training at one thread, ten shapes twice
+      (`-bfloat16-training-one-thread-*.json`): one-layer unidirectional shapes from batch 24 at hidden 64-320 lost
+      (0.88-0.97x) where the input needs its gradient, and won or tied where it needs none (0.99-1.18x; B256-H64
+      0.90x, 0.96x; `-training-data-one-thread-*.json`); 2-layer bidirectional H64 stacks won (0.99-1.55x). At
+      2026-12-07, `--backend auto --backend cpp` with the rule below, 10 training shapes twice
+      (`-training-one-thread-input-grad-rule-run*.json`): where it goes native (6 shapes, 1-2 layers), auto
+      0.96-1.01x (geomean 0.99x) against cpp's 0.91-1.00x (0.95x); bidirectional stacks and hidden 384 stayed on
+      cpp (1.00-1.24x). A stack with its first layer on cpp (an input needing no gradient) and the rest native lost
+      to cpp on both layers (training-data B64-T35-H200-L2 1.12x against 1.22x, B64-H64-L2-bi 1.01x against 1.07x,
+      once, a version of the rule that split them), so every layer follows the input: with the input needing no
+      gradient the same stacks stay on cpp (`-training-data-one-thread-input-grad-rule-run*.json`: 1.01-1.29x). So
+      bfloat16 training of a unidirectional module at one thread on Zen 4, its input needing its gradient, goes
+      native from batch 24 at hidden 64-320.
       Short sequences (`--grid cpu-short --dtype bfloat16`, twice, `-bfloat16-short-run*.json`): one step won at
       batch 8-64 (inference 1.01-1.64x, training 1.12-3.55x), 10 steps at batch 8-16 (inference 1.00-1.44x,
       training 1.12-2.84x); 10 steps beyond was mixed (batch 32-64: inference 0.78-1.02x, training 0.95-1.54x).
@@ -669,6 +681,11 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
         return None
     zen5 = _cpu_amd_family() >= 0x1A
     if call.needs_grad:
+        if not zen5 and _one_thread() and _zen4_one_thread_training_loss(call):
+            return (
+                "bfloat16 training of one direction on Zen 4 at one thread, the input needing its gradient, from "
+                "batch 24 at hidden 64-320: oneDNN measured faster"
+            )
         if call.batch <= 16 or not zen5:
             return None
         if call.hidden_size >= 640 or (call.batch <= 32 and not 256 < call.hidden_size < 512):
@@ -691,6 +708,14 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
         "to batch 8; on Zen 4 up to batch 32 at hidden <= 160 and 96 at hidden <= 64): oneDNN measured as fast or "
         "faster"
     )
+
+
+def _zen4_one_thread_training_loss(call: LayerCall) -> bool:
+    """Where bfloat16 training at one thread on Zen 4 lost to oneDNN (measured in _cpp_slower_reason): a
+    unidirectional module whose input needs its gradient, from batch 24 at hidden 64-320. Every layer of such a stack
+    goes native alike: a stack with its first layer on cpp (an input that needs no gradient) and the rest native
+    lost to cpp throughout."""
+    return call.input_grad and not call.bidirectional and call.batch >= 24 and 64 <= call.hidden_size <= 320
 
 
 def _cpp_amx_slower_reason(call: LayerCall) -> str | None:

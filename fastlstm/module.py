@@ -89,6 +89,7 @@ class _CallShape(NamedTuple):
     threads: int = 0
     device_index: int | None = None  # a CUDA device's (LayerCall.device_index)
     onednn: bool = True  # LayerCall.onednn: the CPU rule reads it, and a program may switch it off and on
+    input_grad: bool = False  # needs_grad, and the input needs its gradient (LayerCall.input_grad)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -109,6 +110,8 @@ def _plan_for(requested: str, shape: _CallShape) -> tuple[dispatch.Choice, ...]:
             reverse=direction == 1,
             needs_grad=shape.needs_grad,
             layer=layer,
+            input_grad=shape.input_grad,
+            bidirectional=shape.num_directions == 2,
             func_grad=shape.func_grad,
             vmapped=shape.vmapped,
             forward_ad=shape.forward_ad,
@@ -1049,6 +1052,13 @@ class LSTM(nn.RNNBase):
                 return True
         return False
 
+    @staticmethod
+    def _input_needs_grad(input: Tensor) -> bool:
+        """Whether autograd tracks the input itself (in grad mode): a first layer fed data does not."""
+        if torch._C._are_functorch_transforms_active():
+            return backends.autograd_tracks(input)
+        return input.requires_grad
+
     def _transforms(self, input: Tensor, hx) -> _Transforms:
         """What torch.func's transforms and forward-mode AD make of this call (see _Transforms)."""
         dual, functorch = _forward_ad_active(), torch._C._are_functorch_transforms_active()
@@ -1124,7 +1134,8 @@ class LSTM(nn.RNNBase):
             return None
         grad = self._needs_grad(input, hx)
         return (
-            shape, input.dtype, input.device, weight.dtype, weight.device, state, grad, self.batch_first,
+            shape, input.dtype, input.device, weight.dtype, weight.device, state, grad, grad and input.requires_grad,
+            self.batch_first,
             self.backend, os.environ.get(dispatch.ENV_VAR), self.input_size, self.hidden_size, self.proj_size,
             self.num_layers, self.bidirectional, self.bias, len(weights), mixed, shapes,
             torch.get_num_threads(), amp, _onednn_lstm_available(input),
@@ -1160,6 +1171,7 @@ class LSTM(nn.RNNBase):
             torch.get_num_threads() if input.device.type == "cpu" and not traced else 0,
             input.device.index if input.device.type == "cuda" else None,
             _onednn_lstm_available(input) if not traced else True,
+            needs_grad and self._input_needs_grad(input),
         )  # fmt: skip
         requested = dispatch.requested(self.backend)
         misfit = self._miscounted_weights()

@@ -1682,10 +1682,12 @@ def _run_cpp_parity(runs, cases, threads, timeout=120):
         )
 
 
-def _auto_backends(dtype, batch, train=False, hidden=65, proj_size=0, packed=False, seq_len=20):
+def _auto_backends(
+    dtype, batch, train=False, hidden=65, proj_size=0, packed=False, seq_len=20, input_grad=False, bidirectional=True
+):
     forget_plans()  # the rule is monkeypatched between calls of one shape
-    m = fastlstm.LSTM(5, hidden, 2, bidirectional=True, proj_size=proj_size).to(dtype)
-    x = torch.randn(seq_len, batch, 5, dtype=dtype)
+    m = fastlstm.LSTM(5, hidden, 2, bidirectional=bidirectional, proj_size=proj_size).to(dtype)
+    x = torch.randn(seq_len, batch, 5, dtype=dtype, requires_grad=input_grad)
     if packed:
         lengths = torch.tensor([seq_len] + [max(1, seq_len // 2)] * (batch - 1))
         x = pack_padded_sequence(x, lengths, enforce_sorted=False)
@@ -2046,7 +2048,19 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 8, hidden=64) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 7, hidden=64) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 8, hidden=257, seq_len=10) == ["cpp"] * 4  # short sequences still
+    # training of one direction at one thread, the input needing its gradient, from batch 24 at hidden 64-320:
+    # oneDNN, every layer alike
+    one_way = dict(train=True, input_grad=True, bidirectional=False)
+    assert _auto_backends(torch.bfloat16, 24, hidden=64, **one_way) == ["native"] * 2
+    assert _auto_backends(torch.bfloat16, 64, hidden=320, **one_way) == ["native"] * 2
+    assert _auto_backends(torch.bfloat16, 64, hidden=320, train=True, bidirectional=False) == ["cpp"] * 2
+    assert _auto_backends(torch.bfloat16, 64, hidden=320, train=True, input_grad=True) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 23, hidden=64, **one_way) == ["cpp"] * 2
+    assert _auto_backends(torch.bfloat16, 64, hidden=63, **one_way) == ["cpp"] * 2
+    assert _auto_backends(torch.bfloat16, 64, hidden=321, **one_way) == ["cpp"] * 2
+    assert _auto_backends(torch.bfloat16, 64, hidden=128, seq_len=1, **one_way) == ["cpp"] * 2
     monkeypatch.setattr(dispatch, "_one_thread", lambda: False)
+    assert _auto_backends(torch.bfloat16, 64, hidden=128, **one_way) == ["cpp"] * 2
     assert _auto_backends(torch.bfloat16, 16, train=True) == ["cpp"] * 4  # training at any batch
     assert _auto_backends(torch.bfloat16, 256, train=True, hidden=128) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 64, train=True, hidden=512) == ["cpp"] * 4

@@ -1085,6 +1085,29 @@ def test_repeated_calls_follow_whether_gradients_are_needed(monkeypatch, served_
     assert served_by(m, x.detach(), (state[0], state[1].requires_grad_())) == ["reference"]
 
 
+def test_repeated_calls_follow_whether_the_input_needs_a_gradient(monkeypatch, served_by):
+    """A rule reads whether the module's input needs its gradient (a first layer fed data: the fast backends leave
+    its dx out), for every layer alike. A remembered plan must not cross between the two."""
+    from fastlstm import dispatch
+
+    monkeypatch.setattr(dispatch, "_fast_backend_for", lambda device_type: "reference")
+    monkeypatch.setattr(dispatch, "_faster_than_native", lambda name, call: "test" if call.input_grad else None)
+    m = fastlstm.LSTM(I, H, dtype=torch.float64)
+    x = torch.randn(3, 2, I, dtype=torch.float64)
+    for _ in range(2):
+        assert served_by(m, x) == served_by(m, x) == ["reference"]  # training, the input needs no gradient
+        assert served_by(m, x.clone().requires_grad_()) == ["native stack"]
+        packed = pack_padded_sequence(x.clone().requires_grad_(), torch.tensor([3, 2]))
+        assert served_by(m, packed) == ["native stack"]
+        assert fastlstm.explain(m, x).backends == ["reference"]
+        assert fastlstm.explain(m, x.clone().requires_grad_()).backends == ["native"]
+    with torch.no_grad():  # no gradient at all: neither does the input's count
+        assert served_by(m, x.clone().requires_grad_()) == ["reference"]
+    stack = fastlstm.LSTM(I, H, num_layers=2, dtype=torch.float64)
+    assert fastlstm.explain(stack, x).backends == ["reference", "reference"]
+    assert fastlstm.explain(stack, x.clone().requires_grad_()).backends == ["native", "native"]
+
+
 def test_explain_under_autocast_names_the_backends_the_call_runs(monkeypatch, served_by):
     """Under autocast backends compute in autocast's dtype, and dispatch's rules are per dtype: explain plans as
     the call does (it had planned float32 input as float32)."""

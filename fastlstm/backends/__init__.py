@@ -49,6 +49,10 @@ class LayerCall:
     reverse: bool
     needs_grad: bool
     layer: int = 0
+    # needs_grad, and the module's input needs its gradient too (a first layer fed data, raw features or a frozen
+    # embedding, needs none, and the fast backends then leave its dx out); each layer's call carries the module's.
+    input_grad: bool = False
+    bidirectional: bool = False  # the module runs both directions (a rule measured on one-direction modules reads it)
     func_grad: bool = False  # torch.func's grad/vjp/jacrev or forward-mode AD track gradients (LSTM._transforms)
     vmapped: bool = False  # a torch.vmap is active (LSTM._transforms)
     forward_ad: bool = False  # forward-mode AD: dual tensors, torch.func.jvp / jacfwd (LSTM._transforms)
