@@ -43,7 +43,7 @@ def test_fully_sharded_gradients_match_nn_lstm(ddp_grads, backend):
     """FSDP2 (fully_shard) swaps each parameter for its gathered whole around forward and backward: the
     gradients, gathered from the shards, are nn.LSTM's under it, and DDP's (both average over the ranks)."""
     if "torch/fsdp" not in ddp_grads:
-        pytest.skip("this torch has no torch.distributed.fsdp.fully_shard")
+        pytest.skip("this torch has no torch.distributed.fsdp.fully_shard that runs on the CPU (ddp_grads.py)")
     expected, got = ddp_grads["torch/fsdp"], ddp_grads[f"{backend}/fsdp"]
     assert expected.keys() == got.keys() == ddp_grads["torch"].keys()
     for name in expected:

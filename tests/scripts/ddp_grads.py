@@ -58,12 +58,14 @@ def _train(rank, kind, sharded=False):
 
 
 def _fully_shard():
-    """FSDP2's fully_shard where this torch has it (2.6 and later; before, under torch.distributed._composable)."""
+    """FSDP2's fully_shard where this torch has it (2.6 and later; before, under torch.distributed._composable) and
+    it runs on the CPU: torch 2.6's stand-in CPU stream has no record_event, which fully_shard's all-gather calls
+    (nn.LSTM's run failed there alike)."""
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:
         return None
-    return fully_shard
+    return fully_shard if hasattr(torch.cpu.Stream, "record_event") else None
 
 
 def _timeout():
