@@ -309,16 +309,22 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       at hidden <= 256 goes native on Zen 4, as on the Xeon with AMX. Training at one thread, ten shapes twice
       (`-bfloat16-training-one-thread-*.json`): one-layer unidirectional shapes from batch 24 at hidden 64-320 lost
       (0.88-0.97x) where the input needs its gradient, and won or tied where it needs none (0.99-1.18x; B256-H64
-      0.90x, 0.96x; `-training-data-one-thread-*.json`); 2-layer bidirectional H64 stacks won (0.99-1.55x). At
-      2026-12-07, `--backend auto --backend cpp` with the rule below, 10 training shapes twice
-      (`-training-one-thread-input-grad-rule-run*.json`): where it goes native (6 shapes, 1-2 layers), auto
-      0.96-1.01x (geomean 0.99x) against cpp's 0.91-1.00x (0.95x); bidirectional stacks and hidden 384 stayed on
-      cpp (1.00-1.24x). A stack with its first layer on cpp (an input needing no gradient) and the rest native lost
-      to cpp on both layers (training-data B64-T35-H200-L2 1.12x against 1.22x, B64-H64-L2-bi 1.01x against 1.07x,
-      once, a version of the rule that split them), so every layer follows the input: with the input needing no
-      gradient the same stacks stay on cpp (`-training-data-one-thread-input-grad-rule-run*.json`: 1.01-1.29x). So
-      bfloat16 training of a unidirectional module at one thread on Zen 4, its input needing its gradient, goes
-      native from batch 24 at hidden 64-320.
+      0.90x, 0.96x; `-training-data-one-thread-*.json`); 2-layer bidirectional H64 stacks won (0.99-1.55x).
+      2026-12-07, `--backend auto --backend cpp`: with a first rule (every such call native), 10 training shapes
+      twice (`-training-one-thread-input-grad-rule-run*.json`), auto 0.96-1.01x where it went native against cpp's
+      0.91-1.00x; bidirectional stacks and hidden 384 stayed on cpp (1.00-1.24x). A stack with its first layer on
+      cpp (an input needing no gradient) and the rest native lost to cpp on both layers (training-data
+      B64-T35-H200-L2 1.12x against 1.22x, B64-H64-L2-bi 1.01x against 1.07x, once, a version that split them), so
+      every layer follows the input: with the input needing no gradient stacks stay on cpp
+      (`-training-data-one-thread-input-grad-rule-run*.json`: 1.01-1.29x). The cpu-full grid under that first rule
+      (`-one-thread-grid-at-2afc966.json`) showed B32-T100-H256 lost to it (cpp 1.17x, auto native 1.00x); lengths
+      swept (`-training-one-thread-length-sweep.json`, cpp alone): oneDNN slows down past a size, B64-H128 lost at
+      50-90 steps (0.87-0.94x) and won from 100 (1.21-1.27x), B32-H256 tied at 80 and won from 100; B128-T50-H128,
+      as large, measured both ways (0.87-0.90x once, 1.21-1.24x three times). So below 786,432 steps x batch x
+      hidden only, four runs of 12 shapes (`-training-one-thread-volume-*-run*.json`): where auto goes native (30
+      results) 0.94-1.03x (geomean 0.99x) against cpp's 0.88-1.07x (0.94x), where it keeps cpp (18) 0.87-1.36x
+      (1.17x). So bfloat16 training of a unidirectional module at one thread on Zen 4, its input needing its
+      gradient, goes native from batch 24 at hidden 64-320 below that size.
       Short sequences (`--grid cpu-short --dtype bfloat16`, twice, `-bfloat16-short-run*.json`): one step won at
       batch 8-64 (inference 1.01-1.64x, training 1.12-3.55x), 10 steps at batch 8-16 (inference 1.00-1.44x,
       training 1.12-2.84x); 10 steps beyond was mixed (batch 32-64: inference 0.78-1.02x, training 0.95-1.54x).
@@ -684,7 +690,7 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
         if not zen5 and _one_thread() and _zen4_one_thread_training_loss(call):
             return (
                 "bfloat16 training of one direction on Zen 4 at one thread, the input needing its gradient, from "
-                "batch 24 at hidden 64-320: oneDNN measured faster"
+                "batch 24 at hidden 64-320 below 786,432 steps x batch x hidden: oneDNN measured faster"
             )
         if call.batch <= 16 or not zen5:
             return None
@@ -710,12 +716,19 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
     )
 
 
+# Steps x batch x hidden from which oneDNN's bfloat16 training at one thread on Zen 4 slowed down past cpp's: its
+# time, not cpp's, jumps there (B64-H128: 2.7x from 50 steps to 100, cpp's 1.85x; 90 steps lost, 100 won).
+_ZEN4_ONEDNN_TRAINING_SLOWS = 768 * 1024
+
+
 def _zen4_one_thread_training_loss(call: LayerCall) -> bool:
     """Where bfloat16 training at one thread on Zen 4 lost to oneDNN (measured in _cpp_slower_reason): a
-    unidirectional module whose input needs its gradient, from batch 24 at hidden 64-320. Every layer of such a stack
-    goes native alike: a stack with its first layer on cpp (an input that needs no gradient) and the rest native
-    lost to cpp throughout."""
-    return call.input_grad and not call.bidirectional and call.batch >= 24 and 64 <= call.hidden_size <= 320
+    unidirectional module whose input needs its gradient, from batch 24 at hidden 64-320, below
+    _ZEN4_ONEDNN_TRAINING_SLOWS. Every layer of such a stack goes native alike: a stack with its first layer on cpp
+    (an input that needs no gradient) and the rest native lost to cpp throughout."""
+    if not call.input_grad or call.bidirectional or call.batch < 24 or not 64 <= call.hidden_size <= 320:
+        return False
+    return call.seq_len * call.batch * call.hidden_size < _ZEN4_ONEDNN_TRAINING_SLOWS
 
 
 def _cpp_amx_slower_reason(call: LayerCall) -> str | None:

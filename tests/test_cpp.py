@@ -2048,8 +2048,8 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 8, hidden=64) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 7, hidden=64) == ["cpp"] * 4
     assert _auto_backends(torch.bfloat16, 8, hidden=257, seq_len=10) == ["cpp"] * 4  # short sequences still
-    # training of one direction at one thread, the input needing its gradient, from batch 24 at hidden 64-320:
-    # oneDNN, every layer alike
+    # training of one direction at one thread, the input needing its gradient, from batch 24 at hidden 64-320 below
+    # 786,432 steps x batch x hidden: oneDNN, every layer alike
     one_way = dict(train=True, input_grad=True, bidirectional=False)
     assert _auto_backends(torch.bfloat16, 24, hidden=64, **one_way) == ["native"] * 2
     assert _auto_backends(torch.bfloat16, 64, hidden=320, **one_way) == ["native"] * 2
@@ -2059,6 +2059,9 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 64, hidden=63, **one_way) == ["cpp"] * 2
     assert _auto_backends(torch.bfloat16, 64, hidden=321, **one_way) == ["cpp"] * 2
     assert _auto_backends(torch.bfloat16, 64, hidden=128, seq_len=1, **one_way) == ["cpp"] * 2
+    assert _auto_backends(torch.bfloat16, 64, hidden=128, seq_len=95, **one_way) == ["native"] * 2
+    assert _auto_backends(torch.bfloat16, 64, hidden=128, seq_len=96, **one_way) == ["cpp"] * 2
+    assert _auto_backends(torch.bfloat16, 128, hidden=128, seq_len=48, **one_way) == ["cpp"] * 2
     monkeypatch.setattr(dispatch, "_one_thread", lambda: False)
     assert _auto_backends(torch.bfloat16, 64, hidden=128, **one_way) == ["cpp"] * 2
     assert _auto_backends(torch.bfloat16, 16, train=True) == ["cpp"] * 4  # training at any batch
