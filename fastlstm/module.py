@@ -1135,9 +1135,8 @@ class LSTM(nn.RNNBase):
         grad = self._needs_grad(input, hx)
         return (
             shape, input.dtype, input.device, weight.dtype, weight.device, state, grad, grad and input.requires_grad,
-            self.batch_first,
-            self.backend, os.environ.get(dispatch.ENV_VAR), self.input_size, self.hidden_size, self.proj_size,
-            self.num_layers, self.bidirectional, self.bias, len(weights), mixed, shapes,
+            self.batch_first, self.backend, os.environ.get(dispatch.ENV_VAR), self.input_size, self.hidden_size,
+            self.proj_size, self.num_layers, self.bidirectional, self.bias, len(weights), mixed, shapes,
             torch.get_num_threads(), amp, _onednn_lstm_available(input),
         )  # fmt: skip
 
