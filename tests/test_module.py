@@ -1106,6 +1106,14 @@ def test_repeated_calls_follow_whether_the_input_needs_a_gradient(monkeypatch, s
     stack = fastlstm.LSTM(I, H, num_layers=2, dtype=torch.float64)
     assert fastlstm.explain(stack, x).backends == ["reference", "reference"]
     assert fastlstm.explain(stack, x.clone().requires_grad_()).backends == ["native", "native"]
+    # a vmap's batched input hides requires_grad: what the rule is told looks through it
+    told = []
+    monkeypatch.setattr(dispatch, "_faster_than_native", lambda name, call: told.append(call.input_grad))
+    inputs = torch.randn(2, 3, 2, I, dtype=torch.float64)
+    for batched, tracked in ((inputs, False), (inputs.clone().requires_grad_(), True)):
+        told.clear()
+        torch.func.vmap(lambda inp: m(inp)[0])(batched)
+        assert told == [tracked]
 
 
 def test_explain_under_autocast_names_the_backends_the_call_runs(monkeypatch, served_by):
