@@ -690,7 +690,8 @@ def _cpp_bf16_slower_reason(call: LayerCall) -> str | None:
         if not zen5 and _one_thread() and _zen4_one_thread_training_loss(call):
             return (
                 "bfloat16 training of one direction on Zen 4 at one thread, the input needing its gradient, from "
-                "batch 24 at hidden 64-320 below 786,432 steps x batch x hidden: oneDNN measured faster"
+                f"batch 24 at hidden 64-320 below {_ZEN4_ONEDNN_TRAINING_SLOWS:,} steps x batch x hidden: oneDNN "
+                "measured faster"
             )
         if call.batch <= 16 or not zen5:
             return None

@@ -358,6 +358,16 @@ def _no_weight() -> None:
     return None
 
 
+def _tracked(tensors) -> bool:
+    """Whether autograd tracks any of `tensors` (grad mode aside)."""
+    if torch._C._are_functorch_transforms_active():  # a vmap's wrappers hide requires_grad
+        return any(backends.autograd_tracks(t) for t in tensors)
+    for t in tensors:  # a loop, not any(): this runs on every call
+        if t.requires_grad:
+            return True
+    return False
+
+
 def _traced() -> bool:
     """Whether a graph is being traced: torch.compile, TorchScript's tracer, or an ONNX export."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or dispatch.in_onnx_export()
@@ -1045,19 +1055,7 @@ class LSTM(nn.RNNBase):
         if not torch.is_grad_enabled():
             return False
         tensors = (input, *self._flat_weights) if hx is None else (input, hx[0], hx[1], *self._flat_weights)
-        if torch._C._are_functorch_transforms_active():  # a vmap's wrappers hide requires_grad
-            return any(backends.autograd_tracks(t) for t in tensors)
-        for t in tensors:  # a loop, not any(): this runs on every call
-            if t.requires_grad:
-                return True
-        return False
-
-    @staticmethod
-    def _input_needs_grad(input: Tensor) -> bool:
-        """Whether autograd tracks the input itself (in grad mode): a first layer fed data does not."""
-        if torch._C._are_functorch_transforms_active():
-            return backends.autograd_tracks(input)
-        return input.requires_grad
+        return _tracked(tensors)
 
     def _transforms(self, input: Tensor, hx) -> _Transforms:
         """What torch.func's transforms and forward-mode AD make of this call (see _Transforms)."""
@@ -1170,7 +1168,7 @@ class LSTM(nn.RNNBase):
             torch.get_num_threads() if input.device.type == "cpu" and not traced else 0,
             input.device.index if input.device.type == "cuda" else None,
             _onednn_lstm_available(input) if not traced else True,
-            needs_grad and self._input_needs_grad(input),
+            needs_grad and _tracked((input,)),  # a first layer fed data needs no input gradient
         )  # fmt: skip
         requested = dispatch.requested(self.backend)
         misfit = self._miscounted_weights()
