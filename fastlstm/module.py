@@ -1093,17 +1093,22 @@ class LSTM(nn.RNNBase):
         if not _checks_are_ours(type(self)):
             return None  # a subclass's own checks run on every call, as nn.LSTM runs them
         if type(input) is PackedSequence:
+            order = input.sorted_indices
             input, batch_sizes = input.data, input.batch_sizes
             if type(input) is not Tensor or type(batch_sizes) is not Tensor or batch_sizes.dim() != 1:
                 return None
-            if input.dim() != 2 or not batch_sizes.numel():
+            if input.dim() != 2 or not batch_sizes.numel() or not (order is None or type(order) is Tensor):
                 return None
             # what the checks, the plan and autocast read of a pack: not its count of rows, which varies with the
-            # lengths (_autocast_dtypes: whether the batch sizes vary)
+            # lengths (_autocast_dtypes: whether the batch sizes vary); an unsorted pack's state is checked as its
+            # sorted indices select it (_unpack, on every call): of as many rows as they hold
             first, last = int(batch_sizes[0]), int(batch_sizes[-1])
             if first and not last:
                 return None  # steps no sequence reaches, which forward drops on the checked path
-            shape = (input.shape[1], batch_sizes.dtype, batch_sizes.device, batch_sizes.numel(), first, first != last)
+            rows = None if order is None else order.numel()
+            shape = (
+                input.shape[1], batch_sizes.dtype, batch_sizes.device, batch_sizes.numel(), first, first != last, rows
+            )  # fmt: skip
         elif type(input) is Tensor and input.dim() in (2, 3):
             shape = input.shape
         else:

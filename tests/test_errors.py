@@ -167,6 +167,30 @@ def test_an_unsorted_packs_third_state_is_dropped_as_nn_lstm_drops_it(backend):
         torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["auto", "native", "reference", *fast_cpu_backends()])
+@pytest.mark.parametrize("call", ["packed", "lengths"])
+def test_a_one_row_pack_of_the_wrong_sizes_is_refused(backend, call):
+    """A pack of one row in all (one sequence of one step): nn.LSTM's float32 product on the CPU there takes a row
+    of the wrong feature size without a word and reads past it (garbage, and in a fuzzing run a corrupted heap that
+    ended the process, torch 2.13), and an h0 of two rows it broadcasts the one row over. Not run on nn.LSTM here
+    for that reason; fastlstm raises the errors of a tensor call of those sizes."""
+    module = fastlstm.LSTM(I, H, backend=backend)
+
+    def run(x, hx=None):
+        if call == "lengths":
+            return module(x, hx, lengths=torch.tensor([1]))
+        return module(pack_padded_sequence(x, [1]), hx)
+
+    with pytest.raises(
+        RuntimeError, match=re.escape(f"input.size(-1) must be equal to input_size. Expected {I}, got {I + 1}")
+    ):
+        run(torch.randn(1, 1, I + 1))
+    with pytest.raises(RuntimeError, match=re.escape(f"Expected hidden[0] size (1, 1, {H}), got [1, 2, {H}]")):
+        run(torch.randn(1, 1, I), (torch.zeros(1, 2, H), torch.zeros(1, 2, H)))
+    y, (h, c) = run(torch.randn(1, 1, I))  # the right sizes run
+    assert h.shape == c.shape == (1, 1, H)
+
+
 CONSTRUCTORS = {
     "dropout>1": ((I, H), {"dropout": 1.5}),
     "dropout-bool": ((I, H), {"dropout": True}),

@@ -1055,6 +1055,23 @@ def test_repeated_packed_calls_are_checked_as_nn_lstm_checks_them():
             fast(*args)
 
 
+@pytest.mark.parametrize("backend", ["auto", "native", "reference", *fast_cpu_backends()])
+def test_a_state_an_unsorted_pack_took_is_checked_again_for_a_sorted_one(backend):
+    """nn.LSTM indexes an unsorted pack's state by its sorted indices before checking it: an h0 of two rows passes
+    with a pack of one sequence. The same state with a sorted pack of the same batch sizes is an error (found by
+    fuzzing: a remembered unsorted call let the sorted one through, and the reference backend ran it)."""
+    ref, fast = make_pair(I, H, bidirectional=True, backend=backend)
+    x = torch.randn(3, 1, I, dtype=torch.float64)
+    hx = (torch.randn(2, 2, H, dtype=torch.float64), torch.randn(2, 2, H, dtype=torch.float64))
+    unsorted = pack_padded_sequence(x, [3], enforce_sorted=False)
+    for _ in range(2):
+        torch.testing.assert_close(fast(unsorted, hx)[0].data, ref(unsorted, hx)[0].data, atol=1e-12, rtol=1e-10)
+    with pytest.raises(RuntimeError):
+        ref(pack_padded_sequence(x, [3]), hx)
+    with pytest.raises(RuntimeError, match=re.escape(f"Expected hidden[0] size (2, 1, {H}), got [2, 2, {H}]")):
+        fast(pack_padded_sequence(x, [3]), hx)
+
+
 def test_repeated_calls_follow_the_backend_setting(monkeypatch, served_by):
     m = fastlstm.LSTM(I, H, dtype=torch.float64)
     x = torch.randn(3, 2, I, dtype=torch.float64)
