@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from helpers import assert_same_results, lstm_call, torch_threads
@@ -199,3 +201,149 @@ def _bfloat16_results(module, x, lengths):
     grads = torch.autograd.grad(loss, [x, *module.parameters()])
     names = ["x"] + [name for name, _ in module.named_parameters()]
     return {"y": y.float(), "h_n": h.float(), "c_n": c.float(), **{n: g.float() for n, g in zip(names, grads)}}
+
+
+# Calls of every kind in turn on one module, with its weights changed between them (in place, swapped by .data,
+# frozen or thawed): a repeated call of a kind that passed skips the checks and dispatch (the module's remembered
+# plans), so each call must still get nn.LSTM's numbers, or the error a malformed one raises. Fuzzing such
+# sequences found a sorted pack let through where an unsorted one of the same batch sizes had passed.
+KINDS = ["tensor", "packed", "unsorted", "unbatched", "no_grad", "lengths", "step"]
+CHANGES = [None, None, "in_place", "data", "freeze"]
+
+
+@st.composite
+def call_sequences(draw):
+    hidden = draw(st.integers(1, 6))
+    config = dict(
+        input_size=draw(st.integers(1, 5)),
+        hidden_size=hidden,
+        num_layers=draw(st.integers(1, 2)),
+        bias=draw(st.booleans()),
+        batch_first=draw(st.booleans()),
+        bidirectional=draw(st.booleans()),
+        proj_size=draw(st.sampled_from([0, *range(1, hidden)])),
+    )
+    # a few shapes of call, taken in turn by calls of every kind: repeats of a shape are what the plans remember
+    shape = st.fixed_dictionaries(
+        dict(
+            batch=st.integers(1, 3),
+            seq_len=st.integers(1, 4),
+            state=st.sampled_from([None, "data", "tracked"]),
+            input_grad=st.booleans(),
+        )
+    )
+    shapes = draw(st.lists(shape, min_size=1, max_size=2))
+    call = st.fixed_dictionaries(
+        dict(
+            kind=st.sampled_from(KINDS),
+            shape=st.sampled_from(shapes),
+            extra_state_row=st.booleans(),  # malformed, but for an unsorted pack: nn.LSTM selects the rows it needs
+            change=st.sampled_from(CHANGES),
+            weight=st.integers(0, 15),
+        )
+    )
+    return config, draw(st.lists(call, min_size=2, max_size=8))
+
+
+@pytest.mark.parametrize("backend", [name for name, dtype in PRESENT if dtype == torch.float64])
+def test_random_call_sequences_on_one_module_match_nn_lstm(backend):
+    examples = {"triton": 3}.get(backend, 60)
+
+    @settings(max_examples=examples, deadline=None)
+    @given(sequence=call_sequences())
+    def check(sequence):
+        config, calls = sequence
+        torch.manual_seed(0)
+        ref = nn.LSTM(**config, dtype=torch.float64)
+        fast = fastlstm.LSTM(**config, dtype=torch.float64, backend=backend)
+        fast.load_state_dict(ref.state_dict())
+        for k, call in enumerate(calls):
+            _change_weights(ref, fast, call["change"], call["weight"], seed=k)
+            call = {**{key: v for key, v in call.items() if key != "shape"}, **call["shape"]}
+            if call["kind"] == "step" and config["bidirectional"]:
+                call["kind"] = "tensor"  # step is for unidirectional modules
+            run = functools.partial(_run_call, config=config, call=call, seed=k)
+            if call["extra_state_row"] and call["state"] and call["kind"] not in ("unsorted", "unbatched"):
+                with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size"):
+                    run(fast)
+                continue
+            expected, got = run(ref), run(fast)
+            assert expected.keys() == got.keys(), (k, call)
+            for key in expected:
+                where = f"call {k} {call} {key}"
+                assert got[key].shape == expected[key].shape, where
+                torch.testing.assert_close(
+                    got[key], expected[key], atol=1e-9, rtol=1e-7, msg=lambda m, where=where: f"{where}: {m}"
+                )
+
+    with torch_threads(2 if backend == "cpp" else torch.get_num_threads()):
+        check()
+
+
+def _change_weights(ref, fast, change, which: int, seed: int) -> None:
+    """The same change to both modules' weight number `which` (of those there are)."""
+    pairs = list(zip(ref.parameters(), fast.parameters()))
+    pair = pairs[which % len(pairs)]
+    gen = torch.Generator().manual_seed(seed)
+    new = torch.randn(pair[0].shape, generator=gen, dtype=pair[0].dtype)
+    for p in pair:
+        if change == "in_place":
+            with torch.no_grad():
+                p.add_(0.1 * new)
+        elif change == "data":
+            p.data = new.clone()
+        elif change == "freeze":
+            p.requires_grad_(not p.requires_grad)
+
+
+def _run_call(module, config, call, seed: int) -> dict:
+    """One call of its kind (its inputs drawn from `seed`), and with gradients on, backward of a loss touching every
+    output: the outputs and every gradient there is."""
+    gen = torch.Generator().manual_seed(seed)
+    kind, batch, seq_len, batch_first = call["kind"], call["batch"], call["seq_len"], config["batch_first"]
+    ours = isinstance(module, fastlstm.LSTM)
+    if kind == "unbatched":
+        shape = (seq_len,)
+    elif kind == "step":
+        shape = (batch,)
+    else:
+        shape = (batch, seq_len) if batch_first else (seq_len, batch)
+    x = torch.randn(*shape, config["input_size"], generator=gen, dtype=torch.float64)
+    layers = config["num_layers"] * (2 if config["bidirectional"] else 1)
+    rows = () if kind == "unbatched" else (batch + call["extra_state_row"],)
+    sizes = (config["proj_size"] or config["hidden_size"], config["hidden_size"])
+    state = [torch.randn(layers, *rows, size, generator=gen, dtype=torch.float64) for size in sizes]
+    lengths = torch.randint(1, seq_len + 1, (batch,), generator=gen)
+    tracked = [x] if call["input_grad"] else []
+    if call["state"] == "tracked":
+        tracked += state
+    grad = kind != "no_grad"
+    for t in tracked:
+        t.requires_grad_(grad)
+    hx = tuple(state) if call["state"] else None
+    with torch.set_grad_enabled(grad):
+        if kind == "step" and ours:
+            y, (h, c) = module.step(x, hx)
+        elif kind == "step":
+            y, (h, c) = module(x.unsqueeze(1 if batch_first else 0), hx)
+            y = y.squeeze(1 if batch_first else 0)
+        elif kind == "lengths" and ours:
+            y, (h, c) = module(x, hx, lengths=lengths)
+        elif kind in ("packed", "unsorted", "lengths"):
+            if kind == "packed":
+                lengths = lengths.sort(descending=True).values
+            pack = pack_padded_sequence(x, lengths, batch_first, enforce_sorted=kind == "packed")
+            y, (h, c) = module(pack, hx)
+            y = pad_packed_sequence(y, batch_first, total_length=seq_len)[0] if kind == "lengths" else y.data
+        else:
+            y, (h, c) = module(x, hx)
+    results = {"y": y.detach(), "h_n": h.detach(), "c_n": c.detach()}
+    if grad and y.requires_grad:
+        outputs = (y, h, c)
+        loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in outputs)
+        wrt = tracked + [p for p in module.parameters() if p.requires_grad]
+        names = [f"input{k}" for k in range(len(tracked))] + [
+            n for n, p in module.named_parameters() if p.requires_grad
+        ]
+        results.update(zip(names, torch.autograd.grad(loss, wrt)))
+    return results
