@@ -176,12 +176,14 @@ def test_compiled_autograd_gives_eagers_gradients(backend, penalty):
     grads, captures = [], counters["captures"]
     if backend != "triton" and torch.torch_version.TorchVersion(torch.__version__) < "2.7":
         # torch 2.6's compiled autograd refuses a C++ autograd function not marked traceable, cpp's (README); later
-        # releases run it eagerly between their graphs. An error, not a crash or other numbers (2.7 not tried).
+        # releases run it eagerly between their graphs. An error, not a crash or other numbers.
         with pytest.raises(RuntimeError, match="potentially unsafe C\\+\\+ autograd function"):
             y, (h, c) = model(x)
             with enable(torch.compile(backend="eager")):
                 _loss((y, h, c)).backward()
         return
+    if penalty and torch.torch_version.TorchVersion(torch.__version__) < "2.8":
+        pytest.skip("compiled autograd takes create_graph from torch 2.8 (2.7 refuses it for nn.Linear too)")
     for compiled in (False, True):
         model.zero_grad(set_to_none=True)
         y, (h, c) = model(x)

@@ -451,12 +451,13 @@ def exporting() -> bool:
     as True under any torch.compile (torch 2.11: every compiled call under autocast was planned as an export's, its
     graph held nn.LSTM's oneDNN call, and aot_eager's backward then failed on that call's missing workspace)."""
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
-    if isinstance(flag, bool):
-        return flag
+    if flag is True:
+        return True
     is_exporting = getattr(torch.compiler, "is_exporting", None)
-    if is_exporting is not None:
+    if flag is None and is_exporting is not None:
         return is_exporting()
-    # torch 2.5 has neither: torch.export's record of the export in progress (a set of its flags, else None)
+    # torch 2.5 has neither, and torch 2.7's strict export sets the flag only after dynamo's trace: torch.export's
+    # record of the export in progress (a set of its flags, else None)
     trace = getattr(getattr(torch, "export", None), "_trace", None)
     return getattr(trace, "_EXPORT_FLAGS", None) is not None
 
