@@ -1222,9 +1222,13 @@ def test_nightly_workflow_checks_random_configurations_with_a_new_seed():
     assert "--dtype bfloat16 --dtype float16" in cpu_job  # the CPU's own bfloat16 / float16 kernels
     assert "FASTLSTM_INFERENCE_CHUNK_STEPS: ${{ matrix.chunk_steps || '' }}" in text and "chunk_steps: 3" in text
     # the C++ backend on aarch64 (NEON vectors; CI runs x86-64 only)
-    arm_job = text[text.index("\n  cpu-arm64:") : text.index("\n  cuda:")]
+    arm_job = text[text.index("\n  cpu-arm64:") : text.index("\n  properties:")]
     assert "runs-on: ubuntu-24.04-arm" in arm_job
     assert 'python -m fastlstm check --backend cpp --random 1000 --seed "$GITHUB_RUN_NUMBER"' in arm_job
+    # the property tests at 20 times the suite's examples (long sequences of calls on one module)
+    properties_job = text[text.index("\n  properties:") : text.index("\n  cuda:")]
+    assert 'FASTLSTM_PROPERTY_SCALE: "20"' in properties_job
+    assert "python -m pytest tests/test_properties.py -n auto" in properties_job
     # the Triton backend on a GPU: CI runs its kernels only under the interpreter, at small sizes
     gpu_job = text[text.index("\n  cuda:") :]
     assert "runs-on: [self-hosted, linux, x64, gpu]" in gpu_job

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -69,11 +70,17 @@ def configs(draw):
 
 # The Triton interpreter runs each kernel instance in Python: fewer examples keep the suite inside minutes.
 EXAMPLES = {"triton": 6}
+# Every test here draws SCALE times its examples: the nightly workflow's long run (random-configurations.yml)
+_scale = os.environ.get("FASTLSTM_PROPERTY_SCALE", "1")
+if not _scale.isdigit() or int(_scale) < 1:
+    raise ValueError(f"FASTLSTM_PROPERTY_SCALE must be a whole number from 1, got {_scale!r}")
+SCALE = int(_scale)
 
 
 @pytest.mark.parametrize("backend,dtype", PRESENT, ids=[f"{name}-{str(dtype)[6:]}" for name, dtype in PRESENT])
 def test_random_configurations_match_nn_lstm(backend, dtype):
-    check = settings(max_examples=EXAMPLES.get(backend, 40), deadline=None)(given(config=configs())(_check_config))
+    examples = SCALE * EXAMPLES.get(backend, 40)
+    check = settings(max_examples=examples, deadline=None)(given(config=configs())(_check_config))
     # The C++ backend splits its time loop between threads (a team of them, or rows a thread): its draws run on two
     # threads, whatever share of the CPUs a test worker runs on (conftest)
     with torch_threads(2 if backend == "cpp" else torch.get_num_threads()):
@@ -162,7 +169,7 @@ def wide_configs(draw):
 
 
 @pytest.mark.skipif(all(name != "cpp" for name, _ in PRESENT), reason="the cpp backend is not available")
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=SCALE * 40, deadline=None)
 @given(config=wide_configs())
 def test_random_bfloat16_configurations_within_twice_native_error(config):
     """cpp's bfloat16 against an fp32 computation of the same rounded weights and inputs: the error of the outputs
@@ -249,7 +256,7 @@ def call_sequences(draw):
 def test_random_call_sequences_on_one_module_match_nn_lstm(backend):
     examples = {"triton": 3}.get(backend, 60)
 
-    @settings(max_examples=examples, deadline=None)
+    @settings(max_examples=SCALE * examples, deadline=None)
     @given(sequence=call_sequences())
     def check(sequence):
         config, calls = sequence
