@@ -97,13 +97,7 @@ def _check_config(backend, dtype, config):
     fast = fastlstm.LSTM(**cfg, dtype=dtype, backend=backend)
     fast.load_state_dict(ref.state_dict())
     batch_first = cfg["batch_first"]
-    if mode == "step":
-        shape = (batch,)
-    elif mode == "unbatched":
-        shape = (seq_len,)
-    else:
-        shape = (batch, seq_len) if batch_first else (seq_len, batch)
-    x = torch.randn(*shape, cfg["input_size"], dtype=dtype)
+    x = torch.randn(*_leading_shape(mode, batch, seq_len, batch_first), cfg["input_size"], dtype=dtype)
     D = 2 if cfg["bidirectional"] else 1
     rows = () if mode == "unbatched" else (batch,)
     state = [
@@ -141,6 +135,15 @@ def _check_config(backend, dtype, config):
             torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
         else:
             assert_same_results(ref, fast, inputs, call, atol, rtol)
+
+
+def _leading_shape(kind: str, batch: int, seq_len: int, batch_first: bool) -> tuple[int, ...]:
+    """An input's dimensions before its features: one step's rows, an unbatched sequence's steps, or both."""
+    if kind == "step":
+        return (batch,)
+    if kind == "unbatched":
+        return (seq_len,)
+    return (batch, seq_len) if batch_first else (seq_len, batch)
 
 
 def _outputs(result) -> tuple:
@@ -309,12 +312,7 @@ def _run_call(module, config, call, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     kind, batch, seq_len, batch_first = call["kind"], call["batch"], call["seq_len"], config["batch_first"]
     ours = isinstance(module, fastlstm.LSTM)
-    if kind == "unbatched":
-        shape = (seq_len,)
-    elif kind == "step":
-        shape = (batch,)
-    else:
-        shape = (batch, seq_len) if batch_first else (seq_len, batch)
+    shape = _leading_shape(kind, batch, seq_len, batch_first)
     x = torch.randn(*shape, config["input_size"], generator=gen, dtype=torch.float64)
     layers = config["num_layers"] * (2 if config["bidirectional"] else 1)
     rows = () if kind == "unbatched" else (batch + call["extra_state_row"],)
