@@ -453,6 +453,8 @@ def exporting() -> bool:
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     if flag is True:
         return True
+    if flag is False and not torch.compiler.is_compiling():
+        return False  # an export that traces eagerly (non-strict) raises the flag in every release that has it
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     if flag is None and is_exporting is not None:
         return is_exporting()
