@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_same_results, lstm_call, torch_threads
+from helpers import assert_same_results, torch_threads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -107,23 +107,7 @@ def _check_config(backend, dtype, config):
 
     def call(module, x, *state):
         torch.manual_seed(1)  # dropout: both modules draw the same masks
-        ours = isinstance(module, fastlstm.LSTM)
-        if mode == "step":
-            if ours:
-                return module.step(x, tuple(state) if state else None)
-            y, hc = lstm_call(module, x.unsqueeze(1 if batch_first else 0), *state)
-            return y.squeeze(1 if batch_first else 0), hc
-        if mode == "lengths":
-            if ours:
-                y, hc = module(x, tuple(state) if state else None, lengths=lengths)
-                return y.contiguous(), hc
-            packed = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
-            y, hc = lstm_call(module, packed, *state)
-            # contiguous: pad_packed_sequence's batch-first result is a transposed view, lengths= makes its own
-            return pad_packed_sequence(y, batch_first, total_length=seq_len)[0].contiguous(), hc
-        if lengths is not None:
-            x = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=enforce_sorted)
-        return lstm_call(module, x, *state)
+        return _call_as(module, mode, x, tuple(state) if state else None, lengths, batch_first, enforce_sorted)
 
     atol, rtol = TOLERANCE[dtype]
     inputs = [x] + (state if with_state else [])
@@ -135,6 +119,29 @@ def _check_config(backend, dtype, config):
             torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
         else:
             assert_same_results(ref, fast, inputs, call, atol, rtol)
+
+
+def _call_as(module, kind: str, x, hx, lengths, batch_first: bool, enforce_sorted: bool):
+    """(y, (h_n, c_n)) of `module` called as `kind` asks. "step": one step (step(), or nn.LSTM's call of one step);
+    "lengths": a padded batch with lengths= (nn.LSTM: its pack, padded back); any other kind: x itself, packed by
+    `lengths` where they are given."""
+    ours = isinstance(module, fastlstm.LSTM)
+    time_dim = 1 if batch_first else 0
+    if kind == "step":
+        if ours:
+            return module.step(x, hx)
+        y, hc = module(x.unsqueeze(time_dim), hx)
+        return y.squeeze(time_dim), hc
+    if kind == "lengths":
+        if ours:
+            y, hc = module(x, hx, lengths=lengths)
+            return y.contiguous(), hc
+        y, hc = module(pack_padded_sequence(x, lengths, batch_first, enforce_sorted=False), hx)
+        # contiguous: pad_packed_sequence's batch-first result is a transposed view, lengths= makes its own
+        return pad_packed_sequence(y, batch_first, total_length=x.size(time_dim))[0].contiguous(), hc
+    if lengths is not None:
+        x = pack_padded_sequence(x, lengths, batch_first, enforce_sorted=enforce_sorted)
+    return module(x, hx)
 
 
 def _leading_shape(kind: str, batch: int, seq_len: int, batch_first: bool) -> tuple[int, ...]:
@@ -292,6 +299,8 @@ def test_random_call_sequences_on_one_module_match_nn_lstm(backend):
 
 def _change_weights(ref, fast, change, which: int, seed: int) -> None:
     """The same change to both modules' weight number `which` (of those there are)."""
+    if change is None:
+        return
     pairs = list(zip(ref.parameters(), fast.parameters()))
     pair = pairs[which % len(pairs)]
     gen = torch.Generator().manual_seed(seed)
@@ -311,7 +320,6 @@ def _run_call(module, config, call, seed: int) -> dict:
     output: the outputs and every gradient there is."""
     gen = torch.Generator().manual_seed(seed)
     kind, batch, seq_len, batch_first = call["kind"], call["batch"], call["seq_len"], config["batch_first"]
-    ours = isinstance(module, fastlstm.LSTM)
     shape = _leading_shape(kind, batch, seq_len, batch_first)
     x = torch.randn(*shape, config["input_size"], generator=gen, dtype=torch.float64)
     layers = config["num_layers"] * (2 if config["bidirectional"] else 1)
@@ -326,22 +334,12 @@ def _run_call(module, config, call, seed: int) -> dict:
     for t in tracked:
         t.requires_grad_(grad)
     hx = tuple(state) if call["state"] else None
+    if kind == "packed":
+        lengths = lengths.sort(descending=True).values
+    packing = kind in ("packed", "unsorted", "lengths")
     with torch.set_grad_enabled(grad):
-        if kind == "step" and ours:
-            y, (h, c) = module.step(x, hx)
-        elif kind == "step":
-            y, (h, c) = module(x.unsqueeze(1 if batch_first else 0), hx)
-            y = y.squeeze(1 if batch_first else 0)
-        elif kind == "lengths" and ours:
-            y, (h, c) = module(x, hx, lengths=lengths)
-        elif kind in ("packed", "unsorted", "lengths"):
-            if kind == "packed":
-                lengths = lengths.sort(descending=True).values
-            pack = pack_padded_sequence(x, lengths, batch_first, enforce_sorted=kind == "packed")
-            y, (h, c) = module(pack, hx)
-            y = pad_packed_sequence(y, batch_first, total_length=seq_len)[0] if kind == "lengths" else y.data
-        else:
-            y, (h, c) = module(x, hx)
+        y, (h, c) = _call_as(module, kind, x, hx, lengths if packing else None, batch_first, kind == "packed")
+    y = y.data if isinstance(y, PackedSequence) else y
     results = {"y": y.detach(), "h_n": h.detach(), "c_n": c.detach()}
     if grad and y.requires_grad:
         outputs = (y, h, c)

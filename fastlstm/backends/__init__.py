@@ -455,9 +455,8 @@ def exporting() -> bool:
         return True
     if flag is False and not torch.compiler.is_compiling():
         return False  # an export that traces eagerly (non-strict) raises the flag in every release that has it
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    if flag is None and is_exporting is not None:
-        return is_exporting()
+    if flag is None and hasattr(torch.compiler, "is_exporting"):
+        return torch.compiler.is_exporting()
     # torch 2.5 has neither, and torch 2.7's strict export sets the flag only after dynamo's trace: torch.export's
     # record of the export in progress (a set of its flags, else None)
     trace = getattr(getattr(torch, "export", None), "_trace", None)
