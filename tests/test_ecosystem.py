@@ -86,6 +86,51 @@ def test_compiled_steps_train_as_eager(backend):
 
 
 @needs_tracing
+@pytest.mark.parametrize("case", ["step-from-none", "last-output-from-zeros"])
+@pytest.mark.parametrize("backend", ["auto", "native", *CPU_BACKENDS])
+def test_compiled_training_from_a_state_of_zeros_gives_nn_lstms_gradients(backend, case):
+    """torch.compile (inductor, which the other compile tests mostly leave for aot_eager) of a training step from a
+    state of zeros, made by the layer (step() from None) or by the model inside the graph, the loss on the last
+    output (y[-1] with as many steps as layers): nn.LSTM's eager gradients. Compile merged those zeros with the
+    backward's zeros of y[-1] and inductor wrote the gradient over them before the layers' backward read them as
+    h0 and c0: wrong weight and input gradients, no error, on cpp and reference (module.py, _state_copy)."""
+    torch.manual_seed(0)
+    layers = 1 if case == "step-from-none" else 2
+    reference = nn.LSTM(3, 4, layers, dtype=torch.float64)
+    model = fastlstm.LSTM(3, 4, layers, backend=backend, dtype=torch.float64)
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(layers, 2, 3, dtype=torch.float64)
+    scale = torch.randn(2, 4, dtype=torch.float64)
+
+    def loss(m, x):
+        if m is model and case == "step-from-none":
+            y_last, (h, c) = m.step(x[0])
+        else:
+            zeros = torch.zeros(layers, 2, 4, dtype=torch.float64)
+            y, (h, c) = m(x) if case == "step-from-none" else m(x, (zeros, zeros.clone()))
+            y_last = y[-1]
+        return (y_last * scale).sum() + c.sum()
+
+    torch.compiler.reset()
+    results = []
+    for m, run in ((reference, loss), (model, torch.compile(loss, fullgraph=True))):
+        x_in = x.clone().requires_grad_()
+        value = run(m, x_in)
+        results.append([value, *torch.autograd.grad(value, [x_in, *m.parameters()])])
+    names = ["loss", "x", *(name for name, _ in reference.named_parameters())]
+    for name, expected, got in zip(names, *results, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-9, msg=name)
+
+
+def test_the_state_copy_op_passes_opcheck():
+    """fastlstm::state_copy, which compiled training graphs hold (module.py): its schema, fake and autograd."""
+    h = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastlstm.state_copy.default, (h, c))
+    torch.library.opcheck(torch.ops.fastlstm.state_copy.default, (h.detach()[:, :2], c.detach().transpose(0, 1)))
+
+
+@needs_tracing
 @pytest.mark.parametrize("proj", [0, 3])
 @pytest.mark.parametrize("backend", ["auto", *fast_cpu_backends()])
 def test_compiled_training_takes_new_batch_sizes_and_lengths_without_recompiling(backend, proj):
