@@ -86,30 +86,36 @@ def test_compiled_steps_train_as_eager(backend):
 
 
 @needs_tracing
-@pytest.mark.parametrize("case", ["step-from-none", "last-output-from-zeros"])
+@pytest.mark.parametrize("case", ["step-from-none", "last-output-from-zeros", "last-h-projected"])
 @pytest.mark.parametrize("backend", ["auto", "native", *CPU_BACKENDS])
 def test_compiled_training_from_a_state_of_zeros_gives_nn_lstms_gradients(backend, case):
     """torch.compile (inductor, which the other compile tests mostly leave for aot_eager) of a training step from a
-    state of zeros, made by the layer (step() from None) or by the model inside the graph, the loss on the last
-    output (y[-1] with as many steps as layers): nn.LSTM's eager gradients. Compile merged those zeros with the
-    backward's zeros of y[-1] and inductor wrote the gradient over them before the layers' backward read them as
-    h0 and c0: wrong weight and input gradients, no error, on cpp and reference (module.py, _state_copy)."""
+    state of zeros, made by the layer (hx=None, step() from None) or by the model inside the graph, the loss on the
+    last output (y[-1] with as many steps as layers, or a projected h_n[-1]): nn.LSTM's eager gradients. Compile
+    merged those zeros with the backward's zeros of y[-1] or h_n[-1] and inductor wrote the gradient over them before
+    the layers' backward read them as h0 and c0: wrong weight and input gradients, no error, on cpp and reference
+    (the first two cases) and native (the third) (module.py, _state_copy)."""
     torch.manual_seed(0)
-    layers = 1 if case == "step-from-none" else 2
-    reference = nn.LSTM(3, 4, layers, dtype=torch.float64)
-    model = fastlstm.LSTM(3, 4, layers, backend=backend, dtype=torch.float64)
+    layers, steps, proj = dict(
+        [("step-from-none", (1, 1, 0)), ("last-output-from-zeros", (2, 2, 0)), ("last-h-projected", (1, 3, 2))]
+    )[case]
+    reference = nn.LSTM(3, 4, layers, proj_size=proj, dtype=torch.float64)
+    model = fastlstm.LSTM(3, 4, layers, proj_size=proj, backend=backend, dtype=torch.float64)
     model.load_state_dict(reference.state_dict())
-    x = torch.randn(layers, 2, 3, dtype=torch.float64)
-    scale = torch.randn(2, 4, dtype=torch.float64)
+    x = torch.randn(steps, 2, 3, dtype=torch.float64)
+    scale = torch.randn(2, proj or 4, dtype=torch.float64)
 
     def loss(m, x):
-        if m is model and case == "step-from-none":
-            y_last, (h, c) = m.step(x[0])
-        else:
+        if case == "step-from-none" and m is model:
+            last, (h, c) = m.step(x[0])
+        elif case == "last-output-from-zeros":
             zeros = torch.zeros(layers, 2, 4, dtype=torch.float64)
-            y, (h, c) = m(x) if case == "step-from-none" else m(x, (zeros, zeros.clone()))
-            y_last = y[-1]
-        return (y_last * scale).sum() + c.sum()
+            y, (h, c) = m(x, (zeros, zeros.clone()))
+            last = y[-1]
+        else:
+            y, (h, c) = m(x)
+            last = y[-1] if case == "step-from-none" else h[-1]
+        return (last * scale).sum() + c.sum()
 
     torch.compiler.reset()
     results = []

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_same_results, torch_threads
+from helpers import assert_same_results, needs_tracing, torch_threads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -350,3 +350,94 @@ def _run_call(module, config, call, seed: int) -> dict:
         ]
         results.update(zip(names, torch.autograd.grad(loss, wrt)))
     return results
+
+
+# Where a compiled training step makes its input and state: the graph's inputs, tensors computed from them, or
+# constants made inside the graph, which compile may merge with a backward's own (inductor wrote over a state of
+# zeros merged so: module.py, _state_copy). And which outputs its loss reads (y[-1]'s backward makes such zeros).
+SOURCES = ["data", "computed", "zeros", "ones"]
+READS = ["last_output", "first_output", "outputs", "last_h", "c_n"]
+
+
+@st.composite
+def compiled_steps(draw):
+    hidden = draw(st.integers(1, 4))
+    config = dict(
+        input_size=draw(st.integers(1, 4)),
+        hidden_size=hidden,
+        num_layers=draw(st.integers(1, 3)),
+        bias=draw(st.booleans()),
+        batch_first=draw(st.booleans()),
+        bidirectional=draw(st.booleans()),
+        proj_size=draw(st.sampled_from([0, *range(1, hidden)])),
+    )
+    step = not config["bidirectional"] and draw(st.booleans())
+    call = dict(
+        step=step,
+        batch=draw(st.integers(1, 3)),
+        seq_len=1 if step else draw(st.integers(1, 3)),
+        input=draw(st.sampled_from(SOURCES)),
+        state=draw(st.sampled_from([None, *SOURCES])),
+        reads=draw(st.lists(st.sampled_from(READS), min_size=1, max_size=3, unique=True)),
+    )
+    return config, call
+
+
+@needs_tracing
+@pytest.mark.parametrize("backend", [name for name, dtype in PRESENT if dtype == torch.float64])
+def test_random_compiled_training_steps_match_nn_lstm(backend):
+    """torch.compile (inductor) of a training step against eager nn.LSTM: the loss and every gradient, float64.
+    Every draw compiles afresh: reference (whose time loop dynamo unrolls), native and triton take one draw here."""
+    examples = {"triton": 1, "reference": 1, "native": 1}.get(backend, 3)
+
+    @settings(max_examples=SCALE * examples, deadline=None)
+    @given(drawn=compiled_steps())
+    def check(drawn):
+        config, call = drawn
+        torch.manual_seed(0)
+        ref = nn.LSTM(**config, dtype=torch.float64)
+        fast = fastlstm.LSTM(**config, dtype=torch.float64, backend=backend)
+        fast.load_state_dict(ref.state_dict())
+        layers = config["num_layers"] * (2 if config["bidirectional"] else 1)
+        sizes = (config["proj_size"] or config["hidden_size"], config["hidden_size"])
+        kind = "step" if call["step"] else "tensor"
+        x_shape = (*_leading_shape(kind, call["batch"], call["seq_len"], config["batch_first"]), config["input_size"])
+        shapes = [x_shape, *((layers, call["batch"], size) for size in sizes)]
+        data = [torch.randn(shape, dtype=torch.float64) for shape in shapes]
+        loss = functools.partial(_compiled_step_loss, kind=kind, call=call, batch_first=config["batch_first"])
+        torch.compiler.reset()  # a graph of its own for every draw (dynamo compiles a function 8 times at most)
+        results = []
+        for module, run in ((ref, loss), (fast, torch.compile(loss, fullgraph=kind == "step"))):
+            leaves = [t.clone().requires_grad_() for t in data]
+            value = run(module, *leaves)
+            grads = torch.autograd.grad(value, [*leaves, *module.parameters()], allow_unused=True)
+            results.append([value, *grads])
+        for k, (expected, got) in enumerate(zip(*results, strict=True)):
+            if expected is None or got is None:  # an input the loss does not reach: None, or zeros on one side
+                assert all(t is None or not t.any() for t in (expected, got)), (k, drawn)
+                continue
+            torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-7, msg=lambda m, k=k: f"{k} {drawn}: {m}")
+
+    with torch_threads(2 if backend == "cpp" else torch.get_num_threads()):
+        check()
+
+
+def _compiled_step_loss(module, x, h0, c0, kind, call, batch_first):
+    """The loss of one call whose input and state come from `call`'s sources, reading its outputs as it says."""
+
+    def source(name, data):
+        if name == "computed":
+            return torch.tanh(data)
+        if name in ("zeros", "ones"):
+            return getattr(torch, name)(data.shape, dtype=data.dtype)
+        return data
+
+    hx = None if call["state"] is None else (source(call["state"], h0), source(call["state"], c0))
+    y, (h, c) = _call_as(module, kind, source(call["input"], x), hx, None, batch_first, False)
+    steps = y.unsqueeze(0) if kind == "step" else (y.transpose(0, 1) if batch_first else y)
+    picked = dict(last_output=steps[-1], first_output=steps[0], outputs=y, last_h=h[-1], c_n=c)
+    total = 0
+    for name in call["reads"]:
+        value = picked[name]
+        total = total + (value * torch.linspace(0.5, 1.5, value.numel(), dtype=value.dtype).view(value.shape)).sum()
+    return total
