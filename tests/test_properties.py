@@ -92,10 +92,7 @@ def _check_config(backend, dtype, config):
     mode, batch, seq_len, lengths, enforce_sorted, with_state = (
         cfg.pop(key) for key in ("mode", "batch", "seq_len", "lengths", "enforce_sorted", "with_state")
     )
-    torch.manual_seed(0)
-    ref = nn.LSTM(**cfg, dtype=dtype)
-    fast = fastlstm.LSTM(**cfg, dtype=dtype, backend=backend)
-    fast.load_state_dict(ref.state_dict())
+    ref, fast = _module_pair(cfg, backend, dtype)
     batch_first = cfg["batch_first"]
     x = torch.randn(*_leading_shape(mode, batch, seq_len, batch_first), cfg["input_size"], dtype=dtype)
     D = 2 if cfg["bidirectional"] else 1
@@ -142,6 +139,15 @@ def _call_as(module, kind: str, x, hx, lengths, batch_first: bool, enforce_sorte
     if lengths is not None:
         x = pack_padded_sequence(x, lengths, batch_first, enforce_sorted=enforce_sorted)
     return module(x, hx)
+
+
+def _module_pair(config: dict, backend: str, dtype: torch.dtype = torch.float64):
+    """nn.LSTM and fastlstm.LSTM on `backend`, built from config with the same weights (torch's seed 0)."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(**config, dtype=dtype)
+    fast = fastlstm.LSTM(**config, dtype=dtype, backend=backend)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
 
 
 def _leading_shape(kind: str, batch: int, seq_len: int, batch_first: bool) -> tuple[int, ...]:
@@ -229,17 +235,23 @@ CHANGES = [None, None, "in_place", "data", "freeze"]
 
 
 @st.composite
-def call_sequences(draw):
-    hidden = draw(st.integers(1, 6))
-    config = dict(
-        input_size=draw(st.integers(1, 5)),
+def small_configs(draw, hidden_sizes: int, input_sizes: int, layers: int):
+    """A module's constructor arguments, every flag drawn, sizes up to those given."""
+    hidden = draw(st.integers(1, hidden_sizes))
+    return dict(
+        input_size=draw(st.integers(1, input_sizes)),
         hidden_size=hidden,
-        num_layers=draw(st.integers(1, 2)),
+        num_layers=draw(st.integers(1, layers)),
         bias=draw(st.booleans()),
         batch_first=draw(st.booleans()),
         bidirectional=draw(st.booleans()),
         proj_size=draw(st.sampled_from([0, *range(1, hidden)])),
     )
+
+
+@st.composite
+def call_sequences(draw):
+    config = draw(small_configs(hidden_sizes=6, input_sizes=5, layers=2))
     # a few shapes of call, taken in turn by calls of every kind: repeats of a shape are what the plans remember
     shape = st.fixed_dictionaries(
         dict(
@@ -270,10 +282,7 @@ def test_random_call_sequences_on_one_module_match_nn_lstm(backend):
     @given(sequence=call_sequences())
     def check(sequence):
         config, calls = sequence
-        torch.manual_seed(0)
-        ref = nn.LSTM(**config, dtype=torch.float64)
-        fast = fastlstm.LSTM(**config, dtype=torch.float64, backend=backend)
-        fast.load_state_dict(ref.state_dict())
+        ref, fast = _module_pair(config, backend)
         for k, call in enumerate(calls):
             _change_weights(ref, fast, call["change"], call["weight"], seed=k)
             call = {**{key: v for key, v in call.items() if key != "shape"}, **call["shape"]}
@@ -361,16 +370,7 @@ READS = ["last_output", "first_output", "outputs", "last_h", "c_n"]
 
 @st.composite
 def compiled_steps(draw):
-    hidden = draw(st.integers(1, 4))
-    config = dict(
-        input_size=draw(st.integers(1, 4)),
-        hidden_size=hidden,
-        num_layers=draw(st.integers(1, 3)),
-        bias=draw(st.booleans()),
-        batch_first=draw(st.booleans()),
-        bidirectional=draw(st.booleans()),
-        proj_size=draw(st.sampled_from([0, *range(1, hidden)])),
-    )
+    config = draw(small_configs(hidden_sizes=4, input_sizes=4, layers=3))
     step = not config["bidirectional"] and draw(st.booleans())
     call = dict(
         step=step,
@@ -394,10 +394,7 @@ def test_random_compiled_training_steps_match_nn_lstm(backend):
     @given(drawn=compiled_steps())
     def check(drawn):
         config, call = drawn
-        torch.manual_seed(0)
-        ref = nn.LSTM(**config, dtype=torch.float64)
-        fast = fastlstm.LSTM(**config, dtype=torch.float64, backend=backend)
-        fast.load_state_dict(ref.state_dict())
+        ref, fast = _module_pair(config, backend)
         layers = config["num_layers"] * (2 if config["bidirectional"] else 1)
         sizes = (config["proj_size"] or config["hidden_size"], config["hidden_size"])
         kind = "step" if call["step"] else "tensor"
