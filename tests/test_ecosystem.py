@@ -96,9 +96,8 @@ def test_compiled_training_from_a_state_of_zeros_gives_nn_lstms_gradients(backen
     the layers' backward read them as h0 and c0: wrong weight and input gradients, no error, on cpp and reference
     (the first two cases) and native (the third) (module.py, _state_copy)."""
     torch.manual_seed(0)
-    layers, steps, proj = dict(
-        [("step-from-none", (1, 1, 0)), ("last-output-from-zeros", (2, 2, 0)), ("last-h-projected", (1, 3, 2))]
-    )[case]
+    shapes = {"step-from-none": (1, 1, 0), "last-output-from-zeros": (2, 2, 0), "last-h-projected": (1, 3, 2)}
+    layers, steps, proj = shapes[case]  # layers, steps, proj_size
     reference = nn.LSTM(3, 4, layers, proj_size=proj, dtype=torch.float64)
     model = fastlstm.LSTM(3, 4, layers, proj_size=proj, backend=backend, dtype=torch.float64)
     model.load_state_dict(reference.state_dict())
