@@ -533,10 +533,10 @@ def _saveable(input: Tensor, hx):
 # compile merges the state's zeros with those of a backward (y[-1]'s, where the state has as many layers as y has
 # steps; h_n[-1]'s; step()'s output's), saves them once, and the layers' views of them were written over before
 # their backward read them as h0 and c0: wrong weight and input gradients, no error (cpp's op, the reference
-# backend's aten ops and native's aten::lstm alike). A clone would not do, inductor drops clones as
-# no-ops; an op of its own copies the state into buffers of which each saved tensor (a layer's h0 or c0) views its
-# own part. One call for the stack (~11 us; a compiled training step of B1-T5-H32 took 0.05 ms longer, 15%, one of
-# B32-T50-H256-L2 the same time within 3%).
+# backend's aten ops and native's aten::lstm alike). A clone would not do, inductor drops clones as no-ops; an op of
+# its own copies the state into buffers of which each saved tensor (a layer's h0 or c0) views its own part. One
+# call for the stack (~11 us; a compiled training step of B1-T5-H32 took 0.05 ms longer, 15%, one of B32-T50-H256-L2
+# the same time within 3%).
 @torch.library.custom_op("fastlstm::state_copy", mutates_args=(), schema="(Tensor h, Tensor c) -> (Tensor, Tensor)")
 def _state_copy(h, c):
     return h.clone(), c.clone()
