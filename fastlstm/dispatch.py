@@ -447,6 +447,25 @@ def _cpp_slower_reason(call: LayerCall) -> str | None:
       every step: hidden 384-511 won up to batch 24 (B12-B24 1.10-1.57x; B16-H384 1.19x and 1.14x), even at B32-48
       (1.01-1.08x) and lost beyond (0.92-0.93x); hidden 320 was even (0.93-1.05x); hidden 256 lost from batch 8
       (0.74-0.97x), as before; hidden 512 kept the two threads' rule (B16-48 1.02-1.29x, B64-96 0.95-0.98x).
+      Training at one thread (2026-12-07, `--threads 1 --backend cpp`, 76 shapes, most twice;
+      `-bfloat16-training-one-thread-*.json`), unlike at two: hidden <= 128 from batch 24 lost (batch 24-256,
+      hidden 32-128, 50-100 steps, and 20 steps from batch 128: 0.74-0.98x; bidirectional B32-H128 0.91x, 2-layer
+      bidirectional H64 at B64-96 0.90-0.92x, at B32 1.02x), B24-32 at 20 steps tied or won (0.95-1.09x), batch
+      8-16 won or tied (0.96-1.37x); hidden 160-320 lost from batch 64 at 35 steps and more (0.80-0.98x,
+      B64-T35-H256 0.96x and 1.02x) but for B64-T35-H256 bidirectional (1.34x, 1.03x), and won or tied below
+      batch 64 (B24-48 at hidden 160 0.92-1.08x; hidden 200-320 at batch 16-48 1.06-1.76x). Where the input
+      needs no gradient (`--mode training-data`, 10 of the losing shapes once) it lost alike, 0.77-0.98x.
+      oneDNN slows down past a size, as on Zen 4: B64-H128 lost at 70 and 90 steps (0.77x) and won from 100
+      (1.20-1.25x), B128-T50-H128 and B256-T50-H64 (819,200) won 1.26-1.27x, B64-T60-H200 (768,000) 1.19x,
+      B128-T35-H160 (716,800) lost 0.80x. Short calls: one step won (B64-H128 1.05-1.10x), 2-5 steps at batch 64
+      from hidden 128 tied or won (0.99-1.30x) but B128-T5-H64 lost (0.87x, 0.94x), 10 steps lost from batch 48
+      at hidden <= 128 (0.80-0.93x) and won at B32 (1.05-1.07x); hidden 200-320 at batch 64 tied or won to 20
+      steps (1.00-1.13x). So bfloat16 training at one thread on AMX goes native below 768,000 steps x batch x
+      hidden at hidden <= 128 from batch 48 (from 2 steps) and from batch 24 beyond 20 steps, and at hidden 129-320
+      from batch 64 beyond 20 steps in one direction. With the rule, `--backend auto --backend cpp` on 13 shapes
+      twice (`-training-one-thread-auto-run*.json`): where auto went native (8 shapes) 0.96-1.05x against cpp's
+      0.69-0.94x, where it kept cpp (5) 1.02-1.27x; training-data, 10 shapes once, auto (native) 0.97-1.04x
+      against cpp's 0.69-1.11x (B24-T50-H128 1.11x there, 0.95x before).
     - Other architectures (aarch64: Graviton, Ampere, Apple silicon under Linux): nothing measured. nn.LSTM runs
       float32 through oneDNN's fused LSTM there too (aarch64, torch 2.8: aten::mkldnn_rnn_layer), while cpp runs
       16-byte NEON vectors, so where nn.LSTM stays on oneDNN the call goes native. float64, a projection and
@@ -732,9 +751,34 @@ def _zen4_one_thread_training_loss(call: LayerCall) -> bool:
     return call.seq_len * call.batch * call.hidden_size < _ZEN4_ONEDNN_TRAINING_SLOWS
 
 
+# Steps x batch x hidden from which oneDNN's bfloat16 training at one thread on the Xeon with AMX ran slower than
+# cpp's (B64-H128: 90 steps lost, 100 won; B64-T60-H200, 768,000, won 1.19x): as on Zen 4, oneDNN's time jumps there.
+_AMX_ONEDNN_TRAINING_SLOWS = 768_000
+
+
+def _amx_one_thread_training_loss(call: LayerCall) -> bool:
+    """Where bfloat16 training at one thread on Intel with AMX lost to oneDNN (measured in _cpp_slower_reason),
+    below _AMX_ONEDNN_TRAINING_SLOWS: hidden <= 128 from batch 48 (from 2 steps) and from batch 24 (beyond 20
+    steps); hidden 129-320 from batch 64 beyond 20 steps, in one direction. Whether or not the input needs its
+    gradient (it lost both ways, unlike on Zen 4), so every layer of a stack alike."""
+    if call.seq_len * call.batch * call.hidden_size >= _AMX_ONEDNN_TRAINING_SLOWS:
+        return False
+    if call.hidden_size <= 128:
+        return (call.batch >= 48 and call.seq_len >= 2) or (call.batch >= 24 and call.seq_len > 20)
+    return call.hidden_size <= 320 and call.batch >= 64 and call.seq_len > 20 and not call.bidirectional
+
+
 def _cpp_amx_slower_reason(call: LayerCall) -> str | None:
     """bfloat16 where both cpp and oneDNN multiply on AMX tiles (the measurements are listed in _cpp_slower_reason)."""
-    if call.proj_size or call.packed or call.needs_grad or (call.seq_len <= 10 and call.batch <= 64):
+    if call.proj_size or call.packed:
+        return None
+    if call.needs_grad and _one_thread() and _amx_one_thread_training_loss(call):
+        return (
+            "bfloat16 training on AMX at one thread, at hidden <= 128 from batch 48 (batch 24 beyond 20 steps) and "
+            "at hidden 129-320 from batch 64 beyond 20 steps (one direction), below "
+            f"{_AMX_ONEDNN_TRAINING_SLOWS:,} steps x batch x hidden: oneDNN measured faster"
+        )
+    if call.needs_grad or (call.seq_len <= 10 and call.batch <= 64):
         return None
     if _one_thread() and call.batch >= 8 and call.hidden_size <= 256:
         return "bfloat16 inference on AMX at one thread from batch 8 at hidden <= 256: oneDNN measured faster"

@@ -2030,7 +2030,28 @@ def test_auto_follows_the_measured_rule(monkeypatch):
     assert _auto_backends(torch.bfloat16, 25, hidden=448) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 16, hidden=320) == ["native"] * 4
     assert _auto_backends(torch.bfloat16, 64, hidden=256, train=True) == ["cpp"] * 4
+    # training at one thread, below 768,000 steps x batch x hidden, whether or not the input needs its gradient:
+    # hidden <= 128 from batch 48 (from 2 steps), from batch 24 beyond 20 steps, either direction ...
+    assert _auto_backends(torch.bfloat16, 48, hidden=128, seq_len=2, train=True) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 48, hidden=128, seq_len=1, train=True) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 47, hidden=128, train=True) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 24, hidden=128, seq_len=21, train=True) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 24, hidden=128, seq_len=21, train=True, input_grad=True) == ["native"] * 4
+    assert _auto_backends(torch.bfloat16, 23, hidden=128, seq_len=21, train=True) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 48, hidden=129, seq_len=21, train=True) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 64, hidden=128, seq_len=93, train=True) == ["native"] * 4  # 761,856
+    assert _auto_backends(torch.bfloat16, 64, hidden=128, seq_len=94, train=True) == ["cpp"] * 4  # 770,048
+    # ... and hidden 129-320 from batch 64 beyond 20 steps, one direction
+    one_way = dict(train=True, bidirectional=False, seq_len=21)
+    assert _auto_backends(torch.bfloat16, 64, hidden=320, **one_way) == ["native"] * 2
+    assert _auto_backends(torch.bfloat16, 64, hidden=321, **one_way) == ["cpp"] * 2
+    assert _auto_backends(torch.bfloat16, 63, hidden=320, **one_way) == ["cpp"] * 2
+    assert _auto_backends(torch.bfloat16, 64, hidden=320, train=True, seq_len=21) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 64, hidden=320, train=True, bidirectional=False) == ["cpp"] * 2
+    assert _auto_backends(torch.bfloat16, 64, hidden=128, train=True, proj_size=4) == ["cpp"] * 4
+    assert _auto_backends(torch.bfloat16, 64, hidden=128, train=True, packed=True) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_one_thread", lambda: False)
+    assert _auto_backends(torch.bfloat16, 64, hidden=128, train=True) == ["cpp"] * 4
     monkeypatch.setattr(dispatch, "_cpu_bf16_kind", lambda: "avx512_bf16")
     monkeypatch.setattr(dispatch, "_cpp_bf16_dot", lambda: True)
     monkeypatch.setattr(dispatch, "_cpu_amd_family", lambda: 0x19)  # Zen 4
