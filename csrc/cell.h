@@ -31,10 +31,32 @@ typedef int32_t vi __attribute__((vector_size(kVecBytes)));
 
 inline vf vsplat(float a) { return vf{} + a; }
 
+// x clamped to [lo, hi], a NaN kept. With AVX-512 one max and one min (which return their second operand where
+// either is NaN), where GCC makes a comparison and a blend of each `x < lo ? lo : x`: the cell's math is bound by
+// its count of vector instructions (~2.3 ns an element on a Xeon with AMX, one thread), and these and vpow2 took
+// it 8-9% faster there, to the same bits (float; double kept its form: there GCC then rounded an ulp otherwise).
+inline vf vclamp(vf x, float lo, float hi) {
+#ifdef __AVX512F__
+  const __m512 above = _mm512_max_ps(_mm512_set1_ps(lo), reinterpret_cast<__m512>(x));
+  return reinterpret_cast<vf>(_mm512_min_ps(_mm512_set1_ps(hi), above));
+#else
+  x = x < vsplat(lo) ? vsplat(lo) : x;
+  return x > vsplat(hi) ? vsplat(hi) : x;
+#endif
+}
+
+// 2^n of an integral n in [-126, 128] (128: inf): one vscalefps with AVX-512, else the exponent's bits.
+inline vf vpow2(vf n) {
+#ifdef __AVX512F__
+  return reinterpret_cast<vf>(_mm512_scalef_ps(_mm512_set1_ps(1.0f), reinterpret_cast<__m512>(n)));
+#else
+  return reinterpret_cast<vf>((__builtin_convertvector(n, vi) + 127) << 23);
+#endif
+}
+
 // exp(x) = s * (1 + q): s = 2^n, n = round(x / ln 2), q = e^r - 1 of the remainder r, |r| <= ln 2 / 2.
 inline void vexp_parts(vf x, vf& s, vf& q) {
-  x = x < vsplat(-87.3365447504f) ? vsplat(-87.3365447504f) : x;
-  x = x > vsplat(88.3762626647949f) ? vsplat(88.3762626647949f) : x;
+  x = vclamp(x, -87.3365447504f, 88.3762626647949f);
   const vf magic = vsplat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to nearest
   const vf n = (x * 1.44269504088896341f + magic) - magic;
   vf r = x - n * 0.693359375f;
@@ -46,7 +68,7 @@ inline void vexp_parts(vf x, vf& s, vf& q) {
   p = p * r + 1.6666665459E-1f;
   p = p * r + 5.0000001201E-1f;
   q = p * r * r + r;
-  s = reinterpret_cast<vf>((__builtin_convertvector(n, vi) + 127) << 23);
+  s = vpow2(n);
 }
 
 // The same for double: exp by range reduction and a degree-12 Taylor polynomial (~1e-16 relative).
