@@ -408,6 +408,16 @@ def _without_empty_steps(batch_sizes: Tensor) -> Tensor:
     return batch_sizes[: int(batch_sizes.nonzero()[-1]) + 1]
 
 
+def _batch_sizes_malformed(batch_sizes: Tensor) -> bool:
+    """Whether a pack's batch sizes grow somewhere ([3, 0, 1], [1, 2]) or are not one-dimensional ([[3]]): built by
+    hand, as torch's packing never makes them. The fast backends refuse such a pack; nn.LSTM runs it as its kernels
+    read it, returning ([3, 0, 1]: the rows up to the zero; [[3]] as [3]) or raising ([2, 0, 2], [1, 2]), so `auto`
+    leaves it to nn.LSTM's own call."""
+    if batch_sizes.dim() != 1:
+        return True
+    return batch_sizes.numel() > 1 and bool((batch_sizes[1:] > batch_sizes[:-1]).any())
+
+
 def _state_dtype_differs(input: Tensor, state) -> bool:
     """Whether a step's (checked) state holds a tensor of another dtype than the input."""
     return state is not None and (state[0].dtype != input.dtype or state[1].dtype != input.dtype)
@@ -1133,6 +1143,8 @@ class LSTM(nn.RNNBase):
             first, last = int(batch_sizes[0]), int(batch_sizes[-1])
             if first and not last:
                 return None  # steps no sequence reaches, which forward drops on the checked path
+            if _batch_sizes_malformed(batch_sizes):
+                return None  # a malformed pack, whose key would match well-formed ones (_plan)
             rows = None if order is None else order.numel()
             shape = (
                 input.shape[1], batch_sizes.dtype, batch_sizes.device, batch_sizes.numel(), first, first != last, rows
@@ -1208,6 +1220,10 @@ class LSTM(nn.RNNBase):
         if misfit:
             reason = f"the weights do not fit the module's flags, changed after construction (ATen: {misfit!r})"
             return dispatch.own_call_only(requested, self.num_layers * self._num_directions, reason)
+        if batch_sizes is not None and requested == dispatch.AUTO and _batch_sizes_malformed(batch_sizes):
+            # forced backends raise their own error for it (test_errors)
+            reason = "a PackedSequence whose batch sizes grow or are not [T] (built by hand): nn.LSTM's kernels decide"
+            return dispatch.own_call_only(requested, self.num_layers * self._num_directions, reason)
         if amp is not None and amp.own_call:
             reason = "torch.export under autocast: the program holds nn.LSTM's call, whose dtypes autocast decides"
             return dispatch.own_call_only(requested, self.num_layers * self._num_directions, reason)
@@ -1224,7 +1240,7 @@ class LSTM(nn.RNNBase):
         is_batched = True
         if isinstance(input, PackedSequence):
             input, batch_sizes, sorted_indices, unsorted_indices, hx = self._unpack(input, hx)
-            self._check_packed_call(input, hx)
+            self._check_packed_call(input, hx, batch_sizes)
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
@@ -1253,10 +1269,14 @@ class LSTM(nn.RNNBase):
             hx = self.permute_hidden(hx, sorted_indices)
         return data, batch_sizes, sorted_indices, unsorted_indices, hx
 
-    def _check_packed_call(self, data: Tensor, hx) -> None:
+    def _check_packed_call(self, data: Tensor, hx, batch_sizes: Tensor) -> None:
         """nn.LSTM hands PackedSequence input to torch._VF.lstm unchecked: where a malformed call fails there with
         another exception type than the checks of a tensor call would raise, raise that type (with a clearer
-        message)."""
+        message). Batch sizes of another shape than [T] holding more than one number: RuntimeError, nn.LSTM's type
+        (RNNBase's check would raise ValueError; where they hold one number, [[3]], nn.LSTM runs the call)."""
+        if batch_sizes.dim() != 1 and batch_sizes.numel() > 1:
+            shape = list(batch_sizes.shape)
+            raise RuntimeError(f"LSTM: a PackedSequence's batch_sizes must be one-dimensional, got shape {shape}")
         if hx is not None:
             if not isinstance(hx, (tuple, list)):
                 raise _not_a_state_list(hx)

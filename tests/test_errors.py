@@ -305,6 +305,37 @@ def test_a_malformed_pack_raises_runtime_error_as_nn_lstm(backend, grad):
             assert not isinstance(raised.value, fastlstm.BackendUnavailableError), raised.value
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_a_malformed_pack_nn_lstm_runs_gives_its_answer_under_auto(grad):
+    """Batch sizes built by hand that grow after a zero ([3, 0, 1]: nn.LSTM returns the rows up to the zero) or hold
+    one number in two dimensions ([[3]]): auto and native give nn.LSTM's answer, also where a well-formed pack of
+    the same key ([3, 2, 1]) was remembered before (auto had raised cpp's error); the forced fast backends refuse
+    them with their own RuntimeError. Batch sizes in two dimensions holding more numbers: RuntimeError on every
+    backend, nn.LSTM's type (ValueError before)."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(I, H, dtype=torch.float64)
+    cases = [([3, 2, 1], 6), ([3, 0, 1], 4), ([2, 0, 1, 1, 1], 5), ([[3]], 3)]
+    for backend in ["auto", "native", "reference", *fast_cpu_backends()]:
+        fast = fastlstm.LSTM(I, H, dtype=torch.float64, backend=backend)
+        fast.load_state_dict(ref.state_dict())
+        for sizes, rows in cases:
+            data = torch.randn(rows, I, dtype=torch.float64)
+            with torch.set_grad_enabled(grad):
+                expected = ref(PackedSequence(data, torch.tensor(sizes)))
+                well_formed = sizes == [3, 2, 1]
+                if backend not in ("auto", "native") and not well_formed:
+                    with pytest.raises(RuntimeError):
+                        fast(PackedSequence(data, torch.tensor(sizes)))
+                    continue
+                got = fast(PackedSequence(data, torch.tensor(sizes)))
+            assert got[0].batch_sizes.tolist() == expected[0].batch_sizes.tolist()
+            for a, b in zip((got[0].data, *got[1]), (expected[0].data, *expected[1])):
+                torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=f"{backend} {sizes}")
+        with pytest.raises(RuntimeError, match="one-dimensional"):
+            hx = (torch.zeros(1, 2, H, dtype=torch.float64), torch.zeros(1, 2, H, dtype=torch.float64))
+            fast(PackedSequence(torch.randn(5, I, dtype=torch.float64), torch.tensor([[2, 2, 1]])), hx)
+
+
 def _assert_pack_runs_as_nn_lstm(ref, fast, backend: str, grad: bool, data, sizes: list, trim_for_ref=False):
     """nn.LSTM and fastlstm (twice: the second call of a kind is a remembered one) on PackedSequence(data, sizes):
     the same batch sizes, rows, outputs and states, and with grad every gradient. trim_for_ref: nn.LSTM is given
