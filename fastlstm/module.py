@@ -413,9 +413,12 @@ def _batch_sizes_malformed(batch_sizes: Tensor) -> bool:
     hand, as torch's packing never makes them. The fast backends refuse such a pack; nn.LSTM runs it as its kernels
     read it, returning ([3, 0, 1]: the rows up to the zero; [[3]] as [3]) or raising ([2, 0, 2], [1, 2]), so `auto`
     leaves it to nn.LSTM's own call."""
-    if batch_sizes.dim() != 1:
-        return True
-    return batch_sizes.numel() > 1 and bool((batch_sizes[1:] > batch_sizes[:-1]).any())
+    return batch_sizes.dim() != 1 or _grows(batch_sizes.tolist())
+
+
+def _grows(sizes: list) -> bool:
+    # a list's sort: 0.5 us at 10 steps, 1.7 at 100, where comparing as tensors took 4.4 (a call's key reads it)
+    return sizes != sorted(sizes, reverse=True)
 
 
 def _state_dtype_differs(input: Tensor, state) -> bool:
@@ -1140,10 +1143,11 @@ class LSTM(nn.RNNBase):
             # what the checks, the plan and autocast read of a pack: not its count of rows, which varies with the
             # lengths (_autocast_dtypes: whether the batch sizes vary); an unsorted pack's state is checked as its
             # sorted indices select it (_unpack, on every call): of as many rows as they hold
-            first, last = int(batch_sizes[0]), int(batch_sizes[-1])
+            sizes = batch_sizes.tolist()
+            first, last = sizes[0], sizes[-1]
             if first and not last:
                 return None  # steps no sequence reaches, which forward drops on the checked path
-            if _batch_sizes_malformed(batch_sizes):
+            if _grows(sizes):
                 return None  # a malformed pack, whose key would match well-formed ones (_plan)
             rows = None if order is None else order.numel()
             shape = (
