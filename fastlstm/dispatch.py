@@ -966,10 +966,14 @@ def _native_cannot_run(call: LayerCall) -> str | None:
     for a projection (which oneDNN's LSTM does not take). Packed input fails under torch.func's jvp (torch 2.13:
     "Cannot access data pointer of Tensor that doesn't have storage"; torch.autograd.forward_ad runs it on ATen's
     loop, but the call does not tell the two apart: the reference loop serves both), and elsewhere which path
-    nn.LSTM takes is its own business, so every other forward-mode call counts.
+    nn.LSTM takes is its own business, so every other forward-mode call counts. Packed input fails under torch.func's
+    grad, vjp and jacrev too, float32 and float64, whatever needs the gradient (the same error, torch 2.13): auto had
+    sent such calls whose gradients are differentiated again (MAML's inner step, jacrev(jacrev(f))) there.
     """
     if call.vmapped:
         return "torch.vmap: nn.LSTM's kernels have no batching rule"
+    if call.packed and call.func_grad:
+        return "torch.func with packed input: nn.LSTM's packed kernels read the data of the transform's tensors"
     atens_loop = call.device_type == "cpu" and not call.packed and (call.dtype == torch.float64 or call.proj_size)
     if call.forward_ad and not atens_loop:
         return "forward-mode AD: nn.LSTM's kernels have no forward-mode derivative here (oneDNN's, cuDNN's, packed)"

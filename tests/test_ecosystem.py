@@ -972,6 +972,41 @@ def test_gradients_of_gradients_under_torch_func(backend):
         assert ("reference", "reference") in {tuple(c) for c in chosen}  # inside the vmap
 
 
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+def test_gradients_of_gradients_of_packed_input_under_torch_func(backend):
+    """MAML's step (torch.func.grad over parameters that require grad, then a loss after it) on a PackedSequence and
+    on lengths=, and jacrev of jacrev through lengths=: nn.LSTM's numbers, which here only plain autograd gives
+    (nn.LSTM's packed kernels fail under torch.func: "Cannot access data pointer"). auto had sent these calls to
+    native, where they raised that error."""
+    from torch.func import functional_call, grad, jacrev
+
+    torch.manual_seed(0)
+    reference = nn.LSTM(3, 4).double()
+    model = fastlstm.LSTM(3, 4, backend=backend).double()
+    model.load_state_dict(reference.state_dict())
+    x, lengths = torch.randn(5, 2, 3, dtype=torch.float64), torch.tensor([5, 3])
+
+    def loss(m, p, t, kind):
+        args = (pack_padded_sequence(t, lengths),) if kind == "packed" else (t,)
+        _, (h, c) = functional_call(m, p, args, {} if kind == "packed" else {"lengths": lengths})
+        return h.square().sum() + c.sin().sum()
+
+    params = dict(reference.named_parameters())
+    step = torch.autograd.grad(loss(reference, params, x, "packed"), list(params.values()), create_graph=True)
+    after = {name: p - 0.1 * s for (name, p), s in zip(params.items(), step)}
+    expected = torch.autograd.grad(loss(reference, after, x, "packed"), list(params.values()))
+    for kind in ("packed", "lengths"):
+        params = dict(model.named_parameters())
+        step = grad(lambda p: loss(model, p, x, kind))(params)  # noqa: B023
+        after = {name: p - 0.1 * step[name] for name, p in params.items()}
+        got = torch.autograd.grad(loss(model, after, x, kind), list(params.values()))
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10, msg=kind)
+    frozen = {name: p.detach() for name, p in reference.named_parameters()}
+    expected = torch.autograd.functional.hessian(lambda t: loss(reference, frozen, t, "packed"), x)
+    got = jacrev(jacrev(lambda t: loss(model, frozen, t, "lengths")))(x)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "lengths"])
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_backward_through_vmap_matches_a_loop(backend, packed):
