@@ -96,6 +96,8 @@ def convert(model: nn.Module, to: str = "fastlstm", backend: str | None = None) 
 
     def swap(module: nn.Module) -> nn.Module:
         if id(module) not in swapped:
+            # its own children first (an LSTM holding an LSTM): the rebuilt layer takes a copy of its _modules
+            swap_children(module)
             new = rebuilt_as(module, _TARGETS[to])
             rebind_load_pre_hooks(new, module)
             if to == "fastlstm":
@@ -103,12 +105,16 @@ def convert(model: nn.Module, to: str = "fastlstm", backend: str | None = None) 
             swapped[id(module)] = new
         return swapped[id(module)]
 
-    compiled = _compiled_layers(model)
-    if _is_source(model, to, compiled):
-        return swap(model)
-    for parent in list(model.modules()):
+    def swap_children(parent: nn.Module) -> None:
         # _modules itself, not named_children(): that names a module held under two names only once
         for name, child in list(parent._modules.items()):
             if child is not None and _is_source(child, to, compiled):
                 setattr(parent, name, swap(child))
+
+    compiled = _compiled_layers(model)
+    if _is_source(model, to, compiled):
+        return swap(model)
+    for parent in list(model.modules()):
+        if id(parent) not in swapped:  # a replaced layer's children were swapped before it was rebuilt
+            swap_children(parent)
     return model

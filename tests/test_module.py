@@ -242,6 +242,24 @@ def test_convert_keeps_a_layer_used_in_several_places_one_layer():
     assert type(layers[0]) is nn.LSTM and all(layer is layers[0] for layer in layers)
 
 
+@pytest.mark.parametrize("root", [False, True], ids=["inside-a-model", "the-model"])
+def test_convert_reaches_an_lstm_held_by_an_lstm(root):
+    """An nn.LSTM that another nn.LSTM holds as a child (as any module may), also where that one is shared or is the
+    model itself: converted with it both ways, the outer layer holding the converted inner one. The outer layer had
+    been rebuilt from its children as they were, and the inner one swapped in the layer it replaced."""
+    outer, other = nn.LSTM(I, H), nn.LSTM(I, H)
+    outer.inner = nn.LSTM(I, H)
+    outer.inner.deeper = other
+    model = outer if root else nn.Sequential(outer, nn.ModuleList([other, outer]))
+    for to, cls in (("fastlstm", fastlstm.LSTM), ("torch", nn.LSTM)):
+        model = fastlstm.convert(model, to=to)
+        outer = model if root else model[0]
+        layers = [m for m in model.modules() if isinstance(m, (nn.LSTM, fastlstm.LSTM))]
+        assert len(layers) == 3 and all(type(m) is cls for m in layers), [type(m) for m in layers]
+        if not root:
+            assert model[1][1] is outer and model[1][0] is outer.inner.deeper
+
+
 @pytest.mark.parametrize("to", ["fastlstm", "torch"])
 def test_hook_handles_taken_before_convert_still_remove_their_hooks(to):
     """A hook's handle taken before fastlstm.convert removes the hook from the converted layer, as the hooks are
