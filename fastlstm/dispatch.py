@@ -972,11 +972,11 @@ def _native_cannot_run(call: LayerCall) -> str | None:
     """
     if call.vmapped:
         return "torch.vmap: nn.LSTM's kernels have no batching rule"
-    if call.packed and call.func_grad:
-        return "torch.func with packed input: nn.LSTM's packed kernels read the data of the transform's tensors"
     atens_loop = call.device_type == "cpu" and not call.packed and (call.dtype == torch.float64 or call.proj_size)
     if call.forward_ad and not atens_loop:
         return "forward-mode AD: nn.LSTM's kernels have no forward-mode derivative here (oneDNN's, cuDNN's, packed)"
+    if call.packed and call.func_grad:
+        return "torch.func with packed input: nn.LSTM's packed kernels read the data of the transform's tensors"
     if _onednn_bf16_grads_wrong(call):
         return (
             "nn.LSTM's oneDNN bfloat16 backward gives wrong gradients on this CPU (AMX) at hidden >= 1024 in "
