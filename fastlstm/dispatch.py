@@ -968,7 +968,8 @@ def _native_cannot_run(call: LayerCall) -> str | None:
     loop, but the call does not tell the two apart: the reference loop serves both), and elsewhere which path
     nn.LSTM takes is its own business, so every other forward-mode call counts. Packed input fails under torch.func's
     grad, vjp and jacrev too, float32 and float64, whatever needs the gradient (the same error, torch 2.13): auto had
-    sent such calls whose gradients are differentiated again (MAML's inner step, jacrev(jacrev(f))) there.
+    sent such calls whose gradients are differentiated again (MAML's inner step, jacrev(jacrev(f))) there. A
+    compiled CPU training call on oneDNN's LSTM fails to compile its backward (native.compiled_backward_fails).
     """
     if call.vmapped:
         return "torch.vmap: nn.LSTM's kernels have no batching rule"
@@ -977,6 +978,10 @@ def _native_cannot_run(call: LayerCall) -> str | None:
         return "forward-mode AD: nn.LSTM's kernels have no forward-mode derivative here (oneDNN's, cuDNN's, packed)"
     if call.packed and call.func_grad:
         return "torch.func with packed input: nn.LSTM's packed kernels read the data of the transform's tensors"
+    if call.onednn and native.compiled_backward_fails(
+        call.device_type, call.dtype, call.needs_grad, call.packed, bool(call.proj_size)
+    ):
+        return native.COMPILED_BACKWARD_FAILS
     if _onednn_bf16_grads_wrong(call):
         return (
             "nn.LSTM's oneDNN bfloat16 backward gives wrong gradients on this CPU (AMX) at hidden >= 1024 in "

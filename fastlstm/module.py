@@ -17,8 +17,10 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastlstm import backends, dispatch, reference
-from fastlstm.backends import LayerCall, host_to_device
+from fastlstm.backends import BackendUnavailableError, LayerCall, host_to_device
 from fastlstm.backends.native import (
+    COMPILED_BACKWARD_FAILS,
+    compiled_backward_fails,
     onednn_enabled,
     onednn_lstm_available,
     onednn_off,
@@ -1394,6 +1396,10 @@ class LSTM(nn.RNNBase):
         """Exactly nn.LSTM's call: the whole stack in one torch._VF.lstm (cuDNN / oneDNN / ATen); with oneDNN off
         where it cannot run the call under autocast (see _autocast_dtypes), or would compute it wrong (see
         onednn_training_miscomputes). weights: _weights_as_built()'s list, where the caller knows it."""
+        dtype = amp.dtypes[0] if amp is not None else input.dtype
+        needs_grad = self._needs_grad(input, hx)
+        if compiled_backward_fails(input.device.type, dtype, needs_grad, batch_sizes is not None, self.proj_size > 0):
+            raise BackendUnavailableError(f"fastlstm: nn.LSTM's path cannot serve this call: {COMPILED_BACKWARD_FAILS}")
         miscomputes = onednn_training_miscomputes(input, batch_sizes is not None, self.proj_size > 0)
         if _compiling_a_backward():
             hx = _state_copy(*hx)  # compiled, aten::lstm's decomposition reads each layer's state as a view of hx

@@ -301,6 +301,39 @@ def test_compile_trains_where_auto_gives_the_call_to_native(monkeypatch):
 
 
 @needs_tracing
+def test_compile_trains_where_cpp_cannot_be_built(monkeypatch):
+    """Without a C++ compiler, auto runs CPU calls on native, whose oneDNN LSTM (float32, bfloat16) breaks a compiled
+    backward (aot_eager: an AssertionError in save_from_forward): compiled training calls take the reference loop,
+    which compiles, to eager's numbers. A forced native raises BackendUnavailableError there, not torch's error in
+    AOTAutograd."""
+    from fastlstm import dispatch
+    from fastlstm.backends import cpu
+    from fastlstm.module import forget_plans
+
+    monkeypatch.setattr(cpu.BACKEND, "unavailable_reason", lambda: "a stand-in: no compiler")
+    monkeypatch.setattr(dispatch, "_warn_once", lambda *args, **kwargs: None)
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(6, 8, 2, batch_first=True, bidirectional=True)
+    compiled_model = fastlstm.LSTM(6, 8, 2, batch_first=True, bidirectional=True)
+    compiled_model.load_state_dict(model.state_dict())
+    x = torch.randn(3, 5, 6)
+    forget_plans()
+    assert fastlstm.explain(model, x).backends == ["native"] * 4
+    eager = model(x)
+    _loss((eager[0], *eager[1])).backward()
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")(x)
+    _loss((compiled[0], *compiled[1])).backward()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
+    forced = fastlstm.LSTM(6, 8, backend="native")
+    # dynamo hands the error on inside its own under fullgraph=True (torch 2.13: Unsupported, "Observed exception")
+    with pytest.raises(Exception, match="does not compile its backward"):
+        torch.compile(forced, fullgraph=True, backend="aot_eager")(x)
+    forget_plans()
+
+
+@needs_tracing
 @pytest.mark.parametrize("how", ["parametrization", "functional_call"])
 def test_compile_fullgraph_with_weights_read_afresh(how):
     """A parametrized weight, or functional_call's, makes the module read its weights afresh inside the compiled

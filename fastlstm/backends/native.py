@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastlstm import reference
-from fastlstm.backends import Backend, LayerResult, host_to_device, outside_stacklevel
+from fastlstm.backends import Backend, LayerResult, exporting, host_to_device, outside_stacklevel
 
 # cuDNN's warning when an RNN's weights are not one flat buffer tells the user to call flatten_parameters(),
 # which does nothing for a layer's weights passed as they are here (a mixed plan's layer, triton's self-test; in
@@ -211,6 +211,25 @@ def _warn_once_about_openmp() -> None:
 def onednn_safe(x: Tensor, packed: bool, projected: bool):
     """A context for a native LSTM call on x: oneDNN off where it would compute the call wrong."""
     return onednn_off() if onednn_training_miscomputes(x, packed, projected) else contextlib.nullcontext()
+
+
+COMPILED_BACKWARD_FAILS = (
+    "torch.compile of a CPU call that needs gradients: nn.LSTM's oneDNN LSTM (float32, bfloat16) does not compile "
+    "its backward (backend 'auto', 'cpp' or 'reference' does)"
+)
+
+
+def compiled_backward_fails(device_type: str, dtype: torch.dtype, needs_grad: bool, packed: bool, projected: bool):
+    """Whether torch.compile is tracing a CPU call whose backward it cannot compile on nn.LSTM's path. oneDNN's fused
+    LSTM (float32 and bfloat16, neither packed nor projected) breaks it: aot_eager fails in save_from_forward
+    ("expected all tensors_saved_with_vc_check to be Tensors"), inductor on the op ("expected Tensor() for op:
+    aten.mkldnn_rnn_layer"; torch 2.13), where nn.LSTM itself breaks the graph and runs eagerly; ATen's loop
+    compiles, but oneDNN's switch cannot be turned off inside a graph (dynamo refuses it under fullgraph=True).
+    `auto` sends compiled CPU calls to cpp, and to the reference loop where cpp cannot be built (no compiler);
+    `backend="native"` raises COMPILED_BACKWARD_FAILS. torch.export traces with oneDNN off."""
+    if device_type != "cpu" or not needs_grad or packed or projected:
+        return False
+    return dtype in (torch.float32, torch.bfloat16) and torch.compiler.is_compiling() and not exporting()
 
 
 class NativeBackend(Backend):
