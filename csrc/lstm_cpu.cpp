@@ -1285,9 +1285,9 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
   }
   if (!weights) return;
   weight_grad<scalar_t>(dg2, x.view({TB, I}), dw_ih);
-  if (!(reverse && packed)) {
+  if (!packed) {
     // Every row's first step is the same step (0, or T-1 in reverse), where h_prev is h0; elsewhere it is y of
-    // the previous step (rows not live at a step have zero dgates, so whatever y holds there does not count).
+    // the previous step.
     const int64_t first = reverse ? T - 1 : 0;
     if (T == 1) {
       at::mm_out(dw_hh, dgates[first].t(), h0);
@@ -1299,7 +1299,9 @@ void backward_impl(const Dims& d, const Tensor& grad_y, const Tensor& x, const T
     dw_hh.addmm_(dgates[first].t(), h0);
     return;
   }
-  // Packed reverse: rows start at different steps.
+  // Packed: in reverse, rows start at different steps. In either direction a row that has ended still has y of
+  // its last step before the next step, where its dgates are zero: y's NaN or inf there would make 0 * NaN terms
+  // that nn.LSTM's packed loop never forms (previous_h zeroes them).
   weight_grad<scalar_t>(dg2, previous_h<scalar_t>(y, h0, live, reverse).view({TB, P}), dw_hh);
 }
 

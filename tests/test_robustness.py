@@ -30,6 +30,25 @@ def test_non_finite_input_propagates_as_in_nn_lstm(backend, bad):
     assert torch.isfinite(y[:, 0]).all() and torch.isfinite(y[:, 2]).all()  # other sequences untouched
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_non_finite_state_of_a_sequence_that_ends_spreads_as_in_nn_lstm(backend, bad):
+    """A pack whose shorter sequence starts from a NaN or inf c0: its last output is non-finite, and the steps after
+    its end must not multiply it by their zero gate gradients (0 * NaN) into dW_hh, which nn.LSTM's packed loop
+    never does (cpp had, forward direction: a whole column of dW_hh NaN)."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    ref, fast = make_pair(2, 3, 1, bidirectional=True, backend=backend)
+    x = torch.randn(3, 2, 2, dtype=torch.float64)
+    h0, c0 = torch.zeros(2, 2, 3, dtype=torch.float64), torch.zeros(2, 2, 3, dtype=torch.float64)
+    c0[:, 1, 0] = bad  # the sequence of length 1, both directions
+    for model in (ref, fast):
+        y, (h, c) = model(pack_padded_sequence(x, torch.tensor([3, 1])), (h0, c0))
+        y.data.sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-9, rtol=1e-7, equal_nan=True, msg=name)
+
+
 @pytest.mark.parametrize("backend", fast_cpu_backends())
 @pytest.mark.parametrize("gate", ["input", "cell"])
 def test_saturated_gates_derivatives_within_an_ulp_of_one(gate, backend):

@@ -491,7 +491,7 @@ def test_opcheck_backward(case, kernel):
         torch.ops.fastlstm.triton_backward_rows.default,
         bwd_args,
         x,
-        h_prev=lambda rows: triton_ops.previous_h(hs, rev),
+        h_prev=lambda rows: triton_ops.previous_h(hs, rev, bs),
     )
 
 

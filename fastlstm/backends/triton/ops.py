@@ -463,7 +463,7 @@ def backward_impl(
     T, B, I = x.shape
     dg2 = dg.reshape(T * B, -1)
     dw_ih = dg2.t() @ x.reshape(T * B, I)
-    dw_hh = dg2.t() @ previous_h(hs, reverse).reshape(T * B, -1)
+    dw_hh = dg2.t() @ previous_h(hs, reverse, batch_sizes).reshape(T * B, -1)
     db = dg2.sum(0, dtype=_compute_dtype(x.dtype)).to(x.dtype) if has_bias else x.new_empty(0)
     dw_hr = dhy.reshape(T * B, -1).t() @ r.reshape(T * B, -1) if w_hr is not None else x.new_empty(0)
     return dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr
@@ -486,10 +486,16 @@ def project_inputs(x: Tensor, w_ih: Tensor, b: Tensor | None) -> Tensor:
     return out
 
 
-def previous_h(hs: Tensor, reverse: bool) -> Tensor:
+def previous_h(hs: Tensor, reverse: bool, batch_sizes: Tensor | None) -> Tensor:
     """The state each step read, [T, B, P] from the forward's h history hs [T+1, B, P]: slots 0..T-1 forward,
-    1..T reverse, aligned with dgates in time order."""
-    return hs[1:] if reverse else hs[:-1]
+    1..T reverse, aligned with dgates in time order; zero at rows not live at a step (packed). There hs holds the
+    state a row carries past its end (or h0 before its start, in reverse) and dgates are zero: a NaN in it would
+    make 0 * NaN terms of dw_hh that nn.LSTM's packed loop never forms."""
+    h_prev = hs[1:] if reverse else hs[:-1]
+    if batch_sizes is None:
+        return h_prev
+    live = torch.arange(h_prev.shape[1], device="cpu")[None, :] < batch_sizes[:, None]
+    return h_prev.masked_fill(~host_to_device(live, h_prev.device)[..., None], 0)
 
 
 class BackwardBuffers(NamedTuple):
@@ -871,7 +877,7 @@ def _backward_vmap(info, in_dims, *args):
         grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, folded_sizes, acts, hs, cs, r, reverse, kernel, input_grad
     )
     proj_rows = (dhy, r) if w_hr is not None else None
-    h_prev = previous_h(hs, reverse)
+    h_prev = previous_h(hs, reverse, folded_sizes)
     return per_sample_layer_grads(samples, dx, dh0, dc0, dg, x, h_prev, has_bias, proj_rows, input_grad)
 
 
