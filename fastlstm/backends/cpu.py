@@ -314,7 +314,9 @@ def _check_compiler() -> None:
     try:
         proc = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as error:
-        raise _CompilerError(f"cannot run the C++ compiler {compiler!r}: {error}") from error
+        raise _CompilerError(
+            f"cannot run the C++ compiler {compiler!r}: {error} (install one, or set FASTLSTM_CXX or CXX to one)"
+        ) from error
     if proc.returncode != 0:
         raise _CompilerError(
             f"the C++ compiler {compiler!r} fails (`{compiler} --version` exited {proc.returncode}): "
