@@ -1395,11 +1395,13 @@ class LSTM(nn.RNNBase):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Exactly nn.LSTM's call: the whole stack in one torch._VF.lstm (cuDNN / oneDNN / ATen); with oneDNN off
         where it cannot run the call under autocast (see _autocast_dtypes), or would compute it wrong (see
-        onednn_training_miscomputes). weights: _weights_as_built()'s list, where the caller knows it."""
-        dtype = amp.dtypes[0] if amp is not None else input.dtype
-        needs_grad = self._needs_grad(input, hx)
-        if compiled_backward_fails(input.device.type, dtype, needs_grad, batch_sizes is not None, self.proj_size > 0):
-            raise BackendUnavailableError(f"fastlstm: nn.LSTM's path cannot serve this call: {COMPILED_BACKWARD_FAILS}")
+        onednn_training_miscomputes). weights: _weights_as_built()'s list, where the caller knows it. Raises
+        BackendUnavailableError for a compiled call whose backward oneDNN's LSTM would break (a forced native)."""
+        if torch.compiler.is_compiling():
+            dtype = amp.dtypes[0] if amp is not None else input.dtype
+            needs_grad, packed = self._needs_grad(input, hx), batch_sizes is not None
+            if compiled_backward_fails(input.device.type, dtype, needs_grad, packed, self.proj_size > 0):
+                raise BackendUnavailableError(f"fastlstm: nn.LSTM's path cannot serve it: {COMPILED_BACKWARD_FAILS}")
         miscomputes = onednn_training_miscomputes(input, batch_sizes is not None, self.proj_size > 0)
         if _compiling_a_backward():
             hx = _state_copy(*hx)  # compiled, aten::lstm's decomposition reads each layer's state as a view of hx
