@@ -163,6 +163,36 @@ def test_compiled_training_takes_new_batch_sizes_and_lengths_without_recompiling
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+@needs_tracing
+def test_compiled_training_with_dynamic_shapes_under_cpu_autocast():
+    """dynamic=True under CPU bfloat16 autocast: the autocast probe's arguments had held the input's symbolic
+    emptiness, which dynamo refused ("assume_constant_result argument conversion failed"). One graph for two
+    shapes, eager's dtypes and numbers to bfloat16's rounding."""
+    from torch._dynamo.utils import counters
+
+    torch.compiler.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(6, 8)
+    eager = fastlstm.LSTM(6, 8)
+    eager.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    for T, B in [(5, 3), (9, 4)]:
+        x = torch.randn(T, B, 6)
+        model.zero_grad(), eager.zero_grad()
+        outs = []
+        for run in (compiled, eager):
+            with torch.autocast("cpu", torch.bfloat16):
+                y, (h, c) = run(x)
+            (y.float().square().sum() + h.float().sum() + c.float().sum()).backward()
+            outs.append((y, h, c))
+        assert [t.dtype for t in outs[0]] == [t.dtype for t in outs[1]]
+        torch.testing.assert_close(outs[0], outs[1], atol=2e-2, rtol=2e-2)
+        for (name, p), q in zip(eager.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, atol=5e-2, rtol=5e-2, msg=f"{name}, T{T} B{B}")
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_methods_forward_calls_are_defined_in_fastlstm():
     """Dynamo before torch 2.8 stops at a module method whose function lives in torch.nn (fastlstm.module's
     _own_method): the nn.LSTM checks forward calls go through functions of fastlstm's own. Checked on every torch,
