@@ -1231,7 +1231,7 @@ class LSTM(nn.RNNBase):
             reason = "a PackedSequence whose batch sizes grow or are not [T] (built by hand): nn.LSTM's kernels decide"
             return dispatch.own_call_only(requested, self.num_layers * self._num_directions, reason)
         if amp is not None and amp.own_call:
-            reason = "torch.export under autocast: the program holds nn.LSTM's call, whose dtypes autocast decides"
+            reason = "torch.export or jit.trace under autocast: the program holds nn.LSTM's call, dtypes autocast's"
             return dispatch.own_call_only(requested, self.num_layers * self._num_directions, reason)
         if traced:
             return _plan_for.__wrapped__(requested, shape)
@@ -1468,10 +1468,12 @@ class LSTM(nn.RNNBase):
         autocast = _autocast_key(device_type)
         if not autocast:
             return None
-        if backends.exporting():
+        if backends.exporting() or torch.jit.is_tracing():
             # torch.export traces with oneDNN off (torch 2.13): dtypes read here would be its ATen path's (float32
             # under CPU bfloat16 autocast), baked into the program, where nn.LSTM's program holds aten::lstm, whose
-            # dtypes autocast and the path it takes decide when it runs; and the probe would be recorded too
+            # dtypes autocast and the path it takes decide when it runs; and the probe would be recorded too. A
+            # TorchScript trace the same; there a probe that failed (oneDNN's float16 LSTM on an AVX512-FP16 Xeon)
+            # left torch's tracer to crash the process later (SIGSEGV, torch 2.13), where nn.LSTM's call raises
             return _Autocast((input.dtype,) * 3, own_call=True)
         # ATen takes another path for packed input whose batch sizes vary, with other dtypes
         varying = batch_sizes is not None and int(batch_sizes[0]) != int(batch_sizes[-1])

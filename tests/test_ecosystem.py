@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import textwrap
@@ -20,6 +21,7 @@ from helpers import (
     needs_readable_transform_tensors,
     needs_tracing,
     nn_lstm_under_cpu_autocast,
+    run_python,
 )
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
@@ -1524,6 +1526,53 @@ def test_torchscript_trace_records_aten_lstm(backend):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     if backend != "auto":
         assert fastlstm.explain(model.lstm, torch.randn(3, 5, 6)).backends[0] == backend
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_torchscript_trace_under_cpu_autocast_gives_nn_lstms_outcome(dtype):
+    """torch.jit.trace of a model that calls the layer under CPU autocast: the trace holds nn.LSTM's call, with
+    nn.LSTM's dtypes and numbers, or nn.LSTM's error where its oneDNN path fails the call (float16 on an
+    AVX512-FP16 Xeon, torch 2.13). There fastlstm's autocast probe had failed inside the trace, and torch's tracer
+    then ended the process (SIGSEGV): in a process of its own."""
+    code = textwrap.dedent(
+        f"""
+        import json, warnings, torch, fastlstm
+        from torch import nn
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        ref = nn.LSTM(4, 6)
+        fast = fastlstm.LSTM(4, 6)
+        fast.load_state_dict(ref.state_dict())
+
+        class Model(nn.Module):
+            def __init__(self, lstm):
+                super().__init__()
+                self.lstm = lstm
+
+            def forward(self, x):
+                with torch.autocast("cpu", torch.{dtype}):
+                    return self.lstm(x)
+
+        x = torch.randn(5, 3, 4)
+        outcomes = []
+        for lstm in (ref, fast):
+            try:
+                traced = torch.jit.trace(Model(lstm), (x,), check_trace=False)
+                y, (h, c) = traced(torch.randn(7, 2, 4, generator=torch.Generator().manual_seed(1)))
+                outcomes.append([str(t.dtype) for t in (y, h, c)] + [y.float().sum().item()])
+            except RuntimeError as error:
+                outcomes.append(type(error).__name__)
+        print(json.dumps(outcomes))
+        """
+    )
+    proc = run_python("-c", code, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    native, fast = json.loads(proc.stdout.strip().splitlines()[-1])
+    if isinstance(native, str):
+        assert fast == native
+    else:
+        assert fast[:3] == native[:3]
+        assert fast[3] == pytest.approx(native[3], rel=1e-2, abs=1e-2)
 
 
 @pytest.mark.parametrize("call", ["packed", "lengths"])
