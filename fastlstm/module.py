@@ -286,8 +286,11 @@ def _probed_autocast_dtypes(key: tuple) -> _Autocast:
     flags = (call.bias, call.num_layers, 0.0, False, call.bidirectional)
 
     def probe() -> tuple[torch.dtype, ...]:
-        # nothing here requires grad, so no graph is recorded
-        with torch.autocast(device_type, dtype=autocast_dtype), torch.set_grad_enabled(grad):
+        # nothing here requires grad, so no graph is recorded; and outside torch.func's transforms, under which
+        # nn.LSTM's packed kernels fail ("Cannot access data pointer of Tensor that doesn't have storage": grad of
+        # a lengths= call under autocast), though the tensors are the probe's own
+        outside_transforms = torch._C._DisableFuncTorch()
+        with outside_transforms, torch.autocast(device_type, dtype=autocast_dtype), torch.set_grad_enabled(grad):
             if not call.packed:
                 out = probe_lstm(x[None], state, weights, *flags, False)
             else:

@@ -921,6 +921,31 @@ def test_per_sample_gradients_with_vmap_of_grad(backend, lengths, monkeypatch):
             torch.testing.assert_close(got[name][i], p.grad, atol=1e-12, rtol=1e-10, msg=f"sample {i} {name}")
 
 
+@pytest.mark.parametrize("call", ["packed", "lengths"])
+def test_torch_func_grad_of_packed_input_under_cpu_autocast(call):
+    """torch.func.grad of a packed or lengths= call under CPU bfloat16 autocast: fastlstm's probe of nn.LSTM's dtypes
+    had run nn.LSTM's packed kernel inside the transform, which fails there ("Cannot access data pointer of Tensor
+    that doesn't have storage"). The probe runs outside it: autograd's gradients of the same call."""
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(4, 6)
+    x, lengths = torch.randn(5, 3, 4), torch.tensor([5, 3, 4])
+
+    def loss(params):
+        with torch.autocast("cpu", torch.bfloat16):
+            if call == "lengths":
+                y, (h, c) = torch.func.functional_call(model, params, (x,), {"lengths": lengths})
+            else:
+                pack = pack_padded_sequence(x, lengths, enforce_sorted=False)
+                y, (h, c) = torch.func.functional_call(model, params, (pack,))
+                y = y.data
+        return y.float().square().sum() + h.float().sum()
+
+    got = torch.func.grad(loss)({name: p.detach() for name, p in model.named_parameters()})
+    loss(dict(model.named_parameters())).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, atol=2e-2, rtol=2e-2, msg=name)
+
+
 def test_per_sample_gradients_keep_cudnns_weight_buffer_out(monkeypatch):
     """On CUDA nn.RNNBase.flatten_parameters reads every weight's data pointer, and functional_call's weights under
     vmap of grad have none ("Cannot access data pointer of Tensor that doesn't have storage": every per-sample
