@@ -978,9 +978,7 @@ def _native_cannot_run(call: LayerCall) -> str | None:
         return "forward-mode AD: nn.LSTM's kernels have no forward-mode derivative here (oneDNN's, cuDNN's, packed)"
     if call.packed and call.func_grad:
         return "torch.func with packed input: nn.LSTM's packed kernels read the data of the transform's tensors"
-    if call.onednn and native.compiled_backward_fails(
-        call.device_type, call.dtype, call.needs_grad, call.packed, bool(call.proj_size)
-    ):
+    if native.compiled_backward_fails(call.device_type, call.dtype, call.needs_grad, call.packed, bool(call.proj_size)):
         return native.COMPILED_BACKWARD_FAILS
     if _onednn_bf16_grads_wrong(call):
         return (

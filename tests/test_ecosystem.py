@@ -343,7 +343,7 @@ def test_compile_trains_where_cpp_cannot_be_built(monkeypatch):
     """Without a C++ compiler, auto runs CPU calls on native, whose oneDNN LSTM (float32, bfloat16) breaks a compiled
     backward (aot_eager: an AssertionError in save_from_forward): compiled training calls take the reference loop,
     which compiles, to eager's numbers. A forced native raises BackendUnavailableError there, not torch's error in
-    AOTAutograd."""
+    AOTAutograd, and compiles where the program switched oneDNN off."""
     from fastlstm import dispatch
     from fastlstm.backends import cpu
     from fastlstm.module import forget_plans
@@ -357,6 +357,10 @@ def test_compile_trains_where_cpp_cannot_be_built(monkeypatch):
     # dynamo hands the error on inside its own under fullgraph=True (torch 2.13: Unsupported, "Observed exception")
     with pytest.raises(Exception, match="does not compile its backward"):
         torch.compile(forced, fullgraph=True, backend="aot_eager")(x)
+    torch.compiler.reset()
+    with torch.backends.mkldnn.flags(enabled=False):  # nn.LSTM's ATen loop, which compiles: no refusal
+        compiled = torch.compile(forced, fullgraph=True, backend="aot_eager")(x)
+        torch.testing.assert_close(compiled, forced(x), atol=1e-6, rtol=1e-6)
     forget_plans()
 
 

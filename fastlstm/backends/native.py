@@ -16,7 +16,14 @@ import torch
 from torch import Tensor
 
 from fastlstm import reference
-from fastlstm.backends import Backend, LayerResult, exporting, host_to_device, outside_stacklevel
+from fastlstm.backends import (
+    Backend,
+    LayerResult,
+    constant_under_compile,
+    exporting,
+    host_to_device,
+    outside_stacklevel,
+)
 
 # cuDNN's warning when an RNN's weights are not one flat buffer tells the user to call flatten_parameters(),
 # which does nothing for a layer's weights passed as they are here (a mixed plan's layer, triton's self-test; in
@@ -227,9 +234,14 @@ def compiled_backward_fails(device_type: str, dtype: torch.dtype, needs_grad: bo
     compiles, but oneDNN's switch cannot be turned off inside a graph (dynamo refuses it under fullgraph=True).
     `auto` sends compiled CPU calls to cpp, and to the reference loop where cpp cannot be built (no compiler);
     `backend="native"` raises COMPILED_BACKWARD_FAILS. torch.export traces with oneDNN off."""
-    if device_type != "cpu" or not needs_grad or packed or projected:
+    if device_type != "cpu" or not needs_grad or packed or projected or dtype not in (torch.float32, torch.bfloat16):
         return False
-    return dtype in (torch.float32, torch.bfloat16) and torch.compiler.is_compiling() and not exporting()
+    return torch.compiler.is_compiling() and not exporting() and _onednn_lstm_available_to_a_trace()
+
+
+@constant_under_compile  # dynamo cannot trace the switch's read; a program's setting holds for its graphs
+def _onednn_lstm_available_to_a_trace() -> bool:
+    return onednn_lstm_available()
 
 
 class NativeBackend(Backend):
