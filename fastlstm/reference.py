@@ -72,14 +72,16 @@ def lstm_layer(
     x_steps = x_proj.unbind(0)
     live = live_rows(batch_sizes, T, B)
     h, c = h0, c0
-    outputs: list[Tensor] = [x.new_empty(0)] * T
+    # Appended in the order computed, not set by index into [None] * T: under torch.compile with a sequence length
+    # made dynamic (a second length), torch 2.11's dynamo refuses a list's __setitem__ there (fullgraph=True failed)
+    outputs: list[Tensor] = []
     for t in reversed(range(T)) if reverse else range(T):
         n = live[t]
         # Rows past n are finished (forward) or not started yet (reverse): they keep their state,
         # which in the reverse direction is still h0/c0 when they become live.
         gates = x_steps[t][:n] + h[:n] @ w_hh.t()
         h_live, c_live = lstm_cell(gates, c[:n], w_hr)
-        outputs[t] = torch.cat([h_live, h_live.new_zeros(B - n, h_live.shape[1])]) if n < B else h_live
+        outputs.append(torch.cat([h_live, h_live.new_zeros(B - n, h_live.shape[1])]) if n < B else h_live)
         h = torch.cat([h_live, h[n:]]) if n < B else h_live
         c = torch.cat([c_live, c[n:]]) if n < B else c_live
-    return torch.stack(outputs), h, c
+    return torch.stack(outputs[::-1] if reverse else outputs), h, c
