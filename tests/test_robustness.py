@@ -33,9 +33,10 @@ def test_non_finite_input_propagates_as_in_nn_lstm(backend, bad):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_a_non_finite_state_of_a_sequence_that_ends_spreads_as_in_nn_lstm(backend, bad):
-    """A pack whose shorter sequence starts from a NaN or inf c0: its last output is non-finite, and the steps after
-    its end must not multiply it by their zero gate gradients (0 * NaN) into dW_hh, which nn.LSTM's packed loop
-    never does (cpp had, forward direction: a whole column of dW_hh NaN)."""
+    """A pack whose shorter sequence starts from a NaN c0: its last output is NaN, and the steps after its end must
+    not multiply it by their zero gate gradients (0 * NaN) into dW_hh, which nn.LSTM's packed loop never does (cpp
+    and triton had, forward direction: a whole column of dW_hh NaN). An inf c0 leaves the output finite (tanh):
+    nn.LSTM's numbers all the same."""
     from torch.nn.utils.rnn import pack_padded_sequence
 
     ref, fast = make_pair(2, 3, 1, bidirectional=True, backend=backend)
