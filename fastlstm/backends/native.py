@@ -49,11 +49,16 @@ def probe_lstm(*args):
     return torch._VF.lstm(*args)
 
 
+def live_mask(batch_sizes: Tensor, B: int) -> Tensor:
+    """[T, B] on the CPU: whether row r of a padded, time-major batch is live (within its sequence) at step t."""
+    return torch.arange(B, device="cpu")[None, :] < batch_sizes[:, None]
+
+
 def packed_rows(batch_sizes: Tensor, device: torch.device) -> Tensor:
     """Where each packed element lies among the T * B rows of its padded, time-major batch, in PackedSequence.data
     order. One index into rows: index_copy and index_select over it ran 2-3x faster than advanced indexing with
     (time, row) pairs (2-core Zen 4, pad and unpad of T50 x B64 x 64 floats: 105 us against 222)."""
-    live = torch.arange(int(batch_sizes[0]), device="cpu")[None, :] < batch_sizes[:, None]
+    live = live_mask(batch_sizes, int(batch_sizes[0]))
     return host_to_device(live.view(-1).nonzero().squeeze(1), device)
 
 
@@ -79,7 +84,7 @@ def pack_padded(padded: Tensor, rows: Tensor) -> Tensor:
 def lengths_from_batch_sizes(batch_sizes: Tensor) -> Tensor:
     """Per-row sequence lengths [B] from packed batch sizes [T]."""
     B = int(batch_sizes[0])
-    return (torch.arange(B, device="cpu")[None, :] < batch_sizes[:, None]).sum(0)
+    return live_mask(batch_sizes, B).sum(0)
 
 
 def flip_time(x: Tensor, lengths: Tensor | None) -> Tensor:
@@ -112,6 +117,7 @@ def onednn_enabled() -> bool:
 ONEDNN_BUILT = torch.backends.mkldnn.is_available()  # read once: a call's key reads onednn_lstm_available
 
 
+@constant_under_compile  # dynamo cannot trace the switch's read; a program's setting holds for its graphs
 def onednn_lstm_available() -> bool:
     """Whether nn.LSTM's CPU calls can take oneDNN's fused LSTM: torch built with oneDNN, and the program has not
     switched it off (`torch.backends.mkldnn.enabled = False`, or its `flags()` block). Without it they run ATen's
@@ -236,12 +242,7 @@ def compiled_backward_fails(device_type: str, dtype: torch.dtype, needs_grad: bo
     `backend="native"` raises COMPILED_BACKWARD_FAILS. torch.export traces with oneDNN off."""
     if device_type != "cpu" or not needs_grad or packed or projected or dtype not in (torch.float32, torch.bfloat16):
         return False
-    return torch.compiler.is_compiling() and not exporting() and _onednn_lstm_available_to_a_trace()
-
-
-@constant_under_compile  # dynamo cannot trace the switch's read; a program's setting holds for its graphs
-def _onednn_lstm_available_to_a_trace() -> bool:
-    return onednn_lstm_available()
+    return torch.compiler.is_compiling() and not exporting() and onednn_lstm_available()
 
 
 class NativeBackend(Backend):

@@ -44,6 +44,7 @@ from fastlstm.backends import (
     vmap_per_sample,
 )
 from fastlstm.backends.native import BACKEND as NATIVE
+from fastlstm.backends.native import live_mask
 from fastlstm.backends.triton import CUDA_DTYPES, INTERPRETER_DTYPES, build_guard
 
 # triton itself (and the kernels) are imported where kernels launch: importing this module only defines the
@@ -494,8 +495,8 @@ def previous_h(hs: Tensor, reverse: bool, batch_sizes: Tensor | None) -> Tensor:
     h_prev = hs[1:] if reverse else hs[:-1]
     if batch_sizes is None:
         return h_prev
-    live = torch.arange(h_prev.shape[1], device="cpu")[None, :] < batch_sizes[:, None]
-    return h_prev.masked_fill(~host_to_device(live, h_prev.device)[..., None], 0)
+    live = host_to_device(live_mask(batch_sizes, h_prev.shape[1]), h_prev.device)
+    return h_prev.masked_fill(~live[..., None], 0)
 
 
 class BackwardBuffers(NamedTuple):
