@@ -96,10 +96,17 @@ PACKED_CONFIGS = [(True, 2, 2, True), (False, 0, 1, False), (True, 0, 3, False)]
 
 @pytest.mark.parametrize("lengths,enforce_sorted", PACKED_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize(
-    "backend,bidirectional,proj,layers,with_state",
-    [(backend, *c) for backend in BACKENDS for c in PACKED_CONFIGS if _light_for_triton(backend, c[2])],
+    "batch_first,backend,bidirectional,proj,layers,with_state",
+    # batch_first only packs the input another way (the pack is the same) and the module reads no batch_first
+    # with a pack: the other backends cover it, and the interpreter's 9 s are spared
+    [
+        (batch_first, backend, *c)
+        for batch_first in (False, True)
+        for backend in BACKENDS
+        for c in PACKED_CONFIGS
+        if _light_for_triton(backend, c[2]) and not (backend == "triton" and batch_first)
+    ],
 )
-@pytest.mark.parametrize("batch_first", [False, True])
 def test_packed(backend, lengths, enforce_sorted, bidirectional, proj, layers, with_state, batch_first):
     ref, fast = make_pair(
         I, H, layers, bidirectional=bidirectional, proj_size=proj, batch_first=batch_first, backend=backend
@@ -226,9 +233,12 @@ def test_low_precision_reference_within_twice_native_error(dtype):
     assert fast_err <= 2 * native_err + 1e-3, (fast_err, native_err)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("p", [0.4, 1.0])
+@pytest.mark.parametrize(
+    # p=1 feeds later layers zeros, which no backend tells apart from other input: not worth the interpreter's 7 s
+    "p,backend",
+    [(p, backend) for p in (0.4, 1.0) for backend in BACKENDS if not (backend == "triton" and p == 1.0)],
+)
 def test_dropout_matches_native_random_stream(backend, packed, p):
     """Training-mode dropout between layers draws the same random numbers as nn.LSTM on the CPU: outputs, states
     and every gradient (the masks scale what flows back). p=1 (nn.LSTM's constructor takes it): nothing passes
