@@ -5,7 +5,8 @@
 #   1. at once, for at most 160 s: benchmarks/gpu_grid.py --warm in 8 processes (the grid's kernels compile into
 #      triton's cache, so the grid's budget goes to timing); `pytest -m cuda tests/` (on 6 workers where
 #      pytest-xdist is there); `python -m fastlstm check --device cuda --backend triton` in bfloat16, float16 and
-#      float32. All three compile more than they time, and none of them is timed against another.
+#      float32; the C++ CPU backend's build (which `info` at the end would otherwise wait on). All of them compile
+#      more than they time, and none of them is timed against another.
 #   2. alone, on a quiet GPU: benchmarks/gpu_grid.py (triton vs nn.LSTM/cuDNN grid; 115 s budget, killed at
 #      135 s), then benchmarks/cuda_rule.py: the grid's figures as fastlstm/measured_cuda.py would hold them
 #      (dispatch's rule), and how the grid stands against issue 4's targets (in gpu_check.log)
@@ -15,7 +16,8 @@
 # printed: each shape's phases as they begin, and the stacks of a process its time limit stopped),
 # gpu_grid.json, gpu_grid.md, measured_cuda.py, pytest_cuda.log, check_cuda.txt (gpu_tune.json, gpu_tune.md)
 # and fastlstm_info.txt (`python -m fastlstm info` after the runs: which kernel configurations crashed the
-# compiler in a child process, if any did): 9 files, what the device tool brings back.
+# compiler in a child process, if any did). The device tool brings back 8 files at most: where $OUT is set,
+# gpu_tune.md goes into gpu_check.log instead of a file of its own (7 files, 8 with --tune).
 #
 #   bash benchmarks/gpu_check.sh [--tune]             # on the GPU machine (--tune: tunes in what is left of 520 s)
 #   bash benchmarks/gpu_check.sh --dry-run [--tune]   # CPU smoke test: cuda tests skip, tiny runs, TRITON_INTERPRET=1
@@ -24,6 +26,8 @@
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
+# Every step's output as it comes: a step its time limit stops keeps what it printed (a file is block-buffered)
+export PYTHONUNBUFFERED=1
 RESULTS="${OUT:-benchmarks/results}"
 mkdir -p "$RESULTS"
 # A GPU machine's image may have python3 alone.
@@ -82,6 +86,10 @@ for ((k = 0; k < warm_parts; k++)); do
     warm_pids+=($!)
 done
 
+# Built while the GPU work compiles (16 cores), not in `info`'s 30 s at the end; no test of `-m cuda` needs it
+timeout 160 "$PY" -m fastlstm build >> "$LOG" 2>&1 &
+build_pid=$!
+
 check_pid=
 if [[ $DRY_RUN -eq 0 ]]; then
     timeout 160 "$PY" -c "import faulthandler, runpy, signal, sys
@@ -95,7 +103,8 @@ fi
 # -v: each test's verdict on its own line as it ends, so that a run its time limit stops still says which passed
 pytest_args=(-m cuda tests/ -v -p no:cacheprovider -rfE --tb=short)
 if [[ $DRY_RUN -eq 0 && $has_xdist -eq 1 ]]; then pytest_args+=(-n 6); fi
-if [[ $has_timeout -eq 1 ]]; then pytest_args+=(--timeout 140); fi
+# A test's own limit ends well before the run's, so that a test that hangs late in the run still says where
+if [[ $has_timeout -eq 1 ]]; then pytest_args+=(--timeout 100); fi
 timeout 160 "$PY" -m pytest "${pytest_args[@]}" > "$RESULTS/pytest_cuda.log" 2>&1
 pytest_status=$?
 # 5: no tests collected (e.g. every cuda test deselected); not a failure of the kernels.
@@ -111,6 +120,7 @@ if [[ -n $check_pid ]]; then
     tail -n 3 "$RESULTS/check_cuda.txt"
 fi
 for pid in "${warm_pids[@]}"; do wait "$pid"; done
+wait "$build_pid" || echo "== the C++ CPU backend's build: exit $? (gpu_check.log has its output)"
 echo "compiled in $((SECONDS - start)) s: $(grep -c ': ok in ' "$LOG") shapes ok"
 
 # 2. The grid alone, on a quiet machine.
@@ -143,6 +153,9 @@ if [[ $TUNE -eq 1 ]]; then
             tee -a "$LOG"
         tune_status=${PIPESTATUS[0]}
         echo "tuning: exit $tune_status in $((SECONDS - start)) s"
+        for md in "$RESULTS/gpu_tune.md" "$RESULTS/gpu_tune_dry_run.md"; do
+            if [[ -n ${OUT:-} && -f $md ]]; then { echo "== $md"; cat "$md"; } >> "$LOG" && rm "$md"; fi
+        done
     fi
 fi
 

@@ -335,3 +335,18 @@ def test_the_grid_times_the_rows_issue_4_judges_first_and_every_row_in_both_mode
     # Within the rest, inference first: a training row that outlasts the budget leaves no inference row untimed.
     rest = [r["mode"] for r, j in zip(rows, judged) if not j]
     assert rest == sorted(rest)
+
+
+def test_collecting_the_cuda_tests_builds_nothing(tmp_path):
+    """gpu_check.sh's `pytest -m cuda tests/` imports every test module in every worker: a module that asked
+    whether cpp is available at import built the C++ extension there, 20-40 s of the step's 160 before the first
+    CUDA test, for tests it then deselected."""
+    from helpers import run_python
+
+    cache = tmp_path / "cache"
+    done = run_python(
+        "-m", "pytest", "-m", "cuda", "--co", "-q", "-p", "no:cacheprovider", "tests",
+        env=dict(os.environ, FASTLSTM_CACHE_DIR=str(cache)), timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and "tests collected" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert not cache.exists() or not any(cache.glob("cpp-*")), list(cache.iterdir())
