@@ -6,8 +6,9 @@ Ops (namespace fastlstm; fakes and autograd registered here, as the CPU backend'
     fastlstm::triton_backward_rows -> grads of x, h0, c0, and the rows the weights' are sums of (dgates; with a
         projection the gradient reaching each output h): frozen weights, per-sample weight gradients under vmap
 The backward ops take input_grad=True: without it dx is empty ([0]) and its GEMM skipped.
-All take `kernel`: "step" (one launch per time step) or "sequence" (one launch for the whole loop);
-the choice is made before the op by `choose_kernel`, so the op itself is deterministic.
+All take `kernel`: "step" (one launch per time step) or "sequence" (one launch for the whole loop), chosen
+before the op by `choose_kernel`; or "auto", which the op resolves by the same rule from its own sizes (a traced
+call's: so that a program's batch is not bound by the rule, see `layer`).
 """
 
 # No `from __future__ import annotations` here: torch 2.4's custom_op reads the ops' annotations as objects and
@@ -86,6 +87,11 @@ def choose_kernel(batch: int, hidden: int, out_size: int, dtype: torch.dtype, ke
     if kernel not in KERNELS:
         raise ValueError(f"{ENV_KERNEL} / kernel must be one of auto, step, sequence; got {kernel!r}")
     return kernel
+
+
+def _kernel_of(x: Tensor, w_hh: Tensor, kernel: str) -> str:
+    """An op's kernel: `kernel`, or for "auto" the size rule's choice at these sizes (choose_kernel)."""
+    return choose_kernel(x.shape[1], w_hh.shape[0] // 4, w_hh.shape[1], x.dtype, kernel)
 
 
 def setting_errors() -> list[str]:
@@ -685,7 +691,7 @@ def triton_forward(
     _check_dtype(x)
     # Never through graphs.py's: a compiled program calls the op, and under CUDA graph trees (mode="reduce-overhead")
     # its warm-up allocates from the trees' private pool, which would hand a kept window's memory to their outputs
-    return forward_impl(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel, graph=False)
+    return forward_impl(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, _kernel_of(x, w_hh, kernel), graph=False)
 
 
 def _on_x_device(x: Tensor, batch_sizes: Tensor | None, *tensors: Tensor | None) -> None:
@@ -736,8 +742,8 @@ def triton_backward(
     _check_dtype(x)
     # Never through graphs.py's, as triton_forward's
     return backward_impl(
-        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, has_bias,
-        graph=False, input_grad=input_grad,
+        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse,
+        _kernel_of(x, w_hh, kernel), has_bias, graph=False, input_grad=input_grad,
     )  # fmt: skip
 
 
@@ -779,8 +785,8 @@ def triton_backward_rows(
     per sample under vmap. dx is empty ([0]) without input_grad."""
     _check_dtype(x)
     dx, dh0, dc0, dg, dhy = backward_rows_impl(
-        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse, kernel, graph=False,
-        input_grad=input_grad,
+        grad_y, grad_hT, grad_cT, x, w_ih, w_hh, w_hr, batch_sizes, acts, hs, cs, r, reverse,
+        _kernel_of(x, w_hh, kernel), graph=False, input_grad=input_grad,
     )  # fmt: skip
     return dx, dh0, dc0, dg.clone(), dhy  # dg is a view into backward's buffer, at an offset the fake does not have
 
@@ -953,7 +959,13 @@ def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | No
         if t is not None and t.dtype != x.dtype:
             raise RuntimeError(f"fastlstm triton: every tensor of a layer must have x's dtype {x.dtype}, got {t.dtype}")
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
-    chosen = choose_kernel(x.shape[1], H, P, x.dtype, kernel)
+    traced = torch.compiler.is_compiling() or fake_tensors_in_play(x)
+    if traced and (kernel or _kernel_setting()) == "auto":
+        # The op chooses at run time: here the rule's `batch <= 64` would be a guard of the program (a recompile
+        # past it; torch.export refused a batch dimension without that bound)
+        chosen = "auto"
+    else:
+        chosen = choose_kernel(x.shape[1], H, P, x.dtype, kernel)
     # The states and weights as given: autograd saves them, and its version check then catches a weight changed in
     # place before backward (an optimizer step) as nn.LSTM's does; a dense copy saved instead would hand backward
     # the old values silently. The implementations densify what the kernels read. x as nn.LSTM keeps it: a copy
@@ -961,7 +973,7 @@ def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | No
     inputs = (dense(x), h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, bool(reverse), chosen)
     # The op where it is opaque to a trace and has a fake, and under any dispatch mode, which sees the op (and its
     # FLOPs: FlopCounterMode) where the eager paths below would show it only their few torch ops
-    if torch.compiler.is_compiling() or fake_tensors_in_play(x) or dispatch_mode_active():
+    if traced or dispatch_mode_active():
         y, hT, cT, *_ = triton_forward(*inputs)
         return y, hT, cT
     if torch._C._are_functorch_transforms_active():
