@@ -842,11 +842,15 @@ def _triton_slower_reason(call: LayerCall, measured, capability: str) -> str | N
     rows = [r for r in measured if r[0] == capability and r[1] == mode and r[2] == dtype]
     if not rows:
         return f"no CUDA speed measured for {dtype} {mode} on a GPU of compute capability {capability}"
+    if torch.compiler.is_compiling():
+        # Dynamo shows a dynamic size as an int (to isinstance and type() alike), so here it cannot be told from a
+        # static one; comparing it would guard the program on it (a recompile, or torch.export refusing a dynamic
+        # batch), and the rule's min(key=) broke fullgraph=True. Compiled calls keep cuDNN.
+        return "torch.compile: the CUDA rule reads sizes, which would guard the compiled program"
     size = (call.batch, call.hidden_size, call.seq_len)
     if not all(type(v) is int for v in size):
-        # torch.compile's symbolic sizes: comparing them would guard the graph on them (torch.export with a dynamic
-        # batch fails such guards), so a dynamic size keeps the call on cuDNN
-        return "a size torch.compile keeps dynamic: the CUDA rule reads sizes"
+        # Symbolic sizes outside dynamo (torch.export's non-strict trace, FakeTensorMode): the same
+        return "a size the trace keeps dynamic: the CUDA rule reads sizes"
 
     def factor(row) -> float:
         return max(max(a, b) / min(a, b) for a, b in zip(size, row[4:7]))

@@ -180,6 +180,26 @@ def test_cuda_rule_keeps_unmeasured_calls_on_cudnn():
         assert got is not None and reason in got, (call, got)
 
 
+def test_cuda_rule_reads_no_size_while_dynamo_traces():
+    """Dynamo shows a dynamic size to Python as an int (isinstance and type() alike): the rule compared the sizes of
+    a compiled call, which guarded the program on them, and its min(key=) broke fullgraph=True ("invalid call to
+    builtin op handler"). Compiled calls keep cuDNN, in one graph for every size."""
+    from torch._dynamo.utils import counters
+
+    def rule(x):
+        reason = _slower(seq_len=x.shape[0], batch=x.shape[1])
+        return x + (0 if reason is None else 1), reason
+
+    torch.compiler.reset()
+    counters.clear()
+    compiled = torch.compile(rule, dynamic=True, fullgraph=True, backend="eager")
+    assert _slower(batch=2) is None and _slower(batch=16) is not None  # eager: triton at batch 2, cuDNN at 16
+    for batch in (2, 16, 64):  # not 1: torch.compile specializes a size of 1
+        y, reason = compiled(torch.zeros(100, batch))
+        assert reason is not None and "torch.compile" in reason and bool((y == 1).all()), (batch, reason)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_auto_keeps_cuda_calls_native_while_nothing_is_measured(monkeypatch):
     from fastlstm import dispatch, measured_cuda
 
