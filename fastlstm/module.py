@@ -1480,9 +1480,10 @@ class LSTM(nn.RNNBase):
             return _Autocast((input.dtype,) * 3, own_call=True)
         # ATen takes another path for packed input whose batch sizes vary, with other dtypes
         varying = batch_sizes is not None and int(batch_sizes[0]) != int(batch_sizes[-1])
-        # and oneDNN takes no empty input: an empty batch goes to ATen's path, in its dtypes. Asked of the sizes that
-        # are numbers: a symbolic one (dynamic shapes) is never 0 (dynamo specializes 0 and 1), and a symbolic
-        # answer cannot be the probe's constant argument (dynamo refused it: compile(dynamic=True) under autocast)
+        # and oneDNN takes no empty input: an empty batch goes to ATen's path, in its dtypes. A symbolic answer cannot
+        # be the probe's constant argument (dynamo refused it: compile(dynamic=True) under autocast). Outside dynamo
+        # a dynamic size is a SymInt, not asked; dynamo shows it as an int, whose range (from 1, or from 2 where it
+        # specializes 0 and 1) answers `== 0` as a constant, without a guard
         empty = any(isinstance(n, int) and n == 0 for n in input.shape)
         layers = self.num_layers * self._num_directions  # the checked state's sizes, as the module's, not symbolic
         call = _ProbeCall(
