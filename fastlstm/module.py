@@ -431,6 +431,11 @@ def _state_dtype_differs(input: Tensor, state) -> bool:
     return state is not None and (state[0].dtype != input.dtype or state[1].dtype != input.dtype)
 
 
+def step_of(module: LSTM, input: Tensor, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """module.step(input, state), as a function: what an FX graph of a model that streams calls (LSTM._fx_step)."""
+    return module.step(input, state)
+
+
 def _check_step_args(input, state) -> None:
     """LSTM.step's own checks, in its terms (x_t and a state of layers), before forward's, which would speak of a
     sequence: an x_t of 1 or 2 dimensions, and a state of None or (h, c), one dimension more. Written out rather
@@ -912,6 +917,14 @@ class LSTM(nn.RNNBase):
         name = tracer.path_of_module(self)
         return tracer.create_proxy("call_module", name, (input, hx), {} if lengths is None else {"lengths": lengths})
 
+    def _fx_step(self, input, state):
+        """Under torch.fx.symbolic_trace: FX records a module's forward calls only (call_module), and step branches
+        on the input's dimensions, which a symbolic trace does not have ("Expected input to be 1D ... got a Proxy").
+        A call of step_of on the module instead; the traced module calls step."""
+        tracer = input.tracer
+        module = tracer.create_proxy("get_attr", tracer.path_of_module(self), (), {})
+        return tracer.create_proxy("call_function", step_of, (module, input, state), {})
+
     def _forward_lengths(self, input: Tensor, hx, lengths, packing=False) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """A padded batch with per-sequence lengths: the numbers of packing it, without packing (with packing where
         `packing` says: sparse or nested tensors, which only nn.LSTM's own forward takes).
@@ -1024,6 +1037,8 @@ class LSTM(nn.RNNBase):
         """
         if self.bidirectional:
             raise ValueError("LSTM.step: needs a unidirectional LSTM (the reverse direction reads the future)")
+        if isinstance(input, torch.fx.Proxy):
+            return self._fx_step(input, state)
         _check_step_args(input, state)
         batched = input.dim() == 2
         time_dim = 1 if self.batch_first and batched else 0

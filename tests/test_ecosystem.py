@@ -521,6 +521,40 @@ def test_fx_symbolic_trace_keeps_the_lstm_a_leaf(with_lengths):
         torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("with_state", [False, True])
+def test_fx_symbolic_trace_of_a_model_that_streams_with_step(with_state):
+    """A model that calls lstm.step traced by torch.fx.symbolic_trace: step branched on its input's dimensions,
+    which a symbolic trace does not have ("Expected input to be 1D ... got a Proxy"), where nn.LSTM's model (a
+    1-step sequence through forward) traces. The graph calls step on the module; nn.LSTM's numbers and gradients."""
+
+    class Streamer(nn.Module):
+        def __init__(self, lstm):
+            super().__init__()
+            self.lstm, self.head = lstm, nn.Linear(6, 2)
+
+        def forward(self, x_t, h, c):
+            if isinstance(self.lstm, fastlstm.LSTM):
+                y, (h, c) = self.lstm.step(x_t, (h, c) if with_state else None)
+            else:
+                y, (h, c) = self.lstm(x_t.unsqueeze(0), (h, c) if with_state else None)
+                y = y.squeeze(0)
+            return self.head(y), h, c
+
+    torch.manual_seed(0)
+    reference = Streamer(nn.LSTM(4, 6, 2)).double()
+    model = Streamer(fastlstm.LSTM(4, 6, 2)).double()
+    model.load_state_dict(reference.state_dict())
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["head"]
+    x_t, h, c = (torch.randn(*s, dtype=torch.float64) for s in ((3, 4), (2, 3, 6), (2, 3, 6)))
+    got, expected = traced(x_t, h, c), reference(x_t, h, c)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10)
+    sum(t.sum() for t in got).backward(), sum(t.sum() for t in expected).backward()
+    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-12, rtol=1e-10, msg=name)
+
+
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_torch_func_gradient_transforms(backend):
     """torch.func.grad / vjp / jacrev (and functional_call with them), which work with nn.LSTM. Where the module's
