@@ -1429,6 +1429,42 @@ def test_saved_export_loads_where_fastlstm_is_imported(backend, tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
 
 
+_AOTI_PACKAGE_CHECK = """
+import sys, torch
+import fastlstm
+runner = torch._inductor.aoti_load_package(sys.argv[1])
+for tokens, expected in torch.load(sys.argv[2]):
+    for got, want in zip(runner(tokens), expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+print("OK")
+"""
+
+
+@pytest.mark.skipif(
+    torch.torch_version.TorchVersion(torch.__version__) < "2.6",
+    reason="torch._inductor.aoti_compile_and_package(program, package_path=...) and aoti_load_package: torch 2.6 on",
+)
+def test_aot_inductor_package_with_dynamic_sizes_runs_where_fastlstm_is_imported(tmp_path):
+    """README's table: an AOTInductor package of a model holding fastlstm (cpp's ops, with a dynamic batch and
+    length) runs in a fresh process that imports fastlstm, with nn.LSTM's numbers at other sizes than the traced
+    one (batch 1 and 70, length 1). ~20 s: inductor compiles the package's C++."""
+    from helpers import run_python
+
+    torch.manual_seed(0)
+    reference = Tagger(nn.LSTM).eval()
+    model = Tagger(backend="cpp").eval()
+    model.load_state_dict(reference.state_dict())
+    dims = ({0: torch.export.Dim("batch", min=1), 1: torch.export.Dim("length", min=1)},)
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.randint(0, 10, (3, 5)),), dynamic_shapes=dims)
+        assert any(str(node.target).startswith("fastlstm.cpp") for node in program.graph.nodes), program.graph
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "tagger.pt2"))
+        cases = [(tokens, reference(tokens)) for tokens in (torch.randint(0, 10, s) for s in [(1, 1), (70, 4), (2, 9)])]
+    torch.save(cases, tmp_path / "io.pt")
+    proc = run_python("-c", _AOTI_PACKAGE_CHECK, package, str(tmp_path / "io.pt"))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr[-3000:]
+
+
 _NEVER_BUILT_CHECK = """
 import shutil, sys, torch
 import fastlstm
