@@ -418,7 +418,13 @@ def _batch_sizes_malformed(batch_sizes: Tensor) -> bool:
     hand, as torch's packing never makes them. The fast backends refuse such a pack; nn.LSTM runs it as its kernels
     read it, returning ([3, 0, 1]: the rows up to the zero; [[3]] as [3]) or raising ([2, 0, 2], [1, 2]), so `auto`
     leaves it to nn.LSTM's own call."""
-    return batch_sizes.dim() != 1 or _grows(batch_sizes.tolist())
+    if batch_sizes.dim() != 1:
+        return True
+    if torch._C._are_functorch_transforms_active():
+        # torch 2.4's transforms wrap sizes made inside them (lengths=, a pack built there), and tolist() finds no
+        # data in a wrapper ("Cannot access data pointer of Tensor that doesn't have storage")
+        return bool((batch_sizes[1:] > batch_sizes[:-1]).any())
+    return _grows(batch_sizes.tolist())
 
 
 def _grows(sizes: list) -> bool:
@@ -434,6 +440,15 @@ def _state_dtype_differs(input: Tensor, state) -> bool:
 def step_of(module: LSTM, input: Tensor, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """module.step(input, state), as a function: what an FX graph of a model that streams calls (LSTM._fx_step)."""
     return module.step(input, state)
+
+
+def _fx_tracer(*args):
+    """The torch.fx tracer of the first Proxy among a call's arguments (a state of two Proxies, say), or None."""
+    for arg in args:
+        for value in arg if isinstance(arg, (tuple, list)) else (arg,):
+            if isinstance(value, torch.fx.Proxy):
+                return value.tracer
+    return None
 
 
 def _check_step_args(input, state) -> None:
@@ -854,8 +869,9 @@ class LSTM(nn.RNNBase):
         lengths = keywords.pop("lengths", None)
         if keywords:
             raise TypeError(f"LSTM.forward() got an unexpected keyword argument {next(iter(keywords))!r}")
-        if isinstance(input, torch.fx.Proxy):
-            return self._fx_leaf(input, hx, lengths)
+        tracer = _fx_tracer(input, hx, lengths)
+        if tracer is not None:
+            return self._fx_leaf(tracer, input, hx, lengths)
         sparse = _not_dense_call(input, hx)
         if sparse and lengths is None:
             return TORCH_LSTM.forward(self, input, hx)
@@ -910,19 +926,23 @@ class LSTM(nn.RNNBase):
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return output, self.permute_hidden((h_n, c_n), unsorted_indices)
 
-    def _fx_leaf(self, input, hx, lengths):
+    def _fx_leaf(self, tracer, input, hx, lengths):
         """Under torch.fx.symbolic_trace: one call_module node, as FX records nn.LSTM (it does not trace into torch.nn
         modules). forward branches on values a symbolic trace does not have; the traced module calls this one."""
-        tracer = input.tracer
         name = tracer.path_of_module(self)
         return tracer.create_proxy("call_module", name, (input, hx), {} if lengths is None else {"lengths": lengths})
 
-    def _fx_step(self, input, state):
+    def _fx_step(self, tracer, input, state):
         """Under torch.fx.symbolic_trace: FX records a module's forward calls only (call_module), and step branches
         on the input's dimensions, which a symbolic trace does not have ("Expected input to be 1D ... got a Proxy").
         A call of step_of on the module instead; the traced module calls step."""
-        tracer = input.tracer
-        module = tracer.create_proxy("get_attr", tracer.path_of_module(self), (), {})
+        path = tracer.path_of_module(self)
+        if not path:
+            # The traced root: its graph module replaces it, and is no LSTM to step
+            raise torch.fx.proxy.TraceError(
+                "LSTM.step in the forward of the LSTM being traced: trace a module that holds the LSTM instead"
+            )
+        module = tracer.create_proxy("get_attr", path, (), {})
         return tracer.create_proxy("call_function", step_of, (module, input, state), {})
 
     def _forward_lengths(self, input: Tensor, hx, lengths, packing=False) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -1037,8 +1057,9 @@ class LSTM(nn.RNNBase):
         """
         if self.bidirectional:
             raise ValueError("LSTM.step: needs a unidirectional LSTM (the reverse direction reads the future)")
-        if isinstance(input, torch.fx.Proxy):
-            return self._fx_step(input, state)
+        tracer = _fx_tracer(input, state)
+        if tracer is not None:
+            return self._fx_step(tracer, input, state)
         _check_step_args(input, state)
         batched = input.dim() == 2
         time_dim = 1 if self.batch_first and batched else 0
@@ -1227,8 +1248,9 @@ class LSTM(nn.RNNBase):
             seq_len, batch = (input.size(1), input.size(0)) if self.batch_first else (input.size(0), input.size(1))
         needs_grad = self._needs_grad(input, hx)
         dtype = amp.dtypes[0] if amp else input.dtype
-        # dynamo traces the plan once per graph, and exporters decide differently: the cache is for eager calls
-        traced = _traced()
+        # dynamo traces the plan once per graph, and exporters decide differently: the cache is for eager calls (and
+        # symbolic sizes, of make_fx's symbolic tracing or torch.export's non-strict one, cannot be hashed)
+        traced = _traced() or not (type(seq_len) is int and type(batch) is int)
         shape = _CallShape(
             input.device.type, dtype, seq_len, batch, batch_sizes is not None, needs_grad, self.input_size,
             self.hidden_size, self.proj_size, self.num_layers, self._num_directions, self.bias,

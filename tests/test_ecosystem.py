@@ -521,11 +521,13 @@ def test_fx_symbolic_trace_keeps_the_lstm_a_leaf(with_lengths):
         torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("with_state", [False, True, "a start token", "a start token through forward"])
 def test_fx_symbolic_trace_of_a_model_that_streams_with_step(with_state):
     """A model that calls lstm.step traced by torch.fx.symbolic_trace: step branched on its input's dimensions,
     which a symbolic trace does not have ("Expected input to be 1D ... got a Proxy"), where nn.LSTM's model (a
-    1-step sequence through forward) traces. The graph calls step on the module; nn.LSTM's numbers and gradients."""
+    1-step sequence through forward) traces. The graph calls step on the module; nn.LSTM's numbers and gradients.
+    With a state, the input may be no Proxy (a start token the model makes) while the state is: both calls took
+    their eager checks on the Proxies there."""
 
     class Streamer(nn.Module):
         def __init__(self, lstm):
@@ -533,7 +535,9 @@ def test_fx_symbolic_trace_of_a_model_that_streams_with_step(with_state):
             self.lstm, self.head = lstm, nn.Linear(6, 2)
 
         def forward(self, x_t, h, c):
-            if isinstance(self.lstm, fastlstm.LSTM):
+            if str(with_state).startswith("a start token"):
+                x_t = torch.ones(3, 4, dtype=torch.float64)
+            if isinstance(self.lstm, fastlstm.LSTM) and with_state != "a start token through forward":
                 y, (h, c) = self.lstm.step(x_t, (h, c) if with_state else None)
             else:
                 y, (h, c) = self.lstm(x_t.unsqueeze(0), (h, c) if with_state else None)
@@ -545,7 +549,8 @@ def test_fx_symbolic_trace_of_a_model_that_streams_with_step(with_state):
     model = Streamer(fastlstm.LSTM(4, 6, 2)).double()
     model.load_state_dict(reference.state_dict())
     traced = torch.fx.symbolic_trace(model)
-    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["head"]
+    through_forward = with_state == "a start token through forward"
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["lstm"] * through_forward + ["head"]
     x_t, h, c = (torch.randn(*s, dtype=torch.float64) for s in ((3, 4), (2, 3, 6), (2, 3, 6)))
     got, expected = traced(x_t, h, c), reference(x_t, h, c)
     for g, e in zip(got, expected):
@@ -553,6 +558,18 @@ def test_fx_symbolic_trace_of_a_model_that_streams_with_step(with_state):
     sum(t.sum() for t in got).backward(), sum(t.sum() for t in expected).backward()
     for (name, p), q in zip(reference.named_parameters(), model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-12, rtol=1e-10, msg=name)
+
+
+def test_fx_symbolic_trace_of_an_lstm_stepping_in_its_own_forward_says_what_to_trace():
+    """The traced root's graph module replaces it and is no LSTM to call step on (the node had an empty target:
+    "object has no attribute ''"); nn.LSTM has no step. FX's own error, naming what traces."""
+
+    class SelfStreaming(fastlstm.LSTM):
+        def forward(self, x):
+            return self.step(x[0])[0]
+
+    with pytest.raises(torch.fx.proxy.TraceError, match="trace a module that holds the LSTM"):
+        torch.fx.symbolic_trace(SelfStreaming(3, 5))
 
 
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
@@ -852,6 +869,41 @@ def test_fake_tensor_mode_gives_nn_lstms_shapes_forward_and_backward(backend):
         assert isinstance(got, FakeTensor) and got.shape == expected.shape and got.dtype == expected.dtype
     x = torch.randn(5, 2, 3)  # and real calls after it are served as before
     torch.testing.assert_close(fast(x)[0], ref(x)[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["auto", *fast_cpu_backends()])
+def test_make_fx_with_symbolic_sizes_traces_forward_and_step(backend):
+    """make_fx(tracing_mode="symbolic") (what aot_function and functionalization traces with dynamic shapes run):
+    the plan's cache hashed the symbolic batch ("unhashable type: non-nested SymInt"). The graph holds the fast op
+    and serves other sizes with nn.LSTM's numbers (nn.LSTM's own graph unrolls the length and keeps its sizes)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 5, 2).double()
+    fast = fastlstm.LSTM(3, 5, 2, backend=backend).double()
+    fast.load_state_dict(ref.state_dict())
+    params = dict(fast.named_parameters())
+
+    def run(params, x, h, c):
+        y, (h_n, c_n) = torch.func.functional_call(fast, params, (x, (h, c)))
+        return y, h_n, c_n
+
+    def step(params, x_t):
+        with torch.nn.utils.stateless._reparametrize_module(fast, params):
+            return fast.step(x_t)[0]
+
+    def sizes(T, B):
+        return (torch.randn(*s, dtype=torch.float64) for s in ((T, B, 3), (2, B, 5), (2, B, 5)))
+
+    graph = make_fx(run, tracing_mode="symbolic")(params, *sizes(4, 3))
+    stepped = make_fx(step, tracing_mode="symbolic")(params, torch.randn(3, 3, dtype=torch.float64))
+    assert any(str(node.target).startswith("fastlstm.") for node in graph.graph.nodes), graph.graph
+    for T, B in [(2, 6), (7, 1), (3, 70)]:
+        x, h, c = sizes(T, B)
+        y, (h_n, c_n) = ref(x, (h, c))
+        for got, expected in zip(graph(params, x, h, c), (y, h_n, c_n)):
+            torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10, msg=str((T, B)))
+        torch.testing.assert_close(stepped(params, x[0]), ref(x[:1])[0][0], atol=1e-12, rtol=1e-10)
 
 
 def _counted_flops(model, inputs, train: bool) -> dict:
@@ -1387,17 +1439,22 @@ def test_torch_export_with_a_dynamic_batch_and_length(backend):
     numbers. nn.LSTM specializes the length, and so does the reference backend (its time loop is Python's, which
     the trace unrolls). Dispatch's speed rule reads the batch, so a compiled CPU call does not ask it (before,
     export failed: "Not all values of b ... satisfy the generated guard"). Nor does triton's choice of kernel
-    (the sequence kernel up to batch 64): its op chooses at run time, here the step kernel at batch 70."""
+    (the sequence kernel up to batch 64): its op chooses at run time, here the step kernel at batch 70. Nor does
+    triton's int32 limit, which with the length static bounded the batch alone (export refused the Dim)."""
     torch.manual_seed(0)
     reference = Tagger(nn.LSTM).eval()
     model = Tagger(backend=backend).eval()
     model.load_state_dict(reference.state_dict())
     batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1, max=1000)
-    program = torch.export.export(model, (torch.randint(0, 10, (3, 5)),), dynamic_shapes=({0: batch, 1: length},))
-    for sizes in [(1, 1), (2, 7), (11, 3), (70, 2)]:
+    example = (torch.randint(0, 10, (3, 5)),)
+    program = torch.export.export(model, example, dynamic_shapes=({0: batch, 1: length},))
+    static_length = torch.export.export(model, example, dynamic_shapes=({0: batch},))
+    for sizes in [(1, 1), (2, 7), (11, 3), (70, 2), (70, 5)]:
         tokens = torch.randint(0, 10, sizes)
-        for got, expected in zip(program.module()(tokens), reference(tokens)):
-            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=str(sizes))
+        programs = [program, static_length] if sizes[1] == 5 else [program]
+        for exported in programs:
+            for got, expected in zip(exported.module()(tokens), reference(tokens)):
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=str(sizes))
 
 
 _SAVED_PROGRAM_CHECK = """

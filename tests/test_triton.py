@@ -564,6 +564,18 @@ def test_backend_answers():
     assert "empty" in BACKEND.unsupported_reason(_call(seq_len=0))
 
 
+def test_the_op_refuses_sizes_past_int32_offsets():
+    """A traced program leaves the int32 limit to the op (dispatch does not compare traced sizes: a guard, which
+    torch.export refused for an unbounded batch with a static length: test_ecosystem's export tests), so the op
+    checks the sizes it runs at. x is expanded, not allocated: the op refuses before reading it."""
+    T, B, H = 2**31 // (4 * 16) + 1, 1, 16
+    x = torch.zeros(1, 1, 3, device=DEVICE).expand(T, B, 3)
+    h0 = c0 = torch.zeros(B, H, device=DEVICE)
+    w_ih, w_hh = torch.zeros(4 * H, 3, device=DEVICE), torch.zeros(4 * H, H, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"fastlstm triton: buffers over 2\*\*31 elements"):
+        torch.ops.fastlstm.triton_forward(x, h0, c0, w_ih, w_hh, None, None, None, False, "auto")
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter's answers")
 def test_backend_answers_interpreter(monkeypatch):
     float64 = BACKEND.unsupported_reason(_call(dtype=torch.float64))

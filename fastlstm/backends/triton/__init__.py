@@ -104,7 +104,12 @@ class TritonBackend(Backend):
 
         if call.vmapped and not HAS_VMAP_RULE:
             return f"torch.vmap: the triton op's vmap rule needs torch 2.6 or later (torch {torch.__version__} here)"
-        return size_reason(call.seq_len, call.batch, call.hidden_size, call.out_size)
+        sizes = (call.seq_len, call.batch, call.hidden_size, call.out_size)
+        # A traced call (dynamo shows a dynamic size as an int) leaves the int32 limit to the op, which checks the
+        # sizes it runs at: comparing them here would guard the program, and torch.export refused a batch Dim that
+        # the limit bounds where the length is static
+        traced = torch.compiler.is_compiling() or not all(type(v) is int for v in sizes)
+        return size_reason(*sizes, traced=traced)
 
     def self_test(self, call: LayerCall) -> str | None:
         """Runs the kernels this call needs once on a two-step input and checks them against native (ops.self_test)."""

@@ -126,10 +126,12 @@ def kernel_choices() -> str:
     return f"{rule}; {tiles}; step loops as CUDA graphs: {graphs.describe()}"
 
 
-def size_reason(T: int, B: int, H: int, P: int) -> str | None:
-    """Why the kernels cannot take these sizes (int32 offsets), or None."""
+def size_reason(T: int, B: int, H: int, P: int, traced: bool = False) -> str | None:
+    """Why the kernels cannot take these sizes (int32 offsets), or None; where `traced`, the empty sizes only."""
     if T < 1 or B < 1:
         return f"empty input (seq_len={T}, batch={B})"
+    if traced:
+        return None
     if (T + 2) * B * 4 * H > INT32_MAX or (T + 1) * B * P > INT32_MAX:
         return f"buffers over 2**31 elements (seq_len={T}, batch={B}, hidden={H}); kernels use int32 offsets"
     return None
@@ -256,6 +258,9 @@ def _layer_sizes(x: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Tensor | None, ker
         raise RuntimeError(f"fastlstm triton: input, hidden and projection sizes must be positive, got {I}, {H}, {P}")
     if w_hr is None and P != H:
         raise RuntimeError(f"fastlstm triton: without w_hr, w_hh must be [4H, H] = [{4 * H}, {H}], got {[4 * H, P]}")
+    too_large = size_reason(T, B, H, P)  # dispatch asks it of eager calls; a traced program's sizes are known here
+    if too_large is not None:
+        raise RuntimeError(f"fastlstm triton: {too_large}")
     return T, B, I, H, P
 
 
