@@ -444,10 +444,13 @@ def step_of(module: LSTM, input: Tensor, state: tuple[Tensor, Tensor] | None) ->
 
 def _fx_tracer(*args):
     """The torch.fx tracer of the first Proxy among a call's arguments (a state of two Proxies, say), or None."""
-    for arg in args:
-        for value in arg if isinstance(arg, (tuple, list)) else (arg,):
-            if isinstance(value, torch.fx.Proxy):
-                return value.tracer
+    for arg in args:  # runs on every call: no generator, no tuple built
+        if isinstance(arg, torch.fx.Proxy):
+            return arg.tracer
+        if type(arg) is tuple or type(arg) is list:
+            for value in arg:
+                if isinstance(value, torch.fx.Proxy):
+                    return value.tracer
     return None
 
 

@@ -536,6 +536,27 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(gc, ge, atol=1e-5, rtol=1e-4)
 
 
+def test_no_module_binds_the_name_dynamo_stores_a_constant_under():
+    """torch 2.5's dynamo stores a marked function's result in the compiled frame's globals under its code's name,
+    over what that name held: fastlstm.module's import of onednn_lstm_available became a bool after the first
+    compile of an LSTM, and every later call raised. No fastlstm module may bind such a name (the torch 2.5 suite
+    failed 830 tests; later releases store nothing there, so this reads the names instead)."""
+    import importlib
+    import pkgutil
+
+    names = [m.name for m in pkgutil.walk_packages(fastlstm.__path__, "fastlstm.") if m.name != "fastlstm.__main__"]
+    modules = [fastlstm, *map(importlib.import_module, names)]
+    marked = {
+        value.__code__.co_name
+        for module in modules
+        for value in vars(module).values()
+        if callable(value) and getattr(value, "_dynamo_marked_constant", False)
+    }
+    assert {"_fastlstm_constant_onednn_lstm_available", "_fastlstm_constant_uses_amx"} <= marked, marked
+    for module in modules:
+        assert not marked & set(vars(module)), (module.__name__, marked & set(vars(module)))
+
+
 @needs_tracing
 def test_compile_as_the_first_use_in_a_process():
     """torch.compile(fullgraph=True) before any eager call in a process: dynamo can neither import the backends'

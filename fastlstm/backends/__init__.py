@@ -180,8 +180,14 @@ def constant_under_compile(fn):
     nn.LSTM does not pay); all it does is set this attribute, which dynamo reads when it traces a call of fn
     (read so in torch 2.11 and 2.13). tests/test_cpp.py::test_compile_as_the_first_use_in_a_process fails if that
     changes.
+
+    Its code is renamed: torch 2.5's dynamo stores the result in the compiled frame's globals under the code's
+    name, over what that name held there (fastlstm.module's import of native.onednn_lstm_available became a bool
+    once an LSTM was compiled, and every later call raised "'bool' object is not callable"). No module binds the
+    new name.
     """
     fn._dynamo_marked_constant = True
+    fn.__code__ = fn.__code__.replace(co_name=f"_fastlstm_constant_{fn.__code__.co_name}")
     return fn
 
 
