@@ -1474,6 +1474,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
     const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& w_hr,
     const c10::optional<Tensor>& batch_sizes, const Tensor& y, const Tensor& gates, const Tensor& c_hist,
     bool reverse, bool has_bias, bool weight_grads, bool input_grad) {
+  // The backward ops have no Autograd kernel: called where grad mode is on and a tensor requires grad (a make_fx
+  // graph of a backward, replayed), the ATen ops inside would reach autograd, and mm's out= variant refuses it
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   return fastlstm::lstm_bwd(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist,
                             reverse, has_bias, weight_grads, input_grad);
 }
@@ -1483,6 +1486,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows
     const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& w_hr,
     const c10::optional<Tensor>& batch_sizes, const Tensor& y, const Tensor& gates, const Tensor& c_hist,
     bool reverse, bool input_grad) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // as lstm_bwd
   return fastlstm::lstm_bwd_rows(grad_y, grad_hT, grad_cT, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, y, gates, c_hist,
                                  reverse, input_grad);
 }
@@ -1491,6 +1495,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x, const c10::op
                                                   const c10::optional<Tensor>& c0, at::TensorList weights,
                                                   const c10::optional<Tensor>& batch_sizes, int64_t biases,
                                                   bool has_proj, bool bidirectional) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // inference only, no Autograd kernel: as lstm_bwd
   return fastlstm::lstm_stack_fwd(x, h0, c0, weights, batch_sizes, biases, has_proj, bidirectional);
 }
 

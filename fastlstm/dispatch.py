@@ -58,9 +58,17 @@ def validate_name(name: str) -> None:
         raise ValueError(f"unknown fastlstm backend {name!r}; expected 'auto' or one of {', '.join(backends.names())}")
 
 
+FUNCTIONALIZED = (
+    "torch.func.functionalize around a gradient transform: torch has no functionalize rule for the autograd.Function "
+    "the fast backends run there"
+)
+
+
 def cannot_serve(name: str, call: LayerCall) -> str | None:
     """Why backend `name` cannot serve `call`, or None."""
     backend = backends.get(name)
+    if call.functionalized and name in ("cpp", "triton"):
+        return FUNCTIONALIZED
     return backend.unavailable_reason() or backend.unsupported_reason(call)
 
 
@@ -921,6 +929,8 @@ def choose(name: str, call: LayerCall) -> Choice:
     if call.grad_of_grad:
         # A fast backward is not differentiable: cpp's would recompute the layer in plain ops, as the reference does
         return _fallback(native_fails, "a transform's gradients through it are differentiated again")
+    if call.functionalized:
+        return _fallback(native_fails, FUNCTIONALIZED)
     # The speed rule first: it is cheap, and where native wins anyway there is no reason to build or load
     # the fast backend (a first build compiles C++) nor to warn that it is missing.
     compiling = _native_fails_to_compile(call)

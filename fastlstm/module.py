@@ -63,6 +63,9 @@ class _Transforms(NamedTuple):
     # The gradients such a transform takes are differentiated again (backends.differentiated_twice): the fast
     # backends' backward kernels are not differentiable.
     grad_of_grad: bool = False
+    # torch.func.functionalize around such a transform: torch has no functionalize rule for the autograd.Function
+    # the fast backends then run ("NYI: Functionalize rule for custom_function_call").
+    functionalized: bool = False
 
 
 _NO_TRANSFORMS = _Transforms()
@@ -85,6 +88,7 @@ class _CallShape(NamedTuple):
     vmapped: bool = False
     forward_ad: bool = False
     grad_of_grad: bool = False
+    functionalized: bool = False
     mixed_dtypes: bool = False
     # torch's thread count, for CPU calls: the CPU rule reads it (how the cpp forward splits its rows among
     # threads), so a remembered plan holds for one count. 0 on other devices and while tracing (not remembered).
@@ -92,6 +96,9 @@ class _CallShape(NamedTuple):
     device_index: int | None = None  # a CUDA device's (LayerCall.device_index)
     onednn: bool = True  # LayerCall.onednn: the CPU rule reads it, and a program may switch it off and on
     input_grad: bool = False  # needs_grad, and the input needs its gradient (LayerCall.input_grad)
+
+
+_SIZE_NAMES = ("input_size", "hidden_size", "proj_size", "num_layers")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -118,6 +125,7 @@ def _plan_for(requested: str, shape: _CallShape) -> tuple[dispatch.Choice, ...]:
             vmapped=shape.vmapped,
             forward_ad=shape.forward_ad,
             grad_of_grad=shape.grad_of_grad,
+            functionalized=shape.functionalized,
             mixed_dtypes=shape.mixed_dtypes,
             device_index=shape.device_index,
             onednn=shape.onednn,
@@ -420,9 +428,10 @@ def _batch_sizes_malformed(batch_sizes: Tensor) -> bool:
     leaves it to nn.LSTM's own call."""
     if batch_sizes.dim() != 1:
         return True
-    if torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
         # torch 2.4's transforms wrap sizes made inside them (lengths=, a pack built there), and tolist() finds no
-        # data in a wrapper ("Cannot access data pointer of Tensor that doesn't have storage")
+        # data in a wrapper ("Cannot access data pointer of Tensor that doesn't have storage"); torch 2.5's dynamo
+        # failed tolist() on a fake tensor in its backend compiler (a graph break either way, a clean one here)
         return bool((batch_sizes[1:] > batch_sizes[:-1]).any())
     return _grows(batch_sizes.tolist())
 
@@ -1156,6 +1165,7 @@ class LSTM(nn.RNNBase):
             vmapped="Vmap" in kinds,
             forward_ad=tangent or "Jvp" in kinds,
             grad_of_grad=tracked and backends.differentiated_twice(tensors),
+            functionalized=tracked and "Functionalize" in kinds,
         )
 
     def _call_key(self, input, hx) -> tuple | None:
@@ -1255,8 +1265,8 @@ class LSTM(nn.RNNBase):
         # symbolic sizes, of make_fx's symbolic tracing or torch.export's non-strict one, cannot be hashed)
         traced = _traced() or not (type(seq_len) is int and type(batch) is int)
         shape = _CallShape(
-            input.device.type, dtype, seq_len, batch, batch_sizes is not None, needs_grad, self.input_size,
-            self.hidden_size, self.proj_size, self.num_layers, self._num_directions, self.bias,
+            input.device.type, dtype, seq_len, batch, batch_sizes is not None, needs_grad, *self._sizes(traced),
+            self._num_directions, self.bias,
             *self._transforms(input, hx),
             self._dtypes_mixed(input, hx),
             torch.get_num_threads() if input.device.type == "cpu" and not traced else 0,
@@ -1361,6 +1371,18 @@ class LSTM(nn.RNNBase):
         """Unbatched input ([T, I], or [I] for step) and state ([L*D, P], [L*D, H]) or None as a batch of one."""
         input = input.unsqueeze(0 if self.batch_first or input.dim() == 1 else 1)
         return input, None if hx is None else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in _SIZE_NAMES:
+            self.__dict__["_size_tuple"] = tuple(getattr(self, n, None) for n in _SIZE_NAMES)
+
+    def _sizes(self, traced: bool) -> tuple[int, int, int, int]:
+        """input_size, hidden_size, proj_size, num_layers. While traced, from a tuple kept beside them: torch 2.5's
+        dynamo makes a module's int attributes symbolic under compile(dynamic=True) (a tuple's ints it keeps), and
+        the plan's rules (bool() of one) and the autocast probe (a constant's arguments) refused them there."""
+        kept = self.__dict__.get("_size_tuple") if traced else None
+        return kept or (self.input_size, self.hidden_size, self.proj_size, self.num_layers)
 
     @property
     def _num_directions(self) -> int:
@@ -1525,13 +1547,13 @@ class LSTM(nn.RNNBase):
         # a dynamic size is a SymInt, not asked; dynamo shows it as an int, whose range (from 1, or from 2 where it
         # specializes 0 and 1) answers `== 0` as a constant, without a guard
         empty = any(isinstance(n, int) and n == 0 for n in input.shape)
-        layers = self.num_layers * self._num_directions  # the checked state's sizes, as the module's, not symbolic
+        input_size, hidden_size, proj_size, num_layers = self._sizes(traced=True)
+        layers = num_layers * self._num_directions  # the checked state's sizes, as the module's, not symbolic
         call = _ProbeCall(
-            autocast, input.device, input.dtype, self.input_size,
-            ((hx[0].dtype, layers, self._out_size), (hx[1].dtype, layers, self.hidden_size)),
+            autocast, input.device, input.dtype, input_size,
+            ((hx[0].dtype, layers, proj_size or hidden_size), (hx[1].dtype, layers, hidden_size)),
             tuple(None if w is None else (w.dtype, tuple(int(n) for n in w.shape)) for w in self._weights_as_built()),
-            batch_sizes is not None, varying, empty, self.num_layers, self.bidirectional, bool(self.bias),
-            self.proj_size,
+            batch_sizes is not None, varying, empty, num_layers, self.bidirectional, bool(self.bias), proj_size,
         )  # fmt: skip
         return _probed_autocast_dtypes(tuple(call))
 

@@ -370,8 +370,9 @@ def test_compile_trains_where_cpp_cannot_be_built(monkeypatch):
     _compiled_training_where_eager_takes_native()
     forced = fastlstm.LSTM(6, 8, backend="native")
     x = torch.randn(3, 5, 6)
-    # dynamo hands the error on inside its own under fullgraph=True (torch 2.13: Unsupported, "Observed exception")
-    with pytest.raises(Exception, match="does not compile its backward"):
+    # dynamo hands the error on inside its own under fullgraph=True (torch 2.13: Unsupported, "Observed exception";
+    # torch 2.5's names the class it could not build)
+    with pytest.raises(Exception, match="does not compile its backward|BackendUnavailableError"):
         torch.compile(forced, fullgraph=True, backend="aot_eager")(x)
     torch.compiler.reset()
     with torch.backends.mkldnn.flags(enabled=False):  # nn.LSTM's ATen loop, which compiles: no refusal
@@ -904,6 +905,67 @@ def test_make_fx_with_symbolic_sizes_traces_forward_and_step(backend):
         for got, expected in zip(graph(params, x, h, c), (y, h_n, c_n)):
             torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10, msg=str((T, B)))
         torch.testing.assert_close(stepped(params, x[0]), ref(x[:1])[0][0], atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["auto", *fast_cpu_backends()])
+def test_make_fx_of_a_backward_replays_with_grad_on(backend):
+    """make_fx of a function that calls torch.autograd.grad through the layer records the backward ops; the graph,
+    run as any call (grad mode on, the layer's parameters requiring grad), ran cpp's backward op with autograd above
+    its ATen ops ("mm(): functions with out=... arguments don't support automatic differentiation"). nn.LSTM's runs.
+    And make_fx of torch.func.grad."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 4).double()
+    fast = fastlstm.LSTM(3, 4, backend=backend).double()
+    fast.load_state_dict(ref.state_dict())
+
+    def gradients(model, x):
+        x = x.detach().requires_grad_()
+        return torch.autograd.grad(model(x)[0].sin().sum(), [x, *model.parameters()])
+
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    graph = make_fx(lambda x: gradients(fast, x))(x)
+    for got, expected in zip(graph(x), gradients(ref, x)):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+    # torch.func.grad traced: triton's layer took its op under make_fx's dispatch mode before asking for a gradient
+    # transform, whose autograd the op cannot run ("must override the setup_context staticmethod")
+    def loss(model, params, x):
+        return torch.func.functional_call(model, params, (x,))[0].sin().sum()
+
+    params = {name: p.detach() for name, p in fast.named_parameters()}
+    traced = make_fx(torch.func.grad(lambda p, x: loss(fast, p, x)))(params, x)
+    expected = torch.func.grad(lambda p, x: loss(ref, p, x))(params, x)
+    for name, got in traced(params, x).items():
+        torch.testing.assert_close(got, expected[name], atol=1e-12, rtol=1e-10, msg=name)
+
+
+def test_functionalize_of_a_gradient_transform_takes_nn_lstms_path():
+    """torch.func.functionalize(torch.func.grad(f)): the fast backends run an autograd.Function under a gradient
+    transform, which torch cannot functionalize ("NYI: Functionalize rule for custom_function_call"); auto gives
+    the call to nn.LSTM's path, with its gradients, and a forced fast backend says why it cannot serve it."""
+    from fastlstm.backends import BackendUnavailableError
+
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 4).double()
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    for backend in ["auto", *fast_cpu_backends()]:
+        model = fastlstm.LSTM(3, 4, backend=backend).double()
+        model.load_state_dict(ref.state_dict())
+        params = {name: p.detach() for name, p in model.named_parameters()}
+
+        def loss(p, x, m=model):
+            return torch.func.functional_call(m, p, (x,))[0].sin().sum()
+
+        if backend != "auto":
+            with pytest.raises(BackendUnavailableError, match="functionalize"):
+                torch.func.functionalize(torch.func.grad(loss))(params, x)
+            continue
+        got = torch.func.functionalize(torch.func.grad(loss))(params, x)
+        expected = torch.func.grad(lambda p, x: torch.func.functional_call(ref, p, (x,))[0].sin().sum())(params, x)
+        for name, value in got.items():
+            torch.testing.assert_close(value, expected[name], atol=1e-12, rtol=1e-10, msg=name)
 
 
 def _counted_flops(model, inputs, train: bool) -> dict:

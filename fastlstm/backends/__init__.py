@@ -57,6 +57,7 @@ class LayerCall:
     vmapped: bool = False  # a torch.vmap is active (LSTM._transforms)
     forward_ad: bool = False  # forward-mode AD: dual tensors, torch.func.jvp / jacfwd (LSTM._transforms)
     grad_of_grad: bool = False  # a transform's gradients through this call are differentiated (LSTM._transforms)
+    functionalized: bool = False  # torch.func.functionalize around a gradient transform (LSTM._transforms)
     mixed_dtypes: bool = False  # the weights, or c0 against the input, differ in dtype (LSTM._dtypes_mixed)
     # nn.LSTM's CPU call could take oneDNN's fused LSTM (native.onednn_lstm_available; a program may switch it
     # off): else ATen's per-step loop. True on other devices and while tracing.
