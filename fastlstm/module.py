@@ -634,7 +634,7 @@ def rebuilt_as(module: nn.RNNBase, cls: type[nn.RNNBase]) -> nn.RNNBase:
     mode, device and dtype. A parametrized module gives the same kind of parametrized class over `cls`. What
     only fastlstm.LSTM has (its backend) stays behind when `cls` is not one."""
     # earlier releases kept _mixed_dtypes
-    fastlstm_only = () if issubclass(cls, LSTM) else ("backend", "_mixed_dtypes", "_standard_shapes")
+    fastlstm_only = () if issubclass(cls, LSTM) else ("backend", "_mixed_dtypes", "_standard_shapes", "_size_tuple")
     if parametrize.is_parametrized(module):
         # parametrize swaps the class for a generated subclass holding the parametrized properties;
         # build the same kind of subclass over the target class.
@@ -650,6 +650,8 @@ def rebuilt_as(module: nn.RNNBase, cls: type[nn.RNNBase]) -> nn.RNNBase:
         if k not in fastlstm_only
     }
     new.__dict__.update(state)
+    if issubclass(cls, LSTM):
+        new.__dict__["_size_tuple"] = tuple(getattr(new, n) for n in _SIZE_NAMES)  # as LSTM.__setattr__ keeps it
     new._flat_weights_names = list(module._flat_weights_names)
     new._all_weights = [list(w) for w in module._all_weights]
     new._flat_weights = list(module._flat_weights)
