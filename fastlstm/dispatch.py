@@ -58,6 +58,7 @@ def validate_name(name: str) -> None:
         raise ValueError(f"unknown fastlstm backend {name!r}; expected 'auto' or one of {', '.join(backends.names())}")
 
 
+_FAST_BACKENDS = {"cpu": "cpp", "cuda": "triton"}  # each device's fast backend
 FUNCTIONALIZED = (
     "torch.func.functionalize around a gradient transform: torch has no functionalize rule for the autograd.Function "
     "the fast backends run there"
@@ -67,13 +68,13 @@ FUNCTIONALIZED = (
 def cannot_serve(name: str, call: LayerCall) -> str | None:
     """Why backend `name` cannot serve `call`, or None."""
     backend = backends.get(name)
-    if call.functionalized and name in ("cpp", "triton"):
+    if call.functionalized and name in _FAST_BACKENDS.values():
         return FUNCTIONALIZED
     return backend.unavailable_reason() or backend.unsupported_reason(call)
 
 
 def _fast_backend_for(device_type: str) -> str | None:
-    return {"cpu": "cpp", "cuda": "triton"}.get(device_type)
+    return _FAST_BACKENDS.get(device_type)
 
 
 @backends.constant_under_compile  # dynamo refuses torch.cpu's probes; what the CPU can do is constant anyway

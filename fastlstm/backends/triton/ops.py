@@ -976,7 +976,8 @@ def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | No
     # the old values silently. The implementations densify what the kernels read. x as nn.LSTM keeps it: a copy
     # where it is not dense (batch_first), which the caller may then refill before backward.
     inputs = (dense(x), h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, bool(reverse), chosen)
-    if torch._C._are_functorch_transforms_active() and functorch_grad_levels(inputs[:7]):
+    transforms = torch._C._are_functorch_transforms_active()
+    if transforms and functorch_grad_levels(inputs[:7]):
         # A torch.func gradient transform cannot run the op's autograd (torch.library's has no setup_context), also
         # where make_fx traces it (a dispatch mode, fake tensors): _FuncLayer, as cpp's layer
         y, hT, cT, *_ = _FuncLayer.apply(*inputs)
@@ -984,7 +985,7 @@ def layer(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, kernel: str | No
     # The op where it is opaque to a trace and has a fake, under any dispatch mode, which sees the op (and its
     # FLOPs: FlopCounterMode) where the eager paths below would show it only their few torch ops, and under
     # torch.vmap alone, through its vmap rule (the eager autograd.Function has none)
-    if traced or dispatch_mode_active() or torch._C._are_functorch_transforms_active():
+    if traced or dispatch_mode_active() or transforms:
         y, hT, cT, *_ = triton_forward(*inputs)
         return y, hT, cT
     from fastlstm.backends.triton import graphs
