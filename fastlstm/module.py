@@ -386,6 +386,21 @@ def _traced() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or dispatch.in_onnx_export()
 
 
+_PROXY_MODE = torch._C._TorchDispatchModeKey.PROXY
+
+
+def _bias_sum(b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    """b_ih + b_hh. In a graph being recorded (make_fx, torch.export), a sum whose backward gives each bias a node of
+    its own: an add's backward hands both one node, and joint-graph exports (aot_export_module(trace_joint=True),
+    torch.export's _export_forward_backward) map gradients to parameters by node, so one bias lost its gradient
+    (torch's AssertionError, for any two parameters added). Eagerly the add: the stack costs ~3 us a layer."""
+    # dynamo before torch 2.6 cannot trace the mode lookup; while it compiles, no make_fx records this frame
+    recorded = not torch.compiler.is_compiling() and torch._C._get_dispatch_mode(_PROXY_MODE) is not None
+    if recorded or backends.exporting():
+        return torch.stack((b_ih, b_hh)).sum(0)
+    return b_ih + b_hh
+
+
 def _onednn_lstm_available(input: Tensor) -> bool:
     """native.onednn_lstm_available for a CPU call, True elsewhere."""
     return input.device.type != "cpu" or onednn_lstm_available()
@@ -1522,7 +1537,7 @@ class LSTM(nn.RNNBase):
         if dtype is not None:
             params = _autocast_casts(backend, params, (False,) * 4 + (True,), dtype)
         w_ih, w_hh, b_ih, b_hh, w_hr = params
-        return w_ih, w_hh, None if b_ih is None else _flat_bias(b_ih + b_hh, 4 * self.hidden_size), w_hr
+        return w_ih, w_hh, None if b_ih is None else _flat_bias(_bias_sum(b_ih, b_hh), 4 * self.hidden_size), w_hr
 
     def _autocast_dtypes(self, input: Tensor, hx, batch_sizes: Tensor | None) -> _Autocast | None:
         """The (y, h_n, c_n) dtypes nn.LSTM gives this call under autocast, or None when autocast is off.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from pathlib import Path
 
@@ -267,6 +268,48 @@ def _transposed(module, name: str) -> None:
     """The parameter stored transposed: the same values, not contiguous."""
     weight = getattr(module, name).detach()
     setattr(module, name, torch.nn.Parameter(weight.t().contiguous().t()))
+
+
+def _assert_same_with_non_finite(got: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, msg: str):
+    """NaN and inf where `expected` has them (infinities of its signs), the finite values close to the largest's
+    precision: gradients through a saturated gate sum terms of ~1e30 that cancel, where float32 keeps ~1e23."""
+    assert torch.equal(got.isnan(), expected.isnan()), f"{msg}: NaN at other places"
+    assert torch.equal(got.isinf(), expected.isinf()), f"{msg}: inf at other places"
+    assert torch.equal(got[got.isinf()], expected[expected.isinf()]), f"{msg}: infinities of other signs"
+    finite = expected.isfinite()
+    scale = expected[finite].abs().max().item() if finite.any() else 0.0
+    torch.testing.assert_close(got[finite], expected[finite], atol=atol + rtol * scale, rtol=rtol, msg=msg)
+
+
+@pytest.mark.parametrize("backend", fast_cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_values_propagate_as_in_nn_lstm(backend, dtype):
+    """An inf or a NaN in the input, the state or a weight (a diverged run, a corrupt checkpoint), or a value large
+    enough to saturate every gate: NaN and inf stand where nn.LSTM's stand, in outputs, states and gradients, and
+    the finite values are nn.LSTM's. A tanh or sigmoid computed from exp gives inf/inf = NaN where it saturates;
+    the fast kernels compute their own."""
+    torch.manual_seed(0)
+    atol, rtol = TOLERANCES[dtype]
+    T, B = 4, 3
+    grad_modes = [True] if backend == "triton" else [True, False]  # the interpreter: ~1 s a layer
+    for place, value, grad in itertools.product(["x", "h0", "c0", "weight_hh_l0"], [-math.inf, math.nan, 1e30],
+                                                grad_modes):  # fmt: skip
+        ref, fast = make_pair(I, H, 2, proj_size=PROJ, backend=backend, dtype=dtype)
+        tensors = {"x": torch.randn(T, B, I, dtype=dtype), "h0": torch.randn(2, B, PROJ, dtype=dtype),
+                   "c0": torch.randn(2, B, H, dtype=dtype)}  # fmt: skip
+        with torch.no_grad():
+            for target in [tensors[place]] if place in tensors else [getattr(m, place) for m in (ref, fast)]:
+                target.view(-1)[4] = value
+        results = []
+        for m in (ref, fast):
+            x = tensors["x"].clone().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                y, (h, c) = m(x, (tensors["h0"], tensors["c0"]))
+                grads = torch.autograd.grad(y.sum() + c.sum(), [x, *m.parameters()]) if grad else ()
+            results.append((y, h, c, *grads))
+        names = ["y", "h_n", "c_n", *(["x.grad", *(f"{name}.grad" for name, _ in ref.named_parameters())] * grad)]
+        for name, expected, got in zip(names, *results, strict=True):
+            _assert_same_with_non_finite(got, expected, atol, rtol, f"{place}={value} grad={grad}: {name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
