@@ -23,7 +23,7 @@ import time
 import torch
 
 from fastlstm import backends
-from fastlstm.__main__ import _positive_int, _shape_argument, machine_header, timing_notes
+from fastlstm.__main__ import _positive_int, _shape_argument, _thread_count, machine_header, timing_notes
 from fastlstm.benchmark import check_script_arguments, make_models
 
 ROUNDS = 4
@@ -79,12 +79,12 @@ def main() -> None:
         help="fastlstm backend (repeatable; default cpp)",
     )  # fmt: skip
     parser.add_argument("--seconds", type=_positive_float, default=3.0, help="of calls per model and shape (default 3)")
-    parser.add_argument("--threads", type=_positive_int, help="torch.set_num_threads(N) first")
+    parser.add_argument("--threads", type=_thread_count, help="torch.set_num_threads(N) first")
     parser.add_argument(
         "--python-threads", type=_positive_int, default=1, help="Python threads calling at once (default 1)"
     )
     parser.add_argument(
-        "--worker-threads", type=_positive_int, help="torch.set_num_threads(N) in each of those threads (2+ of them)"
+        "--worker-threads", type=_thread_count, help="torch.set_num_threads(N) in each of those threads (2+ of them)"
     )
     parser.add_argument("--json")
     args = parser.parse_args()

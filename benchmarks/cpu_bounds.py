@@ -32,7 +32,7 @@ import time
 import torch
 import torch.utils.cpp_extension
 
-from fastlstm.__main__ import _positive_int
+from fastlstm.__main__ import _thread_count
 from fastlstm.benchmark import Shape
 
 _SOURCE = r"""
@@ -185,7 +185,7 @@ def bounded_rows(bench: dict, threads: int | None) -> tuple[int, list[dict]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", help="JSON written by `python -m fastlstm bench --json` on this machine")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="default: the threads the bench run used")
+    parser.add_argument("--threads", type=_thread_count, default=None, help="default: the threads the bench run used")
     args = parser.parse_args(argv)
     try:
         with open(args.results) as f:

@@ -578,6 +578,19 @@ def _positive_int(text: str) -> int:
 _positive_int.__name__ = "positive integer"  # argparse names the type in its error ("invalid positive integer value")
 
 
+def _thread_count(text: str) -> int:
+    """--threads: a positive integer a process can start that many threads for. torch.set_num_threads(100000)
+    ended the process at the first call (a segmentation fault in its thread pool, torch 2.13; 30000 ran)."""
+    value = _positive_int(text)
+    limit = max(4096, os.cpu_count() or 1)
+    if value > limit:
+        raise argparse.ArgumentTypeError(f"expected at most {limit} threads, got {text}")
+    return value
+
+
+_thread_count.__name__ = "thread count"
+
+
 def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
     """What argparse cannot check by itself, before any work starts."""
     if getattr(args, "shape", None) and getattr(args, "grid", None):
@@ -709,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
         "backend: 2 rounds; and two: 6)",
     )
     bench.add_argument(
-        "--threads", type=_positive_int, help="torch.set_num_threads(N) before timing (default: torch's own)"
+        "--threads", type=_thread_count, help="torch.set_num_threads(N) before timing (default: torch's own)"
     )
     bench.add_argument(
         "--no-onednn",
