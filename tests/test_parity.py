@@ -338,6 +338,25 @@ def test_a_weight_changed_in_place_before_backward_fails_as_in_nn_lstm(backend, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bias_changed_in_place_before_backward_gives_the_forwards_gradients(backend):
+    """No backward reads a bias (the layers take the sum of a layer's two, made each call), so a bias changed in
+    place between forward and backward is not refused, on the fast backends as on nn.LSTM's ATen loop (float64),
+    and the gradients are those of the values the forward read: nn.LSTM's (its oneDNN path, float32, refuses it)."""
+    ref, fast = make_pair(I, H, 2, proj_size=PROJ, backend=backend)
+    x = torch.randn(4, 2, I, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for m in (ref, fast):
+        y, (h, c) = m(x)
+        with torch.no_grad():
+            m.bias_ih_l0.add_(0.5)
+            m.bias_hh_l1.sub_(0.25)
+        grads.append(torch.autograd.grad(y.pow(2).sum() + c.sum(), [x, *m.parameters()]))
+    atol, rtol = TOLERANCES[torch.float64]
+    for expected, got in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_batch_first_input_refilled_before_backward_as_in_nn_lstm(backend):
     """Micro-batches through one input buffer, one backward: nn.LSTM keeps a transposed copy of a batch_first input
     (batch > 1) and trains, with the gradients of the values each call read; with batch 1 the transpose is the
