@@ -397,7 +397,7 @@ def _bias_sum(b_ih: Tensor, b_hh: Tensor) -> Tensor:
     # dynamo before torch 2.6 cannot trace the mode lookup; while it compiles, no make_fx records this frame
     recorded = not torch.compiler.is_compiling() and torch._C._get_dispatch_mode(_PROXY_MODE) is not None
     if recorded or backends.exporting():
-        return torch.stack((b_ih, b_hh)).sum(0)
+        return torch.stack(torch.broadcast_tensors(b_ih, b_hh)).sum(0)  # a bias nn.LSTM broadcasts (note 16)
     return b_ih + b_hh
 
 

@@ -990,6 +990,30 @@ def test_joint_graph_export_gives_each_bias_its_gradient(backend):
     assert sorted(s.target for s in joint.graph_signature.output_specs if s.kind == kind) == sorted(expected)
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (1, 16)])
+def test_a_bias_nn_lstm_broadcasts_in_a_recorded_graph(shape):
+    """A bias of a shape nn.LSTM broadcasts to its [4H] (README note 16), in a graph make_fx records: the recorded
+    sum of a layer's biases stacks them, which takes tensors of one shape; they are broadcast first. The graph's
+    gradients are nn.LSTM's, each of its parameter's shape."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 4).double()
+    fast = fastlstm.LSTM(3, 4).double()
+    fast.load_state_dict(ref.state_dict())
+    bias = torch.randn(shape, dtype=torch.float64)
+    for m in (ref, fast):
+        m.bias_hh_l0 = nn.Parameter(bias.clone())
+
+    def gradients(model, x):
+        return torch.autograd.grad(model(x)[0].sin().sum(), list(model.parameters()))
+
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    graph = make_fx(lambda x: gradients(fast, x))(x)
+    for got, expected in zip(graph(x), gradients(ref, x), strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+
 def test_functionalize_of_a_gradient_transform_takes_nn_lstms_path():
     """torch.func.functionalize(torch.func.grad(f)): the fast backends run an autograd.Function under a gradient
     transform, which torch cannot functionalize ("NYI: Functionalize rule for custom_function_call"); auto gives
