@@ -17,13 +17,13 @@ namespace layer {
 
 using at::Tensor;
 
-// The CPU kernels of cpp_lstm_fwd and cpp_lstm_bwd (schemas: fastlstm/backends/cpu.py).
+// The CPU kernels of cpp_lstm_fwd and cpp_lstm_bwd (schemas: fastlstm/backends/cpu.py). The kernels a program
+// compiled by AOTInductor calls take their optional tensors by value: torch 2.5's AOTInductor calls an op's kernel
+// through a signature of its own making, so (later releases call it boxed, whatever its signature).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x, const Tensor& h0, const Tensor& c0,
                                                            const Tensor& w_ih, const Tensor& w_hh,
-                                                           const c10::optional<Tensor>& b,
-                                                           const c10::optional<Tensor>& w_hr,
-                                                           const c10::optional<Tensor>& batch_sizes, bool reverse,
-                                                           bool save);
+                                                           c10::optional<Tensor> b, c10::optional<Tensor> w_hr,
+                                                           c10::optional<Tensor> batch_sizes, bool reverse, bool save);
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd(
     const Tensor& grad_y, const Tensor& grad_hT, const Tensor& grad_cT, const Tensor& x, const Tensor& h0,
     const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& w_hr,
@@ -39,10 +39,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows
     bool reverse, bool input_grad);
 
 // The CPU kernel of cpp_lstm_stack_fwd: a whole stack at inference, layer by layer as lstm_fwd runs each.
-std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x, const c10::optional<Tensor>& h0,
-                                                  const c10::optional<Tensor>& c0, at::TensorList weights,
-                                                  const c10::optional<Tensor>& batch_sizes, int64_t biases,
-                                                  bool has_proj, bool bidirectional);
+std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x, c10::optional<Tensor> h0, c10::optional<Tensor> c0,
+                                                  at::TensorList weights, c10::optional<Tensor> batch_sizes,
+                                                  int64_t biases, bool has_proj, bool bidirectional);
 
 // The dtype the kernels compute a layer of dtype t in, and the live rows of each step (B everywhere unpacked).
 at::ScalarType compute_type(at::ScalarType t);

@@ -1462,10 +1462,8 @@ namespace layer {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x, const Tensor& h0, const Tensor& c0,
                                                            const Tensor& w_ih, const Tensor& w_hh,
-                                                           const c10::optional<Tensor>& b,
-                                                           const c10::optional<Tensor>& w_hr,
-                                                           const c10::optional<Tensor>& batch_sizes, bool reverse,
-                                                           bool save) {
+                                                           c10::optional<Tensor> b, c10::optional<Tensor> w_hr,
+                                                           c10::optional<Tensor> batch_sizes, bool reverse, bool save) {
   return fastlstm::lstm_fwd(x, h0, c0, w_ih, w_hh, b, w_hr, batch_sizes, reverse, save);
 }
 
@@ -1491,10 +1489,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_bwd_rows
                                  reverse, input_grad);
 }
 
-std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x, const c10::optional<Tensor>& h0,
-                                                  const c10::optional<Tensor>& c0, at::TensorList weights,
-                                                  const c10::optional<Tensor>& batch_sizes, int64_t biases,
-                                                  bool has_proj, bool bidirectional) {
+std::tuple<Tensor, Tensor, Tensor> lstm_stack_fwd(const Tensor& x, c10::optional<Tensor> h0, c10::optional<Tensor> c0,
+                                                  at::TensorList weights, c10::optional<Tensor> batch_sizes,
+                                                  int64_t biases, bool has_proj, bool bidirectional) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // inference only, no Autograd kernel: as lstm_bwd
   return fastlstm::lstm_stack_fwd(x, h0, c0, weights, batch_sizes, biases, has_proj, bidirectional);
 }

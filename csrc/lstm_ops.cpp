@@ -244,8 +244,8 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd_autograd(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
-    const c10::optional<Tensor>& b, const c10::optional<Tensor>& w_hr, const c10::optional<Tensor>& batch_sizes,
-    bool reverse, bool save) {
+    c10::optional<Tensor> b, c10::optional<Tensor> w_hr, c10::optional<Tensor> batch_sizes, bool reverse,
+    bool save) {  // the CPU kernel's signature (layer.h)
   // x as nn.LSTM keeps it for backward: a dense copy where it is not dense (a batch_first input, transposed by the
   // module), which the caller may then refill before backward (micro-batches through one buffer); else x itself,
   // whose change in place before backward fails autograd's version check, as there. Copied here, above the

@@ -1657,6 +1657,29 @@ def test_aot_inductor_package_with_dynamic_sizes_runs_where_fastlstm_is_imported
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr[-3000:]
 
 
+@needs_tracing
+@pytest.mark.skipif(
+    torch.torch_version.TorchVersion(torch.__version__) >= "2.6",
+    reason="torch 2.5's AOTInductor (torch._export.aot_compile): later releases' packages are tested above",
+)
+@pytest.mark.parametrize("layers", [1, 2])
+def test_aot_inductor_of_torch_2_5_calls_cpps_kernels(layers):
+    """torch 2.5's AOTInductor calls an op's C++ kernel through a signature of its own, optional tensors by value;
+    cpp's kernels took them by const reference, and the compiled model's first call failed ("Tried to access or
+    call an operator with a wrong signature"). nn.LSTM's numbers, one layer and a bidirectional projected stack."""
+    torch.manual_seed(0)
+    kwargs = dict(batch_first=True, bidirectional=layers > 1, proj_size=3 if layers > 1 else 0)
+    reference = nn.LSTM(5, 8, layers, **kwargs).eval()
+    model = fastlstm.LSTM(5, 8, layers, backend="cpp", **kwargs).eval()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 6, 5)
+    with torch.no_grad():
+        runner = torch._export.aot_load(torch._export.aot_compile(model, (x,)), "cpu")
+        y, (h_n, c_n) = runner(x)
+        for got, expected in zip((y, h_n, c_n), (reference(x)[0], *reference(x)[1]), strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 _NEVER_BUILT_CHECK = """
 import shutil, sys, torch
 import fastlstm
