@@ -1454,6 +1454,36 @@ def test_nn_lstm_itself_cannot_be_compiled_fullgraph():
 
 
 @needs_tracing
+@pytest.mark.xfail(
+    torch.torch_version.TorchVersion(torch.__version__) < "2.13",
+    reason="torch 2.5 and 2.11 fail in the pad: fake batch sizes without values (README, torch releases)",
+    strict=False,
+)
+def test_a_compiled_pack_run_and_pad_gives_nn_lstms_numbers():
+    """pack_padded_sequence, the layer, pad_packed_sequence in one compiled function (graph breaks at the batch
+    sizes): nn.LSTM's numbers, and its gradients."""
+    from torch.nn.utils.rnn import pad_packed_sequence
+
+    torch.manual_seed(0)
+    ref = nn.LSTM(6, 8, batch_first=True)
+    fast = fastlstm.LSTM(6, 8, batch_first=True)
+    fast.load_state_dict(ref.state_dict())
+    x, lengths = torch.randn(4, 7, 6), torch.tensor([7, 3, 5, 1])
+
+    def loss(m, x):
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        return pad_packed_sequence(m(packed)[0], batch_first=True)[0].sin().sum()
+
+    got = torch.compile(lambda x: loss(fast, x), backend="eager")(x)
+    expected = loss(ref, x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for g, e in zip(
+        torch.autograd.grad(got, list(fast.parameters())), torch.autograd.grad(expected, list(ref.parameters()))
+    ):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+@needs_tracing
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
 def test_torch_export_gives_nn_lstm_numbers(backend):
     torch.manual_seed(0)
