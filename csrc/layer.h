@@ -18,8 +18,9 @@ namespace layer {
 using at::Tensor;
 
 // The CPU kernels of cpp_lstm_fwd and cpp_lstm_bwd (schemas: fastlstm/backends/cpu.py). The kernels a program
-// compiled by AOTInductor calls take their optional tensors by value: torch 2.5's AOTInductor calls an op's kernel
-// through a signature of its own making, so (later releases call it boxed, whatever its signature).
+// compiled by AOTInductor calls (lstm_fwd, lstm_stack_fwd) take their optional tensors by value: torch 2.5's
+// AOTInductor calls an op's kernel through a typed signature of its own making, which passes them so (later
+// releases call it boxed, whatever its signature).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_fwd(const Tensor& x, const Tensor& h0, const Tensor& c0,
                                                            const Tensor& w_ih, const Tensor& w_hh,
                                                            c10::optional<Tensor> b, c10::optional<Tensor> w_hr,

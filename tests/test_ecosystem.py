@@ -1706,7 +1706,8 @@ def test_aot_inductor_of_torch_2_5_calls_cpps_kernels(layers):
     with torch.no_grad():
         runner = torch._export.aot_load(torch._export.aot_compile(model, (x,)), "cpu")
         y, (h_n, c_n) = runner(x)
-        for got, expected in zip((y, h_n, c_n), (reference(x)[0], *reference(x)[1]), strict=True):
+        y_ref, (h_ref, c_ref) = reference(x)
+        for got, expected in zip((y, h_n, c_n), (y_ref, h_ref, c_ref), strict=True):
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
